@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything Tencrypt needs on a Debian machine, as root: the system tools the lab,
+# the tests and the benchmarks use, and a Python virtual environment in .venv with Tencrypt
+# and its test/bench extras. Idempotent and quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root (it installs Debian packages and the lab needs namespaces)" >&2
+    exit 2
+fi
+
+# binary -> Debian package
+declare -A PKGS=(
+    [ip]=iproute2 [iptables]=iptables [nft]=nftables [dnsmasq]=dnsmasq-base [iperf3]=iperf3
+    [tcpdump]=tcpdump [curl]=curl [dig]=dnsutils [capsh]=libcap2-bin [ps]=procps
+    [killall]=psmisc [ethtool]=ethtool [nsenter]=util-linux [gcc]=gcc
+)
+missing=()
+for bin in "${!PKGS[@]}"; do
+    command -v "$bin" >/dev/null 2>&1 || missing+=("${PKGS[$bin]}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install.sh: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "install.sh: Python 3.11 or newer is needed (found $("$PY" --version 2>&1))" >&2
+    exit 2
+fi
+if [ ! -x .venv/bin/python ]; then
+    echo "install.sh: creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.tencrypt-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "install.sh: installing Tencrypt and its Python dependencies into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+    touch "$stamp"
+fi
+echo "install.sh: ready ($(.venv/bin/tencrypt --version))"

@@ -1,0 +1,3 @@
+from tencrypt.cli import main
+
+raise SystemExit(main())

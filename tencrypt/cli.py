@@ -1,0 +1,145 @@
+"""argv → parsed arguments → the one entry point that does the work.
+
+Every sub-command is declared here, so that ``tencrypt --help`` and ``tencrypt CMD --help``
+describe the whole interface in one place. Handlers are ``module:function`` strings imported
+only when their command runs, so that ``--help`` stays fast and a command never pays for
+another's imports. A handler takes the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tencrypt import __version__
+from tencrypt.errors import TencryptError
+
+PSK_HELP = ("the project key is read from --psk-file FILE or the TENCRYPT_PROJECT_PSK environment "
+            "variable (32 random bytes in base64, as `openssl rand -base64 32` prints), never from "
+            "the command line")
+
+Adder = Callable[[argparse.ArgumentParser], None]
+
+
+def _setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--undo", action="store_true",
+                   help="restore the namespace exactly as it was before `setup` (routes, rules, "
+                        "resolv.conf) and remove tenc0")
+    p.add_argument("--pod-ip", help="this pod's IPv4 address (default: eth0's address)")
+    p.add_argument("--dev", default="eth0", help="the pod's uplink interface (default: eth0)")
+    p.add_argument("--gateway", help="next hop on the uplink (default: the main table's default route)")
+    p.add_argument("--dns", help="the cluster DNS server (default: first nameserver of resolv.conf)")
+    p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
+    p.add_argument("--service-cidr", default="172.30.0.0/16",
+                   help="the cluster's Service CIDR, routed into tenc0 (default: 172.30.0.0/16)")
+    p.add_argument("--mtu", type=int, help="tenc0 MTU (default: uplink MTU minus 60)")
+    p.add_argument("--resolv-conf", default="/etc/resolv.conf",
+                   help="resolv.conf to point at the embedded DNS proxy (rewritten in place)")
+    p.add_argument("--state-dir", default="/run/tencrypt",
+                   help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace)")
+
+
+def _psk(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--psk-file", metavar="FILE", help="file holding the project key (base64)")
+
+
+def _run(p: argparse.ArgumentParser) -> None:
+    _psk(p)
+    p.add_argument("--strict", dest="strict", action="store_true", default=None,
+                   help="refuse plaintext from pods of this project (default when a key is present)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="accept plaintext from pods of this project too")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9137")
+    p.add_argument("--port", type=int, default=1337, help="UDP port of the tunnel (default: 1337)")
+    p.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="one packet per system call: disable TUN offloads and UDP GSO/GRO")
+    p.add_argument("--state-dir", default="/run/tencrypt",
+                   help="where `tencrypt setup` left its state (default: /run/tencrypt)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="stderr log level")
+
+
+def _dns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:53", help="address to serve (default: 127.0.0.1:53)")
+    p.add_argument("--upstream", help="cluster DNS server ADDR[:PORT] (default: from setup's state "
+                                      "or resolv.conf)")
+    p.add_argument("--domain", help="the project's DNS domain (default: from setup's state or "
+                                    "resolv.conf's first `search` entry)")
+    p.add_argument("--cluster-domain", default="cluster.local",
+                   help="the cluster's DNS domain (default: cluster.local)")
+    p.add_argument("--timeout", type=float, default=2.0,
+                   help="seconds before a silent upstream earns the client a SERVFAIL (default: 2)")
+    p.add_argument("--state-dir", default="/run/tencrypt", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _lab(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="tenc",
+                   help="lab instance name, prefix of every namespace it makes (default: tenc)")
+    sub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    up = sub.add_parser("up", help="build the lab (cleaning a previous one of the same name first)")
+    up.add_argument("--nodes", type=int, choices=[1, 2], default=1,
+                    help="1 node, or 2 nodes joined over VXLAN (default: 1)")
+    up.add_argument("--config", metavar="FILE", help="topology JSON (default: the built-in "
+                                                      "myproject/project2 topology)")
+    sub.add_parser("status", help="show nodes, pods, Services and what runs in each pod")
+    ex = sub.add_parser("exec", help="run a command inside a pod's namespace")
+    ex.add_argument("pod", metavar="POD")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    sub.add_parser("down", help="remove every namespace, link, rule, file and process of the lab")
+    pa = sub.add_parser("patch", help="run the nsenter launcher on a pod: setup + tencrypt run")
+    pa.add_argument("pod", metavar="POD")
+    pa.add_argument("--no-strict", dest="strict", action="store_false", default=True)
+    un = sub.add_parser("unpatch", help="stop the pod's proxy and undo its setup")
+    un.add_argument("pod", metavar="POD")
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", action="store_true", help="leave the lab up after the demo")
+    p.add_argument("--name", default="tdemo", help="lab instance name for the demo (default: tdemo)")
+
+
+COMMANDS: list[tuple[str, str, Adder, str]] = [
+    ("setup", "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
+     _setup, "tencrypt.linux.podnet:main"),
+    ("run", "run the proxy in this (set-up) pod namespace: DNS proxy + sealed tunnel",
+     _run, "tencrypt.daemon:main"),
+    ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.linux.dns:main"),
+    ("lab", "a namespace cluster on this machine: up, status, exec, patch, unpatch, down",
+     _lab, "tencrypt.lab.cli:main"),
+    ("demo", "the original demo, end to end on a fresh lab, with a verdict", _demo,
+     "tencrypt.lab.demo:main"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tencrypt",
+        description="Transparent, authenticated encryption of the traffic between the pods of "
+                    "one project. " + PSK_HELP + ".")
+    parser.add_argument("--version", action="version", version=f"tencrypt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, adder, handler in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        adder(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module, func = args.handler.split(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except TencryptError as exc:
+        print(f"tencrypt {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,93 @@
+"""Counters of everything the data path does, and the reasons it drops things.
+
+Rules:
+- One ``Stats`` object per proxy; every pure state machine that can drop input is handed it.
+- A drop is ``stats.drop(DropReason.X)``: never an exception, never a per-packet log line.
+- Counters only grow. Gauges (sessions, flow-table size) are read from their owners at
+  export time, not mirrored here.
+- ``render_prometheus`` turns a snapshot into Prometheus text exposition format (0.0.4).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+class DropReason(enum.Enum):
+    # datagrams on :1337
+    SHORT = "short"
+    UNKNOWN_TYPE = "unknown_type"
+    UNKNOWN_INDEX = "unknown_index"
+    BAD_TAG = "bad_tag"
+    REPLAY = "replay"
+    EXPIRED_SESSION = "expired_session"
+    NOT_IPV4 = "not_ipv4"
+    BAD_HANDSHAKE = "bad_handshake"
+    STALE_HANDSHAKE = "stale_handshake"
+    HANDSHAKE_RATELIMIT = "handshake_ratelimit"
+    # packets read from tenc0
+    MALFORMED_PACKET = "malformed_packet"
+    NO_FLOW = "no_flow"
+    QUEUE_FULL = "queue_full"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    TOO_BIG = "too_big"
+    # DNS proxy
+    DNS_MALFORMED_QUERY = "dns_malformed_query"
+    DNS_MALFORMED_ANSWER = "dns_malformed_answer"
+    DNS_UNKNOWN_ID = "dns_unknown_id"
+    DNS_TOO_MANY_PENDING = "dns_too_many_pending"
+    DNS_UPSTREAM_TIMEOUT = "dns_upstream_timeout"
+
+
+@dataclass(slots=True)
+class Stats:
+    """Monotonic counters. ``counters`` holds named event counts, ``drops`` drop reasons."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    drops: dict[DropReason, int] = field(default_factory=dict)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def drop(self, reason: DropReason, n: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + n
+
+    def get(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
+    def dropped(self, reason: DropReason) -> int:
+        return self.drops.get(reason, 0)
+
+
+def render_prometheus(stats: Stats, gauges: Mapping[str, float] | None = None,
+                      prefix: str = "tencrypt") -> str:
+    """Prometheus text format: counters as ``<prefix>_<name>_total``, drops labelled by reason."""
+    lines: list[str] = []
+    for name in sorted(stats.counters):
+        metric = f"{prefix}_{name}_total"
+        lines += [f"# TYPE {metric} counter", f"{metric} {stats.counters[name]}"]
+    metric = f"{prefix}_drops_total"
+    lines.append(f"# HELP {metric} Packets, datagrams or DNS messages dropped, by reason.")
+    lines.append(f"# TYPE {metric} counter")
+    for reason in DropReason:
+        lines.append(f'{metric}{{reason="{reason.value}"}} {stats.drops.get(reason, 0)}')
+    for name, value in sorted((gauges or {}).items()):
+        metric = f"{prefix}_{name}"
+        lines += [f"# TYPE {metric} gauge", f"{metric} {_number(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def merge(parts: Iterable[Stats]) -> Stats:
+    total = Stats()
+    for part in parts:
+        for k, v in part.counters.items():
+            total.inc(k, v)
+        for r, v in part.drops.items():
+            total.drop(r, v)
+    return total

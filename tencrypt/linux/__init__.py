@@ -1,0 +1,1 @@
+"""I/O shells around the pure core: TUN, sockets, netlink, firewall, DNS sockets."""
