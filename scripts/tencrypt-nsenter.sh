@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# tencrypt-nsenter.sh — the node-side launcher: put Tencrypt into one pod's network namespace.
+#
+#   tencrypt-nsenter.sh PID          [--undo] [-- RUN-ARGS...]
+#   tencrypt-nsenter.sh --netns NAME [--undo] [-- RUN-ARGS...]
+#
+# PID is any process of the pod (e.g. its infrastructure container); NAME a named network
+# namespace (`ip netns`). Runs `tencrypt setup` inside the pod's network namespace, then replaces
+# itself with `tencrypt run RUN-ARGS` there (foreground: a supervisor — systemd, the agent, the
+# lab — owns its lifetime). With --undo it runs `tencrypt setup --undo` instead (stop the proxy
+# first). Only the network namespace is entered: tencrypt itself comes from the node. The pod's
+# resolv.conf is reached through /proc/PID/root (PID mode) or /etc/netns/NAME (named mode,
+# which `ip netns exec` bind-mounts over /etc/resolv.conf).
+#
+# Environment: TENCRYPT_BIN (default: `tencrypt` on PATH), TENCRYPT_SETUP_ARGS (extra words for
+# `tencrypt setup`, e.g. "--service-cidr 10.96.0.0/12"), TENCRYPT_PROJECT_PSK (the project key,
+# passed through to `tencrypt run`; prefer --psk-file FILE in RUN-ARGS).
+set -euo pipefail
+
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+die() { echo "tencrypt-nsenter: $*" >&2; exit 2; }
+
+[ $# -ge 1 ] || usage
+case "$1" in -h|--help) usage 0 ;; esac
+[ "$(id -u)" = 0 ] || die "must run as root on the node"
+
+target=() resolv=()
+if [ "$1" = "--netns" ]; then
+    [ $# -ge 2 ] || die "--netns needs a namespace name"
+    [ -e "/var/run/netns/$2" ] || die "no network namespace named '$2' (see: ip netns list)"
+    target=(ip netns exec "$2")
+    shift 2
+else
+    pid=$1
+    [[ "$pid" =~ ^[0-9]+$ ]] || die "'$pid' is neither a PID nor --netns NAME"
+    [ -e "/proc/$pid/ns/net" ] || die "no process $pid"
+    target=(nsenter --target "$pid" --net --)
+    resolv=(--resolv-conf "/proc/$pid/root/etc/resolv.conf")
+    shift
+fi
+
+undo=0
+if [ "${1:-}" = "--undo" ]; then undo=1; shift; fi
+if [ $# -gt 0 ]; then
+    [ "$1" = "--" ] || die "unexpected argument '$1' (run arguments go after --)"
+    shift
+fi
+
+bin=${TENCRYPT_BIN:-$(command -v tencrypt || true)}
+[ -n "$bin" ] && [ -x "$bin" ] || die "tencrypt not found: install it or set TENCRYPT_BIN"
+
+if [ "$undo" = 1 ]; then
+    exec "${target[@]}" "$bin" setup --undo
+fi
+# shellcheck disable=SC2086  # TENCRYPT_SETUP_ARGS is a list of words on purpose
+"${target[@]}" "$bin" setup "${resolv[@]}" ${TENCRYPT_SETUP_ARGS:-}
+exec "${target[@]}" "$bin" run "$@"

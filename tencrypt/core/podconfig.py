@@ -1,0 +1,111 @@
+"""A pod's network configuration as `tencrypt setup` finds and records it, and resolv.conf text.
+
+Rules:
+- Everything `tencrypt run` and `tencrypt dns` need to know about the pod is one frozen
+  ``PodConfig``, written by `setup` and read back by the others (JSON via ``to_dict``/``from_dict``).
+- The tunnel costs ``OVERHEAD`` bytes per packet on IPv4 (outer IPv4 20 + UDP 8 + header 16 +
+  Poly1305 tag 16), so tenc0's MTU is the uplink's minus 60: 1440 on 1500, 1390 on VXLAN's 1450.
+- resolv.conf is rewritten to ask the embedded DNS proxy (127.0.0.1) while every other line —
+  search list, options, comments — is kept as it was; the original text is kept for `--undo`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+OVERHEAD = 20 + 8 + 16 + 16
+MIN_MTU = 576
+PROXY_NAMESERVER = "127.0.0.1"
+MARKER = "# tencrypt: nameserver points at the embedded DNS proxy; original:"
+
+
+@dataclass(frozen=True, slots=True)
+class PodConfig:
+    pod_ip: str
+    dev: str
+    gateway: str
+    dns: str
+    domain: str
+    search: tuple[str, ...]
+    cluster_domain: str
+    service_cidr: str = "172.30.0.0/16"
+    mtu: int = 1440
+    tun: str = "tenc0"
+    fwmark: int = 0x1337
+    table: int = 1337
+    port: int = 1337
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["search"] = list(self.search)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PodConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values["search"] = tuple(values.get("search", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvConf:
+    nameservers: tuple[str, ...]
+    search: tuple[str, ...]
+    options: tuple[str, ...]
+
+
+def parse_resolv_conf(text: str) -> ResolvConf:
+    """resolv(5): the last `search`/`domain` line wins; comments start with # or ;."""
+    nameservers: list[str] = []
+    search: list[str] = []
+    options: list[str] = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0][0] in "#;":
+            continue
+        key, rest = words[0], words[1:]
+        if key == "nameserver" and rest:
+            nameservers.append(rest[0])
+        elif key in ("search", "domain"):
+            search = rest
+        elif key == "options":
+            options += rest
+    return ResolvConf(tuple(nameservers), tuple(search), tuple(options))
+
+
+def render_resolv_conf(original: str) -> str:
+    """The original text with its nameserver lines replaced by the proxy's (one line)."""
+    out = [f"{MARKER} {' '.join(parse_resolv_conf(original).nameservers) or 'none'}",
+           f"nameserver {PROXY_NAMESERVER}"]
+    for line in original.splitlines():
+        words = line.split()
+        if (words and words[0] == "nameserver") or line.startswith(MARKER):
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def is_rewritten(text: str) -> bool:
+    return any(line.startswith(MARKER) for line in text.splitlines())
+
+
+def cluster_domain_of(domain: str) -> str:
+    """`myproject.svc.cluster.local` -> `cluster.local` (Kubernetes' <ns>.svc.<cluster-domain>)."""
+    labels = domain.strip(".").split(".")
+    if "svc" in labels[1:]:
+        return ".".join(labels[labels.index("svc", 1) + 1:]) or "cluster.local"
+    return "cluster.local"
+
+
+def tun_mtu(uplink_mtu: int) -> int:
+    mtu = uplink_mtu - OVERHEAD
+    if mtu < MIN_MTU:
+        raise ValueError(f"uplink MTU {uplink_mtu} leaves {mtu} for tenc0, below {MIN_MTU}")
+    return mtu
+
+
+def in_cidr(ip: str, cidr: str) -> bool:
+    return ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(cidr, strict=False)

@@ -1,0 +1,207 @@
+"""`tencrypt setup`: prepare the pod network namespace this process runs in, and undo it.
+
+Stages of setup (each idempotent; the state is written before anything changes, so that
+`--undo` also cleans up after a setup that died half-way):
+ 1. discover: the uplink's address and MTU, the default gateway, the cluster DNS server and the
+    project domain (resolv.conf's first nameserver and first `search` entry); flags override;
+ 2. record the PodConfig and the original resolv.conf in the namespace's state directory;
+ 3. create the persistent TUN `tenc0` with MTU = uplink MTU - 60;
+ 4. route the Service CIDR `dev tenc0 src <pod IP>`, and the DNS server /32 via the uplink;
+ 5. table <fwmark table>: the uplink's subnet and a default route via the gateway, and
+    `ip rule fwmark <mark> lookup <table>`, so the proxy's own marked socket leaves by the uplink
+    even to addresses that tenc0 routes;
+ 6. rewrite resolv.conf in place (it is usually a bind mount: never replace it by rename) to
+    ask the embedded DNS proxy at 127.0.0.1, keeping the search list and options.
+
+`--undo` restores resolv.conf, removes the rule, every route of protocol RTPROT_TENCRYPT (also
+those the proxy added at run time) and tenc0, then the state.
+
+State lives in ``<state-dir>/netns-<inode of /proc/self/ns/net>/``: /run is shared between
+network namespaces, the namespace's inode number is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tencrypt.core.podconfig import (
+    PodConfig,
+    cluster_domain_of,
+    is_rewritten,
+    parse_resolv_conf,
+    render_resolv_conf,
+    tun_mtu,
+)
+from tencrypt.errors import SetupError, UsageError
+from tencrypt.linux import netlink
+
+log = logging.getLogger("tencrypt.setup")
+RULE_PRIORITY = 1000
+STATE_FILE = "setup.json"
+PID_FILE = "run.pid"
+
+
+def namespace_state_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+
+
+@dataclass(slots=True)
+class SetupState:
+    config: PodConfig
+    resolv_conf: str  # path
+    resolv_original: str  # text
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = directory / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps({"config": self.config.to_dict(), "resolv_conf": self.resolv_conf,
+                                   "resolv_original": self.resolv_original}, indent=2))
+        tmp.replace(directory / STATE_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> SetupState | None:
+        try:
+            d = json.loads((directory / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SetupError(f"unreadable setup state {directory / STATE_FILE}: {exc}") from exc
+        return cls(PodConfig.from_dict(d["config"]), d["resolv_conf"], d["resolv_original"])
+
+
+def load_config(state_dir: str | Path) -> PodConfig:
+    """The PodConfig `tencrypt setup` recorded for this namespace."""
+    state = SetupState.load(namespace_state_dir(state_dir))
+    if state is None:
+        raise UsageError("this network namespace is not set up: run `tencrypt setup` first")
+    return state.config
+
+
+def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupState:
+    dev = args.dev
+    uplink = netlink.link(dev)
+    if uplink is None:
+        raise UsageError(f"no interface {dev!r} in this network namespace (use --dev)")
+    addr = netlink.ipv4_address(dev)
+    pod_ip = args.pod_ip or (addr[0] if addr else None)
+    if not pod_ip:
+        raise UsageError(f"{dev} has no IPv4 address; pass --pod-ip")
+    gateway = args.gateway or netlink.default_gateway(dev)
+    if not gateway:
+        raise UsageError(f"no default route via {dev}; pass --gateway")
+    resolv_path = args.resolv_conf
+    try:
+        current = Path(resolv_path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {resolv_path}: {exc.strerror}") from exc
+    original = previous.resolv_original if previous and is_rewritten(current) else current
+    resolv = parse_resolv_conf(original)
+    dns = args.dns or next((ns for ns in resolv.nameservers if not ns.startswith("127.")), None)
+    if not dns:
+        raise UsageError(f"{resolv_path} names no usable nameserver; pass --dns")
+    domain = args.domain or (resolv.search[0] if resolv.search else None)
+    if not domain:
+        raise UsageError(f"{resolv_path} has no `search` line to tell the project domain; pass --domain")
+    try:
+        ipaddress.IPv4Network(args.service_cidr)
+        ipaddress.IPv4Address(pod_ip), ipaddress.IPv4Address(dns), ipaddress.IPv4Address(gateway)
+        mtu = args.mtu or tun_mtu(uplink.mtu)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    config = PodConfig(pod_ip=pod_ip, dev=dev, gateway=gateway, dns=dns, domain=domain.rstrip("."),
+                       search=resolv.search, cluster_domain=cluster_domain_of(domain),
+                       service_cidr=args.service_cidr, mtu=mtu)
+    return SetupState(config, resolv_path, original)
+
+
+def setup(args: argparse.Namespace) -> PodConfig:
+    directory = namespace_state_dir(args.state_dir)
+    previous = SetupState.load(directory)
+    state = discover(args, previous)
+    state.save(directory)
+    c = state.config
+    netlink.ensure_tun(c.tun, c.mtu)
+    netlink.ensure_route(c.service_cidr, dev=c.tun, src=c.pod_ip)
+    on_link = _on_link_subnet(c.dev)
+    netlink.ensure_route(c.dns, dev=c.dev, gateway=None if _within(c.dns, on_link) else c.gateway,
+                         src=c.pod_ip)
+    if on_link:
+        netlink.ensure_route(on_link, dev=c.dev, src=c.pod_ip, table=c.table, scope_link=True)
+    netlink.ensure_route("0.0.0.0/0", dev=c.dev, gateway=c.gateway, src=c.pod_ip, table=c.table)
+    netlink.ensure_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
+    _write_in_place(state.resolv_conf, render_resolv_conf(state.resolv_original))
+    return c
+
+
+def undo(state_dir: str) -> bool:
+    directory = namespace_state_dir(state_dir)
+    state = SetupState.load(directory)
+    if state is None:
+        return False
+    pid = _live_pid(directory / PID_FILE)
+    if pid:
+        raise UsageError(f"a tencrypt proxy (pid {pid}) still runs in this namespace: stop it first")
+    c = state.config
+    try:
+        if is_rewritten(Path(state.resolv_conf).read_text()):
+            _write_in_place(state.resolv_conf, state.resolv_original)
+    except FileNotFoundError:
+        log.warning("%s is gone; not restored", state.resolv_conf)
+    netlink.remove_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
+    netlink.remove_routes_by_proto()
+    netlink.remove_link(c.tun)
+    (directory / STATE_FILE).unlink()
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+    return True
+
+
+def _on_link_subnet(dev: str) -> str | None:
+    addr = netlink.ipv4_address(dev)
+    if not addr:
+        return None
+    return str(ipaddress.IPv4Interface(f"{addr[0]}/{addr[1]}").network)
+
+
+def _within(ip: str, cidr: str | None) -> bool:
+    return cidr is not None and ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(cidr)
+
+
+def _write_in_place(path: str, text: str) -> None:
+    """Overwrite the file's contents keeping its inode (bind mounts survive)."""
+    with open(path, "r+") as f:
+        f.seek(0)
+        f.write(text)
+        f.truncate()
+
+
+def _live_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def main(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise UsageError("needs root (CAP_NET_ADMIN) in the pod's network namespace")
+    if args.undo:
+        done = undo(args.state_dir)
+        print("tencrypt setup --undo: namespace restored" if done
+              else "tencrypt setup --undo: nothing to undo (not set up)")
+        return 0
+    c = setup(args)
+    print(f"tencrypt setup: pod {c.pod_ip} on {c.dev} via {c.gateway}; {c.tun} mtu {c.mtu}; "
+          f"{c.service_cidr} -> {c.tun}; DNS {c.dns} -> {c.dev}; project domain {c.domain}; "
+          f"fwmark {c.fwmark:#x} -> table {c.table}; resolv.conf -> 127.0.0.1")
+    return 0
