@@ -39,7 +39,7 @@ from tencrypt.core.podconfig import (
     tun_mtu,
 )
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.linux import netlink
+from tencrypt.linux import firewall, netlink
 
 log = logging.getLogger("tencrypt.setup")
 RULE_PRIORITY = 1000
@@ -153,6 +153,7 @@ def undo(state_dir: str) -> bool:
             _write_in_place(state.resolv_conf, state.resolv_original)
     except FileNotFoundError:
         log.warning("%s is gone; not restored", state.resolv_conf)
+    firewall.remove_table()  # strict mode's rules, if a proxy died without removing them
     netlink.remove_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)

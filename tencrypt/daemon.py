@@ -1,0 +1,298 @@
+"""`tencrypt run`: the proxy in one pod's network namespace — the composition root.
+
+It owns the event loop (uvloop), the file descriptors and the order of things; the pure core
+decides. Two pipelines, each read top to bottom, each stage taking what the previous returned:
+
+Outbound, when tenc0 is readable (`_on_tun`):
+ 1. read up to BATCH packets from tenc0;
+ 2. drop what is not IPv4; a DF packet above tenc0's MTU gets ICMP "fragmentation needed"
+    back (path-MTU discovery), a SYN gets its MSS clamped;
+ 3. NAT out: replies of flows that came in through the tunnel get their Service VIP back as source;
+ 4. classify the destination: a tunnel peer or an address the DNS proxy called internal -> seal
+    (`Tunnel.send`); external -> re-sent in the clear out of the uplink (bypass socket); not yet
+    known -> held while a reverse (PTR) lookup decides;
+ 5. flush: the datagrams the tunnel produced go out of the UDP socket.
+Inbound, when the UDP socket is readable (`_on_udp`):
+ 1. receive up to BATCH datagrams;
+ 2. `Tunnel.receive`: authenticate, replay window, handshakes (every failure a counted drop);
+ 3. NAT in: Service VIP -> this pod's IP, flow remembered;
+ 4. inject through the raw socket, so the packet arrives like any other;
+ 5. flush replies (handshake responses, keepalives) and apply peer events (routes, firewall).
+Timers (`_timer_loop`): handshake retries, keepalives, re-keys, flow and DNS expiry.
+
+Shutdown (SIGTERM/SIGINT): stop reading, close the DNS proxy, remove the routes and firewall
+rules added at run time; `tencrypt setup --undo` then restores the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from tencrypt.core.classify import AddrClass, Change
+from tencrypt.core.nat import FlowTable
+from tencrypt.core.packet import build_icmp_frag_needed, rewrite_tcp_mss
+from tencrypt.core.podconfig import PodConfig, in_cidr
+from tencrypt.core.psk import parse_psk
+from tencrypt.core.session import Limits, PeerDown, PeerUp, Tunnel
+from tencrypt.core.stats import DropReason, Stats, render_prometheus
+from tencrypt.errors import UsageError
+from tencrypt.linux import firewall, metrics, netlink, podnet, sockets
+from tencrypt.linux.dns import DnsProxy
+from tencrypt.linux.tun import Tun
+from tencrypt.logutil import RateLimitedLog
+
+log = logging.getLogger("tencrypt.run")
+BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
+HOLD_LIMIT = 64  # packets held per destination while a PTR lookup classifies it
+PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
+
+
+def read_psk(args: argparse.Namespace) -> bytes | None:
+    """The project key from --psk-file or TENCRYPT_PROJECT_PSK (never argv)."""
+    if args.psk_file:
+        try:
+            text = Path(args.psk_file).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read --psk-file {args.psk_file}: {exc.strerror}") from exc
+        return parse_psk(text)
+    env = os.environ.get("TENCRYPT_PROJECT_PSK")
+    return parse_psk(env) if env else None
+
+
+class Proxy:
+    def __init__(self, config: PodConfig, psk: bytes, strict: bool, stats: Stats,
+                 limits: Limits | None = None) -> None:
+        self.config = config
+        self.strict = strict
+        self.stats = stats
+        self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port)
+        self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
+        self.dns = DnsProxy(config, stats, on_change=self._on_dns_change)
+        self.firewall = firewall.StrictFirewall(config.dev, config.port) if strict else None
+        self.ratelog = RateLimitedLog(log)
+        self.held: dict[str, list[bytes]] = {}
+        self.plaintext_until: dict[str, float] = {}
+        self.peer_routes: set[str] = set()
+        self.stopping = asyncio.Event()
+        self.tun: Tun | None = None
+        self.udp: socket.socket | None = None
+        self.inject: socket.socket | None = None
+        self.bypass: socket.socket | None = None
+
+    # ---- life cycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        c = self.config
+        self.tun = Tun(c.tun)
+        self.udp = sockets.tunnel_socket(c.port, c.fwmark)
+        self.inject = sockets.raw_socket()
+        self.bypass = sockets.raw_socket(mark=c.fwmark)
+        if self.firewall:
+            self.firewall.install()
+        await self.dns.start()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.tun.fileno(), self._on_tun)
+        loop.add_reader(self.udp.fileno(), self._on_udp)
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for obj in (self.tun, self.udp):
+            if obj is not None:
+                loop.remove_reader(obj.fileno())
+        await self.dns.close()
+        for ip in self.peer_routes:
+            netlink.remove_route(ip)
+        if self.firewall:
+            firewall.remove_table()
+        for obj in (self.tun, self.udp, self.inject, self.bypass):
+            if obj is not None:
+                obj.close()
+
+    # ---- outbound: tenc0 -> classify -> seal -> udp -------------------------------------
+    def _on_tun(self) -> None:
+        assert self.tun is not None
+        now, wall = time.monotonic(), time.time()
+        mtu = self.config.mtu
+        for _ in range(BATCH):
+            pkt = self.tun.read()
+            if pkt is None:
+                break
+            if len(pkt) < 20 or pkt[0] >> 4 != 4:
+                self.stats.drop(DropReason.MALFORMED_PACKET)
+                continue
+            buf = bytearray(pkt)
+            if len(buf) > mtu:
+                self._too_big(buf, mtu)
+                continue
+            if buf[9] == 6:
+                rewrite_tcp_mss(buf, mtu - 40)
+            self.flows.rewrite_outbound(buf, now)
+            self._dispatch(socket.inet_ntoa(buf[16:20]), buf, now, wall)
+        self._flush()
+
+    def _too_big(self, buf: bytearray, mtu: int) -> None:
+        self.stats.drop(DropReason.TOO_BIG)
+        if buf[6] & 0x40:  # DF: tell the sender, as a router would (RFC 1191)
+            icmp = build_icmp_frag_needed(bytes(buf), mtu, self.config.pod_ip)
+            if icmp:
+                self._send_raw(self.inject, icmp)
+
+    def _dispatch(self, dst: str, buf: bytearray, now: float, wall: float) -> None:
+        if self.tunnel.knows(dst):
+            self.tunnel.send(dst, buf, now, wall)
+            return
+        cls = self.dns.lookup(dst, now)
+        if cls is AddrClass.INTERNAL:
+            if self.plaintext_until.get(dst, 0.0) > now:
+                self._send_raw(self.bypass, buf)
+            else:
+                self.tunnel.send(dst, buf, now, wall)
+        elif cls is AddrClass.EXTERNAL or not in_cidr(dst, self.config.service_cidr):
+            self.stats.inc("packets_bypassed")
+            self._send_raw(self.bypass, buf)
+        else:
+            self._hold(dst, bytes(buf))
+
+    def _hold(self, dst: str, pkt: bytes) -> None:
+        """Keep packets for an unclassified address while a reverse lookup decides."""
+        queue = self.held.get(dst)
+        if queue is None:
+            self.held[dst] = [pkt]
+            asyncio.get_running_loop().create_task(self._classify_held(dst))
+        elif len(queue) < HOLD_LIMIT:
+            queue.append(pkt)
+        else:
+            self.stats.drop(DropReason.QUEUE_FULL)
+
+    async def _classify_held(self, dst: str) -> None:
+        try:
+            cls = await self.dns.classify_address(dst)
+        except Exception:  # a failed lookup must not strand the packets: treat as unknown
+            log.exception("reverse lookup of %s failed", dst)
+            cls = None
+        now, wall = time.monotonic(), time.time()
+        for pkt in self.held.pop(dst, []):
+            if cls is AddrClass.INTERNAL:
+                self.tunnel.send(dst, pkt, now, wall)
+            else:  # external or unknown: never sealed to a pod that may have no proxy
+                self.stats.inc("packets_bypassed")
+                self._send_raw(self.bypass, pkt)
+        self._flush()
+
+    # ---- inbound: udp -> open -> nat -> inject ------------------------------------------
+    def _on_udp(self) -> None:
+        assert self.udp is not None
+        now, wall = time.monotonic(), time.time()
+        for _ in range(BATCH):
+            try:
+                data, addr = self.udp.recvfrom(65535)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                self.ratelog.warn("udp-error", "tunnel socket: %s", exc)
+                continue
+            pkt = self.tunnel.receive(data, addr, now, wall)
+            if pkt is None:
+                continue
+            buf = bytearray(pkt)
+            if self.flows.rewrite_inbound(buf, now):
+                self._send_raw(self.inject, buf)
+        self._flush()
+
+    # ---- shared --------------------------------------------------------------------------
+    def _send_raw(self, sock: socket.socket | None, buf: bytes | bytearray) -> None:
+        assert sock is not None
+        try:
+            sock.sendto(buf, (socket.inet_ntoa(buf[16:20]), 0))
+        except OSError as exc:
+            self.ratelog.warn("raw-" + str(exc.errno), "raw send failed: %s", exc)
+
+    def _flush(self) -> None:
+        assert self.udp is not None
+        for datagram, addr in self.tunnel.pop_transmits():
+            try:
+                self.udp.sendto(datagram, addr)
+            except OSError as exc:
+                self.ratelog.warn("udp-send-" + str(exc.errno), "send to %s failed: %s", addr, exc)
+        for event in self.tunnel.pop_events():
+            self._on_peer_event(event)
+
+    def _on_peer_event(self, event: object) -> None:
+        if isinstance(event, PeerUp):
+            log.info("peer %s up (endpoint %s:%d)", event.pod_ip, *event.endpoint)
+            if not in_cidr(event.pod_ip, self.config.service_cidr) and event.pod_ip != self.config.pod_ip:
+                netlink.ensure_route(event.pod_ip, dev=self.config.tun, src=self.config.pod_ip)
+                self.peer_routes.add(event.pod_ip)
+            if self.firewall:
+                self.firewall.add([event.pod_ip])
+        elif isinstance(event, PeerDown):
+            log.info("peer %s down", event.pod_ip)
+
+    def _on_dns_change(self, changes: list[Change]) -> None:
+        if not self.firewall:
+            return
+        self.firewall.add(c.ip for c in changes if c.new is AddrClass.INTERNAL)
+        self.firewall.discard(c.ip for c in changes
+                              if c.new is not AddrClass.INTERNAL and c.ip not in self.peer_routes)
+
+    async def timers(self) -> None:
+        last_expiry = 0.0
+        while not self.stopping.is_set():
+            now, wall = time.monotonic(), time.time()
+            self.tunnel.on_timer(now, wall)
+            self._flush()
+            if now - last_expiry > 5.0:
+                self.flows.expire(now)
+                last_expiry = now
+            deadline = self.tunnel.next_timer()
+            wait = 1.0 if deadline is None else min(1.0, max(0.01, deadline - now))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), wait)
+
+    def render_metrics(self) -> str:
+        return render_prometheus(self.stats, {
+            "sessions": self.tunnel.session_count(), "peers": self.tunnel.peer_count(),
+            "flow_table_entries": len(self.flows), "dns_table_entries": self.dns.table_size(),
+        })
+
+
+async def serve(args: argparse.Namespace) -> int:
+    config = podnet.load_config(args.state_dir)
+    psk = read_psk(args)
+    if psk is None:
+        raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
+    strict = True if args.strict is None else args.strict
+    proxy = Proxy(config, psk, strict, Stats())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, proxy.stopping.set)
+    pid_file = podnet.namespace_state_dir(args.state_dir) / podnet.PID_FILE
+    await proxy.start()
+    server = await metrics.serve(args.metrics, proxy.render_metrics) if args.metrics else None
+    pid_file.write_text(f"{os.getpid()}\n")
+    print(f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, udp :{config.port}, "
+          f"{'strict' if strict else 'not strict'}", file=sys.stderr, flush=True)
+    try:
+        await proxy.timers()
+    finally:
+        log.info("shutting down")
+        if server:
+            server.close()
+        await proxy.stop()
+        pid_file.unlink(missing_ok=True)
+    log.info("stopped; counters: %s", proxy.stats.counters)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvloop
+
+    return uvloop.run(serve(args))

@@ -1,0 +1,52 @@
+"""The proxy's sockets: the tunnel's UDP socket and the raw sockets that inject and bypass.
+
+- ``tunnel_socket``: UDP on 0.0.0.0:<port>, with ``SO_MARK`` so that `ip rule fwmark` sends it out
+  of the uplink even to addresses tenc0 routes, and large buffers (``SO_RCVBUFFORCE``, root only,
+  beats net.core.rmem_max): default buffers overflow under load and every overflow is a TCP loss.
+- ``inject_socket``: raw ``IPPROTO_RAW`` (implies ``IP_HDRINCL``): opened packets re-enter this
+  namespace's stack through it, addressed to the pod itself, so they arrive like any packet.
+- ``bypass_socket``: the same with the proxy's mark, to re-send in the clear out of the uplink a
+  packet that reached tenc0 for an external destination before its bypass route existed.
+Constants from linux/socket.h (asm-generic/socket.h).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from tencrypt.errors import SetupError
+
+SO_MARK = 36
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+BUFFER_BYTES = 8 * 1024 * 1024
+
+
+def _force_buffers(sock: socket.socket, size: int) -> None:
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def tunnel_socket(port: int, mark: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        _force_buffers(sock, BUFFER_BYTES)
+        sock.bind(("0.0.0.0", port))
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot open the tunnel's UDP socket on :{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def raw_socket(mark: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    if mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    _force_buffers(sock, BUFFER_BYTES)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,66 @@
+"""The TUN device tenc0: open it (created persistent by `tencrypt setup`) and move IP packets.
+
+One packet per read/write (``IFF_NO_PI``: no packet-information header). With ``vnet_hdr=True``
+the device is opened with ``IFF_VNET_HDR`` and TCP segmentation offloads, so reads return
+super-packets of up to 64 KiB behind a 10-byte virtio-net header (the batch path); without it the
+kernel segments to tenc0's MTU first. Kernel constants from linux/if_tun.h.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from tencrypt.errors import SetupError
+
+TUNSETIFF = 0x400454CA  # linux/if_tun.h: _IOW('T', 202, int)
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+VNET_HDR_LEN = 10  # struct virtio_net_hdr, linux/virtio_net.h
+
+
+class Tun:
+    """A non-blocking file descriptor on a TUN device."""
+
+    def __init__(self, name: str, *, vnet_hdr: bool = False) -> None:
+        self.name = name
+        self.vnet_hdr = vnet_hdr
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SetupError(f"cannot open /dev/net/tun: {exc.strerror}") from exc
+        try:
+            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+            if vnet_hdr:
+                fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        except OSError as exc:
+            os.close(self.fd)
+            raise SetupError(f"cannot attach to TUN {name} ({exc.strerror}); did `tencrypt setup` "
+                             "run in this namespace?") from exc
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self, size: int = 65536) -> bytes | None:
+        """One packet, or None when nothing is waiting."""
+        try:
+            return os.read(self.fd, size)
+        except BlockingIOError:
+            return None
+
+    def write(self, packet: bytes) -> None:
+        os.write(self.fd, packet)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
