@@ -39,6 +39,14 @@ class DropReason(enum.Enum):
     DNS_UNKNOWN_ID = "dns_unknown_id"
     DNS_TOO_MANY_PENDING = "dns_too_many_pending"
     DNS_UPSTREAM_TIMEOUT = "dns_upstream_timeout"
+    DNS_TOO_BIG = "dns_too_big"
+    DNS_WRONG_QUESTION = "dns_wrong_question"
+    DNS_TCP_TOO_MANY_CLIENTS = "dns_tcp_too_many_clients"
+    # receiver NAT (core/nat.py)
+    BAD_DESTINATION = "bad_destination"
+    NAT_CONFLICT = "nat_conflict"
+    # tunnel (core/session.py): an authenticated inner packet whose source the peer may not use
+    BAD_SOURCE = "bad_source"
 
 
 @dataclass(slots=True)

@@ -1,0 +1,316 @@
+"""Classification of DNS answers (core.classify) and the routes it asks for (classroutes)."""
+
+import ipaddress
+
+import pytest
+from dnslib import AAAA, CNAME, PTR, QTYPE, RR, A, DNSRecord
+
+from tencrypt.core.classify import (
+    AddrClass,
+    Change,
+    ClassTable,
+    Domains,
+    RouteAction,
+    parse_answer_classes,
+    plan_routes,
+    ptr_address,
+    route_action,
+)
+from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.stats import Stats
+from tencrypt.errors import SetupError
+from tencrypt.linux.classroutes import RouteApplier
+
+INTERNAL, EXTERNAL = AddrClass.INTERNAL, AddrClass.EXTERNAL
+DOMAINS = Domains.of("myproject.svc.cluster.local", "cluster.local")
+CIDR = "172.30.0.0/16"
+
+
+def answer(qname, qtype, *records):
+    """An answer to ``qname``/``qtype`` holding ``records`` = (name, type, rdata, ttl)."""
+    reply = DNSRecord.question(qname, qtype).reply()
+    for name, rtype, rdata, ttl in records:
+        reply.add_answer(RR(name, getattr(QTYPE, rtype), rdata=rdata, ttl=ttl))
+    return DNSRecord.parse(reply.pack())  # through the wire format, as the proxy sees it
+
+
+def a(name, ip, ttl=60):
+    return (name, "A", A(ip), ttl)
+
+
+def table(**kw):
+    return ClassTable(DOMAINS, min_ttl=kw.pop("min_ttl", 1), **kw)
+
+
+# -- names -> classes -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, cls", [
+    ("web.myproject.svc.cluster.local", INTERNAL),
+    ("WEB.MyProject.SVC.cluster.LOCAL.", INTERNAL),  # DNS names are case-insensitive
+    ("myproject.svc.cluster.local", INTERNAL),
+    ("pod-1.web.myproject.svc.cluster.local", INTERNAL),
+    ("web.project2.svc.cluster.local", EXTERNAL),
+    ("web.notmyproject.svc.cluster.local", EXTERNAL),  # a label suffix, not a string suffix
+    ("kubernetes.default.svc.cluster.local", EXTERNAL),
+    ("example.com", None),
+    ("cluster.local.example.com", None),
+])
+def test_name_class(name, cls):
+    from tencrypt.core.classify import labels_of
+    assert DOMAINS.name_class(labels_of(name)) is cls
+
+
+def test_a_answer_in_own_project_is_internal():
+    rec = answer("web.myproject.svc.cluster.local", "A",
+                 a("web.myproject.svc.cluster.local", "172.30.1.10", 30))
+    assert parse_answer_classes(rec, DOMAINS) == {"172.30.1.10": (INTERNAL, 30)}
+
+
+def test_other_project_external_outside_cluster_untouched():
+    t = table()
+    ch = t.on_answer(answer("db.project2.svc.cluster.local", "A",
+                            a("db.project2.svc.cluster.local", "172.30.2.20")), now=0)
+    assert ch == [Change("172.30.2.20", None, EXTERNAL)]
+    assert t.on_answer(answer("example.com", "A", a("example.com", "93.184.216.34")), now=0) == []
+    assert t.lookup("93.184.216.34", 0) is None
+    assert t.lookup("172.30.2.20", 0) is EXTERNAL
+    assert len(t) == 1
+
+
+def test_aaaa_answers_are_classified_too():
+    rec = answer("web.myproject.svc.cluster.local", "AAAA",
+                 ("web.myproject.svc.cluster.local", "AAAA", AAAA("fd00::10"), 60))
+    assert parse_answer_classes(rec, DOMAINS) == {"fd00::10": (INTERNAL, 60)}
+
+
+def test_cname_to_another_project_the_final_name_decides():
+    rec = answer("alias.myproject.svc.cluster.local", "A",
+                 ("alias.myproject.svc.cluster.local", "CNAME",
+                  CNAME("db.project2.svc.cluster.local"), 300),
+                 a("db.project2.svc.cluster.local", "172.30.2.20", 60))
+    assert parse_answer_classes(rec, DOMAINS) == {"172.30.2.20": (EXTERNAL, 60)}
+
+
+def test_cname_chain_into_own_project_takes_smallest_ttl():
+    rec = answer("x.project2.svc.cluster.local", "A",
+                 ("x.project2.svc.cluster.local", "CNAME", CNAME("y.other.svc.cluster.local"), 20),
+                 ("y.other.svc.cluster.local", "CNAME", CNAME("web.myproject.svc.cluster.local"),
+                  90),
+                 a("web.myproject.svc.cluster.local", "172.30.1.10", 60))
+    assert parse_answer_classes(rec, DOMAINS) == {"172.30.1.10": (INTERNAL, 20)}
+
+
+def test_cname_out_of_cluster_classifies_nothing():
+    rec = answer("ext.myproject.svc.cluster.local", "A",
+                 ("ext.myproject.svc.cluster.local", "CNAME", CNAME("example.com"), 60),
+                 a("example.com", "93.184.216.34"))
+    assert parse_answer_classes(rec, DOMAINS) == {}
+
+
+def test_records_off_the_chain_are_ignored():
+    # An answer to a project2 name that also carries an A record for one of "our" names
+    # (poisoning attempt or upstream bug) must not make that address internal.
+    rec = answer("db.project2.svc.cluster.local", "A",
+                 a("db.project2.svc.cluster.local", "172.30.2.20"),
+                 a("web.myproject.svc.cluster.local", "172.30.9.9"))
+    assert parse_answer_classes(rec, DOMAINS) == {"172.30.2.20": (EXTERNAL, 60)}
+
+
+def test_cname_loop_terminates():
+    rec = answer("a.myproject.svc.cluster.local", "A",
+                 ("a.myproject.svc.cluster.local", "CNAME", CNAME("b.myproject.svc.cluster.local"),
+                  60),
+                 ("b.myproject.svc.cluster.local", "CNAME", CNAME("a.myproject.svc.cluster.local"),
+                  60))
+    assert parse_answer_classes(rec, DOMAINS) == {}
+
+
+def test_ptr_classifies_the_queried_address_by_target():
+    rec = answer("5.0.128.10.in-addr.arpa", "PTR",
+                 ("5.0.128.10.in-addr.arpa", "PTR", PTR("pod-a.web.myproject.svc.cluster.local"),
+                  45))
+    assert parse_answer_classes(rec, DOMAINS) == {"10.128.0.5": (INTERNAL, 45)}
+    rec = answer("20.2.30.172.in-addr.arpa", "PTR",
+                 ("20.2.30.172.in-addr.arpa", "PTR", PTR("db.project2.svc.cluster.local"), 45))
+    assert parse_answer_classes(rec, DOMAINS) == {"172.30.2.20": (EXTERNAL, 45)}
+
+
+def test_ptr_conflict_internal_wins():
+    q = "7.0.128.10.in-addr.arpa"
+    rec = answer(q, "PTR", (q, "PTR", PTR("p.x.project2.svc.cluster.local"), 10),
+                 (q, "PTR", PTR("p.web.myproject.svc.cluster.local"), 20))
+    assert parse_answer_classes(rec, DOMAINS) == {"10.128.0.7": (INTERNAL, 20)}
+
+
+@pytest.mark.parametrize("name, ip", [
+    ("4.3.2.1.in-addr.arpa", "1.2.3.4"),
+    ("4.3.2.1.IN-ADDR.ARPA", "1.2.3.4"),
+    ("3.2.1.in-addr.arpa", None),  # a /24 zone, not an address
+    ("x.3.2.1.in-addr.arpa", None),
+    ("256.3.2.1.in-addr.arpa", None),
+    (ipaddress.ip_address("fd01::7").reverse_pointer, "fd01::7"),
+    (".".join("0000000000000000000000000000fd01"[::-1]) + ".ip6.arpa", "::fd01"),
+    ("example.com", None),
+])
+def test_ptr_address(name, ip):
+    from tencrypt.core.classify import labels_of
+    assert ptr_address(labels_of(name)) == ip
+
+
+def test_empty_and_questionless_answers_classify_nothing():
+    from dnslib import DNSHeader
+    assert parse_answer_classes(DNSRecord(DNSHeader(qr=1)), DOMAINS) == {}
+    assert parse_answer_classes(answer("web.myproject.svc.cluster.local", "A"), DOMAINS) == {}
+
+
+# -- the table over time ------------------------------------------------------------------
+
+def test_ttl_expiry_with_injected_clock():
+    t = table()
+    t.on_answer(answer("web.myproject.svc.cluster.local", "A",
+                       a("web.myproject.svc.cluster.local", "172.30.1.10", 30)), now=100)
+    assert t.lookup("172.30.1.10", 129.9) is INTERNAL
+    assert t.expire(129.9) == []
+    assert t.lookup("172.30.1.10", 130) is None  # expired, even before the sweep
+    assert t.expire(130) == [Change("172.30.1.10", INTERNAL, None)]
+    assert len(t) == 0 and t.expire(1000) == []
+
+
+def test_min_ttl_floor_and_max_ttl_cap():
+    t = ClassTable(DOMAINS, min_ttl=30, max_ttl=100)
+    t.learn("172.30.1.1", INTERNAL, 0, now=0)
+    t.learn("172.30.1.2", INTERNAL, 10**6, now=0)
+    assert t.lookup("172.30.1.1", 29) is INTERNAL and t.lookup("172.30.1.1", 30) is None
+    assert t.lookup("172.30.1.2", 99) is INTERNAL and t.lookup("172.30.1.2", 100) is None
+
+
+def test_refresh_extends_without_a_change():
+    t = table()
+    assert t.learn("172.30.1.10", INTERNAL, 30, now=0) == [Change("172.30.1.10", None, INTERNAL)]
+    assert t.learn("172.30.1.10", INTERNAL, 30, now=20) == []
+    assert t.expire(31) == []  # the first expiry was superseded
+    assert t.lookup("172.30.1.10", 49) is INTERNAL
+    assert t.expire(50) == [Change("172.30.1.10", INTERNAL, None)]
+
+
+def test_vip_changing_owner_is_reported_as_a_change():
+    t = table()
+    t.on_answer(answer("web.myproject.svc.cluster.local", "A",
+                       a("web.myproject.svc.cluster.local", "172.30.1.10", 300)), now=0)
+    ch = t.on_answer(answer("db.project2.svc.cluster.local", "A",
+                            a("db.project2.svc.cluster.local", "172.30.1.10", 30)), now=10)
+    assert ch == [Change("172.30.1.10", INTERNAL, EXTERNAL)]
+    assert t.lookup("172.30.1.10", 11) is EXTERNAL
+    # The new owner's (shorter) TTL rules, and its expiry is reported once, with the new class.
+    assert t.expire(39) == []
+    assert t.expire(40) == [Change("172.30.1.10", EXTERNAL, None)]
+    assert t.expire(400) == []
+
+
+def test_full_table_evicts_the_entry_closest_to_expiry():
+    t = table(max_entries=2)
+    t.learn("10.0.0.1", INTERNAL, 50, now=0)
+    t.learn("10.0.0.2", EXTERNAL, 10, now=0)
+    ch = t.learn("10.0.0.3", INTERNAL, 50, now=0)
+    assert ch == [Change("10.0.0.2", EXTERNAL, None), Change("10.0.0.3", None, INTERNAL)]
+    assert len(t) == 2 and t.lookup("10.0.0.2", 1) is None
+
+
+def test_negative_cache():
+    t = table(negative_ttl=30)
+    t.note_unknown("10.9.9.9", now=0)
+    assert t.known_unknown("10.9.9.9", 29) and not t.known_unknown("10.9.9.9", 30)
+    t.note_unknown("10.9.9.8", now=0, ttl=5)
+    assert not t.known_unknown("10.9.9.8", 5)
+    t.note_unknown("10.9.9.7", now=0)
+    t.learn("10.9.9.7", INTERNAL, 60, now=1)  # an answer ends "unknown" at once
+    assert not t.known_unknown("10.9.9.7", 2)
+    t.expire(100)
+    assert not t._unknown
+
+
+def test_heap_is_compacted_under_churn():
+    t = table()
+    for i in range(1000):
+        t.learn("10.0.0.1", INTERNAL, 60, now=i)
+        t.expire(i)
+    assert len(t._heap) <= 4 * len(t) + 64 + 1
+
+
+# -- routes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ip, cls, action", [
+    ("172.30.1.10", INTERNAL, RouteAction.NONE),  # the CIDR already goes to tenc0
+    ("10.128.0.5", INTERNAL, RouteAction.VIA_TUN),  # a peer pod
+    ("172.30.2.20", EXTERNAL, RouteAction.VIA_UPLINK),  # another project's VIP: bypass
+    ("10.128.1.9", EXTERNAL, RouteAction.NONE),  # another project's pod: uplink anyway
+    ("172.30.1.10", None, RouteAction.NONE),
+    ("fd00::1", INTERNAL, RouteAction.NONE),  # the tunnel is IPv4-only
+    ("not-an-ip", INTERNAL, RouteAction.NONE),
+])
+def test_route_action_table(ip, cls, action):
+    assert route_action(ip, cls, CIDR) is action
+
+
+def test_plan_routes_reroutes_removes_and_keeps():
+    changes = [
+        Change("10.128.0.5", None, INTERNAL),  # new peer → /32 tenc0
+        Change("172.30.2.20", None, EXTERNAL),  # new external VIP → /32 uplink
+        Change("172.30.1.10", None, INTERNAL),  # internal VIP → nothing
+        Change("172.30.3.3", INTERNAL, EXTERNAL),  # VIP changed owner → /32 uplink
+        Change("172.30.4.4", EXTERNAL, INTERNAL),  # back to us → remove its /32
+        Change("10.128.0.6", INTERNAL, None),  # expired peer → remove
+        Change("172.30.0.2", None, EXTERNAL),  # the DNS server: setup owns it
+    ]
+    assert plan_routes(changes, CIDR, keep=frozenset({"172.30.0.2"})) == [
+        ("10.128.0.5", RouteAction.VIA_TUN),
+        ("172.30.2.20", RouteAction.VIA_UPLINK),
+        ("172.30.3.3", RouteAction.VIA_UPLINK),
+        ("172.30.4.4", RouteAction.NONE),
+        ("10.128.0.6", RouteAction.NONE),
+    ]
+
+
+POD = PodConfig(pod_ip="10.128.0.4", dev="eth0", gateway="10.128.0.1", dns="172.30.0.2",
+                domain="myproject.svc.cluster.local", search=("myproject.svc.cluster.local",),
+                cluster_domain="cluster.local")
+
+
+class FakeRoutes:
+    """Stands in for tencrypt.linux.netlink: a main table as a dict."""
+
+    def __init__(self, refuse=()):
+        self.table, self.refuse = {}, set(refuse)
+
+    def ensure(self, dst, *, dev, gateway=None, src=None, table=None):
+        if dst in self.refuse:
+            raise SetupError(f"netlink refused {dst}")
+        self.table[dst] = (dev, gateway, src)
+
+    def remove(self, dst, *, table=None):
+        self.table.pop(dst, None)
+
+
+def test_route_applier_follows_changes_and_cleans_up():
+    fake, stats = FakeRoutes(), Stats()
+    ap = RouteApplier(POD, stats, ensure_route=fake.ensure, remove_route=fake.remove)
+    ap.on_change([Change("10.128.0.5", None, INTERNAL), Change("172.30.2.20", None, EXTERNAL),
+                  Change("172.30.0.2", None, EXTERNAL), Change("10.128.0.4", None, INTERNAL)])
+    assert fake.table == {"10.128.0.5/32": ("tenc0", None, "10.128.0.4"),
+                          "172.30.2.20/32": ("eth0", "10.128.0.1", "10.128.0.4")}
+    ap.on_change([Change("172.30.2.20", EXTERNAL, INTERNAL)])
+    assert "172.30.2.20/32" not in fake.table
+    fake.table["10.128.0.99/32"] = ("tenc0", None, "10.128.0.4")  # someone else's route
+    ap.on_change([Change("10.128.0.99", INTERNAL, None)])
+    assert "10.128.0.99/32" in fake.table
+    ap.close()
+    assert fake.table == {"10.128.0.99/32": ("tenc0", None, "10.128.0.4")}
+    assert stats.get("dns_routes_added") == 2 and stats.get("dns_routes_removed") == 2
+
+
+def test_route_applier_survives_a_refusal():
+    fake, stats = FakeRoutes(refuse={"172.30.2.20/32"}), Stats()
+    ap = RouteApplier(POD, stats, ensure_route=fake.ensure, remove_route=fake.remove)
+    ap.on_change([Change("172.30.2.20", None, EXTERNAL), Change("10.128.0.5", None, INTERNAL)])
+    assert stats.get("dns_route_errors") == 1
+    assert list(fake.table) == ["10.128.0.5/32"] and list(ap.installed) == ["10.128.0.5"]
