@@ -70,8 +70,10 @@ class Capture:
 
     def __init__(self, ns: str, iface: str, bpf: str = "", limit: float = 60.0) -> None:
         self.file = Path(tempfile.mkstemp(prefix="tencrypt-cap-", suffix=".pcap")[1])
-        argv = ["timeout", str(int(limit)), "tcpdump", "-i", iface, "-U", "-n", "-s", "0",
-                "-w", str(self.file), *bpf.split()]
+        # --immediate-mode: without it packets wait in the kernel's capture buffer, and those
+        # still there at SIGINT are lost (a short exchange then shows up as 0 packets)
+        argv = ["timeout", str(int(limit)), "tcpdump", "-i", iface, "-U", "--immediate-mode",
+                "-n", "-s", "0", "-w", str(self.file), *bpf.split()]
         self.proc = subprocess.Popen(netns.exec_argv(ns, argv), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         # tcpdump says "listening on ..." once the socket is open: packets after that are caught

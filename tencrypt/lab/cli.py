@@ -1,0 +1,65 @@
+"""``tencrypt lab ACTION``: argv (declared in tencrypt/cli.py) -> the Lab method that does it.
+
+``exec`` attaches the caller's stdin, stdout and stderr to the command and returns its exit
+code; ``down`` works without a state file (it cleans by name); every other action except
+``up`` needs a lab that ``up`` built (``UsageError`` otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+from tencrypt.errors import UsageError
+from tencrypt.lab.cluster import STATE_ROOT, Lab
+from tencrypt.lab.topology import Topology
+from tencrypt.linux import netns
+
+
+def main(args: argparse.Namespace) -> int:
+    action = args.lab_command
+    if action == "up":
+        topology = Topology.from_file(args.config) if args.config else None
+        Lab(args.name, topology, args.nodes).up()
+        return 0
+    if action == "down":
+        _lab_or_bare(args.name).down()
+        return 0
+    lab = Lab.load(args.name)
+    if action == "status":
+        print(lab.status(), end="")
+        return 0
+    if action == "exec":
+        return exec_attached(lab, args.pod, args.cmd)
+    if action == "patch":
+        lab.patch(args.pod, strict=args.strict)
+        return 0
+    if action == "unpatch":
+        lab.unpatch(args.pod)
+        return 0
+    raise UsageError(f"unknown lab action {action!r}")
+
+
+def _lab_or_bare(name: str) -> Lab:
+    """The lab's own record if there is one; otherwise a default one of that name, which is
+    enough for ``down`` (it removes by name, not from the record)."""
+    if (STATE_ROOT / name / "state.json").exists():
+        try:
+            return Lab.load(name)
+        except UsageError:
+            pass
+    return Lab(name)
+
+
+def exec_attached(lab: Lab, target: str, cmd: list[str]) -> int:
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("lab exec: nothing to run (usage: tencrypt lab exec POD -- CMD...)")
+    ns = lab.netns_of(target)
+    if not netns.exists(ns):
+        raise UsageError(f"namespace {ns} of {target} does not exist: is lab {lab.name} up?")
+    try:
+        return subprocess.run(netns.exec_argv(ns, cmd)).returncode
+    except KeyboardInterrupt:
+        return 130

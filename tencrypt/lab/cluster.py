@@ -1,0 +1,330 @@
+"""The lab: an OpenShift-like cluster of network namespaces on this machine.
+
+One node (``--nodes 1``)::
+
+    <lab>-nginx1        <lab>-nginx2        <lab>-cakephp          pods: eth0 172.17.0.1x/16,
+     eth0 .11            eth0 .12            eth0 .13              default via 172.17.0.1,
+       |                   |                   |                   resolv.conf -> 172.30.0.2,
+     vnginx1             vnginx2             vcakephp              http.server :8080
+    +-------------------- br0 172.17.0.1/16 ---------------------+
+    | <lab>-node1: ip_forward, bridge-nf-call-iptables=1,          |
+    | nat KUBE-SERVICES (VIP:8080) + TENCRYPT (VIP:1337 udp/tcp),  |
+    | dnsmasq on 172.30.0.2 (svc A/PTR, pod endpoint A/PTR)        |
+    +--------------------------------------------------------------+
+
+Two nodes (``--nodes 2``): node2 has its own br0 172.18.0.1/16 (nginx2 lives there), and the
+nodes are joined the OpenShift SDN way::
+
+    <lab>-node1 eth0 192.168.200.1/24 <--veth--> <lab>-node2 eth0 192.168.200.2/24  (underlay)
+    <lab>-node1 vxlan0 10.42.0.1 (VNI 42, :4789) <-> <lab>-node2 vxlan0 10.42.0.2     (overlay)
+    node1: 172.18.0.0/16 via 10.42.0.2 dev vxlan0; node2: 172.17.0.0/16 via 10.42.0.1
+
+and every pod's MTU is 1450. Both nodes carry all Service rules and a dnsmasq.
+
+Stages of ``up`` (each prints one line on stderr):
+ 1. clean whatever a previous lab of the same name left (``cleanup.sweep``);
+ 2. write the state (``/run/tencrypt-lab/<lab>/state.json``) and one key per project;
+ 3. nodes: namespace, sysctls, bridge, the Service CIDR route, the DNS address;
+ 4. (two nodes) the underlay veth, vxlan0 and the routes to the other node's pods;
+ 5. pods: namespace, veth into the bridge, address, default route, resolv.conf, web root;
+ 6. Services: iptables in every node (``services``);
+ 7. dnsmasq in every node, an HTTP server in every pod; wait until they all listen.
+If a stage fails, ``up`` removes what it built and re-raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tencrypt.errors import SetupError, UsageError
+from tencrypt.lab import cleanup, clusterdns, proxy, services, status
+from tencrypt.lab.topology import Node, Pod, Service, Topology
+from tencrypt.linux import netns
+
+STATE_ROOT = Path("/run/tencrypt-lab")
+ETC_NETNS = Path("/etc/netns")
+HTTP_PYTHON = "/usr/bin/python3"  # Debian's, as in a stock image: the pod's web server
+WAIT = 20.0  # seconds for a daemon to start listening on a loaded machine
+
+
+class Lab:
+    def __init__(self, name: str = "tenc", topology: Topology | None = None,
+                 nodes: int = 1) -> None:
+        self.name = name
+        self.topology = topology or Topology.default()
+        self.nodes: dict[str, Node]
+        self.pods: dict[str, Pod]
+        self.nodes, self.pods = self.topology.plan(name, nodes)
+        self.dns_ip: str = self.topology.dns_ip
+        self.service_cidr: str = self.topology.service_cidr
+        self.state_dir = STATE_ROOT / name
+
+    @classmethod
+    def load(cls, name: str = "tenc") -> Lab:
+        path = STATE_ROOT / name / "state.json"
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"no lab named {name!r} (no {path}): start one with "
+                             f"`tencrypt lab --name {name} up`") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"unreadable lab state {path}: {exc}") from exc
+        return cls(name, Topology.from_dict(state["topology"]), state["node_count"])
+
+    # --- look-ups -------------------------------------------------------------------------
+
+    @property
+    def services(self) -> list[Service]:
+        return self.topology.services(self.pods)
+
+    @property
+    def projects(self) -> list[str]:
+        return sorted({p.project for p in self.pods.values()})
+
+    def pod(self, name: str) -> Pod:
+        try:
+            return self.pods[name]
+        except KeyError:
+            raise UsageError(f"lab {self.name} has no pod {name!r} (pods: "
+                             f"{', '.join(self.pods)})") from None
+
+    def netns_of(self, target: str) -> str:
+        """The namespace of a pod or of a node (``node1``)."""
+        if target in self.nodes:
+            return self.nodes[target].netns
+        return self.pod(target).netns
+
+    def psk_file(self, project: str) -> Path:
+        return self.state_dir / "keys" / f"{project}.psk"
+
+    def log_file(self, what: str) -> Path:
+        return self.state_dir / "logs" / f"{what}.log"
+
+    def pid_file(self, what: str) -> Path:
+        return self.state_dir / "pids" / f"{what}.pid"
+
+    def www(self, pod: str) -> Path:
+        return self.state_dir / "www" / pod
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def up(self) -> None:
+        if self.state_dir.exists() or cleanup.lab_namespaces(self.name, self.state_dir):
+            self.say("cleaning up the previous lab of this name")
+            cleanup.sweep(self.name, self.state_dir, self.say)
+        try:
+            self.say(f"state in {self.state_dir}")
+            self._write_state("building")
+            self._make_keys()
+            for node in self.nodes.values():
+                self._build_node(node)
+            if len(self.nodes) > 1:
+                self._join_nodes(*self.nodes.values())
+            for pod in self.pods.values():
+                self._build_pod(pod)
+            self._program_services()
+            self._start_daemons()
+            self._write_state("up")
+        except BaseException:
+            self.say("up failed: removing what was built")
+            cleanup.sweep(self.name, self.state_dir, lambda _: None)
+            raise
+        self.say(f"up: {len(self.nodes)} node(s), {len(self.pods)} pods "
+                 f"({', '.join(self.pods)}); try `tencrypt lab --name {self.name} status`")
+
+    def down(self) -> None:
+        removed = cleanup.sweep(self.name, self.state_dir, self.say)
+        self.say(f"down: removed {removed} namespaces, processes and files" if removed
+                 else "down: nothing to remove")
+
+    def status(self) -> str:
+        return status.render(self)
+
+    def exec(self, pod: str, argv: list[str], check: bool = True, timeout: float = 60,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in a pod's (or node's) namespace and capture its output."""
+        return netns.run(self.netns_of(pod), argv, check=check, timeout=timeout, input=input)
+
+    def patch(self, pod: str, strict: bool = True) -> None:
+        proxy.patch(self, self.pod(pod), strict)
+
+    def unpatch(self, pod: str) -> None:
+        proxy.unpatch(self, self.pod(pod))
+
+    def make_blob(self, pod: str, size_mb: int) -> tuple[str, str]:
+        """Put ``size_mb`` MiB of random data at ``/blob`` on ``pod``'s web server.
+        Returns (URL path, sha256 hex digest)."""
+        target, digest = self.www(self.pod(pod).name) / "blob", hashlib.sha256()
+        tmp = target.with_name(".blob.tmp")
+        with open(tmp, "wb") as out:
+            for _ in range(size_mb):
+                chunk = os.urandom(1 << 20)
+                digest.update(chunk)
+                out.write(chunk)
+        tmp.replace(target)  # a download in progress keeps the old file, never half a new one
+        return "/blob", digest.hexdigest()
+
+    def say(self, text: str) -> None:
+        print(f"lab {self.name}: {text}", file=sys.stderr, flush=True)
+
+    # --- stages of up ---------------------------------------------------------------------
+
+    def _write_state(self, phase: str) -> None:
+        for sub in ("keys", "logs", "pids", "www", "dns", "netns"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "keys").chmod(0o700)
+        state = {"name": self.name, "phase": phase, "node_count": len(self.nodes),
+                 "topology": self.topology.to_dict(), "dns_ip": self.dns_ip,
+                 "nodes": {n: vars_of(v) for n, v in self.nodes.items()},
+                 "pods": {n: vars_of(v) for n, v in self.pods.items()}}
+        tmp = self.state_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.state_dir / "state.json")
+
+    def _make_keys(self) -> None:
+        for project in self.projects:
+            key = base64.b64encode(os.urandom(32)) + b"\n"
+            fd = os.open(self.psk_file(project), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key)
+        self.say(f"keys: one per project in {self.state_dir / 'keys'} ({', '.join(self.projects)})")
+
+    def _netns(self, name: str) -> None:
+        (self.state_dir / "netns" / name).touch()  # recorded before it exists: down finds it
+        netns.create(name)
+
+    def _build_node(self, node: Node) -> None:
+        self.say(f"{node.name}: namespace {node.netns}, bridge {node.bridge} "
+                 f"{node.bridge_ip}/{node.pod_cidr.split('/')[1]}, DNS {self.dns_ip}")
+        self._netns(node.netns)
+        # No ICMP redirects: a pod reaching a VIP whose endpoint shares its bridge must keep
+        # sending to the gateway, or later packets skip the node's DNAT.
+        sysctl(node.netns, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
+               "net.ipv4.conf.default.send_redirects=0")
+        prefix = node.pod_cidr.split("/")[1]
+        ip_batch(node.netns, [
+            f"link add {node.bridge} type bridge",
+            f"link set {node.bridge} up",
+            f"addr add {node.bridge_ip}/{prefix} dev {node.bridge}",
+            # the node's own connections to a VIP need a route before nat OUTPUT rewrites them
+            f"route add {self.service_cidr} dev {node.bridge}",
+        ])
+        # bridged pod-to-pod frames must pass conntrack, or replies from a DNAT'ed VIP's pod
+        # go straight back to the client with the pod's address and are refused
+        sysctl(node.netns, "net.bridge.bridge-nf-call-iptables=1")
+        self._add_dns_address(node)
+
+    def _add_dns_address(self, node: Node) -> None:
+        try:
+            ip_batch(node.netns, ["link add dns0 type dummy", "link set dns0 up",
+                                  f"addr add {self.dns_ip}/32 dev dns0"])
+        except SetupError as exc:
+            if "Unknown device type" not in str(exc):
+                raise
+            # kernel without the dummy driver: a /32 on lo is just as local to the node
+            ip_batch(node.netns, [f"addr add {self.dns_ip}/32 dev lo"])
+
+    def _join_nodes(self, a: Node, b: Node) -> None:
+        self.say(f"{a.name} <-> {b.name}: underlay {a.underlay_ip} - {b.underlay_ip}, vxlan0 "
+                 f"VNI {self.topology.vni} dstport {self.topology.vxlan_port}")
+        netns.sh(["ip", "link", "add", "eth0", "netns", a.netns, "type", "veth",
+                  "peer", "name", "eth0", "netns", b.netns])
+        for me, peer in ((a, b), (b, a)):
+            assert me.underlay_ip and peer.underlay_ip and peer.overlay_ip and me.overlay_ip
+            ip_batch(me.netns, [
+                "link set eth0 up",
+                f"addr add {me.underlay_ip} dev eth0",
+                f"link add vxlan0 type vxlan id {self.topology.vni} dstport "
+                f"{self.topology.vxlan_port} local {me.underlay_ip.split('/')[0]} "
+                f"remote {peer.underlay_ip.split('/')[0]} dev eth0",
+                "link set vxlan0 up",
+                f"addr add {me.overlay_ip} dev vxlan0",
+                f"route add {peer.pod_cidr} via {peer.overlay_ip.split('/')[0]} dev vxlan0",
+            ])
+
+    def _build_pod(self, pod: Pod) -> None:
+        node = self.nodes[pod.node]
+        self.say(f"pod {pod.name} ({pod.project}) on {node.name}: {pod.netns} eth0 "
+                 f"{pod.ip}/{pod.prefixlen} mtu {pod.mtu}, Service {pod.fqdn} -> {pod.vip}")
+        self._netns(pod.netns)
+        netns.sh(["ip", "link", "add", "eth0", "netns", pod.netns, "type", "veth",
+                  "peer", "name", pod.host_if, "netns", node.netns])
+        # hairpin: a pod reaching its own Service comes back out of the port it entered by
+        # (br_netfilter bridges a DNAT'ed frame whose new destination is on the same bridge)
+        ip_batch(node.netns, [f"link set {pod.host_if} mtu {pod.mtu} master {node.bridge} up",
+                              f"link set {pod.host_if} type bridge_slave hairpin on"])
+        ip_batch(pod.netns, [f"link set eth0 mtu {pod.mtu} up",
+                             f"addr add {pod.ip}/{pod.prefixlen} dev eth0",
+                             f"route add default via {pod.gateway} dev eth0"])
+        etc = ETC_NETNS / pod.netns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(clusterdns.build_resolv_conf(self.dns_ip, pod.project))
+        www = self.www(pod.name)
+        www.mkdir(parents=True, exist_ok=True)
+        (www / "index.html").write_text(f"Hello from {pod.name} ({pod.project})\n")
+
+    def _program_services(self) -> None:
+        self.say(f"Services: DNAT VIP:{self.topology.port}/tcp (KUBE-SERVICES) and "
+                 f"VIP:{services.TUNNEL_PORT} udp+tcp (TENCRYPT) on every node")
+        for node in self.nodes.values():
+            services.program_kube_services(node.netns, self.services)
+            services.program_tencrypt_chain(node.netns, self.services)
+
+    def _start_daemons(self) -> None:
+        hosts = self.state_dir / "dns" / "hosts"
+        hosts.write_text(clusterdns.build_hosts(self.pods.values()))
+        started = []
+        cidrs = [self.service_cidr, *(n.pod_cidr for n in self.nodes.values())]
+        for node in self.nodes.values():
+            argv = clusterdns.build_dnsmasq_argv(
+                self.dns_ip, hosts, self.log_file(f"{node.name}.dnsmasq"),
+                self.pid_file(f"{node.name}.dnsmasq"), cidrs)
+            out = self.log_file(f"{node.name}.dnsmasq.out")  # its start-up errors land here
+            proc = netns.spawn(node.netns, argv, log=out)
+            started.append((node.netns, "udp", 53, proc, out, f"{node.name} dnsmasq"))
+        python = HTTP_PYTHON if Path(HTTP_PYTHON).exists() else sys.executable
+        for pod in self.pods.values():
+            argv = [python, "-I", "-u", "-m", "http.server", str(pod.port), "--bind", "0.0.0.0",
+                    "--directory", str(self.www(pod.name))]
+            log = self.log_file(f"{pod.name}.http")
+            proc = netns.spawn(pod.netns, argv, log=log)
+            self.pid_file(f"{pod.name}.http").write_text(f"{proc.pid}\n")
+            started.append((pod.netns, "tcp", pod.port, proc, log, f"{pod.name} HTTP server"))
+        self.say(f"started dnsmasq on {len(self.nodes)} node(s) and {len(self.pods)} HTTP "
+                 "servers; waiting until they listen")
+        for ns, proto, port, proc, log, what in started:
+            wait_listening(ns, proto, port, proc, log, what)
+
+
+def vars_of(obj: object) -> dict[str, object]:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}  # type: ignore[attr-defined]
+
+
+def ip_batch(ns: str, commands: list[str]) -> None:
+    """Run several ``ip`` commands in namespace ``ns`` with one process."""
+    netns.sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(commands) + "\n")
+
+
+def sysctl(ns: str, *settings: str) -> None:
+    netns.run(ns, ["sysctl", "-q", "-w", *settings])
+
+
+def wait_listening(ns: str, proto: str, port: int, proc: subprocess.Popen[bytes], log: Path,
+                   what: str) -> None:
+    """Poll until something listens on ``port`` in ``ns``; fail early if ``proc`` died."""
+    flag = "-Hlnu" if proto == "udp" else "-Hlnt"
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise SetupError(f"{what} exited with code {proc.returncode} before listening on "
+                             f"{proto} :{port}; its log ({log}):\n{cleanup.tail(log)}")
+        out = netns.run(ns, ["ss", flag, f"sport = :{port}"], check=False).stdout
+        return bool(out.strip())
+
+    netns.wait_for(listening, timeout=WAIT, interval=0.05, what=f"{what} on {proto} :{port}")

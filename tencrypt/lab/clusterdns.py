@@ -1,0 +1,68 @@
+"""The lab's cluster DNS: what dnsmasq serves and how pods are pointed at it.
+
+Rules:
+- One dnsmasq per node namespace, bound to the cluster DNS address only (``--bind-interfaces
+  --listen-address``), reading nothing from the host (``--conf-file=/dev/null --no-hosts
+  --no-resolv``): the records are exactly the lab's hosts file.
+- Records, as a Kubernetes cluster DNS publishes them: ``<svc>.<project>.svc.cluster.local`` A
+  -> VIP (and PTR back), and for each pod IP an endpoint-style name
+  ``<pod>.<svc>.<project>.svc.cluster.local`` A -> pod IP (and PTR back), so that a reverse
+  lookup of any lab address tells its project. dnsmasq answers PTR with the first name of a
+  hosts line, so each address gets exactly one line.
+- Unknown names under ``cluster.local`` and unknown addresses in the lab's reverse zones are
+  NXDOMAIN (``--local``, ``--bogus-priv``), never a timeout: there is no upstream.
+- Answers carry a real TTL (``--local-ttl``; dnsmasq's default is 0), because the pod-side DNS
+  proxy expires its classification with the TTL.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from pathlib import Path
+
+from tencrypt.lab.topology import CLUSTER_DOMAIN, Pod
+
+DNS_TTL = 30  # seconds; CoreDNS's kubernetes plugin serves 5-30
+
+
+def build_hosts(pods: Iterable[Pod]) -> str:
+    lines = ["# tencrypt lab cluster DNS: Services (VIP) and endpoints (pod IP)"]
+    for pod in pods:
+        lines.append(f"{pod.vip} {pod.fqdn}")
+        lines.append(f"{pod.ip} {pod.endpoint_fqdn}")
+    return "\n".join(lines) + "\n"
+
+
+def build_resolv_conf(dns_ip: str, project: str) -> str:
+    """A pod's resolv.conf, as the kubelet writes it for a pod of ``project``."""
+    svc = f"svc.{CLUSTER_DOMAIN}"
+    return (f"nameserver {dns_ip}\n"
+            f"search {project}.{svc} {svc} {CLUSTER_DOMAIN}\n"
+            "options ndots:5\n")
+
+
+def reverse_zones(cidr: str) -> list[str]:
+    """The in-addr.arpa zones covering ``cidr``, widened to whole octets (RFC 1035 §3.5)."""
+    net = ipaddress.ip_network(cidr)
+    bits = max(8, -(-net.prefixlen // 8) * 8)
+    subnets = [net] if net.prefixlen == bits else list(net.subnets(new_prefix=bits))
+    zones = []
+    for sub in subnets[:256]:  # a /8 split into /16s is the widest a lab needs
+        octets = str(sub.network_address).split(".")[: bits // 8]
+        zones.append(".".join(reversed(octets)) + ".in-addr.arpa")
+    return zones
+
+
+def build_dnsmasq_argv(dns_ip: str, hosts: Path, log: Path, pid_file: Path,
+                       cidrs: Iterable[str]) -> list[str]:
+    local = [f"--local=/{CLUSTER_DOMAIN}/"]
+    for cidr in cidrs:
+        local += [f"--local=/{zone}/" for zone in reverse_zones(cidr)]
+    return [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts", "--no-resolv",
+        "--bind-interfaces", f"--listen-address={dns_ip}", "--port=53",
+        f"--addn-hosts={hosts}", f"--local-ttl={DNS_TTL}", "--bogus-priv", *local,
+        f"--log-facility={log}", "--log-queries", "--log-async",
+        f"--pid-file={pid_file}", "--user=root", "--group=root",
+    ]

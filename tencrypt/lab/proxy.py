@@ -1,0 +1,128 @@
+"""Patching a lab pod: the node-side launcher puts Tencrypt into it, and takes it out again.
+
+Stages of ``patch``:
+ 1. refuse if a proxy this lab started still runs in the pod;
+ 2. start ``scripts/tencrypt-nsenter.sh --netns <pod ns> -- --psk-file <project key>
+    [--no-strict]`` detached (its own session, so it outlives ``tencrypt lab patch``), with
+    ``TENCRYPT_BIN`` set to the ``tencrypt`` next to this Python, output to
+    ``<state>/logs/<pod>.tencrypt.log`` and its pid to ``<state>/pids/<pod>.tencrypt.pid``;
+    the launcher runs ``tencrypt setup`` and then *execs* ``tencrypt run``, so the pid we keep
+    is the proxy's own;
+ 3. poll the log for the line ``tencrypt run`` prints when it serves ("tencrypt: ready"),
+    bounded; if the launcher exits first or time runs out, stop it, undo the setup and fail
+    with the log's tail.
+
+``unpatch``: SIGTERM the proxy (SIGKILL after a grace period), then the launcher with
+``--undo`` (``tencrypt setup --undo`` in the pod), which restores routes and resolv.conf.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tencrypt.errors import SetupError, UsageError
+from tencrypt.lab import cleanup
+from tencrypt.lab.topology import Pod
+from tencrypt.linux import netns
+
+if TYPE_CHECKING:
+    from tencrypt.lab.cluster import Lab
+
+READY = "tencrypt: ready"
+READY_TIMEOUT = 30.0  # seconds: setup + interpreter start-up on a loaded 2-core machine
+STOP_TIMEOUT = 10.0  # seconds of grace between SIGTERM and SIGKILL
+
+
+def launcher() -> Path:
+    source_tree = Path(__file__).resolve().parents[2] / "scripts" / "tencrypt-nsenter.sh"
+    if source_tree.exists():
+        return source_tree
+    found = shutil.which("tencrypt-nsenter.sh")
+    if not found:
+        raise SetupError("scripts/tencrypt-nsenter.sh not found (run from a source checkout)")
+    return Path(found)
+
+
+def tencrypt_bin() -> Path:
+    return Path(sys.executable).parent / "tencrypt"
+
+
+def launcher_env() -> dict[str, str]:
+    return {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
+
+
+def proxy_pid(lab: Lab, pod: Pod) -> int | None:
+    """The pid of the proxy this lab started in ``pod``, if it still runs."""
+    pid = cleanup.read_pid(lab.pid_file(f"{pod.name}.tencrypt"))
+    if pid and cleanup.alive(pid) and "tencrypt" in cleanup.cmdline(pid):
+        return pid
+    return None
+
+
+def proxies_in(ns: str) -> list[int]:
+    """Every ``tencrypt run`` inside namespace ``ns``, whoever started it."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    found = []
+    for pid in (int(p) for p in pids.split() if p.isdigit()):
+        words = cleanup.cmdline(pid).split()
+        if any(w.endswith("tencrypt") for w in words) and "run" in words:
+            found.append(pid)
+    return found
+
+
+def patch(lab: Lab, pod: Pod, strict: bool = True) -> None:
+    if proxy_pid(lab, pod):
+        raise UsageError(f"pod {pod.name} is already patched (unpatch it first)")
+    key = lab.psk_file(pod.project)
+    if not key.exists():
+        raise UsageError(f"no key for project {pod.project} ({key}): is lab {lab.name} up?")
+    argv = ["bash", str(launcher()), "--netns", pod.netns, "--", "--psk-file", str(key)]
+    if not strict:
+        argv.append("--no-strict")
+    log, pid_file = lab.log_file(f"{pod.name}.tencrypt"), lab.pid_file(f"{pod.name}.tencrypt")
+    lab.say(f"patching {pod.name}: {' '.join(argv[1:])} (log {log})")
+    with open(log, "wb") as out:  # truncated: an old "ready" line must not count
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=launcher_env())
+    pid_file.write_text(f"{proc.pid}\n")
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise SetupError(f"the proxy in {pod.name} exited with code {proc.returncode} "
+                             "before it was ready")
+        return READY in log.read_text(errors="replace")
+
+    try:
+        netns.wait_for(ready, timeout=READY_TIMEOUT, what=f"the proxy in {pod.name} to be ready")
+    except SetupError as exc:
+        cleanup.stop(proc.pid, timeout=STOP_TIMEOUT, group=True)
+        proc.poll()
+        pid_file.unlink(missing_ok=True)
+        _undo(pod, check=False)
+        raise SetupError(f"{exc}\nlast lines of {log}:\n{cleanup.tail(log)}") from None
+    lab.say(f"patched {pod.name}: proxy pid {proc.pid}, {'strict' if strict else 'not strict'}")
+
+
+def unpatch(lab: Lab, pod: Pod) -> None:
+    pid = proxy_pid(lab, pod)
+    if pid:
+        graceful = cleanup.stop(pid, timeout=STOP_TIMEOUT, group=True)
+        lab.say(f"stopped the proxy in {pod.name} (pid {pid}"
+                f"{'' if graceful else ', needed SIGKILL'})")
+    lab.pid_file(f"{pod.name}.tencrypt").unlink(missing_ok=True)
+    _undo(pod, check=True)
+    lab.say(f"unpatched {pod.name}: setup undone")
+
+
+def _undo(pod: Pod, check: bool) -> None:
+    proc = subprocess.run(["bash", str(launcher()), "--netns", pod.netns, "--undo"],
+                          capture_output=True, text=True, env=launcher_env(), timeout=60)
+    if check and proc.returncode != 0:
+        raise SetupError(f"`tencrypt setup --undo` in {pod.name} failed ({proc.returncode}):\n"
+                         f"{proc.stderr.strip() or proc.stdout.strip()}")

@@ -1,0 +1,60 @@
+"""``tencrypt lab status``: what the lab is made of and what runs in it, as readable tables.
+
+Everything shown is checked live (namespace present, daemon alive, proxy running), not just
+read back from the state file, so a half-dead lab shows which part died.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tencrypt.lab import cleanup, proxy, services
+from tencrypt.linux import netns
+
+if TYPE_CHECKING:
+    from tencrypt.lab.cluster import Lab
+
+
+def table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]]
+
+
+def _daemon(lab: Lab, what: str) -> str:
+    pid = cleanup.read_pid(lab.pid_file(what))
+    return f"up (pid {pid})" if pid and cleanup.alive(pid) else "DOWN"
+
+
+def _present(ns: str) -> str:
+    return ns if netns.exists(ns) else f"{ns} (MISSING)"
+
+
+def _proxy(lab: Lab, pod_name: str) -> str:
+    pod = lab.pods[pod_name]
+    if not netns.exists(pod.netns):
+        return "-"
+    pids = proxy.proxies_in(pod.netns)
+    return f"yes (pid {', '.join(map(str, pids))})" if pids else "no"
+
+
+def render(lab: Lab) -> str:
+    out = [f"lab {lab.name}: {len(lab.nodes)} node(s), {len(lab.pods)} pods, projects "
+           f"{', '.join(lab.projects)}; state in {lab.state_dir}", "", "NODES"]
+    out += table(["NODE", "NETNS", "BRIDGE", "POD CIDR", "UNDERLAY", "DNS " + lab.dns_ip],
+                 [[n.name, _present(n.netns), f"{n.bridge} {n.bridge_ip}", n.pod_cidr,
+                   f"{n.underlay_if} {n.underlay_ip}" if n.underlay_if else "-",
+                   "dnsmasq " + _daemon(lab, f"{n.name}.dnsmasq")]
+                  for n in lab.nodes.values()])
+    out += ["", "PODS"]
+    out += table(["POD", "PROJECT", "NODE", "NETNS", "IP", "VIP", "MTU", "HTTP", "TENCRYPT"],
+                 [[p.name, p.project, p.node, _present(p.netns), p.ip, p.vip, str(p.mtu),
+                   _daemon(lab, f"{p.name}.http"), _proxy(lab, p.name)]
+                  for p in lab.pods.values()])
+    out += ["", "SERVICES (DNAT on every node)"]
+    out += table(["SERVICE", "NAME", "VIP", "PORTS", "ENDPOINT"],
+                 [[s.name, lab.pods[s.name].fqdn, s.vip,
+                   f"{s.port}/tcp, {services.TUNNEL_PORT}/udp+tcp", s.endpoint]
+                  for s in lab.services])
+    return "\n".join(out) + "\n"
