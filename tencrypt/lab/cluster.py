@@ -140,7 +140,7 @@ class Lab:
 
     def down(self) -> None:
         removed = cleanup.sweep(self.name, self.state_dir, self.say)
-        self.say(f"down: removed {removed} namespaces, processes and files" if removed
+        self.say(f"down: removed {removed} things (processes, namespaces, files)" if removed
                  else "down: nothing to remove")
 
     def status(self) -> str:

@@ -132,6 +132,11 @@ class Topology:
         unknown = set(data) - known - {"pods"}
         if unknown:
             raise UsageError(f"lab topology: unknown keys {sorted(unknown)}")
+        allowed = set(PodSpec.__dataclass_fields__)
+        for entry in data["pods"]:  # type: ignore[union-attr]
+            if not isinstance(entry, dict) or set(entry) - allowed:
+                raise UsageError(f"lab topology: bad pod entry {entry!r} (keys: "
+                                 f"{', '.join(sorted(allowed))})")
         try:
             pods = [PodSpec(**p) for p in data["pods"]]  # type: ignore[union-attr]
             topo = cls(pods=pods, **{k: v for k, v in data.items() if k != "pods"})  # type: ignore[arg-type]
@@ -167,11 +172,24 @@ class Topology:
             names.add(spec.name)
         if len(self.pod_cidrs) < MAX_NODES:
             raise UsageError(f"lab topology: pod_cidrs needs {MAX_NODES} entries")
+        self._check_overlaps()
         for i, spec in enumerate(self.pods):
             vip = self._vip(spec, i)
             if vip in vips or vip == self.dns_ip:
                 raise UsageError(f"lab topology: VIP {vip} of {spec.name!r} is already taken")
             vips.add(vip)
+
+    def _check_overlaps(self) -> None:
+        nets = {"service_cidr": self.service_cidr, "underlay_cidr": self.underlay_cidr,
+                "overlay_cidr": self.overlay_cidr,
+                **{f"pod_cidrs[{i}]": c for i, c in enumerate(self.pod_cidrs[:MAX_NODES])}}
+        parsed = [(what, _net(cidr, what)) for what, cidr in nets.items()]
+        for i, (what, net) in enumerate(parsed):
+            for other, net2 in parsed[i + 1:]:
+                if net.overlaps(net2):
+                    raise UsageError(f"lab topology: {what} {net} overlaps {other} {net2}")
+        if ipaddress.ip_address(self.dns_ip) not in _net(self.service_cidr, "service_cidr"):
+            raise UsageError(f"lab topology: dns_ip {self.dns_ip} is outside {self.service_cidr}")
 
     def _vip(self, spec: PodSpec, index: int) -> str:
         net = _net(self.service_cidr, "service_cidr")

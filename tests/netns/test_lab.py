@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from tencrypt.errors import UsageError
+from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab import cleanup, proxy, services
 from tencrypt.lab.cluster import ETC_NETNS, STATE_ROOT, Lab
-from tencrypt.lab.topology import Pod
+from tencrypt.lab.topology import Pod, Topology
 from tencrypt.linux import netns
 
 TENCRYPT = [sys.executable, "-m", "tencrypt"]
@@ -230,11 +230,12 @@ def test_status_exec_and_load(lab: Lab) -> None:
         Lab.load(f"nolab{netns.unique_suffix()}")
 
 
-def test_blob_download_is_intact(lab: Lab) -> None:
-    path, digest = lab.make_blob("nginx2", 8)
-    got = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 30 http://nginx2:8080{path} | "
-                              "sha256sum"], timeout=40)
+def test_100_mb_download_is_intact(lab: Lab) -> None:
+    path, digest = lab.make_blob("nginx2", 100)
+    got = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 50 http://nginx2:8080{path} | "
+                              "sha256sum"], timeout=60)
     assert got.stdout.split()[0] == digest
+    (lab.www("nginx2") / "blob").unlink()
 
 
 # --- two nodes --------------------------------------------------------------------------------
@@ -433,3 +434,12 @@ def test_patch_runs_the_proxy_and_unpatch_restores_the_pod() -> None:
         lab.down()
     assert leftovers(lab.name) == {}
     assert not setup_state.exists()
+
+
+def test_failed_up_removes_what_it_built() -> None:
+    # VNI 2**24 passes the topology but the kernel refuses it: up fails after both nodes exist
+    topology = Topology.from_dict({"pods": [{"name": "web", "project": "shop"}], "vni": 1 << 24})
+    lab = Lab(lab_name(), topology, nodes=2)
+    with pytest.raises(SetupError, match="invalid id"):
+        lab.up()
+    assert leftovers(lab.name) == {}
