@@ -1,0 +1,262 @@
+"""The state the tunnel keeps per session and per peer, and the knobs that bound it.
+
+Rules:
+- A ``Session`` is one handshake's keys: one ChaCha20Poly1305 object per direction, a send
+  counter, a replay window, and deadlines fixed at creation. Its keys are never reused by
+  another session, and are dropped (set to None) the moment it expires.
+- A ``Peer`` is one remote pod: the inner addresses that lead to it (its pod IP and any
+  Service VIP we reached it through), where to send datagrams, and up to three sessions:
+  ``current`` (confirmed, used to send), ``previous`` (still opens in-flight packets after a
+  re-key) and ``next`` (a responder's session, unconfirmed until the initiator's first data
+  message arrives on it; never used to send before that).
+- ``Sessions`` owns the indexes over them (see its rules); session.py owns the protocol.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from tencrypt.core.noise import HandshakeState
+from tencrypt.core.replay import ReplayWindow
+from tencrypt.core.stats import DropReason, Stats
+
+Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every timer (seconds) and counter the state machine uses. Tests pass small ones."""
+
+    rekey_after_time: float = 120.0
+    reject_after_time: float = 180.0
+    rekey_after_messages: int = 2**60
+    reject_after_messages: int = 2**64 - 2**13 - 1
+    rekey_timeout: float = 2.0  # retry an unanswered initiation
+    handshake_give_up: float = 30.0  # then drop queued packets (HANDSHAKE_TIMEOUT)
+    keepalive_timeout: float = 2.0  # passive keepalive: we received data but sent nothing
+    stale_timeout: float = 5.0  # we sent data, nothing authenticated came back: re-handshake
+    queue_limit: int = 512  # packets queued per peer while a handshake runs
+    initiation_max_age: float = 180.0  # initiations with an older timestamp are stale
+    handshake_rate: float = 20.0  # per source IP token bucket, checked before any DH
+    handshake_burst: int = 10
+    max_peers: int = 1024  # peers known at once (an app sweeping the Service CIDR)
+    queue_total_limit: int = 4096  # packets queued over all peers (memory bound)
+    tombstone_time: float = 180.0  # after expiry a session answers EXPIRED_SESSION, then is gone
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUp:
+    """A session with ``pod_ip`` is confirmed: route ``pod_ip``/32 into tenc0."""
+
+    pod_ip: str
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDown:
+    """No session with ``pod_ip`` any more and none could be made (or the VIP moved away)."""
+
+    pod_ip: str
+
+
+PeerEvent = PeerUp | PeerDown
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    local_index: int  # chosen by us: the receiver_index of data messages sent to us
+    remote_index: int  # chosen by the peer: the receiver_index of data messages we send
+    send_aead: ChaCha20Poly1305 | None
+    recv_aead: ChaCha20Poly1305 | None
+    initiator: bool
+    confirmed: bool
+    pod_ip: bytes  # the remote pod's address as its handshake payload gave it
+    peer: Peer
+    rekey_at: float
+    expires_at: float
+    forget_at: float
+    send_counter: int = 0
+    replay: ReplayWindow = field(default_factory=ReplayWindow)
+
+    def expire(self) -> None:
+        """Drop the keys: from now on the session only answers EXPIRED_SESSION."""
+        self.send_aead = None
+        self.recv_aead = None
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """Our initiation in flight: retried every rekey_timeout, abandoned after give_up."""
+
+    index: int
+    state: HandshakeState
+    first_sent: float
+    last_sent: float
+    rekey: bool  # started to replace a live session (counted in "rekeys" when it completes)
+
+
+@dataclass(slots=True, eq=False)
+class Peer:
+    endpoint: Endpoint
+    pod_ip: str | None = None
+    addresses: set[str] = field(default_factory=set)
+    allowed: set[bytes] = field(default_factory=set)  # ``addresses`` packed, for the hot path
+    current: Session | None = None
+    previous: Session | None = None
+    next: Session | None = None
+    pending: Pending | None = None
+    queue: deque[bytes] = field(default_factory=deque)
+    up: bool = False  # PeerUp(pod_ip) was emitted and no PeerDown since
+    keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
+    stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
+
+    def sessions(self) -> list[Session]:
+        return [s for s in (self.current, self.previous, self.next) if s is not None]
+
+
+def usable(s: Session | None, now: float, limits: Limits) -> bool:
+    """May ``s`` seal another packet? (Keys held, not past either hard limit.)"""
+    return (s is not None and s.send_aead is not None and now < s.expires_at
+            and s.send_counter < limits.reject_after_messages)
+
+
+class Sessions:
+    """The one owner of the tunnel's tables, and of the PeerUp/PeerDown events they imply.
+
+    Rules:
+    - An inner address maps to at most one peer; a local index names at most one session
+      (tombstones included) or one initiation in flight, and is never 0.
+    - A session leaves the tables with its keys: ``forget`` drops both at once.
+    - PeerUp is emitted once per peer and pod IP, when its first session is confirmed;
+      PeerDown when that pod IP stops being reachable through this peer.
+    - ``queued`` counts the packets waiting in all peers' queues (a global memory bound).
+    """
+
+    __slots__ = ("peers", "by_addr", "by_index", "pending", "events", "queued", "_rng",
+                 "_limits", "_stats")
+
+    def __init__(self, rng: Callable[[int], bytes], limits: Limits, stats: Stats) -> None:
+        self.peers: set[Peer] = set()
+        self.by_addr: dict[str, Peer] = {}
+        self.by_index: dict[int, Session] = {}
+        self.pending: dict[int, Peer] = {}  # local index of our initiation -> its peer
+        self.events: list[PeerEvent] = []
+        self.queued = 0
+        self._rng = rng
+        self._limits = limits
+        self._stats = stats
+
+    def new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self._rng(4), "little")
+            if index and index not in self.by_index and index not in self.pending:
+                return index
+
+    def new_peer(self, endpoint: Endpoint, address: str) -> Peer:
+        peer = Peer(endpoint)
+        self.peers.add(peer)
+        self.map(peer, address)
+        return peer
+
+    def map(self, peer: Peer, address: str) -> None:
+        peer.addresses.add(address)
+        peer.allowed.add(ipaddress.IPv4Address(address).packed)
+        self.by_addr[address] = peer
+
+    def unmap(self, peer: Peer, address: str) -> None:
+        peer.addresses.discard(address)
+        peer.allowed.discard(ipaddress.IPv4Address(address).packed)
+        if self.by_addr.get(address) is peer:
+            del self.by_addr[address]
+
+    def install(self, peer: Peer, s: Session) -> None:
+        """``s`` becomes current; current becomes previous; the old previous is forgotten."""
+        if peer.previous is not None:
+            self.forget(peer.previous)
+        peer.previous, peer.current = peer.current, s
+
+    def forget(self, s: Session) -> None:
+        """A replaced session: its keys and index go now (late packets: UNKNOWN_INDEX)."""
+        s.expire()
+        drop_slot(s.peer, s)
+        self.by_index.pop(s.local_index, None)
+
+    def peer_up(self, peer: Peer) -> None:
+        if not peer.up and peer.pod_ip is not None:
+            peer.up = True
+            self.events.append(PeerUp(peer.pod_ip, peer.endpoint))
+
+    def make_room(self, now: float) -> bool:
+        """Below max_peers, or after forgetting one idle peer (no usable session, nothing in
+        flight); False if every peer is busy."""
+        if len(self.peers) < self._limits.max_peers:
+            return True
+        for peer in self.peers:
+            if (peer.pending is None and not peer.queue and peer.next is None
+                    and not usable(peer.current, now, self._limits)):
+                self.remove_peer(peer)
+                return True
+        return False
+
+    def remove_peer(self, peer: Peer) -> None:
+        for s in peer.sessions():
+            self.forget(s)
+        if peer.pending is not None:
+            self.pending.pop(peer.pending.index, None)
+            peer.pending = None
+        self.queued -= len(peer.queue)
+        peer.queue.clear()
+        for address in list(peer.addresses):
+            self.unmap(peer, address)
+        if peer.up and peer.pod_ip is not None:
+            self.events.append(PeerDown(peer.pod_ip))
+        peer.up = False
+        self.peers.discard(peer)
+
+    def bind_pod_ip(self, peer: Peer, pod_ip: str) -> Peer:
+        """A response named the pod behind ``peer``; return the peer that now owns it.
+
+        A VIP can move to another pod (PeerDown for the old one), and two routes can lead to
+        one pod (a VIP and the pod IP, two VIPs, crossing handshakes): those peers merge.
+        """
+        if peer.pod_ip == pod_ip:
+            return peer
+        if peer.pod_ip is not None:
+            self.unmap(peer, peer.pod_ip)
+            if peer.up:
+                self.events.append(PeerDown(peer.pod_ip))
+                peer.up = False
+            peer.pod_ip = None
+        other = self.by_addr.get(pod_ip)
+        if other is None or other is peer:
+            peer.pod_ip = pod_ip
+            self.map(peer, pod_ip)
+            return peer
+        for address in list(peer.addresses):
+            self.map(other, address)
+        peer.addresses.clear()
+        other.queue.extend(peer.queue)
+        peer.queue.clear()
+        while len(other.queue) > self._limits.queue_limit:
+            other.queue.popleft()
+            self.queued -= 1
+            self._stats.drop(DropReason.QUEUE_FULL)
+        self.remove_peer(peer)
+        if other.pod_ip is None:
+            other.pod_ip = pod_ip
+        return other
+
+
+def drop_slot(peer: Peer, s: Session) -> None:
+    """Take ``s`` out of whichever of the peer's three slots holds it."""
+    if peer.current is s:
+        peer.current = None
+    elif peer.previous is s:
+        peer.previous = None
+    elif peer.next is s:
+        peer.next = None

@@ -1,0 +1,436 @@
+"""The sealed tunnel as a pure state machine: IP packets and UDP datagrams in, datagrams,
+peer events and a timer deadline out. The shell pulls results (aioquic style); nothing here
+calls into I/O or reads a clock: ``now`` (monotonic seconds) and ``wall`` (Unix seconds, only
+for initiation timestamps) are arguments.
+
+Rules:
+1. Every session comes from its own handshake (fresh ephemeral keys: forward secrecy) and is
+   keyed by a random non-zero 32-bit index that is unique among live sessions, tombstones and
+   initiations in flight.
+2. Sending: the peer's ``current`` session seals, unless it is past ``reject_after_time`` or
+   ``reject_after_messages``; then the packet is queued (bounded: QUEUE_FULL drops the oldest)
+   and a handshake starts. The initiator of ``current`` re-keys when it sends after
+   ``rekey_after_time``; either side after ``rekey_after_messages``. Traffic keeps flowing on
+   ``current`` while the new handshake runs.
+3. Receiving: a data message is opened by whichever of the peer's sessions its index names
+   (``previous`` keeps opening in-flight packets after a re-key). Stages: index, expiry,
+   replay check, AEAD, replay mark (only after the tag verified), inner IPv4 and source check.
+4. A responder's session is ``next`` (unconfirmed, never used to send, does not replace
+   ``current``) until the first authenticated data message arrives on it. The initiator
+   therefore sends a keepalive right after the handshake when it has nothing queued.
+5. Initiations are checked cheapest first: psk-keyed AEAD (BAD_HANDSHAKE), timestamp
+   (STALE_HANDSHAKE), per-source token bucket (HANDSHAKE_RATELIMIT), and only then the DH.
+   Responses pass the token bucket before their DH, and a failed one leaves the initiation
+   intact, so a forged response cannot kill a handshake.
+6. Liveness: having sent data with nothing authenticated back for ``stale_timeout`` (the peer
+   restarted and lost its keys) starts a new handshake; having received data and sent nothing
+   for ``keepalive_timeout`` sends a keepalive, so the other side's stale timer stays quiet.
+7. A handshake is retried every ``rekey_timeout`` with a fresh initiation and abandoned after
+   ``handshake_give_up`` (queued packets: HANDSHAKE_TIMEOUT). A peer left with no usable session
+   is then forgotten (PeerDown if it was up).
+8. Every datagram ends as exactly one of: an accepted inner packet, a handled handshake
+   message, or one counted drop. ``receive`` never raises.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import struct
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tencrypt.core import handshake, wire
+from tencrypt.core.handshake import HandshakeLimiter, InitiationStamps, Keys
+from tencrypt.core.peer import (
+    Endpoint,
+    Limits,
+    Peer,
+    PeerDown,
+    PeerEvent,
+    PeerUp,
+    Pending,
+    Session,
+    Sessions,
+    drop_slot,
+    usable,
+)
+from tencrypt.core.stats import DropReason, Stats
+from tencrypt.core.wire import Buffer
+
+__all__ = ["Limits", "PeerDown", "PeerEvent", "PeerUp", "Tunnel"]
+
+_DATA_HEADER = struct.Struct("<IIQ")
+_WORD = struct.Struct("<I")
+_DEFAULT_LIMITS = Limits()
+
+
+class Tunnel:
+    """All sessions and peers of one pod's proxy. See the module rules."""
+
+    def __init__(self, psk: bytes, pod_ip: str, stats: Stats, limits: Limits = _DEFAULT_LIMITS,
+                 port: int = 1337, rng: Callable[[int], bytes] = secrets.token_bytes,
+                 keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate) -> None:
+        if len(psk) != 32:
+            raise ValueError("psk must be 32 bytes (see core.psk.parse_psk)")
+        self._psk = psk
+        self.pod_ip = pod_ip
+        self._pod_ip_packed = ipaddress.IPv4Address(pod_ip).packed
+        self.stats = stats
+        self.limits = limits
+        self.port = port
+        self._keygen = keygen
+        self.table = Sessions(rng, limits, stats)
+        self._transmits: list[tuple[bytes, Endpoint]] = []
+        self._last_stamp_ns = 0
+        self._stamps = InitiationStamps()
+        self._limiter = HandshakeLimiter(limits.handshake_rate, limits.handshake_burst)
+
+    # ---- what the shell calls ---------------------------------------------------------------
+    def send(self, dst_ip: str, packet: Buffer, now: float,
+             wall: float) -> None:
+        """Seal ``packet`` (read from tenc0, inner destination ``dst_ip``) for its peer."""
+        peer = self.table.by_addr.get(dst_ip)
+        if peer is None:
+            if not self.table.make_room(now):
+                self.stats.drop(DropReason.QUEUE_FULL)
+                return
+            peer = self.table.new_peer((dst_ip, self.port), dst_ip)
+        s = peer.current
+        if s is not None and usable(s, now, self.limits):
+            self._seal(peer, s, packet, now)
+            if peer.pending is None and (s.send_counter >= self.limits.rekey_after_messages
+                                         or (s.initiator and now >= s.rekey_at)):
+                self._initiate(peer, now, wall, rekey=True)
+            return
+        self._enqueue(peer, packet)
+        if peer.pending is None:
+            self._initiate(peer, now, wall, rekey=s is not None)
+
+    def receive(self, datagram: Buffer, addr: Endpoint, now: float,
+                wall: float) -> bytes | None:
+        """The authenticated inner IPv4 packet, or None (handshake handled, or a counted drop)."""
+        if len(datagram) < 4:
+            self.stats.drop(DropReason.SHORT)
+            return None
+        kind = _WORD.unpack_from(datagram)[0]
+        if kind == wire.TYPE_DATA:
+            return self._on_data(datagram, addr, now, wall)
+        if kind == wire.TYPE_INITIATION:
+            self._on_initiation(datagram, addr, now, wall)
+        elif kind == wire.TYPE_RESPONSE:
+            self._on_response(datagram, addr, now)
+        else:
+            self.stats.drop(DropReason.UNKNOWN_TYPE)
+        return None
+
+    def pop_transmits(self) -> list[tuple[bytes, Endpoint]]:
+        """Datagrams to send, in order, with their destination (ip, port)."""
+        out, self._transmits = self._transmits, []
+        return out
+
+    def pop_events(self) -> list[PeerEvent]:
+        """PeerUp / PeerDown since the last call. Apply them before injecting the packets
+        ``receive`` returned in the same batch (a PeerUp carries the route for the reply)."""
+        out, self.table.events = self.table.events, []
+        return out
+
+    def knows(self, address: str) -> bool:
+        """Is ``address`` (a pod IP or a VIP) already bound to a peer?"""
+        return address in self.table.by_addr
+
+    def session_count(self) -> int:
+        """Sessions that still hold keys (confirmed or not)."""
+        return sum(1 for s in self.table.by_index.values() if s.recv_aead is not None)
+
+    def peer_count(self) -> int:
+        return len(self.table.peers)
+
+    # ---- receive: data ----------------------------------------------------------------------
+    def _on_data(self, datagram: Buffer, addr: Endpoint,
+                 now: float, wall: float) -> bytes | None:
+        # Inlined stages on purpose: this is the per-packet hot path.
+        stats = self.stats
+        if len(datagram) < wire.DATA_OVERHEAD:
+            stats.drop(DropReason.SHORT)
+            return None
+        _, index, counter = _DATA_HEADER.unpack_from(datagram)
+        s = self.table.by_index.get(index)
+        if s is None:
+            stats.drop(DropReason.UNKNOWN_INDEX)
+            return None
+        aead = s.recv_aead
+        if aead is None or now >= s.expires_at or counter >= self.limits.reject_after_messages:
+            stats.drop(DropReason.EXPIRED_SESSION)
+            return None
+        if not s.replay.check(counter):
+            stats.drop(DropReason.REPLAY)
+            return None
+        packet = wire.open_datagram(aead, datagram)
+        if packet is None:
+            stats.drop(DropReason.BAD_TAG)
+            return None
+        s.replay.update(counter)
+        peer = s.peer
+        peer.stale_due = None
+        peer.endpoint = addr  # roaming: answer where authenticated traffic comes from
+        if not s.confirmed:
+            self._confirm(peer, s, now)
+        if s.initiator and peer.pending is None and peer.current is s and now >= (
+                s.expires_at - self.limits.keepalive_timeout - self.limits.rekey_timeout):
+            # One-way traffic towards us would otherwise let the session die un-renewed.
+            self._initiate(peer, now, wall, rekey=True)
+        n = len(packet)
+        if n == 0:
+            stats.inc("keepalives_received")
+            return None
+        if peer.keepalive_due is None:
+            peer.keepalive_due = now + self.limits.keepalive_timeout
+        if (n < 20 or packet[0] >> 4 != 4 or (packet[0] & 15) < 5
+                or int.from_bytes(packet[2:4], "big") != n):
+            stats.drop(DropReason.NOT_IPV4)
+            return None
+        source = packet[12:16]
+        if source not in peer.allowed and source != s.pod_ip:
+            stats.drop(DropReason.BAD_SOURCE)
+            return None
+        stats.inc("packets_opened")
+        stats.inc("bytes_opened", n)
+        return packet
+
+    def _confirm(self, peer: Peer, s: Session, now: float) -> None:
+        """Rule 4: the initiator used our responder session, so it has the keys too."""
+        s.confirmed = True
+        if peer.next is s:
+            peer.next = None
+        self.table.install(peer, s)
+        self.table.peer_up(peer)
+        self._flush_queue(peer, now, keepalive=False)
+
+    # ---- receive: handshakes ----------------------------------------------------------------
+    def _on_initiation(self, datagram: Buffer, addr: Endpoint,
+                       now: float, wall: float) -> None:
+        limits = self.limits
+        if len(datagram) < wire.INITIATION_LEN:
+            self.stats.drop(DropReason.SHORT)
+            return
+        init = handshake.read_initiation(self._psk, datagram, self._keygen)
+        if init is None:
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return
+        pod_ip = self._peer_ip(init.pod_ip)
+        if pod_ip is None:
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return
+        wall_ns = int(wall * 1e9)
+        if not self._stamps.fresh(init.pod_ip, init.unix_ns, wall_ns,
+                                  int(limits.initiation_max_age * 1e9)):
+            self.stats.drop(DropReason.STALE_HANDSHAKE)
+            return
+        peer = self.table.by_addr.get(pod_ip)
+        if not self._limiter.allow(addr[0], now) or (peer is None and not self.table.make_room(now)):
+            self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
+            return
+        index = self.table.new_index()
+        reply = handshake.build_response(init, index, self._pod_ip_packed)
+        if reply is None:
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return
+        datagram_out, keys = reply
+        self._stamps.accept(init.pod_ip, init.unix_ns)
+        if peer is None:
+            # Until a data message confirms it, send to the pod's own tunnel port, not to
+            # wherever this (possibly replayed) initiation came from.
+            peer = self.table.new_peer((pod_ip, self.port), pod_ip)
+        if peer.pod_ip is None:  # we were initiating to this pod IP ourselves
+            peer.pod_ip = pod_ip
+        s = self._new_session(peer, index, init.sender_index, keys, init.pod_ip, now,
+                              initiator=False)
+        if peer.next is not None:
+            self.table.forget(peer.next)
+        peer.next = s
+        self._transmits.append((datagram_out, addr))
+        self.stats.inc("handshakes_responded")
+
+    def _on_response(self, datagram: Buffer, addr: Endpoint,
+                     now: float) -> None:
+        parsed = wire.parse_response(datagram)
+        if parsed is None:
+            short = len(datagram) < wire.RESPONSE_LEN
+            self.stats.drop(DropReason.SHORT if short else DropReason.BAD_HANDSHAKE)
+            return
+        index, message = parsed
+        peer = self.table.pending.get(index)
+        if peer is None or peer.pending is None:
+            self.stats.drop(DropReason.UNKNOWN_INDEX)
+            return
+        if not self._limiter.allow(addr[0], now):
+            self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
+            return
+        got = handshake.read_response(peer.pending.state, message)
+        pod_ip = None if got is None else self._peer_ip(got[1])
+        if got is None or pod_ip is None:
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return
+        remote_index, pod_ip_packed, keys = got
+        pending = peer.pending
+        del self.table.pending[index]
+        peer.pending = None
+        peer = self.table.bind_pod_ip(peer, pod_ip)
+        s = self._new_session(peer, index, remote_index, keys, pod_ip_packed, now,
+                              initiator=True)
+        self.table.install(peer, s)
+        peer.endpoint = addr
+        self.stats.inc("handshakes_completed")
+        if pending.rekey:
+            self.stats.inc("rekeys")
+        self.table.peer_up(peer)
+        self._flush_queue(peer, now, keepalive=True)
+
+    # ---- timers -----------------------------------------------------------------------------
+    def on_timer(self, now: float, wall: float) -> None:
+        """Run everything due at ``now``: retries, give-ups, keepalives, re-keys, expiry."""
+        for peer in list(self.table.peers):
+            self._tick_peer(peer, now, wall)
+        for index, s in list(self.table.by_index.items()):
+            if s.recv_aead is not None and now >= s.expires_at:
+                s.expire()
+            if now >= s.forget_at:
+                del self.table.by_index[index]
+        limits = self.limits
+        self._stamps.prune(int(wall * 1e9), int(limits.initiation_max_age * 1e9))
+        self._limiter.prune(now)
+
+    def next_timer(self) -> float | None:
+        """The earliest ``now`` at which ``on_timer`` has something to do, or None."""
+        limits = self.limits
+        due: list[float] = [s.expires_at if s.recv_aead is not None else s.forget_at
+                            for s in self.table.by_index.values()]
+        for peer in self.table.peers:
+            p = peer.pending
+            if p is not None:
+                due.append(min(p.first_sent + limits.handshake_give_up,
+                               p.last_sent + limits.rekey_timeout))
+            if peer.keepalive_due is not None:
+                due.append(peer.keepalive_due)
+            if peer.stale_due is not None:
+                due.append(peer.stale_due)
+        return min(due, default=None)
+
+    def _tick_peer(self, peer: Peer, now: float, wall: float) -> None:
+        limits = self.limits
+        for s in peer.sessions():
+            if now >= s.expires_at:
+                drop_slot(peer, s)
+                s.expire()
+        p = peer.pending
+        if p is not None:
+            if now >= p.first_sent + limits.handshake_give_up:
+                self._give_up(peer)
+                return
+            if now >= p.last_sent + limits.rekey_timeout:
+                self._initiate(peer, now, wall, rekey=p.rekey, first_sent=p.first_sent)
+        if peer.keepalive_due is not None and now >= peer.keepalive_due:
+            peer.keepalive_due = None
+            if usable(peer.current, now, limits):
+                self._send_keepalive(peer, now)
+        if peer.stale_due is not None and now >= peer.stale_due:
+            peer.stale_due = None
+            if peer.pending is None:
+                self._initiate(peer, now, wall, rekey=False)
+        if not peer.up and peer.pending is None and not peer.sessions() and not peer.queue:
+            self.table.remove_peer(peer)  # e.g. a responder session that was never confirmed
+
+    def _give_up(self, peer: Peer) -> None:
+        """Rule 7: nobody answered our initiations for handshake_give_up seconds."""
+        assert peer.pending is not None
+        self.table.pending.pop(peer.pending.index, None)
+        peer.pending = None
+        if peer.queue:
+            self.stats.drop(DropReason.HANDSHAKE_TIMEOUT, len(peer.queue))
+            self.table.queued -= len(peer.queue)
+            peer.queue.clear()
+        if peer.current is None:
+            self.table.remove_peer(peer)
+
+    # ---- sending helpers --------------------------------------------------------------------
+    def _seal(self, peer: Peer, s: Session, packet: Buffer,
+              now: float) -> None:
+        assert s.send_aead is not None
+        self._transmits.append(
+            (wire.seal(s.send_aead, s.remote_index, s.send_counter, packet), peer.endpoint))
+        s.send_counter += 1
+        peer.keepalive_due = None
+        if peer.stale_due is None:
+            peer.stale_due = now + self.limits.stale_timeout
+        self.stats.inc("packets_sealed")
+        self.stats.inc("bytes_sealed", len(packet))
+
+    def _send_keepalive(self, peer: Peer, now: float) -> None:
+        s = peer.current
+        assert s is not None and s.send_aead is not None
+        self._transmits.append(
+            (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint))
+        s.send_counter += 1
+        peer.keepalive_due = None
+        self.stats.inc("keepalives_sent")
+
+    def _enqueue(self, peer: Peer, packet: Buffer) -> None:
+        if len(peer.queue) >= self.limits.queue_limit:
+            peer.queue.popleft()  # the oldest is the least likely to still matter
+            self.table.queued -= 1
+            self.stats.drop(DropReason.QUEUE_FULL)
+        if self.table.queued >= self.limits.queue_total_limit:
+            self.stats.drop(DropReason.QUEUE_FULL)
+            return
+        peer.queue.append(bytes(packet))  # the shell reuses its read buffers
+        self.table.queued += 1
+
+    def _flush_queue(self, peer: Peer, now: float, keepalive: bool) -> None:
+        s = peer.current
+        while peer.queue and usable(s, now, self.limits):
+            assert s is not None
+            self._seal(peer, s, peer.queue.popleft(), now)
+            self.table.queued -= 1
+            keepalive = False
+        if keepalive and usable(s, now, self.limits):
+            self._send_keepalive(peer, now)  # rule 4: let the responder confirm
+
+    def _initiate(self, peer: Peer, now: float, wall: float, rekey: bool,
+                  first_sent: float | None = None) -> None:
+        """Send a fresh initiation (new ephemeral, new index, newer timestamp) to the peer."""
+        if peer.pending is not None:
+            self.table.pending.pop(peer.pending.index, None)
+        index = self.table.new_index()
+        # Timestamps strictly increase even if the wall clock stalls or steps back, so the
+        # peer never mistakes our retry for a replay.
+        stamp = max(int(wall * 1e9), self._last_stamp_ns + 1)
+        self._last_stamp_ns = stamp
+        state, datagram = handshake.build_initiation(self._psk, index, stamp,
+                                                     self._pod_ip_packed, self._keygen)
+        peer.pending = Pending(index, state, now if first_sent is None else first_sent, now,
+                               rekey)
+        self.table.pending[index] = peer
+        peer.stale_due = None
+        self._transmits.append((datagram, peer.endpoint))
+        self.stats.inc("handshakes_initiated")
+
+    # ---- peers and sessions -----------------------------------------------------------------
+    def _new_session(self, peer: Peer, index: int, remote_index: int, keys: Keys,
+                     pod_ip: bytes, now: float, initiator: bool) -> Session:
+        limits = self.limits
+        expires_at = now + limits.reject_after_time
+        s = Session(index, remote_index, keys.send, keys.recv, initiator, initiator, pod_ip, peer,
+                    rekey_at=now + limits.rekey_after_time, expires_at=expires_at,
+                    forget_at=expires_at + limits.tombstone_time)
+        self.table.by_index[index] = s
+        return s
+
+    def _peer_ip(self, packed: bytes) -> str | None:
+        """A pod IP from a handshake payload, unless it is one no peer may claim."""
+        ip = ipaddress.IPv4Address(packed)
+        if (packed == self._pod_ip_packed or ip.is_unspecified or ip.is_loopback
+                or ip.is_multicast or ip.is_reserved or packed == b"\xff\xff\xff\xff"):
+            return None
+        return str(ip)

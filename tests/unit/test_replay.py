@@ -1,0 +1,91 @@
+"""The anti-replay window against a set-based model, including far jumps and very old counters."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tencrypt.core.replay import WINDOW, ReplayWindow
+
+MAX = 2**64 - 1
+
+
+class Model:
+    """Fresh = never accepted before and within WINDOW of the highest accepted counter."""
+
+    def __init__(self):
+        self.seen = set()
+        self.top = -1
+
+    def check(self, counter):
+        return counter not in self.seen and self.top - counter < WINDOW
+
+    def update(self, counter):
+        self.seen.add(counter)
+        self.top = max(self.top, counter)
+
+
+def _steps():
+    """Counters relative to the last one: in order, reordered, duplicated, far ahead, ancient."""
+    return st.one_of(
+        st.integers(-3, 3), st.integers(-WINDOW - 2, -WINDOW + 2),
+        st.integers(-2 * WINDOW, 2 * WINDOW), st.integers(WINDOW - 2, WINDOW + 2),
+        st.integers(0, 2**63), st.just(-(2**63)),
+    )
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(_steps(), st.booleans()), max_size=120), st.integers(0, MAX))
+def test_window_agrees_with_the_set_model(steps, start):
+    window, model = ReplayWindow(), Model()
+    counter = start
+    for step, authenticated in steps:
+        counter = min(max(counter + step, 0), MAX)
+        fresh = window.check(counter)
+        assert fresh == model.check(counter), (counter, model.top)
+        # Mark only what "authenticated": a forged datagram must not move the window.
+        if fresh and authenticated:
+            window.update(counter)
+            model.update(counter)
+        assert window.bitmap.bit_length() <= WINDOW
+
+
+@given(st.lists(st.integers(0, 3 * WINDOW), max_size=300))
+def test_check_and_update_accepts_each_counter_once(counters):
+    window, model = ReplayWindow(), Model()
+    for counter in counters:
+        expected = model.check(counter)
+        if expected:
+            model.update(counter)
+        assert window.check_and_update(counter) == expected
+
+
+def test_width_is_at_least_2048_and_exactly_window():
+    assert WINDOW >= 2048
+    window = ReplayWindow()
+    window.update(10_000)
+    assert window.check(10_000 - (WINDOW - 1))
+    assert not window.check(10_000 - WINDOW)
+    assert not window.check(10_000)
+
+
+def test_full_reordering_inside_the_window_is_accepted():
+    window = ReplayWindow()
+    counters = list(range(WINDOW))
+    counters.reverse()  # the newest first, then everything older
+    assert all(window.check_and_update(c) for c in counters)
+    assert not any(window.check(c) for c in counters)
+
+
+def test_check_alone_marks_nothing():
+    window = ReplayWindow()
+    window.update(5)
+    assert window.check(2**60) and window.check(4)
+    assert window.check(4) and window.top == 5  # a forged "2**60" did not slide the window
+
+
+def test_far_jump_forgets_the_past_without_a_huge_shift():
+    window = ReplayWindow()
+    for c in range(100):
+        window.update(c)
+    window.update(MAX)
+    assert window.bitmap == 1 and not window.check(MAX) and not window.check(50)
+    assert window.check(MAX - 1)
