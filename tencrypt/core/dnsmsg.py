@@ -129,6 +129,22 @@ def build_servfail(query: bytes) -> bytes | None:
     return build_error(parsed.header, parsed.question, RCODE.SERVFAIL)
 
 
+def check_query(data: bytes, stats: Stats) -> tuple[Parsed | None, QueryOutcome | None]:
+    """Rule 3: ``(parsed, None)`` for a query fit to forward, else ``(None, what to do)``."""
+    if len(data) > MAX_QUERY:
+        stats.drop(DropReason.DNS_TOO_BIG)
+        return None, QueryOutcome(QueryVerdict.DROP)
+    parsed = parse_message(data)
+    if parsed is None or parsed.header.qr:
+        stats.drop(DropReason.DNS_MALFORMED_QUERY)
+        return None, QueryOutcome(QueryVerdict.DROP)
+    if parsed.record is None or parsed.question is None or parsed.header.q != 1:
+        stats.drop(DropReason.DNS_MALFORMED_QUERY)
+        return None, QueryOutcome(QueryVerdict.REPLY,
+                                  build_error(parsed.header, None, RCODE.FORMERR))
+    return parsed, None
+
+
 def rewrite_id(data: bytes, new_id: int) -> bytes:
     return struct.pack("!H", new_id) + data[2:]
 
@@ -157,17 +173,9 @@ class PendingTable:
 
     def on_query(self, data: bytes, client: object, now: float) -> QueryOutcome:
         """A client's query: forward it under a fresh ID, or answer it ourselves (rules 1,3,5)."""
-        if len(data) > MAX_QUERY:
-            self.stats.drop(DropReason.DNS_TOO_BIG)
-            return QueryOutcome(QueryVerdict.DROP)
-        parsed = parse_message(data)
-        if parsed is None or parsed.header.qr:
-            self.stats.drop(DropReason.DNS_MALFORMED_QUERY)
-            return QueryOutcome(QueryVerdict.DROP)
-        if parsed.record is None or parsed.question is None or parsed.header.q != 1:
-            self.stats.drop(DropReason.DNS_MALFORMED_QUERY)
-            return QueryOutcome(QueryVerdict.REPLY,
-                                build_error(parsed.header, None, RCODE.FORMERR))
+        parsed, refused = check_query(data, self.stats)
+        if parsed is None or parsed.question is None:
+            return refused or QueryOutcome(QueryVerdict.DROP)
         upstream_id = self._free_id()
         if upstream_id is None:
             self.stats.drop(DropReason.DNS_TOO_MANY_PENDING)
@@ -251,5 +259,5 @@ def check_answer(query: Parsed, data: bytes) -> tuple[Parsed | None, bool]:
 
 
 __all__ = ["Answered", "Parsed", "Pending", "PendingTable", "QueryOutcome",
-           "QueryVerdict", "build_error", "build_servfail", "check_answer", "parse_message",
+           "QueryVerdict", "build_error", "build_servfail", "check_answer", "check_query", "parse_message",
            "question_key", "rewrite_id"]

@@ -9,8 +9,11 @@ Rules:
    routes, and a DNS answer about them must not move them.
 3. A route the kernel refuses is counted and logged at a bounded rate; the DNS proxy carries on
    (the data path still re-sends unrouted external traffic in the clear, DESIGN §1).
-4. Only routes this applier added are ever removed; ``close()`` removes every route this applier added, so a stopped proxy leaves no /32 behind
-   (`setup --undo` sweeps them too: they carry Tencrypt's route protocol).
+4. Only routes this applier added are ever removed. An address that ``pinned(ip)`` says has
+   another owner (the daemon's /32 to a peer with a live authenticated session: the same
+   kernel route) is left to that owner, whatever DNS says. ``close()`` removes every route
+   this applier added, so a stopped proxy leaves no /32 behind (`setup --undo` sweeps them
+   too: they carry Tencrypt's route protocol).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class RouteApplier:
 
     def __init__(self, pod: PodConfig, stats: Stats | None = None, *,
                  ensure_route: EnsureRoute | None = None,
-                 remove_route: RemoveRoute | None = None) -> None:
+                 remove_route: RemoveRoute | None = None,
+                 pinned: Callable[[str], bool] | None = None) -> None:
         if ensure_route is None or remove_route is None:
             from tencrypt.linux import netlink  # the only pyroute2 importer; lazily, see tests
             ensure_route = ensure_route or netlink.ensure_route
@@ -44,19 +48,23 @@ class RouteApplier:
         self.stats = stats if stats is not None else Stats()
         self._ensure, self._remove = ensure_route, remove_route
         self.keep = frozenset(ip for ip in (pod.pod_ip, pod.gateway, pod.dns.split(":")[0]) if ip)
+        self.pinned = pinned or (lambda ip: False)
         self.installed: dict[str, RouteAction] = {}
         self.rlog = RateLimitedLog(log)
 
     def on_change(self, changes: Sequence[Change]) -> None:
         for ip, action in plan_routes(changes, self.pod.service_cidr, self.keep):
-            if action is RouteAction.NONE:
+            if self.pinned(ip):
+                self.installed.pop(ip, None)  # hand it over: its owner removes it
+            elif action is RouteAction.NONE:
                 self._withdraw(ip)
             else:
                 self._install(ip, action)
 
     def close(self) -> None:
         for ip in list(self.installed):
-            self._withdraw(ip)
+            if not self.pinned(ip):
+                self._withdraw(ip)
 
     def _install(self, ip: str, action: RouteAction) -> None:
         pod = self.pod

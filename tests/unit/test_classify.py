@@ -314,3 +314,16 @@ def test_route_applier_survives_a_refusal():
     ap.on_change([Change("172.30.2.20", None, EXTERNAL), Change("10.128.0.5", None, INTERNAL)])
     assert stats.get("dns_route_errors") == 1
     assert list(fake.table) == ["10.128.0.5/32"] and list(ap.installed) == ["10.128.0.5"]
+
+
+def test_route_applier_leaves_pinned_addresses_to_their_owner():
+    fake, pinned = FakeRoutes(), set()
+    ap = RouteApplier(POD, ensure_route=fake.ensure, remove_route=fake.remove,
+                      pinned=pinned.__contains__)
+    ap.on_change([Change("10.128.0.5", None, INTERNAL)])
+    pinned.add("10.128.0.5")  # the daemon now has a session with this peer, same /32
+    ap.on_change([Change("10.128.0.5", INTERNAL, None)])  # DNS entry expires
+    assert "10.128.0.5/32" in fake.table  # still there for the session
+    ap.on_change([Change("10.128.0.5", None, EXTERNAL)])  # DNS disagrees: the session rules
+    ap.close()
+    assert fake.table == {"10.128.0.5/32": ("tenc0", None, "10.128.0.4")}

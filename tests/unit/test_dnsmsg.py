@@ -259,3 +259,45 @@ def test_build_servfail_and_check_answer():
     assert not check_answer(sent, answer_to(query(qid=6)))[1]
     assert not check_answer(sent, answer_to(q, name="other.example"))[1]
     assert not check_answer(sent, q)[1]
+
+
+# -- `tencrypt dns` configuration (tencrypt.linux.dns, no sockets opened) -------------------
+
+def test_resolve_config_flags_state_and_resolv_conf(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from tencrypt.core.podconfig import PodConfig
+    from tencrypt.errors import UsageError
+    from tencrypt.linux.dns import DnsConfig, parse_hostport, resolve_config
+
+    def args(**kw):
+        base = dict(listen="127.0.0.1:53", upstream=None, domain=None,
+                    cluster_domain="cluster.local", timeout=2.0)
+        return SimpleNamespace(**{**base, **kw})
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 172.30.0.2\nsearch myproject.svc.cluster.local "
+                      "svc.cluster.local\noptions ndots:5\n")
+    c = resolve_config(args(), None, resolv)
+    assert c.upstream == ("172.30.0.2", 53) and c.domain == "myproject.svc.cluster.local"
+    assert c.fwmark is None
+    c = resolve_config(args(upstream="10.0.0.53:5353", domain="shop.svc.cluster.local."),
+                       None, resolv)
+    assert c.upstream == ("10.0.0.53", 5353) and c.domain == "shop.svc.cluster.local"
+    pod = PodConfig(pod_ip="10.128.0.4", dev="eth0", gateway="10.128.0.1", dns="172.30.0.9",
+                    domain="p.svc.cluster.local", search=(), cluster_domain="cluster.local")
+    c = resolve_config(args(), pod, tmp_path / "absent")
+    assert c.upstream == ("172.30.0.9", 53) and c.fwmark == pod.fwmark
+    assert DnsConfig.from_pod(pod).domain == "p.svc.cluster.local"
+    # After setup, resolv.conf points at the proxy itself: never forward to ourselves.
+    resolv.write_text("nameserver 127.0.0.1\nsearch p.svc.cluster.local\n")
+    with pytest.raises(UsageError, match="itself"):
+        resolve_config(args(), None, resolv)
+    with pytest.raises(UsageError, match="upstream"):
+        resolve_config(args(), None, tmp_path / "absent")
+    assert parse_hostport("[fd00::53]:5300", 53) == ("fd00::53", 5300)
+    assert parse_hostport("fd00::53", 53) == ("fd00::53", 53)
+    with pytest.raises(UsageError):
+        parse_hostport("dns.example:53", 53)
