@@ -372,6 +372,84 @@ def test_tcp_clients_are_bounded_and_idle_ones_closed(proxy, pod, tmp_path):
     assert netns.run(pod.netns, [sys.executable, "-c", IDLE], timeout=150).stdout == "eof\n"
 
 
+def edit_hosts(lab, text: str) -> None:
+    """Replace the lab's DNS records and make dnsmasq re-read them (SIGHUP)."""
+    (lab.state_dir / "dns" / "hosts").write_text(text)
+    os.kill(dnsmasq_pid(lab), signal.SIGHUP)
+
+
+def test_truncated_answers_relayed_then_served_over_tcp(lab, proxy, pod):
+    hosts = lab.state_dir / "dns" / "hosts"
+    original = hosts.read_text()
+    name = "big.project2.svc.cluster.local"
+    q = query(name, qid=0x7C7C)  # no EDNS: a 512-byte UDP limit (RFC 1035 §4.2.1)
+    try:
+        edit_hosts(lab, original + "".join(f"172.30.9.{i} {name}\n" for i in range(1, 61)))
+        netns.wait_for(lambda: DNSRecord.parse(ask(pod.netns, [q], DNS_IP)[0]).header.tc,
+                       what="a truncated answer from dnsmasq")
+        before = proxy.stats()["table"]
+        want = {f"172.30.9.{i}" for i in range(1, 61)}
+        # dnsmasq rotates the order of the records, so compare contents, not bytes, here.
+        [via] = ask(pod.netns, [q])
+        rec = DNSRecord.parse(via)
+        assert rec.header.tc and rec.header.id == 0x7C7C and rec.q.qname == name  # relayed
+        assert {str(rr.rdata) for rr in rec.rr} <= want
+        # The client's retry over TCP goes through us and gets all 60 records, classified.
+        [via_tcp] = ask(pod.netns, [q], tcp=True)
+        rec = DNSRecord.parse(via_tcp)
+        assert not rec.header.tc and {str(rr.rdata) for rr in rec.rr} == want
+        assert proxy.stats()["table"] >= before + 60
+        out = netns.run(pod.netns, ["dig", "@127.0.0.1", "+noall", "+answer", "+noedns",
+                                    name]).stdout
+        assert {line.split()[-1] for line in out.splitlines()} == want
+    finally:
+        edit_hosts(lab, original)
+
+
+REVERSE = r"""
+import asyncio, json, sys
+from tencrypt.core.stats import Stats
+from tencrypt.linux.dns import DnsConfig, DnsProxy
+
+async def main():
+    changes, stats = [], Stats()
+    config = DnsConfig(upstream=(sys.argv[1], 53), domain="myproject.svc.cluster.local",
+                       listen=("127.0.0.1", 5354))
+    proxy = DnsProxy(config, stats, changes.extend)
+    await proxy.start()
+    peer = await asyncio.gather(*(proxy.classify_address("172.17.0.12") for _ in range(20)))
+    queries_for_20 = stats.get("dns_queries")
+    other = await proxy.classify_address("172.17.0.13")
+    vip = await proxy.classify_address("172.30.0.11")
+    nobody = await proxy.classify_address("172.17.0.99")
+    before_again = stats.get("dns_queries")
+    again = [await proxy.classify_address(ip) for ip in ("172.17.0.99", "172.17.0.12")]
+    out = {"peer": [c and c.value for c in peer], "queries_for_20": queries_for_20,
+           "other": other and other.value, "vip": vip and vip.value, "nobody": nobody,
+           "again": [c and c.value for c in again],
+           "queries_again": stats.get("dns_queries") - before_again,
+           "changes": [[c.ip, c.old, c.new and c.new.value] for c in changes],
+           "size": proxy.table_size()}
+    await proxy.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_reverse_classification_is_coalesced_and_cached(pod):
+    out = json.loads(netns.run(pod.netns, [sys.executable, "-c", REVERSE, DNS_IP]).stdout)
+    assert out["peer"] == ["internal"] * 20
+    assert out["queries_for_20"] == 1  # 20 concurrent callers, one PTR query
+    assert out["other"] == "external" and out["vip"] == "internal"
+    assert out["nobody"] is None  # NXDOMAIN: unknown, remembered as such
+    assert out["again"] == [None, "internal"] and out["queries_again"] == 0  # both cached
+    assert out["changes"] == [["172.17.0.12", None, "internal"],
+                              ["172.17.0.13", None, "external"],
+                              ["172.30.0.11", None, "internal"]]
+    assert out["size"] == 3
+
+
 # -- routes (needs `tencrypt setup`) ------------------------------------------------------
 
 def routes(ns: str) -> str:
@@ -414,16 +492,14 @@ def test_routes_follow_classification(lab, setup_pod):
         assert "172.30.0.11 " not in table and "172.17.0.13 " not in table
         assert "172.30.0.2 via" in table  # setup's DNS route is untouched
         # The VIP changes owner (now a myproject Service): its bypass route goes.
-        hosts.write_text(original.replace("cakephp.project2.svc", "moved.myproject.svc"))
-        os.kill(dnsmasq_pid(lab), signal.SIGHUP)  # dnsmasq re-reads --addn-hosts
+        edit_hosts(lab, original.replace("cakephp.project2.svc", "moved.myproject.svc"))
         netns.wait_for(lambda: "172.30.0.13" in netns.run(
             ns, ["getent", "hosts", "moved.myproject"], check=False).stdout, what="new name")
         netns.wait_for(lambda: not via_uplink.search(routes(ns)), what="bypass route removed")
         # Entries expire with the TTL (30 s in the lab): the peer's route goes too.
         netns.wait_for(lambda: not peer.search(routes(ns)), timeout=90, what="expiry")
     finally:
-        hosts.write_text(original)
-        os.kill(dnsmasq_pid(lab), signal.SIGHUP)
+        edit_hosts(lab, original)
     # Back with project2: the bypass returns; a stopped proxy leaves none of its routes.
     netns.wait_for(lambda: "172.30.0.13" in netns.run(
         ns, ["getent", "hosts", "cakephp.project2"], check=False).stdout, what="old name")
