@@ -103,6 +103,20 @@ def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="tdemo", help="lab instance name for the demo (default: tdemo)")
 
 
+def _bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (under two minutes): fewer client counts, short iperf3 runs")
+    p.add_argument("--systems", default="vanilla,tencrypt,wireguard-go,openvpn",
+                   help="comma-separated systems to measure (default: all four)")
+    p.add_argument("--clients", default="1,5,10,20",
+                   help="comma-separated parallel client counts for TCP (default: 1,5,10,20)")
+    p.add_argument("--nodes", default="1,2", help="lab shapes to measure: 1, 2 or 1,2 (default: 1,2)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per iperf3 run (default: 10)")
+    p.add_argument("--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)")
+    p.add_argument("--out", default="bench/results", help="directory for CSV, markdown and PNG plots")
+    p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
+
+
 COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("setup", "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
      _setup, "tencrypt.linux.podnet:main"),
@@ -113,6 +127,8 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
      _lab, "tencrypt.lab.cli:main"),
     ("demo", "the original demo, end to end on a fresh lab, with a verdict", _demo,
      "tencrypt.lab.demo:main"),
+    ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN", _bench,
+     "bench.harness:main"),
 ]
 
 

@@ -200,6 +200,8 @@ class Proxy:
                 self.ratelog.warn("udp-error", "tunnel socket: %s", exc)
                 continue
             pkt = self.tunnel.receive(data, addr, now, wall)
+            for event in self.tunnel.pop_events():  # before injecting: a PeerUp routes the reply
+                self._on_peer_event(event)
             if pkt is None:
                 continue
             buf = bytearray(pkt)
