@@ -1,0 +1,363 @@
+"""The batch path's pure building blocks: virtio-net headers, TCP super-packet split and coalesce.
+
+Rules:
+1. Frames. tenc0 opened with ``IFF_VNET_HDR`` reads and writes a 10-byte ``struct
+   virtio_net_hdr`` (linux/virtio_net.h) before each IP packet. Its 16-bit fields are legacy
+   virtio, i.e. host byte order for a TUN that never saw ``TUNSETVNETBE`` (drivers/net/tun.c
+   ``tun_is_little_endian``). ``hdr_len`` from the kernel is only a hint (the linear length), so
+   header lengths are always read from the IP and TCP headers themselves.
+2. ``split_tcp_batch`` segments as the kernel's GSO does (net/ipv4/af_inet.c
+   ``inet_gso_segment``, net/ipv4/tcp_offload.c ``tcp_gso_segment``): every segment carries
+   the IP and TCP headers with their options; IP id counts up from the super-packet's, total
+   length is per segment; TCP seq advances by ``gso_size``; FIN and PSH stay on the last
+   segment only, CWR on the first only; both checksums are computed in full, since the kernel
+   hands the TCP one partial (``VIRTIO_NET_HDR_F_NEEDS_CSUM``: only the pseudo-header sum).
+   A frame without GSO that needs its checksum gets it completed the way
+   ``skb_checksum_help`` does: sum from ``csum_start`` to the end, folded, complemented.
+3. Vectorised: the segments are rows of one NumPy array at a 4-byte aligned stride; a single
+   reduction sums every row. Ones' complement arithmetic is arithmetic modulo 0xFFFF
+   (2**16 == 1): a little-endian word sum times 256 is the big-endian sum (RFC 1071 §2 (B)),
+   and the checksum field is ``-sum mod 0xFFFF``, which gives the same bits as the fold-and-
+   complement of RFC 1071 for any packet whose sum is not zero (a header never sums to zero).
+4. Output shape: writable memoryviews into one bytearray (``out`` when given and big enough,
+   valid until the next call that reuses it), so a segment can be NAT-rewritten in place and
+   sealed by itself without a copy. All segments but the last have the same length, so their
+   sealed datagrams suit one UDP GSO send.
+5. Bad input never raises: the frame is dropped with ``Stats.drop`` (NOT_IPV4 or
+   MALFORMED_PACKET) and the result is an empty list. Any exception here is a bug.
+6. ``coalesce_batch`` applies GRO's rule (tcp_offload.c ``tcp_gro_receive``) to *consecutive*
+   packets: same IP header but for id, length and checksum; same TCP header but for seq,
+   checksum and flags; contiguous seq; every segment but the last of exactly the first one's
+   payload size (so that the result can be re-segmented into the same packets); PSH or FIN
+   only on the last, CWR only on the first; no SYN, RST or URG; at most 65535 bytes. Pure
+   ACKs (no payload), non-TCP packets and fragments pass through as the same objects.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from tencrypt.core.stats import DropReason, Stats
+
+Buffer = bytes | bytearray | memoryview
+
+# struct virtio_net_hdr, linux/virtio_net.h
+VNET_HDR_LEN = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+_VNET = struct.Struct("=BBHHHH")
+
+# IP protocol numbers and TCP flags (RFC 791, RFC 793 §3.1, RFC 3168 §6.1 for ECE/CWR)
+TCP = 6
+UDP = 17
+FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+TCP_CSUM_OFFSET = 16  # offsetof(struct tcphdr, check)
+IP_MAX = 65535  # the IPv4 total length field
+
+_IP = struct.Struct("!BxHHHBBHII")  # ver/ihl, total, id, flags/frag, ttl, proto, csum, src, dst
+_U16 = struct.Struct("!H")
+_M = 0xFFFF  # ones' complement arithmetic is arithmetic modulo 0xFFFF
+
+
+@dataclass(slots=True, frozen=True)
+class VnetHdr:
+    flags: int = 0
+    gso_type: int = VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+
+class Coalesced(NamedTuple):
+    """An IPv4 packet out of ``coalesce_batch``: merged (``gso_size`` > 0, the payload size of
+    each segment it holds) or an input packet passed through as it was (``gso_size`` 0)."""
+
+    packet: Buffer
+    gso_size: int
+
+
+# --- virtio-net header --------------------------------------------------------------------------
+
+def parse_vnet_hdr(frame: Buffer) -> VnetHdr | None:
+    """The virtio-net header at the start of ``frame``; None if the frame is shorter."""
+    if len(frame) < VNET_HDR_LEN:
+        return None
+    return VnetHdr(*_VNET.unpack_from(frame, 0))
+
+
+def build_vnet_hdr(hdr: VnetHdr) -> bytes:
+    return _VNET.pack(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start,
+                      hdr.csum_offset)
+
+
+def build_gso_vnet_hdr(packet: Buffer, gso_size: int) -> bytes:
+    """The header to write ``packet`` to a TUN: TSO (TCPV4) when ``gso_size`` > 0, else none.
+
+    The kernel refuses a TCPV4 frame unless it asks for the checksum at the TCP checksum field
+    (include/linux/virtio_net.h ``__virtio_net_hdr_to_skb``), so NEEDS_CSUM is set; the field
+    then has to hold the pseudo-header sum: coalesce with ``partial=True``.
+    """
+    if gso_size <= 0 or len(packet) < 20:
+        return bytes(VNET_HDR_LEN)
+    ihl = (packet[0] & 0x0F) << 2
+    thl = (packet[ihl + 12] >> 4) << 2 if len(packet) >= ihl + 13 else 20
+    return _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, ihl + thl, gso_size,
+                      ihl, TCP_CSUM_OFFSET)
+
+
+# --- checksums (RFC 1071), modulo 0xFFFF --------------------------------------------------------
+
+def ones_sum(buf: Buffer, start: int, end: int) -> int:
+    """Big-endian ones' complement sum of ``buf[start:end]``, modulo 0xFFFF (odd end zero-padded).
+
+    Small regions go through one Python integer; large ones through NumPy, whose per-call cost
+    (µs) is repaid above a few kB (bench/batch_micro.py).
+    """
+    n = end - start
+    if n < 2048:
+        total = int.from_bytes(buf[start:end], "big")
+        return (total << 8 if n & 1 else total) % _M
+    words = n >> 2
+    le = int(np.frombuffer(buf, dtype="<u4", count=words, offset=start).sum(dtype=np.uint64))
+    tail = int.from_bytes(bytes(buf[start + 4 * words:end]).ljust(4, b"\0"), "little")
+    return ((le + tail) % _M) * 256 % _M  # little-endian sum x 256 = big-endian sum
+
+
+def csum_field(total: int) -> int:
+    """The checksum field for a region whose (non-zero) ones' complement sum is ``total``."""
+    return -total % _M
+
+
+def pseudo_sum(src: int, dst: int, proto: int, length: int) -> int:
+    """Sum of the TCP/UDP pseudo-header (RFC 793 §3.1, RFC 768)."""
+    return (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + proto + length
+
+
+# --- split --------------------------------------------------------------------------------------
+
+def split_tcp_batch(frame: Buffer, stats: Stats, out: bytearray | None = None) -> list[memoryview]:
+    """The IPv4 packets of one frame read from tenc0 with a virtio-net header (rules 2-5).
+
+    A TSO super-packet becomes its ``gso_size`` segments; any other IPv4 packet comes back as
+    one packet, its checksum completed if the header asks for it.
+    """
+    if len(frame) < VNET_HDR_LEN + 20:
+        stats.drop(DropReason.MALFORMED_PACKET)
+        return []
+    flags, gso_type, _hint, gso_size, csum_start, csum_offset = _VNET.unpack_from(frame, 0)
+    pkt = memoryview(frame)[VNET_HDR_LEN:]
+    vihl, total, _id, frag, _ttl, proto, _ck, _src, _dst = _IP.unpack_from(pkt, 0)
+    ihl = (vihl & 0x0F) << 2
+    if vihl >> 4 != 4:
+        stats.drop(DropReason.NOT_IPV4)
+        return []
+    if ihl < 20 or total < ihl or total > len(pkt):
+        stats.drop(DropReason.MALFORMED_PACKET)
+        return []
+    kind = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if kind == VIRTIO_NET_HDR_GSO_NONE:
+        return _complete(pkt[:total], proto, flags, csum_start, csum_offset, stats)
+    if kind != VIRTIO_NET_HDR_GSO_TCPV4 or proto != TCP or frag & 0x3FFF or gso_size == 0:
+        stats.drop(DropReason.NOT_IPV4 if kind == VIRTIO_NET_HDR_GSO_TCPV6
+                   else DropReason.MALFORMED_PACKET)
+        return []
+    if total < ihl + 20 or not 20 <= (pkt[ihl + 12] >> 4) << 2 <= total - ihl:
+        stats.drop(DropReason.MALFORMED_PACKET)
+        return []
+    return _segment(pkt, ihl, (pkt[ihl + 12] >> 4) << 2, total, gso_size, out)
+
+
+def _complete(pkt: memoryview, proto: int, flags: int, start: int, offset: int,
+              stats: Stats) -> list[memoryview]:
+    """One packet, writable; its checksum completed when NEEDS_CSUM asks (skb_checksum_help)."""
+    if pkt.readonly:
+        pkt = memoryview(bytearray(pkt))
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        at = start + offset
+        if start < 20 or at + 2 > len(pkt):
+            stats.drop(DropReason.MALFORMED_PACKET)
+            return []
+        ck = csum_field(ones_sum(pkt, start, len(pkt)))
+        if ck == 0 and proto == UDP:
+            ck = 0xFFFF  # a UDP checksum of 0 means "none" (RFC 768)
+        _U16.pack_into(pkt, at, ck)
+    return [pkt]
+
+
+def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
+             out: bytearray | None) -> list[memoryview]:
+    """Vectorised segmentation (rules 2-4). Inlined on purpose: each NumPy call costs ~1 µs."""
+    hlen = ihl + thl
+    payload = total - hlen
+    n = max(1, -(-payload // mss))
+    last = payload - (n - 1) * mss
+    stride = (hlen + mss + 3) & ~3
+    size = n * stride
+    if out is not None and len(out) >= size:
+        buf = out
+    else:
+        buf = bytearray(size)
+        out = None
+    rows = np.frombuffer(buf, dtype=np.uint8, count=size).reshape(n, stride)
+    # 1. every row: the super-packet's headers, with the fields shared by the middle rows
+    head = bytearray(pkt[:hlen])
+    flags = head[ihl + 13]
+    _U16.pack_into(head, 2, hlen + mss)
+    head[10:12] = head[ihl + 16:ihl + 18] = b"\0\0"
+    head[ihl + 13] = flags & ~(FIN | PSH | CWR)
+    rows[:, :hlen] = np.frombuffer(head, dtype=np.uint8)
+    # 2. payload, mss bytes a row; zero padding so the row sums see nothing else
+    body = np.frombuffer(pkt, dtype=np.uint8, count=payload, offset=hlen)
+    full = n - 1
+    if full:
+        rows[:full, hlen:hlen + mss] = body[:full * mss].reshape(full, mss)
+    rows[full, hlen:hlen + last] = body[full * mss:]
+    if out is not None:
+        rows[:, hlen + mss:] = 0
+    rows[full, hlen + last:] = 0
+    # 3. per-row fields: IP id, TCP seq; the first and last rows' flags and the last's length
+    be16 = rows.view(">u2")
+    ident = int(_U16.unpack_from(pkt, 4)[0])
+    ids = np.arange(ident, ident + n, dtype=np.int64) & 0xFFFF
+    be16[:, 2] = ids
+    seq0 = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
+    seqs = np.arange(n, dtype=np.int64) * mss + seq0
+    be16[:, (ihl >> 1) + 2] = (seqs >> 16) & 0xFFFF
+    be16[:, (ihl >> 1) + 3] = seqs & 0xFFFF
+    rows[0, ihl + 13] = flags & ~(FIN | PSH) if n > 1 else flags
+    if n > 1:
+        rows[full, ihl + 13] = flags & ~CWR
+    be16[full, 1] = hlen + last
+    # 4. checksums: IP from the shared header's sum plus each row's id; TCP by one row reduction
+    ip_base = ones_sum(head, 0, ihl) - ident
+    ip_ck = -(ids + ip_base) % _M
+    ip_ck[full] = csum_field(ip_base + int(ids[full]) + last - mss)
+    be16[:, 5] = ip_ck
+    le = rows.view("<u4")[:, ihl >> 2:].sum(axis=1, dtype=np.uint64)
+    src, dst = _IP.unpack_from(pkt, 0)[7:9]
+    pseudo = pseudo_sum(src, dst, TCP, thl + mss)
+    tcp = (le % _M) * 256 + pseudo
+    tcp[full] += last - mss + _M
+    be16[:, (ihl >> 1) + 8] = (-tcp.astype(np.int64)) % _M
+    view = memoryview(buf)
+    segments = [view[i * stride:i * stride + hlen + mss] for i in range(full)]
+    segments.append(view[full * stride:full * stride + hlen + last])
+    return segments
+
+
+# --- coalesce -----------------------------------------------------------------------------------
+
+def coalesce_batch(packets: Sequence[Buffer], *, partial: bool = False) -> list[Coalesced]:
+    """Merge runs of consecutive segments of one TCP flow into super-packets (rule 6).
+
+    A merged packet gets the first segment's headers, the total length, PSH/FIN of the last,
+    and fresh checksums: complete, or with ``partial`` the TCP field holds only the
+    pseudo-header sum, as a TUN write with NEEDS_CSUM wants it (``build_gso_vnet_hdr``).
+    Inlined on purpose: a run is extended with one masked integer compare and one unpack.
+    """
+    result: list[Coalesced] = []
+    run: list[Buffer] = []  # the first packet's headers, then every member's payload
+    head: Buffer = b""
+    key = mask = next_seq = mss = hlen = room = open_flags = 0
+    fields = _TAIL[20]
+    for pkt in packets:
+        if run and len(pkt) > hlen and int.from_bytes(pkt[:hlen], "big") & mask == key:
+            total, seq, flags = fields.unpack_from(pkt, 0)
+            plen = total - hlen
+            if (seq == next_seq and 0 < plen <= mss and plen <= room and total <= len(pkt)
+                    and flags & ~(PSH | FIN) == open_flags):
+                run.append(pkt[hlen:total])
+                next_seq = (seq + plen) & 0xFFFFFFFF
+                room -= plen
+                if plen < mss or flags & (PSH | FIN):
+                    result.append(_merge(head, run, mss, flags, partial))
+                    run = []
+                continue
+        if run:
+            result.append(_merge(head, run, mss, 0, partial))
+            run = []
+        start = _run_start(pkt)
+        if start is None:
+            result.append(Coalesced(pkt, 0))
+            continue
+        hlen, mss, seq, flags = start
+        if flags & (PSH | FIN):
+            result.append(Coalesced(pkt, 0))  # nothing may follow it in a run
+            continue
+        ihl = (pkt[0] & 0x0F) << 2
+        fields = _TAIL.get(ihl) or _TAIL.setdefault(ihl, struct.Struct(f"!2xH{ihl}xI5xB"))
+        mask = _key_mask(ihl, hlen)
+        key = int.from_bytes(pkt[:hlen], "big") & mask
+        head = pkt
+        run = [pkt[:hlen + mss]]
+        next_seq = (seq + mss) & 0xFFFFFFFF
+        room = IP_MAX - hlen - mss
+        open_flags = flags & ~CWR
+    if run:
+        result.append(_merge(head, run, mss, 0, partial))
+    return result
+
+
+_TAIL: dict[int, struct.Struct] = {20: struct.Struct("!2xH20xI5xB")}  # total, seq, TCP flags
+_MASKS: dict[tuple[int, int], int] = {}
+
+
+def _key_mask(ihl: int, hlen: int) -> int:
+    """Bits of the first ``hlen`` bytes that must be equal across a run: all but IP total
+    length, id and checksum, and TCP seq, flags and checksum."""
+    mask = _MASKS.get((ihl, hlen))
+    if mask is None:
+        keep = bytearray(b"\xff" * hlen)
+        for at, size in ((2, 4), (10, 2), (ihl + 4, 4), (ihl + 13, 1), (ihl + 16, 2)):
+            keep[at:at + size] = bytes(size)
+        mask = _MASKS[(ihl, hlen)] = int.from_bytes(keep, "big")
+    return mask
+
+
+def _run_start(pkt: Buffer) -> tuple[int, int, int, int] | None:
+    """(header length, payload length, seq, flags) of a TCP segment that may start a run."""
+    if len(pkt) < 40:
+        return None
+    vihl, total, _id, frag, _ttl, proto, _ck, _src, _dst = _IP.unpack_from(pkt, 0)
+    ihl = (vihl & 0x0F) << 2
+    if vihl >> 4 != 4 or ihl < 20 or proto != TCP or frag & 0x3FFF or total > len(pkt):
+        return None
+    if total < ihl + 20:
+        return None
+    hlen = ihl + ((pkt[ihl + 12] >> 4) << 2)
+    flags = pkt[ihl + 13]
+    if not ihl + 20 <= hlen < total or flags & (SYN | RST | URG):
+        return None
+    return hlen, total - hlen, int.from_bytes(pkt[ihl + 4:ihl + 8], "big"), flags
+
+
+def _merge(head: Buffer, run: list[Buffer], mss: int, last_flags: int,
+           partial: bool) -> Coalesced:
+    """One packet from the run's pieces: the head's headers and payload, then the payloads."""
+    if len(run) == 1:
+        return Coalesced(head, 0)
+    buf = bytearray().join(run)
+    total = len(buf)
+    ihl = (buf[0] & 0x0F) << 2
+    buf[ihl + 13] |= last_flags & (PSH | FIN)
+    _U16.pack_into(buf, 2, total)
+    buf[10:12] = buf[ihl + 16:ihl + 18] = b"\0\0"
+    _U16.pack_into(buf, 10, csum_field(ones_sum(buf, 0, ihl)))
+    src, dst = _IP.unpack_from(buf, 0)[7:9]
+    pseudo = pseudo_sum(src, dst, TCP, total - ihl)
+    # partial: folded, not complemented, what a CHECKSUM_PARTIAL skb holds in the field
+    ck = pseudo % _M or _M if partial else csum_field(pseudo + ones_sum(buf, ihl, total))
+    _U16.pack_into(buf, ihl + 16, ck)
+    return Coalesced(buf, mss)
