@@ -1,0 +1,241 @@
+"""A Kubernetes API server double for tests: list and watch of the four kinds node-sync reads.
+
+It is a test double in the sense of wireguard-go's ``tuntest``: the client (the official
+``kubernetes`` package) is real and speaks real HTTP to it on loopback; only the server is
+small. What it does as the real one does:
+
+- ``GET /api/v1/namespaces``, ``/api/v1/services``, ``/api/v1/endpoints`` and
+  ``/apis/discovery.k8s.io/v1/endpointslices``: a ``<Kind>List`` with a resourceVersion, paged
+  with ``limit``/``continue``; items carry no ``kind``/``apiVersion`` (as in real lists).
+- ``?watch=true&resourceVersion=N``: a chunked stream of ``{"type", "object"}`` lines for
+  every change after N, held open until ``timeoutSeconds``, ``end_watches()`` or ``stop()``;
+  a version older than the last ``compact()`` gets an ``ERROR`` event with code 410;
+  ``pause_watches()`` holds watch requests (a partition) until ``resume_watches()``.
+- Every request needs ``Authorization: Bearer <token>``, else 401; with
+  ``serve_slices=False`` the EndpointSlice API answers 404, like a cluster that predates it.
+- ``requests`` records (kind, "list" | "watch") of every request, so a test can tell a
+  watcher from a poller.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from tencrypt.nodesync.cluster import Kind
+
+PATHS = {"/api/v1/namespaces": Kind.NAMESPACE, "/api/v1/services": Kind.SERVICE,
+         "/api/v1/endpoints": Kind.ENDPOINTS,
+         "/apis/discovery.k8s.io/v1/endpointslices": Kind.ENDPOINT_SLICE}
+TOKEN = "tencrypt-test-token"
+
+ObjKey = tuple[Kind, str, str]
+
+
+class FakeApiServer:
+    def __init__(self, objects: Iterable[dict[str, Any]] = (), serve_slices: bool = True) -> None:
+        self.serve_slices = serve_slices
+        self.requests: list[tuple[Kind, str]] = []
+        self._cond = threading.Condition()
+        self._version = 1000
+        self._objects: dict[ObjKey, dict[str, Any]] = {}
+        self._events: list[tuple[int, Kind, str, dict[str, Any]]] = []
+        self._compacted = 0
+        self._generation = 0  # bumped by end_watches(): open streams end
+        self._closing = False
+        self._paused = False
+        self._server: ThreadingHTTPServer | None = None
+        self._open: dict[Kind, int] = {}
+        for obj in objects:
+            self.put(obj)
+
+    # -- the cluster's state, changed by the test ------------------------------------------
+
+    def put(self, obj: dict[str, Any]) -> None:
+        """Create or replace an object (its ``kind`` says which list it belongs to)."""
+        obj = copy.deepcopy(obj)
+        key = _key(obj)
+        with self._cond:
+            self._version += 1
+            obj["metadata"]["resourceVersion"] = str(self._version)
+            kind = "MODIFIED" if key in self._objects else "ADDED"
+            self._objects[key] = obj
+            self._events.append((self._version, key[0], kind, obj))
+            self._cond.notify_all()
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        key = (Kind(kind), namespace, name)
+        with self._cond:
+            obj = self._objects.pop(key)
+            self._version += 1
+            obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._version)}}
+            self._events.append((self._version, key[0], "DELETED", obj))
+            self._cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget the event history, as etcd compaction does: old watches get 410 Gone."""
+        with self._cond:
+            self._compacted = self._version
+            self._events.clear()
+
+    def end_watches(self) -> None:
+        """Close every open watch stream (the server-side timeout of a real API server)."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def pause_watches(self) -> None:
+        """End every open watch and hold new ones until ``resume_watches`` (a partition)."""
+        with self._cond:
+            self._paused = True
+        self.end_watches()
+
+    def resume_watches(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def count(self, kind: Kind, verb: str) -> int:
+        with self._cond:
+            return sum(1 for k, v in self.requests if k is kind and v == verb)
+
+    def open_watches(self, kind: Kind) -> int:
+        with self._cond:
+            return self._open.get(kind, 0)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def start(self) -> str:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+        return path
+
+    def list_doc(self, kind: Kind, limit: int, start: int) -> dict[str, Any]:
+        with self._cond:
+            objs = [o for (k, _, _), o in sorted(self._objects.items(), key=lambda i: i[0][1:])
+                    if k is kind]
+            version = self._version
+        page = objs[start:start + limit] if limit else objs[start:]
+        more = limit and start + limit < len(objs)
+        items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in page]
+        meta: dict[str, Any] = {"resourceVersion": str(version)}
+        if more:
+            meta["continue"] = str(start + limit)
+        return {"kind": f"{kind.value}List", "apiVersion": "v1", "metadata": meta,
+                "items": items}
+
+    def stream(self, kind: Kind, since: int, timeout: float, write: Any) -> None:
+        """Write watch events of ``kind`` after version ``since`` until the stream ends."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._paused and not self._closing:
+                self._cond.wait(0.5)
+            generation = self._generation
+            self._open[kind] = self._open.get(kind, 0) + 1
+        try:
+            if since < self._compacted:
+                write({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+                    "reason": "Expired", "message": f"too old resource version: {since}"}})
+                return
+            while True:
+                with self._cond:
+                    pending = [(v, t, o) for v, k, t, o in self._events if k is kind and v > since]
+                    if not pending:
+                        left = deadline - time.monotonic()
+                        if self._closing or generation != self._generation or left <= 0:
+                            return
+                        self._cond.wait(min(left, 0.5))
+                        continue
+                for version, etype, obj in pending:
+                    write({"type": etype, "object": obj})
+                    since = version
+        finally:
+            with self._cond:
+                self._open[kind] -= 1
+
+
+def _key(obj: dict[str, Any]) -> ObjKey:
+    meta = obj["metadata"]
+    return (Kind(obj["kind"]), meta.get("namespace", ""), meta["name"])
+
+
+def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            url = urlparse(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                return self._status(401, "Unauthorized")
+            kind = PATHS.get(url.path)
+            if kind is None or (kind is Kind.ENDPOINT_SLICE and not api.serve_slices):
+                return self._status(404, "NotFound")
+            watching = query.get("watch") in ("true", "1", "True")
+            with api._cond:
+                api.requests.append((kind, "watch" if watching else "list"))
+            if not watching:
+                doc = api.list_doc(kind, int(query.get("limit", 0)), int(query.get("continue", 0)))
+                return self._json(200, doc)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                api.stream(kind, int(query.get("resourceVersion") or 0),
+                           float(query.get("timeoutSeconds", 300)), self._chunk)
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _chunk(self, event: dict[str, Any]) -> None:
+            data = json.dumps(event).encode() + b"\n"
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _json(self, code: int, doc: dict[str, Any]) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _status(self, code: int, reason: str) -> None:
+            self._json(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                              "reason": reason, "code": code, "message": reason})
+
+    return Handler

@@ -1,0 +1,99 @@
+"""Kubernetes objects as JSON, built from plain facts: for the lab and for tests.
+
+The lab's Services are written as the Namespaces, Services and EndpointSlices a real cluster
+would hold, and go through exactly the code a real node runs (``ClusterState`` → rules →
+``iptables-restore``). The shapes follow what ``kubectl get ... -o json`` prints for
+core/v1 and discovery.k8s.io/v1; only the fields node-sync and a reader need are filled in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from tencrypt.nodesync.cluster import ENABLED_LABEL, SERVICE_NAME_LABEL
+
+Obj = dict[str, Any]
+
+
+class LabService(Protocol):
+    """What the lab knows of a Service (``tencrypt.lab.topology.Service`` fits)."""
+
+    name: str
+    project: str
+    vip: str
+    endpoint: str
+    port: int
+
+
+def build_namespace(name: str, enabled: bool = True) -> Obj:
+    labels = {"kubernetes.io/metadata.name": name}
+    if enabled:
+        labels[ENABLED_LABEL] = "true"
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels, "uid": _uid("ns", name)},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+
+
+def build_service(namespace: str, name: str, vip: str, port: int = 8080) -> Obj:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace, "uid": _uid(namespace, name)},
+            "spec": {"clusterIP": vip, "clusterIPs": [vip], "internalTrafficPolicy": "Cluster",
+                     "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                     "ports": [{"name": "http", "port": port, "protocol": "TCP",
+                                "targetPort": port}],
+                     "selector": {"app": name}, "sessionAffinity": "None", "type": "ClusterIP"},
+            "status": {"loadBalancer": {}}}
+
+
+def build_endpoint_slice(namespace: str, service: str, ips: Sequence[str], port: int = 8080,
+                         suffix: str = "", not_ready: Sequence[str] = ()) -> Obj:
+    """An IPv4 EndpointSlice of ``service``; ``suffix`` names it (``<service>-<suffix>``)."""
+    def endpoint(ip: str, ready: bool) -> Obj:
+        return {"addresses": [ip],
+                "conditions": {"ready": ready, "serving": ready, "terminating": False},
+                "targetRef": {"kind": "Pod", "name": f"{service}-{_uid('pod', ip)[:5]}",
+                              "namespace": namespace}}
+    name = f"{service}-{suffix or _uid(namespace, service)[:5]}"
+    return {"addressType": "IPv4", "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "endpoints": [endpoint(ip, True) for ip in ips]
+                         + [endpoint(ip, False) for ip in not_ready],
+            "metadata": {"name": name, "namespace": namespace, "generateName": f"{service}-",
+                         "labels": {SERVICE_NAME_LABEL: service,
+                                    "endpointslice.kubernetes.io/managed-by":
+                                        "endpointslice-controller.k8s.io"},
+                         "uid": _uid(namespace, name)},
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}
+
+
+def build_endpoints(namespace: str, service: str, ips: Sequence[str], port: int = 8080) -> Obj:
+    """Legacy core/v1 Endpoints (clusters without the EndpointSlice API)."""
+    return {"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": service, "namespace": namespace,
+                         "uid": _uid("ep", namespace, service)},
+            "subsets": [{"addresses": [{"ip": ip} for ip in ips],
+                         "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}]
+            if ips else []}
+
+
+def build_list(items: Iterable[Obj]) -> Obj:
+    """The document ``kubectl get namespaces,services,endpointslices -A -o json`` prints."""
+    return {"apiVersion": "v1", "items": list(items), "kind": "List",
+            "metadata": {"resourceVersion": ""}}
+
+
+def lab_objects(services: Iterable[LabService]) -> list[Obj]:
+    """A labelled namespace per project, and a Service plus an EndpointSlice per lab Service."""
+    services = list(services)
+    objs = [build_namespace(p) for p in sorted({s.project for s in services})]
+    for s in services:
+        objs.append(build_service(s.project, s.name, s.vip, s.port))
+        objs.append(build_endpoint_slice(s.project, s.name, [s.endpoint], s.port))
+    return objs
+
+
+def _uid(*parts: str) -> str:
+    """A stable UUID-shaped id, so that built objects (and fixtures) do not change per run."""
+    h = hashlib.sha256("/".join(parts).encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
