@@ -46,6 +46,7 @@ from tencrypt.core.session import Limits, PeerDown, PeerUp, Tunnel
 from tencrypt.core.stats import DropReason, Stats, render_prometheus
 from tencrypt.errors import UsageError
 from tencrypt.linux import firewall, metrics, netlink, podnet, sockets
+from tencrypt.linux.classroutes import RouteApplier
 from tencrypt.linux.dns import DnsProxy
 from tencrypt.linux.tun import Tun
 from tencrypt.logutil import RateLimitedLog
@@ -76,12 +77,14 @@ class Proxy:
         self.stats = stats
         self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port)
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
+        self.peer_routes: set[str] = set()
+        # the DNS proxy's /32s; a peer's route (same kernel route) is the daemon's to remove
+        self.routes = RouteApplier(config, stats, pinned=self.peer_routes.__contains__)
         self.dns = DnsProxy(config, stats, on_change=self._on_dns_change)
         self.firewall = firewall.StrictFirewall(config.dev, config.port) if strict else None
         self.ratelog = RateLimitedLog(log)
         self.held: dict[str, list[bytes]] = {}
         self.plaintext_until: dict[str, float] = {}
-        self.peer_routes: set[str] = set()
         self.stopping = asyncio.Event()
         self.tun: Tun | None = None
         self.udp: socket.socket | None = None
@@ -108,6 +111,7 @@ class Proxy:
             if obj is not None:
                 loop.remove_reader(obj.fileno())
         await self.dns.close()
+        self.routes.close()
         for ip in self.peer_routes:
             netlink.remove_route(ip)
         if self.firewall:
@@ -237,8 +241,12 @@ class Proxy:
                 self.firewall.add([event.pod_ip])
         elif isinstance(event, PeerDown):
             log.info("peer %s down", event.pod_ip)
+            if event.pod_ip in self.peer_routes:
+                self.peer_routes.discard(event.pod_ip)
+                netlink.remove_route(event.pod_ip)
 
     def _on_dns_change(self, changes: list[Change]) -> None:
+        self.routes.on_change(changes)
         if not self.firewall:
             return
         self.firewall.add(c.ip for c in changes if c.new is AddrClass.INTERNAL)

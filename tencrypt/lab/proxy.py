@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from tencrypt.lab.cluster import Lab
 
 READY = "tencrypt: ready"
+METRICS = "127.0.0.1:9137"  # on the pod's own loopback: `lab exec POD -- curl -s METRICS/metrics`
 READY_TIMEOUT = 30.0  # seconds: setup + interpreter start-up on a loaded 2-core machine
 STOP_TIMEOUT = 10.0  # seconds of grace between SIGTERM and SIGKILL
 
@@ -81,7 +82,8 @@ def patch(lab: Lab, pod: Pod, strict: bool = True) -> None:
     key = lab.psk_file(pod.project)
     if not key.exists():
         raise UsageError(f"no key for project {pod.project} ({key}): is lab {lab.name} up?")
-    argv = ["bash", str(launcher()), "--netns", pod.netns, "--", "--psk-file", str(key)]
+    argv = ["bash", str(launcher()), "--netns", pod.netns, "--", "--psk-file", str(key),
+            "--metrics", METRICS]
     if not strict:
         argv.append("--no-strict")
     log, pid_file = lab.log_file(f"{pod.name}.tencrypt"), lab.pid_file(f"{pod.name}.tencrypt")
