@@ -1,0 +1,258 @@
+"""node-sync programs a real node's nat table; traffic to VIP:1337 reaches the right pods.
+
+    [ <p>cl ]  [ <p>w1 ]  [ <p>w2 ]  [ <p>w3 ]  [ <p>api ]    pods: eth0 10.128.0.<n>/23,
+     .10 client  .11 web    .12 web    .13 (spare) .14 blog   default via 10.128.0.1
+         \\         |          |          |          /
+          +-------------- br0 10.128.0.1/23 --------+         [ <p>node ]: ip_forward=1,
+                                                              bridge-nf-call-iptables=1
+
+Every pod but the client answers its own name on udp and tcp :1337 (a stand-in for the
+proxy). node-sync runs in the root namespace with ``--netns <p>node``, as the lab runs it, and
+reads either the recorded cluster (``--once --from-file``) or the API server double on
+127.0.0.1 through the real ``kubernetes`` client. VIPs and pod IPs are the fixture's:
+shop/web 172.30.12.34 → .11 .12, shop/cache 172.30.77.7 → .12, blog/api 172.30.40.2 → .14
+(namespace blog is not labelled: never forwarded).
+"""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tencrypt.linux import netns
+from tencrypt.nodesync import kubeobjects, rules
+from tencrypt.nodesync.fakeapi import FakeApiServer
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "nodesync-cluster.json"
+WEB, CACHE, BLOG = "172.30.12.34", "172.30.77.7", "172.30.40.2"
+PODS = {"cl": "10.128.0.10", "w1": "10.128.0.11", "w2": "10.128.0.12", "w3": "10.128.0.13",
+        "api": "10.128.0.14"}
+
+SERVER = r"""
+import selectors, socket, sys
+name = sys.argv[1].encode()
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", 1337))
+tcp = socket.socket()
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(("0.0.0.0", 1337))
+tcp.listen(64)
+sel = selectors.DefaultSelector()
+sel.register(udp, selectors.EVENT_READ)
+sel.register(tcp, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is udp:
+            _, peer = udp.recvfrom(2048)
+            udp.sendto(name, peer)
+        else:
+            conn, _ = tcp.accept()
+            conn.sendall(name)
+            conn.close()
+"""
+
+# count requests, each from a fresh socket (a new flow) unless sport pins the source port
+CLIENT = r"""
+import json, socket, sys
+proto, dst, count, sport = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = []
+for _ in range(count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(1.0)
+    if sport:
+        s.bind(("0.0.0.0", sport))
+    try:
+        s.connect((dst, 1337))
+        if proto == "udp":
+            s.send(b"?")
+        out.append(s.recv(64).decode())
+    except OSError:
+        out.append(None)
+    finally:
+        s.close()
+print(json.dumps(out))
+"""
+
+
+class Node:
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.node = f"{prefix}node"
+        self.pods = {name: f"{prefix}{name}" for name in PODS}
+        self.servers = []
+
+    def up(self):
+        netns.create(self.node)
+        for cmd in (["ip", "link", "add", "br0", "type", "bridge"],
+                    ["ip", "addr", "add", "10.128.0.1/23", "dev", "br0"],
+                    ["ip", "link", "set", "br0", "up"],
+                    ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                    ["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]):
+            netns.run(self.node, cmd)
+        for name, ip in PODS.items():
+            ns, host_if = self.pods[name], f"v{name}{self.prefix[-6:]}"
+            netns.create(ns)
+            netns.sh(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name",
+                      host_if, "netns", self.node])
+            netns.run(self.node, ["ip", "link", "set", host_if, "master", "br0", "up"])
+            for cmd in (["ip", "addr", "add", f"{ip}/23", "dev", "eth0"],
+                        ["ip", "link", "set", "eth0", "up"],
+                        ["ip", "route", "add", "default", "via", "10.128.0.1"]):
+                netns.run(ns, cmd)
+            if name != "cl":
+                proc = netns.spawn(ns, [sys.executable, "-c", SERVER, name])
+                self.servers.append(proc)
+        for name in PODS:
+            if name != "cl":  # servers are up when they answer on their own pod IP
+                netns.wait_for(lambda n=name: self.ask("udp", PODS[n]) == [n], what=f"{name} up")
+
+    def down(self):
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+        for ns in [*self.pods.values(), self.node]:
+            netns.delete(ns)
+
+    def ask(self, proto, dst, count=1, sport=0):
+        out = netns.run(self.pods["cl"], [sys.executable, "-c", CLIENT, proto, dst,
+                                          str(count), str(sport)]).stdout
+        return json.loads(out)
+
+    def save(self):
+        return netns.run(self.node, ["iptables-save", "-t", "nat"]).stdout
+
+
+@pytest.fixture
+def node():
+    n = Node(f"ny{netns.unique_suffix()}")
+    try:
+        n.up()
+        yield n
+    finally:
+        n.down()
+    assert not [ns for ns in netns.listed() if ns.startswith(n.prefix)]
+
+
+@pytest.fixture
+def api():
+    server = FakeApiServer(json.loads(FIXTURE.read_text())["items"])
+    server.start()
+    yield server
+    server.stop()
+
+
+class NodeSync:
+    """``python -m tencrypt.nodesync`` (= ``tencrypt node-sync``) watching the API double."""
+
+    def __init__(self, node, api, tmp_path):
+        self.argv = [sys.executable, "-m", "tencrypt.nodesync", "--netns", node.node,
+                     "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig"))]
+        self.log = tmp_path / "node-sync.log"
+        self.proc = None
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=REPO, start_new_session=True)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+
+@pytest.fixture
+def nodesync(node, api, tmp_path):
+    made = []
+
+    def make():
+        ns = NodeSync(node, api, tmp_path)
+        made.append(ns)
+        return ns
+    yield make
+    for ns in made:
+        ns.stop()
+
+
+def run_once(node, *extra):
+    return netns.sh([sys.executable, "-m", "tencrypt.nodesync", "--netns", node.node, *extra])
+
+
+def test_recorded_cluster_forwards_1337_of_labelled_vips_to_their_pods(node):
+    run_once(node, "--once", "--from-file", str(FIXTURE))
+    udp = node.ask("udp", WEB, count=40)  # 40 new flows: both pods are picked
+    assert set(udp) == {"w1", "w2"}, udp
+    tcp = node.ask("tcp", WEB, count=40)
+    assert set(tcp) == {"w1", "w2"}, tcp
+    assert node.ask("udp", CACHE, count=5) == ["w2"] * 5
+    assert node.ask("tcp", CACHE) == ["w2"]
+    # blog is not labelled: its VIP forwards nothing, though its pod answers directly
+    assert node.ask("udp", BLOG) == [None] and node.ask("tcp", BLOG) == [None]
+    assert node.ask("udp", PODS["api"]) == ["api"]
+    # what the kernel holds reads back as exactly the fixture's pairs
+    assert rules.parse_programmed(node.save()) == {
+        (WEB, PODS["w1"]), (WEB, PODS["w2"]), (CACHE, PODS["w2"]),
+        ("172.30.8.8", "10.128.0.17"), ("172.30.8.8", "10.128.0.18")}
+    # a second run changes nothing (no duplicated jumps, same chains)
+    before = rules.owned_lines(node.save())
+    run_once(node, "--once", "--from-file", str(FIXTURE))
+    assert rules.owned_lines(node.save()) == before
+
+
+def test_real_client_fake_apiserver_pod_replaced_moves_the_rule_and_the_tunnel_flow(
+        node, api, nodesync):
+    api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w2"]], suffix="m5l7c"))
+    nodesync().start()
+    # the proxy's flow: always pod:1337 -> VIP:1337, one conntrack entry kept alive
+    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30,
+                   what="web -> w2")
+    assert node.ask("udp", WEB, sport=1337) == ["w2"]
+    # w2 is replaced by w3 (w2 still answers: only the rule and conntrack can move the flow)
+    api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w3"]], suffix="m5l7c"))
+    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w3"], timeout=30,
+                   what="the same 5-tuple now reaching w3")
+    assert node.ask("tcp", WEB, count=5) == ["w3"] * 5
+    assert rules.parse_programmed(node.save()) >= {(WEB, PODS["w3"])}
+    assert (WEB, PODS["w2"]) not in rules.parse_programmed(node.save())
+    # the label goes: every rule of shop goes, and the live flow stops too
+    api.put(kubeobjects.build_namespace("shop", enabled=False))
+    netns.wait_for(lambda: not rules.parse_programmed(node.save()), timeout=30,
+                   what="shop's rules removed")
+    assert node.ask("udp", WEB, sport=1337) == [None]
+    assert node.ask("tcp", WEB) == [None] and node.ask("udp", CACHE) == [None]
+    assert [line for line in rules.owned_lines(node.save()) if line.startswith("-A TENC")] == []
+
+
+def test_real_client_fake_apiserver_restart_rebuilds_the_same_chain(node, api, nodesync):
+    first = nodesync()
+    first.start()
+    netns.wait_for(lambda: len(rules.parse_programmed(node.save())) == 5, timeout=30,
+                   what="first sync")
+    programmed = rules.owned_lines(node.save())
+    assert first.stop() == 0
+    assert rules.owned_lines(node.save()) == programmed  # stopping never cuts tunnels
+    # someone flushes the chain, deletes a jump and leaves a stale chain behind
+    netns.run(node.node, ["iptables-restore", "--noflush"], input="\n".join([
+        "*nat", ":TENCRYPT - [0:0]", ":TENC-SEP-STALESTALESTALES - [0:0]",
+        "-D OUTPUT -j TENCRYPT",
+        "-A TENC-SEP-STALESTALESTALES -p udp -m udp -j DNAT --to-destination 10.128.0.13:1337",
+        "COMMIT", ""]))
+    assert node.ask("udp", WEB) == [None]
+    nodesync().start()
+    netns.wait_for(lambda: rules.owned_lines(node.save()) == programmed, timeout=30,
+                   what="the restarted node-sync to converge to the same rules")
+    assert set(node.ask("udp", WEB, count=40)) == {"w1", "w2"}
+    # --cleanup leaves nothing of Tencrypt behind
+    run_once(node, "--cleanup")
+    assert rules.owned_lines(node.save()) == []
