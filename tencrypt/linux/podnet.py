@@ -185,12 +185,15 @@ def _write_in_place(path: str, text: str) -> None:
 
 
 def _live_pid(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` if that process still runs tencrypt (not a zombie, not reused)."""
     try:
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
-        return pid
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
+    state = stat.rpartition(")")[2].split()[0]
+    return pid if state not in ("Z", "X") and b"tencrypt" in cmdline else None
 
 
 def main(args: argparse.Namespace) -> int:
