@@ -8,13 +8,16 @@ the demo and tests can check for a marker string and for which protocols crossed
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tencrypt.errors import SetupError
 from tencrypt.linux import netns
 
 LINKTYPE_ETHERNET = 1
@@ -66,35 +69,71 @@ def _frame(raw: bytes, linktype: int) -> Frame:
 
 
 class Capture:
-    """tcpdump -i IFACE in namespace NS, for at most ``limit`` seconds."""
+    """tcpdump -i IFACE in namespace NS into a pcap file, for at most ``limit`` seconds.
 
-    def __init__(self, ns: str, iface: str, bpf: str = "", limit: float = 60.0) -> None:
-        self.file = Path(tempfile.mkstemp(prefix="tencrypt-cap-", suffix=".pcap")[1])
+    ``with Capture(...) as cap:`` starts it and returns once tcpdump listens (packets sent after
+    that are caught); leaving the block, or ``stop()``, ends it and loads ``cap.data`` (the raw
+    pcap bytes, to grep payloads) — ``cap.frames()`` parses them. ``read()`` and ``wait_for()``
+    look at the file while the capture still runs.
+    """
+
+    def __init__(self, ns: str, iface: str, bpf: str = "", limit: float = 60.0,
+                 directory: Path | None = None) -> None:
+        fd, name = tempfile.mkstemp(prefix=f"cap-{ns}-{iface}-", suffix=".pcap", dir=directory)
+        os.close(fd)
+        self.path = Path(name)
+        self.keep = directory is not None  # a caller's directory keeps the file for a post-mortem
+        self.data = b""
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the capture
         # --immediate-mode: without it packets wait in the kernel's capture buffer, and those
         # still there at SIGINT are lost (a short exchange then shows up as 0 packets)
-        argv = ["timeout", str(int(limit)), "tcpdump", "-i", iface, "-U", "--immediate-mode",
-                "-n", "-s", "0", "-w", str(self.file), *bpf.split()]
+        argv = ["timeout", str(max(1, int(limit))), "tcpdump", "-i", iface, "-U", "--immediate-mode",
+                "-n", "-s", "0", "-Z", "root", "-w", str(self.path), *bpf.split()]
         self.proc = subprocess.Popen(netns.exec_argv(ns, argv), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        # tcpdump says "listening on ..." once the socket is open: packets after that are caught
-        assert self.proc.stderr is not None
-        self.proc.stderr.readline()
+                                     stderr=self._err, stdin=subprocess.DEVNULL)
+        try:
+            netns.wait_for(self._listening, timeout=10, what=f"tcpdump in {ns} on {iface}")
+        except Exception:
+            self.stop()
+            raise
+
+    def _listening(self) -> bool:
+        self._err.seek(0)
+        err = self._err.read()
+        if self.proc.poll() is not None:
+            raise SetupError(f"tcpdump failed: {err.decode(errors='replace').strip()}")
+        return b"listening on" in err
+
+    def read(self) -> bytes:
+        """The pcap file as it is now (the capture may still be running)."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def wait_for(self, predicate: Callable[[Capture], bool], timeout: float = 10.0) -> None:
+        netns.wait_for(lambda: predicate(self), timeout=timeout, what=f"capture {self.path.name}")
+
+    def frames(self) -> list[Frame]:
+        return read_pcap(self.data or self.read())
 
     def stop(self) -> list[Frame]:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        try:
-            return read_pcap(self.file.read_bytes())
-        finally:
-            self.file.unlink(missing_ok=True)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # `timeout` passes it on; tcpdump flushes
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self.data:
+            self.data = self.read()
+            if not self.keep:
+                self.path.unlink(missing_ok=True)
+            self._err.close()
+        return read_pcap(self.data)
 
     def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.stop()
+        self.stop()
