@@ -1,0 +1,326 @@
+"""Receiver-side NAT: Service VIP -> this pod's IP on the way in, and back on the way out.
+
+A peer sends to a Service VIP; kube-proxy DNATs the sealed :1337 datagram to this pod, but the
+packet inside still says VIP, which no socket here owns. ``FlowTable`` rewrites it to the pod
+IP and remembers which VIP each peer flow used, so that the application's replies leave with
+that VIP as source and the peer's socket recognises them (DESIGN.md §1 NAT).
+
+Rules:
+1. In (``rewrite_inbound``, packets opened from the tunnel): a destination equal to the pod IP
+   passes untouched; one inside the Service CIDR becomes the pod IP — statelessly, since every
+   VIP whose :1337 led here is this pod — and the flow is recorded; any other destination is
+   dropped as BAD_DESTINATION.
+2. Out (``rewrite_outbound``, packets the application wrote to tenc0): source equal to the pod
+   IP with a live flow -> source becomes the flow's VIP. Otherwise untouched (True).
+3. Flow key: (proto, peer IP, peer port, local port). ICMP queries use (1, peer, id, 0): only
+   requests coming in create one and only replies going out use one, so this pod's own pings
+   are never translated. Protocols without ports use (proto, peer, -1, -1).
+4. ICMP errors. In: a peer reports on a packet we sent as VIP -> outer destination and quoted
+   source VIP -> pod IP (stateless, as 1). Out: our stack reports on a packet that came in for
+   a VIP -> outer source and quoted destination -> that flow's VIP. The quoted IP checksum,
+   quoted UDP checksum, quoted TCP checksum when the whole TCP header is quoted (as Linux
+   nf_nat does) and the ICMP checksum are updated incrementally (see core/packet.py).
+5. Fragments: later inbound fragments need only the stateless rewrite. Outbound, a first
+   fragment's VIP is kept under (proto, peer, IP id) for FRAG_TIMEOUT, so that the later
+   fragments, which carry no ports, get the same source address.
+6. Timeouts count idle time since the last packet either way: TCP ``tcp_idle``; TCP after an
+   RST, or after a FIN each way, ``tcp_closed`` (an incoming SYN reopens it); UDP and other
+   protocols ``udp_idle``; ICMP ``icmp_idle``. A flow past its timeout is dead at once, even
+   before ``expire`` reaps it. ``now`` is a monotonic clock.
+7. Bound: at most ``max_flows``. A new flow in a full table first reaps dead flows, then evicts
+   the closed TCP flow idle longest, else the flow idle longest. Eviction drops the whole entry:
+   a later packet of that flow starts a fresh one, never a half mapping.
+8. Two VIPs, one tuple: when VIP1 and VIP2 both lead here and a peer uses the same (peer IP,
+   peer port, local port) for both, this pod's stack sees a single flow and its replies cannot
+   say which VIP they answer. UDP, ICMP and others: the latest VIP wins (``nat_vip_remapped``).
+   TCP: an open connection keeps its VIP and the other VIP's segments are dropped
+   (NAT_CONFLICT), since injected they would land in that connection's socket; once it is
+   closed or dead the newcomer takes the flow. (Linux would remap the source port instead.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from tencrypt.core.packet import (
+    DST,
+    ICMP,
+    ICMP_ERRORS,
+    ICMP_QUERY_REPLY,
+    IP_MF,
+    SRC,
+    TCP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    IPv4,
+    ip_to_int,
+    parse_icmp_quote,
+    parse_ident,
+    parse_ipv4,
+    rewrite_addr,
+    rewrite_icmp_quote,
+)
+from tencrypt.core.stats import DropReason, Stats
+from tencrypt.errors import UsageError
+
+FlowKey = tuple[int, int, int, int]
+FragKey = tuple[int, int, int]
+
+# Timeout classes; each has its own queue in last-activity order, so reaping stops at the first
+# live entry and the longest-idle flow of a class is at the front.
+_TCP_OPEN, _TCP_CLOSED, _UDP, _ICMP = range(4)
+_FIN_IN, _FIN_OUT = 1, 2
+_ICMP_REPLIES = frozenset(ICMP_QUERY_REPLY.values())
+
+FRAG_TIMEOUT = 30.0  # seconds a datagram's fragments may trail its first (Linux ipfrag_time)
+MAX_FRAG_DATAGRAMS = 1024
+
+
+@dataclass(slots=True)
+class Flow:
+    vip: int
+    last_seen: float
+    queue: int  # timeout class, and the queue the key sits in
+    fins: int = 0  # _FIN_IN | _FIN_OUT seen
+
+
+class FlowTable:
+    """The receiver's NAT state: one per proxy, owned by the udp -> open -> nat -> inject path."""
+
+    __slots__ = ("_pod", "_net", "_mask", "_stats", "_max", "_timeouts", "_flows", "_queues",
+                 "_frags")
+
+    def __init__(self, pod_ip: str, service_cidr: str = "172.30.0.0/16", stats: Stats | None = None,
+                 max_flows: int = 65536, tcp_idle: float = 7440.0, tcp_closed: float = 10.0,
+                 udp_idle: float = 180.0, icmp_idle: float = 30.0) -> None:
+        try:
+            self._pod = ip_to_int(pod_ip)
+            net = ipaddress.IPv4Network(service_cidr)
+        except ValueError as exc:
+            raise UsageError(f"bad pod IP or Service CIDR: {exc}") from exc
+        if ipaddress.IPv4Address(self._pod) in net:
+            raise UsageError(f"pod IP {pod_ip} lies inside the Service CIDR {service_cidr}")
+        if max_flows < 1:
+            raise UsageError("max_flows must be at least 1")
+        self._net = int(net.network_address)
+        self._mask = int(net.netmask)
+        self._stats = stats if stats is not None else Stats()
+        self._max = max_flows
+        self._timeouts = (tcp_idle, tcp_closed, udp_idle, icmp_idle)
+        self._flows: dict[FlowKey, Flow] = {}
+        self._queues: tuple[OrderedDict[FlowKey, None], ...] = tuple(
+            OrderedDict() for _ in self._timeouts)
+        self._frags: OrderedDict[FragKey, tuple[int, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    # --- the two directions -------------------------------------------------------------------
+
+    def rewrite_inbound(self, buf: bytearray | memoryview, now: float) -> bool:
+        """VIP -> pod IP on a packet opened from the tunnel. False: drop it (already counted)."""
+        ip = parse_ipv4(buf)
+        if ip is None:
+            self._stats.drop(DropReason.MALFORMED_PACKET)
+            return False
+        vip = ip.dst
+        if vip == self._pod:
+            return True
+        if vip & self._mask != self._net:
+            self._stats.drop(DropReason.BAD_DESTINATION)
+            return False
+        if ip.frag == 0:
+            if ip.proto == ICMP and ip.info >> 8 in ICMP_ERRORS:
+                return self._inbound_icmp_error(buf, ip)
+            if not self._track_inbound(ip, now):
+                return False
+        rewrite_addr(buf, ip, DST, self._pod)
+        return True
+
+    def rewrite_outbound(self, buf: bytearray | memoryview, now: float) -> bool:
+        """Pod IP -> VIP on a reply read from tenc0 whose flow came in for a VIP.
+
+        True also when no flow matched and nothing changed; False only for a malformed packet.
+        """
+        ip = parse_ipv4(buf)
+        if ip is None:
+            self._stats.drop(DropReason.MALFORMED_PACKET)
+            return False
+        if ip.src != self._pod:
+            return True
+        if ip.frag:
+            return self._outbound_fragment(buf, ip, now)
+        proto = ip.proto
+        if proto == ICMP:
+            kind = ip.info >> 8
+            if kind in ICMP_ERRORS:
+                return self._outbound_icmp_error(buf, ip, now)
+            if kind not in _ICMP_REPLIES:
+                return True
+            key = (proto, ip.dst, ip.sport, 0)
+        else:
+            key = (proto, ip.dst, ip.dport, ip.sport)
+        flow = self._live(key, now)
+        if flow is None:
+            return True
+        if proto == TCP:
+            self._on_tcp(key, flow, ip.info, _FIN_OUT, now)
+        else:
+            self._touch(key, flow, flow.queue, now)
+        rewrite_addr(buf, ip, SRC, flow.vip)
+        if ip.flags & IP_MF:
+            self._remember_fragments(buf, ip, flow.vip, now)
+        return True
+
+    def expire(self, now: float) -> int:
+        """Remove every flow past its timeout; returns how many were removed."""
+        removed = 0
+        for queue, timeout in zip(self._queues, self._timeouts, strict=True):
+            while queue:
+                key = next(iter(queue))
+                if now - self._flows[key].last_seen < timeout:
+                    break
+                queue.popitem(last=False)
+                del self._flows[key]
+                removed += 1
+        frags = self._frags
+        while frags and now - next(iter(frags.values()))[1] >= FRAG_TIMEOUT:
+            frags.popitem(last=False)
+        if removed:
+            self._stats.inc("nat_flows_expired", removed)
+        return removed
+
+    # --- inbound helpers ----------------------------------------------------------------------
+
+    def _track_inbound(self, ip: IPv4, now: float) -> bool:
+        proto = ip.proto
+        if proto == ICMP:
+            if ip.info >> 8 not in ICMP_QUERY_REPLY:
+                return True  # only requests open an ICMP flow
+            queue = _ICMP
+        else:
+            queue = _TCP_OPEN if proto == TCP else _UDP
+        key = (proto, ip.src, ip.sport, ip.dport)
+        flow = self._live(key, now)
+        if flow is None:
+            if proto == TCP and ip.info & TCP_RST:
+                return True  # nothing to remember about a reset of an unknown flow
+            flow = self._insert(key, ip.dst, queue, now)
+        elif flow.vip != ip.dst:
+            if flow.queue == _TCP_OPEN:
+                self._stats.drop(DropReason.NAT_CONFLICT)
+                return False
+            self._stats.inc("nat_vip_remapped")
+            flow.vip = ip.dst
+            flow.fins = 0
+            self._touch(key, flow, queue, now)
+        if proto == TCP:
+            self._on_tcp(key, flow, ip.info, _FIN_IN, now)
+        else:
+            self._touch(key, flow, queue, now)
+        return True
+
+    def _inbound_icmp_error(self, buf: bytearray | memoryview, ip: IPv4) -> bool:
+        inner = parse_icmp_quote(buf, ip)
+        if inner is None:
+            self._stats.drop(DropReason.MALFORMED_PACKET)
+            return False
+        if inner.src == ip.dst:
+            rewrite_icmp_quote(buf, ip, inner, SRC, self._pod)
+        rewrite_addr(buf, ip, DST, self._pod)
+        return True
+
+    # --- outbound helpers ---------------------------------------------------------------------
+
+    def _outbound_icmp_error(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> bool:
+        inner = parse_icmp_quote(buf, ip)
+        if inner is None:
+            self._stats.drop(DropReason.MALFORMED_PACKET)
+            return False
+        if inner.dst != self._pod:
+            return True
+        if inner.proto == ICMP and inner.info >> 8 not in ICMP_QUERY_REPLY:
+            return True
+        flow = self._live((inner.proto, inner.src, inner.sport, inner.dport), now)
+        if flow is None:
+            return True
+        rewrite_icmp_quote(buf, ip, inner, DST, flow.vip)
+        rewrite_addr(buf, ip, SRC, flow.vip)
+        return True
+
+    def _remember_fragments(self, buf: bytearray | memoryview, ip: IPv4, vip: int,
+                            now: float) -> None:
+        key = (ip.proto, ip.dst, parse_ident(buf, ip))
+        self._frags[key] = (vip, now)
+        self._frags.move_to_end(key)
+        if len(self._frags) > MAX_FRAG_DATAGRAMS:
+            self._frags.popitem(last=False)
+
+    def _outbound_fragment(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> bool:
+        entry = self._frags.get((ip.proto, ip.dst, parse_ident(buf, ip)))
+        if entry is not None and now - entry[1] < FRAG_TIMEOUT:
+            rewrite_addr(buf, ip, SRC, entry[0])
+        return True
+
+    # --- the table ----------------------------------------------------------------------------
+
+    def _live(self, key: FlowKey, now: float) -> Flow | None:
+        flow = self._flows.get(key)
+        if flow is not None and now - flow.last_seen >= self._timeouts[flow.queue]:
+            self._remove(key, flow)
+            self._stats.inc("nat_flows_expired")
+            return None
+        return flow
+
+    def _on_tcp(self, key: FlowKey, flow: Flow, flags: int, fin_bit: int, now: float) -> None:
+        queue = flow.queue
+        if flags & TCP_RST:
+            queue = _TCP_CLOSED
+        elif flags & TCP_SYN and not flags & TCP_ACK and fin_bit == _FIN_IN:
+            if queue == _TCP_CLOSED:  # the peer reuses the tuple for a new connection
+                flow.fins = 0
+                queue = _TCP_OPEN
+        elif flags & TCP_FIN:
+            flow.fins |= fin_bit
+            if flow.fins == _FIN_IN | _FIN_OUT:
+                queue = _TCP_CLOSED
+        self._touch(key, flow, queue, now)
+
+    def _touch(self, key: FlowKey, flow: Flow, queue: int, now: float) -> None:
+        flow.last_seen = now
+        if queue == flow.queue:
+            self._queues[queue].move_to_end(key)
+        else:
+            del self._queues[flow.queue][key]
+            self._queues[queue][key] = None
+            flow.queue = queue
+
+    def _insert(self, key: FlowKey, vip: int, queue: int, now: float) -> Flow:
+        if len(self._flows) >= self._max:
+            self.expire(now)
+            if len(self._flows) >= self._max:
+                self._evict()
+        flow = Flow(vip, now, queue)
+        self._flows[key] = flow
+        self._queues[queue][key] = None
+        self._stats.inc("nat_flows_created")
+        return flow
+
+    def _evict(self) -> None:
+        """Remove the closed TCP flow idle longest, else the flow idle longest of any class."""
+        closed = self._queues[_TCP_CLOSED]
+        if closed:
+            key = next(iter(closed))
+        else:
+            fronts = [next(iter(q)) for q in self._queues if q]
+            key = min(fronts, key=lambda k: self._flows[k].last_seen)
+        self._remove(key, self._flows[key])
+        self._stats.inc("nat_flows_evicted")
+
+    def _remove(self, key: FlowKey, flow: Flow) -> None:
+        del self._flows[key]
+        del self._queues[flow.queue][key]
