@@ -1,0 +1,67 @@
+#!/bin/sh
+# bundle.sh DEST SRC [PIP-ARGS...] — build a self-contained Tencrypt under DEST (/opt/tencrypt)
+# that runs on any Linux base image of the same CPU architecture, whatever its libc (or none):
+#
+#   DEST/bin/python3.11         the interpreter; its ELF interpreter and RPATH point into DEST
+#   DEST/bin/nft                nftables (strict mode's firewall), patched the same way
+#   DEST/lib/                   the dynamic loader and every shared library those need
+#   DEST/lib/python3.11/        the standard library (CPython finds it from bin/../lib)
+#   DEST/lib/python3/dist-packages/  Tencrypt and its dependencies (Debian's site path)
+#   DEST/entrypoint.py          the pod entry point
+#
+# Nothing in the base image is used and nothing leaks into it: no LD_LIBRARY_PATH, no
+# /etc/ld.so.conf entry. Run on Debian bookworm (python3.11, nftables, patchelf, pip).
+set -eu
+DEST=$1 SRC=$2
+shift 2
+PY=python3.11
+
+mkdir -p "$DEST/bin" "$DEST/lib/python3/dist-packages"
+
+# 1. interpreter, standard library (dereferenced: Debian symlinks some files into /etc)
+cp -L "/usr/bin/$PY" "$DEST/bin/$PY"
+cp -rL "/usr/lib/$PY" "$DEST/lib/$PY"
+rm -rf "$DEST/lib/$PY/test" "$DEST/lib/$PY/idlelib" "$DEST/lib/$PY/tkinter"
+find "$DEST/lib/$PY" -name '__pycache__' -prune -exec rm -rf {} +
+ln -sf "$PY" "$DEST/bin/python3"
+cp -L /usr/sbin/nft "$DEST/bin/nft"
+
+# 2. Tencrypt and what the pod needs of its dependencies (manylinux wheels: they need only
+#    the libc we ship). The kubernetes client is for node-sync on the node, not for pods.
+deps=$("$PY" -c '
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    deps = tomllib.load(f)["project"]["dependencies"]
+print(" ".join(d.replace(" ", "") for d in deps if not d.startswith("kubernetes")))
+' "$SRC/pyproject.toml")
+pip_install() {
+    "$PY" -m pip install --no-cache-dir --break-system-packages --no-compile \
+        --target "$DEST/lib/python3/dist-packages" "$@"
+}
+# shellcheck disable=SC2086  # $deps is a list of requirement words on purpose
+pip_install "$@" $deps
+pip_install "$@" --no-deps "$SRC"
+rm -rf "$DEST/lib/python3/dist-packages/bin"
+cp "$SRC/scripts/origin-pod/entrypoint.py" "$DEST/entrypoint.py"
+
+# 3. the loader and the libraries every ELF file under DEST needs, found by this system's ldd
+elves=$(find "$DEST" -type f \( -name '*.so*' -o -path "$DEST/bin/*" \) -exec sh -c \
+    'head -c4 "$1" | grep -q "ELF" && echo "$1"' _ {} \;)
+for f in $elves; do
+    ldd "$f" 2>/dev/null | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}'
+done | sort -u | while read -r lib; do
+    case $lib in "$DEST"/*) continue ;; esac  # wheels' own libraries ($ORIGIN) stay put
+    [ -e "$DEST/lib/$(basename "$lib")" ] || cp -L "$lib" "$DEST/lib/"
+done
+loader=$(cd "$DEST/lib" && ls ld-linux-*.so.* | head -n1)
+
+# 4. point the executables at the bundled loader and libraries (RPATH, not RUNPATH: it also
+#    applies to the libraries they load, and to extension modules loaded with dlopen)
+for exe in "$DEST/bin/$PY" "$DEST/bin/nft"; do
+    patchelf --set-interpreter "$DEST/lib/$loader" --force-rpath --set-rpath "$DEST/lib" "$exe"
+done
+
+# 5. check: the bundle runs with nothing but itself (env -i: no PATH, no LD_* help)
+env -i "$DEST/bin/$PY" -c "import tencrypt.cli, cryptography, uvloop, numpy, pyroute2"
+env -i "$DEST/bin/nft" --version
+echo "bundle.sh: $(du -sh "$DEST" | cut -f1) in $DEST"
