@@ -22,7 +22,9 @@ Rules:
 4. Output shape: writable memoryviews into one bytearray (``out`` when given and big enough,
    valid until the next call that reuses it), so a segment can be NAT-rewritten in place and
    sealed by itself without a copy. All segments but the last have the same length, so their
-   sealed datagrams suit one UDP GSO send.
+   sealed datagrams suit one UDP GSO send. A frame without GSO comes back as a view into
+   ``frame`` itself when that is writable (a reused read buffer: valid until the next read),
+   as a copy when it is not.
 5. Bad input never raises: the frame is dropped with ``Stats.drop`` (NOT_IPV4 or
    MALFORMED_PACKET) and the result is an empty list. Any exception here is a bug.
 6. ``coalesce_batch`` applies GRO's rule (tcp_offload.c ``tcp_gro_receive``) to *consecutive*
