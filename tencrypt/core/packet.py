@@ -288,6 +288,10 @@ def rewrite_tcp_mss(buf: bytearray | memoryview, max_mss: int) -> bool:
     length); a malformed option list is left alone. The MSS value may sit at an odd offset,
     so the checksum is adjusted over the aligned words that cover it.
     """
+    if len(buf) < 34 or buf[9] != TCP or len(buf) < ((buf[0] & 0x0F) << 2) + 14:
+        return False
+    if not buf[((buf[0] & 0x0F) << 2) + 13] & TCP_SYN:
+        return False  # cheap reject first: called on every TCP segment, and only SYNs qualify
     ip = parse_ipv4(buf)
     if ip is None or ip.proto != TCP or ip.frag != 0 or not ip.info & TCP_SYN:
         return False
