@@ -1,0 +1,492 @@
+"""`tencrypt bench`: iperf3 between two pods of one project, vanilla, through Tencrypt, and
+through the userspace tunnels a user would pick instead, in one invocation on one lab.
+
+Topology (one node; with two, nginx2 lives on node2 behind VXLAN, see tencrypt/lab/cluster.py)::
+
+    <lab>-nginx1 (client: iperf3 -c, ping, req/resp)     <lab>-nginx2 (servers :5201, :5202)
+      vanilla/tencrypt -> nginx2's Service VIP             (the path an application uses)
+      wireguard-go     -> 10.201.0.2 (wg<sfx>a/b)          (pod to pod, the tunnel's own
+      openvpn          -> 10.202.0.2 (ovpn<sfx>a/b)         addresses)
+
+Stages:
+ 1. plan from the arguments (``--quick``: one node, 1 and 10 clients, 3 s runs, no soak,
+    results under ``quick.*`` so that a quick run never replaces the committed full run's
+    ``latest.*``);
+ 2. install the peer tunnels' Debian packages if missing, and say so (a system that cannot be
+    had is reported as failed, the others still run);
+ 3. per lab shape: build the lab (always removed afterwards, also on failure or Ctrl-C), give
+    nginx2's Service the benchmark's ports (kube-proxy-style DNAT, chain BENCH-SERVICES), then
+    per system, in the order vanilla, wireguard-go, openvpn, tencrypt (the peer tunnels run
+    between unpatched pods: Tencrypt's strict mode would refuse their plaintext UDP):
+    a. attach (nothing / a peer tunnel / ``lab.patch`` of both pods) and wait until the
+       request/response server answers through it (handshakes happen here, unmeasured);
+    b. round trip at idle: ping, then the TCP request/response rate;
+    c. TCP at each client count, then UDP at the fixed offered rate, the tunnel processes'
+       memory sampled throughout; each run checks that the traffic crossed the tunnel's
+       interface, and counts UDP receive-buffer drops in both pods;
+    d. Tencrypt on the first shape of a full run: a soak at the largest client count for six
+       run durations (60 s by default), its memory sampled, to show whether RSS stays flat;
+    e. detach;
+ 4. write CSV, markdown and PNG plots (bench/report.py), and print where.
+A progress line on stderr tells what runs, how far along and about how long is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import measure, peers, report
+from bench.report import OPENVPN, TENCRYPT, VANILLA, WIREGUARD, Run
+from tencrypt.errors import SetupError, UsageError
+from tencrypt.lab.cluster import Lab
+from tencrypt.lab.proxy import READY, proxies_in
+from tencrypt.lab.topology import Pod
+from tencrypt.linux import netns
+
+ORDER = [VANILLA, WIREGUARD, OPENVPN, TENCRYPT]
+DEFAULT_CLIENTS, DEFAULT_NODES = "1,5,10,20", "1,2"  # as declared in tencrypt/cli.py
+QUICK_DURATION, QUICK_CLIENTS = 3.0, [1, 10]
+CLIENT, SERVER = "nginx1", "nginx2"
+PING_INTERVAL = 0.05
+PACE_DAMPING = 30.0  # seconds
+SOAK_RUNS = 6  # soak length in run durations
+FAILURES = (measure.MeasureError, SetupError, subprocess.TimeoutExpired, OSError)
+
+
+@dataclass(slots=True)
+class Plan:
+    systems: list[str]
+    clients: list[int]
+    nodes: list[int]
+    duration: float
+    udp_rate: str
+    out: Path
+    name: str
+    quick: bool
+    ping_count: int = 20
+    rr_seconds: float = 3.0
+    soak_seconds: float = 0.0
+
+    @property
+    def prefix(self) -> str:
+        return "quick" if self.quick else "latest"
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(f"--{what}: expected comma-separated numbers, not {text!r}") from None
+    if not values or values[0] < 1:
+        raise UsageError(f"--{what}: expected positive numbers, not {text!r}")
+    return values
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(ORDER)
+    if unknown or not systems:
+        raise UsageError(f"--systems: unknown {sorted(unknown)} (choose from {', '.join(ORDER)})")
+    nodes = _ints(args.nodes, "nodes")
+    if set(nodes) - {1, 2}:
+        raise UsageError("--nodes: 1, 2 or 1,2")
+    if not args.duration > 0:
+        raise UsageError("--duration must be positive")
+    if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", args.udp_rate):
+        raise UsageError(f"--udp-rate: a rate as iperf3 takes it (e.g. 500M, 1G), not "
+                         f"{args.udp_rate!r}")
+    plan = Plan(systems=[s for s in ORDER if s in systems], clients=_ints(args.clients, "clients"),
+                nodes=nodes, duration=args.duration, udp_rate=args.udp_rate, out=Path(args.out),
+                name=args.name, quick=args.quick)
+    if args.quick:
+        plan.duration = min(plan.duration, QUICK_DURATION)
+        plan.clients = QUICK_CLIENTS if args.clients == DEFAULT_CLIENTS else plan.clients
+        plan.nodes = [1] if args.nodes == DEFAULT_NODES else plan.nodes
+        plan.ping_count, plan.rr_seconds = 10, 1.0
+    else:
+        plan.soak_seconds = SOAK_RUNS * plan.duration
+    return plan
+
+
+# --- progress ------------------------------------------------------------------------------
+
+
+class Progress:
+    """One line on stderr: step k of n, what runs, elapsed and an estimate of what is left
+    (the plan's nominal seconds, scaled by how the finished steps actually went)."""
+
+    def __init__(self, estimates: list[float]) -> None:
+        self.estimates, self.index, self.started = estimates, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.line = ""
+
+    def step(self, label: str) -> None:
+        self.index += 1
+        elapsed = time.monotonic() - self.started
+        done = sum(self.estimates[: self.index - 1])
+        # actual/nominal pace of the finished steps, damped so that the first steps (a set-up
+        # that took no time, a slow lab) do not swing the estimate
+        pace = (elapsed + PACE_DAMPING) / (done + PACE_DAMPING)
+        left = sum(self.estimates[self.index - 1:]) * pace
+        n = len(self.estimates)
+        self.line = (f"bench [{min(self.index, n):>2}/{n}] {label} · {_clock(elapsed)} elapsed"
+                     f" · ~{_clock(left)} left")
+        self._draw()
+
+    def say(self, text: str) -> None:
+        self.clear()
+        print(text, file=sys.stderr, flush=True)
+        if self.tty and self.line:
+            self._draw()
+
+    def clear(self) -> None:
+        if self.tty and self.line:
+            sys.stderr.write("\r\033[K")
+
+    def _draw(self) -> None:
+        sys.stderr.write(f"\r\033[K{self.line}" if self.tty else f"{self.line}\n")
+        sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
+    """Nominal seconds of each step of one system on one lab shape, in the order they run."""
+    steps = [8.0, plan.ping_count * PING_INTERVAL + plan.rr_seconds + 2]  # attach, latency
+    steps += [plan.duration + 2] * len(plan.clients)
+    steps.append(plan.duration + 2)  # UDP
+    if system == TENCRYPT and first_shape and plan.soak_seconds:
+        steps.append(plan.soak_seconds + 2)
+    return steps
+
+
+def estimates(plan: Plan) -> list[float]:
+    return [seconds for index, _ in enumerate(plan.nodes) for system in plan.systems
+            for seconds in system_steps(plan, system, index == 0)]
+
+
+class BenchLab(Lab):
+    """The lab, its messages routed through the progress line."""
+
+    progress: Progress | None = None
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            self.progress.say(f"lab {self.name}: {text}")
+        else:
+            super().say(text)
+
+
+# --- attaching a system --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Target:
+    host: str  # where iperf3 and the request/response client connect
+    ping_host: str
+    iface: str | None  # the tunnel's interface in the client pod (None: no tunnel)
+    pids: Callable[[], list[int]]  # the tunnel's processes, for memory
+    note: str = ""
+
+
+def open_bench_ports(lab: Lab, pod: Pod) -> None:
+    """nginx2's Service gets the benchmark's ports, as kube-proxy would program a Service with
+    more ports: VIP:5201 tcp+udp (iperf3) and VIP:5202 tcp (request/response)."""
+    lines = ["*nat", ":BENCH-SERVICES - [0:0]", "-A PREROUTING -j BENCH-SERVICES",
+             "-A OUTPUT -j BENCH-SERVICES"]
+    for proto, port in (("tcp", measure.IPERF_PORT), ("udp", measure.IPERF_PORT),
+                        ("tcp", measure.RR_PORT)):
+        lines.append(f"-A BENCH-SERVICES -d {pod.vip}/32 -p {proto} -m {proto} --dport {port} "
+                     f"-j DNAT --to-destination {pod.ip}:{port}")
+    for node in lab.nodes.values():
+        netns.run(node.netns, ["iptables-restore", "--noflush"],
+                  input="\n".join([*lines, "COMMIT", ""]))
+
+
+@contextlib.contextmanager
+def attach(system: str, lab: Lab, a: Pod, b: Pod) -> Iterator[Target]:
+    if system == VANILLA:
+        yield Target(b.vip, b.ip, None, list, "Service VIP via kube-proxy DNAT; ping to the "
+                                              "pod IP (a VIP answers no ICMP)")
+    elif system in (WIREGUARD, OPENVPN):
+        up = peers.wireguard_up if system == WIREGUARD else peers.openvpn_up
+        tun = up(a, b, netns.unique_suffix())
+        try:
+            yield Target(tun.server_addr, tun.server_addr, tun.client_if, tun.pids,
+                         f"{tun.note}; UDP socket buffers forced to {peers.BUFFER_BYTES >> 20} "
+                         f"MiB (SO_RCVBUF reads {sorted(set(tun.rcvbuf))})")
+        finally:
+            tun.stop()
+    else:
+        try:
+            for pod in (a, b):
+                lab.patch(pod.name)
+            yield Target(b.vip, b.vip, "tenc0", lambda: proxies_in(a.netns) + proxies_in(b.netns),
+                         _ready_line(lab, a))
+        finally:
+            for pod in (b, a):
+                with contextlib.suppress(SetupError, OSError, subprocess.TimeoutExpired):
+                    lab.unpatch(pod.name)
+
+
+def _ready_line(lab: Lab, pod: Pod) -> str:
+    try:
+        text = lab.log_file(f"{pod.name}.tencrypt").read_text(errors="replace")
+    except OSError:
+        return ""
+    return next((line.strip() for line in text.splitlines() if READY in line), "")
+
+
+# --- measuring a system --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Bench:
+    plan: Plan
+    run: Run
+    progress: Progress
+    logs: Path
+    first_shape: bool = True
+    failed: list[str] = field(default_factory=list)
+
+    def attempt(self, nodes: int, system: str, what: str, fn: Callable[[], None]) -> None:
+        """Run one measurement; a failure is reported and the next measurement goes on."""
+        try:
+            fn()
+        except FAILURES as exc:
+            message = f"{_shape(nodes)}, {system}, {what}: {_oneline(exc)}"
+            self.run.errors.append(message)
+            self.progress.say(f"bench: FAILED {message}")
+
+    def shape(self, nodes: int) -> None:
+        lab = BenchLab(self.plan.name, nodes=nodes)
+        lab.progress = self.progress
+        try:
+            lab.up()
+            a, b = lab.pods[CLIENT], lab.pods[SERVER]
+            open_bench_ports(lab, b)
+            for system in self.plan.systems:
+                end = self.progress.index + len(system_steps(self.plan, system, self.first_shape))
+                self.progress.step(f"{_shape(nodes)} · {system} · setting up")
+                self.attempt(nodes, system, "set-up", lambda s=system: self.system(lab, s, a, b))
+                self.progress.index = end  # a system that failed early skips its other steps
+        finally:
+            with _no_interrupts():
+                lab.down()
+        self.first_shape = False
+
+    def system(self, lab: Lab, system: str, a: Pod, b: Pod) -> None:
+        nodes, label = len(lab.nodes), f"{_shape(len(lab.nodes))} · {system}"
+        with attach(system, lab, a, b) as target, \
+                measure.rr_server(b.netns, self.logs / "rr.log"):
+            self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
+            measure.wait_reachable(a.netns, target.host)
+            self.progress.step(f"{label} · ping, request/response")
+            self.attempt(nodes, system, "ping", lambda: self.ping(nodes, system, a, target))
+            self.attempt(nodes, system, "request/response",
+                         lambda: self.rr(nodes, system, a, target))
+            with measure.MemorySampler(target.pids) as memory:
+                for clients in self.plan.clients:
+                    self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
+                    self.attempt(nodes, system, f"TCP ×{clients}",
+                                 lambda c=clients: self.iperf(nodes, system, a, b, target, c))
+                self.progress.step(f"{label} · UDP at {self.plan.udp_rate}bit/s")
+                self.attempt(nodes, system, "UDP", lambda: self.iperf(nodes, system, a, b, target))
+            if memory.result.peak_mb:
+                self.run.add(nodes, system, "memory", 0, "idle_mb", memory.result.idle_mb, "MB")
+                self.run.add(nodes, system, "memory", 0, "peak_mb", memory.result.peak_mb, "MB")
+            if system == TENCRYPT and self.first_shape and self.plan.soak_seconds:
+                self.progress.step(f"{label} · soak ×{max(self.plan.clients)} "
+                                   f"({self.plan.soak_seconds:g} s)")
+                self.attempt(nodes, system, "soak", lambda: self.soak(nodes, system, a, b, target))
+
+    def ping(self, nodes: int, system: str, a: Pod, target: Target) -> None:
+        p = measure.ping(a.netns, target.ping_host, self.plan.ping_count, PING_INTERVAL)
+        for metric, value in (("p50_ms", p.p50_ms), ("avg_ms", p.avg_ms), ("min_ms", p.min_ms),
+                              ("max_ms", p.max_ms), ("mdev_ms", p.mdev_ms)):
+            self.run.add(nodes, system, "ping", 1, metric, value, "ms")
+        self.run.add(nodes, system, "ping", 1, "loss_pct",
+                     100.0 * (p.sent - p.received) / p.sent, "%")
+
+    def rr(self, nodes: int, system: str, a: Pod, target: Target) -> None:
+        r = measure.request_response(a.netns, target.host, self.plan.rr_seconds)
+        self.run.add(nodes, system, "rr", 1, "rate", r.rate, "1/s")
+        self.run.add(nodes, system, "rr", 1, "p50_us", r.p50_us, "µs")
+        self.run.add(nodes, system, "rr", 1, "p99_us", r.p99_us, "µs")
+
+    def iperf(self, nodes: int, system: str, a: Pod, b: Pod, target: Target,
+              clients: int | None = None) -> measure.Iperf:
+        """One iperf3 run (TCP with ``clients`` streams, else UDP), recorded."""
+        namespaces = [a.netns, b.netns]
+        drops = measure.udp_rcvbuf_errors(namespaces)
+        carried = measure.iface_bytes(a.netns, target.iface) if target.iface else 0
+        udp = None if clients else self.plan.udp_rate
+        result = measure.iperf(a.netns, b.netns, target.host, self.plan.duration,
+                               self.logs / "iperf3.log", parallel=clients or 1, udp_rate=udp)
+        drops = measure.udp_rcvbuf_errors(namespaces) - drops
+        if target.iface:
+            carried = measure.iface_bytes(a.netns, target.iface) - carried
+            if carried < 0.9 * result.mbytes * 1e6:
+                raise measure.MeasureError(f"only {carried / 1e6:.1f} MB crossed {target.iface} "
+                                           f"for {result.mbytes:.1f} MB received: not tunnelled")
+        test, n = ("tcp", clients) if clients else ("udp", 1)
+        self.run.add(nodes, system, test, n, "throughput", result.gbps, "Gbit/s")
+        self.run.add(nodes, system, test, n, "udp_rcvbuf_errors", drops, "datagrams")
+        if target.iface:
+            self.run.add(nodes, system, test, n, "tunnel_mb", carried / 1e6, "MB")
+        self.run.add(nodes, system, test, n, "received_mb", result.mbytes, "MB")
+        if clients:
+            self.run.add(nodes, system, test, n, "retransmits", result.retransmits, "segments")
+        else:
+            self.run.add(nodes, system, test, n, "offered", _rate_gbps(self.plan.udp_rate),
+                         "Gbit/s")
+            self.run.add(nodes, system, test, n, "sent", result.sent_gbps, "Gbit/s")
+            self.run.add(nodes, system, test, n, "loss_pct", result.lost_pct, "%")
+            self.run.add(nodes, system, test, n, "lost", result.lost, "datagrams")
+            self.run.add(nodes, system, test, n, "jitter_ms", result.jitter_ms, "ms")
+        return result
+
+    def soak(self, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
+        seconds, clients = self.plan.soak_seconds, max(self.plan.clients)
+        window = seconds / SOAK_RUNS
+        with measure.MemorySampler(target.pids) as memory:
+            result = measure.iperf(a.netns, b.netns, target.host, seconds,
+                                   self.logs / "iperf3.log", parallel=clients)
+        samples = memory.result.samples
+        end = samples[-1][0] if samples else seconds
+        self.run.add(nodes, system, "soak", 0, "seconds", seconds, "s")
+        self.run.add(nodes, system, "soak", 0, "clients", clients, "streams")
+        self.run.add(nodes, system, "soak", 0, "throughput", result.gbps, "Gbit/s")
+        self.run.add(nodes, system, "soak", 0, "first_mb",
+                     measure.window_max(samples, 0, window), "MB")
+        self.run.add(nodes, system, "soak", 0, "last_mb",
+                     measure.window_max(samples, end - window, end + 1), "MB")
+        self.run.add(nodes, system, "soak", 0, "peak_mb", memory.result.peak_mb, "MB")
+
+
+def _rate_gbps(rate: str) -> float:
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(rate[-1], 1.0)
+    return float(rate.rstrip("KMG")) * scale / 1e9
+
+
+def _shape(nodes: int) -> str:
+    return "1 node" if nodes == 1 else f"{nodes} nodes"
+
+
+def _oneline(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:400]
+
+
+@contextlib.contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C (or SIGTERM) waits until it has."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# --- the run as a whole --------------------------------------------------------------------
+
+
+def describe(plan: Plan) -> Run:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+                platform.machine())
+    run = Run(date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+              cores=os.cpu_count() or 0, machine=f"{cpu}, Linux {platform.release()}")
+    run.settings = (f"{'quick' if plan.quick else 'full'} run; iperf3 runs of "
+                    f"{plan.duration:g} s; TCP clients {', '.join(map(str, plan.clients))}; UDP "
+                    f"offered {plan.udp_rate}bit/s; ping {plan.ping_count}× every "
+                    f"{PING_INTERVAL * 1000:g} ms; request/response {plan.rr_seconds:g} s")
+    first = subprocess.run(["iperf3", "--version"], capture_output=True, text=True,
+                           check=False).stdout.split("\n", 1)[0]
+    run.versions["iperf3"] = first.removeprefix("iperf ").split(" ")[0]
+    run.versions["tencrypt"] = _git_describe()
+    run.versions["python"] = platform.python_version()
+    return run
+
+
+def _git_describe() -> str:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True, check=False)
+    return proc.stdout.strip() or "unknown"
+
+
+def main(args: argparse.Namespace) -> int:
+    plan = build_plan(args)
+    if os.geteuid() != 0:
+        raise UsageError("bench builds network namespaces: run it as root")
+    run = describe(plan)
+    progress = Progress([])
+    logs = Path(tempfile.mkdtemp(prefix="tencrypt-bench-logs-"))
+    bench = Bench(plan, run, progress, logs)
+    old_term = (signal.signal(signal.SIGTERM, _interrupt)
+                if threading.current_thread() is threading.main_thread() else None)
+    load_start = os.getloadavg()[0]
+    interrupted = False
+    try:
+        _install(plan, run, progress)
+        progress.estimates, progress.started = estimates(plan), time.monotonic()
+        for nodes in plan.nodes:
+            bench.shape(nodes)
+    except KeyboardInterrupt:
+        interrupted = True
+        run.errors.append("interrupted (Ctrl-C or SIGTERM): the figures above are partial")
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        shutil.rmtree(logs, ignore_errors=True)
+        progress.clear()
+    run.notes.insert(0, f"Taken while other work shared the machine: 1-minute load average "
+                        f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+                        f"({run.cores} cores).")
+    paths = report.write_all(run, plan.out, plan.prefix)
+    print(f"bench: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    for error in run.errors:
+        print(f"bench: failed: {error}", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if run.errors else 0
+
+
+def _install(plan: Plan, run: Run, progress: Progress) -> None:
+    wanted = [s for s in plan.systems if s in peers.TOOLS]
+    try:
+        peers.ensure_tools(wanted, lambda text: progress.say(f"bench: {text}"))
+    except (SetupError, subprocess.TimeoutExpired) as exc:
+        for system in wanted:
+            if peers.missing_packages([system]):
+                plan.systems.remove(system)
+                run.errors.append(f"{system}: not measured: {_oneline(exc)}")
+    for system in wanted:
+        if system in plan.systems:
+            run.versions[system] = peers.version(system)

@@ -1,0 +1,351 @@
+"""What the benchmark measures, one function per measurement, each bounded in time.
+
+Rules:
+- Every program runs inside a lab namespace (``ip netns exec``); the client in the first pod,
+  the server in the second. Nothing here reaches any other address.
+- Every run is bounded twice: by its own duration (``iperf3 -t``, ``ping -c``, the request/
+  response client's seconds) and by a subprocess timeout a little longer than that.
+- A server is started for one run only (``iperf3 -s -1``) and always stopped afterwards, so a
+  run that went wrong never leaves a confused server behind for the next one.
+- Parsers (``parse_*``) are pure: text in, a record out, ``MeasureError`` for output that does
+  not hold the figures (a failed run is reported as such, never as a zero).
+- Memory is read from ``/proc/<pid>/status`` (VmRSS now, VmHWM the peak since start) by a
+  sampler thread, the only thread the benchmark starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tencrypt.linux import netns
+
+IPERF_PORT = 5201
+RR_PORT = 5202
+UDP_PAYLOAD = 1200  # bytes per UDP datagram: fits every tunnel's MTU on both lab shapes
+SLACK = 30.0  # seconds a run may take beyond its nominal duration on a loaded machine
+START_TIMEOUT = 15.0  # seconds for a server to listen
+
+
+class MeasureError(Exception):
+    """A measurement that did not produce its figures (the message says why)."""
+
+
+@dataclass(slots=True)
+class Iperf:
+    gbps: float  # received at the server, Gbit/s
+    mbytes: float  # received at the server, MB (10**6 bytes)
+    retransmits: int = 0  # TCP
+    lost: int = 0  # UDP datagrams
+    packets: int = 0  # UDP datagrams sent
+    lost_pct: float = 0.0
+    jitter_ms: float = 0.0
+    sent_gbps: float = 0.0  # what the client managed to send (UDP: below the offered rate
+    #                         when the sender itself is the bottleneck)
+
+
+@dataclass(slots=True)
+class Ping:
+    sent: int
+    received: int
+    min_ms: float
+    avg_ms: float
+    max_ms: float
+    mdev_ms: float
+    p50_ms: float  # median of the replies: what one outlier on a shared machine cannot move
+
+
+@dataclass(slots=True)
+class RequestResponse:
+    transactions: int
+    seconds: float
+    p50_us: float
+    p99_us: float
+
+    @property
+    def rate(self) -> float:
+        return self.transactions / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class MemoryPeak:
+    idle_mb: float = 0.0  # VmRSS of the largest process when sampling started
+    peak_mb: float = 0.0  # largest VmHWM seen
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds, max VmRSS MB)
+
+
+# --- parsers (pure) ------------------------------------------------------------------------
+
+
+def parse_iperf(text: str) -> Iperf:
+    """The figures of an ``iperf3 -J`` run (TCP or UDP), as the server received them."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MeasureError(f"iperf3 printed no JSON: {text[:200]!r}") from exc
+    if data.get("error"):
+        raise MeasureError(f"iperf3: {data['error']}")
+    end = data.get("end") or {}
+    received, sent = end.get("sum_received"), end.get("sum_sent") or end.get("sum") or {}
+    if not received or "bits_per_second" not in received:
+        raise MeasureError("iperf3 JSON has no end.sum_received")
+    result = Iperf(gbps=received["bits_per_second"] / 1e9, mbytes=received["bytes"] / 1e6,
+                   retransmits=int(sent.get("retransmits", 0)),
+                   sent_gbps=sent.get("bits_per_second", 0.0) / 1e9)
+    if "lost_packets" in received:  # UDP: loss as the server counted it
+        result.lost, result.packets = int(received["lost_packets"]), int(received["packets"])
+        result.lost_pct = float(received.get("lost_percent", 0.0))
+        result.jitter_ms = float(received.get("jitter_ms", 0.0))
+    return result
+
+
+PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+PING_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
+PING_REPLY = re.compile(r"icmp_seq=\d+ .*time=([\d.]+) ms")
+
+
+def parse_ping(text: str) -> Ping:
+    """iputils ``ping`` output: one line per reply, then the summary lines."""
+    counts, rtt = PING_SUMMARY.search(text), PING_RTT.search(text)
+    if not counts:
+        raise MeasureError(f"ping printed no summary: {text[-200:]!r}")
+    times = sorted(float(t) for t in PING_REPLY.findall(text))
+    if not rtt or not times:
+        raise MeasureError(f"ping: no reply ({counts.group(0)})")
+    low, avg, high, mdev = (float(g) for g in rtt.groups())
+    return Ping(int(counts.group(1)), int(counts.group(2)), low, avg, high, mdev,
+                times[len(times) // 2])
+
+
+def parse_rr(text: str) -> RequestResponse:
+    try:
+        data = json.loads(text.strip().splitlines()[-1])
+        return RequestResponse(int(data["transactions"]), float(data["seconds"]),
+                               float(data["p50_us"]), float(data["p99_us"]))
+    except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MeasureError(f"request/response client printed no result: {text[-200:]!r}") from exc
+
+
+def parse_status_kb(text: str, key: str) -> int | None:
+    """``VmRSS``/``VmHWM`` in kB from a ``/proc/<pid>/status`` text."""
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def parse_snmp_counter(text: str, proto: str, name: str) -> int:
+    """One counter of ``/proc/net/snmp`` (a header line then a value line per protocol)."""
+    lines = [line.split() for line in text.splitlines() if line.startswith(f"{proto}:")]
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if name in header:
+            return int(values[header.index(name)])
+    return 0
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+def _listening(ns: str, proto: str, port: int) -> bool:
+    flag = "-Hlnu" if proto == "udp" else "-Hlnt"
+    return bool(netns.run(ns, ["ss", flag, f"sport = :{port}"], check=False).stdout.strip())
+
+
+@contextmanager
+def server(ns: str, argv: list[str], port: int, log: Path, proto: str = "tcp") -> Iterator[None]:
+    """Run ``argv`` in ``ns`` while the block runs; wait until it listens on ``port``."""
+    proc = netns.spawn(ns, argv, log=log)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise MeasureError(f"{argv[0]} server exited ({proc.returncode}): "
+                                   f"{log.read_text(errors='replace')[-300:]}")
+            return _listening(ns, proto, port)
+
+        netns.wait_for(up, timeout=START_TIMEOUT, interval=0.05, what=f"{argv[0]} on :{port}")
+        yield
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- measurements --------------------------------------------------------------------------
+
+
+def iperf(client_ns: str, server_ns: str, host: str, duration: float, log: Path, *,
+          parallel: int = 1, udp_rate: str | None = None) -> Iperf:
+    """One iperf3 run: TCP with ``parallel`` streams, or UDP at ``udp_rate`` (one stream)."""
+    argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J",
+            "-P", str(parallel), "--connect-timeout", "10000"]
+    if udp_rate:
+        argv += ["-u", "-b", udp_rate, "-l", str(UDP_PAYLOAD)]
+    with server(server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], IPERF_PORT, log):
+        proc = netns.run(client_ns, argv, check=False, timeout=duration + SLACK)
+    return parse_iperf(proc.stdout)
+
+
+def ping(client_ns: str, host: str, count: int, interval: float = 0.05) -> Ping:
+    argv = ["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", "2", host]
+    proc = netns.run(client_ns, argv, check=False, timeout=count * interval + SLACK)
+    return parse_ping(proc.stdout)
+
+
+# A TCP request/response exchange of one byte each way (netperf's TCP_RR): one round trip per
+# transaction, so the rate is the inverse of the round-trip time through the whole path.
+RR_SERVER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        data = c.recv(64)
+        if not data:
+            break
+        c.sendall(data)
+    c.close()
+"""
+
+RR_CLIENT = r"""
+import json, socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.create_connection((host, port), timeout=5)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+clock, times = time.perf_counter_ns, []
+start = clock()
+deadline = start + int(seconds * 1e9)
+while True:
+    t0 = clock()
+    s.sendall(b"x")
+    if not s.recv(64):
+        raise SystemExit("server closed the connection")
+    t1 = clock()
+    times.append(t1 - t0)
+    if t1 >= deadline:
+        break
+times.sort()
+print(json.dumps({"transactions": len(times), "seconds": (t1 - start) / 1e9,
+                  "p50_us": times[len(times) // 2] / 1e3,
+                  "p99_us": times[min(len(times) - 1, len(times) * 99 // 100)] / 1e3}))
+"""
+
+
+@contextmanager
+def rr_server(server_ns: str, log: Path) -> Iterator[None]:
+    with server(server_ns, [sys.executable, "-I", "-c", RR_SERVER, str(RR_PORT)], RR_PORT, log):
+        yield
+
+
+def request_response(client_ns: str, host: str, seconds: float) -> RequestResponse:
+    argv = [sys.executable, "-I", "-c", RR_CLIENT, host, str(RR_PORT), f"{seconds:g}"]
+    proc = netns.run(client_ns, argv, check=False, timeout=seconds + SLACK)
+    if proc.returncode != 0:
+        raise MeasureError(f"request/response client failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()[-300:]}")
+    return parse_rr(proc.stdout)
+
+
+def wait_reachable(client_ns: str, host: str, timeout: float = 30.0) -> None:
+    """Poll short request/response exchanges until one completes (a tunnel's handshake, a
+    proxy's first classification happen here, outside the measured runs)."""
+
+    def reachable() -> bool:
+        try:
+            return request_response(client_ns, host, 0.05).transactions > 0
+        except (MeasureError, subprocess.TimeoutExpired):
+            return False
+
+    netns.wait_for(reachable, timeout=timeout, interval=0.2, what=f"{host}:{RR_PORT} to answer")
+
+
+# --- counters ------------------------------------------------------------------------------
+
+
+def udp_rcvbuf_errors(namespaces: list[str]) -> int:
+    """UDP datagrams dropped because a receive buffer was full, summed over ``namespaces``."""
+    total = 0
+    for ns in namespaces:
+        text = netns.run(ns, ["cat", "/proc/net/snmp"], check=False).stdout
+        total += parse_snmp_counter(text, "Udp", "RcvbufErrors")
+    return total
+
+
+def iface_bytes(ns: str, ifname: str) -> int:
+    """Bytes through ``ifname`` both ways (0 if it does not exist)."""
+    proc = netns.run(ns, ["ip", "-j", "-s", "link", "show", "dev", ifname], check=False)
+    try:
+        stats = json.loads(proc.stdout)[0]["stats64"]
+    except (json.JSONDecodeError, IndexError, KeyError):
+        return 0
+    return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+def status_kb(pid: int, key: str) -> int | None:
+    try:
+        return parse_status_kb(Path(f"/proc/{pid}/status").read_text(), key)
+    except OSError:
+        return None
+
+
+class MemorySampler:
+    """Samples VmRSS and VmHWM of the processes ``pids()`` returns, every ``interval`` s, in a
+    thread, while a ``with`` block runs. ``result`` holds the figures once the block ends."""
+
+    def __init__(self, pids: Callable[[], list[int]], interval: float = 0.5) -> None:
+        self.pids, self.interval = pids, interval
+        self.result = MemoryPeak()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._start = 0.0
+
+    def __enter__(self) -> MemorySampler:
+        self._start = time.monotonic()
+        rss = self._sample()
+        self.result.idle_mb = rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> float:
+        rss = hwm = 0.0
+        for pid in self.pids():
+            rss = max(rss, (status_kb(pid, "VmRSS") or 0) / 1024)
+            hwm = max(hwm, (status_kb(pid, "VmHWM") or 0) / 1024)
+        self.result.peak_mb = max(self.result.peak_mb, hwm)
+        self.result.samples.append((time.monotonic() - self._start, rss))
+        return rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+
+def window_max(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Largest RSS sampled in ``[start, end)`` seconds."""
+    values = [mb for t, mb in samples if start <= t < end]
+    return max(values) if values else 0.0
