@@ -336,21 +336,23 @@ class Bench:
         """One iperf3 run (TCP with ``clients`` streams, else UDP), recorded."""
         namespaces = [a.netns, b.netns]
         drops = measure.udp_rcvbuf_errors(namespaces)
-        carried = measure.iface_bytes(a.netns, target.iface) if target.iface else 0
+        before = measure.iface_counters(a.netns, target.iface) if target.iface else (0, 0)
         udp = None if clients else self.plan.udp_rate
         result = measure.iperf(a.netns, b.netns, target.host, self.plan.duration,
                                self.logs / "iperf3.log", parallel=clients or 1, udp_rate=udp)
         drops = measure.udp_rcvbuf_errors(namespaces) - drops
+        test, n = ("tcp", clients) if clients else ("udp", 1)
         if target.iface:
-            carried = measure.iface_bytes(a.netns, target.iface) - carried
+            after = measure.iface_counters(a.netns, target.iface)
+            carried = after[0] - before[0]
             if carried < 0.9 * result.mbytes * 1e6:
                 raise measure.MeasureError(f"only {carried / 1e6:.1f} MB crossed {target.iface} "
                                            f"for {result.mbytes:.1f} MB received: not tunnelled")
-        test, n = ("tcp", clients) if clients else ("udp", 1)
+            self.run.add(nodes, system, test, n, "tunnel_mb", carried / 1e6, "MB")
+            self.run.add(nodes, system, test, n, "tunnel_if_drops", after[1] - before[1],
+                         "packets")
         self.run.add(nodes, system, test, n, "throughput", result.gbps, "Gbit/s")
         self.run.add(nodes, system, test, n, "udp_rcvbuf_errors", drops, "datagrams")
-        if target.iface:
-            self.run.add(nodes, system, test, n, "tunnel_mb", carried / 1e6, "MB")
         self.run.add(nodes, system, test, n, "received_mb", result.mbytes, "MB")
         if clients:
             self.run.add(nodes, system, test, n, "retransmits", result.retransmits, "segments")

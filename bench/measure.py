@@ -288,14 +288,16 @@ def udp_rcvbuf_errors(namespaces: list[str]) -> int:
     return total
 
 
-def iface_bytes(ns: str, ifname: str) -> int:
-    """Bytes through ``ifname`` both ways (0 if it does not exist)."""
+def iface_counters(ns: str, ifname: str) -> tuple[int, int]:
+    """(bytes both ways, packets dropped both ways) of ``ifname``; (0, 0) if it is missing.
+    A TUN device whose reader falls behind drops at its queue: that loss shows here."""
     proc = netns.run(ns, ["ip", "-j", "-s", "link", "show", "dev", ifname], check=False)
     try:
         stats = json.loads(proc.stdout)[0]["stats64"]
-    except (json.JSONDecodeError, IndexError, KeyError):
-        return 0
-    return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+        rx, tx = stats["rx"], stats["tx"]
+        return int(rx["bytes"]) + int(tx["bytes"]), int(rx["dropped"]) + int(tx["dropped"])
+    except (json.JSONDecodeError, IndexError, KeyError, TypeError, ValueError):
+        return 0, 0
 
 
 # --- memory --------------------------------------------------------------------------------

@@ -186,11 +186,12 @@ def render_udp(run: Run, nodes: int) -> list[str]:
             continue
         rows.append([s, *(fmt(run.get(nodes, s, "udp", 1, k)) for k in ("offered", "sent")),
                      cell(run, got), *(fmt(run.get(nodes, s, "udp", 1, k))
-                                       for k in ("loss_pct", "jitter_ms", "udp_rcvbuf_errors"))])
+                                       for k in ("loss_pct", "jitter_ms", "udp_rcvbuf_errors",
+                                                 "tunnel_if_drops"))])
     if not rows:
         return []
     header = ["System", "offered Gbit/s", "sent Gbit/s", "received Gbit/s", "loss %",
-              "jitter ms", "rcvbuf drops"]
+              "jitter ms", "UDP rcvbuf drops (both pods)", "tunnel interface drops (client)"]
     return ["### UDP at a fixed offered rate (iperf3 -u, one stream, 1200-byte datagrams)", "",
             *table(header, rows)]
 
@@ -201,10 +202,9 @@ def render_latency(run: Run, nodes: int) -> list[str]:
         ping, rr = find(run, nodes, s, "ping", 1, "p50_ms"), find(run, nodes, s, "rr", 1, "rate")
         if ping is None and rr is None:
             continue
-        rows.append([s, cell(run, ping, ratios=False, delta=True),
+        rows.append([s, cell(run, ping, delta=True),
                      *(fmt(run.get(nodes, s, "ping", 1, k)) for k in ("avg_ms", "min_ms")),
-                     cell(run, rr), cell(run, find(run, nodes, s, "rr", 1, "p50_us"),
-                                         ratios=False, delta=True),
+                     cell(run, rr), cell(run, find(run, nodes, s, "rr", 1, "p50_us"), delta=True),
                      fmt(run.get(nodes, s, "rr", 1, "p99_us"))])
     if not rows:
         return []
@@ -220,7 +220,7 @@ def render_memory(run: Run, nodes: int) -> list[str]:
         peak = find(run, nodes, s, "memory", 0, "peak_mb")
         if peak is None:
             continue
-        rows.append([s, fmt(run.get(nodes, s, "memory", 0, "idle_mb")), fmt(peak.value),
+        rows.append([s, fmt(run.get(nodes, s, "memory", 0, "idle_mb")), cell(run, peak),
                      *(fmt(run.get(nodes, s, "soak", 0, k))
                        for k in ("first_mb", "last_mb", "seconds"))])
     if not rows:
@@ -291,9 +291,9 @@ def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
         lines += [f"Settings: {run.settings}.", ""]
     if run.versions:
         lines += ["Versions: " + "; ".join(f"{k} {v}" for k, v in run.versions.items()) + ".", ""]
-    lines += ["Every figure in parentheses is a ratio to the same figure of vanilla and of "
-              "wireguard-go (wg) measured in the same run on the same lab; latencies give the "
-              "difference to vanilla instead.", ""]
+    lines += ["In parentheses: the ratio to the same figure of vanilla and of wireguard-go (wg) "
+              "measured in the same run on the same lab, and for latencies also the difference "
+              "to vanilla. The CSV gives both ratios for every figure.", ""]
     for note in run.notes:
         lines.append(f"- {note}")
     if run.notes:

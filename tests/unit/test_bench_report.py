@@ -104,6 +104,14 @@ def test_tcp_table_has_a_row_per_system_and_a_column_per_client_count() -> None:
     assert rows[WIREGUARD][1] == "1 (0.025× vanilla)"
 
 
+def test_latency_table_gives_what_a_tunnel_adds_and_the_ratios() -> None:
+    rows = table_rows(report.render_markdown(sample_run()), "Round trip")
+    assert rows[TENCRYPT][0] == "0.25 (+0.2 vs vanilla, 5× vanilla, 0.833× wg)"
+    assert rows[TENCRYPT][4] == "700 (+670 vs vanilla, 23.3× vanilla)"
+    assert rows[VANILLA][0] == "0.05 (0.167× wg)"
+    assert OPENVPN not in rows  # nothing measured, no row
+
+
 def test_markdown_states_date_cores_and_judges_the_targets() -> None:
     md = report.render_markdown(sample_run(), plots={1: "latest-tcp-1node.png"})
     assert "Date: 2026-01-02 03:04 UTC. Machine: 2 cores, Test CPU, Linux 6.1." in md
