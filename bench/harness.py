@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from bench import measure, peers, report
@@ -266,7 +267,7 @@ class Bench:
     first_shape: bool = True
     failed: list[str] = field(default_factory=list)
 
-    def attempt(self, nodes: int, system: str, what: str, fn: Callable[[], None]) -> None:
+    def attempt(self, nodes: int, system: str, what: str, fn: Callable[[], object]) -> None:
         """Run one measurement; a failure is reported and the next measurement goes on."""
         try:
             fn()
@@ -285,7 +286,7 @@ class Bench:
             for system in self.plan.systems:
                 end = self.progress.index + len(system_steps(self.plan, system, self.first_shape))
                 self.progress.step(f"{_shape(nodes)} · {system} · setting up")
-                self.attempt(nodes, system, "set-up", lambda s=system: self.system(lab, s, a, b))
+                self.attempt(nodes, system, "set-up", partial(self.system, lab, system, a, b))
                 self.progress.index = end  # a system that failed early skips its other steps
         finally:
             with _no_interrupts():
@@ -299,23 +300,23 @@ class Bench:
             self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
             measure.wait_reachable(a.netns, target.host)
             self.progress.step(f"{label} · ping, request/response")
-            self.attempt(nodes, system, "ping", lambda: self.ping(nodes, system, a, target))
+            self.attempt(nodes, system, "ping", partial(self.ping, nodes, system, a, target))
             self.attempt(nodes, system, "request/response",
-                         lambda: self.rr(nodes, system, a, target))
+                         partial(self.rr, nodes, system, a, target))
             with measure.MemorySampler(target.pids) as memory:
                 for clients in self.plan.clients:
                     self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
                     self.attempt(nodes, system, f"TCP ×{clients}",
-                                 lambda c=clients: self.iperf(nodes, system, a, b, target, c))
+                                 partial(self.iperf, nodes, system, a, b, target, clients))
                 self.progress.step(f"{label} · UDP at {self.plan.udp_rate}bit/s")
-                self.attempt(nodes, system, "UDP", lambda: self.iperf(nodes, system, a, b, target))
+                self.attempt(nodes, system, "UDP", partial(self.iperf, nodes, system, a, b, target))
             if memory.result.peak_mb:
                 self.run.add(nodes, system, "memory", 0, "idle_mb", memory.result.idle_mb, "MB")
                 self.run.add(nodes, system, "memory", 0, "peak_mb", memory.result.peak_mb, "MB")
             if system == TENCRYPT and self.first_shape and self.plan.soak_seconds:
                 self.progress.step(f"{label} · soak ×{max(self.plan.clients)} "
                                    f"({self.plan.soak_seconds:g} s)")
-                self.attempt(nodes, system, "soak", lambda: self.soak(nodes, system, a, b, target))
+                self.attempt(nodes, system, "soak", partial(self.soak, nodes, system, a, b, target))
 
     def ping(self, nodes: int, system: str, a: Pod, target: Target) -> None:
         p = measure.ping(a.netns, target.ping_host, self.plan.ping_count, PING_INTERVAL)

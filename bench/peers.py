@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import datetime
+import functools
 import hashlib
 import os
 import shutil
@@ -135,7 +136,7 @@ def version(system: str) -> str:
 
 
 def _udp_inodes(pid: int) -> set[str]:
-    inodes = set()
+    inodes: set[str] = set()
     for table in ("udp", "udp6"):
         try:
             lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
@@ -214,8 +215,7 @@ def wireguard_up(a: Pod, b: Pod, suffix: str) -> Tunnel:
             proc = netns.spawn(pod.netns, ["wireguard-go", "-f", ifname], log=log,
                                env={"WG_PROCESS_FOREGROUND": "1"})
             tun.procs.append(proc)
-            _wait(lambda p=proc, f=log, s=sock: _alive(p, f) and s.exists(),
-                  f"wireguard-go {ifname}")
+            _wait(functools.partial(_wg_started, proc, log, sock), f"wireguard-go {ifname}")
             key = _secret(tun.workdir / f"{pod.name}.key", keys[pod.name][0] + "\n")
             netns.run(pod.netns, ["wg", "set", ifname, "private-key", str(key),
                                   "listen-port", str(WG_PORT), "peer", keys[peer.name][1],
@@ -228,6 +228,10 @@ def wireguard_up(a: Pod, b: Pod, suffix: str) -> Tunnel:
         tun.stop()
         raise
     return tun
+
+
+def _wg_started(proc: subprocess.Popen[bytes], log: Path, sock: Path) -> bool:
+    return _alive(proc, log) and sock.exists()
 
 
 # --- OpenVPN -------------------------------------------------------------------------------
@@ -278,15 +282,18 @@ def openvpn_up(a: Pod, b: Pod, suffix: str) -> Tunnel:
             tun.procs.append(netns.spawn(pod.netns, argv, log=log))
             logs.append(log)
         for proc, log in zip(tun.procs, logs, strict=True):
-            _wait(lambda p=proc, f=log: _alive(p, f) and
-                  "Initialization Sequence Completed" in f.read_text(errors="replace"),
-                  f"OpenVPN ({log.name})")
+            _wait(functools.partial(_openvpn_started, proc, log), f"OpenVPN ({log.name})")
         tun.note = f"MTU {mtu}, " + _negotiated_cipher(logs[1])
         tun.rcvbuf = [n for p in tun.procs for n in force_socket_buffers(p.pid)]
     except BaseException:
         tun.stop()
         raise
     return tun
+
+
+def _openvpn_started(proc: subprocess.Popen[bytes], log: Path) -> bool:
+    return _alive(proc, log) and "Initialization Sequence Completed" in log.read_text(
+        errors="replace")
 
 
 def _negotiated_cipher(log: Path) -> str:
