@@ -138,7 +138,8 @@ class Proxy:
                 continue
             if buf[9] == 6:
                 rewrite_tcp_mss(buf, mtu - 40)
-            self.flows.rewrite_outbound(buf, now)
+            if not self.flows.rewrite_outbound(buf, now):
+                continue  # malformed: counted by the flow table
             self._dispatch(socket.inet_ntoa(buf[16:20]), buf, now, wall)
         self._flush()
 
