@@ -3,13 +3,16 @@
 The infrastructure container holds the pod's network namespace. This entry point decides,
 once, at start:
 
-1. **No NET_ADMIN** in the effective capability set (the normal case: the runtime did not
-   grant it), or ``TENCRYPT_DISABLE=1``, or no project key: become the original pod binary
+1. **No NET_ADMIN or no NET_RAW** in the effective capability set (the normal case: the
+   runtime did not grant them; the proxy needs both: tenc0 and routes, raw-socket injection), or ``TENCRYPT_DISABLE=1``, or no project key: become the original pod binary
    (``exec`` of ``TENCRYPT_ORIGINAL_ENTRYPOINT``, default ``/usr/bin/pod``, with this
    process's arguments). From then on it *is* the original: it sleeps until signalled. If the
    original binary is missing, sleep until SIGTERM/SIGINT here, and exit 0, as it would.
-2. **NET_ADMIN and a key**: ``tencrypt setup`` in this namespace, then supervise
-   ``tencrypt run --psk-file FILE`` (restarted with a capped backoff if it dies). On SIGTERM or
+2. **NET_ADMIN, NET_RAW and a key**: create ``/dev/net/tun`` if the runtime left it out, then
+   ``tencrypt setup`` in this namespace, then supervise
+   ``tencrypt run --psk-file FILE``. If it dies, the setup is undone at once (Service traffic
+   must not stay routed into a tenc0 nobody reads) and redone before a restart with a capped
+   backoff. On SIGTERM or
    SIGINT: stop the proxy, ``tencrypt setup --undo``, exit 0. If setup fails the pod keeps
    working unencrypted (the failure is logged) unless ``TENCRYPT_REQUIRED=1``, which makes it
    exit 1 so the runtime restarts the sandbox instead.
@@ -31,13 +34,17 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
 
 CAP_NET_ADMIN = 12  # linux/capability.h
+CAP_NET_RAW = 13  # linux/capability.h
+NEEDED_CAPS = {"NET_ADMIN": CAP_NET_ADMIN, "NET_RAW": CAP_NET_RAW}  # tenc0 + routes; raw inject
 DEFAULT_PSK_FILE = "/etc/tencrypt/PROJECT_PSK"
 MAX_BACKOFF = 30.0
+TUN_DEVICE = "/dev/net/tun"
 
 
 class Stop(Exception):
@@ -78,6 +85,21 @@ def key_file() -> str | None:
     return target
 
 
+def ensure_tun_device() -> None:
+    """Container runtimes do not put /dev/net/tun in a container unless asked (``--device``),
+    but their default device cgroup allows it (runc's and crun's default rules include
+    c 10:200): make the node if it is missing. That needs CAP_MKNOD, a default capability of
+    Docker but not of podman 4 or CRI-O: there, give the device (``--device /dev/net/tun``)."""
+    if os.path.exists(TUN_DEVICE):
+        return
+    try:
+        os.makedirs(os.path.dirname(TUN_DEVICE), exist_ok=True)
+        os.mknod(TUN_DEVICE, 0o600 | stat.S_IFCHR, os.makedev(10, 200))  # linux/miscdevice.h
+        say(f"created {TUN_DEVICE}")
+    except OSError as exc:
+        say(f"cannot create {TUN_DEVICE} ({exc.strerror}): give the container the device")
+
+
 def be_original(argv: list[str]) -> None:
     """Become the original pod binary; without one, sleep until signalled and exit 0."""
     original = os.environ.get("TENCRYPT_ORIGINAL_ENTRYPOINT", "/usr/bin/pod")
@@ -93,26 +115,21 @@ def on_signal(signum: int, frame: object) -> None:
     raise Stop
 
 
-def supervise(cmd: list[str], psk: str) -> None:
-    """Run the proxy until told to stop; restart it if it dies; reap every child."""
+def run_proxy(cmd: list[str], psk: str) -> int:
+    """Run the proxy until it exits (its exit code) or a signal comes (Stop, proxy stopped);
+    reap every child meanwhile, as PID 1 must."""
     run = [*cmd, "run", "--psk-file", psk, *shlex.split(os.environ.get("TENCRYPT_RUN_ARGS", ""))]
-    backoff = 1.0
-    while True:
-        started = time.monotonic()
-        proxy = subprocess.Popen(run)
-        say(f"proxy started (pid {proxy.pid})")
-        try:
-            while True:
-                pid, status = os.wait()  # reaps orphans too, as PID 1 must
-                if pid == proxy.pid:
-                    proxy.returncode = os.waitstatus_to_exitcode(status)
-                    break
-        except Stop:
-            stop_proxy(proxy)
-            raise
-        say(f"proxy exited ({proxy.returncode}); restarting in {backoff:.0f}s")
-        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)
-        time.sleep(backoff)  # a signal here raises Stop: nothing to stop, undo follows
+    proxy = subprocess.Popen(run)
+    say(f"proxy started (pid {proxy.pid})")
+    try:
+        while True:
+            pid, status = os.wait()
+            if pid == proxy.pid:
+                proxy.returncode = os.waitstatus_to_exitcode(status)
+                return proxy.returncode
+    except Stop:
+        stop_proxy(proxy)
+        raise
 
 
 def stop_proxy(proxy: subprocess.Popen[bytes]) -> None:
@@ -128,33 +145,56 @@ def stop_proxy(proxy: subprocess.Popen[bytes]) -> None:
 def main(argv: list[str]) -> int:
     if os.environ.get("TENCRYPT_DISABLE") == "1":
         be_original(argv)
-    if not has_cap(CAP_NET_ADMIN):
-        say("no NET_ADMIN: not patching this pod")
+    missing = [name for name, cap in NEEDED_CAPS.items() if not has_cap(cap)]
+    if missing:
+        say(f"no {' or '.join(missing)}: not patching this pod")
         be_original(argv)
     psk = key_file()
     if psk is None:
-        say("NET_ADMIN but no project key (TENCRYPT_PSK_FILE / TENCRYPT_PROJECT_PSK): "
-            "not patching this pod")
+        say("no project key (TENCRYPT_PSK_FILE / TENCRYPT_PROJECT_PSK): not patching this pod")
         be_original(argv)
     cmd = tencrypt_cmd()
+    ensure_tun_device()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    setup = [*cmd, "setup", *shlex.split(os.environ.get("TENCRYPT_SETUP_ARGS", ""))]
     try:
+        return patch(cmd, psk, argv)
+    except Stop:
+        say("stopping: undoing setup")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        undo(cmd)
+        return 0
+
+
+def patch(cmd: list[str], psk: str, argv: list[str]) -> int:
+    """setup → proxy; when the proxy dies, undo first (the pod's Service traffic must not
+    stay routed into a tenc0 nobody reads), then set up and start it again after a backoff."""
+    setup = [*cmd, "setup", *shlex.split(os.environ.get("TENCRYPT_SETUP_ARGS", ""))]
+    required = os.environ.get("TENCRYPT_REQUIRED") == "1"
+    backoff = 1.0
+    while True:
         if subprocess.run(setup).returncode != 0:
-            if os.environ.get("TENCRYPT_REQUIRED") == "1":
+            undo(cmd)
+            if required:
                 say("tencrypt setup failed and TENCRYPT_REQUIRED=1: exiting")
                 return 1
             say("tencrypt setup failed: this pod stays UNENCRYPTED")
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             be_original(argv)
-        supervise(cmd, psk)
-    except Stop:
-        say("stopping: undoing setup")
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        subprocess.run([*cmd, "setup", "--undo"])
-    return 0
+        started = time.monotonic()
+        code = run_proxy(cmd, psk)
+        undo(cmd)
+        if required:
+            say(f"proxy exited ({code}) and TENCRYPT_REQUIRED=1: exiting")
+            return 1
+        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)
+        say(f"proxy exited ({code}): pod UNENCRYPTED until the restart in {backoff:.0f}s")
+        time.sleep(backoff)  # a signal here raises Stop: the undo is already done
+
+
+def undo(cmd: list[str]) -> None:
+    subprocess.run([*cmd, "setup", "--undo"], stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

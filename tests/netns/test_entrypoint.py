@@ -3,10 +3,10 @@
     [ epNNN ]  eth0 10.128.0.5/23 --veth-- peer0 (same namespace, just to carry the link)
                default via 10.128.0.1; /etc/netns/epNNN/resolv.conf -> 172.30.0.10
 
-With NET_ADMIN and a project key the entry point runs `tencrypt setup` and supervises
+With NET_ADMIN, NET_RAW and a project key the entry point runs `tencrypt setup` and supervises
 `tencrypt run`; SIGTERM stops the proxy and undoes the setup. Without NET_ADMIN (dropped with
 capsh, as a runtime that does not grant it) or without a key it execs the original pod
-binary (a stand-in that records its PID and arguments and sleeps until signalled).
+binary (also without NET_RAW, which the proxy's raw socket needs; a stand-in that records its PID and arguments and sleeps until signalled).
 """
 
 import base64
@@ -105,6 +105,14 @@ def test_with_net_admin_and_a_key_it_patches_the_pod_and_undoes_on_sigterm(pod, 
     proxy_pids = set(netns.sh(["ip", "netns", "pids", pod]).stdout.split()) - {str(proc.pid)}
     assert proxy_pids, "no proxy process in the pod namespace"
     assert proc.poll() is None
+    # the proxy dies: the setup is undone (no Service traffic into a dead tenc0), redone,
+    # and a new proxy started
+    for pid in proxy_pids:
+        os.kill(int(pid), signal.SIGKILL)
+    netns.wait_for(lambda: log.read_text().count("tencrypt: ready") == 2, timeout=60,
+                   what="the proxy restarted")
+    assert "pod UNENCRYPTED until the restart" in log.read_text()
+    assert " tenc0:" in links(pod) and "nameserver 127.0.0.1" in resolv(pod).splitlines()
     assert stop(proc) == 0
     assert " tenc0:" not in links(pod)
     assert resolv(pod) == RESOLV
@@ -112,18 +120,19 @@ def test_with_net_admin_and_a_key_it_patches_the_pod_and_undoes_on_sigterm(pod, 
     assert "stopping: undoing setup" in log.read_text()
 
 
-@pytest.mark.parametrize("case", ["no NET_ADMIN", "no key"])
+@pytest.mark.parametrize("case", ["no NET_ADMIN", "no NET_RAW", "no key"])
 def test_otherwise_it_becomes_the_original_pod_binary(pod, started, tmp_path, case):
     mark, log = tmp_path / "original.ran", tmp_path / "entrypoint.log"
     original = tmp_path / "pod"
     original.write_text(ORIGINAL.format(mark=mark))
     original.chmod(0o755)
     env = {"TENCRYPT_ORIGINAL_ENTRYPOINT": str(original),
-           "TENCRYPT_PSK_FILE": str(key_file(tmp_path) if case == "no NET_ADMIN"
-                                    else tmp_path / "absent")}
+           "TENCRYPT_PSK_FILE": str(tmp_path / "absent" if case == "no key"
+                                    else key_file(tmp_path))}
     argv = [sys.executable, str(ENTRYPOINT), "--some", "arg"]
-    if case == "no NET_ADMIN":  # capsh drops it from the bounding set: root exec's without it
-        argv = ["capsh", "--drop=cap_net_admin", "--", "-c", 'exec "$0" "$@"', *argv]
+    if case != "no key":  # capsh drops it from the bounding set: root exec's without it
+        cap = case.split()[1].lower()
+        argv = ["capsh", f"--drop=cap_{cap}", "--", "-c", 'exec "$0" "$@"', *argv]
     proc = started(pod, argv, env, log)
     netns.wait_for(mark.exists, timeout=30, what="the original pod binary to run")
     netns.wait_for(lambda: mark.read_text().endswith("\n"), what="its mark written")
@@ -133,8 +142,10 @@ def test_otherwise_it_becomes_the_original_pod_binary(pod, started, tmp_path, ca
     status = Path(f"/proc/{proc.pid}/status").read_text()
     cap_eff = int(next(line.split()[1] for line in status.splitlines()
                        if line.startswith("CapEff:")), 16)
-    assert bool(cap_eff >> 12 & 1) == (case == "no key")  # CAP_NET_ADMIN as arranged
+    assert bool(cap_eff >> 12 & 1) == (case != "no NET_ADMIN")  # as arranged
+    assert bool(cap_eff >> 13 & 1) == (case != "no NET_RAW")
     assert " tenc0:" not in links(pod) and resolv(pod) == RESOLV
-    assert f"{'no NET_ADMIN' if case == 'no NET_ADMIN' else 'no project key'}" in log.read_text()
+    assert {"no NET_ADMIN": "no NET_ADMIN: not", "no NET_RAW": "no NET_RAW: not",
+            "no key": "no project key"}[case] in log.read_text()
     assert proc.poll() is None  # it idles ...
     assert stop(proc) == 0  # ... until signalled, then exits cleanly
