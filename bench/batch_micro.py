@@ -17,7 +17,9 @@ what the neighbours cost):
       tun-seg  one TUN write per segment, empty virtio-net header
       tun-gso  coalesce, one TUN write per ~64 KB packet with a TSO virtio-net header
    and reports iperf3's Gbit/s, the injection system calls' own cost (µs per call, per
-   segment, Gbit/s of the calls alone) and the reflector's CPU use.
+   segment, Gbit/s of the calls alone; wall time, so it includes the local delivery the
+   kernel does in the caller's context) and the reflector's CPU use, in all and per segment
+   (user + system: independent of how much of a shared machine the reflector got).
 
     [ bmNNN ]  bt-NNN (TUN, vnet_hdr, TSO) 10.233.0.1/24
                iperf3 -c 10.233.0.2 --(route into bt)--> reflector --> iperf3 -s on 10.233.0.1
@@ -234,7 +236,8 @@ def reflect(tun: Tun, raw: socket.socket, mode: str, iperf: subprocess.Popen[str
             "us_per_call": spent / max(1, calls) * 1e6,
             "us_per_segment": spent / max(1, segments) * 1e6,
             "inject_gbit_s": nbytes * 8 / max(spent, 1e-9) / 1e9,
-            "reflector_cpu_pct": cpu / wall * 100}
+            "reflector_cpu_pct": cpu / wall * 100,
+            "cpu_us_per_segment": cpu / max(1, segments) * 1e6}
 
 
 def bench_inject(seconds: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -292,10 +295,11 @@ def main() -> None:
         print(f"  {k:28s} {v:10.2f}")
     inject = bench_inject(args.seconds, args.rounds)
     cols = ["iperf3_gbit_s", "retransmits", "inject_calls", "segments", "us_per_call",
-            "us_per_segment", "inject_gbit_s", "reflector_cpu_pct"]
-    print("  mode        " + " ".join(f"{c:>17s}" for c in cols))
+            "us_per_segment", "inject_gbit_s", "reflector_cpu_pct", "cpu_us_per_segment"]
+    widths = [max(len(c), 10) for c in cols]
+    print("  mode        " + " ".join(f"{c:>{w}s}" for c, w in zip(cols, widths, strict=True)))
     for mode, r in inject.items():
-        print(f"  {mode:11s} " + " ".join(f"{r[c]:17.2f}" for c in cols))
+        print(f"  {mode:11s} " + " ".join(f"{r[c]:{w}.2f}" for c, w in zip(cols, widths, strict=True)))
 
 
 if __name__ == "__main__":
