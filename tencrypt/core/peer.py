@@ -77,7 +77,8 @@ class Session:
     confirmed: bool
     pod_ip: bytes  # the remote pod's address as its handshake payload gave it
     peer: Peer
-    rekey_at: float
+    rekey_at: float  # the initiator re-keys when it sends after this
+    renew_at: float  # ... or when it receives after this (one-way traffic towards it)
     expires_at: float
     forget_at: float
     send_counter: int = 0

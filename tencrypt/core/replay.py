@@ -1,4 +1,4 @@
-"""Sliding anti-replay window over 64-bit message counters (RFC 6479's idea, one big integer).
+"""Sliding anti-replay window over 64-bit message counters (RFC 6479).
 
 Rules:
 - A counter is fresh if it was never marked and is within ``WINDOW`` of the highest counter
@@ -7,24 +7,25 @@ Rules:
 - ``check`` answers "is it fresh" without changing anything: it runs before the AEAD.
   ``update`` marks a counter: it runs only after the tag verified, otherwise a forged datagram
   with a huge counter would slide the window and make every genuine packet "too old".
-- RFC 6479 keeps a ring of machine words to avoid shifting; in Python one arbitrary-precision
-  int shifted by the advance is fewer bytecodes and the same memory (WINDOW bits).
+- RFC 6479's layout: a ring of 64-bit blocks; bit ``c % 64`` of block ``c // 64`` (mod the
+  ring) is counter ``c``. Advancing clears only the blocks the window slides into, so an
+  in-order packet costs a few small-int operations. The ring holds 128 blocks, more than the
+  65 that a 4096-counter span can touch, so every counter inside the window has its own bit.
 """
 
 from __future__ import annotations
 
-WINDOW = 4096  # bits; the design asks for at least 2048 packets of reordering tolerance
-_MASK = (1 << WINDOW) - 1
+WINDOW = 4096  # counters; the design asks for at least 2048 packets of reordering tolerance
+_RING = 128  # blocks of 64 bits (a power of two: the index is a mask)
+_RING_MASK = _RING - 1
 
 
 class ReplayWindow:
-    """Bit ``i`` of ``bitmap`` says counter ``top - i`` was seen."""
-
-    __slots__ = ("top", "bitmap")
+    __slots__ = ("top", "ring")
 
     def __init__(self) -> None:
         self.top = -1  # nothing seen yet
-        self.bitmap = 0
+        self.ring = [0] * _RING
 
     def check(self, counter: int) -> bool:
         diff = self.top - counter
@@ -32,17 +33,23 @@ class ReplayWindow:
             return True
         if diff >= WINDOW:
             return False
-        return not (self.bitmap >> diff) & 1
+        return not (self.ring[(counter >> 6) & _RING_MASK] >> (counter & 63)) & 1
 
     def update(self, counter: int) -> None:
-        diff = self.top - counter
-        if diff < 0:
-            # A jump of WINDOW or more forgets everything; never shift by it (counters are 64-bit:
-            # ``bitmap << 2**60`` would try to allocate an exabyte).
-            self.bitmap = 1 if -diff >= WINDOW else ((self.bitmap << -diff) | 1) & _MASK
+        ring = self.ring
+        if counter > self.top:
+            block, top_block = counter >> 6, self.top >> 6
+            if block - top_block >= _RING:
+                # A jump past the whole ring forgets everything (counters are 64-bit: never
+                # loop over the gap).
+                self.ring = ring = [0] * _RING
+            else:
+                for b in range(top_block + 1, block + 1):
+                    ring[b & _RING_MASK] = 0
             self.top = counter
-        elif diff < WINDOW:
-            self.bitmap |= 1 << diff
+        elif self.top - counter >= WINDOW:
+            return
+        ring[(counter >> 6) & _RING_MASK] |= 1 << (counter & 63)
 
     def check_and_update(self, counter: int) -> bool:
         if not self.check(counter):

@@ -142,7 +142,12 @@ def parse_header(datagram: Buffer) -> tuple[int, int] | None:
 
 def open_datagram(key_obj: ChaCha20Poly1305, datagram: Buffer) -> bytes | None:
     """The plaintext of a data message whose header was parsed, or ``None`` on a bad tag."""
-    return open_with_header(key_obj, datagram, DATA_HEADER_LEN, _NONCE_PAD + datagram[8:16])
+    # open_with_header's body, inlined: one call less per packet on the receive path.
+    view = memoryview(datagram)
+    try:
+        return key_obj.decrypt(_NONCE_PAD + view[8:16], view[16:], view[:16])
+    except InvalidTag:
+        return None
 
 
 # --- handshake messages --------------------------------------------------------------------

@@ -99,7 +99,7 @@ class Net:
     def advance(self, seconds: float) -> None:
         """Move both clocks, running every timer that falls due on the way."""
         end = self.now + seconds
-        while True:
+        for _ in range(10_000):  # a timer that never stops firing is a bug: fail, not hang
             due = min((t for t in (p.next_timer() for p in self.pods.values()) if t is not None),
                       default=None)
             step_to = end if due is None or due > end else max(due, self.now)
@@ -110,6 +110,7 @@ class Net:
             self.pump()
             if step_to >= end:
                 return
+        raise AssertionError("timers kept firing at the same instant")
 
     def response_indices(self) -> list[int]:
         """Receiver index of every response on the wire: the initiator's new session index."""
@@ -277,6 +278,18 @@ def test_rekey_on_message_count():
     assert len(set(net.data_indices(A))) == 3
 
 
+def test_initiator_renews_when_traffic_only_flows_towards_it(net):
+    a, b = net.pods[A], net.pods[B]
+    connect(net)  # A is the initiator, then only B talks (a download)
+    for i in range(int(2.5 * FAST.reject_after_time / 0.5)):
+        net.send(B, A, ipv4(B, A, b"%d" % i))
+        net.advance(0.5)
+    assert len(net.delivered[A]) == int(2.5 * FAST.reject_after_time / 0.5)
+    assert b.stats.get("handshakes_initiated") == 0  # B never had to queue and handshake
+    assert a.stats.get("rekeys") == a.stats.get("handshakes_completed") - 1 >= 2
+    assert drops(a) == drops(b) == 0
+
+
 def test_previous_session_still_opens_in_flight_packets():
     net = Net(Limits(**{**_fields(FAST), "reject_after_time": 100.0}))  # no expiry here
     net.add(A)
@@ -335,6 +348,18 @@ def test_nothing_opens_after_the_hard_time_limit(net):
     net.pump()
     assert net.delivered[B] == [ipv4(A, B, b"fresh")]
     assert net.pods[A].stats.get("handshakes_completed") == 2
+
+
+def test_expiry_is_checked_per_packet_not_only_by_the_timer(net):
+    connect(net)
+    net.send(A, B, ipv4(A, B, b"late"))
+    late = net.pump(hold=True)
+    net.now += FAST.reject_after_time  # no on_timer ran: the keys are still in memory
+    for d, s, dst in late:
+        assert net.deliver(d, s, dst) is None
+    assert net.pods[B].stats.dropped(DropReason.EXPIRED_SESSION) == 1
+    net.send(A, B, ipv4(A, B, b"not sealed on the dead session either"))
+    assert [wire.message_type(d) for d, _, _ in net.pump(hold=True)] == [wire.TYPE_INITIATION]
 
 
 def test_nothing_is_sealed_or_opened_past_the_message_limit():
@@ -493,6 +518,38 @@ def test_queue_bound_keeps_the_newest_packets():
     net.block = set()
     net.advance(FAST.rekey_timeout)
     assert [p[20:] for p in net.delivered[B]] == [b"6", b"7", b"8", b"9"]
+
+
+def test_total_queue_and_peer_count_are_bounded():
+    net = Net(Limits(**{**_fields(FAST), "queue_total_limit": 5, "max_peers": 2}))
+    a = net.add(A)
+    for dst in ("10.9.0.1", "10.9.0.2"):  # black holes: handshakes never complete
+        for _ in range(4):
+            net.send(A, dst, ipv4(A, dst))
+    assert a.stats.dropped(DropReason.QUEUE_FULL) == 3  # 5 queued in all, not 8
+    net.send(A, "10.9.0.3", ipv4(A, "10.9.0.3"))  # a third peer: both others are busy
+    assert a.stats.dropped(DropReason.QUEUE_FULL) == 4
+    assert a.peer_count() == 2 and not a.knows("10.9.0.3")
+    net.advance(FAST.handshake_give_up + 0.1)
+    assert a.stats.dropped(DropReason.HANDSHAKE_TIMEOUT) == 5
+    net.send(A, "10.9.0.3", ipv4(A, "10.9.0.3"))  # room again
+    assert a.knows("10.9.0.3") and a.peer_count() == 1
+
+
+def test_an_idle_peer_makes_room_when_the_table_is_full():
+    net = Net(Limits(**{**_fields(FAST), "max_peers": 1}))
+    net.add(A)
+    net.add(B)
+    net.add(C)
+    connect(net)
+    net.send(A, C, ipv4(A, C))
+    net.pump()
+    assert net.delivered[C] == [] and net.pods[A].stats.dropped(DropReason.QUEUE_FULL) == 1
+    net.advance(FAST.reject_after_time + 0.1)  # B's session expires: B's peer is idle now
+    net.send(A, C, ipv4(A, C))
+    net.pump()
+    assert net.delivered[C] == [ipv4(A, C)]
+    assert net.events[A] == [PeerUp(B, (B, PORT)), PeerDown(B), PeerUp(C, (C, PORT))]
 
 
 def test_handshake_gives_up_and_drops_the_queue():
