@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError
 from tencrypt.linux import netns as nsutil
-from tencrypt.nodesync.cluster import ServiceBackends
+from tencrypt.nodesync.cluster import ServiceBackends, load_list
+from tencrypt.nodesync.kubeobjects import build_list
 from tencrypt.nodesync.rules import (
     TUNNEL_PORT,
     build_cleanup,
@@ -100,3 +102,13 @@ class IptablesApplier:
             self.stats.inc("nodesync_conntrack_deleted", int(deleted.group(1)))
             log.info("forgot %s UDP flows %s:%d -> %s", deleted.group(1), vip, self.port,
                      endpoint)
+
+
+def program_objects(objects: Iterable[dict[str, Any]], netns: str | None = None,
+                    port: int = TUNNEL_PORT, iptables: str = "iptables") -> list[ServiceBackends]:
+    """Program a node from Kubernetes objects (``kubeobjects.lab_objects(services)`` for the
+    lab) through the path a real node takes: objects → ClusterState → rules → restore."""
+    state = load_list(build_list(objects), Stats())
+    desired = state.desired()
+    IptablesApplier(netns, iptables, port, state.stats).apply(desired)
+    return desired

@@ -256,3 +256,21 @@ def test_real_client_fake_apiserver_restart_rebuilds_the_same_chain(node, api, n
     # --cleanup leaves nothing of Tencrypt behind
     run_once(node, "--cleanup")
     assert rules.owned_lines(node.save()) == []
+
+
+def test_lab_services_programmed_through_the_same_path(node):
+    from tencrypt.nodesync.iptables import program_objects
+
+    class LabService:  # the shape of tencrypt.lab.topology.Service
+        def __init__(self, name, project, vip, endpoint):
+            self.name, self.project, self.vip, self.endpoint, self.port = (
+                name, project, vip, endpoint, 8080)
+
+    services = [LabService("web", "shop", WEB, PODS["w3"]),
+                LabService("api", "blog", BLOG, PODS["api"])]
+    desired = program_objects(kubeobjects.lab_objects(services), netns=node.node)
+    assert [(b.vip, b.endpoints) for b in desired] == [(BLOG, (PODS["api"],)),
+                                                       (WEB, (PODS["w3"],))]
+    assert node.ask("udp", WEB) == ["w3"] and node.ask("tcp", BLOG) == ["api"]
+    program_objects(kubeobjects.lab_objects(services[:1]), netns=node.node)
+    assert node.ask("udp", BLOG) == [None] and node.ask("udp", WEB) == ["w3"]

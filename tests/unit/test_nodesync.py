@@ -419,3 +419,54 @@ def test_syncer_waits_until_every_kind_is_listed():
     assert syncer.sync() is True and applier.applied == [EXPECTED_FROM_SLICES]
     assert syncer.sync() is True and len(applier.applied) == 1  # unchanged: not re-applied
     assert syncer.sync(force=True) and len(applier.applied) == 2  # resync re-applies
+
+
+# -- the manifests in scripts/k8s stay in step with the code ------------------------------
+
+K8S = Path(__file__).resolve().parents[2] / "scripts" / "k8s"
+
+
+def manifests():
+    yaml = pytest.importorskip("yaml")
+    docs = []
+    for name in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "daemonset.yaml"):
+        docs += [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return docs, kustomization
+
+
+def test_rbac_is_read_only_and_covers_exactly_what_node_sync_reads():
+    docs, kustomization = manifests()
+    assert sorted(kustomization["resources"]) == ["daemonset.yaml", "namespace.yaml",
+                                                  "rbac.yaml", "serviceaccount.yaml"]
+    roles = {d["metadata"]["name"]: d["rules"] for d in docs if d["kind"] == "ClusterRole"}
+    for rules_ in roles.values():
+        for rule in rules_:
+            assert set(rule["verbs"]) <= {"get", "list", "watch", "use"}, rule
+            if "secrets" in rule["resources"]:
+                assert rule["verbs"] == ["get"] and rule["resourceNames"] == ["tencrypt"]
+    granted = {(group, res) for rule in roles["tencrypt-node-sync"] for group in rule["apiGroups"]
+               for res in rule["resources"] if {"list", "watch"} <= set(rule["verbs"])}
+    read = {("", "namespaces"), ("", "services"), ("", "endpoints"),
+            ("discovery.k8s.io", "endpointslices")}  # watch.list_function's four calls
+    assert granted == read
+
+
+def test_daemonset_is_privileged_on_the_host_and_node_sync_args_parse():
+    import argparse
+
+    from tencrypt.nodesync.cli import add_arguments
+
+    docs, _ = manifests()
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] and spec["hostPID"] and spec["serviceAccountName"] == "tencrypt"
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert set(containers) == {"node-sync", "agent"}
+    assert all(c["securityContext"]["privileged"] for c in containers.values())
+    sync = containers["node-sync"]
+    assert sync["command"] == ["tencrypt", "node-sync"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser)
+    args = parser.parse_args(sync["args"])
+    assert not args.once and args.iptables in ("iptables", "iptables-nft", "iptables-legacy")
