@@ -42,7 +42,7 @@ from tencrypt.core.nat import FlowTable
 from tencrypt.core.packet import build_icmp_frag_needed, rewrite_tcp_mss
 from tencrypt.core.podconfig import PodConfig, in_cidr
 from tencrypt.core.psk import parse_psk
-from tencrypt.core.session import Limits, PeerDown, PeerUp, Tunnel
+from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
 from tencrypt.core.stats import DropReason, Stats, render_prometheus
 from tencrypt.errors import UsageError
 from tencrypt.linux import firewall, metrics, netlink, podnet, sockets
@@ -54,7 +54,8 @@ from tencrypt.logutil import RateLimitedLog
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
 HOLD_LIMIT = 64  # packets held per destination while a PTR lookup classifies it
-PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
+PLAINTEXT_FOR = 60.0
+NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear  # --no-strict: seconds an internal peer without a proxy is reached in clear
 
 
 def read_psk(args: argparse.Namespace) -> bytes | None:
@@ -156,15 +157,20 @@ class Proxy:
             return
         cls = self.dns.lookup(dst, now)
         if cls is AddrClass.INTERNAL:
-            if self.plaintext_until.get(dst, 0.0) > now:
-                self._send_raw(self.bypass, buf)
-            else:
-                self.tunnel.send(dst, buf, now, wall)
+            self._seal(dst, buf, now, wall)
         elif cls is AddrClass.EXTERNAL or not in_cidr(dst, self.config.service_cidr):
             self.stats.inc("packets_bypassed")
             self._send_raw(self.bypass, buf)
         else:
             self._hold(dst, bytes(buf))
+
+    def _seal(self, dst: str, pkt: bytes | bytearray, now: float, wall: float) -> None:
+        """An internal destination: sealed, unless --no-strict found no proxy there lately."""
+        if self.plaintext_until.get(dst, 0.0) > now:
+            self.stats.inc("packets_plaintext_fallback")
+            self._send_raw(self.bypass, pkt)
+        else:
+            self.tunnel.send(dst, pkt, now, wall)
 
     def _hold(self, dst: str, pkt: bytes) -> None:
         """Keep packets for an unclassified address while a reverse lookup decides."""
@@ -186,7 +192,7 @@ class Proxy:
         now, wall = time.monotonic(), time.time()
         for pkt in self.held.pop(dst, []):
             if cls is AddrClass.INTERNAL:
-                self.tunnel.send(dst, pkt, now, wall)
+                self._seal(dst, pkt, now, wall)
             else:  # external or unknown: never sealed to a pod that may have no proxy
                 self.stats.inc("packets_bypassed")
                 self._send_raw(self.bypass, pkt)
@@ -240,6 +246,15 @@ class Proxy:
                 self.peer_routes.add(event.pod_ip)
             if self.firewall:
                 self.firewall.add([event.pod_ip])
+        elif isinstance(event, PeerUnreachable):
+            if self.strict:
+                self.ratelog.warn("unreachable", "no tencrypt proxy answers at %s: strict mode "
+                                  "refuses plaintext to this project's pods", ", ".join(event.addresses))
+            else:
+                log.warning("no tencrypt proxy answers at %s: --no-strict, in the clear for %.0f s",
+                            ", ".join(event.addresses), PLAINTEXT_FOR)
+                until = time.monotonic() + PLAINTEXT_FOR
+                self.plaintext_until.update((a, until) for a in event.addresses)
         elif isinstance(event, PeerDown):
             log.info("peer %s down", event.pod_ip)
             if event.pod_ip in self.peer_routes:
@@ -281,7 +296,10 @@ async def serve(args: argparse.Namespace) -> int:
     if psk is None:
         raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
     strict = True if args.strict is None else args.strict
-    proxy = Proxy(config, psk, strict, Stats())
+    # without strict mode an unpatched peer is reached in the clear once the handshake gives
+    # up: give up early enough for a TCP connect to survive it
+    limits = Limits() if strict else Limits(handshake_give_up=NO_STRICT_GIVE_UP)
+    proxy = Proxy(config, psk, strict, Stats(), limits)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stopping.set)

@@ -64,7 +64,15 @@ class PeerDown:
     pod_ip: str
 
 
-PeerEvent = PeerUp | PeerDown
+@dataclass(frozen=True, slots=True)
+class PeerUnreachable:
+    """Nobody answered our initiations to ``addresses`` for handshake_give_up seconds: no proxy
+    there (an unpatched pod), or none reachable. The shell decides: refuse, or go in the clear."""
+
+    addresses: tuple[str, ...]
+
+
+PeerEvent = PeerUp | PeerDown | PeerUnreachable
 
 
 @dataclass(slots=True, eq=False)

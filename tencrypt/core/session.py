@@ -28,7 +28,8 @@ Rules:
    for ``keepalive_timeout`` sends a keepalive, so the other side's stale timer stays quiet.
 7. A handshake is retried every ``rekey_timeout`` with a fresh initiation and abandoned after
    ``handshake_give_up`` (queued packets: HANDSHAKE_TIMEOUT). A peer left with no usable session
-   is then forgotten (PeerDown if it was up).
+   is then forgotten: PeerUnreachable (the shell refuses or goes in the clear), and
+   PeerDown if it was up.
 8. Every datagram ends as exactly one of: an accepted inner packet, a handled handshake
    message, or one counted drop. ``receive`` never raises.
 """
@@ -50,6 +51,7 @@ from tencrypt.core.peer import (
     Peer,
     PeerDown,
     PeerEvent,
+    PeerUnreachable,
     PeerUp,
     Pending,
     Session,
@@ -60,7 +62,7 @@ from tencrypt.core.peer import (
 from tencrypt.core.stats import DropReason, Stats
 from tencrypt.core.wire import Buffer
 
-__all__ = ["Limits", "PeerDown", "PeerEvent", "PeerUp", "Tunnel"]
+__all__ = ["Limits", "PeerDown", "PeerEvent", "PeerUnreachable", "PeerUp", "Tunnel"]
 
 _DATA_HEADER = struct.Struct("<IIQ")
 _WORD = struct.Struct("<I")
@@ -352,7 +354,8 @@ class Tunnel:
             self.stats.drop(DropReason.HANDSHAKE_TIMEOUT, len(peer.queue))
             self.table.queued -= len(peer.queue)
             peer.queue.clear()
-        if not usable(peer.current, now, self.limits):
+        if not usable(peer.current, now, self.limits):  # nothing left to reach it with
+            self.table.events.append(PeerUnreachable(tuple(sorted(peer.addresses))))
             self.table.remove_peer(peer)
 
     # ---- sending helpers --------------------------------------------------------------------

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tencrypt.core import handshake, wire
-from tencrypt.core.session import Limits, PeerDown, PeerUp, Tunnel
+from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
 from tencrypt.core.stats import DropReason, Stats
 
 PSK = bytes(range(1, 33))
@@ -562,6 +562,7 @@ def test_handshake_gives_up_and_drops_the_queue():
     assert a.stats.get("handshakes_initiated") == int(FAST.handshake_give_up / FAST.rekey_timeout)
     assert a.stats.dropped(DropReason.HANDSHAKE_TIMEOUT) == 3
     assert a.peer_count() == 0 and not a.knows("10.0.0.99") and a.next_timer() is None
+    assert net.events[A] == [PeerUnreachable(("10.0.0.99",))]  # the shell refuses or goes clear
 
 
 def test_peer_that_goes_away_is_reported_down(net):
@@ -570,7 +571,7 @@ def test_peer_that_goes_away_is_reported_down(net):
     net.advance(FAST.reject_after_time + 0.1)  # its session expired
     net.send(A, B, ipv4(A, B))
     net.advance(FAST.handshake_give_up + 0.1)
-    assert net.events[A] == [PeerUp(B, (B, PORT)), PeerDown(B)]
+    assert net.events[A] == [PeerUp(B, (B, PORT)), PeerUnreachable((B,)), PeerDown(B)]
     assert net.pods[A].peer_count() == 0
 
 
