@@ -23,7 +23,7 @@ import enum
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from tencrypt.core.stats import Stats
 
@@ -113,8 +113,10 @@ class ClusterState:
         return out
 
     def _table(self, kind: Kind) -> dict[Any, Any]:
-        return {Kind.NAMESPACE: self.namespaces, Kind.SERVICE: self.services,
-                Kind.ENDPOINT_SLICE: self.slices, Kind.ENDPOINTS: self.endpoints}[kind]
+        tables: dict[Kind, dict[Any, Any]] = {
+            Kind.NAMESPACE: self.namespaces, Kind.SERVICE: self.services,
+            Kind.ENDPOINT_SLICE: self.slices, Kind.ENDPOINTS: self.endpoints}
+        return tables[kind]
 
 
 def parse_list(doc: Any, stats: Stats) -> list[tuple[Kind, Any]]:
@@ -233,7 +235,7 @@ def parse_endpoints(obj: Any) -> _Addresses | None:
                 if _is_str(ip) and ":" in ip:
                     continue
                 return None
-            ready.append(ip)
+            ready.append(str(ip))
     return _Addresses(meta["name"], tuple(ready), ())
 
 
@@ -264,5 +266,5 @@ def _ipv4(value: Any) -> ipaddress.IPv4Address | None:
         return None
 
 
-def _is_str(value: Any) -> bool:
+def _is_str(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and value != ""
