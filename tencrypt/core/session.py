@@ -189,8 +189,8 @@ class Tunnel:
             return None
         if peer.keepalive_due is None:
             peer.keepalive_due = now + self.limits.keepalive_timeout
-        if (n < 20 or packet[0] >> 4 != 4 or (packet[0] & 15) < 5
-                or int.from_bytes(packet[2:4], "big") != n):
+        # IPv4 with IHL >= 5 is a first byte of 0x45..0x4f; the total length must be exact.
+        if n < 20 or not 0x45 <= packet[0] <= 0x4F or (packet[2] << 8 | packet[3]) != n:
             stats.drop(DropReason.NOT_IPV4)
             return None
         source = packet[12:16]

@@ -7,8 +7,9 @@ word: the message type in byte 0 and three zero bytes. A receiver reads the word
 
 Handshake: Noise ``Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`` (Noise spec rev 34, pattern
 ``-> psk, e`` / ``<- e, ee``), prologue ``b"tencrypt v1 NNpsk0"`` (18 ASCII bytes), psk = the
-project's 32-byte key. Noise payloads are encrypted under the handshake keys (the first one is
-keyed by the psk alone, so a responder authenticates it before doing any Diffie-Hellman).
+project's 32-byte key. Each Noise message is ``e`` (32 bytes) then the encrypted payload and
+its tag (Noise ``EncryptAndHash``). The initiation's payload is keyed by the psk and ``e``
+alone, so a responder authenticates it before doing any Diffie-Hellman.
 
 Initiation, type 1, 72 bytes::
 
@@ -17,17 +18,21 @@ Initiation, type 1, 72 bytes::
     payload: sender_index u32 | timestamp 12 | pod_ip 4
     - sender_index: random, non-zero, chosen by the initiator; the responder puts it in the
       ``receiver_index`` of the response and of every data message it sends on the session.
-    - timestamp: TAI64N, big-endian: u64 (2**62 + Unix seconds) then u32 nanoseconds. Strictly
-      increasing per sender; a responder refuses one not newer than the last it accepted from
-      that pod_ip, or older than 180 s, which makes a replayed initiation useless.
+    - timestamp: TAI64N, big-endian: u64 (2**62 + Unix seconds) then u32 nanoseconds (below
+      10**9). Strictly increasing per sender, even across retries within one clock tick; a
+      responder refuses one not newer than the last it accepted from that pod_ip, or older
+      than its wall clock minus 180 s, which makes a replayed initiation useless.
     - pod_ip: the initiator's own pod IPv4 address, network byte order.
 
 Response, type 2, 64 bytes::
 
     0      1      4                8                40                            64
     | 0x02 | 0 0 0 | receiver_index | ephemeral (32) | encrypted payload (8) + tag (16) |
-    - receiver_index: the initiation's sender_index (in the clear: it selects the handshake).
     payload: sender_index u32 | pod_ip 4   (the responder's index and pod IPv4 address)
+    - receiver_index: the initiation's sender_index (in the clear: it selects the handshake;
+      a tampered value selects no handshake or one whose Noise state rejects the message).
+    - The response goes to the UDP source address of the initiation. It is shorter than the
+      initiation, so the handshake cannot amplify traffic towards a spoofed source.
 
 After the response both sides call Noise ``Split()``: the initiator sends with the first
 CipherState's key and receives with the second; the responder the other way round. The
