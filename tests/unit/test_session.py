@@ -1,21 +1,10 @@
-"""Two (or more) Tunnels linked in memory, with an injected clock.
-
-    pod A 10.0.0.1 ----+                          +---- pod B 10.0.0.2   (behind VIP 172.30.0.10)
-                       |   Net: delivers every     |
-    pod C 10.0.0.3 ----+   datagram, DNATs VIPs,   +---- (attacker: any address, any bytes)
-                           rewrites replies like
-                           conntrack, logs the wire
-
-Each test drives the cores the way the daemon does: send / receive / pop_transmits /
-pop_events / on_timer, and checks what arrives, what does not, and the exact drop counters.
-"""
+"""The tunnel state machine, two or three cores linked in memory (harness: linked.py):
+handshake and data, inner checks, re-keying and expiry, bounds, peers that move or merge."""
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
-import os
-import struct
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -23,120 +12,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tencrypt.core import handshake, wire
-from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
-from tencrypt.core.stats import DropReason, Stats
-
-PSK = bytes(range(1, 33))
-A, B, C, VIP = "10.0.0.1", "10.0.0.2", "10.0.0.3", "172.30.0.10"
-PORT = 1337
-FAST = Limits(rekey_after_time=20.0, reject_after_time=30.0, rekey_timeout=1.0,
-              handshake_give_up=5.0, keepalive_timeout=1.0, stale_timeout=2.5,
-              initiation_max_age=30.0, handshake_rate=1000.0, handshake_burst=1000,
-              tombstone_time=30.0)
-
-
-def ipv4(src: str, dst: str, payload: bytes = b"x" * 20, proto: int = 17) -> bytes:
-    total = 20 + len(payload)
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, proto, 0,
-                       ipaddress.IPv4Address(src).packed,
-                       ipaddress.IPv4Address(dst).packed) + payload
-
-
-def drops(t: Tunnel) -> int:
-    return sum(t.stats.drops.values())
-
-
-class Net:
-    def __init__(self, limits: Limits = FAST) -> None:
-        self.limits = limits
-        self.now, self.wall = 1000.0, 1_700_000_000.0
-        self.pods: dict[str, Tunnel] = {}
-        self.vips: dict[str, str] = {}
-        self.conntrack: dict[tuple[str, str], str] = {}  # (client, pod) -> VIP it asked for
-        self.delivered: dict[str, list[bytes]] = {}
-        self.events: dict[str, list] = {}
-        self.wire: list[tuple[bytes, str, str]] = []  # (datagram, from pod, to address)
-        self.block: set[int] = set()  # message types the network loses
-
-    def add(self, ip: str, **kw) -> Tunnel:
-        self.pods[ip] = Tunnel(PSK, ip, Stats(), self.limits, port=PORT, **kw)
-        self.delivered[ip] = []
-        self.events[ip] = []
-        return self.pods[ip]
-
-    def send(self, pod: str, dst: str, packet: bytes) -> None:
-        self.pods[pod].send(dst, packet, self.now, self.wall)
-
-    def pump(self, hold: bool = False) -> list[tuple[bytes, str, str]]:
-        """Deliver until quiet; with ``hold``, return one round of datagrams undelivered."""
-        for _ in range(100):
-            batch = []
-            for ip, t in self.pods.items():
-                self.events[ip] += t.pop_events()
-                batch += [(d, ip, addr[0]) for d, addr in t.pop_transmits()]
-            if hold or not batch:
-                return batch
-            for datagram, src, dst in batch:
-                self.deliver(datagram, src, dst)
-        raise AssertionError("the tunnels never went quiet")
-
-    def deliver(self, datagram: bytes, src: str, dst: str) -> bytes | None:
-        self.wire.append((datagram, src, dst))
-        if wire.message_type(datagram) in self.block:
-            return None
-        pod = self.vips.get(dst, dst)
-        if pod != dst:
-            self.conntrack[(src, pod)] = dst
-        seen_from = self.conntrack.get((dst, src), src)  # a reply comes back from the VIP
-        t = self.pods.get(pod)
-        if t is None:
-            return None
-        out = t.receive(datagram, (seen_from, PORT), self.now, self.wall)
-        if out is not None:
-            self.delivered[pod].append(out)
-        return out
-
-    def advance(self, seconds: float) -> None:
-        """Move both clocks, running every timer that falls due on the way."""
-        end = self.now + seconds
-        for _ in range(10_000):  # a timer that never stops firing is a bug: fail, not hang
-            due = min((t for t in (p.next_timer() for p in self.pods.values()) if t is not None),
-                      default=None)
-            step_to = end if due is None or due > end else max(due, self.now)
-            self.wall += step_to - self.now
-            self.now = step_to
-            for t in self.pods.values():
-                t.on_timer(self.now, self.wall)
-            self.pump()
-            if step_to >= end:
-                return
-        raise AssertionError("timers kept firing at the same instant")
-
-    def response_indices(self) -> list[int]:
-        """Receiver index of every response on the wire: the initiator's new session index."""
-        return [struct.unpack_from("<I", d, 4)[0] for d, _, _ in self.wire
-                if wire.message_type(d) == wire.TYPE_RESPONSE]
-
-    def data_indices(self, src: str) -> list[int]:
-        """Receiver index of every data message (keepalives excluded) ``src`` put on the wire."""
-        return [wire.parse_header(d)[0] for d, s, _ in self.wire
-                if s == src and wire.message_type(d) == wire.TYPE_DATA
-                and len(d) > wire.DATA_OVERHEAD]
+from tencrypt.core.session import PeerDown, PeerUnreachable, PeerUp
+from tencrypt.core.stats import DropReason
+from tests.unit.linked import (
+    FAST,
+    PORT,
+    PSK,
+    VIP,
+    A,
+    B,
+    C,
+    Net,
+    connect,
+    drops,
+    fast,
+    ipv4,
+    new_net,
+)
 
 
 @pytest.fixture
 def net() -> Net:
-    n = Net()
-    n.add(A)
-    n.add(B)
-    return n
-
-
-def connect(net: Net, dst: str = B) -> None:
-    net.send(A, dst, ipv4(A, dst, b"hello"))
-    net.pump()
-    assert net.delivered[B] == [ipv4(A, dst, b"hello")]
-    net.delivered[B].clear()
+    return new_net()
 
 
 # ---- handshake and data ------------------------------------------------------------------------
@@ -267,7 +164,7 @@ def test_initiator_sends_a_keepalive_so_the_responder_confirms(net):
 
 
 def test_rekey_on_message_count():
-    net = Net(Limits(**{**_fields(FAST), "rekey_after_messages": 5}))
+    net = Net(fast(rekey_after_messages=5))
     a = net.add(A)
     net.add(B)
     for i in range(12):
@@ -291,7 +188,7 @@ def test_initiator_renews_when_traffic_only_flows_towards_it(net):
 
 
 def test_previous_session_still_opens_in_flight_packets():
-    net = Net(Limits(**{**_fields(FAST), "reject_after_time": 100.0}))  # no expiry here
+    net = Net(fast(reject_after_time=100.0))  # no expiry here
     net.add(A)
     net.add(B)
     connect(net)
@@ -363,7 +260,7 @@ def test_expiry_is_checked_per_packet_not_only_by_the_timer(net):
 
 
 def test_nothing_is_sealed_or_opened_past_the_message_limit():
-    limits = Limits(**{**_fields(FAST), "rekey_after_messages": 3, "reject_after_messages": 5})
+    limits = fast(rekey_after_messages=3, reject_after_messages=5)
     net = Net(limits)
     a = net.add(A)
     net.add(B)
@@ -386,128 +283,10 @@ def test_nothing_is_sealed_or_opened_past_the_message_limit():
     assert [p[20:] for p in net.delivered[B][4:]] == [b"4", b"5", b"6", b"7"]
 
 
-# ---- attacks -----------------------------------------------------------------------------------
-
-def test_replayed_data_is_dropped(net):
-    connect(net)
-    for datagram, src, dst in list(net.wire):
-        if wire.message_type(datagram) == wire.TYPE_DATA:
-            assert net.deliver(datagram, src, dst) is None
-    assert net.pods[B].stats.dropped(DropReason.REPLAY) == 1
-
-
-def test_replayed_initiation_creates_nothing_and_disturbs_nothing(net):
-    connect(net)
-    b = net.pods[B]
-    initiation = next(d for d, _, _ in net.wire if wire.message_type(d) == wire.TYPE_INITIATION)
-    net.advance(1.0)
-    for _ in range(3):
-        net.deliver(initiation, "192.0.2.66", B)  # an attacker replays it from elsewhere
-    assert net.pump(hold=True) == []  # no response, no DH
-    assert b.stats.dropped(DropReason.STALE_HANDSHAKE) == 3
-    assert b.stats.get("handshakes_responded") == 1 and b.session_count() == 1
-    net.send(A, B, ipv4(A, B, b"live session unharmed"))
-    net.send(B, A, ipv4(B, A, b"both ways"))
-    net.pump()
-    assert net.delivered[B] == [ipv4(A, B, b"live session unharmed")]
-    assert net.delivered[A] == [ipv4(B, A, b"both ways")]
-
-
-def test_replay_to_a_restarted_responder_yields_no_usable_session(net):
-    connect(net)
-    initiation = next(d for d, _, _ in net.wire if wire.message_type(d) == wire.TYPE_INITIATION)
-    b2 = net.add(B)  # B restarted: it has no record of A's timestamps
-    net.deliver(initiation, "192.0.2.66", B)
-    response = net.pump(hold=True)
-    assert [(wire.message_type(d), dst) for d, _, dst in response] == [(2, "192.0.2.66")]
-    assert b2.session_count() == 1  # unconfirmed: the attacker cannot finish it
-    net.send(B, A, ipv4(B, A, b"must not use the replayed session"))
-    sent = net.pump(hold=True)
-    assert [wire.message_type(d) for d, _, _ in sent] == [wire.TYPE_INITIATION]
-    assert sent[0][2] == A  # to A's own tunnel port, not to where the replay came from
-    for d, s, dst in sent:
-        net.deliver(d, s, dst)
-    net.pump()
-    assert net.delivered[A] == [ipv4(B, A, b"must not use the replayed session")]
-    net.advance(FAST.reject_after_time + 1)  # the replayed session expires unused
-    assert b2.session_count() == 0
-
-
-def test_initiation_older_than_max_age_is_stale():
-    net = Net()
-    net.add(B)
-    state, initiation = handshake.build_initiation(
-        PSK, 77, int((net.wall - FAST.initiation_max_age - 1) * 1e9),
-        ipaddress.IPv4Address(A).packed, X25519PrivateKey.generate)
-    net.deliver(initiation, A, B)
-    assert net.pods[B].stats.dropped(DropReason.STALE_HANDSHAKE) == 1
-    assert net.pump(hold=True) == []
-
-
-def test_forged_response_is_dropped_and_the_real_one_still_completes(net):
-    a = net.pods[A]
-    net.send(A, B, ipv4(A, B))
-    for d, s, dst in net.pump(hold=True):
-        net.deliver(d, s, dst)
-    (response, src, dst), = net.pump(hold=True)
-    for byte in (8, 40, 63):  # ephemeral, encrypted payload, tag
-        forged = bytearray(response)
-        forged[byte] ^= 0x80
-        net.deliver(bytes(forged), src, dst)
-    unknown = response[:4] + struct.pack("<I", (struct.unpack_from("<I", response, 4)[0] + 1))
-    net.deliver(unknown + response[8:], src, dst)
-    assert a.stats.dropped(DropReason.BAD_HANDSHAKE) == 3
-    assert a.stats.dropped(DropReason.UNKNOWN_INDEX) == 1
-    assert a.session_count() == 0
-    net.deliver(response, src, dst)
-    net.pump()
-    assert len(net.delivered[B]) == 1 and a.stats.get("handshakes_completed") == 1
-    net.deliver(response, src, dst)  # replayed after completion: its index is no longer pending
-    assert a.stats.dropped(DropReason.UNKNOWN_INDEX) == 2 and a.session_count() == 1
-
-
-def test_restarted_peer_is_rehandshaked_after_stale_timeout(net):
-    a = net.pods[A]
-    connect(net)
-    b2 = net.add(B)  # B's proxy restarted: new keys, nothing known; A is not told
-    net.send(A, B, ipv4(A, B, b"lost: B2 cannot open it"))
-    net.pump()
-    assert net.delivered[B] == [] and b2.stats.dropped(DropReason.UNKNOWN_INDEX) == 1
-    net.advance(FAST.stale_timeout + 0.1)
-    assert a.stats.get("handshakes_completed") == 2 and b2.stats.get("handshakes_responded") == 1
-    assert a.stats.get("keepalives_sent") == 1  # nothing was queued: B2 confirms on this
-    net.send(A, B, ipv4(A, B, b"after the re-handshake"))
-    net.send(B, A, ipv4(B, A, b"and back"))
-    net.pump()
-    assert net.delivered[B] == [ipv4(A, B, b"after the re-handshake")]
-    assert net.delivered[A] == [ipv4(B, A, b"and back")]
-    assert net.events[B] == [PeerUp(A, (A, PORT))]
-
-
-def test_restarted_initiator_is_accepted_by_timestamp(net):
-    connect(net)
-    net.advance(0.5)
-    net.add(A)  # A's proxy restarted: its new initiation carries a newer timestamp
-    net.send(A, B, ipv4(A, B, b"hello again"))
-    net.pump()
-    assert net.delivered[B] == [ipv4(A, B, b"hello again")]
-    assert net.pods[B].stats.dropped(DropReason.STALE_HANDSHAKE) == 0
-
-
-def test_keepalive_keeps_a_one_way_flow_from_looking_stale(net):
-    a, b = net.pods[A], net.pods[B]
-    connect(net)
-    for _ in range(10):  # A streams to B, B has nothing to say
-        net.send(A, B, ipv4(A, B))
-        net.advance(0.5)
-    assert b.stats.get("keepalives_sent") >= 2 and a.stats.get("keepalives_received") >= 2
-    assert a.stats.get("handshakes_initiated") == 1  # no stale re-handshake
-
-
 # ---- limits ------------------------------------------------------------------------------------
 
 def test_queue_bound_keeps_the_newest_packets():
-    net = Net(Limits(**{**_fields(FAST), "queue_limit": 4}))
+    net = Net(fast(queue_limit=4))
     a = net.add(A)
     net.add(B)
     net.block = {wire.TYPE_INITIATION}
@@ -521,7 +300,7 @@ def test_queue_bound_keeps_the_newest_packets():
 
 
 def test_total_queue_and_peer_count_are_bounded():
-    net = Net(Limits(**{**_fields(FAST), "queue_total_limit": 5, "max_peers": 2}))
+    net = Net(fast(queue_total_limit=5, max_peers=2))
     a = net.add(A)
     for dst in ("10.9.0.1", "10.9.0.2"):  # black holes: handshakes never complete
         for _ in range(4):
@@ -537,7 +316,7 @@ def test_total_queue_and_peer_count_are_bounded():
 
 
 def test_an_idle_peer_makes_room_when_the_table_is_full():
-    net = Net(Limits(**{**_fields(FAST), "max_peers": 1}))
+    net = Net(fast(max_peers=1))
     net.add(A)
     net.add(B)
     net.add(C)
@@ -582,7 +361,7 @@ def test_handshake_rate_limit_runs_before_any_dh():
         next(dh)
         return X25519PrivateKey.generate()
 
-    net = Net(Limits(**{**_fields(FAST), "handshake_rate": 1.0, "handshake_burst": 3}))
+    net = Net(fast(handshake_rate=1.0, handshake_burst=3))
     b = net.add(B, keygen=counting_keygen)
     flood = []
     for i in range(10):  # ten valid initiations, from ten "pods", all from one source address
@@ -659,93 +438,3 @@ def test_vip_moving_to_another_pod_rebinds_the_peer(net):
     assert net.delivered[C] == [ipv4(A, VIP, b"to C")]
     assert net.events[A] == [PeerUp(B, (VIP, PORT)), PeerDown(B), PeerUp(C, (VIP, PORT))]
     assert not net.pods[A].knows(B) and net.pods[A].knows(C)
-
-
-# ---- every datagram ends in exactly one outcome --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def linked():
-    """A live A<->B pair, plus one captured datagram of each kind (not yet delivered)."""
-    net = Net(Limits(**{**_fields(FAST), "rekey_after_time": 1e9, "reject_after_time": 1e9,
-                        "tombstone_time": 1e9}))
-    net.add(A)
-    net.add(B)
-    net.send(A, B, ipv4(A, B))
-    (initiation, _, _), = net.pump(hold=True)
-    net.deliver(initiation, A, B)
-    (response, _, _), = net.pump(hold=True)
-    net.deliver(response, B, A)
-    net.pump()
-    net.send(A, B, ipv4(A, B, b"captured"))
-    (data, _, _), = net.pump(hold=True)
-    # A fresh initiator whose response is captured but not delivered.
-    net.add(C)
-    net.send(C, B, ipv4(C, B))
-    (c_init, _, _), = net.pump(hold=True)
-    net.deliver(c_init, C, B)
-    (c_resp, _, _), = net.pump(hold=True)
-    return net, {"data": (data, A, B), "initiation": (initiation, A, B),
-                 "response": (c_resp, B, C)}
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["data", "initiation", "response"]), st.data())
-def test_any_bit_flip_in_any_datagram_is_one_counted_drop(linked, kind, data):
-    net, captured = linked
-    datagram, src, dst = captured[kind]
-    bit = data.draw(st.integers(0, len(datagram) * 8 - 1))
-    forged = bytearray(datagram)
-    forged[bit // 8] ^= 1 << (bit % 8)
-    t = net.pods[dst]
-    before, handled = drops(t), _handled(t)
-    assert t.receive(bytes(forged), (src, PORT), net.now, net.wall) is None
-    assert drops(t) == before + 1 and _handled(t) == handled
-    assert t.pop_transmits() == [] and t.pop_events() == []
-
-
-def test_captured_datagrams_are_still_good_after_all_the_flipping(linked):
-    net, captured = linked
-    datagram, src, dst = captured["data"]
-    assert net.deliver(datagram, src, dst) == ipv4(A, B, b"captured")
-    datagram, src, dst = captured["response"]
-    net.deliver(datagram, src, dst)
-    assert net.pods[C].stats.get("handshakes_completed") == 1
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=200),
-    st.tuples(st.sampled_from([1, 2, 4]), st.binary(max_size=100)).map(
-        lambda t: struct.pack("<I", t[0]) + t[1]),
-    st.sampled_from([(1, 68), (2, 60)]).flatmap(  # exact handshake lengths
-        lambda t: st.binary(min_size=t[1], max_size=t[1]).map(
-            lambda b, k=t[0]: struct.pack("<I", k) + b)),
-))
-def test_random_bytes_are_always_one_counted_drop(linked, blob):
-    net, _ = linked
-    for pod in (A, B):
-        t = net.pods[pod]
-        before = drops(t)
-        assert t.receive(blob, ("192.0.2.1", 4242), net.now, net.wall) is None
-        assert drops(t) == before + 1
-        assert t.pop_transmits() == []
-
-
-def test_random_data_with_a_live_index_is_a_bad_tag(linked):
-    net, captured = linked
-    datagram = captured["data"][0]
-    b = net.pods[B]
-    before = b.stats.dropped(DropReason.BAD_TAG)
-    for _ in range(50):
-        blob = datagram[:8] + struct.pack("<Q", 2**40 + _) + os.urandom(40)
-        assert b.receive(blob, (A, PORT), net.now, net.wall) is None
-    assert b.stats.dropped(DropReason.BAD_TAG) == before + 50
-
-
-def _handled(t: Tunnel) -> int:
-    return sum(t.stats.get(k) for k in ("packets_opened", "handshakes_responded",
-                                        "handshakes_completed", "keepalives_received"))
-
-
-def _fields(limits: Limits) -> dict:
-    return {f: getattr(limits, f) for f in Limits.__slots__}
