@@ -14,7 +14,7 @@ fi
 declare -A PKGS=(
     [ip]=iproute2 [iptables]=iptables [nft]=nftables [dnsmasq]=dnsmasq-base [iperf3]=iperf3
     [tcpdump]=tcpdump [curl]=curl [dig]=dnsutils [capsh]=libcap2-bin [ps]=procps
-    [killall]=psmisc [ethtool]=ethtool [nsenter]=util-linux [gcc]=gcc [ping]=iputils-ping [socat]=socat
+    [killall]=psmisc [ethtool]=ethtool [nsenter]=util-linux [gcc]=gcc [ping]=iputils-ping [socat]=socat [conntrack]=conntrack
 )
 missing=()
 for bin in "${!PKGS[@]}"; do

@@ -117,6 +117,12 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
 
 
+def _node_sync(p: argparse.ArgumentParser) -> None:
+    from tencrypt.nodesync.cli import add_arguments  # flags live beside their handler
+
+    add_arguments(p)
+
+
 COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("setup", "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
      _setup, "tencrypt.linux.podnet:main"),
@@ -127,6 +133,8 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
      _lab, "tencrypt.lab.cli:main"),
     ("demo", "the original demo, end to end on a fresh lab, with a verdict", _demo,
      "tencrypt.lab.demo:main"),
+    ("node-sync", "keep the node's TENCRYPT nat chain (VIP:1337 -> pods) in step with the Services "
+                  "and endpoints of enabled projects", _node_sync, "tencrypt.nodesync.cli:main"),
     ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN", _bench,
      "bench.harness:main"),
 ]

@@ -4,20 +4,26 @@ It owns the event loop (uvloop), the file descriptors and the order of things; t
 decides. Two pipelines, each read top to bottom, each stage taking what the previous returned:
 
 Outbound, when tenc0 is readable (`_on_tun`):
- 1. read up to BATCH packets from tenc0;
- 2. drop what is not IPv4; a DF packet above tenc0's MTU gets ICMP "fragmentation needed"
-    back (path-MTU discovery), a SYN gets its MSS clamped;
+ 1. read up to BATCH frames from tenc0 — on the batch path (default) TCP super-packets of up
+    to 64 KiB behind a virtio-net header, otherwise one packet each;
+ 2. a super-packet: NAT out once, then split into MSS-sized segments (headers and checksums
+    computed for all of them at once, core.batch) that all go to step 4 together; any other
+    packet gets its checksum completed, and: not IPv4 -> dropped; a DF packet above tenc0's
+    MTU -> ICMP "fragmentation needed" back (path-MTU discovery); a SYN -> MSS clamped;
  3. NAT out: replies of flows that came in through the tunnel get their Service VIP back as source;
- 4. classify the destination: a tunnel peer or an address the DNS proxy called internal -> seal
-    (`Tunnel.send`); external -> re-sent in the clear out of the uplink (bypass socket); not yet
-    known -> held while a reverse (PTR) lookup decides;
- 5. flush: the datagrams the tunnel produced go out of the UDP socket.
+ 4. classify the destination: a tunnel peer or an address the DNS proxy called internal -> seal,
+    each segment its own datagram (`Tunnel.send`); external -> re-sent in the clear out of the
+    uplink (bypass socket); not yet known -> held while a reverse (PTR) lookup decides;
+ 5. flush: the datagrams the tunnel produced go out of the UDP socket, a run to one peer as
+    one UDP GSO `sendmsg` on the batch path.
 Inbound, when the UDP socket is readable (`_on_udp`):
- 1. receive up to BATCH datagrams;
+ 1. receive up to BATCH datagrams (UDP GRO: many per call on the batch path);
  2. `Tunnel.receive`: authenticate, replay window, handshakes (every failure a counted drop);
+    peer events (routes, firewall) are applied at once: the reply to this packet needs them;
  3. NAT in: Service VIP -> this pod's IP, flow remembered;
- 4. inject through the raw socket, so the packet arrives like any other;
- 5. flush replies (handshake responses, keepalives) and apply peer events (routes, firewall).
+ 4. on the batch path, consecutive segments of one TCP flow are coalesced again (core.batch);
+ 5. inject through the raw socket, so the packet arrives like any other;
+ 6. flush replies (handshake responses, keepalives).
 Timers (`_timer_loop`): handshake retries, keepalives, re-keys, flow and DNS expiry.
 
 Shutdown (SIGTERM/SIGINT): stop reading, close the DNS proxy, remove the routes and firewall
@@ -37,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+from tencrypt.core.batch import VNET_HDR_LEN, coalesce_batch, split_tcp_batch
 from tencrypt.core.classify import AddrClass, Change
 from tencrypt.core.nat import FlowTable
 from tencrypt.core.packet import build_icmp_frag_needed, rewrite_tcp_mss
@@ -48,6 +55,7 @@ from tencrypt.errors import UsageError
 from tencrypt.linux import firewall, metrics, netlink, podnet, sockets
 from tencrypt.linux.classroutes import RouteApplier
 from tencrypt.linux.dns import DnsProxy
+from tencrypt.linux.gso import UdpBatch
 from tencrypt.linux.tun import Tun
 from tencrypt.logutil import RateLimitedLog
 
@@ -72,9 +80,11 @@ def read_psk(args: argparse.Namespace) -> bytes | None:
 
 class Proxy:
     def __init__(self, config: PodConfig, psk: bytes, strict: bool, stats: Stats,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, batch: bool = True) -> None:
         self.config = config
         self.strict = strict
+        self.batch = batch
+        self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
         self.stats = stats
         self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port)
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
@@ -89,14 +99,18 @@ class Proxy:
         self.stopping = asyncio.Event()
         self.tun: Tun | None = None
         self.udp: socket.socket | None = None
+        self.udp_batch: UdpBatch | None = None
         self.inject: socket.socket | None = None
         self.bypass: socket.socket | None = None
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
         c = self.config
-        self.tun = Tun(c.tun)
+        self.tun = Tun(c.tun, vnet_hdr=self.batch)
         self.udp = sockets.tunnel_socket(c.port, c.fwmark)
+        self.udp_batch = UdpBatch(self.udp, self.stats, gso=self.batch, gro=self.batch)
+        log.info("data path: %s (UDP GSO %s, GRO %s)", "batch" if self.batch else "one packet",
+                 "on" if self.udp_batch.gso else "off", "on" if self.udp_batch.gro else "off")
         self.inject = sockets.raw_socket()
         self.bypass = sockets.raw_socket(mark=c.fwmark)
         if self.firewall:
@@ -125,33 +139,53 @@ class Proxy:
     def _on_tun(self) -> None:
         assert self.tun is not None
         now, wall = time.monotonic(), time.time()
-        mtu = self.config.mtu
         for _ in range(BATCH):
-            pkt = self.tun.read()
-            if pkt is None:
+            frame = self.tun.read()
+            if frame is None:
                 break
-            if len(pkt) < 20 or pkt[0] >> 4 != 4:
-                self.stats.drop(DropReason.MALFORMED_PACKET)
-                continue
-            buf = bytearray(pkt)
-            if len(buf) > mtu:
-                self._too_big(buf, mtu)
-                continue
-            if buf[9] == 6:
-                rewrite_tcp_mss(buf, mtu - 40)
-            if not self.flows.rewrite_outbound(buf, now):
-                continue  # malformed: counted by the flow table
-            self._dispatch(socket.inet_ntoa(buf[16:20]), buf, now, wall)
+            if not self.batch:
+                self._outbound(bytearray(frame), now, wall)
+            elif frame[1]:  # virtio-net gso_type: a TCP super-packet
+                self._outbound_super(bytearray(frame), now, wall)
+            else:  # one packet, its checksum completed (the kernel may leave it partial)
+                for pkt in split_tcp_batch(frame, self.stats):
+                    self._outbound(pkt, now, wall)
         self._flush()
 
-    def _too_big(self, buf: bytearray, mtu: int) -> None:
+    def _outbound(self, buf: bytearray | memoryview, now: float, wall: float) -> None:
+        if len(buf) < 20 or buf[0] >> 4 != 4:
+            self.stats.drop(DropReason.MALFORMED_PACKET)
+            return
+        mtu = self.config.mtu
+        if len(buf) > mtu:
+            self._too_big(buf, mtu)
+            return
+        if buf[9] == 6:
+            rewrite_tcp_mss(buf, mtu - 40)
+        if self.flows.rewrite_outbound(buf, now):  # False: malformed, counted
+            self._dispatch(socket.inet_ntoa(buf[16:20]), buf, now, wall)
+
+    def _outbound_super(self, frame: bytearray, now: float, wall: float) -> None:
+        """NAT and classify once per super-packet; split recomputes every checksum after."""
+        if len(frame) < VNET_HDR_LEN + 20 or frame[VNET_HDR_LEN] >> 4 != 4:
+            self.stats.drop(DropReason.MALFORMED_PACKET)
+            return
+        if not self.flows.rewrite_outbound(memoryview(frame)[VNET_HDR_LEN:], now):
+            return
+        dst = socket.inet_ntoa(frame[VNET_HDR_LEN + 16:VNET_HDR_LEN + 20])
+        segments = split_tcp_batch(frame, self.stats, self.split_buffer)
+        self.stats.inc("super_packets_split")
+        for seg in segments:
+            self._dispatch(dst, seg, now, wall)
+
+    def _too_big(self, buf: bytearray | memoryview, mtu: int) -> None:
         self.stats.drop(DropReason.TOO_BIG)
         if buf[6] & 0x40:  # DF: tell the sender, as a router would (RFC 1191)
             icmp = build_icmp_frag_needed(bytes(buf), mtu, self.config.pod_ip)
             if icmp:
                 self._send_raw(self.inject, icmp)
 
-    def _dispatch(self, dst: str, buf: bytearray, now: float, wall: float) -> None:
+    def _dispatch(self, dst: str, buf: bytearray | memoryview, now: float, wall: float) -> None:
         if self.tunnel.knows(dst):
             self.tunnel.send(dst, buf, now, wall)
             return
@@ -164,7 +198,7 @@ class Proxy:
         else:
             self._hold(dst, bytes(buf))
 
-    def _seal(self, dst: str, pkt: bytes | bytearray, now: float, wall: float) -> None:
+    def _seal(self, dst: str, pkt: bytes | bytearray | memoryview, now: float, wall: float) -> None:
         """An internal destination: sealed, unless --no-strict found no proxy there lately."""
         if self.plaintext_until.get(dst, 0.0) > now:
             self.stats.inc("packets_plaintext_fallback")
@@ -200,28 +234,43 @@ class Proxy:
 
     # ---- inbound: udp -> open -> nat -> inject ------------------------------------------
     def _on_udp(self) -> None:
-        assert self.udp is not None
+        assert self.udp_batch is not None
         now, wall = time.monotonic(), time.time()
+        opened: list[bytearray] = []
         for _ in range(BATCH):
             try:
-                data, addr = self.udp.recvfrom(65535)
-            except BlockingIOError:
-                break
+                got = self.udp_batch.recv_batch()
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
                 self.ratelog.warn("udp-error", "tunnel socket: %s", exc)
                 continue
-            pkt = self.tunnel.receive(data, addr, now, wall)
-            for event in self.tunnel.pop_events():  # before injecting: a PeerUp routes the reply
-                self._on_peer_event(event)
-            if pkt is None:
-                continue
-            buf = bytearray(pkt)
-            if self.flows.rewrite_inbound(buf, now):
-                self._send_raw(self.inject, buf)
+            if got is None:
+                break
+            datagrams, addr = got
+            for data in datagrams:
+                pkt = self.tunnel.receive(data, addr, now, wall)
+                for event in self.tunnel.pop_events():  # before injecting: PeerUp routes the reply
+                    self._on_peer_event(event)
+                if pkt is None:
+                    continue
+                buf = bytearray(pkt)
+                if self.flows.rewrite_inbound(buf, now):
+                    opened.append(buf)
+            if len(opened) >= BATCH:
+                self._inject(opened)
+                opened = []
+        self._inject(opened)
         self._flush()
 
+    def _inject(self, packets: list[bytearray]) -> None:
+        if not self.batch:
+            for buf in packets:
+                self._send_raw(self.inject, buf)
+            return
+        for merged in coalesce_batch(packets):  # a raw socket takes a 64 KiB TCP segment
+            self._send_raw(self.inject, merged.packet)
+
     # ---- shared --------------------------------------------------------------------------
-    def _send_raw(self, sock: socket.socket | None, buf: bytes | bytearray) -> None:
+    def _send_raw(self, sock: socket.socket | None, buf: bytes | bytearray | memoryview) -> None:
         assert sock is not None
         try:
             sock.sendto(buf, (socket.inet_ntoa(buf[16:20]), 0))
@@ -229,12 +278,16 @@ class Proxy:
             self.ratelog.warn("raw-" + str(exc.errno), "raw send failed: %s", exc)
 
     def _flush(self) -> None:
-        assert self.udp is not None
-        for datagram, addr in self.tunnel.pop_transmits():
+        assert self.udp_batch is not None
+        transmits = self.tunnel.pop_transmits()
+        if transmits:
             try:
-                self.udp.sendto(datagram, addr)
+                sent = self.udp_batch.send_many(transmits)
             except OSError as exc:
-                self.ratelog.warn("udp-send-" + str(exc.errno), "send to %s failed: %s", addr, exc)
+                self.ratelog.warn("udp-send-" + str(exc.errno), "tunnel send failed: %s", exc)
+                sent = 0
+            if sent < len(transmits):
+                self.stats.inc("datagrams_send_dropped", len(transmits) - sent)
         for event in self.tunnel.pop_events():
             self._on_peer_event(event)
 
@@ -299,7 +352,7 @@ async def serve(args: argparse.Namespace) -> int:
     # without strict mode an unpatched peer is reached in the clear once the handshake gives
     # up: give up early enough for a TCP connect to survive it
     limits = Limits() if strict else Limits(handshake_give_up=NO_STRICT_GIVE_UP)
-    proxy = Proxy(config, psk, strict, Stats(), limits)
+    proxy = Proxy(config, psk, strict, Stats(), limits, batch=args.batch)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stopping.set)

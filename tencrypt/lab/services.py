@@ -4,9 +4,9 @@ Rules:
 - Every node carries every Service, as kube-proxy does: ``nat PREROUTING`` (traffic from pods)
   and ``nat OUTPUT`` (traffic from the node itself) jump to two chains.
 - ``KUBE-SERVICES``: the Service port, ``VIP:port/tcp -> pod:port``. Written once by ``up``.
-- ``TENCRYPT``: ``VIP:1337`` udp and tcp ``-> pod:1337``, the tunnel port. It is owned by one
-  function, ``program_tencrypt_chain``, which replaces the whole chain atomically and can be
-  called again at any time; the node-side updater takes its place later.
+- ``TENCRYPT``: ``VIP:1337`` udp and tcp ``-> pod:1337``, the tunnel port. The lab programs it
+  through the node-side updater's own code (``tencrypt node-sync``): its Services are written
+  as Kubernetes objects, so the lab and a real node share one path.
 - Hairpin: a pod reaching its own Service gets its source masqueraded (``KUBE-POSTROUTING``),
   or its reply would carry a source the pod owns and be dropped as a martian.
 - Changes go through one ``iptables-restore --noflush`` each, so a chain is never half-written.
@@ -18,6 +18,8 @@ from collections.abc import Iterable
 
 from tencrypt.lab.topology import Service
 from tencrypt.linux import netns
+from tencrypt.nodesync.iptables import program_objects
+from tencrypt.nodesync.kubeobjects import lab_objects
 
 TUNNEL_PORT = 1337
 
@@ -36,21 +38,6 @@ def build_kube_services(services: Iterable[Service]) -> str:
     return "\n".join([*lines, "COMMIT", ""])
 
 
-def build_tencrypt_chain(services: Iterable[Service], existing: str,
-                         port: int = TUNNEL_PORT) -> str:
-    """iptables-restore input that replaces chain TENCRYPT (declaring a chain flushes it) and
-    adds the PREROUTING/OUTPUT jumps that ``existing`` (``iptables-save -t nat``) lacks."""
-    lines = ["*nat", ":TENCRYPT - [0:0]"]
-    for hook in ("PREROUTING", "OUTPUT"):
-        if f"-A {hook} -j TENCRYPT" not in existing.splitlines():
-            lines.append(f"-A {hook} -j TENCRYPT")
-    for svc in services:
-        for proto in ("udp", "tcp"):
-            lines.append(f"-A TENCRYPT -d {svc.vip}/32 -p {proto} -m {proto} --dport {port} "
-                         f"-j DNAT --to-destination {svc.endpoint}:{port}")
-    return "\n".join([*lines, "COMMIT", ""])
-
-
 def program_kube_services(node_ns: str, services: Iterable[Service]) -> None:
     netns.run(node_ns, ["iptables-restore", "--noflush"], input=build_kube_services(services))
 
@@ -58,7 +45,5 @@ def program_kube_services(node_ns: str, services: Iterable[Service]) -> None:
 def program_tencrypt_chain(node_ns: str, services: Iterable[Service],
                            port: int = TUNNEL_PORT) -> None:
     """Make chain TENCRYPT in ``node_ns`` forward ``VIP:port`` (udp+tcp) of exactly
-    ``services`` to their pods. Idempotent; replaces whatever the chain held."""
-    existing = netns.run(node_ns, ["iptables-save", "-t", "nat"]).stdout
-    netns.run(node_ns, ["iptables-restore", "--noflush"],
-              input=build_tencrypt_chain(services, existing, port))
+    ``services`` to their pods, as `tencrypt node-sync` does on a real node. Idempotent."""
+    program_objects(lab_objects(services), netns=node_ns, port=port)
