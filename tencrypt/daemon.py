@@ -22,7 +22,8 @@ Inbound, when the UDP socket is readable (`_on_udp`):
     peer events (routes, firewall) are applied at once: the reply to this packet needs them;
  3. on the batch path, consecutive segments of one TCP flow are coalesced again (core.batch);
  4. NAT in: Service VIP -> this pod's IP, flow remembered (once per coalesced packet);
- 5. inject through the raw socket, so the packet arrives like any other;
+ 5. inject: on the batch path as TSO frames written to tenc0 (the kernel completes the TCP
+    checksum), otherwise through the raw socket; either way the packet arrives like any other;
  6. flush replies (handshake responses, keepalives).
 Timers (`_timer_loop`): handshake retries, keepalives, re-keys, flow and DNS expiry.
 
@@ -43,7 +44,13 @@ import sys
 import time
 from pathlib import Path
 
-from tencrypt.core.batch import VNET_HDR_LEN, coalesce_batch, split_tcp_batch
+from tencrypt.core.batch import (
+    VNET_HDR_LEN,
+    build_gso_vnet_hdr,
+    coalesce_batch,
+    rewrite_partial_csum,
+    split_tcp_batch,
+)
 from tencrypt.core.classify import AddrClass, Change
 from tencrypt.core.nat import FlowTable
 from tencrypt.core.packet import build_icmp_frag_needed, rewrite_tcp_mss
@@ -85,6 +92,7 @@ class Proxy:
         self.strict = strict
         self.batch = batch
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
+        self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
         self.stats = stats
         self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port)
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
@@ -175,6 +183,9 @@ class Proxy:
         dst = socket.inet_ntoa(frame[VNET_HDR_LEN + 16:VNET_HDR_LEN + 20])
         segments = split_tcp_batch(frame, self.stats, self.split_buffer)
         self.stats.inc("super_packets_split")
+        if self.tunnel.knows(dst):  # the common case: a peer with a session
+            self.tunnel.send_batch(dst, segments, now, wall)
+            return
         for seg in segments:
             self._dispatch(dst, seg, now, wall)
 
@@ -259,13 +270,31 @@ class Proxy:
         self._flush()
 
     def _inject(self, packets: list[bytes], now: float) -> None:
-        """NAT in and inject; on the batch path a flow's consecutive segments are merged first,
-        so NAT and the system call are paid once per merged packet (a raw socket takes 64 KiB)."""
-        merged = [c.packet for c in coalesce_batch(packets)] if self.batch else packets
-        for pkt in merged:
+        """NAT in and inject. The batch path merges a flow's consecutive segments first (NAT
+        and the system call then cost once per merged packet) and writes them to tenc0 as TSO
+        frames whose TCP checksum the kernel completes (CHECKSUM_PARTIAL): no 64 KiB checksum
+        in Python. The one-packet path and the fallback inject through the raw socket."""
+        if not self.inject_via_tun:
+            merged = [c.packet for c in coalesce_batch(packets)] if self.batch else packets
+            for pkt in merged:
+                buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
+                if self.flows.rewrite_inbound(buf, now):
+                    self._send_raw(self.inject, buf)
+            return
+        assert self.tun is not None
+        for pkt, gso_size in coalesce_batch(packets, partial=True):
             buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
-            if self.flows.rewrite_inbound(buf, now):
-                self._send_raw(self.inject, buf)
+            if not self.flows.rewrite_inbound(buf, now):
+                continue
+            if gso_size:
+                rewrite_partial_csum(buf)
+            try:
+                self.tun.write_frame(build_gso_vnet_hdr(buf, gso_size), buf)
+            except OSError as exc:  # a kernel that refuses TSO frames: raw socket from now on
+                log.warning("writing to %s refused (%s): injecting through the raw socket",
+                            self.config.tun, exc)
+                self.inject_via_tun = False
+                self.stats.inc("tun_inject_errors")
 
     # ---- shared --------------------------------------------------------------------------
     def _send_raw(self, sock: socket.socket | None, buf: bytes | bytearray | memoryview) -> None:

@@ -119,6 +119,15 @@ def build_gso_vnet_hdr(packet: Buffer, gso_size: int) -> bytes:
                       ihl, TCP_CSUM_OFFSET)
 
 
+def rewrite_partial_csum(pkt: bytearray | memoryview) -> None:
+    """Set a TCP/IPv4 packet's checksum field to its pseudo-header sum (CHECKSUM_PARTIAL), as a
+    TUN write with NEEDS_CSUM wants it — after an address rewrite (NAT), whose incremental
+    update assumes a complete checksum and would leave a partial one wrong."""
+    ihl = (pkt[0] & 0x0F) << 2
+    src, dst = _IP.unpack_from(pkt, 0)[7:9]
+    _U16.pack_into(pkt, ihl + 16, pseudo_sum(src, dst, TCP, len(pkt) - ihl) % _M or _M)
+
+
 # --- checksums (RFC 1071), modulo 0xFFFF --------------------------------------------------------
 
 def ones_sum(buf: Buffer, start: int, end: int) -> int:

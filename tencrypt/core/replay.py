@@ -37,19 +37,23 @@ class ReplayWindow:
 
     def update(self, counter: int) -> None:
         ring = self.ring
-        if counter > self.top:
-            block, top_block = counter >> 6, self.top >> 6
-            if block - top_block >= _RING:
+        top = self.top
+        if counter > top:
+            block = counter >> 6
+            gap = block - (top >> 6)
+            if gap == 1:  # the common in-order case: one fresh block
+                ring[block & _RING_MASK] = 0
+            elif gap >= _RING:
                 # A jump past the whole ring forgets everything (counters are 64-bit: never
                 # loop over the gap).
                 self.ring = ring = [0] * _RING
-            else:
-                for b in range(top_block + 1, block + 1):
+            elif gap:
+                for b in range((top >> 6) + 1, block + 1):
                     ring[b & _RING_MASK] = 0
             self.top = counter
-        elif self.top - counter >= WINDOW:
-            return
-        ring[(counter >> 6) & _RING_MASK] |= 1 << (counter & 63)
+            ring[block & _RING_MASK] |= 1 << (counter & 63)
+        elif top - counter < WINDOW:
+            ring[(counter >> 6) & _RING_MASK] |= 1 << (counter & 63)
 
     def check_and_update(self, counter: int) -> bool:
         if not self.check(counter):

@@ -76,7 +76,8 @@ def proxies_in(ns: str) -> list[int]:
     return found
 
 
-def patch(lab: Lab, pod: Pod, strict: bool = True) -> None:
+def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = ()) -> None:
+    """Start the launcher for ``pod`` (``run_args`` go to `tencrypt run`, e.g. --no-batch)."""
     if proxy_pid(lab, pod):
         raise UsageError(f"pod {pod.name} is already patched (unpatch it first)")
     key = lab.psk_file(pod.project)
@@ -86,6 +87,7 @@ def patch(lab: Lab, pod: Pod, strict: bool = True) -> None:
             "--metrics", METRICS]
     if not strict:
         argv.append("--no-strict")
+    argv += run_args
     log, pid_file = lab.log_file(f"{pod.name}.tencrypt"), lab.pid_file(f"{pod.name}.tencrypt")
     lab.say(f"patching {pod.name}: {' '.join(argv[1:])} (log {log})")
     with open(log, "wb") as out:  # truncated: an old "ready" line must not count

@@ -38,6 +38,7 @@ from tencrypt.core.stats import Stats
 log = logging.getLogger("tencrypt.gso")
 
 SOL_UDP = 17  # IPPROTO_UDP, linux/in.h
+MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag arithmetic is slow per packet
 UDP_SEGMENT = 103  # linux/udp.h: u16 segment size, setsockopt or cmsg
 UDP_GRO = 104  # linux/udp.h: int, setsockopt; cmsg on receive
 UDP_MAX_SEGMENTS = 64  # linux/udp.h: 1 << 6 until 6.9 raised it to 128; the lower bound is safe
@@ -181,7 +182,7 @@ class UdpBatch:
             if level == SOL_UDP and kind == UDP_GRO and len(value) >= _INT.size:
                 size = _INT.unpack_from(value)[0]
         view = self._view
-        if flags & socket.MSG_TRUNC:  # the buffer is 64 KiB: only a bigger-than-IP datagram
+        if flags & MSG_TRUNC:  # the buffer is 64 KiB: only a bigger-than-IP datagram
             self.stats.inc("udp_truncated")
             if size <= 0 or size >= nbytes:
                 return [], addr

@@ -57,8 +57,12 @@ class Tun:
         except BlockingIOError:
             return None
 
-    def write(self, packet: bytes) -> None:
+    def write(self, packet: bytes | bytearray | memoryview) -> None:
         os.write(self.fd, packet)
+
+    def write_frame(self, vnet_hdr: bytes, packet: bytes | bytearray | memoryview) -> None:
+        """One packet behind its virtio-net header (``vnet_hdr=True``), without joining them."""
+        os.writev(self.fd, (vnet_hdr, packet))
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -89,6 +89,30 @@ def test_100mb_transfer_arrives_intact(sealed):
     assert proc.stdout.split()[0] == digest
 
 
+def test_one_packet_path_delivers_the_same_bytes(sealed):
+    """--no-batch: no offloads, one packet per system call; the same download, the same bytes."""
+    lab = sealed
+    path, digest = lab.make_blob("nginx2", 20)
+    for pod in ("nginx2", "nginx1"):
+        lab.unpatch(pod)
+        lab.patch(pod, run_args=("--no-batch",))
+    try:
+        proc = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 120 http://nginx2:8080{path} | sha256sum"],
+                        timeout=140)
+        assert proc.stdout.split()[0] == digest
+        m = metrics(lab, "nginx1")
+        assert m.get("tencrypt_super_packets_split_total", 0) == 0 and m["tencrypt_packets_sealed_total"] > 0
+    finally:
+        for pod in ("nginx2", "nginx1"):
+            lab.unpatch(pod)
+            lab.patch(pod)
+    proc = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 120 http://nginx2:8080{path} | sha256sum"],
+                    timeout=140)
+    assert proc.stdout.split()[0] == digest
+    m = metrics(lab, "nginx2")
+    assert m["tencrypt_super_packets_split_total"] > 0  # the batch path carried the download
+
+
 def test_udp_and_icmp_cross_the_tunnel(sealed, capture):
     lab = sealed
     n2 = lab.pod("nginx2")

@@ -438,3 +438,42 @@ def test_vip_moving_to_another_pod_rebinds_the_peer(net):
     assert net.delivered[C] == [ipv4(A, VIP, b"to C")]
     assert net.events[A] == [PeerUp(B, (VIP, PORT)), PeerDown(B), PeerUp(C, (VIP, PORT))]
     assert not net.pods[A].knows(B) and net.pods[A].knows(C)
+
+
+# ---- send_batch: the batch path's sealing ---------------------------------------------------------
+
+def test_send_batch_delivers_the_same_packets_as_send_one_by_one():
+    one, many = new_net(), new_net()
+    for n in (one, many):
+        connect(n)
+    packets = [ipv4(A, B, b"segment %02d" % i) for i in range(44)]
+    for p in packets:
+        one.send(A, B, p)
+    many.pods[A].send_batch(B, packets, many.now, many.wall)
+    one.pump()
+    many.pump()
+    assert many.delivered[B] == one.delivered[B] == packets
+    for key in ("packets_sealed", "bytes_sealed"):
+        assert many.pods[A].stats.get(key) == one.pods[A].stats.get(key)
+    assert drops(many.pods[B]) == 0
+
+
+def test_send_batch_without_a_session_queues_and_handshakes():
+    net = new_net()
+    packets = [ipv4(A, B, b"early %d" % i) for i in range(5)]
+    net.pods[A].send_batch(B, packets, net.now, net.wall)
+    net.pump()
+    assert net.delivered[B] == packets
+    assert net.pods[A].stats.get("handshakes_initiated") == 1
+
+
+def test_send_batch_respects_the_message_limits():
+    net = new_net(fast(rekey_after_messages=10, reject_after_messages=20))
+    connect(net)
+    a = net.pods[A]
+    sealed = a.stats.get("packets_sealed")
+    a.send_batch(B, [ipv4(A, B, b"%d" % i) for i in range(12)], net.now, net.wall)
+    assert a.stats.get("packets_sealed") == sealed + 12
+    assert a.stats.get("handshakes_initiated") == 2  # crossing rekey_after_messages re-keys
+    net.pump()
+    assert len(net.delivered[B]) == 12
