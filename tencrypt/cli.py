@@ -123,6 +123,12 @@ def _node_sync(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _agent(p: argparse.ArgumentParser) -> None:
+    from tencrypt.agent.cli import add_arguments  # flags live beside their handler
+
+    add_arguments(p)
+
+
 COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("setup", "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
      _setup, "tencrypt.linux.podnet:main"),
@@ -135,6 +141,9 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
      "tencrypt.lab.demo:main"),
     ("node-sync", "keep the node's TENCRYPT nat chain (VIP:1337 -> pods) in step with the Services "
                   "and endpoints of enabled projects", _node_sync, "tencrypt.nodesync.cli:main"),
+    ("agent", "node daemon: run the proxy in every pod of this node whose project is enabled, "
+              "restart it when it dies, undo the pod when it goes", _agent,
+     "tencrypt.agent.cli:main"),
     ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN", _bench,
      "bench.harness:main"),
 ]

@@ -1,26 +1,34 @@
-"""A Kubernetes API server double for tests: list and watch of the four kinds node-sync reads.
+"""A Kubernetes API server double for tests: what node-sync and the agent read.
 
 It is a test double in the sense of wireguard-go's ``tuntest``: the client (the official
 ``kubernetes`` package) is real and speaks real HTTP to it on loopback; only the server is
 small. What it does as the real one does:
 
-- ``GET /api/v1/namespaces``, ``/api/v1/services``, ``/api/v1/endpoints`` and
-  ``/apis/discovery.k8s.io/v1/endpointslices``: a ``<Kind>List`` with a resourceVersion, paged
-  with ``limit``/``continue``; items carry no ``kind``/``apiVersion`` (as in real lists).
+- ``GET /api/v1/namespaces``, ``/api/v1/services``, ``/api/v1/endpoints``,
+  ``/apis/discovery.k8s.io/v1/endpointslices`` and ``/api/v1/pods``: a ``<Kind>List`` with a
+  resourceVersion, paged with ``limit``/``continue``; items carry no ``kind``/``apiVersion``
+  (as in real lists). ``fieldSelector=a.b=v,...`` (equality only, e.g. ``spec.nodeName=n1``)
+  filters lists and watches.
 - ``?watch=true&resourceVersion=N``: a chunked stream of ``{"type", "object"}`` lines for
   every change after N, held open until ``timeoutSeconds``, ``end_watches()`` or ``stop()``;
   a version older than the last ``compact()`` gets an ``ERROR`` event with code 410;
-  ``pause_watches()`` holds watch requests (a partition) until ``resume_watches()``.
+  ``pause_watches()`` holds watch requests (a partition) until ``resume_watches()``. Under a
+  field selector, an object that starts matching arrives as ``ADDED`` and one that stops
+  matching as ``DELETED``, as the real API server's watch cache sends them.
+- ``GET /api/v1/namespaces/<ns>/secrets/<name>``: one Secret, or 404 (the only Secret
+  request served: the agent may ``get`` Secrets by name, never list them).
 - Every request needs ``Authorization: Bearer <token>``, else 401; with
   ``serve_slices=False`` the EndpointSlice API answers 404, like a cluster that predates it.
-- ``requests`` records (kind, "list" | "watch") of every request, so a test can tell a
-  watcher from a poller.
+- ``requests`` records (kind name, "list" | "watch" | "get") of every request, so a test can
+  tell a watcher from a poller; ``count`` and ``open_watches`` take a ``Kind`` or a kind name.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 import json
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -31,28 +39,33 @@ from urllib.parse import parse_qs, urlparse
 
 from tencrypt.nodesync.cluster import Kind
 
-PATHS = {"/api/v1/namespaces": Kind.NAMESPACE, "/api/v1/services": Kind.SERVICE,
-         "/api/v1/endpoints": Kind.ENDPOINTS,
-         "/apis/discovery.k8s.io/v1/endpointslices": Kind.ENDPOINT_SLICE}
+PATHS = {"/api/v1/namespaces": Kind.NAMESPACE.value, "/api/v1/services": Kind.SERVICE.value,
+         "/api/v1/endpoints": Kind.ENDPOINTS.value,
+         "/apis/discovery.k8s.io/v1/endpointslices": Kind.ENDPOINT_SLICE.value,
+         "/api/v1/pods": "Pod"}
+SECRET_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
 TOKEN = "tencrypt-test-token"
 
-ObjKey = tuple[Kind, str, str]
+ObjKey = tuple[str, str, str]  # (kind name, namespace, name)
+Obj = dict[str, Any]
+Selector = tuple[tuple[str, str], ...]  # ((dotted field path, value), ...)
 
 
 class FakeApiServer:
     def __init__(self, objects: Iterable[dict[str, Any]] = (), serve_slices: bool = True) -> None:
         self.serve_slices = serve_slices
-        self.requests: list[tuple[Kind, str]] = []
+        self.requests: list[tuple[str, str]] = []
         self._cond = threading.Condition()
         self._version = 1000
-        self._objects: dict[ObjKey, dict[str, Any]] = {}
-        self._events: list[tuple[int, Kind, str, dict[str, Any]]] = []
+        self._objects: dict[ObjKey, Obj] = {}
+        # (version, kind name, event type, object, the object before this change or None)
+        self._events: list[tuple[int, str, str, Obj, Obj | None]] = []
         self._compacted = 0
         self._generation = 0  # bumped by end_watches(): open streams end
         self._closing = False
         self._paused = False
         self._server: ThreadingHTTPServer | None = None
-        self._open: dict[Kind, int] = {}
+        self._open: dict[str, int] = {}
         for obj in objects:
             self.put(obj)
 
@@ -65,18 +78,19 @@ class FakeApiServer:
         with self._cond:
             self._version += 1
             obj["metadata"]["resourceVersion"] = str(self._version)
-            kind = "MODIFIED" if key in self._objects else "ADDED"
+            prev = self._objects.get(key)
             self._objects[key] = obj
-            self._events.append((self._version, key[0], kind, obj))
+            self._events.append((self._version, key[0], "MODIFIED" if prev else "ADDED", obj,
+                                 prev))
             self._cond.notify_all()
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
-        key = (Kind(kind), namespace, name)
+        key = (kind, namespace, name)
         with self._cond:
-            obj = self._objects.pop(key)
+            prev = self._objects.pop(key)
             self._version += 1
-            obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._version)}}
-            self._events.append((self._version, key[0], "DELETED", obj))
+            obj = {**prev, "metadata": {**prev["metadata"], "resourceVersion": str(self._version)}}
+            self._events.append((self._version, kind, "DELETED", obj, prev))
             self._cond.notify_all()
 
     def compact(self) -> None:
@@ -102,13 +116,19 @@ class FakeApiServer:
             self._paused = False
             self._cond.notify_all()
 
-    def count(self, kind: Kind, verb: str) -> int:
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         with self._cond:
-            return sum(1 for k, v in self.requests if k is kind and v == verb)
+            obj = self._objects.get((kind, namespace, name))
+            return copy.deepcopy(obj) if obj else None
 
-    def open_watches(self, kind: Kind) -> int:
+    def count(self, kind: Kind | str, verb: str) -> int:
+        name = _kind_name(kind)
         with self._cond:
-            return self._open.get(kind, 0)
+            return sum(1 for k, v in self.requests if k == name and v == verb)
+
+    def open_watches(self, kind: Kind | str) -> int:
+        with self._cond:
+            return self._open.get(_kind_name(kind), 0)
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -139,10 +159,10 @@ class FakeApiServer:
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
         return path
 
-    def list_doc(self, kind: Kind, limit: int, start: int) -> dict[str, Any]:
+    def list_doc(self, kind: str, limit: int, start: int, selector: Selector = ()) -> Obj:
         with self._cond:
             objs = [o for (k, _, _), o in sorted(self._objects.items(), key=lambda i: i[0][1:])
-                    if k is kind]
+                    if k == kind and _matches(o, selector)]
             version = self._version
         page = objs[start:start + limit] if limit else objs[start:]
         more = limit and start + limit < len(objs)
@@ -150,10 +170,10 @@ class FakeApiServer:
         meta: dict[str, Any] = {"resourceVersion": str(version)}
         if more:
             meta["continue"] = str(start + limit)
-        return {"kind": f"{kind.value}List", "apiVersion": "v1", "metadata": meta,
-                "items": items}
+        return {"kind": f"{kind}List", "apiVersion": "v1", "metadata": meta, "items": items}
 
-    def stream(self, kind: Kind, since: int, timeout: float, write: Any) -> None:
+    def stream(self, kind: str, since: int, timeout: float, write: Any,
+               selector: Selector = ()) -> None:
         """Write watch events of ``kind`` after version ``since`` until the stream ends."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -169,24 +189,67 @@ class FakeApiServer:
                 return
             while True:
                 with self._cond:
-                    pending = [(v, t, o) for v, k, t, o in self._events if k is kind and v > since]
+                    pending = [(v, t, o, p) for v, k, t, o, p in self._events
+                               if k == kind and v > since]
                     if not pending:
                         left = deadline - time.monotonic()
                         if self._closing or generation != self._generation or left <= 0:
                             return
                         self._cond.wait(min(left, 0.5))
                         continue
-                for version, etype, obj in pending:
-                    write({"type": etype, "object": obj})
+                for version, etype, obj, prev in pending:
+                    etype = _selected(etype, obj, prev, selector)
+                    if etype:
+                        write({"type": etype, "object": obj})
                     since = version
         finally:
             with self._cond:
                 self._open[kind] -= 1
 
 
-def _key(obj: dict[str, Any]) -> ObjKey:
+def _key(obj: Obj) -> ObjKey:
     meta = obj["metadata"]
-    return (Kind(obj["kind"]), meta.get("namespace", ""), meta["name"])
+    return (obj["kind"], meta.get("namespace", ""), meta["name"])
+
+
+def _kind_name(kind: Kind | str) -> str:
+    return kind.value if isinstance(kind, enum.Enum) else kind
+
+
+def parse_field_selector(text: str) -> Selector:
+    """``spec.nodeName=n1,metadata.namespace=shop`` (``==`` too); other operators refused."""
+    out = []
+    for term in filter(None, text.split(",")):
+        path, sep, value = term.partition("==") if "==" in term else term.partition("=")
+        if not sep or path.endswith("!"):
+            raise ValueError(f"unsupported field selector term {term!r}")
+        out.append((path.strip(), value.strip()))
+    return tuple(out)
+
+
+def _field(obj: Obj, path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "" if value is None else str(value)
+
+
+def _matches(obj: Obj | None, selector: Selector) -> bool:
+    return obj is not None and all(_field(obj, path) == want for path, want in selector)
+
+
+def _selected(etype: str, obj: Obj, prev: Obj | None, selector: Selector) -> str | None:
+    """The event a watch under ``selector`` sees for this change, if any."""
+    if not selector:
+        return etype
+    now, before = _matches(obj, selector), _matches(prev, selector)
+    if etype == "DELETED":
+        return "DELETED" if before else None
+    if now and before:
+        return "MODIFIED"
+    if now:
+        return "ADDED"
+    return "DELETED" if before else None
 
 
 def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
@@ -201,14 +264,22 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._status(401, "Unauthorized")
+            secret = SECRET_PATH.match(url.path)
+            if secret:
+                return self._get("Secret", *secret.groups())
             kind = PATHS.get(url.path)
-            if kind is None or (kind is Kind.ENDPOINT_SLICE and not api.serve_slices):
+            if kind is None or (kind == Kind.ENDPOINT_SLICE.value and not api.serve_slices):
                 return self._status(404, "NotFound")
+            try:
+                selector = parse_field_selector(query.get("fieldSelector", ""))
+            except ValueError as exc:
+                return self._status(400, f"BadRequest: {exc}")
             watching = query.get("watch") in ("true", "1", "True")
             with api._cond:
                 api.requests.append((kind, "watch" if watching else "list"))
             if not watching:
-                doc = api.list_doc(kind, int(query.get("limit", 0)), int(query.get("continue", 0)))
+                doc = api.list_doc(kind, int(query.get("limit", 0)), int(query.get("continue", 0)),
+                                   selector)
                 return self._json(200, doc)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -216,10 +287,18 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             try:
                 api.stream(kind, int(query.get("resourceVersion") or 0),
-                           float(query.get("timeoutSeconds", 300)), self._chunk)
+                           float(query.get("timeoutSeconds", 300)), self._chunk, selector)
                 self.wfile.write(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass
+
+        def _get(self, kind: str, namespace: str, name: str) -> None:
+            with api._cond:
+                api.requests.append((kind, "get"))
+            obj = api.get(kind, namespace, name)
+            if obj is None:
+                return self._status(404, "NotFound")
+            return self._json(200, obj)
 
         def _chunk(self, event: dict[str, Any]) -> None:
             data = json.dumps(event).encode() + b"\n"

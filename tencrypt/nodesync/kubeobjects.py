@@ -3,11 +3,13 @@
 The lab's Services are written as the Namespaces, Services and EndpointSlices a real cluster
 would hold, and go through exactly the code a real node runs (``ClusterState`` → rules →
 ``iptables-restore``). The shapes follow what ``kubectl get ... -o json`` prints for
-core/v1 and discovery.k8s.io/v1; only the fields node-sync and a reader need are filled in.
+core/v1 and discovery.k8s.io/v1; only the fields node-sync, the agent and a reader need are
+filled in.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -75,6 +77,35 @@ def build_endpoints(namespace: str, service: str, ips: Sequence[str], port: int 
             "subsets": [{"addresses": [{"ip": ip} for ip in ips],
                          "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}]
             if ips else []}
+
+
+def build_pod(namespace: str, name: str, node: str, ip: str | None, *, phase: str = "Running",
+              host_network: bool = False, annotations: dict[str, str] | None = None,
+              uid: str | None = None) -> Obj:
+    """A Pod scheduled on ``node`` (``ip`` None: its sandbox has no address yet)."""
+    status: Obj = {"phase": phase, "hostIP": "192.168.200.1", "qosClass": "BestEffort",
+                   "conditions": [{"type": "Ready", "status": "True" if ip else "False"}]}
+    if ip:
+        status.update(podIP=ip, podIPs=[{"ip": ip}])
+    spec: Obj = {"nodeName": node, "restartPolicy": "Always", "schedulerName": "default-scheduler",
+                 "serviceAccountName": "default",
+                 "containers": [{"name": "web", "image": "registry.example.com/web:1",
+                                 "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]}
+    if host_network:
+        spec["hostNetwork"] = True
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": name},
+                         "annotations": dict(annotations or {}),
+                         "uid": uid or _uid("pod", namespace, name)},
+            "spec": spec, "status": status}
+
+
+def build_secret(namespace: str, values: dict[str, str], name: str = "tencrypt") -> Obj:
+    """An Opaque Secret; ``values`` as ``--from-literal`` gives them (stored base64, as the
+    API server returns ``data``)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace, "uid": _uid("secret", namespace, name)},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}}
 
 
 def build_list(items: Iterable[Obj]) -> Obj:

@@ -8,6 +8,9 @@ Stages:
    client-go does: list (paged) → ``Listed``, then watch from the list's resourceVersion →
    ``Changed`` per event. A watch that ends (server timeout) resumes from the last version it
    saw; ``410 Gone`` or any error relists, after a capped exponential backoff for errors.
+   The reflector knows nothing of node-sync: any list function of the client
+   (``functools.partial`` adds selectors) and any enum member as the kind's label will do,
+   which is how ``tencrypt agent`` watches Pods and Namespaces with the same machinery.
 3. ``Syncer.run`` folds what the reflectors queue into ``ClusterState`` and applies the
    desired rules whenever they change, but never before every kind has been listed once: a
    partial view (Services listed, slices not yet) would empty the chain and cut every
@@ -22,6 +25,7 @@ the stream ourselves keeps the official client for config, auth, TLS and request
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import queue
@@ -53,13 +57,13 @@ class Applier(Protocol):
 
 @dataclass(slots=True)
 class Listed:
-    kind: Kind
+    kind: enum.Enum  # a nodesync Kind, or the caller's own label for what it lists
     items: list[Any]
 
 
 @dataclass(slots=True)
 class Changed:
-    kind: Kind
+    kind: enum.Enum
     event: EventType
     obj: Any
 
@@ -103,6 +107,18 @@ def detect_endpoint_kind(api: client.ApiClient) -> Kind:
         raise
 
 
+def get_object(read_fn: Callable[..., Any], *args: Any) -> Any | None:
+    """One object as raw JSON (``read_namespaced_secret``, ...); None if it does not exist.
+    Any other API error is raised."""
+    try:
+        resp = read_fn(*args, _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, 60))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return json.loads(resp.data)
+
+
 def list_all(list_fn: Callable[..., Any]) -> tuple[list[Any], str]:
     """Every object of a kind (following ``continue`` pages) and the list's resourceVersion."""
     items: list[Any] = []
@@ -119,7 +135,7 @@ def list_all(list_fn: Callable[..., Any]) -> tuple[list[Any], str]:
 
 
 class Reflector(threading.Thread):
-    def __init__(self, kind: Kind, list_fn: Callable[..., Any], out: queue.Queue[object],
+    def __init__(self, kind: enum.Enum, list_fn: Callable[..., Any], out: queue.Queue[object],
                  stop: threading.Event, watch_timeout: int = WATCH_TIMEOUT) -> None:
         super().__init__(name=f"reflector-{kind.value}", daemon=True)
         self.kind, self.list_fn, self.out, self.stop = kind, list_fn, out, stop
@@ -184,10 +200,10 @@ class Syncer:
         self.applied: list[ServiceBackends] | None = None
 
     def fold(self, item: object) -> None:
-        if isinstance(item, Listed):
+        if isinstance(item, Listed) and isinstance(item.kind, Kind):
             self.state.replace(item.kind, item.items)
             self.listed.add(item.kind)
-        elif isinstance(item, Changed):
+        elif isinstance(item, Changed) and isinstance(item.kind, Kind):
             self.state.on_event(item.kind, item.event, item.obj)
 
     def sync(self, force: bool = False) -> bool:

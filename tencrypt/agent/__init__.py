@@ -1,0 +1,16 @@
+"""``tencrypt agent``: the node daemon that runs the proxy in every enabled pod of its node.
+
+Stages, from the cluster to the pods (pure modules marked *):
+
+1. ``agent`` — list+watch this node's Pods and all Namespaces (node-sync's reflectors), GET
+   each project's Secret ``tencrypt``; the loop that owns everything below;
+2. ``podstate`` * — which pods are wanted (enabled namespace, pod network, running) and the
+   project key out of its Secret;
+3. ``sandbox`` * / ``resolver`` — each pod's sandbox: a PID in its network namespace, from
+   the CRI (crictl), a /proc cgroup scan, or (lab and tests only) an annotation;
+4. ``reconcile`` * — wanted vs. running proxies → START / KILL / STOP, restarts with backoff;
+5. ``supervisor`` — ``tencrypt-nsenter.sh`` launched detached per pod, logs, records and key
+   files (0600 in 0700) under the state directory; SIGTERM and ``--undo`` to stop.
+
+``cli`` holds the flags and the entry point (``tencrypt.agent.cli:main``).
+"""

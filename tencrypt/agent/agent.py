@@ -1,0 +1,243 @@
+"""The agent's loop: the composition root of ``tencrypt agent``.
+
+Two reflectors (``nodesync.watch.Reflector``, the same list+watch machinery node-sync uses)
+queue this node's Pods (``fieldSelector=spec.nodeName=<node>``) and every Namespace; one
+thread, this loop, owns everything else. Stages of a pass (``tick``), run every ``TICK``
+seconds and after every burst of events, once Pods and Namespaces have both been listed:
+
+ 1. fold the events into ``NodeView``; take the wanted pods;
+ 2. keys: GET Secret ``tencrypt`` of each project that has wanted pods here — every
+    ``key_retry`` seconds while none is known, every ``key_refresh`` seconds after (a rotated
+    key restarts the project's proxies); a new key is written to its key file before anything
+    uses it. A missing or bad Secret is logged once per change, without the key;
+ 3. sandboxes: ``Resolver.resolve`` (cached; costly look-ups at most once a second);
+ 4. observe: a proxy process gone → ``on_exited`` (its log's last lines are logged); its
+    "tencrypt: ready" line → ``on_ready``;
+ 5. reconcile: ``Reconciler.plan`` → START, KILL, STOP, executed at once (a STOP for a new key
+    or sandbox is followed by its START in the same pass);
+ 6. key files of projects without a proxy on this node any more are removed.
+
+Start-up adopts what a previous agent recorded (``Supervisor.prepare``), before the first
+plan. Shutdown follows ``on_exit``: ``keep`` leaves the proxies running for the next agent to
+adopt; ``unpatch`` stops all of them at once, then undoes their pods in parallel.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+
+from tencrypt.agent.podstate import (
+    SECRET_NAME,
+    AgentKind,
+    BadKey,
+    NodeView,
+    PodInfo,
+    key_id,
+    parse_secret_key,
+)
+from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox, Verb, Want
+from tencrypt.agent.resolver import Resolver
+from tencrypt.agent.supervisor import Supervisor
+from tencrypt.core.stats import Stats
+from tencrypt.logutil import RateLimitedLog
+from tencrypt.nodesync.watch import Changed, Listed, Reflector, get_object
+
+log = logging.getLogger("tencrypt.agent")
+TICK = 0.5  # seconds between passes without events: how soon a dead proxy is noticed
+UNDO_PARALLEL = 4  # undos at once on shutdown: each is a short-lived interpreter
+ReadSecret = Callable[[str], Any]  # namespace -> Secret JSON, None if absent; raises on errors
+
+
+@dataclass(slots=True)
+class KeyState:
+    key_id: str | None = None
+    read_at: float = float("-inf")
+    problem: str | None = None
+
+
+class Agent:
+    def __init__(self, node: str, read_secret: ReadSecret, supervisor: Supervisor,
+                 resolver: Resolver, policy: Policy | None = None, key_refresh: float = 60.0,
+                 key_retry: float = 5.0, stats: Stats | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stats = stats or Stats()
+        self.view = NodeView(node, self.stats)
+        self.reconciler = Reconciler(policy or Policy(), self.stats)
+        self.read_secret, self.supervisor, self.resolver = read_secret, supervisor, resolver
+        self.key_refresh, self.key_retry, self.clock = key_refresh, key_retry, clock
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.listed: set[AgentKind] = set()
+        self.keys: dict[str, KeyState] = {}
+        self.ratelog = RateLimitedLog(log, per_key_interval=60.0)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, unpatch_on_exit: bool = False) -> None:
+        self.adopt()
+        while not stop.is_set():
+            try:
+                self.fold(self.queue.get(timeout=TICK))
+                while True:
+                    self.fold(self.queue.get_nowait())
+            except queue.Empty:
+                pass
+            if self.listed == set(AgentKind):
+                try:
+                    self.tick(self.clock())
+                # the loop must outlive any one failure (a full disk, a vanished binary): it is
+                # logged and the next pass starts again from what it observes
+                except Exception:  # noqa: BLE001
+                    log.exception("agent pass failed; retrying")
+                    stop.wait(1.0)
+        self.shutdown(unpatch_on_exit)
+
+    def adopt(self) -> None:
+        now = self.clock()
+        for rec in self.supervisor.prepare():
+            alive = self.supervisor.alive(rec.uid)
+            self.reconciler.on_adopted(rec.want(), alive, now)
+            self.resolver.seed(rec.uid, rec.sandbox)
+            log.info("%s/%s: adopted the proxy a previous agent started (pid %d, %s)",
+                     rec.namespace, rec.name, rec.proxy_pid, "running" if alive else "dead")
+
+    def fold(self, item: object) -> None:
+        if isinstance(item, Listed) and isinstance(item.kind, AgentKind):
+            self.view.replace(item.kind, item.items)
+            self.listed.add(item.kind)
+        elif isinstance(item, Changed) and isinstance(item.kind, AgentKind):
+            self.view.on_event(item.kind, item.event, item.obj)
+
+    def shutdown(self, unpatch: bool) -> None:
+        entries = list(self.reconciler.entries.values())
+        if not unpatch:
+            log.info("stopping; %d proxies left running for the next agent (--on-exit keep)",
+                     len(entries))
+            return
+        log.info("stopping; unpatching %d pods (--on-exit unpatch)", len(entries))
+        for e in entries:  # all at once: each proxy then takes its own grace period in parallel
+            self.supervisor.signal(e.uid, signal.SIGTERM)
+        for e in entries:
+            self.supervisor.terminate(e.uid)
+        with ThreadPoolExecutor(UNDO_PARALLEL) as pool:
+            list(pool.map(lambda e: self.supervisor.undo(e.sandbox, self.resolver.valid(e.sandbox)),
+                          entries))
+        for e in entries:
+            self.supervisor.forget(e.uid)
+            self.reconciler.on_stopped(e.uid)
+        for project in self.supervisor.key_projects():
+            self.supervisor.remove_key(project)
+
+    # -- one pass ---------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        wanted = self.view.wanted()
+        self.refresh_keys({p.namespace for p in wanted}, now)
+        sandboxes = self.resolver.resolve(wanted)
+        self.reconciler.on_desired(self._want(p, sandboxes.get(p.uid)) for p in wanted)
+        self.observe(now)
+        for _ in range(3):  # STOP for a new key/sandbox, then its START; never a busy loop
+            actions = self.reconciler.plan(now)
+            if not actions:
+                break
+            for action in actions:
+                self.execute(action, now)
+        self.drop_unused_keys(wanted)
+
+    def _want(self, pod: PodInfo, sandbox: Sandbox | None) -> Want:
+        state = self.keys.get(pod.namespace)
+        return Want(pod.uid, pod.namespace, pod.name, sandbox, state.key_id if state else None)
+
+    def refresh_keys(self, projects: Iterable[str], now: float) -> None:
+        for project in sorted(projects):
+            state = self.keys.setdefault(project, KeyState())
+            if now < state.read_at + (self.key_refresh if state.key_id else self.key_retry):
+                continue
+            state.read_at = now
+            try:
+                obj = self.read_secret(project)
+            except Exception as exc:  # noqa: BLE001 - the API's trouble: keep the last key
+                self.ratelog.warn(("secret", project), "%s: cannot read Secret %s: %s", project,
+                                  SECRET_NAME, exc)
+                continue
+            key = parse_secret_key(obj) if obj is not None else BadKey(
+                f"no Secret {SECRET_NAME} in the namespace")
+            if isinstance(key, BadKey):
+                if key.reason != state.problem:
+                    log.error("project %s: %s; %s", project, key.reason,
+                              "keeping its last key" if state.key_id else "its pods wait")
+                    self.stats.inc("agent_key_problems")
+                state.problem = key.reason
+                continue
+            kid = key_id(key)
+            if kid != state.key_id or not self.supervisor.key_file(project).exists():
+                self.supervisor.write_key(project, base64.b64encode(key).decode())
+                log.info("project %s: key %s", project, "loaded" if state.key_id is None
+                         or kid == state.key_id else "changed: restarting its proxies")
+            state.key_id, state.problem = kid, None
+
+    def observe(self, now: float) -> None:
+        for uid, entry in list(self.reconciler.entries.items()):
+            if entry.phase is Phase.DEAD:
+                continue
+            if not self.supervisor.alive(uid):
+                log.warning("%s/%s: the proxy exited; last lines of its log:\n%s",
+                            entry.namespace, entry.name, self.supervisor.tail(uid))
+                self.reconciler.on_exited(uid, now)
+            elif entry.phase is Phase.STARTING and self.supervisor.ready(uid):
+                self.reconciler.on_ready(uid, now)
+                log.info("%s/%s: proxy ready", entry.namespace, entry.name)
+
+    def execute(self, action: Action, now: float) -> None:
+        want, uid = action.want, action.want.uid
+        if action.verb is Verb.START:
+            log.info("%s: starting the proxy in sandbox pid %d (%s)", want.ref,
+                     want.sandbox.pid if want.sandbox else 0, action.reason)
+            self.reconciler.on_started(want, now)
+            if self.supervisor.launch(want, action.undo_first) is None:
+                self.reconciler.on_exited(uid, now)
+        elif action.verb is Verb.KILL:
+            log.warning("%s: killing the proxy: %s", want.ref, action.reason)
+            self.supervisor.terminate(uid)
+            self.reconciler.on_exited(uid, now)
+        else:
+            log.info("%s: stopping the proxy and undoing the pod: %s", want.ref, action.reason)
+            self.supervisor.terminate(uid)
+            assert want.sandbox is not None
+            self.supervisor.undo(want.sandbox, self.resolver.valid(want.sandbox))
+            self.supervisor.forget(uid)
+            self.reconciler.on_stopped(uid)
+
+    def drop_unused_keys(self, wanted: list[PodInfo]) -> None:
+        used = {p.namespace for p in wanted} | {
+            e.namespace for e in self.reconciler.entries.values()}
+        for project in self.supervisor.key_projects() - used:
+            self.supervisor.remove_key(project)
+        for project in set(self.keys) - used:
+            del self.keys[project]
+
+
+def start_reflectors(api: Any, node: str, out: queue.Queue[object], stop: threading.Event,
+                     watch_timeout: int) -> None:
+    """List+watch this node's Pods and all Namespaces into ``out`` (node-sync's reflector)."""
+    core = client.CoreV1Api(api)
+    pods = functools.partial(core.list_pod_for_all_namespaces,
+                             field_selector=f"spec.nodeName={node}")
+    Reflector(AgentKind.POD, pods, out, stop, watch_timeout).start()
+    Reflector(AgentKind.NAMESPACE, core.list_namespace, out, stop, watch_timeout).start()
+
+
+def secret_reader(api: Any) -> ReadSecret:
+    core = client.CoreV1Api(api)
+    return lambda namespace: get_object(core.read_namespaced_secret, SECRET_NAME, namespace)

@@ -1,0 +1,186 @@
+"""What the agent knows of its node's pods, and which of them should run a proxy.
+
+Rules:
+- Input is Kubernetes JSON as the API server writes it: the Pods of this node (a watch with
+  ``fieldSelector=spec.nodeName=<node>``), every Namespace, and one Secret per project. Nothing
+  here does I/O.
+- A pod is *wanted* (it should run a proxy) while all of these hold:
+  - it is scheduled on this node;
+  - its namespace carries the label ``tencrypt.io/enabled=true``;
+  - it does not use the host network: its network namespace would be the node's own, and
+    Tencrypt must never rewrite the node's routes or resolv.conf;
+  - it has a pod IP: the sandbox exists and CNI has configured eth0 (``tencrypt setup`` needs
+    both);
+  - its phase is neither ``Succeeded`` nor ``Failed`` (its sandbox is gone or going);
+  - it is not opted out with the annotation ``tencrypt.io/agent: "false"`` (e.g. a pod built
+    from the patched origin-pod image, which seals its own traffic).
+- A pod being deleted (``deletionTimestamp`` set) stays wanted until its object is gone: its
+  containers are still shutting down and talking to their peers, and that must stay sealed.
+- The sandbox-PID annotation (``tencrypt.io/sandbox-pid``) is read here but trusted only when
+  the agent runs with ``--sandbox annotation``: a test and lab aid, never a production path
+  (anyone who may create pods could point it at the node's own PID 1).
+- The project key is the Secret ``tencrypt``'s ``PROJECT_PSK``: base64 (as every Secret value)
+  of the 44-character base64 text ``openssl rand -base64 32`` prints. ``parse_secret_key``
+  returns the 32 key bytes or a ``BadKey`` whose reason never quotes the key.
+- A malformed object is counted (``Stats.inc("agent_bad_object")``) and ignored, never raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from tencrypt.core.psk import parse_psk
+from tencrypt.core.stats import Stats
+from tencrypt.errors import UsageError
+from tencrypt.nodesync.cluster import ENABLED_LABEL, EventType
+
+SECRET_NAME = "tencrypt"
+SECRET_KEY = "PROJECT_PSK"
+OPT_OUT_ANNOTATION = "tencrypt.io/agent"  # "false": the agent leaves this pod alone
+SANDBOX_PID_ANNOTATION = "tencrypt.io/sandbox-pid"  # test/lab aid, see the rules above
+FINISHED_PHASES = ("Succeeded", "Failed")
+
+
+class AgentKind(enum.Enum):
+    """What the agent's reflectors list and watch (labels for ``watch.Listed``/``Changed``)."""
+
+    POD = "Pod"
+    NAMESPACE = "Namespace"
+
+
+@dataclass(slots=True, frozen=True)
+class PodInfo:
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    ip: str | None
+    phase: str
+    host_network: bool
+    opted_out: bool
+    sandbox_pid: int | None  # from the annotation, if any (trusted only in annotation mode)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(slots=True, frozen=True)
+class BadKey:
+    reason: str  # says what is wrong, never what the key is
+
+
+def parse_pod(obj: Any) -> PodInfo | None:
+    """A Pod object → ``PodInfo``; None if the fields every pod has are missing."""
+    if not isinstance(obj, dict):
+        return None
+    meta, spec, status = (obj.get(k) or {} for k in ("metadata", "spec", "status"))
+    if not all(isinstance(d, dict) for d in (meta, spec, status)):
+        return None
+    uid, ns, name = (meta.get(k) for k in ("uid", "namespace", "name"))
+    if not (isinstance(uid, str) and isinstance(ns, str) and isinstance(name, str)
+            and uid and ns and name):
+        return None
+    annotations = meta.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        return None
+    ip = status.get("podIP")
+    return PodInfo(uid=uid, namespace=ns, name=name, node=str(spec.get("nodeName") or ""),
+                   ip=ip if isinstance(ip, str) and ip else None,
+                   phase=str(status.get("phase") or "Pending"),
+                   host_network=spec.get("hostNetwork") is True,
+                   opted_out=str(annotations.get(OPT_OUT_ANNOTATION, "")).lower() == "false",
+                   sandbox_pid=parse_pid(annotations.get(SANDBOX_PID_ANNOTATION)))
+
+
+def parse_pid(value: Any) -> int | None:
+    """A positive process id written as decimal text, else None (PID 1 is never a pod's)."""
+    if not isinstance(value, str) or not value.strip().isdigit():
+        return None
+    pid = int(value)
+    return pid if pid > 1 else None
+
+
+def parse_namespace(obj: Any) -> tuple[str, bool] | None:
+    """A Namespace object → (name, enabled); None if it has no name."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    labels = meta.get("labels") or {}
+    return name, isinstance(labels, dict) and labels.get(ENABLED_LABEL) == "true"
+
+
+def parse_secret_key(obj: Any) -> bytes | BadKey:
+    """The project key held by Secret ``tencrypt`` (``data.PROJECT_PSK``)."""
+    data = obj.get("data") if isinstance(obj, dict) else None
+    value = data.get(SECRET_KEY) if isinstance(data, dict) else None
+    if not isinstance(value, str):
+        return BadKey(f"Secret {SECRET_NAME} has no {SECRET_KEY}")
+    try:
+        text = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return BadKey(f"Secret {SECRET_NAME}: {SECRET_KEY} is not valid Secret data (base64)")
+    try:
+        return parse_psk(text)
+    except UsageError as exc:  # its message never repeats key material (core/psk.py)
+        return BadKey(f"Secret {SECRET_NAME}: {exc}")
+
+
+def key_id(key: bytes) -> str:
+    """A short name of a key, to tell keys apart in records without storing them."""
+    return hashlib.sha256(b"tencrypt-agent key id\0" + key).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class NodeView:
+    """The pods of one node and the namespaces' labels. One owner: the agent's loop."""
+
+    node: str
+    stats: Stats = field(default_factory=Stats)
+    namespaces: dict[str, bool] = field(default_factory=dict)  # name -> enabled
+    pods: dict[str, PodInfo] = field(default_factory=dict)  # uid -> pod
+
+    def replace(self, kind: AgentKind, items: list[Any]) -> None:
+        """A fresh list of ``kind``: forget what was known of it, then add every item."""
+        if kind is AgentKind.POD:
+            self.pods.clear()
+        else:
+            self.namespaces.clear()
+        for obj in items:
+            self.on_event(kind, EventType.ADDED, obj)
+
+    def on_event(self, kind: AgentKind, event: EventType, obj: Any) -> None:
+        if kind is AgentKind.NAMESPACE:
+            parsed = parse_namespace(obj)
+            if parsed is None:
+                self.stats.inc("agent_bad_object")
+            elif event is EventType.DELETED:
+                self.namespaces.pop(parsed[0], None)
+            else:
+                self.namespaces[parsed[0]] = parsed[1]
+            return
+        pod = parse_pod(obj)
+        if pod is None:
+            self.stats.inc("agent_bad_object")
+        elif event is EventType.DELETED or pod.node != self.node:
+            self.pods.pop(pod.uid, None)
+        else:
+            self.pods[pod.uid] = pod
+
+    def wanted(self) -> list[PodInfo]:
+        """The pods that should run a proxy now, ordered by namespace and name."""
+        return sorted((p for p in self.pods.values() if self.is_wanted(p)),
+                      key=lambda p: (p.namespace, p.name, p.uid))
+
+    def is_wanted(self, pod: PodInfo) -> bool:
+        return (pod.node == self.node and self.namespaces.get(pod.namespace, False)
+                and not pod.host_network and pod.ip is not None
+                and pod.phase not in FINISHED_PHASES and not pod.opted_out)

@@ -1,0 +1,229 @@
+"""The proxies on this node: launched, watched, stopped, undone; keys and records on disk.
+
+Layout of the state directory (default /run/tencrypt-agent: tmpfs, so keys never reach a
+disk; everything 0700, key files 0600, owned by root)::
+
+    keys/<project>.psk          the project key, base64, as `tencrypt run --psk-file` reads it
+    pods/<uid>/record.json      what was started: sandbox PID and netns, key id, proxy PID and
+                                its start time (to tell it from a recycled PID after a restart)
+    pods/<uid>/proxy.log        the launcher's and the proxy's output (proxy.log.1: the run
+                                before, kept for one restart)
+
+Stages of ``launch``:
+ 1. with ``undo_first``, ``tencrypt-nsenter.sh PID --undo``: what a dead proxy left;
+ 2. ``bash tencrypt-nsenter.sh PID -- --psk-file <key file> [run args]`` detached (its own
+    session: it outlives the agent), output to the pod's log. The launcher runs
+    ``tencrypt setup`` then *execs* ``tencrypt run``, so the PID kept is the proxy's own;
+ 3. the record is written at once, so that an agent killed right after still finds it.
+Readiness is the line ``tencrypt: ready`` in the log (``tencrypt run`` prints it on stderr
+once it serves), polled by the agent's loop rather than waited for here: one slow pod must
+not hold up the others.
+
+``terminate``: SIGTERM to the proxy's process group, SIGKILL after ``stop_timeout``.
+``undo``: ``tencrypt-nsenter.sh PID --undo`` while the sandbox is still reachable; when it is
+not (the pod's namespace died with its last process) only the state ``tencrypt setup`` keeps
+on the node is left, and it is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tencrypt.agent.reconcile import Sandbox, Want
+from tencrypt.agent.sandbox import parse_proc_stat
+from tencrypt.errors import SetupError
+from tencrypt.linux import netns
+
+log = logging.getLogger("tencrypt.agent")
+READY = "tencrypt: ready"  # tencrypt.daemon.serve prints it once the proxy serves
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # RFC 1123 label, as k8s checks
+
+
+@dataclass(slots=True)
+class Record:
+    uid: str
+    namespace: str
+    name: str
+    sandbox_pid: int
+    netns: int
+    key_id: str
+    proxy_pid: int
+    proxy_start: int  # /proc/PID/stat start time: the PID is ours only while it matches
+
+    @property
+    def sandbox(self) -> Sandbox:
+        return Sandbox(self.sandbox_pid, self.netns)
+
+    def want(self) -> Want:
+        return Want(self.uid, self.namespace, self.name, self.sandbox, self.key_id)
+
+
+class Supervisor:
+    def __init__(self, state_dir: Path, launcher: Path, tencrypt_bin: Path,
+                 run_args: list[str], setup_args: str = "",
+                 setup_state_dir: Path = Path("/run/tencrypt"), proc: Path = Path("/proc"),
+                 stop_timeout: float = 10.0, undo_timeout: float = 60.0) -> None:
+        self.state_dir, self.launcher, self.run_args = state_dir, launcher, run_args
+        self.keys, self.pods = state_dir / "keys", state_dir / "pods"
+        self.setup_state_dir, self.proc = setup_state_dir, proc
+        self.stop_timeout, self.undo_timeout = stop_timeout, undo_timeout
+        self.env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin),
+                    "TENCRYPT_SETUP_ARGS": setup_args}
+        self.env.pop("TENCRYPT_PROJECT_PSK", None)  # the key goes by file, never by environment
+        self.records: dict[str, Record] = {}
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- the state directory ----------------------------------------------------------------
+
+    def prepare(self) -> list[Record]:
+        """Make the directories (0700) and load what a previous agent recorded."""
+        for d in (self.state_dir, self.keys, self.pods):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.chmod(0o700)  # also when it existed, or was made under another umask
+        for path in sorted(self.pods.glob("*/record.json")):
+            try:
+                rec = Record(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("ignoring unreadable record %s: %s", path, exc)
+                continue
+            self.records[rec.uid] = rec
+        return list(self.records.values())
+
+    def key_file(self, project: str) -> Path:
+        if not NAMESPACE_NAME.fullmatch(project):
+            raise SetupError(f"not a namespace name: {project!r}")
+        return self.keys / f"{project}.psk"
+
+    def write_key(self, project: str, key_text: str) -> None:
+        """Replace the project's key file atomically: a proxy starting meanwhile reads the old
+        key or the new one, never half of one, and never a file anyone else could read."""
+        path = self.key_file(project)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key_text + "\n")
+        os.replace(tmp, path)
+
+    def remove_key(self, project: str) -> None:
+        self.key_file(project).unlink(missing_ok=True)
+
+    def key_projects(self) -> set[str]:
+        return {p.stem for p in self.keys.glob("*.psk")}
+
+    def pod_dir(self, uid: str) -> Path:
+        return self.pods / uid
+
+    def forget(self, uid: str) -> None:
+        """Drop the pod's record and log: nothing of it stays on the node."""
+        self.records.pop(uid, None)
+        self.children.pop(uid, None)
+        shutil.rmtree(self.pod_dir(uid), ignore_errors=True)
+
+    # -- proxies ----------------------------------------------------------------------------
+
+    def launch(self, want: Want, undo_first: bool = False) -> Record | None:
+        """Start the launcher for ``want``; None (logged) if it could not even be started."""
+        sandbox = want.sandbox
+        assert sandbox is not None and want.key_id is not None
+        if undo_first:
+            self.undo(sandbox, reachable=True)
+        pod_dir = self.pod_dir(want.uid)
+        pod_dir.mkdir(mode=0o700, exist_ok=True)
+        log_path = pod_dir / "proxy.log"
+        if log_path.exists():
+            log_path.replace(pod_dir / "proxy.log.1")
+        argv = ["bash", str(self.launcher), str(sandbox.pid), "--",
+                "--psk-file", str(self.key_file(want.namespace)), *self.run_args]
+        try:
+            with open(log_path, "wb") as out:
+                child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         env=self.env)
+        except OSError as exc:
+            log.error("%s: cannot start the launcher: %s", want.ref, exc)
+            return None
+        stat = self._stat(child.pid)
+        rec = Record(want.uid, want.namespace, want.name, sandbox.pid, sandbox.netns,
+                     want.key_id, child.pid, stat[1] if stat else 0)
+        self.children[want.uid], self.records[want.uid] = child, rec
+        tmp = pod_dir / "record.json.tmp"
+        tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
+        tmp.replace(pod_dir / "record.json")
+        return rec
+
+    def alive(self, uid: str) -> bool:
+        """The proxy we started (or adopted) for ``uid`` still runs."""
+        child = self.children.get(uid)
+        if child is not None:
+            return child.poll() is None  # reaps our own child, so it is never a zombie
+        rec = self.records.get(uid)
+        stat = self._stat(rec.proxy_pid) if rec else None
+        return bool(rec and stat and stat[0] not in ("Z", "X") and stat[1] == rec.proxy_start)
+
+    def ready(self, uid: str) -> bool:
+        try:
+            return READY in (self.pod_dir(uid) / "proxy.log").read_text(errors="replace")
+        except OSError:
+            return False
+
+    def tail(self, uid: str, lines: int = 8) -> str:
+        try:
+            text = (self.pod_dir(uid) / "proxy.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+    def signal(self, uid: str, sig: signal.Signals) -> None:
+        rec = self.records.get(uid)
+        if rec and self.alive(uid):  # never signal a group whose leader is not ours any more
+            try:
+                os.killpg(rec.proxy_pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def terminate(self, uid: str) -> bool:
+        """Stop the proxy: SIGTERM, SIGKILL after the grace period. True if SIGTERM did."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            self.signal(uid, sig)
+            try:
+                netns.wait_for(lambda: not self.alive(uid), timeout=self.stop_timeout,
+                               what=f"the proxy of pod {uid} to exit")
+                return sig == signal.SIGTERM
+            except SetupError:
+                log.warning("pod %s: the proxy ignored %s", uid, sig.name)
+        return False
+
+    def undo(self, sandbox: Sandbox, reachable: bool) -> bool:
+        """Restore the pod's namespace (``--undo``) if it can still be reached, else remove
+        what ``tencrypt setup`` kept on the node for it. True if nothing is left."""
+        leftover = self.setup_state_dir / f"netns-{sandbox.netns}"
+        if not reachable:
+            shutil.rmtree(leftover, ignore_errors=True)
+            return True
+        argv = ["bash", str(self.launcher), str(sandbox.pid), "--undo"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=self.env,
+                                  timeout=self.undo_timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error("undo in sandbox pid %d failed: %s", sandbox.pid, exc)
+            return False
+        if proc.returncode != 0:
+            log.error("undo in sandbox pid %d failed (%d): %s", sandbox.pid, proc.returncode,
+                      (proc.stderr.strip() or proc.stdout.strip())[-500:])
+            return False
+        return True
+
+    def _stat(self, pid: int) -> tuple[str, int] | None:
+        try:
+            return parse_proc_stat((self.proc / str(pid) / "stat").read_text())
+        except OSError:
+            return None

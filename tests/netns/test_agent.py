@@ -1,0 +1,216 @@
+"""``tencrypt agent`` on the one-node lab: the real ``kubernetes`` client against the API server
+double, the real launcher, real proxies in real pods.
+
+    FakeApiServer on 127.0.0.1 (a test double)   Pods of node1, Namespaces; Secret by name
+        ^  list/watch + GET, the real kubernetes client
+    tencrypt agent (root namespace; --sandbox annotation; state in pytest's tmp dir)
+        |  tencrypt-nsenter.sh <sandbox pid> -- --psk-file <state>/keys/myproject.psk ...
+        v
+    [nginx1] [nginx2]   myproject: labelled, Secret tencrypt holds the lab's project key
+    [cakephp]           project2: not labelled: never touched
+    ---------- br0 of node1: where the eavesdropper captures ----------
+
+A lab pod's sandbox PID is that of its HTTP server (the pod's only process before it is
+patched), written into its Pod object as the annotation ``tencrypt.io/sandbox-pid`` — the
+lab's stand-in for what crictl or the /proc scan find on a real node (unit-tested on sample
+outputs in tests/unit/test_agent.py). The tests run in order on one agent: pods patched and
+sealed; a killed proxy restarted; a removed pod leaves nothing; the agent's own stop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
+from tencrypt.lab.cleanup import read_pid
+from tencrypt.lab.proxy import METRICS, proxies_in
+from tencrypt.linux import netns
+from tencrypt.nodesync import kubeobjects
+from tencrypt.nodesync.fakeapi import FakeApiServer
+
+REPO = Path(__file__).resolve().parents[2]
+MARKER = "tencrypt-agent-marker-41c7"
+READY_WAIT = 90.0  # two interpreters starting at once on a loaded 2-core machine
+SETUP_STATE = Path("/run/tencrypt")  # `tencrypt setup`'s default, keyed by netns inode
+
+
+def pod_objects(lab):
+    objs = [kubeobjects.build_namespace("myproject"),
+            kubeobjects.build_namespace("project2", enabled=False),
+            kubeobjects.build_secret("myproject", {
+                "PROJECT_PSK": lab.psk_file("myproject").read_text().strip()})]
+    for pod in lab.pods.values():
+        pid = read_pid(lab.pid_file(f"{pod.name}.http"))
+        assert pid and str(pid) in netns.sh(["ip", "netns", "pids", pod.netns]).stdout.split()
+        objs.append(kubeobjects.build_pod(pod.project, pod.name, pod.node, pod.ip,
+                                          annotations={SANDBOX_PID_ANNOTATION: str(pid)}))
+    return objs
+
+
+class AgentProcess:
+    def __init__(self, api, lab, tmp: Path):
+        self.state = tmp / "agent-state"
+        self.log = tmp / "agent.log"
+        self.argv = [sys.executable, "-m", "tencrypt", "agent", "--node", "node1",
+                     "--kubeconfig", str(api.write_kubeconfig(tmp / "kubeconfig")),
+                     "--state-dir", str(self.state), "--sandbox", "annotation",
+                     "--proxy-metrics", METRICS, "--restart-backoff", "0.2",
+                     "--on-exit", "unpatch", "--log-level", "debug"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self):
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=REPO, start_new_session=True)
+
+    def stop(self, timeout=60):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def text(self):
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def world(lab, tmp_path_factory):
+    """The lab, the API double holding its pods, and a running agent (stopped at the end)."""
+    resolv = {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
+              for p in lab.pods.values()}
+    api = FakeApiServer(pod_objects(lab))
+    api.start()
+    agent = AgentProcess(api, lab, tmp_path_factory.mktemp("agent"))
+    agent.start()
+    try:
+        yield lab, api, agent, resolv
+    finally:
+        agent.stop()
+        api.stop()
+        for pod in lab.pods.values():  # whatever a failed test left: lab.down() needs no proxy
+            for pid in proxies_in(pod.netns):
+                os.kill(pid, signal.SIGKILL)
+
+
+def metrics_up(lab, pod):
+    proc = lab.exec(pod, ["curl", "-sS", "--max-time", "3", f"http://{METRICS}/metrics"],
+                    check=False, timeout=20)
+    return proc.returncode == 0 and "tencrypt_drops_total" in proc.stdout
+
+
+def metric(lab, pod, name):
+    text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics"]).stdout
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith(name + " "))
+
+
+def wait_patched(lab, agent, *pods):
+    for pod in pods:
+        try:
+            netns.wait_for(lambda p=pod: metrics_up(lab, p), timeout=READY_WAIT, interval=0.5,
+                           what=f"the agent's proxy in {pod} to serve")
+        except Exception:
+            print(agent.text()[-4000:])
+            raise
+
+
+def has_tenc0(lab, pod):
+    return lab.exec(pod, ["ip", "link", "show", "tenc0"], check=False).returncode == 0
+
+
+def netns_inode(lab, pod):
+    return os.stat(netns.NETNS_DIR / lab.pod(pod).netns).st_ino
+
+
+def sealed_curl(lab, capture, src, dst):
+    node = lab.nodes["node1"]
+    with capture(node.netns, node.bridge, "not port 53") as cap:
+        proc = lab.exec(src, ["curl", "-sS", "--max-time", "20", "-H", f"X-Marker: {MARKER}",
+                              f"http://{dst}:8080/"], check=False, timeout=40)
+    assert proc.returncode == 0 and f"Hello from {dst}" in proc.stdout, proc.stderr
+    a, b = lab.pod(src), lab.pod(dst)
+    pods = {a.ip, a.vip, b.ip, b.vip}
+    talk = [f for f in cap.frames() if f.src in pods and f.dst in pods]
+    assert talk, "no frames between the pods were captured"
+    assert all(f.proto == 17 and 1337 in (f.sport, f.dport) for f in talk), talk[:5]
+    assert MARKER.encode() not in cap.data and f"Hello from {dst}".encode() not in cap.data
+
+
+def test_real_client_fake_apiserver_enabled_pods_get_patched_and_sealed(world, capture):
+    lab, api, agent, _ = world
+    wait_patched(lab, agent, "nginx1", "nginx2")
+    sealed_curl(lab, capture, "nginx1", "nginx2")
+    assert metric(lab, "nginx1", "tencrypt_packets_sealed_total") > 0
+    # project2 is not labelled: its pod was never entered
+    assert not has_tenc0(lab, "cakephp") and proxies_in(lab.pod("cakephp").netns) == []
+    # the key reached the proxies by a root-only file, never by argv or environment
+    key = lab.psk_file("myproject").read_text().strip()
+    keys = agent.state / "keys"
+    assert (keys.stat().st_mode & 0o777, agent.state.stat().st_mode & 0o777) == (0o700, 0o700)
+    assert (keys / "myproject.psk").stat().st_mode & 0o777 == 0o600
+    assert (keys / "myproject.psk").read_text().strip() == key
+    assert [p.name for p in keys.iterdir()] == ["myproject.psk"]
+    for pod in ("nginx1", "nginx2"):
+        for pid in proxies_in(lab.pod(pod).netns):
+            assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+    # a watcher, not a poller: one list per kind, pods selected by node; the Secret by name
+    assert api.count("Pod", "list") == 1 and api.count("Namespace", "list") == 1
+    assert api.count("Pod", "watch") >= 1 and api.count("Secret", "get") >= 1
+
+
+def test_real_client_fake_apiserver_killed_proxy_is_restarted(world, capture):
+    lab, api, agent, _ = world
+    wait_patched(lab, agent, "nginx1", "nginx2")
+    ns = lab.pod("nginx2").netns
+    [old] = proxies_in(ns)
+    os.kill(old, signal.SIGKILL)
+    netns.wait_for(lambda: proxies_in(ns) not in ([], [old]), timeout=30, interval=0.2,
+                   what="a new proxy in nginx2")
+    wait_patched(lab, agent, "nginx2")
+    [new] = proxies_in(ns)
+    assert new != old
+    sealed_curl(lab, capture, "nginx1", "nginx2")
+    assert "nginx2: the proxy exited" in agent.text()
+
+
+def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world):
+    lab, api, agent, resolv = world
+    wait_patched(lab, agent, "nginx1", "nginx2")
+    inode = netns_inode(lab, "nginx2")
+    uid = api.get("Pod", "myproject", "nginx2")["metadata"]["uid"]
+    assert (SETUP_STATE / f"netns-{inode}").is_dir() and (agent.state / "pods" / uid).is_dir()
+    api.delete("Pod", "myproject", "nginx2")
+    netns.wait_for(lambda: not (agent.state / "pods" / uid).exists(), timeout=60,
+                   what="the agent to forget nginx2")
+    ns = lab.pod("nginx2").netns
+    assert proxies_in(ns) == [] and not has_tenc0(lab, "nginx2")
+    assert (Path("/etc/netns") / ns / "resolv.conf").read_text() == resolv["nginx2"]
+    assert "tencrypt" not in lab.exec("nginx2", ["nft", "list", "tables"]).stdout
+    assert "fwmark" not in lab.exec("nginx2", ["ip", "rule", "show"]).stdout
+    assert not (SETUP_STATE / f"netns-{inode}").exists()
+    # the project keeps its key while nginx1 runs here
+    assert metrics_up(lab, "nginx1") and (agent.state / "keys" / "myproject.psk").exists()
+
+
+def test_agent_stop_with_on_exit_unpatch_undoes_every_pod(world):
+    lab, api, agent, resolv = world
+    inode = netns_inode(lab, "nginx1")
+    assert agent.stop() == 0
+    for pod in lab.pods.values():
+        assert proxies_in(pod.netns) == [] and not has_tenc0(lab, pod.name)
+        assert (Path("/etc/netns") / pod.netns / "resolv.conf").read_text() == resolv[pod.name]
+    assert not (SETUP_STATE / f"netns-{inode}").exists()
+    assert list((agent.state / "pods").iterdir()) == []
+    assert list((agent.state / "keys").iterdir()) == []
+    assert "unpatching 1 pods" in agent.text()
