@@ -106,11 +106,12 @@ class Agent:
     def adopt(self) -> None:
         now = self.clock()
         for rec in self.supervisor.prepare():
-            alive = self.supervisor.alive(rec.uid)
-            self.reconciler.on_adopted(rec.want(), alive, now)
+            phase = (Phase.DEAD if not self.supervisor.alive(rec.uid) else
+                     Phase.READY if self.supervisor.ready(rec.uid) else Phase.STARTING)
+            self.reconciler.on_adopted(rec.want(), phase, now)
             self.resolver.seed(rec.uid, rec.sandbox)
             log.info("%s/%s: adopted the proxy a previous agent started (pid %d, %s)",
-                     rec.namespace, rec.name, rec.proxy_pid, "running" if alive else "dead")
+                     rec.namespace, rec.name, rec.proxy_pid, phase.value)
 
     def fold(self, item: object) -> None:
         if isinstance(item, Listed) and isinstance(item.kind, AgentKind):

@@ -25,8 +25,9 @@ Rules:
   (``undo_first``): a dead proxy leaves tenc0, its routes and resolv.conf behind.
 - A proxy that is not ready ``ready_timeout`` seconds after its start is killed (KILL) and
   that counts as a failure.
-- Adopted entries (proxies a previous agent started, found in its records) are READY if their
-  process still runs, else DEAD and due at once.
+- Adopted entries (proxies a previous agent started, found in its records) take the phase
+  the shell found them in: READY (running and ready), STARTING (running, not ready yet: the
+  ready timeout runs from the adoption), or DEAD (due at once).
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ class Reconciler:
             if sandbox and sandbox.netns == entry.sandbox.netns:
                 entry.sandbox = sandbox
 
-    def on_adopted(self, want: Want, alive: bool, now: float) -> None:
-        self.entries[want.uid] = Entry.of(want, Phase.READY if alive else Phase.DEAD, now)
-        self.stats.inc("agent_proxies_adopted" if alive else "agent_proxies_found_dead")
+    def on_adopted(self, want: Want, phase: Phase, now: float) -> None:
+        self.entries[want.uid] = Entry.of(want, phase, now)
+        self.stats.inc("agent_proxies_found_dead" if phase is Phase.DEAD
+                       else "agent_proxies_adopted")
 
     def on_started(self, want: Want, now: float) -> None:
         old = self.entries.get(want.uid)

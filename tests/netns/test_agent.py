@@ -14,7 +14,9 @@ A lab pod's sandbox PID is that of its HTTP server (the pod's only process befor
 patched), written into its Pod object as the annotation ``tencrypt.io/sandbox-pid`` — the
 lab's stand-in for what crictl or the /proc scan find on a real node (unit-tested on sample
 outputs in tests/unit/test_agent.py). The tests run in order on one agent: pods patched and
-sealed; a killed proxy restarted; a removed pod leaves nothing; the agent's own stop.
+sealed; a killed proxy restarted; a removed pod leaves nothing; a namespace labelled and
+unlabelled at run time; an agent restarted with ``--on-exit keep`` whose successor adopts
+the running proxies; and that successor's ``--on-exit unpatch`` stop.
 """
 
 from __future__ import annotations
@@ -54,14 +56,14 @@ def pod_objects(lab):
 
 
 class AgentProcess:
-    def __init__(self, api, lab, tmp: Path):
-        self.state = tmp / "agent-state"
-        self.log = tmp / "agent.log"
+    def __init__(self, api, tmp: Path, on_exit: str, log_name: str):
+        self.state = tmp / "agent-state"  # shared by successive agents, as on a node
+        self.log = tmp / log_name
         self.argv = [sys.executable, "-m", "tencrypt", "agent", "--node", "node1",
                      "--kubeconfig", str(api.write_kubeconfig(tmp / "kubeconfig")),
                      "--state-dir", str(self.state), "--sandbox", "annotation",
                      "--proxy-metrics", METRICS, "--restart-backoff", "0.2",
-                     "--on-exit", "unpatch", "--log-level", "debug"]
+                     "--key-refresh", "1", "--on-exit", on_exit, "--log-level", "debug"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self):
@@ -83,19 +85,39 @@ class AgentProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+class World:
+    """The lab, the API double holding its pods, the agents started (the last one current)."""
+
+    def __init__(self, lab, api, tmp):
+        self.lab, self.api, self.tmp, self.agents = lab, api, tmp, []
+        self.resolv = {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
+                       for p in lab.pods.values()}
+
+    def start_agent(self, on_exit):
+        agent = AgentProcess(self.api, self.tmp, on_exit, f"agent{len(self.agents)}.log")
+        self.agents.append(agent)
+        agent.start()
+        return agent
+
+    @property
+    def agent(self):
+        return self.agents[-1]
+
+    def __iter__(self):  # lab, api, agent, resolv = world
+        return iter((self.lab, self.api, self.agent, self.resolv))
+
+
 @pytest.fixture(scope="module")
 def world(lab, tmp_path_factory):
-    """The lab, the API double holding its pods, and a running agent (stopped at the end)."""
-    resolv = {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
-              for p in lab.pods.values()}
     api = FakeApiServer(pod_objects(lab))
     api.start()
-    agent = AgentProcess(api, lab, tmp_path_factory.mktemp("agent"))
-    agent.start()
+    w = World(lab, api, tmp_path_factory.mktemp("agent"))
+    w.start_agent("keep")
     try:
-        yield lab, api, agent, resolv
+        yield w
     finally:
-        agent.stop()
+        for agent in w.agents:
+            agent.stop()
         api.stop()
         for pod in lab.pods.values():  # whatever a failed test left: lab.down() needs no proxy
             for pid in proxies_in(pod.netns):
@@ -203,6 +225,38 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
     assert metrics_up(lab, "nginx1") and (agent.state / "keys" / "myproject.psk").exists()
 
 
+def test_real_client_fake_apiserver_namespace_labelled_then_unlabelled_at_run_time(world):
+    lab, api, agent, resolv = world
+    assert not has_tenc0(lab, "cakephp")
+    api.put(kubeobjects.build_secret("project2", {
+        "PROJECT_PSK": lab.psk_file("project2").read_text().strip()}))
+    api.put(kubeobjects.build_namespace("project2"))
+    wait_patched(lab, agent, "cakephp")
+    assert (agent.state / "keys" / "project2.psk").exists()
+    api.put(kubeobjects.build_namespace("project2", enabled=False))
+    netns.wait_for(lambda: not (agent.state / "keys" / "project2.psk").exists(), timeout=60,
+                   what="project2 unpatched")
+    assert proxies_in(lab.pod("cakephp").netns) == [] and not has_tenc0(lab, "cakephp")
+    assert (Path("/etc/netns") / lab.pod("cakephp").netns / "resolv.conf").read_text() == \
+        resolv["cakephp"]
+
+
+def test_real_client_fake_apiserver_restarted_agent_adopts_the_running_proxies(world, capture):
+    lab, api, first, _ = world
+    [proxy] = proxies_in(lab.pod("nginx1").netns)
+    assert first.stop() == 0  # --on-exit keep
+    assert "1 proxies left running" in first.text()
+    assert proxies_in(lab.pod("nginx1").netns) == [proxy] and metrics_up(lab, "nginx1")
+    second = world.start_agent("unpatch")
+    netns.wait_for(lambda: "adopted the proxy a previous agent started" in second.text(),
+                   timeout=60, what="the new agent to adopt nginx1's proxy")
+    api.put(next(o for o in pod_objects(lab) if o["metadata"].get("name") == "nginx2"))
+    wait_patched(lab, second, "nginx2")
+    sealed_curl(lab, capture, "nginx1", "nginx2")
+    assert proxies_in(lab.pod("nginx1").netns) == [proxy]  # never restarted
+    assert "nginx1: starting" not in second.text()
+
+
 def test_agent_stop_with_on_exit_unpatch_undoes_every_pod(world):
     lab, api, agent, resolv = world
     inode = netns_inode(lab, "nginx1")
@@ -213,4 +267,4 @@ def test_agent_stop_with_on_exit_unpatch_undoes_every_pod(world):
     assert not (SETUP_STATE / f"netns-{inode}").exists()
     assert list((agent.state / "pods").iterdir()) == []
     assert list((agent.state / "keys").iterdir()) == []
-    assert "unpatching 1 pods" in agent.text()
+    assert "unpatching 2 pods" in agent.text()  # nginx1 adopted, nginx2 its own
