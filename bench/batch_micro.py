@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -39,7 +38,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -59,7 +58,6 @@ from tencrypt.core.stats import Stats
 from tencrypt.linux import gso, netns
 from tencrypt.linux.tun import Tun
 
-CLONE_NEWNET = 0x40000000  # linux/sched.h
 MSS = 1388  # tenc0 MTU 1440 minus 52 bytes of IPv4 + TCP headers with timestamps
 MODES = ("raw-seg", "raw-gro", "tun-seg", "tun-gso")
 
@@ -132,24 +130,6 @@ def bench_pure(runs: int) -> dict[str, float]:
 
 # --- namespaces ---------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def inside(name: str) -> Iterator[None]:
-    """This thread in network namespace ``name`` for the block (what it opens stays there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-        try:
-            yield
-        finally:
-            libc.setns(home, CLONE_NEWNET)
-    finally:
-        os.close(target)
-        os.close(home)
-
-
 def bench_udp_send(runs: int) -> dict[str, float]:
     sfx = netns.unique_suffix()
     a, b = f"bua{sfx}", f"bub{sfx}"
@@ -161,9 +141,9 @@ def bench_udp_send(runs: int) -> dict[str, float]:
         for ns, dev, addr in ((a, f"ua-{sfx}", "10.234.0.1/24"), (b, f"ub-{sfx}", "10.234.0.2/24")):
             netns.run(ns, ["ip", "addr", "add", addr, "dev", dev])
             netns.run(ns, ["ip", "link", "set", dev, "up"])
-        with inside(a):
+        with netns.entered(a):
             tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with inside(b):
+        with netns.entered(b):
             rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rx.bind(("0.0.0.0", 4789))
         gso.enable_gro(rx)
@@ -248,7 +228,7 @@ def bench_inject(seconds: int, rounds: int) -> dict[str, dict[str, float]]:
     server = None
     try:
         netns.create(ns)
-        with inside(ns):
+        with netns.entered(ns):
             tun = Tun(dev, vnet_hdr=True)
             raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         raw.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)  # SO_SNDBUFFORCE

@@ -8,16 +8,19 @@ collide (``unique_suffix``).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tencrypt.errors import SetupError
 
 NETNS_DIR = Path("/var/run/netns")
+CLONE_NEWNET = 0x40000000  # linux/sched.h
 
 
 def unique_suffix() -> str:
@@ -104,3 +107,23 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
         if time.monotonic() >= deadline:
             raise SetupError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """This thread in network namespace ``name`` for the block; sockets and devices opened in
+    it stay in that namespace after the thread returns home."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(NETNS_DIR / name, os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back home")
+    finally:
+        os.close(target)
+        os.close(home)

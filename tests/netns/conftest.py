@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,33 @@ def capture(tmp_path: Path) -> Callable[..., Capture]:
         return Capture(ns, iface, bpf, limit=seconds, directory=tmp_path)
 
     return start
+
+
+@contextmanager
+def standalone_pod(prefix: str, address: str, gateway: str, resolv: str,
+                   mtu: int = 1500) -> Iterator[str]:
+    """A pod-like namespace of its own, no lab: eth0 (a veth whose peer stays inside) with
+    ``address``, a default route via ``gateway``, and ``resolv`` as its resolv.conf. Removed
+    afterwards, also after a failure."""
+    name = f"{prefix}{netns.unique_suffix()}"
+    etc = Path("/etc/netns") / name
+    try:
+        netns.create(name)
+        for cmd in (["ip", "link", "add", "eth0", "mtu", str(mtu), "type", "veth", "peer", "name",
+                     "peer0"],
+                    ["ip", "addr", "add", address, "dev", "eth0"],
+                    ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "peer0", "up"],
+                    ["ip", "route", "add", "default", "via", gateway]):
+            netns.run(name, cmd)
+        etc.mkdir(parents=True)
+        (etc / "resolv.conf").write_text(resolv)
+        yield name
+    finally:
+        netns.delete(name)
+        (etc / "resolv.conf").unlink(missing_ok=True)
+        if etc.exists():
+            etc.rmdir()
+    assert not netns.exists(name)
 
 
 def _built_lab(nodes: int) -> Iterator[Lab]:

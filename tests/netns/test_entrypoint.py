@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tencrypt.linux import netns
+from tests.netns.conftest import standalone_pod
 
 ENTRYPOINT = Path(__file__).resolve().parents[2] / "scripts" / "origin-pod" / "entrypoint.py"
 RESOLV = ("nameserver 172.30.0.10\nsearch shop.svc.cluster.local svc.cluster.local "
@@ -32,24 +33,8 @@ while :; do sleep 60 & wait $!; done
 
 @pytest.fixture
 def pod():
-    name = f"ep{netns.unique_suffix()}"
-    etc = Path("/etc/netns") / name
-    try:
-        netns.create(name)
-        for cmd in (["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
-                    ["ip", "addr", "add", "10.128.0.5/23", "dev", "eth0"],
-                    ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "peer0", "up"],
-                    ["ip", "route", "add", "default", "via", "10.128.0.1"]):
-            netns.run(name, cmd)
-        etc.mkdir(parents=True)
-        (etc / "resolv.conf").write_text(RESOLV)
+    with standalone_pod("ep", "10.128.0.5/23", "10.128.0.1", RESOLV) as name:
         yield name
-    finally:
-        netns.delete(name)
-        (etc / "resolv.conf").unlink(missing_ok=True)
-        if etc.exists():
-            etc.rmdir()
-    assert not netns.exists(name)
 
 
 @pytest.fixture

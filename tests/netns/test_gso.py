@@ -10,8 +10,6 @@
 Sockets and the TUN are opened with this thread inside the namespace (setns) and stay there.
 """
 
-import contextlib
-import ctypes
 import hashlib
 import os
 import random
@@ -35,28 +33,8 @@ from tencrypt.core.stats import DropReason, Stats
 from tencrypt.linux import gso, netns
 from tencrypt.linux.tun import Tun
 
-CLONE_NEWNET = 0x40000000  # linux/sched.h
 SEG = 1472  # 1440-byte packet sealed (+32): a datagram that fills a 1500-byte link
 PER_CALL = 44  # 44 x 1472 = 64768 <= 65507, the most one UDP_SEGMENT sendmsg can carry
-
-
-@contextlib.contextmanager
-def inside(name):
-    """Run the block with this thread in network namespace ``name``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-        try:
-            yield
-        finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back home")
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 @pytest.fixture
@@ -79,7 +57,7 @@ def veth_pair():
 
 
 def udp_socket(ns, port):
-    with inside(ns):
+    with netns.entered(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: nothing lost to overflow
     sock.bind(("0.0.0.0", port))
@@ -249,7 +227,7 @@ def tun_ns():
     tun = None
     try:
         netns.create(name)
-        with inside(name):
+        with netns.entered(name):
             tun = Tun(dev, vnet_hdr=True)
         netns.run(name, ["ip", "addr", "add", "10.232.0.1/24", "dev", dev])
         netns.run(name, ["ip", "link", "set", dev, "up"])

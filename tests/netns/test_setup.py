@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tencrypt.linux import netns
+from tests.netns.conftest import standalone_pod
 
 TENCRYPT = str(Path(sys.executable).parent / "tencrypt")
 RESOLV = "nameserver 172.30.0.2\nsearch myproject.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
@@ -18,23 +19,8 @@ RESOLV = "nameserver 172.30.0.2\nsearch myproject.svc.cluster.local svc.cluster.
 
 @pytest.fixture
 def pod():
-    name = f"ts{netns.unique_suffix()}"
-    etc = Path("/etc/netns") / name
-    try:
-        netns.create(name)
-        for cmd in (["ip", "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "peer0"],
-                    ["ip", "addr", "add", "172.17.0.5/16", "dev", "eth0"],
-                    ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "peer0", "up"],
-                    ["ip", "route", "add", "default", "via", "172.17.0.1"]):
-            netns.run(name, cmd)
-        etc.mkdir(parents=True)
-        (etc / "resolv.conf").write_text(RESOLV)
+    with standalone_pod("ts", "172.17.0.5/16", "172.17.0.1", RESOLV, mtu=1450) as name:
         yield name
-    finally:
-        netns.delete(name)
-        if etc.exists():
-            (etc / "resolv.conf").unlink(missing_ok=True)
-            etc.rmdir()
 
 
 def snapshot(ns):
