@@ -106,7 +106,10 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    api = new_api_client(args.kubeconfig)
+    try:
+        api = new_api_client(args.kubeconfig)
+    except Exception as exc:  # noqa: BLE001 - the client's config errors have no common type
+        raise UsageError(f"cannot configure the Kubernetes client: {exc}") from exc
     agent = Agent(args.node, secret_reader(api), supervisor, resolver, policy,
                   key_refresh=args.key_refresh)
     log.info("node %s: watching %s; sandboxes by %s; state in %s", args.node,

@@ -9,8 +9,9 @@ Rules:
   - its namespace carries the label ``tencrypt.io/enabled=true``;
   - it does not use the host network: its network namespace would be the node's own, and
     Tencrypt must never rewrite the node's routes or resolv.conf;
-  - it has a pod IP: the sandbox exists and CNI has configured eth0 (``tencrypt setup`` needs
-    both);
+  - it has an IPv4 pod IP: the sandbox exists and CNI has configured eth0 (``tencrypt setup``
+    needs both; Tencrypt is IPv4-only, so an IPv6-only pod is left alone rather than patched
+    into a restart loop);
   - its phase is neither ``Succeeded`` nor ``Failed`` (its sandbox is gone or going);
   - it is not opted out with the annotation ``tencrypt.io/agent: "false"`` (e.g. a pod built
     from the patched origin-pod image, which seals its own traffic).
@@ -31,6 +32,7 @@ import base64
 import binascii
 import enum
 import hashlib
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,13 +91,26 @@ def parse_pod(obj: Any) -> PodInfo | None:
     annotations = meta.get("annotations") or {}
     if not isinstance(annotations, dict):
         return None
-    ip = status.get("podIP")
     return PodInfo(uid=uid, namespace=ns, name=name, node=str(spec.get("nodeName") or ""),
-                   ip=ip if isinstance(ip, str) and ip else None,
+                   ip=_ipv4_pod_ip(status),
                    phase=str(status.get("phase") or "Pending"),
                    host_network=spec.get("hostNetwork") is True,
                    opted_out=str(annotations.get(OPT_OUT_ANNOTATION, "")).lower() == "false",
                    sandbox_pid=parse_pid(annotations.get(SANDBOX_PID_ANNOTATION)))
+
+
+def _ipv4_pod_ip(status: dict[str, Any]) -> str | None:
+    """The first IPv4 address of ``podIPs`` (dual-stack pods list both), else ``podIP``."""
+    listed = status.get("podIPs")
+    candidates = [e.get("ip") for e in listed if isinstance(e, dict)] if isinstance(
+        listed, list) else []
+    for ip in [*candidates, status.get("podIP")]:
+        try:
+            if isinstance(ip, str) and ipaddress.ip_address(ip).version == 4:
+                return ip
+        except ValueError:
+            continue
+    return None
 
 
 def parse_pid(value: Any) -> int | None:

@@ -85,9 +85,13 @@ class Supervisor:
 
     def prepare(self) -> list[Record]:
         """Make the directories (0700) and load what a previous agent recorded."""
-        for d in (self.state_dir, self.keys, self.pods):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            d.chmod(0o700)  # also when it existed, or was made under another umask
+        try:
+            for d in (self.state_dir, self.keys, self.pods):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                d.chmod(0o700)  # also when it existed, or was made under another umask
+        except OSError as exc:
+            raise SetupError(f"cannot prepare the state directory {self.state_dir}: "
+                             f"{exc.strerror}") from exc
         for path in sorted(self.pods.glob("*/record.json")):
             try:
                 rec = Record(**json.loads(path.read_text()))

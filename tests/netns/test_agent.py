@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -50,18 +51,21 @@ def pod_objects(lab):
     for pod in lab.pods.values():
         pid = read_pid(lab.pid_file(f"{pod.name}.http"))
         assert pid and str(pid) in netns.sh(["ip", "netns", "pids", pod.netns]).stdout.split()
+        # a uid per lab: concurrent runs of this file must not share a kubepods cgroup name
         objs.append(kubeobjects.build_pod(pod.project, pod.name, pod.node, pod.ip,
-                                          annotations={SANDBOX_PID_ANNOTATION: str(pid)}))
+                                          annotations={SANDBOX_PID_ANNOTATION: str(pid)},
+                                          uid=str(uuid.uuid5(uuid.NAMESPACE_DNS,
+                                                             f"{pod.name}.{lab.name}"))))
     return objs
 
 
 class AgentProcess:
-    def __init__(self, api, tmp: Path, on_exit: str, log_name: str):
+    def __init__(self, api, tmp: Path, on_exit: str, log_name: str, sandbox: str):
         self.state = tmp / "agent-state"  # shared by successive agents, as on a node
         self.log = tmp / log_name
         self.argv = [sys.executable, "-m", "tencrypt", "agent", "--node", "node1",
                      "--kubeconfig", str(api.write_kubeconfig(tmp / "kubeconfig")),
-                     "--state-dir", str(self.state), "--sandbox", "annotation",
+                     "--state-dir", str(self.state), "--sandbox", sandbox,
                      "--proxy-metrics", METRICS, "--restart-backoff", "0.2",
                      "--key-refresh", "1", "--on-exit", on_exit, "--log-level", "debug"]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -89,12 +93,13 @@ class World:
     """The lab, the API double holding its pods, the agents started (the last one current)."""
 
     def __init__(self, lab, api, tmp):
-        self.lab, self.api, self.tmp, self.agents = lab, api, tmp, []
+        self.lab, self.api, self.tmp, self.agents, self.cleanups = lab, api, tmp, [], []
         self.resolv = {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
                        for p in lab.pods.values()}
 
-    def start_agent(self, on_exit):
-        agent = AgentProcess(self.api, self.tmp, on_exit, f"agent{len(self.agents)}.log")
+    def start_agent(self, on_exit, sandbox="annotation"):
+        agent = AgentProcess(self.api, self.tmp, on_exit, f"agent{len(self.agents)}.log",
+                             sandbox)
         self.agents.append(agent)
         agent.start()
         return agent
@@ -119,6 +124,8 @@ def world(lab, tmp_path_factory):
         for agent in w.agents:
             agent.stop()
         api.stop()
+        for undo in w.cleanups:
+            undo()
         for pod in lab.pods.values():  # whatever a failed test left: lab.down() needs no proxy
             for pid in proxies_in(pod.netns):
                 os.kill(pid, signal.SIGKILL)
@@ -241,23 +248,66 @@ def test_real_client_fake_apiserver_namespace_labelled_then_unlabelled_at_run_ti
         resolv["cakephp"]
 
 
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"),
+                Path("/sys/fs/cgroup/pids"))
+
+
+def into_pod_cgroup(pid: int, uid: str):
+    """Move ``pid`` into a cgroup named as the kubelet's cgroupfs driver names a pod's
+    container (``kubepods/besteffort/pod<uid>/<container id>``), so that the agent's /proc
+    scan finds it as it would on a node. Returns the undo, or None where cgroups are not
+    writable here."""
+    for root in CGROUP_ROOTS:
+        if not (root / "cgroup.procs").exists():
+            continue
+        leaf = root / "kubepods" / "besteffort" / f"pod{uid}" / ("c0ffee" * 10 + "abcd")
+        try:
+            leaf.mkdir(parents=True, exist_ok=True)
+            (leaf / "cgroup.procs").write_text(f"{pid}\n")
+        except OSError:
+            continue
+
+        def undo(root=root, leaf=leaf):
+            for moved in (leaf / "cgroup.procs").read_text().split():
+                try:
+                    (root / "cgroup.procs").write_text(f"{moved}\n")
+                except OSError:  # it exited meanwhile
+                    pass
+            for d in (leaf, *list(leaf.parents)[:3]):
+                d.rmdir()
+        return undo
+    return None
+
+
 def test_real_client_fake_apiserver_restarted_agent_adopts_the_running_proxies(world, capture):
+    """The first agent stops with --on-exit keep; the second adopts nginx1's running proxy,
+    and finds the re-created nginx2 by the /proc cgroup scan a real node uses (its Pod object
+    has no sandbox-pid annotation this time) wherever this machine lets the test make a
+    kubepods-style cgroup."""
     lab, api, first, _ = world
     [proxy] = proxies_in(lab.pod("nginx1").netns)
     assert first.stop() == 0  # --on-exit keep
     assert "1 proxies left running" in first.text()
     assert proxies_in(lab.pod("nginx1").netns) == [proxy] and metrics_up(lab, "nginx1")
-    second = world.start_agent("unpatch")
+    nginx2 = next(o for o in pod_objects(lab) if o["metadata"].get("name") == "nginx2")
+    del nginx2["metadata"]["annotations"][SANDBOX_PID_ANNOTATION]
+    undo = into_pod_cgroup(read_pid(lab.pid_file("nginx2.http")), nginx2["metadata"]["uid"])
+    if undo:
+        world.cleanups.append(undo)
+    second = world.start_agent("unpatch", sandbox="proc" if undo else "annotation")
     netns.wait_for(lambda: "adopted the proxy a previous agent started" in second.text(),
                    timeout=60, what="the new agent to adopt nginx1's proxy")
-    api.put(next(o for o in pod_objects(lab) if o["metadata"].get("name") == "nginx2"))
+    if not undo:  # no writable cgroups here: the annotation stands in for the scan
+        nginx2 = next(o for o in pod_objects(lab) if o["metadata"].get("name") == "nginx2")
+    api.put(nginx2)
     wait_patched(lab, second, "nginx2")
     sealed_curl(lab, capture, "nginx1", "nginx2")
     assert proxies_in(lab.pod("nginx1").netns) == [proxy]  # never restarted
     assert "nginx1: starting" not in second.text()
+    assert f"sandboxes by {'proc' if undo else 'annotation'}" in second.text()
 
 
-def test_agent_stop_with_on_exit_unpatch_undoes_every_pod(world):
+def test_real_client_fake_apiserver_agent_stop_with_on_exit_unpatch_undoes_every_pod(world):
     lab, api, agent, resolv = world
     inode = netns_inode(lab, "nginx1")
     assert agent.stop() == 0

@@ -47,16 +47,24 @@ def pod(name, ns="shop", node="n1", ip="10.128.0.9", **kw):
     return kubeobjects.build_pod(ns, name, node, ip, **kw)
 
 
+def uid_of(name, ns="shop"):
+    return kubeobjects.build_pod(ns, name, "n1", None)["metadata"]["uid"]
+
+
 def test_wanted_pods_are_on_this_node_in_enabled_namespaces_with_their_own_network():
     terminating = pod("leaving")
     terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    dual = pod("dual", ip="fd00::7")
+    dual["status"]["podIPs"] = [{"ip": "fd00::7"}, {"ip": "10.128.0.7"}]
     view = view_of(kubeobjects.build_namespace("shop"),
                    kubeobjects.build_namespace("blog", enabled=False),
                    pod("web"), terminating, pod("pending", ip=None), pod("hostnet", host_network=True),
                    pod("done", phase="Succeeded"), pod("crashed", phase="Failed"),
                    pod("own-proxy", annotations={"tencrypt.io/agent": "false"}),
-                   pod("elsewhere", node="n2"), pod("api", ns="blog"), pod("orphan", ns="gone"))
-    assert [p.name for p in view.wanted()] == ["leaving", "web"]
+                   pod("elsewhere", node="n2"), pod("api", ns="blog"), pod("orphan", ns="gone"),
+                   pod("v6only", ip="fd00::9"), dual)
+    assert [p.name for p in view.wanted()] == ["dual", "leaving", "web"]
+    assert view.pods[uid_of("dual")].ip == "10.128.0.7"
     assert "elsewhere" not in {p.name for p in view.pods.values()}
     assert view.stats.counters == {}
 

@@ -36,6 +36,7 @@ from tests.unit.test_agent import (
     UID,
     pod,
     stat_line,
+    uid_of,
 )
 
 # -- the resolver on a synthetic /proc and a stand-in crictl --------------------------------
@@ -238,10 +239,6 @@ def env(tmp_path):
 def lab_pod(name, sandbox_pid, **kw):
     return kubeobjects.build_pod(kw.pop("ns", "shop"), name, kw.pop("node", "n1"), "10.128.0.9",
                                  annotations={SANDBOX_PID_ANNOTATION: str(sandbox_pid)}, **kw)
-
-
-def uid_of(name, ns="shop"):
-    return kubeobjects.build_pod(ns, name, "n1", None)["metadata"]["uid"]
 
 
 def alive(pid):
