@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -361,6 +360,7 @@ K8S = Path(__file__).resolve().parents[2] / "scripts" / "k8s"
 
 
 def k8s_docs():
+    yaml = pytest.importorskip("yaml")  # as test_nodesync: PyYAML is not a declared dependency
     return [d for name in ("rbac.yaml", "daemonset.yaml")
             for d in yaml.safe_load_all((K8S / name).read_text()) if d]
 
