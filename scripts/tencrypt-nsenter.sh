@@ -50,7 +50,8 @@ bin=${TENCRYPT_BIN:-$(command -v tencrypt || true)}
 [ -n "$bin" ] && [ -x "$bin" ] || die "tencrypt not found: install it or set TENCRYPT_BIN"
 
 if [ "$undo" = 1 ]; then
-    exec "${target[@]}" "$bin" setup --undo
+    # shellcheck disable=SC2086  # the same setup words, so a custom --state-dir is found again
+    exec "${target[@]}" "$bin" setup --undo ${TENCRYPT_SETUP_ARGS:-}
 fi
 # shellcheck disable=SC2086  # TENCRYPT_SETUP_ARGS is a list of words on purpose
 "${target[@]}" "$bin" setup "${resolv[@]}" ${TENCRYPT_SETUP_ARGS:-}
