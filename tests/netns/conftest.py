@@ -71,6 +71,19 @@ def standalone_pod(prefix: str, address: str, gateway: str, resolv: str,
     assert not netns.exists(name)
 
 
+def curl(lab: Lab, pod: str, url: str, marker: str, timeout: int = 15):
+    """curl ``url`` from ``pod`` with ``marker`` in a request header (to grep captures for)."""
+    return lab.exec(pod, ["curl", "-sS", "--max-time", str(timeout), "-H", f"X-Marker: {marker}",
+                          url], check=False, timeout=timeout + 15)
+
+
+def download_sha256(lab: Lab, client: str, url: str, timeout: int = 240) -> str:
+    """The sha256 of what ``client`` downloads from ``url``, hashed as it streams in."""
+    proc = lab.exec(client, ["sh", "-c", f"curl -sS --max-time {timeout} {url} | sha256sum"],
+                    timeout=timeout + 20)
+    return proc.stdout.split()[0]
+
+
 def _built_lab(nodes: int) -> Iterator[Lab]:
     lab = Lab(f"l{netns.unique_suffix()}", nodes=nodes)
     try:

@@ -21,6 +21,8 @@ import pytest
 
 from tencrypt.lab.proxy import METRICS, proxy_pid
 from tencrypt.linux import netns
+from tests.netns.conftest import curl as lab_curl
+from tests.netns.conftest import download_sha256
 
 MARKER = "tencrypt-e2e-marker-7f3a9c"
 
@@ -43,9 +45,8 @@ def all_drops(m: dict[str, float]) -> float:
     return sum(v for k, v in m.items() if k.startswith("tencrypt_drops_total"))
 
 
-def curl(lab, pod: str, url: str, *extra: str, timeout: int = 15, marker: str = MARKER):
-    return lab.exec(pod, ["curl", "-sS", "--max-time", str(timeout), "-H", f"X-Marker: {marker}",
-                          *extra, url], check=False, timeout=timeout + 15)
+def curl(lab, pod: str, url: str, timeout: int = 15, marker: str = MARKER):
+    return lab_curl(lab, pod, url, marker, timeout)
 
 
 def send_datagrams(lab, node: str, dst: str, payloads: list[bytes]) -> None:
@@ -84,9 +85,7 @@ def test_curl_by_name_is_sealed_on_the_bridge(sealed, capture):
 def test_100mb_transfer_arrives_intact(sealed):
     lab = sealed
     path, digest = lab.make_blob("nginx2", 100)
-    proc = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 240 http://nginx2:8080{path} | sha256sum"],
-                    timeout=260)
-    assert proc.stdout.split()[0] == digest
+    assert download_sha256(lab, "nginx1", f"http://nginx2:8080{path}") == digest
 
 
 def test_one_packet_path_delivers_the_same_bytes(sealed):
@@ -97,18 +96,14 @@ def test_one_packet_path_delivers_the_same_bytes(sealed):
         lab.unpatch(pod)
         lab.patch(pod, run_args=("--no-batch",))
     try:
-        proc = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 120 http://nginx2:8080{path} | sha256sum"],
-                        timeout=140)
-        assert proc.stdout.split()[0] == digest
+        assert download_sha256(lab, "nginx1", f"http://nginx2:8080{path}") == digest
         m = metrics(lab, "nginx1")
         assert m.get("tencrypt_super_packets_split_total", 0) == 0 and m["tencrypt_packets_sealed_total"] > 0
     finally:
         for pod in ("nginx2", "nginx1"):
             lab.unpatch(pod)
             lab.patch(pod)
-    proc = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 120 http://nginx2:8080{path} | sha256sum"],
-                    timeout=140)
-    assert proc.stdout.split()[0] == digest
+    assert download_sha256(lab, "nginx1", f"http://nginx2:8080{path}") == digest
     m = metrics(lab, "nginx2")
     assert m["tencrypt_super_packets_split_total"] > 0  # the batch path carried the download
 

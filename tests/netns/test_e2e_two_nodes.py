@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.netns.conftest import curl, download_sha256
+
 MARKER = "tencrypt-two-node-marker-51d0"
 
 
@@ -30,8 +32,7 @@ def test_curl_across_vxlan_is_sealed_on_the_underlay(sealed2, capture):
     lab = sealed2
     node1 = lab.nodes["node1"]
     with capture(node1.netns, node1.underlay_if, "udp port 4789") as cap:
-        proc = lab.exec("nginx1", ["curl", "-sS", "--max-time", "15", "-H", f"X-Marker: {MARKER}",
-                                   "http://nginx2:8080/"], check=False, timeout=30)
+        proc = curl(lab, "nginx1", "http://nginx2:8080/", MARKER)
     assert proc.returncode == 0 and "Hello from nginx2" in proc.stdout, proc.stderr
     assert cap.frames(), "nothing crossed the underlay"
     assert MARKER.encode() not in cap.data and b"Hello from nginx2" not in cap.data
@@ -48,16 +49,13 @@ def test_curl_across_vxlan_is_sealed_on_the_underlay(sealed2, capture):
 def test_100mb_across_vxlan_arrives_intact(sealed2):
     lab = sealed2
     path, digest = lab.make_blob("nginx2", 100)
-    proc = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 240 http://nginx2:8080{path} | sha256sum"],
-                    timeout=260)
-    assert proc.stdout.split()[0] == digest
+    assert download_sha256(lab, "nginx1", f"http://nginx2:8080{path}") == digest
 
 
 def test_cross_project_across_nodes_stays_plaintext(sealed2, capture):
     lab = sealed2
     node1 = lab.nodes["node1"]
     with capture(node1.netns, node1.underlay_if, "udp port 4789") as cap:
-        proc = lab.exec("cakephp", ["curl", "-sS", "--max-time", "15", "-H", f"X-Marker: {MARKER}",
-                                    "http://nginx2.myproject:8080/"], check=False, timeout=30)
+        proc = curl(lab, "cakephp", "http://nginx2.myproject:8080/", MARKER)
     assert proc.returncode == 0 and "Hello from nginx2" in proc.stdout, proc.stderr
     assert MARKER.encode() in cap.data
