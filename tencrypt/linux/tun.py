@@ -24,6 +24,7 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 VNET_HDR_LEN = 10  # struct virtio_net_hdr, linux/virtio_net.h
+READ_SIZE = VNET_HDR_LEN + 65536  # the largest TSO frame (gso_max_size 65536) and its header
 
 
 class Tun:
@@ -50,12 +51,19 @@ class Tun:
     def fileno(self) -> int:
         return self.fd
 
-    def read(self, size: int = 65536) -> bytes | None:
+    def read(self, size: int = READ_SIZE) -> bytes | None:
         """One packet, or None when nothing is waiting."""
         try:
             return os.read(self.fd, size)
         except BlockingIOError:
             return None
+
+    def readinto(self, buf: bytearray) -> int:
+        """One packet into ``buf`` (reused: no allocation per read); 0 when nothing waits."""
+        try:
+            return os.readv(self.fd, (buf,))
+        except BlockingIOError:
+            return 0
 
     def write(self, packet: bytes | bytearray | memoryview) -> None:
         os.write(self.fd, packet)
