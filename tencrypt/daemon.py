@@ -69,8 +69,8 @@ from tencrypt.logutil import RateLimitedLog
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
 HOLD_LIMIT = 64  # packets held per destination while a PTR lookup classifies it
-PLAINTEXT_FOR = 60.0
-NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear  # --no-strict: seconds an internal peer without a proxy is reached in clear
+PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
+NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear
 
 
 def read_psk(args: argparse.Namespace) -> bytes | None:
