@@ -51,9 +51,9 @@ from tencrypt.core.batch import (
     build_gso_vnet_hdr,
     build_vnet_hdr,
     coalesce_batch,
-    pseudo_sum,
     split_tcp_batch,
 )
+from tencrypt.core.packet import pseudo_sum
 from tencrypt.core.stats import Stats
 from tencrypt.linux import gso, netns
 from tencrypt.linux.tun import Tun

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tencrypt.core.packet import pseudo_sum
 from tencrypt.core.stats import DropReason, Stats
 
 Buffer = bytes | bytearray | memoryview
@@ -149,11 +150,6 @@ def ones_sum(buf: Buffer, start: int, end: int) -> int:
 def csum_field(total: int) -> int:
     """The checksum field for a region whose (non-zero) ones' complement sum is ``total``."""
     return -total % _M
-
-
-def pseudo_sum(src: int, dst: int, proto: int, length: int) -> int:
-    """Sum of the TCP/UDP pseudo-header (RFC 793 §3.1, RFC 768)."""
-    return (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + proto + length
 
 
 # --- split --------------------------------------------------------------------------------------

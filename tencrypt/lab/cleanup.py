@@ -29,27 +29,10 @@ from pathlib import Path
 
 from tencrypt.errors import SetupError
 from tencrypt.linux import netns
+from tencrypt.linux.procs import PROC, alive, cmdline, read_pid
 
 ETC_NETNS = Path("/etc/netns")
-PROC = Path("/proc")
 SETUP_STATE_ROOT = Path("/run/tencrypt")  # `tencrypt setup --state-dir` default
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie waiting for its parent does not count)."""
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def stop(pid: int, timeout: float = 5.0, group: bool = False) -> bool:
@@ -67,13 +50,6 @@ def stop(pid: int, timeout: float = 5.0, group: bool = False) -> bool:
         except SetupError:
             continue
     return False
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab import cleanup
 from tencrypt.lab.topology import Pod
-from tencrypt.linux import netns
+from tencrypt.linux import netns, procs
 
 if TYPE_CHECKING:
     from tencrypt.lab.cluster import Lab
@@ -59,8 +59,8 @@ def launcher_env() -> dict[str, str]:
 
 def proxy_pid(lab: Lab, pod: Pod) -> int | None:
     """The pid of the proxy this lab started in ``pod``, if it still runs."""
-    pid = cleanup.read_pid(lab.pid_file(f"{pod.name}.tencrypt"))
-    if pid and cleanup.alive(pid) and "tencrypt" in cleanup.cmdline(pid):
+    pid = procs.read_pid(lab.pid_file(f"{pod.name}.tencrypt"))
+    if pid and procs.alive(pid) and "tencrypt" in procs.cmdline(pid):
         return pid
     return None
 
@@ -70,7 +70,7 @@ def proxies_in(ns: str) -> list[int]:
     pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
     found = []
     for pid in (int(p) for p in pids.split() if p.isdigit()):
-        words = cleanup.cmdline(pid).split()
+        words = procs.cmdline(pid).split()
         if any(w.endswith("tencrypt") for w in words) and "run" in words:
             found.append(pid)
     return found

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tencrypt.lab import cleanup, proxy, services
-from tencrypt.linux import netns
+from tencrypt.lab import proxy, services
+from tencrypt.linux import netns, procs
 
 if TYPE_CHECKING:
     from tencrypt.lab.cluster import Lab
@@ -23,8 +23,8 @@ def table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 
 
 def _daemon(lab: Lab, what: str) -> str:
-    pid = cleanup.read_pid(lab.pid_file(what))
-    return f"up (pid {pid})" if pid and cleanup.alive(pid) else "DOWN"
+    pid = procs.read_pid(lab.pid_file(what))
+    return f"up (pid {pid})" if pid and procs.alive(pid) else "DOWN"
 
 
 def _present(ns: str) -> str:

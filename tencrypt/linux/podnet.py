@@ -39,7 +39,7 @@ from tencrypt.core.podconfig import (
     tun_mtu,
 )
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.linux import firewall, netlink
+from tencrypt.linux import firewall, netlink, procs
 
 log = logging.getLogger("tencrypt.setup")
 RULE_PRIORITY = 1000
@@ -186,14 +186,8 @@ def _write_in_place(path: str, text: str) -> None:
 
 def _live_pid(pid_file: Path) -> int | None:
     """The pid in ``pid_file`` if that process still runs tencrypt (not a zombie, not reused)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    state = stat.rpartition(")")[2].split()[0]
-    return pid if state not in ("Z", "X") and b"tencrypt" in cmdline else None
+    pid = procs.read_pid(pid_file)
+    return pid if pid and procs.alive(pid) and "tencrypt" in procs.cmdline(pid) else None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
-from tencrypt.lab.cleanup import read_pid
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.linux import netns
+from tencrypt.linux.procs import read_pid
 from tencrypt.nodesync import kubeobjects
 from tencrypt.nodesync.fakeapi import FakeApiServer
 

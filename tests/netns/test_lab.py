@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.lab import cleanup, proxy, services
+from tencrypt.lab import proxy, services
 from tencrypt.lab.cluster import ETC_NETNS, STATE_ROOT, Lab
 from tencrypt.lab.topology import Pod, Topology
-from tencrypt.linux import netns
+from tencrypt.linux import netns, procs
 from tencrypt.nodesync.rules import parse_programmed
 
 TENCRYPT = [sys.executable, "-m", "tencrypt"]
@@ -345,7 +345,7 @@ def test_up_on_a_dirty_host_starts_clean() -> None:
         assert leftovers(first.name)["namespaces"] == sorted(
             [n.netns for n in second.nodes.values()] + [p.netns for p in second.pods.values()])
         assert len(leftovers(first.name)["processes"]) == 5  # 2 dnsmasq + 3 HTTP
-        assert not [pid for pid in old if cleanup.alive(pid)]
+        assert not [pid for pid in old if procs.alive(pid)]
         got = curl(second, "nginx1", "http://nginx2:8080/")
         assert (got.returncode, got.stdout) == (0, "Hello from nginx2 (myproject)\n")
         assert Lab.load(first.name).nodes == second.nodes
@@ -420,7 +420,7 @@ def test_patch_runs_the_proxy_and_unpatch_restores_the_pod() -> None:
         assert setup_state.is_dir()
 
         lab.unpatch("nginx1")
-        assert proxy.proxies_in(nginx1.netns) == [] and not cleanup.alive(pid)
+        assert proxy.proxies_in(nginx1.netns) == [] and not procs.alive(pid)
         assert pod_network(lab, "nginx1") == before
         assert not setup_state.exists()
         got = curl(lab, "nginx1", "http://nginx2:8080/")

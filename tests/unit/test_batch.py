@@ -29,6 +29,7 @@ from tencrypt.core.batch import (
     parse_vnet_hdr,
     split_tcp_batch,
 )
+from tencrypt.core.packet import pseudo_sum
 from tencrypt.core.stats import DropReason, Stats
 
 TS = [("NOP", None), ("NOP", None), ("Timestamp", (123456, 654321))]
@@ -53,7 +54,7 @@ def partial_tcp(pkt_bytes):
     buf = bytearray(pkt_bytes)
     ihl = (buf[0] & 0x0F) * 4
     src, dst = struct.unpack_from("!II", buf, 12)
-    pseudo = batch.pseudo_sum(src, dst, 6, len(buf) - ihl) % 0xFFFF or 0xFFFF
+    pseudo = pseudo_sum(src, dst, 6, len(buf) - ihl) % 0xFFFF or 0xFFFF
     struct.pack_into("!H", buf, ihl + 16, pseudo)
     return bytes(buf)
 
@@ -215,7 +216,7 @@ def test_udp_checksum_completion_never_yields_zero():
     pkt = IP(src="10.1.0.1", dst="10.2.0.2") / UDP(sport=5, dport=53) / (b"abcd" + struct.pack("!H", word))
     wire = bytearray(raw(pkt))
     src, dst = struct.unpack_from("!II", wire, 12)
-    struct.pack_into("!H", wire, 26, batch.pseudo_sum(src, dst, 17, len(wire) - 20) % 0xFFFF)
+    struct.pack_into("!H", wire, 26, pseudo_sum(src, dst, 17, len(wire) - 20) % 0xFFFF)
     hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 20, 6)
     (got,), _ = split(build_vnet_hdr(hdr) + bytes(wire))
     assert got[26:28] == b"\xff\xff"
