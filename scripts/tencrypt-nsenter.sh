@@ -9,7 +9,8 @@
 # itself with `tencrypt run RUN-ARGS` there (foreground: a supervisor — systemd, the agent, the
 # lab — owns its lifetime). With --undo it runs `tencrypt setup --undo` instead (stop the proxy
 # first). Only the network namespace is entered: tencrypt itself comes from the node. The pod's
-# resolv.conf is reached through /proc/PID/root (PID mode) or /etc/netns/NAME (named mode,
+# resolv.conf is the one PID sees (`setup --resolv-conf-of PID`: through /proc/PID/root, or the
+# node's file behind it where the runtime mounts it read-only) or /etc/netns/NAME (named mode,
 # which `ip netns exec` bind-mounts over /etc/resolv.conf).
 #
 # Environment: TENCRYPT_BIN (default: `tencrypt` on PATH), TENCRYPT_SETUP_ARGS (extra words for
@@ -17,7 +18,7 @@
 # passed through to `tencrypt run`; prefer --psk-file FILE in RUN-ARGS).
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 die() { echo "tencrypt-nsenter: $*" >&2; exit 2; }
 
 [ $# -ge 1 ] || usage
@@ -35,7 +36,9 @@ else
     [[ "$pid" =~ ^[0-9]+$ ]] || die "'$pid' is neither a PID nor --netns NAME"
     [ -e "/proc/$pid/ns/net" ] || die "no process $pid"
     target=(nsenter --target "$pid" --net --)
-    resolv=(--resolv-conf "/proc/$pid/root/etc/resolv.conf")
+    # the resolv.conf the pod sees; setup finds the node's file behind a read-only bind mount
+    # (containerd, CRI-O); a --resolv-conf in TENCRYPT_SETUP_ARGS names the file instead
+    [[ " ${TENCRYPT_SETUP_ARGS:-} " == *" --resolv-conf "* ]] || resolv=(--resolv-conf-of "$pid")
     shift
 fi
 

@@ -36,8 +36,14 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service-cidr", default="172.30.0.0/16",
                    help="the cluster's Service CIDR, routed into tenc0 (default: 172.30.0.0/16)")
     p.add_argument("--mtu", type=int, help="tenc0 MTU (default: uplink MTU minus 60)")
-    p.add_argument("--resolv-conf", default="/etc/resolv.conf",
-                   help="resolv.conf to point at the embedded DNS proxy (rewritten in place)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--resolv-conf", metavar="FILE",
+                       help="resolv.conf to point at the embedded DNS proxy, rewritten in place "
+                            "(default: /etc/resolv.conf)")
+    where.add_argument("--resolv-conf-of", metavar="PID", type=int,
+                       help="rewrite the resolv.conf that process PID sees (from outside its mount "
+                            "namespace); where that is a read-only bind mount, as in containerd's "
+                            "and CRI-O's pause container, the node's file behind it")
     p.add_argument("--state-dir", default="/run/tencrypt",
                    help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace)")
 

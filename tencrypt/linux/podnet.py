@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tencrypt.core.mountinfo import mount_of, node_path, parse_mountinfo
 from tencrypt.core.podconfig import (
     PodConfig,
     cluster_domain_of,
@@ -95,11 +96,16 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
     gateway = args.gateway or netlink.default_gateway(dev)
     if not gateway:
         raise UsageError(f"no default route via {dev}; pass --gateway")
-    resolv_path = args.resolv_conf
+    resolv_path = args.resolv_conf or (resolv_conf_of(args.resolv_conf_of) if args.resolv_conf_of
+                                        else "/etc/resolv.conf")
     try:
         current = Path(resolv_path).read_text()
     except OSError as exc:
         raise UsageError(f"cannot read {resolv_path}: {exc.strerror}") from exc
+    if not os.access(resolv_path, os.W_OK):
+        raise UsageError(f"{resolv_path} is read-only here (containerd and CRI-O mount it so into "
+                         "the pod's infrastructure container): run setup from the node with "
+                         "--resolv-conf-of PID (tencrypt-nsenter.sh does), or pass --resolv-conf FILE")
     original = previous.resolv_original if previous and is_rewritten(current) else current
     resolv = parse_resolv_conf(original)
     dns = args.dns or next((ns for ns in resolv.nameservers if not ns.startswith("127.")), None)
@@ -118,6 +124,42 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
                        search=resolv.search, cluster_domain=cluster_domain_of(domain),
                        service_cidr=args.service_cidr, mtu=mtu)
     return SetupState(config, resolv_path, original)
+
+
+def resolv_conf_of(pid: int) -> str:
+    """The file to rewrite for the resolv.conf that process ``pid`` sees: /proc/PID/root/etc/
+    resolv.conf, unless that is a read-only bind mount (containerd's and CRI-O's pause
+    container): then the node's file behind it. The node is PID 1's mount namespace (an agent
+    in a hostPID container reaches it through /proc/1/root), else this process's own; a
+    candidate counts only if it is the very file the pod sees (device and inode)."""
+    seen = f"/proc/{pid}/root/etc/resolv.conf"
+    try:
+        pod_mounts = parse_mountinfo(Path(f"/proc/{pid}/mountinfo").read_text())
+        seen_id = _file_id(seen)
+    except OSError as exc:
+        raise UsageError(f"cannot read the resolv.conf of pid {pid}: {exc}") from exc
+    mount = mount_of(pod_mounts, "/etc/resolv.conf")
+    if mount is None or not mount.read_only:
+        return seen
+    for node_mountinfo, node_root in (("/proc/1/mountinfo", "/proc/1/root"),
+                                      ("/proc/self/mountinfo", "")):
+        try:
+            on_node = node_path(pod_mounts, "/etc/resolv.conf",
+                                parse_mountinfo(Path(node_mountinfo).read_text()))
+            if on_node and _file_id(node_root + on_node) == seen_id:
+                log.info("resolv.conf of pid %d is a read-only bind mount: rewriting its source "
+                         "%s on the node", pid, on_node)
+                return node_root + on_node
+        except OSError:
+            continue
+    raise UsageError(f"/etc/resolv.conf of pid {pid} is a read-only mount of {mount.root} "
+                     f"(device {mount.dev}) that this node's mounts do not show; pass "
+                     "--resolv-conf FILE")
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def setup(args: argparse.Namespace) -> PodConfig:

@@ -134,3 +134,25 @@ def test_otherwise_it_becomes_the_original_pod_binary(pod, started, tmp_path, ca
             "no key": "no project key"}[case] in log.read_text()
     assert proc.poll() is None  # it idles ...
     assert stop(proc) == 0  # ... until signalled, then exits cleanly
+
+
+def test_with_a_read_only_resolv_conf_it_says_why_and_becomes_the_original(pod, started,
+                                                                          tmp_path):
+    """containerd and CRI-O mount resolv.conf read-only into the infrastructure container: the
+    image cannot patch the pod there (the agent can, from the node); it must say so, touch
+    nothing, and go on as the original pod binary."""
+    mark, log = tmp_path / "original.ran", tmp_path / "entrypoint.log"
+    original = tmp_path / "pod"
+    original.write_text(ORIGINAL.format(mark=mark))
+    original.chmod(0o755)
+    env = {"TENCRYPT_ORIGINAL_ENTRYPOINT": str(original),
+           "TENCRYPT_PSK_FILE": str(key_file(tmp_path))}
+    read_only = 'mount --bind -o ro /etc/resolv.conf /etc/resolv.conf && exec "$0" "$@"'
+    proc = started(pod, ["unshare", "--mount", "--propagation", "private", "sh", "-c", read_only,
+                         sys.executable, str(ENTRYPOINT)], env, log)
+    netns.wait_for(mark.exists, timeout=60, what="the original pod binary to run")
+    text = log.read_text()
+    assert "/etc/resolv.conf is read-only here" in text and "--resolv-conf-of" in text
+    assert "this pod stays UNENCRYPTED" in text
+    assert " tenc0:" not in links(pod) and resolv(pod) == RESOLV
+    assert proc.poll() is None and stop(proc) == 0

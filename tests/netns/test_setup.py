@@ -4,6 +4,9 @@
                default via 172.17.0.1; /etc/netns/tsNNN/resolv.conf -> 172.30.0.2
 """
 
+import base64
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,7 @@ from tencrypt.linux import netns
 from tests.netns.conftest import standalone_pod
 
 TENCRYPT = str(Path(sys.executable).parent / "tencrypt")
+LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "tencrypt-nsenter.sh"
 RESOLV = "nameserver 172.30.0.2\nsearch myproject.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
 
 
@@ -92,3 +96,64 @@ def test_launcher_rejects_bad_targets_with_a_message():
     assert proc.returncode == 2 and "no network namespace named" in proc.stderr
     proc = subprocess.run(["bash", str(script), "notapid"], capture_output=True, text=True)
     assert proc.returncode == 2 and "neither a PID" in proc.stderr
+
+
+def container(pod, source, *, read_only):
+    """A process of ``pod`` in a mount namespace of its own where ``source`` (a node file) is
+    bind-mounted over /etc/resolv.conf, as a container runtime does: read-only for the pause
+    container of containerd and CRI-O, writable for application containers."""
+    ro = ["-o", "ro"] if read_only else []
+    script = f"mount --bind {' '.join(ro)} {source} /etc/resolv.conf && exec sleep 300"
+    proc = netns.spawn(pod, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    mountinfo = Path(f"/proc/{proc.pid}/mountinfo")
+    netns.wait_for(lambda: " /etc/resolv.conf " in mountinfo.read_text()
+                   and os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"),
+                   what="the container's resolv.conf mount")
+    return proc
+
+
+def test_launcher_rewrites_the_node_file_behind_a_read_only_resolv_conf(pod, tmp_path):
+    """containerd: the pause container (the launcher's PID) sees resolv.conf read-only; the node
+    file behind it is rewritten in place, so the application containers see the change."""
+    source = tmp_path / "sandboxes" / "0f3c9a7e" / "resolv.conf"
+    source.parent.mkdir(parents=True)
+    source.write_text(RESOLV)
+    procs = [container(pod, source, read_only=True), container(pod, source, read_only=False)]
+    pause, app = procs
+    key = tmp_path / "psk"
+    key.write_text(base64.b64encode(os.urandom(32)).decode())
+    log = tmp_path / "launcher.log"
+    try:
+        # what the launcher did before: the pause container's view cannot be written
+        seen = f"/proc/{pause.pid}/root/etc/resolv.conf"
+        proc = tencrypt(pod, "setup", "--resolv-conf", seen, check=False)
+        assert proc.returncode == 2 and "read-only" in proc.stderr and "--resolv-conf-of" in proc.stderr
+        assert "tenc0" not in netns.run(pod, ["ip", "link"]).stdout
+
+        env = {**os.environ, "TENCRYPT_BIN": TENCRYPT}
+        with open(log, "wb") as out:
+            launcher = subprocess.Popen(["bash", str(LAUNCHER), str(pause.pid), "--", "--psk-file",
+                                         str(key)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        procs.append(launcher)
+        netns.wait_for(lambda: "tencrypt: ready" in log.read_text(), timeout=60,
+                       what=f"the proxy started by the launcher ({log})")
+        assert "read-only bind mount" in log.read_text()
+        for view in (source, Path(seen), Path(f"/proc/{app.pid}/root/etc/resolv.conf")):
+            lines = view.read_text().splitlines()
+            assert "nameserver 127.0.0.1" in lines and "nameserver 172.30.0.2" not in lines, view
+        assert source.stat().st_ino == os.stat(seen).st_ino  # in place: the mounts still hold it
+
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 0
+        undo = subprocess.run(["bash", str(LAUNCHER), str(pause.pid), "--undo"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert undo.returncode == 0, undo.stderr
+        assert source.read_text() == RESOLV
+        assert Path(f"/proc/{app.pid}/root/etc/resolv.conf").read_text() == RESOLV
+        assert "tenc0" not in netns.run(pod, ["ip", "link"]).stdout
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
