@@ -261,19 +261,22 @@ def into_pod_cgroup(pid: int, uid: str):
         if not (root / "cgroup.procs").exists():
             continue
         leaf = root / "kubepods" / "besteffort" / f"pod{uid}" / ("c0ffee" * 10 + "abcd")
+        # only what this test creates is removed again: a runtime on the machine may own
+        # kubepods/ and besteffort/
+        made = [d for d in (leaf, *list(leaf.parents)[:3]) if not d.exists()]
         try:
             leaf.mkdir(parents=True, exist_ok=True)
             (leaf / "cgroup.procs").write_text(f"{pid}\n")
         except OSError:
             continue
 
-        def undo(root=root, leaf=leaf):
+        def undo(root=root, leaf=leaf, made=made):
             for moved in (leaf / "cgroup.procs").read_text().split():
                 try:
                     (root / "cgroup.procs").write_text(f"{moved}\n")
                 except OSError:  # it exited meanwhile
                     pass
-            for d in (leaf, *list(leaf.parents)[:3]):
+            for d in made:
                 d.rmdir()
         return undo
     return None
