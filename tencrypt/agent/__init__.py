@@ -2,8 +2,8 @@
 
 Stages, from the cluster to the pods (pure modules marked *):
 
-1. ``agent`` — list+watch this node's Pods and all Namespaces (node-sync's reflectors), GET
-   each project's Secret ``tencrypt``; the loop that owns everything below;
+1. ``agent`` — list+watch this node's Pods, all Namespaces and the Secrets named
+   ``tencrypt`` (node-sync's reflectors); the loop that owns everything below;
 2. ``podstate`` * — which pods are wanted (enabled namespace, pod network, running) and the
    project key out of its Secret;
 3. ``sandbox`` * / ``resolver`` — each pod's sandbox: a PID in its network namespace, from

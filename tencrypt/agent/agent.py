@@ -1,15 +1,17 @@
 """The agent's loop: the composition root of ``tencrypt agent``.
 
-Two reflectors (``nodesync.watch.Reflector``, the same list+watch machinery node-sync uses)
-queue this node's Pods (``fieldSelector=spec.nodeName=<node>``) and every Namespace; one
-thread, this loop, owns everything else. Stages of a pass (``tick``), run every ``TICK``
-seconds and after every burst of events, once Pods and Namespaces have both been listed:
+Three reflectors (``nodesync.watch.Reflector``, the same list+watch machinery node-sync
+uses) queue this node's Pods (``fieldSelector=spec.nodeName=<node>``), every Namespace and
+the Secrets named ``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants
+list/watch on that name only); one thread, this loop, owns everything else. Stages of a pass
+(``tick``), run every ``TICK`` seconds and after every burst of events, once all three kinds
+have been listed:
 
  1. fold the events into ``NodeView``; take the wanted pods;
- 2. keys: GET Secret ``tencrypt`` of each project that has wanted pods here — every
-    ``key_retry`` seconds while none is known, every ``key_refresh`` seconds after (a rotated
-    key restarts the project's proxies); a new key is written to its key file before anything
-    uses it. A missing or bad Secret is logged once per change, without the key;
+ 2. keys: the key of each project that has wanted pods here, from its Secret as last
+    watched (a rotated key restarts the project's proxies at the next pass); a new key is
+    written to its key file before anything uses it. A missing or bad Secret is logged once
+    per change, without the key, and a running proxy keeps its last good key;
  3. sandboxes: ``Resolver.resolve`` (cached; costly look-ups at most once a second);
  4. observe: a proxy process gone → ``on_exited`` (its log's last lines are logged); its
     "tencrypt: ready" line → ``on_ready``;
@@ -45,42 +47,35 @@ from tencrypt.agent.podstate import (
     NodeView,
     PodInfo,
     key_id,
-    parse_secret_key,
 )
 from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox, Verb, Want
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
 from tencrypt.core.stats import Stats
-from tencrypt.logutil import RateLimitedLog
-from tencrypt.nodesync.watch import Changed, Listed, Reflector, get_object
+from tencrypt.nodesync.watch import Changed, Listed, Reflector
 
 log = logging.getLogger("tencrypt.agent")
 TICK = 0.5  # seconds between passes without events: how soon a dead proxy is noticed
 UNDO_PARALLEL = 4  # undos at once on shutdown: each is a short-lived interpreter
-ReadSecret = Callable[[str], Any]  # namespace -> Secret JSON, None if absent; raises on errors
 
 
 @dataclass(slots=True)
 class KeyState:
     key_id: str | None = None
-    read_at: float = float("-inf")
     problem: str | None = None
 
 
 class Agent:
-    def __init__(self, node: str, read_secret: ReadSecret, supervisor: Supervisor,
-                 resolver: Resolver, policy: Policy | None = None, key_refresh: float = 60.0,
-                 key_retry: float = 5.0, stats: Stats | None = None,
+    def __init__(self, node: str, supervisor: Supervisor, resolver: Resolver,
+                 policy: Policy | None = None, stats: Stats | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.stats = stats or Stats()
         self.view = NodeView(node, self.stats)
         self.reconciler = Reconciler(policy or Policy(), self.stats)
-        self.read_secret, self.supervisor, self.resolver = read_secret, supervisor, resolver
-        self.key_refresh, self.key_retry, self.clock = key_refresh, key_retry, clock
+        self.supervisor, self.resolver, self.clock = supervisor, resolver, clock
         self.queue: queue.Queue[object] = queue.Queue()
         self.listed: set[AgentKind] = set()
         self.keys: dict[str, KeyState] = {}
-        self.ratelog = RateLimitedLog(log, per_key_interval=60.0)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -144,7 +139,7 @@ class Agent:
 
     def tick(self, now: float) -> None:
         wanted = self.view.wanted()
-        self.refresh_keys({p.namespace for p in wanted}, now)
+        self.refresh_keys({p.namespace for p in wanted})
         sandboxes = self.resolver.resolve(wanted)
         self.reconciler.on_desired(self._want(p, sandboxes.get(p.uid)) for p in wanted)
         self.observe(now)
@@ -160,20 +155,10 @@ class Agent:
         state = self.keys.get(pod.namespace)
         return Want(pod.uid, pod.namespace, pod.name, sandbox, state.key_id if state else None)
 
-    def refresh_keys(self, projects: Iterable[str], now: float) -> None:
+    def refresh_keys(self, projects: Iterable[str]) -> None:
         for project in sorted(projects):
             state = self.keys.setdefault(project, KeyState())
-            if now < state.read_at + (self.key_refresh if state.key_id else self.key_retry):
-                continue
-            state.read_at = now
-            try:
-                obj = self.read_secret(project)
-            except Exception as exc:  # noqa: BLE001 - the API's trouble: keep the last key
-                self.ratelog.warn(("secret", project), "%s: cannot read Secret %s: %s", project,
-                                  SECRET_NAME, exc)
-                continue
-            key = parse_secret_key(obj) if obj is not None else BadKey(
-                f"no Secret {SECRET_NAME} in the namespace")
+            key = self.view.key(project)
             if isinstance(key, BadKey):
                 if key.reason != state.problem:
                     log.error("project %s: %s; %s", project, key.reason,
@@ -231,14 +216,13 @@ class Agent:
 
 def start_reflectors(api: Any, node: str, out: queue.Queue[object], stop: threading.Event,
                      watch_timeout: int) -> None:
-    """List+watch this node's Pods and all Namespaces into ``out`` (node-sync's reflector)."""
+    """List+watch this node's Pods, all Namespaces and the Secrets named ``tencrypt`` into
+    ``out`` (node-sync's reflector)."""
     core = client.CoreV1Api(api)
     pods = functools.partial(core.list_pod_for_all_namespaces,
                              field_selector=f"spec.nodeName={node}")
+    secrets = functools.partial(core.list_secret_for_all_namespaces,
+                                field_selector=f"metadata.name={SECRET_NAME}")
     Reflector(AgentKind.POD, pods, out, stop, watch_timeout).start()
     Reflector(AgentKind.NAMESPACE, core.list_namespace, out, stop, watch_timeout).start()
-
-
-def secret_reader(api: Any) -> ReadSecret:
-    core = client.CoreV1Api(api)
-    return lambda namespace: get_object(core.read_namespaced_secret, SECRET_NAME, namespace)
+    Reflector(AgentKind.SECRET, secrets, out, stop, watch_timeout).start()

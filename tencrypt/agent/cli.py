@@ -63,9 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-metrics", metavar="ADDR:PORT",
                    help="each proxy serves Prometheus metrics at this address inside its pod, "
                         "e.g. 127.0.0.1:9137 (default: off)")
-    p.add_argument("--key-refresh", type=float, default=60.0, metavar="SECONDS",
-                   help="re-read each project's Secret this often; a changed key restarts "
-                        "the project's proxies (default: 60)")
     p.add_argument("--ready-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a proxy not ready by then is killed and restarted (default: 30)")
     p.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
@@ -81,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tencrypt.agent.agent import Agent, secret_reader, start_reflectors
+    from tencrypt.agent.agent import Agent, start_reflectors
     from tencrypt.agent.reconcile import Policy
     from tencrypt.agent.resolver import Resolver
     from tencrypt.agent.supervisor import Supervisor
@@ -92,10 +89,9 @@ def main(args: argparse.Namespace) -> int:
                          "DaemonSet sets it from spec.nodeName)")
     if os.geteuid() != 0:
         raise UsageError("needs root on the node (it enters pod network namespaces)")
-    if min(args.restart_backoff, args.restart_backoff_max, args.ready_timeout,
-           args.key_refresh) <= 0:
-        raise UsageError("--restart-backoff, --restart-backoff-max, --ready-timeout and "
-                         "--key-refresh must be positive")
+    if min(args.restart_backoff, args.restart_backoff_max, args.ready_timeout) <= 0:
+        raise UsageError("--restart-backoff, --restart-backoff-max and --ready-timeout must be "
+                         "positive")
     supervisor = Supervisor(Path(args.state_dir), launcher(args.launcher),
                             tencrypt_bin(args.tencrypt_bin), run_args(args),
                             setup_args=" ".join(shlex.split(args.setup_args)),
@@ -110,8 +106,7 @@ def main(args: argparse.Namespace) -> int:
         api = new_api_client(args.kubeconfig)
     except Exception as exc:  # noqa: BLE001 - the client's config errors have no common type
         raise UsageError(f"cannot configure the Kubernetes client: {exc}") from exc
-    agent = Agent(args.node, secret_reader(api), supervisor, resolver, policy,
-                  key_refresh=args.key_refresh)
+    agent = Agent(args.node, supervisor, resolver, policy)
     log.info("node %s: watching %s; sandboxes by %s; state in %s", args.node,
              api.configuration.host, resolver.mode, args.state_dir)
     start_reflectors(api, args.node, agent.queue, stop, WATCH_TIMEOUT)

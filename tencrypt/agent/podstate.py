@@ -2,8 +2,9 @@
 
 Rules:
 - Input is Kubernetes JSON as the API server writes it: the Pods of this node (a watch with
-  ``fieldSelector=spec.nodeName=<node>``), every Namespace, and one Secret per project. Nothing
-  here does I/O.
+  ``fieldSelector=spec.nodeName=<node>``), every Namespace, and the Secrets named
+  ``tencrypt`` (a watch with ``fieldSelector=metadata.name=tencrypt``, the only Secret
+  requests the RBAC allows). Nothing here does I/O.
 - A pod is *wanted* (it should run a proxy) while all of these hold:
   - it is scheduled on this node;
   - its namespace carries the label ``tencrypt.io/enabled=true``;
@@ -53,6 +54,7 @@ class AgentKind(enum.Enum):
 
     POD = "Pod"
     NAMESPACE = "Namespace"
+    SECRET = "Secret"
 
 
 @dataclass(slots=True, frozen=True)
@@ -162,17 +164,31 @@ class NodeView:
     stats: Stats = field(default_factory=Stats)
     namespaces: dict[str, bool] = field(default_factory=dict)  # name -> enabled
     pods: dict[str, PodInfo] = field(default_factory=dict)  # uid -> pod
+    keys: dict[str, bytes | BadKey] = field(default_factory=dict)  # namespace -> its Secret's
 
     def replace(self, kind: AgentKind, items: list[Any]) -> None:
         """A fresh list of ``kind``: forget what was known of it, then add every item."""
-        if kind is AgentKind.POD:
-            self.pods.clear()
-        else:
-            self.namespaces.clear()
+        {AgentKind.POD: self.pods, AgentKind.NAMESPACE: self.namespaces,
+         AgentKind.SECRET: self.keys}[kind].clear()
         for obj in items:
             self.on_event(kind, EventType.ADDED, obj)
 
+    def key(self, namespace: str) -> bytes | BadKey:
+        """The project key of ``namespace``'s Secret, or why there is none."""
+        key = self.keys.get(namespace)
+        return BadKey(f"no Secret {SECRET_NAME} in the namespace") if key is None else key
+
     def on_event(self, kind: AgentKind, event: EventType, obj: Any) -> None:
+        if kind is AgentKind.SECRET:
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            ns = meta.get("namespace") if isinstance(meta, dict) else None
+            if not isinstance(ns, str) or meta.get("name") != SECRET_NAME:
+                self.stats.inc("agent_bad_object")
+            elif event is EventType.DELETED:
+                self.keys.pop(ns, None)
+            else:
+                self.keys[ns] = parse_secret_key(obj)
+            return
         if kind is AgentKind.NAMESPACE:
             parsed = parse_namespace(obj)
             if parsed is None:

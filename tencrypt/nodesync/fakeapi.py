@@ -15,11 +15,13 @@ small. What it does as the real one does:
   ``pause_watches()`` holds watch requests (a partition) until ``resume_watches()``. Under a
   field selector, an object that starts matching arrives as ``ADDED`` and one that stops
   matching as ``DELETED``, as the real API server's watch cache sends them.
-- ``GET /api/v1/namespaces/<ns>/secrets/<name>``: one Secret, or 404 (the only Secret
-  request served: the agent may ``get`` Secrets by name, never list them).
+- ``/api/v1/secrets`` lists and watches only under ``fieldSelector=metadata.name=<name>``
+  for a name in ``secret_names`` (default: ``tencrypt``), else 403 — as the real server
+  authorizes an RBAC rule with ``resourceNames``: it takes a list/watch's name from that
+  field selector, and refuses it without one.
 - Every request needs ``Authorization: Bearer <token>``, else 401; with
   ``serve_slices=False`` the EndpointSlice API answers 404, like a cluster that predates it.
-- ``requests`` records (kind name, "list" | "watch" | "get") of every request, so a test can
+- ``requests`` records (kind name, "list" | "watch") of every request, so a test can
   tell a watcher from a poller; ``count`` and ``open_watches`` take a ``Kind`` or a kind name.
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import copy
 import enum
 import json
-import re
 import threading
 import time
 from collections.abc import Iterable
@@ -42,8 +43,7 @@ from tencrypt.nodesync.cluster import Kind
 PATHS = {"/api/v1/namespaces": Kind.NAMESPACE.value, "/api/v1/services": Kind.SERVICE.value,
          "/api/v1/endpoints": Kind.ENDPOINTS.value,
          "/apis/discovery.k8s.io/v1/endpointslices": Kind.ENDPOINT_SLICE.value,
-         "/api/v1/pods": "Pod"}
-SECRET_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
+         "/api/v1/pods": "Pod", "/api/v1/secrets": "Secret"}
 TOKEN = "tencrypt-test-token"
 
 ObjKey = tuple[str, str, str]  # (kind name, namespace, name)
@@ -52,8 +52,9 @@ Selector = tuple[tuple[str, str], ...]  # ((dotted field path, value), ...)
 
 
 class FakeApiServer:
-    def __init__(self, objects: Iterable[dict[str, Any]] = (), serve_slices: bool = True) -> None:
-        self.serve_slices = serve_slices
+    def __init__(self, objects: Iterable[dict[str, Any]] = (), serve_slices: bool = True,
+                 secret_names: Iterable[str] = ("tencrypt",)) -> None:
+        self.serve_slices, self.secret_names = serve_slices, frozenset(secret_names)
         self.requests: list[tuple[str, str]] = []
         self._cond = threading.Condition()
         self._version = 1000
@@ -264,9 +265,6 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._status(401, "Unauthorized")
-            secret = SECRET_PATH.match(url.path)
-            if secret:
-                return self._get("Secret", *secret.groups())
             kind = PATHS.get(url.path)
             if kind is None or (kind == Kind.ENDPOINT_SLICE.value and not api.serve_slices):
                 return self._status(404, "NotFound")
@@ -274,6 +272,9 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 selector = parse_field_selector(query.get("fieldSelector", ""))
             except ValueError as exc:
                 return self._status(400, f"BadRequest: {exc}")
+            if kind == "Secret" and selector not in {(("metadata.name", n),)
+                                                     for n in api.secret_names}:
+                return self._status(403, "Forbidden")
             watching = query.get("watch") in ("true", "1", "True")
             with api._cond:
                 api.requests.append((kind, "watch" if watching else "list"))
@@ -291,14 +292,6 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass
-
-        def _get(self, kind: str, namespace: str, name: str) -> None:
-            with api._cond:
-                api.requests.append((kind, "get"))
-            obj = api.get(kind, namespace, name)
-            if obj is None:
-                return self._status(404, "NotFound")
-            return self._json(200, obj)
 
         def _chunk(self, event: dict[str, Any]) -> None:
             data = json.dumps(event).encode() + b"\n"

@@ -107,18 +107,6 @@ def detect_endpoint_kind(api: client.ApiClient) -> Kind:
         raise
 
 
-def get_object(read_fn: Callable[..., Any], *args: Any) -> Any | None:
-    """One object as raw JSON (``read_namespaced_secret``, ...); None if it does not exist.
-    Any other API error is raised."""
-    try:
-        resp = read_fn(*args, _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, 60))
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return json.loads(resp.data)
-
-
 def list_all(list_fn: Callable[..., Any]) -> tuple[list[Any], str]:
     """Every object of a kind (following ``continue`` pages) and the list's resourceVersion."""
     items: list[Any] = []

@@ -134,6 +134,29 @@ def test_project_key_comes_from_the_secret_and_errors_never_quote_it():
     assert KEY not in podstate.key_id(k1)
 
 
+
+def test_node_view_keeps_each_projects_key_from_the_watched_secrets():
+    view = NodeView("n1")
+    assert view.key("shop") == BadKey("no Secret tencrypt in the namespace")
+    view.replace(AgentKind.SECRET, [kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}),
+                                    kubeobjects.build_secret("blog", {"PROJECT_PSK": "short"})])
+    assert view.key("shop") == base64.b64decode(KEY)
+    assert isinstance(view.key("blog"), BadKey) and "short" not in view.key("blog").reason
+    view.on_event(AgentKind.SECRET, EventType.MODIFIED,
+                  kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2}))
+    assert view.key("shop") == base64.b64decode(KEY2)
+    view.on_event(AgentKind.SECRET, EventType.DELETED,
+                  kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2}))
+    assert isinstance(view.key("shop"), BadKey)
+    # a Secret of another name (a server that ignored the field selector) never becomes a key
+    view.on_event(AgentKind.SECRET, EventType.ADDED,
+                  kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}, name="db-password"))
+    view.on_event(AgentKind.SECRET, EventType.ADDED, {"metadata": "junk"})
+    assert isinstance(view.key("shop"), BadKey) and view.stats.get("agent_bad_object") == 2
+    view.replace(AgentKind.SECRET, [])  # a relist forgets what is gone
+    assert view.keys == {}
+
+
 # -- the reconciler ------------------------------------------------------------------------
 
 SB, SB_NEW = Sandbox(100, 4026531999), Sandbox(300, 4026532111)
@@ -370,9 +393,10 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
               and d["metadata"]["name"] == "tencrypt-agent"]
     granted = {(res, verb, tuple(rule.get("resourceNames", ()))) for rule in role["rules"]
                for res in rule["resources"] for verb in rule["verbs"]}
-    # start_reflectors: list+watch pods and namespaces; secret_reader: get one Secret by name
+    # start_reflectors: list+watch pods and namespaces, and the Secrets named tencrypt only
     assert granted == {("pods", "list", ()), ("pods", "watch", ()), ("namespaces", "list", ()),
-                       ("namespaces", "watch", ()), ("secrets", "get", ("tencrypt",))}
+                       ("namespaces", "watch", ()), ("secrets", "list", ("tencrypt",)),
+                       ("secrets", "watch", ("tencrypt",))}
     assert all(rule["apiGroups"] == [""] for rule in role["rules"])
 
 

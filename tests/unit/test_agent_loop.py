@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tencrypt.agent import podstate, sandbox
-from tencrypt.agent.agent import Agent, secret_reader, start_reflectors
+from tencrypt.agent.agent import Agent, start_reflectors
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
 from tencrypt.agent.reconcile import Phase, Policy, Sandbox
 from tencrypt.agent.resolver import Resolver
@@ -178,10 +178,8 @@ class Harness:
         self.sup = Supervisor(tmp / "state", launcher, Path("/bin/true"), ["--no-strict"],
                               setup_state_dir=tmp / "setup", stop_timeout=5.0)
         self.api = watch.new_api_client(str(server.write_kubeconfig(tmp / "kubeconfig")))
-        self.agent = Agent("n1", secret_reader(self.api), self.sup,
-                           Resolver("annotation", proc=proc.root),
-                           Policy(**{"backoff": 0.1, "ready_timeout": 5.0, **policy}),
-                           key_refresh=0.3, key_retry=0.3)
+        self.agent = Agent("n1", self.sup, Resolver("annotation", proc=proc.root),
+                           Policy(**{"backoff": 0.1, "ready_timeout": 5.0, **policy}))
         self.stop = threading.Event()
         start_reflectors(self.api, "n1", self.agent.queue, self.stop, watch_timeout=300)
         self.thread = threading.Thread(target=self.agent.run, args=(self.stop, unpatch),
@@ -269,8 +267,9 @@ def test_real_client_fake_apiserver_agent_patches_wanted_pods_and_restarts_a_dea
     h.until_calls(f"start 200 {KEY}", "undo 200", f"start 200 {KEY}")
     assert h.proxy_pid(web) != first and alive(h.proxy_pid(web))
     assert h.agent.stats.get("agent_proxy_exits") == 1
+    # watchers, not pollers: one list of each kind, Secrets included
     assert server.count("Pod", "list") == server.count("Namespace", "list") == 1
-    assert server.count("Secret", "get") >= 1
+    assert server.count("Secret", "list") == 1 and server.count("Secret", "watch") >= 1
 
 
 def test_real_client_fake_apiserver_a_proxy_never_ready_is_killed_and_retried(env):
@@ -354,3 +353,23 @@ def test_real_client_fake_apiserver_restarted_agent_adopts_then_unpatches_on_exi
     assert sorted(second.lines()[2:]) == ["undo 200", "undo 201"]
     state = second.tmp / "state"
     assert list((state / "pods").iterdir()) == [] and list((state / "keys").iterdir()) == []
+
+
+def test_real_client_fake_apiserver_secrets_are_watched_by_name_only(env):
+    """The API double authorizes Secrets as the RBAC rule does (resourceNames: tencrypt): the
+    agent's field-selected list and watch pass, an unscoped list is refused."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    server, make, proc = env
+    server.put(kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}, name="db-password"))
+    h = make()
+    h.until(lambda: server.count("Secret", "watch") >= 1, "the Secret watch")
+    core = client.CoreV1Api(h.api)
+    with pytest.raises(ApiException) as refused:
+        core.list_secret_for_all_namespaces()
+    assert refused.value.status == 403
+    names = [s.metadata.name for s in core.list_secret_for_all_namespaces(
+        field_selector="metadata.name=tencrypt").items]
+    assert names == ["tencrypt"]
+    assert set(h.agent.view.keys) == {"shop"}
