@@ -429,3 +429,20 @@ def test_cli_refuses_to_run_without_a_node_name(monkeypatch, capsys):
     monkeypatch.delenv("NODE_NAME", raising=False)
     assert cli.main(["agent"]) == 2
     assert "pass --node NAME or set NODE_NAME" in capsys.readouterr().err
+
+
+def test_crictl_outputs_of_a_real_containerd_sandbox_recorded_here():
+    """containerd 1.6.20 through the CRI (tests/unit/data/containerd-1.6/README.md): the
+    parsers find the ready sandbox of the pod uid, the pause PID and the running container."""
+    data = Path(__file__).parent / "data" / "containerd-1.6"
+    inspectp = json.loads((data / "inspectp.json").read_text())
+    uid, sid = inspectp["status"]["metadata"]["uid"], inspectp["status"]["id"]
+    assert sandbox.parse_crictl_pods((data / "pods-ready.json").read_text()) == {uid: sid}
+    assert sandbox.parse_crictl_inspect_pid((data / "inspectp.json").read_text()) == \
+        inspectp["info"]["pid"] > 1
+    [cid] = sandbox.parse_crictl_ps((data / "ps.json").read_text())
+    app = json.loads((data / "inspect-app.json").read_text())
+    assert app["status"]["id"] == cid
+    assert sandbox.parse_crictl_inspect_pid((data / "inspect-app.json").read_text()) == \
+        app["info"]["pid"] > 1
+    assert sandbox.parse_cgroup_pod_uid((data / "cgroup-pause.txt").read_text()) == uid

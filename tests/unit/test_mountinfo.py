@@ -73,3 +73,19 @@ def test_node_path_is_none_when_the_node_shows_no_such_filesystem():
     other = parse_mountinfo("22 1 8:1 /home /home rw - ext4 /dev/sda1 rw\n")
     assert node_path(pod, "/etc/resolv.conf", other) is None
     assert node_path(pod, "/etc/resolv.conf", []) is None
+
+
+def test_real_containerd_sandbox_recorded_here():
+    """containerd 1.6.20: the pause container's resolv.conf is read-only, the application
+    container's writable, both the same node file — which node_path finds."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "containerd-1.6"
+    pause, app, node = (parse_mountinfo((data / f"mountinfo-{n}.txt").read_text())
+                        for n in ("pause", "app", "host-pid1"))
+    assert mount_of(pause, "/etc/resolv.conf").read_only
+    assert not mount_of(app, "/etc/resolv.conf").read_only
+    source = mount_of(pause, "/etc/resolv.conf").root
+    assert source.startswith("/") and source.endswith("/resolv.conf") and "/sandboxes/" in source
+    assert node_path(pause, "/etc/resolv.conf", node) == source  # root fs, mounted at /
+    assert node_path(app, "/etc/resolv.conf", node) == source
