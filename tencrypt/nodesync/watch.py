@@ -3,7 +3,8 @@
 Stages:
 
 1. ``detect_endpoint_kind``: EndpointSlices (discovery.k8s.io/v1) if the cluster serves
-   them, legacy Endpoints otherwise (a 404 on the slice list).
+   them, legacy Endpoints otherwise (a 404 on the slice list); asked again with a backoff
+   until the API server answers (``await_endpoint_kind``).
 2. One ``Reflector`` thread per kind (Namespaces, Services, EndpointSlices/Endpoints), as
    client-go does: list (paged) → ``Listed``, then watch from the list's resourceVersion →
    ``Changed`` per event. A watch that ends (server timeout) resumes from the last version it
@@ -40,6 +41,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from tencrypt.core.stats import Stats
+from tencrypt.errors import SetupError
 from tencrypt.nodesync.cluster import ClusterState, EventType, Kind, ServiceBackends
 
 log = logging.getLogger(__name__)
@@ -226,9 +228,32 @@ class Syncer:
                 stop.wait(1.0)
 
 
+def _brief(exc: Exception) -> str:
+    """urllib3 wraps a refused connection in three layers of text: its reason is enough."""
+    return f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+
+
+def await_endpoint_kind(api: client.ApiClient, stop: threading.Event) -> Kind | None:
+    """``detect_endpoint_kind`` once the API server answers (a node boots before it, or it
+    restarts): retried with a capped backoff, logged each time; None if stopped first."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            return detect_endpoint_kind(api)
+        except Exception as exc:  # noqa: BLE001 - any API trouble: wait and ask again
+            log.warning("API server %s not usable yet (%s); retrying in %.0fs",
+                        api.configuration.host, _brief(exc), delay)
+            stop.wait(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+    return None
+
+
 def watch_and_sync(api: client.ApiClient, applier: Applier, stats: Stats, stop: threading.Event,
                    resync: float = 300.0, watch_timeout: int = WATCH_TIMEOUT) -> None:
-    kinds = (Kind.NAMESPACE, Kind.SERVICE, detect_endpoint_kind(api))
+    endpoint_kind = await_endpoint_kind(api, stop)
+    if endpoint_kind is None:
+        return
+    kinds = (Kind.NAMESPACE, Kind.SERVICE, endpoint_kind)
     syncer = Syncer(applier, stats, kinds, resync)
     for kind in kinds:
         Reflector(kind, list_function(api, kind), syncer.queue, stop, watch_timeout).start()
@@ -236,9 +261,16 @@ def watch_and_sync(api: client.ApiClient, applier: Applier, stats: Stats, stop: 
 
 
 def list_once(api: client.ApiClient, stats: Stats) -> ClusterState:
-    """One consistent-enough snapshot for ``--once``: list each kind once."""
+    """One consistent-enough snapshot for ``--once``: list each kind once. An API server
+    that cannot be reached or refuses is a ``SetupError`` naming it (``--once`` is for a
+    human or a script: fail at once, clearly)."""
     state = ClusterState(stats)
-    for kind in (Kind.NAMESPACE, Kind.SERVICE, detect_endpoint_kind(api)):
-        items, _ = list_all(list_function(api, kind))
-        state.replace(kind, items)
+    try:
+        for kind in (Kind.NAMESPACE, Kind.SERVICE, detect_endpoint_kind(api)):
+            items, _ = list_all(list_function(api, kind))
+            state.replace(kind, items)
+    except ApiException as exc:
+        raise SetupError(f"API server {api.configuration.host}: {exc.status} {exc.reason}") from exc
+    except Exception as exc:  # noqa: BLE001 - connection and TLS errors have no common type
+        raise SetupError(f"API server {api.configuration.host}: {_brief(exc)}") from exc
     return state
