@@ -55,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra words for `tencrypt setup` in every pod, e.g. "
                         "\"--service-cidr 10.96.0.0/12\" (TENCRYPT_SETUP_ARGS)")
     p.add_argument("--setup-state-dir", default="/run/tencrypt", metavar="DIR",
-                   help="where `tencrypt setup` keeps per-namespace state, cleaned up when a "
-                        "pod's namespace vanished before it could be undone (default: "
-                        "/run/tencrypt)")
+                   help="where `tencrypt setup` keeps per-namespace state (passed to setup, "
+                        "run and undo in every pod; cleaned up when a pod's namespace vanished "
+                        "before it could be undone; default: /run/tencrypt)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="run the proxies with --no-strict (accept plaintext from the project)")
     p.add_argument("--proxy-metrics", metavar="ADDR:PORT",
@@ -87,6 +87,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.node:
         raise UsageError("which node is this? pass --node NAME or set NODE_NAME (the "
                          "DaemonSet sets it from spec.nodeName)")
+    if "--state-dir" in shlex.split(args.setup_args):
+        raise UsageError("give setup's state directory as --setup-state-dir DIR, not in "
+                         "--setup-args: the proxies and undos must use the same one")
     if os.geteuid() != 0:
         raise UsageError("needs root on the node (it enters pod network namespaces)")
     if min(args.restart_backoff, args.restart_backoff_max, args.ready_timeout) <= 0:

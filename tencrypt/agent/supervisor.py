@@ -71,12 +71,14 @@ class Supervisor:
                  run_args: list[str], setup_args: str = "",
                  setup_state_dir: Path = Path("/run/tencrypt"), proc: Path = Path("/proc"),
                  stop_timeout: float = 10.0, undo_timeout: float = 60.0) -> None:
-        self.state_dir, self.launcher, self.run_args = state_dir, launcher, run_args
+        # setup, run and undo must agree on where setup keeps the pod's state
+        self.state_dir, self.launcher = state_dir, launcher
+        self.run_args = [*run_args, "--state-dir", str(setup_state_dir)]
         self.keys, self.pods = state_dir / "keys", state_dir / "pods"
         self.setup_state_dir, self.proc = setup_state_dir, proc
         self.stop_timeout, self.undo_timeout = stop_timeout, undo_timeout
         self.env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin),
-                    "TENCRYPT_SETUP_ARGS": setup_args}
+                    "TENCRYPT_SETUP_ARGS": f"--state-dir {setup_state_dir} {setup_args}".strip()}
         self.env.pop("TENCRYPT_PROJECT_PSK", None)  # the key goes by file, never by environment
         self.records: dict[str, Record] = {}
         self.children: dict[str, subprocess.Popen[bytes]] = {}

@@ -40,7 +40,6 @@ from tencrypt.nodesync.fakeapi import FakeApiServer
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "tencrypt-agent-marker-41c7"
 READY_WAIT = 90.0  # two interpreters starting at once on a loaded 2-core machine
-SETUP_STATE = Path("/run/tencrypt")  # `tencrypt setup`'s default, keyed by netns inode
 
 
 def pod_objects(lab):
@@ -62,10 +61,13 @@ def pod_objects(lab):
 class AgentProcess:
     def __init__(self, api, tmp: Path, on_exit: str, log_name: str, sandbox: str):
         self.state = tmp / "agent-state"  # shared by successive agents, as on a node
+        # not setup's default: setup, run and undo must all be handed the same one
+        self.setup_state = tmp / "setup-state"
         self.log = tmp / log_name
         self.argv = [sys.executable, "-m", "tencrypt", "agent", "--node", "node1",
                      "--kubeconfig", str(api.write_kubeconfig(tmp / "kubeconfig")),
                      "--state-dir", str(self.state), "--sandbox", sandbox,
+                     "--setup-state-dir", str(self.setup_state),
                      "--proxy-metrics", METRICS, "--restart-backoff", "0.2",
                      "--on-exit", on_exit, "--log-level", "debug"]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -219,7 +221,7 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
     wait_patched(lab, agent, "nginx1", "nginx2")
     inode = netns_inode(lab, "nginx2")
     uid = api.get("Pod", "myproject", "nginx2")["metadata"]["uid"]
-    assert (SETUP_STATE / f"netns-{inode}").is_dir() and (agent.state / "pods" / uid).is_dir()
+    assert (agent.setup_state / f"netns-{inode}").is_dir() and (agent.state / "pods" / uid).is_dir()
     api.delete("Pod", "myproject", "nginx2")
     netns.wait_for(lambda: not (agent.state / "pods" / uid).exists(), timeout=60,
                    what="the agent to forget nginx2")
@@ -228,7 +230,7 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
     assert (Path("/etc/netns") / ns / "resolv.conf").read_text() == resolv["nginx2"]
     assert "tencrypt" not in lab.exec("nginx2", ["nft", "list", "tables"]).stdout
     assert "fwmark" not in lab.exec("nginx2", ["ip", "rule", "show"]).stdout
-    assert not (SETUP_STATE / f"netns-{inode}").exists()
+    assert not (agent.setup_state / f"netns-{inode}").exists()
     # the project keeps its key while nginx1 runs here
     assert metrics_up(lab, "nginx1") and (agent.state / "keys" / "myproject.psk").exists()
 
@@ -318,7 +320,7 @@ def test_real_client_fake_apiserver_agent_stop_with_on_exit_unpatch_undoes_every
     for pod in lab.pods.values():
         assert proxies_in(pod.netns) == [] and not has_tenc0(lab, pod.name)
         assert (Path("/etc/netns") / pod.netns / "resolv.conf").read_text() == resolv[pod.name]
-    assert not (SETUP_STATE / f"netns-{inode}").exists()
+    assert not (agent.setup_state / f"netns-{inode}").exists()
     assert list((agent.state / "pods").iterdir()) == []
     assert list((agent.state / "keys").iterdir()) == []
     assert "unpatching 2 pods" in agent.text()  # nginx1 adopted, nginx2 its own

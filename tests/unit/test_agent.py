@@ -429,6 +429,8 @@ def test_cli_refuses_to_run_without_a_node_name(monkeypatch, capsys):
     monkeypatch.delenv("NODE_NAME", raising=False)
     assert cli.main(["agent"]) == 2
     assert "pass --node NAME or set NODE_NAME" in capsys.readouterr().err
+    assert cli.main(["agent", "--node", "n1", "--setup-args", "--state-dir /x"]) == 2
+    assert "as --setup-state-dir DIR, not in --setup-args" in capsys.readouterr().err
 
 
 def test_crictl_outputs_of_a_real_containerd_sandbox_recorded_here():
