@@ -15,6 +15,7 @@ declare -A PKGS=(
     [ip]=iproute2 [iptables]=iptables [nft]=nftables [dnsmasq]=dnsmasq-base [iperf3]=iperf3
     [tcpdump]=tcpdump [curl]=curl [dig]=dnsutils [capsh]=libcap2-bin [ps]=procps
     [killall]=psmisc [ethtool]=ethtool [nsenter]=util-linux [gcc]=gcc [ping]=iputils-ping [socat]=socat [conntrack]=conntrack
+    [podman]=podman [runc]=runc [debootstrap]=debootstrap  # the node image's test
 )
 missing=()
 for bin in "${!PKGS[@]}"; do

@@ -1,0 +1,117 @@
+"""The DaemonSet's node image, built here from scripts/k8s/Dockerfile and run as the DaemonSet
+runs it: privileged, in the host's PID and network namespaces.
+
+    scripts/k8s/build-image.sh --debootstrap --offline   (podman; a local Debian 12 base,
+        |                                                  wheels made on this machine)
+    localhost/tencrypt/tencrypt:test
+        |-- node-sync --once --from-file (a kubectl JSON list) --dry-run: the rules it would load
+        '-- agent (podman run --privileged --pid=host --network=host, /run/tencrypt and the
+            agent's state as host directories, as daemonset.yaml mounts them)
+                |  the real client -> FakeApiServer on 127.0.0.1 (a test double)
+                v
+            tencrypt-nsenter.sh and tencrypt *of the image* in the lab pods nginx1, nginx2
+
+The first build takes minutes (debootstrap, apt and pip inside the build); later ones reuse
+podman's cached base and layers. The checks: the image's proxies seal the pods' traffic on
+the bridge, and a stopped container (SIGTERM, as at a rollout) unpatches every pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tencrypt.lab.proxy import METRICS, proxies_in
+from tencrypt.linux import netns
+from tencrypt.nodesync import kubeobjects
+from tencrypt.nodesync.fakeapi import FakeApiServer
+from tests.netns.test_agent import has_tenc0, pod_objects, sealed_curl, wait_patched
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/tencrypt/tencrypt:test"
+BUILD_TIMEOUT = 1800  # debootstrap and two package installs on a cold machine
+# what podman needs here (hybrid cgroups, no systemd, rlimits it may not raise): see
+# scripts/k8s/build-image.sh
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+
+
+@pytest.fixture(scope="module")
+def node_image():
+    if not shutil.which("podman") or not shutil.which("debootstrap"):
+        pytest.skip("podman and debootstrap are needed (scripts/install.sh installs them)")
+    build = subprocess.run(["bash", str(REPO / "scripts/k8s/build-image.sh"), "--debootstrap",
+                            "--offline", IMAGE], capture_output=True, text=True,
+                           timeout=BUILD_TIMEOUT)
+    assert build.returncode == 0, build.stderr[-4000:]
+    assert build.stdout.strip().splitlines()[-1] == IMAGE
+    return IMAGE
+
+
+def test_node_image_node_sync_renders_the_rules_of_a_recorded_cluster(node_image, tmp_path):
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps(kubeobjects.build_list([
+        kubeobjects.build_namespace("shop"),
+        kubeobjects.build_service("shop", "web", "172.30.12.34"),
+        kubeobjects.build_endpoint_slice("shop", "web", ["10.128.0.5", "10.128.1.7"])])))
+    proc = subprocess.run([*PODMAN, "run", "--rm", *LIMITS, "-v", f"{cluster}:/cluster.json:ro",
+                           node_image, "node-sync", "--once", "--from-file", "/cluster.json",
+                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    dnat = sorted(line.split()[-1] for line in proc.stdout.splitlines() if "DNAT" in line)
+    assert dnat == ["10.128.0.5:1337"] * 2 + ["10.128.1.7:1337"] * 2  # udp and tcp each
+    assert "-d 172.30.12.34/32 -p udp -m udp --dport 1337" in proc.stdout
+
+
+def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(
+        node_image, lab, capture, tmp_path):
+    api = FakeApiServer(pod_objects(lab))
+    api.start()
+    name = f"tencrypt-agent-{netns.unique_suffix()}"
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    setup_state, agent_state = tmp_path / "run-tencrypt", tmp_path / "agent-state"
+    setup_state.mkdir()
+    agent_state.mkdir(mode=0o700)  # hostPath DirectoryOrCreate in daemonset.yaml
+    resolv = {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
+              for p in lab.pods.values()}
+    run = [*PODMAN, "run", "-d", "--name", name, *LIMITS, "--privileged", "--pid=host",
+           "--network=host", "-v", f"{kubeconfig}:/kubeconfig:ro",
+           "-v", f"{setup_state}:/run/tencrypt", "-v", f"{agent_state}:/run/tencrypt-agent",
+           node_image, "agent", "--node", "node1", "--kubeconfig", "/kubeconfig",
+           "--sandbox", "annotation", "--state-dir", "/run/tencrypt-agent",
+           "--proxy-metrics", METRICS, "--on-exit", "unpatch", "--log-level", "debug"]
+
+    class Logs:
+        def text(self):
+            logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True,
+                                  timeout=30)
+            return logs.stdout + logs.stderr
+    try:
+        started = subprocess.run(run, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        wait_patched(lab, Logs(), "nginx1", "nginx2")
+        sealed_curl(lab, capture, "nginx1", "nginx2")
+        for pod in ("nginx1", "nginx2"):  # the proxies are the image's, not this checkout's
+            [pid] = proxies_in(lab.pod(pod).netns)
+            assert os.stat(f"/proc/{pid}/root").st_ino != os.stat("/").st_ino
+            assert Path(f"/proc/{pid}/root/opt/tencrypt/bin/tencrypt").exists()
+        assert (agent_state / "keys" / "myproject.psk").stat().st_mode & 0o777 == 0o600
+        stop = subprocess.run([*PODMAN, "stop", "-t", "60", name], capture_output=True,
+                              text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert "unpatching 2 pods" in Logs().text()
+        for pod in lab.pods.values():
+            assert proxies_in(pod.netns) == [] and not has_tenc0(lab, pod.name)
+            assert (Path("/etc/netns") / pod.netns / "resolv.conf").read_text() == resolv[pod.name]
+        assert list(setup_state.iterdir()) == []
+    finally:
+        subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
+        api.stop()
+        for pod in lab.pods.values():  # whatever a failure left: lab.down() needs no proxy
+            for pid in proxies_in(pod.netns):
+                subprocess.run(["kill", "-9", str(pid)], check=False)
