@@ -144,8 +144,7 @@ class Reflector(threading.Thread):
             # A reflector must outlive any API trouble (HTTP errors, resets, bad JSON): it is
             # logged, then the kind is listed afresh, so nothing that happened meanwhile is lost.
             except Exception as exc:  # noqa: BLE001
-                log.warning("%s: %s: %s; relisting in %.0fs", self.kind.value,
-                            type(exc).__name__, exc, delay)
+                log.warning("%s: %s; relisting in %.0fs", self.kind.value, brief(exc), delay)
                 self.stop.wait(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
 
@@ -228,8 +227,18 @@ class Syncer:
                 stop.wait(1.0)
 
 
-def _brief(exc: Exception) -> str:
-    """urllib3 wraps a refused connection in three layers of text: its reason is enough."""
+def brief(exc: Exception) -> str:
+    """One line for a log: the client's ApiException prints headers and body on many lines,
+    urllib3 wraps a refused connection in three layers of text. A 401/403 says what to check."""
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message") or ""
+        except (ValueError, AttributeError):
+            message = ""
+        hint = {401: " (check the token / kubeconfig)",
+                403: " (check the ClusterRoles of scripts/k8s/rbac.yaml are applied and bound "
+                     "to this ServiceAccount)"}.get(exc.status or 0, "")
+        return f"HTTP {exc.status} {exc.reason}{': ' + message if message else ''}{hint}"
     return f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
 
 
@@ -242,7 +251,7 @@ def await_endpoint_kind(api: client.ApiClient, stop: threading.Event) -> Kind | 
             return detect_endpoint_kind(api)
         except Exception as exc:  # noqa: BLE001 - any API trouble: wait and ask again
             log.warning("API server %s not usable yet (%s); retrying in %.0fs",
-                        api.configuration.host, _brief(exc), delay)
+                        api.configuration.host, brief(exc), delay)
             stop.wait(delay)
             delay = min(delay * 2, MAX_BACKOFF)
     return None
@@ -269,8 +278,6 @@ def list_once(api: client.ApiClient, stats: Stats) -> ClusterState:
         for kind in (Kind.NAMESPACE, Kind.SERVICE, detect_endpoint_kind(api)):
             items, _ = list_all(list_function(api, kind))
             state.replace(kind, items)
-    except ApiException as exc:
-        raise SetupError(f"API server {api.configuration.host}: {exc.status} {exc.reason}") from exc
-    except Exception as exc:  # noqa: BLE001 - connection and TLS errors have no common type
-        raise SetupError(f"API server {api.configuration.host}: {_brief(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - API, connection and TLS errors: no common type
+        raise SetupError(f"API server {api.configuration.host}: {brief(exc)}") from exc
     return state

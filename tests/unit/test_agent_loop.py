@@ -16,7 +16,7 @@ import pytest
 
 from tencrypt.agent import podstate, sandbox
 from tencrypt.agent.agent import Agent, start_reflectors
-from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
+from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION, AgentKind
 from tencrypt.agent.reconcile import Phase, Policy, Sandbox
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
@@ -373,3 +373,25 @@ def test_real_client_fake_apiserver_secrets_are_watched_by_name_only(env):
         field_selector="metadata.name=tencrypt").items]
     assert names == ["tencrypt"]
     assert set(h.agent.view.keys) == {"shop"}
+
+
+def test_real_client_fake_apiserver_a_forbidden_list_is_logged_in_one_line_with_a_hint(
+        env, tmp_path, caplog):
+    """What an operator sees when the RBAC is missing or stale: one line, status and cause."""
+    import queue as queue_
+
+    from kubernetes import client
+
+    server, make, proc = env
+    api = watch.new_api_client(str(server.write_kubeconfig(tmp_path / "kc-forbidden")))
+    stop = threading.Event()
+    unscoped = client.CoreV1Api(api).list_secret_for_all_namespaces  # as without the selector
+    watch.Reflector(AgentKind.SECRET, unscoped, queue_.Queue(), stop).start()
+    try:
+        wait_for(lambda: "relisting" in caplog.text, timeout=20, what="the refusal logged")
+    finally:
+        stop.set()
+        api.close()
+    [line] = [r.getMessage() for r in caplog.records if "relisting" in r.getMessage()][:1]
+    assert "Secret: HTTP 403 Forbidden" in line and "scripts/k8s/rbac.yaml" in line
+    assert "\n" not in line and "HTTP response headers" not in line

@@ -402,7 +402,8 @@ def test_real_client_fake_apiserver_refuses_a_wrong_token(api_server, tmp_path):
     path.write_text(path.read_text().replace("tencrypt-test-token", "wrong"))
     api = watch.new_api_client(str(path))
     try:
-        with pytest.raises(SetupError, match=f"API server {server.url}: 401"):
+        with pytest.raises(SetupError, match=f"API server {server.url}: HTTP 401 .*check the "
+                                             "token"):
             watch.list_once(api, Stats())
     finally:
         api.close()
