@@ -91,13 +91,25 @@ class AgentProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def resolv_files(lab):
+    """Each lab pod's resolv.conf as it is now (to compare with after an undo)."""
+    return {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
+            for p in lab.pods.values()}
+
+
+def kill_proxies(lab):
+    """Whatever a failed test left running in the lab's pods: lab.down() needs no proxy."""
+    for pod in lab.pods.values():
+        for pid in proxies_in(pod.netns):
+            os.kill(pid, signal.SIGKILL)
+
+
 class World:
     """The lab, the API double holding its pods, the agents started (the last one current)."""
 
     def __init__(self, lab, api, tmp):
         self.lab, self.api, self.tmp, self.agents, self.cleanups = lab, api, tmp, [], []
-        self.resolv = {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
-                       for p in lab.pods.values()}
+        self.resolv = resolv_files(lab)
 
     def start_agent(self, on_exit, sandbox="annotation"):
         agent = AgentProcess(self.api, self.tmp, on_exit, f"agent{len(self.agents)}.log",
@@ -128,9 +140,7 @@ def world(lab, tmp_path_factory):
         api.stop()
         for undo in w.cleanups:
             undo()
-        for pod in lab.pods.values():  # whatever a failed test left: lab.down() needs no proxy
-            for pid in proxies_in(pod.netns):
-                os.kill(pid, signal.SIGKILL)
+        kill_proxies(lab)
 
 
 def metrics_up(lab, pod):

@@ -30,7 +30,14 @@ from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.linux import netns
 from tencrypt.nodesync import kubeobjects
 from tencrypt.nodesync.fakeapi import FakeApiServer
-from tests.netns.test_agent import has_tenc0, pod_objects, sealed_curl, wait_patched
+from tests.netns.test_agent import (
+    has_tenc0,
+    kill_proxies,
+    pod_objects,
+    resolv_files,
+    sealed_curl,
+    wait_patched,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/tencrypt/tencrypt:test"
@@ -77,8 +84,7 @@ def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(
     setup_state, agent_state = tmp_path / "run-tencrypt", tmp_path / "agent-state"
     setup_state.mkdir()
     agent_state.mkdir(mode=0o700)  # hostPath DirectoryOrCreate in daemonset.yaml
-    resolv = {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
-              for p in lab.pods.values()}
+    resolv = resolv_files(lab)
     run = [*PODMAN, "run", "-d", "--name", name, *LIMITS, "--privileged", "--pid=host",
            "--network=host", "-v", f"{kubeconfig}:/kubeconfig:ro",
            "-v", f"{setup_state}:/run/tencrypt", "-v", f"{agent_state}:/run/tencrypt-agent",
@@ -112,6 +118,4 @@ def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(
     finally:
         subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
         api.stop()
-        for pod in lab.pods.values():  # whatever a failure left: lab.down() needs no proxy
-            for pid in proxies_in(pod.netns):
-                subprocess.run(["kill", "-9", str(pid)], check=False)
+        kill_proxies(lab)
