@@ -1,9 +1,11 @@
-"""Which destination addresses belong to this pod's project, learned from DNS answers.
+"""Which destination addresses belong to this pod's project: the evidence, and the class it gives.
 
-Rules (DESIGN §1 "Classification"):
+Rules (DESIGN §1 "Classification", §1a "Fail closed"):
 1. A name under the pod's own project domain (the first resolv.conf ``search`` entry, e.g.
-   ``myproject.svc.cluster.local``) is INTERNAL; any other name under the cluster domain
-   (``cluster.local``) is EXTERNAL; a name outside the cluster leaves its addresses alone.
+   ``myproject.svc.cluster.local``) or under the project's pod domain
+   (``myproject.pod.cluster.local``, where CoreDNS and the lab name pods by address) is
+   INTERNAL; any other name under the cluster domain (``cluster.local``) is EXTERNAL; a name
+   outside the cluster leaves its addresses alone.
 2. A/AAAA answers: only records reached from the question by the answer's own CNAME chain
    count (records about unrelated names are ignored), and the *final* name of the chain - the
    owner of the A/AAAA record - decides. So ``a.myproject...`` CNAME ``b.other...`` is
@@ -12,13 +14,24 @@ Rules (DESIGN §1 "Classification"):
 3. PTR answers classify the queried address by the PTR target name. When one answer names an
    address both INTERNAL and EXTERNAL, INTERNAL wins: sealing to a pod that cannot open the
    packet loses it, but sending a peer's traffic in the clear leaks it.
-4. Entries live for the record's TTL (the smallest along the chain), clamped to
-   [``min_ttl``, ``max_ttl``] so that TTL-0 answers do not make routes flap. A newer answer
-   replaces an older one (a VIP that changed owner is re-classified at once).
-5. Every change of an address's class - new, changed, expired, evicted - is reported as a
-   ``Change(ip, old, new)``; the caller turns changes into routes (``route_action``).
-6. The table is bounded; when full, the entry closest to expiry is evicted (and reported).
-7. Addresses a reverse lookup could not classify are remembered as unknown for a while
+4. Evidence that an address is INTERNAL, strongest first: the project's membership (from the
+   node agent: no expiry while listed), an authenticated tunnel session (``note_session``), a
+   DNS answer under the project's domains, and what a previous run of the proxy had put in the
+   firewall (``adopt``, so a restart opens no window). Evidence that it is EXTERNAL: only a DNS
+   answer naming it under another project. DNS evidence lives for the record's TTL (the
+   smallest along the chain), clamped to [``min_ttl``, ``max_ttl``].
+5. **Internal is sticky.** An address with any live INTERNAL evidence is INTERNAL, whatever
+   EXTERNAL evidence says; a later answer naming it under another project, a failed lookup or
+   an expired session never downgrades it. Only the membership removing it (which also ends
+   its DNS and adopted evidence: the cluster API is authoritative) or every piece of INTERNAL
+   evidence expiring does. An answer that contradicts live evidence is a ``Conflict``
+   (``pop_conflicts``): an attack or a misconfiguration the operator must see.
+6. Every change of an address's effective class - new, changed, expired, evicted - is reported
+   as a ``Change(ip, old, new)``; the caller turns changes into routes (``route_action``) and
+   firewall set elements.
+7. The table is bounded; when full, the entry closest to expiry is evicted (and reported).
+   Members are never evicted (the membership file is bounded on its own).
+8. Addresses a reverse lookup could not classify are remembered as unknown for a while
    (``note_unknown``) so that a packet flood to one literal IP costs one PTR query, not many.
 
 Everything here is pure: ``now`` is a monotonic time in seconds passed in by the caller.
@@ -74,23 +87,62 @@ class Domains:
 
     project: Labels  # e.g. (b"myproject", b"svc", b"cluster", b"local")
     cluster: Labels  # e.g. (b"cluster", b"local")
+    pods: Labels = ()  # e.g. (b"myproject", b"pod", b"cluster", b"local")
 
     @classmethod
     def of(cls, project: str, cluster: str) -> Domains:
-        return cls(labels_of(project), labels_of(cluster))
+        """The pod domain is the Service domain with ``svc`` replaced by ``pod`` (Kubernetes'
+        ``<ns>.svc.<cluster-domain>`` / ``<ns>.pod.<cluster-domain>``), when it has that shape."""
+        labels = labels_of(project)
+        pods: Labels = ()
+        if len(labels) >= 2 and labels[1] == b"svc":
+            pods = (labels[0], b"pod", *labels[2:])
+        return cls(labels, labels_of(cluster), pods)
 
     def name_class(self, name: Labels) -> AddrClass | None:
         if self.project and _under(name, self.project):
+            return AddrClass.INTERNAL
+        if self.pods and _under(name, self.pods):
             return AddrClass.INTERNAL
         if self.cluster and _under(name, self.cluster):
             return AddrClass.EXTERNAL
         return None
 
 
+NEVER = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """An answer that contradicts live evidence (rule 5): counted and logged by the shell."""
+
+    ip: str
+    held: AddrClass  # the class the evidence gives
+    claimed: AddrClass  # what the contradicting answer said
+
+
 @dataclass(slots=True)
-class _Entry:
-    cls: AddrClass
-    expires: float
+class _Evidence:
+    """Expiry times (monotonic seconds; 0 = none) of each kind of evidence for one address."""
+
+    member: bool = False
+    session: float = 0.0
+    dns_internal: float = 0.0
+    adopted: float = 0.0
+    dns_external: float = 0.0
+    reported: AddrClass | None = None  # the class last reported in a Change
+
+    def cls(self, now: float) -> AddrClass | None:
+        if self.member or max(self.session, self.dns_internal, self.adopted) > now:
+            return AddrClass.INTERNAL
+        if self.dns_external > now:
+            return AddrClass.EXTERNAL
+        return None
+
+    def expires(self) -> float:
+        if self.member:
+            return NEVER
+        return max(self.session, self.dns_internal, self.adopted, self.dns_external)
 
 
 def _merge(a: tuple[AddrClass, int] | None, b: tuple[AddrClass, int]) -> tuple[AddrClass, int]:
@@ -165,23 +217,25 @@ def _address(rdata: object) -> str | None:
 
 @dataclass(slots=True)
 class ClassTable:
-    """Address → class with TTL expiry. Owner of the classification state (one per proxy)."""
+    """Address → evidence → class (rules 4-8). Owner of the classification state (one per proxy)."""
 
     domains: Domains
     min_ttl: float = 30.0
     max_ttl: float = 86400.0
     max_entries: int = 65536
     negative_ttl: float = 30.0
-    _entries: dict[str, _Entry] = field(default_factory=dict)
+    _entries: dict[str, _Evidence] = field(default_factory=dict)
     _heap: list[tuple[float, str]] = field(default_factory=list)
     _unknown: dict[str, float] = field(default_factory=dict)
+    _members: frozenset[str] = frozenset()
+    _conflicts: list[Conflict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def lookup(self, ip: str, now: float) -> AddrClass | None:
         entry = self._entries.get(ip)
-        return entry.cls if entry is not None and entry.expires > now else None
+        return entry.cls(now) if entry is not None else None
 
     def on_answer(self, record: DNSRecord, now: float) -> list[Change]:
         """Learn from one parsed answer; return the changes it causes."""
@@ -191,35 +245,70 @@ class ClassTable:
         return changes
 
     def learn(self, ip: str, cls: AddrClass, ttl: float, now: float) -> list[Change]:
-        """Record ``ip`` as ``cls`` for ``ttl`` seconds (rule 4); changes include an eviction."""
+        """DNS evidence: ``ip`` is ``cls`` for ``ttl`` seconds (rules 4, 5)."""
         expires = now + min(max(ttl, self.min_ttl), self.max_ttl)
         self._unknown.pop(ip, None)
-        entry = self._entries.get(ip)
-        if entry is None:
-            changes = self._evict() if len(self._entries) >= self.max_entries else []
-            self._entries[ip] = _Entry(cls, expires)
-            heapq.heappush(self._heap, (expires, ip))
-            return [*changes, Change(ip, None, cls)]
-        old = entry.cls
-        entry.cls = cls
-        if expires > entry.expires or old is not cls:
-            entry.expires = expires
-            heapq.heappush(self._heap, (expires, ip))
-        return [] if old is cls else [Change(ip, old, cls)]
+        changes, entry = self._entry(ip, now)
+        held = entry.cls(now)
+        if held is not None and held is not cls:
+            self._conflicts.append(Conflict(ip, held, cls))
+        if cls is AddrClass.INTERNAL:
+            entry.dns_internal = max(entry.dns_internal, expires)
+        else:
+            entry.dns_external = max(entry.dns_external, expires)
+        return changes + self._settle(ip, entry, expires, now)
+
+    def note_session(self, ip: str, now: float, ttl: float) -> list[Change]:
+        """An authenticated session with a peer at ``ip``: INTERNAL for ``ttl`` seconds."""
+        self._unknown.pop(ip, None)
+        changes, entry = self._entry(ip, now)
+        entry.session = max(entry.session, now + ttl)
+        return changes + self._settle(ip, entry, entry.session, now)
+
+    def adopt(self, ips: Sequence[str], now: float, ttl: float) -> list[Change]:
+        """Addresses a previous run put in the firewall: INTERNAL for ``ttl`` seconds."""
+        changes: list[Change] = []
+        for ip in ips:
+            more, entry = self._entry(ip, now)
+            entry.adopted = max(entry.adopted, now + ttl)
+            changes += more + self._settle(ip, entry, entry.adopted, now)
+        return changes
+
+    def set_members(self, members: frozenset[str], now: float) -> list[Change]:
+        """The membership as the cluster API knows it now (rule 4, 5): added addresses become
+        INTERNAL for as long as they are listed; removed ones lose their DNS and adopted
+        evidence too (a live session keeps its own)."""
+        changes: list[Change] = []
+        for ip in self._members - members:
+            entry = self._entries.get(ip)
+            if entry is not None:
+                entry.member, entry.dns_internal, entry.adopted = False, 0.0, 0.0
+                changes += self._settle(ip, entry, 0.0, now)
+        for ip in members - self._members:
+            more, entry = self._entry(ip, now)
+            entry.member = True
+            self._unknown.pop(ip, None)
+            changes += more + self._settle(ip, entry, NEVER, now)
+        self._members = members
+        return changes
+
+    def pop_conflicts(self) -> list[Conflict]:
+        conflicts, self._conflicts = self._conflicts, []
+        return conflicts
 
     def expire(self, now: float) -> list[Change]:
-        """Drop entries whose TTL ran out; return their changes."""
+        """Re-evaluate entries whose evidence ran out; return their changes."""
         changes = []
         while self._heap and self._heap[0][0] <= now:
-            when, ip = heapq.heappop(self._heap)
+            _, ip = heapq.heappop(self._heap)
             entry = self._entries.get(ip)
-            if entry is not None and entry.expires == when:
-                del self._entries[ip]
-                changes.append(Change(ip, entry.cls, None))
+            if entry is not None:
+                changes += self._settle(ip, entry, 0.0, now)
         for ip in [ip for ip, until in self._unknown.items() if until <= now]:
             del self._unknown[ip]
         if len(self._heap) > 4 * len(self._entries) + 64:  # mostly superseded heap items
-            self._heap = [(e.expires, ip) for ip, e in self._entries.items()]
+            self._heap = [(e.expires(), ip) for ip, e in self._entries.items()
+                          if e.expires() < NEVER]
             heapq.heapify(self._heap)
         return changes
 
@@ -227,7 +316,7 @@ class ClassTable:
         return self._heap[0][0] if self._heap else None
 
     def note_unknown(self, ip: str, now: float, ttl: float | None = None) -> None:
-        """Rule 7: a reverse lookup found no class for ``ip``; do not ask again for a while."""
+        """Rule 8: a reverse lookup found no class for ``ip``; do not ask again for a while."""
         if len(self._unknown) >= self.max_entries:
             del self._unknown[next(iter(self._unknown))]
         self._unknown[ip] = now + (self.negative_ttl if ttl is None else ttl)
@@ -236,17 +325,35 @@ class ClassTable:
         until = self._unknown.get(ip)
         return until is not None and until > now
 
-    def items(self) -> list[tuple[str, AddrClass]]:
-        return [(ip, e.cls) for ip, e in self._entries.items()]
+    def items(self, now: float) -> list[tuple[str, AddrClass]]:
+        return [(ip, cls) for ip, e in self._entries.items() if (cls := e.cls(now)) is not None]
 
-    def _evict(self) -> list[Change]:
-        """Rule 6: make room by dropping the live entry that expires first."""
+    def _entry(self, ip: str, now: float) -> tuple[list[Change], _Evidence]:
+        entry = self._entries.get(ip)
+        if entry is not None:
+            return [], entry
+        changes = self._evict(now) if len(self._entries) >= self.max_entries else []
+        entry = self._entries[ip] = _Evidence()
+        return changes, entry
+
+    def _settle(self, ip: str, entry: _Evidence, expires: float, now: float) -> list[Change]:
+        """After evidence changed: schedule its expiry, forget an empty entry, report a change."""
+        if now < expires < NEVER:
+            heapq.heappush(self._heap, (expires, ip))
+        cls = entry.cls(now)
+        old, entry.reported = entry.reported, cls
+        if entry.expires() <= now:
+            del self._entries[ip]
+        return [] if old is cls else [Change(ip, old, cls)]
+
+    def _evict(self, now: float) -> list[Change]:
+        """Rule 7: make room by dropping the entry whose evidence runs out first."""
         while self._heap:
             when, ip = heapq.heappop(self._heap)
             entry = self._entries.get(ip)
-            if entry is not None and entry.expires == when:
+            if entry is not None and entry.expires() == when:
                 del self._entries[ip]
-                return [Change(ip, entry.cls, None)]
+                return [] if entry.reported is None else [Change(ip, entry.reported, None)]
         return []
 
 

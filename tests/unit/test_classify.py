@@ -9,8 +9,10 @@ from tencrypt.core.classify import (
     AddrClass,
     Change,
     ClassTable,
+    Conflict,
     Domains,
     RouteAction,
+    labels_of,
     parse_answer_classes,
     plan_routes,
     ptr_address,
@@ -193,18 +195,77 @@ def test_refresh_extends_without_a_change():
     assert t.expire(50) == [Change("172.30.1.10", INTERNAL, None)]
 
 
-def test_vip_changing_owner_is_reported_as_a_change():
+def test_internal_is_sticky_against_another_projects_answer():
+    """A tenant's alias for our VIP (or a forged answer) never downgrades it (DESIGN §1a)."""
     t = table()
     t.on_answer(answer("web.myproject.svc.cluster.local", "A",
                        a("web.myproject.svc.cluster.local", "172.30.1.10", 300)), now=0)
-    ch = t.on_answer(answer("db.project2.svc.cluster.local", "A",
-                            a("db.project2.svc.cluster.local", "172.30.1.10", 30)), now=10)
-    assert ch == [Change("172.30.1.10", INTERNAL, EXTERNAL)]
-    assert t.lookup("172.30.1.10", 11) is EXTERNAL
-    # The new owner's (shorter) TTL rules, and its expiry is reported once, with the new class.
-    assert t.expire(39) == []
-    assert t.expire(40) == [Change("172.30.1.10", EXTERNAL, None)]
-    assert t.expire(400) == []
+    ch = t.on_answer(answer("alias.project2.svc.cluster.local", "A",
+                            a("alias.project2.svc.cluster.local", "172.30.1.10", 3000)), now=10)
+    assert ch == []
+    assert t.pop_conflicts() == [Conflict("172.30.1.10", INTERNAL, EXTERNAL)]
+    assert t.pop_conflicts() == []
+    assert t.lookup("172.30.1.10", 299) is INTERNAL
+    # only when every piece of internal evidence ran out does the other answer count
+    assert t.expire(300) == [Change("172.30.1.10", INTERNAL, EXTERNAL)]
+    assert t.expire(3010) == [Change("172.30.1.10", EXTERNAL, None)]
+
+
+def test_an_internal_answer_upgrades_an_external_one_and_is_a_conflict():
+    t = table()
+    t.learn("172.30.1.10", EXTERNAL, 60, now=0)
+    assert t.learn("172.30.1.10", INTERNAL, 30, now=1) == [
+        Change("172.30.1.10", EXTERNAL, INTERNAL)]
+    assert t.pop_conflicts() == [Conflict("172.30.1.10", EXTERNAL, INTERNAL)]
+    assert t.expire(31) == [Change("172.30.1.10", INTERNAL, EXTERNAL)]
+
+
+def test_membership_is_internal_until_removed_and_removal_is_authoritative():
+    t = table()
+    t.learn("172.30.1.10", INTERNAL, 300, now=0)
+    assert t.set_members(frozenset({"172.30.1.10", "172.17.0.12", "fd00::12"}), now=1) == [
+        Change(ip, None, INTERNAL) for ip in ("172.17.0.12", "fd00::12")]
+    t.learn("172.17.0.12", EXTERNAL, 60, now=2)  # a tenant's alias: no effect
+    assert t.pop_conflicts() == [Conflict("172.17.0.12", INTERNAL, EXTERNAL)]
+    assert t.expire(10**9) == []  # members outlive every TTL; the VIP's DNS evidence ran out
+    assert t.lookup("172.17.0.12", 10**9) is INTERNAL and t.lookup("172.30.1.10", 10**9) is INTERNAL
+    t2 = table()
+    t2.set_members(frozenset({"172.17.0.12"}), now=0)
+    t2.learn("172.17.0.12", INTERNAL, 300, now=0)
+    t2.note_session("172.17.0.13", now=0, ttl=100)
+    t2.set_members(frozenset({"172.17.0.13"}), now=1)
+    # removed from the membership: its DNS evidence goes with it
+    assert t2.lookup("172.17.0.12", 2) is None
+    # a session's own evidence outlives a membership removal
+    assert t2.set_members(frozenset(), now=3) == []
+    assert t2.lookup("172.17.0.13", 99) is INTERNAL and t2.lookup("172.17.0.13", 100) is None
+
+
+def test_members_never_expire_and_are_never_evicted():
+    t = table(max_entries=2)
+    t.set_members(frozenset({"10.0.0.1", "10.0.0.2"}), now=0)
+    assert t.learn("10.0.0.3", EXTERNAL, 10, now=0) == [Change("10.0.0.3", None, EXTERNAL)]
+    assert t.expire(10**12) == [Change("10.0.0.3", EXTERNAL, None)]
+    assert t.lookup("10.0.0.1", 10**12) is INTERNAL and t.lookup("10.0.0.2", 10**12) is INTERNAL
+
+
+def test_session_and_adopted_evidence_expire():
+    t = table()
+    assert t.note_session("172.17.0.12", now=0, ttl=50) == [Change("172.17.0.12", None, INTERNAL)]
+    assert t.adopt(["172.17.0.13"], now=0, ttl=20) == [Change("172.17.0.13", None, INTERNAL)]
+    assert t.expire(20) == [Change("172.17.0.13", INTERNAL, None)]
+    assert t.note_session("172.17.0.12", now=40, ttl=50) == []  # refreshed
+    assert t.expire(60) == []
+    assert t.expire(90) == [Change("172.17.0.12", INTERNAL, None)]
+    assert len(t) == 0
+
+
+def test_pod_domain_is_the_projects_too():
+    t = table()
+    ch = t.on_answer(answer("172-17-0-12.myproject.pod.cluster.local", "A",
+                            a("172-17-0-12.myproject.pod.cluster.local", "172.17.0.12")), now=0)
+    assert ch == [Change("172.17.0.12", None, INTERNAL)]
+    assert DOMAINS.name_class(labels_of("x.project2.pod.cluster.local")) is EXTERNAL
 
 
 def test_full_table_evicts_the_entry_closest_to_expiry():

@@ -1,0 +1,74 @@
+"""What the proxy does with a packet read from tenc0: one verdict from the evidence at hand.
+
+Rules (DESIGN §1a "Fail closed"):
+1. INTERNAL (any trusted source says so, core.classify rule 4) → SEAL, always in strict mode.
+   With ``--no-strict`` an internal peer whose handshakes went unanswered (``fallback``) is
+   reached in the CLEAR for a while: the documented, logged, counted opt-out.
+2. EXTERNAL and internal by no source → CLEAR (out of the uplink, untouched).
+3. Unknown outside the guarded ranges (the Service CIDR and the pod network) → CLEAR: such an
+   address is not the project's (nothing routes it into tenc0 but a stale /32).
+4. Unknown inside the guarded ranges → HOLD while a reverse (PTR) lookup decides; still
+   unknown after it (no record, SERVFAIL, time-out) → REFUSE in strict mode (dropped, counted,
+   ICMP "administratively prohibited" to the local sender so it fails fast), CLEAR only with
+   ``--no-strict``.
+Nothing else leaves in the clear. The verdicts are one table (``TABLE``), tested exhaustively.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tencrypt.core.classify import AddrClass
+
+
+class Verdict(enum.Enum):
+    SEAL = "seal"  # sealed to the peer's proxy
+    CLEAR = "clear"  # re-sent in the clear out of the uplink
+    HOLD = "hold"  # kept while a reverse lookup classifies the destination
+    REFUSE = "refuse"  # dropped, counted, ICMP admin-prohibited to the sender
+
+
+# (class, guarded, looked up, strict) -> verdict; the fallback of rule 1 is applied on top
+TABLE: dict[tuple[AddrClass | None, bool, bool, bool], Verdict] = {}
+for _guarded in (False, True):
+    for _looked in (False, True):
+        for _strict in (False, True):
+            TABLE[AddrClass.INTERNAL, _guarded, _looked, _strict] = Verdict.SEAL
+            TABLE[AddrClass.EXTERNAL, _guarded, _looked, _strict] = Verdict.CLEAR
+            TABLE[None, _guarded, _looked, _strict] = (
+                Verdict.CLEAR if not _guarded
+                else Verdict.HOLD if not _looked
+                else Verdict.REFUSE if _strict
+                else Verdict.CLEAR)
+
+
+def decide(cls: AddrClass | None, *, guarded: bool, looked_up: bool, strict: bool,
+           fallback: bool = False) -> Verdict:
+    """The verdict for a destination of class ``cls`` (rules 1-4)."""
+    verdict = TABLE[cls, guarded, looked_up, strict]
+    if verdict is Verdict.SEAL and fallback and not strict:
+        return Verdict.CLEAR
+    return verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """The ranges where an unknown address may be the project's: the Service CIDR and the pod
+    network (both IPv4 and IPv6 networks allowed)."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def of(cls, service_cidr: str, pod_cidrs: Sequence[str]) -> Guard:
+        return cls(tuple(ipaddress.ip_network(c, strict=False)
+                         for c in (service_cidr, *pod_cidrs) if c))
+
+    def __contains__(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr.version == net.version and addr in net for net in self.networks)
