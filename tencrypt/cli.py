@@ -35,6 +35,10 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
     p.add_argument("--service-cidr", default="172.30.0.0/16",
                    help="the cluster's Service CIDR, routed into tenc0 (default: 172.30.0.0/16)")
+    p.add_argument("--pod-cidr", action="append", metavar="CIDR",
+                   help="the cluster's pod network, where an unclassified address may be the "
+                        "project's (strict mode refuses it instead of sending it in the clear); "
+                        "repeat for several ranges, e.g. one per node (default: eth0's subnet)")
     p.add_argument("--mtu", type=int, help="tenc0 MTU (default: uplink MTU minus 60)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--resolv-conf", metavar="FILE",
@@ -57,7 +61,17 @@ def _run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", dest="strict", action="store_true", default=None,
                    help="refuse plaintext from pods of this project (default when a key is present)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
-                   help="accept plaintext from pods of this project too")
+                   help="fail OPEN: remove the firewall, accept plaintext from pods of this "
+                        "project, and reach a project pod without a proxy in the clear once "
+                        "its handshakes go unanswered (logged per peer, counted as "
+                        "plaintext_fallback)")
+    p.add_argument("--handshake-give-up", type=float, metavar="SECONDS",
+                   help="seconds of unanswered handshakes before a peer counts as unreachable "
+                        "(default: 30 strict, 5 with --no-strict)")
+    p.add_argument("--members-file", metavar="FILE",
+                   help="the project's membership (tencrypt-members/1 JSON) written by the "
+                        "node agent; re-read when it changes (default: members.json in this "
+                        "namespace's setup state directory)")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9137")
     p.add_argument("--port", type=int, default=1337, help="UDP port of the tunnel (default: 1337)")
@@ -100,6 +114,9 @@ def _lab(p: argparse.ArgumentParser) -> None:
     pa = sub.add_parser("patch", help="run the nsenter launcher on a pod: setup + tencrypt run")
     pa.add_argument("pod", metavar="POD")
     pa.add_argument("--no-strict", dest="strict", action="store_false", default=True)
+    pa.add_argument("--no-members", dest="members", action="store_false", default=True,
+                    help="run the proxy standalone: no membership file from the lab (which "
+                         "otherwise plays the node agent's part)")
     un = sub.add_parser("unpatch", help="stop the pod's proxy and undo its setup")
     un.add_argument("pod", metavar="POD")
 

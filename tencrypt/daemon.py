@@ -1,34 +1,43 @@
 """`tencrypt run`: the proxy in one pod's network namespace — the composition root.
 
-It owns the event loop (uvloop), the file descriptors and the order of things; the pure core
-decides. Two pipelines, each read top to bottom, each stage taking what the previous returned:
+``serve()`` opens the devices and sockets and hands them to ``Proxy`` (whose unit tests hand
+it in-memory fakes instead); the pure core decides, ``core.policy`` gives every packet from
+tenc0 its verdict. Two pipelines, each read top to bottom:
 
-Outbound, when tenc0 is readable (`_on_tun`):
+Outbound, when tenc0 is readable (``_on_tun``):
  1. read up to BATCH frames from tenc0 — on the batch path (default) TCP super-packets of up
     to 64 KiB behind a virtio-net header, otherwise one packet each;
  2. a super-packet: NAT out once, then split into MSS-sized segments (headers and checksums
-    computed for all of them at once, core.batch) that all go to step 4 together; any other
-    packet gets its checksum completed, and: not IPv4 -> dropped; a DF packet above tenc0's
-    MTU -> ICMP "fragmentation needed" back (path-MTU discovery); a SYN -> MSS clamped;
- 3. NAT out: replies of flows that came in through the tunnel get their Service VIP back as source;
- 4. classify the destination: a tunnel peer or an address the DNS proxy called internal -> seal,
-    each segment its own datagram (`Tunnel.send`); external -> re-sent in the clear out of the
-    uplink (bypass socket); not yet known -> held while a reverse (PTR) lookup decides;
+    computed for all of them at once, core.batch) that share one verdict; any other packet
+    gets its checksum completed, and: not IPv4 -> dropped; a DF packet above tenc0's MTU ->
+    ICMP "fragmentation needed" back (path-MTU discovery); a SYN -> MSS clamped;
+ 3. NAT out: replies of flows that came in through the tunnel get their Service VIP back;
+ 4. verdict (core.policy) from the destination's class (core.classify: membership, sessions,
+    DNS): SEAL -> each segment its own datagram (``Tunnel.send``); CLEAR -> re-sent out of the
+    uplink; HOLD -> kept while a reverse (PTR) lookup decides; REFUSE -> dropped, counted, ICMP
+    "administratively prohibited" to the local sender. Nothing leaves in the clear unless it
+    is positively external (DESIGN §1a); the firewall backs this up in the kernel;
  5. flush: the datagrams the tunnel produced go out of the UDP socket, a run to one peer as
-    one UDP GSO `sendmsg` on the batch path.
-Inbound, when the UDP socket is readable (`_on_udp`):
+    one UDP GSO ``sendmsg`` on the batch path.
+Inbound, when the UDP socket is readable (``_on_udp``):
  1. receive up to BATCH datagrams (UDP GRO: many per call on the batch path);
- 2. `Tunnel.receive`: authenticate, replay window, handshakes (every failure a counted drop);
-    peer events (routes, firewall) are applied at once: the reply to this packet needs them;
- 3. on the batch path, consecutive segments of one TCP flow are coalesced again (core.batch);
- 4. NAT in: Service VIP -> this pod's IP, flow remembered (once per coalesced packet);
- 5. inject: on the batch path as TSO frames written to tenc0 (the kernel completes the TCP
-    checksum), otherwise through the raw socket; either way the packet arrives like any other;
- 6. flush replies (handshake responses, keepalives).
-Timers (`_timer_loop`): handshake retries, keepalives, re-keys, flow and DNS expiry.
+ 2. ``Tunnel.receive``: authenticate, replay window, handshakes (every failure a counted drop);
+    a PeerUp is evidence (the peer's pod IP is internal) and wants a /32 into tenc0;
+ 3. a packet from a peer whose /32 is not in place yet waits for it (the reply to it must
+    not take the uplink, where the firewall would refuse it);
+ 4. on the batch path, consecutive segments of one TCP flow are coalesced again (core.batch);
+ 5. NAT in: Service VIP -> this pod's IP, flow remembered (once per coalesced packet);
+ 6. inject: on the batch path as TSO frames written to tenc0 (the kernel completes the TCP
+    checksum), otherwise through the raw socket;
+ 7. flush replies (handshake responses, keepalives).
+Side effects (routes, firewall set elements) are wanted by the callbacks and applied by one
+task (linux.effects); timers (``timers``): handshake retries, keepalives, re-keys, flow and
+evidence expiry, the membership file.
 
-Shutdown (SIGTERM/SIGINT): stop reading, close the DNS proxy, remove the routes and firewall
-rules added at run time; `tencrypt setup --undo` then restores the rest.
+Start: the firewall is checked (setup installed it), what a previous run left in its sets is
+adopted, the membership loaded and applied — all before the first packet is read. Stop
+(SIGTERM/SIGINT): stop reading, close the DNS proxy, remove the /32s added at run time; the
+firewall stays until `tencrypt setup --undo`.
 """
 
 from __future__ import annotations
@@ -36,13 +45,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tencrypt.core.batch import (
     VNET_HDR_LEN,
@@ -52,25 +64,34 @@ from tencrypt.core.batch import (
     split_tcp_batch,
 )
 from tencrypt.core.classify import AddrClass, Change
+from tencrypt.core.effects import Desired
+from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
+from tencrypt.core.membership import Members
 from tencrypt.core.nat import FlowTable
-from tencrypt.core.packet import build_icmp_frag_needed, rewrite_tcp_mss
-from tencrypt.core.podconfig import PodConfig, in_cidr
+from tencrypt.core.packet import (
+    build_icmp_admin_prohibited,
+    build_icmp_frag_needed,
+    rewrite_tcp_mss,
+)
+from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.policy import Guard, Verdict, decide
 from tencrypt.core.psk import parse_psk
 from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
 from tencrypt.core.stats import DropReason, Stats, render_prometheus
 from tencrypt.errors import UsageError
-from tencrypt.linux import firewall, metrics, netlink, podnet, sockets
-from tencrypt.linux.classroutes import RouteApplier
-from tencrypt.linux.dns import DnsProxy
-from tencrypt.linux.gso import UdpBatch
-from tencrypt.linux.tun import READ_SIZE, Tun
+from tencrypt.linux.effects import EffectApplier, Kernel
+from tencrypt.linux.members import MembersFile
 from tencrypt.logutil import RateLimitedLog
+from tencrypt.ports import Ports, RawSocket, Resolver, open_ports
 
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
-HOLD_LIMIT = 64  # packets held per destination while a PTR lookup classifies it
+HOLD_LIMIT = 64  # packets held per destination (reverse lookup, or a peer's route)
 PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
 NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear
+SESSION_EVIDENCE = 86400.0  # seconds a peer's pod IP stays internal after its session was up
+ADOPTED_EVIDENCE = 3600.0  # seconds what a previous run put in the firewall stays internal
+SWEEP = 1.0  # seconds between expiry sweeps and membership-file polls
 
 
 def read_psk(args: argparse.Namespace) -> bytes | None:
@@ -86,72 +107,84 @@ def read_psk(args: argparse.Namespace) -> bytes | None:
 
 
 class Proxy:
-    def __init__(self, config: PodConfig, psk: bytes, strict: bool, stats: Stats,
-                 limits: Limits | None = None, batch: bool = True) -> None:
-        self.config = config
-        self.strict = strict
-        self.batch = batch
+    def __init__(self, config: PodConfig, psk: bytes, strict: bool, stats: Stats, ports: Ports,
+                 resolver: Resolver, kernel: Kernel, *, limits: Limits | None = None,
+                 batch: bool = True, members: MembersFile | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
+        self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
+        self.clock, self.wall = clock, wall
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
-        self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
+        self.read_buffer = bytearray(65536 + VNET_HDR_LEN + 256)  # reused by every tenc0 read
         self.read_view = memoryview(self.read_buffer)
         self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
-        self.stats = stats
         self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port)
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
-        self.peer_routes: set[str] = set()
-        # the DNS proxy's /32s; a peer's route (same kernel route) is the daemon's to remove
-        self.routes = RouteApplier(config, stats, pinned=self.peer_routes.__contains__)
-        self.dns = DnsProxy(config, stats, on_change=self._on_dns_change)
-        self.firewall = firewall.StrictFirewall(config.dev, config.port) if strict else None
+        self.table = resolver.table
+        resolver.on_change = self._on_changes
+        keep = frozenset(ip for ip in (config.pod_ip, config.gateway, config.dns.split(":")[0])
+                         if ip)
+        self.desired = Desired(config.service_cidr, keep)
+        self.effects = EffectApplier(self.desired, stats, kernel, on_applied=self._on_applied)
+        self.guard = Guard.of(config.service_cidr, config.pod_cidrs)
         self.ratelog = RateLimitedLog(log)
-        self.held: dict[str, list[bytes]] = {}
+        self.held: dict[str, list[bytes]] = {}  # destination -> packets awaiting a lookup
+        self.awaiting_route: dict[str, list[bytes]] = {}  # peer -> opened packets
+        self.up_peers: set[str] = set()
         self.plaintext_until: dict[str, float] = {}
         self.stopping = asyncio.Event()
-        self.tun: Tun | None = None
-        self.udp: socket.socket | None = None
-        self.udp_batch: UdpBatch | None = None
-        self.inject: socket.socket | None = None
-        self.bypass: socket.socket | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
-        c = self.config
-        self.tun = Tun(c.tun, vnet_hdr=self.batch)
-        self.udp = sockets.tunnel_socket(c.port, c.fwmark)
-        self.udp_batch = UdpBatch(self.udp, self.stats, gso=self.batch, gro=self.batch)
+        """Firewall, adopted set, membership and their routes first; then the readers."""
+        c, now = self.config, self.clock()
+        if self.strict:
+            self.kernel.install_firewall()
+            adopted = self.kernel.elements()
+            self.desired.resync_elements(adopted)
+            self._on_changes(self.table.adopt(sorted(adopted), now, ADOPTED_EVIDENCE))
+        else:
+            log.warning("--no-strict: the firewall is removed; an internal peer without a proxy "
+                        "is reached in the clear after %.0f s of unanswered handshakes",
+                        self.tunnel.limits.handshake_give_up)
+            self.kernel.remove_firewall()
+        self._poll_members(now)
+        await self.effects.round()
         log.info("data path: %s (UDP GSO %s, GRO %s)", "batch" if self.batch else "one packet",
-                 "on" if self.udp_batch.gso else "off", "on" if self.udp_batch.gro else "off")
-        self.inject = sockets.raw_socket()
-        self.bypass = sockets.raw_socket(mark=c.fwmark)
-        if self.firewall:
-            self.firewall.install()
-        await self.dns.start()
+                 "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off")
+        await self.resolver.start()
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.tun.fileno(), self._on_tun)
-        loop.add_reader(self.udp.fileno(), self._on_udp)
+        loop.add_reader(self.ports.tun.fileno(), self._on_tun)
+        loop.add_reader(self.ports.udp.fileno(), self._on_udp)
+        self._spawn(self.effects.run(self.stopping))
+        log.info("ready: pod %s, pod network %s, %d members", c.pod_ip,
+                 ", ".join(c.pod_cidrs) or "-", len(self.members.loaded.addresses)
+                 if self.members and self.members.loaded else 0)
 
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()
-        for obj in (self.tun, self.udp):
-            if obj is not None:
-                loop.remove_reader(obj.fileno())
-        await self.dns.close()
-        self.routes.close()
-        for ip in self.peer_routes:
-            netlink.remove_route(ip)
-        if self.firewall:
-            firewall.remove_table()
-        for obj in (self.tun, self.udp, self.inject, self.bypass):
-            if obj is not None:
-                obj.close()
+        for port in (self.ports.tun, self.ports.udp):
+            loop.remove_reader(port.fileno())
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.resolver.close()
+        self.effects.close()
+        self.ports.close()
 
-    # ---- outbound: tenc0 -> classify -> seal -> udp -------------------------------------
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- outbound: tenc0 -> verdict -> seal -> udp --------------------------------------
     def _on_tun(self) -> None:
-        assert self.tun is not None
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.clock(), self.wall()
         # every frame is read into one reused buffer and rewritten in place: whatever must
         # outlive this iteration (queued, held) is copied by its keeper
-        read, view = self.tun.readinto, self.read_view
+        read, view = self.ports.tun.readinto, self.read_view
         for _ in range(BATCH):
             n = read(self.read_buffer)
             if not n:
@@ -174,89 +207,91 @@ class Proxy:
         if len(buf) > mtu:
             self._too_big(buf, mtu)
             return
-        if buf[9] == 6:
+        if buf[9] == 6:  # TCP
             rewrite_tcp_mss(buf, mtu - 40)
         if self.flows.rewrite_outbound(buf, now):  # False: malformed, counted
-            self._dispatch(socket.inet_ntoa(buf[16:20]), buf, now, wall)
+            self._dispatch(_dst(buf), [buf], now, wall)
 
     def _outbound_super(self, frame: memoryview, now: float, wall: float) -> None:
-        """NAT and classify once per super-packet; split recomputes every checksum after."""
+        """NAT and the verdict once per super-packet; split recomputes every checksum after."""
         if len(frame) < VNET_HDR_LEN + 20 or frame[VNET_HDR_LEN] >> 4 != 4:
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
         if not self.flows.rewrite_outbound(frame[VNET_HDR_LEN:], now):
             return
-        dst = socket.inet_ntoa(frame[VNET_HDR_LEN + 16:VNET_HDR_LEN + 20])
+        dst = _dst(frame[VNET_HDR_LEN:])
         segments = split_tcp_batch(frame, self.stats, self.split_buffer)
         self.stats.inc("super_packets_split")
-        if self.tunnel.knows(dst):  # the common case: a peer with a session
-            self.tunnel.send_batch(dst, segments, now, wall)
-            return
-        for seg in segments:
-            self._dispatch(dst, seg, now, wall)
+        self._dispatch(dst, segments, now, wall)
 
     def _too_big(self, buf: bytearray | memoryview, mtu: int) -> None:
         self.stats.drop(DropReason.TOO_BIG)
         if buf[6] & 0x40:  # DF: tell the sender, as a router would (RFC 1191)
             icmp = build_icmp_frag_needed(bytes(buf), mtu, self.config.pod_ip)
             if icmp:
-                self._send_raw(self.inject, icmp)
+                self._send_raw(self.ports.inject, icmp)
 
-    def _dispatch(self, dst: str, buf: bytearray | memoryview, now: float, wall: float) -> None:
-        if self.tunnel.knows(dst):
-            self.tunnel.send(dst, buf, now, wall)
+    def _dispatch(self, dst: str, packets: Sequence[bytearray | memoryview], now: float,
+                  wall: float, looked_up: bool = False) -> None:
+        """Step 4: one verdict for packets to one destination."""
+        if self.tunnel.knows(dst):  # the common case: a peer with a session
+            self.tunnel.send_batch(dst, packets, now, wall)
             return
-        cls = self.dns.lookup(dst, now)
-        if cls is AddrClass.INTERNAL:
-            self._seal(dst, buf, now, wall)
-        elif cls is AddrClass.EXTERNAL or not in_cidr(dst, self.config.service_cidr):
-            self.stats.inc("packets_bypassed")
-            self._send_raw(self.bypass, buf)
+        cls = self.table.lookup(dst, now)
+        verdict = decide(cls, guarded=dst in self.guard, strict=self.strict,
+                         looked_up=looked_up or self.table.known_unknown(dst, now),
+                         fallback=self.plaintext_until.get(dst, 0.0) > now)
+        if verdict is Verdict.SEAL:
+            self.tunnel.send_batch(dst, packets, now, wall)
+        elif verdict is Verdict.CLEAR:
+            if cls is AddrClass.INTERNAL:
+                self.stats.inc("packets_plaintext_fallback", len(packets))
+            else:
+                self.stats.inc("packets_bypassed", len(packets))
+            for pkt in packets:
+                self._send_raw(self.ports.bypass, pkt)
+        elif verdict is Verdict.HOLD:
+            self._hold(dst, packets)
         else:
-            self._hold(dst, bytes(buf))
+            self._refuse(packets)
 
-    def _seal(self, dst: str, pkt: bytes | bytearray | memoryview, now: float, wall: float) -> None:
-        """An internal destination: sealed, unless --no-strict found no proxy there lately."""
-        if self.plaintext_until.get(dst, 0.0) > now:
-            self.stats.inc("packets_plaintext_fallback")
-            self._send_raw(self.bypass, pkt)
-        else:
-            self.tunnel.send(dst, pkt, now, wall)
+    def _refuse(self, packets: Sequence[bytes | bytearray | memoryview]) -> None:
+        self.stats.drop(DropReason.UNCLASSIFIED, len(packets))
+        icmp = build_icmp_admin_prohibited(packets[0], self.config.pod_ip) if packets else None
+        if icmp:
+            self._send_raw(self.ports.inject, icmp)
 
-    def _hold(self, dst: str, pkt: bytes) -> None:
+    def _hold(self, dst: str, packets: Sequence[bytearray | memoryview]) -> None:
         """Keep packets for an unclassified address while a reverse lookup decides."""
         queue = self.held.get(dst)
         if queue is None:
-            self.held[dst] = [pkt]
-            asyncio.get_running_loop().create_task(self._classify_held(dst))
-        elif len(queue) < HOLD_LIMIT:
-            queue.append(pkt)
-        else:
-            self.stats.drop(DropReason.QUEUE_FULL)
+            queue = self.held[dst] = []
+            self._spawn(self._classify_held(dst))
+        room = HOLD_LIMIT - len(queue)
+        queue.extend(bytes(p) for p in packets[:room])
+        if len(packets) > room:
+            self.stats.drop(DropReason.QUEUE_FULL, len(packets) - max(room, 0))
 
     async def _classify_held(self, dst: str) -> None:
         try:
-            cls = await self.dns.classify_address(dst)
-        except Exception:  # a failed lookup must not strand the packets: treat as unknown
+            await self.resolver.classify_address(dst)
+        except Exception:  # a failed lookup leaves the address unknown: refused, never clear
             log.exception("reverse lookup of %s failed", dst)
-            cls = None
-        now, wall = time.monotonic(), time.time()
-        for pkt in self.held.pop(dst, []):
-            if cls is AddrClass.INTERNAL:
-                self._seal(dst, pkt, now, wall)
-            else:  # external or unknown: never sealed to a pod that may have no proxy
-                self.stats.inc("packets_bypassed")
-                self._send_raw(self.bypass, pkt)
+        now = self.clock()
+        if self.table.lookup(dst, now) is None and not self.table.known_unknown(dst, now):
+            self.table.note_unknown(dst, now)
+        packets = [bytearray(p) for p in self.held.pop(dst, [])]
+        if packets:
+            self._dispatch(dst, packets, now, self.wall(), looked_up=True)
         self._flush()
 
     # ---- inbound: udp -> open -> nat -> inject ------------------------------------------
     def _on_udp(self) -> None:
-        assert self.udp_batch is not None
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.clock(), self.wall()
         opened: list[bytes] = []
         for _ in range(BATCH):
             try:
-                got = self.udp_batch.recv_batch()
+                got = self.ports.udp.recv_batch()
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
                 self.ratelog.warn("udp-error", "tunnel socket: %s", exc)
                 continue
@@ -265,30 +300,53 @@ class Proxy:
             datagrams, addr = got
             for data in datagrams:
                 pkt = self.tunnel.receive(data, addr, now, wall)
-                if self.tunnel.table.events:  # before injecting: a PeerUp routes the reply
-                    for event in self.tunnel.pop_events():
-                        self._on_peer_event(event)
+                if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
+                    self._on_peer_events(now)
                 if pkt is not None:
                     opened.append(pkt)
             if len(opened) >= BATCH:
-                self._inject(opened, now)
+                self._inject(self._routed(opened), now)
                 opened = []
-        self._inject(opened, now)
+        self._inject(self._routed(opened), now)
         self._flush()
+
+    def _routed(self, packets: list[bytes]) -> list[bytes]:
+        """Step 3: packets whose sender's /32 is in place; the others wait for it."""
+        if not self.desired.unrouted and not self.awaiting_route:
+            return packets
+        ready = []
+        for pkt in packets:
+            src = socket.inet_ntoa(pkt[12:16])
+            if self.desired.routed(src) and src not in self.awaiting_route:
+                ready.append(pkt)
+                continue
+            queue = self.awaiting_route.setdefault(src, [])
+            if len(queue) < HOLD_LIMIT:
+                queue.append(pkt)
+            else:
+                self.stats.drop(DropReason.QUEUE_FULL)
+        return ready
+
+    def _on_applied(self) -> None:
+        """Routes were applied: inject what waited for them."""
+        ready = [ip for ip in self.awaiting_route if self.desired.routed(ip)]
+        for ip in ready:
+            self._inject(self.awaiting_route.pop(ip), self.clock())
 
     def _inject(self, packets: list[bytes], now: float) -> None:
         """NAT in and inject. The batch path merges a flow's consecutive segments first (NAT
         and the system call then cost once per merged packet) and writes them to tenc0 as TSO
         frames whose TCP checksum the kernel completes (CHECKSUM_PARTIAL): no 64 KiB checksum
         in Python. The one-packet path and the fallback inject through the raw socket."""
+        if not packets:
+            return
         if not self.inject_via_tun:
             merged = [c.packet for c in coalesce_batch(packets)] if self.batch else packets
             for pkt in merged:
                 buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
                 if self.flows.rewrite_inbound(buf, now):
-                    self._send_raw(self.inject, buf)
+                    self._send_raw(self.ports.inject, buf)
             return
-        assert self.tun is not None
         for pkt, gso_size in coalesce_batch(packets, partial=True):
             buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
             if not self.flows.rewrite_inbound(buf, now):
@@ -296,7 +354,7 @@ class Proxy:
             if gso_size:
                 rewrite_partial_csum(buf)
             try:
-                self.tun.write_frame(build_gso_vnet_hdr(buf, gso_size), buf)
+                self.ports.tun.write_frame(build_gso_vnet_hdr(buf, gso_size), buf)
             except OSError as exc:  # a kernel that refuses TSO frames: raw socket from now on
                 log.warning("writing to %s refused (%s): injecting through the raw socket",
                             self.config.tun, exc)
@@ -304,93 +362,136 @@ class Proxy:
                 self.stats.inc("tun_inject_errors")
 
     # ---- shared --------------------------------------------------------------------------
-    def _send_raw(self, sock: socket.socket | None, buf: bytes | bytearray | memoryview) -> None:
-        assert sock is not None
+    def _send_raw(self, sock: RawSocket, buf: bytes | bytearray | memoryview) -> None:
         try:
-            sock.sendto(buf, (socket.inet_ntoa(buf[16:20]), 0))
+            sock.sendto(buf, (_dst(buf), 0))
         except OSError as exc:
             self.ratelog.warn("raw-" + str(exc.errno), "raw send failed: %s", exc)
 
     def _flush(self) -> None:
-        assert self.udp_batch is not None
         transmits = self.tunnel.pop_transmits()
         if transmits:
             try:
-                sent = self.udp_batch.send_many(transmits)
+                sent = self.ports.udp.send_many(transmits)
             except OSError as exc:
                 self.ratelog.warn("udp-send-" + str(exc.errno), "tunnel send failed: %s", exc)
                 sent = 0
             if sent < len(transmits):
                 self.stats.inc("datagrams_send_dropped", len(transmits) - sent)
+        if self.tunnel.table.events:
+            self._on_peer_events(self.clock())
+
+    def _on_peer_events(self, now: float) -> None:
         for event in self.tunnel.pop_events():
-            self._on_peer_event(event)
+            if isinstance(event, PeerUp):
+                log.info("peer %s up (endpoint %s:%d)", event.pod_ip, *event.endpoint)
+                self.up_peers.add(event.pod_ip)
+                self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
+            elif isinstance(event, PeerDown):  # its evidence stays: protection is kept
+                log.info("peer %s down", event.pod_ip)
+                self.up_peers.discard(event.pod_ip)
+                self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
+            elif isinstance(event, PeerUnreachable):
+                self._on_unreachable(event.addresses, now)
 
-    def _on_peer_event(self, event: object) -> None:
-        if isinstance(event, PeerUp):
-            log.info("peer %s up (endpoint %s:%d)", event.pod_ip, *event.endpoint)
-            if not in_cidr(event.pod_ip, self.config.service_cidr) and event.pod_ip != self.config.pod_ip:
-                netlink.ensure_route(event.pod_ip, dev=self.config.tun, src=self.config.pod_ip)
-                self.peer_routes.add(event.pod_ip)
-            if self.firewall:
-                self.firewall.add([event.pod_ip])
-        elif isinstance(event, PeerUnreachable):
-            if self.strict:
-                self.ratelog.warn("unreachable", "no tencrypt proxy answers at %s: strict mode "
-                                  "refuses plaintext to this project's pods", ", ".join(event.addresses))
-            else:
-                log.warning("no tencrypt proxy answers at %s: --no-strict, in the clear for %.0f s",
-                            ", ".join(event.addresses), PLAINTEXT_FOR)
-                until = time.monotonic() + PLAINTEXT_FOR
-                self.plaintext_until.update((a, until) for a in event.addresses)
-        elif isinstance(event, PeerDown):
-            log.info("peer %s down", event.pod_ip)
-            if event.pod_ip in self.peer_routes:
-                self.peer_routes.discard(event.pod_ip)
-                netlink.remove_route(event.pod_ip)
-
-    def _on_dns_change(self, changes: list[Change]) -> None:
-        self.routes.on_change(changes)
-        if not self.firewall:
+    def _on_unreachable(self, addresses: Sequence[str], now: float) -> None:
+        if self.strict:
+            self.stats.inc("peers_unreachable")
+            self.ratelog.warn("unreachable", "no tencrypt proxy answers at %s: its packets are "
+                              "dropped (strict mode never sends them in the clear)",
+                              ", ".join(addresses))
             return
-        self.firewall.add(c.ip for c in changes if c.new is AddrClass.INTERNAL)
-        self.firewall.discard(c.ip for c in changes
-                              if c.new is not AddrClass.INTERNAL and c.ip not in self.peer_routes)
+        for address in addresses:
+            self.stats.inc("plaintext_fallback")
+            log.warning("no tencrypt proxy answers at %s within %.0f s: --no-strict, so its "
+                        "traffic goes in the CLEAR for %.0f s", address,
+                        self.tunnel.limits.handshake_give_up, PLAINTEXT_FOR)
+            self.plaintext_until[address] = now + PLAINTEXT_FOR
+
+    def _on_changes(self, changes: list[Change]) -> None:
+        """Every change of a class: wanted routes and firewall elements, applied by the
+        effects task (never here: this runs inside DNS and packet callbacks)."""
+        for conflict in self.table.pop_conflicts():
+            self.stats.inc("classification_conflicts")
+            self.ratelog.warn("conflict-" + conflict.ip, "%s is %s by trusted evidence, but an "
+                              "answer calls it %s: kept %s (a tenant's alias, a forged answer or "
+                              "a misconfiguration)", conflict.ip, conflict.held.value,
+                              conflict.claimed.value, conflict.held.value)
+        if changes:
+            self.desired.on_changes(changes)
+            self.effects.wake()
+
+    def _poll_members(self, now: float) -> None:
+        members = self.members.poll() if self.members else None
+        if members is not None:
+            self._apply_members(members, now)
+
+    def _apply_members(self, members: Members, now: float) -> None:
+        self.stats.inc("membership_loads")
+        log.info("membership of project %s, generation %d: %d pod IPs, %d Service IPs",
+                 members.project, members.generation, len(members.pods), len(members.services))
+        self._on_changes(self.table.set_members(members.addresses, now))
 
     async def timers(self) -> None:
-        last_expiry = 0.0
+        last_sweep = 0.0
         while not self.stopping.is_set():
-            now, wall = time.monotonic(), time.time()
+            now, wall = self.clock(), self.wall()
             self.tunnel.on_timer(now, wall)
             self._flush()
-            if now - last_expiry > 5.0:
+            if now - last_sweep >= SWEEP:
+                last_sweep = now
                 self.flows.expire(now)
-                last_expiry = now
+                for ip in self.up_peers:
+                    self._on_changes(self.table.note_session(ip, now, SESSION_EVIDENCE))
+                self._poll_members(now)
             deadline = self.tunnel.next_timer()
-            wait = 1.0 if deadline is None else min(1.0, max(0.01, deadline - now))
+            wait = SWEEP if deadline is None else min(SWEEP, max(0.01, deadline - now))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait)
 
     def render_metrics(self) -> str:
-        return render_prometheus(self.stats, {
+        now = self.clock()
+        classes = [cls for _, cls in self.table.items(now)]
+        gauges: dict[str, float] = {
             "sessions": self.tunnel.session_count(), "peers": self.tunnel.peer_count(),
-            "flow_table_entries": len(self.flows), "dns_table_entries": self.dns.table_size(),
-        })
+            "flow_table_entries": len(self.flows), "dns_table_entries": len(self.table),
+            "addresses_internal": classes.count(AddrClass.INTERNAL),
+            "addresses_external": classes.count(AddrClass.EXTERNAL),
+            "members": len(self.members.loaded.addresses)
+            if self.members and self.members.loaded else 0,
+            "held_destinations": len(self.held),
+        }
+        for name, packets in self.effects.firewall_counters.items():
+            gauges[f"firewall_{name}_packets"] = packets
+        return render_prometheus(self.stats, gauges)
+
+
+def _dst(buf: bytes | bytearray | memoryview) -> str:
+    """The destination address of an IPv4 packet (bytes 16-20 of its header)."""
+    return socket.inet_ntoa(buf[16:20])
 
 
 async def serve(args: argparse.Namespace) -> int:
-    config = podnet.load_config(args.state_dir)
+    from tencrypt.linux import metrics, podnet
+    from tencrypt.linux.dns import DnsProxy
+
+    config = dataclasses.replace(podnet.load_config(args.state_dir), port=args.port)
     psk = read_psk(args)
     if psk is None:
         raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
     strict = True if args.strict is None else args.strict
-    # without strict mode an unpatched peer is reached in the clear once the handshake gives
-    # up: give up early enough for a TCP connect to survive it
-    limits = Limits() if strict else Limits(handshake_give_up=NO_STRICT_GIVE_UP)
-    proxy = Proxy(config, psk, strict, Stats(), limits, batch=args.batch)
+    give_up = args.handshake_give_up or (None if strict else NO_STRICT_GIVE_UP)
+    limits = Limits() if give_up is None else Limits(handshake_give_up=give_up)
+    stats = Stats()
+    state_dir = podnet.namespace_state_dir(args.state_dir)
+    members_path = Path(args.members_file) if args.members_file else state_dir / MEMBERS_FILE
+    proxy = Proxy(config, psk, strict, stats, open_ports(config, stats, args.batch),
+                  DnsProxy(config, stats), Kernel(config, firewall=strict), limits=limits,
+                  batch=args.batch, members=MembersFile(members_path))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stopping.set)
-    pid_file = podnet.namespace_state_dir(args.state_dir) / podnet.PID_FILE
+    pid_file = state_dir / podnet.PID_FILE
     await proxy.start()
     server = await metrics.serve(args.metrics, proxy.render_metrics) if args.metrics else None
     pid_file.write_text(f"{os.getpid()}\n")

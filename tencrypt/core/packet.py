@@ -60,6 +60,7 @@ ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
 ICMP_ECHO_REQUEST = 8
 ICMP_FRAG_NEEDED = 4  # code of ICMP_DEST_UNREACH (RFC 1191)
+ICMP_ADMIN_PROHIBITED = 13  # code of ICMP_DEST_UNREACH: filtered (RFC 1812 §5.2.7.1)
 ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})  # unreach, source quench, redirect, time exceeded, param
 ICMP_QUERY_REPLY = {8: 0, 13: 14, 15: 16, 17: 18}  # request type -> reply type; these carry an id
 ICMP_QUERIES = frozenset(ICMP_QUERY_REPLY) | frozenset(ICMP_QUERY_REPLY.values())
@@ -341,12 +342,27 @@ def _is_unicast(address: int) -> bool:
 
 def build_icmp_frag_needed(orig: bytes | bytearray | memoryview, mtu: int,
                            src_ip: str | int) -> bytes | None:
-    """ICMP "fragmentation needed and DF set" (type 3 code 4) telling ``orig``'s sender ``mtu``.
+    """ICMP "fragmentation needed and DF set" (type 3 code 4) telling ``orig``'s sender ``mtu``
+    (RFC 1191 §4 puts the next-hop MTU in the low 16 bits of the second header word). Whether
+    the packet is too big is ``is_too_big``."""
+    return build_icmp_unreachable(orig, ICMP_FRAG_NEEDED, src_ip, mtu)
 
-    RFC 1191 §4 puts the next-hop MTU in the low 16 bits of the second header word; the body
-    quotes the original IP header and its first 8 data bytes (RFC 792). Returns None where RFC
-    1122 §3.2.2 forbids an error: for an unparseable packet, an ICMP error, a non-first fragment
-    or a non-unicast source or destination. Whether the packet is too big is ``is_too_big``.
+
+def build_icmp_admin_prohibited(orig: bytes | bytearray | memoryview,
+                                src_ip: str | int) -> bytes | None:
+    """ICMP "communication administratively prohibited" (type 3 code 13, RFC 1812 §5.2.7.1):
+    the local sender of a refused packet learns at once (Linux fails a connect with
+    EHOSTUNREACH) instead of retrying into silence."""
+    return build_icmp_unreachable(orig, ICMP_ADMIN_PROHIBITED, src_ip)
+
+
+def build_icmp_unreachable(orig: bytes | bytearray | memoryview, code: int, src_ip: str | int,
+                           mtu: int = 0) -> bytes | None:
+    """ICMP destination unreachable (type 3) with ``code`` about ``orig``, from ``src_ip``.
+
+    The body quotes the original IP header and its first 8 data bytes (RFC 792). Returns None
+    where RFC 1122 §3.2.2 forbids an error: for an unparseable packet, an ICMP error, a
+    non-first fragment or a non-unicast source or destination.
     """
     ip = parse_ipv4(orig)
     if ip is None or ip.frag != 0 or is_icmp_error(ip):
@@ -355,7 +371,7 @@ def build_icmp_frag_needed(orig: bytes | bytearray | memoryview, mtu: int,
         return None
     src = src_ip if isinstance(src_ip, int) else ip_to_int(src_ip)
     quote = bytes(orig[:min(ip.hlen + 8, ip.end)])
-    body = _ICMP_HDR.pack(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, mtu & 0xFFFF) + quote
+    body = _ICMP_HDR.pack(ICMP_DEST_UNREACH, code, 0, 0, mtu & 0xFFFF) + quote
     body = body[:2] + _U16.pack(checksum(body)) + body[4:]
     total = 20 + len(body)
     header = struct.pack("!BBHHHBBHII", 0x45, 0, total, 0, 0, 64, ICMP, 0, src, ip.src)

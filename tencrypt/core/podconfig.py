@@ -31,6 +31,7 @@ class PodConfig:
     search: tuple[str, ...]
     cluster_domain: str
     service_cidr: str = "172.30.0.0/16"
+    pod_cidrs: tuple[str, ...] = ()  # the pod network (cluster-wide); default: eth0's subnet
     mtu: int = 1440
     tun: str = "tenc0"
     fwmark: int = 0x1337
@@ -40,6 +41,7 @@ class PodConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["search"] = list(self.search)
+        d["pod_cidrs"] = list(self.pod_cidrs)
         return d
 
     @classmethod
@@ -47,6 +49,7 @@ class PodConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values["search"] = tuple(values.get("search", ()))
+        values["pod_cidrs"] = tuple(values.get("pod_cidrs", ()))
         return cls(**values)
 
 

@@ -47,6 +47,9 @@ class DropReason(enum.Enum):
     NAT_CONFLICT = "nat_conflict"
     # tunnel (core/session.py): an authenticated inner packet whose source the peer may not use
     BAD_SOURCE = "bad_source"
+    # fail-closed policy (core/policy.py): a destination in the Service CIDR or the pod network
+    # that no source classified, even after a reverse lookup: refused, never in the clear
+    UNCLASSIFIED = "unclassified"
 
 
 @dataclass(slots=True)

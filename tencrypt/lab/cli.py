@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     if action == "exec":
         return exec_attached(lab, args.pod, args.cmd)
     if action == "patch":
-        lab.patch(args.pod, strict=args.strict)
+        lab.patch(args.pod, strict=args.strict, members=args.members)
         return 0
     if action == "unpatch":
         lab.unpatch(args.pod)

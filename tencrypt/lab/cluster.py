@@ -151,8 +151,9 @@ class Lab:
         """Run ``argv`` in a pod's (or node's) namespace and capture its output."""
         return netns.run(self.netns_of(pod), argv, check=check, timeout=timeout, input=input)
 
-    def patch(self, pod: str, strict: bool = True, run_args: tuple[str, ...] = ()) -> None:
-        proxy.patch(self, self.pod(pod), strict, run_args)
+    def patch(self, pod: str, strict: bool = True, run_args: tuple[str, ...] = (),
+              members: bool = True) -> None:
+        proxy.patch(self, self.pod(pod), strict, run_args, members)
 
     def unpatch(self, pod: str) -> None:
         proxy.unpatch(self, self.pod(pod))

@@ -18,17 +18,22 @@ Stages of ``patch``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
+from tencrypt.core.membership import Members
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab import cleanup
 from tencrypt.lab.topology import Pod
-from tencrypt.linux import netns, procs
+from tencrypt.linux import netns, podnet, procs
+from tencrypt.linux.members import write_members
 
 if TYPE_CHECKING:
     from tencrypt.lab.cluster import Lab
@@ -37,6 +42,7 @@ READY = "tencrypt: ready"
 METRICS = "127.0.0.1:9137"  # on the pod's own loopback: `lab exec POD -- curl -s METRICS/metrics`
 READY_TIMEOUT = 30.0  # seconds: setup + interpreter start-up on a loaded 2-core machine
 STOP_TIMEOUT = 10.0  # seconds of grace between SIGTERM and SIGKILL
+SETUP_STATE_DIR = "/run/tencrypt"  # `tencrypt setup`'s default --state-dir
 
 
 def launcher() -> Path:
@@ -53,8 +59,25 @@ def tencrypt_bin() -> Path:
     return Path(sys.executable).parent / "tencrypt"
 
 
-def launcher_env() -> dict[str, str]:
-    return {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
+def launcher_env(lab: Lab | None = None) -> dict[str, str]:
+    env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
+    if lab is not None:  # the cluster's whole pod network, as an operator would pass it
+        env["TENCRYPT_SETUP_ARGS"] = " ".join(f"--pod-cidr {c}" for c in lab.topology.pod_cidrs)
+    return env
+
+
+def members_of(lab: Lab, project: str) -> Members:
+    """The project's membership as the cluster API would list it: every pod IP and Service VIP
+    of the project (the lab plays the node agent's part, with the agent's file format)."""
+    return Members(project, time.time_ns(),
+                   frozenset(p.ip for p in lab.pods.values() if p.project == project),
+                   frozenset(s.vip for s in lab.services if s.project == project))
+
+
+def write_members_file(lab: Lab, pod: Pod, members: Members | None = None) -> Path:
+    """Hand ``pod``'s proxy its project's membership (or ``members``), as the agent does."""
+    directory = podnet.namespace_state_dir(SETUP_STATE_DIR, f"/run/netns/{pod.netns}")
+    return write_members(directory, members or members_of(lab, pod.project))
 
 
 def proxy_pid(lab: Lab, pod: Pod) -> int | None:
@@ -76,10 +99,19 @@ def proxies_in(ns: str) -> list[int]:
     return found
 
 
-def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = ()) -> None:
-    """Start the launcher for ``pod`` (``run_args`` go to `tencrypt run`, e.g. --no-batch)."""
+def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (),
+          members: bool = True) -> None:
+    """Start the launcher for ``pod`` (``run_args`` go to `tencrypt run`, e.g. --no-batch).
+    ``members``: hand the proxy its project's membership first, as the agent does; without
+    it the proxy runs standalone (DNS and sessions are its only evidence)."""
     if proxy_pid(lab, pod):
         raise UsageError(f"pod {pod.name} is already patched (unpatch it first)")
+    if members:
+        write_members_file(lab, pod)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (podnet.namespace_state_dir(SETUP_STATE_DIR, f"/run/netns/{pod.netns}")
+             / MEMBERS_FILE).unlink()
     key = lab.psk_file(pod.project)
     if not key.exists():
         raise UsageError(f"no key for project {pod.project} ({key}): is lab {lab.name} up?")
@@ -93,7 +125,7 @@ def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (
     with open(log, "wb") as out:  # truncated: an old "ready" line must not count
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                env=launcher_env())
+                                env=launcher_env(lab))
     pid_file.write_text(f"{proc.pid}\n")
 
     def ready() -> bool:
@@ -110,7 +142,8 @@ def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (
         pid_file.unlink(missing_ok=True)
         _undo(pod, check=False)
         raise SetupError(f"{exc}\nlast lines of {log}:\n{cleanup.tail(log)}") from None
-    lab.say(f"patched {pod.name}: proxy pid {proc.pid}, {'strict' if strict else 'not strict'}")
+    lab.say(f"patched {pod.name}: proxy pid {proc.pid}, {'strict' if strict else 'not strict'}, "
+            f"{'membership from the lab' if members else 'standalone (no membership)'}")
 
 
 def unpatch(lab: Lab, pod: Pod) -> None:

@@ -86,6 +86,12 @@ class UdpBatch:
         self._view = memoryview(self._buf)
         self._cmsg_space = socket.CMSG_SPACE(_INT.size)
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
     # ---- sending ------------------------------------------------------------------------------
     def send_batch(self, data: bytes | bytearray | memoryview, size: int, addr: Address) -> int:
         """Send ``data`` as datagrams of ``size`` bytes (the last may be shorter).

@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.mountinfo import mount_of, node_path, parse_mountinfo
 from tencrypt.core.podconfig import (
     PodConfig,
@@ -48,8 +49,11 @@ STATE_FILE = "setup.json"
 PID_FILE = "run.pid"
 
 
-def namespace_state_dir(state_dir: str | Path) -> Path:
-    return Path(state_dir) / f"netns-{os.stat('/proc/self/ns/net').st_ino}"
+def namespace_state_dir(state_dir: str | Path, netns: str | Path = "/proc/self/ns/net") -> Path:
+    """Setup's directory for one network namespace: ``netns-<inode>`` under ``state_dir``.
+    ``netns`` names the namespace from outside (``/proc/PID/ns/net``, ``/run/netns/NAME``);
+    the default is the caller's own."""
+    return Path(state_dir) / f"netns-{os.stat(netns).st_ino}"
 
 
 @dataclass(slots=True)
@@ -114,15 +118,23 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
     domain = args.domain or (resolv.search[0] if resolv.search else None)
     if not domain:
         raise UsageError(f"{resolv_path} has no `search` line to tell the project domain; pass --domain")
+    pod_cidrs = tuple(getattr(args, "pod_cidr", None) or ())
+    if not pod_cidrs:
+        on_link = _on_link_subnet(dev)
+        pod_cidrs = (on_link,) if on_link else ()
     try:
         ipaddress.IPv4Network(args.service_cidr)
+        for cidr in pod_cidrs:
+            ipaddress.ip_network(cidr, strict=False)
         ipaddress.IPv4Address(pod_ip), ipaddress.IPv4Address(dns), ipaddress.IPv4Address(gateway)
         mtu = args.mtu or tun_mtu(uplink.mtu)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     config = PodConfig(pod_ip=pod_ip, dev=dev, gateway=gateway, dns=dns, domain=domain.rstrip("."),
                        search=resolv.search, cluster_domain=cluster_domain_of(domain),
-                       service_cidr=args.service_cidr, mtu=mtu)
+                       service_cidr=args.service_cidr, mtu=mtu,
+                       pod_cidrs=tuple(str(ipaddress.ip_network(c, strict=False))
+                                       for c in pod_cidrs))
     return SetupState(config, resolv_path, original)
 
 
@@ -177,6 +189,9 @@ def setup(args: argparse.Namespace) -> PodConfig:
         netlink.ensure_route(on_link, dev=c.dev, src=c.pod_ip, table=c.table, scope_link=True)
     netlink.ensure_route("0.0.0.0/0", dev=c.dev, gateway=c.gateway, src=c.pod_ip, table=c.table)
     netlink.ensure_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
+    # strict mode's boundary is in place before any proxy reads a packet (DESIGN §1a); its
+    # sets start empty and the proxy fills them; `run --no-strict` removes it
+    firewall.install(c.dev, c.port, c.fwmark)
     _write_in_place(state.resolv_conf, render_resolv_conf(state.resolv_original))
     return c
 
@@ -195,11 +210,12 @@ def undo(state_dir: str) -> bool:
             _write_in_place(state.resolv_conf, state.resolv_original)
     except FileNotFoundError:
         log.warning("%s is gone; not restored", state.resolv_conf)
-    firewall.remove_table()  # strict mode's rules, if a proxy died without removing them
+    firewall.remove_table()  # strict mode's rules stay after the proxy stops, until here
     netlink.remove_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)
     (directory / STATE_FILE).unlink()
+    (directory / MEMBERS_FILE).unlink(missing_ok=True)  # the agent's (or lab's) for this pod
     try:
         directory.rmdir()
     except OSError:
@@ -243,5 +259,6 @@ def main(args: argparse.Namespace) -> int:
     c = setup(args)
     print(f"tencrypt setup: pod {c.pod_ip} on {c.dev} via {c.gateway}; {c.tun} mtu {c.mtu}; "
           f"{c.service_cidr} -> {c.tun}; DNS {c.dns} -> {c.dev}; project domain {c.domain}; "
-          f"fwmark {c.fwmark:#x} -> table {c.table}; resolv.conf -> 127.0.0.1")
+          f"pod network {', '.join(c.pod_cidrs) or '-'}; fwmark {c.fwmark:#x} -> table {c.table}; "
+          f"firewall inet tencrypt; resolv.conf -> 127.0.0.1")
     return 0

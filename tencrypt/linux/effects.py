@@ -1,0 +1,173 @@
+"""The one task that makes the kernel match ``core.effects.Desired``: /32 routes (netlink) and
+strict mode's firewall set elements (nft).
+
+Rules:
+1. Packet and DNS callbacks only record what they want (``Desired.on_changes``) and ``wake()``
+   this task; they never wait on netlink or a subprocess, and nothing here raises into them.
+2. A round takes ``Desired.plan()`` and applies it in a worker thread (netlink and nft block
+   for milliseconds; the event loop keeps serving packets meanwhile), then records each
+   outcome back on the loop. Rounds run one at a time.
+3. A refused route or transaction is counted (``effect_errors``), logged at a bounded rate and
+   left in the plan: the task retries it every ``RETRY`` seconds until it succeeds. After a
+   refused firewall transaction the task re-reads the sets (the kernel is the truth).
+4. Every ``COUNTER_INTERVAL`` seconds the firewall's refusal counters are read for /metrics.
+5. ``close()`` removes the routes this task added (a stopped proxy leaves no /32 behind); the
+   firewall table stays until `setup --undo` (DESIGN §1a).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tencrypt.core.classify import RouteAction
+from tencrypt.core.effects import Desired, Plan
+from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.stats import Stats
+from tencrypt.errors import SetupError
+from tencrypt.logutil import RateLimitedLog
+
+log = logging.getLogger("tencrypt.effects")
+RETRY = 1.0  # seconds between rounds while something is left to do
+COUNTER_INTERVAL = 5.0  # seconds between reads of the firewall's counters
+
+
+@dataclass(slots=True)
+class Outcome:
+    routes: list[tuple[str, RouteAction | None]] = field(default_factory=list)
+    elements: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (added, deleted)
+    resync: set[str] | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class Kernel:
+    """What a round does to the kernel; tests pass their own."""
+
+    def __init__(self, pod: PodConfig, firewall: bool) -> None:
+        from tencrypt.linux import firewall as fw
+        from tencrypt.linux import netlink  # the only pyroute2 importer, loaded only here
+
+        self.pod, self.fw, self.netlink, self.firewall = pod, fw, netlink, firewall
+
+    def install_firewall(self) -> None:
+        """Setup installed it; install again (idempotent, keeps elements) in case it was
+        removed, and with this proxy's port. A refusal is a SetupError: no proxy without it."""
+        self.fw.install(self.pod.dev, self.pod.port, self.pod.fwmark)
+
+    def remove_firewall(self) -> None:
+        self.fw.remove_table()
+
+    def route(self, ip: str, action: RouteAction) -> None:
+        pod = self.pod
+        if action is RouteAction.VIA_TUN:
+            self.netlink.ensure_route(f"{ip}/32", dev=pod.tun, src=pod.pod_ip)
+        else:
+            self.netlink.ensure_route(f"{ip}/32", dev=pod.dev, gateway=pod.gateway or None,
+                                      src=pod.pod_ip)
+
+    def unroute(self, ip: str) -> None:
+        self.netlink.remove_route(f"{ip}/32")
+
+    def change(self, add: tuple[str, ...], delete: tuple[str, ...]) -> None:
+        if self.firewall:
+            self.fw.change(add, delete)
+
+    def elements(self) -> set[str]:
+        return self.fw.elements() if self.firewall else set()
+
+    def counters(self) -> dict[str, int]:
+        return self.fw.counters() if self.firewall else {}
+
+
+class EffectApplier:
+    def __init__(self, desired: Desired, stats: Stats, kernel: Kernel,
+                 on_applied: Callable[[], None] | None = None) -> None:
+        self.desired, self.stats, self.kernel = desired, stats, kernel
+        self.on_applied = on_applied or (lambda: None)
+        self.firewall_counters: dict[str, int] = {}
+        self.rlog = RateLimitedLog(log)
+        self._wake = asyncio.Event()
+        self._last_counters = 0.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await self.round()
+            wait = RETRY if self.desired.plan() else COUNTER_INTERVAL
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def round(self) -> None:
+        """Rule 2: one plan applied off the loop, outcomes recorded on it."""
+        self._wake.clear()
+        plan = self.desired.plan()
+        read_counters = time.monotonic() - self._last_counters >= COUNTER_INTERVAL
+        if not plan and not read_counters:
+            return
+        loop = asyncio.get_running_loop()
+        outcome, counters = await loop.run_in_executor(None, self._apply, plan, read_counters)
+        if read_counters:
+            self._last_counters = time.monotonic()
+            self.firewall_counters = counters
+        self._record(outcome)
+        if plan:
+            self.on_applied()
+
+    def close(self) -> None:
+        """Rule 5 (synchronous: the loop is stopping)."""
+        for ip in list(self.desired.applied_routes):
+            with contextlib.suppress(SetupError, OSError):
+                self.kernel.unroute(ip)
+                self.desired.route_done(ip, None)
+
+    def _apply(self, plan: Plan, read_counters: bool) -> tuple[Outcome, dict[str, int]]:
+        out = Outcome()
+        for ip, action in plan.routes:
+            try:
+                self.kernel.route(ip, action)
+                out.routes.append((ip, action))
+            except (SetupError, OSError) as exc:
+                out.errors.append(f"route {ip}/32 ({action.value}): {exc}")
+        for ip in plan.unroutes:
+            try:
+                self.kernel.unroute(ip)
+                out.routes.append((ip, None))
+            except (SetupError, OSError) as exc:
+                out.errors.append(f"removing route {ip}/32: {exc}")
+        if plan.add or plan.delete:
+            try:
+                self.kernel.change(plan.add, plan.delete)
+                out.elements = (plan.add, plan.delete)
+            except (SetupError, OSError) as exc:
+                out.errors.append(f"firewall set change: {exc}")
+                with contextlib.suppress(SetupError, OSError):
+                    out.resync = self.kernel.elements()
+        counters: dict[str, int] = {}
+        if read_counters:
+            with contextlib.suppress(SetupError, OSError):
+                counters = self.kernel.counters()
+        return out, counters
+
+    def _record(self, out: Outcome) -> None:
+        for ip, action in out.routes:
+            self.desired.route_done(ip, action)
+        n_routes = sum(1 for _, a in out.routes if a is not None)
+        if n_routes:
+            self.stats.inc("routes_added", n_routes)
+        if len(out.routes) > n_routes:
+            self.stats.inc("routes_removed", len(out.routes) - n_routes)
+        if out.elements is not None:
+            self.desired.elements_done(*out.elements)
+            self.stats.inc("firewall_elements_added", len(out.elements[0]))
+            self.stats.inc("firewall_elements_deleted", len(out.elements[1]))
+        if out.resync is not None:
+            self.desired.resync_elements(out.resync)
+        for error in out.errors:
+            self.stats.inc("effect_errors")
+            self.rlog.warn("effect-" + error.split(" ")[0], "%s (retrying)", error)

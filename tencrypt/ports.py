@@ -1,0 +1,69 @@
+"""What the proxy reads from and writes to, as small Protocols: the real devices and sockets
+(``open_ports``) in production, in-memory fakes (tests/unit/fakes.py) in unit tests — the
+seams that let the data path be tested without root, as wireguard-go's tuntest/bindtest do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from tencrypt.core.classify import AddrClass, Change, ClassTable
+from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.stats import Stats
+
+
+class TunDevice(Protocol):  # linux.tun.Tun
+    def fileno(self) -> int: ...
+    def readinto(self, buf: bytearray) -> int: ...
+    def write_frame(self, vnet_hdr: bytes, packet: bytes | bytearray | memoryview) -> None: ...
+    def close(self) -> None: ...
+
+
+class DatagramSocket(Protocol):  # linux.gso.UdpBatch
+    gso: bool
+    gro: bool
+
+    def fileno(self) -> int: ...
+    def recv_batch(self) -> tuple[list[memoryview], Any] | None: ...
+    def send_many(self, datagrams: Sequence[tuple[bytes | bytearray | memoryview, Any]]) -> int: ...
+    def close(self) -> None: ...
+
+
+class RawSocket(Protocol):  # socket.socket(AF_INET, SOCK_RAW) with IP_HDRINCL
+    def sendto(self, data: bytes | bytearray | memoryview, addr: tuple[str, int]) -> int: ...
+    def close(self) -> None: ...
+
+
+class Resolver(Protocol):  # linux.dns.DnsProxy, as the data path sees it
+    table: ClassTable
+    on_change: Callable[[list[Change]], None] | None
+
+    def classify_address(self, ip: str) -> Awaitable[AddrClass | None]: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class Ports:
+    """Everything the proxy reads from and writes to; ``serve()`` opens the real ones."""
+
+    tun: TunDevice
+    udp: DatagramSocket
+    inject: RawSocket  # decrypted packets (and ICMP errors) into the local stack
+    bypass: RawSocket  # the clear, out of the uplink (carries the bypass fwmark)
+
+    def close(self) -> None:
+        for port in (self.tun, self.udp, self.inject, self.bypass):
+            port.close()
+
+
+def open_ports(config: PodConfig, stats: Stats, batch: bool) -> Ports:
+    from tencrypt.linux import sockets
+    from tencrypt.linux.gso import UdpBatch
+    from tencrypt.linux.tun import Tun
+
+    udp = UdpBatch(sockets.tunnel_socket(config.port, config.fwmark), stats, gso=batch, gro=batch)
+    return Ports(Tun(config.tun, vnet_hdr=batch), udp, sockets.raw_socket(),
+                 sockets.raw_socket(mark=config.fwmark))
