@@ -68,6 +68,9 @@ def _run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--handshake-give-up", type=float, metavar="SECONDS",
                    help="seconds of unanswered handshakes before a peer counts as unreachable "
                         "(default: 30 strict, 5 with --no-strict)")
+    p.add_argument("--session-lifetime", type=float, metavar="SECONDS",
+                   help="seconds a session's keys may seal before a fresh handshake must replace "
+                        "them (re-keyed at two thirds of it; default: 180, WireGuard's)")
     p.add_argument("--members-file", metavar="FILE",
                    help="the project's membership (tencrypt-members/1 JSON) written by the "
                         "node agent; re-read when it changes (default: members.json in this "

@@ -480,8 +480,13 @@ async def serve(args: argparse.Namespace) -> int:
     if psk is None:
         raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
     strict = True if args.strict is None else args.strict
+    limits = Limits()
     give_up = args.handshake_give_up or (None if strict else NO_STRICT_GIVE_UP)
-    limits = Limits() if give_up is None else Limits(handshake_give_up=give_up)
+    if give_up is not None:
+        limits = dataclasses.replace(limits, handshake_give_up=give_up)
+    if args.session_lifetime:
+        limits = dataclasses.replace(limits, reject_after_time=args.session_lifetime,
+                                     rekey_after_time=args.session_lifetime * 2 / 3)
     stats = Stats()
     state_dir = podnet.namespace_state_dir(args.state_dir)
     members_path = Path(args.members_file) if args.members_file else state_dir / MEMBERS_FILE

@@ -38,6 +38,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ from pathlib import Path
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab import cleanup, clusterdns, proxy, services, status
 from tencrypt.lab.topology import Node, Pod, Service, Topology
-from tencrypt.linux import netns
+from tencrypt.linux import netns, procs
 
 STATE_ROOT = Path("/run/tencrypt-lab")
 ETC_NETNS = Path("/etc/netns")
@@ -280,15 +281,8 @@ class Lab:
     def _start_daemons(self) -> None:
         hosts = self.state_dir / "dns" / "hosts"
         hosts.write_text(clusterdns.build_hosts(self.pods.values()))
-        started = []
-        cidrs = [self.service_cidr, *(n.pod_cidr for n in self.nodes.values())]
-        for node in self.nodes.values():
-            argv = clusterdns.build_dnsmasq_argv(
-                self.dns_ip, hosts, self.log_file(f"{node.name}.dnsmasq"),
-                self.pid_file(f"{node.name}.dnsmasq"), cidrs)
-            out = self.log_file(f"{node.name}.dnsmasq.out")  # its start-up errors land here
-            proc = netns.spawn(node.netns, argv, log=out)
-            started.append((node.netns, "udp", 53, proc, out, f"{node.name} dnsmasq"))
+        self._extra_hosts.write_text("# records published at run time (add_dns_records)\n")
+        started = [self._spawn_dnsmasq(node) for node in self.nodes.values()]
         python = HTTP_PYTHON if Path(HTTP_PYTHON).exists() else sys.executable
         for pod in self.pods.values():
             argv = [python, "-I", "-u", "-m", "http.server", str(pod.port), "--bind", "0.0.0.0",
@@ -301,6 +295,47 @@ class Lab:
                  "servers; waiting until they listen")
         for ns, proto, port, proc, log, what in started:
             wait_listening(ns, proto, port, proc, log, what)
+
+
+    @property
+    def _extra_hosts(self) -> Path:
+        return self.state_dir / "dns" / "extra-hosts"
+
+    def _spawn_dnsmasq(self, node: Node) -> tuple[str, str, int, subprocess.Popen[bytes], Path, str]:
+        cidrs = [self.service_cidr, *(n.pod_cidr for n in self.nodes.values())]
+        argv = clusterdns.build_dnsmasq_argv(
+            self.dns_ip, [self.state_dir / "dns" / "hosts", self._extra_hosts],
+            self.log_file(f"{node.name}.dnsmasq"), self.pid_file(f"{node.name}.dnsmasq"), cidrs)
+        out = self.log_file(f"{node.name}.dnsmasq.out")  # its start-up errors land here
+        proc = netns.spawn(node.netns, argv, log=out)
+        return node.netns, "udp", 53, proc, out, f"{node.name} dnsmasq"
+
+    # --- what tests and the demo do to the cluster's DNS ----------------------------------
+
+    def add_dns_records(self, records: list[tuple[str, str]]) -> None:
+        """Publish ``(address, name)`` records (A, or AAAA for an IPv6 address) in the cluster
+        DNS, as any tenant can with a selector-less Service or an ExternalName; every node's
+        dnsmasq re-reads its hosts files on SIGHUP."""
+        with self._extra_hosts.open("a") as f:
+            f.writelines(f"{ip} {name}\n" for ip, name in records)
+        for node in self.nodes.values():
+            pid = procs.read_pid(self.pid_file(f"{node.name}.dnsmasq"))
+            if pid and procs.alive(pid):
+                os.kill(pid, signal.SIGHUP)
+        self.say(f"published DNS records: {', '.join(f'{n} -> {ip}' for ip, n in records)}")
+
+    def stop_dns(self) -> None:
+        """A cluster DNS outage: every node's dnsmasq stopped (``start_dns`` brings it back)."""
+        for node in self.nodes.values():
+            pid = procs.read_pid(self.pid_file(f"{node.name}.dnsmasq"))
+            if pid:
+                cleanup.stop(pid, timeout=5.0)
+        self.say("cluster DNS stopped")
+
+    def start_dns(self) -> None:
+        for node in self.nodes.values():
+            wait_listening(*self._spawn_dnsmasq(node))
+        self.say("cluster DNS started")
 
 
 def vars_of(obj: object) -> dict[str, object]:

@@ -54,7 +54,7 @@ def reverse_zones(cidr: str) -> list[str]:
     return zones
 
 
-def build_dnsmasq_argv(dns_ip: str, hosts: Path, log: Path, pid_file: Path,
+def build_dnsmasq_argv(dns_ip: str, hosts: Path | list[Path], log: Path, pid_file: Path,
                        cidrs: Iterable[str]) -> list[str]:
     local = [f"--local=/{CLUSTER_DOMAIN}/"]
     for cidr in cidrs:
@@ -62,7 +62,8 @@ def build_dnsmasq_argv(dns_ip: str, hosts: Path, log: Path, pid_file: Path,
     return [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts", "--no-resolv",
         "--bind-interfaces", f"--listen-address={dns_ip}", "--port=53",
-        f"--addn-hosts={hosts}", f"--local-ttl={DNS_TTL}", "--bogus-priv", *local,
+        *(f"--addn-hosts={h}" for h in (hosts if isinstance(hosts, list) else [hosts])),
+        f"--local-ttl={DNS_TTL}", "--bogus-priv", *local,
         f"--log-facility={log}", "--log-queries", "--log-async",
         f"--pid-file={pid_file}", "--user=root", "--group=root",
     ]
