@@ -95,6 +95,9 @@ class NfQueue:
                           timeout, f"bind NFQUEUE {queue_num}")
             self.sock.setblocking(False)
             self._proc = _open_status()
+        except OSError as exc:
+            self.sock.close()
+            raise SetupError(f"bind NFQUEUE {queue_num}: {exc.strerror or exc}") from exc
         except BaseException:
             self.sock.close()
             raise

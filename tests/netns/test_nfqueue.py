@@ -26,6 +26,7 @@ import pytest
 
 from tencrypt.core import nfqmsg
 from tencrypt.core.stats import Stats
+from tencrypt.errors import SetupError
 from tencrypt.linux import firewall, netns, nfqueue
 
 QUEUE = 7
@@ -174,6 +175,11 @@ def received(sock: socket.socket, wait: float = 0.5) -> list[bytes]:
     return out
 
 
+def receive_one(sock: socket.socket, wait: float = 5.0) -> bytes | None:
+    """The next datagram on ``sock``, waiting at most ``wait`` seconds for it."""
+    return sock.recv(65536) if select.select([sock], [], [], wait)[0] else None
+
+
 def test_accept_lets_new_connections_through_and_queues_only_their_first_packet(pair):
     srv, got, server = tcp_server(pair)
     udp = pair.socket(pair.server, socket.SOCK_DGRAM, UDP_PORT)
@@ -296,7 +302,7 @@ def test_a_second_listener_is_refused(pair):
         status = q.status()
         assert status is not None
         assert (status.copy_mode, status.copy_range) == (nfqmsg.CopyMode.PACKET, 128)
-        with pytest.raises(nfqueue.SetupError, match="another socket has bound"):
+        with pytest.raises(SetupError, match="another socket has bound"):
             pair.queue()
 
 
@@ -340,3 +346,23 @@ def test_kernel_messages_parse(pair):
     if SAVE:
         Path(SAVE, "nfq_packet_udp.bin").write_bytes(packet_msg)
         Path(SAVE, "nfq_error_enoent.bin").write_bytes(error_msg)
+
+
+def test_udp_is_queued_until_the_first_reply(pair):
+    """conntrack calls a UDP flow NEW until a reply was seen: a one-way flow costs a verdict
+    per datagram, a flow that was answered costs none more."""
+    udp = pair.socket(pair.server, socket.SOCK_DGRAM, UDP_PORT)
+    with pair.queue() as q, Listener(q, accept=True) as listener, \
+            pair.socket(pair.client, socket.SOCK_DGRAM) as client:
+        for i in range(3):
+            client.sendto(b"one-way-%d" % i, (SERVER, UDP_PORT))
+            assert receive_one(udp) == b"one-way-%d" % i
+        queued_one_way = len(listener.seen)
+        udp.sendto(b"reply", client.getsockname())
+        assert receive_one(client) == b"reply"
+        for i in range(3):
+            client.sendto(b"answered-%d" % i, (SERVER, UDP_PORT))
+            assert receive_one(udp) == b"answered-%d" % i
+    assert queued_one_way == 3
+    assert len(listener.seen) == 3
+    udp.close()

@@ -261,3 +261,20 @@ def test_verdicts_split_back(queue, packet_id, accept, seq):
     attrs = parse_attrs(msg.body, nfqmsg.NFGENMSG_LEN)
     assert attrs == {nfqmsg.Attr.VERDICT_HDR: struct.pack(">II", int(accept), packet_id)}
     assert struct.unpack(">H", msg.body[2:4])[0] == queue
+
+
+def test_rule_specs():
+    """The iptables rules of linux/nfqueue.py: tunnel port first, no bypass, INPUT jumps last."""
+    from tencrypt.linux.nfqueue import rule_specs
+
+    specs = rule_specs(7, "eth0", ["10.128.0.0/14"], 1337)
+    assert [" ".join(s) for s in specs] == [
+        "-N TENCRYPT-NFQ",
+        "-A TENCRYPT-NFQ -p udp --dport 1337 -j RETURN",
+        "-A TENCRYPT-NFQ -s 10.128.0.0/14 -p tcp -m conntrack --ctstate NEW -j NFQUEUE "
+        "--queue-num 7",
+        "-A TENCRYPT-NFQ -s 10.128.0.0/14 -p udp -m conntrack --ctstate NEW -j NFQUEUE "
+        "--queue-num 7",
+        "-I INPUT -i eth0 -j TENCRYPT-NFQ",
+    ]
+    assert not any("bypass" in part for s in specs for part in s)
