@@ -9,7 +9,8 @@ What is queued
     Only packets that open a connection: an iptables rule in the pod's namespace,
     ``-m conntrack --ctstate NEW``, in the filter table's INPUT chain (priority 0, after the
     strict-mode table ``ip tencrypt`` at -10 has dropped known project members), for TCP and
-    UDP arriving on the uplink from the pod network, except the tunnel's own UDP port.
+    UDP arriving on the uplink from the pod network, except the tunnel's own UDP port;
+    IPv4 sources through iptables, IPv6 sources through ip6tables (the same rule).
     ``rule_specs`` writes it. The native nftables ``queue`` statement is not used: kernels
     built without CONFIG_NFT_QUEUE (this one) refuse it with ENOENT, while iptables-nft's
     ``-j NFQUEUE`` (xt_NFQUEUE through nft_compat) works on both kinds of kernel.
@@ -64,6 +65,7 @@ RECV_CHUNK = 65536  # one datagram: a packet message is under 400 bytes, an erro
 SEND_CHUNK = 32 * 1024  # verdict messages per send: 32 bytes each, so ~1000
 PROC_STATUS = "/proc/thread-self/net/netfilter/nfnetlink_queue"  # this thread's namespace
 CHAIN = "TENCRYPT-NFQ"
+TOOLS = ("iptables", "ip6tables")  # iptables-nft: nft has no queue statement here (docstring)
 
 
 class NfQueue:
@@ -254,10 +256,10 @@ def _receive_buffer(sock: socket.socket, size: int) -> None:
 
 def rule_specs(queue_num: int, uplink: str, sources: Sequence[str],
                tunnel_port: int) -> list[list[str]]:
-    """iptables arguments of the queue rules: chain TENCRYPT-NFQ holds them, INPUT jumps to it
-    for packets from the uplink. First the tunnel's port returns (sealed traffic is never
-    queued), then new TCP and UDP connections from each of ``sources`` (the pod network's
-    CIDRs) go to queue ``queue_num``, without bypass (fail closed)."""
+    """iptables (or ip6tables) arguments of the queue rules for ``sources`` of one family:
+    chain TENCRYPT-NFQ holds them, INPUT jumps to it for packets from the uplink. First the
+    tunnel's port returns (sealed traffic is never queued), then new TCP and UDP connections
+    from each source CIDR go to queue ``queue_num``, without bypass (fail closed)."""
     specs = [["-N", CHAIN],
              ["-A", CHAIN, "-p", "udp", "--dport", str(tunnel_port), "-j", "RETURN"]]
     for source in sources:
@@ -269,26 +271,32 @@ def rule_specs(queue_num: int, uplink: str, sources: Sequence[str],
 
 
 def install_rules(queue_num: int, uplink: str, sources: Sequence[str], tunnel_port: int) -> None:
-    """Add the queue rules (removing earlier ones first) in the current namespace."""
+    """Add the queue rules in the current namespace (removing earlier ones first): IPv4
+    sources with iptables, IPv6 sources (those with a colon) with ip6tables."""
     remove_rules(uplink)
-    for spec in rule_specs(queue_num, uplink, sources, tunnel_port):
-        _iptables(spec, check=True)
+    for tool in TOOLS:
+        family = [s for s in sources if (":" in s) == (tool == "ip6tables")]
+        if family:
+            for spec in rule_specs(queue_num, uplink, family, tunnel_port):
+                _run(tool, spec, check=True)
 
 
 def remove_rules(uplink: str) -> None:
-    """Remove the queue rules if they are there; never fails because they are not."""
-    while _iptables(["-D", "INPUT", "-i", uplink, "-j", CHAIN], check=False) == 0:
-        pass
-    _iptables(["-F", CHAIN], check=False)
-    _iptables(["-X", CHAIN], check=False)
+    """Remove the queue rules of both families if they are there; never fails because they
+    are not."""
+    for tool in TOOLS:
+        while _run(tool, ["-D", "INPUT", "-i", uplink, "-j", CHAIN], check=False) == 0:
+            pass
+        _run(tool, ["-F", CHAIN], check=False)
+        _run(tool, ["-X", CHAIN], check=False)
 
 
-def _iptables(args: list[str], check: bool) -> int:
+def _run(tool: str, args: list[str], check: bool) -> int:
     try:
-        proc = subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True,
+        proc = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True,
                               timeout=15)
     except FileNotFoundError as exc:
-        raise SetupError("iptables not found: standalone strict mode needs iptables-nft") from exc
+        raise SetupError(f"{tool} not found: standalone strict mode needs iptables-nft") from exc
     if check and proc.returncode != 0:
-        raise SetupError(f"iptables {' '.join(args)} failed: {proc.stderr.strip()}")
+        raise SetupError(f"{tool} {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.returncode

@@ -31,6 +31,7 @@ from tencrypt.linux import firewall, netns, nfqueue
 
 QUEUE = 7
 CLIENT, SERVER, NET = "10.235.0.1", "10.235.0.2", "10.235.0.0/24"
+CLIENT6, SERVER6, NET6 = "fd00:235::1", "fd00:235::2", "fd00:235::/64"
 TCP_PORT, UDP_PORT, TUNNEL_PORT = 8080, 5353, 1337
 SAVE = os.environ.get("TENCRYPT_SAVE_NFQ_CAPTURE")  # a directory: rewrite the unit-test captures
 SYN, ACK = 0x02, 0x10
@@ -47,31 +48,33 @@ class Pair:
         netns.create(self.server)
         netns.sh(["ip", "link", "add", f"qc-{self.sfx}", "netns", self.client, "type", "veth",
                   "peer", "name", self.server_if, "netns", self.server])
-        for ns, dev, addr in ((self.client, f"qc-{self.sfx}", CLIENT),
-                              (self.server, self.server_if, SERVER)):
+        for ns, dev, addr, addr6 in ((self.client, f"qc-{self.sfx}", CLIENT, CLIENT6),
+                                     (self.server, self.server_if, SERVER, SERVER6)):
             netns.run(ns, ["ip", "addr", "add", f"{addr}/24", "dev", dev])
+            netns.run(ns, ["ip", "addr", "add", f"{addr6}/64", "dev", dev, "nodad"])
             netns.run(ns, ["ip", "link", "set", dev, "up"])
         with netns.entered(self.server):
-            nfqueue.install_rules(QUEUE, self.server_if, [NET], TUNNEL_PORT)
+            nfqueue.install_rules(QUEUE, self.server_if, [NET, NET6], TUNNEL_PORT)
 
     def down(self) -> None:
         netns.delete(self.client)
         netns.delete(self.server)
 
-    def socket(self, ns: str, kind: int, port: int = 0) -> socket.socket:
+    def socket(self, ns: str, kind: int, port: int = 0, v6: bool = False) -> socket.socket:
         with netns.entered(ns):
-            sock = socket.socket(socket.AF_INET, kind)
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((SERVER if ns == self.server else CLIENT, port))
+        server, client = (SERVER6, CLIENT6) if v6 else (SERVER, CLIENT)
+        sock.bind((server if ns == self.server else client, port))
         return sock
 
     def queue(self, **kwargs: object) -> nfqueue.NfQueue:
         with netns.entered(self.server):
             return nfqueue.NfQueue(QUEUE, Stats(), **kwargs)  # type: ignore[arg-type]
 
-    def rule_packets(self) -> int:
+    def rule_packets(self, tool: str = "iptables") -> int:
         """Packets the NFQUEUE rules of TENCRYPT-NFQ matched (iptables' counters)."""
-        out = netns.run(self.server, ["iptables", "-w", "5", "-L", nfqueue.CHAIN, "-n", "-v",
+        out = netns.run(self.server, [tool, "-w", "5", "-L", nfqueue.CHAIN, "-n", "-v",
                                       "-x"]).stdout
         return sum(int(line.split()[0]) for line in out.splitlines() if "NFQUEUE" in line)
 
@@ -124,10 +127,11 @@ class Listener:
                 if f is not None and f.proto == nfqmsg.IPPROTO_TCP]
 
 
-def tcp_server(pair: Pair) -> tuple[socket.socket, list[bytes], threading.Thread]:
+def tcp_server(pair: Pair, v6: bool = False) -> tuple[socket.socket, list[bytes],
+                                                       threading.Thread]:
     """Accepts one connection at a time and keeps what each sent until it closed, or until the
     end of an HTTP request, which gets a two-byte answer."""
-    srv = pair.socket(pair.server, socket.SOCK_STREAM, TCP_PORT)
+    srv = pair.socket(pair.server, socket.SOCK_STREAM, TCP_PORT, v6)
     srv.listen(8)
     srv.settimeout(0.2)
     got: list[bytes] = []
@@ -155,9 +159,10 @@ def tcp_server(pair: Pair) -> tuple[socket.socket, list[bytes], threading.Thread
     return srv, got, thread
 
 
-def socat_send(pair: Pair, data: bytes, timeout: int = 2) -> int:
+def socat_send(pair: Pair, data: bytes, timeout: int = 2, v6: bool = False) -> int:
+    target = f"TCP6:[{SERVER6}]" if v6 else f"TCP:{SERVER}"
     proc = netns.run(pair.client, ["socat", "-u", "STDIN",
-                                   f"TCP:{SERVER}:{TCP_PORT},connect-timeout={timeout}"],
+                                   f"{target}:{TCP_PORT},connect-timeout={timeout}"],
                      check=False, input=data.decode(), timeout=30)
     return proc.returncode
 
@@ -366,3 +371,26 @@ def test_udp_is_queued_until_the_first_reply(pair):
     assert queued_one_way == 3
     assert len(listener.seen) == 3
     udp.close()
+
+
+def test_ipv6_connections_are_queued_too(pair):
+    """ip6tables carries the same rule: an IPv6 SYN is queued (family AF_INET6), refused,
+    then accepted."""
+    srv, got, server = tcp_server(pair, v6=True)
+    with pair.queue() as q:
+        with Listener(q, accept=False) as refusing:
+            assert socat_send(pair, b"refused-v6", timeout=2, v6=True) != 0
+        with Listener(q, accept=True) as accepting:
+            assert socat_send(pair, b"accepted-v6", timeout=10, v6=True) == 0
+            netns.wait_for(lambda: got, what="the IPv6 stream at the server")
+    srv.close()
+    server.join(10)
+    assert got == [b"accepted-v6"]
+    for listener in (refusing, accepting):
+        assert listener.seen and all(
+            (p.family, p.hw_protocol, f.version, f.src, f.dport)
+            == (nfqmsg.AF_INET6, nfqmsg.ETH_P_IPV6, 6, socket.inet_pton(socket.AF_INET6, CLIENT6),
+                TCP_PORT) for p, f in listener.seen)
+    assert len(accepting.seen) == 1
+    assert pair.rule_packets("ip6tables") == len(refusing.seen) + 1
+    assert pair.rule_packets("iptables") == 0
