@@ -15,6 +15,7 @@ only waits are bounded polls and the clients' own connect timeouts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import socket
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tencrypt.core import nfqmsg
 from tencrypt.core.stats import Stats
@@ -394,3 +396,54 @@ def test_ipv6_connections_are_queued_too(pair):
     assert len(accepting.seen) == 1
     assert pair.rule_packets("ip6tables") == len(refusing.seen) + 1
     assert pair.rule_packets("iptables") == 0
+
+
+def test_verdicts_after_an_async_lookup_under_uvloop(pair):
+    """The daemon's shape: ``add_reader`` on the queue, packets held while a lookup runs in
+    another task (here a 0.3 s stand-in: long enough that the SYN may be retransmitted), one
+    verdict per held packet when it ends; curl sees a normal connection."""
+    srv, got, server = tcp_server(pair)
+    q = pair.queue()
+
+    async def main() -> tuple[int, str, list[int]]:
+        loop = asyncio.get_running_loop()
+        held: dict[bytes, list[int]] = {}
+        answered: list[int] = []
+
+        async def lookup(source: bytes) -> None:
+            await asyncio.sleep(0.3)
+            ids = held.pop(source)
+            q.verdicts((i, True) for i in ids)
+            answered.extend(ids)
+
+        def on_queue() -> None:
+            for packet in q.read_batch():
+                flow = nfqmsg.parse_flow(packet.payload)
+                if flow is None:
+                    q.verdict(packet.packet_id, False)
+                    continue
+                if flow.src not in held:
+                    held[flow.src] = []
+                    loop.create_task(lookup(flow.src))
+                held[flow.src].append(packet.packet_id)
+
+        loop.add_reader(q.fileno(), on_queue)
+        try:
+            curl = await asyncio.create_subprocess_exec(
+                *netns.exec_argv(pair.client, ["curl", "-sS", "--max-time", "10",
+                                               f"http://{SERVER}:{TCP_PORT}/async"]),
+                stdout=asyncio.subprocess.PIPE)
+            out, _ = await curl.communicate()
+            return curl.returncode or 0, out.decode(), answered
+        finally:
+            loop.remove_reader(q.fileno())
+
+    try:
+        code, body, answered = uvloop.run(main())
+    finally:
+        q.close()
+    srv.close()
+    server.join(10)
+    assert (code, body) == (0, "ok")
+    assert got[0].startswith(b"GET /async")
+    assert len(answered) >= 1 and q.stats.get("nfqueue_accepted") == len(answered)
