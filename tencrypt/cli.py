@@ -150,8 +150,9 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("agent", "node daemon: run the proxy in every pod of this node whose project is enabled, "
               "restart it when it dies, undo the pod when it goes", _agent,
      "tencrypt.agent.cli:main"),
-    ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN", _bench,
-     "bench.harness:main"),
+    ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN "
+              "(from a source checkout: bench/ is not in the installed package)", _bench,
+     "tencrypt.benchcmd:main"),
 ]
 
 
