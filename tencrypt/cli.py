@@ -9,6 +9,7 @@ another's imports. A handler takes the parsed ``argparse.Namespace`` and returns
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import sys
@@ -156,6 +157,30 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
 ]
 
 
+def share_group_flags(group: argparse.ArgumentParser) -> None:
+    """Let every sub-command of a command group accept the group's flags too, so that
+    ``tencrypt lab up --name X`` means ``tencrypt lab --name X up``.
+
+    Each optional of ``group`` (other than --help) is declared again on each sub-command, with
+    the default ``argparse.SUPPRESS``: given after the sub-command it overrides the group's
+    value; not given there, the group's value (or default) stands. A sub-command's own flag of
+    the same spelling wins (it is not re-declared). A group without sub-commands is untouched.
+    Positional arguments are not moved: a flag goes before a sub-command's positionals when
+    the last of them takes the rest of the line (``lab exec --name X POD -- CMD``).
+    """
+    subs = [a for a in group._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = [a for a in group._actions
+             if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    for sub in subs:
+        for parser in sub.choices.values():
+            for flag in flags:
+                if any(o in parser._option_string_actions for o in flag.option_strings):
+                    continue
+                shared = copy.copy(flag)
+                shared.default = argparse.SUPPRESS
+                parser._add_action(shared)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tencrypt",
@@ -166,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, adder, handler in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         adder(p)
+        share_group_flags(p)
         p.set_defaults(handler=handler)
     return parser
 
