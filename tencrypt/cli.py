@@ -141,7 +141,7 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
      _setup, "tencrypt.linux.podnet:main"),
     ("run", "run the proxy in this (set-up) pod namespace: DNS proxy + sealed tunnel",
      _run, "tencrypt.daemon:main"),
-    ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.linux.dns:main"),
+    ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.dnscmd:main"),
     ("lab", "a namespace cluster on this machine: up, status, exec, patch, unpatch, down",
      _lab, "tencrypt.lab.cli:main"),
     ("demo", "the original demo, end to end on a fresh lab, with a verdict", _demo,
