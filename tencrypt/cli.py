@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from tencrypt import __version__
+from tencrypt.core import TUNNEL_PORT
+from tencrypt.core.podconfig import OVERHEAD
 from tencrypt.errors import TencryptError
 
 PSK_HELP = ("the project key is read from --psk-file FILE or the TENCRYPT_PROJECT_PSK environment "
@@ -36,7 +38,7 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
     p.add_argument("--service-cidr", default="172.30.0.0/16",
                    help="the cluster's Service CIDR, routed into tenc0 (default: 172.30.0.0/16)")
-    p.add_argument("--mtu", type=int, help="tenc0 MTU (default: uplink MTU minus 60)")
+    p.add_argument("--mtu", type=int, help=f"tenc0 MTU (default: uplink MTU minus {OVERHEAD})")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--resolv-conf", metavar="FILE",
                        help="resolv.conf to point at the embedded DNS proxy, rewritten in place "
@@ -61,7 +63,8 @@ def _run(p: argparse.ArgumentParser) -> None:
                    help="accept plaintext from pods of this project too")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9137")
-    p.add_argument("--port", type=int, default=1337, help="UDP port of the tunnel (default: 1337)")
+    p.add_argument("--port", type=int, default=TUNNEL_PORT,
+                   help=f"UDP port of the tunnel (default: {TUNNEL_PORT})")
     p.add_argument("--no-batch", dest="batch", action="store_false",
                    help="one packet per system call: disable TUN offloads and UDP GSO/GRO")
     p.add_argument("--state-dir", default="/run/tencrypt",
@@ -146,8 +149,8 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
      _lab, "tencrypt.lab.cli:main"),
     ("demo", "the original demo, end to end on a fresh lab, with a verdict", _demo,
      "tencrypt.lab.demo:main"),
-    ("node-sync", "keep the node's TENCRYPT nat chain (VIP:1337 -> pods) in step with the Services "
-                  "and endpoints of enabled projects", _node_sync, "tencrypt.nodesync.cli:main"),
+    ("node-sync", f"keep the node's TENCRYPT nat chain (VIP:{TUNNEL_PORT} -> pods) in step with the "
+                  "Services and endpoints of enabled projects", _node_sync, "tencrypt.nodesync.cli:main"),
     ("agent", "node daemon: run the proxy in every pod of this node whose project is enabled, "
               "restart it when it dies, undo the pod when it goes", _agent,
      "tencrypt.agent.cli:main"),

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tencrypt.lab import proxy, services
+from tencrypt.core import TUNNEL_PORT
+from tencrypt.lab import proxy
 from tencrypt.lab.view import LabView
 from tencrypt.linux import netns, procs
 
@@ -52,6 +53,6 @@ def render(lab: LabView) -> str:
     out += ["", "SERVICES (DNAT on every node)"]
     out += table(["SERVICE", "NAME", "VIP", "PORTS", "ENDPOINT"],
                  [[s.name, lab.pods[s.name].fqdn, s.vip,
-                   f"{s.port}/tcp, {services.TUNNEL_PORT}/udp+tcp", s.endpoint]
+                   f"{s.port}/tcp, {TUNNEL_PORT}/udp+tcp", s.endpoint]
                   for s in lab.services])
     return "\n".join(out) + "\n"
