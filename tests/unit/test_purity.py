@@ -38,6 +38,19 @@ MUST_NOT = frozenset({"tencrypt.linux", "tencrypt.daemon", "tencrypt.lab", "tenc
                       "secrets", "random", "fcntl", "threading", "uvloop", "signal", "io",
                       "pathlib", "shutil", "logging", "importlib", "ctypes", "sys"})
 
+# For the pure modules outside core/ (agent, node-sync: their own tests use these two): the
+# top-level modules of I/O, processes, clocks and randomness they must not import, and the
+# roots a file imports. (core/ is held to the allow-list above instead.)
+FORBIDDEN = frozenset({"socket", "os", "select", "selectors", "asyncio", "time", "datetime",
+                       "subprocess", "pyroute2", "fcntl", "threading", "uvloop", "signal",
+                       "secrets", "random"})
+
+
+def imported_roots(path: Path) -> set[str]:
+    """Top-level names of the absolute imports of ``path`` (``os.path`` -> ``os``)."""
+    return {m.split(".")[0] for m in imported_modules(path, "") if m and not m.startswith(".")}
+
+
 # (core module file, imported module) -> why it is there today. Issue #12: randomness is
 # injected everywhere else; these two defaults go when their callers (daemon.py builds the
 # Tunnel, linux/dns.py the PendingTable) pass secrets.token_bytes / secrets.randbits in.
@@ -105,6 +118,7 @@ def test_allow_list_excludes_io_clock_randomness_and_the_shells():
     for name in MUST_NOT:
         assert not allowed(name) and not allowed(name + ".x"), name
     assert {m for (_, m) in EXCEPTIONS} <= {"secrets"}, "exceptions may only shrink"
+    assert FORBIDDEN <= MUST_NOT
 
 
 def test_checker_sees_every_spelling(tmp_path):
