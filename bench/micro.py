@@ -22,7 +22,7 @@ from collections.abc import Callable
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from tencrypt.core import wire
+from tencrypt.core import TUNNEL_PORT, wire
 from tencrypt.core.session import Tunnel
 from tencrypt.core.stats import Stats
 
@@ -56,9 +56,9 @@ def linked_tunnels() -> tuple[Tunnel, Tunnel]:
     a.send(B, ipv4(A, B), 1.0, 1.7e9)
     for _ in range(3):  # initiation, response, first data
         for datagram, _addr in a.pop_transmits():
-            b.receive(datagram, (A, 1337), 1.0, 1.7e9)
+            b.receive(datagram, (A, TUNNEL_PORT), 1.0, 1.7e9)
         for datagram, _addr in b.pop_transmits():
-            a.receive(datagram, (B, 1337), 1.0, 1.7e9)
+            a.receive(datagram, (B, TUNNEL_PORT), 1.0, 1.7e9)
     assert a.session_count() == b.session_count() == 1
     return a, b
 
@@ -103,7 +103,7 @@ def bench_tunnel(runs: int, n: int) -> dict[str, float]:
 
     def receive(k: int) -> None:
         for datagram in next(batch_iter)[:k]:
-            if b.receive(datagram, (A, 1337), 2.0, 1.7e9) is None:
+            if b.receive(datagram, (A, TUNNEL_PORT), 2.0, 1.7e9) is None:
                 raise AssertionError("a benchmark datagram was dropped")
 
     return {"Tunnel.send": best_us(send, runs, n), "Tunnel.receive": best_us(receive, runs, n)}

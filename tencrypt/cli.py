@@ -9,12 +9,15 @@ another's imports. A handler takes the parsed ``argparse.Namespace`` and returns
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from tencrypt import __version__
+from tencrypt.core import TUNNEL_PORT
+from tencrypt.core.podconfig import OVERHEAD
 from tencrypt.errors import TencryptError
 
 PSK_HELP = ("the project key is read from --psk-file FILE or the TENCRYPT_PROJECT_PSK environment "
@@ -39,7 +42,7 @@ def _setup(p: argparse.ArgumentParser) -> None:
                    help="the cluster's pod network, where an unclassified address may be the "
                         "project's (strict mode refuses it instead of sending it in the clear); "
                         "repeat for several ranges, e.g. one per node (default: eth0's subnet)")
-    p.add_argument("--mtu", type=int, help="tenc0 MTU (default: uplink MTU minus 60)")
+    p.add_argument("--mtu", type=int, help=f"tenc0 MTU (default: uplink MTU minus {OVERHEAD})")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--resolv-conf", metavar="FILE",
                        help="resolv.conf to point at the embedded DNS proxy, rewritten in place "
@@ -77,7 +80,8 @@ def _run(p: argparse.ArgumentParser) -> None:
                         "namespace's setup state directory)")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9137")
-    p.add_argument("--port", type=int, default=1337, help="UDP port of the tunnel (default: 1337)")
+    p.add_argument("--port", type=int, default=TUNNEL_PORT,
+                   help=f"UDP port of the tunnel (default: {TUNNEL_PORT})")
     p.add_argument("--no-batch", dest="batch", action="store_false",
                    help="one packet per system call: disable TUN offloads and UDP GSO/GRO")
     p.add_argument("--state-dir", default="/run/tencrypt",
@@ -160,19 +164,44 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
      _setup, "tencrypt.linux.podnet:main"),
     ("run", "run the proxy in this (set-up) pod namespace: DNS proxy + sealed tunnel",
      _run, "tencrypt.daemon:main"),
-    ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.linux.dns:main"),
+    ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.dnscmd:main"),
     ("lab", "a namespace cluster on this machine: up, status, exec, patch, unpatch, down",
      _lab, "tencrypt.lab.cli:main"),
     ("demo", "the original demo, end to end on a fresh lab, with a verdict", _demo,
      "tencrypt.lab.demo:main"),
-    ("node-sync", "keep the node's TENCRYPT nat chain (VIP:1337 -> pods) in step with the Services "
-                  "and endpoints of enabled projects", _node_sync, "tencrypt.nodesync.cli:main"),
+    ("node-sync", f"keep the node's TENCRYPT nat chain (VIP:{TUNNEL_PORT} -> pods) in step with the "
+                  "Services and endpoints of enabled projects", _node_sync, "tencrypt.nodesync.cli:main"),
     ("agent", "node daemon: run the proxy in every pod of this node whose project is enabled, "
               "restart it when it dies, undo the pod when it goes", _agent,
      "tencrypt.agent.cli:main"),
-    ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN", _bench,
-     "bench.harness:main"),
+    ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN "
+              "(from a source checkout: bench/ is not in the installed package)", _bench,
+     "tencrypt.benchcmd:main"),
 ]
+
+
+def share_group_flags(group: argparse.ArgumentParser) -> None:
+    """Let every sub-command of a command group accept the group's flags too, so that
+    ``tencrypt lab up --name X`` means ``tencrypt lab --name X up``.
+
+    Each optional of ``group`` (other than --help) is declared again on each sub-command, with
+    the default ``argparse.SUPPRESS``: given after the sub-command it overrides the group's
+    value; not given there, the group's value (or default) stands. A sub-command's own flag of
+    the same spelling wins (it is not re-declared). A group without sub-commands is untouched.
+    Positional arguments are not moved: a flag goes before a sub-command's positionals when
+    the last of them takes the rest of the line (``lab exec --name X POD -- CMD``).
+    """
+    subs = [a for a in group._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = [a for a in group._actions
+             if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    for sub in subs:
+        for parser in sub.choices.values():
+            for flag in flags:
+                if any(o in parser._option_string_actions for o in flag.option_strings):
+                    continue
+                shared = copy.copy(flag)
+                shared.default = argparse.SUPPRESS
+                parser._add_action(shared)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, adder, handler in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         adder(p)
+        share_group_flags(p)
         p.set_defaults(handler=handler)
     return parser
 

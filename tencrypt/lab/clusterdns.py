@@ -46,6 +46,7 @@ def reverse_zones(cidr: str) -> list[str]:
     """The in-addr.arpa zones covering ``cidr``, widened to whole octets (RFC 1035 §3.5)."""
     net = ipaddress.ip_network(cidr)
     bits = max(8, -(-net.prefixlen // 8) * 8)
+    subnets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     subnets = [net] if net.prefixlen == bits else list(net.subnets(new_prefix=bits))
     zones = []
     for sub in subnets[:256]:  # a /8 split into /16s is the widest a lab needs

@@ -18,6 +18,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 
+from tencrypt.core import TUNNEL_PORT
 from tencrypt.lab.capture import Capture, Frame
 from tencrypt.lab.cluster import Lab
 
@@ -74,12 +75,12 @@ def run_demo(lab: Lab) -> list[Check]:
     say("stage 4: the same curl, sealed")
     ok, body, frames, marker = observe(lab, "nginx1", "http://nginx2:8080/")
     talk = between(frames, *pair)
-    plain = [f for f in talk if not (f.proto == 17 and 1337 in (f.sport, f.dport))]
+    plain = [f for f in talk if not (f.proto == 17 and TUNNEL_PORT in (f.sport, f.dport))]
     checks.append(Check("patched: curl nginx1 -> nginx2 still works", ok, body))
     checks.append(Check("patched: no trace of the HTTP request on the bridge",
                         not seen(frames, marker) and len(talk) > 0,
                         f"{len(talk)} frames between the pods"))
-    checks.append(Check("patched: nothing but UDP :1337 between the pods", not plain and len(talk) > 0,
+    checks.append(Check(f"patched: nothing but UDP :{TUNNEL_PORT} between the pods", not plain and len(talk) > 0,
                         f"{len(plain)} other frames"))
 
     say("stage 5: cakephp (project2) -> nginx2.myproject, cross-project")

@@ -7,13 +7,11 @@ read back from the state file, so a half-dead lab shows which part died.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from tencrypt.lab import proxy, services
+from tencrypt.core import TUNNEL_PORT
+from tencrypt.lab import proxy
+from tencrypt.lab.view import LabView
 from tencrypt.linux import netns, procs
-
-if TYPE_CHECKING:
-    from tencrypt.lab.cluster import Lab
 
 
 def table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
@@ -22,7 +20,7 @@ def table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
             for row in [header, *rows]]
 
 
-def _daemon(lab: Lab, what: str) -> str:
+def _daemon(lab: LabView, what: str) -> str:
     pid = procs.read_pid(lab.pid_file(what))
     return f"up (pid {pid})" if pid and procs.alive(pid) else "DOWN"
 
@@ -31,7 +29,7 @@ def _present(ns: str) -> str:
     return ns if netns.exists(ns) else f"{ns} (MISSING)"
 
 
-def _proxy(lab: Lab, pod_name: str) -> str:
+def _proxy(lab: LabView, pod_name: str) -> str:
     pod = lab.pods[pod_name]
     if not netns.exists(pod.netns):
         return "-"
@@ -39,7 +37,7 @@ def _proxy(lab: Lab, pod_name: str) -> str:
     return f"yes (pid {', '.join(map(str, pids))})" if pids else "no"
 
 
-def render(lab: Lab) -> str:
+def render(lab: LabView) -> str:
     out = [f"lab {lab.name}: {len(lab.nodes)} node(s), {len(lab.pods)} pods, projects "
            f"{', '.join(lab.projects)}; state in {lab.state_dir}", "", "NODES"]
     out += table(["NODE", "NETNS", "BRIDGE", "POD CIDR", "UNDERLAY", "DNS " + lab.dns_ip],
@@ -55,6 +53,6 @@ def render(lab: Lab) -> str:
     out += ["", "SERVICES (DNAT on every node)"]
     out += table(["SERVICE", "NAME", "VIP", "PORTS", "ENDPOINT"],
                  [[s.name, lab.pods[s.name].fqdn, s.vip,
-                   f"{s.port}/tcp, {services.TUNNEL_PORT}/udp+tcp", s.endpoint]
+                   f"{s.port}/tcp, {TUNNEL_PORT}/udp+tcp", s.endpoint]
                   for s in lab.services])
     return "\n".join(out) + "\n"

@@ -126,19 +126,20 @@ class Topology:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Topology:
-        if not isinstance(data, dict) or not isinstance(data.get("pods"), list):
+        raw_pods = data.get("pods") if isinstance(data, dict) else None
+        if not isinstance(raw_pods, list):
             raise UsageError("lab topology: expected a JSON object with a list under \"pods\"")
         known = {f for f in cls.__dataclass_fields__ if f != "pods"}
         unknown = set(data) - known - {"pods"}
         if unknown:
             raise UsageError(f"lab topology: unknown keys {sorted(unknown)}")
         allowed = set(PodSpec.__dataclass_fields__)
-        for entry in data["pods"]:  # type: ignore[union-attr]
+        for entry in raw_pods:
             if not isinstance(entry, dict) or set(entry) - allowed:
                 raise UsageError(f"lab topology: bad pod entry {entry!r} (keys: "
                                  f"{', '.join(sorted(allowed))})")
         try:
-            pods = [PodSpec(**p) for p in data["pods"]]  # type: ignore[union-attr]
+            pods = [PodSpec(**p) for p in raw_pods]
             topo = cls(pods=pods, **{k: v for k, v in data.items() if k != "pods"})  # type: ignore[arg-type]
         except TypeError as exc:
             raise UsageError(f"lab topology: {exc}") from exc

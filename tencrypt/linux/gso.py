@@ -34,14 +34,11 @@ import struct
 from collections.abc import Sequence
 
 from tencrypt.core.stats import Stats
+from tencrypt.linux.kernel import SOL_UDP, UDP_GRO, UDP_MAX_SEGMENTS, UDP_SEGMENT
 
 log = logging.getLogger("tencrypt.gso")
 
-SOL_UDP = 17  # IPPROTO_UDP, linux/in.h
 MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag arithmetic is slow per packet
-UDP_SEGMENT = 103  # linux/udp.h: u16 segment size, setsockopt or cmsg
-UDP_GRO = 104  # linux/udp.h: int, setsockopt; cmsg on receive
-UDP_MAX_SEGMENTS = 64  # linux/udp.h: 1 << 6 until 6.9 raised it to 128; the lower bound is safe
 UDP_MAX_PAYLOAD = 65535 - 20 - 8  # IPv4 total length minus IPv4 and UDP headers
 RECV_BUFFER = 65536
 

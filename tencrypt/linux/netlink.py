@@ -25,9 +25,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tencrypt.errors import SetupError
+from tencrypt.linux.kernel import RT_TABLE_MAIN
 
-RTPROT_TENCRYPT = 137  # unassigned in linux/rtnetlink.h and iproute2's rt_protos
-RT_TABLE_MAIN = 254  # linux/rtnetlink.h
+RTPROT_TENCRYPT = 137  # ours: unassigned in linux/rtnetlink.h and iproute2's rt_protos
 
 
 @dataclass(frozen=True, slots=True)

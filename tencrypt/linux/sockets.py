@@ -7,7 +7,7 @@
   namespace's stack through it, addressed to the pod itself, so they arrive like any packet.
 - ``bypass_socket``: the same with the proxy's mark, to re-send in the clear out of the uplink a
   packet that reached tenc0 for an external destination before its bypass route existed.
-Constants from linux/socket.h (asm-generic/socket.h).
+Constants from asm-generic/socket.h, in linux/kernel.py.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from __future__ import annotations
 import socket
 
 from tencrypt.errors import SetupError
+from tencrypt.linux.kernel import SO_MARK, SO_RCVBUFFORCE, SO_SNDBUFFORCE
 
-SO_MARK = 36
-SO_RCVBUFFORCE = 33
-SO_SNDBUFFORCE = 32
 BUFFER_BYTES = 8 * 1024 * 1024
 
 

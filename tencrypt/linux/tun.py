@@ -3,7 +3,7 @@
 One packet per read/write (``IFF_NO_PI``: no packet-information header). With ``vnet_hdr=True``
 the device is opened with ``IFF_VNET_HDR`` and TCP segmentation offloads, so reads return
 super-packets of up to 64 KiB behind a 10-byte virtio-net header (the batch path); without it the
-kernel segments to tenc0's MTU first. Kernel constants from linux/if_tun.h.
+kernel segments to tenc0's MTU first. Kernel constants (linux/if_tun.h) in linux/kernel.py.
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ import fcntl
 import os
 import struct
 
+from tencrypt.core.batch import VNET_HDR_LEN
 from tencrypt.errors import SetupError
+from tencrypt.linux.kernel import (
+    IFF_NO_PI,
+    IFF_TUN,
+    IFF_VNET_HDR,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    TUNSETVNETHDRSZ,
+)
 
-TUNSETIFF = 0x400454CA  # linux/if_tun.h: _IOW('T', 202, int)
-TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
-TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
-IFF_TUN = 0x0001
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-VNET_HDR_LEN = 10  # struct virtio_net_hdr, linux/virtio_net.h
 READ_SIZE = VNET_HDR_LEN + 65536  # the largest TSO frame (gso_max_size 65536) and its header
 
 

@@ -16,13 +16,13 @@ import dataclasses
 import ipaddress
 import struct
 
-from tencrypt.core import wire
+from tencrypt.core import TUNNEL_PORT, wire
 from tencrypt.core.session import Limits, Tunnel
 from tencrypt.core.stats import Stats
 
 A, B, C, VIP = "10.0.0.1", "10.0.0.2", "10.0.0.3", "172.30.0.10"
 PSK = bytes(range(1, 33))
-PORT = 1337
+PORT = TUNNEL_PORT
 FAST = Limits(rekey_after_time=20.0, reject_after_time=30.0, rekey_timeout=1.0,
               handshake_give_up=5.0, keepalive_timeout=1.0, stale_timeout=2.5,
               initiation_max_age=30.0, handshake_rate=1000.0, handshake_burst=1000,

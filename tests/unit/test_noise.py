@@ -19,7 +19,8 @@ from tencrypt.core.noise import (
     public_bytes,
 )
 
-VECTORS = Path("/work/shared/vectors/noise-cacophony.json")
+# Vendored with its provenance in tests/unit/data/noise/README.md; found beside this file.
+VECTORS = Path(__file__).parent / "data" / "noise" / "noise-cacophony.json"
 SUPPORTED = ["Noise_NN_25519_ChaChaPoly_BLAKE2s", "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s",
              "Noise_NNpsk0_25519_ChaChaPoly_SHA256"]
 PSK = bytes(range(32))
