@@ -123,9 +123,7 @@ class Proxy:
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
         self.table = resolver.table
         resolver.on_change = self._on_changes
-        keep = frozenset(ip for ip in (config.pod_ip, config.gateway, config.dns.split(":")[0])
-                         if ip)
-        self.desired = Desired(config.service_cidr, keep)
+        self.desired = Desired(config.service_cidr, config.own_addresses)
         self.effects = EffectApplier(self.desired, stats, kernel, on_applied=self._on_applied)
         self.guard = Guard.of(config.service_cidr, config.pod_cidrs)
         self.ratelog = RateLimitedLog(log)

@@ -7,8 +7,9 @@ command line asks:
    ``tencrypt setup`` left (``--state-dir``), then from resolv.conf (first ``nameserver``,
    first ``search`` entry). No upstream or no domain is a ``UsageError``, and so is an
    upstream equal to the listening address (after setup, resolv.conf names the proxy itself).
-2. Routes: a ``RouteApplier`` keeps tenc0's /32 routes in step with the classification only
-   when setup's state is there and tenc0 exists; otherwise the proxy only classifies.
+2. Routes: the proxy's own effects task (``linux.effects``, no firewall) keeps tenc0's /32
+   routes in step with the classification only when setup's state is there and tenc0 exists;
+   otherwise the proxy only classifies.
 3. ``serve`` runs until SIGTERM/SIGINT; SIGUSR1 logs one ``stats_line``, and so does the stop.
 """
 
@@ -23,10 +24,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tencrypt.core.classify import Change
+from tencrypt.core.effects import Desired
 from tencrypt.core.podconfig import PodConfig, parse_resolv_conf
 from tencrypt.core.stats import Stats
 from tencrypt.errors import UsageError
-from tencrypt.linux.dns import DnsConfig, DnsProxy, OnChange, parse_hostport
+from tencrypt.linux.dns import DnsConfig, DnsProxy, parse_hostport
 
 log = logging.getLogger("tencrypt.dns")
 
@@ -82,20 +85,38 @@ def _tun_exists(name: str) -> bool:
     return True
 
 
-async def serve(config: DnsConfig, stats: Stats, on_change: OnChange | None,
+async def serve(config: DnsConfig, stats: Stats, pod: PodConfig | None = None,
                 stop_signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
-    """Run a proxy until a stop signal; SIGUSR1 logs the counters (rule 3)."""
-    proxy = DnsProxy(config, stats, on_change)
+    """Run a proxy until a stop signal; SIGUSR1 logs the counters (rule 3). With ``pod``, its
+    classification changes become /32 routes (rule 2)."""
+    proxy = DnsProxy(config, stats)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("%s", stats_line(stats, proxy)))
+    effects = None
+    if pod is not None:
+        from tencrypt.linux.effects import EffectApplier, Kernel
+
+        desired = Desired(pod.service_cidr, pod.own_addresses)
+        applier = effects = EffectApplier(desired, stats, Kernel(pod, firewall=False))
+
+        def on_change(changes: list[Change]) -> None:
+            desired.on_changes(changes)
+            applier.wake()
+
+        proxy.on_change = on_change
     await proxy.start()
+    task = asyncio.create_task(effects.run(stop)) if effects else None
     try:
         await stop.wait()
     finally:
         await proxy.close()
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+        if effects is not None:
+            effects.close()
         log.info("%s", stats_line(stats, proxy))
 
 
@@ -104,23 +125,13 @@ def main(args: Any) -> int:
     and tenc0 exists; with explicit --upstream/--domain and no setup it only classifies."""
     pod = _load_pod(args.state_dir)
     config = resolve_config(args, pod)
-    stats = Stats()
-    applier = None
-    if pod is not None and _tun_exists(pod.tun):
-        from tencrypt.linux.classroutes import RouteApplier
-
-        applier = RouteApplier(pod, stats)
     try:
         import uvloop
 
         runner: Callable[[Any], Any] = uvloop.run
     except ImportError:
         runner = asyncio.run
-    try:
-        runner(serve(config, stats, applier.on_change if applier else None))
-    finally:
-        if applier is not None:
-            applier.close()
+    runner(serve(config, Stats(), pod if pod is not None and _tun_exists(pod.tun) else None))
     return 0
 
 

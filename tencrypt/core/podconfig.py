@@ -15,6 +15,8 @@ import ipaddress
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from tencrypt.core import TUNNEL_PORT
+
 OVERHEAD = 20 + 8 + 16 + 16
 MIN_MTU = 576
 PROXY_NAMESERVER = "127.0.0.1"
@@ -36,7 +38,12 @@ class PodConfig:
     tun: str = "tenc0"
     fwmark: int = 0x1337
     table: int = 1337
-    port: int = 1337
+    port: int = TUNNEL_PORT
+
+    @property
+    def own_addresses(self) -> frozenset[str]:
+        """The pod's own IP, its gateway and the cluster DNS server: setup owns their routes."""
+        return frozenset(ip for ip in (self.pod_ip, self.gateway, self.dns.split(":")[0]) if ip)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -36,7 +36,7 @@ from tencrypt.linux import netns, podnet, procs
 from tencrypt.linux.members import write_members
 
 if TYPE_CHECKING:
-    from tencrypt.lab.cluster import Lab
+    from tencrypt.lab.view import LabView as Lab
 
 READY = "tencrypt: ready"
 METRICS = "127.0.0.1:9137"  # on the pod's own loopback: `lab exec POD -- curl -s METRICS/metrics`

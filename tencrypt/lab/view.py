@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from tencrypt.lab.topology import Node, Pod, Service
+from tencrypt.lab.topology import Node, Pod, Service, Topology
 
 
 class LabView(Protocol):
@@ -23,6 +23,7 @@ class LabView(Protocol):
     pods: dict[str, Pod]
     dns_ip: str
     state_dir: Path
+    topology: Topology
 
     @property
     def services(self) -> list[Service]: ...

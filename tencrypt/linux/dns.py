@@ -34,15 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
-import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dnslib import RCODE, DNSRecord
@@ -57,14 +54,14 @@ from tencrypt.core.dnsmsg import (
     check_query,
     parse_message,
 )
-from tencrypt.core.podconfig import PodConfig, parse_resolv_conf
+from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.stats import DropReason, Stats
 from tencrypt.errors import UsageError
+from tencrypt.linux.kernel import SO_MARK
 from tencrypt.logutil import RateLimitedLog
 
 log = logging.getLogger("tencrypt.dns")
 
-SO_MARK = 36  # asm-generic/socket.h
 SOCKET_BUFFER = 1 << 20  # room for a burst of queries while the loop is busy
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps of the classification table
 UNREACHABLE_NEGATIVE_TTL = 5.0  # a PTR lookup that timed out is retried sooner than a miss
@@ -437,98 +434,4 @@ class DnsProxy:
         task.add_done_callback(self._tasks.discard)
 
 
-# -- `tencrypt dns` ------------------------------------------------------------------------
-
-def stats_line(stats: Stats, proxy: DnsProxy | None = None) -> str:
-    """One JSON line of counters, drops by reason and the table size (for logs and tests)."""
-    snap = {"counters": dict(sorted(stats.counters.items())),
-            "drops": {r.value: n for r, n in sorted(stats.drops.items(), key=lambda i: i[0].value)},
-            "table": proxy.table_size() if proxy else 0}
-    return "stats " + json.dumps(snap, sort_keys=True)
-
-
-def _load_pod(state_dir: str) -> Any | None:
-    """Setup's PodConfig, or None when setup has not run here (or is not installed)."""
-    try:
-        from tencrypt.linux.podnet import load_config
-    except ImportError:
-        return None
-    try:
-        return load_config(state_dir)
-    except UsageError:
-        return None
-
-
-def resolve_config(args: Any, pod: Any | None,
-                   resolv_conf: Path = Path("/etc/resolv.conf")) -> DnsConfig:
-    """Flags first, then setup's state, then resolv.conf."""
-    servers: tuple[str, ...] = ()
-    search: tuple[str, ...] = ()
-    if (not args.upstream or not args.domain) and pod is None and resolv_conf.exists():
-        parsed = parse_resolv_conf(resolv_conf.read_text())
-        servers, search = parsed.nameservers, parsed.search
-    upstream = args.upstream or (pod.dns if pod is not None else None) or next(iter(servers), None)
-    domain = args.domain or (pod.domain if pod is not None else None) or next(iter(search), None)
-    if not upstream:
-        raise UsageError("no upstream DNS server: give --upstream or run `tencrypt setup` first")
-    if not domain:
-        raise UsageError("no project domain: give --domain or run `tencrypt setup` first")
-    config = DnsConfig(upstream=parse_hostport(upstream, 53), domain=domain.rstrip("."),
-                       cluster_domain=args.cluster_domain.rstrip("."),
-                       listen=parse_hostport(args.listen, 53), timeout=args.timeout,
-                       fwmark=getattr(pod, "fwmark", None))
-    if config.upstream == config.listen:
-        raise UsageError(f"the upstream {upstream} is this proxy itself: give --upstream")
-    return config
-
-
-def _tun_exists(name: str) -> bool:
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        return False
-    return True
-
-
-async def serve(config: DnsConfig, stats: Stats, on_change: OnChange | None,
-                stop_signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
-    """Run a proxy until a stop signal; SIGUSR1 logs the counters."""
-    proxy = DnsProxy(config, stats, on_change)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("%s", stats_line(stats, proxy)))
-    await proxy.start()
-    try:
-        await stop.wait()
-    finally:
-        await proxy.close()
-        log.info("%s", stats_line(stats, proxy))
-
-
-def main(args: Any) -> int:
-    """``tencrypt dns``: the proxy alone. Routes are applied only when setup's state is there
-    and tenc0 exists; with explicit --upstream/--domain and no setup it only classifies."""
-    pod = _load_pod(args.state_dir)
-    config = resolve_config(args, pod)
-    stats = Stats()
-    applier = None
-    if pod is not None and _tun_exists(pod.tun):
-        from tencrypt.linux.classroutes import RouteApplier
-        applier = RouteApplier(pod, stats)
-    try:
-        import uvloop
-        runner: Callable[[Any], Any] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(serve(config, stats, applier.on_change if applier else None))
-    finally:
-        if applier is not None:
-            applier.close()
-    return 0
-
-
-__all__ = ["DnsConfig", "DnsProxy", "main", "parse_hostport",
-           "resolve_config", "serve", "stats_line"]
+__all__ = ["DnsConfig", "DnsProxy", "parse_hostport"]

@@ -1,4 +1,4 @@
-"""Classification of DNS answers (core.classify) and the routes it asks for (classroutes)."""
+"""Classification of DNS answers and other evidence (core.classify) and the routes it asks for."""
 
 import ipaddress
 
@@ -18,10 +18,6 @@ from tencrypt.core.classify import (
     ptr_address,
     route_action,
 )
-from tencrypt.core.podconfig import PodConfig
-from tencrypt.core.stats import Stats
-from tencrypt.errors import SetupError
-from tencrypt.linux.classroutes import RouteApplier
 
 INTERNAL, EXTERNAL = AddrClass.INTERNAL, AddrClass.EXTERNAL
 DOMAINS = Domains.of("myproject.svc.cluster.local", "cluster.local")
@@ -330,61 +326,3 @@ def test_plan_routes_reroutes_removes_and_keeps():
         ("172.30.4.4", RouteAction.NONE),
         ("10.128.0.6", RouteAction.NONE),
     ]
-
-
-POD = PodConfig(pod_ip="10.128.0.4", dev="eth0", gateway="10.128.0.1", dns="172.30.0.2",
-                domain="myproject.svc.cluster.local", search=("myproject.svc.cluster.local",),
-                cluster_domain="cluster.local")
-
-
-class FakeRoutes:
-    """Stands in for tencrypt.linux.netlink: a main table as a dict."""
-
-    def __init__(self, refuse=()):
-        self.table, self.refuse = {}, set(refuse)
-
-    def ensure(self, dst, *, dev, gateway=None, src=None, table=None):
-        if dst in self.refuse:
-            raise SetupError(f"netlink refused {dst}")
-        self.table[dst] = (dev, gateway, src)
-
-    def remove(self, dst, *, table=None):
-        self.table.pop(dst, None)
-
-
-def test_route_applier_follows_changes_and_cleans_up():
-    fake, stats = FakeRoutes(), Stats()
-    ap = RouteApplier(POD, stats, ensure_route=fake.ensure, remove_route=fake.remove)
-    ap.on_change([Change("10.128.0.5", None, INTERNAL), Change("172.30.2.20", None, EXTERNAL),
-                  Change("172.30.0.2", None, EXTERNAL), Change("10.128.0.4", None, INTERNAL)])
-    assert fake.table == {"10.128.0.5/32": ("tenc0", None, "10.128.0.4"),
-                          "172.30.2.20/32": ("eth0", "10.128.0.1", "10.128.0.4")}
-    ap.on_change([Change("172.30.2.20", EXTERNAL, INTERNAL)])
-    assert "172.30.2.20/32" not in fake.table
-    fake.table["10.128.0.99/32"] = ("tenc0", None, "10.128.0.4")  # someone else's route
-    ap.on_change([Change("10.128.0.99", INTERNAL, None)])
-    assert "10.128.0.99/32" in fake.table
-    ap.close()
-    assert fake.table == {"10.128.0.99/32": ("tenc0", None, "10.128.0.4")}
-    assert stats.get("dns_routes_added") == 2 and stats.get("dns_routes_removed") == 2
-
-
-def test_route_applier_survives_a_refusal():
-    fake, stats = FakeRoutes(refuse={"172.30.2.20/32"}), Stats()
-    ap = RouteApplier(POD, stats, ensure_route=fake.ensure, remove_route=fake.remove)
-    ap.on_change([Change("172.30.2.20", None, EXTERNAL), Change("10.128.0.5", None, INTERNAL)])
-    assert stats.get("dns_route_errors") == 1
-    assert list(fake.table) == ["10.128.0.5/32"] and list(ap.installed) == ["10.128.0.5"]
-
-
-def test_route_applier_leaves_pinned_addresses_to_their_owner():
-    fake, pinned = FakeRoutes(), set()
-    ap = RouteApplier(POD, ensure_route=fake.ensure, remove_route=fake.remove,
-                      pinned=pinned.__contains__)
-    ap.on_change([Change("10.128.0.5", None, INTERNAL)])
-    pinned.add("10.128.0.5")  # the daemon now has a session with this peer, same /32
-    ap.on_change([Change("10.128.0.5", INTERNAL, None)])  # DNS entry expires
-    assert "10.128.0.5/32" in fake.table  # still there for the session
-    ap.on_change([Change("10.128.0.5", None, EXTERNAL)])  # DNS disagrees: the session rules
-    ap.close()
-    assert fake.table == {"10.128.0.5/32": ("tenc0", None, "10.128.0.4")}

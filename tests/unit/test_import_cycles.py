@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import tencrypt
 
 PACKAGE = Path(tencrypt.__file__).parent
@@ -83,8 +81,5 @@ def test_lab_status_does_not_import_the_cluster():
     assert "tencrypt.lab.cluster" not in graph()["tencrypt.lab.status"]
 
 
-@pytest.mark.xfail(strict=True, reason="tencrypt/lab/proxy.py still imports cluster.Lab under "
-                   "TYPE_CHECKING: at merge the lead switches it to `from tencrypt.lab.view "
-                   "import LabView` (issue #12) and removes this marker")
 def test_no_import_cycles():
     assert cycles(graph()) == []

@@ -1,0 +1,134 @@
+"""core.effects (what routes and firewall elements are wanted) and linux.effects (the one task
+that applies them), with a kernel that is a dict: no root, no netlink."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tencrypt.core.classify import AddrClass, Change, RouteAction
+from tencrypt.core.effects import Desired, Plan
+from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.stats import Stats
+from tencrypt.errors import SetupError
+from tencrypt.linux.effects import EffectApplier
+
+INTERNAL, EXTERNAL = AddrClass.INTERNAL, AddrClass.EXTERNAL
+TUN, UPLINK = RouteAction.VIA_TUN, RouteAction.VIA_UPLINK
+POD = PodConfig(pod_ip="10.128.0.4", dev="eth0", gateway="10.128.0.1", dns="172.30.0.2",
+                domain="myproject.svc.cluster.local", search=("myproject.svc.cluster.local",),
+                cluster_domain="cluster.local")
+
+
+class FakeKernel:
+    """A main table (``routes``) and the firewall's sets (``fw``) as plain containers; refuses
+    the routes in ``refuse_routes`` and the next ``refuse_changes`` transactions."""
+
+    def __init__(self, refuse_routes=(), refuse_changes=0):
+        self.routes: dict[str, RouteAction] = {}
+        self.fw: set[str] = set()
+        self.refuse_routes, self.refuse_changes = set(refuse_routes), refuse_changes
+
+    def install_firewall(self):
+        pass
+
+    def remove_firewall(self):
+        self.fw.clear()
+
+    def route(self, ip, action):
+        if ip in self.refuse_routes:
+            raise SetupError(f"netlink refused {ip}")
+        self.routes[ip] = action
+
+    def unroute(self, ip):
+        self.routes.pop(ip, None)
+
+    def change(self, add, delete):
+        if self.refuse_changes:
+            self.refuse_changes -= 1
+            raise SetupError("nft refused")
+        if set(delete) - self.fw:  # nft refuses deleting a missing element
+            raise SetupError("no such element")
+        self.fw.difference_update(delete)
+        self.fw.update(add)
+
+    def elements(self):
+        return set(self.fw)
+
+    def counters(self):
+        return {"refused_out_ipv4": 3}
+
+
+def desired():
+    return Desired(POD.service_cidr, POD.own_addresses)
+
+
+def test_changes_want_routes_and_elements():
+    d = desired()
+    d.on_changes([Change("10.128.0.5", None, INTERNAL), Change("172.30.2.20", None, EXTERNAL),
+                  Change("172.30.2.21", None, INTERNAL), Change("172.30.0.2", None, EXTERNAL),
+                  Change("10.128.0.4", None, INTERNAL), Change("fd00::5", None, INTERNAL)])
+    plan = d.plan()
+    assert dict(plan.routes) == {"10.128.0.5": TUN, "172.30.2.20": UPLINK}
+    assert set(plan.add) == {"10.128.0.5", "172.30.2.21", "10.128.0.4", "fd00::5"}
+    assert plan.unroutes == () and plan.delete == ()
+    assert not d.routed("10.128.0.5") and d.routed("172.30.2.21")
+
+
+def test_plan_is_the_difference_and_outcomes_close_it():
+    d = desired()
+    d.on_changes([Change("10.128.0.5", None, INTERNAL)])
+    d.route_done("10.128.0.5", TUN)
+    d.elements_done(["10.128.0.5"], [])
+    assert not d.plan() and d.routed("10.128.0.5")
+    d.on_changes([Change("10.128.0.5", INTERNAL, None)])
+    assert d.plan() == Plan((), ("10.128.0.5",), (), ("10.128.0.5",))
+    d.route_done("10.128.0.5", None)
+    d.elements_done([], ["10.128.0.5"])
+    assert not d.plan()
+
+
+def test_a_route_never_ours_is_never_removed():
+    d = desired()
+    d.on_changes([Change("10.128.0.99", INTERNAL, None)])  # never applied by us
+    assert not d.plan()
+
+
+def run_round(applier):
+    asyncio.run(applier.round())
+
+
+def test_applier_applies_a_round_and_counts():
+    kernel, stats, d = FakeKernel(), Stats(), desired()
+    applied = []
+    ap = EffectApplier(d, stats, kernel, on_applied=lambda: applied.append(1))
+    d.on_changes([Change("10.128.0.5", None, INTERNAL), Change("172.30.2.20", None, EXTERNAL)])
+    run_round(ap)
+    assert kernel.routes == {"10.128.0.5": TUN, "172.30.2.20": UPLINK}
+    assert kernel.fw == {"10.128.0.5"}
+    assert not d.plan() and applied == [1]
+    assert stats.get("routes_added") == 2 and stats.get("firewall_elements_added") == 1
+    assert ap.firewall_counters == {"refused_out_ipv4": 3}
+    ap.close()
+    assert kernel.routes == {}
+
+
+def test_refusals_are_counted_and_retried_and_a_refused_transaction_resyncs():
+    kernel, stats = FakeKernel(refuse_routes={"10.128.0.5"}, refuse_changes=1), Stats()
+    d = desired()
+    ap = EffectApplier(d, stats, kernel)
+    d.on_changes([Change("10.128.0.5", None, INTERNAL), Change("10.128.0.6", None, INTERNAL)])
+    run_round(ap)
+    assert stats.get("effect_errors") == 2  # the route and the transaction
+    assert kernel.routes == {"10.128.0.6": TUN} and kernel.fw == set()
+    assert not d.routed("10.128.0.5")
+    kernel.refuse_routes.clear()
+    run_round(ap)  # the next round retries what is left
+    assert kernel.routes == {"10.128.0.5": TUN, "10.128.0.6": TUN}
+    assert kernel.fw == {"10.128.0.5", "10.128.0.6"} and not d.plan()
+    # someone deleted an element behind our back: the delete is refused, the sets re-read
+    kernel.fw.discard("10.128.0.6")
+    d.on_changes([Change("10.128.0.6", INTERNAL, None), Change("10.128.0.5", INTERNAL, None)])
+    run_round(ap)
+    assert stats.get("effect_errors") == 3 and d.applied_elements == {"10.128.0.5"}
+    run_round(ap)
+    assert kernel.fw == set() and not d.plan()
