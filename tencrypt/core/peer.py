@@ -42,8 +42,11 @@ class Limits:
     stale_timeout: float = 5.0  # we sent data, nothing authenticated came back: re-handshake
     queue_limit: int = 512  # packets queued per peer while a handshake runs
     initiation_max_age: float = 180.0  # initiations with an older timestamp are stale
+    initiation_max_skew: float = 30.0  # ... and those this far in the future are refused
     handshake_rate: float = 20.0  # per source IP token bucket, checked before any DH
     handshake_burst: int = 10
+    handshake_budget_rate: float = 500.0  # handshakes per second from all sources together
+    handshake_budget_burst: int = 100
     max_peers: int = 1024  # peers known at once (an app sweeping the Service CIDR)
     queue_total_limit: int = 4096  # packets queued over all peers (memory bound)
     tombstone_time: float = 180.0  # after expiry a session answers EXPIRED_SESSION, then is gone
@@ -121,6 +124,7 @@ class Peer:
     pending: Pending | None = None
     queue: deque[bytes] = field(default_factory=deque)
     up: bool = False  # PeerUp(pod_ip) was emitted and no PeerDown since
+    confirmed: bool = False  # an authenticated data message arrived on one of its sessions
     keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
     stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
 
