@@ -11,23 +11,24 @@ Rules (``ClaimPolicy.check``, first match wins; None = the claim is acceptable):
    ``reserved`` (the gateway, the cluster DNS server, ...).
 2. CLAIM_SERVICE_IP: inside the Service CIDR (a VIP is never a pod).
 3. CLAIM_OUTSIDE_POD_NETWORK: outside every ``pod_cidrs`` entry (an empty tuple: not checked).
-4. CLAIM_NOT_SOURCE: with ``bind_to_source`` (the default), the claim must equal the outer
+4. CLAIM_NOT_MEMBER: ``is_member(ip)`` is False (the agent's membership knows the address
+   and it is not the project's). None (unknown, e.g. no membership file yet) passes.
+5. CLAIM_NOT_SOURCE: with ``bind_to_source`` (the default), the claim must equal the outer
    IPv4 source address of the datagram that carried it. Kubernetes does not SNAT pod-to-pod
    traffic, so a pod's tunnel datagrams come from its pod IP; a network that does SNAT it
-   must turn the switch off and then relies on rules 1-3, 5 and the rebind rule alone.
-5. CLAIM_NOT_MEMBER: ``is_member(ip)`` is False (the agent's membership knows the address
-   and it is not the project's). None (unknown, e.g. no membership file yet) passes.
+   must turn the switch off and then relies on rules 1-4 and the rebind rule alone.
 
 Rules that need the tunnel's tables (session.py rule 9 applies them):
-6. CLAIM_REBIND (``live_elsewhere``): a claim of a pod IP whose peer is confirmed (an
-   authenticated data message arrived) and holds a usable session with another UDP endpoint.
+6. CLAIM_REBIND (``live_elsewhere``): a claim of a pod IP whose peer is confirmed (a
+   response to our initiation, or an authenticated data message on its responder session,
+   proved the keys) and holds a usable session with another UDP endpoint.
    A restarted pod comes back from the same pod IP and port, so it is let in; under SNAT
    (``bind_to_source`` off) a restarted pod whose endpoint changed waits until the old
    session is no longer usable (``reject_after_time``).
 7. Responses (``response_name``): the claim must come from the peer we initiated to. If the
    response came back from the Service VIP we sent the initiation to (conntrack undoes the
    DNAT, so the source is the VIP, not the pod), the claim cannot be checked against the
-   source: it still passes rules 1-3 and 5, and the session is named after the VIP only.
+   source: it still passes rules 1-4, and the session is named after the VIP only.
    A peer we reached through a pod IP answers for that pod IP only (CLAIM_REBIND
    otherwise), and a confirmed peer is never renamed.
 
@@ -83,10 +84,10 @@ class ClaimPolicy:
             return DropReason.CLAIM_SERVICE_IP
         if self._pods and not any(ip in net for net in self._pods):
             return DropReason.CLAIM_OUTSIDE_POD_NETWORK
-        if self.bind_to_source and claimed_ip != outer_src:
-            return DropReason.CLAIM_NOT_SOURCE
         if self.is_member(claimed_ip) is False:
             return DropReason.CLAIM_NOT_MEMBER
+        if self.bind_to_source and claimed_ip != outer_src:
+            return DropReason.CLAIM_NOT_SOURCE
         return None
 
     def is_service_ip(self, address: str) -> bool:

@@ -124,7 +124,7 @@ class Peer:
     pending: Pending | None = None
     queue: deque[bytes] = field(default_factory=deque)
     up: bool = False  # PeerUp(pod_ip) was emitted and no PeerDown since
-    confirmed: bool = False  # an authenticated data message arrived on one of its sessions
+    confirmed: bool = False  # a response or an authenticated data message proved its keys
     keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
     stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
 

@@ -339,6 +339,7 @@ class Tunnel:
                               initiator=True)
         self.table.install(peer, s)
         peer.endpoint = addr
+        peer.confirmed = True  # rule 9: the response proved the keys
         self.stats.inc("handshakes_completed")
         if pending.rekey:
             self.stats.inc("rekeys")
