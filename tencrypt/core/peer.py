@@ -132,6 +132,31 @@ class Peer:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
 
 
+def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
+    """One peer as JSON-ready data for ``tencrypt status`` (Tunnel.status)."""
+    slots = (("current", peer.current), ("previous", peer.previous), ("next", peer.next))
+    sessions = [{
+        "slot": slot,
+        "local_index": s.local_index,
+        "age": round(now - (s.expires_at - limits.reject_after_time), 3),
+        "expires_in": round(s.expires_at - now, 3),
+        "initiator": s.initiator,
+        "confirmed": s.confirmed,
+        "live": s.recv_aead is not None and now < s.expires_at,
+        "sent": s.send_counter,
+    } for slot, s in slots if s is not None]
+    return {
+        "pod_ip": peer.pod_ip,
+        "addresses": sorted(peer.addresses),
+        "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}",
+        "up": peer.up,
+        "confirmed": peer.confirmed,
+        "handshake_pending": peer.pending is not None,
+        "queued": len(peer.queue),
+        "sessions": sessions,
+    }
+
+
 def usable(s: Session | None, now: float, limits: Limits) -> bool:
     """May ``s`` seal another packet? (Keys held, not past either hard limit.)"""
     return (s is not None and s.send_aead is not None and now < s.expires_at

@@ -67,6 +67,7 @@ from tencrypt.core.peer import (
     Pending,
     Session,
     Sessions,
+    describe_peer,
     drop_slot,
     usable,
 )
@@ -194,6 +195,16 @@ class Tunnel:
 
     def peer_count(self) -> int:
         return len(self.table.peers)
+
+    def status(self, now: float) -> dict[str, object]:
+        """Peers, their sessions (age, confirmed, packets sent) and totals, JSON-serialisable:
+        the tunnel's part of ``/status`` (tencrypt/status.py prints it)."""
+        peers = [describe_peer(p, now, self.limits) for p in self.table.peers]
+        peers.sort(key=lambda d: str(d["pod_ip"] or d["addresses"]))
+        return {"pod_ip": self.pod_ip, "peers": peers, "totals": {
+            "peers": len(peers), "peers_up": sum(1 for p in self.table.peers if p.up),
+            "sessions": self.session_count(), "handshakes_pending": len(self.table.pending),
+            "queued": self.table.queued}}
 
     # ---- receive: data ----------------------------------------------------------------------
     def _on_data(self, datagram: Buffer, addr: Endpoint,
@@ -325,7 +336,8 @@ class Tunnel:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
         remote_index, pod_ip_packed, keys = got
-        name = self._response_name(peer, claimed, addr, now)
+        name = claimed if self._identity is None else response_name(
+            self._identity, self.table.by_addr, peer, claimed, addr, now, self.limits)
         if isinstance(name, DropReason):
             self.stats.drop(name)  # the initiation stays pending: retried, then given up
             return
@@ -352,13 +364,6 @@ class Tunnel:
 
     def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float) -> bool:
         return self._identity is not None and live_elsewhere(peer, addr, now, self.limits)
-
-    def _response_name(self, peer: Peer, claimed: str, addr: Endpoint,
-                       now: float) -> str | DropReason:
-        if self._identity is None:
-            return claimed
-        return response_name(self._identity, self.table.by_addr, peer, claimed, addr, now,
-                             self.limits)
 
     # ---- timers -----------------------------------------------------------------------------
     def on_timer(self, now: float, wall: float) -> None:

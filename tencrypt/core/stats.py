@@ -100,6 +100,13 @@ def render_prometheus(stats: Stats, gauges: Mapping[str, float] | None = None,
     return "\n".join(lines) + "\n"
 
 
+def snapshot(stats: Stats) -> dict[str, dict[str, int]]:
+    """Counters and drops (by reason value) as JSON-ready data, for ``/status``."""
+    return {"counters": dict(sorted(stats.counters.items())),
+            "drops": {reason.value: n for reason, n in sorted(stats.drops.items(),
+                                                                key=lambda kv: kv[0].value)}}
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
