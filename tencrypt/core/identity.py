@@ -31,6 +31,13 @@ Rules that need the tunnel's tables (session.py rule 9 applies them):
    source: it still passes rules 1-4, and the session is named after the VIP only.
    A peer we reached through a pod IP answers for that pod IP only (CLAIM_REBIND
    otherwise), and a confirmed peer is never renamed.
+8. Initiations (``initiation_name``): while conntrack holds the VIP's DNAT entry, the pod
+   behind a VIP we talk to reaches us from the VIP (its re-handshakes too). An initiation
+   from a Service VIP that names a peer we reach at that VIP is attached to that peer, named
+   after the VIP only, like rule 7; from any other address the claim must equal the source.
+   Consequence: the pod behind the VIP cannot use its own pod IP as inner source on such a
+   session (BAD_SOURCE): traffic it starts towards our pod IP needs a session bound by the
+   network, not one whose claim nobody could check.
 
 Pure: strings and the tunnel's peer objects in, a verdict out.
 """
@@ -121,3 +128,14 @@ def response_name(policy: ClaimPolicy, by_addr: Mapping[str, Peer], peer: Peer, 
     if other is not None and other is not peer and live_elsewhere(other, addr, now, limits):
         return DropReason.CLAIM_REBIND
     return name
+
+
+def initiation_name(policy: ClaimPolicy, by_addr: Mapping[str, Peer], claimed: str,
+                    addr: Endpoint) -> str:
+    """Rule 8: the VIP an initiation came through, if it came from a VIP peer; else the claim."""
+    source = addr[0]
+    if policy.bind_to_source and source != claimed and policy.is_service_ip(source):
+        peer = by_addr.get(source)
+        if peer is not None and peer.endpoint[0] == source:
+            return source
+    return claimed

@@ -55,7 +55,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tencrypt.core import handshake, wire
 from tencrypt.core.gate import Gate
 from tencrypt.core.handshake import Keys
-from tencrypt.core.identity import ClaimPolicy, live_elsewhere, response_name
+from tencrypt.core.identity import (
+    ClaimPolicy,
+    initiation_name,
+    live_elsewhere,
+    response_name,
+)
 from tencrypt.core.peer import (
     Endpoint,
     Limits,
@@ -276,12 +281,17 @@ class Tunnel:
         if isinstance(init, DropReason):
             self.stats.drop(init)
             return
-        pod_ip = self._peer_ip(init.pod_ip)
-        if pod_ip is None:
+        claimed = self._peer_ip(init.pod_ip)
+        if claimed is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
+        pod_ip, packed, reason = claimed, init.pod_ip, None
+        if self._identity is not None:
+            pod_ip = initiation_name(self._identity, self.table.by_addr, claimed, addr)
+            reason = self._identity.check(claimed, claimed if pod_ip != claimed else addr[0])
+            if pod_ip != claimed:  # through a VIP's conntrack entry: speaks for the VIP only
+                packed = ipaddress.IPv4Address(pod_ip).packed
         peer = self.table.by_addr.get(pod_ip)
-        reason = self._claim(pod_ip, addr[0])
         if reason is None and peer is not None and self._live_elsewhere(peer, addr, now):
             reason = DropReason.CLAIM_REBIND
         if reason is not None:
@@ -304,7 +314,7 @@ class Tunnel:
             peer = self.table.new_peer((pod_ip, self.port), pod_ip)
         if peer.pod_ip is None:  # we were initiating to this pod IP ourselves
             peer.pod_ip = pod_ip
-        s = self._new_session(peer, index, init.sender_index, keys, init.pod_ip, now,
+        s = self._new_session(peer, index, init.sender_index, keys, packed, now,
                               initiator=False)
         if peer.next is not None:
             self.table.forget(peer.next)

@@ -281,3 +281,23 @@ def test_forged_claims_are_cheap_after_a_refusal():
     net.send(B, A, ipv4(B, A, b"real B"))
     net.pump()
     assert net.delivered[A] == [ipv4(B, A, b"real B")]
+
+
+def test_pod_behind_a_vip_rehandshakes_through_conntrack(net):
+    """B restarts; conntrack still holds A's VIP entry, so B's own initiation reaches A from
+    the VIP. A attaches it to the VIP peer (rule 8): B's traffic as the VIP flows, B's own
+    pod IP as inner source does not (nobody could check that claim)."""
+    net.vips[VIP] = B
+    a = net.pods[A]
+    net.send(A, VIP, ipv4(A, VIP, b"hello service"))
+    net.pump()
+    net.add(B, identity=policy(B))  # B's proxy restarted
+    net.advance(0.5)
+    net.send(B, A, ipv4(VIP, A, b"service reply after restart"))
+    net.pump()
+    assert net.delivered[A] == [ipv4(VIP, A, b"service reply after restart")]
+    assert a.stats.get("handshakes_responded") == 1 and not a.knows(B)
+    net.send(B, A, ipv4(B, A, b"from B's own address"))
+    net.pump()
+    assert a.stats.dropped(DropReason.BAD_SOURCE) == 1
+    assert sum(a.stats.drops.get(r, 0) for r in DropReason if r.name.startswith("CLAIM")) == 0
