@@ -105,6 +105,16 @@ class ClaimPolicy:
             return False
 
 
+def claimable(packed: bytes, self_packed: bytes) -> str | None:
+    """The baseline for every tunnel, with or without a policy: a claimed address that is not
+    this pod, unspecified, loopback, multicast, reserved or broadcast, as a string."""
+    ip = ipaddress.IPv4Address(packed)
+    if (packed == self_packed or ip.is_unspecified or ip.is_loopback or ip.is_multicast
+            or ip.is_reserved or packed == b"\xff\xff\xff\xff"):
+        return None
+    return str(ip)
+
+
 def live_elsewhere(peer: Peer, addr: Endpoint, now: float, limits: Limits) -> bool:
     """Rule 6: is ``peer`` confirmed, with a usable session, at another endpoint than addr?"""
     return peer.confirmed and peer.endpoint != addr and usable(peer.current, now, limits)

@@ -157,6 +157,16 @@ def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
     }
 
 
+def describe(table: Sessions, now: float, limits: Limits) -> dict[str, object]:
+    """Every peer (``describe_peer``) and the totals: Tunnel.status without the pod IP."""
+    peers = [describe_peer(p, now, limits) for p in table.peers]
+    peers.sort(key=lambda d: str(d["pod_ip"] or d["addresses"]))
+    return {"peers": peers, "totals": {
+        "peers": len(peers), "peers_up": sum(1 for p in table.peers if p.up),
+        "sessions": sum(1 for s in table.by_index.values() if s.recv_aead is not None),
+        "handshakes_pending": len(table.pending), "queued": table.queued}}
+
+
 def usable(s: Session | None, now: float, limits: Limits) -> bool:
     """May ``s`` seal another packet? (Keys held, not past either hard limit.)"""
     return (s is not None and s.send_aead is not None and now < s.expires_at

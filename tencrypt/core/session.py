@@ -57,6 +57,7 @@ from tencrypt.core.gate import Gate
 from tencrypt.core.handshake import Keys
 from tencrypt.core.identity import (
     ClaimPolicy,
+    claimable,
     initiation_name,
     live_elsewhere,
     response_name,
@@ -72,7 +73,7 @@ from tencrypt.core.peer import (
     Pending,
     Session,
     Sessions,
-    describe_peer,
+    describe,
     drop_slot,
     usable,
 )
@@ -204,12 +205,7 @@ class Tunnel:
     def status(self, now: float) -> dict[str, object]:
         """Peers, their sessions (age, confirmed, packets sent) and totals, JSON-serialisable:
         the tunnel's part of ``/status`` (tencrypt/status.py prints it)."""
-        peers = [describe_peer(p, now, self.limits) for p in self.table.peers]
-        peers.sort(key=lambda d: str(d["pod_ip"] or d["addresses"]))
-        return {"pod_ip": self.pod_ip, "peers": peers, "totals": {
-            "peers": len(peers), "peers_up": sum(1 for p in self.table.peers if p.up),
-            "sessions": self.session_count(), "handshakes_pending": len(self.table.pending),
-            "queued": self.table.queued}}
+        return {"pod_ip": self.pod_ip, **describe(self.table, now, self.limits)}
 
     # ---- receive: data ----------------------------------------------------------------------
     def _on_data(self, datagram: Buffer, addr: Endpoint,
@@ -517,8 +513,4 @@ class Tunnel:
 
     def _peer_ip(self, packed: bytes) -> str | None:
         """A pod IP from a handshake payload, unless it is one no peer may claim."""
-        ip = ipaddress.IPv4Address(packed)
-        if (packed == self._pod_ip_packed or ip.is_unspecified or ip.is_loopback
-                or ip.is_multicast or ip.is_reserved or packed == b"\xff\xff\xff\xff"):
-            return None
-        return str(ip)
+        return claimable(packed, self._pod_ip_packed)
