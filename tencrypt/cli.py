@@ -159,6 +159,12 @@ def _agent(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _status(p: argparse.ArgumentParser) -> None:
+    from tencrypt.status import add_arguments  # flags live beside their handler
+
+    add_arguments(p)
+
+
 COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("setup", "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
      _setup, "tencrypt.linux.podnet:main"),
@@ -174,6 +180,8 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("agent", "node daemon: run the proxy in every pod of this node whose project is enabled, "
               "restart it when it dies, undo the pod when it goes", _agent,
      "tencrypt.agent.cli:main"),
+    ("status", "print a running proxy's peers, sessions, classification counts and drops "
+               "(from its --metrics endpoint)", _status, "tencrypt.status:main"),
     ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN "
               "(from a source checkout: bench/ is not in the installed package)", _bench,
      "tencrypt.benchcmd:main"),

@@ -65,6 +65,7 @@ from tencrypt.core.batch import (
 )
 from tencrypt.core.classify import AddrClass, Change
 from tencrypt.core.effects import Desired
+from tencrypt.core.identity import ClaimPolicy
 from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.membership import Members
 from tencrypt.core.nat import FlowTable
@@ -77,7 +78,7 @@ from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.policy import Guard, Verdict, decide
 from tencrypt.core.psk import parse_psk
 from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
-from tencrypt.core.stats import DropReason, Stats, render_prometheus
+from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
 from tencrypt.linux.effects import EffectApplier, Kernel
 from tencrypt.linux.members import MembersFile
@@ -119,7 +120,8 @@ class Proxy:
         self.read_buffer = bytearray(65536 + VNET_HDR_LEN + 256)  # reused by every tenc0 read
         self.read_view = memoryview(self.read_buffer)
         self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
-        self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port)
+        self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port,
+                             identity=claim_policy(config, self._is_member))
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
         self.table = resolver.table
         resolver.on_change = self._on_changes
@@ -133,6 +135,11 @@ class Proxy:
         self.plaintext_until: dict[str, float] = {}
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _is_member(self, ip: str) -> bool | None:
+        """A claimed pod IP against the membership: None where no membership is known."""
+        loaded = self.members.loaded if self.members else None
+        return None if loaded is None else ip in loaded.pods
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -447,6 +454,19 @@ class Proxy:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait)
 
+    def status(self) -> dict[str, object]:
+        """`tencrypt status`: peers and sessions, classification, membership, drops."""
+        now = self.clock()
+        classes = [cls.value for _, cls in self.table.items(now)]
+        loaded = self.members.loaded if self.members else None
+        return {**self.tunnel.status(now), **snapshot(self.stats), "strict": self.strict,
+                "classification": {c: classes.count(c) for c in ("internal", "external")},
+                "membership": None if loaded is None else {
+                    "project": loaded.project, "generation": loaded.generation,
+                    "pods": len(loaded.pods), "services": len(loaded.services)},
+                "held_destinations": len(self.held),
+                "firewall_refused": dict(self.effects.firewall_counters)}
+
     def render_metrics(self) -> str:
         now = self.clock()
         classes = [cls for _, cls in self.table.items(now)]
@@ -462,6 +482,14 @@ class Proxy:
         for name, packets in self.effects.firewall_counters.items():
             gauges[f"firewall_{name}_packets"] = packets
         return render_prometheus(self.stats, gauges)
+
+
+def claim_policy(config: PodConfig, is_member: Callable[[str], bool | None]) -> ClaimPolicy:
+    """DESIGN §1a "Identity is bound to the network": what a peer may claim to be. Pod-to-pod
+    traffic is not SNATed in Kubernetes, so a claimed pod IP must be the datagram's source."""
+    return ClaimPolicy(pod_cidrs=config.pod_cidrs, service_cidr=config.service_cidr,
+                       self_ip=config.pod_ip, reserved=config.own_addresses - {config.pod_ip},
+                       bind_to_source=True, is_member=is_member)
 
 
 def _dst(buf: bytes | bytearray | memoryview) -> str:
@@ -496,7 +524,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, proxy.stopping.set)
     pid_file = state_dir / podnet.PID_FILE
     await proxy.start()
-    server = await metrics.serve(args.metrics, proxy.render_metrics) if args.metrics else None
+    server = (await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
+              if args.metrics else None)
     pid_file.write_text(f"{os.getpid()}\n")
     print(f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, udp :{config.port}, "
           f"{'strict' if strict else 'not strict'}", file=sys.stderr, flush=True)

@@ -1,20 +1,15 @@
-"""The tunnel's 1-RTT handshake: Noise NNpsk0 messages in wire.py's envelopes, plus the
-responder's defences against replayed and excessive initiations.
-
-Stages of an initiation at the responder, cheapest first (session.py drives them):
-
-1. ``read_initiation``: length, then the psk-keyed AEAD of the Noise payload (hashes and one
-   ChaCha20-Poly1305, no Diffie-Hellman). Anything forged stops here.
-2. ``InitiationStamps.fresh``: the TAI64N timestamp must be newer than the last one accepted
-   from the same pod IP and not older than ``max_age``: a replayed initiation stops here.
-3. ``HandshakeLimiter.allow``: a token bucket per source IP, so that even a key holder
-   cannot make us burn CPU on Diffie-Hellman.
-4. ``build_response``: a fresh ephemeral key, the ``ee`` DH, the response and the keys.
+"""The tunnel's 1-RTT handshake: Noise NNpsk0 messages in wire.py's envelopes (version 2,
+with mac1), plus the tables of the responder's defences. The order in which they run is in
+core/gate.py.
 
 Rules:
 - Nothing here raises on input from the network: failures are ``None``.
-- Both tables are bounded: timestamps older than ``max_age`` can be forgotten (an initiation
-  that old is refused by age anyway); idle token buckets are full and can be forgotten.
+- ``Templates`` holds one Noise state per role with the psk already mixed (Noise §9: the
+  leading ``psk`` token needs nothing from the message); every handshake starts from a copy.
+- Every table is bounded: timestamps and seen mac1 values older than ``max_age`` are
+  forgotten (an initiation that old is refused by age anyway, one from more than
+  ``max_skew`` in the future is refused before it is stored); idle token buckets are full and
+  can be forgotten; the global budget is one bucket.
 """
 
 from __future__ import annotations
@@ -58,26 +53,38 @@ def _keys(state: HandshakeState) -> Keys:
     return Keys(send=second.aead, recv=first.aead)
 
 
-def _state(psk: bytes, initiator: bool, keygen: Keygen) -> HandshakeState:
-    return HandshakeState(wire.NOISE_PROTOCOL, initiator, wire.PROLOGUE, psk=psk, keygen=keygen)
+class Templates:
+    """Per project key: the mac1 key and one psk-premixed Noise state per role."""
+
+    __slots__ = ("mac_key", "initiator", "responder")
+
+    def __init__(self, psk: bytes, keygen: Keygen) -> None:
+        self.mac_key = wire.derive_mac_key(psk)
+        self.initiator = _premixed(psk, True, keygen)
+        self.responder = _premixed(psk, False, keygen)
 
 
-def build_initiation(psk: bytes, sender_index: int, unix_ns: int, pod_ip: bytes,
-                     keygen: Keygen) -> tuple[HandshakeState, bytes]:
-    """Message 1 (``psk, e``) and the initiator's state that awaits the response."""
-    state = _state(psk, True, keygen)
+def _premixed(psk: bytes, initiator: bool, keygen: Keygen) -> HandshakeState:
+    state = HandshakeState(wire.NOISE_PROTOCOL, initiator, wire.PROLOGUE, psk=psk, keygen=keygen)
+    state.premix_psk()
+    return state
+
+
+def build_initiation(templates: Templates, sender_index: int, unix_ns: int,
+                     pod_ip: bytes) -> tuple[HandshakeState, bytes]:
+    """Message 1 (``psk, e``) with its mac1, and the initiator's state awaiting the response."""
+    state = templates.initiator.clone()
     payload = wire.build_initiation_payload(sender_index, unix_ns, pod_ip)
-    return state, wire.build_initiation(state.write_message(payload))
+    return state, wire.build_initiation(state.write_message(payload), templates.mac_key)
 
 
-def read_initiation(psk: bytes, datagram: wire.Buffer,
-                    keygen: Keygen) -> Initiation | None:
-    """Stage 1: authenticate message 1 under the psk. No DH happens here (``keygen`` is only
-    called later, by ``build_response``)."""
+def read_initiation(templates: Templates, datagram: wire.Buffer) -> Initiation | None:
+    """Authenticate message 1 under the psk (hashes and one AEAD, no DH: ``keygen`` is only
+    called later, by ``build_response``). mac1 must have been checked before."""
     message = wire.parse_initiation(datagram)
     if message is None:
         return None
-    state = _state(psk, False, keygen)
+    state = templates.responder.clone()
     payload = state.read_message(message)
     if payload is None:
         return None
@@ -87,18 +94,20 @@ def read_initiation(psk: bytes, datagram: wire.Buffer,
     return Initiation(state, *fields)
 
 
-def build_response(initiation: Initiation, sender_index: int,
-                   pod_ip: bytes) -> tuple[bytes, Keys] | None:
-    """Stage 4: message 2 (``e, ee``) and the responder's session keys; None on a bad key."""
+def build_response(initiation: Initiation, sender_index: int, pod_ip: bytes,
+                   mac_key: bytes) -> tuple[bytes, Keys] | None:
+    """Message 2 (``e, ee``) with its mac1 and the responder's session keys; None on a bad
+    key."""
     state = initiation.state
     try:
         message = state.write_message(wire.build_response_payload(sender_index, pod_ip))
     except ValueError:  # the initiator's ephemeral was a low-order point: no shared secret
         return None
-    return wire.build_response(initiation.sender_index, message), _keys(state)
+    return wire.build_response(initiation.sender_index, message, mac_key), _keys(state)
 
 
-def read_response(state: HandshakeState, noise_message: bytes) -> tuple[int, bytes, Keys] | None:
+def read_response(state: HandshakeState,
+                  noise_message: bytes) -> tuple[int, bytes, Keys] | None:
     """``(responder_index, responder_pod_ip, keys)``; None (state untouched) if it fails."""
     payload = state.read_message(noise_message)
     if payload is None:
@@ -110,7 +119,7 @@ def read_response(state: HandshakeState, noise_message: bytes) -> tuple[int, byt
 
 
 class InitiationStamps:
-    """Stage 2: the newest initiation timestamp accepted per pod IP (nanoseconds)."""
+    """The newest initiation timestamp accepted per pod IP (nanoseconds)."""
 
     __slots__ = ("_last",)
 
@@ -118,6 +127,8 @@ class InitiationStamps:
         self._last: dict[bytes, int] = {}
 
     def fresh(self, pod_ip: bytes, unix_ns: int, wall_ns: int, max_age_ns: int) -> bool:
+        """Not older than ``max_age`` and newer than the last one accepted from ``pod_ip``
+        (the caller refuses future stamps first, so an entry never outlives max_age + skew)."""
         if unix_ns < wall_ns - max_age_ns:
             return False
         return unix_ns > self._last.get(pod_ip, -1)
@@ -133,8 +144,60 @@ class InitiationStamps:
         return len(self._last)
 
 
+class SeenMacs:
+    """The mac1 of every initiation that passed mac1 in the last ``max_age``: a byte-identical
+    replay (from any source) is refused after one dictionary lookup, before it can spend a
+    token of the per-source or global budget or any Noise work."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, int] = {}  # mac1 -> wall ns first seen (insertion order)
+
+    def seen(self, mac: bytes, wall_ns: int) -> bool:
+        """True if ``mac`` was seen already; else remember it and return False."""
+        if mac in self._seen:
+            return True
+        self._seen[mac] = wall_ns
+        return False
+
+    def prune(self, wall_ns: int, max_age_ns: int) -> None:
+        horizon = wall_ns - max_age_ns
+        seen = self._seen
+        while seen:
+            mac, at = next(iter(seen.items()))
+            if at >= horizon:
+                break
+            del seen[mac]
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class HandshakeBudget:
+    """One token bucket for all sources: at most ``rate`` handshakes a second (``burst``
+    saved) go on to Noise work, however many sources they come from."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_at")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class HandshakeLimiter:
-    """Stage 3: a token bucket per source IP: ``rate`` per second, at most ``burst`` saved.
+    """A token bucket per source IP: ``rate`` per second, at most ``burst`` saved.
 
     The table is capped at ``max_sources``; when full, full (idle) buckets are forgotten
     first, and if every bucket is busy a new source is refused rather than let it grow.

@@ -30,7 +30,14 @@ Rules:
 7. Bound: at most ``max_flows``. A new flow in a full table first reaps dead flows, then evicts
    the closed TCP flow idle longest, else the flow idle longest. Eviction drops the whole entry:
    a later packet of that flow starts a fresh one, never a half mapping.
-8. Two VIPs, one tuple: when VIP1 and VIP2 both lead here and a peer uses the same (peer IP,
+8. Per-peer quota: a flow belongs to the tunnel peer whose inner source address opened it (the
+   key's peer IP: session.py has already checked that the peer may use that source, so
+   it cannot be spoofed through the tunnel). One source holds at most ``max_flows_per_peer``
+   flows (default a quarter of ``max_flows``; ``max_flows`` or more: no quota); a new flow beyond it first reaps dead flows,
+   then is dropped (NAT_PEER_QUOTA) - it never evicts anyone's flow. When the whole table
+   is full, the eviction of rule 7 takes the flow from the source holding the most flows,
+   so one peer cannot push out the flows of others.
+9. Two VIPs, one tuple: when VIP1 and VIP2 both lead here and a peer uses the same (peer IP,
    peer port, local port) for both, this pod's stack sees a single flow and its replies cannot
    say which VIP they answer. UDP, ICMP and others: the latest VIP wins (``nat_vip_remapped``).
    TCP: an open connection keeps its VIP and the other VIP's segments are dropped
@@ -91,12 +98,13 @@ class Flow:
 class FlowTable:
     """The receiver's NAT state: one per proxy, owned by the udp -> open -> nat -> inject path."""
 
-    __slots__ = ("_pod", "_net", "_mask", "_stats", "_max", "_timeouts", "_flows", "_queues",
-                 "_frags")
+    __slots__ = ("_pod", "_net", "_mask", "_stats", "_max", "_per_peer", "_timeouts", "_flows",
+                 "_queues", "_frags", "_owned")
 
     def __init__(self, pod_ip: str, service_cidr: str = "172.30.0.0/16", stats: Stats | None = None,
                  max_flows: int = 65536, tcp_idle: float = 7440.0, tcp_closed: float = 10.0,
-                 udp_idle: float = 180.0, icmp_idle: float = 30.0) -> None:
+                 udp_idle: float = 180.0, icmp_idle: float = 30.0,
+                 max_flows_per_peer: int | None = None) -> None:
         try:
             self._pod = ip_to_int(pod_ip)
             net = ipaddress.IPv4Network(service_cidr)
@@ -110,6 +118,10 @@ class FlowTable:
         self._mask = int(net.netmask)
         self._stats = stats if stats is not None else Stats()
         self._max = max_flows
+        self._per_peer = max(1, max_flows // 4) if max_flows_per_peer is None else max_flows_per_peer
+        if self._per_peer < 1:
+            raise UsageError("max_flows_per_peer must be at least 1")
+        self._owned: dict[int, int] = {}  # peer IP -> flows it holds (rule 8)
         self._timeouts = (tcp_idle, tcp_closed, udp_idle, icmp_idle)
         self._flows: dict[FlowKey, Flow] = {}
         self._queues: tuple[OrderedDict[FlowKey, None], ...] = tuple(
@@ -118,6 +130,10 @@ class FlowTable:
 
     def __len__(self) -> int:
         return len(self._flows)
+
+    def flows_of(self, peer_ip: str) -> int:
+        """How many flows ``peer_ip`` holds (rule 8)."""
+        return self._owned.get(ip_to_int(peer_ip), 0)
 
     # --- the two directions -------------------------------------------------------------------
 
@@ -186,6 +202,7 @@ class FlowTable:
                     break
                 queue.popitem(last=False)
                 del self._flows[key]
+                self._disown(key[1])
                 removed += 1
         frags = self._frags
         while frags and now - next(iter(frags.values()))[1] >= FRAG_TIMEOUT:
@@ -209,7 +226,10 @@ class FlowTable:
         if flow is None:
             if proto == TCP and ip.info & TCP_RST:
                 return True  # nothing to remember about a reset of an unknown flow
-            flow = self._insert(key, ip.dst, queue, now)
+            inserted = self._insert(key, ip.dst, queue, now)
+            if inserted is None:
+                return False
+            flow = inserted
         elif flow.vip != ip.dst:
             if flow.queue == _TCP_OPEN:
                 self._stats.drop(DropReason.NAT_CONFLICT)
@@ -299,7 +319,14 @@ class FlowTable:
             self._queues[queue][key] = None
             flow.queue = queue
 
-    def _insert(self, key: FlowKey, vip: int, queue: int, now: float) -> Flow:
+    def _insert(self, key: FlowKey, vip: int, queue: int, now: float) -> Flow | None:
+        """A new flow, or None (counted NAT_PEER_QUOTA) if its peer holds its quota."""
+        peer = key[1]
+        if self._per_peer < self._max and self._owned.get(peer, 0) >= self._per_peer:
+            self.expire(now)
+            if self._owned.get(peer, 0) >= self._per_peer:
+                self._stats.drop(DropReason.NAT_PEER_QUOTA)
+                return None
         if len(self._flows) >= self._max:
             self.expire(now)
             if len(self._flows) >= self._max:
@@ -307,20 +334,32 @@ class FlowTable:
         flow = Flow(vip, now, queue)
         self._flows[key] = flow
         self._queues[queue][key] = None
+        self._owned[peer] = self._owned.get(peer, 0) + 1
         self._stats.inc("nat_flows_created")
         return flow
 
     def _evict(self) -> None:
-        """Remove the closed TCP flow idle longest, else the flow idle longest of any class."""
-        closed = self._queues[_TCP_CLOSED]
-        if closed:
-            key = next(iter(closed))
+        """Rules 7-8: of the source holding the most flows, remove its closed TCP flow idle
+        longest, else its flow idle longest of any class (a scan, only when the table is full)."""
+        heaviest = max(self._owned, key=self._owned.__getitem__)
+        candidates = [next((k for k in q if k[1] == heaviest), None) for q in self._queues]
+        closed = candidates[_TCP_CLOSED]
+        if closed is not None:
+            key = closed
         else:
-            fronts = [next(iter(q)) for q in self._queues if q]
-            key = min(fronts, key=lambda k: self._flows[k].last_seen)
+            key = min((k for k in candidates if k is not None),
+                      key=lambda k: self._flows[k].last_seen)
         self._remove(key, self._flows[key])
         self._stats.inc("nat_flows_evicted")
 
     def _remove(self, key: FlowKey, flow: Flow) -> None:
         del self._flows[key]
         del self._queues[flow.queue][key]
+        self._disown(key[1])
+
+    def _disown(self, peer: int) -> None:
+        left = self._owned[peer] - 1
+        if left:
+            self._owned[peer] = left
+        else:
+            del self._owned[peer]

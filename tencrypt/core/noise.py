@@ -15,6 +15,10 @@ Rules:
 - Using the API out of turn (writing when it is the peer's turn, reading after the end) is a
   programming error and raises ``RuntimeError``; bad input from the network never raises.
 - The ephemeral key and the prologue are injectable, which is what the test vectors need.
+- ``premix_psk`` processes a message's leading ``psk`` token ahead of time (it depends on
+  nothing in the message) and ``clone`` copies a state, so that a tunnel keeps one premixed
+  template per role and starts every handshake from a copy (no psk mixing per message). The
+  bytes on the wire are the same as without the template.
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ def parse_protocol_name(name: str) -> tuple[str, Callable[..., Any]]:
 class HandshakeState:
     """§5.3 for the NN family: no static keys, so no pre-messages and no s/es/se/ss tokens."""
 
-    __slots__ = ("initiator", "psk", "e", "re", "ss", "_patterns", "_turn", "_keygen",
+    __slots__ = ("initiator", "psk", "e", "re", "ss", "_patterns", "_turn", "_skip", "_keygen",
                  "result")
 
     def __init__(self, protocol_name: str, initiator: bool, prologue: bytes = b"",
@@ -173,8 +177,30 @@ class HandshakeState:
         self.ss = SymmetricState(protocol_name.encode("ascii"), hash_fn)
         self.ss.mix_hash(prologue)
         self._turn = 0
+        self._skip = 0  # tokens of the current message already processed (premix_psk)
         self._keygen = keygen
         self.result: tuple[CipherState, CipherState] | None = None
+
+    def premix_psk(self) -> None:
+        """Process the current message's leading ``psk`` token now (§9: ``MixKeyAndHash(psk)``
+        needs nothing from the message). No-op if the message does not start with one."""
+        tokens = self._patterns[self._turn] if self._turn < len(self._patterns) else ()
+        if self._skip == 0 and tokens and tokens[0] == "psk":
+            self.ss.mix_key_and_hash(self.psk or b"")
+            self._skip = 1
+
+    def clone(self) -> HandshakeState:
+        """An independent copy (keys are immutable bytes; a ChaCha20Poly1305 is stateless)."""
+        new = object.__new__(HandshakeState)
+        new.initiator, new.psk, new.e, new.re = self.initiator, self.psk, self.e, self.re
+        new._patterns, new._turn, new._skip = self._patterns, self._turn, self._skip
+        new._keygen, new.result = self._keygen, self.result
+        ss = object.__new__(SymmetricState)
+        ss.hash_fn, ss.ck, ss.h = self.ss.hash_fn, self.ss.ck, self.ss.h
+        ss.cipher = CipherState()
+        ss.cipher.aead, ss.cipher.n = self.ss.cipher.aead, self.ss.cipher.n
+        new.ss = ss
+        return new
 
     @property
     def handshake_hash(self) -> bytes:
@@ -189,6 +215,7 @@ class HandshakeState:
 
     def _advance(self) -> None:
         self._turn += 1
+        self._skip = 0
         if self._turn == len(self._patterns):
             self.result = self.ss.split()
 
@@ -197,7 +224,7 @@ class HandshakeState:
         if self.finished or not self._my_turn():
             raise RuntimeError("write_message out of turn")
         out: list[bytes] = []
-        for token in self._patterns[self._turn]:
+        for token in self._patterns[self._turn][self._skip:]:
             if token == "e":
                 if self.e is None:
                     self.e = self._keygen()
@@ -227,7 +254,7 @@ class HandshakeState:
 
     def _read_tokens(self, message: bytes) -> bytes | None:
         pos = 0
-        for token in self._patterns[self._turn]:
+        for token in self._patterns[self._turn][self._skip:]:
             if token == "e":
                 if len(message) < pos + DHLEN:
                     return None

@@ -42,8 +42,11 @@ class Limits:
     stale_timeout: float = 5.0  # we sent data, nothing authenticated came back: re-handshake
     queue_limit: int = 512  # packets queued per peer while a handshake runs
     initiation_max_age: float = 180.0  # initiations with an older timestamp are stale
+    initiation_max_skew: float = 30.0  # ... and those this far in the future are refused
     handshake_rate: float = 20.0  # per source IP token bucket, checked before any DH
     handshake_burst: int = 10
+    handshake_budget_rate: float = 500.0  # handshakes per second from all sources together
+    handshake_budget_burst: int = 100
     max_peers: int = 1024  # peers known at once (an app sweeping the Service CIDR)
     queue_total_limit: int = 4096  # packets queued over all peers (memory bound)
     tombstone_time: float = 180.0  # after expiry a session answers EXPIRED_SESSION, then is gone
@@ -121,11 +124,47 @@ class Peer:
     pending: Pending | None = None
     queue: deque[bytes] = field(default_factory=deque)
     up: bool = False  # PeerUp(pod_ip) was emitted and no PeerDown since
+    confirmed: bool = False  # a response or an authenticated data message proved its keys
     keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
     stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
 
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
+
+
+def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
+    """One peer as JSON-ready data for ``tencrypt status`` (Tunnel.status)."""
+    slots = (("current", peer.current), ("previous", peer.previous), ("next", peer.next))
+    sessions = [{
+        "slot": slot,
+        "local_index": s.local_index,
+        "age": round(now - (s.expires_at - limits.reject_after_time), 3),
+        "expires_in": round(s.expires_at - now, 3),
+        "initiator": s.initiator,
+        "confirmed": s.confirmed,
+        "live": s.recv_aead is not None and now < s.expires_at,
+        "sent": s.send_counter,
+    } for slot, s in slots if s is not None]
+    return {
+        "pod_ip": peer.pod_ip,
+        "addresses": sorted(peer.addresses),
+        "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}",
+        "up": peer.up,
+        "confirmed": peer.confirmed,
+        "handshake_pending": peer.pending is not None,
+        "queued": len(peer.queue),
+        "sessions": sessions,
+    }
+
+
+def describe(table: Sessions, now: float, limits: Limits) -> dict[str, object]:
+    """Every peer (``describe_peer``) and the totals: Tunnel.status without the pod IP."""
+    peers = [describe_peer(p, now, limits) for p in table.peers]
+    peers.sort(key=lambda d: str(d["pod_ip"] or d["addresses"]))
+    return {"peers": peers, "totals": {
+        "peers": len(peers), "peers_up": sum(1 for p in table.peers if p.up),
+        "sessions": sum(1 for s in table.by_index.values() if s.recv_aead is not None),
+        "handshakes_pending": len(table.pending), "queued": table.queued}}
 
 
 def usable(s: Session | None, now: float, limits: Limits) -> bool:

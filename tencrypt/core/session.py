@@ -19,9 +19,10 @@ Rules:
 4. A responder's session is ``next`` (unconfirmed, never used to send, does not replace
    ``current``) until the first authenticated data message arrives on it. The initiator
    therefore sends a keepalive right after the handshake when it has nothing queued.
-5. Initiations are checked cheapest first: psk-keyed AEAD (BAD_HANDSHAKE), timestamp
-   (STALE_HANDSHAKE), per-source token bucket (HANDSHAKE_RATELIMIT), and only then the DH.
-   Responses pass the token bucket before their DH, and a failed one leaves the initiation
+5. Handshake messages are checked cheapest first (core/gate.py): version, mac1 (BAD_MAC,
+   before any Noise work), replayed copy, per-source and global budgets, Noise AEAD,
+   timestamp; then the claimed pod IP (rule 9); only then the DH. Responses pass version,
+   mac1 and the budgets before their DH, and a failed or refused one leaves the initiation
    intact, so a forged response cannot kill a handshake.
 6. Liveness: having sent data with nothing authenticated back for ``stale_timeout`` (the peer
    restarted and lost its keys) starts a new handshake; having received data and sent nothing
@@ -32,6 +33,14 @@ Rules:
    PeerDown if it was up.
 8. Every datagram ends as exactly one of: an accepted inner packet, a handled handshake
    message, or one counted drop. ``receive`` never raises.
+9. Identity (with a ``ClaimPolicy``; core/identity.py): the pod IP an initiation or a
+   response claims passes the policy before the session is attached to a peer. A peer is
+   ``confirmed`` once an authenticated data message arrived on one of its sessions; a
+   confirmed peer is never renamed to another pod IP, and a claim of a pod IP whose peer is
+   confirmed with a usable session at another UDP endpoint is CLAIM_REBIND (a restarted pod
+   comes back from the same pod IP and port 1337, so it is let in). A response that came
+   back from the Service VIP we initiated to cannot prove its claim: that session speaks
+   for the VIP only (allowed inner source, PeerUp name), never for the claimed pod IP.
 """
 
 from __future__ import annotations
@@ -44,7 +53,15 @@ from collections.abc import Callable, Sequence
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tencrypt.core import handshake, wire
-from tencrypt.core.handshake import HandshakeLimiter, InitiationStamps, Keys
+from tencrypt.core.gate import Gate
+from tencrypt.core.handshake import Keys
+from tencrypt.core.identity import (
+    ClaimPolicy,
+    claimable,
+    initiation_name,
+    live_elsewhere,
+    response_name,
+)
 from tencrypt.core.peer import (
     Endpoint,
     Limits,
@@ -56,6 +73,7 @@ from tencrypt.core.peer import (
     Pending,
     Session,
     Sessions,
+    describe,
     drop_slot,
     usable,
 )
@@ -74,21 +92,22 @@ class Tunnel:
 
     def __init__(self, psk: bytes, pod_ip: str, stats: Stats, limits: Limits = _DEFAULT_LIMITS,
                  port: int = 1337, rng: Callable[[int], bytes] = secrets.token_bytes,
-                 keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate) -> None:
+                 keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
+                 identity: ClaimPolicy | None = None) -> None:
+        """``identity`` binds claimed pod IPs to the network (rule 9). The daemon always
+        passes one; None (no binding, today's unit tests) is for tests only."""
         if len(psk) != 32:
             raise ValueError("psk must be 32 bytes (see core.psk.parse_psk)")
-        self._psk = psk
         self.pod_ip = pod_ip
         self._pod_ip_packed = ipaddress.IPv4Address(pod_ip).packed
         self.stats = stats
         self.limits = limits
         self.port = port
-        self._keygen = keygen
+        self._identity = identity
+        self._gate = Gate(psk, keygen, limits)
         self.table = Sessions(rng, limits, stats)
         self._transmits: list[tuple[bytes, Endpoint]] = []
         self._last_stamp_ns = 0
-        self._stamps = InitiationStamps()
-        self._limiter = HandshakeLimiter(limits.handshake_rate, limits.handshake_burst)
 
     # ---- what the shell calls ---------------------------------------------------------------
     def send(self, dst_ip: str, packet: Buffer, now: float,
@@ -183,6 +202,11 @@ class Tunnel:
     def peer_count(self) -> int:
         return len(self.table.peers)
 
+    def status(self, now: float) -> dict[str, object]:
+        """Peers, their sessions (age, confirmed, packets sent) and totals, JSON-serialisable:
+        the tunnel's part of ``/status`` (tencrypt/status.py prints it)."""
+        return {"pod_ip": self.pod_ip, **describe(self.table, now, self.limits)}
+
     # ---- receive: data ----------------------------------------------------------------------
     def _on_data(self, datagram: Buffer, addr: Endpoint,
                  now: float, wall: float) -> bytes | None:
@@ -211,6 +235,7 @@ class Tunnel:
         peer = s.peer
         peer.stale_due = None
         peer.endpoint = addr  # roaming: answer where authenticated traffic comes from
+        peer.confirmed = True
         if not s.confirmed:
             self._confirm(peer, s, now)
         if s.initiator and now >= s.renew_at and peer.pending is None and peer.current is s:
@@ -247,41 +272,45 @@ class Tunnel:
     # ---- receive: handshakes ----------------------------------------------------------------
     def _on_initiation(self, datagram: Buffer, addr: Endpoint,
                        now: float, wall: float) -> None:
-        limits = self.limits
-        if len(datagram) < wire.INITIATION_LEN:
-            self.stats.drop(DropReason.SHORT)
+        """Rule 5: the gate (core/gate.py), the claim (rule 9), then the DH."""
+        init = self._gate.initiation(datagram, addr[0], now, wall)
+        if isinstance(init, DropReason):
+            self.stats.drop(init)
             return
-        init = handshake.read_initiation(self._psk, datagram, self._keygen)
-        if init is None:
+        claimed = self._peer_ip(init.pod_ip)
+        if claimed is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
-        pod_ip = self._peer_ip(init.pod_ip)
-        if pod_ip is None:
-            self.stats.drop(DropReason.BAD_HANDSHAKE)
-            return
-        wall_ns = int(wall * 1e9)
-        if not self._stamps.fresh(init.pod_ip, init.unix_ns, wall_ns,
-                                  int(limits.initiation_max_age * 1e9)):
-            self.stats.drop(DropReason.STALE_HANDSHAKE)
-            return
+        pod_ip, packed, reason = claimed, init.pod_ip, None
+        if self._identity is not None:
+            pod_ip = initiation_name(self._identity, self.table.by_addr, claimed, addr)
+            reason = self._identity.check(claimed, claimed if pod_ip != claimed else addr[0])
+            if pod_ip != claimed:  # through a VIP's conntrack entry: speaks for the VIP only
+                packed = ipaddress.IPv4Address(pod_ip).packed
         peer = self.table.by_addr.get(pod_ip)
-        if not self._limiter.allow(addr[0], now) or (peer is None and not self.table.make_room(now)):
+        if reason is None and peer is not None and self._live_elsewhere(peer, addr, now):
+            reason = DropReason.CLAIM_REBIND
+        if reason is not None:
+            self.stats.drop(reason)
+            return
+        if peer is None and not self.table.make_room(now):
             self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
             return
         index = self.table.new_index()
-        reply = handshake.build_response(init, index, self._pod_ip_packed)
+        reply = handshake.build_response(init, index, self._pod_ip_packed,
+                                         self._gate.templates.mac_key)
         if reply is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
         datagram_out, keys = reply
-        self._stamps.accept(init.pod_ip, init.unix_ns)
+        self._gate.stamps.accept(init.pod_ip, init.unix_ns)
         if peer is None:
             # Until a data message confirms it, send to the pod's own tunnel port, not to
             # wherever this (possibly replayed) initiation came from.
             peer = self.table.new_peer((pod_ip, self.port), pod_ip)
         if peer.pod_ip is None:  # we were initiating to this pod IP ourselves
             peer.pod_ip = pod_ip
-        s = self._new_session(peer, index, init.sender_index, keys, init.pod_ip, now,
+        s = self._new_session(peer, index, init.sender_index, keys, packed, now,
                               initiator=False)
         if peer.next is not None:
             self.table.forget(peer.next)
@@ -291,38 +320,56 @@ class Tunnel:
 
     def _on_response(self, datagram: Buffer, addr: Endpoint,
                      now: float) -> None:
-        parsed = wire.parse_response(datagram)
+        gate = self._gate
+        reason = gate.response_envelope(datagram)
+        parsed = wire.parse_response(datagram) if reason is None else None
         if parsed is None:
-            short = len(datagram) < wire.RESPONSE_LEN
-            self.stats.drop(DropReason.SHORT if short else DropReason.BAD_HANDSHAKE)
+            self.stats.drop(reason or DropReason.BAD_HANDSHAKE)
             return
         index, message = parsed
         peer = self.table.pending.get(index)
         if peer is None or peer.pending is None:
             self.stats.drop(DropReason.UNKNOWN_INDEX)
             return
-        if not self._limiter.allow(addr[0], now):
-            self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
+        reason = gate.admit(addr[0], now)
+        if reason is not None:
+            self.stats.drop(reason)
             return
-        got = handshake.read_response(peer.pending.state, message)
-        pod_ip = None if got is None else self._peer_ip(got[1])
-        if got is None or pod_ip is None:
+        state = peer.pending.state.clone()  # committed only if the claim is accepted too
+        got = handshake.read_response(state, message)
+        claimed = None if got is None else self._peer_ip(got[1])
+        if got is None or claimed is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
         remote_index, pod_ip_packed, keys = got
+        name = claimed if self._identity is None else response_name(
+            self._identity, self.table.by_addr, peer, claimed, addr, now, self.limits)
+        if isinstance(name, DropReason):
+            self.stats.drop(name)  # the initiation stays pending: retried, then given up
+            return
+        if name != claimed:  # rule 9: through a VIP, the session speaks for the VIP only
+            pod_ip_packed = ipaddress.IPv4Address(name).packed
         pending = peer.pending
         del self.table.pending[index]
         peer.pending = None
-        peer = self.table.bind_pod_ip(peer, pod_ip)
+        peer = self.table.bind_pod_ip(peer, name)
         s = self._new_session(peer, index, remote_index, keys, pod_ip_packed, now,
                               initiator=True)
         self.table.install(peer, s)
         peer.endpoint = addr
+        peer.confirmed = True  # rule 9: the response proved the keys
         self.stats.inc("handshakes_completed")
         if pending.rekey:
             self.stats.inc("rekeys")
         self.table.peer_up(peer)
         self._flush_queue(peer, now, keepalive=True)
+
+    # ---- identity (rule 9, core/identity.py) ------------------------------------------------
+    def _claim(self, claimed: str, outer_src: str) -> DropReason | None:
+        return None if self._identity is None else self._identity.check(claimed, outer_src)
+
+    def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float) -> bool:
+        return self._identity is not None and live_elsewhere(peer, addr, now, self.limits)
 
     # ---- timers -----------------------------------------------------------------------------
     def on_timer(self, now: float, wall: float) -> None:
@@ -334,9 +381,7 @@ class Tunnel:
                 s.expire()
             if now >= s.forget_at:
                 del self.table.by_index[index]
-        limits = self.limits
-        self._stamps.prune(int(wall * 1e9), int(limits.initiation_max_age * 1e9))
-        self._limiter.prune(now)
+        self._gate.prune(now, wall)
 
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``on_timer`` has something to do, or None."""
@@ -445,8 +490,8 @@ class Tunnel:
         # peer never mistakes our retry for a replay.
         stamp = max(int(wall * 1e9), self._last_stamp_ns + 1)
         self._last_stamp_ns = stamp
-        state, datagram = handshake.build_initiation(self._psk, index, stamp,
-                                                     self._pod_ip_packed, self._keygen)
+        state, datagram = handshake.build_initiation(self._gate.templates, index, stamp,
+                                                     self._pod_ip_packed)
         peer.pending = Pending(index, state, now if first_sent is None else first_sent, now,
                                rekey)
         self.table.pending[index] = peer
@@ -468,8 +513,4 @@ class Tunnel:
 
     def _peer_ip(self, packed: bytes) -> str | None:
         """A pod IP from a handshake payload, unless it is one no peer may claim."""
-        ip = ipaddress.IPv4Address(packed)
-        if (packed == self._pod_ip_packed or ip.is_unspecified or ip.is_loopback
-                or ip.is_multicast or ip.is_reserved or packed == b"\xff\xff\xff\xff"):
-            return None
-        return str(ip)
+        return claimable(packed, self._pod_ip_packed)

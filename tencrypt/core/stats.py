@@ -26,7 +26,19 @@ class DropReason(enum.Enum):
     NOT_IPV4 = "not_ipv4"
     BAD_HANDSHAKE = "bad_handshake"
     STALE_HANDSHAKE = "stale_handshake"
-    HANDSHAKE_RATELIMIT = "handshake_ratelimit"
+    HANDSHAKE_RATELIMIT = "handshake_ratelimit"  # the per-source token bucket is empty
+    # handshake defences (core/gate.py, core/identity.py)
+    BAD_MAC = "bad_mac"  # mac1 does not verify: no project key (dropped before any Noise work)
+    OLD_VERSION = "old_version"  # a version-1 handshake message (72 / 64 bytes)
+    HANDSHAKE_REPLAY = "handshake_replay"  # a byte-identical copy of an initiation seen before
+    HANDSHAKE_BUDGET = "handshake_budget"  # the global handshakes-per-second budget is spent
+    FUTURE_HANDSHAKE = "future_handshake"  # initiation timestamp beyond the allowed clock skew
+    CLAIM_NOT_SOURCE = "claim_not_source"  # claimed pod IP != the datagram's source address
+    CLAIM_OUTSIDE_POD_NETWORK = "claim_outside_pod_network"
+    CLAIM_SERVICE_IP = "claim_service_ip"  # a Service VIP claimed as a pod IP
+    CLAIM_RESERVED = "claim_reserved"  # link-local, loopback, multicast, gateway, DNS, this pod
+    CLAIM_NOT_MEMBER = "claim_not_member"  # membership knows the address is not the project's
+    CLAIM_REBIND = "claim_rebind"  # a confirmed peer claimed by another endpoint, or renamed
     # packets read from tenc0
     MALFORMED_PACKET = "malformed_packet"
     NO_FLOW = "no_flow"
@@ -45,6 +57,7 @@ class DropReason(enum.Enum):
     # receiver NAT (core/nat.py)
     BAD_DESTINATION = "bad_destination"
     NAT_CONFLICT = "nat_conflict"
+    NAT_PEER_QUOTA = "nat_peer_quota"  # a new flow from a peer already holding its quota
     # tunnel (core/session.py): an authenticated inner packet whose source the peer may not use
     BAD_SOURCE = "bad_source"
     # fail-closed policy (core/policy.py): a destination in the Service CIDR or the pod network
@@ -88,6 +101,13 @@ def render_prometheus(stats: Stats, gauges: Mapping[str, float] | None = None,
         metric = f"{prefix}_{name}"
         lines += [f"# TYPE {metric} gauge", f"{metric} {_number(value)}"]
     return "\n".join(lines) + "\n"
+
+
+def snapshot(stats: Stats) -> dict[str, dict[str, int]]:
+    """Counters and drops (by reason value) as JSON-ready data, for ``/status``."""
+    return {"counters": dict(sorted(stats.counters.items())),
+            "drops": {reason.value: n for reason, n in sorted(stats.drops.items(),
+                                                                key=lambda kv: kv[0].value)}}
 
 
 def _number(value: float) -> str:

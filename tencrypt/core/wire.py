@@ -1,44 +1,64 @@
-"""Tencrypt's wire format, version 1: every UDP datagram on port 1337, byte by byte.
+"""Tencrypt's wire format, version 2: every UDP datagram on port 1337, byte by byte.
 
 This docstring is the specification; another implementation interoperates from it alone.
 All integers are little-endian unless said otherwise. Every message starts with a 4-byte
 word: the message type in byte 0 and three zero bytes. A receiver reads the word as a u32
 (so non-zero reserved bytes make an unknown type) and drops anything but 1, 2 and 4.
 
+Notation: ``||`` concatenates; ``BLAKE2s(x)`` is the unkeyed 32-byte BLAKE2s digest (RFC 7693);
+``MAC(k, x)`` is BLAKE2s keyed with the 32-byte ``k``, 16-byte digest (RFC 7693 with
+``kk = 32``, ``nn = 16``; Python: ``hashlib.blake2s(x, key=k, digest_size=16).digest()``).
+
+Keys. ``psk`` is the project's 32-byte key. ``mac_key = BLAKE2s(b"tencrypt mac1 v2" || psk)``
+(the label is those 16 ASCII bytes), the way WireGuard derives its mac1 key from
+``"mac1----" || Spub``. The MAC key is not the psk and reveals nothing about it.
+
 Handshake: Noise ``Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`` (Noise spec rev 34, pattern
-``-> psk, e`` / ``<- e, ee``), prologue ``b"tencrypt v1 NNpsk0"`` (18 ASCII bytes), psk = the
-project's 32-byte key. Each Noise message is ``e`` (32 bytes) then the encrypted payload and
-its tag (Noise ``EncryptAndHash``). The initiation's payload is keyed by the psk and ``e``
-alone, so a responder authenticates it before doing any Diffie-Hellman.
+``-> psk, e`` / ``<- e, ee``), prologue ``b"tencrypt v2 NNpsk0"`` (18 ASCII bytes), psk = the
+project key. Each Noise message is ``e`` (32 bytes) then the encrypted payload and its tag
+(Noise ``EncryptAndHash``). Both handshake messages end with ``mac1 = MAC(mac_key, every byte
+of the message before mac1)``. A receiver checks mac1 first, before any Noise hashing or
+Diffie-Hellman, and drops the message silently if it does not verify: a party without the
+project key costs it one BLAKE2s. A receiver that holds several project keys (a key ring)
+tries each key's mac1 to learn which key the message uses.
 
-Initiation, type 1, 72 bytes::
+Initiation, type 1, 88 bytes::
 
-    0      1      4                36                                          72
-    | 0x01 | 0 0 0 | ephemeral (32) | Noise-encrypted payload (20) + tag (16)   |
+    0      1      4                36                                      72          88
+    | 0x01 | 0 0 0 | ephemeral (32) | Noise-encrypted payload (20) + tag (16) | mac1 (16) |
     payload: sender_index u32 | timestamp 12 | pod_ip 4
     - sender_index: random, non-zero, chosen by the initiator; the responder puts it in the
       ``receiver_index`` of the response and of every data message it sends on the session.
     - timestamp: TAI64N, big-endian: u64 (2**62 + Unix seconds) then u32 nanoseconds (below
       10**9). Strictly increasing per sender, even across retries within one clock tick; a
-      responder refuses one not newer than the last it accepted from that pod_ip, or older
-      than its wall clock minus 180 s, which makes a replayed initiation useless.
-    - pod_ip: the initiator's own pod IPv4 address, network byte order.
+      responder refuses one not newer than the last it accepted from that pod_ip, older than
+      its wall clock minus 180 s, or newer than its wall clock plus 30 s (clock skew), which
+      makes a replayed initiation useless. A byte-identical copy of an initiation already
+      seen is refused after the mac1 check alone.
+    - pod_ip: the initiator's own pod IPv4 address, network byte order. It must equal the
+      IPv4 source address of the datagram (pod-to-pod traffic is not SNATed in Kubernetes),
+      lie in the pod network, and be no Service IP, link-local, loopback, multicast,
+      broadcast, gateway, DNS server or the responder's own address (core/identity.py).
 
-Response, type 2, 64 bytes::
+Response, type 2, 80 bytes::
 
-    0      1      4                8                40                            64
-    | 0x02 | 0 0 0 | receiver_index | ephemeral (32) | encrypted payload (8) + tag (16) |
+    0      1      4                8                40                              64          80
+    | 0x02 | 0 0 0 | receiver_index | ephemeral (32) | encrypted payload (8) + tag (16) | mac1 (16) |
     payload: sender_index u32 | pod_ip 4   (the responder's index and pod IPv4 address)
     - receiver_index: the initiation's sender_index (in the clear: it selects the handshake;
-      a tampered value selects no handshake or one whose Noise state rejects the message).
+      a tampered value fails mac1, or selects no handshake or one whose Noise state rejects it).
     - The response goes to the UDP source address of the initiation. It is shorter than the
       initiation, so the handshake cannot amplify traffic towards a spoofed source.
+    - pod_ip must equal the response's IPv4 source address, unless the initiation was sent to
+      a Service IP and the response comes back from that Service IP (conntrack undoes the
+      DNAT): the initiator then cannot verify the claim and binds the session to the Service
+      IP only, never to the claimed pod IP.
 
 After the response both sides call Noise ``Split()``: the initiator sends with the first
 CipherState's key and receives with the second; the responder the other way round. The
 Noise CipherState counters are not used: data messages carry their own counter.
 
-Data, type 4, 32 + n bytes::
+Data, type 4, 32 + n bytes (unchanged from version 1)::
 
     0      1      4                8                  16                              16+n+16
     | 0x04 | 0 0 0 | receiver_index | counter u64       | ChaCha20-Poly1305(packet) + tag |
@@ -51,16 +71,24 @@ Data, type 4, 32 + n bytes::
 Overhead per packet: 32 bytes + outer IPv4 20 + UDP 8 = 60, so tenc0's MTU is the uplink MTU
 minus 60 (1440 on a 1500-byte link).
 
-Differences from WireGuard's format, and why: no MAC1/MAC2 fields (the psk-keyed AEAD of the
-initiation already authenticates it before any DH; a per-source token bucket replaces the
-cookie), no static keys (every pod of a project holds the same key: identity is the project),
-and pod IPs in the payloads so that each side knows which inner source addresses the other may
-use.
+Version 1 (prologue ``b"tencrypt v1 NNpsk0"``, no mac1: a 72-byte initiation, a 64-byte
+response) is refused: a version-2 receiver counts a type-1 datagram of 72 bytes or a type-2
+datagram of 64 bytes as OLD_VERSION and answers nothing. The two versions never complete a
+handshake with each other (different prologue), so a mixed project fails closed.
+
+Differences from WireGuard's format, and why: mac1 is keyed from the project key rather than a
+static public key (every pod of a project holds the same key: identity is the project, bound
+to the network by the pod IP rules above); no mac2/cookie (a per-source and a global budget of
+handshakes per second bound the Diffie-Hellman work a key holder can cause); no static keys;
+pod IPs in the payloads so that each side knows which inner source addresses the other may use.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -69,7 +97,10 @@ TYPE_INITIATION = 1
 TYPE_RESPONSE = 2
 TYPE_DATA = 4
 
-PROLOGUE = b"tencrypt v1 NNpsk0"
+VERSION = 2
+PROLOGUE = b"tencrypt v2 NNpsk0"
+MAC_LABEL = b"tencrypt mac1 v2"
+MAC_LEN = 16
 NOISE_PROTOCOL = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s"
 
 TAG_LEN = 16
@@ -78,8 +109,10 @@ DATA_OVERHEAD = DATA_HEADER_LEN + TAG_LEN  # 32: also the length of a keepalive
 OUTER_OVERHEAD = 20 + 8 + DATA_OVERHEAD  # outer IPv4 + UDP + ours = 60
 INITIATION_PAYLOAD_LEN = 20
 RESPONSE_PAYLOAD_LEN = 8
-INITIATION_LEN = 4 + 32 + INITIATION_PAYLOAD_LEN + TAG_LEN  # 72
-RESPONSE_LEN = 8 + 32 + RESPONSE_PAYLOAD_LEN + TAG_LEN  # 64
+INITIATION_LEN = 4 + 32 + INITIATION_PAYLOAD_LEN + TAG_LEN + MAC_LEN  # 88
+RESPONSE_LEN = 8 + 32 + RESPONSE_PAYLOAD_LEN + TAG_LEN + MAC_LEN  # 80
+V1_INITIATION_LEN = 72  # version 1 sizes: refused as OLD_VERSION
+V1_RESPONSE_LEN = 64
 TAI64_EPOCH = 2**62  # TAI64 label of 1970-01-01 (leap seconds ignored, as WireGuard does)
 
 _WORD = struct.Struct("<I")
@@ -198,19 +231,20 @@ def parse_response_payload(payload: bytes) -> tuple[int, bytes] | None:
     return sender_index, pod_ip
 
 
-def build_initiation(noise_message: bytes) -> bytes:
-    return _INITIATION_WORD + noise_message
+def build_initiation(noise_message: bytes, mac_key: bytes) -> bytes:
+    return add_mac(mac_key, _INITIATION_WORD + noise_message)
 
 
 def parse_initiation(datagram: Buffer) -> bytes | None:
-    """The Noise message inside an initiation of the right length, else None."""
+    """The Noise message inside an initiation of the right length, else None (mac1 is not
+    checked here: ``mac_valid`` comes first)."""
     if len(datagram) != INITIATION_LEN:
         return None
-    return bytes(datagram[4:])
+    return bytes(datagram[4:-MAC_LEN])
 
 
-def build_response(receiver_index: int, noise_message: bytes) -> bytes:
-    return _RESPONSE_HEADER.pack(TYPE_RESPONSE, receiver_index) + noise_message
+def build_response(receiver_index: int, noise_message: bytes, mac_key: bytes) -> bytes:
+    return add_mac(mac_key, _RESPONSE_HEADER.pack(TYPE_RESPONSE, receiver_index) + noise_message)
 
 
 def parse_response(datagram: Buffer) -> tuple[int, bytes] | None:
@@ -218,4 +252,44 @@ def parse_response(datagram: Buffer) -> tuple[int, bytes] | None:
     if len(datagram) != RESPONSE_LEN:
         return None
     _, receiver_index = _RESPONSE_HEADER.unpack_from(datagram)
-    return receiver_index, bytes(datagram[8:])
+    return receiver_index, bytes(datagram[8:-MAC_LEN])
+
+
+def is_old_version(datagram: Buffer) -> bool:
+    """A version-1 handshake message (by type and size): refused, counted as OLD_VERSION."""
+    kind = message_type(datagram)
+    return ((kind == TYPE_INITIATION and len(datagram) == V1_INITIATION_LEN)
+            or (kind == TYPE_RESPONSE and len(datagram) == V1_RESPONSE_LEN))
+
+
+# --- mac1: the cheap check before any Noise work ----------------------------------------------
+
+def derive_mac_key(psk: bytes) -> bytes:
+    """``BLAKE2s(MAC_LABEL || psk)``: the key of mac1 for one project key."""
+    return hashlib.blake2s(MAC_LABEL + psk).digest()
+
+
+def build_mac(mac_key: bytes, body: Buffer) -> bytes:
+    """``MAC(mac_key, body)``: keyed BLAKE2s, 16 bytes."""
+    return hashlib.blake2s(body, key=mac_key, digest_size=MAC_LEN).digest()
+
+
+def add_mac(mac_key: bytes, body: bytes) -> bytes:
+    return body + build_mac(mac_key, body)
+
+
+def mac_valid(mac_key: bytes, datagram: Buffer) -> bool:
+    """Does the last 16 bytes' mac1 verify under ``mac_key``? (About a microsecond.)"""
+    view = memoryview(datagram)
+    if len(view) < MAC_LEN:
+        return False
+    return hmac.compare_digest(build_mac(mac_key, view[:-MAC_LEN]), view[-MAC_LEN:])
+
+
+def mac_key_index(mac_keys: Sequence[bytes], datagram: Buffer) -> int | None:
+    """The index of the first key in ``mac_keys`` under which mac1 verifies, or None: how a
+    key ring tells which project key a handshake message uses without any Noise work."""
+    for i, key in enumerate(mac_keys):
+        if mac_valid(key, datagram):
+            return i
+    return None

@@ -16,7 +16,9 @@ import dataclasses
 import ipaddress
 import struct
 
-from tencrypt.core import TUNNEL_PORT, wire
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tencrypt.core import TUNNEL_PORT, handshake, wire
 from tencrypt.core.session import Limits, Tunnel
 from tencrypt.core.stats import Stats
 
@@ -27,6 +29,14 @@ FAST = Limits(rekey_after_time=20.0, reject_after_time=30.0, rekey_timeout=1.0,
               handshake_give_up=5.0, keepalive_timeout=1.0, stale_timeout=2.5,
               initiation_max_age=30.0, handshake_rate=1000.0, handshake_burst=1000,
               tombstone_time=30.0)
+
+
+TEMPLATES = handshake.Templates(PSK, X25519PrivateKey.generate)  # what a key holder can build
+
+
+def remac(datagram: bytes) -> bytes:
+    """``datagram`` with its mac1 recomputed under the project key, as an insider would."""
+    return wire.add_mac(TEMPLATES.mac_key, datagram[:-wire.MAC_LEN])
 
 
 def ipv4(src: str, dst: str, payload: bytes = b"x" * 20, proto: int = 17) -> bytes:

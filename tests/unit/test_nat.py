@@ -251,21 +251,61 @@ def test_bad_configuration_refused():
 
 # --- the flow table ---------------------------------------------------------------------------
 
-def send_in(nat, now, proto="udp", sport=4000, dport=53, vip=VIP, flags="A") -> bool:
+def send_in(nat, now, proto="udp", sport=4000, dport=53, vip=VIP, flags="A",
+            peer=PEER) -> bool:
     l4 = {"udp": UDP(sport=sport, dport=dport),
           "tcp": TCP(sport=sport, dport=dport, flags=flags),
           "icmp": ICMP(type=8, id=sport)}[proto]
-    return inbound(nat, bytes(IP(src=PEER, dst=vip) / l4), now)[0]
+    return inbound(nat, bytes(IP(src=peer, dst=vip) / l4), now)[0]
 
 
-def reply_source(nat, now, proto="udp", sport=4000, dport=53, flags="A") -> str:
+def reply_source(nat, now, proto="udp", sport=4000, dport=53, flags="A", peer=PEER) -> str:
     """Source address of this pod's reply after rewrite_outbound (VIP if the flow lives)."""
     l4 = {"udp": UDP(sport=dport, dport=sport),
           "tcp": TCP(sport=dport, dport=sport, flags=flags),
           "icmp": ICMP(type=0, id=sport)}[proto]
-    ok, got = outbound(nat, bytes(IP(src=POD, dst=PEER) / l4), now)
+    ok, got = outbound(nat, bytes(IP(src=POD, dst=peer) / l4), now)
     assert ok
     return IP(got).src
+
+
+# ---- per-peer quota (rule 8) -------------------------------------------------------------------
+
+OTHER = "10.128.0.77"
+
+
+def test_one_peer_at_its_quota_cannot_evict_another_peers_flows():
+    nat = table(max_flows=8, max_flows_per_peer=4)
+    for port in (1, 2):
+        assert send_in(nat, 1.0, "tcp", sport=port, flags="S", peer=OTHER)
+    for port in range(100, 110):  # the noisy peer opens ten flows
+        send_in(nat, 2.0, "udp", sport=port, peer=PEER)
+    assert nat.flows_of(PEER) == 4 and nat.flows_of(OTHER) == 2
+    assert stats_of(nat).dropped(DropReason.NAT_PEER_QUOTA) == 6
+    assert stats_of(nat).get("nat_flows_evicted") == 0
+    # the other peer's replies still leave with the VIP, the noisy peer's extra flows do not
+    assert [reply_source(nat, 3.0, "tcp", sport=p, peer=OTHER) for p in (1, 2)] == [VIP, VIP]
+    assert reply_source(nat, 3.0, "udp", sport=103, peer=PEER) == VIP
+    assert reply_source(nat, 3.0, "udp", sport=104, peer=PEER) == POD  # refused, not tracked
+
+
+def test_quota_frees_up_when_the_peers_own_flows_die():
+    nat = table(max_flows=8, max_flows_per_peer=2, udp_idle=10.0)
+    assert send_in(nat, 1.0, sport=1) and send_in(nat, 1.0, sport=2)
+    assert not send_in(nat, 2.0, sport=3)
+    assert send_in(nat, 12.0, sport=3)  # the first two are dead: reaped, not evicted
+    assert nat.flows_of(PEER) == 1 and stats_of(nat).dropped(DropReason.NAT_PEER_QUOTA) == 1
+
+
+def test_full_table_evicts_from_the_peer_holding_most():
+    nat = table(max_flows=4, max_flows_per_peer=3)
+    assert send_in(nat, 1.0, sport=1, peer=OTHER)  # oldest of all, but OTHER holds only one
+    for port in (10, 11, 12):
+        assert send_in(nat, 2.0 + port / 100, sport=port)
+    assert send_in(nat, 3.0, sport=2, peer="10.128.0.78")  # table full: PEER pays
+    assert nat.flows_of(OTHER) == 1 and nat.flows_of(PEER) == 2
+    assert reply_source(nat, 3.0, sport=1, peer=OTHER) == VIP
+    assert reply_source(nat, 3.0, sport=10, peer=PEER) == POD  # PEER's idlest flow went
 
 
 @pytest.mark.parametrize("proto,timeout", [("udp", 180.0), ("tcp", 7440.0), ("icmp", 30.0)])
@@ -323,7 +363,7 @@ def test_syn_reopens_a_closed_flow():
 
 
 def test_flood_keeps_bound_and_active_flow():
-    nat = table(max_flows=64)
+    nat = table(max_flows=64, max_flows_per_peer=64)  # one peer: no quota
     assert send_in(nat, 0.0, "tcp", sport=1, dport=80, vip=VIP2, flags="S")
     for i in range(5000):
         now = 1.0 + i * 0.01
@@ -340,7 +380,7 @@ def test_flood_keeps_bound_and_active_flow():
 
 
 def test_eviction_takes_closed_first_then_longest_idle():
-    nat = table(max_flows=3)
+    nat = table(max_flows=3, max_flows_per_peer=3)  # one peer: no quota
     for now, port in [(0.0, 1), (1.0, 2), (2.0, 3)]:
         send_in(nat, now, "tcp", sport=port, flags="S")
     send_in(nat, 3.0, "tcp", sport=1)  # 1 active again: 2 is now idle longest
@@ -353,7 +393,7 @@ def test_eviction_takes_closed_first_then_longest_idle():
 
 
 def test_full_table_reaps_dead_flows_before_evicting():
-    nat = table(max_flows=2, **TIMEOUTS)
+    nat = table(max_flows=2, max_flows_per_peer=2, **TIMEOUTS)  # one peer: no quota
     send_in(nat, 0.0, "icmp", sport=1)
     send_in(nat, 1.0, "tcp", sport=2, flags="S")
     send_in(nat, 31.0, "udp", sport=3)  # the ping flow is dead: no live flow is evicted
@@ -362,7 +402,7 @@ def test_full_table_reaps_dead_flows_before_evicting():
 
 
 def test_evicted_flow_restarts_with_its_own_vip():
-    nat = table(max_flows=1)
+    nat = table(max_flows=1, max_flows_per_peer=1)  # one peer: no quota
     send_in(nat, 0.0, "udp", sport=1, vip=VIP)
     send_in(nat, 1.0, "udp", sport=2, vip=VIP2)  # evicts sport 1
     assert reply_source(nat, 1.0, "udp", sport=1) == POD  # no half mapping left behind

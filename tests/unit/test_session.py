@@ -17,7 +17,7 @@ from tencrypt.core.stats import DropReason
 from tests.unit.linked import (
     FAST,
     PORT,
-    PSK,
+    TEMPLATES,
     VIP,
     A,
     B,
@@ -366,19 +366,21 @@ def test_handshake_rate_limit_runs_before_any_dh():
     flood = []
     for i in range(10):  # ten valid initiations, from ten "pods", all from one source address
         pod = ipaddress.IPv4Address(f"10.1.0.{i + 1}").packed
-        flood.append(handshake.build_initiation(PSK, i + 1, int(net.wall * 1e9), pod,
-                                                X25519PrivateKey.generate)[1])
+        flood.append(handshake.build_initiation(TEMPLATES, i + 1, int(net.wall * 1e9), pod)[1])
     garbage = bytearray(flood[0])
     garbage[50] ^= 1
-    net.deliver(bytes(garbage), "192.0.2.7", B)  # forged: refused before the bucket
+    net.deliver(bytes(garbage), "192.0.2.7", B)  # forged: refused by mac1, before the bucket
     for initiation in flood:
         net.deliver(initiation, "192.0.2.7", B)
     assert b.stats.get("handshakes_responded") == 3 and next(dh) == 3
     assert b.stats.dropped(DropReason.HANDSHAKE_RATELIMIT) == 7
-    assert b.stats.dropped(DropReason.BAD_HANDSHAKE) == 1
+    assert b.stats.dropped(DropReason.BAD_MAC) == 1
     net.advance(1.0)  # one token back
-    net.deliver(flood[3], "192.0.2.7", B)  # not answered before, so not stale
-    assert b.stats.get("handshakes_responded") == 4
+    net.deliver(flood[3], "192.0.2.7", B)  # a byte-identical copy: refused after mac1 alone
+    assert b.stats.dropped(DropReason.HANDSHAKE_REPLAY) == 1 and next(dh) == 4
+    retry = handshake.build_initiation(TEMPLATES, 4, int(net.wall * 1e9), b"\x0a\x01\x00\x04")
+    net.deliver(retry[1], "192.0.2.7", B)  # the pod's real retry: a fresh initiation
+    assert b.stats.get("handshakes_responded") == 4 and next(dh) == 6
 
 
 def test_indices_are_random_nonzero_and_unique():

@@ -9,7 +9,6 @@ import os
 import struct
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +18,7 @@ from tencrypt.core.stats import DropReason
 from tests.unit.linked import (
     FAST,
     PORT,
-    PSK,
+    TEMPLATES,
     A,
     B,
     C,
@@ -30,6 +29,7 @@ from tests.unit.linked import (
     handled,
     ipv4,
     new_net,
+    remac,
 )
 
 
@@ -56,7 +56,7 @@ def test_replayed_initiation_creates_nothing_and_disturbs_nothing(net):
     for _ in range(3):
         net.deliver(initiation, "192.0.2.66", B)  # an attacker replays it from elsewhere
     assert net.pump(hold=True) == []  # no response, no DH
-    assert b.stats.dropped(DropReason.STALE_HANDSHAKE) == 3
+    assert b.stats.dropped(DropReason.HANDSHAKE_REPLAY) == 3  # seen mac1: no Noise work
     assert b.stats.get("handshakes_responded") == 1 and b.session_count() == 1
     net.send(A, B, ipv4(A, B, b"live session unharmed"))
     net.send(B, A, ipv4(B, A, b"both ways"))
@@ -89,8 +89,8 @@ def test_initiation_older_than_max_age_is_stale():
     net = Net()
     net.add(B)
     state, initiation = handshake.build_initiation(
-        PSK, 77, int((net.wall - FAST.initiation_max_age - 1) * 1e9),
-        ipaddress.IPv4Address(A).packed, X25519PrivateKey.generate)
+        TEMPLATES, 77, int((net.wall - FAST.initiation_max_age - 1) * 1e9),
+        ipaddress.IPv4Address(A).packed)
     net.deliver(initiation, A, B)
     assert net.pods[B].stats.dropped(DropReason.STALE_HANDSHAKE) == 1
     assert net.pump(hold=True) == []
@@ -105,9 +105,11 @@ def test_forged_response_is_dropped_and_the_real_one_still_completes(net):
     for byte in (8, 40, 63):  # ephemeral, encrypted payload, tag
         forged = bytearray(response)
         forged[byte] ^= 0x80
-        net.deliver(bytes(forged), src, dst)
+        net.deliver(bytes(forged), src, dst)  # mac1 fails
+        net.deliver(remac(bytes(forged)), src, dst)  # a key holder's forgery: Noise fails
     unknown = response[:4] + struct.pack("<I", (struct.unpack_from("<I", response, 4)[0] + 1))
-    net.deliver(unknown + response[8:], src, dst)
+    net.deliver(remac(unknown + response[8:]), src, dst)
+    assert a.stats.dropped(DropReason.BAD_MAC) == 3
     assert a.stats.dropped(DropReason.BAD_HANDSHAKE) == 3
     assert a.stats.dropped(DropReason.UNKNOWN_INDEX) == 1
     assert a.session_count() == 0

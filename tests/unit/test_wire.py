@@ -49,7 +49,7 @@ def test_sizes_and_mtu():
     assert wire.DATA_OVERHEAD == 32 and wire.OUTER_OVERHEAD == 60
     assert wire.tunnel_mtu(1500) == 1440 and wire.tunnel_mtu(1450) == 1390
     assert len(wire.seal(KEY, 1, 0, b"")) == 32  # a keepalive
-    assert (wire.INITIATION_LEN, wire.RESPONSE_LEN) == (72, 64)
+    assert (wire.INITIATION_LEN, wire.RESPONSE_LEN) == (88, 80)  # version 2: with mac1
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=1500),
@@ -106,12 +106,51 @@ def test_handshake_payloads():
     assert wire.parse_response_payload(bytes(8)) is None
 
 
+MAC_KEY = wire.derive_mac_key(bytes(range(1, 33)))
+
+
 def test_handshake_envelopes():
-    init = wire.build_initiation(bytes(68))
-    assert init[:4] == b"\x01\x00\x00\x00" and len(init) == 72
+    init = wire.build_initiation(bytes(68), MAC_KEY)
+    assert init[:4] == b"\x01\x00\x00\x00" and len(init) == 88
     assert wire.parse_initiation(init) == bytes(68)
     assert wire.parse_initiation(init + b"\x00") is None
-    resp = wire.build_response(0xAABBCCDD, bytes(56))
-    assert resp[:8] == b"\x02\x00\x00\x00\xdd\xcc\xbb\xaa" and len(resp) == 64
+    resp = wire.build_response(0xAABBCCDD, bytes(56), MAC_KEY)
+    assert resp[:8] == b"\x02\x00\x00\x00\xdd\xcc\xbb\xaa" and len(resp) == 80
     assert wire.parse_response(resp) == (0xAABBCCDD, bytes(56))
     assert wire.parse_response(resp[:-1]) is None
+
+
+def test_mac1_as_the_docstring_specifies_it():
+    """Computed here from the spec's words alone: BLAKE2s("tencrypt mac1 v2" || psk), then
+    keyed BLAKE2s-128 over every byte before mac1."""
+    import hashlib
+    psk = bytes(range(1, 33))
+    key = hashlib.blake2s(b"tencrypt mac1 v2" + psk).digest()
+    assert wire.derive_mac_key(psk) == key and len(wire.MAC_LABEL) == 16
+    init = wire.build_initiation(bytes(68), key)
+    assert init[72:] == hashlib.blake2s(init[:72], key=key, digest_size=16).digest()
+    assert wire.mac_valid(key, init) and wire.mac_valid(key, memoryview(init))
+    resp = wire.build_response(7, bytes(56), key)
+    assert resp[64:] == hashlib.blake2s(resp[:64], key=key, digest_size=16).digest()
+
+
+@given(st.integers(0, 87), st.integers(1, 255))
+def test_any_flipped_bit_fails_mac1(pos, flip):
+    init = bytearray(wire.build_initiation(bytes(68), MAC_KEY))
+    init[pos] ^= flip
+    assert not wire.mac_valid(MAC_KEY, init)
+
+
+def test_mac_key_index_tells_which_key_a_message_uses():
+    keys = [wire.derive_mac_key(bytes([k]) * 32) for k in (1, 2, 3)]
+    for i, key in enumerate(keys):
+        assert wire.mac_key_index(keys, wire.build_initiation(bytes(68), key)) == i
+    assert wire.mac_key_index(keys, wire.build_initiation(bytes(68), MAC_KEY)) is None
+    assert wire.mac_key_index(keys, b"short") is None
+
+
+def test_version_1_sizes_are_recognised():
+    assert wire.is_old_version(b"\x01\x00\x00\x00" + bytes(68))
+    assert wire.is_old_version(b"\x02\x00\x00\x00" + bytes(60))
+    assert not wire.is_old_version(wire.build_initiation(bytes(68), MAC_KEY))
+    assert not wire.is_old_version(b"\x04\x00\x00\x00" + bytes(68))

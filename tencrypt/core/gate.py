@@ -1,0 +1,115 @@
+"""The gate every handshake message passes before the tunnel spends a Diffie-Hellman on it.
+
+Stages of an initiation, cheapest first (``Gate.initiation``; session.py then checks the
+claimed pod IP and does the DH):
+
+1. Version and length: a version-1 message (72 bytes) is OLD_VERSION, a short one SHORT,
+   any other length BAD_HANDSHAKE.
+2. mac1 (one keyed BLAKE2s, about a microsecond): BAD_MAC. Nothing without the project key
+   gets further, and so far no Noise hashing, no AEAD, no DH has run.
+3. A byte-identical copy of an initiation that passed mac1 before: HANDSHAKE_REPLAY (one
+   dictionary lookup). A captured initiation replayed from many spoofed sources therefore
+   spends nobody's tokens.
+4. The per-source token bucket (HANDSHAKE_RATELIMIT), then the global budget of handshakes
+   per second (HANDSHAKE_BUDGET): a key holder cannot make us do more Noise and DH work than
+   ``handshake_budget_rate`` a second, from however many sources.
+5. Noise ``read_message`` from the psk-premixed template (hashes and one AEAD, no DH):
+   BAD_HANDSHAKE.
+6. The timestamp: more than ``initiation_max_skew`` in the future is FUTURE_HANDSHAKE (it
+   would block the pod IP until the clock catches up); older than ``initiation_max_age`` or
+   not newer than the last one accepted from the claimed pod IP is STALE_HANDSHAKE.
+
+A response passes 1, 2 and 4 (``Gate.response_envelope``, ``Gate.admit``) before its DH.
+
+Rules: nothing here raises on input from the network; every refusal is one DropReason; the
+tables are pruned at most once a second (``prune``), each bounded as handshake.py says.
+"""
+
+from __future__ import annotations
+
+from tencrypt.core import handshake, wire
+from tencrypt.core.handshake import (
+    HandshakeBudget,
+    HandshakeLimiter,
+    Initiation,
+    InitiationStamps,
+    Keygen,
+    SeenMacs,
+    Templates,
+)
+from tencrypt.core.peer import Limits
+from tencrypt.core.stats import DropReason
+from tencrypt.core.wire import Buffer
+
+PRUNE_EVERY = 1.0  # seconds of `now` between two prunes of the tables
+
+
+class Gate:
+    """The responder's (and initiator's) defences before any DH. See the module rules."""
+
+    __slots__ = ("templates", "stamps", "seen", "limiter", "budget", "_limits", "_next_prune")
+
+    def __init__(self, psk: bytes, keygen: Keygen, limits: Limits) -> None:
+        self.templates = Templates(psk, keygen)
+        self.stamps = InitiationStamps()
+        self.seen = SeenMacs()
+        self.limiter = HandshakeLimiter(limits.handshake_rate, limits.handshake_burst)
+        self.budget = HandshakeBudget(limits.handshake_budget_rate, limits.handshake_budget_burst)
+        self._limits = limits
+        self._next_prune = float("-inf")
+
+    def envelope(self, datagram: Buffer, length: int) -> DropReason | None:
+        """Stages 1-2 for a message that must be ``length`` bytes long."""
+        n = len(datagram)
+        if n != length:
+            if wire.is_old_version(datagram):
+                return DropReason.OLD_VERSION
+            return DropReason.SHORT if n < length else DropReason.BAD_HANDSHAKE
+        if not wire.mac_valid(self.templates.mac_key, datagram):
+            return DropReason.BAD_MAC
+        return None
+
+    def admit(self, source_ip: str, now: float) -> DropReason | None:
+        """Stage 4: a token from the source's bucket, then one from the global budget."""
+        if not self.limiter.allow(source_ip, now):
+            return DropReason.HANDSHAKE_RATELIMIT
+        if not self.budget.allow(now):
+            return DropReason.HANDSHAKE_BUDGET
+        return None
+
+    def initiation(self, datagram: Buffer, source_ip: str, now: float,
+                   wall: float) -> Initiation | DropReason:
+        """Stages 1-6: the authenticated initiation, or why it was refused."""
+        reason = self.envelope(datagram, wire.INITIATION_LEN)
+        if reason is not None:
+            return reason
+        if self.seen.seen(bytes(datagram[-wire.MAC_LEN:]), int(wall * 1e9)):
+            return DropReason.HANDSHAKE_REPLAY
+        reason = self.admit(source_ip, now)
+        if reason is not None:
+            return reason
+        init = handshake.read_initiation(self.templates, datagram)
+        if init is None:
+            return DropReason.BAD_HANDSHAKE
+        limits = self._limits
+        wall_ns = int(wall * 1e9)
+        if init.unix_ns > wall_ns + int(limits.initiation_max_skew * 1e9):
+            return DropReason.FUTURE_HANDSHAKE
+        if not self.stamps.fresh(init.pod_ip, init.unix_ns, wall_ns,
+                                 int(limits.initiation_max_age * 1e9)):
+            return DropReason.STALE_HANDSHAKE
+        return init
+
+    def response_envelope(self, datagram: Buffer) -> DropReason | None:
+        return self.envelope(datagram, wire.RESPONSE_LEN)
+
+    def prune(self, now: float, wall: float) -> None:
+        """Forget what can no longer matter; does work at most once per PRUNE_EVERY."""
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY
+        wall_ns = int(wall * 1e9)
+        max_age_ns = int(self._limits.initiation_max_age * 1e9)
+        self.stamps.prune(wall_ns, max_age_ns)
+        self.seen.prune(wall_ns, max_age_ns)
+        self.limiter.prune(now)

@@ -1,0 +1,281 @@
+"""The gate before any DH (core/gate.py): mac1 first, version 1 refused, replays, future
+timestamps, the per-source and global budgets, and tables that shrink again.
+
+Work is asserted by counting calls through the primitives the Noise layer uses (X25519 key
+generation, X25519 public-key loading for the DH, ChaCha20-Poly1305 construction and use,
+HKDF), never by timing."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from tencrypt.core import handshake, noise, wire
+from tencrypt.core.gate import Gate
+from tencrypt.core.handshake import HandshakeBudget, InitiationStamps, SeenMacs
+from tencrypt.core.noise import HandshakeState
+from tencrypt.core.stats import DropReason
+from tests.unit.linked import FAST, PSK, TEMPLATES, A, B, Net, fast, ipv4, new_net
+
+
+@dataclass
+class Work:
+    """Calls into the expensive primitives, counted."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+@pytest.fixture
+def work(monkeypatch) -> Work:
+    counted = Work()
+
+    class CountingAEAD:
+        def __init__(self, key: bytes) -> None:
+            counted.count("aead_key")
+            self._aead = ChaCha20Poly1305(key)
+
+        def encrypt(self, *args):
+            counted.count("aead_encrypt")
+            return self._aead.encrypt(*args)
+
+        def decrypt(self, *args):
+            counted.count("aead_decrypt")
+            return self._aead.decrypt(*args)
+
+    real_load = noise.X25519PublicKey.from_public_bytes
+    real_hkdf = noise.hkdf
+
+    class CountingX25519:
+        @staticmethod
+        def from_public_bytes(data: bytes):
+            counted.count("dh")
+            return real_load(data)
+
+    def counting_hkdf(*args):
+        counted.count("hkdf")
+        return real_hkdf(*args)
+
+    monkeypatch.setattr(noise, "ChaCha20Poly1305", CountingAEAD)
+    monkeypatch.setattr(noise, "X25519PublicKey", CountingX25519)
+    monkeypatch.setattr(noise, "hkdf", counting_hkdf)
+    return counted
+
+
+def counting_keygen(work: Work):
+    def keygen() -> X25519PrivateKey:
+        work.count("keygen")
+        return X25519PrivateKey.generate()
+    return keygen
+
+
+def initiation(claim: str, wall: float, index: int = 7) -> bytes:
+    return handshake.build_initiation(TEMPLATES, index, int(wall * 1e9),
+                                      ipaddress.IPv4Address(claim).packed)[1]
+
+
+# ---- mac1 first --------------------------------------------------------------------------------
+
+def test_keyless_initiations_cost_no_noise_work(work):
+    net = Net()
+    b = net.add(B, keygen=counting_keygen(work))
+    genuine = initiation(A, net.wall)
+    work.calls.clear()
+    for i in range(300):
+        forged = bytearray(os.urandom(wire.INITIATION_LEN))
+        forged[:4] = b"\x01\x00\x00\x00"
+        if i % 3 == 0:  # a genuine initiation with one bit changed
+            forged = bytearray(genuine)
+            forged[4 + i % (wire.INITIATION_LEN - 4)] ^= 1 << (i % 8)
+        assert b.receive(bytes(forged), ("192.0.2.9", 1337), net.now, net.wall) is None
+    assert b.stats.dropped(DropReason.BAD_MAC) == 300
+    assert work.calls == {} and b.pop_transmits() == []
+    # the control: a genuine initiation does run the Noise work, so the counters can count
+    b.receive(genuine, (A, 1337), net.now, net.wall)
+    assert work.calls["aead_decrypt"] == 1 and work.calls["dh"] == 1
+    assert work.calls["keygen"] == 1 and b.stats.get("handshakes_responded") == 1
+
+
+def test_keyless_responses_cost_no_noise_work(work):
+    net = new_net()
+    a = net.pods[A]
+    net.send(A, B, ipv4(A, B))
+    for d, s, dst in net.pump(hold=True):
+        net.deliver(d, s, dst)
+    (response, src, dst), = net.pump(hold=True)
+    work.calls.clear()
+    for i in range(200):  # the right receiver index, anything else forged
+        forged = bytearray(response[:8] + os.urandom(wire.RESPONSE_LEN - 8))
+        if i % 2:
+            forged = bytearray(response)
+            forged[8 + i % (wire.RESPONSE_LEN - 8)] ^= 0x40
+        net.deliver(bytes(forged), src, dst)
+    assert a.stats.dropped(DropReason.BAD_MAC) == 200 and work.calls == {}
+    net.deliver(response, src, dst)
+    assert a.stats.get("handshakes_completed") == 1 and work.calls["dh"] == 1
+
+
+def test_the_gate_needs_one_template_per_key_not_per_message(work):
+    gate = Gate(PSK, X25519PrivateKey.generate, FAST)
+    message = initiation(A, 1_700_000_000.0)
+    work.calls.clear()
+    got = gate.initiation(message, A, 1.0, 1_700_000_000.0)
+    assert isinstance(got, handshake.Initiation)
+    # reading message 1 from the premixed template: MixKey(e) is the only HKDF, no psk mixing
+    assert work.calls["hkdf"] == 1 and work.calls["aead_decrypt"] == 1
+
+
+def test_premixed_template_writes_the_same_bytes_as_a_fresh_state():
+    e = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+    fresh = HandshakeState(wire.NOISE_PROTOCOL, True, wire.PROLOGUE, psk=PSK, ephemeral=e)
+    template = HandshakeState(wire.NOISE_PROTOCOL, True, wire.PROLOGUE, psk=PSK, ephemeral=e)
+    template.premix_psk()
+    clone = template.clone()
+    assert clone.write_message(b"payload") == fresh.write_message(b"payload")
+    assert clone.handshake_hash == fresh.handshake_hash
+    again = template.clone()  # the template itself was not advanced by its clone
+    assert again.write_message(b"payload") == fresh_message(e)
+
+
+def fresh_message(e: X25519PrivateKey) -> bytes:
+    state = HandshakeState(wire.NOISE_PROTOCOL, True, wire.PROLOGUE, psk=PSK, ephemeral=e)
+    return state.write_message(b"payload")
+
+
+# ---- version 1 ---------------------------------------------------------------------------------
+
+def v1_initiation(wall: float) -> bytes:
+    """A version-1 initiation exactly as the old format built it (prologue v1, no mac1)."""
+    state = HandshakeState(wire.NOISE_PROTOCOL, True, b"tencrypt v1 NNpsk0", psk=PSK)
+    payload = wire.build_initiation_payload(5, int(wall * 1e9), ipaddress.IPv4Address(A).packed)
+    return struct.pack("<I", 1) + state.write_message(payload)
+
+
+def test_version_1_messages_are_refused_and_counted(work):
+    net = Net()
+    b = net.add(B)
+    old = v1_initiation(net.wall)
+    work.calls.clear()
+    assert len(old) == 72
+    assert b.receive(old, (A, 1337), net.now, net.wall) is None
+    old_response = struct.pack("<II", 2, 1) + bytes(56)
+    assert b.receive(old_response, (A, 1337), net.now, net.wall) is None
+    assert b.stats.dropped(DropReason.OLD_VERSION) == 2
+    assert b.pop_transmits() == [] and work.calls == {}
+
+
+def test_version_2_never_completes_with_a_version_1_prologue():
+    """Even with a valid mac1, a v1-prologue Noise message does not authenticate."""
+    net = Net()
+    b = net.add(B)
+    body = v1_initiation(net.wall)
+    b.receive(wire.add_mac(TEMPLATES.mac_key, body), (A, 1337), net.now, net.wall)
+    assert b.stats.dropped(DropReason.BAD_HANDSHAKE) == 1 and b.pop_transmits() == []
+
+
+def test_other_lengths_are_short_or_bad():
+    net = Net()
+    b = net.add(B)
+    for n in (4, 40, 87):
+        b.receive(b"\x01\x00\x00\x00" + bytes(n - 4), (A, 1337), net.now, net.wall)
+    b.receive(b"\x01\x00\x00\x00" + bytes(100), (A, 1337), net.now, net.wall)
+    assert b.stats.dropped(DropReason.SHORT) == 3
+    assert b.stats.dropped(DropReason.BAD_HANDSHAKE) == 1
+
+
+# ---- timestamps --------------------------------------------------------------------------------
+
+def test_future_timestamps_are_refused_and_do_not_block_the_pod():
+    net = Net(fast(initiation_max_skew=30.0))
+    b = net.add(B)
+    b.receive(initiation(A, net.wall + 3600), (A, 1337), net.now, net.wall)
+    b.receive(initiation(A, net.wall + 31, index=8), (A, 1337), net.now, net.wall)
+    assert b.stats.dropped(DropReason.FUTURE_HANDSHAKE) == 2 and b.pop_transmits() == []
+    net.add(A)
+    net.send(A, B, ipv4(A, B, b"not blocked"))  # A's real clock: accepted at once
+    net.pump()
+    assert net.delivered[B] == [ipv4(A, B, b"not blocked")]
+
+
+def test_small_skew_is_accepted():
+    net = Net(fast(initiation_max_skew=30.0))
+    b = net.add(B)
+    b.receive(initiation(A, net.wall + 29), (A, 1337), net.now, net.wall)
+    assert b.stats.get("handshakes_responded") == 1
+
+
+def test_stamp_and_replay_tables_are_pruned():
+    stamps, seen = InitiationStamps(), SeenMacs()
+    for i in range(1000):
+        stamps.accept(struct.pack("!I", i), i * 10**9)
+        assert not seen.seen(struct.pack("!I", i), i * 10**9)
+    assert seen.seen(struct.pack("!I", 5), 6 * 10**9)
+    stamps.prune(1180 * 10**9, 180 * 10**9)
+    seen.prune(1180 * 10**9, 180 * 10**9)
+    assert len(stamps) == len(seen) == 0
+    for i in (998, 999):
+        stamps.accept(struct.pack("!I", i), i * 10**9)
+        seen.seen(struct.pack("!I", i), i * 10**9)
+    stamps.prune(1000 * 10**9, 180 * 10**9)
+    seen.prune(1000 * 10**9, 180 * 10**9)
+    assert len(stamps) == len(seen) == 2
+
+
+def test_tunnel_tables_shrink_after_max_age():
+    net = Net(fast(initiation_max_age=30.0, handshake_rate=1000.0))
+    b = net.add(B)
+    for i in range(50):
+        pod = f"10.2.0.{i + 1}"
+        b.receive(initiation(pod, net.wall, index=i + 1), (pod, 1337), net.now, net.wall)
+    gate = b._gate  # noqa: SLF001 - the tables' sizes are what this test is about
+    assert len(gate.stamps) == 50 and len(gate.seen) == 50
+    net.advance(FAST.handshake_give_up + 31.0)
+    assert len(gate.stamps) == 0 and len(gate.seen) == 0 and len(gate.limiter) == 0
+
+
+# ---- budgets -----------------------------------------------------------------------------------
+
+def test_global_budget_bounds_handshakes_from_many_sources(work):
+    net = Net(fast(handshake_budget_rate=5.0, handshake_budget_burst=5))
+    b = net.add(B, keygen=counting_keygen(work))
+    work.calls.clear()
+    for i in range(40):  # forty key holders (or spoofed sources), one initiation each
+        pod = f"10.3.0.{i + 1}"
+        b.receive(initiation(pod, net.wall, index=i + 1), (pod, 1337), net.now, net.wall)
+    assert b.stats.get("handshakes_responded") == 5 and work.calls["keygen"] == 5
+    assert b.stats.dropped(DropReason.HANDSHAKE_BUDGET) == 35
+    assert work.calls["aead_decrypt"] == 5  # refused ones did no Noise work either
+    net.advance(1.0)  # five more tokens
+    for i in range(40, 50):
+        pod = f"10.3.0.{i + 1}"
+        b.receive(initiation(pod, net.wall, index=i + 1), (pod, 1337), net.now, net.wall)
+    assert b.stats.get("handshakes_responded") == 10
+
+
+def test_budget_bucket():
+    budget = HandshakeBudget(rate=10.0, burst=2)
+    assert [budget.allow(0.0) for _ in range(3)] == [True, True, False]
+    assert budget.allow(0.05) is False and budget.allow(0.1) is True
+    assert [budget.allow(100.0) for _ in range(3)] == [True, True, False]  # burst caps savings
+
+
+def test_replays_spend_no_tokens(work):
+    net = Net(fast(handshake_rate=1.0, handshake_burst=1))
+    b = net.add(B)
+    genuine = initiation(A, net.wall)
+    work.calls.clear()
+    for i in range(100):  # a captured initiation replayed from many spoofed sources
+        b.receive(genuine, (f"10.9.{i // 250}.{i % 250 + 1}", 1337), net.now, net.wall)
+    assert b.stats.dropped(DropReason.HANDSHAKE_REPLAY) == 99
+    assert work.calls["aead_decrypt"] == 1 and len(b._gate.limiter) == 1  # noqa: SLF001

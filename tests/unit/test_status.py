@@ -1,0 +1,88 @@
+"""``tencrypt status``: Tunnel.status, the /status endpoint beside /metrics, and the printout."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+
+from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
+from tencrypt.linux import metrics
+from tencrypt.status import fetch, render
+from tests.unit.linked import A, B, connect, new_net
+
+
+def proxy_document(net) -> dict:
+    a = net.pods[A]
+    a.stats.drop(DropReason.BAD_MAC, 7)
+    a.stats.inc("plaintext_fallback", 3)
+    return {**a.status(net.now), **snapshot(a.stats), "strict": False,
+            "classification": {"internal": 2, "external": 1}}
+
+
+def test_tunnel_status_is_json_and_says_what_the_tunnel_holds():
+    net = new_net()
+    connect(net)
+    net.advance(2.0)
+    doc = json.loads(json.dumps(net.pods[A].status(net.now)))
+    assert doc["pod_ip"] == A and doc["totals"]["peers"] == 1 and doc["totals"]["sessions"] == 1
+    (peer,) = doc["peers"]
+    assert peer["pod_ip"] == B and peer["endpoint"] == f"{B}:1337" and peer["up"]
+    (session,) = peer["sessions"]
+    assert session["slot"] == "current" and session["initiator"] and session["confirmed"]
+    assert session["sent"] >= 1 and session["age"] == 2.0
+
+
+def test_snapshot_names_drops_by_reason():
+    stats = Stats()
+    stats.drop(DropReason.CLAIM_REBIND, 2)
+    stats.inc("packets_sealed", 5)
+    assert snapshot(stats) == {"counters": {"packets_sealed": 5}, "drops": {"claim_rebind": 2}}
+
+
+def test_render_prints_warning_peers_sessions_classes_and_drops():
+    net = new_net()
+    connect(net)
+    out = io.StringIO()
+    render(proxy_document(net), out)
+    text = out.getvalue()
+    assert text.startswith("WARNING: 3 packets")
+    assert f"pod {A} (not strict): 1 peers (1 up), 1 sessions" in text
+    assert f"peer {B}  endpoint {B}:1337" in text and "current " in text
+    assert "classification: external 1, internal 2" in text
+    assert "bad_mac" in text.split("drops:")[1]
+    render({}, io.StringIO())  # an empty document still prints
+
+
+def test_metrics_endpoint_serves_status_beside_metrics():
+    net = new_net()
+    connect(net)
+    doc = proxy_document(net)
+    stats = net.pods[A].stats
+    ready, stop = threading.Event(), threading.Event()
+    where: dict[str, int] = {}
+
+    async def serve() -> None:
+        server = await metrics.serve("127.0.0.1:0", lambda: render_prometheus(stats), lambda: doc)
+        where["port"] = server.sockets[0].getsockname()[1]
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+        server.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        assert ready.wait(5)
+        assert fetch(f"127.0.0.1:{where['port']}") == json.loads(json.dumps(doc))
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_respond_routes():
+    code, kind, body = metrics.respond(b"/status", lambda: "m\n", lambda: {"a": 1})
+    assert (code, kind, json.loads(body)) == ("200 OK", "application/json", {"a": 1})
+    assert metrics.respond(b"/metrics", lambda: "m\n", None)[2] == b"m\n"
+    assert metrics.respond(b"/status", lambda: "m\n", None)[0] == "404 Not Found"
