@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from tencrypt.core import TUNNEL_PORT
+from tencrypt.core.wire import DATA_OVERHEAD
 
-OVERHEAD = 20 + 8 + 16 + 16
+OVERHEAD = 20 + 8 + DATA_OVERHEAD  # outer IPv4 + UDP + wire.py's data header and tag
 MIN_MTU = 576
 PROXY_NAMESERVER = "127.0.0.1"
 MARKER = "# tencrypt: nameserver points at the embedded DNS proxy; original:"

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tencrypt.core import handshake, wire
+from tencrypt.core import TUNNEL_PORT, handshake, wire
 from tencrypt.core.gate import Gate
 from tencrypt.core.handshake import Keys
 from tencrypt.core.identity import (
@@ -91,7 +91,7 @@ class Tunnel:
     """All sessions and peers of one pod's proxy. See the module rules."""
 
     def __init__(self, psk: bytes, pod_ip: str, stats: Stats, limits: Limits = _DEFAULT_LIMITS,
-                 port: int = 1337, rng: Callable[[int], bytes] = secrets.token_bytes,
+                 port: int = TUNNEL_PORT, rng: Callable[[int], bytes] = secrets.token_bytes,
                  keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
                  identity: ClaimPolicy | None = None) -> None:
         """``identity`` binds claimed pod IPs to the network (rule 9). The daemon always

@@ -106,7 +106,6 @@ NOISE_PROTOCOL = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s"
 TAG_LEN = 16
 DATA_HEADER_LEN = 16
 DATA_OVERHEAD = DATA_HEADER_LEN + TAG_LEN  # 32: also the length of a keepalive
-OUTER_OVERHEAD = 20 + 8 + DATA_OVERHEAD  # outer IPv4 + UDP + ours = 60
 INITIATION_PAYLOAD_LEN = 20
 RESPONSE_PAYLOAD_LEN = 8
 INITIATION_LEN = 4 + 32 + INITIATION_PAYLOAD_LEN + TAG_LEN + MAC_LEN  # 88
@@ -125,11 +124,6 @@ _INITIATION_WORD = _WORD.pack(TYPE_INITIATION)
 _NONCE_PAD = b"\x00\x00\x00\x00"
 
 Buffer = bytes | bytearray | memoryview  # what the shell may hand us: read buffers are reused
-
-
-def tunnel_mtu(link_mtu: int) -> int:
-    """tenc0's MTU for an uplink MTU: what is left after our encapsulation."""
-    return link_mtu - OUTER_OVERHEAD
 
 
 def message_type(datagram: Buffer) -> int:

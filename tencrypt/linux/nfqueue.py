@@ -55,11 +55,11 @@ from tencrypt.core import nfqmsg
 from tencrypt.core.nfqmsg import QueuedPacket, QueueStatus
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError
+from tencrypt.linux.kernel import SO_RCVBUFFORCE
 
 NETLINK_NETFILTER = 12  # linux/netlink.h
 SOL_NETLINK = 270  # linux/socket.h
 NETLINK_CAP_ACK = 10  # linux/netlink.h: errors do not echo our whole request
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h
 RECV_BUFFER_BYTES = 4 * 1024 * 1024  # >= maxlen (1024) messages of ~2 KiB truesize each
 RECV_CHUNK = 65536  # one datagram: a packet message is under 400 bytes, an error under 100
 SEND_CHUNK = 32 * 1024  # verdict messages per send: 32 bytes each, so ~1000

@@ -219,8 +219,8 @@ def test_an_internal_answer_upgrades_an_external_one_and_is_a_conflict():
 def test_membership_is_internal_until_removed_and_removal_is_authoritative():
     t = table()
     t.learn("172.30.1.10", INTERNAL, 300, now=0)
-    assert t.set_members(frozenset({"172.30.1.10", "172.17.0.12", "fd00::12"}), now=1) == [
-        Change(ip, None, INTERNAL) for ip in ("172.17.0.12", "fd00::12")]
+    assert set(t.set_members(frozenset({"172.30.1.10", "172.17.0.12", "fd00::12"}), now=1)) == {
+        Change(ip, None, INTERNAL) for ip in ("172.17.0.12", "fd00::12")}
     t.learn("172.17.0.12", EXTERNAL, 60, now=2)  # a tenant's alias: no effect
     assert t.pop_conflicts() == [Conflict("172.17.0.12", INTERNAL, EXTERNAL)]
     assert t.expire(10**9) == []  # members outlive every TTL; the VIP's DNS evidence ran out

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tencrypt.core import wire
+from tencrypt.core.podconfig import OVERHEAD, tun_mtu
 
 # RFC 8439 §2.8.2: AEAD_CHACHA20_POLY1305 test vector.
 RFC_KEY = bytes.fromhex("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
@@ -46,8 +47,8 @@ def test_data_message_layout_byte_by_byte():
 
 
 def test_sizes_and_mtu():
-    assert wire.DATA_OVERHEAD == 32 and wire.OUTER_OVERHEAD == 60
-    assert wire.tunnel_mtu(1500) == 1440 and wire.tunnel_mtu(1450) == 1390
+    assert wire.DATA_OVERHEAD == 32 and OVERHEAD == 60
+    assert tun_mtu(1500) == 1440 and tun_mtu(1450) == 1390
     assert len(wire.seal(KEY, 1, 0, b"")) == 32  # a keepalive
     assert (wire.INITIATION_LEN, wire.RESPONSE_LEN) == (88, 80)  # version 2: with mac1
 
