@@ -140,17 +140,20 @@ def test_peer_down_keeps_the_protection(lab, capture, members):
     patched(lab, members, "nginx1", "nginx2",
             run_args=("--handshake-give-up", "3", "--session-lifetime", "6"))
     n1, n2 = lab.pod("nginx1"), lab.pod("nginx2")
-    assert curl(lab, "nginx1", "http://nginx2:8080/", MARKER + "-warm").returncode == 0
+    # nginx2 calls nginx1: nginx1's session is bound to nginx2's own pod IP (its source)
+    assert curl(lab, "nginx2", "http://nginx1:8080/", MARKER + "-warm").returncode == 0
+    log = lab.log_file("nginx1.tencrypt")
+    netns.wait_for(lambda: f"peer {n2.ip} up" in log.read_text(), what="the session")
     node_ns, iface = bridge(lab)
     block = ["iptables", "-I", "FORWARD", "-p", "udp", "--dport", "1337", "-j", "DROP"]
     netns.run(node_ns, block)
     try:
         with capture(node_ns, iface, "not port 53") as cap:
-            def unreachable() -> bool:
+            def down() -> bool:  # traffic keeps the stale timer going until the peer is given up
                 lab.exec("nginx1", [sys.executable, "-c", UDP_SENDER, n2.ip, "4"])
-                return metrics(lab, "nginx1").get("tencrypt_peers_unreachable_total", 0) >= 1
-            netns.wait_for(unreachable, timeout=60, interval=0.5, what="the peer to be given up")
-            assert "down" in (lab.log_file("nginx1.tencrypt").read_text())
+                return f"peer {n2.ip} down" in log.read_text()
+            netns.wait_for(down, timeout=60, interval=0.5, what="the peer to go down")
+            assert metrics(lab, "nginx1").get("tencrypt_peers_unreachable_total", 0) >= 1
             lab.exec("nginx1", [sys.executable, "-c", UDP_SENDER, n2.ip, "20"])
             tcp = curl(lab, "nginx1", f"http://{n2.ip}:8080/", MARKER + "-tcp", timeout=3)
         assert tcp.returncode != 0  # availability is lost ...
