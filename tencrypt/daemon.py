@@ -81,6 +81,7 @@ from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tun
 from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
 from tencrypt.linux.effects import EffectApplier, Kernel
+from tencrypt.linux.inbound import InboundGate
 from tencrypt.linux.members import MembersFile
 from tencrypt.logutil import RateLimitedLog
 from tencrypt.ports import Ports, RawSocket, Resolver, open_ports
@@ -133,6 +134,7 @@ class Proxy:
         self.awaiting_route: dict[str, list[bytes]] = {}  # peer -> opened packets
         self.up_peers: set[str] = set()
         self.plaintext_until: dict[str, float] = {}
+        self.inbound: InboundGate | None = None  # standalone strict mode only
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -161,6 +163,14 @@ class Proxy:
                  "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off")
         await self.resolver.start()
         loop = asyncio.get_running_loop()
+        if self.strict and not (self.members and self.members.loaded):
+            log.info("no membership file (%s): standalone, new plaintext connections from the "
+                     "pod network are classified before they are accepted",
+                     self.members.path if self.members else "none given")
+            self.inbound = InboundGate(self.kernel.open_inbound_queue(self.stats), self.table,
+                                       self.stats, self.resolver.classify_address, self.clock,
+                                       self._spawn)
+            loop.add_reader(self.inbound.queue.fileno(), self.inbound.on_readable)
         loop.add_reader(self.ports.tun.fileno(), self._on_tun)
         loop.add_reader(self.ports.udp.fileno(), self._on_udp)
         self._spawn(self.effects.run(self.stopping))
@@ -172,6 +182,9 @@ class Proxy:
         loop = asyncio.get_running_loop()
         for port in (self.ports.tun, self.ports.udp):
             loop.remove_reader(port.fileno())
+        if self.inbound is not None:  # its rules stay: new connections wait for the next proxy
+            loop.remove_reader(self.inbound.queue.fileno())
+            self.inbound.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
