@@ -145,20 +145,9 @@ class Proxy:
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
-        """Firewall, adopted set, membership and their routes first; then the readers."""
-        c, now = self.config, self.clock()
-        if self.strict:
-            self.kernel.install_firewall()
-            adopted = self.kernel.elements()
-            self.desired.resync_elements(adopted)
-            self._on_changes(self.table.adopt(sorted(adopted), now, ADOPTED_EVIDENCE))
-        else:
-            log.warning("--no-strict: the firewall is removed; an internal peer without a proxy "
-                        "is reached in the clear after %.0f s of unanswered handshakes",
-                        self.tunnel.limits.handshake_give_up)
-            self.kernel.remove_firewall()
-        self._poll_members(now)
-        await self.effects.round()
+        """``prepare``, then the DNS proxy, the inbound gate (standalone) and the readers."""
+        await self.prepare()
+        c = self.config
         log.info("data path: %s (UDP GSO %s, GRO %s)", "batch" if self.batch else "one packet",
                  "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off")
         await self.resolver.start()
@@ -177,6 +166,24 @@ class Proxy:
         log.info("ready: pod %s, pod network %s, %d members", c.pod_ip,
                  ", ".join(c.pod_cidrs) or "-", len(self.members.loaded.addresses)
                  if self.members and self.members.loaded else 0)
+
+    async def prepare(self) -> None:
+        """Before the first packet is read: the firewall (setup installed it; repaired here),
+        what a previous run left in its sets adopted, the membership loaded, and the routes
+        and set elements they want applied."""
+        now = self.clock()
+        if self.strict:
+            self.kernel.install_firewall()
+            adopted = self.kernel.elements()
+            self.desired.resync_elements(adopted)
+            self._on_changes(self.table.adopt(sorted(adopted), now, ADOPTED_EVIDENCE))
+        else:
+            log.warning("--no-strict: the firewall is removed; an internal peer without a proxy "
+                        "is reached in the clear after %.0f s of unanswered handshakes",
+                        self.tunnel.limits.handshake_give_up)
+            self.kernel.remove_firewall()
+        self._poll_members(now)
+        await self.effects.round()
 
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()

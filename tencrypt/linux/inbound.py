@@ -86,18 +86,18 @@ class InboundGate:
         if self.table.lookup(src, now) is None and not self.table.known_unknown(src, now):
             self.table.note_unknown(src, now)
         verdict = decide_inbound(self.table.lookup(src, now), looked_up=True)
-        accept = self._accept(src, verdict)
         ids = self.held.pop(src, [])
         if ids:
+            accept = self._accept(src, verdict, len(ids))
             self.queue.verdicts([(i, accept) for i in ids])
 
-    def _accept(self, src: str, verdict: Verdict) -> bool:
+    def _accept(self, src: str, verdict: Verdict, packets: int = 1) -> bool:
         if verdict is Verdict.REFUSE:
-            self.stats.drop(DropReason.PLAINTEXT_FROM_PROJECT)
+            self.stats.drop(DropReason.PLAINTEXT_FROM_PROJECT, packets)
             self.ratelog.warn("plaintext-" + src, "refused a plaintext connection from %s: it is "
                               "this project's (a pod without a tencrypt proxy?)", src)
             return False
-        self.stats.inc("inbound_accepted")
+        self.stats.inc("inbound_accepted", packets)
         return True
 
     def close(self) -> None:
