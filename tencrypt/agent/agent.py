@@ -52,7 +52,7 @@ from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox,
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
 from tencrypt.core.stats import Stats
-from tencrypt.nodesync.watch import Changed, Listed, Reflector
+from tencrypt.kube.reflector import Changed, Listed, Reflector
 
 log = logging.getLogger("tencrypt.agent")
 TICK = 0.5  # seconds between passes without events: how soon a dead proxy is noticed

@@ -82,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
     from tencrypt.agent.reconcile import Policy
     from tencrypt.agent.resolver import Resolver
     from tencrypt.agent.supervisor import Supervisor
-    from tencrypt.nodesync.watch import WATCH_TIMEOUT, new_api_client
+    from tencrypt.kube.client import new_api_client
+    from tencrypt.kube.reflector import WATCH_TIMEOUT
 
     if not args.node:
         raise UsageError("which node is this? pass --node NAME or set NODE_NAME (the "

@@ -40,7 +40,7 @@ from typing import Any
 from tencrypt.core.psk import parse_psk
 from tencrypt.core.stats import Stats
 from tencrypt.errors import UsageError
-from tencrypt.nodesync.cluster import ENABLED_LABEL, EventType
+from tencrypt.kube.objects import ENABLED_LABEL, EventType
 
 SECRET_NAME = "tencrypt"
 SECRET_KEY = "PROJECT_PSK"

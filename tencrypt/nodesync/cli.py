@@ -109,12 +109,14 @@ def _apply_once(state: ClusterState, applier: IptablesApplier, dry_run: bool) ->
 
 
 def _list_api(args: argparse.Namespace, stats: Stats) -> ClusterState:
-    from tencrypt.nodesync import watch  # the kubernetes client is slow to import
+    from tencrypt.kube.client import new_api_client  # the kubernetes client is slow to import
+    from tencrypt.nodesync import watch
 
-    return watch.list_once(watch.new_api_client(args.kubeconfig), stats)
+    return watch.list_once(new_api_client(args.kubeconfig), stats)
 
 
 def _watch(args: argparse.Namespace, applier: IptablesApplier, stats: Stats) -> int:
+    from tencrypt.kube.client import new_api_client
     from tencrypt.nodesync import watch
 
     if args.dry_run:
@@ -122,7 +124,7 @@ def _watch(args: argparse.Namespace, applier: IptablesApplier, stats: Stats) -> 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    api = watch.new_api_client(args.kubeconfig)
+    api = new_api_client(args.kubeconfig)
     log.info("watching %s", api.configuration.host)
     watch.watch_and_sync(api, applier, stats, stop, resync=args.resync)
     log.info("stopped; rules left in place (use --cleanup to remove them)")

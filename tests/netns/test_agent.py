@@ -34,8 +34,8 @@ from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.linux import netns
 from tencrypt.linux.procs import read_pid
-from tencrypt.nodesync import kubeobjects
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tests.kubefakes import builders as kubeobjects
+from tests.kubefakes.fakeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "tencrypt-agent-marker-41c7"

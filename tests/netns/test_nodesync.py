@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from tencrypt.linux import netns
-from tencrypt.nodesync import kubeobjects, rules
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tencrypt.nodesync import rules
+from tests.kubefakes import builders as kubeobjects
+from tests.kubefakes.fakeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "nodesync-cluster.json"

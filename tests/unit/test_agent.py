@@ -17,8 +17,8 @@ import tencrypt.agent
 from tencrypt.agent import podstate, sandbox
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION, AgentKind, BadKey, NodeView
 from tencrypt.agent.reconcile import Phase, Policy, Reconciler, Sandbox, Verb, Want
-from tencrypt.nodesync import kubeobjects
-from tencrypt.nodesync.cluster import EventType
+from tencrypt.kube.objects import EventType
+from tests.kubefakes import builders as kubeobjects
 from tests.unit.test_purity import FORBIDDEN, imported_roots
 
 KEY = "q1ICqQvTWb4Vh7K3mM4yOeJ3YbTpB0P0m1BQ8Xv6y2A="

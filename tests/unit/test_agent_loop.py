@@ -20,9 +20,11 @@ from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION, AgentKind
 from tencrypt.agent.reconcile import Phase, Policy, Sandbox
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
+from tencrypt.kube import client as kubeclient
+from tencrypt.kube.reflector import Reflector
 from tencrypt.linux.netns import wait_for
-from tencrypt.nodesync import kubeobjects, watch
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tests.kubefakes import builders as kubeobjects
+from tests.kubefakes.fakeapi import FakeApiServer
 from tests.unit.test_agent import (
     CGROUPS,
     CRICTL_PODS,
@@ -177,7 +179,7 @@ class Harness:
         launcher.write_text(FAKE_LAUNCHER)
         self.sup = Supervisor(tmp / "state", launcher, Path("/bin/true"), ["--no-strict"],
                               setup_state_dir=tmp / "setup", stop_timeout=5.0)
-        self.api = watch.new_api_client(str(server.write_kubeconfig(tmp / "kubeconfig")))
+        self.api = kubeclient.new_api_client(str(server.write_kubeconfig(tmp / "kubeconfig")))
         self.agent = Agent("n1", self.sup, Resolver("annotation", proc=proc.root),
                            Policy(**{"backoff": 0.1, "ready_timeout": 5.0, **policy}))
         self.stop = threading.Event()
@@ -383,10 +385,10 @@ def test_real_client_fake_apiserver_a_forbidden_list_is_logged_in_one_line_with_
     from kubernetes import client
 
     server, make, proc = env
-    api = watch.new_api_client(str(server.write_kubeconfig(tmp_path / "kc-forbidden")))
+    api = kubeclient.new_api_client(str(server.write_kubeconfig(tmp_path / "kc-forbidden")))
     stop = threading.Event()
     unscoped = client.CoreV1Api(api).list_secret_for_all_namespaces  # as without the selector
-    watch.Reflector(AgentKind.SECRET, unscoped, queue_.Queue(), stop).start()
+    Reflector(AgentKind.SECRET, unscoped, queue_.Queue(), stop).start()
     try:
         wait_for(lambda: "relisting" in caplog.text, timeout=20, what="the refusal logged")
     finally:
