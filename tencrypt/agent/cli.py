@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     agent = Agent(args.node, supervisor, resolver, policy)
     log.info("node %s: watching %s; sandboxes by %s; state in %s", args.node,
              api.configuration.host, resolver.mode, args.state_dir)
-    start_reflectors(api, args.node, agent.queue, stop, WATCH_TIMEOUT)
+    start_reflectors(api, agent.queue, stop, WATCH_TIMEOUT)
     agent.run(stop, unpatch_on_exit=args.on_exit == "unpatch")
     return 0
 

@@ -393,9 +393,11 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
               and d["metadata"]["name"] == "tencrypt-agent"]
     granted = {(res, verb, tuple(rule.get("resourceNames", ()))) for rule in role["rules"]
                for res in rule["resources"] for verb in rule["verbs"]}
-    # start_reflectors: list+watch pods and namespaces, and the Secrets named tencrypt only
+    # start_reflectors: list+watch pods, namespaces and services (the membership feed), and
+    # the Secrets named tencrypt only
     assert granted == {("pods", "list", ()), ("pods", "watch", ()), ("namespaces", "list", ()),
-                       ("namespaces", "watch", ()), ("secrets", "list", ("tencrypt",)),
+                       ("namespaces", "watch", ()), ("services", "list", ()),
+                       ("services", "watch", ()), ("secrets", "list", ("tencrypt",)),
                        ("secrets", "watch", ("tencrypt",))}
     assert all(rule["apiGroups"] == [""] for rule in role["rules"])
 
