@@ -11,8 +11,11 @@ Stages:
 3. ``Syncer.run`` folds what the reflectors queue into ``ClusterState`` and applies the
    desired rules whenever they change, but never before every kind has been listed once: a
    partial view (Services listed, slices not yet) would empty the chain and cut every
-   tunnel on the node for a moment. It also re-applies every ``resync`` seconds from memory
-   (no API calls) so that a chain flushed by hand is put back.
+   tunnel on the node for a moment. The first sync is full; after it, each burst of events
+   is one partial sync (the backend programs only what changed since its last sync). Every
+   ``resync`` seconds a full sync from memory (no API calls) repairs drift (a table or chain
+   flushed by hand); a failed sync makes the next one full. Each sync is timed and logged
+   with its duration (never killed for taking long) and counted in ``SyncMetrics``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tencrypt.errors import SetupError
 from tencrypt.kube.client import CONNECT_TIMEOUT, brief, list_all
 from tencrypt.kube.reflector import WATCH_TIMEOUT, Changed, Listed, Reflector
 from tencrypt.nodesync.cluster import ClusterState, Kind, ServiceBackends
+from tencrypt.nodesync.metrics import SyncMetrics
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,10 @@ MAX_BACKOFF = 30.0
 
 
 class Applier(Protocol):
-    def apply(self, backends: Sequence[ServiceBackends]) -> object: ...
+    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> object: ...
+
+    @property
+    def size(self) -> int: ...
 
 
 def list_function(api: client.ApiClient, kind: Kind) -> Callable[..., Any]:
@@ -69,8 +76,12 @@ class Syncer:
     """Owns the state and the applier; the only thread that touches either."""
 
     def __init__(self, applier: Applier, stats: Stats, kinds: Sequence[Kind],
-                 resync: float = 300.0) -> None:
+                 resync: float = 300.0, metrics: SyncMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.applier, self.stats, self.kinds = applier, stats, tuple(kinds)
+        self.metrics = metrics or SyncMetrics(getattr(applier, "name", "?"))
+        self.clock, self.wall = clock, wall
         self.state = ClusterState(stats)
         self.queue: queue.Queue[object] = queue.Queue()
         self.resync = resync
@@ -90,11 +101,19 @@ class Syncer:
             return False
         desired = self.state.desired()
         if force or desired != self.applied:
-            self.applied = None  # a failed apply is retried on the next pass
-            self.applier.apply(desired)
+            mode = "full" if force or self.applied is None else "partial"
+            self.applied = None  # a failed apply is retried on the next pass, in full
+            start = self.clock()
+            try:
+                self.applier.apply(desired, full=mode == "full")
+            except Exception:
+                self.metrics.failed()
+                raise
+            took = self.clock() - start
             self.applied = desired
-            log.info("programmed %d VIPs, %d endpoints", len(desired),
-                     sum(len(b.endpoints) for b in desired))
+            self.metrics.observe(mode, took, self.applier.size, self.wall())
+            log.info("programmed %d VIPs, %d endpoints (%s sync, %.3f s)", len(desired),
+                     sum(len(b.endpoints) for b in desired), mode, took)
         return True
 
     def run(self, stop: threading.Event) -> None:
@@ -132,12 +151,13 @@ def await_endpoint_kind(api: client.ApiClient, stop: threading.Event) -> Kind | 
 
 
 def watch_and_sync(api: client.ApiClient, applier: Applier, stats: Stats, stop: threading.Event,
-                   resync: float = 300.0, watch_timeout: int = WATCH_TIMEOUT) -> None:
+                   resync: float = 300.0, watch_timeout: int = WATCH_TIMEOUT,
+                   metrics: SyncMetrics | None = None) -> None:
     endpoint_kind = await_endpoint_kind(api, stop)
     if endpoint_kind is None:
         return
     kinds = (Kind.NAMESPACE, Kind.SERVICE, endpoint_kind)
-    syncer = Syncer(applier, stats, kinds, resync)
+    syncer = Syncer(applier, stats, kinds, resync, metrics)
     for kind in kinds:
         Reflector(kind, list_function(api, kind), syncer.queue, stop, watch_timeout).start()
     syncer.run(stop)

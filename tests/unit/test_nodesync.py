@@ -267,11 +267,18 @@ def test_pure_modules_do_no_io():
 # -- the real kubernetes client against the API server double (loopback only) --------------
 
 class RecordingApplier:
-    def __init__(self):
-        self.applied = []
+    name = "recording"
 
-    def apply(self, backends):
+    def __init__(self):
+        self.applied, self.modes = [], []
+
+    def apply(self, backends, full=False):
         self.applied.append(list(backends))
+        self.modes.append("full" if full else "partial")
+
+    @property
+    def size(self):
+        return sum(len(b.endpoints) for b in self.last) if self.applied else 0
 
     @property
     def last(self):
@@ -448,6 +455,7 @@ def test_syncer_waits_until_every_kind_is_listed():
     assert syncer.sync() is True and applier.applied == [EXPECTED_FROM_SLICES]
     assert syncer.sync() is True and len(applier.applied) == 1  # unchanged: not re-applied
     assert syncer.sync(force=True) and len(applier.applied) == 2  # resync re-applies
+    assert applier.modes == ["full", "full"]  # the first sync and the resync are full
 
 
 # -- the manifests in scripts/k8s stay in step with the code ------------------------------
@@ -499,3 +507,4 @@ def test_daemonset_is_privileged_on_the_host_and_node_sync_args_parse():
     add_arguments(parser)
     args = parser.parse_args(sync["args"])
     assert not args.once and args.iptables in ("iptables", "iptables-nft", "iptables-legacy")
+    assert args.backend == "auto"  # nft on nodes that have it (issue #15), else iptables
