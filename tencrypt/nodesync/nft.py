@@ -34,10 +34,12 @@ from tencrypt.nodesync.nftrules import (
     FAMILY,
     TABLE,
     TUNNEL_PORT,
+    ModelError,
     Program,
     cleanup_text,
     diff,
     full_text,
+    lost_pairs,
     pairs,
     parse_listing,
     program_of,
@@ -74,7 +76,13 @@ class NftApplier:
     def listing(self) -> Program:
         """What the node's table holds now (empty if there is none)."""
         proc = run(["nft", "list", "table", FAMILY, TABLE], self.netns, check=False)
-        return parse_listing(proc.stdout) if proc.returncode == 0 else EMPTY
+        if proc.returncode != 0:
+            return EMPTY
+        try:
+            return parse_listing(proc.stdout)
+        except ModelError as exc:  # edited by hand: the full sync replaces it all the same
+            log.warning("table %s %s is not one node-sync wrote (%s)", FAMILY, TABLE, exc)
+            return EMPTY
 
     def plan(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
         """The transaction ``apply`` would run now (``--dry-run``)."""
@@ -89,9 +97,11 @@ class NftApplier:
         full = full or self.applied is None
         if full:
             before, text = self.listing(), full_text(new)
+            lost = pairs(before) - pairs(new)
         else:
             assert self.applied is not None
-            before, text = self.applied, render(diff(self.applied, new))
+            ops = diff(self.applied, new)
+            text, lost = render(ops), lost_pairs(self.applied, new, ops)
         if text:
             self.applied = None  # until it succeeded: a failure makes the next sync full
             run(["nft", "-f", "-"], self.netns, input=text)
@@ -99,7 +109,7 @@ class NftApplier:
         self.applied = new
         if full:  # after ours is in place: the VIPs are forwarded throughout the switch
             self._remove_iptables_chains()
-        for vip, ip in sorted(pairs(before) - pairs(new)):
+        for vip, ip in sorted(lost):
             self.xtables.flush_conntrack(vip, ip)
         return text
 

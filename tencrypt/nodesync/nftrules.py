@@ -69,20 +69,54 @@ Slot = tuple[str, int]  # (VIP, index)
 
 @dataclass(frozen=True, slots=True)
 class Program:
-    """What the table holds: the VIP elements (key → endpoint count n, i.e. ``goto
-    pick-<n>``), the endpoint elements ((VIP, index) → endpoint) and the ``pick`` chains."""
+    """What the table holds: each VIP's endpoints in order (its elements: udp and tcp of
+    ``port`` → ``goto pick-<n>``, and (VIP, i) → endpoint i), and the ``pick`` chains."""
 
-    elements: Mapping[Key, int]
-    endpoints: Mapping[Slot, str]
+    vips: Mapping[str, tuple[str, ...]]
     picks: frozenset[int]
+    port: int = TUNNEL_PORT
+
+    @property
+    def elements(self) -> dict[Key, int]:
+        return {(vip, proto, self.port): len(eps) for vip, eps in self.vips.items()
+                for proto in PROTOCOLS}
+
+    @property
+    def endpoints(self) -> dict[Slot, str]:
+        return {(vip, i): ip for vip, eps in self.vips.items() for i, ip in enumerate(eps)}
 
     @property
     def size(self) -> int:
         """Elements and chains programmed."""
-        return len(self.elements) + len(self.endpoints) + len(self.picks)
+        return sum(len(PROTOCOLS) + len(eps) for eps in self.vips.values()) + len(self.picks)
 
 
-EMPTY = Program({}, {}, frozenset())
+EMPTY = Program({}, frozenset())
+
+
+def from_elements(elements: Mapping[Key, int], endpoints: Mapping[Slot, str],
+                  picks: Iterable[int]) -> Program:
+    """The program a table of these elements holds; ``ModelError`` if they do not make one
+    (a VIP with one protocol and not the other, an index out of its range, a missing one)."""
+    vips: dict[str, tuple[str, ...]] = {}
+    ports = {k[2] for k in elements}
+    if len(ports) > 1:
+        raise ModelError(f"elements for several ports: {sorted(ports)}")
+    counts: dict[str, set[int]] = {}
+    for (vip, _, _), n in elements.items():
+        counts.setdefault(vip, set()).add(n)
+    for vip, ns in counts.items():
+        protos = {k[1] for k in elements if k[0] == vip}
+        if len(ns) != 1 or protos != set(PROTOCOLS):
+            raise ModelError(f"{vip}: elements {sorted(protos)} with counts {sorted(ns)}")
+        n = ns.pop()
+        if any((vip, i) not in endpoints for i in range(n)):
+            raise ModelError(f"{vip}: an endpoint index below {n} is missing")
+        vips[vip] = tuple(endpoints[(vip, i)] for i in range(n))
+    extra = [s for s in endpoints if s[0] not in vips or s[1] >= len(vips[s[0]])]
+    if extra:
+        raise ModelError(f"endpoints no VIP uses: {sorted(extra)[:3]}")
+    return Program(vips, frozenset(picks), ports.pop() if ports else TUNNEL_PORT)
 
 
 class Verb(enum.Enum):
@@ -112,36 +146,51 @@ def pick_chain(n: int) -> str:
 
 
 def program_of(backends: Iterable[ServiceBackends], port: int = TUNNEL_PORT) -> Program:
-    elements: dict[Key, int] = {}
-    endpoints: dict[Slot, str] = {}
-    for b in backends:
-        if not b.endpoints:
-            continue
-        for proto in PROTOCOLS:
-            elements[(b.vip, proto, port)] = len(b.endpoints)
-        for i, ip in enumerate(b.endpoints):
-            endpoints[(b.vip, i)] = ip
-    return Program(elements, endpoints, frozenset(elements.values()))
+    vips = {b.vip: tuple(b.endpoints) for b in backends if b.endpoints}
+    return Program(vips, frozenset(len(eps) for eps in vips.values()), port)
 
 
 def diff(old: Program, new: Program) -> list[Op]:
-    """The commands that turn ``old`` into ``new`` (nothing if they are equal)."""
-    ops = [Op(Verb.DELETE_ELEMENT, element=k) for k in sorted(old.elements)
-           if new.elements.get(k) != old.elements[k]]
-    ops += [Op(Verb.DELETE_ENDPOINT, slot=s) for s in sorted(old.endpoints)
-            if new.endpoints.get(s) != old.endpoints[s]]
-    ops += [Op(Verb.ADD_CHAIN, n=n) for n in sorted(new.picks - old.picks)]
-    ops += [Op(Verb.ADD_ENDPOINT, slot=s, address=new.endpoints[s]) for s in sorted(new.endpoints)
-            if old.endpoints.get(s) != new.endpoints[s]]
-    ops += [Op(Verb.ADD_ELEMENT, element=k, n=new.elements[k]) for k in sorted(new.elements)
-            if old.elements.get(k) != new.elements[k]]
-    ops += [Op(Verb.DELETE_CHAIN, n=n) for n in sorted(old.picks - new.picks)]
-    return ops
+    """The commands that turn ``old`` into ``new`` (nothing if they are equal). VIPs are
+    compared by their address (a string: its hash is cached), so one change in a large
+    program costs one pass over its VIPs, and commands are made for the changed ones only."""
+    if old.port != new.port:
+        changed = sorted(set(old.vips) | set(new.vips))
+    else:
+        changed = sorted({v for v, eps in old.vips.items() if new.vips.get(v) != eps}
+                         | {v for v in new.vips if v not in old.vips})
+    gone_el: list[Op] = []
+    gone_ep: list[Op] = []
+    add_ep: list[Op] = []
+    add_el: list[Op] = []
+    for vip in changed:
+        was, now = old.vips.get(vip, ()), new.vips.get(vip, ())
+        same_elements = len(was) == len(now) and old.port == new.port
+        if was and not same_elements:
+            gone_el += [Op(Verb.DELETE_ELEMENT, element=(vip, p, old.port)) for p in PROTOCOLS]
+        gone_ep += [Op(Verb.DELETE_ENDPOINT, slot=(vip, i)) for i, ip in enumerate(was)
+                    if i >= len(now) or now[i] != ip]
+        add_ep += [Op(Verb.ADD_ENDPOINT, slot=(vip, i), address=ip) for i, ip in enumerate(now)
+                   if i >= len(was) or was[i] != ip]
+        if now and not same_elements:
+            add_el += [Op(Verb.ADD_ELEMENT, element=(vip, p, new.port), n=len(now))
+                       for p in PROTOCOLS]
+    return [*gone_el, *gone_ep, *(Op(Verb.ADD_CHAIN, n=n) for n in sorted(new.picks - old.picks)),
+            *add_ep, *add_el, *(Op(Verb.DELETE_CHAIN, n=n) for n in sorted(old.picks - new.picks))]
+
+
+def lost_pairs(old: Program, new: Program, ops: Iterable[Op]) -> set[tuple[str, str]]:
+    """(VIP, endpoint) pairs ``old`` forwards and ``new`` does not, looking only at the VIPs
+    ``ops`` (``diff(old, new)``) touch: ``pairs(old) - pairs(new)`` at the cost of the change."""
+    vips = {op.element[0] for op in ops if op.element} | {op.slot[0] for op in ops if op.slot}
+    return ({(v, ip) for v in vips for ip in old.vips.get(v, ())}
+            - {(v, ip) for v in vips for ip in new.vips.get(v, ())})
 
 
 def apply_ops(program: Program, ops: Sequence[Op]) -> Program:
     """What the kernel makes of ``ops`` on a table holding ``program``; ``ModelError`` for a
-    command it would refuse (a missing object, one still in use, a duplicate)."""
+    command it would refuse (a missing object, one still in use, a duplicate), or for a
+    table left inconsistent (``from_elements``)."""
     elements, endpoints = dict(program.elements), dict(program.endpoints)
     picks = set(program.picks)
     for op in ops:
@@ -169,7 +218,7 @@ def apply_ops(program: Program, ops: Sequence[Op]) -> Program:
             if op.element is None or op.element in elements or op.n not in picks:
                 raise ModelError(f"element {op.element} exists or {pick_chain(op.n)} is absent")
             elements[op.element] = op.n
-    return Program(elements, endpoints, frozenset(picks))
+    return from_elements(elements, endpoints, picks)
 
 
 # -- text -----------------------------------------------------------------------------------
@@ -270,8 +319,7 @@ def cleanup_text() -> str:
 
 def pairs(program: Program) -> set[tuple[str, str]]:
     """(VIP, endpoint IP) pairs the program forwards."""
-    return {(key[0], program.endpoints[(key[0], i)]) for key, n in program.elements.items()
-            for i in range(n) if (key[0], i) in program.endpoints}
+    return {(vip, ip) for vip, eps in program.vips.items() for ip in eps}
 
 
 _PICK_HEAD = re.compile(r"^\s*chain pick-(\d+) \{")
@@ -298,4 +346,4 @@ def parse_listing(text: str) -> Program:
         if section == ENDPOINTS4:
             for vip, index, address in _ENDPOINT.findall(line):
                 endpoints[(vip, int(index))] = address
-    return Program(elements, endpoints, frozenset(picks))
+    return from_elements(elements, endpoints, picks)

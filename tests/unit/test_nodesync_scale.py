@@ -92,6 +92,15 @@ def test_any_diff_applied_to_a_gives_b(a, b):
                         | {s for s in pa.endpoints if pb.endpoints.get(s) == pa.endpoints[s]})
 
 
+def test_the_model_refuses_a_table_left_half_done():
+    p = program_of([ServiceBackends("shop", "a", "172.30.0.1", ("10.0.0.1", "10.0.0.2"))])
+    for half in ([Op(Verb.DELETE_ENDPOINT, slot=("172.30.0.1", 1))],  # the VIP still says 2
+                 [Op(Verb.DELETE_ELEMENT, element=("172.30.0.1", "udp", 1337))],  # tcp left
+                 [Op(Verb.ADD_ENDPOINT, slot=("172.30.0.1", 2), address="10.0.0.3")]):
+        with pytest.raises(nftrules.ModelError):
+            apply_ops(p, half)
+
+
 def test_the_model_refuses_what_the_kernel_refuses():
     p = program_of([ServiceBackends("shop", "a", "172.30.0.1", ("10.0.0.1",))])
     assert p.picks == {1}
@@ -114,14 +123,14 @@ def test_one_endpoint_change_is_a_few_lines_whatever_the_cluster_size():
     text = nftrules.render(diff(program_of(big), program_of(moved)))
     vip = big[1234].vip
     assert text == (
-        f"delete element inet tencrypt vips4 {{ {vip} . tcp . 1337, {vip} . udp . 1337 }}\n"
+        f"delete element inet tencrypt vips4 {{ {vip} . udp . 1337, {vip} . tcp . 1337 }}\n"
         f"delete element inet tencrypt endpoints4 {{ {vip} . 0, {vip} . 1 }}\n"
         "add chain inet tencrypt pick-1\n"  # the first Service with one endpoint
         "add rule inet tencrypt pick-1 dnat ip to ip daddr . numgen random mod 1 map "
         "@endpoints4\n"
         f"add element inet tencrypt endpoints4 {{ {vip} . 0 : 10.130.0.1 }}\n"
-        f"add element inet tencrypt vips4 {{ {vip} . tcp . 1337 : goto pick-1, "
-        f"{vip} . udp . 1337 : goto pick-1 }}\n")
+        f"add element inet tencrypt vips4 {{ {vip} . udp . 1337 : goto pick-1, "
+        f"{vip} . tcp . 1337 : goto pick-1 }}\n")
     same_count = list(big)
     same_count[7] = ServiceBackends("shop", "s7", big[7].vip, (big[7].endpoints[0], "10.9.9.9"))
     assert nftrules.render(diff(program_of(big), program_of(same_count))) == (
