@@ -103,7 +103,8 @@ def peak_rss_mb(node: str, path: Path, backend: str) -> float:
     return int(out.split()[-1]) / 1024
 
 
-def run_size(node: str, n: int, backend: str, changes: int, tmp: Path) -> dict[str, Any]:
+def run_size(node: str, n: int, backend: str, changes: int, tmp: Path,
+             rss: bool = True) -> dict[str, Any]:
     text = json.dumps(cluster(n))
     path = tmp / f"cluster-{n}.json"
     path.write_text(text)
@@ -112,6 +113,8 @@ def run_size(node: str, n: int, backend: str, changes: int, tmp: Path) -> dict[s
     applier.cleanup()
     first = timed(lambda: applier.apply(desired, full=True))
     again = timed(lambda: applier.apply(desired, full=True))
+    restarted = make_applier(backend, netns=node)  # a new process: reads what the node holds
+    restart = timed(lambda: restarted.apply(desired, full=True))
     times, current = [], desired
     for k in range(changes):
         nxt = changed(current, k)
@@ -127,12 +130,12 @@ def run_size(node: str, n: int, backend: str, changes: int, tmp: Path) -> dict[s
         current = nxt
     size = applier.size
     applier.cleanup()
-    rss = peak_rss_mb(node, path, backend)
+    rss_mb = peak_rss_mb(node, path, backend) if rss else float("nan")
     applier.cleanup()
     return {"services": n, "backend": backend, "compute_s": compute_s, "full_s": first,
-            "resync_s": again, "change_ms": statistics.median(times) * 1000,
+            "resync_s": again, "restart_s": restart, "change_ms": statistics.median(times) * 1000,
             "change_max_ms": max(times) * 1000, "rules_ms": statistics.median(bare) * 1000,
-            "programmed": size, "rss_mb": rss}
+            "programmed": size, "rss_mb": rss_mb}
 
 
 def report(rows: list[dict[str, Any]], sizes: list[int]) -> str:
@@ -144,19 +147,21 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> str:
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.", "",
              "Synthetic cluster: one enabled namespace, N Services × 3 ready endpoints. "
              "compute = JSON → state → transaction text in process; full = first sync of an "
-             "empty node; resync = a full sync of a programmed node; change = one Service's "
+             "empty node; resync = a full sync of a programmed node by the same process; "
+             "restart = the first (full) sync of a new process on a programmed node, which "
+             "reads the node's rules first; change = one Service's "
              "endpoint replaced, partial sync with its conntrack delete (one `conntrack -D` "
              "run), median (max) of several; rules only = the same without the conntrack "
              "delete; RSS = peak of one `node-sync --once` process.", "",
-             "| Services | backend | compute | full sync | full ÷ compute | resync | "
+             "| Services | backend | compute | full sync | full ÷ compute | resync | restart | "
              "one change | rules only | programmed | RSS |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['services']:,} | {r['backend']} | {r['compute_s']:.3f} s | "
                      f"{r['full_s']:.3f} s | {r['full_s'] / r['compute_s']:.1f} | "
-                     f"{r['resync_s']:.3f} s | {r['change_ms']:.1f} ms "
+                     f"{r['resync_s']:.3f} s | {r['restart_s']:.3f} s | {r['change_ms']:.1f} ms "
                      f"({r['change_max_ms']:.1f}) | {r['rules_ms']:.1f} ms | "
-                     f"{r['programmed']:,} | {r['rss_mb']:.0f} MB |")
+                     f"{r['programmed']:,} | {r['rss_mb']:.0f} MB |".replace("nan MB", "–"))
     lines += ["", "Targets (issue #15), nft backend:"]
     big = [r for r in rows if r["backend"] == "nft" and r["services"] == max(sizes)]
     for r in big:
@@ -191,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="100,1000,10000")
     p.add_argument("--backends", default="nft,iptables")
     p.add_argument("--changes", type=int, default=7, help="one-endpoint changes per size")
+    p.add_argument("--rss-backends", default="nft,iptables",
+                   help="measure node-sync's RSS with these backends (one more full sync each)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "nodesync.md"))
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for n in sizes:
                 for backend in args.backends.split(","):
-                    row = run_size(node, n, backend, args.changes, Path(tmp))
+                    row = run_size(node, n, backend, args.changes, Path(tmp),
+                                   backend in args.rss_backends.split(","))
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     finally:

@@ -2,9 +2,10 @@
 
 Stages of one ``apply``:
 
-1. full (the first sync of a process, every resync, and after any failure): read the table
-   the node holds (``nft list table``: which (VIP, endpoint) pairs a previous run forwarded,
-   for step 3) and write the whole table in one ``nft -f`` transaction
+1. full (the first sync of a process, every resync, and after any failure): at the first
+   one (or after a failure) read the table the node holds (``nft list table``: which (VIP,
+   endpoint) pairs a previous run forwarded, for step 3); write the whole table in one
+   ``nft -f`` transaction
    (``nftrules.full_text``); then remove the iptables backend's chain TENCRYPT if a previous
    run left one (switching backends leaves nothing stale; ours runs first meanwhile);
    incremental (otherwise): one ``nft -f`` transaction of ``nftrules.diff`` between what this
@@ -95,9 +96,9 @@ class NftApplier:
         """Make the table forward exactly ``backends``; returns the transaction run."""
         new = program_of(backends, self.port)
         full = full or self.applied is None
-        if full:
-            before, text = self.listing(), full_text(new)
-            lost = pairs(before) - pairs(new)
+        if full:  # what a previous process left is read; our own last program is known
+            before = self.listing() if self.applied is None else self.applied
+            text, lost = full_text(new), pairs(before) - pairs(new)
         else:
             assert self.applied is not None
             ops = diff(self.applied, new)

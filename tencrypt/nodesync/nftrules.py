@@ -103,10 +103,12 @@ def from_elements(elements: Mapping[Key, int], endpoints: Mapping[Slot, str],
     if len(ports) > 1:
         raise ModelError(f"elements for several ports: {sorted(ports)}")
     counts: dict[str, set[int]] = {}
-    for (vip, _, _), n in elements.items():
+    protocols: dict[str, set[str]] = {}
+    for (vip, proto, _), n in elements.items():
         counts.setdefault(vip, set()).add(n)
+        protocols.setdefault(vip, set()).add(proto)
     for vip, ns in counts.items():
-        protos = {k[1] for k in elements if k[0] == vip}
+        protos = protocols[vip]
         if len(ns) != 1 or protos != set(PROTOCOLS):
             raise ModelError(f"{vip}: elements {sorted(protos)} with counts {sorted(ns)}")
         n = ns.pop()
