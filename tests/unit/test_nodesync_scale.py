@@ -308,3 +308,23 @@ def test_pure_modules_do_no_io():
 
 def test_empty_program_has_nothing():
     assert EMPTY.size == 0 and nftrules.pairs(EMPTY) == set()
+
+
+def test_metrics_are_served_over_http_until_stopped():
+    import threading
+    import urllib.request
+
+    from tencrypt.nodesync.cli import serve_metrics
+
+    m, stop = SyncMetrics("nft"), threading.Event()
+    m.observe("full", 0.2, 42, 99.0)
+    server = serve_metrics("127.0.0.1:0", m.render, stop)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert 'tencrypt_nodesync_programmed_elements{backend="nft"} 42' in body
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{url}/nope", timeout=5)
+    finally:
+        stop.set()
