@@ -328,3 +328,26 @@ def test_metrics_are_served_over_http_until_stopped():
             urllib.request.urlopen(f"{url}/nope", timeout=5)
     finally:
         stop.set()
+
+
+def test_a_failed_sync_is_counted_and_the_next_one_is_full():
+    class Flaky(Recorder):
+        def apply(self, backends, full=False):
+            super().apply(backends, full)
+            if len(self.calls) == 2:
+                raise RuntimeError("nft: Could not process rule")
+
+    applier = Flaky()
+    syncer = watch.Syncer(applier, Stats(), (Kind.NAMESPACE, Kind.SERVICE, Kind.ENDPOINT_SLICE))
+    doc = json.loads(FIXTURE.read_text())
+    for kind in syncer.kinds:
+        syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
+    assert syncer.sync()
+    web = next(o for o in doc["items"] if o["kind"] == "Service"
+               and o["metadata"]["name"] == "web")
+    syncer.fold(Changed(Kind.SERVICE, EventType.DELETED, web))
+    with pytest.raises(RuntimeError):
+        syncer.sync()
+    assert syncer.sync()  # retried, in full: what the node holds is not known any more
+    assert applier.calls == [("full", 4), ("partial", 3), ("full", 3)]
+    assert "tencrypt_nodesync_sync_failures_total 1" in syncer.metrics.render()
