@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
 from collections.abc import Sequence
 
 from tencrypt.core.stats import Stats
@@ -66,11 +67,12 @@ class IptablesApplier:
             return 0
         return sum(2 + 3 * len(b.endpoints) for b in self.applied if b.endpoints)
 
-    def _run(self, argv: Sequence[str], input: str | None = None, check: bool = True):
+    def _run(self, argv: Sequence[str], input: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(argv, self.netns, input=input, check=check)
 
     def save(self) -> str:
-        return self._run([f"{self.iptables}-save", "-t", "nat"]).stdout
+        return str(self._run([f"{self.iptables}-save", "-t", "nat"]).stdout)
 
     def plan(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
         """The restore text ``apply`` would use now (``--dry-run``)."""

@@ -14,7 +14,8 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from tencrypt.nodesync.cluster import ENABLED_LABEL, SERVICE_NAME_LABEL
+from tencrypt.kube.objects import ENABLED_LABEL
+from tencrypt.nodesync.cluster import SERVICE_NAME_LABEL
 
 Obj = dict[str, Any]
 
