@@ -75,7 +75,8 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
         print(f"WARNING: {fallback} packets to this project's pods went in the clear "
               "(--no-strict fallback: no proxy answered)", file=out)
     totals = doc.get("totals") or {}
-    mode = {True: "strict", False: "not strict"}.get(doc.get("strict"), "")
+    strict = doc.get("strict")
+    mode = "strict" if strict is True else "not strict" if strict is False else ""
     print(f"pod {doc.get('pod_ip', '?')}{' (' + mode + ')' if mode else ''}: "
           f"{totals.get('peers', 0)} peers ({totals.get('peers_up', 0)} up), "
           f"{totals.get('sessions', 0)} sessions, {totals.get('handshakes_pending', 0)} "

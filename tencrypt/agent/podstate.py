@@ -170,8 +170,10 @@ class NodeView:
 
     def replace(self, kind: AgentKind, items: list[Any]) -> None:
         """A fresh list of ``kind``: forget what was known of it, then add every item."""
-        {AgentKind.POD: self.pods, AgentKind.NAMESPACE: self.namespaces,
-         AgentKind.SECRET: self.keys}[kind].clear()
+        known: dict[AgentKind, dict[str, Any]] = {
+            AgentKind.POD: self.pods, AgentKind.NAMESPACE: self.namespaces,
+            AgentKind.SECRET: self.keys}
+        known[kind].clear()
         for obj in items:
             self.on_event(kind, EventType.ADDED, obj)
 
@@ -184,7 +186,8 @@ class NodeView:
         if kind is AgentKind.SECRET:
             meta = obj.get("metadata") if isinstance(obj, dict) else None
             ns = meta.get("namespace") if isinstance(meta, dict) else None
-            if not isinstance(ns, str) or meta.get("name") != SECRET_NAME:
+            if not isinstance(meta, dict) or not isinstance(ns, str) \
+                    or meta.get("name") != SECRET_NAME:
                 self.stats.inc("agent_bad_object")
             elif event is EventType.DELETED:
                 self.keys.pop(ns, None)

@@ -21,13 +21,19 @@ Obj = dict[str, Any]
 
 
 class LabService(Protocol):
-    """What the lab knows of a Service (``tencrypt.lab.topology.Service`` fits)."""
+    """What the lab knows of a Service (``tencrypt.lab.topology.Service`` fits; read-only, so
+    a frozen dataclass does too)."""
 
-    name: str
-    project: str
-    vip: str
-    endpoint: str
-    port: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def project(self) -> str: ...
+    @property
+    def vip(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def port(self) -> int: ...
 
 
 def build_namespace(name: str, enabled: bool = True) -> Obj:

@@ -52,6 +52,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from tencrypt.core import TUNNEL_PORT
 from tencrypt.nodesync.cluster import ServiceBackends
 
 TABLE = "tencrypt"
@@ -61,7 +62,6 @@ PICK_PREFIX = "pick-"
 PRIORITY = -110  # dstnat (-100, NF_IP_PRI_NAT_DST) - 10: before kube-proxy; a number, as
 # nft accepts the name "dstnat" only at prerouting
 PROTOCOLS = ("udp", "tcp")
-TUNNEL_PORT = 1337
 
 Key = tuple[str, str, int]  # (VIP, protocol, port)
 Slot = tuple[str, int]  # (VIP, index)
