@@ -28,6 +28,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from tencrypt.core.stats import Counter
 from tencrypt.errors import UsageError
 from tencrypt.linux.metrics import parse_address
 
@@ -70,7 +71,7 @@ def fetch(address: str) -> dict[str, Any]:
 def render(doc: dict[str, Any], out: TextIO) -> None:
     """The document, readably: warnings, totals, peers and sessions, classes, drops."""
     counters: dict[str, int] = doc.get("counters") or {}
-    fallback = counters.get("plaintext_fallback", 0)
+    fallback = counters.get(Counter.PLAINTEXT_FALLBACK, 0)
     if fallback:
         print(f"WARNING: {fallback} packets to this project's pods went in the clear "
               "(--no-strict fallback: no proxy answered)", file=out)

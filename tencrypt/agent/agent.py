@@ -57,7 +57,7 @@ from tencrypt.agent.podstate import (
 from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox, Verb, Want
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.kube.reflector import Changed, Listed, Reflector
 
 log = logging.getLogger("tencrypt.agent")
@@ -182,7 +182,7 @@ class Agent:
                 if key.reason != state.problem:
                     log.error("project %s: %s; %s", project, key.reason,
                               "keeping its last key" if state.key_id else "its pods wait")
-                    self.stats.inc("agent_key_problems")
+                    self.stats.inc(Counter.AGENT_KEY_PROBLEMS)
                 state.problem = key.reason
                 continue
             kid = key_id(key)
@@ -237,7 +237,7 @@ class Agent:
                 continue
             if not self.supervisor.write_members(f"{entry.namespace}/{entry.name}",
                                                  entry.sandbox, self.members_of(entry.namespace)):
-                self.stats.inc("agent_members_write_failed")
+                self.stats.inc(Counter.AGENT_MEMBERS_WRITE_FAILED)
 
     def members_of(self, project: str) -> ProjectMembers:
         """``MemberView.of``, computed once per version of the project."""

@@ -25,7 +25,7 @@ Rules:
 - The project key is the Secret ``tencrypt``'s ``PROJECT_PSK``: base64 (as every Secret value)
   of the 44-character base64 text ``openssl rand -base64 32`` prints. ``parse_secret_key``
   returns the 32 key bytes or a ``BadKey`` whose reason never quotes the key.
-- A malformed object is counted (``Stats.inc("agent_bad_object")``) and ignored, never raised.
+- A malformed object is counted (``Stats.inc(Counter.AGENT_BAD_OBJECT)``) and ignored, never raised.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tencrypt.core.psk import parse_psk
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import UsageError
 from tencrypt.kube.objects import ENABLED_LABEL, EventType
 
@@ -188,7 +188,7 @@ class NodeView:
             ns = meta.get("namespace") if isinstance(meta, dict) else None
             if not isinstance(meta, dict) or not isinstance(ns, str) \
                     or meta.get("name") != SECRET_NAME:
-                self.stats.inc("agent_bad_object")
+                self.stats.inc(Counter.AGENT_BAD_OBJECT)
             elif event is EventType.DELETED:
                 self.keys.pop(ns, None)
             else:
@@ -197,7 +197,7 @@ class NodeView:
         if kind is AgentKind.NAMESPACE:
             parsed = parse_namespace(obj)
             if parsed is None:
-                self.stats.inc("agent_bad_object")
+                self.stats.inc(Counter.AGENT_BAD_OBJECT)
             elif event is EventType.DELETED:
                 self.namespaces.pop(parsed[0], None)
             else:
@@ -205,7 +205,7 @@ class NodeView:
             return
         pod = parse_pod(obj)
         if pod is None:
-            self.stats.inc("agent_bad_object")
+            self.stats.inc(Counter.AGENT_BAD_OBJECT)
         elif event is EventType.DELETED or pod.node != self.node:
             self.pods.pop(pod.uid, None)
         else:

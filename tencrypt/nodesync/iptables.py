@@ -29,7 +29,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.nodesync.cluster import ServiceBackends
 from tencrypt.nodesync.command import run
@@ -99,7 +99,7 @@ class IptablesApplier:
         if text:
             self.applied = None  # until it succeeded: a failure makes the next sync full
             self._run([f"{self.iptables}-restore", "--noflush"], input=text)
-            self.stats.inc("nodesync_applied")
+            self.stats.inc(Counter.NODESYNC_APPLIED)
         self.applied = backends
         if full:
             self._remove_nft_table()
@@ -148,6 +148,6 @@ class IptablesApplier:
             log.warning("conntrack -D for %s -> %s failed: %s", vip, endpoint,
                         proc.stderr.strip())
         elif int(deleted.group(1)):
-            self.stats.inc("nodesync_conntrack_deleted", int(deleted.group(1)))
+            self.stats.inc(Counter.NODESYNC_CONNTRACK_DELETED, int(deleted.group(1)))
             log.info("forgot %s UDP flows %s:%d -> %s", deleted.group(1), vip, self.port,
                      endpoint)

@@ -25,7 +25,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.nodesync.cluster import ServiceBackends
 from tencrypt.nodesync.command import run
@@ -106,7 +106,7 @@ class NftApplier:
         if text:
             self.applied = None  # until it succeeded: a failure makes the next sync full
             run(["nft", "-f", "-"], self.netns, input=text)
-            self.stats.inc("nodesync_applied")
+            self.stats.inc(Counter.NODESYNC_APPLIED)
         self.applied = new
         if full:  # after ours is in place: the VIPs are forwarded throughout the switch
             self._remove_iptables_chains()
