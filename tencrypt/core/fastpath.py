@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tencrypt.core.replay import ReplayWindow
+from tencrypt.core.stats import DropReason, Stats
 
 Buffer = bytes | bytearray | memoryview
 
@@ -49,6 +50,9 @@ COUNTS = ("authenticated", "keepalives", "expired", "replay", "bad_tag", "not_ip
 AUTHENTICATED, KEEPALIVES, EXPIRED, REPLAY, BAD_TAG, NOT_IPV4, BAD_SOURCE, BYTES_OPENED = range(8)
 
 OpenResult = tuple[int, list[bytes], tuple[int, ...]]
+_DROPS = ((EXPIRED, DropReason.EXPIRED_SESSION), (REPLAY, DropReason.REPLAY),
+          (BAD_TAG, DropReason.BAD_TAG), (NOT_IPV4, DropReason.NOT_IPV4),
+          (BAD_SOURCE, DropReason.BAD_SOURCE))
 
 
 class Backend(Protocol):
@@ -118,3 +122,15 @@ def open_batch(key: bytes, receiver_index: int, limit: int, window: ReplayWindow
     else:
         i = len(datagrams)
     return i, packets, tuple(counts)
+
+
+def count(stats: Stats, counts: Sequence[int], opened: int) -> None:
+    """Record one ``open_batch`` in ``stats`` under the names ``Tunnel._on_data`` uses."""
+    for field, reason in _DROPS:
+        if counts[field]:
+            stats.drop(reason, counts[field])
+    if counts[KEEPALIVES]:
+        stats.inc("keepalives_received", counts[KEEPALIVES])
+    if opened:
+        stats.inc("packets_opened", opened)
+        stats.inc("bytes_opened", counts[BYTES_OPENED])
