@@ -96,7 +96,9 @@ static void build_nonce(unsigned char *nonce, const unsigned char *header) {
     memcpy(nonce + 4, header + 8, 8);
 }
 
-/* RFC 8439 §2.8 AEAD_CHACHA20_POLY1305: ``out`` gets the ciphertext then the tag. */
+/* RFC 8439 §2.8 AEAD_CHACHA20_POLY1305: ``out`` gets the ciphertext then the tag. ``key`` is
+ * NULL when the context already holds it: only the nonce changes (measured: setting the key
+ * again per message costs about a third of sealing a 1440-byte packet). */
 static int seal_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
                      const unsigned char *aad, int aad_len, const unsigned char *plain, int len,
                      unsigned char *out) {
@@ -163,13 +165,13 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    ok = ctx != NULL && EVP_EncryptInit_ex(ctx, chacha, NULL, NULL, NULL);
+    ok = ctx != NULL && EVP_EncryptInit_ex(ctx, chacha, NULL, key, NULL);
     unsigned char nonce[12];
     for (Py_ssize_t i = 0; ok && i < count; i++) {
         int len = (int)bufs[i].len;
         build_header(out, (uint32_t)index, (uint64_t)counter + (uint64_t)i);
         build_nonce(nonce, out);
-        ok = seal_into(ctx, key, nonce, out, HEADER_LEN, bufs[i].buf, len, out + HEADER_LEN);
+        ok = seal_into(ctx, NULL, nonce, out, HEADER_LEN, bufs[i].buf, len, out + HEADER_LEN);
         out += HEADER_LEN + len + TAG_LEN;
     }
     if (!ok) ERR_clear_error();
@@ -353,14 +355,14 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-        ok = ctx != NULL && EVP_DecryptInit_ex(ctx, chacha, NULL, NULL, NULL);
+        ok = ctx != NULL && EVP_DecryptInit_ex(ctx, chacha, NULL, key, NULL);
         for (; ok && i < count; i++) {
             const unsigned char *msg = bufs[i].buf;
             Py_ssize_t len = bufs[i].len, n = -1;
             if (len < OVERHEAD || len > INT_MAX || get_le32(msg) != TYPE_DATA
                 || get_le32(msg + 4) != index)
                 break; /* not this session's: the caller's */
-            ok = open_one(ctx, key, msg, len, (uint64_t)limit, &w, allowed, allowed_len,
+            ok = open_one(ctx, NULL, msg, len, (uint64_t)limit, &w, allowed, allowed_len,
                           scratch + used, &n, counts);
             if (ok && n >= 0) {
                 spans[accepted].offset = used;
