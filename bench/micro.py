@@ -11,7 +11,8 @@ shared machine shows what the code costs rather than what the neighbours cost):
 4. µs per super-packet (SEGMENTS segments of 1440 bytes: 64 KiB of TCP at tenc0's MTU) sealed
    by ``Tunnel.send_batch`` and opened by ``Tunnel.receive_batch``, per backend: one AEAD call
    per packet (no backend), core/fastpath.py (pure Python) and tencrypt._fastpath (C) — and
-   the bare ``seal_batch`` / ``open_batch`` calls of each backend.
+   the bare ``seal_batch`` / ``open_batch`` calls of each backend, and the split of a 64 KiB
+   TSO frame (core/batch.py: NumPy for python, the backend's ``segment`` for c).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from tencrypt import fastpath
 from tencrypt.core import TUNNEL_PORT, wire
 from tencrypt.core import fastpath as pure
+from tencrypt.core.batch import split_tcp_batch
 from tencrypt.core.fastpath import Backend
 from tencrypt.core.replay import ReplayWindow
 from tencrypt.core.session import Tunnel
@@ -150,6 +152,7 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
         results[f"send_batch x{SEGMENTS} [{name}]"] = best_us(send, runs, n)
         results[f"receive_batch x{SEGMENTS} [{name}]"] = best_us(receive, runs, n)
     key, source = bytes(32), ipaddress.IPv4Address(A).packed
+    frame, out = _tso_frame(segments), bytearray(2 * 65536)
     for name, backend in backends[1:]:
         assert backend is not None
         sealed = backend.seal_batch(key, 1, 0, segments)
@@ -164,9 +167,23 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
             for _ in range(k):  # a fresh window each time: every datagram is opened
                 backend.open_batch(key, 1, 2**64 - 1, ReplayWindow(), source, datagrams, 0)
 
+        def split(k: int, backend: Backend = backend) -> None:
+            for _ in range(k):
+                split_tcp_batch(frame, Stats(), out, backend.segment)
+
+        results[f"split_tcp_batch 64 KiB [{name}]"] = best_us(split, runs, n)
         results[f"seal_batch x{SEGMENTS} [{name}]"] = best_us(seal_only, runs, n)
         results[f"open_batch x{SEGMENTS} [{name}]"] = best_us(open_only, runs, n)
     return results
+
+
+def _tso_frame(segments: list[bytearray]) -> bytes:
+    """One TSO frame (virtio-net header, TCPV4) holding the payload of ``segments``."""
+    payload = b"".join(bytes(s[40:]) for s in segments)
+    head = bytearray(segments[0][:40])
+    struct.pack_into("!H", head, 2, 40 + len(payload))
+    hdr = struct.pack("=BBHHHH", 1, 1, 40, len(segments[0]) - 40, 20, 16)
+    return hdr + bytes(head) + payload
 
 
 def bench_nat(runs: int, n: int) -> dict[str, float] | None:

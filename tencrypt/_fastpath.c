@@ -441,6 +441,102 @@ static PyObject *aead_open(PyObject *self, PyObject *args) {
     return aead(args, 0);
 }
 
+/* ---- segment: core/batch.py rules 2-4 for one TSO super-packet ---------------------------- */
+
+#define FIN 0x01
+#define PSH 0x08
+#define CWR 0x80
+
+/* Sum of big-endian 16-bit words (an odd last byte padded with zero), modulo 0xFFFF. On a
+ * little-endian machine 8 bytes at a time: the sum of the byte-swapped words times 256 is the
+ * big-endian sum, modulo 0xFFFF (RFC 1071 §2(B); batch.py's ones_sum does the same). */
+static uint64_t be_sum(const unsigned char *p, Py_ssize_t len) {
+    uint64_t sum = 0;
+    Py_ssize_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        sum += (w & 0xFFFFFFFFu) + (w >> 32);
+    }
+    uint64_t tail = 0;
+    memcpy(&tail, p + i, (size_t)(len - i));
+    sum += (tail & 0xFFFFFFFFu) + (tail >> 32);
+    return (sum % 0xFFFF) * 256 % 0xFFFF;
+#else
+    for (; i + 1 < len; i += 2) sum += (uint64_t)(p[i] << 8 | p[i + 1]);
+    if (i < len) sum += (uint64_t)p[i] << 8;
+    return sum % 0xFFFF;
+#endif
+}
+
+/* The checksum field for a region whose sum is ``sum``: -sum modulo 0xFFFF, as batch.py's
+ * csum_field computes it (never 0xFFFF). */
+static unsigned csum_field(uint64_t sum) {
+    return (unsigned)((0xFFFF - sum % 0xFFFF) % 0xFFFF);
+}
+
+static void put_be16(unsigned char *p, unsigned v) {
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+/* segment(packet, ihl, thl, total, mss, out) -> stride: the super-packet's segments written
+ * into ``out``, segment i at i * stride (hlen + mss rounded up to 4), the last one hlen + the
+ * rest of the payload long: byte for byte what core/batch.py's _segment makes. The caller
+ * checked the headers (split_tcp_batch) and sized ``out``; misuse raises ValueError. */
+static PyObject *segment(PyObject *self, PyObject *args) {
+    Py_buffer pkt, out;
+    Py_ssize_t ihl, thl, total, mss;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*:segment", &pkt, &ihl, &thl, &total, &mss, &out))
+        return NULL;
+    Py_ssize_t hlen = ihl + thl, payload = total - hlen;
+    Py_ssize_t n = payload > 0 ? (payload + mss - 1) / mss : 1;
+    Py_ssize_t stride = (hlen + mss + 3) & ~(Py_ssize_t)3;
+    if (ihl < 20 || thl < 20 || mss <= 0 || mss > 0xFFFF || payload < 0 || total > pkt.len
+        || hlen > 120 || n * stride > out.len) {
+        PyBuffer_Release(&pkt);
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "segment: headers or buffer sizes out of range");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *src = pkt.buf;
+    unsigned char *buf = out.buf;
+    unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
+    uint32_t seq0 = (uint32_t)src[ihl + 4] << 24 | (uint32_t)src[ihl + 5] << 16
+                    | (uint32_t)src[ihl + 6] << 8 | src[ihl + 7];
+    uint64_t pseudo = be_sum(src + 12, 8) + 6;  /* addresses and protocol; length per row */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char *row = buf + i * stride;
+        Py_ssize_t size = i < n - 1 ? mss : payload - (n - 1) * mss;
+        unsigned row_flags = flags & ~(unsigned)(FIN | PSH | CWR);
+        if (n == 1) row_flags = flags;
+        else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
+        else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
+        memcpy(row, src, (size_t)hlen);
+        memcpy(row + hlen, src + hlen + i * mss, (size_t)size);
+        put_be16(row + 2, (unsigned)(hlen + size));
+        put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
+        put_be16(row + 10, 0);
+        uint32_t seq = seq0 + (uint32_t)((uint64_t)i * (uint64_t)mss);
+        row[ihl + 4] = (unsigned char)(seq >> 24);
+        row[ihl + 5] = (unsigned char)(seq >> 16);
+        row[ihl + 6] = (unsigned char)(seq >> 8);
+        row[ihl + 7] = (unsigned char)seq;
+        row[ihl + 13] = (unsigned char)row_flags;
+        put_be16(row + ihl + 16, 0);
+        put_be16(row + 10, csum_field(be_sum(row, ihl)));
+        uint64_t tcp = be_sum(row + ihl, thl + size) + pseudo + (uint64_t)(thl + size);
+        put_be16(row + ihl + 16, csum_field(tcp));
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&pkt);
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(stride);
+}
+
 /* ---- the module ------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -449,6 +545,8 @@ static PyMethodDef methods[] = {
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(key, receiver_index, limit, window, allowed, datagrams, start)"
      " -> (stop, packets, counts): core/fastpath.py rule 2"},
+    {"segment", segment, METH_VARARGS,
+     "segment(packet, ihl, thl, total, mss, out) -> stride: core/batch.py _segment"},
     {"aead_seal", aead_seal, METH_VARARGS,
      "aead_seal(key, nonce, aad, plaintext) -> ciphertext || tag (RFC 8439 2.8)"},
     {"aead_open", aead_open, METH_VARARGS,

@@ -21,7 +21,10 @@ Rules:
    (BAD_SOURCE) is returned. Nothing raises; every message is counted exactly once.
 3. The per-session checks (index known, keys held, not expired) and what an authenticated
    message changes about its peer are the caller's, once per batch (``Tunnel.receive_batch``).
-4. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
+4. ``segment(packet, ihl, thl, total, mss, out)`` cuts a TSO super-packet whose headers
+   ``core.batch.split_tcp_batch`` checked into its MSS segments, written into ``out`` one
+   every ``stride`` bytes (returned): core/batch.py rules 2-4, byte for byte.
+5. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
    native u64 words, ``top`` an int; the C loop reads and writes the same two.
 """
 
@@ -34,6 +37,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from tencrypt.core import batch
 from tencrypt.core.replay import ReplayWindow
 from tencrypt.core.stats import DropReason, Stats
 
@@ -65,6 +69,9 @@ class Backend(Protocol):
 
     def open_batch(self, key: bytes, receiver_index: int, limit: int, window: ReplayWindow,
                    allowed: bytes, datagrams: Sequence[Buffer], start: int) -> OpenResult: ...
+
+    def segment(self, packet: Buffer, ihl: int, thl: int, total: int, mss: int,
+                out: bytearray) -> int: ...
 
 
 def seal_batch(key: bytes, receiver_index: int, counter: int,
@@ -122,6 +129,15 @@ def open_batch(key: bytes, receiver_index: int, limit: int, window: ReplayWindow
     else:
         i = len(datagrams)
     return i, packets, tuple(counts)
+
+
+def segment(packet: Buffer, ihl: int, thl: int, total: int, mss: int, out: bytearray) -> int:
+    """Rule 4: NumPy's segmentation (core/batch.py), into ``out``."""
+    stride = (ihl + thl + mss + 3) & ~3
+    if len(out) < max(1, -(-(total - ihl - thl) // mss)) * stride:
+        raise ValueError("segment: out is too small")
+    batch._segment(memoryview(packet), ihl, thl, total, mss, out)
+    return stride
 
 
 def count(stats: Stats, counts: Sequence[int], opened: int) -> None:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from scapy.all import raw
 
 from tencrypt import fastpath as selection
 from tencrypt.core import fastpath as pure
 from tencrypt.core import wire
+from tencrypt.core.batch import VnetHdr, build_vnet_hdr, split_tcp_batch
 from tencrypt.core.fastpath import (
     AUTHENTICATED,
     BAD_SOURCE,
@@ -29,7 +31,9 @@ from tencrypt.core.fastpath import (
     REPLAY,
 )
 from tencrypt.core.replay import WINDOW, ReplayWindow
+from tencrypt.core.stats import Stats
 from tencrypt.errors import UsageError
+from tests.unit import test_batch as tb
 
 COMPILED = selection.compiled()
 REQUIRED = os.environ.get("TENCRYPT_REQUIRE_FASTPATH") == "1"
@@ -323,3 +327,58 @@ def test_ci_requires_the_extension():
     assert "export TENCRYPT_REQUIRE_FASTPATH=1" in (REPO / ".ci" / "run").read_text()
     if REQUIRED:
         assert COMPILED is not None, "TENCRYPT_REQUIRE_FASTPATH=1 but the extension is missing"
+
+
+# ---- segmentation (core/batch.py rules 2-4) ---------------------------------------------------
+
+def _split(frame, backend, out_size=2 * 65536):
+    stats = Stats()
+    out = bytearray(b"\xee" * out_size)  # stale bytes must not leak into sums
+    views = split_tcp_batch(frame, stats, out, backend.segment)
+    return [bytes(v) for v in views], stats, views
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_of_a_64k_super_packet_equals_the_kernels(backend):
+    payload = os.urandom(65535 - 52)
+    pkt = tb.tcp_packet(payload, seq=0xFFFFFF00, ident=0xFFF0, flags="PA", options=tb.TS)
+    segments, stats, views = _split(tb.tso_frame(pkt, 1448), backend)
+    assert segments == tb.kernel_segments(pkt, 1448) and not stats.drops
+    assert len(segments) == 46 and all(not v.readonly for v in views)
+
+
+@given(n=st.integers(1, 50), mss=st.integers(1, 1460), cut=st.integers(0, 1459),
+       flags=st.sampled_from(tb.FLAG_SETS), ts=st.booleans(), ipopt=st.booleans(),
+       seq=st.integers(0, 2**32 - 1), ident=st.integers(0, 0xFFFF), ecn=st.booleans())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_both_backends_segment_like_the_kernel(n, mss, cut, flags, ts, ipopt, seq, ident, ecn):
+    if COMPILED is None and REQUIRED:
+        pytest.fail("TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built")
+    size = max(1, n * mss - cut % mss)
+    hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
+    assume(hlen + size <= 65535)
+    pkt = tb.tcp_packet(os.urandom(size), seq=seq, ident=ident, flags=flags,
+                        options=tb.TS if ts else (), ip_options=tb.IP_OPTS if ipopt else None)
+    frame = tb.tso_frame(pkt, mss, ecn=ecn)
+    expected = tb.kernel_segments(pkt, mss)
+    for backend in [pure] + ([COMPILED] if COMPILED is not None else []):
+        assert _split(frame, backend)[0] == expected
+
+
+@needs_c
+@given(st.integers(0, 1600), st.integers(0, 255), st.integers(0, 255), st.integers(0, 70000),
+       st.integers(0, 70000), st.integers(0, 70000))
+@settings(max_examples=200, deadline=None)
+def test_lying_headers_give_the_same_result_through_c(cut, flags, gso, size, start, offset):
+    pkt = tb.tcp_packet(os.urandom(3000), options=tb.TS)
+    frame = build_vnet_hdr(VnetHdr(flags, gso, 0, size & 0xFFFF, start & 0xFFFF,
+                                   offset & 0xFFFF)) + raw(pkt)[:cut]
+    a, b = _split(frame, pure), _split(frame, COMPILED)
+    assert a[0] == b[0] and a[1] == b[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_refuses_a_buffer_too_small(backend):
+    pkt = tb.tso_frame(tb.tcp_packet(os.urandom(3000)), 1000)[10:]
+    with pytest.raises(ValueError):
+        backend.segment(pkt, 20, 20, len(pkt), 1000, bytearray(100))
