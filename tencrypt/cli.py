@@ -100,6 +100,9 @@ def _dns(p: argparse.ArgumentParser) -> None:
                    help="the cluster's DNS domain (default: cluster.local)")
     p.add_argument("--timeout", type=float, default=2.0,
                    help="seconds before a silent upstream earns the client a SERVFAIL (default: 2)")
+    p.add_argument("--cache-entries", type=int, default=1024, metavar="N",
+                   help="answers kept for repeated queries, each at most for its records' TTL "
+                        "(default: 1024; 0: no cache)")
     p.add_argument("--state-dir", default="/run/tencrypt", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

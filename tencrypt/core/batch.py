@@ -42,8 +42,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-
 from tencrypt.core.packet import pseudo_sum
 from tencrypt.core.stats import DropReason, Stats
 
@@ -144,6 +142,8 @@ def ones_sum(buf: Buffer, start: int, end: int) -> int:
     if n < 2048:
         total = int.from_bytes(buf[start:end], "big")
         return (total << 8 if n & 1 else total) % _M
+    import numpy as np  # here, not at the top: 15 MB a proxy on the compiled path never needs
+
     words = n >> 2
     le = int(np.frombuffer(buf, dtype="<u4", count=words, offset=start).sum(dtype=np.uint64))
     tail = int.from_bytes(bytes(buf[start + 4 * words:end]).ljust(4, b"\0"), "little")
@@ -210,7 +210,8 @@ def _complete(pkt: memoryview, proto: int, flags: int, start: int, offset: int,
 
 def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
              out: bytearray | None, segment: Segmenter | None = None) -> list[memoryview]:
-    """Vectorised segmentation (rules 2-4). Inlined on purpose: each NumPy call costs ~1 µs."""
+    """Vectorised segmentation (rules 2-4). Inlined on purpose: each NumPy call costs ~1 µs.
+    NumPy is imported on first use: a compiled ``segment`` leaves it unloaded (memory)."""
     hlen = ihl + thl
     payload = total - hlen
     n = max(1, -(-payload // mss))
@@ -223,6 +224,8 @@ def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
         cut = [view[i * stride:i * stride + hlen + mss] for i in range(n - 1)]
         cut.append(view[(n - 1) * stride:(n - 1) * stride + hlen + last])
         return cut
+    import numpy as np
+
     if out is not None and len(out) >= size:
         buf = out
     else:
