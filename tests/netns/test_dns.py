@@ -99,6 +99,7 @@ class DnsProcess:
 
     def __init__(self, ns: str, log: Path, *args: str) -> None:
         self.ns, self.log = ns, log
+        self.listen = args[args.index("--listen") + 1] if "--listen" in args else "127.0.0.1:53"
         self.proc = netns.spawn(ns, [TENCRYPT, "dns", "--log-level", "debug", *args], log=log)
         netns.wait_for(self._listening, timeout=30, what=f"tencrypt dns in {ns}")
 
@@ -106,9 +107,10 @@ class DnsProcess:
         if self.proc.poll() is not None:
             raise AssertionError(f"tencrypt dns exited {self.proc.returncode}:\n"
                                  f"{self.log.read_text()}")
-        udp = netns.run(self.ns, ["ss", "-Hlnu", "sport = :53"], check=False).stdout
-        tcp = netns.run(self.ns, ["ss", "-Hlnt", "sport = :53"], check=False).stdout
-        return "127.0.0.1:53" in udp and "127.0.0.1:53" in tcp
+        port = self.listen.rsplit(":", 1)[1]
+        udp = netns.run(self.ns, ["ss", "-Hlnu", f"sport = :{port}"], check=False).stdout
+        tcp = netns.run(self.ns, ["ss", "-Hlnt", f"sport = :{port}"], check=False).stdout
+        return self.listen in udp and self.listen in tcp
 
     def stats(self) -> dict:
         """Ask for a stats line (SIGUSR1) and return the newest one."""
