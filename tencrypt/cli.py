@@ -148,6 +148,10 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)")
     p.add_argument("--out", default="bench/results", help="directory for CSV, markdown and PNG plots")
     p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
+    p.add_argument("--peer-binary", action="append", default=[], metavar="SYSTEM=PATH",
+                   help="also measure this build of a peer (wireguard-go or openvpn) next to the "
+                        "Debian one, labelled with its --version; repeatable. The bench never "
+                        "downloads or builds it")
 
 
 def _node_sync(p: argparse.ArgumentParser) -> None:
