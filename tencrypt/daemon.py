@@ -380,7 +380,10 @@ class Proxy:
                 if self.flows.rewrite_inbound(buf, now):
                     self._send_raw(self.ports.inject, buf)
             return
-        for pkt, gso_size in coalesce_batch(packets, partial=True):
+        backend = self.tunnel.fastpath  # its coalesce merges in C when compiled
+        runs = (backend.coalesce(packets, True) if backend is not None
+                else coalesce_batch(packets, partial=True))
+        for pkt, gso_size in runs:
             buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
             if not self.flows.rewrite_inbound(buf, now):
                 continue
