@@ -1,7 +1,8 @@
-"""The data path's loops, one call per batch: the pure-Python specification of
-``tencrypt/_fastpath.c``. Both have this module's API and must give the same bytes, the same
-counts and leave the same replay state; tests/unit/test_fastpath.py runs every test against
-both and a differential test feeds both the same random input.
+"""The data path's loops, one call per batch: the pure-Python specification of the C extension
+``tencrypt._fastpath`` (tencrypt/_fastpath.c, _fastpath_tcp.c). Both have this module's API
+and must give the same bytes, the same counts and leave the same replay state;
+tests/unit/test_fastpath.py runs every test against both and differential tests feed both the
+same random input. tencrypt/fastpath.py chooses one at start.
 
 Rules:
 1. ``seal_batch(key, receiver_index, counter, packets)`` seals packet ``i`` into one data
