@@ -13,7 +13,8 @@ setup(
     ext_modules=[
         Extension(
             "tencrypt._fastpath",
-            sources=["tencrypt/_fastpath.c"],
+            sources=["tencrypt/_fastpath.c", "tencrypt/_fastpath_tcp.c"],
+            depends=["tencrypt/_fastpath.h"],
             libraries=["crypto"],
             define_macros=[("Py_LIMITED_API", "0x030B0000")],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],

@@ -12,7 +12,8 @@ shared machine shows what the code costs rather than what the neighbours cost):
    by ``Tunnel.send_batch`` and opened by ``Tunnel.receive_batch``, per backend: one AEAD call
    per packet (no backend), core/fastpath.py (pure Python) and tencrypt._fastpath (C) — and
    the bare ``seal_batch`` / ``open_batch`` calls of each backend, and the split of a 64 KiB
-   TSO frame (core/batch.py: NumPy for python, the backend's ``segment`` for c).
+   TSO frame (core/batch.py: NumPy for python, the backend's ``segment`` for c) and the
+   coalescing of its segments back into one TSO frame.
 """
 
 from __future__ import annotations
@@ -171,7 +172,15 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
             for _ in range(k):
                 split_tcp_batch(frame, Stats(), out, backend.segment)
 
+        opened = [bytes(s) for s in split_tcp_batch(frame, Stats(), bytearray(2 * 65536))]
+
+        def coalesce(k: int, backend: Backend = backend,
+                     opened: list[bytes] = opened) -> None:
+            for _ in range(k):
+                backend.coalesce(opened, True)
+
         results[f"split_tcp_batch 64 KiB [{name}]"] = best_us(split, runs, n)
+        results[f"coalesce 64 KiB [{name}]"] = best_us(coalesce, runs, n)
         results[f"seal_batch x{SEGMENTS} [{name}]"] = best_us(seal_only, runs, n)
         results[f"open_batch x{SEGMENTS} [{name}]"] = best_us(open_only, runs, n)
     return results

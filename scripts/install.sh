@@ -45,9 +45,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.tencrypt-installed
 # Reinstalled when the packaging or the C source changed: the editable install builds the
-# extension once, so a changed tencrypt/_fastpath.c needs this to take effect.
+# extension once, so a changed tencrypt/_fastpath*.[ch] needs this to take effect.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ tencrypt/_fastpath.c -nt "$stamp" ]; then
+    || [ -n "$(find tencrypt -maxdepth 1 -name '_fastpath*.[ch]' -newer "$stamp")" ]; then
     echo "install.sh: installing Tencrypt and its Python dependencies into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
     touch "$stamp"

@@ -11,14 +11,11 @@
  *  - Bad input from the network never raises: it is a count. Only misuse by the caller
  *    (wrong key size, a replay ring of the wrong shape) or a failing libcrypto raises.
  *  - The limited API of Python 3.11 (abi3): one build serves every later CPython.
+ *  - This file: the AEAD loops and the module; _fastpath_tcp.c: segmentation and coalescing.
  */
-#define Py_LIMITED_API 0x030B0000
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_fastpath.h"
 
 #include <limits.h>
-#include <stdint.h>
-#include <string.h>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -53,8 +50,7 @@ static uint64_t get_le64(const unsigned char *p) {
     return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
 }
 
-/* Export a buffer of every item of ``seq`` from ``start`` on; NULL with an exception set. */
-static Py_buffer *get_buffers(PyObject *seq, Py_ssize_t start, Py_ssize_t *count) {
+Py_buffer *fp_get_buffers(PyObject *seq, Py_ssize_t start, Py_ssize_t *count) {
     Py_ssize_t n = PySequence_Size(seq);
     if (n < 0) return NULL;
     if (start < 0) start = 0;
@@ -79,7 +75,7 @@ static Py_buffer *get_buffers(PyObject *seq, Py_ssize_t start, Py_ssize_t *count
     return bufs;
 }
 
-static void release_buffers(Py_buffer *bufs, Py_ssize_t count) {
+void fp_release_buffers(Py_buffer *bufs, Py_ssize_t count) {
     for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&bufs[i]);
     PyMem_Free(bufs);
 }
@@ -145,12 +141,12 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "seal_batch: a 32-byte key and a u32 index");
         return NULL;
     }
-    Py_buffer *bufs = get_buffers(packets, 0, &count);
+    Py_buffer *bufs = fp_get_buffers(packets, 0, &count);
     if (bufs == NULL) return NULL;
     Py_ssize_t total = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         if (bufs[i].len > INT_MAX - OVERHEAD || total > PY_SSIZE_T_MAX - bufs[i].len - OVERHEAD) {
-            release_buffers(bufs, count);
+            fp_release_buffers(bufs, count);
             PyErr_SetString(PyExc_OverflowError, "seal_batch: packet too large");
             return NULL;
         }
@@ -158,7 +154,7 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
     }
     PyObject *result = PyBytes_FromStringAndSize(NULL, total);
     if (result == NULL) {
-        release_buffers(bufs, count);
+        fp_release_buffers(bufs, count);
         return NULL;
     }
     unsigned char *out = (unsigned char *)PyBytes_AsString(result);
@@ -177,7 +173,7 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
     if (!ok) ERR_clear_error();
     EVP_CIPHER_CTX_free(ctx);
     Py_END_ALLOW_THREADS
-    release_buffers(bufs, count);
+    fp_release_buffers(bufs, count);
     if (!ok) {
         Py_DECREF(result);
         PyErr_SetString(PyExc_RuntimeError, "seal_batch: libcrypto failed");
@@ -341,7 +337,7 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
     Window w;
     if (get_window(window_obj, &ring, &w) < 0) return NULL;
     Py_ssize_t first = start < 0 ? 0 : start;
-    Py_buffer *bufs = get_buffers(datagrams, first, &count);
+    Py_buffer *bufs = fp_get_buffers(datagrams, first, &count);
     if (bufs == NULL) {
         PyBuffer_Release(&ring);
         return NULL;
@@ -375,7 +371,7 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
         EVP_CIPHER_CTX_free(ctx);
         Py_END_ALLOW_THREADS
     }
-    release_buffers(bufs, count);
+    fp_release_buffers(bufs, count);
     PyBuffer_Release(&ring);
     PyObject *result = NULL;
     if (scratch == NULL || spans == NULL) {
@@ -441,102 +437,6 @@ static PyObject *aead_open(PyObject *self, PyObject *args) {
     return aead(args, 0);
 }
 
-/* ---- segment: core/batch.py rules 2-4 for one TSO super-packet ---------------------------- */
-
-#define FIN 0x01
-#define PSH 0x08
-#define CWR 0x80
-
-/* Sum of big-endian 16-bit words (an odd last byte padded with zero), modulo 0xFFFF. On a
- * little-endian machine 8 bytes at a time: the sum of the byte-swapped words times 256 is the
- * big-endian sum, modulo 0xFFFF (RFC 1071 §2(B); batch.py's ones_sum does the same). */
-static uint64_t be_sum(const unsigned char *p, Py_ssize_t len) {
-    uint64_t sum = 0;
-    Py_ssize_t i = 0;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    for (; i + 8 <= len; i += 8) {
-        uint64_t w;
-        memcpy(&w, p + i, 8);
-        sum += (w & 0xFFFFFFFFu) + (w >> 32);
-    }
-    uint64_t tail = 0;
-    memcpy(&tail, p + i, (size_t)(len - i));
-    sum += (tail & 0xFFFFFFFFu) + (tail >> 32);
-    return (sum % 0xFFFF) * 256 % 0xFFFF;
-#else
-    for (; i + 1 < len; i += 2) sum += (uint64_t)(p[i] << 8 | p[i + 1]);
-    if (i < len) sum += (uint64_t)p[i] << 8;
-    return sum % 0xFFFF;
-#endif
-}
-
-/* The checksum field for a region whose sum is ``sum``: -sum modulo 0xFFFF, as batch.py's
- * csum_field computes it (never 0xFFFF). */
-static unsigned csum_field(uint64_t sum) {
-    return (unsigned)((0xFFFF - sum % 0xFFFF) % 0xFFFF);
-}
-
-static void put_be16(unsigned char *p, unsigned v) {
-    p[0] = (unsigned char)(v >> 8);
-    p[1] = (unsigned char)v;
-}
-
-/* segment(packet, ihl, thl, total, mss, out) -> stride: the super-packet's segments written
- * into ``out``, segment i at i * stride (hlen + mss rounded up to 4), the last one hlen + the
- * rest of the payload long: byte for byte what core/batch.py's _segment makes. The caller
- * checked the headers (split_tcp_batch) and sized ``out``; misuse raises ValueError. */
-static PyObject *segment(PyObject *self, PyObject *args) {
-    Py_buffer pkt, out;
-    Py_ssize_t ihl, thl, total, mss;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnnnw*:segment", &pkt, &ihl, &thl, &total, &mss, &out))
-        return NULL;
-    Py_ssize_t hlen = ihl + thl, payload = total - hlen;
-    Py_ssize_t n = payload > 0 ? (payload + mss - 1) / mss : 1;
-    Py_ssize_t stride = (hlen + mss + 3) & ~(Py_ssize_t)3;
-    if (ihl < 20 || thl < 20 || mss <= 0 || mss > 0xFFFF || payload < 0 || total > pkt.len
-        || hlen > 120 || n * stride > out.len) {
-        PyBuffer_Release(&pkt);
-        PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "segment: headers or buffer sizes out of range");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    const unsigned char *src = pkt.buf;
-    unsigned char *buf = out.buf;
-    unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
-    uint32_t seq0 = (uint32_t)src[ihl + 4] << 24 | (uint32_t)src[ihl + 5] << 16
-                    | (uint32_t)src[ihl + 6] << 8 | src[ihl + 7];
-    uint64_t pseudo = be_sum(src + 12, 8) + 6;  /* addresses and protocol; length per row */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char *row = buf + i * stride;
-        Py_ssize_t size = i < n - 1 ? mss : payload - (n - 1) * mss;
-        unsigned row_flags = flags & ~(unsigned)(FIN | PSH | CWR);
-        if (n == 1) row_flags = flags;
-        else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
-        else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
-        memcpy(row, src, (size_t)hlen);
-        memcpy(row + hlen, src + hlen + i * mss, (size_t)size);
-        put_be16(row + 2, (unsigned)(hlen + size));
-        put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
-        put_be16(row + 10, 0);
-        uint32_t seq = seq0 + (uint32_t)((uint64_t)i * (uint64_t)mss);
-        row[ihl + 4] = (unsigned char)(seq >> 24);
-        row[ihl + 5] = (unsigned char)(seq >> 16);
-        row[ihl + 6] = (unsigned char)(seq >> 8);
-        row[ihl + 7] = (unsigned char)seq;
-        row[ihl + 13] = (unsigned char)row_flags;
-        put_be16(row + ihl + 16, 0);
-        put_be16(row + 10, csum_field(be_sum(row, ihl)));
-        uint64_t tcp = be_sum(row + ihl, thl + size) + pseudo + (uint64_t)(thl + size);
-        put_be16(row + ihl + 16, csum_field(tcp));
-    }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&pkt);
-    PyBuffer_Release(&out);
-    return PyLong_FromSsize_t(stride);
-}
-
 /* ---- the module ------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -545,8 +445,10 @@ static PyMethodDef methods[] = {
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(key, receiver_index, limit, window, allowed, datagrams, start)"
      " -> (stop, packets, counts): core/fastpath.py rule 2"},
-    {"segment", segment, METH_VARARGS,
+    {"segment", fp_segment, METH_VARARGS,
      "segment(packet, ihl, thl, total, mss, out) -> stride: core/batch.py _segment"},
+    {"coalesce", fp_coalesce, METH_VARARGS,
+     "coalesce(packets, partial) -> [(packet, gso_size)]: core/batch.py coalesce_batch"},
     {"aead_seal", aead_seal, METH_VARARGS,
      "aead_seal(key, nonce, aad, plaintext) -> ciphertext || tag (RFC 8439 2.8)"},
     {"aead_open", aead_open, METH_VARARGS,

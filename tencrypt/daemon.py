@@ -220,6 +220,10 @@ class Proxy:
         # every frame is read into one reused buffer and rewritten in place: whatever must
         # outlive this iteration (queued, held) is copied by its keeper
         read, view = self.ports.tun.readinto, self.read_view
+        # batch path: small packets to a peer with a session wait here (copied) and are sealed
+        # by one call per destination, before any super-packet and at the end of the reads
+        # (each destination's packets keep their order)
+        to_peers: dict[str, list[bytes]] = {}
         for _ in range(BATCH):
             n = read(self.read_buffer)
             if not n:
@@ -228,13 +232,22 @@ class Proxy:
             if not self.batch:
                 self._outbound(frame, now, wall)
             elif frame[1]:  # virtio-net gso_type: a TCP super-packet
+                self._seal_small(to_peers, now, wall)
                 self._outbound_super(frame, now, wall)
             else:  # one packet, its checksum completed (the kernel may leave it partial)
                 for pkt in split_tcp_batch(frame, self.stats):
-                    self._outbound(pkt, now, wall)
+                    self._outbound(pkt, now, wall, to_peers)
+        self._seal_small(to_peers, now, wall)
         self._flush()
 
-    def _outbound(self, buf: bytearray | memoryview, now: float, wall: float) -> None:
+    def _seal_small(self, to_peers: dict[str, list[bytes]], now: float, wall: float) -> None:
+        """The small packets ``_on_tun`` collected: one ``send_batch`` per destination."""
+        for dst, packets in to_peers.items():
+            self.tunnel.send_batch(dst, packets, now, wall)
+        to_peers.clear()
+
+    def _outbound(self, buf: bytearray | memoryview, now: float, wall: float,
+                  to_peers: dict[str, list[bytes]] | None = None) -> None:
         if len(buf) < 20 or buf[0] >> 4 != 4:
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
@@ -245,7 +258,11 @@ class Proxy:
         if buf[9] == 6:  # TCP
             rewrite_tcp_mss(buf, mtu - 40)
         if self.flows.rewrite_outbound(buf, now):  # False: malformed, counted
-            self._dispatch(_dst(buf), [buf], now, wall)
+            dst = _dst(buf)
+            if to_peers is not None and self.tunnel.knows(dst):  # sealed after the reads
+                to_peers.setdefault(dst, []).append(bytes(buf))
+            else:
+                self._dispatch(dst, [buf], now, wall)
 
     def _outbound_super(self, frame: memoryview, now: float, wall: float) -> None:
         """NAT and the verdict once per super-packet; split recomputes every checksum after."""
@@ -381,7 +398,10 @@ class Proxy:
                 if self.flows.rewrite_inbound(buf, now):
                     self._send_raw(self.ports.inject, buf)
             return
-        for pkt, gso_size in coalesce_batch(packets, partial=True):
+        backend = self.tunnel.fastpath  # its coalesce merges in C when compiled
+        runs = (backend.coalesce(packets, True) if backend is not None
+                else coalesce_batch(packets, partial=True))
+        for pkt, gso_size in runs:
             buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
             if not self.flows.rewrite_inbound(buf, now):
                 continue

@@ -1,7 +1,8 @@
-"""The data path's loops, one call per batch: the pure-Python specification of
-``tencrypt/_fastpath.c``. Both have this module's API and must give the same bytes, the same
-counts and leave the same replay state; tests/unit/test_fastpath.py runs every test against
-both and a differential test feeds both the same random input.
+"""The data path's loops, one call per batch: the pure-Python specification of the C extension
+``tencrypt._fastpath`` (tencrypt/_fastpath.c, _fastpath_tcp.c). Both have this module's API
+and must give the same bytes, the same counts and leave the same replay state;
+tests/unit/test_fastpath.py runs every test against both and differential tests feed both the
+same random input. tencrypt/fastpath.py chooses one at start.
 
 Rules:
 1. ``seal_batch(key, receiver_index, counter, packets)`` seals packet ``i`` into one data
@@ -24,7 +25,9 @@ Rules:
 4. ``segment(packet, ihl, thl, total, mss, out)`` cuts a TSO super-packet whose headers
    ``core.batch.split_tcp_batch`` checked into its MSS segments, written into ``out`` one
    every ``stride`` bytes (returned): core/batch.py rules 2-4, byte for byte.
-5. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
+5. ``coalesce(packets, partial)`` is ``core.batch.coalesce_batch``: the same (packet,
+   gso_size) pairs, a packet that is not merged passed through as the same object.
+6. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
    native u64 words, ``top`` an int; the C loop reads and writes the same two.
 """
 
@@ -72,6 +75,8 @@ class Backend(Protocol):
 
     def segment(self, packet: Buffer, ihl: int, thl: int, total: int, mss: int,
                 out: bytearray) -> int: ...
+
+    def coalesce(self, packets: Sequence[Buffer], partial: bool) -> list[tuple[Buffer, int]]: ...
 
 
 def seal_batch(key: bytes, receiver_index: int, counter: int,
@@ -138,6 +143,11 @@ def segment(packet: Buffer, ihl: int, thl: int, total: int, mss: int, out: bytea
         raise ValueError("segment: out is too small")
     batch._segment(memoryview(packet), ihl, thl, total, mss, out)
     return stride
+
+
+def coalesce(packets: Sequence[Buffer], partial: bool) -> list[tuple[Buffer, int]]:
+    """Rule 5."""
+    return [(c.packet, c.gso_size) for c in batch.coalesce_batch(packets, partial=partial)]
 
 
 def count(stats: Stats, counts: Sequence[int], opened: int) -> None:

@@ -23,13 +23,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tencrypt.core.classify import RouteAction
 from tencrypt.core.effects import Desired, Plan
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
+from tencrypt.linux import rtnl
 from tencrypt.logutil import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -55,17 +56,6 @@ class Kernel:
         from tencrypt.linux import firewall as fw
 
         self.pod, self.fw, self.firewall = pod, fw, firewall
-        self._netlink: Any = None
-
-    @property
-    def netlink(self) -> Any:
-        """linux.netlink, the only pyroute2 importer (about 23 MB of RSS), loaded by the first
-        route change: a proxy that never routes a peer never pays for it."""
-        if self._netlink is None:
-            from tencrypt.linux import netlink
-
-            self._netlink = netlink
-        return self._netlink
 
     def install_firewall(self) -> None:
         """Setup installed it; install again (idempotent, keeps elements) in case it was
@@ -88,15 +78,16 @@ class Kernel:
         return nfqueue.NfQueue(QUEUE_NUM, stats)
 
     def route(self, ip: str, action: RouteAction) -> None:
+        """Raw rtnetlink (linux.rtnl): the same route linux.netlink would add, no pyroute2."""
         pod = self.pod
         if action is RouteAction.VIA_TUN:
-            self.netlink.ensure_route(f"{ip}/32", dev=pod.tun, src=pod.pod_ip)
+            rtnl.replace_route(f"{ip}/32", dev=pod.tun, src=pod.pod_ip)
         else:
-            self.netlink.ensure_route(f"{ip}/32", dev=pod.dev, gateway=pod.gateway or None,
-                                      src=pod.pod_ip)
+            rtnl.replace_route(f"{ip}/32", dev=pod.dev, gateway=pod.gateway or None,
+                               src=pod.pod_ip)
 
     def unroute(self, ip: str) -> None:
-        self.netlink.remove_route(f"{ip}/32")
+        rtnl.delete_route(f"{ip}/32")
 
     def change(self, add: tuple[str, ...], delete: tuple[str, ...]) -> None:
         if self.firewall:

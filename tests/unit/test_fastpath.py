@@ -382,3 +382,59 @@ def test_segment_refuses_a_buffer_too_small(backend):
     pkt = tb.tso_frame(tb.tcp_packet(os.urandom(3000)), 1000)[10:]
     with pytest.raises(ValueError):
         backend.segment(pkt, 20, 20, len(pkt), 1000, bytearray(100))
+
+
+# ---- coalescing (core/batch.py rule 6) --------------------------------------------------------
+
+def _flows():
+    """Segments of a few flows (some sharing headers), cut, reordered, with strangers."""
+    one = st.tuples(st.integers(1, 4000), st.sampled_from([100, 536, 1448]),
+                    st.sampled_from(tb.FLAG_SETS), st.booleans(), st.integers(0, 2**32 - 1),
+                    st.sampled_from([40000, 40001]))
+    return st.lists(one, min_size=1, max_size=3)
+
+
+@given(_flows(), st.lists(st.tuples(st.sampled_from(["swap", "drop", "dup", "odd", "cut"]),
+                                    st.integers(0, 10**6), st.integers(0, 10**6)), max_size=6),
+       st.booleans())
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_both_backends_coalesce_alike(flows, edits, partial):
+    if COMPILED is None:
+        if REQUIRED:
+            pytest.fail("TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built")
+        pytest.skip("tencrypt._fastpath not built")
+    packets: list = []
+    for size, mss, flags, ts, seq, sport in flows:
+        pkt = tb.tcp_packet(bytes(size % 251 for size in range(size)), seq=seq, flags=flags,
+                            options=tb.TS if ts else (), sport=sport)
+        packets += tb.kernel_segments(pkt, mss)
+    for kind, a, b in edits:
+        i, j = a % len(packets), b % len(packets)
+        if kind == "swap":
+            packets[i], packets[j] = packets[j], packets[i]
+        elif kind == "drop" and len(packets) > 1:
+            del packets[i]
+        elif kind == "dup":
+            packets.insert(j, packets[i])
+        elif kind == "odd":
+            packets.insert(j, bytes(b % 97))
+        else:
+            packets[i] = packets[i][:b % (len(packets[i]) + 1)]
+    packets = [bytearray(p) if k % 2 else p for k, p in enumerate(packets)]
+    expected = [(bytes(p), n) for p, n in pure.coalesce(packets, partial)]
+    got = COMPILED.coalesce(packets, partial)
+    assert [(bytes(p), n) for p, n in got] == expected
+    for (p, n), (q, m) in zip(got, pure.coalesce(packets, partial), strict=True):
+        assert (p is q) == (n == 0 and m == 0)  # passed through: the same object
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coalesce_of_a_64k_split_is_the_super_packet(backend):
+    pkt = tb.tcp_packet(os.urandom(65535 - 52), options=tb.TS, flags="PA")
+    segments = tb.kernel_segments(pkt, 1448)
+    (merged,) = backend.coalesce(segments, False)
+    assert bytes(merged[0]) == raw(pkt) and merged[1] == 1448
+    (partial,) = backend.coalesce(segments, True)
+    assert bytes(partial[0]) == tb.partial_tcp(raw(pkt))
+    ack = raw(tb.tcp_packet(b""))
+    assert backend.coalesce([ack, b""], False)[0][0] is ack

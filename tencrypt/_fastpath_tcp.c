@@ -1,0 +1,286 @@
+/* tencrypt._fastpath, part two: core/batch.py's segmentation (rules 2-4) and coalescing
+ * (rule 6) in C, byte for byte; _fastpath.c holds the rules that apply to both files. */
+#include "_fastpath.h"
+
+/* ---- segment: core/batch.py rules 2-4 for one TSO super-packet ---------------------------- */
+
+#define FIN 0x01
+#define PSH 0x08
+#define CWR 0x80
+
+/* Sum of big-endian 16-bit words (an odd last byte padded with zero), modulo 0xFFFF. On a
+ * little-endian machine 8 bytes at a time: the sum of the byte-swapped words times 256 is the
+ * big-endian sum, modulo 0xFFFF (RFC 1071 §2(B); batch.py's ones_sum does the same). */
+static uint64_t be_sum(const unsigned char *p, Py_ssize_t len) {
+    uint64_t sum = 0;
+    Py_ssize_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        sum += (w & 0xFFFFFFFFu) + (w >> 32);
+    }
+    uint64_t tail = 0;
+    memcpy(&tail, p + i, (size_t)(len - i));
+    sum += (tail & 0xFFFFFFFFu) + (tail >> 32);
+    return (sum % 0xFFFF) * 256 % 0xFFFF;
+#else
+    for (; i + 1 < len; i += 2) sum += (uint64_t)(p[i] << 8 | p[i + 1]);
+    if (i < len) sum += (uint64_t)p[i] << 8;
+    return sum % 0xFFFF;
+#endif
+}
+
+/* The checksum field for a region whose sum is ``sum``: -sum modulo 0xFFFF, as batch.py's
+ * csum_field computes it (never 0xFFFF). */
+static unsigned csum_field(uint64_t sum) {
+    return (unsigned)((0xFFFF - sum % 0xFFFF) % 0xFFFF);
+}
+
+static void put_be16(unsigned char *p, unsigned v) {
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+/* segment(packet, ihl, thl, total, mss, out) -> stride: the super-packet's segments written
+ * into ``out``, segment i at i * stride (hlen + mss rounded up to 4), the last one hlen + the
+ * rest of the payload long: byte for byte what core/batch.py's _segment makes. The caller
+ * checked the headers (split_tcp_batch) and sized ``out``; misuse raises ValueError. */
+PyObject *fp_segment(PyObject *self, PyObject *args) {
+    Py_buffer pkt, out;
+    Py_ssize_t ihl, thl, total, mss;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*:segment", &pkt, &ihl, &thl, &total, &mss, &out))
+        return NULL;
+    Py_ssize_t hlen = ihl + thl, payload = total - hlen;
+    Py_ssize_t n = payload > 0 ? (payload + mss - 1) / mss : 1;
+    Py_ssize_t stride = (hlen + mss + 3) & ~(Py_ssize_t)3;
+    if (ihl < 20 || thl < 20 || mss <= 0 || mss > 0xFFFF || payload < 0 || total > pkt.len
+        || hlen > 120 || n * stride > out.len) {
+        PyBuffer_Release(&pkt);
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "segment: headers or buffer sizes out of range");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *src = pkt.buf;
+    unsigned char *buf = out.buf;
+    unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
+    uint32_t seq0 = (uint32_t)src[ihl + 4] << 24 | (uint32_t)src[ihl + 5] << 16
+                    | (uint32_t)src[ihl + 6] << 8 | src[ihl + 7];
+    uint64_t pseudo = be_sum(src + 12, 8) + 6;  /* addresses and protocol; length per row */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char *row = buf + i * stride;
+        Py_ssize_t size = i < n - 1 ? mss : payload - (n - 1) * mss;
+        unsigned row_flags = flags & ~(unsigned)(FIN | PSH | CWR);
+        if (n == 1) row_flags = flags;
+        else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
+        else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
+        memcpy(row, src, (size_t)hlen);
+        memcpy(row + hlen, src + hlen + i * mss, (size_t)size);
+        put_be16(row + 2, (unsigned)(hlen + size));
+        put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
+        put_be16(row + 10, 0);
+        uint32_t seq = seq0 + (uint32_t)((uint64_t)i * (uint64_t)mss);
+        row[ihl + 4] = (unsigned char)(seq >> 24);
+        row[ihl + 5] = (unsigned char)(seq >> 16);
+        row[ihl + 6] = (unsigned char)(seq >> 8);
+        row[ihl + 7] = (unsigned char)seq;
+        row[ihl + 13] = (unsigned char)row_flags;
+        put_be16(row + ihl + 16, 0);
+        put_be16(row + 10, csum_field(be_sum(row, ihl)));
+        uint64_t tcp = be_sum(row + ihl, thl + size) + pseudo + (uint64_t)(thl + size);
+        put_be16(row + ihl + 16, csum_field(tcp));
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&pkt);
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(stride);
+}
+
+/* ---- coalesce: core/batch.py rule 6 (coalesce_batch) --------------------------------------- */
+
+#define SYN 0x02
+#define RST 0x04
+#define URG 0x20
+#define IP_MAX 65535
+
+typedef struct {
+    Py_ssize_t first, count; /* packets[first .. first + count) form the output item */
+    Py_ssize_t hlen, mss;
+    unsigned last_flags;
+    Py_ssize_t offset, len; /* the merged packet in the scratch buffer (count > 1) */
+} Item;
+
+static unsigned be16(const unsigned char *p) { return (unsigned)(p[0] << 8 | p[1]); }
+
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* batch.py _run_start: 1 and the fields when ``p`` may start a run, else 0. */
+static int run_start(const unsigned char *p, Py_ssize_t len, Py_ssize_t *hlen, Py_ssize_t *mss,
+                     uint32_t *seq, unsigned *flags) {
+    if (len < 40) return 0;
+    Py_ssize_t ihl = (p[0] & 0x0F) << 2, total = be16(p + 2);
+    if (p[0] >> 4 != 4 || ihl < 20 || p[9] != 6 || (be16(p + 6) & 0x3FFF) || total > len)
+        return 0;
+    if (total < ihl + 20) return 0;
+    Py_ssize_t h = ihl + ((p[ihl + 12] >> 4) << 2);
+    unsigned f = p[ihl + 13];
+    if (!(ihl + 20 <= h && h < total) || (f & (SYN | RST | URG))) return 0;
+    *hlen = h;
+    *mss = total - h;
+    *seq = be32(p + ihl + 4);
+    *flags = f;
+    return 1;
+}
+
+/* Equal under batch.py _key_mask: all of the first hlen bytes but IP total length, id and
+ * checksum, TCP seq, flags and checksum. */
+static int same_key(const unsigned char *a, const unsigned char *b, Py_ssize_t ihl,
+                    Py_ssize_t hlen) {
+    for (Py_ssize_t i = 0; i < hlen; i++) {
+        if ((i >= 2 && i < 6) || (i >= 10 && i < 12) || (i >= ihl + 4 && i < ihl + 8)
+            || i == ihl + 13 || (i >= ihl + 16 && i < ihl + 18))
+            continue;
+        if (a[i] != b[i]) return 0;
+    }
+    return 1;
+}
+
+/* batch.py _merge for count > 1: the run's bytes into ``out`` with fresh checksums. */
+static Py_ssize_t merge_into(unsigned char *out, const Py_buffer *bufs, const Item *it,
+                             int partial) {
+    const unsigned char *head = bufs[it->first].buf;
+    Py_ssize_t hlen = it->hlen, pos = hlen + it->mss;
+    memcpy(out, head, (size_t)pos);
+    for (Py_ssize_t k = 1; k < it->count; k++) {
+        const unsigned char *p = bufs[it->first + k].buf;
+        Py_ssize_t total = be16(p + 2);
+        memcpy(out + pos, p + hlen, (size_t)(total - hlen));
+        pos += total - hlen;
+    }
+    Py_ssize_t ihl = (out[0] & 0x0F) << 2;
+    out[ihl + 13] |= (unsigned char)(it->last_flags & (PSH | FIN));
+    put_be16(out + 2, (unsigned)pos);
+    put_be16(out + 10, 0);
+    put_be16(out + ihl + 16, 0);
+    put_be16(out + 10, csum_field(be_sum(out, ihl)));
+    uint64_t pseudo = be_sum(out + 12, 8) + 6 + (uint64_t)(pos - ihl);
+    unsigned ck;
+    if (partial) {
+        ck = (unsigned)(pseudo % 0xFFFF);
+        if (ck == 0) ck = 0xFFFF;
+    } else {
+        ck = csum_field(pseudo + be_sum(out + ihl, pos - ihl));
+    }
+    put_be16(out + ihl + 16, ck);
+    return pos;
+}
+
+/* The plan of batch.py coalesce_batch's loop: which packets become which output item. */
+static Py_ssize_t plan_runs(const Py_buffer *bufs, Py_ssize_t n, Item *items) {
+    Py_ssize_t m = 0, hlen = 0, mss = 0, room = 0, ihl = 20;
+    uint32_t next_seq = 0;
+    unsigned open_flags = 0;
+    Item *run = NULL; /* the open run, if any */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char *p = bufs[i].buf;
+        Py_ssize_t len = bufs[i].len;
+        if (run != NULL && len > hlen && same_key(p, bufs[run->first].buf, ihl, hlen)) {
+            Py_ssize_t total = be16(p + 2), plen = total - hlen;
+            uint32_t seq = be32(p + ihl + 4);
+            unsigned flags = p[ihl + 13];
+            if (seq == next_seq && 0 < plen && plen <= mss && plen <= room && total <= len
+                && (flags & ~(unsigned)(PSH | FIN)) == open_flags) {
+                run->count++;
+                next_seq = seq + (uint32_t)plen;
+                room -= plen;
+                if (plen < mss || (flags & (PSH | FIN))) {
+                    run->last_flags = flags;
+                    run = NULL;
+                }
+                continue;
+            }
+        }
+        run = NULL;
+        Item *it = &items[m++];
+        it->first = i;
+        it->count = 1;
+        it->last_flags = 0;
+        it->hlen = it->mss = 0;
+        uint32_t seq;
+        unsigned flags;
+        if (!run_start(p, len, &it->hlen, &it->mss, &seq, &flags) || (flags & (PSH | FIN))) {
+            it->mss = 0; /* passed through as it is */
+            continue;
+        }
+        hlen = it->hlen;
+        mss = it->mss;
+        ihl = (p[0] & 0x0F) << 2;
+        next_seq = seq + (uint32_t)mss;
+        room = IP_MAX - hlen - mss;
+        open_flags = flags & ~(unsigned)CWR;
+        run = it;
+    }
+    return m;
+}
+
+/* coalesce(packets, partial) -> [(packet, gso_size)]: core/batch.py coalesce_batch, byte for
+ * byte; packets that start no run (or a run of one) come back as the same objects. */
+PyObject *fp_coalesce(PyObject *self, PyObject *args) {
+    PyObject *packets;
+    int partial;
+    Py_ssize_t n = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Op:coalesce", &packets, &partial)) return NULL;
+    Py_buffer *bufs = fp_get_buffers(packets, 0, &n);
+    if (bufs == NULL) return NULL;
+    Item *items = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Item));
+    Py_ssize_t scratch_len = 1;
+    for (Py_ssize_t i = 0; i < n; i++) scratch_len += bufs[i].len;
+    unsigned char *scratch = PyMem_Malloc((size_t)scratch_len);
+    PyObject *result = NULL;
+    if (items == NULL || scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t m = 0;
+    Py_BEGIN_ALLOW_THREADS
+    m = plan_runs(bufs, n, items);
+    Py_ssize_t used = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        if (items[k].count > 1) {
+            items[k].offset = used;
+            items[k].len = merge_into(scratch + used, bufs, &items[k], partial);
+            used += items[k].len;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyList_New(m);
+    if (result == NULL) goto done;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        PyObject *packet, *size;
+        if (items[k].count > 1) {
+            packet = PyByteArray_FromStringAndSize((const char *)scratch + items[k].offset,
+                                                   items[k].len);
+            size = PyLong_FromSsize_t(items[k].mss);
+        } else {
+            packet = PySequence_GetItem(packets, items[k].first);
+            size = PyLong_FromLong(0);
+        }
+        PyObject *pair = (packet && size) ? PyTuple_Pack(2, packet, size) : NULL;
+        Py_XDECREF(packet);
+        Py_XDECREF(size);
+        if (pair == NULL || PyList_SetItem(result, k, pair) < 0) {
+            Py_CLEAR(result);
+            goto done;
+        }
+    }
+done:
+    fp_release_buffers(bufs, n);
+    PyMem_Free(items);
+    PyMem_Free(scratch);
+    return result;
+}
