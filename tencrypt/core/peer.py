@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from tencrypt.core.handshake import Templates
 from tencrypt.core.noise import HandshakeState
 from tencrypt.core.replay import ReplayWindow
 from tencrypt.core.stats import DropReason, Stats
@@ -94,6 +95,7 @@ class Session:
     forget_at: float
     send_counter: int = 0
     replay: ReplayWindow = field(default_factory=ReplayWindow)
+    key: str = ""  # fingerprint of the project key of its handshake (core/keyring.py)
 
     def expire(self) -> None:
         """Drop the keys: from now on the session only answers EXPIRED_SESSION."""
@@ -110,6 +112,7 @@ class Pending:
     first_sent: float
     last_sent: float
     rekey: bool  # started to replace a live session (counted in "rekeys" when it completes)
+    templates: Templates  # the ring's current key when sent: the response must use it too
 
 
 @dataclass(slots=True, eq=False)
@@ -144,6 +147,7 @@ def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
         "confirmed": s.confirmed,
         "live": s.recv_aead is not None and now < s.expires_at,
         "sent": s.send_counter,
+        "key": s.key,
     } for slot, s in slots if s is not None]
     return {
         "pod_ip": peer.pod_ip,
