@@ -56,7 +56,12 @@ def _setup(p: argparse.ArgumentParser) -> None:
 
 
 def _psk(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--psk-file", metavar="FILE", help="file holding the project key (base64)")
+    p.add_argument("--psk-file", metavar="FILE",
+                   help="file holding the project key (base64), or a key ring for a rotation "
+                        "without restart: lines `current KEY`, `next KEY`, `previous KEY` "
+                        "(current required; `#` comments). Current initiates; next and previous "
+                        "are accepted too. Re-read within a second of a change and on SIGHUP; a "
+                        "malformed new file is refused (logged, counted) and the loaded keys kept")
 
 
 def _run(p: argparse.ArgumentParser) -> None:
