@@ -85,7 +85,7 @@ from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tun
 from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
 from tencrypt.linux.effects import EffectApplier, Kernel
-from tencrypt.linux.keyfile import KeyFile, describe
+from tencrypt.linux.keyfile import KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
 from tencrypt.logutil import RateLimitedLog
 from tencrypt.ports import Ports, RawSocket, Resolver, open_ports
@@ -122,6 +122,7 @@ class Proxy:
         self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
         self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
         self.keyfile = keyfile
+        self.loaded_dir: Path | None = None  # where to record the ring loaded (the agent reads)
         self.clock, self.wall = clock, wall
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
         self.read_buffer = bytearray(65536 + VNET_HDR_LEN + 256)  # reused by every tenc0 read
@@ -446,6 +447,8 @@ class Proxy:
             return
         self.tunnel.set_ring(KeyRing.from_keys(keys, X25519PrivateKey.generate,
                                                reuse=self.tunnel.ring))
+        if self.loaded_dir is not None:
+            write_loaded(self.loaded_dir, keys)
         log.info("project keys reloaded from %s: %s", self.keyfile.path if self.keyfile else "-",
                  describe(keys))
 
@@ -543,6 +546,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, proxy.stopping.set)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload_keys)  # re-read the key file now
     pid_file = state_dir / podnet.PID_FILE
+    proxy.loaded_dir = state_dir
+    write_loaded(state_dir, keys)
     await proxy.start()
     server = (await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
               if args.metrics else None)

@@ -69,6 +69,12 @@ def fingerprint(key: bytes) -> str:
     return hashlib.blake2s(FINGERPRINT_LABEL + key).hexdigest()[:8]
 
 
+def ring_label(fingerprints: dict[str, str]) -> str:
+    """``current=ab12cd34,next=9f00e1c2``: a ring by its fingerprints in ``ROLES`` order, one
+    string a proxy, an agent and ``tencrypt key rotate`` compare."""
+    return ",".join(f"{role}={fingerprints[role]}" for role in ROLES if role in fingerprints)
+
+
 @dataclass(frozen=True, slots=True)
 class KeySet:
     """The project keys a pod holds: ``current`` initiates and is accepted; ``next`` (about

@@ -12,19 +12,25 @@ Rules:
   disappears keeps the loaded ring too (an operator's or a crash's doing).
 - A new ring is counted as ``key_reloads`` and returned; a rewrite with the same keys is not
   a change.
+- The proxy states what it has loaded in ``LOADED_FILE`` in its setup state directory (the
+  node's ``/run/tencrypt/netns-<inode>``, which the agent reads to report it; core.rotation
+  rule 3): JSON ``{"ring": "current=ab12cd34,...", "at": UNIX}``, fingerprints only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 
-from tencrypt.core.psk import KeySet, parse_key_file, render_key_file
+from tencrypt.core.psk import KeySet, parse_key_file, render_key_file, ring_label
 from tencrypt.core.stats import Stats
 from tencrypt.errors import UsageError
 
 log = logging.getLogger("tencrypt.keys")
+LOADED_FILE = "keys-loaded.json"
 
 
 def write_key_file(path: str | Path, keys: KeySet) -> Path:
@@ -40,6 +46,26 @@ def write_key_file(path: str | Path, keys: KeySet) -> Path:
         os.close(fd)
     os.replace(tmp, path)
     return path
+
+
+def write_loaded(directory: Path, keys: KeySet) -> None:
+    """Record, atomically, which ring the proxy runs with (fingerprints only). A failure is
+    logged, never raised: the proxy runs on; its agent reports it as not caught up."""
+    tmp = directory / f".{LOADED_FILE}.tmp"
+    try:
+        tmp.write_text(json.dumps({"ring": ring_label(keys.fingerprints()), "at": time.time()}))
+        os.replace(tmp, directory / LOADED_FILE)
+    except OSError as exc:
+        log.error("cannot record the loaded keys in %s: %s", directory, exc)
+
+
+def read_loaded(directory: Path) -> str | None:
+    """The ring label a proxy recorded in ``directory``, or None (none, or unreadable)."""
+    try:
+        ring = json.loads((directory / LOADED_FILE).read_text()).get("ring")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return ring if isinstance(ring, str) else None
 
 
 def describe(keys: KeySet) -> str:

@@ -96,3 +96,16 @@ def test_run_reads_a_ring_file_a_legacy_file_or_the_environment(tmp_path, monkey
 def test_describe_names_keys_by_fingerprint():
     assert describe(KeySet(K2, previous=K1)) == (
         f"current {fingerprint(K2)}, previous {fingerprint(K1)}")
+
+
+def test_the_loaded_ring_is_recorded_by_fingerprint_only(tmp_path):
+    from tencrypt.linux.keyfile import LOADED_FILE, read_loaded, write_loaded
+
+    assert read_loaded(tmp_path) is None
+    write_loaded(tmp_path, KeySet(K2, previous=K1))
+    assert read_loaded(tmp_path) == f"current={fingerprint(K2)},previous={fingerprint(K1)}"
+    text = (tmp_path / LOADED_FILE).read_text()
+    assert base64.b64encode(K2).decode()[:8] not in text and K2.hex()[:8] not in text
+    write_loaded(tmp_path / "missing", KeySet(K1))  # logged, not raised
+    (tmp_path / LOADED_FILE).write_text("{not json")
+    assert read_loaded(tmp_path) is None
