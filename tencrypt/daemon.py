@@ -85,6 +85,7 @@ from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tun
 from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
 from tencrypt.linux.effects import EffectApplier, Kernel
+from tencrypt.linux.inbound import InboundGate
 from tencrypt.linux.keyfile import KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
 from tencrypt.logutil import RateLimitedLog
@@ -141,6 +142,7 @@ class Proxy:
         self.awaiting_route: dict[str, list[bytes]] = {}  # peer -> opened packets
         self.up_peers: set[str] = set()
         self.plaintext_until: dict[str, float] = {}
+        self.inbound: InboundGate | None = None  # standalone strict mode only
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -151,8 +153,33 @@ class Proxy:
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
-        """Firewall, adopted set, membership and their routes first; then the readers."""
-        c, now = self.config, self.clock()
+        """``prepare``, then the DNS proxy, the inbound gate (standalone) and the readers."""
+        await self.prepare()
+        c = self.config
+        log.info("data path: %s (UDP GSO %s, GRO %s)", "batch" if self.batch else "one packet",
+                 "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off")
+        await self.resolver.start()
+        loop = asyncio.get_running_loop()
+        if self.strict and not (self.members and self.members.loaded):
+            log.info("no membership file (%s): standalone, new plaintext connections from the "
+                     "pod network are classified before they are accepted",
+                     self.members.path if self.members else "none given")
+            self.inbound = InboundGate(self.kernel.open_inbound_queue(self.stats), self.table,
+                                       self.stats, self.resolver.classify_address, self.clock,
+                                       self._spawn)
+            loop.add_reader(self.inbound.queue.fileno(), self.inbound.on_readable)
+        loop.add_reader(self.ports.tun.fileno(), self._on_tun)
+        loop.add_reader(self.ports.udp.fileno(), self._on_udp)
+        self._spawn(self.effects.run(self.stopping))
+        log.info("ready: pod %s, pod network %s, %d members", c.pod_ip,
+                 ", ".join(c.pod_cidrs) or "-", len(self.members.loaded.addresses)
+                 if self.members and self.members.loaded else 0)
+
+    async def prepare(self) -> None:
+        """Before the first packet is read: the firewall (setup installed it; repaired here),
+        what a previous run left in its sets adopted, the membership loaded, and the routes
+        and set elements they want applied."""
+        now = self.clock()
         if self.strict:
             self.kernel.install_firewall()
             adopted = self.kernel.elements()
@@ -165,21 +192,14 @@ class Proxy:
             self.kernel.remove_firewall()
         self._poll_members(now)
         await self.effects.round()
-        log.info("data path: %s (UDP GSO %s, GRO %s)", "batch" if self.batch else "one packet",
-                 "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off")
-        await self.resolver.start()
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.ports.tun.fileno(), self._on_tun)
-        loop.add_reader(self.ports.udp.fileno(), self._on_udp)
-        self._spawn(self.effects.run(self.stopping))
-        log.info("ready: pod %s, pod network %s, %d members", c.pod_ip,
-                 ", ".join(c.pod_cidrs) or "-", len(self.members.loaded.addresses)
-                 if self.members and self.members.loaded else 0)
 
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()
         for port in (self.ports.tun, self.ports.udp):
             loop.remove_reader(port.fileno())
+        if self.inbound is not None:  # its rules stay: new connections wait for the next proxy
+            loop.remove_reader(self.inbound.queue.fileno())
+            self.inbound.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

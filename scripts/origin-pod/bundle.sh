@@ -4,13 +4,16 @@
 #
 #   DEST/bin/python3.11         the interpreter; its ELF interpreter and RPATH point into DEST
 #   DEST/bin/nft                nftables (strict mode's firewall), patched the same way
+#   DEST/bin/iptables, ip6tables  iptables-nft (xtables-nft-multi): standalone strict mode's
+#                               NFQUEUE rule; its extensions in DEST/lib/xtables (the entry
+#                               point sets XTABLES_LIBDIR)
 #   DEST/lib/                   the dynamic loader and every shared library those need
 #   DEST/lib/python3.11/        the standard library (CPython finds it from bin/../lib)
 #   DEST/lib/python3/dist-packages/  Tencrypt and its dependencies (Debian's site path)
 #   DEST/entrypoint.py          the pod entry point
 #
 # Nothing in the base image is used and nothing leaks into it: no LD_LIBRARY_PATH, no
-# /etc/ld.so.conf entry. Run on Debian bookworm (python3.11, nftables, patchelf, pip).
+# /etc/ld.so.conf entry. Run on Debian bookworm (python3.11, nftables, iptables, patchelf, pip).
 set -eu
 DEST=$1 SRC=$2
 shift 2
@@ -25,6 +28,15 @@ rm -rf "$DEST/lib/$PY/test" "$DEST/lib/$PY/idlelib" "$DEST/lib/$PY/tkinter"
 find "$DEST/lib/$PY" -name '__pycache__' -prune -exec rm -rf {} +
 ln -sf "$PY" "$DEST/bin/python3"
 cp -L /usr/sbin/nft "$DEST/bin/nft"
+cp -L /usr/sbin/xtables-nft-multi "$DEST/bin/xtables-nft-multi"
+ln -sf xtables-nft-multi "$DEST/bin/iptables"  # it dispatches on its name
+ln -sf xtables-nft-multi "$DEST/bin/ip6tables"
+xt=$(dirname "$(find /usr/lib -name libxt_NFQUEUE.so | head -n1)")
+mkdir -p "$DEST/lib/xtables"
+for ext in libxt_NFQUEUE libxt_conntrack libxt_tcp libxt_udp libxt_standard libipt_standard \
+           libip6t_standard; do
+    [ -e "$xt/$ext.so" ] && cp -L "$xt/$ext.so" "$DEST/lib/xtables/"
+done
 
 # 2. Tencrypt and what the pod needs of its dependencies (manylinux wheels: they need only
 #    the libc we ship). The kubernetes client is for node-sync on the node, not for pods.
@@ -57,11 +69,12 @@ loader=$(cd "$DEST/lib" && ls ld-linux-*.so.* | head -n1)
 
 # 4. point the executables at the bundled loader and libraries (RPATH, not RUNPATH: it also
 #    applies to the libraries they load, and to extension modules loaded with dlopen)
-for exe in "$DEST/bin/$PY" "$DEST/bin/nft"; do
+for exe in "$DEST/bin/$PY" "$DEST/bin/nft" "$DEST/bin/xtables-nft-multi"; do
     patchelf --set-interpreter "$DEST/lib/$loader" --force-rpath --set-rpath "$DEST/lib" "$exe"
 done
 
 # 5. check: the bundle runs with nothing but itself (env -i: no PATH, no LD_* help)
 env -i "$DEST/bin/$PY" -c "import tencrypt.cli, cryptography, uvloop, numpy, pyroute2"
 env -i "$DEST/bin/nft" --version
+env -i XTABLES_LIBDIR="$DEST/lib/xtables" "$DEST/bin/iptables" --version
 echo "bundle.sh: $(du -sh "$DEST" | cut -f1) in $DEST"

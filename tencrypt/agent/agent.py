@@ -1,13 +1,15 @@
 """The agent's loop: the composition root of ``tencrypt agent``.
 
-Three reflectors (``nodesync.watch.Reflector``, the same list+watch machinery node-sync
-uses) queue this node's Pods (``fieldSelector=spec.nodeName=<node>``), every Namespace and
-the Secrets named ``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants
-list/watch on that name only); one thread, this loop, owns everything else. Stages of a pass
-(``tick``), run every ``TICK`` seconds and after every burst of events, once all three kinds
-have been listed:
+Four reflectors (``kube.reflector.Reflector``, the list+watch machinery node-sync uses too)
+queue every Pod of the cluster, every Namespace, every Service and the Secrets named
+``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants list/watch on that
+name only); one thread, this loop, owns everything else. Pods are watched cluster-wide
+because a project's members run on every node: this node's pods decide which proxies run,
+all of them (with the Services) make each project's membership. Stages of a pass
+(``tick``), run every ``TICK`` seconds and after every burst of events, once all four kinds
+have been listed (a partial view would stop proxies or hand them half a membership):
 
- 1. fold the events into ``NodeView``; take the wanted pods;
+ 1. fold the events into ``NodeView`` and ``MemberView``; take the wanted pods;
  2. keys: the key of each project that has wanted pods here, from its Secret as last
     watched (a rotated key restarts the project's proxies at the next pass); a new key is
     written to its key file before anything uses it. A missing or bad Secret is logged once
@@ -16,8 +18,11 @@ have been listed:
  4. observe: a proxy process gone → ``on_exited`` (its log's last lines are logged); its
     "tencrypt: ready" line → ``on_ready``;
  5. reconcile: ``Reconciler.plan`` → START, KILL, STOP, executed at once (a STOP for a new key
-    or sandbox is followed by its START in the same pass);
- 6. key files of projects without a proxy on this node any more are removed.
+    or sandbox is followed by its START in the same pass); a START writes the pod's
+    membership file before the proxy starts;
+ 6. membership: every running proxy whose project's members changed gets its file
+    rewritten (``members.json``, ``feed.MembersFeed``); the others are not touched;
+ 7. key files of projects without a proxy on this node any more are removed.
 
 Start-up adopts what a previous agent recorded (``Supervisor.prepare``), before the first
 plan. Shutdown follows ``on_exit``: ``keep`` leaves the proxies running for the next agent to
@@ -40,6 +45,7 @@ from typing import Any
 
 from kubernetes import client
 
+from tencrypt.agent.members import MemberView, ProjectMembers
 from tencrypt.agent.podstate import (
     SECRET_NAME,
     AgentKind,
@@ -52,7 +58,7 @@ from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox,
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
 from tencrypt.core.stats import Stats
-from tencrypt.nodesync.watch import Changed, Listed, Reflector
+from tencrypt.kube.reflector import Changed, Listed, Reflector
 
 log = logging.getLogger("tencrypt.agent")
 TICK = 0.5  # seconds between passes without events: how soon a dead proxy is noticed
@@ -71,6 +77,8 @@ class Agent:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.stats = stats or Stats()
         self.view = NodeView(node, self.stats)
+        self.members = MemberView(self.stats)
+        self.computed: dict[str, ProjectMembers] = {}  # project -> its members at a version
         self.reconciler = Reconciler(policy or Policy(), self.stats)
         self.supervisor, self.resolver, self.clock = supervisor, resolver, clock
         self.queue: queue.Queue[object] = queue.Queue()
@@ -110,10 +118,20 @@ class Agent:
 
     def fold(self, item: object) -> None:
         if isinstance(item, Listed) and isinstance(item.kind, AgentKind):
-            self.view.replace(item.kind, item.items)
+            if item.kind is AgentKind.SERVICE:
+                self.members.replace_services(item.items)
+            else:
+                self.view.replace(item.kind, item.items)
+            if item.kind is AgentKind.POD:
+                self.members.replace_pods(item.items)
             self.listed.add(item.kind)
         elif isinstance(item, Changed) and isinstance(item.kind, AgentKind):
-            self.view.on_event(item.kind, item.event, item.obj)
+            if item.kind is AgentKind.SERVICE:
+                self.members.on_service(item.event, item.obj)
+            else:
+                self.view.on_event(item.kind, item.event, item.obj)
+            if item.kind is AgentKind.POD:
+                self.members.on_pod(item.event, item.obj)
 
     def shutdown(self, unpatch: bool) -> None:
         entries = list(self.reconciler.entries.values())
@@ -149,6 +167,7 @@ class Agent:
                 break
             for action in actions:
                 self.execute(action, now)
+        self.push_members()
         self.drop_unused_keys(wanted)
 
     def _want(self, pod: PodInfo, sandbox: Sandbox | None) -> Want:
@@ -191,7 +210,8 @@ class Agent:
             log.info("%s: starting the proxy in sandbox pid %d (%s)", want.ref,
                      want.sandbox.pid if want.sandbox else 0, action.reason)
             self.reconciler.on_started(want, now)
-            if self.supervisor.launch(want, action.undo_first) is None:
+            members = self.members_of(want.namespace)
+            if self.supervisor.launch(want, action.undo_first, members) is None:
                 self.reconciler.on_exited(uid, now)
         elif action.verb is Verb.KILL:
             log.warning("%s: killing the proxy: %s", want.ref, action.reason)
@@ -205,6 +225,27 @@ class Agent:
             self.supervisor.forget(uid)
             self.reconciler.on_stopped(uid)
 
+    def push_members(self) -> None:
+        """Rewrite the membership file of every live proxy whose project's members changed
+        since its file was written (a file that cannot be written now is retried next pass;
+        the proxy keeps the members it has)."""
+        for entry in self.reconciler.entries.values():
+            if entry.phase is Phase.DEAD:  # its next START writes the file first
+                continue
+            version = self.members.version(entry.namespace)
+            if self.supervisor.feed.is_current(entry.sandbox.netns, (entry.namespace, version)):
+                continue
+            if not self.supervisor.write_members(f"{entry.namespace}/{entry.name}",
+                                                 entry.sandbox, self.members_of(entry.namespace)):
+                self.stats.inc("agent_members_write_failed")
+
+    def members_of(self, project: str) -> ProjectMembers:
+        """``MemberView.of``, computed once per version of the project."""
+        known = self.computed.get(project)
+        if known is None or known.version != self.members.version(project):
+            known = self.computed[project] = self.members.of(project)
+        return known
+
     def drop_unused_keys(self, wanted: list[PodInfo]) -> None:
         used = {p.namespace for p in wanted} | {
             e.namespace for e in self.reconciler.entries.values()}
@@ -212,17 +253,19 @@ class Agent:
             self.supervisor.remove_key(project)
         for project in set(self.keys) - used:
             del self.keys[project]
+        for project in set(self.computed) - used:
+            del self.computed[project]
 
 
-def start_reflectors(api: Any, node: str, out: queue.Queue[object], stop: threading.Event,
+def start_reflectors(api: Any, out: queue.Queue[object], stop: threading.Event,
                      watch_timeout: int) -> None:
-    """List+watch this node's Pods, all Namespaces and the Secrets named ``tencrypt`` into
-    ``out`` (node-sync's reflector)."""
+    """List+watch every Pod, Namespace and Service and the Secrets named ``tencrypt`` into
+    ``out``."""
     core = client.CoreV1Api(api)
-    pods = functools.partial(core.list_pod_for_all_namespaces,
-                             field_selector=f"spec.nodeName={node}")
     secrets = functools.partial(core.list_secret_for_all_namespaces,
                                 field_selector=f"metadata.name={SECRET_NAME}")
-    Reflector(AgentKind.POD, pods, out, stop, watch_timeout).start()
-    Reflector(AgentKind.NAMESPACE, core.list_namespace, out, stop, watch_timeout).start()
-    Reflector(AgentKind.SECRET, secrets, out, stop, watch_timeout).start()
+    for kind, list_fn in ((AgentKind.POD, core.list_pod_for_all_namespaces),
+                          (AgentKind.NAMESPACE, core.list_namespace),
+                          (AgentKind.SERVICE, core.list_service_for_all_namespaces),
+                          (AgentKind.SECRET, secrets)):
+        Reflector(kind, list_fn, out, stop, watch_timeout).start()

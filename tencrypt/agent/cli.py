@@ -82,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
     from tencrypt.agent.reconcile import Policy
     from tencrypt.agent.resolver import Resolver
     from tencrypt.agent.supervisor import Supervisor
-    from tencrypt.nodesync.watch import WATCH_TIMEOUT, new_api_client
+    from tencrypt.kube.client import new_api_client
+    from tencrypt.kube.reflector import WATCH_TIMEOUT
 
     if not args.node:
         raise UsageError("which node is this? pass --node NAME or set NODE_NAME (the "
@@ -112,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     agent = Agent(args.node, supervisor, resolver, policy)
     log.info("node %s: watching %s; sandboxes by %s; state in %s", args.node,
              api.configuration.host, resolver.mode, args.state_dir)
-    start_reflectors(api, args.node, agent.queue, stop, WATCH_TIMEOUT)
+    start_reflectors(api, agent.queue, stop, WATCH_TIMEOUT)
     agent.run(stop, unpatch_on_exit=args.on_exit == "unpatch")
     return 0
 

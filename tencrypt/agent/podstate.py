@@ -1,8 +1,9 @@
 """What the agent knows of its node's pods, and which of them should run a proxy.
 
 Rules:
-- Input is Kubernetes JSON as the API server writes it: the Pods of this node (a watch with
-  ``fieldSelector=spec.nodeName=<node>``), every Namespace, and the Secrets named
+- Input is Kubernetes JSON as the API server writes it: the Pods (of every node: the agent
+  watches them all for the membership feed; a pod of another node is ignored here), every
+  Namespace, and the Secrets named
   ``tencrypt`` (a watch with ``fieldSelector=metadata.name=tencrypt``, the only Secret
   requests the RBAC allows). Nothing here does I/O.
 - A pod is *wanted* (it should run a proxy) while all of these hold:
@@ -40,7 +41,7 @@ from typing import Any
 from tencrypt.core.psk import parse_psk
 from tencrypt.core.stats import Stats
 from tencrypt.errors import UsageError
-from tencrypt.nodesync.cluster import ENABLED_LABEL, EventType
+from tencrypt.kube.objects import ENABLED_LABEL, EventType
 
 SECRET_NAME = "tencrypt"
 SECRET_KEY = "PROJECT_PSK"
@@ -52,9 +53,10 @@ FINISHED_PHASES = ("Succeeded", "Failed")
 class AgentKind(enum.Enum):
     """What the agent's reflectors list and watch (labels for ``watch.Listed``/``Changed``)."""
 
-    POD = "Pod"
+    POD = "Pod"  # every Pod of the cluster: this node's for NodeView, all for membership
     NAMESPACE = "Namespace"
     SECRET = "Secret"
+    SERVICE = "Service"  # membership only (agent/members.py)
 
 
 @dataclass(slots=True, frozen=True)

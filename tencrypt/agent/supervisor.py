@@ -11,18 +11,21 @@ disk; everything 0700, key files 0600, owned by root)::
 
 Stages of ``launch``:
  1. with ``undo_first``, ``tencrypt-nsenter.sh PID --undo``: what a dead proxy left;
- 2. ``bash tencrypt-nsenter.sh PID -- --psk-file <key file> [run args]`` detached (its own
+ 2. the pod's membership file (``feed.MembersFeed``) in setup's directory for its network
+    namespace, so the proxy's first start sees its project's members; a proxy whose file
+    cannot be written is not started;
+ 3. ``bash tencrypt-nsenter.sh PID -- --psk-file <key file> [run args]`` detached (its own
     session: it outlives the agent), output to the pod's log. The launcher runs
     ``tencrypt setup`` then *execs* ``tencrypt run``, so the PID kept is the proxy's own;
- 3. the record is written at once, so that an agent killed right after still finds it.
+ 4. the record is written at once, so that an agent killed right after still finds it.
 Readiness is the line ``tencrypt: ready`` in the log (``tencrypt run`` prints it on stderr
 once it serves), polled by the agent's loop rather than waited for here: one slow pod must
 not hold up the others.
 
 ``terminate``: SIGTERM to the proxy's process group, SIGKILL after ``stop_timeout``.
-``undo``: ``tencrypt-nsenter.sh PID --undo`` while the sandbox is still reachable; when it is
-not (the pod's namespace died with its last process) only the state ``tencrypt setup`` keeps
-on the node is left, and it is removed.
+``undo``: ``tencrypt-nsenter.sh PID --undo`` while the sandbox is still reachable, then the
+membership file; when it is not (the pod's namespace died with its last process) only the
+state ``tencrypt setup`` keeps on the node is left, and it is removed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tencrypt.agent.feed import MembersFeed
+from tencrypt.agent.members import ProjectMembers
 from tencrypt.agent.reconcile import Sandbox, Want
 from tencrypt.agent.sandbox import parse_proc_stat
 from tencrypt.errors import SetupError
@@ -80,6 +85,7 @@ class Supervisor:
         self.env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin),
                     "TENCRYPT_SETUP_ARGS": f"--state-dir {setup_state_dir} {setup_args}".strip()}
         self.env.pop("TENCRYPT_PROJECT_PSK", None)  # the key goes by file, never by environment
+        self.feed = MembersFeed(setup_state_dir)
         self.records: dict[str, Record] = {}
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -136,12 +142,16 @@ class Supervisor:
 
     # -- proxies ----------------------------------------------------------------------------
 
-    def launch(self, want: Want, undo_first: bool = False) -> Record | None:
-        """Start the launcher for ``want``; None (logged) if it could not even be started."""
+    def launch(self, want: Want, undo_first: bool = False,
+               members: ProjectMembers | None = None) -> Record | None:
+        """Start the launcher for ``want`` (its project's ``members`` written first); None
+        (logged) if it could not even be started."""
         sandbox = want.sandbox
         assert sandbox is not None and want.key_id is not None
         if undo_first:
             self.undo(sandbox, reachable=True)
+        if members is not None and not self.write_members(want.ref, sandbox, members):
+            return None
         pod_dir = self.pod_dir(want.uid)
         pod_dir.mkdir(mode=0o700, exist_ok=True)
         log_path = pod_dir / "proxy.log"
@@ -165,6 +175,20 @@ class Supervisor:
         tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
         tmp.replace(pod_dir / "record.json")
         return rec
+
+    def write_members(self, ref: str, sandbox: Sandbox, members: ProjectMembers) -> bool:
+        """The pod's membership file says ``members``; False (logged) if it cannot."""
+        try:
+            written = self.feed.write(sandbox.netns, members)
+        except OSError as exc:
+            log.error("%s: cannot write its membership file %s: %s", ref,
+                      self.feed.path(sandbox.netns), exc.strerror or exc)
+            return False
+        if written is not None:
+            log.debug("%s: members of %s: %d pod IPs, %d Service IPs (generation %d)", ref,
+                      written.project, len(written.pods), len(written.services),
+                      written.generation)
+        return True
 
     def alive(self, uid: str) -> bool:
         """The proxy we started (or adopted) for ``uid`` still runs."""
@@ -214,6 +238,7 @@ class Supervisor:
         leftover = self.setup_state_dir / f"netns-{sandbox.netns}"
         if not reachable:
             shutil.rmtree(leftover, ignore_errors=True)
+            self.feed.forget(sandbox.netns)
             return True
         argv = ["bash", str(self.launcher), str(sandbox.pid), "--undo"]
         try:
@@ -226,6 +251,7 @@ class Supervisor:
             log.error("undo in sandbox pid %d failed (%d): %s", sandbox.pid, proc.returncode,
                       (proc.stderr.strip() or proc.stdout.strip())[-500:])
             return False
+        self.feed.remove(sandbox.netns)  # after setup's state: the proxy read it to the end
         return True
 
     def _stat(self, pid: int) -> tuple[str, int] | None:

@@ -54,6 +54,22 @@ def decide(cls: AddrClass | None, *, guarded: bool, looked_up: bool, strict: boo
     return verdict
 
 
+# Inbound plaintext opening a connection from the pod network, in standalone mode (no
+# membership; linux.inbound): refused when its source is the project's, accepted when it is
+# positively another project's or a reverse lookup could not tell (real cluster DNS names few
+# pod IPs: refusing those would cut every cross-project client; docs/DESIGN.md §1a residual).
+INBOUND: dict[tuple[AddrClass | None, bool], Verdict] = {
+    (AddrClass.INTERNAL, False): Verdict.REFUSE, (AddrClass.INTERNAL, True): Verdict.REFUSE,
+    (AddrClass.EXTERNAL, False): Verdict.CLEAR, (AddrClass.EXTERNAL, True): Verdict.CLEAR,
+    (None, False): Verdict.HOLD, (None, True): Verdict.CLEAR,
+}
+
+
+def decide_inbound(cls: AddrClass | None, *, looked_up: bool) -> Verdict:
+    """The verdict for a queued plaintext connection from a source of class ``cls``."""
+    return INBOUND[cls, looked_up]
+
+
 @dataclass(frozen=True, slots=True)
 class Guard:
     """The ranges where an unknown address may be the project's: the Service CIDR and the pod

@@ -63,6 +63,10 @@ class DropReason(enum.Enum):
     # fail-closed policy (core/policy.py): a destination in the Service CIDR or the pod network
     # that no source classified, even after a reverse lookup: refused, never in the clear
     UNCLASSIFIED = "unclassified"
+    # standalone mode (linux/inbound.py): a plaintext connection from a source that a
+    # reverse lookup named as the project's, or one we could not hold while looking it up
+    PLAINTEXT_FROM_PROJECT = "plaintext_from_project"
+    INBOUND_HOLD_FULL = "inbound_hold_full"
 
 
 @dataclass(slots=True)

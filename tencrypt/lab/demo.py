@@ -8,7 +8,10 @@ Stages (each prints one line; the verdict lists every check):
  4. sealed: the same curl works; the capture holds no trace of the marker and nothing but UDP
     :1337 between the two pods;
  5. cross-project: cakephp -> nginx2.myproject still works, in the clear (marker visible);
- 6. clean up (unless --keep) and print the verdict; exit 0 only if every check passed.
+ 6. a tenant's alias: project2 publishes a name for nginx2's VIP (as any tenant can, with a
+    selector-less Service) and nginx1 resolves it; the same curl still works and the capture
+    still shows only UDP :1337 between the pods (fail closed, DESIGN §1a);
+ 7. clean up (unless --keep) and print the verdict; exit 0 only if every check passed.
 """
 
 from __future__ import annotations
@@ -88,6 +91,20 @@ def run_demo(lab: Lab) -> list[Check]:
     checks.append(Check("cross-project: cakephp -> nginx2 works", ok, body))
     checks.append(Check("cross-project: stays plaintext (untouched)", seen(frames, marker),
                         f"{len(frames)} frames captured"))
+
+    say("stage 6: project2 publishes an alias for nginx2's VIP; nginx1 resolves it")
+    alias = "nginx2-alias.project2.svc.cluster.local"
+    lab.add_dns_records([(n2.vip, alias)])
+    resolved = lab.exec("nginx1", ["getent", "hosts", alias], check=False).stdout.split()
+    ok, body, frames, marker = observe(lab, "nginx1", "http://nginx2:8080/")
+    talk = between(frames, *pair)
+    plain = [f for f in talk if not (f.proto == 17 and TUNNEL_PORT in (f.sport, f.dport))]
+    checks.append(Check("tenant alias: resolved to our VIP through the proxy",
+                        n2.vip in resolved, " ".join(resolved) or "no answer"))
+    checks.append(Check("tenant alias: curl nginx1 -> nginx2 still sealed, only UDP :"
+                        f"{TUNNEL_PORT} on the bridge", ok and not seen(frames, marker)
+                        and not plain and len(talk) > 0,
+                        f"{len(talk)} frames between the pods, {len(plain)} other"))
     return checks
 
 
@@ -99,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         checks = run_demo(lab)
     finally:
         if not args.keep:
-            say("stage 6: removing the lab")
+            say("stage 7: removing the lab")
             lab.down()
     width = max(len(c.what) for c in checks)
     print("\nTencrypt demo — verdict")

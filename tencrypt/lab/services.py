@@ -1,15 +1,18 @@
-"""kube-proxy-style Service NAT in a lab node namespace (iptables, nat table).
+"""kube-proxy-style Service NAT in a lab node namespace (iptables nat table; nftables for
+the tunnel port).
 
 Rules:
 - Every node carries every Service, as kube-proxy does: ``nat PREROUTING`` (traffic from pods)
   and ``nat OUTPUT`` (traffic from the node itself) jump to two chains.
 - ``KUBE-SERVICES``: the Service port, ``VIP:port/tcp -> pod:port``. Written once by ``up``.
-- ``TENCRYPT``: ``VIP:1337`` udp and tcp ``-> pod:1337``, the tunnel port. The lab programs it
-  through the node-side updater's own code (``tencrypt node-sync``): its Services are written
-  as Kubernetes objects, so the lab and a real node share one path.
+- The tunnel port: ``VIP:1337`` udp and tcp ``-> pod:1337``, in node-sync's nft table ``inet
+  tencrypt`` (its default backend, hooked before the nat table). The lab programs it through
+  the node-side updater's own code (``tencrypt node-sync``): its Services are written as
+  Kubernetes objects, so the lab and a real node share one path.
 - Hairpin: a pod reaching its own Service gets its source masqueraded (``KUBE-POSTROUTING``),
   or its reply would carry a source the pod owns and be dropped as a martian.
-- Changes go through one ``iptables-restore --noflush`` each, so a chain is never half-written.
+- Changes go through one ``iptables-restore --noflush`` or ``nft -f`` transaction each, so a
+  chain is never half-written.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterable
 
 from tencrypt.lab.topology import Service
 from tencrypt.linux import netns
-from tencrypt.nodesync.iptables import program_objects
+from tencrypt.nodesync.backends import program_objects
 from tencrypt.nodesync.kubeobjects import lab_objects
 
 TUNNEL_PORT = 1337
@@ -44,6 +47,7 @@ def program_kube_services(node_ns: str, services: Iterable[Service]) -> None:
 
 def program_tencrypt_chain(node_ns: str, services: Iterable[Service],
                            port: int = TUNNEL_PORT) -> None:
-    """Make chain TENCRYPT in ``node_ns`` forward ``VIP:port`` (udp+tcp) of exactly
-    ``services`` to their pods, as `tencrypt node-sync` does on a real node. Idempotent."""
-    program_objects(lab_objects(services), netns=node_ns, port=port)
+    """Make ``node_ns`` forward ``VIP:port`` (udp+tcp) of exactly ``services`` to their pods,
+    as `tencrypt node-sync` does on a real node (its nft backend: table inet tencrypt; the
+    name of this function is older). Idempotent."""
+    program_objects(lab_objects(services), netns=node_ns, port=port, backend="nft")

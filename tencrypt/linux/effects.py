@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tencrypt.core.classify import RouteAction
 from tencrypt.core.effects import Desired, Plan
@@ -30,6 +31,9 @@ from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError
 from tencrypt.logutil import RateLimitedLog
+
+if TYPE_CHECKING:
+    from tencrypt.linux.nfqueue import NfQueue
 
 log = logging.getLogger("tencrypt.effects")
 RETRY = 1.0  # seconds between rounds while something is left to do
@@ -59,7 +63,19 @@ class Kernel:
         self.fw.install(self.pod.dev, self.pod.port, self.pod.fwmark)
 
     def remove_firewall(self) -> None:
+        from tencrypt.linux import nfqueue
+
         self.fw.remove_table()
+        nfqueue.remove_rules(self.pod.dev)
+
+    def open_inbound_queue(self, stats: Stats) -> NfQueue:
+        """Standalone strict mode: queue new plaintext connections from the pod network
+        (rules first, so they wait for us rather than pass; linux.inbound decides)."""
+        from tencrypt.linux import nfqueue
+        from tencrypt.linux.inbound import QUEUE_NUM
+
+        nfqueue.install_rules(QUEUE_NUM, self.pod.dev, self.pod.pod_cidrs, self.pod.port)
+        return nfqueue.NfQueue(QUEUE_NUM, stats)
 
     def route(self, ip: str, action: RouteAction) -> None:
         pod = self.pod

@@ -41,7 +41,7 @@ from tencrypt.core.podconfig import (
     tun_mtu,
 )
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.linux import firewall, netlink, procs
+from tencrypt.linux import firewall, netlink, nfqueue, procs
 
 log = logging.getLogger("tencrypt.setup")
 RULE_PRIORITY = 1000
@@ -211,6 +211,7 @@ def undo(state_dir: str) -> bool:
     except FileNotFoundError:
         log.warning("%s is gone; not restored", state.resolv_conf)
     firewall.remove_table()  # strict mode's rules stay after the proxy stops, until here
+    nfqueue.remove_rules(c.dev)  # and standalone mode's queue rules
     netlink.remove_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from tencrypt.core.stats import Stats
+from tencrypt.kube.objects import ENABLED_LABEL, EventType
 
-ENABLED_LABEL = "tencrypt.io/enabled"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 Key = tuple[str, str]  # (namespace, name)
@@ -38,12 +38,6 @@ class Kind(enum.Enum):
     SERVICE = "Service"
     ENDPOINT_SLICE = "EndpointSlice"
     ENDPOINTS = "Endpoints"
-
-
-class EventType(enum.Enum):
-    ADDED = "ADDED"
-    MODIFIED = "MODIFIED"
-    DELETED = "DELETED"
 
 
 @dataclass(slots=True, frozen=True, order=True)

@@ -2,19 +2,23 @@
 
 Stages of one ``apply``:
 
-1. read the nat table (``iptables-save -t nat``): what is there decides only which stale
-   Tencrypt chains to delete and whether the hook jumps exist;
-2. write the whole desired state in one ``iptables-restore --noflush`` (atomic per table: a
-   packet sees the old rules or the new ones, never half of them);
-3. delete the UDP conntrack entries of (VIP, endpoint) pairs that step 1 saw and the new
-   rules no longer hold. The tunnel is one long-lived UDP flow per pair of pods
+1. full (the first sync of a process, every resync, after any failure): read the nat table
+   (``iptables-save -t nat``): what is there decides only which stale Tencrypt chains to
+   delete and whether the hook jumps exist; then write the whole desired state in one
+   ``iptables-restore --noflush`` (atomic per table: a packet sees the old rules or the new
+   ones, never half of them), and remove the nft backend's table if a previous run left one;
+   partial (otherwise): ``rules.build_partial`` against what this process last programmed,
+   rewriting only chain TENCRYPT and the chains of Services that changed (nothing at all if
+   nothing did);
+2. delete the UDP conntrack entries of (VIP, endpoint) pairs forwarded before and not now. The tunnel is one long-lived UDP flow per pair of pods
    (pod:1337 → VIP:1337): conntrack would keep sending it to the replaced pod for as long as
    it is refreshed. kube-proxy does the same for UDP Services. TCP flows are left alone;
    they fail over by reconnecting.
 
 ``netns`` runs every command inside a named network namespace (the lab's node); ``iptables``
 picks the backend kube-proxy uses on the node (``iptables``, ``iptables-nft`` or
-``iptables-legacy``): its ``-save`` and ``-restore`` companions are used.
+``iptables-legacy``): its ``-save`` and ``-restore`` companions are used. No command has a
+timeout (``command.run``): a long sync is logged with its duration, never killed half-way.
 """
 
 from __future__ import annotations
@@ -22,17 +26,16 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError
-from tencrypt.linux import netns as nsutil
-from tencrypt.nodesync.cluster import ServiceBackends, load_list
-from tencrypt.nodesync.kubeobjects import build_list
+from tencrypt.nodesync.cluster import ServiceBackends
+from tencrypt.nodesync.command import run
 from tencrypt.nodesync.rules import (
     TUNNEL_PORT,
     build_cleanup,
+    build_partial,
     build_restore,
     pairs,
     parse_programmed,
@@ -44,6 +47,8 @@ _DELETED = re.compile(r"(\d+) flow entries have been deleted")
 
 
 class IptablesApplier:
+    name = "iptables"
+
     def __init__(self, netns: str | None = None, iptables: str = "iptables",
                  port: int = TUNNEL_PORT, stats: Stats | None = None) -> None:
         self.netns = netns
@@ -51,32 +56,74 @@ class IptablesApplier:
         self.port = port
         self.stats = stats if stats is not None else Stats()
         self._conntrack_missing_logged = False
+        self.applied: list[ServiceBackends] | None = None  # what this process last programmed
+
+    @property
+    def size(self) -> int:
+        """Rules programmed: two per VIP in TENCRYPT, one per endpoint in its SVC chain, two
+        in each SEP chain."""
+        if not self.applied:
+            return 0
+        return sum(2 + 3 * len(b.endpoints) for b in self.applied if b.endpoints)
 
     def _run(self, argv: Sequence[str], input: str | None = None, check: bool = True):
-        full = nsutil.exec_argv(self.netns, argv) if self.netns else list(argv)
-        return nsutil.sh(full, input=input, check=check, timeout=60)
+        return run(argv, self.netns, input=input, check=check)
 
     def save(self) -> str:
         return self._run([f"{self.iptables}-save", "-t", "nat"]).stdout
 
-    def apply(self, backends: Sequence[ServiceBackends]) -> str:
+    def plan(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
+        """The restore text ``apply`` would use now (``--dry-run``)."""
+        if full or self.applied is None:
+            try:
+                existing = self.save()
+            except SetupError:  # a dry run must work without privileges too
+                existing = ""
+            return build_restore(backends, existing, self.port)
+        return build_partial(self.applied, backends, self.port)
+
+    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
         """Make the nat table forward exactly ``backends``; returns the restore text used."""
-        existing = self.save()
-        text = build_restore(backends, existing, self.port)
-        self._run([f"{self.iptables}-restore", "--noflush"], input=text)
-        self.stats.inc("nodesync_applied")
-        for vip, ip in sorted(parse_programmed(existing) - pairs(backends)):
+        backends = list(backends)
+        full = full or self.applied is None
+        if full:
+            existing = self.save()
+            before = parse_programmed(existing)
+            text = build_restore(backends, existing, self.port)
+        else:
+            assert self.applied is not None
+            before = pairs(self.applied)
+            text = build_partial(self.applied, backends, self.port)
+        if text:
+            self.applied = None  # until it succeeded: a failure makes the next sync full
+            self._run([f"{self.iptables}-restore", "--noflush"], input=text)
+            self.stats.inc("nodesync_applied")
+        self.applied = backends
+        if full:
+            self._remove_nft_table()
+        for vip, ip in sorted(before - pairs(backends)):
             self.flush_conntrack(vip, ip)
         return text
 
-    def cleanup(self) -> None:
-        """Remove chain TENCRYPT, its sub-chains and the jumps to it."""
+    def cleanup(self, flush: bool = True) -> None:
+        """Remove chain TENCRYPT, its sub-chains and the jumps to it (and, with ``flush``,
+        the UDP flows they forwarded)."""
         existing = self.save()
         text = build_cleanup(existing)
         if text:
             self._run([f"{self.iptables}-restore", "--noflush"], input=text)
-        for vip, ip in sorted(parse_programmed(existing)):
+        self.applied = None
+        for vip, ip in sorted(parse_programmed(existing)) if flush else ():
             self.flush_conntrack(vip, ip)
+
+    def _remove_nft_table(self) -> None:
+        """The nft backend's table, if a previous run left one (a backend switch)."""
+        if shutil.which("nft") is None:
+            return
+        if self._run(["nft", "list", "table", "inet", "tencrypt"], check=False).returncode:
+            return
+        log.info("removing the nft backend's table inet tencrypt (now iptables)")
+        self._run(["nft", "delete", "table", "inet", "tencrypt"], check=False)
 
     def flush_conntrack(self, vip: str, endpoint: str) -> None:
         """Forget UDP flows to ``vip``:port that were DNATed to ``endpoint``."""
@@ -102,13 +149,3 @@ class IptablesApplier:
             self.stats.inc("nodesync_conntrack_deleted", int(deleted.group(1)))
             log.info("forgot %s UDP flows %s:%d -> %s", deleted.group(1), vip, self.port,
                      endpoint)
-
-
-def program_objects(objects: Iterable[dict[str, Any]], netns: str | None = None,
-                    port: int = TUNNEL_PORT, iptables: str = "iptables") -> list[ServiceBackends]:
-    """Program a node from Kubernetes objects (``kubeobjects.lab_objects(services)`` for the
-    lab) through the path a real node takes: objects → ClusterState → rules → restore."""
-    state = load_list(build_list(objects), Stats())
-    desired = state.desired()
-    IptablesApplier(netns, iptables, port, state.stats).apply(desired)
-    return desired

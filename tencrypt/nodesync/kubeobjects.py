@@ -1,15 +1,15 @@
-"""Kubernetes objects as JSON, built from plain facts: for the lab and for tests.
+"""Kubernetes objects as JSON, built from plain facts: the lab's Services as a cluster holds them.
 
 The lab's Services are written as the Namespaces, Services and EndpointSlices a real cluster
 would hold, and go through exactly the code a real node runs (``ClusterState`` → rules →
-``iptables-restore``). The shapes follow what ``kubectl get ... -o json`` prints for
-core/v1 and discovery.k8s.io/v1; only the fields node-sync, the agent and a reader need are
-filled in.
+the node's backend). The shapes follow what ``kubectl get ... -o json`` prints for core/v1
+and discovery.k8s.io/v1; only the fields node-sync and a reader need are filled in. The
+builders only tests need (Pods, Secrets, legacy Endpoints) live in
+``tests/kubefakes/builders.py``.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -34,13 +34,13 @@ def build_namespace(name: str, enabled: bool = True) -> Obj:
     if enabled:
         labels[ENABLED_LABEL] = "true"
     return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": labels, "uid": _uid("ns", name)},
+            "metadata": {"name": name, "labels": labels, "uid": stable_uid("ns", name)},
             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
 
 
 def build_service(namespace: str, name: str, vip: str, port: int = 8080) -> Obj:
     return {"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": namespace, "uid": _uid(namespace, name)},
+            "metadata": {"name": name, "namespace": namespace, "uid": stable_uid(namespace, name)},
             "spec": {"clusterIP": vip, "clusterIPs": [vip], "internalTrafficPolicy": "Cluster",
                      "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
                      "ports": [{"name": "http", "port": port, "protocol": "TCP",
@@ -55,9 +55,9 @@ def build_endpoint_slice(namespace: str, service: str, ips: Sequence[str], port:
     def endpoint(ip: str, ready: bool) -> Obj:
         return {"addresses": [ip],
                 "conditions": {"ready": ready, "serving": ready, "terminating": False},
-                "targetRef": {"kind": "Pod", "name": f"{service}-{_uid('pod', ip)[:5]}",
+                "targetRef": {"kind": "Pod", "name": f"{service}-{stable_uid('pod', ip)[:5]}",
                               "namespace": namespace}}
-    name = f"{service}-{suffix or _uid(namespace, service)[:5]}"
+    name = f"{service}-{suffix or stable_uid(namespace, service)[:5]}"
     return {"addressType": "IPv4", "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "endpoints": [endpoint(ip, True) for ip in ips]
                          + [endpoint(ip, False) for ip in not_ready],
@@ -65,47 +65,8 @@ def build_endpoint_slice(namespace: str, service: str, ips: Sequence[str], port:
                          "labels": {SERVICE_NAME_LABEL: service,
                                     "endpointslice.kubernetes.io/managed-by":
                                         "endpointslice-controller.k8s.io"},
-                         "uid": _uid(namespace, name)},
+                         "uid": stable_uid(namespace, name)},
             "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}
-
-
-def build_endpoints(namespace: str, service: str, ips: Sequence[str], port: int = 8080) -> Obj:
-    """Legacy core/v1 Endpoints (clusters without the EndpointSlice API)."""
-    return {"apiVersion": "v1", "kind": "Endpoints",
-            "metadata": {"name": service, "namespace": namespace,
-                         "uid": _uid("ep", namespace, service)},
-            "subsets": [{"addresses": [{"ip": ip} for ip in ips],
-                         "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}]
-            if ips else []}
-
-
-def build_pod(namespace: str, name: str, node: str, ip: str | None, *, phase: str = "Running",
-              host_network: bool = False, annotations: dict[str, str] | None = None,
-              uid: str | None = None) -> Obj:
-    """A Pod scheduled on ``node`` (``ip`` None: its sandbox has no address yet)."""
-    status: Obj = {"phase": phase, "hostIP": "192.168.200.1", "qosClass": "BestEffort",
-                   "conditions": [{"type": "Ready", "status": "True" if ip else "False"}]}
-    if ip:
-        status.update(podIP=ip, podIPs=[{"ip": ip}])
-    spec: Obj = {"nodeName": node, "restartPolicy": "Always", "schedulerName": "default-scheduler",
-                 "serviceAccountName": "default",
-                 "containers": [{"name": "web", "image": "registry.example.com/web:1",
-                                 "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]}
-    if host_network:
-        spec["hostNetwork"] = True
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": {"app": name},
-                         "annotations": dict(annotations or {}),
-                         "uid": uid or _uid("pod", namespace, name)},
-            "spec": spec, "status": status}
-
-
-def build_secret(namespace: str, values: dict[str, str], name: str = "tencrypt") -> Obj:
-    """An Opaque Secret; ``values`` as ``--from-literal`` gives them (stored base64, as the
-    API server returns ``data``)."""
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": name, "namespace": namespace, "uid": _uid("secret", namespace, name)},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}}
 
 
 def build_list(items: Iterable[Obj]) -> Obj:
@@ -124,7 +85,7 @@ def lab_objects(services: Iterable[LabService]) -> list[Obj]:
     return objs
 
 
-def _uid(*parts: str) -> str:
+def stable_uid(*parts: str) -> str:
     """A stable UUID-shaped id, so that built objects (and fixtures) do not change per run."""
     h = hashlib.sha256("/".join(parts).encode()).hexdigest()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"

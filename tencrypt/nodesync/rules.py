@@ -8,6 +8,9 @@ Rules:
   someone edited by hand is put back.
 - Chains that are no longer wanted are flushed and deleted (``-X``) in the same transaction,
   after the rules that jumped to them are gone.
+- After the first sync of a process, ``build_partial`` names only chain TENCRYPT and the
+  chains of VIPs whose endpoints changed (kube-proxy's partial sync): the cost of a change
+  no longer grows with the number of Services' chains. The periodic resync is a full one.
 - ``PREROUTING`` (traffic from pods) and ``OUTPUT`` (from the node itself) jump to
   ``TENCRYPT``; the jump is inserted at the head of the chain, ahead of kube-proxy's
   ``KUBE-SERVICES``, and only if a jump is not there already (the lab's older code appended
@@ -91,6 +94,33 @@ def build_restore(backends: Sequence[ServiceBackends], existing: str,
     jumps = parse_jumps(existing)
     lines += [f"-I {hook} 1 -j {CHAIN}" for hook in HOOKS if hook not in jumps]
     lines += rules
+    lines += [f"-X {c}" for c in stale]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def build_partial(old: Sequence[ServiceBackends], new: Sequence[ServiceBackends],
+                  port: int = TUNNEL_PORT) -> str:
+    """iptables-restore input that turns the chains of ``old`` (what this process last
+    programmed) into those of ``new``, rewriting only what changed, as kube-proxy does since
+    1.26: chain TENCRYPT (one rule per VIP and protocol, always rewritten: it is the
+    dispatch), the SVC chain of every VIP whose endpoints changed and the SEP chains it gains;
+    chains no longer wanted are flushed and deleted. Unchanged chains are not named at all, so
+    ``iptables-restore --noflush`` leaves them be. ``""`` if nothing changed."""
+    before = {(b.namespace, b.name, b.vip): b.endpoints for b in old}
+    if {(b.namespace, b.name, b.vip): b.endpoints for b in new} == before:
+        return ""
+    chains, rules = build_rules(new, port)
+    old_chains, _ = build_rules(old, port)
+    changed = [b for b in new if before.get((b.namespace, b.name, b.vip)) != b.endpoints]
+    ch_chains, ch_rules = build_rules(changed, port)
+    kept = set(old_chains)
+    declared = [c for c in ch_chains if c not in kept or c.startswith(SVC_PREFIX)]
+    stale = sorted(set(old_chains) - set(chains))
+    lines = ["*nat", f":{CHAIN} - [0:0]"]
+    lines += [f":{c} - [0:0]" for c in [*declared, *stale]]
+    lines += [r for r in rules if r.startswith(f"-A {CHAIN} ")]
+    declared_set = set(declared)
+    lines += [r for r in ch_rules if r.split(" ", 2)[1] in declared_set]
     lines += [f"-X {c}" for c in stale]
     return "\n".join([*lines, "COMMIT", ""])
 

@@ -5,85 +5,48 @@ Stages:
 1. ``detect_endpoint_kind``: EndpointSlices (discovery.k8s.io/v1) if the cluster serves
    them, legacy Endpoints otherwise (a 404 on the slice list); asked again with a backoff
    until the API server answers (``await_endpoint_kind``).
-2. One ``Reflector`` thread per kind (Namespaces, Services, EndpointSlices/Endpoints), as
-   client-go does: list (paged) → ``Listed``, then watch from the list's resourceVersion →
-   ``Changed`` per event. A watch that ends (server timeout) resumes from the last version it
-   saw; ``410 Gone`` or any error relists, after a capped exponential backoff for errors.
-   The reflector knows nothing of node-sync: any list function of the client
-   (``functools.partial`` adds selectors) and any enum member as the kind's label will do,
-   which is how ``tencrypt agent`` watches Pods and Namespaces with the same machinery.
+2. One ``tencrypt.kube.reflector.Reflector`` thread per kind (Namespaces, Services,
+   EndpointSlices/Endpoints): list → ``Listed``, then watch → ``Changed`` per event (the
+   plumbing ``tencrypt agent`` uses too).
 3. ``Syncer.run`` folds what the reflectors queue into ``ClusterState`` and applies the
    desired rules whenever they change, but never before every kind has been listed once: a
    partial view (Services listed, slices not yet) would empty the chain and cut every
-   tunnel on the node for a moment. It also re-applies every ``resync`` seconds from memory
-   (no API calls) so that a chain flushed by hand is put back.
-
-The raw JSON of each object is used, not the client's model classes: the watch helper
-(``kubernetes.watch.Watch``) builds models that refuse a ``null`` list the API server
-legitimately sends, and its ``deserialize=False`` mode fails on ``ERROR`` events. Reading
-the stream ourselves keeps the official client for config, auth, TLS and requests.
+   tunnel on the node for a moment. The first sync is full; after it, each burst of events
+   is one partial sync (the backend programs only what changed since its last sync). Every
+   ``resync`` seconds a full sync from memory (no API calls) repairs drift (a table or chain
+   flushed by hand); a failed sync makes the next one full. Each sync is timed and logged
+   with its duration (never killed for taking long) and counted in ``SyncMetrics``.
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError
-from tencrypt.nodesync.cluster import ClusterState, EventType, Kind, ServiceBackends
+from tencrypt.kube.client import CONNECT_TIMEOUT, brief, list_all
+from tencrypt.kube.reflector import WATCH_TIMEOUT, Changed, Listed, Reflector
+from tencrypt.nodesync.cluster import ClusterState, Kind, ServiceBackends
+from tencrypt.nodesync.metrics import SyncMetrics
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 500
-WATCH_TIMEOUT = 300  # seconds the server keeps one watch open before we re-watch
-CONNECT_TIMEOUT = 10
 MAX_BACKOFF = 30.0
-GONE = 410
 
 
 class Applier(Protocol):
-    def apply(self, backends: Sequence[ServiceBackends]) -> object: ...
+    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> object: ...
 
-
-@dataclass(slots=True)
-class Listed:
-    kind: enum.Enum  # a nodesync Kind, or the caller's own label for what it lists
-    items: list[Any]
-
-
-@dataclass(slots=True)
-class Changed:
-    kind: enum.Enum
-    event: EventType
-    obj: Any
-
-
-class _Gone(Exception):
-    """The watch's resourceVersion is too old: list again."""
-
-
-def new_api_client(kubeconfig: str | None) -> client.ApiClient:
-    """In-cluster service-account config when running in a pod, else a kubeconfig
-    (``kubeconfig``, ``$KUBECONFIG`` or ``~/.kube/config``)."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
+    @property
+    def size(self) -> int: ...
 
 
 def list_function(api: client.ApiClient, kind: Kind) -> Callable[..., Any]:
@@ -109,79 +72,16 @@ def detect_endpoint_kind(api: client.ApiClient) -> Kind:
         raise
 
 
-def list_all(list_fn: Callable[..., Any]) -> tuple[list[Any], str]:
-    """Every object of a kind (following ``continue`` pages) and the list's resourceVersion."""
-    items: list[Any] = []
-    token = None
-    while True:
-        resp = list_fn(limit=PAGE_SIZE, _continue=token, _preload_content=False,
-                       _request_timeout=(CONNECT_TIMEOUT, 120))
-        doc = json.loads(resp.data)
-        items.extend(doc.get("items") or [])
-        meta = doc.get("metadata") or {}
-        token = meta.get("continue")
-        if not token:
-            return items, str(meta.get("resourceVersion", ""))
-
-
-class Reflector(threading.Thread):
-    def __init__(self, kind: enum.Enum, list_fn: Callable[..., Any], out: queue.Queue[object],
-                 stop: threading.Event, watch_timeout: int = WATCH_TIMEOUT) -> None:
-        super().__init__(name=f"reflector-{kind.value}", daemon=True)
-        self.kind, self.list_fn, self.out, self.stop = kind, list_fn, out, stop
-        self.watch_timeout = watch_timeout
-
-    def run(self) -> None:
-        delay = 1.0
-        while not self.stop.is_set():
-            try:
-                items, version = list_all(self.list_fn)
-                self.out.put(Listed(self.kind, items))
-                delay = 1.0
-                self._watch(version)
-            except _Gone:
-                log.info("%s: watch expired (410): relisting", self.kind.value)
-            # A reflector must outlive any API trouble (HTTP errors, resets, bad JSON): it is
-            # logged, then the kind is listed afresh, so nothing that happened meanwhile is lost.
-            except Exception as exc:  # noqa: BLE001
-                log.warning("%s: %s; relisting in %.0fs", self.kind.value, brief(exc), delay)
-                self.stop.wait(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-
-    def _watch(self, version: str) -> None:
-        while not self.stop.is_set():
-            resp = self.list_fn(watch=True, resource_version=version, allow_watch_bookmarks=True,
-                                timeout_seconds=self.watch_timeout, _preload_content=False,
-                                _request_timeout=(CONNECT_TIMEOUT, self.watch_timeout + 30))
-            try:
-                for line in iter_resp_lines(resp):
-                    if self.stop.is_set():
-                        return
-                    if line:
-                        version = self._on_line(line, version)
-            finally:  # a stream left mid-way must not go back to the pool
-                resp.close()
-                resp.release_conn()
-
-    def _on_line(self, line: str, version: str) -> str:
-        event = json.loads(line)
-        kind, obj = event.get("type"), event.get("object") or {}
-        if kind == "ERROR":
-            if obj.get("code") == GONE:
-                raise _Gone
-            raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
-        version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-        if kind != "BOOKMARK":
-            self.out.put(Changed(self.kind, EventType(kind), obj))
-        return version
-
-
 class Syncer:
     """Owns the state and the applier; the only thread that touches either."""
 
     def __init__(self, applier: Applier, stats: Stats, kinds: Sequence[Kind],
-                 resync: float = 300.0) -> None:
+                 resync: float = 300.0, metrics: SyncMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.applier, self.stats, self.kinds = applier, stats, tuple(kinds)
+        self.metrics = metrics or SyncMetrics(getattr(applier, "name", "?"))
+        self.clock, self.wall = clock, wall
         self.state = ClusterState(stats)
         self.queue: queue.Queue[object] = queue.Queue()
         self.resync = resync
@@ -201,11 +101,19 @@ class Syncer:
             return False
         desired = self.state.desired()
         if force or desired != self.applied:
-            self.applied = None  # a failed apply is retried on the next pass
-            self.applier.apply(desired)
+            mode = "full" if force or self.applied is None else "partial"
+            self.applied = None  # a failed apply is retried on the next pass, in full
+            start = self.clock()
+            try:
+                self.applier.apply(desired, full=mode == "full")
+            except Exception:
+                self.metrics.failed()
+                raise
+            took = self.clock() - start
             self.applied = desired
-            log.info("programmed %d VIPs, %d endpoints", len(desired),
-                     sum(len(b.endpoints) for b in desired))
+            self.metrics.observe(mode, took, self.applier.size, self.wall())
+            log.info("programmed %d VIPs, %d endpoints (%s sync, %.3f s)", len(desired),
+                     sum(len(b.endpoints) for b in desired), mode, took)
         return True
 
     def run(self, stop: threading.Event) -> None:
@@ -227,21 +135,6 @@ class Syncer:
                 stop.wait(1.0)
 
 
-def brief(exc: Exception) -> str:
-    """One line for a log: the client's ApiException prints headers and body on many lines,
-    urllib3 wraps a refused connection in three layers of text. A 401/403 says what to check."""
-    if isinstance(exc, ApiException):
-        try:
-            message = json.loads(exc.body or "{}").get("message") or ""
-        except (ValueError, AttributeError):
-            message = ""
-        hint = {401: " (check the token / kubeconfig)",
-                403: " (check the ClusterRoles of scripts/k8s/rbac.yaml are applied and bound "
-                     "to this ServiceAccount)"}.get(exc.status or 0, "")
-        return f"HTTP {exc.status} {exc.reason}{': ' + message if message else ''}{hint}"
-    return f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
-
-
 def await_endpoint_kind(api: client.ApiClient, stop: threading.Event) -> Kind | None:
     """``detect_endpoint_kind`` once the API server answers (a node boots before it, or it
     restarts): retried with a capped backoff, logged each time; None if stopped first."""
@@ -258,12 +151,13 @@ def await_endpoint_kind(api: client.ApiClient, stop: threading.Event) -> Kind | 
 
 
 def watch_and_sync(api: client.ApiClient, applier: Applier, stats: Stats, stop: threading.Event,
-                   resync: float = 300.0, watch_timeout: int = WATCH_TIMEOUT) -> None:
+                   resync: float = 300.0, watch_timeout: int = WATCH_TIMEOUT,
+                   metrics: SyncMetrics | None = None) -> None:
     endpoint_kind = await_endpoint_kind(api, stop)
     if endpoint_kind is None:
         return
     kinds = (Kind.NAMESPACE, Kind.SERVICE, endpoint_kind)
-    syncer = Syncer(applier, stats, kinds, resync)
+    syncer = Syncer(applier, stats, kinds, resync, metrics)
     for kind in kinds:
         Reflector(kind, list_function(api, kind), syncer.queue, stop, watch_timeout).start()
     syncer.run(stop)

@@ -1,7 +1,7 @@
 """``tencrypt agent`` on the one-node lab: the real ``kubernetes`` client against the API server
 double, the real launcher, real proxies in real pods.
 
-    FakeApiServer on 127.0.0.1 (a test double)   Pods of node1, Namespaces, Secrets "tencrypt"
+    FakeApiServer on 127.0.0.1 (a test double)   Pods, Services, Namespaces, Secrets "tencrypt"
         ^  list/watch + GET, the real kubernetes client
     tencrypt agent (root namespace; --sandbox annotation; state in pytest's tmp dir)
         |  tencrypt-nsenter.sh <sandbox pid> -- --psk-file <state>/keys/myproject.psk ...
@@ -14,7 +14,9 @@ A lab pod's sandbox PID is that of its HTTP server (the pod's only process befor
 patched), written into its Pod object as the annotation ``tencrypt.io/sandbox-pid`` — the
 lab's stand-in for what crictl or the /proc scan find on a real node (unit-tested on sample
 outputs in tests/unit/test_agent.py). The tests run in order on one agent: pods patched and
-sealed; a killed proxy restarted; a removed pod leaves nothing; a namespace labelled and
+sealed, each with its project's members (pod IPs of every node, Service VIPs) in
+``members.json``, which follows pods of the project added and removed elsewhere; a killed
+proxy restarted; a removed pod leaves nothing; a namespace labelled and
 unlabelled at run time; an agent restarted with ``--on-exit keep`` whose successor adopts
 the running proxies; and that successor's ``--on-exit unpatch`` stop.
 """
@@ -31,11 +33,12 @@ from pathlib import Path
 import pytest
 
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
+from tencrypt.core.membership import parse_members
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.linux import netns
 from tencrypt.linux.procs import read_pid
-from tencrypt.nodesync import kubeobjects
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tests.kubefakes import builders as kubeobjects
+from tests.kubefakes.fakeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "tencrypt-agent-marker-41c7"
@@ -48,6 +51,7 @@ def pod_objects(lab):
             kubeobjects.build_secret("myproject", {
                 "PROJECT_PSK": lab.psk_file("myproject").read_text().strip()})]
     for pod in lab.pods.values():
+        objs.append(kubeobjects.build_service(pod.project, pod.name, pod.vip))
         pid = read_pid(lab.pid_file(f"{pod.name}.http"))
         assert pid and str(pid) in netns.sh(["ip", "netns", "pids", pod.netns]).stdout.split()
         # a uid per lab: concurrent runs of this file must not share a kubepods cgroup name
@@ -173,6 +177,30 @@ def netns_inode(lab, pod):
     return os.stat(netns.NETNS_DIR / lab.pod(pod).netns).st_ino
 
 
+def members_file(lab, agent, pod):
+    return agent.setup_state / f"netns-{netns_inode(lab, pod)}" / "members.json"
+
+
+def members_of(lab, agent, pod):
+    """(pod IPs, Service IPs) of ``pod``'s members.json, None while it has none."""
+    try:
+        m = parse_members(members_file(lab, agent, pod).read_text())
+    except FileNotFoundError:
+        return None
+    return m.pods, m.services
+
+
+def project_members(lab, project, *extra_pods):
+    pods = [p for p in lab.pods.values() if p.project == project]
+    return {p.ip for p in pods} | set(extra_pods), {p.vip for p in pods}
+
+
+def until_members(lab, agent, pods, expected, what):
+    for pod in pods:
+        netns.wait_for(lambda p=pod: members_of(lab, agent, p) == expected, timeout=30,
+                       interval=0.2, what=f"{what} in the members of {pod}")
+
+
 def sealed_curl(lab, capture, src, dst):
     node = lab.nodes["node1"]
     with capture(node.netns, node.bridge, "not port 53") as cap:
@@ -209,6 +237,31 @@ def test_real_client_fake_apiserver_enabled_pods_get_patched_and_sealed(world, c
     assert api.count("Pod", "list") == api.count("Namespace", "list") == 1
     assert api.count("Secret", "list") == 1
     assert api.count("Pod", "watch") >= 1 and api.count("Secret", "watch") >= 1
+    assert api.count("Service", "list") == 1 and api.count("Service", "watch") >= 1
+
+
+def test_real_client_fake_apiserver_each_patched_pod_holds_its_projects_members(world):
+    """members.json beside setup's state of each patched pod: every pod IP and Service VIP
+    of the project (cluster-wide), rewritten when a pod of the project comes or goes on any
+    node; nothing for the unpatched project."""
+    lab, api, agent, _ = world
+    wait_patched(lab, agent, "nginx1", "nginx2")
+    expected = project_members(lab, "myproject")
+    until_members(lab, agent, ("nginx1", "nginx2"), expected, "the lab's pods")
+    assert members_of(lab, agent, "cakephp") is None
+    path = members_file(lab, agent, "nginx1")
+    assert path.stat().st_mode & 0o777 == 0o644 and path.parent.stat().st_mode & 0o777 == 0o700
+    first = parse_members(path.read_text()).generation
+    # a pod of the project on another node (no sandbox here: only its address matters)
+    far = kubeobjects.build_pod("myproject", "far", "node9", "10.200.9.9")
+    far["status"]["podIPs"].append({"ip": "fd00:200::9"})
+    api.put(far)
+    until_members(lab, agent, ("nginx1", "nginx2"),
+                  project_members(lab, "myproject", "10.200.9.9", "fd00:200::9"), "a new pod")
+    assert parse_members(path.read_text()).generation > first
+    api.delete("Pod", "myproject", "far")
+    until_members(lab, agent, ("nginx1", "nginx2"), expected, "the pod removed")
+    assert "cannot write its membership file" not in agent.text()
 
 
 def test_real_client_fake_apiserver_killed_proxy_is_restarted(world, capture):
@@ -241,6 +294,9 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
     assert "tencrypt" not in lab.exec("nginx2", ["nft", "list", "tables"]).stdout
     assert "fwmark" not in lab.exec("nginx2", ["ip", "rule", "show"]).stdout
     assert not (agent.setup_state / f"netns-{inode}").exists()
+    # nginx2's pod IP left the members of the project (its Service stays)
+    pods, vips = project_members(lab, "myproject")
+    until_members(lab, agent, ("nginx1",), (pods - {lab.pod("nginx2").ip}, vips), "nginx2 gone")
     # the project keeps its key while nginx1 runs here
     assert metrics_up(lab, "nginx1") and (agent.state / "keys" / "myproject.psk").exists()
 
@@ -305,7 +361,8 @@ def test_real_client_fake_apiserver_restarted_agent_adopts_the_running_proxies(w
     assert first.stop() == 0  # --on-exit keep
     assert "1 proxies left running" in first.text()
     assert proxies_in(lab.pod("nginx1").netns) == [proxy] and metrics_up(lab, "nginx1")
-    nginx2 = next(o for o in pod_objects(lab) if o["metadata"].get("name") == "nginx2")
+    nginx2 = next(o for o in pod_objects(lab) if o["kind"] == "Pod"
+                  and o["metadata"]["name"] == "nginx2")
     del nginx2["metadata"]["annotations"][SANDBOX_PID_ANNOTATION]
     undo = into_pod_cgroup(read_pid(lab.pid_file("nginx2.http")), nginx2["metadata"]["uid"])
     if undo:
@@ -314,11 +371,15 @@ def test_real_client_fake_apiserver_restarted_agent_adopts_the_running_proxies(w
     netns.wait_for(lambda: "adopted the proxy a previous agent started" in second.text(),
                    timeout=60, what="the new agent to adopt nginx1's proxy")
     if not undo:  # no writable cgroups here: the annotation stands in for the scan
-        nginx2 = next(o for o in pod_objects(lab) if o["metadata"].get("name") == "nginx2")
+        nginx2 = next(o for o in pod_objects(lab) if o["kind"] == "Pod"
+                  and o["metadata"]["name"] == "nginx2")
     api.put(nginx2)
     wait_patched(lab, second, "nginx2")
     sealed_curl(lab, capture, "nginx1", "nginx2")
     assert proxies_in(lab.pod("nginx1").netns) == [proxy]  # never restarted
+    # the new agent continued the adopted proxy's file: nginx2 is a member again
+    until_members(lab, second, ("nginx1", "nginx2"), project_members(lab, "myproject"),
+                  "nginx2 back")
     assert "nginx1: starting" not in second.text()
     assert f"sandboxes by {'proc' if undo else 'annotation'}" in second.text()
 

@@ -203,6 +203,25 @@ def test_an_unpatched_member_is_refused_from_its_first_syn(lab, capture):
     assert out.returncode != 0 and MARKER.encode() not in cap.data
 
 
+def test_standalone_an_unpatched_member_is_refused_after_a_reverse_lookup(lab, capture):
+    """No membership: the first plaintext SYN from an unknown source waits in the kernel
+    (NFQUEUE) while a PTR lookup names its project; the project's is refused, others pass."""
+    patched(lab, False, "nginx1")
+    n1, legacy, cake = lab.pod("nginx1"), lab.pod("legacy"), lab.pod("cakephp")
+    node_ns, iface = bridge(lab)
+    with capture(node_ns, iface, f"host {legacy.ip}") as cap:
+        refused = curl(lab, "legacy", f"http://{n1.ip}:8080/", MARKER + "-sa", timeout=3)
+    assert refused.returncode != 0
+    assert [f for f in cap.frames() if f.dst == legacy.ip and f.proto == 6] == []
+    other = curl(lab, "cakephp", f"http://{n1.ip}:8080/", MARKER + "-x")  # another project
+    assert other.returncode == 0 and "Hello from nginx1" in other.stdout, other.stderr
+    m = metrics(lab, "nginx1")
+    assert drops(m, "plaintext_from_project") >= 1
+    assert m.get("tencrypt_inbound_accepted_total", 0) >= 1
+    assert legacy.ip in firewall_set(lab, "nginx1", "project4")  # later packets: the kernel
+    assert cake.ip not in firewall_set(lab, "nginx1", "project4")
+
+
 # -- 5. dual stack: AAAA answers -------------------------------------------------------------
 
 def test_aaaa_answers_break_nothing_and_never_open_the_clear(lab, capture):

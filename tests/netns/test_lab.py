@@ -30,7 +30,7 @@ from tencrypt.lab import proxy, services
 from tencrypt.lab.cluster import ETC_NETNS, STATE_ROOT, Lab
 from tencrypt.lab.topology import Pod, Topology
 from tencrypt.linux import netns, procs
-from tencrypt.nodesync.rules import parse_programmed
+from tencrypt.nodesync import nftrules
 
 TENCRYPT = [sys.executable, "-m", "tencrypt"]
 PY = "/usr/bin/python3"
@@ -160,11 +160,13 @@ def test_pod_reaches_its_own_service_and_node_reaches_services(lab: Lab) -> None
 
 
 def test_program_tencrypt_chain_replaces_the_chain(lab: Lab) -> None:
-    """The lab programs chain TENCRYPT through node-sync's code: exactly the given Services."""
+    """The lab programs its nodes through node-sync's code and nft backend: exactly the given
+    Services, in table inet tencrypt, nothing in the nat table."""
     node = lab.nodes["node1"].netns
 
     def programmed() -> set[tuple[str, str]]:
-        return parse_programmed(lab.exec("node1", ["iptables-save", "-t", "nat"]).stdout)
+        listing = lab.exec("node1", ["nft", "list", "table", "inet", "tencrypt"]).stdout
+        return nftrules.pairs(nftrules.parse_listing(listing))
 
     everything = {(p.vip, p.ip) for p in lab.pods.values()}
     try:
@@ -173,8 +175,9 @@ def test_program_tencrypt_chain_replaces_the_chain(lab: Lab) -> None:
         services.program_tencrypt_chain(node, [s for s in lab.services if s.name == "nginx2"])
         nginx2 = lab.pod("nginx2")
         assert programmed() == {(nginx2.vip, nginx2.ip)}
-        save = lab.exec("node1", ["iptables-save", "-t", "nat"]).stdout
-        assert "-A PREROUTING -j TENCRYPT" in save and "-A OUTPUT -j TENCRYPT" in save
+        listing = lab.exec("node1", ["nft", "list", "table", "inet", "tencrypt"]).stdout
+        assert "hook prerouting priority" in listing and "hook output priority" in listing
+        assert "TENCRYPT" not in lab.exec("node1", ["iptables-save", "-t", "nat"]).stdout
     finally:
         services.program_tencrypt_chain(node, lab.services)
     assert programmed() == everything

@@ -28,8 +28,8 @@ import pytest
 
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.linux import netns
-from tencrypt.nodesync import kubeobjects
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tests.kubefakes import builders as kubeobjects
+from tests.kubefakes.fakeapi import FakeApiServer
 from tests.netns.test_agent import (
     has_tenc0,
     kill_proxies,

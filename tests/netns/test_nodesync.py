@@ -1,4 +1,5 @@
-"""node-sync programs a real node's nat table; traffic to VIP:1337 reaches the right pods.
+"""node-sync programs a real node (nft table or iptables nat chain); traffic to VIP:1337
+reaches the right pods, with either backend and across a switch between them.
 
     [ <p>cl ]  [ <p>w1 ]  [ <p>w2 ]  [ <p>w3 ]  [ <p>api ]    pods: eth0 10.128.0.<n>/23,
      .10 client  .11 web    .12 web    .13 (spare) .14 blog   default via 10.128.0.1
@@ -9,7 +10,8 @@
 Every pod but the client answers its own name on udp and tcp :1337 (a stand-in for the
 proxy). node-sync runs in the root namespace with ``--netns <p>node``, as the lab runs it, and
 reads either the recorded cluster (``--once --from-file``) or the API server double on
-127.0.0.1 through the real ``kubernetes`` client. VIPs and pod IPs are the fixture's:
+127.0.0.1 through the real ``kubernetes`` client, with ``--backend nft`` and ``--backend
+iptables`` (the tests taking ``backend`` run with each). VIPs and pod IPs are the fixture's:
 shop/web 172.30.12.34 → .11 .12, shop/cache 172.30.77.7 → .12, blog/api 172.30.40.2 → .14
 (namespace blog is not labelled: never forwarded).
 """
@@ -23,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from tencrypt.linux import netns
-from tencrypt.nodesync import kubeobjects, rules
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tencrypt.nodesync import nftrules, rules
+from tests.kubefakes import builders as kubeobjects
+from tests.kubefakes.fakeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "nodesync-cluster.json"
@@ -127,6 +130,28 @@ class Node:
     def save(self):
         return netns.run(self.node, ["iptables-save", "-t", "nat"]).stdout
 
+    def listing(self):
+        """``nft list table inet tencrypt``, "" while there is none."""
+        proc = netns.run(self.node, ["nft", "list", "table", "inet", "tencrypt"], check=False)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    def programmed(self, backend):
+        """(VIP, endpoint) pairs the node forwards through ``backend``'s rules."""
+        if backend == "nft":
+            return nftrules.pairs(nftrules.parse_listing(self.listing()))
+        return rules.parse_programmed(self.save())
+
+    def owned(self, backend):
+        """What ``backend`` holds on the node, as text to compare."""
+        if backend == "nft":
+            return self.listing().splitlines()
+        return rules.owned_lines(self.save())
+
+
+@pytest.fixture(params=["nft", "iptables"])
+def backend(request):
+    return request.param
+
 
 @pytest.fixture
 def node():
@@ -150,8 +175,9 @@ def api():
 class NodeSync:
     """``python -m tencrypt.nodesync`` (= ``tencrypt node-sync``) watching the API double."""
 
-    def __init__(self, node, api, tmp_path):
+    def __init__(self, node, api, tmp_path, backend):
         self.argv = [sys.executable, "-m", "tencrypt.nodesync", "--netns", node.node,
+                     "--backend", backend, "--log-level", "debug",
                      "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig"))]
         self.log = tmp_path / "node-sync.log"
         self.proc = None
@@ -173,11 +199,11 @@ class NodeSync:
 
 
 @pytest.fixture
-def nodesync(node, api, tmp_path):
+def nodesync(node, api, tmp_path, backend):
     made = []
 
     def make():
-        ns = NodeSync(node, api, tmp_path)
+        ns = NodeSync(node, api, tmp_path, backend)
         made.append(ns)
         return ns
     yield make
@@ -189,8 +215,8 @@ def run_once(node, *extra):
     return netns.sh([sys.executable, "-m", "tencrypt.nodesync", "--netns", node.node, *extra])
 
 
-def test_recorded_cluster_forwards_1337_of_labelled_vips_to_their_pods(node):
-    run_once(node, "--once", "--from-file", str(FIXTURE))
+def test_recorded_cluster_forwards_1337_of_labelled_vips_to_their_pods(node, backend):
+    run_once(node, "--once", "--from-file", str(FIXTURE), "--backend", backend)
     udp = node.ask("udp", WEB, count=40)  # 40 new flows: both pods are picked
     assert set(udp) == {"w1", "w2"}, udp
     tcp = node.ask("tcp", WEB, count=40)
@@ -201,19 +227,22 @@ def test_recorded_cluster_forwards_1337_of_labelled_vips_to_their_pods(node):
     assert node.ask("udp", BLOG) == [None] and node.ask("tcp", BLOG) == [None]
     assert node.ask("udp", PODS["api"]) == ["api"]
     # what the kernel holds reads back as exactly the fixture's pairs
-    assert rules.parse_programmed(node.save()) == {
+    assert node.programmed(backend) == {
         (WEB, PODS["w1"]), (WEB, PODS["w2"]), (CACHE, PODS["w2"]),
         ("172.30.8.8", "10.128.0.17"), ("172.30.8.8", "10.128.0.18")}
     # a second run changes nothing (no duplicated jumps, same chains)
-    before = rules.owned_lines(node.save())
-    run_once(node, "--once", "--from-file", str(FIXTURE))
-    assert rules.owned_lines(node.save()) == before
+    before = node.owned(backend)
+    run_once(node, "--once", "--from-file", str(FIXTURE), "--backend", backend)
+    assert node.owned(backend) == before
+    other = {"nft": "iptables", "iptables": "nft"}[backend]
+    assert node.owned(other) == []  # the other backend holds nothing
 
 
 def test_real_client_fake_apiserver_pod_replaced_moves_the_rule_and_the_tunnel_flow(
-        node, api, nodesync):
+        node, api, nodesync, backend):
     api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w2"]], suffix="m5l7c"))
-    nodesync().start()
+    sync = nodesync()
+    sync.start()
     # the proxy's flow: always pod:1337 -> VIP:1337, one conntrack entry kept alive
     netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30,
                    what="web -> w2")
@@ -223,43 +252,122 @@ def test_real_client_fake_apiserver_pod_replaced_moves_the_rule_and_the_tunnel_f
     netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w3"], timeout=30,
                    what="the same 5-tuple now reaching w3")
     assert node.ask("tcp", WEB, count=5) == ["w3"] * 5
-    assert rules.parse_programmed(node.save()) >= {(WEB, PODS["w3"])}
-    assert (WEB, PODS["w2"]) not in rules.parse_programmed(node.save())
+    assert node.programmed(backend) >= {(WEB, PODS["w3"])}
+    assert (WEB, PODS["w2"]) not in node.programmed(backend)
     # the label goes: every rule of shop goes, and the live flow stops too
     api.put(kubeobjects.build_namespace("shop", enabled=False))
-    netns.wait_for(lambda: not rules.parse_programmed(node.save()), timeout=30,
+    netns.wait_for(lambda: not node.programmed(backend), timeout=30,
                    what="shop's rules removed")
     assert node.ask("udp", WEB, sport=1337) == [None]
     assert node.ask("tcp", WEB) == [None] and node.ask("udp", CACHE) == [None]
-    assert [line for line in rules.owned_lines(node.save()) if line.startswith("-A TENC")] == []
+    if backend == "iptables":
+        assert [ln for ln in rules.owned_lines(node.save()) if ln.startswith("-A TENC")] == []
+    else:
+        assert "svc-" not in node.listing()
+    # the first sync was full, every change after it a partial one
+    log = sync.log.read_text()
+    assert log.count("(full sync") == 1 and log.count("(partial sync") >= 2, log
 
 
-def test_real_client_fake_apiserver_restart_rebuilds_the_same_chain(node, api, nodesync):
+def test_real_client_fake_apiserver_restart_rebuilds_the_same_rules(node, api, nodesync,
+                                                                     backend):
     first = nodesync()
     first.start()
-    netns.wait_for(lambda: len(rules.parse_programmed(node.save())) == 5, timeout=30,
-                   what="first sync")
-    programmed = rules.owned_lines(node.save())
+    netns.wait_for(lambda: len(node.programmed(backend)) == 5, timeout=30, what="first sync")
+    programmed = node.owned(backend)
     assert first.stop() == 0
-    assert rules.owned_lines(node.save()) == programmed  # stopping never cuts tunnels
-    # someone flushes the chain, deletes a jump and leaves a stale chain behind
-    netns.run(node.node, ["iptables-restore", "--noflush"], input="\n".join([
-        "*nat", ":TENCRYPT - [0:0]", ":TENC-SEP-STALESTALESTALES - [0:0]",
-        "-D OUTPUT -j TENCRYPT",
-        "-A TENC-SEP-STALESTALESTALES -p udp -m udp -j DNAT --to-destination 10.128.0.13:1337",
-        "COMMIT", ""]))
+    assert node.owned(backend) == programmed  # stopping never cuts tunnels
+    # someone flushes the dispatch, deletes a hook and leaves a stale chain behind
+    if backend == "iptables":
+        netns.run(node.node, ["iptables-restore", "--noflush"], input="\n".join([
+            "*nat", ":TENCRYPT - [0:0]", ":TENC-SEP-STALESTALESTALES - [0:0]",
+            "-D OUTPUT -j TENCRYPT",
+            "-A TENC-SEP-STALESTALESTALES -p udp -m udp -j DNAT --to-destination "
+            "10.128.0.13:1337", "COMMIT", ""]))
+    else:
+        netns.run(node.node, ["nft", "-f", "-"], input="\n".join([
+            "flush chain inet tencrypt services", "delete chain inet tencrypt output",
+            "add chain inet tencrypt svc-stalestalestale",
+            "add rule inet tencrypt svc-stalestalestale dnat ip to 10.128.0.13", ""]))
     assert node.ask("udp", WEB) == [None]
     nodesync().start()
-    netns.wait_for(lambda: rules.owned_lines(node.save()) == programmed, timeout=30,
+    netns.wait_for(lambda: node.owned(backend) == programmed, timeout=30,
                    what="the restarted node-sync to converge to the same rules")
     assert set(node.ask("udp", WEB, count=40)) == {"w1", "w2"}
-    # --cleanup leaves nothing of Tencrypt behind
+    # --cleanup leaves nothing of Tencrypt behind, in either backend
     run_once(node, "--cleanup")
-    assert rules.owned_lines(node.save()) == []
+    assert node.owned("nft") == [] and node.owned("iptables") == []
 
 
-def test_lab_services_programmed_through_the_same_path(node):
-    from tencrypt.nodesync.iptables import program_objects
+def test_switching_backends_on_a_running_node_leaves_no_stale_rules(node):
+    """iptables → nft → iptables with --once: each backend's first sync removes what the
+    other programmed, after its own rules are in place; traffic flows at every step."""
+    expected = {(WEB, PODS["w1"]), (WEB, PODS["w2"]), (CACHE, PODS["w2"]),
+                ("172.30.8.8", "10.128.0.17"), ("172.30.8.8", "10.128.0.18")}
+    for backend, other in (("iptables", "nft"), ("nft", "iptables"), ("iptables", "nft")):
+        run_once(node, "--once", "--from-file", str(FIXTURE), "--backend", backend)
+        assert node.programmed(backend) == expected and node.owned(other) == [], backend
+        assert "TENC" not in node.save() if backend == "nft" else node.listing() == ""
+        assert set(node.ask("udp", WEB, count=30)) == {"w1", "w2"}
+        assert node.ask("tcp", CACHE) == ["w2"]
+
+
+def test_real_client_fake_apiserver_endpoints_change_under_a_stream_and_it_follows(
+        node, api, nodesync, backend):
+    """A tunnel-shaped flow (client:1337 → VIP:1337, one conntrack entry) kept busy by a
+    bounded stream while the Service's endpoint moves w2 → w3 → w1: every answer comes from
+    the endpoint of the moment — once a move is seen the flow never goes back — and the
+    kernel's rules read back as what node-sync was told at each step."""
+    api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w2"]], suffix="m5l7c"))
+    nodesync().start()
+    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30,
+                   what="web -> w2")
+    stream = subprocess.Popen(netns.exec_argv(node.pods["cl"], [
+        sys.executable, "-c", STREAM, WEB, "3000", "0.005"]), stdout=subprocess.PIPE,
+        text=True, start_new_session=True)
+    try:
+        for target in ("w3", "w1"):
+            api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS[target]],
+                                                     suffix="m5l7c"))
+            netns.wait_for(lambda t=target: node.programmed(backend) >= {(WEB, PODS[t])}
+                           and len([p for p in node.programmed(backend) if p[0] == WEB]) == 1,
+                           timeout=30, what=f"web -> {target} programmed")
+        out, _ = stream.communicate(timeout=120)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait()
+    answers = [a for a in json.loads(out) if a]
+    assert answers, "the stream got no answer at all"
+    order = [a for i, a in enumerate(answers) if i == 0 or answers[i - 1] != a]
+    assert order == ["w2", "w3", "w1"], order  # followed each move, never went back
+    assert answers[-1] == "w1"
+
+
+# a stream on one 5-tuple (sport 1337, as the tunnel): count datagrams, one every interval,
+# each answered (or not, within 0.2 s) by the endpoint behind the VIP; bounded in count
+STREAM = r"""
+import json, socket, sys, time
+dst, count, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 1337))
+s.connect((dst, 1337))
+s.settimeout(0.2)
+out = []
+for _ in range(count):
+    s.send(b"?")
+    try:
+        out.append(s.recv(64).decode())
+    except OSError:
+        out.append(None)
+    time.sleep(interval)
+print(json.dumps(out))
+"""
+
+
+def test_lab_services_programmed_through_the_same_path(node, backend):
+    from tencrypt.nodesync.backends import program_objects
 
     class LabService:  # the shape of tencrypt.lab.topology.Service
         def __init__(self, name, project, vip, endpoint):
@@ -268,9 +376,10 @@ def test_lab_services_programmed_through_the_same_path(node):
 
     services = [LabService("web", "shop", WEB, PODS["w3"]),
                 LabService("api", "blog", BLOG, PODS["api"])]
-    desired = program_objects(kubeobjects.lab_objects(services), netns=node.node)
+    desired = program_objects(kubeobjects.lab_objects(services), netns=node.node,
+                              backend=backend)
     assert [(b.vip, b.endpoints) for b in desired] == [(BLOG, (PODS["api"],)),
                                                        (WEB, (PODS["w3"],))]
     assert node.ask("udp", WEB) == ["w3"] and node.ask("tcp", BLOG) == ["api"]
-    program_objects(kubeobjects.lab_objects(services[:1]), netns=node.node)
+    program_objects(kubeobjects.lab_objects(services[:1]), netns=node.node, backend=backend)
     assert node.ask("udp", BLOG) == [None] and node.ask("udp", WEB) == ["w3"]

@@ -17,8 +17,8 @@ import tencrypt.agent
 from tencrypt.agent import podstate, sandbox
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION, AgentKind, BadKey, NodeView
 from tencrypt.agent.reconcile import Phase, Policy, Reconciler, Sandbox, Verb, Want
-from tencrypt.nodesync import kubeobjects
-from tencrypt.nodesync.cluster import EventType
+from tencrypt.kube.objects import EventType
+from tests.kubefakes import builders as kubeobjects
 from tests.unit.test_purity import FORBIDDEN, imported_roots
 
 KEY = "q1ICqQvTWb4Vh7K3mM4yOeJ3YbTpB0P0m1BQ8Xv6y2A="
@@ -393,9 +393,11 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
               and d["metadata"]["name"] == "tencrypt-agent"]
     granted = {(res, verb, tuple(rule.get("resourceNames", ()))) for rule in role["rules"]
                for res in rule["resources"] for verb in rule["verbs"]}
-    # start_reflectors: list+watch pods and namespaces, and the Secrets named tencrypt only
+    # start_reflectors: list+watch pods, namespaces and services (the membership feed), and
+    # the Secrets named tencrypt only
     assert granted == {("pods", "list", ()), ("pods", "watch", ()), ("namespaces", "list", ()),
-                       ("namespaces", "watch", ()), ("secrets", "list", ("tencrypt",)),
+                       ("namespaces", "watch", ()), ("services", "list", ()),
+                       ("services", "watch", ()), ("secrets", "list", ("tencrypt",)),
                        ("secrets", "watch", ("tencrypt",))}
     assert all(rule["apiGroups"] == [""] for rule in role["rules"])
 

@@ -20,9 +20,12 @@ from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION, AgentKind
 from tencrypt.agent.reconcile import Phase, Policy, Sandbox
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
+from tencrypt.core.membership import parse_members
+from tencrypt.kube import client as kubeclient
+from tencrypt.kube.reflector import Reflector
 from tencrypt.linux.netns import wait_for
-from tencrypt.nodesync import kubeobjects, watch
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tests.kubefakes import builders as kubeobjects
+from tests.kubefakes.fakeapi import FakeApiServer
 from tests.unit.test_agent import (
     CGROUPS,
     CRICTL_PODS,
@@ -163,6 +166,8 @@ FAKE_LAUNCHER = """#!/usr/bin/env bash
 calls="$(dirname "$0")/calls"
 if [ "$2" = "--undo" ]; then echo "undo $1" >> "$calls"; exit 0; fi
 echo "start $1 $(cat "$4")" >> "$calls"
+# what a proxy starting now would find: the membership files of setup's state directory
+ls "${TENCRYPT_SETUP_ARGS#--state-dir }"/netns-*/members.json > "$(dirname "$0")/seen-$1" 2>&1
 [ "$1" = 999 ] || echo "tencrypt: ready: stand-in"
 exec sleep 600
 """
@@ -177,11 +182,11 @@ class Harness:
         launcher.write_text(FAKE_LAUNCHER)
         self.sup = Supervisor(tmp / "state", launcher, Path("/bin/true"), ["--no-strict"],
                               setup_state_dir=tmp / "setup", stop_timeout=5.0)
-        self.api = watch.new_api_client(str(server.write_kubeconfig(tmp / "kubeconfig")))
+        self.api = kubeclient.new_api_client(str(server.write_kubeconfig(tmp / "kubeconfig")))
         self.agent = Agent("n1", self.sup, Resolver("annotation", proc=proc.root),
                            Policy(**{"backoff": 0.1, "ready_timeout": 5.0, **policy}))
         self.stop = threading.Event()
-        start_reflectors(self.api, "n1", self.agent.queue, self.stop, watch_timeout=300)
+        start_reflectors(self.api, self.agent.queue, self.stop, watch_timeout=300)
         self.thread = threading.Thread(target=self.agent.run, args=(self.stop, unpatch),
                                        daemon=True)
         self.thread.start()
@@ -272,6 +277,53 @@ def test_real_client_fake_apiserver_agent_patches_wanted_pods_and_restarts_a_dea
     assert server.count("Secret", "list") == 1 and server.count("Secret", "watch") >= 1
 
 
+def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_it_starts(
+        env):
+    """Pods of the project on every node and its Services' IPs, in the pod's members.json,
+    written before its proxy starts and rewritten when (and only when) the project changes."""
+    server, make, proc = env
+    remote = kubeobjects.build_pod("shop", "remote", "n2", "10.128.1.5")
+    remote["status"]["podIPs"].append({"ip": "fd00:10:128:1::5"})
+    svc = kubeobjects.build_service("shop", "web", "172.30.0.10")
+    svc["spec"]["clusterIPs"].append("fd00:30::a")
+    for obj in (lab_pod("web", 200), remote, svc, kubeobjects.build_service("shop", "db", "None"),
+                kubeobjects.build_pod("shop", "done", "n2", "10.128.1.6", phase="Succeeded"),
+                kubeobjects.build_pod("shop", "hostnet", "n2", "192.168.200.2",
+                                      host_network=True),
+                kubeobjects.build_pod("blog", "other", "n2", "10.128.2.2"),
+                kubeobjects.build_service("blog", "other", "172.30.0.99")):
+        server.put(obj)
+    h = make()
+    h.until_calls(f"start 200 {KEY}")
+    path = h.tmp / "setup" / f"netns-{proc.inode('a')}" / "members.json"
+    assert (h.tmp / "seen-200").read_text().split() == [str(path)]  # there before the start
+
+    def members():
+        return parse_members(path.read_text())
+    first = members()
+    assert (first.project, first.pods, first.services) == (
+        "shop", {"10.128.0.9", "10.128.1.5", "fd00:10:128:1::5"}, {"172.30.0.10", "fd00:30::a"})
+    feed = h.sup.feed
+    # another project's pod: shop's file is not touched
+    writes, blog = feed.writes, h.agent.members.version("blog")
+    server.put(kubeobjects.build_pod("blog", "more", "n3", "10.128.2.3"))
+    h.until(lambda: h.agent.members.version("blog") > blog, "blog's new pod seen")
+    # (the Pod watch delivers in order: by the time shop's change is in the file, blog's was
+    # handled, and the write count says it wrote nothing)
+    # a pod of the project added on another node, then removed; a Service IP removed
+    server.put(kubeobjects.build_pod("shop", "new", "n3", "10.128.3.3"))
+    h.until(lambda: "10.128.3.3" in members().pods, "the new pod in the file")
+    assert feed.writes == writes + 1 and members().generation > first.generation
+    server.delete("Pod", "shop", "remote")
+    h.until(lambda: members().pods == {"10.128.0.9", "10.128.3.3"}, "remote gone")
+    server.put(kubeobjects.build_service("shop", "web", "172.30.0.10"))
+    h.until(lambda: members().services == {"172.30.0.10"}, "the IPv6 VIP gone")
+    assert feed.writes == writes + 3
+    # unpatched: the file goes with setup's state (the stand-in undo leaves none)
+    server.put(kubeobjects.build_namespace("shop", enabled=False))
+    h.until(lambda: not path.parent.exists(), "the pod's directory removed")
+
+
 def test_real_client_fake_apiserver_a_proxy_never_ready_is_killed_and_retried(env):
     server, make, proc = env
     server.put(lab_pod("slow", 999))
@@ -298,11 +350,14 @@ def test_real_client_fake_apiserver_label_pod_and_sandbox_removal_stop_and_undo(
     h.until(lambda: len(h.lines()) == 6, "both started again")
     server.delete("Pod", "shop", "web")
     h.until(lambda: h.lines()[6:] == ["undo 200"], "web undone")
+    h.until(lambda: not (h.tmp / "setup" / f"netns-{proc.inode('a')}").exists(),
+            "web's membership file removed")
     assert not (h.tmp / "state" / "pods" / uid_of("web")).exists()
     assert (h.tmp / "state" / "keys" / "shop.psk").exists()  # db still runs
     # db's sandbox dies with its last process: nothing to undo in it, only node-side state
     leftover = h.tmp / "setup" / f"netns-{proc.inode('b')}"
-    leftover.mkdir(parents=True)
+    assert (leftover / "members.json").exists()  # the agent's membership file is there
+    (leftover / "setup.json").write_text("{}")  # and what setup would keep
     db = h.proxy_pid(uid_of("db"))
     proc.remove(201)
     h.until(lambda: not leftover.exists(), "node-side setup state removed")
@@ -383,10 +438,10 @@ def test_real_client_fake_apiserver_a_forbidden_list_is_logged_in_one_line_with_
     from kubernetes import client
 
     server, make, proc = env
-    api = watch.new_api_client(str(server.write_kubeconfig(tmp_path / "kc-forbidden")))
+    api = kubeclient.new_api_client(str(server.write_kubeconfig(tmp_path / "kc-forbidden")))
     stop = threading.Event()
     unscoped = client.CoreV1Api(api).list_secret_for_all_namespaces  # as without the selector
-    watch.Reflector(AgentKind.SECRET, unscoped, queue_.Queue(), stop).start()
+    Reflector(AgentKind.SECRET, unscoped, queue_.Queue(), stop).start()
     try:
         wait_for(lambda: "relisting" in caplog.text, timeout=20, what="the refusal logged")
     finally:

@@ -9,53 +9,14 @@ from tencrypt.core.classify import AddrClass, Change, RouteAction
 from tencrypt.core.effects import Desired, Plan
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.stats import Stats
-from tencrypt.errors import SetupError
 from tencrypt.linux.effects import EffectApplier
+from tests.unit.fakes import FakeKernel
 
 INTERNAL, EXTERNAL = AddrClass.INTERNAL, AddrClass.EXTERNAL
 TUN, UPLINK = RouteAction.VIA_TUN, RouteAction.VIA_UPLINK
 POD = PodConfig(pod_ip="10.128.0.4", dev="eth0", gateway="10.128.0.1", dns="172.30.0.2",
                 domain="myproject.svc.cluster.local", search=("myproject.svc.cluster.local",),
                 cluster_domain="cluster.local")
-
-
-class FakeKernel:
-    """A main table (``routes``) and the firewall's sets (``fw``) as plain containers; refuses
-    the routes in ``refuse_routes`` and the next ``refuse_changes`` transactions."""
-
-    def __init__(self, refuse_routes=(), refuse_changes=0):
-        self.routes: dict[str, RouteAction] = {}
-        self.fw: set[str] = set()
-        self.refuse_routes, self.refuse_changes = set(refuse_routes), refuse_changes
-
-    def install_firewall(self):
-        pass
-
-    def remove_firewall(self):
-        self.fw.clear()
-
-    def route(self, ip, action):
-        if ip in self.refuse_routes:
-            raise SetupError(f"netlink refused {ip}")
-        self.routes[ip] = action
-
-    def unroute(self, ip):
-        self.routes.pop(ip, None)
-
-    def change(self, add, delete):
-        if self.refuse_changes:
-            self.refuse_changes -= 1
-            raise SetupError("nft refused")
-        if set(delete) - self.fw:  # nft refuses deleting a missing element
-            raise SetupError("no such element")
-        self.fw.difference_update(delete)
-        self.fw.update(add)
-
-    def elements(self):
-        return set(self.fw)
-
-    def counters(self):
-        return {"refused_out_ipv4": 3}
 
 
 def desired():

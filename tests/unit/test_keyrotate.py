@@ -33,7 +33,7 @@ from tencrypt.core.rotation import (
 )
 from tencrypt.errors import UsageError
 from tencrypt.keyrotate import RotationError, Rotator
-from tests.unit.kubewrite import WritableApiServer
+from tests.kubefakes.writable import WritableApiServer
 
 NS, AGENTS = "shop", "tencrypt-system"
 K1, K2, K3 = os.urandom(32), os.urandom(32), os.urandom(32)

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError
+from tencrypt.kube import client as kubeclient
+from tencrypt.kube.reflector import Listed
 from tencrypt.linux.netns import wait_for
 from tencrypt.nodesync import cluster, kubeobjects, rules, watch
 from tencrypt.nodesync.cluster import (
@@ -22,7 +24,8 @@ from tencrypt.nodesync.cluster import (
     load_list,
     parse_list,
 )
-from tencrypt.nodesync.fakeapi import FakeApiServer
+from tests.kubefakes import builders
+from tests.kubefakes.fakeapi import FakeApiServer
 from tests.unit.test_purity import FORBIDDEN, imported_roots
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -58,7 +61,7 @@ def test_legacy_endpoints_are_used_where_there_are_no_slices():
 def test_a_slice_wins_over_the_endpoints_object_of_the_same_service():
     state = ClusterState()
     for obj in (kubeobjects.build_namespace("a"), kubeobjects.build_service("a", "s", "172.30.0.9"),
-                kubeobjects.build_endpoints("a", "s", ["10.0.0.1"]),
+                builders.build_endpoints("a", "s", ["10.0.0.1"]),
                 kubeobjects.build_endpoint_slice("a", "s", ["10.0.0.2"])):
         state.on_event(cluster._KIND_NAMES[obj["kind"]], EventType.ADDED, obj)
     assert state.desired() == [ServiceBackends("a", "s", "172.30.0.9", ("10.0.0.2",))]
@@ -264,11 +267,18 @@ def test_pure_modules_do_no_io():
 # -- the real kubernetes client against the API server double (loopback only) --------------
 
 class RecordingApplier:
-    def __init__(self):
-        self.applied = []
+    name = "recording"
 
-    def apply(self, backends):
+    def __init__(self):
+        self.applied, self.modes = [], []
+
+    def apply(self, backends, full=False):
         self.applied.append(list(backends))
+        self.modes.append("full" if full else "partial")
+
+    @property
+    def size(self):
+        return sum(len(b.endpoints) for b in self.last) if self.applied else 0
 
     @property
     def last(self):
@@ -280,7 +290,7 @@ class Watching:
 
     def __init__(self, server, tmp_path, resync=300.0, watch_timeout=300):
         kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-        self.api = watch.new_api_client(str(kubeconfig))
+        self.api = kubeclient.new_api_client(str(kubeconfig))
         self.applier, self.stop, self.stats = RecordingApplier(), threading.Event(), Stats()
         self.thread = threading.Thread(target=watch.watch_and_sync, daemon=True, args=(
             self.api, self.applier, self.stats, self.stop, resync, watch_timeout))
@@ -379,7 +389,7 @@ def test_real_client_fake_apiserver_without_slice_api_uses_endpoints(api_server,
     w = watching(server)
     expected = load_list(ENDPOINTS, Stats()).desired()
     w.until(expected, "first sync from Endpoints")
-    server.put(kubeobjects.build_endpoints("shop", "web", ["10.128.0.11", "10.128.0.13"]))
+    server.put(builders.build_endpoints("shop", "web", ["10.128.0.11", "10.128.0.13"]))
     w.until([*expected[:3], web(["10.128.0.11", "10.128.0.13"])], "Endpoints change")
     assert server.count(Kind.ENDPOINTS, "watch") == 1
 
@@ -387,8 +397,8 @@ def test_real_client_fake_apiserver_without_slice_api_uses_endpoints(api_server,
 def test_real_client_fake_apiserver_list_once_pages_through_everything(api_server, tmp_path,
                                                                         monkeypatch):
     server = api_server()
-    monkeypatch.setattr(watch, "PAGE_SIZE", 2)  # 10 slices: 5 pages
-    api = watch.new_api_client(str(server.write_kubeconfig(tmp_path / "kc")))
+    monkeypatch.setattr(kubeclient, "PAGE_SIZE", 2)  # 10 slices: 5 pages
+    api = kubeclient.new_api_client(str(server.write_kubeconfig(tmp_path / "kc")))
     try:
         assert watch.list_once(api, Stats()).desired() == EXPECTED_FROM_SLICES
     finally:
@@ -400,7 +410,7 @@ def test_real_client_fake_apiserver_refuses_a_wrong_token(api_server, tmp_path):
     server = api_server()
     path = server.write_kubeconfig(tmp_path / "kc")
     path.write_text(path.read_text().replace("tencrypt-test-token", "wrong"))
-    api = watch.new_api_client(str(path))
+    api = kubeclient.new_api_client(str(path))
     try:
         with pytest.raises(SetupError, match=f"API server {server.url}: HTTP 401 .*check the "
                                              "token"):
@@ -417,7 +427,7 @@ def test_real_client_an_api_server_not_up_yet_is_awaited_and_once_fails_clearly(
     port = int(down.url.rsplit(":", 1)[1])
     path = down.write_kubeconfig(tmp_path / "kc")
     down.stop()
-    api = watch.new_api_client(str(path))
+    api = kubeclient.new_api_client(str(path))
     try:
         with pytest.raises(SetupError, match=f"API server {down.url}: .*[Rr]efused"):
             watch.list_once(api, Stats())
@@ -438,13 +448,14 @@ def test_syncer_waits_until_every_kind_is_listed():
     applier = RecordingApplier()
     syncer = watch.Syncer(applier, Stats(), (Kind.NAMESPACE, Kind.SERVICE, Kind.ENDPOINT_SLICE))
     by_kind = {k: [o for o in SLICES["items"] if o["kind"] == k.value] for k in syncer.kinds}
-    syncer.fold(watch.Listed(Kind.NAMESPACE, by_kind[Kind.NAMESPACE]))
-    syncer.fold(watch.Listed(Kind.SERVICE, by_kind[Kind.SERVICE]))
+    syncer.fold(Listed(Kind.NAMESPACE, by_kind[Kind.NAMESPACE]))
+    syncer.fold(Listed(Kind.SERVICE, by_kind[Kind.SERVICE]))
     assert syncer.sync() is False and applier.applied == []
-    syncer.fold(watch.Listed(Kind.ENDPOINT_SLICE, by_kind[Kind.ENDPOINT_SLICE]))
+    syncer.fold(Listed(Kind.ENDPOINT_SLICE, by_kind[Kind.ENDPOINT_SLICE]))
     assert syncer.sync() is True and applier.applied == [EXPECTED_FROM_SLICES]
     assert syncer.sync() is True and len(applier.applied) == 1  # unchanged: not re-applied
     assert syncer.sync(force=True) and len(applier.applied) == 2  # resync re-applies
+    assert applier.modes == ["full", "full"]  # the first sync and the resync are full
 
 
 # -- the manifests in scripts/k8s stay in step with the code ------------------------------
@@ -496,3 +507,4 @@ def test_daemonset_is_privileged_on_the_host_and_node_sync_args_parse():
     add_arguments(parser)
     args = parser.parse_args(sync["args"])
     assert not args.once and args.iptables in ("iptables", "iptables-nft", "iptables-legacy")
+    assert args.backend == "auto"  # nft on nodes that have it (issue #15), else iptables

@@ -22,8 +22,8 @@ import threading
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from tencrypt.nodesync import fakeapi
-from tencrypt.nodesync.fakeapi import TOKEN, FakeApiServer
+from tests.kubefakes import fakeapi
+from tests.kubefakes.fakeapi import TOKEN, FakeApiServer
 
 _ONE = re.compile(r"^/api/v1/namespaces/([^/]+)/(secrets|configmaps)(?:/([^/]+))?$")
 _KINDS = {"secrets": "Secret", "configmaps": "ConfigMap"}

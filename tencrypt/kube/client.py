@@ -1,0 +1,65 @@
+"""The official ``kubernetes`` client, configured and used the way both daemons need it.
+
+Rules:
+- Configuration: ``--kubeconfig`` if given, else the in-cluster service account when running
+  in a pod, else ``$KUBECONFIG`` or ``~/.kube/config``.
+- A list is read to its end through ``continue`` pages of ``PAGE_SIZE`` objects, as raw JSON:
+  the client's model classes refuse a ``null`` list the API server legitimately sends.
+- An error is logged as one line (``brief``): HTTP status, reason, the server's message, and
+  for 401/403 what to check; never the client's multi-line dump of headers and body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+PAGE_SIZE = 500
+CONNECT_TIMEOUT = 10  # seconds to connect to the API server
+LIST_TIMEOUT = 120  # seconds to read one page
+
+
+def new_api_client(kubeconfig: str | None) -> client.ApiClient:
+    """In-cluster service-account config when running in a pod, else a kubeconfig
+    (``kubeconfig``, ``$KUBECONFIG`` or ``~/.kube/config``)."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+def list_all(list_fn: Callable[..., Any]) -> tuple[list[Any], str]:
+    """Every object of a kind (following ``continue`` pages) and the list's resourceVersion."""
+    items: list[Any] = []
+    token = None
+    while True:
+        resp = list_fn(limit=PAGE_SIZE, _continue=token, _preload_content=False,
+                       _request_timeout=(CONNECT_TIMEOUT, LIST_TIMEOUT))
+        doc = json.loads(resp.data)
+        items.extend(doc.get("items") or [])
+        meta = doc.get("metadata") or {}
+        token = meta.get("continue")
+        if not token:
+            return items, str(meta.get("resourceVersion", ""))
+
+
+def brief(exc: Exception) -> str:
+    """One line for a log: the client's ApiException prints headers and body on many lines,
+    urllib3 wraps a refused connection in three layers of text. A 401/403 says what to check."""
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message") or ""
+        except (ValueError, AttributeError):
+            message = ""
+        hint = {401: " (check the token / kubeconfig)",
+                403: " (check the ClusterRoles of scripts/k8s/rbac.yaml are applied and bound "
+                     "to this ServiceAccount)"}.get(exc.status or 0, "")
+        return f"HTTP {exc.status} {exc.reason}{': ' + message if message else ''}{hint}"
+    return f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
