@@ -240,3 +240,38 @@ def test_progress_counts_pods_and_names_the_laggards():
     assert (got.pods, got.ready, got.done) == (5, 4, False)
     assert got.lagging == [f"n2: 1/2 pods (1 on {old})", "d: report unreadable"]
     assert progress(reports[:1] + reports[2:3], NS, want).done
+
+
+# ---- the manifests --------------------------------------------------------------------------
+
+def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_command():
+    import argparse
+    from pathlib import Path
+
+    yaml = pytest.importorskip("yaml")
+    from tencrypt.keyrotate import add_arguments
+
+    k8s = Path(__file__).resolve().parents[2] / "scripts" / "k8s"
+    docs = [d for d in yaml.safe_load_all((k8s / "optional" / "key-rotation-cronjob.yaml")
+                                          .read_text()) if d]
+    assert "optional" not in (k8s / "kustomization.yaml").read_text()  # never by default
+    rules = [(d["kind"], d["metadata"].get("namespace"), r) for d in docs
+             if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
+    assert rules == [
+        ("ClusterRole", None, {"apiGroups": [""], "resources": ["secrets"],
+                               "resourceNames": ["tencrypt"], "verbs": ["get", "update"]}),
+        ("Role", "tencrypt-system", {"apiGroups": [""], "resources": ["configmaps"],
+                                     "verbs": ["list"]})]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]  # never a ClusterRoleBinding
+    assert {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings} == {
+        ("tencrypt-system", "tencrypt-key-rotator-reports"), ("shop", "tencrypt-key-rotator")}
+    [job] = [d for d in docs if d["kind"] == "CronJob"]
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["serviceAccountName"] == "tencrypt-key-rotator"
+    assert container["command"] == ["tencrypt", "key", "rotate"]
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="c")
+    add_arguments(sub.add_parser("key"))
+    args = parser.parse_args(["key", "rotate", *container["args"]])
+    assert args.namespace == "shop" and args.all and args.grace > 180
