@@ -86,7 +86,7 @@ from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
 from tencrypt.linux.effects import EffectApplier, Kernel
 from tencrypt.linux.inbound import InboundGate
-from tencrypt.linux.keyfile import KeyFile, describe, write_loaded
+from tencrypt.linux.keyfile import LOADED_FILE, KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
 from tencrypt.logutil import RateLimitedLog
 from tencrypt.ports import Ports, RawSocket, Resolver, open_ports
@@ -582,6 +582,7 @@ async def serve(args: argparse.Namespace) -> int:
             server.close()
         await proxy.stop()
         pid_file.unlink(missing_ok=True)
+        (state_dir / LOADED_FILE).unlink(missing_ok=True)  # no proxy: no ring loaded
     log.info("stopped; counters: %s", proxy.stats.counters)
     return 0
 
