@@ -520,6 +520,7 @@ class Proxy:
             "members": len(self.members.loaded.addresses)
             if self.members and self.members.loaded else 0,
             "held_destinations": len(self.held),
+            "key_mismatch_sources": len(self.tunnel.key_mismatch),
         }
         for name, packets in self.effects.firewall_counters.items():
             gauges[f"firewall_{name}_packets"] = packets

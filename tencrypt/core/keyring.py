@@ -117,3 +117,30 @@ def render_key_metrics(keys: list[dict[str, object]], prefix: str = "tencrypt") 
     lines += [f'{prefix}_key_handshakes_total{{fingerprint="{r["fingerprint"]}"}} '
               f'{r["handshakes"]}' for r in keys]
     return "\n".join(lines) + "\n"
+
+
+class KeyMismatches:
+    """Members of the project whose initiations carry no valid mac1 under any key of the ring:
+    most likely pods that missed a rotation phase (a forged datagram from a member's address
+    looks the same, which is why this is a counter and a list, never a decision). Bounded at
+    ``limit`` sources; a source leaves once a handshake with it completes (``clear``)."""
+
+    __slots__ = ("limit", "_by_source")
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._by_source: dict[str, int] = {}
+
+    def note(self, source: str) -> None:
+        if source in self._by_source or len(self._by_source) < self.limit:
+            self._by_source[source] = self._by_source.get(source, 0) + 1
+
+    def clear(self, source: str) -> None:
+        self._by_source.pop(source, None)
+
+    def describe(self) -> list[dict[str, object]]:
+        """``/status``'s ``key_mismatch``: each such source and its refused initiations."""
+        return [{"source": src, "refused": n} for src, n in sorted(self._by_source.items())]
+
+    def __len__(self) -> int:
+        return len(self._by_source)

@@ -46,7 +46,10 @@ Rules:
    the key of the initiation it answers (else BAD_MAC). ``set_ring`` replaces the ring at run
    time and touches no session: each keeps the key it was made with until its normal
    re-key, which uses the new ``current``. Sessions and completed handshakes are counted per
-   key fingerprint (``status()["keys"]``).
+   key fingerprint (``status()["keys"]``). A member of the project (per the ClaimPolicy)
+   whose initiation fails mac1 under every key is counted (``handshakes_wrong_key``) and
+   listed in ``status()["key_mismatch"]`` until a handshake with it completes: a pod that
+   missed a rotation phase is refused (fail closed) and visible.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from tencrypt.core.identity import (
     live_elsewhere,
     response_name,
 )
-from tencrypt.core.keyring import KeyRing, describe_keys
+from tencrypt.core.keyring import KeyMismatches, KeyRing, describe_keys
 from tencrypt.core.peer import (
     Endpoint,
     Limits,
@@ -117,6 +120,7 @@ class Tunnel:
         self._transmits: list[tuple[bytes, Endpoint]] = []
         self._last_stamp_ns = 0
         self.handshakes_by_key: dict[str, int] = {}  # fingerprint -> sessions made with it
+        self.key_mismatch = KeyMismatches()
 
     # ---- what the shell calls ---------------------------------------------------------------
     def send(self, dst_ip: str, packet: Buffer, now: float,
@@ -230,7 +234,7 @@ class Tunnel:
         """Peers, their sessions (age, confirmed, packets sent, key) and totals, and the keys,
         JSON-serialisable: the tunnel's part of ``/status`` (tencrypt/status.py prints it)."""
         return {"pod_ip": self.pod_ip, **describe(self.table, now, self.limits),
-                "keys": self.key_status()}
+                "keys": self.key_status(), "key_mismatch": self.key_mismatch.describe()}
 
     # ---- receive: data ----------------------------------------------------------------------
     def _on_data(self, datagram: Buffer, addr: Endpoint,
@@ -301,6 +305,10 @@ class Tunnel:
         init = self._gate.initiation(datagram, addr[0], now, wall)
         if isinstance(init, DropReason):
             self.stats.drop(init)
+            if (init is DropReason.BAD_MAC and self._identity is not None
+                    and self._identity.is_member(addr[0])):  # rule 10: a pod a phase behind?
+                self.stats.inc("handshakes_wrong_key")
+                self.key_mismatch.note(addr[0])
             return
         claimed = self._peer_ip(init.pod_ip)
         if claimed is None:
@@ -341,6 +349,7 @@ class Tunnel:
             self.table.forget(peer.next)
         peer.next = s
         self._transmits.append((datagram_out, addr))
+        self.key_mismatch.clear(addr[0])
         self.stats.inc("handshakes_responded")
 
     def _on_response(self, datagram: Buffer, addr: Endpoint,
@@ -389,6 +398,7 @@ class Tunnel:
         self.table.install(peer, s)
         peer.endpoint = addr
         peer.confirmed = True  # rule 9: the response proved the keys
+        self.key_mismatch.clear(addr[0])
         self.stats.inc("handshakes_completed")
         if pending.rekey:
             self.stats.inc("rekeys")

@@ -226,8 +226,15 @@ def test_a_pod_that_missed_the_rotation_is_refused_until_it_catches_up(rlab, cap
     doc = status(lab, "stale")
     assert ring(doc) == [("current", FP1)]
     assert not any(p["up"] for p in doc["peers"]) and doc["totals"]["handshakes_pending"] >= 1
+    # each side names the other as a member on a key it does not hold (strict: refused)
+    stale_ip, n2_ip = lab.pod("stale").ip, lab.pod("nginx2").ip
+    assert [r["source"] for r in status(lab, "nginx2")["key_mismatch"]] == [stale_ip]
+    assert [r["source"] for r in doc["key_mismatch"]] == [n2_ip]
+    assert after["nginx2"]["tencrypt_handshakes_wrong_key_total"] >= 1
+    assert after["nginx2"]["tencrypt_key_mismatch_sources"] == 1
     # caught up: the agent writes the new ring, the same proxy loads it and is let in
     pid = proxy_pid(lab, lab.pod("stale"))
     load(lab, "stale", KeySet(K2))
     ok = lab.exec("stale", ["curl", "-sS", "--max-time", "10", url], check=False, timeout=30)
     assert ok.returncode == 0 and proxy_pid(lab, lab.pod("stale")) == pid
+    assert status(lab, "nginx2")["key_mismatch"] == []  # caught up: no longer listed

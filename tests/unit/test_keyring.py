@@ -286,3 +286,37 @@ def test_status_shows_each_key_and_the_sessions_on_it():
         {"role": "next", "fingerprint": fingerprint(K2), "sessions": 0, "handshakes": 0}]
     peer = net.pods[A].status(net.now)["peers"][0]
     assert peer["sessions"][0]["key"] == fingerprint(K1)
+
+
+# ---- a pod that missed a phase -----------------------------------------------------------------
+
+def test_a_member_a_phase_behind_is_refused_counted_and_listed_until_it_catches_up():
+    from tencrypt.core.identity import ClaimPolicy
+
+    members = {A, B}
+    net = Net()
+    net.add(A, keys=ring("P0"))  # missed add-next and promote
+    b = net.add(B, keys=ring("P3"), identity=ClaimPolicy(
+        ("10.0.0.0/24",), "172.30.0.0/16", B, is_member=lambda ip: ip in members))
+    net.send(A, B, ipv4(A, B, b"stale"))
+    net.pump()
+    assert net.delivered[B] == [] and b.stats.get("handshakes_wrong_key") == 1
+    assert b.status(net.now)["key_mismatch"] == [{"source": A, "refused": 1}]
+    forged = bytearray(net.wire[0][0])
+    b.receive(bytes(forged), ("10.0.0.77", 1337), net.now, net.wall)  # not a member: only
+    assert b.stats.get("handshakes_wrong_key") == 1  # a bad_mac drop
+    assert b.stats.dropped(DropReason.BAD_MAC) == 2
+    net.pods[A].set_ring(ring("P2", net.pods[A].ring))  # the agent catches it up
+    net.advance(FAST.rekey_timeout)  # the retry goes out under the new current key
+    assert net.delivered[B] == [ipv4(A, B, b"stale")]
+    assert b.status(net.now)["key_mismatch"] == [] and len(b.key_mismatch) == 0
+
+
+def test_the_mismatch_list_is_bounded():
+    from tencrypt.core.keyring import KeyMismatches
+
+    seen = KeyMismatches(limit=2)
+    for src in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"):
+        seen.note(src)
+    assert seen.describe() == [{"source": "10.0.0.1", "refused": 2},
+                               {"source": "10.0.0.2", "refused": 1}]
