@@ -88,6 +88,7 @@ from tencrypt.linux.effects import EffectApplier, Kernel
 from tencrypt.linux.inbound import InboundGate
 from tencrypt.linux.keyfile import LOADED_FILE, KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
+from tencrypt.linux.tun import READ_SIZE
 from tencrypt.logutil import RateLimitedLog
 from tencrypt.ports import Ports, RawSocket, Resolver, open_ports
 
@@ -126,7 +127,7 @@ class Proxy:
         self.loaded_dir: Path | None = None  # where to record the ring loaded (the agent reads)
         self.clock, self.wall = clock, wall
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
-        self.read_buffer = bytearray(65536 + VNET_HDR_LEN + 256)  # reused by every tenc0 read
+        self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
         self.read_view = memoryview(self.read_buffer)
         self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
         self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port,

@@ -33,7 +33,7 @@ from tencrypt.linux.nfqueue import NfQueue
 from tencrypt.logutil import RateLimitedLog
 
 log = logging.getLogger("tencrypt.inbound")
-QUEUE_NUM = 1337  # queues are per network namespace: any fixed number will do
+QUEUE_NUM = 42  # queues are per network namespace: any fixed number will do
 HOLD_PER_SOURCE = 16
 HOLD_TOTAL = 1024
 

@@ -222,6 +222,37 @@ def test_standalone_an_unpatched_member_is_refused_after_a_reverse_lookup(lab, c
     assert cake.ip not in firewall_set(lab, "nginx1", "project4")
 
 
+@pytest.mark.parametrize("members", [True, False], ids=["membership", "standalone"])
+def test_a_stopped_proxy_leaves_the_firewall_and_a_restarted_one_adopts_it(lab, capture,
+                                                                          members):
+    """No plaintext window around a proxy restart: the rules stay when it stops (its /32s go,
+    so a member's pod IP takes eth0, where the firewall refuses it), and the next proxy starts
+    from what is in the sets."""
+    patched(lab, members, "nginx1", "nginx2")
+    n2 = lab.pod("nginx2")
+    assert curl(lab, "nginx1", "http://nginx2:8080/", MARKER + "-before").returncode == 0
+    netns.wait_for(lambda: n2.vip in firewall_set(lab, "nginx1", "project4"),
+                   what="the VIP in the firewall")
+    before = set(firewall_set(lab, "nginx1", "project4"))
+    pid = proxy_pid(lab, lab.pod("nginx1"))
+    os.kill(pid, signal.SIGTERM)
+    netns.wait_for(lambda: proxy_pid(lab, lab.pod("nginx1")) is None, what="the proxy to stop")
+    node_ns, iface = bridge(lab)
+    with capture(node_ns, iface, "not port 53") as cap:
+        lab.exec("nginx1", [sys.executable, "-c", UDP_SENDER, n2.vip, "10"])
+        if members:  # standalone, nothing named nginx2's pod IP: a documented residual
+            assert "eth0" in lab.exec("nginx1", ["ip", "route", "get", n2.ip]).stdout
+            lab.exec("nginx1", [sys.executable, "-c", UDP_SENDER, n2.ip, "10"])
+        stopped = curl(lab, "nginx1", f"http://{n2.vip}:8080/", MARKER + "-stopped", timeout=3)
+    assert stopped.returncode != 0 and MARKER.encode() not in cap.data
+    assert set(firewall_set(lab, "nginx1", "project4")) == before
+    lab.patch("nginx1", members=members)  # setup again (idempotent) and a new proxy
+    assert set(firewall_set(lab, "nginx1", "project4")) >= before
+    with capture(node_ns, iface, "not port 53") as cap:
+        after = curl(lab, "nginx1", f"http://{n2.vip}:8080/", MARKER + "-after")
+    assert after.returncode == 0 and MARKER.encode() not in cap.data
+
+
 # -- 5. dual stack: AAAA answers -------------------------------------------------------------
 
 def test_aaaa_answers_break_nothing_and_never_open_the_clear(lab, capture):

@@ -53,8 +53,6 @@ def test_wheel_has_no_tests_or_bench(wheel_names: list[str]) -> None:
                 or any(x.startswith("test_") for x in p)]
 
 
-@pytest.mark.xfail(strict=True, reason="tencrypt/nodesync/fakeapi.py moves to tests/ (issue #12, "
-                                       "another branch); remove this marker after that merge")
 def test_wheel_has_no_test_doubles(wheel_names: list[str]) -> None:
     fakes = [n for n in wheel_names
              if any(p.startswith(("fake", "mock", "stub")) for p in PurePosixPath(n).parts)]
