@@ -100,8 +100,9 @@ _DEFAULT_LIMITS = Limits()
 class Tunnel:
     """All sessions and peers of one pod's proxy. See the module rules."""
 
-    def __init__(self, psk: bytes | KeyRing, pod_ip: str, stats: Stats, limits: Limits = _DEFAULT_LIMITS,
-                 port: int = TUNNEL_PORT, rng: Callable[[int], bytes] = secrets.token_bytes,
+    def __init__(self, psk: bytes | KeyRing, pod_ip: str, stats: Stats,
+                 limits: Limits = _DEFAULT_LIMITS, port: int = TUNNEL_PORT,
+                 rng: Callable[[int], bytes] = secrets.token_bytes,
                  keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
                  identity: ClaimPolicy | None = None) -> None:
         """``psk``: the key ring (rule 10), or one project key as a ring of one.

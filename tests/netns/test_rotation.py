@@ -190,8 +190,9 @@ def _print_figures(intervals, events, rr_result) -> None:
     rates = [r for _, r, _ in intervals]
     marks = {round(t): name for t, name in events}
     print("\niperf3 through the rotation (Mbit/s per second; phases marked):")
-    print("  " + "  ".join(f"{t:.0f}s:{r:.0f}{'[' + marks[round(t)] + ']' if round(t) in marks else ''}"
-                           f"{'(re' + str(x) + ')' if x else ''}" for t, r, x in intervals))
+    cells = [f"{t:.0f}s:{r:.0f}" + (f"[{marks[round(t)]}]" if round(t) in marks else "")
+             + (f"(re{x})" if x else "") for t, r, x in intervals]
+    print("  " + "  ".join(cells))
     print(f"  median {statistics.median(rates):.0f}, min {min(rates):.0f}, max {max(rates):.0f} "
           f"Mbit/s; phases at " + ", ".join(f"{name} {t:.1f}s" for t, name in events))
     print(f"request/response: {rr_result['ok']} round trips, worst {rr_result['worst'] * 1e3:.0f}"

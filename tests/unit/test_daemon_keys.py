@@ -63,7 +63,8 @@ def test_a_new_ring_is_applied_without_a_restart_and_the_next_rekey_uses_it(tmp_
         assert [p[-5:] for p in b.inject.sent] == [b"first", b"econd", b"third"]
         assert tunnel.table.by_addr[VIP_B].current.key == fingerprint(K2)
         metrics = a.proxy.render_metrics()
-        assert f'tencrypt_key_sessions{{fingerprint="{fingerprint(K2)}",role="current"}} 1' in metrics
+        fp2 = fingerprint(K2)
+        assert f'tencrypt_key_sessions{{fingerprint="{fp2}",role="current"}} 1' in metrics
         assert f'tencrypt_key_handshakes_total{{fingerprint="{fingerprint(K2)}"}} 1' in metrics
         assert "tencrypt_key_reloads_total 2" in metrics
     asyncio.run(main())

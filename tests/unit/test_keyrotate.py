@@ -92,7 +92,8 @@ def api():
     server.stop()
 
 
-def rotator(api: WritableApiServer, agents: FakeAgents, tmp_path, **kw) -> tuple[Rotator, io.StringIO]:
+def rotator(api: WritableApiServer, agents: FakeAgents, tmp_path,
+            **kw) -> tuple[Rotator, io.StringIO]:
     out = io.StringIO()
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     core = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
@@ -220,7 +221,8 @@ def test_secret_data_round_trips_and_bad_data_is_named_not_echoed():
     with pytest.raises(UsageError, match="has no PROJECT_PSK"):
         secret_keys({"PROJECT_PSK_NEXT": data["PROJECT_PSK_NEXT"]})
     with pytest.raises(UsageError, match="same key"):
-        secret_keys({"PROJECT_PSK": data["PROJECT_PSK"], "PROJECT_PSK_PREVIOUS": data["PROJECT_PSK"]})
+        secret_keys({"PROJECT_PSK": data["PROJECT_PSK"],
+                     "PROJECT_PSK_PREVIOUS": data["PROJECT_PSK"]})
     with pytest.raises(UsageError, match="not valid Secret data"):
         secret_keys({"PROJECT_PSK": "%%%"})
 
