@@ -7,7 +7,8 @@ rules):
 
  1. read Secret ``tencrypt`` of ``--namespace``; the phases to run: ``--phase`` one of them,
     or (``--all``, the default) what finishes the rotation in progress, or all three of a new
-    one (``rotation.plan``);
+    one (``rotation.plan``); with no agent report at all there is nothing to wait on, and the
+    run stops before it changes anything;
  2. per phase: before DROP_PREVIOUS, wait out the grace time since PROMOTE was loaded
     everywhere (from this run, or the Secret's annotations); write the new ring into the Secret
     (with its resourceVersion: a concurrent change is a clear error, never overwritten), with
@@ -105,6 +106,11 @@ class Rotator:
         self.say(f"{self.namespace}: Secret {SECRET_NAME} holds {label(keys)}")
         phases = [only] if only is not None else plan(keys)
         self.say("phases: " + " -> ".join(ph.value for ph in phases))
+        if not self.reports():  # nothing to wait on: a phase could strand pods, refuse
+            raise RotationError(
+                f"no agent key reports in {self.agent_namespace} (ConfigMaps labelled "
+                f"{'='.join(REPORT_LABEL)}): are the agents running, with their report (Role "
+                "tencrypt-agent-key-report, --report-namespace)? Nothing was changed.")
         for phase in phases:
             if phase is Phase.DROP_PREVIOUS:
                 self.wait_grace(secret)

@@ -176,6 +176,15 @@ def test_a_concurrent_change_is_a_conflict_never_overwritten(api, tmp_path):
     assert secret_keys(api.get("Secret", NS, "tencrypt")["data"]) == KeySet(K3)
 
 
+def test_without_any_agent_report_nothing_is_changed(api, tmp_path):
+    api.put(secret(KeySet(K1)))
+    agents = FakeAgents(api, {})
+    r, _ = rotator(api, agents, tmp_path)
+    with pytest.raises(RotationError, match="no agent key reports in tencrypt-system"):
+        r.run()
+    assert api.writes == []
+
+
 def test_missing_rights_are_explained(api, tmp_path):
     api.put(secret(KeySet(K1)))
     agents = FakeAgents(api, {"node-1": 0})
