@@ -286,3 +286,16 @@ def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_com
     add_arguments(sub.add_parser("key"))
     args = parser.parse_args(["key", "rotate", *container["args"]])
     assert args.namespace == "shop" and args.all and args.grace > 180
+
+
+def test_the_command_line_runs_a_phase_with_a_kubeconfig(api, tmp_path, capsys):
+    from tencrypt.cli import main
+
+    api.put(secret(KeySet(K2, previous=K1)))
+    api.put(report("node-1", 1, {ring_label(KeySet(K2).fingerprints()): 1}))
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    assert main(["key", "rotate", "-n", NS, "--phase", "drop-previous", "--grace", "0",
+                 "--kubeconfig", str(kubeconfig)]) == 0
+    assert f"done: {NS} runs on current {fingerprint(K2)}" in capsys.readouterr().out
+    assert secret_keys(api.get("Secret", NS, "tencrypt")["data"]) == KeySet(K2)
+    assert main(["key", "rotate", "-n", NS, "--grace", "-1"]) == 2  # a usage error
