@@ -82,7 +82,7 @@ from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.policy import Guard, Verdict, decide
 from tencrypt.core.psk import KeySet, parse_psk
 from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
-from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
+from tencrypt.core.stats import Counter, DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
 from tencrypt.linux.effects import EffectApplier, Kernel
 from tencrypt.linux.inbound import InboundGate
@@ -255,7 +255,7 @@ class Proxy:
             return
         dst = _dst(frame[VNET_HDR_LEN:])
         segments = split_tcp_batch(frame, self.stats, self.split_buffer)
-        self.stats.inc("super_packets_split")
+        self.stats.inc(Counter.SUPER_PACKETS_SPLIT)
         self._dispatch(dst, segments, now, wall)
 
     def _too_big(self, buf: bytearray | memoryview, mtu: int) -> None:
@@ -279,9 +279,9 @@ class Proxy:
             self.tunnel.send_batch(dst, packets, now, wall)
         elif verdict is Verdict.CLEAR:
             if cls is AddrClass.INTERNAL:
-                self.stats.inc("packets_plaintext_fallback", len(packets))
+                self.stats.inc(Counter.PACKETS_PLAINTEXT_FALLBACK, len(packets))
             else:
-                self.stats.inc("packets_bypassed", len(packets))
+                self.stats.inc(Counter.PACKETS_BYPASSED, len(packets))
             for pkt in packets:
                 self._send_raw(self.ports.bypass, pkt)
         elif verdict is Verdict.HOLD:
@@ -393,7 +393,7 @@ class Proxy:
                 log.warning("writing to %s refused (%s): injecting through the raw socket",
                             self.config.tun, exc)
                 self.inject_via_tun = False
-                self.stats.inc("tun_inject_errors")
+                self.stats.inc(Counter.TUN_INJECT_ERRORS)
 
     # ---- shared --------------------------------------------------------------------------
     def _send_raw(self, sock: RawSocket, buf: bytes | bytearray | memoryview) -> None:
@@ -411,7 +411,7 @@ class Proxy:
                 self.ratelog.warn("udp-send-" + str(exc.errno), "tunnel send failed: %s", exc)
                 sent = 0
             if sent < len(transmits):
-                self.stats.inc("datagrams_send_dropped", len(transmits) - sent)
+                self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, len(transmits) - sent)
         if self.tunnel.table.events:
             self._on_peer_events(self.clock())
 
@@ -430,13 +430,13 @@ class Proxy:
 
     def _on_unreachable(self, addresses: Sequence[str], now: float) -> None:
         if self.strict:
-            self.stats.inc("peers_unreachable")
+            self.stats.inc(Counter.PEERS_UNREACHABLE)
             self.ratelog.warn("unreachable", "no tencrypt proxy answers at %s: its packets are "
                               "dropped (strict mode never sends them in the clear)",
                               ", ".join(addresses))
             return
         for address in addresses:
-            self.stats.inc("plaintext_fallback")
+            self.stats.inc(Counter.PLAINTEXT_FALLBACK)
             log.warning("no tencrypt proxy answers at %s within %.0f s: --no-strict, so its "
                         "traffic goes in the CLEAR for %.0f s", address,
                         self.tunnel.limits.handshake_give_up, PLAINTEXT_FOR)
@@ -446,7 +446,7 @@ class Proxy:
         """Every change of a class: wanted routes and firewall elements, applied by the
         effects task (never here: this runs inside DNS and packet callbacks)."""
         for conflict in self.table.pop_conflicts():
-            self.stats.inc("classification_conflicts")
+            self.stats.inc(Counter.CLASSIFICATION_CONFLICTS)
             self.ratelog.warn("conflict-" + conflict.ip, "%s is %s by trusted evidence, but an "
                               "answer calls it %s: kept %s (a tenant's alias, a forged answer or "
                               "a misconfiguration)", conflict.ip, conflict.held.value,
@@ -474,7 +474,7 @@ class Proxy:
                  describe(keys))
 
     def _apply_members(self, members: Members, now: float) -> None:
-        self.stats.inc("membership_loads")
+        self.stats.inc(Counter.MEMBERSHIP_LOADS)
         log.info("membership of project %s, generation %d: %d pod IPs, %d Service IPs",
                  members.project, members.generation, len(members.pods), len(members.services))
         self._on_changes(self.table.set_members(members.addresses, now))

@@ -32,6 +32,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from tencrypt.core.stats import Counter
 from tencrypt.errors import UsageError
 from tencrypt.linux.metrics import parse_address
 
@@ -74,7 +75,7 @@ def fetch(address: str) -> dict[str, Any]:
 def render(doc: dict[str, Any], out: TextIO) -> None:
     """The document, readably: warnings, totals, peers and sessions, classes, drops."""
     counters: dict[str, int] = doc.get("counters") or {}
-    fallback = counters.get("plaintext_fallback", 0)
+    fallback = counters.get(Counter.PLAINTEXT_FALLBACK, 0)
     if fallback:
         print(f"WARNING: {fallback} packets to this project's pods went in the clear "
               "(--no-strict fallback: no proxy answered)", file=out)
@@ -83,7 +84,8 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
               f"proxy does not hold: {row.get('refused', 0)} handshakes refused (a pod that "
               "missed a key rotation phase?)", file=out)
     totals = doc.get("totals") or {}
-    mode = {True: "strict", False: "not strict"}.get(doc.get("strict"), "")
+    strict = doc.get("strict")
+    mode = "strict" if strict is True else "not strict" if strict is False else ""
     print(f"pod {doc.get('pod_ip', '?')}{' (' + mode + ')' if mode else ''}: "
           f"{totals.get('peers', 0)} peers ({totals.get('peers_up', 0)} up), "
           f"{totals.get('sessions', 0)} sessions, {totals.get('handshakes_pending', 0)} "

@@ -60,7 +60,7 @@ from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox,
 from tencrypt.agent.report import KeyReporter
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.kube.reflector import Changed, Listed, Reflector
 from tencrypt.linux.keyfile import describe
 
@@ -191,7 +191,7 @@ class Agent:
                 if key.reason != state.problem:
                     log.error("project %s: %s; %s", project, key.reason,
                               "keeping its last key" if state.key_id else "its pods wait")
-                    self.stats.inc("agent_key_problems")
+                    self.stats.inc(Counter.AGENT_KEY_PROBLEMS)
                 state.problem = key.reason
                 continue
             kid = key_id(key)
@@ -247,7 +247,7 @@ class Agent:
                 continue
             if not self.supervisor.write_members(f"{entry.namespace}/{entry.name}",
                                                  entry.sandbox, self.members_of(entry.namespace)):
-                self.stats.inc("agent_members_write_failed")
+                self.stats.inc(Counter.AGENT_MEMBERS_WRITE_FAILED)
 
     def members_of(self, project: str) -> ProjectMembers:
         """``MemberView.of``, computed once per version of the project."""

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.kube.objects import EventType
 
 FINISHED_PHASES = ("Succeeded", "Failed")
@@ -121,7 +121,7 @@ class MemberView:
     def _on_event(self, table: dict[str, dict[str, frozenset[str]]], event: EventType,
                   parsed: Named | None) -> None:
         if parsed is None:
-            self.stats.inc("agent_bad_object")
+            self.stats.inc(Counter.AGENT_BAD_OBJECT)
             return
         ns, name, ips = parsed
         names = table.setdefault(ns, {})
@@ -144,7 +144,7 @@ class MemberView:
         for obj in objs:
             parsed = parse(obj)
             if parsed is None:
-                self.stats.inc("agent_bad_object")
+                self.stats.inc(Counter.AGENT_BAD_OBJECT)
             elif parsed[2]:
                 table.setdefault(parsed[0], {})[parsed[1]] = parsed[2]
         for ns in set(old) | set(table):

@@ -27,7 +27,7 @@ Rules:
   base64 (as every Secret value) of the 44-character base64 text ``openssl rand -base64 32``
   prints. ``parse_secret_key`` returns the ring (``KeySet``) or a ``BadKey`` whose reason
   never quotes a key.
-- A malformed object is counted (``Stats.inc("agent_bad_object")``) and ignored, never raised.
+- A malformed object is counted (``Stats.inc(Counter.AGENT_BAD_OBJECT)``) and ignored, never raised.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 from tencrypt.core.psk import KeySet
 from tencrypt.core.rotation import SECRET_KEYS, SECRET_NAME, secret_keys
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import UsageError
 from tencrypt.kube.objects import ENABLED_LABEL, EventType
 
@@ -166,8 +166,10 @@ class NodeView:
 
     def replace(self, kind: AgentKind, items: list[Any]) -> None:
         """A fresh list of ``kind``: forget what was known of it, then add every item."""
-        {AgentKind.POD: self.pods, AgentKind.NAMESPACE: self.namespaces,
-         AgentKind.SECRET: self.keys}[kind].clear()
+        known: dict[AgentKind, dict[str, Any]] = {
+            AgentKind.POD: self.pods, AgentKind.NAMESPACE: self.namespaces,
+            AgentKind.SECRET: self.keys}
+        known[kind].clear()
         for obj in items:
             self.on_event(kind, EventType.ADDED, obj)
 
@@ -180,8 +182,9 @@ class NodeView:
         if kind is AgentKind.SECRET:
             meta = obj.get("metadata") if isinstance(obj, dict) else None
             ns = meta.get("namespace") if isinstance(meta, dict) else None
-            if not isinstance(ns, str) or meta.get("name") != SECRET_NAME:
-                self.stats.inc("agent_bad_object")
+            if not isinstance(meta, dict) or not isinstance(ns, str) \
+                    or meta.get("name") != SECRET_NAME:
+                self.stats.inc(Counter.AGENT_BAD_OBJECT)
             elif event is EventType.DELETED:
                 self.keys.pop(ns, None)
             else:
@@ -190,7 +193,7 @@ class NodeView:
         if kind is AgentKind.NAMESPACE:
             parsed = parse_namespace(obj)
             if parsed is None:
-                self.stats.inc("agent_bad_object")
+                self.stats.inc(Counter.AGENT_BAD_OBJECT)
             elif event is EventType.DELETED:
                 self.namespaces.pop(parsed[0], None)
             else:
@@ -198,7 +201,7 @@ class NodeView:
             return
         pod = parse_pod(obj)
         if pod is None:
-            self.stats.inc("agent_bad_object")
+            self.stats.inc(Counter.AGENT_BAD_OBJECT)
         elif event is EventType.DELETED or pod.node != self.node:
             self.pods.pop(pod.uid, None)
         else:

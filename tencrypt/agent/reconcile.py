@@ -37,7 +37,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,14 +138,14 @@ class Reconciler:
 
     def on_adopted(self, want: Want, phase: Phase, now: float) -> None:
         self.entries[want.uid] = Entry.of(want, phase, now)
-        self.stats.inc("agent_proxies_found_dead" if phase is Phase.DEAD
-                       else "agent_proxies_adopted")
+        self.stats.inc(Counter.AGENT_PROXIES_FOUND_DEAD if phase is Phase.DEAD
+                       else Counter.AGENT_PROXIES_ADOPTED)
 
     def on_started(self, want: Want, now: float) -> None:
         old = self.entries.get(want.uid)
         self.entries[want.uid] = Entry.of(want, Phase.STARTING, now,
                                           failures=old.failures if old else 0)
-        self.stats.inc("agent_proxy_starts")
+        self.stats.inc(Counter.AGENT_PROXY_STARTS)
 
     def on_ready(self, uid: str, now: float) -> None:
         entry = self.entries.get(uid)
@@ -162,11 +162,11 @@ class Reconciler:
         entry.failures += 1
         entry.phase, entry.since = Phase.DEAD, now
         entry.retry_at = now + self.policy.delay(entry.failures)
-        self.stats.inc("agent_proxy_exits")
+        self.stats.inc(Counter.AGENT_PROXY_EXITS)
 
     def on_stopped(self, uid: str) -> None:
         if self.entries.pop(uid, None) is not None:
-            self.stats.inc("agent_proxy_stops")
+            self.stats.inc(Counter.AGENT_PROXY_STOPS)
 
     # -- what the shell should do ----------------------------------------------------------
 

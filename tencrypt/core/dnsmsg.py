@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from dnslib import RCODE, DNSError, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.label import DNSBuffer
 
-from tencrypt.core.stats import DropReason, Stats
+from tencrypt.core.stats import Counter, DropReason, Stats
 
 HEADER_LEN = 12  # RFC 1035 §4.1.1
 MAX_QUERY = 4096  # a one-question query with EDNS options is far below this
@@ -183,7 +183,7 @@ class PendingTable:
                                 build_error(parsed.header, parsed.question, RCODE.SERVFAIL))
         self._by_id[upstream_id] = Pending(client, parsed.header.id, parsed.header,
                                            parsed.question, now + self.timeout)
-        self.stats.inc("dns_queries")
+        self.stats.inc(Counter.DNS_QUERIES)
         return QueryOutcome(QueryVerdict.FORWARD, rewrite_id(data, upstream_id))
 
     def on_answer(self, data: bytes) -> Answered | None:
@@ -209,7 +209,7 @@ class PendingTable:
             self.stats.drop(DropReason.DNS_MALFORMED_ANSWER)
             return Answered(pending.client,
                             build_error(pending.header, pending.question, RCODE.SERVFAIL), None)
-        self.stats.inc("dns_answers")
+        self.stats.inc(Counter.DNS_ANSWERS)
         return Answered(pending.client, rewrite_id(data, pending.client_id), parsed.record)
 
     def on_timer(self, now: float) -> list[tuple[object, bytes]]:

@@ -71,7 +71,7 @@ from tencrypt.core.packet import (
     rewrite_addr,
     rewrite_icmp_quote,
 )
-from tencrypt.core.stats import DropReason, Stats
+from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.errors import UsageError
 
 FlowKey = tuple[int, int, int, int]
@@ -208,7 +208,7 @@ class FlowTable:
         while frags and now - next(iter(frags.values()))[1] >= FRAG_TIMEOUT:
             frags.popitem(last=False)
         if removed:
-            self._stats.inc("nat_flows_expired", removed)
+            self._stats.inc(Counter.NAT_FLOWS_EXPIRED, removed)
         return removed
 
     # --- inbound helpers ----------------------------------------------------------------------
@@ -234,7 +234,7 @@ class FlowTable:
             if flow.queue == _TCP_OPEN:
                 self._stats.drop(DropReason.NAT_CONFLICT)
                 return False
-            self._stats.inc("nat_vip_remapped")
+            self._stats.inc(Counter.NAT_VIP_REMAPPED)
             flow.vip = ip.dst
             flow.fins = 0
             self._touch(key, flow, queue, now)
@@ -292,7 +292,7 @@ class FlowTable:
         flow = self._flows.get(key)
         if flow is not None and now - flow.last_seen >= self._timeouts[flow.queue]:
             self._remove(key, flow)
-            self._stats.inc("nat_flows_expired")
+            self._stats.inc(Counter.NAT_FLOWS_EXPIRED)
             return None
         return flow
 
@@ -335,7 +335,7 @@ class FlowTable:
         self._flows[key] = flow
         self._queues[queue][key] = None
         self._owned[peer] = self._owned.get(peer, 0) + 1
-        self._stats.inc("nat_flows_created")
+        self._stats.inc(Counter.NAT_FLOWS_CREATED)
         return flow
 
     def _evict(self) -> None:
@@ -350,7 +350,7 @@ class FlowTable:
             key = min((k for k in candidates if k is not None),
                       key=lambda k: self._flows[k].last_seen)
         self._remove(key, self._flows[key])
-        self._stats.inc("nat_flows_evicted")
+        self._stats.inc(Counter.NAT_FLOWS_EVICTED)
 
     def _remove(self, key: FlowKey, flow: Flow) -> None:
         del self._flows[key]

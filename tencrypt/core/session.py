@@ -87,7 +87,7 @@ from tencrypt.core.peer import (
     drop_slot,
     usable,
 )
-from tencrypt.core.stats import DropReason, Stats
+from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.core.wire import Buffer
 
 __all__ = ["Limits", "PeerDown", "PeerEvent", "PeerUnreachable", "PeerUp", "Tunnel"]
@@ -171,8 +171,8 @@ class Tunnel:
         if peer.stale_due is None:
             peer.stale_due = now + limits.stale_timeout
         counters = self.stats.counters
-        counters["packets_sealed"] = counters.get("packets_sealed", 0) + n
-        counters["bytes_sealed"] = counters.get("bytes_sealed", 0) + nbytes
+        counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + n
+        counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + nbytes
         if peer.pending is None and (counter >= limits.rekey_after_messages
                                      or (s.initiator and now >= s.rekey_at)):
             self._initiate(peer, now, wall, rekey=True)
@@ -273,7 +273,7 @@ class Tunnel:
             self._initiate(peer, now, wall, rekey=True)
         n = len(packet)
         if n == 0:
-            stats.inc("keepalives_received")
+            stats.inc(Counter.KEEPALIVES_RECEIVED)
             return None
         if peer.keepalive_due is None:
             peer.keepalive_due = now + self.limits.keepalive_timeout
@@ -286,8 +286,8 @@ class Tunnel:
             stats.drop(DropReason.BAD_SOURCE)
             return None
         counters = stats.counters  # Stats.inc, inlined: two calls per packet are measurable
-        counters["packets_opened"] = counters.get("packets_opened", 0) + 1
-        counters["bytes_opened"] = counters.get("bytes_opened", 0) + n
+        counters[Counter.PACKETS_OPENED] = counters.get(Counter.PACKETS_OPENED, 0) + 1
+        counters[Counter.BYTES_OPENED] = counters.get(Counter.BYTES_OPENED, 0) + n
         return packet
 
     def _confirm(self, peer: Peer, s: Session, now: float) -> None:
@@ -308,7 +308,7 @@ class Tunnel:
             self.stats.drop(init)
             if (init is DropReason.BAD_MAC and self._identity is not None
                     and self._identity.is_member(addr[0])):  # rule 10: a pod a phase behind?
-                self.stats.inc("handshakes_wrong_key")
+                self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
                 self.key_mismatch.note(addr[0])
             return
         claimed = self._peer_ip(init.pod_ip)
@@ -351,7 +351,7 @@ class Tunnel:
         peer.next = s
         self._transmits.append((datagram_out, addr))
         self.key_mismatch.clear(addr[0])
-        self.stats.inc("handshakes_responded")
+        self.stats.inc(Counter.HANDSHAKES_RESPONDED)
 
     def _on_response(self, datagram: Buffer, addr: Endpoint,
                      now: float) -> None:
@@ -400,9 +400,9 @@ class Tunnel:
         peer.endpoint = addr
         peer.confirmed = True  # rule 9: the response proved the keys
         self.key_mismatch.clear(addr[0])
-        self.stats.inc("handshakes_completed")
+        self.stats.inc(Counter.HANDSHAKES_COMPLETED)
         if pending.rekey:
-            self.stats.inc("rekeys")
+            self.stats.inc(Counter.REKEYS)
         self.table.peer_up(peer)
         self._flush_queue(peer, now, keepalive=True)
 
@@ -489,8 +489,8 @@ class Tunnel:
         if peer.stale_due is None:
             peer.stale_due = now + self.limits.stale_timeout
         counters = self.stats.counters  # Stats.inc, inlined (hot path)
-        counters["packets_sealed"] = counters.get("packets_sealed", 0) + 1
-        counters["bytes_sealed"] = counters.get("bytes_sealed", 0) + len(packet)
+        counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + 1
+        counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + len(packet)
 
     def _send_keepalive(self, peer: Peer, now: float) -> None:
         s = peer.current
@@ -499,7 +499,7 @@ class Tunnel:
             (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint))
         s.send_counter += 1
         peer.keepalive_due = None
-        self.stats.inc("keepalives_sent")
+        self.stats.inc(Counter.KEEPALIVES_SENT)
 
     def _enqueue(self, peer: Peer, packet: Buffer) -> None:
         if len(peer.queue) >= self.limits.queue_limit:
@@ -539,7 +539,7 @@ class Tunnel:
         self.table.pending[index] = peer
         peer.stale_due = None
         self._transmits.append((datagram, peer.endpoint))
-        self.stats.inc("handshakes_initiated")
+        self.stats.inc(Counter.HANDSHAKES_INITIATED)
 
     # ---- peers and sessions -----------------------------------------------------------------
     def _new_session(self, peer: Peer, index: int, remote_index: int, keys: Keys,

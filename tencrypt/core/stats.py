@@ -69,6 +69,82 @@ class DropReason(enum.Enum):
     INBOUND_HOLD_FULL = "inbound_hold_full"
 
 
+class Counter(enum.StrEnum):
+    """Every event counter, beside DropReason: ``stats.inc(Counter.X)``. A typo is an
+    AttributeError, not a new Prometheus series; /metrics exports each as ``tencrypt_<x>_total``."""
+
+    # tunnel (core/session.py)
+    PACKETS_SEALED = "packets_sealed"
+    BYTES_SEALED = "bytes_sealed"
+    PACKETS_OPENED = "packets_opened"
+    BYTES_OPENED = "bytes_opened"
+    HANDSHAKES_INITIATED = "handshakes_initiated"
+    HANDSHAKES_RESPONDED = "handshakes_responded"
+    HANDSHAKES_COMPLETED = "handshakes_completed"
+    HANDSHAKES_WRONG_KEY = "handshakes_wrong_key"  # a member's mac1 under no key of the ring
+    KEEPALIVES_SENT = "keepalives_sent"
+    KEEPALIVES_RECEIVED = "keepalives_received"
+    REKEYS = "rekeys"
+    # the proxy's data path (daemon.py)
+    SUPER_PACKETS_SPLIT = "super_packets_split"
+    PACKETS_BYPASSED = "packets_bypassed"  # sent in the clear: positively another project's
+    PACKETS_PLAINTEXT_FALLBACK = "packets_plaintext_fallback"  # --no-strict only
+    PLAINTEXT_FALLBACK = "plaintext_fallback"  # --no-strict: a peer given up, then in clear
+    PEERS_UNREACHABLE = "peers_unreachable"
+    TUN_INJECT_ERRORS = "tun_inject_errors"
+    DATAGRAMS_SEND_DROPPED = "datagrams_send_dropped"
+    CLASSIFICATION_CONFLICTS = "classification_conflicts"  # an answer against trusted evidence
+    MEMBERSHIP_LOADS = "membership_loads"
+    KEY_RELOADS = "key_reloads"  # a new key ring from the key file (linux/keyfile.py)
+    KEY_RELOAD_REFUSALS = "key_reload_refusals"  # a malformed key file, the ring kept
+    INBOUND_ACCEPTED = "inbound_accepted"  # standalone: queued connections let in
+    # UDP batches (linux/gso.py)
+    UDP_GSO_SENDS = "udp_gso_sends"
+    GSO_FALLBACK = "gso_fallback"
+    GSO_OVERSIZE = "gso_oversize"
+    UDP_TRUNCATED = "udp_truncated"
+    # receiver NAT (core/nat.py)
+    NAT_FLOWS_CREATED = "nat_flows_created"
+    NAT_FLOWS_EVICTED = "nat_flows_evicted"
+    NAT_FLOWS_EXPIRED = "nat_flows_expired"
+    NAT_VIP_REMAPPED = "nat_vip_remapped"
+    # DNS proxy (core/dnsmsg.py, linux/dns.py)
+    DNS_QUERIES = "dns_queries"
+    DNS_ANSWERS = "dns_answers"
+    DNS_REVERSE_LOOKUPS = "dns_reverse_lookups"
+    DNS_TCP_QUERIES = "dns_tcp_queries"
+    DNS_UPSTREAM_ERRORS = "dns_upstream_errors"
+    DNS_CLIENT_ERRORS = "dns_client_errors"
+    # routes and firewall (linux/effects.py)
+    ROUTES_ADDED = "routes_added"
+    ROUTES_REMOVED = "routes_removed"
+    FIREWALL_ELEMENTS_ADDED = "firewall_elements_added"
+    FIREWALL_ELEMENTS_DELETED = "firewall_elements_deleted"
+    EFFECT_ERRORS = "effect_errors"
+    # NFQUEUE (linux/nfqueue.py)
+    NFQUEUE_PACKETS = "nfqueue_packets"
+    NFQUEUE_ACCEPTED = "nfqueue_accepted"
+    NFQUEUE_REFUSED = "nfqueue_refused"
+    NFQUEUE_MALFORMED = "nfqueue_malformed"
+    NFQUEUE_OVERFLOWS = "nfqueue_overflows"
+    NFQUEUE_KERNEL_ERRORS = "nfqueue_kernel_errors"
+    NFQUEUE_VERDICT_ERRORS = "nfqueue_verdict_errors"
+    NFQUEUE_RECV_ERRORS = "nfqueue_recv_errors"
+    # node agent (agent/)
+    AGENT_BAD_OBJECT = "agent_bad_object"
+    AGENT_KEY_PROBLEMS = "agent_key_problems"
+    AGENT_MEMBERS_WRITE_FAILED = "agent_members_write_failed"
+    AGENT_PROXIES_FOUND_DEAD = "agent_proxies_found_dead"
+    AGENT_PROXIES_ADOPTED = "agent_proxies_adopted"
+    AGENT_PROXY_EXITS = "agent_proxy_exits"
+    AGENT_PROXY_STARTS = "agent_proxy_starts"
+    AGENT_PROXY_STOPS = "agent_proxy_stops"
+    # node-sync (nodesync/)
+    NODESYNC_APPLIED = "nodesync_applied"
+    NODESYNC_BAD_OBJECT = "nodesync_bad_object"
+    NODESYNC_CONNTRACK_DELETED = "nodesync_conntrack_deleted"
+
+
 @dataclass(slots=True)
 class Stats:
     """Monotonic counters. ``counters`` holds named event counts, ``drops`` drop reasons."""
@@ -76,7 +152,7 @@ class Stats:
     counters: dict[str, int] = field(default_factory=dict)
     drops: dict[DropReason, int] = field(default_factory=dict)
 
-    def inc(self, name: str, n: int = 1) -> None:
+    def inc(self, name: Counter, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
@@ -122,7 +198,7 @@ def merge(parts: Iterable[Stats]) -> Stats:
     total = Stats()
     for part in parts:
         for k, v in part.counters.items():
-            total.inc(k, v)
+            total.counters[k] = total.counters.get(k, 0) + v
         for r, v in part.drops.items():
             total.drop(r, v)
     return total

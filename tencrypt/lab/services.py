@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from tencrypt.core import TUNNEL_PORT
 from tencrypt.lab.topology import Service
 from tencrypt.linux import netns
 from tencrypt.nodesync.backends import program_objects
 from tencrypt.nodesync.kubeobjects import lab_objects
-
-TUNNEL_PORT = 1337
 
 
 def build_kube_services(services: Iterable[Service]) -> str:

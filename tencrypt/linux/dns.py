@@ -55,7 +55,7 @@ from tencrypt.core.dnsmsg import (
     parse_message,
 )
 from tencrypt.core.podconfig import PodConfig
-from tencrypt.core.stats import DropReason, Stats
+from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.errors import UsageError
 from tencrypt.linux.kernel import SO_MARK
 from tencrypt.logutil import RateLimitedLog
@@ -267,7 +267,7 @@ class DnsProxy:
             if cls is None:
                 ttl = None if record is not None else UNREACHABLE_NEGATIVE_TTL
                 self.table.note_unknown(ip, now, ttl)
-            self.stats.inc("dns_reverse_lookups")
+            self.stats.inc(Counter.DNS_REVERSE_LOOKUPS)
         except ValueError:
             pass  # not an IP address: nothing to look up, the result is None
         finally:
@@ -335,11 +335,11 @@ class DnsProxy:
             self._client.sendto(data, addr)
 
     def _on_upstream_error(self, exc: Exception) -> None:
-        self.stats.inc("dns_upstream_errors")
+        self.stats.inc(Counter.DNS_UPSTREAM_ERRORS)
         self.rlog.warn("upstream-error", "DNS upstream %s:%d: %s", *self.config.upstream, exc)
 
     def _on_client_error(self, exc: Exception) -> None:
-        self.stats.inc("dns_client_errors")
+        self.stats.inc(Counter.DNS_CLIENT_ERRORS)
         self.rlog.warn("client-error", "DNS client socket: %s", exc)
 
     def _arm_timer(self) -> None:
@@ -398,7 +398,7 @@ class DnsProxy:
 
     async def _answer_tcp(self, query: bytes, upstream: _TcpUpstream) -> bytes | None:
         """The reply to one TCP query, or None to close the connection."""
-        self.stats.inc("dns_tcp_queries")
+        self.stats.inc(Counter.DNS_TCP_QUERIES)
         parsed, refused = check_query(query, self.stats)
         if parsed is None:  # a FORMERR answer, or close the connection on a drop
             return refused.data if refused and refused.verdict is QueryVerdict.REPLY else None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from tencrypt.core.classify import RouteAction
 from tencrypt.core.effects import Desired, Plan
 from tencrypt.core.podconfig import PodConfig
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.logutil import RateLimitedLog
 
@@ -175,15 +175,15 @@ class EffectApplier:
             self.desired.route_done(ip, action)
         n_routes = sum(1 for _, a in out.routes if a is not None)
         if n_routes:
-            self.stats.inc("routes_added", n_routes)
+            self.stats.inc(Counter.ROUTES_ADDED, n_routes)
         if len(out.routes) > n_routes:
-            self.stats.inc("routes_removed", len(out.routes) - n_routes)
+            self.stats.inc(Counter.ROUTES_REMOVED, len(out.routes) - n_routes)
         if out.elements is not None:
             self.desired.elements_done(*out.elements)
-            self.stats.inc("firewall_elements_added", len(out.elements[0]))
-            self.stats.inc("firewall_elements_deleted", len(out.elements[1]))
+            self.stats.inc(Counter.FIREWALL_ELEMENTS_ADDED, len(out.elements[0]))
+            self.stats.inc(Counter.FIREWALL_ELEMENTS_DELETED, len(out.elements[1]))
         if out.resync is not None:
             self.desired.resync_elements(out.resync)
         for error in out.errors:
-            self.stats.inc("effect_errors")
+            self.stats.inc(Counter.EFFECT_ERRORS)
             self.rlog.warn("effect-" + error.split(" ")[0], "%s (retrying)", error)

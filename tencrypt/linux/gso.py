@@ -33,7 +33,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.linux.kernel import SOL_UDP, UDP_GRO, UDP_MAX_SEGMENTS, UDP_SEGMENT
 
 log = logging.getLogger("tencrypt.gso")
@@ -116,7 +116,7 @@ class UdpBatch:
         if self.gso and count > 1:
             try:
                 self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr)
-                self.stats.inc("udp_gso_sends")
+                self.stats.inc(Counter.UDP_GSO_SENDS)
                 return count
             except BlockingIOError:
                 return 0
@@ -124,10 +124,10 @@ class UdpBatch:
                 if exc.errno not in (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT):
                     raise
                 if exc.errno in (errno.EINVAL, errno.EMSGSIZE):
-                    self.stats.inc("gso_oversize")  # a datagram above the route's MTU
+                    self.stats.inc(Counter.GSO_OVERSIZE)  # a datagram above the route's MTU
                 else:
                     self.gso = False
-                    self.stats.inc("gso_fallback")
+                    self.stats.inc(Counter.GSO_FALLBACK)
                     log.warning("UDP GSO refused (%s): one datagram per system call from now on",
                                 exc.strerror)
         return self._send_each(chunk, size, addr)
@@ -186,7 +186,7 @@ class UdpBatch:
                 size = _INT.unpack_from(value)[0]
         view = self._view
         if flags & MSG_TRUNC:  # the buffer is 64 KiB: only a bigger-than-IP datagram
-            self.stats.inc("udp_truncated")
+            self.stats.inc(Counter.UDP_TRUNCATED)
             if size <= 0 or size >= nbytes:
                 return [], addr
             nbytes -= nbytes % size  # keep the complete datagrams

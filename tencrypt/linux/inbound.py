@@ -28,7 +28,7 @@ from typing import Any
 from tencrypt.core.classify import AddrClass, ClassTable
 from tencrypt.core.nfqmsg import parse_flow
 from tencrypt.core.policy import Verdict, decide_inbound
-from tencrypt.core.stats import DropReason, Stats
+from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.linux.nfqueue import NfQueue
 from tencrypt.logutil import RateLimitedLog
 
@@ -97,7 +97,7 @@ class InboundGate:
             self.ratelog.warn("plaintext-" + src, "refused a plaintext connection from %s: it is "
                               "this project's (a pod without a tencrypt proxy?)", src)
             return False
-        self.stats.inc("inbound_accepted", packets)
+        self.stats.inc(Counter.INBOUND_ACCEPTED, packets)
         return True
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from tencrypt.core.psk import KeySet, parse_key_file, render_key_file, ring_label
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import UsageError
 
 log = logging.getLogger("tencrypt.keys")
@@ -110,14 +110,14 @@ class KeyFile:
         try:
             keys = parse_key_file(self.path.read_bytes())
         except (OSError, UsageError) as exc:
-            self.stats.inc("key_reload_refusals")
+            self.stats.inc(Counter.KEY_RELOAD_REFUSALS)
             log.error("key file %s refused (%s): keeping the loaded keys (%s)", self.path, exc,
                       describe(self.loaded) if self.loaded else "none")
             return None
         if keys == self.loaded:
             return None
         self.loaded = keys
-        self.stats.inc("key_reloads")
+        self.stats.inc(Counter.KEY_RELOADS)
         return keys
 
     def _stat(self) -> tuple[int, int, int]:

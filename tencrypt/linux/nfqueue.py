@@ -53,7 +53,7 @@ from collections.abc import Iterable, Sequence
 
 from tencrypt.core import nfqmsg
 from tencrypt.core.nfqmsg import QueuedPacket, QueueStatus
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.linux.kernel import SO_RCVBUFFORCE
 
@@ -118,9 +118,9 @@ class NfQueue:
                 break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    self.stats.inc("nfqueue_overflows")  # the kernel dropped what did not fit
+                    self.stats.inc(Counter.NFQUEUE_OVERFLOWS)  # the kernel dropped what did not fit
                     continue
-                self.stats.inc("nfqueue_recv_errors")
+                self.stats.inc(Counter.NFQUEUE_RECV_ERRORS)
                 break
             self._sort(bytes(self._buf[:n]), out)
         return out
@@ -128,18 +128,18 @@ class NfQueue:
     def _sort(self, datagram: bytes, out: list[QueuedPacket]) -> None:
         messages, broken = nfqmsg.split_messages(datagram)
         if broken:
-            self.stats.inc("nfqueue_malformed")
+            self.stats.inc(Counter.NFQUEUE_MALFORMED)
         for msg in messages:
             packet = nfqmsg.parse_packet(msg)
             if packet is not None:
-                self.stats.inc("nfqueue_packets")
+                self.stats.inc(Counter.NFQUEUE_PACKETS)
                 out.append(packet)
                 continue
             ack = nfqmsg.parse_ack(msg)
             if ack is not None and ack.errno:
-                self.stats.inc("nfqueue_kernel_errors")  # e.g. ENOENT: a verdict for no packet
+                self.stats.inc(Counter.NFQUEUE_KERNEL_ERRORS)  # e.g. ENOENT: a verdict for no packet
             elif ack is None:
-                self.stats.inc("nfqueue_malformed")
+                self.stats.inc(Counter.NFQUEUE_MALFORMED)
 
     def verdict(self, packet_id: int, accept: bool) -> None:
         """Release (``accept``) or drop one packet. A failed send is counted: the packet then
@@ -151,7 +151,7 @@ class NfQueue:
         chunk = bytearray()
         for packet_id, accept in decisions:
             chunk += nfqmsg.build_verdict(self.queue_num, packet_id, accept)
-            self.stats.inc("nfqueue_accepted" if accept else "nfqueue_refused")
+            self.stats.inc(Counter.NFQUEUE_ACCEPTED if accept else Counter.NFQUEUE_REFUSED)
             if len(chunk) >= SEND_CHUNK:
                 self._send(chunk)
                 chunk = bytearray()
@@ -162,7 +162,7 @@ class NfQueue:
         try:
             self.sock.send(data)
         except OSError:
-            self.stats.inc("nfqueue_verdict_errors")
+            self.stats.inc(Counter.NFQUEUE_VERDICT_ERRORS)
 
     def status(self) -> QueueStatus | None:
         """The kernel's view of this queue (waiting, dropped when full, dropped for our full
@@ -226,7 +226,7 @@ class NfQueue:
                     return
                 packet = nfqmsg.parse_packet(msg)
                 if packet is not None:
-                    self.stats.inc("nfqueue_packets")
+                    self.stats.inc(Counter.NFQUEUE_PACKETS)
                     self._pending.append(packet)
 
 

@@ -192,5 +192,9 @@ def serve_metrics(address: str, render: Any, stop: threading.Event) -> Threading
         raise UsageError(f"cannot serve metrics on {address}: {exc.strerror}") from exc
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True).start()
+    def shut_down_when_stopped() -> None:
+        stop.wait()
+        server.shutdown()
+
+    threading.Thread(target=shut_down_when_stopped, daemon=True).start()
     return server

@@ -26,9 +26,10 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
 from collections.abc import Sequence
 
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.nodesync.cluster import ServiceBackends
 from tencrypt.nodesync.command import run
@@ -66,11 +67,12 @@ class IptablesApplier:
             return 0
         return sum(2 + 3 * len(b.endpoints) for b in self.applied if b.endpoints)
 
-    def _run(self, argv: Sequence[str], input: str | None = None, check: bool = True):
+    def _run(self, argv: Sequence[str], input: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(argv, self.netns, input=input, check=check)
 
     def save(self) -> str:
-        return self._run([f"{self.iptables}-save", "-t", "nat"]).stdout
+        return str(self._run([f"{self.iptables}-save", "-t", "nat"]).stdout)
 
     def plan(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
         """The restore text ``apply`` would use now (``--dry-run``)."""
@@ -97,7 +99,7 @@ class IptablesApplier:
         if text:
             self.applied = None  # until it succeeded: a failure makes the next sync full
             self._run([f"{self.iptables}-restore", "--noflush"], input=text)
-            self.stats.inc("nodesync_applied")
+            self.stats.inc(Counter.NODESYNC_APPLIED)
         self.applied = backends
         if full:
             self._remove_nft_table()
@@ -146,6 +148,6 @@ class IptablesApplier:
             log.warning("conntrack -D for %s -> %s failed: %s", vip, endpoint,
                         proc.stderr.strip())
         elif int(deleted.group(1)):
-            self.stats.inc("nodesync_conntrack_deleted", int(deleted.group(1)))
+            self.stats.inc(Counter.NODESYNC_CONNTRACK_DELETED, int(deleted.group(1)))
             log.info("forgot %s UDP flows %s:%d -> %s", deleted.group(1), vip, self.port,
                      endpoint)

@@ -14,19 +14,26 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from tencrypt.nodesync.cluster import ENABLED_LABEL, SERVICE_NAME_LABEL
+from tencrypt.kube.objects import ENABLED_LABEL
+from tencrypt.nodesync.cluster import SERVICE_NAME_LABEL
 
 Obj = dict[str, Any]
 
 
 class LabService(Protocol):
-    """What the lab knows of a Service (``tencrypt.lab.topology.Service`` fits)."""
+    """What the lab knows of a Service (``tencrypt.lab.topology.Service`` fits; read-only, so
+    a frozen dataclass does too)."""
 
-    name: str
-    project: str
-    vip: str
-    endpoint: str
-    port: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def project(self) -> str: ...
+    @property
+    def vip(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def port(self) -> int: ...
 
 
 def build_namespace(name: str, enabled: bool = True) -> Obj:

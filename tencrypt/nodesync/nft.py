@@ -2,9 +2,10 @@
 
 Stages of one ``apply``:
 
-1. full (the first sync of a process, every resync, and after any failure): read the table
-   the node holds (``nft list table``: which (VIP, endpoint) pairs a previous run forwarded,
-   for step 3) and write the whole table in one ``nft -f`` transaction
+1. full (the first sync of a process, every resync, and after any failure): at the first
+   one (or after a failure) read the table the node holds (``nft list table``: which (VIP,
+   endpoint) pairs a previous run forwarded, for step 3); write the whole table in one
+   ``nft -f`` transaction
    (``nftrules.full_text``); then remove the iptables backend's chain TENCRYPT if a previous
    run left one (switching backends leaves nothing stale; ours runs first meanwhile);
    incremental (otherwise): one ``nft -f`` transaction of ``nftrules.diff`` between what this
@@ -24,7 +25,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.nodesync.cluster import ServiceBackends
 from tencrypt.nodesync.command import run
@@ -34,10 +35,12 @@ from tencrypt.nodesync.nftrules import (
     FAMILY,
     TABLE,
     TUNNEL_PORT,
+    ModelError,
     Program,
     cleanup_text,
     diff,
     full_text,
+    lost_pairs,
     pairs,
     parse_listing,
     program_of,
@@ -74,7 +77,13 @@ class NftApplier:
     def listing(self) -> Program:
         """What the node's table holds now (empty if there is none)."""
         proc = run(["nft", "list", "table", FAMILY, TABLE], self.netns, check=False)
-        return parse_listing(proc.stdout) if proc.returncode == 0 else EMPTY
+        if proc.returncode != 0:
+            return EMPTY
+        try:
+            return parse_listing(proc.stdout)
+        except ModelError as exc:  # edited by hand: the full sync replaces it all the same
+            log.warning("table %s %s is not one node-sync wrote (%s)", FAMILY, TABLE, exc)
+            return EMPTY
 
     def plan(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
         """The transaction ``apply`` would run now (``--dry-run``)."""
@@ -87,19 +96,21 @@ class NftApplier:
         """Make the table forward exactly ``backends``; returns the transaction run."""
         new = program_of(backends, self.port)
         full = full or self.applied is None
-        if full:
-            before, text = self.listing(), full_text(new)
+        if full:  # what a previous process left is read; our own last program is known
+            before = self.listing() if self.applied is None else self.applied
+            text, lost = full_text(new), pairs(before) - pairs(new)
         else:
             assert self.applied is not None
-            before, text = self.applied, render(diff(self.applied, new))
+            ops = diff(self.applied, new)
+            text, lost = render(ops), lost_pairs(self.applied, new, ops)
         if text:
             self.applied = None  # until it succeeded: a failure makes the next sync full
             run(["nft", "-f", "-"], self.netns, input=text)
-            self.stats.inc("nodesync_applied")
+            self.stats.inc(Counter.NODESYNC_APPLIED)
         self.applied = new
         if full:  # after ours is in place: the VIPs are forwarded throughout the switch
             self._remove_iptables_chains()
-        for vip, ip in sorted(pairs(before) - pairs(new)):
+        for vip, ip in sorted(lost):
             self.xtables.flush_conntrack(vip, ip)
         return text
 

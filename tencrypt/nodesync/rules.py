@@ -30,13 +30,13 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 
+from tencrypt.core import TUNNEL_PORT
 from tencrypt.nodesync.cluster import ServiceBackends
 
 CHAIN = "TENCRYPT"
 SVC_PREFIX = "TENC-SVC-"
 SEP_PREFIX = "TENC-SEP-"
 HOOKS = ("PREROUTING", "OUTPUT")
-TUNNEL_PORT = 1337
 PROTOCOLS = ("udp", "tcp")
 
 _CHAIN_DECL = re.compile(r"^:(\S+) ")

@@ -51,11 +51,12 @@ class Applier(Protocol):
 
 def list_function(api: client.ApiClient, kind: Kind) -> Callable[..., Any]:
     core = client.CoreV1Api(api)
-    return {Kind.NAMESPACE: core.list_namespace,
-            Kind.SERVICE: core.list_service_for_all_namespaces,
-            Kind.ENDPOINTS: core.list_endpoints_for_all_namespaces,
-            Kind.ENDPOINT_SLICE:
-                client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces}[kind]
+    functions: dict[Kind, Callable[..., Any]] = {
+        Kind.NAMESPACE: core.list_namespace,
+        Kind.SERVICE: core.list_service_for_all_namespaces,
+        Kind.ENDPOINTS: core.list_endpoints_for_all_namespaces,
+        Kind.ENDPOINT_SLICE: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces}
+    return functions[kind]
 
 
 def detect_endpoint_kind(api: client.ApiClient) -> Kind:

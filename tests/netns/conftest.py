@@ -31,6 +31,7 @@ import pytest
 
 from tencrypt.lab.capture import Capture
 from tencrypt.lab.cluster import Lab
+from tencrypt.lab.topology import Topology
 from tencrypt.linux import netns
 
 
@@ -84,8 +85,11 @@ def download_sha256(lab: Lab, client: str, url: str, timeout: int = 240) -> str:
     return proc.stdout.split()[0]
 
 
-def _built_lab(nodes: int) -> Iterator[Lab]:
-    lab = Lab(f"l{netns.unique_suffix()}", nodes=nodes)
+@contextmanager
+def built_lab(nodes: int = 1, topology: Topology | None = None, prefix: str = "l") -> Iterator[Lab]:
+    """A lab named ``<prefix><suffix>``, up for the block and removed afterwards, also when
+    ``up`` or the block fails."""
+    lab = Lab(f"{prefix}{netns.unique_suffix()}", topology=topology, nodes=nodes)
     try:
         lab.up()
         yield lab
@@ -95,9 +99,11 @@ def _built_lab(nodes: int) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    yield from _built_lab(1)
+    with built_lab(1) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")
 def lab2() -> Iterator[Lab]:
-    yield from _built_lab(2)
+    with built_lab(2) as lab:
+        yield lab

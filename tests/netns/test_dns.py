@@ -505,8 +505,8 @@ def test_routes_follow_classification(lab, setup_pod):
         ns, ["getent", "hosts", "cakephp.project2"], check=False).stdout, what="old name")
     netns.wait_for(lambda: via_uplink.search(routes(ns)), what="bypass route again")
     stats = proxy.stats()
-    assert stats["counters"]["dns_routes_added"] == 3
-    assert stats["counters"]["dns_routes_removed"] == 2
+    assert stats["counters"]["routes_added"] == 3
+    assert stats["counters"]["routes_removed"] == 2
     proxy.stop()
     assert "proto 137" not in "".join(
         line for line in routes(ns).splitlines(keepends=True)

@@ -25,7 +25,7 @@ from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import proxy_pid
 from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import curl
+from tests.netns.conftest import built_lab, curl
 from tests.netns.test_e2e import drops, metrics
 
 pytestmark = pytest.mark.netns
@@ -38,12 +38,8 @@ UDP_PORT = 9999
 def lab() -> Iterator[Lab]:
     topology = Topology(pods=[PodSpec("nginx1", "myproject"), PodSpec("nginx2", "myproject"),
                               PodSpec("cakephp", "project2"), PodSpec("legacy", "myproject")])
-    lab = Lab(f"f{netns.unique_suffix()}", topology=topology)
-    try:
-        lab.up()
+    with built_lab(1, topology, prefix="f") as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def patched(lab: Lab, members: bool, *pods: str, run_args: tuple[str, ...] = ()) -> None:

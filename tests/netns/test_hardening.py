@@ -23,6 +23,7 @@ import pytest
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
+from tests.netns.conftest import built_lab
 from tests.netns.test_e2e import curl, drops, metrics
 
 INSIDER = Path(__file__).with_name("insider.py")
@@ -31,14 +32,10 @@ INSIDER = Path(__file__).with_name("insider.py")
 def hlab() -> Iterator[Lab]:
     topology = Topology(pods=[PodSpec("nginx1", "myproject"), PodSpec("nginx2", "myproject"),
                               PodSpec("evil", "myproject")])
-    lab = Lab(f"h{netns.unique_suffix()}", topology=topology, nodes=1)
-    try:
-        lab.up()
+    with built_lab(1, topology, prefix="h") as lab:
         lab.patch("nginx2")
         lab.patch("nginx1")
         yield lab
-    finally:
-        lab.down()
 
 
 def insider(lab: Lab, *args: str, timeout: float = 60) -> dict:

@@ -28,6 +28,7 @@ import pytest
 
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.linux import netns
+from tencrypt.nodesync import nftrules
 from tests.kubefakes import builders as kubeobjects
 from tests.kubefakes.fakeapi import FakeApiServer
 from tests.netns.test_agent import (
@@ -66,13 +67,22 @@ def test_node_image_node_sync_renders_the_rules_of_a_recorded_cluster(node_image
         kubeobjects.build_namespace("shop"),
         kubeobjects.build_service("shop", "web", "172.30.12.34"),
         kubeobjects.build_endpoint_slice("shop", "web", ["10.128.0.5", "10.128.1.7"])])))
-    proc = subprocess.run([*PODMAN, "run", "--rm", *LIMITS, "-v", f"{cluster}:/cluster.json:ro",
-                           node_image, "node-sync", "--once", "--from-file", "/cluster.json",
-                           "--dry-run"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    dnat = sorted(line.split()[-1] for line in proc.stdout.splitlines() if "DNAT" in line)
+    def dry_run(*backend):
+        proc = subprocess.run([*PODMAN, "run", "--rm", *LIMITS, "-v",
+                               f"{cluster}:/cluster.json:ro", node_image, "node-sync", "--once",
+                               "--from-file", "/cluster.json", "--dry-run", *backend],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    # the default (auto): the image ships nft, so the nft transaction
+    program = nftrules.parse_listing(dry_run())
+    assert nftrules.pairs(program) == {("172.30.12.34", "10.128.0.5"),
+                                       ("172.30.12.34", "10.128.1.7")}
+    out = dry_run("--backend", "iptables")
+    dnat = sorted(line.split()[-1] for line in out.splitlines() if "DNAT" in line)
     assert dnat == ["10.128.0.5:1337"] * 2 + ["10.128.1.7:1337"] * 2  # udp and tcp each
-    assert "-d 172.30.12.34/32 -p udp -m udp --dport 1337" in proc.stdout
+    assert "-d 172.30.12.34/32 -p udp -m udp --dport 1337" in out
 
 
 def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(

@@ -30,6 +30,7 @@ from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import METRICS, proxy_pid, write_pod_keys
 from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
+from tests.netns.conftest import built_lab
 from tests.netns.test_e2e import drops, metrics
 
 pytestmark = pytest.mark.netns
@@ -79,15 +80,11 @@ print(json.dumps({{"ok": ok, "error": error, "worst": worst}}))
 def rlab() -> Iterator[Lab]:
     topology = Topology(pods=[PodSpec("nginx1", "myproject"), PodSpec("nginx2", "myproject"),
                               PodSpec("stale", "myproject")])
-    lab = Lab(f"r{netns.unique_suffix()}", topology=topology)
-    try:
-        lab.up()
+    with built_lab(topology=topology, prefix="r") as lab:
         for pod in ("nginx1", "nginx2"):
             write_pod_keys(lab, lab.pod(pod), KeySet(K1))
             lab.patch(pod, run_args=("--session-lifetime", str(LIFETIME)))
         yield lab
-    finally:
-        lab.down()
 
 
 def status(lab: Lab, pod: str) -> dict:

@@ -14,8 +14,6 @@ import ast
 import importlib
 from pathlib import Path
 
-import pytest
-
 import tencrypt
 
 PACKAGE = Path(tencrypt.__file__).parent
@@ -110,22 +108,8 @@ def problems() -> set[str]:
     return out
 
 
-# Copies in files that other branches are rewriting (issue #12): the lead replaces them with
-# imports at merge, empties this set and removes the xfail marker below.
-LEFTOVERS = {
-    "TUNNEL_PORT also in tencrypt/lab/services.py",
-    "TUNNEL_PORT also in tencrypt/nodesync/rules.py",
-    "1337 in tencrypt/lab/services.py",
-    "1337 in tencrypt/nodesync/rules.py",
-}
 
 
-def test_no_new_copies():
-    assert problems() <= LEFTOVERS
-
-
-@pytest.mark.xfail(strict=True, reason="LEFTOVERS: copies in files being rewritten on other "
-                   "branches; the lead replaces them at merge and removes this marker")
 def test_each_constant_once():
     assert problems() == set()
 

@@ -86,18 +86,30 @@ def test_any_diff_applied_to_a_gives_b(a, b):
     pa, pb = program_of(state_of(a)), program_of(state_of(b))
     ops = diff(pa, pb)
     assert apply_ops(pa, ops) == pb
-    touched = {op.chain for op in ops}
-    assert all(pa.chains.get(c) == pb.chains.get(c) for c in set(pa.chains) - touched)
+    # only what differs is named: no command for an element or endpoint that stays
+    named = {op.element for op in ops} | {op.slot for op in ops}
+    assert not named & ({k for k in pa.elements if pb.elements.get(k) == pa.elements[k]}
+                        | {s for s in pa.endpoints if pb.endpoints.get(s) == pa.endpoints[s]})
+
+
+def test_the_model_refuses_a_table_left_half_done():
+    p = program_of([ServiceBackends("shop", "a", "172.30.0.1", ("10.0.0.1", "10.0.0.2"))])
+    for half in ([Op(Verb.DELETE_ENDPOINT, slot=("172.30.0.1", 1))],  # the VIP still says 2
+                 [Op(Verb.DELETE_ELEMENT, element=("172.30.0.1", "udp", 1337))],  # tcp left
+                 [Op(Verb.ADD_ENDPOINT, slot=("172.30.0.1", 2), address="10.0.0.3")]):
+        with pytest.raises(nftrules.ModelError):
+            apply_ops(p, half)
 
 
 def test_the_model_refuses_what_the_kernel_refuses():
     p = program_of([ServiceBackends("shop", "a", "172.30.0.1", ("10.0.0.1",))])
-    [chain] = p.chains
-    for bad in ([Op(Verb.DELETE_CHAIN, chain)],  # still the target of its elements
-                [Op(Verb.ADD_CHAIN, chain)],
-                [Op(Verb.ADD_RULE, chain, endpoints=("10.0.0.2",))],  # not flushed
-                [Op(Verb.DELETE_ELEMENT, chain, ("172.30.0.9", "udp", 1337))],
-                [Op(Verb.ADD_ELEMENT, "svc-none", ("172.30.0.9", "udp", 1337))]):
+    assert p.picks == {1}
+    for bad in ([Op(Verb.DELETE_CHAIN, n=1)],  # still the target of the VIP's elements
+                [Op(Verb.ADD_CHAIN, n=1)],
+                [Op(Verb.ADD_ENDPOINT, slot=("172.30.0.1", 0), address="10.0.0.2")],
+                [Op(Verb.DELETE_ENDPOINT, slot=("172.30.0.1", 1))],
+                [Op(Verb.DELETE_ELEMENT, element=("172.30.0.9", "udp", 1337))],
+                [Op(Verb.ADD_ELEMENT, element=("172.30.0.9", "udp", 1337), n=2)]):
         with pytest.raises(nftrules.ModelError):
             apply_ops(p, bad)
 
@@ -109,15 +121,26 @@ def test_one_endpoint_change_is_a_few_lines_whatever_the_cluster_size():
     moved = list(big)
     moved[1234] = ServiceBackends("shop", "s1234", big[1234].vip, ("10.130.0.1",))
     text = nftrules.render(diff(program_of(big), program_of(moved)))
-    chain = nftrules.chain_name("shop", "s1234", big[1234].vip)
-    assert text == (f"flush chain inet tencrypt {chain}\n"
-                    f"add rule inet tencrypt {chain} dnat ip to 10.130.0.1\n")
+    vip = big[1234].vip
+    assert text == (
+        f"delete element inet tencrypt vips4 {{ {vip} . udp . 1337, {vip} . tcp . 1337 }}\n"
+        f"delete element inet tencrypt endpoints4 {{ {vip} . 0, {vip} . 1 }}\n"
+        "add chain inet tencrypt pick-1\n"  # the first Service with one endpoint
+        "add rule inet tencrypt pick-1 dnat ip to ip daddr . numgen random mod 1 map "
+        "@endpoints4\n"
+        f"add element inet tencrypt endpoints4 {{ {vip} . 0 : 10.130.0.1 }}\n"
+        f"add element inet tencrypt vips4 {{ {vip} . udp . 1337 : goto pick-1, "
+        f"{vip} . tcp . 1337 : goto pick-1 }}\n")
+    same_count = list(big)
+    same_count[7] = ServiceBackends("shop", "s7", big[7].vip, (big[7].endpoints[0], "10.9.9.9"))
+    assert nftrules.render(diff(program_of(big), program_of(same_count))) == (
+        f"delete element inet tencrypt endpoints4 {{ {big[7].vip} . 1 }}\n"
+        f"add element inet tencrypt endpoints4 {{ {big[7].vip} . 1 : 10.9.9.9 }}\n")
 
 
 def test_rules_balance_as_kube_proxy_does_and_keep_the_port():
-    assert nftrules.rule_text(("10.0.0.1",)) == "dnat ip to 10.0.0.1"
-    assert nftrules.rule_text(("10.0.0.1", "10.0.0.2", "10.0.0.3")) == (
-        "dnat ip to numgen random mod 3 map { 0 : 10.0.0.1, 1 : 10.0.0.2, 2 : 10.0.0.3 }")
+    assert nftrules.pick_rule(3) == (
+        "dnat ip to ip daddr . numgen random mod 3 map @endpoints4")  # index < 3: 1/3 each
 
 
 def test_full_text_is_one_table_of_its_own_hooked_before_kube_proxy_and_parses_back():
@@ -285,3 +308,46 @@ def test_pure_modules_do_no_io():
 
 def test_empty_program_has_nothing():
     assert EMPTY.size == 0 and nftrules.pairs(EMPTY) == set()
+
+
+def test_metrics_are_served_over_http_until_stopped():
+    import threading
+    import urllib.request
+
+    from tencrypt.nodesync.cli import serve_metrics
+
+    m, stop = SyncMetrics("nft"), threading.Event()
+    m.observe("full", 0.2, 42, 99.0)
+    server = serve_metrics("127.0.0.1:0", m.render, stop)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert 'tencrypt_nodesync_programmed_elements{backend="nft"} 42' in body
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{url}/nope", timeout=5)
+    finally:
+        stop.set()
+
+
+def test_a_failed_sync_is_counted_and_the_next_one_is_full():
+    class Flaky(Recorder):
+        def apply(self, backends, full=False):
+            super().apply(backends, full)
+            if len(self.calls) == 2:
+                raise RuntimeError("nft: Could not process rule")
+
+    applier = Flaky()
+    syncer = watch.Syncer(applier, Stats(), (Kind.NAMESPACE, Kind.SERVICE, Kind.ENDPOINT_SLICE))
+    doc = json.loads(FIXTURE.read_text())
+    for kind in syncer.kinds:
+        syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
+    assert syncer.sync()
+    web = next(o for o in doc["items"] if o["kind"] == "Service"
+               and o["metadata"]["name"] == "web")
+    syncer.fold(Changed(Kind.SERVICE, EventType.DELETED, web))
+    with pytest.raises(RuntimeError):
+        syncer.sync()
+    assert syncer.sync()  # retried, in full: what the node holds is not known any more
+    assert applier.calls == [("full", 4), ("partial", 3), ("full", 3)]
+    assert "tencrypt_nodesync_sync_failures_total 1" in syncer.metrics.render()

@@ -1,0 +1,229 @@
+"""node-sync at cluster scale: ``python -m bench.nodesync_bench [--sizes 100,1000,10000]``.
+
+Root, in a network namespace of its own (run it under the netns lock,
+``flock /tmp/tencrypt-netns.lock``); nothing else on the machine is touched. For each size:
+a synthetic cluster of one enabled namespace with N Services, each with one IPv4 ClusterIP
+and an EndpointSlice of 3 ready endpoints (the shape of issue #15), and for each backend:
+
+- compute: Kubernetes JSON → ``ClusterState`` → desired backends → the transaction text
+  (what ``--once --dry-run`` does, in process: no interpreter start-up counted);
+- full sync: ``apply(full=True)`` on an empty node, and again on the programmed node (a
+  resync), each one transaction;
+- one endpoint change: after the full sync, one Service's endpoint replaced and
+  ``apply()`` — the partial sync a watch event causes (conntrack delete of the old pair
+  included, as on a node); the median of ``--changes`` changes;
+- RSS: the peak resident set of ``tencrypt node-sync --once --from-file`` (a whole
+  process: parse, state, rules, apply) at that size.
+
+Timings are wall clock of one run each (the median for changes): read them with the
+machine's load in mind. The markdown goes to ``--out`` (default
+bench/results/nodesync.md); targets (issue #15): full sync of 10,000 Services ≤ 3 × its
+compute time, one change ≤ 50 ms at any size, RSS ≤ 150 MB at 10,000 Services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tencrypt.core.stats import Stats
+from tencrypt.linux import netns
+from tencrypt.nodesync import nftrules, rules
+from tencrypt.nodesync.backends import make_applier
+from tencrypt.nodesync.cluster import ServiceBackends, load_list
+from tencrypt.nodesync.kubeobjects import (
+    build_endpoint_slice,
+    build_list,
+    build_namespace,
+    build_service,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_CHANGE_MS = 50.0
+TARGET_FULL_FACTOR = 3.0
+TARGET_RSS_MB = 150.0
+
+
+def cluster(n: int) -> dict[str, Any]:
+    """N Services × 3 endpoints in namespace ``bench`` (VIPs 172.30/16, pods 10.128/14)."""
+    objs = [build_namespace("bench")]
+    for i in range(n):
+        vip = f"172.30.{i // 250}.{i % 250 + 1}"
+        eps = [f"10.{128 + k}.{i // 250}.{i % 250 + 1}" for k in range(3)]
+        objs.append(build_service("bench", f"s{i}", vip))
+        objs.append(build_endpoint_slice("bench", f"s{i}", eps, suffix="x"))
+    return build_list(objs)
+
+
+def compute(text: str, backend: str) -> tuple[float, list[ServiceBackends]]:
+    start = time.perf_counter()
+    desired = load_list(json.loads(text), Stats()).desired()
+    if backend == "nft":
+        nftrules.full_text(nftrules.program_of(desired))
+    else:
+        rules.build_restore(desired, "")
+    return time.perf_counter() - start, desired
+
+
+def timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def changed(desired: list[ServiceBackends], k: int) -> list[ServiceBackends]:
+    """One Service's last endpoint replaced by a new pod."""
+    i = (k * 7919) % len(desired)
+    out = list(desired)
+    b = out[i]
+    out[i] = ServiceBackends(b.namespace, b.name, b.vip, (*b.endpoints[:2], f"10.200.{k}.{i % 250}"))
+    return out
+
+
+def peak_rss_mb(node: str, path: Path, backend: str) -> float:
+    """Peak RSS of one ``node-sync --once`` process (ru_maxrss of a child that is the only
+    one this helper waits for, measured in a fresh interpreter so children before it do not
+    count)."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    argv = [sys.executable, "-c", probe, sys.executable, "-m", "tencrypt.nodesync", "--once",
+            "--from-file", str(path), "--netns", node, "--backend", backend,
+            "--log-level", "warning"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=REPO).stdout
+    return int(out.split()[-1]) / 1024
+
+
+def run_size(node: str, n: int, backend: str, changes: int, tmp: Path,
+             rss: bool = True) -> dict[str, Any]:
+    text = json.dumps(cluster(n))
+    path = tmp / f"cluster-{n}.json"
+    path.write_text(text)
+    compute_s, desired = compute(text, backend)
+    applier = make_applier(backend, netns=node)
+    applier.cleanup()
+    first = timed(lambda: applier.apply(desired, full=True))
+    again = timed(lambda: applier.apply(desired, full=True))
+    restarted = make_applier(backend, netns=node)  # a new process: reads what the node holds
+    restart = timed(lambda: restarted.apply(desired, full=True))
+    times, current = [], desired
+    for k in range(changes):
+        nxt = changed(current, k)
+        times.append(timed(lambda nxt=nxt: applier.apply(nxt)))
+        current = nxt
+    # the same, the conntrack delete left out: what the rules alone cost
+    owner = getattr(applier, "xtables", applier)
+    owner.flush_conntrack = lambda vip, ip: None  # type: ignore[method-assign]
+    bare = []
+    for k in range(changes, 2 * changes):
+        nxt = changed(current, k)
+        bare.append(timed(lambda nxt=nxt: applier.apply(nxt)))
+        current = nxt
+    size = applier.size
+    applier.cleanup()
+    rss_mb = peak_rss_mb(node, path, backend) if rss else float("nan")
+    applier.cleanup()
+    return {"services": n, "backend": backend, "compute_s": compute_s, "full_s": first,
+            "resync_s": again, "restart_s": restart, "change_ms": statistics.median(times) * 1000,
+            "change_max_ms": max(times) * 1000, "rules_ms": statistics.median(bare) * 1000,
+            "programmed": size, "rss_mb": rss_mb}
+
+
+def report(rows: list[dict[str, Any]], sizes: list[int]) -> str:
+    load = os.getloadavg()
+    lines = ["# node-sync at cluster scale (issue #15)", "",
+             f"`python -m bench.nodesync_bench` on {platform.node()} ({os.cpu_count()} cores, "
+             f"Linux {platform.release()}, Python {platform.python_version()}, "
+             f"{nft_version()}, {iptables_version()}); load average at the end "
+             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.", "",
+             "Synthetic cluster: one enabled namespace, N Services × 3 ready endpoints. "
+             "compute = JSON → state → transaction text in process; full = first sync of an "
+             "empty node; resync = a full sync of a programmed node by the same process; "
+             "restart = the first (full) sync of a new process on a programmed node, which "
+             "reads the node's rules first; change = one Service's "
+             "endpoint replaced, partial sync with its conntrack delete (one `conntrack -D` "
+             "run), median (max) of several; rules only = the same without the conntrack "
+             "delete; RSS = peak of one `node-sync --once` process.", "",
+             "| Services | backend | compute | full sync | full ÷ compute | resync | restart | "
+             "one change | rules only | programmed | RSS |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['services']:,} | {r['backend']} | {r['compute_s']:.3f} s | "
+                     f"{r['full_s']:.3f} s | {r['full_s'] / r['compute_s']:.1f} | "
+                     f"{r['resync_s']:.3f} s | {r['restart_s']:.3f} s | {r['change_ms']:.1f} ms "
+                     f"({r['change_max_ms']:.1f}) | {r['rules_ms']:.1f} ms | "
+                     f"{r['programmed']:,} | {r['rss_mb']:.0f} MB |".replace("nan MB", "–"))
+    lines += ["", "Targets (issue #15), nft backend:"]
+    big = [r for r in rows if r["backend"] == "nft" and r["services"] == max(sizes)]
+    for r in big:
+        factor = r["full_s"] / r["compute_s"]
+        lines.append(f"- full sync of {r['services']:,} Services ≤ {TARGET_FULL_FACTOR:.0f} × "
+                     f"compute: {factor:.1f} × — {'met' if factor <= TARGET_FULL_FACTOR else 'NOT met'}")
+        lines.append(f"- RSS ≤ {TARGET_RSS_MB:.0f} MB at {r['services']:,} Services: "
+                     f"{r['rss_mb']:.0f} MB — {'met' if r['rss_mb'] <= TARGET_RSS_MB else 'NOT met'}")
+    worst = max((r["change_ms"] for r in rows if r["backend"] == "nft"), default=0.0)
+    lines.append(f"- one change ≤ {TARGET_CHANGE_MS:.0f} ms at any size (median): worst "
+                 f"{worst:.1f} ms — {'met' if worst <= TARGET_CHANGE_MS else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
+def nft_version() -> str:
+    return _first_line(["nft", "--version"])
+
+
+def iptables_version() -> str:
+    return _first_line(["iptables", "--version"])
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        return f"{argv[0]}: ?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="100,1000,10000")
+    p.add_argument("--backends", default="nft,iptables")
+    p.add_argument("--changes", type=int, default=7, help="one-endpoint changes per size")
+    p.add_argument("--rss-backends", default="nft,iptables",
+                   help="measure node-sync's RSS with these backends (one more full sync each)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "nodesync.md"))
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root (a network namespace of its own)", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",")]
+    node = f"nsb{netns.unique_suffix()}"
+    rows = []
+    netns.create(node)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in sizes:
+                for backend in args.backends.split(","):
+                    row = run_size(node, n, backend, args.changes, Path(tmp),
+                                   backend in args.rss_backends.split(","))
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    finally:
+        netns.delete(node)
+    text = report(rows, sizes)
+    Path(args.out).write_text(text)
+    print(text)
+    print(f"peak RSS of this harness: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
