@@ -9,12 +9,14 @@ rules):
     or (``--all``, the default) what finishes the rotation in progress, or all three of a new
     one (``rotation.plan``); with no agent report at all there is nothing to wait on, and the
     run stops before it changes anything;
- 2. per phase: before DROP_PREVIOUS, wait out the grace time since PROMOTE was loaded
+ 2. wait until every pod runs the ring the Secret holds now (a run interrupted before the
+    nodes caught up, or a node that was down, must not be left two phases behind);
+ 3. per phase: before DROP_PREVIOUS, wait out the grace time since PROMOTE was loaded
     everywhere (from this run, or the Secret's annotations); write the new ring into the Secret
     (with its resourceVersion: a concurrent change is a clear error, never overwritten), with
     the phase and its time as annotations; a new key comes from ``os.urandom(32)`` here and is
     never printed;
- 3. wait until every node's agent reports that every pod of the project loaded that ring
+ 4. wait until every node's agent reports that every pod of the project loaded that ring
     (``rotation.progress``), printing progress whenever it changes; past ``--timeout`` stop with
     the nodes that lag. The Secret is then left at a valid phase: re-run to continue.
 """
@@ -111,6 +113,8 @@ class Rotator:
                 f"no agent key reports in {self.agent_namespace} (ConfigMaps labelled "
                 f"{'='.join(REPORT_LABEL)}): are the agents running, with their report (Role "
                 "tencrypt-agent-key-report, --report-namespace)? Nothing was changed.")
+        self.say("before any change, every pod must run what the Secret holds:")
+        self.wait_agents(keys)  # a previous run may have stopped before the nodes caught up
         for phase in phases:
             if phase is Phase.DROP_PREVIOUS:
                 self.wait_grace(secret)

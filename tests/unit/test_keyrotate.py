@@ -146,6 +146,19 @@ def test_a_node_that_never_catches_up_stops_the_rotation_at_a_valid_phase(api, t
     assert [w[3] for w in api.writes if w[0] == "Secret"] == ["update"]
 
 
+def test_a_node_behind_the_secret_stops_the_run_before_any_change(api, tmp_path):
+    """A node still on K1 while the Secret already stages K2 (a run interrupted, a node that
+    was down): promoting now would leave it two phases behind, so nothing is written."""
+    api.put(secret(KeySet(K1, next=K2)))
+    agents = FakeAgents(api, {"node-1": 0})
+    api.put(report("node-2", 2, {ring_label(KeySet(K1).fingerprints()): 2}))
+    r, out = rotator(api, agents, tmp_path, timeout=10.0)
+    with pytest.raises(RotationError, match="node-2: 0/2 pods"):
+        r.run()
+    assert [w for w in api.writes if w[0] == "Secret"] == []
+    assert "before any change" in out.getvalue()
+
+
 def test_resume_after_promote_honours_the_grace_from_the_annotation(api, tmp_path):
     agents_start = 1_700_000_000.0
     api.put(secret(KeySet(K2, previous=K1), **{PHASE_ANNOTATION: "promote",
@@ -292,7 +305,13 @@ def test_the_command_line_runs_a_phase_with_a_kubeconfig(api, tmp_path, capsys):
     from tencrypt.cli import main
 
     api.put(secret(KeySet(K2, previous=K1)))
-    api.put(report("node-1", 1, {ring_label(KeySet(K2).fingerprints()): 1}))
+
+    def agent_loads(kind, ns, name):  # an agent whose proxy loads each ring at once
+        if kind == "Secret":
+            keys = secret_keys(api.get("Secret", NS, "tencrypt")["data"])
+            api.put(report("node-1", 1, {ring_label(keys.fingerprints()): 1}))
+    agent_loads("Secret", NS, "tencrypt")
+    api.on_write = agent_loads
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     assert main(["key", "rotate", "-n", NS, "--phase", "drop-previous", "--grace", "0",
                  "--kubeconfig", str(kubeconfig)]) == 0
