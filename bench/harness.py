@@ -82,6 +82,8 @@ class Plan:
     ping_count: int = 20
     rr_seconds: float = 3.0
     soak_seconds: float = 0.0
+    # --peer-binary: label ("wireguard-go v0.0.20250522") -> (system, path of the binary)
+    binaries: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -96,6 +98,24 @@ def _ints(text: str, what: str) -> list[int]:
     if not values or values[0] < 1:
         raise UsageError(f"--{what}: expected positive numbers, not {text!r}")
     return values
+
+
+def peer_binaries(specs: list[str]) -> dict[str, tuple[str, str]]:
+    """``--peer-binary SYSTEM=PATH`` values as {label: (system, path)}; the label is the
+    system and the binary's own ``--version``. Nothing is downloaded or built here."""
+    out: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        system, sep, path = spec.partition("=")
+        if not sep or system not in peers.BINARY_SYSTEMS or not path:
+            raise UsageError(f"--peer-binary: SYSTEM=PATH with SYSTEM one of "
+                             f"{', '.join(peers.BINARY_SYSTEMS)}, not {spec!r}")
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise UsageError(f"--peer-binary: {path} is not an executable file")
+        label = f"{system} {peers.binary_version(path) or os.path.basename(path)}"
+        if label in out or label in ORDER:
+            label = f"{label} ({path})"
+        out[label] = (system, os.path.abspath(path))
+    return out
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -113,7 +133,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
                          f"{args.udp_rate!r}")
     plan = Plan(systems=[s for s in ORDER if s in systems], clients=_ints(args.clients, "clients"),
                 nodes=nodes, duration=args.duration, udp_rate=args.udp_rate, out=Path(args.out),
-                name=args.name, quick=args.quick)
+                name=args.name, quick=args.quick,
+                binaries=peer_binaries(getattr(args, "peer_binary", None) or []))
+    # each extra binary is one more system, measured after the Debian ones and before
+    # Tencrypt (which patches the pods)
+    at = plan.systems.index(TENCRYPT) if TENCRYPT in plan.systems else len(plan.systems)
+    plan.systems[at:at] = list(plan.binaries)
     if args.quick:
         plan.duration = min(plan.duration, QUICK_DURATION)
         plan.clients = QUICK_CLIENTS if args.clients == DEFAULT_CLIENTS else plan.clients
@@ -222,13 +247,17 @@ def open_bench_ports(lab: Lab, pod: Pod) -> None:
 
 
 @contextlib.contextmanager
-def attach(system: str, lab: Lab, a: Pod, b: Pod) -> Iterator[Target]:
+def attach(system: str, lab: Lab, a: Pod, b: Pod,
+           binary: tuple[str, str] | None = None) -> Iterator[Target]:
+    """``binary``: (system, path) of a --peer-binary, run in place of the Debian one."""
+    if binary is not None:
+        system = binary[0]
     if system == VANILLA:
         yield Target(b.vip, b.ip, None, list, "Service VIP via kube-proxy DNAT; ping to the "
                                               "pod IP (a VIP answers no ICMP)")
     elif system in (WIREGUARD, OPENVPN):
         up = peers.wireguard_up if system == WIREGUARD else peers.openvpn_up
-        tun = up(a, b, netns.unique_suffix())
+        tun = up(a, b, netns.unique_suffix(), binary[1] if binary else system)
         try:
             yield Target(tun.server_addr, tun.server_addr, tun.client_if, tun.pids,
                          f"{tun.note}; UDP socket buffers forced to {peers.BUFFER_BYTES >> 20} "
@@ -295,7 +324,7 @@ class Bench:
 
     def system(self, lab: Lab, system: str, a: Pod, b: Pod) -> None:
         nodes, label = len(lab.nodes), f"{_shape(len(lab.nodes))} · {system}"
-        with attach(system, lab, a, b) as target, \
+        with attach(system, lab, a, b, self.plan.binaries.get(system)) as target, \
                 measure.rr_server(b.netns, self.logs / "rr.log"):
             self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
             measure.wait_reachable(a.netns, target.host)
@@ -483,6 +512,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _install(plan: Plan, run: Run, progress: Progress) -> None:
     wanted = [s for s in plan.systems if s in peers.TOOLS]
+    # a --peer-binary brings its daemon, not its tools (wg): those come with the system's
+    wanted += sorted({system for system, _ in plan.binaries.values()} - set(wanted))
     try:
         peers.ensure_tools(wanted, lambda text: progress.say(f"bench: {text}"))
     except (SetupError, subprocess.TimeoutExpired) as exc:
@@ -493,3 +524,8 @@ def _install(plan: Plan, run: Run, progress: Progress) -> None:
     for system in wanted:
         if system in plan.systems:
             run.versions[system] = peers.version(system)
+        elif peers.missing_packages([system]):
+            for label in [k for k, (s, _) in plan.binaries.items() if s == system]:
+                plan.systems.remove(label)
+    for label, (_system, path) in plan.binaries.items():
+        run.versions[label] = path

@@ -7,7 +7,12 @@ shared machine shows what the code costs rather than what the neighbours cost):
 2. the same through ``Tunnel.send`` / ``Tunnel.receive`` (lookup, counters, replay window,
    inner checks on top);
 3. NAT rewrites of a 1400-byte TCP segment through ``core.nat.FlowTable`` (in: VIP -> pod IP,
-   out: pod IP -> VIP), buffer copy included since a rewrite works in place.
+   out: pod IP -> VIP), buffer copy included since a rewrite works in place;
+4. µs per super-packet (SEGMENTS segments of 1440 bytes: 64 KiB of TCP at tenc0's MTU) sealed
+   by ``Tunnel.send_batch`` and opened by ``Tunnel.receive_batch``, per backend: one AEAD call
+   per packet (no backend), core/fastpath.py (pure Python) and tencrypt._fastpath (C) — and
+   the bare ``seal_batch`` / ``open_batch`` calls of each backend, and the split of a 64 KiB
+   TSO frame (core/batch.py: NumPy for python, the backend's ``segment`` for c).
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from collections.abc import Callable
 import cryptography
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from tencrypt import fastpath
 from tencrypt.core import TUNNEL_PORT, wire
+from tencrypt.core import fastpath as pure
+from tencrypt.core.batch import split_tcp_batch
+from tencrypt.core.fastpath import Backend
+from tencrypt.core.replay import ReplayWindow
 from tencrypt.core.session import Tunnel
 from tencrypt.core.stats import Stats
 
@@ -30,6 +40,7 @@ A, B, VIP = "10.128.0.5", "10.128.0.6", "172.30.5.9"
 PSK = bytes(range(1, 33))
 SIZE = 1400
 BATCH = 64  # tencrypt.daemon.BATCH
+SEGMENTS = 45  # a 64 KiB TSO super-packet cut at MSS 1400 (tenc0 MTU 1440)
 
 
 def ipv4(src: str, dst: str, size: int = SIZE, proto: int = 17,
@@ -51,8 +62,8 @@ def best_us(fn: Callable[[int], None], runs: int, n: int) -> float:
     return best / n * 1e6
 
 
-def linked_tunnels() -> tuple[Tunnel, Tunnel]:
-    a, b = Tunnel(PSK, A, Stats()), Tunnel(PSK, B, Stats())
+def linked_tunnels(backend: Backend | None = None) -> tuple[Tunnel, Tunnel]:
+    a, b = Tunnel(PSK, A, Stats(), fastpath=backend), Tunnel(PSK, B, Stats(), fastpath=backend)
     a.send(B, ipv4(A, B), 1.0, 1.7e9)
     for _ in range(3):  # initiation, response, first data
         for datagram, _addr in a.pop_transmits():
@@ -109,6 +120,72 @@ def bench_tunnel(runs: int, n: int) -> dict[str, float]:
     return {"Tunnel.send": best_us(send, runs, n), "Tunnel.receive": best_us(receive, runs, n)}
 
 
+def bench_super_packets(runs: int, n: int) -> dict[str, float]:
+    """µs per super-packet of SEGMENTS segments, sealed and opened, per backend."""
+    backends: list[tuple[str, Backend | None]] = [("one AEAD call per packet", None),
+                                                  ("python", pure)]
+    compiled = fastpath.compiled()
+    if compiled is not None:
+        backends.append(("c", compiled))
+    segments = [bytearray(ipv4(A, B, size=1440, proto=6)) for _ in range(SEGMENTS)]
+    results: dict[str, float] = {}
+    for name, backend in backends:
+        a, b = linked_tunnels(backend)
+
+        def send(k: int, a: Tunnel = a) -> None:
+            for _ in range(k):
+                a.send_batch(B, segments, 2.0, 1.7e9)
+                a.pop_transmits()
+
+        batches = []
+        for _ in range(runs * n):
+            a.send_batch(B, segments, 2.0, 1.7e9)
+            batches.append([bytes(d) for d, _ in a.pop_transmits()])
+        batch_iter = iter(batches)
+
+        def receive(k: int, b: Tunnel = b, batch_iter=batch_iter) -> None:
+            for _ in range(k):
+                if len(b.receive_batch(next(batch_iter), (A, TUNNEL_PORT), 2.0, 1.7e9)) \
+                        != SEGMENTS:
+                    raise AssertionError("a benchmark datagram was dropped")
+
+        results[f"send_batch x{SEGMENTS} [{name}]"] = best_us(send, runs, n)
+        results[f"receive_batch x{SEGMENTS} [{name}]"] = best_us(receive, runs, n)
+    key, source = bytes(32), ipaddress.IPv4Address(A).packed
+    frame, out = _tso_frame(segments), bytearray(2 * 65536)
+    for name, backend in backends[1:]:
+        assert backend is not None
+        sealed = backend.seal_batch(key, 1, 0, segments)
+        datagrams = [sealed[i * 1472:(i + 1) * 1472] for i in range(SEGMENTS)]
+
+        def seal_only(k: int, backend: Backend = backend) -> None:
+            for _ in range(k):
+                backend.seal_batch(key, 1, 0, segments)
+
+        def open_only(k: int, backend: Backend = backend,
+                      datagrams: list[bytes] = datagrams) -> None:
+            for _ in range(k):  # a fresh window each time: every datagram is opened
+                backend.open_batch(key, 1, 2**64 - 1, ReplayWindow(), source, datagrams, 0)
+
+        def split(k: int, backend: Backend = backend) -> None:
+            for _ in range(k):
+                split_tcp_batch(frame, Stats(), out, backend.segment)
+
+        results[f"split_tcp_batch 64 KiB [{name}]"] = best_us(split, runs, n)
+        results[f"seal_batch x{SEGMENTS} [{name}]"] = best_us(seal_only, runs, n)
+        results[f"open_batch x{SEGMENTS} [{name}]"] = best_us(open_only, runs, n)
+    return results
+
+
+def _tso_frame(segments: list[bytearray]) -> bytes:
+    """One TSO frame (virtio-net header, TCPV4) holding the payload of ``segments``."""
+    payload = b"".join(bytes(s[40:]) for s in segments)
+    head = bytearray(segments[0][:40])
+    struct.pack_into("!H", head, 2, 40 + len(payload))
+    hdr = struct.pack("=BBHHHH", 1, 1, 40, len(segments[0]) - 40, 20, 16)
+    return hdr + bytes(head) + payload
+
+
 def bench_nat(runs: int, n: int) -> dict[str, float] | None:
     try:
         from tencrypt.core.nat import FlowTable
@@ -154,6 +231,11 @@ def main() -> None:
         results.update(nat)
     for name, us in results.items():
         print(f"  {name:<28} {us:7.2f} µs")
+    supers = max(1, args.packets // SEGMENTS // 4)
+    print(f"per super-packet ({SEGMENTS} x 1440-byte segments), best of {args.runs} runs x "
+          f"{supers}")
+    for name, us in bench_super_packets(args.runs, supers).items():
+        print(f"  {name:<48} {us:8.1f} µs  ({us / SEGMENTS:5.2f} µs/segment)")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ TOOLS: dict[str, dict[str, str]] = {
 BUFFER_BYTES = 8 * 1024 * 1024  # as tencrypt/linux/sockets.py gives the proxy's socket
 SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32  # asm-generic/socket.h
 SYS_PIDFD_GETFD = 438  # asm-generic/unistd.h (the same number on every architecture)
+BINARY_SYSTEMS = (WIREGUARD, OPENVPN)  # what --peer-binary SYSTEM=PATH may name
 WG_PORT, OVPN_PORT = 51820, 1194
 WG_RUN = Path("/var/run/wireguard")  # shared by all namespaces: interface names must differ
 MTU_OVERHEAD = 80
@@ -132,6 +133,18 @@ def version(system: str) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
+def binary_version(path: str) -> str:
+    """The first line of ``PATH --version`` minus the program's name ("v0.0.20250522" for
+    wireguard-go, "2.6.3" for OpenVPN), or ``""``; the label of a --peer-binary."""
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    words = (proc.stdout or proc.stderr).strip().split("\n", 1)[0].split()
+    return " ".join(words[1:2]) if len(words) > 1 else " ".join(words)
+
+
 # --- socket buffers ------------------------------------------------------------------------
 
 
@@ -199,8 +212,9 @@ def _tunnel(system: str, a: Pod, b: Pod, client_if: str, server_addr: str) -> Tu
     return Tunnel(system, a.netns, b.netns, client_if, server_addr, workdir)
 
 
-def wireguard_up(a: Pod, b: Pod, suffix: str) -> Tunnel:
-    """wireguard-go from ``a`` to ``b``: ``a`` is 10.201.0.1, ``b`` 10.201.0.2."""
+def wireguard_up(a: Pod, b: Pod, suffix: str, binary: str = "wireguard-go") -> Tunnel:
+    """wireguard-go (``binary``: the Debian one, or any other build) from ``a`` to ``b``: ``a``
+    is 10.201.0.1, ``b`` 10.201.0.2."""
     names = {a.name: f"wg{suffix}a", b.name: f"wg{suffix}b"}
     addrs = {a.name: "10.201.0.1", b.name: "10.201.0.2"}
     tun = _tunnel(WIREGUARD, a, b, names[a.name], addrs[b.name])
@@ -212,7 +226,7 @@ def wireguard_up(a: Pod, b: Pod, suffix: str) -> Tunnel:
             sock = WG_RUN / f"{ifname}.sock"
             tun.cleanup_paths.append(sock)
             log = tun.workdir / f"{ifname}.log"
-            proc = netns.spawn(pod.netns, ["wireguard-go", "-f", ifname], log=log,
+            proc = netns.spawn(pod.netns, [binary, "-f", ifname], log=log,
                                env={"WG_PROCESS_FOREGROUND": "1"})
             tun.procs.append(proc)
             _wait(functools.partial(_wg_started, proc, log, sock), f"wireguard-go {ifname}")
@@ -257,7 +271,7 @@ def _certificate(name: str, workdir: Path) -> tuple[Path, Path, str]:
     return cert_file, key_file, fingerprint
 
 
-def openvpn_up(a: Pod, b: Pod, suffix: str) -> Tunnel:
+def openvpn_up(a: Pod, b: Pod, suffix: str, binary: str = "openvpn") -> Tunnel:
     """OpenVPN 2.6 peer-to-peer over UDP with TLS, CHACHA20-POLY1305; ``b`` is the TLS server.
     ``a`` is 10.202.0.1, ``b`` 10.202.0.2."""
     names = {a.name: f"ovpn{suffix}a", b.name: f"ovpn{suffix}b"}
@@ -270,7 +284,7 @@ def openvpn_up(a: Pod, b: Pod, suffix: str) -> Tunnel:
         for pod, peer in ((b, a), (a, b)):  # the TLS server first
             cert, key, _ = certs[pod.name]
             role = ["--tls-server", "--dh", "none"] if pod is b else ["--tls-client"]
-            argv = ["openvpn", "--dev", names[pod.name], "--dev-type", "tun", "--proto", "udp",
+            argv = [binary, "--dev", names[pod.name], "--dev-type", "tun", "--proto", "udp",
                     "--port", str(OVPN_PORT), "--remote", peer.ip,
                     "--ifconfig", addrs[pod.name], addrs[peer.name], "--tun-mtu", str(mtu),
                     "--cert", str(cert), "--key", str(key),

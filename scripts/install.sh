@@ -21,6 +21,12 @@ missing=()
 for bin in "${!PKGS[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("${PKGS[$bin]}")
 done
+# headers the C extension tencrypt._fastpath builds against (setup.py): libcrypto's, and
+# Python's (a Debian python3 needs python3-dev; a python built from source ships its own)
+[ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+if [ -z "${PYTHON:-}" ] && [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+    missing+=(python3-dev)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "install.sh: installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -38,9 +44,19 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.tencrypt-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Reinstalled when the packaging or the C source changed: the editable install builds the
+# extension once, so a changed tencrypt/_fastpath.c needs this to take effect.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+    || [ tencrypt/_fastpath.c -nt "$stamp" ]; then
     echo "install.sh: installing Tencrypt and its Python dependencies into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
     touch "$stamp"
+fi
+# The compiled data path is optional to install but expected here: say so when it is missing.
+if .venv/bin/python -c 'import tencrypt._fastpath' 2>/dev/null; then
+    echo "install.sh: compiled data path: tencrypt._fastpath built"
+else
+    echo "install.sh: WARNING: tencrypt._fastpath was not built (gcc, libssl-dev, Python headers?):" \
+        "the proxy runs the pure-Python data path" >&2
 fi
 echo "install.sh: ready ($(.venv/bin/tencrypt --version))"

@@ -105,6 +105,9 @@ def _dns(p: argparse.ArgumentParser) -> None:
                    help="the cluster's DNS domain (default: cluster.local)")
     p.add_argument("--timeout", type=float, default=2.0,
                    help="seconds before a silent upstream earns the client a SERVFAIL (default: 2)")
+    p.add_argument("--cache-entries", type=int, default=1024, metavar="N",
+                   help="answers kept for repeated queries, each at most for its records' TTL "
+                        "(default: 1024; 0: no cache)")
     p.add_argument("--state-dir", default="/run/tencrypt", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -150,6 +153,10 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)")
     p.add_argument("--out", default="bench/results", help="directory for CSV, markdown and PNG plots")
     p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
+    p.add_argument("--peer-binary", action="append", default=[], metavar="SYSTEM=PATH",
+                   help="also measure this build of a peer (wireguard-go or openvpn) next to the "
+                        "Debian one, labelled with its --version; repeatable. The bench never "
+                        "downloads or builds it")
 
 
 def _node_sync(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,8 @@ Outbound, when tenc0 is readable (``_on_tun``):
     ICMP "fragmentation needed" back (path-MTU discovery); a SYN -> MSS clamped;
  3. NAT out: replies of flows that came in through the tunnel get their Service VIP back;
  4. verdict (core.policy) from the destination's class (core.classify: membership, sessions,
-    DNS): SEAL -> each segment its own datagram (``Tunnel.send``); CLEAR -> re-sent out of the
+    DNS): SEAL -> each segment its own datagram, all of a super-packet sealed by one call of
+    the selected backend (``Tunnel.send_batch``, tencrypt/fastpath.py); CLEAR -> re-sent out of the
     uplink; HOLD -> kept while a reverse (PTR) lookup decides; REFUSE -> dropped, counted, ICMP
     "administratively prohibited" to the local sender. Nothing leaves in the clear unless it
     is positively external (DESIGN §1a); the firewall backs this up in the kernel;
@@ -21,7 +22,9 @@ Outbound, when tenc0 is readable (``_on_tun``):
     one UDP GSO ``sendmsg`` on the batch path.
 Inbound, when the UDP socket is readable (``_on_udp``):
  1. receive up to BATCH datagrams (UDP GRO: many per call on the batch path);
- 2. ``Tunnel.receive``: authenticate, replay window, handshakes (every failure a counted drop);
+ 2. ``Tunnel.receive_batch``: authenticate, replay window (a run of one session's data
+    messages in one call of the selected backend, tencrypt/fastpath.py), handshakes (every
+    failure a counted drop);
     a PeerUp is evidence (the peer's pod IP is internal) and wants a /32 into tenc0;
  3. a packet from a peer whose /32 is not in place yet waits for it (the reply to it must
     not take the uplink, where the firewall would refuse it);
@@ -59,6 +62,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from tencrypt import fastpath
 from tencrypt.core.batch import (
     VNET_HDR_LEN,
     build_gso_vnet_hdr,
@@ -155,10 +159,15 @@ class Proxy:
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
         """``prepare``, then the DNS proxy, the inbound gate (standalone) and the readers."""
+        backend = fastpath.select(os.environ)  # before anything is set up: may refuse to start
         await self.prepare()
         c = self.config
-        log.info("data path: %s (UDP GSO %s, GRO %s)", "batch" if self.batch else "one packet",
-                 "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off")
+        if self.batch:
+            self.tunnel.fastpath = backend
+        log.info("data path: %s (UDP GSO %s, GRO %s), seal/open loops: %s",
+                 "batch" if self.batch else "one packet",
+                 "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off",
+                 fastpath.describe(backend) if self.batch else "one packet per call")
         await self.resolver.start()
         loop = asyncio.get_running_loop()
         if self.strict and not (self.members and self.members.loaded):
@@ -254,7 +263,9 @@ class Proxy:
         if not self.flows.rewrite_outbound(frame[VNET_HDR_LEN:], now):
             return
         dst = _dst(frame[VNET_HDR_LEN:])
-        segments = split_tcp_batch(frame, self.stats, self.split_buffer)
+        backend = self.tunnel.fastpath  # its segment cuts in C when compiled
+        segments = split_tcp_batch(frame, self.stats, self.split_buffer,
+                                   backend.segment if backend is not None else None)
         self.stats.inc(Counter.SUPER_PACKETS_SPLIT)
         self._dispatch(dst, segments, now, wall)
 
@@ -332,12 +343,9 @@ class Proxy:
             if got is None:
                 break
             datagrams, addr = got
-            for data in datagrams:
-                pkt = self.tunnel.receive(data, addr, now, wall)
-                if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
-                    self._on_peer_events(now)
-                if pkt is not None:
-                    opened.append(pkt)
+            opened += self.tunnel.receive_batch(datagrams, addr, now, wall)
+            if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
+                self._on_peer_events(now)
             if len(opened) >= BATCH:
                 self._inject(self._routed(opened), now)
                 opened = []

@@ -71,7 +71,8 @@ def resolve_config(args: Any, pod: PodConfig | None,
     config = DnsConfig(upstream=parse_hostport(upstream, 53), domain=domain.rstrip("."),
                        cluster_domain=args.cluster_domain.rstrip("."),
                        listen=parse_hostport(args.listen, 53), timeout=args.timeout,
-                       fwmark=pod.fwmark if pod is not None else None)
+                       fwmark=pod.fwmark if pod is not None else None,
+                       cache_entries=max(0, getattr(args, "cache_entries", 1024)))
     if config.upstream == config.listen:
         raise UsageError(f"the upstream {upstream} is this proxy itself: give --upstream")
     return config

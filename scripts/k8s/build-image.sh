@@ -63,7 +63,7 @@ fi
 
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx" ${root:+"$root"}' EXIT
-tar -C "$repo" --exclude=__pycache__ --exclude='*.egg-info' -c pyproject.toml README.md \
+tar -C "$repo" --exclude=__pycache__ --exclude='*.egg-info' -c pyproject.toml setup.py README.md \
     tencrypt scripts | tar -C "$ctx" -x
 args=()
 [ -z "$base" ] || args+=(--build-arg "BASE_IMAGE=$base")

@@ -38,16 +38,17 @@ Rules:
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
-
-import numpy as np
 
 from tencrypt.core.packet import pseudo_sum
 from tencrypt.core.stats import DropReason, Stats
 
 Buffer = bytes | bytearray | memoryview
+# (packet, ihl, thl, total, mss, out) -> stride: writes the segments into ``out`` (big enough),
+# one every stride bytes — _segment's work, e.g. the compiled tencrypt._fastpath.segment
+Segmenter = Callable[[Buffer, int, int, int, int, bytearray], int]
 
 # struct virtio_net_hdr, linux/virtio_net.h
 VNET_HDR_LEN = 10
@@ -141,6 +142,8 @@ def ones_sum(buf: Buffer, start: int, end: int) -> int:
     if n < 2048:
         total = int.from_bytes(buf[start:end], "big")
         return (total << 8 if n & 1 else total) % _M
+    import numpy as np  # here, not at the top: 15 MB a proxy on the compiled path never needs
+
     words = n >> 2
     le = int(np.frombuffer(buf, dtype="<u4", count=words, offset=start).sum(dtype=np.uint64))
     tail = int.from_bytes(bytes(buf[start + 4 * words:end]).ljust(4, b"\0"), "little")
@@ -154,11 +157,13 @@ def csum_field(total: int) -> int:
 
 # --- split --------------------------------------------------------------------------------------
 
-def split_tcp_batch(frame: Buffer, stats: Stats, out: bytearray | None = None) -> list[memoryview]:
+def split_tcp_batch(frame: Buffer, stats: Stats, out: bytearray | None = None,
+                    segment: Segmenter | None = None) -> list[memoryview]:
     """The IPv4 packets of one frame read from tenc0 with a virtio-net header (rules 2-5).
 
     A TSO super-packet becomes its ``gso_size`` segments; any other IPv4 packet comes back as
-    one packet, its checksum completed if the header asks for it.
+    one packet, its checksum completed if the header asks for it. ``segment`` (with an ``out``
+    big enough) does the cutting instead of NumPy, byte for byte the same.
     """
     if len(frame) < VNET_HDR_LEN + 20:
         stats.drop(DropReason.MALFORMED_PACKET)
@@ -183,7 +188,7 @@ def split_tcp_batch(frame: Buffer, stats: Stats, out: bytearray | None = None) -
     if total < ihl + 20 or not 20 <= (pkt[ihl + 12] >> 4) << 2 <= total - ihl:
         stats.drop(DropReason.MALFORMED_PACKET)
         return []
-    return _segment(pkt, ihl, (pkt[ihl + 12] >> 4) << 2, total, gso_size, out)
+    return _segment(pkt, ihl, (pkt[ihl + 12] >> 4) << 2, total, gso_size, out, segment)
 
 
 def _complete(pkt: memoryview, proto: int, flags: int, start: int, offset: int,
@@ -204,14 +209,23 @@ def _complete(pkt: memoryview, proto: int, flags: int, start: int, offset: int,
 
 
 def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
-             out: bytearray | None) -> list[memoryview]:
-    """Vectorised segmentation (rules 2-4). Inlined on purpose: each NumPy call costs ~1 µs."""
+             out: bytearray | None, segment: Segmenter | None = None) -> list[memoryview]:
+    """Vectorised segmentation (rules 2-4). Inlined on purpose: each NumPy call costs ~1 µs.
+    NumPy is imported on first use: a compiled ``segment`` leaves it unloaded (memory)."""
     hlen = ihl + thl
     payload = total - hlen
     n = max(1, -(-payload // mss))
     last = payload - (n - 1) * mss
     stride = (hlen + mss + 3) & ~3
     size = n * stride
+    if segment is not None and out is not None and len(out) >= size:
+        stride = segment(pkt, ihl, thl, total, mss, out)
+        view = memoryview(out)
+        cut = [view[i * stride:i * stride + hlen + mss] for i in range(n - 1)]
+        cut.append(view[(n - 1) * stride:(n - 1) * stride + hlen + last])
+        return cut
+    import numpy as np
+
     if out is not None and len(out) >= size:
         buf = out
     else:

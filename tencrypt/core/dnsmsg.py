@@ -16,6 +16,9 @@ Rules:
 5. The table is bounded: past ``max_pending`` in-flight queries a new one is answered
    SERVFAIL at once and counted (DropReason.DNS_TOO_MANY_PENDING).
 6. Nothing here raises on bad input: each bad message is a counted drop (core.stats).
+7. With a ``cache`` (core/dnscache.py), a client's query (``on_query(..., cache=True)``) is
+   answered from it when it holds a live answer (CACHED: counted ``dns_cache_hits``, never
+   forwarded), and the upstream's answers to client queries are offered to it.
 
 Pure: ``now`` is passed in, randomness is injected (``rand16``), and the caller owns the sockets.
 All deadlines are ``now + timeout`` with one timeout, so insertion order is deadline order and
@@ -29,6 +32,7 @@ import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dnslib import RCODE, DNSError, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.label import DNSBuffer
@@ -49,6 +53,7 @@ QuestionKey = tuple[tuple[bytes, ...], int, int]
 class QueryVerdict(enum.Enum):
     FORWARD = "forward"  # send ``data`` upstream
     REPLY = "reply"  # send ``data`` back to the client (an error we answer ourselves)
+    CACHED = "cached"  # send ``data`` back to the client: a live answer from the cache
     DROP = "drop"  # counted, nothing to send
 
 
@@ -76,6 +81,15 @@ class Answered:
     record: DNSRecord | None  # the parsed answer, for classification; None if unreadable
 
 
+class Cache(Protocol):
+    """What rule 7 needs of a cache: core/dnscache.py's ``AnswerCache``."""
+
+    def lookup(self, query: Parsed, client_id: int, now: float) -> bytes | None: ...
+    def store(self, query: Parsed, answer: bytes, record: DNSRecord, now: float) -> bool: ...
+    def expire(self, now: float) -> int: ...
+    def __len__(self) -> int: ...
+
+
 @dataclass(slots=True)
 class Pending:
     client: object  # opaque to this module: a socket address, or a lookup of the proxy's own
@@ -83,6 +97,7 @@ class Pending:
     header: DNSHeader
     question: DNSQuestion
     deadline: float
+    query: Parsed | None = None  # kept for the cache (rule 7): the client's parsed query
 
 
 def question_key(q: DNSQuestion) -> QuestionKey:
@@ -161,6 +176,7 @@ class PendingTable:
     timeout: float = 2.0
     max_pending: int = 4096
     rand16: Callable[[], int] = _default_rand16
+    cache: Cache | None = None
     _by_id: dict[int, Pending] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -171,23 +187,33 @@ class PendingTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def on_query(self, data: bytes, client: object, now: float) -> QueryOutcome:
-        """A client's query: forward it under a fresh ID, or answer it ourselves (rules 1,3,5)."""
+    def on_query(self, data: bytes, client: object, now: float,
+                 cache: bool = False) -> QueryOutcome:
+        """A client's query: forward it under a fresh ID, or answer it ourselves (rules 1,3,5),
+        from the cache when ``cache`` (rule 7)."""
         parsed, refused = check_query(data, self.stats)
         if parsed is None or parsed.question is None:
             return refused or QueryOutcome(QueryVerdict.DROP)
+        use_cache = cache and self.cache is not None
+        if use_cache and self.cache is not None:
+            hit = self.cache.lookup(parsed, parsed.header.id, now)
+            if hit is not None:
+                self.stats.inc(Counter.DNS_CACHE_HITS)
+                return QueryOutcome(QueryVerdict.CACHED, hit)
         upstream_id = self._free_id()
         if upstream_id is None:
             self.stats.drop(DropReason.DNS_TOO_MANY_PENDING)
             return QueryOutcome(QueryVerdict.REPLY,
                                 build_error(parsed.header, parsed.question, RCODE.SERVFAIL))
         self._by_id[upstream_id] = Pending(client, parsed.header.id, parsed.header,
-                                           parsed.question, now + self.timeout)
+                                           parsed.question, now + self.timeout,
+                                           parsed if use_cache else None)
         self.stats.inc(Counter.DNS_QUERIES)
         return QueryOutcome(QueryVerdict.FORWARD, rewrite_id(data, upstream_id))
 
-    def on_answer(self, data: bytes) -> Answered | None:
-        """An upstream datagram: the client it answers and the bytes it gets (rule 2)."""
+    def on_answer(self, data: bytes, now: float | None = None) -> Answered | None:
+        """An upstream datagram: the client it answers and the bytes it gets (rule 2); with
+        ``now``, an answer to a client's query is offered to the cache (rule 7)."""
         if len(data) > MAX_MESSAGE:
             self.stats.drop(DropReason.DNS_TOO_BIG)
             return None
@@ -210,6 +236,8 @@ class PendingTable:
             return Answered(pending.client,
                             build_error(pending.header, pending.question, RCODE.SERVFAIL), None)
         self.stats.inc(Counter.DNS_ANSWERS)
+        if self.cache is not None and pending.query is not None and now is not None:
+            self.cache.store(pending.query, data, parsed.record, now)
         return Answered(pending.client, rewrite_id(data, pending.client_id), parsed.record)
 
     def on_timer(self, now: float) -> list[tuple[object, bytes]]:

@@ -29,10 +29,13 @@ Keygen = Callable[[], X25519PrivateKey]
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """The two directions of a new session, as one ChaCha20Poly1305 object each."""
+    """The two directions of a new session, as one ChaCha20Poly1305 object each, and as the
+    raw 32-byte keys (what the batch loops of core/fastpath.py take)."""
 
     send: ChaCha20Poly1305
     recv: ChaCha20Poly1305
+    send_key: bytes | None = None
+    recv_key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +54,8 @@ def _keys(state: HandshakeState) -> Keys:
     first, second = state.result
     assert first.aead is not None and second.aead is not None
     if state.initiator:
-        return Keys(send=first.aead, recv=second.aead)
-    return Keys(send=second.aead, recv=first.aead)
+        return Keys(first.aead, second.aead, first.key, second.key)
+    return Keys(second.aead, first.aead, second.key, first.key)
 
 
 class Templates:

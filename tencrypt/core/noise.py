@@ -69,14 +69,16 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
 class CipherState:
     """§5.1: a key (or none) and a 64-bit nonce counter."""
 
-    __slots__ = ("aead", "n")
+    __slots__ = ("aead", "key", "n")
 
     def __init__(self, key: bytes | None = None) -> None:
         self.aead: ChaCha20Poly1305 | None = None if key is None else ChaCha20Poly1305(key)
+        self.key = key  # the raw key too: the compiled data path (core/fastpath.py) takes it
         self.n = 0
 
     def initialize_key(self, key: bytes) -> None:
         self.aead = ChaCha20Poly1305(key)
+        self.key = key
         self.n = 0
 
     def has_key(self) -> bool:

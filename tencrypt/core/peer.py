@@ -95,12 +95,16 @@ class Session:
     forget_at: float
     send_counter: int = 0
     replay: ReplayWindow = field(default_factory=ReplayWindow)
+    send_key: bytes | None = None  # the raw keys, for the batch loops (core/fastpath.py)
+    recv_key: bytes | None = None
     key: str = ""  # fingerprint of the project key of its handshake (core/keyring.py)
 
     def expire(self) -> None:
         """Drop the keys: from now on the session only answers EXPIRED_SESSION."""
         self.send_aead = None
         self.recv_aead = None
+        self.send_key = None
+        self.recv_key = None
 
 
 @dataclass(slots=True, eq=False)

@@ -11,6 +11,9 @@ Rules:
   ring) is counter ``c``. Advancing clears only the blocks the window slides into, so an
   in-order packet costs a few small-int operations. The ring holds 128 blocks, more than the
   65 that a 4096-counter span can touch, so every counter inside the window has its own bit.
+- The ring is a writable buffer of native u64 words (a memoryview cast to ``"Q"``), never
+  replaced, only written: the compiled open loop (core/fastpath.py, tencrypt/_fastpath.c)
+  reads and marks the same words, and ``top`` is the one other piece of state.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from __future__ import annotations
 WINDOW = 4096  # counters; the design asks for at least 2048 packets of reordering tolerance
 _RING = 128  # blocks of 64 bits (a power of two: the index is a mask)
 _RING_MASK = _RING - 1
+_ZEROS = memoryview(bytes(8 * _RING)).cast("Q")
+
+
+def _new_ring() -> memoryview:
+    return memoryview(bytearray(8 * _RING)).cast("Q")
 
 
 class ReplayWindow:
@@ -25,7 +33,7 @@ class ReplayWindow:
 
     def __init__(self) -> None:
         self.top = -1  # nothing seen yet
-        self.ring = [0] * _RING
+        self.ring = _new_ring()
 
     def check(self, counter: int) -> bool:
         diff = self.top - counter
@@ -46,7 +54,7 @@ class ReplayWindow:
             elif gap >= _RING:
                 # A jump past the whole ring forgets everything (counters are 64-bit: never
                 # loop over the gap).
-                self.ring = ring = [0] * _RING
+                ring[:] = _ZEROS
             elif gap:
                 for b in range((top >> 6) + 1, block + 1):
                     ring[b & _RING_MASK] = 0

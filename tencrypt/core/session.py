@@ -61,7 +61,8 @@ from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tencrypt.core import TUNNEL_PORT, handshake, wire
+from tencrypt.core import TUNNEL_PORT, fastpath, handshake, wire
+from tencrypt.core.fastpath import Backend
 from tencrypt.core.gate import Gate
 from tencrypt.core.handshake import Keys
 from tencrypt.core.identity import (
@@ -104,10 +105,12 @@ class Tunnel:
                  limits: Limits = _DEFAULT_LIMITS, port: int = TUNNEL_PORT,
                  rng: Callable[[int], bytes] = secrets.token_bytes,
                  keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
-                 identity: ClaimPolicy | None = None) -> None:
+                 identity: ClaimPolicy | None = None, fastpath: Backend | None = None) -> None:
         """``psk``: the key ring (rule 10), or one project key as a ring of one.
         ``identity`` binds claimed pod IPs to the network (rule 9). The daemon always
-        passes one; None (no binding, today's unit tests) is for tests only."""
+        passes one; None (no binding, today's unit tests) is for tests only. ``fastpath``: the
+        batch loops of ``send_batch`` and ``receive_batch`` (core/fastpath.py, or the compiled
+        twin that tencrypt/fastpath.py selects); None seals and opens one packet per call."""
         if not isinstance(psk, KeyRing) and len(psk) != 32:
             raise ValueError("psk must be 32 bytes (see core.psk.parse_psk)")
         self.pod_ip = pod_ip
@@ -116,9 +119,10 @@ class Tunnel:
         self.limits = limits
         self.port = port
         self._identity = identity
+        self.fastpath = fastpath
         self._gate = Gate(psk, keygen, limits)
         self.table = Sessions(rng, limits, stats)
-        self._transmits: list[tuple[bytes, Endpoint]] = []
+        self._transmits: list[tuple[Buffer, Endpoint]] = []
         self._last_stamp_ns = 0
         self.handshakes_by_key: dict[str, int] = {}  # fingerprint -> sessions made with it
         self.key_mismatch = KeyMismatches()
@@ -162,10 +166,21 @@ class Tunnel:
         assert aead is not None
         out, seal = self._transmits, wire.seal
         nbytes = 0
-        for packet in packets:
-            out.append((seal(aead, index, counter, packet), endpoint))
-            counter += 1
-            nbytes += len(packet)
+        if self.fastpath is not None and s.send_key is not None:
+            # one call seals them all into one buffer; the views keep it alive until sent
+            view = memoryview(self.fastpath.seal_batch(s.send_key, index, counter, packets))
+            pos = 0
+            for packet in packets:
+                size = len(packet)
+                out.append((view[pos:pos + size + wire.DATA_OVERHEAD], endpoint))
+                pos += size + wire.DATA_OVERHEAD
+                nbytes += size
+            counter += n
+        else:
+            for packet in packets:
+                out.append((seal(aead, index, counter, packet), endpoint))
+                counter += 1
+                nbytes += len(packet)
         s.send_counter = counter
         peer.keepalive_due = None
         if peer.stale_due is None:
@@ -194,7 +209,30 @@ class Tunnel:
             self.stats.drop(DropReason.UNKNOWN_TYPE)
         return None
 
-    def pop_transmits(self) -> list[tuple[bytes, Endpoint]]:
+    def receive_batch(self, datagrams: Sequence[Buffer], addr: Endpoint, now: float,
+                      wall: float) -> list[bytes]:
+        """``receive`` for the datagrams of one read from ``addr``, in order: the authenticated
+        inner packets. With a ``fastpath``, each run of data messages of one live session is
+        opened by one call (core/fastpath.py rules 2-3); anything else takes ``receive``."""
+        out: list[bytes] = []
+        i, n = 0, len(datagrams)
+        while i < n:
+            datagram = datagrams[i]
+            if self.fastpath is not None and len(datagram) >= wire.DATA_OVERHEAD:
+                word, index, _ = _DATA_HEADER.unpack_from(datagram)
+                s = self.table.by_index.get(index) if word == wire.TYPE_DATA else None
+                if s is not None and s.recv_key is not None and now < s.expires_at:
+                    stop = self._open_run(s, datagrams, i, addr, now, wall, out)
+                    if stop > i:
+                        i = stop
+                        continue
+            packet = self.receive(datagram, addr, now, wall)
+            if packet is not None:
+                out.append(packet)
+            i += 1
+        return out
+
+    def pop_transmits(self) -> list[tuple[Buffer, Endpoint]]:
         """Datagrams to send, in order, with their destination (ip, port)."""
         out, self._transmits = self._transmits, []
         return out
@@ -289,6 +327,32 @@ class Tunnel:
         counters[Counter.PACKETS_OPENED] = counters.get(Counter.PACKETS_OPENED, 0) + 1
         counters[Counter.BYTES_OPENED] = counters.get(Counter.BYTES_OPENED, 0) + n
         return packet
+
+    def _open_run(self, s: Session, datagrams: Sequence[Buffer], start: int, addr: Endpoint,
+                  now: float, wall: float, out: list[bytes]) -> int:
+        """``_on_data`` for a run of ``s``'s messages from ``start``: the loop (counter limit,
+        replay, AEAD, inner checks) in one call, then what authenticated traffic changes
+        about the peer, once. Returns where the run stopped."""
+        assert self.fastpath is not None and s.recv_key is not None
+        peer = s.peer
+        stop, packets, c = self.fastpath.open_batch(
+            s.recv_key, s.local_index, self.limits.reject_after_messages, s.replay,
+            b"".join(peer.allowed) + s.pod_ip, datagrams, start)
+        fastpath.count(self.stats, c, len(packets))
+        authenticated, keepalives = c[fastpath.AUTHENTICATED], c[fastpath.KEEPALIVES]
+        if authenticated:
+            peer.stale_due = None
+            peer.endpoint = addr
+            peer.confirmed = True
+            if not s.confirmed:
+                self._confirm(peer, s, now)
+            if (s.initiator and now >= s.renew_at and peer.pending is None
+                    and peer.current is s):
+                self._initiate(peer, now, wall, rekey=True)
+            if authenticated > keepalives and peer.keepalive_due is None:
+                peer.keepalive_due = now + self.limits.keepalive_timeout
+        out.extend(packets)
+        return stop
 
     def _confirm(self, peer: Peer, s: Session, now: float) -> None:
         """Rule 4: the initiator used our responder session, so it has the keys too."""
@@ -550,7 +614,7 @@ class Tunnel:
         s = Session(index, remote_index, keys.send, keys.recv, initiator, initiator, pod_ip, peer,
                     rekey_at=now + limits.rekey_after_time, renew_at=renew_at,
                     expires_at=expires_at, forget_at=expires_at + limits.tombstone_time,
-                    key=key)
+                    send_key=keys.send_key, recv_key=keys.recv_key, key=key)
         self.table.by_index[index] = s
         self.handshakes_by_key[key] = self.handshakes_by_key.get(key, 0) + 1
         return s

@@ -115,6 +115,7 @@ class Counter(enum.StrEnum):
     DNS_TCP_QUERIES = "dns_tcp_queries"
     DNS_UPSTREAM_ERRORS = "dns_upstream_errors"
     DNS_CLIENT_ERRORS = "dns_client_errors"
+    DNS_CACHE_HITS = "dns_cache_hits"
     # routes and firewall (linux/effects.py)
     ROUTES_ADDED = "routes_added"
     ROUTES_REMOVED = "routes_removed"

@@ -2,7 +2,9 @@
 
 A UDP query goes through these stages:
 1. ``_on_client_datagram``: the client's datagram on 127.0.0.1:53 → ``PendingTable.on_query``:
-   a fresh random ID, or an error we answer ourselves (FORMERR, SERVFAIL when full), or a drop.
+   a live answer from the cache (core/dnscache.py: bounded by the records' TTLs, never served
+   past them, and never classified again), a fresh random ID, or an error we answer
+   ourselves (FORMERR, SERVFAIL when full), or a drop.
 2. Sent on the ONE long-lived upstream UDP socket (connected: the kernel drops datagrams from
    anyone but the cluster DNS server; marked with the bypass fwmark when setup gave one).
 3. ``_on_upstream_datagram``: ``PendingTable.on_answer`` matches ID and question, then
@@ -45,6 +47,7 @@ from typing import Any
 from dnslib import RCODE, DNSRecord
 
 from tencrypt.core.classify import AddrClass, Change, ClassTable, Domains
+from tencrypt.core.dnscache import AnswerCache
 from tencrypt.core.dnsmsg import (
     MAX_QUERY,
     PendingTable,
@@ -82,6 +85,7 @@ class DnsConfig:
     tcp_idle_timeout: float = 10.0
     min_ttl: float = 30.0
     negative_ttl: float = 30.0
+    cache_entries: int = 1024  # answers kept for repeated UDP queries; 0: no cache
 
     @classmethod
     def from_pod(cls, pod: PodConfig, **overrides: Any) -> DnsConfig:
@@ -178,7 +182,9 @@ class DnsProxy:
         if not isinstance(config, DnsConfig):
             config = DnsConfig.from_pod(config)
         self.config, self.stats, self.on_change = config, stats, on_change
-        self.pending = PendingTable(stats, timeout=config.timeout, max_pending=config.max_pending)
+        cache = AnswerCache(config.cache_entries) if config.cache_entries > 0 else None
+        self.pending = PendingTable(stats, timeout=config.timeout, max_pending=config.max_pending,
+                                    cache=cache)
         self.table = ClassTable(Domains.of(config.domain, config.cluster_domain),
                                 min_ttl=config.min_ttl, negative_ttl=config.negative_ttl)
         self.rlog = RateLimitedLog(log)
@@ -300,8 +306,10 @@ class DnsProxy:
     # -- UDP -------------------------------------------------------------------------------
 
     def _on_client_datagram(self, data: bytes, addr: Any) -> None:
-        outcome = self.pending.on_query(data, addr, time.monotonic())
-        if outcome.verdict is QueryVerdict.FORWARD:
+        outcome = self.pending.on_query(data, addr, time.monotonic(), cache=True)
+        if outcome.verdict is QueryVerdict.CACHED:
+            self._reply(addr, outcome.data)
+        elif outcome.verdict is QueryVerdict.FORWARD:
             assert self._upstream is not None
             self._upstream.sendto(outcome.data)
             self._arm_timer()
@@ -313,13 +321,14 @@ class DnsProxy:
                            len(data))
 
     def _on_upstream_datagram(self, data: bytes, addr: Any) -> None:
-        answered = self.pending.on_answer(data)
+        now = time.monotonic()
+        answered = self.pending.on_answer(data, now)
         if answered is None:
             self.rlog.warn("answer-drop", "DNS answer from upstream dropped (%d bytes)",
                            len(data))
             return
         if answered.record is not None:
-            self._notify(self.table.on_answer(answered.record, time.monotonic()))
+            self._notify(self.table.on_answer(answered.record, now))
         self._deliver(answered.client, answered.reply, answered.record)
 
     def _deliver(self, client: object, reply: bytes, record: DNSRecord | None) -> None:
@@ -422,7 +431,10 @@ class DnsProxy:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self._notify(self.table.expire(time.monotonic()))
+            now = time.monotonic()
+            self._notify(self.table.expire(now))
+            if self.pending.cache is not None:
+                self.pending.cache.expire(now)
 
     def _notify(self, changes: list[Change]) -> None:
         if changes and self.on_change is not None:

@@ -41,7 +41,7 @@ from tencrypt.core.podconfig import (
     tun_mtu,
 )
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.linux import firewall, netlink, nfqueue, procs
+from tencrypt.linux import firewall, nfqueue, procs
 from tencrypt.linux.keyfile import LOADED_FILE
 
 log = logging.getLogger("tencrypt.setup")
@@ -90,6 +90,8 @@ def load_config(state_dir: str | Path) -> PodConfig:
 
 
 def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupState:
+    from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
+
     dev = args.dev
     uplink = netlink.link(dev)
     if uplink is None:
@@ -176,6 +178,8 @@ def _file_id(path: str) -> tuple[int, int]:
 
 
 def setup(args: argparse.Namespace) -> PodConfig:
+    from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
+
     directory = namespace_state_dir(args.state_dir)
     previous = SetupState.load(directory)
     state = discover(args, previous)
@@ -198,6 +202,8 @@ def setup(args: argparse.Namespace) -> PodConfig:
 
 
 def undo(state_dir: str) -> bool:
+    from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
+
     directory = namespace_state_dir(state_dir)
     state = SetupState.load(directory)
     if state is None:
@@ -227,6 +233,8 @@ def undo(state_dir: str) -> bool:
 
 
 def _on_link_subnet(dev: str) -> str | None:
+    from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
+
     addr = netlink.ipv4_address(dev)
     if not addr:
         return None

@@ -99,6 +99,7 @@ class DnsProcess:
 
     def __init__(self, ns: str, log: Path, *args: str) -> None:
         self.ns, self.log = ns, log
+        self.listen = args[args.index("--listen") + 1] if "--listen" in args else "127.0.0.1:53"
         self.proc = netns.spawn(ns, [TENCRYPT, "dns", "--log-level", "debug", *args], log=log)
         netns.wait_for(self._listening, timeout=30, what=f"tencrypt dns in {ns}")
 
@@ -106,9 +107,10 @@ class DnsProcess:
         if self.proc.poll() is not None:
             raise AssertionError(f"tencrypt dns exited {self.proc.returncode}:\n"
                                  f"{self.log.read_text()}")
-        udp = netns.run(self.ns, ["ss", "-Hlnu", "sport = :53"], check=False).stdout
-        tcp = netns.run(self.ns, ["ss", "-Hlnt", "sport = :53"], check=False).stdout
-        return "127.0.0.1:53" in udp and "127.0.0.1:53" in tcp
+        port = self.listen.rsplit(":", 1)[1]
+        udp = netns.run(self.ns, ["ss", "-Hlnu", f"sport = :{port}"], check=False).stdout
+        tcp = netns.run(self.ns, ["ss", "-Hlnt", f"sport = :{port}"], check=False).stdout
+        return self.listen in udp and self.listen in tcp
 
     def stats(self) -> dict:
         """Ask for a stats line (SIGUSR1) and return the newest one."""
@@ -137,8 +139,10 @@ def pod(lab):
 @pytest.fixture(scope="module")
 def proxy(lab, pod, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dns")
+    # No answer cache here: these tests compare the relay byte for byte with the upstream and
+    # stop the upstream; test_repeated_queries_are_answered_from_the_cache runs its own.
     p = DnsProcess(pod.netns, tmp / "dns.log", "--listen", "127.0.0.1:53", "--upstream", DNS_IP,
-                   "--domain", DOMAIN, "--state-dir", str(tmp / "state"))
+                   "--domain", DOMAIN, "--state-dir", str(tmp / "state"), "--cache-entries", "0")
     try:
         yield p
     finally:
@@ -448,6 +452,43 @@ def test_reverse_classification_is_coalesced_and_cached(pod):
                               ["172.17.0.13", None, "external"],
                               ["172.30.0.11", None, "internal"]]
     assert out["size"] == 3
+
+
+def test_repeated_queries_are_answered_from_the_cache(lab, pod, tmp_path):
+    """A second proxy with the answer cache (the default): a repeated query is answered while
+    the upstream is stopped, with its TTL counted down, without a new upstream query or any
+    new classification; once the records' TTL has passed it is not (SERVFAIL)."""
+    p = DnsProcess(pod.netns, tmp_path / "dns.log", "--listen", "127.0.0.1:5355", "--upstream",
+                   DNS_IP, "--domain", DOMAIN, "--state-dir", str(tmp_path / "state"))
+    name = "nginx2.myproject.svc.cluster.local"
+    try:
+        [direct] = ask(pod.netns, [query(name, qid=0x0101)], DNS_IP)
+        [first] = ask(pod.netns, [query(name, qid=0x0202)], port=5355)
+        assert first[2:] == direct[2:]  # the first answer is the upstream's, byte for byte
+        ttl = DNSRecord.parse(first).rr[0].ttl
+        assert ttl == clusterdns.DNS_TTL
+        before = p.stats()
+        stop_dnsmasq(lab)
+        try:
+            [cached] = ask(pod.netns, [query(name.upper(), qid=0x0303)], port=5355)
+            rec = DNSRecord.parse(cached)
+            assert rec.header.id == 0x0303 and rec.header.rcode == RCODE.NOERROR
+            assert [str(rr.rdata) for rr in rec.rr] == ["172.30.0.12"]
+            assert 0 < rec.rr[0].ttl <= ttl
+            after = p.stats()
+            assert after["counters"]["dns_cache_hits"] == 1
+            assert after["counters"]["dns_queries"] == before["counters"]["dns_queries"]
+            assert after["table"] == before["table"]  # nothing learned again
+            # never past the TTL: once it has run out the upstream is asked (and is silent)
+            netns.wait_for(lambda: DNSRecord.parse(
+                ask(pod.netns, [query(name, qid=0x0404)], port=5355)[0]).header.rcode
+                == RCODE.SERVFAIL, timeout=ttl + 10, what="the cached answer's expiry")
+            assert p.stats()["drops"].get("dns_upstream_timeout", 0) >= 1
+        finally:
+            start_dnsmasq(lab)
+    finally:
+        log = p.stop()
+        assert p.proc.returncode == 0 and "Traceback" not in log, log
 
 
 # -- routes (needs `tencrypt setup`) ------------------------------------------------------

@@ -267,3 +267,33 @@ def test_write_all_writes_csv_markdown_and_a_png_per_shape(tmp_path) -> None:  #
     for png in paths[2:]:
         assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "![TCP throughput, 2 nodes (VXLAN)](latest-tcp-2nodes.png)" in paths[1].read_text()
+
+
+def fake_binary(tmp_path, name: str, first_line: str):
+    path = tmp_path / name
+    path.write_text(f"#!/bin/sh\necho '{first_line}'\necho\necho 'Userspace WireGuard daemon'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_peer_binaries_are_extra_systems_labelled_with_their_version(tmp_path) -> None:
+    wg = fake_binary(tmp_path, "wireguard-go", "wireguard-go v0.0.20250522")
+    plan = harness.build_plan(args(peer_binary=[f"wireguard-go={wg}"]))
+    label = "wireguard-go v0.0.20250522"
+    assert plan.systems == [VANILLA, WIREGUARD, OPENVPN, label, TENCRYPT]
+    assert plan.binaries == {label: (WIREGUARD, wg)}
+    assert len(harness.estimates(plan)) == 2 * 5 * 7 + 1
+    other = fake_binary(tmp_path, "wg2", "wireguard-go v0.0.20250522")
+    plan = harness.build_plan(args(systems="tencrypt", peer_binary=[f"wireguard-go={wg}",
+                                                                  f"wireguard-go={other}"]))
+    assert plan.systems == [label, f"{label} ({other})", TENCRYPT]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("wireguard-go", "SYSTEM=PATH"),
+    ("ipsec=/bin/true", "SYSTEM=PATH"),
+    ("wireguard-go=/nonexistent/wg", "not an executable"),
+])
+def test_bad_peer_binaries_are_usage_errors(spec: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        harness.build_plan(args(peer_binary=[spec]))

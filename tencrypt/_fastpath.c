@@ -1,0 +1,582 @@
+/* tencrypt._fastpath: the data path's loops in C, one call per batch.
+ *
+ * tencrypt/core/fastpath.py is the specification: the same two functions, the same
+ * arguments, the same bytes, counts and replay state (tests/unit/test_fastpath.py runs both
+ * and compares them). Read its rules first; this file only says how.
+ *
+ *  - ChaCha20-Poly1305 (RFC 8439) from the system's libcrypto (EVP), fetched once at import.
+ *  - Each call takes the Python buffers it needs (Py_buffer exports keep them alive and
+ *    unresizable), then releases the GIL for the whole loop: sealing and opening of one
+ *    batch run while the other thread (or the event loop) holds the interpreter.
+ *  - Bad input from the network never raises: it is a count. Only misuse by the caller
+ *    (wrong key size, a replay ring of the wrong shape) or a failing libcrypto raises.
+ *  - The limited API of Python 3.11 (abi3): one build serves every later CPython.
+ */
+#define Py_LIMITED_API 0x030B0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+
+#define KEY_LEN 32
+#define HEADER_LEN 16
+#define TAG_LEN 16
+#define OVERHEAD (HEADER_LEN + TAG_LEN)
+#define TYPE_DATA 4u
+#define WINDOW 4096u /* core/replay.py WINDOW */
+#define RING 128u    /* core/replay.py _RING: blocks of 64 counters */
+
+/* the order of core/fastpath.py COUNTS */
+enum { AUTHENTICATED, KEEPALIVES, EXPIRED, REPLAY, BAD_TAG, NOT_IPV4, BAD_SOURCE, BYTES_OPENED,
+       NCOUNTS };
+
+static EVP_CIPHER *chacha; /* owned: EVP_CIPHER_fetch once, not an implicit fetch per init */
+
+static void put_le32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void put_le64(unsigned char *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint32_t get_le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t get_le64(const unsigned char *p) {
+    return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
+}
+
+/* Export a buffer of every item of ``seq`` from ``start`` on; NULL with an exception set. */
+static Py_buffer *get_buffers(PyObject *seq, Py_ssize_t start, Py_ssize_t *count) {
+    Py_ssize_t n = PySequence_Size(seq);
+    if (n < 0) return NULL;
+    if (start < 0) start = 0;
+    if (start > n) start = n;
+    Py_ssize_t k = n - start;
+    Py_buffer *bufs = PyMem_Calloc(k ? (size_t)k : 1, sizeof(Py_buffer));
+    if (bufs == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *item = PySequence_GetItem(seq, start + i);
+        int failed = item == NULL || PyObject_GetBuffer(item, &bufs[i], PyBUF_SIMPLE) < 0;
+        Py_XDECREF(item);
+        if (failed) {
+            for (Py_ssize_t j = 0; j < i; j++) PyBuffer_Release(&bufs[j]);
+            PyMem_Free(bufs);
+            return NULL;
+        }
+    }
+    *count = k;
+    return bufs;
+}
+
+static void release_buffers(Py_buffer *bufs, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+}
+
+static void build_header(unsigned char *out, uint32_t index, uint64_t counter) {
+    put_le32(out, TYPE_DATA);
+    put_le32(out + 4, index);
+    put_le64(out + 8, counter);
+}
+
+/* The nonce of a data message: 4 zero bytes || the header's counter (bytes 8..16). */
+static void build_nonce(unsigned char *nonce, const unsigned char *header) {
+    memset(nonce, 0, 4);
+    memcpy(nonce + 4, header + 8, 8);
+}
+
+/* RFC 8439 §2.8 AEAD_CHACHA20_POLY1305: ``out`` gets the ciphertext then the tag. ``key`` is
+ * NULL when the context already holds it: only the nonce changes (measured: setting the key
+ * again per message costs about a third of sealing a 1440-byte packet). */
+static int seal_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
+                     const unsigned char *aad, int aad_len, const unsigned char *plain, int len,
+                     unsigned char *out) {
+    int outl = 0;
+    return EVP_EncryptInit_ex(ctx, NULL, NULL, key, nonce)
+           && EVP_EncryptUpdate(ctx, NULL, &outl, aad, aad_len)
+           && EVP_EncryptUpdate(ctx, out, &outl, plain, len)
+           && EVP_EncryptFinal_ex(ctx, out + outl, &outl)
+           && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + len);
+}
+
+/* The inverse: 1 when the tag verified (``plain`` holds ``len - 16`` bytes), 0 when it did
+ * not, -1 when libcrypto itself failed. */
+static int open_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
+                     const unsigned char *aad, int aad_len, const unsigned char *sealed, int len,
+                     unsigned char *plain) {
+    int n = len - TAG_LEN, outl = 0;
+    unsigned char tag[TAG_LEN];
+    memcpy(tag, sealed + n, TAG_LEN);
+    if (!(EVP_DecryptInit_ex(ctx, NULL, NULL, key, nonce)
+          && EVP_DecryptUpdate(ctx, NULL, &outl, aad, aad_len)
+          && EVP_DecryptUpdate(ctx, plain, &outl, sealed, n)
+          && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, tag)))
+        return -1;
+    if (EVP_DecryptFinal_ex(ctx, plain + outl, &outl) <= 0) {
+        ERR_clear_error();
+        return 0;
+    }
+    return 1;
+}
+
+/* ---- seal_batch ------------------------------------------------------------------------ */
+
+static PyObject *seal_batch(PyObject *self, PyObject *args) {
+    const unsigned char *key;
+    Py_ssize_t key_len, count = 0;
+    unsigned long index;
+    unsigned long long counter;
+    PyObject *packets;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#kKO:seal_batch", &key, &key_len, &index, &counter, &packets))
+        return NULL;
+    if (key_len != KEY_LEN || index > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_ValueError, "seal_batch: a 32-byte key and a u32 index");
+        return NULL;
+    }
+    Py_buffer *bufs = get_buffers(packets, 0, &count);
+    if (bufs == NULL) return NULL;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (bufs[i].len > INT_MAX - OVERHEAD || total > PY_SSIZE_T_MAX - bufs[i].len - OVERHEAD) {
+            release_buffers(bufs, count);
+            PyErr_SetString(PyExc_OverflowError, "seal_batch: packet too large");
+            return NULL;
+        }
+        total += bufs[i].len + OVERHEAD;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL) {
+        release_buffers(bufs, count);
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AsString(result);
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    ok = ctx != NULL && EVP_EncryptInit_ex(ctx, chacha, NULL, key, NULL);
+    unsigned char nonce[12];
+    for (Py_ssize_t i = 0; ok && i < count; i++) {
+        int len = (int)bufs[i].len;
+        build_header(out, (uint32_t)index, (uint64_t)counter + (uint64_t)i);
+        build_nonce(nonce, out);
+        ok = seal_into(ctx, NULL, nonce, out, HEADER_LEN, bufs[i].buf, len, out + HEADER_LEN);
+        out += HEADER_LEN + len + TAG_LEN;
+    }
+    if (!ok) ERR_clear_error();
+    EVP_CIPHER_CTX_free(ctx);
+    Py_END_ALLOW_THREADS
+    release_buffers(bufs, count);
+    if (!ok) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_RuntimeError, "seal_batch: libcrypto failed");
+        return NULL;
+    }
+    return result;
+}
+
+/* ---- the replay window: core/replay.py, word for word ------------------------------------ */
+
+typedef struct {
+    uint64_t *ring; /* RING native u64 words: the ReplayWindow's own buffer */
+    uint64_t top;
+    int empty; /* top == -1 in Python: nothing marked yet */
+} Window;
+
+static int window_check(const Window *w, uint64_t counter) {
+    if (w->empty || counter > w->top) return 1;
+    if (w->top - counter >= WINDOW) return 0;
+    return !((w->ring[(counter >> 6) & (RING - 1)] >> (counter & 63)) & 1);
+}
+
+static void window_update(Window *w, uint64_t counter) {
+    if (w->empty || counter > w->top) {
+        uint64_t block = counter >> 6;
+        /* Python's top >> 6 is -1 for top == -1: the gap is then block + 1 */
+        uint64_t gap = w->empty ? block + 1 : block - (w->top >> 6);
+        if (gap == 1) {
+            w->ring[block & (RING - 1)] = 0;
+        } else if (gap >= RING) {
+            memset(w->ring, 0, RING * sizeof(uint64_t));
+        } else if (gap) {
+            for (uint64_t b = block - gap + 1; b <= block; b++) w->ring[b & (RING - 1)] = 0;
+        }
+        w->top = counter;
+        w->empty = 0;
+        w->ring[block & (RING - 1)] |= (uint64_t)1 << (counter & 63);
+    } else if (w->top - counter < WINDOW) {
+        w->ring[(counter >> 6) & (RING - 1)] |= (uint64_t)1 << (counter & 63);
+    }
+}
+
+/* ---- open_batch ------------------------------------------------------------------------ */
+
+typedef struct {
+    Py_ssize_t offset, len; /* an accepted packet in the scratch buffer */
+} Span;
+
+static int source_allowed(const unsigned char *src, const unsigned char *allowed,
+                          Py_ssize_t allowed_len) {
+    for (Py_ssize_t i = 0; i + 4 <= allowed_len; i += 4)
+        if (memcmp(src, allowed + i, 4) == 0) return 1;
+    return 0;
+}
+
+/* One message of the session (rule 2's stages); returns 0 when libcrypto itself failed. */
+static int open_one(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *msg,
+                    Py_ssize_t len, uint64_t limit, Window *w, const unsigned char *allowed,
+                    Py_ssize_t allowed_len, unsigned char *plain, Py_ssize_t *accepted,
+                    Py_ssize_t *counts) {
+    uint64_t counter = get_le64(msg + 8);
+    *accepted = -1;
+    if (counter >= limit) {
+        counts[EXPIRED]++;
+        return 1;
+    }
+    if (!window_check(w, counter)) {
+        counts[REPLAY]++;
+        return 1;
+    }
+    int n = (int)(len - OVERHEAD);
+    unsigned char nonce[12];
+    build_nonce(nonce, msg);
+    int verified = open_into(ctx, key, nonce, msg, HEADER_LEN, msg + HEADER_LEN,
+                             (int)(len - HEADER_LEN), plain);
+    if (verified < 0) return 0;
+    if (!verified) {
+        counts[BAD_TAG]++;
+        return 1;
+    }
+    window_update(w, counter);
+    counts[AUTHENTICATED]++;
+    if (n == 0) {
+        counts[KEEPALIVES]++;
+    } else if (n < 20 || plain[0] < 0x45 || plain[0] > 0x4F || (plain[2] << 8 | plain[3]) != n) {
+        counts[NOT_IPV4]++;
+    } else if (!source_allowed(plain + 12, allowed, allowed_len)) {
+        counts[BAD_SOURCE]++;
+    } else {
+        counts[BYTES_OPENED] += n;
+        *accepted = n;
+    }
+    return 1;
+}
+
+/* The ReplayWindow's ring (writable, RING u64 words) and top. */
+static int get_window(PyObject *window, Py_buffer *ring, Window *w) {
+    PyObject *ring_obj = PyObject_GetAttrString(window, "ring");
+    if (ring_obj == NULL) return -1;
+    int failed = PyObject_GetBuffer(ring_obj, ring, PyBUF_WRITABLE) < 0;
+    Py_DECREF(ring_obj);
+    if (failed) return -1;
+    if (ring->len != (Py_ssize_t)(RING * sizeof(uint64_t))) {
+        PyBuffer_Release(ring);
+        PyErr_SetString(PyExc_ValueError, "open_batch: the replay ring is 128 u64 words");
+        return -1;
+    }
+    PyObject *top = PyObject_GetAttrString(window, "top");
+    if (top == NULL) {
+        PyBuffer_Release(ring);
+        return -1;
+    }
+    long long signed_top = PyLong_AsLongLongAndOverflow(top, &failed);
+    w->empty = !failed && signed_top < 0;
+    w->top = w->empty ? 0 : PyLong_AsUnsignedLongLong(top);
+    Py_DECREF(top);
+    if (PyErr_Occurred()) {
+        PyBuffer_Release(ring);
+        return -1;
+    }
+    w->ring = (uint64_t *)ring->buf;
+    return 0;
+}
+
+static PyObject *build_result(Py_ssize_t stop, const unsigned char *scratch, const Span *spans,
+                              Py_ssize_t accepted, const Py_ssize_t *counts) {
+    PyObject *list = PyList_New(accepted);
+    PyObject *tuple = PyTuple_New(NCOUNTS);
+    if (list == NULL || tuple == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < accepted; i++) {
+        PyObject *packet = PyBytes_FromStringAndSize((const char *)scratch + spans[i].offset,
+                                                     spans[i].len);
+        if (packet == NULL || PyList_SetItem(list, i, packet) < 0) goto fail;
+    }
+    for (int i = 0; i < NCOUNTS; i++) {
+        PyObject *v = PyLong_FromSsize_t(counts[i]);
+        if (v == NULL || PyTuple_SetItem(tuple, i, v) < 0) goto fail;
+    }
+    return Py_BuildValue("nNN", stop, list, tuple);
+fail:
+    Py_XDECREF(list);
+    Py_XDECREF(tuple);
+    return NULL;
+}
+
+static PyObject *open_batch(PyObject *self, PyObject *args) {
+    const unsigned char *key, *allowed;
+    Py_ssize_t key_len, allowed_len, start, count = 0;
+    unsigned long index;
+    unsigned long long limit;
+    PyObject *window_obj, *datagrams;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#kKOy#On:open_batch", &key, &key_len, &index, &limit,
+                          &window_obj, &allowed, &allowed_len, &datagrams, &start))
+        return NULL;
+    if (key_len != KEY_LEN) {
+        PyErr_SetString(PyExc_ValueError, "open_batch: a 32-byte key");
+        return NULL;
+    }
+    Py_buffer ring;
+    Window w;
+    if (get_window(window_obj, &ring, &w) < 0) return NULL;
+    Py_ssize_t first = start < 0 ? 0 : start;
+    Py_buffer *bufs = get_buffers(datagrams, first, &count);
+    if (bufs == NULL) {
+        PyBuffer_Release(&ring);
+        return NULL;
+    }
+    Py_ssize_t scratch_len = 1;
+    for (Py_ssize_t i = 0; i < count; i++) scratch_len += bufs[i].len;
+    unsigned char *scratch = PyMem_Malloc((size_t)scratch_len);
+    Span *spans = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(Span));
+    Py_ssize_t counts[NCOUNTS] = {0}, accepted = 0, used = 0, i = 0;
+    int ok = scratch != NULL && spans != NULL;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+        ok = ctx != NULL && EVP_DecryptInit_ex(ctx, chacha, NULL, key, NULL);
+        for (; ok && i < count; i++) {
+            const unsigned char *msg = bufs[i].buf;
+            Py_ssize_t len = bufs[i].len, n = -1;
+            if (len < OVERHEAD || len > INT_MAX || get_le32(msg) != TYPE_DATA
+                || get_le32(msg + 4) != index)
+                break; /* not this session's: the caller's */
+            ok = open_one(ctx, NULL, msg, len, (uint64_t)limit, &w, allowed, allowed_len,
+                          scratch + used, &n, counts);
+            if (ok && n >= 0) {
+                spans[accepted].offset = used;
+                spans[accepted].len = n;
+                accepted++;
+                used += n;
+            }
+        }
+        if (!ok) ERR_clear_error();
+        EVP_CIPHER_CTX_free(ctx);
+        Py_END_ALLOW_THREADS
+    }
+    release_buffers(bufs, count);
+    PyBuffer_Release(&ring);
+    PyObject *result = NULL;
+    if (scratch == NULL || spans == NULL) {
+        PyErr_NoMemory();
+    } else if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "open_batch: libcrypto failed");
+    } else {
+        PyObject *top = w.empty ? PyLong_FromLong(-1) : PyLong_FromUnsignedLongLong(w.top);
+        if (top != NULL && PyObject_SetAttrString(window_obj, "top", top) == 0)
+            result = build_result(first + i, scratch, spans, accepted, counts);
+        Py_XDECREF(top);
+    }
+    PyMem_Free(scratch);
+    PyMem_Free(spans);
+    return result;
+}
+
+/* ---- one message, any nonce and associated data: for the RFC 8439 vectors ------------- */
+
+static PyObject *aead(PyObject *args, int encrypt) {
+    const unsigned char *key, *nonce, *aad, *data;
+    Py_ssize_t key_len, nonce_len, aad_len, data_len;
+    if (!PyArg_ParseTuple(args, "y#y#y#y#", &key, &key_len, &nonce, &nonce_len, &aad, &aad_len,
+                          &data, &data_len))
+        return NULL;
+    if (key_len != KEY_LEN || nonce_len != 12 || aad_len > INT_MAX || data_len > INT_MAX - TAG_LEN
+        || (!encrypt && data_len < TAG_LEN)) {
+        PyErr_SetString(PyExc_ValueError, "a 32-byte key, a 12-byte nonce, a tag to open");
+        return NULL;
+    }
+    Py_ssize_t out_len = encrypt ? data_len + TAG_LEN : data_len - TAG_LEN;
+    unsigned char *out = PyMem_Malloc((size_t)out_len + 1);
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    int r = out != NULL && ctx != NULL && EVP_CipherInit_ex(ctx, chacha, NULL, NULL, NULL, encrypt);
+    if (r) {
+        r = encrypt ? seal_into(ctx, key, nonce, aad, (int)aad_len, data, (int)data_len, out)
+                    : open_into(ctx, key, nonce, aad, (int)aad_len, data, (int)data_len, out);
+    } else {
+        r = -1;
+    }
+    EVP_CIPHER_CTX_free(ctx);
+    PyObject *result;
+    if (r > 0) {
+        result = PyBytes_FromStringAndSize((const char *)out, out_len);
+    } else if (r == 0 && !encrypt) {
+        result = Py_NewRef(Py_None);
+    } else {
+        ERR_clear_error();
+        result = NULL;
+        PyErr_SetString(PyExc_RuntimeError, "libcrypto failed");
+    }
+    PyMem_Free(out);
+    return result;
+}
+
+static PyObject *aead_seal(PyObject *self, PyObject *args) {
+    (void)self;
+    return aead(args, 1);
+}
+
+static PyObject *aead_open(PyObject *self, PyObject *args) {
+    (void)self;
+    return aead(args, 0);
+}
+
+/* ---- segment: core/batch.py rules 2-4 for one TSO super-packet ---------------------------- */
+
+#define FIN 0x01
+#define PSH 0x08
+#define CWR 0x80
+
+/* Sum of big-endian 16-bit words (an odd last byte padded with zero), modulo 0xFFFF. On a
+ * little-endian machine 8 bytes at a time: the sum of the byte-swapped words times 256 is the
+ * big-endian sum, modulo 0xFFFF (RFC 1071 §2(B); batch.py's ones_sum does the same). */
+static uint64_t be_sum(const unsigned char *p, Py_ssize_t len) {
+    uint64_t sum = 0;
+    Py_ssize_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        sum += (w & 0xFFFFFFFFu) + (w >> 32);
+    }
+    uint64_t tail = 0;
+    memcpy(&tail, p + i, (size_t)(len - i));
+    sum += (tail & 0xFFFFFFFFu) + (tail >> 32);
+    return (sum % 0xFFFF) * 256 % 0xFFFF;
+#else
+    for (; i + 1 < len; i += 2) sum += (uint64_t)(p[i] << 8 | p[i + 1]);
+    if (i < len) sum += (uint64_t)p[i] << 8;
+    return sum % 0xFFFF;
+#endif
+}
+
+/* The checksum field for a region whose sum is ``sum``: -sum modulo 0xFFFF, as batch.py's
+ * csum_field computes it (never 0xFFFF). */
+static unsigned csum_field(uint64_t sum) {
+    return (unsigned)((0xFFFF - sum % 0xFFFF) % 0xFFFF);
+}
+
+static void put_be16(unsigned char *p, unsigned v) {
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+/* segment(packet, ihl, thl, total, mss, out) -> stride: the super-packet's segments written
+ * into ``out``, segment i at i * stride (hlen + mss rounded up to 4), the last one hlen + the
+ * rest of the payload long: byte for byte what core/batch.py's _segment makes. The caller
+ * checked the headers (split_tcp_batch) and sized ``out``; misuse raises ValueError. */
+static PyObject *segment(PyObject *self, PyObject *args) {
+    Py_buffer pkt, out;
+    Py_ssize_t ihl, thl, total, mss;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*:segment", &pkt, &ihl, &thl, &total, &mss, &out))
+        return NULL;
+    Py_ssize_t hlen = ihl + thl, payload = total - hlen;
+    Py_ssize_t n = payload > 0 ? (payload + mss - 1) / mss : 1;
+    Py_ssize_t stride = (hlen + mss + 3) & ~(Py_ssize_t)3;
+    if (ihl < 20 || thl < 20 || mss <= 0 || mss > 0xFFFF || payload < 0 || total > pkt.len
+        || hlen > 120 || n * stride > out.len) {
+        PyBuffer_Release(&pkt);
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "segment: headers or buffer sizes out of range");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *src = pkt.buf;
+    unsigned char *buf = out.buf;
+    unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
+    uint32_t seq0 = (uint32_t)src[ihl + 4] << 24 | (uint32_t)src[ihl + 5] << 16
+                    | (uint32_t)src[ihl + 6] << 8 | src[ihl + 7];
+    uint64_t pseudo = be_sum(src + 12, 8) + 6;  /* addresses and protocol; length per row */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char *row = buf + i * stride;
+        Py_ssize_t size = i < n - 1 ? mss : payload - (n - 1) * mss;
+        unsigned row_flags = flags & ~(unsigned)(FIN | PSH | CWR);
+        if (n == 1) row_flags = flags;
+        else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
+        else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
+        memcpy(row, src, (size_t)hlen);
+        memcpy(row + hlen, src + hlen + i * mss, (size_t)size);
+        put_be16(row + 2, (unsigned)(hlen + size));
+        put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
+        put_be16(row + 10, 0);
+        uint32_t seq = seq0 + (uint32_t)((uint64_t)i * (uint64_t)mss);
+        row[ihl + 4] = (unsigned char)(seq >> 24);
+        row[ihl + 5] = (unsigned char)(seq >> 16);
+        row[ihl + 6] = (unsigned char)(seq >> 8);
+        row[ihl + 7] = (unsigned char)seq;
+        row[ihl + 13] = (unsigned char)row_flags;
+        put_be16(row + ihl + 16, 0);
+        put_be16(row + 10, csum_field(be_sum(row, ihl)));
+        uint64_t tcp = be_sum(row + ihl, thl + size) + pseudo + (uint64_t)(thl + size);
+        put_be16(row + ihl + 16, csum_field(tcp));
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&pkt);
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(stride);
+}
+
+/* ---- the module ------------------------------------------------------------------------ */
+
+static PyMethodDef methods[] = {
+    {"seal_batch", seal_batch, METH_VARARGS,
+     "seal_batch(key, receiver_index, counter, packets) -> bytes: core/fastpath.py rule 1"},
+    {"open_batch", open_batch, METH_VARARGS,
+     "open_batch(key, receiver_index, limit, window, allowed, datagrams, start)"
+     " -> (stop, packets, counts): core/fastpath.py rule 2"},
+    {"segment", segment, METH_VARARGS,
+     "segment(packet, ihl, thl, total, mss, out) -> stride: core/batch.py _segment"},
+    {"aead_seal", aead_seal, METH_VARARGS,
+     "aead_seal(key, nonce, aad, plaintext) -> ciphertext || tag (RFC 8439 2.8)"},
+    {"aead_open", aead_open, METH_VARARGS,
+     "aead_open(key, nonce, aad, ciphertext || tag) -> plaintext, or None on a bad tag"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "tencrypt._fastpath",
+    "The data path's seal and open loops in C; core/fastpath.py is the specification.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    chacha = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+#else
+    chacha = (EVP_CIPHER *)EVP_chacha20_poly1305();
+#endif
+    if (chacha == NULL) {
+        ERR_clear_error();
+        PyErr_SetString(PyExc_ImportError, "libcrypto has no ChaCha20-Poly1305");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddStringConstant(m, "NAME", "c") < 0
+        || PyModule_AddStringConstant(m, "OPENSSL", OPENSSL_VERSION_TEXT) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,152 @@
+"""The data path's loops, one call per batch: the pure-Python specification of
+``tencrypt/_fastpath.c``. Both have this module's API and must give the same bytes, the same
+counts and leave the same replay state; tests/unit/test_fastpath.py runs every test against
+both and a differential test feeds both the same random input.
+
+Rules:
+1. ``seal_batch(key, receiver_index, counter, packets)`` seals packet ``i`` into one data
+   message (core/wire.py: the 16-byte header ``4, 0, 0, 0 || receiver_index u32 LE || counter
+   + i u64 LE`` as associated data, nonce ``4 zero bytes || counter + i LE``, tag 16) and lays
+   the messages back to back in one new buffer: the packets of one TSO super-packet (equal
+   sizes but the last) come out ready for one UDP GSO send. It cannot fail on input: any
+   buffer is a plaintext. The caller owns the counters (``counter + len(packets)`` is next).
+2. ``open_batch(key, receiver_index, limit, window, allowed, datagrams, start)`` walks
+   ``datagrams`` from ``start`` and stops at the first one that is not a data message of this
+   session (shorter than 32 bytes, a first word other than 4, another receiver index): it
+   returns that position, and the caller hands the rest to ``Tunnel.receive``. Each message
+   of the session passes the stages of ``Tunnel._on_data`` in its order: counter at or above
+   ``limit`` (EXPIRED), replay check (REPLAY), AEAD (BAD_TAG), replay mark (only now), then
+   the plaintext: empty is a keepalive; otherwise an IPv4 packet (first byte 0x45..0x4f, the
+   total length exact: NOT_IPV4) whose source is one of the 4-byte addresses in ``allowed``
+   (BAD_SOURCE) is returned. Nothing raises; every message is counted exactly once.
+3. The per-session checks (index known, keys held, not expired) and what an authenticated
+   message changes about its peer are the caller's, once per batch (``Tunnel.receive_batch``).
+4. ``segment(packet, ihl, thl, total, mss, out)`` cuts a TSO super-packet whose headers
+   ``core.batch.split_tcp_batch`` checked into its MSS segments, written into ``out`` one
+   every ``stride`` bytes (returned): core/batch.py rules 2-4, byte for byte.
+5. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
+   native u64 words, ``top`` an int; the C loop reads and writes the same two.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from tencrypt.core import batch
+from tencrypt.core.replay import ReplayWindow
+from tencrypt.core.stats import Counter, DropReason, Stats
+
+Buffer = bytes | bytearray | memoryview
+
+NAME = "python"
+DATA_OVERHEAD = 32  # wire.DATA_OVERHEAD: header 16 + tag 16
+_HEADER = struct.Struct("<IIQ")
+_NONCE_PAD = b"\x00\x00\x00\x00"
+
+# The fields of ``open_batch``'s counts tuple, in order.
+COUNTS = ("authenticated", "keepalives", "expired", "replay", "bad_tag", "not_ipv4",
+          "bad_source", "bytes_opened")
+AUTHENTICATED, KEEPALIVES, EXPIRED, REPLAY, BAD_TAG, NOT_IPV4, BAD_SOURCE, BYTES_OPENED = range(8)
+
+OpenResult = tuple[int, list[bytes], tuple[int, ...]]
+_DROPS = ((EXPIRED, DropReason.EXPIRED_SESSION), (REPLAY, DropReason.REPLAY),
+          (BAD_TAG, DropReason.BAD_TAG), (NOT_IPV4, DropReason.NOT_IPV4),
+          (BAD_SOURCE, DropReason.BAD_SOURCE))
+
+
+class Backend(Protocol):
+    """What ``Tunnel`` needs of a backend: this module, or the compiled ``tencrypt._fastpath``."""
+
+    NAME: str
+
+    def seal_batch(self, key: bytes, receiver_index: int, counter: int,
+                   packets: Sequence[Buffer]) -> bytes: ...
+
+    def open_batch(self, key: bytes, receiver_index: int, limit: int, window: ReplayWindow,
+                   allowed: bytes, datagrams: Sequence[Buffer], start: int) -> OpenResult: ...
+
+    def segment(self, packet: Buffer, ihl: int, thl: int, total: int, mss: int,
+                out: bytearray) -> int: ...
+
+
+def seal_batch(key: bytes, receiver_index: int, counter: int,
+               packets: Sequence[Buffer]) -> bytes:
+    """Rule 1."""
+    aead = ChaCha20Poly1305(key)
+    pack = _HEADER.pack
+    parts: list[bytes] = []
+    for packet in packets:
+        header = pack(4, receiver_index, counter)
+        parts.append(header)
+        parts.append(aead.encrypt(_NONCE_PAD + header[8:], packet, header))
+        counter += 1
+    return b"".join(parts)
+
+
+def open_batch(key: bytes, receiver_index: int, limit: int, window: ReplayWindow,
+               allowed: bytes, datagrams: Sequence[Buffer], start: int) -> OpenResult:
+    """Rule 2: ``(stop, packets, counts)``; ``counts`` in the order of ``COUNTS``."""
+    aead = ChaCha20Poly1305(key)
+    sources = {bytes(allowed[i:i + 4]) for i in range(0, len(allowed) - 3, 4)}
+    counts = [0] * len(COUNTS)
+    packets: list[bytes] = []
+    i = start
+    for i in range(start, len(datagrams)):
+        view = memoryview(datagrams[i])
+        if len(view) < DATA_OVERHEAD:
+            break
+        word, index, counter = _HEADER.unpack_from(view)
+        if word != 4 or index != receiver_index:
+            break
+        if counter >= limit:
+            counts[EXPIRED] += 1
+            continue
+        if not window.check(counter):
+            counts[REPLAY] += 1
+            continue
+        try:
+            packet = aead.decrypt(_NONCE_PAD + view[8:16], view[16:], view[:16])
+        except InvalidTag:
+            counts[BAD_TAG] += 1
+            continue
+        window.update(counter)
+        counts[AUTHENTICATED] += 1
+        n = len(packet)
+        if n == 0:
+            counts[KEEPALIVES] += 1
+        elif n < 20 or not 0x45 <= packet[0] <= 0x4F or (packet[2] << 8 | packet[3]) != n:
+            counts[NOT_IPV4] += 1
+        elif packet[12:16] not in sources:
+            counts[BAD_SOURCE] += 1
+        else:
+            counts[BYTES_OPENED] += n
+            packets.append(packet)
+    else:
+        i = len(datagrams)
+    return i, packets, tuple(counts)
+
+
+def segment(packet: Buffer, ihl: int, thl: int, total: int, mss: int, out: bytearray) -> int:
+    """Rule 4: NumPy's segmentation (core/batch.py), into ``out``."""
+    stride = (ihl + thl + mss + 3) & ~3
+    if len(out) < max(1, -(-(total - ihl - thl) // mss)) * stride:
+        raise ValueError("segment: out is too small")
+    batch._segment(memoryview(packet), ihl, thl, total, mss, out)
+    return stride
+
+
+def count(stats: Stats, counts: Sequence[int], opened: int) -> None:
+    """Record one ``open_batch`` in ``stats`` under the names ``Tunnel._on_data`` uses."""
+    for field, reason in _DROPS:
+        if counts[field]:
+            stats.drop(reason, counts[field])
+    if counts[KEEPALIVES]:
+        stats.inc(Counter.KEEPALIVES_RECEIVED, counts[KEEPALIVES])
+    if opened:
+        stats.inc(Counter.PACKETS_OPENED, opened)
+        stats.inc(Counter.BYTES_OPENED, counts[BYTES_OPENED])

@@ -1,0 +1,172 @@
+"""The DNS answer cache (core/dnscache.py) and its use by the pending table (core/dnsmsg.py
+rule 7): TTL bounds, RFC 2308 negative answers, counted-down TTLs, keys, size caps."""
+
+from __future__ import annotations
+
+import struct
+
+from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tencrypt.core.dnscache import AnswerCache, answer_lifetime, ttl_offsets
+from tencrypt.core.dnsmsg import PendingTable, QueryVerdict, parse_message
+from tencrypt.core.stats import Stats
+from tests.unit.test_dnsmsg import NAME, answer_to, query
+
+
+def negative(upstream_query: bytes, rcode=RCODE.NXDOMAIN, soa_ttl=300, minimum=60) -> bytes:
+    reply = DNSRecord.parse(upstream_query).reply()
+    reply.header.rcode = rcode
+    reply.add_auth(RR("cluster.local", QTYPE.SOA, ttl=soa_ttl,
+                      rdata=SOA("ns.cluster.local", "hostmaster.cluster.local",
+                                (1, 7200, 1800, 86400, minimum))))
+    return reply.pack()
+
+
+def table() -> PendingTable:
+    ids = iter(range(1000, 60000, 7))
+    return PendingTable(Stats(), rand16=lambda: next(ids), cache=AnswerCache(max_entries=4))
+
+
+def ask(t: PendingTable, data: bytes, now: float, answer=None):
+    """One client query at ``now``; if forwarded, the upstream answers with ``answer(q)``."""
+    out = t.on_query(data, ("127.0.0.1", 5353), now, cache=True)
+    if out.verdict is QueryVerdict.FORWARD and answer is not None:
+        answered = t.on_answer(answer(out.data), now)
+        assert answered is not None
+        return out.verdict, answered.reply
+    return out.verdict, out.data
+
+
+def ttls(message: bytes) -> list[int]:
+    return [rr.ttl for rr in DNSRecord.parse(message).rr]
+
+
+def test_a_repeated_query_is_answered_from_the_cache_with_counted_down_ttls():
+    t = table()
+    verdict, first = ask(t, query(qid=1), 100.0, lambda q: answer_to(q, ttl=30))
+    assert verdict is QueryVerdict.FORWARD and ttls(first) == [30]
+    verdict, again = ask(t, query(qid=2), 112.7, None)
+    assert verdict is QueryVerdict.CACHED
+    assert DNSRecord.parse(again).header.id == 2 and ttls(again) == [18]
+    assert again[2:] != first[2:] and DNSRecord.parse(again).rr[0].rdata == A("172.30.1.10")
+    assert t.stats.get("dns_cache_hits") == 1 and t.stats.get("dns_queries") == 1
+
+
+def test_never_served_at_or_past_the_ttl():
+    t = table()
+    ask(t, query(), 100.0, lambda q: answer_to(q, ttl=30))
+    assert ask(t, query(), 129.99)[0] is QueryVerdict.CACHED
+    assert ask(t, query(), 130.0)[0] is QueryVerdict.FORWARD
+    assert len(t.cache) == 0
+
+
+def test_the_smallest_ttl_of_answer_and_authority_bounds_the_entry():
+    def two(q):
+        reply = DNSRecord.parse(answer_to(q, ttl=300))
+        reply.add_answer(RR(NAME, QTYPE.A, rdata=A("172.30.1.11"), ttl=7))
+        return reply.pack()
+    t = table()
+    ask(t, query(), 0.0, two)
+    assert ask(t, query(), 6.9)[0] is QueryVerdict.CACHED
+    assert ask(t, query(), 7.0)[0] is QueryVerdict.FORWARD
+
+
+def test_negative_answers_live_for_the_soa_minimum_rfc2308():
+    t = table()
+    ask(t, query(), 0.0, lambda q: negative(q, soa_ttl=300, minimum=60))
+    verdict, data = ask(t, query(qid=9), 59.0)
+    assert verdict is QueryVerdict.CACHED and DNSRecord.parse(data).header.rcode == RCODE.NXDOMAIN
+    assert DNSRecord.parse(data).auth[0].ttl == 300 - 59
+    assert ask(t, query(), 60.0)[0] is QueryVerdict.FORWARD
+    t = table()  # the SOA's own TTL when it is the smaller one; NODATA alike
+    ask(t, query(), 0.0, lambda q: negative(q, rcode=RCODE.NOERROR, soa_ttl=10, minimum=60))
+    assert ask(t, query(), 9.0)[0] is QueryVerdict.CACHED
+    assert ask(t, query(), 10.0)[0] is QueryVerdict.FORWARD
+
+
+def test_what_is_never_kept():
+    def truncated(q):
+        r = DNSRecord.parse(answer_to(q))
+        r.header.tc = 1
+        return r.pack()
+    cases = [
+        lambda q: answer_to(q, rcode=RCODE.SERVFAIL, ip=None),
+        lambda q: answer_to(q, ip=None, rcode=RCODE.NXDOMAIN),  # no SOA: no negative TTL
+        lambda q: answer_to(q, ttl=0),
+        truncated,
+    ]
+    for answer in cases:
+        t = table()
+        ask(t, query(), 0.0, answer)
+        assert len(t.cache) == 0 and ask(t, query(), 0.5)[0] is QueryVerdict.FORWARD
+
+
+def test_queries_that_may_get_different_answers_do_not_share_an_entry():
+    t = table()
+    ask(t, query(), 0.0, lambda q: answer_to(q))
+    assert ask(t, query(rd=0), 1.0)[0] is QueryVerdict.FORWARD
+    assert ask(t, query(qtype="AAAA"), 1.0)[0] is QueryVerdict.FORWARD
+    assert ask(t, query(name=NAME.upper()), 1.0)[0] is QueryVerdict.CACHED  # case-insensitive
+    q = DNSRecord.parse(query())
+    q.add_ar(EDNS0(udp_len=1232, flags="do"))
+    assert ask(t, q.pack(), 1.0)[0] is QueryVerdict.FORWARD
+
+
+def test_an_answer_too_big_for_the_client_goes_upstream():
+    def big(q):
+        reply = DNSRecord.parse(answer_to(q))
+        for i in range(40):
+            reply.add_answer(RR(NAME, QTYPE.A, rdata=A(f"172.30.2.{i}"), ttl=30))
+        return reply.pack()
+    t = table()
+    edns = DNSRecord.parse(query())
+    edns.add_ar(EDNS0(udp_len=1232))
+    ask(t, edns.pack(), 0.0, big)
+    assert ask(t, edns.pack(), 1.0)[0] is QueryVerdict.CACHED
+    t2 = table()
+    ask(t2, query(), 0.0, big)  # kept, but a 512-byte client never gets it from us
+    assert len(t2.cache) == 1 and ask(t2, query(), 1.0)[0] is QueryVerdict.FORWARD
+
+
+def test_the_cache_is_capped_oldest_first():
+    t = table()
+    names = [f"n{i}.{NAME}" for i in range(6)]
+    for n in names:
+        ask(t, query(name=n), 0.0, lambda q: answer_to(q))
+    assert len(t.cache) == 4
+    assert ask(t, query(name=names[0]), 1.0)[0] is QueryVerdict.FORWARD
+    assert ask(t, query(name=names[5]), 1.0)[0] is QueryVerdict.CACHED
+    assert AnswerCache().store(parse_message(query()), bytes(5000),
+                               DNSRecord.parse(answer_to(query())), 0.0) is False
+
+
+def test_own_lookups_neither_read_nor_fill_the_cache():
+    t = table()
+    out = t.on_query(query(), object(), 0.0)  # the proxy's own (PTR) lookup: cache=False
+    t.on_answer(answer_to(out.data), 0.0)
+    assert len(t.cache) == 0
+    ask(t, query(), 0.0, lambda q: answer_to(q))
+    assert t.on_query(query(), object(), 1.0).verdict is QueryVerdict.FORWARD
+
+
+def test_expire_forgets_dead_entries():
+    cache = AnswerCache()
+    t = PendingTable(Stats(), cache=cache)
+    ask(t, query(), 0.0, lambda q: answer_to(q, ttl=5))
+    assert cache.expire(4.0) == 0 and cache.expire(5.0) == 1 and len(cache) == 0
+
+
+def test_lifetime_and_offsets_of_a_real_answer():
+    data = negative(query(), soa_ttl=50, minimum=90)
+    assert answer_lifetime(DNSRecord.parse(data)) == 50
+    offsets = ttl_offsets(data)
+    assert offsets is not None and [ttl for _, ttl in offsets] == [50]
+    assert struct.unpack_from("!I", data, offsets[0][0])[0] == 50
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_walking_garbage_never_raises(data):
+    assert ttl_offsets(data) is None or isinstance(ttl_offsets(data), list)

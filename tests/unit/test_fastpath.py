@@ -1,0 +1,384 @@
+"""The data path's batch loops (core/fastpath.py, the specification, and tencrypt/_fastpath.c):
+every test runs against both backends, and a differential test feeds both the same random
+batches — tampered, duplicated, reordered, foreign — and compares bytes, counts and the
+replay window they leave behind. With TENCRYPT_REQUIRE_FASTPATH=1 (CI) a missing extension
+fails instead of skipping."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from scapy.all import raw
+
+from tencrypt import fastpath as selection
+from tencrypt.core import fastpath as pure
+from tencrypt.core import wire
+from tencrypt.core.batch import VnetHdr, build_vnet_hdr, split_tcp_batch
+from tencrypt.core.fastpath import (
+    AUTHENTICATED,
+    BAD_SOURCE,
+    BYTES_OPENED,
+    COUNTS,
+    EXPIRED,
+    KEEPALIVES,
+    NOT_IPV4,
+    REPLAY,
+)
+from tencrypt.core.replay import WINDOW, ReplayWindow
+from tencrypt.core.stats import Stats
+from tencrypt.errors import UsageError
+from tests.unit import test_batch as tb
+
+COMPILED = selection.compiled()
+REQUIRED = os.environ.get("TENCRYPT_REQUIRE_FASTPATH") == "1"
+needs_c = pytest.mark.skipif(COMPILED is None and not REQUIRED,
+                             reason="tencrypt._fastpath not built")
+BACKENDS = [pytest.param(pure, id="python"), pytest.param(COMPILED, id="c", marks=needs_c)]
+
+KEY = bytes(range(32))
+LIMIT = 2**64 - 2**13 - 1  # Limits().reject_after_messages
+SRC, OTHER = bytes([10, 128, 0, 5]), bytes([10, 128, 0, 9])
+INDEX = 0x11223344
+REPO = Path(__file__).resolve().parents[2]
+
+# RFC 8439 §2.8.2 (AEAD_CHACHA20_POLY1305) and §A.5 (decryption)
+RFC_KEY = bytes.fromhex("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
+RFC_NONCE = bytes.fromhex("070000004041424344454647")
+RFC_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+RFC_PLAINTEXT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip "
+                 b"for the future, sunscreen would be it.")
+RFC_SEALED = bytes.fromhex(
+    "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6"
+    "3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36"
+    "92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
+    "3ff4def08e4b7a9de576d26586cec64b6116" "1ae10b594f09e26a7e902ecbd0600691")
+
+
+def ipv4(size: int, src: bytes = SRC) -> bytes:
+    """A minimal IPv4 packet of ``size`` bytes (what the open loop's inner checks accept)."""
+    return struct.pack("!BBH8x4s4s", 0x45, 0, size, src, bytes(4)) + bytes(size - 20)
+
+
+def split(blob: bytes, packets: list[bytes]) -> list[bytes]:
+    """The datagrams of one seal_batch result."""
+    out, pos = [], 0
+    for p in packets:
+        out.append(blob[pos:pos + len(p) + 32])
+        pos += len(p) + 32
+    assert pos == len(blob)
+    return out
+
+
+def window_state(w: ReplayWindow) -> tuple[int, bytes]:
+    return w.top, bytes(w.ring)
+
+
+# ---- sealing ---------------------------------------------------------------------------------
+
+@needs_c
+def test_rfc8439_vectors_through_the_c_code():
+    assert COMPILED is not None
+    sealed = COMPILED.aead_seal(RFC_KEY, RFC_NONCE, RFC_AAD, RFC_PLAINTEXT)  # type: ignore[attr-defined]
+    assert sealed == RFC_SEALED
+    assert COMPILED.aead_open(RFC_KEY, RFC_NONCE, RFC_AAD, sealed) == RFC_PLAINTEXT  # type: ignore[attr-defined]
+    forged = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    assert COMPILED.aead_open(RFC_KEY, RFC_NONCE, RFC_AAD, forged) is None  # type: ignore[attr-defined]
+    assert COMPILED.aead_open(RFC_KEY, RFC_NONCE, RFC_AAD[:-1], sealed) is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seal_batch_is_one_data_message_per_packet_back_to_back(backend):
+    packets = [ipv4(1400), ipv4(1400), memoryview(ipv4(60)), b"", bytearray(b"x")]
+    blob = backend.seal_batch(KEY, INDEX, 2**40, packets)
+    aead = ChaCha20Poly1305(KEY)
+    for i, (packet, message) in enumerate(zip(packets, split(blob, packets), strict=True)):
+        assert message[:4] == b"\x04\x00\x00\x00"
+        assert wire.parse_header(message) == (INDEX, 2**40 + i)
+        assert aead.decrypt(b"\0" * 4 + message[8:16], message[16:], message[:16]) == packet
+        assert message == wire.seal(aead, INDEX, 2**40 + i, packet)  # the one-packet path's bytes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seal_batch_of_nothing_is_empty(backend):
+    assert backend.seal_batch(KEY, 1, 0, []) == b""
+
+
+# ---- opening ---------------------------------------------------------------------------------
+
+def opened(backend, datagrams, window=None, start=0, allowed=SRC, limit=LIMIT):
+    window = window if window is not None else ReplayWindow()
+    stop, packets, counts = backend.open_batch(KEY, INDEX, limit, window, allowed, datagrams,
+                                               start)
+    return stop, packets, dict(zip(COUNTS, counts, strict=True)), window
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_batch_returns_the_packets_and_marks_the_window(backend):
+    packets = [ipv4(1400), ipv4(1400), ipv4(100)]
+    datagrams = split(backend.seal_batch(KEY, INDEX, 0, packets), packets)
+    stop, got, counts, window = opened(backend, [memoryview(d) for d in datagrams])
+    assert stop == 3 and got == packets
+    assert counts == {**dict.fromkeys(COUNTS, 0), "authenticated": 3, "bytes_opened": 2900}
+    assert window.top == 2 and not any(window.check(c) for c in range(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_drop_is_counted_once_in_the_stages_order(backend):
+    packets = [ipv4(40), b"", ipv4(40, src=OTHER), b"not ipv4 at all, 26 bytes", ipv4(40)]
+    good = split(backend.seal_batch(KEY, INDEX, 10, packets), packets)
+    tampered = bytearray(good[0])
+    tampered[20] ^= 1
+    expired = backend.seal_batch(KEY, INDEX, LIMIT, [ipv4(40)])
+    datagrams = [bytes(tampered), *good, good[0], expired]
+    stop, got, counts, window = opened(backend, datagrams)
+    assert stop == len(datagrams)
+    assert got == [packets[0], packets[4]]  # the tampered copy failed, so the genuine one opens
+    assert counts["bad_tag"] == 1 and counts["keepalives"] == 1
+    assert counts["bad_source"] == 1 and counts["not_ipv4"] == 1
+    assert counts["replay"] == 1 and counts["expired"] == 1
+    assert counts["authenticated"] == 5 and counts["bytes_opened"] == 80
+    assert window.top == 14
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_batch_stops_at_the_first_message_not_of_this_session(backend):
+    mine = split(backend.seal_batch(KEY, INDEX, 0, [ipv4(40)] * 2), [ipv4(40)] * 2)
+    theirs = backend.seal_batch(KEY, INDEX + 1, 0, [ipv4(40)])
+    initiation = b"\x01\x00\x00\x00" + bytes(84)
+    short = mine[1][:31]
+    for foreign in (theirs, initiation, short, b"", b"\x04\x00\x00\x01" + mine[1][4:]):
+        datagrams = [mine[0], foreign, mine[1]]
+        stop, got, counts, window = opened(backend, datagrams)
+        assert stop == 1 and got == [ipv4(40)] and counts["authenticated"] == 1
+        stop, got, counts, _ = opened(backend, datagrams, window, start=2)
+        assert stop == 3 and got == [ipv4(40)] and window.top == 1
+    assert opened(backend, mine, start=2)[:2] == (2, [])
+    assert opened(backend, [theirs])[:2] == (0, [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forged_message_does_not_move_the_window(backend):
+    window = ReplayWindow()
+    far = bytearray(backend.seal_batch(KEY, INDEX, 10**12, [ipv4(40)]))
+    far[-1] ^= 1
+    opened(backend, [bytes(far)], window)
+    assert window_state(window) == window_state(ReplayWindow())
+    near = backend.seal_batch(KEY, INDEX, 5, [ipv4(40)])
+    assert opened(backend, [near], window)[1] == [ipv4(40)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_window_is_shared_with_the_one_packet_path(backend):
+    """The state the loop leaves is the ReplayWindow's own: core/replay.py reads it."""
+    window = ReplayWindow()
+    window.update(WINDOW + 100)
+    old = backend.seal_batch(KEY, INDEX, 100, [ipv4(40)])  # just outside the window
+    edge = backend.seal_batch(KEY, INDEX, 101, [ipv4(40)])  # just inside
+    _, got, counts, _ = opened(backend, [old, edge, edge], window)
+    assert got == [ipv4(40)] and counts["replay"] == 2
+    assert not window.check(101) and window.check(102)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocks_the_window_slides_into_are_cleared(backend):
+    """A ring block reused after the window went round must not keep its old bits: 69 is
+    marked in block 1; the top jumps to block 128, then by two blocks to 130, which clears
+    blocks 129 and 130 (ring slots 1 and 2): 129 * 64 + 5 is fresh."""
+    counters = [69, 128 * 64, 130 * 64, 129 * 64 + 5, 129 * 64 + 5]
+    datagrams = [backend.seal_batch(KEY, INDEX, n, [b""]) for n in counters]
+    _, _, counts, window = opened(backend, datagrams)
+    assert counts["keepalives"] == 4 and counts["replay"] == 1
+    model = ReplayWindow()
+    for n in counters:
+        model.check_and_update(n)
+    assert window_state(window) == window_state(model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allowed_holds_any_number_of_sources(backend):
+    packets = [ipv4(40, src=OTHER), ipv4(40)]
+    datagrams = split(backend.seal_batch(KEY, INDEX, 0, packets), packets)
+    assert opened(backend, datagrams, allowed=SRC + OTHER)[1] == packets
+    assert opened(backend, datagrams, allowed=b"")[2]["bad_source"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_inner_length_must_be_exact(backend):
+    longer, shorter = bytearray(ipv4(60)), bytearray(ipv4(60))
+    longer[3], shorter[3] = 61, 59
+    packets = [bytes(longer), bytes(shorter), ipv4(60)[:59], bytes([0x44]) + ipv4(60)[1:],
+               bytes([0x50]) + ipv4(60)[1:], ipv4(60)]
+    datagrams = split(backend.seal_batch(KEY, INDEX, 0, packets), packets)
+    _, got, counts, _ = opened(backend, datagrams)
+    assert got == [ipv4(60)] and counts["not_ipv4"] == 5
+
+
+# ---- the two backends agree -----------------------------------------------------------------
+
+def _packet():
+    return st.one_of(
+        st.integers(20, 1500).map(ipv4),
+        st.integers(20, 200).map(lambda n: ipv4(n, src=OTHER)),
+        st.binary(max_size=64),  # keepalives, not IPv4, wrong lengths
+    )
+
+
+_EDIT = st.tuples(st.sampled_from(["dup", "swap", "flip", "foreign", "short", "drop"]),
+                  st.integers(0, 10**6), st.integers(0, 10**6))
+
+
+def _edit(datagrams: list[bytes], edits) -> list[bytes]:
+    out = list(datagrams)
+    for kind, a, b in edits:
+        if not out:
+            break
+        i, j = a % len(out), b % len(out)
+        if kind == "dup":
+            out.insert(j, out[i])
+        elif kind == "swap":
+            out[i], out[j] = out[j], out[i]
+        elif kind == "flip" and out[i]:
+            d = bytearray(out[i])
+            d[b % len(d)] ^= 1 << (a % 8)
+            out[i] = bytes(d)
+        elif kind == "foreign":
+            out.insert(j, b"\x02\x00\x00\x00" + bytes(76))
+        elif kind == "short":
+            out[i] = out[i][:b % 32]
+        else:
+            del out[i]
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_packet(), max_size=40), st.integers(0, 2**64 - 1),
+       st.lists(_EDIT, max_size=12), st.lists(st.integers(0, 2**64 - 1), max_size=4),
+       st.integers(-3 * WINDOW, 3 * WINDOW), st.sampled_from([LIMIT, 2**64 - 1, 0, 2**20]))
+def test_both_backends_agree_on_random_batches(packets, counter, edits, marks, shift, limit):
+    c = COMPILED
+    if c is None:
+        if REQUIRED:
+            pytest.fail("TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built")
+        pytest.skip("tencrypt._fastpath not built")
+    counter = min(counter, 2**64 - 1 - len(packets))
+    blob = pure.seal_batch(KEY, INDEX, counter, packets)
+    assert c.seal_batch(KEY, INDEX, counter, packets) == blob
+    datagrams = _edit(split(blob, packets), edits)
+    windows = (ReplayWindow(), ReplayWindow())
+    for window in windows:  # the same history: marks near and far from this batch
+        for m in marks:
+            window.update(m)
+        window.update(max(0, min(2**64 - 1, counter + shift)))
+    # Walk the whole list as Tunnel.receive_batch does: a run of the session, then one
+    # message handed to the one-packet path (here: skipped), then the next run.
+    results: list[list[object]] = [[], []]
+    for backend, window, result in zip((pure, c), windows, results, strict=True):
+        start = 0
+        while start <= len(datagrams):
+            stop, got, counts = backend.open_batch(KEY, INDEX, limit, window, SRC, datagrams,
+                                                   start)
+            result.append((stop, got, counts))
+            start = stop + 1
+    assert results[0] == results[1]
+    assert window_state(windows[0]) == window_state(windows[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 3 * WINDOW), max_size=60))
+def test_both_backends_keep_the_same_window_over_counter_jumps(counters):
+    if COMPILED is None:
+        if REQUIRED:
+            pytest.fail("TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built")
+        pytest.skip("tencrypt._fastpath not built")
+    datagrams = [pure.seal_batch(KEY, INDEX, n, [b""]) for n in counters]
+    a, b = ReplayWindow(), ReplayWindow()
+    ra = pure.open_batch(KEY, INDEX, 2**64 - 1, a, b"", datagrams, 0)
+    rb = COMPILED.open_batch(KEY, INDEX, 2**64 - 1, b, b"", datagrams, 0)
+    assert ra == rb and window_state(a) == window_state(b)
+    assert ra[2][AUTHENTICATED] == ra[2][KEEPALIVES]
+    assert sum(ra[2][k] for k in (AUTHENTICATED, REPLAY, EXPIRED)) == len(counters)
+    assert ra[2][NOT_IPV4] == ra[2][BAD_SOURCE] == ra[2][BYTES_OPENED] == 0
+
+
+# ---- selection -------------------------------------------------------------------------------
+
+def test_selection_follows_the_environment():
+    assert selection.select({"TENCRYPT_FASTPATH": "0"}) is pure
+    with pytest.raises(UsageError):
+        selection.select({"TENCRYPT_FASTPATH": "0", "TENCRYPT_REQUIRE_FASTPATH": "1"})
+    chosen = selection.select({})
+    assert chosen is (COMPILED or pure)
+    assert "Python" in selection.describe(pure)
+    if COMPILED is None:
+        with pytest.raises(UsageError):
+            selection.select({"TENCRYPT_REQUIRE_FASTPATH": "1"})
+    else:
+        assert selection.select({"TENCRYPT_REQUIRE_FASTPATH": "1"}) is COMPILED
+        assert selection.describe(COMPILED).startswith("C ")
+
+
+def test_ci_requires_the_extension():
+    assert "export TENCRYPT_REQUIRE_FASTPATH=1" in (REPO / ".ci" / "run").read_text()
+    if REQUIRED:
+        assert COMPILED is not None, "TENCRYPT_REQUIRE_FASTPATH=1 but the extension is missing"
+
+
+# ---- segmentation (core/batch.py rules 2-4) ---------------------------------------------------
+
+def _split(frame, backend, out_size=2 * 65536):
+    stats = Stats()
+    out = bytearray(b"\xee" * out_size)  # stale bytes must not leak into sums
+    views = split_tcp_batch(frame, stats, out, backend.segment)
+    return [bytes(v) for v in views], stats, views
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_of_a_64k_super_packet_equals_the_kernels(backend):
+    payload = os.urandom(65535 - 52)
+    pkt = tb.tcp_packet(payload, seq=0xFFFFFF00, ident=0xFFF0, flags="PA", options=tb.TS)
+    segments, stats, views = _split(tb.tso_frame(pkt, 1448), backend)
+    assert segments == tb.kernel_segments(pkt, 1448) and not stats.drops
+    assert len(segments) == 46 and all(not v.readonly for v in views)
+
+
+@given(n=st.integers(1, 50), mss=st.integers(1, 1460), cut=st.integers(0, 1459),
+       flags=st.sampled_from(tb.FLAG_SETS), ts=st.booleans(), ipopt=st.booleans(),
+       seq=st.integers(0, 2**32 - 1), ident=st.integers(0, 0xFFFF), ecn=st.booleans())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_both_backends_segment_like_the_kernel(n, mss, cut, flags, ts, ipopt, seq, ident, ecn):
+    if COMPILED is None and REQUIRED:
+        pytest.fail("TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built")
+    size = max(1, n * mss - cut % mss)
+    hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
+    assume(hlen + size <= 65535)
+    pkt = tb.tcp_packet(os.urandom(size), seq=seq, ident=ident, flags=flags,
+                        options=tb.TS if ts else (), ip_options=tb.IP_OPTS if ipopt else None)
+    frame = tb.tso_frame(pkt, mss, ecn=ecn)
+    expected = tb.kernel_segments(pkt, mss)
+    for backend in [pure] + ([COMPILED] if COMPILED is not None else []):
+        assert _split(frame, backend)[0] == expected
+
+
+@needs_c
+@given(st.integers(0, 1600), st.integers(0, 255), st.integers(0, 255), st.integers(0, 70000),
+       st.integers(0, 70000), st.integers(0, 70000))
+@settings(max_examples=200, deadline=None)
+def test_lying_headers_give_the_same_result_through_c(cut, flags, gso, size, start, offset):
+    pkt = tb.tcp_packet(os.urandom(3000), options=tb.TS)
+    frame = build_vnet_hdr(VnetHdr(flags, gso, 0, size & 0xFFFF, start & 0xFFFF,
+                                   offset & 0xFFFF)) + raw(pkt)[:cut]
+    a, b = _split(frame, pure), _split(frame, COMPILED)
+    assert a[0] == b[0] and a[1] == b[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_refuses_a_buffer_too_small(backend):
+    pkt = tb.tso_frame(tb.tcp_packet(os.urandom(3000)), 1000)[10:]
+    with pytest.raises(ValueError):
+        backend.segment(pkt, 20, 20, len(pkt), 1000, bytearray(100))
