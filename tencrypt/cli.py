@@ -56,7 +56,12 @@ def _setup(p: argparse.ArgumentParser) -> None:
 
 
 def _psk(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--psk-file", metavar="FILE", help="file holding the project key (base64)")
+    p.add_argument("--psk-file", metavar="FILE",
+                   help="file holding the project key (base64), or a key ring for a rotation "
+                        "without restart: lines `current KEY`, `next KEY`, `previous KEY` "
+                        "(current required; `#` comments). Current initiates; next and previous "
+                        "are accepted too. Re-read within a second of a change and on SIGHUP; a "
+                        "malformed new file is refused (logged, counted) and the loaded keys kept")
 
 
 def _run(p: argparse.ArgumentParser) -> None:
@@ -166,6 +171,12 @@ def _agent(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _key(p: argparse.ArgumentParser) -> None:
+    from tencrypt.keyrotate import add_arguments  # flags live beside their handler
+
+    add_arguments(p)
+
+
 def _status(p: argparse.ArgumentParser) -> None:
     from tencrypt.status import add_arguments  # flags live beside their handler
 
@@ -187,6 +198,8 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("agent", "node daemon: run the proxy in every pod of this node whose project is enabled, "
               "restart it when it dies, undo the pod when it goes", _agent,
      "tencrypt.agent.cli:main"),
+    ("key", "rotate a project's key in three phases without restarting a proxy or cutting a "
+            "connection (`key rotate --namespace NS`)", _key, "tencrypt.keyrotate:main"),
     ("status", "print a running proxy's peers, sessions, classification counts and drops "
                "(from its --metrics endpoint)", _status, "tencrypt.status:main"),
     ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN "

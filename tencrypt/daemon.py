@@ -35,7 +35,8 @@ Inbound, when the UDP socket is readable (``_on_udp``):
  7. flush replies (handshake responses, keepalives).
 Side effects (routes, firewall set elements) are wanted by the callbacks and applied by one
 task (linux.effects); timers (``timers``): handshake retries, keepalives, re-keys, flow and
-evidence expiry, the membership file.
+evidence expiry, the membership file, the key file (a new key ring is applied without a
+restart: core.keyring; also on SIGHUP).
 
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
 adopted, the membership loaded and applied — all before the first packet is read. Stop
@@ -59,6 +60,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from tencrypt import fastpath
 from tencrypt.core.batch import (
     VNET_HDR_LEN,
@@ -70,6 +73,7 @@ from tencrypt.core.batch import (
 from tencrypt.core.classify import AddrClass, Change
 from tencrypt.core.effects import Desired
 from tencrypt.core.identity import ClaimPolicy
+from tencrypt.core.keyring import KeyRing, render_key_metrics
 from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.membership import Members
 from tencrypt.core.nat import FlowTable
@@ -80,12 +84,13 @@ from tencrypt.core.packet import (
 )
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.policy import Guard, Verdict, decide
-from tencrypt.core.psk import parse_psk
+from tencrypt.core.psk import KeySet, parse_psk
 from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
 from tencrypt.core.stats import Counter, DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
 from tencrypt.linux.effects import EffectApplier, Kernel
 from tencrypt.linux.inbound import InboundGate
+from tencrypt.linux.keyfile import LOADED_FILE, KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
 from tencrypt.linux.tun import READ_SIZE
 from tencrypt.logutil import RateLimitedLog
@@ -101,26 +106,29 @@ ADOPTED_EVIDENCE = 3600.0  # seconds what a previous run put in the firewall sta
 SWEEP = 1.0  # seconds between expiry sweeps and membership-file polls
 
 
-def read_psk(args: argparse.Namespace) -> bytes | None:
-    """The project key from --psk-file or TENCRYPT_PROJECT_PSK (never argv)."""
+def read_keys(args: argparse.Namespace, stats: Stats) -> tuple[KeySet, KeyFile | None]:
+    """The project keys from --psk-file (one key, or a ring: core.psk.parse_key_file; watched
+    for changes) or TENCRYPT_PROJECT_PSK (one key, fixed), never argv."""
     if args.psk_file:
-        try:
-            text = Path(args.psk_file).read_text()
-        except OSError as exc:
-            raise UsageError(f"cannot read --psk-file {args.psk_file}: {exc.strerror}") from exc
-        return parse_psk(text)
+        keyfile = KeyFile(Path(args.psk_file), stats)
+        return keyfile.load(), keyfile
     env = os.environ.get("TENCRYPT_PROJECT_PSK")
-    return parse_psk(env) if env else None
+    if not env:
+        raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
+    return KeySet(parse_psk(env)), None
 
 
 class Proxy:
-    def __init__(self, config: PodConfig, psk: bytes, strict: bool, stats: Stats, ports: Ports,
-                 resolver: Resolver, kernel: Kernel, *, limits: Limits | None = None,
-                 batch: bool = True, members: MembersFile | None = None,
+    def __init__(self, config: PodConfig, psk: bytes | KeyRing, strict: bool, stats: Stats,
+                 ports: Ports, resolver: Resolver, kernel: Kernel, *,
+                 limits: Limits | None = None, batch: bool = True,
+                 members: MembersFile | None = None, keyfile: KeyFile | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
         self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
+        self.keyfile = keyfile
+        self.loaded_dir: Path | None = None  # where to record the ring loaded (the agent reads)
         self.clock, self.wall = clock, wall
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
         self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
@@ -480,6 +488,19 @@ class Proxy:
         if members is not None:
             self._apply_members(members, now)
 
+    def reload_keys(self, force: bool = True) -> None:
+        """The key file changed (or SIGHUP): apply its ring; sessions keep their keys until
+        their re-key (core.keyring). A refused file keeps the ring (linux.keyfile)."""
+        keys = self.keyfile.poll(force) if self.keyfile else None
+        if keys is None:
+            return
+        self.tunnel.set_ring(KeyRing.from_keys(keys, X25519PrivateKey.generate,
+                                               reuse=self.tunnel.ring))
+        if self.loaded_dir is not None:
+            write_loaded(self.loaded_dir, keys)
+        log.info("project keys reloaded from %s: %s", self.keyfile.path if self.keyfile else "-",
+                 describe(keys))
+
     def _apply_members(self, members: Members, now: float) -> None:
         self.stats.inc(Counter.MEMBERSHIP_LOADS)
         log.info("membership of project %s, generation %d: %d pod IPs, %d Service IPs",
@@ -498,6 +519,7 @@ class Proxy:
                 for ip in self.up_peers:
                     self._on_changes(self.table.note_session(ip, now, SESSION_EVIDENCE))
                 self._poll_members(now)
+                self.reload_keys(force=False)
             deadline = self.tunnel.next_timer()
             wait = SWEEP if deadline is None else min(SWEEP, max(0.01, deadline - now))
             with contextlib.suppress(asyncio.TimeoutError):
@@ -527,10 +549,11 @@ class Proxy:
             "members": len(self.members.loaded.addresses)
             if self.members and self.members.loaded else 0,
             "held_destinations": len(self.held),
+            "key_mismatch_sources": len(self.tunnel.key_mismatch),
         }
         for name, packets in self.effects.firewall_counters.items():
             gauges[f"firewall_{name}_packets"] = packets
-        return render_prometheus(self.stats, gauges)
+        return render_prometheus(self.stats, gauges) + render_key_metrics(self.tunnel.key_status())
 
 
 def claim_policy(config: PodConfig, is_member: Callable[[str], bool | None]) -> ClaimPolicy:
@@ -551,9 +574,9 @@ async def serve(args: argparse.Namespace) -> int:
     from tencrypt.linux.dns import DnsProxy
 
     config = dataclasses.replace(podnet.load_config(args.state_dir), port=args.port)
-    psk = read_psk(args)
-    if psk is None:
-        raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
+    stats = Stats()
+    keys, keyfile = read_keys(args, stats)
+    log.info("project keys: %s", describe(keys))
     strict = True if args.strict is None else args.strict
     limits = Limits()
     give_up = args.handshake_give_up or (None if strict else NO_STRICT_GIVE_UP)
@@ -562,16 +585,19 @@ async def serve(args: argparse.Namespace) -> int:
     if args.session_lifetime:
         limits = dataclasses.replace(limits, reject_after_time=args.session_lifetime,
                                      rekey_after_time=args.session_lifetime * 2 / 3)
-    stats = Stats()
     state_dir = podnet.namespace_state_dir(args.state_dir)
     members_path = Path(args.members_file) if args.members_file else state_dir / MEMBERS_FILE
-    proxy = Proxy(config, psk, strict, stats, open_ports(config, stats, args.batch),
-                  DnsProxy(config, stats), Kernel(config, firewall=strict), limits=limits,
-                  batch=args.batch, members=MembersFile(members_path))
+    proxy = Proxy(config, KeyRing.from_keys(keys, X25519PrivateKey.generate), strict, stats,
+                  open_ports(config, stats, args.batch), DnsProxy(config, stats),
+                  Kernel(config, firewall=strict), limits=limits, batch=args.batch,
+                  members=MembersFile(members_path), keyfile=keyfile)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload_keys)  # re-read the key file now
     pid_file = state_dir / podnet.PID_FILE
+    proxy.loaded_dir = state_dir
+    write_loaded(state_dir, keys)
     await proxy.start()
     server = (await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
               if args.metrics else None)
@@ -586,6 +612,7 @@ async def serve(args: argparse.Namespace) -> int:
             server.close()
         await proxy.stop()
         pid_file.unlink(missing_ok=True)
+        (state_dir / LOADED_FILE).unlink(missing_ok=True)  # no proxy: no ring loaded
     log.info("stopped; counters: %s", proxy.stats.counters)
     return 0
 

@@ -9,13 +9,17 @@ or newer proxy still prints::
                 "confirmed": true, "handshake_pending": false, "queued": 0,
                 "sessions": [{"slot": "current", "local_index": 1, "age": 12.5,
                               "expires_in": 167.5, "initiator": true, "confirmed": true,
-                              "live": true, "sent": 42}]}],
+                              "live": true, "sent": 42, "key": "ab12cd34"}]}],
      "totals": {"peers": 1, "peers_up": 1, "sessions": 1, "handshakes_pending": 0, "queued": 0},
+     "keys": [{"role": "current", "fingerprint": "ab12cd34", "sessions": 1, "handshakes": 3},
+              {"role": "previous", "fingerprint": "9f00e1c2", "sessions": 0, "handshakes": 9}],
      "classification": {"internal": 3, "external": 2},
      "counters": {"packets_sealed": 42, "plaintext_fallback": 0},
      "drops": {"bad_mac": 7}}
 
-``peers`` and ``totals`` come from ``Tunnel.status(now)``, ``counters`` and ``drops`` from
+``peers``, ``totals`` and ``keys`` (the key ring by fingerprint, with the live sessions and the
+handshakes made under each key; a "retired" key is one the ring dropped that sessions still
+use until their re-key) come from ``Tunnel.status(now)``, ``counters`` and ``drops`` from
 ``core.stats.snapshot``. A non-zero ``plaintext_fallback`` (``--no-strict`` sent packets of
 this project in the clear because no proxy answered) is printed first, as a warning.
 """
@@ -75,6 +79,10 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
     if fallback:
         print(f"WARNING: {fallback} packets to this project's pods went in the clear "
               "(--no-strict fallback: no proxy answered)", file=out)
+    for row in doc.get("key_mismatch") or []:
+        print(f"WARNING: {row.get('source', '?')} (a member of this project) uses a key this "
+              f"proxy does not hold: {row.get('refused', 0)} handshakes refused (a pod that "
+              "missed a key rotation phase?)", file=out)
     totals = doc.get("totals") or {}
     strict = doc.get("strict")
     mode = "strict" if strict is True else "not strict" if strict is False else ""
@@ -82,6 +90,10 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
           f"{totals.get('peers', 0)} peers ({totals.get('peers_up', 0)} up), "
           f"{totals.get('sessions', 0)} sessions, {totals.get('handshakes_pending', 0)} "
           f"handshakes pending, {totals.get('queued', 0)} packets queued", file=out)
+    for key in doc.get("keys") or []:
+        print(f"key {key.get('fingerprint', '?')}  {key.get('role', '?'):<8}  "
+              f"{key.get('sessions', 0)} sessions, {key.get('handshakes', 0)} handshakes",
+              file=out)
     for peer in doc.get("peers") or []:
         _peer(peer, out)
     classes = doc.get("classification") or {}
@@ -112,7 +124,8 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
             state += ", expired"
         print(f"    {s.get('slot', '?'):<8} index {s.get('local_index', 0):#010x}  "
               f"age {s.get('age', 0):.1f}s  expires in {s.get('expires_in', 0):.1f}s  "
-              f"{role}, {state}  sent {s.get('sent', 0)}", file=out)
+              f"{role}, {state}  sent {s.get('sent', 0)}"
+              f"{'  key ' + s['key'] if s.get('key') else ''}", file=out)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,10 +10,11 @@ all of them (with the Services) make each project's membership. Stages of a pass
 have been listed (a partial view would stop proxies or hand them half a membership):
 
  1. fold the events into ``NodeView`` and ``MemberView``; take the wanted pods;
- 2. keys: the key of each project that has wanted pods here, from its Secret as last
-    watched (a rotated key restarts the project's proxies at the next pass); a new key is
-    written to its key file before anything uses it. A missing or bad Secret is logged once
-    per change, without the key, and a running proxy keeps its last good key;
+ 2. keys: the key ring of each project that has wanted pods here, from its Secret as last
+    watched (PROJECT_PSK and, during a rotation, PROJECT_PSK_NEXT / _PREVIOUS); a new ring is
+    written to its key file before anything uses it, and running proxies re-read that file
+    within a second: a rotation never restarts a proxy (issue 14). A missing or bad Secret is
+    logged once per change, without the key, and a running proxy keeps its last good ring;
  3. sandboxes: ``Resolver.resolve`` (cached; costly look-ups at most once a second);
  4. observe: a proxy process gone → ``on_exited`` (its log's last lines are logged); its
     "tencrypt: ready" line → ``on_ready``;
@@ -22,7 +23,9 @@ have been listed (a partial view would stop proxies or hand them half a membersh
     membership file before the proxy starts;
  6. membership: every running proxy whose project's members changed gets its file
     rewritten (``members.json``, ``feed.MembersFeed``); the others are not touched;
- 7. key files of projects without a proxy on this node any more are removed.
+ 7. key files of projects without a proxy on this node any more are removed;
+ 8. report: the rings the proxies recorded as loaded, per project, in the ConfigMap
+    ``tencrypt-keys-<node>`` (``report.KeyReporter``; what `tencrypt key rotate` waits on).
 
 Start-up adopts what a previous agent recorded (``Supervisor.prepare``), before the first
 plan. Shutdown follows ``on_exit``: ``keep`` leaves the proxies running for the next agent to
@@ -31,7 +34,6 @@ adopt; ``unpatch`` stops all of them at once, then undoes their pods in parallel
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 import queue
@@ -55,10 +57,12 @@ from tencrypt.agent.podstate import (
     key_id,
 )
 from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox, Verb, Want
+from tencrypt.agent.report import KeyReporter
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.kube.reflector import Changed, Listed, Reflector
+from tencrypt.linux.keyfile import describe
 
 log = logging.getLogger("tencrypt.agent")
 TICK = 0.5  # seconds between passes without events: how soon a dead proxy is noticed
@@ -74,7 +78,8 @@ class KeyState:
 class Agent:
     def __init__(self, node: str, supervisor: Supervisor, resolver: Resolver,
                  policy: Policy | None = None, stats: Stats | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 reporter: KeyReporter | None = None) -> None:
         self.stats = stats or Stats()
         self.view = NodeView(node, self.stats)
         self.members = MemberView(self.stats)
@@ -84,6 +89,7 @@ class Agent:
         self.queue: queue.Queue[object] = queue.Queue()
         self.listed: set[AgentKind] = set()
         self.keys: dict[str, KeyState] = {}
+        self.reporter = reporter
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -169,6 +175,9 @@ class Agent:
                 self.execute(action, now)
         self.push_members()
         self.drop_unused_keys(wanted)
+        if self.reporter is not None:
+            self.reporter.publish((e.namespace, e.sandbox.netns)
+                                  for e in self.reconciler.entries.values())
 
     def _want(self, pod: PodInfo, sandbox: Sandbox | None) -> Want:
         state = self.keys.get(pod.namespace)
@@ -187,9 +196,10 @@ class Agent:
                 continue
             kid = key_id(key)
             if kid != state.key_id or not self.supervisor.key_file(project).exists():
-                self.supervisor.write_key(project, base64.b64encode(key).decode())
-                log.info("project %s: key %s", project, "loaded" if state.key_id is None
-                         or kid == state.key_id else "changed: restarting its proxies")
+                self.supervisor.write_key(project, key)
+                log.info("project %s: keys %s (%s)", project, "loaded" if state.key_id is None
+                         or kid == state.key_id else "changed: its proxies re-read them, no "
+                         "restart", describe(key))
             state.key_id, state.problem = kid, None
 
     def observe(self, now: float) -> None:

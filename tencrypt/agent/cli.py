@@ -73,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-exit", default="keep", choices=["keep", "unpatch"],
                    help="on SIGTERM: keep the proxies running for the next agent to adopt "
                         "(default), or stop them and undo every pod")
+    p.add_argument("--report-namespace", default=os.environ.get("POD_NAMESPACE",
+                                                                 "tencrypt-system"),
+                   help="where to publish the ConfigMap tencrypt-keys-<node> listing the key "
+                        "rings this node's proxies loaded, which `tencrypt key rotate` waits on "
+                        "(default: $POD_NAMESPACE, else tencrypt-system)")
+    p.add_argument("--no-key-report", dest="key_report", action="store_false",
+                   help="do not publish it (a rotation then cannot see this node catch up)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="stderr log level")
 
@@ -110,7 +117,15 @@ def main(args: argparse.Namespace) -> int:
         api = new_api_client(args.kubeconfig)
     except Exception as exc:  # noqa: BLE001 - the client's config errors have no common type
         raise UsageError(f"cannot configure the Kubernetes client: {exc}") from exc
-    agent = Agent(args.node, supervisor, resolver, policy)
+    reporter = None
+    if args.key_report:
+        from kubernetes import client
+
+        from tencrypt.agent.report import KeyReporter
+
+        reporter = KeyReporter(client.CoreV1Api(api), args.report_namespace, args.node,
+                               Path(args.setup_state_dir))
+    agent = Agent(args.node, supervisor, resolver, policy, reporter=reporter)
     log.info("node %s: watching %s; sandboxes by %s; state in %s", args.node,
              api.configuration.host, resolver.mode, args.state_dir)
     start_reflectors(api, agent.queue, stop, WATCH_TIMEOUT)

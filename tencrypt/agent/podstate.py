@@ -22,29 +22,29 @@ Rules:
 - The sandbox-PID annotation (``tencrypt.io/sandbox-pid``) is read here but trusted only when
   the agent runs with ``--sandbox annotation``: a test and lab aid, never a production path
   (anyone who may create pods could point it at the node's own PID 1).
-- The project key is the Secret ``tencrypt``'s ``PROJECT_PSK``: base64 (as every Secret value)
-  of the 44-character base64 text ``openssl rand -base64 32`` prints. ``parse_secret_key``
-  returns the 32 key bytes or a ``BadKey`` whose reason never quotes the key.
+- The project's keys are the Secret ``tencrypt``'s ``PROJECT_PSK`` (current) and the optional
+  ``PROJECT_PSK_NEXT`` and ``PROJECT_PSK_PREVIOUS`` of a rotation (core/rotation.py): each the
+  base64 (as every Secret value) of the 44-character base64 text ``openssl rand -base64 32``
+  prints. ``parse_secret_key`` returns the ring (``KeySet``) or a ``BadKey`` whose reason
+  never quotes a key.
 - A malformed object is counted (``Stats.inc(Counter.AGENT_BAD_OBJECT)``) and ignored, never raised.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from tencrypt.core.psk import parse_psk
+from tencrypt.core.psk import KeySet
+from tencrypt.core.rotation import SECRET_KEYS, SECRET_NAME, secret_keys
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import UsageError
 from tencrypt.kube.objects import ENABLED_LABEL, EventType
 
-SECRET_NAME = "tencrypt"
-SECRET_KEY = "PROJECT_PSK"
+SECRET_KEY = SECRET_KEYS["current"]
 OPT_OUT_ANNOTATION = "tencrypt.io/agent"  # "false": the agent leaves this pod alone
 SANDBOX_PID_ANNOTATION = "tencrypt.io/sandbox-pid"  # test/lab aid, see the rules above
 FINISHED_PHASES = ("Succeeded", "Failed")
@@ -137,25 +137,21 @@ def parse_namespace(obj: Any) -> tuple[str, bool] | None:
     return name, isinstance(labels, dict) and labels.get(ENABLED_LABEL) == "true"
 
 
-def parse_secret_key(obj: Any) -> bytes | BadKey:
-    """The project key held by Secret ``tencrypt`` (``data.PROJECT_PSK``)."""
+def parse_secret_key(obj: Any) -> KeySet | BadKey:
+    """The key ring held by Secret ``tencrypt`` (``data.PROJECT_PSK[_NEXT|_PREVIOUS]``)."""
     data = obj.get("data") if isinstance(obj, dict) else None
-    value = data.get(SECRET_KEY) if isinstance(data, dict) else None
-    if not isinstance(value, str):
-        return BadKey(f"Secret {SECRET_NAME} has no {SECRET_KEY}")
     try:
-        text = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return BadKey(f"Secret {SECRET_NAME}: {SECRET_KEY} is not valid Secret data (base64)")
-    try:
-        return parse_psk(text)
-    except UsageError as exc:  # its message never repeats key material (core/psk.py)
-        return BadKey(f"Secret {SECRET_NAME}: {exc}")
+        return secret_keys(data if isinstance(data, dict) else None)
+    except UsageError as exc:  # its message never repeats key material (core/rotation.py)
+        return BadKey(str(exc))
 
 
-def key_id(key: bytes) -> str:
-    """A short name of a key, to tell keys apart in records without storing them."""
-    return hashlib.sha256(b"tencrypt-agent key id\0" + key).hexdigest()[:16]
+def key_id(keys: KeySet) -> str:
+    """A short name of a ring, to tell rings apart in records without storing them."""
+    digest = hashlib.sha256(b"tencrypt-agent key id\0")
+    for role, key in keys.roles():
+        digest.update(role.encode() + b"\0" + key)
+    return digest.hexdigest()[:16]
 
 
 @dataclass(slots=True)
@@ -166,7 +162,7 @@ class NodeView:
     stats: Stats = field(default_factory=Stats)
     namespaces: dict[str, bool] = field(default_factory=dict)  # name -> enabled
     pods: dict[str, PodInfo] = field(default_factory=dict)  # uid -> pod
-    keys: dict[str, bytes | BadKey] = field(default_factory=dict)  # namespace -> its Secret's
+    keys: dict[str, KeySet | BadKey] = field(default_factory=dict)  # namespace -> its Secret's
 
     def replace(self, kind: AgentKind, items: list[Any]) -> None:
         """A fresh list of ``kind``: forget what was known of it, then add every item."""
@@ -177,7 +173,7 @@ class NodeView:
         for obj in items:
             self.on_event(kind, EventType.ADDED, obj)
 
-    def key(self, namespace: str) -> bytes | BadKey:
+    def key(self, namespace: str) -> KeySet | BadKey:
         """The project key of ``namespace``'s Secret, or why there is none."""
         key = self.keys.get(namespace)
         return BadKey(f"no Secret {SECRET_NAME} in the namespace") if key is None else key

@@ -6,7 +6,7 @@ do; the core never calls into I/O.
 
 Rules:
 - One ``Entry`` per pod that has, or had, a proxy on this node, keyed by pod uid: the sandbox
-  it was started in, the key it was started with, its phase (STARTING → READY, or DEAD).
+  it was started in, the key ring its key file holds, its phase (STARTING → READY, or DEAD).
 - Nothing is planned before the first ``on_desired``: the shell calls it once Pods and
   Namespaces have both been listed, because a partial view would stop every proxy on the
   node.
@@ -14,9 +14,10 @@ Rules:
   known (START).
 - An entry is stopped (STOP: terminate, undo the namespace, forget the entry) when its pod is
   no longer wanted; when its sandbox is gone or replaced (a sandbox is its network
-  namespace: same inode, same sandbox, whatever PID reaches it); or when the project's key
-  changed. A pod still wanted then starts afresh at the next plan, in its new sandbox or
-  with its new key.
+  namespace: same inode, same sandbox, whatever PID reaches it). A pod still wanted then
+  starts afresh at the next plan, in its new sandbox.
+- A change of the project's keys never stops a proxy (issue 14): the shell rewrites the key
+  file, the proxy re-reads it within a second, and the entry notes the new ring.
 - While a project's key is unknown (Secret missing or unreadable), a running proxy keeps the
   key it has and nothing new starts: a failing GET must not unpatch pods.
 - A proxy that exits on its own is DEAD and restarted after ``backoff * 2**(n-1)`` seconds,
@@ -132,6 +133,8 @@ class Reconciler:
             # the newest handle for the undo, it is the same sandbox
             if sandbox and sandbox.netns == entry.sandbox.netns:
                 entry.sandbox = sandbox
+            if want and want.key_id is not None:  # the key file now holds this ring
+                entry.key_id = want.key_id
 
     def on_adopted(self, want: Want, phase: Phase, now: float) -> None:
         self.entries[want.uid] = Entry.of(want, phase, now)
@@ -183,8 +186,6 @@ class Reconciler:
             return Action(Verb.STOP, have, "pod gone or no longer enabled")
         if want.sandbox is None or want.sandbox.netns != entry.sandbox.netns:
             return Action(Verb.STOP, have, "sandbox gone or replaced")
-        if want.key_id is not None and want.key_id != entry.key_id:
-            return Action(Verb.STOP, have, "project key changed")
         if entry.phase is Phase.STARTING and now - entry.since >= self.policy.ready_timeout:
             return Action(Verb.KILL, have, f"not ready after {self.policy.ready_timeout:g}s")
         if entry.phase is Phase.DEAD and now >= entry.retry_at:

@@ -3,7 +3,8 @@
 Layout of the state directory (default /run/tencrypt-agent: tmpfs, so keys never reach a
 disk; everything 0700, key files 0600, owned by root)::
 
-    keys/<project>.psk          the project key, base64, as `tencrypt run --psk-file` reads it
+    keys/<project>.psk          the project's key ring (core.psk.render_key_file), as
+                                `tencrypt run --psk-file` reads and re-reads it
     pods/<uid>/record.json      what was started: sandbox PID and netns, key id, proxy PID and
                                 its start time (to tell it from a recycled PID after a restart)
     pods/<uid>/proxy.log        the launcher's and the proxy's output (proxy.log.1: the run
@@ -44,6 +45,7 @@ from tencrypt.agent.feed import MembersFeed
 from tencrypt.agent.members import ProjectMembers
 from tencrypt.agent.reconcile import Sandbox, Want
 from tencrypt.agent.sandbox import parse_proc_stat
+from tencrypt.core.psk import KeySet, render_key_file
 from tencrypt.errors import SetupError
 from tencrypt.linux import netns
 
@@ -114,15 +116,16 @@ class Supervisor:
             raise SetupError(f"not a namespace name: {project!r}")
         return self.keys / f"{project}.psk"
 
-    def write_key(self, project: str, key_text: str) -> None:
-        """Replace the project's key file atomically: a proxy starting meanwhile reads the old
-        key or the new one, never half of one, and never a file anyone else could read."""
+    def write_key(self, project: str, keys: KeySet) -> None:
+        """Replace the project's key file atomically: a proxy starting (or re-reading it: a
+        rotation) meanwhile reads the old ring or the new one, never half of one, and never
+        a file anyone else could read."""
         path = self.key_file(project)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as out:
-            out.write(key_text + "\n")
+            out.write(render_key_file(keys))
         os.replace(tmp, path)
 
     def remove_key(self, project: str) -> None:

@@ -5,15 +5,16 @@ claimed pod IP and does the DH):
 
 1. Version and length: a version-1 message (72 bytes) is OLD_VERSION, a short one SHORT,
    any other length BAD_HANDSHAKE.
-2. mac1 (one keyed BLAKE2s, about a microsecond): BAD_MAC. Nothing without the project key
-   gets further, and so far no Noise hashing, no AEAD, no DH has run.
+2. mac1 (one keyed BLAKE2s per key of the ring, about a microsecond each; core/keyring.py):
+   BAD_MAC. Nothing without a project key of the ring gets further, and so far no Noise
+   hashing, no AEAD, no DH has run. The key whose mac1 verified is the message's key.
 3. A byte-identical copy of an initiation that passed mac1 before: HANDSHAKE_REPLAY (one
    dictionary lookup). A captured initiation replayed from many spoofed sources therefore
    spends nobody's tokens.
 4. The per-source token bucket (HANDSHAKE_RATELIMIT), then the global budget of handshakes
    per second (HANDSHAKE_BUDGET): a key holder cannot make us do more Noise and DH work than
    ``handshake_budget_rate`` a second, from however many sources.
-5. Noise ``read_message`` from the psk-premixed template (hashes and one AEAD, no DH):
+5. Noise ``read_message`` from that key's psk-premixed template (hashes and one AEAD, no DH):
    BAD_HANDSHAKE.
 6. The timestamp: more than ``initiation_max_skew`` in the future is FUTURE_HANDSHAKE (it
    would block the pod IP until the clock catches up); older than ``initiation_max_age`` or
@@ -37,6 +38,7 @@ from tencrypt.core.handshake import (
     SeenMacs,
     Templates,
 )
+from tencrypt.core.keyring import KeyRing
 from tencrypt.core.peer import Limits
 from tencrypt.core.stats import DropReason
 from tencrypt.core.wire import Buffer
@@ -47,10 +49,11 @@ PRUNE_EVERY = 1.0  # seconds of `now` between two prunes of the tables
 class Gate:
     """The responder's (and initiator's) defences before any DH. See the module rules."""
 
-    __slots__ = ("templates", "stamps", "seen", "limiter", "budget", "_limits", "_next_prune")
+    __slots__ = ("ring", "stamps", "seen", "limiter", "budget", "_limits", "_next_prune")
 
-    def __init__(self, psk: bytes, keygen: Keygen, limits: Limits) -> None:
-        self.templates = Templates(psk, keygen)
+    def __init__(self, keys: bytes | KeyRing, keygen: Keygen, limits: Limits) -> None:
+        """``keys``: the ring, or one project key (a ring of that key as current)."""
+        self.ring = keys if isinstance(keys, KeyRing) else KeyRing(Templates(keys, keygen))
         self.stamps = InitiationStamps()
         self.seen = SeenMacs()
         self.limiter = HandshakeLimiter(limits.handshake_rate, limits.handshake_burst)
@@ -58,16 +61,15 @@ class Gate:
         self._limits = limits
         self._next_prune = float("-inf")
 
-    def envelope(self, datagram: Buffer, length: int) -> DropReason | None:
-        """Stages 1-2 for a message that must be ``length`` bytes long."""
+    def envelope(self, datagram: Buffer, length: int) -> Templates | DropReason:
+        """Stages 1-2 for a message that must be ``length`` bytes long: the key it uses."""
         n = len(datagram)
         if n != length:
             if wire.is_old_version(datagram):
                 return DropReason.OLD_VERSION
             return DropReason.SHORT if n < length else DropReason.BAD_HANDSHAKE
-        if not wire.mac_valid(self.templates.mac_key, datagram):
-            return DropReason.BAD_MAC
-        return None
+        key = self.ring.find(datagram)
+        return DropReason.BAD_MAC if key is None else key
 
     def admit(self, source_ip: str, now: float) -> DropReason | None:
         """Stage 4: a token from the source's bucket, then one from the global budget."""
@@ -79,16 +81,16 @@ class Gate:
 
     def initiation(self, datagram: Buffer, source_ip: str, now: float,
                    wall: float) -> Initiation | DropReason:
-        """Stages 1-6: the authenticated initiation, or why it was refused."""
-        reason = self.envelope(datagram, wire.INITIATION_LEN)
-        if reason is not None:
-            return reason
+        """Stages 1-6: the authenticated initiation (with its key), or why it was refused."""
+        key = self.envelope(datagram, wire.INITIATION_LEN)
+        if isinstance(key, DropReason):
+            return key
         if self.seen.seen(bytes(datagram[-wire.MAC_LEN:]), int(wall * 1e9)):
             return DropReason.HANDSHAKE_REPLAY
         reason = self.admit(source_ip, now)
         if reason is not None:
             return reason
-        init = handshake.read_initiation(self.templates, datagram)
+        init = handshake.read_initiation(key, datagram)
         if init is None:
             return DropReason.BAD_HANDSHAKE
         limits = self._limits
@@ -100,7 +102,7 @@ class Gate:
             return DropReason.STALE_HANDSHAKE
         return init
 
-    def response_envelope(self, datagram: Buffer) -> DropReason | None:
+    def response_envelope(self, datagram: Buffer) -> Templates | DropReason:
         return self.envelope(datagram, wire.RESPONSE_LEN)
 
     def prune(self, now: float, wall: float) -> None:

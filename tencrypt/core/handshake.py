@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tencrypt.core import wire
 from tencrypt.core.noise import HandshakeState
+from tencrypt.core.psk import fingerprint
 
 Keygen = Callable[[], X25519PrivateKey]
 
@@ -45,6 +46,7 @@ class Initiation:
     sender_index: int
     unix_ns: int
     pod_ip: bytes
+    templates: Templates  # the project key it used: the response uses the same one
 
 
 def _keys(state: HandshakeState) -> Keys:
@@ -57,11 +59,13 @@ def _keys(state: HandshakeState) -> Keys:
 
 
 class Templates:
-    """Per project key: the mac1 key and one psk-premixed Noise state per role."""
+    """Per project key: its fingerprint, the mac1 key and one psk-premixed Noise state per
+    role."""
 
-    __slots__ = ("mac_key", "initiator", "responder")
+    __slots__ = ("fingerprint", "mac_key", "initiator", "responder")
 
     def __init__(self, psk: bytes, keygen: Keygen) -> None:
+        self.fingerprint = fingerprint(psk)
         self.mac_key = wire.derive_mac_key(psk)
         self.initiator = _premixed(psk, True, keygen)
         self.responder = _premixed(psk, False, keygen)
@@ -94,7 +98,7 @@ def read_initiation(templates: Templates, datagram: wire.Buffer) -> Initiation |
     fields = wire.parse_initiation_payload(payload)
     if fields is None:
         return None
-    return Initiation(state, *fields)
+    return Initiation(state, *fields, templates)
 
 
 def build_response(initiation: Initiation, sender_index: int, pod_ip: bytes,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from tencrypt.core.handshake import Templates
 from tencrypt.core.noise import HandshakeState
 from tencrypt.core.replay import ReplayWindow
 from tencrypt.core.stats import DropReason, Stats
@@ -96,6 +97,7 @@ class Session:
     replay: ReplayWindow = field(default_factory=ReplayWindow)
     send_key: bytes | None = None  # the raw keys, for the batch loops (core/fastpath.py)
     recv_key: bytes | None = None
+    key: str = ""  # fingerprint of the project key of its handshake (core/keyring.py)
 
     def expire(self) -> None:
         """Drop the keys: from now on the session only answers EXPIRED_SESSION."""
@@ -114,6 +116,7 @@ class Pending:
     first_sent: float
     last_sent: float
     rekey: bool  # started to replace a live session (counted in "rekeys" when it completes)
+    templates: Templates  # the ring's current key when sent: the response must use it too
 
 
 @dataclass(slots=True, eq=False)
@@ -148,6 +151,7 @@ def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
         "confirmed": s.confirmed,
         "live": s.recv_aead is not None and now < s.expires_at,
         "sent": s.send_counter,
+        "key": s.key,
     } for slot, s in slots if s is not None]
     return {
         "pod_ip": peer.pod_ip,

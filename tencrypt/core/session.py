@@ -41,6 +41,15 @@ Rules:
    comes back from the same pod IP and port 1337, so it is let in). A response that came
    back from the Service VIP we initiated to cannot prove its claim: that session speaks
    for the VIP only (allowed inner source, PeerUp name), never for the claimed pod IP.
+10. Keys (core/keyring.py): initiations use the ring's ``current`` key; an initiation is
+   accepted under any key of the ring and answered under the same key; a response must use
+   the key of the initiation it answers (else BAD_MAC). ``set_ring`` replaces the ring at run
+   time and touches no session: each keeps the key it was made with until its normal
+   re-key, which uses the new ``current``. Sessions and completed handshakes are counted per
+   key fingerprint (``status()["keys"]``). A member of the project (per the ClaimPolicy)
+   whose initiation fails mac1 under every key is counted (``handshakes_wrong_key``) and
+   listed in ``status()["key_mismatch"]`` until a handshake with it completes: a pod that
+   missed a rotation phase is refused (fail closed) and visible.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from tencrypt.core.identity import (
     live_elsewhere,
     response_name,
 )
+from tencrypt.core.keyring import KeyMismatches, KeyRing, describe_keys
 from tencrypt.core.peer import (
     Endpoint,
     Limits,
@@ -91,15 +101,17 @@ _DEFAULT_LIMITS = Limits()
 class Tunnel:
     """All sessions and peers of one pod's proxy. See the module rules."""
 
-    def __init__(self, psk: bytes, pod_ip: str, stats: Stats, limits: Limits = _DEFAULT_LIMITS,
-                 port: int = TUNNEL_PORT, rng: Callable[[int], bytes] = secrets.token_bytes,
+    def __init__(self, psk: bytes | KeyRing, pod_ip: str, stats: Stats,
+                 limits: Limits = _DEFAULT_LIMITS, port: int = TUNNEL_PORT,
+                 rng: Callable[[int], bytes] = secrets.token_bytes,
                  keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
                  identity: ClaimPolicy | None = None, fastpath: Backend | None = None) -> None:
-        """``identity`` binds claimed pod IPs to the network (rule 9). The daemon always
+        """``psk``: the key ring (rule 10), or one project key as a ring of one.
+        ``identity`` binds claimed pod IPs to the network (rule 9). The daemon always
         passes one; None (no binding, today's unit tests) is for tests only. ``fastpath``: the
         batch loops of ``send_batch`` and ``receive_batch`` (core/fastpath.py, or the compiled
         twin that tencrypt/fastpath.py selects); None seals and opens one packet per call."""
-        if len(psk) != 32:
+        if not isinstance(psk, KeyRing) and len(psk) != 32:
             raise ValueError("psk must be 32 bytes (see core.psk.parse_psk)")
         self.pod_ip = pod_ip
         self._pod_ip_packed = ipaddress.IPv4Address(pod_ip).packed
@@ -112,6 +124,8 @@ class Tunnel:
         self.table = Sessions(rng, limits, stats)
         self._transmits: list[tuple[Buffer, Endpoint]] = []
         self._last_stamp_ns = 0
+        self.handshakes_by_key: dict[str, int] = {}  # fingerprint -> sessions made with it
+        self.key_mismatch = KeyMismatches()
 
     # ---- what the shell calls ---------------------------------------------------------------
     def send(self, dst_ip: str, packet: Buffer, now: float,
@@ -240,10 +254,26 @@ class Tunnel:
     def peer_count(self) -> int:
         return len(self.table.peers)
 
+    @property
+    def ring(self) -> KeyRing:
+        return self._gate.ring
+
+    def set_ring(self, ring: KeyRing) -> None:
+        """Rule 10: from now on initiate with ``ring.current`` and accept its keys; every
+        session and initiation in flight keeps its own key."""
+        self._gate.ring = ring
+
+    def key_status(self) -> list[dict[str, object]]:
+        """Each key of the ring (and each retired one live sessions still use): role,
+        fingerprint, live sessions, handshakes completed (``keyring.describe_keys``)."""
+        live = (s.key for s in self.table.by_index.values() if s.recv_aead is not None)
+        return describe_keys(self._gate.ring, live, self.handshakes_by_key)
+
     def status(self, now: float) -> dict[str, object]:
-        """Peers, their sessions (age, confirmed, packets sent) and totals, JSON-serialisable:
-        the tunnel's part of ``/status`` (tencrypt/status.py prints it)."""
-        return {"pod_ip": self.pod_ip, **describe(self.table, now, self.limits)}
+        """Peers, their sessions (age, confirmed, packets sent, key) and totals, and the keys,
+        JSON-serialisable: the tunnel's part of ``/status`` (tencrypt/status.py prints it)."""
+        return {"pod_ip": self.pod_ip, **describe(self.table, now, self.limits),
+                "keys": self.key_status(), "key_mismatch": self.key_mismatch.describe()}
 
     # ---- receive: data ----------------------------------------------------------------------
     def _on_data(self, datagram: Buffer, addr: Endpoint,
@@ -340,6 +370,10 @@ class Tunnel:
         init = self._gate.initiation(datagram, addr[0], now, wall)
         if isinstance(init, DropReason):
             self.stats.drop(init)
+            if (init is DropReason.BAD_MAC and self._identity is not None
+                    and self._identity.is_member(addr[0])):  # rule 10: a pod a phase behind?
+                self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
+                self.key_mismatch.note(addr[0])
             return
         claimed = self._peer_ip(init.pod_ip)
         if claimed is None:
@@ -362,7 +396,7 @@ class Tunnel:
             return
         index = self.table.new_index()
         reply = handshake.build_response(init, index, self._pod_ip_packed,
-                                         self._gate.templates.mac_key)
+                                         init.templates.mac_key)
         if reply is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
@@ -375,25 +409,32 @@ class Tunnel:
         if peer.pod_ip is None:  # we were initiating to this pod IP ourselves
             peer.pod_ip = pod_ip
         s = self._new_session(peer, index, init.sender_index, keys, packed, now,
-                              initiator=False)
+                              initiator=False, key=init.templates.fingerprint)
         if peer.next is not None:
             self.table.forget(peer.next)
         peer.next = s
         self._transmits.append((datagram_out, addr))
+        self.key_mismatch.clear(addr[0])
         self.stats.inc(Counter.HANDSHAKES_RESPONDED)
 
     def _on_response(self, datagram: Buffer, addr: Endpoint,
                      now: float) -> None:
         gate = self._gate
-        reason = gate.response_envelope(datagram)
-        parsed = wire.parse_response(datagram) if reason is None else None
-        if parsed is None:
-            self.stats.drop(reason or DropReason.BAD_HANDSHAKE)
+        key = gate.response_envelope(datagram)
+        if isinstance(key, DropReason):
+            self.stats.drop(key)
+            return
+        parsed = wire.parse_response(datagram)
+        if parsed is None:  # the envelope checked the length: cannot happen
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
         index, message = parsed
         peer = self.table.pending.get(index)
         if peer is None or peer.pending is None:
             self.stats.drop(DropReason.UNKNOWN_INDEX)
+            return
+        if key.mac_key != peer.pending.templates.mac_key:  # rule 10: not our initiation's key
+            self.stats.drop(DropReason.BAD_MAC)
             return
         reason = gate.admit(addr[0], now)
         if reason is not None:
@@ -418,10 +459,11 @@ class Tunnel:
         peer.pending = None
         peer = self.table.bind_pod_ip(peer, name)
         s = self._new_session(peer, index, remote_index, keys, pod_ip_packed, now,
-                              initiator=True)
+                              initiator=True, key=key.fingerprint)
         self.table.install(peer, s)
         peer.endpoint = addr
         peer.confirmed = True  # rule 9: the response proved the keys
+        self.key_mismatch.clear(addr[0])
         self.stats.inc(Counter.HANDSHAKES_COMPLETED)
         if pending.rekey:
             self.stats.inc(Counter.REKEYS)
@@ -554,10 +596,10 @@ class Tunnel:
         # peer never mistakes our retry for a replay.
         stamp = max(int(wall * 1e9), self._last_stamp_ns + 1)
         self._last_stamp_ns = stamp
-        state, datagram = handshake.build_initiation(self._gate.templates, index, stamp,
-                                                     self._pod_ip_packed)
+        templates = self._gate.ring.current  # rule 10: the newest key everyone accepts
+        state, datagram = handshake.build_initiation(templates, index, stamp, self._pod_ip_packed)
         peer.pending = Pending(index, state, now if first_sent is None else first_sent, now,
-                               rekey)
+                               rekey, templates)
         self.table.pending[index] = peer
         peer.stale_due = None
         self._transmits.append((datagram, peer.endpoint))
@@ -565,15 +607,16 @@ class Tunnel:
 
     # ---- peers and sessions -----------------------------------------------------------------
     def _new_session(self, peer: Peer, index: int, remote_index: int, keys: Keys,
-                     pod_ip: bytes, now: float, initiator: bool) -> Session:
+                     pod_ip: bytes, now: float, initiator: bool, key: str) -> Session:
         limits = self.limits
         expires_at = now + limits.reject_after_time
         renew_at = expires_at - limits.keepalive_timeout - limits.rekey_timeout
         s = Session(index, remote_index, keys.send, keys.recv, initiator, initiator, pod_ip, peer,
                     rekey_at=now + limits.rekey_after_time, renew_at=renew_at,
                     expires_at=expires_at, forget_at=expires_at + limits.tombstone_time,
-                    send_key=keys.send_key, recv_key=keys.recv_key)
+                    send_key=keys.send_key, recv_key=keys.recv_key, key=key)
         self.table.by_index[index] = s
+        self.handshakes_by_key[key] = self.handshakes_by_key.get(key, 0) + 1
         return s
 
     def _peer_ip(self, packed: bytes) -> str | None:

@@ -81,6 +81,7 @@ class Counter(enum.StrEnum):
     HANDSHAKES_INITIATED = "handshakes_initiated"
     HANDSHAKES_RESPONDED = "handshakes_responded"
     HANDSHAKES_COMPLETED = "handshakes_completed"
+    HANDSHAKES_WRONG_KEY = "handshakes_wrong_key"  # a member's mac1 under no key of the ring
     KEEPALIVES_SENT = "keepalives_sent"
     KEEPALIVES_RECEIVED = "keepalives_received"
     REKEYS = "rekeys"
@@ -94,6 +95,8 @@ class Counter(enum.StrEnum):
     DATAGRAMS_SEND_DROPPED = "datagrams_send_dropped"
     CLASSIFICATION_CONFLICTS = "classification_conflicts"  # an answer against trusted evidence
     MEMBERSHIP_LOADS = "membership_loads"
+    KEY_RELOADS = "key_reloads"  # a new key ring from the key file (linux/keyfile.py)
+    KEY_RELOAD_REFUSALS = "key_reload_refusals"  # a malformed key file, the ring kept
     INBOUND_ACCEPTED = "inbound_accepted"  # standalone: queued connections let in
     # UDP batches (linux/gso.py)
     UDP_GSO_SENDS = "udp_gso_sends"

@@ -2,12 +2,13 @@
 
 Stages of ``patch``:
  1. refuse if a proxy this lab started still runs in the pod;
- 2. start ``scripts/tencrypt-nsenter.sh --netns <pod ns> -- --psk-file <project key>
+ 2. start ``scripts/tencrypt-nsenter.sh --netns <pod ns> -- --psk-file <key file>
     [--no-strict]`` detached (its own session, so it outlives ``tencrypt lab patch``), with
     ``TENCRYPT_BIN`` set to the ``tencrypt`` next to this Python, output to
     ``<state>/logs/<pod>.tencrypt.log`` and its pid to ``<state>/pids/<pod>.tencrypt.pid``;
     the launcher runs ``tencrypt setup`` and then *execs* ``tencrypt run``, so the pid we keep
-    is the proxy's own;
+    is the proxy's own; the key file is the pod's own ring if ``write_pod_keys`` wrote one (a
+    key rotation, the lab playing the agent), else the project's key;
  3. poll the log for the line ``tencrypt run`` prints when it serves ("tencrypt: ready"),
     bounded; if the launcher exits first or time runs out, stop it, undo the setup and fail
     with the log's tail.
@@ -29,10 +30,12 @@ from typing import TYPE_CHECKING
 
 from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.membership import Members
+from tencrypt.core.psk import KeySet
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab import cleanup
 from tencrypt.lab.topology import Pod
 from tencrypt.linux import netns, podnet, procs
+from tencrypt.linux.keyfile import write_key_file
 from tencrypt.linux.members import write_members
 
 if TYPE_CHECKING:
@@ -80,6 +83,17 @@ def write_members_file(lab: Lab, pod: Pod, members: Members | None = None) -> Pa
     return write_members(directory, members or members_of(lab, pod.project))
 
 
+def pod_key_file(lab: Lab, pod: Pod) -> Path:
+    """Where ``write_pod_keys`` puts a pod's own key ring (patch prefers it to the project's)."""
+    return lab.psk_file(pod.project).with_name(f"{pod.name}.ring")
+
+
+def write_pod_keys(lab: Lab, pod: Pod, keys: KeySet) -> Path:
+    """Hand ``pod``'s proxy a key ring, atomically, as the agent does in a rotation: a running
+    proxy re-reads it within a second (``tencrypt run`` watches its key file)."""
+    return write_key_file(pod_key_file(lab, pod), keys)
+
+
 def proxy_pid(lab: Lab, pod: Pod) -> int | None:
     """The pid of the proxy this lab started in ``pod``, if it still runs."""
     pid = procs.read_pid(lab.pid_file(f"{pod.name}.tencrypt"))
@@ -112,7 +126,9 @@ def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (
         with contextlib.suppress(FileNotFoundError):
             (podnet.namespace_state_dir(SETUP_STATE_DIR, f"/run/netns/{pod.netns}")
              / MEMBERS_FILE).unlink()
-    key = lab.psk_file(pod.project)
+    key = pod_key_file(lab, pod)
+    if not key.exists():
+        key = lab.psk_file(pod.project)
     if not key.exists():
         raise UsageError(f"no key for project {pod.project} ({key}): is lab {lab.name} up?")
     argv = ["bash", str(launcher()), "--netns", pod.netns, "--", "--psk-file", str(key),

@@ -42,6 +42,7 @@ from tencrypt.core.podconfig import (
 )
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.linux import firewall, nfqueue, procs
+from tencrypt.linux.keyfile import LOADED_FILE
 
 log = logging.getLogger("tencrypt.setup")
 RULE_PRIORITY = 1000
@@ -223,6 +224,7 @@ def undo(state_dir: str) -> bool:
     netlink.remove_link(c.tun)
     (directory / STATE_FILE).unlink()
     (directory / MEMBERS_FILE).unlink(missing_ok=True)  # the agent's (or lab's) for this pod
+    (directory / LOADED_FILE).unlink(missing_ok=True)  # the ring a (killed) proxy recorded
     try:
         directory.rmdir()
     except OSError:

@@ -23,6 +23,9 @@ the running proxies; and that successor's ``--on-exit unpatch`` stop.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import signal
 import subprocess
@@ -34,11 +37,13 @@ import pytest
 
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
 from tencrypt.core.membership import parse_members
+from tencrypt.core.psk import KeySet, fingerprint, parse_key_file
+from tencrypt.kube import client as kubeclient
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.linux import netns
 from tencrypt.linux.procs import read_pid
 from tests.kubefakes import builders as kubeobjects
-from tests.kubefakes.fakeapi import FakeApiServer
+from tests.kubefakes.writable import WritableApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "tencrypt-agent-marker-41c7"
@@ -68,6 +73,7 @@ class AgentProcess:
         # not setup's default: setup, run and undo must all be handed the same one
         self.setup_state = tmp / "setup-state"
         self.log = tmp / log_name
+        self.tmp_kubeconfig = tmp / "kubeconfig"
         self.argv = [sys.executable, "-m", "tencrypt", "agent", "--node", "node1",
                      "--kubeconfig", str(api.write_kubeconfig(tmp / "kubeconfig")),
                      "--state-dir", str(self.state), "--sandbox", sandbox,
@@ -132,7 +138,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(lab, tmp_path_factory):
-    api = FakeApiServer(pod_objects(lab))
+    api = WritableApiServer(pod_objects(lab))  # the agents publish their key reports too
     api.start()
     w = World(lab, api, tmp_path_factory.mktemp("agent"))
     w.start_agent("keep")
@@ -227,7 +233,7 @@ def test_real_client_fake_apiserver_enabled_pods_get_patched_and_sealed(world, c
     keys = agent.state / "keys"
     assert (keys.stat().st_mode & 0o777, agent.state.stat().st_mode & 0o777) == (0o700, 0o700)
     assert (keys / "myproject.psk").stat().st_mode & 0o777 == 0o600
-    assert (keys / "myproject.psk").read_text().strip() == key
+    assert parse_key_file((keys / "myproject.psk").read_text()) == KeySet(base64.b64decode(key))
     assert [p.name for p in keys.iterdir()] == ["myproject.psk"]
     for pod in ("nginx1", "nginx2"):
         for pid in proxies_in(lab.pod(pod).netns):
@@ -277,6 +283,45 @@ def test_real_client_fake_apiserver_killed_proxy_is_restarted(world, capture):
     assert new != old
     sealed_curl(lab, capture, "nginx1", "nginx2")
     assert "nginx2: the proxy exited" in agent.text()
+
+
+def ring_of(lab, pod):
+    """(role, fingerprint) of each key the proxy in ``pod`` holds, from its /status."""
+    text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/status"]).stdout
+    return [(k["role"], k["fingerprint"]) for k in json.loads(text)["keys"]
+            if k["role"] != "retired"]
+
+
+def test_real_client_fake_apiserver_key_rotation_reloads_every_proxy_without_a_restart(
+        world, capture):
+    """`tencrypt key rotate` (the real command, against the API double) takes the project
+    through its three phases, waiting on the agent's report; the same proxies load each ring."""
+    from kubernetes import client
+
+    from tencrypt.keyrotate import Rotator
+
+    lab, api, agent, _ = world
+    wait_patched(lab, agent, "nginx1", "nginx2")
+    pods = ("nginx1", "nginx2")
+    before = {p: proxies_in(lab.pod(p).netns) for p in pods}
+    old = KeySet(base64.b64decode(lab.psk_file("myproject").read_text().strip()))
+    assert all(ring_of(lab, p) == list(old.fingerprints().items()) for p in pods)
+    out = io.StringIO()
+    core = client.CoreV1Api(kubeclient.new_api_client(str(agent.tmp_kubeconfig)))
+    new = Rotator(core, "myproject", "tencrypt-system", out, grace=2.0, timeout=120.0,
+                  poll=0.5).run()
+    print(out.getvalue())
+    assert new.current != old.current and new.next is None and new.previous is None
+    assert "agents: 2/2 pods on current=" in out.getvalue()
+    for pod in pods:  # every pod's ring changed, and no proxy restarted
+        assert ring_of(lab, pod) == [("current", fingerprint(new.current))]
+        assert proxies_in(lab.pod(pod).netns) == before[pod]
+    assert parse_key_file((agent.state / "keys" / "myproject.psk").read_text()) == new
+    assert "restarting" not in agent.text() and "cannot publish" not in agent.text()
+    report = api.get("ConfigMap", "tencrypt-system", "tencrypt-keys-node1")
+    assert f"current={fingerprint(new.current)}" in report["data"]["keys.json"]
+    sealed_curl(lab, capture, "nginx1", "nginx2")  # a fresh connection, under the new key
+    lab.psk_file("myproject").write_text(base64.b64encode(new.current).decode() + "\n")
 
 
 def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world):

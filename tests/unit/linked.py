@@ -62,8 +62,10 @@ class Net:
         self.wire: list[tuple[bytes, str, str]] = []  # (datagram, from pod, to address)
         self.block: set[int] = set()  # message types the network loses
 
-    def add(self, ip: str, **kw) -> Tunnel:
-        self.pods[ip] = Tunnel(PSK, ip, Stats(), self.limits, port=PORT, **kw)
+    def add(self, ip: str, keys=None, **kw) -> Tunnel:
+        """A pod holding ``keys`` (a KeyRing; default: PSK alone)."""
+        self.pods[ip] = Tunnel(PSK if keys is None else keys, ip, Stats(), self.limits,
+                               port=PORT, **kw)
         self.delivered[ip] = []
         self.events[ip] = []
         return self.pods[ip]

@@ -17,6 +17,7 @@ import tencrypt.agent
 from tencrypt.agent import podstate, sandbox
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION, AgentKind, BadKey, NodeView
 from tencrypt.agent.reconcile import Phase, Policy, Reconciler, Sandbox, Verb, Want
+from tencrypt.core.psk import KeySet
 from tencrypt.kube.objects import EventType
 from tests.kubefakes import builders as kubeobjects
 from tests.unit.test_purity import FORBIDDEN, imported_roots
@@ -120,7 +121,7 @@ def test_proc_text_parsers_never_raise(text):
 
 def test_project_key_comes_from_the_secret_and_errors_never_quote_it():
     secret = kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY + "\n"})
-    assert podstate.parse_secret_key(secret) == base64.b64decode(KEY)
+    assert podstate.parse_secret_key(secret) == KeySet(base64.b64decode(KEY))
     short = KEY[:30]
     for values in ({"OTHER": KEY}, {"PROJECT_PSK": short}, {"PROJECT_PSK": "A" * 43 + "="},
                    {"PROJECT_PSK": "AAAA" * 10 + "AAA="}):
@@ -140,11 +141,11 @@ def test_node_view_keeps_each_projects_key_from_the_watched_secrets():
     assert view.key("shop") == BadKey("no Secret tencrypt in the namespace")
     view.replace(AgentKind.SECRET, [kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}),
                                     kubeobjects.build_secret("blog", {"PROJECT_PSK": "short"})])
-    assert view.key("shop") == base64.b64decode(KEY)
+    assert view.key("shop") == KeySet(base64.b64decode(KEY))
     assert isinstance(view.key("blog"), BadKey) and "short" not in view.key("blog").reason
     view.on_event(AgentKind.SECRET, EventType.MODIFIED,
                   kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2}))
-    assert view.key("shop") == base64.b64decode(KEY2)
+    assert view.key("shop") == KeySet(base64.b64decode(KEY2))
     view.on_event(AgentKind.SECRET, EventType.DELETED,
                   kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2}))
     assert isinstance(view.key("shop"), BadKey)
@@ -196,9 +197,8 @@ def test_a_pod_starts_once_its_sandbox_and_key_are_known():
 
 
 @pytest.mark.parametrize("changed, reason", [
-    (want(sb=SB_NEW), "sandbox"), (want(sb=None), "sandbox"), (want(key="k2"), "key"),
-    (None, "pod gone")])
-def test_pod_gone_sandbox_replaced_or_key_changed_stop_then_start_afresh(changed, reason):
+    (want(sb=SB_NEW), "sandbox"), (want(sb=None), "sandbox"), (None, "pod gone")])
+def test_pod_gone_or_sandbox_replaced_stop_then_start_afresh(changed, reason):
     r = Reconciler()
     r.on_desired([want()])
     started(r, want())
@@ -212,6 +212,30 @@ def test_pod_gone_sandbox_replaced_or_key_changed_stop_then_start_afresh(changed
         started(r, changed, now=2.0)
     else:
         assert r.plan(2.0) == []
+
+
+def test_a_key_change_never_stops_a_proxy_the_entry_notes_the_new_ring():
+    r = Reconciler()
+    r.on_desired([want()])
+    started(r, want())
+    r.on_desired([want(key="k2")])  # a rotation: the shell rewrote the key file
+    assert r.plan(1.0) == [] and r.entries["u1"].key_id == "k2"
+    r.on_exited("u1", 2.0)  # a restart after a crash starts with the ring the file holds
+    [a] = r.plan(3.0)
+    assert a.verb is Verb.START and a.want.key_id == "k2"
+
+
+def test_the_secrets_ring_with_next_and_previous_keys():
+    data = {"PROJECT_PSK": KEY, "PROJECT_PSK_NEXT": KEY2}
+    ring = podstate.parse_secret_key(kubeobjects.build_secret("shop", data))
+    assert ring == KeySet(base64.b64decode(KEY), next=base64.b64decode(KEY2))
+    promoted = podstate.parse_secret_key(kubeobjects.build_secret(
+        "shop", {"PROJECT_PSK": KEY2, "PROJECT_PSK_PREVIOUS": KEY}))
+    assert promoted == KeySet(base64.b64decode(KEY2), previous=base64.b64decode(KEY))
+    assert len({podstate.key_id(ring), podstate.key_id(promoted)}) == 2
+    same = podstate.parse_secret_key(kubeobjects.build_secret(
+        "shop", {"PROJECT_PSK": KEY, "PROJECT_PSK_NEXT": KEY}))
+    assert isinstance(same, BadKey) and "same key" in same.reason and KEY[:8] not in same.reason
 
 
 def test_another_process_of_the_same_sandbox_is_the_same_sandbox():
@@ -400,6 +424,24 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
                        ("services", "watch", ()), ("secrets", "list", ("tencrypt",)),
                        ("secrets", "watch", ("tencrypt",))}
     assert all(rule["apiGroups"] == [""] for rule in role["rules"])
+
+
+def test_agent_writes_only_its_key_report_configmaps_in_its_own_namespace():
+    docs = k8s_docs()
+    [role] = [d for d in docs if d["kind"] == "Role"
+              and d["metadata"]["name"] == "tencrypt-agent-key-report"]
+    assert role["metadata"]["namespace"] == "tencrypt-system"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "verbs": ["create", "get", "update"]}]
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding"
+                 and d["roleRef"]["name"] == "tencrypt-agent-key-report"]
+    assert binding["metadata"]["namespace"] == "tencrypt-system"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tencrypt",
+                                    "namespace": "tencrypt-system"}]
+    [ds] = [d for d in docs if d["kind"] == "DaemonSet"]
+    agent = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
 def test_daemonset_agent_args_parse_and_its_state_dir_is_a_host_tmpfs_mount():

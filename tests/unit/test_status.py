@@ -7,10 +7,11 @@ import io
 import json
 import threading
 
+from tencrypt.core.psk import fingerprint
 from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
 from tencrypt.linux import metrics
 from tencrypt.status import fetch, render
-from tests.unit.linked import A, B, connect, new_net
+from tests.unit.linked import PSK, A, B, connect, new_net
 
 
 def proxy_document(net) -> dict:
@@ -52,7 +53,13 @@ def test_render_prints_warning_peers_sessions_classes_and_drops():
     assert f"peer {B}  endpoint {B}:1337" in text and "current " in text
     assert "classification: external 1, internal 2" in text
     assert "bad_mac" in text.split("drops:")[1]
+    fp = fingerprint(PSK)
+    assert f"key {fp}  current   1 sessions, 1 handshakes" in text  # the ring, by fingerprint
+    assert text.count(f"key {fp}") == 2  # and the session's key
     render({}, io.StringIO())  # an empty document still prints
+    out = io.StringIO()
+    render({"key_mismatch": [{"source": "10.0.0.9", "refused": 4}]}, out)
+    assert out.getvalue().startswith("WARNING: 10.0.0.9 (a member of this project) uses a key")
 
 
 def test_metrics_endpoint_serves_status_beside_metrics():

@@ -1,0 +1,260 @@
+"""`tencrypt key rotate`: move a project to a new key in three phases, never cutting a connection.
+
+With the operator's own credentials (kubeconfig), or in a CronJob with a ServiceAccount that may
+read and update only Secrets named ``tencrypt`` and list the agents' reports
+(scripts/k8s/optional/key-rotation-cronjob.yaml). Stages of a run (core/rotation.py has the
+rules):
+
+ 1. read Secret ``tencrypt`` of ``--namespace``; the phases to run: ``--phase`` one of them,
+    or (``--all``, the default) what finishes the rotation in progress, or all three of a new
+    one (``rotation.plan``); with no agent report at all there is nothing to wait on, and the
+    run stops before it changes anything;
+ 2. wait until every pod runs the ring the Secret holds now (a run interrupted before the
+    nodes caught up, or a node that was down, must not be left two phases behind);
+ 3. per phase: before DROP_PREVIOUS, wait out the grace time since PROMOTE was loaded
+    everywhere (from this run, or the Secret's annotations); write the new ring into the Secret
+    (with its resourceVersion: a concurrent change is a clear error, never overwritten), with
+    the phase and its time as annotations; a new key comes from ``os.urandom(32)`` here and is
+    never printed;
+ 4. wait until every node's agent reports that every pod of the project loaded that ring
+    (``rotation.progress``), printing progress whenever it changes; past ``--timeout`` stop with
+    the nodes that lag. The Secret is then left at a valid phase: re-run to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tencrypt.core.psk import KeySet, ring_label
+from tencrypt.core.rotation import (
+    PHASE_ANNOTATION,
+    PHASE_AT_ANNOTATION,
+    REPORT_KEY,
+    REPORT_LABEL,
+    SECRET_NAME,
+    Phase,
+    Progress,
+    apply_phase,
+    plan,
+    progress,
+    secret_data,
+    secret_keys,
+)
+from tencrypt.errors import TencryptError, UsageError
+
+DEFAULT_GRACE = 300.0  # > a session's lifetime (180 s): every session re-keyed meanwhile
+DEFAULT_TIMEOUT = 600.0
+POLL = 2.0
+
+
+class RotationError(TencryptError):
+    """The rotation stopped (agents lagging, the API refused): the Secret is at a valid phase."""
+
+    exit_code = 3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    r = sub.add_parser(
+        "rotate", help="rotate a project's key: add-next, promote, drop-previous",
+        description="Rotate the key of a project (Secret tencrypt, PROJECT_PSK[_NEXT|_PREVIOUS]) "
+                    "in three phases, waiting between them until every node's agent reports "
+                    "that every pod of the project loaded the new ring. No proxy restarts.")
+    r.add_argument("--namespace", "-n", required=True, help="the project's namespace")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--phase", choices=[ph.value for ph in Phase],
+                       help="run only this phase (default: --all)")
+    which.add_argument("--all", action="store_true",
+                       help="finish the rotation in progress, or run all three phases of a new "
+                            "one (the default)")
+    r.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                   help="seconds between promote (loaded everywhere) and drop-previous; longer "
+                        f"than the proxies' --session-lifetime (default: {DEFAULT_GRACE:.0f})")
+    r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="seconds to wait for the agents after each phase "
+                        f"(default: {DEFAULT_TIMEOUT:.0f})")
+    r.add_argument("--agent-namespace", default="tencrypt-system",
+                   help="where the agents write their reports (default: tencrypt-system)")
+    r.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account "
+                                        "when in a pod, else $KUBECONFIG or ~/.kube/config)")
+    r.add_argument("--context", help="kubeconfig context (default: its current context)")
+
+
+@dataclass(slots=True)
+class Rotator:
+    """One run against one project; ``clock``, ``sleep`` and ``new_key`` are injected."""
+
+    api: Any  # kubernetes.client.CoreV1Api
+    namespace: str
+    agent_namespace: str
+    out: TextIO
+    grace: float = DEFAULT_GRACE
+    timeout: float = DEFAULT_TIMEOUT
+    poll: float = POLL
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    new_key: Callable[[], bytes] = lambda: os.urandom(32)
+    _loaded_at: dict[Phase, float] = field(default_factory=dict)
+
+    def run(self, only: Phase | None = None) -> KeySet:
+        keys, secret = self.read()
+        self.say(f"{self.namespace}: Secret {SECRET_NAME} holds {label(keys)}")
+        phases = [only] if only is not None else plan(keys)
+        self.say("phases: " + " -> ".join(ph.value for ph in phases))
+        if not self.reports():  # nothing to wait on: a phase could strand pods, refuse
+            raise RotationError(
+                f"no agent key reports in {self.agent_namespace} (ConfigMaps labelled "
+                f"{'='.join(REPORT_LABEL)}): are the agents running, with their report (Role "
+                "tencrypt-agent-key-report, --report-namespace)? Nothing was changed.")
+        self.say("before any change, every pod must run what the Secret holds:")
+        self.wait_agents(keys)  # a previous run may have stopped before the nodes caught up
+        for phase in phases:
+            if phase is Phase.DROP_PREVIOUS:
+                self.wait_grace(secret)
+            keys, secret = self.write(phase, keys, secret)
+            self.wait_agents(keys)
+            self._loaded_at[phase] = self.clock()
+        self.say(f"done: {self.namespace} runs on {label(keys)}")
+        return keys
+
+    # ---- the Secret ----------------------------------------------------------------------
+    def read(self) -> tuple[KeySet, dict[str, Any]]:
+        secret = self._call("read", self.api.read_namespaced_secret, SECRET_NAME,
+                            self.namespace, _preload_content=False)
+        return secret_keys(secret.get("data")), secret
+
+    def write(self, phase: Phase, keys: KeySet,
+              secret: dict[str, Any]) -> tuple[KeySet, dict[str, Any]]:
+        new = apply_phase(keys, phase, self.new_key() if phase is Phase.ADD_NEXT else None)
+        meta = secret.get("metadata") or {}
+        annotations = {**(meta.get("annotations") or {}), PHASE_ANNOTATION: phase.value,
+                       PHASE_AT_ANNOTATION: f"{self.clock():.0f}"}
+        body = {"apiVersion": "v1", "kind": "Secret", "type": secret.get("type", "Opaque"),
+                "metadata": {**meta, "annotations": annotations}, "data": secret_data(new)}
+        written = self._call("update", self.api.replace_namespaced_secret, SECRET_NAME,
+                             self.namespace, body, _preload_content=False)
+        self.say(f"phase {phase.value}: Secret {self.namespace}/{SECRET_NAME} now holds "
+                 f"{label(new)}")
+        return new, written
+
+    # ---- waiting ---------------------------------------------------------------------------
+    def wait_agents(self, keys: KeySet) -> Progress:
+        """Rule 2 of core/rotation.py: until every pod of the project runs ``keys``."""
+        start = self.clock()
+        shown = None
+        while True:
+            got = progress(self.reports(), self.namespace, keys)
+            line = f"  agents: {got.ready}/{got.pods} pods on {got.expected}" + (
+                "; waiting for " + "; ".join(got.lagging) if got.lagging else "")
+            if line != shown:
+                self.say(line)
+                shown = line
+            if got.done:
+                if got.pods == 0:
+                    self.say(f"  (no agent reports a pod of {self.namespace}: nothing to wait "
+                             "for)")
+                return got
+            if self.clock() - start >= self.timeout:
+                raise RotationError(
+                    f"after {self.timeout:.0f} s these nodes have not loaded {got.expected}: "
+                    f"{'; '.join(got.lagging)}. The Secret holds a valid phase; their pods "
+                    "refuse handshakes with pods two phases ahead (strict mode never falls "
+                    "back to plaintext). Fix the nodes (agent running?) and re-run.")
+            self.sleep(self.poll)
+
+    def wait_grace(self, secret: dict[str, Any]) -> None:
+        """Wait until ``grace`` seconds after PROMOTE was loaded everywhere: from this run,
+        else from the Secret's annotations, else (unknown) a full grace from now."""
+        since = self._loaded_at.get(Phase.PROMOTE)
+        if since is None:
+            notes = (secret.get("metadata") or {}).get("annotations") or {}
+            try:
+                since = (float(notes[PHASE_AT_ANNOTATION])
+                         if notes.get(PHASE_ANNOTATION) == Phase.PROMOTE.value else None)
+            except (KeyError, ValueError):
+                since = None
+        until = (self.clock() if since is None else since) + self.grace
+        if until > self.clock():
+            self.say(f"  grace: {until - self.clock():.0f} s for sessions under the previous "
+                     "key to re-key under the current one")
+        while self.clock() < until:
+            self.sleep(min(self.poll * 15, until - self.clock()))
+
+    def reports(self) -> list[tuple[str, str | None]]:
+        doc = self._call("list ConfigMaps", self.api.list_namespaced_config_map,
+                         self.agent_namespace, label_selector="=".join(REPORT_LABEL),
+                         _preload_content=False)
+        return [((item.get("metadata") or {}).get("name", "?"),
+                 (item.get("data") or {}).get(REPORT_KEY)) for item in doc.get("items") or []]
+
+    # ---- shared ----------------------------------------------------------------------------
+    def say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> dict[str, Any]:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            resp = fn(*args, **kw)
+            doc: dict[str, Any] = json.loads(resp.data)
+            return doc
+        except ApiException as exc:
+            raise RotationError(api_error(what, exc.status or 0, exc.reason or "", exc.body,
+                                          self.namespace, self.agent_namespace)) from None
+        except OSError as exc:  # urllib3 wraps refusals in OSErrors' subclasses
+            raise RotationError(f"cannot {what}: {exc}") from None
+
+
+def api_error(what: str, status: int, reason: str, body: Any, namespace: str,
+              agent_namespace: str) -> str:
+    """One line: what failed, the server's message, and what to check."""
+    try:
+        message = json.loads(body or "{}").get("message") or ""
+    except (ValueError, AttributeError):
+        message = ""
+    hint = {
+        401: " (check your kubeconfig's credentials)",
+        403: f" (needs get and update on Secret {namespace}/{SECRET_NAME} and list on ConfigMaps "
+             f"in {agent_namespace}: scripts/k8s/optional/key-rotation-cronjob.yaml shows the "
+             "rules)",
+        404: f" (no Secret {SECRET_NAME} in {namespace}? see scripts/k8s/secret-example.yaml)",
+        409: " (the Secret changed meanwhile, another rotation? nothing was overwritten: "
+             "re-run)",
+    }.get(status, "")
+    return f"cannot {what}: HTTP {status} {reason}{': ' + message if message else ''}{hint}"
+
+
+def label(keys: KeySet) -> str:
+    return ring_label(keys.fingerprints()).replace("=", " ").replace(",", ", ")
+
+
+def api_client(kubeconfig: str | None, context: str | None) -> Any:
+    """The kubeconfig (or context) given; else in-cluster when in a pod; else the default."""
+    from kubernetes import client, config
+
+    if kubeconfig or context:
+        return config.new_client_from_config(config_file=kubeconfig, context=context)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+def main(args: argparse.Namespace) -> int:
+    from kubernetes import client
+
+    if args.grace < 0 or args.timeout <= 0:
+        raise UsageError("--grace must be >= 0 and --timeout > 0")
+    api = client.CoreV1Api(api_client(args.kubeconfig, args.context))
+    rotator = Rotator(api, args.namespace, args.agent_namespace, sys.stdout, grace=args.grace,
+                      timeout=args.timeout)
+    rotator.run(Phase(args.phase) if args.phase else None)
+    return 0
