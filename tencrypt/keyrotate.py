@@ -235,25 +235,14 @@ def label(keys: KeySet) -> str:
     return ring_label(keys.fingerprints()).replace("=", " ").replace(",", ", ")
 
 
-def api_client(kubeconfig: str | None, context: str | None) -> Any:
-    """The kubeconfig (or context) given; else in-cluster when in a pod; else the default."""
-    from kubernetes import client, config
-
-    if kubeconfig or context:
-        return config.new_client_from_config(config_file=kubeconfig, context=context)
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
-
-
 def main(args: argparse.Namespace) -> int:
     from kubernetes import client
 
     if args.grace < 0 or args.timeout <= 0:
         raise UsageError("--grace must be >= 0 and --timeout > 0")
-    api = client.CoreV1Api(api_client(args.kubeconfig, args.context))
+    from tencrypt.kube.client import new_api_client
+
+    api = client.CoreV1Api(new_api_client(args.kubeconfig, args.context))
     rotator = Rotator(api, args.namespace, args.agent_namespace, sys.stdout, grace=args.grace,
                       timeout=args.timeout)
     rotator.run(Phase(args.phase) if args.phase else None)

@@ -471,9 +471,6 @@ class Tunnel:
         self._flush_queue(peer, now, keepalive=True)
 
     # ---- identity (rule 9, core/identity.py) ------------------------------------------------
-    def _claim(self, claimed: str, outer_src: str) -> DropReason | None:
-        return None if self._identity is None else self._identity.check(claimed, outer_src)
-
     def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float) -> bool:
         return self._identity is not None and live_elsewhere(peer, addr, now, self.limits)
 

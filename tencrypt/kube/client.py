@@ -23,11 +23,11 @@ CONNECT_TIMEOUT = 10  # seconds to connect to the API server
 LIST_TIMEOUT = 120  # seconds to read one page
 
 
-def new_api_client(kubeconfig: str | None) -> client.ApiClient:
-    """In-cluster service-account config when running in a pod, else a kubeconfig
-    (``kubeconfig``, ``$KUBECONFIG`` or ``~/.kube/config``)."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
+def new_api_client(kubeconfig: str | None, context: str | None = None) -> client.ApiClient:
+    """A kubeconfig (or one of its contexts) when one is named; else the in-cluster
+    service-account config when running in a pod; else ``$KUBECONFIG`` or ``~/.kube/config``."""
+    if kubeconfig or context:
+        return config.new_client_from_config(config_file=kubeconfig, context=context)
     try:
         config.load_incluster_config()
         return client.ApiClient()

@@ -34,6 +34,14 @@ from tencrypt.core.replay import WINDOW, ReplayWindow
 from tencrypt.core.stats import Stats
 from tencrypt.errors import UsageError
 from tests.unit import test_batch as tb
+from tests.unit.test_wire import (
+    RFC_AAD,
+    RFC_CIPHERTEXT,
+    RFC_KEY,
+    RFC_NONCE,
+    RFC_PLAINTEXT,
+    RFC_TAG,
+)
 
 COMPILED = selection.compiled()
 REQUIRED = os.environ.get("TENCRYPT_REQUIRE_FASTPATH") == "1"
@@ -47,17 +55,7 @@ SRC, OTHER = bytes([10, 128, 0, 5]), bytes([10, 128, 0, 9])
 INDEX = 0x11223344
 REPO = Path(__file__).resolve().parents[2]
 
-# RFC 8439 §2.8.2 (AEAD_CHACHA20_POLY1305) and §A.5 (decryption)
-RFC_KEY = bytes.fromhex("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
-RFC_NONCE = bytes.fromhex("070000004041424344454647")
-RFC_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
-RFC_PLAINTEXT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip "
-                 b"for the future, sunscreen would be it.")
-RFC_SEALED = bytes.fromhex(
-    "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6"
-    "3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36"
-    "92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
-    "3ff4def08e4b7a9de576d26586cec64b6116" "1ae10b594f09e26a7e902ecbd0600691")
+RFC_SEALED = RFC_CIPHERTEXT + RFC_TAG  # RFC 8439 §2.8.2, the vector test_wire.py checks
 
 
 def ipv4(size: int, src: bytes = SRC) -> bytes:
