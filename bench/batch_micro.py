@@ -64,11 +64,23 @@ MODES = ("raw-seg", "raw-gro", "tun-seg", "tun-gso")
 
 # --- 1. pure ------------------------------------------------------------------------------------
 
+
 def super_packet(payload_len: int = 65535 - 52, mss: int = MSS) -> bytes:
     """A TSO frame as tenc0 hands it: virtio-net header, IPv4, TCP with timestamps, partial csum."""
     total = 52 + payload_len
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 4242, 0x4000, 64, 6, 0,
-                     bytes([10, 233, 0, 1]), bytes([10, 233, 0, 2]))
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        4242,
+        0x4000,
+        64,
+        6,
+        0,
+        bytes([10, 233, 0, 1]),
+        bytes([10, 233, 0, 2]),
+    )
     src, dst = struct.unpack_from("!II", ip, 12)
     partial = pseudo_sum(src, dst, 6, total - 20) % 0xFFFF
     tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 1, 8 << 4, 0x18, 502, partial, 0)
@@ -112,15 +124,16 @@ def bench_pure(runs: int) -> dict[str, float]:
         view = memoryview(gso_buf)
         pos = 0
         for s in segs:
-            view[pos:pos + 16] = header
-            aead.encrypt_into(bytes(12), s, header, view[pos + 16:pos + 32 + len(s)])
+            view[pos : pos + 16] = header
+            aead.encrypt_into(bytes(12), s, header, view[pos + 16 : pos + 32 + len(s)])
             pos += 32 + len(s)
 
     r = {"segments": float(count)}
     r["split_us"] = best_us(lambda: split_tcp_batch(frame, stats, out), runs, 200)
     r["split_us_per_segment"] = r["split_us"] / count
     r["one_packet_path_us"] = best_us(
-        lambda: [split_tcp_batch(f, stats) for f in singles], runs, 50)
+        lambda: [split_tcp_batch(f, stats) for f in singles], runs, 50
+    )
     r["coalesce_us"] = best_us(lambda: coalesce_batch(copies), runs, 200)
     r["coalesce_partial_us"] = best_us(lambda: coalesce_batch(copies, partial=True), runs, 200)
     r["seal_encrypt_join_us"] = best_us(seal_join, runs, 100)
@@ -130,14 +143,30 @@ def bench_pure(runs: int) -> dict[str, float]:
 
 # --- namespaces ---------------------------------------------------------------------------------
 
+
 def bench_udp_send(runs: int) -> dict[str, float]:
     sfx = netns.unique_suffix()
     a, b = f"bua{sfx}", f"bub{sfx}"
     try:
         for ns in (a, b):
             netns.create(ns)
-        netns.sh(["ip", "link", "add", f"ua-{sfx}", "netns", a, "type", "veth", "peer", "name",
-                  f"ub-{sfx}", "netns", b])
+        netns.sh(
+            [
+                "ip",
+                "link",
+                "add",
+                f"ua-{sfx}",
+                "netns",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"ub-{sfx}",
+                "netns",
+                b,
+            ]
+        )
         for ns, dev, addr in ((a, f"ua-{sfx}", "10.234.0.1/24"), (b, f"ub-{sfx}", "10.234.0.2/24")):
             netns.run(ns, ["ip", "addr", "add", addr, "dev", dev])
             netns.run(ns, ["ip", "link", "set", dev, "up"])
@@ -160,15 +189,17 @@ def bench_udp_send(runs: int) -> dict[str, float]:
 
         def each() -> None:
             for i in range(44):
-                tx.sendto(data[i * 1472:(i + 1) * 1472], dst)
+                tx.sendto(data[i * 1472 : (i + 1) * 1472], dst)
             drain()
 
         def one_call() -> None:
             batch.send_batch(data, 1472, dst)
             drain()
 
-        r = {"sendto_us_per_datagram": best_us(each, runs, 50) / 44,
-             "gso_us_per_datagram": best_us(one_call, runs, 50) / 44}
+        r = {
+            "sendto_us_per_datagram": best_us(each, runs, 50) / 44,
+            "gso_us_per_datagram": best_us(one_call, runs, 50) / 44,
+        }
         tx.close()
         rx.close()
         return r
@@ -179,8 +210,10 @@ def bench_udp_send(runs: int) -> dict[str, float]:
 
 # --- 3. re-injection ----------------------------------------------------------------------------
 
-def reflect(tun: Tun, raw: socket.socket, mode: str, iperf: subprocess.Popen[str]
-            ) -> dict[str, float]:
+
+def reflect(
+    tun: Tun, raw: socket.socket, mode: str, iperf: subprocess.Popen[str]
+) -> dict[str, float]:
     """Pump the TUN until iperf3 exits: split, swap addresses, re-inject the chosen way."""
     stats, out, empty = Stats(), bytearray(1 << 17), bytes(VNET_HDR_LEN)
     calls = segments = nbytes = 0
@@ -197,8 +230,9 @@ def reflect(tun: Tun, raw: socket.socket, mode: str, iperf: subprocess.Popen[str
             segs = split_tcp_batch(frame, stats, out)
             for s in segs:
                 s[12:16], s[16:20] = s[16:20].tobytes(), s[12:16].tobytes()
-            items = coalesce_batch(segs, partial=not use_raw) if coalesce else \
-                [(s, 0) for s in segs]
+            items = (
+                coalesce_batch(segs, partial=not use_raw) if coalesce else [(s, 0) for s in segs]
+            )
             start = time.perf_counter()
             for pkt, size in items:
                 if use_raw:
@@ -212,12 +246,15 @@ def reflect(tun: Tun, raw: socket.socket, mode: str, iperf: subprocess.Popen[str
     wall = time.perf_counter() - wall0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    return {"inject_calls": calls, "segments": segments,
-            "us_per_call": spent / max(1, calls) * 1e6,
-            "us_per_segment": spent / max(1, segments) * 1e6,
-            "inject_gbit_s": nbytes * 8 / max(spent, 1e-9) / 1e9,
-            "reflector_cpu_pct": cpu / wall * 100,
-            "cpu_us_per_segment": cpu / max(1, segments) * 1e6}
+    return {
+        "inject_calls": calls,
+        "segments": segments,
+        "us_per_call": spent / max(1, calls) * 1e6,
+        "us_per_segment": spent / max(1, segments) * 1e6,
+        "inject_gbit_s": nbytes * 8 / max(spent, 1e-9) / 1e9,
+        "reflector_cpu_pct": cpu / wall * 100,
+        "cpu_us_per_segment": cpu / max(1, segments) * 1e6,
+    }
 
 
 def bench_inject(seconds: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -235,13 +272,16 @@ def bench_inject(seconds: int, rounds: int) -> dict[str, dict[str, float]]:
         netns.run(ns, ["ip", "addr", "add", "10.233.0.1/24", "dev", dev])
         netns.run(ns, ["ip", "link", "set", dev, "up"])
         server = netns.spawn(ns, ["iperf3", "-s", "-B", "10.233.0.1"])
-        netns.wait_for(lambda: "10.233.0.1:5201" in netns.run(ns, ["ss", "-ltn"]).stdout,
-                       what="iperf3 server")
+        netns.wait_for(
+            lambda: "10.233.0.1:5201" in netns.run(ns, ["ss", "-ltn"]).stdout, what="iperf3 server"
+        )
         for round_ in range(rounds):  # modes interleaved: a busy neighbour hits them all
             for mode in MODES:
-                iperf = subprocess.Popen(netns.exec_argv(ns, ["iperf3", "-c", "10.233.0.2",
-                                                              "-t", str(seconds), "-J"]),
-                                         stdout=subprocess.PIPE, text=True)
+                iperf = subprocess.Popen(
+                    netns.exec_argv(ns, ["iperf3", "-c", "10.233.0.2", "-t", str(seconds), "-J"]),
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 r = reflect(tun, raw, mode, iperf)
                 report = json.loads(iperf.stdout.read() if iperf.stdout else "{}")
                 end = report.get("end", {})
@@ -274,12 +314,23 @@ def main() -> None:
     for k, v in bench_udp_send(args.runs).items():
         print(f"  {k:28s} {v:10.2f}")
     inject = bench_inject(args.seconds, args.rounds)
-    cols = ["iperf3_gbit_s", "retransmits", "inject_calls", "segments", "us_per_call",
-            "us_per_segment", "inject_gbit_s", "reflector_cpu_pct", "cpu_us_per_segment"]
+    cols = [
+        "iperf3_gbit_s",
+        "retransmits",
+        "inject_calls",
+        "segments",
+        "us_per_call",
+        "us_per_segment",
+        "inject_gbit_s",
+        "reflector_cpu_pct",
+        "cpu_us_per_segment",
+    ]
     widths = [max(len(c), 10) for c in cols]
     print("  mode        " + " ".join(f"{c:>{w}s}" for c, w in zip(cols, widths, strict=True)))
     for mode, r in inject.items():
-        print(f"  {mode:11s} " + " ".join(f"{r[c]:{w}.2f}" for c, w in zip(cols, widths, strict=True)))
+        print(
+            f"  {mode:11s} " + " ".join(f"{r[c]:{w}.2f}" for c, w in zip(cols, widths, strict=True))
+        )
 
 
 if __name__ == "__main__":

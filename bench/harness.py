@@ -107,8 +107,10 @@ def peer_binaries(specs: list[str]) -> dict[str, tuple[str, str]]:
     for spec in specs:
         system, sep, path = spec.partition("=")
         if not sep or system not in peers.BINARY_SYSTEMS or not path:
-            raise UsageError(f"--peer-binary: SYSTEM=PATH with SYSTEM one of "
-                             f"{', '.join(peers.BINARY_SYSTEMS)}, not {spec!r}")
+            raise UsageError(
+                f"--peer-binary: SYSTEM=PATH with SYSTEM one of "
+                f"{', '.join(peers.BINARY_SYSTEMS)}, not {spec!r}"
+            )
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise UsageError(f"--peer-binary: {path} is not an executable file")
         label = f"{system} {peers.binary_version(path) or os.path.basename(path)}"
@@ -129,12 +131,20 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if not args.duration > 0:
         raise UsageError("--duration must be positive")
     if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", args.udp_rate):
-        raise UsageError(f"--udp-rate: a rate as iperf3 takes it (e.g. 500M, 1G), not "
-                         f"{args.udp_rate!r}")
-    plan = Plan(systems=[s for s in ORDER if s in systems], clients=_ints(args.clients, "clients"),
-                nodes=nodes, duration=args.duration, udp_rate=args.udp_rate, out=Path(args.out),
-                name=args.name, quick=args.quick,
-                binaries=peer_binaries(getattr(args, "peer_binary", None) or []))
+        raise UsageError(
+            f"--udp-rate: a rate as iperf3 takes it (e.g. 500M, 1G), not {args.udp_rate!r}"
+        )
+    plan = Plan(
+        systems=[s for s in ORDER if s in systems],
+        clients=_ints(args.clients, "clients"),
+        nodes=nodes,
+        duration=args.duration,
+        udp_rate=args.udp_rate,
+        out=Path(args.out),
+        name=args.name,
+        quick=args.quick,
+        binaries=peer_binaries(getattr(args, "peer_binary", None) or []),
+    )
     # each extra binary is one more system, measured after the Debian ones and before
     # Tencrypt (which patches the pods)
     at = plan.systems.index(TENCRYPT) if TENCRYPT in plan.systems else len(plan.systems)
@@ -168,10 +178,12 @@ class Progress:
         # actual/nominal pace of the finished steps, damped so that the first steps (a set-up
         # that took no time, a slow lab) do not swing the estimate
         pace = (elapsed + PACE_DAMPING) / (done + PACE_DAMPING)
-        left = sum(self.estimates[self.index - 1:]) * pace
+        left = sum(self.estimates[self.index - 1 :]) * pace
         n = len(self.estimates)
-        self.line = (f"bench [{min(self.index, n):>2}/{n}] {label} · {_clock(elapsed)} elapsed"
-                     f" · ~{_clock(left)} left")
+        self.line = (
+            f"bench [{min(self.index, n):>2}/{n}] {label} · {_clock(elapsed)} elapsed"
+            f" · ~{_clock(left)} left"
+        )
         self._draw()
 
     def say(self, text: str) -> None:
@@ -204,8 +216,12 @@ def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
 
 
 def estimates(plan: Plan) -> list[float]:
-    return [seconds for index, _ in enumerate(plan.nodes) for system in plan.systems
-            for seconds in system_steps(plan, system, index == 0)]
+    return [
+        seconds
+        for index, _ in enumerate(plan.nodes)
+        for system in plan.systems
+        for seconds in system_steps(plan, system, index == 0)
+    ]
 
 
 class BenchLab(Lab):
@@ -235,41 +251,67 @@ class Target:
 def open_bench_ports(lab: Lab, pod: Pod) -> None:
     """nginx2's Service gets the benchmark's ports, as kube-proxy would program a Service with
     more ports: VIP:5201 tcp+udp (iperf3) and VIP:5202 tcp (request/response)."""
-    lines = ["*nat", ":BENCH-SERVICES - [0:0]", "-A PREROUTING -j BENCH-SERVICES",
-             "-A OUTPUT -j BENCH-SERVICES"]
-    for proto, port in (("tcp", measure.IPERF_PORT), ("udp", measure.IPERF_PORT),
-                        ("tcp", measure.RR_PORT)):
-        lines.append(f"-A BENCH-SERVICES -d {pod.vip}/32 -p {proto} -m {proto} --dport {port} "
-                     f"-j DNAT --to-destination {pod.ip}:{port}")
+    lines = [
+        "*nat",
+        ":BENCH-SERVICES - [0:0]",
+        "-A PREROUTING -j BENCH-SERVICES",
+        "-A OUTPUT -j BENCH-SERVICES",
+    ]
+    for proto, port in (
+        ("tcp", measure.IPERF_PORT),
+        ("udp", measure.IPERF_PORT),
+        ("tcp", measure.RR_PORT),
+    ):
+        lines.append(
+            f"-A BENCH-SERVICES -d {pod.vip}/32 -p {proto} -m {proto} --dport {port} "
+            f"-j DNAT --to-destination {pod.ip}:{port}"
+        )
     for node in lab.nodes.values():
-        netns.run(node.netns, ["iptables-restore", "--noflush"],
-                  input="\n".join([*lines, "COMMIT", ""]))
+        netns.run(
+            node.netns, ["iptables-restore", "--noflush"], input="\n".join([*lines, "COMMIT", ""])
+        )
 
 
 @contextlib.contextmanager
-def attach(system: str, lab: Lab, a: Pod, b: Pod,
-           binary: tuple[str, str] | None = None) -> Iterator[Target]:
+def attach(
+    system: str, lab: Lab, a: Pod, b: Pod, binary: tuple[str, str] | None = None
+) -> Iterator[Target]:
     """``binary``: (system, path) of a --peer-binary, run in place of the Debian one."""
     if binary is not None:
         system = binary[0]
     if system == VANILLA:
-        yield Target(b.vip, b.ip, None, list, "Service VIP via kube-proxy DNAT; ping to the "
-                                              "pod IP (a VIP answers no ICMP)")
+        yield Target(
+            b.vip,
+            b.ip,
+            None,
+            list,
+            "Service VIP via kube-proxy DNAT; ping to the pod IP (a VIP answers no ICMP)",
+        )
     elif system in (WIREGUARD, OPENVPN):
         up = peers.wireguard_up if system == WIREGUARD else peers.openvpn_up
         tun = up(a, b, netns.unique_suffix(), binary[1] if binary else system)
         try:
-            yield Target(tun.server_addr, tun.server_addr, tun.client_if, tun.pids,
-                         f"{tun.note}; UDP socket buffers forced to {peers.BUFFER_BYTES >> 20} "
-                         f"MiB (SO_RCVBUF reads {sorted(set(tun.rcvbuf))})")
+            yield Target(
+                tun.server_addr,
+                tun.server_addr,
+                tun.client_if,
+                tun.pids,
+                f"{tun.note}; UDP socket buffers forced to {peers.BUFFER_BYTES >> 20} "
+                f"MiB (SO_RCVBUF reads {sorted(set(tun.rcvbuf))})",
+            )
         finally:
             tun.stop()
     else:
         try:
             for pod in (a, b):
                 lab.patch(pod.name)
-            yield Target(b.vip, b.vip, "tenc0", lambda: proxies_in(a.netns) + proxies_in(b.netns),
-                         _ready_line(lab, a))
+            yield Target(
+                b.vip,
+                b.vip,
+                "tenc0",
+                lambda: proxies_in(a.netns) + proxies_in(b.netns),
+                _ready_line(lab, a),
+            )
         finally:
             for pod in (b, a):
                 with contextlib.suppress(SetupError, OSError, subprocess.TimeoutExpired):
@@ -324,36 +366,50 @@ class Bench:
 
     def system(self, lab: Lab, system: str, a: Pod, b: Pod) -> None:
         nodes, label = len(lab.nodes), f"{_shape(len(lab.nodes))} · {system}"
-        with attach(system, lab, a, b, self.plan.binaries.get(system)) as target, \
-                measure.rr_server(b.netns, self.logs / "rr.log"):
+        with (
+            attach(system, lab, a, b, self.plan.binaries.get(system)) as target,
+            measure.rr_server(b.netns, self.logs / "rr.log"),
+        ):
             self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
             measure.wait_reachable(a.netns, target.host)
             self.progress.step(f"{label} · ping, request/response")
             self.attempt(nodes, system, "ping", partial(self.ping, nodes, system, a, target))
-            self.attempt(nodes, system, "request/response",
-                         partial(self.rr, nodes, system, a, target))
+            self.attempt(
+                nodes, system, "request/response", partial(self.rr, nodes, system, a, target)
+            )
             with measure.MemorySampler(target.pids) as memory:
                 for clients in self.plan.clients:
                     self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
-                    self.attempt(nodes, system, f"TCP ×{clients}",
-                                 partial(self.iperf, nodes, system, a, b, target, clients))
+                    self.attempt(
+                        nodes,
+                        system,
+                        f"TCP ×{clients}",
+                        partial(self.iperf, nodes, system, a, b, target, clients),
+                    )
                 self.progress.step(f"{label} · UDP at {self.plan.udp_rate}bit/s")
                 self.attempt(nodes, system, "UDP", partial(self.iperf, nodes, system, a, b, target))
             if memory.result.peak_mb:
                 self.run.add(nodes, system, "memory", 0, "idle_mb", memory.result.idle_mb, "MB")
                 self.run.add(nodes, system, "memory", 0, "peak_mb", memory.result.peak_mb, "MB")
             if system == TENCRYPT and self.first_shape and self.plan.soak_seconds:
-                self.progress.step(f"{label} · soak ×{max(self.plan.clients)} "
-                                   f"({self.plan.soak_seconds:g} s)")
+                self.progress.step(
+                    f"{label} · soak ×{max(self.plan.clients)} ({self.plan.soak_seconds:g} s)"
+                )
                 self.attempt(nodes, system, "soak", partial(self.soak, nodes, system, a, b, target))
 
     def ping(self, nodes: int, system: str, a: Pod, target: Target) -> None:
         p = measure.ping(a.netns, target.ping_host, self.plan.ping_count, PING_INTERVAL)
-        for metric, value in (("p50_ms", p.p50_ms), ("avg_ms", p.avg_ms), ("min_ms", p.min_ms),
-                              ("max_ms", p.max_ms), ("mdev_ms", p.mdev_ms)):
+        for metric, value in (
+            ("p50_ms", p.p50_ms),
+            ("avg_ms", p.avg_ms),
+            ("min_ms", p.min_ms),
+            ("max_ms", p.max_ms),
+            ("mdev_ms", p.mdev_ms),
+        ):
             self.run.add(nodes, system, "ping", 1, metric, value, "ms")
-        self.run.add(nodes, system, "ping", 1, "loss_pct",
-                     100.0 * (p.sent - p.received) / p.sent, "%")
+        self.run.add(
+            nodes, system, "ping", 1, "loss_pct", 100.0 * (p.sent - p.received) / p.sent, "%"
+        )
 
     def rr(self, nodes: int, system: str, a: Pod, target: Target) -> None:
         r = measure.request_response(a.netns, target.host, self.plan.rr_seconds)
@@ -361,34 +417,44 @@ class Bench:
         self.run.add(nodes, system, "rr", 1, "p50_us", r.p50_us, "µs")
         self.run.add(nodes, system, "rr", 1, "p99_us", r.p99_us, "µs")
 
-    def iperf(self, nodes: int, system: str, a: Pod, b: Pod, target: Target,
-              clients: int | None = None) -> measure.Iperf:
+    def iperf(
+        self, nodes: int, system: str, a: Pod, b: Pod, target: Target, clients: int | None = None
+    ) -> measure.Iperf:
         """One iperf3 run (TCP with ``clients`` streams, else UDP), recorded."""
         namespaces = [a.netns, b.netns]
         drops = measure.udp_rcvbuf_errors(namespaces)
         before = measure.iface_counters(a.netns, target.iface) if target.iface else (0, 0)
         udp = None if clients else self.plan.udp_rate
-        result = measure.iperf(a.netns, b.netns, target.host, self.plan.duration,
-                               self.logs / "iperf3.log", parallel=clients or 1, udp_rate=udp)
+        result = measure.iperf(
+            a.netns,
+            b.netns,
+            target.host,
+            self.plan.duration,
+            self.logs / "iperf3.log",
+            parallel=clients or 1,
+            udp_rate=udp,
+        )
         drops = measure.udp_rcvbuf_errors(namespaces) - drops
         test, n = ("tcp", clients) if clients else ("udp", 1)
         if target.iface:
             after = measure.iface_counters(a.netns, target.iface)
             carried = after[0] - before[0]
             if carried < 0.9 * result.mbytes * 1e6:
-                raise measure.MeasureError(f"only {carried / 1e6:.1f} MB crossed {target.iface} "
-                                           f"for {result.mbytes:.1f} MB received: not tunnelled")
+                raise measure.MeasureError(
+                    f"only {carried / 1e6:.1f} MB crossed {target.iface} "
+                    f"for {result.mbytes:.1f} MB received: not tunnelled"
+                )
             self.run.add(nodes, system, test, n, "tunnel_mb", carried / 1e6, "MB")
-            self.run.add(nodes, system, test, n, "tunnel_if_drops", after[1] - before[1],
-                         "packets")
+            self.run.add(nodes, system, test, n, "tunnel_if_drops", after[1] - before[1], "packets")
         self.run.add(nodes, system, test, n, "throughput", result.gbps, "Gbit/s")
         self.run.add(nodes, system, test, n, "udp_rcvbuf_errors", drops, "datagrams")
         self.run.add(nodes, system, test, n, "received_mb", result.mbytes, "MB")
         if clients:
             self.run.add(nodes, system, test, n, "retransmits", result.retransmits, "segments")
         else:
-            self.run.add(nodes, system, test, n, "offered", _rate_gbps(self.plan.udp_rate),
-                         "Gbit/s")
+            self.run.add(
+                nodes, system, test, n, "offered", _rate_gbps(self.plan.udp_rate), "Gbit/s"
+            )
             self.run.add(nodes, system, test, n, "sent", result.sent_gbps, "Gbit/s")
             self.run.add(nodes, system, test, n, "loss_pct", result.lost_pct, "%")
             self.run.add(nodes, system, test, n, "lost", result.lost, "datagrams")
@@ -399,17 +465,26 @@ class Bench:
         seconds, clients = self.plan.soak_seconds, max(self.plan.clients)
         window = seconds / SOAK_RUNS
         with measure.MemorySampler(target.pids) as memory:
-            result = measure.iperf(a.netns, b.netns, target.host, seconds,
-                                   self.logs / "iperf3.log", parallel=clients)
+            result = measure.iperf(
+                a.netns, b.netns, target.host, seconds, self.logs / "iperf3.log", parallel=clients
+            )
         samples = memory.result.samples
         end = samples[-1][0] if samples else seconds
         self.run.add(nodes, system, "soak", 0, "seconds", seconds, "s")
         self.run.add(nodes, system, "soak", 0, "clients", clients, "streams")
         self.run.add(nodes, system, "soak", 0, "throughput", result.gbps, "Gbit/s")
-        self.run.add(nodes, system, "soak", 0, "first_mb",
-                     measure.window_max(samples, 0, window), "MB")
-        self.run.add(nodes, system, "soak", 0, "last_mb",
-                     measure.window_max(samples, end - window, end + 1), "MB")
+        self.run.add(
+            nodes, system, "soak", 0, "first_mb", measure.window_max(samples, 0, window), "MB"
+        )
+        self.run.add(
+            nodes,
+            system,
+            "soak",
+            0,
+            "last_mb",
+            measure.window_max(samples, end - window, end + 1),
+            "MB",
+        )
         self.run.add(nodes, system, "soak", 0, "peak_mb", memory.result.peak_mb, "MB")
 
 
@@ -449,17 +524,28 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def describe(plan: Plan) -> Run:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-                platform.machine())
-    run = Run(date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-              cores=os.cpu_count() or 0, machine=f"{cpu}, Linux {platform.release()}")
-    run.settings = (f"{'quick' if plan.quick else 'full'} run; iperf3 runs of "
-                    f"{plan.duration:g} s; TCP clients {', '.join(map(str, plan.clients))}; UDP "
-                    f"offered {plan.udp_rate}bit/s; ping {plan.ping_count}× every "
-                    f"{PING_INTERVAL * 1000:g} ms; request/response {plan.rr_seconds:g} s")
-    first = subprocess.run(["iperf3", "--version"], capture_output=True, text=True,
-                           check=False).stdout.split("\n", 1)[0]
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    run = Run(
+        date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        cores=os.cpu_count() or 0,
+        machine=f"{cpu}, Linux {platform.release()}",
+    )
+    run.settings = (
+        f"{'quick' if plan.quick else 'full'} run; iperf3 runs of "
+        f"{plan.duration:g} s; TCP clients {', '.join(map(str, plan.clients))}; UDP "
+        f"offered {plan.udp_rate}bit/s; ping {plan.ping_count}× every "
+        f"{PING_INTERVAL * 1000:g} ms; request/response {plan.rr_seconds:g} s"
+    )
+    first = subprocess.run(
+        ["iperf3", "--version"], capture_output=True, text=True, check=False
+    ).stdout.split("\n", 1)[0]
     run.versions["iperf3"] = first.removeprefix("iperf ").split(" ")[0]
     run.versions["tencrypt"] = _git_describe()
     run.versions["python"] = platform.python_version()
@@ -468,8 +554,12 @@ def describe(plan: Plan) -> Run:
 
 def _git_describe() -> str:
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return proc.stdout.strip() or "unknown"
 
 
@@ -481,8 +571,11 @@ def main(args: argparse.Namespace) -> int:
     progress = Progress([])
     logs = Path(tempfile.mkdtemp(prefix="tencrypt-bench-logs-"))
     bench = Bench(plan, run, progress, logs)
-    old_term = (signal.signal(signal.SIGTERM, _interrupt)
-                if threading.current_thread() is threading.main_thread() else None)
+    old_term = (
+        signal.signal(signal.SIGTERM, _interrupt)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
     load_start = os.getloadavg()[0]
     interrupted = False
     try:
@@ -498,9 +591,12 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(logs, ignore_errors=True)
         progress.clear()
-    run.notes.insert(0, f"Taken while other work shared the machine: 1-minute load average "
-                        f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-                        f"({run.cores} cores).")
+    run.notes.insert(
+        0,
+        f"Taken while other work shared the machine: 1-minute load average "
+        f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"({run.cores} cores).",
+    )
     paths = report.write_all(run, plan.out, plan.prefix)
     print(f"bench: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     for error in run.errors:

@@ -97,9 +97,12 @@ def parse_iperf(text: str) -> Iperf:
     received, sent = end.get("sum_received"), end.get("sum_sent") or end.get("sum") or {}
     if not received or "bits_per_second" not in received:
         raise MeasureError("iperf3 JSON has no end.sum_received")
-    result = Iperf(gbps=received["bits_per_second"] / 1e9, mbytes=received["bytes"] / 1e6,
-                   retransmits=int(sent.get("retransmits", 0)),
-                   sent_gbps=sent.get("bits_per_second", 0.0) / 1e9)
+    result = Iperf(
+        gbps=received["bits_per_second"] / 1e9,
+        mbytes=received["bytes"] / 1e6,
+        retransmits=int(sent.get("retransmits", 0)),
+        sent_gbps=sent.get("bits_per_second", 0.0) / 1e9,
+    )
     if "lost_packets" in received:  # UDP: loss as the server counted it
         result.lost, result.packets = int(received["lost_packets"]), int(received["packets"])
         result.lost_pct = float(received.get("lost_percent", 0.0))
@@ -121,15 +124,20 @@ def parse_ping(text: str) -> Ping:
     if not rtt or not times:
         raise MeasureError(f"ping: no reply ({counts.group(0)})")
     low, avg, high, mdev = (float(g) for g in rtt.groups())
-    return Ping(int(counts.group(1)), int(counts.group(2)), low, avg, high, mdev,
-                times[len(times) // 2])
+    return Ping(
+        int(counts.group(1)), int(counts.group(2)), low, avg, high, mdev, times[len(times) // 2]
+    )
 
 
 def parse_rr(text: str) -> RequestResponse:
     try:
         data = json.loads(text.strip().splitlines()[-1])
-        return RequestResponse(int(data["transactions"]), float(data["seconds"]),
-                               float(data["p50_us"]), float(data["p99_us"]))
+        return RequestResponse(
+            int(data["transactions"]),
+            float(data["seconds"]),
+            float(data["p50_us"]),
+            float(data["p99_us"]),
+        )
     except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise MeasureError(f"request/response client printed no result: {text[-200:]!r}") from exc
 
@@ -162,10 +170,13 @@ def server(ns: str, argv: list[str], port: int, log: Path, proto: str = "tcp") -
     """Run ``argv`` in ``ns`` while the block runs; wait until it listens on ``port``."""
     proc = netns.spawn(ns, argv, log=log)
     try:
+
         def up() -> bool:
             if proc.poll() is not None:
-                raise MeasureError(f"{argv[0]} server exited ({proc.returncode}): "
-                                   f"{log.read_text(errors='replace')[-300:]}")
+                raise MeasureError(
+                    f"{argv[0]} server exited ({proc.returncode}): "
+                    f"{log.read_text(errors='replace')[-300:]}"
+                )
             return _listening(ns, proto, port)
 
         netns.wait_for(up, timeout=START_TIMEOUT, interval=0.05, what=f"{argv[0]} on :{port}")
@@ -187,11 +198,31 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
 # --- measurements --------------------------------------------------------------------------
 
 
-def iperf(client_ns: str, server_ns: str, host: str, duration: float, log: Path, *,
-          parallel: int = 1, udp_rate: str | None = None) -> Iperf:
+def iperf(
+    client_ns: str,
+    server_ns: str,
+    host: str,
+    duration: float,
+    log: Path,
+    *,
+    parallel: int = 1,
+    udp_rate: str | None = None,
+) -> Iperf:
     """One iperf3 run: TCP with ``parallel`` streams, or UDP at ``udp_rate`` (one stream)."""
-    argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J",
-            "-P", str(parallel), "--connect-timeout", "10000"]
+    argv = [
+        "iperf3",
+        "-c",
+        host,
+        "-p",
+        str(IPERF_PORT),
+        "-t",
+        f"{duration:g}",
+        "-J",
+        "-P",
+        str(parallel),
+        "--connect-timeout",
+        "10000",
+    ]
     if udp_rate:
         argv += ["-u", "-b", udp_rate, "-l", str(UDP_PAYLOAD)]
     with server(server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], IPERF_PORT, log):
@@ -258,8 +289,9 @@ def request_response(client_ns: str, host: str, seconds: float) -> RequestRespon
     argv = [sys.executable, "-I", "-c", RR_CLIENT, host, str(RR_PORT), f"{seconds:g}"]
     proc = netns.run(client_ns, argv, check=False, timeout=seconds + SLACK)
     if proc.returncode != 0:
-        raise MeasureError(f"request/response client failed ({proc.returncode}): "
-                           f"{proc.stderr.strip()[-300:]}")
+        raise MeasureError(
+            f"request/response client failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
+        )
     return parse_rr(proc.stdout)
 
 

@@ -44,13 +44,28 @@ BATCH = 64  # tencrypt.daemon.BATCH
 SEGMENTS = 45  # a 64 KiB TSO super-packet cut at MSS 1400 (tenc0 MTU 1440)
 
 
-def ipv4(src: str, dst: str, size: int = SIZE, proto: int = 17,
-         ports: tuple[int, int] = (40000, 80)) -> bytes:
+def ipv4(
+    src: str, dst: str, size: int = SIZE, proto: int = 17, ports: tuple[int, int] = (40000, 80)
+) -> bytes:
     body = bytes(size - 20)
     if proto == 6:  # a TCP header with ports and the ACK flag, then payload
         body = struct.pack("!HHIIBBHHH", *ports, 1, 1, 5 << 4, 0x10, 65535, 0, 0) + body[20:]
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, size, 0, 0x4000, 64, proto, 0,
-                       ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed) + body
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            size,
+            0,
+            0x4000,
+            64,
+            proto,
+            0,
+            ipaddress.IPv4Address(src).packed,
+            ipaddress.IPv4Address(dst).packed,
+        )
+        + body
+    )
 
 
 def best_us(fn: Callable[[int], None], runs: int, n: int) -> float:
@@ -123,8 +138,10 @@ def bench_tunnel(runs: int, n: int) -> dict[str, float]:
 
 def bench_super_packets(runs: int, n: int) -> dict[str, float]:
     """µs per super-packet of SEGMENTS segments, sealed and opened, per backend."""
-    backends: list[tuple[str, Backend | None]] = [("one AEAD call per packet", None),
-                                                  ("python", pure)]
+    backends: list[tuple[str, Backend | None]] = [
+        ("one AEAD call per packet", None),
+        ("python", pure),
+    ]
     compiled = fastpath.compiled()
     if compiled is not None:
         backends.append(("c", compiled))
@@ -146,8 +163,7 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
 
         def receive(k: int, b: Tunnel = b, batch_iter=batch_iter) -> None:
             for _ in range(k):
-                if len(b.receive_batch(next(batch_iter), (A, TUNNEL_PORT), 2.0, 1.7e9)) \
-                        != SEGMENTS:
+                if len(b.receive_batch(next(batch_iter), (A, TUNNEL_PORT), 2.0, 1.7e9)) != SEGMENTS:
                     raise AssertionError("a benchmark datagram was dropped")
 
         results[f"send_batch x{SEGMENTS} [{name}]"] = best_us(send, runs, n)
@@ -157,14 +173,15 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
     for name, backend in backends[1:]:
         assert backend is not None
         sealed = backend.seal_batch(key, 1, 0, segments)
-        datagrams = [sealed[i * 1472:(i + 1) * 1472] for i in range(SEGMENTS)]
+        datagrams = [sealed[i * 1472 : (i + 1) * 1472] for i in range(SEGMENTS)]
 
         def seal_only(k: int, backend: Backend = backend) -> None:
             for _ in range(k):
                 backend.seal_batch(key, 1, 0, segments)
 
-        def open_only(k: int, backend: Backend = backend,
-                      datagrams: list[bytes] = datagrams) -> None:
+        def open_only(
+            k: int, backend: Backend = backend, datagrams: list[bytes] = datagrams
+        ) -> None:
             for _ in range(k):  # a fresh window each time: every datagram is opened
                 backend.open_batch(key, 1, 2**64 - 1, ReplayWindow(), source, datagrams, 0)
 
@@ -174,8 +191,7 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
 
         opened = [bytes(s) for s in split_tcp_batch(frame, Stats(), bytearray(2 * 65536))]
 
-        def coalesce(k: int, backend: Backend = backend,
-                     opened: list[bytes] = opened) -> None:
+        def coalesce(k: int, backend: Backend = backend, opened: list[bytes] = opened) -> None:
             for _ in range(k):
                 backend.coalesce(opened, True)
 
@@ -220,9 +236,11 @@ def bench_nat(runs: int, n: int) -> dict[str, float] | None:
         for _ in range(k):
             table.rewrite_outbound(bytearray(outbound), 1.0)
 
-    return {"bytearray copy (baseline)": best_us(copy_only, runs, n),
-            "FlowTable.rewrite_inbound": best_us(nat_in, runs, n),
-            "FlowTable.rewrite_outbound": best_us(nat_out, runs, n)}
+    return {
+        "bytearray copy (baseline)": best_us(copy_only, runs, n),
+        "FlowTable.rewrite_inbound": best_us(nat_in, runs, n),
+        "FlowTable.rewrite_outbound": best_us(nat_out, runs, n),
+    }
 
 
 def main() -> None:
@@ -230,8 +248,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7, help="runs per measurement (best wins)")
     parser.add_argument("--packets", type=int, default=20000, help="operations per run")
     args = parser.parse_args()
-    print(f"python {platform.python_version()}, cryptography {cryptography.__version__}, "
-          f"{SIZE}-byte packets, best of {args.runs} runs x {args.packets}")
+    print(
+        f"python {platform.python_version()}, cryptography {cryptography.__version__}, "
+        f"{SIZE}-byte packets, best of {args.runs} runs x {args.packets}"
+    )
     results = {**bench_wire(args.runs, args.packets), **bench_tunnel(args.runs, args.packets)}
     nat = bench_nat(args.runs, args.packets)
     if nat is None:
@@ -241,8 +261,9 @@ def main() -> None:
     for name, us in results.items():
         print(f"  {name:<28} {us:7.2f} µs")
     supers = max(1, args.packets // SEGMENTS // 4)
-    print(f"per super-packet ({SEGMENTS} x 1440-byte segments), best of {args.runs} runs x "
-          f"{supers}")
+    print(
+        f"per super-packet ({SEGMENTS} x 1440-byte segments), best of {args.runs} runs x {supers}"
+    )
     for name, us in bench_super_packets(args.runs, supers).items():
         print(f"  {name:<48} {us:8.1f} µs  ({us / SEGMENTS:5.2f} µs/segment)")
 

@@ -86,7 +86,9 @@ def changed(desired: list[ServiceBackends], k: int) -> list[ServiceBackends]:
     i = (k * 7919) % len(desired)
     out = list(desired)
     b = out[i]
-    out[i] = ServiceBackends(b.namespace, b.name, b.vip, (*b.endpoints[:2], f"10.200.{k}.{i % 250}"))
+    out[i] = ServiceBackends(
+        b.namespace, b.name, b.vip, (*b.endpoints[:2], f"10.200.{k}.{i % 250}")
+    )
     return out
 
 
@@ -94,17 +96,34 @@ def peak_rss_mb(node: str, path: Path, backend: str) -> float:
     """Peak RSS of one ``node-sync --once`` process (ru_maxrss of a child that is the only
     one this helper waits for, measured in a fresh interpreter so children before it do not
     count)."""
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    argv = [sys.executable, "-c", probe, sys.executable, "-m", "tencrypt.nodesync", "--once",
-            "--from-file", str(path), "--netns", node, "--backend", backend,
-            "--log-level", "warning"]
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        probe,
+        sys.executable,
+        "-m",
+        "tencrypt.nodesync",
+        "--once",
+        "--from-file",
+        str(path),
+        "--netns",
+        node,
+        "--backend",
+        backend,
+        "--log-level",
+        "warning",
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=REPO).stdout
     return int(out.split()[-1]) / 1024
 
 
-def run_size(node: str, n: int, backend: str, changes: int, tmp: Path,
-             rss: bool = True) -> dict[str, Any]:
+def run_size(
+    node: str, n: int, backend: str, changes: int, tmp: Path, rss: bool = True
+) -> dict[str, Any]:
     text = json.dumps(cluster(n))
     path = tmp / f"cluster-{n}.json"
     path.write_text(text)
@@ -132,47 +151,69 @@ def run_size(node: str, n: int, backend: str, changes: int, tmp: Path,
     applier.cleanup()
     rss_mb = peak_rss_mb(node, path, backend) if rss else float("nan")
     applier.cleanup()
-    return {"services": n, "backend": backend, "compute_s": compute_s, "full_s": first,
-            "resync_s": again, "restart_s": restart, "change_ms": statistics.median(times) * 1000,
-            "change_max_ms": max(times) * 1000, "rules_ms": statistics.median(bare) * 1000,
-            "programmed": size, "rss_mb": rss_mb}
+    return {
+        "services": n,
+        "backend": backend,
+        "compute_s": compute_s,
+        "full_s": first,
+        "resync_s": again,
+        "restart_s": restart,
+        "change_ms": statistics.median(times) * 1000,
+        "change_max_ms": max(times) * 1000,
+        "rules_ms": statistics.median(bare) * 1000,
+        "programmed": size,
+        "rss_mb": rss_mb,
+    }
 
 
 def report(rows: list[dict[str, Any]], sizes: list[int]) -> str:
     load = os.getloadavg()
-    lines = ["# node-sync at cluster scale (issue #15)", "",
-             f"`python -m bench.nodesync_bench` on {platform.node()} ({os.cpu_count()} cores, "
-             f"Linux {platform.release()}, Python {platform.python_version()}, "
-             f"{nft_version()}, {iptables_version()}); load average at the end "
-             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.", "",
-             "Synthetic cluster: one enabled namespace, N Services × 3 ready endpoints. "
-             "compute = JSON → state → transaction text in process; full = first sync of an "
-             "empty node; resync = a full sync of a programmed node by the same process; "
-             "restart = the first (full) sync of a new process on a programmed node, which "
-             "reads the node's rules first; change = one Service's "
-             "endpoint replaced, partial sync with its conntrack delete (one `conntrack -D` "
-             "run), median (max) of several; rules only = the same without the conntrack "
-             "delete; RSS = peak of one `node-sync --once` process.", "",
-             "| Services | backend | compute | full sync | full ÷ compute | resync | restart | "
-             "one change | rules only | programmed | RSS |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# node-sync at cluster scale (issue #15)",
+        "",
+        f"`python -m bench.nodesync_bench` on {platform.node()} ({os.cpu_count()} cores, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, "
+        f"{nft_version()}, {iptables_version()}); load average at the end "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.",
+        "",
+        "Synthetic cluster: one enabled namespace, N Services × 3 ready endpoints. "
+        "compute = JSON → state → transaction text in process; full = first sync of an "
+        "empty node; resync = a full sync of a programmed node by the same process; "
+        "restart = the first (full) sync of a new process on a programmed node, which "
+        "reads the node's rules first; change = one Service's "
+        "endpoint replaced, partial sync with its conntrack delete (one `conntrack -D` "
+        "run), median (max) of several; rules only = the same without the conntrack "
+        "delete; RSS = peak of one `node-sync --once` process.",
+        "",
+        "| Services | backend | compute | full sync | full ÷ compute | resync | restart | "
+        "one change | rules only | programmed | RSS |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['services']:,} | {r['backend']} | {r['compute_s']:.3f} s | "
-                     f"{r['full_s']:.3f} s | {r['full_s'] / r['compute_s']:.1f} | "
-                     f"{r['resync_s']:.3f} s | {r['restart_s']:.3f} s | {r['change_ms']:.1f} ms "
-                     f"({r['change_max_ms']:.1f}) | {r['rules_ms']:.1f} ms | "
-                     f"{r['programmed']:,} | {r['rss_mb']:.0f} MB |".replace("nan MB", "–"))
+        lines.append(
+            f"| {r['services']:,} | {r['backend']} | {r['compute_s']:.3f} s | "
+            f"{r['full_s']:.3f} s | {r['full_s'] / r['compute_s']:.1f} | "
+            f"{r['resync_s']:.3f} s | {r['restart_s']:.3f} s | {r['change_ms']:.1f} ms "
+            f"({r['change_max_ms']:.1f}) | {r['rules_ms']:.1f} ms | "
+            f"{r['programmed']:,} | {r['rss_mb']:.0f} MB |".replace("nan MB", "–")
+        )
     lines += ["", "Targets (issue #15), nft backend:"]
     big = [r for r in rows if r["backend"] == "nft" and r["services"] == max(sizes)]
     for r in big:
         factor = r["full_s"] / r["compute_s"]
-        lines.append(f"- full sync of {r['services']:,} Services ≤ {TARGET_FULL_FACTOR:.0f} × "
-                     f"compute: {factor:.1f} × — {'met' if factor <= TARGET_FULL_FACTOR else 'NOT met'}")
-        lines.append(f"- RSS ≤ {TARGET_RSS_MB:.0f} MB at {r['services']:,} Services: "
-                     f"{r['rss_mb']:.0f} MB — {'met' if r['rss_mb'] <= TARGET_RSS_MB else 'NOT met'}")
+        lines.append(
+            f"- full sync of {r['services']:,} Services ≤ {TARGET_FULL_FACTOR:.0f} × "
+            f"compute: {factor:.1f} × — {'met' if factor <= TARGET_FULL_FACTOR else 'NOT met'}"
+        )
+        lines.append(
+            f"- RSS ≤ {TARGET_RSS_MB:.0f} MB at {r['services']:,} Services: "
+            f"{r['rss_mb']:.0f} MB — {'met' if r['rss_mb'] <= TARGET_RSS_MB else 'NOT met'}"
+        )
     worst = max((r["change_ms"] for r in rows if r["backend"] == "nft"), default=0.0)
-    lines.append(f"- one change ≤ {TARGET_CHANGE_MS:.0f} ms at any size (median): worst "
-                 f"{worst:.1f} ms — {'met' if worst <= TARGET_CHANGE_MS else 'NOT met'}")
+    lines.append(
+        f"- one change ≤ {TARGET_CHANGE_MS:.0f} ms at any size (median): worst "
+        f"{worst:.1f} ms — {'met' if worst <= TARGET_CHANGE_MS else 'NOT met'}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -196,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="100,1000,10000")
     p.add_argument("--backends", default="nft,iptables")
     p.add_argument("--changes", type=int, default=7, help="one-endpoint changes per size")
-    p.add_argument("--rss-backends", default="nft,iptables",
-                   help="measure node-sync's RSS with these backends (one more full sync each)")
+    p.add_argument(
+        "--rss-backends",
+        default="nft,iptables",
+        help="measure node-sync's RSS with these backends (one more full sync each)",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "nodesync.md"))
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -211,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for n in sizes:
                 for backend in args.backends.split(","):
-                    row = run_size(node, n, backend, args.changes, Path(tmp),
-                                   backend in args.rss_backends.split(","))
+                    row = run_size(
+                        node,
+                        n,
+                        backend,
+                        args.changes,
+                        Path(tmp),
+                        backend in args.rss_backends.split(","),
+                    )
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     finally:
@@ -220,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     text = report(rows, sizes)
     Path(args.out).write_text(text)
     print(text)
-    print(f"peak RSS of this harness: "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", file=sys.stderr)
+    print(
+        f"peak RSS of this harness: "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -97,8 +97,14 @@ class Tunnel:
 
 
 def missing_packages(systems: list[str]) -> list[str]:
-    return sorted({pkg for system in systems for binary, pkg in TOOLS.get(system, {}).items()
-                   if not shutil.which(binary)})
+    return sorted(
+        {
+            pkg
+            for system in systems
+            for binary, pkg in TOOLS.get(system, {}).items()
+            if not shutil.which(binary)
+        }
+    )
 
 
 def ensure_tools(systems: list[str], say: Callable[[str], None]) -> None:
@@ -110,14 +116,17 @@ def ensure_tools(systems: list[str], say: Callable[[str], None]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0 and ("Unable to locate" in proc.stderr or "no installation candidate"
-                                 in proc.stderr):
+    if proc.returncode != 0 and (
+        "Unable to locate" in proc.stderr or "no installation candidate" in proc.stderr
+    ):
         say("package not in the local lists: apt-get update first")
         subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
-        raise SetupError(f"apt-get install {' '.join(packages)} failed ({proc.returncode}):\n"
-                         f"{proc.stderr.strip()[-500:]}")
+        raise SetupError(
+            f"apt-get install {' '.join(packages)} failed ({proc.returncode}):\n"
+            f"{proc.stderr.strip()[-500:]}"
+        )
     still = missing_packages(systems)
     if still:
         raise SetupError(f"installed, but still missing: {' '.join(still)}")
@@ -128,8 +137,12 @@ def version(system: str) -> str:
     package = {WIREGUARD: "wireguard-go", OPENVPN: "openvpn"}.get(system)
     if not package:
         return ""
-    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", package],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
@@ -137,8 +150,9 @@ def binary_version(path: str) -> str:
     """The first line of ``PATH --version`` minus the program's name ("v0.0.20250522" for
     wireguard-go, "2.6.3" for OpenVPN), or ``""``; the label of a --peer-binary."""
     try:
-        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
-                              check=False)
+        proc = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return ""
     words = (proc.stdout or proc.stderr).strip().split("\n", 1)[0].split()
@@ -175,8 +189,9 @@ def force_socket_buffers(pid: int, size: int = BUFFER_BYTES) -> list[int]:
                 continue
             copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(entry.name), 0)
             if copy < 0:
-                raise SetupError(f"pidfd_getfd({pid}, {entry.name}): "
-                                 f"{os.strerror(ctypes.get_errno())}")
+                raise SetupError(
+                    f"pidfd_getfd({pid}, {entry.name}): {os.strerror(ctypes.get_errno())}"
+                )
             with socket.socket(fileno=copy) as sock:  # closing the copy leaves theirs open
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
                 sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
@@ -193,8 +208,9 @@ def force_socket_buffers(pid: int, size: int = BUFFER_BYTES) -> list[int]:
 
 def _wg_key() -> tuple[str, str]:
     key = X25519PrivateKey.generate()
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                            serialization.NoEncryption())
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode(), base64.b64encode(pub).decode()
 
@@ -226,15 +242,30 @@ def wireguard_up(a: Pod, b: Pod, suffix: str, binary: str = "wireguard-go") -> T
             sock = WG_RUN / f"{ifname}.sock"
             tun.cleanup_paths.append(sock)
             log = tun.workdir / f"{ifname}.log"
-            proc = netns.spawn(pod.netns, [binary, "-f", ifname], log=log,
-                               env={"WG_PROCESS_FOREGROUND": "1"})
+            proc = netns.spawn(
+                pod.netns, [binary, "-f", ifname], log=log, env={"WG_PROCESS_FOREGROUND": "1"}
+            )
             tun.procs.append(proc)
             _wait(functools.partial(_wg_started, proc, log, sock), f"wireguard-go {ifname}")
             key = _secret(tun.workdir / f"{pod.name}.key", keys[pod.name][0] + "\n")
-            netns.run(pod.netns, ["wg", "set", ifname, "private-key", str(key),
-                                  "listen-port", str(WG_PORT), "peer", keys[peer.name][1],
-                                  "allowed-ips", f"{addrs[peer.name]}/32",
-                                  "endpoint", f"{peer.ip}:{WG_PORT}"])
+            netns.run(
+                pod.netns,
+                [
+                    "wg",
+                    "set",
+                    ifname,
+                    "private-key",
+                    str(key),
+                    "listen-port",
+                    str(WG_PORT),
+                    "peer",
+                    keys[peer.name][1],
+                    "allowed-ips",
+                    f"{addrs[peer.name]}/32",
+                    "endpoint",
+                    f"{peer.ip}:{WG_PORT}",
+                ],
+            )
             _address(pod.netns, ifname, f"{addrs[pod.name]}/30", mtu)
         tun.rcvbuf = [n for p in tun.procs for n in force_socket_buffers(p.pid)]
         tun.note = f"MTU {mtu}"
@@ -256,18 +287,28 @@ def _certificate(name: str, workdir: Path) -> tuple[Path, Path, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     der = cert.public_bytes(serialization.Encoding.DER)
     fingerprint = ":".join(f"{byte:02x}" for byte in hashlib.sha256(der).digest())
     cert_file = workdir / f"{name}.crt"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file = _secret(workdir / f"{name}.key", key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    key_file = _secret(
+        workdir / f"{name}.key",
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
     return cert_file, key_file, fingerprint
 
 
@@ -284,14 +325,40 @@ def openvpn_up(a: Pod, b: Pod, suffix: str, binary: str = "openvpn") -> Tunnel:
         for pod, peer in ((b, a), (a, b)):  # the TLS server first
             cert, key, _ = certs[pod.name]
             role = ["--tls-server", "--dh", "none"] if pod is b else ["--tls-client"]
-            argv = [binary, "--dev", names[pod.name], "--dev-type", "tun", "--proto", "udp",
-                    "--port", str(OVPN_PORT), "--remote", peer.ip,
-                    "--ifconfig", addrs[pod.name], addrs[peer.name], "--tun-mtu", str(mtu),
-                    "--cert", str(cert), "--key", str(key),
-                    "--peer-fingerprint", certs[peer.name][2],
-                    "--data-ciphers", "CHACHA20-POLY1305", "--disable-dco",
-                    "--sndbuf", str(BUFFER_BYTES), "--rcvbuf", str(BUFFER_BYTES),
-                    "--verb", "3", *role]
+            argv = [
+                binary,
+                "--dev",
+                names[pod.name],
+                "--dev-type",
+                "tun",
+                "--proto",
+                "udp",
+                "--port",
+                str(OVPN_PORT),
+                "--remote",
+                peer.ip,
+                "--ifconfig",
+                addrs[pod.name],
+                addrs[peer.name],
+                "--tun-mtu",
+                str(mtu),
+                "--cert",
+                str(cert),
+                "--key",
+                str(key),
+                "--peer-fingerprint",
+                certs[peer.name][2],
+                "--data-ciphers",
+                "CHACHA20-POLY1305",
+                "--disable-dco",
+                "--sndbuf",
+                str(BUFFER_BYTES),
+                "--rcvbuf",
+                str(BUFFER_BYTES),
+                "--verb",
+                "3",
+                *role,
+            ]
             log = tun.workdir / f"{names[pod.name]}.log"
             tun.procs.append(netns.spawn(pod.netns, argv, log=log))
             logs.append(log)
@@ -307,7 +374,8 @@ def openvpn_up(a: Pod, b: Pod, suffix: str, binary: str = "openvpn") -> Tunnel:
 
 def _openvpn_started(proc: subprocess.Popen[bytes], log: Path) -> bool:
     return _alive(proc, log) and "Initialization Sequence Completed" in log.read_text(
-        errors="replace")
+        errors="replace"
+    )
 
 
 def _negotiated_cipher(log: Path) -> str:

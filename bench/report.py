@@ -22,8 +22,17 @@ from pathlib import Path
 VANILLA, TENCRYPT, WIREGUARD, OPENVPN = "vanilla", "tencrypt", "wireguard-go", "openvpn"
 SYSTEMS = [VANILLA, TENCRYPT, WIREGUARD, OPENVPN]  # table order
 BASELINES = (VANILLA, WIREGUARD)
-CSV_FIELDS = ["nodes", "system", "test", "clients", "metric", "value", "unit", "vs_vanilla",
-              "vs_wireguard_go"]
+CSV_FIELDS = [
+    "nodes",
+    "system",
+    "test",
+    "clients",
+    "metric",
+    "value",
+    "unit",
+    "vs_vanilla",
+    "vs_wireguard_go",
+]
 # Targets from the issue (judged on the benchmark's figures, never by a timed test).
 TARGET_TCP_RATIO = 2.0  # Tencrypt throughput / each peer tunnel's, single stream and 10 clients
 TARGET_ADDED_RTT_MS = 0.5  # at idle, one node
@@ -59,8 +68,9 @@ class Run:
     errors: list[str] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
 
-    def add(self, nodes: int, system: str, test: str, clients: int, metric: str, value: float,
-            unit: str) -> None:
+    def add(
+        self, nodes: int, system: str, test: str, clients: int, metric: str, value: float, unit: str
+    ) -> None:
         self.measurements.append(Measurement(nodes, system, test, clients, metric, value, unit))
 
     def get(self, nodes: int, system: str, test: str, clients: int, metric: str) -> float | None:
@@ -91,9 +101,15 @@ def with_ratios(run: Run) -> list[dict[str, object]]:
     """The CSV rows: every measurement with its ratio to each baseline."""
     rows = []
     for m in run.measurements:
-        row: dict[str, object] = {"nodes": m.nodes, "system": m.system, "test": m.test,
-                                  "clients": m.clients, "metric": m.metric,
-                                  "value": f"{m.value:.6g}", "unit": m.unit}
+        row: dict[str, object] = {
+            "nodes": m.nodes,
+            "system": m.system,
+            "test": m.test,
+            "clients": m.clients,
+            "metric": m.metric,
+            "value": f"{m.value:.6g}",
+            "unit": m.unit,
+        }
         for base, column in zip(BASELINES, CSV_FIELDS[-2:], strict=True):
             r = ratio(m, run.measurements, base)
             row[column] = "" if r is None else f"{r:.4g}"
@@ -115,7 +131,7 @@ def render_csv(run: Run) -> str:
 def fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "–"
-    if value == 0 or abs(value) >= 10 ** digits:
+    if value == 0 or abs(value) >= 10**digits:
         return f"{value:.0f}"
     return f"{value:.{digits}g}"
 
@@ -142,11 +158,17 @@ def cell(run: Run, m: Measurement | None, *, ratios: bool = True, delta: bool = 
     return f"{text} ({', '.join(extra)})" if extra else text
 
 
-def find(run: Run, nodes: int, system: str, test: str, clients: int,
-         metric: str) -> Measurement | None:
+def find(
+    run: Run, nodes: int, system: str, test: str, clients: int, metric: str
+) -> Measurement | None:
     for m in run.measurements:
-        if (m.nodes, m.system, m.test, m.clients, m.metric) == (nodes, system, test, clients,
-                                                                 metric):
+        if (m.nodes, m.system, m.test, m.clients, m.metric) == (
+            nodes,
+            system,
+            test,
+            clients,
+            metric,
+        ):
             return m
     return None
 
@@ -167,15 +189,30 @@ def render_tcp(run: Run, nodes: int) -> list[str]:
     if not counts:
         return []
     header = ["System", *(f"{n} client{'s' if n > 1 else ''}" for n in counts)]
-    rows = [[s, *(cell(run, find(run, nodes, s, "tcp", n, "throughput")) for n in counts)]
-            for s in systems_of(run, nodes)]
-    detail = [[s, *(f"{fmt(run.get(nodes, s, 'tcp', n, 'retransmits'))} / "
-                    f"{fmt(run.get(nodes, s, 'tcp', n, 'udp_rcvbuf_errors'))}" for n in counts)]
-              for s in systems_of(run, nodes)]
-    return ["### TCP throughput, Gbit/s (iperf3 -P N, received)", "",
-            *table(header, rows),
-            "TCP retransmits / UDP datagrams dropped on a full receive buffer (both pods) during "
-            "the same runs:", "", *table(header, detail)]
+    rows = [
+        [s, *(cell(run, find(run, nodes, s, "tcp", n, "throughput")) for n in counts)]
+        for s in systems_of(run, nodes)
+    ]
+    detail = [
+        [
+            s,
+            *(
+                f"{fmt(run.get(nodes, s, 'tcp', n, 'retransmits'))} / "
+                f"{fmt(run.get(nodes, s, 'tcp', n, 'udp_rcvbuf_errors'))}"
+                for n in counts
+            ),
+        ]
+        for s in systems_of(run, nodes)
+    ]
+    return [
+        "### TCP throughput, Gbit/s (iperf3 -P N, received)",
+        "",
+        *table(header, rows),
+        "TCP retransmits / UDP datagrams dropped on a full receive buffer (both pods) during "
+        "the same runs:",
+        "",
+        *table(header, detail),
+    ]
 
 
 def render_udp(run: Run, nodes: int) -> list[str]:
@@ -184,16 +221,34 @@ def render_udp(run: Run, nodes: int) -> list[str]:
         got = find(run, nodes, s, "udp", 1, "throughput")
         if got is None:
             continue
-        rows.append([s, *(fmt(run.get(nodes, s, "udp", 1, k)) for k in ("offered", "sent")),
-                     cell(run, got), *(fmt(run.get(nodes, s, "udp", 1, k))
-                                       for k in ("loss_pct", "jitter_ms", "udp_rcvbuf_errors",
-                                                 "tunnel_if_drops"))])
+        rows.append(
+            [
+                s,
+                *(fmt(run.get(nodes, s, "udp", 1, k)) for k in ("offered", "sent")),
+                cell(run, got),
+                *(
+                    fmt(run.get(nodes, s, "udp", 1, k))
+                    for k in ("loss_pct", "jitter_ms", "udp_rcvbuf_errors", "tunnel_if_drops")
+                ),
+            ]
+        )
     if not rows:
         return []
-    header = ["System", "offered Gbit/s", "sent Gbit/s", "received Gbit/s", "loss %",
-              "jitter ms", "UDP rcvbuf drops (both pods)", "tunnel interface drops (client)"]
-    return ["### UDP at a fixed offered rate (iperf3 -u, one stream, 1200-byte datagrams)", "",
-            *table(header, rows)]
+    header = [
+        "System",
+        "offered Gbit/s",
+        "sent Gbit/s",
+        "received Gbit/s",
+        "loss %",
+        "jitter ms",
+        "UDP rcvbuf drops (both pods)",
+        "tunnel interface drops (client)",
+    ]
+    return [
+        "### UDP at a fixed offered rate (iperf3 -u, one stream, 1200-byte datagrams)",
+        "",
+        *table(header, rows),
+    ]
 
 
 def render_latency(run: Run, nodes: int) -> list[str]:
@@ -202,16 +257,32 @@ def render_latency(run: Run, nodes: int) -> list[str]:
         ping, rr = find(run, nodes, s, "ping", 1, "p50_ms"), find(run, nodes, s, "rr", 1, "rate")
         if ping is None and rr is None:
             continue
-        rows.append([s, cell(run, ping, delta=True),
-                     *(fmt(run.get(nodes, s, "ping", 1, k)) for k in ("avg_ms", "min_ms")),
-                     cell(run, rr), cell(run, find(run, nodes, s, "rr", 1, "p50_us"), delta=True),
-                     fmt(run.get(nodes, s, "rr", 1, "p99_us"))])
+        rows.append(
+            [
+                s,
+                cell(run, ping, delta=True),
+                *(fmt(run.get(nodes, s, "ping", 1, k)) for k in ("avg_ms", "min_ms")),
+                cell(run, rr),
+                cell(run, find(run, nodes, s, "rr", 1, "p50_us"), delta=True),
+                fmt(run.get(nodes, s, "rr", 1, "p99_us")),
+            ]
+        )
     if not rows:
         return []
-    header = ["System", "ping median ms", "ping avg ms", "ping min ms", "TCP req/resp per s",
-              "req/resp median µs", "p99 µs"]
-    return ["### Round trip at idle (ping; 1-byte TCP request/response, one connection)", "",
-            *table(header, rows)]
+    header = [
+        "System",
+        "ping median ms",
+        "ping avg ms",
+        "ping min ms",
+        "TCP req/resp per s",
+        "req/resp median µs",
+        "p99 µs",
+    ]
+    return [
+        "### Round trip at idle (ping; 1-byte TCP request/response, one connection)",
+        "",
+        *table(header, rows),
+    ]
 
 
 def render_memory(run: Run, nodes: int) -> list[str]:
@@ -220,15 +291,29 @@ def render_memory(run: Run, nodes: int) -> list[str]:
         peak = find(run, nodes, s, "memory", 0, "peak_mb")
         if peak is None:
             continue
-        rows.append([s, fmt(run.get(nodes, s, "memory", 0, "idle_mb")), cell(run, peak),
-                     *(fmt(run.get(nodes, s, "soak", 0, k))
-                       for k in ("first_mb", "last_mb", "seconds"))])
+        rows.append(
+            [
+                s,
+                fmt(run.get(nodes, s, "memory", 0, "idle_mb")),
+                cell(run, peak),
+                *(fmt(run.get(nodes, s, "soak", 0, k)) for k in ("first_mb", "last_mb", "seconds")),
+            ]
+        )
     if not rows:
         return []
-    header = ["System", "RSS before load MB", "peak RSS (VmHWM) MB", "soak: RSS first window MB",
-              "soak: RSS last window MB", "soak s"]
-    return ["### Memory of the tunnel processes (largest process; VmRSS/VmHWM)", "",
-            *table(header, rows)]
+    header = [
+        "System",
+        "RSS before load MB",
+        "peak RSS (VmHWM) MB",
+        "soak: RSS first window MB",
+        "soak: RSS last window MB",
+        "soak s",
+    ]
+    return [
+        "### Memory of the tunnel processes (largest process; VmRSS/VmHWM)",
+        "",
+        *table(header, rows),
+    ]
 
 
 def target_lines(run: Run) -> list[str]:
@@ -241,33 +326,52 @@ def target_lines(run: Run) -> list[str]:
                 other = find(run, nodes, peer, "tcp", clients, "throughput")
                 if tenc and other and other.value:
                     r = tenc.value / other.value
-                    lines.append(_verdict(r >= TARGET_TCP_RATIO,
-                                          f"{_shape(nodes)}, TCP {clients} client(s): Tencrypt "
-                                          f"{fmt(tenc.value)} vs {peer} {fmt(other.value)} Gbit/s"
-                                          f" = {r:.2f}× (target ≥ {TARGET_TCP_RATIO:g}×)"))
-    for test, metric, unit, scale in (("ping", "p50_ms", "ms", 1.0),
-                                      ("rr", "p50_us", "µs", 1000.0)):
+                    lines.append(
+                        _verdict(
+                            r >= TARGET_TCP_RATIO,
+                            f"{_shape(nodes)}, TCP {clients} client(s): Tencrypt "
+                            f"{fmt(tenc.value)} vs {peer} {fmt(other.value)} Gbit/s"
+                            f" = {r:.2f}× (target ≥ {TARGET_TCP_RATIO:g}×)",
+                        )
+                    )
+    for test, metric, unit, scale in (
+        ("ping", "p50_ms", "ms", 1.0),
+        ("rr", "p50_us", "µs", 1000.0),
+    ):
         m = find(run, 1, TENCRYPT, test, 1, metric)
         d = added(m, run.measurements) if m else None
         if d is not None:
             what = "ping median" if test == "ping" else "TCP request/response median"
-            lines.append(_verdict(d / scale < TARGET_ADDED_RTT_MS,
-                                  f"1 node, added round trip at idle ({what}): {d:+.3g} {unit} "
-                                  f"(target < {TARGET_ADDED_RTT_MS:g} ms)"))
+            lines.append(
+                _verdict(
+                    d / scale < TARGET_ADDED_RTT_MS,
+                    f"1 node, added round trip at idle ({what}): {d:+.3g} {unit} "
+                    f"(target < {TARGET_ADDED_RTT_MS:g} ms)",
+                )
+            )
     for nodes in sorted({m.nodes for m in run.measurements}):
         peak = find(run, nodes, TENCRYPT, "memory", 0, "peak_mb")
         if peak:
-            lines.append(_verdict(peak.value < TARGET_RSS_MB,
-                                  f"{_shape(nodes)}, proxy peak RSS under load: "
-                                  f"{peak.value:.1f} MB (target < {TARGET_RSS_MB:g} MB)"))
+            lines.append(
+                _verdict(
+                    peak.value < TARGET_RSS_MB,
+                    f"{_shape(nodes)}, proxy peak RSS under load: "
+                    f"{peak.value:.1f} MB (target < {TARGET_RSS_MB:g} MB)",
+                )
+            )
         first = find(run, nodes, TENCRYPT, "soak", 0, "first_mb")
         last = find(run, nodes, TENCRYPT, "soak", 0, "last_mb")
         secs = find(run, nodes, TENCRYPT, "soak", 0, "seconds")
         if first and last and secs:
             flat = last.value <= first.value + max(FLAT_MB, 0.05 * first.value)
-            lines.append(_verdict(flat, f"{_shape(nodes)}, proxy RSS over a {secs.value:.0f} s "
-                                        f"soak: {first.value:.1f} -> {last.value:.1f} MB (flat: "
-                                        f"growth ≤ {FLAT_MB:g} MB or 5 %)"))
+            lines.append(
+                _verdict(
+                    flat,
+                    f"{_shape(nodes)}, proxy RSS over a {secs.value:.0f} s "
+                    f"soak: {first.value:.1f} -> {last.value:.1f} MB (flat: "
+                    f"growth ≤ {FLAT_MB:g} MB or 5 %)",
+                )
+            )
     return lines
 
 
@@ -279,21 +383,29 @@ def _shape(nodes: int) -> str:
     return "1 node" if nodes == 1 else f"{nodes} nodes (VXLAN)"
 
 
-SHAPE_TITLES = {1: "One node: both pods on one bridge",
-                2: "Two nodes: pods on different nodes, joined over VXLAN (pod MTU 1450)"}
+SHAPE_TITLES = {
+    1: "One node: both pods on one bridge",
+    2: "Two nodes: pods on different nodes, joined over VXLAN (pod MTU 1450)",
+}
 
 
 def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
-    lines = ["# Tencrypt benchmark", "",
-             f"Date: {run.date}. Machine: {run.cores} cores{', ' + run.machine if run.machine else ''}.",
-             ""]
+    lines = [
+        "# Tencrypt benchmark",
+        "",
+        f"Date: {run.date}. Machine: {run.cores} cores{', ' + run.machine if run.machine else ''}.",
+        "",
+    ]
     if run.settings:
         lines += [f"Settings: {run.settings}.", ""]
     if run.versions:
         lines += ["Versions: " + "; ".join(f"{k} {v}" for k, v in run.versions.items()) + ".", ""]
-    lines += ["In parentheses: the ratio to the same figure of vanilla and of wireguard-go (wg) "
-              "measured in the same run on the same lab, and for latencies also the difference "
-              "to vanilla. The CSV gives both ratios for every figure.", ""]
+    lines += [
+        "In parentheses: the ratio to the same figure of vanilla and of wireguard-go (wg) "
+        "measured in the same run on the same lab, and for latencies also the difference "
+        "to vanilla. The CSV gives both ratios for every figure.",
+        "",
+    ]
     for note in run.notes:
         lines.append(f"- {note}")
     if run.notes:
@@ -331,15 +443,19 @@ def write_plots(run: Run, out: Path, prefix: str) -> dict[int, str]:
     for nodes in sorted({m.nodes for m in run.measurements if m.test == "tcp"}):
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         for system in systems_of(run, nodes):
-            points = sorted((m.clients, m.value) for m in run.measurements
-                            if (m.nodes, m.system, m.test, m.metric) ==
-                            (nodes, system, "tcp", "throughput") and m.value > 0)
+            points = sorted(
+                (m.clients, m.value)
+                for m in run.measurements
+                if (m.nodes, m.system, m.test, m.metric) == (nodes, system, "tcp", "throughput")
+                and m.value > 0
+            )
             if points:
                 ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=system)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        counts = sorted({m.clients for m in run.measurements if m.nodes == nodes and
-                         m.test == "tcp"})
+        counts = sorted(
+            {m.clients for m in run.measurements if m.nodes == nodes and m.test == "tcp"}
+        )
         ax.set_xticks(counts, [str(c) for c in counts])
         ax.minorticks_off()
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))

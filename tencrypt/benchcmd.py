@@ -21,9 +21,11 @@ from pathlib import Path
 
 from tencrypt.errors import UsageError
 
-NOT_IN_WHEEL = ("the benchmark is not part of the installed package: it lives in bench/ of the "
-                "source repository. Run it from a clone: `bash scripts/install.sh` there, then "
-                "`.venv/bin/tencrypt bench` (as root)")
+NOT_IN_WHEEL = (
+    "the benchmark is not part of the installed package: it lives in bench/ of the "
+    "source repository. Run it from a clone: `bash scripts/install.sh` there, then "
+    "`.venv/bin/tencrypt bench` (as root)"
+)
 
 
 def checkout_root(package_dir: Path | None = None) -> Path | None:

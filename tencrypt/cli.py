@@ -20,107 +20,204 @@ from tencrypt.core import TUNNEL_PORT
 from tencrypt.core.podconfig import OVERHEAD
 from tencrypt.errors import TencryptError
 
-PSK_HELP = ("the project key is read from --psk-file FILE or the TENCRYPT_PROJECT_PSK environment "
-            "variable (32 random bytes in base64, as `openssl rand -base64 32` prints), never from "
-            "the command line")
+PSK_HELP = (
+    "the project key is read from --psk-file FILE or the TENCRYPT_PROJECT_PSK environment "
+    "variable (32 random bytes in base64, as `openssl rand -base64 32` prints), never from "
+    "the command line"
+)
 
 Adder = Callable[[argparse.ArgumentParser], None]
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--undo", action="store_true",
-                   help="restore the namespace exactly as it was before `setup` (routes, rules, "
-                        "resolv.conf) and remove tenc0")
+    p.add_argument(
+        "--undo",
+        action="store_true",
+        help="restore the namespace exactly as it was before `setup` (routes, rules, "
+        "resolv.conf) and remove tenc0",
+    )
     p.add_argument("--pod-ip", help="this pod's IPv4 address (default: eth0's address)")
     p.add_argument("--dev", default="eth0", help="the pod's uplink interface (default: eth0)")
-    p.add_argument("--gateway", help="next hop on the uplink (default: the main table's default route)")
-    p.add_argument("--dns", help="the cluster DNS server (default: first nameserver of resolv.conf)")
+    p.add_argument(
+        "--gateway", help="next hop on the uplink (default: the main table's default route)"
+    )
+    p.add_argument(
+        "--dns", help="the cluster DNS server (default: first nameserver of resolv.conf)"
+    )
     p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
-    p.add_argument("--service-cidr", default="172.30.0.0/16",
-                   help="the cluster's Service CIDR, routed into tenc0 (default: 172.30.0.0/16)")
-    p.add_argument("--pod-cidr", action="append", metavar="CIDR",
-                   help="the cluster's pod network, where an unclassified address may be the "
-                        "project's (strict mode refuses it instead of sending it in the clear); "
-                        "repeat for several ranges, e.g. one per node (default: eth0's subnet)")
+    p.add_argument(
+        "--service-cidr",
+        default="172.30.0.0/16",
+        help="the cluster's Service CIDR, routed into tenc0 (default: 172.30.0.0/16)",
+    )
+    p.add_argument(
+        "--pod-cidr",
+        action="append",
+        metavar="CIDR",
+        help="the cluster's pod network, where an unclassified address may be the "
+        "project's (strict mode refuses it instead of sending it in the clear); "
+        "repeat for several ranges, e.g. one per node (default: eth0's subnet)",
+    )
     p.add_argument("--mtu", type=int, help=f"tenc0 MTU (default: uplink MTU minus {OVERHEAD})")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--resolv-conf", metavar="FILE",
-                       help="resolv.conf to point at the embedded DNS proxy, rewritten in place "
-                            "(default: /etc/resolv.conf)")
-    where.add_argument("--resolv-conf-of", metavar="PID", type=int,
-                       help="rewrite the resolv.conf that process PID sees (from outside its mount "
-                            "namespace); where that is a read-only bind mount, as in containerd's "
-                            "and CRI-O's pause container, the node's file behind it")
-    p.add_argument("--state-dir", default="/run/tencrypt",
-                   help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace)")
+    where.add_argument(
+        "--resolv-conf",
+        metavar="FILE",
+        help="resolv.conf to point at the embedded DNS proxy, rewritten in place "
+        "(default: /etc/resolv.conf)",
+    )
+    where.add_argument(
+        "--resolv-conf-of",
+        metavar="PID",
+        type=int,
+        help="rewrite the resolv.conf that process PID sees (from outside its mount "
+        "namespace); where that is a read-only bind mount, as in containerd's "
+        "and CRI-O's pause container, the node's file behind it",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="/run/tencrypt",
+        help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace)",
+    )
 
 
 def _psk(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--psk-file", metavar="FILE",
-                   help="file holding the project key (base64), or a key ring for a rotation "
-                        "without restart: lines `current KEY`, `next KEY`, `previous KEY` "
-                        "(current required; `#` comments). Current initiates; next and previous "
-                        "are accepted too. Re-read within a second of a change and on SIGHUP; a "
-                        "malformed new file is refused (logged, counted) and the loaded keys kept")
+    p.add_argument(
+        "--psk-file",
+        metavar="FILE",
+        help="file holding the project key (base64), or a key ring for a rotation "
+        "without restart: lines `current KEY`, `next KEY`, `previous KEY` "
+        "(current required; `#` comments). Current initiates; next and previous "
+        "are accepted too. Re-read within a second of a change and on SIGHUP; a "
+        "malformed new file is refused (logged, counted) and the loaded keys kept",
+    )
 
 
 def _run(p: argparse.ArgumentParser) -> None:
     _psk(p)
-    p.add_argument("--strict", dest="strict", action="store_true", default=None,
-                   help="refuse plaintext from pods of this project (default when a key is present)")
-    p.add_argument("--no-strict", dest="strict", action="store_false",
-                   help="fail OPEN: remove the firewall, accept plaintext from pods of this "
-                        "project, and reach a project pod without a proxy in the clear once "
-                        "its handshakes go unanswered (logged per peer, counted as "
-                        "plaintext_fallback)")
-    p.add_argument("--handshake-give-up", type=float, metavar="SECONDS",
-                   help="seconds of unanswered handshakes before a peer counts as unreachable "
-                        "(default: 30 strict, 5 with --no-strict)")
-    p.add_argument("--session-lifetime", type=float, metavar="SECONDS",
-                   help="seconds a session's keys may seal before a fresh handshake must replace "
-                        "them (re-keyed at two thirds of it; default: 180, WireGuard's)")
-    p.add_argument("--members-file", metavar="FILE",
-                   help="the project's membership (tencrypt-members/1 JSON) written by the "
-                        "node agent; re-read when it changes (default: members.json in this "
-                        "namespace's setup state directory)")
-    p.add_argument("--metrics", metavar="ADDR:PORT",
-                   help="serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9137")
-    p.add_argument("--port", type=int, default=TUNNEL_PORT,
-                   help=f"UDP port of the tunnel (default: {TUNNEL_PORT})")
-    p.add_argument("--no-batch", dest="batch", action="store_false",
-                   help="one packet per system call: disable TUN offloads and UDP GSO/GRO")
-    p.add_argument("--state-dir", default="/run/tencrypt",
-                   help="where `tencrypt setup` left its state (default: /run/tencrypt)")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"], help="stderr log level")
+    p.add_argument(
+        "--strict",
+        dest="strict",
+        action="store_true",
+        default=None,
+        help="refuse plaintext from pods of this project (default when a key is present)",
+    )
+    p.add_argument(
+        "--no-strict",
+        dest="strict",
+        action="store_false",
+        help="fail OPEN: remove the firewall, accept plaintext from pods of this "
+        "project, and reach a project pod without a proxy in the clear once "
+        "its handshakes go unanswered (logged per peer, counted as "
+        "plaintext_fallback)",
+    )
+    p.add_argument(
+        "--handshake-give-up",
+        type=float,
+        metavar="SECONDS",
+        help="seconds of unanswered handshakes before a peer counts as unreachable "
+        "(default: 30 strict, 5 with --no-strict)",
+    )
+    p.add_argument(
+        "--session-lifetime",
+        type=float,
+        metavar="SECONDS",
+        help="seconds a session's keys may seal before a fresh handshake must replace "
+        "them (re-keyed at two thirds of it; default: 180, WireGuard's)",
+    )
+    p.add_argument(
+        "--members-file",
+        metavar="FILE",
+        help="the project's membership (tencrypt-members/1 JSON) written by the "
+        "node agent; re-read when it changes (default: members.json in this "
+        "namespace's setup state directory)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9137",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=TUNNEL_PORT,
+        help=f"UDP port of the tunnel (default: {TUNNEL_PORT})",
+    )
+    p.add_argument(
+        "--no-batch",
+        dest="batch",
+        action="store_false",
+        help="one packet per system call: disable TUN offloads and UDP GSO/GRO",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="/run/tencrypt",
+        help="where `tencrypt setup` left its state (default: /run/tencrypt)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="stderr log level",
+    )
 
 
 def _dns(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", default="127.0.0.1:53", help="address to serve (default: 127.0.0.1:53)")
-    p.add_argument("--upstream", help="cluster DNS server ADDR[:PORT] (default: from setup's state "
-                                      "or resolv.conf)")
-    p.add_argument("--domain", help="the project's DNS domain (default: from setup's state or "
-                                    "resolv.conf's first `search` entry)")
-    p.add_argument("--cluster-domain", default="cluster.local",
-                   help="the cluster's DNS domain (default: cluster.local)")
-    p.add_argument("--timeout", type=float, default=2.0,
-                   help="seconds before a silent upstream earns the client a SERVFAIL (default: 2)")
-    p.add_argument("--cache-entries", type=int, default=1024, metavar="N",
-                   help="answers kept for repeated queries, each at most for its records' TTL "
-                        "(default: 1024; 0: no cache)")
+    p.add_argument(
+        "--listen", default="127.0.0.1:53", help="address to serve (default: 127.0.0.1:53)"
+    )
+    p.add_argument(
+        "--upstream",
+        help="cluster DNS server ADDR[:PORT] (default: from setup's state or resolv.conf)",
+    )
+    p.add_argument(
+        "--domain",
+        help="the project's DNS domain (default: from setup's state or "
+        "resolv.conf's first `search` entry)",
+    )
+    p.add_argument(
+        "--cluster-domain",
+        default="cluster.local",
+        help="the cluster's DNS domain (default: cluster.local)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        help="seconds before a silent upstream earns the client a SERVFAIL (default: 2)",
+    )
+    p.add_argument(
+        "--cache-entries",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="answers kept for repeated queries, each at most for its records' TTL "
+        "(default: 1024; 0: no cache)",
+    )
     p.add_argument("--state-dir", default="/run/tencrypt", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def _lab(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default="tenc",
-                   help="lab instance name, prefix of every namespace it makes (default: tenc)")
+    p.add_argument(
+        "--name",
+        default="tenc",
+        help="lab instance name, prefix of every namespace it makes (default: tenc)",
+    )
     sub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     up = sub.add_parser("up", help="build the lab (cleaning a previous one of the same name first)")
-    up.add_argument("--nodes", type=int, choices=[1, 2], default=1,
-                    help="1 node, or 2 nodes joined over VXLAN (default: 1)")
-    up.add_argument("--config", metavar="FILE", help="topology JSON (default: the built-in "
-                                                      "myproject/project2 topology)")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="1 node, or 2 nodes joined over VXLAN (default: 1)",
+    )
+    up.add_argument(
+        "--config",
+        metavar="FILE",
+        help="topology JSON (default: the built-in myproject/project2 topology)",
+    )
     sub.add_parser("status", help="show nodes, pods, Services and what runs in each pod")
     ex = sub.add_parser("exec", help="run a command inside a pod's namespace")
     ex.add_argument("pod", metavar="POD")
@@ -129,34 +226,63 @@ def _lab(p: argparse.ArgumentParser) -> None:
     pa = sub.add_parser("patch", help="run the nsenter launcher on a pod: setup + tencrypt run")
     pa.add_argument("pod", metavar="POD")
     pa.add_argument("--no-strict", dest="strict", action="store_false", default=True)
-    pa.add_argument("--no-members", dest="members", action="store_false", default=True,
-                    help="run the proxy standalone: no membership file from the lab (which "
-                         "otherwise plays the node agent's part)")
+    pa.add_argument(
+        "--no-members",
+        dest="members",
+        action="store_false",
+        default=True,
+        help="run the proxy standalone: no membership file from the lab (which "
+        "otherwise plays the node agent's part)",
+    )
     un = sub.add_parser("unpatch", help="stop the pod's proxy and undo its setup")
     un.add_argument("pod", metavar="POD")
 
 
 def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="leave the lab up after the demo")
-    p.add_argument("--name", default="tdemo", help="lab instance name for the demo (default: tdemo)")
+    p.add_argument(
+        "--name", default="tdemo", help="lab instance name for the demo (default: tdemo)"
+    )
 
 
 def _bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="a short run (under two minutes): fewer client counts, short iperf3 runs")
-    p.add_argument("--systems", default="vanilla,tencrypt,wireguard-go,openvpn",
-                   help="comma-separated systems to measure (default: all four)")
-    p.add_argument("--clients", default="1,5,10,20",
-                   help="comma-separated parallel client counts for TCP (default: 1,5,10,20)")
-    p.add_argument("--nodes", default="1,2", help="lab shapes to measure: 1, 2 or 1,2 (default: 1,2)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per iperf3 run (default: 10)")
-    p.add_argument("--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)")
-    p.add_argument("--out", default="bench/results", help="directory for CSV, markdown and PNG plots")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run (under two minutes): fewer client counts, short iperf3 runs",
+    )
+    p.add_argument(
+        "--systems",
+        default="vanilla,tencrypt,wireguard-go,openvpn",
+        help="comma-separated systems to measure (default: all four)",
+    )
+    p.add_argument(
+        "--clients",
+        default="1,5,10,20",
+        help="comma-separated parallel client counts for TCP (default: 1,5,10,20)",
+    )
+    p.add_argument(
+        "--nodes", default="1,2", help="lab shapes to measure: 1, 2 or 1,2 (default: 1,2)"
+    )
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per iperf3 run (default: 10)"
+    )
+    p.add_argument(
+        "--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)"
+    )
+    p.add_argument(
+        "--out", default="bench/results", help="directory for CSV, markdown and PNG plots"
+    )
     p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
-    p.add_argument("--peer-binary", action="append", default=[], metavar="SYSTEM=PATH",
-                   help="also measure this build of a peer (wireguard-go or openvpn) next to the "
-                        "Debian one, labelled with its --version; repeatable. The bench never "
-                        "downloads or builds it")
+    p.add_argument(
+        "--peer-binary",
+        action="append",
+        default=[],
+        metavar="SYSTEM=PATH",
+        help="also measure this build of a peer (wireguard-go or openvpn) next to the "
+        "Debian one, labelled with its --version; repeatable. The bench never "
+        "downloads or builds it",
+    )
 
 
 def _node_sync(p: argparse.ArgumentParser) -> None:
@@ -184,27 +310,66 @@ def _status(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: list[tuple[str, str, Adder, str]] = [
-    ("setup", "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
-     _setup, "tencrypt.linux.podnet:main"),
-    ("run", "run the proxy in this (set-up) pod namespace: DNS proxy + sealed tunnel",
-     _run, "tencrypt.daemon:main"),
+    (
+        "setup",
+        "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
+        _setup,
+        "tencrypt.linux.podnet:main",
+    ),
+    (
+        "run",
+        "run the proxy in this (set-up) pod namespace: DNS proxy + sealed tunnel",
+        _run,
+        "tencrypt.daemon:main",
+    ),
     ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.dnscmd:main"),
-    ("lab", "a namespace cluster on this machine: up, status, exec, patch, unpatch, down",
-     _lab, "tencrypt.lab.cli:main"),
-    ("demo", "the original demo, end to end on a fresh lab, with a verdict", _demo,
-     "tencrypt.lab.demo:main"),
-    ("node-sync", f"keep the node's TENCRYPT nat chain (VIP:{TUNNEL_PORT} -> pods) in step with the "
-                  "Services and endpoints of enabled projects", _node_sync, "tencrypt.nodesync.cli:main"),
-    ("agent", "node daemon: run the proxy in every pod of this node whose project is enabled, "
-              "restart it when it dies, undo the pod when it goes", _agent,
-     "tencrypt.agent.cli:main"),
-    ("key", "rotate a project's key in three phases without restarting a proxy or cutting a "
-            "connection (`key rotate --namespace NS`)", _key, "tencrypt.keyrotate:main"),
-    ("status", "print a running proxy's peers, sessions, classification counts and drops "
-               "(from its --metrics endpoint)", _status, "tencrypt.status:main"),
-    ("bench", "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN "
-              "(from a source checkout: bench/ is not in the installed package)", _bench,
-     "tencrypt.benchcmd:main"),
+    (
+        "lab",
+        "a namespace cluster on this machine: up, status, exec, patch, unpatch, down",
+        _lab,
+        "tencrypt.lab.cli:main",
+    ),
+    (
+        "demo",
+        "the original demo, end to end on a fresh lab, with a verdict",
+        _demo,
+        "tencrypt.lab.demo:main",
+    ),
+    (
+        "node-sync",
+        f"keep the node's TENCRYPT nat chain (VIP:{TUNNEL_PORT} -> pods) in step with the "
+        "Services and endpoints of enabled projects",
+        _node_sync,
+        "tencrypt.nodesync.cli:main",
+    ),
+    (
+        "agent",
+        "node daemon: run the proxy in every pod of this node whose project is enabled, "
+        "restart it when it dies, undo the pod when it goes",
+        _agent,
+        "tencrypt.agent.cli:main",
+    ),
+    (
+        "key",
+        "rotate a project's key in three phases without restarting a proxy or cutting a "
+        "connection (`key rotate --namespace NS`)",
+        _key,
+        "tencrypt.keyrotate:main",
+    ),
+    (
+        "status",
+        "print a running proxy's peers, sessions, classification counts and drops "
+        "(from its --metrics endpoint)",
+        _status,
+        "tencrypt.status:main",
+    ),
+    (
+        "bench",
+        "iperf3 benchmark on the lab: vanilla vs Tencrypt vs wireguard-go vs OpenVPN "
+        "(from a source checkout: bench/ is not in the installed package)",
+        _bench,
+        "tencrypt.benchcmd:main",
+    ),
 ]
 
 
@@ -220,8 +385,9 @@ def share_group_flags(group: argparse.ArgumentParser) -> None:
     the last of them takes the rest of the line (``lab exec --name X POD -- CMD``).
     """
     subs = [a for a in group._actions if isinstance(a, argparse._SubParsersAction)]
-    flags = [a for a in group._actions
-             if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    flags = [
+        a for a in group._actions if a.option_strings and not isinstance(a, argparse._HelpAction)
+    ]
     for sub in subs:
         for parser in sub.choices.values():
             for flag in flags:
@@ -236,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tencrypt",
         description="Transparent, authenticated encryption of the traffic between the pods of "
-                    "one project. " + PSK_HELP + ".")
+        "one project. " + PSK_HELP + ".",
+    )
     parser.add_argument("--version", action="version", version=f"tencrypt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, adder, handler in COMMANDS:
@@ -250,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     module, func = args.handler.split(":")
     try:
         return int(getattr(importlib.import_module(module), func)(args) or 0)

@@ -119,12 +119,23 @@ def read_keys(args: argparse.Namespace, stats: Stats) -> tuple[KeySet, KeyFile |
 
 
 class Proxy:
-    def __init__(self, config: PodConfig, psk: bytes | KeyRing, strict: bool, stats: Stats,
-                 ports: Ports, resolver: Resolver, kernel: Kernel, *,
-                 limits: Limits | None = None, batch: bool = True,
-                 members: MembersFile | None = None, keyfile: KeyFile | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: PodConfig,
+        psk: bytes | KeyRing,
+        strict: bool,
+        stats: Stats,
+        ports: Ports,
+        resolver: Resolver,
+        kernel: Kernel,
+        *,
+        limits: Limits | None = None,
+        batch: bool = True,
+        members: MembersFile | None = None,
+        keyfile: KeyFile | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
         self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
         self.keyfile = keyfile
@@ -134,8 +145,14 @@ class Proxy:
         self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
         self.read_view = memoryview(self.read_buffer)
         self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
-        self.tunnel = Tunnel(psk, config.pod_ip, stats, limits or Limits(), port=config.port,
-                             identity=claim_policy(config, self._is_member))
+        self.tunnel = Tunnel(
+            psk,
+            config.pod_ip,
+            stats,
+            limits or Limits(),
+            port=config.port,
+            identity=claim_policy(config, self._is_member),
+        )
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
         self.table = resolver.table
         resolver.on_change = self._on_changes
@@ -164,26 +181,39 @@ class Proxy:
         c = self.config
         if self.batch:
             self.tunnel.fastpath = backend
-        log.info("data path: %s (UDP GSO %s, GRO %s), seal/open loops: %s",
-                 "batch" if self.batch else "one packet",
-                 "on" if self.ports.udp.gso else "off", "on" if self.ports.udp.gro else "off",
-                 fastpath.describe(backend) if self.batch else "one packet per call")
+        log.info(
+            "data path: %s (UDP GSO %s, GRO %s), seal/open loops: %s",
+            "batch" if self.batch else "one packet",
+            "on" if self.ports.udp.gso else "off",
+            "on" if self.ports.udp.gro else "off",
+            fastpath.describe(backend) if self.batch else "one packet per call",
+        )
         await self.resolver.start()
         loop = asyncio.get_running_loop()
         if self.strict and not (self.members and self.members.loaded):
-            log.info("no membership file (%s): standalone, new plaintext connections from the "
-                     "pod network are classified before they are accepted",
-                     self.members.path if self.members else "none given")
-            self.inbound = InboundGate(self.kernel.open_inbound_queue(self.stats), self.table,
-                                       self.stats, self.resolver.classify_address, self.clock,
-                                       self._spawn)
+            log.info(
+                "no membership file (%s): standalone, new plaintext connections from the "
+                "pod network are classified before they are accepted",
+                self.members.path if self.members else "none given",
+            )
+            self.inbound = InboundGate(
+                self.kernel.open_inbound_queue(self.stats),
+                self.table,
+                self.stats,
+                self.resolver.classify_address,
+                self.clock,
+                self._spawn,
+            )
             loop.add_reader(self.inbound.queue.fileno(), self.inbound.on_readable)
         loop.add_reader(self.ports.tun.fileno(), self._on_tun)
         loop.add_reader(self.ports.udp.fileno(), self._on_udp)
         self._spawn(self.effects.run(self.stopping))
-        log.info("ready: pod %s, pod network %s, %d members", c.pod_ip,
-                 ", ".join(c.pod_cidrs) or "-", len(self.members.loaded.addresses)
-                 if self.members and self.members.loaded else 0)
+        log.info(
+            "ready: pod %s, pod network %s, %d members",
+            c.pod_ip,
+            ", ".join(c.pod_cidrs) or "-",
+            len(self.members.loaded.addresses) if self.members and self.members.loaded else 0,
+        )
 
     async def prepare(self) -> None:
         """Before the first packet is read: the firewall (setup installed it; repaired here),
@@ -196,9 +226,11 @@ class Proxy:
             self.desired.resync_elements(adopted)
             self._on_changes(self.table.adopt(sorted(adopted), now, ADOPTED_EVIDENCE))
         else:
-            log.warning("--no-strict: the firewall is removed; an internal peer without a proxy "
-                        "is reached in the clear after %.0f s of unanswered handshakes",
-                        self.tunnel.limits.handshake_give_up)
+            log.warning(
+                "--no-strict: the firewall is removed; an internal peer without a proxy "
+                "is reached in the clear after %.0f s of unanswered handshakes",
+                self.tunnel.limits.handshake_give_up,
+            )
             self.kernel.remove_firewall()
         self._poll_members(now)
         await self.effects.round()
@@ -254,8 +286,13 @@ class Proxy:
             self.tunnel.send_batch(dst, packets, now, wall)
         to_peers.clear()
 
-    def _outbound(self, buf: bytearray | memoryview, now: float, wall: float,
-                  to_peers: dict[str, list[bytes]] | None = None) -> None:
+    def _outbound(
+        self,
+        buf: bytearray | memoryview,
+        now: float,
+        wall: float,
+        to_peers: dict[str, list[bytes]] | None = None,
+    ) -> None:
         if len(buf) < 20 or buf[0] >> 4 != 4:
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
@@ -281,8 +318,9 @@ class Proxy:
             return
         dst = _dst(frame[VNET_HDR_LEN:])
         backend = self.tunnel.fastpath  # its segment cuts in C when compiled
-        segments = split_tcp_batch(frame, self.stats, self.split_buffer,
-                                   backend.segment if backend is not None else None)
+        segments = split_tcp_batch(
+            frame, self.stats, self.split_buffer, backend.segment if backend is not None else None
+        )
         self.stats.inc(Counter.SUPER_PACKETS_SPLIT)
         self._dispatch(dst, segments, now, wall)
 
@@ -293,16 +331,26 @@ class Proxy:
             if icmp:
                 self._send_raw(self.ports.inject, icmp)
 
-    def _dispatch(self, dst: str, packets: Sequence[bytearray | memoryview], now: float,
-                  wall: float, looked_up: bool = False) -> None:
+    def _dispatch(
+        self,
+        dst: str,
+        packets: Sequence[bytearray | memoryview],
+        now: float,
+        wall: float,
+        looked_up: bool = False,
+    ) -> None:
         """Step 4: one verdict for packets to one destination."""
         if self.tunnel.knows(dst):  # the common case: a peer with a session
             self.tunnel.send_batch(dst, packets, now, wall)
             return
         cls = self.table.lookup(dst, now)
-        verdict = decide(cls, guarded=dst in self.guard, strict=self.strict,
-                         looked_up=looked_up or self.table.known_unknown(dst, now),
-                         fallback=self.plaintext_until.get(dst, 0.0) > now)
+        verdict = decide(
+            cls,
+            guarded=dst in self.guard,
+            strict=self.strict,
+            looked_up=looked_up or self.table.known_unknown(dst, now),
+            fallback=self.plaintext_until.get(dst, 0.0) > now,
+        )
         if verdict is Verdict.SEAL:
             self.tunnel.send_batch(dst, packets, now, wall)
         elif verdict is Verdict.CLEAR:
@@ -407,8 +455,11 @@ class Proxy:
                     self._send_raw(self.ports.inject, buf)
             return
         backend = self.tunnel.fastpath  # its coalesce merges in C when compiled
-        runs = (backend.coalesce(packets, True) if backend is not None
-                else coalesce_batch(packets, partial=True))
+        runs = (
+            backend.coalesce(packets, True)
+            if backend is not None
+            else coalesce_batch(packets, partial=True)
+        )
         for pkt, gso_size in runs:
             buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
             if not self.flows.rewrite_inbound(buf, now):
@@ -418,8 +469,11 @@ class Proxy:
             try:
                 self.ports.tun.write_frame(build_gso_vnet_hdr(buf, gso_size), buf)
             except OSError as exc:  # a kernel that refuses TSO frames: raw socket from now on
-                log.warning("writing to %s refused (%s): injecting through the raw socket",
-                            self.config.tun, exc)
+                log.warning(
+                    "writing to %s refused (%s): injecting through the raw socket",
+                    self.config.tun,
+                    exc,
+                )
                 self.inject_via_tun = False
                 self.stats.inc(Counter.TUN_INJECT_ERRORS)
 
@@ -459,15 +513,22 @@ class Proxy:
     def _on_unreachable(self, addresses: Sequence[str], now: float) -> None:
         if self.strict:
             self.stats.inc(Counter.PEERS_UNREACHABLE)
-            self.ratelog.warn("unreachable", "no tencrypt proxy answers at %s: its packets are "
-                              "dropped (strict mode never sends them in the clear)",
-                              ", ".join(addresses))
+            self.ratelog.warn(
+                "unreachable",
+                "no tencrypt proxy answers at %s: its packets are "
+                "dropped (strict mode never sends them in the clear)",
+                ", ".join(addresses),
+            )
             return
         for address in addresses:
             self.stats.inc(Counter.PLAINTEXT_FALLBACK)
-            log.warning("no tencrypt proxy answers at %s within %.0f s: --no-strict, so its "
-                        "traffic goes in the CLEAR for %.0f s", address,
-                        self.tunnel.limits.handshake_give_up, PLAINTEXT_FOR)
+            log.warning(
+                "no tencrypt proxy answers at %s within %.0f s: --no-strict, so its "
+                "traffic goes in the CLEAR for %.0f s",
+                address,
+                self.tunnel.limits.handshake_give_up,
+                PLAINTEXT_FOR,
+            )
             self.plaintext_until[address] = now + PLAINTEXT_FOR
 
     def _on_changes(self, changes: list[Change]) -> None:
@@ -475,10 +536,16 @@ class Proxy:
         effects task (never here: this runs inside DNS and packet callbacks)."""
         for conflict in self.table.pop_conflicts():
             self.stats.inc(Counter.CLASSIFICATION_CONFLICTS)
-            self.ratelog.warn("conflict-" + conflict.ip, "%s is %s by trusted evidence, but an "
-                              "answer calls it %s: kept %s (a tenant's alias, a forged answer or "
-                              "a misconfiguration)", conflict.ip, conflict.held.value,
-                              conflict.claimed.value, conflict.held.value)
+            self.ratelog.warn(
+                "conflict-" + conflict.ip,
+                "%s is %s by trusted evidence, but an "
+                "answer calls it %s: kept %s (a tenant's alias, a forged answer or "
+                "a misconfiguration)",
+                conflict.ip,
+                conflict.held.value,
+                conflict.claimed.value,
+                conflict.held.value,
+            )
         if changes:
             self.desired.on_changes(changes)
             self.effects.wake()
@@ -494,17 +561,26 @@ class Proxy:
         keys = self.keyfile.poll(force) if self.keyfile else None
         if keys is None:
             return
-        self.tunnel.set_ring(KeyRing.from_keys(keys, X25519PrivateKey.generate,
-                                               reuse=self.tunnel.ring))
+        self.tunnel.set_ring(
+            KeyRing.from_keys(keys, X25519PrivateKey.generate, reuse=self.tunnel.ring)
+        )
         if self.loaded_dir is not None:
             write_loaded(self.loaded_dir, keys)
-        log.info("project keys reloaded from %s: %s", self.keyfile.path if self.keyfile else "-",
-                 describe(keys))
+        log.info(
+            "project keys reloaded from %s: %s",
+            self.keyfile.path if self.keyfile else "-",
+            describe(keys),
+        )
 
     def _apply_members(self, members: Members, now: float) -> None:
         self.stats.inc(Counter.MEMBERSHIP_LOADS)
-        log.info("membership of project %s, generation %d: %d pod IPs, %d Service IPs",
-                 members.project, members.generation, len(members.pods), len(members.services))
+        log.info(
+            "membership of project %s, generation %d: %d pod IPs, %d Service IPs",
+            members.project,
+            members.generation,
+            len(members.pods),
+            len(members.services),
+        )
         self._on_changes(self.table.set_members(members.addresses, now))
 
     async def timers(self) -> None:
@@ -530,24 +606,36 @@ class Proxy:
         now = self.clock()
         classes = [cls.value for _, cls in self.table.items(now)]
         loaded = self.members.loaded if self.members else None
-        return {**self.tunnel.status(now), **snapshot(self.stats), "strict": self.strict,
-                "classification": {c: classes.count(c) for c in ("internal", "external")},
-                "membership": None if loaded is None else {
-                    "project": loaded.project, "generation": loaded.generation,
-                    "pods": len(loaded.pods), "services": len(loaded.services)},
-                "held_destinations": len(self.held),
-                "firewall_refused": dict(self.effects.firewall_counters)}
+        return {
+            **self.tunnel.status(now),
+            **snapshot(self.stats),
+            "strict": self.strict,
+            "classification": {c: classes.count(c) for c in ("internal", "external")},
+            "membership": None
+            if loaded is None
+            else {
+                "project": loaded.project,
+                "generation": loaded.generation,
+                "pods": len(loaded.pods),
+                "services": len(loaded.services),
+            },
+            "held_destinations": len(self.held),
+            "firewall_refused": dict(self.effects.firewall_counters),
+        }
 
     def render_metrics(self) -> str:
         now = self.clock()
         classes = [cls for _, cls in self.table.items(now)]
         gauges: dict[str, float] = {
-            "sessions": self.tunnel.session_count(), "peers": self.tunnel.peer_count(),
-            "flow_table_entries": len(self.flows), "dns_table_entries": len(self.table),
+            "sessions": self.tunnel.session_count(),
+            "peers": self.tunnel.peer_count(),
+            "flow_table_entries": len(self.flows),
+            "dns_table_entries": len(self.table),
             "addresses_internal": classes.count(AddrClass.INTERNAL),
             "addresses_external": classes.count(AddrClass.EXTERNAL),
             "members": len(self.members.loaded.addresses)
-            if self.members and self.members.loaded else 0,
+            if self.members and self.members.loaded
+            else 0,
             "held_destinations": len(self.held),
             "key_mismatch_sources": len(self.tunnel.key_mismatch),
         }
@@ -559,9 +647,14 @@ class Proxy:
 def claim_policy(config: PodConfig, is_member: Callable[[str], bool | None]) -> ClaimPolicy:
     """DESIGN §1a "Identity is bound to the network": what a peer may claim to be. Pod-to-pod
     traffic is not SNATed in Kubernetes, so a claimed pod IP must be the datagram's source."""
-    return ClaimPolicy(pod_cidrs=config.pod_cidrs, service_cidr=config.service_cidr,
-                       self_ip=config.pod_ip, reserved=config.own_addresses - {config.pod_ip},
-                       bind_to_source=True, is_member=is_member)
+    return ClaimPolicy(
+        pod_cidrs=config.pod_cidrs,
+        service_cidr=config.service_cidr,
+        self_ip=config.pod_ip,
+        reserved=config.own_addresses - {config.pod_ip},
+        bind_to_source=True,
+        is_member=is_member,
+    )
 
 
 def _dst(buf: bytes | bytearray | memoryview) -> str:
@@ -583,14 +676,26 @@ async def serve(args: argparse.Namespace) -> int:
     if give_up is not None:
         limits = dataclasses.replace(limits, handshake_give_up=give_up)
     if args.session_lifetime:
-        limits = dataclasses.replace(limits, reject_after_time=args.session_lifetime,
-                                     rekey_after_time=args.session_lifetime * 2 / 3)
+        limits = dataclasses.replace(
+            limits,
+            reject_after_time=args.session_lifetime,
+            rekey_after_time=args.session_lifetime * 2 / 3,
+        )
     state_dir = podnet.namespace_state_dir(args.state_dir)
     members_path = Path(args.members_file) if args.members_file else state_dir / MEMBERS_FILE
-    proxy = Proxy(config, KeyRing.from_keys(keys, X25519PrivateKey.generate), strict, stats,
-                  open_ports(config, stats, args.batch), DnsProxy(config, stats),
-                  Kernel(config, firewall=strict), limits=limits, batch=args.batch,
-                  members=MembersFile(members_path), keyfile=keyfile)
+    proxy = Proxy(
+        config,
+        KeyRing.from_keys(keys, X25519PrivateKey.generate),
+        strict,
+        stats,
+        open_ports(config, stats, args.batch),
+        DnsProxy(config, stats),
+        Kernel(config, firewall=strict),
+        limits=limits,
+        batch=args.batch,
+        members=MembersFile(members_path),
+        keyfile=keyfile,
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stopping.set)
@@ -599,11 +704,18 @@ async def serve(args: argparse.Namespace) -> int:
     proxy.loaded_dir = state_dir
     write_loaded(state_dir, keys)
     await proxy.start()
-    server = (await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
-              if args.metrics else None)
+    server = (
+        await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
+        if args.metrics
+        else None
+    )
     pid_file.write_text(f"{os.getpid()}\n")
-    print(f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, udp :{config.port}, "
-          f"{'strict' if strict else 'not strict'}", file=sys.stderr, flush=True)
+    print(
+        f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, udp :{config.port}, "
+        f"{'strict' if strict else 'not strict'}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         await proxy.timers()
     finally:

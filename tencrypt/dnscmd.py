@@ -36,9 +36,11 @@ log = logging.getLogger("tencrypt.dns")
 
 def stats_line(stats: Stats, proxy: DnsProxy | None = None) -> str:
     """One JSON line of counters, drops by reason and the table size (for logs and tests)."""
-    snap = {"counters": dict(sorted(stats.counters.items())),
-            "drops": {r.value: n for r, n in sorted(stats.drops.items(), key=lambda i: i[0].value)},
-            "table": proxy.table_size() if proxy else 0}
+    snap = {
+        "counters": dict(sorted(stats.counters.items())),
+        "drops": {r.value: n for r, n in sorted(stats.drops.items(), key=lambda i: i[0].value)},
+        "table": proxy.table_size() if proxy else 0,
+    }
     return "stats " + json.dumps(snap, sort_keys=True)
 
 
@@ -54,8 +56,9 @@ def _load_pod(state_dir: str) -> PodConfig | None:
         return None
 
 
-def resolve_config(args: Any, pod: PodConfig | None,
-                   resolv_conf: Path = Path("/etc/resolv.conf")) -> DnsConfig:
+def resolve_config(
+    args: Any, pod: PodConfig | None, resolv_conf: Path = Path("/etc/resolv.conf")
+) -> DnsConfig:
     """Flags first, then setup's state, then resolv.conf (rule 1)."""
     servers: tuple[str, ...] = ()
     search: tuple[str, ...] = ()
@@ -68,11 +71,15 @@ def resolve_config(args: Any, pod: PodConfig | None,
         raise UsageError("no upstream DNS server: give --upstream or run `tencrypt setup` first")
     if not domain:
         raise UsageError("no project domain: give --domain or run `tencrypt setup` first")
-    config = DnsConfig(upstream=parse_hostport(upstream, 53), domain=domain.rstrip("."),
-                       cluster_domain=args.cluster_domain.rstrip("."),
-                       listen=parse_hostport(args.listen, 53), timeout=args.timeout,
-                       fwmark=pod.fwmark if pod is not None else None,
-                       cache_entries=max(0, getattr(args, "cache_entries", 1024)))
+    config = DnsConfig(
+        upstream=parse_hostport(upstream, 53),
+        domain=domain.rstrip("."),
+        cluster_domain=args.cluster_domain.rstrip("."),
+        listen=parse_hostport(args.listen, 53),
+        timeout=args.timeout,
+        fwmark=pod.fwmark if pod is not None else None,
+        cache_entries=max(0, getattr(args, "cache_entries", 1024)),
+    )
     if config.upstream == config.listen:
         raise UsageError(f"the upstream {upstream} is this proxy itself: give --upstream")
     return config
@@ -86,8 +93,12 @@ def _tun_exists(name: str) -> bool:
     return True
 
 
-async def serve(config: DnsConfig, stats: Stats, pod: PodConfig | None = None,
-                stop_signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+async def serve(
+    config: DnsConfig,
+    stats: Stats,
+    pod: PodConfig | None = None,
+    stop_signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
     """Run a proxy until a stop signal; SIGUSR1 logs the counters (rule 3). With ``pod``, its
     classification changes become /32 routes (rule 2)."""
     proxy = DnsProxy(config, stats)

@@ -40,8 +40,10 @@ def select(env: Mapping[str, str]) -> Backend:
     backend = compiled()
     if backend is None:
         if require:
-            raise UsageError("TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built "
-                             "(install gcc, python3-dev and libssl-dev, then reinstall)")
+            raise UsageError(
+                "TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built "
+                "(install gcc, python3-dev and libssl-dev, then reinstall)"
+            )
         return cast(Backend, pure)
     return backend
 

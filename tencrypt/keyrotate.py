@@ -63,27 +63,47 @@ class RotationError(TencryptError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="key_command", required=True, metavar="ACTION")
     r = sub.add_parser(
-        "rotate", help="rotate a project's key: add-next, promote, drop-previous",
+        "rotate",
+        help="rotate a project's key: add-next, promote, drop-previous",
         description="Rotate the key of a project (Secret tencrypt, PROJECT_PSK[_NEXT|_PREVIOUS]) "
-                    "in three phases, waiting between them until every node's agent reports "
-                    "that every pod of the project loaded the new ring. No proxy restarts.")
+        "in three phases, waiting between them until every node's agent reports "
+        "that every pod of the project loaded the new ring. No proxy restarts.",
+    )
     r.add_argument("--namespace", "-n", required=True, help="the project's namespace")
     which = r.add_mutually_exclusive_group()
-    which.add_argument("--phase", choices=[ph.value for ph in Phase],
-                       help="run only this phase (default: --all)")
-    which.add_argument("--all", action="store_true",
-                       help="finish the rotation in progress, or run all three phases of a new "
-                            "one (the default)")
-    r.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
-                   help="seconds between promote (loaded everywhere) and drop-previous; longer "
-                        f"than the proxies' --session-lifetime (default: {DEFAULT_GRACE:.0f})")
-    r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help="seconds to wait for the agents after each phase "
-                        f"(default: {DEFAULT_TIMEOUT:.0f})")
-    r.add_argument("--agent-namespace", default="tencrypt-system",
-                   help="where the agents write their reports (default: tencrypt-system)")
-    r.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account "
-                                        "when in a pod, else $KUBECONFIG or ~/.kube/config)")
+    which.add_argument(
+        "--phase", choices=[ph.value for ph in Phase], help="run only this phase (default: --all)"
+    )
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="finish the rotation in progress, or run all three phases of a new one (the default)",
+    )
+    r.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help="seconds between promote (loaded everywhere) and drop-previous; longer "
+        f"than the proxies' --session-lifetime (default: {DEFAULT_GRACE:.0f})",
+    )
+    r.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the agents after each phase (default: {DEFAULT_TIMEOUT:.0f})",
+    )
+    r.add_argument(
+        "--agent-namespace",
+        default="tencrypt-system",
+        help="where the agents write their reports (default: tencrypt-system)",
+    )
+    r.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: in-cluster service account "
+        "when in a pod, else $KUBECONFIG or ~/.kube/config)",
+    )
     r.add_argument("--context", help="kubeconfig context (default: its current context)")
 
 
@@ -112,7 +132,8 @@ class Rotator:
             raise RotationError(
                 f"no agent key reports in {self.agent_namespace} (ConfigMaps labelled "
                 f"{'='.join(REPORT_LABEL)}): are the agents running, with their report (Role "
-                "tencrypt-agent-key-report, --report-namespace)? Nothing was changed.")
+                "tencrypt-agent-key-report, --report-namespace)? Nothing was changed."
+            )
         self.say("before any change, every pod must run what the Secret holds:")
         self.wait_agents(keys)  # a previous run may have stopped before the nodes caught up
         for phase in phases:
@@ -126,22 +147,43 @@ class Rotator:
 
     # ---- the Secret ----------------------------------------------------------------------
     def read(self) -> tuple[KeySet, dict[str, Any]]:
-        secret = self._call("read", self.api.read_namespaced_secret, SECRET_NAME,
-                            self.namespace, _preload_content=False)
+        secret = self._call(
+            "read",
+            self.api.read_namespaced_secret,
+            SECRET_NAME,
+            self.namespace,
+            _preload_content=False,
+        )
         return secret_keys(secret.get("data")), secret
 
-    def write(self, phase: Phase, keys: KeySet,
-              secret: dict[str, Any]) -> tuple[KeySet, dict[str, Any]]:
+    def write(
+        self, phase: Phase, keys: KeySet, secret: dict[str, Any]
+    ) -> tuple[KeySet, dict[str, Any]]:
         new = apply_phase(keys, phase, self.new_key() if phase is Phase.ADD_NEXT else None)
         meta = secret.get("metadata") or {}
-        annotations = {**(meta.get("annotations") or {}), PHASE_ANNOTATION: phase.value,
-                       PHASE_AT_ANNOTATION: f"{self.clock():.0f}"}
-        body = {"apiVersion": "v1", "kind": "Secret", "type": secret.get("type", "Opaque"),
-                "metadata": {**meta, "annotations": annotations}, "data": secret_data(new)}
-        written = self._call("update", self.api.replace_namespaced_secret, SECRET_NAME,
-                             self.namespace, body, _preload_content=False)
-        self.say(f"phase {phase.value}: Secret {self.namespace}/{SECRET_NAME} now holds "
-                 f"{label(new)}")
+        annotations = {
+            **(meta.get("annotations") or {}),
+            PHASE_ANNOTATION: phase.value,
+            PHASE_AT_ANNOTATION: f"{self.clock():.0f}",
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": secret.get("type", "Opaque"),
+            "metadata": {**meta, "annotations": annotations},
+            "data": secret_data(new),
+        }
+        written = self._call(
+            "update",
+            self.api.replace_namespaced_secret,
+            SECRET_NAME,
+            self.namespace,
+            body,
+            _preload_content=False,
+        )
+        self.say(
+            f"phase {phase.value}: Secret {self.namespace}/{SECRET_NAME} now holds {label(new)}"
+        )
         return new, written
 
     # ---- waiting ---------------------------------------------------------------------------
@@ -152,21 +194,22 @@ class Rotator:
         while True:
             got = progress(self.reports(), self.namespace, keys)
             line = f"  agents: {got.ready}/{got.pods} pods on {got.expected}" + (
-                "; waiting for " + "; ".join(got.lagging) if got.lagging else "")
+                "; waiting for " + "; ".join(got.lagging) if got.lagging else ""
+            )
             if line != shown:
                 self.say(line)
                 shown = line
             if got.done:
                 if got.pods == 0:
-                    self.say(f"  (no agent reports a pod of {self.namespace}: nothing to wait "
-                             "for)")
+                    self.say(f"  (no agent reports a pod of {self.namespace}: nothing to wait for)")
                 return got
             if self.clock() - start >= self.timeout:
                 raise RotationError(
                     f"after {self.timeout:.0f} s these nodes have not loaded {got.expected}: "
                     f"{'; '.join(got.lagging)}. The Secret holds a valid phase; their pods "
                     "refuse handshakes with pods two phases ahead (strict mode never falls "
-                    "back to plaintext). Fix the nodes (agent running?) and re-run.")
+                    "back to plaintext). Fix the nodes (agent running?) and re-run."
+                )
             self.sleep(self.poll)
 
     def wait_grace(self, secret: dict[str, Any]) -> None:
@@ -176,23 +219,37 @@ class Rotator:
         if since is None:
             notes = (secret.get("metadata") or {}).get("annotations") or {}
             try:
-                since = (float(notes[PHASE_AT_ANNOTATION])
-                         if notes.get(PHASE_ANNOTATION) == Phase.PROMOTE.value else None)
+                since = (
+                    float(notes[PHASE_AT_ANNOTATION])
+                    if notes.get(PHASE_ANNOTATION) == Phase.PROMOTE.value
+                    else None
+                )
             except (KeyError, ValueError):
                 since = None
         until = (self.clock() if since is None else since) + self.grace
         if until > self.clock():
-            self.say(f"  grace: {until - self.clock():.0f} s for sessions under the previous "
-                     "key to re-key under the current one")
+            self.say(
+                f"  grace: {until - self.clock():.0f} s for sessions under the previous "
+                "key to re-key under the current one"
+            )
         while self.clock() < until:
             self.sleep(min(self.poll * 15, until - self.clock()))
 
     def reports(self) -> list[tuple[str, str | None]]:
-        doc = self._call("list ConfigMaps", self.api.list_namespaced_config_map,
-                         self.agent_namespace, label_selector="=".join(REPORT_LABEL),
-                         _preload_content=False)
-        return [((item.get("metadata") or {}).get("name", "?"),
-                 (item.get("data") or {}).get(REPORT_KEY)) for item in doc.get("items") or []]
+        doc = self._call(
+            "list ConfigMaps",
+            self.api.list_namespaced_config_map,
+            self.agent_namespace,
+            label_selector="=".join(REPORT_LABEL),
+            _preload_content=False,
+        )
+        return [
+            (
+                (item.get("metadata") or {}).get("name", "?"),
+                (item.get("data") or {}).get(REPORT_KEY),
+            )
+            for item in doc.get("items") or []
+        ]
 
     # ---- shared ----------------------------------------------------------------------------
     def say(self, line: str) -> None:
@@ -206,14 +263,23 @@ class Rotator:
             doc: dict[str, Any] = json.loads(resp.data)
             return doc
         except ApiException as exc:
-            raise RotationError(api_error(what, exc.status or 0, exc.reason or "", exc.body,
-                                          self.namespace, self.agent_namespace)) from None
+            raise RotationError(
+                api_error(
+                    what,
+                    exc.status or 0,
+                    exc.reason or "",
+                    exc.body,
+                    self.namespace,
+                    self.agent_namespace,
+                )
+            ) from None
         except OSError as exc:  # urllib3 wraps refusals in OSErrors' subclasses
             raise RotationError(f"cannot {what}: {exc}") from None
 
 
-def api_error(what: str, status: int, reason: str, body: Any, namespace: str,
-              agent_namespace: str) -> str:
+def api_error(
+    what: str, status: int, reason: str, body: Any, namespace: str, agent_namespace: str
+) -> str:
     """One line: what failed, the server's message, and what to check."""
     try:
         message = json.loads(body or "{}").get("message") or ""
@@ -222,11 +288,10 @@ def api_error(what: str, status: int, reason: str, body: Any, namespace: str,
     hint = {
         401: " (check your kubeconfig's credentials)",
         403: f" (needs get and update on Secret {namespace}/{SECRET_NAME} and list on ConfigMaps "
-             f"in {agent_namespace}: scripts/k8s/optional/key-rotation-cronjob.yaml shows the "
-             "rules)",
+        f"in {agent_namespace}: scripts/k8s/optional/key-rotation-cronjob.yaml shows the "
+        "rules)",
         404: f" (no Secret {SECRET_NAME} in {namespace}? see scripts/k8s/secret-example.yaml)",
-        409: " (the Secret changed meanwhile, another rotation? nothing was overwritten: "
-             "re-run)",
+        409: " (the Secret changed meanwhile, another rotation? nothing was overwritten: re-run)",
     }.get(status, "")
     return f"cannot {what}: HTTP {status} {reason}{': ' + message if message else ''}{hint}"
 
@@ -243,7 +308,13 @@ def main(args: argparse.Namespace) -> int:
     from tencrypt.kube.client import new_api_client
 
     api = client.CoreV1Api(new_api_client(args.kubeconfig, args.context))
-    rotator = Rotator(api, args.namespace, args.agent_namespace, sys.stdout, grace=args.grace,
-                      timeout=args.timeout)
+    rotator = Rotator(
+        api,
+        args.namespace,
+        args.agent_namespace,
+        sys.stdout,
+        grace=args.grace,
+        timeout=args.timeout,
+    )
     rotator.run(Phase(args.phase) if args.phase else None)
     return 0

@@ -65,5 +65,9 @@ def open_ports(config: PodConfig, stats: Stats, batch: bool) -> Ports:
     from tencrypt.linux.tun import Tun
 
     udp = UdpBatch(sockets.tunnel_socket(config.port, config.fwmark), stats, gso=batch, gro=batch)
-    return Ports(Tun(config.tun, vnet_hdr=batch), udp, sockets.raw_socket(),
-                 sockets.raw_socket(mark=config.fwmark))
+    return Ports(
+        Tun(config.tun, vnet_hdr=batch),
+        udp,
+        sockets.raw_socket(),
+        sockets.raw_socket(mark=config.fwmark),
+    )

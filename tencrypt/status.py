@@ -41,9 +41,13 @@ TIMEOUT = 5.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", metavar="ADDR:PORT", default=DEFAULT_ADDRESS,
-                   help="where the proxy serves /metrics and /status, as given to "
-                        f"`tencrypt run --metrics` (default: {DEFAULT_ADDRESS})")
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        default=DEFAULT_ADDRESS,
+        help="where the proxy serves /metrics and /status, as given to "
+        f"`tencrypt run --metrics` (default: {DEFAULT_ADDRESS})",
+    )
     p.add_argument("--json", action="store_true", help="print the raw /status document")
 
 
@@ -56,13 +60,17 @@ def fetch(address: str) -> dict[str, Any]:
         reply = conn.getresponse()
         body = reply.read()
     except OSError as exc:
-        raise UsageError(f"no proxy status at {address} ({exc}): is `tencrypt run --metrics "
-                         f"{address}` running in this network namespace?") from exc
+        raise UsageError(
+            f"no proxy status at {address} ({exc}): is `tencrypt run --metrics "
+            f"{address}` running in this network namespace?"
+        ) from exc
     finally:
         conn.close()
     if reply.status != 200:
-        raise UsageError(f"{address}/status answered {reply.status} {reply.reason}: a proxy "
-                         "without the status endpoint (an older version?)")
+        raise UsageError(
+            f"{address}/status answered {reply.status} {reply.reason}: a proxy "
+            "without the status endpoint (an older version?)"
+        )
     try:
         doc = json.loads(body)
     except ValueError as exc:
@@ -77,29 +85,41 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
     counters: dict[str, int] = doc.get("counters") or {}
     fallback = counters.get(Counter.PLAINTEXT_FALLBACK, 0)
     if fallback:
-        print(f"WARNING: {fallback} packets to this project's pods went in the clear "
-              "(--no-strict fallback: no proxy answered)", file=out)
+        print(
+            f"WARNING: {fallback} packets to this project's pods went in the clear "
+            "(--no-strict fallback: no proxy answered)",
+            file=out,
+        )
     for row in doc.get("key_mismatch") or []:
-        print(f"WARNING: {row.get('source', '?')} (a member of this project) uses a key this "
-              f"proxy does not hold: {row.get('refused', 0)} handshakes refused (a pod that "
-              "missed a key rotation phase?)", file=out)
+        print(
+            f"WARNING: {row.get('source', '?')} (a member of this project) uses a key this "
+            f"proxy does not hold: {row.get('refused', 0)} handshakes refused (a pod that "
+            "missed a key rotation phase?)",
+            file=out,
+        )
     totals = doc.get("totals") or {}
     strict = doc.get("strict")
     mode = "strict" if strict is True else "not strict" if strict is False else ""
-    print(f"pod {doc.get('pod_ip', '?')}{' (' + mode + ')' if mode else ''}: "
-          f"{totals.get('peers', 0)} peers ({totals.get('peers_up', 0)} up), "
-          f"{totals.get('sessions', 0)} sessions, {totals.get('handshakes_pending', 0)} "
-          f"handshakes pending, {totals.get('queued', 0)} packets queued", file=out)
+    print(
+        f"pod {doc.get('pod_ip', '?')}{' (' + mode + ')' if mode else ''}: "
+        f"{totals.get('peers', 0)} peers ({totals.get('peers_up', 0)} up), "
+        f"{totals.get('sessions', 0)} sessions, {totals.get('handshakes_pending', 0)} "
+        f"handshakes pending, {totals.get('queued', 0)} packets queued",
+        file=out,
+    )
     for key in doc.get("keys") or []:
-        print(f"key {key.get('fingerprint', '?')}  {key.get('role', '?'):<8}  "
-              f"{key.get('sessions', 0)} sessions, {key.get('handshakes', 0)} handshakes",
-              file=out)
+        print(
+            f"key {key.get('fingerprint', '?')}  {key.get('role', '?'):<8}  "
+            f"{key.get('sessions', 0)} sessions, {key.get('handshakes', 0)} handshakes",
+            file=out,
+        )
     for peer in doc.get("peers") or []:
         _peer(peer, out)
     classes = doc.get("classification") or {}
     if classes:
-        print("classification: " + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())),
-              file=out)
+        print(
+            "classification: " + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())), file=out
+        )
     if counters:
         print("counters:", file=out)
         for name, value in sorted(counters.items()):
@@ -111,21 +131,34 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
 
 
 def _peer(peer: dict[str, Any], out: TextIO) -> None:
-    flags = [word for word, on in (("up", peer.get("up")), ("confirmed", peer.get("confirmed")),
-                                   ("handshaking", peer.get("handshake_pending"))) if on]
+    flags = [
+        word
+        for word, on in (
+            ("up", peer.get("up")),
+            ("confirmed", peer.get("confirmed")),
+            ("handshaking", peer.get("handshake_pending")),
+        )
+        if on
+    ]
     name = peer.get("pod_ip") or "(pod IP not known yet)"
-    print(f"  peer {name}  endpoint {peer.get('endpoint', '?')}  "
-          f"addresses {','.join(peer.get('addresses') or []) or '-'}  "
-          f"{' '.join(flags) or 'down'}  queued {peer.get('queued', 0)}", file=out)
+    print(
+        f"  peer {name}  endpoint {peer.get('endpoint', '?')}  "
+        f"addresses {','.join(peer.get('addresses') or []) or '-'}  "
+        f"{' '.join(flags) or 'down'}  queued {peer.get('queued', 0)}",
+        file=out,
+    )
     for s in peer.get("sessions") or []:
         role = "initiator" if s.get("initiator") else "responder"
         state = "confirmed" if s.get("confirmed") else "unconfirmed"
         if not s.get("live", True):
             state += ", expired"
-        print(f"    {s.get('slot', '?'):<8} index {s.get('local_index', 0):#010x}  "
-              f"age {s.get('age', 0):.1f}s  expires in {s.get('expires_in', 0):.1f}s  "
-              f"{role}, {state}  sent {s.get('sent', 0)}"
-              f"{'  key ' + s['key'] if s.get('key') else ''}", file=out)
+        print(
+            f"    {s.get('slot', '?'):<8} index {s.get('local_index', 0):#010x}  "
+            f"age {s.get('age', 0):.1f}s  expires in {s.get('expires_in', 0):.1f}s  "
+            f"{role}, {state}  sent {s.get('sent', 0)}"
+            f"{'  key ' + s['key'] if s.get('key') else ''}",
+            file=out,
+        )
 
 
 def main(args: argparse.Namespace) -> int:

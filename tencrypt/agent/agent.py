@@ -76,10 +76,16 @@ class KeyState:
 
 
 class Agent:
-    def __init__(self, node: str, supervisor: Supervisor, resolver: Resolver,
-                 policy: Policy | None = None, stats: Stats | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 reporter: KeyReporter | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        supervisor: Supervisor,
+        resolver: Resolver,
+        policy: Policy | None = None,
+        stats: Stats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        reporter: KeyReporter | None = None,
+    ) -> None:
         self.stats = stats or Stats()
         self.view = NodeView(node, self.stats)
         self.members = MemberView(self.stats)
@@ -115,12 +121,22 @@ class Agent:
     def adopt(self) -> None:
         now = self.clock()
         for rec in self.supervisor.prepare():
-            phase = (Phase.DEAD if not self.supervisor.alive(rec.uid) else
-                     Phase.READY if self.supervisor.ready(rec.uid) else Phase.STARTING)
+            phase = (
+                Phase.DEAD
+                if not self.supervisor.alive(rec.uid)
+                else Phase.READY
+                if self.supervisor.ready(rec.uid)
+                else Phase.STARTING
+            )
             self.reconciler.on_adopted(rec.want(), phase, now)
             self.resolver.seed(rec.uid, rec.sandbox)
-            log.info("%s/%s: adopted the proxy a previous agent started (pid %d, %s)",
-                     rec.namespace, rec.name, rec.proxy_pid, phase.value)
+            log.info(
+                "%s/%s: adopted the proxy a previous agent started (pid %d, %s)",
+                rec.namespace,
+                rec.name,
+                rec.proxy_pid,
+                phase.value,
+            )
 
     def fold(self, item: object) -> None:
         if isinstance(item, Listed) and isinstance(item.kind, AgentKind):
@@ -142,8 +158,10 @@ class Agent:
     def shutdown(self, unpatch: bool) -> None:
         entries = list(self.reconciler.entries.values())
         if not unpatch:
-            log.info("stopping; %d proxies left running for the next agent (--on-exit keep)",
-                     len(entries))
+            log.info(
+                "stopping; %d proxies left running for the next agent (--on-exit keep)",
+                len(entries),
+            )
             return
         log.info("stopping; unpatching %d pods (--on-exit unpatch)", len(entries))
         for e in entries:  # all at once: each proxy then takes its own grace period in parallel
@@ -151,8 +169,12 @@ class Agent:
         for e in entries:
             self.supervisor.terminate(e.uid)
         with ThreadPoolExecutor(UNDO_PARALLEL) as pool:
-            list(pool.map(lambda e: self.supervisor.undo(e.sandbox, self.resolver.valid(e.sandbox)),
-                          entries))
+            list(
+                pool.map(
+                    lambda e: self.supervisor.undo(e.sandbox, self.resolver.valid(e.sandbox)),
+                    entries,
+                )
+            )
         for e in entries:
             self.supervisor.forget(e.uid)
             self.reconciler.on_stopped(e.uid)
@@ -176,8 +198,9 @@ class Agent:
         self.push_members()
         self.drop_unused_keys(wanted)
         if self.reporter is not None:
-            self.reporter.publish((e.namespace, e.sandbox.netns)
-                                  for e in self.reconciler.entries.values())
+            self.reporter.publish(
+                (e.namespace, e.sandbox.netns) for e in self.reconciler.entries.values()
+            )
 
     def _want(self, pod: PodInfo, sandbox: Sandbox | None) -> Want:
         state = self.keys.get(pod.namespace)
@@ -189,17 +212,26 @@ class Agent:
             key = self.view.key(project)
             if isinstance(key, BadKey):
                 if key.reason != state.problem:
-                    log.error("project %s: %s; %s", project, key.reason,
-                              "keeping its last key" if state.key_id else "its pods wait")
+                    log.error(
+                        "project %s: %s; %s",
+                        project,
+                        key.reason,
+                        "keeping its last key" if state.key_id else "its pods wait",
+                    )
                     self.stats.inc(Counter.AGENT_KEY_PROBLEMS)
                 state.problem = key.reason
                 continue
             kid = key_id(key)
             if kid != state.key_id or not self.supervisor.key_file(project).exists():
                 self.supervisor.write_key(project, key)
-                log.info("project %s: keys %s (%s)", project, "loaded" if state.key_id is None
-                         or kid == state.key_id else "changed: its proxies re-read them, no "
-                         "restart", describe(key))
+                log.info(
+                    "project %s: keys %s (%s)",
+                    project,
+                    "loaded"
+                    if state.key_id is None or kid == state.key_id
+                    else "changed: its proxies re-read them, no restart",
+                    describe(key),
+                )
             state.key_id, state.problem = kid, None
 
     def observe(self, now: float) -> None:
@@ -207,8 +239,12 @@ class Agent:
             if entry.phase is Phase.DEAD:
                 continue
             if not self.supervisor.alive(uid):
-                log.warning("%s/%s: the proxy exited; last lines of its log:\n%s",
-                            entry.namespace, entry.name, self.supervisor.tail(uid))
+                log.warning(
+                    "%s/%s: the proxy exited; last lines of its log:\n%s",
+                    entry.namespace,
+                    entry.name,
+                    self.supervisor.tail(uid),
+                )
                 self.reconciler.on_exited(uid, now)
             elif entry.phase is Phase.STARTING and self.supervisor.ready(uid):
                 self.reconciler.on_ready(uid, now)
@@ -217,8 +253,12 @@ class Agent:
     def execute(self, action: Action, now: float) -> None:
         want, uid = action.want, action.want.uid
         if action.verb is Verb.START:
-            log.info("%s: starting the proxy in sandbox pid %d (%s)", want.ref,
-                     want.sandbox.pid if want.sandbox else 0, action.reason)
+            log.info(
+                "%s: starting the proxy in sandbox pid %d (%s)",
+                want.ref,
+                want.sandbox.pid if want.sandbox else 0,
+                action.reason,
+            )
             self.reconciler.on_started(want, now)
             members = self.members_of(want.namespace)
             if self.supervisor.launch(want, action.undo_first, members) is None:
@@ -245,8 +285,9 @@ class Agent:
             version = self.members.version(entry.namespace)
             if self.supervisor.feed.is_current(entry.sandbox.netns, (entry.namespace, version)):
                 continue
-            if not self.supervisor.write_members(f"{entry.namespace}/{entry.name}",
-                                                 entry.sandbox, self.members_of(entry.namespace)):
+            if not self.supervisor.write_members(
+                f"{entry.namespace}/{entry.name}", entry.sandbox, self.members_of(entry.namespace)
+            ):
                 self.stats.inc(Counter.AGENT_MEMBERS_WRITE_FAILED)
 
     def members_of(self, project: str) -> ProjectMembers:
@@ -258,7 +299,8 @@ class Agent:
 
     def drop_unused_keys(self, wanted: list[PodInfo]) -> None:
         used = {p.namespace for p in wanted} | {
-            e.namespace for e in self.reconciler.entries.values()}
+            e.namespace for e in self.reconciler.entries.values()
+        }
         for project in self.supervisor.key_projects() - used:
             self.supervisor.remove_key(project)
         for project in set(self.keys) - used:
@@ -267,15 +309,19 @@ class Agent:
             del self.computed[project]
 
 
-def start_reflectors(api: Any, out: queue.Queue[object], stop: threading.Event,
-                     watch_timeout: int) -> None:
+def start_reflectors(
+    api: Any, out: queue.Queue[object], stop: threading.Event, watch_timeout: int
+) -> None:
     """List+watch every Pod, Namespace and Service and the Secrets named ``tencrypt`` into
     ``out``."""
     core = client.CoreV1Api(api)
-    secrets = functools.partial(core.list_secret_for_all_namespaces,
-                                field_selector=f"metadata.name={SECRET_NAME}")
-    for kind, list_fn in ((AgentKind.POD, core.list_pod_for_all_namespaces),
-                          (AgentKind.NAMESPACE, core.list_namespace),
-                          (AgentKind.SERVICE, core.list_service_for_all_namespaces),
-                          (AgentKind.SECRET, secrets)):
+    secrets = functools.partial(
+        core.list_secret_for_all_namespaces, field_selector=f"metadata.name={SECRET_NAME}"
+    )
+    for kind, list_fn in (
+        (AgentKind.POD, core.list_pod_for_all_namespaces),
+        (AgentKind.NAMESPACE, core.list_namespace),
+        (AgentKind.SERVICE, core.list_service_for_all_namespaces),
+        (AgentKind.SECRET, secrets),
+    ):
         Reflector(kind, list_fn, out, stop, watch_timeout).start()

@@ -30,58 +30,123 @@ STATE_DIR = "/run/tencrypt-agent"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--node", default=os.environ.get("NODE_NAME"),
-                   help="this node's name, as in the Pods' spec.nodeName (default: $NODE_NAME)")
-    p.add_argument("--kubeconfig", metavar="FILE",
-                   help="kubeconfig to use (default: in-cluster service account, else "
-                        "$KUBECONFIG or ~/.kube/config)")
-    p.add_argument("--state-dir", default=STATE_DIR,
-                   help=f"keys (0600 in 0700), per-pod logs and records (default: {STATE_DIR})")
-    p.add_argument("--sandbox", default="auto", choices=["auto", "cri", "proc", "annotation"],
-                   help="how to find a pod's sandbox PID: the CRI runtime (crictl), a /proc "
-                        "cgroup scan, auto = cri if crictl and a runtime socket are there, else "
-                        "proc; 'annotation' trusts the pod's tencrypt.io/sandbox-pid annotation "
-                        "(lab and tests only: never on a real cluster)")
-    p.add_argument("--cri-endpoint", metavar="URL",
-                   help="CRI runtime endpoint for crictl (default: the first socket found of "
-                        "containerd, CRI-O, cri-dockerd)")
+    p.add_argument(
+        "--node",
+        default=os.environ.get("NODE_NAME"),
+        help="this node's name, as in the Pods' spec.nodeName (default: $NODE_NAME)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig to use (default: in-cluster service account, else "
+        "$KUBECONFIG or ~/.kube/config)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=STATE_DIR,
+        help=f"keys (0600 in 0700), per-pod logs and records (default: {STATE_DIR})",
+    )
+    p.add_argument(
+        "--sandbox",
+        default="auto",
+        choices=["auto", "cri", "proc", "annotation"],
+        help="how to find a pod's sandbox PID: the CRI runtime (crictl), a /proc "
+        "cgroup scan, auto = cri if crictl and a runtime socket are there, else "
+        "proc; 'annotation' trusts the pod's tencrypt.io/sandbox-pid annotation "
+        "(lab and tests only: never on a real cluster)",
+    )
+    p.add_argument(
+        "--cri-endpoint",
+        metavar="URL",
+        help="CRI runtime endpoint for crictl (default: the first socket found of "
+        "containerd, CRI-O, cri-dockerd)",
+    )
     p.add_argument("--crictl", default="crictl", help="crictl binary (default: crictl on PATH)")
-    p.add_argument("--launcher", metavar="PATH",
-                   help="tencrypt-nsenter.sh (default: the source tree's scripts/, else PATH)")
-    p.add_argument("--tencrypt-bin", metavar="PATH",
-                   help="the tencrypt the launcher runs (default: the one beside this Python, "
-                        "else PATH)")
-    p.add_argument("--setup-args", default="", metavar="WORDS",
-                   help="extra words for `tencrypt setup` in every pod, e.g. "
-                        "\"--service-cidr 10.96.0.0/12\" (TENCRYPT_SETUP_ARGS)")
-    p.add_argument("--setup-state-dir", default="/run/tencrypt", metavar="DIR",
-                   help="where `tencrypt setup` keeps per-namespace state (passed to setup, "
-                        "run and undo in every pod; cleaned up when a pod's namespace vanished "
-                        "before it could be undone; default: /run/tencrypt)")
-    p.add_argument("--no-strict", dest="strict", action="store_false",
-                   help="run the proxies with --no-strict (accept plaintext from the project)")
-    p.add_argument("--proxy-metrics", metavar="ADDR:PORT",
-                   help="each proxy serves Prometheus metrics at this address inside its pod, "
-                        "e.g. 127.0.0.1:9137 (default: off)")
-    p.add_argument("--ready-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a proxy not ready by then is killed and restarted (default: 30)")
-    p.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
-                   help="first delay before restarting a proxy that died; doubles per "
-                        "consecutive failure (default: 1)")
-    p.add_argument("--restart-backoff-max", type=float, default=60.0, metavar="SECONDS",
-                   help="longest delay between restarts (default: 60)")
-    p.add_argument("--on-exit", default="keep", choices=["keep", "unpatch"],
-                   help="on SIGTERM: keep the proxies running for the next agent to adopt "
-                        "(default), or stop them and undo every pod")
-    p.add_argument("--report-namespace", default=os.environ.get("POD_NAMESPACE",
-                                                                 "tencrypt-system"),
-                   help="where to publish the ConfigMap tencrypt-keys-<node> listing the key "
-                        "rings this node's proxies loaded, which `tencrypt key rotate` waits on "
-                        "(default: $POD_NAMESPACE, else tencrypt-system)")
-    p.add_argument("--no-key-report", dest="key_report", action="store_false",
-                   help="do not publish it (a rotation then cannot see this node catch up)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="stderr log level")
+    p.add_argument(
+        "--launcher",
+        metavar="PATH",
+        help="tencrypt-nsenter.sh (default: the source tree's scripts/, else PATH)",
+    )
+    p.add_argument(
+        "--tencrypt-bin",
+        metavar="PATH",
+        help="the tencrypt the launcher runs (default: the one beside this Python, else PATH)",
+    )
+    p.add_argument(
+        "--setup-args",
+        default="",
+        metavar="WORDS",
+        help="extra words for `tencrypt setup` in every pod, e.g. "
+        '"--service-cidr 10.96.0.0/12" (TENCRYPT_SETUP_ARGS)',
+    )
+    p.add_argument(
+        "--setup-state-dir",
+        default="/run/tencrypt",
+        metavar="DIR",
+        help="where `tencrypt setup` keeps per-namespace state (passed to setup, "
+        "run and undo in every pod; cleaned up when a pod's namespace vanished "
+        "before it could be undone; default: /run/tencrypt)",
+    )
+    p.add_argument(
+        "--no-strict",
+        dest="strict",
+        action="store_false",
+        help="run the proxies with --no-strict (accept plaintext from the project)",
+    )
+    p.add_argument(
+        "--proxy-metrics",
+        metavar="ADDR:PORT",
+        help="each proxy serves Prometheus metrics at this address inside its pod, "
+        "e.g. 127.0.0.1:9137 (default: off)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a proxy not ready by then is killed and restarted (default: 30)",
+    )
+    p.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="first delay before restarting a proxy that died; doubles per "
+        "consecutive failure (default: 1)",
+    )
+    p.add_argument(
+        "--restart-backoff-max",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest delay between restarts (default: 60)",
+    )
+    p.add_argument(
+        "--on-exit",
+        default="keep",
+        choices=["keep", "unpatch"],
+        help="on SIGTERM: keep the proxies running for the next agent to adopt "
+        "(default), or stop them and undo every pod",
+    )
+    p.add_argument(
+        "--report-namespace",
+        default=os.environ.get("POD_NAMESPACE", "tencrypt-system"),
+        help="where to publish the ConfigMap tencrypt-keys-<node> listing the key "
+        "rings this node's proxies loaded, which `tencrypt key rotate` waits on "
+        "(default: $POD_NAMESPACE, else tencrypt-system)",
+    )
+    p.add_argument(
+        "--no-key-report",
+        dest="key_report",
+        action="store_false",
+        help="do not publish it (a rotation then cannot see this node catch up)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="stderr log level",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -93,23 +158,35 @@ def main(args: argparse.Namespace) -> int:
     from tencrypt.kube.reflector import WATCH_TIMEOUT
 
     if not args.node:
-        raise UsageError("which node is this? pass --node NAME or set NODE_NAME (the "
-                         "DaemonSet sets it from spec.nodeName)")
+        raise UsageError(
+            "which node is this? pass --node NAME or set NODE_NAME (the "
+            "DaemonSet sets it from spec.nodeName)"
+        )
     if "--state-dir" in shlex.split(args.setup_args):
-        raise UsageError("give setup's state directory as --setup-state-dir DIR, not in "
-                         "--setup-args: the proxies and undos must use the same one")
+        raise UsageError(
+            "give setup's state directory as --setup-state-dir DIR, not in "
+            "--setup-args: the proxies and undos must use the same one"
+        )
     if os.geteuid() != 0:
         raise UsageError("needs root on the node (it enters pod network namespaces)")
     if min(args.restart_backoff, args.restart_backoff_max, args.ready_timeout) <= 0:
-        raise UsageError("--restart-backoff, --restart-backoff-max and --ready-timeout must be "
-                         "positive")
-    supervisor = Supervisor(Path(args.state_dir), launcher(args.launcher),
-                            tencrypt_bin(args.tencrypt_bin), run_args(args),
-                            setup_args=" ".join(shlex.split(args.setup_args)),
-                            setup_state_dir=Path(args.setup_state_dir))
+        raise UsageError(
+            "--restart-backoff, --restart-backoff-max and --ready-timeout must be positive"
+        )
+    supervisor = Supervisor(
+        Path(args.state_dir),
+        launcher(args.launcher),
+        tencrypt_bin(args.tencrypt_bin),
+        run_args(args),
+        setup_args=" ".join(shlex.split(args.setup_args)),
+        setup_state_dir=Path(args.setup_state_dir),
+    )
     resolver = Resolver(args.sandbox, crictl=args.crictl, endpoint=args.cri_endpoint)
-    policy = Policy(ready_timeout=args.ready_timeout, backoff=args.restart_backoff,
-                    backoff_max=args.restart_backoff_max)
+    policy = Policy(
+        ready_timeout=args.ready_timeout,
+        backoff=args.restart_backoff,
+        backoff_max=args.restart_backoff_max,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -123,11 +200,17 @@ def main(args: argparse.Namespace) -> int:
 
         from tencrypt.agent.report import KeyReporter
 
-        reporter = KeyReporter(client.CoreV1Api(api), args.report_namespace, args.node,
-                               Path(args.setup_state_dir))
+        reporter = KeyReporter(
+            client.CoreV1Api(api), args.report_namespace, args.node, Path(args.setup_state_dir)
+        )
     agent = Agent(args.node, supervisor, resolver, policy, reporter=reporter)
-    log.info("node %s: watching %s; sandboxes by %s; state in %s", args.node,
-             api.configuration.host, resolver.mode, args.state_dir)
+    log.info(
+        "node %s: watching %s; sandboxes by %s; state in %s",
+        args.node,
+        api.configuration.host,
+        resolver.mode,
+        args.state_dir,
+    )
     start_reflectors(api, agent.queue, stop, WATCH_TIMEOUT)
     agent.run(stop, unpatch_on_exit=args.on_exit == "unpatch")
     return 0
@@ -142,11 +225,14 @@ def run_args(args: argparse.Namespace) -> list[str]:
 
 def launcher(given: str | None) -> Path:
     source_tree = Path(__file__).resolve().parents[2] / "scripts" / "tencrypt-nsenter.sh"
-    found = given or (str(source_tree) if source_tree.exists() else
-                      shutil.which("tencrypt-nsenter.sh"))
+    found = given or (
+        str(source_tree) if source_tree.exists() else shutil.which("tencrypt-nsenter.sh")
+    )
     if not found or not Path(found).is_file():
-        raise UsageError(f"launcher {found or 'tencrypt-nsenter.sh'} not found: pass --launcher "
-                         "PATH (scripts/tencrypt-nsenter.sh)")
+        raise UsageError(
+            f"launcher {found or 'tencrypt-nsenter.sh'} not found: pass --launcher "
+            "PATH (scripts/tencrypt-nsenter.sh)"
+        )
     return Path(found)
 
 
@@ -154,6 +240,7 @@ def tencrypt_bin(given: str | None) -> Path:
     beside = Path(sys.executable).parent / "tencrypt"
     found = given or (str(beside) if beside.exists() else shutil.which("tencrypt"))
     if not found or not os.access(found, os.X_OK):
-        raise UsageError(f"{found or 'tencrypt'} not found or not executable: pass "
-                         "--tencrypt-bin PATH")
+        raise UsageError(
+            f"{found or 'tencrypt'} not found or not executable: pass --tencrypt-bin PATH"
+        )
     return Path(found)

@@ -55,11 +55,11 @@ class MembersFeed:
 
     def is_current(self, netns: int, members: ProjectMembers | tuple[str, int]) -> bool:
         """True if the file already holds ``members`` (by project and version: no I/O)."""
-        project, version = ((members.project, members.version)
-                            if isinstance(members, ProjectMembers) else members)
+        project, version = (
+            (members.project, members.version) if isinstance(members, ProjectMembers) else members
+        )
         known = self.written.get(netns)
-        return known is not None and known.version == version and \
-            known.members.project == project
+        return known is not None and known.version == version and known.members.project == project
 
     def write(self, netns: int, members: ProjectMembers) -> Members | None:
         """Make the namespace's file say ``members``; the ``Members`` written, or None if the
@@ -67,13 +67,14 @@ class MembersFeed:
         if self.is_current(netns, members):
             return None
         known = self.written.get(netns) or self._read(netns)
-        if known is not None and (known.members.project, known.members.pods,
-                                  known.members.services) == (
-                members.project, members.pods, members.services):
+        if known is not None and (
+            known.members.project,
+            known.members.pods,
+            known.members.services,
+        ) == (members.project, members.pods, members.services):
             self.written[netns] = Written(members.version, known.members)
             return None
-        generation = max(known.members.generation + 1 if known else 1,
-                         int(self.clock() * 1000))
+        generation = max(known.members.generation + 1 if known else 1, int(self.clock() * 1000))
         doc = Members(members.project, generation, members.pods, members.services)
         path = self.path(netns)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -118,8 +118,9 @@ class MemberView:
         services = frozenset().union(*self.services.get(project, {}).values())
         return ProjectMembers(project, self.version(project), pods, services)
 
-    def _on_event(self, table: dict[str, dict[str, frozenset[str]]], event: EventType,
-                  parsed: Named | None) -> None:
+    def _on_event(
+        self, table: dict[str, dict[str, frozenset[str]]], event: EventType, parsed: Named | None
+    ) -> None:
         if parsed is None:
             self.stats.inc(Counter.AGENT_BAD_OBJECT)
             return
@@ -137,8 +138,9 @@ class MemberView:
         if before != names.get(name):
             self._bump(ns)
 
-    def _replace(self, table: dict[str, dict[str, frozenset[str]]], objs: Iterable[Any],
-                 parse: Any) -> None:
+    def _replace(
+        self, table: dict[str, dict[str, frozenset[str]]], objs: Iterable[Any], parse: Any
+    ) -> None:
         old = {ns: dict(names) for ns, names in table.items()}
         table.clear()
         for obj in objs:

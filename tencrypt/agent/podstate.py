@@ -89,25 +89,37 @@ def parse_pod(obj: Any) -> PodInfo | None:
     if not all(isinstance(d, dict) for d in (meta, spec, status)):
         return None
     uid, ns, name = (meta.get(k) for k in ("uid", "namespace", "name"))
-    if not (isinstance(uid, str) and isinstance(ns, str) and isinstance(name, str)
-            and uid and ns and name):
+    if not (
+        isinstance(uid, str)
+        and isinstance(ns, str)
+        and isinstance(name, str)
+        and uid
+        and ns
+        and name
+    ):
         return None
     annotations = meta.get("annotations") or {}
     if not isinstance(annotations, dict):
         return None
-    return PodInfo(uid=uid, namespace=ns, name=name, node=str(spec.get("nodeName") or ""),
-                   ip=_ipv4_pod_ip(status),
-                   phase=str(status.get("phase") or "Pending"),
-                   host_network=spec.get("hostNetwork") is True,
-                   opted_out=str(annotations.get(OPT_OUT_ANNOTATION, "")).lower() == "false",
-                   sandbox_pid=parse_pid(annotations.get(SANDBOX_PID_ANNOTATION)))
+    return PodInfo(
+        uid=uid,
+        namespace=ns,
+        name=name,
+        node=str(spec.get("nodeName") or ""),
+        ip=_ipv4_pod_ip(status),
+        phase=str(status.get("phase") or "Pending"),
+        host_network=spec.get("hostNetwork") is True,
+        opted_out=str(annotations.get(OPT_OUT_ANNOTATION, "")).lower() == "false",
+        sandbox_pid=parse_pid(annotations.get(SANDBOX_PID_ANNOTATION)),
+    )
 
 
 def _ipv4_pod_ip(status: dict[str, Any]) -> str | None:
     """The first IPv4 address of ``podIPs`` (dual-stack pods list both), else ``podIP``."""
     listed = status.get("podIPs")
-    candidates = [e.get("ip") for e in listed if isinstance(e, dict)] if isinstance(
-        listed, list) else []
+    candidates = (
+        [e.get("ip") for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
+    )
     for ip in [*candidates, status.get("podIP")]:
         try:
             if isinstance(ip, str) and ipaddress.ip_address(ip).version == 4:
@@ -167,8 +179,10 @@ class NodeView:
     def replace(self, kind: AgentKind, items: list[Any]) -> None:
         """A fresh list of ``kind``: forget what was known of it, then add every item."""
         known: dict[AgentKind, dict[str, Any]] = {
-            AgentKind.POD: self.pods, AgentKind.NAMESPACE: self.namespaces,
-            AgentKind.SECRET: self.keys}
+            AgentKind.POD: self.pods,
+            AgentKind.NAMESPACE: self.namespaces,
+            AgentKind.SECRET: self.keys,
+        }
         known[kind].clear()
         for obj in items:
             self.on_event(kind, EventType.ADDED, obj)
@@ -182,8 +196,11 @@ class NodeView:
         if kind is AgentKind.SECRET:
             meta = obj.get("metadata") if isinstance(obj, dict) else None
             ns = meta.get("namespace") if isinstance(meta, dict) else None
-            if not isinstance(meta, dict) or not isinstance(ns, str) \
-                    or meta.get("name") != SECRET_NAME:
+            if (
+                not isinstance(meta, dict)
+                or not isinstance(ns, str)
+                or meta.get("name") != SECRET_NAME
+            ):
                 self.stats.inc(Counter.AGENT_BAD_OBJECT)
             elif event is EventType.DELETED:
                 self.keys.pop(ns, None)
@@ -209,10 +226,17 @@ class NodeView:
 
     def wanted(self) -> list[PodInfo]:
         """The pods that should run a proxy now, ordered by namespace and name."""
-        return sorted((p for p in self.pods.values() if self.is_wanted(p)),
-                      key=lambda p: (p.namespace, p.name, p.uid))
+        return sorted(
+            (p for p in self.pods.values() if self.is_wanted(p)),
+            key=lambda p: (p.namespace, p.name, p.uid),
+        )
 
     def is_wanted(self, pod: PodInfo) -> bool:
-        return (pod.node == self.node and self.namespaces.get(pod.namespace, False)
-                and not pod.host_network and pod.ip is not None
-                and pod.phase not in FINISHED_PHASES and not pod.opted_out)
+        return (
+            pod.node == self.node
+            and self.namespaces.get(pod.namespace, False)
+            and not pod.host_network
+            and pod.ip is not None
+            and pod.phase not in FINISHED_PHASES
+            and not pod.opted_out
+        )

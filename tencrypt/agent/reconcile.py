@@ -82,8 +82,17 @@ class Entry:
     @classmethod
     def of(cls, want: Want, phase: Phase, now: float, failures: int = 0) -> Entry:
         assert want.sandbox is not None and want.key_id is not None, "a proxy needs both"
-        return cls(want.uid, want.namespace, want.name, want.sandbox, want.key_id, phase, now,
-                   failures, retry_at=now)
+        return cls(
+            want.uid,
+            want.namespace,
+            want.name,
+            want.sandbox,
+            want.key_id,
+            phase,
+            now,
+            failures,
+            retry_at=now,
+        )
 
     @property
     def want(self) -> Want:
@@ -138,13 +147,17 @@ class Reconciler:
 
     def on_adopted(self, want: Want, phase: Phase, now: float) -> None:
         self.entries[want.uid] = Entry.of(want, phase, now)
-        self.stats.inc(Counter.AGENT_PROXIES_FOUND_DEAD if phase is Phase.DEAD
-                       else Counter.AGENT_PROXIES_ADOPTED)
+        self.stats.inc(
+            Counter.AGENT_PROXIES_FOUND_DEAD
+            if phase is Phase.DEAD
+            else Counter.AGENT_PROXIES_ADOPTED
+        )
 
     def on_started(self, want: Want, now: float) -> None:
         old = self.entries.get(want.uid)
-        self.entries[want.uid] = Entry.of(want, Phase.STARTING, now,
-                                          failures=old.failures if old else 0)
+        self.entries[want.uid] = Entry.of(
+            want, Phase.STARTING, now, failures=old.failures if old else 0
+        )
         self.stats.inc(Counter.AGENT_PROXY_STARTS)
 
     def on_ready(self, uid: str, now: float) -> None:
@@ -189,12 +202,19 @@ class Reconciler:
         if entry.phase is Phase.STARTING and now - entry.since >= self.policy.ready_timeout:
             return Action(Verb.KILL, have, f"not ready after {self.policy.ready_timeout:g}s")
         if entry.phase is Phase.DEAD and now >= entry.retry_at:
-            return Action(Verb.START, replace(have, sandbox=want.sandbox), "restart after exit",
-                          undo_first=True)
+            return Action(
+                Verb.START,
+                replace(have, sandbox=want.sandbox),
+                "restart after exit",
+                undo_first=True,
+            )
         return None
 
     def next_deadline(self) -> float | None:
         """When ``plan`` may next have something to do without any new input."""
-        times = [e.retry_at if e.phase is Phase.DEAD else e.since + self.policy.ready_timeout
-                 for e in self.entries.values() if e.phase is not Phase.READY]
+        times = [
+            e.retry_at if e.phase is Phase.DEAD else e.since + self.policy.ready_timeout
+            for e in self.entries.values()
+            if e.phase is not Phase.READY
+        ]
         return min(times, default=None)

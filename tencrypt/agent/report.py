@@ -37,8 +37,9 @@ from tencrypt.linux.keyfile import read_loaded
 log = logging.getLogger("tencrypt.agent")
 
 
-def node_report(node: str, pods: Iterable[tuple[str, int]], loaded: Callable[[int], str | None],
-                now: float) -> NodeReport:
+def node_report(
+    node: str, pods: Iterable[tuple[str, int]], loaded: Callable[[int], str | None], now: float
+) -> NodeReport:
     """``pods``: (project, netns inode) of every proxy entry; ``loaded``: a netns's ring."""
     projects: dict[str, tuple[int, dict[str, int]]] = {}
     for project, netns in pods:
@@ -50,9 +51,16 @@ def node_report(node: str, pods: Iterable[tuple[str, int]], loaded: Callable[[in
 
 
 class KeyReporter:
-    def __init__(self, api: Any, namespace: str, node: str, setup_state_dir: Path,
-                 clock: Callable[[], float] = time.time, every: float = 1.0,
-                 heartbeat: float = 60.0) -> None:
+    def __init__(
+        self,
+        api: Any,
+        namespace: str,
+        node: str,
+        setup_state_dir: Path,
+        clock: Callable[[], float] = time.time,
+        every: float = 1.0,
+        heartbeat: float = 60.0,
+    ) -> None:
         self.api, self.namespace, self.node = api, namespace, node
         self.name = REPORT_PREFIX + node
         self.setup_state_dir, self.clock = setup_state_dir, clock
@@ -74,18 +82,28 @@ class KeyReporter:
         content = render_report(NodeReport(report.node, 0.0, report.projects))
         if self._sent and self._sent[0] == content and now - self._sent[1] < self.heartbeat:
             return
-        body = {"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": self.name, "namespace": self.namespace,
-                             "labels": dict([REPORT_LABEL])},
-                "data": {REPORT_KEY: render_report(report)}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": dict([REPORT_LABEL]),
+            },
+            "data": {REPORT_KEY: render_report(report)},
+        }
         try:
             self._write(body)
         except Exception as exc:  # noqa: BLE001 - the client's errors have no common type
             problem = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
             if problem != self._problem:
-                log.error("cannot publish the key report ConfigMap %s/%s (%s): `tencrypt key "
-                          "rotate` will wait for this node; retrying", self.namespace,
-                          self.name, getattr(exc, "reason", None) or exc)
+                log.error(
+                    "cannot publish the key report ConfigMap %s/%s (%s): `tencrypt key "
+                    "rotate` will wait for this node; retrying",
+                    self.namespace,
+                    self.name,
+                    getattr(exc, "reason", None) or exc,
+                )
             self._problem = problem
             return
         self._problem, self._sent = None, (content, now)
@@ -95,8 +113,9 @@ class KeyReporter:
         from kubernetes.client.rest import ApiException
 
         try:
-            self.api.replace_namespaced_config_map(self.name, self.namespace, body,
-                                                   _request_timeout=5)
+            self.api.replace_namespaced_config_map(
+                self.name, self.namespace, body, _request_timeout=5
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise

@@ -43,15 +43,25 @@ from tencrypt.logutil import RateLimitedLog
 
 log = logging.getLogger("tencrypt.agent")
 MODES = ("auto", "cri", "proc", "annotation")
-CRI_ENDPOINTS = ("unix:///run/containerd/containerd.sock", "unix:///var/run/crio/crio.sock",
-                 "unix:///var/run/cri-dockerd.sock")
+CRI_ENDPOINTS = (
+    "unix:///run/containerd/containerd.sock",
+    "unix:///var/run/crio/crio.sock",
+    "unix:///var/run/cri-dockerd.sock",
+)
 CRICTL_TIMEOUT = 10.0
 
 
 class Resolver:
-    def __init__(self, mode: str = "auto", *, crictl: str = "crictl",
-                 endpoint: str | None = None, proc: Path = Path("/proc"),
-                 interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        mode: str = "auto",
+        *,
+        crictl: str = "crictl",
+        endpoint: str | None = None,
+        proc: Path = Path("/proc"),
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.proc, self.interval, self.clock = proc, interval, clock
         self.crictl, self.endpoint = crictl, endpoint
         self.mode = self._choose(mode)
@@ -65,7 +75,8 @@ class Resolver:
             return mode
         if shutil.which(self.crictl):
             found = self.endpoint or next(
-                (e for e in CRI_ENDPOINTS if Path(e.removeprefix("unix://")).exists()), None)
+                (e for e in CRI_ENDPOINTS if Path(e.removeprefix("unix://")).exists()), None
+            )
             if found:
                 self.endpoint = found
                 return "cri"
@@ -81,8 +92,7 @@ class Resolver:
 
     def valid(self, sandbox: Sandbox) -> bool:
         """The PID still lives in that namespace, and it is not the node's."""
-        return (sandbox.netns not in self.node_netns
-                and self.netns_of(sandbox.pid) == sandbox.netns)
+        return sandbox.netns not in self.node_netns and self.netns_of(sandbox.pid) == sandbox.netns
 
     # -- resolving --------------------------------------------------------------------------
 
@@ -102,8 +112,12 @@ class Resolver:
                 if sandbox and self.valid(sandbox):
                     self.cache[uid] = sandbox
                 elif sandbox:
-                    self.ratelog.warn(("node-netns", uid), "refusing sandbox pid %d of pod %s: "
-                                      "it is in the node's network namespace", sandbox.pid, uid)
+                    self.ratelog.warn(
+                        ("node-netns", uid),
+                        "refusing sandbox pid %d of pod %s: it is in the node's network namespace",
+                        sandbox.pid,
+                        uid,
+                    )
         return {p.uid: self.cache.get(p.uid) for p in pods}
 
     def _lookup(self, pods: list[PodInfo]) -> dict[str, Sandbox | None]:
@@ -135,16 +149,24 @@ class Resolver:
         return out
 
     def _run_crictl(self, *args: str) -> str:
-        argv = [self.crictl, *(["--runtime-endpoint", self.endpoint] if self.endpoint else []),
-                *args]
+        argv = [
+            self.crictl,
+            *(["--runtime-endpoint", self.endpoint] if self.endpoint else []),
+            *args,
+        ]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=CRICTL_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.ratelog.warn("crictl", "crictl %s failed: %s", args[0], exc)
             return ""
         if proc.returncode != 0:
-            self.ratelog.warn("crictl", "crictl %s failed (%d): %s", args[0], proc.returncode,
-                              proc.stderr.strip()[:300])
+            self.ratelog.warn(
+                "crictl",
+                "crictl %s failed (%d): %s",
+                args[0],
+                proc.returncode,
+                proc.stderr.strip()[:300],
+            )
             return ""
         return proc.stdout
 

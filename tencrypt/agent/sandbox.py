@@ -31,7 +31,9 @@ from tencrypt.agent.reconcile import Sandbox
 _HEX = "[0-9a-f]"
 POD_CGROUP = re.compile(
     rf"pod({_HEX}{{8}}[-_]{_HEX}{{4}}[-_]{_HEX}{{4}}[-_]{_HEX}{{4}}[-_]{_HEX}{{12}})"
-    r"(?:\.slice)?(?=/|$)", re.MULTILINE)
+    r"(?:\.slice)?(?=/|$)",
+    re.MULTILINE,
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,8 +63,9 @@ def parse_proc_stat(text: str) -> tuple[str, int] | None:
 
 def pick_sandbox(procs: Iterable[ProcInfo], node_netns: Collection[int]) -> Sandbox | None:
     """The earliest-started process of a pod outside the node's network namespaces."""
-    candidates = sorted((p for p in procs if p.netns not in node_netns),
-                        key=lambda p: (p.start, p.pid))
+    candidates = sorted(
+        (p for p in procs if p.netns not in node_netns), key=lambda p: (p.start, p.pid)
+    )
     return Sandbox(candidates[0].pid, candidates[0].netns) if candidates else None
 
 
@@ -82,8 +85,11 @@ def parse_crictl_pods(text: str) -> dict[str, str]:
 
 def parse_crictl_ps(text: str) -> list[str]:
     """``crictl ps --pod ID -o json`` → ids of the running containers, oldest first."""
-    running = [(_int(c.get("createdAt")), str(c["id"])) for c in _items(_json(text), "containers")
-               if c.get("state") == "CONTAINER_RUNNING" and c.get("id")]
+    running = [
+        (_int(c.get("createdAt")), str(c["id"]))
+        for c in _items(_json(text), "containers")
+        if c.get("state") == "CONTAINER_RUNNING" and c.get("id")
+    ]
     return [cid for _, cid in sorted(running)]
 
 

@@ -74,18 +74,29 @@ class Record:
 
 
 class Supervisor:
-    def __init__(self, state_dir: Path, launcher: Path, tencrypt_bin: Path,
-                 run_args: list[str], setup_args: str = "",
-                 setup_state_dir: Path = Path("/run/tencrypt"), proc: Path = Path("/proc"),
-                 stop_timeout: float = 10.0, undo_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        launcher: Path,
+        tencrypt_bin: Path,
+        run_args: list[str],
+        setup_args: str = "",
+        setup_state_dir: Path = Path("/run/tencrypt"),
+        proc: Path = Path("/proc"),
+        stop_timeout: float = 10.0,
+        undo_timeout: float = 60.0,
+    ) -> None:
         # setup, run and undo must agree on where setup keeps the pod's state
         self.state_dir, self.launcher = state_dir, launcher
         self.run_args = [*run_args, "--state-dir", str(setup_state_dir)]
         self.keys, self.pods = state_dir / "keys", state_dir / "pods"
         self.setup_state_dir, self.proc = setup_state_dir, proc
         self.stop_timeout, self.undo_timeout = stop_timeout, undo_timeout
-        self.env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin),
-                    "TENCRYPT_SETUP_ARGS": f"--state-dir {setup_state_dir} {setup_args}".strip()}
+        self.env = {
+            **os.environ,
+            "TENCRYPT_BIN": str(tencrypt_bin),
+            "TENCRYPT_SETUP_ARGS": f"--state-dir {setup_state_dir} {setup_args}".strip(),
+        }
         self.env.pop("TENCRYPT_PROJECT_PSK", None)  # the key goes by file, never by environment
         self.feed = MembersFeed(setup_state_dir)
         self.records: dict[str, Record] = {}
@@ -100,8 +111,9 @@ class Supervisor:
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
                 d.chmod(0o700)  # also when it existed, or was made under another umask
         except OSError as exc:
-            raise SetupError(f"cannot prepare the state directory {self.state_dir}: "
-                             f"{exc.strerror}") from exc
+            raise SetupError(
+                f"cannot prepare the state directory {self.state_dir}: {exc.strerror}"
+            ) from exc
         for path in sorted(self.pods.glob("*/record.json")):
             try:
                 rec = Record(**json.loads(path.read_text()))
@@ -145,8 +157,9 @@ class Supervisor:
 
     # -- proxies ----------------------------------------------------------------------------
 
-    def launch(self, want: Want, undo_first: bool = False,
-               members: ProjectMembers | None = None) -> Record | None:
+    def launch(
+        self, want: Want, undo_first: bool = False, members: ProjectMembers | None = None
+    ) -> Record | None:
         """Start the launcher for ``want`` (its project's ``members`` written first); None
         (logged) if it could not even be started."""
         sandbox = want.sandbox
@@ -160,19 +173,39 @@ class Supervisor:
         log_path = pod_dir / "proxy.log"
         if log_path.exists():
             log_path.replace(pod_dir / "proxy.log.1")
-        argv = ["bash", str(self.launcher), str(sandbox.pid), "--",
-                "--psk-file", str(self.key_file(want.namespace)), *self.run_args]
+        argv = [
+            "bash",
+            str(self.launcher),
+            str(sandbox.pid),
+            "--",
+            "--psk-file",
+            str(self.key_file(want.namespace)),
+            *self.run_args,
+        ]
         try:
             with open(log_path, "wb") as out:
-                child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env=self.env)
+                child = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env=self.env,
+                )
         except OSError as exc:
             log.error("%s: cannot start the launcher: %s", want.ref, exc)
             return None
         stat = self._stat(child.pid)
-        rec = Record(want.uid, want.namespace, want.name, sandbox.pid, sandbox.netns,
-                     want.key_id, child.pid, stat[1] if stat else 0)
+        rec = Record(
+            want.uid,
+            want.namespace,
+            want.name,
+            sandbox.pid,
+            sandbox.netns,
+            want.key_id,
+            child.pid,
+            stat[1] if stat else 0,
+        )
         self.children[want.uid], self.records[want.uid] = child, rec
         tmp = pod_dir / "record.json.tmp"
         tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
@@ -184,13 +217,22 @@ class Supervisor:
         try:
             written = self.feed.write(sandbox.netns, members)
         except OSError as exc:
-            log.error("%s: cannot write its membership file %s: %s", ref,
-                      self.feed.path(sandbox.netns), exc.strerror or exc)
+            log.error(
+                "%s: cannot write its membership file %s: %s",
+                ref,
+                self.feed.path(sandbox.netns),
+                exc.strerror or exc,
+            )
             return False
         if written is not None:
-            log.debug("%s: members of %s: %d pod IPs, %d Service IPs (generation %d)", ref,
-                      written.project, len(written.pods), len(written.services),
-                      written.generation)
+            log.debug(
+                "%s: members of %s: %d pod IPs, %d Service IPs (generation %d)",
+                ref,
+                written.project,
+                len(written.pods),
+                len(written.services),
+                written.generation,
+            )
         return True
 
     def alive(self, uid: str) -> bool:
@@ -228,8 +270,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             self.signal(uid, sig)
             try:
-                netns.wait_for(lambda: not self.alive(uid), timeout=self.stop_timeout,
-                               what=f"the proxy of pod {uid} to exit")
+                netns.wait_for(
+                    lambda: not self.alive(uid),
+                    timeout=self.stop_timeout,
+                    what=f"the proxy of pod {uid} to exit",
+                )
                 return sig == signal.SIGTERM
             except SetupError:
                 log.warning("pod %s: the proxy ignored %s", uid, sig.name)
@@ -245,14 +290,19 @@ class Supervisor:
             return True
         argv = ["bash", str(self.launcher), str(sandbox.pid), "--undo"]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, env=self.env,
-                                  timeout=self.undo_timeout)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, env=self.env, timeout=self.undo_timeout
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.error("undo in sandbox pid %d failed: %s", sandbox.pid, exc)
             return False
         if proc.returncode != 0:
-            log.error("undo in sandbox pid %d failed (%d): %s", sandbox.pid, proc.returncode,
-                      (proc.stderr.strip() or proc.stdout.strip())[-500:])
+            log.error(
+                "undo in sandbox pid %d failed (%d): %s",
+                sandbox.pid,
+                proc.returncode,
+                (proc.stderr.strip() or proc.stdout.strip())[-500:],
+            )
             return False
         self.feed.remove(sandbox.netns)  # after setup's state: the proxy read it to the end
         return True

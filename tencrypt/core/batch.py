@@ -94,6 +94,7 @@ class Coalesced(NamedTuple):
 
 # --- virtio-net header --------------------------------------------------------------------------
 
+
 def parse_vnet_hdr(frame: Buffer) -> VnetHdr | None:
     """The virtio-net header at the start of ``frame``; None if the frame is shorter."""
     if len(frame) < VNET_HDR_LEN:
@@ -102,8 +103,9 @@ def parse_vnet_hdr(frame: Buffer) -> VnetHdr | None:
 
 
 def build_vnet_hdr(hdr: VnetHdr) -> bytes:
-    return _VNET.pack(hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start,
-                      hdr.csum_offset)
+    return _VNET.pack(
+        hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start, hdr.csum_offset
+    )
 
 
 def build_gso_vnet_hdr(packet: Buffer, gso_size: int) -> bytes:
@@ -117,8 +119,14 @@ def build_gso_vnet_hdr(packet: Buffer, gso_size: int) -> bytes:
         return bytes(VNET_HDR_LEN)
     ihl = (packet[0] & 0x0F) << 2
     thl = (packet[ihl + 12] >> 4) << 2 if len(packet) >= ihl + 13 else 20
-    return _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, ihl + thl, gso_size,
-                      ihl, TCP_CSUM_OFFSET)
+    return _VNET.pack(
+        VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        VIRTIO_NET_HDR_GSO_TCPV4,
+        ihl + thl,
+        gso_size,
+        ihl,
+        TCP_CSUM_OFFSET,
+    )
 
 
 def rewrite_partial_csum(pkt: bytearray | memoryview) -> None:
@@ -131,6 +139,7 @@ def rewrite_partial_csum(pkt: bytearray | memoryview) -> None:
 
 
 # --- checksums (RFC 1071), modulo 0xFFFF --------------------------------------------------------
+
 
 def ones_sum(buf: Buffer, start: int, end: int) -> int:
     """Big-endian ones' complement sum of ``buf[start:end]``, modulo 0xFFFF (odd end zero-padded).
@@ -146,7 +155,7 @@ def ones_sum(buf: Buffer, start: int, end: int) -> int:
 
     words = n >> 2
     le = int(np.frombuffer(buf, dtype="<u4", count=words, offset=start).sum(dtype=np.uint64))
-    tail = int.from_bytes(bytes(buf[start + 4 * words:end]).ljust(4, b"\0"), "little")
+    tail = int.from_bytes(bytes(buf[start + 4 * words : end]).ljust(4, b"\0"), "little")
     return ((le + tail) % _M) * 256 % _M  # little-endian sum x 256 = big-endian sum
 
 
@@ -157,8 +166,10 @@ def csum_field(total: int) -> int:
 
 # --- split --------------------------------------------------------------------------------------
 
-def split_tcp_batch(frame: Buffer, stats: Stats, out: bytearray | None = None,
-                    segment: Segmenter | None = None) -> list[memoryview]:
+
+def split_tcp_batch(
+    frame: Buffer, stats: Stats, out: bytearray | None = None, segment: Segmenter | None = None
+) -> list[memoryview]:
     """The IPv4 packets of one frame read from tenc0 with a virtio-net header (rules 2-5).
 
     A TSO super-packet becomes its ``gso_size`` segments; any other IPv4 packet comes back as
@@ -182,8 +193,9 @@ def split_tcp_batch(frame: Buffer, stats: Stats, out: bytearray | None = None,
     if kind == VIRTIO_NET_HDR_GSO_NONE:
         return _complete(pkt[:total], proto, flags, csum_start, csum_offset, stats)
     if kind != VIRTIO_NET_HDR_GSO_TCPV4 or proto != TCP or frag & 0x3FFF or gso_size == 0:
-        stats.drop(DropReason.NOT_IPV4 if kind == VIRTIO_NET_HDR_GSO_TCPV6
-                   else DropReason.MALFORMED_PACKET)
+        stats.drop(
+            DropReason.NOT_IPV4 if kind == VIRTIO_NET_HDR_GSO_TCPV6 else DropReason.MALFORMED_PACKET
+        )
         return []
     if total < ihl + 20 or not 20 <= (pkt[ihl + 12] >> 4) << 2 <= total - ihl:
         stats.drop(DropReason.MALFORMED_PACKET)
@@ -191,8 +203,9 @@ def split_tcp_batch(frame: Buffer, stats: Stats, out: bytearray | None = None,
     return _segment(pkt, ihl, (pkt[ihl + 12] >> 4) << 2, total, gso_size, out, segment)
 
 
-def _complete(pkt: memoryview, proto: int, flags: int, start: int, offset: int,
-              stats: Stats) -> list[memoryview]:
+def _complete(
+    pkt: memoryview, proto: int, flags: int, start: int, offset: int, stats: Stats
+) -> list[memoryview]:
     """One packet, writable; its checksum completed when NEEDS_CSUM asks (skb_checksum_help)."""
     if pkt.readonly:
         pkt = memoryview(bytearray(pkt))
@@ -208,8 +221,15 @@ def _complete(pkt: memoryview, proto: int, flags: int, start: int, offset: int,
     return [pkt]
 
 
-def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
-             out: bytearray | None, segment: Segmenter | None = None) -> list[memoryview]:
+def _segment(
+    pkt: memoryview,
+    ihl: int,
+    thl: int,
+    total: int,
+    mss: int,
+    out: bytearray | None,
+    segment: Segmenter | None = None,
+) -> list[memoryview]:
     """Vectorised segmentation (rules 2-4). Inlined on purpose: each NumPy call costs ~1 µs.
     NumPy is imported on first use: a compiled ``segment`` leaves it unloaded (memory)."""
     hlen = ihl + thl
@@ -221,8 +241,8 @@ def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
     if segment is not None and out is not None and len(out) >= size:
         stride = segment(pkt, ihl, thl, total, mss, out)
         view = memoryview(out)
-        cut = [view[i * stride:i * stride + hlen + mss] for i in range(n - 1)]
-        cut.append(view[(n - 1) * stride:(n - 1) * stride + hlen + last])
+        cut = [view[i * stride : i * stride + hlen + mss] for i in range(n - 1)]
+        cut.append(view[(n - 1) * stride : (n - 1) * stride + hlen + last])
         return cut
     import numpy as np
 
@@ -236,24 +256,24 @@ def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
     head = bytearray(pkt[:hlen])
     flags = head[ihl + 13]
     _U16.pack_into(head, 2, hlen + mss)
-    head[10:12] = head[ihl + 16:ihl + 18] = b"\0\0"
+    head[10:12] = head[ihl + 16 : ihl + 18] = b"\0\0"
     head[ihl + 13] = flags & ~(FIN | PSH | CWR)
     rows[:, :hlen] = np.frombuffer(head, dtype=np.uint8)
     # 2. payload, mss bytes a row; zero padding so the row sums see nothing else
     body = np.frombuffer(pkt, dtype=np.uint8, count=payload, offset=hlen)
     full = n - 1
     if full:
-        rows[:full, hlen:hlen + mss] = body[:full * mss].reshape(full, mss)
-    rows[full, hlen:hlen + last] = body[full * mss:]
+        rows[:full, hlen : hlen + mss] = body[: full * mss].reshape(full, mss)
+    rows[full, hlen : hlen + last] = body[full * mss :]
     if out is not None:
-        rows[:, hlen + mss:] = 0
-    rows[full, hlen + last:] = 0
+        rows[:, hlen + mss :] = 0
+    rows[full, hlen + last :] = 0
     # 3. per-row fields: IP id, TCP seq; the first and last rows' flags and the last's length
     be16 = rows.view(">u2")
     ident = int(_U16.unpack_from(pkt, 4)[0])
     ids = np.arange(ident, ident + n, dtype=np.int64) & 0xFFFF
     be16[:, 2] = ids
-    seq0 = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
+    seq0 = int.from_bytes(pkt[ihl + 4 : ihl + 8], "big")
     seqs = np.arange(n, dtype=np.int64) * mss + seq0
     be16[:, (ihl >> 1) + 2] = (seqs >> 16) & 0xFFFF
     be16[:, (ihl >> 1) + 3] = seqs & 0xFFFF
@@ -266,19 +286,20 @@ def _segment(pkt: memoryview, ihl: int, thl: int, total: int, mss: int,
     ip_ck = -(ids + ip_base) % _M
     ip_ck[full] = csum_field(ip_base + int(ids[full]) + last - mss)
     be16[:, 5] = ip_ck
-    le = rows.view("<u4")[:, ihl >> 2:].sum(axis=1, dtype=np.uint64)
+    le = rows.view("<u4")[:, ihl >> 2 :].sum(axis=1, dtype=np.uint64)
     src, dst = _IP.unpack_from(pkt, 0)[7:9]
     pseudo = pseudo_sum(src, dst, TCP, thl + mss)
     tcp = (le % _M) * 256 + pseudo
     tcp[full] += last - mss + _M
     be16[:, (ihl >> 1) + 8] = (-tcp.astype(np.int64)) % _M
     view = memoryview(buf)
-    segments = [view[i * stride:i * stride + hlen + mss] for i in range(full)]
-    segments.append(view[full * stride:full * stride + hlen + last])
+    segments = [view[i * stride : i * stride + hlen + mss] for i in range(full)]
+    segments.append(view[full * stride : full * stride + hlen + last])
     return segments
 
 
 # --- coalesce -----------------------------------------------------------------------------------
+
 
 def coalesce_batch(packets: Sequence[Buffer], *, partial: bool = False) -> list[Coalesced]:
     """Merge runs of consecutive segments of one TCP flow into super-packets (rule 6).
@@ -297,8 +318,13 @@ def coalesce_batch(packets: Sequence[Buffer], *, partial: bool = False) -> list[
         if run and len(pkt) > hlen and int.from_bytes(pkt[:hlen], "big") & mask == key:
             total, seq, flags = fields.unpack_from(pkt, 0)
             plen = total - hlen
-            if (seq == next_seq and 0 < plen <= mss and plen <= room and total <= len(pkt)
-                    and flags & ~(PSH | FIN) == open_flags):
+            if (
+                seq == next_seq
+                and 0 < plen <= mss
+                and plen <= room
+                and total <= len(pkt)
+                and flags & ~(PSH | FIN) == open_flags
+            ):
                 run.append(pkt[hlen:total])
                 next_seq = (seq + plen) & 0xFFFFFFFF
                 room -= plen
@@ -322,7 +348,7 @@ def coalesce_batch(packets: Sequence[Buffer], *, partial: bool = False) -> list[
         mask = _key_mask(ihl, hlen)
         key = int.from_bytes(pkt[:hlen], "big") & mask
         head = pkt
-        run = [pkt[:hlen + mss]]
+        run = [pkt[: hlen + mss]]
         next_seq = (seq + mss) & 0xFFFFFFFF
         room = IP_MAX - hlen - mss
         open_flags = flags & ~CWR
@@ -342,7 +368,7 @@ def _key_mask(ihl: int, hlen: int) -> int:
     if mask is None:
         keep = bytearray(b"\xff" * hlen)
         for at, size in ((2, 4), (10, 2), (ihl + 4, 4), (ihl + 13, 1), (ihl + 16, 2)):
-            keep[at:at + size] = bytes(size)
+            keep[at : at + size] = bytes(size)
         mask = _MASKS[(ihl, hlen)] = int.from_bytes(keep, "big")
     return mask
 
@@ -361,11 +387,10 @@ def _run_start(pkt: Buffer) -> tuple[int, int, int, int] | None:
     flags = pkt[ihl + 13]
     if not ihl + 20 <= hlen < total or flags & (SYN | RST | URG):
         return None
-    return hlen, total - hlen, int.from_bytes(pkt[ihl + 4:ihl + 8], "big"), flags
+    return hlen, total - hlen, int.from_bytes(pkt[ihl + 4 : ihl + 8], "big"), flags
 
 
-def _merge(head: Buffer, run: list[Buffer], mss: int, last_flags: int,
-           partial: bool) -> Coalesced:
+def _merge(head: Buffer, run: list[Buffer], mss: int, last_flags: int, partial: bool) -> Coalesced:
     """One packet from the run's pieces: the head's headers and payload, then the payloads."""
     if len(run) == 1:
         return Coalesced(head, 0)
@@ -374,7 +399,7 @@ def _merge(head: Buffer, run: list[Buffer], mss: int, last_flags: int,
     ihl = (buf[0] & 0x0F) << 2
     buf[ihl + 13] |= last_flags & (PSH | FIN)
     _U16.pack_into(buf, 2, total)
-    buf[10:12] = buf[ihl + 16:ihl + 18] = b"\0\0"
+    buf[10:12] = buf[ihl + 16 : ihl + 18] = b"\0\0"
     _U16.pack_into(buf, 10, csum_field(ones_sum(buf, 0, ihl)))
     src, dst = _IP.unpack_from(buf, 0)[7:9]
     pseudo = pseudo_sum(src, dst, TCP, total - ihl)

@@ -78,7 +78,7 @@ def labels_of(name: DNSLabel | str) -> Labels:
 
 
 def _under(name: Labels, domain: Labels) -> bool:
-    return len(name) >= len(domain) and name[len(name) - len(domain):] == domain
+    return len(name) >= len(domain) and name[len(name) - len(domain) :] == domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +156,11 @@ def _merge(a: tuple[AddrClass, int] | None, b: tuple[AddrClass, int]) -> tuple[A
 
 def _chain(record: DNSRecord, qname: Labels) -> dict[Labels, int]:
     """Names reachable from ``qname`` through the answer's CNAMEs, with the smallest TTL to each."""
-    cnames = {labels_of(rr.rname): (labels_of(rr.rdata.label), rr.ttl)
-              for rr in record.rr if rr.rtype == QTYPE.CNAME}
+    cnames = {
+        labels_of(rr.rname): (labels_of(rr.rdata.label), rr.ttl)
+        for rr in record.rr
+        if rr.rtype == QTYPE.CNAME
+    }
     chain = {qname: 1 << 31}
     name, ttl = qname, 1 << 31
     for _ in range(MAX_CHAIN):
@@ -307,8 +310,9 @@ class ClassTable:
         for ip in [ip for ip, until in self._unknown.items() if until <= now]:
             del self._unknown[ip]
         if len(self._heap) > 4 * len(self._entries) + 64:  # mostly superseded heap items
-            self._heap = [(e.expires(), ip) for ip, e in self._entries.items()
-                          if e.expires() < NEVER]
+            self._heap = [
+                (e.expires(), ip) for ip, e in self._entries.items() if e.expires() < NEVER
+            ]
             heapq.heapify(self._heap)
         return changes
 
@@ -378,8 +382,9 @@ def route_action(ip: str, cls: AddrClass | None, service_cidr: str) -> RouteActi
     return RouteAction.VIA_UPLINK if inside else RouteAction.NONE
 
 
-def plan_routes(changes: Sequence[Change], service_cidr: str,
-                keep: frozenset[str] = frozenset()) -> list[tuple[str, RouteAction]]:
+def plan_routes(
+    changes: Sequence[Change], service_cidr: str, keep: frozenset[str] = frozenset()
+) -> list[tuple[str, RouteAction]]:
     """What to do per changed address: ``(ip, VIA_TUN|VIA_UPLINK)`` = ensure that /32,
     ``(ip, NONE)`` = remove the /32 it had. Addresses in ``keep`` (the pod's own IP, its
     gateway, the cluster DNS server, whose routes setup owns) are never touched."""

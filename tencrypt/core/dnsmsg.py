@@ -155,8 +155,9 @@ def check_query(data: bytes, stats: Stats) -> tuple[Parsed | None, QueryOutcome 
         return None, QueryOutcome(QueryVerdict.DROP)
     if parsed.record is None or parsed.question is None or parsed.header.q != 1:
         stats.drop(DropReason.DNS_MALFORMED_QUERY)
-        return None, QueryOutcome(QueryVerdict.REPLY,
-                                  build_error(parsed.header, None, RCODE.FORMERR))
+        return None, QueryOutcome(
+            QueryVerdict.REPLY, build_error(parsed.header, None, RCODE.FORMERR)
+        )
     return parsed, None
 
 
@@ -187,8 +188,9 @@ class PendingTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def on_query(self, data: bytes, client: object, now: float,
-                 cache: bool = False) -> QueryOutcome:
+    def on_query(
+        self, data: bytes, client: object, now: float, cache: bool = False
+    ) -> QueryOutcome:
         """A client's query: forward it under a fresh ID, or answer it ourselves (rules 1,3,5),
         from the cache when ``cache`` (rule 7)."""
         parsed, refused = check_query(data, self.stats)
@@ -203,11 +205,17 @@ class PendingTable:
         upstream_id = self._free_id()
         if upstream_id is None:
             self.stats.drop(DropReason.DNS_TOO_MANY_PENDING)
-            return QueryOutcome(QueryVerdict.REPLY,
-                                build_error(parsed.header, parsed.question, RCODE.SERVFAIL))
-        self._by_id[upstream_id] = Pending(client, parsed.header.id, parsed.header,
-                                           parsed.question, now + self.timeout,
-                                           parsed if use_cache else None)
+            return QueryOutcome(
+                QueryVerdict.REPLY, build_error(parsed.header, parsed.question, RCODE.SERVFAIL)
+            )
+        self._by_id[upstream_id] = Pending(
+            client,
+            parsed.header.id,
+            parsed.header,
+            parsed.question,
+            now + self.timeout,
+            parsed if use_cache else None,
+        )
         self.stats.inc(Counter.DNS_QUERIES)
         return QueryOutcome(QueryVerdict.FORWARD, rewrite_id(data, upstream_id))
 
@@ -233,8 +241,9 @@ class PendingTable:
             # The ID and question match but the rest is unreadable: the client gets an error
             # it can act on rather than bytes that we could not classify.
             self.stats.drop(DropReason.DNS_MALFORMED_ANSWER)
-            return Answered(pending.client,
-                            build_error(pending.header, pending.question, RCODE.SERVFAIL), None)
+            return Answered(
+                pending.client, build_error(pending.header, pending.question, RCODE.SERVFAIL), None
+            )
         self.stats.inc(Counter.DNS_ANSWERS)
         if self.cache is not None and pending.query is not None and now is not None:
             self.cache.store(pending.query, data, parsed.record, now)
@@ -249,8 +258,9 @@ class PendingTable:
                 break
             del self._by_id[upstream_id]
             self.stats.drop(DropReason.DNS_UPSTREAM_TIMEOUT)
-            expired.append((pending.client,
-                            build_error(pending.header, pending.question, RCODE.SERVFAIL)))
+            expired.append(
+                (pending.client, build_error(pending.header, pending.question, RCODE.SERVFAIL))
+            )
         return expired
 
     def next_deadline(self) -> float | None:
@@ -281,11 +291,26 @@ def check_answer(query: Parsed, data: bytes) -> tuple[Parsed | None, bool]:
     if parsed is None or not parsed.header.qr or parsed.header.id != query.header.id:
         return parsed, False
     if parsed.question is None or query.question is None:
-        return parsed, (parsed.question is None and parsed.header.q == 0
-                        and parsed.header.rcode != RCODE.NOERROR)
+        return parsed, (
+            parsed.question is None
+            and parsed.header.q == 0
+            and parsed.header.rcode != RCODE.NOERROR
+        )
     return parsed, question_key(parsed.question) == question_key(query.question)
 
 
-__all__ = ["Answered", "Parsed", "Pending", "PendingTable", "QueryOutcome",
-           "QueryVerdict", "build_error", "build_servfail", "check_answer", "check_query", "parse_message",
-           "question_key", "rewrite_id"]
+__all__ = [
+    "Answered",
+    "Parsed",
+    "Pending",
+    "PendingTable",
+    "QueryOutcome",
+    "QueryVerdict",
+    "build_error",
+    "build_servfail",
+    "check_answer",
+    "check_query",
+    "parse_message",
+    "question_key",
+    "rewrite_id",
+]

@@ -66,11 +66,16 @@ class Desired:
 
     def plan(self) -> Plan:
         """Rule 3: what the next round does."""
-        routes = tuple((ip, a) for ip, a in self.want_routes.items()
-                       if self.applied_routes.get(ip) is not a)
+        routes = tuple(
+            (ip, a) for ip, a in self.want_routes.items() if self.applied_routes.get(ip) is not a
+        )
         unroutes = tuple(ip for ip in self.applied_routes if ip not in self.want_routes)
-        return Plan(routes, unroutes, tuple(self.want_elements - self.applied_elements),
-                    tuple(self.applied_elements - self.want_elements))
+        return Plan(
+            routes,
+            unroutes,
+            tuple(self.want_elements - self.applied_elements),
+            tuple(self.applied_elements - self.want_elements),
+        )
 
     def route_done(self, ip: str, action: RouteAction | None) -> None:
         if action is None:

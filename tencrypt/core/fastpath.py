@@ -52,14 +52,26 @@ _HEADER = struct.Struct("<IIQ")
 _NONCE_PAD = b"\x00\x00\x00\x00"
 
 # The fields of ``open_batch``'s counts tuple, in order.
-COUNTS = ("authenticated", "keepalives", "expired", "replay", "bad_tag", "not_ipv4",
-          "bad_source", "bytes_opened")
+COUNTS = (
+    "authenticated",
+    "keepalives",
+    "expired",
+    "replay",
+    "bad_tag",
+    "not_ipv4",
+    "bad_source",
+    "bytes_opened",
+)
 AUTHENTICATED, KEEPALIVES, EXPIRED, REPLAY, BAD_TAG, NOT_IPV4, BAD_SOURCE, BYTES_OPENED = range(8)
 
 OpenResult = tuple[int, list[bytes], tuple[int, ...]]
-_DROPS = ((EXPIRED, DropReason.EXPIRED_SESSION), (REPLAY, DropReason.REPLAY),
-          (BAD_TAG, DropReason.BAD_TAG), (NOT_IPV4, DropReason.NOT_IPV4),
-          (BAD_SOURCE, DropReason.BAD_SOURCE))
+_DROPS = (
+    (EXPIRED, DropReason.EXPIRED_SESSION),
+    (REPLAY, DropReason.REPLAY),
+    (BAD_TAG, DropReason.BAD_TAG),
+    (NOT_IPV4, DropReason.NOT_IPV4),
+    (BAD_SOURCE, DropReason.BAD_SOURCE),
+)
 
 
 class Backend(Protocol):
@@ -67,20 +79,29 @@ class Backend(Protocol):
 
     NAME: str
 
-    def seal_batch(self, key: bytes, receiver_index: int, counter: int,
-                   packets: Sequence[Buffer]) -> bytes: ...
+    def seal_batch(
+        self, key: bytes, receiver_index: int, counter: int, packets: Sequence[Buffer]
+    ) -> bytes: ...
 
-    def open_batch(self, key: bytes, receiver_index: int, limit: int, window: ReplayWindow,
-                   allowed: bytes, datagrams: Sequence[Buffer], start: int) -> OpenResult: ...
+    def open_batch(
+        self,
+        key: bytes,
+        receiver_index: int,
+        limit: int,
+        window: ReplayWindow,
+        allowed: bytes,
+        datagrams: Sequence[Buffer],
+        start: int,
+    ) -> OpenResult: ...
 
-    def segment(self, packet: Buffer, ihl: int, thl: int, total: int, mss: int,
-                out: bytearray) -> int: ...
+    def segment(
+        self, packet: Buffer, ihl: int, thl: int, total: int, mss: int, out: bytearray
+    ) -> int: ...
 
     def coalesce(self, packets: Sequence[Buffer], partial: bool) -> list[tuple[Buffer, int]]: ...
 
 
-def seal_batch(key: bytes, receiver_index: int, counter: int,
-               packets: Sequence[Buffer]) -> bytes:
+def seal_batch(key: bytes, receiver_index: int, counter: int, packets: Sequence[Buffer]) -> bytes:
     """Rule 1."""
     aead = ChaCha20Poly1305(key)
     pack = _HEADER.pack
@@ -93,11 +114,18 @@ def seal_batch(key: bytes, receiver_index: int, counter: int,
     return b"".join(parts)
 
 
-def open_batch(key: bytes, receiver_index: int, limit: int, window: ReplayWindow,
-               allowed: bytes, datagrams: Sequence[Buffer], start: int) -> OpenResult:
+def open_batch(
+    key: bytes,
+    receiver_index: int,
+    limit: int,
+    window: ReplayWindow,
+    allowed: bytes,
+    datagrams: Sequence[Buffer],
+    start: int,
+) -> OpenResult:
     """Rule 2: ``(stop, packets, counts)``; ``counts`` in the order of ``COUNTS``."""
     aead = ChaCha20Poly1305(key)
-    sources = {bytes(allowed[i:i + 4]) for i in range(0, len(allowed) - 3, 4)}
+    sources = {bytes(allowed[i : i + 4]) for i in range(0, len(allowed) - 3, 4)}
     counts = [0] * len(COUNTS)
     packets: list[bytes] = []
     i = start

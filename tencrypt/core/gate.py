@@ -79,13 +79,14 @@ class Gate:
             return DropReason.HANDSHAKE_BUDGET
         return None
 
-    def initiation(self, datagram: Buffer, source_ip: str, now: float,
-                   wall: float) -> Initiation | DropReason:
+    def initiation(
+        self, datagram: Buffer, source_ip: str, now: float, wall: float
+    ) -> Initiation | DropReason:
         """Stages 1-6: the authenticated initiation (with its key), or why it was refused."""
         key = self.envelope(datagram, wire.INITIATION_LEN)
         if isinstance(key, DropReason):
             return key
-        if self.seen.seen(bytes(datagram[-wire.MAC_LEN:]), int(wall * 1e9)):
+        if self.seen.seen(bytes(datagram[-wire.MAC_LEN :]), int(wall * 1e9)):
             return DropReason.HANDSHAKE_REPLAY
         reason = self.admit(source_ip, now)
         if reason is not None:
@@ -97,8 +98,9 @@ class Gate:
         wall_ns = int(wall * 1e9)
         if init.unix_ns > wall_ns + int(limits.initiation_max_skew * 1e9):
             return DropReason.FUTURE_HANDSHAKE
-        if not self.stamps.fresh(init.pod_ip, init.unix_ns, wall_ns,
-                                 int(limits.initiation_max_age * 1e9)):
+        if not self.stamps.fresh(
+            init.pod_ip, init.unix_ns, wall_ns, int(limits.initiation_max_age * 1e9)
+        ):
             return DropReason.STALE_HANDSHAKE
         return init
 

@@ -77,8 +77,9 @@ def _premixed(psk: bytes, initiator: bool, keygen: Keygen) -> HandshakeState:
     return state
 
 
-def build_initiation(templates: Templates, sender_index: int, unix_ns: int,
-                     pod_ip: bytes) -> tuple[HandshakeState, bytes]:
+def build_initiation(
+    templates: Templates, sender_index: int, unix_ns: int, pod_ip: bytes
+) -> tuple[HandshakeState, bytes]:
     """Message 1 (``psk, e``) with its mac1, and the initiator's state awaiting the response."""
     state = templates.initiator.clone()
     payload = wire.build_initiation_payload(sender_index, unix_ns, pod_ip)
@@ -101,8 +102,9 @@ def read_initiation(templates: Templates, datagram: wire.Buffer) -> Initiation |
     return Initiation(state, *fields, templates)
 
 
-def build_response(initiation: Initiation, sender_index: int, pod_ip: bytes,
-                   mac_key: bytes) -> tuple[bytes, Keys] | None:
+def build_response(
+    initiation: Initiation, sender_index: int, pod_ip: bytes, mac_key: bytes
+) -> tuple[bytes, Keys] | None:
     """Message 2 (``e, ee``) with its mac1 and the responder's session keys; None on a bad
     key."""
     state = initiation.state
@@ -113,8 +115,7 @@ def build_response(initiation: Initiation, sender_index: int, pod_ip: bytes,
     return wire.build_response(initiation.sender_index, message, mac_key), _keys(state)
 
 
-def read_response(state: HandshakeState,
-                  noise_message: bytes) -> tuple[int, bytes, Keys] | None:
+def read_response(state: HandshakeState, noise_message: bytes) -> tuple[int, bytes, Keys] | None:
     """``(responder_index, responder_pod_ip, keys)``; None (state untouched) if it fails."""
     payload = state.read_message(noise_message)
     if payload is None:
@@ -235,8 +236,11 @@ class HandshakeLimiter:
         return True
 
     def prune(self, now: float) -> None:
-        self._buckets = {src: (tokens, at) for src, (tokens, at) in self._buckets.items()
-                         if tokens + (now - at) * self.rate < self.burst}
+        self._buckets = {
+            src: (tokens, at)
+            for src, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self.rate < self.burst
+        }
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -83,9 +83,16 @@ class ClaimPolicy:
             ip = ipaddress.IPv4Address(claimed_ip)
         except ValueError:
             return DropReason.CLAIM_RESERVED
-        if (ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved
-                or ip == _BROADCAST or ip in _LINK_LOCAL or claimed_ip == self.self_ip
-                or claimed_ip in self.reserved):
+        if (
+            ip.is_unspecified
+            or ip.is_loopback
+            or ip.is_multicast
+            or ip.is_reserved
+            or ip == _BROADCAST
+            or ip in _LINK_LOCAL
+            or claimed_ip == self.self_ip
+            or claimed_ip in self.reserved
+        ):
             return DropReason.CLAIM_RESERVED
         if ip in self._service:
             return DropReason.CLAIM_SERVICE_IP
@@ -109,8 +116,14 @@ def claimable(packed: bytes, self_packed: bytes) -> str | None:
     """The baseline for every tunnel, with or without a policy: a claimed address that is not
     this pod, unspecified, loopback, multicast, reserved or broadcast, as a string."""
     ip = ipaddress.IPv4Address(packed)
-    if (packed == self_packed or ip.is_unspecified or ip.is_loopback or ip.is_multicast
-            or ip.is_reserved or packed == b"\xff\xff\xff\xff"):
+    if (
+        packed == self_packed
+        or ip.is_unspecified
+        or ip.is_loopback
+        or ip.is_multicast
+        or ip.is_reserved
+        or packed == b"\xff\xff\xff\xff"
+    ):
         return None
     return str(ip)
 
@@ -120,13 +133,24 @@ def live_elsewhere(peer: Peer, addr: Endpoint, now: float, limits: Limits) -> bo
     return peer.confirmed and peer.endpoint != addr and usable(peer.current, now, limits)
 
 
-def response_name(policy: ClaimPolicy, by_addr: Mapping[str, Peer], peer: Peer, claimed: str,
-                  addr: Endpoint, now: float, limits: Limits) -> str | DropReason:
+def response_name(
+    policy: ClaimPolicy,
+    by_addr: Mapping[str, Peer],
+    peer: Peer,
+    claimed: str,
+    addr: Endpoint,
+    now: float,
+    limits: Limits,
+) -> str | DropReason:
     """Rule 7: the address a response lets ``peer`` be known by (the claimed pod IP, or the
     VIP it answered through), or why the claim is refused."""
     source = addr[0]
-    via_vip = (policy.bind_to_source and source != claimed and source == peer.endpoint[0]
-               and policy.is_service_ip(source))
+    via_vip = (
+        policy.bind_to_source
+        and source != claimed
+        and source == peer.endpoint[0]
+        and policy.is_service_ip(source)
+    )
     reason = policy.check(claimed, claimed if via_vip else source)
     if reason is not None:
         return reason
@@ -140,8 +164,9 @@ def response_name(policy: ClaimPolicy, by_addr: Mapping[str, Peer], peer: Peer, 
     return name
 
 
-def initiation_name(policy: ClaimPolicy, by_addr: Mapping[str, Peer], claimed: str,
-                    addr: Endpoint) -> str:
+def initiation_name(
+    policy: ClaimPolicy, by_addr: Mapping[str, Peer], claimed: str, addr: Endpoint
+) -> str:
     """Rule 8: the VIP an initiation came through, if it came from a VIP peer; else the claim."""
     source = addr[0]
     if policy.bind_to_source and source != claimed and policy.is_service_ip(source):

@@ -42,14 +42,16 @@ class KeyRing:
 
     __slots__ = ("current", "next", "previous", "accepted", "_mac_keys")
 
-    def __init__(self, current: Templates, next: Templates | None = None,
-                 previous: Templates | None = None) -> None:
+    def __init__(
+        self, current: Templates, next: Templates | None = None, previous: Templates | None = None
+    ) -> None:
         self.current = current
         self.next = next
         self.previous = previous
         # rule 2: the order mac1 is tried in; current first (nearly every message uses it)
         self.accepted: tuple[Templates, ...] = tuple(
-            t for t in (current, next, previous) if t is not None)
+            t for t in (current, next, previous) if t is not None
+        )
         self._mac_keys = tuple(t.mac_key for t in self.accepted)
 
     @classmethod
@@ -88,8 +90,9 @@ class KeyRing:
         return "KeyRing(" + ", ".join(f"{r}={fp}" for r, fp in self.roles()) + ")"
 
 
-def describe_keys(ring: KeyRing, session_keys: Iterable[str],
-                  handshakes: dict[str, int]) -> list[dict[str, object]]:
+def describe_keys(
+    ring: KeyRing, session_keys: Iterable[str], handshakes: dict[str, int]
+) -> list[dict[str, object]]:
     """``/status``'s ``keys``: each key of the ring, then each retired key sessions still use,
     with its role, the live sessions made with it and the handshakes completed with it."""
     sessions: dict[str, int] = {}
@@ -98,8 +101,15 @@ def describe_keys(ring: KeyRing, session_keys: Iterable[str],
     rows = [(role, fp) for role, fp in ring.roles()]
     held = {fp for _, fp in rows}
     rows += [(RETIRED, fp) for fp in sorted(sessions) if fp not in held]
-    return [{"role": role, "fingerprint": fp, "sessions": sessions.get(fp, 0),
-             "handshakes": handshakes.get(fp, 0)} for role, fp in rows]
+    return [
+        {
+            "role": role,
+            "fingerprint": fp,
+            "sessions": sessions.get(fp, 0),
+            "handshakes": handshakes.get(fp, 0),
+        }
+        for role, fp in rows
+    ]
 
 
 def render_key_metrics(keys: list[dict[str, object]], prefix: str = "tencrypt") -> str:
@@ -108,14 +118,22 @@ def render_key_metrics(keys: list[dict[str, object]], prefix: str = "tencrypt") 
     fingerprint and role) and ``<prefix>_key_handshakes_total`` (by fingerprint only: a
     counter keeps its labels while the key changes roles)."""
     lines = [f"# TYPE {prefix}_key gauge"]
-    lines += [f'{prefix}_key{{fingerprint="{r["fingerprint"]}",role="{r["role"]}"}} '
-              f'{0 if r["role"] == RETIRED else 1}' for r in keys]
+    lines += [
+        f'{prefix}_key{{fingerprint="{r["fingerprint"]}",role="{r["role"]}"}} '
+        f"{0 if r['role'] == RETIRED else 1}"
+        for r in keys
+    ]
     lines.append(f"# TYPE {prefix}_key_sessions gauge")
-    lines += [f'{prefix}_key_sessions{{fingerprint="{r["fingerprint"]}",role="{r["role"]}"}} '
-              f'{r["sessions"]}' for r in keys]
+    lines += [
+        f'{prefix}_key_sessions{{fingerprint="{r["fingerprint"]}",role="{r["role"]}"}} '
+        f"{r['sessions']}"
+        for r in keys
+    ]
     lines.append(f"# TYPE {prefix}_key_handshakes_total counter")
-    lines += [f'{prefix}_key_handshakes_total{{fingerprint="{r["fingerprint"]}"}} '
-              f'{r["handshakes"]}' for r in keys]
+    lines += [
+        f'{prefix}_key_handshakes_total{{fingerprint="{r["fingerprint"]}"}} {r["handshakes"]}'
+        for r in keys
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -80,16 +80,28 @@ def parse_members(text: str | bytes) -> Members:
         raise MembershipError("'project' must be a non-empty string")
     if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
         raise MembershipError("'generation' must be a non-negative integer")
-    return Members(project, generation, _addresses(doc.get("pods", []), "pods"),
-                   _addresses(doc.get("services", []), "services"))
+    return Members(
+        project,
+        generation,
+        _addresses(doc.get("pods", []), "pods"),
+        _addresses(doc.get("services", []), "services"),
+    )
 
 
 def render_members(members: Members) -> str:
     """The file's text for ``members`` (sorted, so equal memberships give equal files)."""
-    return json.dumps({"format": FORMAT, "project": members.project,
-                       "generation": members.generation,
-                       "pods": sorted(members.pods, key=_sort_key),
-                       "services": sorted(members.services, key=_sort_key)}) + "\n"
+    return (
+        json.dumps(
+            {
+                "format": FORMAT,
+                "project": members.project,
+                "generation": members.generation,
+                "pods": sorted(members.pods, key=_sort_key),
+                "services": sorted(members.services, key=_sort_key),
+            }
+        )
+        + "\n"
+    )
 
 
 def _sort_key(ip: str) -> tuple[int, int]:

@@ -58,9 +58,18 @@ def parse_mountinfo(text: str) -> list[Mount]:
             continue
         if not (fields[0].isdigit() and fields[1].isdigit() and ":" in fields[2]):
             continue
-        mounts.append(Mount(int(fields[0]), int(fields[1]), fields[2], _unescape(fields[3]),
-                            _unescape(fields[4]), frozenset(fields[5].split(",")), rest[0],
-                            _unescape(rest[1])))
+        mounts.append(
+            Mount(
+                int(fields[0]),
+                int(fields[1]),
+                fields[2],
+                _unescape(fields[3]),
+                _unescape(fields[4]),
+                frozenset(fields[5].split(",")),
+                rest[0],
+                _unescape(rest[1]),
+            )
+        )
     return mounts
 
 
@@ -70,7 +79,7 @@ def _under(path: str, top: str) -> str | None:
         return path.lstrip("/")
     if path == top:
         return ""
-    return path[len(top) + 1:] if path.startswith(top + "/") else None
+    return path[len(top) + 1 :] if path.startswith(top + "/") else None
 
 
 def mount_of(mounts: Iterable[Mount], path: str) -> Mount | None:
@@ -78,7 +87,8 @@ def mount_of(mounts: Iterable[Mount], path: str) -> Mount | None:
     best: Mount | None = None
     for m in mounts:
         if _under(path, m.mount_point) is not None and (
-                best is None or len(m.mount_point) >= len(best.mount_point)):
+            best is None or len(m.mount_point) >= len(best.mount_point)
+        ):
             best = m
     return best
 

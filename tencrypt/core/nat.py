@@ -98,13 +98,32 @@ class Flow:
 class FlowTable:
     """The receiver's NAT state: one per proxy, owned by the udp -> open -> nat -> inject path."""
 
-    __slots__ = ("_pod", "_net", "_mask", "_stats", "_max", "_per_peer", "_timeouts", "_flows",
-                 "_queues", "_frags", "_owned")
+    __slots__ = (
+        "_pod",
+        "_net",
+        "_mask",
+        "_stats",
+        "_max",
+        "_per_peer",
+        "_timeouts",
+        "_flows",
+        "_queues",
+        "_frags",
+        "_owned",
+    )
 
-    def __init__(self, pod_ip: str, service_cidr: str = "172.30.0.0/16", stats: Stats | None = None,
-                 max_flows: int = 65536, tcp_idle: float = 7440.0, tcp_closed: float = 10.0,
-                 udp_idle: float = 180.0, icmp_idle: float = 30.0,
-                 max_flows_per_peer: int | None = None) -> None:
+    def __init__(
+        self,
+        pod_ip: str,
+        service_cidr: str = "172.30.0.0/16",
+        stats: Stats | None = None,
+        max_flows: int = 65536,
+        tcp_idle: float = 7440.0,
+        tcp_closed: float = 10.0,
+        udp_idle: float = 180.0,
+        icmp_idle: float = 30.0,
+        max_flows_per_peer: int | None = None,
+    ) -> None:
         try:
             self._pod = ip_to_int(pod_ip)
             net = ipaddress.IPv4Network(service_cidr)
@@ -118,14 +137,17 @@ class FlowTable:
         self._mask = int(net.netmask)
         self._stats = stats if stats is not None else Stats()
         self._max = max_flows
-        self._per_peer = max(1, max_flows // 4) if max_flows_per_peer is None else max_flows_per_peer
+        self._per_peer = (
+            max(1, max_flows // 4) if max_flows_per_peer is None else max_flows_per_peer
+        )
         if self._per_peer < 1:
             raise UsageError("max_flows_per_peer must be at least 1")
         self._owned: dict[int, int] = {}  # peer IP -> flows it holds (rule 8)
         self._timeouts = (tcp_idle, tcp_closed, udp_idle, icmp_idle)
         self._flows: dict[FlowKey, Flow] = {}
         self._queues: tuple[OrderedDict[FlowKey, None], ...] = tuple(
-            OrderedDict() for _ in self._timeouts)
+            OrderedDict() for _ in self._timeouts
+        )
         self._frags: OrderedDict[FragKey, tuple[int, float]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -272,8 +294,9 @@ class FlowTable:
         rewrite_addr(buf, ip, SRC, flow.vip)
         return True
 
-    def _remember_fragments(self, buf: bytearray | memoryview, ip: IPv4, vip: int,
-                            now: float) -> None:
+    def _remember_fragments(
+        self, buf: bytearray | memoryview, ip: IPv4, vip: int, now: float
+    ) -> None:
         key = (ip.proto, ip.dst, parse_ident(buf, ip))
         self._frags[key] = (vip, now)
         self._frags.move_to_end(key)
@@ -347,8 +370,9 @@ class FlowTable:
         if closed is not None:
             key = closed
         else:
-            key = min((k for k in candidates if k is not None),
-                      key=lambda k: self._flows[k].last_seen)
+            key = min(
+                (k for k in candidates if k is not None), key=lambda k: self._flows[k].last_seen
+            )
         self._remove(key, self._flows[key])
         self._stats.inc(Counter.NAT_FLOWS_EVICTED)
 

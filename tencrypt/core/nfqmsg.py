@@ -153,17 +153,26 @@ def build_attr(kind: int, value: bytes) -> bytes:
     return _NLATTR.pack(size, kind) + value + bytes(_align(size) - size)
 
 
-def build_message(kind: int, flags: int, seq: int, family: int, res_id: int,
-                  attrs: bytes = b"") -> bytes:
+def build_message(
+    kind: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes = b""
+) -> bytes:
     """An nfnetlink request: nlmsghdr, nfgenmsg (version 0), then ``attrs`` (already aligned).
     ``portid`` is 0: the message is for the kernel."""
     body = _NFGENMSG.pack(family, NFNETLINK_V0, res_id) + attrs
     return _NLMSGHDR.pack(NLMSG_HDRLEN + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
 
 
-def build_config(queue_num: int, seq: int, *, command: CfgCmd | None = None, pf: int = AF_UNSPEC,
-                 copy: tuple[CopyMode, int] | None = None, maxlen: int | None = None,
-                 flags: tuple[int, int] | None = None, ack: bool = True) -> bytes:
+def build_config(
+    queue_num: int,
+    seq: int,
+    *,
+    command: CfgCmd | None = None,
+    pf: int = AF_UNSPEC,
+    copy: tuple[CopyMode, int] | None = None,
+    maxlen: int | None = None,
+    flags: tuple[int, int] | None = None,
+    ack: bool = True,
+) -> bytes:
     """NFQNL_MSG_CONFIG for queue ``queue_num`` with the attributes asked for: ``copy`` is
     (mode, range), ``flags`` is (mask, values). With ``ack`` the kernel answers an
     NLMSG_ERROR carrying 0 or the reason it refused."""
@@ -180,13 +189,20 @@ def build_config(queue_num: int, seq: int, *, command: CfgCmd | None = None, pf:
     return build_message(MsgType.CONFIG, NLM_F_ACK if ack else 0, seq, AF_UNSPEC, queue_num, attrs)
 
 
-def build_bind(queue_num: int, seq: int, copy_range: int = DEFAULT_COPY_RANGE,
-               maxlen: int = DEFAULT_MAXLEN) -> bytes:
+def build_bind(
+    queue_num: int, seq: int, copy_range: int = DEFAULT_COPY_RANGE, maxlen: int = DEFAULT_MAXLEN
+) -> bytes:
     """Bind ``queue_num`` to the sending socket in one message (rule 4): copy the first
     ``copy_range`` bytes of each packet, hold at most ``maxlen`` packets awaiting a verdict,
     and fail-open explicitly off (mask FAIL_OPEN, value 0): a full queue drops."""
-    return build_config(queue_num, seq, command=CfgCmd.BIND, copy=(CopyMode.PACKET, copy_range),
-                        maxlen=maxlen, flags=(NFQA_CFG_F_FAIL_OPEN, 0))
+    return build_config(
+        queue_num,
+        seq,
+        command=CfgCmd.BIND,
+        copy=(CopyMode.PACKET, copy_range),
+        maxlen=maxlen,
+        flags=(NFQA_CFG_F_FAIL_OPEN, 0),
+    )
 
 
 def build_unbind(queue_num: int, seq: int, ack: bool = False) -> bytes:
@@ -197,16 +213,18 @@ def build_unbind(queue_num: int, seq: int, ack: bool = False) -> bytes:
 def build_verdict(queue_num: int, packet_id: int, accept: bool, seq: int = 0) -> bytes:
     """NFQNL_MSG_VERDICT: NF_ACCEPT or NF_DROP for the one packet ``packet_id``."""
     hdr = _VERDICT_HDR.pack(NF_ACCEPT if accept else NF_DROP, packet_id)
-    return build_message(MsgType.VERDICT, 0, seq, AF_UNSPEC, queue_num,
-                         build_attr(Attr.VERDICT_HDR, hdr))
+    return build_message(
+        MsgType.VERDICT, 0, seq, AF_UNSPEC, queue_num, build_attr(Attr.VERDICT_HDR, hdr)
+    )
 
 
 def build_verdict_batch(queue_num: int, max_id: int, accept: bool, seq: int = 0) -> bytes:
     """NFQNL_MSG_VERDICT_BATCH: the same verdict for every queued packet whose id is not after
     ``max_id`` (ids compare modulo 2**32, nfq_id_after in the kernel)."""
     hdr = _VERDICT_HDR.pack(NF_ACCEPT if accept else NF_DROP, max_id)
-    return build_message(MsgType.VERDICT_BATCH, 0, seq, AF_UNSPEC, queue_num,
-                         build_attr(Attr.VERDICT_HDR, hdr))
+    return build_message(
+        MsgType.VERDICT_BATCH, 0, seq, AF_UNSPEC, queue_num, build_attr(Attr.VERDICT_HDR, hdr)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +282,7 @@ def split_messages(buf: bytes) -> tuple[list[NetlinkMessage], bool]:
         size, kind, flags, seq, portid = _NLMSGHDR.unpack_from(buf, off)
         if size < NLMSG_HDRLEN or off + size > end:
             return out, True
-        out.append(NetlinkMessage(kind, flags, seq, portid, buf[off + NLMSG_HDRLEN:off + size]))
+        out.append(NetlinkMessage(kind, flags, seq, portid, buf[off + NLMSG_HDRLEN : off + size]))
         off += _align(size)
     return out, False
 
@@ -279,7 +297,7 @@ def parse_attrs(data: bytes, start: int = 0) -> dict[int, bytes] | None:
         size, kind = _NLATTR.unpack_from(data, off)
         if size < NLA_HDRLEN or off + size > end:
             return None
-        attrs[kind & NLA_TYPE_MASK] = data[off + NLA_HDRLEN:off + size]
+        attrs[kind & NLA_TYPE_MASK] = data[off + NLA_HDRLEN : off + size]
         off += _align(size)
     return attrs if off >= end else None
 
@@ -297,11 +315,14 @@ def parse_packet(msg: NetlinkMessage) -> QueuedPacket | None:
         return None
     packet_id, hw_protocol, hook = _PACKET_HDR.unpack_from(hdr, 0)
     payload = attrs.get(Attr.PAYLOAD, b"")
-    cap_len, indev, mark = (_u32(attrs.get(a)) for a in (Attr.CAP_LEN, Attr.IFINDEX_INDEV, Attr.MARK))
+    cap_len, indev, mark = (
+        _u32(attrs.get(a)) for a in (Attr.CAP_LEN, Attr.IFINDEX_INDEV, Attr.MARK)
+    )
     if cap_len < 0 or indev < 0 or mark < 0:
         return None
-    return QueuedPacket(queue, family, packet_id, hw_protocol, hook, payload,
-                        cap_len or len(payload), indev, mark)
+    return QueuedPacket(
+        queue, family, packet_id, hw_protocol, hook, payload, cap_len or len(payload), indev, mark
+    )
 
 
 def _u32(value: bytes | None) -> int:

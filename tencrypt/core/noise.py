@@ -51,8 +51,9 @@ def build_nonce(n: int) -> bytes:
     return b"\x00\x00\x00\x00" + n.to_bytes(8, "little")
 
 
-def hkdf(hash_fn: Callable[..., Any], chaining_key: bytes, ikm: bytes,
-         num_outputs: int) -> tuple[bytes, ...]:
+def hkdf(
+    hash_fn: Callable[..., Any], chaining_key: bytes, ikm: bytes, num_outputs: int
+) -> tuple[bytes, ...]:
     """§4.3 HKDF: HMAC-HASH extract, then 2 or 3 chained expand blocks."""
     temp_key = hmac.new(chaining_key, ikm, hash_fn).digest()
     out1 = hmac.new(temp_key, b"\x01", hash_fn).digest()
@@ -152,8 +153,13 @@ class SymmetricState:
 def parse_protocol_name(name: str) -> tuple[str, Callable[..., Any]]:
     """``Noise_<pattern>_25519_ChaChaPoly_<hash>`` -> (pattern, hash function)."""
     parts = name.split("_")
-    if (len(parts) != 5 or parts[0] != "Noise" or parts[1] not in PATTERNS
-            or parts[2:4] != ["25519", "ChaChaPoly"] or parts[4] not in HASHES):
+    if (
+        len(parts) != 5
+        or parts[0] != "Noise"
+        or parts[1] not in PATTERNS
+        or parts[2:4] != ["25519", "ChaChaPoly"]
+        or parts[4] not in HASHES
+    ):
         raise ValueError(f"unsupported Noise protocol {name!r}")
     return parts[1], HASHES[parts[4]]
 
@@ -161,12 +167,28 @@ def parse_protocol_name(name: str) -> tuple[str, Callable[..., Any]]:
 class HandshakeState:
     """§5.3 for the NN family: no static keys, so no pre-messages and no s/es/se/ss tokens."""
 
-    __slots__ = ("initiator", "psk", "e", "re", "ss", "_patterns", "_turn", "_skip", "_keygen",
-                 "result")
+    __slots__ = (
+        "initiator",
+        "psk",
+        "e",
+        "re",
+        "ss",
+        "_patterns",
+        "_turn",
+        "_skip",
+        "_keygen",
+        "result",
+    )
 
-    def __init__(self, protocol_name: str, initiator: bool, prologue: bytes = b"",
-                 psk: bytes | None = None, ephemeral: X25519PrivateKey | None = None,
-                 keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate) -> None:
+    def __init__(
+        self,
+        protocol_name: str,
+        initiator: bool,
+        prologue: bytes = b"",
+        psk: bytes | None = None,
+        ephemeral: X25519PrivateKey | None = None,
+        keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
+    ) -> None:
         pattern, hash_fn = parse_protocol_name(protocol_name)
         self._patterns = PATTERNS[pattern]
         uses_psk = any("psk" in tokens for tokens in self._patterns)
@@ -226,7 +248,7 @@ class HandshakeState:
         if self.finished or not self._my_turn():
             raise RuntimeError("write_message out of turn")
         out: list[bytes] = []
-        for token in self._patterns[self._turn][self._skip:]:
+        for token in self._patterns[self._turn][self._skip :]:
             if token == "e":
                 if self.e is None:
                     self.e = self._keygen()
@@ -256,11 +278,11 @@ class HandshakeState:
 
     def _read_tokens(self, message: bytes) -> bytes | None:
         pos = 0
-        for token in self._patterns[self._turn][self._skip:]:
+        for token in self._patterns[self._turn][self._skip :]:
             if token == "e":
                 if len(message) < pos + DHLEN:
                     return None
-                self.re = message[pos:pos + DHLEN]
+                self.re = message[pos : pos + DHLEN]
                 pos += DHLEN
                 self._mix_e(self.re)
             elif token == "ee":

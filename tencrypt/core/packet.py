@@ -75,17 +75,17 @@ _ICMP_HDR = struct.Struct("!BBHHH")
 class IPv4(NamedTuple):
     """A parsed IPv4 packet inside a buffer. Offsets are absolute buffer offsets."""
 
-    off: int    # where the IPv4 header starts (0, or the quote inside an ICMP error)
-    hlen: int   # header length in bytes (IHL * 4)
-    end: int    # end of this packet's bytes (off + total length, or the end of a quote)
+    off: int  # where the IPv4 header starts (0, or the quote inside an ICMP error)
+    hlen: int  # header length in bytes (IHL * 4)
+    end: int  # end of this packet's bytes (off + total length, or the end of a quote)
     proto: int
-    src: int    # addresses as 32-bit integers
+    src: int  # addresses as 32-bit integers
     dst: int
     flags: int  # IP_DF | IP_MF bits
-    frag: int   # fragment offset in bytes; the transport header exists only when 0
+    frag: int  # fragment offset in bytes; the transport header exists only when 0
     sport: int  # TCP/UDP/SCTP source port, ICMP query id; -1 when not known
     dport: int  # TCP/UDP/SCTP destination port; 0 for an ICMP query; -1 when not known
-    info: int   # TCP flags (0 if not in a quote), or ICMP type << 8 | code; else 0
+    info: int  # TCP flags (0 if not in a quote), or ICMP type << 8 | code; else 0
 
 
 _new_view = tuple.__new__
@@ -100,6 +100,7 @@ def int_to_ip(address: int) -> str:
 
 
 # --- checksums (RFC 1071, RFC 1624) ---------------------------------------------------------
+
 
 def _fold(total: int) -> int:
     """Ones' complement value of a non-negative sum of 16-bit words, in 0..0xFFFF.
@@ -149,6 +150,7 @@ def csum_replace(hc: int, old: int, new: int, bits: int = 16) -> int:
 
 # --- parsing ----------------------------------------------------------------------------------
 
+
 def parse_ipv4(buf: bytes | bytearray | memoryview) -> IPv4 | None:
     """View the IPv4 packet at the start of ``buf``; None if it is not a well-formed one.
 
@@ -180,8 +182,17 @@ def parse_icmp_quote(buf: bytes | bytearray | memoryview, outer: IPv4) -> IPv4 |
     return _parse_transport(buf, start, hlen, min(end, start + total), proto, src, dst, ff, True)
 
 
-def _parse_transport(buf: bytes | bytearray | memoryview, off: int, hlen: int, end: int,
-                     proto: int, src: int, dst: int, ff: int, quote: bool) -> IPv4 | None:
+def _parse_transport(
+    buf: bytes | bytearray | memoryview,
+    off: int,
+    hlen: int,
+    end: int,
+    proto: int,
+    src: int,
+    dst: int,
+    ff: int,
+    quote: bool,
+) -> IPv4 | None:
     frag = (ff & 0x1FFF) << 3
     sport = dport = -1
     info = 0
@@ -229,6 +240,7 @@ def is_too_big(ip: IPv4, mtu: int) -> bool:
 
 # --- rewriting --------------------------------------------------------------------------------
 
+
 def rewrite_addr(buf: bytearray | memoryview, ip: IPv4, field: int, new: int) -> int:
     """Set the source (``field=SRC``) or destination (``DST``) address of ``ip`` to ``new``.
 
@@ -269,8 +281,9 @@ def rewrite_addr(buf: bytearray | memoryview, ip: IPv4, field: int, new: int) ->
     return changes
 
 
-def rewrite_icmp_quote(buf: bytearray | memoryview, outer: IPv4, inner: IPv4, field: int,
-                       new: int) -> None:
+def rewrite_icmp_quote(
+    buf: bytearray | memoryview, outer: IPv4, inner: IPv4, field: int, new: int
+) -> None:
     """Rewrite an address of the packet quoted in ICMP error ``outer`` and the ICMP checksum.
 
     The ICMP checksum covers the quote (RFC 792), so every word changed inside it is folded in
@@ -326,7 +339,7 @@ def _rewrite_bytes(buf: bytearray | memoryview, csum_at: int, pos: int, new: byt
     lo = pos & ~1
     hi = (pos + len(new) + 1) & ~1
     before = int.from_bytes(buf[lo:hi], "big")
-    buf[pos:pos + len(new)] = new
+    buf[pos : pos + len(new)] = new
     after = int.from_bytes(buf[lo:hi], "big")
     ck = _U16.unpack_from(buf, csum_at)[0]
     _U16.pack_into(buf, csum_at, csum_adjust(ck, 0xFFFF - _fold(before) + after))
@@ -334,30 +347,34 @@ def _rewrite_bytes(buf: bytearray | memoryview, csum_at: int, pos: int, new: byt
 
 # --- building ---------------------------------------------------------------------------------
 
+
 def _is_unicast(address: int) -> bool:
     # Not 0/8 ("this network"), 127/8 loopback, 224/4 multicast, 240/4 reserved or broadcast.
     top = address >> 24
     return top != 0 and top != 127 and top < 224
 
 
-def build_icmp_frag_needed(orig: bytes | bytearray | memoryview, mtu: int,
-                           src_ip: str | int) -> bytes | None:
+def build_icmp_frag_needed(
+    orig: bytes | bytearray | memoryview, mtu: int, src_ip: str | int
+) -> bytes | None:
     """ICMP "fragmentation needed and DF set" (type 3 code 4) telling ``orig``'s sender ``mtu``
     (RFC 1191 §4 puts the next-hop MTU in the low 16 bits of the second header word). Whether
     the packet is too big is ``is_too_big``."""
     return build_icmp_unreachable(orig, ICMP_FRAG_NEEDED, src_ip, mtu)
 
 
-def build_icmp_admin_prohibited(orig: bytes | bytearray | memoryview,
-                                src_ip: str | int) -> bytes | None:
+def build_icmp_admin_prohibited(
+    orig: bytes | bytearray | memoryview, src_ip: str | int
+) -> bytes | None:
     """ICMP "communication administratively prohibited" (type 3 code 13, RFC 1812 §5.2.7.1):
     the local sender of a refused packet learns at once (Linux fails a connect with
     EHOSTUNREACH) instead of retrying into silence."""
     return build_icmp_unreachable(orig, ICMP_ADMIN_PROHIBITED, src_ip)
 
 
-def build_icmp_unreachable(orig: bytes | bytearray | memoryview, code: int, src_ip: str | int,
-                           mtu: int = 0) -> bytes | None:
+def build_icmp_unreachable(
+    orig: bytes | bytearray | memoryview, code: int, src_ip: str | int, mtu: int = 0
+) -> bytes | None:
     """ICMP destination unreachable (type 3) with ``code`` about ``orig``, from ``src_ip``.
 
     The body quotes the original IP header and its first 8 data bytes (RFC 792). Returns None
@@ -370,7 +387,7 @@ def build_icmp_unreachable(orig: bytes | bytearray | memoryview, code: int, src_
     if not (_is_unicast(ip.src) and _is_unicast(ip.dst)):
         return None
     src = src_ip if isinstance(src_ip, int) else ip_to_int(src_ip)
-    quote = bytes(orig[:min(ip.hlen + 8, ip.end)])
+    quote = bytes(orig[: min(ip.hlen + 8, ip.end)])
     body = _ICMP_HDR.pack(ICMP_DEST_UNREACH, code, 0, 0, mtu & 0xFFFF) + quote
     body = body[:2] + _U16.pack(checksum(body)) + body[4:]
     total = 20 + len(body)

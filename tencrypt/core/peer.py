@@ -142,17 +142,21 @@ class Peer:
 def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
     """One peer as JSON-ready data for ``tencrypt status`` (Tunnel.status)."""
     slots = (("current", peer.current), ("previous", peer.previous), ("next", peer.next))
-    sessions = [{
-        "slot": slot,
-        "local_index": s.local_index,
-        "age": round(now - (s.expires_at - limits.reject_after_time), 3),
-        "expires_in": round(s.expires_at - now, 3),
-        "initiator": s.initiator,
-        "confirmed": s.confirmed,
-        "live": s.recv_aead is not None and now < s.expires_at,
-        "sent": s.send_counter,
-        "key": s.key,
-    } for slot, s in slots if s is not None]
+    sessions = [
+        {
+            "slot": slot,
+            "local_index": s.local_index,
+            "age": round(now - (s.expires_at - limits.reject_after_time), 3),
+            "expires_in": round(s.expires_at - now, 3),
+            "initiator": s.initiator,
+            "confirmed": s.confirmed,
+            "live": s.recv_aead is not None and now < s.expires_at,
+            "sent": s.send_counter,
+            "key": s.key,
+        }
+        for slot, s in slots
+        if s is not None
+    ]
     return {
         "pod_ip": peer.pod_ip,
         "addresses": sorted(peer.addresses),
@@ -169,16 +173,26 @@ def describe(table: Sessions, now: float, limits: Limits) -> dict[str, object]:
     """Every peer (``describe_peer``) and the totals: Tunnel.status without the pod IP."""
     peers = [describe_peer(p, now, limits) for p in table.peers]
     peers.sort(key=lambda d: str(d["pod_ip"] or d["addresses"]))
-    return {"peers": peers, "totals": {
-        "peers": len(peers), "peers_up": sum(1 for p in table.peers if p.up),
-        "sessions": sum(1 for s in table.by_index.values() if s.recv_aead is not None),
-        "handshakes_pending": len(table.pending), "queued": table.queued}}
+    return {
+        "peers": peers,
+        "totals": {
+            "peers": len(peers),
+            "peers_up": sum(1 for p in table.peers if p.up),
+            "sessions": sum(1 for s in table.by_index.values() if s.recv_aead is not None),
+            "handshakes_pending": len(table.pending),
+            "queued": table.queued,
+        },
+    }
 
 
 def usable(s: Session | None, now: float, limits: Limits) -> bool:
     """May ``s`` seal another packet? (Keys held, not past either hard limit.)"""
-    return (s is not None and s.send_aead is not None and now < s.expires_at
-            and s.send_counter < limits.reject_after_messages)
+    return (
+        s is not None
+        and s.send_aead is not None
+        and now < s.expires_at
+        and s.send_counter < limits.reject_after_messages
+    )
 
 
 class Sessions:
@@ -193,8 +207,17 @@ class Sessions:
     - ``queued`` counts the packets waiting in all peers' queues (a global memory bound).
     """
 
-    __slots__ = ("peers", "by_addr", "by_index", "pending", "events", "queued", "_rng",
-                 "_limits", "_stats")
+    __slots__ = (
+        "peers",
+        "by_addr",
+        "by_index",
+        "pending",
+        "events",
+        "queued",
+        "_rng",
+        "_limits",
+        "_stats",
+    )
 
     def __init__(self, rng: Callable[[int], bytes], limits: Limits, stats: Stats) -> None:
         self.peers: set[Peer] = set()
@@ -253,8 +276,12 @@ class Sessions:
         if len(self.peers) < self._limits.max_peers:
             return True
         for peer in self.peers:
-            if (peer.pending is None and not peer.queue and peer.next is None
-                    and not usable(peer.current, now, self._limits)):
+            if (
+                peer.pending is None
+                and not peer.queue
+                and peer.next is None
+                and not usable(peer.current, now, self._limits)
+            ):
                 self.remove_peer(peer)
                 return True
         return False

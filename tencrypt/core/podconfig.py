@@ -89,8 +89,10 @@ def parse_resolv_conf(text: str) -> ResolvConf:
 
 def render_resolv_conf(original: str) -> str:
     """The original text with its nameserver lines replaced by the proxy's (one line)."""
-    out = [f"{MARKER} {' '.join(parse_resolv_conf(original).nameservers) or 'none'}",
-           f"nameserver {PROXY_NAMESERVER}"]
+    out = [
+        f"{MARKER} {' '.join(parse_resolv_conf(original).nameservers) or 'none'}",
+        f"nameserver {PROXY_NAMESERVER}",
+    ]
     for line in original.splitlines():
         words = line.split()
         if (words and words[0] == "nameserver") or line.startswith(MARKER):
@@ -107,7 +109,7 @@ def cluster_domain_of(domain: str) -> str:
     """`myproject.svc.cluster.local` -> `cluster.local` (Kubernetes' <ns>.svc.<cluster-domain>)."""
     labels = domain.strip(".").split(".")
     if "svc" in labels[1:]:
-        return ".".join(labels[labels.index("svc", 1) + 1:]) or "cluster.local"
+        return ".".join(labels[labels.index("svc", 1) + 1 :]) or "cluster.local"
     return "cluster.local"
 
 

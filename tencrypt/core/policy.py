@@ -39,14 +39,19 @@ for _guarded in (False, True):
             TABLE[AddrClass.INTERNAL, _guarded, _looked, _strict] = Verdict.SEAL
             TABLE[AddrClass.EXTERNAL, _guarded, _looked, _strict] = Verdict.CLEAR
             TABLE[None, _guarded, _looked, _strict] = (
-                Verdict.CLEAR if not _guarded
-                else Verdict.HOLD if not _looked
-                else Verdict.REFUSE if _strict
-                else Verdict.CLEAR)
+                Verdict.CLEAR
+                if not _guarded
+                else Verdict.HOLD
+                if not _looked
+                else Verdict.REFUSE
+                if _strict
+                else Verdict.CLEAR
+            )
 
 
-def decide(cls: AddrClass | None, *, guarded: bool, looked_up: bool, strict: bool,
-           fallback: bool = False) -> Verdict:
+def decide(
+    cls: AddrClass | None, *, guarded: bool, looked_up: bool, strict: bool, fallback: bool = False
+) -> Verdict:
     """The verdict for a destination of class ``cls`` (rules 1-4)."""
     verdict = TABLE[cls, guarded, looked_up, strict]
     if verdict is Verdict.SEAL and fallback and not strict:
@@ -59,9 +64,12 @@ def decide(cls: AddrClass | None, *, guarded: bool, looked_up: bool, strict: boo
 # positively another project's or a reverse lookup could not tell (real cluster DNS names few
 # pod IPs: refusing those would cut every cross-project client; docs/DESIGN.md §1a residual).
 INBOUND: dict[tuple[AddrClass | None, bool], Verdict] = {
-    (AddrClass.INTERNAL, False): Verdict.REFUSE, (AddrClass.INTERNAL, True): Verdict.REFUSE,
-    (AddrClass.EXTERNAL, False): Verdict.CLEAR, (AddrClass.EXTERNAL, True): Verdict.CLEAR,
-    (None, False): Verdict.HOLD, (None, True): Verdict.CLEAR,
+    (AddrClass.INTERNAL, False): Verdict.REFUSE,
+    (AddrClass.INTERNAL, True): Verdict.REFUSE,
+    (AddrClass.EXTERNAL, False): Verdict.CLEAR,
+    (AddrClass.EXTERNAL, True): Verdict.CLEAR,
+    (None, False): Verdict.HOLD,
+    (None, True): Verdict.CLEAR,
 }
 
 
@@ -79,8 +87,9 @@ class Guard:
 
     @classmethod
     def of(cls, service_cidr: str, pod_cidrs: Sequence[str]) -> Guard:
-        return cls(tuple(ipaddress.ip_network(c, strict=False)
-                         for c in (service_cidr, *pod_cidrs) if c))
+        return cls(
+            tuple(ipaddress.ip_network(c, strict=False) for c in (service_cidr, *pod_cidrs) if c)
+        )
 
     def __contains__(self, ip: str) -> bool:
         try:

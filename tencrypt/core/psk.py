@@ -41,8 +41,10 @@ def parse_psk(text: str | bytes) -> bytes:
     if not raw:
         raise UsageError(f"project key is empty; {_HOWTO}")
     if len(raw) != _B64_LEN:
-        raise UsageError(f"project key must be 44 base64 characters (32 bytes), got {len(raw)} "
-                         f"characters; {_HOWTO}")
+        raise UsageError(
+            f"project key must be 44 base64 characters (32 bytes), got {len(raw)} "
+            f"characters; {_HOWTO}"
+        )
     try:
         key = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
@@ -105,10 +107,12 @@ def check_keyset(keys: KeySet) -> KeySet:
         if len(key) != PSK_LEN or key == bytes(PSK_LEN):
             raise UsageError(f"the {role} project key must be 32 non-zero bytes")
     for i, (role, key) in enumerate(held):
-        for other, key2 in held[i + 1:]:
+        for other, key2 in held[i + 1 :]:
             if key == key2:
-                raise UsageError(f"the {role} and {other} project keys are the same key: a "
-                                 "rotation needs a new key (`openssl rand -base64 32`)")
+                raise UsageError(
+                    f"the {role} and {other} project keys are the same key: a "
+                    "rotation needs a new key (`openssl rand -base64 32`)"
+                )
     return keys
 
 
@@ -136,8 +140,10 @@ def parse_key_file(text: str | bytes) -> KeySet:
     for n, line in lines:
         words = line.split()
         if len(words) != 2 or words[0] not in ROLES:
-            raise UsageError(f"key file line {n}: expected `current|next|previous KEY` "
-                             "(or the whole file one key)")
+            raise UsageError(
+                f"key file line {n}: expected `current|next|previous KEY` "
+                "(or the whole file one key)"
+            )
         if words[0] in found:
             raise UsageError(f"key file line {n}: a second {words[0]} key")
         try:
@@ -154,6 +160,5 @@ def render_key_file(keys: KeySet) -> str:
     and the lab write)."""
     lines = ["# tencrypt project keys: ROLE KEY (fingerprints in comments)"]
     for role, key in check_keyset(keys).roles():
-        lines += [f"# {role} {fingerprint(key)}",
-                  f"{role} {base64.b64encode(key).decode('ascii')}"]
+        lines += [f"# {role} {fingerprint(key)}", f"{role} {base64.b64encode(key).decode('ascii')}"]
     return "\n".join(lines) + "\n"

@@ -42,8 +42,11 @@ from tencrypt.core.psk import KeySet, check_keyset, parse_psk, ring_label
 from tencrypt.errors import UsageError
 
 SECRET_NAME = "tencrypt"
-SECRET_KEYS = {"current": "PROJECT_PSK", "next": "PROJECT_PSK_NEXT",
-               "previous": "PROJECT_PSK_PREVIOUS"}
+SECRET_KEYS = {
+    "current": "PROJECT_PSK",
+    "next": "PROJECT_PSK_NEXT",
+    "previous": "PROJECT_PSK_PREVIOUS",
+}
 PHASE_ANNOTATION = "tencrypt.io/rotation-phase"  # the last phase written
 PHASE_AT_ANNOTATION = "tencrypt.io/rotation-phase-at"  # when (Unix seconds)
 REPORT_PREFIX = "tencrypt-keys-"
@@ -70,8 +73,9 @@ def secret_keys(data: Mapping[str, Any] | None) -> KeySet:
         try:
             text = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise UsageError(f"Secret {SECRET_NAME}: {name} is not valid Secret data "
-                             "(base64)") from None
+            raise UsageError(
+                f"Secret {SECRET_NAME}: {name} is not valid Secret data (base64)"
+            ) from None
         try:
             found[role] = parse_psk(text)
         except UsageError as exc:  # its message never repeats key material (core/psk.py)
@@ -86,8 +90,10 @@ def secret_keys(data: Mapping[str, Any] | None) -> KeySet:
 
 def secret_data(keys: KeySet) -> dict[str, str]:
     """``data`` of the Secret holding ``keys`` (roles not held are absent)."""
-    return {SECRET_KEYS[role]: base64.b64encode(base64.b64encode(key) + b"\n").decode("ascii")
-            for role, key in check_keyset(keys).roles()}
+    return {
+        SECRET_KEYS[role]: base64.b64encode(base64.b64encode(key) + b"\n").decode("ascii")
+        for role, key in check_keyset(keys).roles()
+    }
 
 
 def apply_phase(keys: KeySet, phase: Phase, new_key: bytes | None = None) -> KeySet:
@@ -121,6 +127,7 @@ def plan(keys: KeySet) -> list[Phase]:
 
 # --- what the agents report -----------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class NodeReport:
     node: str
@@ -134,16 +141,25 @@ def parse_report(text: str | None) -> NodeReport | None:
         doc = json.loads(text or "")
         projects = {
             str(ns): (int(p["pods"]), {str(label): int(n) for label, n in p["loaded"].items()})
-            for ns, p in doc["projects"].items()}
+            for ns, p in doc["projects"].items()
+        }
         return NodeReport(str(doc["node"]), float(doc["updated"]), projects)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
 def render_report(report: NodeReport) -> str:
-    return json.dumps({"node": report.node, "updated": report.updated, "projects": {
-        ns: {"pods": pods, "loaded": loaded}
-        for ns, (pods, loaded) in sorted(report.projects.items())}}, sort_keys=True)
+    return json.dumps(
+        {
+            "node": report.node,
+            "updated": report.updated,
+            "projects": {
+                ns: {"pods": pods, "loaded": loaded}
+                for ns, (pods, loaded) in sorted(report.projects.items())
+            },
+        },
+        sort_keys=True,
+    )
 
 
 @dataclass(slots=True)
@@ -160,8 +176,9 @@ class Progress:
         return not self.lagging
 
 
-def progress(reports: Iterable[tuple[str, str | None]], namespace: str,
-             expected: KeySet) -> Progress:
+def progress(
+    reports: Iterable[tuple[str, str | None]], namespace: str, expected: KeySet
+) -> Progress:
     """Rule 2: ``reports`` are (ConfigMap name, its REPORT_KEY text); a node is ready when
     every pod of ``namespace`` it runs has loaded exactly ``expected``."""
     want = ring_label(expected.fingerprints())
@@ -176,7 +193,13 @@ def progress(reports: Iterable[tuple[str, str | None]], namespace: str,
         out.pods += pods
         out.ready += min(ready, pods)
         if ready < pods:
-            others = ", ".join(f"{n} on {label or 'nothing'}" for label, n in sorted(
-                loaded.items()) if label != want) or "not loaded yet"
+            others = (
+                ", ".join(
+                    f"{n} on {label or 'nothing'}"
+                    for label, n in sorted(loaded.items())
+                    if label != want
+                )
+                or "not loaded yet"
+            )
             out.lagging.append(f"{report.node}: {ready}/{pods} pods ({others})")
     return out

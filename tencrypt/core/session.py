@@ -101,11 +101,18 @@ _DEFAULT_LIMITS = Limits()
 class Tunnel:
     """All sessions and peers of one pod's proxy. See the module rules."""
 
-    def __init__(self, psk: bytes | KeyRing, pod_ip: str, stats: Stats,
-                 limits: Limits = _DEFAULT_LIMITS, port: int = TUNNEL_PORT,
-                 rng: Callable[[int], bytes] = secrets.token_bytes,
-                 keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
-                 identity: ClaimPolicy | None = None, fastpath: Backend | None = None) -> None:
+    def __init__(
+        self,
+        psk: bytes | KeyRing,
+        pod_ip: str,
+        stats: Stats,
+        limits: Limits = _DEFAULT_LIMITS,
+        port: int = TUNNEL_PORT,
+        rng: Callable[[int], bytes] = secrets.token_bytes,
+        keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
+        identity: ClaimPolicy | None = None,
+        fastpath: Backend | None = None,
+    ) -> None:
         """``psk``: the key ring (rule 10), or one project key as a ring of one.
         ``identity`` binds claimed pod IPs to the network (rule 9). The daemon always
         passes one; None (no binding, today's unit tests) is for tests only. ``fastpath``: the
@@ -128,8 +135,7 @@ class Tunnel:
         self.key_mismatch = KeyMismatches()
 
     # ---- what the shell calls ---------------------------------------------------------------
-    def send(self, dst_ip: str, packet: Buffer, now: float,
-             wall: float) -> None:
+    def send(self, dst_ip: str, packet: Buffer, now: float, wall: float) -> None:
         """Seal ``packet`` (read from tenc0, inner destination ``dst_ip``) for its peer."""
         peer = self.table.by_addr.get(dst_ip)
         if peer is None:
@@ -140,16 +146,17 @@ class Tunnel:
         s = peer.current
         if s is not None and usable(s, now, self.limits):
             self._seal(peer, s, packet, now)
-            if peer.pending is None and (s.send_counter >= self.limits.rekey_after_messages
-                                         or (s.initiator and now >= s.rekey_at)):
+            if peer.pending is None and (
+                s.send_counter >= self.limits.rekey_after_messages
+                or (s.initiator and now >= s.rekey_at)
+            ):
                 self._initiate(peer, now, wall, rekey=True)
             return
         self._enqueue(peer, packet)
         if peer.pending is None:
             self._initiate(peer, now, wall, rekey=s is not None)
 
-    def send_batch(self, dst_ip: str, packets: Sequence[Buffer], now: float,
-                   wall: float) -> None:
+    def send_batch(self, dst_ip: str, packets: Sequence[Buffer], now: float, wall: float) -> None:
         """``send`` for the segments of one super-packet, in order: one peer lookup and one
         check of the session's limits for all of them, then one datagram each (rule 2 holds
         for every packet; anything unusual takes ``send`` one by one)."""
@@ -157,8 +164,12 @@ class Tunnel:
         peer = self.table.by_addr.get(dst_ip)
         s = peer.current if peer is not None else None
         n = len(packets)
-        if (peer is None or s is None or not usable(s, now, limits)
-                or s.send_counter + n > limits.reject_after_messages):
+        if (
+            peer is None
+            or s is None
+            or not usable(s, now, limits)
+            or s.send_counter + n > limits.reject_after_messages
+        ):
             for packet in packets:
                 self.send(dst_ip, packet, now, wall)
             return
@@ -172,7 +183,7 @@ class Tunnel:
             pos = 0
             for packet in packets:
                 size = len(packet)
-                out.append((view[pos:pos + size + wire.DATA_OVERHEAD], endpoint))
+                out.append((view[pos : pos + size + wire.DATA_OVERHEAD], endpoint))
                 pos += size + wire.DATA_OVERHEAD
                 nbytes += size
             counter += n
@@ -188,12 +199,12 @@ class Tunnel:
         counters = self.stats.counters
         counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + n
         counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + nbytes
-        if peer.pending is None and (counter >= limits.rekey_after_messages
-                                     or (s.initiator and now >= s.rekey_at)):
+        if peer.pending is None and (
+            counter >= limits.rekey_after_messages or (s.initiator and now >= s.rekey_at)
+        ):
             self._initiate(peer, now, wall, rekey=True)
 
-    def receive(self, datagram: Buffer, addr: Endpoint, now: float,
-                wall: float) -> bytes | None:
+    def receive(self, datagram: Buffer, addr: Endpoint, now: float, wall: float) -> bytes | None:
         """The authenticated inner IPv4 packet, or None (handshake handled, or a counted drop)."""
         if len(datagram) < 4:
             self.stats.drop(DropReason.SHORT)
@@ -209,8 +220,9 @@ class Tunnel:
             self.stats.drop(DropReason.UNKNOWN_TYPE)
         return None
 
-    def receive_batch(self, datagrams: Sequence[Buffer], addr: Endpoint, now: float,
-                      wall: float) -> list[bytes]:
+    def receive_batch(
+        self, datagrams: Sequence[Buffer], addr: Endpoint, now: float, wall: float
+    ) -> list[bytes]:
         """``receive`` for the datagrams of one read from ``addr``, in order: the authenticated
         inner packets. With a ``fastpath``, each run of data messages of one live session is
         opened by one call (core/fastpath.py rules 2-3); anything else takes ``receive``."""
@@ -272,12 +284,15 @@ class Tunnel:
     def status(self, now: float) -> dict[str, object]:
         """Peers, their sessions (age, confirmed, packets sent, key) and totals, and the keys,
         JSON-serialisable: the tunnel's part of ``/status`` (tencrypt/status.py prints it)."""
-        return {"pod_ip": self.pod_ip, **describe(self.table, now, self.limits),
-                "keys": self.key_status(), "key_mismatch": self.key_mismatch.describe()}
+        return {
+            "pod_ip": self.pod_ip,
+            **describe(self.table, now, self.limits),
+            "keys": self.key_status(),
+            "key_mismatch": self.key_mismatch.describe(),
+        }
 
     # ---- receive: data ----------------------------------------------------------------------
-    def _on_data(self, datagram: Buffer, addr: Endpoint,
-                 now: float, wall: float) -> bytes | None:
+    def _on_data(self, datagram: Buffer, addr: Endpoint, now: float, wall: float) -> bytes | None:
         # Inlined stages on purpose: this is the per-packet hot path.
         stats = self.stats
         if len(datagram) < wire.DATA_OVERHEAD:
@@ -328,16 +343,30 @@ class Tunnel:
         counters[Counter.BYTES_OPENED] = counters.get(Counter.BYTES_OPENED, 0) + n
         return packet
 
-    def _open_run(self, s: Session, datagrams: Sequence[Buffer], start: int, addr: Endpoint,
-                  now: float, wall: float, out: list[bytes]) -> int:
+    def _open_run(
+        self,
+        s: Session,
+        datagrams: Sequence[Buffer],
+        start: int,
+        addr: Endpoint,
+        now: float,
+        wall: float,
+        out: list[bytes],
+    ) -> int:
         """``_on_data`` for a run of ``s``'s messages from ``start``: the loop (counter limit,
         replay, AEAD, inner checks) in one call, then what authenticated traffic changes
         about the peer, once. Returns where the run stopped."""
         assert self.fastpath is not None and s.recv_key is not None
         peer = s.peer
         stop, packets, c = self.fastpath.open_batch(
-            s.recv_key, s.local_index, self.limits.reject_after_messages, s.replay,
-            b"".join(peer.allowed) + s.pod_ip, datagrams, start)
+            s.recv_key,
+            s.local_index,
+            self.limits.reject_after_messages,
+            s.replay,
+            b"".join(peer.allowed) + s.pod_ip,
+            datagrams,
+            start,
+        )
         fastpath.count(self.stats, c, len(packets))
         authenticated, keepalives = c[fastpath.AUTHENTICATED], c[fastpath.KEEPALIVES]
         if authenticated:
@@ -346,8 +375,7 @@ class Tunnel:
             peer.confirmed = True
             if not s.confirmed:
                 self._confirm(peer, s, now)
-            if (s.initiator and now >= s.renew_at and peer.pending is None
-                    and peer.current is s):
+            if s.initiator and now >= s.renew_at and peer.pending is None and peer.current is s:
                 self._initiate(peer, now, wall, rekey=True)
             if authenticated > keepalives and peer.keepalive_due is None:
                 peer.keepalive_due = now + self.limits.keepalive_timeout
@@ -364,14 +392,16 @@ class Tunnel:
         self._flush_queue(peer, now, keepalive=False)
 
     # ---- receive: handshakes ----------------------------------------------------------------
-    def _on_initiation(self, datagram: Buffer, addr: Endpoint,
-                       now: float, wall: float) -> None:
+    def _on_initiation(self, datagram: Buffer, addr: Endpoint, now: float, wall: float) -> None:
         """Rule 5: the gate (core/gate.py), the claim (rule 9), then the DH."""
         init = self._gate.initiation(datagram, addr[0], now, wall)
         if isinstance(init, DropReason):
             self.stats.drop(init)
-            if (init is DropReason.BAD_MAC and self._identity is not None
-                    and self._identity.is_member(addr[0])):  # rule 10: a pod a phase behind?
+            if (
+                init is DropReason.BAD_MAC
+                and self._identity is not None
+                and self._identity.is_member(addr[0])
+            ):  # rule 10: a pod a phase behind?
                 self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
                 self.key_mismatch.note(addr[0])
             return
@@ -395,8 +425,7 @@ class Tunnel:
             self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
             return
         index = self.table.new_index()
-        reply = handshake.build_response(init, index, self._pod_ip_packed,
-                                         init.templates.mac_key)
+        reply = handshake.build_response(init, index, self._pod_ip_packed, init.templates.mac_key)
         if reply is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
@@ -408,8 +437,16 @@ class Tunnel:
             peer = self.table.new_peer((pod_ip, self.port), pod_ip)
         if peer.pod_ip is None:  # we were initiating to this pod IP ourselves
             peer.pod_ip = pod_ip
-        s = self._new_session(peer, index, init.sender_index, keys, packed, now,
-                              initiator=False, key=init.templates.fingerprint)
+        s = self._new_session(
+            peer,
+            index,
+            init.sender_index,
+            keys,
+            packed,
+            now,
+            initiator=False,
+            key=init.templates.fingerprint,
+        )
         if peer.next is not None:
             self.table.forget(peer.next)
         peer.next = s
@@ -417,8 +454,7 @@ class Tunnel:
         self.key_mismatch.clear(addr[0])
         self.stats.inc(Counter.HANDSHAKES_RESPONDED)
 
-    def _on_response(self, datagram: Buffer, addr: Endpoint,
-                     now: float) -> None:
+    def _on_response(self, datagram: Buffer, addr: Endpoint, now: float) -> None:
         gate = self._gate
         key = gate.response_envelope(datagram)
         if isinstance(key, DropReason):
@@ -447,8 +483,13 @@ class Tunnel:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return
         remote_index, pod_ip_packed, keys = got
-        name = claimed if self._identity is None else response_name(
-            self._identity, self.table.by_addr, peer, claimed, addr, now, self.limits)
+        name = (
+            claimed
+            if self._identity is None
+            else response_name(
+                self._identity, self.table.by_addr, peer, claimed, addr, now, self.limits
+            )
+        )
         if isinstance(name, DropReason):
             self.stats.drop(name)  # the initiation stays pending: retried, then given up
             return
@@ -458,8 +499,9 @@ class Tunnel:
         del self.table.pending[index]
         peer.pending = None
         peer = self.table.bind_pod_ip(peer, name)
-        s = self._new_session(peer, index, remote_index, keys, pod_ip_packed, now,
-                              initiator=True, key=key.fingerprint)
+        s = self._new_session(
+            peer, index, remote_index, keys, pod_ip_packed, now, initiator=True, key=key.fingerprint
+        )
         self.table.install(peer, s)
         peer.endpoint = addr
         peer.confirmed = True  # rule 9: the response proved the keys
@@ -489,13 +531,16 @@ class Tunnel:
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``on_timer`` has something to do, or None."""
         limits = self.limits
-        due: list[float] = [s.expires_at if s.recv_aead is not None else s.forget_at
-                            for s in self.table.by_index.values()]
+        due: list[float] = [
+            s.expires_at if s.recv_aead is not None else s.forget_at
+            for s in self.table.by_index.values()
+        ]
         for peer in self.table.peers:
             p = peer.pending
             if p is not None:
-                due.append(min(p.first_sent + limits.handshake_give_up,
-                               p.last_sent + limits.rekey_timeout))
+                due.append(
+                    min(p.first_sent + limits.handshake_give_up, p.last_sent + limits.rekey_timeout)
+                )
             if peer.keepalive_due is not None:
                 due.append(peer.keepalive_due)
             if peer.stale_due is not None:
@@ -540,11 +585,11 @@ class Tunnel:
             self.table.remove_peer(peer)
 
     # ---- sending helpers --------------------------------------------------------------------
-    def _seal(self, peer: Peer, s: Session, packet: Buffer,
-              now: float) -> None:
+    def _seal(self, peer: Peer, s: Session, packet: Buffer, now: float) -> None:
         assert s.send_aead is not None
         self._transmits.append(
-            (wire.seal(s.send_aead, s.remote_index, s.send_counter, packet), peer.endpoint))
+            (wire.seal(s.send_aead, s.remote_index, s.send_counter, packet), peer.endpoint)
+        )
         s.send_counter += 1
         peer.keepalive_due = None
         if peer.stale_due is None:
@@ -557,7 +602,8 @@ class Tunnel:
         s = peer.current
         assert s is not None and s.send_aead is not None
         self._transmits.append(
-            (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint))
+            (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint)
+        )
         s.send_counter += 1
         peer.keepalive_due = None
         self.stats.inc(Counter.KEEPALIVES_SENT)
@@ -583,8 +629,9 @@ class Tunnel:
         if keepalive and usable(s, now, self.limits):
             self._send_keepalive(peer, now)  # rule 4: let the responder confirm
 
-    def _initiate(self, peer: Peer, now: float, wall: float, rekey: bool,
-                  first_sent: float | None = None) -> None:
+    def _initiate(
+        self, peer: Peer, now: float, wall: float, rekey: bool, first_sent: float | None = None
+    ) -> None:
         """Send a fresh initiation (new ephemeral, new index, newer timestamp) to the peer."""
         if peer.pending is not None:
             self.table.pending.pop(peer.pending.index, None)
@@ -595,23 +642,46 @@ class Tunnel:
         self._last_stamp_ns = stamp
         templates = self._gate.ring.current  # rule 10: the newest key everyone accepts
         state, datagram = handshake.build_initiation(templates, index, stamp, self._pod_ip_packed)
-        peer.pending = Pending(index, state, now if first_sent is None else first_sent, now,
-                               rekey, templates)
+        peer.pending = Pending(
+            index, state, now if first_sent is None else first_sent, now, rekey, templates
+        )
         self.table.pending[index] = peer
         peer.stale_due = None
         self._transmits.append((datagram, peer.endpoint))
         self.stats.inc(Counter.HANDSHAKES_INITIATED)
 
     # ---- peers and sessions -----------------------------------------------------------------
-    def _new_session(self, peer: Peer, index: int, remote_index: int, keys: Keys,
-                     pod_ip: bytes, now: float, initiator: bool, key: str) -> Session:
+    def _new_session(
+        self,
+        peer: Peer,
+        index: int,
+        remote_index: int,
+        keys: Keys,
+        pod_ip: bytes,
+        now: float,
+        initiator: bool,
+        key: str,
+    ) -> Session:
         limits = self.limits
         expires_at = now + limits.reject_after_time
         renew_at = expires_at - limits.keepalive_timeout - limits.rekey_timeout
-        s = Session(index, remote_index, keys.send, keys.recv, initiator, initiator, pod_ip, peer,
-                    rekey_at=now + limits.rekey_after_time, renew_at=renew_at,
-                    expires_at=expires_at, forget_at=expires_at + limits.tombstone_time,
-                    send_key=keys.send_key, recv_key=keys.recv_key, key=key)
+        s = Session(
+            index,
+            remote_index,
+            keys.send,
+            keys.recv,
+            initiator,
+            initiator,
+            pod_ip,
+            peer,
+            rekey_at=now + limits.rekey_after_time,
+            renew_at=renew_at,
+            expires_at=expires_at,
+            forget_at=expires_at + limits.tombstone_time,
+            send_key=keys.send_key,
+            recv_key=keys.recv_key,
+            key=key,
+        )
         self.table.by_index[index] = s
         self.handshakes_by_key[key] = self.handshakes_by_key.get(key, 0) + 1
         return s

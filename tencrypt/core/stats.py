@@ -166,8 +166,9 @@ class Stats:
         return self.drops.get(reason, 0)
 
 
-def render_prometheus(stats: Stats, gauges: Mapping[str, float] | None = None,
-                      prefix: str = "tencrypt") -> str:
+def render_prometheus(
+    stats: Stats, gauges: Mapping[str, float] | None = None, prefix: str = "tencrypt"
+) -> str:
     """Prometheus text format: counters as ``<prefix>_<name>_total``, drops labelled by reason."""
     lines: list[str] = []
     for name in sorted(stats.counters):
@@ -186,9 +187,12 @@ def render_prometheus(stats: Stats, gauges: Mapping[str, float] | None = None,
 
 def snapshot(stats: Stats) -> dict[str, dict[str, int]]:
     """Counters and drops (by reason value) as JSON-ready data, for ``/status``."""
-    return {"counters": dict(sorted(stats.counters.items())),
-            "drops": {reason.value: n for reason, n in sorted(stats.drops.items(),
-                                                                key=lambda kv: kv[0].value)}}
+    return {
+        "counters": dict(sorted(stats.counters.items())),
+        "drops": {
+            reason.value: n for reason, n in sorted(stats.drops.items(), key=lambda kv: kv[0].value)
+        },
+    }
 
 
 def _number(value: float) -> str:

@@ -135,8 +135,10 @@ def message_type(datagram: Buffer) -> int:
 
 # --- data messages: the hot path ----------------------------------------------------------
 
-def seal_with_header(aead: ChaCha20Poly1305, header: bytes, nonce: bytes,
-                     plaintext: Buffer) -> bytes:
+
+def seal_with_header(
+    aead: ChaCha20Poly1305, header: bytes, nonce: bytes, plaintext: Buffer
+) -> bytes:
     """``header || ChaCha20-Poly1305(nonce, plaintext, ad=header)``: the one sealing primitive.
 
     One concatenation of header and ciphertext is cheaper here than ``encrypt_into`` a fresh
@@ -145,8 +147,9 @@ def seal_with_header(aead: ChaCha20Poly1305, header: bytes, nonce: bytes,
     return header + aead.encrypt(nonce, plaintext, header)
 
 
-def open_with_header(aead: ChaCha20Poly1305, datagram: Buffer, header_len: int,
-                     nonce: bytes) -> bytes | None:
+def open_with_header(
+    aead: ChaCha20Poly1305, datagram: Buffer, header_len: int, nonce: bytes
+) -> bytes | None:
     """Inverse of ``seal_with_header``: the plaintext, or ``None`` if the tag does not verify."""
     view = memoryview(datagram)
     try:
@@ -155,8 +158,7 @@ def open_with_header(aead: ChaCha20Poly1305, datagram: Buffer, header_len: int,
         return None
 
 
-def seal(key_obj: ChaCha20Poly1305, receiver_index: int, counter: int,
-         plaintext: Buffer) -> bytes:
+def seal(key_obj: ChaCha20Poly1305, receiver_index: int, counter: int, plaintext: Buffer) -> bytes:
     """A complete data message (type 4) carrying ``plaintext``."""
     header = _DATA_HEADER.pack(TYPE_DATA, receiver_index, counter)
     return seal_with_header(key_obj, header, _NONCE_PAD + header[8:], plaintext)
@@ -183,6 +185,7 @@ def open_datagram(key_obj: ChaCha20Poly1305, datagram: Buffer) -> bytes | None:
 
 
 # --- handshake messages --------------------------------------------------------------------
+
 
 def build_tai64n(unix_ns: int) -> bytes:
     seconds, nanos = divmod(unix_ns, 1_000_000_000)
@@ -252,11 +255,13 @@ def parse_response(datagram: Buffer) -> tuple[int, bytes] | None:
 def is_old_version(datagram: Buffer) -> bool:
     """A version-1 handshake message (by type and size): refused, counted as OLD_VERSION."""
     kind = message_type(datagram)
-    return ((kind == TYPE_INITIATION and len(datagram) == V1_INITIATION_LEN)
-            or (kind == TYPE_RESPONSE and len(datagram) == V1_RESPONSE_LEN))
+    return (kind == TYPE_INITIATION and len(datagram) == V1_INITIATION_LEN) or (
+        kind == TYPE_RESPONSE and len(datagram) == V1_RESPONSE_LEN
+    )
 
 
 # --- mac1: the cheap check before any Noise work ----------------------------------------------
+
 
 def derive_mac_key(psk: bytes) -> bytes:
     """``BLAKE2s(MAC_LABEL || psk)``: the key of mac1 for one project key."""

@@ -40,8 +40,12 @@ def list_all(list_fn: Callable[..., Any]) -> tuple[list[Any], str]:
     items: list[Any] = []
     token = None
     while True:
-        resp = list_fn(limit=PAGE_SIZE, _continue=token, _preload_content=False,
-                       _request_timeout=(CONNECT_TIMEOUT, LIST_TIMEOUT))
+        resp = list_fn(
+            limit=PAGE_SIZE,
+            _continue=token,
+            _preload_content=False,
+            _request_timeout=(CONNECT_TIMEOUT, LIST_TIMEOUT),
+        )
         doc = json.loads(resp.data)
         items.extend(doc.get("items") or [])
         meta = doc.get("metadata") or {}
@@ -58,8 +62,10 @@ def brief(exc: Exception) -> str:
             message = json.loads(exc.body or "{}").get("message") or ""
         except (ValueError, AttributeError):
             message = ""
-        hint = {401: " (check the token / kubeconfig)",
-                403: " (check the ClusterRoles of scripts/k8s/rbac.yaml are applied and bound "
-                     "to this ServiceAccount)"}.get(exc.status or 0, "")
+        hint = {
+            401: " (check the token / kubeconfig)",
+            403: " (check the ClusterRoles of scripts/k8s/rbac.yaml are applied and bound "
+            "to this ServiceAccount)",
+        }.get(exc.status or 0, "")
         return f"HTTP {exc.status} {exc.reason}{': ' + message if message else ''}{hint}"
     return f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"

@@ -57,8 +57,14 @@ class _Gone(Exception):
 
 
 class Reflector(threading.Thread):
-    def __init__(self, kind: enum.Enum, list_fn: Callable[..., Any], out: queue.Queue[object],
-                 stop: threading.Event, watch_timeout: int = WATCH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        kind: enum.Enum,
+        list_fn: Callable[..., Any],
+        out: queue.Queue[object],
+        stop: threading.Event,
+        watch_timeout: int = WATCH_TIMEOUT,
+    ) -> None:
         super().__init__(name=f"reflector-{kind.value}", daemon=True)
         self.kind, self.list_fn, self.out, self.stop = kind, list_fn, out, stop
         self.watch_timeout = watch_timeout
@@ -82,9 +88,14 @@ class Reflector(threading.Thread):
 
     def _watch(self, version: str) -> None:
         while not self.stop.is_set():
-            resp = self.list_fn(watch=True, resource_version=version, allow_watch_bookmarks=True,
-                                timeout_seconds=self.watch_timeout, _preload_content=False,
-                                _request_timeout=(CONNECT_TIMEOUT, self.watch_timeout + 30))
+            resp = self.list_fn(
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.watch_timeout,
+                _preload_content=False,
+                _request_timeout=(CONNECT_TIMEOUT, self.watch_timeout + 30),
+            )
             try:
                 for line in iter_resp_lines(resp):
                     if self.stop.is_set():

@@ -43,7 +43,7 @@ def read_pcap(data: bytes) -> list[Frame]:
     frames, off = [], 24
     while off + 16 <= len(data):
         caplen = struct.unpack_from(endian + "I", data, off + 8)[0]
-        raw = data[off + 16:off + 16 + caplen]
+        raw = data[off + 16 : off + 16 + caplen]
         off += 16 + caplen
         frames.append(_frame(raw, linktype))
     return frames
@@ -77,8 +77,9 @@ class Capture:
     look at the file while the capture still runs.
     """
 
-    def __init__(self, ns: str, iface: str, bpf: str = "", limit: float = 60.0,
-                 directory: Path | None = None) -> None:
+    def __init__(
+        self, ns: str, iface: str, bpf: str = "", limit: float = 60.0, directory: Path | None = None
+    ) -> None:
         fd, name = tempfile.mkstemp(prefix=f"cap-{ns}-{iface}-", suffix=".pcap", dir=directory)
         os.close(fd)
         self.path = Path(name)
@@ -87,10 +88,29 @@ class Capture:
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the capture
         # --immediate-mode: without it packets wait in the kernel's capture buffer, and those
         # still there at SIGINT are lost (a short exchange then shows up as 0 packets)
-        argv = ["timeout", str(max(1, int(limit))), "tcpdump", "-i", iface, "-U", "--immediate-mode",
-                "-n", "-s", "0", "-Z", "root", "-w", str(self.path), *bpf.split()]
-        self.proc = subprocess.Popen(netns.exec_argv(ns, argv), stdout=subprocess.DEVNULL,
-                                     stderr=self._err, stdin=subprocess.DEVNULL)
+        argv = [
+            "timeout",
+            str(max(1, int(limit))),
+            "tcpdump",
+            "-i",
+            iface,
+            "-U",
+            "--immediate-mode",
+            "-n",
+            "-s",
+            "0",
+            "-Z",
+            "root",
+            "-w",
+            str(self.path),
+            *bpf.split(),
+        ]
+        self.proc = subprocess.Popen(
+            netns.exec_argv(ns, argv),
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             netns.wait_for(self._listening, timeout=10, what=f"tcpdump in {ns} on {iface}")
         except Exception:

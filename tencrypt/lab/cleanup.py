@@ -39,7 +39,7 @@ def stop(pid: int, timeout: float = 5.0, group: bool = False) -> bool:
     """SIGTERM ``pid`` (and its process group: ours lead their own), wait up to ``timeout``,
     then SIGKILL. Returns True if it went on SIGTERM alone."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for kill in ((os.killpg, os.kill) if group else (os.kill,)):
+        for kill in (os.killpg, os.kill) if group else (os.kill,):
             try:
                 kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -62,8 +62,10 @@ def tail(path: Path, lines: int = 15) -> str:
 
 def lab_namespaces(name: str, state_dir: Path) -> list[str]:
     marked = {p.name for p in (state_dir / "netns").glob("*")}
-    return sorted({ns for ns in netns.listed() if ns.startswith(f"{name}-")} |
-                  {ns for ns in marked if netns.exists(ns)})
+    return sorted(
+        {ns for ns in netns.listed() if ns.startswith(f"{name}-")}
+        | {ns for ns in marked if netns.exists(ns)}
+    )
 
 
 def _setup_state_dir(ns: str) -> Path | None:
@@ -91,8 +93,7 @@ def stray_processes(state_dir: Path) -> list[int]:
     mentions = re.compile(re.escape(str(state_dir)) + r"(/|\s|$)")
     mine = _ancestors()
     pids = [int(e.name) for e in PROC.iterdir() if e.name.isdigit()]
-    return [pid for pid in pids
-            if pid not in mine and mentions.search(cmdline(pid)) and alive(pid)]
+    return [pid for pid in pids if pid not in mine and mentions.search(cmdline(pid)) and alive(pid)]
 
 
 def sweep(name: str, state_dir: Path, say: Callable[[str], None]) -> int:

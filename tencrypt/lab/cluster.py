@@ -55,8 +55,9 @@ WAIT = 20.0  # seconds for a daemon to start listening on a loaded machine
 
 
 class Lab:
-    def __init__(self, name: str = "tenc", topology: Topology | None = None,
-                 nodes: int = 1) -> None:
+    def __init__(
+        self, name: str = "tenc", topology: Topology | None = None, nodes: int = 1
+    ) -> None:
         self.name = name
         self.topology = topology or Topology.default()
         self.nodes: dict[str, Node]
@@ -72,8 +73,9 @@ class Lab:
         try:
             state = json.loads(path.read_text())
         except FileNotFoundError:
-            raise UsageError(f"no lab named {name!r} (no {path}): start one with "
-                             f"`tencrypt lab --name {name} up`") from None
+            raise UsageError(
+                f"no lab named {name!r} (no {path}): start one with `tencrypt lab --name {name} up`"
+            ) from None
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"unreadable lab state {path}: {exc}") from exc
         return cls(name, Topology.from_dict(state["topology"]), state["node_count"])
@@ -92,8 +94,9 @@ class Lab:
         try:
             return self.pods[name]
         except KeyError:
-            raise UsageError(f"lab {self.name} has no pod {name!r} (pods: "
-                             f"{', '.join(self.pods)})") from None
+            raise UsageError(
+                f"lab {self.name} has no pod {name!r} (pods: {', '.join(self.pods)})"
+            ) from None
 
     def netns_of(self, target: str) -> str:
         """The namespace of a pod or of a node (``node1``)."""
@@ -136,24 +139,36 @@ class Lab:
             self.say("up failed: removing what was built")
             cleanup.sweep(self.name, self.state_dir, lambda _: None)
             raise
-        self.say(f"up: {len(self.nodes)} node(s), {len(self.pods)} pods "
-                 f"({', '.join(self.pods)}); try `tencrypt lab --name {self.name} status`")
+        self.say(
+            f"up: {len(self.nodes)} node(s), {len(self.pods)} pods "
+            f"({', '.join(self.pods)}); try `tencrypt lab --name {self.name} status`"
+        )
 
     def down(self) -> None:
         removed = cleanup.sweep(self.name, self.state_dir, self.say)
-        self.say(f"down: removed {removed} things (processes, namespaces, files)" if removed
-                 else "down: nothing to remove")
+        self.say(
+            f"down: removed {removed} things (processes, namespaces, files)"
+            if removed
+            else "down: nothing to remove"
+        )
 
     def status(self) -> str:
         return status.render(self)
 
-    def exec(self, pod: str, argv: list[str], check: bool = True, timeout: float = 60,
-             input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self,
+        pod: str,
+        argv: list[str],
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in a pod's (or node's) namespace and capture its output."""
         return netns.run(self.netns_of(pod), argv, check=check, timeout=timeout, input=input)
 
-    def patch(self, pod: str, strict: bool = True, run_args: tuple[str, ...] = (),
-              members: bool = True) -> None:
+    def patch(
+        self, pod: str, strict: bool = True, run_args: tuple[str, ...] = (), members: bool = True
+    ) -> None:
         proxy.patch(self, self.pod(pod), strict, run_args, members)
 
     def unpatch(self, pod: str) -> None:
@@ -181,10 +196,15 @@ class Lab:
         for sub in ("keys", "logs", "pids", "www", "dns", "netns"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         (self.state_dir / "keys").chmod(0o700)
-        state = {"name": self.name, "phase": phase, "node_count": len(self.nodes),
-                 "topology": self.topology.to_dict(), "dns_ip": self.dns_ip,
-                 "nodes": {n: vars_of(v) for n, v in self.nodes.items()},
-                 "pods": {n: vars_of(v) for n, v in self.pods.items()}}
+        state = {
+            "name": self.name,
+            "phase": phase,
+            "node_count": len(self.nodes),
+            "topology": self.topology.to_dict(),
+            "dns_ip": self.dns_ip,
+            "nodes": {n: vars_of(v) for n, v in self.nodes.items()},
+            "pods": {n: vars_of(v) for n, v in self.pods.items()},
+        }
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         tmp.replace(self.state_dir / "state.json")
@@ -202,21 +222,30 @@ class Lab:
         netns.create(name)
 
     def _build_node(self, node: Node) -> None:
-        self.say(f"{node.name}: namespace {node.netns}, bridge {node.bridge} "
-                 f"{node.bridge_ip}/{node.pod_cidr.split('/')[1]}, DNS {self.dns_ip}")
+        self.say(
+            f"{node.name}: namespace {node.netns}, bridge {node.bridge} "
+            f"{node.bridge_ip}/{node.pod_cidr.split('/')[1]}, DNS {self.dns_ip}"
+        )
         self._netns(node.netns)
         # No ICMP redirects: a pod reaching a VIP whose endpoint shares its bridge must keep
         # sending to the gateway, or later packets skip the node's DNAT.
-        sysctl(node.netns, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
-               "net.ipv4.conf.default.send_redirects=0")
+        sysctl(
+            node.netns,
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
+        )
         prefix = node.pod_cidr.split("/")[1]
-        ip_batch(node.netns, [
-            f"link add {node.bridge} type bridge",
-            f"link set {node.bridge} up",
-            f"addr add {node.bridge_ip}/{prefix} dev {node.bridge}",
-            # the node's own connections to a VIP need a route before nat OUTPUT rewrites them
-            f"route add {self.service_cidr} dev {node.bridge}",
-        ])
+        ip_batch(
+            node.netns,
+            [
+                f"link add {node.bridge} type bridge",
+                f"link set {node.bridge} up",
+                f"addr add {node.bridge_ip}/{prefix} dev {node.bridge}",
+                # the node's own connections to a VIP need a route before nat OUTPUT rewrites them
+                f"route add {self.service_cidr} dev {node.bridge}",
+            ],
+        )
         # bridged pod-to-pod frames must pass conntrack, or replies from a DNAT'ed VIP's pod
         # go straight back to the client with the pod's address and are refused
         sysctl(node.netns, "net.bridge.bridge-nf-call-iptables=1")
@@ -224,8 +253,14 @@ class Lab:
 
     def _add_dns_address(self, node: Node) -> None:
         try:
-            ip_batch(node.netns, ["link add dns0 type dummy", "link set dns0 up",
-                                  f"addr add {self.dns_ip}/32 dev dns0"])
+            ip_batch(
+                node.netns,
+                [
+                    "link add dns0 type dummy",
+                    "link set dns0 up",
+                    f"addr add {self.dns_ip}/32 dev dns0",
+                ],
+            )
         except SetupError as exc:
             if "Unknown device type" not in str(exc):
                 raise
@@ -233,37 +268,84 @@ class Lab:
             ip_batch(node.netns, [f"addr add {self.dns_ip}/32 dev lo"])
 
     def _join_nodes(self, a: Node, b: Node) -> None:
-        self.say(f"{a.name} <-> {b.name}: underlay {a.underlay_ip} - {b.underlay_ip}, vxlan0 "
-                 f"VNI {self.topology.vni} dstport {self.topology.vxlan_port}")
-        netns.sh(["ip", "link", "add", "eth0", "netns", a.netns, "type", "veth",
-                  "peer", "name", "eth0", "netns", b.netns])
+        self.say(
+            f"{a.name} <-> {b.name}: underlay {a.underlay_ip} - {b.underlay_ip}, vxlan0 "
+            f"VNI {self.topology.vni} dstport {self.topology.vxlan_port}"
+        )
+        netns.sh(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                a.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                b.netns,
+            ]
+        )
         for me, peer in ((a, b), (b, a)):
             assert me.underlay_ip and peer.underlay_ip and peer.overlay_ip and me.overlay_ip
-            ip_batch(me.netns, [
-                "link set eth0 up",
-                f"addr add {me.underlay_ip} dev eth0",
-                f"link add vxlan0 type vxlan id {self.topology.vni} dstport "
-                f"{self.topology.vxlan_port} local {me.underlay_ip.split('/')[0]} "
-                f"remote {peer.underlay_ip.split('/')[0]} dev eth0",
-                "link set vxlan0 up",
-                f"addr add {me.overlay_ip} dev vxlan0",
-                f"route add {peer.pod_cidr} via {peer.overlay_ip.split('/')[0]} dev vxlan0",
-            ])
+            ip_batch(
+                me.netns,
+                [
+                    "link set eth0 up",
+                    f"addr add {me.underlay_ip} dev eth0",
+                    f"link add vxlan0 type vxlan id {self.topology.vni} dstport "
+                    f"{self.topology.vxlan_port} local {me.underlay_ip.split('/')[0]} "
+                    f"remote {peer.underlay_ip.split('/')[0]} dev eth0",
+                    "link set vxlan0 up",
+                    f"addr add {me.overlay_ip} dev vxlan0",
+                    f"route add {peer.pod_cidr} via {peer.overlay_ip.split('/')[0]} dev vxlan0",
+                ],
+            )
 
     def _build_pod(self, pod: Pod) -> None:
         node = self.nodes[pod.node]
-        self.say(f"pod {pod.name} ({pod.project}) on {node.name}: {pod.netns} eth0 "
-                 f"{pod.ip}/{pod.prefixlen} mtu {pod.mtu}, Service {pod.fqdn} -> {pod.vip}")
+        self.say(
+            f"pod {pod.name} ({pod.project}) on {node.name}: {pod.netns} eth0 "
+            f"{pod.ip}/{pod.prefixlen} mtu {pod.mtu}, Service {pod.fqdn} -> {pod.vip}"
+        )
         self._netns(pod.netns)
-        netns.sh(["ip", "link", "add", "eth0", "netns", pod.netns, "type", "veth",
-                  "peer", "name", pod.host_if, "netns", node.netns])
+        netns.sh(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                pod.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                pod.host_if,
+                "netns",
+                node.netns,
+            ]
+        )
         # hairpin: a pod reaching its own Service comes back out of the port it entered by
         # (br_netfilter bridges a DNAT'ed frame whose new destination is on the same bridge)
-        ip_batch(node.netns, [f"link set {pod.host_if} mtu {pod.mtu} master {node.bridge} up",
-                              f"link set {pod.host_if} type bridge_slave hairpin on"])
-        ip_batch(pod.netns, [f"link set eth0 mtu {pod.mtu} up",
-                             f"addr add {pod.ip}/{pod.prefixlen} dev eth0",
-                             f"route add default via {pod.gateway} dev eth0"])
+        ip_batch(
+            node.netns,
+            [
+                f"link set {pod.host_if} mtu {pod.mtu} master {node.bridge} up",
+                f"link set {pod.host_if} type bridge_slave hairpin on",
+            ],
+        )
+        ip_batch(
+            pod.netns,
+            [
+                f"link set eth0 mtu {pod.mtu} up",
+                f"addr add {pod.ip}/{pod.prefixlen} dev eth0",
+                f"route add default via {pod.gateway} dev eth0",
+            ],
+        )
         etc = ETC_NETNS / pod.netns
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(clusterdns.build_resolv_conf(self.dns_ip, pod.project))
@@ -272,8 +354,10 @@ class Lab:
         (www / "index.html").write_text(f"Hello from {pod.name} ({pod.project})\n")
 
     def _program_services(self) -> None:
-        self.say(f"Services: DNAT VIP:{self.topology.port}/tcp (KUBE-SERVICES) and "
-                 f"VIP:{services.TUNNEL_PORT} udp+tcp (TENCRYPT) on every node")
+        self.say(
+            f"Services: DNAT VIP:{self.topology.port}/tcp (KUBE-SERVICES) and "
+            f"VIP:{services.TUNNEL_PORT} udp+tcp (TENCRYPT) on every node"
+        )
         for node in self.nodes.values():
             services.program_kube_services(node.netns, self.services)
             services.program_tencrypt_chain(node.netns, self.services)
@@ -285,27 +369,44 @@ class Lab:
         started = [self._spawn_dnsmasq(node) for node in self.nodes.values()]
         python = HTTP_PYTHON if Path(HTTP_PYTHON).exists() else sys.executable
         for pod in self.pods.values():
-            argv = [python, "-I", "-u", "-m", "http.server", str(pod.port), "--bind", "0.0.0.0",
-                    "--directory", str(self.www(pod.name))]
+            argv = [
+                python,
+                "-I",
+                "-u",
+                "-m",
+                "http.server",
+                str(pod.port),
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                str(self.www(pod.name)),
+            ]
             log = self.log_file(f"{pod.name}.http")
             proc = netns.spawn(pod.netns, argv, log=log)
             self.pid_file(f"{pod.name}.http").write_text(f"{proc.pid}\n")
             started.append((pod.netns, "tcp", pod.port, proc, log, f"{pod.name} HTTP server"))
-        self.say(f"started dnsmasq on {len(self.nodes)} node(s) and {len(self.pods)} HTTP "
-                 "servers; waiting until they listen")
+        self.say(
+            f"started dnsmasq on {len(self.nodes)} node(s) and {len(self.pods)} HTTP "
+            "servers; waiting until they listen"
+        )
         for ns, proto, port, proc, log, what in started:
             wait_listening(ns, proto, port, proc, log, what)
-
 
     @property
     def _extra_hosts(self) -> Path:
         return self.state_dir / "dns" / "extra-hosts"
 
-    def _spawn_dnsmasq(self, node: Node) -> tuple[str, str, int, subprocess.Popen[bytes], Path, str]:
+    def _spawn_dnsmasq(
+        self, node: Node
+    ) -> tuple[str, str, int, subprocess.Popen[bytes], Path, str]:
         cidrs = [self.service_cidr, *(n.pod_cidr for n in self.nodes.values())]
         argv = clusterdns.build_dnsmasq_argv(
-            self.dns_ip, [self.state_dir / "dns" / "hosts", self._extra_hosts],
-            self.log_file(f"{node.name}.dnsmasq"), self.pid_file(f"{node.name}.dnsmasq"), cidrs)
+            self.dns_ip,
+            [self.state_dir / "dns" / "hosts", self._extra_hosts],
+            self.log_file(f"{node.name}.dnsmasq"),
+            self.pid_file(f"{node.name}.dnsmasq"),
+            cidrs,
+        )
         out = self.log_file(f"{node.name}.dnsmasq.out")  # its start-up errors land here
         proc = netns.spawn(node.netns, argv, log=out)
         return node.netns, "udp", 53, proc, out, f"{node.name} dnsmasq"
@@ -351,15 +452,18 @@ def sysctl(ns: str, *settings: str) -> None:
     netns.run(ns, ["sysctl", "-q", "-w", *settings])
 
 
-def wait_listening(ns: str, proto: str, port: int, proc: subprocess.Popen[bytes], log: Path,
-                   what: str) -> None:
+def wait_listening(
+    ns: str, proto: str, port: int, proc: subprocess.Popen[bytes], log: Path, what: str
+) -> None:
     """Poll until something listens on ``port`` in ``ns``; fail early if ``proc`` died."""
     flag = "-Hlnu" if proto == "udp" else "-Hlnt"
 
     def listening() -> bool:
         if proc.poll() is not None:
-            raise SetupError(f"{what} exited with code {proc.returncode} before listening on "
-                             f"{proto} :{port}; its log ({log}):\n{cleanup.tail(log)}")
+            raise SetupError(
+                f"{what} exited with code {proc.returncode} before listening on "
+                f"{proto} :{port}; its log ({log}):\n{cleanup.tail(log)}"
+            )
         out = netns.run(ns, ["ss", flag, f"sport = :{port}"], check=False).stdout
         return bool(out.strip())
 

@@ -37,9 +37,7 @@ def build_hosts(pods: Iterable[Pod]) -> str:
 def build_resolv_conf(dns_ip: str, project: str) -> str:
     """A pod's resolv.conf, as the kubelet writes it for a pod of ``project``."""
     svc = f"svc.{CLUSTER_DOMAIN}"
-    return (f"nameserver {dns_ip}\n"
-            f"search {project}.{svc} {svc} {CLUSTER_DOMAIN}\n"
-            "options ndots:5\n")
+    return f"nameserver {dns_ip}\nsearch {project}.{svc} {svc} {CLUSTER_DOMAIN}\noptions ndots:5\n"
 
 
 def reverse_zones(cidr: str) -> list[str]:
@@ -55,16 +53,29 @@ def reverse_zones(cidr: str) -> list[str]:
     return zones
 
 
-def build_dnsmasq_argv(dns_ip: str, hosts: Path | list[Path], log: Path, pid_file: Path,
-                       cidrs: Iterable[str]) -> list[str]:
+def build_dnsmasq_argv(
+    dns_ip: str, hosts: Path | list[Path], log: Path, pid_file: Path, cidrs: Iterable[str]
+) -> list[str]:
     local = [f"--local=/{CLUSTER_DOMAIN}/"]
     for cidr in cidrs:
         local += [f"--local=/{zone}/" for zone in reverse_zones(cidr)]
     return [
-        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts", "--no-resolv",
-        "--bind-interfaces", f"--listen-address={dns_ip}", "--port=53",
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-hosts",
+        "--no-resolv",
+        "--bind-interfaces",
+        f"--listen-address={dns_ip}",
+        "--port=53",
         *(f"--addn-hosts={h}" for h in (hosts if isinstance(hosts, list) else [hosts])),
-        f"--local-ttl={DNS_TTL}", "--bogus-priv", *local,
-        f"--log-facility={log}", "--log-queries", "--log-async",
-        f"--pid-file={pid_file}", "--user=root", "--group=root",
+        f"--local-ttl={DNS_TTL}",
+        "--bogus-priv",
+        *local,
+        f"--log-facility={log}",
+        "--log-queries",
+        "--log-async",
+        f"--pid-file={pid_file}",
+        "--user=root",
+        "--group=root",
     ]

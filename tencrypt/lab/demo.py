@@ -38,8 +38,12 @@ def say(text: str) -> None:
 
 
 def curl(lab: Lab, pod: str, url: str, marker: str) -> tuple[bool, str]:
-    proc = lab.exec(pod, ["curl", "-sS", "--max-time", "15", "-H", f"X-Demo-Marker: {marker}", url],
-                    check=False, timeout=30)
+    proc = lab.exec(
+        pod,
+        ["curl", "-sS", "--max-time", "15", "-H", f"X-Demo-Marker: {marker}", url],
+        check=False,
+        timeout=30,
+    )
     return proc.returncode == 0, (proc.stdout.strip() or proc.stderr.strip())[:80]
 
 
@@ -68,8 +72,13 @@ def run_demo(lab: Lab) -> list[Check]:
     say("stage 2: nginx1 -> http://nginx2:8080/ in the clear, capturing on the bridge")
     ok, body, frames, marker = observe(lab, "nginx1", "http://nginx2:8080/")
     checks.append(Check("unpatched: curl nginx1 -> nginx2 works", ok, body))
-    checks.append(Check("unpatched: an eavesdropper on the bridge reads the HTTP request",
-                        seen(frames, marker), f"{len(frames)} frames captured"))
+    checks.append(
+        Check(
+            "unpatched: an eavesdropper on the bridge reads the HTTP request",
+            seen(frames, marker),
+            f"{len(frames)} frames captured",
+        )
+    )
 
     say("stage 3: patching nginx1 and nginx2 (tencrypt setup + tencrypt run, strict)")
     lab.patch("nginx1")
@@ -80,17 +89,31 @@ def run_demo(lab: Lab) -> list[Check]:
     talk = between(frames, *pair)
     plain = [f for f in talk if not (f.proto == 17 and TUNNEL_PORT in (f.sport, f.dport))]
     checks.append(Check("patched: curl nginx1 -> nginx2 still works", ok, body))
-    checks.append(Check("patched: no trace of the HTTP request on the bridge",
-                        not seen(frames, marker) and len(talk) > 0,
-                        f"{len(talk)} frames between the pods"))
-    checks.append(Check(f"patched: nothing but UDP :{TUNNEL_PORT} between the pods", not plain and len(talk) > 0,
-                        f"{len(plain)} other frames"))
+    checks.append(
+        Check(
+            "patched: no trace of the HTTP request on the bridge",
+            not seen(frames, marker) and len(talk) > 0,
+            f"{len(talk)} frames between the pods",
+        )
+    )
+    checks.append(
+        Check(
+            f"patched: nothing but UDP :{TUNNEL_PORT} between the pods",
+            not plain and len(talk) > 0,
+            f"{len(plain)} other frames",
+        )
+    )
 
     say("stage 5: cakephp (project2) -> nginx2.myproject, cross-project")
     ok, body, frames, marker = observe(lab, "cakephp", "http://nginx2.myproject:8080/")
     checks.append(Check("cross-project: cakephp -> nginx2 works", ok, body))
-    checks.append(Check("cross-project: stays plaintext (untouched)", seen(frames, marker),
-                        f"{len(frames)} frames captured"))
+    checks.append(
+        Check(
+            "cross-project: stays plaintext (untouched)",
+            seen(frames, marker),
+            f"{len(frames)} frames captured",
+        )
+    )
 
     say("stage 6: project2 publishes an alias for nginx2's VIP; nginx1 resolves it")
     alias = "nginx2-alias.project2.svc.cluster.local"
@@ -99,12 +122,21 @@ def run_demo(lab: Lab) -> list[Check]:
     ok, body, frames, marker = observe(lab, "nginx1", "http://nginx2:8080/")
     talk = between(frames, *pair)
     plain = [f for f in talk if not (f.proto == 17 and TUNNEL_PORT in (f.sport, f.dport))]
-    checks.append(Check("tenant alias: resolved to our VIP through the proxy",
-                        n2.vip in resolved, " ".join(resolved) or "no answer"))
-    checks.append(Check("tenant alias: curl nginx1 -> nginx2 still sealed, only UDP :"
-                        f"{TUNNEL_PORT} on the bridge", ok and not seen(frames, marker)
-                        and not plain and len(talk) > 0,
-                        f"{len(talk)} frames between the pods, {len(plain)} other"))
+    checks.append(
+        Check(
+            "tenant alias: resolved to our VIP through the proxy",
+            n2.vip in resolved,
+            " ".join(resolved) or "no answer",
+        )
+    )
+    checks.append(
+        Check(
+            "tenant alias: curl nginx1 -> nginx2 still sealed, only UDP :"
+            f"{TUNNEL_PORT} on the bridge",
+            ok and not seen(frames, marker) and not plain and len(talk) > 0,
+            f"{len(talk)} frames between the pods, {len(plain)} other",
+        )
+    )
     return checks
 
 
@@ -123,5 +155,7 @@ def main(args: argparse.Namespace) -> int:
     for c in checks:
         print(f"  {'PASS' if c.ok else 'FAIL'}  {c.what:<{width}}  ({c.detail})")
     passed = all(c.ok for c in checks)
-    print(f"\n{'PASS' if passed else 'FAIL'}: {sum(c.ok for c in checks)} of {len(checks)} checks passed")
+    print(
+        f"\n{'PASS' if passed else 'FAIL'}: {sum(c.ok for c in checks)} of {len(checks)} checks passed"
+    )
     return 0 if passed else 1

@@ -72,9 +72,12 @@ def launcher_env(lab: Lab | None = None) -> dict[str, str]:
 def members_of(lab: Lab, project: str) -> Members:
     """The project's membership as the cluster API would list it: every pod IP and Service VIP
     of the project (the lab plays the node agent's part, with the agent's file format)."""
-    return Members(project, time.time_ns(),
-                   frozenset(p.ip for p in lab.pods.values() if p.project == project),
-                   frozenset(s.vip for s in lab.services if s.project == project))
+    return Members(
+        project,
+        time.time_ns(),
+        frozenset(p.ip for p in lab.pods.values() if p.project == project),
+        frozenset(s.vip for s in lab.services if s.project == project),
+    )
 
 
 def write_members_file(lab: Lab, pod: Pod, members: Members | None = None) -> Path:
@@ -113,8 +116,9 @@ def proxies_in(ns: str) -> list[int]:
     return found
 
 
-def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (),
-          members: bool = True) -> None:
+def patch(
+    lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (), members: bool = True
+) -> None:
     """Start the launcher for ``pod`` (``run_args`` go to `tencrypt run`, e.g. --no-batch).
     ``members``: hand the proxy its project's membership first, as the agent does; without
     it the proxy runs standalone (DNS and sessions are its only evidence)."""
@@ -124,30 +128,47 @@ def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (
         write_members_file(lab, pod)
     else:
         with contextlib.suppress(FileNotFoundError):
-            (podnet.namespace_state_dir(SETUP_STATE_DIR, f"/run/netns/{pod.netns}")
-             / MEMBERS_FILE).unlink()
+            (
+                podnet.namespace_state_dir(SETUP_STATE_DIR, f"/run/netns/{pod.netns}")
+                / MEMBERS_FILE
+            ).unlink()
     key = pod_key_file(lab, pod)
     if not key.exists():
         key = lab.psk_file(pod.project)
     if not key.exists():
         raise UsageError(f"no key for project {pod.project} ({key}): is lab {lab.name} up?")
-    argv = ["bash", str(launcher()), "--netns", pod.netns, "--", "--psk-file", str(key),
-            "--metrics", METRICS]
+    argv = [
+        "bash",
+        str(launcher()),
+        "--netns",
+        pod.netns,
+        "--",
+        "--psk-file",
+        str(key),
+        "--metrics",
+        METRICS,
+    ]
     if not strict:
         argv.append("--no-strict")
     argv += run_args
     log, pid_file = lab.log_file(f"{pod.name}.tencrypt"), lab.pid_file(f"{pod.name}.tencrypt")
     lab.say(f"patching {pod.name}: {' '.join(argv[1:])} (log {log})")
     with open(log, "wb") as out:  # truncated: an old "ready" line must not count
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env=launcher_env(lab))
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=launcher_env(lab),
+        )
     pid_file.write_text(f"{proc.pid}\n")
 
     def ready() -> bool:
         if proc.poll() is not None:
-            raise SetupError(f"the proxy in {pod.name} exited with code {proc.returncode} "
-                             "before it was ready")
+            raise SetupError(
+                f"the proxy in {pod.name} exited with code {proc.returncode} before it was ready"
+            )
         return READY in log.read_text(errors="replace")
 
     try:
@@ -158,24 +179,34 @@ def patch(lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (
         pid_file.unlink(missing_ok=True)
         _undo(pod, check=False)
         raise SetupError(f"{exc}\nlast lines of {log}:\n{cleanup.tail(log)}") from None
-    lab.say(f"patched {pod.name}: proxy pid {proc.pid}, {'strict' if strict else 'not strict'}, "
-            f"{'membership from the lab' if members else 'standalone (no membership)'}")
+    lab.say(
+        f"patched {pod.name}: proxy pid {proc.pid}, {'strict' if strict else 'not strict'}, "
+        f"{'membership from the lab' if members else 'standalone (no membership)'}"
+    )
 
 
 def unpatch(lab: Lab, pod: Pod) -> None:
     pid = proxy_pid(lab, pod)
     if pid:
         graceful = cleanup.stop(pid, timeout=STOP_TIMEOUT, group=True)
-        lab.say(f"stopped the proxy in {pod.name} (pid {pid}"
-                f"{'' if graceful else ', needed SIGKILL'})")
+        lab.say(
+            f"stopped the proxy in {pod.name} (pid {pid}{'' if graceful else ', needed SIGKILL'})"
+        )
     lab.pid_file(f"{pod.name}.tencrypt").unlink(missing_ok=True)
     _undo(pod, check=True)
     lab.say(f"unpatched {pod.name}: setup undone")
 
 
 def _undo(pod: Pod, check: bool) -> None:
-    proc = subprocess.run(["bash", str(launcher()), "--netns", pod.netns, "--undo"],
-                          capture_output=True, text=True, env=launcher_env(), timeout=60)
+    proc = subprocess.run(
+        ["bash", str(launcher()), "--netns", pod.netns, "--undo"],
+        capture_output=True,
+        text=True,
+        env=launcher_env(),
+        timeout=60,
+    )
     if check and proc.returncode != 0:
-        raise SetupError(f"`tencrypt setup --undo` in {pod.name} failed ({proc.returncode}):\n"
-                         f"{proc.stderr.strip() or proc.stdout.strip()}")
+        raise SetupError(
+            f"`tencrypt setup --undo` in {pod.name} failed ({proc.returncode}):\n"
+            f"{proc.stderr.strip() or proc.stdout.strip()}"
+        )

@@ -27,16 +27,24 @@ from tencrypt.nodesync.kubeobjects import lab_objects
 
 
 def build_kube_services(services: Iterable[Service]) -> str:
-    lines = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-POSTROUTING - [0:0]",
-             '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-             '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-             "-A POSTROUTING -j KUBE-POSTROUTING"]
+    lines = [
+        "*nat",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-POSTROUTING - [0:0]",
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        "-A POSTROUTING -j KUBE-POSTROUTING",
+    ]
     for svc in services:
-        lines.append(f"-A KUBE-SERVICES -d {svc.vip}/32 -p tcp -m tcp --dport {svc.port} "
-                     f'-m comment --comment "{svc.project}/{svc.name}:http" '
-                     f"-j DNAT --to-destination {svc.endpoint}:{svc.port}")
-        lines.append(f"-A KUBE-POSTROUTING -s {svc.endpoint}/32 -d {svc.endpoint}/32 "
-                     "-m conntrack --ctstate DNAT -j MASQUERADE")
+        lines.append(
+            f"-A KUBE-SERVICES -d {svc.vip}/32 -p tcp -m tcp --dport {svc.port} "
+            f'-m comment --comment "{svc.project}/{svc.name}:http" '
+            f"-j DNAT --to-destination {svc.endpoint}:{svc.port}"
+        )
+        lines.append(
+            f"-A KUBE-POSTROUTING -s {svc.endpoint}/32 -d {svc.endpoint}/32 "
+            "-m conntrack --ctstate DNAT -j MASQUERADE"
+        )
     return "\n".join([*lines, "COMMIT", ""])
 
 
@@ -44,8 +52,9 @@ def program_kube_services(node_ns: str, services: Iterable[Service]) -> None:
     netns.run(node_ns, ["iptables-restore", "--noflush"], input=build_kube_services(services))
 
 
-def program_tencrypt_chain(node_ns: str, services: Iterable[Service],
-                           port: int = TUNNEL_PORT) -> None:
+def program_tencrypt_chain(
+    node_ns: str, services: Iterable[Service], port: int = TUNNEL_PORT
+) -> None:
     """Make ``node_ns`` forward ``VIP:port`` (udp+tcp) of exactly ``services`` to their pods,
     as `tencrypt node-sync` does on a real node (its nft backend: table inet tencrypt; the
     name of this function is older). Idempotent."""

@@ -16,8 +16,10 @@ from tencrypt.linux import netns, procs
 
 def table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
 
 
 def _daemon(lab: LabView, what: str) -> str:
@@ -38,21 +40,56 @@ def _proxy(lab: LabView, pod_name: str) -> str:
 
 
 def render(lab: LabView) -> str:
-    out = [f"lab {lab.name}: {len(lab.nodes)} node(s), {len(lab.pods)} pods, projects "
-           f"{', '.join(lab.projects)}; state in {lab.state_dir}", "", "NODES"]
-    out += table(["NODE", "NETNS", "BRIDGE", "POD CIDR", "UNDERLAY", "DNS " + lab.dns_ip],
-                 [[n.name, _present(n.netns), f"{n.bridge} {n.bridge_ip}", n.pod_cidr,
-                   f"{n.underlay_if} {n.underlay_ip}" if n.underlay_if else "-",
-                   "dnsmasq " + _daemon(lab, f"{n.name}.dnsmasq")]
-                  for n in lab.nodes.values()])
+    out = [
+        f"lab {lab.name}: {len(lab.nodes)} node(s), {len(lab.pods)} pods, projects "
+        f"{', '.join(lab.projects)}; state in {lab.state_dir}",
+        "",
+        "NODES",
+    ]
+    out += table(
+        ["NODE", "NETNS", "BRIDGE", "POD CIDR", "UNDERLAY", "DNS " + lab.dns_ip],
+        [
+            [
+                n.name,
+                _present(n.netns),
+                f"{n.bridge} {n.bridge_ip}",
+                n.pod_cidr,
+                f"{n.underlay_if} {n.underlay_ip}" if n.underlay_if else "-",
+                "dnsmasq " + _daemon(lab, f"{n.name}.dnsmasq"),
+            ]
+            for n in lab.nodes.values()
+        ],
+    )
     out += ["", "PODS"]
-    out += table(["POD", "PROJECT", "NODE", "NETNS", "IP", "VIP", "MTU", "HTTP", "TENCRYPT"],
-                 [[p.name, p.project, p.node, _present(p.netns), p.ip, p.vip, str(p.mtu),
-                   _daemon(lab, f"{p.name}.http"), _proxy(lab, p.name)]
-                  for p in lab.pods.values()])
+    out += table(
+        ["POD", "PROJECT", "NODE", "NETNS", "IP", "VIP", "MTU", "HTTP", "TENCRYPT"],
+        [
+            [
+                p.name,
+                p.project,
+                p.node,
+                _present(p.netns),
+                p.ip,
+                p.vip,
+                str(p.mtu),
+                _daemon(lab, f"{p.name}.http"),
+                _proxy(lab, p.name),
+            ]
+            for p in lab.pods.values()
+        ],
+    )
     out += ["", "SERVICES (DNAT on every node)"]
-    out += table(["SERVICE", "NAME", "VIP", "PORTS", "ENDPOINT"],
-                 [[s.name, lab.pods[s.name].fqdn, s.vip,
-                   f"{s.port}/tcp, {TUNNEL_PORT}/udp+tcp", s.endpoint]
-                  for s in lab.services])
+    out += table(
+        ["SERVICE", "NAME", "VIP", "PORTS", "ENDPOINT"],
+        [
+            [
+                s.name,
+                lab.pods[s.name].fqdn,
+                s.vip,
+                f"{s.port}/tcp, {TUNNEL_PORT}/udp+tcp",
+                s.endpoint,
+            ]
+            for s in lab.services
+        ],
+    )
     return "\n".join(out) + "\n"

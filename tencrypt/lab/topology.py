@@ -121,14 +121,19 @@ class Topology:
 
     @classmethod
     def default(cls) -> Topology:
-        return cls(pods=[PodSpec("nginx1", "myproject"), PodSpec("nginx2", "myproject", node=2),
-                         PodSpec("cakephp", "project2")])
+        return cls(
+            pods=[
+                PodSpec("nginx1", "myproject"),
+                PodSpec("nginx2", "myproject", node=2),
+                PodSpec("cakephp", "project2"),
+            ]
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Topology:
         raw_pods = data.get("pods") if isinstance(data, dict) else None
         if not isinstance(raw_pods, list):
-            raise UsageError("lab topology: expected a JSON object with a list under \"pods\"")
+            raise UsageError('lab topology: expected a JSON object with a list under "pods"')
         known = {f for f in cls.__dataclass_fields__ if f != "pods"}
         unknown = set(data) - known - {"pods"}
         if unknown:
@@ -136,8 +141,9 @@ class Topology:
         allowed = set(PodSpec.__dataclass_fields__)
         for entry in raw_pods:
             if not isinstance(entry, dict) or set(entry) - allowed:
-                raise UsageError(f"lab topology: bad pod entry {entry!r} (keys: "
-                                 f"{', '.join(sorted(allowed))})")
+                raise UsageError(
+                    f"lab topology: bad pod entry {entry!r} (keys: {', '.join(sorted(allowed))})"
+                )
         try:
             pods = [PodSpec(**p) for p in raw_pods]
             topo = cls(pods=pods, **{k: v for k, v in data.items() if k != "pods"})  # type: ignore[arg-type]
@@ -162,8 +168,10 @@ class Topology:
         names, vips = set(), set()
         for spec in self.pods:
             if not POD_NAME_RE.match(spec.name) or re.match(r"^node\d+$", spec.name):
-                raise UsageError(f"lab topology: bad pod name {spec.name!r} (want "
-                                 "[a-z][a-z0-9]{0,13}, not node<N>)")
+                raise UsageError(
+                    f"lab topology: bad pod name {spec.name!r} (want "
+                    "[a-z][a-z0-9]{0,13}, not node<N>)"
+                )
             if not PROJECT_RE.match(spec.project):
                 raise UsageError(f"lab topology: bad project name {spec.project!r}")
             if spec.name in names:
@@ -181,12 +189,15 @@ class Topology:
             vips.add(vip)
 
     def _check_overlaps(self) -> None:
-        nets = {"service_cidr": self.service_cidr, "underlay_cidr": self.underlay_cidr,
-                "overlay_cidr": self.overlay_cidr,
-                **{f"pod_cidrs[{i}]": c for i, c in enumerate(self.pod_cidrs[:MAX_NODES])}}
+        nets = {
+            "service_cidr": self.service_cidr,
+            "underlay_cidr": self.underlay_cidr,
+            "overlay_cidr": self.overlay_cidr,
+            **{f"pod_cidrs[{i}]": c for i, c in enumerate(self.pod_cidrs[:MAX_NODES])},
+        }
         parsed = [(what, _net(cidr, what)) for what, cidr in nets.items()]
         for i, (what, net) in enumerate(parsed):
-            for other, net2 in parsed[i + 1:]:
+            for other, net2 in parsed[i + 1 :]:
                 if net.overlaps(net2):
                     raise UsageError(f"lab topology: {what} {net} overlaps {other} {net2}")
         if ipaddress.ip_address(self.dns_ip) not in _net(self.service_cidr, "service_cidr"):
@@ -205,8 +216,10 @@ class Topology:
     def plan(self, lab: str, nodes: int) -> tuple[dict[str, Node], dict[str, Pod]]:
         """The concrete nodes and pods of lab ``lab`` with ``nodes`` nodes (1 or 2)."""
         if not LAB_NAME_RE.match(lab):
-            raise UsageError(f"bad lab name {lab!r}: want [a-z][a-z0-9]{{0,15}} (no dashes: it "
-                             "prefixes every namespace, <name>-node1, <name>-<pod>)")
+            raise UsageError(
+                f"bad lab name {lab!r}: want [a-z][a-z0-9]{{0,15}} (no dashes: it "
+                "prefixes every namespace, <name>-node1, <name>-<pod>)"
+            )
         if not 1 <= nodes <= MAX_NODES:
             raise UsageError(f"a lab has 1 to {MAX_NODES} nodes, not {nodes}")
         self.validate()
@@ -220,18 +233,32 @@ class Topology:
             if ip not in net or str(ip) == node.bridge_ip or ip == net.broadcast_address:
                 raise UsageError(f"lab topology: pod {spec.name!r}: {ip} is not a host of {net}")
             pods[spec.name] = Pod(
-                name=spec.name, project=spec.project, netns=f"{lab}-{spec.name}", ip=str(ip),
-                vip=self._vip(spec, index), node=node.name, mtu=mtu,
-                fqdn=f"{spec.name}.{spec.project}.svc.{CLUSTER_DOMAIN}", port=self.port,
-                prefixlen=net.prefixlen, gateway=node.bridge_ip, host_if=f"v{spec.name}")
+                name=spec.name,
+                project=spec.project,
+                netns=f"{lab}-{spec.name}",
+                ip=str(ip),
+                vip=self._vip(spec, index),
+                node=node.name,
+                mtu=mtu,
+                fqdn=f"{spec.name}.{spec.project}.svc.{CLUSTER_DOMAIN}",
+                port=self.port,
+                prefixlen=net.prefixlen,
+                gateway=node.bridge_ip,
+                host_if=f"v{spec.name}",
+            )
         if len({p.ip for p in pods.values()}) != len(pods):
             raise UsageError("lab topology: two pods share an IP address")
         return planned, pods
 
     def _node(self, lab: str, index: int, count: int) -> Node:
         net = _net(self.pod_cidrs[index - 1], "pod_cidrs")
-        node = Node(name=f"node{index}", netns=f"{lab}-node{index}", bridge="br0",
-                    pod_cidr=str(net), bridge_ip=str(net.network_address + 1))
+        node = Node(
+            name=f"node{index}",
+            netns=f"{lab}-node{index}",
+            bridge="br0",
+            pod_cidr=str(net),
+            bridge_ip=str(net.network_address + 1),
+        )
         if count > 1:
             under = _net(self.underlay_cidr, "underlay_cidr")
             over = _net(self.overlay_cidr, "overlay_cidr")

@@ -90,8 +90,12 @@ class DnsConfig:
     @classmethod
     def from_pod(cls, pod: PodConfig, **overrides: Any) -> DnsConfig:
         """From setup's ``PodConfig`` (dns, domain, cluster_domain, fwmark)."""
-        fields = {"upstream": parse_hostport(pod.dns, 53), "domain": pod.domain,
-                  "cluster_domain": pod.cluster_domain, "fwmark": pod.fwmark}
+        fields = {
+            "upstream": parse_hostport(pod.dns, 53),
+            "domain": pod.domain,
+            "cluster_domain": pod.cluster_domain,
+            "fwmark": pod.fwmark,
+        }
         return cls(**{**fields, **overrides})
 
 
@@ -126,8 +130,9 @@ def _family(addr: str) -> int:
 class _Datagrams(asyncio.DatagramProtocol):
     """Pumps datagrams into a handler; errors (ICMP unreachable) into another."""
 
-    def __init__(self, on_datagram: Callable[[bytes, Any], None],
-                 on_error: Callable[[Exception], None]) -> None:
+    def __init__(
+        self, on_datagram: Callable[[bytes, Any], None], on_error: Callable[[Exception], None]
+    ) -> None:
         self.on_datagram, self.on_error = on_datagram, on_error
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -177,16 +182,21 @@ class DnsProxy:
     an address's class, from the event loop; it must not block for long.
     """
 
-    def __init__(self, config: DnsConfig | PodConfig, stats: Stats,
-                 on_change: OnChange | None = None) -> None:
+    def __init__(
+        self, config: DnsConfig | PodConfig, stats: Stats, on_change: OnChange | None = None
+    ) -> None:
         if not isinstance(config, DnsConfig):
             config = DnsConfig.from_pod(config)
         self.config, self.stats, self.on_change = config, stats, on_change
         cache = AnswerCache(config.cache_entries) if config.cache_entries > 0 else None
-        self.pending = PendingTable(stats, timeout=config.timeout, max_pending=config.max_pending,
-                                    cache=cache)
-        self.table = ClassTable(Domains.of(config.domain, config.cluster_domain),
-                                min_ttl=config.min_ttl, negative_ttl=config.negative_ttl)
+        self.pending = PendingTable(
+            stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
+        )
+        self.table = ClassTable(
+            Domains.of(config.domain, config.cluster_domain),
+            min_ttl=config.min_ttl,
+            negative_ttl=config.negative_ttl,
+        )
         self.rlog = RateLimitedLog(log)
         self._client: asyncio.DatagramTransport | None = None
         self._upstream: asyncio.DatagramTransport | None = None
@@ -205,7 +215,8 @@ class DnsProxy:
         up = _udp_socket(_family(self.config.upstream[0]), self.config.fwmark)
         up.connect(self.config.upstream)
         self._upstream, _ = await loop.create_datagram_endpoint(
-            lambda: _Datagrams(self._on_upstream_datagram, self._on_upstream_error), sock=up)
+            lambda: _Datagrams(self._on_upstream_datagram, self._on_upstream_error), sock=up
+        )
         listen = _udp_socket(_family(host), None)
         try:
             listen.bind((host, port))
@@ -213,12 +224,17 @@ class DnsProxy:
             listen.close()
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._client, _ = await loop.create_datagram_endpoint(
-            lambda: _Datagrams(self._on_client_datagram, self._on_client_error), sock=listen)
-        self._tcp = await asyncio.start_server(self._on_tcp_client, host, port,
-                                               reuse_address=True)
+            lambda: _Datagrams(self._on_client_datagram, self._on_client_error), sock=listen
+        )
+        self._tcp = await asyncio.start_server(self._on_tcp_client, host, port, reuse_address=True)
         self._sweeper = asyncio.create_task(self._sweep_forever())
-        log.info("DNS proxy on %s:%d → %s:%d, project domain %s", host, port,
-                 *self.config.upstream, self.config.domain)
+        log.info(
+            "DNS proxy on %s:%d → %s:%d, project domain %s",
+            host,
+            port,
+            *self.config.upstream,
+            self.config.domain,
+        )
 
     async def close(self) -> None:
         if self._tcp is not None:
@@ -317,15 +333,13 @@ class DnsProxy:
             self._reply(addr, outcome.data)
             self.rlog.warn("query-error", "DNS query from %s answered with an error", addr[0])
         else:
-            self.rlog.warn("query-drop", "DNS query from %s dropped (%d bytes)", addr[0],
-                           len(data))
+            self.rlog.warn("query-drop", "DNS query from %s dropped (%d bytes)", addr[0], len(data))
 
     def _on_upstream_datagram(self, data: bytes, addr: Any) -> None:
         now = time.monotonic()
         answered = self.pending.on_answer(data, now)
         if answered is None:
-            self.rlog.warn("answer-drop", "DNS answer from upstream dropped (%d bytes)",
-                           len(data))
+            self.rlog.warn("answer-drop", "DNS answer from upstream dropped (%d bytes)", len(data))
             return
         if answered.record is not None:
             self._notify(self.table.on_answer(answered.record, now))
@@ -364,18 +378,24 @@ class DnsProxy:
         for client, servfail in expired:
             self._deliver(client, servfail, None)
         if expired:
-            self.rlog.warn("timeout", "DNS upstream %s:%d silent: %d queries answered SERVFAIL",
-                           *self.config.upstream, len(expired))
+            self.rlog.warn(
+                "timeout",
+                "DNS upstream %s:%d silent: %d queries answered SERVFAIL",
+                *self.config.upstream,
+                len(expired),
+            )
         self._arm_timer()
 
     # -- TCP -------------------------------------------------------------------------------
 
-    async def _on_tcp_client(self, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
+    async def _on_tcp_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if len(self._tcp_clients) >= self.config.max_tcp_clients:
             self.stats.drop(DropReason.DNS_TCP_TOO_MANY_CLIENTS)
-            self.rlog.warn("tcp-full", "DNS over TCP: %d clients already, refusing one",
-                           len(self._tcp_clients))
+            self.rlog.warn(
+                "tcp-full", "DNS over TCP: %d clients already, refusing one", len(self._tcp_clients)
+            )
             writer.close()
             return
         task = asyncio.current_task()

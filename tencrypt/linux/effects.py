@@ -83,8 +83,7 @@ class Kernel:
         if action is RouteAction.VIA_TUN:
             rtnl.replace_route(f"{ip}/32", dev=pod.tun, src=pod.pod_ip)
         else:
-            rtnl.replace_route(f"{ip}/32", dev=pod.dev, gateway=pod.gateway or None,
-                               src=pod.pod_ip)
+            rtnl.replace_route(f"{ip}/32", dev=pod.dev, gateway=pod.gateway or None, src=pod.pod_ip)
 
     def unroute(self, ip: str) -> None:
         rtnl.delete_route(f"{ip}/32")
@@ -101,8 +100,13 @@ class Kernel:
 
 
 class EffectApplier:
-    def __init__(self, desired: Desired, stats: Stats, kernel: Kernel,
-                 on_applied: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        desired: Desired,
+        stats: Stats,
+        kernel: Kernel,
+        on_applied: Callable[[], None] | None = None,
+    ) -> None:
         self.desired, self.stats, self.kernel = desired, stats, kernel
         self.on_applied = on_applied or (lambda: None)
         self.firewall_counters: dict[str, int] = {}

@@ -45,8 +45,9 @@ NFT_TIMEOUT = 30.0  # seconds; a transaction of a few thousand elements takes mi
 def nft(script: str) -> str:
     """Run one nft transaction (``nft -f -``); SetupError with nft's message on failure."""
     try:
-        proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
-                              timeout=NFT_TIMEOUT)
+        proc = subprocess.run(
+            ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT
+        )
     except FileNotFoundError as exc:
         raise SetupError("nft not found: install nftables (strict mode needs it)") from exc
     except subprocess.TimeoutExpired as exc:
@@ -151,16 +152,18 @@ def remove_legacy() -> None:
 
 def _delete(family: str, name: str) -> None:
     try:
-        subprocess.run(["nft", "delete", "table", family, name], capture_output=True,
-                       timeout=NFT_TIMEOUT)
+        subprocess.run(
+            ["nft", "delete", "table", family, name], capture_output=True, timeout=NFT_TIMEOUT
+        )
     except FileNotFoundError:
         pass  # no nft, so no table either
 
 
 def _run_json(words: list[str]) -> list[dict]:  # type: ignore[type-arg]
     try:
-        proc = subprocess.run(["nft", "-j", *words], capture_output=True, text=True,
-                              timeout=NFT_TIMEOUT)
+        proc = subprocess.run(
+            ["nft", "-j", *words], capture_output=True, text=True, timeout=NFT_TIMEOUT
+        )
     except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
         raise SetupError(f"nft: {exc}") from exc
     if proc.returncode != 0:

@@ -73,8 +73,9 @@ def enable_gro(sock: socket.socket) -> bool:
 class UdpBatch:
     """A UDP socket moving runs of datagrams per system call, GSO out and GRO in."""
 
-    def __init__(self, sock: socket.socket, stats: Stats | None = None, *, gso: bool = True,
-                 gro: bool = True) -> None:
+    def __init__(
+        self, sock: socket.socket, stats: Stats | None = None, *, gso: bool = True, gro: bool = True
+    ) -> None:
         self.sock = sock
         self.stats = stats if stats is not None else Stats()
         self.gso = gso and probe_gso(sock)
@@ -103,7 +104,7 @@ class UdpBatch:
         sent = 0
         pos = 0
         while pos < total:
-            chunk = view[pos:pos + step]
+            chunk = view[pos : pos + step]
             count = -(-len(chunk) // size)
             done = self._send_chunk(chunk, size, count, addr)
             sent += done
@@ -128,20 +129,21 @@ class UdpBatch:
                 else:
                     self.gso = False
                     self.stats.inc(Counter.GSO_FALLBACK)
-                    log.warning("UDP GSO refused (%s): one datagram per system call from now on",
-                                exc.strerror)
+                    log.warning(
+                        "UDP GSO refused (%s): one datagram per system call from now on",
+                        exc.strerror,
+                    )
         return self._send_each(chunk, size, addr)
 
     def _send_each(self, chunk: memoryview, size: int, addr: Address) -> int:
         done = 0
         for pos in range(0, len(chunk), size):
-            if not self._send_one(chunk[pos:pos + size], addr):
+            if not self._send_one(chunk[pos : pos + size], addr):
                 break
             done += 1
         return done
 
-    def send_many(self, datagrams: Sequence[tuple[bytes | bytearray | memoryview, Address]]
-                  ) -> int:
+    def send_many(self, datagrams: Sequence[tuple[bytes | bytearray | memoryview, Address]]) -> int:
         """Send (datagram, address) pairs in order, each run to one address of equal sizes
         (the last of a run may be shorter) as one GSO batch. Returns datagrams sent."""
         sent = 0
@@ -192,4 +194,4 @@ class UdpBatch:
             nbytes -= nbytes % size  # keep the complete datagrams
         if size <= 0 or size >= nbytes:
             return [view[:nbytes]], addr
-        return [view[pos:min(pos + size, nbytes)] for pos in range(0, nbytes, size)], addr
+        return [view[pos : min(pos + size, nbytes)] for pos in range(0, nbytes, size)], addr

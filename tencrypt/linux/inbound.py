@@ -39,9 +39,15 @@ HOLD_TOTAL = 1024
 
 
 class InboundGate:
-    def __init__(self, queue: NfQueue, table: ClassTable, stats: Stats,
-                 classify: Callable[[str], Awaitable[AddrClass | None]],
-                 clock: Callable[[], float], spawn: Callable[[Awaitable[Any]], None]) -> None:
+    def __init__(
+        self,
+        queue: NfQueue,
+        table: ClassTable,
+        stats: Stats,
+        classify: Callable[[str], Awaitable[AddrClass | None]],
+        clock: Callable[[], float],
+        spawn: Callable[[Awaitable[Any]], None],
+    ) -> None:
         self.queue, self.table, self.stats = queue, table, stats
         self.classify, self.clock, self.spawn = classify, clock, spawn
         self.held: dict[str, list[int]] = {}
@@ -56,8 +62,9 @@ class InboundGate:
                 decisions.append((packet.packet_id, False))
                 continue
             src = str(ipaddress.ip_address(flow.src))
-            verdict = decide_inbound(self.table.lookup(src, now),
-                                     looked_up=self.table.known_unknown(src, now))
+            verdict = decide_inbound(
+                self.table.lookup(src, now), looked_up=self.table.known_unknown(src, now)
+            )
             if verdict is Verdict.HOLD:
                 self._hold(src, packet.packet_id, decisions)
             else:
@@ -94,8 +101,12 @@ class InboundGate:
     def _accept(self, src: str, verdict: Verdict, packets: int = 1) -> bool:
         if verdict is Verdict.REFUSE:
             self.stats.drop(DropReason.PLAINTEXT_FROM_PROJECT, packets)
-            self.ratelog.warn("plaintext-" + src, "refused a plaintext connection from %s: it is "
-                              "this project's (a pod without a tencrypt proxy?)", src)
+            self.ratelog.warn(
+                "plaintext-" + src,
+                "refused a plaintext connection from %s: it is "
+                "this project's (a pod without a tencrypt proxy?)",
+                src,
+            )
             return False
         self.stats.inc(Counter.INBOUND_ACCEPTED, packets)
         return True

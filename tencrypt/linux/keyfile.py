@@ -111,8 +111,12 @@ class KeyFile:
             keys = parse_key_file(self.path.read_bytes())
         except (OSError, UsageError) as exc:
             self.stats.inc(Counter.KEY_RELOAD_REFUSALS)
-            log.error("key file %s refused (%s): keeping the loaded keys (%s)", self.path, exc,
-                      describe(self.loaded) if self.loaded else "none")
+            log.error(
+                "key file %s refused (%s): keeping the loaded keys (%s)",
+                self.path,
+                exc,
+                describe(self.loaded) if self.loaded else "none",
+            )
             return None
         if keys == self.loaded:
             return None

@@ -61,13 +61,20 @@ class MembersFile:
         try:
             members = parse_members(self.path.read_bytes())
         except (OSError, MembershipError) as exc:
-            log.error("membership file %s refused (%s): keeping the last good membership "
-                      "(generation %s)", self.path, exc,
-                      self.loaded.generation if self.loaded else "none")
+            log.error(
+                "membership file %s refused (%s): keeping the last good membership (generation %s)",
+                self.path,
+                exc,
+                self.loaded.generation if self.loaded else "none",
+            )
             return None
         if self.loaded is not None and members.generation < self.loaded.generation:
-            log.error("membership file %s has generation %d, older than the loaded %d: ignored",
-                      self.path, members.generation, self.loaded.generation)
+            log.error(
+                "membership file %s has generation %d, older than the loaded %d: ignored",
+                self.path,
+                members.generation,
+                self.loaded.generation,
+            )
             return None
         self.loaded = members
         return members

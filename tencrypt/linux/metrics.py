@@ -24,8 +24,9 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def respond(path: bytes, render: Callable[[], str],
-            status: Callable[[], object] | None) -> tuple[str, str, bytes]:
+def respond(
+    path: bytes, render: Callable[[], str], status: Callable[[], object] | None
+) -> tuple[str, str, bytes]:
     """(HTTP status line, content type, body) for a GET of ``path``."""
     path = path.split(b"?", 1)[0]
     if path in (b"/metrics", b"/"):
@@ -36,8 +37,9 @@ def respond(path: bytes, render: Callable[[], str],
     return "404 Not Found", "text/plain", f"not found; {hint}\n".encode()
 
 
-async def serve(address: str, render: Callable[[], str],
-                status: Callable[[], object] | None = None) -> asyncio.Server:
+async def serve(
+    address: str, render: Callable[[], str], status: Callable[[], object] | None = None
+) -> asyncio.Server:
     host, port = parse_address(address)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -45,11 +47,18 @@ async def serve(address: str, render: Callable[[], str],
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
             code, kind, body = respond(path, render, status)
-            writer.write(f"HTTP/1.1 {code}\r\nContent-Type: {kind}\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                         + body)
+            writer.write(
+                f"HTTP/1.1 {code}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             pass
         finally:
             writer.close()

@@ -107,12 +107,22 @@ def routes(table: int | None = RT_TABLE_MAIN, proto: int | None = None) -> list[
         out = []
         for msg in ipr.get_routes(family=socket.AF_INET):
             tab = int(msg.get_attr("RTA_TABLE") or msg["table"])
-            if (table is not None and tab != table) or (proto is not None and msg["proto"] != proto):
+            if (table is not None and tab != table) or (
+                proto is not None and msg["proto"] != proto
+            ):
                 continue
             dst = f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
-            out.append(Route(dst, tab, names.get(msg.get_attr("RTA_OIF")),
-                             msg.get_attr("RTA_GATEWAY"), msg.get_attr("RTA_PREFSRC"), msg["proto"],
-                             msg["scope"]))
+            out.append(
+                Route(
+                    dst,
+                    tab,
+                    names.get(msg.get_attr("RTA_OIF")),
+                    msg.get_attr("RTA_GATEWAY"),
+                    msg.get_attr("RTA_PREFSRC"),
+                    msg["proto"],
+                    msg["scope"],
+                )
+            )
         return out
 
 
@@ -123,8 +133,15 @@ def default_gateway(dev: str | None = None) -> str | None:
     return None
 
 
-def ensure_route(dst: str, *, dev: str, gateway: str | None = None, src: str | None = None,
-                 table: int | None = None, scope_link: bool = False) -> None:
+def ensure_route(
+    dst: str,
+    *,
+    dev: str,
+    gateway: str | None = None,
+    src: str | None = None,
+    table: int | None = None,
+    scope_link: bool = False,
+) -> None:
     """Create or replace the route to ``dst`` ("a.b.c.d" or CIDR) in ``table`` (default main)."""
     if "/" not in dst:
         dst += "/32"
@@ -169,8 +186,11 @@ def remove_routes_by_proto(proto: int = RTPROT_TENCRYPT) -> int:
 def ensure_rule(*, fwmark: int, table: int, priority: int) -> None:
     with _ipr(f"rule fwmark {fwmark:#x} lookup {table}") as ipr:
         for msg in ipr.get_rules(family=socket.AF_INET):
-            if (msg.get_attr("FRA_FWMARK") == fwmark and msg.get_attr("FRA_TABLE") == table
-                    and msg.get_attr("FRA_PRIORITY") == priority):
+            if (
+                msg.get_attr("FRA_FWMARK") == fwmark
+                and msg.get_attr("FRA_TABLE") == table
+                and msg.get_attr("FRA_PRIORITY") == priority
+            ):
                 return
         ipr.rule("add", fwmark=fwmark, table=table, priority=priority, family=socket.AF_INET)
 
@@ -178,7 +198,11 @@ def ensure_rule(*, fwmark: int, table: int, priority: int) -> None:
 def remove_rule(*, fwmark: int, table: int, priority: int) -> None:
     with _ipr(f"removing rule fwmark {fwmark:#x}") as ipr:
         for msg in ipr.get_rules(family=socket.AF_INET):
-            if (msg.get_attr("FRA_FWMARK") == fwmark and msg.get_attr("FRA_TABLE") == table
-                    and msg.get_attr("FRA_PRIORITY") == priority):
-                ipr.rule("del", fwmark=fwmark, table=table, priority=priority,
-                         family=socket.AF_INET)
+            if (
+                msg.get_attr("FRA_FWMARK") == fwmark
+                and msg.get_attr("FRA_TABLE") == table
+                and msg.get_attr("FRA_PRIORITY") == priority
+            ):
+                ipr.rule(
+                    "del", fwmark=fwmark, table=table, priority=priority, family=socket.AF_INET
+                )

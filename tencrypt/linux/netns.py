@@ -46,7 +46,9 @@ def delete(name: str) -> None:
     """Kill every process still in the namespace, then remove it. Never raises for a missing one."""
     if not exists(name):
         return
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True
+    ).stdout.split()
     for pid in pids:
         try:
             os.kill(int(pid), 9)
@@ -59,43 +61,65 @@ def exec_argv(name: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", name, *argv]
 
 
-def run(name: str, argv: Sequence[str], *, check: bool = True, timeout: float = 60,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    name: str,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` inside namespace ``name`` and capture its output."""
     return sh(exec_argv(name, argv), check=check, timeout=timeout, input=input)
 
 
-def spawn(name: str, argv: Sequence[str], *, log: Path | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    name: str, argv: Sequence[str], *, log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a long-running program inside namespace ``name`` in its own process group."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen(exec_argv(name, argv), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+        return subprocess.Popen(
+            exec_argv(name, argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
     finally:
         if log:
             out.close()  # type: ignore[union-attr]
 
 
-def sh(argv: Sequence[str], *, check: bool = True, timeout: float = 60,
-       input: str | None = None) -> subprocess.CompletedProcess[str]:
+def sh(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 60, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command; on failure raise SetupError quoting the command and its stderr."""
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              input=input)
+        proc = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, input=input
+        )
     except FileNotFoundError as exc:
-        raise SetupError(f"{argv[0]} not found: install it (see README, scripts/install.sh)") from exc
+        raise SetupError(
+            f"{argv[0]} not found: install it (see README, scripts/install.sh)"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise SetupError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
     if check and proc.returncode != 0:
-        raise SetupError(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{proc.stderr.strip() or proc.stdout.strip()}")
+        raise SetupError(
+            f"command failed ({proc.returncode}): {' '.join(argv)}\n"
+            f"{proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05,
-             what: str = "condition") -> None:
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> None:
     """Poll ``predicate`` until true (never a bare sleep); SetupError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

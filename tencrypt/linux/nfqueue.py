@@ -71,9 +71,16 @@ TOOLS = ("iptables", "ip6tables")  # iptables-nft: nft has no queue statement he
 class NfQueue:
     """One bound queue: ``fileno`` for a reader, ``read_batch``, ``verdict``, ``close``."""
 
-    def __init__(self, queue_num: int, stats: Stats | None = None, *,
-                 copy_range: int = nfqmsg.DEFAULT_COPY_RANGE, maxlen: int = nfqmsg.DEFAULT_MAXLEN,
-                 rcvbuf: int = RECV_BUFFER_BYTES, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        queue_num: int,
+        stats: Stats | None = None,
+        *,
+        copy_range: int = nfqmsg.DEFAULT_COPY_RANGE,
+        maxlen: int = nfqmsg.DEFAULT_MAXLEN,
+        rcvbuf: int = RECV_BUFFER_BYTES,
+        timeout: float = 2.0,
+    ) -> None:
         """Open the socket and bind ``queue_num`` (one config message, acknowledged).
         SetupError if the kernel refuses: EBUSY when another socket holds the queue."""
         self.queue_num = queue_num
@@ -93,8 +100,11 @@ class NfQueue:
                 self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             except OSError:
                 pass  # only shortens error messages
-            self._request(nfqmsg.build_bind(queue_num, self._next_seq(), copy_range, maxlen),
-                          timeout, f"bind NFQUEUE {queue_num}")
+            self._request(
+                nfqmsg.build_bind(queue_num, self._next_seq(), copy_range, maxlen),
+                timeout,
+                f"bind NFQUEUE {queue_num}",
+            )
             self.sock.setblocking(False)
             self._proc = _open_status()
         except OSError as exc:
@@ -137,7 +147,9 @@ class NfQueue:
                 continue
             ack = nfqmsg.parse_ack(msg)
             if ack is not None and ack.errno:
-                self.stats.inc(Counter.NFQUEUE_KERNEL_ERRORS)  # e.g. ENOENT: a verdict for no packet
+                self.stats.inc(
+                    Counter.NFQUEUE_KERNEL_ERRORS
+                )  # e.g. ENOENT: a verdict for no packet
             elif ack is None:
                 self.stats.inc(Counter.NFQUEUE_MALFORMED)
 
@@ -240,8 +252,10 @@ def _open_status() -> int | None:
 def _why(code: int) -> str:
     reason = errno.errorcode.get(code, str(code))
     if code == errno.EPERM:  # nfqnl_recv_config: the queue exists with another portid
-        return (f"{reason}: another socket has bound this queue number (another proxy?), "
-                "or CAP_NET_ADMIN is missing")
+        return (
+            f"{reason}: another socket has bound this queue number (another proxy?), "
+            "or CAP_NET_ADMIN is missing"
+        )
     return f"{reason} ({os.strerror(code)})"
 
 
@@ -254,18 +268,35 @@ def _receive_buffer(sock: socket.socket, size: int) -> None:
 
 # ---- the rule ------------------------------------------------------------------------------------
 
-def rule_specs(queue_num: int, uplink: str, sources: Sequence[str],
-               tunnel_port: int) -> list[list[str]]:
+
+def rule_specs(
+    queue_num: int, uplink: str, sources: Sequence[str], tunnel_port: int
+) -> list[list[str]]:
     """iptables (or ip6tables) arguments of the queue rules for ``sources`` of one family:
     chain TENCRYPT-NFQ holds them, INPUT jumps to it for packets from the uplink. First the
     tunnel's port returns (sealed traffic is never queued), then new TCP and UDP connections
     from each source CIDR go to queue ``queue_num``, without bypass (fail closed)."""
-    specs = [["-N", CHAIN],
-             ["-A", CHAIN, "-p", "udp", "--dport", str(tunnel_port), "-j", "RETURN"]]
+    specs = [["-N", CHAIN], ["-A", CHAIN, "-p", "udp", "--dport", str(tunnel_port), "-j", "RETURN"]]
     for source in sources:
         for proto in ("tcp", "udp"):
-            specs.append(["-A", CHAIN, "-s", source, "-p", proto, "-m", "conntrack",
-                          "--ctstate", "NEW", "-j", "NFQUEUE", "--queue-num", str(queue_num)])
+            specs.append(
+                [
+                    "-A",
+                    CHAIN,
+                    "-s",
+                    source,
+                    "-p",
+                    proto,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    str(queue_num),
+                ]
+            )
     specs.append(["-I", "INPUT", "-i", uplink, "-j", CHAIN])
     return specs
 
@@ -293,8 +324,7 @@ def remove_rules(uplink: str) -> None:
 
 def _run(tool: str, args: list[str], check: bool) -> int:
     try:
-        proc = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True,
-                              timeout=15)
+        proc = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True, timeout=15)
     except FileNotFoundError as exc:
         raise SetupError(f"{tool} not found: standalone strict mode needs iptables-nft") from exc
     if check and proc.returncode != 0:

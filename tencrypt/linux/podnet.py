@@ -66,8 +66,16 @@ class SetupState:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = directory / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"config": self.config.to_dict(), "resolv_conf": self.resolv_conf,
-                                   "resolv_original": self.resolv_original}, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "config": self.config.to_dict(),
+                    "resolv_conf": self.resolv_conf,
+                    "resolv_original": self.resolv_original,
+                },
+                indent=2,
+            )
+        )
         tmp.replace(directory / STATE_FILE)
 
     @classmethod
@@ -103,16 +111,19 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
     gateway = args.gateway or netlink.default_gateway(dev)
     if not gateway:
         raise UsageError(f"no default route via {dev}; pass --gateway")
-    resolv_path = args.resolv_conf or (resolv_conf_of(args.resolv_conf_of) if args.resolv_conf_of
-                                        else "/etc/resolv.conf")
+    resolv_path = args.resolv_conf or (
+        resolv_conf_of(args.resolv_conf_of) if args.resolv_conf_of else "/etc/resolv.conf"
+    )
     try:
         current = Path(resolv_path).read_text()
     except OSError as exc:
         raise UsageError(f"cannot read {resolv_path}: {exc.strerror}") from exc
     if not os.access(resolv_path, os.W_OK):
-        raise UsageError(f"{resolv_path} is read-only here (containerd and CRI-O mount it so into "
-                         "the pod's infrastructure container): run setup from the node with "
-                         "--resolv-conf-of PID (tencrypt-nsenter.sh does), or pass --resolv-conf FILE")
+        raise UsageError(
+            f"{resolv_path} is read-only here (containerd and CRI-O mount it so into "
+            "the pod's infrastructure container): run setup from the node with "
+            "--resolv-conf-of PID (tencrypt-nsenter.sh does), or pass --resolv-conf FILE"
+        )
     original = previous.resolv_original if previous and is_rewritten(current) else current
     resolv = parse_resolv_conf(original)
     dns = args.dns or next((ns for ns in resolv.nameservers if not ns.startswith("127.")), None)
@@ -120,7 +131,9 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         raise UsageError(f"{resolv_path} names no usable nameserver; pass --dns")
     domain = args.domain or (resolv.search[0] if resolv.search else None)
     if not domain:
-        raise UsageError(f"{resolv_path} has no `search` line to tell the project domain; pass --domain")
+        raise UsageError(
+            f"{resolv_path} has no `search` line to tell the project domain; pass --domain"
+        )
     pod_cidrs = tuple(getattr(args, "pod_cidr", None) or ())
     if not pod_cidrs:
         on_link = _on_link_subnet(dev)
@@ -133,11 +146,18 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         mtu = args.mtu or tun_mtu(uplink.mtu)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    config = PodConfig(pod_ip=pod_ip, dev=dev, gateway=gateway, dns=dns, domain=domain.rstrip("."),
-                       search=resolv.search, cluster_domain=cluster_domain_of(domain),
-                       service_cidr=args.service_cidr, mtu=mtu,
-                       pod_cidrs=tuple(str(ipaddress.ip_network(c, strict=False))
-                                       for c in pod_cidrs))
+    config = PodConfig(
+        pod_ip=pod_ip,
+        dev=dev,
+        gateway=gateway,
+        dns=dns,
+        domain=domain.rstrip("."),
+        search=resolv.search,
+        cluster_domain=cluster_domain_of(domain),
+        service_cidr=args.service_cidr,
+        mtu=mtu,
+        pod_cidrs=tuple(str(ipaddress.ip_network(c, strict=False)) for c in pod_cidrs),
+    )
     return SetupState(config, resolv_path, original)
 
 
@@ -156,20 +176,29 @@ def resolv_conf_of(pid: int) -> str:
     mount = mount_of(pod_mounts, "/etc/resolv.conf")
     if mount is None or not mount.read_only:
         return seen
-    for node_mountinfo, node_root in (("/proc/1/mountinfo", "/proc/1/root"),
-                                      ("/proc/self/mountinfo", "")):
+    for node_mountinfo, node_root in (
+        ("/proc/1/mountinfo", "/proc/1/root"),
+        ("/proc/self/mountinfo", ""),
+    ):
         try:
-            on_node = node_path(pod_mounts, "/etc/resolv.conf",
-                                parse_mountinfo(Path(node_mountinfo).read_text()))
+            on_node = node_path(
+                pod_mounts, "/etc/resolv.conf", parse_mountinfo(Path(node_mountinfo).read_text())
+            )
             if on_node and _file_id(node_root + on_node) == seen_id:
-                log.info("resolv.conf of pid %d is a read-only bind mount: rewriting its source "
-                         "%s on the node", pid, on_node)
+                log.info(
+                    "resolv.conf of pid %d is a read-only bind mount: rewriting its source "
+                    "%s on the node",
+                    pid,
+                    on_node,
+                )
                 return node_root + on_node
         except OSError:
             continue
-    raise UsageError(f"/etc/resolv.conf of pid {pid} is a read-only mount of {mount.root} "
-                     f"(device {mount.dev}) that this node's mounts do not show; pass "
-                     "--resolv-conf FILE")
+    raise UsageError(
+        f"/etc/resolv.conf of pid {pid} is a read-only mount of {mount.root} "
+        f"(device {mount.dev}) that this node's mounts do not show; pass "
+        "--resolv-conf FILE"
+    )
 
 
 def _file_id(path: str) -> tuple[int, int]:
@@ -188,8 +217,9 @@ def setup(args: argparse.Namespace) -> PodConfig:
     netlink.ensure_tun(c.tun, c.mtu)
     netlink.ensure_route(c.service_cidr, dev=c.tun, src=c.pod_ip)
     on_link = _on_link_subnet(c.dev)
-    netlink.ensure_route(c.dns, dev=c.dev, gateway=None if _within(c.dns, on_link) else c.gateway,
-                         src=c.pod_ip)
+    netlink.ensure_route(
+        c.dns, dev=c.dev, gateway=None if _within(c.dns, on_link) else c.gateway, src=c.pod_ip
+    )
     if on_link:
         netlink.ensure_route(on_link, dev=c.dev, src=c.pod_ip, table=c.table, scope_link=True)
     netlink.ensure_route("0.0.0.0/0", dev=c.dev, gateway=c.gateway, src=c.pod_ip, table=c.table)
@@ -210,7 +240,9 @@ def undo(state_dir: str) -> bool:
         return False
     pid = _live_pid(directory / PID_FILE)
     if pid:
-        raise UsageError(f"a tencrypt proxy (pid {pid}) still runs in this namespace: stop it first")
+        raise UsageError(
+            f"a tencrypt proxy (pid {pid}) still runs in this namespace: stop it first"
+        )
     c = state.config
     try:
         if is_rewritten(Path(state.resolv_conf).read_text()):
@@ -264,12 +296,17 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("needs root (CAP_NET_ADMIN) in the pod's network namespace")
     if args.undo:
         done = undo(args.state_dir)
-        print("tencrypt setup --undo: namespace restored" if done
-              else "tencrypt setup --undo: nothing to undo (not set up)")
+        print(
+            "tencrypt setup --undo: namespace restored"
+            if done
+            else "tencrypt setup --undo: nothing to undo (not set up)"
+        )
         return 0
     c = setup(args)
-    print(f"tencrypt setup: pod {c.pod_ip} on {c.dev} via {c.gateway}; {c.tun} mtu {c.mtu}; "
-          f"{c.service_cidr} -> {c.tun}; DNS {c.dns} -> {c.dev}; project domain {c.domain}; "
-          f"pod network {', '.join(c.pod_cidrs) or '-'}; fwmark {c.fwmark:#x} -> table {c.table}; "
-          f"firewall inet tencrypt; resolv.conf -> 127.0.0.1")
+    print(
+        f"tencrypt setup: pod {c.pod_ip} on {c.dev} via {c.gateway}; {c.tun} mtu {c.mtu}; "
+        f"{c.service_cidr} -> {c.tun}; DNS {c.dns} -> {c.dev}; project domain {c.domain}; "
+        f"pod network {', '.join(c.pod_cidrs) or '-'}; fwmark {c.fwmark:#x} -> table {c.table}; "
+        f"firewall inet tencrypt; resolv.conf -> 127.0.0.1"
+    )
     return 0

@@ -23,8 +23,9 @@ def read_pid(path: Path) -> int | None:
 def cmdline(pid: int) -> str:
     """The process's command line, words joined by spaces; "" if it is gone."""
     try:
-        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        return (
+            (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         return ""
 

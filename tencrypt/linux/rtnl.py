@@ -36,7 +36,9 @@ RT_SCOPE_UNIVERSE = 0
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC = 1, 4, 5, 7
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type, flags
+_RTMSG = struct.Struct(
+    "=BBBBBBBBI"
+)  # family, dst_len, src_len, tos, table, proto, scope, type, flags
 _RTATTR = struct.Struct("=HH")  # len, type
 
 
@@ -45,13 +47,23 @@ def _attr(kind: int, value: bytes) -> bytes:
     return body + bytes(-len(body) % 4)
 
 
-def build_route_message(kind: int, flags: int, dst: str, *, oif: int | None = None,
-                        gateway: str | None = None, src: str | None = None, proto: int = 0,
-                        route_type: int = 0, seq: int = 1) -> bytes:
+def build_route_message(
+    kind: int,
+    flags: int,
+    dst: str,
+    *,
+    oif: int | None = None,
+    gateway: str | None = None,
+    src: str | None = None,
+    proto: int = 0,
+    route_type: int = 0,
+    seq: int = 1,
+) -> bytes:
     """One RTM_NEWROUTE / RTM_DELROUTE request for the IPv4 prefix ``dst`` in table main."""
     net = ipaddress.IPv4Network(dst if "/" in dst else dst + "/32", strict=False)
-    body = _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto,
-                       RT_SCOPE_UNIVERSE, route_type, 0)
+    body = _RTMSG.pack(
+        socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_UNIVERSE, route_type, 0
+    )
     body += _attr(RTA_DST, net.network_address.packed)
     if oif is not None:
         body += _attr(RTA_OIF, struct.pack("=I", oif))
@@ -59,8 +71,10 @@ def build_route_message(kind: int, flags: int, dst: str, *, oif: int | None = No
         body += _attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
     if src:
         body += _attr(RTA_PREFSRC, ipaddress.IPv4Address(src).packed)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK,
-                          seq, 0) + body
+    return (
+        _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+        + body
+    )
 
 
 def parse_ack(reply: bytes, seq: int) -> int:
@@ -94,20 +108,31 @@ def _request(message: bytes, what: str, ignore: tuple[int, ...] = ()) -> None:
         raise SetupError(f"netlink refused {what}: {reason}")
 
 
-def replace_route(dst: str, *, dev: str, gateway: str | None = None,
-                  src: str | None = None) -> None:
+def replace_route(
+    dst: str, *, dev: str, gateway: str | None = None, src: str | None = None
+) -> None:
     """``linux.netlink.ensure_route(dst, dev=dev, gateway=gateway, src=src)``, pyroute2-free."""
     try:
         oif = socket.if_nametoindex(dev)
     except OSError as exc:
         raise SetupError(f"netlink refused route {dst} dev {dev}: no such device") from exc
-    message = build_route_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, dst, oif=oif,
-                                  gateway=gateway, src=src, proto=RTPROT_TENCRYPT,
-                                  route_type=RTN_UNICAST)
+    message = build_route_message(
+        RTM_NEWROUTE,
+        NLM_F_CREATE | NLM_F_REPLACE,
+        dst,
+        oif=oif,
+        gateway=gateway,
+        src=src,
+        proto=RTPROT_TENCRYPT,
+        route_type=RTN_UNICAST,
+    )
     _request(message, f"route {dst} dev {dev}")
 
 
 def delete_route(dst: str) -> None:
     """``linux.netlink.remove_route(dst)``: gone already is fine."""
-    _request(build_route_message(RTM_DELROUTE, 0, dst), f"removing route {dst}",
-             ignore=(errno.ESRCH, errno.ENOENT))
+    _request(
+        build_route_message(RTM_DELROUTE, 0, dst),
+        f"removing route {dst}",
+        ignore=(errno.ESRCH, errno.ENOENT),
+    )

@@ -47,8 +47,10 @@ class Tun:
                 fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         except OSError as exc:
             os.close(self.fd)
-            raise SetupError(f"cannot attach to TUN {name} ({exc.strerror}); did `tencrypt setup` "
-                             "run in this namespace?") from exc
+            raise SetupError(
+                f"cannot attach to TUN {name} ({exc.strerror}); did `tencrypt setup` "
+                "run in this namespace?"
+            ) from exc
 
     def fileno(self) -> int:
         return self.fd

@@ -9,13 +9,18 @@ from tencrypt.nodesync.cli import add_arguments, main
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tencrypt node-sync",
-                                     description="keep the node's TENCRYPT nat chain in step "
-                                                 "with the cluster's Services and endpoints")
+    parser = argparse.ArgumentParser(
+        prog="tencrypt node-sync",
+        description="keep the node's TENCRYPT nat chain in step "
+        "with the cluster's Services and endpoints",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return main(args)
     except TencryptError as exc:

@@ -47,17 +47,26 @@ def choose(backend: str, netns: str | None = None) -> str:
     return "nft" if nft.available(netns) else "iptables"
 
 
-def make_applier(backend: str, netns: str | None = None, iptables: str = "iptables",
-                 port: int = TUNNEL_PORT, stats: Stats | None = None) -> Applier:
+def make_applier(
+    backend: str,
+    netns: str | None = None,
+    iptables: str = "iptables",
+    port: int = TUNNEL_PORT,
+    stats: Stats | None = None,
+) -> Applier:
     """The applier of ``backend`` (``auto`` resolved on this node)."""
     if choose(backend, netns) == "nft":
         return nft.NftApplier(netns, port, stats, iptables)
     return IptablesApplier(netns, iptables, port, stats)
 
 
-def program_objects(objects: Iterable[dict[str, Any]], netns: str | None = None,
-                    port: int = TUNNEL_PORT, backend: str = "nft",
-                    iptables: str = "iptables") -> list[ServiceBackends]:
+def program_objects(
+    objects: Iterable[dict[str, Any]],
+    netns: str | None = None,
+    port: int = TUNNEL_PORT,
+    backend: str = "nft",
+    iptables: str = "iptables",
+) -> list[ServiceBackends]:
     """Program a node from Kubernetes objects (``kubeobjects.lab_objects(services)`` for the
     lab) through the path a real node takes: objects → ClusterState → rules → the backend."""
     state = load_list(build_list(objects), Stats())

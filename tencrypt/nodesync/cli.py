@@ -43,49 +43,89 @@ log = logging.getLogger("tencrypt.nodesync")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--once", action="store_true",
-                   help="read the cluster once, program the node, exit (default: watch)")
-    p.add_argument("--from-file", metavar="FILE",
-                   help="with --once: read the JSON of `kubectl get namespaces,services,"
-                        "endpointslices -A -o json` (or endpoints) from FILE ('-': stdin) "
-                        "instead of the API")
-    p.add_argument("--kubeconfig", metavar="FILE",
-                   help="kubeconfig to use (default: in-cluster service account, else "
-                        "$KUBECONFIG or ~/.kube/config)")
-    p.add_argument("--netns", metavar="NAME",
-                   help="program the nat table of this named network namespace (the lab's "
-                        "node) instead of the current one")
-    p.add_argument("--backend", default="auto", choices=list(backends.BACKENDS),
-                   help="how to program the node: nft (table inet tencrypt), iptables (chain "
-                        "TENCRYPT of the nat table), auto = nft where the kernel has nf_tables "
-                        "(default: auto)")
-    p.add_argument("--iptables", default="iptables",
-                   choices=["iptables", "iptables-nft", "iptables-legacy"],
-                   help="with the iptables backend, the iptables kube-proxy uses on this node; "
-                        "with nft, the one whose chain TENCRYPT to remove (default: iptables)")
-    p.add_argument("--port", type=int, default=TUNNEL_PORT,
-                   help=f"the tunnel port forwarded from VIP to pod, udp and tcp "
-                        f"(default: {TUNNEL_PORT})")
-    p.add_argument("--resync", type=float, default=300.0, metavar="SECONDS",
-                   help="re-apply the rules from memory this often, repairing hand edits "
-                        "(default: 300)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="with --once: print the transaction (nft -f or iptables-restore input) "
-                        "instead of applying it")
-    p.add_argument("--cleanup", action="store_true",
-                   help="remove what either backend programmed (table inet tencrypt; chain "
-                        "TENCRYPT, its sub-chains and the jumps to it), then exit")
-    p.add_argument("--metrics", metavar="ADDR:PORT",
-                   help="serve Prometheus metrics at http://ADDR:PORT/metrics while watching "
-                        "(sync duration, programmed elements, last successful sync)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="stderr log level")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="read the cluster once, program the node, exit (default: watch)",
+    )
+    p.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="with --once: read the JSON of `kubectl get namespaces,services,"
+        "endpointslices -A -o json` (or endpoints) from FILE ('-': stdin) "
+        "instead of the API",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig to use (default: in-cluster service account, else "
+        "$KUBECONFIG or ~/.kube/config)",
+    )
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="program the nat table of this named network namespace (the lab's "
+        "node) instead of the current one",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=list(backends.BACKENDS),
+        help="how to program the node: nft (table inet tencrypt), iptables (chain "
+        "TENCRYPT of the nat table), auto = nft where the kernel has nf_tables "
+        "(default: auto)",
+    )
+    p.add_argument(
+        "--iptables",
+        default="iptables",
+        choices=["iptables", "iptables-nft", "iptables-legacy"],
+        help="with the iptables backend, the iptables kube-proxy uses on this node; "
+        "with nft, the one whose chain TENCRYPT to remove (default: iptables)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=TUNNEL_PORT,
+        help=f"the tunnel port forwarded from VIP to pod, udp and tcp (default: {TUNNEL_PORT})",
+    )
+    p.add_argument(
+        "--resync",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="re-apply the rules from memory this often, repairing hand edits (default: 300)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --once: print the transaction (nft -f or iptables-restore input) "
+        "instead of applying it",
+    )
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove what either backend programmed (table inet tencrypt; chain "
+        "TENCRYPT, its sub-chains and the jumps to it), then exit",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics while watching "
+        "(sync duration, programmed elements, last successful sync)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="stderr log level",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.from_file and not args.once:
-        raise UsageError("--from-file needs --once: a file does not change, there is nothing "
-                         "to watch")
+        raise UsageError(
+            "--from-file needs --once: a file does not change, there is nothing to watch"
+        )
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port number")
     stats = Stats()
@@ -126,7 +166,7 @@ def read_file(path: str, stats: Stats) -> ClusterState:
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not JSON (want `kubectl get ... -o json`): {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
-        raise UsageError(f"{path}: expected a kubectl List document with \"items\"")
+        raise UsageError(f'{path}: expected a kubectl List document with "items"')
     return load_list(doc, stats)
 
 
@@ -138,8 +178,9 @@ def _apply_once(state: ClusterState, applier: backends.Applier, dry_run: bool) -
         sys.stdout.write(applier.plan(desired, full=True))
         return 0
     applier.apply(desired, full=True)
-    log.info("programmed %d VIPs, %d endpoints", len(desired),
-             sum(len(b.endpoints) for b in desired))
+    log.info(
+        "programmed %d VIPs, %d endpoints", len(desired), sum(len(b.endpoints) for b in desired)
+    )
     return 0
 
 
@@ -192,6 +233,7 @@ def serve_metrics(address: str, render: Any, stop: threading.Event) -> Threading
         raise UsageError(f"cannot serve metrics on {address}: {exc.strerror}") from exc
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+
     def shut_down_when_stopped() -> None:
         stop.wait()
         server.shutdown()

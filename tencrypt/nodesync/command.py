@@ -15,8 +15,9 @@ from tencrypt.errors import SetupError
 from tencrypt.linux import netns as nsutil
 
 
-def run(argv: Sequence[str], netns: str | None, input: str | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str], netns: str | None, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (in ``netns`` if given); SetupError naming it if it fails."""
     full = nsutil.exec_argv(netns, argv) if netns else list(argv)
     try:
@@ -24,6 +25,8 @@ def run(argv: Sequence[str], netns: str | None, input: str | None = None,
     except FileNotFoundError as exc:
         raise SetupError(f"{full[0]} not found: install it (see scripts/k8s/README.md)") from exc
     if check and proc.returncode != 0:
-        raise SetupError(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
-                         f"{(proc.stderr.strip() or proc.stdout.strip())[-2000:]}")
+        raise SetupError(
+            f"command failed ({proc.returncode}): {' '.join(argv)}\n"
+            f"{(proc.stderr.strip() or proc.stdout.strip())[-2000:]}"
+        )
     return proc

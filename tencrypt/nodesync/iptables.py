@@ -50,8 +50,13 @@ _DELETED = re.compile(r"(\d+) flow entries have been deleted")
 class IptablesApplier:
     name = "iptables"
 
-    def __init__(self, netns: str | None = None, iptables: str = "iptables",
-                 port: int = TUNNEL_PORT, stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        netns: str | None = None,
+        iptables: str = "iptables",
+        port: int = TUNNEL_PORT,
+        stats: Stats | None = None,
+    ) -> None:
         self.netns = netns
         self.iptables = iptables
         self.port = port
@@ -67,8 +72,9 @@ class IptablesApplier:
             return 0
         return sum(2 + 3 * len(b.endpoints) for b in self.applied if b.endpoints)
 
-    def _run(self, argv: Sequence[str], input: str | None = None,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, argv: Sequence[str], input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run(argv, self.netns, input=input, check=check)
 
     def save(self) -> str:
@@ -131,12 +137,24 @@ class IptablesApplier:
         """Forget UDP flows to ``vip``:port that were DNATed to ``endpoint``."""
         if shutil.which("conntrack") is None:
             if not self._conntrack_missing_logged:
-                log.warning("conntrack(8) not found: UDP flows to a replaced endpoint stay on "
-                            "it until they idle out (install the conntrack package)")
+                log.warning(
+                    "conntrack(8) not found: UDP flows to a replaced endpoint stay on "
+                    "it until they idle out (install the conntrack package)"
+                )
                 self._conntrack_missing_logged = True
             return
-        argv = ["conntrack", "-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst",
-                str(self.port), "--dst-nat", endpoint]
+        argv = [
+            "conntrack",
+            "-D",
+            "-p",
+            "udp",
+            "--orig-dst",
+            vip,
+            "--orig-port-dst",
+            str(self.port),
+            "--dst-nat",
+            endpoint,
+        ]
         try:
             proc = self._run(argv, check=False)
         except SetupError as exc:  # timed out: stale flows idle out by themselves
@@ -145,9 +163,7 @@ class IptablesApplier:
         # conntrack exits 1 when nothing matched ("0 flow entries have been deleted")
         deleted = _DELETED.search(proc.stderr)
         if deleted is None:
-            log.warning("conntrack -D for %s -> %s failed: %s", vip, endpoint,
-                        proc.stderr.strip())
+            log.warning("conntrack -D for %s -> %s failed: %s", vip, endpoint, proc.stderr.strip())
         elif int(deleted.group(1)):
             self.stats.inc(Counter.NODESYNC_CONNTRACK_DELETED, int(deleted.group(1)))
-            log.info("forgot %s UDP flows %s:%d -> %s", deleted.group(1), vip, self.port,
-                     endpoint)
+            log.info("forgot %s UDP flows %s:%d -> %s", deleted.group(1), vip, self.port, endpoint)

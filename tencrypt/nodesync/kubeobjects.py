@@ -40,46 +40,84 @@ def build_namespace(name: str, enabled: bool = True) -> Obj:
     labels = {"kubernetes.io/metadata.name": name}
     if enabled:
         labels[ENABLED_LABEL] = "true"
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": labels, "uid": stable_uid("ns", name)},
-            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels, "uid": stable_uid("ns", name)},
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    }
 
 
 def build_service(namespace: str, name: str, vip: str, port: int = 8080) -> Obj:
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": namespace, "uid": stable_uid(namespace, name)},
-            "spec": {"clusterIP": vip, "clusterIPs": [vip], "internalTrafficPolicy": "Cluster",
-                     "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
-                     "ports": [{"name": "http", "port": port, "protocol": "TCP",
-                                "targetPort": port}],
-                     "selector": {"app": name}, "sessionAffinity": "None", "type": "ClusterIP"},
-            "status": {"loadBalancer": {}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "uid": stable_uid(namespace, name)},
+        "spec": {
+            "clusterIP": vip,
+            "clusterIPs": [vip],
+            "internalTrafficPolicy": "Cluster",
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": port}],
+            "selector": {"app": name},
+            "sessionAffinity": "None",
+            "type": "ClusterIP",
+        },
+        "status": {"loadBalancer": {}},
+    }
 
 
-def build_endpoint_slice(namespace: str, service: str, ips: Sequence[str], port: int = 8080,
-                         suffix: str = "", not_ready: Sequence[str] = ()) -> Obj:
+def build_endpoint_slice(
+    namespace: str,
+    service: str,
+    ips: Sequence[str],
+    port: int = 8080,
+    suffix: str = "",
+    not_ready: Sequence[str] = (),
+) -> Obj:
     """An IPv4 EndpointSlice of ``service``; ``suffix`` names it (``<service>-<suffix>``)."""
+
     def endpoint(ip: str, ready: bool) -> Obj:
-        return {"addresses": [ip],
-                "conditions": {"ready": ready, "serving": ready, "terminating": False},
-                "targetRef": {"kind": "Pod", "name": f"{service}-{stable_uid('pod', ip)[:5]}",
-                              "namespace": namespace}}
+        return {
+            "addresses": [ip],
+            "conditions": {"ready": ready, "serving": ready, "terminating": False},
+            "targetRef": {
+                "kind": "Pod",
+                "name": f"{service}-{stable_uid('pod', ip)[:5]}",
+                "namespace": namespace,
+            },
+        }
+
     name = f"{service}-{suffix or stable_uid(namespace, service)[:5]}"
-    return {"addressType": "IPv4", "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "endpoints": [endpoint(ip, True) for ip in ips]
-                         + [endpoint(ip, False) for ip in not_ready],
-            "metadata": {"name": name, "namespace": namespace, "generateName": f"{service}-",
-                         "labels": {SERVICE_NAME_LABEL: service,
-                                    "endpointslice.kubernetes.io/managed-by":
-                                        "endpointslice-controller.k8s.io"},
-                         "uid": stable_uid(namespace, name)},
-            "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}
+    return {
+        "addressType": "IPv4",
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "endpoints": [endpoint(ip, True) for ip in ips] + [endpoint(ip, False) for ip in not_ready],
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "generateName": f"{service}-",
+            "labels": {
+                SERVICE_NAME_LABEL: service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+            "uid": stable_uid(namespace, name),
+        },
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+    }
 
 
 def build_list(items: Iterable[Obj]) -> Obj:
     """The document ``kubectl get namespaces,services,endpointslices -A -o json`` prints."""
-    return {"apiVersion": "v1", "items": list(items), "kind": "List",
-            "metadata": {"resourceVersion": ""}}
+    return {
+        "apiVersion": "v1",
+        "items": list(items),
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+    }
 
 
 def lab_objects(services: Iterable[LabService]) -> list[Obj]:

@@ -14,8 +14,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-           120.0, 300.0)
+BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 MODES = ("full", "partial")
 
 
@@ -23,7 +39,8 @@ MODES = ("full", "partial")
 class SyncMetrics:
     backend: str
     counts: dict[str, list[int]] = field(
-        default_factory=lambda: {m: [0] * (len(BUCKETS) + 1) for m in MODES})
+        default_factory=lambda: {m: [0] * (len(BUCKETS) + 1) for m in MODES}
+    )
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODES, 0.0))
     elements: int = 0
     last_success: float = 0.0
@@ -41,8 +58,7 @@ class SyncMetrics:
 
     def render(self) -> str:
         name = "tencrypt_nodesync_sync_duration_seconds"
-        out = [f"# HELP {name} Time one sync took to program the node.",
-               f"# TYPE {name} histogram"]
+        out = [f"# HELP {name} Time one sync took to program the node.", f"# TYPE {name} histogram"]
         for mode in MODES:
             labels = f'backend="{self.backend}",mode="{mode}"'
             total = 0
@@ -52,16 +68,17 @@ class SyncMetrics:
                 out.append(f'{name}_bucket{{{labels},le="{le}"}} {total}')
             out.append(f"{name}_sum{{{labels}}} {self.sums[mode]:.6f}")
             out.append(f"{name}_count{{{labels}}} {total}")
-        out += ["# HELP tencrypt_nodesync_programmed_elements Chains, map elements or rules "
-                "the node holds after the last sync.",
-                "# TYPE tencrypt_nodesync_programmed_elements gauge",
-                f'tencrypt_nodesync_programmed_elements{{backend="{self.backend}"}} '
-                f"{self.elements}",
-                "# HELP tencrypt_nodesync_last_success_timestamp_seconds When the last sync "
-                "succeeded (Unix time).",
-                "# TYPE tencrypt_nodesync_last_success_timestamp_seconds gauge",
-                f"tencrypt_nodesync_last_success_timestamp_seconds {self.last_success:.3f}",
-                "# HELP tencrypt_nodesync_sync_failures_total Syncs that failed.",
-                "# TYPE tencrypt_nodesync_sync_failures_total counter",
-                f"tencrypt_nodesync_sync_failures_total {self.failures}"]
+        out += [
+            "# HELP tencrypt_nodesync_programmed_elements Chains, map elements or rules "
+            "the node holds after the last sync.",
+            "# TYPE tencrypt_nodesync_programmed_elements gauge",
+            f'tencrypt_nodesync_programmed_elements{{backend="{self.backend}"}} {self.elements}',
+            "# HELP tencrypt_nodesync_last_success_timestamp_seconds When the last sync "
+            "succeeded (Unix time).",
+            "# TYPE tencrypt_nodesync_last_success_timestamp_seconds gauge",
+            f"tencrypt_nodesync_last_success_timestamp_seconds {self.last_success:.3f}",
+            "# HELP tencrypt_nodesync_sync_failures_total Syncs that failed.",
+            "# TYPE tencrypt_nodesync_sync_failures_total counter",
+            f"tencrypt_nodesync_sync_failures_total {self.failures}",
+        ]
         return "\n".join(out) + "\n"

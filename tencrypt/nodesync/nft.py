@@ -63,8 +63,13 @@ def available(netns: str | None = None) -> bool:
 class NftApplier:
     name = "nft"
 
-    def __init__(self, netns: str | None = None, port: int = TUNNEL_PORT,
-                 stats: Stats | None = None, iptables: str = "iptables") -> None:
+    def __init__(
+        self,
+        netns: str | None = None,
+        port: int = TUNNEL_PORT,
+        stats: Stats | None = None,
+        iptables: str = "iptables",
+    ) -> None:
         self.netns, self.port = netns, port
         self.stats = stats if stats is not None else Stats()
         self.xtables = IptablesApplier(netns, iptables, port, self.stats)  # conntrack, cleanup

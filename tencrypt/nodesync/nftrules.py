@@ -78,8 +78,11 @@ class Program:
 
     @property
     def elements(self) -> dict[Key, int]:
-        return {(vip, proto, self.port): len(eps) for vip, eps in self.vips.items()
-                for proto in PROTOCOLS}
+        return {
+            (vip, proto, self.port): len(eps)
+            for vip, eps in self.vips.items()
+            for proto in PROTOCOLS
+        }
 
     @property
     def endpoints(self) -> dict[Slot, str]:
@@ -94,8 +97,9 @@ class Program:
 EMPTY = Program({}, frozenset())
 
 
-def from_elements(elements: Mapping[Key, int], endpoints: Mapping[Slot, str],
-                  picks: Iterable[int]) -> Program:
+def from_elements(
+    elements: Mapping[Key, int], endpoints: Mapping[Slot, str], picks: Iterable[int]
+) -> Program:
     """The program a table of these elements holds; ``ModelError`` if they do not make one
     (a VIP with one protocol and not the other, an index out of its range, a missing one)."""
     vips: dict[str, tuple[str, ...]] = {}
@@ -159,8 +163,10 @@ def diff(old: Program, new: Program) -> list[Op]:
     if old.port != new.port:
         changed = sorted(set(old.vips) | set(new.vips))
     else:
-        changed = sorted({v for v, eps in old.vips.items() if new.vips.get(v) != eps}
-                         | {v for v in new.vips if v not in old.vips})
+        changed = sorted(
+            {v for v, eps in old.vips.items() if new.vips.get(v) != eps}
+            | {v for v in new.vips if v not in old.vips}
+        )
     gone_el: list[Op] = []
     gone_ep: list[Op] = []
     add_ep: list[Op] = []
@@ -170,23 +176,37 @@ def diff(old: Program, new: Program) -> list[Op]:
         same_elements = len(was) == len(now) and old.port == new.port
         if was and not same_elements:
             gone_el += [Op(Verb.DELETE_ELEMENT, element=(vip, p, old.port)) for p in PROTOCOLS]
-        gone_ep += [Op(Verb.DELETE_ENDPOINT, slot=(vip, i)) for i, ip in enumerate(was)
-                    if i >= len(now) or now[i] != ip]
-        add_ep += [Op(Verb.ADD_ENDPOINT, slot=(vip, i), address=ip) for i, ip in enumerate(now)
-                   if i >= len(was) or was[i] != ip]
+        gone_ep += [
+            Op(Verb.DELETE_ENDPOINT, slot=(vip, i))
+            for i, ip in enumerate(was)
+            if i >= len(now) or now[i] != ip
+        ]
+        add_ep += [
+            Op(Verb.ADD_ENDPOINT, slot=(vip, i), address=ip)
+            for i, ip in enumerate(now)
+            if i >= len(was) or was[i] != ip
+        ]
         if now and not same_elements:
-            add_el += [Op(Verb.ADD_ELEMENT, element=(vip, p, new.port), n=len(now))
-                       for p in PROTOCOLS]
-    return [*gone_el, *gone_ep, *(Op(Verb.ADD_CHAIN, n=n) for n in sorted(new.picks - old.picks)),
-            *add_ep, *add_el, *(Op(Verb.DELETE_CHAIN, n=n) for n in sorted(old.picks - new.picks))]
+            add_el += [
+                Op(Verb.ADD_ELEMENT, element=(vip, p, new.port), n=len(now)) for p in PROTOCOLS
+            ]
+    return [
+        *gone_el,
+        *gone_ep,
+        *(Op(Verb.ADD_CHAIN, n=n) for n in sorted(new.picks - old.picks)),
+        *add_ep,
+        *add_el,
+        *(Op(Verb.DELETE_CHAIN, n=n) for n in sorted(old.picks - new.picks)),
+    ]
 
 
 def lost_pairs(old: Program, new: Program, ops: Iterable[Op]) -> set[tuple[str, str]]:
     """(VIP, endpoint) pairs ``old`` forwards and ``new`` does not, looking only at the VIPs
     ``ops`` (``diff(old, new)``) touch: ``pairs(old) - pairs(new)`` at the cost of the change."""
     vips = {op.element[0] for op in ops if op.element} | {op.slot[0] for op in ops if op.slot}
-    return ({(v, ip) for v in vips for ip in old.vips.get(v, ())}
-            - {(v, ip) for v in vips for ip in new.vips.get(v, ())})
+    return {(v, ip) for v in vips for ip in old.vips.get(v, ())} - {
+        (v, ip) for v in vips for ip in new.vips.get(v, ())
+    }
 
 
 def apply_ops(program: Program, ops: Sequence[Op]) -> Program:
@@ -224,6 +244,7 @@ def apply_ops(program: Program, ops: Sequence[Op]) -> Program:
 
 
 # -- text -----------------------------------------------------------------------------------
+
 
 def _family(ip: str) -> str:
     return "ip" if ipaddress.ip_address(ip).version == 4 else "ip6"
@@ -264,8 +285,10 @@ def render(ops: Sequence[Op]) -> str:
             flush()
             head = ""
             if op.verb is Verb.ADD_CHAIN:
-                lines += [f"add chain {t} {pick_chain(op.n)}",
-                          f"add rule {t} {pick_chain(op.n)} {pick_rule(op.n)}"]
+                lines += [
+                    f"add chain {t} {pick_chain(op.n)}",
+                    f"add rule {t} {pick_chain(op.n)} {pick_rule(op.n)}",
+                ]
             else:
                 lines.append(f"delete chain {t} {pick_chain(op.n)}")
             continue
@@ -288,28 +311,38 @@ def render(ops: Sequence[Op]) -> str:
 
 def full_text(program: Program) -> str:
     """The whole table, replacing whatever it held, as one ``nft -f`` transaction."""
-    lines = [f"add table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
-             f"table {FAMILY} {TABLE} {{",
-             f"  map {ENDPOINTS4} {{ typeof ip daddr . numgen random mod 1 : ip daddr;"]
+    lines = [
+        f"add table {FAMILY} {TABLE}",
+        f"delete table {FAMILY} {TABLE}",
+        f"table {FAMILY} {TABLE} {{",
+        f"  map {ENDPOINTS4} {{ typeof ip daddr . numgen random mod 1 : ip daddr;",
+    ]
     if program.endpoints:
-        lines.append("    elements = { " + ",\n      ".join(
-            _endpoint(s, a) for s, a in sorted(program.endpoints.items())) + " }")
+        lines.append(
+            "    elements = { "
+            + ",\n      ".join(_endpoint(s, a) for s, a in sorted(program.endpoints.items()))
+            + " }"
+        )
     lines.append("  }")
     for n in sorted(program.picks):
         lines.append(f"  chain {pick_chain(n)} {{ {pick_rule(n)}; }}")
     for name, ktype in ((MAP4, "ipv4_addr"), (MAP6, "ipv6_addr")):
-        items = [_element(k, n) for k, n in sorted(program.elements.items())
-                 if _map(k[0]) == name]
+        items = [_element(k, n) for k, n in sorted(program.elements.items()) if _map(k[0]) == name]
         lines.append(f"  map {name} {{ type {ktype} . inet_proto . inet_service : verdict;")
         if items:
             lines.append("    elements = { " + ",\n      ".join(items) + " }")
         lines.append("  }")
-    lines += ["  chain services {",
-              f"    ip daddr . meta l4proto . th dport vmap @{MAP4}",
-              f"    ip6 daddr . meta l4proto . th dport vmap @{MAP6}", "  }"]
+    lines += [
+        "  chain services {",
+        f"    ip daddr . meta l4proto . th dport vmap @{MAP4}",
+        f"    ip6 daddr . meta l4proto . th dport vmap @{MAP6}",
+        "  }",
+    ]
     for hook in ("prerouting", "output"):
-        lines.append(f"  chain {hook} {{ type nat hook {hook} priority {PRIORITY}; "
-                     "policy accept; jump services; }")
+        lines.append(
+            f"  chain {hook} {{ type nat hook {hook} priority {PRIORITY}; "
+            "policy accept; jump services; }"
+        )
     lines.append("}")
     return "\n".join(lines) + "\n"
 

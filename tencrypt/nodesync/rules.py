@@ -54,8 +54,9 @@ def is_owned(chain: str) -> bool:
     return chain == CHAIN or chain.startswith((SVC_PREFIX, SEP_PREFIX))
 
 
-def build_rules(backends: Iterable[ServiceBackends], port: int = TUNNEL_PORT
-                ) -> tuple[list[str], list[str]]:
+def build_rules(
+    backends: Iterable[ServiceBackends], port: int = TUNNEL_PORT
+) -> tuple[list[str], list[str]]:
     """The sub-chains wanted and the ``-A`` lines of TENCRYPT and of those chains."""
     chains: list[str] = []
     rules: list[str] = []
@@ -66,29 +67,39 @@ def build_rules(backends: Iterable[ServiceBackends], port: int = TUNNEL_PORT
         svc = chain_name(SVC_PREFIX, b.namespace, b.name, b.vip)
         chains.append(svc)
         for proto in PROTOCOLS:
-            rules.append(f"-A {CHAIN} -d {b.vip}/32 -p {proto} -m {proto} --dport {port} "
-                         f'-m comment --comment "{b.namespace}/{b.name} tunnel" -j {svc}')
+            rules.append(
+                f"-A {CHAIN} -d {b.vip}/32 -p {proto} -m {proto} --dport {port} "
+                f'-m comment --comment "{b.namespace}/{b.name} tunnel" -j {svc}'
+            )
         n = len(b.endpoints)
         for i, ip in enumerate(b.endpoints):
             sep = chain_name(SEP_PREFIX, b.namespace, b.name, b.vip, ip)
             chains.append(sep)
-            chance = f"-m statistic --mode random --probability {1.0 / (n - i):0.10f} " \
-                if i < n - 1 else ""
-            sep_rules.append(f'-A {svc} -m comment --comment "{b.namespace}/{b.name} -> {ip}" '
-                             f"{chance}-j {sep}")
-            sep_rules.extend(f"-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {ip}:{port}"
-                             for proto in PROTOCOLS)
+            chance = (
+                f"-m statistic --mode random --probability {1.0 / (n - i):0.10f} "
+                if i < n - 1
+                else ""
+            )
+            sep_rules.append(
+                f'-A {svc} -m comment --comment "{b.namespace}/{b.name} -> {ip}" {chance}-j {sep}'
+            )
+            sep_rules.extend(
+                f"-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {ip}:{port}"
+                for proto in PROTOCOLS
+            )
     return chains, rules + sep_rules
 
 
-def build_restore(backends: Sequence[ServiceBackends], existing: str,
-                  port: int = TUNNEL_PORT) -> str:
+def build_restore(
+    backends: Sequence[ServiceBackends], existing: str, port: int = TUNNEL_PORT
+) -> str:
     """iptables-restore input that makes the nat table forward exactly ``backends``;
     ``existing`` is ``iptables-save -t nat`` of the node now."""
     chains, rules = build_rules(backends, port)
     wanted = set(chains)
-    stale = sorted(c for c in parse_chains(existing) if is_owned(c) and c != CHAIN
-                   and c not in wanted)
+    stale = sorted(
+        c for c in parse_chains(existing) if is_owned(c) and c != CHAIN and c not in wanted
+    )
     lines = ["*nat", f":{CHAIN} - [0:0]"]
     lines += [f":{c} - [0:0]" for c in [*chains, *stale]]
     jumps = parse_jumps(existing)
@@ -98,8 +109,9 @@ def build_restore(backends: Sequence[ServiceBackends], existing: str,
     return "\n".join([*lines, "COMMIT", ""])
 
 
-def build_partial(old: Sequence[ServiceBackends], new: Sequence[ServiceBackends],
-                  port: int = TUNNEL_PORT) -> str:
+def build_partial(
+    old: Sequence[ServiceBackends], new: Sequence[ServiceBackends], port: int = TUNNEL_PORT
+) -> str:
     """iptables-restore input that turns the chains of ``old`` (what this process last
     programmed) into those of ``new``, rewriting only what changed, as kube-proxy does since
     1.26: chain TENCRYPT (one rule per VIP and protocol, always rewritten: it is the
@@ -151,8 +163,11 @@ def parse_chains(save: str) -> list[str]:
 
 def parse_jumps(save: str) -> set[str]:
     """The hooks (PREROUTING, OUTPUT) that already jump to TENCRYPT."""
-    return {m.group(1) for m in map(_RULE.match, _nat_lines(save))
-            if m and m.group(1) in HOOKS and m.group(3) == CHAIN}
+    return {
+        m.group(1)
+        for m in map(_RULE.match, _nat_lines(save))
+        if m and m.group(1) in HOOKS and m.group(3) == CHAIN
+    }
 
 
 def parse_programmed(save: str) -> set[tuple[str, str]]:
@@ -175,8 +190,13 @@ def parse_programmed(save: str) -> set[tuple[str, str]]:
             to = _TO.search(after)
             if to:
                 ip_of[chain] = to.group(1)
-    return {(vip, ip_of[sep]) for svc, vips in vip_of.items() for vip in vips
-            for sep in seps_of.get(svc, ()) if sep in ip_of}
+    return {
+        (vip, ip_of[sep])
+        for svc, vips in vip_of.items()
+        for vip in vips
+        for sep in seps_of.get(svc, ())
+        if sep in ip_of
+    }
 
 
 def pairs(backends: Iterable[ServiceBackends]) -> set[tuple[str, str]]:

@@ -55,14 +55,16 @@ def list_function(api: client.ApiClient, kind: Kind) -> Callable[..., Any]:
         Kind.NAMESPACE: core.list_namespace,
         Kind.SERVICE: core.list_service_for_all_namespaces,
         Kind.ENDPOINTS: core.list_endpoints_for_all_namespaces,
-        Kind.ENDPOINT_SLICE: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces}
+        Kind.ENDPOINT_SLICE: client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+    }
     return functions[kind]
 
 
 def detect_endpoint_kind(api: client.ApiClient) -> Kind:
     try:
         resp = list_function(api, Kind.ENDPOINT_SLICE)(
-            limit=1, _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, 60))
+            limit=1, _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, 60)
+        )
         resp.data  # noqa: B018 - read to the end, or the pooled connection stays dirty
         resp.release_conn()
         return Kind.ENDPOINT_SLICE
@@ -76,10 +78,16 @@ def detect_endpoint_kind(api: client.ApiClient) -> Kind:
 class Syncer:
     """Owns the state and the applier; the only thread that touches either."""
 
-    def __init__(self, applier: Applier, stats: Stats, kinds: Sequence[Kind],
-                 resync: float = 300.0, metrics: SyncMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        applier: Applier,
+        stats: Stats,
+        kinds: Sequence[Kind],
+        resync: float = 300.0,
+        metrics: SyncMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.applier, self.stats, self.kinds = applier, stats, tuple(kinds)
         self.metrics = metrics or SyncMetrics(getattr(applier, "name", "?"))
         self.clock, self.wall = clock, wall
@@ -113,8 +121,13 @@ class Syncer:
             took = self.clock() - start
             self.applied = desired
             self.metrics.observe(mode, took, self.applier.size, self.wall())
-            log.info("programmed %d VIPs, %d endpoints (%s sync, %.3f s)", len(desired),
-                     sum(len(b.endpoints) for b in desired), mode, took)
+            log.info(
+                "programmed %d VIPs, %d endpoints (%s sync, %.3f s)",
+                len(desired),
+                sum(len(b.endpoints) for b in desired),
+                mode,
+                took,
+            )
         return True
 
     def run(self, stop: threading.Event) -> None:
@@ -144,16 +157,26 @@ def await_endpoint_kind(api: client.ApiClient, stop: threading.Event) -> Kind | 
         try:
             return detect_endpoint_kind(api)
         except Exception as exc:  # noqa: BLE001 - any API trouble: wait and ask again
-            log.warning("API server %s not usable yet (%s); retrying in %.0fs",
-                        api.configuration.host, brief(exc), delay)
+            log.warning(
+                "API server %s not usable yet (%s); retrying in %.0fs",
+                api.configuration.host,
+                brief(exc),
+                delay,
+            )
             stop.wait(delay)
             delay = min(delay * 2, MAX_BACKOFF)
     return None
 
 
-def watch_and_sync(api: client.ApiClient, applier: Applier, stats: Stats, stop: threading.Event,
-                   resync: float = 300.0, watch_timeout: int = WATCH_TIMEOUT,
-                   metrics: SyncMetrics | None = None) -> None:
+def watch_and_sync(
+    api: client.ApiClient,
+    applier: Applier,
+    stats: Stats,
+    stop: threading.Event,
+    resync: float = 300.0,
+    watch_timeout: int = WATCH_TIMEOUT,
+    metrics: SyncMetrics | None = None,
+) -> None:
     endpoint_kind = await_endpoint_kind(api, stop)
     if endpoint_kind is None:
         return

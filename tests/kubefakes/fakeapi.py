@@ -40,10 +40,14 @@ from urllib.parse import parse_qs, urlparse
 
 from tencrypt.nodesync.cluster import Kind
 
-PATHS = {"/api/v1/namespaces": Kind.NAMESPACE.value, "/api/v1/services": Kind.SERVICE.value,
-         "/api/v1/endpoints": Kind.ENDPOINTS.value,
-         "/apis/discovery.k8s.io/v1/endpointslices": Kind.ENDPOINT_SLICE.value,
-         "/api/v1/pods": "Pod", "/api/v1/secrets": "Secret"}
+PATHS = {
+    "/api/v1/namespaces": Kind.NAMESPACE.value,
+    "/api/v1/services": Kind.SERVICE.value,
+    "/api/v1/endpoints": Kind.ENDPOINTS.value,
+    "/apis/discovery.k8s.io/v1/endpointslices": Kind.ENDPOINT_SLICE.value,
+    "/api/v1/pods": "Pod",
+    "/api/v1/secrets": "Secret",
+}
 TOKEN = "tencrypt-test-token"
 
 ObjKey = tuple[str, str, str]  # (kind name, namespace, name)
@@ -52,8 +56,12 @@ Selector = tuple[tuple[str, str], ...]  # ((dotted field path, value), ...)
 
 
 class FakeApiServer:
-    def __init__(self, objects: Iterable[dict[str, Any]] = (), serve_slices: bool = True,
-                 secret_names: Iterable[str] = ("tencrypt",)) -> None:
+    def __init__(
+        self,
+        objects: Iterable[dict[str, Any]] = (),
+        serve_slices: bool = True,
+        secret_names: Iterable[str] = ("tencrypt",),
+    ) -> None:
         self.serve_slices, self.secret_names = serve_slices, frozenset(secret_names)
         self.requests: list[tuple[str, str]] = []
         self._cond = threading.Condition()
@@ -81,8 +89,7 @@ class FakeApiServer:
             obj["metadata"]["resourceVersion"] = str(self._version)
             prev = self._objects.get(key)
             self._objects[key] = obj
-            self._events.append((self._version, key[0], "MODIFIED" if prev else "ADDED", obj,
-                                 prev))
+            self._events.append((self._version, key[0], "MODIFIED" if prev else "ADDED", obj, prev))
             self._cond.notify_all()
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
@@ -153,19 +160,29 @@ class FakeApiServer:
             self._server.server_close()
 
     def write_kubeconfig(self, path: Path) -> Path:
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": TOKEN}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                }
+            )
+        )
         return path
 
     def list_doc(self, kind: str, limit: int, start: int, selector: Selector = ()) -> Obj:
         with self._cond:
-            objs = [o for (k, _, _), o in sorted(self._objects.items(), key=lambda i: i[0][1:])
-                    if k == kind and _matches(o, selector)]
+            objs = [
+                o
+                for (k, _, _), o in sorted(self._objects.items(), key=lambda i: i[0][1:])
+                if k == kind and _matches(o, selector)
+            ]
             version = self._version
-        page = objs[start:start + limit] if limit else objs[start:]
+        page = objs[start : start + limit] if limit else objs[start:]
         more = limit and start + limit < len(objs)
         items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in page]
         meta: dict[str, Any] = {"resourceVersion": str(version)}
@@ -173,8 +190,9 @@ class FakeApiServer:
             meta["continue"] = str(start + limit)
         return {"kind": f"{kind}List", "apiVersion": "v1", "metadata": meta, "items": items}
 
-    def stream(self, kind: str, since: int, timeout: float, write: Any,
-               selector: Selector = ()) -> None:
+    def stream(
+        self, kind: str, since: int, timeout: float, write: Any, selector: Selector = ()
+    ) -> None:
         """Write watch events of ``kind`` after version ``since`` until the stream ends."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -184,14 +202,25 @@ class FakeApiServer:
             self._open[kind] = self._open.get(kind, 0) + 1
         try:
             if since < self._compacted:
-                write({"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
-                    "reason": "Expired", "message": f"too old resource version: {since}"}})
+                write(
+                    {
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "status": "Failure",
+                            "code": 410,
+                            "reason": "Expired",
+                            "message": f"too old resource version: {since}",
+                        },
+                    }
+                )
                 return
             while True:
                 with self._cond:
-                    pending = [(v, t, o, p) for v, k, t, o, p in self._events
-                               if k == kind and v > since]
+                    pending = [
+                        (v, t, o, p) for v, k, t, o, p in self._events if k == kind and v > since
+                    ]
                     if not pending:
                         left = deadline - time.monotonic()
                         if self._closing or generation != self._generation or left <= 0:
@@ -272,23 +301,30 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                 selector = parse_field_selector(query.get("fieldSelector", ""))
             except ValueError as exc:
                 return self._status(400, f"BadRequest: {exc}")
-            if kind == "Secret" and selector not in {(("metadata.name", n),)
-                                                     for n in api.secret_names}:
+            if kind == "Secret" and selector not in {
+                (("metadata.name", n),) for n in api.secret_names
+            }:
                 return self._status(403, "Forbidden")
             watching = query.get("watch") in ("true", "1", "True")
             with api._cond:
                 api.requests.append((kind, "watch" if watching else "list"))
             if not watching:
-                doc = api.list_doc(kind, int(query.get("limit", 0)), int(query.get("continue", 0)),
-                                   selector)
+                doc = api.list_doc(
+                    kind, int(query.get("limit", 0)), int(query.get("continue", 0)), selector
+                )
                 return self._json(200, doc)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             try:
-                api.stream(kind, int(query.get("resourceVersion") or 0),
-                           float(query.get("timeoutSeconds", 300)), self._chunk, selector)
+                api.stream(
+                    kind,
+                    int(query.get("resourceVersion") or 0),
+                    float(query.get("timeoutSeconds", 300)),
+                    self._chunk,
+                    selector,
+                )
                 self.wfile.write(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass
@@ -307,7 +343,16 @@ def _handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _status(self, code: int, reason: str) -> None:
-            self._json(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                              "reason": reason, "code": code, "message": reason})
+            self._json(
+                code,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": reason,
+                    "code": code,
+                    "message": reason,
+                },
+            )
 
     return Handler

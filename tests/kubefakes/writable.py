@@ -52,12 +52,22 @@ class WritableApiServer(FakeApiServer):
                     query = {k: v[-1] for k, v in parse_qs(urlparse(self.path).query).items()}
                     want = query.get("labelSelector", "")
                     key, _, value = want.partition("=")
-                    items = [o for (k, n, _), o in sorted(api._objects.items())
-                             if k == kind and n == ns and (not want or (o["metadata"].get(
-                                 "labels") or {}).get(key) == value)]
-                    return self._json(200, {"kind": f"{kind}List", "apiVersion": "v1",
-                                            "metadata": {"resourceVersion": str(api._version)},
-                                            "items": items})
+                    items = [
+                        o
+                        for (k, n, _), o in sorted(api._objects.items())
+                        if k == kind
+                        and n == ns
+                        and (not want or (o["metadata"].get("labels") or {}).get(key) == value)
+                    ]
+                    return self._json(
+                        200,
+                        {
+                            "kind": f"{kind}List",
+                            "apiVersion": "v1",
+                            "metadata": {"resourceVersion": str(api._version)},
+                            "items": items,
+                        },
+                    )
                 obj = api.get(kind, ns, name)
                 return self._json(200, obj) if obj else self._status(404, "NotFound")
 
@@ -105,13 +115,15 @@ class WritableApiServer(FakeApiServer):
                     self._status(401, "Unauthorized")
                     return False
                 if (verb, kind) in api.forbid or (
-                        kind == "Secret" and name not in api.secret_names):
+                    kind == "Secret" and name not in api.secret_names
+                ):
                     self._status(403, "Forbidden")
                     return False
                 return True
 
-            def _store(self, kind: str, ns: str, name: str, body: dict[str, Any],
-                       verb: str) -> None:
+            def _store(
+                self, kind: str, ns: str, name: str, body: dict[str, Any], verb: str
+            ) -> None:
                 obj = {**body, "kind": kind, "apiVersion": "v1"}
                 obj["metadata"] = {**(body.get("metadata") or {}), "namespace": ns, "name": name}
                 api.put(obj)

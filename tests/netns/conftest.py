@@ -46,8 +46,9 @@ def capture(tmp_path: Path) -> Callable[..., Capture]:
 
 
 @contextmanager
-def standalone_pod(prefix: str, address: str, gateway: str, resolv: str,
-                   mtu: int = 1500) -> Iterator[str]:
+def standalone_pod(
+    prefix: str, address: str, gateway: str, resolv: str, mtu: int = 1500
+) -> Iterator[str]:
     """A pod-like namespace of its own, no lab: eth0 (a veth whose peer stays inside) with
     ``address``, a default route via ``gateway``, and ``resolv`` as its resolv.conf. Removed
     afterwards, also after a failure."""
@@ -55,11 +56,13 @@ def standalone_pod(prefix: str, address: str, gateway: str, resolv: str,
     etc = Path("/etc/netns") / name
     try:
         netns.create(name)
-        for cmd in (["ip", "link", "add", "eth0", "mtu", str(mtu), "type", "veth", "peer", "name",
-                     "peer0"],
-                    ["ip", "addr", "add", address, "dev", "eth0"],
-                    ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "peer0", "up"],
-                    ["ip", "route", "add", "default", "via", gateway]):
+        for cmd in (
+            ["ip", "link", "add", "eth0", "mtu", str(mtu), "type", "veth", "peer", "name", "peer0"],
+            ["ip", "addr", "add", address, "dev", "eth0"],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "link", "set", "peer0", "up"],
+            ["ip", "route", "add", "default", "via", gateway],
+        ):
             netns.run(name, cmd)
         etc.mkdir(parents=True)
         (etc / "resolv.conf").write_text(resolv)
@@ -74,14 +77,21 @@ def standalone_pod(prefix: str, address: str, gateway: str, resolv: str,
 
 def curl(lab: Lab, pod: str, url: str, marker: str, timeout: int = 15):
     """curl ``url`` from ``pod`` with ``marker`` in a request header (to grep captures for)."""
-    return lab.exec(pod, ["curl", "-sS", "--max-time", str(timeout), "-H", f"X-Marker: {marker}",
-                          url], check=False, timeout=timeout + 15)
+    return lab.exec(
+        pod,
+        ["curl", "-sS", "--max-time", str(timeout), "-H", f"X-Marker: {marker}", url],
+        check=False,
+        timeout=timeout + 15,
+    )
 
 
 def download_sha256(lab: Lab, client: str, url: str, timeout: int = 240) -> str:
     """The sha256 of what ``client`` downloads from ``url``, hashed as it streams in."""
-    proc = lab.exec(client, ["sh", "-c", f"curl -sS --max-time {timeout} {url} | sha256sum"],
-                    timeout=timeout + 20)
+    proc = lab.exec(
+        client,
+        ["sh", "-c", f"curl -sS --max-time {timeout} {url} | sha256sum"],
+        timeout=timeout + 20,
+    )
     return proc.stdout.split()[0]
 
 

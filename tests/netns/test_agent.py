@@ -51,19 +51,28 @@ READY_WAIT = 90.0  # two interpreters starting at once on a loaded 2-core machin
 
 
 def pod_objects(lab):
-    objs = [kubeobjects.build_namespace("myproject"),
-            kubeobjects.build_namespace("project2", enabled=False),
-            kubeobjects.build_secret("myproject", {
-                "PROJECT_PSK": lab.psk_file("myproject").read_text().strip()})]
+    objs = [
+        kubeobjects.build_namespace("myproject"),
+        kubeobjects.build_namespace("project2", enabled=False),
+        kubeobjects.build_secret(
+            "myproject", {"PROJECT_PSK": lab.psk_file("myproject").read_text().strip()}
+        ),
+    ]
     for pod in lab.pods.values():
         objs.append(kubeobjects.build_service(pod.project, pod.name, pod.vip))
         pid = read_pid(lab.pid_file(f"{pod.name}.http"))
         assert pid and str(pid) in netns.sh(["ip", "netns", "pids", pod.netns]).stdout.split()
         # a uid per lab: concurrent runs of this file must not share a kubepods cgroup name
-        objs.append(kubeobjects.build_pod(pod.project, pod.name, pod.node, pod.ip,
-                                          annotations={SANDBOX_PID_ANNOTATION: str(pid)},
-                                          uid=str(uuid.uuid5(uuid.NAMESPACE_DNS,
-                                                             f"{pod.name}.{lab.name}"))))
+        objs.append(
+            kubeobjects.build_pod(
+                pod.project,
+                pod.name,
+                pod.node,
+                pod.ip,
+                annotations={SANDBOX_PID_ANNOTATION: str(pid)},
+                uid=str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{pod.name}.{lab.name}")),
+            )
+        )
     return objs
 
 
@@ -74,18 +83,37 @@ class AgentProcess:
         self.setup_state = tmp / "setup-state"
         self.log = tmp / log_name
         self.tmp_kubeconfig = tmp / "kubeconfig"
-        self.argv = [sys.executable, "-m", "tencrypt", "agent", "--node", "node1",
-                     "--kubeconfig", str(api.write_kubeconfig(tmp / "kubeconfig")),
-                     "--state-dir", str(self.state), "--sandbox", sandbox,
-                     "--setup-state-dir", str(self.setup_state),
-                     "--proxy-metrics", METRICS, "--restart-backoff", "0.2",
-                     "--on-exit", on_exit, "--log-level", "debug"]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "tencrypt",
+            "agent",
+            "--node",
+            "node1",
+            "--kubeconfig",
+            str(api.write_kubeconfig(tmp / "kubeconfig")),
+            "--state-dir",
+            str(self.state),
+            "--sandbox",
+            sandbox,
+            "--setup-state-dir",
+            str(self.setup_state),
+            "--proxy-metrics",
+            METRICS,
+            "--restart-backoff",
+            "0.2",
+            "--on-exit",
+            on_exit,
+            "--log-level",
+            "debug",
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self):
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
 
     def stop(self, timeout=60):
         if self.proc and self.proc.poll() is None:
@@ -103,8 +131,10 @@ class AgentProcess:
 
 def resolv_files(lab):
     """Each lab pod's resolv.conf as it is now (to compare with after an undo)."""
-    return {p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
-            for p in lab.pods.values()}
+    return {
+        p.name: (Path("/etc/netns") / p.netns / "resolv.conf").read_text()
+        for p in lab.pods.values()
+    }
 
 
 def kill_proxies(lab):
@@ -122,8 +152,7 @@ class World:
         self.resolv = resolv_files(lab)
 
     def start_agent(self, on_exit, sandbox="annotation"):
-        agent = AgentProcess(self.api, self.tmp, on_exit, f"agent{len(self.agents)}.log",
-                             sandbox)
+        agent = AgentProcess(self.api, self.tmp, on_exit, f"agent{len(self.agents)}.log", sandbox)
         self.agents.append(agent)
         agent.start()
         return agent
@@ -154,22 +183,31 @@ def world(lab, tmp_path_factory):
 
 
 def metrics_up(lab, pod):
-    proc = lab.exec(pod, ["curl", "-sS", "--max-time", "3", f"http://{METRICS}/metrics"],
-                    check=False, timeout=20)
+    proc = lab.exec(
+        pod,
+        ["curl", "-sS", "--max-time", "3", f"http://{METRICS}/metrics"],
+        check=False,
+        timeout=20,
+    )
     return proc.returncode == 0 and "tencrypt_drops_total" in proc.stdout
 
 
 def metric(lab, pod, name):
     text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics"]).stdout
-    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
-               if line.startswith(name + " "))
+    return sum(
+        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name + " ")
+    )
 
 
 def wait_patched(lab, agent, *pods):
     for pod in pods:
         try:
-            netns.wait_for(lambda p=pod: metrics_up(lab, p), timeout=READY_WAIT, interval=0.5,
-                           what=f"the agent's proxy in {pod} to serve")
+            netns.wait_for(
+                lambda p=pod: metrics_up(lab, p),
+                timeout=READY_WAIT,
+                interval=0.5,
+                what=f"the agent's proxy in {pod} to serve",
+            )
         except Exception:
             print(agent.text()[-4000:])
             raise
@@ -203,15 +241,23 @@ def project_members(lab, project, *extra_pods):
 
 def until_members(lab, agent, pods, expected, what):
     for pod in pods:
-        netns.wait_for(lambda p=pod: members_of(lab, agent, p) == expected, timeout=30,
-                       interval=0.2, what=f"{what} in the members of {pod}")
+        netns.wait_for(
+            lambda p=pod: members_of(lab, agent, p) == expected,
+            timeout=30,
+            interval=0.2,
+            what=f"{what} in the members of {pod}",
+        )
 
 
 def sealed_curl(lab, capture, src, dst):
     node = lab.nodes["node1"]
     with capture(node.netns, node.bridge, "not port 53") as cap:
-        proc = lab.exec(src, ["curl", "-sS", "--max-time", "20", "-H", f"X-Marker: {MARKER}",
-                              f"http://{dst}:8080/"], check=False, timeout=40)
+        proc = lab.exec(
+            src,
+            ["curl", "-sS", "--max-time", "20", "-H", f"X-Marker: {MARKER}", f"http://{dst}:8080/"],
+            check=False,
+            timeout=40,
+        )
     assert proc.returncode == 0 and f"Hello from {dst}" in proc.stdout, proc.stderr
     a, b = lab.pod(src), lab.pod(dst)
     pods = {a.ip, a.vip, b.ip, b.vip}
@@ -262,8 +308,13 @@ def test_real_client_fake_apiserver_each_patched_pod_holds_its_projects_members(
     far = kubeobjects.build_pod("myproject", "far", "node9", "10.200.9.9")
     far["status"]["podIPs"].append({"ip": "fd00:200::9"})
     api.put(far)
-    until_members(lab, agent, ("nginx1", "nginx2"),
-                  project_members(lab, "myproject", "10.200.9.9", "fd00:200::9"), "a new pod")
+    until_members(
+        lab,
+        agent,
+        ("nginx1", "nginx2"),
+        project_members(lab, "myproject", "10.200.9.9", "fd00:200::9"),
+        "a new pod",
+    )
     assert parse_members(path.read_text()).generation > first
     api.delete("Pod", "myproject", "far")
     until_members(lab, agent, ("nginx1", "nginx2"), expected, "the pod removed")
@@ -276,8 +327,12 @@ def test_real_client_fake_apiserver_killed_proxy_is_restarted(world, capture):
     ns = lab.pod("nginx2").netns
     [old] = proxies_in(ns)
     os.kill(old, signal.SIGKILL)
-    netns.wait_for(lambda: proxies_in(ns) not in ([], [old]), timeout=30, interval=0.2,
-                   what="a new proxy in nginx2")
+    netns.wait_for(
+        lambda: proxies_in(ns) not in ([], [old]),
+        timeout=30,
+        interval=0.2,
+        what="a new proxy in nginx2",
+    )
     wait_patched(lab, agent, "nginx2")
     [new] = proxies_in(ns)
     assert new != old
@@ -288,12 +343,14 @@ def test_real_client_fake_apiserver_killed_proxy_is_restarted(world, capture):
 def ring_of(lab, pod):
     """(role, fingerprint) of each key the proxy in ``pod`` holds, from its /status."""
     text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/status"]).stdout
-    return [(k["role"], k["fingerprint"]) for k in json.loads(text)["keys"]
-            if k["role"] != "retired"]
+    return [
+        (k["role"], k["fingerprint"]) for k in json.loads(text)["keys"] if k["role"] != "retired"
+    ]
 
 
 def test_real_client_fake_apiserver_key_rotation_reloads_every_proxy_without_a_restart(
-        world, capture):
+    world, capture
+):
     """`tencrypt key rotate` (the real command, against the API double) takes the project
     through its three phases, waiting on the agent's report; the same proxies load each ring."""
     from kubernetes import client
@@ -308,8 +365,9 @@ def test_real_client_fake_apiserver_key_rotation_reloads_every_proxy_without_a_r
     assert all(ring_of(lab, p) == list(old.fingerprints().items()) for p in pods)
     out = io.StringIO()
     core = client.CoreV1Api(kubeclient.new_api_client(str(agent.tmp_kubeconfig)))
-    new = Rotator(core, "myproject", "tencrypt-system", out, grace=2.0, timeout=120.0,
-                  poll=0.5).run()
+    new = Rotator(
+        core, "myproject", "tencrypt-system", out, grace=2.0, timeout=120.0, poll=0.5
+    ).run()
     print(out.getvalue())
     assert new.current != old.current and new.next is None and new.previous is None
     assert "agents: 2/2 pods on current=" in out.getvalue()
@@ -331,8 +389,11 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
     uid = api.get("Pod", "myproject", "nginx2")["metadata"]["uid"]
     assert (agent.setup_state / f"netns-{inode}").is_dir() and (agent.state / "pods" / uid).is_dir()
     api.delete("Pod", "myproject", "nginx2")
-    netns.wait_for(lambda: not (agent.state / "pods" / uid).exists(), timeout=60,
-                   what="the agent to forget nginx2")
+    netns.wait_for(
+        lambda: not (agent.state / "pods" / uid).exists(),
+        timeout=60,
+        what="the agent to forget nginx2",
+    )
     ns = lab.pod("nginx2").netns
     assert proxies_in(ns) == [] and not has_tenc0(lab, "nginx2")
     assert (Path("/etc/netns") / ns / "resolv.conf").read_text() == resolv["nginx2"]
@@ -349,21 +410,27 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
 def test_real_client_fake_apiserver_namespace_labelled_then_unlabelled_at_run_time(world):
     lab, api, agent, resolv = world
     assert not has_tenc0(lab, "cakephp")
-    api.put(kubeobjects.build_secret("project2", {
-        "PROJECT_PSK": lab.psk_file("project2").read_text().strip()}))
+    api.put(
+        kubeobjects.build_secret(
+            "project2", {"PROJECT_PSK": lab.psk_file("project2").read_text().strip()}
+        )
+    )
     api.put(kubeobjects.build_namespace("project2"))
     wait_patched(lab, agent, "cakephp")
     assert (agent.state / "keys" / "project2.psk").exists()
     api.put(kubeobjects.build_namespace("project2", enabled=False))
-    netns.wait_for(lambda: not (agent.state / "keys" / "project2.psk").exists(), timeout=60,
-                   what="project2 unpatched")
+    netns.wait_for(
+        lambda: not (agent.state / "keys" / "project2.psk").exists(),
+        timeout=60,
+        what="project2 unpatched",
+    )
     assert proxies_in(lab.pod("cakephp").netns) == [] and not has_tenc0(lab, "cakephp")
-    assert (Path("/etc/netns") / lab.pod("cakephp").netns / "resolv.conf").read_text() == \
-        resolv["cakephp"]
+    assert (Path("/etc/netns") / lab.pod("cakephp").netns / "resolv.conf").read_text() == resolv[
+        "cakephp"
+    ]
 
 
-CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"),
-                Path("/sys/fs/cgroup/pids"))
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/pids"))
 
 
 def into_pod_cgroup(pid: int, uid: str):
@@ -392,6 +459,7 @@ def into_pod_cgroup(pid: int, uid: str):
                     pass
             for d in made:
                 d.rmdir()
+
         return undo
     return None
 
@@ -406,25 +474,31 @@ def test_real_client_fake_apiserver_restarted_agent_adopts_the_running_proxies(w
     assert first.stop() == 0  # --on-exit keep
     assert "1 proxies left running" in first.text()
     assert proxies_in(lab.pod("nginx1").netns) == [proxy] and metrics_up(lab, "nginx1")
-    nginx2 = next(o for o in pod_objects(lab) if o["kind"] == "Pod"
-                  and o["metadata"]["name"] == "nginx2")
+    nginx2 = next(
+        o for o in pod_objects(lab) if o["kind"] == "Pod" and o["metadata"]["name"] == "nginx2"
+    )
     del nginx2["metadata"]["annotations"][SANDBOX_PID_ANNOTATION]
     undo = into_pod_cgroup(read_pid(lab.pid_file("nginx2.http")), nginx2["metadata"]["uid"])
     if undo:
         world.cleanups.append(undo)
     second = world.start_agent("unpatch", sandbox="proc" if undo else "annotation")
-    netns.wait_for(lambda: "adopted the proxy a previous agent started" in second.text(),
-                   timeout=60, what="the new agent to adopt nginx1's proxy")
+    netns.wait_for(
+        lambda: "adopted the proxy a previous agent started" in second.text(),
+        timeout=60,
+        what="the new agent to adopt nginx1's proxy",
+    )
     if not undo:  # no writable cgroups here: the annotation stands in for the scan
-        nginx2 = next(o for o in pod_objects(lab) if o["kind"] == "Pod"
-                  and o["metadata"]["name"] == "nginx2")
+        nginx2 = next(
+            o for o in pod_objects(lab) if o["kind"] == "Pod" and o["metadata"]["name"] == "nginx2"
+        )
     api.put(nginx2)
     wait_patched(lab, second, "nginx2")
     sealed_curl(lab, capture, "nginx1", "nginx2")
     assert proxies_in(lab.pod("nginx1").netns) == [proxy]  # never restarted
     # the new agent continued the adopted proxy's file: nginx2 is a member again
-    until_members(lab, second, ("nginx1", "nginx2"), project_members(lab, "myproject"),
-                  "nginx2 back")
+    until_members(
+        lab, second, ("nginx1", "nginx2"), project_members(lab, "myproject"), "nginx2 back"
+    )
     assert "nginx1: starting" not in second.text()
     assert f"sandboxes by {'proc' if undo else 'annotation'}" in second.text()
 

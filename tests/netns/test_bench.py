@@ -39,13 +39,21 @@ def test_bench_smoke(bench_name: str, tmp_path: Path) -> None:
     if shutil.which("wireguard-go") and shutil.which("wg"):
         systems.append("wireguard-go")
     wg_before = set(WG_RUN.glob("*")) if WG_RUN.is_dir() else set()
-    args = argparse.Namespace(quick=False, systems=",".join(systems), clients="2", nodes="1",
-                              duration=1.0, udp_rate="50M", out=str(tmp_path), name=bench_name)
+    args = argparse.Namespace(
+        quick=False,
+        systems=",".join(systems),
+        clients="2",
+        nodes="1",
+        duration=1.0,
+        udp_rate="50M",
+        out=str(tmp_path),
+        name=bench_name,
+    )
 
     code = harness.main(args)
 
     markdown = (tmp_path / "latest.md").read_text()
-    assert code == 0, markdown[markdown.find("## Failures"):]
+    assert code == 0, markdown[markdown.find("## Failures") :]
     # the harness tore everything down itself
     assert not [ns for ns in netns.listed() if ns.startswith(f"{bench_name}-")]
     assert (set(WG_RUN.glob("*")) if WG_RUN.is_dir() else set()) == wg_before
@@ -58,22 +66,29 @@ def test_bench_smoke(bench_name: str, tmp_path: Path) -> None:
         assert value[(system, "ping", "1", "p50_ms")] > 0
         assert value[(system, "rr", "1", "rate")] > 0
     for system in systems[1:]:  # tunnelled: the bytes crossed the tunnel's interface
-        assert value[(system, "tcp", "2", "tunnel_mb")] >= \
-            0.9 * value[(system, "tcp", "2", "received_mb")]
+        assert (
+            value[(system, "tcp", "2", "tunnel_mb")]
+            >= 0.9 * value[(system, "tcp", "2", "received_mb")]
+        )
         assert value[(system, "memory", "0", "peak_mb")] > 0
     assert value[("tencrypt", "soak", "0", "seconds")] == 6.0
     assert value[("tencrypt", "soak", "0", "last_mb")] > 0
     # every figure of a non-vanilla system has its ratio to vanilla
-    tenc = next(r for r in rows if (r["system"], r["test"], r["metric"]) ==
-                ("tencrypt", "tcp", "throughput"))
+    tenc = next(
+        r
+        for r in rows
+        if (r["system"], r["test"], r["metric"]) == ("tencrypt", "tcp", "throughput")
+    )
     assert float(tenc["vs_vanilla"]) == pytest.approx(
-        value[("tencrypt", "tcp", "2", "throughput")] / value[("vanilla", "tcp", "2", "throughput")],
-        rel=1e-3)
+        value[("tencrypt", "tcp", "2", "throughput")]
+        / value[("vanilla", "tcp", "2", "throughput")],
+        rel=1e-3,
+    )
 
     lines = markdown.splitlines()
     tcp = lines.index("### TCP throughput, Gbit/s (iperf3 -P N, received)")
     table = {}
-    for line in lines[tcp + 4:]:  # title, blank, header, separator
+    for line in lines[tcp + 4 :]:  # title, blank, header, separator
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]

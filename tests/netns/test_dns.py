@@ -80,10 +80,24 @@ print(json.dumps(asyncio.run(main())))
 """
 
 
-def ask(ns: str, queries: list[bytes], server: str = "127.0.0.1", *, port: int = 53,
-        tcp: bool = False, wait: bool = True, timeout: float = 10) -> list[bytes | None]:
-    req = {"server": server, "port": port, "queries": [q.hex() for q in queries], "tcp": tcp,
-           "wait": wait, "timeout": timeout}
+def ask(
+    ns: str,
+    queries: list[bytes],
+    server: str = "127.0.0.1",
+    *,
+    port: int = 53,
+    tcp: bool = False,
+    wait: bool = True,
+    timeout: float = 10,
+) -> list[bytes | None]:
+    req = {
+        "server": server,
+        "port": port,
+        "queries": [q.hex() for q in queries],
+        "tcp": tcp,
+        "wait": wait,
+        "timeout": timeout,
+    }
     out = netns.run(ns, [sys.executable, "-c", CLIENT], input=json.dumps(req), timeout=120)
     return [bytes.fromhex(r) if r else None for r in json.loads(out.stdout)]
 
@@ -105,8 +119,9 @@ class DnsProcess:
 
     def _listening(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"tencrypt dns exited {self.proc.returncode}:\n"
-                                 f"{self.log.read_text()}")
+            raise AssertionError(
+                f"tencrypt dns exited {self.proc.returncode}:\n{self.log.read_text()}"
+            )
         port = self.listen.rsplit(":", 1)[1]
         udp = netns.run(self.ns, ["ss", "-Hlnu", f"sport = :{port}"], check=False).stdout
         tcp = netns.run(self.ns, ["ss", "-Hlnt", f"sport = :{port}"], check=False).stdout
@@ -116,8 +131,9 @@ class DnsProcess:
         """Ask for a stats line (SIGUSR1) and return the newest one."""
         before = self.log.read_text().count(" stats {")
         self.proc.send_signal(signal.SIGUSR1)
-        netns.wait_for(lambda: self.log.read_text().count(" stats {") > before, timeout=10,
-                       what="a stats line")
+        netns.wait_for(
+            lambda: self.log.read_text().count(" stats {") > before, timeout=10, what="a stats line"
+        )
         return json.loads(self.log.read_text().rsplit(" stats ", 1)[1].splitlines()[0])
 
     def stop(self) -> str:
@@ -141,8 +157,20 @@ def proxy(lab, pod, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dns")
     # No answer cache here: these tests compare the relay byte for byte with the upstream and
     # stop the upstream; test_repeated_queries_are_answered_from_the_cache runs its own.
-    p = DnsProcess(pod.netns, tmp / "dns.log", "--listen", "127.0.0.1:53", "--upstream", DNS_IP,
-                   "--domain", DOMAIN, "--state-dir", str(tmp / "state"), "--cache-entries", "0")
+    p = DnsProcess(
+        pod.netns,
+        tmp / "dns.log",
+        "--listen",
+        "127.0.0.1:53",
+        "--upstream",
+        DNS_IP,
+        "--domain",
+        DOMAIN,
+        "--state-dir",
+        str(tmp / "state"),
+        "--cache-entries",
+        "0",
+    )
     try:
         yield p
     finally:
@@ -152,6 +180,7 @@ def proxy(lab, pod, tmp_path_factory):
 
 
 # -- dnsmasq control (the Lab has none) ---------------------------------------------------
+
 
 def dnsmasq_pid(lab) -> int | None:
     try:
@@ -167,8 +196,12 @@ def stop_dnsmasq(lab) -> None:
     assert pid, "the lab's dnsmasq is not running"
     os.kill(pid, signal.SIGTERM)
     node = lab.nodes["node1"].netns
-    netns.wait_for(lambda: not netns.run(node, ["ss", "-Hlnu", f"src {DNS_IP}:53"],
-                                         check=False).stdout.strip(), what="dnsmasq gone")
+    netns.wait_for(
+        lambda: (
+            not netns.run(node, ["ss", "-Hlnu", f"src {DNS_IP}:53"], check=False).stdout.strip()
+        ),
+        what="dnsmasq gone",
+    )
 
 
 def start_dnsmasq(lab) -> None:
@@ -177,11 +210,20 @@ def start_dnsmasq(lab) -> None:
     node = lab.nodes["node1"]
     cidrs = [lab.service_cidr, *(n.pod_cidr for n in lab.nodes.values())]
     argv = clusterdns.build_dnsmasq_argv(
-        lab.dns_ip, lab.state_dir / "dns" / "hosts", lab.log_file("node1.dnsmasq"),
-        lab.pid_file("node1.dnsmasq"), cidrs)
+        lab.dns_ip,
+        lab.state_dir / "dns" / "hosts",
+        lab.log_file("node1.dnsmasq"),
+        lab.pid_file("node1.dnsmasq"),
+        cidrs,
+    )
     netns.spawn(node.netns, argv, log=lab.log_file("node1.dnsmasq.out"))
-    netns.wait_for(lambda: netns.run(node.netns, ["ss", "-Hlnu", f"src {DNS_IP}:53"],
-                                     check=False).stdout.strip(), timeout=20, what="dnsmasq")
+    netns.wait_for(
+        lambda: netns.run(
+            node.netns, ["ss", "-Hlnu", f"src {DNS_IP}:53"], check=False
+        ).stdout.strip(),
+        timeout=20,
+        what="dnsmasq",
+    )
 
 
 # -- the tests ----------------------------------------------------------------------------
@@ -211,11 +253,15 @@ def test_answers_are_the_upstreams_byte_for_byte(proxy, pod):
 
 def test_dig_and_getent_through_the_proxy(proxy, pod):
     def dig(server, *args):
-        return netns.run(pod.netns, ["dig", f"@{server}", "+noall", "+answer", "+tries=1",
-                                     "+time=5", *args]).stdout
+        return netns.run(
+            pod.netns, ["dig", f"@{server}", "+noall", "+answer", "+tries=1", "+time=5", *args]
+        ).stdout
 
-    for args in (["nginx2.myproject.svc.cluster.local"], ["-x", "172.30.0.13"],
-                 ["+tcp", "cakephp.project2.svc.cluster.local"]):
+    for args in (
+        ["nginx2.myproject.svc.cluster.local"],
+        ["-x", "172.30.0.13"],
+        ["+tcp", "cakephp.project2.svc.cluster.local"],
+    ):
         via = dig("127.0.0.1", *args)
         assert via and via == dig(DNS_IP, *args)
     resolv = Path("/etc/netns") / pod.netns / "resolv.conf"
@@ -233,9 +279,11 @@ def test_dig_and_getent_through_the_proxy(proxy, pod):
 
 def test_500_concurrent_clients_get_their_own_answers(proxy, pod):
     # Every client uses the same query ID: only the proxy's re-mapping tells them apart.
-    names = [("nginx1.myproject.svc.cluster.local", "A"),
-             ("cakephp.project2.svc.cluster.local", "A"),
-             ("11.0.30.172.in-addr.arpa", "PTR")]
+    names = [
+        ("nginx1.myproject.svc.cluster.local", "A"),
+        ("cakephp.project2.svc.cluster.local", "A"),
+        ("11.0.30.172.in-addr.arpa", "PTR"),
+    ]
     names += [(f"c{i}.myproject.svc.cluster.local", "A") for i in range(497)]
     queries = [query(n, t, qid=7) for n, t in names]
     replies = ask(pod.netns, queries)
@@ -270,6 +318,7 @@ def test_upstream_stopped_servfail_then_recovers(lab, proxy, pod):
     def answered():
         [r] = ask(pod.netns, [q])
         return r is not None and DNSRecord.parse(r).header.rcode == RCODE.NOERROR
+
     netns.wait_for(answered, timeout=30, what="answers after dnsmasq restarted")
     assert ask(pod.netns, [q]) == ask(pod.netns, [q], DNS_IP)
 
@@ -323,8 +372,9 @@ def test_malformed_spray_never_stops_it(proxy, pod):
     # Header readable: each gets a FORMERR with its own ID.
     for reply, sent in zip(ask(pod.netns, answerable), answerable, strict=True):
         rec = DNSRecord.parse(reply)
-        assert rec.header.rcode == RCODE.FORMERR and rec.header.id == struct.unpack(
-            "!H", sent[:2])[0]
+        assert (
+            rec.header.rcode == RCODE.FORMERR and rec.header.id == struct.unpack("!H", sent[:2])[0]
+        )
     rnd = __import__("random").Random(1)
     spray = [bytes(rnd.randrange(256) for _ in range(rnd.randrange(0, 300))) for _ in range(600)]
     spray += [b"\x01", good[:5], b"\x00" * 5000, bytes(DNSRecord.parse(good).reply().pack())]
@@ -363,14 +413,17 @@ def test_tcp_clients_are_bounded_and_idle_ones_closed(proxy, pod, tmp_path):
     try:
         netns.wait_for(lambda: "open" in log.read_text(), what="70 TCP connections")
         # 64 are served (and idle); the 6 beyond the bound are closed at once and counted.
-        netns.wait_for(lambda: proxy.stats()["drops"].get("dns_tcp_too_many_clients", 0)
-                       >= before + 6, what="refused TCP clients counted")
+        netns.wait_for(
+            lambda: proxy.stats()["drops"].get("dns_tcp_too_many_clients", 0) >= before + 6,
+            what="refused TCP clients counted",
+        )
     finally:
         holder.kill()
         holder.wait()
     # Their slots free again once they are gone: TCP queries are served.
-    netns.wait_for(lambda: ask(pod.netns, [good], tcp=True, timeout=5)[0] is not None,
-                   what="a TCP answer")
+    netns.wait_for(
+        lambda: ask(pod.netns, [good], tcp=True, timeout=5)[0] is not None, what="a TCP answer"
+    )
     assert ask(pod.netns, [good], tcp=True) == ask(pod.netns, [good], DNS_IP, tcp=True)
     # A connection that sends nothing is closed by the proxy (after its idle timeout).
     assert netns.run(pod.netns, [sys.executable, "-c", IDLE], timeout=150).stdout == "eof\n"
@@ -389,8 +442,10 @@ def test_truncated_answers_relayed_then_served_over_tcp(lab, proxy, pod):
     q = query(name, qid=0x7C7C)  # no EDNS: a 512-byte UDP limit (RFC 1035 §4.2.1)
     try:
         edit_hosts(lab, original + "".join(f"172.30.9.{i} {name}\n" for i in range(1, 61)))
-        netns.wait_for(lambda: DNSRecord.parse(ask(pod.netns, [q], DNS_IP)[0]).header.tc,
-                       what="a truncated answer from dnsmasq")
+        netns.wait_for(
+            lambda: DNSRecord.parse(ask(pod.netns, [q], DNS_IP)[0]).header.tc,
+            what="a truncated answer from dnsmasq",
+        )
         before = proxy.stats()["table"]
         want = {f"172.30.9.{i}" for i in range(1, 61)}
         # dnsmasq rotates the order of the records, so compare contents, not bytes, here.
@@ -403,8 +458,9 @@ def test_truncated_answers_relayed_then_served_over_tcp(lab, proxy, pod):
         rec = DNSRecord.parse(via_tcp)
         assert not rec.header.tc and {str(rr.rdata) for rr in rec.rr} == want
         assert proxy.stats()["table"] >= before + 60
-        out = netns.run(pod.netns, ["dig", "@127.0.0.1", "+noall", "+answer", "+noedns",
-                                    name]).stdout
+        out = netns.run(
+            pod.netns, ["dig", "@127.0.0.1", "+noall", "+answer", "+noedns", name]
+        ).stdout
         assert {line.split()[-1] for line in out.splitlines()} == want
     finally:
         edit_hosts(lab, original)
@@ -448,9 +504,11 @@ def test_reverse_classification_is_coalesced_and_cached(pod):
     assert out["other"] == "external" and out["vip"] == "internal"
     assert out["nobody"] is None  # NXDOMAIN: unknown, remembered as such
     assert out["again"] == [None, "internal"] and out["queries_again"] == 0  # both cached
-    assert out["changes"] == [["172.17.0.12", None, "internal"],
-                              ["172.17.0.13", None, "external"],
-                              ["172.30.0.11", None, "internal"]]
+    assert out["changes"] == [
+        ["172.17.0.12", None, "internal"],
+        ["172.17.0.13", None, "external"],
+        ["172.30.0.11", None, "internal"],
+    ]
     assert out["size"] == 3
 
 
@@ -458,8 +516,18 @@ def test_repeated_queries_are_answered_from_the_cache(lab, pod, tmp_path):
     """A second proxy with the answer cache (the default): a repeated query is answered while
     the upstream is stopped, with its TTL counted down, without a new upstream query or any
     new classification; once the records' TTL has passed it is not (SERVFAIL)."""
-    p = DnsProcess(pod.netns, tmp_path / "dns.log", "--listen", "127.0.0.1:5355", "--upstream",
-                   DNS_IP, "--domain", DOMAIN, "--state-dir", str(tmp_path / "state"))
+    p = DnsProcess(
+        pod.netns,
+        tmp_path / "dns.log",
+        "--listen",
+        "127.0.0.1:5355",
+        "--upstream",
+        DNS_IP,
+        "--domain",
+        DOMAIN,
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     name = "nginx2.myproject.svc.cluster.local"
     try:
         [direct] = ask(pod.netns, [query(name, qid=0x0101)], DNS_IP)
@@ -480,9 +548,16 @@ def test_repeated_queries_are_answered_from_the_cache(lab, pod, tmp_path):
             assert after["counters"]["dns_queries"] == before["counters"]["dns_queries"]
             assert after["table"] == before["table"]  # nothing learned again
             # never past the TTL: once it has run out the upstream is asked (and is silent)
-            netns.wait_for(lambda: DNSRecord.parse(
-                ask(pod.netns, [query(name, qid=0x0404)], port=5355)[0]).header.rcode
-                == RCODE.SERVFAIL, timeout=ttl + 10, what="the cached answer's expiry")
+            netns.wait_for(
+                lambda: (
+                    DNSRecord.parse(
+                        ask(pod.netns, [query(name, qid=0x0404)], port=5355)[0]
+                    ).header.rcode
+                    == RCODE.SERVFAIL
+                ),
+                timeout=ttl + 10,
+                what="the cached answer's expiry",
+            )
             assert p.stats()["drops"].get("dns_upstream_timeout", 0) >= 1
         finally:
             start_dnsmasq(lab)
@@ -492,6 +567,7 @@ def test_repeated_queries_are_answered_from_the_cache(lab, pod, tmp_path):
 
 
 # -- routes (needs `tencrypt setup`) ------------------------------------------------------
+
 
 def routes(ns: str) -> str:
     return netns.run(ns, ["ip", "route", "show", "table", "main"]).stdout
@@ -527,28 +603,41 @@ def test_routes_follow_classification(lab, setup_pod):
         netns.run(ns, ["getent", "hosts", "nginx1.myproject"])  # INTERNAL VIP: nothing
         netns.run(ns, ["getent", "hosts", "172.17.0.11"])  # PTR: INTERNAL peer pod: /32 tenc0
         netns.run(ns, ["getent", "hosts", "cakephp.cakephp.project2"])  # external pod: nothing
-        netns.wait_for(lambda: via_uplink.search(routes(ns)) and peer.search(routes(ns)),
-                       what="the /32 routes")
+        netns.wait_for(
+            lambda: via_uplink.search(routes(ns)) and peer.search(routes(ns)), what="the /32 routes"
+        )
         table = routes(ns)
         assert "172.30.0.11 " not in table and "172.17.0.13 " not in table
         assert "172.30.0.2 via" in table  # setup's DNS route is untouched
         # The VIP changes owner (now a myproject Service): its bypass route goes.
         edit_hosts(lab, original.replace("cakephp.project2.svc", "moved.myproject.svc"))
-        netns.wait_for(lambda: "172.30.0.13" in netns.run(
-            ns, ["getent", "hosts", "moved.myproject"], check=False).stdout, what="new name")
+        netns.wait_for(
+            lambda: (
+                "172.30.0.13"
+                in netns.run(ns, ["getent", "hosts", "moved.myproject"], check=False).stdout
+            ),
+            what="new name",
+        )
         netns.wait_for(lambda: not via_uplink.search(routes(ns)), what="bypass route removed")
         # Entries expire with the TTL (30 s in the lab): the peer's route goes too.
         netns.wait_for(lambda: not peer.search(routes(ns)), timeout=90, what="expiry")
     finally:
         edit_hosts(lab, original)
     # Back with project2: the bypass returns; a stopped proxy leaves none of its routes.
-    netns.wait_for(lambda: "172.30.0.13" in netns.run(
-        ns, ["getent", "hosts", "cakephp.project2"], check=False).stdout, what="old name")
+    netns.wait_for(
+        lambda: (
+            "172.30.0.13"
+            in netns.run(ns, ["getent", "hosts", "cakephp.project2"], check=False).stdout
+        ),
+        what="old name",
+    )
     netns.wait_for(lambda: via_uplink.search(routes(ns)), what="bypass route again")
     stats = proxy.stats()
     assert stats["counters"]["routes_added"] == 3
     assert stats["counters"]["routes_removed"] == 2
     proxy.stop()
     assert "proto 137" not in "".join(
-        line for line in routes(ns).splitlines(keepends=True)
-        if line.split()[0] not in ("172.30.0.0/16", "172.30.0.2"))
+        line
+        for line in routes(ns).splitlines(keepends=True)
+        if line.split()[0] not in ("172.30.0.0/16", "172.30.0.2")
+    )

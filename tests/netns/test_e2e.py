@@ -51,11 +51,16 @@ def curl(lab, pod: str, url: str, timeout: int = 15, marker: str = MARKER):
 
 def send_datagrams(lab, node: str, dst: str, payloads: list[bytes]) -> None:
     """Inject UDP datagrams at dst:1337 from the node namespace (the eavesdropper's seat)."""
-    script = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-              "for h in sys.stdin.read().split():\n"
-              f"    s.sendto(bytes.fromhex(h), ('{dst}', 1337))\n")
-    netns.run(lab.nodes[node].netns, [sys.executable, "-c", script],
-              input="\n".join(p.hex() for p in payloads))
+    script = (
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "for h in sys.stdin.read().split():\n"
+        f"    s.sendto(bytes.fromhex(h), ('{dst}', 1337))\n"
+    )
+    netns.run(
+        lab.nodes[node].netns,
+        [sys.executable, "-c", script],
+        input="\n".join(p.hex() for p in payloads),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +103,10 @@ def test_one_packet_path_delivers_the_same_bytes(sealed):
     try:
         assert download_sha256(lab, "nginx1", f"http://nginx2:8080{path}") == digest
         m = metrics(lab, "nginx1")
-        assert m.get("tencrypt_super_packets_split_total", 0) == 0 and m["tencrypt_packets_sealed_total"] > 0
+        assert (
+            m.get("tencrypt_super_packets_split_total", 0) == 0
+            and m["tencrypt_packets_sealed_total"] > 0
+        )
     finally:
         for pod in ("nginx2", "nginx1"):
             lab.unpatch(pod)
@@ -111,21 +119,31 @@ def test_one_packet_path_delivers_the_same_bytes(sealed):
 def test_udp_and_icmp_cross_the_tunnel(sealed, capture):
     lab = sealed
     n2 = lab.pod("nginx2")
-    echo = netns.spawn(n2.netns, [sys.executable, "-c",
-                                  "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                                  "s.bind(('0.0.0.0',9999))\n"
-                                  "while True:\n d,a=s.recvfrom(2048); s.sendto(d.upper(),a)\n"])
+    echo = netns.spawn(
+        n2.netns,
+        [
+            sys.executable,
+            "-c",
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "s.bind(('0.0.0.0',9999))\n"
+            "while True:\n d,a=s.recvfrom(2048); s.sendto(d.upper(),a)\n",
+        ],
+    )
     try:
-        client = ("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\n"
-                  f"s.connect(('{n2.vip}',9999))\n"
-                  "for i in range(20):\n"
-                  f"  s.send(b'{MARKER}')\n"
-                  "  try:\n    print(s.recv(2048).decode()); break\n"
-                  "  except socket.timeout: pass\n")
+        client = (
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\n"
+            f"s.connect(('{n2.vip}',9999))\n"
+            "for i in range(20):\n"
+            f"  s.send(b'{MARKER}')\n"
+            "  try:\n    print(s.recv(2048).decode()); break\n"
+            "  except socket.timeout: pass\n"
+        )
         node = lab.nodes["node1"]
         with capture(node.netns, node.bridge, "not port 53") as cap:
             out = lab.exec("nginx1", [sys.executable, "-c", client], timeout=90).stdout
-            ping = lab.exec("nginx1", ["ping", "-c", "3", "-i", "0.2", "-W", "3", n2.vip], check=False)
+            ping = lab.exec(
+                "nginx1", ["ping", "-c", "3", "-i", "0.2", "-W", "3", n2.vip], check=False
+            )
         assert MARKER.upper() in out  # answered by nginx2, from the VIP (connected socket)
         assert ping.returncode == 0 and f"from {n2.vip}" in ping.stdout, ping.stdout + ping.stderr
         assert MARKER.encode() not in cap.data and MARKER.upper().encode() not in cap.data
@@ -172,7 +190,7 @@ def test_forged_replayed_and_flipped_datagrams_are_counted_drops(sealed, capture
     node = lab.nodes["node1"]
     with capture(node.netns, node.bridge, f"udp and dst host {n2.ip} and dst port 1337") as cap:
         assert curl(lab, "nginx1", "http://nginx2:8080/").returncode == 0
-    data = [f.raw[14 + 28:] for f in cap.frames() if f.raw[14 + 28:14 + 29] == b"\x04"]
+    data = [f.raw[14 + 28 :] for f in cap.frames() if f.raw[14 + 28 : 14 + 29] == b"\x04"]
     assert data, "no data messages captured"
     rng = random.Random(1337)
     garbage = [rng.randbytes(rng.randrange(0, 200)) for _ in range(50)]
@@ -189,8 +207,11 @@ def test_forged_replayed_and_flipped_datagrams_are_counted_drops(sealed, capture
     before = metrics(lab, "nginx2")
     send_datagrams(lab, "node1", n2.ip, garbage + replayed_flips + forged + data)
     total = len(garbage) + 3 * len(data)
-    netns.wait_for(lambda: all_drops(metrics(lab, "nginx2")) >= all_drops(before) + total,
-                   timeout=20, what="the forged datagrams to be counted")
+    netns.wait_for(
+        lambda: all_drops(metrics(lab, "nginx2")) >= all_drops(before) + total,
+        timeout=20,
+        what="the forged datagrams to be counted",
+    )
     after = metrics(lab, "nginx2")
     assert drops(after, "bad_tag") - drops(before, "bad_tag") == len(forged)
     assert drops(after, "replay") - drops(before, "replay") == 2 * len(data)

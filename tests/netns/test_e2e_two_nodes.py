@@ -40,10 +40,16 @@ def test_curl_across_vxlan_is_sealed_on_the_underlay(sealed2, capture):
     # inner IPv4 packet between the two pods is UDP to or from :1337 (IPv6 neighbour chatter
     # of the bridges may cross too: it is not the pods' traffic)
     pods = {lab.pod("nginx1").ip, lab.pod("nginx2").ip, lab.pod("nginx2").vip}
-    inner = [f.raw[64:] for f in cap.frames() if f.raw[62:64] == b"\x08\x00" and len(f.raw) >= 64 + 28]
-    between = [p for p in inner if {".".join(map(str, p[12:16])), ".".join(map(str, p[16:20]))} <= pods]
-    assert between and all(p[9] == 17 and 1337 in (int.from_bytes(p[20:22], "big"),
-                                                   int.from_bytes(p[22:24], "big")) for p in between)
+    inner = [
+        f.raw[64:] for f in cap.frames() if f.raw[62:64] == b"\x08\x00" and len(f.raw) >= 64 + 28
+    ]
+    between = [
+        p for p in inner if {".".join(map(str, p[12:16])), ".".join(map(str, p[16:20]))} <= pods
+    ]
+    assert between and all(
+        p[9] == 17 and 1337 in (int.from_bytes(p[20:22], "big"), int.from_bytes(p[22:24], "big"))
+        for p in between
+    )
 
 
 def test_100mb_across_vxlan_arrives_intact(sealed2):

@@ -22,8 +22,10 @@ from tencrypt.linux import netns
 from tests.netns.conftest import standalone_pod
 
 ENTRYPOINT = Path(__file__).resolve().parents[2] / "scripts" / "origin-pod" / "entrypoint.py"
-RESOLV = ("nameserver 172.30.0.10\nsearch shop.svc.cluster.local svc.cluster.local "
-          "cluster.local\noptions ndots:5\n")
+RESOLV = (
+    "nameserver 172.30.0.10\nsearch shop.svc.cluster.local svc.cluster.local "
+    "cluster.local\noptions ndots:5\n"
+)
 ORIGINAL = """#!/bin/sh
 echo "$$ $*" > {mark}
 trap 'exit 0' TERM INT
@@ -45,6 +47,7 @@ def started():
         proc = netns.spawn(ns, argv, log=log, env=env)
         procs.append(proc)
         return proc
+
     yield start
     for proc in procs:
         if proc.poll() is None:
@@ -75,14 +78,18 @@ def key_file(tmp_path):
     return path
 
 
-def test_with_net_admin_and_a_key_it_patches_the_pod_and_undoes_on_sigterm(pod, started,
-                                                                          tmp_path):
+def test_with_net_admin_and_a_key_it_patches_the_pod_and_undoes_on_sigterm(pod, started, tmp_path):
     log = tmp_path / "entrypoint.log"
-    env = {"TENCRYPT_PSK_FILE": str(key_file(tmp_path)),
-           "TENCRYPT_ORIGINAL_ENTRYPOINT": str(tmp_path / "never-run")}
+    env = {
+        "TENCRYPT_PSK_FILE": str(key_file(tmp_path)),
+        "TENCRYPT_ORIGINAL_ENTRYPOINT": str(tmp_path / "never-run"),
+    }
     proc = started(pod, [sys.executable, str(ENTRYPOINT)], env, log)
-    netns.wait_for(lambda: "tencrypt: ready" in log.read_text(), timeout=60,
-                   what="the proxy started by the entry point")
+    netns.wait_for(
+        lambda: "tencrypt: ready" in log.read_text(),
+        timeout=60,
+        what="the proxy started by the entry point",
+    )
     assert " tenc0:" in links(pod)
     assert "nameserver 127.0.0.1" in resolv(pod).splitlines()
     pids = netns.run(pod, ["ip", "netns", "identify", str(proc.pid)]).stdout.split()
@@ -94,8 +101,11 @@ def test_with_net_admin_and_a_key_it_patches_the_pod_and_undoes_on_sigterm(pod, 
     # and a new proxy started
     for pid in proxy_pids:
         os.kill(int(pid), signal.SIGKILL)
-    netns.wait_for(lambda: log.read_text().count("tencrypt: ready") == 2, timeout=60,
-                   what="the proxy restarted")
+    netns.wait_for(
+        lambda: log.read_text().count("tencrypt: ready") == 2,
+        timeout=60,
+        what="the proxy restarted",
+    )
     assert "pod UNENCRYPTED until the restart" in log.read_text()
     assert " tenc0:" in links(pod) and "nameserver 127.0.0.1" in resolv(pod).splitlines()
     assert stop(proc) == 0
@@ -111,9 +121,10 @@ def test_otherwise_it_becomes_the_original_pod_binary(pod, started, tmp_path, ca
     original = tmp_path / "pod"
     original.write_text(ORIGINAL.format(mark=mark))
     original.chmod(0o755)
-    env = {"TENCRYPT_ORIGINAL_ENTRYPOINT": str(original),
-           "TENCRYPT_PSK_FILE": str(tmp_path / "absent" if case == "no key"
-                                    else key_file(tmp_path))}
+    env = {
+        "TENCRYPT_ORIGINAL_ENTRYPOINT": str(original),
+        "TENCRYPT_PSK_FILE": str(tmp_path / "absent" if case == "no key" else key_file(tmp_path)),
+    }
     argv = [sys.executable, str(ENTRYPOINT), "--some", "arg"]
     if case != "no key":  # capsh drops it from the bounding set: root exec's without it
         cap = case.split()[1].lower()
@@ -125,19 +136,22 @@ def test_otherwise_it_becomes_the_original_pod_binary(pod, started, tmp_path, ca
     assert int(pid) == proc.pid  # exec'ed, not spawned: it *is* the original now
     assert args == ["--some", "arg"]
     status = Path(f"/proc/{proc.pid}/status").read_text()
-    cap_eff = int(next(line.split()[1] for line in status.splitlines()
-                       if line.startswith("CapEff:")), 16)
+    cap_eff = int(
+        next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16
+    )
     assert bool(cap_eff >> 12 & 1) == (case != "no NET_ADMIN")  # as arranged
     assert bool(cap_eff >> 13 & 1) == (case != "no NET_RAW")
     assert " tenc0:" not in links(pod) and resolv(pod) == RESOLV
-    assert {"no NET_ADMIN": "no NET_ADMIN: not", "no NET_RAW": "no NET_RAW: not",
-            "no key": "no project key"}[case] in log.read_text()
+    assert {
+        "no NET_ADMIN": "no NET_ADMIN: not",
+        "no NET_RAW": "no NET_RAW: not",
+        "no key": "no project key",
+    }[case] in log.read_text()
     assert proc.poll() is None  # it idles ...
     assert stop(proc) == 0  # ... until signalled, then exits cleanly
 
 
-def test_with_a_read_only_resolv_conf_it_says_why_and_becomes_the_original(pod, started,
-                                                                          tmp_path):
+def test_with_a_read_only_resolv_conf_it_says_why_and_becomes_the_original(pod, started, tmp_path):
     """containerd and CRI-O mount resolv.conf read-only into the infrastructure container: the
     image cannot patch the pod there (the agent can, from the node); it must say so, touch
     nothing, and go on as the original pod binary."""
@@ -145,11 +159,27 @@ def test_with_a_read_only_resolv_conf_it_says_why_and_becomes_the_original(pod, 
     original = tmp_path / "pod"
     original.write_text(ORIGINAL.format(mark=mark))
     original.chmod(0o755)
-    env = {"TENCRYPT_ORIGINAL_ENTRYPOINT": str(original),
-           "TENCRYPT_PSK_FILE": str(key_file(tmp_path))}
+    env = {
+        "TENCRYPT_ORIGINAL_ENTRYPOINT": str(original),
+        "TENCRYPT_PSK_FILE": str(key_file(tmp_path)),
+    }
     read_only = 'mount --bind -o ro /etc/resolv.conf /etc/resolv.conf && exec "$0" "$@"'
-    proc = started(pod, ["unshare", "--mount", "--propagation", "private", "sh", "-c", read_only,
-                         sys.executable, str(ENTRYPOINT)], env, log)
+    proc = started(
+        pod,
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            read_only,
+            sys.executable,
+            str(ENTRYPOINT),
+        ],
+        env,
+        log,
+    )
     netns.wait_for(mark.exists, timeout=60, what="the original pod binary to run")
     text = log.read_text()
     assert "/etc/resolv.conf is read-only here" in text and "--resolv-conf-of" in text

@@ -36,8 +36,14 @@ UDP_PORT = 9999
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    topology = Topology(pods=[PodSpec("nginx1", "myproject"), PodSpec("nginx2", "myproject"),
-                              PodSpec("cakephp", "project2"), PodSpec("legacy", "myproject")])
+    topology = Topology(
+        pods=[
+            PodSpec("nginx1", "myproject"),
+            PodSpec("nginx2", "myproject"),
+            PodSpec("cakephp", "project2"),
+            PodSpec("legacy", "myproject"),
+        ]
+    )
     with built_lab(1, topology, prefix="f") as lab:
         yield lab
 
@@ -86,23 +92,29 @@ def firewall_set(lab: Lab, pod: str, name: str) -> list[str]:
 
 # -- 1. a tenant's DNS name for our VIP ----------------------------------------------------
 
+
 @pytest.mark.parametrize("members", [True, False], ids=["membership", "standalone"])
-def test_a_tenants_alias_for_our_vip_does_not_unseal_a_connection(lab, capture, tmp_path,
-                                                                  members):
+def test_a_tenants_alias_for_our_vip_does_not_unseal_a_connection(lab, capture, tmp_path, members):
     patched(lab, members, "nginx1", "nginx2")
     n2 = lab.pod("nginx2")
     alias = f"alias{int(members)}.project2.svc.cluster.local"
     received = tmp_path / "received"
     server = netns.spawn(n2.netns, [sys.executable, "-c", STREAM_SERVER, str(received)])
     try:
-        netns.wait_for(lambda: f":{STREAM_PORT}" in lab.exec("nginx2", ["ss", "-ltn"]).stdout,
-                       what="the stream server")
+        netns.wait_for(
+            lambda: f":{STREAM_PORT}" in lab.exec("nginx2", ["ss", "-ltn"]).stdout,
+            what="the stream server",
+        )
         ns, iface = bridge(lab)
         with capture(ns, iface, "not port 53") as cap:
-            client = netns.spawn(lab.pod("nginx1").netns,
-                                 [sys.executable, "-c", STREAM_CLIENT, "nginx2", "120"])
-            netns.wait_for(lambda: received.exists() and received.stat().st_size > 0,
-                           timeout=20, what="the first chunks")
+            client = netns.spawn(
+                lab.pod("nginx1").netns, [sys.executable, "-c", STREAM_CLIENT, "nginx2", "120"]
+            )
+            netns.wait_for(
+                lambda: received.exists() and received.stat().st_size > 0,
+                timeout=20,
+                what="the first chunks",
+            )
             lab.add_dns_records([(n2.vip, alias)])  # any tenant can publish this
             answer = lab.exec("nginx1", ["getent", "hosts", alias])
             assert n2.vip in answer.stdout  # the app did resolve the alias, through the proxy
@@ -133,8 +145,13 @@ for i in range(int(sys.argv[2])):
 
 @pytest.mark.parametrize("members", [True, False], ids=["membership", "standalone"])
 def test_peer_down_keeps_the_protection(lab, capture, members):
-    patched(lab, members, "nginx1", "nginx2",
-            run_args=("--handshake-give-up", "3", "--session-lifetime", "6"))
+    patched(
+        lab,
+        members,
+        "nginx1",
+        "nginx2",
+        run_args=("--handshake-give-up", "3", "--session-lifetime", "6"),
+    )
     n1, n2 = lab.pod("nginx1"), lab.pod("nginx2")
     # nginx2 calls nginx1: nginx1's session is bound to nginx2's own pod IP (its source)
     assert curl(lab, "nginx2", "http://nginx1:8080/", MARKER + "-warm").returncode == 0
@@ -145,17 +162,22 @@ def test_peer_down_keeps_the_protection(lab, capture, members):
     netns.run(node_ns, block)
     try:
         with capture(node_ns, iface, "not port 53") as cap:
+
             def down() -> bool:  # traffic keeps the stale timer going until the peer is given up
                 lab.exec("nginx1", [sys.executable, "-c", UDP_SENDER, n2.ip, "4"])
                 return f"peer {n2.ip} down" in log.read_text()
+
             netns.wait_for(down, timeout=60, interval=0.5, what="the peer to go down")
             assert metrics(lab, "nginx1").get("tencrypt_peers_unreachable_total", 0) >= 1
             lab.exec("nginx1", [sys.executable, "-c", UDP_SENDER, n2.ip, "20"])
             tcp = curl(lab, "nginx1", f"http://{n2.ip}:8080/", MARKER + "-tcp", timeout=3)
         assert tcp.returncode != 0  # availability is lost ...
         assert MARKER.encode() not in cap.data  # ... confidentiality is not
-        clear = [f for f in cap.frames() if f.src == n1.ip and f.dst == n2.ip and
-                 not (f.proto == 17 and f.dport == 1337)]
+        clear = [
+            f
+            for f in cap.frames()
+            if f.src == n1.ip and f.dst == n2.ip and not (f.proto == 17 and f.dport == 1337)
+        ]
         assert clear == []
     finally:
         netns.run(node_ns, ["iptables", "-D", *block[2:]])
@@ -179,6 +201,7 @@ def test_a_member_pod_ip_never_learned_is_protected_from_the_first_packet(lab, c
 
 # -- 4. an unpatched pod of the project ------------------------------------------------------
 
+
 def test_an_unpatched_member_is_refused_from_its_first_syn(lab, capture):
     patched(lab, True, "nginx1")
     n1, legacy = lab.pod("nginx1"), lab.pod("legacy")
@@ -192,6 +215,7 @@ def test_an_unpatched_member_is_refused_from_its_first_syn(lab, capture):
 
     def counted() -> bool:
         return metrics(lab, "nginx1").get("tencrypt_firewall_refused_in_ipv4_packets", 0) >= 2
+
     netns.wait_for(counted, timeout=15, interval=0.5, what="the firewall's refusal counter")
     # and the other way: a project pod without a proxy is never reached in the clear
     with capture(node_ns, iface, f"host {legacy.ip}") as cap:
@@ -219,16 +243,16 @@ def test_standalone_an_unpatched_member_is_refused_after_a_reverse_lookup(lab, c
 
 
 @pytest.mark.parametrize("members", [True, False], ids=["membership", "standalone"])
-def test_a_stopped_proxy_leaves_the_firewall_and_a_restarted_one_adopts_it(lab, capture,
-                                                                          members):
+def test_a_stopped_proxy_leaves_the_firewall_and_a_restarted_one_adopts_it(lab, capture, members):
     """No plaintext window around a proxy restart: the rules stay when it stops (its /32s go,
     so a member's pod IP takes eth0, where the firewall refuses it), and the next proxy starts
     from what is in the sets."""
     patched(lab, members, "nginx1", "nginx2")
     n2 = lab.pod("nginx2")
     assert curl(lab, "nginx1", "http://nginx2:8080/", MARKER + "-before").returncode == 0
-    netns.wait_for(lambda: n2.vip in firewall_set(lab, "nginx1", "project4"),
-                   what="the VIP in the firewall")
+    netns.wait_for(
+        lambda: n2.vip in firewall_set(lab, "nginx1", "project4"), what="the VIP in the firewall"
+    )
     before = set(firewall_set(lab, "nginx1", "project4"))
     pid = proxy_pid(lab, lab.pod("nginx1"))
     os.kill(pid, signal.SIGTERM)
@@ -251,10 +275,15 @@ def test_a_stopped_proxy_leaves_the_firewall_and_a_restarted_one_adopts_it(lab, 
 
 # -- 5. dual stack: AAAA answers -------------------------------------------------------------
 
+
 def test_aaaa_answers_break_nothing_and_never_open_the_clear(lab, capture):
     patched(lab, True, "nginx1", "nginx2")
-    lab.add_dns_records([("fd00:30::12", "nginx2.myproject.svc.cluster.local"),
-                         ("fd00:30::13", "cakephp.project2.svc.cluster.local")])
+    lab.add_dns_records(
+        [
+            ("fd00:30::12", "nginx2.myproject.svc.cluster.local"),
+            ("fd00:30::13", "cakephp.project2.svc.cluster.local"),
+        ]
+    )
     aaaa = lab.exec("nginx1", ["dig", "+short", "AAAA", "nginx2.myproject.svc.cluster.local"])
     assert "fd00:30::12" in aaaa.stdout  # answered: the old proxy lost this answer
     node_ns, iface = bridge(lab)
@@ -268,12 +297,14 @@ def test_aaaa_answers_break_nothing_and_never_open_the_clear(lab, capture):
 
     def in_set() -> bool:
         return "fd00:30::12" in firewall_set(lab, "nginx1", "project6")
+
     netns.wait_for(in_set, timeout=10, what="the AAAA address in the firewall")
     assert "fd00:30::13" not in firewall_set(lab, "nginx1", "project6")
     assert proxy_pid(lab, lab.pod("nginx1"))
 
 
 # -- 2. a cluster DNS outage (last: it stops the lab's DNS) ----------------------------------
+
 
 @pytest.mark.parametrize("members", [True, False], ids=["membership", "standalone"])
 def test_dns_outage_and_a_literal_vip_never_go_in_the_clear(lab, capture, members):

@@ -44,8 +44,23 @@ def veth_pair():
     try:
         netns.create(a)
         netns.create(b)
-        netns.sh(["ip", "link", "add", f"ga-{sfx}", "netns", a, "type", "veth", "peer",
-                  "name", f"gb-{sfx}", "netns", b])
+        netns.sh(
+            [
+                "ip",
+                "link",
+                "add",
+                f"ga-{sfx}",
+                "netns",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"gb-{sfx}",
+                "netns",
+                b,
+            ]
+        )
         for ns, dev, addr in ((a, f"ga-{sfx}", "10.231.0.1/24"), (b, f"gb-{sfx}", "10.231.0.2/24")):
             netns.run(ns, ["ip", "addr", "add", addr, "dev", dev])
             netns.run(ns, ["ip", "link", "set", dev, "up"])
@@ -262,12 +277,14 @@ def test_tun_super_packets_split_into_valid_segments_that_carry_the_stream(tun_n
     ns, tun = tun_ns
     python = sys.executable
     client = None
-    server = subprocess.Popen(netns.exec_argv(ns, [python, "-c", SERVER]), stdout=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen(
+        netns.exec_argv(ns, [python, "-c", SERVER]), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert server.stdout.readline().strip() == "listening"
-        client = subprocess.Popen(netns.exec_argv(ns, [python, "-c", CLIENT, str(STREAM_SEED),
-                                                       str(STREAM_LEN)]))
+        client = subprocess.Popen(
+            netns.exec_argv(ns, [python, "-c", CLIENT, str(STREAM_SEED), str(STREAM_LEN)])
+        )
         frames, segments = [], []
         stats = reflect(tun, [client, server], frames, segments)
         assert client.returncode == 0
@@ -299,8 +316,8 @@ def test_tun_super_packets_split_into_valid_segments_that_carry_the_stream(tun_n
         payload = bytes(tcp.payload)
         if payload:
             at = (tcp.seq - isn) & 0xFFFFFFFF
-            rebuilt[at:at + len(payload)] = payload  # a retransmission writes the same bytes
-            seen[at:at + len(payload)] = b"\x01" * len(payload)
+            rebuilt[at : at + len(payload)] = payload  # a retransmission writes the same bytes
+            seen[at : at + len(payload)] = b"\x01" * len(payload)
     assert isn is not None and seen.count(0) == 0
     assert bytes(rebuilt) == stream
     assert set(stats.drops) <= {DropReason.NOT_IPV4}  # only the IPv6 chatter of a new link

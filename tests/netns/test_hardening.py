@@ -28,10 +28,16 @@ from tests.netns.test_e2e import curl, drops, metrics
 
 INSIDER = Path(__file__).with_name("insider.py")
 
+
 @pytest.fixture(scope="module")
 def hlab() -> Iterator[Lab]:
-    topology = Topology(pods=[PodSpec("nginx1", "myproject"), PodSpec("nginx2", "myproject"),
-                              PodSpec("evil", "myproject")])
+    topology = Topology(
+        pods=[
+            PodSpec("nginx1", "myproject"),
+            PodSpec("nginx2", "myproject"),
+            PodSpec("evil", "myproject"),
+        ]
+    )
     with built_lab(1, topology, prefix="h") as lab:
         lab.patch("nginx2")
         lab.patch("nginx1")
@@ -44,8 +50,17 @@ def insider(lab: Lab, *args: str, timeout: float = 60) -> dict:
 
 
 def claim(lab: Lab, target: str, claimed: str, *extra: str) -> dict:
-    return insider(lab, "claim", "--psk-file", str(lab.psk_file("myproject")),
-                   "--target", target, "--claim", claimed, *extra)
+    return insider(
+        lab,
+        "claim",
+        "--psk-file",
+        str(lab.psk_file("myproject")),
+        "--target",
+        target,
+        "--claim",
+        claimed,
+        *extra,
+    )
 
 
 def test_insider_cannot_claim_a_peers_ip(hlab, capture):
@@ -69,8 +84,10 @@ def test_insider_cannot_claim_a_peers_ip(hlab, capture):
     to_victim = [f for f in cap.frames() if f.src == evil.ip and f.dst == n1.ip]
     assert len(to_victim) == 5 and all(len(f.raw) == 14 + 28 + 88 for f in to_victim)
     after = metrics(lab, "nginx1")
-    delta = {r: drops(after, r) - drops(before, r)
-             for r in ("claim_not_source", "claim_reserved", "claim_service_ip")}
+    delta = {
+        r: drops(after, r) - drops(before, r)
+        for r in ("claim_not_source", "claim_reserved", "claim_service_ip")
+    }
     assert delta == {"claim_not_source": 1, "claim_reserved": 3, "claim_service_ip": 1}
     responded = "tencrypt_handshakes_responded_total"
     assert after.get(responded, 0) - before.get(responded, 0) == 1  # nginx2's, via nginx1's VIP
@@ -110,9 +127,11 @@ while time.monotonic() < end:
 print(json.dumps({{"ok": ok, "lost": lost, "seconds": {seconds}}}))
 """
 
-ECHO_SERVER = ("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-               "s.bind(('0.0.0.0',9999))\n"
-               "while True:\n d,a=s.recvfrom(2048); s.sendto(d.upper(),a)\n")
+ECHO_SERVER = (
+    "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "s.bind(('0.0.0.0',9999))\n"
+    "while True:\n d,a=s.recvfrom(2048); s.sendto(d.upper(),a)\n"
+)
 
 
 def request_response(lab: Lab, seconds: float) -> dict:
@@ -128,16 +147,30 @@ def test_keyless_flood_is_dropped_by_mac1_and_handshakes_still_complete(hlab):
     n2 = lab.pod("nginx2")
     echo = netns.spawn(n2.netns, [sys.executable, "-c", ECHO_SERVER])
     try:
-        netns.wait_for(lambda: request_response(lab, 0.5)["ok"] > 0, timeout=20,
-                       what="the echo server through the tunnel")
+        netns.wait_for(
+            lambda: request_response(lab, 0.5)["ok"] > 0,
+            timeout=20,
+            what="the echo server through the tunnel",
+        )
         quiet = request_response(lab, 3.0)
         lab.unpatch("nginx1")  # restart: its next packet needs a new handshake
         lab.patch("nginx1")
         n2_before = metrics(lab, "nginx2")
-        flood = netns.spawn(lab.nodes["node1"].netns,
-                            [sys.executable, str(INSIDER), "flood", "--target", n2.ip,
-                             "--rate", "100000", "--seconds", "5"],
-                            log=lab.log_file("flood"))
+        flood = netns.spawn(
+            lab.nodes["node1"].netns,
+            [
+                sys.executable,
+                str(INSIDER),
+                "flood",
+                "--target",
+                n2.ip,
+                "--rate",
+                "100000",
+                "--seconds",
+                "5",
+            ],
+            log=lab.log_file("flood"),
+        )
         try:
             time.sleep(0.5)  # the flood is running before the first request
             during = request_response(lab, 4.0)
@@ -152,15 +185,18 @@ def test_keyless_flood_is_dropped_by_mac1_and_handshakes_still_complete(hlab):
         echo.kill()
         echo.wait()
     bad_mac = drops(n2_after, "bad_mac") - drops(n2_before, "bad_mac")
-    print(f"\nflood: {sent} keyless initiations in 5 s ({sent / 5:.0f}/s); nginx2 counted "
-          f"{bad_mac:.0f} bad_mac; request/response {quiet['ok'] / quiet['seconds']:.0f}/s "
-          f"before, {during['ok'] / during['seconds']:.0f}/s during (lost {during['lost']})")
+    print(
+        f"\nflood: {sent} keyless initiations in 5 s ({sent / 5:.0f}/s); nginx2 counted "
+        f"{bad_mac:.0f} bad_mac; request/response {quiet['ok'] / quiet['seconds']:.0f}/s "
+        f"before, {during['ok'] / during['seconds']:.0f}/s during (lost {during['lost']})"
+    )
     assert sent >= 250_000  # the flood really ran (most of 500k)
     assert 0 < bad_mac <= sent  # every forged one that reached the proxy is a bad_mac drop
-    for reason in ("bad_handshake", "claim_not_source", "handshake_budget",
-                   "handshake_ratelimit"):
+    for reason in ("bad_handshake", "claim_not_source", "handshake_budget", "handshake_ratelimit"):
         assert drops(n2_after, reason) == drops(n2_before, reason), reason
     assert n1_after["tencrypt_handshakes_completed_total"] >= 1  # during the flood
-    assert (n2_after["tencrypt_handshakes_responded_total"]
-            > n2_before["tencrypt_handshakes_responded_total"])
+    assert (
+        n2_after["tencrypt_handshakes_responded_total"]
+        > n2_before["tencrypt_handshakes_responded_total"]
+    )
     assert during["ok"] > 0

@@ -92,8 +92,10 @@ def echo_server(lab: Lab, pod: Pod, proto: str, port: int = services.TUNNEL_PORT
     proc = netns.spawn(pod.netns, [PY, "-I", "-c", ECHO_SERVER, proto, str(port)])
     try:
         flag = "-Hlnu" if proto == "udp" else "-Hlnt"
-        netns.wait_for(lambda: bool(lab.exec(pod.name, ["ss", flag, f"sport = :{port}"]).stdout),
-                       what=f"{proto} echo server in {pod.name}")
+        netns.wait_for(
+            lambda: bool(lab.exec(pod.name, ["ss", flag, f"sport = :{port}"]).stdout),
+            what=f"{proto} echo server in {pod.name}",
+        )
         yield
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -101,8 +103,9 @@ def echo_server(lab: Lab, pod: Pod, proto: str, port: int = services.TUNNEL_PORT
 
 
 def echo(lab: Lab, client: str, proto: str, host: str, port: int = services.TUNNEL_PORT) -> str:
-    return lab.exec(client, [PY, "-I", "-c", ECHO_CLIENT, proto, host, str(port)],
-                    timeout=20).stdout.strip()
+    return lab.exec(
+        client, [PY, "-I", "-c", ECHO_CLIENT, proto, host, str(port)], timeout=20
+    ).stdout.strip()
 
 
 # --- one node ---------------------------------------------------------------------------------
@@ -115,8 +118,9 @@ def test_curl_by_service_name_within_a_project(lab: Lab) -> None:
         assert got.stdout == f"Hello from {server} (myproject)\n"
     # the Service path keeps the client's address: the server logged nginx1's pod IP
     log = lab.log_file("nginx1.http")
-    netns.wait_for(lambda: f'{lab.pod("nginx2").ip} - - ' in log.read_text(),
-                   what="nginx1's access log")
+    netns.wait_for(
+        lambda: f"{lab.pod('nginx2').ip} - - " in log.read_text(), what="nginx1's access log"
+    )
 
 
 def test_curl_across_projects_needs_the_project_in_the_name(lab: Lab) -> None:
@@ -136,9 +140,11 @@ def test_dns_answers_a_and_ptr_for_services_and_pods(lab: Lab) -> None:
         assert svc[0][0] > 0, "a TTL of 0 would make the pod-side DNS proxy forget at once"
         assert answers(lab, "cakephp", "-x", pod.vip) == [(svc[0][0], "PTR", f"{pod.fqdn}.")]
         assert [(t, d) for _, t, d in answers(lab, "nginx2", "-x", pod.ip)] == [
-            ("PTR", f"{pod.name}.{pod.fqdn}.")]
+            ("PTR", f"{pod.name}.{pod.fqdn}.")
+        ]
         assert [(t, d) for _, t, d in answers(lab, "nginx2", f"{pod.name}.{pod.fqdn}")] == [
-            ("A", pod.ip)]
+            ("A", pod.ip)
+        ]
     assert dns_status(lab, "nginx1", "nosuch.myproject.svc.cluster.local") == "NXDOMAIN"
     assert dns_status(lab, "nginx1", "nginx1.project2.svc.cluster.local") == "NXDOMAIN"
     assert dns_status(lab, "nginx1", "-x", "172.30.99.99") == "NXDOMAIN"
@@ -187,14 +193,21 @@ def test_pod_and_node_namespaces_are_shaped_like_a_cluster(lab: Lab) -> None:
     node = lab.nodes["node1"]
     for pod in lab.pods.values():
         assert lab.exec(pod.name, ["cat", "/sys/class/net/eth0/mtu"]).stdout.strip() == "1500"
-        assert f"inet {pod.ip}/16" in lab.exec(pod.name, ["ip", "-4", "addr", "show", "eth0"]).stdout
+        assert (
+            f"inet {pod.ip}/16" in lab.exec(pod.name, ["ip", "-4", "addr", "show", "eth0"]).stdout
+        )
         assert lab.exec(pod.name, ["ip", "route", "show", "default"]).stdout.split()[:3] == [
-            "default", "via", node.bridge_ip]
+            "default",
+            "via",
+            node.bridge_ip,
+        ]
         assert lab.exec(pod.name, ["cat", "/etc/resolv.conf"]).stdout == (
             f"nameserver 172.30.0.2\nsearch {pod.project}.svc.cluster.local svc.cluster.local "
-            "cluster.local\noptions ndots:5\n")
-    sysctls = lab.exec("node1", ["sysctl", "-n", "net.ipv4.ip_forward",
-                                 "net.bridge.bridge-nf-call-iptables"]).stdout.split()
+            "cluster.local\noptions ndots:5\n"
+        )
+    sysctls = lab.exec(
+        "node1", ["sysctl", "-n", "net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables"]
+    ).stdout.split()
     assert sysctls == ["1", "1"]
     root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     for pod in lab.pods.values():
@@ -221,11 +234,20 @@ def test_status_exec_and_load(lab: Lab) -> None:
     cli = [*TENCRYPT, "lab", "--name", lab.name]
     got = subprocess.run([*cli, "status"], capture_output=True, text=True, timeout=30)
     assert got.returncode == 0 and "dnsmasq up" in got.stdout, got.stderr
-    got = subprocess.run([*cli, "exec", "nginx1", "--", "sh", "-c", "cat; exit 7"],
-                         input="via stdin\n", capture_output=True, text=True, timeout=30)
+    got = subprocess.run(
+        [*cli, "exec", "nginx1", "--", "sh", "-c", "cat; exit 7"],
+        input="via stdin\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert (got.returncode, got.stdout) == (7, "via stdin\n")
-    got = subprocess.run([*cli, "exec", "cakephp", "--", "ip", "-4", "-o", "addr", "show", "eth0"],
-                         capture_output=True, text=True, timeout=30)
+    got = subprocess.run(
+        [*cli, "exec", "cakephp", "--", "ip", "-4", "-o", "addr", "show", "eth0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert got.returncode == 0 and f"inet {lab.pod('cakephp').ip}/" in got.stdout
     again = Lab.load(lab.name)
     assert again.pods == lab.pods and again.nodes == lab.nodes
@@ -235,8 +257,11 @@ def test_status_exec_and_load(lab: Lab) -> None:
 
 def test_100_mb_download_is_intact(lab: Lab) -> None:
     path, digest = lab.make_blob("nginx2", 100)
-    got = lab.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 50 http://nginx2:8080{path} | "
-                              "sha256sum"], timeout=60)
+    got = lab.exec(
+        "nginx1",
+        ["sh", "-c", f"curl -sS --max-time 50 http://nginx2:8080{path} | sha256sum"],
+        timeout=60,
+    )
     assert got.stdout.split()[0] == digest
     (lab.www("nginx2") / "blob").unlink()
 
@@ -271,10 +296,14 @@ def test_two_nodes_mtu_services_and_dns_on_both(lab2: Lab) -> None:
     assert f"from {lab2.pod('nginx2').ip}" in lab2.log_file("node2.dnsmasq").read_text()
     with echo_server(lab2, lab2.pod("nginx1"), "udp"):
         assert echo(lab2, "nginx2", "udp", lab2.pod("nginx1").vip) == (
-            f"ping from {lab2.pod('nginx2').ip}")
+            f"ping from {lab2.pod('nginx2').ip}"
+        )
     path, digest = lab2.make_blob("nginx2", 4)
-    got = lab2.exec("nginx1", ["sh", "-c", f"curl -sS --max-time 30 http://nginx2:8080{path} | "
-                               "sha256sum"], timeout=40)
+    got = lab2.exec(
+        "nginx1",
+        ["sh", "-c", f"curl -sS --max-time 30 http://nginx2:8080{path} | sha256sum"],
+        timeout=40,
+    )
     assert got.stdout.split()[0] == digest
 
 
@@ -307,8 +336,9 @@ def root_namespace() -> tuple[set[str], str]:
     names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     # comments carry a timestamp and [packets:bytes] counters move with unrelated traffic
-    rules = re.sub(r"\[\d+:\d+\]", "", "\n".join(
-        ln for ln in rules.splitlines() if not ln.startswith("#")))
+    rules = re.sub(
+        r"\[\d+:\d+\]", "", "\n".join(ln for ln in rules.splitlines() if not ln.startswith("#"))
+    )
     return names, rules
 
 
@@ -317,8 +347,9 @@ def lab_name() -> str:
 
 
 def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TENCRYPT, "lab", "--name", name, *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [*TENCRYPT, "lab", "--name", name, *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_down_leaves_nothing_behind() -> None:
@@ -346,7 +377,8 @@ def test_up_on_a_dirty_host_starts_clean() -> None:
         second = Lab(first.name, nodes=2)  # same name, other shape, no down in between
         second.up()
         assert leftovers(first.name)["namespaces"] == sorted(
-            [n.netns for n in second.nodes.values()] + [p.netns for p in second.pods.values()])
+            [n.netns for n in second.nodes.values()] + [p.netns for p in second.pods.values()]
+        )
         assert len(leftovers(first.name)["processes"]) == 5  # 2 dnsmasq + 3 HTTP
         assert not [pid for pid in old if procs.alive(pid)]
         got = curl(second, "nginx1", "http://nginx2:8080/")
@@ -378,12 +410,18 @@ def test_down_after_up_was_killed_half_way(tmp_path: Path) -> None:
     pods = [{"name": f"pod{i}", "project": "p" + str(i % 2)} for i in range(12)]
     config = tmp_path / "topology.json"
     config.write_text(json.dumps({"pods": pods}))
-    up = subprocess.Popen([*TENCRYPT, "lab", "--name", name, "up", "--nodes", "2",
-                           "--config", str(config)], stderr=subprocess.DEVNULL,
-                          start_new_session=True)
+    up = subprocess.Popen(
+        [*TENCRYPT, "lab", "--name", name, "up", "--nodes", "2", "--config", str(config)],
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        netns.wait_for(lambda: netns.exists(f"{name}-pod1") or up.poll() is not None,
-                       timeout=60, interval=0.01, what="up to build its second pod")
+        netns.wait_for(
+            lambda: netns.exists(f"{name}-pod1") or up.poll() is not None,
+            timeout=60,
+            interval=0.01,
+            what="up to build its second pod",
+        )
     finally:
         os.killpg(up.pid, signal.SIGKILL)  # up and whatever `ip` it was running
         up.wait()
@@ -397,8 +435,12 @@ def test_down_after_up_was_killed_half_way(tmp_path: Path) -> None:
 
 def pod_network(lab: Lab, pod: str) -> dict[str, str]:
     """What `tencrypt setup` changes in a pod, as text."""
-    views = {"links": ["ip", "-o", "link"], "routes": ["ip", "-4", "route", "show", "table", "all"],
-             "rules": ["ip", "rule"], "resolv.conf": ["cat", "/etc/resolv.conf"]}
+    views = {
+        "links": ["ip", "-o", "link"],
+        "routes": ["ip", "-4", "route", "show", "table", "all"],
+        "rules": ["ip", "rule"],
+        "resolv.conf": ["cat", "/etc/resolv.conf"],
+    }
     text = {k: lab.exec(pod, argv).stdout for k, argv in views.items()}
     text["links"] = " ".join(line.split(":")[1].strip() for line in text["links"].splitlines())
     return text

@@ -48,10 +48,27 @@ class Pair:
     def up(self) -> None:
         netns.create(self.client)
         netns.create(self.server)
-        netns.sh(["ip", "link", "add", f"qc-{self.sfx}", "netns", self.client, "type", "veth",
-                  "peer", "name", self.server_if, "netns", self.server])
-        for ns, dev, addr, addr6 in ((self.client, f"qc-{self.sfx}", CLIENT, CLIENT6),
-                                     (self.server, self.server_if, SERVER, SERVER6)):
+        netns.sh(
+            [
+                "ip",
+                "link",
+                "add",
+                f"qc-{self.sfx}",
+                "netns",
+                self.client,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                self.server_if,
+                "netns",
+                self.server,
+            ]
+        )
+        for ns, dev, addr, addr6 in (
+            (self.client, f"qc-{self.sfx}", CLIENT, CLIENT6),
+            (self.server, self.server_if, SERVER, SERVER6),
+        ):
             netns.run(ns, ["ip", "addr", "add", f"{addr}/24", "dev", dev])
             netns.run(ns, ["ip", "addr", "add", f"{addr6}/64", "dev", dev, "nodad"])
             netns.run(ns, ["ip", "link", "set", dev, "up"])
@@ -76,8 +93,9 @@ class Pair:
 
     def rule_packets(self, tool: str = "iptables") -> int:
         """Packets the NFQUEUE rules of TENCRYPT-NFQ matched (iptables' counters)."""
-        out = netns.run(self.server, [tool, "-w", "5", "-L", nfqueue.CHAIN, "-n", "-v",
-                                      "-x"]).stdout
+        out = netns.run(
+            self.server, [tool, "-w", "5", "-L", nfqueue.CHAIN, "-n", "-v", "-x"]
+        ).stdout
         return sum(int(line.split()[0]) for line in out.splitlines() if "NFQUEUE" in line)
 
 
@@ -125,12 +143,14 @@ class Listener:
         return [f for _p, f in self.seen if f is not None and f.proto == proto]
 
     def tcp_flags(self) -> list[int]:
-        return [p.payload[(p.payload[0] & 0x0F) * 4 + 13] for p, f in self.seen
-                if f is not None and f.proto == nfqmsg.IPPROTO_TCP]
+        return [
+            p.payload[(p.payload[0] & 0x0F) * 4 + 13]
+            for p, f in self.seen
+            if f is not None and f.proto == nfqmsg.IPPROTO_TCP
+        ]
 
 
-def tcp_server(pair: Pair, v6: bool = False) -> tuple[socket.socket, list[bytes],
-                                                       threading.Thread]:
+def tcp_server(pair: Pair, v6: bool = False) -> tuple[socket.socket, list[bytes], threading.Thread]:
     """Accepts one connection at a time and keeps what each sent until it closed, or until the
     end of an HTTP request, which gets a two-byte answer."""
     srv = pair.socket(pair.server, socket.SOCK_STREAM, TCP_PORT, v6)
@@ -151,8 +171,9 @@ def tcp_server(pair: Pair, v6: bool = False) -> tuple[socket.socket, list[bytes]
                 while chunk := conn.recv(65536):
                     data += chunk
                     if data.startswith(b"GET ") and b"\r\n\r\n" in data:
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
-                                     b"Connection: close\r\n\r\nok")
+                        conn.sendall(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                        )
                         break
                 got.append(bytes(data))
 
@@ -163,9 +184,13 @@ def tcp_server(pair: Pair, v6: bool = False) -> tuple[socket.socket, list[bytes]
 
 def socat_send(pair: Pair, data: bytes, timeout: int = 2, v6: bool = False) -> int:
     target = f"TCP6:[{SERVER6}]" if v6 else f"TCP:{SERVER}"
-    proc = netns.run(pair.client, ["socat", "-u", "STDIN",
-                                   f"{target}:{TCP_PORT},connect-timeout={timeout}"],
-                     check=False, input=data.decode(), timeout=30)
+    proc = netns.run(
+        pair.client,
+        ["socat", "-u", "STDIN", f"{target}:{TCP_PORT},connect-timeout={timeout}"],
+        check=False,
+        input=data.decode(),
+        timeout=30,
+    )
     return proc.returncode
 
 
@@ -196,8 +221,11 @@ def test_accept_lets_new_connections_through_and_queues_only_their_first_packet(
         netns.wait_for(lambda: got, what="the TCP server to receive the stream")
         udp_send(pair, b"accepted-udp")
         assert received(udp) == [b"accepted-udp"]
-        curl = netns.run(pair.client, ["curl", "-sS", "--max-time", "10",
-                                       f"http://{SERVER}:{TCP_PORT}/marker"], check=False)
+        curl = netns.run(
+            pair.client,
+            ["curl", "-sS", "--max-time", "10", f"http://{SERVER}:{TCP_PORT}/marker"],
+            check=False,
+        )
         assert (curl.returncode, curl.stdout) == (0, "ok"), curl.stderr
     srv.close()
     server.join(10)
@@ -208,8 +236,9 @@ def test_accept_lets_new_connections_through_and_queues_only_their_first_packet(
     assert [f.dport for f in listener.flows(nfqmsg.IPPROTO_TCP)] == [TCP_PORT, TCP_PORT]
     udp_flows = listener.flows(nfqmsg.IPPROTO_UDP)
     assert [(f.src, f.dport) for f in udp_flows] == [(socket.inet_aton(CLIENT), UDP_PORT)]
-    assert all(p.hook == nfqmsg.NF_INET_LOCAL_IN and p.family == nfqmsg.AF_INET
-               for p, _ in listener.seen)
+    assert all(
+        p.hook == nfqmsg.NF_INET_LOCAL_IN and p.family == nfqmsg.AF_INET for p, _ in listener.seen
+    )
     assert q.stats.get("nfqueue_accepted") == 3 == q.stats.get("nfqueue_packets")
     assert pair.rule_packets() == 3
     udp.close()
@@ -229,8 +258,11 @@ def test_drop_refuses_new_connections(pair):
     assert got == []
     flags = listener.tcp_flags()
     assert flags and all(f == SYN for f in flags)  # the SYN and its retransmissions, each refused
-    assert [p.payload.endswith(b"refused-udp") for p, f in listener.seen
-            if f and f.proto == nfqmsg.IPPROTO_UDP] == [True]
+    assert [
+        p.payload.endswith(b"refused-udp")
+        for p, f in listener.seen
+        if f and f.proto == nfqmsg.IPPROTO_UDP
+    ] == [True]
     assert q.stats.get("nfqueue_refused") == len(listener.seen) == pair.rule_packets()
     assert status is not None and status.waiting == 0 and status.last_id == len(listener.seen)
     udp.close()
@@ -359,8 +391,11 @@ def test_udp_is_queued_until_the_first_reply(pair):
     """conntrack calls a UDP flow NEW until a reply was seen: a one-way flow costs a verdict
     per datagram, a flow that was answered costs none more."""
     udp = pair.socket(pair.server, socket.SOCK_DGRAM, UDP_PORT)
-    with pair.queue() as q, Listener(q, accept=True) as listener, \
-            pair.socket(pair.client, socket.SOCK_DGRAM) as client:
+    with (
+        pair.queue() as q,
+        Listener(q, accept=True) as listener,
+        pair.socket(pair.client, socket.SOCK_DGRAM) as client,
+    ):
         for i in range(3):
             client.sendto(b"one-way-%d" % i, (SERVER, UDP_PORT))
             assert receive_one(udp) == b"one-way-%d" % i
@@ -391,8 +426,15 @@ def test_ipv6_connections_are_queued_too(pair):
     for listener in (refusing, accepting):
         assert listener.seen and all(
             (p.family, p.hw_protocol, f.version, f.src, f.dport)
-            == (nfqmsg.AF_INET6, nfqmsg.ETH_P_IPV6, 6, socket.inet_pton(socket.AF_INET6, CLIENT6),
-                TCP_PORT) for p, f in listener.seen)
+            == (
+                nfqmsg.AF_INET6,
+                nfqmsg.ETH_P_IPV6,
+                6,
+                socket.inet_pton(socket.AF_INET6, CLIENT6),
+                TCP_PORT,
+            )
+            for p, f in listener.seen
+        )
     assert len(accepting.seen) == 1
     assert pair.rule_packets("ip6tables") == len(refusing.seen) + 1
     assert pair.rule_packets("iptables") == 0
@@ -430,9 +472,12 @@ def test_verdicts_after_an_async_lookup_under_uvloop(pair):
         loop.add_reader(q.fileno(), on_queue)
         try:
             curl = await asyncio.create_subprocess_exec(
-                *netns.exec_argv(pair.client, ["curl", "-sS", "--max-time", "10",
-                                               f"http://{SERVER}:{TCP_PORT}/async"]),
-                stdout=asyncio.subprocess.PIPE)
+                *netns.exec_argv(
+                    pair.client,
+                    ["curl", "-sS", "--max-time", "10", f"http://{SERVER}:{TCP_PORT}/async"],
+                ),
+                stdout=asyncio.subprocess.PIPE,
+            )
             out, _ = await curl.communicate()
             return curl.returncode or 0, out.decode(), answered
         finally:

@@ -53,9 +53,12 @@ LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 def node_image():
     if not shutil.which("podman") or not shutil.which("debootstrap"):
         pytest.skip("podman and debootstrap are needed (scripts/install.sh installs them)")
-    build = subprocess.run(["bash", str(REPO / "scripts/k8s/build-image.sh"), "--debootstrap",
-                            "--offline", IMAGE], capture_output=True, text=True,
-                           timeout=BUILD_TIMEOUT)
+    build = subprocess.run(
+        ["bash", str(REPO / "scripts/k8s/build-image.sh"), "--debootstrap", "--offline", IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     assert build.stdout.strip().splitlines()[-1] == IMAGE
     return IMAGE
@@ -63,22 +66,48 @@ def node_image():
 
 def test_node_image_node_sync_renders_the_rules_of_a_recorded_cluster(node_image, tmp_path):
     cluster = tmp_path / "cluster.json"
-    cluster.write_text(json.dumps(kubeobjects.build_list([
-        kubeobjects.build_namespace("shop"),
-        kubeobjects.build_service("shop", "web", "172.30.12.34"),
-        kubeobjects.build_endpoint_slice("shop", "web", ["10.128.0.5", "10.128.1.7"])])))
+    cluster.write_text(
+        json.dumps(
+            kubeobjects.build_list(
+                [
+                    kubeobjects.build_namespace("shop"),
+                    kubeobjects.build_service("shop", "web", "172.30.12.34"),
+                    kubeobjects.build_endpoint_slice("shop", "web", ["10.128.0.5", "10.128.1.7"]),
+                ]
+            )
+        )
+    )
+
     def dry_run(*backend):
-        proc = subprocess.run([*PODMAN, "run", "--rm", *LIMITS, "-v",
-                               f"{cluster}:/cluster.json:ro", node_image, "node-sync", "--once",
-                               "--from-file", "/cluster.json", "--dry-run", *backend],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                *PODMAN,
+                "run",
+                "--rm",
+                *LIMITS,
+                "-v",
+                f"{cluster}:/cluster.json:ro",
+                node_image,
+                "node-sync",
+                "--once",
+                "--from-file",
+                "/cluster.json",
+                "--dry-run",
+                *backend,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
     # the default (auto): the image ships nft, so the nft transaction
     program = nftrules.parse_listing(dry_run())
-    assert nftrules.pairs(program) == {("172.30.12.34", "10.128.0.5"),
-                                       ("172.30.12.34", "10.128.1.7")}
+    assert nftrules.pairs(program) == {
+        ("172.30.12.34", "10.128.0.5"),
+        ("172.30.12.34", "10.128.1.7"),
+    }
     out = dry_run("--backend", "iptables")
     dnat = sorted(line.split()[-1] for line in out.splitlines() if "DNAT" in line)
     assert dnat == ["10.128.0.5:1337"] * 2 + ["10.128.1.7:1337"] * 2  # udp and tcp each
@@ -86,7 +115,8 @@ def test_node_image_node_sync_renders_the_rules_of_a_recorded_cluster(node_image
 
 
 def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(
-        node_image, lab, capture, tmp_path):
+    node_image, lab, capture, tmp_path
+):
     api = FakeApiServer(pod_objects(lab))
     api.start()
     name = f"tencrypt-agent-{netns.unique_suffix()}"
@@ -95,18 +125,47 @@ def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(
     setup_state.mkdir()
     agent_state.mkdir(mode=0o700)  # hostPath DirectoryOrCreate in daemonset.yaml
     resolv = resolv_files(lab)
-    run = [*PODMAN, "run", "-d", "--name", name, *LIMITS, "--privileged", "--pid=host",
-           "--network=host", "-v", f"{kubeconfig}:/kubeconfig:ro",
-           "-v", f"{setup_state}:/run/tencrypt", "-v", f"{agent_state}:/run/tencrypt-agent",
-           node_image, "agent", "--node", "node1", "--kubeconfig", "/kubeconfig",
-           "--sandbox", "annotation", "--state-dir", "/run/tencrypt-agent",
-           "--proxy-metrics", METRICS, "--on-exit", "unpatch", "--log-level", "debug"]
+    run = [
+        *PODMAN,
+        "run",
+        "-d",
+        "--name",
+        name,
+        *LIMITS,
+        "--privileged",
+        "--pid=host",
+        "--network=host",
+        "-v",
+        f"{kubeconfig}:/kubeconfig:ro",
+        "-v",
+        f"{setup_state}:/run/tencrypt",
+        "-v",
+        f"{agent_state}:/run/tencrypt-agent",
+        node_image,
+        "agent",
+        "--node",
+        "node1",
+        "--kubeconfig",
+        "/kubeconfig",
+        "--sandbox",
+        "annotation",
+        "--state-dir",
+        "/run/tencrypt-agent",
+        "--proxy-metrics",
+        METRICS,
+        "--on-exit",
+        "unpatch",
+        "--log-level",
+        "debug",
+    ]
 
     class Logs:
         def text(self):
-            logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True,
-                                  timeout=30)
+            logs = subprocess.run(
+                [*PODMAN, "logs", name], capture_output=True, text=True, timeout=30
+            )
             return logs.stdout + logs.stderr
+
     try:
         started = subprocess.run(run, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stderr
@@ -117,8 +176,9 @@ def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(
             assert os.stat(f"/proc/{pid}/root").st_ino != os.stat("/").st_ino
             assert Path(f"/proc/{pid}/root/opt/tencrypt/bin/tencrypt").exists()
         assert (agent_state / "keys" / "myproject.psk").stat().st_mode & 0o777 == 0o600
-        stop = subprocess.run([*PODMAN, "stop", "-t", "60", name], capture_output=True,
-                              text=True, timeout=120)
+        stop = subprocess.run(
+            [*PODMAN, "stop", "-t", "60", name], capture_output=True, text=True, timeout=120
+        )
         assert stop.returncode == 0, stop.stderr
         assert "unpatching 2 pods" in Logs().text()
         for pod in lab.pods.values():

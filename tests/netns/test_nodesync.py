@@ -32,8 +32,13 @@ from tests.kubefakes.fakeapi import FakeApiServer
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "nodesync-cluster.json"
 WEB, CACHE, BLOG = "172.30.12.34", "172.30.77.7", "172.30.40.2"
-PODS = {"cl": "10.128.0.10", "w1": "10.128.0.11", "w2": "10.128.0.12", "w3": "10.128.0.13",
-        "api": "10.128.0.14"}
+PODS = {
+    "cl": "10.128.0.10",
+    "w1": "10.128.0.11",
+    "w2": "10.128.0.12",
+    "w3": "10.128.0.13",
+    "api": "10.128.0.14",
+}
 
 SERVER = r"""
 import selectors, socket, sys
@@ -92,21 +97,40 @@ class Node:
 
     def up(self):
         netns.create(self.node)
-        for cmd in (["ip", "link", "add", "br0", "type", "bridge"],
-                    ["ip", "addr", "add", "10.128.0.1/23", "dev", "br0"],
-                    ["ip", "link", "set", "br0", "up"],
-                    ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                    ["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]):
+        for cmd in (
+            ["ip", "link", "add", "br0", "type", "bridge"],
+            ["ip", "addr", "add", "10.128.0.1/23", "dev", "br0"],
+            ["ip", "link", "set", "br0", "up"],
+            ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            ["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"],
+        ):
             netns.run(self.node, cmd)
         for name, ip in PODS.items():
             ns, host_if = self.pods[name], f"v{name}{self.prefix[-6:]}"
             netns.create(ns)
-            netns.sh(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name",
-                      host_if, "netns", self.node])
+            netns.sh(
+                [
+                    "ip",
+                    "-n",
+                    ns,
+                    "link",
+                    "add",
+                    "eth0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    host_if,
+                    "netns",
+                    self.node,
+                ]
+            )
             netns.run(self.node, ["ip", "link", "set", host_if, "master", "br0", "up"])
-            for cmd in (["ip", "addr", "add", f"{ip}/23", "dev", "eth0"],
-                        ["ip", "link", "set", "eth0", "up"],
-                        ["ip", "route", "add", "default", "via", "10.128.0.1"]):
+            for cmd in (
+                ["ip", "addr", "add", f"{ip}/23", "dev", "eth0"],
+                ["ip", "link", "set", "eth0", "up"],
+                ["ip", "route", "add", "default", "via", "10.128.0.1"],
+            ):
                 netns.run(ns, cmd)
             if name != "cl":
                 proc = netns.spawn(ns, [sys.executable, "-c", SERVER, name])
@@ -123,8 +147,9 @@ class Node:
             netns.delete(ns)
 
     def ask(self, proto, dst, count=1, sport=0):
-        out = netns.run(self.pods["cl"], [sys.executable, "-c", CLIENT, proto, dst,
-                                          str(count), str(sport)]).stdout
+        out = netns.run(
+            self.pods["cl"], [sys.executable, "-c", CLIENT, proto, dst, str(count), str(sport)]
+        ).stdout
         return json.loads(out)
 
     def save(self):
@@ -176,16 +201,27 @@ class NodeSync:
     """``python -m tencrypt.nodesync`` (= ``tencrypt node-sync``) watching the API double."""
 
     def __init__(self, node, api, tmp_path, backend):
-        self.argv = [sys.executable, "-m", "tencrypt.nodesync", "--netns", node.node,
-                     "--backend", backend, "--log-level", "debug",
-                     "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig"))]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "tencrypt.nodesync",
+            "--netns",
+            node.node,
+            "--backend",
+            backend,
+            "--log-level",
+            "debug",
+            "--kubeconfig",
+            str(api.write_kubeconfig(tmp_path / "kubeconfig")),
+        ]
         self.log = tmp_path / "node-sync.log"
         self.proc = None
 
     def start(self):
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -206,6 +242,7 @@ def nodesync(node, api, tmp_path, backend):
         ns = NodeSync(node, api, tmp_path, backend)
         made.append(ns)
         return ns
+
     yield make
     for ns in made:
         ns.stop()
@@ -228,8 +265,12 @@ def test_recorded_cluster_forwards_1337_of_labelled_vips_to_their_pods(node, bac
     assert node.ask("udp", PODS["api"]) == ["api"]
     # what the kernel holds reads back as exactly the fixture's pairs
     assert node.programmed(backend) == {
-        (WEB, PODS["w1"]), (WEB, PODS["w2"]), (CACHE, PODS["w2"]),
-        ("172.30.8.8", "10.128.0.17"), ("172.30.8.8", "10.128.0.18")}
+        (WEB, PODS["w1"]),
+        (WEB, PODS["w2"]),
+        (CACHE, PODS["w2"]),
+        ("172.30.8.8", "10.128.0.17"),
+        ("172.30.8.8", "10.128.0.18"),
+    }
     # a second run changes nothing (no duplicated jumps, same chains)
     before = node.owned(backend)
     run_once(node, "--once", "--from-file", str(FIXTURE), "--backend", backend)
@@ -239,25 +280,27 @@ def test_recorded_cluster_forwards_1337_of_labelled_vips_to_their_pods(node, bac
 
 
 def test_real_client_fake_apiserver_pod_replaced_moves_the_rule_and_the_tunnel_flow(
-        node, api, nodesync, backend):
+    node, api, nodesync, backend
+):
     api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w2"]], suffix="m5l7c"))
     sync = nodesync()
     sync.start()
     # the proxy's flow: always pod:1337 -> VIP:1337, one conntrack entry kept alive
-    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30,
-                   what="web -> w2")
+    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30, what="web -> w2")
     assert node.ask("udp", WEB, sport=1337) == ["w2"]
     # w2 is replaced by w3 (w2 still answers: only the rule and conntrack can move the flow)
     api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w3"]], suffix="m5l7c"))
-    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w3"], timeout=30,
-                   what="the same 5-tuple now reaching w3")
+    netns.wait_for(
+        lambda: node.ask("udp", WEB, sport=1337) == ["w3"],
+        timeout=30,
+        what="the same 5-tuple now reaching w3",
+    )
     assert node.ask("tcp", WEB, count=5) == ["w3"] * 5
     assert node.programmed(backend) >= {(WEB, PODS["w3"])}
     assert (WEB, PODS["w2"]) not in node.programmed(backend)
     # the label goes: every rule of shop goes, and the live flow stops too
     api.put(kubeobjects.build_namespace("shop", enabled=False))
-    netns.wait_for(lambda: not node.programmed(backend), timeout=30,
-                   what="shop's rules removed")
+    netns.wait_for(lambda: not node.programmed(backend), timeout=30, what="shop's rules removed")
     assert node.ask("udp", WEB, sport=1337) == [None]
     assert node.ask("tcp", WEB) == [None] and node.ask("udp", CACHE) == [None]
     if backend == "iptables":
@@ -269,8 +312,7 @@ def test_real_client_fake_apiserver_pod_replaced_moves_the_rule_and_the_tunnel_f
     assert log.count("(full sync") == 1 and log.count("(partial sync") >= 2, log
 
 
-def test_real_client_fake_apiserver_restart_rebuilds_the_same_rules(node, api, nodesync,
-                                                                     backend):
+def test_real_client_fake_apiserver_restart_rebuilds_the_same_rules(node, api, nodesync, backend):
     first = nodesync()
     first.start()
     netns.wait_for(lambda: len(node.programmed(backend)) == 5, timeout=30, what="first sync")
@@ -279,20 +321,43 @@ def test_real_client_fake_apiserver_restart_rebuilds_the_same_rules(node, api, n
     assert node.owned(backend) == programmed  # stopping never cuts tunnels
     # someone flushes the dispatch, deletes a hook and leaves a stale chain behind
     if backend == "iptables":
-        netns.run(node.node, ["iptables-restore", "--noflush"], input="\n".join([
-            "*nat", ":TENCRYPT - [0:0]", ":TENC-SEP-STALESTALESTALES - [0:0]",
-            "-D OUTPUT -j TENCRYPT",
-            "-A TENC-SEP-STALESTALESTALES -p udp -m udp -j DNAT --to-destination "
-            "10.128.0.13:1337", "COMMIT", ""]))
+        netns.run(
+            node.node,
+            ["iptables-restore", "--noflush"],
+            input="\n".join(
+                [
+                    "*nat",
+                    ":TENCRYPT - [0:0]",
+                    ":TENC-SEP-STALESTALESTALES - [0:0]",
+                    "-D OUTPUT -j TENCRYPT",
+                    "-A TENC-SEP-STALESTALESTALES -p udp -m udp -j DNAT --to-destination "
+                    "10.128.0.13:1337",
+                    "COMMIT",
+                    "",
+                ]
+            ),
+        )
     else:
-        netns.run(node.node, ["nft", "-f", "-"], input="\n".join([
-            "flush chain inet tencrypt services", "delete chain inet tencrypt output",
-            "add chain inet tencrypt svc-stalestalestale",
-            "add rule inet tencrypt svc-stalestalestale dnat ip to 10.128.0.13", ""]))
+        netns.run(
+            node.node,
+            ["nft", "-f", "-"],
+            input="\n".join(
+                [
+                    "flush chain inet tencrypt services",
+                    "delete chain inet tencrypt output",
+                    "add chain inet tencrypt svc-stalestalestale",
+                    "add rule inet tencrypt svc-stalestalestale dnat ip to 10.128.0.13",
+                    "",
+                ]
+            ),
+        )
     assert node.ask("udp", WEB) == [None]
     nodesync().start()
-    netns.wait_for(lambda: node.owned(backend) == programmed, timeout=30,
-                   what="the restarted node-sync to converge to the same rules")
+    netns.wait_for(
+        lambda: node.owned(backend) == programmed,
+        timeout=30,
+        what="the restarted node-sync to converge to the same rules",
+    )
     assert set(node.ask("udp", WEB, count=40)) == {"w1", "w2"}
     # --cleanup leaves nothing of Tencrypt behind, in either backend
     run_once(node, "--cleanup")
@@ -302,8 +367,13 @@ def test_real_client_fake_apiserver_restart_rebuilds_the_same_rules(node, api, n
 def test_switching_backends_on_a_running_node_leaves_no_stale_rules(node):
     """iptables → nft → iptables with --once: each backend's first sync removes what the
     other programmed, after its own rules are in place; traffic flows at every step."""
-    expected = {(WEB, PODS["w1"]), (WEB, PODS["w2"]), (CACHE, PODS["w2"]),
-                ("172.30.8.8", "10.128.0.17"), ("172.30.8.8", "10.128.0.18")}
+    expected = {
+        (WEB, PODS["w1"]),
+        (WEB, PODS["w2"]),
+        (CACHE, PODS["w2"]),
+        ("172.30.8.8", "10.128.0.17"),
+        ("172.30.8.8", "10.128.0.18"),
+    }
     for backend, other in (("iptables", "nft"), ("nft", "iptables"), ("iptables", "nft")):
         run_once(node, "--once", "--from-file", str(FIXTURE), "--backend", backend)
         assert node.programmed(backend) == expected and node.owned(other) == [], backend
@@ -313,25 +383,32 @@ def test_switching_backends_on_a_running_node_leaves_no_stale_rules(node):
 
 
 def test_real_client_fake_apiserver_endpoints_change_under_a_stream_and_it_follows(
-        node, api, nodesync, backend):
+    node, api, nodesync, backend
+):
     """A tunnel-shaped flow (client:1337 → VIP:1337, one conntrack entry) kept busy by a
     bounded stream while the Service's endpoint moves w2 → w3 → w1: every answer comes from
     the endpoint of the moment — once a move is seen the flow never goes back — and the
     kernel's rules read back as what node-sync was told at each step."""
     api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w2"]], suffix="m5l7c"))
     nodesync().start()
-    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30,
-                   what="web -> w2")
-    stream = subprocess.Popen(netns.exec_argv(node.pods["cl"], [
-        sys.executable, "-c", STREAM, WEB, "3000", "0.005"]), stdout=subprocess.PIPE,
-        text=True, start_new_session=True)
+    netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30, what="web -> w2")
+    stream = subprocess.Popen(
+        netns.exec_argv(node.pods["cl"], [sys.executable, "-c", STREAM, WEB, "3000", "0.005"]),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         for target in ("w3", "w1"):
-            api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS[target]],
-                                                     suffix="m5l7c"))
-            netns.wait_for(lambda t=target: node.programmed(backend) >= {(WEB, PODS[t])}
-                           and len([p for p in node.programmed(backend) if p[0] == WEB]) == 1,
-                           timeout=30, what=f"web -> {target} programmed")
+            api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS[target]], suffix="m5l7c"))
+            netns.wait_for(
+                lambda t=target: (
+                    node.programmed(backend) >= {(WEB, PODS[t])}
+                    and len([p for p in node.programmed(backend) if p[0] == WEB]) == 1
+                ),
+                timeout=30,
+                what=f"web -> {target} programmed",
+            )
         out, _ = stream.communicate(timeout=120)
     finally:
         if stream.poll() is None:
@@ -372,14 +449,19 @@ def test_lab_services_programmed_through_the_same_path(node, backend):
     class LabService:  # the shape of tencrypt.lab.topology.Service
         def __init__(self, name, project, vip, endpoint):
             self.name, self.project, self.vip, self.endpoint, self.port = (
-                name, project, vip, endpoint, 8080)
+                name,
+                project,
+                vip,
+                endpoint,
+                8080,
+            )
 
-    services = [LabService("web", "shop", WEB, PODS["w3"]),
-                LabService("api", "blog", BLOG, PODS["api"])]
-    desired = program_objects(kubeobjects.lab_objects(services), netns=node.node,
-                              backend=backend)
-    assert [(b.vip, b.endpoints) for b in desired] == [(BLOG, (PODS["api"],)),
-                                                       (WEB, (PODS["w3"],))]
+    services = [
+        LabService("web", "shop", WEB, PODS["w3"]),
+        LabService("api", "blog", BLOG, PODS["api"]),
+    ]
+    desired = program_objects(kubeobjects.lab_objects(services), netns=node.node, backend=backend)
+    assert [(b.vip, b.endpoints) for b in desired] == [(BLOG, (PODS["api"],)), (WEB, (PODS["w3"],))]
     assert node.ask("udp", WEB) == ["w3"] and node.ask("tcp", BLOG) == ["api"]
     program_objects(kubeobjects.lab_objects(services[:1]), netns=node.node, backend=backend)
     assert node.ask("udp", BLOG) == [None] and node.ask("udp", WEB) == ["w3"]

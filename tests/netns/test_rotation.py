@@ -40,9 +40,11 @@ RR_PORT, IPERF_PORT = 7000, 5201
 K1, K2 = os.urandom(32), os.urandom(32)
 FP1, FP2 = fingerprint(K1), fingerprint(K2)
 KEY_HANDSHAKES_K2 = f'tencrypt_key_handshakes_total{{fingerprint="{FP2}"}}'
-PHASES = [("add-next", KeySet(K1, next=K2), ("nginx1", "nginx2")),
-          ("promote", KeySet(K2, previous=K1), ("nginx2", "nginx1")),
-          ("drop-previous", KeySet(K2), ("nginx1", "nginx2"))]
+PHASES = [
+    ("add-next", KeySet(K1, next=K2), ("nginx1", "nginx2")),
+    ("promote", KeySet(K2, previous=K1), ("nginx2", "nginx1")),
+    ("drop-previous", KeySet(K2), ("nginx1", "nginx2")),
+]
 
 RR_SERVER = f"""
 import socket
@@ -78,8 +80,13 @@ print(json.dumps({{"ok": ok, "error": error, "worst": worst}}))
 
 @pytest.fixture(scope="module")
 def rlab() -> Iterator[Lab]:
-    topology = Topology(pods=[PodSpec("nginx1", "myproject"), PodSpec("nginx2", "myproject"),
-                              PodSpec("stale", "myproject")])
+    topology = Topology(
+        pods=[
+            PodSpec("nginx1", "myproject"),
+            PodSpec("nginx2", "myproject"),
+            PodSpec("stale", "myproject"),
+        ]
+    )
     with built_lab(topology=topology, prefix="r") as lab:
         for pod in ("nginx1", "nginx2"):
             write_pod_keys(lab, lab.pod(pod), KeySet(K1))
@@ -100,8 +107,12 @@ def load(lab: Lab, pod: str, keys: KeySet) -> None:
     """Play the agent for one pod: write its ring, wait until its proxy runs with it."""
     write_pod_keys(lab, lab.pod(pod), keys)
     want = list(keys.fingerprints().items())
-    netns.wait_for(lambda: [r for r in ring(status(lab, pod)) if r[0] != "retired"] == want,
-                   timeout=10, interval=0.2, what=f"{pod} to load {want}")
+    netns.wait_for(
+        lambda: [r for r in ring(status(lab, pod)) if r[0] != "retired"] == want,
+        timeout=10,
+        interval=0.2,
+        what=f"{pod} to load {want}",
+    )
 
 
 def bridge_capture(lab: Lab, capture, seconds: float):
@@ -114,25 +125,33 @@ def test_rotation_under_load_cuts_nothing_and_leaks_nothing(rlab, capture):
     n2 = lab.pod("nginx2")
     pids = {p: proxy_pid(lab, lab.pod(p)) for p in ("nginx1", "nginx2")}
     before = {p: metrics(lab, p) for p in pids}
-    servers = [netns.spawn(n2.netns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]),
-               netns.spawn(n2.netns, [sys.executable, "-c", RR_SERVER])]
+    servers = [
+        netns.spawn(n2.netns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]),
+        netns.spawn(n2.netns, [sys.executable, "-c", RR_SERVER]),
+    ]
     iperf_log, rr_log = lab.log_file("rotation-iperf3"), lab.log_file("rotation-rr")
     try:
         time.sleep(0.5)  # the servers listen (a refused first connect would fail the test)
         with bridge_capture(lab, capture, 90) as cap:
             t0 = time.monotonic()
-            iperf = netns.spawn(lab.pod("nginx1").netns,
-                                ["iperf3", "-c", n2.vip, "-p", str(IPERF_PORT), "-t", "30",
-                                 "-i", "1", "-J"], log=iperf_log)
-            rr = netns.spawn(lab.pod("nginx1").netns,
-                             [sys.executable, "-c", RR_CLIENT, n2.vip, "31"], log=rr_log)
+            iperf = netns.spawn(
+                lab.pod("nginx1").netns,
+                ["iperf3", "-c", n2.vip, "-p", str(IPERF_PORT), "-t", "30", "-i", "1", "-J"],
+                log=iperf_log,
+            )
+            rr = netns.spawn(
+                lab.pod("nginx1").netns, [sys.executable, "-c", RR_CLIENT, n2.vip, "31"], log=rr_log
+            )
             events: list[tuple[float, str]] = []
             # a malformed ring first: refused, counted, the old ring kept
             time.sleep(2.0)
             lab.psk_file("myproject").with_name("nginx1.ring").write_text("current not-a-key\n")
-            netns.wait_for(lambda: metrics(lab, "nginx1").get(
-                "tencrypt_key_reload_refusals_total", 0) == 1, timeout=10, interval=0.2,
-                what="the refusal of a malformed ring")
+            netns.wait_for(
+                lambda: metrics(lab, "nginx1").get("tencrypt_key_reload_refusals_total", 0) == 1,
+                timeout=10,
+                interval=0.2,
+                what="the refusal of a malformed ring",
+            )
             assert ring(status(lab, "nginx1")) == [("current", FP1)]
             starts = {"add-next": 5.0, "promote": 11.0, "drop-previous": 11.0 + LIFETIME + 3}
             for name, keys, order in PHASES:
@@ -148,10 +167,12 @@ def test_rotation_under_load_cuts_nothing_and_leaks_nothing(rlab, capture):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    report = json.loads(iperf_log.read_text()[iperf_log.read_text().index("{"):])
+    report = json.loads(iperf_log.read_text()[iperf_log.read_text().index("{") :])
     rr_result = json.loads(rr_log.read_text().strip().splitlines()[-1])
-    intervals = [(i["sum"]["start"], i["sum"]["bits_per_second"] / 1e6,
-                  i["sum"].get("retransmits", 0)) for i in report["intervals"]]
+    intervals = [
+        (i["sum"]["start"], i["sum"]["bits_per_second"] / 1e6, i["sum"].get("retransmits", 0))
+        for i in report["intervals"]
+    ]
     _print_figures(intervals, events, rr_result)
     # zero resets: the stream ran its 30 s, the request/response connection never failed
     assert "error" not in report and len(intervals) >= 29
@@ -159,18 +180,23 @@ def test_rotation_under_load_cuts_nothing_and_leaks_nothing(rlab, capture):
     assert rr_result["error"] == "" and rr_result["ok"] > 100
     # zero plaintext: nothing of either connection on the bridge outside the tunnel
     assert MARKER.encode() not in cap.data and MARKER.upper().encode() not in cap.data
-    leaked = [f for f in cap.frames() if f.proto == 6 and {f.sport, f.dport} & {IPERF_PORT,
-                                                                              RR_PORT}]
+    leaked = [
+        f for f in cap.frames() if f.proto == 6 and {f.sport, f.dport} & {IPERF_PORT, RR_PORT}
+    ]
     assert leaked == []
     # re-keys happened during the rotation, and now every session is on the new key
     for pod in pids:
         after = metrics(lab, pod)
-        made = sum(after.get(f"tencrypt_handshakes_{k}_total", 0)
-                   - before[pod].get(f"tencrypt_handshakes_{k}_total", 0)
-                   for k in ("completed", "responded"))
+        made = sum(
+            after.get(f"tencrypt_handshakes_{k}_total", 0)
+            - before[pod].get(f"tencrypt_handshakes_{k}_total", 0)
+            for k in ("completed", "responded")
+        )
         under_k2 = after[KEY_HANDSHAKES_K2]
-        print(f"{pod}: {made:.0f} sessions made during the test, {under_k2:.0f} of them under "
-              "the new key")
+        print(
+            f"{pod}: {made:.0f} sessions made during the test, {under_k2:.0f} of them under "
+            "the new key"
+        )
         assert made >= 30.0 / LIFETIME  # sessions were replaced throughout the stream
         assert after["tencrypt_key_reloads_total"] == 3
         assert after[f'tencrypt_key{{fingerprint="{FP2}",role="current"}}'] == 1
@@ -187,13 +213,21 @@ def _print_figures(intervals, events, rr_result) -> None:
     rates = [r for _, r, _ in intervals]
     marks = {round(t): name for t, name in events}
     print("\niperf3 through the rotation (Mbit/s per second; phases marked):")
-    cells = [f"{t:.0f}s:{r:.0f}" + (f"[{marks[round(t)]}]" if round(t) in marks else "")
-             + (f"(re{x})" if x else "") for t, r, x in intervals]
+    cells = [
+        f"{t:.0f}s:{r:.0f}"
+        + (f"[{marks[round(t)]}]" if round(t) in marks else "")
+        + (f"(re{x})" if x else "")
+        for t, r, x in intervals
+    ]
     print("  " + "  ".join(cells))
-    print(f"  median {statistics.median(rates):.0f}, min {min(rates):.0f}, max {max(rates):.0f} "
-          f"Mbit/s; phases at " + ", ".join(f"{name} {t:.1f}s" for t, name in events))
-    print(f"request/response: {rr_result['ok']} round trips, worst {rr_result['worst'] * 1e3:.0f}"
-          f" ms, error {rr_result['error'] or 'none'}")
+    print(
+        f"  median {statistics.median(rates):.0f}, min {min(rates):.0f}, max {max(rates):.0f} "
+        f"Mbit/s; phases at " + ", ".join(f"{name} {t:.1f}s" for t, name in events)
+    )
+    print(
+        f"request/response: {rr_result['ok']} round trips, worst {rr_result['worst'] * 1e3:.0f}"
+        f" ms, error {rr_result['error'] or 'none'}"
+    )
 
 
 def test_a_pod_that_missed_the_rotation_is_refused_until_it_catches_up(rlab, capture):
@@ -208,12 +242,26 @@ def test_a_pod_that_missed_the_rotation_is_refused_until_it_catches_up(rlab, cap
     before = {p: metrics(lab, p) for p in ("nginx2", "stale")}
     url = f"http://{lab.pod('nginx2').vip}:8080/"
     with bridge_capture(lab, capture, 60) as cap:
-        refused = lab.exec("stale", ["curl", "-sS", "--max-time", "4", "-H",
-                                     f"X-Marker: {MARKER}", url], check=False, timeout=30)
-        back = lab.exec("nginx2", ["curl", "-sS", "--max-time", "4", "-H",
-                                   f"X-Marker: {MARKER}",
-                                   f"http://{lab.pod('stale').vip}:8080/"], check=False,
-                        timeout=30)
+        refused = lab.exec(
+            "stale",
+            ["curl", "-sS", "--max-time", "4", "-H", f"X-Marker: {MARKER}", url],
+            check=False,
+            timeout=30,
+        )
+        back = lab.exec(
+            "nginx2",
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "4",
+                "-H",
+                f"X-Marker: {MARKER}",
+                f"http://{lab.pod('stale').vip}:8080/",
+            ],
+            check=False,
+            timeout=30,
+        )
     assert refused.returncode != 0 and back.returncode != 0
     assert MARKER.encode() not in cap.data
     assert [f for f in cap.frames() if f.proto == 6 and 8080 in (f.sport, f.dport)] == []

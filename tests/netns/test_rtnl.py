@@ -41,11 +41,12 @@ def scratch():
     name = f"tr{netns.unique_suffix()}"
     try:
         netns.create(name)
-        for cmd in (["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
-                    ["ip", "addr", "add", "10.77.0.2/24", "dev", "eth0"],
-                    ["ip", "link", "add", "tenc0", "type", "veth", "peer", "name", "peer1"],
-                    *(["ip", "link", "set", dev, "up"] for dev in ("eth0", "peer0", "tenc0",
-                                                                    "peer1"))):
+        for cmd in (
+            ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
+            ["ip", "addr", "add", "10.77.0.2/24", "dev", "eth0"],
+            ["ip", "link", "add", "tenc0", "type", "veth", "peer", "name", "peer1"],
+            *(["ip", "link", "set", dev, "up"] for dev in ("eth0", "peer0", "tenc0", "peer1")),
+        ):
             netns.run(name, cmd)
         yield name
     finally:

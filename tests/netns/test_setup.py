@@ -1,7 +1,7 @@
 """`tencrypt setup` in a real namespace: the designed state, idempotence, exact undo.
 
-    [ tsNNN ]  eth0 172.17.0.5/16 --veth-- peer (same namespace, just to carry the link)
-               default via 172.17.0.1; /etc/netns/tsNNN/resolv.conf -> 172.30.0.2
+[ tsNNN ]  eth0 172.17.0.5/16 --veth-- peer (same namespace, just to carry the link)
+           default via 172.17.0.1; /etc/netns/tsNNN/resolv.conf -> 172.30.0.2
 """
 
 import base64
@@ -51,7 +51,9 @@ def test_setup_builds_the_designed_state_and_undo_restores_it_exactly(pod):
     assert "172.30.0.0/16 dev tenc0 proto 137 src 172.17.0.5" in after["routes"]
     assert "172.30.0.2 via 172.17.0.1 dev eth0 proto 137 src 172.17.0.5" in after["routes"]
     assert "default via 172.17.0.1 dev eth0 table 1337 proto 137 src 172.17.0.5" in after["routes"]
-    assert "172.17.0.0/16 dev eth0 table 1337 proto 137 scope link src 172.17.0.5" in after["routes"]
+    assert (
+        "172.17.0.0/16 dev eth0 table 1337 proto 137 scope link src 172.17.0.5" in after["routes"]
+    )
     assert "1000:\tfrom all fwmark 0x1337 lookup 1337" in after["rules"]
     lines = after["resolv"].splitlines()
     assert "nameserver 127.0.0.1" in lines and "nameserver 172.30.0.2" not in lines
@@ -73,10 +75,16 @@ def test_setup_builds_the_designed_state_and_undo_restores_it_exactly(pod):
 def test_undo_after_extra_runtime_routes_removes_them_too(pod):
     before = snapshot(pod)
     tencrypt(pod, "setup")
-    netns.run(pod, [sys.executable, "-c",
-                    "from tencrypt.linux import netlink as n;"
-                    "n.ensure_route('172.17.0.9', dev='tenc0');"
-                    "n.ensure_route('172.30.9.9', dev='eth0', gateway='172.17.0.1')"])
+    netns.run(
+        pod,
+        [
+            sys.executable,
+            "-c",
+            "from tencrypt.linux import netlink as n;"
+            "n.ensure_route('172.17.0.9', dev='tenc0');"
+            "n.ensure_route('172.30.9.9', dev='eth0', gateway='172.17.0.1')",
+        ],
+    )
     assert "172.30.9.9 via 172.17.0.1" in netns.run(pod, ["ip", "route"]).stdout
     tencrypt(pod, "setup", "--undo")
     assert snapshot(pod) == before
@@ -92,7 +100,9 @@ def test_setup_refuses_clearly_without_a_search_domain(pod):
 
 def test_launcher_rejects_bad_targets_with_a_message():
     script = Path(__file__).resolve().parents[2] / "scripts" / "tencrypt-nsenter.sh"
-    proc = subprocess.run(["bash", str(script), "--netns", "no-such-ns-xyz"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(script), "--netns", "no-such-ns-xyz"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "no network namespace named" in proc.stderr
     proc = subprocess.run(["bash", str(script), "notapid"], capture_output=True, text=True)
     assert proc.returncode == 2 and "neither a PID" in proc.stderr
@@ -106,9 +116,13 @@ def container(pod, source, *, read_only):
     script = f"mount --bind {' '.join(ro)} {source} /etc/resolv.conf && exec sleep 300"
     proc = netns.spawn(pod, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
     mountinfo = Path(f"/proc/{proc.pid}/mountinfo")
-    netns.wait_for(lambda: " /etc/resolv.conf " in mountinfo.read_text()
-                   and os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"),
-                   what="the container's resolv.conf mount")
+    netns.wait_for(
+        lambda: (
+            " /etc/resolv.conf " in mountinfo.read_text()
+            and os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep")
+        ),
+        what="the container's resolv.conf mount",
+    )
     return proc
 
 
@@ -127,17 +141,28 @@ def test_launcher_rewrites_the_node_file_behind_a_read_only_resolv_conf(pod, tmp
         # what the launcher did before: the pause container's view cannot be written
         seen = f"/proc/{pause.pid}/root/etc/resolv.conf"
         proc = tencrypt(pod, "setup", "--resolv-conf", seen, check=False)
-        assert proc.returncode == 2 and "read-only" in proc.stderr and "--resolv-conf-of" in proc.stderr
+        assert (
+            proc.returncode == 2
+            and "read-only" in proc.stderr
+            and "--resolv-conf-of" in proc.stderr
+        )
         assert "tenc0" not in netns.run(pod, ["ip", "link"]).stdout
 
         env = {**os.environ, "TENCRYPT_BIN": TENCRYPT}
         with open(log, "wb") as out:
-            launcher = subprocess.Popen(["bash", str(LAUNCHER), str(pause.pid), "--", "--psk-file",
-                                         str(key)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+            launcher = subprocess.Popen(
+                ["bash", str(LAUNCHER), str(pause.pid), "--", "--psk-file", str(key)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         procs.append(launcher)
-        netns.wait_for(lambda: "tencrypt: ready" in log.read_text(), timeout=60,
-                       what=f"the proxy started by the launcher ({log})")
+        netns.wait_for(
+            lambda: "tencrypt: ready" in log.read_text(),
+            timeout=60,
+            what=f"the proxy started by the launcher ({log})",
+        )
         assert "read-only bind mount" in log.read_text()
         for view in (source, Path(seen), Path(f"/proc/{app.pid}/root/etc/resolv.conf")):
             lines = view.read_text().splitlines()
@@ -146,8 +171,13 @@ def test_launcher_rewrites_the_node_file_behind_a_read_only_resolv_conf(pod, tmp
 
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=30) == 0
-        undo = subprocess.run(["bash", str(LAUNCHER), str(pause.pid), "--undo"], env=env,
-                              capture_output=True, text=True, timeout=60)
+        undo = subprocess.run(
+            ["bash", str(LAUNCHER), str(pause.pid), "--undo"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert undo.returncode == 0, undo.stderr
         assert source.read_text() == RESOLV
         assert Path(f"/proc/{app.pid}/root/etc/resolv.conf").read_text() == RESOLV

@@ -28,16 +28,23 @@ SERVICE_CIDR, POD_CIDR = "172.30.0.0/16", "10.128.0.0/14"
 DOMAIN = "shop.svc.cluster.local"
 
 
-def udp_packet(src: str, dst: str, payload: bytes = b"ping", sport: int = 40000,
-               dport: int = 9999, df: bool = False) -> bytes:
+def udp_packet(
+    src: str,
+    dst: str,
+    payload: bytes = b"ping",
+    sport: int = 40000,
+    dport: int = 9999,
+    df: bool = False,
+) -> bytes:
     """An IPv4/UDP packet with correct checksums."""
     length = 8 + len(payload)
     s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
     pseudo = s + d + struct.pack("!BBH", 0, 17, length)
     udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
     udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000 if df else 0, 64, 17, 0,
-                      s, d)
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000 if df else 0, 64, 17, 0, s, d
+    )
     return hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:] + udp
 
 
@@ -106,7 +113,6 @@ class FakeQueue:
         self.closed = True
 
 
-
 class FakeTun:
     def __init__(self) -> None:
         self.inbox: deque[bytes] = deque()  # what the app sends (read by the proxy)
@@ -120,7 +126,7 @@ class FakeTun:
         if not self.inbox:
             return 0
         data = self.inbox.popleft()
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         return len(data)
 
     def write_frame(self, vnet_hdr: bytes, packet: bytes | bytearray | memoryview) -> None:
@@ -172,8 +178,7 @@ class FakeResolver:
     """The DNS proxy as the data path sees it: its table, and reverse lookups answered from
     ``ptr`` (address -> class, or None for "no record")."""
 
-    def __init__(self, ptr: dict[str, AddrClass | None] | None = None,
-                 clock: Any = None) -> None:
+    def __init__(self, ptr: dict[str, AddrClass | None] | None = None, clock: Any = None) -> None:
         self.clock = clock or (lambda: 0.0)
         self.table = ClassTable(Domains.of(DOMAIN, "cluster.local"), min_ttl=1)
         self.on_change: Any = None
@@ -205,26 +210,50 @@ class Clock:
 
 
 def pod_config(ip: str) -> PodConfig:
-    return PodConfig(pod_ip=ip, dev="eth0", gateway="10.128.0.1", dns="172.30.0.2",
-                     domain=DOMAIN, search=(DOMAIN,), cluster_domain="cluster.local",
-                     service_cidr=SERVICE_CIDR, pod_cidrs=(POD_CIDR,), mtu=1440)
+    return PodConfig(
+        pod_ip=ip,
+        dev="eth0",
+        gateway="10.128.0.1",
+        dns="172.30.0.2",
+        domain=DOMAIN,
+        search=(DOMAIN,),
+        cluster_domain="cluster.local",
+        service_cidr=SERVICE_CIDR,
+        pod_cidrs=(POD_CIDR,),
+        mtu=1440,
+    )
 
 
 class Pod:
     """One proxy with fake ports, a fake kernel and a settable clock."""
 
-    def __init__(self, ip: str, *, strict: bool = True, batch: bool = False,
-                 ptr: dict[str, AddrClass | None] | None = None,
-                 limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        ip: str,
+        *,
+        strict: bool = True,
+        batch: bool = False,
+        ptr: dict[str, AddrClass | None] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self.ip = ip
         self.tun, self.udp, self.inject, self.bypass = FakeTun(), FakeUdp(), FakeRaw(), FakeRaw()
         self.kernel, self.clock = FakeKernel(), Clock()
         self.resolver = FakeResolver(ptr, self.clock)
         self.stats = Stats()
-        self.proxy = Proxy(pod_config(ip), PSK, strict, self.stats,
-                           Ports(self.tun, self.udp, self.inject, self.bypass), self.resolver,
-                           self.kernel, limits=limits, batch=batch, clock=self.clock,
-                           wall=lambda: 1_700_000_000.0 + self.clock.now)
+        self.proxy = Proxy(
+            pod_config(ip),
+            PSK,
+            strict,
+            self.stats,
+            Ports(self.tun, self.udp, self.inject, self.bypass),
+            self.resolver,
+            self.kernel,
+            limits=limits,
+            batch=batch,
+            clock=self.clock,
+            wall=lambda: 1_700_000_000.0 + self.clock.now,
+        )
 
     def app_sends(self, packet: bytes) -> None:
         self.tun.inbox.append(packet)

@@ -25,10 +25,18 @@ from tencrypt.core.stats import Stats
 A, B, C, VIP = "10.0.0.1", "10.0.0.2", "10.0.0.3", "172.30.0.10"
 PSK = bytes(range(1, 33))
 PORT = TUNNEL_PORT
-FAST = Limits(rekey_after_time=20.0, reject_after_time=30.0, rekey_timeout=1.0,
-              handshake_give_up=5.0, keepalive_timeout=1.0, stale_timeout=2.5,
-              initiation_max_age=30.0, handshake_rate=1000.0, handshake_burst=1000,
-              tombstone_time=30.0)
+FAST = Limits(
+    rekey_after_time=20.0,
+    reject_after_time=30.0,
+    rekey_timeout=1.0,
+    handshake_give_up=5.0,
+    keepalive_timeout=1.0,
+    stale_timeout=2.5,
+    initiation_max_age=30.0,
+    handshake_rate=1000.0,
+    handshake_burst=1000,
+    tombstone_time=30.0,
+)
 
 
 TEMPLATES = handshake.Templates(PSK, X25519PrivateKey.generate)  # what a key holder can build
@@ -36,14 +44,27 @@ TEMPLATES = handshake.Templates(PSK, X25519PrivateKey.generate)  # what a key ho
 
 def remac(datagram: bytes) -> bytes:
     """``datagram`` with its mac1 recomputed under the project key, as an insider would."""
-    return wire.add_mac(TEMPLATES.mac_key, datagram[:-wire.MAC_LEN])
+    return wire.add_mac(TEMPLATES.mac_key, datagram[: -wire.MAC_LEN])
 
 
 def ipv4(src: str, dst: str, payload: bytes = b"x" * 20, proto: int = 17) -> bytes:
     total = 20 + len(payload)
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, proto, 0,
-                       ipaddress.IPv4Address(src).packed,
-                       ipaddress.IPv4Address(dst).packed) + payload
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            total,
+            0,
+            0,
+            64,
+            proto,
+            0,
+            ipaddress.IPv4Address(src).packed,
+            ipaddress.IPv4Address(dst).packed,
+        )
+        + payload
+    )
 
 
 def drops(t: Tunnel) -> int:
@@ -64,8 +85,9 @@ class Net:
 
     def add(self, ip: str, keys=None, **kw) -> Tunnel:
         """A pod holding ``keys`` (a KeyRing; default: PSK alone)."""
-        self.pods[ip] = Tunnel(PSK if keys is None else keys, ip, Stats(), self.limits,
-                               port=PORT, **kw)
+        self.pods[ip] = Tunnel(
+            PSK if keys is None else keys, ip, Stats(), self.limits, port=PORT, **kw
+        )
         self.delivered[ip] = []
         self.events[ip] = []
         return self.pods[ip]
@@ -106,8 +128,10 @@ class Net:
         """Move both clocks, running every timer that falls due on the way."""
         end = self.now + seconds
         for _ in range(10_000):  # a timer that never stops firing is a bug: fail, not hang
-            due = min((t for t in (p.next_timer() for p in self.pods.values()) if t is not None),
-                      default=None)
+            due = min(
+                (t for t in (p.next_timer() for p in self.pods.values()) if t is not None),
+                default=None,
+            )
             step_to = end if due is None or due > end else max(due, self.now)
             self.wall += step_to - self.now
             self.now = step_to
@@ -120,14 +144,19 @@ class Net:
 
     def response_indices(self) -> list[int]:
         """Receiver index of every response on the wire: the initiator's new session index."""
-        return [struct.unpack_from("<I", d, 4)[0] for d, _, _ in self.wire
-                if wire.message_type(d) == wire.TYPE_RESPONSE]
+        return [
+            struct.unpack_from("<I", d, 4)[0]
+            for d, _, _ in self.wire
+            if wire.message_type(d) == wire.TYPE_RESPONSE
+        ]
 
     def data_indices(self, src: str) -> list[int]:
         """Receiver index of every data message (keepalives excluded) ``src`` put on the wire."""
-        return [wire.parse_header(d)[0] for d, s, _ in self.wire
-                if s == src and wire.message_type(d) == wire.TYPE_DATA
-                and len(d) > wire.DATA_OVERHEAD]
+        return [
+            wire.parse_header(d)[0]
+            for d, s, _ in self.wire
+            if s == src and wire.message_type(d) == wire.TYPE_DATA and len(d) > wire.DATA_OVERHEAD
+        ]
 
 
 def new_net(limits: Limits = FAST, pods: tuple[str, ...] = (A, B)) -> Net:
@@ -145,8 +174,15 @@ def connect(net: Net, dst: str = B) -> None:
 
 
 def handled(t: Tunnel) -> int:
-    return sum(t.stats.get(k) for k in ("packets_opened", "handshakes_responded",
-                                        "handshakes_completed", "keepalives_received"))
+    return sum(
+        t.stats.get(k)
+        for k in (
+            "packets_opened",
+            "handshakes_responded",
+            "handshakes_completed",
+            "keepalives_received",
+        )
+    )
 
 
 def fast(**changes: float) -> Limits:

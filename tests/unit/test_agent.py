@@ -36,6 +36,7 @@ def test_pure_modules_import_no_io():
 
 # -- which pods are wanted ---------------------------------------------------------------
 
+
 def view_of(*objs, node="n1"):
     view = NodeView(node)
     view.replace(AgentKind.NAMESPACE, [o for o in objs if o["kind"] == "Namespace"])
@@ -56,13 +57,22 @@ def test_wanted_pods_are_on_this_node_in_enabled_namespaces_with_their_own_netwo
     terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     dual = pod("dual", ip="fd00::7")
     dual["status"]["podIPs"] = [{"ip": "fd00::7"}, {"ip": "10.128.0.7"}]
-    view = view_of(kubeobjects.build_namespace("shop"),
-                   kubeobjects.build_namespace("blog", enabled=False),
-                   pod("web"), terminating, pod("pending", ip=None), pod("hostnet", host_network=True),
-                   pod("done", phase="Succeeded"), pod("crashed", phase="Failed"),
-                   pod("own-proxy", annotations={"tencrypt.io/agent": "false"}),
-                   pod("elsewhere", node="n2"), pod("api", ns="blog"), pod("orphan", ns="gone"),
-                   pod("v6only", ip="fd00::9"), dual)
+    view = view_of(
+        kubeobjects.build_namespace("shop"),
+        kubeobjects.build_namespace("blog", enabled=False),
+        pod("web"),
+        terminating,
+        pod("pending", ip=None),
+        pod("hostnet", host_network=True),
+        pod("done", phase="Succeeded"),
+        pod("crashed", phase="Failed"),
+        pod("own-proxy", annotations={"tencrypt.io/agent": "false"}),
+        pod("elsewhere", node="n2"),
+        pod("api", ns="blog"),
+        pod("orphan", ns="gone"),
+        pod("v6only", ip="fd00::9"),
+        dual,
+    )
     assert [p.name for p in view.wanted()] == ["dual", "leaving", "web"]
     assert view.pods[uid_of("dual")].ip == "10.128.0.7"
     assert "elsewhere" not in {p.name for p in view.pods.values()}
@@ -71,8 +81,9 @@ def test_wanted_pods_are_on_this_node_in_enabled_namespaces_with_their_own_netwo
 
 def test_labels_namespaces_and_pod_events_change_what_is_wanted():
     view = view_of(kubeobjects.build_namespace("shop"), pod("web"), pod("db"))
-    view.on_event(AgentKind.NAMESPACE, EventType.MODIFIED,
-                  kubeobjects.build_namespace("shop", enabled=False))
+    view.on_event(
+        AgentKind.NAMESPACE, EventType.MODIFIED, kubeobjects.build_namespace("shop", enabled=False)
+    )
     assert view.wanted() == []
     view.on_event(AgentKind.NAMESPACE, EventType.MODIFIED, kubeobjects.build_namespace("shop"))
     view.on_event(AgentKind.POD, EventType.DELETED, pod("db"))
@@ -85,20 +96,51 @@ def test_labels_namespaces_and_pod_events_change_what_is_wanted():
 
 
 def test_sandbox_pid_annotation_is_a_positive_pid_or_nothing():
-    for value, want in (("4242", 4242), (" 77 ", 77), ("1", None), ("0", None), ("-5", None),
-                        ("12a", None), ("", None)):
+    for value, want in (
+        ("4242", 4242),
+        (" 77 ", 77),
+        ("1", None),
+        ("0", None),
+        ("-5", None),
+        ("12a", None),
+        ("", None),
+    ):
         p = podstate.parse_pod(pod("web", annotations={SANDBOX_PID_ANNOTATION: value}))
         assert p.sandbox_pid == want, value
     assert podstate.parse_pod(pod("web")).sandbox_pid is None
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.sampled_from(
-                               ["metadata", "spec", "status", "uid", "name", "namespace",
-                                "annotations", "labels", "data", "PROJECT_PSK", "items", "info",
-                                "pid", "id", "state", "containers"]), inner, max_size=4),
-                           max_leaves=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "metadata",
+                    "spec",
+                    "status",
+                    "uid",
+                    "name",
+                    "namespace",
+                    "annotations",
+                    "labels",
+                    "data",
+                    "PROJECT_PSK",
+                    "items",
+                    "info",
+                    "pid",
+                    "id",
+                    "state",
+                    "containers",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
 
 
 @given(json_values)
@@ -123,35 +165,52 @@ def test_project_key_comes_from_the_secret_and_errors_never_quote_it():
     secret = kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY + "\n"})
     assert podstate.parse_secret_key(secret) == KeySet(base64.b64decode(KEY))
     short = KEY[:30]
-    for values in ({"OTHER": KEY}, {"PROJECT_PSK": short}, {"PROJECT_PSK": "A" * 43 + "="},
-                   {"PROJECT_PSK": "AAAA" * 10 + "AAA="}):
+    for values in (
+        {"OTHER": KEY},
+        {"PROJECT_PSK": short},
+        {"PROJECT_PSK": "A" * 43 + "="},
+        {"PROJECT_PSK": "AAAA" * 10 + "AAA="},
+    ):
         bad = podstate.parse_secret_key(kubeobjects.build_secret("shop", values))
         assert isinstance(bad, BadKey) and short[:8] not in bad.reason, values
     bad = podstate.parse_secret_key({"data": {"PROJECT_PSK": "%%%"}})
     assert "not valid Secret data" in bad.reason
-    k1, k2 = (podstate.parse_secret_key(kubeobjects.build_secret("s", {"PROJECT_PSK": k}))
-              for k in (KEY, KEY2))
+    k1, k2 = (
+        podstate.parse_secret_key(kubeobjects.build_secret("s", {"PROJECT_PSK": k}))
+        for k in (KEY, KEY2)
+    )
     assert podstate.key_id(k1) == podstate.key_id(k1) != podstate.key_id(k2)
     assert KEY not in podstate.key_id(k1)
-
 
 
 def test_node_view_keeps_each_projects_key_from_the_watched_secrets():
     view = NodeView("n1")
     assert view.key("shop") == BadKey("no Secret tencrypt in the namespace")
-    view.replace(AgentKind.SECRET, [kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}),
-                                    kubeobjects.build_secret("blog", {"PROJECT_PSK": "short"})])
+    view.replace(
+        AgentKind.SECRET,
+        [
+            kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}),
+            kubeobjects.build_secret("blog", {"PROJECT_PSK": "short"}),
+        ],
+    )
     assert view.key("shop") == KeySet(base64.b64decode(KEY))
     assert isinstance(view.key("blog"), BadKey) and "short" not in view.key("blog").reason
-    view.on_event(AgentKind.SECRET, EventType.MODIFIED,
-                  kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2}))
+    view.on_event(
+        AgentKind.SECRET,
+        EventType.MODIFIED,
+        kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2}),
+    )
     assert view.key("shop") == KeySet(base64.b64decode(KEY2))
-    view.on_event(AgentKind.SECRET, EventType.DELETED,
-                  kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2}))
+    view.on_event(
+        AgentKind.SECRET, EventType.DELETED, kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2})
+    )
     assert isinstance(view.key("shop"), BadKey)
     # a Secret of another name (a server that ignored the field selector) never becomes a key
-    view.on_event(AgentKind.SECRET, EventType.ADDED,
-                  kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}, name="db-password"))
+    view.on_event(
+        AgentKind.SECRET,
+        EventType.ADDED,
+        kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}, name="db-password"),
+    )
     view.on_event(AgentKind.SECRET, EventType.ADDED, {"metadata": "junk"})
     assert isinstance(view.key("shop"), BadKey) and view.stats.get("agent_bad_object") == 2
     view.replace(AgentKind.SECRET, [])  # a relist forgets what is gone
@@ -196,8 +255,10 @@ def test_a_pod_starts_once_its_sandbox_and_key_are_known():
     assert r.plan(1.0) == [] and r.next_deadline() is None
 
 
-@pytest.mark.parametrize("changed, reason", [
-    (want(sb=SB_NEW), "sandbox"), (want(sb=None), "sandbox"), (None, "pod gone")])
+@pytest.mark.parametrize(
+    "changed, reason",
+    [(want(sb=SB_NEW), "sandbox"), (want(sb=None), "sandbox"), (None, "pod gone")],
+)
 def test_pod_gone_or_sandbox_replaced_stop_then_start_afresh(changed, reason):
     r = Reconciler()
     r.on_desired([want()])
@@ -229,12 +290,14 @@ def test_the_secrets_ring_with_next_and_previous_keys():
     data = {"PROJECT_PSK": KEY, "PROJECT_PSK_NEXT": KEY2}
     ring = podstate.parse_secret_key(kubeobjects.build_secret("shop", data))
     assert ring == KeySet(base64.b64decode(KEY), next=base64.b64decode(KEY2))
-    promoted = podstate.parse_secret_key(kubeobjects.build_secret(
-        "shop", {"PROJECT_PSK": KEY2, "PROJECT_PSK_PREVIOUS": KEY}))
+    promoted = podstate.parse_secret_key(
+        kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY2, "PROJECT_PSK_PREVIOUS": KEY})
+    )
     assert promoted == KeySet(base64.b64decode(KEY2), previous=base64.b64decode(KEY))
     assert len({podstate.key_id(ring), podstate.key_id(promoted)}) == 2
-    same = podstate.parse_secret_key(kubeobjects.build_secret(
-        "shop", {"PROJECT_PSK": KEY, "PROJECT_PSK_NEXT": KEY}))
+    same = podstate.parse_secret_key(
+        kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY, "PROJECT_PSK_NEXT": KEY})
+    )
     assert isinstance(same, BadKey) and "same key" in same.reason and KEY[:8] not in same.reason
 
 
@@ -314,61 +377,120 @@ def test_adopted_proxies_are_kept_if_alive_and_restarted_at_once_if_dead():
 # only runtimeSpec when the infra container is spoofed, drop_infra_ctr); crictl wraps them as
 # {"status": ..., "info": ...}. No CRI runtime runs here: these are samples, not recordings.
 
+
 def _sb(sid, uid, state, created):
-    return {"id": sid, "metadata": {"name": "web-7d9c", "uid": uid, "namespace": "shop",
-                                    "attempt": 1}, "state": state, "createdAt": str(created),
-            "labels": {"io.kubernetes.pod.uid": uid}, "annotations": {}, "runtimeHandler": ""}
+    return {
+        "id": sid,
+        "metadata": {"name": "web-7d9c", "uid": uid, "namespace": "shop", "attempt": 1},
+        "state": state,
+        "createdAt": str(created),
+        "labels": {"io.kubernetes.pod.uid": uid},
+        "annotations": {},
+        "runtimeHandler": "",
+    }
 
 
-CRICTL_PODS = json.dumps({"items": [
-    _sb("aaa1", UID, "SANDBOX_NOTREADY", 1700000000000000000),
-    _sb("aaa2", UID, "SANDBOX_READY", 1700000100000000000),
-    _sb("bbb1", "b" * 8 + "-bbbb-bbbb-bbbb-" + "b" * 12, "SANDBOX_READY", 1700000200000000000),
-    _sb("bbb2", "b" * 8 + "-bbbb-bbbb-bbbb-" + "b" * 12, "SANDBOX_READY", 1700000300000000000),
-    {"id": "broken", "metadata": None}]})
-SPEC = {"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
-                                 {"type": "network", "path": "/var/run/netns/cni-6d1b2c3a"}]}}
-INSPECTP_CONTAINERD = json.dumps({"status": {"id": "aaa2", "state": "SANDBOX_READY",
-                                             "network": {"ip": "10.128.0.9"}},
-                                  "info": {"pid": 4242, "processStatus": "running",
-                                           "netNamespaceClosed": False, "image": "pause:3.9",
-                                           "runtimeType": "io.containerd.runc.v2",
-                                           "runtimeSpec": SPEC}})
-INSPECTP_CRIO = json.dumps({"status": {"id": "aaa2"}, "info": {
-    "image": "registry.k8s.io/pause:3.9", "pid": 5151, "runtimeSpec": SPEC}})
+CRICTL_PODS = json.dumps(
+    {
+        "items": [
+            _sb("aaa1", UID, "SANDBOX_NOTREADY", 1700000000000000000),
+            _sb("aaa2", UID, "SANDBOX_READY", 1700000100000000000),
+            _sb(
+                "bbb1",
+                "b" * 8 + "-bbbb-bbbb-bbbb-" + "b" * 12,
+                "SANDBOX_READY",
+                1700000200000000000,
+            ),
+            _sb(
+                "bbb2",
+                "b" * 8 + "-bbbb-bbbb-bbbb-" + "b" * 12,
+                "SANDBOX_READY",
+                1700000300000000000,
+            ),
+            {"id": "broken", "metadata": None},
+        ]
+    }
+)
+SPEC = {
+    "linux": {
+        "namespaces": [
+            {"type": "pid"},
+            {"type": "ipc"},
+            {"type": "uts"},
+            {"type": "network", "path": "/var/run/netns/cni-6d1b2c3a"},
+        ]
+    }
+}
+INSPECTP_CONTAINERD = json.dumps(
+    {
+        "status": {"id": "aaa2", "state": "SANDBOX_READY", "network": {"ip": "10.128.0.9"}},
+        "info": {
+            "pid": 4242,
+            "processStatus": "running",
+            "netNamespaceClosed": False,
+            "image": "pause:3.9",
+            "runtimeType": "io.containerd.runc.v2",
+            "runtimeSpec": SPEC,
+        },
+    }
+)
+INSPECTP_CRIO = json.dumps(
+    {
+        "status": {"id": "aaa2"},
+        "info": {"image": "registry.k8s.io/pause:3.9", "pid": 5151, "runtimeSpec": SPEC},
+    }
+)
 INSPECTP_CRIO_SPOOFED = json.dumps({"status": {"id": "aaa2"}, "info": {"runtimeSpec": SPEC}})
-CRICTL_PS = json.dumps({"containers": [
-    {"id": "c2", "podSandboxId": "aaa2", "state": "CONTAINER_RUNNING", "createdAt": "20"},
-    {"id": "c1", "podSandboxId": "aaa2", "state": "CONTAINER_RUNNING", "createdAt": "10"},
-    {"id": "c0", "podSandboxId": "aaa2", "state": "CONTAINER_EXITED", "createdAt": "5"}]})
-INSPECT_CONTAINER = json.dumps({"status": {"id": "c1", "state": "CONTAINER_RUNNING"},
-                                "info": {"sandboxID": "aaa2", "pid": 6161, "runtimeSpec": SPEC}})
+CRICTL_PS = json.dumps(
+    {
+        "containers": [
+            {"id": "c2", "podSandboxId": "aaa2", "state": "CONTAINER_RUNNING", "createdAt": "20"},
+            {"id": "c1", "podSandboxId": "aaa2", "state": "CONTAINER_RUNNING", "createdAt": "10"},
+            {"id": "c0", "podSandboxId": "aaa2", "state": "CONTAINER_EXITED", "createdAt": "5"},
+        ]
+    }
+)
+INSPECT_CONTAINER = json.dumps(
+    {
+        "status": {"id": "c1", "state": "CONTAINER_RUNNING"},
+        "info": {"sandboxID": "aaa2", "pid": 6161, "runtimeSpec": SPEC},
+    }
+)
 
 
 def test_crictl_outputs_give_the_ready_sandbox_and_its_pid():
     assert sandbox.parse_crictl_pods(CRICTL_PODS) == {
-        UID: "aaa2", "b" * 8 + "-bbbb-bbbb-bbbb-" + "b" * 12: "bbb2"}
+        UID: "aaa2",
+        "b" * 8 + "-bbbb-bbbb-bbbb-" + "b" * 12: "bbb2",
+    }
     assert sandbox.parse_crictl_inspect_pid(INSPECTP_CONTAINERD) == 4242
     assert sandbox.parse_crictl_inspect_pid(INSPECTP_CRIO) == 5151
     assert sandbox.parse_crictl_inspect_pid(INSPECTP_CRIO_SPOOFED) is None
     assert sandbox.parse_crictl_ps(CRICTL_PS) == ["c1", "c2"]
     assert sandbox.parse_crictl_inspect_pid(INSPECT_CONTAINER) == 6161
-    for bad in ("", "null", "[]", '{"info": "not json"}', '{"info": {"pid": true}}',
-                '{"info": {"pid": 1}}', '{"info": {"pid": "42"}}'):
+    for bad in (
+        "",
+        "null",
+        "[]",
+        '{"info": "not json"}',
+        '{"info": {"pid": true}}',
+        '{"info": {"pid": 1}}',
+        '{"info": {"pid": "42"}}',
+    ):
         assert sandbox.parse_crictl_inspect_pid(bad) is None, bad
 
 
 U_ = UID.replace("-", "_")
 CGROUPS = {  # /proc/PID/cgroup of a pod's process, as each setup writes it
     "v1 cgroupfs": f"12:pids:/kubepods/besteffort/pod{UID}/{CID}\n"
-                   f"11:memory:/kubepods/besteffort/pod{UID}/{CID}\n1:name=systemd:/\n0::/\n",
+    f"11:memory:/kubepods/besteffort/pod{UID}/{CID}\n1:name=systemd:/\n0::/\n",
     "v2 systemd containerd": f"0::/kubepods.slice/kubepods-burstable.slice/"
-                             f"kubepods-burstable-pod{U_}.slice/cri-containerd-{CID}.scope\n",
+    f"kubepods-burstable-pod{U_}.slice/cri-containerd-{CID}.scope\n",
     "v2 guaranteed cri-o": f"0::/kubepods.slice/kubepods-pod{U_}.slice/crio-{CID}.scope\n",
     "v2 from another cgroupns": f"0::/../../kubepods-besteffort-pod{U_}.slice/"
-                                f"cri-containerd-{CID}.scope\n",
+    f"cri-containerd-{CID}.scope\n",
     "openshift 3.11 docker": f"11:cpuset:/kubepods.slice/kubepods-burstable.slice/"
-                             f"kubepods-burstable-pod{U_}.slice/docker-{CID}.scope\n",
+    f"kubepods-burstable-pod{U_}.slice/docker-{CID}.scope\n",
     "pod cgroup itself": f"0::/kubepods/pod{UID}\n",
 }
 
@@ -376,8 +498,13 @@ CGROUPS = {  # /proc/PID/cgroup of a pod's process, as each setup writes it
 def test_cgroup_paths_of_every_driver_name_the_pod_uid():
     for setup, text in CGROUPS.items():
         assert sandbox.parse_cgroup_pod_uid(text) == UID, setup
-    for text in ("0::/system.slice/containerd.service\n", "0::/user.slice/session-3.scope\n",
-                 "0::/system.slice/podman-1234.scope\n", f"0::/x/pod{UID}extra/\n", ""):
+    for text in (
+        "0::/system.slice/containerd.service\n",
+        "0::/user.slice/session-3.scope\n",
+        "0::/system.slice/podman-1234.scope\n",
+        f"0::/x/pod{UID}extra/\n",
+        "",
+    ):
         assert sandbox.parse_cgroup_pod_uid(text) is None, text
 
 
@@ -408,36 +535,61 @@ K8S = Path(__file__).resolve().parents[2] / "scripts" / "k8s"
 
 def k8s_docs():
     yaml = pytest.importorskip("yaml")  # as test_nodesync: PyYAML is not a declared dependency
-    return [d for name in ("rbac.yaml", "daemonset.yaml")
-            for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return [
+        d
+        for name in ("rbac.yaml", "daemonset.yaml")
+        for d in yaml.safe_load_all((K8S / name).read_text())
+        if d
+    ]
 
 
 def test_agent_rbac_grants_exactly_what_the_agent_reads():
-    [role] = [d for d in k8s_docs() if d["kind"] == "ClusterRole"
-              and d["metadata"]["name"] == "tencrypt-agent"]
-    granted = {(res, verb, tuple(rule.get("resourceNames", ()))) for rule in role["rules"]
-               for res in rule["resources"] for verb in rule["verbs"]}
+    [role] = [
+        d
+        for d in k8s_docs()
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "tencrypt-agent"
+    ]
+    granted = {
+        (res, verb, tuple(rule.get("resourceNames", ())))
+        for rule in role["rules"]
+        for res in rule["resources"]
+        for verb in rule["verbs"]
+    }
     # start_reflectors: list+watch pods, namespaces and services (the membership feed), and
     # the Secrets named tencrypt only
-    assert granted == {("pods", "list", ()), ("pods", "watch", ()), ("namespaces", "list", ()),
-                       ("namespaces", "watch", ()), ("services", "list", ()),
-                       ("services", "watch", ()), ("secrets", "list", ("tencrypt",)),
-                       ("secrets", "watch", ("tencrypt",))}
+    assert granted == {
+        ("pods", "list", ()),
+        ("pods", "watch", ()),
+        ("namespaces", "list", ()),
+        ("namespaces", "watch", ()),
+        ("services", "list", ()),
+        ("services", "watch", ()),
+        ("secrets", "list", ("tencrypt",)),
+        ("secrets", "watch", ("tencrypt",)),
+    }
     assert all(rule["apiGroups"] == [""] for rule in role["rules"])
 
 
 def test_agent_writes_only_its_key_report_configmaps_in_its_own_namespace():
     docs = k8s_docs()
-    [role] = [d for d in docs if d["kind"] == "Role"
-              and d["metadata"]["name"] == "tencrypt-agent-key-report"]
+    [role] = [
+        d
+        for d in docs
+        if d["kind"] == "Role" and d["metadata"]["name"] == "tencrypt-agent-key-report"
+    ]
     assert role["metadata"]["namespace"] == "tencrypt-system"
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
-                              "verbs": ["create", "get", "update"]}]
-    [binding] = [d for d in docs if d["kind"] == "RoleBinding"
-                 and d["roleRef"]["name"] == "tencrypt-agent-key-report"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "update"]}
+    ]
+    [binding] = [
+        d
+        for d in docs
+        if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "tencrypt-agent-key-report"
+    ]
     assert binding["metadata"]["namespace"] == "tencrypt-system"
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tencrypt",
-                                    "namespace": "tencrypt-system"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tencrypt", "namespace": "tencrypt-system"}
+    ]
     [ds] = [d for d in docs if d["kind"] == "DaemonSet"]
     agent = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
     env = {e["name"]: e for e in agent["env"]}
@@ -484,11 +636,17 @@ def test_crictl_outputs_of_a_real_containerd_sandbox_recorded_here():
     inspectp = json.loads((data / "inspectp.json").read_text())
     uid, sid = inspectp["status"]["metadata"]["uid"], inspectp["status"]["id"]
     assert sandbox.parse_crictl_pods((data / "pods-ready.json").read_text()) == {uid: sid}
-    assert sandbox.parse_crictl_inspect_pid((data / "inspectp.json").read_text()) == \
-        inspectp["info"]["pid"] > 1
+    assert (
+        sandbox.parse_crictl_inspect_pid((data / "inspectp.json").read_text())
+        == inspectp["info"]["pid"]
+        > 1
+    )
     [cid] = sandbox.parse_crictl_ps((data / "ps.json").read_text())
     app = json.loads((data / "inspect-app.json").read_text())
     assert app["status"]["id"] == cid
-    assert sandbox.parse_crictl_inspect_pid((data / "inspect-app.json").read_text()) == \
-        app["info"]["pid"] > 1
+    assert (
+        sandbox.parse_crictl_inspect_pid((data / "inspect-app.json").read_text())
+        == app["info"]["pid"]
+        > 1
+    )
     assert sandbox.parse_cgroup_pod_uid((data / "cgroup-pause.txt").read_text()) == uid

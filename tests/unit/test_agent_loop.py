@@ -46,6 +46,7 @@ from tests.unit.test_agent import (
 
 # -- the resolver on a synthetic /proc and a stand-in crictl --------------------------------
 
+
 class FakeProc:
     """A /proc of directories: each process has cgroup, stat and ns/net; processes of one
     network namespace share ns/net's inode (hard links), as they do on nsfs."""
@@ -85,8 +86,13 @@ class Clock:
 
 
 def info(uid=UID, sandbox_pid=None):
-    p = podstate.parse_pod(pod("web", uid=uid, annotations={SANDBOX_PID_ANNOTATION: str(
-        sandbox_pid)} if sandbox_pid else None))
+    p = podstate.parse_pod(
+        pod(
+            "web",
+            uid=uid,
+            annotations={SANDBOX_PID_ANNOTATION: str(sandbox_pid)} if sandbox_pid else None,
+        )
+    )
     return p
 
 
@@ -96,8 +102,12 @@ def test_proc_scan_finds_the_pod_by_its_cgroup_and_follows_it(tmp_path):
     proc.add(201, "pod", CGROUPS["v2 systemd containerd"], start=900)  # the app
     proc.add(202, "pod", CGROUPS["v2 systemd containerd"], start=50, state="Z")  # a zombie
     proc.add(300, "node", CGROUPS["v1 cgroupfs"], start=10)  # in the node's namespace
-    proc.add(400, "other", "0::/kubepods/besteffort/pod" + "e" * 8 + "-eeee-eeee-eeee-"
-             + "e" * 12 + "/x\n", start=1)
+    proc.add(
+        400,
+        "other",
+        "0::/kubepods/besteffort/pod" + "e" * 8 + "-eeee-eeee-eeee-" + "e" * 12 + "/x\n",
+        start=1,
+    )
     r = Resolver("proc", proc=proc.root, interval=1.0, clock=clock)
     assert r.mode == "proc" and r.node_netns == {proc.inode("node")}
     assert r.resolve([info()]) == {UID: Sandbox(200, proc.inode("pod"))}
@@ -137,17 +147,22 @@ esac
 """
 
 
-@pytest.mark.parametrize("inspectp, pid", [(INSPECTP_CONTAINERD, 4242),
-                                           (INSPECTP_CRIO, 5151),
-                                           (INSPECTP_CRIO_SPOOFED, 6161)])
+@pytest.mark.parametrize(
+    "inspectp, pid",
+    [(INSPECTP_CONTAINERD, 4242), (INSPECTP_CRIO, 5151), (INSPECTP_CRIO_SPOOFED, 6161)],
+)
 def test_cri_mode_runs_crictl_against_the_given_endpoint(tmp_path, inspectp, pid):
     bin_dir, proc = tmp_path / "bin", FakeProc(tmp_path / "proc")
     bin_dir.mkdir()
     crictl = bin_dir / "crictl"
     crictl.write_text(FAKE_CRICTL)
     crictl.chmod(0o755)
-    for name, text in (("pods", CRICTL_PODS), ("inspectp", inspectp), ("ps", CRICTL_PS),
-                       ("inspect", INSPECT_CONTAINER)):
+    for name, text in (
+        ("pods", CRICTL_PODS),
+        ("inspectp", inspectp),
+        ("ps", CRICTL_PS),
+        ("inspect", INSPECT_CONTAINER),
+    ):
         (bin_dir / f"{name}.json").write_text(text)
     proc.add(pid, "pod")
     r = Resolver("auto", crictl=str(crictl), endpoint="unix:///run/x/cri.sock", proc=proc.root)
@@ -182,15 +197,26 @@ class Harness:
         self.tmp, self.proc, self.calls = tmp, proc, tmp / "calls"
         launcher = tmp / "launcher.sh"
         launcher.write_text(FAKE_LAUNCHER)
-        self.sup = Supervisor(tmp / "state", launcher, Path("/bin/true"), ["--no-strict"],
-                              setup_state_dir=tmp / "setup", stop_timeout=5.0)
+        self.sup = Supervisor(
+            tmp / "state",
+            launcher,
+            Path("/bin/true"),
+            ["--no-strict"],
+            setup_state_dir=tmp / "setup",
+            stop_timeout=5.0,
+        )
         self.api = kubeclient.new_api_client(str(server.write_kubeconfig(tmp / "kubeconfig")))
-        self.agent = Agent("n1", self.sup, Resolver("annotation", proc=proc.root),
-                           Policy(**{"backoff": 0.1, "ready_timeout": 5.0, **policy}))
+        self.agent = Agent(
+            "n1",
+            self.sup,
+            Resolver("annotation", proc=proc.root),
+            Policy(**{"backoff": 0.1, "ready_timeout": 5.0, **policy}),
+        )
         self.stop = threading.Event()
         start_reflectors(self.api, self.agent.queue, self.stop, watch_timeout=300)
-        self.thread = threading.Thread(target=self.agent.run, args=(self.stop, unpatch),
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.agent.run, args=(self.stop, unpatch), daemon=True
+        )
         self.thread.start()
 
     def lines(self):
@@ -224,9 +250,13 @@ def env(tmp_path):
         made.append(h)
         return h
 
-    server = FakeApiServer([kubeobjects.build_namespace("shop"),
-                            kubeobjects.build_namespace("blog", enabled=False),
-                            kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY})])
+    server = FakeApiServer(
+        [
+            kubeobjects.build_namespace("shop"),
+            kubeobjects.build_namespace("blog", enabled=False),
+            kubeobjects.build_secret("shop", {"PROJECT_PSK": KEY}),
+        ]
+    )
     server.start()
     servers.append(server)
     yield server, make, proc
@@ -242,8 +272,14 @@ def env(tmp_path):
 
 
 def lab_pod(name, sandbox_pid, **kw):
-    return kubeobjects.build_pod(kw.pop("ns", "shop"), name, kw.pop("node", "n1"), "10.128.0.9",
-                                 annotations={SANDBOX_PID_ANNOTATION: str(sandbox_pid)}, **kw)
+    return kubeobjects.build_pod(
+        kw.pop("ns", "shop"),
+        name,
+        kw.pop("node", "n1"),
+        "10.128.0.9",
+        annotations={SANDBOX_PID_ANNOTATION: str(sandbox_pid)},
+        **kw,
+    )
 
 
 def alive(pid):
@@ -255,20 +291,28 @@ def alive(pid):
 
 def test_real_client_fake_apiserver_agent_patches_wanted_pods_and_restarts_a_dead_proxy(env):
     server, make, proc = env
-    for obj in (lab_pod("web", 200), lab_pod("hostnet", 201, host_network=True),
-                lab_pod("api", 201, ns="blog"), lab_pod("remote", 201, node="n2")):
+    for obj in (
+        lab_pod("web", 200),
+        lab_pod("hostnet", 201, host_network=True),
+        lab_pod("api", 201, ns="blog"),
+        lab_pod("remote", 201, node="n2"),
+    ):
         server.put(obj)
     h = make()
     h.until_calls(f"start 200 {KEY}")
     web = uid_of("web")
     h.until(lambda: h.agent.reconciler.entries[web].phase is Phase.READY, "web ready")
     state = h.tmp / "state"
-    assert {p: oct(p.stat().st_mode & 0o777) for p in (state, state / "keys", state / "pods")
-            } == {state: "0o700", state / "keys": "0o700", state / "pods": "0o700"}
+    assert {p: oct(p.stat().st_mode & 0o777) for p in (state, state / "keys", state / "pods")} == {
+        state: "0o700",
+        state / "keys": "0o700",
+        state / "pods": "0o700",
+    }
     assert oct((state / "keys" / "shop.psk").stat().st_mode & 0o777) == "0o600"
     assert json.loads((state / "pods" / web / "record.json").read_text())["sandbox_pid"] == 200
-    assert set(h.agent.view.pods) == {uid_of(n, ns) for n, ns in (("web", "shop"),
-                                      ("hostnet", "shop"), ("api", "blog"))}  # not "remote"
+    assert set(h.agent.view.pods) == {
+        uid_of(n, ns) for n, ns in (("web", "shop"), ("hostnet", "shop"), ("api", "blog"))
+    }  # not "remote"
     first = h.proxy_pid(web)
     os.kill(first, signal.SIGKILL)
     h.until_calls(f"start 200 {KEY}", "undo 200", f"start 200 {KEY}")
@@ -279,8 +323,7 @@ def test_real_client_fake_apiserver_agent_patches_wanted_pods_and_restarts_a_dea
     assert server.count("Secret", "list") == 1 and server.count("Secret", "watch") >= 1
 
 
-def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_it_starts(
-        env):
+def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_it_starts(env):
     """Pods of the project on every node and its Services' IPs, in the pod's members.json,
     written before its proxy starts and rewritten when (and only when) the project changes."""
     server, make, proc = env
@@ -288,12 +331,16 @@ def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_
     remote["status"]["podIPs"].append({"ip": "fd00:10:128:1::5"})
     svc = kubeobjects.build_service("shop", "web", "172.30.0.10")
     svc["spec"]["clusterIPs"].append("fd00:30::a")
-    for obj in (lab_pod("web", 200), remote, svc, kubeobjects.build_service("shop", "db", "None"),
-                kubeobjects.build_pod("shop", "done", "n2", "10.128.1.6", phase="Succeeded"),
-                kubeobjects.build_pod("shop", "hostnet", "n2", "192.168.200.2",
-                                      host_network=True),
-                kubeobjects.build_pod("blog", "other", "n2", "10.128.2.2"),
-                kubeobjects.build_service("blog", "other", "172.30.0.99")):
+    for obj in (
+        lab_pod("web", 200),
+        remote,
+        svc,
+        kubeobjects.build_service("shop", "db", "None"),
+        kubeobjects.build_pod("shop", "done", "n2", "10.128.1.6", phase="Succeeded"),
+        kubeobjects.build_pod("shop", "hostnet", "n2", "192.168.200.2", host_network=True),
+        kubeobjects.build_pod("blog", "other", "n2", "10.128.2.2"),
+        kubeobjects.build_service("blog", "other", "172.30.0.99"),
+    ):
         server.put(obj)
     h = make()
     h.until_calls(f"start 200 {KEY}")
@@ -302,9 +349,13 @@ def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_
 
     def members():
         return parse_members(path.read_text())
+
     first = members()
     assert (first.project, first.pods, first.services) == (
-        "shop", {"10.128.0.9", "10.128.1.5", "fd00:10:128:1::5"}, {"172.30.0.10", "fd00:30::a"})
+        "shop",
+        {"10.128.0.9", "10.128.1.5", "fd00:10:128:1::5"},
+        {"172.30.0.10", "fd00:30::a"},
+    )
     feed = h.sup.feed
     # another project's pod: shop's file is not touched
     writes, blog = feed.writes, h.agent.members.version("blog")
@@ -330,8 +381,10 @@ def test_real_client_fake_apiserver_a_proxy_never_ready_is_killed_and_retried(en
     server, make, proc = env
     server.put(lab_pod("slow", 999))
     h = make(ready_timeout=0.5, backoff=0.1)
-    h.until(lambda: h.lines()[:3] == [f"start 999 {KEY}", "undo 999", f"start 999 {KEY}"],
-            "a kill and a retry")
+    h.until(
+        lambda: h.lines()[:3] == [f"start 999 {KEY}", "undo 999", f"start 999 {KEY}"],
+        "a kill and a retry",
+    )
     assert h.agent.stats.get("agent_proxy_exits") >= 1
     assert h.agent.reconciler.entries[uid_of("slow")].failures >= 1
 
@@ -352,8 +405,10 @@ def test_real_client_fake_apiserver_label_pod_and_sandbox_removal_stop_and_undo(
     h.until(lambda: len(h.lines()) == 6, "both started again")
     server.delete("Pod", "shop", "web")
     h.until(lambda: h.lines()[6:] == ["undo 200"], "web undone")
-    h.until(lambda: not (h.tmp / "setup" / f"netns-{proc.inode('a')}").exists(),
-            "web's membership file removed")
+    h.until(
+        lambda: not (h.tmp / "setup" / f"netns-{proc.inode('a')}").exists(),
+        "web's membership file removed",
+    )
     assert not (h.tmp / "state" / "pods" / uid_of("web")).exists()
     assert (h.tmp / "state" / "keys" / "shop.psk").exists()  # db still runs
     # db's sandbox dies with its last process: nothing to undo in it, only node-side state
@@ -369,7 +424,8 @@ def test_real_client_fake_apiserver_label_pod_and_sandbox_removal_stop_and_undo(
 
 
 def test_real_client_fake_apiserver_key_rotation_never_restarts_and_bad_keys_keep_the_last(
-        env, caplog):
+    env, caplog
+):
     server, make, proc = env
     server.delete("Secret", "shop", "tencrypt")
     server.put(lab_pod("web", 200))
@@ -380,13 +436,22 @@ def test_real_client_fake_apiserver_key_rotation_never_restarts_and_bad_keys_kee
     h.until_calls(f"start 200 {KEY}")
     running = h.proxy_pid(uid_of("web"))
     key_file = h.tmp / "state" / "keys" / "shop.psk"
-    for data in ({"PROJECT_PSK": KEY, "PROJECT_PSK_NEXT": KEY2},  # the three phases
-                 {"PROJECT_PSK": KEY2, "PROJECT_PSK_PREVIOUS": KEY}, {"PROJECT_PSK": KEY2}):
+    for data in (
+        {"PROJECT_PSK": KEY, "PROJECT_PSK_NEXT": KEY2},  # the three phases
+        {"PROJECT_PSK": KEY2, "PROJECT_PSK_PREVIOUS": KEY},
+        {"PROJECT_PSK": KEY2},
+    ):
         server.put(kubeobjects.build_secret("shop", data))
-        want = KeySet(*(base64.b64decode(data[k]) if k in data else None for k in (
-            "PROJECT_PSK", "PROJECT_PSK_NEXT", "PROJECT_PSK_PREVIOUS")))
-        h.until(lambda want=want: key_file.exists() and parse_key_file(key_file.read_text())
-                == want, f"the key file holding {want}")
+        want = KeySet(
+            *(
+                base64.b64decode(data[k]) if k in data else None
+                for k in ("PROJECT_PSK", "PROJECT_PSK_NEXT", "PROJECT_PSK_PREVIOUS")
+            )
+        )
+        h.until(
+            lambda want=want: key_file.exists() and parse_key_file(key_file.read_text()) == want,
+            f"the key file holding {want}",
+        )
         assert oct(key_file.stat().st_mode & 0o777) == "0o600"
     assert h.lines() == [f"start 200 {KEY}"]  # no undo, no restart: the same proxy
     assert h.proxy_pid(uid_of("web")) == running and alive(running)
@@ -434,14 +499,17 @@ def test_real_client_fake_apiserver_secrets_are_watched_by_name_only(env):
     with pytest.raises(ApiException) as refused:
         core.list_secret_for_all_namespaces()
     assert refused.value.status == 403
-    names = [s.metadata.name for s in core.list_secret_for_all_namespaces(
-        field_selector="metadata.name=tencrypt").items]
+    names = [
+        s.metadata.name
+        for s in core.list_secret_for_all_namespaces(field_selector="metadata.name=tencrypt").items
+    ]
     assert names == ["tencrypt"]
     assert set(h.agent.view.keys) == {"shop"}
 
 
 def test_real_client_fake_apiserver_a_forbidden_list_is_logged_in_one_line_with_a_hint(
-        env, tmp_path, caplog):
+    env, tmp_path, caplog
+):
     """What an operator sees when the RBAC is missing or stale: one line, status and cause."""
     import queue as queue_
 

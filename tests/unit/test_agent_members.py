@@ -37,18 +37,25 @@ def service(name, *vips, ns="shop", **spec):
 
 # -- what one object contributes ------------------------------------------------------------
 
+
 def test_a_pod_counts_with_every_ip_of_both_families_in_canonical_text():
     assert parse_pod_ips(pod("web", ips=["10.128.0.9", "FD00:10:128:0::0009"])) == (
-        "shop", "web", frozenset({"10.128.0.9", "fd00:10:128::9"}))
+        "shop",
+        "web",
+        frozenset({"10.128.0.9", "fd00:10:128::9"}),
+    )
     only_pod_ip = pod("old")
     del only_pod_ip["status"]["podIPs"]  # an older API server: podIP only
     assert parse_pod_ips(only_pod_ip)[2] == {"10.128.0.9"}
 
 
 def test_pods_without_an_ip_finished_or_on_the_host_network_hold_no_address():
-    for obj in (pod("pending", ip=None), pod("done", phase="Succeeded"),
-                pod("crashed", phase="Failed"), pod("hostnet", ip="192.168.200.1",
-                                                    host_network=True)):
+    for obj in (
+        pod("pending", ip=None),
+        pod("done", phase="Succeeded"),
+        pod("crashed", phase="Failed"),
+        pod("hostnet", ip="192.168.200.1", host_network=True),
+    ):
         assert parse_pod_ips(obj) == ("shop", obj["metadata"]["name"], frozenset()), obj
     leaving = pod("leaving")
     leaving["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
@@ -56,15 +63,24 @@ def test_pods_without_an_ip_finished_or_on_the_host_network_hold_no_address():
 
 
 def test_malformed_pods_are_refused():
-    garbage = [None, [], {"metadata": {"name": "x"}}, pod("a", ips=["10.0.0.300"]),
-               pod("b", ips=[None]), {**pod("c"), "status": {"podIPs": "10.0.0.1"}},
-               {**pod("d"), "spec": "nope"}]
+    garbage = [
+        None,
+        [],
+        {"metadata": {"name": "x"}},
+        pod("a", ips=["10.0.0.300"]),
+        pod("b", ips=[None]),
+        {**pod("c"), "status": {"podIPs": "10.0.0.1"}},
+        {**pod("d"), "spec": "nope"},
+    ]
     assert [parse_pod_ips(obj) for obj in garbage] == [None] * len(garbage)
 
 
 def test_a_service_counts_with_its_cluster_ips_but_headless_and_external_names_do_not():
     assert parse_service_ips(service("web", "172.30.0.10", "fd00:30::a")) == (
-        "shop", "web", frozenset({"172.30.0.10", "fd00:30::a"}))
+        "shop",
+        "web",
+        frozenset({"172.30.0.10", "fd00:30::a"}),
+    )
     legacy = service("old", "172.30.0.11")
     del legacy["spec"]["clusterIPs"]  # clusterIP only
     assert parse_service_ips(legacy)[2] == {"172.30.0.11"}
@@ -76,15 +92,30 @@ def test_a_service_counts_with_its_cluster_ips_but_headless_and_external_names_d
 
 # -- a project's members, and when they change ----------------------------------------------
 
+
 def test_members_of_a_project_come_from_every_node_and_only_its_own_namespace():
     view = MemberView()
-    view.replace_pods([pod("a", "10.128.0.1"), pod("b", "10.128.1.1", node="n2"),
-                       pod("c", "10.128.2.1", ns="blog"), pod("d", None)])
-    view.replace_services([service("web", "172.30.0.10", "fd00:30::a"), service("db"),
-                           service("x", "172.30.9.9", ns="blog")])
-    assert view.of("shop") == ProjectMembers("shop", view.version("shop"),
-                                             frozenset({"10.128.0.1", "10.128.1.1"}),
-                                             frozenset({"172.30.0.10", "fd00:30::a"}))
+    view.replace_pods(
+        [
+            pod("a", "10.128.0.1"),
+            pod("b", "10.128.1.1", node="n2"),
+            pod("c", "10.128.2.1", ns="blog"),
+            pod("d", None),
+        ]
+    )
+    view.replace_services(
+        [
+            service("web", "172.30.0.10", "fd00:30::a"),
+            service("db"),
+            service("x", "172.30.9.9", ns="blog"),
+        ]
+    )
+    assert view.of("shop") == ProjectMembers(
+        "shop",
+        view.version("shop"),
+        frozenset({"10.128.0.1", "10.128.1.1"}),
+        frozenset({"172.30.0.10", "fd00:30::a"}),
+    )
     assert view.of("nobody") == ProjectMembers("nobody", 0, frozenset(), frozenset())
 
 
@@ -115,9 +146,17 @@ def test_the_version_moves_only_when_an_address_of_the_project_changes():
 
 
 POD_IPS = st.sampled_from([None, "10.0.0.1", "10.0.0.2", "fd00::1", "10.0.0.3"])
-EVENTS = st.lists(st.tuples(st.sampled_from(["pod", "svc"]), st.sampled_from([ADDED, MODIFIED,
-                  DELETED]), st.sampled_from(["a", "b", "c"]), st.sampled_from(["p", "q"]),
-                  POD_IPS, st.booleans()), max_size=30)
+EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["pod", "svc"]),
+        st.sampled_from([ADDED, MODIFIED, DELETED]),
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(["p", "q"]),
+        POD_IPS,
+        st.booleans(),
+    ),
+    max_size=30,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -150,8 +189,9 @@ def test_members_and_versions_follow_any_sequence_of_events(events):
             assert now.pods == {ip for (n, _), ip in pods.items() if n == p}
             assert now.services == {ip for (n, _), ip in services.items() if n == p}
             moved = (now.pods, now.services) != (before[p].pods, before[p].services)
-            assert now.version >= before[p].version and (now.version > before[p].version
-                                                         or not moved)
+            assert now.version >= before[p].version and (
+                now.version > before[p].version or not moved
+            )
 
 
 def test_pure_modules_do_no_io():
@@ -159,6 +199,7 @@ def test_pure_modules_do_no_io():
 
 
 # -- the files ------------------------------------------------------------------------------
+
 
 class Clock:
     def __init__(self, now=1_000.0):

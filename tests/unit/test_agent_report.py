@@ -21,12 +21,13 @@ OLD, NEW = KeySet(K1), KeySet(K1, next=K2)
 
 def test_node_report_counts_pods_and_the_rings_they_loaded():
     loaded = {1: ring_label(NEW.fingerprints()), 2: ring_label(OLD.fingerprints()), 3: None}
-    report = node_report("n1", [("shop", 1), ("shop", 2), ("shop", 3), ("blog", 1)],
-                         loaded.get, 5.0)
+    report = node_report(
+        "n1", [("shop", 1), ("shop", 2), ("shop", 3), ("blog", 1)], loaded.get, 5.0
+    )
     assert report.projects == {
-        "shop": (3, {ring_label(NEW.fingerprints()): 1, ring_label(OLD.fingerprints()): 1,
-                     "": 1}),
-        "blog": (1, {ring_label(NEW.fingerprints()): 1})}
+        "shop": (3, {ring_label(NEW.fingerprints()): 1, ring_label(OLD.fingerprints()): 1, "": 1}),
+        "blog": (1, {ring_label(NEW.fingerprints()): 1}),
+    }
     assert report.node == "n1" and report.updated == 5.0
 
 
@@ -43,14 +44,16 @@ def api(tmp_path):
 def test_the_report_is_published_on_change_and_on_heartbeat_only(api, tmp_path, caplog):
     server, core = api
     now = [100.0]
-    reporter = KeyReporter(core, "tencrypt-system", "n1", tmp_path, clock=lambda: now[0],
-                           every=1.0, heartbeat=60.0)
+    reporter = KeyReporter(
+        core, "tencrypt-system", "n1", tmp_path, clock=lambda: now[0], every=1.0, heartbeat=60.0
+    )
     (tmp_path / "netns-7").mkdir()
     write_loaded(tmp_path / "netns-7", OLD)
     reporter.publish([("shop", 7)])  # created
     stored = server.get("ConfigMap", "tencrypt-system", "tencrypt-keys-n1")
     assert parse_report(stored["data"][REPORT_KEY]).projects == {
-        "shop": (1, {ring_label(OLD.fingerprints()): 1})}
+        "shop": (1, {ring_label(OLD.fingerprints()): 1})
+    }
     assert stored["metadata"]["labels"] == {"tencrypt.io/report": "keys"}
     for step in (0.5, 1.0, 1.0):  # too soon, then unchanged: no write
         now[0] += step
@@ -61,8 +64,12 @@ def test_the_report_is_published_on_change_and_on_heartbeat_only(api, tmp_path, 
     now[0] += 61.0
     reporter.publish([("shop", 7)])  # heartbeat
     assert [w[3] for w in server.writes] == ["create", "update", "update"]
-    docs = [("tencrypt-keys-n1", server.get("ConfigMap", "tencrypt-system",
-                                            "tencrypt-keys-n1")["data"][REPORT_KEY])]
+    docs = [
+        (
+            "tencrypt-keys-n1",
+            server.get("ConfigMap", "tencrypt-system", "tencrypt-keys-n1")["data"][REPORT_KEY],
+        )
+    ]
     assert progress(docs, "shop", NEW).done
     server.forbid.add(("update", "ConfigMap"))
     write_loaded(tmp_path / "netns-7", OLD)

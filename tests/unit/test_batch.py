@@ -40,13 +40,39 @@ SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def tcp_packet(payload, *, seq=1000, ident=7, flags="A", options=(), ip_options=None, tos=0,
-               ttl=64, src="10.1.0.1", dst="10.2.0.2", sport=40000, dport=80, ack=99):
+
+def tcp_packet(
+    payload,
+    *,
+    seq=1000,
+    ident=7,
+    flags="A",
+    options=(),
+    ip_options=None,
+    tos=0,
+    ttl=64,
+    src="10.1.0.1",
+    dst="10.2.0.2",
+    sport=40000,
+    dport=80,
+    ack=99,
+):
     ip = IP(src=src, dst=dst, id=ident, flags="DF", tos=tos, ttl=ttl)
     if ip_options is not None:
         ip.options = ip_options
-    return ip / TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags, window=501,
-                    options=list(options)) / payload
+    return (
+        ip
+        / TCP(
+            sport=sport,
+            dport=dport,
+            seq=seq,
+            ack=ack,
+            flags=flags,
+            window=501,
+            options=list(options),
+        )
+        / payload
+    )
 
 
 def partial_tcp(pkt_bytes):
@@ -70,7 +96,7 @@ def tso_frame(pkt, mss, *, ecn=False):
 def kernel_segments(pkt, mss):
     """What tcp_gso_segment makes of ``pkt``: scapy-built, every checksum scapy's."""
     payload = bytes(pkt[TCP].payload)
-    chunks = [payload[i:i + mss] for i in range(0, len(payload), mss)] or [b""]
+    chunks = [payload[i : i + mss] for i in range(0, len(payload), mss)] or [b""]
     flags = int(pkt[TCP].flags)
     out = []
     for i, chunk in enumerate(chunks):
@@ -105,6 +131,7 @@ def split(frame, out=None):
 
 # --- virtio-net header -------------------------------------------------------------------------
 
+
 def test_vnet_header_round_trip_and_layout():
     hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 66, 1448, 20, 16)
     wire = build_vnet_hdr(hdr)
@@ -124,6 +151,7 @@ def test_gso_vnet_header_for_a_coalesced_packet():
 
 # --- checksums ---------------------------------------------------------------------------------
 
+
 @given(st.binary(min_size=1, max_size=9000), st.integers(0, 3))
 @settings(max_examples=200, deadline=None)
 def test_ones_sum_matches_scapy_on_both_paths(data, start):
@@ -133,6 +161,7 @@ def test_ones_sum_matches_scapy_on_both_paths(data, start):
 
 
 # --- split against the kernel's segmentation -----------------------------------------------------
+
 
 def test_split_of_a_64k_super_packet_equals_the_kernels_segments():
     payload = os.urandom(65535 - 52)
@@ -146,17 +175,31 @@ def test_split_of_a_64k_super_packet_equals_the_kernels_segments():
         assert_checksums_valid(seg)
 
 
-@given(n=st.integers(1, 50), mss=st.integers(1, 1460), cut=st.integers(0, 1459),
-       flags=st.sampled_from(FLAG_SETS), ts=st.booleans(), ipopt=st.booleans(),
-       seq=st.integers(0, 2**32 - 1), ident=st.integers(0, 0xFFFF), ecn=st.booleans())
+@given(
+    n=st.integers(1, 50),
+    mss=st.integers(1, 1460),
+    cut=st.integers(0, 1459),
+    flags=st.sampled_from(FLAG_SETS),
+    ts=st.booleans(),
+    ipopt=st.booleans(),
+    seq=st.integers(0, 2**32 - 1),
+    ident=st.integers(0, 0xFFFF),
+    ecn=st.booleans(),
+)
 @SLOW
 def test_split_equals_kernel_segmentation(n, mss, cut, flags, ts, ipopt, seq, ident, ecn):
     size = max(1, n * mss - cut % mss)
     hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
     assume(hlen + size <= 65535)
     payload = os.urandom(size)
-    pkt = tcp_packet(payload, seq=seq, ident=ident, flags=flags, options=TS if ts else (),
-                     ip_options=IP_OPTS if ipopt else None)
+    pkt = tcp_packet(
+        payload,
+        seq=seq,
+        ident=ident,
+        flags=flags,
+        options=TS if ts else (),
+        ip_options=IP_OPTS if ipopt else None,
+    )
     segments, stats = split(tso_frame(pkt, mss, ecn=ecn))
     assert segments == kernel_segments(pkt, mss)
     assert not stats.drops
@@ -184,10 +227,13 @@ def test_split_reuses_the_callers_buffer_and_gives_writable_views():
     assert [bytes(v) for v in views2] == kernel_segments(pkt2, 1448)
     too_small = bytearray(100)
     views3 = split_tcp_batch(tso_frame(pkt, 1448), Stats(), too_small)
-    assert views3[0].obj is not too_small and [bytes(v) for v in views3] == kernel_segments(pkt, 1448)
+    assert views3[0].obj is not too_small and [bytes(v) for v in views3] == kernel_segments(
+        pkt, 1448
+    )
 
 
 # --- the one-packet path -----------------------------------------------------------------------
+
 
 @given(size=st.integers(1, 20000), mss=st.sampled_from([536, 1388, 1448]), ts=st.booleans())
 @settings(max_examples=40, deadline=None)
@@ -201,8 +247,9 @@ def test_one_packet_path_gives_identical_segments(size, mss, ts):
     one_by_one = []
     for i, seg in enumerate(kernel_segments(pkt, mss)):
         wire = partial_tcp(seg)
-        hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0,
-                      (wire[0] & 0x0F) * 4, 16)
+        hdr = VnetHdr(
+            VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 0, (wire[0] & 0x0F) * 4, 16
+        )
         got, stats = split(build_vnet_hdr(hdr) + wire)
         assert len(got) == 1 and not stats.drops, i
         one_by_one += got
@@ -213,7 +260,11 @@ def test_udp_checksum_completion_never_yields_zero():
     # choose the last payload word so that the computed checksum is 0: it must go out as 0xFFFF
     base = IP(src="10.1.0.1", dst="10.2.0.2") / UDP(sport=5, dport=53) / b"abcd\0\0"
     word = IP(raw(base))[UDP].chksum
-    pkt = IP(src="10.1.0.1", dst="10.2.0.2") / UDP(sport=5, dport=53) / (b"abcd" + struct.pack("!H", word))
+    pkt = (
+        IP(src="10.1.0.1", dst="10.2.0.2")
+        / UDP(sport=5, dport=53)
+        / (b"abcd" + struct.pack("!H", word))
+    )
     wire = bytearray(raw(pkt))
     src, dst = struct.unpack_from("!II", wire, 12)
     struct.pack_into("!H", wire, 26, pseudo_sum(src, dst, 17, len(wire) - 20) % 0xFFFF)
@@ -227,16 +278,28 @@ def test_udp_checksum_completion_never_yields_zero():
 
 # --- coalesce ----------------------------------------------------------------------------------
 
-@given(n=st.integers(1, 47), mss=st.sampled_from([1, 100, 536, 1388, 1448]),
-       cut=st.integers(0, 1447), flags=st.sampled_from(FLAG_SETS), ts=st.booleans(),
-       ipopt=st.booleans(), seq=st.integers(0, 2**32 - 1))
+
+@given(
+    n=st.integers(1, 47),
+    mss=st.sampled_from([1, 100, 536, 1388, 1448]),
+    cut=st.integers(0, 1447),
+    flags=st.sampled_from(FLAG_SETS),
+    ts=st.booleans(),
+    ipopt=st.booleans(),
+    seq=st.integers(0, 2**32 - 1),
+)
 @SLOW
 def test_coalesce_of_split_is_the_super_packet(n, mss, cut, flags, ts, ipopt, seq):
     size = max(1, n * mss - cut % mss)
     hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
     assume(hlen + size <= 65535 and (mss > 1 or size < 2000))
-    pkt = tcp_packet(os.urandom(size), seq=seq, flags=flags, options=TS if ts else (),
-                     ip_options=IP_OPTS if ipopt else None)
+    pkt = tcp_packet(
+        os.urandom(size),
+        seq=seq,
+        flags=flags,
+        options=TS if ts else (),
+        ip_options=IP_OPTS if ipopt else None,
+    )
     views = split_tcp_batch(tso_frame(pkt, mss), Stats())
     merged = coalesce_batch(views)
     assert len(merged) == 1
@@ -259,9 +322,9 @@ def segs(payload, mss=1000, **kw):
 
 
 def test_runs_are_cut_where_the_flow_or_its_headers_change():
-    a = segs(os.urandom(3000), seq=1)                 # 3 segments of flow a
-    b = segs(os.urandom(2000), sport=41000, seq=1)    # 2 of flow b
-    a2 = segs(os.urandom(2000), seq=3001)             # a continues after b
+    a = segs(os.urandom(3000), seq=1)  # 3 segments of flow a
+    b = segs(os.urandom(2000), sport=41000, seq=1)  # 2 of flow b
+    a2 = segs(os.urandom(2000), seq=3001)  # a continues after b
     merged = coalesce_batch(a + b + a2)
     assert [m.gso_size for m in merged] == [1000, 1000, 1000]  # consecutive runs only
     assert [len(m.packet) for m in merged] == [3040, 2040, 2040]
@@ -273,7 +336,7 @@ def test_runs_are_cut_where_the_flow_or_its_headers_change():
 
 
 def test_seq_gaps_sizes_and_flags_end_a_run():
-    base = segs(os.urandom(4000))                           # 4 x 1000
+    base = segs(os.urandom(4000))  # 4 x 1000
     assert [m.gso_size for m in coalesce_batch(base[:1] + base[2:])] == [0, 1000]  # gap
     short_first = segs(os.urandom(500)) + segs(os.urandom(1000), seq=1500)
     assert [m.gso_size for m in coalesce_batch(short_first)] == [0, 0]  # a short one ends it
@@ -309,6 +372,7 @@ def test_a_run_stops_at_64k():
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 @given(st.binary(max_size=200))
 @settings(max_examples=400, deadline=None)
 def test_garbage_frames_never_raise(frame):
@@ -320,8 +384,14 @@ def test_garbage_frames_never_raise(frame):
     coalesce_batch([frame, frame[10:], frame[:40]])
 
 
-@given(st.integers(0, 1600), st.integers(0, 255), st.integers(0, 255), st.integers(0, 70000),
-       st.integers(0, 70000), st.integers(0, 70000))
+@given(
+    st.integers(0, 1600),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 70000),
+    st.integers(0, 70000),
+    st.integers(0, 70000),
+)
 @settings(max_examples=300, deadline=None)
 def test_truncated_or_lying_headers_never_raise(cut, flags, gso, size, start, offset):
     pkt = tcp_packet(os.urandom(3000), options=TS)
@@ -339,11 +409,13 @@ def test_drop_reasons():
     v6 = b"\x60" + bytes(59)
     uso = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 0, 1000, 20, 6)
     udp = raw(IP() / UDP() / (b"u" * 3000))
-    cases = [(build_vnet_hdr(tcp6) + v6, DropReason.NOT_IPV4),
-             (build_vnet_hdr(VnetHdr()) + v6, DropReason.NOT_IPV4),
-             (build_vnet_hdr(uso) + udp, DropReason.MALFORMED_PACKET),
-             (b"short", DropReason.MALFORMED_PACKET),
-             (tso_frame(tcp_packet(b"x" * 3000), 1000)[:500], DropReason.MALFORMED_PACKET)]
+    cases = [
+        (build_vnet_hdr(tcp6) + v6, DropReason.NOT_IPV4),
+        (build_vnet_hdr(VnetHdr()) + v6, DropReason.NOT_IPV4),
+        (build_vnet_hdr(uso) + udp, DropReason.MALFORMED_PACKET),
+        (b"short", DropReason.MALFORMED_PACKET),
+        (tso_frame(tcp_packet(b"x" * 3000), 1000)[:500], DropReason.MALFORMED_PACKET),
+    ]
     for frame, reason in cases:
         stats = Stats()
         assert split_tcp_batch(frame, stats) == []

@@ -68,8 +68,14 @@ def test_csv_has_a_row_per_measurement_with_both_ratios() -> None:
     rows = list(csv.DictReader(io.StringIO(report.render_csv(run))))
     assert len(rows) == len(run.measurements)
     assert list(rows[0]) == report.CSV_FIELDS
-    tenc = next(r for r in rows if r["system"] == TENCRYPT and r["test"] == "tcp"
-                and r["clients"] == "1" and r["nodes"] == "1")
+    tenc = next(
+        r
+        for r in rows
+        if r["system"] == TENCRYPT
+        and r["test"] == "tcp"
+        and r["clients"] == "1"
+        and r["nodes"] == "1"
+    )
     assert float(tenc["value"]) == 1.5
     assert float(tenc["vs_vanilla"]) == pytest.approx(0.075)
     assert float(tenc["vs_wireguard_go"]) == pytest.approx(3.0)
@@ -85,7 +91,7 @@ def table_rows(markdown: str, title: str) -> dict[str, list[str]]:
     lines = markdown.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("###") and title in line)
     rows: dict[str, list[str]] = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if rows and not line.startswith("|"):
             break
         if line.startswith("|") and not line.startswith("|---"):
@@ -116,12 +122,15 @@ def test_markdown_states_date_cores_and_judges_the_targets() -> None:
     md = report.render_markdown(sample_run(), plots={1: "latest-tcp-1node.png"})
     assert "Date: 2026-01-02 03:04 UTC. Machine: 2 cores, Test CPU, Linux 6.1." in md
     assert "![TCP throughput, 1 node](latest-tcp-1node.png)" in md
-    assert ("- met: 1 node, TCP 1 client(s): Tencrypt 1.5 vs wireguard-go 0.5 Gbit/s = 3.00× "
-            "(target ≥ 2×)") in md
+    assert (
+        "- met: 1 node, TCP 1 client(s): Tencrypt 1.5 vs wireguard-go 0.5 Gbit/s = 3.00× "
+        "(target ≥ 2×)"
+    ) in md
     assert "- met: 1 node, TCP 10 client(s): Tencrypt 3 vs openvpn 0.8 Gbit/s = 3.75×" in md
     assert "- met: 1 node, added round trip at idle (ping median): +0.2 ms" in md
-    assert ("- **not met**: 1 node, added round trip at idle (TCP request/response median): "
-            "+670 µs") in md
+    assert (
+        "- **not met**: 1 node, added round trip at idle (TCP request/response median): +670 µs"
+    ) in md
     assert "- met: 1 node, proxy peak RSS under load: 48.0 MB" in md
     assert "- **not met**: 1 node, proxy RSS over a 60 s soak: 40.0 -> 60.0 MB" in md
     assert "## Two nodes" in md
@@ -130,27 +139,58 @@ def test_markdown_states_date_cores_and_judges_the_targets() -> None:
 def test_failures_are_listed() -> None:
     run = sample_run()
     run.errors.append("1 node, openvpn, UDP: iperf3: the server is busy")
-    assert "## Failures\n\n- 1 node, openvpn, UDP: iperf3: the server is busy" in \
-        report.render_markdown(run)
+    assert (
+        "## Failures\n\n- 1 node, openvpn, UDP: iperf3: the server is busy"
+        in report.render_markdown(run)
+    )
 
 
 def test_fmt_keeps_three_significant_digits() -> None:
-    assert [report.fmt(v) for v in (None, 0.0, 0.061234, 16.49, 24858.2)] == \
-        ["–", "0", "0.0612", "16.5", "24858"]
+    assert [report.fmt(v) for v in (None, 0.0, 0.061234, 16.49, 24858.2)] == [
+        "–",
+        "0",
+        "0.0612",
+        "16.5",
+        "24858",
+    ]
 
 
 # --- parsers -------------------------------------------------------------------------------
 
-TCP_JSON = {"end": {
-    "sum_sent": {"bytes": 1730936832, "bits_per_second": 6923338851.0, "retransmits": 6},
-    "sum_received": {"bytes": 1729495040, "bits_per_second": 6895473335.0}}}
-UDP_JSON = {"end": {
-    "sum": {"bytes": 54721200, "bits_per_second": 218577043.5, "lost_packets": 11624,
-            "packets": 45601, "lost_percent": 25.49, "jitter_ms": 0.113},
-    "sum_sent": {"bytes": 54721200, "bits_per_second": 218577043.5, "lost_packets": 0,
-                 "packets": 45601, "lost_percent": 0, "jitter_ms": 0},
-    "sum_received": {"bytes": 40772400, "bits_per_second": 162833219.1, "lost_packets": 11624,
-                     "packets": 45601, "lost_percent": 25.49, "jitter_ms": 0.113}}}
+TCP_JSON = {
+    "end": {
+        "sum_sent": {"bytes": 1730936832, "bits_per_second": 6923338851.0, "retransmits": 6},
+        "sum_received": {"bytes": 1729495040, "bits_per_second": 6895473335.0},
+    }
+}
+UDP_JSON = {
+    "end": {
+        "sum": {
+            "bytes": 54721200,
+            "bits_per_second": 218577043.5,
+            "lost_packets": 11624,
+            "packets": 45601,
+            "lost_percent": 25.49,
+            "jitter_ms": 0.113,
+        },
+        "sum_sent": {
+            "bytes": 54721200,
+            "bits_per_second": 218577043.5,
+            "lost_packets": 0,
+            "packets": 45601,
+            "lost_percent": 0,
+            "jitter_ms": 0,
+        },
+        "sum_received": {
+            "bytes": 40772400,
+            "bits_per_second": 162833219.1,
+            "lost_packets": 11624,
+            "packets": 45601,
+            "lost_percent": 25.49,
+            "jitter_ms": 0.113,
+        },
+    }
+}
 
 
 def test_parse_iperf_tcp_reads_what_the_server_received() -> None:
@@ -167,11 +207,14 @@ def test_parse_iperf_udp_reads_loss_at_the_server() -> None:
     assert (r.lost, r.packets, r.lost_pct, r.jitter_ms) == (11624, 45601, 25.49, 0.113)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"error": "unable to connect to server: Connection refused"}', "Connection refused"),
-    ("", "no JSON"),
-    ('{"end": {}}', "sum_received"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"error": "unable to connect to server: Connection refused"}', "Connection refused"),
+        ("", "no JSON"),
+        ('{"end": {}}', "sum_received"),
+    ],
+)
 def test_parse_iperf_refuses_a_failed_run(text: str, message: str) -> None:
     with pytest.raises(measure.MeasureError, match=message):
         measure.parse_iperf(text)
@@ -190,8 +233,15 @@ rtt min/avg/max/mdev = 0.300/1.800/4.200/1.700 ms
 
 def test_parse_ping_takes_the_summary_and_the_median_reply() -> None:
     p = measure.parse_ping(PING_OUT)
-    assert (p.sent, p.received, p.min_ms, p.avg_ms, p.max_ms, p.mdev_ms, p.p50_ms) == \
-        (3, 3, 0.3, 1.8, 4.2, 1.7, 0.9)
+    assert (p.sent, p.received, p.min_ms, p.avg_ms, p.max_ms, p.mdev_ms, p.p50_ms) == (
+        3,
+        3,
+        0.3,
+        1.8,
+        4.2,
+        1.7,
+        0.9,
+    )
 
 
 def test_parse_ping_without_replies_is_an_error() -> None:
@@ -201,11 +251,14 @@ def test_parse_ping_without_replies_is_an_error() -> None:
 
 
 def test_parse_rr_and_snmp_and_status() -> None:
-    rr = measure.parse_rr('noise\n{"transactions": 500, "seconds": 0.25, "p50_us": 480.5, '
-                          '"p99_us": 900}\n')
+    rr = measure.parse_rr(
+        'noise\n{"transactions": 500, "seconds": 0.25, "p50_us": 480.5, "p99_us": 900}\n'
+    )
     assert (rr.transactions, rr.rate, rr.p50_us) == (500, 2000.0, 480.5)
-    snmp = ("Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
-            "Udp: 260 0 7 261 56735 0\n")
+    snmp = (
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+        "Udp: 260 0 7 261 56735 0\n"
+    )
     assert measure.parse_snmp_counter(snmp, "Udp", "RcvbufErrors") == 56735
     assert measure.parse_snmp_counter(snmp, "Tcp", "RcvbufErrors") == 0
     status = "Name:\tpython3\nVmHWM:\t   49664 kB\nVmRSS:\t   48000 kB\n"
@@ -224,37 +277,56 @@ def test_window_max_looks_only_inside_the_window() -> None:
 
 
 def args(**kw: object) -> argparse.Namespace:
-    base = {"quick": False, "systems": "vanilla,tencrypt,wireguard-go,openvpn",
-            "clients": "1,5,10,20", "nodes": "1,2", "duration": 10.0, "udp_rate": "1G",
-            "out": "bench/results", "name": "tbench"}
+    base = {
+        "quick": False,
+        "systems": "vanilla,tencrypt,wireguard-go,openvpn",
+        "clients": "1,5,10,20",
+        "nodes": "1,2",
+        "duration": 10.0,
+        "udp_rate": "1G",
+        "out": "bench/results",
+        "name": "tbench",
+    }
     return argparse.Namespace(**{**base, **kw})
 
 
 def test_full_plan_runs_every_system_in_a_fixed_order_with_a_soak() -> None:
     plan = harness.build_plan(args(systems="tencrypt,openvpn,vanilla"))
     assert plan.systems == [VANILLA, OPENVPN, TENCRYPT]  # peers before Tencrypt patches pods
-    assert (plan.clients, plan.nodes, plan.soak_seconds, plan.prefix) == \
-        ([1, 5, 10, 20], [1, 2], 60.0, "latest")
+    assert (plan.clients, plan.nodes, plan.soak_seconds, plan.prefix) == (
+        [1, 5, 10, 20],
+        [1, 2],
+        60.0,
+        "latest",
+    )
     # per system: set-up, latency, 4 TCP, UDP; Tencrypt's soak on the first shape only
     assert len(harness.estimates(plan)) == 2 * 3 * 7 + 1
 
 
 def test_quick_plan_is_short_and_keeps_the_full_results() -> None:
     plan = harness.build_plan(args(quick=True))
-    assert (plan.clients, plan.nodes, plan.duration, plan.soak_seconds, plan.prefix) == \
-        ([1, 10], [1], 3.0, 0.0, "quick")
+    assert (plan.clients, plan.nodes, plan.duration, plan.soak_seconds, plan.prefix) == (
+        [1, 10],
+        [1],
+        3.0,
+        0.0,
+        "quick",
+    )
     assert sum(harness.estimates(plan)) < 120  # nominal seconds of the measured steps
     assert harness.build_plan(args(quick=True, clients="5")).clients == [5]
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"systems": "vanilla,ipsec"}, "ipsec"),
-    ({"clients": "1,x"}, "--clients"),
-    ({"clients": "0"}, "positive"),
-    ({"nodes": "3"}, "--nodes"),
-    ({"duration": 0.0}, "--duration"),
-    ({"udp_rate": "fast"}, "--udp-rate"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"systems": "vanilla,ipsec"}, "ipsec"),
+        ({"clients": "1,x"}, "--clients"),
+        ({"clients": "0"}, "positive"),
+        ({"nodes": "3"}, "--nodes"),
+        ({"duration": 0.0}, "--duration"),
+        ({"udp_rate": "fast"}, "--udp-rate"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(kw: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         harness.build_plan(args(**kw))
@@ -262,8 +334,12 @@ def test_bad_arguments_are_usage_errors(kw: dict[str, object], message: str) -> 
 
 def test_write_all_writes_csv_markdown_and_a_png_per_shape(tmp_path) -> None:  # type: ignore[no-untyped-def]
     paths = report.write_all(sample_run(), tmp_path, "latest")
-    assert [p.name for p in paths] == ["latest.csv", "latest.md", "latest-tcp-1node.png",
-                                       "latest-tcp-2nodes.png"]
+    assert [p.name for p in paths] == [
+        "latest.csv",
+        "latest.md",
+        "latest-tcp-1node.png",
+        "latest-tcp-2nodes.png",
+    ]
     for png in paths[2:]:
         assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "![TCP throughput, 2 nodes (VXLAN)](latest-tcp-2nodes.png)" in paths[1].read_text()
@@ -284,16 +360,20 @@ def test_peer_binaries_are_extra_systems_labelled_with_their_version(tmp_path) -
     assert plan.binaries == {label: (WIREGUARD, wg)}
     assert len(harness.estimates(plan)) == 2 * 5 * 7 + 1
     other = fake_binary(tmp_path, "wg2", "wireguard-go v0.0.20250522")
-    plan = harness.build_plan(args(systems="tencrypt", peer_binary=[f"wireguard-go={wg}",
-                                                                  f"wireguard-go={other}"]))
+    plan = harness.build_plan(
+        args(systems="tencrypt", peer_binary=[f"wireguard-go={wg}", f"wireguard-go={other}"])
+    )
     assert plan.systems == [label, f"{label} ({other})", TENCRYPT]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("wireguard-go", "SYSTEM=PATH"),
-    ("ipsec=/bin/true", "SYSTEM=PATH"),
-    ("wireguard-go=/nonexistent/wg", "not an executable"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("wireguard-go", "SYSTEM=PATH"),
+        ("ipsec=/bin/true", "SYSTEM=PATH"),
+        ("wireguard-go=/nonexistent/wg", "not an executable"),
+    ],
+)
 def test_bad_peer_binaries_are_usage_errors(spec: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         harness.build_plan(args(peer_binary=[spec]))

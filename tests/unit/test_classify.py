@@ -42,32 +42,44 @@ def table(**kw):
 
 # -- names -> classes -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, cls", [
-    ("web.myproject.svc.cluster.local", INTERNAL),
-    ("WEB.MyProject.SVC.cluster.LOCAL.", INTERNAL),  # DNS names are case-insensitive
-    ("myproject.svc.cluster.local", INTERNAL),
-    ("pod-1.web.myproject.svc.cluster.local", INTERNAL),
-    ("web.project2.svc.cluster.local", EXTERNAL),
-    ("web.notmyproject.svc.cluster.local", EXTERNAL),  # a label suffix, not a string suffix
-    ("kubernetes.default.svc.cluster.local", EXTERNAL),
-    ("example.com", None),
-    ("cluster.local.example.com", None),
-])
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("web.myproject.svc.cluster.local", INTERNAL),
+        ("WEB.MyProject.SVC.cluster.LOCAL.", INTERNAL),  # DNS names are case-insensitive
+        ("myproject.svc.cluster.local", INTERNAL),
+        ("pod-1.web.myproject.svc.cluster.local", INTERNAL),
+        ("web.project2.svc.cluster.local", EXTERNAL),
+        ("web.notmyproject.svc.cluster.local", EXTERNAL),  # a label suffix, not a string suffix
+        ("kubernetes.default.svc.cluster.local", EXTERNAL),
+        ("example.com", None),
+        ("cluster.local.example.com", None),
+    ],
+)
 def test_name_class(name, cls):
     from tencrypt.core.classify import labels_of
+
     assert DOMAINS.name_class(labels_of(name)) is cls
 
 
 def test_a_answer_in_own_project_is_internal():
-    rec = answer("web.myproject.svc.cluster.local", "A",
-                 a("web.myproject.svc.cluster.local", "172.30.1.10", 30))
+    rec = answer(
+        "web.myproject.svc.cluster.local",
+        "A",
+        a("web.myproject.svc.cluster.local", "172.30.1.10", 30),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"172.30.1.10": (INTERNAL, 30)}
 
 
 def test_other_project_external_outside_cluster_untouched():
     t = table()
-    ch = t.on_answer(answer("db.project2.svc.cluster.local", "A",
-                            a("db.project2.svc.cluster.local", "172.30.2.20")), now=0)
+    ch = t.on_answer(
+        answer(
+            "db.project2.svc.cluster.local", "A", a("db.project2.svc.cluster.local", "172.30.2.20")
+        ),
+        now=0,
+    )
     assert ch == [Change("172.30.2.20", None, EXTERNAL)]
     assert t.on_answer(answer("example.com", "A", a("example.com", "93.184.216.34")), now=0) == []
     assert t.lookup("93.184.216.34", 0) is None
@@ -76,97 +88,132 @@ def test_other_project_external_outside_cluster_untouched():
 
 
 def test_aaaa_answers_are_classified_too():
-    rec = answer("web.myproject.svc.cluster.local", "AAAA",
-                 ("web.myproject.svc.cluster.local", "AAAA", AAAA("fd00::10"), 60))
+    rec = answer(
+        "web.myproject.svc.cluster.local",
+        "AAAA",
+        ("web.myproject.svc.cluster.local", "AAAA", AAAA("fd00::10"), 60),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"fd00::10": (INTERNAL, 60)}
 
 
 def test_cname_to_another_project_the_final_name_decides():
-    rec = answer("alias.myproject.svc.cluster.local", "A",
-                 ("alias.myproject.svc.cluster.local", "CNAME",
-                  CNAME("db.project2.svc.cluster.local"), 300),
-                 a("db.project2.svc.cluster.local", "172.30.2.20", 60))
+    rec = answer(
+        "alias.myproject.svc.cluster.local",
+        "A",
+        ("alias.myproject.svc.cluster.local", "CNAME", CNAME("db.project2.svc.cluster.local"), 300),
+        a("db.project2.svc.cluster.local", "172.30.2.20", 60),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"172.30.2.20": (EXTERNAL, 60)}
 
 
 def test_cname_chain_into_own_project_takes_smallest_ttl():
-    rec = answer("x.project2.svc.cluster.local", "A",
-                 ("x.project2.svc.cluster.local", "CNAME", CNAME("y.other.svc.cluster.local"), 20),
-                 ("y.other.svc.cluster.local", "CNAME", CNAME("web.myproject.svc.cluster.local"),
-                  90),
-                 a("web.myproject.svc.cluster.local", "172.30.1.10", 60))
+    rec = answer(
+        "x.project2.svc.cluster.local",
+        "A",
+        ("x.project2.svc.cluster.local", "CNAME", CNAME("y.other.svc.cluster.local"), 20),
+        ("y.other.svc.cluster.local", "CNAME", CNAME("web.myproject.svc.cluster.local"), 90),
+        a("web.myproject.svc.cluster.local", "172.30.1.10", 60),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"172.30.1.10": (INTERNAL, 20)}
 
 
 def test_cname_out_of_cluster_classifies_nothing():
-    rec = answer("ext.myproject.svc.cluster.local", "A",
-                 ("ext.myproject.svc.cluster.local", "CNAME", CNAME("example.com"), 60),
-                 a("example.com", "93.184.216.34"))
+    rec = answer(
+        "ext.myproject.svc.cluster.local",
+        "A",
+        ("ext.myproject.svc.cluster.local", "CNAME", CNAME("example.com"), 60),
+        a("example.com", "93.184.216.34"),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {}
 
 
 def test_records_off_the_chain_are_ignored():
     # An answer to a project2 name that also carries an A record for one of "our" names
     # (poisoning attempt or upstream bug) must not make that address internal.
-    rec = answer("db.project2.svc.cluster.local", "A",
-                 a("db.project2.svc.cluster.local", "172.30.2.20"),
-                 a("web.myproject.svc.cluster.local", "172.30.9.9"))
+    rec = answer(
+        "db.project2.svc.cluster.local",
+        "A",
+        a("db.project2.svc.cluster.local", "172.30.2.20"),
+        a("web.myproject.svc.cluster.local", "172.30.9.9"),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"172.30.2.20": (EXTERNAL, 60)}
 
 
 def test_cname_loop_terminates():
-    rec = answer("a.myproject.svc.cluster.local", "A",
-                 ("a.myproject.svc.cluster.local", "CNAME", CNAME("b.myproject.svc.cluster.local"),
-                  60),
-                 ("b.myproject.svc.cluster.local", "CNAME", CNAME("a.myproject.svc.cluster.local"),
-                  60))
+    rec = answer(
+        "a.myproject.svc.cluster.local",
+        "A",
+        ("a.myproject.svc.cluster.local", "CNAME", CNAME("b.myproject.svc.cluster.local"), 60),
+        ("b.myproject.svc.cluster.local", "CNAME", CNAME("a.myproject.svc.cluster.local"), 60),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {}
 
 
 def test_ptr_classifies_the_queried_address_by_target():
-    rec = answer("5.0.128.10.in-addr.arpa", "PTR",
-                 ("5.0.128.10.in-addr.arpa", "PTR", PTR("pod-a.web.myproject.svc.cluster.local"),
-                  45))
+    rec = answer(
+        "5.0.128.10.in-addr.arpa",
+        "PTR",
+        ("5.0.128.10.in-addr.arpa", "PTR", PTR("pod-a.web.myproject.svc.cluster.local"), 45),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"10.128.0.5": (INTERNAL, 45)}
-    rec = answer("20.2.30.172.in-addr.arpa", "PTR",
-                 ("20.2.30.172.in-addr.arpa", "PTR", PTR("db.project2.svc.cluster.local"), 45))
+    rec = answer(
+        "20.2.30.172.in-addr.arpa",
+        "PTR",
+        ("20.2.30.172.in-addr.arpa", "PTR", PTR("db.project2.svc.cluster.local"), 45),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"172.30.2.20": (EXTERNAL, 45)}
 
 
 def test_ptr_conflict_internal_wins():
     q = "7.0.128.10.in-addr.arpa"
-    rec = answer(q, "PTR", (q, "PTR", PTR("p.x.project2.svc.cluster.local"), 10),
-                 (q, "PTR", PTR("p.web.myproject.svc.cluster.local"), 20))
+    rec = answer(
+        q,
+        "PTR",
+        (q, "PTR", PTR("p.x.project2.svc.cluster.local"), 10),
+        (q, "PTR", PTR("p.web.myproject.svc.cluster.local"), 20),
+    )
     assert parse_answer_classes(rec, DOMAINS) == {"10.128.0.7": (INTERNAL, 20)}
 
 
-@pytest.mark.parametrize("name, ip", [
-    ("4.3.2.1.in-addr.arpa", "1.2.3.4"),
-    ("4.3.2.1.IN-ADDR.ARPA", "1.2.3.4"),
-    ("3.2.1.in-addr.arpa", None),  # a /24 zone, not an address
-    ("x.3.2.1.in-addr.arpa", None),
-    ("256.3.2.1.in-addr.arpa", None),
-    (ipaddress.ip_address("fd01::7").reverse_pointer, "fd01::7"),
-    (".".join("0000000000000000000000000000fd01"[::-1]) + ".ip6.arpa", "::fd01"),
-    ("example.com", None),
-])
+@pytest.mark.parametrize(
+    "name, ip",
+    [
+        ("4.3.2.1.in-addr.arpa", "1.2.3.4"),
+        ("4.3.2.1.IN-ADDR.ARPA", "1.2.3.4"),
+        ("3.2.1.in-addr.arpa", None),  # a /24 zone, not an address
+        ("x.3.2.1.in-addr.arpa", None),
+        ("256.3.2.1.in-addr.arpa", None),
+        (ipaddress.ip_address("fd01::7").reverse_pointer, "fd01::7"),
+        (".".join("0000000000000000000000000000fd01"[::-1]) + ".ip6.arpa", "::fd01"),
+        ("example.com", None),
+    ],
+)
 def test_ptr_address(name, ip):
     from tencrypt.core.classify import labels_of
+
     assert ptr_address(labels_of(name)) == ip
 
 
 def test_empty_and_questionless_answers_classify_nothing():
     from dnslib import DNSHeader
+
     assert parse_answer_classes(DNSRecord(DNSHeader(qr=1)), DOMAINS) == {}
     assert parse_answer_classes(answer("web.myproject.svc.cluster.local", "A"), DOMAINS) == {}
 
 
 # -- the table over time ------------------------------------------------------------------
 
+
 def test_ttl_expiry_with_injected_clock():
     t = table()
-    t.on_answer(answer("web.myproject.svc.cluster.local", "A",
-                       a("web.myproject.svc.cluster.local", "172.30.1.10", 30)), now=100)
+    t.on_answer(
+        answer(
+            "web.myproject.svc.cluster.local",
+            "A",
+            a("web.myproject.svc.cluster.local", "172.30.1.10", 30),
+        ),
+        now=100,
+    )
     assert t.lookup("172.30.1.10", 129.9) is INTERNAL
     assert t.expire(129.9) == []
     assert t.lookup("172.30.1.10", 130) is None  # expired, even before the sweep
@@ -194,10 +241,22 @@ def test_refresh_extends_without_a_change():
 def test_internal_is_sticky_against_another_projects_answer():
     """A tenant's alias for our VIP (or a forged answer) never downgrades it (DESIGN §1a)."""
     t = table()
-    t.on_answer(answer("web.myproject.svc.cluster.local", "A",
-                       a("web.myproject.svc.cluster.local", "172.30.1.10", 300)), now=0)
-    ch = t.on_answer(answer("alias.project2.svc.cluster.local", "A",
-                            a("alias.project2.svc.cluster.local", "172.30.1.10", 3000)), now=10)
+    t.on_answer(
+        answer(
+            "web.myproject.svc.cluster.local",
+            "A",
+            a("web.myproject.svc.cluster.local", "172.30.1.10", 300),
+        ),
+        now=0,
+    )
+    ch = t.on_answer(
+        answer(
+            "alias.project2.svc.cluster.local",
+            "A",
+            a("alias.project2.svc.cluster.local", "172.30.1.10", 3000),
+        ),
+        now=10,
+    )
     assert ch == []
     assert t.pop_conflicts() == [Conflict("172.30.1.10", INTERNAL, EXTERNAL)]
     assert t.pop_conflicts() == []
@@ -211,7 +270,8 @@ def test_an_internal_answer_upgrades_an_external_one_and_is_a_conflict():
     t = table()
     t.learn("172.30.1.10", EXTERNAL, 60, now=0)
     assert t.learn("172.30.1.10", INTERNAL, 30, now=1) == [
-        Change("172.30.1.10", EXTERNAL, INTERNAL)]
+        Change("172.30.1.10", EXTERNAL, INTERNAL)
+    ]
     assert t.pop_conflicts() == [Conflict("172.30.1.10", EXTERNAL, INTERNAL)]
     assert t.expire(31) == [Change("172.30.1.10", INTERNAL, EXTERNAL)]
 
@@ -220,7 +280,8 @@ def test_membership_is_internal_until_removed_and_removal_is_authoritative():
     t = table()
     t.learn("172.30.1.10", INTERNAL, 300, now=0)
     assert set(t.set_members(frozenset({"172.30.1.10", "172.17.0.12", "fd00::12"}), now=1)) == {
-        Change(ip, None, INTERNAL) for ip in ("172.17.0.12", "fd00::12")}
+        Change(ip, None, INTERNAL) for ip in ("172.17.0.12", "fd00::12")
+    }
     t.learn("172.17.0.12", EXTERNAL, 60, now=2)  # a tenant's alias: no effect
     assert t.pop_conflicts() == [Conflict("172.17.0.12", INTERNAL, EXTERNAL)]
     assert t.expire(10**9) == []  # members outlive every TTL; the VIP's DNS evidence ran out
@@ -258,8 +319,14 @@ def test_session_and_adopted_evidence_expire():
 
 def test_pod_domain_is_the_projects_too():
     t = table()
-    ch = t.on_answer(answer("172-17-0-12.myproject.pod.cluster.local", "A",
-                            a("172-17-0-12.myproject.pod.cluster.local", "172.17.0.12")), now=0)
+    ch = t.on_answer(
+        answer(
+            "172-17-0-12.myproject.pod.cluster.local",
+            "A",
+            a("172-17-0-12.myproject.pod.cluster.local", "172.17.0.12"),
+        ),
+        now=0,
+    )
     assert ch == [Change("172.17.0.12", None, INTERNAL)]
     assert DOMAINS.name_class(labels_of("x.project2.pod.cluster.local")) is EXTERNAL
 
@@ -296,15 +363,19 @@ def test_heap_is_compacted_under_churn():
 
 # -- routes -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ip, cls, action", [
-    ("172.30.1.10", INTERNAL, RouteAction.NONE),  # the CIDR already goes to tenc0
-    ("10.128.0.5", INTERNAL, RouteAction.VIA_TUN),  # a peer pod
-    ("172.30.2.20", EXTERNAL, RouteAction.VIA_UPLINK),  # another project's VIP: bypass
-    ("10.128.1.9", EXTERNAL, RouteAction.NONE),  # another project's pod: uplink anyway
-    ("172.30.1.10", None, RouteAction.NONE),
-    ("fd00::1", INTERNAL, RouteAction.NONE),  # the tunnel is IPv4-only
-    ("not-an-ip", INTERNAL, RouteAction.NONE),
-])
+
+@pytest.mark.parametrize(
+    "ip, cls, action",
+    [
+        ("172.30.1.10", INTERNAL, RouteAction.NONE),  # the CIDR already goes to tenc0
+        ("10.128.0.5", INTERNAL, RouteAction.VIA_TUN),  # a peer pod
+        ("172.30.2.20", EXTERNAL, RouteAction.VIA_UPLINK),  # another project's VIP: bypass
+        ("10.128.1.9", EXTERNAL, RouteAction.NONE),  # another project's pod: uplink anyway
+        ("172.30.1.10", None, RouteAction.NONE),
+        ("fd00::1", INTERNAL, RouteAction.NONE),  # the tunnel is IPv4-only
+        ("not-an-ip", INTERNAL, RouteAction.NONE),
+    ],
+)
 def test_route_action_table(ip, cls, action):
     assert route_action(ip, cls, CIDR) is action
 

@@ -33,7 +33,8 @@ def test_lab_name_before_or_after_the_action(action: str) -> None:
     default = parse(["lab", action, *own, *positionals])
     assert default["name"] == "tenc"
     assert {k: v for k, v in default.items() if k != "name"} == {
-        k: v for k, v in before.items() if k != "name"}
+        k: v for k, v in before.items() if k != "name"
+    }
 
 
 def test_exec_keeps_the_command_intact() -> None:
@@ -58,6 +59,9 @@ def test_sub_command_own_flag_of_the_same_spelling_wins() -> None:
     sub.add_parser("b")
     share_group_flags(group)
     assert vars(group.parse_args(["a"])) == {"mode": "own", "level": 1, "action": "a"}
-    assert vars(group.parse_args(["b", "--level", "3"])) == {"mode": "group", "level": 3,
-                                                              "action": "b"}
+    assert vars(group.parse_args(["b", "--level", "3"])) == {
+        "mode": "group",
+        "level": 3,
+        "action": "b",
+    }
     assert vars(group.parse_args(["--level", "2", "b"]))["level"] == 2

@@ -40,8 +40,9 @@ def sources() -> list[tuple[str, ast.Module, list[str]]]:
     for root in ROOTS:
         for path in sorted(root.rglob("*.py")):
             text = path.read_text()
-            out.append((path.relative_to(PACKAGE.parent).as_posix(), ast.parse(text),
-                        text.splitlines()))
+            out.append(
+                (path.relative_to(PACKAGE.parent).as_posix(), ast.parse(text), text.splitlines())
+            )
     return out
 
 
@@ -106,8 +107,6 @@ def problems() -> set[str]:
     out |= set(port_literals())  # a file may hold several
     out |= {h for h in sixty_byte_overheads() if h != "tencrypt.core.podconfig.OVERHEAD"}
     return out
-
-
 
 
 def test_each_constant_once():

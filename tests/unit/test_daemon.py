@@ -60,6 +60,7 @@ def test_a_literal_vip_is_held_classified_sealed_and_delivered_natted():
         assert parse_ipv4(got) is not None
         assert in_clear(a) == [] and in_clear(b) == []
         assert a.stats.get("packets_sealed") == 1
+
     run(main())
 
 
@@ -76,6 +77,7 @@ def test_unknown_in_the_service_cidr_is_refused_with_icmp_never_clear():
         assert len(icmp) == 2 and icmp[0][20:22] == bytes([3, 13])  # admin prohibited
         assert dst_of(icmp[0]) == A  # to the app that sent it
         assert in_clear(a) == [] and a.udp.sent == []
+
     run(main())
 
 
@@ -88,6 +90,7 @@ def test_positively_external_and_outside_the_guarded_ranges_go_clear():
         a.app_sends(udp_packet(A, "192.0.2.1", PAYLOAD))  # not the Service CIDR nor pods
         assert [dst_of(p) for p in in_clear(a)] == ["172.30.7.7", "192.0.2.1"]
         assert a.resolver.asked == ["172.30.7.7"]
+
     run(main())
 
 
@@ -102,6 +105,7 @@ def test_a_tenants_alias_is_a_counted_conflict_and_changes_nothing():
         assert VIP_B not in a.kernel.routes and VIP_B in a.kernel.fw
         a.app_sends(udp_packet(A, VIP_B, PAYLOAD))
         assert in_clear(a) == [] and len(a.udp.sent) == 1  # a handshake, not the clear
+
     run(main())
 
 
@@ -113,6 +117,7 @@ def test_too_big_with_df_gets_frag_needed():
         [icmp] = a.inject.sent
         assert icmp[20:22] == bytes([3, 4]) and int.from_bytes(icmp[26:28], "big") == 1440
         assert a.stats.dropped(DropReason.TOO_BIG) == 1
+
     run(main())
 
 
@@ -131,7 +136,8 @@ def test_tso_frames_refused_fall_back_to_the_raw_socket():
         assert b.stats.get("tun_inject_errors") == 1 and not b.proxy.inject_via_tun
         a.app_sends(udp_packet(A, VIP_B, PAYLOAD + b"2"))
         wire.pump()
-        assert [p[-len(PAYLOAD) - 1:] for p in b.inject.sent] == [PAYLOAD + b"2"]
+        assert [p[-len(PAYLOAD) - 1 :] for p in b.inject.sent] == [PAYLOAD + b"2"]
+
     run(main())
 
 
@@ -150,6 +156,7 @@ def unreachable_peer(strict: bool) -> Pod:
             a.proxy._flush()
         a.app_sends(udp_packet(A, VIP_B, PAYLOAD))
         return a
+
     return run(main())
 
 
@@ -168,18 +175,32 @@ def test_no_strict_falls_back_to_the_clear_counted_per_peer():
 
 def queued(packet_id: int, src: str) -> QueuedPacket:
     payload = udp_packet(src, A, b"hi")
-    return QueuedPacket(queue=1337, family=2, packet_id=packet_id, hw_protocol=0x0800, hook=1,
-                        payload=payload, length=len(payload), indev=2, mark=0)
+    return QueuedPacket(
+        queue=1337,
+        family=2,
+        packet_id=packet_id,
+        hw_protocol=0x0800,
+        hook=1,
+        payload=payload,
+        length=len(payload),
+        indev=2,
+        mark=0,
+    )
 
 
 def test_standalone_inbound_gate_refuses_the_projects_plaintext_only():
     async def main():
         a = Pod(A, ptr={"10.128.0.20": INTERNAL, "10.128.0.30": EXTERNAL})
         queue = FakeQueue()
-        gate = InboundGate(queue, a.proxy.table, a.stats, a.resolver.classify_address,
-                           a.clock, a.proxy._spawn)
-        queue.held = [queued(1, "10.128.0.20"), queued(2, "10.128.0.30"),
-                      queued(3, "10.128.0.40"), queued(4, "10.128.0.20")]
+        gate = InboundGate(
+            queue, a.proxy.table, a.stats, a.resolver.classify_address, a.clock, a.proxy._spawn
+        )
+        queue.held = [
+            queued(1, "10.128.0.20"),
+            queued(2, "10.128.0.30"),
+            queued(3, "10.128.0.40"),
+            queued(4, "10.128.0.20"),
+        ]
         gate.on_readable()
         assert queue.given == {}  # all three sources unknown: held while they are looked up
         await settle()
@@ -189,4 +210,5 @@ def test_standalone_inbound_gate_refuses_the_projects_plaintext_only():
         gate.on_readable()  # known now: answered at once, no new lookup
         assert queue.given[5] is False and queue.given[6] is True and len(a.resolver.asked) == 3
         assert a.stats.dropped(DropReason.PLAINTEXT_FROM_PROJECT) == 3
+
     run(main())

@@ -28,14 +28,14 @@ def through_two_proxies(backend) -> tuple[list[tuple[bytes, bytes]], Pod, Pod]:
         for pod, peer in ((a, b), (b, a)):
             await pod.proxy.prepare()
             pod.proxy.tunnel.fastpath = backend
-            pod.proxy._on_changes(pod.proxy.table.set_members(frozenset({peer.ip}),
-                                                              pod.clock.now))
+            pod.proxy._on_changes(pod.proxy.table.set_members(frozenset({peer.ip}), pod.clock.now))
             await pod.proxy.effects.round()
         pkt = tb.tcp_packet(PAYLOAD, src=A, dst=B, seq=7, flags="PA", options=tb.TS)
         a.app_sends(tb.tso_frame(pkt, 1400))
         await settle()
         wire.pump()
         return b.tun.written, a, b
+
     return asyncio.run(main())
 
 
@@ -70,6 +70,7 @@ def test_the_backend_is_selected_at_start(monkeypatch):
             task.cancel()
         await asyncio.gather(*pod.proxy._tasks, return_exceptions=True)
         return chosen
+
     assert asyncio.run(main()) is pure
     assert fastpath.describe(pure).startswith("pure Python")
 
@@ -106,8 +107,7 @@ def test_small_packets_are_sealed_once_per_destination_in_order(backend):
         for pod, peer in ((a, b), (b, a)):
             await pod.proxy.prepare()
             pod.proxy.tunnel.fastpath = counting
-            pod.proxy._on_changes(pod.proxy.table.set_members(frozenset({peer.ip}),
-                                                              pod.clock.now))
+            pod.proxy._on_changes(pod.proxy.table.set_members(frozenset({peer.ip}), pod.clock.now))
             await pod.proxy.effects.round()
         a.app_sends(bytes(10) + udp_packet(A, B, b"hello"))  # the handshake first
         await settle()
@@ -121,6 +121,7 @@ def test_small_packets_are_sealed_once_per_destination_in_order(backend):
         seals = counting.seals
         wire.pump()
         return seals, [p for _h, p in b.tun.written]
+
     seals, delivered = asyncio.run(main())
     assert seals == 3  # three small ones, the super-packet, two small ones
     assert [p[28:] for p in delivered[:3]] == [b"small 0", b"small 1", b"small 2"]

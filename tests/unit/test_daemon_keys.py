@@ -48,12 +48,13 @@ def test_a_new_ring_is_applied_without_a_restart_and_the_next_rekey_uses_it(tmp_
         rotate([a, b], KeySet(PSK, next=K2), tmp_path)
         rotate([b, a], KeySet(K2, previous=PSK), tmp_path)
         assert a.stats.get("key_reloads") == 2 and read_loaded(tmp_path / "a") == (
-            f"current={fingerprint(K2)},previous={fingerprint(PSK)}")
+            f"current={fingerprint(K2)},previous={fingerprint(PSK)}"
+        )
         doc = a.proxy.status()
         assert doc["keys"] == [
             {"role": "current", "fingerprint": fingerprint(K2), "sessions": 0, "handshakes": 0},
-            {"role": "previous", "fingerprint": fingerprint(PSK), "sessions": 1,
-             "handshakes": 1}]
+            {"role": "previous", "fingerprint": fingerprint(PSK), "sessions": 1, "handshakes": 1},
+        ]
         for pod in (a, b):
             pod.clock.now += LIMITS.rekey_after_time + 1
         a.app_sends(udp_packet(A, VIP_B, b"second"))  # sealed on the old session, and re-keyed
@@ -67,6 +68,7 @@ def test_a_new_ring_is_applied_without_a_restart_and_the_next_rekey_uses_it(tmp_
         assert f'tencrypt_key_sessions{{fingerprint="{fp2}",role="current"}} 1' in metrics
         assert f'tencrypt_key_handshakes_total{{fingerprint="{fingerprint(K2)}"}} 1' in metrics
         assert "tencrypt_key_reloads_total 2" in metrics
+
     asyncio.run(main())
 
 
@@ -82,4 +84,5 @@ def test_a_malformed_file_keeps_the_ring_and_is_counted(tmp_path):
         assert "tencrypt_key_reload_refusals_total 1" in a.proxy.render_metrics()
         a.proxy.reload_keys()  # SIGHUP: re-read though unchanged, refused again
         assert a.stats.get("key_reload_refusals") == 2
+
     asyncio.run(main())

@@ -18,9 +18,16 @@ from tests.unit.test_dnsmsg import NAME, answer_to, query
 def negative(upstream_query: bytes, rcode=RCODE.NXDOMAIN, soa_ttl=300, minimum=60) -> bytes:
     reply = DNSRecord.parse(upstream_query).reply()
     reply.header.rcode = rcode
-    reply.add_auth(RR("cluster.local", QTYPE.SOA, ttl=soa_ttl,
-                      rdata=SOA("ns.cluster.local", "hostmaster.cluster.local",
-                                (1, 7200, 1800, 86400, minimum))))
+    reply.add_auth(
+        RR(
+            "cluster.local",
+            QTYPE.SOA,
+            ttl=soa_ttl,
+            rdata=SOA(
+                "ns.cluster.local", "hostmaster.cluster.local", (1, 7200, 1800, 86400, minimum)
+            ),
+        )
+    )
     return reply.pack()
 
 
@@ -67,6 +74,7 @@ def test_the_smallest_ttl_of_answer_and_authority_bounds_the_entry():
         reply = DNSRecord.parse(answer_to(q, ttl=300))
         reply.add_answer(RR(NAME, QTYPE.A, rdata=A("172.30.1.11"), ttl=7))
         return reply.pack()
+
     t = table()
     ask(t, query(), 0.0, two)
     assert ask(t, query(), 6.9)[0] is QueryVerdict.CACHED
@@ -91,6 +99,7 @@ def test_what_is_never_kept():
         r = DNSRecord.parse(answer_to(q))
         r.header.tc = 1
         return r.pack()
+
     cases = [
         lambda q: answer_to(q, rcode=RCODE.SERVFAIL, ip=None),
         lambda q: answer_to(q, ip=None, rcode=RCODE.NXDOMAIN),  # no SOA: no negative TTL
@@ -120,6 +129,7 @@ def test_an_answer_too_big_for_the_client_goes_upstream():
         for i in range(40):
             reply.add_answer(RR(NAME, QTYPE.A, rdata=A(f"172.30.2.{i}"), ttl=30))
         return reply.pack()
+
     t = table()
     edns = DNSRecord.parse(query())
     edns.add_ar(EDNS0(udp_len=1232))
@@ -138,8 +148,12 @@ def test_the_cache_is_capped_oldest_first():
     assert len(t.cache) == 4
     assert ask(t, query(name=names[0]), 1.0)[0] is QueryVerdict.FORWARD
     assert ask(t, query(name=names[5]), 1.0)[0] is QueryVerdict.CACHED
-    assert AnswerCache().store(parse_message(query()), bytes(5000),
-                               DNSRecord.parse(answer_to(query())), 0.0) is False
+    assert (
+        AnswerCache().store(
+            parse_message(query()), bytes(5000), DNSRecord.parse(answer_to(query())), 0.0
+        )
+        is False
+    )
 
 
 def test_own_lookups_neither_read_nor_fill_the_cache():

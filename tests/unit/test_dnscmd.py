@@ -16,23 +16,38 @@ from tencrypt.linux.dns import DnsConfig, parse_hostport
 
 
 def args(**kw):
-    base = dict(listen="127.0.0.1:53", upstream=None, domain=None,
-                cluster_domain="cluster.local", timeout=2.0)
+    base = dict(
+        listen="127.0.0.1:53",
+        upstream=None,
+        domain=None,
+        cluster_domain="cluster.local",
+        timeout=2.0,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
 def test_resolve_config_flags_state_and_resolv_conf(tmp_path):
     resolv = tmp_path / "resolv.conf"
-    resolv.write_text("nameserver 172.30.0.2\nsearch myproject.svc.cluster.local "
-                      "svc.cluster.local\noptions ndots:5\n")
+    resolv.write_text(
+        "nameserver 172.30.0.2\nsearch myproject.svc.cluster.local "
+        "svc.cluster.local\noptions ndots:5\n"
+    )
     c = resolve_config(args(), None, resolv)
     assert c.upstream == ("172.30.0.2", 53) and c.domain == "myproject.svc.cluster.local"
     assert c.fwmark is None
-    c = resolve_config(args(upstream="10.0.0.53:5353", domain="shop.svc.cluster.local."),
-                       None, resolv)
+    c = resolve_config(
+        args(upstream="10.0.0.53:5353", domain="shop.svc.cluster.local."), None, resolv
+    )
     assert c.upstream == ("10.0.0.53", 5353) and c.domain == "shop.svc.cluster.local"
-    pod = PodConfig(pod_ip="10.128.0.4", dev="eth0", gateway="10.128.0.1", dns="172.30.0.9",
-                    domain="p.svc.cluster.local", search=(), cluster_domain="cluster.local")
+    pod = PodConfig(
+        pod_ip="10.128.0.4",
+        dev="eth0",
+        gateway="10.128.0.1",
+        dns="172.30.0.9",
+        domain="p.svc.cluster.local",
+        search=(),
+        cluster_domain="cluster.local",
+    )
     c = resolve_config(args(), pod, tmp_path / "absent")
     assert c.upstream == ("172.30.0.9", 53) and c.fwmark == pod.fwmark
     assert DnsConfig.from_pod(pod).domain == "p.svc.cluster.local"
@@ -51,12 +66,27 @@ def test_resolve_config_flags_state_and_resolv_conf(tmp_path):
 
 
 def test_cli_flags_reach_resolve_config(tmp_path):
-    ns = build_parser().parse_args(["dns", "--upstream", "10.0.0.53", "--domain", "p.svc",
-                                    "--listen", "127.0.0.1:5300", "--timeout", "0.5"])
+    ns = build_parser().parse_args(
+        [
+            "dns",
+            "--upstream",
+            "10.0.0.53",
+            "--domain",
+            "p.svc",
+            "--listen",
+            "127.0.0.1:5300",
+            "--timeout",
+            "0.5",
+        ]
+    )
     assert ns.handler == "tencrypt.dnscmd:main"
     c = resolve_config(ns, None, tmp_path / "absent")
     assert (c.upstream, c.listen, c.domain, c.timeout) == (
-        ("10.0.0.53", 53), ("127.0.0.1", 5300), "p.svc", 0.5)
+        ("10.0.0.53", 53),
+        ("127.0.0.1", 5300),
+        "p.svc",
+        0.5,
+    )
 
 
 def test_stats_line_is_one_json_line():

@@ -47,6 +47,7 @@ def ids(*values):
     def draw():
         last[0] = next(it, last[0])
         return last[0]
+
     return draw
 
 
@@ -192,8 +193,12 @@ def test_malformed_queries():
     # A readable header with a broken body, two questions, no question: FORMERR.
     two = DNSRecord.question(NAME)
     two.add_question(DNSQuestion("b.myproject.svc.cluster.local"))
-    bad_bodies = [query(qid=9)[:-3], two.pack(), DNSRecord(DNSHeader(id=9)).pack(),
-                  query(qid=9)[:HEADER_LEN] + b"\xff" * 20]
+    bad_bodies = [
+        query(qid=9)[:-3],
+        two.pack(),
+        DNSRecord(DNSHeader(id=9)).pack(),
+        query(qid=9)[:HEADER_LEN] + b"\xff" * 20,
+    ]
     for data in bad_bodies:
         out = t.on_query(data, "c", 0)
         assert out.verdict is QueryVerdict.REPLY, data

@@ -14,9 +14,15 @@ from tests.unit.fakes import FakeKernel
 
 INTERNAL, EXTERNAL = AddrClass.INTERNAL, AddrClass.EXTERNAL
 TUN, UPLINK = RouteAction.VIA_TUN, RouteAction.VIA_UPLINK
-POD = PodConfig(pod_ip="10.128.0.4", dev="eth0", gateway="10.128.0.1", dns="172.30.0.2",
-                domain="myproject.svc.cluster.local", search=("myproject.svc.cluster.local",),
-                cluster_domain="cluster.local")
+POD = PodConfig(
+    pod_ip="10.128.0.4",
+    dev="eth0",
+    gateway="10.128.0.1",
+    dns="172.30.0.2",
+    domain="myproject.svc.cluster.local",
+    search=("myproject.svc.cluster.local",),
+    cluster_domain="cluster.local",
+)
 
 
 def desired():
@@ -25,9 +31,16 @@ def desired():
 
 def test_changes_want_routes_and_elements():
     d = desired()
-    d.on_changes([Change("10.128.0.5", None, INTERNAL), Change("172.30.2.20", None, EXTERNAL),
-                  Change("172.30.2.21", None, INTERNAL), Change("172.30.0.2", None, EXTERNAL),
-                  Change("10.128.0.4", None, INTERNAL), Change("fd00::5", None, INTERNAL)])
+    d.on_changes(
+        [
+            Change("10.128.0.5", None, INTERNAL),
+            Change("172.30.2.20", None, EXTERNAL),
+            Change("172.30.2.21", None, INTERNAL),
+            Change("172.30.0.2", None, EXTERNAL),
+            Change("10.128.0.4", None, INTERNAL),
+            Change("fd00::5", None, INTERNAL),
+        ]
+    )
     plan = d.plan()
     assert dict(plan.routes) == {"10.128.0.5": TUN, "172.30.2.20": UPLINK}
     assert set(plan.add) == {"10.128.0.5", "172.30.2.21", "10.128.0.4", "fd00::5"}

@@ -45,8 +45,9 @@ from tests.unit.test_wire import (
 
 COMPILED = selection.compiled()
 REQUIRED = os.environ.get("TENCRYPT_REQUIRE_FASTPATH") == "1"
-needs_c = pytest.mark.skipif(COMPILED is None and not REQUIRED,
-                             reason="tencrypt._fastpath not built")
+needs_c = pytest.mark.skipif(
+    COMPILED is None and not REQUIRED, reason="tencrypt._fastpath not built"
+)
 BACKENDS = [pytest.param(pure, id="python"), pytest.param(COMPILED, id="c", marks=needs_c)]
 
 KEY = bytes(range(32))
@@ -67,7 +68,7 @@ def split(blob: bytes, packets: list[bytes]) -> list[bytes]:
     """The datagrams of one seal_batch result."""
     out, pos = [], 0
     for p in packets:
-        out.append(blob[pos:pos + len(p) + 32])
+        out.append(blob[pos : pos + len(p) + 32])
         pos += len(p) + 32
     assert pos == len(blob)
     return out
@@ -78,6 +79,7 @@ def window_state(w: ReplayWindow) -> tuple[int, bytes]:
 
 
 # ---- sealing ---------------------------------------------------------------------------------
+
 
 @needs_c
 def test_rfc8439_vectors_through_the_c_code():
@@ -109,10 +111,10 @@ def test_seal_batch_of_nothing_is_empty(backend):
 
 # ---- opening ---------------------------------------------------------------------------------
 
+
 def opened(backend, datagrams, window=None, start=0, allowed=SRC, limit=LIMIT):
     window = window if window is not None else ReplayWindow()
-    stop, packets, counts = backend.open_batch(KEY, INDEX, limit, window, allowed, datagrams,
-                                               start)
+    stop, packets, counts = backend.open_batch(KEY, INDEX, limit, window, allowed, datagrams, start)
     return stop, packets, dict(zip(COUNTS, counts, strict=True)), window
 
 
@@ -210,14 +212,21 @@ def test_allowed_holds_any_number_of_sources(backend):
 def test_the_inner_length_must_be_exact(backend):
     longer, shorter = bytearray(ipv4(60)), bytearray(ipv4(60))
     longer[3], shorter[3] = 61, 59
-    packets = [bytes(longer), bytes(shorter), ipv4(60)[:59], bytes([0x44]) + ipv4(60)[1:],
-               bytes([0x50]) + ipv4(60)[1:], ipv4(60)]
+    packets = [
+        bytes(longer),
+        bytes(shorter),
+        ipv4(60)[:59],
+        bytes([0x44]) + ipv4(60)[1:],
+        bytes([0x50]) + ipv4(60)[1:],
+        ipv4(60),
+    ]
     datagrams = split(backend.seal_batch(KEY, INDEX, 0, packets), packets)
     _, got, counts, _ = opened(backend, datagrams)
     assert got == [ipv4(60)] and counts["not_ipv4"] == 5
 
 
 # ---- the two backends agree -----------------------------------------------------------------
+
 
 def _packet():
     return st.one_of(
@@ -227,8 +236,11 @@ def _packet():
     )
 
 
-_EDIT = st.tuples(st.sampled_from(["dup", "swap", "flip", "foreign", "short", "drop"]),
-                  st.integers(0, 10**6), st.integers(0, 10**6))
+_EDIT = st.tuples(
+    st.sampled_from(["dup", "swap", "flip", "foreign", "short", "drop"]),
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+)
 
 
 def _edit(datagrams: list[bytes], edits) -> list[bytes]:
@@ -248,16 +260,21 @@ def _edit(datagrams: list[bytes], edits) -> list[bytes]:
         elif kind == "foreign":
             out.insert(j, b"\x02\x00\x00\x00" + bytes(76))
         elif kind == "short":
-            out[i] = out[i][:b % 32]
+            out[i] = out[i][: b % 32]
         else:
             del out[i]
     return out
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(_packet(), max_size=40), st.integers(0, 2**64 - 1),
-       st.lists(_EDIT, max_size=12), st.lists(st.integers(0, 2**64 - 1), max_size=4),
-       st.integers(-3 * WINDOW, 3 * WINDOW), st.sampled_from([LIMIT, 2**64 - 1, 0, 2**20]))
+@given(
+    st.lists(_packet(), max_size=40),
+    st.integers(0, 2**64 - 1),
+    st.lists(_EDIT, max_size=12),
+    st.lists(st.integers(0, 2**64 - 1), max_size=4),
+    st.integers(-3 * WINDOW, 3 * WINDOW),
+    st.sampled_from([LIMIT, 2**64 - 1, 0, 2**20]),
+)
 def test_both_backends_agree_on_random_batches(packets, counter, edits, marks, shift, limit):
     c = COMPILED
     if c is None:
@@ -279,8 +296,7 @@ def test_both_backends_agree_on_random_batches(packets, counter, edits, marks, s
     for backend, window, result in zip((pure, c), windows, results, strict=True):
         start = 0
         while start <= len(datagrams):
-            stop, got, counts = backend.open_batch(KEY, INDEX, limit, window, SRC, datagrams,
-                                                   start)
+            stop, got, counts = backend.open_batch(KEY, INDEX, limit, window, SRC, datagrams, start)
             result.append((stop, got, counts))
             start = stop + 1
     assert results[0] == results[1]
@@ -306,6 +322,7 @@ def test_both_backends_keep_the_same_window_over_counter_jumps(counters):
 
 # ---- selection -------------------------------------------------------------------------------
 
+
 def test_selection_follows_the_environment():
     assert selection.select({"TENCRYPT_FASTPATH": "0"}) is pure
     with pytest.raises(UsageError):
@@ -329,6 +346,7 @@ def test_ci_requires_the_extension():
 
 # ---- segmentation (core/batch.py rules 2-4) ---------------------------------------------------
 
+
 def _split(frame, backend, out_size=2 * 65536):
     stats = Stats()
     out = bytearray(b"\xee" * out_size)  # stale bytes must not leak into sums
@@ -345,9 +363,17 @@ def test_segment_of_a_64k_super_packet_equals_the_kernels(backend):
     assert len(segments) == 46 and all(not v.readonly for v in views)
 
 
-@given(n=st.integers(1, 50), mss=st.integers(1, 1460), cut=st.integers(0, 1459),
-       flags=st.sampled_from(tb.FLAG_SETS), ts=st.booleans(), ipopt=st.booleans(),
-       seq=st.integers(0, 2**32 - 1), ident=st.integers(0, 0xFFFF), ecn=st.booleans())
+@given(
+    n=st.integers(1, 50),
+    mss=st.integers(1, 1460),
+    cut=st.integers(0, 1459),
+    flags=st.sampled_from(tb.FLAG_SETS),
+    ts=st.booleans(),
+    ipopt=st.booleans(),
+    seq=st.integers(0, 2**32 - 1),
+    ident=st.integers(0, 0xFFFF),
+    ecn=st.booleans(),
+)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_both_backends_segment_like_the_kernel(n, mss, cut, flags, ts, ipopt, seq, ident, ecn):
     if COMPILED is None and REQUIRED:
@@ -355,8 +381,14 @@ def test_both_backends_segment_like_the_kernel(n, mss, cut, flags, ts, ipopt, se
     size = max(1, n * mss - cut % mss)
     hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
     assume(hlen + size <= 65535)
-    pkt = tb.tcp_packet(os.urandom(size), seq=seq, ident=ident, flags=flags,
-                        options=tb.TS if ts else (), ip_options=tb.IP_OPTS if ipopt else None)
+    pkt = tb.tcp_packet(
+        os.urandom(size),
+        seq=seq,
+        ident=ident,
+        flags=flags,
+        options=tb.TS if ts else (),
+        ip_options=tb.IP_OPTS if ipopt else None,
+    )
     frame = tb.tso_frame(pkt, mss, ecn=ecn)
     expected = tb.kernel_segments(pkt, mss)
     for backend in [pure] + ([COMPILED] if COMPILED is not None else []):
@@ -364,13 +396,21 @@ def test_both_backends_segment_like_the_kernel(n, mss, cut, flags, ts, ipopt, se
 
 
 @needs_c
-@given(st.integers(0, 1600), st.integers(0, 255), st.integers(0, 255), st.integers(0, 70000),
-       st.integers(0, 70000), st.integers(0, 70000))
+@given(
+    st.integers(0, 1600),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 70000),
+    st.integers(0, 70000),
+    st.integers(0, 70000),
+)
 @settings(max_examples=200, deadline=None)
 def test_lying_headers_give_the_same_result_through_c(cut, flags, gso, size, start, offset):
     pkt = tb.tcp_packet(os.urandom(3000), options=tb.TS)
-    frame = build_vnet_hdr(VnetHdr(flags, gso, 0, size & 0xFFFF, start & 0xFFFF,
-                                   offset & 0xFFFF)) + raw(pkt)[:cut]
+    frame = (
+        build_vnet_hdr(VnetHdr(flags, gso, 0, size & 0xFFFF, start & 0xFFFF, offset & 0xFFFF))
+        + raw(pkt)[:cut]
+    )
     a, b = _split(frame, pure), _split(frame, COMPILED)
     assert a[0] == b[0] and a[1] == b[1]
 
@@ -384,17 +424,32 @@ def test_segment_refuses_a_buffer_too_small(backend):
 
 # ---- coalescing (core/batch.py rule 6) --------------------------------------------------------
 
+
 def _flows():
     """Segments of a few flows (some sharing headers), cut, reordered, with strangers."""
-    one = st.tuples(st.integers(1, 4000), st.sampled_from([100, 536, 1448]),
-                    st.sampled_from(tb.FLAG_SETS), st.booleans(), st.integers(0, 2**32 - 1),
-                    st.sampled_from([40000, 40001]))
+    one = st.tuples(
+        st.integers(1, 4000),
+        st.sampled_from([100, 536, 1448]),
+        st.sampled_from(tb.FLAG_SETS),
+        st.booleans(),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([40000, 40001]),
+    )
     return st.lists(one, min_size=1, max_size=3)
 
 
-@given(_flows(), st.lists(st.tuples(st.sampled_from(["swap", "drop", "dup", "odd", "cut"]),
-                                    st.integers(0, 10**6), st.integers(0, 10**6)), max_size=6),
-       st.booleans())
+@given(
+    _flows(),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["swap", "drop", "dup", "odd", "cut"]),
+            st.integers(0, 10**6),
+            st.integers(0, 10**6),
+        ),
+        max_size=6,
+    ),
+    st.booleans(),
+)
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_both_backends_coalesce_alike(flows, edits, partial):
     if COMPILED is None:
@@ -403,8 +458,13 @@ def test_both_backends_coalesce_alike(flows, edits, partial):
         pytest.skip("tencrypt._fastpath not built")
     packets: list = []
     for size, mss, flags, ts, seq, sport in flows:
-        pkt = tb.tcp_packet(bytes(size % 251 for size in range(size)), seq=seq, flags=flags,
-                            options=tb.TS if ts else (), sport=sport)
+        pkt = tb.tcp_packet(
+            bytes(size % 251 for size in range(size)),
+            seq=seq,
+            flags=flags,
+            options=tb.TS if ts else (),
+            sport=sport,
+        )
         packets += tb.kernel_segments(pkt, mss)
     for kind, a, b in edits:
         i, j = a % len(packets), b % len(packets)
@@ -417,7 +477,7 @@ def test_both_backends_coalesce_alike(flows, edits, partial):
         elif kind == "odd":
             packets.insert(j, bytes(b % 97))
         else:
-            packets[i] = packets[i][:b % (len(packets[i]) + 1)]
+            packets[i] = packets[i][: b % (len(packets[i]) + 1)]
     packets = [bytearray(p) if k % 2 else p for k, p in enumerate(packets)]
     expected = [(bytes(p), n) for p, n in pure.coalesce(packets, partial)]
     got = COMPILED.coalesce(packets, partial)

@@ -27,8 +27,12 @@ def twin_net(backend, seed: int = 7) -> Net:
     net = Net()
     for ip in (A, B):
         r = random.Random(f"{seed}-{ip}")
-        net.add(ip, rng=r.randbytes, fastpath=backend,
-                keygen=lambda r=r: X25519PrivateKey.from_private_bytes(r.randbytes(32)))
+        net.add(
+            ip,
+            rng=r.randbytes,
+            fastpath=backend,
+            keygen=lambda r=r: X25519PrivateKey.from_private_bytes(r.randbytes(32)),
+        )
     net.send(A, B, ipv4(A, B, b"hello"))
     net.pump()
     assert net.delivered[B] == [ipv4(A, B, b"hello")]
@@ -38,10 +42,12 @@ def twin_net(backend, seed: int = 7) -> Net:
 def state(net: Net, ip: str) -> tuple:
     """What receiving leaves behind: counters, drops, and every session's replay window."""
     t = net.pods[ip]
-    windows = sorted((s.local_index, s.replay.top, bytes(s.replay.ring))
-                     for s in t.table.by_index.values())
-    peers = sorted((p.pod_ip, p.endpoint, p.confirmed, p.keepalive_due, p.stale_due)
-                   for p in t.table.peers)
+    windows = sorted(
+        (s.local_index, s.replay.top, bytes(s.replay.ring)) for s in t.table.by_index.values()
+    )
+    peers = sorted(
+        (p.pod_ip, p.endpoint, p.confirmed, p.keepalive_due, p.stale_due) for p in t.table.peers
+    )
     return dict(t.stats.counters), dict(t.stats.drops), windows, peers
 
 
@@ -58,11 +64,12 @@ def test_a_super_packet_goes_through_send_batch_and_receive_batch(backend):
     buf = bytearray(b"".join(datagrams))  # one GRO read: views into one buffer
     views, pos = [], 0
     for d in datagrams:
-        views.append(memoryview(buf)[pos:pos + len(d)])
+        views.append(memoryview(buf)[pos : pos + len(d)])
         pos += len(d)
     assert b.receive_batch(views, (A, PORT), net.now, net.wall) == packets
     assert b.stats.get("packets_opened") == 46 and b.stats.get("bytes_opened") == sum(
-        map(len, packets)) + len(ipv4(A, B, b"hello"))
+        map(len, packets)
+    ) + len(ipv4(A, B, b"hello"))
     assert b.receive_batch(views, (A, PORT), net.now, net.wall) == []
     assert b.stats.dropped(DropReason.REPLAY) == 45
 
@@ -116,8 +123,11 @@ def test_backends_leave_the_same_state_as_one_packet_at_a_time(payloads, edits):
         a.send_batch(B, packets, net.now, net.wall)
         datagrams = _edit([bytes(d) for d, _ in a.pop_transmits()], edits)
         if b.fastpath is None:  # the reference: receive, one datagram at a time
-            got = [p for d in datagrams
-                   if (p := b.receive(d, (A, PORT), net.now, net.wall)) is not None]
+            got = [
+                p
+                for d in datagrams
+                if (p := b.receive(d, (A, PORT), net.now, net.wall)) is not None
+            ]
         else:
             got = b.receive_batch(datagrams, (A, PORT), net.now, net.wall)
         results.append((datagrams, got, state(net, B), b.pop_transmits()))

@@ -77,15 +77,18 @@ def counting_keygen(work: Work):
     def keygen() -> X25519PrivateKey:
         work.count("keygen")
         return X25519PrivateKey.generate()
+
     return keygen
 
 
 def initiation(claim: str, wall: float, index: int = 7) -> bytes:
-    return handshake.build_initiation(TEMPLATES, index, int(wall * 1e9),
-                                      ipaddress.IPv4Address(claim).packed)[1]
+    return handshake.build_initiation(
+        TEMPLATES, index, int(wall * 1e9), ipaddress.IPv4Address(claim).packed
+    )[1]
 
 
 # ---- mac1 first --------------------------------------------------------------------------------
+
 
 def test_keyless_initiations_cost_no_noise_work(work):
     net = Net()
@@ -113,7 +116,7 @@ def test_keyless_responses_cost_no_noise_work(work):
     net.send(A, B, ipv4(A, B))
     for d, s, dst in net.pump(hold=True):
         net.deliver(d, s, dst)
-    (response, src, dst), = net.pump(hold=True)
+    ((response, src, dst),) = net.pump(hold=True)
     work.calls.clear()
     for i in range(200):  # the right receiver index, anything else forged
         forged = bytearray(response[:8] + os.urandom(wire.RESPONSE_LEN - 8))
@@ -155,6 +158,7 @@ def fresh_message(e: X25519PrivateKey) -> bytes:
 
 # ---- version 1 ---------------------------------------------------------------------------------
 
+
 def v1_initiation(wall: float) -> bytes:
     """A version-1 initiation exactly as the old format built it (prologue v1, no mac1)."""
     state = HandshakeState(wire.NOISE_PROTOCOL, True, b"tencrypt v1 NNpsk0", psk=PSK)
@@ -195,6 +199,7 @@ def test_other_lengths_are_short_or_bad():
 
 
 # ---- timestamps --------------------------------------------------------------------------------
+
 
 def test_future_timestamps_are_refused_and_do_not_block_the_pod():
     net = Net(fast(initiation_max_skew=30.0))
@@ -245,6 +250,7 @@ def test_tunnel_tables_shrink_after_max_age():
 
 
 # ---- budgets -----------------------------------------------------------------------------------
+
 
 def test_global_budget_bounds_handshakes_from_many_sources(work):
     net = Net(fast(handshake_budget_rate=5.0, handshake_budget_burst=5))

@@ -37,9 +37,14 @@ GATEWAY, DNS, STRANGER = "10.0.0.254", "10.0.0.53", "10.0.0.99"
 
 def policy(self_ip: str, **kw) -> ClaimPolicy:
     members = {A, B, C}
-    return ClaimPolicy(pod_cidrs=("10.0.0.0/24",), service_cidr="172.30.0.0/16",
-                       self_ip=self_ip, reserved=frozenset({GATEWAY, DNS}),
-                       is_member=lambda ip: ip in members if ip != STRANGER else False, **kw)
+    return ClaimPolicy(
+        pod_cidrs=("10.0.0.0/24",),
+        service_cidr="172.30.0.0/16",
+        self_ip=self_ip,
+        reserved=frozenset({GATEWAY, DNS}),
+        is_member=lambda ip: ip in members if ip != STRANGER else False,
+        **kw,
+    )
 
 
 def bound_net(limits=FAST, **kw) -> Net:
@@ -56,13 +61,17 @@ def net() -> Net:
 
 def forged_initiation(claim: str, wall: float, index: int = 99) -> bytes:
     """What C builds with the project key: a valid initiation claiming ``claim``."""
-    return handshake.build_initiation(TEMPLATES, index, int(wall * 1e9),
-                                      ipaddress.IPv4Address(claim).packed)[1]
+    return handshake.build_initiation(
+        TEMPLATES, index, int(wall * 1e9), ipaddress.IPv4Address(claim).packed
+    )[1]
 
 
 def sealed_destinations(net: Net, src: str) -> list[str]:
-    return [dst for d, s, dst in net.wire
-            if s == src and wire.message_type(d) == wire.TYPE_DATA and len(d) > 32]
+    return [
+        dst
+        for d, s, dst in net.wire
+        if s == src and wire.message_type(d) == wire.TYPE_DATA and len(d) > 32
+    ]
 
 
 def assert_a_still_talks_to_b(net: Net) -> None:
@@ -82,21 +91,25 @@ def assert_a_still_talks_to_b(net: Net) -> None:
 
 # ---- the policy alone --------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("claim", "source", "reason"), [
-    (B, B, None),
-    (B, C, DropReason.CLAIM_NOT_SOURCE),
-    (VIP, VIP, DropReason.CLAIM_SERVICE_IP),
-    ("169.254.169.254", "169.254.169.254", DropReason.CLAIM_RESERVED),
-    (GATEWAY, GATEWAY, DropReason.CLAIM_RESERVED),
-    (DNS, DNS, DropReason.CLAIM_RESERVED),
-    (A, A, DropReason.CLAIM_RESERVED),  # this pod itself
-    ("127.0.0.1", "127.0.0.1", DropReason.CLAIM_RESERVED),
-    ("224.0.0.1", "224.0.0.1", DropReason.CLAIM_RESERVED),
-    ("255.255.255.255", C, DropReason.CLAIM_RESERVED),
-    ("0.0.0.0", C, DropReason.CLAIM_RESERVED),
-    ("192.168.7.7", "192.168.7.7", DropReason.CLAIM_OUTSIDE_POD_NETWORK),
-    (STRANGER, STRANGER, DropReason.CLAIM_NOT_MEMBER),
-])
+
+@pytest.mark.parametrize(
+    ("claim", "source", "reason"),
+    [
+        (B, B, None),
+        (B, C, DropReason.CLAIM_NOT_SOURCE),
+        (VIP, VIP, DropReason.CLAIM_SERVICE_IP),
+        ("169.254.169.254", "169.254.169.254", DropReason.CLAIM_RESERVED),
+        (GATEWAY, GATEWAY, DropReason.CLAIM_RESERVED),
+        (DNS, DNS, DropReason.CLAIM_RESERVED),
+        (A, A, DropReason.CLAIM_RESERVED),  # this pod itself
+        ("127.0.0.1", "127.0.0.1", DropReason.CLAIM_RESERVED),
+        ("224.0.0.1", "224.0.0.1", DropReason.CLAIM_RESERVED),
+        ("255.255.255.255", C, DropReason.CLAIM_RESERVED),
+        ("0.0.0.0", C, DropReason.CLAIM_RESERVED),
+        ("192.168.7.7", "192.168.7.7", DropReason.CLAIM_OUTSIDE_POD_NETWORK),
+        (STRANGER, STRANGER, DropReason.CLAIM_NOT_MEMBER),
+    ],
+)
 def test_policy_table(claim, source, reason):
     assert policy(A).check(claim, source) is reason
 
@@ -113,6 +126,7 @@ def test_policy_switches():
 
 # ---- claims in initiations ---------------------------------------------------------------------
 
+
 def test_insider_claiming_another_pod_in_an_initiation_is_refused(net):
     connect(net)
     a = net.pods[A]
@@ -123,14 +137,17 @@ def test_insider_claiming_another_pod_in_an_initiation_is_refused(net):
     assert_a_still_talks_to_b(net)
 
 
-@pytest.mark.parametrize(("claim", "reason"), [
-    (VIP, DropReason.CLAIM_SERVICE_IP),
-    ("169.254.169.254", DropReason.CLAIM_RESERVED),
-    (GATEWAY, DropReason.CLAIM_RESERVED),
-    (DNS, DropReason.CLAIM_RESERVED),
-    ("192.168.7.7", DropReason.CLAIM_OUTSIDE_POD_NETWORK),
-    (STRANGER, DropReason.CLAIM_NOT_MEMBER),
-])
+@pytest.mark.parametrize(
+    ("claim", "reason"),
+    [
+        (VIP, DropReason.CLAIM_SERVICE_IP),
+        ("169.254.169.254", DropReason.CLAIM_RESERVED),
+        (GATEWAY, DropReason.CLAIM_RESERVED),
+        (DNS, DropReason.CLAIM_RESERVED),
+        ("192.168.7.7", DropReason.CLAIM_OUTSIDE_POD_NETWORK),
+        (STRANGER, DropReason.CLAIM_NOT_MEMBER),
+    ],
+)
 @pytest.mark.parametrize("spoofed", [False, True])
 def test_insider_claiming_special_addresses_is_refused(net, claim, reason, spoofed):
     connect(net)
@@ -149,7 +166,7 @@ def test_spoofing_the_peers_source_gets_the_response_sent_to_the_peer(net):
     a = net.pods[A]
     current = a.table.by_addr[B].current
     net.deliver(forged_initiation(B, net.wall), B, A)
-    (response, _, to), = net.pump(hold=True)
+    ((response, _, to),) = net.pump(hold=True)
     assert wire.message_type(response) == wire.TYPE_RESPONSE and to == B
     net.deliver(response, A, B)
     assert net.pods[B].stats.dropped(DropReason.UNKNOWN_INDEX) == 1
@@ -191,6 +208,7 @@ def test_restarted_peer_from_the_same_endpoint_is_let_in(net):
 
 # ---- claims in responses -----------------------------------------------------------------------
 
+
 def insider_response(initiation: bytes, claim: str) -> bytes:
     """C answers an initiation it received, claiming ``claim``."""
     return insider_session(initiation, claim)[0]
@@ -200,8 +218,9 @@ def insider_session(initiation: bytes, claim: str) -> tuple[bytes, handshake.Key
     """C's response, C's session keys, and the index C must put in data messages to A."""
     init = handshake.read_initiation(TEMPLATES, initiation)
     assert init is not None
-    reply = handshake.build_response(init, 4242, ipaddress.IPv4Address(claim).packed,
-                                     TEMPLATES.mac_key)
+    reply = handshake.build_response(
+        init, 4242, ipaddress.IPv4Address(claim).packed, TEMPLATES.mac_key
+    )
     assert reply is not None
     return reply[0], reply[1], init.sender_index
 
@@ -210,7 +229,7 @@ def test_insider_response_claiming_another_pod_is_refused(net):
     connect(net)
     a = net.pods[A]
     net.send(A, C, ipv4(A, C, b"to C"))  # A talks to C, which answers as B
-    (initiation, _, to), = net.pump(hold=True)
+    ((initiation, _, to),) = net.pump(hold=True)
     assert to == C
     net.deliver(insider_response(initiation, B), C, A)
     assert a.stats.dropped(DropReason.CLAIM_NOT_SOURCE) == 1
@@ -225,7 +244,7 @@ def test_insider_response_answering_for_the_wrong_pod_is_refused(net):
     """A initiates to B; C (on the path) answers with its own, true, pod IP: A asked B."""
     a = net.pods[A]
     net.send(A, B, ipv4(A, B, b"for B"))
-    (initiation, _, _), = net.pump(hold=True)
+    ((initiation, _, _),) = net.pump(hold=True)
     net.deliver(insider_response(initiation, C), C, A)
     assert a.stats.dropped(DropReason.CLAIM_REBIND) == 1 and not a.knows(C)
     net.deliver(initiation, A, B)
@@ -240,7 +259,7 @@ def test_response_through_a_vip_speaks_for_the_vip_only(net):
     net.vips[VIP] = C
     a = net.pods[A]
     net.send(A, VIP, ipv4(A, VIP, b"to the service"))
-    (initiation, _, _), = net.pump(hold=True)
+    ((initiation, _, _),) = net.pump(hold=True)
     net.conntrack[(A, C)] = VIP
     response, keys, index = insider_session(initiation, B)
     net.deliver(response, C, A)  # seen from the VIP

@@ -23,16 +23,20 @@ def tunnel() -> Tunnel:
 def test_independent_initiator_completes_and_exchanges_data():
     t, me, wall = tunnel(), Initiator(PSK), time.time()
     t.receive(me.initiation(5, int(wall * 1e9), INSIDER), (INSIDER, 1337), 1.0, wall)
-    (response, to), = t.pop_transmits()
+    ((response, to),) = t.pop_transmits()
     assert to == (INSIDER, 1337) and len(response) == 80
     session = me.response(response, 5)
     assert session is not None and session["pod_ip"] == PROXY
     ping = echo_request(INSIDER, PROXY, 1, 0)
-    assert t.receive(seal(session["send"], session["remote_index"], 0, ping),
-                     (INSIDER, 1337), 1.1, wall) == ping
+    assert (
+        t.receive(
+            seal(session["send"], session["remote_index"], 0, ping), (INSIDER, 1337), 1.1, wall
+        )
+        == ping
+    )
     assert t.pop_events() == [PeerUp(INSIDER, (INSIDER, 1337))]
     t.send(INSIDER, b"reply packet", 1.2, wall)
-    (sealed, _), = t.pop_transmits()
+    ((sealed, _),) = t.pop_transmits()
     assert open_data(session["recv"], 5, sealed) == b"reply packet"
 
 

@@ -95,7 +95,8 @@ def test_run_reads_a_ring_file_a_legacy_file_or_the_environment(tmp_path, monkey
 
 def test_describe_names_keys_by_fingerprint():
     assert describe(KeySet(K2, previous=K1)) == (
-        f"current {fingerprint(K2)}, previous {fingerprint(K1)}")
+        f"current {fingerprint(K2)}, previous {fingerprint(K1)}"
+    )
 
 
 def test_the_loaded_ring_is_recorded_by_fingerprint_only(tmp_path):

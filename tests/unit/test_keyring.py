@@ -55,6 +55,7 @@ def session_keys(net: Net, ip: str) -> set[str]:
 
 # ---- which rings can talk --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("pa", "pb"), list(itertools.product(PHASES, repeat=2)))
 def test_an_initiation_succeeds_exactly_when_the_responder_holds_the_initiators_key(pa, pb):
     net = net_of(pa, pb)
@@ -74,8 +75,10 @@ def test_an_initiation_succeeds_exactly_when_the_responder_holds_the_initiators_
         assert b.stats.get("handshakes_responded") == 0 and session_keys(net, B) == set()
 
 
-@pytest.mark.parametrize(("pa", "pb"), [("P0", "P1"), ("P1", "P2"), ("P2", "P3"),
-                                        ("P1", "P0"), ("P2", "P1"), ("P3", "P2")])
+@pytest.mark.parametrize(
+    ("pa", "pb"),
+    [("P0", "P1"), ("P1", "P2"), ("P2", "P3"), ("P1", "P0"), ("P2", "P1"), ("P3", "P2")],
+)
 def test_neighbouring_phases_handshake_both_ways(pa, pb):
     """The rotation's guarantee: pods one phase apart reach each other in either direction."""
     for first, second in ((A, B), (B, A)):
@@ -100,6 +103,7 @@ def test_pods_two_phases_apart_share_no_key_and_are_refused_both_ways():
 
 # ---- sessions across a ring change -----------------------------------------------------------
 
+
 def exchange(net: Net, pairs: list[tuple[str, str]], tag: bytes) -> int:
     """One packet each way per pair; the number sent."""
     for x, y in pairs:
@@ -123,8 +127,12 @@ def test_a_session_outlives_a_ring_change_until_its_rekey():
         assert set(net.data_indices(A)) == {first} and a.stats.get("handshakes_initiated") == 1
     assert session_keys(net, A) == {fingerprint(K1)}
     assert [k["role"] for k in a.key_status()] == ["current", "previous"]
-    assert a.key_status()[1] == {"role": "previous", "fingerprint": fingerprint(K1), "sessions": 1,
-                           "handshakes": 1}
+    assert a.key_status()[1] == {
+        "role": "previous",
+        "fingerprint": fingerprint(K1),
+        "sessions": 1,
+        "handshakes": 1,
+    }
     net.advance(FAST.rekey_after_time)
     exchange(net, [(A, B)], b"rekeyed")  # sealed on K1, and the re-key runs under K2
     exchange(net, [(A, B)], b"on K2")
@@ -162,10 +170,14 @@ def test_three_pods_rotate_one_at_a_time_without_losing_a_packet():
         assert drops(t) == 0 and session_keys(net, ip) == {fingerprint(K2)}
         assert set(t.handshakes_by_key) == {fingerprint(K1), fingerprint(K2)}
         assert [(k["role"], k["fingerprint"]) for k in t.key_status()] == [
-            ("current", fingerprint(K2))]
+            ("current", fingerprint(K2))
+        ]
     # no counter twice under any session key: every (receiver, index, counter) is new
-    headers = [(dst, *struct.unpack_from("<IQ", d, 4)) for d, _, dst in net.wire
-               if wire.message_type(d) == wire.TYPE_DATA]
+    headers = [
+        (dst, *struct.unpack_from("<IQ", d, 4))
+        for d, _, dst in net.wire
+        if wire.message_type(d) == wire.TYPE_DATA
+    ]
     assert len(headers) == len(set(headers)) > sent
 
 
@@ -197,10 +209,10 @@ def test_a_response_must_use_the_key_of_its_initiation():
     net.send(A, B, ipv4(A, B))
     for d, s, dst in net.pump(hold=True):
         net.deliver(d, s, dst)
-    (response, src, _), = net.pump(hold=True)
+    ((response, src, _),) = net.pump(hold=True)
     assert a.table.by_addr[B].pending.templates.fingerprint == fingerprint(K1)
     k2 = a.ring.next
-    under_k2 = wire.add_mac(k2.mac_key, response[:-wire.MAC_LEN])  # a K2 key holder's remac
+    under_k2 = wire.add_mac(k2.mac_key, response[: -wire.MAC_LEN])  # a K2 key holder's remac
     assert a.receive(under_k2, (B, 1337), net.now, net.wall) is None
     assert a.stats.dropped(DropReason.BAD_MAC) == 1 and a.session_count() == 0
     a.receive(response, (B, 1337), net.now, net.wall)  # the genuine one still completes
@@ -217,20 +229,23 @@ def test_a_ring_change_keeps_an_initiation_in_flight_under_its_key():
         net.deliver(d, s, dst)
     net.pump()
     assert net.delivered[B] == [ipv4(A, B, b"queued")]
-    assert session_keys(net, A) == {fingerprint(K1)} and b.handshakes_by_key == {
-        fingerprint(K1): 1}
+    assert session_keys(net, A) == {fingerprint(K1)} and b.handshakes_by_key == {fingerprint(K1): 1}
 
 
 # ---- cost of a wrong key ---------------------------------------------------------------------
 
+
 def test_a_wrong_key_costs_no_noise_work_with_a_full_ring(work):  # noqa: F811
     net = Net()
-    full = KeyRing.from_keys(KeySet(K1, next=K2, previous=os.urandom(32)),
-                             counting_keygen(work))
+    full = KeyRing.from_keys(KeySet(K1, next=K2, previous=os.urandom(32)), counting_keygen(work))
     b = net.add(B, keys=full)
     stranger = ring("other").current
-    initiations = [handshake.build_initiation(stranger, i + 1, int(net.wall * 1e9) + i,
-                                              bytes([10, 0, 0, 1]))[1] for i in range(50)]
+    initiations = [
+        handshake.build_initiation(stranger, i + 1, int(net.wall * 1e9) + i, bytes([10, 0, 0, 1]))[
+            1
+        ]
+        for i in range(50)
+    ]
     work.calls.clear()
     for d in initiations:
         assert b.receive(d, (A, 1337), net.now, net.wall) is None
@@ -253,6 +268,7 @@ def test_keyless_responses_are_refused_before_the_pending_lookup_costs_anything(
 
 # ---- the ring itself ---------------------------------------------------------------------------
 
+
 def test_a_reload_keeps_the_templates_of_keys_that_stay():
     r1 = ring("P1")
     r2 = ring("P2", reuse=r1)
@@ -262,11 +278,15 @@ def test_a_reload_keeps_the_templates_of_keys_that_stay():
 
 def test_roles_and_retired_keys_in_status_and_metrics():
     r = ring("P3")
-    rows = describe_keys(r, [fingerprint(K2), fingerprint(K1), fingerprint(K2)],
-                         {fingerprint(K1): 4, fingerprint(K2): 2})
+    rows = describe_keys(
+        r,
+        [fingerprint(K2), fingerprint(K1), fingerprint(K2)],
+        {fingerprint(K1): 4, fingerprint(K2): 2},
+    )
     assert rows == [
         {"role": "current", "fingerprint": fingerprint(K2), "sessions": 2, "handshakes": 2},
-        {"role": RETIRED, "fingerprint": fingerprint(K1), "sessions": 1, "handshakes": 4}]
+        {"role": RETIRED, "fingerprint": fingerprint(K1), "sessions": 1, "handshakes": 4},
+    ]
     assert r.role_of(fingerprint(K1)) == RETIRED and r.role_of(fingerprint(K2)) == "current"
     text = render_key_metrics(rows)
     assert f'tencrypt_key{{fingerprint="{fingerprint(K2)}",role="current"}} 1' in text
@@ -283,12 +303,14 @@ def test_status_shows_each_key_and_the_sessions_on_it():
     keys = net.pods[A].status(net.now)["keys"]
     assert keys == [
         {"role": "current", "fingerprint": fingerprint(K1), "sessions": 1, "handshakes": 1},
-        {"role": "next", "fingerprint": fingerprint(K2), "sessions": 0, "handshakes": 0}]
+        {"role": "next", "fingerprint": fingerprint(K2), "sessions": 0, "handshakes": 0},
+    ]
     peer = net.pods[A].status(net.now)["peers"][0]
     assert peer["sessions"][0]["key"] == fingerprint(K1)
 
 
 # ---- a pod that missed a phase -----------------------------------------------------------------
+
 
 def test_a_member_a_phase_behind_is_refused_counted_and_listed_until_it_catches_up():
     from tencrypt.core.identity import ClaimPolicy
@@ -296,8 +318,13 @@ def test_a_member_a_phase_behind_is_refused_counted_and_listed_until_it_catches_
     members = {A, B}
     net = Net()
     net.add(A, keys=ring("P0"))  # missed add-next and promote
-    b = net.add(B, keys=ring("P3"), identity=ClaimPolicy(
-        ("10.0.0.0/24",), "172.30.0.0/16", B, is_member=lambda ip: ip in members))
+    b = net.add(
+        B,
+        keys=ring("P3"),
+        identity=ClaimPolicy(
+            ("10.0.0.0/24",), "172.30.0.0/16", B, is_member=lambda ip: ip in members
+        ),
+    )
     net.send(A, B, ipv4(A, B, b"stale"))
     net.pump()
     assert net.delivered[B] == [] and b.stats.get("handshakes_wrong_key") == 1
@@ -318,5 +345,7 @@ def test_the_mismatch_list_is_bounded():
     seen = KeyMismatches(limit=2)
     for src in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"):
         seen.note(src)
-    assert seen.describe() == [{"source": "10.0.0.1", "refused": 2},
-                               {"source": "10.0.0.2", "refused": 1}]
+    assert seen.describe() == [
+        {"source": "10.0.0.1", "refused": 2},
+        {"source": "10.0.0.2", "refused": 1},
+    ]

@@ -40,16 +40,26 @@ K1, K2, K3 = os.urandom(32), os.urandom(32), os.urandom(32)
 
 
 def secret(keys: KeySet, **annotations: str) -> dict:
-    return {"kind": "Secret", "apiVersion": "v1", "type": "Opaque",
-            "metadata": {"name": "tencrypt", "namespace": NS, "annotations": annotations},
-            "data": secret_data(keys)}
+    return {
+        "kind": "Secret",
+        "apiVersion": "v1",
+        "type": "Opaque",
+        "metadata": {"name": "tencrypt", "namespace": NS, "annotations": annotations},
+        "data": secret_data(keys),
+    }
 
 
 def report(node: str, pods: int, loaded: dict[str, int]) -> dict:
-    return {"kind": "ConfigMap", "apiVersion": "v1",
-            "metadata": {"name": REPORT_PREFIX + node, "namespace": AGENTS,
-                         "labels": dict([REPORT_LABEL])},
-            "data": {REPORT_KEY: render_report(NodeReport(node, 0.0, {NS: (pods, loaded)}))}}
+    return {
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": REPORT_PREFIX + node,
+            "namespace": AGENTS,
+            "labels": dict([REPORT_LABEL]),
+        },
+        "data": {REPORT_KEY: render_report(NodeReport(node, 0.0, {NS: (pods, loaded)}))},
+    }
 
 
 class FakeAgents:
@@ -92,14 +102,23 @@ def api():
     server.stop()
 
 
-def rotator(api: WritableApiServer, agents: FakeAgents, tmp_path,
-            **kw) -> tuple[Rotator, io.StringIO]:
+def rotator(
+    api: WritableApiServer, agents: FakeAgents, tmp_path, **kw
+) -> tuple[Rotator, io.StringIO]:
     out = io.StringIO()
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     core = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
     keys = iter([K2, K3])
-    r = Rotator(core, NS, AGENTS, out, clock=agents.clock, sleep=agents.sleep,
-                new_key=lambda: next(keys), **{"grace": 300.0, "timeout": 60.0, **kw})
+    r = Rotator(
+        core,
+        NS,
+        AGENTS,
+        out,
+        clock=agents.clock,
+        sleep=agents.sleep,
+        new_key=lambda: next(keys),
+        **{"grace": 300.0, "timeout": 60.0, **kw},
+    )
     return r, out
 
 
@@ -111,13 +130,16 @@ def test_a_full_rotation_waits_for_every_node_between_phases(api, tmp_path):
     def on_write(kind, ns, name):
         if kind == "Secret":  # every node had loaded the ring this write replaces
             history.append((agents.now, agents.ring(), dict(agents.loaded)))
+
     api.on_write = on_write
     r, out = rotator(api, agents, tmp_path)
     final = r.run()
     assert final == KeySet(K2)
-    rings = [ring_label(KeySet(K1, next=K2).fingerprints()),
-             ring_label(KeySet(K2, previous=K1).fingerprints()),
-             ring_label(KeySet(K2).fingerprints())]
+    rings = [
+        ring_label(KeySet(K1, next=K2).fingerprints()),
+        ring_label(KeySet(K2, previous=K1).fingerprints()),
+        ring_label(KeySet(K2).fingerprints()),
+    ]
     assert [ring for _, ring, _ in history] == rings
     before = [ring_label(KeySet(K1).fingerprints())] + rings[:2]
     for (_, _, loaded), old in zip(history, before, strict=True):
@@ -161,8 +183,12 @@ def test_a_node_behind_the_secret_stops_the_run_before_any_change(api, tmp_path)
 
 def test_resume_after_promote_honours_the_grace_from_the_annotation(api, tmp_path):
     agents_start = 1_700_000_000.0
-    api.put(secret(KeySet(K2, previous=K1), **{PHASE_ANNOTATION: "promote",
-                                               PHASE_AT_ANNOTATION: f"{agents_start - 100:.0f}"}))
+    api.put(
+        secret(
+            KeySet(K2, previous=K1),
+            **{PHASE_ANNOTATION: "promote", PHASE_AT_ANNOTATION: f"{agents_start - 100:.0f}"},
+        )
+    )
     agents = FakeAgents(api, {"node-1": 0})
     r, out = rotator(api, agents, tmp_path)
     assert r.run(Phase.DROP_PREVIOUS) == KeySet(K2)
@@ -213,14 +239,17 @@ def test_missing_rights_are_explained(api, tmp_path):
 
 # ---- the pure rules ---------------------------------------------------------------------------
 
+
 def test_phases_and_plans():
     assert apply_phase(KeySet(K1), Phase.ADD_NEXT, K2) == KeySet(K1, next=K2)
     assert apply_phase(KeySet(K1, next=K2), Phase.PROMOTE) == KeySet(K2, previous=K1)
     assert apply_phase(KeySet(K2, previous=K1), Phase.DROP_PREVIOUS) == KeySet(K2)
-    for keys, phase, why in ((KeySet(K1, next=K2), Phase.ADD_NEXT, "staged already"),
-                             (KeySet(K2, previous=K1), Phase.ADD_NEXT, "drop-previous first"),
-                             (KeySet(K1), Phase.DROP_PREVIOUS, "no previous"),
-                             (KeySet(K1), Phase.ADD_NEXT, "needs a new key")):
+    for keys, phase, why in (
+        (KeySet(K1, next=K2), Phase.ADD_NEXT, "staged already"),
+        (KeySet(K2, previous=K1), Phase.ADD_NEXT, "drop-previous first"),
+        (KeySet(K1), Phase.DROP_PREVIOUS, "no previous"),
+        (KeySet(K1), Phase.ADD_NEXT, "needs a new key"),
+    ):
         with pytest.raises(UsageError, match=why):
             apply_phase(keys, phase, None if why == "needs a new key" else K3)
     full = [Phase.ADD_NEXT, Phase.PROMOTE, Phase.DROP_PREVIOUS]
@@ -243,8 +272,9 @@ def test_secret_data_round_trips_and_bad_data_is_named_not_echoed():
     with pytest.raises(UsageError, match="has no PROJECT_PSK"):
         secret_keys({"PROJECT_PSK_NEXT": data["PROJECT_PSK_NEXT"]})
     with pytest.raises(UsageError, match="same key"):
-        secret_keys({"PROJECT_PSK": data["PROJECT_PSK"],
-                     "PROJECT_PSK_PREVIOUS": data["PROJECT_PSK"]})
+        secret_keys(
+            {"PROJECT_PSK": data["PROJECT_PSK"], "PROJECT_PSK_PREVIOUS": data["PROJECT_PSK"]}
+        )
     with pytest.raises(UsageError, match="not valid Secret data"):
         secret_keys({"PROJECT_PSK": "%%%"})
 
@@ -255,8 +285,7 @@ def test_progress_counts_pods_and_names_the_laggards():
     old = ring_label(KeySet(K1).fingerprints())
     reports = [
         ("a", render_report(NodeReport("n1", 0, {NS: (3, {label: 3})}))),
-        ("b", render_report(NodeReport("n2", 0, {NS: (2, {label: 1, old: 1}),
-                                                  "other": (5, {})}))),
+        ("b", render_report(NodeReport("n2", 0, {NS: (2, {label: 1, old: 1}), "other": (5, {})}))),
         ("c", render_report(NodeReport("n3", 0, {"other": (1, {})}))),
         ("d", "{broken"),
     ]
@@ -268,6 +297,7 @@ def test_progress_counts_pods_and_names_the_laggards():
 
 # ---- the manifests --------------------------------------------------------------------------
 
+
 def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_command():
     import argparse
     from pathlib import Path
@@ -276,19 +306,40 @@ def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_com
     from tencrypt.keyrotate import add_arguments
 
     k8s = Path(__file__).resolve().parents[2] / "scripts" / "k8s"
-    docs = [d for d in yaml.safe_load_all((k8s / "optional" / "key-rotation-cronjob.yaml")
-                                          .read_text()) if d]
+    docs = [
+        d
+        for d in yaml.safe_load_all((k8s / "optional" / "key-rotation-cronjob.yaml").read_text())
+        if d
+    ]
     assert "optional" not in (k8s / "kustomization.yaml").read_text()  # never by default
-    rules = [(d["kind"], d["metadata"].get("namespace"), r) for d in docs
-             if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
+    rules = [
+        (d["kind"], d["metadata"].get("namespace"), r)
+        for d in docs
+        if d["kind"] in ("ClusterRole", "Role")
+        for r in d["rules"]
+    ]
     assert rules == [
-        ("ClusterRole", None, {"apiGroups": [""], "resources": ["secrets"],
-                               "resourceNames": ["tencrypt"], "verbs": ["get", "update"]}),
-        ("Role", "tencrypt-system", {"apiGroups": [""], "resources": ["configmaps"],
-                                     "verbs": ["list"]})]
+        (
+            "ClusterRole",
+            None,
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": ["tencrypt"],
+                "verbs": ["get", "update"],
+            },
+        ),
+        (
+            "Role",
+            "tencrypt-system",
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]},
+        ),
+    ]
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]  # never a ClusterRoleBinding
     assert {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings} == {
-        ("tencrypt-system", "tencrypt-key-rotator-reports"), ("shop", "tencrypt-key-rotator")}
+        ("tencrypt-system", "tencrypt-key-rotator-reports"),
+        ("shop", "tencrypt-key-rotator"),
+    }
     [job] = [d for d in docs if d["kind"] == "CronJob"]
     pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
@@ -310,11 +361,27 @@ def test_the_command_line_runs_a_phase_with_a_kubeconfig(api, tmp_path, capsys):
         if kind == "Secret":
             keys = secret_keys(api.get("Secret", NS, "tencrypt")["data"])
             api.put(report("node-1", 1, {ring_label(keys.fingerprints()): 1}))
+
     agent_loads("Secret", NS, "tencrypt")
     api.on_write = agent_loads
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-    assert main(["key", "rotate", "-n", NS, "--phase", "drop-previous", "--grace", "0",
-                 "--kubeconfig", str(kubeconfig)]) == 0
+    assert (
+        main(
+            [
+                "key",
+                "rotate",
+                "-n",
+                NS,
+                "--phase",
+                "drop-previous",
+                "--grace",
+                "0",
+                "--kubeconfig",
+                str(kubeconfig),
+            ]
+        )
+        == 0
+    )
     assert f"done: {NS} runs on current {fingerprint(K2)}" in capsys.readouterr().out
     assert secret_keys(api.get("Secret", NS, "tencrypt")["data"]) == KeySet(K2)
     assert main(["key", "rotate", "-n", NS, "--grace", "-1"]) == 2  # a usage error

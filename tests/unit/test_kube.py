@@ -24,8 +24,11 @@ def test_the_product_imports_no_test_double():
     """The wheel and the node image hold tencrypt/ only: nothing in it may need tests/."""
     offenders = {}
     for path in sorted(PRODUCT.rglob("*.py")):
-        bad = {m for m in imported_modules(path)
-               if m.split(".")[0] == "tests" or m.endswith((".fakeapi", "kubefakes"))}
+        bad = {
+            m
+            for m in imported_modules(path)
+            if m.split(".")[0] == "tests" or m.endswith((".fakeapi", "kubefakes"))
+        }
         if bad:
             offenders[str(path.relative_to(PRODUCT))] = sorted(bad)
     assert offenders == {}

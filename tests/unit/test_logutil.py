@@ -26,8 +26,11 @@ def test_one_line_per_key_per_interval_with_suppressed_count(caplog):
         clock.now = 10.0
         assert rl.warn("bad", "bad query from %s", "c")
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["bad query from a", "another reason",
-                        "bad query from c (500 similar messages suppressed)"]
+    assert messages == [
+        "bad query from a",
+        "another reason",
+        "bad query from c (500 similar messages suppressed)",
+    ]
     assert rl.suppressed("bad") == 0
 
 

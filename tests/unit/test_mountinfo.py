@@ -28,7 +28,12 @@ def test_parse_reads_every_field_and_skips_malformed_lines():
     assert len(mounts) == 6
     m = mounts[4]
     assert (m.mount_id, m.parent_id, m.dev, m.root, m.mount_point) == (
-        1291, 1285, "8:1", RESOLV, "/etc/resolv.conf")
+        1291,
+        1285,
+        "8:1",
+        RESOLV,
+        "/etc/resolv.conf",
+    )
     assert m.read_only and m.fstype == "ext4" and m.source == "/dev/sda1"
     assert not mounts[5].read_only
 
@@ -55,14 +60,17 @@ def test_node_path_of_a_read_only_bind_mount():
 
 def test_node_path_through_a_separate_node_mount_and_a_subvolume():
     # /var/lib/containerd on its own disk (8:17): the pod's root is relative to that disk
-    pod = parse_mountinfo(f"9 1 8:17 /io.containerd.grpc.v1.cri/sandboxes/{SANDBOX}/resolv.conf "
-                          "/etc/resolv.conf ro - xfs /dev/sdb1 rw\n")
+    pod = parse_mountinfo(
+        f"9 1 8:17 /io.containerd.grpc.v1.cri/sandboxes/{SANDBOX}/resolv.conf "
+        "/etc/resolv.conf ro - xfs /dev/sdb1 rw\n"
+    )
     node = parse_mountinfo(NODE + "50 22 8:17 / /var/lib/containerd rw - xfs /dev/sdb1 rw\n")
     assert node_path(pod, "/etc/resolv.conf", node) == RESOLV
     # btrfs: the node mounts subvolume /@ at /, and /@/var/lib as well elsewhere (longest wins)
     pod = parse_mountinfo("9 1 0:40 /@/var/lib/x/resolv.conf /etc/resolv.conf ro - btrfs d rw\n")
-    node = parse_mountinfo("1 0 0:40 /@ / rw - btrfs d rw\n"
-                           "2 1 0:40 /@/var/lib /mnt/varlib rw - btrfs d rw\n")
+    node = parse_mountinfo(
+        "1 0 0:40 /@ / rw - btrfs d rw\n2 1 0:40 /@/var/lib /mnt/varlib rw - btrfs d rw\n"
+    )
     assert node_path(pod, "/etc/resolv.conf", node) == "/mnt/varlib/x/resolv.conf"
 
 
@@ -81,8 +89,10 @@ def test_real_containerd_sandbox_recorded_here():
     from pathlib import Path
 
     data = Path(__file__).parent / "data" / "containerd-1.6"
-    pause, app, node = (parse_mountinfo((data / f"mountinfo-{n}.txt").read_text())
-                        for n in ("pause", "app", "host-pid1"))
+    pause, app, node = (
+        parse_mountinfo((data / f"mountinfo-{n}.txt").read_text())
+        for n in ("pause", "app", "host-pid1")
+    )
     assert mount_of(pause, "/etc/resolv.conf").read_only
     assert not mount_of(app, "/etc/resolv.conf").read_only
     source = mount_of(pause, "/etc/resolv.conf").root

@@ -45,8 +45,20 @@ def request(f) -> dict:
 
 def reply(f, g) -> dict:
     """This pod's answer to request ``f`` (other fields from ``g``): POD -> PEER, ports swapped."""
-    r = {"seq": 1, "ack": 1, "window": 1, "options": 0, "flags": 0x10, "nocsum": False, **g,
-         "proto": f["proto"], "src": POD, "dst": PEER, "sport": f["dport"], "dport": f["sport"]}
+    r = {
+        "seq": 1,
+        "ack": 1,
+        "window": 1,
+        "options": 0,
+        "flags": 0x10,
+        "nocsum": False,
+        **g,
+        "proto": f["proto"],
+        "src": POD,
+        "dst": PEER,
+        "sport": f["dport"],
+        "dport": f["sport"],
+    }
     if f["proto"] == "icmp":
         r.update(type={8: 0, 13: 14}[f["type"]], sport=f["sport"])
     return r
@@ -63,6 +75,7 @@ def outbound(nat, raw: bytes, now: float) -> tuple[bool, bytes]:
 
 
 # --- the round trip ---------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(fields(), fields())
@@ -87,17 +100,21 @@ def test_fragmented_request_and_reply(f, size):
     rep = {**reply(req, req), "df": False}
     if req["proto"] == "tcp":
         req["flags"] |= 0x02
-    for raw, want in zip(fragment(build_scapy(req), size), fragment(build_scapy(req, dst=POD), size),
-                         strict=True):
+    for raw, want in zip(
+        fragment(build_scapy(req), size), fragment(build_scapy(req, dst=POD), size), strict=True
+    ):
         assert inbound(nat, bytes(raw), 0.0) == (True, bytes(want))
-    for raw, want in zip(fragment(build_scapy(rep), size), fragment(build_scapy(rep, src=VIP), size),
-                         strict=True):
+    for raw, want in zip(
+        fragment(build_scapy(rep), size), fragment(build_scapy(rep, src=VIP), size), strict=True
+    ):
         assert outbound(nat, bytes(raw), 1.0) == (True, bytes(want))
 
 
 def test_later_fragments_of_an_unknown_datagram_pass_unchanged():
     nat = table()
-    frags = fragment(IP(src=POD, dst=PEER, id=99) / UDP(sport=80, dport=4000) / Raw(b"x" * 600), 256)
+    frags = fragment(
+        IP(src=POD, dst=PEER, id=99) / UDP(sport=80, dport=4000) / Raw(b"x" * 600), 256
+    )
     for raw in frags[1:]:
         assert outbound(nat, bytes(raw), 0.0) == (True, bytes(raw))
 
@@ -120,10 +137,12 @@ def test_destination_outside_service_cidr_dropped():
 def test_unrelated_outbound_passes_untouched():
     nat = table()
     inbound(nat, bytes(IP(src=PEER, dst=VIP) / UDP(sport=4000, dport=53)), 0.0)
-    for raw in [IP(src=POD, dst=PEER) / UDP(sport=53, dport=4001),  # other port
-                IP(src=POD, dst="10.129.0.8") / UDP(sport=53, dport=4000),  # other peer
-                IP(src="10.128.0.9", dst=PEER) / UDP(sport=53, dport=4000),  # not our source
-                IP(src=POD, dst=PEER) / TCP(sport=53, dport=4000)]:  # other protocol
+    for raw in [
+        IP(src=POD, dst=PEER) / UDP(sport=53, dport=4001),  # other port
+        IP(src=POD, dst="10.129.0.8") / UDP(sport=53, dport=4000),  # other peer
+        IP(src="10.128.0.9", dst=PEER) / UDP(sport=53, dport=4000),  # not our source
+        IP(src=POD, dst=PEER) / TCP(sport=53, dport=4000),
+    ]:  # other protocol
         assert outbound(nat, bytes(raw), 1.0) == (True, bytes(raw))
 
 
@@ -141,8 +160,10 @@ def test_own_pings_are_not_translated():
 def test_only_icmp_requests_open_flows():
     nat = table()
     stray = IP(src=PEER, dst=VIP) / ICMP(type=0, id=78)  # a reply sent to a VIP
-    assert inbound(nat, bytes(stray), 0.0) == (True, bytes(IP(src=PEER, dst=POD)
-                                                         / ICMP(type=0, id=78)))
+    assert inbound(nat, bytes(stray), 0.0) == (
+        True,
+        bytes(IP(src=PEER, dst=POD) / ICMP(type=0, id=78)),
+    )
     assert len(nat) == 0
     assert reply_source(nat, 1.0, "icmp", sport=78) == POD
 
@@ -150,14 +171,18 @@ def test_only_icmp_requests_open_flows():
 def test_other_protocols_keyed_by_peer():
     nat = table()
     gre = IP(src=PEER, dst=VIP, proto=47) / Raw(b"\0\0\x08\0payload!")
-    assert inbound(nat, bytes(gre), 0.0) == (True, bytes(IP(src=PEER, dst=POD, proto=47)
-                                                        / Raw(b"\0\0\x08\0payload!")))
+    assert inbound(nat, bytes(gre), 0.0) == (
+        True,
+        bytes(IP(src=PEER, dst=POD, proto=47) / Raw(b"\0\0\x08\0payload!")),
+    )
     back = IP(src=POD, dst=PEER, proto=47) / Raw(b"reply")
-    assert outbound(nat, bytes(back), 1.0)[1] == bytes(IP(src=VIP, dst=PEER, proto=47)
-                                                       / Raw(b"reply"))
+    assert outbound(nat, bytes(back), 1.0)[1] == bytes(
+        IP(src=VIP, dst=PEER, proto=47) / Raw(b"reply")
+    )
 
 
 # --- ICMP errors ------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(fields(), st.sampled_from([8, 18, 20, 548]), u16, u8)
@@ -168,13 +193,14 @@ def test_our_icmp_error_about_a_natted_packet(f, extra, ident, code):
     sent = build(req)  # what A sent and what A's stack will match the quote against
     ok, delivered = inbound(nat, sent, 0.0)
     hlen = parse_ipv4(sent).hlen
-    err = IP(src=POD, dst=PEER, id=ident) / ICMP(type=3, code=code) / Raw(delivered[:hlen + extra])
+    err = IP(src=POD, dst=PEER, id=ident) / ICMP(type=3, code=code) / Raw(delivered[: hlen + extra])
     ok, got = outbound(nat, bytes(err), 1.0)
-    want = bytearray(sent[:hlen + extra])
+    want = bytearray(sent[: hlen + extra])
     if req["proto"] == "tcp" and extra < 20 and len(want) >= hlen + 18:
-        want[hlen + 16:hlen + 18] = delivered[hlen + 16:hlen + 18]  # as Linux: not updated
-    assert ok and got == bytes(IP(src=VIP, dst=PEER, id=ident) / ICMP(type=3, code=code)
-                               / Raw(bytes(want)))
+        want[hlen + 16 : hlen + 18] = delivered[hlen + 16 : hlen + 18]  # as Linux: not updated
+    assert ok and got == bytes(
+        IP(src=VIP, dst=PEER, id=ident) / ICMP(type=3, code=code) / Raw(bytes(want))
+    )
 
 
 @SETTINGS
@@ -185,9 +211,9 @@ def test_peer_icmp_error_about_our_translated_reply(f, extra, ident):
     rep = reply(request(f), request(f))
     theirs = build(rep, src=VIP)  # what left us after un-NAT
     hlen = parse_ipv4(theirs).hlen
-    err = IP(src=PEER, dst=VIP, id=ident) / ICMP(type=3, code=3) / Raw(theirs[:hlen + extra])
+    err = IP(src=PEER, dst=VIP, id=ident) / ICMP(type=3, code=3) / Raw(theirs[: hlen + extra])
     ok, got = inbound(nat, bytes(err), 2.0)
-    ours = build(rep)[:hlen + extra]
+    ours = build(rep)[: hlen + extra]
     assert ok and got == bytes(IP(src=PEER, dst=POD, id=ident) / ICMP(type=3, code=3) / Raw(ours))
 
 
@@ -208,6 +234,7 @@ def test_icmp_error_with_truncated_quote_dropped():
 
 
 # --- garbage ----------------------------------------------------------------------------------
+
 
 def check_counted(nat, direction, buf: bytearray) -> None:
     before = sum(stats_of(nat).drops.values())
@@ -251,19 +278,23 @@ def test_bad_configuration_refused():
 
 # --- the flow table ---------------------------------------------------------------------------
 
-def send_in(nat, now, proto="udp", sport=4000, dport=53, vip=VIP, flags="A",
-            peer=PEER) -> bool:
-    l4 = {"udp": UDP(sport=sport, dport=dport),
-          "tcp": TCP(sport=sport, dport=dport, flags=flags),
-          "icmp": ICMP(type=8, id=sport)}[proto]
+
+def send_in(nat, now, proto="udp", sport=4000, dport=53, vip=VIP, flags="A", peer=PEER) -> bool:
+    l4 = {
+        "udp": UDP(sport=sport, dport=dport),
+        "tcp": TCP(sport=sport, dport=dport, flags=flags),
+        "icmp": ICMP(type=8, id=sport),
+    }[proto]
     return inbound(nat, bytes(IP(src=peer, dst=vip) / l4), now)[0]
 
 
 def reply_source(nat, now, proto="udp", sport=4000, dport=53, flags="A", peer=PEER) -> str:
     """Source address of this pod's reply after rewrite_outbound (VIP if the flow lives)."""
-    l4 = {"udp": UDP(sport=dport, dport=sport),
-          "tcp": TCP(sport=dport, dport=sport, flags=flags),
-          "icmp": ICMP(type=0, id=sport)}[proto]
+    l4 = {
+        "udp": UDP(sport=dport, dport=sport),
+        "tcp": TCP(sport=dport, dport=sport, flags=flags),
+        "icmp": ICMP(type=0, id=sport),
+    }[proto]
     ok, got = outbound(nat, bytes(IP(src=POD, dst=peer) / l4), now)
     assert ok
     return IP(got).src

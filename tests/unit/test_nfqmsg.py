@@ -77,14 +77,18 @@ BATCH_DROP_UPTO_9 = h("20000000 0303 0100 00000000 00000000 00 00 0007 0c00 0200
 UDP_V4 = h("45000026 f7464000 40112da8 0aeb0001 0aeb0002 e1ad14e9 0012c9ec") + b"hello-udp\n"
 
 # NFQNL_MSG_PACKET as the kernel writes it: the final NFQA_PAYLOAD is not padded
-PACKET_3 = (h("""
+PACKET_3 = (
+    h("""
 00000000 0003 0000 00000000 00000000
 02 00 0007
 0b00 0100 00000003 0800 01 00
 0800 0500 00000002
 0800 0300 0000002a
 0800 0d00 000005dc
-""") + struct.pack("<HH", 4 + len(UDP_V4), 10) + UDP_V4)
+""")
+    + struct.pack("<HH", 4 + len(UDP_V4), 10)
+    + UDP_V4
+)
 PACKET_3 = struct.pack("<I", len(PACKET_3)) + PACKET_3[4:]
 #          type 3<<8|0, flags 0, seq 0, portid 0; family AF_INET, res_id 7
 #          NFQA_PACKET_HDR    packet_id 3, hw_protocol ETH_P_IP, hook NF_INET_LOCAL_IN + pad
@@ -120,8 +124,12 @@ def test_attr_padding():
 
 
 def test_constants_match_the_headers():
-    assert (nfqmsg.MsgType.PACKET, nfqmsg.MsgType.VERDICT, nfqmsg.MsgType.CONFIG,
-            nfqmsg.MsgType.VERDICT_BATCH) == (0x300, 0x301, 0x302, 0x303)
+    assert (
+        nfqmsg.MsgType.PACKET,
+        nfqmsg.MsgType.VERDICT,
+        nfqmsg.MsgType.CONFIG,
+        nfqmsg.MsgType.VERDICT_BATCH,
+    ) == (0x300, 0x301, 0x302, 0x303)
     assert (nfqmsg.NF_DROP, nfqmsg.NF_ACCEPT, nfqmsg.NFQA_CFG_F_FAIL_OPEN) == (0, 1, 1)
     assert nfqmsg.NLA_TYPE_MASK == 0x3FFF
 
@@ -130,9 +138,17 @@ def test_constants_match_the_headers():
 def test_parse_a_packet_message():
     (msg,), broken = split_messages(PACKET_3)
     assert not broken and len(PACKET_3) % 4 != 0
-    assert parse_packet(msg) == QueuedPacket(queue=7, family=socket.AF_INET, packet_id=3,
-                                             hw_protocol=0x0800, hook=1, payload=UDP_V4,
-                                             length=1500, indev=2, mark=42)
+    assert parse_packet(msg) == QueuedPacket(
+        queue=7,
+        family=socket.AF_INET,
+        packet_id=3,
+        hw_protocol=0x0800,
+        hook=1,
+        payload=UDP_V4,
+        length=1500,
+        indev=2,
+        mark=42,
+    )
     assert parse_ack(msg) is None
 
 
@@ -143,11 +159,17 @@ def test_parse_the_kernels_packet_message():
     packet = parse_packet(msg)
     assert not broken and packet is not None
     assert (packet.queue, packet.family, packet.hw_protocol, packet.hook, packet.mark) == (
-        7, socket.AF_INET, nfqmsg.ETH_P_IP, nfqmsg.NF_INET_LOCAL_IN, 0)
+        7,
+        socket.AF_INET,
+        nfqmsg.ETH_P_IP,
+        nfqmsg.NF_INET_LOCAL_IN,
+        0,
+    )
     assert packet.packet_id >= 1 and packet.indev > 0
     assert packet.payload == UDP_V4 and packet.length == len(UDP_V4)  # 38 bytes: not cut
-    assert parse_flow(packet.payload) == Flow(4, 17, socket.inet_aton("10.235.0.1"),
-                                              socket.inet_aton("10.235.0.2"), 57773, 5353)
+    assert parse_flow(packet.payload) == Flow(
+        4, 17, socket.inet_aton("10.235.0.1"), socket.inet_aton("10.235.0.2"), 57773, 5353
+    )
 
 
 def test_parse_the_kernels_refusal():
@@ -182,27 +204,33 @@ def test_several_messages_in_one_datagram():
 
 
 @little_endian
-@pytest.mark.parametrize("raw, count", [
-    (h("10000000 0300 0000 00000000"), 0),  # shorter than a header
-    (h("0c000000 0300 0000 00000000 00000000"), 0),  # length below the header's
-    (h("20000000 0300 0000 00000000 00000000"), 0),  # length past the end
-    (VERDICT_ACCEPT_5 + h("ff"), 1),  # trailing garbage after a good message
-])
+@pytest.mark.parametrize(
+    "raw, count",
+    [
+        (h("10000000 0300 0000 00000000"), 0),  # shorter than a header
+        (h("0c000000 0300 0000 00000000 00000000"), 0),  # length below the header's
+        (h("20000000 0300 0000 00000000 00000000"), 0),  # length past the end
+        (VERDICT_ACCEPT_5 + h("ff"), 1),  # trailing garbage after a good message
+    ],
+)
 def test_broken_framing_is_reported(raw, count):
     messages, broken = split_messages(raw)
     assert broken and len(messages) == count
 
 
 @little_endian
-@pytest.mark.parametrize("body", [
-    h("02 00 0007"),  # no packet header
-    h("02 00 0007 0a00 0100 00000003 0800"),  # packet header too short (6 < 7)
-    h("02 00 0007 0b00 0100 00000003 0800 01 00 0600 0d00 0000"),  # CAP_LEN of 2 bytes
-    h("02 00 0007 0b00 0100 00000003 0800 01 00 0300 0a00"),  # attribute length below 4
-    h("02 00 0007 0b00 0100 00000003 0800 01 00 4000 0a00 45"),  # attribute past the end
-    h("02 00 0007 0b00 0100 00000003 0800 01 00 ff"),  # a stray byte after the attributes
-    h("02 00"),  # no room for nfgenmsg
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        h("02 00 0007"),  # no packet header
+        h("02 00 0007 0a00 0100 00000003 0800"),  # packet header too short (6 < 7)
+        h("02 00 0007 0b00 0100 00000003 0800 01 00 0600 0d00 0000"),  # CAP_LEN of 2 bytes
+        h("02 00 0007 0b00 0100 00000003 0800 01 00 0300 0a00"),  # attribute length below 4
+        h("02 00 0007 0b00 0100 00000003 0800 01 00 4000 0a00 45"),  # attribute past the end
+        h("02 00 0007 0b00 0100 00000003 0800 01 00 ff"),  # a stray byte after the attributes
+        h("02 00"),  # no room for nfgenmsg
+    ],
+)
 def test_malformed_packet_messages_are_none(body):
     assert parse_packet(NetlinkMessage(0x300, 0, 0, 0, body)) is None
 
@@ -233,9 +261,11 @@ def test_parse_flow():
 
 
 def test_parse_queue_status():
-    text = ("    7   8090     1 2   128     8     3       60  1\n"
-            "  300      0     0 2 65531     0     0        0  1\n"
-            "garbage line\n\n")
+    text = (
+        "    7   8090     1 2   128     8     3       60  1\n"
+        "  300      0     0 2 65531     0     0        0  1\n"
+        "garbage line\n\n"
+    )
     assert parse_queue_status(text) == {
         7: QueueStatus(7, 8090, 1, 2, 128, 8, 3, 60),
         300: QueueStatus(300, 0, 0, 2, 65531, 0, 0, 0),

@@ -60,9 +60,12 @@ def test_legacy_endpoints_are_used_where_there_are_no_slices():
 
 def test_a_slice_wins_over_the_endpoints_object_of_the_same_service():
     state = ClusterState()
-    for obj in (kubeobjects.build_namespace("a"), kubeobjects.build_service("a", "s", "172.30.0.9"),
-                builders.build_endpoints("a", "s", ["10.0.0.1"]),
-                kubeobjects.build_endpoint_slice("a", "s", ["10.0.0.2"])):
+    for obj in (
+        kubeobjects.build_namespace("a"),
+        kubeobjects.build_service("a", "s", "172.30.0.9"),
+        builders.build_endpoints("a", "s", ["10.0.0.1"]),
+        kubeobjects.build_endpoint_slice("a", "s", ["10.0.0.2"]),
+    ):
         state.on_event(cluster._KIND_NAMES[obj["kind"]], EventType.ADDED, obj)
     assert state.desired() == [ServiceBackends("a", "s", "172.30.0.9", ("10.0.0.2",))]
 
@@ -86,8 +89,11 @@ def test_label_value_must_be_exactly_true():
 
 def test_relist_forgets_what_the_new_list_lacks():
     state = load_list(SLICES, Stats())
-    web_only = [o for o in SLICES["items"] if o["kind"] == "EndpointSlice"
-                and o["metadata"]["name"].startswith("web-")]
+    web_only = [
+        o
+        for o in SLICES["items"]
+        if o["kind"] == "EndpointSlice" and o["metadata"]["name"].startswith("web-")
+    ]
     state.replace(Kind.ENDPOINT_SLICE, web_only)
     assert [b for b in state.desired() if b.endpoints] == [EXPECTED_FROM_SLICES[-1]]
 
@@ -114,8 +120,10 @@ def test_restore_text_balances_like_kube_proxy_and_dnats_both_protocols():
     assert lines[0] == "*nat" and lines[-1] == "COMMIT"
     assert "-I PREROUTING 1 -j TENCRYPT" in lines and "-I OUTPUT 1 -j TENCRYPT" in lines
     for proto in ("udp", "tcp"):
-        assert (f"-A TENCRYPT -d 172.30.1.1/32 -p {proto} -m {proto} --dport 1337 "
-                f'-m comment --comment "p/s tunnel" -j {svc}') in lines
+        assert (
+            f"-A TENCRYPT -d 172.30.1.1/32 -p {proto} -m {proto} --dport 1337 "
+            f'-m comment --comment "p/s tunnel" -j {svc}'
+        ) in lines
     picks = [line for line in lines if line.startswith(f"-A {svc} ")]
     assert [p.split("-j ")[1] for p in picks] == seps  # numeric order: .1, .2, .10
     assert "--probability 0.3333333333 " in picks[0] and "--probability 0.5000000000 " in picks[1]
@@ -141,12 +149,20 @@ def test_each_endpoint_is_chosen_with_one_over_n(n):
 
 
 def test_jumps_are_not_duplicated_and_stale_chains_are_deleted():
-    existing = "\n".join([
-        "*nat", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":TENCRYPT - [0:0]",
-        ":TENC-SEP-OLDOLDOLDOLDOLDO - [0:0]", ":KUBE-SERVICES - [0:0]",
-        "-A PREROUTING -m comment --comment x -j TENCRYPT", "-A OUTPUT -j TENCRYPT",
-        "-A TENC-SEP-OLDOLDOLDOLDOLDO -p udp -m udp -j DNAT --to-destination 10.9.9.9:1337",
-        "COMMIT"])
+    existing = "\n".join(
+        [
+            "*nat",
+            ":PREROUTING ACCEPT [0:0]",
+            ":OUTPUT ACCEPT [0:0]",
+            ":TENCRYPT - [0:0]",
+            ":TENC-SEP-OLDOLDOLDOLDOLDO - [0:0]",
+            ":KUBE-SERVICES - [0:0]",
+            "-A PREROUTING -m comment --comment x -j TENCRYPT",
+            "-A OUTPUT -j TENCRYPT",
+            "-A TENC-SEP-OLDOLDOLDOLDOLDO -p udp -m udp -j DNAT --to-destination 10.9.9.9:1337",
+            "COMMIT",
+        ]
+    )
     lines = rules.build_restore(EXPECTED_FROM_SLICES, existing).splitlines()
     assert not [line for line in lines if line.startswith("-I ")]
     assert ":TENC-SEP-OLDOLDOLDOLDOLDO - [0:0]" in lines  # flushed, then ...
@@ -182,8 +198,10 @@ COMMIT
 
 
 def test_programmed_pairs_are_read_back_from_iptables_save():
-    assert rules.parse_programmed(SAVED) == {("172.30.12.34", "10.128.0.11"),
-                                             ("172.30.12.34", "10.128.0.12")}
+    assert rules.parse_programmed(SAVED) == {
+        ("172.30.12.34", "10.128.0.11"),
+        ("172.30.12.34", "10.128.0.12"),
+    }
     assert rules.parse_chains(SAVED)[-1] == "TENCRYPT"  # the filter table's chain is not ours
     assert "TENC-SVC-NOTNATNOTNATNOTN" not in rules.parse_chains(SAVED)
     assert len(rules.owned_lines(SAVED)) == 4 + 2 + 8  # chains, jumps, rules
@@ -193,28 +211,62 @@ def test_cleanup_removes_jumps_and_every_owned_chain():
     lines = rules.build_cleanup(SAVED).splitlines()
     assert "-D PREROUTING -j TENCRYPT" in lines and "-D OUTPUT -j TENCRYPT" in lines
     assert sorted(line for line in lines if line.startswith("-X ")) == sorted(
-        f"-X {c}" for c in ["TENC-SEP-BQ4LNP4LGJDB3BOT", "TENC-SEP-YQMHR3SMIWAM4TKW",
-                            "TENC-SVC-5TKGAJFK3DXGCOTO", "TENCRYPT"])
+        f"-X {c}"
+        for c in [
+            "TENC-SEP-BQ4LNP4LGJDB3BOT",
+            "TENC-SEP-YQMHR3SMIWAM4TKW",
+            "TENC-SVC-5TKGAJFK3DXGCOTO",
+            "TENCRYPT",
+        ]
+    )
     assert rules.build_cleanup("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == ""
 
 
 def test_chain_names_are_stable_and_fit_the_kernel_limit():
     name = rules.chain_name(rules.SEP_PREFIX, "a" * 63, "b" * 63, "172.30.255.255", "10.1.2.3")
     assert len(name) <= 28 and name == rules.chain_name(
-        rules.SEP_PREFIX, "a" * 63, "b" * 63, "172.30.255.255", "10.1.2.3")
+        rules.SEP_PREFIX, "a" * 63, "b" * 63, "172.30.255.255", "10.1.2.3"
+    )
 
 
 JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=8)
     | st.sampled_from(["None", "10.0.0.1", "fd00::1", "IPv4", "ExternalName", "true"]),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(["metadata", "name", "namespace", "labels", "spec",
-                                       "clusterIP", "clusterIPs", "type", "endpoints",
-                                       "addresses", "conditions", "ready", "addressType",
-                                       "subsets", "ip", "kubernetes.io/service-name",
-                                       "tencrypt.io/enabled", "terminating", "serving"]),
-                      inner, max_size=5),
-    max_leaves=25)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "metadata",
+                    "name",
+                    "namespace",
+                    "labels",
+                    "spec",
+                    "clusterIP",
+                    "clusterIPs",
+                    "type",
+                    "endpoints",
+                    "addresses",
+                    "conditions",
+                    "ready",
+                    "addressType",
+                    "subsets",
+                    "ip",
+                    "kubernetes.io/service-name",
+                    "tencrypt.io/enabled",
+                    "terminating",
+                    "serving",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=25,
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -230,7 +282,8 @@ def test_garbage_lists_are_counted():
     stats = Stats()
     assert parse_list({"items": "nope"}, stats) == [] and parse_list([], stats) == []
     assert parse_list({"items": [{"kind": "Pod"}, 3, {"kind": "Service", "x": 1}]}, stats) == [
-        (Kind.SERVICE, {"kind": "Service", "x": 1})]
+        (Kind.SERVICE, {"kind": "Service", "x": 1})
+    ]
     assert stats.get("nodesync_bad_object") == 3
     state = ClusterState(stats)
     state.on_event(Kind.SERVICE, EventType.ADDED, {"kind": "Service", "x": 1})
@@ -250,13 +303,24 @@ def test_lab_services_become_the_same_objects_a_cluster_holds():
     class Svc:
         def __init__(self, name, project, vip, endpoint):
             self.name, self.project, self.vip, self.endpoint, self.port = (
-                name, project, vip, endpoint, 8080)
-    objs = kubeobjects.lab_objects([Svc("nginx1", "myproject", "172.30.0.11", "172.17.0.11"),
-                                    Svc("cakephp", "project2", "172.30.0.13", "172.17.0.13")])
+                name,
+                project,
+                vip,
+                endpoint,
+                8080,
+            )
+
+    objs = kubeobjects.lab_objects(
+        [
+            Svc("nginx1", "myproject", "172.30.0.11", "172.17.0.11"),
+            Svc("cakephp", "project2", "172.30.0.13", "172.17.0.13"),
+        ]
+    )
     doc = json.loads(json.dumps(kubeobjects.build_list(objs)))
     assert load_list(doc, Stats()).desired() == [
         ServiceBackends("myproject", "nginx1", "172.30.0.11", ("172.17.0.11",)),
-        ServiceBackends("project2", "cakephp", "172.30.0.13", ("172.17.0.13",))]
+        ServiceBackends("project2", "cakephp", "172.30.0.13", ("172.17.0.13",)),
+    ]
 
 
 def test_pure_modules_do_no_io():
@@ -265,6 +329,7 @@ def test_pure_modules_do_no_io():
 
 
 # -- the real kubernetes client against the API server double (loopback only) --------------
+
 
 class RecordingApplier:
     name = "recording"
@@ -292,8 +357,11 @@ class Watching:
         kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
         self.api = kubeclient.new_api_client(str(kubeconfig))
         self.applier, self.stop, self.stats = RecordingApplier(), threading.Event(), Stats()
-        self.thread = threading.Thread(target=watch.watch_and_sync, daemon=True, args=(
-            self.api, self.applier, self.stats, self.stop, resync, watch_timeout))
+        self.thread = threading.Thread(
+            target=watch.watch_and_sync,
+            daemon=True,
+            args=(self.api, self.applier, self.stats, self.stop, resync, watch_timeout),
+        )
         self.thread.start()
 
     def until(self, expected, what):
@@ -314,6 +382,7 @@ def api_server(request):
         server.start()
         servers.append(server)
         return server
+
     yield make
     for server in servers:
         server.stop()
@@ -327,6 +396,7 @@ def watching(tmp_path):
         w = Watching(server, tmp_path, **kw)
         made.append(w)
         return w
+
     yield make
     for w in made:
         w.close()
@@ -337,13 +407,17 @@ def web(ips):
 
 
 def test_real_client_fake_apiserver_watch_follows_pods_and_labels_without_polling(
-        api_server, watching):
+    api_server, watching
+):
     server = api_server()
     w = watching(server)
     w.until(EXPECTED_FROM_SLICES, "first sync")
     # pod web-...-h8w2x (10.128.0.12) replaced by a new pod at 10.128.0.13
-    server.put(kubeobjects.build_endpoint_slice("shop", "web", ["10.128.0.11", "10.128.0.13"],
-                                                suffix="m5l7c"))
+    server.put(
+        kubeobjects.build_endpoint_slice(
+            "shop", "web", ["10.128.0.11", "10.128.0.13"], suffix="m5l7c"
+        )
+    )
     w.until([*EXPECTED_FROM_SLICES[:3], web(["10.128.0.11", "10.128.0.13"])], "pod replaced")
     server.put(kubeobjects.build_namespace("shop", enabled=False))
     w.until([], "label removed")
@@ -360,7 +434,8 @@ def test_real_client_fake_apiserver_watch_follows_pods_and_labels_without_pollin
 
 
 def test_real_client_fake_apiserver_resumes_a_timed_out_watch_without_relisting(
-        api_server, watching):
+    api_server, watching
+):
     server = api_server()
     w = watching(server)
     w.until(EXPECTED_FROM_SLICES, "first sync")
@@ -380,8 +455,10 @@ def test_real_client_fake_apiserver_relists_after_410_gone(api_server, watching)
     server.compact()
     server.resume_watches()  # every re-watch asks for a version history no longer has
     w.until([*EXPECTED_FROM_SLICES[:3], web(["10.128.0.13"])], "change seen after relist")
-    wait_for(lambda: server.count(Kind.SERVICE, "list") == server.count(Kind.NAMESPACE, "list")
-             == 2, what="every kind relisted once")
+    wait_for(
+        lambda: server.count(Kind.SERVICE, "list") == server.count(Kind.NAMESPACE, "list") == 2,
+        what="every kind relisted once",
+    )
 
 
 def test_real_client_fake_apiserver_without_slice_api_uses_endpoints(api_server, watching):
@@ -394,8 +471,9 @@ def test_real_client_fake_apiserver_without_slice_api_uses_endpoints(api_server,
     assert server.count(Kind.ENDPOINTS, "watch") == 1
 
 
-def test_real_client_fake_apiserver_list_once_pages_through_everything(api_server, tmp_path,
-                                                                        monkeypatch):
+def test_real_client_fake_apiserver_list_once_pages_through_everything(
+    api_server, tmp_path, monkeypatch
+):
     server = api_server()
     monkeypatch.setattr(kubeclient, "PAGE_SIZE", 2)  # 10 slices: 5 pages
     api = kubeclient.new_api_client(str(server.write_kubeconfig(tmp_path / "kc")))
@@ -412,15 +490,17 @@ def test_real_client_fake_apiserver_refuses_a_wrong_token(api_server, tmp_path):
     path.write_text(path.read_text().replace("tencrypt-test-token", "wrong"))
     api = kubeclient.new_api_client(str(path))
     try:
-        with pytest.raises(SetupError, match=f"API server {server.url}: HTTP 401 .*check the "
-                                             "token"):
+        with pytest.raises(
+            SetupError, match=f"API server {server.url}: HTTP 401 .*check the token"
+        ):
             watch.list_once(api, Stats())
     finally:
         api.close()
 
 
 def test_real_client_an_api_server_not_up_yet_is_awaited_and_once_fails_clearly(
-        api_server, watching, tmp_path, caplog):
+    api_server, watching, tmp_path, caplog
+):
     """A node boots before its API server answers: the watch waits and retries (logged), then
     converges; --once fails at once with the server named, never a traceback."""
     down = api_server()
@@ -474,18 +554,31 @@ def manifests():
 
 def test_rbac_is_read_only_and_covers_exactly_what_node_sync_reads():
     docs, kustomization = manifests()
-    assert sorted(kustomization["resources"]) == ["daemonset.yaml", "namespace.yaml",
-                                                  "rbac.yaml", "serviceaccount.yaml"]
+    assert sorted(kustomization["resources"]) == [
+        "daemonset.yaml",
+        "namespace.yaml",
+        "rbac.yaml",
+        "serviceaccount.yaml",
+    ]
     roles = {d["metadata"]["name"]: d["rules"] for d in docs if d["kind"] == "ClusterRole"}
     for rules_ in roles.values():
         for rule in rules_:
             assert set(rule["verbs"]) <= {"get", "list", "watch", "use"}, rule
             if "secrets" in rule["resources"]:
                 assert rule["resourceNames"] == ["tencrypt"]  # no other Secret, ever
-    granted = {(group, res) for rule in roles["tencrypt-node-sync"] for group in rule["apiGroups"]
-               for res in rule["resources"] if {"list", "watch"} <= set(rule["verbs"])}
-    read = {("", "namespaces"), ("", "services"), ("", "endpoints"),
-            ("discovery.k8s.io", "endpointslices")}  # watch.list_function's four calls
+    granted = {
+        (group, res)
+        for rule in roles["tencrypt-node-sync"]
+        for group in rule["apiGroups"]
+        for res in rule["resources"]
+        if {"list", "watch"} <= set(rule["verbs"])
+    }
+    read = {
+        ("", "namespaces"),
+        ("", "services"),
+        ("", "endpoints"),
+        ("discovery.k8s.io", "endpointslices"),
+    }  # watch.list_function's four calls
     assert granted == read
 
 

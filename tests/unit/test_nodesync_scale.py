@@ -31,8 +31,9 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "nodesync-cluster.j
 NAMES = ("a", "b")
 VIPS = ("172.30.0.1", "172.30.0.2")
 ENDPOINTS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
-SUBSETS = [tuple(c) for n in range(len(ENDPOINTS) + 1)
-           for c in itertools.combinations(ENDPOINTS, n)]
+SUBSETS = [
+    tuple(c) for n in range(len(ENDPOINTS) + 1) for c in itertools.combinations(ENDPOINTS, n)
+]
 
 
 def small_states():
@@ -42,8 +43,9 @@ def small_states():
     for a, b in itertools.product(choices, repeat=2):
         if a and b and a[0] == b[0]:
             continue
-        yield [ServiceBackends("shop", n, c[0], c[1]) for n, c in zip(NAMES, (a, b), strict=True)
-               if c]
+        yield [
+            ServiceBackends("shop", n, c[0], c[1]) for n, c in zip(NAMES, (a, b), strict=True) if c
+        ]
 
 
 STATES = list(small_states())
@@ -66,7 +68,8 @@ def test_diff_turns_every_small_state_into_every_other():
 SERVICES = st.dictionaries(
     st.tuples(st.sampled_from(["shop", "blog"]), st.sampled_from("abcdefgh")),
     st.tuples(st.integers(1, 12), st.lists(st.integers(1, 9), max_size=5, unique=True)),
-    max_size=12)
+    max_size=12,
+)
 
 
 def state_of(drawn) -> list[ServiceBackends]:
@@ -75,8 +78,9 @@ def state_of(drawn) -> list[ServiceBackends]:
         if vip in seen:
             continue
         seen.add(vip)
-        out.append(ServiceBackends(ns, name, f"172.30.1.{vip}",
-                                   tuple(f"10.1.0.{e}" for e in sorted(eps))))
+        out.append(
+            ServiceBackends(ns, name, f"172.30.1.{vip}", tuple(f"10.1.0.{e}" for e in sorted(eps)))
+        )
     return out
 
 
@@ -88,15 +92,19 @@ def test_any_diff_applied_to_a_gives_b(a, b):
     assert apply_ops(pa, ops) == pb
     # only what differs is named: no command for an element or endpoint that stays
     named = {op.element for op in ops} | {op.slot for op in ops}
-    assert not named & ({k for k in pa.elements if pb.elements.get(k) == pa.elements[k]}
-                        | {s for s in pa.endpoints if pb.endpoints.get(s) == pa.endpoints[s]})
+    assert not named & (
+        {k for k in pa.elements if pb.elements.get(k) == pa.elements[k]}
+        | {s for s in pa.endpoints if pb.endpoints.get(s) == pa.endpoints[s]}
+    )
 
 
 def test_the_model_refuses_a_table_left_half_done():
     p = program_of([ServiceBackends("shop", "a", "172.30.0.1", ("10.0.0.1", "10.0.0.2"))])
-    for half in ([Op(Verb.DELETE_ENDPOINT, slot=("172.30.0.1", 1))],  # the VIP still says 2
-                 [Op(Verb.DELETE_ELEMENT, element=("172.30.0.1", "udp", 1337))],  # tcp left
-                 [Op(Verb.ADD_ENDPOINT, slot=("172.30.0.1", 2), address="10.0.0.3")]):
+    for half in (
+        [Op(Verb.DELETE_ENDPOINT, slot=("172.30.0.1", 1))],  # the VIP still says 2
+        [Op(Verb.DELETE_ELEMENT, element=("172.30.0.1", "udp", 1337))],  # tcp left
+        [Op(Verb.ADD_ENDPOINT, slot=("172.30.0.1", 2), address="10.0.0.3")],
+    ):
         with pytest.raises(nftrules.ModelError):
             apply_ops(p, half)
 
@@ -104,20 +112,28 @@ def test_the_model_refuses_a_table_left_half_done():
 def test_the_model_refuses_what_the_kernel_refuses():
     p = program_of([ServiceBackends("shop", "a", "172.30.0.1", ("10.0.0.1",))])
     assert p.picks == {1}
-    for bad in ([Op(Verb.DELETE_CHAIN, n=1)],  # still the target of the VIP's elements
-                [Op(Verb.ADD_CHAIN, n=1)],
-                [Op(Verb.ADD_ENDPOINT, slot=("172.30.0.1", 0), address="10.0.0.2")],
-                [Op(Verb.DELETE_ENDPOINT, slot=("172.30.0.1", 1))],
-                [Op(Verb.DELETE_ELEMENT, element=("172.30.0.9", "udp", 1337))],
-                [Op(Verb.ADD_ELEMENT, element=("172.30.0.9", "udp", 1337), n=2)]):
+    for bad in (
+        [Op(Verb.DELETE_CHAIN, n=1)],  # still the target of the VIP's elements
+        [Op(Verb.ADD_CHAIN, n=1)],
+        [Op(Verb.ADD_ENDPOINT, slot=("172.30.0.1", 0), address="10.0.0.2")],
+        [Op(Verb.DELETE_ENDPOINT, slot=("172.30.0.1", 1))],
+        [Op(Verb.DELETE_ELEMENT, element=("172.30.0.9", "udp", 1337))],
+        [Op(Verb.ADD_ELEMENT, element=("172.30.0.9", "udp", 1337), n=2)],
+    ):
         with pytest.raises(nftrules.ModelError):
             apply_ops(p, bad)
 
 
 def test_one_endpoint_change_is_a_few_lines_whatever_the_cluster_size():
-    big = [ServiceBackends("shop", f"s{i}", f"172.30.{i // 250}.{i % 250 + 1}",
-                           (f"10.128.{i // 250}.{i % 250 + 1}", f"10.129.{i // 250}.{i % 250 + 1}"))
-           for i in range(5000)]
+    big = [
+        ServiceBackends(
+            "shop",
+            f"s{i}",
+            f"172.30.{i // 250}.{i % 250 + 1}",
+            (f"10.128.{i // 250}.{i % 250 + 1}", f"10.129.{i // 250}.{i % 250 + 1}"),
+        )
+        for i in range(5000)
+    ]
     moved = list(big)
     moved[1234] = ServiceBackends("shop", "s1234", big[1234].vip, ("10.130.0.1",))
     text = nftrules.render(diff(program_of(big), program_of(moved)))
@@ -130,31 +146,39 @@ def test_one_endpoint_change_is_a_few_lines_whatever_the_cluster_size():
         "@endpoints4\n"
         f"add element inet tencrypt endpoints4 {{ {vip} . 0 : 10.130.0.1 }}\n"
         f"add element inet tencrypt vips4 {{ {vip} . udp . 1337 : goto pick-1, "
-        f"{vip} . tcp . 1337 : goto pick-1 }}\n")
+        f"{vip} . tcp . 1337 : goto pick-1 }}\n"
+    )
     same_count = list(big)
     same_count[7] = ServiceBackends("shop", "s7", big[7].vip, (big[7].endpoints[0], "10.9.9.9"))
     assert nftrules.render(diff(program_of(big), program_of(same_count))) == (
         f"delete element inet tencrypt endpoints4 {{ {big[7].vip} . 1 }}\n"
-        f"add element inet tencrypt endpoints4 {{ {big[7].vip} . 1 : 10.9.9.9 }}\n")
+        f"add element inet tencrypt endpoints4 {{ {big[7].vip} . 1 : 10.9.9.9 }}\n"
+    )
 
 
 def test_rules_balance_as_kube_proxy_does_and_keep_the_port():
     assert nftrules.pick_rule(3) == (
-        "dnat ip to ip daddr . numgen random mod 3 map @endpoints4")  # index < 3: 1/3 each
+        "dnat ip to ip daddr . numgen random mod 3 map @endpoints4"
+    )  # index < 3: 1/3 each
 
 
 def test_full_text_is_one_table_of_its_own_hooked_before_kube_proxy_and_parses_back():
-    state = [ServiceBackends("shop", "web", "172.30.0.9", ("10.0.0.1", "10.0.0.2")),
-             ServiceBackends("shop", "db", "172.30.0.10", ("10.0.0.4",)),
-             ServiceBackends("shop", "idle", "172.30.0.11", ())]
+    state = [
+        ServiceBackends("shop", "web", "172.30.0.9", ("10.0.0.1", "10.0.0.2")),
+        ServiceBackends("shop", "db", "172.30.0.10", ("10.0.0.4",)),
+        ServiceBackends("shop", "idle", "172.30.0.11", ()),
+    ]
     program = program_of(state, port=4242)
     text = nftrules.full_text(program)
     assert text.startswith("add table inet tencrypt\ndelete table inet tencrypt\n")
     assert "priority -110;" in text and "nat" in text and "KUBE" not in text
     assert "172.30.0.11" not in text  # no endpoints: no element
     assert nftrules.parse_listing(text) == program
-    assert nftrules.pairs(program) == {("172.30.0.9", "10.0.0.1"), ("172.30.0.9", "10.0.0.2"),
-                                       ("172.30.0.10", "10.0.0.4")}
+    assert nftrules.pairs(program) == {
+        ("172.30.0.9", "10.0.0.1"),
+        ("172.30.0.9", "10.0.0.2"),
+        ("172.30.0.10", "10.0.0.4"),
+    }
     assert nftrules.full_text(program) == text  # byte-identical for the same state
 
 
@@ -162,12 +186,17 @@ def test_nft_accepts_the_texts_where_it_can_be_asked():
     """``nft -c`` (check only, nothing committed) on a full table and on a diff's commands
     added to it, where nft runs (root)."""
     a = program_of([ServiceBackends("shop", "web", "172.30.0.9", ("10.0.0.1", "10.0.0.2"))])
-    b = program_of([ServiceBackends("shop", "web", "172.30.0.9", ("10.0.0.3",)),
-                    ServiceBackends("shop", "db", "172.30.0.10", ("10.0.0.4",))])
+    b = program_of(
+        [
+            ServiceBackends("shop", "web", "172.30.0.9", ("10.0.0.3",)),
+            ServiceBackends("shop", "db", "172.30.0.10", ("10.0.0.4",)),
+        ]
+    )
     text = nftrules.full_text(a) + nftrules.render(diff(a, b))
     try:
-        proc = subprocess.run(["nft", "-c", "-f", "-"], input=text, text=True,
-                              capture_output=True, timeout=30)
+        proc = subprocess.run(
+            ["nft", "-c", "-f", "-"], input=text, text=True, capture_output=True, timeout=30
+        )
     except FileNotFoundError:
         pytest.skip("no nft here")
     if "Operation not permitted" in proc.stderr:
@@ -176,6 +205,7 @@ def test_nft_accepts_the_texts_where_it_can_be_asked():
 
 
 # -- the iptables backend's partial restores, against a model of iptables-restore ---------
+
 
 def restore(chains: dict[str, list[str]], text: str) -> dict[str, list[str]]:
     """``iptables-restore --noflush`` of ``text`` on the nat chains ``chains`` (a model:
@@ -222,10 +252,13 @@ def test_iptables_partial_restore_gives_what_a_full_one_gives(a, b):
         named = {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
         before = {(s.namespace, s.name, s.vip): s.endpoints for s in sa}
         unchanged = [s for s in sb if before.get((s.namespace, s.name, s.vip)) == s.endpoints]
-        assert not named & {rules.chain_name(rules.SVC_PREFIX, s.namespace, s.name, s.vip)
-                            for s in unchanged}
-    assert (text == "") == ({(s.namespace, s.name, s.vip): s.endpoints for s in sa}
-                            == {(s.namespace, s.name, s.vip): s.endpoints for s in sb})
+        assert not named & {
+            rules.chain_name(rules.SVC_PREFIX, s.namespace, s.name, s.vip) for s in unchanged
+        }
+    assert (text == "") == (
+        {(s.namespace, s.name, s.vip): s.endpoints for s in sa}
+        == {(s.namespace, s.name, s.vip): s.endpoints for s in sb}
+    )
 
 
 def test_iptables_partial_restore_exhaustively_on_small_states():
@@ -236,6 +269,7 @@ def test_iptables_partial_restore_exhaustively_on_small_states():
 
 
 # -- the syncer: full, then partial; metrics --------------------------------------------------
+
 
 class Recorder:
     name = "recording"
@@ -254,20 +288,25 @@ class Recorder:
 def test_the_syncer_syncs_in_full_first_and_on_resync_partially_in_between():
     clock = iter(float(i) for i in range(100))
     applier = Recorder()
-    syncer = watch.Syncer(applier, Stats(), (Kind.NAMESPACE, Kind.SERVICE, Kind.ENDPOINT_SLICE),
-                          clock=lambda: next(clock), wall=lambda: 1234.5)
+    syncer = watch.Syncer(
+        applier,
+        Stats(),
+        (Kind.NAMESPACE, Kind.SERVICE, Kind.ENDPOINT_SLICE),
+        clock=lambda: next(clock),
+        wall=lambda: 1234.5,
+    )
     doc = json.loads(FIXTURE.read_text())
     for kind in syncer.kinds:
         syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
     assert syncer.sync()
-    web = next(o for o in doc["items"] if o["kind"] == "Service"
-               and o["metadata"]["name"] == "web")
+    web = next(o for o in doc["items"] if o["kind"] == "Service" and o["metadata"]["name"] == "web")
     syncer.fold(Changed(Kind.SERVICE, EventType.DELETED, web))
     assert syncer.sync() and syncer.sync(force=True)
     assert applier.calls == [("full", 4), ("partial", 3), ("full", 3)]
     text = syncer.metrics.render()
-    assert 'tencrypt_nodesync_sync_duration_seconds_count{backend="recording",mode="full"} 2' \
-        in text
+    assert (
+        'tencrypt_nodesync_sync_duration_seconds_count{backend="recording",mode="full"} 2' in text
+    )
     assert 'mode="partial",le="1.0"} 1' in text
     assert 'tencrypt_nodesync_programmed_elements{backend="recording"} 7' in text
     assert "tencrypt_nodesync_last_success_timestamp_seconds 1234.500" in text
@@ -289,14 +328,23 @@ def test_once_dry_run_prints_the_nft_transaction(capsys):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert main(parser.parse_args(["--once", "--dry-run", "--backend", "nft",
-                                   "--from-file", str(FIXTURE)])) == 0
+    assert (
+        main(
+            parser.parse_args(
+                ["--once", "--dry-run", "--backend", "nft", "--from-file", str(FIXTURE)]
+            )
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("add table inet tencrypt\n")
     assert nftrules.pairs(nftrules.parse_listing(out)) == {
-        ("172.30.77.7", "10.128.0.12"), ("172.30.8.8", "10.128.0.17"),
-        ("172.30.8.8", "10.128.0.18"), ("172.30.12.34", "10.128.0.11"),
-        ("172.30.12.34", "10.128.0.12")}
+        ("172.30.77.7", "10.128.0.12"),
+        ("172.30.8.8", "10.128.0.17"),
+        ("172.30.8.8", "10.128.0.18"),
+        ("172.30.12.34", "10.128.0.11"),
+        ("172.30.12.34", "10.128.0.12"),
+    }
 
 
 def test_pure_modules_do_no_io():
@@ -343,8 +391,7 @@ def test_a_failed_sync_is_counted_and_the_next_one_is_full():
     for kind in syncer.kinds:
         syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
     assert syncer.sync()
-    web = next(o for o in doc["items"] if o["kind"] == "Service"
-               and o["metadata"]["name"] == "web")
+    web = next(o for o in doc["items"] if o["kind"] == "Service" and o["metadata"]["name"] == "web")
     syncer.fold(Changed(Kind.SERVICE, EventType.DELETED, web))
     with pytest.raises(RuntimeError):
         syncer.sync()

@@ -21,8 +21,11 @@ from tencrypt.core.noise import (
 
 # Vendored with its provenance in tests/unit/data/noise/README.md; found beside this file.
 VECTORS = Path(__file__).parent / "data" / "noise" / "noise-cacophony.json"
-SUPPORTED = ["Noise_NN_25519_ChaChaPoly_BLAKE2s", "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s",
-             "Noise_NNpsk0_25519_ChaChaPoly_SHA256"]
+SUPPORTED = [
+    "Noise_NN_25519_ChaChaPoly_BLAKE2s",
+    "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s",
+    "Noise_NNpsk0_25519_ChaChaPoly_SHA256",
+]
 PSK = bytes(range(32))
 
 
@@ -37,9 +40,13 @@ def _pair(v):
     def side(prefix, initiator):
         psks = v.get(prefix + "_psks")
         return HandshakeState(
-            v["protocol_name"], initiator, bytes.fromhex(v[prefix + "_prologue"]),
+            v["protocol_name"],
+            initiator,
+            bytes.fromhex(v[prefix + "_prologue"]),
             psk=bytes.fromhex(psks[0]) if psks else None,
-            ephemeral=X25519PrivateKey.from_private_bytes(bytes.fromhex(v[prefix + "_ephemeral"])))
+            ephemeral=X25519PrivateKey.from_private_bytes(bytes.fromhex(v[prefix + "_ephemeral"])),
+        )
+
     return side("init", True), side("resp", False)
 
 
@@ -47,8 +54,9 @@ def _pair(v):
 def test_cacophony_vector(name):
     v = _vector(name)
     init, resp = _pair(v)
-    messages = [(bytes.fromhex(m["payload"]), bytes.fromhex(m["ciphertext"]))
-                for m in v["messages"]]
+    messages = [
+        (bytes.fromhex(m["payload"]), bytes.fromhex(m["ciphertext"])) for m in v["messages"]
+    ]
     for turn, (payload, expected) in enumerate(messages[:2]):
         writer, reader = (init, resp) if turn % 2 == 0 else (resp, init)
         assert writer.write_message(payload) == expected

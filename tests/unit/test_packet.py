@@ -33,8 +33,11 @@ from tencrypt.core.packet import (
     rewrite_tcp_mss,
 )
 
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -53,13 +56,27 @@ TCP_OPTIONS = [
 def fields(draw, protos=("tcp", "udp", "icmp"), max_payload=1400):
     """Everything needed to build one IPv4 packet with scapy (see ``build``)."""
     proto = draw(st.sampled_from(protos))
-    f = dict(proto=proto, src=draw(addresses), dst=draw(addresses), id=draw(u16),
-             ttl=draw(st.integers(1, 255)), tos=draw(u8), df=draw(st.booleans()),
-             nops=draw(st.integers(0, 10)), sport=draw(u16), dport=draw(u16),
-             payload=draw(st.binary(max_size=max_payload)))
+    f = dict(
+        proto=proto,
+        src=draw(addresses),
+        dst=draw(addresses),
+        id=draw(u16),
+        ttl=draw(st.integers(1, 255)),
+        tos=draw(u8),
+        df=draw(st.booleans()),
+        nops=draw(st.integers(0, 10)),
+        sport=draw(u16),
+        dport=draw(u16),
+        payload=draw(st.binary(max_size=max_payload)),
+    )
     if proto == "tcp":
-        f.update(seq=draw(u32), ack=draw(u32), flags=draw(u8), window=draw(u16),
-                 options=draw(st.sampled_from(range(len(TCP_OPTIONS)))))
+        f.update(
+            seq=draw(u32),
+            ack=draw(u32),
+            flags=draw(u8),
+            window=draw(u16),
+            options=draw(st.sampled_from(range(len(TCP_OPTIONS)))),
+        )
     elif proto == "udp":
         f.update(nocsum=draw(st.booleans()))
     else:
@@ -69,11 +86,25 @@ def fields(draw, protos=("tcp", "udp", "icmp"), max_payload=1400):
 
 def build_scapy(f, **over):
     f = {**f, **over}
-    ip = IP(src=f["src"], dst=f["dst"], id=f["id"], ttl=f["ttl"], tos=f["tos"],
-            flags="DF" if f["df"] else 0, options=[IPOption_NOP()] * f["nops"])
+    ip = IP(
+        src=f["src"],
+        dst=f["dst"],
+        id=f["id"],
+        ttl=f["ttl"],
+        tos=f["tos"],
+        flags="DF" if f["df"] else 0,
+        options=[IPOption_NOP()] * f["nops"],
+    )
     if f["proto"] == "tcp":
-        l4 = TCP(sport=f["sport"], dport=f["dport"], seq=f["seq"], ack=f["ack"], flags=f["flags"],
-                 window=f["window"], options=TCP_OPTIONS[f["options"]])
+        l4 = TCP(
+            sport=f["sport"],
+            dport=f["dport"],
+            seq=f["seq"],
+            ack=f["ack"],
+            flags=f["flags"],
+            window=f["window"],
+            options=TCP_OPTIONS[f["options"]],
+        )
     elif f["proto"] == "udp":
         l4 = UDP(sport=f["sport"], dport=f["dport"], chksum=0 if f["nocsum"] else None)
     else:
@@ -86,6 +117,7 @@ def build(f, **over) -> bytes:
 
 
 # --- checksums --------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(st.binary(max_size=3000))
@@ -107,9 +139,9 @@ def test_incremental_update_equals_full_recomputation(data, draw):
     bits = draw.draw(st.sampled_from([16, 32]))
     width = bits // 8
     at = 2 * draw.draw(st.integers(0, (len(buf) - 2 - width) // 2))
-    old = int.from_bytes(buf[at:at + width], "big")
+    old = int.from_bytes(buf[at : at + width], "big")
     new = draw.draw(st.integers(0, (1 << bits) - 1))
-    buf[at:at + width] = new.to_bytes(width, "big")
+    buf[at : at + width] = new.to_bytes(width, "big")
     struct.pack_into("!H", buf, len(buf) - 2, 0)
     # All-zero data sums to +0, not -0; no IP/TCP/UDP/ICMP header is all zero (RFC 1624 §3).
     assume(any(buf))
@@ -122,6 +154,7 @@ def test_checksum_rfc1071_example():
 
 
 # --- parsing ----------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(fields())
@@ -182,15 +215,17 @@ def test_mutated_packets_never_raise(f, data):
 
 def test_garbage_headers_rejected():
     good = bytearray(build_scapy_simple("tcp"))
-    cases = [(0, b"\x65"),                       # IPv6 version nibble
-             (0, b"\x44"),                       # IHL 4 < 5
-             (0, b"\x4f"),                       # IHL 15: header longer than the packet
-             (2, struct.pack("!H", 19)),         # total length < header length
-             (2, struct.pack("!H", len(good) + 1)),  # total length > bytes read
-             (2, struct.pack("!H", 30))]         # TCP header cut by the total length
+    cases = [
+        (0, b"\x65"),  # IPv6 version nibble
+        (0, b"\x44"),  # IHL 4 < 5
+        (0, b"\x4f"),  # IHL 15: header longer than the packet
+        (2, struct.pack("!H", 19)),  # total length < header length
+        (2, struct.pack("!H", len(good) + 1)),  # total length > bytes read
+        (2, struct.pack("!H", 30)),
+    ]  # TCP header cut by the total length
     for offset, value in cases:
         bad = bytearray(good)
-        bad[offset:offset + len(value)] = value
+        bad[offset : offset + len(value)] = value
         assert parse_ipv4(bad) is None, (offset, value)
     bad = bytearray(good)
     bad[20 + 12] = 0x40  # TCP data offset 16 bytes < 20
@@ -199,8 +234,9 @@ def test_garbage_headers_rejected():
 
 
 def build_scapy_simple(proto, payload=b"hello", **ip):
-    l4 = {"tcp": TCP(sport=1234, dport=80), "udp": UDP(sport=1234, dport=53),
-          "icmp": ICMP(id=7)}[proto]
+    l4 = {"tcp": TCP(sport=1234, dport=80), "udp": UDP(sport=1234, dport=53), "icmp": ICMP(id=7)}[
+        proto
+    ]
     return bytes(IP(**{"src": "10.0.0.1", "dst": "10.0.0.2", **ip}) / l4 / Raw(payload))
 
 
@@ -212,9 +248,14 @@ def test_trailing_padding_ignored():
 
 # --- fragments --------------------------------------------------------------------------------
 
+
 @SETTINGS
-@given(fields(protos=("tcp", "udp"), max_payload=1400), addresses, st.sampled_from([SRC, DST]),
-       st.sampled_from([64, 200, 512]))
+@given(
+    fields(protos=("tcp", "udp"), max_payload=1400),
+    addresses,
+    st.sampled_from([SRC, DST]),
+    st.sampled_from([64, 200, 512]),
+)
 def test_fragments_rewrite_like_scapy(f, new, field, size):
     """Only the first fragment has ports and the L4 checksum; all get their addresses changed."""
     f = {**f, "df": False}
@@ -241,6 +282,7 @@ def test_tiny_tcp_fragment_overlap_dropped():
 
 # --- address rewrites -------------------------------------------------------------------------
 
+
 @SETTINGS
 @given(fields(), addresses, st.sampled_from([SRC, DST]))
 def test_rewrite_addr_checksums_equal_scapy(f, new, field):
@@ -256,13 +298,25 @@ def test_rewrite_addr_checksums_equal_scapy(f, new, field):
 def test_udp_zero_checksum_stays_zero(f, new):
     buf = bytearray(build({**f, "nocsum": True}))
     rewrite_addr(buf, parse_ipv4(buf), DST, ip_to_int(new))
-    assert buf[parse_ipv4(buf).hlen + 6:][:2] == b"\0\0"
+    assert buf[parse_ipv4(buf).hlen + 6 :][:2] == b"\0\0"
 
 
 def test_udp_computed_zero_sent_as_ffff():
     """A payload word chosen so that the rewritten checksum is 0: it must go out as 0xFFFF."""
-    f = dict(proto="udp", src="10.0.0.1", dst="172.30.0.1", id=0, ttl=64, tos=0, df=False,
-             nops=0, sport=1, dport=2, payload=b"\0\0", nocsum=False)
+    f = dict(
+        proto="udp",
+        src="10.0.0.1",
+        dst="172.30.0.1",
+        id=0,
+        ttl=64,
+        tos=0,
+        df=False,
+        nops=0,
+        sport=1,
+        dport=2,
+        payload=b"\0\0",
+        nocsum=False,
+    )
     partial = ~UDP(build(f, dst="10.0.0.2")[20:]).chksum & 0xFFFF  # ones' sum without payload
     f["payload"] = (0xFFFF - partial).to_bytes(2, "big")  # brings the sum to -0: checksum 0
     assert UDP(build(f, dst="10.0.0.2")[20:]).chksum == 0xFFFF  # scapy's rule too
@@ -275,9 +329,15 @@ def test_udp_computed_zero_sent_as_ffff():
 
 # --- ICMP errors ------------------------------------------------------------------------------
 
+
 @SETTINGS
-@given(fields(), st.sampled_from([8, 18, 20, 28, 548]), addresses, addresses,
-       st.sampled_from([SRC, DST]))
+@given(
+    fields(),
+    st.sampled_from([8, 18, 20, 28, 548]),
+    addresses,
+    addresses,
+    st.sampled_from([SRC, DST]),
+)
 def test_icmp_quote_rewrite_consistent(f, extra, outer_src, new, field):
     """Quoted header, its checksums and the ICMP checksum all end up as scapy computes them.
 
@@ -285,21 +345,25 @@ def test_icmp_quote_rewrite_consistent(f, extra, outer_src, new, field):
     """
     orig = build(f)
     hlen = parse_ipv4(orig).hlen
-    quote = orig[:hlen + extra]
+    quote = orig[: hlen + extra]
     err = IP(src=outer_src, dst=f["src"]) / ICMP(type=3, code=3) / Raw(quote)
     buf = bytearray(bytes(err))
     outer = parse_ipv4(buf)
     assert outer is not None and is_icmp_error(outer)
     inner = parse_icmp_quote(buf, outer)
     assert inner is not None
-    assert (inner.src, inner.dst, inner.sport) == (ip_to_int(f["src"]), ip_to_int(f["dst"]),
-                                                   f["sport"])
+    assert (inner.src, inner.dst, inner.sport) == (
+        ip_to_int(f["src"]),
+        ip_to_int(f["dst"]),
+        f["sport"],
+    )
     rewrite_icmp_quote(buf, outer, inner, field, ip_to_int(new))
-    want = bytearray(build(f, **{"src" if field == SRC else "dst": new})[:hlen + extra])
+    want = bytearray(build(f, **{"src" if field == SRC else "dst": new})[: hlen + extra])
     if f["proto"] == "tcp" and extra < 20 and len(want) >= hlen + 18:
-        want[hlen + 16:hlen + 18] = orig[hlen + 16:hlen + 18]  # not updated, as Linux
-    assert bytes(buf) == bytes(IP(src=outer_src, dst=f["src"]) / ICMP(type=3, code=3)
-                               / Raw(bytes(want)))
+        want[hlen + 16 : hlen + 18] = orig[hlen + 16 : hlen + 18]  # not updated, as Linux
+    assert bytes(buf) == bytes(
+        IP(src=outer_src, dst=f["src"]) / ICMP(type=3, code=3) / Raw(bytes(want))
+    )
 
 
 def test_icmp_quote_too_short_is_malformed():
@@ -310,6 +374,7 @@ def test_icmp_quote_too_short_is_malformed():
 
 
 # --- frag-needed ------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(fields(protos=("tcp", "udp")), st.integers(68, 9000))
@@ -322,7 +387,7 @@ def test_frag_needed_as_scapy_reads_it(f, mtu):
     assert (p.src, p.dst, p.proto) == ("10.128.0.5", f["src"], 1)
     assert (p[ICMP].type, p[ICMP].code, p[ICMP].nexthopmtu) == (3, 4, mtu)
     hlen = parse_ipv4(orig).hlen
-    assert bytes(p[ICMP].payload) == orig[:hlen + 8]
+    assert bytes(p[ICMP].payload) == orig[: hlen + 8]
     assert p[IPerror].src == f["src"] and p[IPerror].dst == f["dst"]
     # checksums equal scapy's recomputation
     q = IP(reply)
@@ -332,8 +397,11 @@ def test_frag_needed_as_scapy_reads_it(f, mtu):
 
 
 def test_frag_needed_quotes_options_and_tcp_ports():
-    orig = bytes(IP(src="10.129.0.7", dst="172.30.5.9", flags="DF", options=[IPOption_NOP()] * 4)
-                 / TCP(sport=40000, dport=80) / Raw(b"x" * 1500))
+    orig = bytes(
+        IP(src="10.129.0.7", dst="172.30.5.9", flags="DF", options=[IPOption_NOP()] * 4)
+        / TCP(sport=40000, dport=80)
+        / Raw(b"x" * 1500)
+    )
     p = IP(build_icmp_frag_needed(orig, 1440, ip_to_int("10.128.0.5")))
     assert p[ICMP].nexthopmtu == 1440 and p[IPerror].ihl == 6
     assert (p[TCPerror].sport, p[TCPerror].dport) == (40000, 80)
@@ -357,10 +425,15 @@ def test_frag_needed_never_for_errors_fragments_or_broadcast():
 
 # --- MSS clamp --------------------------------------------------------------------------------
 
+
 def syn(options, flags="S", payload=b""):
-    return bytearray(bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags=flags,
-                                                                    options=options)
-                           / Raw(payload)))
+    return bytearray(
+        bytes(
+            IP(src="10.0.0.1", dst="10.0.0.2")
+            / TCP(sport=1, dport=2, flags=flags, options=options)
+            / Raw(payload)
+        )
+    )
 
 
 def recomputed(raw) -> bytes:
@@ -377,11 +450,14 @@ def test_mss_clamped_with_valid_checksum():
     assert bytes(buf) == recomputed(buf) == bytes(syn([("MSS", 1400)]))
 
 
-@pytest.mark.parametrize("options", [
-    [("NOP", None), ("MSS", 1460)],  # MSS value at an odd offset
-    [("WScale", 7), ("MSS", 1460), ("SAckOK", b"")],
-    [("SAckOK", b""), ("Timestamp", (1, 2)), ("NOP", None), ("MSS", 9000)],
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        [("NOP", None), ("MSS", 1460)],  # MSS value at an odd offset
+        [("WScale", 7), ("MSS", 1460), ("SAckOK", b"")],
+        [("SAckOK", b""), ("Timestamp", (1, 2)), ("NOP", None), ("MSS", 9000)],
+    ],
+)
 def test_mss_clamped_anywhere_in_options(options):
     for flags in ("S", "SA"):
         buf = syn(options, flags)
@@ -390,13 +466,16 @@ def test_mss_clamped_anywhere_in_options(options):
         assert bytes(buf) == bytes(syn(want, flags)) == recomputed(buf)
 
 
-@pytest.mark.parametrize("buf", [
-    syn([]),                                     # no MSS option
-    syn([("MSS", 1300)]),                        # already small enough
-    syn([("MSS", 1460)], flags="A"),             # not a SYN
-    syn([("Timestamp", (1, 2))], payload=b"x"),  # other options only
-    bytearray(build_scapy_simple("udp")),        # not TCP
-])
+@pytest.mark.parametrize(
+    "buf",
+    [
+        syn([]),  # no MSS option
+        syn([("MSS", 1300)]),  # already small enough
+        syn([("MSS", 1460)], flags="A"),  # not a SYN
+        syn([("Timestamp", (1, 2))], payload=b"x"),  # other options only
+        bytearray(build_scapy_simple("udp")),  # not TCP
+    ],
+)
 def test_mss_untouched(buf):
     before = bytes(buf)
     assert not rewrite_tcp_mss(buf, 1400)

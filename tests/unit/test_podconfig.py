@@ -52,6 +52,13 @@ def test_cluster_domain_from_project_domain():
 
 
 def test_config_round_trips_through_a_dict():
-    c = PodConfig("172.17.0.2", "eth0", "172.17.0.1", "172.30.0.2", "p.svc.cluster.local",
-                  ("p.svc.cluster.local", "svc.cluster.local"), "cluster.local")
+    c = PodConfig(
+        "172.17.0.2",
+        "eth0",
+        "172.17.0.1",
+        "172.30.0.2",
+        "p.svc.cluster.local",
+        ("p.svc.cluster.local", "svc.cluster.local"),
+        "cluster.local",
+    )
     assert PodConfig.from_dict(c.to_dict()) == c

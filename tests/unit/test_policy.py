@@ -24,17 +24,21 @@ CIDR = "172.30.0.0/16"
 GUARD = Guard.of(CIDR, ("172.17.0.0/16", "fd00::/64"))
 
 
-@pytest.mark.parametrize("cls, guarded, looked, strict, verdict", [
-    (INTERNAL, g, lk, s, Verdict.SEAL) for g, lk, s in itertools.product([0, 1], repeat=3)] + [
-    (EXTERNAL, g, lk, s, Verdict.CLEAR) for g, lk, s in itertools.product([0, 1], repeat=3)] + [
-    (None, False, lk, s, Verdict.CLEAR) for lk, s in itertools.product([0, 1], repeat=2)] + [
-    (None, True, False, s, Verdict.HOLD) for s in (0, 1)] + [
-    (None, True, True, True, Verdict.REFUSE),
-    (None, True, True, False, Verdict.CLEAR),
-])
+@pytest.mark.parametrize(
+    "cls, guarded, looked, strict, verdict",
+    [(INTERNAL, g, lk, s, Verdict.SEAL) for g, lk, s in itertools.product([0, 1], repeat=3)]
+    + [(EXTERNAL, g, lk, s, Verdict.CLEAR) for g, lk, s in itertools.product([0, 1], repeat=3)]
+    + [(None, False, lk, s, Verdict.CLEAR) for lk, s in itertools.product([0, 1], repeat=2)]
+    + [(None, True, False, s, Verdict.HOLD) for s in (0, 1)]
+    + [
+        (None, True, True, True, Verdict.REFUSE),
+        (None, True, True, False, Verdict.CLEAR),
+    ],
+)
 def test_every_row_of_the_table(cls, guarded, looked, strict, verdict):
-    assert decide(cls, guarded=bool(guarded), looked_up=bool(looked), strict=bool(strict)) \
-        is verdict
+    assert (
+        decide(cls, guarded=bool(guarded), looked_up=bool(looked), strict=bool(strict)) is verdict
+    )
 
 
 def test_the_table_is_complete():
@@ -42,17 +46,31 @@ def test_the_table_is_complete():
 
 
 def test_fallback_to_the_clear_only_without_strict():
-    assert decide(INTERNAL, guarded=True, looked_up=False, strict=False,
-                  fallback=True) is Verdict.CLEAR
-    assert decide(INTERNAL, guarded=True, looked_up=False, strict=True,
-                  fallback=True) is Verdict.SEAL
-    assert decide(EXTERNAL, guarded=True, looked_up=False, strict=False,
-                  fallback=True) is Verdict.CLEAR
+    assert (
+        decide(INTERNAL, guarded=True, looked_up=False, strict=False, fallback=True)
+        is Verdict.CLEAR
+    )
+    assert (
+        decide(INTERNAL, guarded=True, looked_up=False, strict=True, fallback=True) is Verdict.SEAL
+    )
+    assert (
+        decide(EXTERNAL, guarded=True, looked_up=False, strict=False, fallback=True)
+        is Verdict.CLEAR
+    )
 
 
-@pytest.mark.parametrize("ip, inside", [
-    ("172.30.0.1", True), ("172.17.255.255", True), ("172.18.0.1", False),
-    ("fd00::5", True), ("fd01::5", False), ("10.0.0.1", False), ("not an ip", False)])
+@pytest.mark.parametrize(
+    "ip, inside",
+    [
+        ("172.30.0.1", True),
+        ("172.17.255.255", True),
+        ("172.18.0.1", False),
+        ("fd00::5", True),
+        ("fd01::5", False),
+        ("10.0.0.1", False),
+        ("not an ip", False),
+    ],
+)
 def test_guard(ip, inside):
     assert (ip in GUARD) is inside
 
@@ -80,15 +98,17 @@ class Model:
         self.removable: dict[str, float] = {}  # DNS and adopted evidence: ends with membership
 
     def internal(self, ip: str, now: float) -> bool:
-        return (ip in self.members or self.session.get(ip, 0) > now
-                or self.removable.get(ip, 0) > now)
+        return (
+            ip in self.members or self.session.get(ip, 0) > now or self.removable.get(ip, 0) > now
+        )
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(events, max_size=60), st.booleans())
 def test_no_trusted_internal_address_ever_gets_a_clear_verdict(seq, looked_up):
-    table = ClassTable(Domains.of("myproject.svc.cluster.local", "cluster.local"), min_ttl=5,
-                       max_ttl=100)
+    table = ClassTable(
+        Domains.of("myproject.svc.cluster.local", "cluster.local"), min_ttl=5, max_ttl=100
+    )
     model = Model(min_ttl=5)
     routes: dict[str, RouteAction] = {}  # what the Changes say the kernel should have
     firewall: set[str] = set()

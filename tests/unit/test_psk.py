@@ -21,8 +21,9 @@ KEY = bytes(range(1, 33))
 TEXT = base64.b64encode(KEY).decode()  # 44 characters, one "=" of padding
 
 
-@pytest.mark.parametrize("text", [TEXT, TEXT + "\n", f"  {TEXT}\r\n", TEXT.encode(),
-                                  TEXT.encode() + b"\n"])
+@pytest.mark.parametrize(
+    "text", [TEXT, TEXT + "\n", f"  {TEXT}\r\n", TEXT.encode(), TEXT.encode() + b"\n"]
+)
 def test_accepts_openssl_and_wg_output(text):
     assert parse_psk(text) == KEY
 
@@ -76,9 +77,9 @@ def test_padding_trick_is_really_a_different_spelling_of_the_same_bytes():
 @given(st.integers(min_value=0, max_value=43), st.sampled_from([31, 33, 64]))
 def test_error_messages_never_contain_key_material(cut, length):
     key_text = base64.b64encode(secrets.token_bytes(length)).decode()
-    for text in (key_text, key_text[:cut] + "*" + key_text[cut + 1:]):
+    for text in (key_text, key_text[:cut] + "*" + key_text[cut + 1 :]):
         message = _refused(text)
-        pieces = {text[i:i + 5] for i in range(len(text) - 4)}
+        pieces = {text[i : i + 5] for i in range(len(text) - 4)}
         assert not any(piece in message for piece in pieces), message
 
 
@@ -102,8 +103,9 @@ def test_ring_lines_in_any_order_with_comments():
     assert parse_key_file(text) == KeySet(KEY, next=K2, previous=K3)
 
 
-@given(st.lists(st.binary(min_size=32, max_size=32).filter(any), min_size=1, max_size=3,
-                unique=True))
+@given(
+    st.lists(st.binary(min_size=32, max_size=32).filter(any), min_size=1, max_size=3, unique=True)
+)
 def test_render_and_parse_round_trip(keys):
     ring = KeySet(keys[0], *(keys[1:] + [None, None])[:2])
     text = render_key_file(ring)
@@ -134,7 +136,7 @@ def test_a_malformed_ring_is_refused_without_echoing_any_key(name):
     message = str(info.value)
     for key in (KEY, K2, bytes(32)):
         text = b64(key)
-        assert not any(text[i:i + 5] in message for i in range(40)), message
+        assert not any(text[i : i + 5] in message for i in range(40)), message
 
 
 def test_fingerprints_name_keys_without_revealing_them():

@@ -26,24 +26,83 @@ import tencrypt.core
 CORE = Path(tencrypt.core.__file__).parent
 PACKAGE = Path(tencrypt.__file__).parent
 
-STDLIB = frozenset({"__future__", "base64", "binascii", "collections", "dataclasses", "enum",
-                    "hashlib", "heapq", "hmac", "ipaddress", "json", "posixpath", "re",
-                    "struct", "typing"})
+STDLIB = frozenset(
+    {
+        "__future__",
+        "base64",
+        "binascii",
+        "collections",
+        "dataclasses",
+        "enum",
+        "hashlib",
+        "heapq",
+        "hmac",
+        "ipaddress",
+        "json",
+        "posixpath",
+        "re",
+        "struct",
+        "typing",
+    }
+)
 THIRD_PARTY = frozenset({"cryptography", "dnslib", "numpy"})
 OWN = ("tencrypt.core", "tencrypt.errors")
 
-MUST_NOT = frozenset({"tencrypt.linux", "tencrypt.daemon", "tencrypt.lab", "tencrypt.agent",
-                      "tencrypt.nodesync", "tencrypt.cli", "socket", "os", "select",
-                      "selectors", "asyncio", "time", "datetime", "subprocess", "pyroute2",
-                      "secrets", "random", "fcntl", "threading", "uvloop", "signal", "io",
-                      "pathlib", "shutil", "logging", "importlib", "ctypes", "sys"})
+MUST_NOT = frozenset(
+    {
+        "tencrypt.linux",
+        "tencrypt.daemon",
+        "tencrypt.lab",
+        "tencrypt.agent",
+        "tencrypt.nodesync",
+        "tencrypt.cli",
+        "socket",
+        "os",
+        "select",
+        "selectors",
+        "asyncio",
+        "time",
+        "datetime",
+        "subprocess",
+        "pyroute2",
+        "secrets",
+        "random",
+        "fcntl",
+        "threading",
+        "uvloop",
+        "signal",
+        "io",
+        "pathlib",
+        "shutil",
+        "logging",
+        "importlib",
+        "ctypes",
+        "sys",
+    }
+)
 
 # For the pure modules outside core/ (agent, node-sync: their own tests use these two): the
 # top-level modules of I/O, processes, clocks and randomness they must not import, and the
 # roots a file imports. (core/ is held to the allow-list above instead.)
-FORBIDDEN = frozenset({"socket", "os", "select", "selectors", "asyncio", "time", "datetime",
-                       "subprocess", "pyroute2", "fcntl", "threading", "uvloop", "signal",
-                       "secrets", "random"})
+FORBIDDEN = frozenset(
+    {
+        "socket",
+        "os",
+        "select",
+        "selectors",
+        "asyncio",
+        "time",
+        "datetime",
+        "subprocess",
+        "pyroute2",
+        "fcntl",
+        "threading",
+        "uvloop",
+        "signal",
+        "secrets",
+        "random",
+    }
+)
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -73,7 +132,9 @@ def imported_modules(path: Path, package: str) -> set[str]:
             module = node.module or ""
             if node.level:
                 parts = package.split(".")
-                module = ".".join(parts[: len(parts) - node.level + 1] + ([module] if module else []))
+                module = ".".join(
+                    parts[: len(parts) - node.level + 1] + ([module] if module else [])
+                )
             names.add(module)
             names |= {f"{module}.{alias.name}" for alias in node.names if alias.name != "*"}
         elif isinstance(node, ast.Name) and node.id == "__import__":
@@ -111,7 +172,8 @@ def test_errors_module_is_pure_too():
 def test_exceptions_are_still_needed():
     for name, module in EXCEPTIONS:
         assert module in imported_modules(CORE / name, "tencrypt.core"), (
-            f"{name} no longer imports {module}: remove the exception")
+            f"{name} no longer imports {module}: remove the exception"
+        )
 
 
 def test_allow_list_excludes_io_clock_randomness_and_the_shells():
@@ -123,12 +185,23 @@ def test_allow_list_excludes_io_clock_randomness_and_the_shells():
 
 def test_checker_sees_every_spelling(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import os.path\nfrom time import monotonic\nfrom .. import daemon\n"
-                     "from ..linux import tun\nimport tencrypt.lab.cluster\n"
-                     "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                     "    from tencrypt.linux.dns import DnsProxy\n"
-                     "from . import wire\nmod = __import__('socket')\n")
+    probe.write_text(
+        "import os.path\nfrom time import monotonic\nfrom .. import daemon\n"
+        "from ..linux import tun\nimport tencrypt.lab.cluster\n"
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from tencrypt.linux.dns import DnsProxy\n"
+        "from . import wire\nmod = __import__('socket')\n"
+    )
     assert violations(probe, "tencrypt.core") == {
-        "os.path", "time", "time.monotonic", "tencrypt", "tencrypt.daemon", "tencrypt.linux",
-        "tencrypt.linux.tun", "tencrypt.lab.cluster", "tencrypt.linux.dns",
-        "tencrypt.linux.dns.DnsProxy", "__import__"}
+        "os.path",
+        "time",
+        "time.monotonic",
+        "tencrypt",
+        "tencrypt.daemon",
+        "tencrypt.linux",
+        "tencrypt.linux.tun",
+        "tencrypt.lab.cluster",
+        "tencrypt.linux.dns",
+        "tencrypt.linux.dns.DnsProxy",
+        "__import__",
+    }

@@ -26,9 +26,12 @@ class Model:
 def _steps():
     """Counters relative to the last one: in order, reordered, duplicated, far ahead, ancient."""
     return st.one_of(
-        st.integers(-3, 3), st.integers(-WINDOW - 2, -WINDOW + 2),
-        st.integers(-2 * WINDOW, 2 * WINDOW), st.integers(WINDOW - 2, WINDOW + 2),
-        st.integers(0, 2**63), st.just(-(2**63)),
+        st.integers(-3, 3),
+        st.integers(-WINDOW - 2, -WINDOW + 2),
+        st.integers(-2 * WINDOW, 2 * WINDOW),
+        st.integers(WINDOW - 2, WINDOW + 2),
+        st.integers(0, 2**63),
+        st.just(-(2**63)),
     )
 
 

@@ -52,8 +52,8 @@ DENIED_ROOTS = PERSONAL_ROOTS | _this_machine()
 # file (or directory prefix, ending in "/") -> why it may name paths outside the repository
 EXEMPT = {
     "tests/unit/data/containerd-1.6/": "recorded verbatim on a containerd node (/work/cri-verify "
-                                       "was that node's containerd root); the parsers are tested "
-                                       "on exactly these bytes",
+    "was that node's containerd root); the parsers are tested "
+    "on exactly these bytes",
     "tests/unit/test_self_contained.py": "this rule's own documentation and probes",
 }
 
@@ -64,8 +64,11 @@ CLIMB = re.compile(_LEAD + r"(?:\$\(dirname \"\$0\"\)/)?((?:\.\./)*\.\.)(?=/|[\s
 
 def tracked_text_files() -> list[tuple[str, str]]:
     """(path, text) of every tracked file that decodes as UTF-8 (PNGs and the like are skipped)."""
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    names = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True)
+        .stdout.decode()
+        .split("\0")
+    )
     files = []
     for name in filter(None, names):
         path = REPO / name
@@ -84,12 +87,14 @@ def violations(name: str, text: str) -> list[str]:
     for lineno, line in enumerate(text.splitlines(), 1):
         for m in ABSOLUTE.finditer(line):
             if m.group(1) in DENIED_ROOTS:
-                found.append(f"{name}:{lineno}: absolute path {line[m.start():].split()[0]!r}")
+                found.append(f"{name}:{lineno}: absolute path {line[m.start() :].split()[0]!r}")
         for m in CLIMB.finditer(line):
             depth = m.group(1).count("..")
             if depth > len(PurePosixPath(name).parent.parts):
-                found.append(f"{name}:{lineno}: climbs out of the repository: "
-                             f"{line[m.start():].split()[0]!r}")
+                found.append(
+                    f"{name}:{lineno}: climbs out of the repository: "
+                    f"{line[m.start() :].split()[0]!r}"
+                )
     return found
 
 
@@ -110,27 +115,33 @@ def test_exemptions_still_exist():
         assert (REPO / key).exists(), key
 
 
-@pytest.mark.parametrize("line", [
-    "VECTORS = Path(\"/work/shared/vectors/noise-cacophony.json\")",
-    "see `../shared/DESIGN.md` for the design",
-    "cp /home/alice/tencrypt/x .",
-    "source=/root/.kube/config",
-    "open('/Users/bob/key.b64')",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        'VECTORS = Path("/work/shared/vectors/noise-cacophony.json")',
+        "see `../shared/DESIGN.md` for the design",
+        "cp /home/alice/tencrypt/x .",
+        "source=/root/.kube/config",
+        "open('/Users/bob/key.b64')",
+    ],
+)
 def test_rule_catches_developer_paths(line):
     assert violations("README.md", line)
 
 
-@pytest.mark.parametrize("name, line", [
-    ("README.md", "rewrites /etc/resolv.conf in place; state in /run/tencrypt/x"),
-    ("tencrypt/linux/podnet.py", 'seen = f"/proc/{pid}/root/etc/resolv.conf"'),
-    ("README.md", "172.30.0.0/16 via TCP/UDP, see https://github.com/mcginty/snow/x"),
-    ("scripts/k8s/build-image.sh", 'repo=$(cd "$(dirname "$0")/../.." && pwd)'),
-    ("scripts/test.sh", 'cd "$(dirname "$0")/.."'),
-    ("tests/unit/test_agent.py", '"0::/../../kubepods-besteffort-pod.slice/"'),
-    ("scripts/k8s/Dockerfile", "COPY --from=build /opt/tencrypt /opt/tencrypt"),
-    ("tencrypt/nodesync/fakeapi.py", '"/api/v1/namespaces/{ns}/pods": pods'),
-    ("tests/unit/test_agent.py", '"0::/kubepods.slice/kubepods-pod.slice/crio.scope"'),
-])
+@pytest.mark.parametrize(
+    "name, line",
+    [
+        ("README.md", "rewrites /etc/resolv.conf in place; state in /run/tencrypt/x"),
+        ("tencrypt/linux/podnet.py", 'seen = f"/proc/{pid}/root/etc/resolv.conf"'),
+        ("README.md", "172.30.0.0/16 via TCP/UDP, see https://github.com/mcginty/snow/x"),
+        ("scripts/k8s/build-image.sh", 'repo=$(cd "$(dirname "$0")/../.." && pwd)'),
+        ("scripts/test.sh", 'cd "$(dirname "$0")/.."'),
+        ("tests/unit/test_agent.py", '"0::/../../kubepods-besteffort-pod.slice/"'),
+        ("scripts/k8s/Dockerfile", "COPY --from=build /opt/tencrypt /opt/tencrypt"),
+        ("tencrypt/nodesync/fakeapi.py", '"/api/v1/namespaces/{ns}/pods": pods'),
+        ("tests/unit/test_agent.py", '"0::/kubepods.slice/kubepods-pod.slice/crio.scope"'),
+    ],
+)
 def test_rule_allows_system_paths_and_climbs_inside_the_repository(name, line):
     assert violations(name, line) == []

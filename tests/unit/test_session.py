@@ -38,6 +38,7 @@ def net() -> Net:
 
 # ---- handshake and data ------------------------------------------------------------------------
 
+
 def test_handshake_then_data_both_ways(net):
     a, b = net.pods[A], net.pods[B]
     first = ipv4(A, B, b"queued while the handshake ran")
@@ -85,14 +86,21 @@ def test_inner_source_must_belong_to_the_peer(net):
     net.send(A, B, ipv4(C, B, b"A spoofing C towards B"))
     net.pump()
     assert net.delivered[A] == [] and net.delivered[B] == []
-    assert a.stats.dropped(DropReason.BAD_SOURCE) == 2 and b.stats.dropped(DropReason.BAD_SOURCE) == 1
+    assert (
+        a.stats.dropped(DropReason.BAD_SOURCE) == 2 and b.stats.dropped(DropReason.BAD_SOURCE) == 1
+    )
 
 
-@pytest.mark.parametrize("inner", [b"\x60" + bytes(39),  # IPv6
-                                   ipv4(B, A)[:-1],  # total length says one byte more
-                                   ipv4(B, A) + b"\x00",  # trailing garbage
-                                   b"\x44" + ipv4(B, A)[1:],  # IHL 4
-                                   bytes(10)])
+@pytest.mark.parametrize(
+    "inner",
+    [
+        b"\x60" + bytes(39),  # IPv6
+        ipv4(B, A)[:-1],  # total length says one byte more
+        ipv4(B, A) + b"\x00",  # trailing garbage
+        b"\x44" + ipv4(B, A)[1:],  # IHL 4
+        bytes(10),
+    ],
+)
 def test_inner_packet_must_be_ipv4(net, inner):
     connect(net)
     net.send(B, A, inner)
@@ -114,6 +122,7 @@ def test_whatever_is_sealed_arrives_unchanged(payloads):
 
 
 # ---- re-keying and expiry ----------------------------------------------------------------------
+
 
 def test_rekey_on_time_keeps_traffic_flowing(net):
     a = net.pods[A]
@@ -210,7 +219,7 @@ def test_previous_session_still_opens_in_flight_packets():
     assert [p[20:] for p in net.delivered[B]] == [b"new session", b"in flight on the old session"]
     # One more re-key later, the session before last is gone: late packets on it are refused.
     net.send(A, B, ipv4(A, B, b"two sessions ago"))
-    (two_ago, s, dst), = net.pump(hold=True)
+    ((two_ago, s, dst),) = net.pump(hold=True)
     net.send(A, B, ipv4(A, B, b"companion"))  # answered by a keepalive: A sees B is alive
     net.pump()
     for label in (b"third session", b"fourth session"):
@@ -269,8 +278,11 @@ def test_nothing_is_sealed_or_opened_past_the_message_limit():
     for i in range(8):
         net.send(A, B, ipv4(A, B, b"%d" % i))
         net.pump()
-    counters = [wire.parse_header(d)[1] for d, s, _ in net.wire
-                if s == A and wire.message_type(d) == wire.TYPE_DATA]
+    counters = [
+        wire.parse_header(d)[1]
+        for d, s, _ in net.wire
+        if s == A and wire.message_type(d) == wire.TYPE_DATA
+    ]
     assert counters == [0, 1, 2, 3, 4]  # never a counter >= reject_after_messages
     assert [p[20:] for p in net.delivered[B]] == [b"0", b"1", b"2", b"3"]  # 4-7 are queued
     # A datagram with counter 5 under the right key is refused by the receiver too.
@@ -284,6 +296,7 @@ def test_nothing_is_sealed_or_opened_past_the_message_limit():
 
 
 # ---- limits ------------------------------------------------------------------------------------
+
 
 def test_queue_bound_keeps_the_newest_packets():
     net = Net(fast(queue_limit=4))
@@ -443,6 +456,7 @@ def test_vip_moving_to_another_pod_rebinds_the_peer(net):
 
 
 # ---- send_batch: the batch path's sealing ---------------------------------------------------------
+
 
 def test_send_batch_delivers_the_same_packets_as_send_one_by_one():
     one, many = new_net(), new_net()

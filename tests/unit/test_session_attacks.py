@@ -40,6 +40,7 @@ def net() -> Net:
 
 # ---- attacks -----------------------------------------------------------------------------------
 
+
 def test_replayed_data_is_dropped(net):
     connect(net)
     for datagram, src, dst in list(net.wire):
@@ -89,8 +90,11 @@ def test_initiation_older_than_max_age_is_stale():
     net = Net()
     net.add(B)
     state, initiation = handshake.build_initiation(
-        TEMPLATES, 77, int((net.wall - FAST.initiation_max_age - 1) * 1e9),
-        ipaddress.IPv4Address(A).packed)
+        TEMPLATES,
+        77,
+        int((net.wall - FAST.initiation_max_age - 1) * 1e9),
+        ipaddress.IPv4Address(A).packed,
+    )
     net.deliver(initiation, A, B)
     assert net.pods[B].stats.dropped(DropReason.STALE_HANDSHAKE) == 1
     assert net.pump(hold=True) == []
@@ -101,7 +105,7 @@ def test_forged_response_is_dropped_and_the_real_one_still_completes(net):
     net.send(A, B, ipv4(A, B))
     for d, s, dst in net.pump(hold=True):
         net.deliver(d, s, dst)
-    (response, src, dst), = net.pump(hold=True)
+    ((response, src, dst),) = net.pump(hold=True)
     for byte in (8, 40, 63):  # ephemeral, encrypted payload, tag
         forged = bytearray(response)
         forged[byte] ^= 0x80
@@ -160,6 +164,7 @@ def test_keepalive_keeps_a_one_way_flow_from_looking_stale(net):
 
 # ---- every datagram ends in exactly one outcome --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def live_pair():
     """A live A<->B pair, plus one captured datagram of each kind (not yet delivered)."""
@@ -167,21 +172,20 @@ def live_pair():
     net.add(A)
     net.add(B)
     net.send(A, B, ipv4(A, B))
-    (initiation, _, _), = net.pump(hold=True)
+    ((initiation, _, _),) = net.pump(hold=True)
     net.deliver(initiation, A, B)
-    (response, _, _), = net.pump(hold=True)
+    ((response, _, _),) = net.pump(hold=True)
     net.deliver(response, B, A)
     net.pump()
     net.send(A, B, ipv4(A, B, b"captured"))
-    (data, _, _), = net.pump(hold=True)
+    ((data, _, _),) = net.pump(hold=True)
     # A fresh initiator whose response is captured but not delivered.
     net.add(C)
     net.send(C, B, ipv4(C, B))
-    (c_init, _, _), = net.pump(hold=True)
+    ((c_init, _, _),) = net.pump(hold=True)
     net.deliver(c_init, C, B)
-    (c_resp, _, _), = net.pump(hold=True)
-    return net, {"data": (data, A, B), "initiation": (initiation, A, B),
-                 "response": (c_resp, B, C)}
+    ((c_resp, _, _),) = net.pump(hold=True)
+    return net, {"data": (data, A, B), "initiation": (initiation, A, B), "response": (c_resp, B, C)}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -209,14 +213,19 @@ def test_captured_datagrams_are_still_good_after_all_the_flipping(live_pair):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=200),
-    st.tuples(st.sampled_from([1, 2, 4]), st.binary(max_size=100)).map(
-        lambda t: struct.pack("<I", t[0]) + t[1]),
-    st.sampled_from([(1, 68), (2, 60)]).flatmap(  # exact handshake lengths
-        lambda t: st.binary(min_size=t[1], max_size=t[1]).map(
-            lambda b, k=t[0]: struct.pack("<I", k) + b)),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.tuples(st.sampled_from([1, 2, 4]), st.binary(max_size=100)).map(
+            lambda t: struct.pack("<I", t[0]) + t[1]
+        ),
+        st.sampled_from([(1, 68), (2, 60)]).flatmap(  # exact handshake lengths
+            lambda t: st.binary(min_size=t[1], max_size=t[1]).map(
+                lambda b, k=t[0]: struct.pack("<I", k) + b
+            )
+        ),
+    )
+)
 def test_random_bytes_are_always_one_counted_drop(live_pair, blob):
     net, _ = live_pair
     for pod in (A, B):

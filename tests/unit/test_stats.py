@@ -20,4 +20,6 @@ def test_merge_adds_up():
     b.inc("x", 4)
     b.drop(DropReason.SHORT)
     m = merge([a, b])
-    assert m.get("x") == 5 and m.dropped(DropReason.SHORT) == 1 and m.dropped(DropReason.REPLAY) == 0
+    assert (
+        m.get("x") == 5 and m.dropped(DropReason.SHORT) == 1 and m.dropped(DropReason.REPLAY) == 0
+    )

@@ -18,8 +18,12 @@ def proxy_document(net) -> dict:
     a = net.pods[A]
     a.stats.drop(DropReason.BAD_MAC, 7)
     a.stats.inc("plaintext_fallback", 3)
-    return {**a.status(net.now), **snapshot(a.stats), "strict": False,
-            "classification": {"internal": 2, "external": 1}}
+    return {
+        **a.status(net.now),
+        **snapshot(a.stats),
+        "strict": False,
+        "classification": {"internal": 2, "external": 1},
+    }
 
 
 def test_tunnel_status_is_json_and_says_what_the_tunnel_holds():

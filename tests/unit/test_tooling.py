@@ -25,10 +25,10 @@ CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())
 def strict_flags() -> list[str]:
     """The command-line flags ``mypy --help`` lists as enabled by --strict."""
     pytest.importorskip("mypy")
-    out = subprocess.run([sys.executable, "-m", "mypy", "--help"], check=True,
-                         capture_output=True, text=True).stdout
-    para = re.search(r"--strict\s+Strict mode; enables the following flags:(.*?)\n  -",
-                     out, re.S)
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    para = re.search(r"--strict\s+Strict mode; enables the following flags:(.*?)\n  -", out, re.S)
     assert para, "mypy --help no longer describes --strict"
     text = re.sub(r"-\n\s+", "-", para.group(1))  # flags wrapped at a hyphen
     return re.findall(r"--[a-z-]+", text)

@@ -24,15 +24,39 @@ def wheel_names(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     pytest.importorskip("wheel", reason="the test extra installs wheel (pip wheel needs it)")
     tmp = tmp_path_factory.mktemp("wheel")
     src, out = tmp / "src", tmp / "out"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         if (REPO / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     (whl,) = out.glob("tencrypt-*.whl")
     with zipfile.ZipFile(whl) as zf:
         return zf.namelist()
@@ -48,12 +72,18 @@ def test_wheel_holds_the_package_and_its_metadata_only(wheel_names: list[str]) -
 
 def test_wheel_has_no_tests_or_bench(wheel_names: list[str]) -> None:
     parts = [PurePosixPath(n).parts for n in wheel_names]
-    assert not [n for n, p in zip(wheel_names, parts, strict=True)
-                if {"tests", "test", "bench", "conftest.py"} & set(p)
-                or any(x.startswith("test_") for x in p)]
+    assert not [
+        n
+        for n, p in zip(wheel_names, parts, strict=True)
+        if {"tests", "test", "bench", "conftest.py"} & set(p)
+        or any(x.startswith("test_") for x in p)
+    ]
 
 
 def test_wheel_has_no_test_doubles(wheel_names: list[str]) -> None:
-    fakes = [n for n in wheel_names
-             if any(p.startswith(("fake", "mock", "stub")) for p in PurePosixPath(n).parts)]
+    fakes = [
+        n
+        for n in wheel_names
+        if any(p.startswith(("fake", "mock", "stub")) for p in PurePosixPath(n).parts)
+    ]
     assert fakes == []

@@ -14,13 +14,16 @@ from tencrypt.core.podconfig import OVERHEAD, tun_mtu
 RFC_KEY = bytes.fromhex("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
 RFC_NONCE = bytes.fromhex("070000004041424344454647")
 RFC_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
-RFC_PLAINTEXT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip "
-                 b"for the future, sunscreen would be it.")
+RFC_PLAINTEXT = (
+    b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip "
+    b"for the future, sunscreen would be it."
+)
 RFC_CIPHERTEXT = bytes.fromhex(
     "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6"
     "3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36"
     "92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
-    "3ff4def08e4b7a9de576d26586cec64b6116")
+    "3ff4def08e4b7a9de576d26586cec64b6116"
+)
 RFC_TAG = bytes.fromhex("1ae10b594f09e26a7e902ecbd0600691")
 
 KEY = ChaCha20Poly1305(bytes(range(32)))
@@ -53,8 +56,9 @@ def test_sizes_and_mtu():
     assert (wire.INITIATION_LEN, wire.RESPONSE_LEN) == (88, 80)  # version 2: with mac1
 
 
-@given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=1500),
-       st.booleans())
+@given(
+    st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=1500), st.booleans()
+)
 def test_seal_then_open_returns_the_packet(index, counter, packet, as_view):
     sealed = wire.seal(KEY, index, counter, memoryview(packet) if as_view else packet)
     datagram = memoryview(sealed) if as_view else sealed
@@ -76,8 +80,10 @@ def test_too_short_for_a_tag_is_not_data(blob):
     assert wire.parse_header(blob) is None
 
 
-@pytest.mark.parametrize("blob, kind", [(b"", -1), (b"\x04\x00\x00", -1),
-                                        (b"\x04\x00\x00\x00", 4), (b"\x01\x00\x01\x00", 0x10001)])
+@pytest.mark.parametrize(
+    "blob, kind",
+    [(b"", -1), (b"\x04\x00\x00", -1), (b"\x04\x00\x00\x00", 4), (b"\x01\x00\x01\x00", 0x10001)],
+)
 def test_message_type_is_the_leading_word(blob, kind):
     assert wire.message_type(blob) == kind
 
@@ -125,6 +131,7 @@ def test_mac1_as_the_docstring_specifies_it():
     """Computed here from the spec's words alone: BLAKE2s("tencrypt mac1 v2" || psk), then
     keyed BLAKE2s-128 over every byte before mac1."""
     import hashlib
+
     psk = bytes(range(1, 33))
     key = hashlib.blake2s(b"tencrypt mac1 v2" + psk).digest()
     assert wire.derive_mac_key(psk) == key and len(wire.MAC_LABEL) == 16
