@@ -67,6 +67,7 @@ from tencrypt.core.batch import (
     VNET_HDR_LEN,
     build_gso_vnet_hdr,
     coalesce_batch,
+    is_super_packet,
     rewrite_partial_csum,
     split_tcp_batch,
 )
@@ -78,8 +79,12 @@ from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.membership import Members
 from tencrypt.core.nat import FlowTable
 from tencrypt.core.packet import (
+    TCP,
     build_icmp_admin_prohibited,
     build_icmp_frag_needed,
+    dont_fragment,
+    ip_proto,
+    is_ipv4,
     rewrite_tcp_mss,
 )
 from tencrypt.core.podconfig import PodConfig
@@ -271,7 +276,7 @@ class Proxy:
             frame = view[:n]
             if not self.batch:
                 self._outbound(frame, now, wall)
-            elif frame[1]:  # virtio-net gso_type: a TCP super-packet
+            elif is_super_packet(frame):
                 self._seal_small(to_peers, now, wall)
                 self._outbound_super(frame, now, wall)
             else:  # one packet, its checksum completed (the kernel may leave it partial)
@@ -293,14 +298,14 @@ class Proxy:
         wall: float,
         to_peers: dict[str, list[bytes]] | None = None,
     ) -> None:
-        if len(buf) < 20 or buf[0] >> 4 != 4:
+        if not is_ipv4(buf):
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
         mtu = self.config.mtu
         if len(buf) > mtu:
             self._too_big(buf, mtu)
             return
-        if buf[9] == 6:  # TCP
+        if ip_proto(buf) == TCP:
             rewrite_tcp_mss(buf, mtu - 40)
         if self.flows.rewrite_outbound(buf, now):  # False: malformed, counted
             dst = _dst(buf)
@@ -311,7 +316,7 @@ class Proxy:
 
     def _outbound_super(self, frame: memoryview, now: float, wall: float) -> None:
         """NAT and the verdict once per super-packet; split recomputes every checksum after."""
-        if len(frame) < VNET_HDR_LEN + 20 or frame[VNET_HDR_LEN] >> 4 != 4:
+        if not is_ipv4(frame[VNET_HDR_LEN:]):
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
         if not self.flows.rewrite_outbound(frame[VNET_HDR_LEN:], now):
@@ -326,7 +331,7 @@ class Proxy:
 
     def _too_big(self, buf: bytearray | memoryview, mtu: int) -> None:
         self.stats.drop(DropReason.TOO_BIG)
-        if buf[6] & 0x40:  # DF: tell the sender, as a router would (RFC 1191)
+        if dont_fragment(buf):  # tell the sender, as a router would (RFC 1191)
             icmp = build_icmp_frag_needed(bytes(buf), mtu, self.config.pod_ip)
             if icmp:
                 self._send_raw(self.ports.inject, icmp)
@@ -423,7 +428,7 @@ class Proxy:
             return packets
         ready = []
         for pkt in packets:
-            src = socket.inet_ntoa(pkt[12:16])
+            src = _src(pkt)
             if self.desired.routed(src) and src not in self.awaiting_route:
                 ready.append(pkt)
                 continue
@@ -655,6 +660,11 @@ def claim_policy(config: PodConfig, is_member: Callable[[str], bool | None]) -> 
         bind_to_source=True,
         is_member=is_member,
     )
+
+
+def _src(buf: bytes | bytearray | memoryview) -> str:
+    """The source address of an IPv4 packet (bytes 12-16 of its header)."""
+    return socket.inet_ntoa(buf[12:16])
 
 
 def _dst(buf: bytes | bytearray | memoryview) -> str:

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from tencrypt.core.packet import pseudo_sum
+from tencrypt.core.packet import TCP, UDP, pseudo_sum
 from tencrypt.core.stats import DropReason, Stats
 
 Buffer = bytes | bytearray | memoryview
@@ -62,9 +62,14 @@ VIRTIO_NET_HDR_GSO_UDP_L4 = 5
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 _VNET = struct.Struct("=BBHHHH")
 
-# IP protocol numbers and TCP flags (RFC 791, RFC 793 §3.1, RFC 3168 §6.1 for ECE/CWR)
-TCP = 6
-UDP = 17
+
+def is_super_packet(frame: Buffer) -> bool:
+    """Whether a frame read from tenc0 carries a segmentation offload (its virtio-net header's
+    gso_type, byte 1, is not GSO_NONE): a TCP super-packet to split."""
+    return frame[1] != VIRTIO_NET_HDR_GSO_NONE
+
+
+# TCP flags (RFC 793 §3.1, RFC 3168 §6.1 for ECE/CWR); protocol numbers come from core.packet
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 TCP_CSUM_OFFSET = 16  # offsetof(struct tcphdr, check)
 IP_MAX = 65535  # the IPv4 total length field

@@ -229,6 +229,21 @@ def parse_ident(buf: bytes | bytearray | memoryview, ip: IPv4) -> int:
     return int(_U16.unpack_from(buf, ip.off + 4)[0])
 
 
+def is_ipv4(buf: bytes | bytearray | memoryview) -> bool:
+    """At least a fixed IPv4 header (RFC 791 §3.1: version 4)."""
+    return len(buf) >= 20 and buf[0] >> 4 == 4
+
+
+def ip_proto(buf: bytes | bytearray | memoryview) -> int:
+    """The IPv4 header's protocol field (byte 9)."""
+    return buf[9]
+
+
+def dont_fragment(buf: bytes | bytearray | memoryview) -> bool:
+    """The IPv4 header's DF flag (RFC 791 §3.1, byte 6 bit 0x40)."""
+    return bool(buf[6] & 0x40)
+
+
 def is_icmp_error(ip: IPv4) -> bool:
     return ip.proto == ICMP and ip.frag == 0 and (ip.info >> 8) in ICMP_ERRORS
 

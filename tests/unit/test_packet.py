@@ -487,3 +487,12 @@ def test_mss_malformed_option_list_left_alone():
     buf[40:44] = b"\x08\x00\x02\x04"  # option with length 0 before an MSS-looking byte pair
     before = bytes(buf)
     assert not rewrite_tcp_mss(buf, 1400) and bytes(buf) == before
+
+
+def test_named_header_fields():
+    from tencrypt.core.packet import dont_fragment, ip_proto, is_ipv4
+
+    hdr = bytes([0x45, 0, 0, 20, 0, 0, 0x40, 0, 64, 6]) + bytes(10)
+    assert is_ipv4(hdr) and ip_proto(hdr) == 6 and dont_fragment(hdr)
+    assert not is_ipv4(hdr[:19]) and not is_ipv4(b"\x60" + hdr[1:])
+    assert not dont_fragment(hdr[:6] + b"\x00" + hdr[7:])
