@@ -337,8 +337,9 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
     ),
     (
         "node-sync",
-        f"keep the node's TENCRYPT nat chain (VIP:{TUNNEL_PORT} -> pods) in step with the "
-        "Services and endpoints of enabled projects",
+        f"keep the node's VIP:{TUNNEL_PORT} -> pods forwarding (nftables table inet tencrypt, "
+        "or the TENCRYPT iptables chain) in step with the Services and endpoints of enabled "
+        "projects",
         _node_sync,
         "tencrypt.nodesync.cli:main",
     ),

@@ -11,8 +11,9 @@ from tencrypt.nodesync.cli import add_arguments, main
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tencrypt node-sync",
-        description="keep the node's TENCRYPT nat chain in step "
-        "with the cluster's Services and endpoints",
+        description="keep the node's VIP:1337 -> pods forwarding (nftables table inet "
+        "tencrypt, or the TENCRYPT iptables chain) in step with the cluster's Services and "
+        "endpoints",
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
