@@ -22,7 +22,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from tencrypt.core.membership import (
     Members,
     MembershipError,
     parse_members,
-    render_members,
 )
+from tencrypt.linux.members import write_members
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,15 +75,8 @@ class MembersFeed:
             return None
         generation = max(known.members.generation + 1 if known else 1, int(self.clock() * 1000))
         doc = Members(members.project, generation, members.pods, members.services)
-        path = self.path(netns)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{FILE_NAME}.tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as out:
-            out.write(render_members(doc))
+        write_members(self.path(netns).parent, doc)
         self.writes += 1
-        os.replace(tmp, path)
         self.written[netns] = Written(members.version, doc)
         return doc
 

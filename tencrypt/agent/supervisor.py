@@ -45,9 +45,10 @@ from tencrypt.agent.feed import MembersFeed
 from tencrypt.agent.members import ProjectMembers
 from tencrypt.agent.reconcile import Sandbox, Want
 from tencrypt.agent.sandbox import parse_proc_stat
-from tencrypt.core.psk import KeySet, render_key_file
+from tencrypt.core.psk import KeySet
 from tencrypt.errors import SetupError
 from tencrypt.linux import netns
+from tencrypt.linux.keyfile import write_key_file
 
 log = logging.getLogger("tencrypt.agent")
 READY = "tencrypt: ready"  # tencrypt.daemon.serve prints it once the proxy serves
@@ -132,13 +133,7 @@ class Supervisor:
         """Replace the project's key file atomically: a proxy starting (or re-reading it: a
         rotation) meanwhile reads the old ring or the new one, never half of one, and never
         a file anyone else could read."""
-        path = self.key_file(project)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(render_key_file(keys))
-        os.replace(tmp, path)
+        write_key_file(self.key_file(project), keys)
 
     def remove_key(self, project: str) -> None:
         self.key_file(project).unlink(missing_ok=True)

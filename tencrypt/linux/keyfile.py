@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from tencrypt.core.psk import KeySet, parse_key_file, render_key_file, ring_label
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import UsageError
+from tencrypt.linux.files import write_atomic
 
 log = logging.getLogger("tencrypt.keys")
 LOADED_FILE = "keys-loaded.json"
@@ -35,26 +35,17 @@ LOADED_FILE = "keys-loaded.json"
 
 def write_key_file(path: str | Path, keys: KeySet) -> Path:
     """Replace ``path`` with the ring form of ``keys``, atomically and mode 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, render_key_file(keys).encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, render_key_file(keys), 0o600)
 
 
 def write_loaded(directory: Path, keys: KeySet) -> None:
     """Record, atomically, which ring the proxy runs with (fingerprints only). A failure is
     logged, never raised: the proxy runs on; its agent reports it as not caught up."""
-    tmp = directory / f".{LOADED_FILE}.tmp"
     try:
-        tmp.write_text(json.dumps({"ring": ring_label(keys.fingerprints()), "at": time.time()}))
-        os.replace(tmp, directory / LOADED_FILE)
+        write_atomic(
+            directory / LOADED_FILE,
+            json.dumps({"ring": ring_label(keys.fingerprints()), "at": time.time()}),
+        )
     except OSError as exc:
         log.error("cannot record the loaded keys in %s: %s", directory, exc)
 

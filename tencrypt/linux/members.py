@@ -14,7 +14,6 @@ Rules (core.membership rules 2-3):
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from tencrypt.core.membership import (
@@ -24,19 +23,14 @@ from tencrypt.core.membership import (
     parse_members,
     render_members,
 )
+from tencrypt.linux.files import write_atomic
 
 log = logging.getLogger("tencrypt.members")
 
 
 def write_members(directory: str | Path, members: Members) -> Path:
     """Replace ``directory/members.json`` atomically; returns its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target = directory / FILE_NAME
-    tmp = directory / f".{FILE_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(render_members(members))
-    os.replace(tmp, target)
-    return target
+    return write_atomic(Path(directory) / FILE_NAME, render_members(members))
 
 
 class MembersFile:
