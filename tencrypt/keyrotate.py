@@ -48,6 +48,7 @@ from tencrypt.core.rotation import (
     secret_keys,
 )
 from tencrypt.errors import TencryptError, UsageError
+from tencrypt.kube.objects import add_kubeconfig_argument
 
 DEFAULT_GRACE = 300.0  # > a session's lifetime (180 s): every session re-keyed meanwhile
 DEFAULT_TIMEOUT = 600.0
@@ -99,11 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="tencrypt-system",
         help="where the agents write their reports (default: tencrypt-system)",
     )
-    r.add_argument(
-        "--kubeconfig",
-        help="kubeconfig file (default: in-cluster service account "
-        "when in a pod, else $KUBECONFIG or ~/.kube/config)",
-    )
+    add_kubeconfig_argument(r)
     r.add_argument("--context", help="kubeconfig context (default: its current context)")
 
 

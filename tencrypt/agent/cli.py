@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 from tencrypt.errors import UsageError
+from tencrypt.kube.objects import add_kubeconfig_argument
 
 log = logging.getLogger("tencrypt.agent")
 STATE_DIR = "/run/tencrypt-agent"
@@ -35,12 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("NODE_NAME"),
         help="this node's name, as in the Pods' spec.nodeName (default: $NODE_NAME)",
     )
-    p.add_argument(
-        "--kubeconfig",
-        metavar="FILE",
-        help="kubeconfig to use (default: in-cluster service account, else "
-        "$KUBECONFIG or ~/.kube/config)",
-    )
+    add_kubeconfig_argument(p)
     p.add_argument(
         "--state-dir",
         default=STATE_DIR,

@@ -9,6 +9,7 @@ Rules:
 
 from __future__ import annotations
 
+import argparse
 import enum
 
 ENABLED_LABEL = "tencrypt.io/enabled"
@@ -18,3 +19,14 @@ class EventType(enum.Enum):
     ADDED = "ADDED"
     MODIFIED = "MODIFIED"
     DELETED = "DELETED"
+
+
+def add_kubeconfig_argument(p: argparse.ArgumentParser) -> None:
+    """``--kubeconfig FILE``, read by ``kube.client.new_api_client`` (which imports the
+    client: this module stays light, so building ``--help`` does not load it)."""
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig to use (default: in-cluster service account, else "
+        "$KUBECONFIG or ~/.kube/config)",
+    )

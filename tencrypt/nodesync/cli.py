@@ -33,6 +33,7 @@ from typing import Any
 
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError, UsageError
+from tencrypt.kube.objects import add_kubeconfig_argument
 from tencrypt.linux.metrics import parse_address
 from tencrypt.nodesync import backends
 from tencrypt.nodesync.cluster import ClusterState, load_list
@@ -55,12 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "endpointslices -A -o json` (or endpoints) from FILE ('-': stdin) "
         "instead of the API",
     )
-    p.add_argument(
-        "--kubeconfig",
-        metavar="FILE",
-        help="kubeconfig to use (default: in-cluster service account, else "
-        "$KUBECONFIG or ~/.kube/config)",
-    )
+    add_kubeconfig_argument(p)
     p.add_argument(
         "--netns",
         metavar="NAME",
