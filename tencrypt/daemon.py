@@ -542,7 +542,7 @@ class Proxy:
         for conflict in self.table.pop_conflicts():
             self.stats.inc(Counter.CLASSIFICATION_CONFLICTS)
             self.ratelog.warn(
-                "conflict-" + conflict.ip,
+                "classification-conflict",  # a reason, never an address: logutil rule 1
                 "%s is %s by trusted evidence, but an "
                 "answer calls it %s: kept %s (a tenant's alias, a forged answer or "
                 "a misconfiguration)",

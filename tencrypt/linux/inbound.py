@@ -102,7 +102,7 @@ class InboundGate:
         if verdict is Verdict.REFUSE:
             self.stats.drop(DropReason.PLAINTEXT_FROM_PROJECT, packets)
             self.ratelog.warn(
-                "plaintext-" + src,
+                "plaintext-from-project",  # a reason, never an address: logutil rule 1
                 "refused a plaintext connection from %s: it is "
                 "this project's (a pod without a tencrypt proxy?)",
                 src,
