@@ -20,13 +20,17 @@ Stages:
     between unpatched pods: Tencrypt's strict mode would refuse their plaintext UDP):
     a. attach (nothing / a peer tunnel / ``lab.patch`` of both pods) and wait until the
        request/response server answers through it (handshakes happen here, unmeasured);
-    b. round trip at idle: ping, then the TCP request/response rate;
-    c. TCP at each client count, then UDP at the fixed offered rate, the tunnel processes'
-       memory sampled throughout; each run checks that the traffic crossed the tunnel's
-       interface, and counts UDP receive-buffer drops in both pods;
-    d. Tencrypt on the first shape of a full run: a soak at the largest client count for six
+    b. the tunnel processes' RSS once they are ready, before any traffic;
+    c. round trip at idle: ping, then the TCP request/response rate; for vanilla and Tencrypt
+       also DNS: sequential lookups of nginx2's Service name straight to the cluster DNS and
+       (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy;
+    d. TCP at each client count, then UDP at the fixed offered rate, the tunnel processes'
+       memory sampled throughout (VmHWM read after each TCP run) and their CPU (utime + stime
+       per end) read at the start and end of each run; each run checks that the traffic
+       crossed the tunnel's interface, and counts UDP receive-buffer drops in both pods;
+    e. Tencrypt on the first shape of a full run: a soak at the largest client count for six
        run durations (60 s by default), its memory sampled, to show whether RSS stays flat;
-    e. detach;
+    f. detach;
  4. write CSV, markdown and PNG plots (bench/report.py), and print where.
 A progress line on stderr tells what runs, how far along and about how long is left.
 """
@@ -51,20 +55,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from bench import measure, peers, report
+from bench import cpustat, measure, peers, report
+from bench.attach import Target, attach, open_bench_ports
+from bench.progress import Progress
 from bench.report import OPENVPN, TENCRYPT, VANILLA, WIREGUARD, Run
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab.cluster import Lab
-from tencrypt.lab.proxy import READY, proxies_in
 from tencrypt.lab.topology import Pod
-from tencrypt.linux import netns
 
 ORDER = [VANILLA, WIREGUARD, OPENVPN, TENCRYPT]
+DNS_SYSTEMS = (VANILLA, TENCRYPT)  # the peer tunnels leave the pods' DNS as it is
 DEFAULT_CLIENTS, DEFAULT_NODES = "1,5,10,20", "1,2"  # as declared in tencrypt/cli.py
 QUICK_DURATION, QUICK_CLIENTS = 3.0, [1, 10]
 CLIENT, SERVER = "nginx1", "nginx2"
 PING_INTERVAL = 0.05
-PACE_DAMPING = 30.0  # seconds
 SOAK_RUNS = 6  # soak length in run durations
 FAILURES = (measure.MeasureError, SetupError, subprocess.TimeoutExpired, OSError)
 
@@ -81,6 +85,8 @@ class Plan:
     quick: bool
     ping_count: int = 20
     rr_seconds: float = 3.0
+    dns_count: int = 2000  # lookups per DNS measurement, at most dns_seconds long
+    dns_seconds: float = 5.0
     soak_seconds: float = 0.0
     # --peer-binary: label ("wireguard-go v0.0.20250522") -> (system, path of the binary)
     binaries: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -154,6 +160,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.clients = QUICK_CLIENTS if args.clients == DEFAULT_CLIENTS else plan.clients
         plan.nodes = [1] if args.nodes == DEFAULT_NODES else plan.nodes
         plan.ping_count, plan.rr_seconds = 10, 1.0
+        plan.dns_count, plan.dns_seconds = 500, 2.0
     else:
         plan.soak_seconds = SOAK_RUNS * plan.duration
     return plan
@@ -162,52 +169,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
 # --- progress ------------------------------------------------------------------------------
 
 
-class Progress:
-    """One line on stderr: step k of n, what runs, elapsed and an estimate of what is left
-    (the plan's nominal seconds, scaled by how the finished steps actually went)."""
-
-    def __init__(self, estimates: list[float]) -> None:
-        self.estimates, self.index, self.started = estimates, 0, time.monotonic()
-        self.tty = sys.stderr.isatty()
-        self.line = ""
-
-    def step(self, label: str) -> None:
-        self.index += 1
-        elapsed = time.monotonic() - self.started
-        done = sum(self.estimates[: self.index - 1])
-        # actual/nominal pace of the finished steps, damped so that the first steps (a set-up
-        # that took no time, a slow lab) do not swing the estimate
-        pace = (elapsed + PACE_DAMPING) / (done + PACE_DAMPING)
-        left = sum(self.estimates[self.index - 1 :]) * pace
-        n = len(self.estimates)
-        self.line = (
-            f"bench [{min(self.index, n):>2}/{n}] {label} · {_clock(elapsed)} elapsed"
-            f" · ~{_clock(left)} left"
-        )
-        self._draw()
-
-    def say(self, text: str) -> None:
-        self.clear()
-        print(text, file=sys.stderr, flush=True)
-        if self.tty and self.line:
-            self._draw()
-
-    def clear(self) -> None:
-        if self.tty and self.line:
-            sys.stderr.write("\r\033[K")
-
-    def _draw(self) -> None:
-        sys.stderr.write(f"\r\033[K{self.line}" if self.tty else f"{self.line}\n")
-        sys.stderr.flush()
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
-
-
 def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
     """Nominal seconds of each step of one system on one lab shape, in the order they run."""
-    steps = [8.0, plan.ping_count * PING_INTERVAL + plan.rr_seconds + 2]  # attach, latency
+    latency = plan.ping_count * PING_INTERVAL + plan.rr_seconds + 2
+    if system in DNS_SYSTEMS:
+        latency += (2 if system == TENCRYPT else 1) * min(plan.dns_seconds, plan.dns_count / 5000)
+    steps = [8.0, latency]  # attach; ping, request/response, DNS
     steps += [plan.duration + 2] * len(plan.clients)
     steps.append(plan.duration + 2)  # UDP
     if system == TENCRYPT and first_shape and plan.soak_seconds:
@@ -234,96 +201,6 @@ class BenchLab(Lab):
             self.progress.say(f"lab {self.name}: {text}")
         else:
             super().say(text)
-
-
-# --- attaching a system --------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Target:
-    host: str  # where iperf3 and the request/response client connect
-    ping_host: str
-    iface: str | None  # the tunnel's interface in the client pod (None: no tunnel)
-    pids: Callable[[], list[int]]  # the tunnel's processes, for memory
-    note: str = ""
-
-
-def open_bench_ports(lab: Lab, pod: Pod) -> None:
-    """nginx2's Service gets the benchmark's ports, as kube-proxy would program a Service with
-    more ports: VIP:5201 tcp+udp (iperf3) and VIP:5202 tcp (request/response)."""
-    lines = [
-        "*nat",
-        ":BENCH-SERVICES - [0:0]",
-        "-A PREROUTING -j BENCH-SERVICES",
-        "-A OUTPUT -j BENCH-SERVICES",
-    ]
-    for proto, port in (
-        ("tcp", measure.IPERF_PORT),
-        ("udp", measure.IPERF_PORT),
-        ("tcp", measure.RR_PORT),
-    ):
-        lines.append(
-            f"-A BENCH-SERVICES -d {pod.vip}/32 -p {proto} -m {proto} --dport {port} "
-            f"-j DNAT --to-destination {pod.ip}:{port}"
-        )
-    for node in lab.nodes.values():
-        netns.run(
-            node.netns, ["iptables-restore", "--noflush"], input="\n".join([*lines, "COMMIT", ""])
-        )
-
-
-@contextlib.contextmanager
-def attach(
-    system: str, lab: Lab, a: Pod, b: Pod, binary: tuple[str, str] | None = None
-) -> Iterator[Target]:
-    """``binary``: (system, path) of a --peer-binary, run in place of the Debian one."""
-    if binary is not None:
-        system = binary[0]
-    if system == VANILLA:
-        yield Target(
-            b.vip,
-            b.ip,
-            None,
-            list,
-            "Service VIP via kube-proxy DNAT; ping to the pod IP (a VIP answers no ICMP)",
-        )
-    elif system in (WIREGUARD, OPENVPN):
-        up = peers.wireguard_up if system == WIREGUARD else peers.openvpn_up
-        tun = up(a, b, netns.unique_suffix(), binary[1] if binary else system)
-        try:
-            yield Target(
-                tun.server_addr,
-                tun.server_addr,
-                tun.client_if,
-                tun.pids,
-                f"{tun.note}; UDP socket buffers forced to {peers.BUFFER_BYTES >> 20} "
-                f"MiB (SO_RCVBUF reads {sorted(set(tun.rcvbuf))})",
-            )
-        finally:
-            tun.stop()
-    else:
-        try:
-            for pod in (a, b):
-                lab.patch(pod.name)
-            yield Target(
-                b.vip,
-                b.vip,
-                "tenc0",
-                lambda: proxies_in(a.netns) + proxies_in(b.netns),
-                _ready_line(lab, a),
-            )
-        finally:
-            for pod in (b, a):
-                with contextlib.suppress(SetupError, OSError, subprocess.TimeoutExpired):
-                    lab.unpatch(pod.name)
-
-
-def _ready_line(lab: Lab, pod: Pod) -> str:
-    try:
-        text = lab.log_file(f"{pod.name}.tencrypt").read_text(errors="replace")
-    except OSError:
-        return ""
-    return next((line.strip() for line in text.splitlines() if READY in line), "")
 
 
 # --- measuring a system --------------------------------------------------------------------
@@ -371,12 +248,15 @@ class Bench:
             measure.rr_server(b.netns, self.logs / "rr.log"),
         ):
             self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
+            self.ready_memory(nodes, system, target)
             measure.wait_reachable(a.netns, target.host)
             self.progress.step(f"{label} · ping, request/response")
             self.attempt(nodes, system, "ping", partial(self.ping, nodes, system, a, target))
             self.attempt(
                 nodes, system, "request/response", partial(self.rr, nodes, system, a, target)
             )
+            if system in DNS_SYSTEMS:
+                self.attempt(nodes, system, "DNS", partial(self.dns, lab, nodes, system, a, b))
             with measure.MemorySampler(target.pids) as memory:
                 for clients in self.plan.clients:
                     self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
@@ -396,6 +276,28 @@ class Bench:
                     f"{label} · soak ×{max(self.plan.clients)} ({self.plan.soak_seconds:g} s)"
                 )
                 self.attempt(nodes, system, "soak", partial(self.soak, nodes, system, a, b, target))
+
+    def ready_memory(self, nodes: int, system: str, target: Target) -> None:
+        """VmRSS of the largest tunnel process once it is ready, before any traffic."""
+        rss = measure.largest_mb(target.pids(), "VmRSS")
+        if rss:
+            self.run.add(nodes, system, "memory", 0, "ready_mb", rss, "MB")
+
+    def dns(self, lab: Lab, nodes: int, system: str, a: Pod, b: Pod) -> None:
+        """Lookups of nginx2's Service name straight to the cluster DNS, and for Tencrypt also
+        through the pod's resolver, which must then be the embedded proxy."""
+        runs = [("dns_direct", lab.dns_ip)] + ([("dns", "resolv")] if system == TENCRYPT else [])
+        for test, server in runs:
+            d = measure.dns_lookups(
+                a.netns, server, b.fqdn, self.plan.dns_count, self.plan.dns_seconds
+            )
+            if test == "dns" and not d.server.startswith("127."):
+                raise measure.MeasureError(f"the pod's resolver is {d.server}, not the proxy")
+            self.run.add(nodes, system, test, 1, "p50_us", d.p50_us, "µs")
+            self.run.add(nodes, system, test, 1, "p99_us", d.p99_us, "µs")
+            self.run.add(nodes, system, test, 1, "rate", d.rate, "1/s")
+            self.run.add(nodes, system, test, 1, "lookups", d.lookups, "lookups")
+            self.run.add(nodes, system, test, 1, "failed", d.failed, "lookups")
 
     def ping(self, nodes: int, system: str, a: Pod, target: Target) -> None:
         p = measure.ping(a.netns, target.ping_host, self.plan.ping_count, PING_INTERVAL)
@@ -422,9 +324,11 @@ class Bench:
     ) -> measure.Iperf:
         """One iperf3 run (TCP with ``clients`` streams, else UDP), recorded."""
         namespaces = [a.netns, b.netns]
+        test, n = ("tcp", clients) if clients else ("udp", 1)
         drops = measure.udp_rcvbuf_errors(namespaces)
         before = measure.iface_counters(a.netns, target.iface) if target.iface else (0, 0)
         udp = None if clients else self.plan.udp_rate
+        cpu_before = cpustat.snapshot(target.pids(), a.netns, b.netns) if target.iface else None
         result = measure.iperf(
             a.netns,
             b.netns,
@@ -434,8 +338,10 @@ class Bench:
             parallel=clients or 1,
             udp_rate=udp,
         )
+        if cpu_before is not None:
+            cpu_after = cpustat.snapshot(target.pids(), a.netns, b.netns)
+            self.cpu((nodes, system, test, n), cpu_before, cpu_after, result)
         drops = measure.udp_rcvbuf_errors(namespaces) - drops
-        test, n = ("tcp", clients) if clients else ("udp", 1)
         if target.iface:
             after = measure.iface_counters(a.netns, target.iface)
             carried = after[0] - before[0]
@@ -451,6 +357,9 @@ class Bench:
         self.run.add(nodes, system, test, n, "received_mb", result.mbytes, "MB")
         if clients:
             self.run.add(nodes, system, test, n, "retransmits", result.retransmits, "segments")
+            hwm = measure.largest_mb(target.pids(), "VmHWM")
+            if hwm:
+                self.run.add(nodes, system, test, n, "hwm_mb", hwm, "MB")
         else:
             self.run.add(
                 nodes, system, test, n, "offered", _rate_gbps(self.plan.udp_rate), "Gbit/s"
@@ -460,6 +369,29 @@ class Bench:
             self.run.add(nodes, system, test, n, "lost", result.lost, "datagrams")
             self.run.add(nodes, system, test, n, "jitter_ms", result.jitter_ms, "ms")
         return result
+
+    def cpu(
+        self,
+        run: tuple[int, str, str, int],
+        before: cpustat.Snapshot,
+        after: cpustat.Snapshot,
+        result: measure.Iperf,
+    ) -> None:
+        """CPU-seconds of the tunnel processes per end during one run (``run``: nodes, system,
+        test, clients), and per gigabit received (cores per Gbit/s), per end and summed."""
+        nodes, system, test, n = run
+        used = cpustat.seconds_used(before, after)
+        gigabits = result.mbytes * 8 / 1000
+        total = sum(used.values())
+        for end, seconds in (*used.items(), ("both", total)):
+            self.run.add(nodes, system, test, n, f"cpu_s_{end}", seconds, "CPU-s")
+            per = cpustat.cores_per_gbps(seconds, gigabits)
+            if per is not None:
+                self.run.add(nodes, system, test, n, f"cpu_per_gbps_{end}", per, "cores/(Gbit/s)")
+        if after.at > before.at:
+            self.run.add(
+                nodes, system, test, n, "cpu_cores", total / (after.at - before.at), "cores"
+            )
 
     def soak(self, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
         seconds, clients = self.plan.soak_seconds, max(self.plan.clients)
@@ -549,6 +481,7 @@ def describe(plan: Plan) -> Run:
     run.versions["iperf3"] = first.removeprefix("iperf ").split(" ")[0]
     run.versions["tencrypt"] = _git_describe()
     run.versions["python"] = platform.python_version()
+    run.peer_labels = {label: system for label, (system, _) in plan.binaries.items()}
     return run
 
 

@@ -11,6 +11,7 @@ Rules:
   not hold the figures (a failed run is reported as such, never as a zero).
 - Memory is read from ``/proc/<pid>/status`` (VmRSS now, VmHWM the peak since start) by a
   sampler thread, the only thread the benchmark starts.
+- CPU: bench/cpu.py.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ class RequestResponse:
     @property
     def rate(self) -> float:
         return self.transactions / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class DnsLookups:
+    server: str  # the address asked
+    lookups: int  # answered
+    failed: int
+    seconds: float
+    p50_us: float
+    p99_us: float
+
+    @property
+    def rate(self) -> float:
+        return self.lookups / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(slots=True)
@@ -140,6 +155,29 @@ def parse_rr(text: str) -> RequestResponse:
         )
     except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise MeasureError(f"request/response client printed no result: {text[-200:]!r}") from exc
+
+
+def percentile(sorted_values: list[float], pct: int) -> float:
+    """The ``pct``-th percentile of ascending values, nearest rank below (the median of an even
+    count is the upper middle value, as the request/response client takes it)."""
+    if not sorted_values:
+        raise MeasureError("no values")
+    return sorted_values[min(len(sorted_values) - 1, len(sorted_values) * pct // 100)]
+
+
+def parse_dns(text: str) -> DnsLookups:
+    """The JSON line of ``bench/dnsprobe.py``: median and p99 of the answered lookups."""
+    try:
+        data = json.loads(text.strip().splitlines()[-1])
+        times = sorted(float(t) / 1e3 for t in data["times_ns"])
+        server, failed, seconds = str(data["server"]), int(data["failed"]), float(data["seconds"])
+    except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MeasureError(f"DNS client printed no result: {text[-200:]!r}") from exc
+    if not times:
+        raise MeasureError(f"DNS: no lookup through {server} was answered ({failed} failed)")
+    return DnsLookups(
+        server, len(times), failed, seconds, percentile(times, 50), percentile(times, 99)
+    )
 
 
 def parse_status_kb(text: str, key: str) -> int | None:
@@ -295,6 +333,23 @@ def request_response(client_ns: str, host: str, seconds: float) -> RequestRespon
     return parse_rr(proc.stdout)
 
 
+DNS_PROBE = Path(__file__).resolve().with_name("dnsprobe.py")
+
+
+def dns_lookups(
+    client_ns: str, server: str, name: str, count: int, seconds: float, warmup: int = 20
+) -> DnsLookups:
+    """``count`` sequential lookups of ``name`` (at most ``seconds``) from ``client_ns`` to
+    ``server`` (an address, or ``resolv``: the pod's own resolver), timed by bench/dnsprobe.py
+    after ``warmup`` untimed ones (they fill a cache on the way)."""
+    argv = [sys.executable, "-I", str(DNS_PROBE), server, name, str(count), f"{seconds:g}"]
+    argv.append(str(warmup))
+    proc = netns.run(client_ns, argv, check=False, timeout=2 * seconds + SLACK)
+    if proc.returncode != 0:
+        raise MeasureError(f"DNS client failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return parse_dns(proc.stdout)
+
+
 def wait_reachable(client_ns: str, host: str, timeout: float = 30.0) -> None:
     """Poll short request/response exchanges until one completes (a tunnel's handshake, a
     proxy's first classification happen here, outside the measured runs)."""
@@ -340,6 +395,11 @@ def status_kb(pid: int, key: str) -> int | None:
         return parse_status_kb(Path(f"/proc/{pid}/status").read_text(), key)
     except OSError:
         return None
+
+
+def largest_mb(pids: list[int], key: str) -> float:
+    """The largest ``key`` (VmRSS, VmHWM) of the processes, MB; 0.0 when none is readable."""
+    return max((status_kb(pid, key) or 0 for pid in pids), default=0) / 1024
 
 
 class MemorySampler:

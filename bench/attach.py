@@ -1,0 +1,109 @@
+"""Attaching a system to the benchmark's two pods: nothing (vanilla), a peer tunnel, or
+Tencrypt in both pods; and the Service ports the benchmark uses.
+
+``attach`` yields a ``Target``: where the client connects, the tunnel's interface in the client
+pod (None: no tunnel) and how to find the tunnel's processes (for memory and CPU). Leaving the
+``with`` block always detaches, also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from bench import measure, peers
+from bench.report import OPENVPN, VANILLA, WIREGUARD
+from tencrypt.errors import SetupError
+from tencrypt.lab.cluster import Lab
+from tencrypt.lab.proxy import READY, proxies_in
+from tencrypt.lab.topology import Pod
+from tencrypt.linux import netns
+
+
+@dataclass(slots=True)
+class Target:
+    host: str  # where iperf3 and the request/response client connect
+    ping_host: str
+    iface: str | None  # the tunnel's interface in the client pod (None: no tunnel)
+    pids: Callable[[], list[int]]  # the tunnel's processes, for memory
+    note: str = ""
+
+
+def open_bench_ports(lab: Lab, pod: Pod) -> None:
+    """nginx2's Service gets the benchmark's ports, as kube-proxy would program a Service with
+    more ports: VIP:5201 tcp+udp (iperf3) and VIP:5202 tcp (request/response)."""
+    lines = [
+        "*nat",
+        ":BENCH-SERVICES - [0:0]",
+        "-A PREROUTING -j BENCH-SERVICES",
+        "-A OUTPUT -j BENCH-SERVICES",
+    ]
+    for proto, port in (
+        ("tcp", measure.IPERF_PORT),
+        ("udp", measure.IPERF_PORT),
+        ("tcp", measure.RR_PORT),
+    ):
+        lines.append(
+            f"-A BENCH-SERVICES -d {pod.vip}/32 -p {proto} -m {proto} --dport {port} "
+            f"-j DNAT --to-destination {pod.ip}:{port}"
+        )
+    for node in lab.nodes.values():
+        netns.run(
+            node.netns, ["iptables-restore", "--noflush"], input="\n".join([*lines, "COMMIT", ""])
+        )
+
+
+@contextlib.contextmanager
+def attach(
+    system: str, lab: Lab, a: Pod, b: Pod, binary: tuple[str, str] | None = None
+) -> Iterator[Target]:
+    """``binary``: (system, path) of a --peer-binary, run in place of the Debian one."""
+    if binary is not None:
+        system = binary[0]
+    if system == VANILLA:
+        yield Target(
+            b.vip,
+            b.ip,
+            None,
+            list,
+            "Service VIP via kube-proxy DNAT; ping to the pod IP (a VIP answers no ICMP)",
+        )
+    elif system in (WIREGUARD, OPENVPN):
+        up = peers.wireguard_up if system == WIREGUARD else peers.openvpn_up
+        tun = up(a, b, netns.unique_suffix(), binary[1] if binary else system)
+        try:
+            yield Target(
+                tun.server_addr,
+                tun.server_addr,
+                tun.client_if,
+                tun.pids,
+                f"{tun.note}; UDP socket buffers forced to {peers.BUFFER_BYTES >> 20} "
+                f"MiB (SO_RCVBUF reads {sorted(set(tun.rcvbuf))})",
+            )
+        finally:
+            tun.stop()
+    else:
+        try:
+            for pod in (a, b):
+                lab.patch(pod.name)
+            yield Target(
+                b.vip,
+                b.vip,
+                "tenc0",
+                lambda: proxies_in(a.netns) + proxies_in(b.netns),
+                _ready_line(lab, a),
+            )
+        finally:
+            for pod in (b, a):
+                with contextlib.suppress(SetupError, OSError, subprocess.TimeoutExpired):
+                    lab.unpatch(pod.name)
+
+
+def _ready_line(lab: Lab, pod: Pod) -> str:
+    try:
+        text = lab.log_file(f"{pod.name}.tencrypt").read_text(errors="replace")
+    except OSError:
+        return ""
+    return next((line.strip() for line in text.splitlines() if READY in line), "")

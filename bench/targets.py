@@ -1,0 +1,215 @@
+"""The targets of issue 16, judged on one run's figures: met, not met, or not measured.
+
+Rules:
+- Every target is judged on figures of the same run and the same lab shape; a target whose
+  figures are missing (the current wireguard-go not given with ``--peer-binary``, a shape or a
+  client count not in the run, a measurement that failed) is *not measured*, never met.
+- "The current wireguard-go" is the first ``--peer-binary wireguard-go=PATH`` system of the run
+  (``Run.peer_labels``), named by its ``--version``; "the Debian build" is ``wireguard-go``.
+- Each verdict's text carries the figures and their ratio: for a comparison Tencrypt's figure
+  over the other's, for an absolute bound the figure over the bound.
+- Pure: a ``Run`` in, ``Verdict``s out.
+
+The targets, per lab shape (one node; two nodes over VXLAN):
+ 1. single-stream TCP and TCP at 10 clients: Tencrypt ≥ 1.5 × the current wireguard-go and
+    ≥ 5 × the Debian build;
+ 2. added latency over vanilla, median 1-byte TCP request/response and ping median: Tencrypt's
+    ≤ the current wireguard-go's;
+ 3. the proxy's RSS when ready, before any traffic, ≤ 35 MB; its VmHWM after the 20-client TCP
+    run ≤ 60 MB (largest of the two proxies);
+ 4. DNS: the median lookup of a cached name through the proxy ≤ the median straight to the
+    cluster DNS, both measured in the Tencrypt stage;
+ 5. (first shape of a full run) the proxy's RSS flat over the soak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.report import TENCRYPT, VANILLA, WIREGUARD, Run, fmt
+
+MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
+TCP_VS_CURRENT = 1.5  # × the current wireguard-go release
+TCP_VS_DEBIAN = 5.0  # × the Debian build
+TCP_CLIENTS = (1, 10)
+IDLE_RSS_MB = 35.0
+PEAK_RSS_MB = 60.0
+PEAK_CLIENTS = 20
+FLAT_MB = 5.0  # "flat": the soak's last window may exceed its first by at most this (or 5 %)
+SHAPES = (1, 2)
+NO_CURRENT = "no --peer-binary wireguard-go=PATH in this run"
+
+
+@dataclass(slots=True, frozen=True)
+class Verdict:
+    status: str  # MET, NOT_MET, NOT_MEASURED
+    text: str
+
+    def line(self) -> str:
+        mark = {MET: "met", NOT_MET: "**not met**", NOT_MEASURED: "*not measured*"}
+        return f"- {mark[self.status]}: {self.text}"
+
+
+def current_wireguard(run: Run) -> str | None:
+    """The label of the current wireguard-go (the first --peer-binary of that system)."""
+    return next((label for label, s in run.peer_labels.items() if s == WIREGUARD), None)
+
+
+def shape(nodes: int) -> str:
+    return "1 node" if nodes == 1 else f"{nodes} nodes (VXLAN)"
+
+
+def _clients(n: int) -> str:
+    return f"{n} client{'s' if n > 1 else ''}"
+
+
+def _times(r: float | None) -> str:
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def _missing(run: Run, nodes: int, *systems: str) -> str:
+    if not any(m.nodes == nodes for m in run.measurements):
+        return "this lab shape is not in the run"
+    return f"no figure for {' / '.join(systems)}"
+
+
+def judge_tcp(run: Run, nodes: int, clients: int, peer: str | None, bound: float) -> Verdict:
+    """Tencrypt's TCP throughput ≥ ``bound`` × ``peer``'s (None: the peer was not run)."""
+    what = f"{shape(nodes)}, TCP {_clients(clients)}"
+    if peer is None:
+        return Verdict(NOT_MEASURED, f"{what} vs the current wireguard-go: {NO_CURRENT}")
+    tenc = run.get(nodes, TENCRYPT, "tcp", clients, "throughput")
+    other = run.get(nodes, peer, "tcp", clients, "throughput")
+    name = "the Debian wireguard-go" if peer == WIREGUARD else peer
+    if tenc is None or not other:
+        return Verdict(NOT_MEASURED, f"{what} vs {name}: {_missing(run, nodes, TENCRYPT, peer)}")
+    r = tenc / other
+    return Verdict(
+        MET if r >= bound else NOT_MET,
+        f"{what}: Tencrypt {fmt(tenc)} vs {name} {fmt(other)} Gbit/s = {_times(r)} "
+        f"(target ≥ {bound:g}×)",
+    )
+
+
+def judge_added(run: Run, nodes: int, test: str, peer: str | None) -> Verdict:
+    """What Tencrypt adds to a latency median over vanilla ≤ what ``peer`` adds."""
+    metric, unit, name = {
+        "rr": ("p50_us", "µs", "added TCP request/response median"),
+        "ping": ("p50_ms", "ms", "added ping median"),
+    }[test]
+    what = f"{shape(nodes)}, {name}"
+    if peer is None:
+        return Verdict(NOT_MEASURED, f"{what} vs the current wireguard-go: {NO_CURRENT}")
+    plain = run.get(nodes, VANILLA, test, 1, metric)
+    tenc = run.get(nodes, TENCRYPT, test, 1, metric)
+    other = run.get(nodes, peer, test, 1, metric)
+    if plain is None or tenc is None or other is None:
+        missing = _missing(run, nodes, VANILLA, TENCRYPT, peer)
+        return Verdict(NOT_MEASURED, f"{what} vs {peer}: {missing}")
+    ours, theirs = tenc - plain, other - plain
+    r = ours / theirs if theirs > 0 else None
+    return Verdict(
+        MET if ours <= theirs else NOT_MET,
+        f"{what} over vanilla ({fmt(plain)} {unit}): Tencrypt {ours:+.3g} {unit} vs {peer} "
+        f"{theirs:+.3g} {unit} = {_times(r)} (target ≤ 1×: no more than it adds)",
+    )
+
+
+def judge_memory(run: Run, nodes: int) -> list[Verdict]:
+    """The proxy's RSS when ready ≤ 35 MB; its VmHWM after the 20-client run ≤ 60 MB."""
+    out = []
+    ready = run.get(nodes, TENCRYPT, "memory", 0, "ready_mb")
+    what = f"{shape(nodes)}, proxy RSS when ready, before any traffic"
+    if ready is None:
+        out.append(Verdict(NOT_MEASURED, f"{what}: {_missing(run, nodes, TENCRYPT)}"))
+    else:
+        out.append(
+            Verdict(
+                MET if ready <= IDLE_RSS_MB else NOT_MET,
+                f"{what}: {ready:.1f} MB = {_times(ready / IDLE_RSS_MB)} the target "
+                f"(≤ {IDLE_RSS_MB:g} MB)",
+            )
+        )
+    peak = run.get(nodes, TENCRYPT, "tcp", PEAK_CLIENTS, "hwm_mb")
+    what = f"{shape(nodes)}, proxy peak RSS (VmHWM) after the {PEAK_CLIENTS}-client TCP run"
+    if peak is None:
+        seen = [
+            (m.clients, m.value)
+            for m in run.measurements
+            if (m.nodes, m.system, m.test, m.metric) == (nodes, TENCRYPT, "tcp", "hwm_mb")
+        ]
+        why = _missing(run, nodes, TENCRYPT) if not seen else f"no {PEAK_CLIENTS}-client run"
+        if seen:
+            n, mb = max(seen)
+            why += f" (after the {n}-client run: {mb:.1f} MB)"
+        out.append(Verdict(NOT_MEASURED, f"{what}: {why}"))
+    else:
+        out.append(
+            Verdict(
+                MET if peak <= PEAK_RSS_MB else NOT_MET,
+                f"{what}: {peak:.1f} MB = {_times(peak / PEAK_RSS_MB)} the target "
+                f"(≤ {PEAK_RSS_MB:g} MB)",
+            )
+        )
+    return out
+
+
+def judge_dns(run: Run, nodes: int) -> Verdict:
+    """The median lookup through the proxy ≤ the median straight to the cluster DNS."""
+    what = f"{shape(nodes)}, DNS median lookup of a cached name"
+    proxy = run.get(nodes, TENCRYPT, "dns", 1, "p50_us")
+    direct = run.get(nodes, TENCRYPT, "dns_direct", 1, "p50_us")
+    if proxy is None or direct is None:
+        return Verdict(NOT_MEASURED, f"{what}: {_missing(run, nodes, 'tencrypt DNS')}")
+    return Verdict(
+        MET if proxy <= direct else NOT_MET,
+        f"{what}: through the proxy {fmt(proxy)} µs vs straight to the cluster DNS "
+        f"{fmt(direct)} µs = {_times(proxy / direct if direct else None)} (target ≤ 1×)",
+    )
+
+
+def judge_soak(run: Run, nodes: int) -> Verdict | None:
+    first = run.get(nodes, TENCRYPT, "soak", 0, "first_mb")
+    last = run.get(nodes, TENCRYPT, "soak", 0, "last_mb")
+    secs = run.get(nodes, TENCRYPT, "soak", 0, "seconds")
+    if first is None or last is None or secs is None:
+        return None
+    return Verdict(
+        MET if last <= first + max(FLAT_MB, 0.05 * first) else NOT_MET,
+        f"{shape(nodes)}, proxy RSS over a {secs:.0f} s soak: {first:.1f} -> {last:.1f} MB "
+        f"(flat: growth ≤ {FLAT_MB:g} MB or 5 %)",
+    )
+
+
+def judge(run: Run) -> list[Verdict]:
+    """Every target, for each lab shape, in the order of the module's list."""
+    current = current_wireguard(run)
+    out: list[Verdict] = []
+    for nodes in SHAPES:
+        for clients in TCP_CLIENTS:
+            out.append(judge_tcp(run, nodes, clients, current, TCP_VS_CURRENT))
+            out.append(judge_tcp(run, nodes, clients, WIREGUARD, TCP_VS_DEBIAN))
+        out += [judge_added(run, nodes, test, current) for test in ("rr", "ping")]
+        out += judge_memory(run, nodes)
+        out.append(judge_dns(run, nodes))
+        soak = judge_soak(run, nodes)
+        if soak:
+            out.append(soak)
+    return out
+
+
+def render(run: Run) -> list[str]:
+    """The markdown section: a count, then one line per target."""
+    verdicts = judge(run)
+    counts = {s: sum(v.status == s for v in verdicts) for s in (MET, NOT_MET, NOT_MEASURED)}
+    current = current_wireguard(run)
+    against = f"`{current}`" if current else "not given (no --peer-binary wireguard-go=PATH)"
+    return [
+        "## Targets (issue 16)",
+        "",
+        f"{counts[MET]} met, {counts[NOT_MET]} not met, {counts[NOT_MEASURED]} not measured. "
+        f"The current wireguard-go: {against}; the Debian build: `{WIREGUARD}`.",
+        "",
+        *(v.line() for v in verdicts),
+        "",
+    ]
