@@ -3,8 +3,10 @@
 What must hold: the harness builds its own lab, measures vanilla and Tencrypt (and wireguard-go
 when it is installed: the smoke test never installs packages), writes a CSV and a markdown
 table with a row per system and non-zero throughputs, really sends the tunnelled systems'
-traffic through their tunnel interface, and leaves no namespace, process or control socket
-behind. No timing thresholds: only that figures exist and are positive.
+traffic through their tunnel interface, reads CPU at both ends of each tunnel and memory when
+ready, answers DNS lookups straight and (Tencrypt) through the proxy, and leaves no namespace,
+process or control socket behind. No timing thresholds: only that figures exist and are
+positive.
 """
 
 from __future__ import annotations
@@ -71,6 +73,21 @@ def test_bench_smoke(bench_name: str, tmp_path: Path) -> None:
             >= 0.9 * value[(system, "tcp", "2", "received_mb")]
         )
         assert value[(system, "memory", "0", "peak_mb")] > 0
+        assert value[(system, "memory", "0", "ready_mb")] > 0
+        assert value[(system, "tcp", "2", "hwm_mb")] > 0
+        # CPU was read at both ends of the tunnel, and per Gbit/s received
+        assert value[(system, "tcp", "2", "cpu_s_client")] > 0
+        assert value[(system, "tcp", "2", "cpu_s_server")] > 0
+        assert value[(system, "tcp", "2", "cpu_per_gbps_both")] > 0
+    # DNS: straight to the cluster DNS in both stages, through the proxy with Tencrypt
+    for system, test in (
+        ("vanilla", "dns_direct"),
+        ("tencrypt", "dns_direct"),
+        ("tencrypt", "dns"),
+    ):
+        assert value[(system, test, "1", "lookups")] > 0
+        assert value[(system, test, "1", "failed")] == 0
+        assert value[(system, test, "1", "p50_us")] > 0
     assert value[("tencrypt", "soak", "0", "seconds")] == 6.0
     assert value[("tencrypt", "soak", "0", "last_mb")] > 0
     # every figure of a non-vanilla system has its ratio to vanilla
@@ -85,6 +102,9 @@ def test_bench_smoke(bench_name: str, tmp_path: Path) -> None:
         rel=1e-3,
     )
 
+    assert "## Targets (issue 16)" in markdown
+    assert "### DNS: sequential lookups" in markdown
+    assert "### CPU of the tunnel processes per Gbit/s" in markdown
     lines = markdown.splitlines()
     tcp = lines.index("### TCP throughput, Gbit/s (iperf3 -P N, received)")
     table = {}
