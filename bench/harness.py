@@ -42,7 +42,6 @@ import contextlib
 import datetime
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -57,138 +56,25 @@ from pathlib import Path
 
 from bench import cpustat, measure, peers, report
 from bench.attach import Target, attach, open_bench_ports
+from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries: the plan's API here too
+    DNS_SYSTEMS,
+    ORDER,
+    PING_INTERVAL,
+    SOAK_RUNS,
+    Plan,
+    build_plan,
+    estimates,
+    peer_binaries,
+    system_steps,
+)
 from bench.progress import Progress
-from bench.report import OPENVPN, TENCRYPT, VANILLA, WIREGUARD, Run
+from bench.report import TENCRYPT, Run
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.topology import Pod
 
-ORDER = [VANILLA, WIREGUARD, OPENVPN, TENCRYPT]
-DNS_SYSTEMS = (VANILLA, TENCRYPT)  # the peer tunnels leave the pods' DNS as it is
-DEFAULT_CLIENTS, DEFAULT_NODES = "1,5,10,20", "1,2"  # as declared in tencrypt/cli.py
-QUICK_DURATION, QUICK_CLIENTS = 3.0, [1, 10]
 CLIENT, SERVER = "nginx1", "nginx2"
-PING_INTERVAL = 0.05
-SOAK_RUNS = 6  # soak length in run durations
 FAILURES = (measure.MeasureError, SetupError, subprocess.TimeoutExpired, OSError)
-
-
-@dataclass(slots=True)
-class Plan:
-    systems: list[str]
-    clients: list[int]
-    nodes: list[int]
-    duration: float
-    udp_rate: str
-    out: Path
-    name: str
-    quick: bool
-    ping_count: int = 20
-    rr_seconds: float = 3.0
-    dns_count: int = 2000  # lookups per DNS measurement, at most dns_seconds long
-    dns_seconds: float = 5.0
-    soak_seconds: float = 0.0
-    # --peer-binary: label ("wireguard-go v0.0.20250522") -> (system, path of the binary)
-    binaries: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-    @property
-    def prefix(self) -> str:
-        return "quick" if self.quick else "latest"
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise UsageError(f"--{what}: expected comma-separated numbers, not {text!r}") from None
-    if not values or values[0] < 1:
-        raise UsageError(f"--{what}: expected positive numbers, not {text!r}")
-    return values
-
-
-def peer_binaries(specs: list[str]) -> dict[str, tuple[str, str]]:
-    """``--peer-binary SYSTEM=PATH`` values as {label: (system, path)}; the label is the
-    system and the binary's own ``--version``. Nothing is downloaded or built here."""
-    out: dict[str, tuple[str, str]] = {}
-    for spec in specs:
-        system, sep, path = spec.partition("=")
-        if not sep or system not in peers.BINARY_SYSTEMS or not path:
-            raise UsageError(
-                f"--peer-binary: SYSTEM=PATH with SYSTEM one of "
-                f"{', '.join(peers.BINARY_SYSTEMS)}, not {spec!r}"
-            )
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            raise UsageError(f"--peer-binary: {path} is not an executable file")
-        label = f"{system} {peers.binary_version(path) or os.path.basename(path)}"
-        if label in out or label in ORDER:
-            label = f"{label} ({path})"
-        out[label] = (system, os.path.abspath(path))
-    return out
-
-
-def build_plan(args: argparse.Namespace) -> Plan:
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(ORDER)
-    if unknown or not systems:
-        raise UsageError(f"--systems: unknown {sorted(unknown)} (choose from {', '.join(ORDER)})")
-    nodes = _ints(args.nodes, "nodes")
-    if set(nodes) - {1, 2}:
-        raise UsageError("--nodes: 1, 2 or 1,2")
-    if not args.duration > 0:
-        raise UsageError("--duration must be positive")
-    if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", args.udp_rate):
-        raise UsageError(
-            f"--udp-rate: a rate as iperf3 takes it (e.g. 500M, 1G), not {args.udp_rate!r}"
-        )
-    plan = Plan(
-        systems=[s for s in ORDER if s in systems],
-        clients=_ints(args.clients, "clients"),
-        nodes=nodes,
-        duration=args.duration,
-        udp_rate=args.udp_rate,
-        out=Path(args.out),
-        name=args.name,
-        quick=args.quick,
-        binaries=peer_binaries(getattr(args, "peer_binary", None) or []),
-    )
-    # each extra binary is one more system, measured after the Debian ones and before
-    # Tencrypt (which patches the pods)
-    at = plan.systems.index(TENCRYPT) if TENCRYPT in plan.systems else len(plan.systems)
-    plan.systems[at:at] = list(plan.binaries)
-    if args.quick:
-        plan.duration = min(plan.duration, QUICK_DURATION)
-        plan.clients = QUICK_CLIENTS if args.clients == DEFAULT_CLIENTS else plan.clients
-        plan.nodes = [1] if args.nodes == DEFAULT_NODES else plan.nodes
-        plan.ping_count, plan.rr_seconds = 10, 1.0
-        plan.dns_count, plan.dns_seconds = 500, 2.0
-    else:
-        plan.soak_seconds = SOAK_RUNS * plan.duration
-    return plan
-
-
-# --- progress ------------------------------------------------------------------------------
-
-
-def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
-    """Nominal seconds of each step of one system on one lab shape, in the order they run."""
-    latency = plan.ping_count * PING_INTERVAL + plan.rr_seconds + 2
-    if system in DNS_SYSTEMS:
-        latency += (2 if system == TENCRYPT else 1) * min(plan.dns_seconds, plan.dns_count / 5000)
-    steps = [8.0, latency]  # attach; ping, request/response, DNS
-    steps += [plan.duration + 2] * len(plan.clients)
-    steps.append(plan.duration + 2)  # UDP
-    if system == TENCRYPT and first_shape and plan.soak_seconds:
-        steps.append(plan.soak_seconds + 2)
-    return steps
-
-
-def estimates(plan: Plan) -> list[float]:
-    return [
-        seconds
-        for index, _ in enumerate(plan.nodes)
-        for system in plan.systems
-        for seconds in system_steps(plan, system, index == 0)
-    ]
 
 
 class BenchLab(Lab):

@@ -10,7 +10,8 @@ Rules:
 - The issue's targets are judged in bench/targets.py.
 - Latency figures also get their difference to vanilla (``added``): what the tunnel adds.
 - Rendering is pure (``render_*`` return text); only ``write_*`` touch files, and matplotlib
-  is imported inside ``write_plots`` so that the pure parts need nothing beyond the stdlib.
+  is imported inside ``write_plots`` (bench/plots.py) so that the pure parts need nothing
+  beyond the stdlib.
 """
 
 from __future__ import annotations
@@ -423,7 +424,7 @@ def render_memory(run: Run, nodes: int) -> list[str]:
     ]
 
 
-def _shape(nodes: int) -> str:
+def shape_name(nodes: int) -> str:
     return "1 node" if nodes == 1 else f"{nodes} nodes (VXLAN)"
 
 
@@ -462,7 +463,7 @@ def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
         lines += [f"## {SHAPE_TITLES.get(nodes, f'{nodes} nodes')}", ""]
         lines += render_tcp(run, nodes)
         if plots and nodes in plots:
-            lines += [f"![TCP throughput, {_shape(nodes)}]({plots[nodes]})", ""]
+            lines += [f"![TCP throughput, {shape_name(nodes)}]({plots[nodes]})", ""]
         lines += render_udp(run, nodes) + render_cpu(run, nodes) + render_latency(run, nodes)
         lines += render_dns(run, nodes) + render_memory(run, nodes)
     if run.errors:
@@ -473,53 +474,10 @@ def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
 # --- files ---------------------------------------------------------------------------------
 
 
-def plot_name(prefix: str, nodes: int) -> str:
-    return f"{prefix}-tcp-{nodes}node{'s' if nodes > 1 else ''}.png"
-
-
-def write_plots(run: Run, out: Path, prefix: str) -> dict[int, str]:
-    """One PNG per lab shape: TCP throughput per client count, one line per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    written = {}
-    for nodes in sorted({m.nodes for m in run.measurements if m.test == "tcp"}):
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        for system in systems_of(run, nodes):
-            points = sorted(
-                (m.clients, m.value)
-                for m in run.measurements
-                if (m.nodes, m.system, m.test, m.metric) == (nodes, system, "tcp", "throughput")
-                and m.value > 0
-            )
-            if points:
-                ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=system)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        counts = sorted(
-            {m.clients for m in run.measurements if m.nodes == nodes and m.test == "tcp"}
-        )
-        ax.set_xticks(counts, [str(c) for c in counts])
-        ax.minorticks_off()
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.set_xlabel("parallel TCP clients (iperf3 -P)")
-        ax.set_ylabel("throughput, Gbit/s (log scale)")
-        ax.set_title(f"TCP throughput, {_shape(nodes)} — {run.date}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        name = plot_name(prefix, nodes)
-        fig.savefig(out / name)
-        plt.close(fig)
-        written[nodes] = name
-    return written
-
-
 def write_all(run: Run, out: Path, prefix: str) -> list[Path]:
     """``<prefix>.csv``, ``<prefix>.md`` and the plots in ``out``. Returns the paths."""
+    from bench.plots import write_plots  # it imports this module, and matplotlib
+
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(run, out, prefix)
     paths = [out / f"{prefix}.csv", out / f"{prefix}.md", *(out / p for p in plots.values())]

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.report import TENCRYPT, VANILLA, WIREGUARD, Run, fmt
+from bench.report import shape_name as shape
 
 MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
 TCP_VS_CURRENT = 1.5  # × the current wireguard-go release
@@ -53,10 +54,6 @@ class Verdict:
 def current_wireguard(run: Run) -> str | None:
     """The label of the current wireguard-go (the first --peer-binary of that system)."""
     return next((label for label, s in run.peer_labels.items() if s == WIREGUARD), None)
-
-
-def shape(nodes: int) -> str:
-    return "1 node" if nodes == 1 else f"{nodes} nodes (VXLAN)"
 
 
 def _clients(n: int) -> str:
