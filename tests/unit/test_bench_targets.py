@@ -145,14 +145,15 @@ def test_dns_target_compares_the_proxy_with_the_cluster_dns_of_the_same_stage() 
 def test_a_shape_not_in_the_run_is_not_measured_and_counted() -> None:
     run = issue_run()
     two = [v for v in targets.judge(run) if v.text.startswith("2 nodes (VXLAN)")]
-    assert len(two) == 9  # 4 TCP, 2 latency, 2 memory, 1 DNS (a soak only when measured)
+    assert len(two) == 11  # 4 TCP, 2 latency, 2 memory, 1 DNS, 2 CPU (a soak only if measured)
     assert {v.status for v in two} == {NOT_MEASURED}
     assert all(v.text.endswith(": this lab shape is not in the run") for v in two)
     lines = targets.render(run)
     statuses = [v.status for v in targets.judge(run)]
     assert lines[2].startswith(
         f"{statuses.count(MET)} met, {statuses.count(NOT_MET)} not met, "
-        f"{statuses.count(NOT_MEASURED)} not measured. The current wireguard-go: `{CURRENT}`"
+        f"{statuses.count(NOT_MEASURED)} not measured (0 figures reported without a bound). "
+        f"The current wireguard-go: `{CURRENT}`"
     )
     assert (statuses.count(MET), statuses.count(NOT_MET)) == (6, 3)
 
@@ -163,7 +164,8 @@ def test_markdown_has_the_targets_before_the_tables_and_reads_as_a_list() -> Non
     items = [line for line in section.splitlines() if line.startswith("- ")]
     assert len(items) == len(targets.judge(issue_run()))
     assert all(
-        line.startswith(("- met: ", "- **not met**: ", "- *not measured*: ")) for line in items
+        line.startswith(("- met: ", "- **not met**: ", "- *not measured*: ", "- reported: "))
+        for line in items
     )
 
 
@@ -304,3 +306,22 @@ def test_probe_reads_the_first_nameserver_of_resolv_conf() -> None:
     assert dnsprobe.resolver(text) == "127.0.0.1"
     with pytest.raises(SystemExit):
         dnsprobe.resolver("search a\n")
+
+
+def test_cpu_per_gbps_is_reported_next_to_the_current_wireguard_go_without_a_bound() -> None:
+    run = issue_run()
+    run.add(1, TENCRYPT, "tcp", 1, "cpu_per_gbps_both", 0.45, "cores/(Gbit/s)")
+    run.add(1, CURRENT, "tcp", 1, "cpu_per_gbps_both", 0.6, "cores/(Gbit/s)")
+    one = by_text(run, "1 node, CPU per Gbit/s, TCP 1 client")
+    assert (one.status, one.line()) == (
+        targets.REPORTED,
+        f"- reported: 1 node, CPU per Gbit/s, TCP 1 client (both ends): Tencrypt 0.45 cores per "
+        f"Gbit/s vs {CURRENT} 0.6 = 0.75×",
+    )
+    assert by_text(run, "1 node, CPU per Gbit/s, TCP 10 clients").status == NOT_MEASURED
+    alone = issue_run(current=False)
+    alone.add(1, TENCRYPT, "tcp", 1, "cpu_per_gbps_both", 0.45, "cores/(Gbit/s)")
+    v = by_text(alone, "1 node, CPU per Gbit/s, TCP 1 client")
+    assert v.status == targets.REPORTED and v.text.endswith(
+        f"(the current wireguard-go: {targets.NO_CURRENT})"
+    )
