@@ -68,7 +68,7 @@ from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries: t
     system_steps,
 )
 from bench.progress import Progress
-from bench.report import TENCRYPT, Run
+from bench.report import DNS_PATHS, TENCRYPT, Run
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.topology import Pod
@@ -179,6 +179,10 @@ class Bench:
             )
             if test == "dns" and not d.server.startswith("127."):
                 raise measure.MeasureError(f"the pod's resolver is {d.server}, not the proxy")
+            self.run.notes.append(
+                f"{_shape(nodes)}, {system}: DNS {DNS_PATHS[test]} = {d.server}, "
+                f"{d.lookups} lookups of {b.fqdn} in {d.seconds:.2f} s"
+            )
             self.run.add(nodes, system, test, 1, "p50_us", d.p50_us, "µs")
             self.run.add(nodes, system, test, 1, "p99_us", d.p99_us, "µs")
             self.run.add(nodes, system, test, 1, "rate", d.rate, "1/s")
