@@ -18,6 +18,10 @@ Rules:
    ``max_bytes`` bytes each.
 6. Serving from the cache teaches the classification nothing: the original answer was
    classified when it arrived, with its own TTLs, and the cache never outlives them.
+7. A query whose bytes after its ID equal those of a query already served from the cache is
+   served again without being parsed (``lookup_wire``): those bytes alone decide the parse,
+   the key (rule 4) and the UDP limit, so the answer is the one ``lookup`` would give. The
+   index of such bytes is bounded like the entries and drops what points at a gone entry.
 
 Pure: ``now`` (monotonic seconds) is an argument. Nothing raises on bad input: a message that
 cannot be walked is simply not kept.
@@ -54,20 +58,48 @@ class AnswerCache:
     max_entries: int = 1024
     max_bytes: int = 4096
     _entries: dict[CacheKey, Entry] = field(default_factory=dict)
+    _by_wire: dict[bytes, tuple[CacheKey, int]] = field(default_factory=dict)  # rule 7
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, query: Parsed, client_id: int, now: float) -> bytes | None:
-        """The cached answer for ``query`` with ``client_id`` and counted-down TTLs, or None."""
+    def lookup(
+        self, query: Parsed, client_id: int, now: float, wire: bytes | None = None
+    ) -> bytes | None:
+        """The cached answer for ``query`` with ``client_id`` and counted-down TTLs, or None.
+        ``wire``, the query's bytes, is remembered on a hit for ``lookup_wire`` (rule 7)."""
         key = cache_key(query)
-        entry = self._entries.get(key) if key is not None else None
-        if key is None or entry is None:
+        if key is None:
+            return None
+        limit = udp_limit(query)
+        answer = self._serve(key, limit, client_id, now)
+        if answer is not None and wire is not None:
+            while len(self._by_wire) >= self.max_entries:
+                del self._by_wire[next(iter(self._by_wire))]
+            self._by_wire[bytes(wire[2:])] = (key, limit)
+        return answer
+
+    def lookup_wire(self, wire: bytes, now: float) -> bytes | None:
+        """Rule 7: the answer for a query seen before byte for byte but its ID, or None."""
+        rest = bytes(wire[2:])
+        known = self._by_wire.get(rest)
+        if known is None:
+            return None
+        key, limit = known
+        answer = self._serve(key, limit, _U16.unpack_from(wire)[0], now)
+        if answer is None and key not in self._entries:
+            del self._by_wire[rest]
+        return answer
+
+    def _serve(self, key: CacheKey, limit: int, client_id: int, now: float) -> bytes | None:
+        """Rules 3 and 4: the entry under ``key`` as the client may get it, or None."""
+        entry = self._entries.get(key)
+        if entry is None:
             return None
         if now >= entry.expires or now < entry.stored:
             del self._entries[key]
             return None
-        if len(entry.answer) > udp_limit(query):
+        if len(entry.answer) > limit:
             return None
         out = bytearray(entry.answer)
         _U16.pack_into(out, 0, client_id)

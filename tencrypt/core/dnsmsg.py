@@ -84,7 +84,10 @@ class Answered:
 class Cache(Protocol):
     """What rule 7 needs of a cache: core/dnscache.py's ``AnswerCache``."""
 
-    def lookup(self, query: Parsed, client_id: int, now: float) -> bytes | None: ...
+    def lookup(
+        self, query: Parsed, client_id: int, now: float, wire: bytes | None = None
+    ) -> bytes | None: ...
+    def lookup_wire(self, wire: bytes, now: float) -> bytes | None: ...
     def store(self, query: Parsed, answer: bytes, record: DNSRecord, now: float) -> bool: ...
     def expire(self, now: float) -> int: ...
     def __len__(self) -> int: ...
@@ -192,13 +195,18 @@ class PendingTable:
         self, data: bytes, client: object, now: float, cache: bool = False
     ) -> QueryOutcome:
         """A client's query: forward it under a fresh ID, or answer it ourselves (rules 1,3,5),
-        from the cache when ``cache`` (rule 7)."""
+        from the cache when ``cache`` (rule 7; a repeated query without parsing it again)."""
+        use_cache = cache and self.cache is not None
+        if use_cache and self.cache is not None and len(data) <= MAX_QUERY:
+            hit = self.cache.lookup_wire(data, now)
+            if hit is not None:
+                self.stats.inc(Counter.DNS_CACHE_HITS)
+                return QueryOutcome(QueryVerdict.CACHED, hit)
         parsed, refused = check_query(data, self.stats)
         if parsed is None or parsed.question is None:
             return refused or QueryOutcome(QueryVerdict.DROP)
-        use_cache = cache and self.cache is not None
         if use_cache and self.cache is not None:
-            hit = self.cache.lookup(parsed, parsed.header.id, now)
+            hit = self.cache.lookup(parsed, parsed.header.id, now, data)
             if hit is not None:
                 self.stats.inc(Counter.DNS_CACHE_HITS)
                 return QueryOutcome(QueryVerdict.CACHED, hit)

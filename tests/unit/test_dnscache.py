@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tencrypt.core.dnscache import AnswerCache, answer_lifetime, ttl_offsets
@@ -184,3 +184,85 @@ def test_lifetime_and_offsets_of_a_real_answer():
 @given(st.binary(max_size=300))
 def test_walking_garbage_never_raises(data):
     assert ttl_offsets(data) is None or isinstance(ttl_offsets(data), list)
+
+
+class NoWireIndex(AnswerCache):
+    """The cache without rule 7's shortcut: every query is parsed."""
+
+    def lookup_wire(self, wire: bytes, now: float) -> bytes | None:
+        return None
+
+
+def test_a_repeated_query_is_served_from_its_bytes_without_parsing_it_again(monkeypatch):
+    from tencrypt.core import dnsmsg
+
+    t = table()
+    ask(t, query(qid=1), 100.0, lambda q: answer_to(q, ttl=30))
+    assert ask(t, query(qid=2), 101.0)[0] is QueryVerdict.CACHED  # parsed; its bytes indexed
+    parses = []
+    real = dnsmsg.parse_message
+    monkeypatch.setattr(dnsmsg, "parse_message", lambda data: parses.append(data) or real(data))
+    verdict, again = ask(t, query(qid=3), 105.2)
+    assert verdict is QueryVerdict.CACHED and parses == []
+    assert DNSRecord.parse(again).header.id == 3 and ttls(again) == [25]
+    assert ask(t, query(qid=4, qtype="AAAA"), 105.2)[0] is QueryVerdict.FORWARD  # other bytes
+    assert len(parses) == 1
+    assert ask(t, query(qid=5), 130.0)[0] is QueryVerdict.FORWARD  # expired: asked again
+    assert t.stats.get("dns_cache_hits") == 2
+
+
+QUERIES = [
+    query(),
+    query(qtype="AAAA"),
+    query(name=NAME.upper()),
+    query(rd=0),
+    (lambda q: (q.add_ar(EDNS0(udp_len=1232)), q.pack())[1])(DNSRecord.question(NAME)),
+    (lambda q: (q.add_ar(EDNS0(udp_len=512, flags="do")), q.pack())[1])(DNSRecord.question(NAME)),
+]
+
+
+def big_answer(q: bytes) -> bytes:
+    """An answer of about 700 bytes: over 512, under an EDNS size of 1232."""
+    reply = DNSRecord.parse(answer_to(q, ttl=20))
+    for i in range(40):
+        reply.add_answer(RR(str(reply.q.qname), QTYPE.A, rdata=A(f"172.30.2.{i}"), ttl=20 + i))
+    return reply.pack()
+
+
+@settings(max_examples=150, deadline=None)
+@example(  # an answer too big for the indexed query replaced its entry (same key, EDNS query)
+    [
+        (0, 1, 0.0, False),
+        (0, 2, 1.0, False),
+        (4, 3, 15.0, True),
+        (4, 4, 15.0, True),
+        (0, 5, 1.0, False),
+    ]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, len(QUERIES) - 1),
+            st.integers(0, 0xFFFF),
+            st.floats(0.0, 15.0),
+            st.booleans(),
+        ),
+        max_size=40,
+    )
+)
+def test_serving_from_bytes_gives_exactly_what_parsing_gives(steps):
+    """Rule 7 as a differential: the same queries at the same times get the same verdicts,
+    bytes and counters with and without the shortcut."""
+    ids = [iter(range(1000, 60000, 7)) for _ in range(2)]
+    tables = [
+        PendingTable(Stats(), rand16=lambda i=i: next(ids[i]), cache=cache)
+        for i, cache in enumerate((AnswerCache(max_entries=3), NoWireIndex(max_entries=3)))
+    ]
+    now = 0.0
+    for which, qid, advance, big in steps:
+        now += advance
+        data = bytearray(QUERIES[which])
+        struct.pack_into("!H", data, 0, qid)
+        outcomes = [ask(t, bytes(data), now, big_answer if big else answer_to) for t in tables]
+        assert outcomes[0] == outcomes[1]
+    assert tables[0].stats == tables[1].stats
