@@ -13,7 +13,12 @@ shared machine shows what the code costs rather than what the neighbours cost):
    per packet (no backend), core/fastpath.py (pure Python) and tencrypt._fastpath (C) — and
    the bare ``seal_batch`` / ``open_batch`` calls of each backend, and the split of a 64 KiB
    TSO frame (core/batch.py: NumPy for python, the backend's ``segment`` for c) and the
-   coalescing of its segments back into one TSO frame.
+   coalescing of its segments back into one TSO frame;
+5. µs per small packet per hop through the whole proxy (``daemon.Proxy`` on the in-memory ports
+   of tests/unit/fakes.py, so no system call is counted): a 53-byte TCP segment read from tenc0
+   and sealed (out), and the datagram opened, NATed and written to tenc0 (in), per backend;
+   once back to back (hot) and once after IDLE_S of sleep before each packet (cold: what a
+   ping at idle meets, since caches and TLBs are cold after the CPU slept).
 """
 
 from __future__ import annotations
@@ -243,6 +248,84 @@ def bench_nat(runs: int, n: int) -> dict[str, float] | None:
     }
 
 
+IDLE_S = 0.05  # the bench's ping interval
+COLD_SAMPLES = 40
+
+
+def bench_hops(runs: int, n: int) -> dict[str, float]:
+    """Section 5: out and in hop of one small packet, hot (best of runs) and cold (median)."""
+    import asyncio
+    import statistics
+
+    from tencrypt.core.classify import AddrClass
+    from tests.unit.fakes import Pod, Wire, udp_packet
+
+    a_ip, b_ip, vip = "10.128.0.11", "10.128.0.12", "172.30.0.12"
+    packet = bytes(10) + ipv4(a_ip, vip, size=53, proto=6)  # a virtio-net header first
+    backends: list[tuple[str, Backend | None]] = [("python", pure)]
+    compiled = fastpath.compiled()
+    if compiled is not None:
+        backends.append(("c", compiled))
+    results: dict[str, float] = {}
+    for name, backend in backends:
+        a, b = Pod(a_ip, ptr={vip: AddrClass.INTERNAL}, batch=True), Pod(b_ip, batch=True)
+        for pod in (a, b):
+            pod.proxy.tunnel.fastpath = backend
+
+        async def link(a: Pod = a, b: Pod = b) -> None:
+            wire = Wire(a, b, vips={vip: b_ip})
+            await a.proxy.prepare()
+            await b.proxy.prepare()
+            a.app_sends(bytes(10) + udp_packet(a_ip, vip, b"hello"))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            wire.pump()
+            await b.proxy.effects.round()
+            wire.pump()
+            b.tun.written.clear()
+
+        asyncio.run(link())
+
+        def out_hop(a: Pod = a) -> list[tuple[bytes, tuple[str, int]]]:
+            a.tun.inbox.append(packet)
+            a.proxy._on_tun()
+            sent, a.udp.sent = a.udp.sent, []
+            return sent
+
+        def in_hop(sent: list[tuple[bytes, tuple[str, int]]], b: Pod = b) -> None:
+            for datagram, (_dst, port) in sent:
+                b.udp.inbox.append(([datagram], (a_ip, port)))
+            b.proxy._on_udp()
+            if len(b.tun.written) != 1:
+                raise AssertionError("a benchmark packet was not delivered")
+            b.tun.written.clear()
+
+        def hops(k: int) -> tuple[float, float]:
+            t_out = t_in = 0.0
+            for _ in range(k):
+                t0 = time.perf_counter()
+                sent = out_hop()
+                t1 = time.perf_counter()
+                in_hop(sent)
+                t_out, t_in = t_out + t1 - t0, t_in + time.perf_counter() - t1
+            return t_out / k * 1e6, t_in / k * 1e6
+
+        hot = [hops(n) for _ in range(runs)]
+        cold = []
+        for _ in range(COLD_SAMPLES):
+            time.sleep(IDLE_S)
+            cold.append(hops(1))
+        results[f"out hop, hot [{name}]"] = min(h[0] for h in hot)
+        results[f"in hop, hot [{name}]"] = min(h[1] for h in hot)
+        results[f"out hop, after {IDLE_S * 1e3:g} ms idle [{name}]"] = statistics.median(
+            c[0] for c in cold
+        )
+        results[f"in hop, after {IDLE_S * 1e3:g} ms idle [{name}]"] = statistics.median(
+            c[1] for c in cold
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="runs per measurement (best wins)")
@@ -266,6 +349,12 @@ def main() -> None:
     )
     for name, us in bench_super_packets(args.runs, supers).items():
         print(f"  {name:<48} {us:8.1f} µs  ({us / SEGMENTS:5.2f} µs/segment)")
+    print(
+        f"per small packet per hop through the proxy (fake ports: no system calls), hot: best "
+        f"of {args.runs} runs x {args.packets // 4}; after idle: median of {COLD_SAMPLES}"
+    )
+    for name, us in bench_hops(args.runs, args.packets // 4).items():
+        print(f"  {name:<48} {us:8.1f} µs")
 
 
 if __name__ == "__main__":
