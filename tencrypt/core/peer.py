@@ -134,6 +134,7 @@ class Peer:
     confirmed: bool = False  # a response or an authenticated data message proved its keys
     keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
     stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
+    pinned: bool = False  # reached through a Service VIP: the VIP stays its endpoint (rule 11)
 
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.previous, self.next) if s is not None]

@@ -50,6 +50,14 @@ Rules:
    whose initiation fails mac1 under every key is counted (``handshakes_wrong_key``) and
    listed in ``status()["key_mismatch"]`` until a handshake with it completes: a pod that
    missed a rotation phase is refused (fail closed) and visible.
+11. Roaming: an authenticated data message moves its peer's endpoint to where it came from,
+   except for a peer we reach through a Service VIP (``pinned``: its endpoint is the VIP, and
+   which pod is behind it is the node's choice). Such a session's traffic from any other
+   address means conntrack no longer maps the VIP to the pod we keyed with (its endpoint moved,
+   the entry was cleaned): it is still opened and delivered (it is authenticated, and its
+   flows may finish), counted (``vip_data_elsewhere``), but it neither moves the endpoint nor
+   proves the session alive. Our traffic keeps going to the VIP, so after ``stale_timeout``
+   without an answer from the VIP a new handshake reaches whichever pod the Service now picks.
 """
 
 from __future__ import annotations
@@ -143,6 +151,7 @@ class Tunnel:
                 self.stats.drop(DropReason.QUEUE_FULL)
                 return
             peer = self.table.new_peer((dst_ip, self.port), dst_ip)
+            peer.pinned = self._identity is not None and self._identity.is_service_ip(dst_ip)
         s = peer.current
         if s is not None and usable(s, now, self.limits):
             self._seal(peer, s, packet, now)
@@ -316,8 +325,11 @@ class Tunnel:
             return None
         s.replay.update(counter)
         peer = s.peer
-        peer.stale_due = None
-        peer.endpoint = addr  # roaming: answer where authenticated traffic comes from
+        if not peer.pinned or addr == peer.endpoint:  # rule 11
+            peer.stale_due = None
+            peer.endpoint = addr  # roaming: answer where authenticated traffic comes from
+        else:
+            stats.inc(Counter.VIP_DATA_ELSEWHERE)
         peer.confirmed = True
         if not s.confirmed:
             self._confirm(peer, s, now)
@@ -370,8 +382,11 @@ class Tunnel:
         fastpath.count(self.stats, c, len(packets))
         authenticated, keepalives = c[fastpath.AUTHENTICATED], c[fastpath.KEEPALIVES]
         if authenticated:
-            peer.stale_due = None
-            peer.endpoint = addr
+            if not peer.pinned or addr == peer.endpoint:  # rule 11
+                peer.stale_due = None
+                peer.endpoint = addr
+            else:
+                self.stats.inc(Counter.VIP_DATA_ELSEWHERE, authenticated)
             peer.confirmed = True
             if not s.confirmed:
                 self._confirm(peer, s, now)
@@ -504,6 +519,7 @@ class Tunnel:
         )
         self.table.install(peer, s)
         peer.endpoint = addr
+        peer.pinned = name != claimed  # rule 11: answered through the VIP we asked
         peer.confirmed = True  # rule 9: the response proved the keys
         self.key_mismatch.clear(addr[0])
         self.stats.inc(Counter.HANDSHAKES_COMPLETED)

@@ -85,6 +85,7 @@ class Counter(enum.StrEnum):
     KEEPALIVES_SENT = "keepalives_sent"
     KEEPALIVES_RECEIVED = "keepalives_received"
     REKEYS = "rekeys"
+    VIP_DATA_ELSEWHERE = "vip_data_elsewhere"  # a VIP's session heard from another address
     # the proxy's data path (daemon.py)
     SUPER_PACKETS_SPLIT = "super_packets_split"
     PACKETS_BYPASSED = "packets_bypassed"  # sent in the clear: positively another project's

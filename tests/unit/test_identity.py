@@ -320,3 +320,32 @@ def test_pod_behind_a_vip_rehandshakes_through_conntrack(net):
     net.pump()
     assert a.stats.dropped(DropReason.BAD_SOURCE) == 1
     assert sum(a.stats.drops.get(r, 0) for r in DropReason if r.name.startswith("CLAIM")) == 0
+
+
+def test_a_vip_session_does_not_roam_to_the_old_pod_after_the_endpoint_moved(net):
+    """Session rule 11: the Service's endpoint moves from B to C and the node forgets its
+    conntrack entry. B's late traffic now reaches A from B's own address: it is delivered and
+    counted, but A keeps sending to the VIP (never straight to B), and once the VIP has been
+    silent for stale_timeout a new handshake reaches C, the pod the Service now picks."""
+    net.vips[VIP] = B
+    a = net.pods[A]
+    net.send(A, VIP, ipv4(A, VIP, b"before the move"))
+    net.pump()
+    assert net.delivered[B] == [ipv4(A, VIP, b"before the move")]
+    net.vips[VIP] = C
+    net.conntrack.clear()
+    net.send(B, A, ipv4(VIP, A, b"late reply from the old pod"))
+    net.pump()
+    assert net.delivered[A] == [ipv4(VIP, A, b"late reply from the old pod")]
+    assert a.stats.get("vip_data_elsewhere") == 1
+    assert a.table.by_addr[VIP].endpoint == (VIP, PORT)  # not roamed to (B, PORT)
+    net.wire.clear()
+    net.send(A, VIP, ipv4(A, VIP, b"lost: C has no such session"))
+    net.pump()
+    assert sealed_destinations(net, A) == [VIP]
+    assert net.pods[C].stats.dropped(DropReason.UNKNOWN_INDEX) == 1
+    net.advance(net.limits.stale_timeout + 1.0)
+    net.send(A, VIP, ipv4(A, VIP, b"after the move"))
+    net.pump()
+    assert net.delivered[C][-1] == ipv4(A, VIP, b"after the move")
+    assert ipv4(A, VIP, b"after the move") not in net.delivered[B]
