@@ -490,15 +490,16 @@ class Proxy:
             self.ratelog.warn("raw-" + str(exc.errno), "raw send failed: %s", exc)
 
     def _flush(self) -> None:
-        transmits = self.tunnel.pop_transmits()
-        if transmits:
+        runs = self.tunnel.pop_transmit_runs()
+        if runs:
             try:
-                sent = self.ports.udp.send_many(transmits)
+                sent = self.ports.udp.send_runs(runs)
             except OSError as exc:
                 self.ratelog.warn("udp-send-" + str(exc.errno), "tunnel send failed: %s", exc)
                 sent = 0
-            if sent < len(transmits):
-                self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, len(transmits) - sent)
+            total = sum(-(-len(data) // size) if size else 1 for data, _, size in runs)
+            if sent < total:
+                self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, total - sent)
         if self.tunnel.table.events:
             self._on_peer_events(self.clock())
 

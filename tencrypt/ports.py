@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from tencrypt.core.classify import AddrClass, Change, ClassTable
+from tencrypt.core.peer import Transmit
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.stats import Stats
 
@@ -27,7 +28,7 @@ class DatagramSocket(Protocol):  # linux.gso.UdpBatch
 
     def fileno(self) -> int: ...
     def recv_batch(self) -> tuple[list[memoryview], Any] | None: ...
-    def send_many(self, datagrams: Sequence[tuple[bytes | bytearray | memoryview, Any]]) -> int: ...
+    def send_runs(self, runs: Sequence[Transmit]) -> int: ...
     def close(self) -> None: ...
 
 

@@ -25,8 +25,13 @@ from tencrypt.core.handshake import Templates
 from tencrypt.core.noise import HandshakeState
 from tencrypt.core.replay import ReplayWindow
 from tencrypt.core.stats import DropReason, Stats
+from tencrypt.core.wire import Buffer
 
 Endpoint = tuple[str, int]
+# What the tunnel asks the shell to send: (data, endpoint, size). ``size`` 0: ``data`` is one
+# datagram; otherwise ``data`` holds consecutive datagrams of ``size`` bytes, the last one
+# possibly shorter - UDP GSO's layout, so a sealed super-packet goes out without a copy.
+Transmit = tuple[Buffer, Endpoint, int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -92,6 +92,7 @@ from tencrypt.core.peer import (
     Pending,
     Session,
     Sessions,
+    Transmit,
     describe,
     drop_slot,
     usable,
@@ -137,7 +138,7 @@ class Tunnel:
         self.fastpath = fastpath
         self._gate = Gate(psk, keygen, limits)
         self.table = Sessions(rng, limits, stats)
-        self._transmits: list[tuple[Buffer, Endpoint]] = []
+        self._transmits: list[Transmit] = []
         self._last_stamp_ns = 0
         self.handshakes_by_key: dict[str, int] = {}  # fingerprint -> sessions made with it
         self.key_mismatch = KeyMismatches()
@@ -187,18 +188,21 @@ class Tunnel:
         out, seal = self._transmits, wire.seal
         nbytes = 0
         if self.fastpath is not None and s.send_key is not None:
-            # one call seals them all into one buffer; the views keep it alive until sent
-            view = memoryview(self.fastpath.seal_batch(s.send_key, index, counter, packets))
-            pos = 0
-            for packet in packets:
-                size = len(packet)
-                out.append((view[pos : pos + size + wire.DATA_OVERHEAD], endpoint))
-                pos += size + wire.DATA_OVERHEAD
-                nbytes += size
+            # one call seals them all into one buffer of consecutive datagrams
+            sealed = self.fastpath.seal_batch(s.send_key, index, counter, packets)
+            sizes = list(map(len, packets))
+            nbytes, first = sum(sizes), sizes[0]
+            if sizes.count(first) + (sizes[-1] < first) == n:  # a super-packet's segments
+                out.append((sealed, endpoint, first + wire.DATA_OVERHEAD))
+            else:  # a batch of small packets: one datagram each (views keep the buffer)
+                view, pos = memoryview(sealed), 0
+                for size in sizes:
+                    out.append((view[pos : pos + size + wire.DATA_OVERHEAD], endpoint, 0))
+                    pos += size + wire.DATA_OVERHEAD
             counter += n
         else:
             for packet in packets:
-                out.append((seal(aead, index, counter, packet), endpoint))
+                out.append((seal(aead, index, counter, packet), endpoint, 0))
                 counter += 1
                 nbytes += len(packet)
         s.send_counter = counter
@@ -253,10 +257,14 @@ class Tunnel:
             i += 1
         return out
 
-    def pop_transmits(self) -> list[tuple[Buffer, Endpoint]]:
-        """Datagrams to send, in order, with their destination (ip, port)."""
+    def pop_transmit_runs(self) -> list[Transmit]:
+        """What to send, in order: (data, destination, size) - see ``core.peer.Transmit``."""
         out, self._transmits = self._transmits, []
         return out
+
+    def pop_transmits(self) -> list[tuple[Buffer, Endpoint]]:
+        """Datagrams to send, in order, with their destination (ip, port), one per entry."""
+        return list(datagrams_of(self.pop_transmit_runs()))
 
     def pop_events(self) -> list[PeerEvent]:
         """PeerUp / PeerDown since the last call. Apply them before injecting the packets
@@ -465,7 +473,7 @@ class Tunnel:
         if peer.next is not None:
             self.table.forget(peer.next)
         peer.next = s
-        self._transmits.append((datagram_out, addr))
+        self._transmits.append((datagram_out, addr, 0))
         self.key_mismatch.clear(addr[0])
         self.stats.inc(Counter.HANDSHAKES_RESPONDED)
 
@@ -604,7 +612,7 @@ class Tunnel:
     def _seal(self, peer: Peer, s: Session, packet: Buffer, now: float) -> None:
         assert s.send_aead is not None
         self._transmits.append(
-            (wire.seal(s.send_aead, s.remote_index, s.send_counter, packet), peer.endpoint)
+            (wire.seal(s.send_aead, s.remote_index, s.send_counter, packet), peer.endpoint, 0)
         )
         s.send_counter += 1
         peer.keepalive_due = None
@@ -618,7 +626,7 @@ class Tunnel:
         s = peer.current
         assert s is not None and s.send_aead is not None
         self._transmits.append(
-            (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint)
+            (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint, 0)
         )
         s.send_counter += 1
         peer.keepalive_due = None
@@ -663,7 +671,7 @@ class Tunnel:
         )
         self.table.pending[index] = peer
         peer.stale_due = None
-        self._transmits.append((datagram, peer.endpoint))
+        self._transmits.append((datagram, peer.endpoint, 0))
         self.stats.inc(Counter.HANDSHAKES_INITIATED)
 
     # ---- peers and sessions -----------------------------------------------------------------
@@ -705,3 +713,14 @@ class Tunnel:
     def _peer_ip(self, packed: bytes) -> str | None:
         """A pod IP from a handshake payload, unless it is one no peer may claim."""
         return claimable(packed, self._pod_ip_packed)
+
+
+def datagrams_of(runs: Iterable[Transmit]) -> Iterator[tuple[Buffer, Endpoint]]:
+    """Each datagram of ``runs`` with its destination, in order (views, no copies)."""
+    for data, endpoint, size in runs:
+        if not size:
+            yield data, endpoint
+            continue
+        view = memoryview(data)
+        for pos in range(0, len(view), size):
+            yield view[pos : pos + size], endpoint

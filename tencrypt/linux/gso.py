@@ -32,9 +32,13 @@ import logging
 import socket
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.linux.kernel import SOL_UDP, UDP_GRO, UDP_MAX_SEGMENTS, UDP_SEGMENT
+
+if TYPE_CHECKING:
+    from tencrypt.core.peer import Transmit
 
 log = logging.getLogger("tencrypt.gso")
 
@@ -165,6 +169,23 @@ class UdpBatch:
             else:
                 sent += self.send_batch(b"".join([d for d, _ in datagrams[i:j]]), size, addr)
             i = j
+        return sent
+
+    def send_runs(self, runs: Sequence[Transmit]) -> int:
+        """Send what the tunnel asked (core.peer.Transmit), in order: a run of equal datagrams
+        as it lies (GSO, no copy), consecutive single datagrams through ``send_many``.
+        Returns datagrams sent."""
+        sent, singles = 0, []
+        for data, addr, size in runs:
+            if not size:
+                singles.append((data, addr))
+                continue
+            if singles:
+                sent += self.send_many(singles)
+                singles = []
+            sent += self.send_batch(data, size, addr)
+        if singles:
+            sent += self.send_many(singles)
         return sent
 
     def _send_one(self, datagram: bytes | bytearray | memoryview, addr: Address) -> int:

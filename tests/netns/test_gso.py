@@ -146,6 +146,31 @@ def test_batches_larger_than_one_call_are_cut_and_send_many_groups_runs(veth_pai
         rx_sock.close()
 
 
+def test_send_runs_sends_a_run_as_it_lies_and_groups_the_singles_between(veth_pair):
+    """What the tunnel hands over (core.peer.Transmit): runs go out as GSO from their own
+    buffer, single datagrams between them through send_many; order kept on the wire."""
+    a, b, _dev = veth_pair
+    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+    stats = Stats()
+    tx, rx = gso.UdpBatch(tx_sock, stats), gso.UdpBatch(rx_sock)
+    dst = ("10.231.0.2", 4789)
+    try:
+        run1, run2 = datagrams(50, SEG, last=99), datagrams(3, 600)
+        singles = datagrams(2, 300) + [b"solo"]
+        runs = [
+            (b"".join(run1), dst, SEG),
+            *[(d, dst, 0) for d in singles],
+            (memoryview(b"".join(run2)), dst, 600),
+        ]
+        assert tx.send_runs(runs) == 50 + 3 + 3
+        assert stats.get("udp_gso_sends") == 2 + 1 + 1  # 44 + 6, the two 300s, run2
+        got, _calls = receive_all(rx, 56, "receiver")
+        assert got == run1 + singles + run2
+    finally:
+        tx_sock.close()
+        rx_sock.close()
+
+
 def test_without_gro_the_receiver_says_so_and_still_gets_every_datagram(veth_pair):
     a, b, _dev = veth_pair
     tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)

@@ -15,9 +15,10 @@ from typing import Any
 
 from tencrypt.core.classify import AddrClass, ClassTable, Domains, RouteAction
 from tencrypt.core.packet import checksum
+from tencrypt.core.peer import Transmit
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.psk import parse_psk
-from tencrypt.core.session import Limits
+from tencrypt.core.session import Limits, datagrams_of
 from tencrypt.core.stats import Stats
 from tencrypt.daemon import Proxy
 from tencrypt.errors import SetupError
@@ -154,9 +155,10 @@ class FakeUdp:
         datagrams, addr = self.inbox.popleft()
         return [memoryview(d) for d in datagrams], addr
 
-    def send_many(self, datagrams: Sequence[tuple[bytes | bytearray | memoryview, Any]]) -> int:
-        self.sent += [(bytes(d), a) for d, a in datagrams]
-        return len(datagrams)
+    def send_runs(self, runs: Sequence[Transmit]) -> int:
+        sent = [(bytes(d), a) for d, a in datagrams_of(runs)]
+        self.sent += sent
+        return len(sent)
 
     def close(self) -> None:
         pass

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tencrypt.core import fastpath as pure
 from tencrypt.core import wire
+from tencrypt.core.session import datagrams_of
 from tencrypt.core.stats import DropReason
 from tests.unit.linked import PORT, A, B, Net, ipv4
 from tests.unit.test_fastpath import _EDIT, BACKENDS, COMPILED, REQUIRED, _edit
@@ -132,3 +133,27 @@ def test_backends_leave_the_same_state_as_one_packet_at_a_time(payloads, edits):
             got = b.receive_batch(datagrams, (A, PORT), net.now, net.wall)
         results.append((datagrams, got, state(net, B), b.pop_transmits()))
     assert all(r == results[0] for r in results[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_super_packet_leaves_as_one_gso_run_with_the_per_packet_bytes(backend):
+    """``pop_transmit_runs``: a batch backend hands a super-packet's datagrams over as one run
+    (one buffer, one datagram size: UDP GSO's layout, sent without a copy); its datagrams are
+    byte for byte those the one-call-per-packet path puts on the wire as single entries. Small
+    packets of different sizes stay single entries."""
+    packets = [ipv4(A, B, bytes([i]) * 1400) for i in range(44)] + [ipv4(A, B, b"last")]
+    wires = {}
+    for mode in (None, backend):
+        net = twin_net(mode)
+        net.pods[A].send_batch(B, packets, net.now, net.wall)
+        wires[mode] = net.pods[A].pop_transmit_runs()
+    [(data, endpoint, size)] = wires[backend]
+    assert endpoint == (B, PORT) and size == len(packets[0]) + wire.DATA_OVERHEAD
+    assert len(data) == sum(map(len, packets)) + 45 * wire.DATA_OVERHEAD
+    assert [s for _, _, s in wires[None]] == [0] * 45
+    assert [bytes(d) for d, _ in datagrams_of(wires[backend])] == [
+        bytes(d) for d, _, _ in wires[None]
+    ]
+    net = twin_net(backend)
+    net.pods[A].send_batch(B, [ipv4(A, B, b"a" * 100), ipv4(A, B, b"b" * 300)], net.now, net.wall)
+    assert [s for _, _, s in net.pods[A].pop_transmit_runs()] == [0, 0]
