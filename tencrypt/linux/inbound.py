@@ -51,6 +51,7 @@ class InboundGate:
         self.queue, self.table, self.stats = queue, table, stats
         self.classify, self.clock, self.spawn = classify, clock, spawn
         self.held: dict[str, list[int]] = {}
+        self.held_total = 0  # packets in ``held``, kept as they come and go
         self.ratelog = RateLimitedLog(log)
 
     def on_readable(self) -> None:
@@ -74,8 +75,9 @@ class InboundGate:
 
     def _hold(self, src: str, packet_id: int, decisions: list[tuple[int, bool]]) -> None:
         waiting = self.held.get(src)
-        total = sum(len(ids) for ids in self.held.values())
-        if (waiting is not None and len(waiting) >= HOLD_PER_SOURCE) or total >= HOLD_TOTAL:
+        if (
+            waiting is not None and len(waiting) >= HOLD_PER_SOURCE
+        ) or self.held_total >= HOLD_TOTAL:
             self.stats.drop(DropReason.INBOUND_HOLD_FULL)
             decisions.append((packet_id, False))
             return
@@ -83,6 +85,7 @@ class InboundGate:
             waiting = self.held[src] = []
             self.spawn(self._lookup(src))
         waiting.append(packet_id)
+        self.held_total += 1
 
     async def _lookup(self, src: str) -> None:
         try:
@@ -94,6 +97,7 @@ class InboundGate:
             self.table.note_unknown(src, now)
         verdict = decide_inbound(self.table.lookup(src, now), looked_up=True)
         ids = self.held.pop(src, [])
+        self.held_total -= len(ids)
         if ids:
             accept = self._accept(src, verdict, len(ids))
             self.queue.verdicts([(i, accept) for i in ids])

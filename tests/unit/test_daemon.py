@@ -13,6 +13,7 @@ from tencrypt.core.nfqmsg import QueuedPacket
 from tencrypt.core.packet import parse_ipv4
 from tencrypt.core.session import Limits
 from tencrypt.core.stats import DropReason
+from tencrypt.linux import inbound
 from tencrypt.linux.inbound import InboundGate
 from tests.unit.fakes import FakeQueue, Pod, Wire, udp_packet
 
@@ -210,5 +211,34 @@ def test_standalone_inbound_gate_refuses_the_projects_plaintext_only():
         gate.on_readable()  # known now: answered at once, no new lookup
         assert queue.given[5] is False and queue.given[6] is True and len(a.resolver.asked) == 3
         assert a.stats.dropped(DropReason.PLAINTEXT_FROM_PROJECT) == 3
+
+    run(main())
+
+
+def test_the_inbound_gate_holds_at_most_its_bounds_and_frees_them_after_the_lookups(monkeypatch):
+    """HOLD_PER_SOURCE per source and HOLD_TOTAL in all wait for a lookup; past either bound
+    a packet is refused at once (inbound_hold_full). Answered lookups free their room."""
+    monkeypatch.setattr(inbound, "HOLD_PER_SOURCE", 3)
+    monkeypatch.setattr(inbound, "HOLD_TOTAL", 5)
+
+    async def main():
+        sources = [f"10.128.0.{20 + i}" for i in range(3)]
+        a = Pod(A, ptr=dict.fromkeys(sources, EXTERNAL))
+        queue = FakeQueue()
+        gate = InboundGate(
+            queue, a.proxy.table, a.stats, a.resolver.classify_address, a.clock, a.proxy._spawn
+        )
+        ids = iter(range(1, 100))
+        queue.held = [queued(next(ids), sources[0]) for _ in range(4)]  # one over per source
+        queue.held += [queued(next(ids), sources[1]) for _ in range(3)]  # one over in total
+        gate.on_readable()
+        assert queue.given == {4: False, 7: False} and gate.held_total == 5
+        assert a.stats.dropped(DropReason.INBOUND_HOLD_FULL) == 2
+        await settle()
+        assert gate.held_total == 0 and gate.held == {}
+        assert queue.given == {4: False, 7: False, 1: True, 2: True, 3: True, 5: True, 6: True}
+        queue.held = [queued(next(ids), sources[2]) for _ in range(3)]  # room again
+        gate.on_readable()
+        assert gate.held_total == 3 and a.stats.dropped(DropReason.INBOUND_HOLD_FULL) == 2
 
     run(main())
