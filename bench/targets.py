@@ -126,13 +126,7 @@ def judge_memory(run: Run, nodes: int) -> list[Verdict]:
     if ready is None:
         out.append(Verdict(NOT_MEASURED, f"{what}: {_missing(run, nodes, TENCRYPT)}"))
     else:
-        out.append(
-            Verdict(
-                MET if ready <= IDLE_RSS_MB else NOT_MET,
-                f"{what}: {ready:.1f} MB = {_times(ready / IDLE_RSS_MB)} the target "
-                f"(≤ {IDLE_RSS_MB:g} MB)",
-            )
-        )
+        out.append(_at_most(what, ready, IDLE_RSS_MB))
     peak = run.get(nodes, TENCRYPT, "tcp", PEAK_CLIENTS, "hwm_mb")
     what = f"{shape(nodes)}, proxy peak RSS (VmHWM) after the {PEAK_CLIENTS}-client TCP run"
     if peak is None:
@@ -147,14 +141,16 @@ def judge_memory(run: Run, nodes: int) -> list[Verdict]:
             why += f" (after the {n}-client run: {mb:.1f} MB)"
         out.append(Verdict(NOT_MEASURED, f"{what}: {why}"))
     else:
-        out.append(
-            Verdict(
-                MET if peak <= PEAK_RSS_MB else NOT_MET,
-                f"{what}: {peak:.1f} MB = {_times(peak / PEAK_RSS_MB)} the target "
-                f"(≤ {PEAK_RSS_MB:g} MB)",
-            )
-        )
+        out.append(_at_most(what, peak, PEAK_RSS_MB))
     return out
+
+
+def _at_most(what: str, mb: float, bound: float) -> Verdict:
+    """A memory figure against its bound."""
+    return Verdict(
+        MET if mb <= bound else NOT_MET,
+        f"{what}: {mb:.1f} MB = {_times(mb / bound)} the target (≤ {bound:g} MB)",
+    )
 
 
 def judge_dns(run: Run, nodes: int) -> Verdict:
