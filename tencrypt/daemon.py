@@ -93,6 +93,7 @@ from tencrypt.core.psk import KeySet, parse_psk
 from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
 from tencrypt.core.stats import Counter, DropReason, Stats, render_prometheus, snapshot
 from tencrypt.errors import UsageError
+from tencrypt.linux import allocator
 from tencrypt.linux.effects import EffectApplier, Kernel
 from tencrypt.linux.inbound import InboundGate
 from tencrypt.linux.keyfile import LOADED_FILE, KeyFile, describe, write_loaded
@@ -678,6 +679,8 @@ async def serve(args: argparse.Namespace) -> int:
     from tencrypt.linux.dns import DnsProxy
 
     config = dataclasses.replace(podnet.load_config(args.state_dir), port=args.port)
+    tuned = allocator.tune()  # before the data path allocates anything
+    log.info("allocator: %s", tuned or "not glibc: left as it is")
     stats = Stats()
     keys, keyfile = read_keys(args, stats)
     log.info("project keys: %s", describe(keys))
