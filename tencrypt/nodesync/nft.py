@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
@@ -45,6 +45,7 @@ from tencrypt.nodesync.nftrules import (
     parse_listing,
     program_of,
     render,
+    updated,
 )
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,26 @@ class NftApplier:
             return full_text(new)
         return render(diff(self.applied, new))
 
-    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
-        """Make the table forward exactly ``backends``; returns the transaction run."""
-        new = program_of(backends, self.port)
+    def apply(
+        self,
+        backends: Sequence[ServiceBackends],
+        full: bool = False,
+        touched: Collection[str] | None = None,
+    ) -> str:
+        """Make the table forward exactly ``backends``; returns the transaction run.
+        ``touched`` (a partial sync): the VIPs that may have changed since the last apply,
+        so only those are looked at (``nftrules.updated``, ``diff(only=)``)."""
+        if full or self.applied is None or touched is None:
+            new, touched = program_of(backends, self.port), None
+        else:
+            new = updated(self.applied, backends, touched)
         full = full or self.applied is None
         if full:  # what a previous process left is read; our own last program is known
             before = self.listing() if self.applied is None else self.applied
             text, lost = full_text(new), pairs(before) - pairs(new)
         else:
             assert self.applied is not None
-            ops = diff(self.applied, new)
+            ops = diff(self.applied, new, only=touched)
             text, lost = render(ops), lost_pairs(self.applied, new, ops)
         if text:
             self.applied = None  # until it succeeded: a failure makes the next sync full
