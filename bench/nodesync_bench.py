@@ -239,7 +239,8 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['services']:,} | {r['backend']} | {r['compute_s']:.3f} s | "
+            f"| {r['services']:,} | {r['backend']}{' †' if r.get('reused') else ''} | "
+            f"{r['compute_s']:.3f} s | "
             f"{r['full_s']:.3f} s | {r['full_s'] / r['compute_s']:.1f} | "
             f"{r['resync_s']:.3f} s | {r['restart_s']:.3f} s | {r['change_ms']:.1f} ms "
             f"({r['change_max_ms']:.1f}) | {r['rules_ms']:.1f} ms | "
@@ -248,6 +249,8 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> str:
             .replace("nan ms (nan)", "–")
             .replace("nan ms", "–")
         )
+    if any(r.get("reused") for r in rows):
+        lines += ["", "† from an earlier run of this script (`--reuse`), not measured again."]
     lines += ["", "Targets (issue #15), nft backend:"]
     big = [r for r in rows if r["backend"] == "nft" and r["services"] == max(sizes)]
     for r in big:
@@ -272,6 +275,16 @@ def report(rows: list[dict[str, Any]], sizes: list[int]) -> str:
             f"{worst:.1f} ms — {'met' if worst <= TARGET_CHANGE_MS else 'NOT met'}"
         )
     return "\n".join(lines) + "\n"
+
+
+def reused_rows(path: str | None, wanted: str) -> dict[tuple[int, str], dict[str, Any]]:
+    """The rows of ``path`` (JSON lines) named in ``wanted`` (``SERVICES:BACKEND,...``)."""
+    if not path or not wanted:
+        return {}
+    keys = {(int(k.split(":")[0]), k.split(":")[1]) for k in wanted.split(",")}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line[:1] == "{"]
+    found = {(r["services"], r["backend"]): r for r in rows if "compute_s" in r}
+    return {k: found[k] for k in keys}
 
 
 def nft_version() -> str:
@@ -307,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "nodesync.md"))
     p.add_argument(
+        "--reuse",
+        metavar="FILE",
+        help="JSON lines of an earlier run (this script's stdout) whose rows of "
+        "SERVICES:BACKEND pairs named by --reuse-rows are reported instead of measured "
+        "again (marked † in the table)",
+    )
+    p.add_argument("--reuse-rows", default="", help="e.g. 10000:iptables")
+    p.add_argument(
         "--events-only",
         action="store_true",
         help="measure only the watch event → kernel times (JSON lines, no markdown)",
@@ -316,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs root (a network namespace of its own)", file=sys.stderr)
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
+    reused = reused_rows(args.reuse, args.reuse_rows)
     node = f"nsb{netns.unique_suffix()}"
     rows = []
     netns.create(node)
@@ -326,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.events_only:
                         ev = event_to_kernel(node, cluster(n), backend, args.changes)
                         print(json.dumps({"services": n, "backend": backend, **ev}), flush=True)
+                        continue
+                    if (n, backend) in reused:
+                        rows.append({**reused[(n, backend)], "reused": True})
                         continue
                     row = run_size(
                         node,
