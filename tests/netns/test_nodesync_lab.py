@@ -28,7 +28,11 @@ What must hold, and what cannot:
 - A TCP connection is state in one pod's kernel. The stream that was running to nginx2 when
   its endpoint went away cannot continue on nginx3's TCP stack: nginx3 has no socket for it.
   So the old stream is not expected to survive the move; it must end (bounded: it is never
-  left hanging) and leak nothing in the clear while it ends.
+  left hanging) and leak nothing in the clear while it ends. Seen in the upload case: the
+  new pod drops the old session's datagrams (unknown_index, ~200), the client's proxy finds
+  the session stale (5 s without an answer) and shakes hands again through the VIP, and the
+  new pod's kernel answers the old connection's next segment with a reset: iperf3 ends with
+  "Connection reset by peer" ~6.5 s after the move.
 - The tunnel follows: connections opened after the move reach nginx3 (curl is answered "Hello
   from nginx3", a second iperf3 stream is received by nginx3's server), and nginx3's proxy
   opens the datagrams (its opened count grows).
@@ -42,6 +46,7 @@ What must hold, and what cannot:
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -254,8 +259,11 @@ def test_endpoint_moves_under_an_iperf3_stream_and_the_tunnel_follows(
     leaked = [f for f in frames if f.proto in (6, 17) and f.src in pods and f.dst in pods]
     assert leaked == [], leaked[:5]
     assert PAYLOAD not in cap.data and MARKER.encode() not in cap.data
-    # node-sync: one full sync at start, the move as one partial sync
+    # node-sync: one full sync at start, the move as one partial sync, and the UDP flow that
+    # pinned the tunnel to the old pod deleted from conntrack by it
     assert log.count("(full sync") == 1 and "(partial sync" in log, log
+    forgot = rf"forgot [1-9]\d* UDP flows {re.escape(vip)}:1337 -> {re.escape(n2.ip)}$"
+    assert re.search(forgot, log, re.MULTILINE), log
     # the old stream ended (bounded by the wait above): reset by the new pod's kernel once
     # its segments reached it, or completed; never hung
     assert "error" not in old_report or "reset" in old_report["error"], old_report["error"]
