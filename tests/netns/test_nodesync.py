@@ -416,6 +416,13 @@ def test_real_client_fake_apiserver_endpoints_change_under_a_stream_and_it_follo
                 timeout=30,
                 what=f"web -> {target} programmed",
             )
+            # the next move only once the stream met this endpoint (a datagram lost in the
+            # switch costs it a 0.2 s timeout, longer than node-sync takes to move again)
+            netns.wait_for(
+                lambda t=target: t in log.read_text().split(),
+                timeout=30,
+                what=f"the stream answered by {target}",
+            )
         stream.wait(timeout=120)
     finally:
         if stream.poll() is None:
