@@ -12,7 +12,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 from tencrypt.core.stats import Stats
@@ -32,7 +32,12 @@ class Applier(Protocol):
     @property
     def size(self) -> int: ...
 
-    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> str: ...
+    def apply(
+        self,
+        backends: Sequence[ServiceBackends],
+        full: bool = False,
+        touched: Collection[str] | None = None,
+    ) -> str: ...
 
     def plan(self, backends: Sequence[ServiceBackends], full: bool = False) -> str: ...
 

@@ -59,18 +59,30 @@ class _Addresses:
 
 @dataclass(slots=True)
 class ClusterState:
-    """The objects node-sync has seen, reduced to what the rules need. One owner: the syncer."""
+    """The objects node-sync has seen, reduced to what the rules need. One owner: the syncer.
+
+    Incremental recompute: each Service's desired entries (one ``ServiceBackends`` per VIP)
+    are kept in ``entries``; an event marks dirty only the Services it can change (a
+    Service event its own; a slice or legacy Endpoints event the Service it names, before
+    and after; a Namespace event the Services in it) and ``refresh`` recomputes only those.
+    ``desired(full=True)`` (start-up, resync) recomputes every Service from the objects, so
+    a bug in the bookkeeping cannot outlive the next resync; the unit tests check that both
+    give the same result for random event sequences. A relist (``replace``) marks all."""
 
     stats: Stats = field(default_factory=Stats)
     namespaces: dict[str, bool] = field(default_factory=dict)  # name -> enabled
     services: dict[Key, tuple[str, ...]] = field(default_factory=dict)  # -> IPv4 VIPs
     slices: dict[Key, _Addresses] = field(default_factory=dict)  # (ns, slice name)
     endpoints: dict[Key, _Addresses] = field(default_factory=dict)  # (ns, service name)
-    # the endpoints chosen from each combination of sources at the last ``desired``: a
-    # Service whose slices did not change is not sorted again (10,000 Services: 76 → ~20 ms)
-    chosen: dict[tuple[_Addresses, ...], tuple[str, ...]] = field(
+    # derived, kept in step by every change to the tables above
+    entries: dict[Key, tuple[ServiceBackends, ...]] = field(
         default_factory=dict, repr=False, compare=False
-    )
+    )  # Service -> its desired entries as last computed (Services with none are absent)
+    slices_of: dict[Key, set[Key]] = field(default_factory=dict, repr=False, compare=False)
+    in_namespace: dict[str, set[Key]] = field(default_factory=dict, repr=False, compare=False)
+    dirty: set[Key] = field(default_factory=set, repr=False, compare=False)
+    everything: bool = field(default=True, repr=False, compare=False)  # all dirty
+    order: list[Key] | None = field(default=None, repr=False, compare=False)  # sorted entries
 
     def on_event(self, kind: Kind, event: EventType, obj: Any) -> None:
         """Apply one watch event (or one listed object, as ADDED)."""
@@ -78,44 +90,101 @@ class ClusterState:
         if key is None:
             self.stats.inc(Counter.NODESYNC_BAD_OBJECT)
             return
-        table = self._table(kind)
         slot: Any = key[1] if kind is Kind.NAMESPACE else key
         value = None if event is EventType.DELETED else _PARSERS[kind](obj)
-        if value is None:
-            if event is not EventType.DELETED:
-                self.stats.inc(Counter.NODESYNC_BAD_OBJECT)
-            table.pop(slot, None)  # a Service that turned malformed must stop forwarding
-            return
-        table[slot] = value
+        if value is None and event is not EventType.DELETED:
+            self.stats.inc(Counter.NODESYNC_BAD_OBJECT)
+        self._store(kind, slot, value)  # None: a Service turned malformed stops forwarding
 
     def replace(self, kind: Kind, objs: Iterable[Any]) -> None:
         """A fresh list of ``kind`` (after a relist): whatever it lacks is gone."""
         self._table(kind).clear()
+        if kind is Kind.SERVICE:
+            self.in_namespace.clear()
+        elif kind is Kind.ENDPOINT_SLICE:
+            self.slices_of.clear()
+        self.everything = True
         for obj in objs:
             self.on_event(kind, EventType.ADDED, obj)
 
-    def desired(self) -> list[ServiceBackends]:
-        """Every VIP that should forward the tunnel port, with its endpoints, sorted."""
-        by_service: dict[Key, list[_Addresses]] = {}
-        for (ns, _), addrs in self.slices.items():
-            by_service.setdefault((ns, addrs.service), []).append(addrs)
-        out: list[ServiceBackends] = []
-        chosen: dict[tuple[_Addresses, ...], tuple[str, ...]] = {}
-        for (ns, name), vips in sorted(self.services.items()):
-            if not self.namespaces.get(ns, False):
+    def refresh(self) -> dict[Key, tuple[tuple[ServiceBackends, ...], ...]]:
+        """Recompute the dirty Services' entries; returns ``{Service: (old, new)}`` for
+        those whose entries changed (nothing changed: empty)."""
+        if self.everything:
+            keys: Iterable[Key] = set(self.services) | set(self.entries)
+        else:
+            keys = self.dirty
+        self.everything, self.dirty = False, set()
+        changes: dict[Key, tuple[tuple[ServiceBackends, ...], ...]] = {}
+        for key in keys:
+            new = self._compute(key)
+            old = self.entries.get(key, ())
+            if new == old:
                 continue
-            sources = by_service.get((ns, name))
-            if sources is None:
-                legacy = self.endpoints.get((ns, name))
-                sources = [legacy] if legacy else []
-            key = tuple(sources)
-            endpoints = chosen.get(key) or self.chosen.get(key)
-            if endpoints is None:
-                endpoints = _choose(sources)
-            chosen[key] = endpoints
-            out.extend(ServiceBackends(ns, name, vip, endpoints) for vip in vips)
-        self.chosen = chosen
-        return out
+            changes[key] = (old, new)
+            if not old or not new:
+                self.order = None  # the set of Services with entries changed
+            if new:
+                self.entries[key] = new
+            else:
+                del self.entries[key]
+        return changes
+
+    def desired(self, full: bool = False) -> list[ServiceBackends]:
+        """Every VIP that should forward the tunnel port, with its endpoints, ordered by
+        namespace and Service name. ``full``: recompute every Service from the objects
+        instead of only the dirty ones."""
+        if full:
+            self.entries.clear()
+            self.everything, self.order = True, None
+        self.refresh()
+        if self.order is None:
+            self.order = sorted(self.entries)
+        entries = self.entries
+        return [b for key in self.order for b in entries[key]]
+
+    def _compute(self, key: Key) -> tuple[ServiceBackends, ...]:
+        """One Service's entries from the objects (empty: not forwarded)."""
+        ns, name = key
+        vips = self.services.get(key)
+        if not vips or not self.namespaces.get(ns, False):
+            return ()
+        names = self.slices_of.get(key)
+        if names:
+            sources = [self.slices[k] for k in names]
+        else:
+            legacy = self.endpoints.get(key)
+            sources = [legacy] if legacy else []
+        endpoints = _choose(sources)
+        return tuple(ServiceBackends(ns, name, vip, endpoints) for vip in vips)
+
+    def _store(self, kind: Kind, slot: Any, value: Any) -> None:
+        """Set (or with ``None`` remove) one object's value; keep the indexes in step and
+        mark dirty the Services it may change."""
+        table = self._table(kind)
+        old = table.pop(slot, None)
+        if value is not None:
+            table[slot] = value
+        if kind is Kind.NAMESPACE:
+            if old != value:
+                self.dirty |= self.in_namespace.get(slot, set())
+        elif kind is Kind.SERVICE:
+            members = self.in_namespace.setdefault(slot[0], set())
+            if value is None:
+                members.discard(slot)
+            else:
+                members.add(slot)
+            self.dirty.add(slot)
+        elif kind is Kind.ENDPOINT_SLICE:
+            ns = slot[0]
+            if old is not None:
+                self.slices_of.get((ns, old.service), set()).discard(slot)
+                self.dirty.add((ns, old.service))
+            if value is not None:
+                self.slices_of.setdefault((ns, value.service), set()).add(slot)
+                self.dirty.add((ns, value.service))
+        else:
+            self.dirty.add(slot)
 
     def _table(self, kind: Kind) -> dict[Any, Any]:
         tables: dict[Kind, dict[Any, Any]] = {

@@ -27,7 +27,7 @@ import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
@@ -90,8 +90,14 @@ class IptablesApplier:
             return build_restore(backends, existing, self.port)
         return build_partial(self.applied, backends, self.port)
 
-    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
-        """Make the nat table forward exactly ``backends``; returns the restore text used."""
+    def apply(
+        self,
+        backends: Sequence[ServiceBackends],
+        full: bool = False,
+        touched: Collection[str] | None = None,
+    ) -> str:
+        """Make the nat table forward exactly ``backends``; returns the restore text used.
+        ``touched`` is not needed: ``build_partial`` compares per Service anyway."""
         backends = list(backends)
         full = full or self.applied is None
         if full:

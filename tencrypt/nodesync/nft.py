@@ -11,7 +11,12 @@ Stages of one ``apply``:
    incremental (otherwise): one ``nft -f`` transaction of ``nftrules.diff`` between what this
    process last programmed and what is wanted now — a changed Service is a few lines,
    whatever the size of the cluster. Nothing to change: nothing is run.
-2. nft applies a transaction atomically: a packet sees the old rules or the new ones.
+2. nft applies a transaction atomically: a packet sees the old rules or the new ones. An
+   incremental one goes through libnftables in this process (``libnft.Library``: no
+   process per transaction, ~0.1 ms instead of ~16 ms for a changed endpoint; ``nft -f``
+   where the library cannot be loaded); a full one through ``nft -f``, whose parse of
+   50,000 elements (~70 MB at 10,000 Services) is then freed with its process instead of
+   raising node-sync's own peak (the time is the same).
 3. UDP conntrack entries of (VIP, endpoint) pairs no longer forwarded are deleted, as in
    the iptables backend (the tunnel is one long-lived UDP flow per pair of pods).
 
@@ -23,13 +28,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.nodesync.cluster import ServiceBackends
 from tencrypt.nodesync.command import run
 from tencrypt.nodesync.iptables import IptablesApplier
+from tencrypt.nodesync.libnft import Library
 from tencrypt.nodesync.nftrules import (
     EMPTY,
     FAMILY,
@@ -45,6 +51,7 @@ from tencrypt.nodesync.nftrules import (
     parse_listing,
     program_of,
     render,
+    updated,
 )
 
 log = logging.getLogger(__name__)
@@ -69,11 +76,14 @@ class NftApplier:
         port: int = TUNNEL_PORT,
         stats: Stats | None = None,
         iptables: str = "iptables",
+        library: bool = True,
     ) -> None:
         self.netns, self.port = netns, port
         self.stats = stats if stats is not None else Stats()
         self.xtables = IptablesApplier(netns, iptables, port, self.stats)  # conntrack, cleanup
         self.applied: Program | None = None  # what this process last programmed
+        self.library = library  # try libnftables first (False: always `nft -f`)
+        self._lib: Library | None = None
 
     @property
     def size(self) -> int:
@@ -97,20 +107,30 @@ class NftApplier:
             return full_text(new)
         return render(diff(self.applied, new))
 
-    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> str:
-        """Make the table forward exactly ``backends``; returns the transaction run."""
-        new = program_of(backends, self.port)
+    def apply(
+        self,
+        backends: Sequence[ServiceBackends],
+        full: bool = False,
+        touched: Collection[str] | None = None,
+    ) -> str:
+        """Make the table forward exactly ``backends``; returns the transaction run.
+        ``touched`` (a partial sync): the VIPs that may have changed since the last apply,
+        so only those are looked at (``nftrules.updated``, ``diff(only=)``)."""
+        if full or self.applied is None or touched is None:
+            new, touched = program_of(backends, self.port), None
+        else:
+            new = updated(self.applied, backends, touched)
         full = full or self.applied is None
         if full:  # what a previous process left is read; our own last program is known
             before = self.listing() if self.applied is None else self.applied
             text, lost = full_text(new), pairs(before) - pairs(new)
         else:
             assert self.applied is not None
-            ops = diff(self.applied, new)
+            ops = diff(self.applied, new, only=touched)
             text, lost = render(ops), lost_pairs(self.applied, new, ops)
         if text:
             self.applied = None  # until it succeeded: a failure makes the next sync full
-            run(["nft", "-f", "-"], self.netns, input=text)
+            self._transaction(text, small=not full)
             self.stats.inc(Counter.NODESYNC_APPLIED)
         self.applied = new
         if full:  # after ours is in place: the VIPs are forwarded throughout the switch
@@ -118,6 +138,15 @@ class NftApplier:
         for vip, ip in sorted(lost):
             self.xtables.flush_conntrack(vip, ip)
         return text
+
+    def _transaction(self, text: str, small: bool = True) -> None:
+        if small and self.library and self._lib is None:
+            self._lib = Library.open(self.netns)
+            self.library = self._lib is not None
+        if small and self._lib is not None:
+            self._lib.run(text)
+        else:
+            run(["nft", "-f", "-"], self.netns, input=text)
 
     def cleanup(self) -> None:
         """Remove the table (every chain, map and hook of it)."""

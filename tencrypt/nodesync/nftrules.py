@@ -49,7 +49,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tencrypt.core import TUNNEL_PORT
@@ -156,12 +156,29 @@ def program_of(backends: Iterable[ServiceBackends], port: int = TUNNEL_PORT) -> 
     return Program(vips, frozenset(len(eps) for eps in vips.values()), port)
 
 
-def diff(old: Program, new: Program) -> list[Op]:
+def updated(old: Program, backends: Iterable[ServiceBackends], touched: Collection[str]) -> Program:
+    """``program_of(backends, old.port)`` when only the VIPs in ``touched`` can differ from
+    ``old``: those are taken from ``backends`` (the last one with endpoints wins, as in
+    ``program_of``), every other VIP is kept as ``old`` has it."""
+    vips = dict(old.vips)
+    for vip in touched:
+        vips.pop(vip, None)
+    for b in backends:
+        if b.endpoints and b.vip in touched:
+            vips[b.vip] = tuple(b.endpoints)
+    return Program(vips, frozenset(len(eps) for eps in vips.values()), old.port)
+
+
+def diff(old: Program, new: Program, only: Collection[str] | None = None) -> list[Op]:
     """The commands that turn ``old`` into ``new`` (nothing if they are equal). VIPs are
     compared by their address (a string: its hash is cached), so one change in a large
-    program costs one pass over its VIPs, and commands are made for the changed ones only."""
+    program costs one pass over its VIPs, and commands are made for the changed ones only;
+    ``only``: the caller knows no VIP outside it differs (a watch event's), and not even
+    that pass is made."""
     if old.port != new.port:
         changed = sorted(set(old.vips) | set(new.vips))
+    elif only is not None:
+        changed = sorted(v for v in set(only) if old.vips.get(v) != new.vips.get(v))
     else:
         changed = sorted(
             {v for v, eps in old.vips.items() if new.vips.get(v) != eps}

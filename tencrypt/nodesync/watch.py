@@ -12,9 +12,11 @@ Stages:
    desired rules whenever they change, but never before every kind has been listed once: a
    partial view (Services listed, slices not yet) would empty the chain and cut every
    tunnel on the node for a moment. The first sync is full; after it, each burst of events
-   is one partial sync (the backend programs only what changed since its last sync). Every
-   ``resync`` seconds a full sync from memory (no API calls) repairs drift (a table or chain
-   flushed by hand); a failed sync makes the next one full. Each sync is timed and logged
+   is one partial sync: only the Services the events touched are recomputed (a per-Service
+   cache in ``ClusterState``) and the backend programs only what changed. Every
+   ``resync`` seconds a full sync from memory (no API calls: every Service recomputed from
+   the objects, the whole rule set applied) repairs drift (a table or chain flushed by
+   hand); a failed sync makes the next one full. Each sync is timed and logged
    with its duration (never killed for taking long) and counted in ``SyncMetrics``.
 """
 
@@ -24,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from kubernetes import client
@@ -43,7 +45,12 @@ MAX_BACKOFF = 30.0
 
 
 class Applier(Protocol):
-    def apply(self, backends: Sequence[ServiceBackends], full: bool = False) -> object: ...
+    def apply(
+        self,
+        backends: Sequence[ServiceBackends],
+        full: bool = False,
+        touched: Collection[str] | None = None,
+    ) -> object: ...
 
     @property
     def size(self) -> int: ...
@@ -95,7 +102,7 @@ class Syncer:
         self.queue: queue.Queue[object] = queue.Queue()
         self.resync = resync
         self.listed: set[Kind] = set()
-        self.applied: list[ServiceBackends] | None = None
+        self.synced = False  # a sync succeeded and nothing failed since: partial syncs
 
     def fold(self, item: object) -> None:
         if isinstance(item, Listed) and isinstance(item.kind, Kind):
@@ -105,29 +112,41 @@ class Syncer:
             self.state.on_event(item.kind, item.event, item.obj)
 
     def sync(self, force: bool = False) -> bool:
-        """Apply the desired rules if they changed (or ``force``); False if not synced yet."""
+        """Apply the desired rules if they changed (or ``force``); False if not synced yet.
+
+        Full (the first sync, ``force``, after a failure): every Service recomputed from the
+        objects, the whole rule set applied. Partial: only the Services the events since
+        the last sync touched are recomputed (``ClusterState.refresh``), and the backend is
+        told which VIPs they hold (``touched``), so one event costs what it changes, not
+        what the cluster holds."""
         if self.listed != set(self.kinds):
             return False
-        desired = self.state.desired()
-        if force or desired != self.applied:
-            mode = "full" if force or self.applied is None else "partial"
-            self.applied = None  # a failed apply is retried on the next pass, in full
-            start = self.clock()
-            try:
-                self.applier.apply(desired, full=mode == "full")
-            except Exception:
-                self.metrics.failed()
-                raise
-            took = self.clock() - start
-            self.applied = desired
-            self.metrics.observe(mode, took, self.applier.size, self.wall())
-            log.info(
-                "programmed %d VIPs, %d endpoints (%s sync, %.3f s)",
-                len(desired),
-                sum(len(b.endpoints) for b in desired),
-                mode,
-                took,
-            )
+        full = force or not self.synced
+        touched: set[str] | None = None
+        if not full:
+            changes = self.state.refresh()
+            if not changes:
+                return True
+            touched = {b.vip for pair in changes.values() for side in pair for b in side}
+        desired = self.state.desired(full=full)
+        mode = "full" if full else "partial"
+        self.synced = False  # a failed apply is retried on the next pass, in full
+        start = self.clock()
+        try:
+            self.applier.apply(desired, full=full, touched=touched)
+        except Exception:
+            self.metrics.failed()
+            raise
+        took = self.clock() - start
+        self.synced = True
+        self.metrics.observe(mode, took, self.applier.size, self.wall())
+        log.info(
+            "programmed %d VIPs, %d endpoints (%s sync, %.3f s)",
+            len(desired),
+            sum(len(b.endpoints) for b in desired),
+            mode,
+            took,
+        )
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -383,7 +383,7 @@ def test_switching_backends_on_a_running_node_leaves_no_stale_rules(node):
 
 
 def test_real_client_fake_apiserver_endpoints_change_under_a_stream_and_it_follows(
-    node, api, nodesync, backend
+    node, api, nodesync, backend, tmp_path
 ):
     """A tunnel-shaped flow (client:1337 → VIP:1337, one conntrack entry) kept busy by a
     bounded stream while the Service's endpoint moves w2 → w3 → w1: every answer comes from
@@ -392,13 +392,20 @@ def test_real_client_fake_apiserver_endpoints_change_under_a_stream_and_it_follo
     api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS["w2"]], suffix="m5l7c"))
     nodesync().start()
     netns.wait_for(lambda: node.ask("udp", WEB, sport=1337) == ["w2"], timeout=30, what="web -> w2")
+    log = tmp_path / "stream.log"  # one answer per line, as it comes
     stream = subprocess.Popen(
-        netns.exec_argv(node.pods["cl"], [sys.executable, "-c", STREAM, WEB, "3000", "0.005"]),
-        stdout=subprocess.PIPE,
-        text=True,
+        netns.exec_argv(
+            node.pods["cl"], [sys.executable, "-c", STREAM, WEB, "3000", "0.005", str(log)]
+        ),
+        stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
+        # the stream is under way on w2 before the first move (node-sync is quicker than an
+        # interpreter's start-up: moving at once would move it before its first datagram)
+        netns.wait_for(
+            lambda: log.exists() and "w2" in log.read_text(), timeout=30, what="stream on w2"
+        )
         for target in ("w3", "w1"):
             api.put(kubeobjects.build_endpoint_slice("shop", "web", [PODS[target]], suffix="m5l7c"))
             netns.wait_for(
@@ -409,12 +416,20 @@ def test_real_client_fake_apiserver_endpoints_change_under_a_stream_and_it_follo
                 timeout=30,
                 what=f"web -> {target} programmed",
             )
-        out, _ = stream.communicate(timeout=120)
+            # the next move only once the stream met this endpoint (a datagram lost in the
+            # switch costs it a 0.2 s timeout, longer than node-sync takes to move again)
+            netns.wait_for(
+                lambda t=target: t in log.read_text().split(),
+                timeout=30,
+                what=f"the stream answered by {target}",
+            )
+        stream.wait(timeout=120)
     finally:
         if stream.poll() is None:
             stream.kill()
             stream.wait()
-    answers = [a for a in json.loads(out) if a]
+    out = [line or None for line in log.read_text().splitlines()]
+    answers = [a for a in out if a]
     assert answers, "the stream got no answer at all"
     order = [a for i, a in enumerate(answers) if i == 0 or answers[i - 1] != a]
     assert order == ["w2", "w3", "w1"], order  # followed each move, never went back
@@ -422,24 +437,24 @@ def test_real_client_fake_apiserver_endpoints_change_under_a_stream_and_it_follo
 
 
 # a stream on one 5-tuple (sport 1337, as the tunnel): count datagrams, one every interval,
-# each answered (or not, within 0.2 s) by the endpoint behind the VIP; bounded in count
+# each answered (or not, within 0.2 s) by the endpoint behind the VIP; bounded in count;
+# each answer (or an empty line) written to the log file as it comes
 STREAM = r"""
 import json, socket, sys, time
 dst, count, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+log = open(sys.argv[4], "w", buffering=1)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 1337))
 s.connect((dst, 1337))
 s.settimeout(0.2)
-out = []
 for _ in range(count):
     s.send(b"?")
     try:
-        out.append(s.recv(64).decode())
+        log.write(s.recv(64).decode() + "\n")
     except OSError:
-        out.append(None)
+        log.write("\n")
     time.sleep(interval)
-print(json.dumps(out))
 """
 
 

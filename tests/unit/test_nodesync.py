@@ -337,7 +337,7 @@ class RecordingApplier:
     def __init__(self):
         self.applied, self.modes = [], []
 
-    def apply(self, backends, full=False):
+    def apply(self, backends, full=False, touched=None):
         self.applied.append(list(backends))
         self.modes.append("full" if full else "partial")
 

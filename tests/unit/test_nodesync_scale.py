@@ -277,8 +277,9 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def apply(self, backends, full=False):
+    def apply(self, backends, full=False, touched=None):
         self.calls.append(("full" if full else "partial", len(backends)))
+        self.touched = touched
 
     @property
     def size(self):
@@ -380,8 +381,8 @@ def test_metrics_are_served_over_http_until_stopped():
 
 def test_a_failed_sync_is_counted_and_the_next_one_is_full():
     class Flaky(Recorder):
-        def apply(self, backends, full=False):
-            super().apply(backends, full)
+        def apply(self, backends, full=False, touched=None):
+            super().apply(backends, full, touched)
             if len(self.calls) == 2:
                 raise RuntimeError("nft: Could not process rule")
 
