@@ -17,12 +17,12 @@ Service's EndpointSlice is rewritten to name another patched pod of the project:
 
 - upload: Service nginx2 (172.30.0.12) moves nginx2 → nginx3, nginx1 sends;
 - download (``iperf3 -R``): Service nginx3 (172.30.0.13) moves nginx3 → nginx2, the old pod
-  sends. Expected to fail today (xfail, strict): the old pod keeps sending from its own IP
-  once the conntrack entry that un-NATed it to the VIP is gone, the client's proxy roams the
-  VIP's peer to that address (core/session.py: "answer where authenticated traffic comes
-  from"), and every later connection to the VIP stays on the old pod: the tunnel does not
-  follow. A fix belongs in the proxy (a peer reached through a VIP must keep the VIP as its
-  endpoint), not in node-sync.
+  sends. Once node-sync deleted the conntrack entry that un-NATed it to the VIP, the old pod's
+  datagrams reach the client from its own IP. The client's proxy still opens them but keeps
+  the VIP as the peer's endpoint (core/session.py rule 11: a peer reached through a VIP never
+  roams, and its traffic from elsewhere does not keep the session alive), so the stale
+  session is re-keyed through the VIP and later connections reach the new pod. Before that
+  rule the proxy roamed to the old pod and the tunnel stayed there.
 
 What must hold, and what cannot:
 - A TCP connection is state in one pod's kernel. The stream that was running to nginx2 when
@@ -77,8 +77,12 @@ OPENED = "tencrypt_packets_opened_total"
 UNKNOWN_INDEX = 'tencrypt_drops_total{reason="unknown_index"}'
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lab() -> Iterator[Lab]:
+    """A lab of its own per case: what one move leaves behind (the old stream's kernel sockets
+    retransmitting, now between pod IPs) makes direct sessions whose conntrack entries clash
+    with the next case's VIP sessions - a known bug of its own, pinned in
+    tests/netns/test_vip_then_pod_ip.py - and would decide the next case."""
     topology = Topology(
         pods=[
             PodSpec("nginx1", "myproject"),
@@ -167,18 +171,7 @@ def iperf_report(log: Path) -> dict:
     ("direction", "service", "target"),
     [
         ("upload", "nginx2", "nginx3"),
-        pytest.param(
-            "download",
-            "nginx3",
-            "nginx2",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core/session.py roams a peer reached through a VIP to the address "
-                "authenticated data came from: the old pod keeps sending the download from "
-                "its own IP (no conntrack entry un-NATs it to the VIP any more), the client "
-                "roams there, and every later connection to the VIP stays on the old pod",
-            ),
-        ),
+        ("download", "nginx3", "nginx2"),
     ],
 )
 def test_endpoint_moves_under_an_iperf3_stream_and_the_tunnel_follows(
@@ -265,8 +258,10 @@ def test_endpoint_moves_under_an_iperf3_stream_and_the_tunnel_follows(
     forgot = rf"forgot [1-9]\d* UDP flows {re.escape(vip)}:1337 -> {re.escape(n2.ip)}$"
     assert re.search(forgot, log, re.MULTILINE), log
     # the old stream ended (bounded by the wait above): reset by the new pod's kernel once
-    # its segments reached it, or completed; never hung
-    assert "error" not in old_report or "reset" in old_report["error"], old_report["error"]
+    # its segments reached it (iperf3 says "reset", or "Broken pipe" when it wrote to the
+    # connection after the reset), or completed; never hung
+    error = old_report.get("error", "")
+    assert not error or "reset" in error or "Broken pipe" in error, error
     # the tunnel follows: new connections are served by the new pod, through its proxy,
     # and the tunnel's UDP flow to the VIP is DNATed to the new pod only (the entry that
     # pinned it to the old one was deleted)
