@@ -4,6 +4,11 @@ Every sub-command is declared here, so that ``tencrypt --help`` and ``tencrypt C
 describe the whole interface in one place. Handlers are ``module:function`` strings imported
 only when their command runs, so that ``--help`` stays fast and a command never pays for
 another's imports. A handler takes the parsed ``argparse.Namespace`` and returns an exit code.
+
+``main`` declares the flags of the one command on its line only (``build_parser(only=...)``):
+some commands' flags live beside their handlers (node-sync, agent, key, status), and a proxy
+(`tencrypt run`, one per pod) must not carry their modules — the Kubernetes objects, the HTTP
+server, nft and netns helpers — for its whole life (memory, issue 16).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import copy
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -27,6 +33,37 @@ PSK_HELP = (
 )
 
 Adder = Callable[[argparse.ArgumentParser], None]
+
+
+def terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns`` without shutil: $COLUMNS when positive, else the
+    width of the terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, given the width up front. argparse makes one for every flag it
+    declares (to check the metavar), and one without a width imports ``shutil`` to measure
+    the terminal — and with it zlib, bz2 and lzma, which a proxy would then carry for life."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = terminal_columns() - 2 if width is None else width  # as argparse's own default
+        super().__init__(prog, indent_increment, max_help_position, width)
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
@@ -399,24 +436,44 @@ def share_group_flags(group: argparse.ArgumentParser) -> None:
                 parser._add_action(shared)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole interface; with ``only`` (a command's name), the flags of that command alone:
+    the others keep their name and help (``tencrypt --help`` lists them all) but declare no
+    flags, and their adders' imports are not paid."""
     parser = argparse.ArgumentParser(
         prog="tencrypt",
+        formatter_class=HelpFormatter,
         description="Transparent, authenticated encryption of the traffic between the pods of "
         "one project. " + PSK_HELP + ".",
     )
     parser.add_argument("--version", action="version", version=f"tencrypt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, adder, handler in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        adder(p)
-        share_group_flags(p)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
+        if only is None or only == name:
+            adder(p)
+            share_group_flags(p)
         p.set_defaults(handler=handler)
     return parser
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not a flag (the top level's flags,
+    --help and --version, take no value), if that is a command; else None."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if any(word == name for name, *_ in COMMANDS) else None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``argv`` (default: the process's) parsed with the flags of the command it names only."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return build_parser(only=command_of(argv)).parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

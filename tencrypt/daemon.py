@@ -58,7 +58,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -95,12 +95,14 @@ from tencrypt.core.stats import Counter, DropReason, Stats, render_prometheus, s
 from tencrypt.errors import UsageError
 from tencrypt.linux import allocator
 from tencrypt.linux.effects import EffectApplier, Kernel
-from tencrypt.linux.inbound import InboundGate
 from tencrypt.linux.keyfile import LOADED_FILE, KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
 from tencrypt.linux.tun import READ_SIZE
 from tencrypt.logutil import RateLimitedLog
 from tencrypt.ports import Ports, RawSocket, Resolver, open_ports
+
+if TYPE_CHECKING:  # imported by start() only in standalone strict mode (nfqueue, its parser)
+    from tencrypt.linux.inbound import InboundGate
 
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
@@ -202,6 +204,8 @@ class Proxy:
                 "pod network are classified before they are accepted",
                 self.members.path if self.members else "none given",
             )
+            from tencrypt.linux.inbound import InboundGate
+
             self.inbound = InboundGate(
                 self.kernel.open_inbound_queue(self.stats),
                 self.table,

@@ -31,7 +31,6 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 HASHLEN = 32  # BLAKE2s and SHA-256 (§12.8, §12.9)
 DHLEN = 32  # Curve25519 (§12.1)
@@ -64,7 +63,9 @@ def hkdf(
 
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    """The raw 32-byte public key (``public_bytes_raw``: not the ``serialization`` package,
+    which loads every key type's module into each proxy)."""
+    return key.public_key().public_bytes_raw()
 
 
 class CipherState:

@@ -61,6 +61,7 @@ from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.errors import UsageError
 from tencrypt.linux.kernel import SO_MARK
+from tencrypt.linux.sockets import start_tcp_server
 from tencrypt.logutil import RateLimitedLog
 
 log = logging.getLogger("tencrypt.dns")
@@ -226,7 +227,7 @@ class DnsProxy:
         self._client, _ = await loop.create_datagram_endpoint(
             lambda: _Datagrams(self._on_client_datagram, self._on_client_error), sock=listen
         )
-        self._tcp = await asyncio.start_server(self._on_tcp_client, host, port, reuse_address=True)
+        self._tcp = await start_tcp_server(self._on_tcp_client, host, port)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info(
             "DNS proxy on %s:%d → %s:%d, project domain %s",

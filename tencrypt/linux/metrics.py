@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 
 from tencrypt.errors import UsageError
+from tencrypt.linux.sockets import start_tcp_server
 
 log = logging.getLogger("tencrypt.metrics")
 
@@ -64,6 +65,6 @@ async def serve(
             writer.close()
 
     try:
-        return await asyncio.start_server(handle, host, port)
+        return await start_tcp_server(handle, host, port)
     except OSError as exc:
         raise UsageError(f"cannot serve metrics on {address}: {exc.strerror}") from exc

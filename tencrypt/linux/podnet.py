@@ -41,7 +41,7 @@ from tencrypt.core.podconfig import (
     tun_mtu,
 )
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.linux import firewall, nfqueue, procs
+from tencrypt.linux import firewall, procs
 from tencrypt.linux.keyfile import LOADED_FILE
 
 log = logging.getLogger("tencrypt.setup")
@@ -232,7 +232,10 @@ def setup(args: argparse.Namespace) -> PodConfig:
 
 
 def undo(state_dir: str) -> bool:
-    from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
+    from tencrypt.linux import (
+        netlink,  # pyroute2: loaded by setup, not by `run`
+        nfqueue,  # `run` loads it in standalone strict mode only
+    )
 
     directory = namespace_state_dir(state_dir)
     state = SetupState.load(directory)

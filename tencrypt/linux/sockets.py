@@ -7,12 +7,19 @@
   namespace's stack through it, addressed to the pod itself, so they arrive like any packet.
 - ``bypass_socket``: the same with the proxy's mark, to re-send in the clear out of the uplink a
   packet that reached tenc0 for an external destination before its bypass route existed.
+- ``start_tcp_server``: ``asyncio.start_server`` on a socket bound here when the address is an
+  IP literal (the DNS proxy's TCP side, the metrics endpoint). Given a host, uvloop resolves it
+  with getaddrinfo in libuv's thread pool, which then keeps four threads and about half a
+  megabyte for the proxy's whole life; a name still goes to start_server.
 Constants from asm-generic/socket.h, in linux/kernel.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 
 from tencrypt.errors import SetupError
 from tencrypt.linux.kernel import SO_MARK, SO_RCVBUFFORCE, SO_SNDBUFFORCE
@@ -48,3 +55,41 @@ def raw_socket(mark: int | None = None) -> socket.socket:
     _force_buffers(sock, BUFFER_BYTES)
     sock.setblocking(False)
     return sock
+
+
+ClientHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def listening_socket(host: str, port: int) -> socket.socket | None:
+    """A TCP socket bound to ``host``:``port`` as ``asyncio.start_server`` would bind it
+    (SO_REUSEADDR; IPV6_V6ONLY for IPv6), non-blocking, not yet listening; None when
+    ``host`` is not an IP literal. OSError when the address cannot be bound."""
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def start_tcp_server(handler: ClientHandler, host: str, port: int) -> asyncio.Server:
+    """``asyncio.start_server(handler, host, port, reuse_address=True)``, without a name
+    lookup when ``host`` is an IP literal (module docstring)."""
+    sock = listening_socket(host, port)
+    if sock is None:
+        return await asyncio.start_server(handler, host, port, reuse_address=True)
+    try:
+        return await asyncio.start_server(handler, sock=sock)
+    except BaseException:
+        sock.close()
+        raise

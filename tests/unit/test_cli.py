@@ -6,7 +6,14 @@ import argparse
 
 import pytest
 
-from tencrypt.cli import build_parser, share_group_flags
+from tencrypt.cli import (
+    COMMANDS,
+    build_parser,
+    command_of,
+    parse_args,
+    share_group_flags,
+    terminal_columns,
+)
 
 # (flags of the sub-command itself, positionals) for each lab action
 LAB = {
@@ -65,3 +72,59 @@ def test_sub_command_own_flag_of_the_same_spelling_wins() -> None:
         "action": "b",
     }
     assert vars(group.parse_args(["--level", "2", "b"]))["level"] == 2
+
+
+# one line of each command, as `main` parses it (flags of the named command only)
+LINES = [
+    ["run", "--psk-file", "k", "--no-strict", "--metrics", "127.0.0.1:9137", "--no-batch"],
+    ["setup", "--undo", "--pod-cidr", "10.0.0.0/8", "--pod-cidr", "10.1.0.0/16"],
+    ["dns", "--listen", "127.0.0.1:5353", "--cache-entries", "0"],
+    ["lab", "up", "--name", "x1", "--nodes", "2"],
+    ["lab", "--name", "x1", "exec", "nginx1", "--", "curl", "--name", "y"],
+    ["demo", "--keep"],
+    ["node-sync", "--once"],
+    ["agent"],
+    ["status", "--no-such-flag"],  # an error: the same one
+    ["bench", "--quick", "--peer-binary", "wireguard-go=/x"],
+]
+
+
+@pytest.mark.parametrize("argv", LINES, ids=lambda a: " ".join(a[:2]))
+def test_main_parses_a_line_as_the_whole_interface_does(argv: list[str]) -> None:
+    """``parse_args`` declares the flags of the named command only: same result, same errors."""
+
+    def outcome(parse: object) -> object:
+        try:
+            return vars(parse(argv))  # type: ignore[operator]
+        except SystemExit as exc:
+            return ("exit", exc.code)
+
+    assert outcome(parse_args) == outcome(build_parser().parse_args)
+
+
+def test_command_of_finds_the_command_word() -> None:
+    assert command_of(["run", "--psk-file", "lab"]) == "run"
+    assert command_of(["--version"]) is None
+    assert command_of(["-h", "lab", "up"]) == "lab"
+    assert command_of(["nope", "run"]) is None  # not a command: argparse reports it
+    assert command_of([]) is None
+
+
+def test_top_level_help_still_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name, *_ in COMMANDS)
+
+
+def test_help_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The formatter measures the terminal as shutil would ($COLUMNS first), without shutil."""
+    widest = {}
+    for columns in (50, 200):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        assert terminal_columns() == columns
+        help_text = build_parser(only="run").format_help()
+        widest[columns] = max(len(line) for line in help_text.splitlines())
+    assert widest[50] <= 48 < widest[200]
+    monkeypatch.setenv("COLUMNS", "not a number")
+    assert terminal_columns() > 0
