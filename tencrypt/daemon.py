@@ -748,6 +748,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvloop
-
-    return uvloop.run(serve(args))
+    # asyncio's own loop, not uvloop: measured on the lab, the same throughput and ping, about
+    # 10 µs more per request/response, and 3.4 MB less RSS per proxy (uvloop and the ssl it
+    # needs; cli.keep_out keeps ssl out)
+    return asyncio.run(serve(args))

@@ -20,7 +20,7 @@ import json
 import logging
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +137,7 @@ def main(args: Any) -> int:
     and tenc0 exists; with explicit --upstream/--domain and no setup it only classifies."""
     pod = _load_pod(args.state_dir)
     config = resolve_config(args, pod)
-    try:
-        import uvloop
-
-        runner: Callable[[Any], Any] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    runner(serve(config, Stats(), pod if pod is not None and _tun_exists(pod.tun) else None))
+    asyncio.run(serve(config, Stats(), pod if pod is not None and _tun_exists(pod.tun) else None))
     return 0
 
 

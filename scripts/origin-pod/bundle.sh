@@ -74,7 +74,7 @@ for exe in "$DEST/bin/$PY" "$DEST/bin/nft" "$DEST/bin/xtables-nft-multi"; do
 done
 
 # 5. check: the bundle runs with nothing but itself (env -i: no PATH, no LD_* help)
-env -i "$DEST/bin/$PY" -c "import tencrypt.cli, cryptography, uvloop, numpy, pyroute2"
+env -i "$DEST/bin/$PY" -c "import tencrypt.cli, cryptography, numpy, pyroute2"
 env -i "$DEST/bin/nft" --version
 env -i XTABLES_LIBDIR="$DEST/lib/xtables" "$DEST/bin/iptables" --version
 echo "bundle.sh: $(du -sh "$DEST" | cut -f1) in $DEST"

@@ -10,7 +10,7 @@ Rules:
 - Kernel refusals become ``SetupError`` naming the object and the kernel's reason.
 
 pyroute2 is pinned below 0.8: from 0.8 on its synchronous API drives an asyncio loop of its own,
-which fails inside the proxy's running uvloop.
+which fails inside a running event loop (the agent's, the proxy's).
 """
 
 from __future__ import annotations

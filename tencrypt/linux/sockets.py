@@ -8,9 +8,10 @@
 - ``bypass_socket``: the same with the proxy's mark, to re-send in the clear out of the uplink a
   packet that reached tenc0 for an external destination before its bypass route existed.
 - ``start_tcp_server``: ``asyncio.start_server`` on a socket bound here when the address is an
-  IP literal (the DNS proxy's TCP side, the metrics endpoint). Given a host, uvloop resolves it
-  with getaddrinfo in libuv's thread pool, which then keeps four threads and about half a
-  megabyte for the proxy's whole life; a name still goes to start_server.
+  IP literal (the DNS proxy's TCP side, the metrics endpoint). Given a host, the event loop
+  resolves it with getaddrinfo in a thread pool (asyncio's default executor; libuv's under
+  uvloop), which then keeps its threads for the proxy's whole life; a name still goes to
+  start_server.
 Constants from asm-generic/socket.h, in linux/kernel.py.
 """
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from tencrypt.core import nfqmsg
 from tencrypt.core.stats import Stats
@@ -484,7 +483,7 @@ def test_verdicts_after_an_async_lookup_under_uvloop(pair):
             loop.remove_reader(q.fileno())
 
     try:
-        code, body, answered = uvloop.run(main())
+        code, body, answered = asyncio.run(main())
     finally:
         q.close()
     srv.close()

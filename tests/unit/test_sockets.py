@@ -1,5 +1,5 @@
-"""linux.sockets.start_tcp_server: a server on an IP literal binds its own socket, so uvloop
-never starts libuv's resolver threads for it (on loopback only)."""
+"""linux.sockets.start_tcp_server: a server on an IP literal binds its own socket, so the
+event loop never starts resolver threads for it (on loopback only)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ def test_a_taken_address_is_an_oserror_and_leaks_no_socket() -> None:
 
 PROBE = """
 import asyncio, json, os, sys
-import uvloop
 from tencrypt.linux.sockets import start_tcp_server
 
 async def echo(reader, writer):
@@ -68,7 +67,7 @@ async def main():
     await server.wait_closed()
     return {"answer": answer.decode(), "threads": len(os.listdir("/proc/self/task"))}
 
-print(json.dumps(uvloop.run(main())))
+print(json.dumps(asyncio.run(main())))
 """
 
 
@@ -84,7 +83,7 @@ def test_a_literal_serves_without_resolver_threads() -> None:
 
 
 def test_a_name_still_serves_through_the_resolver() -> None:
-    """The other way: what the literal path saves (libuv's pool: more threads than one)."""
+    """The other way: what the literal path saves (the executor's threads: more than one)."""
     result = serve_once("localhost")
     assert result["answer"] == "ping\n"
     assert isinstance(result["threads"], int) and result["threads"] > 1
