@@ -7,22 +7,13 @@ import subprocess
 import pytest
 
 from tencrypt.errors import SetupError
-from tencrypt.linux import netns
 from tencrypt.nodesync.backends import program_objects
 from tencrypt.nodesync.cluster import ServiceBackends
 from tencrypt.nodesync.nft import NftApplier
-from tests.netns.test_nodesync import CACHE, PODS, WEB, Node
+from tests.netns import test_nodesync
+from tests.netns.test_nodesync import CACHE, PODS, WEB
 
-
-@pytest.fixture
-def node():
-    n = Node(f"nl{netns.unique_suffix()}")
-    try:
-        n.up()
-        yield n
-    finally:
-        n.down()
-    assert not [ns for ns in netns.listed() if ns.startswith(n.prefix)]
+node = test_nodesync.node  # the same fixture: a node namespace, removed afterwards
 
 
 def test_libnftables_and_nft_f_program_the_same_table_and_refusals_change_nothing(node):
