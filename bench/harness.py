@@ -447,4 +447,5 @@ def _install(plan: Plan, run: Run, progress: Progress) -> None:
             for label in [k for k, (s, _) in plan.binaries.items() if s == system]:
                 plan.systems.remove(label)
     for label, (_system, path) in plan.binaries.items():
-        run.versions[label] = path
+        # the file's name, not its path: a committed report names nothing of this machine
+        run.versions[label] = f"(--peer-binary …/{os.path.basename(path)})"
