@@ -169,11 +169,13 @@ class Tunnel:
     def send_batch(self, dst_ip: str, packets: Sequence[Buffer], now: float, wall: float) -> None:
         """``send`` for the segments of one super-packet, in order: one peer lookup and one
         check of the session's limits for all of them, then one datagram each (rule 2 holds
-        for every packet; anything unusual takes ``send`` one by one)."""
+        for every packet; anything unusual takes ``send`` one by one). No packets: nothing."""
+        n = len(packets)
+        if not n:  # e.g. a malformed super-packet the split dropped (counted there)
+            return
         limits = self.limits
         peer = self.table.by_addr.get(dst_ip)
         s = peer.current if peer is not None else None
-        n = len(packets)
         if (
             peer is None
             or s is None

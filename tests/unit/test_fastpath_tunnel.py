@@ -157,3 +157,13 @@ def test_a_super_packet_leaves_as_one_gso_run_with_the_per_packet_bytes(backend)
     net = twin_net(backend)
     net.pods[A].send_batch(B, [ipv4(A, B, b"a" * 100), ipv4(A, B, b"b" * 300)], net.now, net.wall)
     assert [s for _, _, s in net.pods[A].pop_transmit_runs()] == [0, 0]
+
+
+@pytest.mark.parametrize("backend", MODES)
+def test_an_empty_batch_sends_nothing_and_changes_nothing(backend):
+    """A super-packet the split refused arrives as no segments at all."""
+    net = twin_net(backend)
+    a = net.pods[A]
+    before = state(net, A)
+    a.send_batch(B, [], net.now, net.wall)
+    assert a.pop_transmit_runs() == [] and state(net, A) == before
