@@ -396,14 +396,7 @@ def test_both_backends_segment_like_the_kernel(n, mss, cut, flags, ts, ipopt, se
 
 
 @needs_c
-@given(
-    st.integers(0, 1600),
-    st.integers(0, 255),
-    st.integers(0, 255),
-    st.integers(0, 70000),
-    st.integers(0, 70000),
-    st.integers(0, 70000),
-)
+@given(*tb.LYING_HEADER)
 @settings(max_examples=200, deadline=None)
 def test_lying_headers_give_the_same_result_through_c(cut, flags, gso, size, start, offset):
     pkt = tb.tcp_packet(os.urandom(3000), options=tb.TS)
