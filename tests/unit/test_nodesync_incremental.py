@@ -7,15 +7,12 @@ and two Services claiming one VIP. The nft program built from the touched VIPs o
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tencrypt.core.stats import Stats
 from tencrypt.kube.objects import EventType
-from tencrypt.kube.reflector import Changed, Listed
+from tencrypt.kube.reflector import Changed
 from tencrypt.nodesync import cluster, nftrules, watch
 from tencrypt.nodesync.cluster import ClusterState, Kind, ServiceBackends
 from tencrypt.nodesync.kubeobjects import (
@@ -24,8 +21,8 @@ from tencrypt.nodesync.kubeobjects import (
     build_service,
 )
 from tests.kubefakes import builders
+from tests.unit.test_nodesync_scale import fold_fixture
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "nodesync-cluster.json"
 NAMESPACES = ("shop", "blog")
 SERVICES = ("a", "b", "c")
 # every sequence starts from a small live cluster, so that short random sequences reach the
@@ -225,9 +222,7 @@ class Recorder:
 def test_the_syncer_tells_the_backend_which_vips_an_event_touched_and_resync_repairs():
     applier = Recorder()
     syncer = watch.Syncer(applier, Stats(), (Kind.NAMESPACE, Kind.SERVICE, Kind.ENDPOINT_SLICE))
-    doc = json.loads(FIXTURE.read_text())
-    for kind in syncer.kinds:
-        syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
+    fold_fixture(syncer)
     assert syncer.sync()
     full = applier.calls[-1][1]
     moved = build_endpoint_slice("shop", "web", ["10.128.0.13"], suffix="m5l7c")

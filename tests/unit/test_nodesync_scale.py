@@ -286,6 +286,15 @@ class Recorder:
         return 7
 
 
+def fold_fixture(syncer: watch.Syncer) -> dict:
+    """The fixture cluster listed into ``syncer``, kind by kind, as a watch's first list does;
+    the fixture's document is returned."""
+    doc = json.loads(FIXTURE.read_text())
+    for kind in syncer.kinds:
+        syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
+    return doc
+
+
 def test_the_syncer_syncs_in_full_first_and_on_resync_partially_in_between():
     clock = iter(float(i) for i in range(100))
     applier = Recorder()
@@ -296,9 +305,7 @@ def test_the_syncer_syncs_in_full_first_and_on_resync_partially_in_between():
         clock=lambda: next(clock),
         wall=lambda: 1234.5,
     )
-    doc = json.loads(FIXTURE.read_text())
-    for kind in syncer.kinds:
-        syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
+    doc = fold_fixture(syncer)
     assert syncer.sync()
     web = next(o for o in doc["items"] if o["kind"] == "Service" and o["metadata"]["name"] == "web")
     syncer.fold(Changed(Kind.SERVICE, EventType.DELETED, web))
@@ -388,9 +395,7 @@ def test_a_failed_sync_is_counted_and_the_next_one_is_full():
 
     applier = Flaky()
     syncer = watch.Syncer(applier, Stats(), (Kind.NAMESPACE, Kind.SERVICE, Kind.ENDPOINT_SLICE))
-    doc = json.loads(FIXTURE.read_text())
-    for kind in syncer.kinds:
-        syncer.fold(Listed(kind, [o for o in doc["items"] if o["kind"] == kind.value]))
+    doc = fold_fixture(syncer)
     assert syncer.sync()
     web = next(o for o in doc["items"] if o["kind"] == "Service" and o["metadata"]["name"] == "web")
     syncer.fold(Changed(Kind.SERVICE, EventType.DELETED, web))
