@@ -196,17 +196,17 @@ class PendingTable:
     ) -> QueryOutcome:
         """A client's query: forward it under a fresh ID, or answer it ourselves (rules 1,3,5),
         from the cache when ``cache`` (rule 7; a repeated query without parsing it again)."""
-        use_cache = cache and self.cache is not None
-        if use_cache and self.cache is not None and len(data) <= MAX_QUERY:
-            hit = self.cache.lookup_wire(data, now)
+        store = self.cache if cache else None
+        if store is not None and len(data) <= MAX_QUERY:
+            hit = store.lookup_wire(data, now)
             if hit is not None:
                 self.stats.inc(Counter.DNS_CACHE_HITS)
                 return QueryOutcome(QueryVerdict.CACHED, hit)
         parsed, refused = check_query(data, self.stats)
         if parsed is None or parsed.question is None:
             return refused or QueryOutcome(QueryVerdict.DROP)
-        if use_cache and self.cache is not None:
-            hit = self.cache.lookup(parsed, parsed.header.id, now, data)
+        if store is not None:
+            hit = store.lookup(parsed, parsed.header.id, now, data)
             if hit is not None:
                 self.stats.inc(Counter.DNS_CACHE_HITS)
                 return QueryOutcome(QueryVerdict.CACHED, hit)
@@ -222,7 +222,7 @@ class PendingTable:
             parsed.header,
             parsed.question,
             now + self.timeout,
-            parsed if use_cache else None,
+            parsed if store is not None else None,
         )
         self.stats.inc(Counter.DNS_QUERIES)
         return QueryOutcome(QueryVerdict.FORWARD, rewrite_id(data, upstream_id))
