@@ -50,34 +50,88 @@ static uint64_t get_le64(const unsigned char *p) {
     return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
 }
 
-Py_buffer *fp_get_buffers(PyObject *seq, Py_ssize_t start, Py_ssize_t *count) {
-    Py_ssize_t n = PySequence_Size(seq);
-    if (n < 0) return NULL;
-    if (start < 0) start = 0;
-    if (start > n) start = n;
-    Py_ssize_t k = n - start;
-    Py_buffer *bufs = PyMem_Calloc(k ? (size_t)k : 1, sizeof(Py_buffer));
-    if (bufs == NULL) {
+/* Pieces of a core.batch.Rows: its ``geometry`` (buf, stride, size, count, last), checked
+ * as Rows.__init__ checks it (misuse raises ValueError). */
+static int get_rows(PyObject *geometry, Py_ssize_t start, Pieces *out) {
+    Py_ssize_t stride, size, count, last;
+    out->exports = PyMem_Calloc(1, sizeof(Py_buffer));
+    if (out->exports == NULL) {
         PyErr_NoMemory();
-        return NULL;
+        return -1;
+    }
+    if (!PyArg_ParseTuple(geometry, "y*nnnn:Rows.geometry", &out->exports[0], &stride, &size,
+                          &count, &last)) {
+        PyMem_Free(out->exports);
+        return -1;
+    }
+    out->nexports = 1;
+    const unsigned char *buf = out->exports[0].buf;
+    if (count < 0 || last < 0 || last > size || size > stride
+        || (count > 0 && (count - 1 > (PY_SSIZE_T_MAX - last) / (stride ? stride : 1)
+                          || (count - 1) * stride + last > out->exports[0].len))) {
+        PyErr_SetString(PyExc_ValueError, "Rows: geometry out of range");
+        fp_release_pieces(out);
+        return -1;
+    }
+    if (start > count) start = count;
+    out->start = start;
+    out->count = count - start;
+    out->pieces = PyMem_Calloc(out->count ? (size_t)out->count : 1, sizeof(Piece));
+    if (out->pieces == NULL) {
+        fp_release_pieces(out);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < out->count; i++) {
+        out->pieces[i].buf = buf + (start + i) * stride;
+        out->pieces[i].len = start + i == count - 1 ? last : size;
+    }
+    return 0;
+}
+
+int fp_get_pieces(PyObject *seq, Py_ssize_t start, Pieces *out) {
+    memset(out, 0, sizeof(*out));
+    if (start < 0) start = 0;
+    if (!PyList_Check(seq) && !PyTuple_Check(seq) && PyObject_HasAttrString(seq, "geometry")) {
+        PyObject *geometry = PyObject_GetAttrString(seq, "geometry");
+        if (geometry == NULL) return -1;
+        int r = get_rows(geometry, start, out);
+        Py_DECREF(geometry);
+        return r;
+    }
+    Py_ssize_t n = PySequence_Size(seq);
+    if (n < 0) return -1;
+    if (start > n) start = n;
+    out->start = start;
+    Py_ssize_t k = n - start;
+    out->exports = PyMem_Calloc(k ? (size_t)k : 1, sizeof(Py_buffer));
+    out->pieces = PyMem_Calloc(k ? (size_t)k : 1, sizeof(Piece));
+    if (out->exports == NULL || out->pieces == NULL) {
+        fp_release_pieces(out);
+        PyErr_NoMemory();
+        return -1;
     }
     for (Py_ssize_t i = 0; i < k; i++) {
         PyObject *item = PySequence_GetItem(seq, start + i);
-        int failed = item == NULL || PyObject_GetBuffer(item, &bufs[i], PyBUF_SIMPLE) < 0;
+        int failed = item == NULL || PyObject_GetBuffer(item, &out->exports[i], PyBUF_SIMPLE) < 0;
         Py_XDECREF(item);
         if (failed) {
-            for (Py_ssize_t j = 0; j < i; j++) PyBuffer_Release(&bufs[j]);
-            PyMem_Free(bufs);
-            return NULL;
+            fp_release_pieces(out);
+            return -1;
         }
+        out->nexports = i + 1;
+        out->pieces[i].buf = out->exports[i].buf;
+        out->pieces[i].len = out->exports[i].len;
     }
-    *count = k;
-    return bufs;
+    out->count = k;
+    return 0;
 }
 
-void fp_release_buffers(Py_buffer *bufs, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&bufs[i]);
-    PyMem_Free(bufs);
+void fp_release_pieces(Pieces *p) {
+    for (Py_ssize_t i = 0; i < p->nexports; i++) PyBuffer_Release(&p->exports[i]);
+    PyMem_Free(p->exports);
+    PyMem_Free(p->pieces);
+    memset(p, 0, sizeof(*p));
 }
 
 static void build_header(unsigned char *out, uint32_t index, uint64_t counter) {
@@ -130,7 +184,7 @@ static int open_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsign
 
 static PyObject *seal_batch(PyObject *self, PyObject *args) {
     const unsigned char *key;
-    Py_ssize_t key_len, count = 0;
+    Py_ssize_t key_len;
     unsigned long index;
     unsigned long long counter;
     PyObject *packets;
@@ -141,12 +195,13 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "seal_batch: a 32-byte key and a u32 index");
         return NULL;
     }
-    Py_buffer *bufs = fp_get_buffers(packets, 0, &count);
-    if (bufs == NULL) return NULL;
-    Py_ssize_t total = 0;
+    Pieces batch;
+    if (fp_get_pieces(packets, 0, &batch) < 0) return NULL;
+    const Piece *bufs = batch.pieces;
+    Py_ssize_t count = batch.count, total = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         if (bufs[i].len > INT_MAX - OVERHEAD || total > PY_SSIZE_T_MAX - bufs[i].len - OVERHEAD) {
-            fp_release_buffers(bufs, count);
+            fp_release_pieces(&batch);
             PyErr_SetString(PyExc_OverflowError, "seal_batch: packet too large");
             return NULL;
         }
@@ -154,7 +209,7 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
     }
     PyObject *result = PyBytes_FromStringAndSize(NULL, total);
     if (result == NULL) {
-        fp_release_buffers(bufs, count);
+        fp_release_pieces(&batch);
         return NULL;
     }
     unsigned char *out = (unsigned char *)PyBytes_AsString(result);
@@ -173,7 +228,7 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
     if (!ok) ERR_clear_error();
     EVP_CIPHER_CTX_free(ctx);
     Py_END_ALLOW_THREADS
-    fp_release_buffers(bufs, count);
+    fp_release_pieces(&batch);
     if (!ok) {
         Py_DECREF(result);
         PyErr_SetString(PyExc_RuntimeError, "seal_batch: libcrypto failed");
@@ -321,7 +376,7 @@ fail:
 
 static PyObject *open_batch(PyObject *self, PyObject *args) {
     const unsigned char *key, *allowed;
-    Py_ssize_t key_len, allowed_len, start, count = 0;
+    Py_ssize_t key_len, allowed_len, start;
     unsigned long index;
     unsigned long long limit;
     PyObject *window_obj, *datagrams;
@@ -336,12 +391,13 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
     Py_buffer ring;
     Window w;
     if (get_window(window_obj, &ring, &w) < 0) return NULL;
-    Py_ssize_t first = start < 0 ? 0 : start;
-    Py_buffer *bufs = fp_get_buffers(datagrams, first, &count);
-    if (bufs == NULL) {
+    Pieces batch;
+    if (fp_get_pieces(datagrams, start, &batch) < 0) {
         PyBuffer_Release(&ring);
         return NULL;
     }
+    const Piece *bufs = batch.pieces;
+    Py_ssize_t first = batch.start, count = batch.count;
     Py_ssize_t scratch_len = 1;
     for (Py_ssize_t i = 0; i < count; i++) scratch_len += bufs[i].len;
     unsigned char *scratch = PyMem_Malloc((size_t)scratch_len);
@@ -371,7 +427,7 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
         EVP_CIPHER_CTX_free(ctx);
         Py_END_ALLOW_THREADS
     }
-    fp_release_buffers(bufs, count);
+    fp_release_pieces(&batch);
     PyBuffer_Release(&ring);
     PyObject *result = NULL;
     if (scratch == NULL || spans == NULL) {

@@ -150,7 +150,7 @@ static int same_key(const unsigned char *a, const unsigned char *b, Py_ssize_t i
 }
 
 /* batch.py _merge for count > 1: the run's bytes into ``out`` with fresh checksums. */
-static Py_ssize_t merge_into(unsigned char *out, const Py_buffer *bufs, const Item *it,
+static Py_ssize_t merge_into(unsigned char *out, const Piece *bufs, const Item *it,
                              int partial) {
     const unsigned char *head = bufs[it->first].buf;
     Py_ssize_t hlen = it->hlen, pos = hlen + it->mss;
@@ -180,7 +180,7 @@ static Py_ssize_t merge_into(unsigned char *out, const Py_buffer *bufs, const It
 }
 
 /* The plan of batch.py coalesce_batch's loop: which packets become which output item. */
-static Py_ssize_t plan_runs(const Py_buffer *bufs, Py_ssize_t n, Item *items) {
+static Py_ssize_t plan_runs(const Piece *bufs, Py_ssize_t n, Item *items) {
     Py_ssize_t m = 0, hlen = 0, mss = 0, room = 0, ihl = 20;
     uint32_t next_seq = 0;
     unsigned open_flags = 0;
@@ -232,11 +232,12 @@ static Py_ssize_t plan_runs(const Py_buffer *bufs, Py_ssize_t n, Item *items) {
 PyObject *fp_coalesce(PyObject *self, PyObject *args) {
     PyObject *packets;
     int partial;
-    Py_ssize_t n = 0;
     (void)self;
     if (!PyArg_ParseTuple(args, "Op:coalesce", &packets, &partial)) return NULL;
-    Py_buffer *bufs = fp_get_buffers(packets, 0, &n);
-    if (bufs == NULL) return NULL;
+    Pieces batch;
+    if (fp_get_pieces(packets, 0, &batch) < 0) return NULL;
+    const Piece *bufs = batch.pieces;
+    Py_ssize_t n = batch.count;
     Item *items = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Item));
     Py_ssize_t scratch_len = 1;
     for (Py_ssize_t i = 0; i < n; i++) scratch_len += bufs[i].len;
@@ -279,7 +280,7 @@ PyObject *fp_coalesce(PyObject *self, PyObject *args) {
         }
     }
 done:
-    fp_release_buffers(bufs, n);
+    fp_release_pieces(&batch);
     PyMem_Free(items);
     PyMem_Free(scratch);
     return result;

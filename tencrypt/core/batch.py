@@ -22,7 +22,8 @@ Rules:
 4. Output shape: writable memoryviews into one bytearray (``out`` when given and big enough,
    valid until the next call that reuses it), so a segment can be NAT-rewritten in place and
    sealed by itself without a copy. All segments but the last have the same length, so their
-   sealed datagrams suit one UDP GSO send. A frame without GSO comes back as a view into
+   sealed datagrams suit one UDP GSO send; they come as one ``Rows`` (rule 7). A frame
+   without GSO comes back as a view into
    ``frame`` itself when that is writable (a reused read buffer: valid until the next read),
    as a copy when it is not.
 5. Bad input never raises: the frame is dropped with ``Stats.drop`` (NOT_IPV4 or
@@ -33,14 +34,19 @@ Rules:
    payload size (so that the result can be re-segmented into the same packets); PSH or FIN
    only on the last, CWR only on the first; no SYN, RST or URG; at most 65535 bytes. Pure
    ACKs (no payload), non-TCP packets and fragments pass through as the same objects.
+7. ``Rows`` is a batch of packets laid out in one buffer: packet ``i`` at ``i * stride``, each
+   ``size`` bytes long but the last, which is ``last`` bytes (``0 <= last <= size <= stride``).
+   The segments of a super-packet (rule 4) and the datagrams of one GRO read have this shape.
+   To Python it is a sequence of views, made on demand; the compiled backend reads its
+   ``geometry`` and makes no Python object per packet (core/fastpath.py rule 7).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 from tencrypt.core.packet import TCP, UDP, pseudo_sum
 from tencrypt.core.stats import DropReason, Stats
@@ -169,12 +175,55 @@ def csum_field(total: int) -> int:
     return -total % _M
 
 
+class Rows(Sequence[memoryview]):
+    """``n`` packets in one buffer at a fixed stride (rule 7): ``geometry`` is ``(buf, stride,
+    size, n, last)``, what the compiled backend reads."""
+
+    __slots__ = ("geometry", "stride", "size", "n", "last", "_view")
+
+    def __init__(self, buf: bytearray | memoryview, stride: int, size: int, count: int, last: int):
+        if count < 0 or not 0 <= last <= size <= stride:
+            raise ValueError("Rows: geometry out of range")
+        if count and (count - 1) * stride + last > len(buf):
+            raise ValueError("Rows: geometry out of range")
+        self.geometry = (buf, stride, size, count, last)
+        self.stride, self.size, self.n, self.last = stride, size, count, last
+        self._view = memoryview(buf)
+
+    @property
+    def nbytes(self) -> int:
+        """The packets' total length."""
+        return (self.n - 1) * self.size + self.last if self.n else 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> memoryview: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[memoryview]: ...
+
+    def __getitem__(self, i: int | slice) -> memoryview | list[memoryview]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError("Rows index out of range")
+        at = i * self.stride
+        return self._view[at : at + (self.last if i == self.n - 1 else self.size)]
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return (self[i] for i in range(self.n))
+
+
 # --- split --------------------------------------------------------------------------------------
 
 
 def split_tcp_batch(
     frame: Buffer, stats: Stats, out: bytearray | None = None, segment: Segmenter | None = None
-) -> list[memoryview]:
+) -> Sequence[memoryview]:
     """The IPv4 packets of one frame read from tenc0 with a virtio-net header (rules 2-5).
 
     A TSO super-packet becomes its ``gso_size`` segments; any other IPv4 packet comes back as
@@ -234,7 +283,7 @@ def _segment(
     mss: int,
     out: bytearray | None,
     segment: Segmenter | None = None,
-) -> list[memoryview]:
+) -> Rows:
     """Vectorised segmentation (rules 2-4). Inlined on purpose: each NumPy call costs ~1 µs.
     NumPy is imported on first use: a compiled ``segment`` leaves it unloaded (memory)."""
     hlen = ihl + thl
@@ -245,10 +294,7 @@ def _segment(
     size = n * stride
     if segment is not None and out is not None and len(out) >= size:
         stride = segment(pkt, ihl, thl, total, mss, out)
-        view = memoryview(out)
-        cut = [view[i * stride : i * stride + hlen + mss] for i in range(n - 1)]
-        cut.append(view[(n - 1) * stride : (n - 1) * stride + hlen + last])
-        return cut
+        return Rows(out, stride, hlen + mss, n, hlen + last)
     import numpy as np
 
     if out is not None and len(out) >= size:
@@ -297,10 +343,7 @@ def _segment(
     tcp = (le % _M) * 256 + pseudo
     tcp[full] += last - mss + _M
     be16[:, (ihl >> 1) + 8] = (-tcp.astype(np.int64)) % _M
-    view = memoryview(buf)
-    segments = [view[i * stride : i * stride + hlen + mss] for i in range(full)]
-    segments.append(view[full * stride : full * stride + hlen + last])
-    return segments
+    return Rows(buf, stride, hlen + mss, n, hlen + last)
 
 
 # --- coalesce -----------------------------------------------------------------------------------

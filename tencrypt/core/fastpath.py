@@ -29,6 +29,9 @@ Rules:
    gso_size) pairs, a packet that is not merged passed through as the same object.
 6. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
    native u64 words, ``top`` an int; the C loop reads and writes the same two.
+7. ``packets`` and ``datagrams`` are a list or tuple of buffers, or a ``core.batch.Rows``
+   (a super-packet's segments, a GRO read's datagrams): the same packets as its views. The
+   C backend reads a Rows' ``geometry`` instead, so a batch costs no Python object per packet.
 """
 
 from __future__ import annotations

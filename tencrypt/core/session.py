@@ -70,6 +70,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tencrypt.core import TUNNEL_PORT, fastpath, handshake, wire
+from tencrypt.core.batch import Rows
 from tencrypt.core.fastpath import Backend
 from tencrypt.core.gate import Gate
 from tencrypt.core.handshake import Keys
@@ -192,9 +193,13 @@ class Tunnel:
         if self.fastpath is not None and s.send_key is not None:
             # one call seals them all into one buffer of consecutive datagrams
             sealed = self.fastpath.seal_batch(s.send_key, index, counter, packets)
-            sizes = list(map(len, packets))
-            nbytes, first = sum(sizes), sizes[0]
-            if sizes.count(first) + (sizes[-1] < first) == n:  # a super-packet's segments
+            if isinstance(packets, Rows):  # a super-packet's segments: sizes by geometry
+                nbytes, first, run = packets.nbytes, packets.size if n > 1 else packets.last, True
+            else:
+                sizes = list(map(len, packets))
+                nbytes, first = sum(sizes), sizes[0]
+                run = sizes.count(first) + (sizes[-1] < first) == n
+            if run:  # equal sizes but a shorter last: one GSO run
                 out.append((sealed, endpoint, first + wire.DATA_OVERHEAD))
             else:  # a batch of small packets: one datagram each (views keep the buffer)
                 view, pos = memoryview(sealed), 0

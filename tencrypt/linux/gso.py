@@ -34,6 +34,7 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tencrypt.core.batch import Rows
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.linux.kernel import SOL_UDP, UDP_GRO, UDP_MAX_SEGMENTS, UDP_SEGMENT
 
@@ -196,9 +197,9 @@ class UdpBatch:
         return 1
 
     # ---- receiving ----------------------------------------------------------------------------
-    def recv_batch(self) -> tuple[list[memoryview], Address] | None:
-        """The datagrams of one receive, as views into a buffer that the next call reuses;
-        None when nothing is waiting."""
+    def recv_batch(self) -> tuple[Sequence[memoryview], Address] | None:
+        """The datagrams of one receive, in a buffer that the next call reuses (a GRO read
+        as one ``Rows``); None when nothing is waiting."""
         try:
             nbytes, ancdata, flags, addr = self.sock.recvmsg_into([self._view], self._cmsg_space)
         except BlockingIOError:
@@ -215,4 +216,5 @@ class UdpBatch:
             nbytes -= nbytes % size  # keep the complete datagrams
         if size <= 0 or size >= nbytes:
             return [view[:nbytes]], addr
-        return [view[pos : min(pos + size, nbytes)] for pos in range(0, nbytes, size)], addr
+        count = -(-nbytes // size)
+        return Rows(view, size, size, count, nbytes - (count - 1) * size), addr

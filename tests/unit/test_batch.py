@@ -8,6 +8,7 @@ scapy, which computes every length and checksum itself.
 import os
 import struct
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.all import IP, TCP, UDP, IPOption, raw
@@ -22,6 +23,7 @@ from tencrypt.core.batch import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
     Coalesced,
+    Rows,
     VnetHdr,
     build_gso_vnet_hdr,
     build_vnet_hdr,
@@ -435,3 +437,31 @@ def test_zero_gso_size_is_malformed():
     stats = Stats()
     assert split_tcp_batch(tso_frame(tcp_packet(b"x" * 100), 0), stats) == []
     assert stats.drops == {DropReason.MALFORMED_PACKET: 1}
+
+
+# --- rule 7: Rows -------------------------------------------------------------------------------
+
+
+def test_rows_are_the_packets_at_their_stride():
+    buf = bytearray(range(20))
+    rows = Rows(buf, 8, 6, 3, 4)
+    assert [bytes(r) for r in rows] == [bytes(buf[0:6]), bytes(buf[8:14]), bytes(buf[16:20])]
+    assert len(rows) == 3 and rows.nbytes == 16
+    assert bytes(rows[-1]) == bytes(buf[16:20]) and bytes(rows[-3]) == bytes(buf[0:6])
+    assert [bytes(r) for r in rows[1:]] == [bytes(buf[8:14]), bytes(buf[16:20])]
+    rows[1][0] = 0xAA  # writable views into the buffer itself
+    assert buf[8] == 0xAA
+    for bad in (3, -4):
+        with pytest.raises(IndexError):
+            rows[bad]
+    assert list(Rows(buf, 8, 6, 0, 0)) == [] and Rows(buf, 8, 6, 0, 0).nbytes == 0
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [(4, 6, 2, 4), (8, 6, 2, 7), (10, 6, 3, 6), (8, 6, -1, 0), (8, 6, 1, -1), (8, 6, 4, 1)],
+    ids=["size>stride", "last>size", "past the end", "negative count", "negative last", "end+1"],
+)
+def test_rows_refuse_a_geometry_outside_their_buffer(geometry):
+    with pytest.raises(ValueError):
+        Rows(bytearray(24), *geometry)

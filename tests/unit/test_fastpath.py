@@ -19,7 +19,7 @@ from scapy.all import raw
 from tencrypt import fastpath as selection
 from tencrypt.core import fastpath as pure
 from tencrypt.core import wire
-from tencrypt.core.batch import VnetHdr, build_vnet_hdr, split_tcp_batch
+from tencrypt.core.batch import Rows, VnetHdr, build_vnet_hdr, split_tcp_batch
 from tencrypt.core.fastpath import (
     AUTHENTICATED,
     BAD_SOURCE,
@@ -489,3 +489,91 @@ def test_coalesce_of_a_64k_split_is_the_super_packet(backend):
     assert bytes(partial[0]) == tb.partial_tcp(raw(pkt))
     ack = raw(tb.tcp_packet(b""))
     assert backend.coalesce([ack, b""], False)[0][0] is ack
+
+
+# ---- rule 7: a Rows batch is its views ---------------------------------------------------------
+
+
+def gro_read(datagrams: list[bytes]) -> Rows:
+    """Datagrams of equal size but a shorter last, laid out as one GRO read is (stride = size)."""
+    size = len(datagrams[0])
+    return Rows(bytearray(b"".join(datagrams)), size, size, len(datagrams), len(datagrams[-1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_super_packets_rows_seal_open_and_coalesce_as_their_views(backend):
+    pkt = tb.tcp_packet(os.urandom(20000), options=tb.TS, flags="PA")
+    rows = split_tcp_batch(tb.tso_frame(pkt, 1446), Stats(), bytearray(65536), backend.segment)
+    assert isinstance(rows, Rows) and rows.stride > rows.size  # padded rows: the stride counts
+    segments = [bytes(r) for r in rows]
+    blob = backend.seal_batch(KEY, INDEX, 7, rows)
+    assert blob == pure.seal_batch(KEY, INDEX, 7, segments)
+    read = gro_read(split(blob, segments))
+    for start in (0, 5, len(segments), len(segments) + 3):
+        by_rows = opened(backend, read, start=start, allowed=bytes(raw(pkt)[12:16]))
+        by_list = opened(backend, list(read), start=start, allowed=bytes(raw(pkt)[12:16]))
+        assert by_rows[:3] == by_list[:3]
+        assert window_state(by_rows[3]) == window_state(by_list[3])
+    assert by_rows[0] == len(segments)  # a start past the end stops at the end
+    stop, got, counts, _ = opened(backend, read, allowed=bytes(raw(pkt)[12:16]))
+    assert (stop, got, counts["authenticated"]) == (len(segments), segments, len(segments))
+    assert [(bytes(p), n) for p, n in backend.coalesce(rows, False)] == [(raw(pkt), 1446)]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(20, 1500),
+    st.integers(0, 1480),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), max_size=6),
+    st.integers(0, 50),
+)
+def test_both_backends_open_a_tampered_gro_read_alike(n, size, cut, flips, start):
+    """A GRO read with bits flipped in place: the Rows and its list of views give the same
+    packets, counts and window, in both backends."""
+    c = COMPILED
+    if c is None:
+        if REQUIRED:
+            pytest.fail("TENCRYPT_REQUIRE_FASTPATH=1 but tencrypt._fastpath is not built")
+        pytest.skip("tencrypt._fastpath not built")
+    packets = [ipv4(size)] * (n - 1) + [ipv4(max(20, size - cut))]
+    read = gro_read(split(pure.seal_batch(KEY, INDEX, 0, packets), packets))
+    buf = read.geometry[0]
+    for at, bit in flips:
+        buf[at % len(buf)] ^= 1 << bit
+    results = []
+    for backend in (pure, c):
+        for datagrams in (read, list(read)):
+            stop, got, counts, window = opened(backend, datagrams, start=start)
+            results.append((stop, got, counts, window_state(window)))
+    assert all(r == results[0] for r in results[1:])
+
+
+class _Geometry:
+    """A Rows whose geometry was never checked: misuse the C backend must refuse."""
+
+    def __init__(self, *geometry: object) -> None:
+        self.geometry = geometry
+
+    def __len__(self) -> int:
+        return 0
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        (bytearray(24), 4, 6, 2, 4),
+        (bytearray(24), 8, 6, 2, 7),
+        (bytearray(24), 10, 6, 3, 6),
+        (bytearray(24), 8, 6, -1, 0),
+        (bytearray(24), 2**62, 6, 4, 1),
+        ("text", 8, 6, 1, 1),
+    ],
+)
+def test_the_c_backend_refuses_a_geometry_outside_its_buffer(geometry):
+    assert COMPILED is not None
+    with pytest.raises((ValueError, TypeError)):
+        COMPILED.seal_batch(KEY, INDEX, 0, _Geometry(*geometry))
+    with pytest.raises((ValueError, TypeError)):
+        COMPILED.open_batch(KEY, INDEX, LIMIT, ReplayWindow(), SRC, _Geometry(*geometry), 0)
