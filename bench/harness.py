@@ -23,7 +23,8 @@ Stages:
     b. the tunnel processes' RSS once they are ready, before any traffic;
     c. round trip at idle: ping, then the TCP request/response rate; for vanilla and Tencrypt
        also DNS: sequential lookups of nginx2's Service name straight to the cluster DNS and
-       (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy;
+       (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy, the two paths asked
+       in turns by one probe (bench/dnsprobe.py);
     d. TCP at each client count, then UDP at the fixed offered rate, the tunnel processes'
        memory sampled throughout (VmHWM read after each TCP run) and their CPU (utime + stime
        per end) read at the start and end of each run; each run checks that the traffic
@@ -171,17 +172,24 @@ class Bench:
 
     def dns(self, lab: Lab, nodes: int, system: str, a: Pod, b: Pod) -> None:
         """Lookups of nginx2's Service name straight to the cluster DNS, and for Tencrypt also
-        through the pod's resolver, which must then be the embedded proxy."""
+        through the pod's resolver, which must then be the embedded proxy: one probe, the two
+        paths asked in turns, so that both are measured across the same moments."""
         runs = [("dns_direct", lab.dns_ip)] + ([("dns", "resolv")] if system == TENCRYPT else [])
-        for test, server in runs:
-            d = measure.dns_lookups(
-                a.netns, server, b.fqdn, self.plan.dns_count, self.plan.dns_seconds
-            )
+        found = measure.dns_lookups(
+            a.netns,
+            [server for _test, server in runs],
+            b.fqdn,
+            self.plan.dns_count,
+            self.plan.dns_seconds,
+        )
+        for (test, _server), d in zip(runs, found, strict=True):
             if test == "dns" and not d.server.startswith("127."):
                 raise measure.MeasureError(f"the pod's resolver is {d.server}, not the proxy")
+        together = " (interleaved)" if len(runs) > 1 else ""
+        for (test, _server), d in zip(runs, found, strict=True):
             self.run.notes.append(
                 f"{_shape(nodes)}, {system}: DNS {DNS_PATHS[test]} = {d.server}, "
-                f"{d.lookups} lookups of {b.fqdn} in {d.seconds:.2f} s"
+                f"{d.lookups} lookups of {b.fqdn} in {d.seconds:.2f} s{together}"
             )
             self.run.add(nodes, system, test, 1, "p50_us", d.p50_us, "µs")
             self.run.add(nodes, system, test, 1, "p99_us", d.p99_us, "µs")
