@@ -13,10 +13,11 @@ standard library. Rules:
   has arrived or it has failed.
 - Interleaved: the servers take turns, one query each per round, and the order rotates by one
   per round (two servers: AB, BA, AB, …), so every server goes first as often as last. The
-  machine's speed drifts from moment to moment (on the lab VM the medians jump between two
-  modes); asked in turns, every server is measured across the same moments and the comparison
-  of their medians is fair, which two runs one after the other are not. A server that has
-  reached its ``COUNT`` sits its turns out.
+  machine's speed drifts from moment to moment; asked in turns, every server is measured
+  across the same moments and the comparison of their medians is fair, which two runs one
+  after the other are not. (Where each server runs relative to the client matters as much:
+  the harness pins them to one CPU.) A server that has reached its ``COUNT`` sits its turns
+  out.
 - A lookup counts when an answer with the query's ID, rcode NOERROR and at least one answer
   record arrives; a datagram with another ID is ignored (a late answer to an earlier query);
   an error rcode, an ICMP refusal, an empty answer or no answer within ``TIMEOUT`` counts as

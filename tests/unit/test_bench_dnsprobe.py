@@ -1,5 +1,6 @@
 """bench/dnsprobe.py against real UDP DNS servers on loopback: the servers are asked in rotating
-turns (AB, BA, …), each with its own counts and times.
+turns (AB, BA, …), each with its own counts and times; the harness's DNS stage asks both paths
+in one probe with the processes pinned to one CPU (bench/cpustat.py ``pinned``).
 
 Each server is a thread with a UDP socket on its own 127.0.0.x address (one port for all, as
 the probe asks every server on one port) that logs the queries it receives, in order, and
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +28,7 @@ from typing import cast
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
-from bench import dnsprobe, harness, measure
+from bench import cpustat, dnsprobe, harness, measure
 from bench.progress import Progress
 from bench.report import TENCRYPT, VANILLA, Run
 from tencrypt.lab.topology import Pod
@@ -192,19 +196,22 @@ def test_the_script_warms_up_in_turns_and_prints_what_parse_dns_reads(
     assert (second.server, second.lookups, second.failed) == (addresses[1], 6, 0)
 
 
-def test_the_harness_asks_both_tencrypt_paths_in_one_interleaved_probe(
+def test_the_harness_asks_both_tencrypt_paths_in_one_interleaved_probe_on_one_cpu(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Bench.dns: one probe with the cluster DNS and the pod's resolver (here 127.0.0.2, a
-    loopback address as the proxy's is), each path's figures in its own row; vanilla asks the
-    cluster DNS alone."""
-    calls: list[list[str]] = []
+    loopback address as the proxy's is), each path's figures in its own row, the probe and the
+    servers (here this process: its pid stands in for dnsmasq's) on one CPU meanwhile and back
+    on their CPUs afterwards; vanilla asks the cluster DNS alone."""
+    calls: list[tuple[list[str], set[int]]] = []
+    (tmp_path / "node1.dnsmasq.pid").write_text(f"{os.getpid()}\n")
+    before = os.sched_getaffinity(0)
     with servers("answer", "answer") as (addresses, port, log):
 
         def lookups(
             _ns: str, asked: list[str], name: str, count: int, seconds: float
         ) -> list[measure.DnsLookups]:
-            calls.append(list(asked))
+            calls.append((list(asked), os.sched_getaffinity(0)))
             resolved = [addresses[1] if s == "resolv" else s for s in asked]
             return measure.parse_dns(
                 json.dumps(dnsprobe.interleaved(resolved, name, count, seconds, port))
@@ -226,14 +233,52 @@ def test_the_harness_asks_both_tencrypt_paths_in_one_interleaved_probe(
         )
         plan.dns_count, plan.dns_seconds = 10, 30.0  # the count bounds the run, never the time
         bench = harness.Bench(plan, run, Progress([]), tmp_path)
-        lab = SimpleNamespace(dns_ip=addresses[0])
+        lab = SimpleNamespace(dns_ip=addresses[0], pid_file=lambda what: tmp_path / f"{what}.pid")
         pod = Pod("nginx", "p", "ns", "10.0.0.1", "172.30.0.1", "node1", 1500, NAME)
-        bench.dns(lab, 1, TENCRYPT, pod, pod)  # type: ignore[arg-type]
-        bench.dns(lab, 1, VANILLA, pod, pod)  # type: ignore[arg-type]
-    assert calls == [[addresses[0], "resolv"], [addresses[0]]]
+        target = SimpleNamespace(pids=list)
+        bench.dns(lab, 1, TENCRYPT, pod, pod, target)  # type: ignore[arg-type]
+        bench.dns(lab, 1, VANILLA, pod, pod, target)  # type: ignore[arg-type]
+    one = {min(before)}
+    assert calls == [([addresses[0], "resolv"], one), ([addresses[0]], one)]
+    assert os.sched_getaffinity(0) == before
     assert run.get(1, TENCRYPT, "dns_direct", 1, "lookups") == 10
     assert run.get(1, TENCRYPT, "dns", 1, "lookups") == 10
     assert run.get(1, VANILLA, "dns_direct", 1, "lookups") == 10
     assert run.get(1, VANILLA, "dns", 1, "lookups") is None
     assert log.servers()[:4] == [addresses[0], addresses[1], addresses[1], addresses[0]]
     assert any(f"= {addresses[1]}, 10 lookups of {NAME}" in note for note in run.notes)
+    (tmp_path / "node1.dnsmasq.pid").unlink()
+    with pytest.raises(measure.MeasureError, match="no pid for node1's dnsmasq"):
+        bench.dns(lab, 1, VANILLA, pod, pod, target)  # type: ignore[arg-type]
+
+
+def test_pinned_puts_every_thread_on_one_cpu_and_gives_each_its_cpus_back() -> None:
+    """A child with two threads and this thread: on ``cpu`` inside the block, as before after
+    it, also when the block raises; a gone pid is left alone."""
+    mine = os.sched_getaffinity(0)
+    cpu = max(mine)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import threading, time, sys; threading.Thread(target=time.sleep, args=(30,),"
+            " daemon=True).start(); print('up', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
+        tids = cpustat.threads(child.pid)
+        assert len(tids) == 2
+        child_cpus = {tid: os.sched_getaffinity(tid) for tid in tids}
+        with pytest.raises(RuntimeError), cpustat.pinned([child.pid, 2**22 + 1], cpu):
+            assert all(os.sched_getaffinity(tid) == {cpu} for tid in tids)
+            assert os.sched_getaffinity(0) == {cpu}
+            raise RuntimeError("the measurement failed")
+        assert {tid: os.sched_getaffinity(tid) for tid in tids} == child_cpus
+        assert os.sched_getaffinity(0) == mine
+    finally:
+        child.kill()
+        child.wait()
+    assert cpustat.threads(child.pid) == []
