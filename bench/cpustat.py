@@ -9,12 +9,16 @@ Rules:
 - Cores per Gbit/s = CPU-seconds used during the run / gigabits received in it, which is
   (CPU-seconds per second) / (Gbit/s): a figure that does not depend on how the machine's
   cores happened to be shared during the run.
+- ``pinned`` puts processes on one CPU for a measurement (the DNS rows, see bench/harness.py)
+  and gives every thread its own CPUs back afterwards, also when the measurement fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +85,39 @@ def cores_per_gbps(cpu_s: float, gigabits: float) -> float | None:
     """CPU-seconds per gigabit received = (CPU-seconds per second) / (Gbit/s): how many cores
     the tunnel keeps busy per Gbit/s it carries. None when nothing was received."""
     return cpu_s / gigabits if gigabits > 0 else None
+
+
+def threads(pid: int) -> list[int]:
+    """The thread IDs of process ``pid``; none if it is gone."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def pinned(pids: Iterable[int], cpu: int) -> Iterator[None]:
+    """Every thread of ``pids``, and the calling thread, on CPU ``cpu`` until the block ends
+    (programs the block starts inherit the pin); afterwards each thread is given back the CPUs
+    it had, a thread started meanwhile those of its process. A process or thread that is gone
+    is left alone."""
+    saved: dict[int, dict[int, set[int]]] = {0: {0: os.sched_getaffinity(0)}}
+    for pid in pids:
+        for tid in threads(pid):
+            with contextlib.suppress(OSError):
+                saved.setdefault(pid, {})[tid] = os.sched_getaffinity(tid)
+    try:
+        for tids in saved.values():
+            for tid in tids:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, {cpu})
+        yield
+    finally:
+        os.sched_setaffinity(0, saved[0][0])
+        for pid, tids in saved.items():
+            if pid == 0:
+                continue
+            for tid in threads(pid):
+                cpus = tids.get(tid, tids.get(pid, next(iter(tids.values()))))
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, cpus)

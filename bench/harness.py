@@ -23,7 +23,9 @@ Stages:
     b. the tunnel processes' RSS once they are ready, before any traffic;
     c. round trip at idle: ping, then the TCP request/response rate; for vanilla and Tencrypt
        also DNS: sequential lookups of nginx2's Service name straight to the cluster DNS and
-       (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy;
+       (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy, the two paths asked
+       in turns by one probe (bench/dnsprobe.py), the probe, the cluster DNS and the tunnel
+       processes pinned to one CPU meanwhile;
     d. TCP at each client count, then UDP at the fixed offered rate, the tunnel processes'
        memory sampled throughout (VmHWM read after each TCP run) and their CPU (utime + stime
        per end) read at the start and end of each run; each run checks that the traffic
@@ -72,6 +74,7 @@ from bench.report import DNS_PATHS, TENCRYPT, Run
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.topology import Pod
+from tencrypt.linux import procs
 
 CLIENT, SERVER = "nginx1", "nginx2"
 FAILURES = (measure.MeasureError, SetupError, subprocess.TimeoutExpired, OSError)
@@ -142,7 +145,9 @@ class Bench:
                 nodes, system, "request/response", partial(self.rr, nodes, system, a, target)
             )
             if system in DNS_SYSTEMS:
-                self.attempt(nodes, system, "DNS", partial(self.dns, lab, nodes, system, a, b))
+                self.attempt(
+                    nodes, system, "DNS", partial(self.dns, lab, nodes, system, a, b, target)
+                )
             with measure.MemorySampler(target.pids) as memory:
                 for clients in self.plan.clients:
                     self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
@@ -169,19 +174,35 @@ class Bench:
         if rss:
             self.run.add(nodes, system, "memory", 0, "ready_mb", rss, "MB")
 
-    def dns(self, lab: Lab, nodes: int, system: str, a: Pod, b: Pod) -> None:
+    def dns(self, lab: Lab, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
         """Lookups of nginx2's Service name straight to the cluster DNS, and for Tencrypt also
-        through the pod's resolver, which must then be the embedded proxy."""
+        through the pod's resolver, which must then be the embedded proxy: one probe, the two
+        paths asked in turns, so that both are measured across the same moments; the probe,
+        the client node's dnsmasq and the tunnel processes on one CPU meanwhile, so that no
+        path pays a cross-CPU wake-up the other does not (on the 2-core VM a server on the
+        other CPU than the client adds some 40 µs to each lookup, and where each server runs
+        is the scheduler's choice of the moment)."""
         runs = [("dns_direct", lab.dns_ip)] + ([("dns", "resolv")] if system == TENCRYPT else [])
-        for test, server in runs:
-            d = measure.dns_lookups(
-                a.netns, server, b.fqdn, self.plan.dns_count, self.plan.dns_seconds
+        cluster_dns = procs.read_pid(lab.pid_file(f"{a.node}.dnsmasq"))
+        if cluster_dns is None:
+            raise measure.MeasureError(f"no pid for {a.node}'s dnsmasq: cannot pin it")
+        cpu = min(os.sched_getaffinity(0))
+        with cpustat.pinned([cluster_dns, *target.pids()], cpu):
+            found = measure.dns_lookups(
+                a.netns,
+                [server for _test, server in runs],
+                b.fqdn,
+                self.plan.dns_count,
+                self.plan.dns_seconds,
             )
+        for (test, _server), d in zip(runs, found, strict=True):
             if test == "dns" and not d.server.startswith("127."):
                 raise measure.MeasureError(f"the pod's resolver is {d.server}, not the proxy")
+        how = f"on CPU {cpu}" + (", the paths interleaved" if len(runs) > 1 else "")
+        for (test, _server), d in zip(runs, found, strict=True):
             self.run.notes.append(
                 f"{_shape(nodes)}, {system}: DNS {DNS_PATHS[test]} = {d.server}, "
-                f"{d.lookups} lookups of {b.fqdn} in {d.seconds:.2f} s"
+                f"{d.lookups} lookups of {b.fqdn} in {d.seconds:.2f} s ({how})"
             )
             self.run.add(nodes, system, test, 1, "p50_us", d.p50_us, "µs")
             self.run.add(nodes, system, test, 1, "p99_us", d.p99_us, "µs")

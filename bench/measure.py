@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,19 +165,26 @@ def percentile(sorted_values: list[float], pct: int) -> float:
     return sorted_values[min(len(sorted_values) - 1, len(sorted_values) * pct // 100)]
 
 
-def parse_dns(text: str) -> DnsLookups:
-    """The JSON line of ``bench/dnsprobe.py``: median and p99 of the answered lookups."""
+def parse_dns(text: str) -> list[DnsLookups]:
+    """The last line of ``bench/dnsprobe.py``, a JSON list with one object per server: each
+    server's median and p99 of its answered lookups, in the order the servers were given."""
     try:
-        data = json.loads(text.strip().splitlines()[-1])
-        times = sorted(float(t) / 1e3 for t in data["times_ns"])
-        server, failed, seconds = str(data["server"]), int(data["failed"]), float(data["seconds"])
+        found = []
+        for data in json.loads(text.strip().splitlines()[-1]):
+            times = sorted(float(t) / 1e3 for t in data["times_ns"])
+            server, failed = str(data["server"]), int(data["failed"])
+            found.append((server, failed, float(data["seconds"]), times))
     except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise MeasureError(f"DNS client printed no result: {text[-200:]!r}") from exc
-    if not times:
-        raise MeasureError(f"DNS: no lookup through {server} was answered ({failed} failed)")
-    return DnsLookups(
-        server, len(times), failed, seconds, percentile(times, 50), percentile(times, 99)
-    )
+    if not found:
+        raise MeasureError(f"DNS client printed no server: {text[-200:]!r}")
+    results = []
+    for server, failed, seconds, times in found:
+        if not times:
+            raise MeasureError(f"DNS: no lookup through {server} was answered ({failed} failed)")
+        p50, p99 = percentile(times, 50), percentile(times, 99)
+        results.append(DnsLookups(server, len(times), failed, seconds, p50, p99))
+    return results
 
 
 def parse_status_kb(text: str, key: str) -> int | None:
@@ -337,17 +344,26 @@ DNS_PROBE = Path(__file__).resolve().with_name("dnsprobe.py")
 
 
 def dns_lookups(
-    client_ns: str, server: str, name: str, count: int, seconds: float, warmup: int = 20
-) -> DnsLookups:
-    """``count`` sequential lookups of ``name`` (at most ``seconds``) from ``client_ns`` to
-    ``server`` (an address, or ``resolv``: the pod's own resolver), timed by bench/dnsprobe.py
-    after ``warmup`` untimed ones (they fill a cache on the way)."""
-    argv = [sys.executable, "-I", str(DNS_PROBE), server, name, str(count), f"{seconds:g}"]
-    argv.append(str(warmup))
+    client_ns: str,
+    servers: Sequence[str],
+    name: str,
+    count: int,
+    seconds: float,
+    warmup: int = 20,
+) -> list[DnsLookups]:
+    """Up to ``count`` sequential lookups of ``name`` per server (at most ``seconds`` in all)
+    from ``client_ns`` to ``servers`` (addresses, or ``resolv``: the pod's own resolver), the
+    servers asked in turns, timed by bench/dnsprobe.py after ``warmup`` untimed ones per server
+    (they fill a cache on the way); one result per server, in their order."""
+    argv = [sys.executable, "-I", str(DNS_PROBE), ",".join(servers), name, str(count)]
+    argv += [f"{seconds:g}", str(warmup)]
     proc = netns.run(client_ns, argv, check=False, timeout=2 * seconds + SLACK)
     if proc.returncode != 0:
         raise MeasureError(f"DNS client failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
-    return parse_dns(proc.stdout)
+    results = parse_dns(proc.stdout)
+    if len(results) != len(servers):
+        raise MeasureError(f"DNS client answered for {len(results)} of {len(servers)} servers")
+    return results
 
 
 def wait_reachable(client_ns: str, host: str, timeout: float = 30.0) -> None:

@@ -131,7 +131,8 @@ def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
     """Nominal seconds of each step of one system on one lab shape, in the order they run."""
     latency = plan.ping_count * PING_INTERVAL + plan.rr_seconds + 2
     if system in DNS_SYSTEMS:
-        latency += (2 if system == TENCRYPT else 1) * min(plan.dns_seconds, plan.dns_count / 5000)
+        paths = 2 if system == TENCRYPT else 1  # one probe, the paths in turns
+        latency += min(plan.dns_seconds, paths * plan.dns_count / 5000)
     steps = [8.0, latency]  # attach; ping, request/response, DNS
     steps += [plan.duration + 2] * len(plan.clients)
     steps.append(plan.duration + 2)  # UDP

@@ -381,6 +381,10 @@ def render_dns(run: Run, nodes: int) -> list[str]:
     return [
         "### DNS: sequential lookups of nginx2's Service name (cached), from the client pod",
         "",
+        "A system's paths are measured by one probe that asks them in turns (AB, BA, …), the "
+        "probe and the servers pinned to one CPU, so that the paths share the machine's moments "
+        "and none pays a cross-CPU wake-up the other does not.",
+        "",
         *table(header, rows),
     ]
 

@@ -18,7 +18,7 @@ The targets, per lab shape (one node; two nodes over VXLAN):
  3. the proxy's RSS when ready, before any traffic, ≤ 35 MB; its VmHWM after the 20-client TCP
     run ≤ 60 MB (largest of the two proxies);
  4. DNS: the median lookup of a cached name through the proxy ≤ the median straight to the
-    cluster DNS, both measured in the Tencrypt stage;
+    cluster DNS, both measured in the Tencrypt stage by one probe that asks them in turns;
  5. (first shape of a full run) the proxy's RSS flat over the soak;
  6. reported, no bound: the CPU per Gbit/s of both proxies, next to the current wireguard-go's.
 """

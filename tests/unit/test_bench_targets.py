@@ -254,28 +254,39 @@ def test_the_harness_records_cores_per_gbps_per_end_and_summed(tmp_path: Path) -
 # --- DNS -----------------------------------------------------------------------------------
 
 
-def probe_output(times_ns: list[int], failed: int = 0) -> str:
-    return "noise\n" + json.dumps(
-        {
-            "server": "127.0.0.1",
-            "lookups": len(times_ns),
-            "failed": failed,
-            "seconds": 0.5,
-            "times_ns": times_ns,
-        }
-    )
+def probe_entry(times_ns: list[int], failed: int = 0, server: str = "127.0.0.1") -> object:
+    return {
+        "server": server,
+        "lookups": len(times_ns),
+        "failed": failed,
+        "seconds": 0.5,
+        "times_ns": times_ns,
+    }
 
 
-def test_parse_dns_takes_the_median_and_p99_of_the_answered_lookups() -> None:
-    d = measure.parse_dns(probe_output([300_000, 100_000, 200_000, 400_000], failed=2))
+def probe_output(*entries: object) -> str:
+    return "noise\n" + json.dumps(list(entries))
+
+
+def test_parse_dns_takes_the_median_and_p99_of_each_servers_answered_lookups() -> None:
+    [d] = measure.parse_dns(probe_output(probe_entry([300_000, 100_000, 200_000, 400_000], 2)))
     assert (d.server, d.lookups, d.failed) == ("127.0.0.1", 4, 2)
     assert (d.p50_us, d.p99_us, d.rate) == (300.0, 400.0, 8.0)  # upper middle of an even count
-    many = measure.parse_dns(probe_output([i * 1000 for i in range(1, 201)]))
-    assert (many.p50_us, many.p99_us) == (101.0, 199.0)
+    direct, proxy = measure.parse_dns(
+        probe_output(
+            probe_entry([i * 1000 for i in range(1, 201)], server="172.30.0.10"),
+            probe_entry([5000, 7000, 6000], failed=1),
+        )
+    )
+    assert (direct.server, direct.p50_us, direct.p99_us) == ("172.30.0.10", 101.0, 199.0)
+    assert (proxy.server, proxy.lookups, proxy.failed, proxy.p50_us) == ("127.0.0.1", 3, 1, 6.0)
     with pytest.raises(measure.MeasureError, match="no lookup through 127.0.0.1"):
-        measure.parse_dns(probe_output([], failed=3))
-    with pytest.raises(measure.MeasureError, match="no result"):
-        measure.parse_dns("Traceback ...")
+        measure.parse_dns(probe_output(probe_entry([100_000]), probe_entry([], failed=3)))
+    with pytest.raises(measure.MeasureError, match="no server"):
+        measure.parse_dns("[]")
+    for text in ("Traceback ...", json.dumps(probe_entry([1000]))):  # no list: no result
+        with pytest.raises(measure.MeasureError, match="no result"):
+            measure.parse_dns(text)
 
 
 def test_probe_query_is_a_standard_a_query_with_its_id() -> None:
