@@ -5,7 +5,8 @@ works on the Tunnel's gate, tables, stats and limits. It returns what to send, n
 Tunnel queues the datagrams it returns and seals what waited for a completed handshake. Pure
 like all of core/: ``now`` and ``wall`` are arguments.
 
-Rules (numbered once for the whole tunnel: the others are in core/session.py):
+Rules (numbered once for the whole tunnel: 2-4, 8 and 11 are in core/session.py, 6-7 in
+core/timers.py):
 1. Every session comes from its own handshake (fresh ephemeral keys: forward secrecy) and is
    keyed by a random non-zero 32-bit index that is unique among live sessions, tombstones and
    initiations in flight.
@@ -103,7 +104,7 @@ class Handshakes:
         self, peer: Peer, now: float, wall: float, rekey: bool, first_sent: float | None = None
     ) -> Transmit:
         """A fresh initiation (new ephemeral, new index, newer timestamp) to send to the peer,
-        now pending (rule 7 retries it: core/session.py)."""
+        now pending (rule 7 retries it: core/timers.py)."""
         if peer.pending is not None:
             self.table.pending.pop(peer.pending.index, None)
         index = self.table.new_index()

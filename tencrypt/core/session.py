@@ -4,7 +4,8 @@ calls into I/O or reads a clock: ``now`` (monotonic seconds) and ``wall`` (Unix 
 for initiation timestamps) are arguments.
 
 Rules, numbered once for the whole tunnel and each stated in the module that implements it:
-1, 5, 9 and 10 (handshakes, identity, keys) in core/handshaking.py, and these:
+1, 5, 9 and 10 (handshakes, identity, keys) in core/handshaking.py, 6 and 7 (timers) in
+core/timers.py, and these:
 2. Sending: the peer's ``current`` session seals, unless it is past ``reject_after_time`` or
    ``reject_after_messages``; then the packet is queued and a handshake starts. Queues are
    bounded per peer (QUEUE_FULL drops the oldest) and in total (QUEUE_FULL refuses the new
@@ -18,13 +19,6 @@ Rules, numbered once for the whole tunnel and each stated in the module that imp
 4. A responder's session is ``next`` (unconfirmed, never used to send, does not replace
    ``current``) until the first authenticated data message arrives on it. The initiator
    therefore sends a keepalive right after the handshake when it has nothing queued.
-6. Liveness: having sent data with nothing authenticated back for ``stale_timeout`` (the peer
-   restarted and lost its keys) starts a new handshake; having received data and sent nothing
-   for ``keepalive_timeout`` sends a keepalive, so the other side's stale timer stays quiet.
-7. A handshake is retried every ``rekey_timeout`` with a fresh initiation and abandoned after
-   ``handshake_give_up`` (queued packets: HANDSHAKE_TIMEOUT). A peer left with no usable session
-   is then forgotten: PeerUnreachable (the shell refuses or goes in the clear), and
-   PeerDown if it was up.
 8. Every datagram ends as exactly one of: an accepted inner packet, a handled handshake
    message, or one counted drop. ``receive`` never raises.
 11. Roaming: an authenticated data message moves its peer's endpoint to where it came from,
@@ -45,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tencrypt.core import TUNNEL_PORT, fastpath, wire
+from tencrypt.core import TUNNEL_PORT, fastpath, timers, wire
 from tencrypt.core.fastpath import Backend
 from tencrypt.core.gate import Gate
 from tencrypt.core.handshaking import Handshakes
@@ -63,7 +57,6 @@ from tencrypt.core.peer import (
     Sessions,
     Transmit,
     describe,
-    drop_slot,
     usable,
 )
 from tencrypt.core.stats import Counter, DropReason, Stats
@@ -404,73 +397,15 @@ class Tunnel:
         if peer is not None:  # our handshake completed: what waited for it, or rule 4's keepalive
             self._flush_queue(peer, now, keepalive=True)
 
-    # ---- timers -----------------------------------------------------------------------------
+    # ---- timers (core/timers.py) --------------------------------------------------------------
     def on_timer(self, now: float, wall: float) -> None:
         """Run everything due at ``now``: retries, give-ups, keepalives, re-keys, expiry."""
-        for peer in list(self.table.peers):
-            self._tick_peer(peer, now, wall)
-        for index, s in list(self.table.by_index.items()):
-            if s.recv_aead is not None and now >= s.expires_at:
-                s.expire()
-            if now >= s.forget_at:
-                del self.table.by_index[index]
+        timers.on_timer(self, now, wall)
         self._gate.prune(now, wall)
 
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``on_timer`` has something to do, or None."""
-        limits = self.limits
-        due: list[float] = [
-            s.expires_at if s.recv_aead is not None else s.forget_at
-            for s in self.table.by_index.values()
-        ]
-        for peer in self.table.peers:
-            p = peer.pending
-            if p is not None:
-                due.append(
-                    min(p.first_sent + limits.handshake_give_up, p.last_sent + limits.rekey_timeout)
-                )
-            if peer.keepalive_due is not None:
-                due.append(peer.keepalive_due)
-            if peer.stale_due is not None:
-                due.append(peer.stale_due)
-        return min(due, default=None)
-
-    def _tick_peer(self, peer: Peer, now: float, wall: float) -> None:
-        limits = self.limits
-        for s in peer.sessions():
-            if now >= s.expires_at:
-                drop_slot(peer, s)
-                s.expire()
-        p = peer.pending
-        if p is not None:
-            if now >= p.first_sent + limits.handshake_give_up:
-                self._give_up(peer, now)
-                return
-            if now >= p.last_sent + limits.rekey_timeout:
-                self._initiate(peer, now, wall, rekey=p.rekey, first_sent=p.first_sent)
-        if peer.keepalive_due is not None and now >= peer.keepalive_due:
-            peer.keepalive_due = None
-            if usable(peer.current, now, limits):
-                self._send_keepalive(peer, now)
-        if peer.stale_due is not None and now >= peer.stale_due:
-            peer.stale_due = None
-            if peer.pending is None:
-                self._initiate(peer, now, wall, rekey=False)
-        if not peer.up and peer.pending is None and not peer.sessions() and not peer.queue:
-            self.table.remove_peer(peer)  # e.g. a responder session that was never confirmed
-
-    def _give_up(self, peer: Peer, now: float) -> None:
-        """Rule 7: nobody answered our initiations for handshake_give_up seconds."""
-        assert peer.pending is not None
-        self.table.pending.pop(peer.pending.index, None)
-        peer.pending = None
-        if peer.queue:
-            self.stats.drop(DropReason.HANDSHAKE_TIMEOUT, len(peer.queue))
-            self.table.queued -= len(peer.queue)
-            peer.queue.clear()
-        if not usable(peer.current, now, self.limits):  # nothing left to reach it with
-            self.table.events.append(PeerUnreachable(tuple(sorted(peer.addresses))))
-            self.table.remove_peer(peer)
+        return timers.next_timer(self.table, self.limits)
 
     # ---- sending helpers --------------------------------------------------------------------
     def _seal(self, peer: Peer, s: Session, packet: Buffer, now: float) -> None:
