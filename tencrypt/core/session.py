@@ -251,12 +251,12 @@ class Tunnel:
 
     @property
     def handshakes_by_key(self) -> dict[str, int]:
-        """Fingerprint -> sessions made with that key (rule 10)."""
+        """Fingerprint -> sessions made with that key (rule 10, core/handshaking.py)."""
         return self._handshakes.handshakes_by_key
 
     @property
     def key_mismatch(self) -> KeyMismatches:
-        """Project members refused for a key we do not hold (rule 10)."""
+        """Project members refused for a key we do not hold (rule 10, core/handshaking.py)."""
         return self._handshakes.key_mismatch
 
     def set_ring(self, ring: KeyRing) -> None:
