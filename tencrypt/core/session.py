@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tencrypt.core import TUNNEL_PORT, fastpath, timers, wire
+from tencrypt.core import TUNNEL_PORT, fastpath, wire
 from tencrypt.core.fastpath import Backend
 from tencrypt.core.gate import Gate
 from tencrypt.core.handshaking import Handshakes
@@ -60,6 +60,7 @@ from tencrypt.core.peer import (
     usable,
 )
 from tencrypt.core.stats import Counter, DropReason, Stats
+from tencrypt.core.timers import Timers, seal_keepalive
 from tencrypt.core.wire import Buffer
 
 __all__ = ["Limits", "PeerDown", "PeerEvent", "PeerUnreachable", "PeerUp", "Tunnel"]
@@ -102,6 +103,7 @@ class Tunnel:
         self.table = Sessions(rng, limits, stats)
         self._transmits: list[Transmit] = []
         self._handshakes = Handshakes(self._gate, self.table, stats, limits, pod_ip, port, identity)
+        self._timers = Timers(self.table, stats, limits, self._handshakes)
 
     # ---- what the shell calls ---------------------------------------------------------------
     def send(self, dst_ip: str, packet: Buffer, now: float, wall: float) -> None:
@@ -397,15 +399,15 @@ class Tunnel:
         if peer is not None:  # our handshake completed: what waited for it, or rule 4's keepalive
             self._flush_queue(peer, now, keepalive=True)
 
-    # ---- timers (core/timers.py) --------------------------------------------------------------
+    # ---- timers (core/timers.py) ------------------------------------------------------------
     def on_timer(self, now: float, wall: float) -> None:
         """Run everything due at ``now``: retries, give-ups, keepalives, re-keys, expiry."""
-        timers.on_timer(self, now, wall)
+        self._timers.on_timer(now, wall, self._transmits)
         self._gate.prune(now, wall)
 
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``on_timer`` has something to do, or None."""
-        return timers.next_timer(self.table, self.limits)
+        return self._timers.next_timer()
 
     # ---- sending helpers --------------------------------------------------------------------
     def _seal(self, peer: Peer, s: Session, packet: Buffer, now: float) -> None:
@@ -420,16 +422,6 @@ class Tunnel:
         counters = self.stats.counters  # Stats.inc, inlined (hot path)
         counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + 1
         counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + len(packet)
-
-    def _send_keepalive(self, peer: Peer, now: float) -> None:
-        s = peer.current
-        assert s is not None and s.send_aead is not None
-        self._transmits.append(
-            (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint, 0)
-        )
-        s.send_counter += 1
-        peer.keepalive_due = None
-        self.stats.inc(Counter.KEEPALIVES_SENT)
 
     def _enqueue(self, peer: Peer, packet: Buffer) -> None:
         if len(peer.queue) >= self.limits.queue_limit:
@@ -449,8 +441,8 @@ class Tunnel:
             self._seal(peer, s, peer.queue.popleft(), now)
             self.table.queued -= 1
             keepalive = False
-        if keepalive and usable(s, now, self.limits):
-            self._send_keepalive(peer, now)  # rule 4: let the responder confirm
+        if keepalive and usable(s, now, self.limits):  # rule 4: let the responder confirm
+            self._transmits.append(seal_keepalive(peer, self.stats))
 
     def _initiate(
         self, peer: Peer, now: float, wall: float, rekey: bool, first_sent: float | None = None
