@@ -1,7 +1,7 @@
 """The gate every handshake message passes before the tunnel spends a Diffie-Hellman on it.
 
-Stages of an initiation, cheapest first (``Gate.initiation``; session.py then checks the
-claimed pod IP and does the DH):
+Stages of an initiation, cheapest first (``Gate.initiation``; core/handshaking.py then
+checks the claimed pod IP and does the DH):
 
 1. Version and length: a version-1 message (72 bytes) is OLD_VERSION, a short one SHORT,
    any other length BAD_HANDSHAKE.

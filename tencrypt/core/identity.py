@@ -18,7 +18,7 @@ Rules (``ClaimPolicy.check``, first match wins; None = the claim is acceptable):
    traffic, so a pod's tunnel datagrams come from its pod IP; a network that does SNAT it
    must turn the switch off and then relies on rules 1-4 and the rebind rule alone.
 
-Rules that need the tunnel's tables (session.py rule 9 applies them):
+Rules that need the tunnel's tables (core/handshaking.py rule 9 applies them):
 6. CLAIM_REBIND (``live_elsewhere``): a claim of a pod IP whose peer is confirmed (a
    response to our initiation, or an authenticated data message on its responder session,
    proved the keys) and holds a usable session with another UDP endpoint.
@@ -105,7 +105,7 @@ class ClaimPolicy:
         return None
 
     def is_service_ip(self, address: str) -> bool:
-        """Is ``address`` inside the Service CIDR? (A response from a VIP: see session.py.)"""
+        """Is ``address`` inside the Service CIDR? (A response from a VIP: see handshaking.py.)"""
         try:
             return ipaddress.IPv4Address(address) in self._service
         except ValueError:

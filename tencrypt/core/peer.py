@@ -9,7 +9,8 @@ Rules:
   ``current`` (confirmed, used to send), ``previous`` (still opens in-flight packets after a
   re-key) and ``next`` (a responder's session, unconfirmed until the initiator's first data
   message arrives on it; never used to send before that).
-- ``Sessions`` owns the indexes over them (see its rules); session.py owns the protocol.
+- ``Sessions`` owns the indexes over them (see its rules); session.py owns the protocol
+  (with handshaking.py and timers.py).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class Peer:
     confirmed: bool = False  # a response or an authenticated data message proved its keys
     keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
     stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
-    pinned: bool = False  # reached through a Service VIP: the VIP stays its endpoint (rule 11)
+    pinned: bool = False  # via a Service VIP: the VIP stays its endpoint (session.py rule 11)
 
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.previous, self.next) if s is not None]

@@ -3,53 +3,24 @@ peer events and a timer deadline out. The shell pulls results (aioquic style); n
 calls into I/O or reads a clock: ``now`` (monotonic seconds) and ``wall`` (Unix seconds, only
 for initiation timestamps) are arguments.
 
-Rules:
-1. Every session comes from its own handshake (fresh ephemeral keys: forward secrecy) and is
-   keyed by a random non-zero 32-bit index that is unique among live sessions, tombstones and
-   initiations in flight.
+Rules, numbered once for the whole tunnel and each stated in the module that implements it:
+1, 5, 9 and 10 (handshakes, identity, keys) in core/handshaking.py, 6 and 7 (timers) in
+core/timers.py, and these:
 2. Sending: the peer's ``current`` session seals, unless it is past ``reject_after_time`` or
    ``reject_after_messages``; then the packet is queued and a handshake starts. Queues are
    bounded per peer (QUEUE_FULL drops the oldest) and in total (QUEUE_FULL refuses the new
-   packet), and so is the number of peers (an idle one is forgotten to make room). The initiator of ``current`` re-keys when it sends after
-   ``rekey_after_time``; either side after ``rekey_after_messages``. Traffic keeps flowing on
-   ``current`` while the new handshake runs.
+   packet), and so is the number of peers (an idle one is forgotten to make room). The
+   initiator of ``current`` re-keys when it sends after ``rekey_after_time``; either side
+   after ``rekey_after_messages``. Traffic keeps flowing on ``current`` while the new
+   handshake runs.
 3. Receiving: a data message is opened by whichever of the peer's sessions its index names
    (``previous`` keeps opening in-flight packets after a re-key). Stages: index, expiry,
    replay check, AEAD, replay mark (only after the tag verified), inner IPv4 and source check.
 4. A responder's session is ``next`` (unconfirmed, never used to send, does not replace
    ``current``) until the first authenticated data message arrives on it. The initiator
    therefore sends a keepalive right after the handshake when it has nothing queued.
-5. Handshake messages are checked cheapest first (core/gate.py): version, mac1 (BAD_MAC,
-   before any Noise work), replayed copy, per-source and global budgets, Noise AEAD,
-   timestamp; then the claimed pod IP (rule 9); only then the DH. Responses pass version,
-   mac1 and the budgets before their DH, and a failed or refused one leaves the initiation
-   intact, so a forged response cannot kill a handshake.
-6. Liveness: having sent data with nothing authenticated back for ``stale_timeout`` (the peer
-   restarted and lost its keys) starts a new handshake; having received data and sent nothing
-   for ``keepalive_timeout`` sends a keepalive, so the other side's stale timer stays quiet.
-7. A handshake is retried every ``rekey_timeout`` with a fresh initiation and abandoned after
-   ``handshake_give_up`` (queued packets: HANDSHAKE_TIMEOUT). A peer left with no usable session
-   is then forgotten: PeerUnreachable (the shell refuses or goes in the clear), and
-   PeerDown if it was up.
 8. Every datagram ends as exactly one of: an accepted inner packet, a handled handshake
    message, or one counted drop. ``receive`` never raises.
-9. Identity (with a ``ClaimPolicy``; core/identity.py): the pod IP an initiation or a
-   response claims passes the policy before the session is attached to a peer. A peer is
-   ``confirmed`` once an authenticated data message arrived on one of its sessions; a
-   confirmed peer is never renamed to another pod IP, and a claim of a pod IP whose peer is
-   confirmed with a usable session at another UDP endpoint is CLAIM_REBIND (a restarted pod
-   comes back from the same pod IP and port 1337, so it is let in). A response that came
-   back from the Service VIP we initiated to cannot prove its claim: that session speaks
-   for the VIP only (allowed inner source, PeerUp name), never for the claimed pod IP.
-10. Keys (core/keyring.py): initiations use the ring's ``current`` key; an initiation is
-   accepted under any key of the ring and answered under the same key; a response must use
-   the key of the initiation it answers (else BAD_MAC). ``set_ring`` replaces the ring at run
-   time and touches no session: each keeps the key it was made with until its normal
-   re-key, which uses the new ``current``. Sessions and completed handshakes are counted per
-   key fingerprint (``status()["keys"]``). A member of the project (per the ClaimPolicy)
-   whose initiation fails mac1 under every key is counted (``handshakes_wrong_key``) and
-   listed in ``status()["key_mismatch"]`` until a handshake with it completes: a pod that
-   missed a rotation phase is refused (fail closed) and visible.
 11. Roaming: an authenticated data message moves its peer's endpoint to where it came from,
    except for a peer we reach through a Service VIP (``pinned``: its endpoint is the VIP, and
    which pod is behind it is the node's choice). Such a session's traffic from any other
@@ -62,25 +33,18 @@ Rules:
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tencrypt.core import TUNNEL_PORT, fastpath, handshake, wire
+from tencrypt.core import TUNNEL_PORT, fastpath, wire
 from tencrypt.core.batch import Rows
 from tencrypt.core.fastpath import Backend
 from tencrypt.core.gate import Gate
-from tencrypt.core.handshake import Keys
-from tencrypt.core.identity import (
-    ClaimPolicy,
-    claimable,
-    initiation_name,
-    live_elsewhere,
-    response_name,
-)
+from tencrypt.core.handshaking import Handshakes
+from tencrypt.core.identity import ClaimPolicy
 from tencrypt.core.keyring import KeyMismatches, KeyRing, describe_keys
 from tencrypt.core.peer import (
     Endpoint,
@@ -90,15 +54,14 @@ from tencrypt.core.peer import (
     PeerEvent,
     PeerUnreachable,
     PeerUp,
-    Pending,
     Session,
     Sessions,
     Transmit,
     describe,
-    drop_slot,
     usable,
 )
 from tencrypt.core.stats import Counter, DropReason, Stats
+from tencrypt.core.timers import Timers, seal_keepalive
 from tencrypt.core.wire import Buffer
 
 __all__ = ["Limits", "PeerDown", "PeerEvent", "PeerUnreachable", "PeerUp", "Tunnel"]
@@ -124,14 +87,14 @@ class Tunnel:
         fastpath: Backend | None = None,
     ) -> None:
         """``psk``: the key ring (rule 10), or one project key as a ring of one.
-        ``identity`` binds claimed pod IPs to the network (rule 9). The daemon always
-        passes one; None (no binding, today's unit tests) is for tests only. ``fastpath``: the
-        batch loops of ``send_batch`` and ``receive_batch`` (core/fastpath.py, or the compiled
-        twin that tencrypt/fastpath.py selects); None seals and opens one packet per call."""
+        ``identity`` binds claimed pod IPs to the network (rule 9; both rules in
+        core/handshaking.py). The daemon always passes one; None (no binding, today's unit
+        tests) is for tests only. ``fastpath``: the batch loops of ``send_batch`` and
+        ``receive_batch`` (core/fastpath.py, or the compiled twin that tencrypt/fastpath.py
+        selects); None seals and opens one packet per call."""
         if not isinstance(psk, KeyRing) and len(psk) != 32:
             raise ValueError("psk must be 32 bytes (see core.psk.parse_psk)")
         self.pod_ip = pod_ip
-        self._pod_ip_packed = ipaddress.IPv4Address(pod_ip).packed
         self.stats = stats
         self.limits = limits
         self.port = port
@@ -140,9 +103,8 @@ class Tunnel:
         self._gate = Gate(psk, keygen, limits)
         self.table = Sessions(rng, limits, stats)
         self._transmits: list[Transmit] = []
-        self._last_stamp_ns = 0
-        self.handshakes_by_key: dict[str, int] = {}  # fingerprint -> sessions made with it
-        self.key_mismatch = KeyMismatches()
+        self._handshakes = Handshakes(self._gate, self.table, stats, limits, pod_ip, port, identity)
+        self._timers = Timers(self.table, stats, limits, self._handshakes)
 
     # ---- what the shell calls ---------------------------------------------------------------
     def send(self, dst_ip: str, packet: Buffer, now: float, wall: float) -> None:
@@ -294,9 +256,19 @@ class Tunnel:
     def ring(self) -> KeyRing:
         return self._gate.ring
 
+    @property
+    def handshakes_by_key(self) -> dict[str, int]:
+        """Fingerprint -> sessions made with that key (rule 10, core/handshaking.py)."""
+        return self._handshakes.handshakes_by_key
+
+    @property
+    def key_mismatch(self) -> KeyMismatches:
+        """Project members refused for a key we do not hold (rule 10, core/handshaking.py)."""
+        return self._handshakes.key_mismatch
+
     def set_ring(self, ring: KeyRing) -> None:
-        """Rule 10: from now on initiate with ``ring.current`` and accept its keys; every
-        session and initiation in flight keeps its own key."""
+        """Rule 10 (core/handshaking.py): from now on initiate with ``ring.current`` and
+        accept its keys; every session and initiation in flight keeps its own key."""
         self._gate.ring = ring
 
     def key_status(self) -> list[dict[str, object]]:
@@ -421,199 +393,26 @@ class Tunnel:
         self.table.peer_up(peer)
         self._flush_queue(peer, now, keepalive=False)
 
-    # ---- receive: handshakes ----------------------------------------------------------------
+    # ---- receive: handshakes (core/handshaking.py) ------------------------------------------
     def _on_initiation(self, datagram: Buffer, addr: Endpoint, now: float, wall: float) -> None:
-        """Rule 5: the gate (core/gate.py), the claim (rule 9), then the DH."""
-        init = self._gate.initiation(datagram, addr[0], now, wall)
-        if isinstance(init, DropReason):
-            self.stats.drop(init)
-            if (
-                init is DropReason.BAD_MAC
-                and self._identity is not None
-                and self._identity.is_member(addr[0])
-            ):  # rule 10: a pod a phase behind?
-                self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
-                self.key_mismatch.note(addr[0])
-            return
-        claimed = self._peer_ip(init.pod_ip)
-        if claimed is None:
-            self.stats.drop(DropReason.BAD_HANDSHAKE)
-            return
-        pod_ip, packed, reason = claimed, init.pod_ip, None
-        if self._identity is not None:
-            pod_ip = initiation_name(self._identity, self.table.by_addr, claimed, addr)
-            reason = self._identity.check(claimed, claimed if pod_ip != claimed else addr[0])
-            if pod_ip != claimed:  # through a VIP's conntrack entry: speaks for the VIP only
-                packed = ipaddress.IPv4Address(pod_ip).packed
-        peer = self.table.by_addr.get(pod_ip)
-        if reason is None and peer is not None and self._live_elsewhere(peer, addr, now):
-            reason = DropReason.CLAIM_REBIND
-        if reason is not None:
-            self.stats.drop(reason)
-            return
-        if peer is None and not self.table.make_room(now):
-            self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
-            return
-        index = self.table.new_index()
-        reply = handshake.build_response(init, index, self._pod_ip_packed, init.templates.mac_key)
-        if reply is None:
-            self.stats.drop(DropReason.BAD_HANDSHAKE)
-            return
-        datagram_out, keys = reply
-        self._gate.stamps.accept(init.pod_ip, init.unix_ns)
-        if peer is None:
-            # Until a data message confirms it, send to the pod's own tunnel port, not to
-            # wherever this (possibly replayed) initiation came from.
-            peer = self.table.new_peer((pod_ip, self.port), pod_ip)
-        if peer.pod_ip is None:  # we were initiating to this pod IP ourselves
-            peer.pod_ip = pod_ip
-        s = self._new_session(
-            peer,
-            index,
-            init.sender_index,
-            keys,
-            packed,
-            now,
-            initiator=False,
-            key=init.templates.fingerprint,
-        )
-        if peer.next is not None:
-            self.table.forget(peer.next)
-        peer.next = s
-        self._transmits.append((datagram_out, addr, 0))
-        self.key_mismatch.clear(addr[0])
-        self.stats.inc(Counter.HANDSHAKES_RESPONDED)
+        reply = self._handshakes.on_initiation(datagram, addr, now, wall)
+        if reply is not None:
+            self._transmits.append(reply)
 
     def _on_response(self, datagram: Buffer, addr: Endpoint, now: float) -> None:
-        gate = self._gate
-        key = gate.response_envelope(datagram)
-        if isinstance(key, DropReason):
-            self.stats.drop(key)
-            return
-        parsed = wire.parse_response(datagram)
-        if parsed is None:  # the envelope checked the length: cannot happen
-            self.stats.drop(DropReason.BAD_HANDSHAKE)
-            return
-        index, message = parsed
-        peer = self.table.pending.get(index)
-        if peer is None or peer.pending is None:
-            self.stats.drop(DropReason.UNKNOWN_INDEX)
-            return
-        if key.mac_key != peer.pending.templates.mac_key:  # rule 10: not our initiation's key
-            self.stats.drop(DropReason.BAD_MAC)
-            return
-        reason = gate.admit(addr[0], now)
-        if reason is not None:
-            self.stats.drop(reason)
-            return
-        state = peer.pending.state.clone()  # committed only if the claim is accepted too
-        got = handshake.read_response(state, message)
-        claimed = None if got is None else self._peer_ip(got[1])
-        if got is None or claimed is None:
-            self.stats.drop(DropReason.BAD_HANDSHAKE)
-            return
-        remote_index, pod_ip_packed, keys = got
-        name = (
-            claimed
-            if self._identity is None
-            else response_name(
-                self._identity, self.table.by_addr, peer, claimed, addr, now, self.limits
-            )
-        )
-        if isinstance(name, DropReason):
-            self.stats.drop(name)  # the initiation stays pending: retried, then given up
-            return
-        if name != claimed:  # rule 9: through a VIP, the session speaks for the VIP only
-            pod_ip_packed = ipaddress.IPv4Address(name).packed
-        pending = peer.pending
-        del self.table.pending[index]
-        peer.pending = None
-        peer = self.table.bind_pod_ip(peer, name)
-        s = self._new_session(
-            peer, index, remote_index, keys, pod_ip_packed, now, initiator=True, key=key.fingerprint
-        )
-        self.table.install(peer, s)
-        peer.endpoint = addr
-        peer.pinned = name != claimed  # rule 11: answered through the VIP we asked
-        peer.confirmed = True  # rule 9: the response proved the keys
-        self.key_mismatch.clear(addr[0])
-        self.stats.inc(Counter.HANDSHAKES_COMPLETED)
-        if pending.rekey:
-            self.stats.inc(Counter.REKEYS)
-        self.table.peer_up(peer)
-        self._flush_queue(peer, now, keepalive=True)
+        peer = self._handshakes.on_response(datagram, addr, now)
+        if peer is not None:  # our handshake completed: what waited for it, or rule 4's keepalive
+            self._flush_queue(peer, now, keepalive=True)
 
-    # ---- identity (rule 9, core/identity.py) ------------------------------------------------
-    def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float) -> bool:
-        return self._identity is not None and live_elsewhere(peer, addr, now, self.limits)
-
-    # ---- timers -----------------------------------------------------------------------------
+    # ---- timers (core/timers.py) ------------------------------------------------------------
     def on_timer(self, now: float, wall: float) -> None:
         """Run everything due at ``now``: retries, give-ups, keepalives, re-keys, expiry."""
-        for peer in list(self.table.peers):
-            self._tick_peer(peer, now, wall)
-        for index, s in list(self.table.by_index.items()):
-            if s.recv_aead is not None and now >= s.expires_at:
-                s.expire()
-            if now >= s.forget_at:
-                del self.table.by_index[index]
+        self._timers.on_timer(now, wall, self._transmits)
         self._gate.prune(now, wall)
 
     def next_timer(self) -> float | None:
         """The earliest ``now`` at which ``on_timer`` has something to do, or None."""
-        limits = self.limits
-        due: list[float] = [
-            s.expires_at if s.recv_aead is not None else s.forget_at
-            for s in self.table.by_index.values()
-        ]
-        for peer in self.table.peers:
-            p = peer.pending
-            if p is not None:
-                due.append(
-                    min(p.first_sent + limits.handshake_give_up, p.last_sent + limits.rekey_timeout)
-                )
-            if peer.keepalive_due is not None:
-                due.append(peer.keepalive_due)
-            if peer.stale_due is not None:
-                due.append(peer.stale_due)
-        return min(due, default=None)
-
-    def _tick_peer(self, peer: Peer, now: float, wall: float) -> None:
-        limits = self.limits
-        for s in peer.sessions():
-            if now >= s.expires_at:
-                drop_slot(peer, s)
-                s.expire()
-        p = peer.pending
-        if p is not None:
-            if now >= p.first_sent + limits.handshake_give_up:
-                self._give_up(peer, now)
-                return
-            if now >= p.last_sent + limits.rekey_timeout:
-                self._initiate(peer, now, wall, rekey=p.rekey, first_sent=p.first_sent)
-        if peer.keepalive_due is not None and now >= peer.keepalive_due:
-            peer.keepalive_due = None
-            if usable(peer.current, now, limits):
-                self._send_keepalive(peer, now)
-        if peer.stale_due is not None and now >= peer.stale_due:
-            peer.stale_due = None
-            if peer.pending is None:
-                self._initiate(peer, now, wall, rekey=False)
-        if not peer.up and peer.pending is None and not peer.sessions() and not peer.queue:
-            self.table.remove_peer(peer)  # e.g. a responder session that was never confirmed
-
-    def _give_up(self, peer: Peer, now: float) -> None:
-        """Rule 7: nobody answered our initiations for handshake_give_up seconds."""
-        assert peer.pending is not None
-        self.table.pending.pop(peer.pending.index, None)
-        peer.pending = None
-        if peer.queue:
-            self.stats.drop(DropReason.HANDSHAKE_TIMEOUT, len(peer.queue))
-            self.table.queued -= len(peer.queue)
-            peer.queue.clear()
-        if not usable(peer.current, now, self.limits):  # nothing left to reach it with
-            self.table.events.append(PeerUnreachable(tuple(sorted(peer.addresses))))
-            self.table.remove_peer(peer)
+        return self._timers.next_timer()
 
     # ---- sending helpers --------------------------------------------------------------------
     def _seal(self, peer: Peer, s: Session, packet: Buffer, now: float) -> None:
@@ -628,16 +427,6 @@ class Tunnel:
         counters = self.stats.counters  # Stats.inc, inlined (hot path)
         counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + 1
         counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + len(packet)
-
-    def _send_keepalive(self, peer: Peer, now: float) -> None:
-        s = peer.current
-        assert s is not None and s.send_aead is not None
-        self._transmits.append(
-            (wire.seal(s.send_aead, s.remote_index, s.send_counter, b""), peer.endpoint, 0)
-        )
-        s.send_counter += 1
-        peer.keepalive_due = None
-        self.stats.inc(Counter.KEEPALIVES_SENT)
 
     def _enqueue(self, peer: Peer, packet: Buffer) -> None:
         if len(peer.queue) >= self.limits.queue_limit:
@@ -657,69 +446,14 @@ class Tunnel:
             self._seal(peer, s, peer.queue.popleft(), now)
             self.table.queued -= 1
             keepalive = False
-        if keepalive and usable(s, now, self.limits):
-            self._send_keepalive(peer, now)  # rule 4: let the responder confirm
+        if keepalive and usable(s, now, self.limits):  # rule 4: let the responder confirm
+            self._transmits.append(seal_keepalive(peer, self.stats))
 
     def _initiate(
         self, peer: Peer, now: float, wall: float, rekey: bool, first_sent: float | None = None
     ) -> None:
-        """Send a fresh initiation (new ephemeral, new index, newer timestamp) to the peer."""
-        if peer.pending is not None:
-            self.table.pending.pop(peer.pending.index, None)
-        index = self.table.new_index()
-        # Timestamps strictly increase even if the wall clock stalls or steps back, so the
-        # peer never mistakes our retry for a replay.
-        stamp = max(int(wall * 1e9), self._last_stamp_ns + 1)
-        self._last_stamp_ns = stamp
-        templates = self._gate.ring.current  # rule 10: the newest key everyone accepts
-        state, datagram = handshake.build_initiation(templates, index, stamp, self._pod_ip_packed)
-        peer.pending = Pending(
-            index, state, now if first_sent is None else first_sent, now, rekey, templates
-        )
-        self.table.pending[index] = peer
-        peer.stale_due = None
-        self._transmits.append((datagram, peer.endpoint, 0))
-        self.stats.inc(Counter.HANDSHAKES_INITIATED)
-
-    # ---- peers and sessions -----------------------------------------------------------------
-    def _new_session(
-        self,
-        peer: Peer,
-        index: int,
-        remote_index: int,
-        keys: Keys,
-        pod_ip: bytes,
-        now: float,
-        initiator: bool,
-        key: str,
-    ) -> Session:
-        limits = self.limits
-        expires_at = now + limits.reject_after_time
-        renew_at = expires_at - limits.keepalive_timeout - limits.rekey_timeout
-        s = Session(
-            index,
-            remote_index,
-            keys.send,
-            keys.recv,
-            initiator,
-            initiator,
-            pod_ip,
-            peer,
-            rekey_at=now + limits.rekey_after_time,
-            renew_at=renew_at,
-            expires_at=expires_at,
-            forget_at=expires_at + limits.tombstone_time,
-            send_key=keys.send_key,
-            recv_key=keys.recv_key,
-            key=key,
-        )
-        self.table.by_index[index] = s
-        self.handshakes_by_key[key] = self.handshakes_by_key.get(key, 0) + 1
-        return s
-
-    def _peer_ip(self, packed: bytes) -> str | None:
-        """A pod IP from a handshake payload, unless it is one no peer may claim."""
-        return claimable(packed, self._pod_ip_packed)
+        """Send a fresh initiation to the peer (``Handshakes.initiate``)."""
+        self._transmits.append(self._handshakes.initiate(peer, now, wall, rekey, first_sent))
 
 
 def datagrams_of(runs: Iterable[Transmit]) -> Iterator[tuple[Buffer, Endpoint]]:

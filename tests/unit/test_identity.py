@@ -1,5 +1,5 @@
-"""Identity bound to the network (core/identity.py, session.py rule 9): three cores linked in
-memory - the victim A, its real peer B, and an insider C that holds the project key - and C
+"""Identity bound to the network (core/identity.py, handshaking.py rule 9): three cores linked
+in memory - the victim A, its real peer B, and an insider C that holds the project key - and C
 trying to be someone else. Every claim is refused and counted by its reason, and A's sealed
 traffic for B keeps going to B.
 

@@ -1,5 +1,5 @@
-"""Key rotation in the tunnel (core/keyring.py, session.py rule 10): two and three cores linked
-in memory, with rings in every phase of a rotation.
+"""Key rotation in the tunnel (core/keyring.py, handshaking.py rule 10): two and three cores
+linked in memory, with rings in every phase of a rotation.
 
     phase P0: current K1            P1: current K1, next K2
     phase P2: current K2, prev K1   P3: current K2

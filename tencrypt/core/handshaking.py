@@ -1,0 +1,292 @@
+"""The tunnel's handshakes: initiations out, initiations and responses in, and the sessions
+they make. ``Handshakes`` is the part of ``Tunnel`` (core/session.py) that keeps the handshake
+state (the last initiation timestamp; the per-key counts and key mismatches of rule 10) and
+works on the Tunnel's gate, tables, stats and limits. It returns what to send, never sends: the
+Tunnel queues the datagrams it returns and seals what waited for a completed handshake. Pure
+like all of core/: ``now`` and ``wall`` are arguments.
+
+Rules (numbered once for the whole tunnel: 2-4, 8 and 11 are in core/session.py, 6-7 in
+core/timers.py):
+1. Every session comes from its own handshake (fresh ephemeral keys: forward secrecy) and is
+   keyed by a random non-zero 32-bit index that is unique among live sessions, tombstones and
+   initiations in flight.
+5. Handshake messages are checked cheapest first (core/gate.py): version, mac1 (BAD_MAC,
+   before any Noise work), replayed copy, per-source and global budgets, Noise AEAD,
+   timestamp; then the claimed pod IP (rule 9); only then the DH. Responses pass version,
+   mac1 and the budgets before their DH, and a failed or refused one leaves the initiation
+   intact, so a forged response cannot kill a handshake.
+9. Identity (with a ``ClaimPolicy``; core/identity.py): the pod IP an initiation or a
+   response claims passes the policy before the session is attached to a peer. A peer is
+   ``confirmed`` once an authenticated data message arrived on one of its sessions; a
+   confirmed peer is never renamed to another pod IP, and a claim of a pod IP whose peer is
+   confirmed with a usable session at another UDP endpoint is CLAIM_REBIND (a restarted pod
+   comes back from the same pod IP and port 1337, so it is let in). A response that came
+   back from the Service VIP we initiated to cannot prove its claim: that session speaks
+   for the VIP only (allowed inner source, PeerUp name), never for the claimed pod IP.
+10. Keys (core/keyring.py): initiations use the ring's ``current`` key; an initiation is
+   accepted under any key of the ring and answered under the same key; a response must use
+   the key of the initiation it answers (else BAD_MAC). ``set_ring`` replaces the ring at run
+   time and touches no session: each keeps the key it was made with until its normal
+   re-key, which uses the new ``current``. Sessions and completed handshakes are counted per
+   key fingerprint (``status()["keys"]``). A member of the project (per the ClaimPolicy)
+   whose initiation fails mac1 under every key is counted (``handshakes_wrong_key``) and
+   listed in ``status()["key_mismatch"]`` until a handshake with it completes: a pod that
+   missed a rotation phase is refused (fail closed) and visible.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from tencrypt.core import handshake, wire
+from tencrypt.core.gate import Gate
+from tencrypt.core.handshake import Keys
+from tencrypt.core.identity import (
+    ClaimPolicy,
+    claimable,
+    initiation_name,
+    live_elsewhere,
+    response_name,
+)
+from tencrypt.core.keyring import KeyMismatches
+from tencrypt.core.peer import (
+    Endpoint,
+    Limits,
+    Peer,
+    Pending,
+    Session,
+    Sessions,
+    Transmit,
+)
+from tencrypt.core.stats import Counter, DropReason, Stats
+from tencrypt.core.wire import Buffer
+
+
+class Handshakes:
+    """The handshake state of one Tunnel, and what it does with handshake messages. The
+    ``table``, ``stats``, ``limits`` and ``gate`` are the Tunnel's own (shared, not copied)."""
+
+    __slots__ = (
+        "table",
+        "stats",
+        "limits",
+        "port",
+        "handshakes_by_key",
+        "key_mismatch",
+        "_gate",
+        "_identity",
+        "_pod_ip_packed",
+        "_last_stamp_ns",
+    )
+
+    def __init__(
+        self,
+        gate: Gate,
+        table: Sessions,
+        stats: Stats,
+        limits: Limits,
+        pod_ip: str,
+        port: int,
+        identity: ClaimPolicy | None,
+    ) -> None:
+        self.table = table
+        self.stats = stats
+        self.limits = limits
+        self.port = port
+        self.handshakes_by_key: dict[str, int] = {}  # fingerprint -> sessions made with it
+        self.key_mismatch = KeyMismatches()
+        self._gate = gate
+        self._identity = identity
+        self._pod_ip_packed = ipaddress.IPv4Address(pod_ip).packed
+        self._last_stamp_ns = 0
+
+    def initiate(
+        self, peer: Peer, now: float, wall: float, rekey: bool, first_sent: float | None = None
+    ) -> Transmit:
+        """A fresh initiation (new ephemeral, new index, newer timestamp) to send to the peer,
+        now pending (rule 7 retries it: core/timers.py)."""
+        if peer.pending is not None:
+            self.table.pending.pop(peer.pending.index, None)
+        index = self.table.new_index()
+        # Timestamps strictly increase even if the wall clock stalls or steps back, so the
+        # peer never mistakes our retry for a replay.
+        stamp = max(int(wall * 1e9), self._last_stamp_ns + 1)
+        self._last_stamp_ns = stamp
+        templates = self._gate.ring.current  # rule 10: the newest key everyone accepts
+        state, datagram = handshake.build_initiation(templates, index, stamp, self._pod_ip_packed)
+        peer.pending = Pending(
+            index, state, now if first_sent is None else first_sent, now, rekey, templates
+        )
+        self.table.pending[index] = peer
+        peer.stale_due = None
+        self.stats.inc(Counter.HANDSHAKES_INITIATED)
+        return (datagram, peer.endpoint, 0)
+
+    def on_initiation(
+        self, datagram: Buffer, addr: Endpoint, now: float, wall: float
+    ) -> Transmit | None:
+        """Rule 5: the gate (core/gate.py), the claim (rule 9), then the DH. The response to
+        send, or None (a counted drop)."""
+        init = self._gate.initiation(datagram, addr[0], now, wall)
+        if isinstance(init, DropReason):
+            self.stats.drop(init)
+            if (
+                init is DropReason.BAD_MAC
+                and self._identity is not None
+                and self._identity.is_member(addr[0])
+            ):  # rule 10: a pod a phase behind?
+                self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
+                self.key_mismatch.note(addr[0])
+            return None
+        claimed = self._peer_ip(init.pod_ip)
+        if claimed is None:
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return None
+        pod_ip, packed, reason = claimed, init.pod_ip, None
+        if self._identity is not None:
+            pod_ip = initiation_name(self._identity, self.table.by_addr, claimed, addr)
+            reason = self._identity.check(claimed, claimed if pod_ip != claimed else addr[0])
+            if pod_ip != claimed:  # through a VIP's conntrack entry: speaks for the VIP only
+                packed = ipaddress.IPv4Address(pod_ip).packed
+        peer = self.table.by_addr.get(pod_ip)
+        if reason is None and peer is not None and self._live_elsewhere(peer, addr, now):
+            reason = DropReason.CLAIM_REBIND
+        if reason is not None:
+            self.stats.drop(reason)
+            return None
+        if peer is None and not self.table.make_room(now):
+            self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
+            return None
+        index = self.table.new_index()
+        reply = handshake.build_response(init, index, self._pod_ip_packed, init.templates.mac_key)
+        if reply is None:
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return None
+        datagram_out, keys = reply
+        self._gate.stamps.accept(init.pod_ip, init.unix_ns)
+        if peer is None:
+            # Until a data message confirms it, send to the pod's own tunnel port, not to
+            # wherever this (possibly replayed) initiation came from.
+            peer = self.table.new_peer((pod_ip, self.port), pod_ip)
+        if peer.pod_ip is None:  # we were initiating to this pod IP ourselves
+            peer.pod_ip = pod_ip
+        s = self._new_session(
+            peer,
+            index,
+            init.sender_index,
+            keys,
+            packed,
+            now,
+            initiator=False,
+            key=init.templates.fingerprint,
+        )
+        if peer.next is not None:
+            self.table.forget(peer.next)
+        peer.next = s
+        self.key_mismatch.clear(addr[0])
+        self.stats.inc(Counter.HANDSHAKES_RESPONDED)
+        return (datagram_out, addr, 0)
+
+    def on_response(self, datagram: Buffer, addr: Endpoint, now: float) -> Peer | None:
+        """Rule 5's checks, the claim (rule 9), then the DH: the peer whose handshake this
+        completed (its session installed and confirmed), or None (a counted drop)."""
+        gate = self._gate
+        key = gate.response_envelope(datagram)
+        if isinstance(key, DropReason):
+            self.stats.drop(key)
+            return None
+        parsed = wire.parse_response(datagram)
+        if parsed is None:  # the envelope checked the length: cannot happen
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return None
+        index, message = parsed
+        peer = self.table.pending.get(index)
+        if peer is None or peer.pending is None:
+            self.stats.drop(DropReason.UNKNOWN_INDEX)
+            return None
+        if key.mac_key != peer.pending.templates.mac_key:  # rule 10: not our initiation's key
+            self.stats.drop(DropReason.BAD_MAC)
+            return None
+        reason = gate.admit(addr[0], now)
+        if reason is not None:
+            self.stats.drop(reason)
+            return None
+        state = peer.pending.state.clone()  # committed only if the claim is accepted too
+        got = handshake.read_response(state, message)
+        claimed = None if got is None else self._peer_ip(got[1])
+        if got is None or claimed is None:
+            self.stats.drop(DropReason.BAD_HANDSHAKE)
+            return None
+        remote_index, pod_ip_packed, keys = got
+        name = (
+            claimed
+            if self._identity is None
+            else response_name(
+                self._identity, self.table.by_addr, peer, claimed, addr, now, self.limits
+            )
+        )
+        if isinstance(name, DropReason):
+            self.stats.drop(name)  # the initiation stays pending: retried, then given up
+            return None
+        if name != claimed:  # rule 9: through a VIP, the session speaks for the VIP only
+            pod_ip_packed = ipaddress.IPv4Address(name).packed
+        pending = peer.pending
+        del self.table.pending[index]
+        peer.pending = None
+        peer = self.table.bind_pod_ip(peer, name)
+        s = self._new_session(
+            peer, index, remote_index, keys, pod_ip_packed, now, initiator=True, key=key.fingerprint
+        )
+        self.table.install(peer, s)
+        peer.endpoint = addr
+        peer.pinned = name != claimed  # session.py rule 11: answered through the VIP we asked
+        peer.confirmed = True  # rule 9: the response proved the keys
+        self.key_mismatch.clear(addr[0])
+        self.stats.inc(Counter.HANDSHAKES_COMPLETED)
+        if pending.rekey:
+            self.stats.inc(Counter.REKEYS)
+        self.table.peer_up(peer)
+        return peer
+
+    def _new_session(
+        self,
+        peer: Peer,
+        index: int,
+        remote_index: int,
+        keys: Keys,
+        pod_ip: bytes,
+        now: float,
+        initiator: bool,
+        key: str,
+    ) -> Session:
+        limits = self.limits
+        expires_at = now + limits.reject_after_time
+        renew_at = expires_at - limits.keepalive_timeout - limits.rekey_timeout
+        s = Session(
+            index,
+            remote_index,
+            keys.send,
+            keys.recv,
+            initiator,
+            initiator,
+            pod_ip,
+            peer,
+            rekey_at=now + limits.rekey_after_time,
+            renew_at=renew_at,
+            expires_at=expires_at,
+            forget_at=expires_at + limits.tombstone_time,
+            send_key=keys.send_key,
+            recv_key=keys.recv_key,
+            key=key,
+        )
+        self.table.by_index[index] = s
+        self.handshakes_by_key[key] = self.handshakes_by_key.get(key, 0) + 1
+        return s
+
+    def _peer_ip(self, packed: bytes) -> str | None:
+        """A pod IP from a handshake payload, unless it is one no peer may claim."""
+        return claimable(packed, self._pod_ip_packed)
+
+    def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float) -> bool:
+        """Rule 9's CLAIM_REBIND (core/identity.py rule 6), when claims are checked at all."""
+        return self._identity is not None and live_elsewhere(peer, addr, now, self.limits)
