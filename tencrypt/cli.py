@@ -32,7 +32,17 @@ PSK_HELP = (
     "the command line"
 )
 
+SPIN_US = 200.0  # run --spin-us: linux/spin.py; measured in bench/results/latest.md
+
 Adder = Callable[[argparse.ArgumentParser], None]
+
+
+def microseconds(text: str) -> float:
+    """A duration in µs, 0 to one second: an argparse type."""
+    value = float(text)
+    if not 0 <= value <= 1e6:
+        raise argparse.ArgumentTypeError(f"{text}: not between 0 and 1000000 µs")
+    return value
 
 
 def terminal_columns() -> int:
@@ -179,6 +189,15 @@ def _run(p: argparse.ArgumentParser) -> None:
         type=int,
         default=TUNNEL_PORT,
         help=f"UDP port of the tunnel (default: {TUNNEL_PORT})",
+    )
+    p.add_argument(
+        "--spin-us",
+        type=microseconds,
+        default=SPIN_US,
+        metavar="MICROSECONDS",
+        help="after its last packet the proxy keeps polling this long before it sleeps, so "
+        "that the reply of a round trip finds it awake; costs CPU only within that window "
+        f"after traffic (default: {SPIN_US:g}; 0: sleep at once)",
     )
     p.add_argument(
         "--no-batch",
