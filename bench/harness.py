@@ -142,7 +142,7 @@ class Bench:
             self.progress.step(f"{label} · ping, request/response")
             self.attempt(nodes, system, "ping", partial(self.ping, nodes, system, a, target))
             self.attempt(
-                nodes, system, "request/response", partial(self.rr, nodes, system, a, target)
+                nodes, system, "request/response", partial(self.rr, nodes, system, a, b, target)
             )
             if system in DNS_SYSTEMS:
                 self.attempt(
@@ -224,11 +224,18 @@ class Bench:
             nodes, system, "ping", 1, "loss_pct", 100.0 * (p.sent - p.received) / p.sent, "%"
         )
 
-    def rr(self, nodes: int, system: str, a: Pod, target: Target) -> None:
+    def rr(self, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
+        """Request/response back to back, and what the tunnel processes' CPU (both ends) cost
+        per transaction meanwhile: a proxy that polls for replies trades CPU for latency."""
+        before = cpustat.snapshot(target.pids(), a.netns, b.netns) if target.iface else None
         r = measure.request_response(a.netns, target.host, self.plan.rr_seconds)
         self.run.add(nodes, system, "rr", 1, "rate", r.rate, "1/s")
         self.run.add(nodes, system, "rr", 1, "p50_us", r.p50_us, "µs")
         self.run.add(nodes, system, "rr", 1, "p99_us", r.p99_us, "µs")
+        if before is not None and r.transactions:
+            after = cpustat.snapshot(target.pids(), a.netns, b.netns)
+            used = sum(cpustat.seconds_used(before, after).values())
+            self.run.add(nodes, system, "rr", 1, "cpu_us_per_rr", used / r.transactions * 1e6, "µs")
 
     def iperf(
         self, nodes: int, system: str, a: Pod, b: Pod, target: Target, clients: int | None = None

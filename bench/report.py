@@ -271,6 +271,7 @@ def render_latency(run: Run, nodes: int) -> list[str]:
                 cell(run, rr),
                 cell(run, find(run, nodes, s, "rr", 1, "p50_us"), delta=True),
                 fmt(run.get(nodes, s, "rr", 1, "p99_us")),
+                fmt(run.get(nodes, s, "rr", 1, "cpu_us_per_rr")),
             ]
         )
     if not rows:
@@ -283,6 +284,7 @@ def render_latency(run: Run, nodes: int) -> list[str]:
         "TCP req/resp per s",
         "req/resp median µs",
         "p99 µs",
+        "tunnel CPU µs per req/resp (both ends)",
     ]
     return [
         "### Round trip at idle (ping; 1-byte TCP request/response, one connection)",

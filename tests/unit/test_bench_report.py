@@ -375,3 +375,14 @@ def test_peer_binaries_are_extra_systems_labelled_with_their_version(tmp_path) -
 def test_bad_peer_binaries_are_usage_errors(spec: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         harness.build_plan(args(peer_binary=[spec]))
+
+
+def test_the_latency_table_shows_the_tunnels_cpu_per_request_response() -> None:
+    """A proxy that polls for replies trades CPU for latency: the table shows both."""
+    run = sample_run()
+    run.add(1, TENCRYPT, "rr", 1, "cpu_us_per_rr", 123.4, "µs")
+    lines = report.render_latency(run, 1)
+    assert "tunnel CPU µs per req/resp (both ends)" in lines[2]
+    tenc = next(line for line in lines if line.startswith(f"| {TENCRYPT}"))
+    vanilla = next(line for line in lines if line.startswith(f"| {VANILLA}"))
+    assert tenc.rstrip(" |").endswith("123") and vanilla.rstrip(" |").endswith("–")
