@@ -11,7 +11,6 @@ in which the probe asked. No timing thresholds: counts, orders and outcomes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -32,6 +31,7 @@ from bench import cpustat, dnsprobe, harness, measure
 from bench.progress import Progress
 from bench.report import TENCRYPT, VANILLA, Run
 from tencrypt.lab.topology import Pod
+from tests.unit.test_bench_targets import plan_args
 
 NAME = "nginx2.myproject.svc.cluster.local"
 SLOW_S = 0.002
@@ -219,18 +219,7 @@ def test_the_harness_asks_both_tencrypt_paths_in_one_interleaved_probe_on_one_cp
 
         monkeypatch.setattr(measure, "dns_lookups", lookups)
         run = Run(date="d", cores=2)
-        plan = harness.build_plan(
-            argparse.Namespace(
-                quick=True,
-                systems="vanilla,tencrypt",
-                clients="1",
-                nodes="1",
-                duration=5.0,
-                udp_rate="1G",
-                out="/nonexistent",
-                name="t",
-            )
-        )
+        plan = harness.build_plan(plan_args())
         plan.dns_count, plan.dns_seconds = 10, 30.0  # the count bounds the run, never the time
         bench = harness.Bench(plan, run, Progress([]), tmp_path)
         lab = SimpleNamespace(dns_ip=addresses[0], pid_file=lambda what: tmp_path / f"{what}.pid")

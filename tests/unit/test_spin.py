@@ -42,6 +42,16 @@ def selector(spin: float, a: socket.socket, clock: Ticks | None = None) -> SpinS
     return sel
 
 
+def woken(sel: SpinSelector, b: socket.socket, data: bytes) -> list[object]:
+    """What ``select(None)`` returns while a timer thread soon sends ``data`` to its socket."""
+    writer = threading.Timer(0.01, b.send, (data,))
+    writer.start()
+    try:
+        return [key.fileobj for key, _ in sel.select(None)]
+    finally:
+        writer.cancel()
+
+
 def test_ready_events_return_at_once_without_polling(pair):
     a, b = pair
     sel = selector(10.0, a)
@@ -85,12 +95,7 @@ def test_an_event_during_the_window_is_caught_awake(pair):
     b.send(b"x")
     assert sel.select(None)
     a.recv(1)
-    writer = threading.Timer(0.01, b.send, (b"y",))
-    writer.start()
-    try:
-        assert [key.fileobj for key, _ in sel.select(None)] == [a]
-    finally:
-        writer.cancel()
+    assert woken(sel, b, b"y") == [a]
     assert sel.polls > 0
 
 
@@ -132,19 +137,9 @@ def test_a_wake_up_a_poll_would_have_caught_restores_the_budget(pair):
     sel = selector(64 * MS, a, clock)
     sel.budget = 0.0  # decayed by sparse traffic
     event(sel, a, b)  # at tick 1; the blocked select reads ticks 2 and 3: a gap of 2
-    writer = threading.Timer(0.01, b.send, (b"y",))
-    writer.start()
-    try:
-        assert sel.select(None)
-    finally:
-        writer.cancel()
+    assert woken(sel, b, b"y") == [a]
     assert sel.grown == 1 and sel.budget == 4 * MS  # twice the gap
     clock.step = 100 * MS  # a wake-up further apart than spin changes nothing
     event(sel, a, b)
-    writer = threading.Timer(0.01, b.send, (b"z",))
-    writer.start()
-    try:
-        assert sel.select(None)
-    finally:
-        writer.cancel()
+    assert woken(sel, b, b"z") == [a]
     assert sel.grown == 1
