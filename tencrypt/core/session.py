@@ -312,23 +312,11 @@ class Tunnel:
             return None
         s.replay.update(counter)
         peer = s.peer
-        if not peer.pinned or addr == peer.endpoint:  # rule 11
-            peer.stale_due = None
-            peer.endpoint = addr  # roaming: answer where authenticated traffic comes from
-        else:
-            stats.inc(Counter.VIP_DATA_ELSEWHERE)
-        peer.confirmed = True
-        if not s.confirmed:
-            self._confirm(peer, s, now)
-        if s.initiator and now >= s.renew_at and peer.pending is None and peer.current is s:
-            # One-way traffic towards us would otherwise let the session die un-renewed.
-            self._initiate(peer, now, wall, rekey=True)
         n = len(packet)
+        self._authenticated(peer, s, addr, 1, n > 0, now, wall)
         if n == 0:
             stats.inc(Counter.KEEPALIVES_RECEIVED)
             return None
-        if peer.keepalive_due is None:
-            peer.keepalive_due = now + self.limits.keepalive_timeout
         # IPv4 with IHL >= 5 is a first byte of 0x45..0x4f; the total length must be exact.
         if n < 20 or not 0x45 <= packet[0] <= 0x4F or (packet[2] << 8 | packet[3]) != n:
             stats.drop(DropReason.NOT_IPV4)
@@ -369,20 +357,36 @@ class Tunnel:
         fastpath.count(self.stats, c, len(packets))
         authenticated, keepalives = c[fastpath.AUTHENTICATED], c[fastpath.KEEPALIVES]
         if authenticated:
-            if not peer.pinned or addr == peer.endpoint:  # rule 11
-                peer.stale_due = None
-                peer.endpoint = addr
-            else:
-                self.stats.inc(Counter.VIP_DATA_ELSEWHERE, authenticated)
-            peer.confirmed = True
-            if not s.confirmed:
-                self._confirm(peer, s, now)
-            if s.initiator and now >= s.renew_at and peer.pending is None and peer.current is s:
-                self._initiate(peer, now, wall, rekey=True)
-            if authenticated > keepalives and peer.keepalive_due is None:
-                peer.keepalive_due = now + self.limits.keepalive_timeout
+            self._authenticated(peer, s, addr, authenticated, authenticated > keepalives, now, wall)
         out.extend(packets)
         return stop
+
+    def _authenticated(
+        self,
+        peer: Peer,
+        s: Session,
+        addr: Endpoint,
+        count: int,
+        carried_data: bool,
+        now: float,
+        wall: float,
+    ) -> None:
+        """What ``count`` authenticated data messages of ``s`` from ``addr`` change about its
+        peer (once per batch): roaming (rule 11), confirmation (rule 4), renewal, and the
+        keepalive owed when some of them carried data (rule 6)."""
+        if not peer.pinned or addr == peer.endpoint:  # rule 11
+            peer.stale_due = None
+            peer.endpoint = addr  # roaming: answer where authenticated traffic comes from
+        else:
+            self.stats.inc(Counter.VIP_DATA_ELSEWHERE, count)
+        peer.confirmed = True
+        if not s.confirmed:
+            self._confirm(peer, s, now)
+        if s.initiator and now >= s.renew_at and peer.pending is None and peer.current is s:
+            # One-way traffic towards us would otherwise let the session die un-renewed.
+            self._initiate(peer, now, wall, rekey=True)
+        if carried_data and peer.keepalive_due is None:
+            peer.keepalive_due = now + self.limits.keepalive_timeout
 
     def _confirm(self, peer: Peer, s: Session, now: float) -> None:
         """Rule 4: the initiator used our responder session, so it has the keys too."""
