@@ -9,7 +9,8 @@ shared machine shows what the code costs rather than what the neighbours cost):
 3. NAT rewrites of a 1400-byte TCP segment through ``core.nat.FlowTable`` (in: VIP -> pod IP,
    out: pod IP -> VIP), buffer copy included since a rewrite works in place;
 4. µs per super-packet (SEGMENTS segments of 1440 bytes: 64 KiB of TCP at tenc0's MTU) sealed
-   by ``Tunnel.send_batch`` and opened by ``Tunnel.receive_batch``, per backend: one AEAD call
+   by ``Tunnel.send_batch`` and opened by ``Tunnel.receive_batch``, both given one
+   ``core.batch.Rows`` as the proxy gives them (a split's segments, a GRO read), per backend: one AEAD call
    per packet (no backend), core/fastpath.py (pure Python) and tencrypt._fastpath (C) — and
    the bare ``seal_batch`` / ``open_batch`` calls of each backend, and the split of a 64 KiB
    TSO frame (core/batch.py: NumPy for python, the backend's ``segment`` for c) and the
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from tencrypt import fastpath
 from tencrypt.core import TUNNEL_PORT, wire
 from tencrypt.core import fastpath as pure
-from tencrypt.core.batch import split_tcp_batch
+from tencrypt.core.batch import Rows, split_tcp_batch
 from tencrypt.core.fastpath import Backend
 from tencrypt.core.replay import ReplayWindow
 from tencrypt.core.session import Tunnel
@@ -151,19 +152,23 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
     if compiled is not None:
         backends.append(("c", compiled))
     segments = [bytearray(ipv4(A, B, size=1440, proto=6)) for _ in range(SEGMENTS)]
+    # what the proxy passes: a split's segments and a GRO read's datagrams, one buffer each
+    rows = Rows(bytearray(b"".join(segments)), 1440, 1440, SEGMENTS, 1440)
     results: dict[str, float] = {}
     for name, backend in backends:
         a, b = linked_tunnels(backend)
 
         def send(k: int, a: Tunnel = a) -> None:
             for _ in range(k):
-                a.send_batch(B, segments, 2.0, 1.7e9)
+                a.send_batch(B, rows, 2.0, 1.7e9)
                 a.pop_transmits()
 
         batches = []
         for _ in range(runs * n):
-            a.send_batch(B, segments, 2.0, 1.7e9)
-            batches.append([bytes(d) for d, _ in a.pop_transmits()])
+            a.send_batch(B, rows, 2.0, 1.7e9)
+            sealed = [bytes(d) for d, _ in a.pop_transmits()]
+            size = len(sealed[0])
+            batches.append(Rows(bytearray(b"".join(sealed)), size, size, SEGMENTS, size))
         batch_iter = iter(batches)
 
         def receive(k: int, b: Tunnel = b, batch_iter=batch_iter) -> None:

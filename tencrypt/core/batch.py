@@ -215,7 +215,11 @@ class Rows(Sequence[memoryview]):
         return self._view[at : at + (self.last if i == self.n - 1 else self.size)]
 
     def __iter__(self) -> Iterator[memoryview]:
-        return (self[i] for i in range(self.n))
+        view, stride, size, end = self._view, self.stride, self.size, (self.n - 1) * self.stride
+        for at in range(0, end, stride):
+            yield view[at : at + size]
+        if self.n:
+            yield view[end : end + self.last]
 
 
 # --- split --------------------------------------------------------------------------------------
