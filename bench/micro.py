@@ -166,9 +166,9 @@ def bench_super_packets(runs: int, n: int) -> dict[str, float]:
         batches = []
         for _ in range(runs * n):
             a.send_batch(B, rows, 2.0, 1.7e9)
-            sealed = [bytes(d) for d, _ in a.pop_transmits()]
-            size = len(sealed[0])
-            batches.append(Rows(bytearray(b"".join(sealed)), size, size, SEGMENTS, size))
+            wire = [bytes(d) for d, _ in a.pop_transmits()]
+            size = len(wire[0])
+            batches.append(Rows(bytearray(b"".join(wire)), size, size, SEGMENTS, size))
         batch_iter = iter(batches)
 
         def receive(k: int, b: Tunnel = b, batch_iter=batch_iter) -> None:
