@@ -46,13 +46,14 @@ class SpinSelector(selectors.EpollSelector):
     def select(self, timeout: float | None = None) -> SelectResult:
         if self.spin <= 0:  # rule 4
             return super().select(timeout)
-        start = now = self.clock()
+        now = self.clock()
+        deadline = None if timeout is None else now + timeout
         ready = super().select(0)  # rule 1
         if not ready and timeout != 0:  # rule 2
             until = self.last_event + self.budget
-            cut = timeout is not None and start + timeout <= until  # the caller's limit first
-            if cut:
-                until = start + (timeout or 0.0)
+            cut = False
+            if deadline is not None and deadline <= until:  # the caller's limit comes first
+                until, cut = deadline, True
             spun = now < until
             while not ready and now < until:
                 os.sched_yield()
@@ -62,7 +63,7 @@ class SpinSelector(selectors.EpollSelector):
             if spun and not ready and not cut:
                 self._shrink()
             if not ready:
-                ready = super().select(None if timeout is None else max(0.0, start + timeout - now))
+                ready = super().select(None if deadline is None else max(0.0, deadline - now))
                 now = self.clock()
                 if ready and now - self.last_event <= self.spin:
                     self._grow(now - self.last_event)
