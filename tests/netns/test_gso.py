@@ -80,6 +80,16 @@ def udp_socket(ns, port):
     return sock
 
 
+@pytest.fixture
+def sockets(veth_pair):
+    """A sender in the first namespace and a receiver on :4789 in the second, closed after."""
+    a, b, _dev = veth_pair
+    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+    yield tx_sock, rx_sock
+    tx_sock.close()
+    rx_sock.close()
+
+
 def datagrams(count, size, last=None):
     """Distinct datagrams: index and a seeded pseudo-random body, so order and content show."""
     rnd = random.Random(count * 7919 + size)
@@ -104,90 +114,70 @@ def receive_all(rx, expected, what):
     return got, calls
 
 
-def test_gso_sends_44_segments_per_call_and_gro_receives_them_with_their_boundaries(veth_pair):
-    a, b, _dev = veth_pair
-    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+def test_gso_sends_44_segments_per_call_and_gro_receives_them_with_their_boundaries(sockets):
+    tx_sock, rx_sock = sockets
     stats = Stats()
     tx, rx = gso.UdpBatch(tx_sock, stats), gso.UdpBatch(rx_sock)
-    try:
-        assert tx.gso and rx.gro
-        assert gso.max_segments(SEG) == PER_CALL
-        sent = []
-        for round_ in range(20):
-            batch = datagrams(PER_CALL, SEG, last=900 if round_ % 2 else None)
-            assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
-            sent += batch
-        assert stats.get("udp_gso_sends") == 20  # one system call per 44 datagrams
-        got, calls = receive_all(rx, len(sent), "GRO receiver")
-        assert got == sent
-        assert max(calls) > 1  # GRO handed several datagrams per call
-        assert len(calls) < len(sent) // 4
-    finally:
-        tx_sock.close()
-        rx_sock.close()
+    assert tx.gso and rx.gro
+    assert gso.max_segments(SEG) == PER_CALL
+    sent = []
+    for round_ in range(20):
+        batch = datagrams(PER_CALL, SEG, last=900 if round_ % 2 else None)
+        assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
+        sent += batch
+    assert stats.get("udp_gso_sends") == 20  # one system call per 44 datagrams
+    got, calls = receive_all(rx, len(sent), "GRO receiver")
+    assert got == sent
+    assert max(calls) > 1  # GRO handed several datagrams per call
+    assert len(calls) < len(sent) // 4
 
 
-def test_batches_larger_than_one_call_are_cut_and_send_many_groups_runs(veth_pair):
-    a, b, _dev = veth_pair
-    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+def test_batches_larger_than_one_call_are_cut_and_send_many_groups_runs(sockets):
+    tx_sock, rx_sock = sockets
     stats = Stats()
     tx, rx = gso.UdpBatch(tx_sock, stats), gso.UdpBatch(rx_sock)
     dst = ("10.231.0.2", 4789)
-    try:
-        big = datagrams(100, SEG, last=77)  # 3 calls: 44 + 44 + 12
-        assert tx.send_batch(b"".join(big), SEG, dst) == 100
-        mixed = datagrams(5, 600) + datagrams(3, 300, last=100) + [b"solo"]
-        assert tx.send_many([(d, dst) for d in mixed]) == len(mixed)
-        assert stats.get("udp_gso_sends") == 3 + 2  # the lone datagram went by sendto
-        got, _calls = receive_all(rx, 100 + len(mixed), "receiver")
-        assert got == big + mixed
-    finally:
-        tx_sock.close()
-        rx_sock.close()
+    big = datagrams(100, SEG, last=77)  # 3 calls: 44 + 44 + 12
+    assert tx.send_batch(b"".join(big), SEG, dst) == 100
+    mixed = datagrams(5, 600) + datagrams(3, 300, last=100) + [b"solo"]
+    assert tx.send_many([(d, dst) for d in mixed]) == len(mixed)
+    assert stats.get("udp_gso_sends") == 3 + 2  # the lone datagram went by sendto
+    got, _calls = receive_all(rx, 100 + len(mixed), "receiver")
+    assert got == big + mixed
 
 
-def test_send_runs_sends_a_run_as_it_lies_and_groups_the_singles_between(veth_pair):
+def test_send_runs_sends_a_run_as_it_lies_and_groups_the_singles_between(sockets):
     """What the tunnel hands over (core.peer.Transmit): runs go out as GSO from their own
     buffer, single datagrams between them through send_many; order kept on the wire."""
-    a, b, _dev = veth_pair
-    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+    tx_sock, rx_sock = sockets
     stats = Stats()
     tx, rx = gso.UdpBatch(tx_sock, stats), gso.UdpBatch(rx_sock)
     dst = ("10.231.0.2", 4789)
-    try:
-        run1, run2 = datagrams(50, SEG, last=99), datagrams(3, 600)
-        singles = datagrams(2, 300) + [b"solo"]
-        runs = [
-            (b"".join(run1), dst, SEG),
-            *[(d, dst, 0) for d in singles],
-            (memoryview(b"".join(run2)), dst, 600),
-        ]
-        assert tx.send_runs(runs) == 50 + 3 + 3
-        assert stats.get("udp_gso_sends") == 2 + 1 + 1  # 44 + 6, the two 300s, run2
-        got, _calls = receive_all(rx, 56, "receiver")
-        assert got == run1 + singles + run2
-    finally:
-        tx_sock.close()
-        rx_sock.close()
+    run1, run2 = datagrams(50, SEG, last=99), datagrams(3, 600)
+    singles = datagrams(2, 300) + [b"solo"]
+    runs = [
+        (b"".join(run1), dst, SEG),
+        *[(d, dst, 0) for d in singles],
+        (memoryview(b"".join(run2)), dst, 600),
+    ]
+    assert tx.send_runs(runs) == 50 + 3 + 3
+    assert stats.get("udp_gso_sends") == 2 + 1 + 1  # 44 + 6, the two 300s, run2
+    got, _calls = receive_all(rx, 56, "receiver")
+    assert got == run1 + singles + run2
 
 
-def test_without_gro_the_receiver_says_so_and_still_gets_every_datagram(veth_pair):
-    a, b, _dev = veth_pair
-    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+def test_without_gro_the_receiver_says_so_and_still_gets_every_datagram(sockets):
+    tx_sock, rx_sock = sockets
     tx, rx = gso.UdpBatch(tx_sock), gso.UdpBatch(rx_sock, gro=False)
-    try:
-        assert not rx.gro and rx_sock.getsockopt(gso.SOL_UDP, gso.UDP_GRO) == 0
-        sent = []
-        for _ in range(5):
-            batch = datagrams(PER_CALL, SEG, last=333)
-            assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
-            sent += batch
-        got, calls = receive_all(rx, len(sent), "non-GRO receiver")
-        assert got == sent  # the kernel segments GSO packets for a socket without GRO
-        assert set(calls) == {1}  # one datagram per call
-    finally:
-        tx_sock.close()
-        rx_sock.close()
+    assert not rx.gro and rx_sock.getsockopt(gso.SOL_UDP, gso.UDP_GRO) == 0
+    sent = []
+    for _ in range(5):
+        batch = datagrams(PER_CALL, SEG, last=333)
+        assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
+        sent += batch
+    got, calls = receive_all(rx, len(sent), "non-GRO receiver")
+    assert got == sent  # the kernel segments GSO packets for a socket without GRO
+    assert set(calls) == {1}  # one datagram per call
 
 
 def test_probes_report_what_the_socket_supports():
@@ -199,46 +189,37 @@ def test_probes_report_what_the_socket_supports():
         assert not batch.gso and not batch.gro
 
 
-def test_with_gso_off_every_datagram_is_sent_by_itself(veth_pair):
-    a, b, _dev = veth_pair
-    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+def test_with_gso_off_every_datagram_is_sent_by_itself(sockets):
+    tx_sock, rx_sock = sockets
     stats = Stats()
     tx, rx = gso.UdpBatch(tx_sock, stats, gso=False), gso.UdpBatch(rx_sock)
-    try:
-        batch = datagrams(PER_CALL, SEG, last=10)
-        assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
-        assert stats.get("udp_gso_sends") == 0
-        got, calls = receive_all(rx, len(batch), "receiver")
-        assert got == batch and set(calls) == {1}  # nothing for GRO to merge either
-    finally:
-        tx_sock.close()
-        rx_sock.close()
+    batch = datagrams(PER_CALL, SEG, last=10)
+    assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
+    assert stats.get("udp_gso_sends") == 0
+    got, calls = receive_all(rx, len(batch), "receiver")
+    assert got == batch and set(calls) == {1}  # nothing for GRO to merge either
 
 
-def test_datagrams_above_the_route_mtu_fall_back_to_one_by_one(veth_pair):
-    a, b, dev = veth_pair
+def test_datagrams_above_the_route_mtu_fall_back_to_one_by_one(veth_pair, sockets):
+    a, _b, dev = veth_pair
     netns.run(a, ["ip", "link", "set", dev, "mtu", "1280"])  # GSO never fragments: EINVAL
-    tx_sock, rx_sock = udp_socket(a, 0), udp_socket(b, 4789)
+    tx_sock, rx_sock = sockets
     stats = Stats()
     tx, rx = gso.UdpBatch(tx_sock, stats), gso.UdpBatch(rx_sock)
-    try:
-        sent = []
-        for _ in range(3):
-            batch = datagrams(PER_CALL, SEG, last=1000)
-            assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
-            sent += batch
-        assert stats.get("gso_oversize") == 3 and stats.get("udp_gso_sends") == 0
-        assert tx.gso  # not given up for good: smaller datagrams still go by GSO
-        got, _calls = receive_all(rx, len(sent), "receiver of fragments")
-        assert got == sent
-        small = datagrams(PER_CALL, 1000)
-        assert tx.send_batch(b"".join(small), 1000, ("10.231.0.2", 4789)) == PER_CALL
-        assert stats.get("udp_gso_sends") == 1
-        got, _calls = receive_all(rx, PER_CALL, "receiver")
-        assert got == small
-    finally:
-        tx_sock.close()
-        rx_sock.close()
+    sent = []
+    for _ in range(3):
+        batch = datagrams(PER_CALL, SEG, last=1000)
+        assert tx.send_batch(b"".join(batch), SEG, ("10.231.0.2", 4789)) == PER_CALL
+        sent += batch
+    assert stats.get("gso_oversize") == 3 and stats.get("udp_gso_sends") == 0
+    assert tx.gso  # not given up for good: smaller datagrams still go by GSO
+    got, _calls = receive_all(rx, len(sent), "receiver of fragments")
+    assert got == sent
+    small = datagrams(PER_CALL, 1000)
+    assert tx.send_batch(b"".join(small), 1000, ("10.231.0.2", 4789)) == PER_CALL
+    assert stats.get("udp_gso_sends") == 1
+    got, _calls = receive_all(rx, PER_CALL, "receiver")
+    assert got == small
 
 
 # --- a real TUN with TSO ------------------------------------------------------------------------
