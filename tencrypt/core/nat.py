@@ -51,6 +51,16 @@ import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tencrypt.core.flowstate import (
+    FIN_IN,
+    FIN_OUT,
+    ICMP_LIKE,
+    TCP_CLOSED,
+    TCP_OPEN,
+    UDP_LIKE,
+    FlowState,
+    IdleFlows,
+)
 from tencrypt.core.packet import (
     DST,
     ICMP,
@@ -59,10 +69,7 @@ from tencrypt.core.packet import (
     IP_MF,
     SRC,
     TCP,
-    TCP_ACK,
-    TCP_FIN,
     TCP_RST,
-    TCP_SYN,
     IPv4,
     ip_to_int,
     parse_icmp_quote,
@@ -77,10 +84,6 @@ from tencrypt.errors import UsageError
 FlowKey = tuple[int, int, int, int]
 FragKey = tuple[int, int, int]
 
-# Timeout classes; each has its own queue in last-activity order, so reaping stops at the first
-# live entry and the longest-idle flow of a class is at the front.
-_TCP_OPEN, _TCP_CLOSED, _UDP, _ICMP = range(4)
-_FIN_IN, _FIN_OUT = 1, 2
 _ICMP_REPLIES = frozenset(ICMP_QUERY_REPLY.values())
 
 FRAG_TIMEOUT = 30.0  # seconds a datagram's fragments may trail its first (Linux ipfrag_time)
@@ -88,11 +91,8 @@ MAX_FRAG_DATAGRAMS = 1024
 
 
 @dataclass(slots=True)
-class Flow:
-    vip: int
-    last_seen: float
-    queue: int  # timeout class, and the queue the key sits in
-    fins: int = 0  # _FIN_IN | _FIN_OUT seen
+class Flow(FlowState):
+    vip: int = 0
 
 
 class FlowTable:
@@ -105,9 +105,7 @@ class FlowTable:
         "_stats",
         "_max",
         "_per_peer",
-        "_timeouts",
-        "_flows",
-        "_queues",
+        "_idle",
         "_frags",
         "_owned",
     )
@@ -143,15 +141,13 @@ class FlowTable:
         if self._per_peer < 1:
             raise UsageError("max_flows_per_peer must be at least 1")
         self._owned: dict[int, int] = {}  # peer IP -> flows it holds (rule 8)
-        self._timeouts = (tcp_idle, tcp_closed, udp_idle, icmp_idle)
-        self._flows: dict[FlowKey, Flow] = {}
-        self._queues: tuple[OrderedDict[FlowKey, None], ...] = tuple(
-            OrderedDict() for _ in self._timeouts
+        self._idle: IdleFlows[FlowKey, Flow] = IdleFlows(
+            (tcp_idle, tcp_closed, udp_idle, icmp_idle)
         )
         self._frags: OrderedDict[FragKey, tuple[int, float]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return len(self._idle)
 
     def flows_of(self, peer_ip: str) -> int:
         """How many flows ``peer_ip`` holds (rule 8)."""
@@ -206,7 +202,7 @@ class FlowTable:
         if flow is None:
             return True
         if proto == TCP:
-            self._on_tcp(key, flow, ip.info, _FIN_OUT, now)
+            self._idle.on_tcp(key, flow, ip.info, FIN_OUT, FIN_IN, now)
         else:
             self._touch(key, flow, flow.queue, now)
         rewrite_addr(buf, ip, SRC, flow.vip)
@@ -216,16 +212,10 @@ class FlowTable:
 
     def expire(self, now: float) -> int:
         """Remove every flow past its timeout; returns how many were removed."""
-        removed = 0
-        for queue, timeout in zip(self._queues, self._timeouts, strict=True):
-            while queue:
-                key = next(iter(queue))
-                if now - self._flows[key].last_seen < timeout:
-                    break
-                queue.popitem(last=False)
-                del self._flows[key]
-                self._disown(key[1])
-                removed += 1
+        reaped = self._idle.reap(now)
+        for key, _ in reaped:
+            self._disown(key[1])
+        removed = len(reaped)
         frags = self._frags
         while frags and now - next(iter(frags.values()))[1] >= FRAG_TIMEOUT:
             frags.popitem(last=False)
@@ -240,9 +230,9 @@ class FlowTable:
         if proto == ICMP:
             if ip.info >> 8 not in ICMP_QUERY_REPLY:
                 return True  # only requests open an ICMP flow
-            queue = _ICMP
+            queue = ICMP_LIKE
         else:
-            queue = _TCP_OPEN if proto == TCP else _UDP
+            queue = TCP_OPEN if proto == TCP else UDP_LIKE
         key = (proto, ip.src, ip.sport, ip.dport)
         flow = self._live(key, now)
         if flow is None:
@@ -253,7 +243,7 @@ class FlowTable:
                 return False
             flow = inserted
         elif flow.vip != ip.dst:
-            if flow.queue == _TCP_OPEN:
+            if flow.queue == TCP_OPEN:
                 self._stats.drop(DropReason.NAT_CONFLICT)
                 return False
             self._stats.inc(Counter.NAT_VIP_REMAPPED)
@@ -261,7 +251,7 @@ class FlowTable:
             flow.fins = 0
             self._touch(key, flow, queue, now)
         if proto == TCP:
-            self._on_tcp(key, flow, ip.info, _FIN_IN, now)
+            self._idle.on_tcp(key, flow, ip.info, FIN_IN, FIN_IN, now)
         else:
             self._touch(key, flow, queue, now)
         return True
@@ -312,35 +302,14 @@ class FlowTable:
     # --- the table ----------------------------------------------------------------------------
 
     def _live(self, key: FlowKey, now: float) -> Flow | None:
-        flow = self._flows.get(key)
-        if flow is not None and now - flow.last_seen >= self._timeouts[flow.queue]:
-            self._remove(key, flow)
+        if self._idle.dead(key, now):
+            self._remove(key)
             self._stats.inc(Counter.NAT_FLOWS_EXPIRED)
             return None
-        return flow
-
-    def _on_tcp(self, key: FlowKey, flow: Flow, flags: int, fin_bit: int, now: float) -> None:
-        queue = flow.queue
-        if flags & TCP_RST:
-            queue = _TCP_CLOSED
-        elif flags & TCP_SYN and not flags & TCP_ACK and fin_bit == _FIN_IN:
-            if queue == _TCP_CLOSED:  # the peer reuses the tuple for a new connection
-                flow.fins = 0
-                queue = _TCP_OPEN
-        elif flags & TCP_FIN:
-            flow.fins |= fin_bit
-            if flow.fins == _FIN_IN | _FIN_OUT:
-                queue = _TCP_CLOSED
-        self._touch(key, flow, queue, now)
+        return self._idle.flows.get(key)
 
     def _touch(self, key: FlowKey, flow: Flow, queue: int, now: float) -> None:
-        flow.last_seen = now
-        if queue == flow.queue:
-            self._queues[queue].move_to_end(key)
-        else:
-            del self._queues[flow.queue][key]
-            self._queues[queue][key] = None
-            flow.queue = queue
+        self._idle.touch(key, flow, queue, now)
 
     def _insert(self, key: FlowKey, vip: int, queue: int, now: float) -> Flow | None:
         """A new flow, or None (counted NAT_PEER_QUOTA) if its peer holds its quota."""
@@ -350,13 +319,12 @@ class FlowTable:
             if self._owned.get(peer, 0) >= self._per_peer:
                 self._stats.drop(DropReason.NAT_PEER_QUOTA)
                 return None
-        if len(self._flows) >= self._max:
+        if len(self._idle) >= self._max:
             self.expire(now)
-            if len(self._flows) >= self._max:
+            if len(self._idle) >= self._max:
                 self._evict()
-        flow = Flow(vip, now, queue)
-        self._flows[key] = flow
-        self._queues[queue][key] = None
+        flow = Flow(now, queue, vip=vip)
+        self._idle.insert(key, flow)
         self._owned[peer] = self._owned.get(peer, 0) + 1
         self._stats.inc(Counter.NAT_FLOWS_CREATED)
         return flow
@@ -365,20 +333,18 @@ class FlowTable:
         """Rules 7-8: of the source holding the most flows, remove its closed TCP flow idle
         longest, else its flow idle longest of any class (a scan, only when the table is full)."""
         heaviest = max(self._owned, key=self._owned.__getitem__)
-        candidates = [next((k for k in q if k[1] == heaviest), None) for q in self._queues]
-        closed = candidates[_TCP_CLOSED]
+        candidates = [next((k for k in q if k[1] == heaviest), None) for q in self._idle.queues]
+        closed = candidates[TCP_CLOSED]
         if closed is not None:
             key = closed
         else:
-            key = min(
-                (k for k in candidates if k is not None), key=lambda k: self._flows[k].last_seen
-            )
-        self._remove(key, self._flows[key])
+            flows = self._idle.flows
+            key = min((k for k in candidates if k is not None), key=lambda k: flows[k].last_seen)
+        self._remove(key)
         self._stats.inc(Counter.NAT_FLOWS_EVICTED)
 
-    def _remove(self, key: FlowKey, flow: Flow) -> None:
-        del self._flows[key]
-        del self._queues[flow.queue][key]
+    def _remove(self, key: FlowKey) -> None:
+        self._idle.remove(key)
         self._disown(key[1])
 
     def _disown(self, peer: int) -> None:

@@ -59,6 +59,7 @@ TCP_OPT_MSS = 2
 ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
 ICMP_ECHO_REQUEST = 8
+ICMP_PORT_UNREACH = 3  # code of ICMP_DEST_UNREACH (RFC 792): connect() fails ECONNREFUSED
 ICMP_FRAG_NEEDED = 4  # code of ICMP_DEST_UNREACH (RFC 1191)
 ICMP_ADMIN_PROHIBITED = 13  # code of ICMP_DEST_UNREACH: filtered (RFC 1812 §5.2.7.1)
 ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})  # unreach, source quench, redirect, time exceeded, param
@@ -296,15 +297,51 @@ def rewrite_addr(buf: bytearray | memoryview, ip: IPv4, field: int, new: int) ->
     return changes
 
 
+def rewrite_port(buf: bytearray | memoryview, ip: IPv4, field: int, new: int) -> int:
+    """Set the TCP/UDP source (``field=SRC``) or destination (``DST``) port of ``ip``.
+
+    ``ip`` must be a first fragment whose ports were parsed (``sport``/``dport`` >= 0) and of
+    TCP or UDP; anything else is left alone (0). Fixes the transport checksum as
+    ``rewrite_addr`` does (in a quote only when its whole TCP header is there, and never a UDP
+    checksum of 0) and returns the ones' complement sum of the changes, for an enclosing ICMP
+    checksum.
+    """
+    old = ip.sport if field == SRC else ip.dport
+    if old == new or old < 0 or ip.frag or ip.proto not in (TCP, UDP):
+        return 0
+    l4 = ip.off + ip.hlen
+    _U16.pack_into(buf, l4 if field == SRC else l4 + 2, new)
+    changes = (old ^ 0xFFFF) + new
+    if l4 + (20 if ip.proto == TCP else 8) > ip.end:
+        return changes  # a quote without the whole header: as rewrite_addr, the port only
+    at = l4 + 16 if ip.proto == TCP else l4 + 6
+    ck: int = _U16.unpack_from(buf, at)[0]
+    if ck == 0 and ip.proto == UDP:
+        return changes
+    ck2 = csum_adjust(ck, changes)
+    if ck2 == 0 and ip.proto == UDP:
+        ck2 = 0xFFFF
+    _U16.pack_into(buf, at, ck2)
+    return changes + (ck ^ 0xFFFF) + ck2
+
+
 def rewrite_icmp_quote(
-    buf: bytearray | memoryview, outer: IPv4, inner: IPv4, field: int, new: int
+    buf: bytearray | memoryview,
+    outer: IPv4,
+    inner: IPv4,
+    field: int,
+    new: int,
+    port: int = -1,
 ) -> None:
-    """Rewrite an address of the packet quoted in ICMP error ``outer`` and the ICMP checksum.
+    """Rewrite an address (and with ``port`` >= 0 the TCP/UDP port of the same side) of the
+    packet quoted in ICMP error ``outer``, and the ICMP checksum.
 
     The ICMP checksum covers the quote (RFC 792), so every word changed inside it is folded in
     incrementally; the outer header is the caller's to rewrite with ``rewrite_addr``.
     """
     changes = rewrite_addr(buf, inner, field, new)
+    if port >= 0:
+        changes += rewrite_port(buf, inner, field, port)
     if changes:
         at = outer.off + outer.hlen + 2
         _U16.pack_into(buf, at, csum_adjust(_U16.unpack_from(buf, at)[0], changes))
@@ -385,6 +422,15 @@ def build_icmp_admin_prohibited(
     the local sender of a refused packet learns at once (Linux fails a connect with
     EHOSTUNREACH) instead of retrying into silence."""
     return build_icmp_unreachable(orig, ICMP_ADMIN_PROHIBITED, src_ip)
+
+
+def build_icmp_port_unreachable(
+    orig: bytes | bytearray | memoryview, src_ip: str | int
+) -> bytes | None:
+    """ICMP "port unreachable" (type 3 code 3) about ``orig``, from ``src_ip``: what kube-proxy's
+    REJECT answers for a Service with no endpoint; a TCP connect fails at once with
+    ECONNREFUSED and a connected UDP socket's next call with the same."""
+    return build_icmp_unreachable(orig, ICMP_PORT_UNREACH, src_ip)
 
 
 def build_icmp_unreachable(
