@@ -11,13 +11,35 @@ Rules (DESIGN §1a "Evidence that an address is internal"):
    is ignored (an out-of-order writer), so membership never goes back in time.
 3. A file that does not parse is refused with a clear message and the last good membership
    is kept; a proxy never runs on half a file.
-4. The format, version 1 (JSON, UTF-8)::
+4. Format 2 (JSON, UTF-8), what the node agent writes::
+
+       {"format": "tencrypt-members/2", "project": "shop", "generation": 42,
+        "pods": ["10.128.2.7", "10.129.0.5"],
+        "services": [
+          {"name": "web", "ips": ["172.30.5.9"],
+           "ports": [{"name": "http", "protocol": "TCP", "port": 80}],
+           "endpoints": [{"ip": "10.128.2.7", "ready": true, "serving": true,
+                          "terminating": false, "zones": ["zone-a"],
+                          "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]}],
+           "affinitySeconds": 10800}],
+        "serviceCIDRs": ["172.30.0.0/16"], "podCIDRs": ["10.128.0.0/14"], "zone": "zone-a"}
+
+   ``services`` carries each Service of the project (core/services.py rules 8 and the
+   EndpointSlice fields it keeps: ``ready``/``serving``/``terminating`` default to true, true,
+   false; ``zones`` are the hints, absent when the slice has none; ``affinitySeconds`` only
+   for sessionAffinity ClientIP). ``serviceCIDRs`` and ``podCIDRs`` are the cluster's ranges
+   as the agent discovered them (empty lists: not known); ``zone`` is the node's
+   ``topology.kubernetes.io/zone`` (absent: none). With format 2 the sending proxy resolves
+   Services itself (core/conntrack.py).
+5. Format 1 is still read: ``services`` is a list of cluster IP strings, nothing else is
+   known, and the proxy reaches those Services the older way (standalone's VIP path)::
 
        {"format": "tencrypt-members/1", "project": "shop", "generation": 42,
         "pods": ["10.128.2.7", "fd00:10:128::7"], "services": ["172.30.5.9"]}
 
-   ``project`` is the namespace name; ``pods`` and ``services`` are lists of IP address
-   strings (any order, duplicates allowed); unknown keys are ignored (forward compatible).
+6. In both formats ``project`` is the namespace name, addresses may come in any order and
+   twice, unknown keys are ignored (forward compatible), and a Service entry or CIDR that
+   does not parse refuses the whole file (rule 3) with a message naming it.
 
 Pure: text in, ``Members`` out, and the reverse.
 """
@@ -28,13 +50,18 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
-FORMAT = "tencrypt-members/1"
+from tencrypt.core.services import Service, ServiceError, parse_service, render_service
+
+FORMAT_V1 = "tencrypt-members/1"
+FORMAT = "tencrypt-members/2"
 FILE_NAME = "members.json"
 MAX_ADDRESSES = 1 << 20  # a bound on what one file may hold (a project of a million pods)
+MAX_SERVICES = 1 << 16
+MAX_CIDRS = 1024  # per list: Nodes' podCIDRs of a 1,000-node cluster with no summary
 
 
 class MembershipError(ValueError):
-    """The membership text is not a valid ``tencrypt-members/1`` document."""
+    """The membership text is not a valid ``tencrypt-members`` document."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +69,11 @@ class Members:
     project: str
     generation: int
     pods: frozenset[str]
-    services: frozenset[str]
+    services: frozenset[str]  # every cluster IP of the project's Services
+    service_table: tuple[Service, ...] | None = None  # format 2; None: format 1 (IPs only)
+    service_cidrs: tuple[str, ...] = ()
+    pod_cidrs: tuple[str, ...] = ()
+    zone: str | None = None
 
     @property
     def addresses(self) -> frozenset[str]:
@@ -65,43 +96,89 @@ def _addresses(value: object, key: str) -> frozenset[str]:
     return frozenset(out)
 
 
+def _cidrs(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_CIDRS:
+        raise MembershipError(f"{key!r} must be a list of at most {MAX_CIDRS} CIDRs")
+    out: list[str] = []
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise TypeError(item)
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except (ValueError, TypeError):
+            raise MembershipError(f"{key!r}: not a CIDR: {item!r}") from None
+    return tuple(dict.fromkeys(out))
+
+
+def _services(value: object) -> tuple[Service, ...]:
+    if not isinstance(value, list):
+        raise MembershipError("'services' must be a list")
+    if len(value) > MAX_SERVICES:
+        raise MembershipError(f"'services' holds {len(value)} Services, more than {MAX_SERVICES}")
+    try:
+        table = tuple(parse_service(item) for item in value)
+    except ServiceError as exc:
+        raise MembershipError(str(exc)) from None
+    if len({s.name for s in table}) != len(table):
+        raise MembershipError("'services': a Service name is listed twice")
+    return table
+
+
 def parse_members(text: str | bytes) -> Members:
-    """Rule 3/4: a ``Members`` or ``MembershipError`` saying what is wrong."""
+    """Rules 3-6: a ``Members`` or ``MembershipError`` saying what is wrong."""
     try:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MembershipError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise MembershipError("not a JSON object")
-    if doc.get("format") != FORMAT:
-        raise MembershipError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+    fmt = doc.get("format")
+    if fmt not in (FORMAT, FORMAT_V1):
+        raise MembershipError(f"format is {fmt!r}, expected {FORMAT!r} or {FORMAT_V1!r}")
     project, generation = doc.get("project"), doc.get("generation")
     if not isinstance(project, str) or not project:
         raise MembershipError("'project' must be a non-empty string")
     if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
         raise MembershipError("'generation' must be a non-negative integer")
+    pods = _addresses(doc.get("pods", []), "pods")
+    if fmt == FORMAT_V1:
+        return Members(project, generation, pods, _addresses(doc.get("services", []), "services"))
+    table = _services(doc.get("services", []))
+    zone = doc.get("zone")
+    if zone is not None and (not isinstance(zone, str) or not zone):
+        raise MembershipError("'zone' must be a non-empty string when present")
     return Members(
         project,
         generation,
-        _addresses(doc.get("pods", []), "pods"),
-        _addresses(doc.get("services", []), "services"),
+        pods,
+        frozenset(ip for svc in table for ip in svc.ips),
+        table,
+        _cidrs(doc.get("serviceCIDRs", []), "serviceCIDRs"),
+        _cidrs(doc.get("podCIDRs", []), "podCIDRs"),
+        zone,
     )
 
 
 def render_members(members: Members) -> str:
-    """The file's text for ``members`` (sorted, so equal memberships give equal files)."""
-    return (
-        json.dumps(
-            {
-                "format": FORMAT,
-                "project": members.project,
-                "generation": members.generation,
-                "pods": sorted(members.pods, key=_sort_key),
-                "services": sorted(members.services, key=_sort_key),
-            }
-        )
-        + "\n"
-    )
+    """The file's text for ``members`` (sorted, so equal memberships give equal files):
+    format 2 when it carries a Service table, else format 1."""
+    doc: dict[str, object] = {
+        "format": FORMAT_V1 if members.service_table is None else FORMAT,
+        "project": members.project,
+        "generation": members.generation,
+        "pods": sorted(members.pods, key=_sort_key),
+    }
+    if members.service_table is None:
+        doc["services"] = sorted(members.services, key=_sort_key)
+    else:
+        doc["services"] = [
+            render_service(s) for s in sorted(members.service_table, key=lambda s: s.name)
+        ]
+        doc["serviceCIDRs"] = list(members.service_cidrs)
+        doc["podCIDRs"] = list(members.pod_cidrs)
+        if members.zone is not None:
+            doc["zone"] = members.zone
+    return json.dumps(doc) + "\n"
 
 
 def _sort_key(ip: str) -> tuple[int, int]:

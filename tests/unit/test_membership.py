@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tencrypt.core.membership import (
     FORMAT,
+    FORMAT_V1,
     Members,
     MembershipError,
     parse_members,
@@ -30,15 +31,27 @@ def test_parse_a_document():
     [
         ("", "not JSON"),
         ("[]", "not a JSON object"),
-        ('{"format": "tencrypt-members/2", "project": "p", "generation": 1}', "format"),
+        ('{"format": "tencrypt-members/3", "project": "p", "generation": 1}', "format"),
         (f'{{"format": "{FORMAT}", "project": "", "generation": 1}}', "project"),
         (f'{{"format": "{FORMAT}", "project": "p", "generation": -1}}', "generation"),
         (f'{{"format": "{FORMAT}", "project": "p", "generation": true}}', "generation"),
         (f'{{"format": "{FORMAT}", "project": "p", "generation": 1, "pods": "10.0.0.1"}}', "list"),
         (f'{{"format": "{FORMAT}", "project": "p", "generation": 1, "pods": ["x"]}}', "not an IP"),
         (
-            f'{{"format": "{FORMAT}", "project": "p", "generation": 1, "services": [5]}}',
+            f'{{"format": "{FORMAT_V1}", "project": "p", "generation": 1, "services": [5]}}',
             "not an IP",
+        ),
+        (
+            f'{{"format": "{FORMAT}", "project": "p", "generation": 1, "services": [5]}}',
+            "must be a JSON object",
+        ),
+        (
+            f'{{"format": "{FORMAT}", "project": "p", "generation": 1, "podCIDRs": ["10.0/x"]}}',
+            "not a CIDR",
+        ),
+        (
+            f'{{"format": "{FORMAT}", "project": "p", "generation": 1, "zone": 3}}',
+            "zone",
         ),
         (b"\xff\xfe", "not JSON"),
     ],
