@@ -376,7 +376,7 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
         "run",
         "run the proxy in this (set-up) pod namespace: DNS proxy + sealed tunnel",
         _run,
-        "tencrypt.daemon:main",
+        "tencrypt.runcmd:main",
     ),
     ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.dnscmd:main"),
     (

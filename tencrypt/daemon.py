@@ -1,68 +1,53 @@
-"""`tencrypt run`: the proxy in one pod's network namespace — the composition root.
-
-``serve()`` opens the devices and sockets and hands them to ``Proxy`` (whose unit tests hand
-it in-memory fakes instead); the pure core decides, ``core.policy`` gives every packet from
-tenc0 its verdict. Two pipelines, each read top to bottom:
+"""The proxy in one pod's network namespace: a pump. The pure core decides (``core.dispatch``
+what happens to every packet from tenc0, ``core.session`` the tunnel); ``Proxy`` executes,
+with the control plane (membership, keys, peer events, timers) in tencrypt/control.py and
+its composition root in tencrypt/runcmd.py (unit tests hand it in-memory ports instead).
 
 Outbound, when tenc0 is readable (``_on_tun``):
- 1. read up to BATCH frames from tenc0 — on the batch path (default) TCP super-packets of up
-    to 64 KiB behind a virtio-net header, otherwise one packet each;
- 2. a super-packet: NAT out once, then split into MSS-sized segments (headers and checksums
-    computed for all of them at once, core.batch) that share one verdict; any other packet
-    gets its checksum completed, and: not IPv4 -> dropped; a DF packet above tenc0's MTU ->
-    ICMP "fragmentation needed" back (path-MTU discovery); a SYN -> MSS clamped;
- 3. NAT out: replies of flows that came in through the tunnel get their Service VIP back;
- 4. verdict (core.policy) from the destination's class (core.classify: membership, sessions,
-    DNS): SEAL -> each segment its own datagram, all of a super-packet sealed by one call of
-    the selected backend (``Tunnel.send_batch``, tencrypt/fastpath.py); CLEAR -> re-sent out of the
-    uplink; HOLD -> kept while a reverse (PTR) lookup decides; REFUSE -> dropped, counted, ICMP
-    "administratively prohibited" to the local sender. Nothing leaves in the clear unless it
-    is positively external (DESIGN §1a); the firewall backs this up in the kernel;
- 5. flush: the datagrams the tunnel produced go out of the UDP socket, a run to one peer as
-    one UDP GSO ``sendmsg`` on the batch path.
+ 1. read up to BATCH frames — on the batch path (default) TCP super-packets of up to 64 KiB
+    behind a virtio-net header, otherwise one packet each;
+ 2. per packet: not IPv4 -> dropped; a DF packet above tenc0's MTU -> ICMP "fragmentation
+    needed" back (path-MTU discovery); a SYN -> MSS clamped;
+ 3. standalone's receiver NAT: replies of flows that came in for a VIP get it back (core.nat);
+ 4. ``Dispatcher.route``, once per super-packet before its split: cluster mode's Service
+    translation (cluster IP:port -> the flow's endpoint:target port), then the verdict,
+    executed by ``_act``: SEAL -> one datagram per segment, sealed by one call of the selected
+    backend (``Tunnel.send_batch``, tencrypt/fastpath.py); CLEAR -> out of the uplink; HOLD
+    -> kept while a reverse (PTR) lookup decides; WAIT -> kept until the membership lists a
+    new Service; REFUSE -> ICMP "administratively prohibited"; REJECT -> ICMP "port
+    unreachable" (no endpoint). Nothing leaves in the clear unless positively external;
+ 5. flush: the tunnel's datagrams out of the UDP socket, a run to one peer as one UDP GSO send.
 Inbound, when the UDP socket is readable (``_on_udp``):
  1. receive up to BATCH datagrams (UDP GRO: many per call on the batch path);
- 2. ``Tunnel.receive_batch``: authenticate, replay window (a run of one session's data
-    messages in one call of the selected backend, tencrypt/fastpath.py), handshakes (every
-    failure a counted drop);
-    a PeerUp is evidence (the peer's pod IP is internal) and wants a /32 into tenc0;
- 3. a packet from a peer whose /32 is not in place yet waits for it (the reply to it must
-    not take the uplink, where the firewall would refuse it);
- 4. on the batch path, consecutive segments of one TCP flow are coalesced again (core.batch);
- 5. NAT in: Service VIP -> this pod's IP, flow remembered (once per coalesced packet);
- 6. inject: on the batch path as TSO frames written to tenc0 (the kernel completes the TCP
-    checksum), otherwise through the raw socket;
- 7. flush replies (handshake responses, keepalives).
-Side effects (routes, firewall set elements) are wanted by the callbacks and applied by one
-task (linux.effects); timers (``timers``): handshake retries, keepalives, re-keys, flow and
-evidence expiry, the membership file, the key file (a new key ring is applied without a
-restart: core.keyring; also on SIGHUP).
-
+ 2. ``Tunnel.receive_batch``: authenticate, replay window, handshakes (every failure a
+    counted drop); a PeerUp is evidence (the peer's pod IP is internal) and wants a /32;
+ 3. a packet from a peer whose /32 into tenc0 is not in place yet waits for it (the reply
+    must not take the uplink, where the firewall would refuse it);
+ 4. on the batch path, consecutive segments of one TCP flow are coalesced (core.batch);
+ 5. NAT in, once per coalesced packet: standalone's VIP -> this pod's IP (core.nat); cluster
+    mode's endpoint -> the cluster IP and port the app used (``Dispatcher.on_reply``);
+ 6. inject: TSO frames written to tenc0 on the batch path (the kernel completes the TCP
+    checksum), otherwise through the raw socket; 7. flush replies (handshakes, keepalives).
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
-adopted, the membership loaded and applied — all before the first packet is read. Stop
-(SIGTERM/SIGINT): stop reading, close the DNS proxy, remove the /32s added at run time; the
-firewall stays until `tencrypt setup --undo`.
+adopted, the membership loaded and applied — all before the first packet is read. Stop:
+stop reading, close the DNS proxy, remove the /32s added at run time; the firewall stays
+until `tencrypt setup --undo`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import dataclasses
 import logging
+import random
 import os
-import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-from tencrypt import fastpath
+from tencrypt import fastpath, observe
+from tencrypt.control import ControlPlane
 from tencrypt.core.batch import (
     VNET_HDR_LEN,
     build_gso_vnet_hdr,
@@ -71,63 +56,47 @@ from tencrypt.core.batch import (
     rewrite_partial_csum,
     split_tcp_batch,
 )
-from tencrypt.core.classify import AddrClass, Change
+from tencrypt.core.classify import ClassTable
+from tencrypt.core.clustershape import claim_policy
+from tencrypt.core.conntrack import ServiceFlows
+from tencrypt.core.dispatch import Dispatcher, Out
 from tencrypt.core.effects import Desired
-from tencrypt.core.identity import ClaimPolicy
-from tencrypt.core.keyring import KeyRing, render_key_metrics
-from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
-from tencrypt.core.membership import Members
+from tencrypt.core.holdqueue import HoldQueue
+from tencrypt.core.keyring import KeyRing
 from tencrypt.core.nat import FlowTable
 from tencrypt.core.packet import (
     TCP,
     build_icmp_admin_prohibited,
     build_icmp_frag_needed,
+    build_icmp_port_unreachable,
     dont_fragment,
     ip_proto,
     is_ipv4,
     rewrite_tcp_mss,
 )
 from tencrypt.core.podconfig import PodConfig
-from tencrypt.core.policy import Guard, Verdict, decide
-from tencrypt.core.psk import KeySet, parse_psk
-from tencrypt.core.session import Limits, PeerDown, PeerUnreachable, PeerUp, Tunnel
-from tencrypt.core.stats import Counter, DropReason, Stats, render_prometheus, snapshot
-from tencrypt.errors import UsageError
-from tencrypt.linux import allocator
+from tencrypt.core.policy import Guard
+from tencrypt.core.session import Limits, Tunnel
+from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.linux.effects import EffectApplier, Kernel
-from tencrypt.linux.keyfile import LOADED_FILE, KeyFile, describe, write_loaded
+from tencrypt.linux.keyfile import KeyFile
 from tencrypt.linux.members import MembersFile
-from tencrypt.linux.spin import SpinSelector
 from tencrypt.linux.tun import READ_SIZE
 from tencrypt.logutil import RateLimitedLog
-from tencrypt.ports import Ports, RawSocket, Resolver, open_ports
+from tencrypt.ports import Ports, RawSocket, Resolver
 
 if TYPE_CHECKING:  # imported by start() only in standalone strict mode (nfqueue, its parser)
     from tencrypt.linux.inbound import InboundGate
 
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
-HOLD_LIMIT = 64  # packets held per destination (reverse lookup, or a peer's route)
-PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
+HOLD_PER_PEER = 64  # opened packets waiting for their sender's route, per peer
+HOLD_TOTAL = 4096  # ... and in total
 NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear
-SESSION_EVIDENCE = 86400.0  # seconds a peer's pod IP stays internal after its session was up
 ADOPTED_EVIDENCE = 3600.0  # seconds what a previous run put in the firewall stays internal
-SWEEP = 1.0  # seconds between expiry sweeps and membership-file polls
 
 
-def read_keys(args: argparse.Namespace, stats: Stats) -> tuple[KeySet, KeyFile | None]:
-    """The project keys from --psk-file (one key, or a ring: core.psk.parse_key_file; watched
-    for changes) or TENCRYPT_PROJECT_PSK (one key, fixed), never argv."""
-    if args.psk_file:
-        keyfile = KeyFile(Path(args.psk_file), stats)
-        return keyfile.load(), keyfile
-    env = os.environ.get("TENCRYPT_PROJECT_PSK")
-    if not env:
-        raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
-    return KeySet(parse_psk(env)), None
-
-
-class Proxy:
+class Proxy(ControlPlane):
     def __init__(
         self,
         config: PodConfig,
@@ -144,6 +113,7 @@ class Proxy:
         keyfile: KeyFile | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        services: ServiceFlows | None = None,
     ) -> None:
         self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
         self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
@@ -160,27 +130,28 @@ class Proxy:
             stats,
             limits or Limits(),
             port=config.port,
-            identity=claim_policy(config, self._is_member),
+            identity=claim_policy(config, self._is_member, config.pod_cidrs),
         )
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
-        self.table = resolver.table
+        self.table: ClassTable = resolver.table
         resolver.on_change = self._on_changes
+        self.dispatch = Dispatcher(
+            self.table,
+            Guard.of(config.service_cidr, config.pod_cidrs or config.uplink_cidrs),
+            strict,
+            stats,
+            self.tunnel.table.by_addr,
+            services or ServiceFlows(stats, random.randrange),
+        )
         self.desired = Desired(config.service_cidr, config.own_addresses)
         self.effects = EffectApplier(self.desired, stats, kernel, on_applied=self._on_applied)
-        self.guard = Guard.of(config.service_cidr, config.pod_cidrs)
         self.ratelog = RateLimitedLog(log)
-        self.held: dict[str, list[bytes]] = {}  # destination -> packets awaiting a lookup
-        self.awaiting_route: dict[str, list[bytes]] = {}  # peer -> opened packets
+        self.awaiting_route: HoldQueue[str, bytes] = HoldQueue(HOLD_PER_PEER, HOLD_TOTAL)
         self.up_peers: set[str] = set()
-        self.plaintext_until: dict[str, float] = {}
+        self.cidr_mismatch: str | None = None  # the last mismatch reported (observe.py)
         self.inbound: InboundGate | None = None  # standalone strict mode only
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-
-    def _is_member(self, ip: str) -> bool | None:
-        """A claimed pod IP against the membership: None where no membership is known."""
-        loaded = self.members.loaded if self.members else None
-        return None if loaded is None else ip in loaded.pods
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -199,10 +170,13 @@ class Proxy:
         )
         await self.resolver.start()
         loop = asyncio.get_running_loop()
-        if self.strict and not (self.members and self.members.loaded):
+        loaded = self.members.loaded if self.members else None
+        if loaded is None:
+            log.warning("%s", observe.STANDALONE_LIMITS)
+        if self.strict and loaded is None:
             log.info(
-                "no membership file (%s): standalone, new plaintext connections from the "
-                "pod network are classified before they are accepted",
+                "no membership file (%s): new plaintext connections from the pod network "
+                "are classified before they are accepted",
                 self.members.path if self.members else "none given",
             )
             from tencrypt.linux.inbound import InboundGate
@@ -220,10 +194,11 @@ class Proxy:
         loop.add_reader(self.ports.udp.fileno(), self._on_udp)
         self._spawn(self.effects.run(self.stopping))
         log.info(
-            "ready: pod %s, pod network %s, %d members",
+            "ready: pod %s, %s mode, pod network %s, %d members",
             c.pod_ip,
-            ", ".join(c.pod_cidrs) or "-",
-            len(self.members.loaded.addresses) if self.members and self.members.loaded else 0,
+            observe.mode(self),
+            ", ".join(str(n) for n in self.dispatch.guard.pods) or "-",
+            len(loaded.addresses) if loaded else 0,
         )
 
     async def prepare(self) -> None:
@@ -265,7 +240,7 @@ class Proxy:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # ---- outbound: tenc0 -> verdict -> seal -> udp --------------------------------------
+    # ---- outbound: tenc0 -> dispatch -> seal -> udp -------------------------------------
     def _on_tun(self) -> None:
         now, wall = self.clock(), self.wall()
         # every frame is read into one reused buffer and rewritten in place: whatever must
@@ -304,6 +279,7 @@ class Proxy:
         wall: float,
         to_peers: dict[str, list[bytes]] | None = None,
     ) -> None:
+        """Steps 2-4 for one packet."""
         if not is_ipv4(buf):
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
@@ -313,27 +289,33 @@ class Proxy:
             return
         if ip_proto(buf) == TCP:
             rewrite_tcp_mss(buf, mtu - 40)
-        if self.flows.rewrite_outbound(buf, now):  # False: malformed, counted
-            dst = _dst(buf)
-            if to_peers is not None and self.tunnel.knows(dst):  # sealed after the reads
-                to_peers.setdefault(dst, []).append(bytes(buf))
-            else:
-                self._dispatch(dst, [buf], now, wall)
+        if not self.flows.rewrite_outbound(buf, now):  # malformed, counted
+            return
+        out, dst = self.dispatch.route(buf, _dst(buf), now)
+        if out is Out.SEAL and to_peers is not None:  # sealed after the reads
+            to_peers.setdefault(dst, []).append(bytes(buf))
+        else:
+            self._act(out, dst, [buf], now, wall)
 
     def _outbound_super(self, frame: memoryview, now: float, wall: float) -> None:
-        """NAT and the verdict once per super-packet; split recomputes every checksum after."""
-        if not is_ipv4(frame[VNET_HDR_LEN:]):
+        """NAT, translation and the verdict once per super-packet, on its headers; the split
+        recomputes every checksum after."""
+        head = frame[VNET_HDR_LEN:]
+        if not is_ipv4(head):
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
-        if not self.flows.rewrite_outbound(frame[VNET_HDR_LEN:], now):
+        if not self.flows.rewrite_outbound(head, now):
             return
-        dst = _dst(frame[VNET_HDR_LEN:])
+        out, dst = self.dispatch.route(head, _dst(head), now)
+        if out is Out.DROP:
+            return
         backend = self.tunnel.fastpath  # its segment cuts in C when compiled
         segments = split_tcp_batch(
             frame, self.stats, self.split_buffer, backend.segment if backend is not None else None
         )
         self.stats.inc(Counter.SUPER_PACKETS_SPLIT)
-        self._dispatch(dst, segments, now, wall)
+        if segments:
+            self._act(out, dst, segments, now, wall)
 
     def _too_big(self, buf: bytearray | memoryview, mtu: int) -> None:
         self.stats.drop(DropReason.TOO_BIG)
@@ -342,58 +324,49 @@ class Proxy:
             if icmp:
                 self._send_raw(self.ports.inject, icmp)
 
-    def _dispatch(
+    def _act(
         self,
+        out: Out,
         dst: str,
         packets: Sequence[bytearray | memoryview],
         now: float,
         wall: float,
-        looked_up: bool = False,
     ) -> None:
-        """Step 4: one verdict for packets to one destination."""
-        if self.tunnel.knows(dst):  # the common case: a peer with a session
+        """Step 4: execute the dispatcher's result for packets to one destination."""
+        if out is Out.SEAL:
+            if not self.dispatch.cluster:
+                peer = self.tunnel.table.by_addr.get(dst)
+                if peer is not None and peer.pinned:  # standalone's VIP path, counted
+                    self.stats.inc(Counter.STANDALONE_VIP_PACKETS, len(packets))
             self.tunnel.send_batch(dst, packets, now, wall)
-            return
-        cls = self.table.lookup(dst, now)
-        verdict = decide(
-            cls,
-            guarded=dst in self.guard,
-            strict=self.strict,
-            looked_up=looked_up or self.table.known_unknown(dst, now),
-            fallback=self.plaintext_until.get(dst, 0.0) > now,
-        )
-        if verdict is Verdict.SEAL:
-            self.tunnel.send_batch(dst, packets, now, wall)
-        elif verdict is Verdict.CLEAR:
-            if cls is AddrClass.INTERNAL:
-                self.stats.inc(Counter.PACKETS_PLAINTEXT_FALLBACK, len(packets))
-            else:
-                self.stats.inc(Counter.PACKETS_BYPASSED, len(packets))
+        elif out is Out.CLEAR or out is Out.FALLBACK:
+            fallback = out is Out.FALLBACK
+            self.stats.inc(
+                Counter.PACKETS_PLAINTEXT_FALLBACK if fallback else Counter.PACKETS_BYPASSED,
+                len(packets),
+            )
             for pkt in packets:
                 self._send_raw(self.ports.bypass, pkt)
-        elif verdict is Verdict.HOLD:
-            self._hold(dst, packets)
-        else:
-            self._refuse(packets)
+        elif out is Out.HOLD or out is Out.WAIT:
+            if self.dispatch.hold(out, dst, packets, now):
+                self._spawn(self._look_up(dst))
+        elif out is Out.REFUSE:
+            self._refuse(packets, now)
+        elif out is Out.REJECT:  # no endpoint: as kube-proxy's REJECT, from the cluster IP
+            icmp = build_icmp_port_unreachable(packets[0], dst) if packets else None
+            if icmp:
+                self._send_raw(self.ports.inject, icmp)
 
-    def _refuse(self, packets: Sequence[bytes | bytearray | memoryview]) -> None:
+    def _refuse(self, packets: Sequence[bytes | bytearray | memoryview], now: float) -> None:
         self.stats.drop(DropReason.UNCLASSIFIED, len(packets))
         icmp = build_icmp_admin_prohibited(packets[0], self.config.pod_ip) if packets else None
         if icmp:
-            self._send_raw(self.ports.inject, icmp)
+            quote = bytearray(icmp)
+            self.dispatch.on_reply(quote, now)  # a translated packet's quote: as the app sent it
+            self._send_raw(self.ports.inject, quote)
 
-    def _hold(self, dst: str, packets: Sequence[bytearray | memoryview]) -> None:
-        """Keep packets for an unclassified address while a reverse lookup decides."""
-        queue = self.held.get(dst)
-        if queue is None:
-            queue = self.held[dst] = []
-            self._spawn(self._classify_held(dst))
-        room = HOLD_LIMIT - len(queue)
-        queue.extend(bytes(p) for p in packets[:room])
-        if len(packets) > room:
-            self.stats.drop(DropReason.QUEUE_FULL, len(packets) - max(room, 0))
-
-    async def _classify_held(self, dst: str) -> None:
+    async def _look_up(self, dst: str) -> None:
+        """A HOLD's reverse lookup; then its packets are routed again, ``looked_up``."""
         try:
             await self.resolver.classify_address(dst)
         except Exception:  # a failed lookup leaves the address unknown: refused, never clear
@@ -401,9 +374,13 @@ class Proxy:
         now = self.clock()
         if self.table.lookup(dst, now) is None and not self.table.known_unknown(dst, now):
             self.table.note_unknown(dst, now)
-        packets = [bytearray(p) for p in self.held.pop(dst, [])]
-        if packets:
-            self._dispatch(dst, packets, now, self.wall(), looked_up=True)
+        self._reroute(self.dispatch.release(dst), now, looked_up=True)
+
+    def _reroute(self, packets: list[bytearray], now: float, looked_up: bool = False) -> None:
+        wall = self.wall()
+        for pkt in packets:
+            out, dst = self.dispatch.route(pkt, _dst(pkt), now, looked_up)
+            self._act(out, dst, [pkt], now, wall)
         self._flush()
 
     # ---- inbound: udp -> open -> nat -> inject ------------------------------------------
@@ -430,26 +407,25 @@ class Proxy:
 
     def _routed(self, packets: list[bytes]) -> list[bytes]:
         """Step 3: packets whose sender's /32 is in place; the others wait for it."""
-        if not self.desired.unrouted and not self.awaiting_route:
+        waiting = self.awaiting_route
+        if not self.desired.unrouted and not len(waiting):
             return packets
         ready = []
         for pkt in packets:
             src = _src(pkt)
-            if self.desired.routed(src) and src not in self.awaiting_route:
+            if self.desired.routed(src) and src not in waiting:
                 ready.append(pkt)
                 continue
-            queue = self.awaiting_route.setdefault(src, [])
-            if len(queue) < HOLD_LIMIT:
-                queue.append(pkt)
-            else:
-                self.stats.drop(DropReason.QUEUE_FULL)
+            _, refused = waiting.add(src, [pkt])
+            if refused:
+                self.stats.drop(DropReason.QUEUE_FULL, refused)
         return ready
 
     def _on_applied(self) -> None:
         """Routes were applied: inject what waited for them."""
-        ready = [ip for ip in self.awaiting_route if self.desired.routed(ip)]
-        for ip in ready:
-            self._inject(self.awaiting_route.pop(ip), self.clock())
+        for ip in self.awaiting_route:
+            if self.desired.routed(ip):
+                self._inject(self.awaiting_route.pop(ip), self.clock())
 
     def _inject(self, packets: list[bytes], now: float) -> None:
         """NAT in and inject. The batch path merges a flow's consecutive segments first (NAT
@@ -458,11 +434,13 @@ class Proxy:
         in Python. The one-packet path and the fallback inject through the raw socket."""
         if not packets:
             return
+        on_reply = self.dispatch.on_reply
         if not self.inject_via_tun:
             merged = [c.packet for c in coalesce_batch(packets)] if self.batch else packets
             for pkt in merged:
                 buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
                 if self.flows.rewrite_inbound(buf, now):
+                    on_reply(buf, now)
                     self._send_raw(self.ports.inject, buf)
             return
         backend = self.tunnel.fastpath  # its coalesce merges in C when compiled
@@ -475,6 +453,7 @@ class Proxy:
             buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
             if not self.flows.rewrite_inbound(buf, now):
                 continue
+            on_reply(buf, now)
             if gso_size:
                 rewrite_partial_csum(buf)
             try:
@@ -509,165 +488,6 @@ class Proxy:
         if self.tunnel.table.events:
             self._on_peer_events(self.clock())
 
-    def _on_peer_events(self, now: float) -> None:
-        for event in self.tunnel.pop_events():
-            if isinstance(event, PeerUp):
-                log.info("peer %s up (endpoint %s:%d)", event.pod_ip, *event.endpoint)
-                self.up_peers.add(event.pod_ip)
-                self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
-            elif isinstance(event, PeerDown):  # its evidence stays: protection is kept
-                log.info("peer %s down", event.pod_ip)
-                self.up_peers.discard(event.pod_ip)
-                self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
-            elif isinstance(event, PeerUnreachable):
-                self._on_unreachable(event.addresses, now)
-
-    def _on_unreachable(self, addresses: Sequence[str], now: float) -> None:
-        if self.strict:
-            self.stats.inc(Counter.PEERS_UNREACHABLE)
-            self.ratelog.warn(
-                "unreachable",
-                "no tencrypt proxy answers at %s: its packets are "
-                "dropped (strict mode never sends them in the clear)",
-                ", ".join(addresses),
-            )
-            return
-        for address in addresses:
-            self.stats.inc(Counter.PLAINTEXT_FALLBACK)
-            log.warning(
-                "no tencrypt proxy answers at %s within %.0f s: --no-strict, so its "
-                "traffic goes in the CLEAR for %.0f s",
-                address,
-                self.tunnel.limits.handshake_give_up,
-                PLAINTEXT_FOR,
-            )
-            self.plaintext_until[address] = now + PLAINTEXT_FOR
-
-    def _on_changes(self, changes: list[Change]) -> None:
-        """Every change of a class: wanted routes and firewall elements, applied by the
-        effects task (never here: this runs inside DNS and packet callbacks)."""
-        for conflict in self.table.pop_conflicts():
-            self.stats.inc(Counter.CLASSIFICATION_CONFLICTS)
-            self.ratelog.warn(
-                "classification-conflict",  # a reason, never an address: logutil rule 1
-                "%s is %s by trusted evidence, but an "
-                "answer calls it %s: kept %s (a tenant's alias, a forged answer or "
-                "a misconfiguration)",
-                conflict.ip,
-                conflict.held.value,
-                conflict.claimed.value,
-                conflict.held.value,
-            )
-        if changes:
-            self.desired.on_changes(changes)
-            self.effects.wake()
-
-    def _poll_members(self, now: float) -> None:
-        members = self.members.poll() if self.members else None
-        if members is not None:
-            self._apply_members(members, now)
-
-    def reload_keys(self, force: bool = True) -> None:
-        """The key file changed (or SIGHUP): apply its ring; sessions keep their keys until
-        their re-key (core.keyring). A refused file keeps the ring (linux.keyfile)."""
-        keys = self.keyfile.poll(force) if self.keyfile else None
-        if keys is None:
-            return
-        self.tunnel.set_ring(
-            KeyRing.from_keys(keys, X25519PrivateKey.generate, reuse=self.tunnel.ring)
-        )
-        if self.loaded_dir is not None:
-            write_loaded(self.loaded_dir, keys)
-        log.info(
-            "project keys reloaded from %s: %s",
-            self.keyfile.path if self.keyfile else "-",
-            describe(keys),
-        )
-
-    def _apply_members(self, members: Members, now: float) -> None:
-        self.stats.inc(Counter.MEMBERSHIP_LOADS)
-        log.info(
-            "membership of project %s, generation %d: %d pod IPs, %d Service IPs",
-            members.project,
-            members.generation,
-            len(members.pods),
-            len(members.services),
-        )
-        self._on_changes(self.table.set_members(members.addresses, now))
-
-    async def timers(self) -> None:
-        last_sweep = 0.0
-        while not self.stopping.is_set():
-            now, wall = self.clock(), self.wall()
-            self.tunnel.on_timer(now, wall)
-            self._flush()
-            if now - last_sweep >= SWEEP:
-                last_sweep = now
-                self.flows.expire(now)
-                for ip in self.up_peers:
-                    self._on_changes(self.table.note_session(ip, now, SESSION_EVIDENCE))
-                self._poll_members(now)
-                self.reload_keys(force=False)
-            deadline = self.tunnel.next_timer()
-            wait = SWEEP if deadline is None else min(SWEEP, max(0.01, deadline - now))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), wait)
-
-    def status(self) -> dict[str, object]:
-        """`tencrypt status`: peers and sessions, classification, membership, drops."""
-        now = self.clock()
-        classes = [cls.value for _, cls in self.table.items(now)]
-        loaded = self.members.loaded if self.members else None
-        return {
-            **self.tunnel.status(now),
-            **snapshot(self.stats),
-            "strict": self.strict,
-            "classification": {c: classes.count(c) for c in ("internal", "external")},
-            "membership": None
-            if loaded is None
-            else {
-                "project": loaded.project,
-                "generation": loaded.generation,
-                "pods": len(loaded.pods),
-                "services": len(loaded.services),
-            },
-            "held_destinations": len(self.held),
-            "firewall_refused": dict(self.effects.firewall_counters),
-        }
-
-    def render_metrics(self) -> str:
-        now = self.clock()
-        classes = [cls for _, cls in self.table.items(now)]
-        gauges: dict[str, float] = {
-            "sessions": self.tunnel.session_count(),
-            "peers": self.tunnel.peer_count(),
-            "flow_table_entries": len(self.flows),
-            "dns_table_entries": len(self.table),
-            "addresses_internal": classes.count(AddrClass.INTERNAL),
-            "addresses_external": classes.count(AddrClass.EXTERNAL),
-            "members": len(self.members.loaded.addresses)
-            if self.members and self.members.loaded
-            else 0,
-            "held_destinations": len(self.held),
-            "key_mismatch_sources": len(self.tunnel.key_mismatch),
-        }
-        for name, packets in self.effects.firewall_counters.items():
-            gauges[f"firewall_{name}_packets"] = packets
-        return render_prometheus(self.stats, gauges) + render_key_metrics(self.tunnel.key_status())
-
-
-def claim_policy(config: PodConfig, is_member: Callable[[str], bool | None]) -> ClaimPolicy:
-    """DESIGN §1a "Identity is bound to the network": what a peer may claim to be. Pod-to-pod
-    traffic is not SNATed in Kubernetes, so a claimed pod IP must be the datagram's source."""
-    return ClaimPolicy(
-        pod_cidrs=config.pod_cidrs,
-        service_cidr=config.service_cidr,
-        self_ip=config.pod_ip,
-        reserved=config.own_addresses - {config.pod_ip},
-        bind_to_source=True,
-        is_member=is_member,
-    )
-
 
 def _src(buf: bytes | bytearray | memoryview) -> str:
     """The source address of an IPv4 packet (bytes 12-16 of its header)."""
@@ -677,85 +497,3 @@ def _src(buf: bytes | bytearray | memoryview) -> str:
 def _dst(buf: bytes | bytearray | memoryview) -> str:
     """The destination address of an IPv4 packet (bytes 16-20 of its header)."""
     return socket.inet_ntoa(buf[16:20])
-
-
-async def serve(args: argparse.Namespace) -> int:
-    from tencrypt.linux import metrics, podnet
-    from tencrypt.linux.dns import DnsProxy
-
-    config = dataclasses.replace(podnet.load_config(args.state_dir), port=args.port)
-    tuned = allocator.tune()  # before the data path allocates anything
-    log.info("allocator: %s", tuned or "not glibc: left as it is")
-    stats = Stats()
-    keys, keyfile = read_keys(args, stats)
-    log.info("project keys: %s", describe(keys))
-    strict = True if args.strict is None else args.strict
-    limits = Limits()
-    give_up = args.handshake_give_up or (None if strict else NO_STRICT_GIVE_UP)
-    if give_up is not None:
-        limits = dataclasses.replace(limits, handshake_give_up=give_up)
-    if args.session_lifetime:
-        limits = dataclasses.replace(
-            limits,
-            reject_after_time=args.session_lifetime,
-            rekey_after_time=args.session_lifetime * 2 / 3,
-        )
-    state_dir = podnet.namespace_state_dir(args.state_dir)
-    members_path = Path(args.members_file) if args.members_file else state_dir / MEMBERS_FILE
-    proxy = Proxy(
-        config,
-        KeyRing.from_keys(keys, X25519PrivateKey.generate),
-        strict,
-        stats,
-        open_ports(config, stats, args.batch),
-        DnsProxy(config, stats),
-        Kernel(config, firewall=strict),
-        limits=limits,
-        batch=args.batch,
-        members=MembersFile(members_path),
-        keyfile=keyfile,
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, proxy.stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload_keys)  # re-read the key file now
-    pid_file = state_dir / podnet.PID_FILE
-    proxy.loaded_dir = state_dir
-    write_loaded(state_dir, keys)
-    await proxy.start()
-    server = (
-        await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
-        if args.metrics
-        else None
-    )
-    pid_file.write_text(f"{os.getpid()}\n")
-    print(
-        f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, udp :{config.port}, "
-        f"{'strict' if strict else 'not strict'}",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        await proxy.timers()
-    finally:
-        log.info("shutting down")
-        if server:
-            server.close()
-        await proxy.stop()
-        pid_file.unlink(missing_ok=True)
-        (state_dir / LOADED_FILE).unlink(missing_ok=True)  # no proxy: no ring loaded
-    log.info("stopped; counters: %s", proxy.stats.counters)
-    return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    # asyncio's own loop, not uvloop: measured on the lab, the same throughput and ping, about
-    # 10 µs more per request/response, and 3.4 MB less RSS per proxy (uvloop and the ssl it
-    # needs; cli.keep_out keeps ssl out). Its selector polls a while before sleeping (spin.py).
-    spin = args.spin_us / 1e6
-
-    def new_loop() -> asyncio.AbstractEventLoop:
-        return asyncio.SelectorEventLoop(SpinSelector(spin))
-
-    with asyncio.Runner(loop_factory=new_loop) as runner:
-        return runner.run(serve(args))

@@ -51,7 +51,7 @@ from tencrypt.linux import netns
 from tencrypt.linux.keyfile import write_key_file
 
 log = logging.getLogger("tencrypt.agent")
-READY = "tencrypt: ready"  # tencrypt.daemon.serve prints it once the proxy serves
+READY = "tencrypt: ready"  # tencrypt.runcmd.serve prints it once the proxy serves
 NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # RFC 1123 label, as k8s checks
 
 

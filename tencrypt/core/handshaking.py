@@ -74,7 +74,7 @@ class Handshakes:
         "handshakes_by_key",
         "key_mismatch",
         "_gate",
-        "_identity",
+        "identity",
         "_pod_ip_packed",
         "_last_stamp_ns",
     )
@@ -96,7 +96,7 @@ class Handshakes:
         self.handshakes_by_key: dict[str, int] = {}  # fingerprint -> sessions made with it
         self.key_mismatch = KeyMismatches()
         self._gate = gate
-        self._identity = identity
+        self.identity = identity
         self._pod_ip_packed = ipaddress.IPv4Address(pod_ip).packed
         self._last_stamp_ns = 0
 
@@ -132,8 +132,8 @@ class Handshakes:
             self.stats.drop(init)
             if (
                 init is DropReason.BAD_MAC
-                and self._identity is not None
-                and self._identity.is_member(addr[0])
+                and self.identity is not None
+                and self.identity.is_member(addr[0])
             ):  # rule 10: a pod a phase behind?
                 self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
                 self.key_mismatch.note(addr[0])
@@ -143,9 +143,9 @@ class Handshakes:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return None
         pod_ip, packed, reason = claimed, init.pod_ip, None
-        if self._identity is not None:
-            pod_ip = initiation_name(self._identity, self.table.by_addr, claimed, addr)
-            reason = self._identity.check(claimed, claimed if pod_ip != claimed else addr[0])
+        if self.identity is not None:
+            pod_ip = initiation_name(self.identity, self.table.by_addr, claimed, addr)
+            reason = self.identity.check(claimed, claimed if pod_ip != claimed else addr[0])
             if pod_ip != claimed:  # through a VIP's conntrack entry: speaks for the VIP only
                 packed = ipaddress.IPv4Address(pod_ip).packed
         peer = self.table.by_addr.get(pod_ip)
@@ -220,9 +220,9 @@ class Handshakes:
         remote_index, pod_ip_packed, keys = got
         name = (
             claimed
-            if self._identity is None
+            if self.identity is None
             else response_name(
-                self._identity, self.table.by_addr, peer, claimed, addr, now, self.limits
+                self.identity, self.table.by_addr, peer, claimed, addr, now, self.limits
             )
         )
         if isinstance(name, DropReason):
@@ -289,4 +289,4 @@ class Handshakes:
 
     def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float) -> bool:
         """Rule 9's CLAIM_REBIND (core/identity.py rule 6), when claims are checked at all."""
-        return self._identity is not None and live_elsewhere(peer, addr, now, self.limits)
+        return self.identity is not None and live_elsewhere(peer, addr, now, self.limits)

@@ -9,8 +9,10 @@ Rules (``ClaimPolicy.check``, first match wins; None = the claim is acceptable):
 1. CLAIM_RESERVED: unspecified, loopback, link-local (169.254/16, e.g. the metadata address),
    multicast, broadcast or IETF-reserved addresses; this pod's own address; anything in
    ``reserved`` (the gateway, the cluster DNS server, ...).
-2. CLAIM_SERVICE_IP: inside the Service CIDR (a VIP is never a pod).
-3. CLAIM_OUTSIDE_POD_NETWORK: outside every ``pod_cidrs`` entry (an empty tuple: not checked).
+2. CLAIM_SERVICE_IP: inside a Service CIDR (a VIP is never a pod).
+3. CLAIM_OUTSIDE_POD_NETWORK: outside every ``pod_cidrs`` entry (an empty tuple: not checked:
+   the pod network must be known — from the agent's membership or ``setup --pod-cidr`` —
+   never guessed, since a node's own pod subnet is not the cluster's pod network).
 4. CLAIM_NOT_MEMBER: ``is_member(ip)`` is False (the agent's membership knows the address
    and it is not the project's). None (unknown, e.g. no membership file yet) passes.
 5. CLAIM_NOT_SOURCE: with ``bind_to_source`` (the default), the claim must equal the outer
@@ -25,6 +27,10 @@ Rules that need the tunnel's tables (core/handshaking.py rule 9 applies them):
    A restarted pod comes back from the same pod IP and port, so it is let in; under SNAT
    (``bind_to_source`` off) a restarted pod whose endpoint changed waits until the old
    session is no longer usable (``reject_after_time``).
+Rules 7 and 8 name a session after the Service VIP it was reached through: standalone mode's
+VIP path only (``vip_sessions``). In cluster mode the sender translates VIPs to pod IPs itself
+(core/conntrack.py), every session is between two pod IPs, and a claim must always equal the
+outer source (rule 5).
 7. Responses (``response_name``): the claim must come from the peer we initiated to. If the
    response came back from the Service VIP we sent the initiation to (conntrack undoes the
    DNAT, so the source is the VIP, not the pod), the claim cannot be checked against the
@@ -64,18 +70,20 @@ class ClaimPolicy:
     """The facts a claim is checked against. See the module rules."""
 
     pod_cidrs: tuple[str, ...]  # the pod network; empty = not checked
-    service_cidr: str
+    service_cidr: str | tuple[str, ...]  # the Service CIDR(s)
     self_ip: str
     reserved: frozenset[str] = frozenset()  # gateway, DNS server, ...
     bind_to_source: bool = True  # False only for networks that SNAT pod-to-pod traffic
     is_member: Callable[[str], bool | None] = _unknown
+    vip_sessions: bool = True  # rules 7 and 8 (standalone); False in cluster mode
     _pods: tuple[ipaddress.IPv4Network, ...] = field(init=False, repr=False, compare=False)
-    _service: ipaddress.IPv4Network = field(init=False, repr=False, compare=False)
+    _services: tuple[ipaddress.IPv4Network, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # ValueError on a bad CIDR: a configuration error, raised once at start.
         object.__setattr__(self, "_pods", tuple(ipaddress.IPv4Network(c) for c in self.pod_cidrs))
-        object.__setattr__(self, "_service", ipaddress.IPv4Network(self.service_cidr))
+        cidrs = (self.service_cidr,) if isinstance(self.service_cidr, str) else self.service_cidr
+        object.__setattr__(self, "_services", tuple(ipaddress.IPv4Network(c) for c in cidrs))
 
     def check(self, claimed_ip: str, outer_src: str) -> DropReason | None:
         """Why ``claimed_ip`` may not be claimed by a datagram from ``outer_src``, or None."""
@@ -94,7 +102,7 @@ class ClaimPolicy:
             or claimed_ip in self.reserved
         ):
             return DropReason.CLAIM_RESERVED
-        if ip in self._service:
+        if any(ip in net for net in self._services):
             return DropReason.CLAIM_SERVICE_IP
         if self._pods and not any(ip in net for net in self._pods):
             return DropReason.CLAIM_OUTSIDE_POD_NETWORK
@@ -105,11 +113,17 @@ class ClaimPolicy:
         return None
 
     def is_service_ip(self, address: str) -> bool:
-        """Is ``address`` inside the Service CIDR? (A response from a VIP: see handshaking.py.)"""
+        """Is ``address`` inside a Service CIDR?"""
         try:
-            return ipaddress.IPv4Address(address) in self._service
+            ip = ipaddress.IPv4Address(address)
         except ValueError:
             return False
+        return any(ip in net for net in self._services)
+
+    def via_vip(self, address: str) -> bool:
+        """May a session be named after ``address`` as a VIP (rules 7 and 8)? Only on
+        standalone's VIP path."""
+        return self.vip_sessions and self.is_service_ip(address)
 
 
 def claimable(packed: bytes, self_packed: bytes) -> str | None:
@@ -149,7 +163,7 @@ def response_name(
         policy.bind_to_source
         and source != claimed
         and source == peer.endpoint[0]
-        and policy.is_service_ip(source)
+        and policy.via_vip(source)
     )
     reason = policy.check(claimed, claimed if via_vip else source)
     if reason is not None:
@@ -169,7 +183,7 @@ def initiation_name(
 ) -> str:
     """Rule 8: the VIP an initiation came through, if it came from a VIP peer; else the claim."""
     source = addr[0]
-    if policy.bind_to_source and source != claimed and policy.is_service_ip(source):
+    if policy.bind_to_source and source != claimed and policy.via_vip(source):
         peer = by_addr.get(source)
         if peer is not None and peer.endpoint[0] == source:
             return source

@@ -34,7 +34,8 @@ class PodConfig:
     search: tuple[str, ...]
     cluster_domain: str
     service_cidr: str = "172.30.0.0/16"
-    pod_cidrs: tuple[str, ...] = ()  # the pod network (cluster-wide); default: eth0's subnet
+    pod_cidrs: tuple[str, ...] = ()  # the pod network (cluster-wide): given, never guessed
+    uplink_cidrs: tuple[str, ...] = ()  # eth0's subnet: guarded, never the claims' pod network
     mtu: int = 1440
     tun: str = "tenc0"
     fwmark: int = 0x1337
@@ -50,6 +51,7 @@ class PodConfig:
         d = asdict(self)
         d["search"] = list(self.search)
         d["pod_cidrs"] = list(self.pod_cidrs)
+        d["uplink_cidrs"] = list(self.uplink_cidrs)
         return d
 
     @classmethod
@@ -58,6 +60,7 @@ class PodConfig:
         values = {k: v for k, v in d.items() if k in known}
         values["search"] = tuple(values.get("search", ()))
         values["pod_cidrs"] = tuple(values.get("pod_cidrs", ()))
+        values["uplink_cidrs"] = tuple(values.get("uplink_cidrs", ()))
         return cls(**values)
 
 

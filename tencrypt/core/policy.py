@@ -80,20 +80,34 @@ def decide_inbound(cls: AddrClass | None, *, looked_up: bool) -> Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Guard:
-    """The ranges where an unknown address may be the project's: the Service CIDR and the pod
-    network (both IPv4 and IPv6 networks allowed)."""
+    """The ranges where an unknown address may be the project's: the Service CIDRs and the pod
+    network (IPv4 and IPv6 networks allowed). Either may be empty (not known)."""
 
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    services: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    pods: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def of(cls, service_cidr: str, pod_cidrs: Sequence[str]) -> Guard:
+    def of(cls, service_cidrs: str | Sequence[str], pod_cidrs: Sequence[str]) -> Guard:
+        services = (service_cidrs,) if isinstance(service_cidrs, str) else tuple(service_cidrs)
         return cls(
-            tuple(ipaddress.ip_network(c, strict=False) for c in (service_cidr, *pod_cidrs) if c)
+            tuple(ipaddress.ip_network(c, strict=False) for c in services if c),
+            tuple(ipaddress.ip_network(c, strict=False) for c in pod_cidrs if c),
         )
 
+    @property
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return self.services + self.pods
+
     def __contains__(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr.version == net.version and addr in net for net in self.networks)
+        return _within(ip, self.networks)
+
+    def in_services(self, ip: str) -> bool:
+        return _within(ip, self.services)
+
+
+def _within(ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr.version == net.version and addr in net for net in networks)

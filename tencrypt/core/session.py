@@ -115,7 +115,7 @@ class Tunnel:
                 self.stats.drop(DropReason.QUEUE_FULL)
                 return
             peer = self.table.new_peer((dst_ip, self.port), dst_ip)
-            peer.pinned = self._identity is not None and self._identity.is_service_ip(dst_ip)
+            peer.pinned = self._identity is not None and self._identity.via_vip(dst_ip)
         s = peer.current
         if s is not None and usable(s, now, self.limits):
             self._seal(peer, s, packet, now)
@@ -265,6 +265,12 @@ class Tunnel:
     def key_mismatch(self) -> KeyMismatches:
         """Project members refused for a key we do not hold (rule 10, core/handshaking.py)."""
         return self._handshakes.key_mismatch
+
+    def set_identity(self, identity: ClaimPolicy) -> None:
+        """Rule 9 (core/handshaking.py) from now on with ``identity`` (the membership brought
+        the cluster's pod network, or cluster mode retired the VIP sessions)."""
+        self._identity = identity
+        self._handshakes.identity = identity
 
     def set_ring(self, ring: KeyRing) -> None:
         """Rule 10 (core/handshaking.py): from now on initiate with ``ring.current`` and

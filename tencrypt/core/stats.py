@@ -58,6 +58,9 @@ class DropReason(enum.Enum):
     BAD_DESTINATION = "bad_destination"
     NAT_CONFLICT = "nat_conflict"
     NAT_PEER_QUOTA = "nat_peer_quota"  # a new flow from a peer already holding its quota
+    # sender's Service translation (core/conntrack.py, core/dispatch.py)
+    SERVICE_NO_ENDPOINT = "service_no_endpoint"  # no such Service port, or no endpoint: REJECT
+    SERVICE_UNKNOWN = "service_unknown"  # a project cluster IP the membership does not list yet
     # tunnel (core/session.py): an authenticated inner packet whose source the peer may not use
     BAD_SOURCE = "bad_source"
     # fail-closed policy (core/policy.py): a destination in the Service CIDR or the pod network
@@ -109,6 +112,12 @@ class Counter(enum.StrEnum):
     NAT_FLOWS_EVICTED = "nat_flows_evicted"
     NAT_FLOWS_EXPIRED = "nat_flows_expired"
     NAT_VIP_REMAPPED = "nat_vip_remapped"
+    # sender's Service translation (core/conntrack.py)
+    SERVICE_FLOWS_CREATED = "service_flows_created"
+    SERVICE_FLOWS_EXPIRED = "service_flows_expired"
+    SERVICE_FLOWS_EVICTED = "service_flows_evicted"
+    SERVICE_FLOWS_REPICKED = "service_flows_repicked"  # their endpoint went: UDP/ICMP re-pick
+    STANDALONE_VIP_PACKETS = "standalone_vip_packets"  # sealed to a VIP: the node picks (no feed)
     # DNS proxy (core/dnsmsg.py, linux/dns.py)
     DNS_QUERIES = "dns_queries"
     DNS_ANSWERS = "dns_answers"

@@ -175,6 +175,16 @@ class _TcpUpstream:
         self.reader = self.writer = None
 
 
+def class_table(config: DnsConfig) -> ClassTable:
+    """The classification table the DNS proxy fills and the data path reads (``serve`` builds
+    it once and hands it to both)."""
+    return ClassTable(
+        Domains.of(config.domain, config.cluster_domain),
+        min_ttl=config.min_ttl,
+        negative_ttl=config.negative_ttl,
+    )
+
+
 class DnsProxy:
     """The DNS proxy of one pod. ``start()``, then serve until ``close()``.
 
@@ -184,7 +194,11 @@ class DnsProxy:
     """
 
     def __init__(
-        self, config: DnsConfig | PodConfig, stats: Stats, on_change: OnChange | None = None
+        self,
+        config: DnsConfig | PodConfig,
+        stats: Stats,
+        on_change: OnChange | None = None,
+        table: ClassTable | None = None,
     ) -> None:
         if not isinstance(config, DnsConfig):
             config = DnsConfig.from_pod(config)
@@ -193,11 +207,7 @@ class DnsProxy:
         self.pending = PendingTable(
             stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
         )
-        self.table = ClassTable(
-            Domains.of(config.domain, config.cluster_domain),
-            min_ttl=config.min_ttl,
-            negative_ttl=config.negative_ttl,
-        )
+        self.table = table if table is not None else class_table(config)
         self.rlog = RateLimitedLog(log)
         self._client: asyncio.DatagramTransport | None = None
         self._upstream: asyncio.DatagramTransport | None = None
@@ -467,4 +477,4 @@ class DnsProxy:
         task.add_done_callback(self._tasks.discard)
 
 
-__all__ = ["DnsConfig", "DnsProxy", "parse_hostport"]
+__all__ = ["DnsConfig", "DnsProxy", "class_table", "parse_hostport"]

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tencrypt.core.classify import AddrClass, ClassTable
+from tencrypt.core.holdqueue import HoldQueue
 from tencrypt.core.nfqmsg import parse_flow
 from tencrypt.core.policy import Verdict, decide_inbound
 from tencrypt.core.stats import Counter, DropReason, Stats
@@ -50,8 +51,7 @@ class InboundGate:
     ) -> None:
         self.queue, self.table, self.stats = queue, table, stats
         self.classify, self.clock, self.spawn = classify, clock, spawn
-        self.held: dict[str, list[int]] = {}
-        self.held_total = 0  # packets in ``held``, kept as they come and go
+        self.held: HoldQueue[str, int] = HoldQueue(HOLD_PER_SOURCE, HOLD_TOTAL)  # packet ids
         self.ratelog = RateLimitedLog(log)
 
     def on_readable(self) -> None:
@@ -74,18 +74,12 @@ class InboundGate:
             self.queue.verdicts(decisions)
 
     def _hold(self, src: str, packet_id: int, decisions: list[tuple[int, bool]]) -> None:
-        waiting = self.held.get(src)
-        if (
-            waiting is not None and len(waiting) >= HOLD_PER_SOURCE
-        ) or self.held_total >= HOLD_TOTAL:
+        new, refused = self.held.add(src, [packet_id])
+        if refused:
             self.stats.drop(DropReason.INBOUND_HOLD_FULL)
             decisions.append((packet_id, False))
-            return
-        if waiting is None:
-            waiting = self.held[src] = []
+        elif new:
             self.spawn(self._lookup(src))
-        waiting.append(packet_id)
-        self.held_total += 1
 
     async def _lookup(self, src: str) -> None:
         try:
@@ -96,8 +90,7 @@ class InboundGate:
         if self.table.lookup(src, now) is None and not self.table.known_unknown(src, now):
             self.table.note_unknown(src, now)
         verdict = decide_inbound(self.table.lookup(src, now), looked_up=True)
-        ids = self.held.pop(src, [])
-        self.held_total -= len(ids)
+        ids = self.held.pop(src)
         if ids:
             accept = self._accept(src, verdict, len(ids))
             self.queue.verdicts([(i, accept) for i in ids])

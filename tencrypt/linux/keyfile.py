@@ -19,12 +19,14 @@ Rules:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
-from tencrypt.core.psk import KeySet, parse_key_file, render_key_file, ring_label
+from tencrypt.core.psk import KeySet, parse_key_file, parse_psk, render_key_file, ring_label
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import UsageError
 from tencrypt.linux.files import write_atomic
@@ -118,3 +120,15 @@ class KeyFile:
     def _stat(self) -> tuple[int, int, int]:
         st = self.path.stat()
         return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_keys(args: argparse.Namespace, stats: Stats) -> tuple[KeySet, KeyFile | None]:
+    """The project keys from --psk-file (one key, or a ring: core.psk.parse_key_file; watched
+    for changes) or TENCRYPT_PROJECT_PSK (one key, fixed), never argv."""
+    if args.psk_file:
+        keyfile = KeyFile(Path(args.psk_file), stats)
+        return keyfile.load(), keyfile
+    env = os.environ.get("TENCRYPT_PROJECT_PSK")
+    if not env:
+        raise UsageError("no project key: pass --psk-file FILE or set TENCRYPT_PROJECT_PSK")
+    return KeySet(parse_psk(env)), None

@@ -47,13 +47,13 @@ def test_a_literal_vip_is_held_classified_sealed_and_delivered_natted():
         await a.proxy.prepare()
         await b.proxy.prepare()
         a.app_sends(udp_packet(A, VIP_B, PAYLOAD))
-        assert a.proxy.held == {VIP_B: [udp_packet(A, VIP_B, PAYLOAD)]}
+        assert list(a.proxy.dispatch.holds) == [VIP_B] and a.proxy.dispatch.holds.count(VIP_B) == 1
         await settle()  # the reverse lookup says: the project's
-        assert a.resolver.asked == [VIP_B] and not a.proxy.held
+        assert a.resolver.asked == [VIP_B] and not a.proxy.dispatch.holds
         wire.pump()
         # B's session with A is bound to A's pod IP: its /32 into tenc0 comes first, so the
         # packet waits for the effects task (the app's reply must not take the uplink)
-        assert b.inject.sent == [] and b.proxy.awaiting_route
+        assert b.inject.sent == [] and A in b.proxy.awaiting_route
         await b.proxy.effects.round()
         assert b.kernel.routes == {A: RouteAction.VIA_TUN} and A in b.kernel.fw
         [got] = b.inject.sent
@@ -232,13 +232,13 @@ def test_the_inbound_gate_holds_at_most_its_bounds_and_frees_them_after_the_look
         queue.held = [queued(next(ids), sources[0]) for _ in range(4)]  # one over per source
         queue.held += [queued(next(ids), sources[1]) for _ in range(3)]  # one over in total
         gate.on_readable()
-        assert queue.given == {4: False, 7: False} and gate.held_total == 5
+        assert queue.given == {4: False, 7: False} and gate.held.total == 5
         assert a.stats.dropped(DropReason.INBOUND_HOLD_FULL) == 2
         await settle()
-        assert gate.held_total == 0 and gate.held == {}
+        assert gate.held.total == 0 and len(gate.held) == 0
         assert queue.given == {4: False, 7: False, 1: True, 2: True, 3: True, 5: True, 6: True}
         queue.held = [queued(next(ids), sources[2]) for _ in range(3)]  # room again
         gate.on_readable()
-        assert gate.held_total == 3 and a.stats.dropped(DropReason.INBOUND_HOLD_FULL) == 2
+        assert gate.held.total == 3 and a.stats.dropped(DropReason.INBOUND_HOLD_FULL) == 2
 
     run(main())

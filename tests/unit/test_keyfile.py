@@ -13,7 +13,7 @@ import pytest
 
 from tencrypt.core.psk import KeySet, fingerprint
 from tencrypt.core.stats import Stats
-from tencrypt.daemon import read_keys
+from tencrypt.linux.keyfile import read_keys
 from tencrypt.errors import UsageError
 from tencrypt.linux.keyfile import KeyFile, describe, write_key_file
 

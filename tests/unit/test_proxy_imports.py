@@ -21,7 +21,7 @@ PACKAGE = Path(tencrypt.__file__).parent
 
 # (module file, functions) whose body imports are part of the running proxy
 LAZY = {
-    "daemon.py": ("serve", "main"),
+    "runcmd.py": ("serve", "main"),
     "ports.py": ("open_ports",),
     "fastpath.py": ("compiled",),
 }
@@ -39,7 +39,7 @@ NEVER = {
     "tencrypt.lab": "the lab only",
     "tencrypt.linux.netlink": "pyroute2's wrapper, setup only",
     "tencrypt.linux.netns": "ctypes' setns, lab and node tools only",
-    "uvloop": "the proxy runs on asyncio's own loop (daemon.main)",
+    "uvloop": "the proxy runs on asyncio's own loop (runcmd.main)",
     "ssl": "no TLS in the proxy; cli.keep_out keeps asyncio from importing it",
     "http.server": "metrics are served with asyncio streams",
     "email": "http.server's",

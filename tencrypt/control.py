@@ -1,0 +1,244 @@
+"""The proxy's control plane: what changes the data path's tables, never a packet — peer
+events, classification changes, the membership (and the Services and cluster ranges it
+brings), the key file, and the timers that drive them. ``daemon.Proxy`` (the pump) extends it
+and owns the state named below; nothing here runs inside a packet loop except the event
+hand-off after a batch (``_on_peer_events``).
+
+Rules:
+1. A change of classification becomes wanted routes and firewall elements, applied by the
+   effects task, never inside a DNS or packet callback (DESIGN §1a).
+2. A PeerUp or PeerDown renews the peer's session evidence (SESSION_EVIDENCE); an
+   unreachable peer is refused in strict mode and reached in the clear only with
+   ``--no-strict`` (PLAINTEXT_FOR seconds, logged and counted).
+3. A membership (core/membership.py) replaces the members, the Service table (format 2:
+   cluster mode) and the cluster's ranges (core/clustershape.py) in one step; packets that
+   waited for a Service the new table lists are routed again at once.
+4. Every SWEEP: timers of the tunnel, flow and hold expiry (a WAIT past its deadline is
+   refused), session evidence renewed, the membership file and the key file polled.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tencrypt import observe
+from tencrypt.core.classify import Change, ClassTable
+from tencrypt.core.clustershape import claim_policy, cluster_ranges
+from tencrypt.core.dispatch import Dispatcher
+from tencrypt.core.effects import Desired
+from tencrypt.core.keyring import KeyRing
+from tencrypt.core.membership import Members
+from tencrypt.core.nat import FlowTable
+from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.policy import Guard
+from tencrypt.core.services import ServiceTable
+from tencrypt.core.session import PeerDown, PeerUnreachable, PeerUp, Tunnel
+from tencrypt.core.stats import Counter, Stats
+from tencrypt.linux.keyfile import KeyFile, describe, write_loaded
+from tencrypt.linux.members import MembersFile
+from tencrypt.logutil import RateLimitedLog
+
+if TYPE_CHECKING:
+    from tencrypt.linux.effects import EffectApplier
+
+log = logging.getLogger("tencrypt.run")
+PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
+SESSION_EVIDENCE = 86400.0  # seconds a peer's pod IP stays internal after its session was up
+SWEEP = 1.0  # seconds between expiry sweeps and membership-file polls
+
+
+class ControlPlane(abc.ABC):
+    # the state the pump (daemon.Proxy) builds and this class changes
+    config: PodConfig
+    strict: bool
+    stats: Stats
+    tunnel: Tunnel
+    flows: FlowTable
+    table: ClassTable
+    dispatch: Dispatcher
+    desired: Desired
+    effects: EffectApplier
+    members: MembersFile | None
+    keyfile: KeyFile | None
+    loaded_dir: Path | None
+    clock: Callable[[], float]
+    wall: Callable[[], float]
+    ratelog: RateLimitedLog
+    up_peers: set[str]
+    cidr_mismatch: str | None
+    stopping: asyncio.Event
+
+    # what the pump does with packets (daemon.Proxy)
+    @abc.abstractmethod
+    def _flush(self) -> None:
+        """Send what the tunnel produced."""
+
+    @abc.abstractmethod
+    def _reroute(self, packets: list[bytearray], now: float, looked_up: bool = False) -> None:
+        """Route held packets again."""
+
+    @abc.abstractmethod
+    def _refuse(self, packets: Sequence[bytes | bytearray | memoryview], now: float) -> None:
+        """Drop packets, counted, with ICMP administratively prohibited to their sender."""
+
+    def _is_member(self, ip: str) -> bool | None:
+        """A claimed pod IP against the membership: None where no membership is known."""
+        loaded = self.members.loaded if self.members else None
+        return None if loaded is None else ip in loaded.pods
+
+    def _on_peer_events(self, now: float) -> None:
+        for event in self.tunnel.pop_events():
+            if isinstance(event, PeerUp):
+                log.info("peer %s up (endpoint %s:%d)", event.pod_ip, *event.endpoint)
+                self.up_peers.add(event.pod_ip)
+                self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
+            elif isinstance(event, PeerDown):  # its evidence stays: protection is kept
+                log.info("peer %s down", event.pod_ip)
+                self.up_peers.discard(event.pod_ip)
+                self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
+            elif isinstance(event, PeerUnreachable):
+                self._on_unreachable(event.addresses, now)
+
+    def _on_unreachable(self, addresses: Sequence[str], now: float) -> None:
+        if self.strict:
+            self.stats.inc(Counter.PEERS_UNREACHABLE)
+            self.ratelog.warn(
+                "unreachable",
+                "no tencrypt proxy answers at %s: its packets are "
+                "dropped (strict mode never sends them in the clear)",
+                ", ".join(addresses),
+            )
+            return
+        for address in addresses:
+            self.stats.inc(Counter.PLAINTEXT_FALLBACK)
+            log.warning(
+                "no tencrypt proxy answers at %s within %.0f s: --no-strict, so its "
+                "traffic goes in the CLEAR for %.0f s",
+                address,
+                self.tunnel.limits.handshake_give_up,
+                PLAINTEXT_FOR,
+            )
+            self.dispatch.give_up(address, now + PLAINTEXT_FOR)
+
+    def _on_changes(self, changes: list[Change]) -> None:
+        """Every change of a class: wanted routes and firewall elements, applied by the
+        effects task (never here: this runs inside DNS and packet callbacks)."""
+        for conflict in self.table.pop_conflicts():
+            self.stats.inc(Counter.CLASSIFICATION_CONFLICTS)
+            self.ratelog.warn(
+                "classification-conflict",  # a reason, never an address: logutil rule 1
+                "%s is %s by trusted evidence, but an "
+                "answer calls it %s: kept %s (a tenant's alias, a forged answer or "
+                "a misconfiguration)",
+                conflict.ip,
+                conflict.held.value,
+                conflict.claimed.value,
+                conflict.held.value,
+            )
+        if changes:
+            self.desired.on_changes(changes)
+            self.effects.wake()
+
+    def _poll_members(self, now: float) -> None:
+        members = self.members.poll() if self.members else None
+        if members is not None:
+            self._apply_members(members, now)
+
+    def _apply_members(self, members: Members, now: float) -> None:
+        self.stats.inc(Counter.MEMBERSHIP_LOADS)
+        table = members.service_table
+        log.info(
+            "membership of project %s, generation %d: %d pod IPs, %d Service IPs%s",
+            members.project,
+            members.generation,
+            len(members.pods),
+            len(members.services),
+            ", Services resolved here (cluster mode)"
+            if table is not None
+            else " (format 1: Services through the node's DNAT)",
+        )
+        self._on_changes(self.table.set_members(members.addresses, now))
+        services = None if table is None else ServiceTable.build(table, members.pods, members.zone)
+        if services is not None and services.unusable:
+            self.ratelog.warn(
+                "unusable-endpoints",
+                "%d Service endpoints are not pods of the project: never chosen",
+                services.unusable,
+            )
+        self.dispatch.set_services(services, now)
+        self._apply_ranges(members)
+        for _, packets in self.dispatch.listed():  # WAITs for Services now listed
+            self._reroute(packets, now)
+
+    def _apply_ranges(self, members: Members) -> None:
+        """The cluster's Service CIDRs and pod network as the agent discovered them: they
+        widen the guard and name the pod network for claims; one the setup did not route
+        into tenc0 is reported loudly (its Services still reach tenc0 as members, by /32)."""
+        c = self.config
+        ranges = cluster_ranges(c, members)
+        self.dispatch.guard = Guard.of(ranges.services, ranges.pods)
+        self.tunnel.set_identity(
+            claim_policy(
+                c,
+                self._is_member,
+                ranges.pods,
+                ranges.services,
+                vip_sessions=members.service_table is None,
+            )
+        )
+        if ranges.mismatch != self.cidr_mismatch:
+            self.cidr_mismatch = ranges.mismatch
+            if ranges.mismatch:
+                log.error("%s", ranges.mismatch)
+
+    def reload_keys(self, force: bool = True) -> None:
+        """The key file changed (or SIGHUP): apply its ring; sessions keep their keys until
+        their re-key (core.keyring). A refused file keeps the ring (linux.keyfile)."""
+        keys = self.keyfile.poll(force) if self.keyfile else None
+        if keys is None:
+            return
+        self.tunnel.set_ring(
+            KeyRing.from_keys(keys, X25519PrivateKey.generate, reuse=self.tunnel.ring)
+        )
+        if self.loaded_dir is not None:
+            write_loaded(self.loaded_dir, keys)
+        log.info(
+            "project keys reloaded from %s: %s",
+            self.keyfile.path if self.keyfile else "-",
+            describe(keys),
+        )
+
+    async def timers(self) -> None:
+        last_sweep = 0.0
+        while not self.stopping.is_set():
+            now, wall = self.clock(), self.wall()
+            self.tunnel.on_timer(now, wall)
+            self._flush()
+            if now - last_sweep >= SWEEP:
+                last_sweep = now
+                self.flows.expire(now)
+                self.dispatch.expire(now)
+                for _, packets in self.dispatch.overdue(now):  # no Service came: refused
+                    self._refuse(packets, now)
+                for ip in self.up_peers:
+                    self._on_changes(self.table.note_session(ip, now, SESSION_EVIDENCE))
+                self._poll_members(now)
+                self.reload_keys(force=False)
+            deadline = self.tunnel.next_timer()
+            wait = SWEEP if deadline is None else min(SWEEP, max(0.01, deadline - now))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), wait)
+
+    def status(self) -> dict[str, object]:
+        return observe.status(self)
+
+    def render_metrics(self) -> str:
+        return observe.render_metrics(self)

@@ -1,0 +1,388 @@
+"""The sender's Service translation: kube-proxy's per-connection DNAT, done in the pod.
+
+A packet the application sends to a Service cluster IP gets the chosen endpoint's pod IP and
+target port before it is sealed; the endpoint's replies get the cluster IP and Service port
+back before the application sees them (DESIGN §1). core/services.py says which endpoints a
+Service port has; this table remembers which one each flow got.
+
+Rules:
+1. Out (``translate``; a packet read from tenc0 whose destination is a cluster IP of the
+   table): its flow, keyed (proto, source, source port, cluster IP, Service port) — an ICMP
+   echo by (ICMP, source, id, cluster IP, 0) — names its endpoint. A packet without a live
+   flow opens one: the ClientIP affinity's endpoint while it is still a candidate, else a
+   random candidate (core/services.py rules 4-6). Destination address and port (not for
+   ICMP) are rewritten and the checksums updated (RFC 1624). No such Service port, or no
+   candidate: REJECT (``service_no_endpoint``). SCTP: REJECT (its CRC32c is not rewritten).
+   Malformed: DROP (``malformed_packet``).
+2. In (``translate_reply``; a packet opened from the tunnel): one whose (proto, source,
+   source port, destination, destination port) is the reply tuple of a live flow gets the
+   cluster IP and Service port back as its source. Anything else passes untouched (a flow
+   to a pod IP, which needs no translation).
+3. ICMP errors travel with their flow: ours about an endpoint's reply (out: the outer
+   destination and the quoted source), and an endpoint's about our packet (in: the quoted
+   destination, and the outer source, which is the endpoint) — addresses, ports, the quoted
+   and the ICMP checksums. An outbound ICMP error to a cluster IP without a flow is dropped.
+4. A TCP SYN without ACK on a closed flow is a new connection on a reused tuple: it chooses
+   again. Life times as core/flowstate.py; ``tcp_idle`` is long, since an idle connection
+   must keep its endpoint.
+5. Endpoint changes (``set_table``): a flow whose (endpoint, target port) is no longer in its
+   Service port's ``keep`` set is removed, unless it is an open TCP connection: that one
+   ends as it would through kube-proxy (the endpoint answers or resets it) and never moves
+   to another pod mid-stream. UDP and ICMP flows choose again at their next packet.
+   Affinities to an endpoint that is no longer a candidate end.
+6. Fragments: a first fragment (MF) records its endpoint under (proto, source, cluster IP,
+   IP id) for FRAG_TIMEOUT, and later fragments of that datagram get the same destination
+   address (they carry no ports); a later fragment of a datagram not seen is dropped. The
+   replies' later fragments get the cluster IP back by the same rule in reverse.
+7. Bound: at most ``max_flows``. A new flow in a full table reaps dead flows, then evicts the
+   closed TCP flow idle longest, else the flow idle longest. All flows are this pod's own,
+   so no quota per source is needed.
+Pure: buffers, ints and ``now`` in; nothing read from a clock; randomness is ``rng``
+(``random.randrange`` in the proxy, a fixed sequence in tests).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tencrypt.core.flowstate import (
+    FIN_IN,
+    FIN_OUT,
+    ICMP_LIKE,
+    TCP_CLOSED,
+    TCP_OPEN,
+    UDP_LIKE,
+    FlowState,
+    IdleFlows,
+)
+from tencrypt.core.packet import (
+    DST,
+    ICMP,
+    ICMP_ERRORS,
+    IP_MF,
+    SRC,
+    TCP,
+    TCP_ACK,
+    TCP_SYN,
+    UDP,
+    IPv4,
+    parse_icmp_quote,
+    parse_ident,
+    rewrite_addr,
+    rewrite_icmp_quote,
+    rewrite_port,
+)
+from tencrypt.core.services import Backends, ServiceTable
+from tencrypt.core.stats import Counter, DropReason, Stats
+
+Key = tuple[int, int, int, int, int]  # (proto, source, source port, cluster IP, Service port)
+FragKey = tuple[int, int, int, int]  # (proto, sender, receiver, IP id)
+
+TRANSLATED, REJECT, DROP = 0, -1, -2  # what ``translate`` did
+FRAG_TIMEOUT = 30.0  # seconds a datagram's fragments may trail its first (Linux ipfrag_time)
+MAX_FRAG_DATAGRAMS = 1024
+ICMP_ECHO, ICMP_ECHO_REPLY = 8, 0
+
+
+@dataclass(slots=True)
+class ServiceFlow(FlowState):
+    endpoint: int = 0
+    target: int = 0  # target port (the echo id for ICMP)
+
+
+class ServiceFlows:
+    """The sending proxy's Service flows. One per proxy, owned by the tenc0 -> seal path and
+    the open -> inject path of one event loop."""
+
+    __slots__ = (
+        "table",
+        "_stats",
+        "_rng",
+        "_max",
+        "_idle",
+        "_replies",
+        "_endpoints",
+        "_affinity",
+        "_frags_out",
+        "_frags_in",
+    )
+
+    def __init__(
+        self,
+        stats: Stats,
+        rng: Callable[[int], int],
+        table: ServiceTable | None = None,
+        max_flows: int = 65536,
+        tcp_idle: float = 86400.0,
+        tcp_closed: float = 10.0,
+        udp_idle: float = 180.0,
+        icmp_idle: float = 30.0,
+    ) -> None:
+        if max_flows < 1:
+            raise ValueError("max_flows must be at least 1")
+        self.table = table or ServiceTable()
+        self._stats, self._rng, self._max = stats, rng, max_flows
+        self._idle: IdleFlows[Key, ServiceFlow] = IdleFlows(
+            (tcp_idle, tcp_closed, udp_idle, icmp_idle)
+        )
+        self._replies: dict[Key, Key] = {}  # reply tuple -> flow key
+        self._endpoints: dict[int, int] = {}  # endpoint -> its flows (translate_reply's filter)
+        self._affinity: dict[tuple[int, int, int, int], tuple[int, int, float]] = {}
+        self._frags_out: OrderedDict[FragKey, tuple[int, float]] = OrderedDict()
+        self._frags_in: OrderedDict[FragKey, tuple[int, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def endpoint_of(self, key: Key, now: float) -> tuple[int, int] | None:
+        """(endpoint, target port) of the live flow ``key``, or None (tests, status)."""
+        flow = self._live(key, now)
+        return None if flow is None else (flow.endpoint, flow.target)
+
+    # --- out: tenc0 -> seal -----------------------------------------------------------------
+
+    def translate(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> int:
+        """Rule 1: rewrite a packet to a cluster IP for its endpoint. TRANSLATED, REJECT or
+        DROP (each counted); on TRANSLATED the new destination is in ``buf``."""
+        proto = ip.proto
+        if ip.frag:
+            return self._later_fragment_out(buf, ip, now)
+        if proto == ICMP:
+            kind = ip.info >> 8
+            if kind in ICMP_ERRORS:
+                return self._error_out(buf, ip, now)
+            if kind != ICMP_ECHO:
+                return self._reject()
+            key: Key = (ICMP, ip.src, ip.sport, ip.dst, 0)
+            backends = self.table.lookup(ip.dst, ICMP, 0)
+        elif proto in (TCP, UDP):
+            key = (proto, ip.src, ip.sport, ip.dst, ip.dport)
+            backends = self.table.lookup(ip.dst, proto, ip.dport)
+        else:  # SCTP (services rule 8) and protocols without ports
+            return self._reject()
+        flow = self._live(key, now)
+        if flow is not None and proto == TCP and flow.queue == TCP_CLOSED and _opens(ip.info):
+            self._drop_flow(key)  # rule 4: a new connection on a reused tuple
+            flow = None
+        if flow is None:
+            if backends is None:
+                return self._reject()
+            flow = self._open(key, backends, now)
+            if flow is None:
+                return self._reject()
+        if proto == TCP:
+            self._idle.on_tcp(key, flow, ip.info, FIN_OUT, FIN_OUT, now)
+        else:
+            self._idle.touch(key, flow, flow.queue, now)
+        rewrite_addr(buf, ip, DST, flow.endpoint)
+        if proto != ICMP:
+            rewrite_port(buf, ip, DST, flow.target)
+        if ip.flags & IP_MF:
+            self._remember(
+                self._frags_out, (proto, ip.src, ip.dst, parse_ident(buf, ip)), flow.endpoint, now
+            )
+        return TRANSLATED
+
+    def _open(self, key: Key, backends: Backends, now: float) -> ServiceFlow | None:
+        choice = self._choose(key, backends, now)
+        if choice is None:
+            return None
+        if len(self._idle) >= self._max:
+            self.expire(now)
+            if len(self._idle) >= self._max:
+                self._evict()
+        proto = key[0]
+        queue = TCP_OPEN if proto == TCP else ICMP_LIKE if proto == ICMP else UDP_LIKE
+        flow = ServiceFlow(now, queue, endpoint=choice[0], target=choice[1])
+        self._idle.insert(key, flow)
+        self._replies[_reply_key(key, flow)] = key
+        self._endpoints[flow.endpoint] = self._endpoints.get(flow.endpoint, 0) + 1
+        self._stats.inc(Counter.SERVICE_FLOWS_CREATED)
+        return flow
+
+    def _choose(self, key: Key, backends: Backends, now: float) -> tuple[int, int] | None:
+        """Services rules 4-6: the affinity's endpoint while it is a candidate, else random."""
+        choose = backends.choose
+        if not choose:
+            return None
+        if backends.affinity:
+            akey = (key[0], key[1], key[3], key[4])
+            held = self._affinity.get(akey)
+            if held is not None and held[2] > now and (held[0], held[1]) in choose:
+                self._affinity[akey] = (held[0], held[1], now + backends.affinity)
+                return held[0], held[1]
+            choice = choose[self._rng(len(choose))]
+            self._affinity[akey] = (choice[0], choice[1], now + backends.affinity)
+            return choice
+        return choose[self._rng(len(choose))]
+
+    def _error_out(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> int:
+        """Rule 3, out: our stack reports on a reply it got from the cluster IP."""
+        q = parse_icmp_quote(buf, ip)
+        if q is None or q.proto not in (TCP, UDP) or q.frag:
+            return self._drop()
+        key = (q.proto, q.dst, q.dport, q.src, q.sport)
+        flow = self._live(key, now)
+        if flow is None:
+            return self._drop()
+        rewrite_icmp_quote(buf, ip, q, SRC, flow.endpoint, flow.target)
+        rewrite_addr(buf, ip, DST, flow.endpoint)
+        return TRANSLATED
+
+    def _later_fragment_out(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> int:
+        entry = self._frags_out.get((ip.proto, ip.src, ip.dst, parse_ident(buf, ip)))
+        if entry is None or now - entry[1] >= FRAG_TIMEOUT:
+            return self._drop()
+        rewrite_addr(buf, ip, DST, entry[0])
+        return TRANSLATED
+
+    # --- in: open -> inject -----------------------------------------------------------------
+
+    def translate_reply(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> None:
+        """Rules 2-3 and 6, in: give an endpoint's reply the cluster IP and port back. The
+        caller checked ``ip.src in self.endpoints`` (the cheap filter) and parsed ``ip``."""
+        if ip.frag:
+            entry = self._frags_in.get((ip.proto, ip.src, ip.dst, parse_ident(buf, ip)))
+            if entry is not None and now - entry[1] < FRAG_TIMEOUT:
+                rewrite_addr(buf, ip, SRC, entry[0])
+            return
+        proto = ip.proto
+        if proto == ICMP:
+            kind = ip.info >> 8
+            if kind in ICMP_ERRORS:
+                self._error_in(buf, ip, now)
+                return
+            if kind != ICMP_ECHO_REPLY:
+                return
+            reply: Key = (ICMP, ip.src, ip.sport, ip.dst, 0)
+        else:
+            reply = (proto, ip.src, ip.sport, ip.dst, ip.dport)
+        key = self._replies.get(reply)
+        if key is None:
+            return
+        flow = self._live(key, now)
+        if flow is None:
+            return
+        if proto == TCP:
+            self._idle.on_tcp(key, flow, ip.info, FIN_IN, FIN_OUT, now)
+        else:
+            self._idle.touch(key, flow, flow.queue, now)
+        rewrite_addr(buf, ip, SRC, key[3])
+        if proto != ICMP:
+            rewrite_port(buf, ip, SRC, key[4])
+        if ip.flags & IP_MF:
+            self._remember(
+                self._frags_in, (proto, ip.src, ip.dst, parse_ident(buf, ip)), key[3], now
+            )
+
+    def _error_in(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> None:
+        """Rule 3, in: the endpoint reports on a packet we translated for it."""
+        q = parse_icmp_quote(buf, ip)
+        if q is None or q.proto not in (TCP, UDP) or q.frag:
+            return
+        key = self._replies.get((q.proto, q.dst, q.dport, q.src, q.sport))
+        if key is None or self._live(key, now) is None:
+            return
+        rewrite_icmp_quote(buf, ip, q, DST, key[3], key[4])
+        if ip.src == q.dst:
+            rewrite_addr(buf, ip, SRC, key[3])
+
+    @property
+    def endpoints(self) -> dict[int, int]:
+        """Endpoint -> how many flows it has: a reply from anyone else needs no look-up."""
+        return self._endpoints
+
+    # --- the table ----------------------------------------------------------------------------
+
+    def set_table(self, table: ServiceTable, now: float) -> int:
+        """Rule 5: a new Service table; returns how many flows were removed."""
+        self.table = table
+        removed = 0
+        for key, flow in list(self._idle.flows.items()):
+            backends = table.lookup(key[3], key[0], key[4])
+            if backends is not None and (flow.endpoint, flow.target) in backends.keep:
+                continue
+            if key[0] == TCP and flow.queue == TCP_OPEN:
+                continue  # ends where it is (rule 5)
+            self._drop_flow(key)
+            removed += 1
+        for akey, (ep, target, _) in list(self._affinity.items()):
+            backends = table.lookup(akey[2], akey[0], akey[3])
+            if backends is None or (ep, target) not in backends.choose:
+                del self._affinity[akey]
+        if removed:
+            self._stats.inc(Counter.SERVICE_FLOWS_REPICKED, removed)
+        return removed
+
+    def expire(self, now: float) -> int:
+        """Remove every flow past its time, stale affinities and fragment records."""
+        reaped = self._idle.reap(now)
+        for key, flow in reaped:
+            self._unindex(key, flow)
+        for akey in [k for k, v in self._affinity.items() if v[2] <= now]:
+            del self._affinity[akey]
+        for frags in (self._frags_out, self._frags_in):
+            while frags and now - next(iter(frags.values()))[1] >= FRAG_TIMEOUT:
+                frags.popitem(last=False)
+        if reaped:
+            self._stats.inc(Counter.SERVICE_FLOWS_EXPIRED, len(reaped))
+        return len(reaped)
+
+    def _evict(self) -> None:
+        """Rule 7: the closed TCP flow idle longest, else the flow idle longest of any class."""
+        key = self._idle.oldest(TCP_CLOSED)
+        if key is None:
+            flows = self._idle.flows
+            oldest = [k for k in map(self._idle.oldest, range(4)) if k is not None]
+            key = min(oldest, key=lambda k: flows[k].last_seen)
+        self._drop_flow(key)
+        self._stats.inc(Counter.SERVICE_FLOWS_EVICTED)
+
+    def _drop_flow(self, key: Key) -> None:
+        self._unindex(key, self._idle.remove(key))
+
+    def _live(self, key: Key, now: float) -> ServiceFlow | None:
+        """The live flow under ``key``; a dead one (core/flowstate.py rule 2) goes now."""
+        if self._idle.dead(key, now):
+            self._drop_flow(key)
+            self._stats.inc(Counter.SERVICE_FLOWS_EXPIRED)
+            return None
+        return self._idle.flows.get(key)
+
+    def _unindex(self, key: Key, flow: ServiceFlow) -> None:
+        self._replies.pop(_reply_key(key, flow), None)
+        left = self._endpoints.get(flow.endpoint, 0) - 1
+        if left > 0:
+            self._endpoints[flow.endpoint] = left
+        else:
+            self._endpoints.pop(flow.endpoint, None)
+
+    def _remember(
+        self, frags: OrderedDict[FragKey, tuple[int, float]], key: FragKey, addr: int, now: float
+    ) -> None:
+        frags[key] = (addr, now)
+        frags.move_to_end(key)
+        if len(frags) > MAX_FRAG_DATAGRAMS:
+            frags.popitem(last=False)
+
+    def _reject(self) -> int:
+        self._stats.drop(DropReason.SERVICE_NO_ENDPOINT)
+        return REJECT
+
+    def _drop(self) -> int:
+        self._stats.drop(DropReason.MALFORMED_PACKET)
+        return DROP
+
+
+def _reply_key(key: Key, flow: ServiceFlow) -> Key:
+    """The tuple the endpoint's replies to flow ``key`` carry (rule 2)."""
+    proto, src, sport, _, _ = key
+    if proto == ICMP:
+        return (ICMP, flow.endpoint, sport, src, 0)
+    return (proto, flow.endpoint, flow.target, src, sport)
+
+
+def _opens(flags: int) -> bool:
+    return bool(flags & TCP_SYN) and not flags & TCP_ACK

@@ -1,0 +1,225 @@
+"""The outbound decision, in one place: what happens to a packet the application wrote to tenc0
+(DESIGN §1, §1a; boringtun's ``TunnResult`` is the idea: one result tells the shell what to do).
+
+Stages of ``route`` for one packet (or one super-packet's header), read top to bottom:
+1. Service translation (cluster mode: a format-2 membership is loaded): a destination that is
+   a cluster IP of the project's Services gets its flow's endpoint and target port
+   (core/conntrack.py); REJECT when the Service port has no endpoint, DROP when malformed. A
+   cluster IP of the project that the Service table does not list yet (a Service created a
+   moment ago, named by DNS before the agent's file arrived) WAITs for the membership.
+2. A destination that already has a tunnel peer: SEAL (the common case, one dict look-up).
+3. The verdict table (core/policy.py) from the destination's class (core/classify.py):
+   SEAL, CLEAR, HOLD (a reverse lookup decides) or REFUSE.
+The shell executes the result: SEAL → the tunnel; CLEAR (and FALLBACK, ``--no-strict``'s
+clear for an internal peer without a proxy) → the uplink; HOLD/WAIT → ``hold``
+(which says whether a lookup must start); REFUSE → ICMP "administratively prohibited";
+REJECT → ICMP "port unreachable" from the cluster IP (kube-proxy's REJECT); DROP → nothing
+(counted here).
+
+Rules:
+1. Nothing leaves in the clear unless the verdict table says CLEAR (DESIGN §1a); a packet to
+   a project cluster IP is never sent anywhere untranslated in cluster mode: it is
+   translated to a project pod, rejected, or waits.
+2. Held packets are bounded per destination and in total (core/holdqueue.py); what does not
+   fit is dropped (``queue_full``). A WAIT lasts at most ``wait_for_members`` seconds, then
+   its packets are refused; a HOLD lasts until its lookup ends (the resolver's time-out).
+3. ``on_reply`` undoes the translation on packets coming back (opened from the tunnel, or an
+   ICMP error the proxy builds about a translated packet), so the application only ever
+   sees the cluster IP and Service port it used.
+4. The state here (Service flows, holds, the ``--no-strict`` fallbacks) has this one owner;
+   the classification table is the resolver's, read here and written by the shell.
+Pure: no I/O, ``now`` an argument.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Container, Sequence
+
+from tencrypt.core.classify import AddrClass, ClassTable
+from tencrypt.core.conntrack import DROP, REJECT, ServiceFlows
+from tencrypt.core.holdqueue import HoldQueue
+from tencrypt.core.packet import ICMP, parse_ipv4
+from tencrypt.core.policy import Guard, Verdict, decide
+from tencrypt.core.services import ServiceTable
+from tencrypt.core.stats import DropReason, Stats
+
+HOLD_PER_DESTINATION = 64  # packets held per destination (a lookup's or the membership's wait)
+HOLD_TOTAL = 4096  # and over all destinations (memory bound)
+WAIT_FOR_MEMBERS = 3.0  # seconds a new project cluster IP waits for the agent's next file
+
+
+class Out(enum.Enum):
+    SEAL = "seal"  # to the tunnel peer at ``dst``
+    CLEAR = "clear"  # out of the uplink, untouched: positively not the project's
+    FALLBACK = "fallback"  # the same, for an internal peer without a proxy (--no-strict only)
+    HOLD = "hold"  # until a reverse lookup of ``dst`` decides
+    WAIT = "wait"  # until the membership lists ``dst`` (a new Service)
+    REFUSE = "refuse"  # ICMP administratively prohibited to the sender
+    REJECT = "reject"  # ICMP port unreachable from the cluster IP (no endpoint)
+    DROP = "drop"  # malformed; counted
+
+
+_VERDICTS = {
+    Verdict.SEAL: Out.SEAL,
+    Verdict.CLEAR: Out.CLEAR,
+    Verdict.HOLD: Out.HOLD,
+    Verdict.REFUSE: Out.REFUSE,
+}
+
+
+class Dispatcher:
+    """The outbound decision of one proxy (see the module stages and rules)."""
+
+    __slots__ = (
+        "table",
+        "guard",
+        "strict",
+        "stats",
+        "peers",
+        "flows",
+        "holds",
+        "plaintext_until",
+        "wait_for_members",
+        "_cluster",
+        "_vips",
+        "_texts",
+    )
+
+    def __init__(
+        self,
+        table: ClassTable,
+        guard: Guard,
+        strict: bool,
+        stats: Stats,
+        peers: Container[str],
+        flows: ServiceFlows,
+        wait_for_members: float = WAIT_FOR_MEMBERS,
+    ) -> None:
+        self.table, self.guard, self.strict, self.stats = table, guard, strict, stats
+        self.peers = peers  # addresses the tunnel has a peer for (Sessions.by_addr)
+        self.flows = flows
+        self.holds: HoldQueue[str, bytes] = HoldQueue(HOLD_PER_DESTINATION, HOLD_TOTAL)
+        self.plaintext_until: dict[str, float] = {}  # --no-strict: peer -> clear until
+        self.wait_for_members = wait_for_members
+        self._cluster = False
+        self._vips: frozenset[str] = frozenset()  # the Service table's cluster IPs, as text
+        self._texts: dict[int, str] = {}  # endpoint -> its text (the tunnel names peers so)
+
+    # ---- configuration ----------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> bool:
+        """Cluster mode: a Service table from a format-2 membership is in force."""
+        return self._cluster
+
+    def set_services(self, table: ServiceTable | None, now: float) -> None:
+        """A new membership: its Service table (None: format 1 or none, standalone's path)."""
+        self._cluster = table is not None
+        table = table or ServiceTable()
+        self.flows.set_table(table, now)
+        self._vips = frozenset(str(ipaddress.IPv4Address(vip)) for vip in table.by_vip)
+        self._texts = {
+            ep: str(ipaddress.IPv4Address(ep))
+            for ports in table.by_vip.values()
+            for b in ports.values()
+            for ep, _ in b.choose
+        }
+
+    # ---- the decision -----------------------------------------------------------------------
+
+    def route(
+        self, buf: bytearray | memoryview, dst: str, now: float, looked_up: bool = False
+    ) -> tuple[Out, str]:
+        """Stages 1-3 for a packet to ``dst`` (its IPv4 destination, as text). Returns what to
+        do and the destination after translation (``buf`` rewritten in place)."""
+        if self._cluster:
+            if dst in self._vips:
+                ip = parse_ipv4(buf)
+                if ip is None:
+                    self.stats.drop(DropReason.MALFORMED_PACKET)
+                    return Out.DROP, dst
+                done = self.flows.translate(buf, ip, now)
+                if done == REJECT:
+                    return Out.REJECT, dst
+                if done == DROP:
+                    return Out.DROP, dst
+                dst = self._text(int.from_bytes(buf[16:20], "big"))
+            elif self._unlisted_service(dst, now):
+                return Out.WAIT, dst
+        if dst in self.peers:
+            return Out.SEAL, dst
+        cls = self.table.lookup(dst, now)
+        verdict = decide(
+            cls,
+            guarded=dst in self.guard,
+            strict=self.strict,
+            looked_up=looked_up or self.table.known_unknown(dst, now),
+            fallback=self.plaintext_until.get(dst, 0.0) > now,
+        )
+        if verdict is Verdict.CLEAR and cls is AddrClass.INTERNAL:
+            return Out.FALLBACK, dst
+        return _VERDICTS[verdict], dst
+
+    def _unlisted_service(self, dst: str, now: float) -> bool:
+        """Stage 1's WAIT: an internal address inside the Service CIDR that the table does
+        not list (a VIP is never a pod, so only a Service can be internal there)."""
+        return self.guard.in_services(dst) and self.table.lookup(dst, now) is AddrClass.INTERNAL
+
+    def _text(self, addr: int) -> str:
+        text = self._texts.get(addr)
+        if text is None:  # an endpoint a kept TCP flow still uses after it left the table
+            text = self._texts[addr] = str(ipaddress.IPv4Address(addr))
+        return text
+
+    # ---- held packets ------------------------------------------------------------------------
+
+    def hold(
+        self, out: Out, dst: str, packets: Sequence[bytes | bytearray | memoryview], now: float
+    ) -> bool:
+        """Keep ``packets`` for ``dst`` (rule 2); True when the shell must start the reverse
+        lookup (the first HOLD of ``dst``). Copies: the shell reuses its buffers."""
+        deadline = now + self.wait_for_members if out is Out.WAIT else float("inf")
+        new, refused = self.holds.add(dst, [bytes(p) for p in packets], deadline)
+        if refused:
+            self.stats.drop(DropReason.QUEUE_FULL, refused)
+        return new and out is Out.HOLD
+
+    def release(self, dst: str) -> list[bytearray]:
+        """What waited for ``dst``, to route again (its lookup ended)."""
+        return [bytearray(p) for p in self.holds.pop(dst)]
+
+    def listed(self) -> list[tuple[str, list[bytearray]]]:
+        """What waited for Services the table now lists (after a new membership)."""
+        return [(dst, self.release(dst)) for dst in self.holds if dst in self._vips]
+
+    def overdue(self, now: float) -> list[tuple[str, list[bytes]]]:
+        """WAITs past their deadline: the shell refuses them (rule 2)."""
+        due = self.holds.expired(now)
+        for _, packets in due:
+            self.stats.drop(DropReason.SERVICE_UNKNOWN, len(packets))
+        return due
+
+    # ---- replies -----------------------------------------------------------------------------
+
+    def on_reply(self, buf: bytearray | memoryview, now: float) -> None:
+        """Rule 3: an endpoint's reply (or an ICMP error about a translated packet) gets the
+        cluster IP and Service port back. A cheap filter first: most packets need nothing."""
+        flows = self.flows
+        if not flows.endpoints or len(buf) < 20:
+            return
+        if int.from_bytes(buf[12:16], "big") not in flows.endpoints and buf[9] != ICMP:
+            return
+        ip = parse_ipv4(buf)
+        if ip is not None:
+            flows.translate_reply(buf, ip, now)
+
+    def give_up(self, address: str, until: float) -> None:
+        """--no-strict: ``address`` went unanswered; the clear is used until ``until``."""
+        self.plaintext_until[address] = until
+
+    def expire(self, now: float) -> None:
+        self.flows.expire(now)
+        for address in [a for a, t in self.plaintext_until.items() if t <= now]:
+            del self.plaintext_until[address]

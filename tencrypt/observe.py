@@ -1,0 +1,111 @@
+"""What a running proxy tells: the ``/status`` document (``tencrypt status`` prints it) and the
+``/metrics`` text (Prometheus exposition), both read from the proxy's owners at request time
+(core/stats.py rule: gauges are read from their owners, never mirrored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from tencrypt.core.classify import AddrClass, ClassTable
+from tencrypt.core.dispatch import Dispatcher
+from tencrypt.core.keyring import render_key_metrics
+from tencrypt.core.nat import FlowTable
+from tencrypt.core.session import Tunnel
+from tencrypt.core.stats import Stats, render_prometheus, snapshot
+from tencrypt.linux.members import MembersFile
+
+
+class FirewallCounters(Protocol):
+    @property
+    def firewall_counters(self) -> dict[str, int]: ...
+
+
+class Proxy(Protocol):
+    """What is read of a running proxy (daemon.Proxy has it all)."""
+
+    clock: Callable[[], float]
+    stats: Stats
+    strict: bool
+    tunnel: Tunnel
+    table: ClassTable
+    dispatch: Dispatcher
+    flows: FlowTable
+    members: MembersFile | None
+    cidr_mismatch: str | None
+
+    @property
+    def effects(self) -> FirewallCounters: ...
+
+STANDALONE_LIMITS = (  # logged at start, said in the docs: what standalone cannot do
+    "standalone mode (no membership from the node agent): Services are reached through the "
+    "node's DNAT of VIP:1337, so one tunnel session per Service endpoint pair: no "
+    "per-connection load balancing, a Service port must equal its targetPort, and a pod "
+    "reached through a Service cannot also be reached by its pod IP"
+)
+
+
+def mode(proxy: Proxy) -> str:
+    """``cluster`` (Services resolved here), ``membership-v1`` (members known, Services by
+    the node's DNAT) or ``standalone`` (no membership)."""
+    if proxy.dispatch.cluster:
+        return "cluster"
+    loaded = proxy.members.loaded if proxy.members else None
+    return "standalone" if loaded is None else "membership-v1"
+
+
+def status(proxy: Proxy) -> dict[str, object]:
+    """`tencrypt status`: peers and sessions, classification, membership, Services, drops."""
+    now = proxy.clock()
+    classes = [cls.value for _, cls in proxy.table.items(now)]
+    loaded = proxy.members.loaded if proxy.members else None
+    dispatch = proxy.dispatch
+    return {
+        **proxy.tunnel.status(now),
+        **snapshot(proxy.stats),
+        "strict": proxy.strict,
+        "mode": mode(proxy),
+        "classification": {c: classes.count(c) for c in ("internal", "external")},
+        "membership": None
+        if loaded is None
+        else {
+            "project": loaded.project,
+            "generation": loaded.generation,
+            "pods": len(loaded.pods),
+            "services": len(loaded.services),
+        },
+        "services": {
+            "cluster_ips": len(dispatch.flows.table),
+            "flows": len(dispatch.flows),
+            "unusable_endpoints": dispatch.flows.table.unusable,
+        },
+        "guard": [str(net) for net in dispatch.guard.networks],
+        "held_destinations": len(dispatch.holds),
+        "firewall_refused": dict(proxy.effects.firewall_counters),
+    }
+
+
+def render_metrics(proxy: Proxy) -> str:
+    now = proxy.clock()
+    classes = [cls for _, cls in proxy.table.items(now)]
+    loaded = proxy.members.loaded if proxy.members else None
+    dispatch = proxy.dispatch
+    gauges: dict[str, float] = {
+        "sessions": proxy.tunnel.session_count(),
+        "peers": proxy.tunnel.peer_count(),
+        "flow_table_entries": len(proxy.flows),
+        "service_flow_entries": len(dispatch.flows),
+        "service_cluster_ips": len(dispatch.flows.table),
+        "cluster_mode": 1.0 if dispatch.cluster else 0.0,
+        "dns_table_entries": len(proxy.table),
+        "addresses_internal": classes.count(AddrClass.INTERNAL),
+        "addresses_external": classes.count(AddrClass.EXTERNAL),
+        "members": len(loaded.addresses) if loaded else 0,
+        "held_destinations": len(dispatch.holds),
+        "key_mismatch_sources": len(proxy.tunnel.key_mismatch),
+        "service_cidr_mismatch": 1.0 if proxy.cidr_mismatch else 0.0,
+    }
+    for name, packets in proxy.effects.firewall_counters.items():
+        gauges[f"firewall_{name}_packets"] = packets
+    return render_prometheus(proxy.stats, gauges) + render_key_metrics(proxy.tunnel.key_status())
