@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import os
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -141,7 +141,7 @@ class Proxy(ControlPlane):
             strict,
             stats,
             self.tunnel.table.by_addr,
-            services or ServiceFlows(stats, random.randrange),
+            services if services is not None else ServiceFlows(stats, random.randrange),
         )
         self.desired = Desired(config.service_cidr, config.own_addresses)
         self.effects = EffectApplier(self.desired, stats, kernel, on_applied=self._on_applied)

@@ -38,6 +38,7 @@ class Proxy(Protocol):
     @property
     def effects(self) -> FirewallCounters: ...
 
+
 STANDALONE_LIMITS = (  # logged at start, said in the docs: what standalone cannot do
     "standalone mode (no membership from the node agent): Services are reached through the "
     "node's DNAT of VIP:1337, so one tunnel session per Service endpoint pair: no "

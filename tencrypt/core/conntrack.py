@@ -122,7 +122,7 @@ class ServiceFlows:
     ) -> None:
         if max_flows < 1:
             raise ValueError("max_flows must be at least 1")
-        self.table = table or ServiceTable()
+        self.table = table if table is not None else ServiceTable()
         self._stats, self._rng, self._max = stats, rng, max_flows
         self._idle: IdleFlows[Key, ServiceFlow] = IdleFlows(
             (tcp_idle, tcp_closed, udp_idle, icmp_idle)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import tempfile
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tencrypt.core.classify import AddrClass, ClassTable, Domains, RouteAction
+from tencrypt.core.conntrack import ServiceFlows
+from tencrypt.core.membership import Members
 from tencrypt.core.packet import checksum
 from tencrypt.core.peer import Transmit
 from tencrypt.core.podconfig import PodConfig
@@ -22,6 +26,7 @@ from tencrypt.core.session import Limits, datagrams_of
 from tencrypt.core.stats import Stats
 from tencrypt.daemon import Proxy
 from tencrypt.errors import SetupError
+from tencrypt.linux.members import MembersFile, write_members
 from tencrypt.ports import Ports
 
 PSK = parse_psk("AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=")
@@ -237,12 +242,20 @@ class Pod:
         batch: bool = False,
         ptr: dict[str, AddrClass | None] | None = None,
         limits: Limits | None = None,
+        members: Members | None = None,
+        rng: Any = None,
     ) -> None:
+        """``members``: a membership file the proxy finds at start (the agent's part);
+        ``rng``: the Service translation's endpoint choice (default: always the first)."""
         self.ip = ip
         self.tun, self.udp, self.inject, self.bypass = FakeTun(), FakeUdp(), FakeRaw(), FakeRaw()
         self.kernel, self.clock = FakeKernel(), Clock()
         self.resolver = FakeResolver(ptr, self.clock)
         self.stats = Stats()
+        self._members_tmp = tempfile.TemporaryDirectory(prefix="tencrypt-fake-members-")
+        self.members_dir = Path(self._members_tmp.name)  # removed with the Pod
+        if members is not None:
+            write_members(self.members_dir, members)
         self.proxy = Proxy(
             pod_config(ip),
             PSK,
@@ -255,7 +268,14 @@ class Pod:
             batch=batch,
             clock=self.clock,
             wall=lambda: 1_700_000_000.0 + self.clock.now,
+            members=MembersFile(self.members_dir / "members.json"),
+            services=ServiceFlows(self.stats, rng or (lambda bound: 0)),
         )
+
+    def set_members(self, members: Members) -> None:
+        """The agent writes a new membership file; the proxy's next sweep reads it."""
+        write_members(self.members_dir, members)
+        self.proxy._poll_members(self.clock.now)
 
     def app_sends(self, packet: bytes) -> None:
         self.tun.inbox.append(packet)

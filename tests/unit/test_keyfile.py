@@ -13,9 +13,8 @@ import pytest
 
 from tencrypt.core.psk import KeySet, fingerprint
 from tencrypt.core.stats import Stats
-from tencrypt.linux.keyfile import read_keys
 from tencrypt.errors import UsageError
-from tencrypt.linux.keyfile import KeyFile, describe, write_key_file
+from tencrypt.linux.keyfile import KeyFile, describe, read_keys, write_key_file
 
 K1, K2, K3 = bytes(range(1, 33)), bytes(range(2, 34)), bytes(range(3, 35))
 
