@@ -1,6 +1,6 @@
 """Tencrypt's wire format, version 2: every UDP datagram on port 1337, byte by byte.
 
-This docstring is the specification; another implementation interoperates from it alone.
+This docstring summarises the format; the full specification is docs/PROTOCOL.md.
 All integers are little-endian unless said otherwise. Every message starts with a 4-byte
 word: the message type in byte 0 and three zero bytes. A receiver reads the word as a u32
 (so non-zero reserved bytes make an unknown type) and drops anything but 1, 2 and 4.
