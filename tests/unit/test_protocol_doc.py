@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 import tencrypt.core
-from tencrypt import daemon
+from tencrypt import control, daemon
 from tencrypt.core import gate, handshake, podconfig, psk, replay, wire
 from tencrypt.core.handshake import HandshakeLimiter
 from tencrypt.core.identity import ClaimPolicy
@@ -113,6 +113,7 @@ MODULES = {
     "gate": gate,
     "psk": psk,
     "daemon": daemon,
+    "control": control,
 }
 
 
