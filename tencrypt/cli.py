@@ -94,16 +94,19 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
     p.add_argument(
         "--service-cidr",
-        default="172.30.0.0/16",
-        help="the cluster's Service CIDR, routed into tenc0 (default: 172.30.0.0/16)",
+        help="the cluster's Service CIDR, routed into tenc0 (default: the first IPv4 one of "
+        "the agent's membership file in the state directory, else 172.30.0.0/16, "
+        "OpenShift's)",
     )
     p.add_argument(
         "--pod-cidr",
         action="append",
         metavar="CIDR",
-        help="the cluster's pod network, where an unclassified address may be the "
-        "project's (strict mode refuses it instead of sending it in the clear); "
-        "repeat for several ranges, e.g. one per node (default: eth0's subnet)",
+        help="the cluster's pod network: claims from outside it are refused, and an "
+        "unclassified address in it may be the project's (strict mode refuses it rather "
+        "than send it in the clear); repeat for several ranges (default: the agent's "
+        "membership file's; else not known: claims are not checked against a guess, and "
+        "only eth0's subnet is guarded)",
     )
     p.add_argument("--mtu", type=int, help=f"tenc0 MTU (default: uplink MTU minus {OVERHEAD})")
     where = p.add_mutually_exclusive_group()

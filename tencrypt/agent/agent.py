@@ -1,13 +1,15 @@
 """The agent's loop: the composition root of ``tencrypt agent``.
 
-Four reflectors (``kube.reflector.Reflector``, the list+watch machinery node-sync uses too)
-queue every Pod of the cluster, every Namespace, every Service and the Secrets named
-``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants list/watch on that
-name only); one thread, this loop, owns everything else. Pods are watched cluster-wide
-because a project's members run on every node: this node's pods decide which proxies run,
-all of them (with the Services) make each project's membership. Stages of a pass
-(``tick``), run every ``TICK`` seconds and after every burst of events, once all four kinds
-have been listed (a partial view would stop proxies or hand them half a membership):
+Five reflectors (``kube.reflector.Reflector``, the list+watch machinery node-sync uses too)
+queue every Pod of the cluster, every Namespace, every Service, every EndpointSlice and the
+Secrets named ``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants
+list/watch on that name only); a discovery thread queues the cluster's ranges every
+DISCOVER_EVERY seconds (agent/cidrs.py, agent/discovery.py); one thread, this loop, owns
+everything else. Pods are watched cluster-wide because a project's members run on every
+node: this node's pods decide which proxies run, all of them (with the Services and their
+endpoints) make each project's membership. Stages of a pass (``tick``), run every ``TICK``
+seconds and after every burst of events, once all five kinds have been listed and the
+ranges discovered once (a partial view would stop proxies or hand them half a membership):
 
  1. fold the events into ``NodeView`` and ``MemberView``; take the wanted pods;
  2. keys: the key ring of each project that has wanted pods here, from its Secret as last
@@ -21,8 +23,9 @@ have been listed (a partial view would stop proxies or hand them half a membersh
  5. reconcile: ``Reconciler.plan`` → START, KILL, STOP, executed at once (a STOP for a new key
     or sandbox is followed by its START in the same pass); a START writes the pod's
     membership file before the proxy starts;
- 6. membership: every running proxy whose project's members changed gets its file
-    rewritten (``members.json``, ``feed.MembersFeed``); the others are not touched;
+ 6. membership: every running proxy whose project's members (pods, Services, endpoints) or
+    the cluster's ranges changed gets its file rewritten (``members.json``, format 2,
+    ``feed.MembersFeed``); the others are not touched;
  7. key files of projects without a proxy on this node any more are removed;
  8. report: the rings the proxies recorded as loaded, per project, in the ConfigMap
     ``tencrypt-keys-<node>`` (``report.KeyReporter``; what `tencrypt key rotate` waits on).
@@ -40,13 +43,15 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kubernetes import client
 
+from tencrypt.agent.cidrs import ClusterRanges
+from tencrypt.agent.discovery import RangeSources
 from tencrypt.agent.members import MemberView, ProjectMembers
 from tencrypt.agent.podstate import (
     SECRET_NAME,
@@ -61,12 +66,14 @@ from tencrypt.agent.report import KeyReporter
 from tencrypt.agent.resolver import Resolver
 from tencrypt.agent.supervisor import Supervisor
 from tencrypt.core.stats import Counter, Stats
+from tencrypt.kube.client import optional
 from tencrypt.kube.reflector import Changed, Listed, Reflector
 from tencrypt.linux.keyfile import describe
 
 log = logging.getLogger("tencrypt.agent")
 TICK = 0.5  # seconds between passes without events: how soon a dead proxy is noticed
 UNDO_PARALLEL = 4  # undos at once on shutdown: each is a short-lived interpreter
+DISCOVER_EVERY = 60.0  # seconds between discoveries of the cluster's ranges (agent/cidrs.py)
 
 
 @dataclass(slots=True)
@@ -96,6 +103,8 @@ class Agent:
         self.listed: set[AgentKind] = set()
         self.keys: dict[str, KeyState] = {}
         self.reporter = reporter
+        self.ranges_known = False  # the first discovery of the cluster ranges came in
+        self.slices_unserved = False  # the API has no EndpointSlices: format 1 files
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -108,7 +117,7 @@ class Agent:
                     self.fold(self.queue.get_nowait())
             except queue.Empty:
                 pass
-            if self.listed == set(AgentKind):
+            if self.listed == set(AgentKind) and self.ranges_known:
                 try:
                     self.tick(self.clock())
                 # the loop must outlive any one failure (a full disk, a vanished binary): it is
@@ -142,6 +151,8 @@ class Agent:
         if isinstance(item, Listed) and isinstance(item.kind, AgentKind):
             if item.kind is AgentKind.SERVICE:
                 self.members.replace_services(item.items)
+            elif item.kind is AgentKind.ENDPOINT_SLICE:
+                self.members.replace_slices(item.items)
             else:
                 self.view.replace(item.kind, item.items)
             if item.kind is AgentKind.POD:
@@ -150,10 +161,28 @@ class Agent:
         elif isinstance(item, Changed) and isinstance(item.kind, AgentKind):
             if item.kind is AgentKind.SERVICE:
                 self.members.on_service(item.event, item.obj)
+            elif item.kind is AgentKind.ENDPOINT_SLICE:
+                self.members.on_slice(item.event, item.obj)
             else:
                 self.view.on_event(item.kind, item.event, item.obj)
             if item.kind is AgentKind.POD:
                 self.members.on_pod(item.event, item.obj)
+        elif isinstance(item, Discovered):
+            if item.ranges != self.supervisor.feed.ranges or self.ranges_known is False:
+                log.info("cluster ranges: %s", item.ranges.describe())
+                if item.ranges.skipped:
+                    log.warning(
+                        "%d malformed CIDRs in the cluster's objects skipped", item.ranges.skipped
+                    )
+            self.supervisor.feed.ranges = item.ranges
+            self.ranges_known = True
+        elif isinstance(item, Unserved) and not self.slices_unserved:
+            self.slices_unserved = True
+            log.error(
+                "the API serves no EndpointSlices (discovery.k8s.io/v1): membership files "
+                "carry no Services, so proxies reach Services through the node's DNAT "
+                "(format 1: no per-connection load balancing, no targetPort)"
+            )
 
     def shutdown(self, unpatch: bool) -> None:
         entries = list(self.reconciler.entries.values())
@@ -295,6 +324,8 @@ class Agent:
         known = self.computed.get(project)
         if known is None or known.version != self.members.version(project):
             known = self.computed[project] = self.members.of(project)
+        if self.slices_unserved:
+            return replace(known, table=None)
         return known
 
     def drop_unused_keys(self, wanted: list[PodInfo]) -> None:
@@ -312,16 +343,60 @@ class Agent:
 def start_reflectors(
     api: Any, out: queue.Queue[object], stop: threading.Event, watch_timeout: int
 ) -> None:
-    """List+watch every Pod, Namespace and Service and the Secrets named ``tencrypt`` into
-    ``out``."""
+    """List+watch every Pod, Namespace, Service and EndpointSlice and the Secrets named
+    ``tencrypt`` into ``out``. A cluster whose API serves no EndpointSlices lists none (and
+    ``Unserved`` says so once) instead of holding the agent back."""
     core = client.CoreV1Api(api)
     secrets = functools.partial(
         core.list_secret_for_all_namespaces, field_selector=f"metadata.name={SECRET_NAME}"
+    )
+    slices = optional(
+        client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+        stop,
+        lambda: out.put(Unserved(AgentKind.ENDPOINT_SLICE)),
     )
     for kind, list_fn in (
         (AgentKind.POD, core.list_pod_for_all_namespaces),
         (AgentKind.NAMESPACE, core.list_namespace),
         (AgentKind.SERVICE, core.list_service_for_all_namespaces),
+        (AgentKind.ENDPOINT_SLICE, slices),
         (AgentKind.SECRET, secrets),
     ):
         Reflector(kind, list_fn, out, stop, watch_timeout).start()
+
+
+@dataclass(slots=True, frozen=True)
+class Discovered:
+    """A discovery of the cluster's ranges (agent/cidrs.py), queued by ``start_discovery``."""
+
+    ranges: ClusterRanges
+
+
+@dataclass(slots=True, frozen=True)
+class Unserved:
+    """The API does not serve this kind (404)."""
+
+    kind: AgentKind
+
+
+def start_discovery(
+    api: Any,
+    out: queue.Queue[object],
+    stop: threading.Event,
+    node: str,
+    flags: tuple[Sequence[str], Sequence[str]] = ((), ()),
+    every: float = DISCOVER_EVERY,
+) -> threading.Thread:
+    """Discover the cluster's ranges now and every ``every`` seconds (agent/cidrs.py rule 1),
+    each result queued as ``Discovered``; sources the API does not serve or the agent may not
+    read are skipped (said once at INFO)."""
+    sources = RangeSources(api)
+
+    def loop() -> None:
+        while not stop.is_set():
+            out.put(Discovered(sources.discover(node, *flags)))
+            stop.wait(every)
+
+    thread = threading.Thread(target=loop, name="discovery", daemon=True)
+    thread.start()
+    return thread

@@ -138,6 +138,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="do not publish it (a rotation then cannot see this node catch up)",
     )
     p.add_argument(
+        "--service-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="the cluster's Service CIDR(s), over what is discovered (ServiceCIDR objects, "
+        "OpenShift's Network config); repeat for several; handed to every proxy and its setup",
+    )
+    p.add_argument(
+        "--pod-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="the cluster's pod network, over what is discovered (OpenShift's Network "
+        "config, the Nodes' podCIDRs); needed where pod IPs come from CNI IPAM blocks no "
+        "API object names (e.g. Calico's IP pools); repeat for several",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -146,7 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tencrypt.agent.agent import Agent, start_reflectors
+    from tencrypt.agent.agent import Agent, start_discovery, start_reflectors
+    from tencrypt.agent.cidrs import discover
     from tencrypt.agent.reconcile import Policy
     from tencrypt.agent.resolver import Resolver
     from tencrypt.agent.supervisor import Supervisor
@@ -163,6 +181,10 @@ def main(args: argparse.Namespace) -> int:
             "give setup's state directory as --setup-state-dir DIR, not in "
             "--setup-args: the proxies and undos must use the same one"
         )
+    flags = (args.service_cidr, args.pod_cidr)
+    given = discover(args.node, *flags)
+    if given.skipped:
+        raise UsageError(f"--service-cidr/--pod-cidr: not a CIDR in {' '.join(sum(flags, []))}")
     if os.geteuid() != 0:
         raise UsageError("needs root on the node (it enters pod network namespaces)")
     if min(args.restart_backoff, args.restart_backoff_max, args.ready_timeout) <= 0:
@@ -208,6 +230,7 @@ def main(args: argparse.Namespace) -> int:
         args.state_dir,
     )
     start_reflectors(api, agent.queue, stop, WATCH_TIMEOUT)
+    start_discovery(api, agent.queue, stop, args.node, flags)
     agent.run(stop, unpatch_on_exit=args.on_exit == "unpatch")
     return 0
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tencrypt.agent.cidrs import ClusterRanges
 from tencrypt.agent.members import ProjectMembers
 from tencrypt.core.membership import (
     FILE_NAME,
@@ -41,6 +42,7 @@ from tencrypt.linux.members import write_members
 class Written:
     version: int  # the MemberView version it was computed from (-1: read from disk)
     members: Members
+    ranges: ClusterRanges | None = None  # the cluster ranges it carries (None: read from disk)
 
 
 class MembersFeed:
@@ -48,36 +50,51 @@ class MembersFeed:
         self.root, self.clock = setup_state_dir, clock
         self.written: dict[int, Written] = {}  # netns inode -> what its file holds
         self.writes = 0  # files written (re-written) so far
+        self.ranges = ClusterRanges()  # the cluster's shape as last discovered (agent/cidrs.py)
 
     def path(self, netns: int) -> Path:
         return self.root / f"netns-{netns}" / FILE_NAME
 
     def is_current(self, netns: int, members: ProjectMembers | tuple[str, int]) -> bool:
-        """True if the file already holds ``members`` (by project and version: no I/O)."""
+        """True if the file already holds ``members`` and the cluster ranges (by project,
+        version and ranges: no I/O)."""
         project, version = (
             (members.project, members.version) if isinstance(members, ProjectMembers) else members
         )
         known = self.written.get(netns)
-        return known is not None and known.version == version and known.members.project == project
+        return (
+            known is not None
+            and known.version == version
+            and known.members.project == project
+            and known.ranges == self.ranges
+        )
 
     def write(self, netns: int, members: ProjectMembers) -> Members | None:
-        """Make the namespace's file say ``members``; the ``Members`` written, or None if the
+        """Make the namespace's file say ``members`` (format 2 with the cluster ranges, or
+        format 1 when ``members.table`` is None); the ``Members`` written, or None if the
         file said so already. ``OSError`` if it cannot be written."""
         if self.is_current(netns, members):
             return None
+        r = self.ranges
         known = self.written.get(netns) or self._read(netns)
-        if known is not None and (
-            known.members.project,
-            known.members.pods,
-            known.members.services,
-        ) == (members.project, members.pods, members.services):
-            self.written[netns] = Written(members.version, known.members)
+        doc = Members(
+            members.project,
+            0,
+            members.pods,
+            members.services,
+            members.table,
+            r.service_cidrs if members.table is not None else (),
+            r.pod_cidrs if members.table is not None else (),
+            r.zone if members.table is not None else None,
+        )
+        if known is not None and replace(known.members, generation=0) == doc:
+            self.written[netns] = Written(members.version, known.members, r)
             return None
         generation = max(known.members.generation + 1 if known else 1, int(self.clock() * 1000))
-        doc = Members(members.project, generation, members.pods, members.services)
+        doc = replace(doc, generation=generation)
         write_members(self.path(netns).parent, doc)
         self.writes += 1
-        self.written[netns] = Written(members.version, doc)
+        self.written[netns] = Written(members.version, doc, r)
         return doc
 
     def remove(self, netns: int) -> None:

@@ -57,6 +57,7 @@ class AgentKind(enum.Enum):
     NAMESPACE = "Namespace"
     SECRET = "Secret"
     SERVICE = "Service"  # membership only (agent/members.py)
+    ENDPOINT_SLICE = "EndpointSlice"  # membership only: each Service's endpoints
 
 
 @dataclass(slots=True, frozen=True)

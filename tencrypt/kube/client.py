@@ -69,3 +69,51 @@ def brief(exc: Exception) -> str:
         }.get(exc.status or 0, "")
         return f"HTTP {exc.status} {exc.reason}{': ' + message if message else ''}{hint}"
     return f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+
+
+NOT_FOUND = 404
+
+
+class _Nothing:
+    """What ``optional`` answers for a kind the API does not serve: an empty list, or a watch
+    that ends without events once its time-out has passed (so the reflector re-lists at a
+    watch's pace, not in a tight loop)."""
+
+    data = b'{"items": [], "metadata": {"resourceVersion": "0"}}'
+
+    def __init__(self, wait: Callable[[float], object] | None = None, seconds: float = 0.0):
+        self._wait, self._seconds = wait, seconds
+
+    def stream(self, amt: object = None, decode_content: bool = False) -> list[bytes]:
+        if self._wait is not None:
+            self._wait(self._seconds)
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+
+def optional(
+    list_fn: Callable[..., Any], stop: Any, on_missing: Callable[[], object]
+) -> Callable[..., Any]:
+    """``list_fn`` for a kind that older API servers lack: a 404 lists nothing, and a watch
+    waits its time-out (or until ``stop``) and ends empty; ``on_missing`` runs once."""
+    said = [False]
+
+    def call(**kw: Any) -> Any:
+        try:
+            return list_fn(**kw)
+        except ApiException as exc:
+            if exc.status != NOT_FOUND:
+                raise
+            if not said[0]:
+                said[0] = True
+                on_missing()
+            if kw.get("watch"):
+                return _Nothing(stop.wait, float(kw.get("timeout_seconds") or 60))
+            return _Nothing()
+
+    return call

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
+from tencrypt.core.membership import Members, MembershipError, parse_members
 from tencrypt.core.mountinfo import mount_of, node_path, parse_mountinfo
 from tencrypt.core.podconfig import (
     PodConfig,
@@ -46,6 +47,7 @@ from tencrypt.linux.keyfile import LOADED_FILE
 
 log = logging.getLogger("tencrypt.setup")
 RULE_PRIORITY = 1000
+DEFAULT_SERVICE_CIDR = "172.30.0.0/16"  # OpenShift's default serviceNetwork
 STATE_FILE = "setup.json"
 PID_FILE = "run.pid"
 
@@ -134,12 +136,10 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         raise UsageError(
             f"{resolv_path} has no `search` line to tell the project domain; pass --domain"
         )
-    pod_cidrs = tuple(getattr(args, "pod_cidr", None) or ())
-    if not pod_cidrs:
-        on_link = _on_link_subnet(dev)
-        pod_cidrs = (on_link,) if on_link else ()
+    service_cidr, pod_cidrs = _cluster_ranges(args)
+    on_link = _on_link_subnet(dev)
     try:
-        ipaddress.IPv4Network(args.service_cidr)
+        ipaddress.IPv4Network(service_cidr)
         for cidr in pod_cidrs:
             ipaddress.ip_network(cidr, strict=False)
         ipaddress.IPv4Address(pod_ip), ipaddress.IPv4Address(dns), ipaddress.IPv4Address(gateway)
@@ -154,11 +154,39 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         domain=domain.rstrip("."),
         search=resolv.search,
         cluster_domain=cluster_domain_of(domain),
-        service_cidr=args.service_cidr,
+        service_cidr=service_cidr,
         mtu=mtu,
         pod_cidrs=tuple(str(ipaddress.ip_network(c, strict=False)) for c in pod_cidrs),
+        uplink_cidrs=(on_link,) if on_link else (),
     )
     return SetupState(config, resolv_path, original)
+
+
+def _cluster_ranges(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
+    """The Service CIDR to route into tenc0 and the pod network: the flags, else what the
+    agent discovered (the membership file it writes before the launcher runs setup), else
+    OpenShift's default Service CIDR and an unknown pod network (never eth0's subnet:
+    core/clustershape.py rule 1)."""
+    members: Members | None = None
+    path = namespace_state_dir(args.state_dir) / MEMBERS_FILE
+    try:
+        members = parse_members(path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except (OSError, MembershipError) as exc:
+        log.warning("membership file %s unreadable (%s): its ranges are not used", path, exc)
+    service = args.service_cidr or next(
+        (c for c in (members.service_cidrs if members else ()) if ":" not in c), None
+    )
+    if service is None:
+        service = DEFAULT_SERVICE_CIDR
+        log.warning(
+            "no --service-cidr and no Service CIDR from the agent: assuming %s (OpenShift's "
+            "default); pass --service-cidr where the cluster uses another",
+            service,
+        )
+    pods = tuple(getattr(args, "pod_cidr", None) or (members.pod_cidrs if members else ()))
+    return service, pods
 
 
 def resolv_conf_of(pid: int) -> str:

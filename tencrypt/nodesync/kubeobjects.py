@@ -11,7 +11,7 @@ builders only tests need (Pods, Secrets, legacy Endpoints) live in
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from tencrypt.kube.objects import ENABLED_LABEL
@@ -20,20 +20,46 @@ from tencrypt.nodesync.cluster import SERVICE_NAME_LABEL
 Obj = dict[str, Any]
 
 
+class LabPort(Protocol):
+    """A Service port as the lab knows it (``tencrypt.lab.topology.ServicePort``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def target(self) -> int | str: ...
+    @property
+    def protocol(self) -> str: ...
+
+
+class LabEndpoint(Protocol):
+    """An endpoint: the pod's IP and its named container ports (``topology.Endpoint``)."""
+
+    @property
+    def ip(self) -> str: ...
+    @property
+    def ports(self) -> Mapping[str, int]: ...
+    @property
+    def ready(self) -> bool: ...
+
+
 class LabService(Protocol):
     """What the lab knows of a Service (``tencrypt.lab.topology.Service`` fits; read-only, so
-    a frozen dataclass does too)."""
+    a frozen dataclass does too). ``vip`` None: headless."""
 
     @property
     def name(self) -> str: ...
     @property
     def project(self) -> str: ...
     @property
-    def vip(self) -> str: ...
+    def vip(self) -> str | None: ...
     @property
-    def endpoint(self) -> str: ...
+    def ports(self) -> Sequence[LabPort]: ...
     @property
-    def port(self) -> int: ...
+    def endpoints(self) -> Sequence[LabEndpoint]: ...
+    @property
+    def affinity(self) -> int: ...
 
 
 def build_namespace(name: str, enabled: bool = True) -> Obj:
@@ -49,22 +75,37 @@ def build_namespace(name: str, enabled: bool = True) -> Obj:
     }
 
 
-def build_service(namespace: str, name: str, vip: str, port: int = 8080) -> Obj:
+def build_service(
+    namespace: str,
+    name: str,
+    vip: str | None,
+    port: int = 8080,
+    ports: Sequence[Obj] | None = None,
+    affinity: int = 0,
+) -> Obj:
+    """A Service; ``vip`` None is a headless one. ``ports``: its ``spec.ports`` (default one
+    TCP port ``http`` with ``targetPort`` = ``port``); ``affinity``: sessionAffinity ClientIP
+    with that timeout (0: none)."""
+    spec: Obj = {
+        "clusterIP": vip or "None",
+        "clusterIPs": [vip or "None"],
+        "internalTrafficPolicy": "Cluster",
+        "ipFamilies": ["IPv4"],
+        "ipFamilyPolicy": "SingleStack",
+        "ports": list(ports)
+        if ports is not None
+        else [{"name": "http", "port": port, "protocol": "TCP", "targetPort": port}],
+        "selector": {"app": name},
+        "sessionAffinity": "ClientIP" if affinity else "None",
+        "type": "ClusterIP",
+    }
+    if affinity:
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity}}
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "uid": stable_uid(namespace, name)},
-        "spec": {
-            "clusterIP": vip,
-            "clusterIPs": [vip],
-            "internalTrafficPolicy": "Cluster",
-            "ipFamilies": ["IPv4"],
-            "ipFamilyPolicy": "SingleStack",
-            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": port}],
-            "selector": {"app": name},
-            "sessionAffinity": "None",
-            "type": "ClusterIP",
-        },
+        "spec": spec,
         "status": {"loadBalancer": {}},
     }
 
@@ -76,8 +117,11 @@ def build_endpoint_slice(
     port: int = 8080,
     suffix: str = "",
     not_ready: Sequence[str] = (),
+    ports: Sequence[Obj] | None = None,
 ) -> Obj:
-    """An IPv4 EndpointSlice of ``service``; ``suffix`` names it (``<service>-<suffix>``)."""
+    """An IPv4 EndpointSlice of ``service``; ``suffix`` names it (``<service>-<suffix>``).
+    ``ports``: the slice's ports, as the controller resolved them for its pods (default one
+    TCP port ``http`` = ``port``)."""
 
     def endpoint(ip: str, ready: bool) -> Obj:
         return {
@@ -106,7 +150,9 @@ def build_endpoint_slice(
             },
             "uid": stable_uid(namespace, name),
         },
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "ports": list(ports)
+        if ports is not None
+        else [{"name": "http", "port": port, "protocol": "TCP"}],
     }
 
 
@@ -121,12 +167,37 @@ def build_list(items: Iterable[Obj]) -> Obj:
 
 
 def lab_objects(services: Iterable[LabService]) -> list[Obj]:
-    """A labelled namespace per project, and a Service plus an EndpointSlice per lab Service."""
+    """A labelled namespace per project, and per lab Service the Service and its
+    EndpointSlices, as the EndpointSlice controller writes them: one slice per distinct set of
+    resolved ports (a named ``targetPort`` may resolve differently per pod)."""
     services = list(services)
     objs = [build_namespace(p) for p in sorted({s.project for s in services})]
     for s in services:
-        objs.append(build_service(s.project, s.name, s.vip, s.port))
-        objs.append(build_endpoint_slice(s.project, s.name, [s.endpoint], s.port))
+        spec_ports = [
+            {"name": p.name, "port": p.port, "protocol": p.protocol, "targetPort": p.target}
+            for p in s.ports
+        ]
+        objs.append(build_service(s.project, s.name, s.vip, ports=spec_ports, affinity=s.affinity))
+        groups: dict[tuple[tuple[str, int, str], ...], tuple[list[str], list[str]]] = {}
+        for e in s.endpoints:
+            resolved = tuple(
+                (p.name, p.target if isinstance(p.target, int) else e.ports[p.target], p.protocol)
+                for p in s.ports
+                if isinstance(p.target, int) or p.target in e.ports
+            )
+            ready, not_ready = groups.setdefault(resolved, ([], []))
+            (ready if e.ready else not_ready).append(e.ip)
+        for i, (resolved, (ready, not_ready)) in enumerate(sorted(groups.items())):
+            objs.append(
+                build_endpoint_slice(
+                    s.project,
+                    s.name,
+                    ready,
+                    suffix=f"{stable_uid(s.project, s.name)[:4]}{i}",
+                    not_ready=not_ready,
+                    ports=[{"name": n, "port": t, "protocol": pr} for n, t, pr in resolved],
+                )
+            )
     return objs
 
 

@@ -47,6 +47,8 @@ PATHS = {
     "/apis/discovery.k8s.io/v1/endpointslices": Kind.ENDPOINT_SLICE.value,
     "/api/v1/pods": "Pod",
     "/api/v1/secrets": "Secret",
+    "/api/v1/nodes": "Node",
+    "/apis/networking.k8s.io/v1/servicecidrs": "ServiceCIDR",
 }
 TOKEN = "tencrypt-test-token"
 

@@ -555,8 +555,9 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
         for res in rule["resources"]
         for verb in rule["verbs"]
     }
-    # start_reflectors: list+watch pods, namespaces and services (the membership feed), and
-    # the Secrets named tencrypt only
+    # start_reflectors: list+watch pods, namespaces, services and endpointslices (the
+    # membership feed), and the Secrets named tencrypt only; start_discovery: list nodes and
+    # servicecidrs, get OpenShift's Network named cluster (agent/cidrs.py)
     assert granted == {
         ("pods", "list", ()),
         ("pods", "watch", ()),
@@ -564,10 +565,21 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
         ("namespaces", "watch", ()),
         ("services", "list", ()),
         ("services", "watch", ()),
+        ("endpointslices", "list", ()),
+        ("endpointslices", "watch", ()),
         ("secrets", "list", ("tencrypt",)),
         ("secrets", "watch", ("tencrypt",)),
+        ("nodes", "list", ()),
+        ("servicecidrs", "list", ()),
+        ("networks", "get", ("cluster",)),
     }
-    assert all(rule["apiGroups"] == [""] for rule in role["rules"])
+    groups = {res: rule["apiGroups"] for rule in role["rules"] for res in rule["resources"]}
+    assert groups["endpointslices"] == ["discovery.k8s.io"]
+    assert groups["servicecidrs"] == ["networking.k8s.io"]
+    assert groups["networks"] == ["config.openshift.io"]
+    assert all(groups[r] == [""] for r in ("pods", "namespaces", "services", "secrets", "nodes"))
+    verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
+    assert verbs <= {"list", "watch", "get"}  # read-only
 
 
 def test_agent_writes_only_its_key_report_configmaps_in_its_own_namespace():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tencrypt.agent import podstate, sandbox
-from tencrypt.agent.agent import Agent, start_reflectors
+from tencrypt.agent.agent import Agent, start_discovery, start_reflectors
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION, AgentKind
 from tencrypt.agent.reconcile import Phase, Policy, Sandbox
 from tencrypt.agent.resolver import Resolver
@@ -214,6 +214,7 @@ class Harness:
         )
         self.stop = threading.Event()
         start_reflectors(self.api, self.agent.queue, self.stop, watch_timeout=300)
+        start_discovery(self.api, self.agent.queue, self.stop, "n1", every=0.2)
         self.thread = threading.Thread(
             target=self.agent.run, args=(self.stop, unpatch), daemon=True
         )
@@ -356,9 +357,23 @@ def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_
         {"10.128.0.9", "10.128.1.5", "fd00:10:128:1::5"},
         {"172.30.0.10", "fd00:30::a"},
     )
+    assert first.service_table is not None and [s.name for s in first.service_table] == ["web"]
+    # the cluster's ranges, discovered: a ServiceCIDR object and the Nodes' podCIDRs
+    server.put(service_cidr("kubernetes", "172.30.0.0/16", "fd00:30::/112"))
+    server.put(node("n1", "10.128.0.0/23", zone="zone-a"))
+    server.put(node("n2", "10.128.2.0/23"))
+    h.until(lambda: members().pod_cidrs == ("10.128.0.0/23", "10.128.2.0/23"), "the ranges")
+    ranged = members()
+    assert ranged.service_cidrs == ("172.30.0.0/16", "fd00:30::/112") and ranged.zone == "zone-a"
+    # the Service's endpoints, from an EndpointSlice: in the file as the proxy resolves them
+    server.put(kubeobjects.build_endpoint_slice("shop", "web", ["10.128.1.5"], port=8443))
+    h.until(lambda: members().service_table[0].endpoints, "the endpoint in the file")
+    [endpoint] = members().service_table[0].endpoints
+    assert endpoint.ip == "10.128.1.5" and [p.port for p in endpoint.ports] == [8443]
     feed = h.sup.feed
     # another project's pod: shop's file is not touched
     writes, blog = feed.writes, h.agent.members.version("blog")
+    first = members()
     server.put(kubeobjects.build_pod("blog", "more", "n3", "10.128.2.3"))
     h.until(lambda: h.agent.members.version("blog") > blog, "blog's new pod seen")
     # (the Pod watch delivers in order: by the time shop's change is in the file, blog's was
@@ -366,7 +381,7 @@ def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_
     # a pod of the project added on another node, then removed; a Service IP removed
     server.put(kubeobjects.build_pod("shop", "new", "n3", "10.128.3.3"))
     h.until(lambda: "10.128.3.3" in members().pods, "the new pod in the file")
-    assert feed.writes == writes + 1 and members().generation > first.generation
+    assert feed.writes == writes + 1 and members().generation > ranged.generation
     server.delete("Pod", "shop", "remote")
     h.until(lambda: members().pods == {"10.128.0.9", "10.128.3.3"}, "remote gone")
     server.put(kubeobjects.build_service("shop", "web", "172.30.0.10"))
@@ -528,3 +543,39 @@ def test_real_client_fake_apiserver_a_forbidden_list_is_logged_in_one_line_with_
     [line] = [r.getMessage() for r in caplog.records if "relisting" in r.getMessage()][:1]
     assert "Secret: HTTP 403 Forbidden" in line and "scripts/k8s/rbac.yaml" in line
     assert "\n" not in line and "HTTP response headers" not in line
+
+
+def node(name, *pod_cidrs, zone=None):
+    labels = {"kubernetes.io/hostname": name}
+    if zone:
+        labels["topology.kubernetes.io/zone"] = zone
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"podCIDR": pod_cidrs[0] if pod_cidrs else None, "podCIDRs": list(pod_cidrs)},
+    }
+
+
+def service_cidr(name, *cidrs):
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
+def test_a_cluster_without_endpointslices_gets_format_1_files_and_the_agent_still_runs(env):
+    server, make, proc = env
+    server.serve_slices = False  # as an API server before discovery.k8s.io/v1
+    server.put(lab_pod("web", 200))
+    server.put(kubeobjects.build_service("shop", "web", "172.30.0.10"))
+    h = make()
+    h.until_calls(f"start 200 {KEY}")
+    path = h.tmp / "setup" / f"netns-{proc.inode('a')}" / "members.json"
+    h.until(path.exists, "the membership file")
+    members = parse_members(path.read_text())
+    assert members.service_table is None and members.services == {"172.30.0.10"}
+    assert h.agent.slices_unserved
+    assert ("EndpointSlice", "list") not in server.requests  # 404s are not recorded as served

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from tencrypt.agent import feed, members
 from tencrypt.agent.feed import MembersFeed
-from tencrypt.agent.members import MemberView, ProjectMembers, parse_pod_ips, parse_service_ips
+from tencrypt.agent.members import (
+    MemberView,
+    ProjectMembers,
+    parse_pod_ips,
+    parse_service,
+    parse_service_ips,
+)
 from tencrypt.core.membership import parse_members
 from tencrypt.core.stats import Stats
 from tencrypt.kube.objects import EventType
@@ -110,13 +116,15 @@ def test_members_of_a_project_come_from_every_node_and_only_its_own_namespace():
             service("x", "172.30.9.9", ns="blog"),
         ]
     )
-    assert view.of("shop") == ProjectMembers(
+    shop = view.of("shop")
+    assert (shop.project, shop.version, shop.pods, shop.services) == (
         "shop",
         view.version("shop"),
         frozenset({"10.128.0.1", "10.128.1.1"}),
         frozenset({"172.30.0.10", "fd00:30::a"}),
     )
-    assert view.of("nobody") == ProjectMembers("nobody", 0, frozenset(), frozenset())
+    assert shop.table is not None and [s.name for s in shop.table] == ["web"]  # db: headless
+    assert view.of("nobody") == ProjectMembers("nobody", 0, frozenset(), frozenset(), ())
 
 
 def test_the_version_moves_only_when_an_address_of_the_project_changes():
@@ -266,3 +274,97 @@ def test_remove_deletes_the_file_and_the_directory_once_setup_left_nothing(tmp_p
 
 def test_feed_module_names_the_file_the_proxy_reads():
     assert feed.FILE_NAME == "members.json"
+
+
+# -- Services with their ports and endpoints (format 2) -------------------------------------
+
+
+def web_objects():
+    svc = kubeobjects.build_service(
+        "shop",
+        "web",
+        "172.30.0.10",
+        ports=[
+            {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        ],
+        affinity=600,
+    )
+    a = kubeobjects.build_endpoint_slice(
+        "shop",
+        "web",
+        ["10.128.0.2"],
+        suffix="a",
+        not_ready=["10.128.0.3"],
+        ports=[
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+            {"name": "dns", "port": 5353, "protocol": "UDP"},
+        ],
+    )
+    b = kubeobjects.build_endpoint_slice(
+        "shop", "web", ["10.129.0.4"], suffix="b", ports=[{"name": "http", "port": 9090}]
+    )
+    b["endpoints"][0]["conditions"] = {"ready": False, "serving": True, "terminating": True}
+    b["endpoints"][0]["hints"] = {"forZones": [{"name": "zone-a"}]}
+    return svc, a, b
+
+
+def test_a_service_carries_its_ports_affinity_and_each_endpoints_own_ports_and_conditions():
+    view = MemberView()
+    svc, a, b = web_objects()
+    view.replace_services([svc])
+    view.replace_slices([a, b])
+    [web] = view.of("shop").table or ()
+    assert web.ips == ("172.30.0.10",) and web.affinity == 600.0
+    assert [(p.name, p.protocol, p.port) for p in web.ports] == [("http", 6, 80), ("dns", 17, 53)]
+    by_ip = {e.ip: e for e in web.endpoints}
+    assert list(by_ip) == ["10.128.0.2", "10.128.0.3", "10.129.0.4"]
+    assert [(p.name, p.port) for p in by_ip["10.128.0.2"].ports] == [("http", 8080), ("dns", 5353)]
+    assert by_ip["10.128.0.3"].ready is False and by_ip["10.128.0.3"].serving is False
+    moving = by_ip["10.129.0.4"]
+    assert (moving.ready, moving.serving, moving.terminating) == (False, True, True)
+    assert moving.zones == ("zone-a",) and by_ip["10.128.0.2"].zones is None
+    assert [(p.name, p.port) for p in moving.ports] == [("http", 9090)]
+
+
+def test_slices_move_the_version_and_a_malformed_one_keeps_what_was_known():
+    stats = Stats()
+    view = MemberView(stats)
+    svc, a, b = web_objects()
+    view.replace_services([svc])
+    view.replace_slices([a])
+    v = view.version("shop")
+    view.replace_slices([a])  # a relist that finds what was known
+    assert view.version("shop") == v
+    view.on_slice(EventType.ADDED, b)
+    assert view.version("shop") == v + 1
+    broken = dict(a, endpoints=[{"addresses": ["banana"]}])
+    view.on_slice(EventType.MODIFIED, broken)
+    assert stats.get("agent_bad_object") == 1 and view.version("shop") == v + 1
+    [web] = view.of("shop").table or ()
+    assert {e.ip for e in web.endpoints} == {"10.128.0.2", "10.128.0.3", "10.129.0.4"}
+    view.on_slice(EventType.DELETED, b)
+    [web] = view.of("shop").table or ()
+    assert {e.ip for e in web.endpoints} == {"10.128.0.2", "10.128.0.3"}
+
+
+def test_fqdn_slices_and_unresolved_ports_give_no_endpoint_port():
+    view = MemberView()
+    svc, a, _ = web_objects()
+    fqdn = dict(a, addressType="FQDN", endpoints=[{"addresses": ["db.example.com"]}])
+    unresolved = kubeobjects.build_endpoint_slice(
+        "shop", "web", ["10.128.0.7"], suffix="u", ports=[{"name": "http", "port": None}]
+    )
+    view.replace_services([svc])
+    view.replace_slices([fqdn, unresolved])
+    [web] = view.of("shop").table or ()
+    assert [(e.ip, e.ports) for e in web.endpoints] == [("10.128.0.7", ())]
+
+
+def test_a_bad_affinity_or_port_makes_the_service_malformed():
+    svc, _, _ = web_objects()
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 0}}
+    assert parse_service(svc) is None
+    svc, _, _ = web_objects()
+    svc["spec"]["ports"][0]["protocol"] = "ICMP"
+    assert parse_service(svc) is None
