@@ -35,12 +35,14 @@ If a stage fails, ``up`` removes what it built and re-raises.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from tencrypt.errors import SetupError, UsageError
@@ -84,7 +86,7 @@ class Lab:
 
     @property
     def services(self) -> list[Service]:
-        return self.topology.services(self.pods)
+        return self.topology.plan_services(self.pods)
 
     @property
     def projects(self) -> list[str]:
@@ -363,30 +365,33 @@ class Lab:
             services.program_tencrypt_chain(node.netns, self.services)
 
     def _start_daemons(self) -> None:
-        hosts = self.state_dir / "dns" / "hosts"
-        hosts.write_text(clusterdns.build_hosts(self.pods.values()))
+        self._write_hosts()
         self._extra_hosts.write_text("# records published at run time (add_dns_records)\n")
         started = [self._spawn_dnsmasq(node) for node in self.nodes.values()]
         python = HTTP_PYTHON if Path(HTTP_PYTHON).exists() else sys.executable
+        servers = 0
         for pod in self.pods.values():
-            argv = [
-                python,
-                "-I",
-                "-u",
-                "-m",
-                "http.server",
-                str(pod.port),
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-                str(self.www(pod.name)),
-            ]
-            log = self.log_file(f"{pod.name}.http")
-            proc = netns.spawn(pod.netns, argv, log=log)
-            self.pid_file(f"{pod.name}.http").write_text(f"{proc.pid}\n")
-            started.append((pod.netns, "tcp", pod.port, proc, log, f"{pod.name} HTTP server"))
+            for name, port in sorted(pod.ports.items(), key=lambda i: i[1]):
+                argv = [
+                    python,
+                    "-I",
+                    "-u",
+                    "-m",
+                    "http.server",
+                    str(port),
+                    "--bind",
+                    "0.0.0.0",
+                    "--directory",
+                    str(self.www(pod.name)),
+                ]
+                what = pod.name if port == pod.port else f"{pod.name}-{name}"
+                log = self.log_file(f"{what}.http")
+                proc = netns.spawn(pod.netns, argv, log=log)
+                self.pid_file(f"{what}.http").write_text(f"{proc.pid}\n")
+                started.append((pod.netns, "tcp", port, proc, log, f"{what} HTTP server :{port}"))
+                servers += 1
         self.say(
-            f"started dnsmasq on {len(self.nodes)} node(s) and {len(self.pods)} HTTP "
+            f"started dnsmasq on {len(self.nodes)} node(s) and {servers} HTTP "
             "servers; waiting until they listen"
         )
         for ns, proto, port, proc, log, what in started:
@@ -395,6 +400,36 @@ class Lab:
     @property
     def _extra_hosts(self) -> Path:
         return self.state_dir / "dns" / "extra-hosts"
+
+    def _write_hosts(self) -> None:
+        hosts = self.state_dir / "dns" / "hosts"
+        hosts.write_text(clusterdns.build_hosts(self.pods.values(), self.services))
+
+    # --- what tests and the demo change in the cluster -------------------------------------
+
+    def set_endpoints(self, service: str, pods: list[str], not_ready: Sequence[str] = ()) -> None:
+        """The endpoints of ``service`` (one of the topology's ``services``) become ``pods``
+        (``not_ready``: listed, not ready), as a rollout or a scale-down changes an
+        EndpointSlice: every node's kube-proxy rules and tunnel forwarding, the cluster DNS
+        and the membership file of every patched pod of its project follow, as kube-proxy,
+        node-sync, CoreDNS and the agent would."""
+        specs = self.topology.services
+        index = next((i for i, s in enumerate(specs) if s.name == service), None)
+        if index is None:
+            raise UsageError(f"lab {self.name} has no Service {service!r} to change")
+        specs[index] = dataclasses.replace(specs[index], pods=list(pods), not_ready=list(not_ready))
+        self.topology.validate()
+        for node in self.nodes.values():
+            services.program_kube_services(node.netns, self.services, first=False)
+            services.program_tencrypt_chain(node.netns, self.services)
+        self._write_hosts()
+        self._reload_dns()
+        project = specs[index].project
+        for pod in self.pods.values():
+            if pod.project == project and proxy.proxy_pid(self, pod):
+                proxy.write_members_file(self, pod)
+        self._write_state("up")
+        self.say(f"Service {service}: endpoints {', '.join(pods) or 'none'}")
 
     def _spawn_dnsmasq(
         self, node: Node
@@ -419,11 +454,14 @@ class Lab:
         dnsmasq re-reads its hosts files on SIGHUP."""
         with self._extra_hosts.open("a") as f:
             f.writelines(f"{ip} {name}\n" for ip, name in records)
+        self._reload_dns()
+        self.say(f"published DNS records: {', '.join(f'{n} -> {ip}' for ip, n in records)}")
+
+    def _reload_dns(self) -> None:
         for node in self.nodes.values():
             pid = procs.read_pid(self.pid_file(f"{node.name}.dnsmasq"))
             if pid and procs.alive(pid):
                 os.kill(pid, signal.SIGHUP)
-        self.say(f"published DNS records: {', '.join(f'{n} -> {ip}' for ip, n in records)}")
 
     def stop_dns(self) -> None:
         """A cluster DNS outage: every node's dnsmasq stopped (``start_dns`` brings it back)."""

@@ -21,16 +21,28 @@ import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
 
-from tencrypt.lab.topology import CLUSTER_DOMAIN, Pod
+from tencrypt.lab.topology import CLUSTER_DOMAIN, Pod, Service
 
 DNS_TTL = 30  # seconds; CoreDNS's kubernetes plugin serves 5-30
 
 
-def build_hosts(pods: Iterable[Pod]) -> str:
+def build_hosts(pods: Iterable[Pod], services: Iterable[Service] = ()) -> str:
+    """Each pod's own Service and endpoint name first (dnsmasq's PTR answers a hosts line's
+    first name, so a pod IP's reverse name is its endpoint name), then the other Services:
+    a VIP, or for a headless Service one A record per ready endpoint (CoreDNS's answer)."""
     lines = ["# tencrypt lab cluster DNS: Services (VIP) and endpoints (pod IP)"]
+    pods = list(pods)
+    own = {p.name for p in pods}
     for pod in pods:
         lines.append(f"{pod.vip} {pod.fqdn}")
         lines.append(f"{pod.ip} {pod.endpoint_fqdn}")
+    for svc in services:
+        if svc.name in own:
+            continue
+        if svc.vip is not None:
+            lines.append(f"{svc.vip} {svc.fqdn}")
+        else:
+            lines += [f"{e.ip} {svc.fqdn}" for e in svc.endpoints if e.ready]
     return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tencrypt.agent.members import MemberView
 from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.membership import Members
 from tencrypt.core.psk import KeySet
@@ -37,6 +38,7 @@ from tencrypt.lab.topology import Pod
 from tencrypt.linux import netns, podnet, procs
 from tencrypt.linux.keyfile import write_key_file
 from tencrypt.linux.members import write_members
+from tencrypt.nodesync.kubeobjects import lab_objects
 
 if TYPE_CHECKING:
     from tencrypt.lab.view import LabView as Lab
@@ -62,21 +64,30 @@ def tencrypt_bin() -> Path:
     return Path(sys.executable).parent / "tencrypt"
 
 
-def launcher_env(lab: Lab | None = None) -> dict[str, str]:
-    env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
-    if lab is not None:  # the cluster's whole pod network, as an operator would pass it
-        env["TENCRYPT_SETUP_ARGS"] = " ".join(f"--pod-cidr {c}" for c in lab.topology.pod_cidrs)
-    return env
+def launcher_env() -> dict[str, str]:
+    """The launcher's environment, as the agent's: no setup arguments at all (the DaemonSet
+    passes none), so setup takes the cluster's ranges from the membership file alone."""
+    return {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
 
 
 def members_of(lab: Lab, project: str) -> Members:
-    """The project's membership as the cluster API would list it: every pod IP and Service VIP
-    of the project (the lab plays the node agent's part, with the agent's file format)."""
+    """The project's membership as the node agent writes it (format 2): the lab's Services
+    and their EndpointSlices as Kubernetes objects (nodesync.kubeobjects), reduced by the
+    agent's own code (agent/members.py), every pod IP of the project, and the cluster's
+    ranges as the agent would discover them (the Service CIDR, the Nodes' pod CIDRs)."""
+    view = MemberView()
+    objs = lab_objects(lab.services)
+    view.replace_services(o for o in objs if o["kind"] == "Service")
+    view.replace_slices(o for o in objs if o["kind"] == "EndpointSlice")
+    found = view.of(project)
     return Members(
         project,
         time.time_ns(),
         frozenset(p.ip for p in lab.pods.values() if p.project == project),
-        frozenset(s.vip for s in lab.services if s.project == project),
+        found.services,
+        found.table,
+        (lab.topology.service_cidr,),
+        tuple(n.pod_cidr for n in lab.nodes.values()),
     )
 
 
@@ -160,7 +171,7 @@ def patch(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=launcher_env(lab),
+            env=launcher_env(),
         )
     pid_file.write_text(f"{proc.pid}\n")
 

@@ -80,14 +80,15 @@ def render(lab: LabView) -> str:
     )
     out += ["", "SERVICES (DNAT on every node)"]
     out += table(
-        ["SERVICE", "NAME", "VIP", "PORTS", "ENDPOINT"],
+        ["SERVICE", "NAME", "VIP", "PORTS", "ENDPOINTS"],
         [
             [
                 s.name,
-                lab.pods[s.name].fqdn,
-                s.vip,
-                f"{s.port}/tcp, {TUNNEL_PORT}/udp+tcp",
-                s.endpoint,
+                s.fqdn,
+                s.vip or "None (headless)",
+                ", ".join(f"{p.port}/{p.protocol.lower()}->{p.target}" for p in s.ports)
+                + (f", {TUNNEL_PORT}/udp+tcp" if s.vip else ""),
+                " ".join(f"{e.pod}{'' if e.ready else '(not ready)'}" for e in s.endpoints),
             ]
             for s in lab.services
         ],

@@ -1,18 +1,26 @@
 """What the lab builds: nodes, pods, Services and their addresses, as plain data.
 
 Rules:
-- A topology names projects and pods; ``plan(lab_name, nodes)`` turns it into concrete ``Node``
-  and ``Pod`` records (namespaces, addresses, MTU). Nothing here touches the system.
+- A topology names projects, pods and Services; ``plan(lab_name, nodes)`` turns it into
+  concrete ``Node``, ``Pod`` and ``Service`` records (namespaces, addresses, MTU, endpoints
+  and their ports). Nothing here touches the system.
 - Every name the kernel sees stays short: namespaces are ``<lab>-node<N>`` and ``<lab>-<pod>``,
   the node side of a pod's veth is ``v<pod>`` (at most 15 characters, IFNAMSIZ - 1).
 - Addresses are derived, never guessed at run time: a pod's IP is ``host`` inside the pod CIDR
-  of the node it lands on (default ``10 + its position``, so nginx1 is 172.17.0.11), its Service
-  VIP is the same offset inside the Service CIDR unless the topology pins one.
+  of the node it lands on (default ``10 + its position``, so nginx1 is 172.17.0.11), its own
+  Service's VIP the same offset inside the Service CIDR unless the topology pins one; the
+  Services of ``services`` get ``100 + their position`` unless pinned.
+- Every pod has a Service of its own name (kube-proxy's one-endpoint case; ports
+  ``service_ports``, default ``http`` = ``port``); ``services`` adds Services as Kubernetes
+  has them: several replicas behind one VIP, a ``port`` that differs from its
+  ``targetPort`` (a number, or the name of a container port of each pod: ``ports``),
+  several Services in front of one pod, headless ones (no VIP: DNS names the pods).
 - In a one-node lab every pod lands on node1 whatever its ``node`` says; in a two-node lab the
   pods whose ``node`` is 2 land on node2. Two nodes talk over VXLAN, so pod MTUs drop to 1450.
 
 Topology JSON (``tencrypt lab up --config FILE``); every key but ``pods`` is optional and the
-values shown are the defaults::
+values shown are the defaults, but for ``pods`` and ``services``, which show the default
+topology's::
 
     {
       "service_cidr": "172.30.0.0/16",           # Service VIPs (and the DNS address) live here
@@ -21,17 +29,28 @@ values shown are the defaults::
       "underlay_cidr": "192.168.200.0/24",       # node eth0 <-> node eth0 (2-node lab only)
       "overlay_cidr": "10.42.0.0/24",            # vxlan0 addresses (2-node lab only)
       "vni": 42, "vxlan_port": 4789,
-      "port": 8080,                              # every pod's HTTP server and Service port
+      "port": 8080,                              # every pod's HTTP server (container port http)
       "pods": [
         {"name": "nginx1", "project": "myproject"},
         {"name": "nginx2", "project": "myproject", "node": 2},
-        {"name": "cakephp", "project": "project2", "host": 13, "vip": "172.30.0.13"}
+        {"name": "cakephp", "project": "project2"},
+        {"name": "nginx3", "project": "myproject"}
+      ],
+      "services": [
+        {"name": "web", "project": "myproject", "pods": ["nginx2", "nginx3"],
+         "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+        {"name": "db", "project": "myproject", "pods": ["nginx3"], "headless": true}
       ]
     }
 
-Per pod: ``name`` (also its Service name; ``[a-z][a-z0-9]{0,13}``), ``project`` (a DNS label),
-optional ``node`` (1 or 2, the node it prefers in a two-node lab), ``host`` (host number inside
-the node's pod CIDR) and ``vip``.
+Per pod: ``name`` (also its own Service's name; ``[a-z][a-z0-9]{0,13}``), ``project`` (a DNS
+label), optional ``node`` (1 or 2, the node it prefers in a two-node lab), ``host`` (host
+number inside the node's pod CIDR), ``vip``, ``ports`` (named container ports, each served by
+an HTTP server: default ``{"http": port}``) and ``service_ports`` (its own Service's ports).
+Per Service: ``name``, ``project``, ``pods`` (its endpoints, pods of the project), ``ports``
+(``name``, ``port``, ``targetPort`` number or container port name, ``protocol`` TCP or UDP;
+default ``http`` 80 -> ``http``), optional ``vip``, ``headless``, ``affinity`` (ClientIP
+timeout in seconds) and ``not_ready`` (endpoint pods listed but not ready).
 """
 
 from __future__ import annotations
@@ -61,6 +80,22 @@ class PodSpec:
     node: int = 1
     host: int | None = None
     vip: str | None = None
+    ports: dict[str, int] | None = None  # named container ports (default {"http": port})
+    service_ports: list[dict[str, object]] | None = None  # its own Service's spec.ports
+
+
+@dataclass(slots=True, frozen=True)
+class ServiceSpec:
+    name: str
+    project: str
+    pods: list[str] = field(default_factory=list)
+    ports: list[dict[str, object]] = field(
+        default_factory=lambda: [{"name": "http", "port": 80, "targetPort": "http"}]
+    )
+    vip: str | None = None
+    headless: bool = False
+    affinity: int = 0
+    not_ready: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -77,6 +112,7 @@ class Pod:
     prefixlen: int = 16
     gateway: str = ""  # the node bridge's IP, the pod's default route
     host_if: str = ""  # node-side end of the pod's veth pair
+    ports: dict[str, int] = field(default_factory=dict)  # named container ports it serves
 
     @property
     def endpoint_fqdn(self) -> str:
@@ -97,19 +133,45 @@ class Node:
 
 
 @dataclass(slots=True, frozen=True)
+class ServicePort:
+    name: str
+    port: int
+    target: int | str  # a number, or the name of a container port of each endpoint
+    protocol: str = "TCP"
+
+
+@dataclass(slots=True, frozen=True)
+class Endpoint:
+    pod: str
+    ip: str
+    ports: dict[str, int]  # the pod's named container ports
+    ready: bool = True
+
+    def target(self, port: ServicePort) -> int | None:
+        """The endpoint's number for ``port`` (None: it has no container port of that name)."""
+        return port.target if isinstance(port.target, int) else self.ports.get(port.target)
+
+
+@dataclass(slots=True, frozen=True)
 class Service:
-    """A ClusterIP Service with one endpoint: what kube-proxy (and Tencrypt's updater) program."""
+    """A Service as kube-proxy, node-sync and the agent's feed see it. ``vip`` None: headless."""
 
     name: str
     project: str
-    vip: str
-    endpoint: str
-    port: int
+    vip: str | None
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[Endpoint, ...]
+    affinity: int = 0
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{self.project}.svc.{CLUSTER_DOMAIN}"
 
 
 @dataclass(slots=True)
 class Topology:
     pods: list[PodSpec]
+    services: list[ServiceSpec] = field(default_factory=list)
     service_cidr: str = "172.30.0.0/16"
     dns_ip: str = "172.30.0.2"
     pod_cidrs: list[str] = field(default_factory=lambda: ["172.17.0.0/16", "172.18.0.0/16"])
@@ -126,7 +188,12 @@ class Topology:
                 PodSpec("nginx1", "myproject"),
                 PodSpec("nginx2", "myproject", node=2),
                 PodSpec("cakephp", "project2"),
-            ]
+                PodSpec("nginx3", "myproject"),
+            ],
+            services=[
+                ServiceSpec("web", "myproject", ["nginx2", "nginx3"]),
+                ServiceSpec("db", "myproject", ["nginx3"], headless=True),
+            ],
         )
 
     @classmethod
@@ -134,19 +201,18 @@ class Topology:
         raw_pods = data.get("pods") if isinstance(data, dict) else None
         if not isinstance(raw_pods, list):
             raise UsageError('lab topology: expected a JSON object with a list under "pods"')
-        known = {f for f in cls.__dataclass_fields__ if f != "pods"}
-        unknown = set(data) - known - {"pods"}
+        raw_services = data.get("services", [])
+        if not isinstance(raw_services, list):
+            raise UsageError('lab topology: "services" must be a list')
+        known = {f for f in cls.__dataclass_fields__ if f not in ("pods", "services")}
+        unknown = set(data) - known - {"pods", "services"}
         if unknown:
             raise UsageError(f"lab topology: unknown keys {sorted(unknown)}")
-        allowed = set(PodSpec.__dataclass_fields__)
-        for entry in raw_pods:
-            if not isinstance(entry, dict) or set(entry) - allowed:
-                raise UsageError(
-                    f"lab topology: bad pod entry {entry!r} (keys: {', '.join(sorted(allowed))})"
-                )
+        pods = _entries(raw_pods, PodSpec, "pod")
+        services = _entries(raw_services, ServiceSpec, "service")
         try:
-            pods = [PodSpec(**p) for p in raw_pods]
-            topo = cls(pods=pods, **{k: v for k, v in data.items() if k != "pods"})  # type: ignore[arg-type]
+            rest = {k: v for k, v in data.items() if k not in ("pods", "services")}
+            topo = cls(pods=pods, services=services, **rest)  # type: ignore[arg-type]
         except TypeError as exc:
             raise UsageError(f"lab topology: {exc}") from exc
         topo.validate()
@@ -187,6 +253,23 @@ class Topology:
             if vip in vips or vip == self.dns_ip:
                 raise UsageError(f"lab topology: VIP {vip} of {spec.name!r} is already taken")
             vips.add(vip)
+        projects = {p.name: p.project for p in self.pods}
+        for j, svc in enumerate(self.services):
+            if not POD_NAME_RE.match(svc.name) or svc.name in names:
+                raise UsageError(f"lab topology: bad or taken Service name {svc.name!r}")
+            names.add(svc.name)
+            for pod in [*svc.pods, *svc.not_ready]:
+                if projects.get(pod) != svc.project:
+                    raise UsageError(
+                        f"lab topology: Service {svc.name!r}: {pod!r} is not a pod of "
+                        f"project {svc.project!r}"
+                    )
+            _service_ports(svc.ports, f"Service {svc.name!r}")
+            if not svc.headless:
+                vip = self._service_vip(svc, j)
+                if vip in vips or vip == self.dns_ip:
+                    raise UsageError(f"lab topology: VIP {vip} of {svc.name!r} is already taken")
+                vips.add(vip)
 
     def _check_overlaps(self) -> None:
         nets = {
@@ -210,8 +293,46 @@ class Topology:
             raise UsageError(f"lab topology: VIP {vip} of {spec.name!r} is outside {net}")
         return str(vip)
 
-    def services(self, pods: dict[str, Pod]) -> list[Service]:
-        return [Service(p.name, p.project, p.vip, p.ip, p.port) for p in pods.values()]
+    def _service_vip(self, spec: ServiceSpec, index: int) -> str:
+        net = _net(self.service_cidr, "service_cidr")
+        vip = ipaddress.ip_address(spec.vip) if spec.vip else net.network_address + 100 + index
+        if vip not in net:
+            raise UsageError(f"lab topology: VIP {vip} of {spec.name!r} is outside {net}")
+        return str(vip)
+
+    def plan_services(self, pods: dict[str, Pod]) -> list[Service]:
+        """Every Service: each pod's own, then ``services`` (rules)."""
+        out = []
+        for spec in self.pods:
+            pod = pods[spec.name]
+            ports = spec.service_ports or [
+                {"name": "http", "port": self.port, "targetPort": self.port}
+            ]
+            out.append(
+                Service(
+                    pod.name,
+                    pod.project,
+                    pod.vip,
+                    _service_ports(ports, f"pod {pod.name!r}"),
+                    (Endpoint(pod.name, pod.ip, pod.ports),),
+                )
+            )
+        for j, svc in enumerate(self.services):
+            endpoints = tuple(
+                Endpoint(n, pods[n].ip, pods[n].ports, ready=n not in svc.not_ready)
+                for n in dict.fromkeys([*svc.pods, *svc.not_ready])
+            )
+            out.append(
+                Service(
+                    svc.name,
+                    svc.project,
+                    None if svc.headless else self._service_vip(svc, j),
+                    _service_ports(svc.ports, f"Service {svc.name!r}"),
+                    endpoints,
+                    svc.affinity,
+                )
+            )
+        return out
 
     def plan(self, lab: str, nodes: int) -> tuple[dict[str, Node], dict[str, Pod]]:
         """The concrete nodes and pods of lab ``lab`` with ``nodes`` nodes (1 or 2)."""
@@ -245,6 +366,7 @@ class Topology:
                 prefixlen=net.prefixlen,
                 gateway=node.bridge_ip,
                 host_if=f"v{spec.name}",
+                ports=dict(spec.ports or {"http": self.port}),
             )
         if len({p.ip for p in pods.values()}) != len(pods):
             raise UsageError("lab topology: two pods share an IP address")
@@ -276,6 +398,39 @@ def _net(cidr: str, what: str) -> ipaddress.IPv4Network:
     if not isinstance(net, ipaddress.IPv4Network):
         raise UsageError(f"lab topology: {what}: {cidr} is not IPv4")
     return net
+
+
+def _entries(raw: list[object], cls: type, what: str) -> list:  # type: ignore[type-arg]
+    allowed = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict) or set(entry) - allowed:
+            raise UsageError(
+                f"lab topology: bad {what} entry {entry!r} (keys: {', '.join(sorted(allowed))})"
+            )
+        try:
+            out.append(cls(**entry))
+        except TypeError as exc:
+            raise UsageError(f"lab topology: {what} {entry!r}: {exc}") from exc
+    return out
+
+
+def _service_ports(ports: list[dict[str, object]], where: str) -> tuple[ServicePort, ...]:
+    out = []
+    for p in ports:
+        name, port = p.get("name", ""), p.get("port")
+        target, proto = p.get("targetPort", port), p.get("protocol", "TCP")
+        if (
+            not isinstance(name, str)
+            or not isinstance(port, int)
+            or not 0 < port < 65536
+            or not isinstance(target, int | str)
+            or proto not in ("TCP", "UDP")
+            or set(p) - {"name", "port", "targetPort", "protocol"}
+        ):
+            raise UsageError(f"lab topology: {where}: bad port {p!r}")
+        out.append(ServicePort(name, port, target, str(proto)))
+    return tuple(out)
 
 
 def pod_from_dict(data: dict[str, object]) -> Pod:

@@ -14,6 +14,7 @@ from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError
 from tencrypt.kube import client as kubeclient
 from tencrypt.kube.reflector import Listed
+from tencrypt.lab.topology import PodSpec, ServiceSpec, Topology
 from tencrypt.linux.netns import wait_for
 from tencrypt.nodesync import cluster, kubeobjects, rules, watch
 from tencrypt.nodesync.cluster import (
@@ -300,27 +301,34 @@ def test_a_service_turning_malformed_stops_forwarding():
 
 
 def test_lab_services_become_the_same_objects_a_cluster_holds():
-    class Svc:
-        def __init__(self, name, project, vip, endpoint):
-            self.name, self.project, self.vip, self.endpoint, self.port = (
-                name,
-                project,
-                vip,
-                endpoint,
-                8080,
-            )
-
-    objs = kubeobjects.lab_objects(
-        [
-            Svc("nginx1", "myproject", "172.30.0.11", "172.17.0.11"),
-            Svc("cakephp", "project2", "172.30.0.13", "172.17.0.13"),
-        ]
+    # the lab's Services, as the lab plans them: one endpoint, two replicas with a named
+    # targetPort (one slice per resolved port set), a not-ready replica, a headless Service
+    topology = Topology(
+        pods=[
+            PodSpec("nginx1", "myproject"),
+            PodSpec("nginx2", "myproject", ports={"http": 8080}),
+            PodSpec("nginx3", "myproject", ports={"http": 9090}),
+            PodSpec("cakephp", "project2"),
+        ],
+        services=[
+            ServiceSpec("web", "myproject", ["nginx2", "nginx3"], not_ready=["nginx1"]),
+            ServiceSpec("db", "myproject", ["nginx3"], headless=True),
+        ],
     )
+    _, pods = topology.plan("t", 1)
+    objs = kubeobjects.lab_objects(topology.plan_services(pods))
     doc = json.loads(json.dumps(kubeobjects.build_list(objs)))
     assert load_list(doc, Stats()).desired() == [
         ServiceBackends("myproject", "nginx1", "172.30.0.11", ("172.17.0.11",)),
-        ServiceBackends("project2", "cakephp", "172.30.0.13", ("172.17.0.13",)),
+        ServiceBackends("myproject", "nginx2", "172.30.0.12", ("172.17.0.12",)),
+        ServiceBackends("myproject", "nginx3", "172.30.0.13", ("172.17.0.13",)),
+        ServiceBackends("myproject", "web", "172.30.0.100", ("172.17.0.12", "172.17.0.13")),
+        ServiceBackends("project2", "cakephp", "172.30.0.14", ("172.17.0.14",)),
     ]
+    slices = [
+        o for o in objs if o["kind"] == "EndpointSlice" and o["metadata"]["name"].startswith("web-")
+    ]
+    assert sorted(s["ports"][0]["port"] for s in slices) == [8080, 9090]  # one per port set
 
 
 def test_pure_modules_do_no_io():
