@@ -1,5 +1,5 @@
 """Attaching a system to the benchmark's two pods: nothing (vanilla), a peer tunnel, or
-Tencrypt in both pods; and the Service ports the benchmark uses.
+Tencrypt in both pods; and the lab whose nginx2 Service has the ports the benchmark uses.
 
 ``attach`` yields a ``Target``: where the client connects, the tunnel's interface in the client
 pod (None: no tunnel) and how to find the tunnel's processes (for memory and CPU). Leaving the
@@ -9,6 +9,7 @@ pod (None: no tunnel) and how to find the tunnel's processes (for memory and CPU
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from bench.report import OPENVPN, VANILLA, WIREGUARD
 from tencrypt.errors import SetupError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import READY, proxies_in
-from tencrypt.lab.topology import Pod
+from tencrypt.lab.topology import Pod, Topology
 from tencrypt.linux import netns
+
+SERVER = "nginx2"  # whose Service carries the benchmark's ports
 
 
 @dataclass(slots=True)
@@ -31,28 +34,30 @@ class Target:
     note: str = ""
 
 
-def open_bench_ports(lab: Lab, pod: Pod) -> None:
-    """nginx2's Service gets the benchmark's ports, as kube-proxy would program a Service with
-    more ports: VIP:5201 tcp+udp (iperf3) and VIP:5202 tcp (request/response)."""
-    lines = [
-        "*nat",
-        ":BENCH-SERVICES - [0:0]",
-        "-A PREROUTING -j BENCH-SERVICES",
-        "-A OUTPUT -j BENCH-SERVICES",
+def bench_topology() -> Topology:
+    """The default lab, nginx2's Service with the benchmark's ports too, as a Service with
+    more ports would be (kube-proxy programs them; the agent's membership lists them, so
+    Tencrypt's sender resolves them): 5201 tcp+udp (iperf3) and 5202 tcp (request/response)."""
+    topology = Topology.default()
+    ports: list[dict[str, object]] = [{"name": "http", "port": 8080, "targetPort": 8080}]
+    ports += [
+        {
+            "name": f"bench-{proto.lower()}-{port}",
+            "port": port,
+            "targetPort": port,
+            "protocol": proto,
+        }
+        for proto, port in (
+            ("TCP", measure.IPERF_PORT),
+            ("UDP", measure.IPERF_PORT),
+            ("TCP", measure.RR_PORT),
+        )
     ]
-    for proto, port in (
-        ("tcp", measure.IPERF_PORT),
-        ("udp", measure.IPERF_PORT),
-        ("tcp", measure.RR_PORT),
-    ):
-        lines.append(
-            f"-A BENCH-SERVICES -d {pod.vip}/32 -p {proto} -m {proto} --dport {port} "
-            f"-j DNAT --to-destination {pod.ip}:{port}"
-        )
-    for node in lab.nodes.values():
-        netns.run(
-            node.netns, ["iptables-restore", "--noflush"], input="\n".join([*lines, "COMMIT", ""])
-        )
+    topology.pods = [
+        dataclasses.replace(p, service_ports=ports) if p.name == SERVER else p
+        for p in topology.pods
+    ]
+    return topology
 
 
 @contextlib.contextmanager

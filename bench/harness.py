@@ -57,7 +57,7 @@ from functools import partial
 from pathlib import Path
 
 from bench import cpustat, measure, peers, report
-from bench.attach import Target, attach, open_bench_ports
+from bench.attach import Target, attach, bench_topology
 from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries: the plan's API here too
     DNS_SYSTEMS,
     ORDER,
@@ -114,12 +114,11 @@ class Bench:
             self.progress.say(f"bench: FAILED {message}")
 
     def shape(self, nodes: int) -> None:
-        lab = BenchLab(self.plan.name, nodes=nodes)
+        lab = BenchLab(self.plan.name, topology=bench_topology(), nodes=nodes)
         lab.progress = self.progress
         try:
             lab.up()
             a, b = lab.pods[CLIENT], lab.pods[SERVER]
-            open_bench_ports(lab, b)
             for system in self.plan.systems:
                 end = self.progress.index + len(system_steps(self.plan, system, self.first_shape))
                 self.progress.step(f"{_shape(nodes)} · {system} · setting up")

@@ -70,6 +70,7 @@ from tencrypt.core.packet import (
     IPv4,
     parse_icmp_quote,
     parse_ident,
+    parse_ipv4,
     rewrite_addr,
     rewrite_icmp_quote,
     rewrite_port,
@@ -184,6 +185,17 @@ class ServiceFlows:
                 self._frags_out, (proto, ip.src, ip.dst, parse_ident(buf, ip)), flow.endpoint, now
             )
         return TRANSLATED
+
+    def restore(self, buf: bytearray | memoryview, ip: IPv4) -> None:
+        """Undo ``translate`` on a packet (``ip``: its view before the translation): the
+        cluster IP and Service port back, checksums with them (``--no-strict``'s clear, which
+        must go to the node's DNAT, since the proxy never sees the clear reply)."""
+        now_ip = parse_ipv4(buf)
+        if now_ip is None:  # cannot happen: translate rewrote a parsed packet in place
+            return
+        rewrite_addr(buf, now_ip, DST, ip.dst)
+        if ip.proto in (TCP, UDP) and not ip.frag:
+            rewrite_port(buf, now_ip, DST, ip.dport)
 
     def _open(self, key: Key, backends: Backends, now: float) -> ServiceFlow | None:
         choice = self._choose(key, backends, now)

@@ -145,11 +145,22 @@ class Dispatcher:
                     return Out.REJECT, dst
                 if done == DROP:
                     return Out.DROP, dst
-                dst = self._text(int.from_bytes(buf[16:20], "big"))
-            elif self._unlisted_service(dst, now):
+                endpoint = self._text(int.from_bytes(buf[16:20], "big"))
+                if endpoint in self.peers:
+                    return Out.SEAL, endpoint
+                out, _ = self._verdict(endpoint, now, looked_up)
+                if out is Out.FALLBACK:  # --no-strict, no proxy there: the node's DNAT decides
+                    self.flows.restore(buf, ip)
+                    return out, dst
+                return out, endpoint
+            if self._unlisted_service(dst, now):
                 return Out.WAIT, dst
         if dst in self.peers:
             return Out.SEAL, dst
+        return self._verdict(dst, now, looked_up)
+
+    def _verdict(self, dst: str, now: float, looked_up: bool) -> tuple[Out, str]:
+        """Stage 3: the verdict table from ``dst``'s class."""
         cls = self.table.lookup(dst, now)
         verdict = decide(
             cls,

@@ -89,6 +89,10 @@ class Lab:
         return self.topology.plan_services(self.pods)
 
     @property
+    def services_by_name(self) -> dict[str, Service]:
+        return {s.name: s for s in self.services}
+
+    @property
     def projects(self) -> list[str]:
         return sorted({p.project for p in self.pods.values()})
 
@@ -169,9 +173,14 @@ class Lab:
         return netns.run(self.netns_of(pod), argv, check=check, timeout=timeout, input=input)
 
     def patch(
-        self, pod: str, strict: bool = True, run_args: tuple[str, ...] = (), members: bool = True
+        self,
+        pod: str,
+        strict: bool = True,
+        run_args: tuple[str, ...] = (),
+        members: bool = True,
+        setup_args: tuple[str, ...] = (),
     ) -> None:
-        proxy.patch(self, self.pod(pod), strict, run_args, members)
+        proxy.patch(self, self.pod(pod), strict, run_args, members, setup_args)
 
     def unpatch(self, pod: str) -> None:
         proxy.unpatch(self, self.pod(pod))

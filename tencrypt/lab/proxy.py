@@ -64,10 +64,14 @@ def tencrypt_bin() -> Path:
     return Path(sys.executable).parent / "tencrypt"
 
 
-def launcher_env() -> dict[str, str]:
-    """The launcher's environment, as the agent's: no setup arguments at all (the DaemonSet
-    passes none), so setup takes the cluster's ranges from the membership file alone."""
-    return {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
+def launcher_env(setup_args: tuple[str, ...] = ()) -> dict[str, str]:
+    """The launcher's environment, as the agent's: by default no setup arguments at all (the
+    DaemonSet passes none), so setup takes the cluster's ranges from the membership file."""
+    env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
+    env.pop("TENCRYPT_SETUP_ARGS", None)
+    if setup_args:
+        env["TENCRYPT_SETUP_ARGS"] = " ".join(setup_args)
+    return env
 
 
 def members_of(lab: Lab, project: str) -> Members:
@@ -128,11 +132,17 @@ def proxies_in(ns: str) -> list[int]:
 
 
 def patch(
-    lab: Lab, pod: Pod, strict: bool = True, run_args: tuple[str, ...] = (), members: bool = True
+    lab: Lab,
+    pod: Pod,
+    strict: bool = True,
+    run_args: tuple[str, ...] = (),
+    members: bool = True,
+    setup_args: tuple[str, ...] = (),
 ) -> None:
-    """Start the launcher for ``pod`` (``run_args`` go to `tencrypt run`, e.g. --no-batch).
-    ``members``: hand the proxy its project's membership first, as the agent does; without
-    it the proxy runs standalone (DNS and sessions are its only evidence)."""
+    """Start the launcher for ``pod`` (``run_args`` go to `tencrypt run`, e.g. --no-batch;
+    ``setup_args`` to `tencrypt setup`, as an operator's --setup-args would). ``members``:
+    hand the proxy its project's membership first, as the agent does; without it the proxy
+    runs standalone (DNS and sessions are its only evidence)."""
     if proxy_pid(lab, pod):
         raise UsageError(f"pod {pod.name} is already patched (unpatch it first)")
     if members:
@@ -171,7 +181,7 @@ def patch(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=launcher_env(),
+            env=launcher_env(setup_args),
         )
     pid_file.write_text(f"{proc.pid}\n")
 

@@ -11,6 +11,7 @@ Every check looks at what crossed the bridge (tcpdump) or at the proxies' own co
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -20,9 +21,10 @@ import time
 import pytest
 
 from tencrypt.lab.proxy import METRICS, proxy_pid
+from tencrypt.lab.topology import Topology
 from tencrypt.linux import netns
+from tests.netns.conftest import built_lab, download_sha256
 from tests.netns.conftest import curl as lab_curl
-from tests.netns.conftest import download_sha256
 
 MARKER = "tencrypt-e2e-marker-7f3a9c"
 
@@ -61,6 +63,22 @@ def send_datagrams(lab, node: str, dst: str, payloads: list[bytes]) -> None:
         [sys.executable, "-c", script],
         input="\n".join(p.hex() for p in payloads),
     )
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The default lab, nginx2's Service with a UDP port too (the echo server of the UDP test):
+    a datagram to a VIP port no Service lists is rejected, as kube-proxy rejects it."""
+    topology = Topology.default()
+    topology.pods[1] = dataclasses.replace(
+        topology.pods[1],
+        service_ports=[
+            {"name": "http", "port": 8080, "targetPort": 8080},
+            {"name": "echo", "port": 9999, "targetPort": 9999, "protocol": "UDP"},
+        ],
+    )
+    with built_lab(1, topology) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")

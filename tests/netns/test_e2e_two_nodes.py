@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from tencrypt.lab.proxy import proxy_pid
 from tests.netns.conftest import curl, download_sha256
 
 MARKER = "tencrypt-two-node-marker-51d0"
@@ -65,3 +66,51 @@ def test_cross_project_across_nodes_stays_plaintext(sealed2, capture):
         proc = curl(lab, "cakephp", "http://nginx2.myproject:8080/", MARKER)
     assert proc.returncode == 0 and "Hello from nginx2" in proc.stdout, proc.stderr
     assert MARKER.encode() in cap.data
+
+
+def test_both_ways_across_nodes_set_up_as_the_daemonset_does(sealed2, capture):
+    """The lab's launcher passes setup nothing, as the agent's: the pod network comes from
+    the membership (the Nodes' pod CIDRs), so a claim from the other node's pod subnet is
+    not refused as outside "the pod network" (issue 21: eth0's /16 is one node's subnet)."""
+    lab = sealed2
+    if not proxy_pid(lab, lab.pod("nginx3")):
+        lab.patch("nginx3")  # web's replica on node1 (nginx2's is on node2)
+    node1 = lab.nodes["node1"]
+    with capture(node1.netns, node1.underlay_if, "udp port 4789") as cap:
+        there = curl(lab, "nginx1", f"http://{lab.pod('nginx2').ip}:8080/", MARKER)
+        back = curl(lab, "nginx2", f"http://{lab.pod('nginx1').ip}:8080/", MARKER)
+        web = [curl(lab, "nginx1", "http://web/", MARKER) for _ in range(12)]
+    assert "Hello from nginx2" in there.stdout and "Hello from nginx1" in back.stdout
+    answered = {line.split()[2] for p in web for line in p.stdout.splitlines() if "Hello" in line}
+    assert answered == {"nginx2", "nginx3"}  # one replica per node, both reached
+    assert MARKER.encode() not in cap.data
+    for pod in ("nginx1", "nginx2"):
+        setup = lab.log_file(f"{pod}.tencrypt").read_text()
+        assert "pod network 172.17.0.0/16, 172.18.0.0/16" in setup  # from the membership
+
+
+def test_standalone_pods_reach_each_other_across_nodes(lab2, capture):
+    """Without membership (the origin-pod image, `tencrypt run` by hand) and no --pod-cidr:
+    the VIP path through the node's DNAT works across nodes, both ways."""
+    lab = lab2
+    for pod in ("nginx1", "nginx2"):
+        if proxy_pid(lab, lab.pod(pod)):
+            lab.unpatch(pod)
+    try:
+        lab.patch("nginx2", members=False)
+        lab.patch("nginx1", members=False)
+        node1 = lab.nodes["node1"]
+        with capture(node1.netns, node1.underlay_if, "udp port 4789") as cap:
+            there = curl(lab, "nginx1", "http://nginx2:8080/", MARKER)
+            back = curl(lab, "nginx2", "http://nginx1.myproject:8080/", MARKER)
+        assert there.returncode == 0 and "Hello from nginx2" in there.stdout, there.stderr
+        assert back.returncode == 0 and "Hello from nginx1" in back.stdout, back.stderr
+        assert MARKER.encode() not in cap.data
+        log = lab.log_file("nginx1.tencrypt").read_text()
+        assert "standalone mode" in log and "no per-connection load balancing" in log
+    finally:
+        for pod in ("nginx1", "nginx2"):
+            if proxy_pid(lab, lab.pod(pod)):
+                lab.unpatch(pod)
+        lab.patch("nginx2")
+        lab.patch("nginx1")

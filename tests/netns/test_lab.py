@@ -174,7 +174,8 @@ def test_program_tencrypt_chain_replaces_the_chain(lab: Lab) -> None:
         listing = lab.exec("node1", ["nft", "list", "table", "inet", "tencrypt"]).stdout
         return nftrules.pairs(nftrules.parse_listing(listing))
 
-    everything = {(p.vip, p.ip) for p in lab.pods.values()}
+    everything = {(s.vip, e.ip) for s in lab.services if s.vip for e in s.endpoints if e.ready}
+    assert ("172.30.0.100", lab.pod("nginx3").ip) in everything  # web's second replica
     try:
         services.program_tencrypt_chain(node, lab.services)
         assert programmed() == everything
@@ -358,8 +359,8 @@ def test_down_leaves_nothing_behind() -> None:
     try:
         lab.up()
         present = leftovers(lab.name)
-        assert len(present["namespaces"]) == 4 and len(present["etc_netns"]) == 3
-        assert len(present["processes"]) == 4  # dnsmasq + 3 HTTP servers
+        assert len(present["namespaces"]) == 5 and len(present["etc_netns"]) == 4
+        assert len(present["processes"]) == 5  # dnsmasq + 4 HTTP servers
         assert root_namespace()[0] == links_before  # nothing was ever made in the root ns
     finally:
         lab.down()
@@ -379,7 +380,7 @@ def test_up_on_a_dirty_host_starts_clean() -> None:
         assert leftovers(first.name)["namespaces"] == sorted(
             [n.netns for n in second.nodes.values()] + [p.netns for p in second.pods.values()]
         )
-        assert len(leftovers(first.name)["processes"]) == 5  # 2 dnsmasq + 3 HTTP
+        assert len(leftovers(first.name)["processes"]) == 6  # 2 dnsmasq + 4 HTTP
         assert not [pid for pid in old if procs.alive(pid)]
         got = curl(second, "nginx1", "http://nginx2:8080/")
         assert (got.returncode, got.stdout) == (0, "Hello from nginx2 (myproject)\n")

@@ -274,3 +274,12 @@ def test_no_project_address_in_the_clear_and_no_new_flow_to_an_endpoint_that_may
                     assert (int(ipaddress.IPv4Address(after)), ip.dport) in candidates
             if out in (Out.HOLD, Out.WAIT):
                 d.hold(out, after, [buf], now)
+
+
+def test_no_strict_fallback_sends_what_the_app_sent_to_the_node_untranslated():
+    d = dispatcher(strict=False)
+    cluster(d, web(P1))
+    d.give_up(P1, 60.0)  # no proxy answered at P1
+    buf, original = to(VIP), bytes(to(VIP))
+    assert route(d, buf, 1.0) == (Out.FALLBACK, VIP)
+    assert bytes(buf) == original  # the node's DNAT picks, and un-DNATs the clear reply
