@@ -235,6 +235,10 @@ class Bench:
             after = cpustat.snapshot(target.pids(), a.netns, b.netns)
             used = sum(cpustat.seconds_used(before, after).values())
             self.run.add(nodes, system, "rr", 1, "cpu_us_per_rr", used / r.transactions * 1e6, "µs")
+        # a new connection per transaction (TCP_CRR): connect to the first byte of the answer
+        c = measure.request_response(a.netns, target.host, self.plan.rr_seconds, True)
+        self.run.add(nodes, system, "crr", 1, "p50_us", c.p50_us, "µs")
+        self.run.add(nodes, system, "crr", 1, "p99_us", c.p99_us, "µs")
 
     def iperf(
         self, nodes: int, system: str, a: Pod, b: Pod, target: Target, clients: int | None = None

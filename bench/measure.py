@@ -300,20 +300,28 @@ while True:
     c.close()
 """
 
+# With "new", every transaction opens a connection of its own (netperf's TCP_CRR): the time
+# from connect() to the first byte of the answer, what a client without a connection pool pays
+# (for Tencrypt, a new flow: the endpoint choice and the first packets' translation).
 RR_CLIENT = r"""
 import json, socket, sys, time
 host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.create_connection((host, port), timeout=5)
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+new = len(sys.argv) > 4 and sys.argv[4] == "new"
+s = None if new else socket.create_connection((host, port), timeout=5)
+if s is not None:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 clock, times = time.perf_counter_ns, []
 start = clock()
 deadline = start + int(seconds * 1e9)
 while True:
     t0 = clock()
-    s.sendall(b"x")
-    if not s.recv(64):
+    c = socket.create_connection((host, port), timeout=5) if new else s
+    c.sendall(b"x")
+    if not c.recv(64):
         raise SystemExit("server closed the connection")
     t1 = clock()
+    if new:
+        c.close()
     times.append(t1 - t0)
     if t1 >= deadline:
         break
@@ -330,8 +338,12 @@ def rr_server(server_ns: str, log: Path) -> Iterator[None]:
         yield
 
 
-def request_response(client_ns: str, host: str, seconds: float) -> RequestResponse:
+def request_response(
+    client_ns: str, host: str, seconds: float, new_connections: bool = False
+) -> RequestResponse:
     argv = [sys.executable, "-I", "-c", RR_CLIENT, host, str(RR_PORT), f"{seconds:g}"]
+    if new_connections:
+        argv.append("new")
     proc = netns.run(client_ns, argv, check=False, timeout=seconds + SLACK)
     if proc.returncode != 0:
         raise MeasureError(

@@ -272,6 +272,8 @@ def render_latency(run: Run, nodes: int) -> list[str]:
                 cell(run, find(run, nodes, s, "rr", 1, "p50_us"), delta=True),
                 fmt(run.get(nodes, s, "rr", 1, "p99_us")),
                 fmt(run.get(nodes, s, "rr", 1, "cpu_us_per_rr")),
+                cell(run, find(run, nodes, s, "crr", 1, "p50_us"), delta=True),
+                fmt(run.get(nodes, s, "crr", 1, "p99_us")),
             ]
         )
     if not rows:
@@ -285,6 +287,8 @@ def render_latency(run: Run, nodes: int) -> list[str]:
         "req/resp median µs",
         "p99 µs",
         "tunnel CPU µs per req/resp (both ends)",
+        "new connection to first byte, median µs",
+        "p99 µs",
     ]
     return [
         "### Round trip at idle (ping; 1-byte TCP request/response, one connection)",

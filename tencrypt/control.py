@@ -184,7 +184,7 @@ class ControlPlane(abc.ABC):
         into tenc0 is reported loudly (its Services still reach tenc0 as members, by /32)."""
         c = self.config
         ranges = cluster_ranges(c, members)
-        self.dispatch.guard = Guard.of(ranges.services, ranges.pods)
+        self.dispatch.guard = Guard.of(ranges.services, ranges.guarded)
         self.tunnel.set_identity(
             claim_policy(
                 c,

@@ -137,7 +137,7 @@ class Proxy(ControlPlane):
         resolver.on_change = self._on_changes
         self.dispatch = Dispatcher(
             self.table,
-            Guard.of(config.service_cidr, config.pod_cidrs or config.uplink_cidrs),
+            Guard.of(config.service_cidr, config.guarded_pods),
             strict,
             stats,
             self.tunnel.table.by_addr,

@@ -31,6 +31,7 @@ class Ranges:
     services: tuple[str, ...]  # Service CIDRs: setup's (routed into tenc0) and the cluster's
     pods: tuple[str, ...]  # the pod network: the cluster's, else setup's --pod-cidr
     mismatch: str | None  # what is wrong with setup's view, to log loudly (None: nothing)
+    guarded: tuple[str, ...] = ()  # where an unknown address is held: pods, else eth0's subnet
 
 
 def cluster_ranges(config: PodConfig, members: Members) -> Ranges:
@@ -72,7 +73,7 @@ def cluster_ranges(config: PodConfig, members: Members) -> Ranges:
             "set the agent's --service-cidr (or fix what it discovers) and restart the pod's "
             "proxy so that setup routes the right range"
         )
-    return Ranges(services, pods, mismatch)
+    return Ranges(services, pods, mismatch, pods or config.uplink_cidrs)
 
 
 def _version(ip: str) -> int:

@@ -43,6 +43,12 @@ class PodConfig:
     port: int = TUNNEL_PORT
 
     @property
+    def guarded_pods(self) -> tuple[str, ...]:
+        """Where an unknown source or destination may be a pod of the project: the pod network
+        when known, else at least this node's subnet (guarding more never opens the clear)."""
+        return self.pod_cidrs or self.uplink_cidrs
+
+    @property
     def own_addresses(self) -> frozenset[str]:
         """The pod's own IP, its gateway and the cluster DNS server: setup owns their routes."""
         return frozenset(ip for ip in (self.pod_ip, self.gateway, self.dns.split(":")[0]) if ip)

@@ -1,7 +1,8 @@
 """`tencrypt demo`: the original demo of the 2018 report, redone end to end on a fresh lab.
 
 Stages (each prints one line; the verdict lists every check):
- 1. build a fresh one-node lab (pods nginx1, nginx2 of myproject; cakephp of project2);
+ 1. build a fresh one-node lab (pods nginx1, nginx2, nginx3 of myproject; cakephp of
+    project2);
  2. clear: curl nginx1 -> http://nginx2:8080/ by name with a marker header, capturing on the node's
     bridge: it works and the capture shows the marker (this is what an eavesdropper gets today);
  3. patch nginx1 and nginx2 (the nsenter launcher: setup + proxy, strict mode);
@@ -11,7 +12,10 @@ Stages (each prints one line; the verdict lists every check):
  6. a tenant's alias: project2 publishes a name for nginx2's VIP (as any tenant can, with a
     selector-less Service) and nginx1 resolves it; the same curl still works and the capture
     still shows only UDP :1337 between the pods (fail closed, DESIGN §1a);
- 7. clean up (unless --keep) and print the verdict; exit 0 only if every check passed.
+ 7. two replicas: nginx3 patched too; ten curls to Service ``web`` (nginx2 and nginx3, port
+    80 -> targetPort http), each connection resolved to one replica by nginx1's proxy: both
+    answer, and the bridge carries only UDP :1337 between the pods;
+ 8. clean up (unless --keep) and print the verdict; exit 0 only if every check passed.
 """
 
 from __future__ import annotations
@@ -137,7 +141,41 @@ def run_demo(lab: Lab) -> list[Check]:
             f"{len(talk)} frames between the pods, {len(plain)} other",
         )
     )
+    checks += two_replicas(lab)
     return checks
+
+
+def two_replicas(lab: Lab) -> list[Check]:
+    """Stage 7: Service ``web`` (nginx2 and nginx3, port 80 -> targetPort http): ten new
+    connections from nginx1, each resolved to one replica by nginx1's proxy, as kube-proxy
+    would; both replicas answer, and the bridge carries nothing but UDP :1337 between them."""
+    say("stage 7: patching nginx3; ten curls nginx1 -> http://web/ (two replicas, port 80)")
+    lab.patch("nginx3")
+    web = lab.services_by_name["web"]
+    project = {p.ip for p in lab.pods.values() if p.project == "myproject"} | {web.vip or ""}
+    marker = f"tencrypt-demo-{secrets.token_hex(6)}"
+    node = lab.nodes[lab.pod("nginx1").node]
+    answered: list[str] = []
+    with Capture(node.netns, node.bridge, "not port 53") as cap:
+        for _ in range(10):
+            ok, body = curl(lab, "nginx1", "http://web/", marker)
+            answered.append(body.split()[2] if ok and body.startswith("Hello from") else "-")
+        frames = cap.stop()
+    talk = [f for f in frames if f.src in project and f.dst in project]
+    plain = [f for f in talk if not (f.proto == 17 and TUNNEL_PORT in (f.sport, f.dport))]
+    counts = {name: answered.count(name) for name in sorted(set(answered))}
+    return [
+        Check(
+            "two replicas: ten curls nginx1 -> web answered by both",
+            "-" not in counts and {"nginx2", "nginx3"} <= set(counts),
+            ", ".join(f"{k} {v}" for k, v in counts.items()),
+        ),
+        Check(
+            f"two replicas: no trace of the requests, only UDP :{TUNNEL_PORT} on the bridge",
+            not seen(frames, marker) and not plain and len(talk) > 0,
+            f"{len(talk)} frames between the pods, {len(plain)} other",
+        ),
+    ]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -148,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
         checks = run_demo(lab)
     finally:
         if not args.keep:
-            say("stage 7: removing the lab")
+            say("stage 8: removing the lab")
             lab.down()
     width = max(len(c.what) for c in checks)
     print("\nTencrypt demo — verdict")

@@ -74,7 +74,7 @@ class Kernel:
         from tencrypt.linux import nfqueue
         from tencrypt.linux.inbound import QUEUE_NUM
 
-        nfqueue.install_rules(QUEUE_NUM, self.pod.dev, self.pod.pod_cidrs, self.pod.port)
+        nfqueue.install_rules(QUEUE_NUM, self.pod.dev, self.pod.guarded_pods, self.pod.port)
         return nfqueue.NfQueue(QUEUE_NUM, stats)
 
     def route(self, ip: str, action: RouteAction) -> None:

@@ -193,7 +193,7 @@ def lab_objects(services: Iterable[LabService]) -> list[Obj]:
                     s.project,
                     s.name,
                     ready,
-                    suffix=f"{stable_uid(s.project, s.name)[:4]}{i}",
+                    suffix=stable_uid(s.project, s.name)[:5] + (str(i) if i else ""),
                     not_ready=not_ready,
                     ports=[{"name": n, "port": t, "protocol": pr} for n, t, pr in resolved],
                 )

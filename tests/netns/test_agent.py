@@ -40,14 +40,32 @@ from tencrypt.core.membership import parse_members
 from tencrypt.core.psk import KeySet, fingerprint, parse_key_file
 from tencrypt.kube import client as kubeclient
 from tencrypt.lab.proxy import METRICS, proxies_in
+from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
 from tencrypt.linux.procs import read_pid
+from tencrypt.nodesync.kubeobjects import lab_objects
 from tests.kubefakes import builders as kubeobjects
 from tests.kubefakes.writable import WritableApiServer
+from tests.netns.conftest import built_lab
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "tencrypt-agent-marker-41c7"
 READY_WAIT = 90.0  # two interpreters starting at once on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """Two pods of myproject (one per node's worth of this file's counts) and cakephp of
+    project2: the agent's counts below are about exactly these."""
+    topology = Topology(
+        pods=[
+            PodSpec("nginx1", "myproject"),
+            PodSpec("nginx2", "myproject", node=2),
+            PodSpec("cakephp", "project2"),
+        ]
+    )
+    with built_lab(1, topology) as built:
+        yield built
 
 
 def pod_objects(lab):
@@ -58,8 +76,9 @@ def pod_objects(lab):
             "myproject", {"PROJECT_PSK": lab.psk_file("myproject").read_text().strip()}
         ),
     ]
+    # the lab's Services and their EndpointSlices, as the cluster holds them
+    objs += [o for o in lab_objects(lab.services) if o["kind"] in ("Service", "EndpointSlice")]
     for pod in lab.pods.values():
-        objs.append(kubeobjects.build_service(pod.project, pod.name, pod.vip))
         pid = read_pid(lab.pid_file(f"{pod.name}.http"))
         assert pid and str(pid) in netns.sh(["ip", "netns", "pids", pod.netns]).stdout.split()
         # a uid per lab: concurrent runs of this file must not share a kubepods cgroup name
@@ -236,7 +255,8 @@ def members_of(lab, agent, pod):
 
 def project_members(lab, project, *extra_pods):
     pods = [p for p in lab.pods.values() if p.project == project]
-    return {p.ip for p in pods} | set(extra_pods), {p.vip for p in pods}
+    vips = {s.vip for s in lab.services if s.project == project and s.vip}
+    return {p.ip for p in pods} | set(extra_pods), vips
 
 
 def until_members(lab, agent, pods, expected, what):

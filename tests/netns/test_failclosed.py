@@ -39,7 +39,16 @@ def lab() -> Iterator[Lab]:
     topology = Topology(
         pods=[
             PodSpec("nginx1", "myproject"),
-            PodSpec("nginx2", "myproject"),
+            # its Service lists the ports the tests use, as a real Service would have to
+            PodSpec(
+                "nginx2",
+                "myproject",
+                service_ports=[
+                    {"name": "http", "port": 8080},
+                    {"name": "stream", "port": STREAM_PORT},
+                    {"name": "datagrams", "port": UDP_PORT, "protocol": "UDP"},
+                ],
+            ),
             PodSpec("cakephp", "project2"),
             PodSpec("legacy", "myproject"),
         ]

@@ -459,21 +459,16 @@ for _ in range(count):
 
 
 def test_lab_services_programmed_through_the_same_path(node, backend):
+    from tencrypt.lab.topology import Endpoint, Service, ServicePort
     from tencrypt.nodesync.backends import program_objects
 
-    class LabService:  # the shape of tencrypt.lab.topology.Service
-        def __init__(self, name, project, vip, endpoint):
-            self.name, self.project, self.vip, self.endpoint, self.port = (
-                name,
-                project,
-                vip,
-                endpoint,
-                8080,
-            )
+    def lab_service(name, project, vip, endpoint):  # as tencrypt.lab.topology plans one
+        http = ServicePort("http", 8080, 8080)
+        return Service(name, project, vip, (http,), (Endpoint(name, endpoint, {"http": 8080}),))
 
     services = [
-        LabService("web", "shop", WEB, PODS["w3"]),
-        LabService("api", "blog", BLOG, PODS["api"]),
+        lab_service("web", "shop", WEB, PODS["w3"]),
+        lab_service("api", "blog", BLOG, PODS["api"]),
     ]
     desired = program_objects(kubeobjects.lab_objects(services), netns=node.node, backend=backend)
     assert [(b.vip, b.endpoints) for b in desired] == [(BLOG, (PODS["api"],)), (WEB, (PODS["w3"],))]

@@ -1,5 +1,8 @@
 """node-sync drives the lab under load: a Service's endpoint moves during an iperf3 stream
-through real Tencrypt proxies, and the tunnel follows (issue 15).
+through real Tencrypt proxies, and the tunnel follows (issue 15). The proxies run standalone
+(no membership): that is the path node-sync serves, sealing to ``VIP:1337`` and letting the
+node's DNAT pick the pod; proxies fed by the agent resolve Services themselves
+(tests/netns/test_services.py has their endpoint change under traffic).
 
     [nginx1]--veth--+                                   +--veth--[nginx2]   myproject,
       iperf3 -c     |   node1: br0 (tcpdump: all        |   iperf3 -s        all patched
@@ -81,8 +84,8 @@ UNKNOWN_INDEX = 'tencrypt_drops_total{reason="unknown_index"}'
 def lab() -> Iterator[Lab]:
     """A lab of its own per case: what one move leaves behind (the old stream's kernel sockets
     retransmitting, now between pod IPs) makes direct sessions whose conntrack entries clash
-    with the next case's VIP sessions - a known bug of its own, pinned in
-    tests/netns/test_vip_then_pod_ip.py - and would decide the next case."""
+    with the next case's VIP sessions - standalone's known limit (a pod reached through a
+    Service cannot also be reached by its pod IP) - and would decide the next case."""
     topology = Topology(
         pods=[
             PodSpec("nginx1", "myproject"),
@@ -92,7 +95,7 @@ def lab() -> Iterator[Lab]:
     )
     with built_lab(1, topology, prefix="s") as lab:
         for pod in ("nginx2", "nginx3", "nginx1"):
-            lab.patch(pod)
+            lab.patch(pod, members=False)  # standalone: the VIP path node-sync serves
         yield lab
 
 

@@ -83,7 +83,15 @@ def rlab() -> Iterator[Lab]:
     topology = Topology(
         pods=[
             PodSpec("nginx1", "myproject"),
-            PodSpec("nginx2", "myproject"),
+            PodSpec(  # its Service lists the ports the load uses, as a real one would
+                "nginx2",
+                "myproject",
+                service_ports=[
+                    {"name": "http", "port": 8080},
+                    {"name": "rr", "port": RR_PORT},
+                    {"name": "iperf", "port": IPERF_PORT},
+                ],
+            ),
             PodSpec("stale", "myproject"),
         ]
     )
