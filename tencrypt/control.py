@@ -12,7 +12,9 @@ Rules:
    ``--no-strict`` (PLAINTEXT_FOR seconds, logged and counted).
 3. A membership (core/membership.py) replaces the members, the Service table (format 2:
    cluster mode) and the cluster's ranges (core/clustershape.py) in one step; packets that
-   waited for a Service the new table lists are routed again at once.
+   waited for a Service the new table lists are routed again at once. A membership file that
+   is there but was never loadable locks the dispatcher (core/dispatch.py rule 5) and the
+   inbound gate: not standalone's weaker evidence, until a good file comes.
 4. Every SWEEP: timers of the tunnel, flow and hold expiry (a WAIT past its deadline is
    refused), session evidence renewed, the membership file and the key file polled.
 """
@@ -151,6 +153,7 @@ class ControlPlane(abc.ABC):
         members = self.members.poll() if self.members else None
         if members is not None:
             self._apply_members(members, now)
+        self.dispatch.locked = bool(self.members and self.members.broken)  # rule 3
 
     def _apply_members(self, members: Members, now: float) -> None:
         self.stats.inc(Counter.MEMBERSHIP_LOADS)

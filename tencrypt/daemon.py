@@ -188,6 +188,7 @@ class Proxy(ControlPlane):
                 self.resolver.classify_address,
                 self.clock,
                 self._spawn,
+                lambda: self.dispatch.locked,
             )
             loop.add_reader(self.inbound.queue.fileno(), self.inbound.on_readable)
         loop.add_reader(self.ports.tun.fileno(), self._on_tun)
@@ -267,8 +268,7 @@ class Proxy(ControlPlane):
         self._flush()
 
     def _seal_small(self, to_peers: dict[str, list[bytes]], now: float, wall: float) -> None:
-        """The small packets ``_on_tun`` collected: one ``send_batch`` per destination."""
-        for dst, packets in to_peers.items():
+        for dst, packets in to_peers.items():  # what _on_tun collected: one call per peer
             self.tunnel.send_batch(dst, packets, now, wall)
         to_peers.clear()
 

@@ -52,6 +52,8 @@ def mode(proxy: Proxy) -> str:
     the node's DNAT) or ``standalone`` (no membership)."""
     if proxy.dispatch.cluster:
         return "cluster"
+    if proxy.dispatch.locked:
+        return "membership-broken"
     loaded = proxy.members.loaded if proxy.members else None
     return "standalone" if loaded is None else "membership-v1"
 
@@ -106,6 +108,7 @@ def render_metrics(proxy: Proxy) -> str:
         "held_destinations": len(dispatch.holds),
         "key_mismatch_sources": len(proxy.tunnel.key_mismatch),
         "service_cidr_mismatch": 1.0 if proxy.cidr_mismatch else 0.0,
+        "membership_broken": 1.0 if proxy.dispatch.locked else 0.0,
     }
     for name, packets in proxy.effects.firewall_counters.items():
         gauges[f"firewall_{name}_packets"] = packets

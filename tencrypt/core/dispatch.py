@@ -28,6 +28,10 @@ Rules:
    sees the cluster IP and Service port it used.
 4. The state here (Service flows, holds, the ``--no-strict`` fallbacks) has this one owner;
    the classification table is the resolver's, read here and written by the shell.
+5. ``locked`` (a membership file is there but none could ever be loaded: a broken agent
+   feed): strict mode does not fall back to standalone's weaker evidence; a destination in
+   the guarded ranges that is not internal is refused at once, never held for a reverse
+   lookup that could open the clear.
 Pure: no I/O, ``now`` an argument.
 """
 
@@ -82,6 +86,7 @@ class Dispatcher:
         "holds",
         "plaintext_until",
         "wait_for_members",
+        "locked",
         "_cluster",
         "_vips",
         "_texts",
@@ -103,6 +108,7 @@ class Dispatcher:
         self.holds: HoldQueue[str, bytes] = HoldQueue(HOLD_PER_DESTINATION, HOLD_TOTAL)
         self.plaintext_until: dict[str, float] = {}  # --no-strict: peer -> clear until
         self.wait_for_members = wait_for_members
+        self.locked = False  # rule 5: a membership file exists but none could ever be loaded
         self._cluster = False
         self._vips: frozenset[str] = frozenset()  # the Service table's cluster IPs, as text
         self._texts: dict[int, str] = {}  # endpoint -> its text (the tunnel names peers so)
@@ -160,7 +166,10 @@ class Dispatcher:
         return self._verdict(dst, now, looked_up)
 
     def _verdict(self, dst: str, now: float, looked_up: bool) -> tuple[Out, str]:
-        """Stage 3: the verdict table from ``dst``'s class."""
+        """Stage 3: the verdict table from ``dst``'s class (rule 5: ``locked``)."""
+        if self.locked and self.strict and dst in self.guard:
+            cls = self.table.lookup(dst, now)
+            return (Out.SEAL if cls is AddrClass.INTERNAL else Out.REFUSE), dst
         cls = self.table.lookup(dst, now)
         verdict = decide(
             cls,

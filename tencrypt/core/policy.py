@@ -73,8 +73,12 @@ INBOUND: dict[tuple[AddrClass | None, bool], Verdict] = {
 }
 
 
-def decide_inbound(cls: AddrClass | None, *, looked_up: bool) -> Verdict:
-    """The verdict for a queued plaintext connection from a source of class ``cls``."""
+def decide_inbound(cls: AddrClass | None, *, looked_up: bool, locked: bool = False) -> Verdict:
+    """The verdict for a queued plaintext connection from a source of class ``cls``. With
+    ``locked`` (a membership file there but never loadable), a source still unknown after its
+    lookup is refused: the weaker standalone evidence does not open the door."""
+    if locked and cls is None and looked_up:
+        return Verdict.REFUSE
     return INBOUND[cls, looked_up]
 
 

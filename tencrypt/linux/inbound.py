@@ -48,9 +48,11 @@ class InboundGate:
         classify: Callable[[str], Awaitable[AddrClass | None]],
         clock: Callable[[], float],
         spawn: Callable[[Awaitable[Any]], None],
+        locked: Callable[[], bool] = lambda: False,
     ) -> None:
         self.queue, self.table, self.stats = queue, table, stats
         self.classify, self.clock, self.spawn = classify, clock, spawn
+        self.locked = locked  # a broken membership feed (core/policy.decide_inbound)
         self.held: HoldQueue[str, int] = HoldQueue(HOLD_PER_SOURCE, HOLD_TOTAL)  # packet ids
         self.ratelog = RateLimitedLog(log)
 
@@ -64,7 +66,9 @@ class InboundGate:
                 continue
             src = str(ipaddress.ip_address(flow.src))
             verdict = decide_inbound(
-                self.table.lookup(src, now), looked_up=self.table.known_unknown(src, now)
+                self.table.lookup(src, now),
+                looked_up=self.table.known_unknown(src, now),
+                locked=self.locked(),
             )
             if verdict is Verdict.HOLD:
                 self._hold(src, packet.packet_id, decisions)
@@ -89,7 +93,7 @@ class InboundGate:
         now = self.clock()
         if self.table.lookup(src, now) is None and not self.table.known_unknown(src, now):
             self.table.note_unknown(src, now)
-        verdict = decide_inbound(self.table.lookup(src, now), looked_up=True)
+        verdict = decide_inbound(self.table.lookup(src, now), looked_up=True, locked=self.locked())
         ids = self.held.pop(src)
         if ids:
             accept = self._accept(src, verdict, len(ids))

@@ -7,7 +7,9 @@ Rules (core.membership rules 2-3):
 - ``MembersFile.poll`` costs one ``stat`` when nothing changed (the proxy calls it every
   second); a changed file is read and parsed; a file that does not parse, or whose generation
   is older than the one loaded, is refused with one log line per change and the last good
-  membership kept. A file that disappears keeps the last membership too: only a new file may
+  membership kept. A file that does not parse while none was ever loaded leaves ``broken``
+  set (the reason): the proxy then refuses what it cannot classify instead of falling back to
+  standalone's weaker evidence (DESIGN §1a; control.py). A file that disappears keeps the last membership too: only a new file may
   remove members (a deleted file is an operator's or a crash's doing, not the cluster API's).
 """
 
@@ -37,6 +39,7 @@ class MembersFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.loaded: Members | None = None
+        self.broken: str | None = None  # why the file was refused, while none was ever loaded
         self._seen: tuple[int, int, int] | None = None  # inode, size, mtime_ns
 
     def poll(self) -> Members | None:
@@ -55,13 +58,25 @@ class MembersFile:
         try:
             members = parse_members(self.path.read_bytes())
         except (OSError, MembershipError) as exc:
-            log.error(
-                "membership file %s refused (%s): keeping the last good membership (generation %s)",
-                self.path,
-                exc,
-                self.loaded.generation if self.loaded else "none",
-            )
+            if self.loaded is None:
+                self.broken = str(exc)
+                log.error(
+                    "membership file %s refused (%s) and none was ever loaded: strict mode "
+                    "refuses every address of the Service CIDR and the pod network that is "
+                    "not known to be the project's, until a good file comes",
+                    self.path,
+                    exc,
+                )
+            else:
+                log.error(
+                    "membership file %s refused (%s): keeping the last good membership "
+                    "(generation %d)",
+                    self.path,
+                    exc,
+                    self.loaded.generation,
+                )
             return None
+        self.broken = None
         if self.loaded is not None and members.generation < self.loaded.generation:
             log.error(
                 "membership file %s has generation %d, older than the loaded %d: ignored",

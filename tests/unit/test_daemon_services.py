@@ -9,6 +9,7 @@ import ipaddress
 
 from scapy.layers.inet import ICMP, IP, TCP
 
+from tencrypt.core.classify import AddrClass
 from tencrypt.core.membership import Members
 from tencrypt.core.packet import TCP as TCP_PROTO
 from tencrypt.core.packet import parse_ipv4
@@ -152,5 +153,29 @@ def test_a_format_1_membership_keeps_the_vip_path():
         a.app_sends(tcp(A, VIP, 40000, 80))
         [(datagram, (dst, port))] = a.udp.sent  # a handshake to the VIP's tunnel port
         assert dst == VIP and port == 1337 and len(datagram) == 88
+
+    asyncio.run(main())
+
+
+def test_a_broken_membership_file_locks_strict_mode_until_a_good_one_comes():
+    """#22 item 8: a file that is there but never loadable is not "no membership": strict mode
+    refuses what it cannot classify in the guarded ranges (no reverse lookup that could open
+    the clear), seals what is known, and unlocks when a good file comes."""
+
+    async def main():
+        a = Pod(A)
+        (a.members_dir / "members.json").write_text('{"format": "tencrypt-members/2", "pro')
+        await a.proxy.prepare()
+        assert a.proxy.dispatch.locked and a.proxy.members.broken
+        assert "tencrypt_membership_broken 1" in a.proxy.render_metrics()
+        a.app_sends(tcp(A, "172.30.9.9", 40000, 80))  # unknown, in the Service CIDR
+        a.app_sends(tcp(A, "10.129.7.7", 40000, 80))  # unknown, in the pod network
+        assert a.resolver.asked == []  # refused at once, no lookup
+        assert a.stats.dropped(DropReason.UNCLASSIFIED) == 2 and a.bypass.sent == []
+        a.proxy.table.learn(B1, AddrClass.INTERNAL, 300, a.clock.now)
+        a.app_sends(tcp(A, B1, 40000, 80))  # known to be the project's: sealed (a handshake)
+        assert len(a.udp.sent) == 1 and a.bypass.sent == []
+        a.set_members(members(B1))
+        assert not a.proxy.dispatch.locked and a.proxy.dispatch.cluster
 
     asyncio.run(main())

@@ -157,3 +157,13 @@ def test_no_trusted_internal_address_ever_gets_a_clear_verdict(seq, looked_up):
             elif ip in GUARD and cls is None:
                 assert verdict is not Verdict.CLEAR
             assert (cls is INTERNAL) == (ip in firewall), (ip, now)
+
+
+def test_a_locked_inbound_gate_refuses_a_source_still_unknown_after_its_lookup():
+    from tencrypt.core.policy import decide_inbound
+
+    assert decide_inbound(None, looked_up=True) is Verdict.CLEAR  # standalone: accepted
+    assert decide_inbound(None, looked_up=True, locked=True) is Verdict.REFUSE
+    assert decide_inbound(None, looked_up=False, locked=True) is Verdict.HOLD
+    assert decide_inbound(AddrClass.EXTERNAL, looked_up=True, locked=True) is Verdict.CLEAR
+    assert decide_inbound(AddrClass.INTERNAL, looked_up=False, locked=True) is Verdict.REFUSE
