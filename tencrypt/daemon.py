@@ -144,6 +144,7 @@ class Proxy(ControlPlane):
             services if services is not None else ServiceFlows(stats, random.randrange),
         )
         self.desired = Desired(config.service_cidr, config.own_addresses)
+        resolver.pending_effects = self.desired.pending  # no answer before its effects
         self.effects = EffectApplier(self.desired, stats, kernel, on_applied=self._on_applied)
         self.ratelog = RateLimitedLog(log)
         self.awaiting_route: HoldQueue[str, bytes] = HoldQueue(HOLD_PER_PEER, HOLD_TOTAL)
@@ -172,13 +173,12 @@ class Proxy(ControlPlane):
         loop = asyncio.get_running_loop()
         loaded = self.members.loaded if self.members else None
         if loaded is None:
-            log.warning("%s", observe.STANDALONE_LIMITS)
-        if self.strict and loaded is None:
-            log.info(
-                "no membership file (%s): new plaintext connections from the pod network "
-                "are classified before they are accepted",
+            log.warning(
+                "%s (membership file %s)",
+                observe.STANDALONE_LIMITS,
                 self.members.path if self.members else "none given",
             )
+        if self.strict and loaded is None:  # new plaintext from the pod network: classified first
             from tencrypt.linux.inbound import InboundGate
 
             self.inbound = InboundGate(
@@ -319,10 +319,9 @@ class Proxy(ControlPlane):
 
     def _too_big(self, buf: bytearray | memoryview, mtu: int) -> None:
         self.stats.drop(DropReason.TOO_BIG)
-        if dont_fragment(buf):  # tell the sender, as a router would (RFC 1191)
-            icmp = build_icmp_frag_needed(bytes(buf), mtu, self.config.pod_ip)
-            if icmp:
-                self._send_raw(self.ports.inject, icmp)
+        icmp = build_icmp_frag_needed(bytes(buf), mtu, self.config.pod_ip)  # as a router would
+        if icmp and dont_fragment(buf):  # tell the sender (RFC 1191)
+            self._send_raw(self.ports.inject, icmp)
 
     def _act(
         self,
@@ -422,7 +421,8 @@ class Proxy(ControlPlane):
         return ready
 
     def _on_applied(self) -> None:
-        """Routes were applied: inject what waited for them."""
+        """Routes and elements were applied: answers and packets that waited for them go."""
+        self.resolver.effects_applied()
         for ip in self.awaiting_route:
             if self.desired.routed(ip):
                 self._inject(self.awaiting_route.pop(ip), self.clock())

@@ -40,6 +40,9 @@ class RawSocket(Protocol):  # socket.socket(AF_INET, SOCK_RAW) with IP_HDRINCL
 class Resolver(Protocol):  # linux.dns.DnsProxy, as the data path sees it
     table: ClassTable
     on_change: Callable[[list[Change]], None] | None
+    pending_effects: Callable[[str], bool] | None  # answers wait while an address is pending
+
+    def effects_applied(self) -> None: ...
 
     def classify_address(self, ip: str) -> Awaitable[AddrClass | None]: ...
     async def start(self) -> None: ...

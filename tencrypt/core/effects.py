@@ -96,3 +96,8 @@ class Desired:
     def routed(self, ip: str) -> bool:
         """Whether the route ``ip`` wants is in place (or it wants none)."""
         return ip not in self.unrouted
+
+    def pending(self, ip: str) -> bool:
+        """Whether ``ip`` still waits for its route or its firewall element (an answer naming
+        it internal is held until neither is missing: DESIGN §1a)."""
+        return ip in self.unrouted or (ip in self.want_elements and ip not in self.applied_elements)

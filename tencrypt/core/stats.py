@@ -126,6 +126,8 @@ class Counter(enum.StrEnum):
     DNS_UPSTREAM_ERRORS = "dns_upstream_errors"
     DNS_CLIENT_ERRORS = "dns_client_errors"
     DNS_CACHE_HITS = "dns_cache_hits"
+    DNS_ANSWERS_HELD = "dns_answers_held"  # held until their routes and firewall elements
+    DNS_ANSWERS_HELD_TOO_LONG = "dns_answers_held_too_long"  # ... not in place in time: SERVFAIL
     # routes and firewall (linux/effects.py)
     ROUTES_ADDED = "routes_added"
     ROUTES_REMOVED = "routes_removed"

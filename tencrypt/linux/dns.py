@@ -9,7 +9,11 @@ A UDP query goes through these stages:
    anyone but the cluster DNS server; marked with the bypass fwmark when setup gave one).
 3. ``_on_upstream_datagram``: ``PendingTable.on_answer`` matches ID and question, then
    ``ClassTable.on_answer`` learns the addresses and ``on_change`` hears what changed.
-4. The client gets the upstream's bytes with its own ID restored.
+4. The client gets the upstream's bytes with its own ID restored — once the addresses it makes
+   internal have their route into tenc0 and their firewall element (``pending_effects``, the
+   proxy's; DESIGN §1a "no answer before its effects"): an answer that would let the app send
+   before them is held until ``effects_applied`` says they are in place, at most
+   ANSWER_WAIT seconds, then answered SERVFAIL (the app retries; nothing left unprotected).
 5. ``_on_timer``: queries past their deadline are answered SERVFAIL. Nothing about the upstream
    socket changes when the upstream is silent or refuses (ICMP errors are only counted), so
    the proxy answers again as soon as the upstream does.
@@ -46,7 +50,7 @@ from typing import Any
 
 from dnslib import RCODE, DNSRecord
 
-from tencrypt.core.classify import AddrClass, Change, ClassTable, Domains
+from tencrypt.core.classify import AddrClass, Change, ClassTable, Domains, parse_answer_classes
 from tencrypt.core.dnscache import AnswerCache
 from tencrypt.core.dnsmsg import (
     MAX_QUERY,
@@ -69,6 +73,7 @@ log = logging.getLogger("tencrypt.dns")
 SOCKET_BUFFER = 1 << 20  # room for a burst of queries while the loop is busy
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps of the classification table
 UNREACHABLE_NEGATIVE_TTL = 5.0  # a PTR lookup that timed out is retried sooner than a miss
+ANSWER_WAIT = 1.0  # seconds an answer waits for its routes and firewall elements, then SERVFAIL
 
 OnChange = Callable[[list[Change]], None]
 
@@ -208,6 +213,9 @@ class DnsProxy:
             stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
         )
         self.table = table if table is not None else class_table(config)
+        # ip -> does it still wait for its route or firewall element? (the proxy's Desired)
+        self.pending_effects: Callable[[str], bool] | None = None
+        self._applied = asyncio.Event()
         self.rlog = RateLimitedLog(log)
         self._client: asyncio.DatagramTransport | None = None
         self._upstream: asyncio.DatagramTransport | None = None
@@ -354,7 +362,64 @@ class DnsProxy:
             return
         if answered.record is not None:
             self._notify(self.table.on_answer(answered.record, now))
+            waiting = self._unapplied(answered.record, now)
+            if waiting and not isinstance(answered.client, asyncio.Future):
+                self._spawn(
+                    self._deliver_applied(answered.client, answered.reply, answered.record, waiting)
+                )
+                return
         self._deliver(answered.client, answered.reply, answered.record)
+
+    # -- no answer before its effects (DESIGN §1a) ------------------------------------------
+
+    def effects_applied(self) -> None:
+        """The proxy applied routes or firewall elements: held answers may go now."""
+        self._applied.set()
+
+    def _unapplied(self, record: DNSRecord, now: float) -> list[str]:
+        """The answer's addresses that are internal and still wait for their route or their
+        firewall element (``pending_effects``, the proxy's)."""
+        if self.pending_effects is None:
+            return []
+        ips = parse_answer_classes(record, self.table.domains)
+        return [
+            ip
+            for ip in ips
+            if self.table.lookup(ip, now) is AddrClass.INTERNAL and self.pending_effects(ip)
+        ]
+
+    async def _until_applied(self, ips: list[str]) -> bool:
+        """Wait (at most ANSWER_WAIT) until none of ``ips`` waits for an effect any more."""
+        assert self.pending_effects is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ANSWER_WAIT
+        while any(self.pending_effects(ip) for ip in ips):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._applied.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._applied.wait(), left)
+        return True
+
+    async def _deliver_applied(
+        self, client: object, reply: bytes, record: DNSRecord, ips: list[str]
+    ) -> None:
+        self.stats.inc(Counter.DNS_ANSWERS_HELD)
+        if not await self._until_applied(ips):
+            self.stats.inc(Counter.DNS_ANSWERS_HELD_TOO_LONG)
+            self.rlog.warn(
+                "held-too-long",
+                "DNS answer for %s held %.1f s for its routes and firewall elements: SERVFAIL",
+                record.questions[0].qname if record.questions else "?",
+                ANSWER_WAIT,
+            )
+            reply = (
+                build_error(record.header, record.questions[0], RCODE.SERVFAIL)
+                if record.questions
+                else reply
+            )
+        self._deliver(client, reply, record)
 
     def _deliver(self, client: object, reply: bytes, record: DNSRecord | None) -> None:
         if isinstance(client, asyncio.Future):
@@ -454,7 +519,14 @@ class DnsProxy:
             upstream.close()
             self.stats.drop(DropReason.DNS_MALFORMED_ANSWER)
             return build_error(parsed.header, parsed.question, RCODE.SERVFAIL)
-        self._notify(self.table.on_answer(answer.record, time.monotonic()))
+        now = time.monotonic()
+        self._notify(self.table.on_answer(answer.record, now))
+        waiting = self._unapplied(answer.record, now)
+        if waiting:
+            self.stats.inc(Counter.DNS_ANSWERS_HELD)
+            if not await self._until_applied(waiting):
+                self.stats.inc(Counter.DNS_ANSWERS_HELD_TOO_LONG)
+                return build_error(parsed.header, parsed.question, RCODE.SERVFAIL)
         return data
 
     # -- housekeeping ----------------------------------------------------------------------

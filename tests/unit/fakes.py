@@ -189,6 +189,8 @@ class FakeResolver:
         self.clock = clock or (lambda: 0.0)
         self.table = ClassTable(Domains.of(DOMAIN, "cluster.local"), min_ttl=1)
         self.on_change: Any = None
+        self.pending_effects: Any = None
+        self.applied = 0  # effects_applied calls
         self.ptr = ptr or {}
         self.asked: list[str] = []
 
@@ -206,6 +208,9 @@ class FakeResolver:
 
     async def close(self) -> None:
         pass
+
+    def effects_applied(self) -> None:
+        self.applied += 1
 
 
 class Clock:
