@@ -32,6 +32,8 @@ class DropReason(enum.Enum):
     OLD_VERSION = "old_version"  # a version-1 handshake message (72 / 64 bytes)
     HANDSHAKE_REPLAY = "handshake_replay"  # a byte-identical copy of an initiation seen before
     HANDSHAKE_BUDGET = "handshake_budget"  # the global handshakes-per-second budget is spent
+    HANDSHAKE_SOURCES_FULL = "handshake_sources_full"  # no room for a new source's bucket
+    HANDSHAKE_TABLE_FULL = "handshake_table_full"  # seen mac1 or timestamp table at its bound
     FUTURE_HANDSHAKE = "future_handshake"  # initiation timestamp beyond the allowed clock skew
     CLAIM_NOT_SOURCE = "claim_not_source"  # claimed pod IP != the datagram's source address
     CLAIM_OUTSIDE_POD_NETWORK = "claim_outside_pod_network"
@@ -82,6 +84,7 @@ class Counter(enum.StrEnum):
     HANDSHAKES_RESPONDED = "handshakes_responded"
     HANDSHAKES_COMPLETED = "handshakes_completed"
     HANDSHAKES_WRONG_KEY = "handshakes_wrong_key"  # a member's mac1 under no key of the ring
+    KEY_MISMATCHES_UNLISTED = "key_mismatches_unlisted"  # ... from a source the full list left out
     KEEPALIVES_SENT = "keepalives_sent"
     KEEPALIVES_RECEIVED = "keepalives_received"
     REKEYS = "rekeys"
