@@ -98,6 +98,10 @@ class Counter(enum.StrEnum):
     TUN_INJECT_ERRORS = "tun_inject_errors"
     DATAGRAMS_SEND_DROPPED = "datagrams_send_dropped"
     CLASSIFICATION_CONFLICTS = "classification_conflicts"  # an answer against trusted evidence
+    # ... beyond the MAX_CONFLICTS waiting to be logged: counted here, not logged
+    CLASSIFICATION_CONFLICTS_UNLOGGED = "classification_conflicts_unlogged"
+    CLASSIFICATION_EVICTIONS = "classification_evictions"  # the full table made room (classify.py)
+    CLASSIFICATION_UNKNOWN_EVICTIONS = "classification_unknown_evictions"  # oldest "unknown"
     MEMBERSHIP_LOADS = "membership_loads"
     KEY_RELOADS = "key_reloads"  # a new key ring from the key file (linux/keyfile.py)
     KEY_RELOAD_REFUSALS = "key_reload_refusals"  # a malformed key file, the ring kept
@@ -120,6 +124,7 @@ class Counter(enum.StrEnum):
     DNS_UPSTREAM_ERRORS = "dns_upstream_errors"
     DNS_CLIENT_ERRORS = "dns_client_errors"
     DNS_CACHE_HITS = "dns_cache_hits"
+    DNS_CACHE_EVICTIONS = "dns_cache_evictions"  # an answer (or its index) dropped: cache full
     # routes and firewall (linux/effects.py)
     ROUTES_ADDED = "routes_added"
     ROUTES_REMOVED = "routes_removed"

@@ -189,14 +189,20 @@ class DnsProxy:
         if not isinstance(config, DnsConfig):
             config = DnsConfig.from_pod(config)
         self.config, self.stats, self.on_change = config, stats, on_change
-        cache = AnswerCache(config.cache_entries) if config.cache_entries > 0 else None
-        self.pending = PendingTable(
-            stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
-        )
         self.table = ClassTable(
             Domains.of(config.domain, config.cluster_domain),
             min_ttl=config.min_ttl,
             negative_ttl=config.negative_ttl,
+            stats=stats,
+        )
+        # never served past the classification an answer made (core/dnscache.py rule 2)
+        cache = (
+            AnswerCache(config.cache_entries, max_ttl=int(self.table.max_ttl), stats=stats)
+            if config.cache_entries > 0
+            else None
+        )
+        self.pending = PendingTable(
+            stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
         )
         self.rlog = RateLimitedLog(log)
         self._client: asyncio.DatagramTransport | None = None
