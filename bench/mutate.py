@@ -129,8 +129,9 @@ class _Sites(ast.NodeTransformer):
         return self._statement(node)
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
-        for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
-            self.visit(default)
+        args = node.args
+        args.defaults = [self.visit(d) for d in args.defaults]
+        args.kw_defaults = [None if d is None else self.visit(d) for d in args.kw_defaults]
         self._in_function += 1
         last = node.body[-1]
         if isinstance(last, ast.Return) and _is_none(last.value):
@@ -289,21 +290,31 @@ def source_of(module: str) -> Path:
     return CORE / f"{module}.py"
 
 
+def sites(source: str) -> list[tuple[int, str]]:
+    """Rule 1: ``(line, what)`` of every mutation site of ``source``, in a fixed order."""
+    walker = _Sites()
+    walker.visit(ast.parse(source))
+    return walker.found
+
+
+def mutate(source: str, index: int) -> ast.Module:
+    """``source``'s tree with the mutation at site ``index`` applied."""
+    tree = ast.parse(source)
+    _Sites(index).visit(tree)
+    return ast.fix_missing_locations(tree)
+
+
 def mutants(module: str) -> list[Mutant]:
-    """Rule 1: every mutation site of ``tencrypt/core/<module>.py``, in source order."""
-    sites = _Sites()
-    sites.visit(ast.parse(source_of(module).read_text()))
-    return [Mutant(module, i, line, what) for i, (line, what) in enumerate(sites.found)]
+    """Every mutation site of ``tencrypt/core/<module>.py``."""
+    found = sites(source_of(module).read_text())
+    return [Mutant(module, i, line, what) for i, (line, what) in enumerate(found)]
 
 
 def mutated_code(module: str, index: int) -> object | None:
     """The compiled module with mutation ``index`` applied; None if it does not compile."""
     path = source_of(module)
-    tree = ast.parse(path.read_text())
-    _Sites(index).visit(tree)
-    ast.fix_missing_locations(tree)
     try:
-        return compile(tree, str(path), "exec")
+        return compile(mutate(path.read_text(), index), str(path), "exec")
     except (SyntaxError, ValueError):
         return None
 
