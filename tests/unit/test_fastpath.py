@@ -201,6 +201,20 @@ def test_blocks_the_window_slides_into_are_cleared(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_in_order_counters_clear_the_block_they_move_into_after_8192(backend):
+    """The in-order case (a gap of one block) after the ring went round: 0..8191 and 8200 in
+    order, then 8195 (ring slot 0, bit 3, set by counter 3 long ago) is fresh."""
+    counters = [*range(128 * 64), 128 * 64 + 8, 128 * 64 + 3, 128 * 64 + 3]
+    datagrams = [pure.seal_batch(KEY, INDEX, n, [b""]) for n in counters]
+    _, _, counts, window = opened(backend, datagrams)
+    assert counts["keepalives"] == len(counters) - 1 and counts["replay"] == 1
+    model = ReplayWindow()
+    for n in counters:
+        model.check_and_update(n)
+    assert window_state(window) == window_state(model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_allowed_holds_any_number_of_sources(backend):
     packets = [ipv4(40, src=OTHER), ipv4(40)]
     datagrams = split(backend.seal_batch(KEY, INDEX, 0, packets), packets)
