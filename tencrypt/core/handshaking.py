@@ -156,8 +156,8 @@ class Handshakes:
         if reason is not None:
             self.stats.drop(reason)
             return None
-        if peer is None and not self.table.make_room(now):
-            self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
+        if peer is None and not self.table.make_room(now):  # max_peers, all of them busy
+            self.stats.drop(DropReason.PEERS_FULL)
             return None
         index = self.table.new_index()
         reply = handshake.build_response(init, index, self._pod_ip_packed, init.templates.mac_key)

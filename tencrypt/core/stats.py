@@ -41,6 +41,7 @@ class DropReason(enum.Enum):
     CLAIM_RESERVED = "claim_reserved"  # link-local, loopback, multicast, gateway, DNS, this pod
     CLAIM_NOT_MEMBER = "claim_not_member"  # membership knows the address is not the project's
     CLAIM_REBIND = "claim_rebind"  # a confirmed peer claimed by another endpoint, or renamed
+    PEERS_FULL = "peers_full"  # an initiation from a new peer: max_peers, every one busy
     # packets read from tenc0
     MALFORMED_PACKET = "malformed_packet"
     NO_FLOW = "no_flow"

@@ -403,3 +403,16 @@ def test_replays_spend_no_tokens(work):
         b.receive(genuine, (f"10.9.{i // 250}.{i % 250 + 1}", 1337), net.now, net.wall)
     assert b.stats.dropped(DropReason.HANDSHAKE_REPLAY) == 99
     assert work.calls["aead_decrypt"] == 1 and len(b._gate.limiter) == 1  # noqa: SLF001
+
+
+def test_an_initiation_from_a_new_peer_when_every_peer_is_busy_is_counted_as_such():
+    """The peer table (max_peers) on the responder's side: its own drop reason, not the
+    per-source rate limit's."""
+    net = Net(fast(max_peers=2))
+    b = net.add(B)
+    for i in range(3):
+        pod = f"10.6.0.{i + 1}"
+        b.receive(initiation(pod, net.wall, index=i + 1), (pod, 1337), net.now, net.wall)
+    assert b.peer_count() == 2 and b.stats.get("handshakes_responded") == 2
+    assert b.stats.dropped(DropReason.PEERS_FULL) == 1
+    assert b.stats.dropped(DropReason.HANDSHAKE_RATELIMIT) == 0
