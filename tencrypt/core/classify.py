@@ -29,18 +29,18 @@ Rules (DESIGN §1 "Classification", §1a "Fail closed"):
    its DNS and adopted evidence: the cluster API is authoritative) or every piece of INTERNAL
    evidence expiring does. An answer that contradicts live evidence is a ``Conflict``
    (``pop_conflicts``): an attack or a misconfiguration the operator must see. At most
-   ``MAX_CONFLICTS`` wait to be popped; more are counted (``classification_conflicts_
-   unlogged``), not kept.
+   ``MAX_CONFLICTS`` wait to be popped; more are counted, not kept
+   (``classification_conflicts_unlogged``).
 6. Every change of an address's effective class - new, changed, expired, evicted - is reported
    as a ``Change(ip, old, new)``; the caller turns changes into routes (``route_action``) and
    firewall set elements.
 7. The table holds at most ``max_entries`` addresses besides the members (the membership
    file is bounded on its own, and members are never evicted). When full, the entry whose
-   evidence runs out first is evicted (reported, and counted: ``classification_
-   evictions``), judged by its evidence as it is now, never by an outdated item of the
-   expiry schedule; every entry but a member's has its expiry scheduled, also after a
-   membership removal shortened it. The schedule (a heap) holds at most about four items
-   per entry: it is compacted as it grows, not only by ``expire``.
+   evidence runs out first is evicted (reported, and counted:
+   ``classification_evictions``), judged by its evidence as it is now, never by an outdated
+   item of the expiry schedule; every entry but a member's has its expiry scheduled, also
+   after a membership removal shortened it. The schedule (a heap) holds at most about four
+   items per entry: it is compacted as it grows, not only by ``expire``.
 8. Addresses a reverse lookup could not classify are remembered as unknown for a while
    (``note_unknown``) so that a packet flood to one literal IP costs one PTR query, not many;
    at most ``max_entries`` of them, the oldest forgotten first (counted:
