@@ -9,7 +9,10 @@
  *    unresizable), then releases the GIL for the whole loop: sealing and opening of one
  *    batch run while the other thread (or the event loop) holds the interpreter.
  *  - Bad input from the network never raises: it is a count. Only misuse by the caller
- *    (wrong key size, a replay ring of the wrong shape) or a failing libcrypto raises.
+ *    (wrong key size, an index, counter or limit outside its field, a replay ring of the
+ *    wrong shape, a batch that is neither buffers nor a Rows) or a failing libcrypto raises,
+ *    the same exception as the pure twin. Every size is checked before any arithmetic on
+ *    it, and every int argument converted with its range checked (never a silent wrap).
  *  - The limited API of Python 3.11 (abi3): one build serves every later CPython.
  *  - This file: the AEAD loops and the module; _fastpath_tcp.c: segmentation and coalescing.
  */
@@ -50,6 +53,38 @@ static uint64_t get_le64(const unsigned char *p) {
     return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
 }
 
+/* An int argument within [0, max] into ``out``: 0, or -1 with TypeError (not an int) or
+ * ValueError (negative or above max), as core/fastpath.py raises them. */
+static int get_uint(PyObject *obj, unsigned long long max, unsigned long long *out,
+                    const char *what) {
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: an int", what);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* OverflowError: negative, or beyond 64 bits */
+    } else if (v <= max) {
+        *out = v;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "%s: out of range", what);
+    return -1;
+}
+
+/* open_batch's ``start``: any int, clamped at 0 (fp_get_pieces clamps it at the end). */
+static int get_start(PyObject *obj, Py_ssize_t *out) {
+    if (!PyLong_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "open_batch: start is an int");
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = overflow > 0 ? PY_SSIZE_T_MAX : overflow < 0 || v < 0 ? 0 : (Py_ssize_t)v;
+    return 0;
+}
+
 /* Pieces of a core.batch.Rows: its ``geometry`` (buf, stride, size, count, last), checked
  * as Rows.__init__ checks it (misuse raises ValueError). */
 static int get_rows(PyObject *geometry, Py_ssize_t start, Pieces *out) {
@@ -66,7 +101,10 @@ static int get_rows(PyObject *geometry, Py_ssize_t start, Pieces *out) {
     }
     out->nexports = 1;
     const unsigned char *buf = out->exports[0].buf;
-    if (count < 0 || last < 0 || last > size || size > stride
+    /* A zero stride holds one packet at most: otherwise the count is bounded by nothing and
+     * the pieces below would be as many as it says (a 32 GB calloc for 2**31 of them). */
+    if (count < 0 || last < 0 || last > size || size > stride || stride > out->exports[0].len
+        || (stride == 0 && count > 1)
         || (count > 0 && (count - 1 > (PY_SSIZE_T_MAX - last) / (stride ? stride : 1)
                           || (count - 1) * stride + last > out->exports[0].len))) {
         PyErr_SetString(PyExc_ValueError, "Rows: geometry out of range");
@@ -185,20 +223,29 @@ static int open_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsign
 static PyObject *seal_batch(PyObject *self, PyObject *args) {
     const unsigned char *key;
     Py_ssize_t key_len;
-    unsigned long index;
-    unsigned long long counter;
-    PyObject *packets;
+    unsigned long long index, counter;
+    PyObject *index_obj, *counter_obj, *packets;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y#kKO:seal_batch", &key, &key_len, &index, &counter, &packets))
+    if (!PyArg_ParseTuple(args, "y#OOO:seal_batch", &key, &key_len, &index_obj, &counter_obj,
+                          &packets))
         return NULL;
-    if (key_len != KEY_LEN || index > 0xFFFFFFFFul) {
-        PyErr_SetString(PyExc_ValueError, "seal_batch: a 32-byte key and a u32 index");
+    if (key_len != KEY_LEN) {
+        PyErr_SetString(PyExc_ValueError, "seal_batch: a 32-byte key");
         return NULL;
     }
+    if (get_uint(index_obj, 0xFFFFFFFFull, &index, "seal_batch: receiver_index") < 0
+        || get_uint(counter_obj, UINT64_MAX, &counter, "seal_batch: counter") < 0)
+        return NULL;
     Pieces batch;
     if (fp_get_pieces(packets, 0, &batch) < 0) return NULL;
     const Piece *bufs = batch.pieces;
     Py_ssize_t count = batch.count, total = 0;
+    if (count > 0 && (uint64_t)(count - 1) > UINT64_MAX - counter) {
+        /* the last nonce would wrap around to counter 0: a nonce twice under one key */
+        fp_release_pieces(&batch);
+        PyErr_SetString(PyExc_ValueError, "seal_batch: counter + len(packets) > 2**64");
+        return NULL;
+    }
     for (Py_ssize_t i = 0; i < count; i++) {
         if (bufs[i].len > INT_MAX - OVERHEAD || total > PY_SSIZE_T_MAX - bufs[i].len - OVERHEAD) {
             fp_release_pieces(&batch);
@@ -377,17 +424,20 @@ fail:
 static PyObject *open_batch(PyObject *self, PyObject *args) {
     const unsigned char *key, *allowed;
     Py_ssize_t key_len, allowed_len, start;
-    unsigned long index;
-    unsigned long long limit;
-    PyObject *window_obj, *datagrams;
+    unsigned long long index, limit;
+    PyObject *index_obj, *limit_obj, *window_obj, *datagrams, *start_obj;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y#kKOy#On:open_batch", &key, &key_len, &index, &limit,
-                          &window_obj, &allowed, &allowed_len, &datagrams, &start))
+    if (!PyArg_ParseTuple(args, "y#OOOy#OO:open_batch", &key, &key_len, &index_obj, &limit_obj,
+                          &window_obj, &allowed, &allowed_len, &datagrams, &start_obj))
         return NULL;
     if (key_len != KEY_LEN) {
         PyErr_SetString(PyExc_ValueError, "open_batch: a 32-byte key");
         return NULL;
     }
+    if (get_uint(index_obj, 0xFFFFFFFFull, &index, "open_batch: receiver_index") < 0
+        || get_uint(limit_obj, UINT64_MAX, &limit, "open_batch: limit") < 0
+        || get_start(start_obj, &start) < 0)
+        return NULL;
     Py_buffer ring;
     Window w;
     if (get_window(window_obj, &ring, &w) < 0) return NULL;
@@ -412,7 +462,7 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
             const unsigned char *msg = bufs[i].buf;
             Py_ssize_t len = bufs[i].len, n = -1;
             if (len < OVERHEAD || len > INT_MAX || get_le32(msg) != TYPE_DATA
-                || get_le32(msg + 4) != index)
+                || get_le32(msg + 4) != (uint32_t)index)
                 break; /* not this session's: the caller's */
             ok = open_one(ctx, NULL, msg, len, (uint64_t)limit, &w, allowed, allowed_len,
                           scratch + used, &n, counts);

@@ -7,6 +7,7 @@
 #define FIN 0x01
 #define PSH 0x08
 #define CWR 0x80
+#define IP_MAX 65535 /* the IPv4 total length field */
 
 /* Sum of big-endian 16-bit words (an odd last byte padded with zero), modulo 0xFFFF. On a
  * little-endian machine 8 bytes at a time: the sum of the byte-swapped words times 256 is the
@@ -42,25 +43,52 @@ static void put_be16(unsigned char *p, unsigned v) {
     p[1] = (unsigned char)v;
 }
 
+/* An int argument as a Py_ssize_t; one beyond its range is -1, which every bound below
+ * refuses. 0, or -1 with TypeError set (not an int). */
+static int as_ssize(PyObject *obj, Py_ssize_t *out) {
+    if (!PyLong_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "segment: an int");
+        return -1;
+    }
+    *out = PyLong_AsSsize_t(obj);
+    if (*out == -1 && PyErr_Occurred()) PyErr_Clear(); /* OverflowError: out of range */
+    return 0;
+}
+
 /* segment(packet, ihl, thl, total, mss, out) -> stride: the super-packet's segments written
  * into ``out``, segment i at i * stride (hlen + mss rounded up to 4), the last one hlen + the
- * rest of the payload long: byte for byte what core/batch.py's _segment makes. The caller
- * checked the headers (split_tcp_batch) and sized ``out``; misuse raises ValueError. */
+ * rest of the payload long: byte for byte what core/batch.py's _segment makes. Every argument
+ * is checked before any arithmetic on it (core/batch.py ``segmentable``: header lengths,
+ * mss > 0, hlen + mss within an IPv4 packet, total within the packet; then the segments'
+ * count against ``out``): outside those bounds nothing is written and the stride is 0, as in
+ * the pure twin. Constant work per call: the loop below is unchanged. */
 PyObject *fp_segment(PyObject *self, PyObject *args) {
     Py_buffer pkt, out;
+    PyObject *ihl_obj, *thl_obj, *total_obj, *mss_obj;
     Py_ssize_t ihl, thl, total, mss;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnnnw*:segment", &pkt, &ihl, &thl, &total, &mss, &out))
+    if (!PyArg_ParseTuple(args, "y*OOOOw*:segment", &pkt, &ihl_obj, &thl_obj, &total_obj,
+                          &mss_obj, &out))
         return NULL;
-    Py_ssize_t hlen = ihl + thl, payload = total - hlen;
-    Py_ssize_t n = payload > 0 ? (payload + mss - 1) / mss : 1;
-    Py_ssize_t stride = (hlen + mss + 3) & ~(Py_ssize_t)3;
-    if (ihl < 20 || thl < 20 || mss <= 0 || mss > 0xFFFF || payload < 0 || total > pkt.len
-        || hlen > 120 || n * stride > out.len) {
+    if (as_ssize(ihl_obj, &ihl) < 0 || as_ssize(thl_obj, &thl) < 0
+        || as_ssize(total_obj, &total) < 0 || as_ssize(mss_obj, &mss) < 0) {
         PyBuffer_Release(&pkt);
         PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "segment: headers or buffer sizes out of range");
         return NULL;
+    }
+    Py_ssize_t hlen = 0, payload = 0, n = 0, stride = 0;
+    if (ihl >= 20 && ihl <= 60 && ihl % 4 == 0 && thl >= 20 && thl <= 60 && thl % 4 == 0
+        && mss >= 1 && mss <= IP_MAX - ihl - thl && total >= ihl + thl && total <= pkt.len) {
+        hlen = ihl + thl; /* each term bounded above: no overflow from here on */
+        payload = total - hlen;
+        n = payload > 0 ? (payload - 1) / mss + 1 : 1;
+        Py_ssize_t s = (hlen + mss + 3) & ~(Py_ssize_t)3;
+        if (n <= out.len / s) stride = s;
+    }
+    if (stride == 0) {
+        PyBuffer_Release(&pkt);
+        PyBuffer_Release(&out);
+        return PyLong_FromLong(0);
     }
     Py_BEGIN_ALLOW_THREADS
     const unsigned char *src = pkt.buf;
@@ -76,8 +104,8 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
         if (n == 1) row_flags = flags;
         else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
         else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
-        memcpy(row, src, (size_t)hlen);
-        memcpy(row + hlen, src + hlen + i * mss, (size_t)size);
+        memmove(row, src, (size_t)hlen); /* out may be packet's own buffer: no memcpy UB */
+        memmove(row + hlen, src + hlen + i * mss, (size_t)size);
         put_be16(row + 2, (unsigned)(hlen + size));
         put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
         put_be16(row + 10, 0);
@@ -103,7 +131,6 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
 #define SYN 0x02
 #define RST 0x04
 #define URG 0x20
-#define IP_MAX 65535
 
 typedef struct {
     Py_ssize_t first, count; /* packets[first .. first + count) form the output item */

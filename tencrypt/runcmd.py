@@ -61,7 +61,7 @@ async def serve(args: argparse.Namespace) -> int:
     state_dir = podnet.namespace_state_dir(args.state_dir)
     members_path = Path(args.members_file) if args.members_file else state_dir / MEMBERS_FILE
     dns = DnsConfig.from_pod(config)
-    table = class_table(dns)  # one classification: the DNS proxy writes, the data path reads
+    table = class_table(dns, stats)  # one classification: the DNS proxy writes, the data path reads
     proxy = Proxy(
         config,
         KeyRing.from_keys(keys, X25519PrivateKey.generate),

@@ -35,10 +35,18 @@ Rules:
    only on the last, CWR only on the first; no SYN, RST or URG; at most 65535 bytes. Pure
    ACKs (no payload), non-TCP packets and fragments pass through as the same objects.
 7. ``Rows`` is a batch of packets laid out in one buffer: packet ``i`` at ``i * stride``, each
-   ``size`` bytes long but the last, which is ``last`` bytes (``0 <= last <= size <= stride``).
+   ``size`` bytes long but the last, which is ``last`` bytes (``0 <= last <= size <= stride``,
+   and the stride no longer than the buffer).
    The segments of a super-packet (rule 4) and the datagrams of one GRO read have this shape.
    To Python it is a sequence of views, made on demand; the compiled backend reads its
-   ``geometry`` and makes no Python object per packet (core/fastpath.py rule 7).
+   ``geometry`` and makes no Python object per packet (core/fastpath.py rule 7). A zero
+   stride holds at most one packet, so a Rows never counts more packets than its buffer
+   bounds, and every number of its geometry is at most the buffer's length plus one.
+8. What can be cut is one predicate, ``segmentable``, shared by ``split_tcp_batch`` (a frame
+   outside it is MALFORMED_PACKET) and both backends' ``segment`` (outside it: nothing
+   written, stride 0): IP and TCP header lengths 20-60 and multiples of 4, ``gso_size`` at
+   least 1 and at most what fits in one IPv4 packet with the headers (65535), the packet's
+   total length at least its headers and at most the bytes there are.
 """
 
 from __future__ import annotations
@@ -182,7 +190,7 @@ class Rows(Sequence[memoryview]):
     __slots__ = ("geometry", "stride", "size", "n", "last", "_view")
 
     def __init__(self, buf: bytearray | memoryview, stride: int, size: int, count: int, last: int):
-        if count < 0 or not 0 <= last <= size <= stride:
+        if count < 0 or not 0 <= last <= size <= stride <= len(buf) or (stride == 0 and count > 1):
             raise ValueError("Rows: geometry out of range")
         if count and (count - 1) * stride + last > len(buf):
             raise ValueError("Rows: geometry out of range")
@@ -216,7 +224,7 @@ class Rows(Sequence[memoryview]):
 
     def __iter__(self) -> Iterator[memoryview]:
         view, stride, size, end = self._view, self.stride, self.size, (self.n - 1) * self.stride
-        for at in range(0, end, stride):
+        for at in range(0, end, stride or 1):  # stride 0: one packet at most (end is 0)
             yield view[at : at + size]
         if self.n:
             yield view[end : end + self.last]
@@ -255,10 +263,24 @@ def split_tcp_batch(
             DropReason.NOT_IPV4 if kind == VIRTIO_NET_HDR_GSO_TCPV6 else DropReason.MALFORMED_PACKET
         )
         return []
-    if total < ihl + 20 or not 20 <= (pkt[ihl + 12] >> 4) << 2 <= total - ihl:
+    thl = (pkt[ihl + 12] >> 4) << 2 if total >= ihl + 20 else 0
+    if not segmentable(ihl, thl, total, gso_size, len(pkt)):
         stats.drop(DropReason.MALFORMED_PACKET)
         return []
-    return _segment(pkt, ihl, (pkt[ihl + 12] >> 4) << 2, total, gso_size, out, segment)
+    return _segment(pkt, ihl, thl, total, gso_size, out, segment)
+
+
+def segmentable(ihl: int, thl: int, total: int, mss: int, available: int) -> bool:
+    """Rule 8: can a super-packet with these header lengths, total length and gso_size, in a
+    buffer of ``available`` bytes, be cut into segments?"""
+    return (
+        20 <= ihl <= 60
+        and ihl % 4 == 0
+        and 20 <= thl <= 60
+        and thl % 4 == 0
+        and 1 <= mss <= IP_MAX - ihl - thl
+        and ihl + thl <= total <= available
+    )
 
 
 def _complete(
@@ -297,8 +319,9 @@ def _segment(
     stride = (hlen + mss + 3) & ~3
     size = n * stride
     if segment is not None and out is not None and len(out) >= size:
-        stride = segment(pkt, ihl, thl, total, mss, out)
-        return Rows(out, stride, hlen + mss, n, hlen + last)
+        cut = segment(pkt, ihl, thl, total, mss, out)
+        if cut:  # 0: outside rule 8, which split_tcp_batch checked: cannot happen
+            return Rows(out, cut, hlen + mss, n, hlen + last)
     import numpy as np
 
     if out is not None and len(out) >= size:

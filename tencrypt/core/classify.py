@@ -19,20 +19,32 @@ Rules (DESIGN §1 "Classification", §1a "Fail closed"):
    DNS answer under the project's domains, and what a previous run of the proxy had put in the
    firewall (``adopt``, so a restart opens no window). Evidence that it is EXTERNAL: only a DNS
    answer naming it under another project. DNS evidence lives for the record's TTL (the
-   smallest along the chain), clamped to [``min_ttl``, ``max_ttl``].
+   smallest along the chain), clamped to [``min_ttl``, ``max_ttl``] (``MAX_TTL``, a day, as
+   resolvers cap it; a TTL with its top bit set counts as 0, RFC 2181 §8). The DNS proxy's
+   answer cache is capped at the same ``max_ttl`` (core/dnscache.py rule 2), so no cached
+   answer outlives the classification it made.
 5. **Internal is sticky.** An address with any live INTERNAL evidence is INTERNAL, whatever
    EXTERNAL evidence says; a later answer naming it under another project, a failed lookup or
    an expired session never downgrades it. Only the membership removing it (which also ends
    its DNS and adopted evidence: the cluster API is authoritative) or every piece of INTERNAL
    evidence expiring does. An answer that contradicts live evidence is a ``Conflict``
-   (``pop_conflicts``): an attack or a misconfiguration the operator must see.
+   (``pop_conflicts``): an attack or a misconfiguration the operator must see. At most
+   ``MAX_CONFLICTS`` wait to be popped; more are counted, not kept
+   (``classification_conflicts_unlogged``).
 6. Every change of an address's effective class - new, changed, expired, evicted - is reported
    as a ``Change(ip, old, new)``; the caller turns changes into routes (``route_action``) and
    firewall set elements.
-7. The table is bounded; when full, the entry closest to expiry is evicted (and reported).
-   Members are never evicted (the membership file is bounded on its own).
+7. The table holds at most ``max_entries`` addresses besides the members (the membership
+   file is bounded on its own, and members are never evicted). When full, the entry whose
+   evidence runs out first is evicted (reported, and counted:
+   ``classification_evictions``), judged by its evidence as it is now, never by an outdated
+   item of the expiry schedule; every entry but a member's has its expiry scheduled, also
+   after a membership removal shortened it. The schedule (a heap) holds at most about four
+   items per entry: it is compacted as it grows, not only by ``expire``.
 8. Addresses a reverse lookup could not classify are remembered as unknown for a while
-   (``note_unknown``) so that a packet flood to one literal IP costs one PTR query, not many.
+   (``note_unknown``) so that a packet flood to one literal IP costs one PTR query, not many;
+   at most ``max_entries`` of them, the oldest forgotten first (counted:
+   ``classification_unknown_evictions``).
 
 Everything here is pure: ``now`` is a monotonic time in seconds passed in by the caller.
 """
@@ -47,7 +59,16 @@ from dataclasses import dataclass, field
 
 from dnslib import QTYPE, DNSLabel, DNSRecord
 
+from tencrypt.core.stats import Counter, Stats
+
 MAX_CHAIN = 16  # CNAME hops followed from the question; real chains are 1-3 long
+MAX_TTL = 86400  # seconds: the longest any DNS evidence lives (Unbound's cache-max-ttl default)
+MAX_CONFLICTS = 256  # conflicts waiting for pop_conflicts (rule 5)
+
+
+def ttl_seconds(ttl: int) -> int:
+    """A record's TTL as a resolver reads it: one with its top bit set is 0 (RFC 2181 §8)."""
+    return 0 if ttl & 0x80000000 else ttl
 
 
 class AddrClass(enum.Enum):
@@ -167,7 +188,7 @@ def _chain(record: DNSRecord, qname: Labels) -> dict[Labels, int]:
         if name not in cnames:
             break
         name, hop_ttl = cnames[name]
-        ttl = min(ttl, hop_ttl)
+        ttl = min(ttl, ttl_seconds(hop_ttl))
         if name in chain:  # a loop: stop
             break
         chain[name] = ttl
@@ -207,7 +228,7 @@ def parse_answer_classes(record: DNSRecord, domains: Domains) -> dict[str, tuple
         else:
             continue
         if ip is not None and cls is not None:
-            found[ip] = _merge(found.get(ip), (cls, min(rr.ttl, chain[owner])))
+            found[ip] = _merge(found.get(ip), (cls, min(ttl_seconds(rr.ttl), chain[owner])))
     return found
 
 
@@ -224,9 +245,10 @@ class ClassTable:
 
     domains: Domains
     min_ttl: float = 30.0
-    max_ttl: float = 86400.0
+    max_ttl: float = float(MAX_TTL)
     max_entries: int = 65536
     negative_ttl: float = 30.0
+    stats: Stats | None = None  # rule 7's and 8's counters (none: not counted)
     _entries: dict[str, _Evidence] = field(default_factory=dict)
     _heap: list[tuple[float, str]] = field(default_factory=list)
     _unknown: dict[str, float] = field(default_factory=dict)
@@ -254,7 +276,10 @@ class ClassTable:
         changes, entry = self._entry(ip, now)
         held = entry.cls(now)
         if held is not None and held is not cls:
-            self._conflicts.append(Conflict(ip, held, cls))
+            if len(self._conflicts) < MAX_CONFLICTS:
+                self._conflicts.append(Conflict(ip, held, cls))
+            else:
+                self._count(Counter.CLASSIFICATION_CONFLICTS_UNLOGGED)
         if cls is AddrClass.INTERNAL:
             entry.dns_internal = max(entry.dns_internal, expires)
         else:
@@ -286,9 +311,12 @@ class ClassTable:
             entry = self._entries.get(ip)
             if entry is not None:
                 entry.member, entry.dns_internal, entry.adopted = False, 0.0, 0.0
-                changes += self._settle(ip, entry, 0.0, now)
+                # Its expiry falls back to what evidence is left (a session's), whose heap
+                # item an eviction may have discarded while the member never expired:
+                # schedule it again, or it would never be reported expired nor evicted.
+                changes += self._settle(ip, entry, entry.expires(), now)
         for ip in members - self._members:
-            more, entry = self._entry(ip, now)
+            more, entry = self._entry(ip, now, member=True)
             entry.member = True
             self._unknown.pop(ip, None)
             changes += more + self._settle(ip, entry, NEVER, now)
@@ -309,11 +337,6 @@ class ClassTable:
                 changes += self._settle(ip, entry, 0.0, now)
         for ip in [ip for ip, until in self._unknown.items() if until <= now]:
             del self._unknown[ip]
-        if len(self._heap) > 4 * len(self._entries) + 64:  # mostly superseded heap items
-            self._heap = [
-                (e.expires(), ip) for ip, e in self._entries.items() if e.expires() < NEVER
-            ]
-            heapq.heapify(self._heap)
         return changes
 
     def next_expiry(self) -> float | None:
@@ -321,8 +344,9 @@ class ClassTable:
 
     def note_unknown(self, ip: str, now: float, ttl: float | None = None) -> None:
         """Rule 8: a reverse lookup found no class for ``ip``; do not ask again for a while."""
-        if len(self._unknown) >= self.max_entries:
+        if ip not in self._unknown and len(self._unknown) >= self.max_entries:
             del self._unknown[next(iter(self._unknown))]
+            self._count(Counter.CLASSIFICATION_UNKNOWN_EVICTIONS)
         self._unknown[ip] = now + (self.negative_ttl if ttl is None else ttl)
 
     def known_unknown(self, ip: str, now: float) -> bool:
@@ -332,33 +356,51 @@ class ClassTable:
     def items(self, now: float) -> list[tuple[str, AddrClass]]:
         return [(ip, cls) for ip, e in self._entries.items() if (cls := e.cls(now)) is not None]
 
-    def _entry(self, ip: str, now: float) -> tuple[list[Change], _Evidence]:
+    def _entry(self, ip: str, now: float, member: bool = False) -> tuple[list[Change], _Evidence]:
+        """The entry of ``ip``, made if it had none; room for a non-member made first by
+        evicting (rule 7) until the non-members are below ``max_entries`` again."""
         entry = self._entries.get(ip)
         if entry is not None:
             return [], entry
-        changes = self._evict(now) if len(self._entries) >= self.max_entries else []
+        changes: list[Change] = []
+        while not member and len(self._entries) - len(self._members) >= self.max_entries:
+            evicted = self._evict(now)
+            if evicted is None:  # nothing but members: cannot happen (rule 7)
+                break
+            changes += evicted
         entry = self._entries[ip] = _Evidence()
         return changes, entry
+
+    def _count(self, counter: Counter) -> None:
+        if self.stats is not None:
+            self.stats.inc(counter)
 
     def _settle(self, ip: str, entry: _Evidence, expires: float, now: float) -> list[Change]:
         """After evidence changed: schedule its expiry, forget an empty entry, report a change."""
         if now < expires < NEVER:
             heapq.heappush(self._heap, (expires, ip))
+            if len(self._heap) > 4 * len(self._entries) + 64:  # mostly superseded items
+                self._heap = [
+                    (e.expires(), a) for a, e in self._entries.items() if e.expires() < NEVER
+                ]
+                heapq.heapify(self._heap)
         cls = entry.cls(now)
         old, entry.reported = entry.reported, cls
         if entry.expires() <= now:
             del self._entries[ip]
         return [] if old is cls else [Change(ip, old, cls)]
 
-    def _evict(self, now: float) -> list[Change]:
-        """Rule 7: make room by dropping the entry whose evidence runs out first."""
+    def _evict(self, now: float) -> list[Change] | None:
+        """Rule 7: make room by dropping the entry whose evidence runs out first (its change),
+        skipping outdated schedule items; None if no entry is scheduled at all."""
         while self._heap:
             when, ip = heapq.heappop(self._heap)
             entry = self._entries.get(ip)
             if entry is not None and entry.expires() == when:
                 del self._entries[ip]
+                self._count(Counter.CLASSIFICATION_EVICTIONS)
                 return [] if entry.reported is None else [Change(ip, entry.reported, None)]
-        return []
+        return None
 
 
 def route_action(ip: str, cls: AddrClass | None, service_cidr: str) -> RouteAction:

@@ -6,22 +6,28 @@ Rules:
 2. Lifetime (RFC 1035 §3.2.1, RFC 2181 §8): a positive answer (NOERROR with answer records)
    lives for the smallest TTL among its answer and authority records; a negative answer
    (NXDOMAIN, or NOERROR without answers: NODATA) for min(SOA TTL, SOA MINIMUM) of the SOA in
-   its authority section (RFC 2308 §5) and is not kept without one. A lifetime of 0 is not
-   kept. The OPT pseudo-record (EDNS, RFC 6891) is not a record: its TTL field is flags.
+   its authority section (RFC 2308 §5) and is not kept without one. A TTL with its top bit
+   set counts as 0 (RFC 2181 §8), and every lifetime is capped at ``max_ttl``, the
+   classification's own cap (core/classify.py ``MAX_TTL``, a day; the proxy passes its
+   table's): a forged answer with TTL 2**31 - 1 is served for a day at most, never past the
+   classification it made. A lifetime of 0 is not kept. The OPT pseudo-record (EDNS, RFC
+   6891) is not a record: its TTL field is flags.
 3. An entry is served strictly before ``stored + lifetime``, never at or after; each record's
-   TTL in the served bytes is decreased by the whole seconds elapsed (RFC 1035 §7.3: the TTL
-   counts down in a cache), so no client keeps an answer past its original deadline.
+   TTL in the served bytes is its own, capped at ``max_ttl`` like the lifetime, decreased by
+   the whole seconds elapsed (RFC 1035 §7.3: the TTL counts down in a cache), so no client
+   keeps an answer past the entry's deadline.
 4. The key is the question with the query's opcode, RD, CD and DNSSEC-OK bits: queries that may
    get different answers never share one. A cached answer larger than what the client can
    take over UDP (512 bytes, or its EDNS payload size) is not served: the query goes upstream.
-5. Bounded: at most ``max_entries`` entries (the oldest stored goes first) of at most
-   ``max_bytes`` bytes each.
+5. Bounded: at most ``max_entries`` entries (the oldest stored goes first, counted:
+   ``dns_cache_evictions``) of at most ``max_bytes`` bytes each.
 6. Serving from the cache teaches the classification nothing: the original answer was
    classified when it arrived, with its own TTLs, and the cache never outlives them.
 7. A query whose bytes after its ID equal those of a query already served from the cache is
    served again without being parsed (``lookup_wire``): those bytes alone decide the parse,
    the key (rule 4) and the UDP limit, so the answer is the one ``lookup`` would give. The
-   index of such bytes is bounded like the entries and drops what points at a gone entry.
+   index of such bytes is bounded like the entries (its oldest goes first, counted alike)
+   and drops what points at a gone entry.
 
 Pure: ``now`` (monotonic seconds) is an argument. Nothing raises on bad input: a message that
 cannot be walked is simply not kept.
@@ -34,7 +40,9 @@ from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from tencrypt.core.classify import MAX_TTL, ttl_seconds
 from tencrypt.core.dnsmsg import Parsed, question_key
+from tencrypt.core.stats import Counter, Stats
 
 CacheKey = tuple[object, ...]
 _OPT = 41  # RFC 6891
@@ -57,6 +65,8 @@ class AnswerCache:
 
     max_entries: int = 1024
     max_bytes: int = 4096
+    max_ttl: int = MAX_TTL  # rule 2
+    stats: Stats | None = None  # rule 5's evictions (none: not counted)
     _entries: dict[CacheKey, Entry] = field(default_factory=dict)
     _by_wire: dict[bytes, tuple[CacheKey, int]] = field(default_factory=dict)  # rule 7
 
@@ -74,9 +84,11 @@ class AnswerCache:
         limit = udp_limit(query)
         answer = self._serve(key, limit, client_id, now)
         if answer is not None and wire is not None:
-            while len(self._by_wire) >= self.max_entries:
+            rest = bytes(wire[2:])
+            while rest not in self._by_wire and len(self._by_wire) >= self.max_entries:
                 del self._by_wire[next(iter(self._by_wire))]
-            self._by_wire[bytes(wire[2:])] = (key, limit)
+                self._evicted()
+            self._by_wire[rest] = (key, limit)
         return answer
 
     def lookup_wire(self, wire: bytes, now: float) -> bytes | None:
@@ -118,15 +130,21 @@ class AnswerCache:
             return False
         if len(record.questions) != 1 or question_key(record.q) != question_key(query.question):
             return False
-        lifetime = answer_lifetime(record)
+        lifetime = min(answer_lifetime(record), self.max_ttl)
         offsets = ttl_offsets(answer)
-        if not lifetime or offsets is None:
+        if lifetime <= 0 or offsets is None:
             return False
         self._entries.pop(key, None)
         while len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
-        self._entries[key] = Entry(bytearray(answer), offsets, now, now + lifetime)
+            self._evicted()
+        capped = [(at, min(ttl_seconds(ttl), self.max_ttl)) for at, ttl in offsets]
+        self._entries[key] = Entry(bytearray(answer), capped, now, now + lifetime)
         return True
+
+    def _evicted(self) -> None:
+        if self.stats is not None:
+            self.stats.inc(Counter.DNS_CACHE_EVICTIONS)
 
     def expire(self, now: float) -> int:
         """Forget entries past their lifetime; how many went."""
@@ -157,11 +175,11 @@ def udp_limit(query: Parsed) -> int:
 def answer_lifetime(record: DNSRecord) -> int:
     """Rule 2: seconds the answer may be served, 0 when it must not be kept."""
     if record.header.rcode == RCODE.NOERROR and record.rr:
-        ttls = [int(rr.ttl) for rr in (*record.rr, *record.auth) if rr.rtype != _OPT]
+        ttls = [ttl_seconds(int(rr.ttl)) for rr in (*record.rr, *record.auth) if rr.rtype != _OPT]
         return max(0, min(ttls))
     for rr in record.auth:
         if rr.rtype == QTYPE.SOA:
-            return max(0, min(int(rr.ttl), int(rr.rdata.times[4])))
+            return max(0, min(ttl_seconds(int(rr.ttl)), ttl_seconds(int(rr.rdata.times[4]))))
     return 0
 
 

@@ -24,7 +24,9 @@ Rules:
    message changes about its peer are the caller's, once per batch (``Tunnel.receive_batch``).
 4. ``segment(packet, ihl, thl, total, mss, out)`` cuts a TSO super-packet whose headers
    ``core.batch.split_tcp_batch`` checked into its MSS segments, written into ``out`` one
-   every ``stride`` bytes (returned): core/batch.py rules 2-4, byte for byte.
+   every ``stride`` bytes (returned): core/batch.py rules 2-4, byte for byte. Arguments
+   outside ``core.batch.segmentable`` (header lengths, mss, total) or segments that do not
+   fit in ``out`` are a drop: nothing is written and the stride is 0.
 5. ``coalesce(packets, partial)`` is ``core.batch.coalesce_batch``: the same (packet,
    gso_size) pairs, a packet that is not merged passed through as the same object.
 6. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
@@ -32,6 +34,13 @@ Rules:
 7. ``packets`` and ``datagrams`` are a list or tuple of buffers, or a ``core.batch.Rows``
    (a super-packet's segments, a GRO read's datagrams): the same packets as its views. The
    C backend reads a Rows' ``geometry`` instead, so a batch costs no Python object per packet.
+8. No input of the right types crashes either backend or makes them differ: any bytes in
+   ``packets`` and ``datagrams``, any ints for ``segment``'s geometry and ``open_batch``'s
+   ``start`` (below 0 is 0, past the end is the end). Only misuse that no packet can cause
+   raises, in both backends alike: a key that is not 32 bytes or an index, counter or limit
+   outside its field (ValueError; ``counter + len(packets) > 2**64`` too, since the last
+   nonce would wrap around to one used before), a window that is not a ReplayWindow, a
+   batch that is not buffers. tests/unit/test_fastpath_fuzz.py holds both to this.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ Buffer = bytes | bytearray | memoryview
 NAME = "python"
 DATA_OVERHEAD = 32  # wire.DATA_OVERHEAD: header 16 + tag 16
 _HEADER = struct.Struct("<IIQ")
+_U32_MAX, _U64_MAX = 2**32 - 1, 2**64 - 1
 _NONCE_PAD = b"\x00\x00\x00\x00"
 
 # The fields of ``open_batch``'s counts tuple, in order.
@@ -105,8 +115,12 @@ class Backend(Protocol):
 
 
 def seal_batch(key: bytes, receiver_index: int, counter: int, packets: Sequence[Buffer]) -> bytes:
-    """Rule 1."""
+    """Rule 1 (rule 8: the misuse that raises)."""
     aead = ChaCha20Poly1305(key)
+    if not 0 <= receiver_index <= _U32_MAX or not 0 <= counter <= _U64_MAX:
+        raise ValueError("seal_batch: receiver_index or counter out of range")
+    if counter + len(packets) > _U64_MAX + 1:
+        raise ValueError("seal_batch: counter + len(packets) > 2**64")
     pack = _HEADER.pack
     parts: list[bytes] = []
     for packet in packets:
@@ -128,6 +142,9 @@ def open_batch(
 ) -> OpenResult:
     """Rule 2: ``(stop, packets, counts)``; ``counts`` in the order of ``COUNTS``."""
     aead = ChaCha20Poly1305(key)
+    if not 0 <= receiver_index <= _U32_MAX or not 0 <= limit <= _U64_MAX:
+        raise ValueError("open_batch: receiver_index or limit out of range")
+    start = min(max(start, 0), len(datagrams))  # rule 8
     sources = {bytes(allowed[i : i + 4]) for i in range(0, len(allowed) - 3, 4)}
     counts = [0] * len(COUNTS)
     packets: list[bytes] = []
@@ -168,10 +185,12 @@ def open_batch(
 
 
 def segment(packet: Buffer, ihl: int, thl: int, total: int, mss: int, out: bytearray) -> int:
-    """Rule 4: NumPy's segmentation (core/batch.py), into ``out``."""
+    """Rule 4: NumPy's segmentation (core/batch.py), into ``out``; 0 when it is a drop."""
+    if not batch.segmentable(ihl, thl, total, mss, len(packet)):
+        return 0
     stride = (ihl + thl + mss + 3) & ~3
-    if len(out) < max(1, -(-(total - ihl - thl) // mss)) * stride:
-        raise ValueError("segment: out is too small")
+    if max(1, -(-(total - ihl - thl) // mss)) > len(out) // stride:
+        return 0
     batch._segment(memoryview(packet), ihl, thl, total, mss, out)
     return stride
 

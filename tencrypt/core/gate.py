@@ -8,22 +8,32 @@ checks the claimed pod IP and does the DH):
 2. mac1 (one keyed BLAKE2s per key of the ring, about a microsecond each; core/keyring.py):
    BAD_MAC. Nothing without a project key of the ring gets further, and so far no Noise
    hashing, no AEAD, no DH has run. The key whose mac1 verified is the message's key.
-3. A byte-identical copy of an initiation that passed mac1 before: HANDSHAKE_REPLAY (one
-   dictionary lookup). A captured initiation replayed from many spoofed sources therefore
-   spends nobody's tokens.
-4. The per-source token bucket (HANDSHAKE_RATELIMIT), then the global budget of handshakes
-   per second (HANDSHAKE_BUDGET): a key holder cannot make us do more Noise and DH work than
-   ``handshake_budget_rate`` a second, from however many sources.
+3. A byte-identical copy of an initiation that the budgets admitted before:
+   HANDSHAKE_REPLAY (one dictionary lookup, nothing recorded). A captured initiation
+   replayed from many spoofed sources therefore spends nobody's tokens.
+4. The per-source token bucket (HANDSHAKE_SOURCES_FULL when the table of buckets is full of
+   busy sources and this one has none; HANDSHAKE_RATELIMIT when its bucket is empty), then
+   the global budget of handshakes per second (HANDSHAKE_BUDGET): a key holder cannot make
+   us do more Noise and DH work than ``handshake_budget_rate`` a second, from however many
+   sources. Only now is the mac1 recorded for stage 3 (HANDSHAKE_TABLE_FULL if that table
+   is full).
 5. Noise ``read_message`` from that key's psk-premixed template (hashes and one AEAD, no DH):
    BAD_HANDSHAKE.
 6. The timestamp: more than ``initiation_max_skew`` in the future is FUTURE_HANDSHAKE (it
    would block the pod IP until the clock catches up); older than ``initiation_max_age`` or
-   not newer than the last one accepted from the claimed pod IP is STALE_HANDSHAKE.
+   not newer than the last one accepted from the claimed pod IP is STALE_HANDSHAKE; a pod
+   IP whose stamp the full table could not hold is HANDSHAKE_TABLE_FULL.
 
 A response passes 1, 2 and 4 (``Gate.response_envelope``, ``Gate.admit``) before its DH.
 
-Rules: nothing here raises on input from the network; every refusal is one DropReason; the
-tables are pruned at most once a second (``prune``), each bounded as handshake.py says.
+Rules:
+- Nothing here raises on input from the network; every refusal is one DropReason.
+- Bounded before budgeted (DESIGN §1a): nothing a datagram carries is recorded before stage
+  4 admitted it, and every table has a size bound with a counted drop when full: the seen
+  mac1 values and the timestamps ``handshake.table_bound`` of the Limits (what the global
+  budget admits while an entry lives: 105,100 by default, about 15 MB and 13 MB at most),
+  the per-source buckets 4,096 sources. The tables are also pruned by age at most once a
+  second (``prune``), as handshake.py says.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from tencrypt.core.handshake import (
     Keygen,
     SeenMacs,
     Templates,
+    table_bound,
 )
 from tencrypt.core.keyring import KeyRing
 from tencrypt.core.peer import Limits
@@ -54,8 +65,14 @@ class Gate:
     def __init__(self, keys: bytes | KeyRing, keygen: Keygen, limits: Limits) -> None:
         """``keys``: the ring, or one project key (a ring of that key as current)."""
         self.ring = keys if isinstance(keys, KeyRing) else KeyRing(Templates(keys, keygen))
-        self.stamps = InitiationStamps()
-        self.seen = SeenMacs()
+        bound = table_bound(
+            limits.handshake_budget_rate,
+            limits.handshake_budget_burst,
+            limits.initiation_max_age,
+            limits.initiation_max_skew,
+        )
+        self.stamps = InitiationStamps(bound)
+        self.seen = SeenMacs(bound)
         self.limiter = HandshakeLimiter(limits.handshake_rate, limits.handshake_burst)
         self.budget = HandshakeBudget(limits.handshake_budget_rate, limits.handshake_budget_burst)
         self._limits = limits
@@ -73,6 +90,8 @@ class Gate:
 
     def admit(self, source_ip: str, now: float) -> DropReason | None:
         """Stage 4: a token from the source's bucket, then one from the global budget."""
+        if not self.limiter.room(source_ip, now):
+            return DropReason.HANDSHAKE_SOURCES_FULL
         if not self.limiter.allow(source_ip, now):
             return DropReason.HANDSHAKE_RATELIMIT
         if not self.budget.allow(now):
@@ -86,22 +105,27 @@ class Gate:
         key = self.envelope(datagram, wire.INITIATION_LEN)
         if isinstance(key, DropReason):
             return key
-        if self.seen.seen(bytes(datagram[-wire.MAC_LEN :]), int(wall * 1e9)):
+        mac = bytes(datagram[-wire.MAC_LEN :])
+        if self.seen.seen(mac):
             return DropReason.HANDSHAKE_REPLAY
         reason = self.admit(source_ip, now)
         if reason is not None:
             return reason
+        wall_ns = int(wall * 1e9)
+        if not self.seen.record(mac, wall_ns):
+            return DropReason.HANDSHAKE_TABLE_FULL
         init = handshake.read_initiation(key, datagram)
         if init is None:
             return DropReason.BAD_HANDSHAKE
         limits = self._limits
-        wall_ns = int(wall * 1e9)
         if init.unix_ns > wall_ns + int(limits.initiation_max_skew * 1e9):
             return DropReason.FUTURE_HANDSHAKE
         if not self.stamps.fresh(
             init.pod_ip, init.unix_ns, wall_ns, int(limits.initiation_max_age * 1e9)
         ):
             return DropReason.STALE_HANDSHAKE
+        if not self.stamps.room(init.pod_ip):
+            return DropReason.HANDSHAKE_TABLE_FULL
         return init
 
     def response_envelope(self, datagram: Buffer) -> Templates | DropReason:

@@ -6,10 +6,14 @@ Rules:
 - Nothing here raises on input from the network: failures are ``None``.
 - ``Templates`` holds one Noise state per role with the psk already mixed (Noise §9: the
   leading ``psk`` token needs nothing from the message); every handshake starts from a copy.
-- Every table is bounded: timestamps and seen mac1 values older than ``max_age`` are
-  forgotten (an initiation that old is refused by age anyway, one from more than
-  ``max_skew`` in the future is refused before it is stored); idle token buckets are full and
-  can be forgotten; the global budget is one bucket.
+- Every table is bounded twice: by time, and by size. Timestamps and seen mac1 values older
+  than ``max_age`` are forgotten (an initiation that old is refused by age anyway, one from
+  more than ``max_skew`` in the future is refused before it is stored); idle token buckets
+  are full and can be forgotten; the global budget is one bucket. And each table holds at
+  most ``max_entries`` (``max_sources``) entries: a full table refuses to record more
+  (``record``/``accept`` return False, ``room`` says so beforehand), and the gate (core/
+  gate.py) turns that into a counted drop. ``table_bound`` is what the global budget can
+  admit while an entry lives, so a full table means a clock that misbehaves, not load.
 """
 
 from __future__ import annotations
@@ -126,13 +130,22 @@ def read_response(state: HandshakeState, noise_message: bytes) -> tuple[int, byt
     return fields[0], fields[1], _keys(state)
 
 
+def table_bound(budget_rate: float, budget_burst: int, max_age: float, max_skew: float) -> int:
+    """The most initiations the global budget admits while one of them can stay in a table
+    (its timestamp may be ``max_skew`` ahead, then it lives ``max_age``): the size bound of
+    ``SeenMacs`` and ``InitiationStamps``. 105,100 with the default Limits."""
+    return int(budget_rate * (max_age + max_skew)) + budget_burst
+
+
 class InitiationStamps:
-    """The newest initiation timestamp accepted per pod IP (nanoseconds)."""
+    """The newest initiation timestamp accepted per pod IP (nanoseconds), for at most
+    ``max_entries`` pod IPs."""
 
-    __slots__ = ("_last",)
+    __slots__ = ("_last", "max_entries")
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = 1 << 17) -> None:
         self._last: dict[bytes, int] = {}
+        self.max_entries = max_entries
 
     def fresh(self, pod_ip: bytes, unix_ns: int, wall_ns: int, max_age_ns: int) -> bool:
         """Not older than ``max_age`` and newer than the last one accepted from ``pod_ip``
@@ -141,8 +154,16 @@ class InitiationStamps:
             return False
         return unix_ns > self._last.get(pod_ip, -1)
 
-    def accept(self, pod_ip: bytes, unix_ns: int) -> None:
+    def room(self, pod_ip: bytes) -> bool:
+        """Could ``accept`` record ``pod_ip``'s stamp (it has one already, or there is room)?"""
+        return pod_ip in self._last or len(self._last) < self.max_entries
+
+    def accept(self, pod_ip: bytes, unix_ns: int) -> bool:
+        """Record ``pod_ip``'s newest stamp; False (nothing recorded) when the table is full."""
+        if not self.room(pod_ip):
+            return False
         self._last[pod_ip] = unix_ns
+        return True
 
     def prune(self, wall_ns: int, max_age_ns: int) -> None:
         horizon = wall_ns - max_age_ns
@@ -153,21 +174,30 @@ class InitiationStamps:
 
 
 class SeenMacs:
-    """The mac1 of every initiation that passed mac1 in the last ``max_age``: a byte-identical
-    replay (from any source) is refused after one dictionary lookup, before it can spend a
-    token of the per-source or global budget or any Noise work."""
+    """The mac1 of every initiation that the budgets admitted in the last ``max_age``, at most
+    ``max_entries`` of them: a byte-identical replay (from any source) is refused after one
+    dictionary lookup (``seen``), before it can spend a token of the per-source or global
+    budget or any Noise work. Only what a budget admitted is recorded (``record``), so one
+    source cannot grow the table faster than its bucket allows."""
 
-    __slots__ = ("_seen",)
+    __slots__ = ("_seen", "max_entries")
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = 1 << 17) -> None:
         self._seen: dict[bytes, int] = {}  # mac1 -> wall ns first seen (insertion order)
+        self.max_entries = max_entries
 
-    def seen(self, mac: bytes, wall_ns: int) -> bool:
-        """True if ``mac`` was seen already; else remember it and return False."""
+    def seen(self, mac: bytes) -> bool:
+        """Was ``mac`` recorded (and not yet pruned)? Changes nothing."""
+        return mac in self._seen
+
+    def record(self, mac: bytes, wall_ns: int) -> bool:
+        """Remember ``mac``; False (nothing recorded) when the table is full."""
         if mac in self._seen:
             return True
+        if len(self._seen) >= self.max_entries:
+            return False
         self._seen[mac] = wall_ns
-        return False
+        return True
 
     def prune(self, wall_ns: int, max_age_ns: int) -> None:
         horizon = wall_ns - max_age_ns
@@ -208,7 +238,8 @@ class HandshakeLimiter:
     """A token bucket per source IP: ``rate`` per second, at most ``burst`` saved.
 
     The table is capped at ``max_sources``; when full, full (idle) buckets are forgotten
-    first, and if every bucket is busy a new source is refused rather than let it grow.
+    first, and if every bucket is busy a new source is refused rather than let it grow
+    (``room`` tells that refusal from an empty bucket, so that it is counted as its own).
     """
 
     __slots__ = ("rate", "burst", "max_sources", "_buckets")
@@ -219,13 +250,18 @@ class HandshakeLimiter:
         self.max_sources = max_sources
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at)
 
+    def room(self, source: str, now: float) -> bool:
+        """Has ``source`` a bucket, or is there room for one (after forgetting idle ones)?"""
+        if source in self._buckets or len(self._buckets) < self.max_sources:
+            return True
+        self.prune(now)
+        return len(self._buckets) < self.max_sources
+
     def allow(self, source: str, now: float) -> bool:
+        if not self.room(source, now):
+            return False
         bucket = self._buckets.get(source)
         if bucket is None:
-            if len(self._buckets) >= self.max_sources:
-                self.prune(now)
-                if len(self._buckets) >= self.max_sources:
-                    return False
             tokens = self.burst
         else:
             tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)

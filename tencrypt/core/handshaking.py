@@ -31,7 +31,8 @@ core/timers.py):
    key fingerprint (``status()["keys"]``). A member of the project (per the ClaimPolicy)
    whose initiation fails mac1 under every key is counted (``handshakes_wrong_key``) and
    listed in ``status()["key_mismatch"]`` until a handshake with it completes: a pod that
-   missed a rotation phase is refused (fail closed) and visible.
+   missed a rotation phase is refused (fail closed) and visible. The list holds at most 256
+   sources; one more is counted (``key_mismatches_unlisted``), not listed.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class Handshakes:
                 and self.identity.is_member(addr[0])
             ):  # rule 10: a pod a phase behind?
                 self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
-                self.key_mismatch.note(addr[0])
+                if not self.key_mismatch.note(addr[0]):
+                    self.stats.inc(Counter.KEY_MISMATCHES_UNLISTED)
             return None
         claimed = self._peer_ip(init.pod_ip)
         if claimed is None:
@@ -154,8 +156,8 @@ class Handshakes:
         if reason is not None:
             self.stats.drop(reason)
             return None
-        if peer is None and not self.table.make_room(now):
-            self.stats.drop(DropReason.HANDSHAKE_RATELIMIT)
+        if peer is None and not self.table.make_room(now):  # max_peers, all of them busy
+            self.stats.drop(DropReason.PEERS_FULL)
             return None
         index = self.table.new_index()
         reply = handshake.build_response(init, index, self._pod_ip_packed, init.templates.mac_key)

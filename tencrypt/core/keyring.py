@@ -141,7 +141,10 @@ class KeyMismatches:
     """Members of the project whose initiations carry no valid mac1 under any key of the ring:
     most likely pods that missed a rotation phase (a forged datagram from a member's address
     looks the same, which is why this is a counter and a list, never a decision). Bounded at
-    ``limit`` sources; a source leaves once a handshake with it completes (``clear``)."""
+    ``limit`` sources; a source leaves once a handshake with it completes (``clear``). A new
+    source when the list is full is not listed (``note`` returns False: the caller counts
+    it). No budget runs first (mac1 failed: there is no key to budget), so the list is
+    bounded by size alone; a source is only noted when the membership names it."""
 
     __slots__ = ("limit", "_by_source")
 
@@ -149,9 +152,12 @@ class KeyMismatches:
         self.limit = limit
         self._by_source: dict[str, int] = {}
 
-    def note(self, source: str) -> None:
+    def note(self, source: str) -> bool:
+        """Count a refused initiation from ``source``; False when the full list left it out."""
         if source in self._by_source or len(self._by_source) < self.limit:
             self._by_source[source] = self._by_source.get(source, 0) + 1
+            return True
+        return False
 
     def clear(self, source: str) -> None:
         self._by_source.pop(source, None)

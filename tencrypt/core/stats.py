@@ -32,6 +32,8 @@ class DropReason(enum.Enum):
     OLD_VERSION = "old_version"  # a version-1 handshake message (72 / 64 bytes)
     HANDSHAKE_REPLAY = "handshake_replay"  # a byte-identical copy of an initiation seen before
     HANDSHAKE_BUDGET = "handshake_budget"  # the global handshakes-per-second budget is spent
+    HANDSHAKE_SOURCES_FULL = "handshake_sources_full"  # no room for a new source's bucket
+    HANDSHAKE_TABLE_FULL = "handshake_table_full"  # seen mac1 or timestamp table at its bound
     FUTURE_HANDSHAKE = "future_handshake"  # initiation timestamp beyond the allowed clock skew
     CLAIM_NOT_SOURCE = "claim_not_source"  # claimed pod IP != the datagram's source address
     CLAIM_OUTSIDE_POD_NETWORK = "claim_outside_pod_network"
@@ -39,6 +41,7 @@ class DropReason(enum.Enum):
     CLAIM_RESERVED = "claim_reserved"  # link-local, loopback, multicast, gateway, DNS, this pod
     CLAIM_NOT_MEMBER = "claim_not_member"  # membership knows the address is not the project's
     CLAIM_REBIND = "claim_rebind"  # a confirmed peer claimed by another endpoint, or renamed
+    PEERS_FULL = "peers_full"  # an initiation from a new peer: max_peers, every one busy
     # packets read from tenc0
     MALFORMED_PACKET = "malformed_packet"
     NO_FLOW = "no_flow"
@@ -85,6 +88,7 @@ class Counter(enum.StrEnum):
     HANDSHAKES_RESPONDED = "handshakes_responded"
     HANDSHAKES_COMPLETED = "handshakes_completed"
     HANDSHAKES_WRONG_KEY = "handshakes_wrong_key"  # a member's mac1 under no key of the ring
+    KEY_MISMATCHES_UNLISTED = "key_mismatches_unlisted"  # ... from a source the full list left out
     KEEPALIVES_SENT = "keepalives_sent"
     KEEPALIVES_RECEIVED = "keepalives_received"
     REKEYS = "rekeys"
@@ -98,6 +102,10 @@ class Counter(enum.StrEnum):
     TUN_INJECT_ERRORS = "tun_inject_errors"
     DATAGRAMS_SEND_DROPPED = "datagrams_send_dropped"
     CLASSIFICATION_CONFLICTS = "classification_conflicts"  # an answer against trusted evidence
+    # ... beyond the MAX_CONFLICTS waiting to be logged: counted here, not logged
+    CLASSIFICATION_CONFLICTS_UNLOGGED = "classification_conflicts_unlogged"
+    CLASSIFICATION_EVICTIONS = "classification_evictions"  # the full table made room (classify.py)
+    CLASSIFICATION_UNKNOWN_EVICTIONS = "classification_unknown_evictions"  # oldest "unknown"
     MEMBERSHIP_LOADS = "membership_loads"
     KEY_RELOADS = "key_reloads"  # a new key ring from the key file (linux/keyfile.py)
     KEY_RELOAD_REFUSALS = "key_reload_refusals"  # a malformed key file, the ring kept
@@ -128,6 +136,7 @@ class Counter(enum.StrEnum):
     DNS_CACHE_HITS = "dns_cache_hits"
     DNS_ANSWERS_HELD = "dns_answers_held"  # held until their routes and firewall elements
     DNS_ANSWERS_HELD_TOO_LONG = "dns_answers_held_too_long"  # ... not in place in time: SERVFAIL
+    DNS_CACHE_EVICTIONS = "dns_cache_evictions"  # an answer (or its index) dropped: cache full
     # routes and firewall (linux/effects.py)
     ROUTES_ADDED = "routes_added"
     ROUTES_REMOVED = "routes_removed"

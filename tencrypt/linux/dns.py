@@ -180,13 +180,14 @@ class _TcpUpstream:
         self.reader = self.writer = None
 
 
-def class_table(config: DnsConfig) -> ClassTable:
+def class_table(config: DnsConfig, stats: Stats | None = None) -> ClassTable:
     """The classification table the DNS proxy fills and the data path reads (``serve`` builds
     it once and hands it to both)."""
     return ClassTable(
         Domains.of(config.domain, config.cluster_domain),
         min_ttl=config.min_ttl,
         negative_ttl=config.negative_ttl,
+        stats=stats if stats is not None else Stats(),
     )
 
 
@@ -208,11 +209,16 @@ class DnsProxy:
         if not isinstance(config, DnsConfig):
             config = DnsConfig.from_pod(config)
         self.config, self.stats, self.on_change = config, stats, on_change
-        cache = AnswerCache(config.cache_entries) if config.cache_entries > 0 else None
+        self.table = table if table is not None else class_table(config, stats)
+        # never served past the classification an answer made (core/dnscache.py rule 2)
+        cache = (
+            AnswerCache(config.cache_entries, max_ttl=int(self.table.max_ttl), stats=stats)
+            if config.cache_entries > 0
+            else None
+        )
         self.pending = PendingTable(
             stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
         )
-        self.table = table if table is not None else class_table(config)
         # ip -> does it still wait for its route or firewall element? (the proxy's Desired)
         self.pending_effects: Callable[[str], bool] | None = None
         self._applied = asyncio.Event()

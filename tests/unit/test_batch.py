@@ -459,9 +459,34 @@ def test_rows_are_the_packets_at_their_stride():
 
 @pytest.mark.parametrize(
     "geometry",
-    [(4, 6, 2, 4), (8, 6, 2, 7), (10, 6, 3, 6), (8, 6, -1, 0), (8, 6, 1, -1), (8, 6, 4, 1)],
-    ids=["size>stride", "last>size", "past the end", "negative count", "negative last", "end+1"],
+    [
+        (4, 6, 2, 4),
+        (8, 6, 2, 7),
+        (10, 6, 3, 6),
+        (8, 6, -1, 0),
+        (8, 6, 1, -1),
+        (8, 6, 4, 1),
+        (0, 0, 2, 0),
+        (0, 0, 2**31, 0),
+    ],
+    ids=[
+        "size>stride",
+        "last>size",
+        "past the end",
+        "negative count",
+        "negative last",
+        "end+1",
+        "no stride",
+        "no stride, 2**31 packets",
+    ],
 )
 def test_rows_refuse_a_geometry_outside_their_buffer(geometry):
     with pytest.raises(ValueError):
         Rows(bytearray(24), *geometry)
+
+
+def test_a_zero_stride_holds_one_packet_at_most():
+    """Rule 7: a Rows never counts more packets than its buffer bounds (a zero stride with a
+    huge count asked the C backend for 16 bytes of bookkeeping per packet)."""
+    assert [bytes(r) for r in Rows(bytearray(24), 0, 0, 1, 0)] == [b""]
+    assert list(Rows(bytearray(24), 0, 0, 0, 0)) == []

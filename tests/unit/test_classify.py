@@ -6,6 +6,8 @@ import pytest
 from dnslib import AAAA, CNAME, PTR, QTYPE, RR, A, DNSRecord
 
 from tencrypt.core.classify import (
+    MAX_CONFLICTS,
+    MAX_TTL,
     AddrClass,
     Change,
     ClassTable,
@@ -18,6 +20,7 @@ from tencrypt.core.classify import (
     ptr_address,
     route_action,
 )
+from tencrypt.core.stats import Stats
 
 INTERNAL, EXTERNAL = AddrClass.INTERNAL, AddrClass.EXTERNAL
 DOMAINS = Domains.of("myproject.svc.cluster.local", "cluster.local")
@@ -359,6 +362,115 @@ def test_heap_is_compacted_under_churn():
         t.learn("10.0.0.1", INTERNAL, 60, now=i)
         t.expire(i)
     assert len(t._heap) <= 4 * len(t) + 64 + 1
+
+
+# -- bounds (issue 22, item 4) ----------------------------------------------------------------
+
+
+def test_the_schedule_stays_bounded_between_sweeps():
+    """Rule 7: a burst of answers refreshing one address (a resolver answering in a loop)
+    between two calls of ``expire`` does not grow the schedule without bound."""
+    t = table()
+    for i in range(5000):
+        t.learn("10.0.0.1", EXTERNAL, 60 + i, now=0)
+    assert len(t) == 1 and len(t._heap) <= 4 * len(t) + 64
+    assert t.expire(60 + 4999) == [Change("10.0.0.1", EXTERNAL, None)]
+
+
+def test_eviction_judges_an_entry_by_its_evidence_now_not_by_an_old_schedule():
+    """Rule 7, members are never evicted: a DNS-learned address that became a member keeps
+    its old schedule item (expiry 10); eviction must skip it and take the next entry."""
+    stats = Stats()
+    t = table(max_entries=2, stats=stats)
+    t.learn("10.0.0.1", INTERNAL, 10, now=0)  # scheduled to expire at 10
+    t.learn("10.0.0.2", EXTERNAL, 50, now=0)
+    t.set_members(frozenset({"10.0.0.1"}), now=1)  # now a member: never expires
+    t.learn("10.0.0.3", EXTERNAL, 60, now=2)
+    t.learn("10.0.0.4", EXTERNAL, 70, now=2)  # full (2 non-members): evict one
+    assert t.lookup("10.0.0.1", 3) is INTERNAL
+    assert t.lookup("10.0.0.2", 3) is None and t.lookup("10.0.0.3", 3) is EXTERNAL
+    assert t.expire(10**6) == [
+        Change("10.0.0.3", EXTERNAL, None),
+        Change("10.0.0.4", EXTERNAL, None),
+    ]
+    assert t.lookup("10.0.0.1", 10**6) is INTERNAL
+    assert stats.get("classification_evictions") == 1
+
+
+def test_members_do_not_count_against_the_bound():
+    """A project larger than the table (the membership file allows 2**20 addresses) still
+    learns other projects' addresses from DNS, within the bound for them."""
+    t = table(max_entries=2)
+    t.set_members(frozenset({"10.0.0.1", "10.0.0.2", "10.0.0.3"}), now=0)
+    t.learn("172.30.9.1", EXTERNAL, 10, now=0)
+    t.learn("172.30.9.2", EXTERNAL, 20, now=0)
+    assert len(t) == 5
+    ch = t.learn("172.30.9.3", EXTERNAL, 30, now=0)
+    assert ch == [Change("172.30.9.1", EXTERNAL, None), Change("172.30.9.3", None, EXTERNAL)]
+    assert len(t) == 5 and all(t.lookup(f"10.0.0.{i}", 1) is INTERNAL for i in (1, 2, 3))
+
+
+def test_a_removed_member_is_still_scheduled_to_expire():
+    """Found while bounding the table: an address with a session that was a member while an
+    eviction discarded its (then outdated) schedule item had no item left once removed from
+    the membership: its session's end was never reported (its /32 and firewall element
+    stayed) and it could never be evicted."""
+    t = table(max_entries=2)
+    t.note_session("10.0.0.1", now=0, ttl=50)  # scheduled at 50
+    t.set_members(frozenset({"10.0.0.1"}), now=0)
+    t.learn("10.0.0.2", EXTERNAL, 100, now=0)
+    t.learn("10.0.0.3", EXTERNAL, 100, now=0)
+    t.learn("10.0.0.4", EXTERNAL, 100, now=0)  # full: an eviction pops the item at 50
+    t.set_members(frozenset(), now=1)
+    assert t.lookup("10.0.0.1", 1) is INTERNAL  # the session still vouches for it
+    assert Change("10.0.0.1", INTERNAL, None) in t.expire(60)
+    assert t.lookup("10.0.0.1", 60) is None and "10.0.0.1" not in [ip for ip, _ in t.items(60)]
+
+
+def test_the_unknown_list_is_bounded_and_counted():
+    stats = Stats()
+    t = table(max_entries=3, stats=stats)
+    for i in range(5):
+        t.note_unknown(f"10.9.9.{i}", now=0)
+    t.note_unknown("10.9.9.4", now=0)  # already listed: refreshed, nothing evicted
+    assert [t.known_unknown(f"10.9.9.{i}", 1) for i in range(5)] == [False, False, True, True, True]
+    assert stats.get("classification_unknown_evictions") == 2
+
+
+def test_conflicts_waiting_to_be_logged_are_bounded_and_the_rest_counted():
+    """Rule 5: a conflicting answer that changes no class calls nobody; a stream of them
+    between two pops keeps MAX_CONFLICTS and counts the others."""
+    stats = Stats()
+    t = table(stats=stats)
+    t.set_members(frozenset({"172.30.1.10"}), now=0)
+    for _ in range(MAX_CONFLICTS + 10):
+        assert t.learn("172.30.1.10", EXTERNAL, 30, now=1) == []
+    assert len(t.pop_conflicts()) == MAX_CONFLICTS
+    assert stats.get("classification_conflicts_unlogged") == 10
+    t.learn("172.30.1.10", EXTERNAL, 30, now=2)
+    assert len(t.pop_conflicts()) == 1
+
+
+def test_dns_evidence_never_outlives_a_day():
+    """Issue 22, item 6: a forged TTL of 2**31 - 1 classifies for MAX_TTL (a day) at most; a
+    TTL with its top bit set counts as 0 (RFC 2181 §8), i.e. min_ttl."""
+    t = table(min_ttl=30)
+    forged = answer(
+        "web.myproject.svc.cluster.local",
+        "A",
+        a("web.myproject.svc.cluster.local", "172.30.1.10", 2**31 - 1),
+    )
+    t.on_answer(forged, now=0)
+    assert t.lookup("172.30.1.10", MAX_TTL - 1) is INTERNAL
+    assert t.lookup("172.30.1.10", MAX_TTL) is None
+    top = answer(
+        "db.myproject.svc.cluster.local",
+        "A",
+        a("db.myproject.svc.cluster.local", "172.30.1.11", 2**31),
+    )
+    t.on_answer(top, now=0)
+    assert t.lookup("172.30.1.11", 29) is INTERNAL and t.lookup("172.30.1.11", 30) is None
+    assert ClassTable(DOMAINS).max_ttl == MAX_TTL == 86400
 
 
 # -- routes -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tencrypt.core.classify import MAX_TTL
 from tencrypt.core.dnscache import AnswerCache, answer_lifetime, ttl_offsets
 from tencrypt.core.dnsmsg import PendingTable, QueryVerdict, parse_message
 from tencrypt.core.stats import Stats
@@ -266,3 +267,78 @@ def test_serving_from_bytes_gives_exactly_what_parsing_gives(steps):
         outcomes = [ask(t, bytes(data), now, big_answer if big else answer_to) for t in tables]
         assert outcomes[0] == outcomes[1]
     assert tables[0].stats == tables[1].stats
+
+
+# ---- issue 22: the TTL cap, the question, the CD bit, counted evictions -----------------------
+
+
+def test_a_forged_ttl_is_served_for_a_day_at_most():
+    """Rule 2: TTL 2**31 - 1 (a forged answer's) is capped at the classification's MAX_TTL:
+    served, with TTLs counted down from the cap, strictly before a day, then asked again."""
+    t = table()
+    verdict, first = ask(t, query(), 0.0, lambda q: answer_to(q, ttl=2**31 - 1))
+    assert verdict is QueryVerdict.FORWARD
+    verdict, again = ask(t, query(qid=7), 3600.0)
+    assert verdict is QueryVerdict.CACHED and ttls(again) == [MAX_TTL - 3600]
+    assert ask(t, query(), MAX_TTL - 0.5)[0] is QueryVerdict.CACHED
+    assert ask(t, query(), float(MAX_TTL))[0] is QueryVerdict.FORWARD
+
+
+def test_the_cap_is_the_proxys_classification_cap():
+    cache = AnswerCache(max_ttl=100)
+    t = PendingTable(Stats(), cache=cache)
+    ask(t, query(), 0.0, lambda q: answer_to(q, ttl=5000))
+    assert cache.expire(99.9) == 0 and cache.expire(100.0) == 1
+
+
+def test_a_ttl_with_its_top_bit_set_is_zero_and_not_kept():
+    """RFC 2181 §8: a TTL of 2**31 or more is read as 0."""
+    t = table()
+    ask(t, query(), 0.0, lambda q: answer_to(q, ttl=2**31))
+    assert len(t.cache) == 0 and ask(t, query(), 1.0)[0] is QueryVerdict.FORWARD
+    assert answer_lifetime(DNSRecord.parse(negative(query(), soa_ttl=2**32 - 1))) == 0
+
+
+def test_an_answer_to_another_question_is_never_kept():
+    """Rule 1: the cache compares the answer's question with the query's itself (the pending
+    table does too, but the cache must not depend on its caller for it)."""
+    cache = AnswerCache()
+    asked = parse_message(query(name=f"a.{NAME}"))
+    other = answer_to(query(name=f"b.{NAME}"))
+    assert cache.store(asked, other, DNSRecord.parse(other), 0.0) is False
+    aaaa = answer_to(query(qtype="AAAA"), ip=None)
+    assert cache.store(parse_message(query()), aaaa, DNSRecord.parse(aaaa), 0.0) is False
+    two = DNSRecord.parse(answer_to(query()))
+    two.add_question(DNSRecord.question(f"b.{NAME}").q)
+    assert (
+        cache.store(parse_message(query()), two.pack(), DNSRecord.parse(two.pack()), 0.0) is False
+    )
+    assert len(cache) == 0
+    same = answer_to(query())
+    assert cache.store(parse_message(query()), same, DNSRecord.parse(same), 0.0) is True
+
+
+def test_checking_disabled_is_part_of_the_key():
+    """Rule 4: a CD=1 query may get what a validating resolver refuses a CD=0 one (RFC 4035
+    §3.2.2): they never share an entry."""
+    t = table()
+    ask(t, query(), 0.0, lambda q: answer_to(q))
+    cd = DNSRecord.parse(query())
+    cd.header.cd = 1
+    assert ask(t, cd.pack(), 1.0)[0] is QueryVerdict.FORWARD
+    cd2 = DNSRecord.parse(query(qid=3))
+    cd2.header.cd = 1
+    ask(t, cd2.pack(), 2.0, lambda q: answer_to(q))
+    assert len(t.cache) == 2
+
+
+def test_evictions_from_a_full_cache_are_counted():
+    stats = Stats()
+    t = PendingTable(stats, cache=AnswerCache(max_entries=2, stats=stats))
+    for i in range(5):
+        ask(t, query(name=f"n{i}.{NAME}"), 0.0, lambda q: answer_to(q))
+    assert len(t.cache) == 2 and stats.get("dns_cache_evictions") == 3
+    # rule 7's index of query bytes is bounded alike: three spellings of two cached names
+    for name in (f"n3.{NAME}", f"N3.{NAME}", f"n4.{NAME}"):
+        assert ask(t, query(name=name), 1.0)[0] is QueryVerdict.CACHED
+    assert len(t.cache._by_wire) == 2 and stats.get("dns_cache_evictions") == 4

@@ -100,3 +100,15 @@ def test_stats_line_is_one_json_line():
 
 def test_no_setup_state_means_no_pod(tmp_path):
     assert _load_pod(str(tmp_path / "nothing-here")) is None
+
+
+def test_the_proxy_caps_its_cache_at_its_tables_ttl_and_counts_into_its_stats():
+    """Issue 22, items 4 and 6: the proxy hands its Stats to the classification table and the
+    answer cache, and the cache the table's TTL cap (no sockets are opened before start)."""
+    from tencrypt.linux.dns import DnsProxy
+
+    stats = Stats()
+    proxy = DnsProxy(DnsConfig(("10.96.0.10", 53), "shop.svc.cluster.local"), stats)
+    cache = proxy.pending.cache
+    assert cache is not None and cache.max_ttl == proxy.table.max_ttl == 86400
+    assert cache.stats is stats and proxy.table.stats is stats

@@ -31,7 +31,7 @@ from tencrypt.core.fastpath import (
     REPLAY,
 )
 from tencrypt.core.replay import WINDOW, ReplayWindow
-from tencrypt.core.stats import Stats
+from tencrypt.core.stats import DropReason, Stats
 from tencrypt.errors import UsageError
 from tests.unit import test_batch as tb
 from tests.unit.test_wire import (
@@ -194,6 +194,20 @@ def test_blocks_the_window_slides_into_are_cleared(backend):
     datagrams = [backend.seal_batch(KEY, INDEX, n, [b""]) for n in counters]
     _, _, counts, window = opened(backend, datagrams)
     assert counts["keepalives"] == 4 and counts["replay"] == 1
+    model = ReplayWindow()
+    for n in counters:
+        model.check_and_update(n)
+    assert window_state(window) == window_state(model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_order_counters_clear_the_block_they_move_into_after_8192(backend):
+    """The in-order case (a gap of one block) after the ring went round: 0..8191 and 8200 in
+    order, then 8195 (ring slot 0, bit 3, set by counter 3 long ago) is fresh."""
+    counters = [*range(128 * 64), 128 * 64 + 8, 128 * 64 + 3, 128 * 64 + 3]
+    datagrams = [pure.seal_batch(KEY, INDEX, n, [b""]) for n in counters]
+    _, _, counts, window = opened(backend, datagrams)
+    assert counts["keepalives"] == len(counters) - 1 and counts["replay"] == 1
     model = ReplayWindow()
     for n in counters:
         model.check_and_update(n)
@@ -408,11 +422,90 @@ def test_lying_headers_give_the_same_result_through_c(cut, flags, gso, size, sta
     assert a[0] == b[0] and a[1] == b[1]
 
 
+_SEG = tb.tso_frame(tb.tcp_packet(bytes(range(250)) * 12), 1000)[10:]  # 3040 bytes, thl 20
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_segment_refuses_a_buffer_too_small(backend):
-    pkt = tb.tso_frame(tb.tcp_packet(os.urandom(3000)), 1000)[10:]
+@pytest.mark.parametrize(
+    ("ihl", "thl", "total", "mss", "out"),
+    [
+        (20, 20, len(_SEG), 1000, 100),  # out too small for the segments
+        (20, 20, len(_SEG), 1000, 3 * 1040 - 1),  # a byte short of three segments
+        (20, 20, len(_SEG), 0, 65536),  # mss 0: C divided by it before checking (SIGFPE)
+        (20, 20, len(_SEG), -1, 65536),
+        (20, 20, len(_SEG), 65535 - 40 + 1, 65536),  # a segment beyond 65535 (struct.error)
+        (2**63 - 1, 2**63 - 1, len(_SEG), 1000, 65536),  # ihl + thl wrapped past the checks
+        (2**62, 2**62, len(_SEG), 1000, 65536),  # (SIGSEGV, or worse)
+        (2**63 - 1, -(2**63) + 41, len(_SEG), 1000, 65536),
+        (2**64, 20, len(_SEG), 1000, 65536),  # beyond Py_ssize_t: C raised OverflowError
+        (-20, 20, len(_SEG), 1000, 65536),
+        (20, 64, len(_SEG), 1000, 65536),  # a TCP header longer than 60
+        (22, 20, len(_SEG), 1000, 65536),  # not a multiple of 4
+        (20, 20, len(_SEG) + 1, 1000, 65536),  # more than the packet holds
+        (20, 20, 39, 1000, 65536),  # less than its headers
+        (20, 20, 2**63 - 1, 1, 65536),
+    ],
+)
+def test_segment_drops_what_it_cannot_cut(backend, ihl, thl, total, mss, out):
+    """core/batch.py rule 8: outside its bounds nothing is written, the stride is 0, and
+    nothing raises or crashes (issue 22, item 7)."""
+    buf = bytearray(b"\xa5" * out)
+    assert backend.segment(_SEG, ihl, thl, total, mss, buf) == 0
+    assert buf == b"\xa5" * out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_cuts_exactly_what_fits(backend):
+    """The bounds of rule 8 are not tighter than they must be: the largest mss, and an
+    ``out`` of exactly the segments' size."""
+    assert backend.segment(_SEG, 20, 20, len(_SEG), 1000, bytearray(3 * 1040)) == 1040
+    stride = backend.segment(_SEG, 20, 20, len(_SEG), 65535 - 40, bytearray(65536))
+    assert stride == (65535 + 3) & ~3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seal_refuses_a_counter_that_would_wrap(backend):
+    """A nonce twice under one key: the last counter of a batch is at most 2**64 - 1. The C
+    code wrapped to 0; Python raised struct.error. Both now raise ValueError."""
+    assert len(backend.seal_batch(KEY, INDEX, 2**64 - 2, [b"a", b"b"])) == 2 * 33
     with pytest.raises(ValueError):
-        backend.segment(pkt, 20, 20, len(pkt), 1000, bytearray(100))
+        backend.seal_batch(KEY, INDEX, 2**64 - 2, [b"a", b"b", b"c"])
+    with pytest.raises(ValueError):
+        backend.seal_batch(KEY, INDEX, 2**64, [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("index", [-1, 2**32, 2**64 + INDEX, 2**70])
+def test_an_index_outside_u32_is_misuse_in_both(backend, index):
+    """The C code read the index without overflow checks: 2**64 + INDEX sealed as INDEX."""
+    with pytest.raises(ValueError):
+        backend.seal_batch(KEY, index, 0, [b"a"])
+    datagrams = [pure.seal_batch(KEY, INDEX, 0, [ipv4(40)])]
+    with pytest.raises(ValueError):
+        backend.open_batch(KEY, index, LIMIT, ReplayWindow(), SRC, datagrams, 0)
+    for limit in (-1, 2**64):
+        with pytest.raises(ValueError):
+            backend.open_batch(KEY, INDEX, limit, ReplayWindow(), SRC, datagrams, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_start_is_clamped_to_the_batch(backend):
+    datagrams = split(pure.seal_batch(KEY, INDEX, 0, [ipv4(40)] * 3), [ipv4(40)] * 3)
+    for start, stop, opened_ in ((-1, 3, 3), (-(2**70), 3, 3), (2**70, 3, 0), (1, 3, 2)):
+        got = backend.open_batch(KEY, INDEX, LIMIT, ReplayWindow(), SRC, datagrams, start)
+        assert (got[0], len(got[1])) == (stop, opened_)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_super_packet_whose_segments_exceed_an_ip_packet_is_malformed(backend):
+    """gso_size + headers > 65535: the split drops it (the pure path raised struct.error)."""
+    pkt = tb.tcp_packet(os.urandom(3000))
+    stats = Stats()
+    frame = tb.tso_frame(pkt, 65535 - 40 + 1)
+    assert split_tcp_batch(frame, stats, bytearray(2 * 65536), backend.segment) == []
+    assert stats.dropped(DropReason.MALFORMED_PACKET) == 1
+    assert split_tcp_batch(frame, stats) == []  # NumPy's path alike
+    assert stats.dropped(DropReason.MALFORMED_PACKET) == 2
 
 
 # ---- coalescing (core/batch.py rule 6) --------------------------------------------------------
@@ -568,6 +661,7 @@ class _Geometry:
         (bytearray(24), 10, 6, 3, 6),
         (bytearray(24), 8, 6, -1, 0),
         (bytearray(24), 2**62, 6, 4, 1),
+        (bytearray(24), 0, 0, 2**31, 0),  # no stride: a 32 GB calloc for its pieces
         ("text", 8, 6, 1, 1),
     ],
 )

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tencrypt.core import handshake, noise, wire
 from tencrypt.core.gate import Gate
-from tencrypt.core.handshake import HandshakeBudget, InitiationStamps, SeenMacs
+from tencrypt.core.handshake import HandshakeBudget, InitiationStamps, SeenMacs, table_bound
 from tencrypt.core.noise import HandshakeState
+from tencrypt.core.peer import Limits
 from tencrypt.core.stats import DropReason
 from tests.unit.linked import FAST, PSK, TEMPLATES, A, B, Net, fast, ipv4, new_net
 
@@ -224,17 +225,134 @@ def test_stamp_and_replay_tables_are_pruned():
     stamps, seen = InitiationStamps(), SeenMacs()
     for i in range(1000):
         stamps.accept(struct.pack("!I", i), i * 10**9)
-        assert not seen.seen(struct.pack("!I", i), i * 10**9)
-    assert seen.seen(struct.pack("!I", 5), 6 * 10**9)
+        assert not seen.seen(struct.pack("!I", i))
+        assert seen.record(struct.pack("!I", i), i * 10**9)
+    assert seen.seen(struct.pack("!I", 5))
     stamps.prune(1180 * 10**9, 180 * 10**9)
     seen.prune(1180 * 10**9, 180 * 10**9)
     assert len(stamps) == len(seen) == 0
     for i in (998, 999):
         stamps.accept(struct.pack("!I", i), i * 10**9)
-        seen.seen(struct.pack("!I", i), i * 10**9)
+        seen.record(struct.pack("!I", i), i * 10**9)
     stamps.prune(1000 * 10**9, 180 * 10**9)
     seen.prune(1000 * 10**9, 180 * 10**9)
     assert len(stamps) == len(seen) == 2
+
+
+def test_a_replay_after_the_seen_table_was_pruned_is_still_stale():
+    """Stage 6 holds on its own: once stage 3 forgot an initiation (pruned after max_age from
+    when it was first seen), a copy of it is refused because its timestamp is not newer than
+    the last one accepted from that pod IP - and so is a different initiation with the same
+    timestamp, which stage 3 never knew."""
+    limits = fast(initiation_max_age=30.0, initiation_max_skew=30.0)
+    gate = Gate(PSK, X25519PrivateKey.generate, limits)
+    wall = 1_700_000_000.0
+    first = initiation(A, wall + 29)  # 29 s ahead: within the skew
+    got = gate.initiation(first, A, 1.0, wall)
+    assert isinstance(got, handshake.Initiation)
+    gate.stamps.accept(got.pod_ip, got.unix_ns)  # handshaking.py does this after its DH
+    later = wall + 40  # first seen 40 s ago: pruned from stage 3; its stamp is 11 s old
+    gate.prune(41.0, later)
+    assert len(gate.seen) == 0 and len(gate.stamps) == 1
+    assert gate.initiation(first, A, 41.0, later) is DropReason.STALE_HANDSHAKE
+    same_stamp = initiation(A, wall + 29, index=8)  # other bytes, the same timestamp
+    assert gate.initiation(same_stamp, A, 41.0, later) is DropReason.STALE_HANDSHAKE
+    newer = initiation(A, wall + 30, index=9)
+    assert isinstance(gate.initiation(newer, A, 41.0, later), handshake.Initiation)
+
+
+def test_gate_prunes_at_most_once_per_second():
+    gate = Gate(PSK, X25519PrivateKey.generate, fast(initiation_max_age=30.0))
+    wall = 1_700_000_000.0
+    assert isinstance(gate.initiation(initiation(A, wall), A, 1.0, wall), handshake.Initiation)
+    gate.prune(1.0, wall)
+    gate.prune(1.5, wall + 100)  # within PRUNE_EVERY of the last prune: nothing happens
+    assert len(gate.seen) == 1
+    gate.prune(2.0, wall + 100)
+    assert len(gate.seen) == 0
+
+
+# ---- bounded before budgeted (issue 22, item 4) -------------------------------------------------
+
+
+def test_nothing_is_recorded_before_the_budget_admits_it(work):
+    """One key holder, one source, no spoofing, 2,000 valid-mac1 initiations: the replay table
+    grows by what its bucket admits (3), not by what it sends; each refusal is counted."""
+    net = Net(fast(handshake_rate=1.0, handshake_burst=3))
+    b = net.add(B)
+    gate = b._gate  # noqa: SLF001 - the table's size is what this test is about
+    work.calls.clear()
+    for i in range(2000):
+        claim = f"10.7.{i // 250}.{i % 250 + 1}"
+        b.receive(initiation(claim, net.wall, index=i + 1), ("192.0.2.7", 1337), net.now, net.wall)
+    assert len(gate.seen) == 3 and len(gate.limiter) == 1
+    assert b.stats.dropped(DropReason.HANDSHAKE_RATELIMIT) == 1997
+    assert work.calls["aead_decrypt"] == 3
+
+
+def test_replay_table_full_refuses_and_counts():
+    """A wall clock that stands still (or steps back) stops the pruning by age; the budget,
+    on the monotonic clock, keeps admitting: the size bound is what stops the table."""
+    limits = fast(
+        handshake_budget_rate=0.1,
+        handshake_budget_burst=2,
+        initiation_max_age=30.0,
+        initiation_max_skew=10.0,
+    )
+    gate = Gate(PSK, X25519PrivateKey.generate, limits)
+    assert gate.seen.max_entries == gate.stamps.max_entries == int(0.1 * 40) + 2 == 6
+    wall = 1_700_000_000.0
+    got = []
+    for i in range(8):  # 20 s of monotonic time apart: the budget has a token each time
+        now = 1.0 + 20.0 * i
+        gate.prune(now, wall)
+        got.append(
+            gate.initiation(initiation(f"10.4.0.{i + 1}", wall, i + 1), "10.9.0.1", now, wall)
+        )
+    assert all(isinstance(g, handshake.Initiation) for g in got[:6])
+    assert got[6:] == [DropReason.HANDSHAKE_TABLE_FULL] * 2
+    assert len(gate.seen) == 6
+
+
+def test_timestamp_table_full_refuses_new_pods_only():
+    gate = Gate(PSK, X25519PrivateKey.generate, fast(handshake_budget_rate=1000.0))
+    wall = 1_700_000_000.0
+    bound = gate.stamps.max_entries
+    for i in range(bound - 1):
+        assert gate.stamps.accept(struct.pack("!I", i), int(wall * 1e9))
+    assert gate.stamps.accept(ipaddress.IPv4Address(A).packed, int(wall * 1e9))
+    assert not gate.stamps.accept(ipaddress.IPv4Address(B).packed, int(wall * 1e9))
+    assert len(gate.stamps) == bound
+    from_b = gate.initiation(initiation(B, wall + 1), B, 1.0, wall + 1)
+    assert from_b is DropReason.HANDSHAKE_TABLE_FULL
+    from_a = gate.initiation(initiation(A, wall + 1), A, 1.0, wall + 1)  # has an entry
+    assert isinstance(from_a, handshake.Initiation)
+
+
+def test_bucket_table_full_of_busy_sources_refuses_a_new_one_and_counts():
+    net = Net(fast(handshake_rate=0.001, handshake_burst=1))
+    b = net.add(B)
+    gate = b._gate  # noqa: SLF001
+    gate.limiter.max_sources = 3
+    for i in range(4):  # each source spends its only token: every bucket stays busy
+        pod = f"10.5.0.{i + 1}"
+        b.receive(initiation(pod, net.wall, index=i + 1), (pod, 1337), net.now, net.wall)
+    assert len(gate.limiter) == 3
+    assert b.stats.dropped(DropReason.HANDSHAKE_SOURCES_FULL) == 1
+    assert b.stats.dropped(DropReason.HANDSHAKE_RATELIMIT) == 0
+
+
+def test_table_bound_is_what_the_budget_admits_while_an_entry_lives():
+    limits = Limits()
+    bound = table_bound(
+        limits.handshake_budget_rate,
+        limits.handshake_budget_burst,
+        limits.initiation_max_age,
+        limits.initiation_max_skew,
+    )
+    assert bound == 500 * (180 + 30) + 100
+    gate = Gate(PSK, X25519PrivateKey.generate, limits)
+    assert gate.seen.max_entries == gate.stamps.max_entries == bound
 
 
 def test_tunnel_tables_shrink_after_max_age():
@@ -285,3 +403,16 @@ def test_replays_spend_no_tokens(work):
         b.receive(genuine, (f"10.9.{i // 250}.{i % 250 + 1}", 1337), net.now, net.wall)
     assert b.stats.dropped(DropReason.HANDSHAKE_REPLAY) == 99
     assert work.calls["aead_decrypt"] == 1 and len(b._gate.limiter) == 1  # noqa: SLF001
+
+
+def test_an_initiation_from_a_new_peer_when_every_peer_is_busy_is_counted_as_such():
+    """The peer table (max_peers) on the responder's side: its own drop reason, not the
+    per-source rate limit's."""
+    net = Net(fast(max_peers=2))
+    b = net.add(B)
+    for i in range(3):
+        pod = f"10.6.0.{i + 1}"
+        b.receive(initiation(pod, net.wall, index=i + 1), (pod, 1337), net.now, net.wall)
+    assert b.peer_count() == 2 and b.stats.get("handshakes_responded") == 2
+    assert b.stats.dropped(DropReason.PEERS_FULL) == 1
+    assert b.stats.dropped(DropReason.HANDSHAKE_RATELIMIT) == 0

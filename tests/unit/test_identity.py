@@ -13,9 +13,11 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tencrypt.core import handshake, wire
-from tencrypt.core.identity import ClaimPolicy
+from tencrypt.core.identity import ClaimPolicy, claimable, initiation_name, response_name
+from tencrypt.core.peer import Peer, Session
 from tencrypt.core.session import PeerUp
 from tencrypt.core.stats import DropReason
 from tests.unit.linked import (
@@ -349,3 +351,126 @@ def test_a_vip_session_does_not_roam_to_the_old_pod_after_the_endpoint_moved(net
     net.pump()
     assert net.delivered[C][-1] == ipv4(A, VIP, b"after the move")
     assert ipv4(A, VIP, b"after the move") not in net.delivered[B]
+
+
+# ---- rules 7 and 8 as functions: a VIP other than the one we talk to proves nothing ----------
+
+VIP2 = "172.30.0.20"  # another Service's VIP
+
+
+def peer_at(endpoint_ip: str, *addresses: str, confirmed: bool = False, live: bool = False):
+    """A peer we reach at ``endpoint_ip``, known by ``addresses``; ``live``: a usable session."""
+    p = Peer((endpoint_ip, PORT), addresses=set(addresses), confirmed=confirmed)
+    if live:
+        aead = ChaCha20Poly1305(bytes(32))
+        p.current = Session(1, 2, aead, aead, True, True, bytes(4), p, 10.0, 10.0, 100.0, 200.0)
+    return p
+
+
+def test_an_initiation_through_the_vip_we_talk_to_is_named_after_it():
+    vip_peer = peer_at(VIP, VIP)
+    assert initiation_name(policy(A), {VIP: vip_peer}, B, (VIP, PORT)) == VIP
+
+
+@pytest.mark.parametrize(
+    "by_addr",
+    [
+        {},  # a VIP we talk to at all: its claim is just a claim
+        {VIP2: peer_at(B, VIP2, B)},  # a peer known by VIP2 but reached at its pod IP
+        {VIP: peer_at(VIP, VIP)},  # the VIP we talk to is another one
+    ],
+    ids=["unknown VIP", "peer reached elsewhere", "another VIP's peer"],
+)
+def test_an_initiation_from_a_vip_we_do_not_talk_to_through_is_the_claim_only(by_addr):
+    """Rule 8: only the VIP a peer is reached at names an initiation after itself; from any
+    other VIP the claim stands, and the source check then refuses it."""
+    p = policy(A)
+    assert initiation_name(p, by_addr, B, (VIP2, PORT)) == B
+    assert p.check(B, VIP2) is DropReason.CLAIM_NOT_SOURCE
+
+
+def test_an_initiation_from_a_pod_ip_or_without_source_binding_is_the_claim():
+    c_peer = peer_at(C, C)
+    assert initiation_name(policy(A), {C: c_peer}, B, (C, PORT)) == B  # not a VIP
+    snat = policy(A, bind_to_source=False)
+    assert initiation_name(snat, {VIP: peer_at(VIP, VIP)}, B, (VIP, PORT)) == B
+    assert initiation_name(policy(A), {VIP: peer_at(VIP, VIP)}, VIP, (VIP, PORT)) == VIP
+
+
+def test_a_response_through_the_vip_we_initiated_to_is_named_after_it():
+    p = policy(A)
+    asked = peer_at(VIP, VIP)
+    assert response_name(p, {VIP: asked}, asked, B, (VIP, PORT), 1.0, FAST) == VIP
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "source"),
+    [(VIP, VIP2), (B, VIP), (B, VIP2)],
+    ids=["asked VIP, answered by another", "asked the pod, answered by a VIP", "both"],
+)
+def test_a_response_from_a_vip_we_did_not_ask_is_refused(endpoint, source):
+    """Rule 7: a response proves nothing about its claim when it comes from a VIP, so it is
+    named after the VIP only when that is the VIP we sent the initiation to; from another
+    VIP the claim must equal the source (CLAIM_NOT_SOURCE)."""
+    asked = peer_at(endpoint, endpoint)
+    got = response_name(policy(A), {endpoint: asked}, asked, B, (source, PORT), 1.0, FAST)
+    assert got is DropReason.CLAIM_NOT_SOURCE
+
+
+def test_a_response_claiming_a_pod_live_at_another_endpoint_is_a_rebind():
+    """Rule 7 with rule 6: the claimed pod IP belongs to another confirmed peer with a usable
+    session elsewhere; unless that peer is the one we asked, or not live, or not confirmed."""
+    p = policy(A, bind_to_source=False)
+    asked = peer_at(VIP, VIP)
+    owner = peer_at(B, B, confirmed=True, live=True)
+    by_addr = {VIP: asked, B: owner}
+    assert response_name(p, by_addr, asked, B, (C, PORT), 1.0, FAST) is DropReason.CLAIM_REBIND
+    assert response_name(p, by_addr, owner, B, (C, PORT), 1.0, FAST) == B  # the one we asked
+    idle = peer_at(B, B, confirmed=True)  # confirmed, nothing usable: a restarted pod
+    assert response_name(p, {VIP: asked, B: idle}, asked, B, (C, PORT), 1.0, FAST) == B
+    fresh = peer_at(B, B, live=True)  # not confirmed: nothing proved it owns B yet
+    assert response_name(p, {VIP: asked, B: fresh}, asked, B, (C, PORT), 1.0, FAST) == B
+    assert response_name(p, {VIP: asked}, asked, B, (B, PORT), 1.0, FAST) == B
+
+
+def test_an_initiation_through_another_vip_is_refused_end_to_end(net):
+    """The same through the tunnel: A talks to B through VIP; C's initiation claiming B
+    arrives from VIP2 (another Service, C behind it): refused, nothing named after VIP2."""
+    net.vips[VIP] = B
+    net.vips[VIP2] = C
+    a = net.pods[A]
+    net.send(A, VIP, ipv4(A, VIP, b"to the service"))
+    net.pump()
+    net.conntrack[(A, C)] = VIP2  # C's datagrams reach A from VIP2
+    net.deliver(forged_initiation(B, net.wall), C, A)
+    assert a.stats.dropped(DropReason.CLAIM_NOT_SOURCE) == 1
+    assert not a.knows(VIP2) and not a.knows(B)
+    assert a.stats.get("handshakes_responded") == 0
+
+
+# ---- the claim's form, and the baseline every tunnel applies -----------------------------------
+
+
+def test_a_claim_that_is_no_ipv4_address_is_reserved():
+    p = policy(A)
+    assert p.check("not an address", C) is DropReason.CLAIM_RESERVED
+    assert p.check("fd00::1", C) is DropReason.CLAIM_RESERVED
+    assert p.is_service_ip("not an address") is False and p.is_service_ip(VIP) is True
+    assert p.is_service_ip(B) is False
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [A, "0.0.0.0", "127.0.0.1", "224.0.0.1", "240.0.0.1", "255.255.255.255"],
+    ids=["this pod", "unspecified", "loopback", "multicast", "reserved", "broadcast"],
+)
+def test_claimable_refuses_this_pod_and_special_addresses(claim):
+    """The baseline of every tunnel, policy or not: never the pod's own address."""
+    packed = ipaddress.IPv4Address(claim).packed
+    assert claimable(packed, ipaddress.IPv4Address(A).packed) is None
+
+
+def test_claimable_passes_any_other_address():
+    self_packed = ipaddress.IPv4Address(A).packed
+    for claim in (B, VIP, "192.168.7.7", "169.254.169.254"):  # the policy's to refuse
+        assert claimable(ipaddress.IPv4Address(claim).packed, self_packed) == claim

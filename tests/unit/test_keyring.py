@@ -343,9 +343,29 @@ def test_the_mismatch_list_is_bounded():
     from tencrypt.core.keyring import KeyMismatches
 
     seen = KeyMismatches(limit=2)
-    for src in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"):
-        seen.note(src)
+    noted = [seen.note(src) for src in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1")]
+    assert noted == [True, True, False, True]
     assert seen.describe() == [
         {"source": "10.0.0.1", "refused": 2},
         {"source": "10.0.0.2", "refused": 1},
     ]
+
+
+def test_a_member_the_full_mismatch_list_leaves_out_is_counted():
+    """Issue 22, item 4: the list is bounded (256 by default) and a source it cannot hold is
+    a counter, not silence."""
+    from tencrypt.core.identity import ClaimPolicy
+
+    net = Net()
+    b = net.add(
+        B,
+        keys=ring("P3"),
+        identity=ClaimPolicy(("10.0.0.0/16",), "172.30.0.0/16", B, is_member=lambda ip: True),
+    )
+    b.key_mismatch.limit = 3
+    other_key = handshake.Templates(os.urandom(32), X25519PrivateKey.generate)
+    stale = handshake.build_initiation(other_key, 1, 1, bytes(4))[1]  # no key of the ring
+    for i in range(5):
+        b.receive(stale, (f"10.0.1.{i + 1}", 1337), net.now, net.wall)
+    assert b.stats.get("handshakes_wrong_key") == 5 and len(b.key_mismatch) == 3
+    assert b.stats.get("key_mismatches_unlisted") == 2

@@ -17,7 +17,7 @@ from tencrypt.core.classify import (
     RouteAction,
     route_action,
 )
-from tencrypt.core.policy import TABLE, Guard, Verdict, decide
+from tencrypt.core.policy import INBOUND, TABLE, Guard, Verdict, decide, decide_inbound
 
 INTERNAL, EXTERNAL = AddrClass.INTERNAL, AddrClass.EXTERNAL
 CIDR = "172.30.0.0/16"
@@ -43,6 +43,36 @@ def test_every_row_of_the_table(cls, guarded, looked, strict, verdict):
 
 def test_the_table_is_complete():
     assert len(TABLE) == 3 * 2 * 2 * 2
+
+
+@pytest.mark.parametrize(
+    "cls, looked, verdict",
+    [
+        (INTERNAL, False, Verdict.REFUSE),  # the project's: plaintext refused at once
+        (INTERNAL, True, Verdict.REFUSE),
+        (EXTERNAL, False, Verdict.CLEAR),  # positively another project's: accepted
+        (EXTERNAL, True, Verdict.CLEAR),
+        (None, False, Verdict.HOLD),  # held while a reverse lookup names its project
+        (None, True, Verdict.CLEAR),  # still unknown after it: accepted (the documented residual)
+    ],
+)
+def test_every_row_of_the_inbound_table(cls, looked, verdict):
+    """Standalone mode's inbound plaintext (linux/inbound.py), the table alone; it was held only
+    through one daemon test (issue 22)."""
+    assert decide_inbound(cls, looked_up=looked) is verdict
+    assert INBOUND[cls, looked] is verdict
+
+
+def test_the_inbound_table_is_complete_and_never_lets_the_project_in():
+    assert set(INBOUND) == {(c, lk) for c in (INTERNAL, EXTERNAL, None) for lk in (False, True)}
+    assert all(v is Verdict.REFUSE for (c, _), v in INBOUND.items() if c is INTERNAL)
+    assert Verdict.SEAL not in INBOUND.values()  # inbound plaintext is never "sealed"
+
+
+def test_guard_takes_cidrs_with_host_bits():
+    """A configured range written with a host address (10.128.0.1/14) means its network."""
+    guard = Guard.of("172.30.0.1/16", ("10.128.0.1/14",))
+    assert "172.30.255.1" in guard and "10.131.0.1" in guard and "10.132.0.1" not in guard
 
 
 def test_fallback_to_the_clear_only_without_strict():

@@ -92,3 +92,20 @@ def test_far_jump_forgets_the_past_without_a_huge_shift():
     window.update(MAX)
     assert sum(bin(w).count("1") for w in window.ring) == 1
     assert not window.check(MAX) and not window.check(50) and window.check(MAX - 1)
+
+
+def test_in_order_counters_clear_each_block_they_move_into_after_the_ring_went_round():
+    """RFC 6479: the ring holds 128 blocks = 8,192 counters. Counting in order, the window
+    moves one block at a time, and the block it moves into was last used 8,192 counters
+    ago: its old bits must go. (The random steps of the model test never get that far in
+    order.) Counter 8195 is fresh after 0..8191 and 8200, whose bits share ring slot 0."""
+    window = ReplayWindow()
+    for c in range(128 * 64):
+        assert window.check_and_update(c)
+    window.update(128 * 64 + 8)  # into block 128: ring slot 0, last used by counters 0..63
+    assert window.check(128 * 64 + 3) and window.check(128 * 64 + 63)
+    assert not window.check(128 * 64 + 8)
+    model = Model()
+    for c in [*range(128 * 64), 128 * 64 + 8]:
+        model.update(c)
+    assert all(window.check(c) == model.check(c) for c in range(120 * 64, 129 * 64 + 64))

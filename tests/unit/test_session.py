@@ -389,11 +389,13 @@ def test_handshake_rate_limit_runs_before_any_dh():
     assert b.stats.dropped(DropReason.HANDSHAKE_RATELIMIT) == 7
     assert b.stats.dropped(DropReason.BAD_MAC) == 1
     net.advance(1.0)  # one token back
-    net.deliver(flood[3], "192.0.2.7", B)  # a byte-identical copy: refused after mac1 alone
+    net.deliver(flood[0], "192.0.2.7", B)  # a byte-identical copy: refused after mac1 alone
     assert b.stats.dropped(DropReason.HANDSHAKE_REPLAY) == 1 and next(dh) == 4
-    retry = handshake.build_initiation(TEMPLATES, 4, int(net.wall * 1e9), b"\x0a\x01\x00\x04")
-    net.deliver(retry[1], "192.0.2.7", B)  # the pod's real retry: a fresh initiation
+    # Nothing is recorded before the bucket admits it (gate rule "bounded before budgeted"):
+    # the refused flood[3] is no replay when it comes again with a token to spend.
+    net.deliver(flood[3], "192.0.2.7", B)
     assert b.stats.get("handshakes_responded") == 4 and next(dh) == 6
+    assert b.stats.dropped(DropReason.HANDSHAKE_REPLAY) == 1
 
 
 def test_indices_are_random_nonzero_and_unique():
