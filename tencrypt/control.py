@@ -105,7 +105,13 @@ class ControlPlane(abc.ABC):
             elif isinstance(event, PeerDown):  # its evidence stays: protection is kept
                 log.info("peer %s down", event.pod_ip)
                 self.up_peers.discard(event.pod_ip)
-                self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
+                loaded = self.members.loaded if self.members else None
+                if loaded is not None and event.pod_ip not in loaded.addresses:
+                    # the API removed it: its evidence ends with its session (an IPAM may
+                    # give the address to another project's pod at once)
+                    self._on_changes(self.table.end_session(event.pod_ip, now))
+                else:
+                    self._on_changes(self.table.note_session(event.pod_ip, now, SESSION_EVIDENCE))
             elif isinstance(event, PeerUnreachable):
                 self._on_unreachable(event.addresses, now)
 
@@ -168,7 +174,10 @@ class ControlPlane(abc.ABC):
             if table is not None
             else " (format 1: Services through the node's DNAT)",
         )
+        before = self.table.members
         self._on_changes(self.table.set_members(members.addresses, now))
+        for ip in before - members.addresses - self.up_peers:  # gone from the API, no session
+            self._on_changes(self.table.end_session(ip, now))
         services = None if table is None else ServiceTable.build(table, members.pods, members.zone)
         if services is not None and services.unusable:
             self.ratelog.warn(

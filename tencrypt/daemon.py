@@ -43,7 +43,6 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tencrypt import fastpath, observe
@@ -117,8 +116,7 @@ class Proxy(ControlPlane):
     ) -> None:
         self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
         self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
-        self.keyfile = keyfile
-        self.loaded_dir: Path | None = None  # where to record the ring loaded (the agent reads)
+        self.keyfile, self.loaded_dir = keyfile, None  # where the agent reads the ring loaded
         self.clock, self.wall = clock, wall
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
         self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
@@ -134,6 +132,7 @@ class Proxy(ControlPlane):
         )
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
         self.table: ClassTable = resolver.table
+        self.table.reserved = config.is_boundary  # DNS never moves the pod's boundary
         resolver.on_change = self._on_changes
         self.dispatch = Dispatcher(
             self.table,

@@ -2,10 +2,11 @@
 
 Rules (DESIGN §1 "Classification", §1a "Fail closed"):
 1. A name under the pod's own project domain (the first resolv.conf ``search`` entry, e.g.
-   ``myproject.svc.cluster.local``) or under the project's pod domain
-   (``myproject.pod.cluster.local``, where CoreDNS and the lab name pods by address) is
-   INTERNAL; any other name under the cluster domain (``cluster.local``) is EXTERNAL; a name
-   outside the cluster leaves its addresses alone.
+   ``myproject.svc.cluster.local``) is INTERNAL; any other name under the cluster domain
+   (``cluster.local``) is EXTERNAL; a name outside the cluster leaves its addresses alone. A
+   name under ``pod.<cluster domain>`` is no evidence at all, whatever its namespace: CoreDNS
+   (``pods insecure``, its default) synthesises ``a-b-c-d.<any namespace>.pod...`` for any
+   address, unchecked.
 2. A/AAAA answers: only records reached from the question by the answer's own CNAME chain
    count (records about unrelated names are ignored), and the *final* name of the chain - the
    owner of the A/AAAA record - decides. So ``a.myproject...`` CNAME ``b.other...`` is
@@ -45,6 +46,18 @@ Rules (DESIGN §1 "Classification", §1a "Fail closed"):
    (``note_unknown``) so that a packet flood to one literal IP costs one PTR query, not many;
    at most ``max_entries`` of them, the oldest forgotten first (counted:
    ``classification_unknown_evictions``).
+9. The pod's boundary is not DNS's to move (``reserved``: its own addresses, gateway,
+   cluster DNS server, loopback, link-local, multicast, unspecified): no evidence of any
+   source ever makes such an address a class (counted ``classification_reserved_refused``).
+10. Forward answers (A/AAAA) are hints, never proof, for addresses in the guarded ranges
+   (``guarded``: the Service CIDR and the pod network): one naming such an address under
+   another project records nothing (but a ``Conflict`` against live internal evidence) and
+   asks for a reverse lookup (``pop_lookups``); a PTR answer naming another project is the
+   external evidence there. With a membership loaded (``set_members``), DNS "internal"
+   evidence counts for members only; for another address it is a hint (``hinted``: a
+   Service created a moment ago, which the dispatcher lets wait for the membership), never
+   a class. Session evidence of an address the membership no longer lists ends with its
+   session (``end_session``), not a day later.
 
 Everything here is pure: ``now`` is a monotonic time in seconds passed in by the caller.
 """
@@ -54,7 +67,7 @@ from __future__ import annotations
 import enum
 import heapq
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dnslib import QTYPE, DNSLabel, DNSRecord
@@ -64,6 +77,12 @@ from tencrypt.core.stats import Counter, Stats
 MAX_CHAIN = 16  # CNAME hops followed from the question; real chains are 1-3 long
 MAX_TTL = 86400  # seconds: the longest any DNS evidence lives (Unbound's cache-max-ttl default)
 MAX_CONFLICTS = 256  # conflicts waiting for pop_conflicts (rule 5)
+MAX_HINTS = 4096  # rule 10's internal hints kept (the oldest forgotten first)
+MAX_LOOKUPS = 256  # rule 10's reverse lookups waiting for pop_lookups
+
+
+def _nothing(_ip: str) -> bool:
+    return False
 
 
 def ttl_seconds(ttl: int) -> int:
@@ -104,26 +123,21 @@ def _under(name: Labels, domain: Labels) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Domains:
-    """The two domains that decide a name's class."""
+    """The domains that decide a name's class (rule 1)."""
 
     project: Labels  # e.g. (b"myproject", b"svc", b"cluster", b"local")
     cluster: Labels  # e.g. (b"cluster", b"local")
-    pods: Labels = ()  # e.g. (b"myproject", b"pod", b"cluster", b"local")
+    pods: Labels = ()  # (b"pod", b"cluster", b"local"): synthesised names, no evidence
 
     @classmethod
     def of(cls, project: str, cluster: str) -> Domains:
-        """The pod domain is the Service domain with ``svc`` replaced by ``pod`` (Kubernetes'
-        ``<ns>.svc.<cluster-domain>`` / ``<ns>.pod.<cluster-domain>``), when it has that shape."""
-        labels = labels_of(project)
-        pods: Labels = ()
-        if len(labels) >= 2 and labels[1] == b"svc":
-            pods = (labels[0], b"pod", *labels[2:])
-        return cls(labels, labels_of(cluster), pods)
+        labels = labels_of(cluster)
+        return cls(labels_of(project), labels, (b"pod", *labels) if labels else ())
 
     def name_class(self, name: Labels) -> AddrClass | None:
-        if self.project and _under(name, self.project):
-            return AddrClass.INTERNAL
         if self.pods and _under(name, self.pods):
+            return None  # rule 1: CoreDNS answers these for any address, unchecked
+        if self.project and _under(name, self.project):
             return AddrClass.INTERNAL
         if self.cluster and _under(name, self.cluster):
             return AddrClass.EXTERNAL
@@ -249,6 +263,11 @@ class ClassTable:
     max_entries: int = 65536
     negative_ttl: float = 30.0
     stats: Stats | None = None  # rule 7's and 8's counters (none: not counted)
+    reserved: Callable[[str], bool] = _nothing  # rule 9: never a class (the pod's boundary)
+    guarded: Callable[[str], bool] = _nothing  # rule 10: forward answers only hint here
+    members_known: bool = False  # rule 10: a membership was loaded (set_members)
+    _hints: dict[str, float] = field(default_factory=dict)  # rule 10: internal hints
+    _lookups: set[str] = field(default_factory=set)  # rule 10: reverse lookups to ask
     _entries: dict[str, _Evidence] = field(default_factory=dict)
     _heap: list[tuple[float, str]] = field(default_factory=list)
     _unknown: dict[str, float] = field(default_factory=dict)
@@ -263,23 +282,39 @@ class ClassTable:
         return entry.cls(now) if entry is not None else None
 
     def on_answer(self, record: DNSRecord, now: float) -> list[Change]:
-        """Learn from one parsed answer; return the changes it causes."""
+        """Learn from one parsed answer; return the changes it causes. A PTR answer is proof,
+        a forward one only where rule 10 lets it be."""
         changes: list[Change] = []
+        ptr = bool(record.questions) and record.questions[0].qtype == QTYPE.PTR
         for ip, (cls, ttl) in parse_answer_classes(record, self.domains).items():
-            changes += self.learn(ip, cls, ttl, now)
+            changes += self.learn(ip, cls, ttl, now, proof=ptr)
         return changes
 
-    def learn(self, ip: str, cls: AddrClass, ttl: float, now: float) -> list[Change]:
-        """DNS evidence: ``ip`` is ``cls`` for ``ttl`` seconds (rules 4, 5)."""
+    def learn(
+        self, ip: str, cls: AddrClass, ttl: float, now: float, proof: bool = True
+    ) -> list[Change]:
+        """DNS evidence: ``ip`` is ``cls`` for ``ttl`` seconds (rules 4, 5, 9, 10); ``proof``
+        False for a forward answer."""
+        if self.reserved(ip):
+            self._count(Counter.CLASSIFICATION_RESERVED_REFUSED)
+            return []
         expires = now + min(max(ttl, self.min_ttl), self.max_ttl)
-        self._unknown.pop(ip, None)
-        changes, entry = self._entry(ip, now)
-        held = entry.cls(now)
+        entry = self._entries.get(ip)
+        held = entry.cls(now) if entry is not None else None
         if held is not None and held is not cls:
             if len(self._conflicts) < MAX_CONFLICTS:
                 self._conflicts.append(Conflict(ip, held, cls))
             else:
                 self._count(Counter.CLASSIFICATION_CONFLICTS_UNLOGGED)
+        if cls is AddrClass.INTERNAL and self.members_known and ip not in self._members:
+            self._hint(ip, expires)  # rule 10: a member's evidence only
+            return []
+        if cls is AddrClass.EXTERNAL and not proof and self.guarded(ip):
+            if held is None and len(self._lookups) < MAX_LOOKUPS:
+                self._lookups.add(ip)  # rule 10: a reverse lookup decides, not this answer
+            return []
+        self._unknown.pop(ip, None)
+        changes, entry = self._entry(ip, now)
         if cls is AddrClass.INTERNAL:
             entry.dns_internal = max(entry.dns_internal, expires)
         else:
@@ -288,6 +323,9 @@ class ClassTable:
 
     def note_session(self, ip: str, now: float, ttl: float) -> list[Change]:
         """An authenticated session with a peer at ``ip``: INTERNAL for ``ttl`` seconds."""
+        if self.reserved(ip):
+            self._count(Counter.CLASSIFICATION_RESERVED_REFUSED)
+            return []
         self._unknown.pop(ip, None)
         changes, entry = self._entry(ip, now)
         entry.session = max(entry.session, now + ttl)
@@ -297,6 +335,8 @@ class ClassTable:
         """Addresses a previous run put in the firewall: INTERNAL for ``ttl`` seconds."""
         changes: list[Change] = []
         for ip in ips:
+            if self.reserved(ip):  # a previous run's element the boundary now refuses
+                continue
             more, entry = self._entry(ip, now)
             entry.adopted = max(entry.adopted, now + ttl)
             changes += more + self._settle(ip, entry, entry.adopted, now)
@@ -306,7 +346,15 @@ class ClassTable:
         """The membership as the cluster API knows it now (rule 4, 5): added addresses become
         INTERNAL for as long as they are listed; removed ones lose their DNS and adopted
         evidence too (a live session keeps its own)."""
+        members = frozenset(ip for ip in members if not self.reserved(ip))
         changes: list[Change] = []
+        if not self.members_known:  # rule 10: DNS "internal" from before counts no more
+            self.members_known = True
+            for ip, evidence in list(self._entries.items()):
+                if evidence.dns_internal and ip not in members:
+                    self._hint(ip, evidence.dns_internal)
+                    evidence.dns_internal = 0.0
+                    changes += self._settle(ip, evidence, evidence.expires(), now)
         for ip in self._members - members:
             entry = self._entries.get(ip)
             if entry is not None:
@@ -323,6 +371,37 @@ class ClassTable:
         self._members = members
         return changes
 
+    @property
+    def members(self) -> frozenset[str]:
+        """The membership as last set (without the boundary's addresses: rule 9)."""
+        return self._members
+
+    def end_session(self, ip: str, now: float) -> list[Change]:
+        """Rule 10: the session with ``ip`` ended and the membership does not list it: its
+        session evidence ends now."""
+        entry = self._entries.get(ip)
+        if entry is None or entry.session <= now:
+            return []
+        entry.session = 0.0
+        return self._settle(ip, entry, entry.expires(), now)
+
+    def hinted(self, ip: str, now: float) -> bool:
+        """Rule 10: a DNS answer under the project's domain named ``ip``, which the
+        membership does not list (yet)."""
+        until = self._hints.get(ip)
+        return until is not None and until > now
+
+    def pop_lookups(self) -> list[str]:
+        """Rule 10: addresses whose forward answers want a reverse lookup."""
+        out = sorted(self._lookups)
+        self._lookups.clear()
+        return out
+
+    def _hint(self, ip: str, until: float) -> None:
+        if ip not in self._hints and len(self._hints) >= MAX_HINTS:
+            del self._hints[next(iter(self._hints))]  # the oldest goes: a hint is no evidence
+        self._hints[ip] = max(until, self._hints.get(ip, 0.0))
+
     def pop_conflicts(self) -> list[Conflict]:
         conflicts, self._conflicts = self._conflicts, []
         return conflicts
@@ -337,6 +416,8 @@ class ClassTable:
                 changes += self._settle(ip, entry, 0.0, now)
         for ip in [ip for ip, until in self._unknown.items() if until <= now]:
             del self._unknown[ip]
+        for ip in [ip for ip, until in self._hints.items() if until <= now]:
+            del self._hints[ip]
         return changes
 
     def next_expiry(self) -> float | None:

@@ -103,6 +103,7 @@ class Dispatcher:
         wait_for_members: float = WAIT_FOR_MEMBERS,
     ) -> None:
         self.table, self.guard, self.strict, self.stats = table, guard, strict, stats
+        table.guarded = self._guarded  # forward answers only hint in the guarded ranges
         self.peers = peers  # addresses the tunnel has a peer for (Sessions.by_addr)
         self.flows = flows
         self.holds: HoldQueue[str, bytes] = HoldQueue(HOLD_PER_DESTINATION, HOLD_TOTAL)
@@ -132,6 +133,9 @@ class Dispatcher:
             for b in ports.values()
             for ep, _ in b.choose
         }
+
+    def _guarded(self, ip: str) -> bool:
+        return ip in self.guard
 
     # ---- the decision -----------------------------------------------------------------------
 
@@ -185,7 +189,9 @@ class Dispatcher:
     def _unlisted_service(self, dst: str, now: float) -> bool:
         """Stage 1's WAIT: an internal address inside the Service CIDR that the table does
         not list (a VIP is never a pod, so only a Service can be internal there)."""
-        return self.guard.in_services(dst) and self.table.lookup(dst, now) is AddrClass.INTERNAL
+        return self.guard.in_services(dst) and (
+            self.table.lookup(dst, now) is AddrClass.INTERNAL or self.table.hinted(dst, now)
+        )
 
     def _text(self, addr: int) -> str:
         text = self._texts.get(addr)

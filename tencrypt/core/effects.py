@@ -8,7 +8,8 @@ Rules:
    into tenc0 for a peer pod outside the Service CIDR); an EXTERNAL Service VIP gets a /32 out
    of the uplink; no class, no route, no element.
 2. Addresses whose routes setup owns (the pod's own IP, its gateway, the cluster DNS server)
-   never get a route of ours, whatever their class; they can still be firewall elements.
+   never get a route of ours nor a firewall element, whatever their class (the pod's
+   boundary, DESIGN §1a; core/classify.py rule 9 already gives them no class).
 3. ``plan()`` is the difference between wanted and applied, in one batch: routes to add or
    replace, routes to remove, elements to add, elements to remove. The shell applies it and
    reports each outcome (``route_done``, ``route_failed``, ``elements_done``); a failure
@@ -59,7 +60,7 @@ class Desired:
                 self.want_routes[ch.ip] = action
                 if self.applied_routes.get(ch.ip) is not action:
                     self.unrouted.add(ch.ip)
-            if ch.new is AddrClass.INTERNAL:
+            if ch.new is AddrClass.INTERNAL and ch.ip not in self.keep:
                 self.want_elements.add(ch.ip)
             else:
                 self.want_elements.discard(ch.ip)

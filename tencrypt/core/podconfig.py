@@ -20,6 +20,7 @@ from tencrypt.core.wire import DATA_OVERHEAD
 
 OVERHEAD = 20 + 8 + DATA_OVERHEAD  # outer IPv4 + UDP + wire.py's data header and tag
 MIN_MTU = 576
+DNS_MARK_BIT = 0x10000  # above the 16-bit tunnel mark: the DNS upstream's mark (dns_mark)
 PROXY_NAMESERVER = "127.0.0.1"
 MARKER = "# tencrypt: nameserver points at the embedded DNS proxy; original:"
 
@@ -43,10 +44,37 @@ class PodConfig:
     port: int = TUNNEL_PORT
 
     @property
+    def dns_mark(self) -> int:
+        """The mark of the DNS proxy's upstream sockets alone: routed like ``fwmark`` (out of
+        the uplink), and exempt from the firewall's project rules by this mark alone, so that
+        no classification can cut the pod's DNS (DESIGN §1a)."""
+        return self.fwmark | DNS_MARK_BIT
+
+    @property
     def guarded_pods(self) -> tuple[str, ...]:
         """Where an unknown source or destination may be a pod of the project: the pod network
         when known, else at least this node's subnet (guarding more never opens the clear)."""
         return self.pod_cidrs or self.uplink_cidrs
+
+    def is_boundary(self, ip: str) -> bool:
+        """The pod's own boundary (DESIGN §1a "DNS never moves the pod's own boundary"): its
+        own addresses, gateway and cluster DNS server, and every loopback, link-local,
+        multicast, unspecified, broadcast or reserved address. None of these is ever a
+        project element or a route of ours, whatever any evidence says."""
+        if ip in self.own_addresses:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return True
+        return (
+            addr.is_loopback
+            or addr.is_link_local
+            or addr.is_multicast
+            or addr.is_unspecified
+            or addr.is_reserved
+            or (addr.version == 4 and int(addr) == 0xFFFFFFFF)
+        )
 
     @property
     def own_addresses(self) -> frozenset[str]:

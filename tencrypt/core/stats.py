@@ -102,6 +102,7 @@ class Counter(enum.StrEnum):
     TUN_INJECT_ERRORS = "tun_inject_errors"
     DATAGRAMS_SEND_DROPPED = "datagrams_send_dropped"
     CLASSIFICATION_CONFLICTS = "classification_conflicts"  # an answer against trusted evidence
+    CLASSIFICATION_RESERVED_REFUSED = "classification_reserved_refused"  # the pod's boundary
     # ... beyond the MAX_CONFLICTS waiting to be logged: counted here, not logged
     CLASSIFICATION_CONFLICTS_UNLOGGED = "classification_conflicts_unlogged"
     CLASSIFICATION_EVICTIONS = "classification_evictions"  # the full table made room (classify.py)

@@ -6,7 +6,8 @@ A UDP query goes through these stages:
    past them, and never classified again), a fresh random ID, or an error we answer
    ourselves (FORMERR, SERVFAIL when full), or a drop.
 2. Sent on the ONE long-lived upstream UDP socket (connected: the kernel drops datagrams from
-   anyone but the cluster DNS server; marked with the bypass fwmark when setup gave one).
+   anyone but the cluster DNS server; marked with setup's DNS mark, which routes it out of
+   the uplink and which the firewall exempts from the project rules: no answer can cut it).
 3. ``_on_upstream_datagram``: ``PendingTable.on_answer`` matches ID and question, then
    ``ClassTable.on_answer`` learns the addresses and ``on_change`` hears what changed.
 4. The client gets the upstream's bytes with its own ID restored — once the addresses it makes
@@ -95,12 +96,13 @@ class DnsConfig:
 
     @classmethod
     def from_pod(cls, pod: PodConfig, **overrides: Any) -> DnsConfig:
-        """From setup's ``PodConfig`` (dns, domain, cluster_domain, fwmark)."""
+        """From setup's ``PodConfig`` (dns, domain, cluster_domain, and its DNS mark: the
+        firewall exempts that mark alone, linux/firewall.py)."""
         fields = {
             "upstream": parse_hostport(pod.dns, 53),
             "domain": pod.domain,
             "cluster_domain": pod.cluster_domain,
-            "fwmark": pod.fwmark,
+            "fwmark": pod.dns_mark,
         }
         return cls(**{**fields, **overrides})
 
@@ -548,6 +550,8 @@ class DnsProxy:
     def _notify(self, changes: list[Change]) -> None:
         if changes and self.on_change is not None:
             self.on_change(changes)
+        for ip in self.table.pop_lookups():  # forward answers only hint: a PTR decides
+            self._spawn(self.classify_address(ip))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -9,6 +9,7 @@ setup` before any proxy reads a packet and left in place when the proxy stops, u
                                         internal (Service VIPs and pod IPs, both families)
     chain output { hook output priority 0 }
         oifname <uplink> meta mark <fwmark> udp sport <port> accept   the proxy's own tunnel
+        oifname <uplink> meta mark <dns mark> accept                  the DNS proxy's upstream
         oifname <uplink> ip  daddr @project4 counter reject (admin-prohibited)  "refused_out_ipv4"
         oifname <uplink> ip6 daddr @project6 counter reject (admin-prohibited)  "refused_out_ipv6"
     chain input { hook input priority -10 }
@@ -33,6 +34,7 @@ import json
 import subprocess
 from collections.abc import Iterable
 
+from tencrypt.core.podconfig import DNS_MARK_BIT
 from tencrypt.errors import SetupError
 
 TABLE = "tencrypt"
@@ -57,7 +59,7 @@ def nft(script: str) -> str:
     return proc.stdout
 
 
-def render_table(uplink: str, port: int, fwmark: int) -> str:
+def render_table(uplink: str, port: int, fwmark: int, dns_mark: int | None = None) -> str:
     """The idempotent transaction that installs (or repairs) the table, keeping set elements."""
     t = f"{FAMILY} {TABLE}"
     return f"""add table {t}
@@ -68,6 +70,7 @@ add chain {t} input {{ type filter hook input priority -10; policy accept; }}
 flush chain {t} output
 flush chain {t} input
 add rule {t} output oifname "{uplink}" meta mark {fwmark:#x} udp sport {port} accept
+add rule {t} output oifname "{uplink}" meta mark {dns_mark or fwmark | DNS_MARK_BIT:#x} accept
 add rule {t} output oifname "{uplink}" ip daddr @{SET4} counter reject with icmpx type admin-prohibited comment "refused_out_ipv4"
 add rule {t} output oifname "{uplink}" ip6 daddr @{SET6} counter reject with icmpx type admin-prohibited comment "refused_out_ipv6"
 add rule {t} input iifname "{uplink}" udp dport {port} accept
@@ -92,7 +95,7 @@ def render_changes(add: Iterable[str], delete: Iterable[str]) -> str:
 def install(uplink: str, port: int, fwmark: int) -> None:
     """Install or repair the table (idempotent; set elements are kept)."""
     remove_legacy()
-    nft(render_table(uplink, port, fwmark))
+    nft(render_table(uplink, port, fwmark, fwmark | DNS_MARK_BIT))
 
 
 def change(add: Iterable[str], delete: Iterable[str]) -> None:

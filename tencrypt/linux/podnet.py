@@ -252,6 +252,7 @@ def setup(args: argparse.Namespace) -> PodConfig:
         netlink.ensure_route(on_link, dev=c.dev, src=c.pod_ip, table=c.table, scope_link=True)
     netlink.ensure_route("0.0.0.0/0", dev=c.dev, gateway=c.gateway, src=c.pod_ip, table=c.table)
     netlink.ensure_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
+    netlink.ensure_rule(fwmark=c.dns_mark, table=c.table, priority=RULE_PRIORITY)
     # strict mode's boundary is in place before any proxy reads a packet (DESIGN §1a); its
     # sets start empty and the proxy fills them; `run --no-strict` removes it
     firewall.install(c.dev, c.port, c.fwmark)
@@ -283,6 +284,7 @@ def undo(state_dir: str) -> bool:
     firewall.remove_table()  # strict mode's rules stay after the proxy stops, until here
     nfqueue.remove_rules(c.dev)  # and standalone mode's queue rules
     netlink.remove_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
+    netlink.remove_rule(fwmark=c.dns_mark, table=c.table, priority=RULE_PRIORITY)
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)
     (directory / STATE_FILE).unlink()

@@ -320,18 +320,19 @@ def test_session_and_adopted_evidence_expire():
     assert len(t) == 0
 
 
-def test_pod_domain_is_the_projects_too():
+def test_synthesised_pod_names_are_no_evidence_in_any_namespace():
+    """CoreDNS's ``pods insecure`` answers a-b-c-d.<any namespace>.pod.<domain> with a.b.c.d
+    unchecked: such a name proves nothing, ours or another project's (#22 item 2)."""
     t = table()
-    ch = t.on_answer(
-        answer(
-            "172-17-0-12.myproject.pod.cluster.local",
-            "A",
-            a("172-17-0-12.myproject.pod.cluster.local", "172.17.0.12"),
-        ),
-        now=0,
-    )
-    assert ch == [Change("172.17.0.12", None, INTERNAL)]
-    assert DOMAINS.name_class(labels_of("x.project2.pod.cluster.local")) is EXTERNAL
+    for name in (
+        "172-17-0-12.myproject.pod.cluster.local",
+        "172-30-0-2.shop.pod.cluster.local",
+    ):
+        ip = name.split(".")[0].replace("-", ".")
+        assert t.on_answer(answer(name, "A", a(name, ip)), now=0) == []
+        assert t.lookup(ip, 0) is None
+    assert DOMAINS.name_class(labels_of("x.project2.pod.cluster.local")) is None
+    assert DOMAINS.name_class(labels_of("x.project2.svc.cluster.local")) is EXTERNAL
 
 
 def test_full_table_evicts_the_entry_closest_to_expiry():

@@ -43,7 +43,8 @@ def test_changes_want_routes_and_elements():
     )
     plan = d.plan()
     assert dict(plan.routes) == {"10.128.0.5": TUN, "172.30.2.20": UPLINK}
-    assert set(plan.add) == {"10.128.0.5", "172.30.2.21", "10.128.0.4", "fd00::5"}
+    # 10.128.0.4 is the pod's own address: never a route of ours, never an element
+    assert set(plan.add) == {"10.128.0.5", "172.30.2.21", "fd00::5"}
     assert plan.unroutes == () and plan.delete == ()
     assert not d.routed("10.128.0.5") and d.routed("172.30.2.21")
 

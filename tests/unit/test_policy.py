@@ -124,8 +124,10 @@ class Model:
     def __init__(self, min_ttl: float) -> None:
         self.min_ttl = min_ttl
         self.members: frozenset[str] = frozenset()
+        self.members_known = False  # once a membership is loaded, DNS counts for members only
         self.session: dict[str, float] = {}
         self.removable: dict[str, float] = {}  # DNS and adopted evidence: ends with membership
+        self.adopted: dict[str, float] = {}  # adopted evidence alone
 
     def internal(self, ip: str, now: float) -> bool:
         return (
@@ -158,13 +160,16 @@ def test_no_trusted_internal_address_ever_gets_a_clear_verdict(seq, looked_up):
         if kind == "answer":
             _, ip, cls, ttl = event
             apply(table.learn(ip, cls, ttl, now))
-            if cls is INTERNAL:
+            if cls is INTERNAL and (not model.members_known or ip in model.members):
                 until = now + min(max(ttl, 5), 100)
                 model.removable[ip] = max(model.removable.get(ip, 0), until)
         elif kind == "members":
             for ip in model.members - event[1]:
                 model.removable.pop(ip, None)
-            model.members = event[1]
+            if not model.members_known:  # DNS evidence from before counts for members only
+                for ip in [ip for ip in model.removable if ip not in event[1]]:
+                    model.removable[ip] = model.adopted.get(ip, 0.0)
+            model.members, model.members_known = event[1], True
             apply(table.set_members(event[1], now))
         elif kind == "session":
             apply(table.note_session(event[1], now, event[2]))
@@ -172,6 +177,7 @@ def test_no_trusted_internal_address_ever_gets_a_clear_verdict(seq, looked_up):
         elif kind == "adopt":
             apply(table.adopt([event[1]], now, event[2]))
             model.removable[event[1]] = max(model.removable.get(event[1], 0), now + event[2])
+            model.adopted[event[1]] = max(model.adopted.get(event[1], 0), now + event[2])
         elif kind == "lookup_failed":
             table.note_unknown(event[1], now)
         else:
