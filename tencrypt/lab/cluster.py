@@ -380,7 +380,8 @@ class Lab:
         python = HTTP_PYTHON if Path(HTTP_PYTHON).exists() else sys.executable
         servers = 0
         for pod in self.pods.values():
-            for name, port in sorted(pod.ports.items(), key=lambda i: i[1]):
+            by_port = {port: name for name, port in sorted(pod.ports.items(), reverse=True)}
+            for port, name in sorted(by_port.items()):  # one server per port, however named
                 argv = [
                     python,
                     "-I",
