@@ -445,12 +445,15 @@ class Lab:
         self, node: Node
     ) -> tuple[str, str, int, subprocess.Popen[bytes], Path, str]:
         cidrs = [self.service_cidr, *(n.pod_cidr for n in self.nodes.values())]
+        owners = [(p.ip, p.endpoint_fqdn) for p in self.pods.values()]
+        owners += [(s.vip, s.fqdn) for s in self.services if s.vip]
         argv = clusterdns.build_dnsmasq_argv(
             self.dns_ip,
             [self.state_dir / "dns" / "hosts", self._extra_hosts],
             self.log_file(f"{node.name}.dnsmasq"),
             self.pid_file(f"{node.name}.dnsmasq"),
             cidrs,
+            owners,
         )
         out = self.log_file(f"{node.name}.dnsmasq.out")  # its start-up errors land here
         proc = netns.spawn(node.netns, argv, log=out)

@@ -7,8 +7,9 @@ Rules:
 - Records, as a Kubernetes cluster DNS publishes them: ``<svc>.<project>.svc.cluster.local`` A
   -> VIP (and PTR back), and for each pod IP an endpoint-style name
   ``<pod>.<svc>.<project>.svc.cluster.local`` A -> pod IP (and PTR back), so that a reverse
-  lookup of any lab address tells its project. dnsmasq answers PTR with the first name of a
-  hosts line, so each address gets exactly one line.
+  lookup of any lab address tells its project. The PTR of every lab address is fixed
+  (``--ptr-record``) to its owner, as CoreDNS answers it: a name a tenant publishes later
+  for the same address (``Lab.add_dns_records``) is a forward record only.
 - Unknown names under ``cluster.local`` and unknown addresses in the lab's reverse zones are
   NXDOMAIN (``--local``, ``--bogus-priv``), never a timeout: there is no upstream.
 - Answers carry a real TTL (``--local-ttl``; dnsmasq's default is 0), because the pod-side DNS
@@ -66,8 +67,17 @@ def reverse_zones(cidr: str) -> list[str]:
 
 
 def build_dnsmasq_argv(
-    dns_ip: str, hosts: Path | list[Path], log: Path, pid_file: Path, cidrs: Iterable[str]
+    dns_ip: str,
+    hosts: Path | list[Path],
+    log: Path,
+    pid_file: Path,
+    cidrs: Iterable[str],
+    owners: Iterable[tuple[str, str]] = (),
 ) -> list[str]:
+    """``owners``: (address, name) pairs whose PTR answer is fixed to that name, as CoreDNS
+    answers a reverse lookup with the Service (or endpoint) that owns the address: a record
+    published later for the same address (a tenant's alias) adds a forward name, never the
+    reverse one."""
     local = [f"--local=/{CLUSTER_DOMAIN}/"]
     for cidr in cidrs:
         local += [f"--local=/{zone}/" for zone in reverse_zones(cidr)]
@@ -82,6 +92,7 @@ def build_dnsmasq_argv(
         "--port=53",
         *(f"--addn-hosts={h}" for h in (hosts if isinstance(hosts, list) else [hosts])),
         f"--local-ttl={DNS_TTL}",
+        *(f"--ptr-record={ipaddress.ip_address(ip).reverse_pointer},{name}" for ip, name in owners),
         "--bogus-priv",
         *local,
         f"--log-facility={log}",
