@@ -88,7 +88,9 @@ class ControlPlane(abc.ABC):
         """Route held packets again."""
 
     @abc.abstractmethod
-    def _refuse(self, packets: Sequence[bytes | bytearray | memoryview], now: float) -> None:
+    def _refuse(
+        self, packets: Sequence[bytes | bytearray | memoryview], now: float, counted: bool = False
+    ) -> None:
         """Drop packets, counted, with ICMP administratively prohibited to their sender."""
 
     def _is_member(self, ip: str) -> bool | None:

@@ -149,7 +149,7 @@ class Proxy(ControlPlane):
         self.awaiting_route: HoldQueue[str, bytes] = HoldQueue(HOLD_PER_PEER, HOLD_TOTAL)
         self.up_peers: set[str] = set()
         self.cidr_mismatch: str | None = None  # the last mismatch reported (observe.py)
-        self.inbound: InboundGate | None = None  # standalone strict mode only
+        self.gates: list[InboundGate] = []  # standalone strict mode only (linux.inbound)
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -177,19 +177,12 @@ class Proxy(ControlPlane):
                 observe.STANDALONE_LIMITS,
                 self.members.path if self.members else "none given",
             )
-        if self.strict and loaded is None:  # new plaintext from the pod network: classified first
-            from tencrypt.linux.inbound import InboundGate
+        if self.strict and loaded is None:  # new connections with the pod network: gated
+            from tencrypt.linux.inbound import open_gates
 
-            self.inbound = InboundGate(
-                self.kernel.open_inbound_queue(self.stats),
-                self.table,
-                self.stats,
-                self.resolver.classify_address,
-                self.clock,
-                self._spawn,
-                lambda: self.dispatch.locked,
-            )
-            loop.add_reader(self.inbound.queue.fileno(), self.inbound.on_readable)
+            self.gates = open_gates(self, lambda: self.dispatch.locked, self._refuse_queued)
+            for gate in self.gates:
+                loop.add_reader(gate.queue.fileno(), gate.on_readable)
         loop.add_reader(self.ports.tun.fileno(), self._on_tun)
         loop.add_reader(self.ports.udp.fileno(), self._on_udp)
         self._spawn(self.effects.run(self.stopping))
@@ -225,9 +218,9 @@ class Proxy(ControlPlane):
         loop = asyncio.get_running_loop()
         for port in (self.ports.tun, self.ports.udp):
             loop.remove_reader(port.fileno())
-        if self.inbound is not None:  # its rules stay: new connections wait for the next proxy
-            loop.remove_reader(self.inbound.queue.fileno())
-            self.inbound.close()
+        for gate in self.gates:  # their rules stay: new connections wait for the next proxy
+            loop.remove_reader(gate.queue.fileno())
+            gate.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -355,8 +348,14 @@ class Proxy(ControlPlane):
             if icmp:
                 self._send_raw(self.ports.inject, icmp)
 
-    def _refuse(self, packets: Sequence[bytes | bytearray | memoryview], now: float) -> None:
-        self.stats.drop(DropReason.UNCLASSIFIED, len(packets))
+    def _refuse_queued(self, headers: bytes) -> None:  # an outbound gate's refusal (counted)
+        self._refuse([headers], self.clock(), counted=True)
+
+    def _refuse(
+        self, packets: Sequence[bytes | bytearray | memoryview], now: float, counted: bool = False
+    ) -> None:
+        if not counted:
+            self.stats.drop(DropReason.UNCLASSIFIED, len(packets))
         icmp = build_icmp_admin_prohibited(packets[0], self.config.pod_ip) if packets else None
         if icmp:
             quote = bytearray(icmp)

@@ -111,6 +111,8 @@ class Counter(enum.StrEnum):
     KEY_RELOADS = "key_reloads"  # a new key ring from the key file (linux/keyfile.py)
     KEY_RELOAD_REFUSALS = "key_reload_refusals"  # a malformed key file, the ring kept
     INBOUND_ACCEPTED = "inbound_accepted"  # standalone: queued connections let in
+    OUTBOUND_ACCEPTED = "outbound_accepted"  # standalone: queued connections let out (clear)
+    OUTBOUND_TO_TUNNEL = "outbound_to_tunnel"  # ... dropped: the project's, its route comes
     # UDP batches (linux/gso.py)
     UDP_GSO_SENDS = "udp_gso_sends"
     GSO_FALLBACK = "gso_fallback"

@@ -72,10 +72,22 @@ class Kernel:
         """Standalone strict mode: queue new plaintext connections from the pod network
         (rules first, so they wait for us rather than pass; linux.inbound decides)."""
         from tencrypt.linux import nfqueue
-        from tencrypt.linux.inbound import QUEUE_NUM
 
-        nfqueue.install_rules(QUEUE_NUM, self.pod.dev, self.pod.guarded_pods, self.pod.port)
-        return nfqueue.NfQueue(QUEUE_NUM, stats)
+        nfqueue.install_rules(nfqueue.QUEUE_NUM, self.pod.dev, self.pod.guarded_pods, self.pod.port)
+        return nfqueue.NfQueue(nfqueue.QUEUE_NUM, stats)
+
+    def open_outbound_queue(self, stats: Stats) -> NfQueue:
+        """Standalone strict mode: queue new connections from this pod to the pod network
+        that no route of ours carries into tenc0 (linux.inbound.OutboundGate decides); the
+        gateway and the DNS server are the pod's boundary, never queued."""
+        from tencrypt.linux import nfqueue
+
+        pod = self.pod
+        exempt = [ip for ip in (pod.gateway, pod.dns.split(":")[0]) if ip]
+        nfqueue.install_rules_out(
+            nfqueue.OUT_QUEUE_NUM, pod.dev, pod.guarded_pods, pod.fwmark, exempt
+        )
+        return nfqueue.NfQueue(nfqueue.OUT_QUEUE_NUM, stats)
 
     def route(self, ip: str, action: RouteAction) -> None:
         """Raw rtnetlink (linux.rtnl): the same route linux.netlink would add, no pyroute2."""

@@ -65,6 +65,9 @@ RECV_CHUNK = 65536  # one datagram: a packet message is under 400 bytes, an erro
 SEND_CHUNK = 32 * 1024  # verdict messages per send: 32 bytes each, so ~1000
 PROC_STATUS = "/proc/thread-self/net/netfilter/nfnetlink_queue"  # this thread's namespace
 CHAIN = "TENCRYPT-NFQ"
+QUEUE_NUM = 42  # the inbound gate's; queues are per network namespace: any number will do
+OUT_QUEUE_NUM = 43  # the outbound gate's (linux/inbound.py)
+CHAIN_OUT = "TENCRYPT-NFQ-OUT"  # the outbound gate's (linux/inbound.py OutboundGate)
 TOOLS = ("iptables", "ip6tables")  # iptables-nft: nft has no queue statement here (docstring)
 
 
@@ -301,10 +304,53 @@ def rule_specs(
     return specs
 
 
+def rule_specs_out(
+    queue_num: int, uplink: str, dests: Sequence[str], mark: int, exempt: Sequence[str]
+) -> list[list[str]]:
+    """The outbound gate's rules (linux/inbound.py OutboundGate): chain TENCRYPT-NFQ-OUT, which
+    OUTPUT jumps to for packets leaving by the uplink. The proxy's own packets (its tunnel, its
+    clear, its DNS: marks whose low 16 bits are ``mark``) return, so do the ``exempt``
+    addresses (the gateway, the DNS server: the pod's boundary), then new TCP and UDP
+    connections to each destination CIDR go to ``queue_num``, without bypass (fail closed)."""
+    specs = [
+        ["-N", CHAIN_OUT],
+        ["-A", CHAIN_OUT, "-m", "mark", "--mark", f"{mark:#x}/0xffff", "-j", "RETURN"],
+        *(["-A", CHAIN_OUT, "-d", ip, "-j", "RETURN"] for ip in exempt),
+    ]
+    for dest in dests:
+        for proto in ("tcp", "udp"):
+            specs.append(
+                ["-A", CHAIN_OUT, "-d", dest, "-p", proto, "-m", "conntrack", "--ctstate", "NEW"]
+                + ["-j", "NFQUEUE", "--queue-num", str(queue_num)]
+            )
+    specs.append(["-I", "OUTPUT", "-o", uplink, "-j", CHAIN_OUT])
+    return specs
+
+
+def install_rules_out(
+    queue_num: int, uplink: str, dests: Sequence[str], mark: int, exempt: Sequence[str]
+) -> None:
+    """Add the outbound gate's rules (IPv4 destinations; earlier ones removed first)."""
+    _remove_out(uplink)
+    v4 = [d for d in dests if ":" not in d]
+    if v4:
+        for spec in rule_specs_out(
+            queue_num, uplink, v4, mark, [e for e in exempt if ":" not in e]
+        ):
+            _run("iptables", spec, check=True)
+
+
+def _remove_out(uplink: str) -> None:
+    while _run("iptables", ["-D", "OUTPUT", "-o", uplink, "-j", CHAIN_OUT], check=False) == 0:
+        pass
+    _run("iptables", ["-F", CHAIN_OUT], check=False)
+    _run("iptables", ["-X", CHAIN_OUT], check=False)
+
+
 def install_rules(queue_num: int, uplink: str, sources: Sequence[str], tunnel_port: int) -> None:
     """Add the queue rules in the current namespace (removing earlier ones first): IPv4
     sources with iptables, IPv6 sources (those with a colon) with ip6tables."""
-    remove_rules(uplink)
+    _remove_in(uplink)
     for tool in TOOLS:
         family = [s for s in sources if (":" in s) == (tool == "ip6tables")]
         if family:
@@ -313,8 +359,13 @@ def install_rules(queue_num: int, uplink: str, sources: Sequence[str], tunnel_po
 
 
 def remove_rules(uplink: str) -> None:
-    """Remove the queue rules of both families if they are there; never fails because they
-    are not."""
+    """Remove the queue rules of both families and both directions if they are there; never
+    fails because they are not."""
+    _remove_out(uplink)
+    _remove_in(uplink)
+
+
+def _remove_in(uplink: str) -> None:
     for tool in TOOLS:
         while _run(tool, ["-D", "INPUT", "-i", uplink, "-j", CHAIN], check=False) == 0:
             pass

@@ -142,3 +142,25 @@ def test_standalone_a_pod_ip_learned_from_dns_is_sealed_from_its_first_packet(la
         proc = netns.run(lab.pod("nginx1").netns, [sys.executable, "-c", script], check=False)
     assert marker.encode() not in cap.data, proc.stdout
     assert "200 OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_standalone_a_literal_project_pod_ip_never_named_is_sealed_or_refused(lab, capture):
+    """Item 9: standalone, nginx2's pod IP reached by literal address, never resolved: the
+    on-link route would carry it in the clear; the outbound gate holds the first packet for
+    a reverse lookup, which names the project: its /32 into tenc0 comes, the retry is sealed."""
+    patched(lab, members=False)
+    n2 = lab.pod("nginx2")
+    marker = f"tencrypt-literal-{secrets.token_hex(4)}"
+    with capture_bridge(lab, capture) as cap:
+        lab.exec("nginx1", [sys.executable, "-c", UDP_SEND, n2.ip, marker, "5"])
+        got = curl(lab, "nginx1", f"http://{n2.ip}:8080/", marker)
+        lab.exec("nginx1", [sys.executable, "-c", UDP_SEND, n2.ip, marker, "5"])
+    assert marker.encode() not in cap.data
+    assert got.returncode == 0 and "Hello from nginx2" in got.stdout, got.stderr
+    assert "tenc0" in lab.exec("nginx1", ["ip", "route", "get", n2.ip]).stdout
+    # another project's pod, reached the same way, goes out in the clear as before
+    cake = lab.pod("cakephp")
+    with capture_bridge(lab, capture) as cap:
+        other = curl(lab, "nginx1", f"http://{cake.ip}:8080/", marker + "-x")
+    assert other.returncode == 0 and "Hello from cakephp" in other.stdout, other.stderr
+    assert (marker + "-x").encode() in cap.data

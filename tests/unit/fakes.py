@@ -96,6 +96,10 @@ class FakeKernel:
         self.queue = FakeQueue()
         return self.queue
 
+    def open_outbound_queue(self, stats):
+        self.out_queue = FakeQueue()
+        return self.out_queue
+
 
 class FakeQueue:
     """NFQUEUE: packets the kernel holds (``held``) and the verdicts given (``given``)."""

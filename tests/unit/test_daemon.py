@@ -242,3 +242,44 @@ def test_the_inbound_gate_holds_at_most_its_bounds_and_frees_them_after_the_look
         assert gate.held.total == 3 and a.stats.dropped(DropReason.INBOUND_HOLD_FULL) == 2
 
     run(main())
+
+
+def queued_out(packet_id: int, dst: str) -> QueuedPacket:
+    """A new connection of this pod (A) to ``dst``, as the outbound queue holds it."""
+    payload = udp_packet(A, dst, b"hi")
+    return dataclasses.replace(queued(packet_id, A), payload=payload, length=len(payload))
+
+
+def test_standalone_outbound_gate_holds_unknown_pod_ips_for_a_reverse_lookup():
+    """#22 item 9: a project pod IP no answer named cannot leave on the on-link route in the
+    clear: a new connection to the pod network waits in the outbound queue; another
+    project's goes out, the project's is dropped (its /32 into tenc0 is wanted, the retry is
+    sealed), an unknown one is refused with an ICMP to the app."""
+    from tencrypt.linux.inbound import OutboundGate
+
+    async def main():
+        project, other, nobody = "10.128.0.20", "10.128.0.30", "10.128.0.40"
+        a = Pod(A, ptr={project: INTERNAL, other: EXTERNAL})
+        queue, icmps = FakeQueue(), []
+        gate = OutboundGate(
+            queue,
+            a.proxy.table,
+            a.stats,
+            a.resolver.classify_address,
+            a.clock,
+            a.proxy._spawn,
+            icmp=icmps.append,
+        )
+        queue.held = [queued_out(1, project), queued_out(2, other), queued_out(3, nobody)]
+        gate.on_readable()
+        assert queue.given == {}  # all three unknown: held while they are looked up
+        await settle()
+        assert queue.given == {1: False, 2: True, 3: False}
+        assert [dst_of(p) for p in icmps] == [nobody]  # only the unclassified gets an ICMP
+        assert a.stats.dropped(DropReason.UNCLASSIFIED) == 1
+        assert a.stats.get("outbound_to_tunnel") == 1 and a.stats.get("outbound_accepted") == 1
+        queue.held = [queued_out(4, other), queued_out(5, project)]
+        gate.on_readable()  # known now: answered at once
+        assert queue.given[4] is True and queue.given[5] is False and len(a.resolver.asked) == 3
+
+    run(main())
