@@ -6,6 +6,7 @@ import pytest
 from dnslib import AAAA, CNAME, PTR, QTYPE, RR, A, DNSRecord
 
 from tencrypt.core.classify import (
+    MAX_CHAIN,
     MAX_CONFLICTS,
     MAX_TTL,
     AddrClass,
@@ -510,3 +511,138 @@ def test_plan_routes_reroutes_removes_and_keeps():
         ("172.30.4.4", RouteAction.NONE),
         ("10.128.0.6", RouteAction.NONE),
     ]
+
+
+# -- rules the mutation run found unheld ----------------------------------------------------------
+
+P = "myproject.svc.cluster.local"
+
+
+def test_domains_of_derives_the_pod_domain_only_from_a_service_domain():
+    assert DOMAINS.pods == labels_of("myproject.pod.cluster.local")
+    assert Domains.of("shop.svc", "cluster.local").pods == (b"shop", b"pod")
+    assert Domains.of("shop.default.cluster.local", "cluster.local").pods == ()
+    assert Domains.of("local", "cluster.local").pods == ()  # one label: nothing to replace
+    plain = Domains(labels_of(P), labels_of("cluster.local"))  # no pod domain given
+    assert plain.pods == () and plain.name_class(labels_of(f"x.{P}")) is INTERNAL
+
+
+def test_one_answer_naming_an_address_twice_keeps_the_strongest_and_longest():
+    """Rule 3 and _merge: the same class twice keeps the longer TTL; INTERNAL wins over
+    EXTERNAL in either order, with its own TTL."""
+    for ttls in ((10, 90), (90, 10)):
+        twice = answer(f"web.{P}", "A", *(a(f"web.{P}", "172.30.1.10", ttl) for ttl in ttls))
+        assert parse_answer_classes(twice, DOMAINS) == {"172.30.1.10": (INTERNAL, 90)}
+        other = "web.other.svc.cluster.local"
+        twice = answer(other, "A", *(a(other, "172.30.2.10", ttl) for ttl in ttls))
+        assert parse_answer_classes(twice, DOMAINS) == {"172.30.2.10": (EXTERNAL, 90)}
+    for order in ((("o", 500), ("i", 50)), (("i", 50), ("o", 500))):
+        records = [
+            (
+                "1.1.30.172.in-addr.arpa",
+                "PTR",
+                PTR(f"x.{P}" if k == "i" else "y.other.svc.cluster.local"),
+                ttl,
+            )
+            for k, ttl in order
+        ]
+        rec = answer("1.1.30.172.in-addr.arpa", "PTR", *records)
+        assert parse_answer_classes(rec, DOMAINS) == {"172.30.1.1": (INTERNAL, 50)}
+
+
+def test_a_cname_loop_does_not_shorten_the_ttls_it_already_found():
+    """The walk stops at the first name seen twice: b's record is reached with the TTL of the
+    path a -> b (100), not with the loop's way back to a (5)."""
+    rec = answer(
+        f"a.{P}",
+        "A",
+        (f"a.{P}", "CNAME", CNAME(f"b.{P}"), 100),
+        (f"b.{P}", "CNAME", CNAME(f"a.{P}"), 5),
+        a(f"b.{P}", "172.30.1.20", 60),
+    )
+    assert parse_answer_classes(rec, DOMAINS) == {"172.30.1.20": (INTERNAL, 60)}
+
+
+def test_cname_chains_are_followed_for_max_chain_hops():
+    hops = [f"h{i}.{P}" for i in range(MAX_CHAIN + 2)]
+    records = [(hops[i], "CNAME", CNAME(hops[i + 1]), 60) for i in range(MAX_CHAIN + 1)]
+    last_followed = answer(hops[0], "A", *records, a(hops[MAX_CHAIN], "172.30.1.30"))
+    assert parse_answer_classes(last_followed, DOMAINS) == {"172.30.1.30": (INTERNAL, 60)}
+    one_more = answer(hops[0], "A", *records, a(hops[MAX_CHAIN + 1], "172.30.1.31"))
+    assert parse_answer_classes(one_more, DOMAINS) == {}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["1.2.3.4.example.com", ".".join("0" * 32) + ".example.com"],
+    ids=["six labels, not in-addr.arpa", "34 labels, not ip6.arpa"],
+)
+def test_a_name_of_the_right_length_outside_the_reverse_zones_is_no_address(name):
+    assert ptr_address(labels_of(name)) is None
+
+
+def test_other_records_in_a_ptr_answer_are_ignored_without_raising():
+    """Rule 3 reads PTR records only; a TXT (no target name) or CNAME owned by the queried
+    name is not a PTR (and a TXT record has no name to read at all)."""
+    from dnslib import TXT
+
+    q = "1.1.30.172.in-addr.arpa"
+    rec = answer(
+        q,
+        "PTR",
+        (q, "TXT", TXT("hello"), 60),
+        (q, "CNAME", CNAME("y.other.svc.cluster.local"), 60),
+        (q, "PTR", PTR(f"x.{P}"), 60),
+    )
+    assert parse_answer_classes(rec, DOMAINS) == {"172.30.1.1": (INTERNAL, 60)}
+
+
+def test_a_session_or_the_membership_ends_unknown_at_once():
+    t = table()
+    t.note_unknown("10.1.1.1", now=0)
+    t.note_unknown("10.1.1.2", now=0)
+    t.note_session("10.1.1.1", now=1, ttl=60)
+    t.set_members(frozenset({"10.1.1.2"}), now=1)
+    assert not t.known_unknown("10.1.1.1", 2) and not t.known_unknown("10.1.1.2", 2)
+    assert not t._unknown  # nothing left to forget later
+
+
+def test_new_members_evict_nobody():
+    t = table(max_entries=2)
+    t.learn("172.30.9.1", EXTERNAL, 10, now=0)
+    t.learn("172.30.9.2", EXTERNAL, 20, now=0)
+    assert t.set_members(frozenset({"10.0.0.1"}), now=0) == [Change("10.0.0.1", None, INTERNAL)]
+    assert t.lookup("172.30.9.1", 1) is EXTERNAL and t.lookup("172.30.9.2", 1) is EXTERNAL
+
+
+def test_items_and_next_expiry():
+    t = table()
+    assert t.next_expiry() is None and t.items(0) == []
+    t.learn("172.30.9.1", EXTERNAL, 20, now=0)
+    t.learn("172.30.9.2", INTERNAL, 10, now=0)
+    t.set_members(frozenset({"10.0.0.1"}), now=0)
+    assert t.next_expiry() == 10
+    assert sorted(t.items(0)) == [
+        ("10.0.0.1", INTERNAL),
+        ("172.30.9.1", EXTERNAL),
+        ("172.30.9.2", INTERNAL),
+    ]
+    assert sorted(t.items(15)) == [("10.0.0.1", INTERNAL), ("172.30.9.1", EXTERNAL)]
+
+
+def test_compaction_keeps_every_address_scheduled_in_order():
+    """Rule 7's compaction rebuilds the schedule from the entries: after it, every address
+    still expires, each at its own time."""
+    t = table()
+    for i in reversed(range(40)):  # learned latest expiry first: insertion order is no heap
+        t.learn(f"172.30.9.{i}", EXTERNAL, 100 + i, now=0)
+    for k in range(400):  # churn on one address: the schedule is compacted on the way
+        t.learn("172.30.8.1", EXTERNAL, 1000 + k, now=0)
+    assert len(t._heap) <= 4 * len(t) + 64
+    for i in range(40):
+        assert t.expire(100 + i) == [Change(f"172.30.9.{i}", EXTERNAL, None)]
+    assert t.expire(1399) == [Change("172.30.8.1", EXTERNAL, None)] and len(t) == 0
+
+
+def test_route_action_takes_a_service_cidr_with_host_bits():
+    assert route_action("172.30.1.1", EXTERNAL, "172.30.0.1/16") is RouteAction.VIA_UPLINK

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import struct
 
-from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
+from dnslib import CNAME, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tencrypt.core.classify import MAX_TTL
-from tencrypt.core.dnscache import AnswerCache, answer_lifetime, ttl_offsets
-from tencrypt.core.dnsmsg import PendingTable, QueryVerdict, parse_message
+from tencrypt.core.dnscache import AnswerCache, answer_lifetime, cache_key, ttl_offsets
+from tencrypt.core.dnsmsg import Parsed, PendingTable, QueryVerdict, parse_message
 from tencrypt.core.stats import Stats
 from tests.unit.test_dnsmsg import NAME, answer_to, query
 
@@ -342,3 +342,196 @@ def test_evictions_from_a_full_cache_are_counted():
     for name in (f"n3.{NAME}", f"N3.{NAME}", f"n4.{NAME}"):
         assert ask(t, query(name=name), 1.0)[0] is QueryVerdict.CACHED
     assert len(t.cache._by_wire) == 2 and stats.get("dns_cache_evictions") == 4
+
+
+# ---- rules the mutation run found unheld -------------------------------------------------------
+
+
+def padded(q: bytes, size: int, ttl: int = 30) -> bytes:
+    """An answer to ``q`` of exactly ``size`` bytes: A records, then a TXT record sized to fit
+    (measured, not computed: name compression decides the overhead)."""
+    from dnslib import TXT
+
+    reply = DNSRecord.parse(answer_to(q, ttl=ttl))
+    i = 0
+    while size - len(reply.pack()) > 200:
+        reply.add_answer(RR(NAME, QTYPE.A, rdata=A(f"172.30.3.{i}"), ttl=ttl))
+        i += 1
+    probe = DNSRecord.parse(reply.pack())
+    probe.add_answer(RR(NAME, QTYPE.TXT, rdata=TXT(""), ttl=ttl))
+    reply.add_answer(RR(NAME, QTYPE.TXT, rdata=TXT("x" * (size - len(probe.pack()))), ttl=ttl))
+    data = reply.pack()
+    assert len(data) == size, len(data)
+    return data
+
+
+def test_512_bytes_is_the_limit_without_edns():
+    """Rule 4, RFC 1035 §4.2.1: a cached answer of 512 bytes is served to a client without
+    EDNS, one of 513 is not."""
+    for size, verdict in ((512, QueryVerdict.CACHED), (513, QueryVerdict.FORWARD)):
+        t = table()
+        ask(t, query(), 0.0, lambda q, size=size: padded(q, size))
+        assert len(t.cache) == 1 and ask(t, query(), 1.0)[0] is verdict
+
+
+def test_max_bytes_is_inclusive_and_store_says_what_it_did():
+    q = parse_message(query())
+    for size, kept in ((600, True), (601, False)):
+        data = padded(query(), size)
+        cache = AnswerCache(max_bytes=600)
+        assert cache.store(q, data, DNSRecord.parse(data), 0.0) is kept
+        assert len(cache) == int(kept)
+    assert AnswerCache().max_entries == 1024 and AnswerCache().max_bytes == 4096  # README's
+
+
+def test_refused_answers_are_reported_as_not_kept():
+    q = parse_message(query())
+    cache = AnswerCache()
+    truncated = DNSRecord.parse(answer_to(query()))
+    truncated.header.tc = 1
+    servfail = answer_to(query(), ip=None, rcode=RCODE.SERVFAIL)
+    zero = answer_to(query(), ttl=0)
+    for data in (truncated.pack(), servfail, zero):
+        assert cache.store(q, data, DNSRecord.parse(data), 0.0) is False
+    assert len(cache) == 0
+
+
+def test_a_ttl_of_one_second_is_kept_for_that_second():
+    t = table()
+    ask(t, query(), 0.0, lambda q: answer_to(q, ttl=1))
+    assert ask(t, query(), 0.5)[0] is QueryVerdict.CACHED
+    assert ask(t, query(), 1.0)[0] is QueryVerdict.FORWARD
+
+
+def test_an_answer_stored_again_is_the_newest():
+    """Rule 5, oldest stored goes first: a refreshed entry is not the oldest any more."""
+    t = PendingTable(Stats(), rand16=iter(range(1000, 60000, 7)).__next__, cache=AnswerCache(2))
+    a, b, c = (query(name=f"{n}.{NAME}") for n in "abc")
+    ask(t, a, 0.0, lambda q: answer_to(q, ttl=5))
+    ask(t, b, 0.0, lambda q: answer_to(q))
+    ask(t, a, 10.0, lambda q: answer_to(q))  # expired: asked again and stored again
+    ask(t, c, 10.0, lambda q: answer_to(q))  # full: b is the oldest now
+    assert ask(t, a, 11.0)[0] is QueryVerdict.CACHED
+    assert ask(t, b, 11.0)[0] is QueryVerdict.FORWARD
+
+
+def test_the_index_of_query_bytes_forgets_a_gone_entry():
+    """Rule 7: a query's bytes that point at an expired entry leave the index."""
+    t = table()
+    ask(t, query(), 0.0, lambda q: answer_to(q, ttl=5))
+    ask(t, query(qid=2), 1.0)  # a hit: its bytes indexed
+    assert len(t.cache._by_wire) == 1
+    assert t.cache.lookup_wire(query(qid=3), 6.0) is None
+    assert len(t.cache._by_wire) == 0
+
+
+def test_ttls_of_additional_records_count_down_to_zero_not_below():
+    """Rule 3: the lifetime comes from the answer and authority sections; a record in the
+    additional section with a shorter TTL is served with 0 once its time is up, never a
+    negative (wrapped) TTL."""
+
+    def with_glue(q):
+        reply = DNSRecord.parse(answer_to(q, ttl=60))
+        reply.add_ar(RR("ns.cluster.local", QTYPE.A, rdata=A("10.0.0.53"), ttl=5))
+        return reply.pack()
+
+    t = table()
+    ask(t, query(), 0.0, with_glue)
+    verdict, data = ask(t, query(), 10.0)
+    assert verdict is QueryVerdict.CACHED
+    record = DNSRecord.parse(data)
+    assert record.rr[0].ttl == 50 and record.ar[0].ttl == 0
+
+
+def test_an_nxdomain_after_a_cname_lives_for_the_soa_minimum():
+    """Rule 2, RFC 2308 §5: a negative answer is negative even when its answer section holds
+    the CNAME chain that led to the missing name."""
+
+    def cname_then_nxdomain(q):
+        reply = DNSRecord.parse(negative(q, soa_ttl=300, minimum=60))
+        reply.add_answer(RR(NAME, QTYPE.CNAME, rdata=CNAME(f"gone.{NAME}"), ttl=300))
+        return reply.pack()
+
+    t = table()
+    ask(t, query(), 0.0, cname_then_nxdomain)
+    assert ask(t, query(), 59.0)[0] is QueryVerdict.CACHED
+    assert ask(t, query(), 60.0)[0] is QueryVerdict.FORWARD
+
+
+def test_an_answer_with_an_opt_record_is_kept_and_its_flags_left_alone():
+    """Rule 2: OPT's TTL field is the extended RCODE and flags (RFC 6891 §6.1.3), not a TTL:
+    it is walked over, not counted down."""
+
+    def edns_answer(q):
+        reply = DNSRecord.parse(answer_to(q, ttl=30))
+        reply.add_ar(EDNS0(udp_len=1232, flags="do"))
+        return reply.pack()
+
+    t = table()
+    edns = DNSRecord.parse(query())
+    edns.add_ar(EDNS0(udp_len=1232, flags="do"))
+    ask(t, edns.pack(), 0.0, edns_answer)
+    verdict, data = ask(t, edns.pack(), 10.0)
+    assert verdict is QueryVerdict.CACHED
+    record = DNSRecord.parse(data)
+    assert record.rr[0].ttl == 20 and record.ar[0].ttl == 0x8000  # DO still set
+
+
+def test_a_query_without_one_readable_question_has_no_key():
+    assert cache_key(Parsed(DNSRecord.question(NAME).header, None, None)) is None
+    two = DNSRecord.question(NAME)
+    two.add_question(DNSRecord.question(f"b.{NAME}").q)
+    assert cache_key(parse_message(two.pack())) is None
+    assert AnswerCache().lookup(Parsed(two.header, None, None), 1, 0.0) is None
+
+
+def test_names_that_break_rfc_1035_do_not_walk():
+    """RFC 1035 §2.3.4 and §4.1.4: a label type 0x40/0x80 is not a length, and a name has at
+    most 127 labels; either makes the message unwalkable (None), even when the bytes would
+    otherwise line up to its end."""
+    header = struct.pack("!6H", 1, 0x8180, 1, 0, 0, 0)
+    reserved = header + b"\x40" + bytes(64) + b"\x00" + struct.pack("!HH", 1, 1)
+    assert ttl_offsets(reserved) is None
+    long_name = header + b"\x01a" * 128 + b"\x00" + struct.pack("!HH", 1, 1)
+    assert ttl_offsets(long_name) is None
+    fits = header + b"\x01a" * 127 + b"\x00" + struct.pack("!HH", 1, 1)
+    assert ttl_offsets(fits) == []
+
+
+def test_an_answer_stored_again_while_held_replaces_it_and_becomes_the_newest():
+    """Rule 5: two identical queries in flight get two answers; the second replaces the
+    first (evicting nothing else, even when the cache is full) and counts as stored now."""
+    t = PendingTable(Stats(), rand16=iter(range(1000, 60000, 7)).__next__, cache=AnswerCache(2))
+    a, b, c = (query(name=f"{n}.{NAME}") for n in "abc")
+    first = t.on_query(b, "client1", 0.0, cache=True)
+    second = t.on_query(b, "client2", 0.0, cache=True)
+    assert first.verdict is second.verdict is QueryVerdict.FORWARD  # nothing cached yet
+    ask(t, a, 0.0, lambda q: answer_to(q))
+    t.on_answer(answer_to(first.data), 1.0)  # full: a, b
+    t.on_answer(answer_to(second.data), 2.0)  # b again: replaces b, a stays
+    assert len(t.cache) == 2 and ask(t, a, 3.0)[0] is QueryVerdict.CACHED
+    ask(t, c, 4.0, lambda q: answer_to(q))  # full: the oldest stored, a, goes
+    assert ask(t, b, 5.0)[0] is QueryVerdict.CACHED
+    assert ask(t, a, 5.0)[0] is QueryVerdict.FORWARD
+
+
+def test_names_compressed_to_an_offset_past_255_walk():
+    """RFC 1035 §4.1.4: a pointer is 14 bits; in an answer longer than 256 bytes a name's
+    pointer starts 0xC1 or more, and the answer is kept like any other."""
+
+    def long(q):
+        reply = DNSRecord.parse(answer_to(q, ttl=30))
+        for i in range(20):
+            reply.add_answer(RR(NAME, QTYPE.A, rdata=A(f"172.30.4.{i}"), ttl=30))
+        for i in range(2):  # first at offset > 256, then compressed to it
+            reply.add_answer(RR(f"late.{NAME}", QTYPE.A, rdata=A(f"172.30.5.{i}"), ttl=40))
+        data = reply.pack()
+        assert b"\xc1" in data[256:]
+        return data
+
+    t = table()
+    edns = DNSRecord.parse(query())
+    edns.add_ar(EDNS0(udp_len=1232))
+    ask(t, edns.pack(), 0.0, long)
+    verdict, data = ask(t, edns.pack(), 5.0)
+    assert verdict is QueryVerdict.CACHED and ttls(data)[-1] == 35

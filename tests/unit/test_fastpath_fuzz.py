@@ -5,9 +5,9 @@ same exception type, the same bytes written and the same replay window left; nev
 Ints are drawn around every bound the code checks (0, 19/20/60/61, 2**16, 2**31, 2**32,
 2**63, 2**64, negatives) and far beyond 64 bits; buffers are random or real packets with
 random header fields. Bounded: a fixed number of examples per entry point, no deadline, a
-few seconds in all (``TENCRYPT_FUZZ_EXAMPLES=N`` for a longer hunt). A crash in C kills the test process: pytest reports it as a failure of
-this file. With TENCRYPT_REQUIRE_FASTPATH=1 (CI) a missing extension fails instead of
-skipping."""
+few seconds in all (``TENCRYPT_FUZZ_EXAMPLES=N`` for a longer hunt). A crash in C kills the
+pytest process (faulthandler prints where), so the run fails. With
+TENCRYPT_REQUIRE_FASTPATH=1 (CI) a missing extension fails instead of skipping."""
 
 from __future__ import annotations
 
