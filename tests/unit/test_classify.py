@@ -518,13 +518,14 @@ def test_plan_routes_reroutes_removes_and_keeps():
 P = "myproject.svc.cluster.local"
 
 
-def test_domains_of_derives_the_pod_domain_only_from_a_service_domain():
-    assert DOMAINS.pods == labels_of("myproject.pod.cluster.local")
-    assert Domains.of("shop.svc", "cluster.local").pods == (b"shop", b"pod")
-    assert Domains.of("shop.default.cluster.local", "cluster.local").pods == ()
-    assert Domains.of("local", "cluster.local").pods == ()  # one label: nothing to replace
-    plain = Domains(labels_of(P), labels_of("cluster.local"))  # no pod domain given
+def test_domains_of_names_the_pod_root_of_the_cluster_domain():
+    """Rule 1: every name under pod.<cluster domain> is no evidence, whatever its namespace."""
+    assert DOMAINS.pods == labels_of("pod.cluster.local")
+    assert Domains.of("shop.svc", "example").pods == (b"pod", b"example")
+    assert Domains.of("shop.svc", "").pods == ()  # no cluster domain: no pod root
+    plain = Domains(labels_of(P), labels_of("cluster.local"))  # no pod root given
     assert plain.pods == () and plain.name_class(labels_of(f"x.{P}")) is INTERNAL
+    assert plain.name_class(labels_of("1-2-3-4.x.pod.cluster.local")) is EXTERNAL
 
 
 def test_one_answer_naming_an_address_twice_keeps_the_strongest_and_longest():
@@ -620,13 +621,15 @@ def test_items_and_next_expiry():
     assert t.next_expiry() is None and t.items(0) == []
     t.learn("172.30.9.1", EXTERNAL, 20, now=0)
     t.learn("172.30.9.2", INTERNAL, 10, now=0)
-    t.set_members(frozenset({"10.0.0.1"}), now=0)
+    t.note_session("172.30.9.3", 0, 10)
+    t.set_members(frozenset({"10.0.0.1"}), now=0)  # DNS "internal" counts for members only
     assert t.next_expiry() == 10
     assert sorted(t.items(0)) == [
         ("10.0.0.1", INTERNAL),
         ("172.30.9.1", EXTERNAL),
-        ("172.30.9.2", INTERNAL),
+        ("172.30.9.3", INTERNAL),
     ]
+    assert t.hinted("172.30.9.2", 0)
     assert sorted(t.items(15)) == [("10.0.0.1", INTERNAL), ("172.30.9.1", EXTERNAL)]
 
 
