@@ -18,6 +18,13 @@ those the proxy added at run time) and tenc0, then the state.
 
 State lives in ``<state-dir>/netns-<inode of /proc/self/ns/net>/``: /run is shared between
 network namespaces, the namespace's inode number is not.
+
+The membership file is not part of this state: its writer (the node agent, the lab) keeps it
+where its own name for the pod does not repeat (the agent's per-pod-UID directory) and hands
+its path to setup (``--members-file``, for the cluster's ranges); setup records the path and
+`run` reads that file by default. A writer outside the namespace cannot know which life of
+an inode number a directory here belongs to (the kernel gives a dead namespace's number to
+the next one), so a file it left here could be a dead pod's: nothing is read from here.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class SetupState:
     config: PodConfig
     resolv_conf: str  # path
     resolv_original: str  # text
+    members_file: str | None = None  # the membership file setup was given: `run`'s default
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -74,6 +82,7 @@ class SetupState:
                     "config": self.config.to_dict(),
                     "resolv_conf": self.resolv_conf,
                     "resolv_original": self.resolv_original,
+                    "members_file": self.members_file,
                 },
                 indent=2,
             )
@@ -82,21 +91,38 @@ class SetupState:
 
     @classmethod
     def load(cls, directory: Path) -> SetupState | None:
+        path = directory / STATE_FILE
         try:
-            d = json.loads((directory / STATE_FILE).read_text())
+            d = json.loads(path.read_text())
+            members_file = d.get("members_file")
+            if members_file is not None and not isinstance(members_file, str):
+                raise ValueError(f"members_file is not a path: {members_file!r}")
+            return cls(
+                PodConfig.from_dict(d["config"]),
+                d["resolv_conf"],
+                d["resolv_original"],
+                members_file,
+            )
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise SetupError(f"unreadable setup state {directory / STATE_FILE}: {exc}") from exc
-        return cls(PodConfig.from_dict(d["config"]), d["resolv_conf"], d["resolv_original"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SetupError(
+                f"unreadable setup state {path}: {exc}; if no proxy runs in this namespace, "
+                f"remove {directory} and run `tencrypt setup` again"
+            ) from exc
 
 
-def load_config(state_dir: str | Path) -> PodConfig:
-    """The PodConfig `tencrypt setup` recorded for this namespace."""
+def load_state(state_dir: str | Path) -> SetupState:
+    """The state `tencrypt setup` recorded for this namespace; UsageError if there is none."""
     state = SetupState.load(namespace_state_dir(state_dir))
     if state is None:
         raise UsageError("this network namespace is not set up: run `tencrypt setup` first")
-    return state.config
+    return state
+
+
+def load_config(state_dir: str | Path) -> PodConfig:
+    """The PodConfig `tencrypt setup` recorded for this namespace (``load_state``)."""
+    return load_state(state_dir).config
 
 
 def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupState:
@@ -164,17 +190,18 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
 
 def _cluster_ranges(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
     """The Service CIDR to route into tenc0 and the pod network: the flags, else what the
-    agent discovered (the membership file it writes before the launcher runs setup), else
-    OpenShift's default Service CIDR and an unknown pod network (never eth0's subnet:
-    core/clustershape.py rule 1)."""
+    agent discovered (the membership file it writes before the launcher runs setup, given as
+    ``--members-file``), else OpenShift's default Service CIDR and an unknown pod network
+    (never eth0's subnet: core/clustershape.py rule 1)."""
     members: Members | None = None
-    path = namespace_state_dir(args.state_dir) / MEMBERS_FILE
-    try:
-        members = parse_members(path.read_bytes())
-    except FileNotFoundError:
-        pass
-    except (OSError, MembershipError) as exc:
-        log.warning("membership file %s unreadable (%s): its ranges are not used", path, exc)
+    path = getattr(args, "members_file", None)
+    if path:
+        try:
+            members = parse_members(Path(path).read_bytes())
+        except FileNotFoundError:
+            log.warning("membership file %s not found (yet): its ranges are not used", path)
+        except (OSError, MembershipError) as exc:
+            log.warning("membership file %s unreadable (%s): its ranges are not used", path, exc)
     service = args.service_cidr or next(
         (c for c in (members.service_cidrs if members else ()) if ":" not in c), None
     )
@@ -240,6 +267,8 @@ def setup(args: argparse.Namespace) -> PodConfig:
     directory = namespace_state_dir(args.state_dir)
     previous = SetupState.load(directory)
     state = discover(args, previous)
+    members_file = getattr(args, "members_file", None)
+    state.members_file = os.path.abspath(members_file) if members_file else None
     state.save(directory)
     c = state.config
     netlink.ensure_tun(c.tun, c.mtu)
@@ -286,7 +315,9 @@ def undo(state_dir: str) -> bool:
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)
     (directory / STATE_FILE).unlink()
-    (directory / MEMBERS_FILE).unlink(missing_ok=True)  # the agent's (or lab's) for this pod
+    # what an agent before --members-file wrote here; the file setup was given is its
+    # writer's, who removes it
+    (directory / MEMBERS_FILE).unlink(missing_ok=True)
     (directory / LOADED_FILE).unlink(missing_ok=True)  # the ring a (killed) proxy recorded
     try:
         directory.rmdir()
