@@ -182,9 +182,10 @@ FAKE_LAUNCHER = """#!/usr/bin/env bash
 # "serves" until signalled; sandbox pid 999 never gets ready
 calls="$(dirname "$0")/calls"
 if [ "$2" = "--undo" ]; then echo "undo $1" >> "$calls"; exit 0; fi
-echo "start $1 $(sed -n 's/^current //p' "$4")" >> "$calls"
-# what setup and the proxy starting now are handed: the membership file (it must be there)
+# what setup and the proxy starting now are handed: the membership file (it must be there);
+# recorded before the call is, which the tests wait for
 { echo "${TENCRYPT_SETUP_ARGS##*--members-file }"; ls "$6"; } > "$(dirname "$0")/seen-$1" 2>&1
+echo "start $1 $(sed -n 's/^current //p' "$4")" >> "$calls"
 [ "$1" = 999 ] || echo "tencrypt: ready: stand-in"
 exec sleep 600
 """
