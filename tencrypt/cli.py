@@ -135,7 +135,9 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir",
         default="/run/tencrypt",
-        help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace)",
+        help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace, "
+        "tied to the namespace's life: a dead namespace's state found under a reused inode "
+        "number is removed, never used)",
     )
 
 

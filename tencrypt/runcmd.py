@@ -40,7 +40,7 @@ async def serve(args: argparse.Namespace) -> int:
     from tencrypt.linux import metrics, podnet
     from tencrypt.linux.dns import DnsConfig, DnsProxy, class_table
 
-    setup_state = podnet.load_state(args.state_dir)
+    setup_state = podnet.load_state(args.state_dir)  # refuses a dead namespace's state
     config = dataclasses.replace(setup_state.config, port=args.port)
     tuned = allocator.tune()  # before the data path allocates anything
     log.info("allocator: %s", tuned or "not glibc: left as it is")

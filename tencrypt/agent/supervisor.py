@@ -29,7 +29,10 @@ not hold up the others.
 ``terminate``: SIGTERM to the proxy's process group, SIGKILL after ``stop_timeout``.
 ``undo``: ``tencrypt-nsenter.sh PID --undo`` while the sandbox is still reachable, then the
 membership file; when it is not (the pod's namespace died with its last process) only the
-state ``tencrypt setup`` keeps on the node is left, and it is removed.
+state ``tencrypt setup`` keeps on the node is left, ``netns-<inode>``, and it is removed —
+unless another pod of ours has that inode number now (the kernel reuses them at once): that
+directory is the new pod's, whose setup already removed (or will remove) the dead one's
+state (core/netnsid.py).
 """
 
 from __future__ import annotations
@@ -299,7 +302,7 @@ class Supervisor:
         remove what ``tencrypt setup`` kept on the node for it; then its membership file.
         True if nothing is left."""
         if not reachable:
-            shutil.rmtree(self.setup_dir(sandbox.netns), ignore_errors=True)
+            self.remove_leftover(uid, sandbox.netns)
             self.feed.remove(uid)
             return True
         argv = ["bash", str(self.launcher), str(sandbox.pid), "--undo"]
@@ -320,6 +323,24 @@ class Supervisor:
             return False
         self.feed.remove(uid)  # after setup's state: the proxy read it to the end
         return True
+
+    def remove_leftover(self, uid: str, netns: int) -> None:
+        """Remove the state setup kept for pod ``uid``'s namespace, which is gone — unless
+        another pod of ours has been given its inode number since: the directory is then
+        that pod's (its setup removed the dead namespace's state, or will: it is stale)."""
+        heir = next((r for r in self.records.values() if r.netns == netns and r.uid != uid), None)
+        if heir is not None:
+            log.info(
+                "pod %s: its namespace (inode %d) is gone and %s/%s has its inode number now: "
+                "%s is left to that pod's setup",
+                uid,
+                netns,
+                heir.namespace,
+                heir.name,
+                self.setup_dir(netns),
+            )
+            return
+        shutil.rmtree(self.setup_dir(netns), ignore_errors=True)
 
     def _stat(self, pid: int) -> tuple[str, int] | None:
         try:

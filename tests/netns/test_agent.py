@@ -16,7 +16,8 @@ lab's stand-in for what crictl or the /proc scan find on a real node (unit-teste
 outputs in tests/unit/test_agent.py). The tests run in order on one agent: pods patched and
 sealed, each with its project's members (pod IPs of every node, Service VIPs) in its own
 ``members.json`` (the agent's directory for the pod's UID: ``--members-file`` to setup and
-run), which follows pods of the project added and removed elsewhere; a killed
+run), which follows pods of the project added and removed elsewhere — nginx1 never sees the
+dead pod's state planted under its namespace's inode number before the agent starts; a killed
 proxy restarted; a removed pod leaves nothing; a namespace labelled and
 unlabelled at run time; an agent restarted with ``--on-exit keep`` whose successor adopts
 the running proxies; and that successor's ``--on-exit unpatch`` stop.
@@ -37,12 +38,14 @@ from pathlib import Path
 import pytest
 
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
-from tencrypt.core.membership import parse_members
+from tencrypt.core.membership import Members, parse_members, render_members
+from tencrypt.core.netnsid import NetnsId
+from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.psk import KeySet, fingerprint, parse_key_file
 from tencrypt.kube import client as kubeclient
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.lab.topology import PodSpec, Topology
-from tencrypt.linux import netns
+from tencrypt.linux import netns, podnet
 from tencrypt.linux.procs import read_pid
 from tencrypt.nodesync.kubeobjects import lab_objects
 from tests.kubefakes import builders as kubeobjects
@@ -98,6 +101,34 @@ def pod_objects(lab):
 def pod_uid(lab, pod):
     """A uid per lab: concurrent runs of this file must not share a kubepods cgroup name."""
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{pod}.{lab.name}"))
+
+
+DEAD_BOOT = "00000000-dead-4000-8000-000000000000"  # no namespace of this boot has its identity
+
+
+def plant_dead_pods_state(lab, setup_state, pod):
+    """What a dead pod of another project left under the inode number the kernel has given
+    ``pod``'s namespace since: setup's state, its proxy's pid and ring, and its membership
+    where an agent before this change wrote it (core/netnsid.py)."""
+    directory = setup_state / f"netns-{netns_inode(lab, pod)}"
+    config = PodConfig(
+        "10.128.9.9",
+        "eth0",
+        "10.128.9.1",
+        "172.30.0.10",
+        "shop.svc.cluster.local",
+        ("shop.svc.cluster.local",),
+        "cluster.local",
+    )
+    state = podnet.SetupState(
+        config, "/gone/resolv.conf", "nameserver 172.30.0.10\n", NetnsId(DEAD_BOOT, 4242)
+    )
+    state.save(directory)
+    members = Members("shop", 1, frozenset({"10.128.9.9"}), frozenset({"172.30.0.99"}))
+    (directory / "members.json").write_text(render_members(members))
+    (directory / "run.pid").write_text("1\n")
+    (directory / "keys-loaded.json").write_text('{"ring": "current=deadbeef", "at": 0}')
+    return directory
 
 
 class AgentProcess:
@@ -194,6 +225,7 @@ def world(lab, tmp_path_factory):
     api = WritableApiServer(pod_objects(lab))  # the agents publish their key reports too
     api.start()
     w = World(lab, api, tmp_path_factory.mktemp("agent"))
+    w.planted = plant_dead_pods_state(lab, w.tmp / "setup-state", "nginx1")
     w.start_agent("keep")
     try:
         yield w
@@ -338,6 +370,13 @@ def test_real_client_fake_apiserver_each_patched_pod_holds_its_projects_members(
         assert "membership of project myproject" in log and "project shop" not in log
         setup_dir = agent.setup_state / f"netns-{netns_inode(lab, pod)}"
         assert "members.json" not in {p.name for p in setup_dir.iterdir()}
+    # the dead pod's state planted under nginx1's inode number: removed by its setup, unused
+    log = (agent.state / "pods" / pod_uid(lab, "nginx1") / "proxy.log").read_text()
+    assert f"{world.planted} holds the state of a network namespace that no longer exists" in log
+    recorded = podnet.SetupState.load(world.planted)
+    assert (
+        recorded.netns.boot != DEAD_BOOT and recorded.config.domain == "myproject.svc.cluster.local"
+    )
     first = parse_members(path.read_text()).generation
     # a pod of the project on another node (no sandbox here: only its address matters)
     far = kubeobjects.build_pod("myproject", "far", "node9", "10.200.9.9")

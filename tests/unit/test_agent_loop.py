@@ -519,6 +519,28 @@ def record(uid, netns, **kw):
     }
 
 
+def test_a_dead_namespaces_state_is_removed_unless_its_inode_is_another_pods_now(tmp_path):
+    """The kernel gives a dead namespace's inode number to the next one at once: the state
+    setup kept under it is removed when the pod's namespace is gone, but not once another pod
+    of ours holds that number (its setup replaced the dead one's state: core/netnsid.py)."""
+    sup = Supervisor(tmp_path / "state", Path("x"), Path("x"), [], setup_state_dir=tmp_path)
+    for rec in (record("old", 7), record("new", 7), record("other", 8)):
+        (sup.pod_dir(rec["uid"])).mkdir(parents=True)
+        (sup.pod_dir(rec["uid"]) / "record.json").write_text(json.dumps(rec))
+    sup.prepare()
+    for netns in (7, 8):
+        sup.setup_dir(netns).mkdir()
+        (sup.setup_dir(netns) / "setup.json").write_text("{}")
+    sup.feed.write("old", pm_of("shop"))
+    assert sup.undo("old", Sandbox(4007, 7), reachable=False)
+    assert (sup.setup_dir(7) / "setup.json").exists()  # "new"'s own state now
+    assert not sup.feed.path("old").exists()  # the dead pod's membership file went
+    sup.forget("old")
+    sup.forget("new")  # its namespace died too: nobody else has inode 7
+    assert sup.undo("new", Sandbox(4007, 7), reachable=False)
+    assert not sup.setup_dir(7).exists() and sup.setup_dir(8).exists()
+
+
 def test_an_adopted_proxy_of_an_older_agent_is_fed_where_it_reads(tmp_path):
     """A record without ``members_file`` is an older agent's: its proxy reads members.json in
     setup's netns-<inode> directory, and is fed there; the proxy's next start is not."""
