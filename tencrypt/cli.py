@@ -95,8 +95,7 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--service-cidr",
         help="the cluster's Service CIDR, routed into tenc0 (default: the first IPv4 one of "
-        "the agent's membership file in the state directory, else 172.30.0.0/16, "
-        "OpenShift's)",
+        "the agent's membership file, --members-file, else 172.30.0.0/16, OpenShift's)",
     )
     p.add_argument(
         "--pod-cidr",
@@ -104,9 +103,18 @@ def _setup(p: argparse.ArgumentParser) -> None:
         metavar="CIDR",
         help="the cluster's pod network: claims from outside it are refused, and an "
         "unclassified address in it may be the project's (strict mode refuses it rather "
-        "than send it in the clear); repeat for several ranges (default: the agent's "
-        "membership file's; else not known: claims are not checked against a guess, and "
+        "than send it in the clear); repeat for several ranges (default: those of the "
+        "agent's membership file, --members-file; else not known: claims are not checked "
+        "against a guess, and "
         "only eth0's subnet is guarded)",
+    )
+    p.add_argument(
+        "--members-file",
+        metavar="FILE",
+        help="the project's membership file its writer (the node agent, the lab) keeps for "
+        "this pod: its cluster ranges are the defaults of --service-cidr and --pod-cidr, and "
+        "`tencrypt run` reads it unless given another (default: none; setup never reads one "
+        "from its state directory, which a dead namespace with the same inode may have left)",
     )
     p.add_argument("--mtu", type=int, help=f"tenc0 MTU (default: uplink MTU minus {OVERHEAD})")
     where = p.add_mutually_exclusive_group()
@@ -127,7 +135,9 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir",
         default="/run/tencrypt",
-        help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace)",
+        help="where setup keeps what --undo needs (default: /run/tencrypt; per namespace, "
+        "tied to the namespace's life: a dead namespace's state found under a reused inode "
+        "number is removed, never used)",
     )
 
 
@@ -178,9 +188,9 @@ def _run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--members-file",
         metavar="FILE",
-        help="the project's membership (tencrypt-members/1 JSON) written by the "
-        "node agent; re-read when it changes (default: members.json in this "
-        "namespace's setup state directory)",
+        help="the project's membership (tencrypt-members/2 or /1 JSON) written by the "
+        "node agent; re-read when it changes (default: the file `tencrypt setup` was "
+        "given with --members-file; none: standalone mode)",
     )
     p.add_argument(
         "--metrics",

@@ -23,7 +23,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tencrypt.core.keyring import KeyRing
-from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.session import Limits
 from tencrypt.core.stats import Stats
 from tencrypt.daemon import NO_STRICT_GIVE_UP, Proxy
@@ -41,7 +40,8 @@ async def serve(args: argparse.Namespace) -> int:
     from tencrypt.linux import metrics, podnet
     from tencrypt.linux.dns import DnsConfig, DnsProxy, class_table
 
-    config = dataclasses.replace(podnet.load_config(args.state_dir), port=args.port)
+    setup_state = podnet.load_state(args.state_dir)  # refuses a dead namespace's state
+    config = dataclasses.replace(setup_state.config, port=args.port)
     tuned = allocator.tune()  # before the data path allocates anything
     log.info("allocator: %s", tuned or "not glibc: left as it is")
     stats = Stats()
@@ -59,7 +59,9 @@ async def serve(args: argparse.Namespace) -> int:
             rekey_after_time=args.session_lifetime * 2 / 3,
         )
     state_dir = podnet.namespace_state_dir(args.state_dir)
-    members_path = Path(args.members_file) if args.members_file else state_dir / MEMBERS_FILE
+    # the file named here, else the one setup was given; none: standalone (never a file found
+    # in the state directory, which a dead namespace with this inode may have left)
+    members_path = args.members_file or setup_state.members_file
     dns = DnsConfig.from_pod(config)
     table = class_table(dns, stats)  # one classification: the DNS proxy writes, the data path reads
     proxy = Proxy(
@@ -72,7 +74,7 @@ async def serve(args: argparse.Namespace) -> int:
         Kernel(config, firewall=strict),
         limits=limits,
         batch=args.batch,
-        members=MembersFile(members_path),
+        members=MembersFile(Path(members_path)) if members_path else None,
         keyfile=keyfile,
         clock=time.monotonic,
         wall=time.time,

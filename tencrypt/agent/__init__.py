@@ -12,7 +12,8 @@ Stages, from the cluster to the pods (pure modules marked *):
 5. ``supervisor`` — ``tencrypt-nsenter.sh`` launched detached per pod, logs, records and key
    files (0600 in 0700) under the state directory; SIGTERM and ``--undo`` to stop.
 6. ``members`` * / ``feed`` — each project's members (pod IPs cluster-wide, Service IPs) and
-   the ``members.json`` each patched pod's proxy reads, written before it starts and on
+   the ``members.json`` each patched pod's proxy reads (in the agent's directory for the pod's
+   UID, handed to setup and run as ``--members-file``), written before it starts and on
    every change of its project.
 
 ``cli`` holds the flags and the entry point (``tencrypt.agent.cli:main``).

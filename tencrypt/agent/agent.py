@@ -22,7 +22,7 @@ ranges discovered once (a partial view would stop proxies or hand them half a me
     "tencrypt: ready" line → ``on_ready``;
  5. reconcile: ``Reconciler.plan`` → START, KILL, STOP, executed at once (a STOP for a new key
     or sandbox is followed by its START in the same pass); a START writes the pod's
-    membership file before the proxy starts;
+    membership file (in the agent's directory for the pod's UID) before the proxy starts;
  6. membership: every running proxy whose project's members (pods, Services, endpoints) or
     the cluster's ranges changed gets its file rewritten (``members.json``, format 2,
     ``feed.MembersFeed``); the others are not touched;
@@ -200,7 +200,9 @@ class Agent:
         with ThreadPoolExecutor(UNDO_PARALLEL) as pool:
             list(
                 pool.map(
-                    lambda e: self.supervisor.undo(e.sandbox, self.resolver.valid(e.sandbox)),
+                    lambda e: self.supervisor.undo(
+                        e.uid, e.sandbox, self.resolver.valid(e.sandbox)
+                    ),
                     entries,
                 )
             )
@@ -300,7 +302,7 @@ class Agent:
             log.info("%s: stopping the proxy and undoing the pod: %s", want.ref, action.reason)
             self.supervisor.terminate(uid)
             assert want.sandbox is not None
-            self.supervisor.undo(want.sandbox, self.resolver.valid(want.sandbox))
+            self.supervisor.undo(uid, want.sandbox, self.resolver.valid(want.sandbox))
             self.supervisor.forget(uid)
             self.reconciler.on_stopped(uid)
 
@@ -312,10 +314,10 @@ class Agent:
             if entry.phase is Phase.DEAD:  # its next START writes the file first
                 continue
             version = self.members.version(entry.namespace)
-            if self.supervisor.feed.is_current(entry.sandbox.netns, (entry.namespace, version)):
+            if self.supervisor.feed.is_current(entry.uid, (entry.namespace, version)):
                 continue
             if not self.supervisor.write_members(
-                f"{entry.namespace}/{entry.name}", entry.sandbox, self.members_of(entry.namespace)
+                f"{entry.namespace}/{entry.name}", entry.uid, self.members_of(entry.namespace)
             ):
                 self.stats.inc(Counter.AGENT_MEMBERS_WRITE_FAILED)
 

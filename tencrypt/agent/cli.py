@@ -181,6 +181,16 @@ def main(args: argparse.Namespace) -> int:
             "give setup's state directory as --setup-state-dir DIR, not in "
             "--setup-args: the proxies and undos must use the same one"
         )
+    if "--members-file" in shlex.split(args.setup_args):
+        raise UsageError(
+            "--members-file in --setup-args: the agent hands every pod its own membership file"
+        )
+    spaced = [d for d in (args.state_dir, args.setup_state_dir) if any(c.isspace() for c in d)]
+    if spaced:
+        raise UsageError(
+            f"{spaced[0]!r}: the launcher splits TENCRYPT_SETUP_ARGS, which names it, on "
+            "white space: choose a directory without any"
+        )
     flags = (args.service_cidr, args.pod_cidr)
     given = discover(args.node, *flags)
     if given.skipped:

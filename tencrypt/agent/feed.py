@@ -1,23 +1,29 @@
-"""The membership files: ``members.json`` in the setup state directory of each patched pod.
+"""The membership files: each patched pod's ``members.json``, in the agent's own directory for it.
 
-Where: ``<setup state dir>/netns-<inode of the pod's network namespace>/members.json`` — the
-directory ``tencrypt setup`` keeps for that namespace (``linux/podnet.namespace_state_dir``),
-which the proxy reads at start and watches (``core/membership.py``).
+Where: ``<agent state dir>/pods/<pod UID>/members.json`` (``Supervisor.pod_dir``, beside the
+pod's record and log), handed to the pod's ``tencrypt setup`` and ``tencrypt run`` as
+``--members-file``. A pod's UID is never given to another pod. The inode number of its network
+namespace, which named these files before, is (core/netnsid.py): a file kept in setup's
+``netns-<inode>`` directory was read by the next pod whose namespace got that number — another
+project's membership, in the worst case.
 
 Rules:
 - A file is written before its proxy starts (``Supervisor.launch``, after any undo), making
-  the directory (0700, as setup does) if setup has not yet; the proxy's first start sees
-  its project's members. A proxy whose file cannot be written is not started.
+  the pod's directory (0700) if needed; the proxy's first start sees its project's members.
+  A proxy whose file cannot be written is not started.
 - Written atomically: a temporary file in the same directory, then a rename; mode 0644 (it
   holds addresses, no secret). A reader sees the old file or the new one.
 - ``generation`` grows with every change of a file: the wall clock in milliseconds, or one
   more than the generation the file holds if that is larger. What this agent wrote is
-  remembered per namespace; a file it did not write (a previous agent's, before an adopted
+  remembered per pod; a file it did not write (a previous agent's, before an adopted
   proxy) is read once to continue from it. The clock covers what cannot be read: a file
   removed or damaged under a running proxy, which still holds the generation it loaded and
   would ignore a restart from 1. A file whose members are already right is not rewritten.
-- ``remove`` deletes the file (and the directory if nothing else is left in it) once setup
-  has undone the pod, so that nothing of the pod stays on the node.
+- ``remove`` deletes the file once setup has undone the pod (or its namespace is gone); the
+  supervisor's ``forget`` then removes the pod's directory, so nothing of the pod stays.
+- A proxy adopted from an agent that still wrote into setup's directory reads
+  ``<setup state dir>/netns-<inode>/members.json``: ``read_by`` points its pod's file there
+  (its namespace is alive: the proxy holds it) until the pod is undone.
 """
 
 from __future__ import annotations
@@ -46,22 +52,27 @@ class Written:
 
 
 class MembersFeed:
-    def __init__(self, setup_state_dir: Path, clock: Callable[[], float] = time.time) -> None:
-        self.root, self.clock = setup_state_dir, clock
-        self.written: dict[int, Written] = {}  # netns inode -> what its file holds
+    def __init__(self, pods_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self.root, self.clock = pods_dir, clock
+        self.written: dict[str, Written] = {}  # pod UID -> what its file holds
+        self.elsewhere: dict[str, Path] = {}  # pod UID -> where an adopted older proxy reads
         self.writes = 0  # files written (re-written) so far
         self.ranges = ClusterRanges()  # the cluster's shape as last discovered (agent/cidrs.py)
 
-    def path(self, netns: int) -> Path:
-        return self.root / f"netns-{netns}" / FILE_NAME
+    def path(self, uid: str) -> Path:
+        return self.elsewhere.get(uid) or self.root / uid / FILE_NAME
 
-    def is_current(self, netns: int, members: ProjectMembers | tuple[str, int]) -> bool:
+    def read_by(self, uid: str, path: Path) -> None:
+        """The pod's proxy reads ``path``, not ``path(uid)`` (an adopted older proxy)."""
+        self.elsewhere[uid] = path
+
+    def is_current(self, uid: str, members: ProjectMembers | tuple[str, int]) -> bool:
         """True if the file already holds ``members`` and the cluster ranges (by project,
         version and ranges: no I/O)."""
         project, version = (
             (members.project, members.version) if isinstance(members, ProjectMembers) else members
         )
-        known = self.written.get(netns)
+        known = self.written.get(uid)
         return (
             known is not None
             and known.version == version
@@ -69,14 +80,14 @@ class MembersFeed:
             and known.ranges == self.ranges
         )
 
-    def write(self, netns: int, members: ProjectMembers) -> Members | None:
-        """Make the namespace's file say ``members`` (format 2 with the cluster ranges, or
-        format 1 when ``members.table`` is None); the ``Members`` written, or None if the
-        file said so already. ``OSError`` if it cannot be written."""
-        if self.is_current(netns, members):
+    def write(self, uid: str, members: ProjectMembers) -> Members | None:
+        """Make the pod's file say ``members`` (format 2 with the cluster ranges, or format 1
+        when ``members.table`` is None); the ``Members`` written, or None if the file said so
+        already. ``OSError`` if it cannot be written."""
+        if self.is_current(uid, members):
             return None
         r = self.ranges
-        known = self.written.get(netns) or self._read(netns)
+        known = self.written.get(uid) or self._read(uid)
         doc = Members(
             members.project,
             0,
@@ -88,31 +99,24 @@ class MembersFeed:
             r.zone if members.table is not None else None,
         )
         if known is not None and replace(known.members, generation=0) == doc:
-            self.written[netns] = Written(members.version, known.members, r)
+            self.written[uid] = Written(members.version, known.members, r)
             return None
         generation = max(known.members.generation + 1 if known else 1, int(self.clock() * 1000))
         doc = replace(doc, generation=generation)
-        write_members(self.path(netns).parent, doc)
+        write_members(self.path(uid).parent, doc)
         self.writes += 1
-        self.written[netns] = Written(members.version, doc, r)
+        self.written[uid] = Written(members.version, doc, r)
         return doc
 
-    def remove(self, netns: int) -> None:
-        """Forget the namespace: its file goes, and its directory if it is empty now."""
-        self.written.pop(netns, None)
-        path = self.path(netns)
+    def remove(self, uid: str) -> None:
+        """Forget the pod: its file goes (the directory is the supervisor's)."""
+        path = self.path(uid)
+        self.written.pop(uid, None)
+        self.elsewhere.pop(uid, None)
         path.unlink(missing_ok=True)
-        try:
-            path.parent.rmdir()
-        except OSError:  # absent, or setup's state still there
-            pass
 
-    def forget(self, netns: int) -> None:
-        """The directory was removed by someone else (an unreachable pod's leftovers)."""
-        self.written.pop(netns, None)
-
-    def _read(self, netns: int) -> Written | None:
+    def _read(self, uid: str) -> Written | None:
         try:
-            return Written(-1, parse_members(self.path(netns).read_bytes()))
+            return Written(-1, parse_members(self.path(uid).read_bytes()))
         except (OSError, MembershipError):
             return None

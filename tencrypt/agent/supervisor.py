@@ -7,17 +7,20 @@ disk; everything 0700, key files 0600, owned by root)::
                                 `tencrypt run --psk-file` reads and re-reads it
     pods/<uid>/record.json      what was started: sandbox PID and netns, key id, proxy PID and
                                 its start time (to tell it from a recycled PID after a restart)
+    pods/<uid>/members.json     the project's membership (``feed.MembersFeed``), given to the
+                                pod's setup and proxy as --members-file: keyed by the pod's
+                                UID, which never repeats, not by its netns inode, which does
     pods/<uid>/proxy.log        the launcher's and the proxy's output (proxy.log.1: the run
                                 before, kept for one restart)
 
 Stages of ``launch``:
  1. with ``undo_first``, ``tencrypt-nsenter.sh PID --undo``: what a dead proxy left;
- 2. the pod's membership file (``feed.MembersFeed``) in setup's directory for its network
-    namespace, so the proxy's first start sees its project's members; a proxy whose file
-    cannot be written is not started;
- 3. ``bash tencrypt-nsenter.sh PID -- --psk-file <key file> [run args]`` detached (its own
-    session: it outlives the agent), output to the pod's log. The launcher runs
-    ``tencrypt setup`` then *execs* ``tencrypt run``, so the PID kept is the proxy's own;
+ 2. the pod's membership file (``feed.MembersFeed``), so the proxy's first start sees its
+    project's members; a proxy whose file cannot be written is not started;
+ 3. ``bash tencrypt-nsenter.sh PID -- --psk-file <key file> --members-file <its file>
+    [run args]`` detached (its own session: it outlives the agent), with ``--members-file``
+    in ``TENCRYPT_SETUP_ARGS`` too, output to the pod's log. The launcher runs ``tencrypt
+    setup`` then *execs* ``tencrypt run``, so the PID kept is the proxy's own;
  4. the record is written at once, so that an agent killed right after still finds it.
 Readiness is the line ``tencrypt: ready`` in the log (``tencrypt run`` prints it on stderr
 once it serves), polled by the agent's loop rather than waited for here: one slow pod must
@@ -26,7 +29,10 @@ not hold up the others.
 ``terminate``: SIGTERM to the proxy's process group, SIGKILL after ``stop_timeout``.
 ``undo``: ``tencrypt-nsenter.sh PID --undo`` while the sandbox is still reachable, then the
 membership file; when it is not (the pod's namespace died with its last process) only the
-state ``tencrypt setup`` keeps on the node is left, and it is removed.
+state ``tencrypt setup`` keeps on the node is left, ``netns-<inode>``, and it is removed —
+unless another pod of ours has that inode number now (the kernel reuses them at once): that
+directory is the new pod's, whose setup already removed (or will remove) the dead one's
+state (core/netnsid.py).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from tencrypt.agent.feed import MembersFeed
 from tencrypt.agent.members import ProjectMembers
 from tencrypt.agent.reconcile import Sandbox, Want
 from tencrypt.agent.sandbox import parse_proc_stat
+from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.psk import KeySet
 from tencrypt.errors import SetupError
 from tencrypt.linux import netns
@@ -65,6 +72,7 @@ class Record:
     key_id: str
     proxy_pid: int
     proxy_start: int  # /proc/PID/stat start time: the PID is ours only while it matches
+    members_file: str = ""  # what the proxy reads ("": an older agent's, in setup's directory)
 
     @property
     def sandbox(self) -> Sandbox:
@@ -99,7 +107,7 @@ class Supervisor:
             "TENCRYPT_SETUP_ARGS": f"--state-dir {setup_state_dir} {setup_args}".strip(),
         }
         self.env.pop("TENCRYPT_PROJECT_PSK", None)  # the key goes by file, never by environment
-        self.feed = MembersFeed(setup_state_dir)
+        self.feed = MembersFeed(self.pods)
         self.records: dict[str, Record] = {}
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -122,6 +130,8 @@ class Supervisor:
                 log.warning("ignoring unreadable record %s: %s", path, exc)
                 continue
             self.records[rec.uid] = rec
+            if not rec.members_file:  # its proxy reads where the agent before this one wrote
+                self.feed.read_by(rec.uid, self.setup_dir(rec.netns) / MEMBERS_FILE)
         return list(self.records.values())
 
     def key_file(self, project: str) -> Path:
@@ -144,10 +154,15 @@ class Supervisor:
     def pod_dir(self, uid: str) -> Path:
         return self.pods / uid
 
+    def setup_dir(self, netns: int) -> Path:
+        """Where ``tencrypt setup`` keeps a namespace's state (linux/podnet.py)."""
+        return self.setup_state_dir / f"netns-{netns}"
+
     def forget(self, uid: str) -> None:
-        """Drop the pod's record and log: nothing of it stays on the node."""
+        """Drop the pod's record, log and membership file: nothing of it stays on the node."""
         self.records.pop(uid, None)
         self.children.pop(uid, None)
+        self.feed.remove(uid)
         shutil.rmtree(self.pod_dir(uid), ignore_errors=True)
 
     # -- proxies ----------------------------------------------------------------------------
@@ -160,8 +175,11 @@ class Supervisor:
         sandbox = want.sandbox
         assert sandbox is not None and want.key_id is not None
         if undo_first:
-            self.undo(sandbox, reachable=True)
-        if members is not None and not self.write_members(want.ref, sandbox, members):
+            self.undo(want.uid, sandbox, reachable=True)
+        if want.uid in self.feed.elsewhere:  # an adopted older proxy's file: not for this one
+            self.feed.remove(want.uid)
+        members_file = self.feed.path(want.uid)
+        if members is not None and not self.write_members(want.ref, want.uid, members):
             return None
         pod_dir = self.pod_dir(want.uid)
         pod_dir.mkdir(mode=0o700, exist_ok=True)
@@ -175,8 +193,11 @@ class Supervisor:
             "--",
             "--psk-file",
             str(self.key_file(want.namespace)),
+            "--members-file",
+            str(members_file),
             *self.run_args,
         ]
+        setup_args = f"{self.env['TENCRYPT_SETUP_ARGS']} --members-file {members_file}"
         try:
             with open(log_path, "wb") as out:
                 child = subprocess.Popen(
@@ -185,7 +206,7 @@ class Supervisor:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
-                    env=self.env,
+                    env={**self.env, "TENCRYPT_SETUP_ARGS": setup_args},
                 )
         except OSError as exc:
             log.error("%s: cannot start the launcher: %s", want.ref, exc)
@@ -200,6 +221,7 @@ class Supervisor:
             want.key_id,
             child.pid,
             stat[1] if stat else 0,
+            str(members_file),
         )
         self.children[want.uid], self.records[want.uid] = child, rec
         tmp = pod_dir / "record.json.tmp"
@@ -207,15 +229,15 @@ class Supervisor:
         tmp.replace(pod_dir / "record.json")
         return rec
 
-    def write_members(self, ref: str, sandbox: Sandbox, members: ProjectMembers) -> bool:
+    def write_members(self, ref: str, uid: str, members: ProjectMembers) -> bool:
         """The pod's membership file says ``members``; False (logged) if it cannot."""
         try:
-            written = self.feed.write(sandbox.netns, members)
+            written = self.feed.write(uid, members)
         except OSError as exc:
             log.error(
                 "%s: cannot write its membership file %s: %s",
                 ref,
-                self.feed.path(sandbox.netns),
+                self.feed.path(uid),
                 exc.strerror or exc,
             )
             return False
@@ -275,13 +297,13 @@ class Supervisor:
                 log.warning("pod %s: the proxy ignored %s", uid, sig.name)
         return False
 
-    def undo(self, sandbox: Sandbox, reachable: bool) -> bool:
-        """Restore the pod's namespace (``--undo``) if it can still be reached, else remove
-        what ``tencrypt setup`` kept on the node for it. True if nothing is left."""
-        leftover = self.setup_state_dir / f"netns-{sandbox.netns}"
+    def undo(self, uid: str, sandbox: Sandbox, reachable: bool) -> bool:
+        """Restore pod ``uid``'s namespace (``--undo``) if it can still be reached, else
+        remove what ``tencrypt setup`` kept on the node for it; then its membership file.
+        True if nothing is left."""
         if not reachable:
-            shutil.rmtree(leftover, ignore_errors=True)
-            self.feed.forget(sandbox.netns)
+            self.remove_leftover(uid, sandbox.netns)
+            self.feed.remove(uid)
             return True
         argv = ["bash", str(self.launcher), str(sandbox.pid), "--undo"]
         try:
@@ -299,8 +321,26 @@ class Supervisor:
                 (proc.stderr.strip() or proc.stdout.strip())[-500:],
             )
             return False
-        self.feed.remove(sandbox.netns)  # after setup's state: the proxy read it to the end
+        self.feed.remove(uid)  # after setup's state: the proxy read it to the end
         return True
+
+    def remove_leftover(self, uid: str, netns: int) -> None:
+        """Remove the state setup kept for pod ``uid``'s namespace, which is gone — unless
+        another pod of ours has been given its inode number since: the directory is then
+        that pod's (its setup removed the dead namespace's state, or will: it is stale)."""
+        heir = next((r for r in self.records.values() if r.netns == netns and r.uid != uid), None)
+        if heir is not None:
+            log.info(
+                "pod %s: its namespace (inode %d) is gone and %s/%s has its inode number now: "
+                "%s is left to that pod's setup",
+                uid,
+                netns,
+                heir.namespace,
+                heir.name,
+                self.setup_dir(netns),
+            )
+            return
+        shutil.rmtree(self.setup_dir(netns), ignore_errors=True)
 
     def _stat(self, pid: int) -> tuple[str, int] | None:
         try:

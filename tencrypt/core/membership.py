@@ -5,9 +5,11 @@ Rules (DESIGN §1a "Evidence that an address is internal"):
 1. Membership is the strongest evidence: every address in it is INTERNAL for strict mode,
    whatever DNS says. It lists the pod IPs of the project's pods (cluster-wide, IPv4 and
    IPv6) and the project's Service cluster IPs (both families).
-2. The file is ``members.json`` in the pod's setup state directory, replaced atomically
-   (write a temporary file, rename) by its writer; the proxy reads it at start and whenever
-   it changes. ``generation`` only grows: a file with a lower generation than the one loaded
+2. The file is its writer's: kept where the writer's name for the pod never repeats (the
+   agent's directory for the pod's UID, the lab's state per pod: never setup's directory,
+   keyed by a namespace inode number the kernel reuses, core/netnsid.py), handed to setup
+   and the proxy as ``--members-file``, replaced atomically (write a temporary file, rename);
+   the proxy reads it at start and whenever it changes. ``generation`` only grows: a file with a lower generation than the one loaded
    is ignored (an out-of-order writer), so membership never goes back in time.
 3. A file that does not parse is refused with a clear message and the last good membership
    is kept; a proxy never runs on half a file.

@@ -142,6 +142,21 @@ def is_rewritten(text: str) -> bool:
     return any(line.startswith(MARKER) for line in text.splitlines())
 
 
+def recover_resolv_conf(text: str) -> str:
+    """The text ``render_resolv_conf`` was given, as far as its output ``text`` keeps it: the
+    nameservers the marker line names, then every other line as it was. For a rewritten file
+    whose recorded original is lost or not this pod's (a dead namespace's state: netnsid.py);
+    the nameservers' place among the other lines is not kept, their order is (resolv(5)
+    reads them in order wherever they stand)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(MARKER):
+            out += [f"nameserver {ns}" for ns in line[len(MARKER) :].split() if ns != "none"]
+        elif line.split() != ["nameserver", PROXY_NAMESERVER]:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def cluster_domain_of(domain: str) -> str:
     """`myproject.svc.cluster.local` -> `cluster.local` (Kubernetes' <ns>.svc.<cluster-domain>)."""
     labels = domain.strip(".").split(".")

@@ -107,10 +107,12 @@ def sweep(name: str, state_dir: Path, say: Callable[[str], None]) -> int:
             removed += 1
     for ns in lab_namespaces(name, state_dir):
         say(f"deleting namespace {ns}")
+        # before the namespace goes: once it is gone, the kernel may give its inode number,
+        # and with it this directory's name, to another lab's or a real pod's namespace
         setup_state = _setup_state_dir(ns)
-        netns.delete(ns)
         if setup_state and setup_state.is_dir():
             shutil.rmtree(setup_state, ignore_errors=True)
+        netns.delete(ns)
         removed += 1
     if ETC_NETNS.is_dir():
         for etc in sorted(ETC_NETNS.glob(f"{name}-*")):

@@ -2,24 +2,29 @@
 
 Stages of ``patch``:
  1. refuse if a proxy this lab started still runs in the pod;
- 2. start ``scripts/tencrypt-nsenter.sh --netns <pod ns> -- --psk-file <key file>
-    [--no-strict]`` detached (its own session, so it outlives ``tencrypt lab patch``), with
+ 2. (the lab playing the node agent) write the project's membership to the pod's file in the
+    lab's state dir, ``<state>/members/<pod>.json``: keyed by the pod's name within this lab's
+    life, never by its namespace's inode number, which the kernel gives the next namespace
+    (core/netnsid.py); ``--no-members`` removes it instead;
+ 3. start ``scripts/tencrypt-nsenter.sh --netns <pod ns> -- --psk-file <key file>
+    [--members-file <its file>] [--no-strict]`` detached (its own session, so it outlives
+    ``tencrypt lab patch``), with ``--members-file`` in ``TENCRYPT_SETUP_ARGS`` too and
     ``TENCRYPT_BIN`` set to the ``tencrypt`` next to this Python, output to
     ``<state>/logs/<pod>.tencrypt.log`` and its pid to ``<state>/pids/<pod>.tencrypt.pid``;
     the launcher runs ``tencrypt setup`` and then *execs* ``tencrypt run``, so the pid we keep
     is the proxy's own; the key file is the pod's own ring if ``write_pod_keys`` wrote one (a
     key rotation, the lab playing the agent), else the project's key;
- 3. poll the log for the line ``tencrypt run`` prints when it serves ("tencrypt: ready"),
+ 4. poll the log for the line ``tencrypt run`` prints when it serves ("tencrypt: ready"),
     bounded; if the launcher exits first or time runs out, stop it, undo the setup and fail
     with the log's tail.
 
 ``unpatch``: SIGTERM the proxy (SIGKILL after a grace period), then the launcher with
-``--undo`` (``tencrypt setup --undo`` in the pod), which restores routes and resolv.conf.
+``--undo`` (``tencrypt setup --undo`` in the pod), which restores routes and resolv.conf;
+then the pod's membership file goes, as the agent removes its own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -29,15 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tencrypt.agent.members import MemberView
-from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
-from tencrypt.core.membership import Members
+from tencrypt.core.membership import Members, render_members
 from tencrypt.core.psk import KeySet
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab import cleanup
 from tencrypt.lab.topology import Pod
-from tencrypt.linux import netns, podnet, procs
+from tencrypt.linux import netns, procs
+from tencrypt.linux.files import write_atomic
 from tencrypt.linux.keyfile import write_key_file
-from tencrypt.linux.members import write_members
 from tencrypt.nodesync.kubeobjects import lab_objects
 
 if TYPE_CHECKING:
@@ -47,7 +51,6 @@ READY = "tencrypt: ready"
 METRICS = "127.0.0.1:9137"  # on the pod's own loopback: `lab exec POD -- curl -s METRICS/metrics`
 READY_TIMEOUT = 30.0  # seconds: setup + interpreter start-up on a loaded 2-core machine
 STOP_TIMEOUT = 10.0  # seconds of grace between SIGTERM and SIGKILL
-SETUP_STATE_DIR = "/run/tencrypt"  # `tencrypt setup`'s default --state-dir
 
 
 def launcher() -> Path:
@@ -65,8 +68,9 @@ def tencrypt_bin() -> Path:
 
 
 def launcher_env(setup_args: tuple[str, ...] = ()) -> dict[str, str]:
-    """The launcher's environment, as the agent's: by default no setup arguments at all (the
-    DaemonSet passes none), so setup takes the cluster's ranges from the membership file."""
+    """The launcher's environment, as the agent's: by default no setup arguments but those
+    ``patch`` adds (``--members-file``: the DaemonSet's agent passes nothing else), so setup
+    takes the cluster's ranges from the membership file."""
     env = {**os.environ, "TENCRYPT_BIN": str(tencrypt_bin())}
     env.pop("TENCRYPT_SETUP_ARGS", None)
     if setup_args:
@@ -95,10 +99,16 @@ def members_of(lab: Lab, project: str) -> Members:
     )
 
 
+def members_file(lab: Lab, pod: Pod) -> Path:
+    """Where the lab keeps ``pod``'s membership file (handed to setup and run by path)."""
+    return lab.state_dir / "members" / f"{pod.name}.json"
+
+
 def write_members_file(lab: Lab, pod: Pod, members: Members | None = None) -> Path:
-    """Hand ``pod``'s proxy its project's membership (or ``members``), as the agent does."""
-    directory = podnet.namespace_state_dir(SETUP_STATE_DIR, f"/run/netns/{pod.netns}")
-    return write_members(directory, members or members_of(lab, pod.project))
+    """Hand ``pod``'s proxy its project's membership (or ``members``), as the agent does:
+    atomically, so a running proxy reads the old file or the new one."""
+    doc = members or members_of(lab, pod.project)
+    return write_atomic(members_file(lab, pod), render_members(doc))
 
 
 def pod_key_file(lab: Lab, pod: Pod) -> Path:
@@ -146,13 +156,11 @@ def patch(
     if proxy_pid(lab, pod):
         raise UsageError(f"pod {pod.name} is already patched (unpatch it first)")
     if members:
-        write_members_file(lab, pod)
+        path = write_members_file(lab, pod)
+        setup_args = (*setup_args, "--members-file", str(path))
+        run_args = ("--members-file", str(path), *run_args)
     else:
-        with contextlib.suppress(FileNotFoundError):
-            (
-                podnet.namespace_state_dir(SETUP_STATE_DIR, f"/run/netns/{pod.netns}")
-                / MEMBERS_FILE
-            ).unlink()
+        members_file(lab, pod).unlink(missing_ok=True)
     key = pod_key_file(lab, pod)
     if not key.exists():
         key = lab.psk_file(pod.project)
@@ -199,6 +207,7 @@ def patch(
         proc.poll()
         pid_file.unlink(missing_ok=True)
         _undo(pod, check=False)
+        members_file(lab, pod).unlink(missing_ok=True)
         raise SetupError(f"{exc}\nlast lines of {log}:\n{cleanup.tail(log)}") from None
     lab.say(
         f"patched {pod.name}: proxy pid {proc.pid}, {'strict' if strict else 'not strict'}, "
@@ -215,6 +224,7 @@ def unpatch(lab: Lab, pod: Pod) -> None:
         )
     lab.pid_file(f"{pod.name}.tencrypt").unlink(missing_ok=True)
     _undo(pod, check=True)
+    members_file(lab, pod).unlink(missing_ok=True)
     lab.say(f"unpatched {pod.name}: setup undone")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 SO_MARK = 36
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
+SO_NETNS_COOKIE = 71  # u64, getsockopt only; Linux 5.14 (linux/netnsid.py)
 
 # linux/in.h, linux/udp.h (SOL_UDP options)
 SOL_UDP = 17  # IPPROTO_UDP

@@ -16,8 +16,20 @@ Stages of setup (each idempotent; the state is written before anything changes, 
 `--undo` restores resolv.conf, removes the rule, every route of protocol RTPROT_TENCRYPT (also
 those the proxy added at run time) and tenc0, then the state.
 
-State lives in ``<state-dir>/netns-<inode of /proc/self/ns/net>/``: /run is shared between
-network namespaces, the namespace's inode number is not.
+State lives in ``<state-dir>/netns-<inode of /proc/self/ns/net>/`` (setup.json, and what the
+proxy adds at run time: run.pid, keys-loaded.json): /run is shared between network
+namespaces, the namespace's inode number is not. The kernel hands a dead namespace's inode
+number to a new one, so setup.json also records the namespace's identity (its netns cookie
+and the boot: core/netnsid.py), and a directory whose identity is not this namespace's is a
+dead namespace's, *stale*: setup removes it before stage 2 (its resolv.conf original is not
+this pod's), `run` refuses it (``load_state``), `--undo` removes it and touches nothing else.
+
+The membership file is not part of this state: its writer (the node agent, the lab) keeps it
+where its own name for the pod does not repeat (the agent's per-pod-UID directory) and hands
+its path to setup (``--members-file``, for the cluster's ranges); setup records the path and
+`run` reads that file by default. A writer outside the namespace cannot know its identity,
+so a file it left in this directory could not be told from a dead pod's: nothing is read
+from here.
 """
 
 from __future__ import annotations
@@ -28,22 +40,23 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from tencrypt.core.membership import FILE_NAME as MEMBERS_FILE
 from tencrypt.core.membership import Members, MembershipError, parse_members
 from tencrypt.core.mountinfo import mount_of, node_path, parse_mountinfo
+from tencrypt.core.netnsid import NetnsId, belongs
 from tencrypt.core.podconfig import (
     PodConfig,
     cluster_domain_of,
     is_rewritten,
     parse_resolv_conf,
+    recover_resolv_conf,
     render_resolv_conf,
     tun_mtu,
 )
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.linux import firewall, procs
-from tencrypt.linux.keyfile import LOADED_FILE
+from tencrypt.linux import firewall, netnsid, procs
 
 log = logging.getLogger("tencrypt.setup")
 RULE_PRIORITY = 1000
@@ -64,6 +77,8 @@ class SetupState:
     config: PodConfig
     resolv_conf: str  # path
     resolv_original: str  # text
+    netns: NetnsId | None = None  # the namespace it was recorded in (None: unknown, or older)
+    members_file: str | None = None  # the membership file setup was given: `run`'s default
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -74,6 +89,8 @@ class SetupState:
                     "config": self.config.to_dict(),
                     "resolv_conf": self.resolv_conf,
                     "resolv_original": self.resolv_original,
+                    "netns": self.netns.to_dict() if self.netns else None,
+                    "members_file": self.members_file,
                 },
                 indent=2,
             )
@@ -82,21 +99,61 @@ class SetupState:
 
     @classmethod
     def load(cls, directory: Path) -> SetupState | None:
+        path = directory / STATE_FILE
         try:
-            d = json.loads((directory / STATE_FILE).read_text())
+            d = json.loads(path.read_text())
+            members_file = d.get("members_file")
+            if members_file is not None and not isinstance(members_file, str):
+                raise ValueError(f"members_file is not a path: {members_file!r}")
+            return cls(
+                PodConfig.from_dict(d["config"]),
+                d["resolv_conf"],
+                d["resolv_original"],
+                NetnsId.from_dict(d.get("netns")),
+                members_file,
+            )
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise SetupError(f"unreadable setup state {directory / STATE_FILE}: {exc}") from exc
-        return cls(PodConfig.from_dict(d["config"]), d["resolv_conf"], d["resolv_original"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SetupError(
+                f"unreadable setup state {path}: {exc}; if no proxy runs in this namespace, "
+                f"remove {directory} and run `tencrypt setup` again"
+            ) from exc
+
+    def belongs_to(self, here: NetnsId | None) -> bool:
+        """True if this state is the namespace's whose identity is ``here`` (core/netnsid.py
+        rules 2 and 3)."""
+        return belongs(self.netns, here, lambda: _read_text(self.resolv_conf))
+
+
+class Undone(Enum):
+    RESTORED = "namespace restored"
+    NOTHING = "nothing to undo (not set up)"
+    STALE = "stale state of a dead namespace removed"
+
+
+def stale_message(directory: Path) -> str:
+    return (
+        f"{directory} holds the state of a network namespace that no longer exists "
+        "(this one was given its inode number)"
+    )
+
+
+def load_state(state_dir: str | Path) -> SetupState:
+    """The state `tencrypt setup` recorded for this namespace; UsageError if there is none,
+    or if it is a dead namespace's (core/netnsid.py rule 4)."""
+    directory = namespace_state_dir(state_dir)
+    state = SetupState.load(directory)
+    if state is None:
+        raise UsageError("this network namespace is not set up: run `tencrypt setup` first")
+    if not state.belongs_to(netnsid.current()):
+        raise UsageError(f"{stale_message(directory)}: run `tencrypt setup` first")
+    return state
 
 
 def load_config(state_dir: str | Path) -> PodConfig:
-    """The PodConfig `tencrypt setup` recorded for this namespace."""
-    state = SetupState.load(namespace_state_dir(state_dir))
-    if state is None:
-        raise UsageError("this network namespace is not set up: run `tencrypt setup` first")
-    return state.config
+    """The PodConfig `tencrypt setup` recorded for this namespace (``load_state``)."""
+    return load_state(state_dir).config
 
 
 def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupState:
@@ -126,7 +183,17 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
             "the pod's infrastructure container): run setup from the node with "
             "--resolv-conf-of PID (tencrypt-nsenter.sh does), or pass --resolv-conf FILE"
         )
-    original = previous.resolv_original if previous and is_rewritten(current) else current
+    original = current
+    if is_rewritten(current) and previous is not None:
+        original = previous.resolv_original
+    elif is_rewritten(current):  # no state of this namespace names the original: its marker
+        original = recover_resolv_conf(current)
+        log.warning(
+            "%s is rewritten already and no setup state of this namespace holds its "
+            "original: recovered from the file (nameservers %s)",
+            resolv_path,
+            ", ".join(parse_resolv_conf(original).nameservers) or "none",
+        )
     resolv = parse_resolv_conf(original)
     dns = args.dns or next((ns for ns in resolv.nameservers if not ns.startswith("127.")), None)
     if not dns:
@@ -164,17 +231,18 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
 
 def _cluster_ranges(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
     """The Service CIDR to route into tenc0 and the pod network: the flags, else what the
-    agent discovered (the membership file it writes before the launcher runs setup), else
-    OpenShift's default Service CIDR and an unknown pod network (never eth0's subnet:
-    core/clustershape.py rule 1)."""
+    agent discovered (the membership file it writes before the launcher runs setup, given as
+    ``--members-file``), else OpenShift's default Service CIDR and an unknown pod network
+    (never eth0's subnet: core/clustershape.py rule 1)."""
     members: Members | None = None
-    path = namespace_state_dir(args.state_dir) / MEMBERS_FILE
-    try:
-        members = parse_members(path.read_bytes())
-    except FileNotFoundError:
-        pass
-    except (OSError, MembershipError) as exc:
-        log.warning("membership file %s unreadable (%s): its ranges are not used", path, exc)
+    path = getattr(args, "members_file", None)
+    if path:
+        try:
+            members = parse_members(Path(path).read_bytes())
+        except FileNotFoundError:
+            log.warning("membership file %s not found (yet): its ranges are not used", path)
+        except (OSError, MembershipError) as exc:
+            log.warning("membership file %s unreadable (%s): its ranges are not used", path, exc)
     service = args.service_cidr or next(
         (c for c in (members.service_cidrs if members else ()) if ":" not in c), None
     )
@@ -237,9 +305,20 @@ def _file_id(path: str) -> tuple[int, int]:
 def setup(args: argparse.Namespace) -> PodConfig:
     from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
 
+    here = netnsid.current()
+    if here is None:
+        log.warning("%s", netnsid.UNKNOWN_HINT)
     directory = namespace_state_dir(args.state_dir)
     previous = SetupState.load(directory)
+    if previous is not None and not previous.belongs_to(here):
+        # a dead namespace's: nothing of it is this pod's, least of all its resolv.conf
+        log.warning("%s: removed", stale_message(directory))
+        remove_state(directory)
+        previous = None
     state = discover(args, previous)
+    state.netns = here
+    members_file = getattr(args, "members_file", None)
+    state.members_file = os.path.abspath(members_file) if members_file else None
     state.save(directory)
     c = state.config
     netlink.ensure_tun(c.tun, c.mtu)
@@ -260,7 +339,7 @@ def setup(args: argparse.Namespace) -> PodConfig:
     return c
 
 
-def undo(state_dir: str) -> bool:
+def undo(state_dir: str) -> Undone:
     from tencrypt.linux import (
         netlink,  # pyroute2: loaded by setup, not by `run`
         nfqueue,  # `run` loads it in standalone strict mode only
@@ -269,7 +348,11 @@ def undo(state_dir: str) -> bool:
     directory = namespace_state_dir(state_dir)
     state = SetupState.load(directory)
     if state is None:
-        return False
+        return Undone.NOTHING
+    if not state.belongs_to(netnsid.current()):
+        # a dead namespace's: what it names (routes, resolv.conf, tenc0) is not this one's
+        remove_state(directory)
+        return Undone.STALE
     pid = _live_pid(directory / PID_FILE)
     if pid:
         raise UsageError(
@@ -287,14 +370,23 @@ def undo(state_dir: str) -> bool:
     netlink.remove_rule(fwmark=c.dns_mark, table=c.table, priority=RULE_PRIORITY)
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)
-    (directory / STATE_FILE).unlink()
-    (directory / MEMBERS_FILE).unlink(missing_ok=True)  # the agent's (or lab's) for this pod
-    (directory / LOADED_FILE).unlink(missing_ok=True)  # the ring a (killed) proxy recorded
+    # setup.json, and what a (killed) proxy left: its pid file, the ring it recorded; also a
+    # members.json an agent before core/netnsid.py wrote here. The membership file setup was
+    # given is its writer's, who removes it.
+    remove_state(directory)
+    return Undone.RESTORED
+
+
+def remove_state(directory: Path) -> None:
+    """Remove a namespace's state directory and everything in it."""
+    import shutil  # here: shutil (and bz2, lzma) would stay in every proxy's memory
+
     try:
-        directory.rmdir()
-    except OSError:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
         pass
-    return True
+    except OSError as exc:
+        raise SetupError(f"cannot remove the setup state {directory}: {exc}") from exc
 
 
 def _on_link_subnet(dev: str) -> str | None:
@@ -319,9 +411,23 @@ def _write_in_place(path: str, text: str) -> None:
 
 
 def _live_pid(pid_file: Path) -> int | None:
-    """The pid in ``pid_file`` if that process still runs tencrypt (not a zombie, not reused)."""
+    """The pid in ``pid_file`` if that process still runs tencrypt in this namespace (not a
+    zombie, not a reused pid: not another pod's proxy either)."""
     pid = procs.read_pid(pid_file)
-    return pid if pid and procs.alive(pid) and "tencrypt" in procs.cmdline(pid) else None
+    if not (pid and procs.alive(pid) and "tencrypt" in procs.cmdline(pid)):
+        return None
+    try:
+        same = os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+    return pid if same else None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -329,11 +435,13 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("needs root (CAP_NET_ADMIN) in the pod's network namespace")
     if args.undo:
         done = undo(args.state_dir)
-        print(
-            "tencrypt setup --undo: namespace restored"
-            if done
-            else "tencrypt setup --undo: nothing to undo (not set up)"
-        )
+        if done is Undone.STALE:
+            print(
+                f"tencrypt setup --undo: {stale_message(namespace_state_dir(args.state_dir))}: "
+                "removed it; nothing in this namespace was changed"
+            )
+        else:
+            print(f"tencrypt setup --undo: {done.value}")
         return 0
     c = setup(args)
     print(

@@ -47,12 +47,18 @@ def capture(tmp_path: Path) -> Callable[..., Capture]:
 
 @contextmanager
 def standalone_pod(
-    prefix: str, address: str, gateway: str, resolv: str, mtu: int = 1500
+    prefix: str,
+    address: str,
+    gateway: str,
+    resolv: str,
+    mtu: int = 1500,
+    name: str | None = None,
 ) -> Iterator[str]:
     """A pod-like namespace of its own, no lab: eth0 (a veth whose peer stays inside) with
     ``address``, a default route via ``gateway``, and ``resolv`` as its resolv.conf. Removed
-    afterwards, also after a failure."""
-    name = f"{prefix}{netns.unique_suffix()}"
+    afterwards, also after a failure. ``name``: a namespace made already, to be equipped
+    (named ``<prefix><suffix>`` and made here otherwise)."""
+    name = name or f"{prefix}{netns.unique_suffix()}"
     etc = Path("/etc/netns") / name
     try:
         netns.create(name)

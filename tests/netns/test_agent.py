@@ -14,8 +14,10 @@ A lab pod's sandbox PID is that of its HTTP server (the pod's only process befor
 patched), written into its Pod object as the annotation ``tencrypt.io/sandbox-pid`` — the
 lab's stand-in for what crictl or the /proc scan find on a real node (unit-tested on sample
 outputs in tests/unit/test_agent.py). The tests run in order on one agent: pods patched and
-sealed, each with its project's members (pod IPs of every node, Service VIPs) in
-``members.json``, which follows pods of the project added and removed elsewhere; a killed
+sealed, each with its project's members (pod IPs of every node, Service VIPs) in its own
+``members.json`` (the agent's directory for the pod's UID: ``--members-file`` to setup and
+run), which follows pods of the project added and removed elsewhere — nginx1 never sees the
+dead pod's state planted under its namespace's inode number before the agent starts; a killed
 proxy restarted; a removed pod leaves nothing; a namespace labelled and
 unlabelled at run time; an agent restarted with ``--on-exit keep`` whose successor adopts
 the running proxies; and that successor's ``--on-exit unpatch`` stop.
@@ -36,12 +38,14 @@ from pathlib import Path
 import pytest
 
 from tencrypt.agent.podstate import SANDBOX_PID_ANNOTATION
-from tencrypt.core.membership import parse_members
+from tencrypt.core.membership import Members, parse_members, render_members
+from tencrypt.core.netnsid import NetnsId
+from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.psk import KeySet, fingerprint, parse_key_file
 from tencrypt.kube import client as kubeclient
 from tencrypt.lab.proxy import METRICS, proxies_in
 from tencrypt.lab.topology import PodSpec, Topology
-from tencrypt.linux import netns
+from tencrypt.linux import netns, podnet
 from tencrypt.linux.procs import read_pid
 from tencrypt.nodesync.kubeobjects import lab_objects
 from tests.kubefakes import builders as kubeobjects
@@ -81,7 +85,6 @@ def pod_objects(lab):
     for pod in lab.pods.values():
         pid = read_pid(lab.pid_file(f"{pod.name}.http"))
         assert pid and str(pid) in netns.sh(["ip", "netns", "pids", pod.netns]).stdout.split()
-        # a uid per lab: concurrent runs of this file must not share a kubepods cgroup name
         objs.append(
             kubeobjects.build_pod(
                 pod.project,
@@ -89,10 +92,43 @@ def pod_objects(lab):
                 pod.node,
                 pod.ip,
                 annotations={SANDBOX_PID_ANNOTATION: str(pid)},
-                uid=str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{pod.name}.{lab.name}")),
+                uid=pod_uid(lab, pod.name),
             )
         )
     return objs
+
+
+def pod_uid(lab, pod):
+    """A uid per lab: concurrent runs of this file must not share a kubepods cgroup name."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{pod}.{lab.name}"))
+
+
+DEAD_BOOT = "00000000-dead-4000-8000-000000000000"  # no namespace of this boot has its identity
+
+
+def plant_dead_pods_state(lab, setup_state, pod):
+    """What a dead pod of another project left under the inode number the kernel has given
+    ``pod``'s namespace since: setup's state, its proxy's pid and ring, and its membership
+    where an agent before this change wrote it (core/netnsid.py)."""
+    directory = setup_state / f"netns-{netns_inode(lab, pod)}"
+    config = PodConfig(
+        "10.128.9.9",
+        "eth0",
+        "10.128.9.1",
+        "172.30.0.10",
+        "shop.svc.cluster.local",
+        ("shop.svc.cluster.local",),
+        "cluster.local",
+    )
+    state = podnet.SetupState(
+        config, "/gone/resolv.conf", "nameserver 172.30.0.10\n", NetnsId(DEAD_BOOT, 4242)
+    )
+    state.save(directory)
+    members = Members("shop", 1, frozenset({"10.128.9.9"}), frozenset({"172.30.0.99"}))
+    (directory / "members.json").write_text(render_members(members))
+    (directory / "run.pid").write_text("1\n")
+    (directory / "keys-loaded.json").write_text('{"ring": "current=deadbeef", "at": 0}')
+    return directory
 
 
 class AgentProcess:
@@ -189,6 +225,7 @@ def world(lab, tmp_path_factory):
     api = WritableApiServer(pod_objects(lab))  # the agents publish their key reports too
     api.start()
     w = World(lab, api, tmp_path_factory.mktemp("agent"))
+    w.planted = plant_dead_pods_state(lab, w.tmp / "setup-state", "nginx1")
     w.start_agent("keep")
     try:
         yield w
@@ -241,7 +278,8 @@ def netns_inode(lab, pod):
 
 
 def members_file(lab, agent, pod):
-    return agent.setup_state / f"netns-{netns_inode(lab, pod)}" / "members.json"
+    """The agent's own file for the pod's UID (never setup's netns-<inode> directory)."""
+    return agent.state / "pods" / pod_uid(lab, pod) / "members.json"
 
 
 def members_of(lab, agent, pod):
@@ -323,6 +361,22 @@ def test_real_client_fake_apiserver_each_patched_pod_holds_its_projects_members(
     assert members_of(lab, agent, "cakephp") is None
     path = members_file(lab, agent, "nginx1")
     assert path.stat().st_mode & 0o777 == 0o644 and path.parent.stat().st_mode & 0o777 == 0o700
+    for pod in ("nginx1", "nginx2"):
+        # handed to setup and run by path; read from the proxy's first start
+        [pid] = proxies_in(lab.pod(pod).netns)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert argv[argv.index("--members-file") + 1] == str(members_file(lab, agent, pod))
+        log = (agent.state / "pods" / pod_uid(lab, pod) / "proxy.log").read_text()
+        assert "membership of project myproject" in log and "project shop" not in log
+        setup_dir = agent.setup_state / f"netns-{netns_inode(lab, pod)}"
+        assert "members.json" not in {p.name for p in setup_dir.iterdir()}
+    # the dead pod's state planted under nginx1's inode number: removed by its setup, unused
+    log = (agent.state / "pods" / pod_uid(lab, "nginx1") / "proxy.log").read_text()
+    assert f"{world.planted} holds the state of a network namespace that no longer exists" in log
+    recorded = podnet.SetupState.load(world.planted)
+    assert (
+        recorded.netns.boot != DEAD_BOOT and recorded.config.domain == "myproject.svc.cluster.local"
+    )
     first = parse_members(path.read_text()).generation
     # a pod of the project on another node (no sandbox here: only its address matters)
     far = kubeobjects.build_pod("myproject", "far", "node9", "10.200.9.9")
@@ -408,6 +462,7 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
     inode = netns_inode(lab, "nginx2")
     uid = api.get("Pod", "myproject", "nginx2")["metadata"]["uid"]
     assert (agent.setup_state / f"netns-{inode}").is_dir() and (agent.state / "pods" / uid).is_dir()
+    assert members_file(lab, agent, "nginx2").is_file()
     api.delete("Pod", "myproject", "nginx2")
     netns.wait_for(
         lambda: not (agent.state / "pods" / uid).exists(),
@@ -420,6 +475,7 @@ def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world
     assert "tencrypt" not in lab.exec("nginx2", ["nft", "list", "tables"]).stdout
     assert "fwmark" not in lab.exec("nginx2", ["ip", "rule", "show"]).stdout
     assert not (agent.setup_state / f"netns-{inode}").exists()
+    assert not members_file(lab, agent, "nginx2").exists()  # gone with the undo
     # nginx2's pod IP left the members of the project (its Service stays)
     pods, vips = project_members(lab, "myproject")
     until_members(lab, agent, ("nginx1",), (pods - {lab.pod("nginx2").ip}, vips), "nginx2 gone")

@@ -639,6 +639,12 @@ def test_cli_refuses_to_run_without_a_node_name(monkeypatch, capsys):
     assert "pass --node NAME or set NODE_NAME" in capsys.readouterr().err
     assert cli.main(["agent", "--node", "n1", "--setup-args", "--state-dir /x"]) == 2
     assert "as --setup-state-dir DIR, not in --setup-args" in capsys.readouterr().err
+    # each pod gets its own membership file: one for all of them would be wrong
+    assert cli.main(["agent", "--node", "n1", "--setup-args", "--members-file /m.json"]) == 2
+    assert "hands every pod its own membership file" in capsys.readouterr().err
+    # the launcher splits TENCRYPT_SETUP_ARGS on white space: such a directory cannot pass
+    assert cli.main(["agent", "--node", "n1", "--state-dir", "/run/my agent"]) == 2
+    assert "'/run/my agent': the launcher splits" in capsys.readouterr().err
 
 
 def test_crictl_outputs_of_a_real_containerd_sandbox_recorded_here():

@@ -182,9 +182,10 @@ FAKE_LAUNCHER = """#!/usr/bin/env bash
 # "serves" until signalled; sandbox pid 999 never gets ready
 calls="$(dirname "$0")/calls"
 if [ "$2" = "--undo" ]; then echo "undo $1" >> "$calls"; exit 0; fi
+# what setup and the proxy starting now are handed: the membership file (it must be there);
+# recorded before the call is, which the tests wait for
+{ echo "${TENCRYPT_SETUP_ARGS##*--members-file }"; ls "$6"; } > "$(dirname "$0")/seen-$1" 2>&1
 echo "start $1 $(sed -n 's/^current //p' "$4")" >> "$calls"
-# what a proxy starting now would find: the membership files of setup's state directory
-ls "${TENCRYPT_SETUP_ARGS#--state-dir }"/netns-*/members.json > "$(dirname "$0")/seen-$1" 2>&1
 [ "$1" = 999 ] || echo "tencrypt: ready: stand-in"
 exec sleep 600
 """
@@ -345,8 +346,11 @@ def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_
         server.put(obj)
     h = make()
     h.until_calls(f"start 200 {KEY}")
-    path = h.tmp / "setup" / f"netns-{proc.inode('a')}" / "members.json"
-    assert (h.tmp / "seen-200").read_text().split() == [str(path)]  # there before the start
+    # the agent's own file for the pod's UID, never setup's netns-<inode> (core/netnsid.py)
+    path = h.tmp / "state" / "pods" / uid_of("web") / "members.json"
+    assert (h.tmp / "seen-200").read_text().split() == [str(path), str(path)]  # setup, run
+    assert h.sup.records[uid_of("web")].members_file == str(path)
+    assert not (h.tmp / "setup").exists()
 
     def members():
         return parse_members(path.read_text())
@@ -387,9 +391,10 @@ def test_real_client_fake_apiserver_each_proxy_gets_its_projects_members_before_
     server.put(kubeobjects.build_service("shop", "web", "172.30.0.10"))
     h.until(lambda: members().services == {"172.30.0.10"}, "the IPv6 VIP gone")
     assert feed.writes == writes + 3
-    # unpatched: the file goes with setup's state (the stand-in undo leaves none)
+    # unpatched: the file goes after the undo, with the pod's directory
     server.put(kubeobjects.build_namespace("shop", enabled=False))
     h.until(lambda: not path.parent.exists(), "the pod's directory removed")
+    assert h.lines()[-1] == "undo 200"
 
 
 def test_real_client_fake_apiserver_a_proxy_never_ready_is_killed_and_retried(env):
@@ -421,15 +426,15 @@ def test_real_client_fake_apiserver_label_pod_and_sandbox_removal_stop_and_undo(
     server.delete("Pod", "shop", "web")
     h.until(lambda: h.lines()[6:] == ["undo 200"], "web undone")
     h.until(
-        lambda: not (h.tmp / "setup" / f"netns-{proc.inode('a')}").exists(),
-        "web's membership file removed",
+        lambda: not (h.tmp / "state" / "pods" / uid_of("web")).exists(),
+        "web's record and membership file removed",
     )
-    assert not (h.tmp / "state" / "pods" / uid_of("web")).exists()
     assert (h.tmp / "state" / "keys" / "shop.psk").exists()  # db still runs
     # db's sandbox dies with its last process: nothing to undo in it, only node-side state
     leftover = h.tmp / "setup" / f"netns-{proc.inode('b')}"
-    assert (leftover / "members.json").exists()  # the agent's membership file is there
-    (leftover / "setup.json").write_text("{}")  # and what setup would keep
+    assert (h.tmp / "state" / "pods" / uid_of("db") / "members.json").exists()
+    leftover.mkdir(parents=True)
+    (leftover / "setup.json").write_text("{}")  # what setup would keep
     db = h.proxy_pid(uid_of("db"))
     proc.remove(201)
     h.until(lambda: not leftover.exists(), "node-side setup state removed")
@@ -498,6 +503,65 @@ def test_real_client_fake_apiserver_restarted_agent_adopts_then_unpatches_on_exi
     assert sorted(second.lines()[2:]) == ["undo 200", "undo 201"]
     state = second.tmp / "state"
     assert list((state / "pods").iterdir()) == [] and list((state / "keys").iterdir()) == []
+
+
+def record(uid, netns, **kw):
+    return {
+        "uid": uid,
+        "namespace": "shop",
+        "name": uid,
+        "sandbox_pid": 4000 + netns,
+        "netns": netns,
+        "key_id": "k",
+        "proxy_pid": 999999,
+        "proxy_start": 1,
+        **kw,
+    }
+
+
+def test_a_dead_namespaces_state_is_removed_unless_its_inode_is_another_pods_now(tmp_path):
+    """The kernel gives a dead namespace's inode number to the next one at once: the state
+    setup kept under it is removed when the pod's namespace is gone, but not once another pod
+    of ours holds that number (its setup replaced the dead one's state: core/netnsid.py)."""
+    sup = Supervisor(tmp_path / "state", Path("x"), Path("x"), [], setup_state_dir=tmp_path)
+    for rec in (record("old", 7), record("new", 7), record("other", 8)):
+        (sup.pod_dir(rec["uid"])).mkdir(parents=True)
+        (sup.pod_dir(rec["uid"]) / "record.json").write_text(json.dumps(rec))
+    sup.prepare()
+    for netns in (7, 8):
+        sup.setup_dir(netns).mkdir()
+        (sup.setup_dir(netns) / "setup.json").write_text("{}")
+    sup.feed.write("old", pm_of("shop"))
+    assert sup.undo("old", Sandbox(4007, 7), reachable=False)
+    assert (sup.setup_dir(7) / "setup.json").exists()  # "new"'s own state now
+    assert not sup.feed.path("old").exists()  # the dead pod's membership file went
+    sup.forget("old")
+    sup.forget("new")  # its namespace died too: nobody else has inode 7
+    assert sup.undo("new", Sandbox(4007, 7), reachable=False)
+    assert not sup.setup_dir(7).exists() and sup.setup_dir(8).exists()
+
+
+def test_an_adopted_proxy_of_an_older_agent_is_fed_where_it_reads(tmp_path):
+    """A record without ``members_file`` is an older agent's: its proxy reads members.json in
+    setup's netns-<inode> directory, and is fed there; the proxy's next start is not."""
+    sup = Supervisor(tmp_path / "state", Path("x"), Path("x"), [], setup_state_dir=tmp_path)
+    sup.pod_dir("old").mkdir(parents=True)
+    (sup.pod_dir("old") / "record.json").write_text(json.dumps(record("old", 7)))
+    (sup.pod_dir("new").mkdir())
+    (sup.pod_dir("new") / "record.json").write_text(
+        json.dumps(record("new", 8, members_file="/x/new/members.json"))
+    )
+    sup.prepare()
+    assert sup.feed.path("old") == tmp_path / "netns-7" / "members.json"
+    assert sup.feed.path("new") == sup.pod_dir("new") / "members.json"
+    assert sup.write_members("shop/old", "old", pm_of("shop"))
+    assert parse_members((tmp_path / "netns-7" / "members.json").read_text()).project == "shop"
+
+
+def pm_of(project):
+    from tencrypt.agent.members import ProjectMembers
+
+    return ProjectMembers(project, 1, frozenset({"10.128.0.9"}), frozenset())
 
 
 def test_real_client_fake_apiserver_secrets_are_watched_by_name_only(env):
@@ -573,7 +637,7 @@ def test_a_cluster_without_endpointslices_gets_format_1_files_and_the_agent_stil
     server.put(kubeobjects.build_service("shop", "web", "172.30.0.10"))
     h = make()
     h.until_calls(f"start 200 {KEY}")
-    path = h.tmp / "setup" / f"netns-{proc.inode('a')}" / "members.json"
+    path = h.tmp / "state" / "pods" / uid_of("web") / "members.json"
     h.until(path.exists, "the membership file")
     members = parse_members(path.read_text())
     assert members.service_table is None and members.services == {"172.30.0.10"}

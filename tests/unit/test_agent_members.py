@@ -221,14 +221,14 @@ def pm(version, pods=("10.128.0.1",), services=("172.30.0.10",), project="shop")
     return ProjectMembers(project, version, frozenset(pods), frozenset(services))
 
 
-def test_a_file_is_written_atomically_where_setup_keeps_the_namespace(tmp_path):
-    root = tmp_path / "setup"
+def test_a_file_is_written_atomically_in_the_agents_directory_for_the_pod(tmp_path):
+    root = tmp_path / "pods"
     f = MembersFeed(root, clock=Clock())
-    doc = f.write(4242, pm(1, pods=("10.128.0.1", "fd00::1")))
-    path = root / "netns-4242" / "members.json"
-    assert f.path(4242) == path and parse_members(path.read_text()) == doc
+    doc = f.write("uid-a", pm(1, pods=("10.128.0.1", "fd00::1")))
+    path = root / "uid-a" / "members.json"  # by pod UID: never another pod's (core/netnsid.py)
+    assert f.path("uid-a") == path and parse_members(path.read_text()) == doc
     assert json.loads(path.read_text())["pods"] == ["10.128.0.1", "fd00::1"]
-    assert oct(path.parent.stat().st_mode & 0o777) == "0o700"  # as setup makes it
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
     assert oct(path.stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in path.parent.iterdir()) == ["members.json"]  # no temp left
     assert doc.generation == 1_000_000 and f.writes == 1
@@ -237,39 +237,53 @@ def test_a_file_is_written_atomically_where_setup_keeps_the_namespace(tmp_path):
 def test_the_generation_grows_with_every_change_and_nothing_is_rewritten_for_nothing(tmp_path):
     clock = Clock()
     f = MembersFeed(tmp_path, clock=clock)
-    first = f.write(7, pm(1))
-    assert f.is_current(7, pm(1)) and not f.is_current(7, pm(2))
-    assert f.write(7, pm(1)) is None  # same version: no I/O at all
-    assert f.write(7, pm(2)) is None and f.writes == 1  # new version, same members
-    second = f.write(7, pm(3, pods=("10.128.0.2",)))  # the clock has not moved: +1
+    first = f.write("u7", pm(1))
+    assert f.is_current("u7", pm(1)) and not f.is_current("u7", pm(2))
+    assert f.write("u7", pm(1)) is None  # same version: no I/O at all
+    assert f.write("u7", pm(2)) is None and f.writes == 1  # new version, same members
+    second = f.write("u7", pm(3, pods=("10.128.0.2",)))  # the clock has not moved: +1
     assert second.generation == first.generation + 1
     clock.now = 2_000.0
-    assert f.write(7, pm(4)).generation == 2_000_000 and f.writes == 3
+    assert f.write("u7", pm(4)).generation == 2_000_000 and f.writes == 3
 
 
 def test_a_restarted_agent_continues_the_generation_a_running_proxy_holds(tmp_path):
     old = MembersFeed(tmp_path, clock=Clock(5_000.0))
-    held = old.write(7, pm(9))
+    held = old.write("u7", pm(9))
     new = MembersFeed(tmp_path, clock=Clock(1.0))  # its clock went back, and versions restart
-    assert new.write(7, pm(1)) is None and new.writes == 0  # the file is right: kept
-    assert new.write(7, pm(2, pods=())).generation == held.generation + 1
+    assert new.write("u7", pm(1)) is None and new.writes == 0  # the file is right: kept
+    assert new.write("u7", pm(2, pods=())).generation == held.generation + 1
     # a file damaged (or removed) under the proxy: the clock keeps the generation ahead
     f = MembersFeed(tmp_path, clock=Clock(9_000.0))
-    f.path(7).write_text("{half a file")
-    assert f.write(7, pm(1)).generation == 9_000_000
+    f.path("u7").write_text("{half a file")
+    assert f.write("u7", pm(1)).generation == 9_000_000
 
 
-def test_remove_deletes_the_file_and_the_directory_once_setup_left_nothing(tmp_path):
+def test_remove_deletes_the_file_and_forgets_what_it_held(tmp_path):
     f = MembersFeed(tmp_path, clock=Clock())
-    f.write(7, pm(1))
-    (tmp_path / "netns-7" / "setup.json").write_text("{}")  # setup --undo has not run
-    f.remove(7)
-    assert [p.name for p in (tmp_path / "netns-7").iterdir()] == ["setup.json"]
-    assert not f.is_current(7, pm(1))
-    f.write(8, pm(1))
-    f.remove(8)
-    assert not (tmp_path / "netns-8").exists()
-    f.remove(9)  # nothing there: nothing to do
+    f.write("u7", pm(1))
+    (tmp_path / "u7" / "record.json").write_text("{}")  # the supervisor's: not the feed's
+    f.remove("u7")
+    assert [p.name for p in (tmp_path / "u7").iterdir()] == ["record.json"]
+    assert not f.is_current("u7", pm(1))
+    f.remove("u9")  # nothing there: nothing to do
+
+
+def test_an_adopted_older_proxy_is_fed_where_it_reads_until_its_pod_is_undone(tmp_path):
+    """A proxy started by an agent that wrote into setup's netns-<inode> directory keeps
+    reading there: its file is continued there (generation included), and removed there."""
+    legacy = tmp_path / "setup" / "netns-4242" / "members.json"
+    held = MembersFeed(tmp_path / "x", clock=Clock(5_000.0)).write("u7", pm(9))
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text((tmp_path / "x" / "u7" / "members.json").read_text())
+    f = MembersFeed(tmp_path / "pods", clock=Clock(1.0))
+    f.read_by("u7", legacy)
+    assert f.path("u7") == legacy
+    assert f.write("u7", pm(2, pods=())).generation == held.generation + 1
+    assert parse_members(legacy.read_text()).pods == frozenset()
+    assert not (tmp_path / "pods").exists()
+    f.remove("u7")
+    assert not legacy.exists() and f.path("u7") == tmp_path / "pods" / "u7" / "members.json"
 
 
 def test_feed_module_names_the_file_the_proxy_reads():

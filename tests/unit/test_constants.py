@@ -23,6 +23,7 @@ HOMES = {
     "SO_MARK": "tencrypt/linux/kernel.py",
     "SO_RCVBUFFORCE": "tencrypt/linux/kernel.py",
     "SO_SNDBUFFORCE": "tencrypt/linux/kernel.py",
+    "SO_NETNS_COOKIE": "tencrypt/linux/kernel.py",
     "SOL_UDP": "tencrypt/linux/kernel.py",
     "UDP_SEGMENT": "tencrypt/linux/kernel.py",
     "UDP_GRO": "tencrypt/linux/kernel.py",
