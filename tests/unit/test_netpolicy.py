@@ -95,8 +95,9 @@ def test_default_deny_ingress_denies_every_peer_and_leaves_egress_alone():
 def test_default_allow_all_ingress_wins_over_default_deny():
     t = table([DENY_INGRESS, ALLOW_INGRESS], PODS)
     for peer in PEERS:
-        d = t.ingress(peer, ICMP, 0)
-        assert d.allowed and (d.policy, d.rule) == ("allow-all-ingress", 0)
+        for proto, port in ((ICMP, 0), (TCP, 1), (UDP, 53), (SCTP, 9)):
+            d = t.ingress(peer, proto, port)
+            assert d.allowed and (d.policy, d.rule) == ("allow-all-ingress", 0)
 
 
 def test_default_deny_egress_denies_every_destination_and_leaves_ingress_alone():
@@ -344,6 +345,20 @@ def test_an_ingress_named_port_is_this_pods_container_port_of_that_name_and_prot
     assert t.ingress("10.0.0.2", TCP, 6379).allowed
     assert not t.ingress("10.0.0.2", TCP, 6380).allowed
     assert not t.ingress("10.0.0.2", UDP, 6379).allowed  # the container port is TCP
+    udp = table(
+        [policy("redis-udp", ingress=[{"ports": [{"protocol": "UDP", "port": "redis"}]}])], PODS
+    )
+    assert (
+        not udp.ingress("10.0.0.2", UDP, 6379).allowed
+        and not udp.ingress("10.0.0.2", TCP, 6379).allowed
+    )
+
+
+def test_a_container_port_without_a_protocol_is_tcp():
+    bare = pod("db", "10.0.0.1", role="db")
+    bare["spec"]["containers"][0]["ports"] = [{"name": "redis", "containerPort": 6379}]
+    t = table([policy("redis", ingress=[{"ports": [{"port": "redis"}]}])], [bare, FRONTEND])
+    assert t.ingress("10.0.0.2", TCP, 6379).allowed and not t.ingress("10.0.0.2", UDP, 6379).allowed
 
 
 def test_an_ingress_named_port_the_pod_lacks_allows_nothing_not_everything():
