@@ -535,6 +535,19 @@ def test_allowing_udp_1337_between_the_projects_pods_unblocks_it():
     assert blocked([DENY_ALL, tunnel], PODS[:1]) == []  # a lone pod has no peer to lose
 
 
+def test_pods_without_an_address_are_neither_checked_nor_counted():
+    pending = pod("pending", None)
+    assert blocked([DENY_INGRESS], [DB, FRONTEND, pending]) == [
+        Blocked("db", "default-deny-ingress", "ingress", 1),
+        Blocked("frontend", "default-deny-ingress", "ingress", 1),
+    ]
+
+
+def test_reduce_pod_is_one_call_from_the_objects():
+    doc = netpol.reduce_pod(NS, "db", [DENY_INGRESS], PODS, [namespace()], generation=9)
+    assert doc["generation"] == 9 and doc["ingress"]["policies"] == ["default-deny-ingress"]
+
+
 def test_a_partial_allow_reports_how_many_peers_are_cut_off():
     some = policy(
         "from-frontend",

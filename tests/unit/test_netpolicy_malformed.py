@@ -124,6 +124,27 @@ MALFORMED = {
         one("ingress", {"from": [{"podSelector": {"matchExpressions": {"key": "a"}}}]}),
         ING,
     ),
+    "unknown key in an expression": (
+        one(
+            "ingress",
+            {
+                "from": [
+                    {
+                        "podSelector": {
+                            "matchExpressions": [{"key": "a", "operator": "Exists", "value": "x"}]
+                        }
+                    }
+                ]
+            },
+        ),
+        ING,
+    ),
+    "unknown key in an ipBlock": (
+        one(
+            "ingress", {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "exceptions": ["10.0.0.0/9"]}}]}
+        ),
+        ING,
+    ),
     "unknown key in a rule": (one("ingress", {"fromm": [{"podSelector": {}}]}), ING),
     "unknown key in a peer": (
         one("ingress", {"from": [{"podSelector": {}, "nodeSelector": {}}]}),
@@ -211,14 +232,21 @@ def test_a_malformed_pod_is_no_peer_and_cannot_be_reduced():
     bad_ports["spec"]["containers"][0]["ports"] = [{"containerPort": "http"}]
     bad_ip = pod("garbled", "10.0.0.7", role="client")
     bad_ip["status"]["podIPs"] = [{"ip": "10.0.0.300"}]
+    bad_value = pod("number", "10.0.0.6", role="client")
+    bad_value["metadata"]["labels"]["replicas"] = 3
+    bad_container = pod("container", "10.0.0.5", role="client")
+    bad_container["spec"]["containers"][0]["ports"] = ["http"]
+    unnamed = pod("unnamed", "10.0.0.4", role="client")
+    unnamed["spec"]["containers"][0]["ports"] = [{"containerPort": 80}]  # fine: no name
     clients = policy(
         "clients", ingress=[{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]
     )
     stats = Stats()
-    w = world([clients], [DB, bad, bad_ports, bad_ip], stats=stats)
-    assert stats.get(Counter.AGENT_BAD_OBJECT) == 3
-    assert w.reduce("db")["ingress"]["rules"][0]["peers"] == {"ips": [], "blocks": []}
-    for name in ("weird", "ports", "garbled", "absent"):
+    pods = [DB, bad, bad_ports, bad_ip, bad_value, bad_container, unnamed]
+    w = world([clients], pods, stats=stats)
+    assert stats.get(Counter.AGENT_BAD_OBJECT) == 5
+    assert w.reduce("db")["ingress"]["rules"][0]["peers"] == {"ips": ["10.0.0.4"], "blocks": []}
+    for name in ("weird", "ports", "garbled", "number", "container", "absent"):
         with pytest.raises(NetpolInputError):
             w.reduce(name)
 
@@ -316,7 +344,24 @@ REFUSED = [
     (("named_ports",), {"pod-b": {"UDP/dns": [53]}}, "not an IP address"),
     (("named_ports",), [], "named_ports"),
     (("malformed",), [""], "malformed"),
+    (("ips",), [10], "not an IP address"),
+    (("egress", "rules", 0), "p", "must be an object"),
+    ((*IN_RULE, "peers", "blocks"), ["172.17.0.0/16"], "a block must be an object"),
+    ((*IN_RULE, "peers", "blocks"), [{"cidr": 17, "except": []}], "not a CIDR"),
+    (("named_ports",), {"10.128.2.9": [53]}, "must be an object"),
 ]
+
+
+def test_rules_in_a_direction_no_policy_isolates_are_refused():
+    doc = mutate(("egress",), {"isolated": False, "policies": [], "rules": GOOD["egress"]["rules"]})
+    with pytest.raises(NetpolError, match="rules in a direction no policy isolates"):
+        from_doc(doc)
+
+
+def test_a_list_beyond_the_bound_is_refused(monkeypatch):
+    monkeypatch.setattr("tencrypt.core.netpolicy.MAX_ITEMS", 2)
+    with pytest.raises(NetpolError, match="more than 2"):
+        from_doc(mutate(("ips",), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
 
 
 @pytest.mark.parametrize("path, value, message", REFUSED)
