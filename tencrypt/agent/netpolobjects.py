@@ -257,9 +257,13 @@ def _port(value: Any) -> Port:
 
 
 def _cidr(value: Any) -> str:
+    """Text as the API validates it, ``address/prefix-length`` (Python would also take an int,
+    a bare address or a netmask); host bits are cleared (rule 6)."""
+    if not isinstance(value, str) or not value.partition("/")[2].isdigit():
+        raise _Bad
     try:
         return str(ipaddress.ip_network(value, strict=False))
-    except (ValueError, TypeError):
+    except ValueError:
         raise _Bad from None
 
 

@@ -377,8 +377,8 @@ def _named_ports(value: object) -> dict[int, Named]:
 
 def _cidr(value: object, where: str) -> Range:
     try:
-        if not isinstance(value, str):
-            raise TypeError(value)
+        if not isinstance(value, str) or not value.partition("/")[2].isdigit():
+            raise TypeError(value)  # address/prefix-length only, as the writer spells it
         net = ipaddress.ip_network(value, strict=False)
     except (ValueError, TypeError):
         raise NetpolError(f"{where}: not a CIDR: {value!r}") from None

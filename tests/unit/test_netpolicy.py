@@ -482,6 +482,23 @@ def test_the_document_is_deterministic_and_round_trips():
     assert parse_netpol(render_netpol(doc)).generation == 3
 
 
+def test_ip_block_host_bits_are_cleared():
+    p = policy(
+        "sloppy",
+        ingress=[{"from": [{"ipBlock": {"cidr": "10.0.0.3/30", "except": ["10.0.0.2/31"]}}]}],
+    )
+    doc = World.of(NS, [p], PODS, [namespace()]).reduce("db")
+    assert doc["ingress"]["rules"][0]["peers"]["blocks"] == [
+        {"cidr": "10.0.0.0/30", "except": ["10.0.0.2/31"]}
+    ]
+    t = parse_netpol(render_netpol(doc))
+    assert not t.ingress("10.0.0.2", TCP, 1).allowed and not t.ingress("10.0.0.3", TCP, 1).allowed
+    assert (
+        t.ingress("10.0.0.1", TCP, 1).why is Why.SELF
+        and table([p], [DB, pod("x", "10.0.0.0")]).ingress("10.0.0.0", TCP, 1).allowed
+    )
+
+
 def test_ipv4_and_ipv6_keys_never_collide():
     six = pod("six", "fd00::5", ips=["fd00::5", "::a00:2"])  # ::a00:2 is 10.0.0.2 as an int
     t = table([ALICE_AND], [DB, six, FRONTEND], [namespace(user="alice")])

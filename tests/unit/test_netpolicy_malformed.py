@@ -57,6 +57,15 @@ MALFORMED = {
     "empty peer": (one("ingress", {"from": [{}]}), ING),
     "peer null": (one("ingress", {"from": [None]}), ING),
     "bad cidr": (one("ingress", {"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}), ING),
+    "cidr a number": (one("ingress", {"from": [{"ipBlock": {"cidr": 167772160}}]}), ING),
+    "cidr without a prefix length": (
+        one("ingress", {"from": [{"ipBlock": {"cidr": "10.0.0.1"}}]}),
+        ING,
+    ),
+    "cidr with a netmask": (
+        one("ingress", {"from": [{"ipBlock": {"cidr": "10.0.0.0/255.0.0.0"}}]}),
+        ING,
+    ),
     "no cidr": (one("ingress", {"from": [{"ipBlock": {"except": ["10.0.0.0/24"]}}]}), ING),
     "bad except": (
         one("ingress", {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["x"]}}]}),
@@ -348,6 +357,8 @@ REFUSED = [
     (("egress", "rules", 0), "p", "must be an object"),
     ((*IN_RULE, "peers", "blocks"), ["172.17.0.0/16"], "a block must be an object"),
     ((*IN_RULE, "peers", "blocks"), [{"cidr": 17, "except": []}], "not a CIDR"),
+    ((*IN_RULE, "peers", "blocks"), [{"cidr": "172.17.0.1", "except": []}], "not a CIDR"),
+    ((*IN_RULE, "peers", "blocks"), [{"cidr": "172.17.0.0/255.255.0.0", "except": []}], "CIDR"),
     (("named_ports",), {"10.128.2.9": [53]}, "must be an object"),
 ]
 
