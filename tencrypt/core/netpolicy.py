@@ -30,6 +30,9 @@ https://kubernetes.io/docs/reference/kubernetes-api/policy-resources/network-pol
    podSelector/namespaceSelector select (the agent resolved them; pods of other namespaces
    never come through the tunnel). An IP block is its CIDR minus every ``except`` CIDR [api
    IPBlock]; it applies to the inner addresses, which are pod IPs (no NAT between proxies).
+   [concepts] says ipBlocks "should be cluster-external IPs" and leaves pod IPs to the
+   plugin; the upstream e2e tests ("should enforce except clause while egress access to
+   server in CIDR block") expect them to match pod IPs, and so do we.
 5. Ports are a protocol (TCP, UDP, SCTP) and a range ``port..endPort``, both ends inclusive
    (no ``endPort``: the one port) [api NetworkPolicyPort]. A named port matches when the
    destination pod has a container port of that name and protocol whose number is the flow's
