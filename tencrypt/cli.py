@@ -305,6 +305,18 @@ def _lab(p: argparse.ArgumentParser) -> None:
     )
     un = sub.add_parser("unpatch", help="stop the pod's proxy and undo its setup")
     un.add_argument("pod", metavar="POD")
+    np_ = sub.add_parser(
+        "netpol",
+        help="the lab's NetworkPolicies: enforced by every node as a CNI would, and handed "
+        "to patched pods' proxies as the agent would",
+    )
+    np_.add_argument(
+        "netpol_action",
+        choices=["show", "apply", "clear"],
+        help="show: which pods they isolate; apply FILE: replace them with the "
+        "NetworkPolicy objects of FILE (JSON: one object, a list, or a v1 List); clear: none",
+    )
+    np_.add_argument("file", nargs="?", metavar="FILE", help="for apply ('-': stdin)")
 
 
 def _demo(p: argparse.ArgumentParser) -> None:
@@ -394,7 +406,7 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
     ("dns", "run only the embedded DNS proxy (for testing)", _dns, "tencrypt.dnscmd:main"),
     (
         "lab",
-        "a namespace cluster on this machine: up, status, exec, patch, unpatch, down",
+        "a namespace cluster on this machine: up, status, exec, patch, unpatch, netpol, down",
         _lab,
         "tencrypt.lab.cli:main",
     ),

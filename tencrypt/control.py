@@ -15,6 +15,9 @@ Rules:
    waited for a Service the new table lists are routed again at once. A membership file that
    is there but was never loadable locks the dispatcher (core/dispatch.py rule 5) and the
    inbound gate: not standalone's weaker evidence, until a good file comes.
+5. The membership's NetworkPolicy document (core/netpolicy.py) is loaded into the
+   dispatcher's policy flows (core/policyflows.py) when its text changes; none: nothing is
+   enforced (standalone mode, an agent that sends none).
 4. Every SWEEP: timers of the tunnel, flow and hold expiry (a WAIT past its deadline is
    refused), session evidence renewed, the membership file and the key file polled.
 """
@@ -39,6 +42,7 @@ from tencrypt.core.effects import Desired
 from tencrypt.core.keyring import KeyRing
 from tencrypt.core.membership import Members
 from tencrypt.core.nat import FlowTable
+from tencrypt.core.netpolicy import Direction, parse_netpol
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.policy import Guard
 from tencrypt.core.services import ServiceTable
@@ -189,6 +193,7 @@ class ControlPlane(abc.ABC):
             )
         self.dispatch.set_services(services, now)
         self._apply_ranges(members)
+        self._apply_netpol(members, now)
         for _, packets in self.dispatch.listed():  # WAITs for Services now listed
             self._reroute(packets, now)
 
@@ -212,6 +217,39 @@ class ControlPlane(abc.ABC):
             self.cidr_mismatch = ranges.mismatch
             if ranges.mismatch:
                 log.error("%s", ranges.mismatch)
+
+    def _apply_netpol(self, members: Members, now: float) -> None:
+        """Rule 5: the pod's NetworkPolicy (none in the file: none enforced); known flows it
+        now denies are blocked (core/policyflows.py). The agent's report that the policies
+        drop this pod's tunnel is logged loudly: nothing else would explain the silence."""
+        netpol = self.dispatch.netpol
+        if members.network_policy != netpol.document:
+            text = netpol.document = members.network_policy
+            policy = None if text is None else parse_netpol(text)  # checked by parse_members
+            blocked = netpol.set_policy(policy, now)
+            log.info(
+                "NetworkPolicy: %s%s",
+                "none (the membership carries no policy: nothing enforced)"
+                if policy is None
+                else f"ingress {_isolation(policy.inbound)}, egress {_isolation(policy.outbound)}",
+                f"; {blocked} open flows it denies are blocked" if blocked else "",
+            )
+            if policy is not None and policy.malformed:
+                log.error(
+                    "NetworkPolicies the agent could not read (they isolate, allow nothing): %s",
+                    ", ".join(policy.malformed),
+                )
+        if members.tunnel_blocked != netpol.tunnel_blocked:
+            netpol.tunnel_blocked = members.tunnel_blocked
+            for direction, name in members.tunnel_blocked:
+                log.error(
+                    "NetworkPolicy %s (%s) drops the tunnel (UDP %d) between this pod and its "
+                    "project's pods: they cannot reach each other encrypted; admit the "
+                    "tunnel port (scripts/k8s/networkpolicy-tunnel.yaml)",
+                    name,
+                    direction,
+                    self.config.port,
+                )
 
     def reload_keys(self, force: bool = True) -> None:
         """The key file changed (or SIGHUP): apply its ring; sessions keep their keys until
@@ -256,3 +294,9 @@ class ControlPlane(abc.ABC):
 
     def render_metrics(self) -> str:
         return observe.render_metrics(self)
+
+
+def _isolation(direction: Direction) -> str:
+    if not direction.isolated:
+        return "not isolated"
+    return f"isolated by {', '.join(direction.policies)} ({len(direction.rules)} rules)"

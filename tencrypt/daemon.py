@@ -10,11 +10,11 @@ Outbound, when tenc0 is readable (``_on_tun``):
     needed" back (path-MTU discovery); a SYN -> MSS clamped;
  3. standalone's receiver NAT: replies of flows that came in for a VIP get it back (core.nat);
  4. ``Dispatcher.route``, once per super-packet before its split: cluster mode's Service
-    translation (cluster IP:port -> the flow's endpoint:target port), then the verdict,
-    executed by ``_act``: SEAL -> one datagram per segment, sealed by one call of the selected
+    translation (cluster IP:port -> the flow's endpoint:target port), then the verdict and
+    the pod's egress NetworkPolicy for a new flow to the tunnel, executed by ``_act``: SEAL -> one datagram per segment, sealed by one call of the selected
     backend (``Tunnel.send_batch``, tencrypt/fastpath.py); CLEAR -> out of the uplink; HOLD
     -> kept while a reverse (PTR) lookup decides; WAIT -> kept until the membership lists a
-    new Service; REFUSE -> ICMP "administratively prohibited"; REJECT -> ICMP "port
+    new Service; REFUSE, DENY -> ICMP "administratively prohibited"; REJECT -> ICMP "port
     unreachable" (no endpoint). Nothing leaves in the clear unless positively external;
  5. flush: the tunnel's datagrams out of the UDP socket, a run to one peer as one UDP GSO send.
 Inbound, when the UDP socket is readable (``_on_udp``):
@@ -24,8 +24,9 @@ Inbound, when the UDP socket is readable (``_on_udp``):
  3. a packet from a peer whose /32 into tenc0 is not in place yet waits for it (the reply
     must not take the uplink, where the firewall would refuse it);
  4. on the batch path, consecutive segments of one TCP flow are coalesced (core.batch);
- 5. NAT in, once per coalesced packet: standalone's VIP -> this pod's IP (core.nat); cluster
-    mode's endpoint -> the cluster IP and port the app used (``Dispatcher.on_reply``);
+ 5. once per coalesced packet: standalone's VIP -> this pod's IP (core.nat); the pod's
+    ingress NetworkPolicy for a new flow (denied: dropped, counted), then cluster mode's
+    endpoint -> the cluster IP and port the app used (``Dispatcher.admit``);
  6. inject: TSO frames written to tenc0 on the batch path (the kernel completes the TCP
     checksum), otherwise through the raw socket; 7. flush replies (handshakes, keepalives).
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
@@ -341,8 +342,8 @@ class Proxy(ControlPlane):
         elif out is Out.HOLD or out is Out.WAIT:
             if self.dispatch.hold(out, dst, packets, now):
                 self._spawn(self._look_up(dst))
-        elif out is Out.REFUSE:
-            self._refuse(packets, now)
+        elif out is Out.REFUSE or out is Out.DENY:  # DENY: a NetworkPolicy's, counted
+            self._refuse(packets, now, counted=out is Out.DENY)
         elif out is Out.REJECT:  # no endpoint: as kube-proxy's REJECT, from the cluster IP
             icmp = build_icmp_port_unreachable(packets[0], dst) if packets else None
             if icmp:
@@ -426,19 +427,18 @@ class Proxy(ControlPlane):
                 self._inject(self.awaiting_route.pop(ip), self.clock())
 
     def _inject(self, packets: list[bytes], now: float) -> None:
-        """NAT in and inject. The batch path merges a flow's consecutive segments first (NAT
+        """NAT in, NetworkPolicy, inject. The batch path merges a flow's consecutive segments first (NAT
         and the system call then cost once per merged packet) and writes them to tenc0 as TSO
         frames whose TCP checksum the kernel completes (CHECKSUM_PARTIAL): no 64 KiB checksum
         in Python. The one-packet path and the fallback inject through the raw socket."""
         if not packets:
             return
-        on_reply = self.dispatch.on_reply
+        admit = self.dispatch.admit  # NetworkPolicy, then the Service reply's translation
         if not self.inject_via_tun:
             merged = [c.packet for c in coalesce_batch(packets)] if self.batch else packets
             for pkt in merged:
                 buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
-                if self.flows.rewrite_inbound(buf, now):
-                    on_reply(buf, now)
+                if self.flows.rewrite_inbound(buf, now) and admit(buf, now):
                     self._send_raw(self.ports.inject, buf)
             return
         backend = self.tunnel.fastpath  # its coalesce merges in C when compiled
@@ -449,9 +449,8 @@ class Proxy(ControlPlane):
         )
         for pkt, gso_size in runs:
             buf = pkt if isinstance(pkt, bytearray) else bytearray(pkt)
-            if not self.flows.rewrite_inbound(buf, now):
+            if not self.flows.rewrite_inbound(buf, now) or not admit(buf, now):
                 continue
-            on_reply(buf, now)
             if gso_size:
                 rewrite_partial_csum(buf)
             try:

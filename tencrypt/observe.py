@@ -12,6 +12,8 @@ from tencrypt.core.classify import AddrClass, ClassTable
 from tencrypt.core.dispatch import Dispatcher
 from tencrypt.core.keyring import render_key_metrics
 from tencrypt.core.nat import FlowTable
+from tencrypt.core.packet import int_to_ip
+from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.session import Tunnel
 from tencrypt.core.stats import Stats, render_prometheus, snapshot
 from tencrypt.linux.members import MembersFile
@@ -43,7 +45,9 @@ STANDALONE_LIMITS = (  # logged at start, said in the docs: what standalone cann
     "standalone mode (no membership from the node agent): Services are reached through the "
     "node's DNAT of VIP:1337, so one tunnel session per Service endpoint pair: no "
     "per-connection load balancing, a Service port must equal its targetPort, and a pod "
-    "reached through a Service cannot also be reached by its pod IP"
+    "reached through a Service cannot also be reached by its pod IP; NetworkPolicies between "
+    "patched pods are not enforced (the CNI sees only the tunnel's UDP, and no policy "
+    "comes without the agent)"
 )
 
 
@@ -86,7 +90,54 @@ def status(proxy: Proxy) -> dict[str, object]:
         "guard": [str(net) for net in dispatch.guard.networks],
         "held_destinations": len(dispatch.holds),
         "firewall_refused": dict(proxy.effects.firewall_counters),
+        "network_policy": netpol_status(dispatch.netpol),
     }
+
+
+def netpol_status(netpol: PolicyFlows) -> dict[str, object] | None:
+    """The pod's NetworkPolicy as enforced here (None: no policy, nothing enforced)."""
+    policy = netpol.policy
+    if policy is None:
+        return None
+    return {
+        "pod": policy.pod,
+        "ingress": {"isolated": policy.inbound.isolated, "policies": list(policy.inbound.policies)},
+        "egress": {
+            "isolated": policy.outbound.isolated,
+            "policies": list(policy.outbound.policies),
+        },
+        "malformed": list(policy.malformed),
+        "flows": len(netpol),
+        "blocked_flows": netpol.blocked,
+        "denied_by_peer": {int_to_ip(ip): n for ip, n in netpol.denied_by_peer.items()},
+        "tunnel_blocked": [{"direction": d, "policy": p} for d, p in netpol.tunnel_blocked],
+    }
+
+
+def render_netpol_metrics(netpol: PolicyFlows, prefix: str = "tencrypt") -> str:
+    """Allowed new flows by (direction, policy, rule), denied packets by (direction, the
+    isolating policies), and the policies the agent says drop the tunnel."""
+    lines = [f"# TYPE {prefix}_netpol_flows_allowed_total counter"]
+    lines += [
+        f'{prefix}_netpol_flows_allowed_total{{direction="{d}",policy="{_label(p)}",'
+        f'rule="{r}"}} {n}'
+        for (d, p, r), n in sorted(netpol.allowed.items())
+    ]
+    lines.append(f"# TYPE {prefix}_netpol_packets_denied_total counter")
+    lines += [
+        f'{prefix}_netpol_packets_denied_total{{direction="{d}",policies="{_label(p)}"}} {n}'
+        for (d, p), n in sorted(netpol.denied.items())
+    ]
+    lines.append(f"# TYPE {prefix}_netpol_tunnel_blocked gauge")
+    lines += [
+        f'{prefix}_netpol_tunnel_blocked{{direction="{d}",policy="{_label(p)}"}} 1'
+        for d, p in netpol.tunnel_blocked
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def render_metrics(proxy: Proxy) -> str:
@@ -109,7 +160,13 @@ def render_metrics(proxy: Proxy) -> str:
         "key_mismatch_sources": len(proxy.tunnel.key_mismatch),
         "service_cidr_mismatch": 1.0 if proxy.cidr_mismatch else 0.0,
         "membership_broken": 1.0 if proxy.dispatch.locked else 0.0,
+        "netpol_enforced": 0.0 if dispatch.netpol.policy is None else 1.0,
+        "netpol_flow_entries": len(dispatch.netpol),
     }
     for name, packets in proxy.effects.firewall_counters.items():
         gauges[f"firewall_{name}_packets"] = packets
-    return render_prometheus(proxy.stats, gauges) + render_key_metrics(proxy.tunnel.key_status())
+    return (
+        render_prometheus(proxy.stats, gauges)
+        + render_key_metrics(proxy.tunnel.key_status())
+        + render_netpol_metrics(dispatch.netpol)
+    )

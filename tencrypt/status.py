@@ -97,6 +97,14 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
             "missed a key rotation phase?)",
             file=out,
         )
+    netpol = doc.get("network_policy")
+    for row in (netpol or {}).get("tunnel_blocked") or []:
+        print(
+            f"WARNING: NetworkPolicy {row.get('policy', '?')} ({row.get('direction', '?')}) "
+            "drops the tunnel's UDP between this pod and its project's pods (the agent's "
+            "report): admit the tunnel port (scripts/k8s/networkpolicy-tunnel.yaml)",
+            file=out,
+        )
     totals = doc.get("totals") or {}
     strict = doc.get("strict")
     mode = "strict" if strict is True else "not strict" if strict is False else ""
@@ -115,6 +123,7 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
         )
     for peer in doc.get("peers") or []:
         _peer(peer, out)
+    _netpol(netpol, out)
     classes = doc.get("classification") or {}
     if classes:
         print(
@@ -130,6 +139,26 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
         print(f"  {name:<32} {value}", file=out)
 
 
+def _netpol(netpol: dict[str, Any] | None, out: TextIO) -> None:
+    if netpol is None:
+        print("network policy: none enforced (no policy from the node agent)", file=out)
+        return
+    ways = []
+    for way in ("ingress", "egress"):
+        d = netpol.get(way) or {}
+        policies = ", ".join(d.get("policies") or [])
+        ways.append(f"{way} isolated by {policies}" if d.get("isolated") else f"{way} open")
+    print(
+        f"network policy: {'; '.join(ways)}; {netpol.get('flows', 0)} flows "
+        f"({netpol.get('blocked_flows', 0)} blocked by a policy change)",
+        file=out,
+    )
+    if netpol.get("malformed"):
+        print(f"  unreadable policies (deny): {', '.join(netpol['malformed'])}", file=out)
+    for peer, n in sorted((netpol.get("denied_by_peer") or {}).items(), key=lambda kv: -kv[1]):
+        print(f"  denied from/to {peer}: {n} packets", file=out)
+
+
 def _peer(peer: dict[str, Any], out: TextIO) -> None:
     flags = [
         word
@@ -141,10 +170,12 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
         if on
     ]
     name = peer.get("pod_ip") or "(pod IP not known yet)"
+    unanswered = peer.get("unanswered_for")
     print(
         f"  peer {name}  endpoint {peer.get('endpoint', '?')}  "
         f"addresses {','.join(peer.get('addresses') or []) or '-'}  "
-        f"{' '.join(flags) or 'down'}  queued {peer.get('queued', 0)}",
+        f"{' '.join(flags) or 'down'}  queued {peer.get('queued', 0)}"
+        + (f"  UNANSWERED for {unanswered:.0f}s" if unanswered and unanswered >= 5 else ""),
         file=out,
     )
     for s in peer.get("sessions") or []:

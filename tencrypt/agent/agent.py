@@ -1,17 +1,18 @@
 """The agent's loop: the composition root of ``tencrypt agent``.
 
-Five reflectors (``kube.reflector.Reflector``, the list+watch machinery node-sync uses too)
-queue every Pod of the cluster, every Namespace, every Service, every EndpointSlice and the
-Secrets named ``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants
+Six reflectors (``kube.reflector.Reflector``, the list+watch machinery node-sync uses too)
+queue every Pod of the cluster, every Namespace, every Service, every EndpointSlice, every
+NetworkPolicy and the Secrets named ``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants
 list/watch on that name only); a discovery thread queues the cluster's ranges every
 DISCOVER_EVERY seconds (agent/cidrs.py, agent/discovery.py); one thread, this loop, owns
 everything else. Pods are watched cluster-wide because a project's members run on every
 node: this node's pods decide which proxies run, all of them (with the Services and their
 endpoints) make each project's membership. Stages of a pass (``tick``), run every ``TICK``
-seconds and after every burst of events, once all five kinds have been listed and the
+seconds and after every burst of events, once all six kinds have been listed and the
 ranges discovered once (a partial view would stop proxies or hand them half a membership):
 
- 1. fold the events into ``NodeView`` and ``MemberView``; take the wanted pods;
+ 1. fold the events into ``NodeView``, ``MemberView`` and ``PolicyView``; take the wanted
+    pods;
  2. keys: the key ring of each project that has wanted pods here, from its Secret as last
     watched (PROJECT_PSK and, during a rotation, PROJECT_PSK_NEXT / _PREVIOUS); a new ring is
     written to its key file before anything uses it, and running proxies re-read that file
@@ -23,9 +24,12 @@ ranges discovered once (a partial view would stop proxies or hand them half a me
  5. reconcile: ``Reconciler.plan`` → START, KILL, STOP, executed at once (a STOP for a new key
     or sandbox is followed by its START in the same pass); a START writes the pod's
     membership file (in the agent's directory for the pod's UID) before the proxy starts;
- 6. membership: every running proxy whose project's members (pods, Services, endpoints) or
-    the cluster's ranges changed gets its file rewritten (``members.json``, format 2,
-    ``feed.MembersFeed``); the others are not touched;
+ 6. membership: every running proxy whose project's members (pods, Services, endpoints),
+    NetworkPolicies (with the pods' labels and ports, the namespace's labels) or the
+    cluster's ranges changed gets its file rewritten (``members.json``, format 2, with the
+    pod's own policy document, ``feed.MembersFeed``); the others are not touched. A pod whose
+    project's policies would drop its tunnel (UDP 1337) is reported: a log line, a Warning
+    Event on the pod, and the file's ``tunnelBlocked`` (the proxy's metrics and status);
  7. key files of projects without a proxy on this node any more are removed;
  8. report: the rings the proxies recorded as loaded, per project, in the ConfigMap
     ``tencrypt-keys-<node>`` (``report.KeyReporter``; what `tencrypt key rotate` waits on).
@@ -38,6 +42,7 @@ adopt; ``unpatch`` stops all of them at once, then undoes their pods in parallel
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import queue
 import signal
@@ -52,7 +57,10 @@ from kubernetes import client
 
 from tencrypt.agent.cidrs import ClusterRanges
 from tencrypt.agent.discovery import RangeSources
+from tencrypt.agent.events import PodEvents
+from tencrypt.agent.feed import PodPolicy
 from tencrypt.agent.members import MemberView, ProjectMembers
+from tencrypt.agent.netpolview import PolicyView
 from tencrypt.agent.podstate import (
     SECRET_NAME,
     AgentKind,
@@ -92,10 +100,14 @@ class Agent:
         stats: Stats | None = None,
         clock: Callable[[], float] = time.monotonic,
         reporter: KeyReporter | None = None,
+        events: PodEvents | None = None,
     ) -> None:
         self.stats = stats or Stats()
         self.view = NodeView(node, self.stats)
         self.members = MemberView(self.stats)
+        self.policies = PolicyView(self.stats)
+        self.events = events
+        self.blocked: dict[str, tuple[tuple[str, str], ...]] = {}  # pod UID -> reported
         self.computed: dict[str, ProjectMembers] = {}  # project -> its members at a version
         self.reconciler = Reconciler(policy or Policy(), self.stats)
         self.supervisor, self.resolver, self.clock = supervisor, resolver, clock
@@ -153,20 +165,30 @@ class Agent:
                 self.members.replace_services(item.items)
             elif item.kind is AgentKind.ENDPOINT_SLICE:
                 self.members.replace_slices(item.items)
+            elif item.kind is AgentKind.NETWORK_POLICY:
+                self.policies.replace_policies(item.items)
             else:
                 self.view.replace(item.kind, item.items)
             if item.kind is AgentKind.POD:
                 self.members.replace_pods(item.items)
+                self.policies.replace_pods(item.items)
+            elif item.kind is AgentKind.NAMESPACE:
+                self.policies.replace_namespaces(item.items)
             self.listed.add(item.kind)
         elif isinstance(item, Changed) and isinstance(item.kind, AgentKind):
             if item.kind is AgentKind.SERVICE:
                 self.members.on_service(item.event, item.obj)
             elif item.kind is AgentKind.ENDPOINT_SLICE:
                 self.members.on_slice(item.event, item.obj)
+            elif item.kind is AgentKind.NETWORK_POLICY:
+                self.policies.on_policy(item.event, item.obj)
             else:
                 self.view.on_event(item.kind, item.event, item.obj)
             if item.kind is AgentKind.POD:
                 self.members.on_pod(item.event, item.obj)
+                self.policies.on_pod(item.event, item.obj)
+            elif item.kind is AgentKind.NAMESPACE:
+                self.policies.on_namespace(item.event, item.obj)
         elif isinstance(item, Discovered):
             if item.ranges != self.supervisor.feed.ranges or self.ranges_known is False:
                 log.info("cluster ranges: %s", item.ranges.describe())
@@ -292,7 +314,8 @@ class Agent:
             )
             self.reconciler.on_started(want, now)
             members = self.members_of(want.namespace)
-            if self.supervisor.launch(want, action.undo_first, members) is None:
+            policy = self.policy_of(want.namespace, want.name, uid)
+            if self.supervisor.launch(want, action.undo_first, members, policy) is None:
                 self.reconciler.on_exited(uid, now)
         elif action.verb is Verb.KILL:
             log.warning("%s: killing the proxy: %s", want.ref, action.reason)
@@ -313,22 +336,52 @@ class Agent:
         for entry in self.reconciler.entries.values():
             if entry.phase is Phase.DEAD:  # its next START writes the file first
                 continue
-            version = self.members.version(entry.namespace)
+            version = self.version(entry.namespace)
             if self.supervisor.feed.is_current(entry.uid, (entry.namespace, version)):
                 continue
             if not self.supervisor.write_members(
-                f"{entry.namespace}/{entry.name}", entry.uid, self.members_of(entry.namespace)
+                f"{entry.namespace}/{entry.name}",
+                entry.uid,
+                self.members_of(entry.namespace),
+                self.policy_of(entry.namespace, entry.name, entry.uid),
             ):
                 self.stats.inc(Counter.AGENT_MEMBERS_WRITE_FAILED)
+
+    def version(self, project: str) -> int:
+        """Grows with every change of what a pod's file says of its project (both views)."""
+        return self.members.version(project) + self.policies.version(project)
 
     def members_of(self, project: str) -> ProjectMembers:
         """``MemberView.of``, computed once per version of the project."""
         known = self.computed.get(project)
         if known is None or known.version != self.members.version(project):
             known = self.computed[project] = self.members.of(project)
-        if self.slices_unserved:
-            return replace(known, table=None)
-        return known
+        return replace(
+            known,
+            version=self.version(project),
+            table=None if self.slices_unserved else known.table,
+        )
+
+    def policy_of(self, project: str, name: str, uid: str) -> PodPolicy:
+        """The pod's NetworkPolicy document and the policies that would drop its tunnel,
+        reported (log, Event) when that finding changes."""
+        world = self.policies.world(project)
+        doc = world.document_for(name)
+        blocked = tuple(sorted({(b.direction, b.policy) for b in world.blocked_for(name, doc=doc)}))
+        if blocked and blocked != self.blocked.get(uid):
+            text = ", ".join(f"{p} ({d})" for d, p in blocked)
+            message = (
+                f"NetworkPolicies {text} drop the tencrypt tunnel (UDP 1337) between this pod "
+                "and its project's pods: encrypted traffic cannot pass. Admit the tunnel port "
+                "(scripts/k8s/networkpolicy-tunnel.yaml)"
+            )
+            log.warning("%s/%s: %s", project, name, message)
+            if self.events is not None:
+                self.events.warn(project, name, uid, "TencryptTunnelBlocked", message)
+        elif not blocked and self.blocked.get(uid):
+            log.info("%s/%s: its NetworkPolicies admit the tunnel again", project, name)
+        self.blocked[uid] = blocked
+        return PodPolicy(json.dumps(doc, sort_keys=True, separators=(",", ":")), blocked)
 
     def drop_unused_keys(self, wanted: list[PodInfo]) -> None:
         used = {p.namespace for p in wanted} | {
@@ -340,14 +393,19 @@ class Agent:
             del self.keys[project]
         for project in set(self.computed) - used:
             del self.computed[project]
+        self.policies.forget(used)
+        live = {e.uid for e in self.reconciler.entries.values()}
+        for uid in set(self.blocked) - live:
+            del self.blocked[uid]
 
 
 def start_reflectors(
     api: Any, out: queue.Queue[object], stop: threading.Event, watch_timeout: int
 ) -> None:
-    """List+watch every Pod, Namespace, Service and EndpointSlice and the Secrets named
-    ``tencrypt`` into ``out``. A cluster whose API serves no EndpointSlices lists none (and
-    ``Unserved`` says so once) instead of holding the agent back."""
+    """List+watch every Pod, Namespace, Service, EndpointSlice and NetworkPolicy and the
+    Secrets named ``tencrypt`` into ``out``. A cluster whose API serves no EndpointSlices
+    lists none (and ``Unserved`` says so once) instead of holding the agent back; one that
+    serves no NetworkPolicies lists none (nothing to enforce)."""
     core = client.CoreV1Api(api)
     secrets = functools.partial(
         core.list_secret_for_all_namespaces, field_selector=f"metadata.name={SECRET_NAME}"
@@ -357,8 +415,14 @@ def start_reflectors(
         stop,
         lambda: out.put(Unserved(AgentKind.ENDPOINT_SLICE)),
     )
+    policies = optional(
+        client.NetworkingV1Api(api).list_network_policy_for_all_namespaces,
+        stop,
+        lambda: log.warning("the API serves no NetworkPolicies (networking.k8s.io/v1)"),
+    )
     for kind, list_fn in (
         (AgentKind.POD, core.list_pod_for_all_namespaces),
+        (AgentKind.NETWORK_POLICY, policies),
         (AgentKind.NAMESPACE, core.list_namespace),
         (AgentKind.SERVICE, core.list_service_for_all_namespaces),
         (AgentKind.ENDPOINT_SLICE, slices),

@@ -231,7 +231,12 @@ def main(args: argparse.Namespace) -> int:
         reporter = KeyReporter(
             client.CoreV1Api(api), args.report_namespace, args.node, Path(args.setup_state_dir)
         )
-    agent = Agent(args.node, supervisor, resolver, policy, reporter=reporter)
+    from kubernetes import client as kube
+
+    from tencrypt.agent.events import PodEvents
+
+    events = PodEvents(kube.CoreV1Api(api), args.node)
+    agent = Agent(args.node, supervisor, resolver, policy, reporter=reporter, events=events)
     log.info(
         "node %s: watching %s; sandboxes by %s; state in %s",
         args.node,

@@ -45,6 +45,14 @@ from tencrypt.linux.members import write_members
 
 
 @dataclass(slots=True, frozen=True)
+class PodPolicy:
+    """A pod's NetworkPolicy as its file carries it (core/membership.py rule 4)."""
+
+    document: str  # tencrypt-netpol/1, canonical JSON text
+    tunnel_blocked: tuple[tuple[str, str], ...] = ()  # (direction, policy)
+
+
+@dataclass(slots=True, frozen=True)
 class Written:
     version: int  # the MemberView version it was computed from (-1: read from disk)
     members: Members
@@ -80,23 +88,28 @@ class MembersFeed:
             and known.ranges == self.ranges
         )
 
-    def write(self, uid: str, members: ProjectMembers) -> Members | None:
-        """Make the pod's file say ``members`` (format 2 with the cluster ranges, or format 1
-        when ``members.table`` is None); the ``Members`` written, or None if the file said so
-        already. ``OSError`` if it cannot be written."""
+    def write(
+        self, uid: str, members: ProjectMembers, policy: PodPolicy | None = None
+    ) -> Members | None:
+        """Make the pod's file say ``members`` (format 2 with the cluster ranges and the pod's
+        ``policy``, or format 1 when ``members.table`` is None); the ``Members`` written, or
+        None if the file said so already. ``OSError`` if it cannot be written."""
         if self.is_current(uid, members):
             return None
         r = self.ranges
         known = self.written.get(uid) or self._read(uid)
+        v2 = members.table is not None
         doc = Members(
             members.project,
             0,
             members.pods,
             members.services,
             members.table,
-            r.service_cidrs if members.table is not None else (),
-            r.pod_cidrs if members.table is not None else (),
-            r.zone if members.table is not None else None,
+            r.service_cidrs if v2 else (),
+            r.pod_cidrs if v2 else (),
+            r.zone if v2 else None,
+            policy.document if v2 and policy else None,
+            policy.tunnel_blocked if v2 and policy else (),
         )
         if known is not None and replace(known.members, generation=0) == doc:
             self.written[uid] = Written(members.version, known.members, r)

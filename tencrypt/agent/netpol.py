@@ -71,10 +71,9 @@ from tencrypt.agent.netpolobjects import (
     parse_pod,
     parse_policy,
 )
+from tencrypt.core import TUNNEL_PORT
 from tencrypt.core.netpolicy import FORMAT, PROTOCOLS, from_doc
 from tencrypt.core.stats import Counter, Stats
-
-TUNNEL_PORT = 1337
 
 
 class NetpolInputError(ValueError):
@@ -153,23 +152,52 @@ class World:
             "malformed": [p.name for p in selecting if p.malformed],
         }
 
+    def document_for(self, pod: str) -> dict[str, Any]:
+        """``reduce(pod)``, failing closed for a pod these objects cannot describe (unknown
+        or malformed): with no policy in the project it is not isolated; with policies, every
+        one of them isolates it both ways and allows nothing (a pod whose labels are unknown
+        could be selected by any of them)."""
+        if pod in self.pods:
+            return self.reduce(pod)
+        names = [p.name for p in self.policies]
+        closed = {"isolated": bool(names), "policies": names, "rules": []}
+        return {
+            "format": FORMAT,
+            "project": self.project,
+            "pod": pod,
+            "generation": 0,
+            "ips": [],
+            "ingress": closed,
+            "egress": dict(closed),
+            "named_ports": {},
+            "malformed": [],
+        }
+
     def tunnel_blocked(self, port: int = TUNNEL_PORT, protocol: str = "UDP") -> list[Blocked]:
         """Where the project's policies, enforced by the CNI on the outer packets, would drop
-        the tunnel (``protocol``/``port`` between two of the project's pods): per pod and
-        direction with a denied peer, every policy isolating that direction (none allows)."""
-        proto = PROTOCOLS[protocol]
+        the tunnel (``protocol``/``port`` between two of the project's pods): ``blocked_for``
+        every pod."""
+        return [b for name in sorted(self.pods) for b in self.blocked_for(name, port, protocol)]
+
+    def blocked_for(
+        self, name: str, port: int = TUNNEL_PORT, protocol: str = "UDP", doc: Any = None
+    ) -> list[Blocked]:
+        """``tunnel_blocked`` for the pod ``name`` (its document ``doc`` if already reduced):
+        per direction with a denied peer, every policy isolating that direction (none
+        allows). O(project pods) once the document is reduced."""
+        pod = self.pods.get(name)
+        if pod is None or not pod.ips:
+            return []
+        doc = doc if doc is not None else self.reduce(name)
+        if not doc["ingress"]["isolated"] and not doc["egress"]["isolated"]:
+            return []
+        table, proto = from_doc(doc), PROTOCOLS[protocol]
+        others = [ip for other in self.pods.values() if other is not pod for ip in other.ips]
         out: list[Blocked] = []
-        for name, pod in sorted(self.pods.items()):
-            if not pod.ips:
-                continue
-            table = from_doc(self.reduce(name))
-            others = [ip for other in self.pods.values() if other is not pod for ip in other.ips]
-            for direction, decide in (("ingress", table.ingress), ("egress", table.egress)):
-                denied = [d for ip in others if not (d := decide(ip, proto, port)).allowed]
-                if denied:
-                    out.extend(
-                        Blocked(name, p, direction, len(denied)) for p in denied[0].isolating
-                    )
+        for direction, decide in (("ingress", table.ingress), ("egress", table.egress)):
+            denied = [d for ip in others if not (d := decide(ip, proto, port)).allowed]
+            if denied:
+                out.extend(Blocked(name, p, direction, len(denied)) for p in denied[0].isolating)
         return out
 
     def _direction(self, selecting: list[Policy], kind: str, target: PodInfo) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class AgentKind(enum.Enum):
     SECRET = "Secret"
     SERVICE = "Service"  # membership only (agent/members.py)
     ENDPOINT_SLICE = "EndpointSlice"  # membership only: each Service's endpoints
+    NETWORK_POLICY = "NetworkPolicy"  # the proxies' NetworkPolicy documents (agent/netpol.py)
 
 
 @dataclass(slots=True, frozen=True)

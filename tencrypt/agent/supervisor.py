@@ -47,7 +47,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tencrypt.agent.feed import MembersFeed
+from tencrypt.agent.feed import MembersFeed, PodPolicy
 from tencrypt.agent.members import ProjectMembers
 from tencrypt.agent.reconcile import Sandbox, Want
 from tencrypt.agent.sandbox import parse_proc_stat
@@ -168,7 +168,11 @@ class Supervisor:
     # -- proxies ----------------------------------------------------------------------------
 
     def launch(
-        self, want: Want, undo_first: bool = False, members: ProjectMembers | None = None
+        self,
+        want: Want,
+        undo_first: bool = False,
+        members: ProjectMembers | None = None,
+        policy: PodPolicy | None = None,
     ) -> Record | None:
         """Start the launcher for ``want`` (its project's ``members`` written first); None
         (logged) if it could not even be started."""
@@ -179,7 +183,7 @@ class Supervisor:
         if want.uid in self.feed.elsewhere:  # an adopted older proxy's file: not for this one
             self.feed.remove(want.uid)
         members_file = self.feed.path(want.uid)
-        if members is not None and not self.write_members(want.ref, want.uid, members):
+        if members is not None and not self.write_members(want.ref, want.uid, members, policy):
             return None
         pod_dir = self.pod_dir(want.uid)
         pod_dir.mkdir(mode=0o700, exist_ok=True)
@@ -229,10 +233,13 @@ class Supervisor:
         tmp.replace(pod_dir / "record.json")
         return rec
 
-    def write_members(self, ref: str, uid: str, members: ProjectMembers) -> bool:
-        """The pod's membership file says ``members``; False (logged) if it cannot."""
+    def write_members(
+        self, ref: str, uid: str, members: ProjectMembers, policy: PodPolicy | None = None
+    ) -> bool:
+        """The pod's membership file says ``members`` and ``policy``; False (logged) if it
+        cannot."""
         try:
-            written = self.feed.write(uid, members)
+            written = self.feed.write(uid, members, policy)
         except OSError as exc:
             log.error(
                 "%s: cannot write its membership file %s: %s",

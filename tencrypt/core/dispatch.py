@@ -10,11 +10,14 @@ Stages of ``route`` for one packet (or one super-packet's header), read top to b
 2. A destination that already has a tunnel peer: SEAL (the common case, one dict look-up).
 3. The verdict table (core/policy.py) from the destination's class (core/classify.py):
    SEAL, CLEAR, HOLD (a reverse lookup decides) or REFUSE.
+4. NetworkPolicy (a policy document is loaded, core/policyflows.py): a SEAL is its flow's; a
+   new flow the pod's egress policies deny (after stage 1: pod IP and target port, as a CNI
+   sees them after kube-proxy's DNAT) is DENY. Packets to the clear are the CNI's to police.
 The shell executes the result: SEAL → the tunnel; CLEAR (and FALLBACK, ``--no-strict``'s
 clear for an internal peer without a proxy) → the uplink; HOLD/WAIT → ``hold``
-(which says whether a lookup must start); REFUSE → ICMP "administratively prohibited";
-REJECT → ICMP "port unreachable" from the cluster IP (kube-proxy's REJECT); DROP → nothing
-(counted here).
+(which says whether a lookup must start); REFUSE and DENY → ICMP "administratively
+prohibited" (strict mode's immediate refusal; DENY is counted here); REJECT → ICMP "port
+unreachable" from the cluster IP (kube-proxy's REJECT); DROP → nothing (counted here).
 
 Rules:
 1. Nothing leaves in the clear unless the verdict table says CLEAR (DESIGN §1a); a packet to
@@ -32,6 +35,9 @@ Rules:
    feed): strict mode does not fall back to standalone's weaker evidence; a destination in
    the guarded ranges that is not internal is refused at once, never held for a reverse
    lookup that could open the clear.
+6. ``admit``: an opened packet passes the pod's ingress policies (or is a reply of an
+   allowed flow, core/policyflows.py) before rule 3 and the injection; else it is dropped,
+   counted.
 Pure: no I/O, ``now`` an argument.
 """
 
@@ -46,6 +52,7 @@ from tencrypt.core.conntrack import DROP, REJECT, ServiceFlows
 from tencrypt.core.holdqueue import HoldQueue
 from tencrypt.core.packet import ICMP, parse_ipv4
 from tencrypt.core.policy import Guard, Verdict, decide
+from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.services import ServiceTable
 from tencrypt.core.stats import DropReason, Stats
 
@@ -62,6 +69,7 @@ class Out(enum.Enum):
     WAIT = "wait"  # until the membership lists ``dst`` (a new Service)
     REFUSE = "refuse"  # ICMP administratively prohibited to the sender
     REJECT = "reject"  # ICMP port unreachable from the cluster IP (no endpoint)
+    DENY = "deny"  # a NetworkPolicy denies the new flow: refused as REFUSE; counted
     DROP = "drop"  # malformed; counted
 
 
@@ -87,6 +95,7 @@ class Dispatcher:
         "plaintext_until",
         "wait_for_members",
         "locked",
+        "netpol",
         "_cluster",
         "_vips",
         "_texts",
@@ -110,6 +119,7 @@ class Dispatcher:
         self.plaintext_until: dict[str, float] = {}  # --no-strict: peer -> clear until
         self.wait_for_members = wait_for_members
         self.locked = False  # rule 5: a membership file exists but none could ever be loaded
+        self.netpol = PolicyFlows(stats)  # stage 4 and rule 6 (no policy: nothing enforced)
         self._cluster = False
         self._vips: frozenset[str] = frozenset()  # the Service table's cluster IPs, as text
         self._texts: dict[int, str] = {}  # endpoint -> its text (the tunnel names peers so)
@@ -142,8 +152,21 @@ class Dispatcher:
     def route(
         self, buf: bytearray | memoryview, dst: str, now: float, looked_up: bool = False
     ) -> tuple[Out, str]:
-        """Stages 1-3 for a packet to ``dst`` (its IPv4 destination, as text). Returns what to
+        """Stages 1-4 for a packet to ``dst`` (its IPv4 destination, as text). Returns what to
         do and the destination after translation (``buf`` rewritten in place)."""
+        out, to = self._route(buf, dst, now, looked_up)
+        if out is Out.SEAL and self.netpol.policy is not None:  # stage 4
+            ip = parse_ipv4(buf)
+            if ip is None:
+                self.stats.drop(DropReason.MALFORMED_PACKET)
+                return Out.DROP, to
+            if not self.netpol.outbound(buf, ip, now):
+                return Out.DENY, to
+        return out, to
+
+    def _route(
+        self, buf: bytearray | memoryview, dst: str, now: float, looked_up: bool
+    ) -> tuple[Out, str]:
         if self._cluster:
             if dst in self._vips:
                 ip = parse_ipv4(buf)
@@ -229,6 +252,19 @@ class Dispatcher:
 
     # ---- replies -----------------------------------------------------------------------------
 
+    def admit(self, buf: bytearray | memoryview, now: float) -> bool:
+        """Rule 6, then rule 3: may an opened packet be injected (False: dropped, counted)?"""
+        netpol = self.netpol
+        if netpol.policy is not None:
+            ip = parse_ipv4(buf)
+            if ip is None:
+                self.stats.drop(DropReason.MALFORMED_PACKET)
+                return False
+            if not netpol.inbound(buf, ip, now):
+                return False
+        self.on_reply(buf, now)
+        return True
+
     def on_reply(self, buf: bytearray | memoryview, now: float) -> None:
         """Rule 3: an endpoint's reply (or an ICMP error about a translated packet) gets the
         cluster IP and Service port back. A cheap filter first: most packets need nothing."""
@@ -247,5 +283,6 @@ class Dispatcher:
 
     def expire(self, now: float) -> None:
         self.flows.expire(now)
+        self.netpol.expire(now)
         for address in [a for a, t in self.plaintext_until.items() if t <= now]:
             del self.plaintext_until[address]

@@ -24,7 +24,9 @@ Rules (DESIGN §1a "Evidence that an address is internal"):
                           "terminating": false, "zones": ["zone-a"],
                           "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]}],
            "affinitySeconds": 10800}],
-        "serviceCIDRs": ["172.30.0.0/16"], "podCIDRs": ["10.128.0.0/14"], "zone": "zone-a"}
+        "serviceCIDRs": ["172.30.0.0/16"], "podCIDRs": ["10.128.0.0/14"], "zone": "zone-a",
+        "networkPolicy": {"format": "tencrypt-netpol/1", "project": "shop", ...},
+        "tunnelBlocked": [{"policy": "default-deny", "direction": "ingress"}]}
 
    ``services`` carries each Service of the project (core/services.py rules 8 and the
    EndpointSlice fields it keeps: ``ready``/``serving``/``terminating`` default to true, true,
@@ -32,7 +34,11 @@ Rules (DESIGN §1a "Evidence that an address is internal"):
    for sessionAffinity ClientIP). ``serviceCIDRs`` and ``podCIDRs`` are the cluster's ranges
    as the agent discovered them (empty lists: not known); ``zone`` is the node's
    ``topology.kubernetes.io/zone`` (absent: none). With format 2 the sending proxy resolves
-   Services itself (core/conntrack.py).
+   Services itself (core/conntrack.py). ``networkPolicy`` is this pod's NetworkPolicy
+   document (``tencrypt-netpol/1``, core/netpolicy.py: the file is per pod), of the file's
+   project; absent: the writer sends none and the proxy enforces no NetworkPolicy
+   (core/policyflows.py rule 6). ``tunnelBlocked`` is the writer's report of the policies
+   under which a CNI would drop this pod's tunnel (UDP 1337), by direction; absent: none.
 5. Format 1 is still read: ``services`` is a list of cluster IP strings, nothing else is
    known, and the proxy reaches those Services the older way (standalone's VIP path)::
 
@@ -52,6 +58,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
+from tencrypt.core.netpolicy import NetpolError, from_doc
 from tencrypt.core.services import Service, ServiceError, parse_service, render_service
 
 FORMAT_V1 = "tencrypt-members/1"
@@ -76,6 +83,8 @@ class Members:
     service_cidrs: tuple[str, ...] = ()
     pod_cidrs: tuple[str, ...] = ()
     zone: str | None = None
+    network_policy: str | None = None  # the tencrypt-netpol/1 document, canonical JSON text
+    tunnel_blocked: tuple[tuple[str, str], ...] = ()  # (direction, policy) (rule 4)
 
     @property
     def addresses(self) -> frozenset[str]:
@@ -158,7 +167,38 @@ def parse_members(text: str | bytes) -> Members:
         _cidrs(doc.get("serviceCIDRs", []), "serviceCIDRs"),
         _cidrs(doc.get("podCIDRs", []), "podCIDRs"),
         zone,
+        _network_policy(doc.get("networkPolicy"), project),
+        _tunnel_blocked(doc.get("tunnelBlocked", [])),
     )
+
+
+def _network_policy(value: object, project: str) -> str | None:
+    """Rule 4's ``networkPolicy``: checked in full (a file whose policy does not parse is
+    refused whole, rule 3), kept as canonical text."""
+    if value is None:
+        return None
+    try:
+        policy = from_doc(value)
+    except NetpolError as exc:
+        raise MembershipError(f"'networkPolicy': {exc}") from None
+    if policy.project != project:
+        raise MembershipError(
+            f"'networkPolicy' is project {policy.project!r}'s, the file is {project!r}'s"
+        )
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _tunnel_blocked(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or len(value) > MAX_SERVICES:
+        raise MembershipError("'tunnelBlocked' must be a list")
+    out = []
+    for item in value:
+        direction = item.get("direction") if isinstance(item, dict) else None
+        policy = item.get("policy") if isinstance(item, dict) else None
+        if direction not in ("ingress", "egress") or not isinstance(policy, str) or not policy:
+            raise MembershipError(f"'tunnelBlocked': not a direction and policy: {item!r}")
+        out.append((direction, policy))
+    return tuple(sorted(set(out)))
 
 
 def render_members(members: Members) -> str:
@@ -180,6 +220,12 @@ def render_members(members: Members) -> str:
         doc["podCIDRs"] = list(members.pod_cidrs)
         if members.zone is not None:
             doc["zone"] = members.zone
+        if members.network_policy is not None:
+            doc["networkPolicy"] = json.loads(members.network_policy)
+        if members.tunnel_blocked:
+            doc["tunnelBlocked"] = [
+                {"direction": d, "policy": p} for d, p in members.tunnel_blocked
+            ]
     return json.dumps(doc) + "\n"
 
 

@@ -171,6 +171,9 @@ def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
         "up": peer.up,
         "confirmed": peer.confirmed,
         "handshake_pending": peer.pending is not None,
+        # our initiations have gone unanswered this long (a proxy that is not there, or a
+        # NetworkPolicy that drops the tunnel's UDP); None: nothing asked or it answered
+        "unanswered_for": None if peer.pending is None else round(now - peer.pending.first_sent, 3),
         "queued": len(peer.queue),
         "sessions": sessions,
     }

@@ -66,6 +66,9 @@ class DropReason(enum.Enum):
     SERVICE_UNKNOWN = "service_unknown"  # a project cluster IP the membership does not list yet
     # tunnel (core/session.py): an authenticated inner packet whose source the peer may not use
     BAD_SOURCE = "bad_source"
+    # NetworkPolicy (core/policyflows.py): a new flow no rule of an isolating policy allows, or
+    # a packet of a flow a newer policy blocks (by policy in the netpol metrics)
+    NETWORK_POLICY = "network_policy"
     # fail-closed policy (core/policy.py): a destination in the Service CIDR or the pod network
     # that no source classified, even after a reverse lookup: refused, never in the clear
     UNCLASSIFIED = "unclassified"
@@ -128,6 +131,7 @@ class Counter(enum.StrEnum):
     SERVICE_FLOWS_EXPIRED = "service_flows_expired"
     SERVICE_FLOWS_EVICTED = "service_flows_evicted"
     SERVICE_FLOWS_REPICKED = "service_flows_repicked"  # their endpoint went: UDP/ICMP re-pick
+    NETPOL_FLOWS_EVICTED = "netpol_flows_evicted"  # core/policyflows.py rule 7: table full
     STANDALONE_VIP_PACKETS = "standalone_vip_packets"  # sealed to a VIP: the node picks (no feed)
     # DNS proxy (core/dnsmsg.py, linux/dns.py)
     DNS_QUERIES = "dns_queries"

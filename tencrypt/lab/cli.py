@@ -8,9 +8,13 @@ code; ``down`` works without a state file (it cleans by name); every other actio
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
+import sys
+from pathlib import Path
 
 from tencrypt.errors import UsageError
+from tencrypt.lab import netpolicy
 from tencrypt.lab.cluster import STATE_ROOT, Lab
 from tencrypt.lab.topology import Topology
 from tencrypt.linux import netns
@@ -37,7 +41,34 @@ def main(args: argparse.Namespace) -> int:
     if action == "unpatch":
         lab.unpatch(args.pod)
         return 0
+    if action == "netpol":
+        return netpol(lab, args.netpol_action, args.file)
     raise UsageError(f"unknown lab action {action!r}")
+
+
+def netpol(lab: Lab, action: str, path: str | None) -> int:
+    if action == "show":
+        print(netpolicy.describe(lab))
+        return 0
+    if action == "clear":
+        lab.set_network_policies([])
+        return 0
+    if not path:
+        raise UsageError("lab netpol apply: which file? (usage: tencrypt lab netpol apply FILE)")
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        doc = json.loads(text)
+    except OSError as exc:
+        raise UsageError(f"lab netpol apply: cannot read {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"lab netpol apply: {path} is not JSON: {exc}") from exc
+    items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else doc
+    items = items if isinstance(items, list) else [items]
+    if not all(isinstance(i, dict) and i.get("kind") == "NetworkPolicy" for i in items):
+        raise UsageError("lab netpol apply: every object must be a NetworkPolicy")
+    lab.set_network_policies(items)
+    print(netpolicy.describe(lab))
+    return 0
 
 
 def _lab_or_bare(name: str) -> Lab:

@@ -27,7 +27,8 @@ Stages of ``up`` (each prints one line on stderr):
  3. nodes: namespace, sysctls, bridge, the Service CIDR route, the DNS address;
  4. (two nodes) the underlay veth, vxlan0 and the routes to the other node's pods;
  5. pods: namespace, veth into the bridge, address, default route, resolv.conf, web root;
- 6. Services: iptables in every node (``services``);
+ 6. Services: iptables in every node (``services``); NetworkPolicies: the CNI's enforcement
+    in every node (``netpolicy``, an empty table without policies);
  7. dnsmasq in every node, an HTTP server in every pod; wait until they all listen.
 If a stage fails, ``up`` removes what it built and re-raises.
 """
@@ -46,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.lab import cleanup, clusterdns, proxy, services, status
+from tencrypt.lab import cleanup, clusterdns, netpolicy, proxy, services, status
 from tencrypt.lab.topology import Node, Pod, Service, Topology
 from tencrypt.linux import netns, procs
 
@@ -139,6 +140,7 @@ class Lab:
             for pod in self.pods.values():
                 self._build_pod(pod)
             self._program_services()
+            netpolicy.program(self)
             self._start_daemons()
             self._write_state("up")
         except BaseException:
@@ -440,6 +442,25 @@ class Lab:
                 proxy.write_members_file(self, pod)
         self._write_state("up")
         self.say(f"Service {service}: endpoints {', '.join(pods) or 'none'}")
+
+    def set_network_policies(self, policies: list[dict[str, object]]) -> None:
+        """The project's NetworkPolicies become ``policies`` (Kubernetes objects), as
+        ``kubectl apply`` and ``delete`` would: every node's CNI emulation and the
+        membership file of every patched pod (its policy, as the agent reduces it) follow."""
+        before = self.topology.network_policies
+        self.topology.network_policies = list(policies)
+        try:
+            self.topology.validate()
+            netpolicy.program(self)
+        except BaseException:
+            self.topology.network_policies = before
+            raise
+        for pod in self.pods.values():
+            if proxy.proxy_pid(self, pod):
+                proxy.write_members_file(self, pod)
+        self._write_state("up")
+        names = [str(p["metadata"]["name"]) for p in policies]  # type: ignore[index]
+        self.say(f"NetworkPolicies: {', '.join(names) or 'none'}")
 
     def _spawn_dnsmasq(
         self, node: Node

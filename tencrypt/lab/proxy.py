@@ -25,6 +25,7 @@ then the pod's membership file goes, as the agent removes its own.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ from tencrypt.agent.members import MemberView
 from tencrypt.core.membership import Members, render_members
 from tencrypt.core.psk import KeySet
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.lab import cleanup
+from tencrypt.lab import cleanup, netpolicy
 from tencrypt.lab.topology import Pod
 from tencrypt.linux import netns, procs
 from tencrypt.linux.files import write_atomic
@@ -78,16 +79,20 @@ def launcher_env(setup_args: tuple[str, ...] = ()) -> dict[str, str]:
     return env
 
 
-def members_of(lab: Lab, project: str) -> Members:
-    """The project's membership as the node agent writes it (format 2): the lab's Services
+def members_of(lab: Lab, pod: Pod) -> Members:
+    """``pod``'s membership file as the node agent writes it (format 2): the lab's Services
     and their EndpointSlices as Kubernetes objects (nodesync.kubeobjects), reduced by the
-    agent's own code (agent/members.py), every pod IP of the project, and the cluster's
-    ranges as the agent would discover them (the Service CIDR, the Nodes' pod CIDRs)."""
+    agent's own code (agent/members.py), every pod IP of the project, the cluster's ranges as
+    the agent would discover them (the Service CIDR, the Nodes' pod CIDRs), and the pod's
+    NetworkPolicy with the agent's report of policies that drop its tunnel (agent/netpol.py,
+    through lab/netpolicy.py)."""
+    project = pod.project
     view = MemberView()
     objs = lab_objects(lab.services)
     view.replace_services(o for o in objs if o["kind"] == "Service")
     view.replace_slices(o for o in objs if o["kind"] == "EndpointSlice")
     found = view.of(project)
+    doc = netpolicy.world(lab, project).reduce(pod.name)
     return Members(
         project,
         time.time_ns(),
@@ -96,6 +101,8 @@ def members_of(lab: Lab, project: str) -> Members:
         found.table,
         (lab.topology.service_cidr,),
         tuple(n.pod_cidr for n in lab.nodes.values()),
+        network_policy=json.dumps(doc, sort_keys=True, separators=(",", ":")),
+        tunnel_blocked=tuple(sorted(netpolicy.tunnel_blocked(lab, project).get(pod.name, []))),
     )
 
 
@@ -107,7 +114,7 @@ def members_file(lab: Lab, pod: Pod) -> Path:
 def write_members_file(lab: Lab, pod: Pod, members: Members | None = None) -> Path:
     """Hand ``pod``'s proxy its project's membership (or ``members``), as the agent does:
     atomically, so a running proxy reads the old file or the new one."""
-    doc = members or members_of(lab, pod.project)
+    doc = members or members_of(lab, pod)
     return write_atomic(members_file(lab, pod), render_members(doc))
 
 

@@ -40,17 +40,22 @@ topology's::
         {"name": "web", "project": "myproject", "pods": ["nginx2", "nginx3"],
          "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
         {"name": "db", "project": "myproject", "pods": ["nginx3"], "headless": true}
-      ]
+      ],
+      "network_policies": []                     # networking.k8s.io/v1 NetworkPolicy objects
     }
 
 Per pod: ``name`` (also its own Service's name; ``[a-z][a-z0-9]{0,13}``), ``project`` (a DNS
 label), optional ``node`` (1 or 2, the node it prefers in a two-node lab), ``host`` (host
 number inside the node's pod CIDR), ``vip``, ``ports`` (named container ports, each served by
-an HTTP server: default ``{"http": port}``) and ``service_ports`` (its own Service's ports).
+an HTTP server: default ``{"http": port}``), ``service_ports`` (its own Service's ports) and
+``labels`` (default ``{"app": <name>}``: what NetworkPolicies select).
 Per Service: ``name``, ``project``, ``pods`` (its endpoints, pods of the project), ``ports``
 (``name``, ``port``, ``targetPort`` number or container port name, ``protocol`` TCP or UDP;
 default ``http`` 80 -> ``http``), optional ``vip``, ``headless``, ``affinity`` (ClientIP
 timeout in seconds) and ``not_ready`` (endpoint pods listed but not ready).
+``network_policies`` are Kubernetes NetworkPolicy objects (each with ``metadata.name`` and a
+``metadata.namespace`` that is a project): the nodes enforce them as a CNI would and the
+patched pods' proxies get them as the agent hands them (lab/netpolicy.py).
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class PodSpec:
     vip: str | None = None
     ports: dict[str, int] | None = None  # named container ports (default {"http": port})
     service_ports: list[dict[str, object]] | None = None  # its own Service's spec.ports
+    labels: dict[str, str] | None = None  # the Pod's labels (default {"app": name})
 
 
 @dataclass(slots=True, frozen=True)
@@ -113,6 +119,7 @@ class Pod:
     gateway: str = ""  # the node bridge's IP, the pod's default route
     host_if: str = ""  # node-side end of the pod's veth pair
     ports: dict[str, int] = field(default_factory=dict)  # named container ports it serves
+    labels: dict[str, str] = field(default_factory=dict)  # what NetworkPolicies select
 
     @property
     def endpoint_fqdn(self) -> str:
@@ -180,6 +187,7 @@ class Topology:
     vni: int = 42
     vxlan_port: int = 4789
     port: int = 8080
+    network_policies: list[dict[str, object]] = field(default_factory=list)  # k8s objects
 
     @classmethod
     def default(cls) -> Topology:
@@ -245,6 +253,11 @@ class Topology:
             if not 1 <= spec.node <= MAX_NODES:
                 raise UsageError(f"lab topology: pod {spec.name!r}: node must be 1..{MAX_NODES}")
             names.add(spec.name)
+            labels = spec.labels if spec.labels is not None else {}
+            if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+            ):
+                raise UsageError(f"lab topology: pod {spec.name!r}: labels must map text to text")
         if len(self.pod_cidrs) < MAX_NODES:
             raise UsageError(f"lab topology: pod_cidrs needs {MAX_NODES} entries")
         self._check_overlaps()
@@ -254,6 +267,16 @@ class Topology:
                 raise UsageError(f"lab topology: VIP {vip} of {spec.name!r} is already taken")
             vips.add(vip)
         projects = {p.name: p.project for p in self.pods}
+        for policy in self.network_policies:
+            meta = policy.get("metadata") if isinstance(policy, dict) else None
+            ns, name = (
+                (meta.get("namespace"), meta.get("name")) if isinstance(meta, dict) else (0, 0)
+            )
+            if ns not in set(projects.values()) or not isinstance(name, str):
+                raise UsageError(
+                    "lab topology: a NetworkPolicy needs metadata.name and a metadata.namespace "
+                    f"that is a project of the lab: {json.dumps(policy)[:200]}"
+                )
         for j, svc in enumerate(self.services):
             if not POD_NAME_RE.match(svc.name) or svc.name in names:
                 raise UsageError(f"lab topology: bad or taken Service name {svc.name!r}")
@@ -367,6 +390,7 @@ class Topology:
                 gateway=node.bridge_ip,
                 host_if=f"v{spec.name}",
                 ports=dict(spec.ports or {"http": self.port}),
+                labels=dict(spec.labels if spec.labels is not None else {"app": spec.name}),
             )
         if len({p.ip for p in pods.values()}) != len(pods):
             raise UsageError("lab topology: two pods share an IP address")

@@ -555,8 +555,8 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
         for res in rule["resources"]
         for verb in rule["verbs"]
     }
-    # start_reflectors: list+watch pods, namespaces, services and endpointslices (the
-    # membership feed), and the Secrets named tencrypt only; start_discovery: list nodes and
+    # start_reflectors: list+watch pods, namespaces, services, endpointslices and
+    # networkpolicies (the membership feed), and the Secrets named tencrypt only; start_discovery: list nodes and
     # servicecidrs, get OpenShift's Network named cluster (agent/cidrs.py)
     assert granted == {
         ("pods", "list", ()),
@@ -572,10 +572,13 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
         ("nodes", "list", ()),
         ("servicecidrs", "list", ()),
         ("networks", "get", ("cluster",)),
+        ("networkpolicies", "list", ()),
+        ("networkpolicies", "watch", ()),
     }
     groups = {res: rule["apiGroups"] for rule in role["rules"] for res in rule["resources"]}
     assert groups["endpointslices"] == ["discovery.k8s.io"]
     assert groups["servicecidrs"] == ["networking.k8s.io"]
+    assert groups["networkpolicies"] == ["networking.k8s.io"]
     assert groups["networks"] == ["config.openshift.io"]
     assert all(groups[r] == [""] for r in ("pods", "namespaces", "services", "secrets", "nodes"))
     verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
