@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from bench import measure, peers
-from bench.report import OPENVPN, VANILLA, WIREGUARD
+from bench.report import OPENVPN, TENCRYPT_NETPOL, VANILLA, WIREGUARD
 from tencrypt.errors import SetupError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import READY, proxies_in
@@ -91,6 +91,8 @@ def attach(
             tun.stop()
     else:
         try:
+            if system == TENCRYPT_NETPOL:
+                lab.set_network_policies(bench_policies(a, b))
             for pod in (a, b):
                 lab.patch(pod.name)
             yield Target(
@@ -104,6 +106,57 @@ def attach(
             for pod in (b, a):
                 with contextlib.suppress(SetupError, OSError, subprocess.TimeoutExpired):
                     lab.unpatch(pod.name)
+            if system == TENCRYPT_NETPOL:
+                lab.set_network_policies([])
+
+
+def bench_policies(a: Pod, b: Pod) -> list[dict[str, object]]:
+    """NetworkPolicies that isolate both pods both ways and admit exactly the benchmark:
+    ``b``'s ingress from ``a``, ``a``'s egress to ``b`` (every port: ping is ICMP, which a
+    rule with ports never admits) and to the cluster DNS, and the tunnel port
+    (scripts/k8s/networkpolicy-tunnel.yaml and its egress twin). Every packet of the
+    benchmark then goes through both proxies' policy flows."""
+
+    def np(name: str, pod: Pod, kind: str, rules: list[dict[str, object]]) -> dict[str, object]:
+        spec: dict[str, object] = {
+            "podSelector": {"matchLabels": {"app": pod.name}},
+            "policyTypes": [kind],
+            kind.lower(): rules,
+        }
+        meta = {"name": name, "namespace": pod.project}
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": meta,
+            "spec": spec,
+        }
+
+    tunnel = [{"protocol": p, "port": 1337} for p in ("UDP", "TCP")]
+    dns = [{"protocol": p, "port": 53} for p in ("UDP", "TCP")]
+    project = [{"podSelector": {}}]
+    return [
+        np(
+            f"{b.name}-in",
+            b,
+            "Ingress",
+            [
+                {"from": [{"podSelector": {"matchLabels": {"app": a.name}}}]},
+                {"from": project, "ports": tunnel},
+            ],
+        ),
+        np(
+            f"{a.name}-out",
+            a,
+            "Egress",
+            [
+                {"to": [{"podSelector": {"matchLabels": {"app": b.name}}}]},
+                {"to": project, "ports": tunnel},
+                {"ports": dns},
+            ],
+        ),
+        np(f"{a.name}-in", a, "Ingress", [{"from": project, "ports": tunnel}]),
+        np(f"{b.name}-out", b, "Egress", [{"to": project, "ports": tunnel}, {"ports": dns}]),
+    ]
 
 
 def _ready_line(lab: Lab, pod: Pod) -> str:

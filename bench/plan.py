@@ -3,7 +3,9 @@ the nominal seconds of each step (for the progress line).
 
 Rules:
 - Systems run in a fixed order (``ORDER``): the peer tunnels between unpatched pods first, each
-  ``--peer-binary`` after the Debian ones, Tencrypt last (it patches the pods).
+  ``--peer-binary`` after the Debian ones, Tencrypt last (it patches the pods), then Tencrypt
+  with NetworkPolicies that isolate both pods both ways (``tencrypt-netpol``: the cost of
+  per-flow policy enforcement, bench/attach.py ``bench_policies``).
 - ``--quick``: one node, 1 and 10 clients, 3 s runs, fewer pings, shorter request/response and
   DNS measurements, no soak, results under ``quick.*`` so that a quick run never replaces the
   committed full run's ``latest.*``. Explicit ``--clients``/``--nodes`` still apply.
@@ -20,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import peers
-from bench.report import OPENVPN, TENCRYPT, VANILLA, WIREGUARD
+from bench.report import OPENVPN, TENCRYPT, TENCRYPT_NETPOL, VANILLA, WIREGUARD
 from tencrypt.errors import UsageError
 
-ORDER = [VANILLA, WIREGUARD, OPENVPN, TENCRYPT]
+ORDER = [VANILLA, WIREGUARD, OPENVPN, TENCRYPT, TENCRYPT_NETPOL]
 DNS_SYSTEMS = (VANILLA, TENCRYPT)  # the peer tunnels leave the pods' DNS as it is
 DEFAULT_CLIENTS, DEFAULT_NODES = "1,5,10,20", "1,2"  # as declared in tencrypt/cli.py
 QUICK_DURATION, QUICK_CLIENTS = 3.0, [1, 10]
@@ -111,7 +113,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
     # each extra binary is one more system, measured after the Debian ones and before
     # Tencrypt (which patches the pods)
-    at = plan.systems.index(TENCRYPT) if TENCRYPT in plan.systems else len(plan.systems)
+    ours = [plan.systems.index(s) for s in (TENCRYPT, TENCRYPT_NETPOL) if s in plan.systems]
+    at = min(ours, default=len(plan.systems))
     plan.systems[at:at] = list(plan.binaries)
     if args.quick:
         plan.duration = min(plan.duration, QUICK_DURATION)

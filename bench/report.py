@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VANILLA, TENCRYPT, WIREGUARD, OPENVPN = "vanilla", "tencrypt", "wireguard-go", "openvpn"
-SYSTEMS = [VANILLA, TENCRYPT, WIREGUARD, OPENVPN]  # table order
+TENCRYPT_NETPOL = "tencrypt-netpol"  # Tencrypt with NetworkPolicies isolating both pods
+SYSTEMS = [VANILLA, TENCRYPT, TENCRYPT_NETPOL, WIREGUARD, OPENVPN]  # table order
 CSV_FIELDS = [
     "nodes",
     "system",

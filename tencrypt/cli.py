@@ -334,8 +334,9 @@ def _bench(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--systems",
-        default="vanilla,tencrypt,wireguard-go,openvpn",
-        help="comma-separated systems to measure (default: all four)",
+        default="vanilla,tencrypt,tencrypt-netpol,wireguard-go,openvpn",
+        help="comma-separated systems to measure (default: all five; tencrypt-netpol is "
+        "Tencrypt with NetworkPolicies isolating both pods)",
     )
     p.add_argument(
         "--clients",
