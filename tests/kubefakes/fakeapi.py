@@ -5,7 +5,8 @@ It is a test double in the sense of wireguard-go's ``tuntest``: the client (the 
 small. What it does as the real one does:
 
 - ``GET /api/v1/namespaces``, ``/api/v1/services``, ``/api/v1/endpoints``,
-  ``/apis/discovery.k8s.io/v1/endpointslices`` and ``/api/v1/pods``: a ``<Kind>List`` with a
+  ``/apis/discovery.k8s.io/v1/endpointslices``, ``/apis/networking.k8s.io/v1/networkpolicies``
+  and ``/api/v1/pods``: a ``<Kind>List`` with a
   resourceVersion, paged with ``limit``/``continue``; items carry no ``kind``/``apiVersion``
   (as in real lists). ``fieldSelector=a.b=v,...`` (equality only, e.g. ``spec.nodeName=n1``)
   filters lists and watches.
@@ -49,6 +50,7 @@ PATHS = {
     "/api/v1/secrets": "Secret",
     "/api/v1/nodes": "Node",
     "/apis/networking.k8s.io/v1/servicecidrs": "ServiceCIDR",
+    "/apis/networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
 }
 TOKEN = "tencrypt-test-token"
 

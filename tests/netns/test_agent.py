@@ -456,6 +456,62 @@ def test_real_client_fake_apiserver_key_rotation_reloads_every_proxy_without_a_r
     lab.psk_file("myproject").write_text(base64.b64encode(new.current).decode() + "\n")
 
 
+def test_real_client_fake_apiserver_network_policy_reaches_the_proxies(world, capture):
+    """A NetworkPolicy created in the API is reduced by the agent into nginx2's members.json
+    and enforced by nginx2's proxy on the tunnel's inner packets (the lab's node here is no
+    CNI: only the proxy can refuse); one that does not admit the tunnel port is reported;
+    deleting it restores the traffic."""
+    lab, api, agent, _ = world
+    wait_patched(lab, agent, "nginx1", "nginx2")
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "nginx2-from-nobody", "namespace": "myproject", "uid": "np-1"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "nginx2"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "nobody"}}}]}],
+        },
+    }
+    api.put(policy)
+    path = members_file(lab, agent, "nginx2")
+
+    def carried() -> bool:
+        members = parse_members(path.read_text())
+        return members.network_policy is not None and "nginx2-from-nobody" in members.network_policy
+
+    netns.wait_for(carried, timeout=30, interval=0.2, what="the policy in nginx2's members.json")
+    assert parse_members(path.read_text()).tunnel_blocked == (("ingress", "nginx2-from-nobody"),)
+    assert "nginx2-from-nobody (ingress) drop the tencrypt tunnel" in agent.text()
+
+    def ingress_policies() -> list[str]:
+        text = lab.exec("nginx2", ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/status"])
+        return json.loads(text.stdout)["network_policy"]["ingress"]["policies"]
+
+    netns.wait_for(
+        lambda: ingress_policies() == ["nginx2-from-nobody"],
+        timeout=10,
+        interval=0.2,
+        what="nginx2's proxy to load the policy",
+    )
+    assert metric(lab, "nginx2", "tencrypt_netpol_enforced") == 1
+    denied = lab.exec(
+        "nginx1", ["curl", "-sS", "--max-time", "3", "http://nginx2:8080/"], check=False, timeout=20
+    )
+    assert denied.returncode != 0
+    assert metric(lab, "nginx2", 'tencrypt_drops_total{reason="network_policy"}') > 0
+    api.delete("NetworkPolicy", "myproject", "nginx2-from-nobody")
+    netns.wait_for(lambda: not carried(), timeout=30, interval=0.2, what="the policy gone")
+    netns.wait_for(
+        lambda: ingress_policies() == [],
+        timeout=10,
+        interval=0.2,
+        what="nginx2's proxy to drop the policy",
+    )
+    sealed_curl(lab, capture, "nginx1", "nginx2")
+    assert "its NetworkPolicies admit the tunnel again" in agent.text()
+
+
 def test_real_client_fake_apiserver_removed_pod_leaves_nothing_on_the_node(world):
     lab, api, agent, resolv = world
     wait_patched(lab, agent, "nginx1", "nginx2")
