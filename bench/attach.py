@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from bench import measure, peers
 from bench.report import OPENVPN, TENCRYPT_NETPOL, VANILLA, WIREGUARD
+from tencrypt.core import TUNNEL_PORT
 from tencrypt.errors import SetupError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import READY, proxies_in
@@ -131,7 +132,7 @@ def bench_policies(a: Pod, b: Pod) -> list[dict[str, object]]:
             "spec": spec,
         }
 
-    tunnel = [{"protocol": p, "port": 1337} for p in ("UDP", "TCP")]
+    tunnel = [{"protocol": p, "port": TUNNEL_PORT} for p in ("UDP", "TCP")]
     dns = [{"protocol": p, "port": 53} for p in ("UDP", "TCP")]
     project = [{"podSelector": {}}]
     return [

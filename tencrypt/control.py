@@ -15,11 +15,11 @@ Rules:
    waited for a Service the new table lists are routed again at once. A membership file that
    is there but was never loadable locks the dispatcher (core/dispatch.py rule 5) and the
    inbound gate: not standalone's weaker evidence, until a good file comes.
+4. Every SWEEP: timers of the tunnel, flow and hold expiry (a WAIT past its deadline is
+   refused), session evidence renewed, the membership file and the key file polled.
 5. The membership's NetworkPolicy document (core/netpolicy.py) is loaded into the
    dispatcher's policy flows (core/policyflows.py) when its text changes; none: nothing is
    enforced (standalone mode, an agent that sends none).
-4. Every SWEEP: timers of the tunnel, flow and hold expiry (a WAIT past its deadline is
-   refused), session evidence renewed, the membership file and the key file polled.
 """
 
 from __future__ import annotations

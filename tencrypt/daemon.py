@@ -11,10 +11,11 @@ Outbound, when tenc0 is readable (``_on_tun``):
  3. standalone's receiver NAT: replies of flows that came in for a VIP get it back (core.nat);
  4. ``Dispatcher.route``, once per super-packet before its split: cluster mode's Service
     translation (cluster IP:port -> the flow's endpoint:target port), then the verdict and
-    the pod's egress NetworkPolicy for a new flow to the tunnel, executed by ``_act``: SEAL -> one datagram per segment, sealed by one call of the selected
-    backend (``Tunnel.send_batch``, tencrypt/fastpath.py); CLEAR -> out of the uplink; HOLD
-    -> kept while a reverse (PTR) lookup decides; WAIT -> kept until the membership lists a
-    new Service; REFUSE, DENY -> ICMP "administratively prohibited"; REJECT -> ICMP "port
+    the pod's egress NetworkPolicy for a new flow to the tunnel, executed by ``_act``: SEAL
+    -> one datagram per segment, sealed by one call of the selected backend
+    (``Tunnel.send_batch``, tencrypt/fastpath.py); CLEAR -> out of the uplink; HOLD -> kept
+    while a reverse (PTR) lookup decides; WAIT -> kept until the membership lists a new
+    Service; REFUSE, DENY -> ICMP "administratively prohibited"; REJECT -> ICMP "port
     unreachable" (no endpoint). Nothing leaves in the clear unless positively external;
  5. flush: the tunnel's datagrams out of the UDP socket, a run to one peer as one UDP GSO send.
 Inbound, when the UDP socket is readable (``_on_udp``):
@@ -427,8 +428,9 @@ class Proxy(ControlPlane):
                 self._inject(self.awaiting_route.pop(ip), self.clock())
 
     def _inject(self, packets: list[bytes], now: float) -> None:
-        """NAT in, NetworkPolicy, inject. The batch path merges a flow's consecutive segments first (NAT
-        and the system call then cost once per merged packet) and writes them to tenc0 as TSO
+        """NAT in, NetworkPolicy, inject. The batch path merges a flow's consecutive segments
+        first (NAT, the policy and the system call then cost once per merged packet) and
+        writes them to tenc0 as TSO
         frames whose TCP checksum the kernel completes (CHECKSUM_PARTIAL): no 64 KiB checksum
         in Python. The one-packet path and the fallback inject through the raw socket."""
         if not packets:

@@ -2,9 +2,9 @@
 
 Six reflectors (``kube.reflector.Reflector``, the list+watch machinery node-sync uses too)
 queue every Pod of the cluster, every Namespace, every Service, every EndpointSlice, every
-NetworkPolicy and the Secrets named ``tencrypt`` (``fieldSelector=metadata.name=tencrypt``: the RBAC grants
-list/watch on that name only); a discovery thread queues the cluster's ranges every
-DISCOVER_EVERY seconds (agent/cidrs.py, agent/discovery.py); one thread, this loop, owns
+NetworkPolicy and the Secrets named ``tencrypt`` (``fieldSelector=metadata.name=tencrypt``:
+the RBAC grants list/watch on that name only); a discovery thread queues the cluster's ranges
+every DISCOVER_EVERY seconds (agent/cidrs.py, agent/discovery.py); one thread, this loop, owns
 everything else. Pods are watched cluster-wide because a project's members run on every
 node: this node's pods decide which proxies run, all of them (with the Services and their
 endpoints) make each project's membership. Stages of a pass (``tick``), run every ``TICK``

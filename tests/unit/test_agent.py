@@ -556,8 +556,9 @@ def test_agent_rbac_grants_exactly_what_the_agent_reads():
         for verb in rule["verbs"]
     }
     # start_reflectors: list+watch pods, namespaces, services, endpointslices and
-    # networkpolicies (the membership feed), and the Secrets named tencrypt only; start_discovery: list nodes and
-    # servicecidrs, get OpenShift's Network named cluster (agent/cidrs.py)
+    # networkpolicies (the membership feed), and the Secrets named tencrypt only;
+    # start_discovery: list nodes and servicecidrs, get OpenShift's Network named cluster
+    # (agent/cidrs.py)
     assert granted == {
         ("pods", "list", ()),
         ("pods", "watch", ()),
