@@ -160,15 +160,14 @@ class World:
         if pod in self.pods:
             return self.reduce(pod)
         names = [p.name for p in self.policies]
-        closed = {"isolated": bool(names), "policies": names, "rules": []}
         return {
             "format": FORMAT,
             "project": self.project,
             "pod": pod,
             "generation": 0,
             "ips": [],
-            "ingress": closed,
-            "egress": dict(closed),
+            "ingress": {"isolated": bool(names), "policies": list(names), "rules": []},
+            "egress": {"isolated": bool(names), "policies": list(names), "rules": []},
             "named_ports": {},
             "malformed": [],
         }

@@ -8,7 +8,8 @@ Rules:
   counted, ``agent_bad_object``, and kept: it isolates and allows nothing). Pods are kept as
   ``PodInfo`` (labels, the IPs that count, named container ports), with or without an
   address (one without is no peer, but its own policy can be reduced); a malformed Pod
-  update is counted and keeps what was known.
+  event is counted and keeps what was known, a relist leaves it out (as ``MemberView``
+  does: it is then no peer, which only narrows, and its own document fails closed).
   A Namespace's labels decide its ``namespaceSelector`` matches; a malformed one is unknown
   (None: no selector matches it).
 - ``version(project)`` grows whenever what a reduction reads of the project changes (a
@@ -59,7 +60,9 @@ class PolicyView:
         self.labels = {}
         for obj in objs:
             name = _name(obj)
-            if name is not None:
+            if name is None:
+                self.stats.inc(Counter.AGENT_BAD_OBJECT)
+            else:
                 self.labels[name] = self._ns_labels(obj)
         for ns in set(old) | set(self.labels):
             if old.get(ns) != self.labels.get(ns):
@@ -78,6 +81,8 @@ class PolicyView:
     def on_policy(self, event: EventType, obj: Any) -> None:
         ns, policy = namespace_of(obj), self._policy(obj)
         if ns is None or policy is None:
+            if ns is None and policy is not None:
+                self.stats.inc(Counter.AGENT_BAD_OBJECT)
             return
         self._put(self.policies, ns, policy.name, None if event is EventType.DELETED else policy)
 

@@ -33,7 +33,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from tencrypt.agent.netpol import World
+from tencrypt.agent.netpol import World, sorted_ips
 from tencrypt.errors import SetupError
 from tencrypt.lab.topology import Pod
 from tencrypt.linux import netns
@@ -155,7 +155,9 @@ def _rule(rule: Doc, peer: str, doc: Doc) -> list[str]:
     for p in ports:
         proto = p["protocol"].lower()
         if "name" in p:  # egress: the name resolved per destination (named_ports)
-            for ip, names in sorted(doc.get("named_ports", {}).items()):
+            named = doc.get("named_ports", {})
+            for ip in sorted_ips(named):
+                names = named[ip]
                 numbers = names.get(f"{p['protocol']}/{p['name']}")
                 if numbers and ipaddress.ip_address(ip).version == 4 and _peer_has(peers, ip):
                     listed = ", ".join(map(str, numbers))

@@ -240,9 +240,18 @@ def test_the_last_pod_or_policy_of_a_namespace_leaves_no_empty_entry():
 
 def test_a_policy_without_a_namespace_is_not_kept():
     v = view(PODS, [])
-    before = dict(v.versions)
+    before, bad = dict(v.versions), bad_objects(v)
     v.on_policy(ADDED, changed(DENY_INGRESS, lambda o: o["metadata"].pop("namespace")))
     assert v.policies == {} and v.versions == before
+    assert bad_objects(v) == bad + 1
+
+
+def test_a_nameless_namespace_in_a_list_is_counted_and_left_out():
+    v = view(PODS, [], namespaces=[])
+    nameless = changed(namespace(), lambda o: o["metadata"].pop("name"))
+    v.replace_namespaces([nameless, namespace()])
+    assert list(v.labels) == [namespace()["metadata"]["name"]]
+    assert bad_objects(v) == 1
 
 
 def test_a_malformed_policy_is_kept_isolating_and_allowing_nothing():
