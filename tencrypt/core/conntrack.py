@@ -51,11 +51,11 @@ from tencrypt.core.flowstate import (
     FIN_IN,
     FIN_OUT,
     ICMP_LIKE,
-    TCP_CLOSED,
     TCP_OPEN,
     UDP_LIKE,
     FlowState,
     IdleFlows,
+    reopens,
 )
 from tencrypt.core.packet import (
     DST,
@@ -64,8 +64,6 @@ from tencrypt.core.packet import (
     IP_MF,
     SRC,
     TCP,
-    TCP_ACK,
-    TCP_SYN,
     UDP,
     IPv4,
     parse_icmp_quote,
@@ -164,7 +162,7 @@ class ServiceFlows:
         else:  # SCTP (services rule 8) and protocols without ports
             return self._reject()
         flow = self._live(key, now)
-        if flow is not None and proto == TCP and flow.queue == TCP_CLOSED and _opens(ip.info):
+        if flow is not None and proto == TCP and reopens(flow, ip.info):
             self._drop_flow(key)  # rule 4: a new connection on a reused tuple
             flow = None
         if flow is None:
@@ -344,11 +342,8 @@ class ServiceFlows:
 
     def _evict(self) -> None:
         """Rule 7: the closed TCP flow idle longest, else the flow idle longest of any class."""
-        key = self._idle.oldest(TCP_CLOSED)
-        if key is None:
-            flows = self._idle.flows
-            oldest = [k for k in map(self._idle.oldest, range(4)) if k is not None]
-            key = min(oldest, key=lambda k: flows[k].last_seen)
+        key = self._idle.victim()
+        assert key is not None  # called on a full table
         self._drop_flow(key)
         self._stats.inc(Counter.SERVICE_FLOWS_EVICTED)
 
@@ -394,7 +389,3 @@ def _reply_key(key: Key, flow: ServiceFlow) -> Key:
     if proto == ICMP:
         return (ICMP, flow.endpoint, sport, src, 0)
     return (proto, flow.endpoint, flow.target, src, sport)
-
-
-def _opens(flags: int) -> bool:
-    return bool(flags & TCP_SYN) and not flags & TCP_ACK

@@ -108,3 +108,18 @@ class IdleFlows(Generic[K, F]):
     def oldest(self, queue: int) -> K | None:
         """The key idle longest in class ``queue``, or None."""
         return next(iter(self.queues[queue]), None)
+
+    def victim(self) -> K | None:
+        """What a full table evicts: the closed TCP flow idle longest, else the flow idle
+        longest of any class (None: the table is empty)."""
+        key = self.oldest(TCP_CLOSED)
+        if key is None:
+            oldest = [k for k in map(self.oldest, range(len(self.queues))) if k is not None]
+            key = min(oldest, key=lambda k: self.flows[k].last_seen, default=None)
+        return key
+
+
+def reopens(flow: FlowState, flags: int) -> bool:
+    """Rule 3 seen from a table: a SYN without ACK on a closed TCP flow is a new connection
+    on a reused tuple (the table decides it again)."""
+    return flow.queue == TCP_CLOSED and bool(flags & TCP_SYN) and not flags & TCP_ACK

@@ -52,11 +52,11 @@ from tencrypt.core.flowstate import (
     FIN_IN,
     FIN_OUT,
     ICMP_LIKE,
-    TCP_CLOSED,
     TCP_OPEN,
     UDP_LIKE,
     FlowState,
     IdleFlows,
+    reopens,
 )
 from tencrypt.core.netpolicy import Decision, NetPolicy
 from tencrypt.core.packet import (
@@ -64,8 +64,6 @@ from tencrypt.core.packet import (
     ICMP_ERRORS,
     IP_MF,
     TCP,
-    TCP_ACK,
-    TCP_SYN,
     IPv4,
     parse_icmp_quote,
     parse_ident,
@@ -168,7 +166,7 @@ class PolicyFlows:
         if proto == ICMP:
             key = (ICMP, key[1], ip.sport if ip.info >> 8 in (0, 8) else 0, key[3], 0)
         flow = self._live(key, now)
-        if flow is not None and proto == TCP and flow.queue == TCP_CLOSED and _opens(ip.info):
+        if flow is not None and proto == TCP and reopens(flow, ip.info):
             self._idle.remove(key)  # rule 2: a new connection on a reused tuple
             flow = None
         if flow is None:
@@ -244,11 +242,8 @@ class PolicyFlows:
         idle = self._idle
         if len(idle) >= self._max:
             self.expire(now)
-            if len(idle) >= self._max:
-                victim = idle.oldest(TCP_CLOSED)
-                if victim is None:
-                    oldest = [k for k in map(idle.oldest, range(4)) if k is not None]
-                    victim = min(oldest, key=lambda k: idle.flows[k].last_seen)
+            victim = idle.victim() if len(idle) >= self._max else None
+            if victim is not None:
                 idle.remove(victim)
                 self._stats.inc(Counter.NETPOL_FLOWS_EVICTED)
         proto = key[0]
@@ -287,7 +282,3 @@ def _opened(key: Key, flow: PolicyFlow) -> tuple[int, int, int]:
     """(remote, proto, the port the opener's policy decides on) of a known flow."""
     proto, _, lport, remote, rport = key
     return remote, proto, 0 if proto == ICMP else rport if flow.opener == OUT else lport
-
-
-def _opens(flags: int) -> bool:
-    return bool(flags & TCP_SYN) and not flags & TCP_ACK
