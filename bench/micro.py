@@ -19,13 +19,18 @@ shared machine shows what the code costs rather than what the neighbours cost):
    of tests/unit/fakes.py, so no system call is counted): a 53-byte TCP segment read from tenc0
    and sealed (out), and the datagram opened, NATed and written to tenc0 (in), per backend;
    once back to back (hot) and once after IDLE_S of sleep before each packet (cold: what a
-   ping at idle meets, since caches and TLBs are cold after the CPU slept).
+   ping at idle meets, since caches and TLBs are cold after the CPU slept);
+6. the same hops, hot, in cluster mode (a format-2 membership: the sender translates the
+   Service per connection, the receiver gives the reply its cluster IP back), without and
+   with a NetworkPolicy that isolates both pods both ways (issue 23: the policy flows' cost
+   per packet of a known flow), for the best backend: a request out and in, a reply back.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import platform
 import struct
 import time
@@ -331,6 +336,108 @@ def bench_hops(runs: int, n: int) -> dict[str, float]:
     return results
 
 
+def bench_cluster_hops(runs: int, n: int) -> dict[str, float]:
+    """Section 6: µs per small packet per hop in cluster mode, request and reply, hot."""
+    import asyncio
+
+    from tencrypt.core.membership import Members
+    from tencrypt.core.packet import TCP
+    from tencrypt.core.services import Endpoint, Port, Service
+    from tests.unit.fakes import Pod, Wire
+
+    a_ip, b_ip, vip = "10.128.0.11", "10.128.0.12", "172.30.5.9"
+    backend = fastpath.compiled() or pure
+
+    def members(pod: str, netpol: bool) -> Members:
+        web = Service(
+            "web", (vip,), (Port("http", TCP, 80),), (Endpoint(b_ip, (Port("http", TCP, 8080),)),)
+        )
+        both_ways = {
+            "isolated": True,
+            "policies": ["p"],
+            "rules": [
+                {
+                    "policy": "p",
+                    "rule": 0,
+                    "peers": {"ips": [a_ip, b_ip], "blocks": []},
+                    "ports": "any",
+                }
+            ],
+        }
+        doc = {
+            "format": "tencrypt-netpol/1",
+            "project": "shop",
+            "pod": pod,
+            "generation": 0,
+            "ips": [a_ip if pod == "a" else b_ip],
+            "ingress": both_ways,
+            "egress": both_ways,
+        }
+        return Members(
+            "shop",
+            1,
+            frozenset({a_ip, b_ip}),
+            frozenset({vip}),
+            (web,),
+            ("172.30.0.0/16",),
+            ("10.128.0.0/14",),
+            network_policy=json.dumps(doc, sort_keys=True, separators=(",", ":"))
+            if netpol
+            else None,
+        )
+
+    request = bytes(10) + ipv4(a_ip, vip, size=53, proto=6, ports=(40000, 80))
+    reply = bytes(10) + ipv4(b_ip, a_ip, size=53, proto=6, ports=(8080, 40000))
+    results: dict[str, float] = {}
+    for label, netpol in (("cluster", False), ("cluster + NetworkPolicy", True)):
+        a = Pod(a_ip, batch=True, members=members("a", netpol))
+        b = Pod(b_ip, batch=True, members=members("b", netpol))
+        for pod in (a, b):
+            pod.proxy.tunnel.fastpath = backend
+
+        async def link(a: Pod = a, b: Pod = b) -> Wire:
+            wire = Wire(a, b)
+            await a.proxy.prepare()
+            await b.proxy.prepare()
+            a.app_sends(request)
+            for _ in range(5):
+                wire.pump()
+                await a.proxy.effects.round()
+                await b.proxy.effects.round()
+            a.tun.written.clear()
+            b.tun.written.clear()
+            return wire
+
+        asyncio.run(link())
+
+        def hop(src: Pod, dst: Pod, packet: bytes, label: str = label) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            src.tun.inbox.append(packet)
+            src.proxy._on_tun()
+            sent, src.udp.sent = src.udp.sent, []
+            t1 = time.perf_counter()
+            for datagram, (_dst, port) in sent:
+                dst.udp.inbox.append(([datagram], (src.ip, port)))
+            dst.proxy._on_udp()
+            if len(dst.tun.written) != 1:
+                raise AssertionError(f"{label}: a benchmark packet was not delivered")
+            dst.tun.written.clear()
+            return t1 - t0, time.perf_counter() - t1
+
+        def rounds(k: int, a: Pod = a, b: Pod = b) -> tuple[float, float]:
+            total_out = total_in = 0.0
+            for _ in range(k):
+                for src, dst, packet in ((a, b, request), (b, a, reply)):
+                    t_out, t_in = hop(src, dst, packet)
+                    total_out, total_in = total_out + t_out, total_in + t_in
+            return total_out / (2 * k) * 1e6, total_in / (2 * k) * 1e6
+
+        best = [rounds(n) for _ in range(runs)]
+        results[f"out hop, hot, {label}"] = min(r[0] for r in best)
+        results[f"in hop, hot, {label}"] = min(r[1] for r in best)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="runs per measurement (best wins)")
@@ -360,6 +467,16 @@ def main() -> None:
     )
     for name, us in bench_hops(args.runs, args.packets // 4).items():
         print(f"  {name:<48} {us:8.1f} µs")
+    print(
+        f"per small packet per hop in cluster mode (request and reply, the {backend_name()} "
+        f"backend), hot: best of {args.runs} runs x {args.packets // 8} round trips"
+    )
+    for name, us in bench_cluster_hops(args.runs, args.packets // 8).items():
+        print(f"  {name:<48} {us:8.1f} µs")
+
+
+def backend_name() -> str:
+    return "c" if fastpath.compiled() is not None else "python"
 
 
 if __name__ == "__main__":

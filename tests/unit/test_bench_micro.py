@@ -31,3 +31,13 @@ def test_the_super_packet_section_covers_every_backend():
     for name in names:
         assert f"send_batch x{micro.SEGMENTS} [{name}]" in got
         assert f"receive_batch x{micro.SEGMENTS} [{name}]" in got
+
+
+def test_the_cluster_section_delivers_requests_and_replies_with_and_without_a_policy():
+    got = micro.bench_cluster_hops(1, 5)
+    assert set(got) == {
+        f"{way} hop, hot, {mode}"
+        for way in ("out", "in")
+        for mode in ("cluster", "cluster + NetworkPolicy")
+    }
+    assert all(us > 0 for us in got.values())
