@@ -409,6 +409,9 @@ def bench_cluster_hops(runs: int, n: int) -> dict[str, float]:
             return wire
 
         asyncio.run(link())
+        enforced = [p.proxy.dispatch.netpol.policy is not None for p in (a, b)]
+        if enforced != [netpol, netpol]:
+            raise AssertionError(f"{label}: the policy is {'not ' if netpol else ''}loaded")
 
         def hop(src: Pod, dst: Pod, packet: bytes, label: str = label) -> tuple[float, float]:
             t0 = time.perf_counter()
