@@ -37,6 +37,14 @@ Rules:
 7. Bound: at most ``max_flows``. A new flow in a full table reaps dead flows, then evicts the
    closed TCP flow idle longest, else the flow idle longest. All flows are this pod's own,
    so no quota per source is needed.
+8. A connection the application opens straight to an endpoint's pod IP (no translation)
+   can reuse the wire tuple of a Service flow: the kernel picks source ports per
+   destination, so port P may go to the cluster IP and then to the pod IP. ``direct_syn``
+   sees its SYN: a closed Service flow on that tuple ends there (``service_flows_reused``;
+   its replies would otherwise be given the cluster IP and the new connection would never
+   complete); an open one cannot be told apart on the wire and is counted
+   (``service_tuple_conflicts``), as the rare clash Linux's NAT would resolve by remapping
+   the source port.
 Pure: buffers, ints and ``now`` in; nothing read from a clock; randomness is ``rng``
 (``random.randrange`` in the proxy, a fixed sequence in tests).
 """
@@ -51,10 +59,12 @@ from tencrypt.core.flowstate import (
     FIN_IN,
     FIN_OUT,
     ICMP_LIKE,
+    TCP_CLOSED,
     TCP_OPEN,
     UDP_LIKE,
     FlowState,
     IdleFlows,
+    opens,
     reopens,
 )
 from tencrypt.core.packet import (
@@ -183,6 +193,25 @@ class ServiceFlows:
                 self._frags_out, (proto, ip.src, ip.dst, parse_ident(buf, ip)), flow.endpoint, now
             )
         return TRANSLATED
+
+    def direct_syn(self, buf: bytearray | memoryview, now: float) -> None:
+        """Rule 8 for a packet to a pod IP that is an endpoint (the caller checked it is a
+        TCP packet to one): only a SYN without ACK is looked at."""
+        ihl = (buf[0] & 0x0F) * 4
+        if len(buf) < ihl + 14 or not opens(buf[ihl + 13]):
+            return
+        ip = parse_ipv4(buf)
+        if ip is None or ip.frag:
+            return
+        key = self._replies.get((TCP, ip.dst, ip.dport, ip.src, ip.sport))
+        flow = None if key is None else self._live(key, now)
+        if key is None or flow is None:
+            return
+        if flow.queue == TCP_CLOSED:
+            self._drop_flow(key)
+            self._stats.inc(Counter.SERVICE_FLOWS_REUSED)
+        else:
+            self._stats.inc(Counter.SERVICE_TUPLE_CONFLICTS)
 
     def restore(self, buf: bytearray | memoryview, ip: IPv4) -> None:
         """Undo ``translate`` on a packet (``ip``: its view before the translation): the

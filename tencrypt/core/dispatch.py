@@ -50,7 +50,7 @@ from collections.abc import Container, Sequence
 from tencrypt.core.classify import AddrClass, ClassTable
 from tencrypt.core.conntrack import DROP, REJECT, ServiceFlows
 from tencrypt.core.holdqueue import HoldQueue
-from tencrypt.core.packet import ICMP, parse_ipv4
+from tencrypt.core.packet import ICMP, TCP, parse_ipv4
 from tencrypt.core.policy import Guard, Verdict, decide
 from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.services import ServiceTable
@@ -188,6 +188,8 @@ class Dispatcher:
                 return out, endpoint
             if self._unlisted_service(dst, now):
                 return Out.WAIT, dst
+            if buf[9] == TCP and int.from_bytes(buf[16:20], "big") in self.flows.endpoints:
+                self.flows.direct_syn(buf, now)  # conntrack rule 8: a reused wire tuple
         if dst in self.peers:
             return Out.SEAL, dst
         return self._verdict(dst, now, looked_up)

@@ -119,7 +119,12 @@ class IdleFlows(Generic[K, F]):
         return key
 
 
+def opens(flags: int) -> bool:
+    """TCP ``flags`` of a segment that opens a connection: SYN without ACK."""
+    return bool(flags & TCP_SYN) and not flags & TCP_ACK
+
+
 def reopens(flow: FlowState, flags: int) -> bool:
     """Rule 3 seen from a table: a SYN without ACK on a closed TCP flow is a new connection
     on a reused tuple (the table decides it again)."""
-    return flow.queue == TCP_CLOSED and bool(flags & TCP_SYN) and not flags & TCP_ACK
+    return flow.queue == TCP_CLOSED and opens(flags)

@@ -131,6 +131,9 @@ class Counter(enum.StrEnum):
     SERVICE_FLOWS_EXPIRED = "service_flows_expired"
     SERVICE_FLOWS_EVICTED = "service_flows_evicted"
     SERVICE_FLOWS_REPICKED = "service_flows_repicked"  # their endpoint went: UDP/ICMP re-pick
+    # conntrack.py rule 8: a SYN straight to an endpoint reuses a Service flow's wire tuple
+    SERVICE_FLOWS_REUSED = "service_flows_reused"  # the Service flow was closed: it ends
+    SERVICE_TUPLE_CONFLICTS = "service_tuple_conflicts"  # it was open: both share one tuple
     NETPOL_FLOWS_EVICTED = "netpol_flows_evicted"  # core/policyflows.py rule 7: table full
     STANDALONE_VIP_PACKETS = "standalone_vip_packets"  # sealed to a VIP: the node picks (no feed)
     # DNS proxy (core/dnsmsg.py, linux/dns.py)

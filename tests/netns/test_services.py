@@ -187,6 +187,37 @@ def test_a_pod_ip_is_reached_after_a_session_through_a_service(lab: Lab, caller,
     assert sealed_on_the_bridge(lab, calls, marker) == ("nginx2", callee)
 
 
+GET_FROM_PORT = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.settimeout(5)
+s.bind(("", int(sys.argv[3])))
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.decode(errors="replace").splitlines()[-1])
+"""
+
+
+def test_the_same_source_port_to_a_service_then_straight_to_its_pod(lab: Lab):
+    """The kernel picks source ports per destination, so one port may go to a cluster IP and,
+    a moment later, to the pod behind it: the same tuple on the wire. The second connection
+    must get its own answers (conntrack.py rule 8), not the closed Service flow's."""
+    patched(lab, "nginx1", "nginx2")
+    front, nginx2 = lab.services_by_name["front"].vip, lab.pod("nginx2").ip
+    answers = [
+        lab.exec("nginx1", ["python3", "-c", GET_FROM_PORT, host, str(port), "45123"], check=False)
+        for host, port in ((front, 80), (nginx2, 8080))
+    ]
+    assert [a.stdout.strip() for a in answers] == ["Hello from nginx2 (myproject)"] * 2, [
+        a.stderr[-300:] for a in answers
+    ]
+    assert metric(lab, "nginx1", "tencrypt_service_flows_reused_total") == 1
+
+
 def test_a_headless_service_reaches_its_pod_by_pod_ip_sealed(lab: Lab):
     patched(lab, "nginx1", "nginx3")
     marker = f"tencrypt-hl-{secrets.token_hex(4)}"

@@ -168,6 +168,30 @@ def test_a_syn_on_a_closed_flow_is_a_new_connection_and_chooses_again():
     assert out(flows, syn(), 2.5)[1][16:20] == ipaddress.IPv4Address(P2).packed
 
 
+def test_a_direct_syn_on_a_closed_service_flows_tuple_ends_that_flow():
+    """Rule 8: port 40000 went to the VIP (now closed), then the app opens 40000 -> P1:8080
+    straight: P1's answers belong to the new connection, never rewritten to the VIP."""
+    flows = flows_of(P1)
+    out(flows, syn())
+    out(flows, syn(flags="R"), 1.0)  # closed, still in the table for tcp_closed seconds
+    direct = raw(IP(src=A, dst=P1) / TCP(sport=40000, dport=8080, flags="S"))
+    flows.direct_syn(direct, 2.0)
+    assert flows._stats.get("service_flows_reused") == 1 and len(flows) == 0
+    answer = IP(src=P1, dst=A) / TCP(sport=8080, dport=40000, flags="SA")
+    assert back(flows, answer, 2.0) == raw(answer)  # untouched: the direct connection's
+
+
+def test_a_direct_syn_on_an_open_service_flows_tuple_is_counted_and_changes_nothing():
+    flows = flows_of(P1)
+    out(flows, syn())
+    before = flows.endpoint_of((pk.TCP, n(A), 40000, n(VIP), 80), 1.0)
+    for flags in ("S", "SA", "A"):  # only a SYN without ACK is looked at
+        flows.direct_syn(raw(IP(src=A, dst=P1) / TCP(sport=40000, dport=8080, flags=flags)), 1.0)
+    flows.direct_syn(raw(IP(src=A, dst=P1) / TCP(sport=40001, dport=8080, flags="S")), 1.0)
+    assert flows._stats.get("service_tuple_conflicts") == 1
+    assert flows.endpoint_of((pk.TCP, n(A), 40000, n(VIP), 80), 1.0) == before == (n(P1), 8080)
+
+
 def test_fins_both_ways_close_the_flow_then_it_expires_quickly():
     flows = flows_of(P1, tcp_closed=10.0)
     out(flows, syn())

@@ -109,6 +109,21 @@ def test_cluster_mode_translates_a_cluster_ip_to_its_endpoint_and_seals_to_it():
     assert ip is not None and ip.dport == 8080 and d.cluster
 
 
+def test_a_direct_connection_reusing_a_closed_service_flows_tuple_gets_its_own_replies():
+    """conntrack rule 8 through the dispatcher: port 40000 went to the VIP and closed; the
+    app's next SYN from 40000 goes to P1:8080 straight; P1's answer must reach the app as
+    P1's, not as the VIP's."""
+    d = dispatcher(peers={P1})
+    cluster(d, web(P1))
+    assert route(d, to(VIP))[0] is Out.SEAL
+    assert route(d, to(VIP, flags="R"), 1.0)[0] is Out.SEAL
+    assert route(d, to(P1, port=8080), 2.0) == (Out.SEAL, P1)
+    answer = bytearray(bytes(IP(src=P1, dst=A) / TCP(sport=8080, dport=40000, flags="SA")))
+    before = bytes(answer)
+    d.on_reply(answer, 2.0)
+    assert bytes(answer) == before and d.stats.get("service_flows_reused") == 1
+
+
 def test_no_endpoint_is_rejected_and_a_malformed_packet_dropped():
     d = dispatcher()
     cluster(d, web(P1, ready=False))
