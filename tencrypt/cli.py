@@ -32,7 +32,7 @@ PSK_HELP = (
     "the command line"
 )
 
-SPIN_US = 200.0  # run --spin-us: linux/spin.py; measured in bench/results/latest.md
+SPIN_US = 400.0  # run --spin-us: linux/spin.py; measured in README ("Latency")
 
 Adder = Callable[[argparse.ArgumentParser], None]
 
