@@ -175,9 +175,9 @@ class Proxy(ControlPlane):
         loaded = self.members.loaded if self.members else None
         if loaded is None:
             log.warning(
-                "%s (membership file %s)",
-                observe.STANDALONE_LIMITS,
+                "no membership file (%s): %s",
                 self.members.path if self.members else "none given",
+                observe.STANDALONE_LIMITS,
             )
         if self.strict and loaded is None:  # new connections with the pod network: gated
             from tencrypt.linux.inbound import open_gates
