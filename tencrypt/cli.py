@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from tencrypt import __version__
+from tencrypt import __version__, argtypes
 from tencrypt.core import TUNNEL_PORT
 from tencrypt.core.podconfig import OVERHEAD
 from tencrypt.errors import TencryptError
@@ -127,7 +127,7 @@ def _setup(p: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--resolv-conf-of",
         metavar="PID",
-        type=int,
+        type=argtypes.positive_int,
         help="rewrite the resolv.conf that process PID sees (from outside its mount "
         "namespace); where that is a read-only bind mount, as in containerd's "
         "and CRI-O's pause container, the node's file behind it",
@@ -173,14 +173,14 @@ def _run(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--handshake-give-up",
-        type=float,
+        type=argtypes.seconds,
         metavar="SECONDS",
         help="seconds of unanswered handshakes before a peer counts as unreachable "
         "(default: 30 strict, 5 with --no-strict)",
     )
     p.add_argument(
         "--session-lifetime",
-        type=float,
+        type=argtypes.seconds,
         metavar="SECONDS",
         help="seconds a session's keys may seal before a fresh handshake must replace "
         "them (re-keyed at two thirds of it; default: 180, WireGuard's)",
@@ -194,12 +194,13 @@ def _run(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics",
+        type=argtypes.address,
         metavar="ADDR:PORT",
         help="serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9137",
     )
     p.add_argument(
         "--port",
-        type=int,
+        type=argtypes.port_number,
         default=TUNNEL_PORT,
         help=f"UDP port of the tunnel (default: {TUNNEL_PORT})",
     )
@@ -251,13 +252,13 @@ def _dns(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=argtypes.seconds,
         default=2.0,
         help="seconds before a silent upstream earns the client a SERVFAIL (default: 2)",
     )
     p.add_argument(
         "--cache-entries",
-        type=int,
+        type=argtypes.count,
         default=1024,
         metavar="N",
         help="answers kept for repeated queries, each at most for its records' TTL "
@@ -347,7 +348,10 @@ def _bench(p: argparse.ArgumentParser) -> None:
         "--nodes", default="1,2", help="lab shapes to measure: 1, 2 or 1,2 (default: 1,2)"
     )
     p.add_argument(
-        "--duration", type=float, default=10.0, help="seconds per iperf3 run (default: 10)"
+        "--duration",
+        type=argtypes.seconds,
+        default=10.0,
+        help="seconds per iperf3 run (default: 10)",
     )
     p.add_argument(
         "--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)"

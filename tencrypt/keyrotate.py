@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from tencrypt import argtypes
 from tencrypt.core.psk import KeySet, ring_label
 from tencrypt.core.rotation import (
     PHASE_ANNOTATION,
@@ -47,12 +48,21 @@ from tencrypt.core.rotation import (
     secret_data,
     secret_keys,
 )
-from tencrypt.errors import TencryptError, UsageError
+from tencrypt.errors import TencryptError
 from tencrypt.kube.objects import add_kubeconfig_argument
 
 DEFAULT_GRACE = 300.0  # > a session's lifetime (180 s): every session re-keyed meanwhile
 DEFAULT_TIMEOUT = 600.0
 POLL = 2.0
+PHASES = 3  # add-next, promote, drop-previous
+
+
+def worst_case_seconds(timeout: float, grace: float) -> float:
+    """The longest a whole rotation (``--all``) may take before it gives up: the check that
+    every pod runs what the Secret holds, a wait per phase (each up to ``timeout``), and the
+    grace before drop-previous. A Job's activeDeadlineSeconds must exceed it, or Kubernetes
+    kills the run while it still waits within its own limits."""
+    return (1 + PHASES) * timeout + grace
 
 
 class RotationError(TencryptError):
@@ -82,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--grace",
-        type=float,
+        type=argtypes.seconds_or_zero,
         default=DEFAULT_GRACE,
         metavar="SECONDS",
         help="seconds between promote (loaded everywhere) and drop-previous; longer "
@@ -90,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--timeout",
-        type=float,
+        type=argtypes.seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"seconds to wait for the agents after each phase (default: {DEFAULT_TIMEOUT:.0f})",
@@ -145,7 +155,7 @@ class Rotator:
     # ---- the Secret ----------------------------------------------------------------------
     def read(self) -> tuple[KeySet, dict[str, Any]]:
         secret = self._call(
-            "read",
+            f"read Secret {self.namespace}/{SECRET_NAME}",
             self.api.read_namespaced_secret,
             SECRET_NAME,
             self.namespace,
@@ -171,7 +181,7 @@ class Rotator:
             "data": secret_data(new),
         }
         written = self._call(
-            "update",
+            f"update Secret {self.namespace}/{SECRET_NAME}",
             self.api.replace_namespaced_secret,
             SECRET_NAME,
             self.namespace,
@@ -255,6 +265,8 @@ class Rotator:
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> dict[str, Any]:
         from kubernetes.client.rest import ApiException
 
+        from tencrypt.kube.client import brief, unreachable
+
         try:
             resp = fn(*args, **kw)
             doc: dict[str, Any] = json.loads(resp.data)
@@ -270,8 +282,8 @@ class Rotator:
                     self.agent_namespace,
                 )
             ) from None
-        except OSError as exc:  # urllib3 wraps refusals in OSErrors' subclasses
-            raise RotationError(f"cannot {what}: {exc}") from None
+        except unreachable() as exc:  # refused, timed out, TLS: the API server unreachable
+            raise RotationError(f"cannot {what}: {brief(exc)}") from None
 
 
 def api_error(
@@ -300,8 +312,6 @@ def label(keys: KeySet) -> str:
 def main(args: argparse.Namespace) -> int:
     from kubernetes import client
 
-    if args.grace < 0 or args.timeout <= 0:
-        raise UsageError("--grace must be >= 0 and --timeout > 0")
     from tencrypt.kube.client import new_api_client
 
     api = client.CoreV1Api(new_api_client(args.kubeconfig, args.context))

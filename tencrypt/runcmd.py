@@ -87,19 +87,17 @@ async def serve(args: argparse.Namespace) -> int:
     proxy.loaded_dir = state_dir
     write_loaded(state_dir, keys)
     await proxy.start()
-    server = (
-        await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
-        if args.metrics
-        else None
-    )
-    pid_file.write_text(f"{os.getpid()}\n")
-    print(
-        f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, udp :{config.port}, "
-        f"{'strict' if strict else 'not strict'}",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
+    server = None
+    try:  # a metrics address that cannot be bound stops the proxy as SIGTERM would
+        if args.metrics:
+            server = await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
+        pid_file.write_text(f"{os.getpid()}\n")
+        print(
+            f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, "
+            f"udp :{config.port}, {'strict' if strict else 'not strict'}",
+            file=sys.stderr,
+            flush=True,
+        )
         await proxy.timers()
     finally:
         log.info("shutting down")

@@ -23,6 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
+from tencrypt import argtypes
 from tencrypt.errors import UsageError
 from tencrypt.kube.objects import add_kubeconfig_argument
 
@@ -91,20 +92,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--proxy-metrics",
+        type=argtypes.address,
         metavar="ADDR:PORT",
         help="each proxy serves Prometheus metrics at this address inside its pod, "
         "e.g. 127.0.0.1:9137 (default: off)",
     )
     p.add_argument(
         "--ready-timeout",
-        type=float,
+        type=argtypes.seconds,
         default=30.0,
         metavar="SECONDS",
         help="a proxy not ready by then is killed and restarted (default: 30)",
     )
     p.add_argument(
         "--restart-backoff",
-        type=float,
+        type=argtypes.seconds,
         default=1.0,
         metavar="SECONDS",
         help="first delay before restarting a proxy that died; doubles per "
@@ -112,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--restart-backoff-max",
-        type=float,
+        type=argtypes.seconds,
         default=60.0,
         metavar="SECONDS",
         help="longest delay between restarts (default: 60)",
@@ -218,10 +220,7 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        api = new_api_client(args.kubeconfig)
-    except Exception as exc:  # noqa: BLE001 - the client's config errors have no common type
-        raise UsageError(f"cannot configure the Kubernetes client: {exc}") from exc
+    api = new_api_client(args.kubeconfig)  # UsageError when no configuration is usable
     reporter = None
     if args.key_report:
         from kubernetes import client

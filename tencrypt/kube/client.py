@@ -12,11 +12,14 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
+from tencrypt.errors import UsageError
 
 PAGE_SIZE = 500
 CONNECT_TIMEOUT = 10  # seconds to connect to the API server
@@ -25,14 +28,39 @@ LIST_TIMEOUT = 120  # seconds to read one page
 
 def new_api_client(kubeconfig: str | None, context: str | None = None) -> client.ApiClient:
     """A kubeconfig (or one of its contexts) when one is named; else the in-cluster
-    service-account config when running in a pod; else ``$KUBECONFIG`` or ``~/.kube/config``."""
-    if kubeconfig or context:
-        return config.new_client_from_config(config_file=kubeconfig, context=context)
+    service-account config when running in a pod; else ``$KUBECONFIG`` or ``~/.kube/config``.
+    None of them usable: UsageError saying which were tried (never the client's traceback)."""
+    if kubeconfig and not os.path.isfile(kubeconfig):
+        raise UsageError(f"--kubeconfig {kubeconfig}: no such file")
     try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
+        if kubeconfig or context:
+            return config.new_client_from_config(config_file=kubeconfig, context=context)
+        try:
+            config.load_incluster_config()
+            return client.ApiClient()
+        except config.ConfigException:
+            return config.new_client_from_config()
+    except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as exc:
+        # the client raises these for a missing, unreadable or malformed kubeconfig
+        tried = (
+            f"--kubeconfig {kubeconfig}"
+            if kubeconfig
+            else "no service account of a pod here, and $KUBECONFIG or ~/.kube/config"
+        )
+        context_note = f" (context {context})" if context else ""
+        raise UsageError(
+            f"cannot configure the Kubernetes client from {tried}{context_note}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "pass --kubeconfig FILE"
+        ) from None
+
+
+def unreachable() -> tuple[type[Exception], ...]:
+    """What a request raises when the API server cannot be reached (refused, timed out, TLS,
+    DNS): urllib3's errors, which are not OSErrors, and the OSErrors under them."""
+    from urllib3.exceptions import HTTPError
+
+    return (HTTPError, OSError)
 
 
 def list_all(list_fn: Callable[..., Any]) -> tuple[list[Any], str]:
@@ -68,7 +96,12 @@ def brief(exc: Exception) -> str:
             "to this ServiceAccount)",
         }.get(exc.status or 0, "")
         return f"HTTP {exc.status} {exc.reason}{': ' + message if message else ''}{hint}"
-    return f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+    reason = getattr(exc, "reason", None)  # urllib3: MaxRetryError(reason=NewConnectionError)
+    while getattr(reason, "reason", None) is not None:
+        reason = reason.reason  # type: ignore[union-attr]
+    if isinstance(exc, unreachable()):
+        return f"the API server is unreachable ({reason or exc})"
+    return f"{type(exc).__name__}: {reason or exc}"
 
 
 NOT_FOUND = 404

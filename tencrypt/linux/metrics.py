@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Callable
 
+from tencrypt.argtypes import parse_address
 from tencrypt.errors import UsageError
 from tencrypt.linux.sockets import start_tcp_server
 
@@ -16,13 +17,6 @@ log = logging.getLogger("tencrypt.metrics")
 
 PROMETHEUS = "text/plain; version=0.0.4"
 JSON = "application/json"
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--metrics wants ADDR:PORT, e.g. 127.0.0.1:9137, not {text!r}")
-    return host, int(port)
 
 
 def respond(

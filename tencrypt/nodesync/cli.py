@@ -31,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tencrypt import argtypes
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.kube.objects import add_kubeconfig_argument
@@ -80,16 +81,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--port",
-        type=int,
+        type=argtypes.port_number,
         default=TUNNEL_PORT,
         help=f"the tunnel port forwarded from VIP to pod, udp and tcp (default: {TUNNEL_PORT})",
     )
     p.add_argument(
         "--resync",
-        type=float,
+        type=argtypes.seconds,
         default=300.0,
         metavar="SECONDS",
         help="re-apply the rules from memory this often, repairing hand edits (default: 300)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="with --from-file: program the file even if it lacks Namespaces, Services or "
+        "endpoints or enables no Service, which removes every forwarding this node has "
+        "(default: refuse such a file)",
     )
     p.add_argument(
         "--dry-run",
@@ -105,6 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics",
+        type=argtypes.address,
         metavar="ADDR:PORT",
         help="serve Prometheus metrics at http://ADDR:PORT/metrics while watching "
         "(sync duration, programmed elements, last successful sync)",
@@ -122,8 +131,6 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(
             "--from-file needs --once: a file does not change, there is nothing to watch"
         )
-    if not 1 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port} is not a port number")
     stats = Stats()
     if args.cleanup:
         return _cleanup(args, stats)
@@ -133,7 +140,10 @@ def main(args: argparse.Namespace) -> int:
     applier = backends.make_applier(backend, args.netns, args.iptables, args.port, stats)
     log.info("backend: %s", applier.name)
     if args.once:
-        state = read_file(args.from_file, stats) if args.from_file else _list_api(args, stats)
+        if args.from_file:
+            state = read_file(args.from_file, stats, allow_empty=args.allow_empty)
+        else:
+            state = _list_api(args, stats)
         return _apply_once(state, applier, args.dry_run)
     return _watch(args, applier, stats)
 
@@ -152,7 +162,18 @@ def _cleanup(args: argparse.Namespace, stats: Stats) -> int:
     return 0
 
 
-def read_file(path: str, stats: Stats) -> ClusterState:
+NEEDED_KINDS = {  # what a snapshot must hold for its absence of a Service to mean something
+    "Namespace": "Namespace",
+    "Service": "Service",
+    "EndpointSlice or Endpoints": ("EndpointSlice", "Endpoints"),
+}
+
+
+def read_file(path: str, stats: Stats, allow_empty: bool = False) -> ClusterState:
+    """The cluster state in a ``kubectl get ... -o json`` file. Applied in full, it replaces
+    whatever the node forwards: a file that lacks a kind of object it needs, or that enables
+    no Service at all, is refused (UsageError) unless ``allow_empty``: one wrong `kubectl get`
+    would otherwise wipe every VIP:1337 forwarding of the node without a word."""
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
@@ -163,7 +184,28 @@ def read_file(path: str, stats: Stats) -> ClusterState:
         raise UsageError(f"{path} is not JSON (want `kubectl get ... -o json`): {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
         raise UsageError(f'{path}: expected a kubectl List document with "items"')
-    return load_list(doc, stats)
+    state = load_list(doc, stats)
+    if allow_empty:
+        return state
+    kinds = {item.get("kind") for item in doc["items"] if isinstance(item, dict)}
+    missing = [
+        name
+        for name, kind in NEEDED_KINDS.items()
+        if not kinds.intersection((kind,) if isinstance(kind, str) else kind)
+    ]
+    if missing:
+        raise UsageError(
+            f"{path} holds no {' and no '.join(missing)} objects: programmed, it would remove "
+            "every forwarding of this node. Export all three kinds (`kubectl get "
+            "namespaces,services,endpointslices -A -o json`), or pass --allow-empty"
+        )
+    if not state.desired():
+        raise UsageError(
+            f"{path} enables no Service with endpoints (no Namespace labelled "
+            "tencrypt.io/enabled=true has one): programmed, it would remove every forwarding "
+            "of this node; pass --allow-empty if that is what you want"
+        )
+    return state
 
 
 def _apply_once(state: ClusterState, applier: backends.Applier, dry_run: bool) -> int:

@@ -303,7 +303,7 @@ def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_com
     from pathlib import Path
 
     yaml = pytest.importorskip("yaml")
-    from tencrypt.keyrotate import add_arguments
+    from tencrypt.keyrotate import add_arguments, worst_case_seconds
 
     k8s = Path(__file__).resolve().parents[2] / "scripts" / "k8s"
     docs = [
@@ -350,6 +350,9 @@ def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_com
     add_arguments(sub.add_parser("key"))
     args = parser.parse_args(["key", "rotate", *container["args"]])
     assert args.namespace == "shop" and args.all and args.grace > 180
+    # Kubernetes must not kill a run that still waits within its own limits
+    deadline = job["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    assert deadline > worst_case_seconds(args.timeout, args.grace) == 3900
 
 
 def test_the_command_line_runs_a_phase_with_a_kubeconfig(api, tmp_path, capsys):
@@ -384,4 +387,6 @@ def test_the_command_line_runs_a_phase_with_a_kubeconfig(api, tmp_path, capsys):
     )
     assert f"done: {NS} runs on current {fingerprint(K2)}" in capsys.readouterr().out
     assert secret_keys(api.get("Secret", NS, "tencrypt")["data"]) == KeySet(K2)
-    assert main(["key", "rotate", "-n", NS, "--grace", "-1"]) == 2  # a usage error
+    with pytest.raises(SystemExit) as refused:  # the parser refuses it: a usage error
+        main(["key", "rotate", "-n", NS, "--grace", "-1"])
+    assert refused.value.code == 2
