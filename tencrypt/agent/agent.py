@@ -59,6 +59,8 @@ from tencrypt.agent.cidrs import ClusterRanges
 from tencrypt.agent.discovery import RangeSources
 from tencrypt.agent.events import PodEvents
 from tencrypt.agent.feed import PodPolicy
+from tencrypt.agent.health import Health, readiness
+from tencrypt.agent.health import render as render_health
 from tencrypt.agent.members import MemberView, ProjectMembers
 from tencrypt.agent.netpolview import PolicyView
 from tencrypt.agent.podstate import (
@@ -72,6 +74,7 @@ from tencrypt.agent.podstate import (
 from tencrypt.agent.reconcile import Action, Phase, Policy, Reconciler, Sandbox, Verb, Want
 from tencrypt.agent.report import KeyReporter
 from tencrypt.agent.resolver import Resolver
+from tencrypt.agent.scrape import scrape
 from tencrypt.agent.supervisor import Supervisor
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.kube.client import optional
@@ -117,12 +120,14 @@ class Agent:
         self.reporter = reporter
         self.ranges_known = False  # the first discovery of the cluster ranges came in
         self.slices_unserved = False  # the API has no EndpointSlices: format 1 files
+        self.health = Health(clock=clock)
 
     # -- life cycle -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, unpatch_on_exit: bool = False) -> None:
         self.adopt()
         while not stop.is_set():
+            self.health.beat()
             try:
                 self.fold(self.queue.get(timeout=TICK))
                 while True:
@@ -132,12 +137,35 @@ class Agent:
             if self.listed == set(AgentKind) and self.ranges_known:
                 try:
                     self.tick(self.clock())
+                    self.health.passed()
                 # the loop must outlive any one failure (a full disk, a vanished binary): it is
                 # logged and the next pass starts again from what it observes
                 except Exception:  # noqa: BLE001
                     log.exception("agent pass failed; retrying")
                     stop.wait(1.0)
         self.shutdown(unpatch_on_exit)
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz (health.py rule 2)."""
+        return readiness(self.listed == set(AgentKind), self.ranges_known, self.health.passes)
+
+    def render_metrics(self) -> str:
+        """/metrics: the agent's node-level figures (health.py; read from another thread)."""
+        entries = list(self.reconciler.entries.values())
+        own = render_health(
+            self.view.node,
+            (e.phase.value for e in entries),
+            lambda c: self.stats.counters.get(c, 0),
+            self.ready()[0],
+            self.health,
+            len(self.keys),
+        )
+        ready = [
+            (e.namespace, e.name, self.supervisor.setup_dir(e.sandbox.netns))
+            for e in entries
+            if e.phase is Phase.READY
+        ]
+        return own + scrape(ready)  # every ready proxy's figures, by namespace and pod
 
     def adopt(self) -> None:
         now = self.clock()

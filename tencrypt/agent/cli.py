@@ -98,6 +98,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "e.g. 127.0.0.1:9137 (default: off)",
     )
     p.add_argument(
+        "--metrics",
+        type=argtypes.address,
+        metavar="ADDR:PORT",
+        help="serve the agent's node-level Prometheus metrics at http://ADDR:PORT/metrics "
+        "(proxies by phase, starts, exits, passes) and the kubelet's probes: /healthz (the "
+        "agent's loop turns), /readyz (the cluster listed and this node reconciled; 503 "
+        "with the reason otherwise) (default: off; daemonset.yaml: 0.0.0.0:9138)",
+    )
+    p.add_argument(
         "--ready-timeout",
         type=argtypes.seconds,
         default=30.0,
@@ -187,6 +196,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(
             "--members-file in --setup-args: the agent hands every pod its own membership file"
         )
+    check_setup_args(args.setup_args)
     spaced = [d for d in (args.state_dir, args.setup_state_dir) if any(c.isspace() for c in d)]
     if spaced:
         raise UsageError(
@@ -243,10 +253,44 @@ def main(args: argparse.Namespace) -> int:
         resolver.mode,
         args.state_dir,
     )
+    if args.metrics:
+        from tencrypt.linux import probes
+
+        probes.serve(
+            args.metrics,
+            agent.render_metrics,
+            stop,
+            {"/healthz": agent.health.live, "/readyz": agent.ready},
+        )
     start_reflectors(api, agent.queue, stop, WATCH_TIMEOUT)
     start_discovery(api, agent.queue, stop, args.node, flags)
     agent.run(stop, unpatch_on_exit=args.on_exit == "unpatch")
     return 0
+
+
+def check_setup_args(text: str) -> None:
+    """--setup-args parsed by `tencrypt setup`'s own parser now, at start: a typo (an unknown
+    flag, a number out of range, a malformed address) stops the agent with one line here
+    instead of failing the set-up of every enabled pod of the node."""
+    from tencrypt.setupflags import add_arguments as setup_flags
+
+    parser = argparse.ArgumentParser(prog="tencrypt setup (--setup-args)")
+    setup_flags(parser)
+    try:
+        setup = parser.parse_args(shlex.split(text))
+    except SystemExit as exc:  # argparse printed what it refused
+        raise UsageError(f"--setup-args {text!r}: not flags of `tencrypt setup` (above)") from exc
+    if setup.undo:
+        raise UsageError("--setup-args: --undo is the agent's to give, when a pod goes")
+    import ipaddress
+
+    for cidr in [setup.service_cidr, *(setup.pod_cidr or [])]:
+        if cidr is None:
+            continue
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise UsageError(f"--setup-args: {exc}") from None
 
 
 def run_args(args: argparse.Namespace) -> list[str]:

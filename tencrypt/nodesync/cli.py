@@ -15,7 +15,8 @@ Modes:
 - ``--dry-run`` (with ``--once``): print the transaction (``nft -f`` input, or
   ``iptables-restore`` input) instead of applying it;
 - ``--metrics ADDR:PORT``: serve Prometheus metrics (sync durations, what is programmed,
-  the last successful sync) while watching.
+  the last successful sync) while watching, and ``/healthz`` and ``/readyz`` for the
+  kubelet (linux/probes.py).
 """
 
 from __future__ import annotations
@@ -27,15 +28,13 @@ import shutil
 import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from tencrypt import argtypes
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.kube.objects import add_kubeconfig_argument
-from tencrypt.linux.metrics import parse_address
+from tencrypt.linux import probes
 from tencrypt.nodesync import backends
 from tencrypt.nodesync.cluster import ClusterState, load_list
 from tencrypt.nodesync.metrics import SyncMetrics
@@ -116,7 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=argtypes.address,
         metavar="ADDR:PORT",
         help="serve Prometheus metrics at http://ADDR:PORT/metrics while watching "
-        "(sync duration, programmed elements, last successful sync)",
+        "(sync duration, programmed elements, last successful sync), and the kubelet's "
+        "probes: /healthz (the process serves), /readyz (a sync has programmed the node "
+        "and the last one succeeded; 503 with the reason otherwise)",
     )
     p.add_argument(
         "--log-level",
@@ -239,42 +240,15 @@ def _watch(args: argparse.Namespace, applier: backends.Applier, stats: Stats) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     metrics = SyncMetrics(applier.name)
-    if args.metrics:
-        serve_metrics(args.metrics, metrics.render, stop)
+    if args.metrics:  # with the kubelet's probes (daemonset.yaml)
+        probes.serve(
+            args.metrics,
+            metrics.render,
+            stop,
+            {"/healthz": lambda: (True, "ok"), "/readyz": metrics.ready},
+        )
     api = new_api_client(args.kubeconfig)
     log.info("watching %s", api.configuration.host)
     watch.watch_and_sync(api, applier, stats, stop, resync=args.resync, metrics=metrics)
     log.info("stopped; rules left in place (use --cleanup to remove them)")
     return 0
-
-
-def serve_metrics(address: str, render: Any, stop: threading.Event) -> ThreadingHTTPServer:
-    """Prometheus text at /metrics (and /) on ``address``, in a thread, until ``stop``."""
-    host, port = parse_address(address)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            ok = self.path in ("/metrics", "/")
-            body = (render() if ok else "not found; try /metrics\n").encode()
-            self.send_response(200 if ok else 404)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    try:
-        server = ThreadingHTTPServer((host, port), Handler)
-    except OSError as exc:
-        raise UsageError(f"cannot serve metrics on {address}: {exc.strerror}") from exc
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    def shut_down_when_stopped() -> None:
-        stop.wait()
-        server.shutdown()
-
-    threading.Thread(target=shut_down_when_stopped, daemon=True).start()
-    return server

@@ -45,6 +45,7 @@ class SyncMetrics:
     elements: int = 0
     last_success: float = 0.0
     failures: int = 0
+    failing: bool = False  # the last sync failed (cleared by the next that succeeds)
 
     def observe(self, mode: str, seconds: float, elements: int, now: float) -> None:
         """One sync that succeeded: its duration, what it left programmed, when."""
@@ -52,9 +53,20 @@ class SyncMetrics:
         self.counts[mode][slot] += 1
         self.sums[mode] += seconds
         self.elements, self.last_success = elements, now
+        self.failing = False
 
     def failed(self) -> None:
         self.failures += 1
+        self.failing = True
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: the node holds what the cluster wants. Not before the first sync has
+        programmed it, and not while syncs fail (the forwarding is then stale)."""
+        if self.failing:
+            return False, "the last sync failed: the node's forwarding may be stale (see log)"
+        if not self.last_success:
+            return False, "no sync has programmed the node yet"
+        return True, "ok"
 
     def render(self) -> str:
         name = "tencrypt_nodesync_sync_duration_seconds"

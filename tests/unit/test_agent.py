@@ -20,6 +20,7 @@ from tencrypt.agent.reconcile import Phase, Policy, Reconciler, Sandbox, Verb, W
 from tencrypt.core.psk import KeySet
 from tencrypt.kube.objects import EventType
 from tests.kubefakes import builders as kubeobjects
+from tests.unit.test_probes import kubelet_expands
 from tests.unit.test_purity import FORBIDDEN, imported_roots
 
 KEY = "q1ICqQvTWb4Vh7K3mM4yOeJ3YbTpB0P0m1BQ8Xv6y2A="
@@ -623,7 +624,7 @@ def test_daemonset_agent_args_parse_and_its_state_dir_is_a_host_tmpfs_mount():
     assert agent["command"] == ["tencrypt", "agent"] and spec["hostPID"]
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser)
-    args = parser.parse_args(agent["args"])
+    args = parser.parse_args(kubelet_expands(agent))
     assert args.sandbox != "annotation"  # never trust a pod object for a PID on a cluster
     assert args.on_exit == "unpatch"  # see the manifest's comment and the README
     env = {e["name"]: e for e in agent["env"]}

@@ -27,6 +27,7 @@ from tencrypt.nodesync.cluster import (
 )
 from tests.kubefakes import builders
 from tests.kubefakes.fakeapi import FakeApiServer
+from tests.unit.test_probes import kubelet_expands
 from tests.unit.test_purity import FORBIDDEN, imported_roots
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -606,6 +607,6 @@ def test_daemonset_is_privileged_on_the_host_and_node_sync_args_parse():
     assert sync["command"] == ["tencrypt", "node-sync"]
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser)
-    args = parser.parse_args(sync["args"])
+    args = parser.parse_args(kubelet_expands(sync))
     assert not args.once and args.iptables in ("iptables", "iptables-nft", "iptables-legacy")
     assert args.backend == "auto"  # nft on nodes that have it (issue #15), else iptables

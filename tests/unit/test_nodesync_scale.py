@@ -370,18 +370,31 @@ def test_metrics_are_served_over_http_until_stopped():
     import threading
     import urllib.request
 
-    from tencrypt.nodesync.cli import serve_metrics
+    from tencrypt.linux import probes
 
     m, stop = SyncMetrics("nft"), threading.Event()
-    m.observe("full", 0.2, 42, 99.0)
-    server = serve_metrics("127.0.0.1:0", m.render, stop)
+    server = probes.serve("127.0.0.1:0", m.render, stop, {"/readyz": m.ready})
     url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"{url}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
     try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-            body = resp.read().decode()
+        assert get("/readyz") == (503, "no sync has programmed the node yet\n")
+        m.observe("full", 0.2, 42, 99.0)
+        code, body = get("/metrics")
+        assert code == 200
         assert 'tencrypt_nodesync_programmed_elements{backend="nft"} 42' in body
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"{url}/nope", timeout=5)
+        assert get("/readyz") == (200, "ok\n")
+        m.failed()  # the forwarding may now be stale: not ready until a sync succeeds
+        assert get("/readyz")[0] == 503 and "last sync failed" in get("/readyz")[1]
+        m.observe("partial", 0.01, 43, 100.0)
+        assert get("/readyz") == (200, "ok\n")
+        assert get("/nope")[0] == 404
     finally:
         stop.set()
 

@@ -192,3 +192,30 @@ def test_parse_address_takes_port_0_for_callers_that_read_the_port_back() -> Non
     assert argtypes.parse_address("[::1]:9137") == ("::1", 9137)
     with pytest.raises(UsageError, match="--listen wants ADDR:PORT"):
         argtypes.parse_address("nowhere", "--listen")
+
+
+@pytest.mark.parametrize(
+    ("setup_args", "words"),
+    [
+        ("--mtu abc", ["--setup-args", "not flags of `tencrypt setup`"]),
+        ("--no-such-flag", ["--setup-args"]),
+        ("--resolv-conf-of 0", ["--setup-args"]),
+        ("--service-cidr 10.96.0.0/33", ["--setup-args", "10.96.0.0/33"]),
+        ("--pod-cidr nonsense", ["--setup-args", "nonsense"]),
+        ("--undo", ["--undo is the agent's"]),
+    ],
+)
+def test_the_agent_refuses_setup_args_setup_would_refuse_before_it_touches_a_pod(
+    setup_args: str, words: list[str], tmp_path: Path
+) -> None:
+    """One typo in the DaemonSet's --setup-args stops the agent at start, with one line,
+    instead of failing the set-up of every enabled pod of the node."""
+    proc = tencrypt("agent", "--node", "n1", f"--setup-args={setup_args}", home=tmp_path)
+    one_line_error(proc, 2, *words)
+
+
+def test_good_setup_args_pass_the_agents_check() -> None:
+    from tencrypt.agent.cli import check_setup_args
+
+    check_setup_args("--service-cidr 10.96.0.0/12 --pod-cidr 10.244.0.0/16 --mtu 1400")
+    check_setup_args("")
