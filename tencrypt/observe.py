@@ -13,6 +13,7 @@ from tencrypt.core.dispatch import Dispatcher
 from tencrypt.core.keyring import render_key_metrics
 from tencrypt.core.nat import FlowTable
 from tencrypt.core.packet import int_to_ip
+from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.session import Tunnel
 from tencrypt.core.stats import Stats, render_prometheus, snapshot
@@ -36,6 +37,7 @@ class Proxy(Protocol):
     flows: FlowTable
     members: MembersFile | None
     cidr_mismatch: str | None
+    config: PodConfig
 
     @property
     def effects(self) -> FirewallCounters: ...
@@ -73,6 +75,7 @@ def status(proxy: Proxy) -> dict[str, object]:
         **snapshot(proxy.stats),
         "strict": proxy.strict,
         "mode": mode(proxy),
+        "domain": proxy.config.domain,
         "classification": {c: classes.count(c) for c in ("internal", "external")},
         "membership": None
         if loaded is None

@@ -87,10 +87,13 @@ async def serve(args: argparse.Namespace) -> int:
     proxy.loaded_dir = state_dir
     write_loaded(state_dir, keys)
     await proxy.start()
-    server = None
+    servers = []
+    socket_path = state_dir / metrics.SOCKET_FILE
     try:  # a metrics address that cannot be bound stops the proxy as SIGTERM would
+        # the node's view (agent, `tencrypt status --node`): always, no port in the pod
+        servers.append(await metrics.serve_unix(socket_path, proxy.render_metrics, proxy.status))
         if args.metrics:
-            server = await metrics.serve(args.metrics, proxy.render_metrics, proxy.status)
+            servers.append(await metrics.serve(args.metrics, proxy.render_metrics, proxy.status))
         pid_file.write_text(f"{os.getpid()}\n")
         print(
             f"tencrypt: ready: pod {config.pod_ip}, project {config.domain}, "
@@ -101,8 +104,9 @@ async def serve(args: argparse.Namespace) -> int:
         await proxy.timers()
     finally:
         log.info("shutting down")
-        if server:
+        for server in servers:
             server.close()
+        socket_path.unlink(missing_ok=True)
         await proxy.stop()
         pid_file.unlink(missing_ok=True)
         (state_dir / LOADED_FILE).unlink(missing_ok=True)  # no proxy: no ring loaded

@@ -30,25 +30,110 @@ import argparse
 import http.client
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from tencrypt.core.stats import Counter
 from tencrypt.errors import UsageError
-from tencrypt.linux.metrics import parse_address
+from tencrypt.linux.metrics import SOCKET_FILE, get_unix, parse_address
 
 DEFAULT_ADDRESS = "127.0.0.1:9137"
 TIMEOUT = 5.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--metrics",
         metavar="ADDR:PORT",
         default=DEFAULT_ADDRESS,
         help="where the proxy serves /metrics and /status, as given to "
-        f"`tencrypt run --metrics` (default: {DEFAULT_ADDRESS})",
+        f"`tencrypt run --metrics`, run inside the pod's network namespace (default: "
+        f"{DEFAULT_ADDRESS})",
     )
-    p.add_argument("--json", action="store_true", help="print the raw /status document")
+    where.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="read the proxy's status from its Unix socket instead (every proxy serves "
+        f"STATE_DIR/netns-INODE/{SOCKET_FILE}; from the node, no namespace to enter)",
+    )
+    where.add_argument(
+        "--node",
+        action="store_true",
+        help="one line for every proxy of this node, read from the sockets under "
+        "--state-dir: pod IP, project, mode, peers up, sessions, drops, plaintext fallback "
+        "(on a cluster: kubectl exec -n tencrypt-system POD -c agent -- tencrypt status --node)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="/run/tencrypt",
+        help="with --node: the state directory `tencrypt setup` used (default: /run/tencrypt)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="text (default) or the raw JSON document(s)",
+    )
+    p.add_argument("--json", action="store_true", help="the same as -o json")
+
+
+def fetch_socket(path: Path) -> dict[str, Any]:
+    """GET /status over the proxy's Unix socket; UsageError with what to check."""
+    try:
+        code, body = get_unix(path, "/status", TIMEOUT)
+        doc = json.loads(body) if code == 200 else None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"no proxy status at {path} ({exc}): is its proxy running?") from exc
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}/status answered {code} or not a JSON object")
+    return doc
+
+
+def node_rows(state_dir: Path) -> list[dict[str, Any]]:
+    """Every proxy of the node: each namespace's state directory with a socket, and what
+    its /status says (or why it cannot be read)."""
+    rows: list[dict[str, Any]] = []
+    for directory in sorted(state_dir.glob("netns-*")):
+        socket_path = directory / SOCKET_FILE
+        if not socket_path.exists():
+            continue  # set up, but no proxy runs (or one too old to serve it)
+        try:
+            rows.append({"state": str(directory), "status": fetch_socket(socket_path)})
+        except UsageError as exc:
+            rows.append({"state": str(directory), "error": str(exc)})
+    return rows
+
+
+def render_node(rows: list[dict[str, Any]], out: TextIO) -> None:
+    print(
+        f"{'POD IP':<16} {'PROJECT':<32} {'MODE':<10} {'PEERS UP':>8} {'SESSIONS':>8} "
+        f"{'DROPS':>8} {'CLEAR':>6}",
+        file=out,
+    )
+    for row in rows:
+        doc = row.get("status")
+        if doc is None:
+            print(f"{'?':<16} {row['state']}: {row['error']}", file=out)
+            continue
+        totals = doc.get("totals") or {}
+        counters = doc.get("counters") or {}
+        print(
+            f"{doc.get('pod_ip', '?'):<16} {_project(doc)[:32]:<32} "
+            f"{str(doc.get('mode', '?'))[:10]:<10} "
+            f"{totals.get('peers_up', 0):>4}/{totals.get('peers', 0):<3} "
+            f"{totals.get('sessions', 0):>8} {sum((doc.get('drops') or {}).values()):>8} "
+            f"{counters.get(Counter.PLAINTEXT_FALLBACK, 0):>6}",
+            file=out,
+        )
+    if not rows:
+        print("(no proxy serves a status socket on this node)", file=out)
+
+
+def _project(doc: dict[str, Any]) -> str:
+    """The membership's project, else the pod's DNS domain (standalone)."""
+    return str((doc.get("membership") or {}).get("project") or doc.get("domain") or "?")
 
 
 def fetch(address: str) -> dict[str, Any]:
@@ -193,8 +278,17 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    doc = fetch(args.metrics)
-    if args.json:
+    as_json = args.json or args.output == "json"
+    if args.node:
+        rows = node_rows(Path(args.state_dir))
+        if as_json:
+            json.dump(rows, sys.stdout, indent=2, sort_keys=True)
+            print()
+        else:
+            render_node(rows, sys.stdout)
+        return 0 if all("status" in r for r in rows) else 1
+    doc = fetch_socket(Path(args.socket)) if args.socket else fetch(args.metrics)
+    if as_json:
         json.dump(doc, sys.stdout, indent=2, sort_keys=True)
         print()
     else:

@@ -30,8 +30,11 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -138,6 +141,7 @@ class AgentProcess:
         self.setup_state = tmp / "setup-state"
         self.log = tmp / log_name
         self.tmp_kubeconfig = tmp / "kubeconfig"
+        self.metrics = f"127.0.0.1:{free_port()}"  # the agent's own: /metrics, probes
         self.argv = [
             sys.executable,
             "-m",
@@ -155,6 +159,8 @@ class AgentProcess:
             str(self.setup_state),
             "--proxy-metrics",
             METRICS,
+            "--metrics",
+            self.metrics,
             "--restart-backoff",
             "0.2",
             "--on-exit",
@@ -182,6 +188,22 @@ class AgentProcess:
 
     def text(self):
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def get(self, path):
+        """(HTTP status, body) of the agent's endpoint; (0, reason) when nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def resolv_files(lab):
@@ -330,6 +352,51 @@ def test_real_client_fake_apiserver_enabled_pods_get_patched_and_sealed(world, c
     wait_patched(lab, agent, "nginx1", "nginx2")
     sealed_curl(lab, capture, "nginx1", "nginx2")
     assert metric(lab, "nginx1", "tencrypt_packets_sealed_total") > 0
+    # the agent's own endpoint: alive, ready (listed and reconciled), its proxies by phase
+    netns.wait_for(lambda: agent.get("/readyz") == (200, "ok\n"), timeout=30, what="/readyz")
+    assert agent.get("/healthz") == (200, "ok\n")
+
+    def phases():
+        code, text = agent.get("/metrics")
+        assert code == 200, text
+        return text, {
+            line.split('phase="')[1].split('"')[0]: int(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("tencrypt_agent_proxies{")
+        }
+
+    # nginx1's and nginx2's proxies serve: the agent's next pass sees them ready
+    netns.wait_for(lambda: phases()[1]["ready"] >= 2, timeout=30, what="2 proxies ready")
+    text, count = phases()
+    enabled = [p for p in lab.pods.values() if p.project == "myproject"]
+    assert count["dead"] == 0 and count["ready"] + count["starting"] == len(enabled), text
+    assert 'tencrypt_agent_ready{node="node1"} 1' in text
+    # every ready proxy's own figures, read over its state directory's socket, by pod
+    for pod in ("nginx1", "nginx2"):
+        assert f'tencrypt_proxy_up{{namespace="myproject",pod="{pod}"}} 1' in text, text
+        labelled = f'{{namespace="myproject",pod="{pod}"'
+        assert (
+            sum(line.startswith("tencrypt_") and labelled in line for line in text.split("\n")) > 20
+        )
+    # the node's view, from the node (no namespace entered, no port in the pods)
+    node = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tencrypt",
+            "status",
+            "--node",
+            "--state-dir",
+            str(agent.setup_state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert node.returncode == 0, node.stderr
+    listed = {line.split()[0]: line.split() for line in node.stdout.splitlines()[1:]}
+    for pod in ("nginx1", "nginx2"):
+        assert listed[lab.pod(pod).ip][1:3] == ["myproject", "cluster"], node.stdout
     # project2 is not labelled: its pod was never entered
     assert not has_tenc0(lab, "cakephp") and proxies_in(lab.pod("cakephp").netns) == []
     # the key reached the proxies by a root-only file, never by argv or environment

@@ -136,9 +136,9 @@ def test_a_namespace_reusing_a_dead_ones_inode_starts_clean(tmp_path):
             shop.wait()
         shutil.copy(members, directory / "members.json")  # as an agent before this wrote it
     left = sorted(p.name for p in directory.iterdir())
-    assert left == ["keys-loaded.json", "members.json", "run.pid", "setup.json"]
+    assert left == ["keys-loaded.json", "members.json", "metrics.sock", "run.pid", "setup.json"]
     kept = tmp_path / "dead-state"
-    shutil.copytree(directory, kept)
+    shutil.copytree(directory, kept, ignore=shutil.ignore_patterns("metrics.sock"))  # a socket
 
     # 2. a new namespace with the dead one's inode number
     with namespace_with_inode(dead_inode, "sdb") as (name, tries):
