@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,13 +49,14 @@ from tencrypt.core.rotation import (
     secret_data,
     secret_keys,
 )
-from tencrypt.errors import TencryptError
-from tencrypt.kube.objects import add_kubeconfig_argument
+from tencrypt.errors import TencryptError, UsageError
+from tencrypt.kube.objects import ENABLED_LABEL, add_kubeconfig_argument
 
 DEFAULT_GRACE = 300.0  # > a session's lifetime (180 s): every session re-keyed meanwhile
 DEFAULT_TIMEOUT = 600.0
 POLL = 2.0
 PHASES = 3  # add-next, promote, drop-previous
+MAX_PARALLEL = 64  # --all-namespaces: projects rotated at once (each a mostly sleeping thread)
 
 
 def worst_case_seconds(timeout: float, grace: float) -> float:
@@ -80,7 +82,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "in three phases, waiting between them until every node's agent reports "
         "that every pod of the project loaded the new ring. No proxy restarts.",
     )
-    r.add_argument("--namespace", "-n", required=True, help="the project's namespace")
+    which_ns = r.add_mutually_exclusive_group(required=True)
+    which_ns.add_argument("--namespace", "-n", help="the project's namespace")
+    which_ns.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="every enabled project (namespaces labelled tencrypt.io/enabled=true), rotated "
+        "side by side: the whole run takes what one project's takes, not their sum",
+    )
+    which_ns.add_argument(
+        "--selector",
+        "-l",
+        metavar="SELECTOR",
+        help="like --all-namespaces, only the enabled namespaces whose labels match "
+        "SELECTOR (equality-based: k=v, k!=v, k, !k, comma-separated)",
+    )
     which = r.add_mutually_exclusive_group()
     which.add_argument(
         "--phase", choices=[ph.value for ph in Phase], help="run only this phase (default: --all)"
@@ -128,6 +145,7 @@ class Rotator:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     new_key: Callable[[], bytes] = lambda: os.urandom(32)
+    shared: SharedReports | None = None  # --all-namespaces: one poll of the reports for all
     _loaded_at: dict[Phase, float] = field(default_factory=dict)
 
     def run(self, only: Phase | None = None) -> KeySet:
@@ -243,6 +261,11 @@ class Rotator:
             self.sleep(min(self.poll * 15, until - self.clock()))
 
     def reports(self) -> list[tuple[str, str | None]]:
+        if self.shared is not None:
+            return self.shared.get(self._list_reports)
+        return self._list_reports()
+
+    def _list_reports(self) -> list[tuple[str, str | None]]:
         doc = self._call(
             "list ConfigMaps",
             self.api.list_namespaced_config_map,
@@ -260,7 +283,8 @@ class Rotator:
 
     # ---- shared ----------------------------------------------------------------------------
     def say(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        self.out.write(line + "\n")  # one write: lines of rotations side by side never mix
+        self.out.flush()
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> dict[str, Any]:
         from kubernetes.client.rest import ApiException
@@ -309,12 +333,164 @@ def label(keys: KeySet) -> str:
     return ring_label(keys.fingerprints()).replace("=", " ").replace(",", ", ")
 
 
+def parse_selector(text: str) -> list[tuple[str, str, str | None]]:
+    """An equality-based label selector as (key, op, value): op ``=`` (also ``==``), ``!=``,
+    ``exists`` or ``!exists``; UsageError for anything else (set-based ``in``/``notin``)."""
+    terms: list[tuple[str, str, str | None]] = []
+    for raw in text.split(","):
+        term = raw.strip()
+        if not term:
+            raise UsageError(f"--selector {text!r}: an empty term")
+        if " in " in term or " notin " in term or "(" in term:
+            raise UsageError(f"--selector {text!r}: set-based terms are not supported")
+        if "!=" in term:
+            key, _, value = term.partition("!=")
+            terms.append((key.strip(), "!=", value.strip()))
+        elif "=" in term:
+            key, _, value = term.replace("==", "=").partition("=")
+            terms.append((key.strip(), "=", value.strip()))
+        elif term.startswith("!"):
+            terms.append((term[1:].strip(), "!exists", None))
+        else:
+            terms.append((term, "exists", None))
+        if not terms[-1][0]:
+            raise UsageError(f"--selector {text!r}: a term without a key")
+    return terms
+
+
+def matches(labels: dict[str, str], terms: list[tuple[str, str, str | None]]) -> bool:
+    for key, op, value in terms:
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!exists" and key in labels:
+            return False
+    return True
+
+
+def enabled_namespaces(api: Any, selector: str | None) -> list[str]:
+    """The enabled projects' namespaces (``ENABLED_LABEL=true``) that ``selector`` matches."""
+    from tencrypt.kube.client import brief, unreachable
+
+    terms = [(ENABLED_LABEL, "=", "true"), *(parse_selector(selector) if selector else [])]
+    try:
+        doc = json.loads(api.list_namespace(_preload_content=False).data)
+    except Exception as exc:
+        from kubernetes.client.rest import ApiException
+
+        if isinstance(exc, (ApiException, *unreachable())):
+            raise RotationError(f"cannot list namespaces: {brief(exc)}") from None
+        raise
+    return sorted(
+        (item.get("metadata") or {}).get("name", "")
+        for item in doc.get("items") or []
+        if matches((item.get("metadata") or {}).get("labels") or {}, terms)
+    )
+
+
+class Prefixed:
+    """A text stream that prefixes each line with ``[namespace] ``, shared by threads."""
+
+    def __init__(self, out: TextIO, prefix: str, lock: threading.Lock) -> None:
+        self.out, self.prefix, self.lock = out, prefix, lock
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            for line in text.splitlines(keepends=True):
+                self.out.write(self.prefix + line if line.strip() else line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.out.flush()
+
+
+class SharedReports:
+    """One list of the agents' reports every ``poll`` seconds for all the rotations of a
+    run, not one per project: a hundred projects poll the API server as one does."""
+
+    def __init__(self, poll: float, clock: Callable[[], float]) -> None:
+        self.poll, self.clock, self.lock = poll, clock, threading.Lock()
+        self.at: float | None = None
+        self.value: list[tuple[str, str | None]] = []
+
+    def get(
+        self, fetch: Callable[[], list[tuple[str, str | None]]]
+    ) -> list[tuple[str, str | None]]:
+        with self.lock:
+            now = self.clock()
+            if self.at is None or now - self.at >= self.poll:
+                self.value, self.at = fetch(), now
+            return self.value
+
+
+def rotate_many(
+    make: Callable[[str, TextIO, SharedReports], Rotator],
+    namespaces: list[str],
+    only: Phase | None,
+    out: TextIO,
+    poll: float = POLL,
+    clock: Callable[[], float] = time.time,
+) -> int:
+    """Each namespace's rotation on a thread of its own, side by side; 0 when all finished,
+    RotationError's exit code when any stopped (each says why, prefixed by its namespace)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock, shared = threading.Lock(), SharedReports(poll, clock)
+    failed: dict[str, str] = {}
+
+    def one(namespace: str) -> None:
+        try:
+            make(namespace, Prefixed(out, f"[{namespace}] ", lock), shared).run(only)  # type: ignore[arg-type]
+        except TencryptError as exc:
+            failed[namespace] = str(exc)
+
+    with ThreadPoolExecutor(max(1, min(MAX_PARALLEL, len(namespaces)))) as pool:
+        list(pool.map(one, namespaces))
+    for namespace, why in sorted(failed.items()):
+        print(f"[{namespace}] stopped: {why}", file=out, flush=True)
+    done = len(namespaces) - len(failed)
+    print(f"rotated {done} of {len(namespaces)} projects", file=out, flush=True)
+    return RotationError.exit_code if failed else 0
+
+
 def main(args: argparse.Namespace) -> int:
     from kubernetes import client
 
     from tencrypt.kube.client import new_api_client
 
     api = client.CoreV1Api(new_api_client(args.kubeconfig, args.context))
+    only = Phase(args.phase) if args.phase else None
+    if args.namespace is None:  # --all-namespaces or --selector
+        namespaces = enabled_namespaces(api, args.selector)
+        print(
+            f"{len(namespaces)} enabled projects: {', '.join(namespaces) or '-'}",
+            file=sys.stdout,
+            flush=True,
+        )
+        if len(namespaces) > MAX_PARALLEL:
+            print(
+                f"more than {MAX_PARALLEL} projects: they run {MAX_PARALLEL} at a time, the "
+                "run may take longer than one project's worst case",
+                file=sys.stdout,
+                flush=True,
+            )
+
+        def make(namespace: str, out: TextIO, shared: SharedReports) -> Rotator:
+            return Rotator(
+                api,
+                namespace,
+                args.agent_namespace,
+                out,
+                grace=args.grace,
+                timeout=args.timeout,
+                shared=shared,
+            )
+
+        return rotate_many(make, namespaces, only, sys.stdout)
     rotator = Rotator(
         api,
         args.namespace,
@@ -323,5 +499,5 @@ def main(args: argparse.Namespace) -> int:
         grace=args.grace,
         timeout=args.timeout,
     )
-    rotator.run(Phase(args.phase) if args.phase else None)
+    rotator.run(only)
     return 0

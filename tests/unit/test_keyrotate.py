@@ -33,6 +33,7 @@ from tencrypt.core.rotation import (
 )
 from tencrypt.errors import UsageError
 from tencrypt.keyrotate import RotationError, Rotator
+from tests.kubefakes import builders as kubeobjects
 from tests.kubefakes.writable import WritableApiServer
 
 NS, AGENTS = "shop", "tencrypt-system"
@@ -330,16 +331,24 @@ def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_com
             },
         ),
         (
+            "ClusterRole",
+            None,
+            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list"]},
+        ),
+        (
             "Role",
             "tencrypt-system",
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]},
         ),
     ]
-    bindings = [d for d in docs if d["kind"] == "RoleBinding"]  # never a ClusterRoleBinding
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
     assert {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings} == {
         ("tencrypt-system", "tencrypt-key-rotator-reports"),
         ("shop", "tencrypt-key-rotator"),
     }
+    # cluster-wide, the rotator may list namespaces and nothing else: Secrets per project only
+    [cluster] = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert cluster["roleRef"]["name"] == "tencrypt-key-rotator-namespaces"
     [job] = [d for d in docs if d["kind"] == "CronJob"]
     pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
@@ -349,7 +358,7 @@ def test_the_cronjob_may_update_only_secrets_named_tencrypt_and_runs_a_valid_com
     sub = parser.add_subparsers(dest="c")
     add_arguments(sub.add_parser("key"))
     args = parser.parse_args(["key", "rotate", *container["args"]])
-    assert args.namespace == "shop" and args.all and args.grace > 180
+    assert args.all_namespaces and args.all and args.grace > 180
     # Kubernetes must not kill a run that still waits within its own limits
     deadline = job["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
     assert deadline > worst_case_seconds(args.timeout, args.grace) == 3900
@@ -390,3 +399,118 @@ def test_the_command_line_runs_a_phase_with_a_kubeconfig(api, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:  # the parser refuses it: a usage error
         main(["key", "rotate", "-n", NS, "--grace", "-1"])
     assert refused.value.code == 2
+
+
+# ---- every enabled project at once (--all-namespaces, --selector) ---------------------------
+
+
+def project_secret(namespace: str, keys: KeySet) -> dict:
+    doc = secret(keys)
+    doc["metadata"]["namespace"] = namespace
+    return doc
+
+
+def agents_load_at_once(api: WritableApiServer, namespaces: list[str]) -> None:
+    """One node whose agent reports every project's current ring as soon as it is written."""
+
+    def publish(*_: object) -> None:
+        rings = {}
+        for ns in namespaces:
+            keys = secret_keys(api.get("Secret", ns, "tencrypt")["data"])
+            rings[ns] = (1, {ring_label(keys.fingerprints()): 1})
+        doc = report("node-1", 1, {})
+        doc["data"][REPORT_KEY] = render_report(NodeReport("node-1", 0.0, rings))
+        api.put(doc)
+
+    publish()
+    api.on_write = lambda kind, ns, name: publish() if kind == "Secret" else None
+
+
+def test_every_enabled_project_is_rotated_side_by_side_and_one_failure_is_named(api, tmp_path):
+    from tencrypt.keyrotate import SharedReports, rotate_many
+
+    projects = ["blog", "shop", "wiki"]
+    for ns in projects:
+        api.put(project_secret(ns, KeySet(K1)))
+    agents_load_at_once(api, projects)
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    core = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+    out, made = io.StringIO(), []
+
+    def make(namespace: str, stream, shared: SharedReports) -> Rotator:
+        made.append(shared)
+        return Rotator(
+            core, namespace, AGENTS, stream, grace=0.0, timeout=30.0, poll=0.0, shared=shared
+        )
+
+    assert rotate_many(make, [*projects, "ghost"], None, out, poll=0.0) == 3  # ghost: no Secret
+    text = out.getvalue()
+    for ns in projects:  # each finished, on its own fresh key
+        keys = secret_keys(api.get("Secret", ns, "tencrypt")["data"])
+        assert keys.current != K1 and keys.next is None and keys.previous is None
+        assert f"[{ns}] done: {ns} runs on current" in text
+    assert (
+        len({secret_keys(api.get("Secret", ns, "tencrypt")["data"]).current for ns in projects})
+        == 3
+    )
+    assert "[ghost] stopped: cannot read Secret ghost/tencrypt: HTTP 404" in text
+    assert text.splitlines()[-1] == "rotated 3 of 4 projects"
+    assert all(line.startswith("[") for line in text.splitlines()[:-1])  # never a mixed line
+    assert len(set(map(id, made))) == 1  # one poll of the agents' reports for all of them
+
+
+def test_the_command_line_finds_the_enabled_projects_that_the_selector_matches(
+    api, tmp_path, capsys
+):
+    from tencrypt.cli import main
+
+    for ns, labels in (
+        ("shop", {"tencrypt.io/enabled": "true", "tier": "gold"}),
+        ("blog", {"tencrypt.io/enabled": "true", "tier": "silver"}),
+        ("wiki", {"tier": "gold"}),  # not enabled: never touched
+    ):
+        namespace = kubeobjects.build_namespace(ns, enabled=False)
+        namespace["metadata"]["labels"].update(labels)
+        api.put(namespace)
+        api.put(project_secret(ns, KeySet(K1)))
+    agents_load_at_once(api, ["shop", "blog", "wiki"])
+    kubeconfig = str(api.write_kubeconfig(tmp_path / "kubeconfig"))
+    argv = ["key", "rotate", "--kubeconfig", kubeconfig, "--phase", "add-next"]
+    assert main([*argv, "-l", "tier=gold"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "1 enabled projects: shop"
+    assert secret_keys(api.get("Secret", "shop", "tencrypt")["data"]).next is not None
+    assert secret_keys(api.get("Secret", "blog", "tencrypt")["data"]).next is None
+    assert secret_keys(api.get("Secret", "wiki", "tencrypt")["data"]) == KeySet(K1)
+    assert main([*argv, "-A"]) == 3  # shop is past add-next now: that one is refused
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "2 enabled projects: blog, shop"
+    assert secret_keys(api.get("Secret", "blog", "tencrypt")["data"]).next is not None
+    assert "[shop] stopped:" in out and out.splitlines()[-1] == "rotated 1 of 2 projects"
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "match"),
+    [
+        ("tier=gold", {"tier": "gold"}, True),
+        ("tier==gold", {"tier": "gold"}, True),
+        ("tier!=gold", {"tier": "gold"}, False),
+        ("tier!=gold", {}, True),
+        ("tier", {"tier": ""}, True),
+        ("!tier", {"tier": "x"}, False),
+        ("a=1, b", {"a": "1", "b": "2"}, True),
+        ("a=1,b", {"a": "1"}, False),
+    ],
+)
+def test_equality_selectors(selector, labels, match):
+    from tencrypt.keyrotate import matches, parse_selector
+
+    assert matches(labels, parse_selector(selector)) is match
+
+
+@pytest.mark.parametrize("selector", ["tier in (a,b)", "", "a=1,", "=x", "!"])
+def test_selectors_we_cannot_match_are_refused(selector):
+    from tencrypt.keyrotate import parse_selector
+
+    with pytest.raises(UsageError):
+        parse_selector(selector)
