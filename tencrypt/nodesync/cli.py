@@ -31,13 +31,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tencrypt import fastpath
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.kube.objects import add_kubeconfig_argument
 from tencrypt.linux.metrics import parse_address
 from tencrypt.nodesync import backends
 from tencrypt.nodesync.cluster import ClusterState, load_list
-from tencrypt.nodesync.metrics import SyncMetrics
+from tencrypt.nodesync.metrics import SyncMetrics, render
 from tencrypt.nodesync.rules import TUNNEL_PORT
 
 log = logging.getLogger("tencrypt.nodesync")
@@ -198,7 +199,8 @@ def _watch(args: argparse.Namespace, applier: backends.Applier, stats: Stats) ->
         signal.signal(sig, lambda *_: stop.set())
     metrics = SyncMetrics(applier.name)
     if args.metrics:
-        serve_metrics(args.metrics, metrics.render, stop)
+        loops = "c" if fastpath.compiled() is not None else "python"  # build info: the extension
+        serve_metrics(args.metrics, lambda: render(metrics, stats, loops), stop)
     api = new_api_client(args.kubeconfig)
     log.info("watching %s", api.configuration.host)
     watch.watch_and_sync(api, applier, stats, stop, resync=args.resync, metrics=metrics)
