@@ -33,6 +33,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# binary -> Debian package it is taken out of, not installed: the tests need promtool (`promtool
+# check metrics` reads /metrics), and installing the prometheus package would also install a
+# Prometheus server and start it (its postinst starts the service, listening on :9090), with
+# a web UI's JavaScript. promtool is one self-contained binary: copied to /usr/local/bin.
+declare -A EXTRACT=([promtool]=prometheus)
+for bin in "${!EXTRACT[@]}"; do
+    command -v "$bin" >/dev/null 2>&1 && continue
+    pkg=${EXTRACT[$bin]}
+    echo "install.sh: installing $bin from Debian's $pkg package (that binary only, no service)"
+    tmp=$(mktemp -d)
+    chown _apt "$tmp" 2>/dev/null || true  # apt-get download fetches as _apt when it can
+    if ! (cd "$tmp" && apt-get download -qq "$pkg" 2>/dev/null); then
+        apt-get update -qq
+        (cd "$tmp" && apt-get download -qq "$pkg")
+    fi
+    dpkg-deb --fsys-tarfile "$tmp/$pkg"_*.deb | tar -x -C "$tmp" "./usr/bin/$bin"
+    install -m 0755 "$tmp/usr/bin/$bin" "/usr/local/bin/$bin"
+    rm -rf "$tmp"
+done
 
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then

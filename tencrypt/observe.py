@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from tencrypt.core import exposition
 from tencrypt.core.classify import AddrClass, ClassTable
 from tencrypt.core.dispatch import Dispatcher
 from tencrypt.core.keyring import render_key_metrics
@@ -16,7 +17,8 @@ from tencrypt.core.packet import int_to_ip
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.session import Tunnel
-from tencrypt.core.stats import Stats, render_prometheus, snapshot
+from tencrypt.core.stats import PROXY_COUNTERS, Stats, snapshot
+from tencrypt.linux import firewall, procstat
 from tencrypt.linux.members import MembersFile
 
 
@@ -117,30 +119,27 @@ def netpol_status(netpol: PolicyFlows) -> dict[str, object] | None:
     }
 
 
-def render_netpol_metrics(netpol: PolicyFlows, prefix: str = "tencrypt") -> str:
+def render_netpol_metrics(netpol: PolicyFlows) -> str:
     """Allowed new flows by (direction, policy, rule), denied packets by (direction, the
     isolating policies), and the policies the agent says drop the tunnel."""
-    lines = [f"# TYPE {prefix}_netpol_flows_allowed_total counter"]
-    lines += [
-        f'{prefix}_netpol_flows_allowed_total{{direction="{d}",policy="{_label(p)}",'
-        f'rule="{r}"}} {n}'
-        for (d, p, r), n in sorted(netpol.allowed.items())
-    ]
-    lines.append(f"# TYPE {prefix}_netpol_packets_denied_total counter")
-    lines += [
-        f'{prefix}_netpol_packets_denied_total{{direction="{d}",policies="{_label(p)}"}} {n}'
-        for (d, p), n in sorted(netpol.denied.items())
-    ]
-    lines.append(f"# TYPE {prefix}_netpol_tunnel_blocked gauge")
-    lines += [
-        f'{prefix}_netpol_tunnel_blocked{{direction="{d}",policy="{_label(p)}"}} 1'
-        for d, p in netpol.tunnel_blocked
-    ]
-    return "\n".join(lines) + "\n"
+    return exposition.text(
+        exposition.family("tencrypt_netpol_flows_allowed_total", sorted(netpol.allowed.items()))
+        + exposition.family("tencrypt_netpol_packets_denied_total", sorted(netpol.denied.items()))
+        + exposition.family(
+            "tencrypt_netpol_tunnel_blocked", [(key, 1) for key in netpol.tunnel_blocked]
+        )
+    )
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def render_firewall(counters: dict[str, int]) -> str:
+    """Each counting rule of the pod's firewall (linux/firewall.py), 0 until the first read
+    (and without a firewall: nothing was refused)."""
+    return exposition.text(
+        exposition.family(
+            "tencrypt_firewall_packets_total",
+            [(labels, counters.get(c, 0)) for c, labels in firewall.BY_COMMENT.items()],
+        )
+    )
 
 
 def render_metrics(proxy: Proxy) -> str:
@@ -166,10 +165,11 @@ def render_metrics(proxy: Proxy) -> str:
         "netpol_enforced": 0.0 if dispatch.netpol.policy is None else 1.0,
         "netpol_flow_entries": len(dispatch.netpol),
     }
-    for name, packets in proxy.effects.firewall_counters.items():
-        gauges[f"firewall_{name}_packets"] = packets
+    loops = proxy.tunnel.fastpath
     return (
-        render_prometheus(proxy.stats, gauges)
+        exposition.render_prometheus(proxy.stats, gauges, PROXY_COUNTERS)
+        + render_firewall(proxy.effects.firewall_counters)
         + render_key_metrics(proxy.tunnel.key_status())
         + render_netpol_metrics(dispatch.netpol)
+        + procstat.render_runtime(loops.NAME if loops is not None else "python")
     )

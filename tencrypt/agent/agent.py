@@ -153,9 +153,8 @@ class Agent:
         """/metrics: the agent's node-level figures (health.py; read from another thread)."""
         entries = list(self.reconciler.entries.values())
         own = render_health(
-            self.view.node,
             (e.phase.value for e in entries),
-            lambda c: self.stats.counters.get(c, 0),
+            self.stats,
             self.ready()[0],
             self.health,
             len(self.keys),
@@ -165,7 +164,7 @@ class Agent:
             for e in entries
             if e.phase is Phase.READY
         ]
-        return own + scrape(ready)  # every ready proxy's figures, by namespace and pod
+        return scrape(ready, own)  # with every ready proxy's figures, by namespace and pod
 
     def adopt(self) -> None:
         now = self.clock()

@@ -18,21 +18,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from tencrypt import __version__
-from tencrypt.core.stats import Counter
+from tencrypt.core import exposition
+from tencrypt.core.stats import Counter, Stats
+from tencrypt.linux import procstat
 
-# every counter the agent keeps, present from start at 0, with what it counts
-COUNTERS = {
-    Counter.AGENT_PROXY_STARTS: "Proxies the agent started.",
-    Counter.AGENT_PROXY_EXITS: "Proxies that exited without being asked to (restarted with "
-    "back-off).",
-    Counter.AGENT_PROXY_STOPS: "Proxies the agent stopped (pod gone, key or sandbox changed).",
-    Counter.AGENT_PROXIES_ADOPTED: "Running proxies a previous agent started, adopted at start.",
-    Counter.AGENT_PROXIES_FOUND_DEAD: "Proxies of a previous agent found dead at start.",
-    Counter.AGENT_KEY_PROBLEMS: "Projects whose key Secret was missing or unreadable.",
-    Counter.AGENT_MEMBERS_WRITE_FAILED: "Membership files the agent failed to write.",
-    Counter.AGENT_BAD_OBJECT: "API objects the agent could not read (skipped).",
-}
+# every counter the agent keeps, present from start at 0 (their help: core/stats.py)
+COUNTERS = tuple(c for c in Counter if c.startswith("agent_"))
 STALE_AFTER = 120.0  # seconds without a loop turn before liveness fails (rule 1)
 PHASES = ("starting", "ready", "dead")
 
@@ -79,42 +70,32 @@ def readiness(listed_all: bool, ranges_known: bool, passes: int) -> tuple[bool, 
 
 
 def render(
-    node: str,
     phases: Iterable[str],
-    counters: Callable[[Counter], int],
+    stats: Stats,
     ready: bool,
     health: Health,
     projects_with_keys: int,
 ) -> str:
-    """The agent's /metrics: Prometheus text, HELP and TYPE for every family."""
+    """The agent's own /metrics (families declared in core/exposition.py), with build info
+    and the process_* families."""
     count = dict.fromkeys(PHASES, 0)
     for phase in phases:
         count[phase] = count.get(phase, 0) + 1
-    n = f'node="{node}"'
     lines = [
-        "# HELP tencrypt_agent_build_info The agent's version (always 1).",
-        "# TYPE tencrypt_agent_build_info gauge",
-        f'tencrypt_agent_build_info{{{n},version="{__version__}"}} 1',
-        "# HELP tencrypt_agent_proxies Proxies this agent supervises on its node, by phase.",
-        "# TYPE tencrypt_agent_proxies gauge",
-        *(f'tencrypt_agent_proxies{{{n},phase="{p}"}} {c}' for p, c in sorted(count.items())),
-        "# HELP tencrypt_agent_ready 1 once the agent has listed the cluster and reconciled "
-        "its node (/readyz), else 0.",
-        "# TYPE tencrypt_agent_ready gauge",
-        f"tencrypt_agent_ready{{{n}}} {1 if ready else 0}",
-        "# HELP tencrypt_agent_passes_total Passes that reconciled the node's pods.",
-        "# TYPE tencrypt_agent_passes_total counter",
-        f"tencrypt_agent_passes_total{{{n}}} {health.passes}",
-        "# HELP tencrypt_agent_last_pass_timestamp_seconds When the last pass ended (Unix "
-        "time; 0: none yet).",
-        "# TYPE tencrypt_agent_last_pass_timestamp_seconds gauge",
-        f"tencrypt_agent_last_pass_timestamp_seconds{{{n}}} {health.last_pass_wall:.3f}",
-        "# HELP tencrypt_agent_project_keys Projects whose key ring the agent holds for its pods.",
-        "# TYPE tencrypt_agent_project_keys gauge",
-        f"tencrypt_agent_project_keys{{{n}}} {projects_with_keys}",
+        *exposition.family("tencrypt_agent_proxies", [((p,), c) for p, c in sorted(count.items())]),
+        *exposition.family("tencrypt_agent_ready", [((), 1 if ready else 0)]),
+        *exposition.family("tencrypt_agent_passes_total", [((), health.passes)]),
+        *exposition.family(
+            "tencrypt_agent_last_pass_timestamp_seconds", [((), health.last_pass_wall)]
+        ),
+        *exposition.family("tencrypt_agent_project_keys", [((), projects_with_keys)]),
+        *exposition.render_counters(stats, COUNTERS),
     ]
-    for counter, text in COUNTERS.items():
-        metric = f"tencrypt_{counter.value}_total"
-        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} counter"]
-        lines.append(f"{metric}{{{n}}} {counters(counter)}")
-    return "\n".join(lines) + "\n"
+    return exposition.text(lines) + procstat.render_runtime(fastpath_loops())
+
+
+def fastpath_loops() -> str:
+    """``c`` when the compiled extension is built, else ``python`` (the agent's build info)."""
+    from tencrypt import fastpath
+
+    return "c" if fastpath.compiled() is not None else "python"

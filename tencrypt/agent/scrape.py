@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tencrypt.core import exposition
 from tencrypt.linux.metrics import SOCKET_FILE, get_unix
 
 TIMEOUT = 1.0  # seconds a proxy has to answer
@@ -53,44 +54,50 @@ def _members(family: str) -> tuple[str, ...]:
     return (family, f"{family}_bucket", f"{family}_sum", f"{family}_count")
 
 
-def merge(scraped: Sequence[tuple[str, str, str | None]]) -> str:
-    """(namespace, pod, exposition text or None when it did not answer) for each proxy, as
-    one exposition (rules 1 and 2)."""
+def merge(scraped: Sequence[tuple[str, str, str | None]], own: str = "") -> str:
+    """``own`` exposition (the agent's, unlabelled) and, for each proxy, (namespace, pod,
+    exposition text or None when it did not answer), as one exposition (rules 1 and 2): a
+    family both have (``process_*``, build info) is written once, the agent's sample beside
+    each proxy's labelled one."""
     families: dict[str, _Family] = {}
-    up = _Family(
-        help="1 when the agent could read the proxy's metrics at this scrape, else 0.",
-        type="gauge",
-    )
+    _fold(families, own, "")
+    up_help, up_type = exposition.header(UP)
+    up = families.setdefault(UP, _Family(up_help.split(" ", 3)[3], up_type.split(" ", 3)[3]))
     for namespace, pod, text in scraped:
         labels = f'namespace="{_escape(namespace)}",pod="{_escape(pod)}"'
         up.samples.append(f"{UP}{{{labels}}} {0 if text is None else 1}")
-        current: str | None = None
-        for line in (text or "").splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                parts = line.split(" ", 3)
-                if len(parts) < 4:
-                    continue
-                current = parts[2]
-                family = families.setdefault(current, _Family())
-                if parts[1] == "HELP" and family.help is None:
-                    family.help = parts[3]
-                elif parts[1] == "TYPE" and family.type is None:
-                    family.type = parts[3]
-            elif line and not line.startswith("#"):
-                sample = _labelled(line, labels)
-                if sample:
-                    name = line.split("{", 1)[0].split(" ", 1)[0]
-                    if current and name in _members(current):  # e.g. a histogram's _bucket
-                        name = current
-                    families.setdefault(name, _Family()).samples.append(sample)
+        _fold(families, text or "", labels)
     out: list[str] = []
-    for name, family in [(UP, up), *families.items()]:
+    for name, family in families.items():
         if family.help is not None:
             out.append(f"# HELP {name} {family.help}")
         if family.type is not None:
             out.append(f"# TYPE {name} {family.type}")
         out += family.samples
-    return "\n".join(out) + "\n" if out else ""
+    return "\n".join(out) + "\n"
+
+
+def _fold(families: dict[str, _Family], text: str, labels: str) -> None:
+    """One exposition's families into ``families``, its samples given ``labels`` first."""
+    current: str | None = None
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            parts = line.split(" ", 3)
+            if len(parts) < 4:
+                continue
+            current = parts[2]
+            family = families.setdefault(current, _Family())
+            if parts[1] == "HELP" and family.help is None:
+                family.help = parts[3]
+            elif parts[1] == "TYPE" and family.type is None:
+                family.type = parts[3]
+        elif line and not line.startswith("#"):
+            sample = _labelled(line, labels) if labels else line
+            if sample:
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if current and name in _members(current):  # e.g. a histogram's _bucket
+                    name = current
+                families.setdefault(name, _Family()).samples.append(sample)
 
 
 def read_one(path: Path) -> str | None:
@@ -102,10 +109,11 @@ def read_one(path: Path) -> str | None:
         return None
 
 
-def scrape(proxies: Sequence[tuple[str, str, Path]]) -> str:
-    """(namespace, pod, the proxy's state directory) for each proxy: their metrics, merged."""
+def scrape(proxies: Sequence[tuple[str, str, Path]], own: str = "") -> str:
+    """(namespace, pod, the proxy's state directory) for each proxy: their metrics, merged
+    with ``own``."""
     if not proxies:
-        return merge([])
+        return merge([], own)
     with ThreadPoolExecutor(min(WORKERS, len(proxies))) as pool:
         texts = list(pool.map(lambda p: read_one(p[2] / SOCKET_FILE), proxies))
-    return merge([(ns, pod, text) for (ns, pod, _), text in zip(proxies, texts, strict=True)])
+    return merge([(ns, pod, t) for (ns, pod, _), t in zip(proxies, texts, strict=True)], own)

@@ -29,8 +29,9 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
-from tencrypt.core import wire
+from tencrypt.core import exposition, wire
 from tencrypt.core.handshake import Keygen, Templates
 from tencrypt.core.psk import KeySet, check_keyset
 
@@ -112,29 +113,25 @@ def describe_keys(
     ]
 
 
-def render_key_metrics(keys: list[dict[str, object]], prefix: str = "tencrypt") -> str:
-    """Prometheus lines for ``describe_keys``' rows: ``<prefix>_key`` (1 for a key the ring
-    holds, 0 for a retired one; by fingerprint and role), ``<prefix>_key_sessions`` (by
-    fingerprint and role) and ``<prefix>_key_handshakes_total`` (by fingerprint only: a
+def render_key_metrics(keys: list[dict[str, object]]) -> str:
+    """Prometheus families for ``describe_keys``' rows: ``tencrypt_key`` (1 for a key the ring
+    holds, 0 for a retired one; by fingerprint and role), ``tencrypt_key_sessions`` (by
+    fingerprint and role) and ``tencrypt_key_handshakes_total`` (by fingerprint only: a
     counter keeps its labels while the key changes roles)."""
-    lines = [f"# TYPE {prefix}_key gauge"]
-    lines += [
-        f'{prefix}_key{{fingerprint="{r["fingerprint"]}",role="{r["role"]}"}} '
-        f"{0 if r['role'] == RETIRED else 1}"
-        for r in keys
-    ]
-    lines.append(f"# TYPE {prefix}_key_sessions gauge")
-    lines += [
-        f'{prefix}_key_sessions{{fingerprint="{r["fingerprint"]}",role="{r["role"]}"}} '
-        f"{r['sessions']}"
-        for r in keys
-    ]
-    lines.append(f"# TYPE {prefix}_key_handshakes_total counter")
-    lines += [
-        f'{prefix}_key_handshakes_total{{fingerprint="{r["fingerprint"]}"}} {r["handshakes"]}'
-        for r in keys
-    ]
-    return "\n".join(lines) + "\n"
+    rows = [(str(r["fingerprint"]), str(r["role"]), r) for r in keys]
+    return exposition.text(
+        exposition.family(
+            "tencrypt_key", [((fp, role), 0 if role == RETIRED else 1) for fp, role, _ in rows]
+        )
+        + exposition.family(
+            "tencrypt_key_sessions",
+            [((fp, role), cast(int, r["sessions"])) for fp, role, r in rows],
+        )
+        + exposition.family(
+            "tencrypt_key_handshakes_total",
+            [((fp,), cast(int, r["handshakes"])) for fp, _, r in rows],
+        )
+    )
 
 
 class KeyMismatches:

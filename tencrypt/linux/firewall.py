@@ -41,6 +41,15 @@ TABLE = "tencrypt"
 FAMILY = "inet"
 LEGACY = ("ip", TABLE)  # the IPv4-only table of earlier releases: removed when found
 SET4, SET6 = "project4", "project6"
+# The rules that count, as (rule, direction, family): each one's nft comment is
+# ``<rule>_<direction>_<family>`` (``comment``), /metrics labels its counter with the three
+# (``tencrypt_firewall_packets_total``, observe.py) and `tencrypt status` shows it by comment.
+COUNTED = (
+    ("refused", "out", "ipv4"),
+    ("refused", "out", "ipv6"),
+    ("refused", "in", "ipv4"),
+    ("refused", "in", "ipv6"),
+)
 NFT_TIMEOUT = 30.0  # seconds; a transaction of a few thousand elements takes milliseconds
 
 
@@ -59,9 +68,17 @@ def nft(script: str) -> str:
     return proc.stdout
 
 
+def comment(rule: str, direction: str, family: str) -> str:
+    return f"{rule}_{direction}_{family}"
+
+
+BY_COMMENT = {comment(*c): c for c in COUNTED}  # the labels of a counting rule's comment
+
+
 def render_table(uplink: str, port: int, fwmark: int, dns_mark: int | None = None) -> str:
     """The idempotent transaction that installs (or repairs) the table, keeping set elements."""
     t = f"{FAMILY} {TABLE}"
+    out4, out6, in4, in6 = (comment(*c) for c in COUNTED)
     return f"""add table {t}
 add set {t} {SET4} {{ type ipv4_addr; }}
 add set {t} {SET6} {{ type ipv6_addr; }}
@@ -71,11 +88,11 @@ flush chain {t} output
 flush chain {t} input
 add rule {t} output oifname "{uplink}" meta mark {fwmark:#x} udp sport {port} accept
 add rule {t} output oifname "{uplink}" meta mark {dns_mark or fwmark | DNS_MARK_BIT:#x} accept
-add rule {t} output oifname "{uplink}" ip daddr @{SET4} counter reject with icmpx type admin-prohibited comment "refused_out_ipv4"
-add rule {t} output oifname "{uplink}" ip6 daddr @{SET6} counter reject with icmpx type admin-prohibited comment "refused_out_ipv6"
+add rule {t} output oifname "{uplink}" ip daddr @{SET4} counter reject with icmpx type admin-prohibited comment "{out4}"
+add rule {t} output oifname "{uplink}" ip6 daddr @{SET6} counter reject with icmpx type admin-prohibited comment "{out6}"
 add rule {t} input iifname "{uplink}" udp dport {port} accept
-add rule {t} input iifname "{uplink}" ip saddr @{SET4} counter drop comment "refused_in_ipv4"
-add rule {t} input iifname "{uplink}" ip6 saddr @{SET6} counter drop comment "refused_in_ipv6"
+add rule {t} input iifname "{uplink}" ip saddr @{SET4} counter drop comment "{in4}"
+add rule {t} input iifname "{uplink}" ip6 saddr @{SET6} counter drop comment "{in6}"
 """  # noqa: E501
 
 

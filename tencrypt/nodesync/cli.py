@@ -30,14 +30,14 @@ import sys
 import threading
 from pathlib import Path
 
-from tencrypt import argtypes
+from tencrypt import argtypes, fastpath
 from tencrypt.core.stats import Stats
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.kube.objects import add_kubeconfig_argument
 from tencrypt.linux import probes
 from tencrypt.nodesync import backends
 from tencrypt.nodesync.cluster import ClusterState, load_list
-from tencrypt.nodesync.metrics import SyncMetrics
+from tencrypt.nodesync.metrics import SyncMetrics, render
 from tencrypt.nodesync.rules import TUNNEL_PORT
 
 log = logging.getLogger("tencrypt.nodesync")
@@ -241,9 +241,10 @@ def _watch(args: argparse.Namespace, applier: backends.Applier, stats: Stats) ->
         signal.signal(sig, lambda *_: stop.set())
     metrics = SyncMetrics(applier.name)
     if args.metrics:  # with the kubelet's probes (daemonset.yaml)
+        loops = "c" if fastpath.compiled() is not None else "python"  # build info: the extension
         probes.serve(
             args.metrics,
-            metrics.render,
+            lambda: render(metrics, stats, loops),
             stop,
             {"/healthz": lambda: (True, "ok"), "/readyz": metrics.ready},
         )

@@ -1,4 +1,4 @@
-"""node-sync's metrics, in the Prometheus text format (pure: numbers in, text out).
+"""node-sync's metrics, in the Prometheus text format (``SyncMetrics.render`` is pure).
 
 - ``tencrypt_nodesync_sync_duration_seconds{backend,mode}``: a histogram of the time one
   sync took to program the node (``mode``: ``full`` — start-up, resync, after a failure —
@@ -7,12 +7,18 @@
   sync (nft: Service chains plus map elements; iptables: rules);
 - ``tencrypt_nodesync_last_success_timestamp_seconds``: wall-clock time of the last sync
   that succeeded (alert when it falls behind);
-- ``tencrypt_nodesync_sync_failures_total``: syncs that failed (retried, then full).
+- ``tencrypt_nodesync_sync_failures_total``: syncs that failed (retried, then full);
+- ``render`` adds node-sync's event counters (``tencrypt_nodesync_*_total``), build info and the
+  ``process_*`` families (linux/procstat.py), with HELP and TYPE from core/exposition.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from tencrypt.core import exposition
+from tencrypt.core.stats import NODESYNC_COUNTERS, Stats
+from tencrypt.linux import procstat
 
 BUCKETS = (
     0.001,
@@ -70,27 +76,32 @@ class SyncMetrics:
 
     def render(self) -> str:
         name = "tencrypt_nodesync_sync_duration_seconds"
-        out = [f"# HELP {name} Time one sync took to program the node.", f"# TYPE {name} histogram"]
+        out = exposition.header(name)
         for mode in MODES:
-            labels = f'backend="{self.backend}",mode="{mode}"'
             total = 0
             for bound, count in zip((*BUCKETS, float("inf")), self.counts[mode], strict=True):
                 total += count
                 le = "+Inf" if bound == float("inf") else repr(bound)
-                out.append(f'{name}_bucket{{{labels},le="{le}"}} {total}')
-            out.append(f"{name}_sum{{{labels}}} {self.sums[mode]:.6f}")
-            out.append(f"{name}_count{{{labels}}} {total}")
-        out += [
-            "# HELP tencrypt_nodesync_programmed_elements Chains, map elements or rules "
-            "the node holds after the last sync.",
-            "# TYPE tencrypt_nodesync_programmed_elements gauge",
-            f'tencrypt_nodesync_programmed_elements{{backend="{self.backend}"}} {self.elements}',
-            "# HELP tencrypt_nodesync_last_success_timestamp_seconds When the last sync "
-            "succeeded (Unix time).",
-            "# TYPE tencrypt_nodesync_last_success_timestamp_seconds gauge",
-            f"tencrypt_nodesync_last_success_timestamp_seconds {self.last_success:.3f}",
-            "# HELP tencrypt_nodesync_sync_failures_total Syncs that failed.",
-            "# TYPE tencrypt_nodesync_sync_failures_total counter",
-            f"tencrypt_nodesync_sync_failures_total {self.failures}",
-        ]
-        return "\n".join(out) + "\n"
+                out.append(
+                    exposition.sample(name, (self.backend, mode), total, "_bucket", f'le="{le}"')
+                )
+            out.append(exposition.sample(name, (self.backend, mode), self.sums[mode], "_sum"))
+            out.append(exposition.sample(name, (self.backend, mode), total, "_count"))
+        out += exposition.family(
+            "tencrypt_nodesync_programmed_elements", [((self.backend,), self.elements)]
+        )
+        out += exposition.family(
+            "tencrypt_nodesync_last_success_timestamp_seconds", [((), self.last_success)]
+        )
+        out += exposition.family("tencrypt_nodesync_sync_failures_total", [((), self.failures)])
+        return exposition.text(out)
+
+
+def render(metrics: SyncMetrics, stats: Stats, fastpath: str) -> str:
+    """All of node-sync's /metrics: its syncs, its counters (``NODESYNC_COUNTERS`` from start),
+    build info and process (``fastpath``: whether the compiled extension is there)."""
+    return (
+        metrics.render()
+        + exposition.text(exposition.render_counters(stats, NODESYNC_COUNTERS))
+        + procstat.render_runtime(fastpath)
+    )

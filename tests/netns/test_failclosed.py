@@ -224,7 +224,8 @@ def test_an_unpatched_member_is_refused_from_its_first_syn(lab, capture):
     assert answers == []  # not even a SYN-ACK: nginx1 never accepted plaintext from it
 
     def counted() -> bool:
-        return metrics(lab, "nginx1").get("tencrypt_firewall_refused_in_ipv4_packets", 0) >= 2
+        refused = 'tencrypt_firewall_packets_total{rule="refused",direction="in",family="ipv4"}'
+        return metrics(lab, "nginx1").get(refused, 0) >= 2
 
     netns.wait_for(counted, timeout=15, interval=0.5, what="the firewall's refusal counter")
     # and the other way: a project pod without a proxy is never reached in the clear

@@ -132,3 +132,31 @@ def parse(argv: list[str]):  # type: ignore[no-untyped-def]
     from tencrypt.cli import parse_args
 
     return parse_args(argv)
+
+
+def test_the_agents_own_families_and_its_proxies_merge_into_one_valid_exposition() -> None:
+    """Both export process_* and build info: each family is written once, the agent's sample
+    unlabelled beside every proxy's, and promtool accepts the whole."""
+    import shutil
+    import subprocess
+
+    from tencrypt.agent.health import Health, render
+    from tencrypt.core.stats import Stats
+
+    own = render([], Stats(), False, Health(clock=lambda: 0.0), 0)
+    proxy = render(["ready"], Stats(), True, Health(clock=lambda: 0.0), 1)  # same families
+    text = scrape.merge([("shop", "web-1", proxy), ("shop", "web-2", None)], own)
+    lines = text.splitlines()
+    types = [line.split()[2] for line in lines if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))
+    rss = [line for line in lines if line.startswith("process_resident_memory_bytes")]
+    assert len(rss) == 2 and rss[1].startswith(
+        'process_resident_memory_bytes{namespace="shop",pod="web-1"} '
+    )
+    assert 'tencrypt_proxy_up{namespace="shop",pod="web-2"} 0' in lines
+    promtool = shutil.which("promtool")
+    if promtool:
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+        )
+        assert check.returncode == 0 and not check.stdout + check.stderr, check

@@ -317,7 +317,7 @@ def test_the_syncer_syncs_in_full_first_and_on_resync_partially_in_between():
     )
     assert 'mode="partial",le="1.0"} 1' in text
     assert 'tencrypt_nodesync_programmed_elements{backend="recording"} 7' in text
-    assert "tencrypt_nodesync_last_success_timestamp_seconds 1234.500" in text
+    assert "tencrypt_nodesync_last_success_timestamp_seconds 1234.5" in text
 
 
 def test_metrics_count_failures_and_bucket_durations():

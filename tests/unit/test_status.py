@@ -7,8 +7,9 @@ import io
 import json
 import threading
 
+from tencrypt.core.exposition import render_prometheus
 from tencrypt.core.psk import fingerprint
-from tencrypt.core.stats import DropReason, Stats, render_prometheus, snapshot
+from tencrypt.core.stats import Counter, DropReason, Stats, snapshot
 from tencrypt.linux import metrics
 from tencrypt.status import fetch, render
 from tests.unit.linked import PSK, A, B, connect, new_net
@@ -17,7 +18,7 @@ from tests.unit.linked import PSK, A, B, connect, new_net
 def proxy_document(net) -> dict:
     a = net.pods[A]
     a.stats.drop(DropReason.BAD_MAC, 7)
-    a.stats.inc("plaintext_fallback", 3)
+    a.stats.inc(Counter.PLAINTEXT_FALLBACK, 3)
     return {
         **a.status(net.now),
         **snapshot(a.stats),
@@ -42,7 +43,7 @@ def test_tunnel_status_is_json_and_says_what_the_tunnel_holds():
 def test_snapshot_names_drops_by_reason():
     stats = Stats()
     stats.drop(DropReason.CLAIM_REBIND, 2)
-    stats.inc("packets_sealed", 5)
+    stats.inc(Counter.PACKETS_SEALED, 5)
     assert snapshot(stats) == {"counters": {"packets_sealed": 5}, "drops": {"claim_rebind": 2}}
 
 

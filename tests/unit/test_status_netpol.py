@@ -85,12 +85,21 @@ def test_the_status_counts_flows_a_new_policy_blocks_and_names_unreadable_polici
 # -- render_netpol_metrics ----------------------------------------------------------------------
 
 
-def test_metrics_without_a_policy_are_the_type_lines_alone():
-    assert render_netpol_metrics(PolicyFlows(Stats())) == (
-        "# TYPE tencrypt_netpol_flows_allowed_total counter\n"
-        "# TYPE tencrypt_netpol_packets_denied_total counter\n"
-        "# TYPE tencrypt_netpol_tunnel_blocked gauge\n"
-    )
+def test_metrics_without_a_policy_are_the_help_and_type_lines_alone():
+    lines = render_netpol_metrics(PolicyFlows(Stats())).splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["#", "HELP", "tencrypt_netpol_flows_allowed_total"],
+        ["#", "TYPE", "tencrypt_netpol_flows_allowed_total"],
+        ["#", "HELP", "tencrypt_netpol_packets_denied_total"],
+        ["#", "TYPE", "tencrypt_netpol_packets_denied_total"],
+        ["#", "HELP", "tencrypt_netpol_tunnel_blocked"],
+        ["#", "TYPE", "tencrypt_netpol_tunnel_blocked"],
+    ]
+    assert lines[1::2] == [
+        "# TYPE tencrypt_netpol_flows_allowed_total counter",
+        "# TYPE tencrypt_netpol_packets_denied_total counter",
+        "# TYPE tencrypt_netpol_tunnel_blocked gauge",
+    ]
 
 
 def test_metrics_count_allowed_flows_by_rule_denied_packets_and_the_finding():
@@ -102,17 +111,15 @@ def test_metrics_count_allowed_flows_by_rule_denied_packets_and_the_finding():
     assert not check(table, "out", syn(DB, OTHER, 50001, 443))
     assert not check(table, "out", syn(DB, OTHER, 50002, 443))
     table.tunnel_blocked = (("egress", "db-out"), ("ingress", "db-in"))
-    assert render_netpol_metrics(table, prefix="t") == (
-        "# TYPE t_netpol_flows_allowed_total counter\n"
-        't_netpol_flows_allowed_total{direction="egress",policy="db-out",rule="0"} 1\n'
-        't_netpol_flows_allowed_total{direction="ingress",policy="db-in",rule="0"} 2\n'
-        "# TYPE t_netpol_packets_denied_total counter\n"
-        't_netpol_packets_denied_total{direction="egress",policies="db-out"} 2\n'
-        't_netpol_packets_denied_total{direction="ingress",policies="db-in"} 1\n'
-        "# TYPE t_netpol_tunnel_blocked gauge\n"
-        't_netpol_tunnel_blocked{direction="egress",policy="db-out"} 1\n'
-        't_netpol_tunnel_blocked{direction="ingress",policy="db-in"} 1\n'
-    )
+    samples = [ln for ln in render_netpol_metrics(table).splitlines() if not ln.startswith("#")]
+    assert samples == [
+        'tencrypt_netpol_flows_allowed_total{direction="egress",policy="db-out",rule="0"} 1',
+        'tencrypt_netpol_flows_allowed_total{direction="ingress",policy="db-in",rule="0"} 2',
+        'tencrypt_netpol_packets_denied_total{direction="egress",policies="db-out"} 2',
+        'tencrypt_netpol_packets_denied_total{direction="ingress",policies="db-in"} 1',
+        'tencrypt_netpol_tunnel_blocked{direction="egress",policy="db-out"} 1',
+        'tencrypt_netpol_tunnel_blocked{direction="ingress",policy="db-in"} 1',
+    ]
 
 
 def test_metric_labels_are_escaped():
@@ -120,13 +127,13 @@ def test_metric_labels_are_escaped():
     table.allowed[("ingress", 'a"b\\c\nd', "0")] = 1
     table.denied[("egress", 'x"y')] = 3
     table.tunnel_blocked = (("ingress", "p\\q"),)
-    lines = render_netpol_metrics(table).splitlines()
-    assert lines[1] == (
+    lines = [ln for ln in render_netpol_metrics(table).splitlines() if not ln.startswith("#")]
+    assert lines[0] == (
         'tencrypt_netpol_flows_allowed_total{direction="ingress",policy="a\\"b\\\\c\\nd",'
         'rule="0"} 1'
     )
-    assert lines[3] == 'tencrypt_netpol_packets_denied_total{direction="egress",policies="x\\"y"} 3'
-    assert lines[5] == 'tencrypt_netpol_tunnel_blocked{direction="ingress",policy="p\\\\q"} 1'
+    assert lines[1] == 'tencrypt_netpol_packets_denied_total{direction="egress",policies="x\\"y"} 3'
+    assert lines[2] == 'tencrypt_netpol_tunnel_blocked{direction="ingress",policy="p\\\\q"} 1'
 
 
 # -- tencrypt status ----------------------------------------------------------------------------
