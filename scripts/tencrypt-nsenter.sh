@@ -58,4 +58,10 @@ if [ "$undo" = 1 ]; then
 fi
 # shellcheck disable=SC2086  # TENCRYPT_SETUP_ARGS is a list of words on purpose
 "${target[@]}" "$bin" setup "${resolv[@]}" ${TENCRYPT_SETUP_ARGS:-}
+# the node agent's --proxy-cgroup sandbox: this process, about to become the proxy, joins the
+# pod's cgroups first, so all of the proxy's memory is charged there and it outlives the
+# agent container (tencrypt/agent/cgroups.py); a failure is logged there and not fatal
+if [ -n "${TENCRYPT_CGROUP_PYTHON:-}" ] && [ -n "${pid:-}" ]; then
+    "$TENCRYPT_CGROUP_PYTHON" -m tencrypt.agent.cgroups --via-node $$ "$pid" || true
+fi
 exec "${target[@]}" "$bin" run "$@"

@@ -329,6 +329,9 @@ class Agent:
             elif entry.phase is Phase.STARTING and self.supervisor.ready(uid):
                 self.reconciler.on_ready(uid, now)
                 log.info("%s/%s: proxy ready", entry.namespace, entry.name)
+                self.supervisor.settle(uid)  # --proxy-cgroup sandbox: out of our cgroup
+            elif entry.phase is Phase.READY:
+                self.supervisor.settle(uid)  # an adopted one (once: a no-op afterwards)
 
     def execute(self, action: Action, now: float) -> None:
         want, uid = action.want, action.want.uid

@@ -129,6 +129,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="longest delay between restarts (default: 60)",
     )
     p.add_argument(
+        "--proxy-cgroup",
+        default="agent",
+        choices=["agent", "sandbox"],
+        help="where a proxy runs once ready: agent = in this agent's cgroup, so it stops with "
+        "the agent container; sandbox = in its pod's sandbox cgroups (charged to the pod, "
+        "stopped with the pod), so an agent restart or upgrade leaves it running for the next "
+        "agent to adopt (use with --on-exit keep; daemonset.yaml does) (default: agent)",
+    )
+    p.add_argument(
         "--on-exit",
         default="keep",
         choices=["keep", "unpatch"],
@@ -220,6 +229,7 @@ def main(args: argparse.Namespace) -> int:
         run_args(args),
         setup_args=" ".join(shlex.split(args.setup_args)),
         setup_state_dir=Path(args.setup_state_dir),
+        proxy_cgroup=args.proxy_cgroup,
     )
     resolver = Resolver(args.sandbox, crictl=args.crictl, endpoint=args.cri_endpoint)
     policy = Policy(

@@ -44,6 +44,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,6 +95,7 @@ class Supervisor:
         proc: Path = Path("/proc"),
         stop_timeout: float = 10.0,
         undo_timeout: float = 60.0,
+        proxy_cgroup: str = "agent",
     ) -> None:
         # setup, run and undo must agree on where setup keeps the pod's state
         self.state_dir, self.launcher = state_dir, launcher
@@ -101,12 +103,16 @@ class Supervisor:
         self.keys, self.pods = state_dir / "keys", state_dir / "pods"
         self.setup_state_dir, self.proc = setup_state_dir, proc
         self.stop_timeout, self.undo_timeout = stop_timeout, undo_timeout
+        self.proxy_cgroup = proxy_cgroup  # "sandbox": proxies join their pod's cgroups
+        self.settled: set[str] = set()  # pods whose proxy was moved (or is to stay put)
         self.env = {
             **os.environ,
             "TENCRYPT_BIN": str(tencrypt_bin),
             "TENCRYPT_SETUP_ARGS": f"--state-dir {setup_state_dir} {setup_args}".strip(),
         }
         self.env.pop("TENCRYPT_PROJECT_PSK", None)  # the key goes by file, never by environment
+        if proxy_cgroup == "sandbox":  # the launcher moves the proxy before it runs
+            self.env["TENCRYPT_CGROUP_PYTHON"] = sys.executable
         self.feed = MembersFeed(self.pods)
         self.records: dict[str, Record] = {}
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -162,6 +168,7 @@ class Supervisor:
         """Drop the pod's record, log and membership file: nothing of it stays on the node."""
         self.records.pop(uid, None)
         self.children.pop(uid, None)
+        self.settled.discard(uid)
         self.feed.remove(uid)
         shutil.rmtree(self.pod_dir(uid), ignore_errors=True)
 
@@ -228,6 +235,7 @@ class Supervisor:
             str(members_file),
         )
         self.children[want.uid], self.records[want.uid] = child, rec
+        self.settled.discard(want.uid)  # a new proxy: moved again once it is ready
         tmp = pod_dir / "record.json.tmp"
         tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
         tmp.replace(pod_dir / "record.json")
@@ -267,6 +275,18 @@ class Supervisor:
         rec = self.records.get(uid)
         stat = self._stat(rec.proxy_pid) if rec else None
         return bool(rec and stat and stat[0] not in ("Z", "X") and stat[1] == rec.proxy_start)
+
+    def settle(self, uid: str) -> None:
+        """With ``--proxy-cgroup sandbox``, move the pod's proxy into its sandbox's cgroups
+        (agent/cgroups.py), once per proxy: from then on it outlives the agent container."""
+        rec = self.records.get(uid)
+        if self.proxy_cgroup != "sandbox" or rec is None or uid in self.settled:
+            return
+        from tencrypt.agent import cgroups
+
+        self.settled.add(uid)  # tried once: a failure is logged, the proxy runs on regardless
+        if cgroups.move(rec.proxy_pid, rec.sandbox_pid):
+            log.info("%s/%s: the proxy joined its pod's cgroups", rec.namespace, rec.name)
 
     def ready(self, uid: str) -> bool:
         try:

@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,5 +190,140 @@ def test_node_image_agent_patches_and_seals_the_lab_pods_and_unpatches_on_stop(
         assert list(setup_state.iterdir()) == []
     finally:
         subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
+        api.stop()
+        kill_proxies(lab)
+
+
+RR_LOOP = r"""
+import json, sys, time, urllib.request
+url, seconds = sys.argv[1], float(sys.argv[2])
+ok = failed = 0
+longest = 0.0
+last = start = time.monotonic()
+while time.monotonic() - start < seconds:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            r.read()
+        now = time.monotonic()
+        longest, last, ok = max(longest, now - last), now, ok + 1
+    except OSError:
+        failed += 1
+    time.sleep(0.05)
+print(json.dumps({"ok": ok, "failed": failed, "longest_gap": round(longest, 3)}))
+"""
+
+
+def test_node_image_agent_restart_leaves_every_proxy_running_and_connections_unbroken(
+    node_image, lab, capture, tmp_path
+):
+    """An agent container restarted (as a DaemonSet upgrade does) with `--proxy-cgroup
+    sandbox --on-exit keep`: the proxies left the container's cgroup for their pods', so the
+    runtime's kill of the container spares them; the next agent adopts them. Measured across
+    the restart: an iperf3 stream and a request every 50 ms between two patched pods."""
+    api = FakeApiServer(pod_objects(lab))
+    api.start()
+    names = [f"tencrypt-agent-{netns.unique_suffix()}" for _ in range(2)]
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    setup_state, agent_state = tmp_path / "run-tencrypt", tmp_path / "agent-state"
+    setup_state.mkdir()
+    agent_state.mkdir(mode=0o700)
+
+    def run(name: str, on_exit: str) -> list[str]:
+        return [
+            *PODMAN, "run", "-d", "--name", name, *LIMITS, "--privileged", "--pid=host",
+            "--network=host",
+            "-v", f"{kubeconfig}:/kubeconfig:ro",
+            "-v", f"{setup_state}:/run/tencrypt",
+            "-v", f"{agent_state}:/run/tencrypt-agent",
+            "-v", "/sys/fs/cgroup:/host/sys/fs/cgroup",  # as daemonset.yaml mounts it
+            node_image, "agent", "--node", "node1", "--kubeconfig", "/kubeconfig",
+            "--sandbox", "annotation", "--state-dir", "/run/tencrypt-agent",
+            "--proxy-metrics", METRICS, "--proxy-cgroup", "sandbox", "--on-exit", on_exit,
+            "--log-level", "debug",
+        ]  # fmt: skip
+
+    def logs(name: str) -> str:
+        out = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, timeout=30)
+        return out.stdout + out.stderr
+
+    class Logs:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def text(self) -> str:
+            return logs(self.name)
+
+    enabled = [p.name for p in lab.pods.values() if p.project == "myproject"]
+    server = client = rr = None
+    try:
+        assert (
+            subprocess.run(run(names[0], "keep"), capture_output=True, timeout=120).returncode == 0
+        )
+        wait_patched(lab, Logs(names[0]), *enabled)
+        netns.wait_for(
+            lambda: logs(names[0]).count("the proxy joined its pod's cgroups") == len(enabled),
+            timeout=30,
+            what="every proxy in its pod's cgroups",
+        )
+        before = {p: proxies_in(lab.pod(p).netns) for p in enabled}
+        a, b = lab.pod("nginx1"), lab.pod("nginx2")
+        server = netns.spawn(b.netns, ["iperf3", "-s", "-1", "-p", "5201"])
+        time.sleep(0.5)
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", a.netns, "iperf3", "-c", b.ip, "-p", "5201", "-t", "16",
+             "-i", "1", "-J"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        rr = subprocess.Popen(
+            ["ip", "netns", "exec", a.netns, sys.executable, "-c", RR_LOOP,
+             f"http://{b.vip}:8080/", "16"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(4)
+        # the restart: SIGTERM to the old container (its runtime then kills its cgroup), a new one
+        stopped = time.monotonic()
+        stop = subprocess.run(
+            [*PODMAN, "stop", "-t", "60", names[0]], capture_output=True, text=True, timeout=120
+        )
+        assert stop.returncode == 0, stop.stderr
+        assert "left running for the next agent (--on-exit keep)" in logs(names[0])
+        assert (
+            subprocess.run(run(names[1], "unpatch"), capture_output=True, timeout=120).returncode
+            == 0
+        )
+        netns.wait_for(
+            lambda: (
+                logs(names[1]).count("adopted the proxy a previous agent started") == len(enabled)
+            ),
+            timeout=60,
+            what="the new agent to adopt every proxy",
+        )
+        adopted = time.monotonic() - stopped
+        assert {p: proxies_in(lab.pod(p).netns) for p in enabled} == before  # the same processes
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err  # the stream was never reset
+        intervals = [i["sum"]["bytes"] for i in json.loads(out)["intervals"]]
+        rr_out, rr_err = rr.communicate(timeout=60)
+        loop = json.loads(rr_out)
+        print(
+            f"agent restart: adopted after {adopted:.1f} s; iperf3 {len(intervals)} intervals, "
+            f"smallest {min(intervals)} B; requests {loop}"
+        )
+        assert min(intervals) > 0  # no second of the stream without data
+        assert loop["failed"] == 0 and loop["ok"] > 100, loop
+        sealed_curl(lab, capture, "nginx1", "nginx2")  # still sealed, by the adopted proxies
+        stop = subprocess.run(
+            [*PODMAN, "stop", "-t", "60", names[1]], capture_output=True, text=True, timeout=120
+        )
+        assert stop.returncode == 0 and f"unpatching {len(enabled)} pods" in logs(names[1])
+        for pod in lab.pods.values():
+            assert proxies_in(pod.netns) == [] and not has_tenc0(lab, pod.name)
+    finally:
+        for proc in (client, rr, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for name in names:
+            subprocess.run([*PODMAN, "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
         api.stop()
         kill_proxies(lab)

@@ -626,13 +626,16 @@ def test_daemonset_agent_args_parse_and_its_state_dir_is_a_host_tmpfs_mount():
     add_arguments(parser)
     args = parser.parse_args(kubelet_expands(agent))
     assert args.sandbox != "annotation"  # never trust a pod object for a PID on a cluster
-    assert args.on_exit == "unpatch"  # see the manifest's comment and the README
+    # proxies leave the agent's cgroup for their pods' and outlive it: an agent restart or
+    # upgrade leaves them running (see the manifest's comment and scripts/k8s/README.md)
+    assert args.on_exit == "keep" and args.proxy_cgroup == "sandbox"
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in agent["volumeMounts"]}
     assert mounts[args.state_dir]["hostPath"]["path"].startswith("/run/")
     assert mounts[args.setup_state_dir]["hostPath"]["path"] == "/run/tencrypt"
+    assert mounts["/host/sys/fs/cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup"  # cgroups.py
     assert "tencrypt-nsenter.sh /usr/local/bin/" in (K8S / "Dockerfile").read_text()
 
 
