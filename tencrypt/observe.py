@@ -45,6 +45,8 @@ class Proxy(Protocol):
     def effects(self) -> FirewallCounters: ...
 
 
+UNANSWERED_AFTER = 5.0  # s of unanswered initiations before a peer counts as unanswered
+
 STANDALONE_LIMITS = (  # logged at start, said in the docs: what standalone cannot do
     "standalone mode (no membership from the node agent): Services are reached through the "
     "node's DNAT of VIP:1337, so one tunnel session per Service endpoint pair: no "
@@ -150,6 +152,11 @@ def render_metrics(proxy: Proxy) -> str:
     gauges: dict[str, float] = {
         "sessions": proxy.tunnel.session_count(),
         "peers": proxy.tunnel.peer_count(),
+        "peers_unanswered": sum(
+            1
+            for p in proxy.tunnel.table.peers
+            if p.pending is not None and now - p.pending.first_sent >= UNANSWERED_AFTER
+        ),
         "flow_table_entries": len(proxy.flows),
         "service_flow_entries": len(dispatch.flows),
         "service_cluster_ips": len(dispatch.flows.table),

@@ -46,6 +46,11 @@ C, G, H = Kind.COUNTER, Kind.GAUGE, Kind.HISTOGRAM
 _PROXY_GAUGES = (
     ("sessions", "Live tunnel sessions."),
     ("peers", "Peers known to the tunnel (with or without a live session)."),
+    (
+        "peers_unanswered",
+        "Peers whose handshake initiations have gone unanswered for 5 s or more (no proxy "
+        "there, or the tunnel's UDP dropped on the way, e.g. by a NetworkPolicy).",
+    ),
     ("flow_table_entries", "Entries in the receiver's NAT flow table."),
     ("service_flow_entries", "Entries in the sender's Service flow table (cluster mode)."),
     ("service_cluster_ips", "Service cluster IPs the proxy resolves itself (cluster mode)."),
