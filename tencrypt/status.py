@@ -64,6 +64,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--state-dir: pod IP, project, mode, peers up, sessions, drops, plaintext fallback "
         "(on a cluster: kubectl exec -n tencrypt-system POD -c agent -- tencrypt status --node)",
     )
+    where.add_argument(
+        "--cluster",
+        action="store_true",
+        help="every enabled project of the cluster, from the node agents' reports (ConfigMaps "
+        "tencrypt-keys-NODE): per project its nodes, its pods with a proxy and how many of "
+        "them run with a loaded key (sealed), the rings in use; agents silent for 3 minutes "
+        "are named. Uses your kubeconfig (--kubeconfig)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="with --cluster: the kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)",
+    )
+    p.add_argument(
+        "--agent-namespace",
+        default="tencrypt-system",
+        help="with --cluster: where the agents publish their reports (default: tencrypt-system)",
+    )
     p.add_argument(
         "--state-dir",
         default="/run/tencrypt",
@@ -277,8 +295,82 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
         )
 
 
+def cluster_rows(kubeconfig: str | None, agent_namespace: str) -> dict[str, Any]:
+    """The cluster view (core/rotation.py ``cluster_view``) read with the user's kubeconfig."""
+    import time
+
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from tencrypt.core.rotation import REPORT_KEY, REPORT_LABEL, cluster_view, parse_report
+    from tencrypt.kube.client import brief, new_api_client, unreachable
+    from tencrypt.kube.objects import ENABLED_LABEL
+
+    api: Any = client.CoreV1Api(new_api_client(kubeconfig))
+    failures: tuple[type[Exception], ...] = (ApiException, *unreachable())
+    try:
+        maps = json.loads(
+            api.list_namespaced_config_map(
+                agent_namespace, label_selector="=".join(REPORT_LABEL), _preload_content=False
+            ).data
+        )
+        spaces = json.loads(
+            api.list_namespace(label_selector=f"{ENABLED_LABEL}=true", _preload_content=False).data
+        )
+    except failures as exc:
+        raise UsageError(f"cannot read the agents' reports: {brief(exc)}") from None
+    reports = [
+        r
+        for item in maps.get("items") or []
+        if (r := parse_report((item.get("data") or {}).get(REPORT_KEY))) is not None
+    ]
+    enabled = [
+        (item.get("metadata") or {}).get("name", "?")
+        for item in spaces.get("items") or []
+        if ((item.get("metadata") or {}).get("labels") or {}).get(ENABLED_LABEL) == "true"
+    ]
+    views, stale = cluster_view(reports, enabled, time.time())
+    return {
+        "nodes": len(reports),
+        "stale_nodes": stale,
+        "projects": [
+            {
+                "project": v.project,
+                "nodes": v.nodes,
+                "pods": v.pods,
+                "sealed": v.sealed,
+                "unsealed": v.pods - v.sealed,
+                "rings": v.rings,
+            }
+            for v in views
+        ],
+    }
+
+
+def render_cluster(doc: dict[str, Any], out: TextIO) -> None:
+    print(f"{doc['nodes']} nodes report", file=out)
+    for node in doc["stale_nodes"]:
+        print(f"WARNING: the agent of node {node} has not reported for 3 minutes", file=out)
+    print(f"{'PROJECT':<32} {'NODES':>5} {'PODS':>5} {'SEALED':>6} {'NOT':>5}  RINGS", file=out)
+    for row in doc["projects"]:
+        rings = ", ".join(f"{ring} ({n})" for ring, n in sorted(row["rings"].items())) or "-"
+        print(
+            f"{row['project'][:32]:<32} {row['nodes']:>5} {row['pods']:>5} {row['sealed']:>6} "
+            f"{row['unsealed']:>5}  {rings}",
+            file=out,
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     as_json = args.json or args.output == "json"
+    if args.cluster:
+        doc = cluster_rows(args.kubeconfig, args.agent_namespace)
+        if as_json:
+            json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+            print()
+        else:
+            render_cluster(doc, sys.stdout)
+        return 0
     if args.node:
         rows = node_rows(Path(args.state_dir))
         if as_json:

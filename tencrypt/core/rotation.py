@@ -163,6 +163,37 @@ def render_report(report: NodeReport) -> str:
 
 
 @dataclass(slots=True)
+class ProjectView:
+    """One project across the cluster, from the agents' reports (``cluster_view``)."""
+
+    project: str
+    nodes: int = 0
+    pods: int = 0  # pods an agent runs (or tries to run) a proxy for
+    sealed: int = 0  # of which a proxy runs and has loaded a key ring
+    rings: dict[str, int] = field(default_factory=dict)  # ring label -> pods on it
+
+
+def cluster_view(
+    reports: list[NodeReport], enabled: list[str], now: float, stale_after: float = 180.0
+) -> tuple[list[ProjectView], list[str]]:
+    """Every enabled project's pods with and without a working proxy, and the nodes whose
+    agent has not reported for ``stale_after`` seconds (its figures may be old: the agent
+    heartbeats every minute). A project no agent reports has no pod with a proxy anywhere."""
+    views = {p: ProjectView(p) for p in enabled}
+    for report in reports:
+        for project, (pods, loaded) in report.projects.items():
+            view = views.setdefault(project, ProjectView(project))
+            view.nodes += 1
+            view.pods += pods
+            for ring, n in loaded.items():
+                if ring:
+                    view.sealed += n
+                    view.rings[ring] = view.rings.get(ring, 0) + n
+    stale = sorted(r.node for r in reports if now - r.updated > stale_after)
+    return sorted(views.values(), key=lambda v: v.project), stale
+
+
+@dataclass(slots=True)
 class Progress:
     """How far the nodes are in loading ``expected`` for one project."""
 

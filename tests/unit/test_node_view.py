@@ -160,3 +160,63 @@ def test_the_agents_own_families_and_its_proxies_merge_into_one_valid_exposition
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True
         )
         assert check.returncode == 0 and not check.stdout + check.stderr, check
+
+
+def test_the_cluster_view_counts_each_projects_pods_with_and_without_a_working_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tencrypt status --cluster`: the agents' reports (ConfigMaps) and the enabled
+    namespaces, read with a kubeconfig from the API server double."""
+    import time
+
+    from tencrypt.core.rotation import REPORT_KEY, REPORT_LABEL, NodeReport, render_report
+    from tests.kubefakes import builders
+    from tests.kubefakes.writable import WritableApiServer
+
+    def report(node: str, updated: float, projects: dict) -> dict:
+        return {
+            "kind": "ConfigMap",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": f"tencrypt-keys-{node}",
+                "namespace": "tencrypt-system",
+                "labels": dict([REPORT_LABEL]),
+            },
+            "data": {REPORT_KEY: render_report(NodeReport(node, updated, projects))},
+        }
+
+    now = time.time()
+    api = WritableApiServer(
+        [
+            builders.build_namespace("shop"),
+            builders.build_namespace("blog"),  # enabled, no pod with a proxy anywhere
+            builders.build_namespace("wiki", enabled=False),
+            report("node-1", now, {"shop": (3, {"current=ab12cd34": 2, "": 1})}),
+            report("node-2", now - 600, {"shop": (1, {"current=ab12cd34": 1})}),
+        ]
+    )
+    api.start()
+    try:
+        kubeconfig = str(api.write_kubeconfig(tmp_path / "kubeconfig"))
+        assert status_main(parse(["status", "--cluster", "--kubeconfig", kubeconfig])) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == "2 nodes report"
+        assert out[1] == "WARNING: the agent of node node-2 has not reported for 3 minutes"
+        rows = {line.split()[0]: line.split() for line in out[3:]}
+        assert rows["shop"][1:5] == ["2", "4", "3", "1"]  # nodes, pods, sealed, not sealed
+        assert rows["blog"][1:5] == ["0", "0", "0", "0"] and "wiki" not in rows
+        assert (
+            status_main(parse(["status", "--cluster", "--kubeconfig", kubeconfig, "-o", "json"]))
+            == 0
+        )
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["projects"][1] == {
+            "project": "shop",
+            "nodes": 2,
+            "pods": 4,
+            "sealed": 3,
+            "unsealed": 1,
+            "rings": {"current=ab12cd34": 3},
+        }
+    finally:
+        api.stop()
