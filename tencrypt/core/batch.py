@@ -54,7 +54,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, overload
+from typing import Any, NamedTuple, overload
 
 from tencrypt.core.packet import TCP, UDP, pseudo_sum
 from tencrypt.core.stats import DropReason, Stats
@@ -167,15 +167,26 @@ def ones_sum(buf: Buffer, start: int, end: int) -> int:
     (µs) is repaid above a few kB (bench/batch_micro.py).
     """
     n = end - start
-    if n < 2048:
+    np = numpy_module() if n >= 2048 else None
+    if np is None:
         total = int.from_bytes(buf[start:end], "big")
         return (total << 8 if n & 1 else total) % _M
-    import numpy as np  # here, not at the top: 15 MB a proxy on the compiled path never needs
 
     words = n >> 2
     le = int(np.frombuffer(buf, dtype="<u4", count=words, offset=start).sum(dtype=np.uint64))
     tail = int.from_bytes(bytes(buf[start + 4 * words : end]).ljust(4, b"\0"), "little")
     return ((le + tail) % _M) * 256 % _M  # little-endian sum x 256 = big-endian sum
+
+
+def numpy_module() -> Any:
+    """NumPy, imported on first use (15 MB a proxy on the compiled path never needs), or None
+    where it is not installed: then the pure loops below do its work, byte-identical and
+    slower (numpy is an optional dependency, the ``pure`` extra: pyproject.toml)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
 
 
 def csum_field(total: int) -> int:
@@ -322,7 +333,9 @@ def _segment(
         cut = segment(pkt, ihl, thl, total, mss, out)
         if cut:  # 0: outside rule 8, which split_tcp_batch checked: cannot happen
             return Rows(out, cut, hlen + mss, n, hlen + last)
-    import numpy as np
+    np = numpy_module()
+    if np is None:
+        return _segment_rows(pkt, ihl, thl, total, mss, out)
 
     if out is not None and len(out) >= size:
         buf = out
@@ -370,6 +383,40 @@ def _segment(
     tcp = (le % _M) * 256 + pseudo
     tcp[full] += last - mss + _M
     be16[:, (ihl >> 1) + 8] = (-tcp.astype(np.int64)) % _M
+    return Rows(buf, stride, hlen + mss, n, hlen + last)
+
+
+def _segment_rows(
+    pkt: memoryview, ihl: int, thl: int, total: int, mss: int, out: bytearray | None
+) -> Rows:
+    """``_segment`` without NumPy: the same rows, one at a time (rules 2-4)."""
+    hlen = ihl + thl
+    payload = total - hlen
+    n = max(1, -(-payload // mss))
+    last = payload - (n - 1) * mss
+    stride = (hlen + mss + 3) & ~3
+    size = n * stride
+    buf = out if out is not None and len(out) >= size else bytearray(size)
+    head = bytearray(pkt[:hlen])
+    flags = head[ihl + 13]
+    head[10:12] = head[ihl + 16 : ihl + 18] = b"\0\0"
+    ident = int(_U16.unpack_from(pkt, 4)[0])
+    seq0 = int.from_bytes(pkt[ihl + 4 : ihl + 8], "big")
+    src, dst = _IP.unpack_from(pkt, 0)[7:9]
+    for i in range(n):
+        at, size_i = i * stride, last if i == n - 1 else mss
+        row = memoryview(buf)[at : at + stride]
+        row[:hlen] = head
+        row[hlen : hlen + size_i] = pkt[hlen + i * mss : hlen + i * mss + size_i]
+        row[hlen + size_i :] = bytes(stride - hlen - size_i)
+        _U16.pack_into(row, 2, hlen + size_i)
+        _U16.pack_into(row, 4, (ident + i) & 0xFFFF)
+        row[ihl + 4 : ihl + 8] = ((seq0 + i * mss) & 0xFFFFFFFF).to_bytes(4, "big")
+        f = flags & ~(FIN | PSH) if i < n - 1 else flags
+        row[ihl + 13] = f & ~CWR if i > 0 else f
+        _U16.pack_into(row, 10, csum_field(ones_sum(row, 0, ihl)))
+        pseudo = pseudo_sum(src, dst, TCP, thl + size_i)
+        _U16.pack_into(row, ihl + 16, csum_field(ones_sum(row, ihl, stride) + pseudo))
     return Rows(buf, stride, hlen + mss, n, hlen + last)
 
 

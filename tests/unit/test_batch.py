@@ -490,3 +490,57 @@ def test_a_zero_stride_holds_one_packet_at_most():
     huge count asked the C backend for 16 bytes of bookkeeping per packet)."""
     assert [bytes(r) for r in Rows(bytearray(24), 0, 0, 1, 0)] == [b""]
     assert list(Rows(bytearray(24), 0, 0, 0, 0)) == []
+
+
+# --- without NumPy (an optional dependency): the pure loops, byte-identical -----------------------
+
+
+@given(
+    n=st.integers(1, 30),
+    mss=st.integers(1, 1460),
+    cut=st.integers(0, 1459),
+    flags=st.sampled_from(FLAG_SETS),
+    ts=st.booleans(),
+    ipopt=st.booleans(),
+    seq=st.integers(0, 2**32 - 1),
+    ident=st.integers(0, 0xFFFF),
+    reuse=st.booleans(),
+)
+@SLOW
+def test_without_numpy_the_split_is_byte_identical(
+    n, mss, cut, flags, ts, ipopt, seq, ident, reuse
+):
+    size = max(1, n * mss - cut % mss)
+    hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
+    assume(hlen + size <= 65535)
+    pkt = tcp_packet(
+        os.urandom(size),
+        seq=seq,
+        ident=ident,
+        flags=flags,
+        options=TS if ts else (),
+        ip_options=IP_OPTS if ipopt else None,
+    )
+    frame = tso_frame(pkt, mss)
+    with_numpy, _ = split(frame, bytearray(os.urandom(70000)) if reuse else None)
+    original = batch.numpy_module
+    batch.numpy_module = lambda: None  # as where numpy is not installed
+    try:
+        without, stats = split(frame, bytearray(os.urandom(70000)) if reuse else None)
+    finally:
+        batch.numpy_module = original
+    assert without == with_numpy and not stats.drops
+
+
+def test_without_numpy_a_64k_super_packet_and_large_sums(monkeypatch):
+    payload = os.urandom(65535 - 52)
+    pkt = tcp_packet(payload, seq=0xFFFFFF00, ident=0xFFF0, flags="PA", options=TS)
+    data = os.urandom(9001)
+    sums = [batch.ones_sum(data, s, len(data)) for s in range(4)]
+    monkeypatch.setattr(batch, "numpy_module", lambda: None)
+    segments, stats = split(tso_frame(pkt, 1448))
+    assert segments == kernel_segments(pkt, 1448) and not stats.drops
+    assert [batch.ones_sum(data, s, len(data)) for s in range(4)] == sums
+    assert batch.numpy_module() is None
+    monkeypatch.undo()
+    assert batch.numpy_module() is not None  # the test environment has it (the test extra)
