@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from tencrypt import __version__
 from tencrypt.core import TUNNEL_PORT
-from tencrypt.core.podconfig import OVERHEAD
+from tencrypt.core.podconfig import MIN_MTU, OVERHEAD
 from tencrypt.errors import TencryptError
 
 PSK_HELP = (
@@ -94,8 +94,10 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
     p.add_argument(
         "--service-cidr",
-        help="the cluster's Service CIDR, routed into tenc0 (default: the first IPv4 one of "
-        "the agent's membership file, --members-file, else 172.30.0.0/16, OpenShift's)",
+        help="the cluster's Service CIDR, routed into tenc0; it must not overlap eth0's "
+        "subnet or the pod network, nor contain the pod IP or the gateway (default: the "
+        "first IPv4 one of the agent's membership file, --members-file, else 172.30.0.0/16, "
+        "OpenShift's)",
     )
     p.add_argument(
         "--pod-cidr",
@@ -116,7 +118,11 @@ def _setup(p: argparse.ArgumentParser) -> None:
         "`tencrypt run` reads it unless given another (default: none; setup never reads one "
         "from its state directory, which a dead namespace with the same inode may have left)",
     )
-    p.add_argument("--mtu", type=int, help=f"tenc0 MTU (default: uplink MTU minus {OVERHEAD})")
+    p.add_argument(
+        "--mtu",
+        type=int,
+        help=f"tenc0 MTU, from {MIN_MTU} to the uplink MTU minus {OVERHEAD} (default: the latter)",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--resolv-conf",
@@ -394,7 +400,8 @@ def _status(p: argparse.ArgumentParser) -> None:
 COMMANDS: list[tuple[str, str, Adder, str]] = [
     (
         "setup",
-        "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
+        "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf); "
+        "its inputs are checked before anything changes",
         _setup,
         "tencrypt.linux.podnet:main",
     ),

@@ -4,6 +4,7 @@ Stages of setup (each idempotent; the state is written before anything changes, 
 `--undo` also cleans up after a setup that died half-way):
  1. discover: the uplink's address and MTU, the default gateway, the cluster DNS server and the
     project domain (resolv.conf's first nameserver and first `search` entry); flags override;
+    every input is validated (core/podconfig.py ``validated``) before anything is touched;
  2. record the PodConfig and the original resolv.conf in the namespace's state directory;
  3. create the persistent TUN `tenc0` with MTU = uplink MTU - 60;
  4. route the Service CIDR `dev tenc0 src <pod IP>`, and the DNS server /32 via the uplink;
@@ -47,13 +48,14 @@ from tencrypt.core.membership import Members, MembershipError, parse_members
 from tencrypt.core.mountinfo import mount_of, node_path, parse_mountinfo
 from tencrypt.core.netnsid import NetnsId, belongs
 from tencrypt.core.podconfig import (
+    OVERHEAD,
     PodConfig,
     cluster_domain_of,
     is_rewritten,
     parse_resolv_conf,
     recover_resolv_conf,
     render_resolv_conf,
-    tun_mtu,
+    validated,
 )
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.linux import firewall, netnsid, procs
@@ -205,27 +207,29 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         )
     service_cidr, pod_cidrs = _cluster_ranges(args)
     on_link = _on_link_subnet(dev)
-    try:
-        ipaddress.IPv4Network(service_cidr)
-        for cidr in pod_cidrs:
-            ipaddress.ip_network(cidr, strict=False)
-        ipaddress.IPv4Address(pod_ip), ipaddress.IPv4Address(dns), ipaddress.IPv4Address(gateway)
-        mtu = args.mtu or tun_mtu(uplink.mtu)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    config = PodConfig(
-        pod_ip=pod_ip,
-        dev=dev,
-        gateway=gateway,
-        dns=dns,
-        domain=domain.rstrip("."),
-        search=resolv.search,
-        cluster_domain=cluster_domain_of(domain),
-        service_cidr=service_cidr,
-        mtu=mtu,
-        pod_cidrs=tuple(str(ipaddress.ip_network(c, strict=False)) for c in pod_cidrs),
-        uplink_cidrs=(on_link,) if on_link else (),
+    config = validated(
+        PodConfig(
+            pod_ip=pod_ip,
+            dev=dev,
+            gateway=gateway,
+            dns=dns,
+            domain=domain.rstrip("."),
+            search=resolv.search,
+            cluster_domain=cluster_domain_of(domain),
+            service_cidr=service_cidr,
+            mtu=args.mtu if args.mtu is not None else uplink.mtu - OVERHEAD,
+            pod_cidrs=pod_cidrs,
+            uplink_cidrs=(on_link,) if on_link else (),
+        ),
+        uplink.mtu,
+        mtu_given=args.mtu is not None,
     )
+    tun = netlink.link(config.tun)
+    if tun is not None and tun.kind != "tun":
+        raise UsageError(
+            f"a link named {config.tun} exists and is not a TUN device (kind {tun.kind}): "
+            "setup would take it over and --undo delete it"
+        )
     return SetupState(config, resolv_path, original)
 
 
