@@ -81,7 +81,7 @@ def _setup(p: argparse.ArgumentParser) -> None:
         "--undo",
         action="store_true",
         help="restore the namespace exactly as it was before `setup` (routes, rules, "
-        "resolv.conf) and remove tenc0",
+        "resolv.conf, also routes setup replaced) and remove tenc0",
     )
     p.add_argument("--pod-ip", help="this pod's IPv4 address (default: eth0's address)")
     p.add_argument("--dev", default="eth0", help="the pod's uplink interface (default: eth0)")
@@ -401,7 +401,7 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
     (
         "setup",
         "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf); "
-        "its inputs are checked before anything changes",
+        "inputs are checked before anything changes, and a failed step undoes the others",
         _setup,
         "tencrypt.linux.podnet:main",
     ),
