@@ -333,7 +333,8 @@ def _status(p: argparse.ArgumentParser) -> None:
 COMMANDS: list[tuple[str, str, Adder, str]] = [
     (
         "setup",
-        "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf)",
+        "configure this network namespace for the proxy (tenc0, routes, rules, resolv.conf); "
+        "inputs are checked before anything changes, and a failed step undoes the others",
         _setup,
         "tencrypt.linux.podnet:main",
     ),

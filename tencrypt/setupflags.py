@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from tencrypt import argtypes
-from tencrypt.core.podconfig import OVERHEAD
+from tencrypt.core.podconfig import MIN_MTU, OVERHEAD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--undo",
         action="store_true",
         help="restore the namespace exactly as it was before `setup` (routes, rules, "
-        "resolv.conf) and remove tenc0",
+        "resolv.conf, also routes setup replaced) and remove tenc0",
     )
     p.add_argument("--pod-ip", help="this pod's IPv4 address (default: eth0's address)")
     p.add_argument("--dev", default="eth0", help="the pod's uplink interface (default: eth0)")
@@ -27,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
     p.add_argument(
         "--service-cidr",
-        help="the cluster's Service CIDR, routed into tenc0 (default: the first IPv4 one of "
-        "the agent's membership file, --members-file, else 172.30.0.0/16, OpenShift's)",
+        help="the cluster's Service CIDR, routed into tenc0; it must not overlap eth0's "
+        "subnet or the pod network, nor contain the pod IP or the gateway (default: the "
+        "first IPv4 one of the agent's membership file, --members-file, else 172.30.0.0/16, "
+        "OpenShift's)",
     )
     p.add_argument(
         "--pod-cidr",
@@ -49,7 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "`tencrypt run` reads it unless given another (default: none; setup never reads one "
         "from its state directory, which a dead namespace with the same inode may have left)",
     )
-    p.add_argument("--mtu", type=int, help=f"tenc0 MTU (default: uplink MTU minus {OVERHEAD})")
+    p.add_argument(
+        "--mtu",
+        type=int,
+        help=f"tenc0 MTU, from {MIN_MTU} to the uplink MTU minus {OVERHEAD} (default: the latter)",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--resolv-conf",

@@ -7,19 +7,27 @@ Rules:
   Poly1305 tag 16), so tenc0's MTU is the uplink's minus 60: 1440 on 1500, 1390 on VXLAN's 1450.
 - resolv.conf is rewritten to ask the embedded DNS proxy (127.0.0.1) while every other line —
   search list, options, comments — is kept as it was; the original text is kept for `--undo`.
+- `setup` changes nothing before ``validated`` has accepted every input: one typo in the
+  agent's ``--setup-args`` reaches every pod, and must cost none of them its network.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from tencrypt.core import TUNNEL_PORT
 from tencrypt.core.wire import DATA_OVERHEAD
+from tencrypt.errors import UsageError
 
 OVERHEAD = 20 + 8 + DATA_OVERHEAD  # outer IPv4 + UDP + wire.py's data header and tag
-MIN_MTU = 576
+MIN_MTU = 576  # the datagram every IPv4 host must accept (RFC 791, RFC 1122 3.3.2)
+# Ranges every host routes itself: a Service CIDR over one of them would send the host's own
+# traffic (the unspecified "this network", loopback, link-local such as a cloud's metadata
+# service at 169.254.169.254, multicast, the reserved block and the limited broadcast) into
+# tenc0. Any prefix short enough to be a default route (/0, /1) overlaps one of them.
+HOST_RANGES = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
 DNS_MARK_BIT = 0x10000  # above the 16-bit tunnel mark: the DNS upstream's mark (dns_mark)
 PROXY_NAMESERVER = "127.0.0.1"
 MARKER = "# tencrypt: nameserver points at the embedded DNS proxy; original:"
@@ -170,6 +178,117 @@ def tun_mtu(uplink_mtu: int) -> int:
     if mtu < MIN_MTU:
         raise ValueError(f"uplink MTU {uplink_mtu} leaves {mtu} for tenc0, below {MIN_MTU}")
     return mtu
+
+
+def validated(config: PodConfig, uplink_mtu: int, *, mtu_given: bool = True) -> PodConfig:
+    """``config`` as setup may apply it (the pod network normalised), or a ``UsageError``
+    naming the flag and the conflicting values. Pure, and run before setup touches anything.
+
+    Refused, because setup's routes would break the pod:
+    - a malformed address or range (--pod-ip, --gateway, --dns, --service-cidr, --pod-cidr);
+    - a pod IP or gateway that is no unicast address, or a gateway equal to the pod IP;
+    - a DNS server that is loopback (127.0.0.1:53 is the embedded proxy itself: it would ask
+      itself), unspecified, multicast or broadcast;
+    - a Service CIDR (routed ``dev tenc0``) that is a host range (``HOST_RANGES``: also any
+      default-like /0 or /1), overlaps the uplink's on-link subnet (its route would replace or
+      shadow the connected route: the pod cut off its own subnet, and every later setup
+      failing with "Network is unreachable"), contains the pod IP or the gateway (the default
+      route's next hop would be looked up through tenc0), or overlaps the pod network
+      (--pod-cidr: pod IPs are peers reached by /32 routes and sealed, never Service VIPs);
+    - a tenc0 MTU below ``MIN_MTU`` or above the uplink's MTU less ``OVERHEAD`` (a sealed
+      full-size packet would not fit the uplink).
+
+    Accepted: a DNS server inside the Service CIDR. That is the normal Kubernetes case (the
+    cluster DNS is a Service: CoreDNS at 172.30.0.10 or 10.96.0.10), and setup routes the DNS
+    server's /32 via the uplink, more specific than the Service CIDR's route into tenc0, so
+    the DNS proxy's upstream never enters the tunnel. A DNS server equal to the gateway, on
+    the on-link subnet or in the pod network is accepted too: its /32 goes via the uplink.
+    """
+    pod_ip = _address("--pod-ip", config.pod_ip)
+    gateway = _address("--gateway", config.gateway)
+    dns = _address("--dns", config.dns)
+    for flag, addr in (("--pod-ip", pod_ip), ("--gateway", gateway)):
+        if not _unicast(addr):
+            raise UsageError(f"{flag} {addr}: not a unicast address")
+    if gateway == pod_ip:
+        raise UsageError(f"--gateway {gateway} is the pod's own address (--pod-ip)")
+    if _special(dns):
+        raise UsageError(
+            f"--dns {dns}: a loopback, unspecified, multicast or broadcast address cannot be "
+            "the cluster DNS server (the embedded DNS proxy on 127.0.0.1 forwards to it)"
+        )
+    service = _network("--service-cidr", config.service_cidr, strict=True)
+    if service.version != 4:
+        raise UsageError(f"--service-cidr {service}: not an IPv4 range")
+    pods = tuple(_network("--pod-cidr", c, strict=False) for c in config.pod_cidrs)
+    flag = f"--service-cidr {service}"
+    for host in map(ipaddress.IPv4Network, HOST_RANGES):
+        if service.overlaps(host):
+            raise UsageError(
+                f"{flag} overlaps {host}, a range every host routes itself: "
+                "its route into tenc0 would take the pod's own traffic"
+            )
+    for cidr in config.uplink_cidrs:
+        if service.overlaps(ipaddress.IPv4Network(cidr, strict=False)):
+            raise UsageError(
+                f"{flag} overlaps {config.dev}'s subnet {cidr} (pod {pod_ip}): its route into "
+                "tenc0 would cut the pod off its own network"
+            )
+    for what, addr in (
+        ("the pod's own address (--pod-ip)", pod_ip),
+        ("the gateway (--gateway)", gateway),
+    ):
+        if addr in service:
+            raise UsageError(f"{flag} contains {what} {addr}")
+    for pod_net in pods:
+        if pod_net.version == 4 and service.overlaps(pod_net):
+            raise UsageError(f"{flag} overlaps the pod network {pod_net} (--pod-cidr)")
+    _check_mtu(config.mtu, uplink_mtu, config.dev, mtu_given)
+    return replace(config, pod_cidrs=tuple(str(n) for n in pods))
+
+
+def _check_mtu(mtu: int, uplink_mtu: int, dev: str, given: bool) -> None:
+    ceiling = uplink_mtu - OVERHEAD
+    if given and not MIN_MTU <= mtu <= ceiling:
+        raise UsageError(
+            f"--mtu {mtu}: tenc0's MTU must be from {MIN_MTU} (the datagram every IPv4 host "
+            f"accepts) to {ceiling} ({dev}'s MTU {uplink_mtu} less the tunnel's {OVERHEAD} bytes)"
+        )
+    if not given and mtu < MIN_MTU:
+        raise UsageError(
+            f"--mtu: {dev}'s MTU {uplink_mtu} leaves {mtu} for tenc0 after the tunnel's "
+            f"{OVERHEAD} bytes, below {MIN_MTU} (the datagram every IPv4 host accepts)"
+        )
+
+
+def _address(flag: str, text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag} {text!r}: not an IPv4 address ({exc})") from exc
+
+
+def _network(
+    flag: str, text: str, *, strict: bool
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=strict)
+    except ValueError as exc:
+        raise UsageError(f"{flag} {text!r}: not a network ({exc})") from exc
+
+
+def _unicast(addr: ipaddress.IPv4Address) -> bool:
+    return not (_special(addr) or addr.is_reserved)
+
+
+def _special(addr: ipaddress.IPv4Address) -> bool:
+    """Loopback, unspecified, multicast or the limited broadcast: never a host to route to."""
+    return (
+        addr.is_loopback
+        or addr.is_unspecified
+        or addr.is_multicast
+        or addr == ipaddress.IPv4Address("255.255.255.255")
+    )
 
 
 def in_cidr(ip: str, cidr: str) -> bool:

@@ -28,6 +28,9 @@ from tencrypt.errors import SetupError
 from tencrypt.linux.kernel import RT_TABLE_MAIN
 
 RTPROT_TENCRYPT = 137  # ours: unassigned in linux/rtnetlink.h and iproute2's rt_protos
+RTN_UNICAST = 1  # linux/rtnetlink.h
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253  # linux/rtnetlink.h
+RTNH_F_ONLINK = 4  # linux/rtnetlink.h: the gateway is on-link whatever the routes say
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,9 @@ class Route:
     src: str | None
     proto: int
     scope: int
+    metric: int = 0
+    type: int = RTN_UNICAST
+    onlink: bool = False
 
 
 @contextmanager
@@ -121,9 +127,43 @@ def routes(table: int | None = RT_TABLE_MAIN, proto: int | None = None) -> list[
                     msg.get_attr("RTA_PREFSRC"),
                     msg["proto"],
                     msg["scope"],
+                    int(msg.get_attr("RTA_PRIORITY") or 0),
+                    msg["type"],
+                    bool(msg["flags"] & RTNH_F_ONLINK),
                 )
             )
         return out
+
+
+def route_at(dst: str, table: int = RT_TABLE_MAIN) -> Route | None:
+    """The route that ``ensure_route(dst, table=table)`` would replace (the kernel replaces
+    the route of the same destination, TOS 0 and metric 0), if there is one."""
+    if "/" not in dst:
+        dst += "/32"
+    return next((r for r in routes(table) if r.dst == dst and r.metric == 0), None)
+
+
+def restore_route(route: Route) -> None:
+    """Put ``route`` (as ``routes`` read it) back, replacing whatever holds its place."""
+    kwargs: dict[str, object] = {
+        "dst": route.dst,
+        "table": route.table,
+        "proto": route.proto,
+        "scope": route.scope,
+        "type": route.type,
+    }
+    for key, value in (
+        ("gateway", route.gateway),
+        ("prefsrc", route.src),
+        ("priority", route.metric),
+        ("flags", RTNH_F_ONLINK if route.onlink else 0),
+    ):
+        if value:
+            kwargs[key] = value
+    with _ipr(f"restoring route {route.dst} table {route.table}") as ipr:
+        if route.dev is not None:
+            kwargs["oif"] = _index(ipr, route.dev)
+        ipr.route("replace", **kwargs)
 
 
 def default_gateway(dev: str | None = None) -> str | None:
@@ -153,12 +193,16 @@ def ensure_route(
     if table is not None:
         kwargs["table"] = table
     if scope_link:
-        kwargs["scope"] = 253  # RT_SCOPE_LINK, linux/rtnetlink.h
+        kwargs["scope"] = RT_SCOPE_LINK
     with _ipr(f"route {dst} dev {dev}") as ipr:
         ipr.route("replace", oif=_index(ipr, dev), **kwargs)
 
 
-def remove_route(dst: str, *, table: int | None = None, scope: int | None = None) -> None:
+def remove_route(
+    dst: str, *, table: int | None = None, scope: int | None = None, proto: int | None = None
+) -> None:
+    """Remove the route to ``dst``; with ``proto``, only a route of that protocol (the kernel
+    matches it on delete: a route of another owner to the same destination stays)."""
     if "/" not in dst:
         dst += "/32"
     kwargs: dict[str, object] = {"dst": dst}
@@ -166,6 +210,8 @@ def remove_route(dst: str, *, table: int | None = None, scope: int | None = None
         kwargs["table"] = table
     if scope is not None:
         kwargs["scope"] = scope  # the kernel matches a route's scope on delete
+    if proto is not None:
+        kwargs["proto"] = proto
     try:
         with IPRoute() as ipr:
             ipr.route("del", **kwargs)
@@ -178,20 +224,25 @@ def remove_routes_by_proto(proto: int = RTPROT_TENCRYPT) -> int:
     """Remove every IPv4 route (any table) of ``proto``; returns how many."""
     gone = 0
     for r in routes(table=None, proto=proto):
-        remove_route(r.dst, table=r.table, scope=r.scope)
+        remove_route(r.dst, table=r.table, scope=r.scope, proto=proto)
         gone += 1
     return gone
 
 
+def has_rule(*, fwmark: int, table: int, priority: int) -> bool:
+    with _ipr(f"reading rule fwmark {fwmark:#x}") as ipr:
+        return any(
+            msg.get_attr("FRA_FWMARK") == fwmark
+            and msg.get_attr("FRA_TABLE") == table
+            and msg.get_attr("FRA_PRIORITY") == priority
+            for msg in ipr.get_rules(family=socket.AF_INET)
+        )
+
+
 def ensure_rule(*, fwmark: int, table: int, priority: int) -> None:
+    if has_rule(fwmark=fwmark, table=table, priority=priority):
+        return
     with _ipr(f"rule fwmark {fwmark:#x} lookup {table}") as ipr:
-        for msg in ipr.get_rules(family=socket.AF_INET):
-            if (
-                msg.get_attr("FRA_FWMARK") == fwmark
-                and msg.get_attr("FRA_TABLE") == table
-                and msg.get_attr("FRA_PRIORITY") == priority
-            ):
-                return
         ipr.rule("add", fwmark=fwmark, table=table, priority=priority, family=socket.AF_INET)
 
 

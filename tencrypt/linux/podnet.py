@@ -1,20 +1,26 @@
 """`tencrypt setup`: prepare the pod network namespace this process runs in, and undo it.
 
-Stages of setup (each idempotent; the state is written before anything changes, so that
-`--undo` also cleans up after a setup that died half-way):
+Stages of setup (each idempotent; setup applies all of them or none):
  1. discover: the uplink's address and MTU, the default gateway, the cluster DNS server and the
     project domain (resolv.conf's first nameserver and first `search` entry); flags override;
- 2. record the PodConfig and the original resolv.conf in the namespace's state directory;
+    every input is validated (core/podconfig.py ``validated``) before anything is touched;
+ 2. record the PodConfig, the original resolv.conf and what stages 3-6 will replace (routes
+    that are not Tencrypt's to the same destinations; rules of its marks already there) in
+    the namespace's state directory, before anything changes, so that `--undo` also cleans up
+    after a setup killed half-way;
  3. create the persistent TUN `tenc0` with MTU = uplink MTU - 60;
  4. route the Service CIDR `dev tenc0 src <pod IP>`, and the DNS server /32 via the uplink;
  5. table <fwmark table>: the uplink's subnet and a default route via the gateway, and
     `ip rule fwmark <mark> lookup <table>`, so the proxy's own marked socket leaves by the uplink
-    even to addresses that tenc0 routes;
+    even to addresses that tenc0 routes; then the firewall table (strict mode's boundary);
  6. rewrite resolv.conf in place (it is usually a bind mount: never replace it by rename) to
     ask the embedded DNS proxy at 127.0.0.1, keeping the search list and options.
+Stages 3-6 are linux/journal.py's: if one fails, the others are undone in reverse, the state
+goes back to what it was (none, or the earlier setup's), and one line says what failed.
 
-`--undo` restores resolv.conf, removes the rule, every route of protocol RTPROT_TENCRYPT (also
-those the proxy added at run time) and tenc0, then the state.
+`--undo` restores resolv.conf, removes the rules (not one that was there before setup), every
+route of protocol RTPROT_TENCRYPT (also those the proxy added at run time) and tenc0, puts
+back the routes setup replaced, then removes the state.
 
 State lives in ``<state-dir>/netns-<inode of /proc/self/ns/net>/`` (setup.json, and what the
 proxy adds at run time: run.pid, keys-loaded.json): /run is shared between network
@@ -39,27 +45,28 @@ import ipaddress
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from tencrypt.core.membership import Members, MembershipError, parse_members
 from tencrypt.core.mountinfo import mount_of, node_path, parse_mountinfo
 from tencrypt.core.netnsid import NetnsId, belongs
 from tencrypt.core.podconfig import (
+    OVERHEAD,
     PodConfig,
     cluster_domain_of,
     is_rewritten,
     parse_resolv_conf,
     recover_resolv_conf,
     render_resolv_conf,
-    tun_mtu,
+    validated,
 )
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.linux import firewall, netnsid, procs
 
 log = logging.getLogger("tencrypt.setup")
-RULE_PRIORITY = 1000
 DEFAULT_SERVICE_CIDR = "172.30.0.0/16"  # OpenShift's default serviceNetwork
 STATE_FILE = "setup.json"
 PID_FILE = "run.pid"
@@ -79,6 +86,9 @@ class SetupState:
     resolv_original: str  # text
     netns: NetnsId | None = None  # the namespace it was recorded in (None: unknown, or older)
     members_file: str | None = None  # the membership file setup was given: `run`'s default
+    # what setup replaced, for `--undo` to put back (linux/journal.py; absent in older states):
+    replaced_routes: list[dict[str, Any]] = field(default_factory=list)  # netlink.Route fields
+    kept_rules: list[int] = field(default_factory=list)  # marks whose rule was there before
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -91,6 +101,8 @@ class SetupState:
                     "resolv_original": self.resolv_original,
                     "netns": self.netns.to_dict() if self.netns else None,
                     "members_file": self.members_file,
+                    "replaced_routes": self.replaced_routes,
+                    "kept_rules": self.kept_rules,
                 },
                 indent=2,
             )
@@ -105,12 +117,20 @@ class SetupState:
             members_file = d.get("members_file")
             if members_file is not None and not isinstance(members_file, str):
                 raise ValueError(f"members_file is not a path: {members_file!r}")
+            replaced = d.get("replaced_routes", [])
+            kept = d.get("kept_rules", [])
+            if not all(isinstance(r, dict) for r in replaced):
+                raise ValueError(f"replaced_routes is not a list of routes: {replaced!r}")
+            if not all(isinstance(m, int) for m in kept):
+                raise ValueError(f"kept_rules is not a list of marks: {kept!r}")
             return cls(
                 PodConfig.from_dict(d["config"]),
                 d["resolv_conf"],
                 d["resolv_original"],
                 NetnsId.from_dict(d.get("netns")),
                 members_file,
+                list(replaced),
+                list(kept),
             )
         except FileNotFoundError:
             return None
@@ -205,27 +225,29 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         )
     service_cidr, pod_cidrs = _cluster_ranges(args)
     on_link = _on_link_subnet(dev)
-    try:
-        ipaddress.IPv4Network(service_cidr)
-        for cidr in pod_cidrs:
-            ipaddress.ip_network(cidr, strict=False)
-        ipaddress.IPv4Address(pod_ip), ipaddress.IPv4Address(dns), ipaddress.IPv4Address(gateway)
-        mtu = args.mtu or tun_mtu(uplink.mtu)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    config = PodConfig(
-        pod_ip=pod_ip,
-        dev=dev,
-        gateway=gateway,
-        dns=dns,
-        domain=domain.rstrip("."),
-        search=resolv.search,
-        cluster_domain=cluster_domain_of(domain),
-        service_cidr=service_cidr,
-        mtu=mtu,
-        pod_cidrs=tuple(str(ipaddress.ip_network(c, strict=False)) for c in pod_cidrs),
-        uplink_cidrs=(on_link,) if on_link else (),
+    config = validated(
+        PodConfig(
+            pod_ip=pod_ip,
+            dev=dev,
+            gateway=gateway,
+            dns=dns,
+            domain=domain.rstrip("."),
+            search=resolv.search,
+            cluster_domain=cluster_domain_of(domain),
+            service_cidr=service_cidr,
+            mtu=args.mtu if args.mtu is not None else uplink.mtu - OVERHEAD,
+            pod_cidrs=pod_cidrs,
+            uplink_cidrs=(on_link,) if on_link else (),
+        ),
+        uplink.mtu,
+        mtu_given=args.mtu is not None,
     )
+    tun = netlink.link(config.tun)
+    if tun is not None and tun.kind != "tun":
+        raise UsageError(
+            f"a link named {config.tun} exists and is not a TUN device (kind {tun.kind}): "
+            "setup would take it over and --undo delete it"
+        )
     return SetupState(config, resolv_path, original)
 
 
@@ -303,44 +325,56 @@ def _file_id(path: str) -> tuple[int, int]:
 
 
 def setup(args: argparse.Namespace) -> PodConfig:
-    from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
+    from tencrypt.linux import journal  # pyroute2: loaded by setup, not by `run`
 
     here = netnsid.current()
     if here is None:
         log.warning("%s", netnsid.UNKNOWN_HINT)
     directory = namespace_state_dir(args.state_dir)
+    existed = directory.exists()
     previous = SetupState.load(directory)
     if previous is not None and not previous.belongs_to(here):
         # a dead namespace's: nothing of it is this pod's, least of all its resolv.conf
         log.warning("%s: removed", stale_message(directory))
         remove_state(directory)
-        previous = None
-    state = discover(args, previous)
+        previous, existed = None, False
+    state = discover(args, previous)  # every input validated: nothing is touched before
     state.netns = here
     members_file = getattr(args, "members_file", None)
     state.members_file = os.path.abspath(members_file) if members_file else None
-    state.save(directory)
     c = state.config
-    netlink.ensure_tun(c.tun, c.mtu)
-    netlink.ensure_route(c.service_cidr, dev=c.tun, src=c.pod_ip)
-    on_link = _on_link_subnet(c.dev)
-    netlink.ensure_route(
-        c.dns, dev=c.dev, gateway=None if _within(c.dns, on_link) else c.gateway, src=c.pod_ip
+    plan = journal.planned_routes(c, _on_link_subnet(c.dev))
+    state.replaced_routes = _merged(
+        previous.replaced_routes if previous else [],
+        [asdict(r) for r in journal.replaced_routes(plan)],
     )
-    if on_link:
-        netlink.ensure_route(on_link, dev=c.dev, src=c.pod_ip, table=c.table, scope_link=True)
-    netlink.ensure_route("0.0.0.0/0", dev=c.dev, gateway=c.gateway, src=c.pod_ip, table=c.table)
-    netlink.ensure_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
-    netlink.ensure_rule(fwmark=c.dns_mark, table=c.table, priority=RULE_PRIORITY)
-    # strict mode's boundary is in place before any proxy reads a packet (DESIGN §1a); its
-    # sets start empty and the proxy fills them; `run --no-strict` removes it
-    firewall.install(c.dev, c.port, c.fwmark)
-    _write_in_place(state.resolv_conf, render_resolv_conf(state.resolv_original))
+    # a rule there before a first setup is someone else's; after one, it is ours
+    state.kept_rules = previous.kept_rules if previous else journal.present_rules(c)
+    state.save(directory)  # first: `--undo` also cleans up after a setup killed half-way
+    try:
+        journal.apply(c, plan, state.resolv_conf, render_resolv_conf(state.resolv_original))
+    except journal.Failed as failed:
+        if failed.complete:  # the namespace is as it was: so is its state
+            if previous is not None:
+                previous.save(directory)
+            elif existed:
+                (directory / STATE_FILE).unlink(missing_ok=True)
+            else:
+                remove_state(directory)
+        raise SetupError(str(failed)) from None
     return c
+
+
+def _merged(kept: list[dict[str, Any]], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The replaced routes of an earlier setup of this namespace and those found now (a
+    changed --service-cidr replaces another route); one per table and destination."""
+    places = {(r.get("table"), r.get("dst")) for r in kept}
+    return kept + [r for r in found if (r["table"], r["dst"]) not in places]
 
 
 def undo(state_dir: str) -> Undone:
     from tencrypt.linux import (
+        journal,
         netlink,  # pyroute2: loaded by setup, not by `run`
         nfqueue,  # `run` loads it in standalone strict mode only
     )
@@ -360,16 +394,23 @@ def undo(state_dir: str) -> Undone:
         )
     c = state.config
     try:
+        replaced = [netlink.Route(**r) for r in state.replaced_routes]
+    except TypeError as exc:
+        raise SetupError(f"unreadable replaced_routes in {directory / STATE_FILE}: {exc}") from exc
+    try:
         if is_rewritten(Path(state.resolv_conf).read_text()):
-            _write_in_place(state.resolv_conf, state.resolv_original)
+            journal.write_in_place(state.resolv_conf, state.resolv_original)
     except FileNotFoundError:
         log.warning("%s is gone; not restored", state.resolv_conf)
     firewall.remove_table()  # strict mode's rules stay after the proxy stops, until here
     nfqueue.remove_rules(c.dev)  # and standalone mode's queue rules
-    netlink.remove_rule(fwmark=c.fwmark, table=c.table, priority=RULE_PRIORITY)
-    netlink.remove_rule(fwmark=c.dns_mark, table=c.table, priority=RULE_PRIORITY)
+    for mark in journal.marks(c):
+        if mark not in state.kept_rules:
+            netlink.remove_rule(fwmark=mark, table=c.table, priority=journal.RULE_PRIORITY)
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)
+    for lost in journal.restore(replaced):
+        log.warning("a route setup replaced could not be put back: %s", lost)
     # setup.json, and what a (killed) proxy left: its pid file, the ring it recorded; also a
     # members.json an agent before core/netnsid.py wrote here. The membership file setup was
     # given is its writer's, who removes it.
@@ -396,18 +437,6 @@ def _on_link_subnet(dev: str) -> str | None:
     if not addr:
         return None
     return str(ipaddress.IPv4Interface(f"{addr[0]}/{addr[1]}").network)
-
-
-def _within(ip: str, cidr: str | None) -> bool:
-    return cidr is not None and ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(cidr)
-
-
-def _write_in_place(path: str, text: str) -> None:
-    """Overwrite the file's contents keeping its inode (bind mounts survive)."""
-    with open(path, "r+") as f:
-        f.seek(0)
-        f.write(text)
-        f.truncate()
 
 
 def _live_pid(pid_file: Path) -> int | None:

@@ -136,11 +136,30 @@ def test_a_setup_json_of_the_previous_format_loads_without_an_identity(tmp_path)
     (directory / podnet.STATE_FILE).write_text(json.dumps(d))
     state = podnet.SetupState.load(directory)
     assert state.netns is None and state.members_file is None and state.config == CONFIG
+    assert state.replaced_routes == [] and state.kept_rules == []  # nothing to put back
+
+
+def test_setup_state_records_what_setup_replaced(tmp_path):
+    directory = recorded(tmp_path, HERE)
+    state = podnet.SetupState.load(directory)
+    route = {"dst": "172.30.0.0/16", "table": 254, "dev": "eth0", "gateway": None, "src": None}
+    state.replaced_routes, state.kept_rules = [route], [0x1337]
+    state.save(directory)
+    again = podnet.SetupState.load(directory)
+    assert again.replaced_routes == [route] and again.kept_rules == [0x1337]
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"netns": {"cookie": "x"}}, {"members_file": 7}, {"config": None}, {"resolv_conf": None}],
+    [
+        {"netns": {"cookie": "x"}},
+        {"members_file": 7},
+        {"config": None},
+        {"resolv_conf": None},
+        {"replaced_routes": ["172.30.0.0/16"]},
+        {"replaced_routes": 3},
+        {"kept_rules": ["0x1337"]},
+    ],
 )
 def test_a_damaged_setup_json_is_one_clear_error(tmp_path, change):
     directory = recorded(tmp_path, HERE)
