@@ -90,9 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o",
         "--output",
-        choices=["text", "json"],
+        choices=["text", "json", "yaml"],
         default="text",
-        help="text (default) or the raw JSON document(s)",
+        help="text (default), or the raw document(s) as JSON or YAML",
     )
     p.add_argument("--json", action="store_true", help="the same as -o json")
 
@@ -273,6 +273,9 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
         if on
     ]
     name = peer.get("pod_ip") or "(pod IP not known yet)"
+    claimed = peer.get("claimed_pod_ip")
+    if claimed and claimed != name:  # through a Service VIP: the pod behind it
+        name = f"{name} (pod {claimed})"
     unanswered = peer.get("unanswered_for")
     print(
         f"  peer {name}  endpoint {peer.get('endpoint', '?')}  "
@@ -281,6 +284,14 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
         + (f"  UNANSWERED for {unanswered:.0f}s" if unanswered and unanswered >= 5 else ""),
         file=out,
     )
+    sent, received = peer.get("sent"), peer.get("received")
+    ago = peer.get("last_handshake_ago")
+    if sent is not None or received is not None or ago is not None:
+        print(
+            f"    transfer: {_amount(received)} received, {_amount(sent)} sent; latest "
+            f"handshake: {'never' if ago is None else f'{ago:.0f}s ago'}",
+            file=out,
+        )
     for s in peer.get("sessions") or []:
         role = "initiator" if s.get("initiator") else "responder"
         state = "confirmed" if s.get("confirmed") else "unconfirmed"
@@ -293,6 +304,19 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
             f"{'  key ' + s['key'] if s.get('key') else ''}",
             file=out,
         )
+
+
+def _amount(d: dict[str, int] | None) -> str:
+    """``{"packets": n, "bytes": b}`` as wg show says it, in binary units."""
+    if not d:
+        return "0 B"
+    size, unit = float(d.get("bytes", 0)), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    text = f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+    return f"{text} ({d.get('packets', 0)} packets)"
 
 
 def cluster_rows(kubeconfig: str | None, agent_namespace: str) -> dict[str, Any]:
@@ -362,27 +386,36 @@ def render_cluster(doc: dict[str, Any], out: TextIO) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    as_json = args.json or args.output == "json"
+    output = "json" if args.json else args.output
     if args.cluster:
         doc = cluster_rows(args.kubeconfig, args.agent_namespace)
-        if as_json:
-            json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-            print()
-        else:
+        if not dump(doc, output):
             render_cluster(doc, sys.stdout)
         return 0
     if args.node:
         rows = node_rows(Path(args.state_dir))
-        if as_json:
-            json.dump(rows, sys.stdout, indent=2, sort_keys=True)
-            print()
-        else:
+        if not dump(rows, output):
             render_node(rows, sys.stdout)
         return 0 if all("status" in r for r in rows) else 1
     doc = fetch_socket(Path(args.socket)) if args.socket else fetch(args.metrics)
-    if as_json:
-        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-        print()
-    else:
+    if not dump(doc, output):
         render(doc, sys.stdout)
     return 0
+
+
+def dump(doc: object, output: str) -> bool:
+    """``doc`` as JSON or YAML on stdout (True), or nothing for ``text`` (False)."""
+    if output == "json":
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return True
+    if output == "yaml":
+        try:
+            import yaml
+        except ImportError:  # PyYAML comes with the kubernetes client: node images have it
+            raise UsageError(
+                "-o yaml needs PyYAML (pip install pyyaml); -o json does not"
+            ) from None
+        yaml.safe_dump(doc, sys.stdout, sort_keys=True)
+        return True
+    return False

@@ -185,6 +185,7 @@ class Handshakes:
         if peer.next is not None:
             self.table.forget(peer.next)
         peer.next = s
+        peer.claimed = claimed  # what its handshake said it is, for tencrypt status
         self.key_mismatch.clear(addr[0])
         self.stats.inc(Counter.HANDSHAKES_RESPONDED)
         return (datagram_out, addr, 0)
@@ -240,6 +241,7 @@ class Handshakes:
             peer, index, remote_index, keys, pod_ip_packed, now, initiator=True, key=key.fingerprint
         )
         self.table.install(peer, s)
+        peer.claimed = claimed  # through a VIP: the pod behind it, for tencrypt status
         peer.endpoint = addr
         peer.pinned = name != claimed  # session.py rule 11: answered through the VIP we asked
         peer.confirmed = True  # rule 9: the response proved the keys
@@ -283,6 +285,7 @@ class Handshakes:
         )
         self.table.by_index[index] = s
         self.handshakes_by_key[key] = self.handshakes_by_key.get(key, 0) + 1
+        peer.last_handshake = now
         return s
 
     def _peer_ip(self, packed: bytes) -> str | None:

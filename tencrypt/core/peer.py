@@ -141,6 +141,14 @@ class Peer:
     keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
     stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
     pinned: bool = False  # via a Service VIP: the VIP stays its endpoint (session.py rule 11)
+    # for tencrypt status (wg show's): what its last handshake claimed it is (the pod behind a
+    # VIP), when that was, and the inner packets and bytes each way (counted per batch)
+    claimed: str | None = None
+    last_handshake: float | None = None
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
 
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
@@ -176,6 +184,12 @@ def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
         "unanswered_for": None if peer.pending is None else round(now - peer.pending.first_sent, 3),
         "queued": len(peer.queue),
         "sessions": sessions,
+        "claimed_pod_ip": peer.claimed,
+        "last_handshake_ago": None
+        if peer.last_handshake is None
+        else round(now - peer.last_handshake, 3),
+        "sent": {"packets": peer.tx_packets, "bytes": peer.tx_bytes},
+        "received": {"packets": peer.rx_packets, "bytes": peer.rx_bytes},
     }
 
 

@@ -176,6 +176,8 @@ class Tunnel:
                 nbytes += len(packet)
         s.send_counter = counter
         peer.keepalive_due = None
+        peer.tx_packets += n
+        peer.tx_bytes += nbytes
         if peer.stale_due is None:
             peer.stale_due = now + limits.stale_timeout
         counters = self.stats.counters
@@ -331,6 +333,8 @@ class Tunnel:
         if source not in peer.allowed and source != s.pod_ip:
             stats.drop(DropReason.BAD_SOURCE)
             return None
+        peer.rx_packets += 1
+        peer.rx_bytes += n
         counters = stats.counters  # Stats.inc, inlined: two calls per packet are measurable
         counters[Counter.PACKETS_OPENED] = counters.get(Counter.PACKETS_OPENED, 0) + 1
         counters[Counter.BYTES_OPENED] = counters.get(Counter.BYTES_OPENED, 0) + n
@@ -361,6 +365,8 @@ class Tunnel:
             start,
         )
         fastpath.count(self.stats, c, len(packets))
+        peer.rx_packets += len(packets)
+        peer.rx_bytes += c[fastpath.BYTES_OPENED]
         authenticated, keepalives = c[fastpath.AUTHENTICATED], c[fastpath.KEEPALIVES]
         if authenticated:
             self._authenticated(peer, s, addr, authenticated, authenticated > keepalives, now, wall)
@@ -432,6 +438,9 @@ class Tunnel:
         )
         s.send_counter += 1
         peer.keepalive_due = None
+        if packet:  # a keepalive carries nothing to count
+            peer.tx_packets += 1
+            peer.tx_bytes += len(packet)
         if peer.stale_due is None:
             peer.stale_due = now + self.limits.stale_timeout
         counters = self.stats.counters  # Stats.inc, inlined (hot path)

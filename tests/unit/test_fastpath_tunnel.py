@@ -48,7 +48,9 @@ def state(net: Net, ip: str) -> tuple:
         (s.local_index, s.replay.top, bytes(s.replay.ring)) for s in t.table.by_index.values()
     )
     peers = sorted(
-        (p.pod_ip, p.endpoint, p.confirmed, p.keepalive_due, p.stale_due) for p in t.table.peers
+        (p.pod_ip, p.endpoint, p.confirmed, p.keepalive_due, p.stale_due, p.claimed)
+        + (p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes)  # tencrypt status's figures
+        for p in t.table.peers
     )
     return dict(t.stats.counters), dict(t.stats.drops), windows, peers
 
@@ -74,6 +76,11 @@ def test_a_super_packet_goes_through_send_batch_and_receive_batch(backend):
     ) + len(ipv4(A, B, b"hello"))
     assert b.receive_batch(views, (A, PORT), net.now, net.wall) == []
     assert b.stats.dropped(DropReason.REPLAY) == 45
+    # per peer, as tencrypt status shows them: each side's count of the other's inner packets
+    sent, got = a.table.by_addr[B], b.table.by_addr[A]
+    total = sum(map(len, packets)) + len(ipv4(A, B, b"hello"))
+    assert (sent.tx_packets, sent.tx_bytes, got.rx_packets, got.rx_bytes) == (46, total, 46, total)
+    assert (sent.claimed, got.claimed) == (B, A) and sent.last_handshake == net.now
 
 
 @pytest.mark.parametrize("backend", MODES)

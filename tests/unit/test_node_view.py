@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tencrypt.agent import scrape
 from tencrypt.linux import metrics
@@ -123,6 +124,8 @@ def test_the_socket_serves_metrics_and_status_0600_and_the_node_view_reads_it(
         assert out[2].startswith("?") and str(two) in out[2]
         assert status_main(parse(["status", "--socket", str(sock), "-o", "json"])) == 0
         assert json.loads(capsys.readouterr().out) == status
+        assert status_main(parse(["status", "--socket", str(sock), "-o", "yaml"])) == 0
+        assert yaml.safe_load(capsys.readouterr().out) == status  # kubectl's -o yaml
     finally:
         for stop in stops:
             stop.set()

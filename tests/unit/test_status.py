@@ -61,7 +61,23 @@ def test_render_prints_warning_peers_sessions_classes_and_drops():
     fp = fingerprint(PSK)
     assert f"key {fp}  current   1 sessions, 1 handshakes" in text  # the ring, by fingerprint
     assert text.count(f"key {fp}") == 2  # and the session's key
+    # wg show's figures per peer: what went each way, and when the last handshake was
+    assert "    transfer: " in text and "received" in text and "latest handshake: 0s ago" in text
     render({}, io.StringIO())  # an empty document still prints
+    out = io.StringIO()
+    peer = {
+        "pod_ip": "172.30.0.10",
+        "claimed_pod_ip": "10.0.0.2",  # reached through a Service VIP: the pod behind it
+        "sent": {"packets": 3, "bytes": 2048},
+        "received": {"packets": 5, "bytes": 3 * 1024 * 1024},
+        "last_handshake_ago": 12.4,
+    }
+    render({"peers": [peer]}, out)
+    assert "peer 172.30.0.10 (pod 10.0.0.2)" in out.getvalue()
+    assert (
+        "transfer: 3.00 MiB (5 packets) received, 2.00 KiB (3 packets) sent; latest handshake: "
+        "12s ago" in out.getvalue()
+    )
     out = io.StringIO()
     render({"key_mismatch": [{"source": "10.0.0.9", "refused": 4}]}, out)
     assert out.getvalue().startswith("WARNING: 10.0.0.9 (a member of this project) uses a key")
