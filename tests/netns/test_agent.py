@@ -370,7 +370,15 @@ def test_real_client_fake_apiserver_enabled_pods_get_patched_and_sealed(world, c
     text, count = phases()
     enabled = [p for p in lab.pods.values() if p.project == "myproject"]
     assert count["dead"] == 0 and count["ready"] + count["starting"] == len(enabled), text
-    assert 'tencrypt_agent_ready{node="node1"} 1' in text
+    assert "tencrypt_agent_ready 1" in text.splitlines()
+    check = subprocess.run(  # the agent's exposition, its proxies' included, as Prometheus reads it
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0 and not check.stdout + check.stderr, check
+    [rss] = [
+        line for line in text.splitlines() if line.startswith("process_resident_memory_bytes ")
+    ]
+    print(f"agent RSS with {len(enabled)} proxies: {float(rss.split()[1]) / 2**20:.1f} MiB")
     # every ready proxy's own figures, read over its state directory's socket, by pod
     for pod in ("nginx1", "nginx2"):
         assert f'tencrypt_proxy_up{{namespace="myproject",pod="{pod}"}} 1' in text, text
