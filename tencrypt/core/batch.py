@@ -335,7 +335,7 @@ def _segment(
             return Rows(out, cut, hlen + mss, n, hlen + last)
     np = numpy_module()
     if np is None:
-        return _segment_rows(pkt, ihl, thl, total, mss, out)
+        return _segment_rows(pkt, ihl, thl, mss, out, (n, last, stride, size))
 
     if out is not None and len(out) >= size:
         buf = out
@@ -387,15 +387,17 @@ def _segment(
 
 
 def _segment_rows(
-    pkt: memoryview, ihl: int, thl: int, total: int, mss: int, out: bytearray | None
+    pkt: memoryview,
+    ihl: int,
+    thl: int,
+    mss: int,
+    out: bytearray | None,
+    geometry: tuple[int, int, int, int],
 ) -> Rows:
-    """``_segment`` without NumPy: the same rows, one at a time (rules 2-4)."""
+    """``_segment`` without NumPy, given its geometry (rows, last payload, stride, bytes):
+    the same rows, one at a time (rules 2-4)."""
+    n, last, stride, size = geometry
     hlen = ihl + thl
-    payload = total - hlen
-    n = max(1, -(-payload // mss))
-    last = payload - (n - 1) * mss
-    stride = (hlen + mss + 3) & ~3
-    size = n * stride
     buf = out if out is not None and len(out) >= size else bytearray(size)
     head = bytearray(pkt[:hlen])
     flags = head[ihl + 13]

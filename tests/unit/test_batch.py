@@ -177,31 +177,39 @@ def test_split_of_a_64k_super_packet_equals_the_kernels_segments():
         assert_checksums_valid(seg)
 
 
-@given(
-    n=st.integers(1, 50),
-    mss=st.integers(1, 1460),
-    cut=st.integers(0, 1459),
-    flags=st.sampled_from(FLAG_SETS),
-    ts=st.booleans(),
-    ipopt=st.booleans(),
-    seq=st.integers(0, 2**32 - 1),
-    ident=st.integers(0, 0xFFFF),
-    ecn=st.booleans(),
-)
-@SLOW
-def test_split_equals_kernel_segmentation(n, mss, cut, flags, ts, ipopt, seq, ident, ecn):
+# a super-packet: n segments of mss bytes, the last ``cut`` short; options and fields drawn
+SUPER_PACKETS = {
+    "n": st.integers(1, 50),
+    "mss": st.integers(1, 1460),
+    "cut": st.integers(0, 1459),
+    "flags": st.sampled_from(FLAG_SETS),
+    "ts": st.booleans(),
+    "ipopt": st.booleans(),
+    "seq": st.integers(0, 2**32 - 1),
+    "ident": st.integers(0, 0xFFFF),
+}
+
+
+def super_packet(n, mss, cut, flags, ts, ipopt, seq, ident):
+    """(packet, header length) for ``SUPER_PACKETS``' draws; hypothesis skips one too long."""
     size = max(1, n * mss - cut % mss)
     hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
     assume(hlen + size <= 65535)
-    payload = os.urandom(size)
     pkt = tcp_packet(
-        payload,
+        os.urandom(size),
         seq=seq,
         ident=ident,
         flags=flags,
         options=TS if ts else (),
         ip_options=IP_OPTS if ipopt else None,
     )
+    return pkt, hlen
+
+
+@given(**SUPER_PACKETS, ecn=st.booleans())
+@SLOW
+def test_split_equals_kernel_segmentation(n, mss, cut, flags, ts, ipopt, seq, ident, ecn):
+    pkt, hlen = super_packet(n, mss, cut, flags, ts, ipopt, seq, ident)
     segments, stats = split(tso_frame(pkt, mss, ecn=ecn))
     assert segments == kernel_segments(pkt, mss)
     assert not stats.drops
@@ -495,32 +503,12 @@ def test_a_zero_stride_holds_one_packet_at_most():
 # --- without NumPy (an optional dependency): the pure loops, byte-identical -----------------------
 
 
-@given(
-    n=st.integers(1, 30),
-    mss=st.integers(1, 1460),
-    cut=st.integers(0, 1459),
-    flags=st.sampled_from(FLAG_SETS),
-    ts=st.booleans(),
-    ipopt=st.booleans(),
-    seq=st.integers(0, 2**32 - 1),
-    ident=st.integers(0, 0xFFFF),
-    reuse=st.booleans(),
-)
+@given(**SUPER_PACKETS, reuse=st.booleans())
 @SLOW
 def test_without_numpy_the_split_is_byte_identical(
     n, mss, cut, flags, ts, ipopt, seq, ident, reuse
 ):
-    size = max(1, n * mss - cut % mss)
-    hlen = 20 + (4 if ipopt else 0) + (32 if ts else 20)
-    assume(hlen + size <= 65535)
-    pkt = tcp_packet(
-        os.urandom(size),
-        seq=seq,
-        ident=ident,
-        flags=flags,
-        options=TS if ts else (),
-        ip_options=IP_OPTS if ipopt else None,
-    )
+    pkt, _ = super_packet(n, mss, cut, flags, ts, ipopt, seq, ident)
     frame = tso_frame(pkt, mss)
     with_numpy, _ = split(frame, bytearray(os.urandom(70000)) if reuse else None)
     original = batch.numpy_module
