@@ -381,8 +381,9 @@ COMMANDS: list[tuple[str, str, Adder, str]] = [
     ),
     (
         "status",
-        "print a running proxy's peers, sessions, classification counts and drops "
-        "(from its --metrics endpoint)",
+        "print a running proxy's peers, sessions, classification counts and drops (from "
+        "its --metrics endpoint or its socket), every proxy of this node (--node), or every "
+        "enabled project of the cluster (--cluster)",
         _status,
         "tencrypt.status:main",
     ),

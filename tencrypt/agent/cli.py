@@ -101,10 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--metrics",
         type=argtypes.address,
         metavar="ADDR:PORT",
-        help="serve the agent's node-level Prometheus metrics at http://ADDR:PORT/metrics "
-        "(proxies by phase, starts, exits, passes) and the kubelet's probes: /healthz (the "
-        "agent's loop turns), /readyz (the cluster listed and this node reconciled; 503 "
-        "with the reason otherwise) (default: off; daemonset.yaml: 0.0.0.0:9138)",
+        help="serve the node's Prometheus metrics at http://ADDR:PORT/metrics: the agent's "
+        "own (proxies by phase, starts, exits, passes) and every ready proxy's of this node, "
+        "labelled namespace and pod (read from each proxy's socket); and the kubelet's "
+        "probes: /healthz (the agent's loop turns), /readyz (the cluster listed and this "
+        "node reconciled; 503 with the reason otherwise) (default: off; daemonset.yaml: the "
+        "node's IP, port 9138)",
     )
     p.add_argument(
         "--ready-timeout",
@@ -132,10 +134,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--proxy-cgroup",
         default="agent",
         choices=["agent", "sandbox"],
-        help="where a proxy runs once ready: agent = in this agent's cgroup, so it stops with "
-        "the agent container; sandbox = in its pod's sandbox cgroups (charged to the pod, "
-        "stopped with the pod), so an agent restart or upgrade leaves it running for the next "
-        "agent to adopt (use with --on-exit keep; daemonset.yaml does) (default: agent)",
+        help="where a proxy runs: agent = in this agent's cgroup, so it stops with the agent "
+        "container; sandbox = moved, before it starts, into its pod's sandbox cgroups "
+        "(charged to the pod, stopped with the pod; needs the node's cgroupfs, at "
+        "/host/sys/fs/cgroup in a container), so an agent restart or upgrade leaves it "
+        "running for the next agent to adopt (use with --on-exit keep; daemonset.yaml does) "
+        "(default: agent)",
     )
     p.add_argument(
         "--on-exit",
