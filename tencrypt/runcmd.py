@@ -26,6 +26,7 @@ from tencrypt.core.keyring import KeyRing
 from tencrypt.core.session import Limits
 from tencrypt.core.stats import Stats
 from tencrypt.daemon import NO_STRICT_GIVE_UP, Proxy
+from tencrypt.errors import SetupError
 from tencrypt.linux import allocator
 from tencrypt.linux.effects import Kernel
 from tencrypt.linux.keyfile import LOADED_FILE, describe, read_keys, write_loaded
@@ -90,8 +91,14 @@ async def serve(args: argparse.Namespace) -> int:
     servers = []
     socket_path = state_dir / metrics.SOCKET_FILE
     try:  # a metrics address that cannot be bound stops the proxy as SIGTERM would
-        # the node's view (agent, `tencrypt status --node`): always, no port in the pod
-        servers.append(await metrics.serve_unix(socket_path, proxy.render_metrics, proxy.status))
+        # the node's view (agent, `tencrypt status --node`): always, no port in the pod; an
+        # observer's convenience, so a socket that cannot be made is logged, never fatal
+        try:
+            servers.append(
+                await metrics.serve_unix(socket_path, proxy.render_metrics, proxy.status)
+            )
+        except SetupError as exc:
+            log.warning("%s: the node agent will not see this proxy's metrics", exc)
         if args.metrics:
             servers.append(await metrics.serve(args.metrics, proxy.render_metrics, proxy.status))
         pid_file.write_text(f"{os.getpid()}\n")

@@ -86,8 +86,8 @@ async def serve_unix(
     old = os.umask(0o177)  # created 0600: never a moment readable by others
     try:
         return await asyncio.start_unix_server(_handler(render, status), str(path))
-    except OSError as exc:
-        raise SetupError(f"cannot serve metrics on {path}: {exc.strerror}") from exc
+    except (OSError, UnicodeError) as exc:  # e.g. a path longer than AF_UNIX's 107 bytes
+        raise SetupError(f"cannot serve metrics on {path}: {exc}") from exc
     finally:
         os.umask(old)
 

@@ -223,3 +223,17 @@ def test_the_cluster_view_counts_each_projects_pods_with_and_without_a_working_p
         }
     finally:
         api.stop()
+
+
+def test_a_socket_path_too_long_for_af_unix_is_a_clear_error(tmp_path: Path) -> None:
+    """runcmd logs it and runs on without the node's view (observability, not the data path)."""
+    from tencrypt.errors import SetupError
+
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+
+    async def start() -> None:
+        await metrics.serve_unix(deep / metrics.SOCKET_FILE, lambda: "", None)
+
+    with pytest.raises(SetupError, match="cannot serve metrics on .*too long"):
+        asyncio.run(start())
