@@ -116,6 +116,17 @@ def join(pid: int, sandbox: int) -> list[str]:
     return joined
 
 
+def alike(pid: int, sandbox: int, proc: Path = Path("/proc")) -> bool:
+    """``pid`` is in every cgroup ``sandbox`` is in already (both read in this process's
+    cgroup namespace, so alike paths mean alike cgroups); False when either cannot be read."""
+    try:
+        mine = (proc / str(pid) / "cgroup").read_text()
+        theirs = (proc / str(sandbox) / "cgroup").read_text()
+    except OSError:
+        return False
+    return bool(mine) and mine == theirs
+
+
 def move(pid: int, sandbox: int) -> bool:
     """Rule 1: ``join`` in the node's cgroup namespace (a child under nsenter; where PID 1's
     namespace cannot be entered, the child runs in this one: a process on the node, or a

@@ -285,8 +285,11 @@ class Supervisor:
         from tencrypt.agent import cgroups
 
         self.settled.add(uid)  # tried once: a failure is logged, the proxy runs on regardless
-        if cgroups.move(rec.proxy_pid, rec.sandbox_pid):
-            log.info("%s/%s: the proxy joined its pod's cgroups", rec.namespace, rec.name)
+        # the launcher moved it before it started (or an earlier agent did): then no child
+        if cgroups.alike(rec.proxy_pid, rec.sandbox_pid) or cgroups.move(
+            rec.proxy_pid, rec.sandbox_pid
+        ):
+            log.info("%s/%s: the proxy runs in its pod's cgroups", rec.namespace, rec.name)
 
     def ready(self, uid: str) -> bool:
         try:

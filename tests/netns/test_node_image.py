@@ -274,7 +274,7 @@ def test_node_image_agent_restart_during_a_stream_and_requests(
         wait_patched(lab, Logs(names[0]), *enabled)
         if mode == "keep":
             netns.wait_for(
-                lambda: logs(names[0]).count("the proxy joined its pod's cgroups") == len(enabled),
+                lambda: logs(names[0]).count("the proxy runs in its pod's cgroups") == len(enabled),
                 timeout=30,
                 what="every proxy in its pod's cgroups",
             )

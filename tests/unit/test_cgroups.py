@@ -121,3 +121,15 @@ def test_the_module_moves_a_process_and_reports_what_it_cannot(tmp_path: Path) -
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_alike_compares_what_both_processes_read(tmp_path: Path) -> None:
+    for pid, text in ((10, "0::/kubepods/pod1/abc\n"), (11, "0::/kubepods/pod1/abc\n")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(text)
+    (tmp_path / "12").mkdir()
+    (tmp_path / "12" / "cgroup").write_text("0::/kubepods/tencrypt-agent\n")
+    assert cgroups.alike(10, 11, tmp_path)  # already there: no move, no child started
+    assert not cgroups.alike(12, 11, tmp_path)
+    assert not cgroups.alike(13, 11, tmp_path)  # a process gone: not alike, a move is tried
+    assert cgroups.alike(os.getpid(), os.getpid())  # the real /proc
