@@ -66,6 +66,14 @@ def seconds_or_zero(text: str) -> float:
     return value
 
 
+def microseconds(text: str) -> float:
+    """A duration in µs, 0 to one second."""
+    value = float(_number(text, float))
+    if not 0 <= value <= 1e6:
+        raise argparse.ArgumentTypeError(f"{text}: not between 0 and 1000000 µs")
+    return value
+
+
 def parse_address(text: str, flag: str = "--metrics") -> tuple[str, int]:
     """``ADDR:PORT`` with ADDR an IPv4 literal or a bracketed IPv6 one (``[::1]:9137``) and
     PORT up to 65535, as (host, port); else UsageError naming ``flag``. Port 0 (the kernel

@@ -37,14 +37,6 @@ SPIN_US = 400.0  # run --spin-us: linux/spin.py; measured in README ("Latency")
 Adder = Callable[[argparse.ArgumentParser], None]
 
 
-def microseconds(text: str) -> float:
-    """A duration in µs, 0 to one second: an argparse type."""
-    value = float(text)
-    if not 0 <= value <= 1e6:
-        raise argparse.ArgumentTypeError(f"{text}: not between 0 and 1000000 µs")
-    return value
-
-
 def terminal_columns() -> int:
     """``shutil.get_terminal_size().columns`` without shutil: $COLUMNS when positive, else the
     width of the terminal on stdout, else 80."""
@@ -141,7 +133,7 @@ def _run(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--spin-us",
-        type=microseconds,
+        type=argtypes.microseconds,
         default=SPIN_US,
         metavar="MICROSECONDS",
         help="after its last packet the proxy keeps polling this long before it sleeps, so "

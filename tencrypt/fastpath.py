@@ -18,7 +18,7 @@ from tencrypt.core import fastpath as pure
 from tencrypt.core.fastpath import Backend
 from tencrypt.errors import UsageError
 
-__all__ = ["Backend", "compiled", "describe", "select"]
+__all__ = ["Backend", "built", "compiled", "describe", "select"]
 
 
 def compiled() -> Backend | None:
@@ -28,6 +28,12 @@ def compiled() -> Backend | None:
     except ImportError:
         return None
     return cast(Backend, _fastpath)
+
+
+def built() -> str:
+    """``c`` when the extension is built, else ``python``: the build info of the processes
+    that carry no data path (node-sync, the agent); a proxy says the backend it runs."""
+    return "c" if compiled() is not None else "python"
 
 
 def select(env: Mapping[str, str]) -> Backend:

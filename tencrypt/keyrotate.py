@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tencrypt import argtypes
+from tencrypt.agent.netpolobjects import Requirement, Selector
 from tencrypt.core.psk import KeySet, ring_label
 from tencrypt.core.rotation import (
     PHASE_ANNOTATION,
@@ -333,10 +334,11 @@ def label(keys: KeySet) -> str:
     return ring_label(keys.fingerprints()).replace("=", " ").replace(",", ", ")
 
 
-def parse_selector(text: str) -> list[tuple[str, str, str | None]]:
-    """An equality-based label selector as (key, op, value): op ``=`` (also ``==``), ``!=``,
-    ``exists`` or ``!exists``; UsageError for anything else (set-based ``in``/``notin``)."""
-    terms: list[tuple[str, str, str | None]] = []
+def parse_selector(text: str) -> Selector:
+    """An equality-based label selector (``k=v`` or ``k==v``, ``k!=v``, ``k``, ``!k``, comma
+    separated) as the agent's parsed ``metav1.LabelSelector`` (agent/netpolobjects.py), whose
+    ``matches`` it then uses; UsageError for anything else (set-based ``in``/``notin``)."""
+    reqs: list[Requirement] = []
     for raw in text.split(","):
         term = raw.strip()
         if not term:
@@ -345,49 +347,32 @@ def parse_selector(text: str) -> list[tuple[str, str, str | None]]:
             raise UsageError(f"--selector {text!r}: set-based terms are not supported")
         if "!=" in term:
             key, _, value = term.partition("!=")
-            terms.append((key.strip(), "!=", value.strip()))
+            reqs.append((key.strip(), "NotIn", frozenset([value.strip()])))
         elif "=" in term:
             key, _, value = term.replace("==", "=").partition("=")
-            terms.append((key.strip(), "=", value.strip()))
+            reqs.append((key.strip(), "In", frozenset([value.strip()])))
         elif term.startswith("!"):
-            terms.append((term[1:].strip(), "!exists", None))
+            reqs.append((term[1:].strip(), "DoesNotExist", frozenset()))
         else:
-            terms.append((term, "exists", None))
-        if not terms[-1][0]:
+            reqs.append((term, "Exists", frozenset()))
+        if not reqs[-1][0]:
             raise UsageError(f"--selector {text!r}: a term without a key")
-    return terms
+    return Selector(tuple(reqs))
 
 
-def matches(labels: dict[str, str], terms: list[tuple[str, str, str | None]]) -> bool:
-    for key, op, value in terms:
-        if op == "=" and labels.get(key) != value:
-            return False
-        if op == "!=" and labels.get(key) == value:
-            return False
-        if op == "exists" and key not in labels:
-            return False
-        if op == "!exists" and key in labels:
-            return False
-    return True
-
-
-def enabled_namespaces(api: Any, selector: str | None) -> list[str]:
-    """The enabled projects' namespaces (``ENABLED_LABEL=true``) that ``selector`` matches."""
-    from tencrypt.kube.client import brief, unreachable
-
-    terms = [(ENABLED_LABEL, "=", "true"), *(parse_selector(selector) if selector else [])]
-    try:
-        doc = json.loads(api.list_namespace(_preload_content=False).data)
-    except Exception as exc:
-        from kubernetes.client.rest import ApiException
-
-        if isinstance(exc, (ApiException, *unreachable())):
-            raise RotationError(f"cannot list namespaces: {brief(exc)}") from None
-        raise
+def enabled_namespaces(api: Any, selector: Selector | None = None) -> list[str]:
+    """The enabled projects' namespaces (``ENABLED_LABEL=true``) that ``selector`` matches,
+    sorted. The API's and the transport's errors are the caller's to word."""
+    doc = json.loads(
+        api.list_namespace(label_selector=f"{ENABLED_LABEL}=true", _preload_content=False).data
+    )
+    wanted = Selector(
+        ((ENABLED_LABEL, "In", frozenset(["true"])), *(selector.requirements if selector else ()))
+    )
     return sorted(
         (item.get("metadata") or {}).get("name", "")
         for item in doc.get("items") or []
-        if matches((item.get("metadata") or {}).get("labels") or {}, terms)
+        if wanted.matches((item.get("metadata") or {}).get("labels") or {})
     )
 
 
@@ -465,7 +450,13 @@ def main(args: argparse.Namespace) -> int:
     api = client.CoreV1Api(new_api_client(args.kubeconfig, args.context))
     only = Phase(args.phase) if args.phase else None
     if args.namespace is None:  # --all-namespaces or --selector
-        namespaces = enabled_namespaces(api, args.selector)
+        from tencrypt.kube.client import api_failures, brief
+
+        selector = parse_selector(args.selector) if args.selector else None
+        try:
+            namespaces = enabled_namespaces(api, selector)
+        except api_failures() as exc:
+            raise RotationError(f"cannot list namespaces: {brief(exc)}") from None
         print(
             f"{len(namespaces)} enabled projects: {', '.join(namespaces) or '-'}",
             file=sys.stdout,

@@ -14,6 +14,7 @@ from tencrypt.core.dispatch import Dispatcher
 from tencrypt.core.keyring import render_key_metrics
 from tencrypt.core.nat import FlowTable
 from tencrypt.core.packet import int_to_ip
+from tencrypt.core.peer import UNANSWERED_AFTER
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.session import Tunnel
@@ -44,8 +45,6 @@ class Proxy(Protocol):
     @property
     def effects(self) -> FirewallCounters: ...
 
-
-UNANSWERED_AFTER = 5.0  # s of unanswered initiations before a peer counts as unanswered
 
 STANDALONE_LIMITS = (  # logged at start, said in the docs: what standalone cannot do
     "standalone mode (no membership from the node agent): Services are reached through the "

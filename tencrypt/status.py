@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from tencrypt.core.peer import UNANSWERED_AFTER
 from tencrypt.core.stats import Counter
 from tencrypt.errors import UsageError
 from tencrypt.linux.metrics import SOCKET_FILE, get_unix, parse_address
@@ -281,7 +282,11 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
         f"  peer {name}  endpoint {peer.get('endpoint', '?')}  "
         f"addresses {','.join(peer.get('addresses') or []) or '-'}  "
         f"{' '.join(flags) or 'down'}  queued {peer.get('queued', 0)}"
-        + (f"  UNANSWERED for {unanswered:.0f}s" if unanswered and unanswered >= 5 else ""),
+        + (
+            f"  UNANSWERED for {unanswered:.0f}s"
+            if unanswered and unanswered >= UNANSWERED_AFTER
+            else ""
+        ),
         file=out,
     )
     sent, received = peer.get("sent"), peer.get("received")
@@ -324,34 +329,25 @@ def cluster_rows(kubeconfig: str | None, agent_namespace: str) -> dict[str, Any]
     import time
 
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
 
     from tencrypt.core.rotation import REPORT_KEY, REPORT_LABEL, cluster_view, parse_report
-    from tencrypt.kube.client import brief, new_api_client, unreachable
-    from tencrypt.kube.objects import ENABLED_LABEL
+    from tencrypt.keyrotate import enabled_namespaces
+    from tencrypt.kube.client import api_failures, brief, new_api_client
 
     api: Any = client.CoreV1Api(new_api_client(kubeconfig))
-    failures: tuple[type[Exception], ...] = (ApiException, *unreachable())
     try:
         maps = json.loads(
             api.list_namespaced_config_map(
                 agent_namespace, label_selector="=".join(REPORT_LABEL), _preload_content=False
             ).data
         )
-        spaces = json.loads(
-            api.list_namespace(label_selector=f"{ENABLED_LABEL}=true", _preload_content=False).data
-        )
-    except failures as exc:
+        enabled = enabled_namespaces(api)
+    except api_failures() as exc:
         raise UsageError(f"cannot read the agents' reports: {brief(exc)}") from None
     reports = [
         r
         for item in maps.get("items") or []
         if (r := parse_report((item.get("data") or {}).get(REPORT_KEY))) is not None
-    ]
-    enabled = [
-        (item.get("metadata") or {}).get("name", "?")
-        for item in spaces.get("items") or []
-        if ((item.get("metadata") or {}).get("labels") or {}).get(ENABLED_LABEL) == "true"
     ]
     views, stale = cluster_view(reports, enabled, time.time())
     return {

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from tencrypt import fastpath
 from tencrypt.core import exposition
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.linux import procstat
@@ -91,11 +92,4 @@ def render(
         *exposition.family("tencrypt_agent_project_keys", [((), projects_with_keys)]),
         *exposition.render_counters(stats, COUNTERS),
     ]
-    return exposition.text(lines) + procstat.render_runtime(fastpath_loops())
-
-
-def fastpath_loops() -> str:
-    """``c`` when the compiled extension is built, else ``python`` (the agent's build info)."""
-    from tencrypt import fastpath
-
-    return "c" if fastpath.compiled() is not None else "python"
+    return exposition.text(lines) + procstat.render_runtime(fastpath.built())

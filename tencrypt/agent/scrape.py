@@ -33,10 +33,6 @@ class _Family:
     samples: list[str] = field(default_factory=list)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def _labelled(sample: str, labels: str) -> str:
     """``name{a="b"} 1`` or ``name 1`` with ``labels`` put first."""
     name_end = min((i for i in (sample.find("{"), sample.find(" ")) if i >= 0), default=-1)
@@ -61,10 +57,10 @@ def merge(scraped: Sequence[tuple[str, str, str | None]], own: str = "") -> str:
     each proxy's labelled one."""
     families: dict[str, _Family] = {}
     _fold(families, own, "")
-    up_help, up_type = exposition.header(UP)
-    up = families.setdefault(UP, _Family(up_help.split(" ", 3)[3], up_type.split(" ", 3)[3]))
+    declared = exposition.FAMILIES[UP]
+    up = families.setdefault(UP, _Family(declared.help, str(declared.kind)))
     for namespace, pod, text in scraped:
-        labels = f'namespace="{_escape(namespace)}",pod="{_escape(pod)}"'
+        labels = f'namespace="{exposition.escape(namespace)}",pod="{exposition.escape(pod)}"'
         up.samples.append(f"{UP}{{{labels}}} {0 if text is None else 1}")
         _fold(families, text or "", labels)
     out: list[str] = []

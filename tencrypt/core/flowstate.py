@@ -23,6 +23,8 @@ from typing import Generic, TypeVar
 TCP_OPEN, TCP_CLOSED, UDP_LIKE, ICMP_LIKE = range(4)  # rule 1's classes (queue numbers)
 FIN_IN, FIN_OUT = 1, 2  # the FINs a TCP flow has seen, by direction (rule 3)
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10  # RFC 793 §3.1 (as core/packet)
+# the default timeouts (seconds) of every table but TCP open's, which each table chooses
+TCP_CLOSED_TIMEOUT, UDP_TIMEOUT, ICMP_TIMEOUT = 10.0, 180.0, 30.0
 
 
 @dataclass(slots=True)

@@ -55,9 +55,12 @@ from tencrypt.core.flowstate import (
     FIN_IN,
     FIN_OUT,
     ICMP_LIKE,
+    ICMP_TIMEOUT,
     TCP_CLOSED,
+    TCP_CLOSED_TIMEOUT,
     TCP_OPEN,
     UDP_LIKE,
+    UDP_TIMEOUT,
     FlowState,
     IdleFlows,
 )
@@ -117,9 +120,9 @@ class FlowTable:
         stats: Stats | None = None,
         max_flows: int = 65536,
         tcp_idle: float = 7440.0,
-        tcp_closed: float = 10.0,
-        udp_idle: float = 180.0,
-        icmp_idle: float = 30.0,
+        tcp_closed: float = TCP_CLOSED_TIMEOUT,
+        udp_idle: float = UDP_TIMEOUT,
+        icmp_idle: float = ICMP_TIMEOUT,
         max_flows_per_peer: int | None = None,
     ) -> None:
         try:

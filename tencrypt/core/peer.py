@@ -154,6 +154,11 @@ class Peer:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
 
 
+# initiations unanswered this long make a peer "unanswered" (tencrypt status, the metric
+# tencrypt_peers_unanswered): a stale session's re-handshake, not a peer gone, takes less
+UNANSWERED_AFTER = 5.0
+
+
 def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
     """One peer as JSON-ready data for ``tencrypt status`` (Tunnel.status)."""
     slots = (("current", peer.current), ("previous", peer.previous), ("next", peer.next))

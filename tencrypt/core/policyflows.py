@@ -52,8 +52,11 @@ from tencrypt.core.flowstate import (
     FIN_IN,
     FIN_OUT,
     ICMP_LIKE,
+    ICMP_TIMEOUT,
+    TCP_CLOSED_TIMEOUT,
     TCP_OPEN,
     UDP_LIKE,
+    UDP_TIMEOUT,
     FlowState,
     IdleFlows,
     reopens,
@@ -106,9 +109,9 @@ class PolicyFlows:
         stats: Stats,
         max_flows: int = 65536,
         tcp_idle: float = 86400.0,
-        tcp_closed: float = 10.0,
-        udp_idle: float = 180.0,
-        icmp_idle: float = 30.0,
+        tcp_closed: float = TCP_CLOSED_TIMEOUT,
+        udp_idle: float = UDP_TIMEOUT,
+        icmp_idle: float = ICMP_TIMEOUT,
     ) -> None:
         if max_flows < 1:
             raise ValueError("max_flows must be at least 1")

@@ -55,6 +55,11 @@ def new_api_client(kubeconfig: str | None, context: str | None = None) -> client
         ) from None
 
 
+def api_failures() -> tuple[type[Exception], ...]:
+    """What a request raises when the API server refused it or could not be reached."""
+    return (ApiException, *unreachable())
+
+
 def unreachable() -> tuple[type[Exception], ...]:
     """What a request raises when the API server cannot be reached (refused, timed out, TLS,
     DNS): urllib3's errors, which are not OSErrors, and the OSErrors under them."""

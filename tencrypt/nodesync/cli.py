@@ -241,7 +241,7 @@ def _watch(args: argparse.Namespace, applier: backends.Applier, stats: Stats) ->
         signal.signal(sig, lambda *_: stop.set())
     metrics = SyncMetrics(applier.name)
     if args.metrics:  # with the kubelet's probes (daemonset.yaml)
-        loops = "c" if fastpath.compiled() is not None else "python"  # build info: the extension
+        loops = fastpath.built()  # build info: the extension
         probes.serve(
             args.metrics,
             lambda: render(metrics, stats, loops),

@@ -164,6 +164,7 @@ def test_node_sync_refuses_a_snapshot_that_enables_no_service(tmp_path: Path) ->
         (argtypes.positive_int, {"1": 1, "77": 77}, ["0", "-3", "one"]),
         (argtypes.count, {"0": 0, "5": 5}, ["-1", "five"]),
         (argtypes.seconds, {"0.5": 0.5, "300": 300.0}, ["0", "-5", "inf", "nan", "soon"]),
+        (argtypes.microseconds, {"0": 0.0, "400": 400.0}, ["-1", "1000001", "nan", "x"]),
         (argtypes.seconds_or_zero, {"0": 0.0, "2.5": 2.5}, ["-0.1", "-inf", "x"]),
         (
             argtypes.address,
