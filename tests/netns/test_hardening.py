@@ -155,6 +155,13 @@ def test_keyless_flood_is_dropped_by_mac1_and_handshakes_still_complete(hlab):
     n2 = lab.pod("nginx2")
     echo = netns.spawn(n2.netns, [sys.executable, "-c", ECHO_SERVER])
     try:
+        # bound first: a probe that beats the server's start gets a port unreachable, which
+        # the next send of the client raises (ECONNREFUSED), ending the probe, not the wait
+        netns.wait_for(
+            lambda: lab.exec("nginx2", ["ss", "-Hlun", "sport = :9999"]).stdout.strip() != "",
+            timeout=20,
+            what="the echo server to listen",
+        )
         netns.wait_for(
             lambda: request_response(lab, 0.5)["ok"] > 0,
             timeout=20,
