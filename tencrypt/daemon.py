@@ -72,7 +72,6 @@ from tencrypt.core.packet import (
     build_icmp_port_unreachable,
     dont_fragment,
     ip_proto,
-    is_ipv4,
     rewrite_tcp_mss,
 )
 from tencrypt.core.podconfig import PodConfig
@@ -138,13 +137,13 @@ class Proxy(ControlPlane):
         resolver.on_change = self._on_changes
         self.dispatch = Dispatcher(
             self.table,
-            Guard.of(config.service_cidr, config.guarded_pods),
+            Guard.of(config.service_cidrs, config.guarded_pods),
             strict,
             stats,
             self.tunnel.table.by_addr,
             services if services is not None else ServiceFlows(stats, random.randrange),
         )
-        self.desired = Desired(config.service_cidr, config.own_addresses)
+        self.desired = Desired(config.service_cidrs, config.own_addresses)
         resolver.pending_effects = self.desired.pending  # no answer before its effects
         self.effects = EffectApplier(self.desired, stats, kernel, on_applied=self._on_applied)
         self.ratelog = RateLimitedLog(log)
@@ -274,15 +273,18 @@ class Proxy(ControlPlane):
         to_peers: dict[str, list[bytes]] | None = None,
     ) -> None:
         """Steps 2-4 for one packet."""
-        if not is_ipv4(buf):
+        version = ip_version(buf)
+        if not version:
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
         mtu = self.config.mtu
         if len(buf) > mtu:
             self._too_big(buf, mtu)
             return
-        if ip_proto(buf) == TCP:
+        if version == 4 and ip_proto(buf) == TCP:
             rewrite_tcp_mss(buf, mtu - 40)
+        elif version == 6 and buf[6] == TCP:  # next header: TCP right after the fixed header
+            rewrite_tcp_mss(buf, mtu - 60)
         if not self.flows.rewrite_outbound(buf, now):  # malformed, counted
             return
         out, dst = self.dispatch.route(buf, _dst(buf), now)
@@ -295,7 +297,7 @@ class Proxy(ControlPlane):
         """NAT, translation and the verdict once per super-packet, on its headers; the split
         recomputes every checksum after."""
         head = frame[VNET_HDR_LEN:]
-        if not is_ipv4(head):
+        if not ip_version(head):
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
         if not self.flows.rewrite_outbound(head, now):
@@ -313,7 +315,8 @@ class Proxy(ControlPlane):
 
     def _too_big(self, buf: bytearray | memoryview, mtu: int) -> None:
         self.stats.drop(DropReason.TOO_BIG)
-        icmp = build_icmp_frag_needed(bytes(buf), mtu, self.config.pod_ip)  # as a router would
+        source = self.config.source_for(_dst(buf))  # as a router would
+        icmp = build_icmp_frag_needed(bytes(buf), mtu, source)
         if icmp and dont_fragment(buf):  # tell the sender (RFC 1191)
             self._send_raw(self.ports.inject, icmp)
 
@@ -358,7 +361,10 @@ class Proxy(ControlPlane):
     ) -> None:
         if not counted:
             self.stats.drop(DropReason.UNCLASSIFIED, len(packets))
-        icmp = build_icmp_admin_prohibited(packets[0], self.config.pod_ip) if packets else None
+        if not packets:
+            return
+        source = self.config.source_for(_dst(packets[0]))
+        icmp = build_icmp_admin_prohibited(packets[0], source)
         if icmp:
             quote = bytearray(icmp)
             self.dispatch.on_reply(quote, now)  # a translated packet's quote: as the app sent it
@@ -488,11 +494,22 @@ class Proxy(ControlPlane):
             self._on_peer_events(self.clock())
 
 
+def ip_version(buf: bytes | bytearray | memoryview) -> int:
+    """4 or 6 for a buffer that holds at least that version's fixed header, else 0."""
+    version = buf[0] >> 4 if buf else 0
+    return version if (version == 4 and len(buf) >= 20) or (version == 6 and len(buf) >= 40) else 0
+
+
 def _src(buf: bytes | bytearray | memoryview) -> str:
-    """The source address of an IPv4 packet (bytes 12-16 of its header)."""
+    """The source address of an IPv4 packet (bytes 12-16 of its header) or of an IPv6 one
+    (bytes 8-24)."""
+    if buf[0] >> 4 == 6:
+        return socket.inet_ntop(socket.AF_INET6, buf[8:24])
     return socket.inet_ntoa(buf[12:16])
 
 
 def _dst(buf: bytes | bytearray | memoryview) -> str:
-    """The destination address of an IPv4 packet (bytes 16-20 of its header)."""
+    """The destination address of an IPv4 packet (bytes 16-20) or of an IPv6 one (24-40)."""
+    if buf[0] >> 4 == 6:
+        return socket.inet_ntop(socket.AF_INET6, buf[24:40])
     return socket.inet_ntoa(buf[16:20])

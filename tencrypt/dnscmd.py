@@ -111,7 +111,7 @@ async def serve(
     if pod is not None:
         from tencrypt.linux.effects import EffectApplier, Kernel
 
-        desired = Desired(pod.service_cidr, pod.own_addresses)
+        desired = Desired(pod.service_cidrs, pod.own_addresses)
         applier = effects = EffectApplier(desired, stats, Kernel(pod, firewall=False))
 
         def on_change(changes: list[Change]) -> None:

@@ -32,7 +32,7 @@ class DatagramSocket(Protocol):  # linux.gso.UdpBatch
     def close(self) -> None: ...
 
 
-class RawSocket(Protocol):  # socket.socket(AF_INET, SOCK_RAW) with IP_HDRINCL
+class RawSocket(Protocol):  # linux.sockets.RawSockets: raw IPv4 and IPv6, header included
     def sendto(self, data: bytes | bytearray | memoryview, addr: tuple[str, int]) -> int: ...
     def close(self) -> None: ...
 
@@ -72,6 +72,6 @@ def open_ports(config: PodConfig, stats: Stats, batch: bool) -> Ports:
     return Ports(
         Tun(config.tun, vnet_hdr=batch),
         udp,
-        sockets.raw_socket(),
-        sockets.raw_socket(mark=config.fwmark),
+        sockets.RawSockets(),
+        sockets.RawSockets(mark=config.fwmark),
     )

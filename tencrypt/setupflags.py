@@ -27,10 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", help="the project's DNS domain (default: first `search` entry)")
     p.add_argument(
         "--service-cidr",
-        help="the cluster's Service CIDR, routed into tenc0; it must not overlap eth0's "
-        "subnet or the pod network, nor contain the pod IP or the gateway (default: the "
-        "first IPv4 one of the agent's membership file, --members-file, else 172.30.0.0/16, "
-        "OpenShift's)",
+        metavar="CIDR[,CIDR6]",
+        help="the cluster's Service CIDR, routed into tenc0, and on a dual-stack cluster its "
+        "IPv6 one after a comma (as kube-apiserver's --service-cluster-ip-range): the IPv6 "
+        "range is routed into tenc0 when eth0 has a global IPv6 address, and the pod's IPv6 "
+        "packets are sealed inside the same IPv4 tunnel; neither may overlap eth0's subnet or "
+        "the pod network, nor contain the pod IP or the gateway (default: those of the "
+        "agent's membership file, --members-file, else 172.30.0.0/16, OpenShift's, and no "
+        "IPv6 one)",
     )
     p.add_argument(
         "--pod-cidr",

@@ -484,29 +484,35 @@ class ClassTable:
         return None
 
 
-def route_action(ip: str, cls: AddrClass | None, service_cidr: str) -> RouteAction:
+def route_action(ip: str, cls: AddrClass | None, service_cidr: str | Sequence[str]) -> RouteAction:
     """The route an address of this class needs (DESIGN §1 "Routing").
 
     The Service CIDR already goes into tenc0, so an INTERNAL VIP needs nothing and an EXTERNAL
-    VIP needs a /32 out of the uplink; outside the CIDR (pod IPs) traffic leaves by the uplink
-    unless an INTERNAL peer gets a /32 into tenc0. Non-IPv4 addresses need nothing: the tunnel
-    carries IPv4 only.
+    VIP needs a host route out of the uplink; outside the CIDR (pod IPs) traffic leaves by the
+    uplink unless an INTERNAL peer gets a host route into tenc0. ``service_cidr`` is the one
+    Service CIDR or those routed into tenc0 (a dual-stack pod's IPv4 and IPv6 ones): an address
+    of a family without one needs nothing, the pod does not route that family into the tunnel
+    (its firewall refuses the project's addresses of it instead).
     """
+    cidrs = (service_cidr,) if isinstance(service_cidr, str) else tuple(service_cidr)
     try:
         addr = ipaddress.ip_address(ip)
-        net = ipaddress.ip_network(service_cidr, strict=False)
+        nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
     except ValueError:
         return RouteAction.NONE
-    if cls is None or addr.version != 4 or net.version != 4:
+    same = [n for n in nets if n.version == addr.version]
+    if cls is None or not same:
         return RouteAction.NONE
-    inside = addr in net
+    inside = any(addr in n for n in same)
     if cls is AddrClass.INTERNAL:
         return RouteAction.NONE if inside else RouteAction.VIA_TUN
     return RouteAction.VIA_UPLINK if inside else RouteAction.NONE
 
 
 def plan_routes(
-    changes: Sequence[Change], service_cidr: str, keep: frozenset[str] = frozenset()
+    changes: Sequence[Change],
+    service_cidr: str | Sequence[str],
+    keep: frozenset[str] = frozenset(),
 ) -> list[tuple[str, RouteAction]]:
     """What to do per changed address: ``(ip, VIA_TUN|VIA_UPLINK)`` = ensure that /32,
     ``(ip, NONE)`` = remove the /32 it had. Addresses in ``keep`` (the pod's own IP, its

@@ -6,7 +6,8 @@ Rules:
    ``--pod-cidr``; never from this node's own subnet, which on clusters with a pod subnet
    per node (OpenShift SDN and OVN-Kubernetes, Calico blocks, Flannel) is a fraction of it:
    checking claims against it would refuse every pod of another node. Unknown: not checked.
-2. The Service CIDRs are setup's (the one routed into tenc0) and the cluster's as the agent
+2. The Service CIDRs are setup's (those routed into tenc0: IPv4, and IPv6 on a dual-stack
+   pod) and the cluster's as the agent
    discovered them; a cluster Service CIDR setup did not route, or a Service IP outside every
    known one, is a mismatch to report loudly: those Services still reach tenc0 (their IPs
    are members, routed by /32), but an unknown address in the real range is not guarded.
@@ -36,8 +37,10 @@ class Ranges:
 
 def cluster_ranges(config: PodConfig, members: Members) -> Ranges:
     """Rules 1-2: the ranges the guard and the claims use once a membership is loaded."""
-    routed = ipaddress.ip_network(config.service_cidr, strict=False)
-    services = tuple(dict.fromkeys((config.service_cidr, *members.service_cidrs)))
+    routed = {
+        n.version: n for n in (ipaddress.ip_network(c, strict=False) for c in config.service_cidrs)
+    }
+    services = tuple(dict.fromkeys((*config.service_cidrs, *members.service_cidrs)))
     pods = members.pod_cidrs or config.pod_cidrs
     nets = [ipaddress.ip_network(c, strict=False) for c in services]
     outside = sorted(
@@ -45,18 +48,20 @@ def cluster_ranges(config: PodConfig, members: Members) -> Ranges:
         for ip in members.services
         if not any(ipaddress.ip_address(ip) in n for n in nets if n.version == _version(ip))
     )
+    # IPv6 counts where the pod routes IPv6 (a dual-stack pod): elsewhere the firewall refuses
+    # the project's IPv6 addresses, by design, not by a mismatch
+    families = {4, 6} if config.pod_ip6 else {4}
     unrouted = [
         c
         for c in members.service_cidrs
-        if isinstance(n := ipaddress.ip_network(c), ipaddress.IPv4Network)
-        and isinstance(routed, ipaddress.IPv4Network)
-        and not n.subnet_of(routed)
+        if (n := ipaddress.ip_network(c, strict=False)).version in families
+        and not _within(n, routed.get(n.version))
     ]
     problems = []
     if unrouted:
         problems.append(
             f"the cluster's Service CIDR ({', '.join(unrouted)}) is not the one setup routed "
-            f"into {config.tun} ({config.service_cidr})"
+            f"into {config.tun} ({', '.join(config.service_cidrs)})"
         )
     if outside:
         problems.append(
@@ -74,6 +79,13 @@ def cluster_ranges(config: PodConfig, members: Members) -> Ranges:
             "proxy so that setup routes the right range"
         )
     return Ranges(services, pods, mismatch, pods or config.uplink_cidrs)
+
+
+def _within(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    routed: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+) -> bool:
+    return routed is not None and net.version == routed.version and net.subnet_of(routed)  # type: ignore[arg-type]
 
 
 def _version(ip: str) -> int:

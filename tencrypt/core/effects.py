@@ -41,7 +41,7 @@ class Plan:
 
 @dataclass(slots=True)
 class Desired:
-    service_cidr: str
+    service_cidr: str | tuple[str, ...]  # the Service CIDR(s) routed into tenc0
     keep: frozenset[str] = frozenset()
     want_routes: dict[str, RouteAction] = field(default_factory=dict)
     want_elements: set[str] = field(default_factory=set)

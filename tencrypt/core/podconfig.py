@@ -5,6 +5,10 @@ Rules:
   ``PodConfig``, written by `setup` and read back by the others (JSON via ``to_dict``/``from_dict``).
 - The tunnel costs ``OVERHEAD`` bytes per packet on IPv4 (outer IPv4 20 + UDP 8 + header 16 +
   Poly1305 tag 16), so tenc0's MTU is the uplink's minus 60: 1440 on 1500, 1390 on VXLAN's 1450.
+- Dual stack: a pod with an IPv6 address on the uplink (``pod_ip6``) and a known IPv6 Service
+  CIDR (``service_cidr6``) gets that CIDR routed into tenc0 as well; its IPv6 packets ride the
+  same IPv4 tunnel (the outer family is the pod's primary, IPv4). tenc0's MTU is the IPv4
+  figure, above IPv6's 1280 minimum on any uplink MIN_MTU allows plus the overhead.
 - resolv.conf is rewritten to ask the embedded DNS proxy (127.0.0.1) while every other line —
   search list, options, comments — is kept as it was; the original text is kept for `--undo`.
 - `setup` changes nothing before ``validated`` has accepted every input: one typo in the
@@ -50,6 +54,27 @@ class PodConfig:
     fwmark: int = 0x1337
     table: int = 1337
     port: int = TUNNEL_PORT
+    # dual-stack (rule "Dual stack"): the pod's IPv6 address, the next hop of the uplink's IPv6
+    # default route (often link-local) and the cluster's IPv6 Service CIDR; "" when not known
+    pod_ip6: str = ""
+    gateway6: str = ""
+    service_cidr6: str = ""
+
+    @property
+    def service_cidrs(self) -> tuple[str, ...]:
+        """The Service CIDRs routed into tenc0: the IPv4 one, and the IPv6 one if known."""
+        return (
+            (self.service_cidr, self.service_cidr6) if self.service_cidr6 else (self.service_cidr,)
+        )
+
+    @property
+    def pod_ips(self) -> tuple[str, ...]:
+        """The pod's own addresses: IPv4, then IPv6 on a dual-stack pod."""
+        return (self.pod_ip, self.pod_ip6) if self.pod_ip6 else (self.pod_ip,)
+
+    def source_for(self, ip: str) -> str:
+        """The pod's own address of ``ip``'s family (the source of what it sends there)."""
+        return self.pod_ip6 if ":" in ip and self.pod_ip6 else self.pod_ip
 
     @property
     def dns_mark(self) -> int:
@@ -86,8 +111,9 @@ class PodConfig:
 
     @property
     def own_addresses(self) -> frozenset[str]:
-        """The pod's own IP, its gateway and the cluster DNS server: setup owns their routes."""
-        return frozenset(ip for ip in (self.pod_ip, self.gateway, self.dns.split(":")[0]) if ip)
+        """The pod's own IPs, its gateways and the cluster DNS server: setup owns their routes."""
+        own = (self.pod_ip, self.gateway, dns_address(self.dns), self.pod_ip6, self.gateway6)
+        return frozenset(ip for ip in own if ip)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -229,7 +255,8 @@ def validated(config: PodConfig, uplink_mtu: int, *, mtu_given: bool = True) -> 
                 "its route into tenc0 would take the pod's own traffic"
             )
     for cidr in config.uplink_cidrs:
-        if service.overlaps(ipaddress.IPv4Network(cidr, strict=False)):
+        subnet = ipaddress.ip_network(cidr, strict=False)
+        if subnet.version == 4 and service.overlaps(subnet):
             raise UsageError(
                 f"{flag} overlaps {config.dev}'s subnet {cidr} (pod {pod_ip}): its route into "
                 "tenc0 would cut the pod off its own network"
@@ -244,7 +271,62 @@ def validated(config: PodConfig, uplink_mtu: int, *, mtu_given: bool = True) -> 
         if pod_net.version == 4 and service.overlaps(pod_net):
             raise UsageError(f"{flag} overlaps the pod network {pod_net} (--pod-cidr)")
     _check_mtu(config.mtu, uplink_mtu, config.dev, mtu_given)
+    _validate_ipv6(config, pods)
     return replace(config, pod_cidrs=tuple(str(n) for n in pods))
+
+
+# IPv6 ranges a Service CIDR must never cover: unspecified/loopback/IPv4-mapped (::/8 holds
+# them), link-local, site-local (deprecated) and multicast
+HOST_RANGES6 = ("::/8", "fe80::/10", "fec0::/10", "ff00::/8")
+
+
+def _validate_ipv6(
+    config: PodConfig, pods: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> None:
+    """The dual-stack half of ``validated``: the IPv6 pod address a global unicast one, the
+    gateway any unicast one (link-local is IPv6's usual next hop), the IPv6 Service CIDR an
+    IPv6 range clear of the host ranges, the uplink's IPv6 subnet, the pod's own addresses
+    and the pod network, as for IPv4."""
+    if not (config.pod_ip6 or config.gateway6 or config.service_cidr6):
+        return
+    pod6 = _address6("the pod's IPv6 address", config.pod_ip6) if config.pod_ip6 else None
+    if pod6 is not None and (pod6.is_link_local or _special(pod6) or pod6.is_reserved):
+        raise UsageError(f"the pod's IPv6 address {pod6}: not a global unicast address")
+    gateway6 = _address6("the IPv6 gateway", config.gateway6) if config.gateway6 else None
+    if gateway6 is not None and (_special(gateway6) or gateway6 == pod6):
+        raise UsageError(f"the IPv6 gateway {gateway6}: not a unicast address of another host")
+    if not config.service_cidr6:
+        return
+    service = _network("--service-cidr", config.service_cidr6, strict=True)
+    flag = f"--service-cidr {service}"
+    if service.version != 6:
+        raise UsageError(f"{flag}: the second range must be the IPv6 one")
+    for host in map(ipaddress.IPv6Network, HOST_RANGES6):
+        if service.overlaps(host):
+            raise UsageError(
+                f"{flag} overlaps {host}, a range every host routes itself: "
+                "its route into tenc0 would take the pod's own traffic"
+            )
+    for cidr in config.uplink_cidrs:
+        net = ipaddress.ip_network(cidr, strict=False)
+        if net.version == 6 and service.overlaps(net):
+            raise UsageError(
+                f"{flag} overlaps {config.dev}'s subnet {cidr}: its route into tenc0 would "
+                "cut the pod off its own network"
+            )
+    for what, addr in (("the pod's IPv6 address", pod6), ("the IPv6 gateway", gateway6)):
+        if addr is not None and addr in service:
+            raise UsageError(f"{flag} contains {what} {addr}")
+    for pod_net in pods:
+        if pod_net.version == 6 and service.overlaps(pod_net):
+            raise UsageError(f"{flag} overlaps the pod network {pod_net} (--pod-cidr)")
+
+
+def _address6(what: str, text: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError as exc:
+        raise UsageError(f"{what} {text!r}: not an IPv6 address ({exc})") from exc
 
 
 def _check_mtu(mtu: int, uplink_mtu: int, dev: str, given: bool) -> None:
@@ -281,7 +363,7 @@ def _unicast(addr: ipaddress.IPv4Address) -> bool:
     return not (_special(addr) or addr.is_reserved)
 
 
-def _special(addr: ipaddress.IPv4Address) -> bool:
+def _special(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Loopback, unspecified, multicast or the limited broadcast: never a host to route to."""
     return (
         addr.is_loopback
@@ -292,4 +374,13 @@ def _special(addr: ipaddress.IPv4Address) -> bool:
 
 
 def in_cidr(ip: str, cidr: str) -> bool:
-    return ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(cidr, strict=False)
+    """``ip`` lies in ``cidr`` (either family; never across families)."""
+    addr, net = ipaddress.ip_address(ip), ipaddress.ip_network(cidr, strict=False)
+    return addr.version == net.version and addr in net
+
+
+def dns_address(text: str) -> str:
+    """The address of a DNS server given as ``ADDR``, ``ADDR:PORT`` or ``[V6]:PORT``."""
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    return text.split(":")[0] if text.count(":") == 1 else text

@@ -1,4 +1,4 @@
-"""The one task that makes the kernel match ``core.effects.Desired``: /32 routes (netlink) and
+"""The one task that makes the kernel match ``core.effects.Desired``: host routes (/32, /128) (netlink) and
 strict mode's firewall set elements (nft).
 
 Rules:
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from tencrypt.core.classify import RouteAction
 from tencrypt.core.effects import Desired, Plan
-from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.podconfig import PodConfig, dns_address
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.errors import SetupError
 from tencrypt.linux import rtnl
@@ -83,7 +83,7 @@ class Kernel:
         from tencrypt.linux import nfqueue
 
         pod = self.pod
-        exempt = [ip for ip in (pod.gateway, pod.dns.split(":")[0]) if ip]
+        exempt = [ip for ip in (pod.gateway, dns_address(pod.dns)) if ip]
         nfqueue.install_rules_out(
             nfqueue.OUT_QUEUE_NUM, pod.dev, pod.guarded_pods, pod.fwmark, exempt
         )
@@ -92,13 +92,15 @@ class Kernel:
     def route(self, ip: str, action: RouteAction) -> None:
         """Raw rtnetlink (linux.rtnl): the same route linux.netlink would add, no pyroute2."""
         pod = self.pod
+        dst, src = rtnl.host_prefix(ip), pod.source_for(ip)
         if action is RouteAction.VIA_TUN:
-            rtnl.replace_route(f"{ip}/32", dev=pod.tun, src=pod.pod_ip)
+            rtnl.replace_route(dst, dev=pod.tun, src=src)
         else:
-            rtnl.replace_route(f"{ip}/32", dev=pod.dev, gateway=pod.gateway or None, src=pod.pod_ip)
+            gateway = (pod.gateway6 if ":" in ip else pod.gateway) or None
+            rtnl.replace_route(dst, dev=pod.dev, gateway=gateway, src=src)
 
     def unroute(self, ip: str) -> None:
-        rtnl.delete_route(f"{ip}/32")
+        rtnl.delete_route(rtnl.host_prefix(ip))
 
     def change(self, add: tuple[str, ...], delete: tuple[str, ...]) -> None:
         if self.firewall:
@@ -166,13 +168,13 @@ class EffectApplier:
                 self.kernel.route(ip, action)
                 out.routes.append((ip, action))
             except (SetupError, OSError) as exc:
-                out.errors.append(f"route {ip}/32 ({action.value}): {exc}")
+                out.errors.append(f"route {rtnl.host_prefix(ip)} ({action.value}): {exc}")
         for ip in plan.unroutes:
             try:
                 self.kernel.unroute(ip)
                 out.routes.append((ip, None))
             except (SetupError, OSError) as exc:
-                out.errors.append(f"removing route {ip}/32: {exc}")
+                out.errors.append(f"removing route {rtnl.host_prefix(ip)}: {exc}")
         if plan.add or plan.delete:
             try:
                 self.kernel.change(plan.add, plan.delete)

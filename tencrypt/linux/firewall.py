@@ -10,10 +10,12 @@ setup` before any proxy reads a packet and left in place when the proxy stops, u
     chain output { hook output priority 0 }
         oifname <uplink> meta mark <fwmark> udp sport <port> accept   the proxy's own tunnel
         oifname <uplink> meta mark <dns mark> accept                  the DNS proxy's upstream
+        oifname <uplink> icmpv6 type { nd-* } accept                  neighbour discovery
         oifname <uplink> ip  daddr @project4 counter reject (admin-prohibited)  "refused_out_ipv4"
         oifname <uplink> ip6 daddr @project6 counter reject (admin-prohibited)  "refused_out_ipv6"
     chain input { hook input priority -10 }
         iifname <uplink> udp dport <port> accept                     the tunnel itself
+        iifname <uplink> icmpv6 type { nd-* } accept                 neighbour discovery
         iifname <uplink> ip  saddr @project4 counter drop            "refused_in_ipv4"
         iifname <uplink> ip6 saddr @project6 counter drop            "refused_in_ipv6"
 
@@ -49,6 +51,11 @@ COUNTED = (
     ("refused", "out", "ipv6"),
     ("refused", "in", "ipv4"),
     ("refused", "in", "ipv6"),
+)
+# ICMPv6 neighbour discovery (RFC 4861) between the pod and a project address on its link is
+# how either reaches the other at all (IPv6's ARP), also for the tunnel itself: never refused
+ND_TYPES = (
+    "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
 )
 NFT_TIMEOUT = 30.0  # seconds; a transaction of a few thousand elements takes milliseconds
 
@@ -88,9 +95,11 @@ flush chain {t} output
 flush chain {t} input
 add rule {t} output oifname "{uplink}" meta mark {fwmark:#x} udp sport {port} accept
 add rule {t} output oifname "{uplink}" meta mark {dns_mark or fwmark | DNS_MARK_BIT:#x} accept
+add rule {t} output oifname "{uplink}" icmpv6 type {{ {ND_TYPES} }} accept
 add rule {t} output oifname "{uplink}" ip daddr @{SET4} counter reject with icmpx type admin-prohibited comment "{out4}"
 add rule {t} output oifname "{uplink}" ip6 daddr @{SET6} counter reject with icmpx type admin-prohibited comment "{out6}"
 add rule {t} input iifname "{uplink}" udp dport {port} accept
+add rule {t} input iifname "{uplink}" icmpv6 type {{ {ND_TYPES} }} accept
 add rule {t} input iifname "{uplink}" ip saddr @{SET4} counter drop comment "{in4}"
 add rule {t} input iifname "{uplink}" ip6 saddr @{SET6} counter drop comment "{in6}"
 """  # noqa: E501

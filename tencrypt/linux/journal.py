@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from tencrypt.core.podconfig import PodConfig, in_cidr
+from tencrypt.core.podconfig import PodConfig, dns_address, in_cidr
 from tencrypt.errors import TencryptError
 from tencrypt.linux import firewall, netlink
 from tencrypt.linux.kernel import RT_TABLE_MAIN
@@ -63,15 +63,29 @@ class Failed(Exception):
         self.complete = complete
 
 
-def planned_routes(c: PodConfig, on_link: str | None) -> list[PlannedRoute]:
-    dns_gateway = None if on_link and in_cidr(c.dns, on_link) else c.gateway
+def planned_routes(
+    c: PodConfig, on_link: str | None, on_link6: str | None = None
+) -> list[PlannedRoute]:
+    """The routes of stage 2; a dual-stack pod (``c.pod_ip6``) gets the IPv6 twins: its
+    Service CIDR into tenc0 (when known) and the fwmark table's on-link subnet and default
+    route, so that what the proxy sends marked (the clear, the DNS upstream) leaves by the
+    uplink in both families."""
+    dns = dns_address(c.dns)
+    dns_gateway = None if on_link and in_cidr(dns, on_link) else c.gateway
     plan = [
         PlannedRoute(c.service_cidr, c.tun, None, c.pod_ip),
-        PlannedRoute(f"{c.dns}/32", c.dev, dns_gateway, c.pod_ip),
+        PlannedRoute(f"{dns}/32", c.dev, dns_gateway, c.pod_ip),
     ]
     if on_link:
         plan.append(PlannedRoute(on_link, c.dev, None, c.pod_ip, c.table, scope_link=True))
     plan.append(PlannedRoute("0.0.0.0/0", c.dev, c.gateway, c.pod_ip, c.table))
+    if c.pod_ip6:
+        if c.service_cidr6:
+            plan.append(PlannedRoute(c.service_cidr6, c.tun, None, c.pod_ip6))
+        if on_link6:
+            plan.append(PlannedRoute(on_link6, c.dev, None, c.pod_ip6, c.table))
+        if c.gateway6:
+            plan.append(PlannedRoute("::/0", c.dev, c.gateway6, c.pod_ip6, c.table))
     return plan
 
 
@@ -85,10 +99,19 @@ def marks(c: PodConfig) -> tuple[int, int]:
     return c.fwmark, c.dns_mark
 
 
+def rule_versions(c: PodConfig) -> tuple[int, ...]:
+    """The IP versions whose fwmark rules setup adds: IPv4, and IPv6 on a dual-stack pod.
+    IPv6 rules found before a first setup are not told apart from Tencrypt's: IPv6 rules of
+    these marks are always Tencrypt's (`--undo` removes them)."""
+    return (4, 6) if c.pod_ip6 else (4,)
+
+
 def present_rules(c: PodConfig) -> list[int]:
     """The marks of ``marks(c)`` whose rule is there already, but none in a namespace that
     shows a setup whose state is lost (tenc0, a route of ours): those rules are Tencrypt's."""
-    if netlink.link(c.tun) is not None or netlink.routes(None, netlink.RTPROT_TENCRYPT):
+    if netlink.link(c.tun) is not None or netlink.routes(
+        None, netlink.RTPROT_TENCRYPT, version=None
+    ):
         return []
     return [
         m for m in marks(c) if netlink.has_rule(fwmark=m, table=c.table, priority=RULE_PRIORITY)
@@ -122,14 +145,20 @@ def apply(c: PodConfig, plan: list[PlannedRoute], resolv_conf: str, resolv_text:
                 r.apply,
                 partial(_put_back, r, before),
             )
-        for mark in marks(c):
-            rule = {"fwmark": mark, "table": c.table, "priority": RULE_PRIORITY}
-            had = netlink.has_rule(**rule)
-            step(
-                f"adding rule fwmark {mark:#x} lookup {c.table}",
-                partial(netlink.ensure_rule, **rule),
-                _nothing if had else partial(netlink.remove_rule, **rule),
-            )
+        for version in rule_versions(c):
+            for mark in marks(c):
+                rule = {
+                    "fwmark": mark,
+                    "table": c.table,
+                    "priority": RULE_PRIORITY,
+                    "version": version,
+                }
+                had = netlink.has_rule(**rule)
+                step(
+                    f"adding rule fwmark {mark:#x} lookup {c.table} (IPv{version})",
+                    partial(netlink.ensure_rule, **rule),
+                    _nothing if had else partial(netlink.remove_rule, **rule),
+                )
         # strict mode's boundary is in place before any proxy reads a packet (DESIGN §1a); its
         # sets start empty and the proxy fills them; `run --no-strict` removes it
         table_there = firewall.exists()

@@ -44,7 +44,7 @@ class Link:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    dst: str  # "a.b.c.d/len"
+    dst: str  # "a.b.c.d/len" or "v6::/len"
     table: int
     dev: str | None
     gateway: str | None
@@ -83,6 +83,29 @@ def link(dev: str) -> Link | None:
         return Link(found[0], dev, int(msg.get_attr("IFLA_MTU")), bool(msg["flags"] & 1), kind)
 
 
+IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x08, 0x20, 0x40  # linux/if_addr.h
+DEFAULT_METRIC = {4: 0, 6: 1024}  # what the kernel gives a route added without a metric
+
+
+def _host(dst: str) -> str:
+    """A bare address as a host prefix (/32, /128); a prefix as it is."""
+    if "/" in dst:
+        return dst
+    return dst + ("/128" if ":" in dst else "/32")
+
+
+def ipv6_address(dev: str) -> tuple[str, int] | None:
+    """The first usable global IPv6 address of ``dev`` (not link-local, not tentative, not
+    deprecated, not failed DAD) and its prefix length."""
+    bad = IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE
+    with _ipr(f"reading addresses of {dev}") as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET6, index=_index(ipr, dev)):
+            flags = int(msg.get_attr("IFA_FLAGS") or msg["flags"])
+            if msg["scope"] == RT_SCOPE_UNIVERSE and not flags & bad:
+                return str(msg.get_attr("IFA_ADDRESS")), int(msg["prefixlen"])
+    return None
+
+
 def ipv4_address(dev: str) -> tuple[str, int] | None:
     """The first IPv4 address of ``dev`` and its prefix length."""
     with _ipr(f"reading addresses of {dev}") as ipr:
@@ -106,18 +129,26 @@ def remove_link(name: str) -> None:
             ipr.link("del", index=found[0])
 
 
-def routes(table: int | None = RT_TABLE_MAIN, proto: int | None = None) -> list[Route]:
-    """IPv4 routes of ``table`` (None: every table), optionally only those of ``proto``."""
+def routes(
+    table: int | None = RT_TABLE_MAIN, proto: int | None = None, version: int | None = 4
+) -> list[Route]:
+    """Routes of ``table`` (None: every table) of IP ``version`` (4, 6; None: both),
+    optionally only those of ``proto``. IPv6's local and multicast table entries the kernel
+    makes for every interface are not listed unless asked for by ``proto``."""
+    families = {4: (socket.AF_INET,), 6: (socket.AF_INET6,)}.get(
+        version or 0, (socket.AF_INET, socket.AF_INET6)
+    )
     with _ipr("listing routes") as ipr:
         names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
         out = []
-        for msg in ipr.get_routes(family=socket.AF_INET):
+        for family, msg in ((f, m) for f in families for m in ipr.get_routes(family=f)):
             tab = int(msg.get_attr("RTA_TABLE") or msg["table"])
             if (table is not None and tab != table) or (
                 proto is not None and msg["proto"] != proto
             ):
                 continue
-            dst = f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
+            unspecified = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            dst = f"{msg.get_attr('RTA_DST') or unspecified}/{msg['dst_len']}"
             out.append(
                 Route(
                     dst,
@@ -138,9 +169,12 @@ def routes(table: int | None = RT_TABLE_MAIN, proto: int | None = None) -> list[
 def route_at(dst: str, table: int = RT_TABLE_MAIN) -> Route | None:
     """The route that ``ensure_route(dst, table=table)`` would replace (the kernel replaces
     the route of the same destination, TOS 0 and metric 0), if there is one."""
-    if "/" not in dst:
-        dst += "/32"
-    return next((r for r in routes(table) if r.dst == dst and r.metric == 0), None)
+    dst = _host(dst)
+    version = 6 if ":" in dst else 4
+    metric = DEFAULT_METRIC[version]
+    return next(
+        (r for r in routes(table, version=version) if r.dst == dst and r.metric == metric), None
+    )
 
 
 def restore_route(route: Route) -> None:
@@ -166,9 +200,11 @@ def restore_route(route: Route) -> None:
         ipr.route("replace", **kwargs)
 
 
-def default_gateway(dev: str | None = None) -> str | None:
-    for r in routes():
-        if r.dst == "0.0.0.0/0" and r.gateway and (dev is None or r.dev == dev):
+def default_gateway(dev: str | None = None, version: int = 4) -> str | None:
+    """The next hop of the main table's default route of IP ``version`` (via ``dev``)."""
+    default = "::/0" if version == 6 else "0.0.0.0/0"
+    for r in routes(version=version):
+        if r.dst == default and r.gateway and (dev is None or r.dev == dev):
             return r.gateway
     return None
 
@@ -182,9 +218,9 @@ def ensure_route(
     table: int | None = None,
     scope_link: bool = False,
 ) -> None:
-    """Create or replace the route to ``dst`` ("a.b.c.d" or CIDR) in ``table`` (default main)."""
-    if "/" not in dst:
-        dst += "/32"
+    """Create or replace the route to ``dst`` (an address or a CIDR, either family) in ``table``
+    (default main)."""
+    dst = _host(dst)
     kwargs: dict[str, object] = {"dst": dst, "proto": RTPROT_TENCRYPT}
     if gateway:
         kwargs["gateway"] = gateway
@@ -203,8 +239,7 @@ def remove_route(
 ) -> None:
     """Remove the route to ``dst``; with ``proto``, only a route of that protocol (the kernel
     matches it on delete: a route of another owner to the same destination stays)."""
-    if "/" not in dst:
-        dst += "/32"
+    dst = _host(dst)
     kwargs: dict[str, object] = {"dst": dst}
     if table is not None:
         kwargs["table"] = table
@@ -221,39 +256,44 @@ def remove_route(
 
 
 def remove_routes_by_proto(proto: int = RTPROT_TENCRYPT) -> int:
-    """Remove every IPv4 route (any table) of ``proto``; returns how many."""
+    """Remove every route (any table, both families) of ``proto``; returns how many."""
     gone = 0
-    for r in routes(table=None, proto=proto):
+    for r in routes(table=None, proto=proto, version=None):
         remove_route(r.dst, table=r.table, scope=r.scope, proto=proto)
         gone += 1
     return gone
 
 
-def has_rule(*, fwmark: int, table: int, priority: int) -> bool:
+def _rule_family(version: int) -> int:
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+def has_rule(*, fwmark: int, table: int, priority: int, version: int = 4) -> bool:
     with _ipr(f"reading rule fwmark {fwmark:#x}") as ipr:
         return any(
             msg.get_attr("FRA_FWMARK") == fwmark
             and msg.get_attr("FRA_TABLE") == table
             and msg.get_attr("FRA_PRIORITY") == priority
-            for msg in ipr.get_rules(family=socket.AF_INET)
+            for msg in ipr.get_rules(family=_rule_family(version))
         )
 
 
-def ensure_rule(*, fwmark: int, table: int, priority: int) -> None:
-    if has_rule(fwmark=fwmark, table=table, priority=priority):
+def ensure_rule(*, fwmark: int, table: int, priority: int, version: int = 4) -> None:
+    """``ip [-6] rule add fwmark <fwmark> lookup <table> priority <priority>``, once."""
+    if has_rule(fwmark=fwmark, table=table, priority=priority, version=version):
         return
-    with _ipr(f"rule fwmark {fwmark:#x} lookup {table}") as ipr:
-        ipr.rule("add", fwmark=fwmark, table=table, priority=priority, family=socket.AF_INET)
+    family = _rule_family(version)
+    with _ipr(f"rule fwmark {fwmark:#x} lookup {table} (IPv{version})") as ipr:
+        ipr.rule("add", fwmark=fwmark, table=table, priority=priority, family=family)
 
 
-def remove_rule(*, fwmark: int, table: int, priority: int) -> None:
-    with _ipr(f"removing rule fwmark {fwmark:#x}") as ipr:
-        for msg in ipr.get_rules(family=socket.AF_INET):
+def remove_rule(*, fwmark: int, table: int, priority: int, version: int = 4) -> None:
+    family = _rule_family(version)
+    with _ipr(f"removing rule fwmark {fwmark:#x} (IPv{version})") as ipr:
+        for msg in ipr.get_rules(family=family):
             if (
                 msg.get_attr("FRA_FWMARK") == fwmark
                 and msg.get_attr("FRA_TABLE") == table
                 and msg.get_attr("FRA_PRIORITY") == priority
             ):
-                ipr.rule(
-                    "del", fwmark=fwmark, table=table, priority=priority, family=socket.AF_INET
-                )
+                ipr.rule("del", fwmark=fwmark, table=table, priority=priority, family=family)

@@ -9,9 +9,11 @@ Stages of setup (each idempotent; setup applies all of them or none):
     the namespace's state directory, before anything changes, so that `--undo` also cleans up
     after a setup killed half-way;
  3. create the persistent TUN `tenc0` with MTU = uplink MTU - 60;
- 4. route the Service CIDR `dev tenc0 src <pod IP>`, and the DNS server /32 via the uplink;
- 5. table <fwmark table>: the uplink's subnet and a default route via the gateway, and
-    `ip rule fwmark <mark> lookup <table>`, so the proxy's own marked socket leaves by the uplink
+ 4. route the Service CIDR `dev tenc0 src <pod IP>`, and the DNS server /32 via the uplink; on a
+    dual-stack pod (a global IPv6 address on the uplink) the IPv6 Service CIDR too, `dev tenc0
+    src <pod IPv6>`, when the flags or the membership file name one;
+ 5. table <fwmark table>: the uplink's subnet and a default route via the gateway (both
+    families on a dual-stack pod), and `ip [-6] rule fwmark <mark> lookup <table>`, so the proxy's own marked socket leaves by the uplink
     even to addresses that tenc0 routes; then the firewall table (strict mode's boundary);
  6. rewrite resolv.conf in place (it is usually a bind mount: never replace it by rename) to
     ask the embedded DNS proxy at 127.0.0.1, keeping the search list and options.
@@ -223,8 +225,11 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         raise UsageError(
             f"{resolv_path} has no `search` line to tell the project domain; pass --domain"
         )
-    service_cidr, pod_cidrs = _cluster_ranges(args)
+    service_cidr, service_cidr6, pod_cidrs = _cluster_ranges(args)
     on_link = _on_link_subnet(dev)
+    addr6 = netlink.ipv6_address(dev)
+    pod_ip6 = addr6[0] if addr6 else ""
+    on_link6 = _on_link_subnet6(dev) if pod_ip6 else None
     config = validated(
         PodConfig(
             pod_ip=pod_ip,
@@ -237,11 +242,22 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
             service_cidr=service_cidr,
             mtu=args.mtu if args.mtu is not None else uplink.mtu - OVERHEAD,
             pod_cidrs=pod_cidrs,
-            uplink_cidrs=(on_link,) if on_link else (),
+            uplink_cidrs=tuple(c for c in (on_link, on_link6) if c),
+            pod_ip6=pod_ip6,
+            gateway6=(netlink.default_gateway(dev, version=6) or "") if pod_ip6 else "",
+            service_cidr6=service_cidr6 if pod_ip6 else "",
         ),
         uplink.mtu,
         mtu_given=args.mtu is not None,
     )
+    if service_cidr6 and not pod_ip6:
+        log.warning(
+            "%s has no global IPv6 address: the IPv6 Service CIDR %s is not routed into %s "
+            "(IPv6 to the project stays refused by the firewall, never sent in the clear)",
+            dev,
+            service_cidr6,
+            config.tun,
+        )
     tun = netlink.link(config.tun)
     if tun is not None and tun.kind != "tun":
         raise UsageError(
@@ -251,11 +267,12 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
     return SetupState(config, resolv_path, original)
 
 
-def _cluster_ranges(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
-    """The Service CIDR to route into tenc0 and the pod network: the flags, else what the
-    agent discovered (the membership file it writes before the launcher runs setup, given as
-    ``--members-file``), else OpenShift's default Service CIDR and an unknown pod network
-    (never eth0's subnet: core/clustershape.py rule 1)."""
+def _cluster_ranges(args: argparse.Namespace) -> tuple[str, str, tuple[str, ...]]:
+    """The Service CIDRs to route into tenc0 (IPv4, and IPv6 or "") and the pod network: the
+    flags (``--service-cidr V4[,V6]``, as kube-apiserver's --service-cluster-ip-range), else
+    what the agent discovered (the membership file it writes before the launcher runs setup,
+    given as ``--members-file``), else OpenShift's default Service CIDR, no IPv6 one and an
+    unknown pod network (never eth0's subnet: core/clustershape.py rule 1)."""
     members: Members | None = None
     path = getattr(args, "members_file", None)
     if path:
@@ -265,9 +282,14 @@ def _cluster_ranges(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
             log.warning("membership file %s not found (yet): its ranges are not used", path)
         except (OSError, MembershipError) as exc:
             log.warning("membership file %s unreadable (%s): its ranges are not used", path, exc)
-    service = args.service_cidr or next(
-        (c for c in (members.service_cidrs if members else ()) if ":" not in c), None
-    )
+    given = [c.strip() for c in (args.service_cidr or "").split(",") if c.strip()]
+    known = given or list(members.service_cidrs if members else ())
+    service = next((c for c in known if ":" not in c), None)
+    service6 = next((c for c in known if ":" in c), "")
+    if len(given) > 2 or (given and len([c for c in given if ":" in c]) > 1):
+        raise UsageError(
+            f"--service-cidr {args.service_cidr}: at most one range per family (V4[,V6])"
+        )
     if service is None:
         service = DEFAULT_SERVICE_CIDR
         log.warning(
@@ -276,7 +298,7 @@ def _cluster_ranges(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
             service,
         )
     pods = tuple(getattr(args, "pod_cidr", None) or (members.pod_cidrs if members else ()))
-    return service, pods
+    return service, service6, pods
 
 
 def resolv_conf_of(pid: int) -> str:
@@ -343,7 +365,9 @@ def setup(args: argparse.Namespace) -> PodConfig:
     members_file = getattr(args, "members_file", None)
     state.members_file = os.path.abspath(members_file) if members_file else None
     c = state.config
-    plan = journal.planned_routes(c, _on_link_subnet(c.dev))
+    plan = journal.planned_routes(
+        c, _on_link_subnet(c.dev), _on_link_subnet6(c.dev) if c.pod_ip6 else None
+    )
     state.replaced_routes = _merged(
         previous.replaced_routes if previous else [],
         [asdict(r) for r in journal.replaced_routes(plan)],
@@ -407,6 +431,10 @@ def undo(state_dir: str) -> Undone:
     for mark in journal.marks(c):
         if mark not in state.kept_rules:
             netlink.remove_rule(fwmark=mark, table=c.table, priority=journal.RULE_PRIORITY)
+        if 6 in journal.rule_versions(c):
+            netlink.remove_rule(
+                fwmark=mark, table=c.table, priority=journal.RULE_PRIORITY, version=6
+            )
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)
     for lost in journal.restore(replaced):
@@ -437,6 +465,15 @@ def _on_link_subnet(dev: str) -> str | None:
     if not addr:
         return None
     return str(ipaddress.IPv4Interface(f"{addr[0]}/{addr[1]}").network)
+
+
+def _on_link_subnet6(dev: str) -> str | None:
+    from tencrypt.linux import netlink  # pyroute2: loaded by setup, not by `run`
+
+    addr = netlink.ipv6_address(dev)
+    if not addr:
+        return None
+    return str(ipaddress.IPv6Interface(f"{addr[0]}/{addr[1]}").network)
 
 
 def _live_pid(pid_file: Path) -> int | None:
@@ -474,8 +511,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     c = setup(args)
     print(
-        f"tencrypt setup: pod {c.pod_ip} on {c.dev} via {c.gateway}; {c.tun} mtu {c.mtu}; "
-        f"{c.service_cidr} -> {c.tun}; DNS {c.dns} -> {c.dev}; project domain {c.domain}; "
+        f"tencrypt setup: pod {' '.join(c.pod_ips)} on {c.dev} via {c.gateway}; "
+        f"{c.tun} mtu {c.mtu}; {', '.join(c.service_cidrs)} -> {c.tun}; DNS {c.dns} -> {c.dev}; project domain {c.domain}; "
         f"pod network {', '.join(c.pod_cidrs) or '-'}; fwmark {c.fwmark:#x} -> table {c.table}; "
         f"firewall inet tencrypt; resolv.conf -> 127.0.0.1"
     )

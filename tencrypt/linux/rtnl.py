@@ -1,4 +1,4 @@
-"""The two route changes the running proxy makes — replace a /32, delete it — as raw rtnetlink
+"""The two route changes the running proxy makes — replace a host route (/32, /128), delete it — as raw rtnetlink
 messages (linux/rtnetlink.h, RFC 3549), so that ``tencrypt run`` never loads pyroute2 (about
 23 MB of RSS per pod); setup and everything else keep using ``linux.netlink``.
 
@@ -59,22 +59,29 @@ def build_route_message(
     route_type: int = 0,
     seq: int = 1,
 ) -> bytes:
-    """One RTM_NEWROUTE / RTM_DELROUTE request for the IPv4 prefix ``dst`` in table main."""
-    net = ipaddress.IPv4Network(dst if "/" in dst else dst + "/32", strict=False)
+    """One RTM_NEWROUTE / RTM_DELROUTE request for the prefix ``dst`` (IPv4 or IPv6; a bare
+    address is a host route) in table main."""
+    net = ipaddress.ip_network(dst if "/" in dst else host_prefix(dst), strict=False)
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
     body = _RTMSG.pack(
-        socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_UNIVERSE, route_type, 0
+        family, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_UNIVERSE, route_type, 0
     )
     body += _attr(RTA_DST, net.network_address.packed)
     if oif is not None:
         body += _attr(RTA_OIF, struct.pack("=I", oif))
     if gateway:
-        body += _attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
+        body += _attr(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
     if src:
-        body += _attr(RTA_PREFSRC, ipaddress.IPv4Address(src).packed)
+        body += _attr(RTA_PREFSRC, ipaddress.ip_address(src).packed)
     return (
         _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0)
         + body
     )
+
+
+def host_prefix(ip: str) -> str:
+    """``ip`` as a host route's destination: ``/32`` for IPv4, ``/128`` for IPv6."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
 def parse_ack(reply: bytes, seq: int) -> int:

@@ -18,6 +18,7 @@ Constants from asm-generic/socket.h, in linux/kernel.py.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -49,13 +50,40 @@ def tunnel_socket(port: int, mark: int) -> socket.socket:
     return sock
 
 
-def raw_socket(mark: int | None = None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+def raw_socket(mark: int | None = None, family: int = socket.AF_INET) -> socket.socket:
+    """A raw ``IPPROTO_RAW`` socket of ``family``: the caller writes the whole IP header (for
+    IPv6 too: IPPROTO_RAW implies IPV6_HDRINCL since Linux 4.5)."""
+    sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
     if mark is not None:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
     _force_buffers(sock, BUFFER_BYTES)
     sock.setblocking(False)
     return sock
+
+
+class RawSockets:
+    """Both families' raw sockets behind one ``sendto``: each packet goes out of the socket of
+    its IP version (the first nibble). A kernel without IPv6 has no IPv6 socket: an IPv6
+    packet is then refused with EAFNOSUPPORT, as the caller's send errors are (counted)."""
+
+    def __init__(self, mark: int | None = None) -> None:
+        self.v4 = raw_socket(mark)
+        try:
+            self.v6: socket.socket | None = raw_socket(mark, socket.AF_INET6)
+        except OSError:
+            self.v6 = None
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: tuple[str, int]) -> int:
+        if data and data[0] >> 4 == 6:
+            if self.v6 is None:
+                raise OSError(errno.EAFNOSUPPORT, "IPv6 is not available in this namespace")
+            return self.v6.sendto(data, addr)
+        return self.v4.sendto(data, addr)
+
+    def close(self) -> None:
+        self.v4.close()
+        if self.v6 is not None:
+            self.v6.close()
 
 
 ClientHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -187,3 +187,62 @@ def test_launcher_rewrites_the_node_file_behind_a_read_only_resolv_conf(pod, tmp
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def snapshot6(ns):
+    """Setup's IPv6 side: its routes (protocol 137 in every table), its rules and the links."""
+    return {
+        "routes": netns.run(
+            ns, ["ip", "-6", "route", "show", "table", "all", "proto", "137"]
+        ).stdout,
+        "rules": netns.run(ns, ["ip", "-6", "rule"]).stdout,
+        "main": netns.run(ns, ["ip", "-6", "route", "show", "proto", "static"]).stdout,
+    }
+
+
+def test_dual_stack_setup_routes_the_ipv6_service_cidr_and_undo_restores_it(pod):
+    """A dual-stack pod (a global IPv6 address and an IPv6 default route on eth0, as a
+    dual-stack CNI gives it): setup routes the IPv6 Service CIDR into tenc0 from the pod's
+    IPv6 address, gives the marked sockets an IPv6 way out of eth0, and --undo removes it all."""
+    netns.run(pod, ["ip", "-6", "addr", "add", "fd00:17::5/64", "dev", "eth0", "nodad"])
+    netns.run(pod, ["ip", "-6", "route", "add", "default", "via", "fd00:17::1", "dev", "eth0"])
+    before, before6 = snapshot(pod), snapshot6(pod)
+    out = tencrypt(pod, "setup", "--service-cidr", "172.30.0.0/16,fd00:30::/108").stdout
+    assert "pod 172.17.0.5 fd00:17::5" in out and "172.30.0.0/16, fd00:30::/108 -> tenc0" in out
+    after6 = snapshot6(pod)
+    # (listed by protocol 137, which `ip` then leaves out of each line)
+    assert "fd00:30::/108 dev tenc0 src fd00:17::5" in after6["routes"]
+    assert "default via fd00:17::1 dev eth0 table 1337 src fd00:17::5" in after6["routes"]
+    assert "fd00:17::/64 dev eth0 table 1337 src fd00:17::5" in after6["routes"]
+    assert "1000:\tfrom all fwmark 0x1337 lookup 1337" in after6["rules"]
+    assert "1000:\tfrom all fwmark 0x11337 lookup 1337" in after6["rules"]
+    marked = netns.run(pod, ["ip", "-6", "route", "get", "fd00:30::12", "mark", "0x1337"]).stdout
+    plain = netns.run(pod, ["ip", "-6", "route", "get", "fd00:30::12"]).stdout
+    assert "dev eth0" in marked and "dev tenc0" in plain and "src fd00:17::5" in plain
+    # ICMPv6 neighbour discovery with project addresses is untouched by the firewall
+    table = netns.run(pod, ["nft", "list", "table", "inet", "tencrypt"]).stdout
+    assert "nd-neighbor-solicit" in table
+
+    tencrypt(pod, "setup", "--service-cidr", "172.30.0.0/16,fd00:30::/108")  # idempotent
+    assert snapshot6(pod) == after6
+
+    tencrypt(pod, "setup", "--undo")
+    assert snapshot(pod) == before and snapshot6(pod) == before6
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "words"),
+    [
+        ("172.30.0.0/16,fd00:17::/64", "overlaps eth0's subnet fd00:17::/64"),
+        ("172.30.0.0/16,fe80::/64", "overlaps fe80::/10"),
+        ("172.30.0.0/16,fd00:30::/108,fd00:31::/108", "at most one range per family"),
+        ("fd00:30::/108,172.30.0.0/16,10.0.0.0/8", "at most one range per family"),
+    ],
+)
+def test_dual_stack_setup_refuses_a_bad_ipv6_service_cidr_and_touches_nothing(pod, cidrs, words):
+    netns.run(pod, ["ip", "-6", "addr", "add", "fd00:17::5/64", "dev", "eth0", "nodad"])
+    before, before6 = snapshot(pod), snapshot6(pod)
+    done = tencrypt(pod, "setup", "--service-cidr", cidrs, check=False)
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr
+    assert snapshot(pod) == before and snapshot6(pod) == before6

@@ -486,12 +486,28 @@ def test_dns_evidence_never_outlives_a_day():
         ("172.30.2.20", EXTERNAL, RouteAction.VIA_UPLINK),  # another project's VIP: bypass
         ("10.128.1.9", EXTERNAL, RouteAction.NONE),  # another project's pod: uplink anyway
         ("172.30.1.10", None, RouteAction.NONE),
-        ("fd00::1", INTERNAL, RouteAction.NONE),  # the tunnel is IPv4-only
+        ("fd00::1", INTERNAL, RouteAction.NONE),  # no IPv6 Service CIDR: IPv6 not routed
         ("not-an-ip", INTERNAL, RouteAction.NONE),
     ],
 )
 def test_route_action_table(ip, cls, action):
     assert route_action(ip, cls, CIDR) is action
+
+
+@pytest.mark.parametrize(
+    ("ip", "cls", "action"),
+    [
+        ("fd00:10:128::5", INTERNAL, RouteAction.VIA_TUN),  # a dual-stack peer pod: /128
+        ("fd00:30::9", INTERNAL, RouteAction.NONE),  # a project VIP: the CIDR route has it
+        ("fd00:30::9", EXTERNAL, RouteAction.VIA_UPLINK),  # another project's VIP: bypass
+        ("fd00:10:129::5", EXTERNAL, RouteAction.NONE),
+        ("10.128.0.5", INTERNAL, RouteAction.VIA_TUN),  # IPv4 as before
+        ("172.30.2.20", EXTERNAL, RouteAction.VIA_UPLINK),
+        ("fd00:30::9", None, RouteAction.NONE),
+    ],
+)
+def test_route_action_of_a_dual_stack_pod_routes_both_families(ip, cls, action):
+    assert route_action(ip, cls, (CIDR, "fd00:30::/108")) is action
 
 
 def test_plan_routes_reroutes_removes_and_keeps():

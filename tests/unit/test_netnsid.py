@@ -258,14 +258,15 @@ def test_setup_reads_the_cluster_ranges_from_the_members_file_it_is_given(tmp_pa
     args = argparse.Namespace(
         service_cidr=None, pod_cidr=None, members_file=str(members), state_dir=str(tmp_path)
     )
-    assert podnet._cluster_ranges(args) == ("10.96.0.0/12", ("10.128.0.0/14",))
+    # one range per family, the IPv6 one second whatever the file's order
+    assert podnet._cluster_ranges(args) == ("10.96.0.0/12", "fd00:30::/112", ("10.128.0.0/14",))
     # nothing is read from the state directory, whatever a dead namespace left there
     podnet.namespace_state_dir(tmp_path).mkdir(parents=True)
     (podnet.namespace_state_dir(tmp_path) / "members.json").write_text(members.read_text())
     args.members_file = None
     with caplog.at_level(logging.WARNING):
-        assert podnet._cluster_ranges(args) == (podnet.DEFAULT_SERVICE_CIDR, ())
+        assert podnet._cluster_ranges(args) == (podnet.DEFAULT_SERVICE_CIDR, "", ())
     args.members_file = str(tmp_path / "not-yet.json")
     with caplog.at_level(logging.WARNING):
-        assert podnet._cluster_ranges(args) == (podnet.DEFAULT_SERVICE_CIDR, ())
+        assert podnet._cluster_ranges(args) == (podnet.DEFAULT_SERVICE_CIDR, "", ())
     assert "not-yet.json not found (yet)" in caplog.text

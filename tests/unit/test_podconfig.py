@@ -82,3 +82,14 @@ def test_config_round_trips_through_a_dict():
         "cluster.local",
     )
     assert PodConfig.from_dict(c.to_dict()) == c
+
+
+def test_dns_address_takes_every_form_of_the_dns_flag():
+    from tencrypt.core.podconfig import dns_address, in_cidr
+
+    assert dns_address("172.30.0.10") == "172.30.0.10"
+    assert dns_address("172.30.0.10:5353") == "172.30.0.10"
+    assert dns_address("fd00:30::a") == "fd00:30::a"
+    assert dns_address("[fd00:30::a]:53") == "fd00:30::a"
+    assert in_cidr("fd00:30::a", "fd00:30::/108") and not in_cidr("10.0.0.1", "fd00::/8")
+    assert not in_cidr("fd00::1", "10.0.0.0/8")

@@ -130,3 +130,50 @@ def test_the_mtu_leaves_room_for_the_tunnel_and_is_at_least_ipv4s_minimum():
         "(the datagram every IPv4 host accepts)"
     )
     assert validated(replace(POD, mtu=1390), 1450, mtu_given=False).mtu == 1390
+
+
+DUAL = replace(
+    POD,
+    pod_ip6="fd00:10:128::5",
+    gateway6="fe80::1",
+    service_cidr6="fd00:30::/108",
+    pod_cidrs=("10.128.0.0/14", "fd00:10:128::/56"),
+    uplink_cidrs=("10.128.0.0/23", "fd00:10:128::/64"),
+)
+
+
+def test_a_sound_dual_stack_config_is_accepted_with_a_link_local_gateway():
+    assert validated(DUAL, 1500) == DUAL
+    assert DUAL.service_cidrs == ("172.30.0.0/16", "fd00:30::/108")
+    assert DUAL.pod_ips == ("10.128.0.5", "fd00:10:128::5")
+    assert DUAL.source_for("fd00:10:129::7") == "fd00:10:128::5"
+    assert DUAL.source_for("10.129.0.7") == "10.128.0.5"
+    assert {"fd00:10:128::5", "fe80::1"} <= DUAL.own_addresses
+    assert POD.service_cidrs == ("172.30.0.0/16",) and POD.source_for("fd00::1") == "10.128.0.5"
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"service_cidr6": "fd00:10:128::/64"}, "overlaps eth0's subnet fd00:10:128::/64"),
+        ({"service_cidr6": "fd00:10:128:8::/64"}, "overlaps the pod network fd00:10:128::/56"),
+        ({"service_cidr6": "fe80::/64"}, "overlaps fe80::/10, a range every host routes itself"),
+        ({"service_cidr6": "::/0"}, "overlaps ::/8"),
+        ({"service_cidr6": "ff02::/16"}, "overlaps ff00::/8"),
+        ({"service_cidr6": "10.96.0.0/12"}, "the second range must be the IPv6 one"),
+        ({"service_cidr6": "fd00:30::1/108"}, "not a network"),
+        ({"pod_ip6": "fe80::5"}, "not a global unicast address"),
+        ({"pod_ip6": "ff02::1"}, "not a global unicast address"),
+        ({"pod_ip6": "10.128.0.6"}, "not an IPv6 address"),
+        ({"gateway6": "fd00:10:128::5"}, "not a unicast address of another host"),
+        ({"gateway6": "::"}, "not a unicast address of another host"),
+        (
+            {"service_cidr6": "fd00:10:128::/48", "pod_cidrs": (), "uplink_cidrs": ()},
+            "contains the pod's IPv6 address fd00:10:128::5",
+        ),
+    ],
+)
+def test_a_bad_ipv6_half_is_refused_with_the_reason(changes, words):
+    with pytest.raises(UsageError) as info:
+        validated(replace(DUAL, **changes), 1500)
+    assert words in str(info.value)
