@@ -12,8 +12,9 @@ Rules:
   - it does not use the host network: its network namespace would be the node's own, and
     Tencrypt must never rewrite the node's routes or resolv.conf;
   - it has an IPv4 pod IP: the sandbox exists and CNI has configured eth0 (``tencrypt setup``
-    needs both; Tencrypt is IPv4-only, so an IPv6-only pod is left alone rather than patched
-    into a restart loop);
+    needs both). The tunnel runs over IPv4: a dual-stack pod is patched (its IPv6 traffic is
+    sealed inside the IPv4 tunnel), an IPv6-only pod is left alone rather than patched into
+    a restart loop (an IPv6-only cluster needs the outer IPv6 tunnel, not built yet);
   - its phase is neither ``Succeeded`` nor ``Failed`` (its sandbox is gone or going);
   - it is not opted out with the annotation ``tencrypt.io/agent: "false"`` (e.g. a pod built
     from the patched origin-pod image, which seals its own traffic).
