@@ -47,9 +47,11 @@ Stages of ``up`` (each prints one line on stderr):
  2. write the state (``/run/tencrypt-lab/<lab>/state.json``) and one key per project;
  3. nodes: namespace, sysctls, bridge, the Service CIDR route, the DNS address;
  4. (two nodes) the underlay veth, vxlan0 and the routes to the other node's pods;
- 5. pods: namespace, veth into the bridge, address, default route, resolv.conf, web root;
- 6. Services: iptables in every node (``services``); NetworkPolicies: the CNI's enforcement
-    in every node (``netpolicy``, an empty table without policies);
+ 5. pods: namespace, veth into the bridge, address, default route, resolv.conf, web root
+    (with IPv6: an address and a default route per family, then wait until no address of
+    any lab namespace is tentative);
+ 6. Services: iptables (and ip6tables) in every node (``services``); NetworkPolicies: the
+    CNI's enforcement in every node (``netpolicy``, an empty table without policies);
  7. dnsmasq in every node, an HTTP server in every pod; wait until they all listen.
 If a stage fails, ``up`` removes what it built and re-raises.
 """
