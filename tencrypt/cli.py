@@ -215,6 +215,14 @@ def _lab(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="topology JSON (default: the built-in myproject/project2 topology)",
     )
+    up.add_argument(
+        "--ip-family",
+        choices=["ipv4", "dual", "ipv6"],
+        help="the cluster's IP families: ipv4; dual (every pod and Service also gets an "
+        "IPv6 address from ULA prefixes, IPv4 primary, DNS answers A and AAAA); ipv6 "
+        "(IPv6 only; two nodes run VXLAN over an IPv6 underlay). Default: the topology's "
+        '"ip_family", else ipv4',
+    )
     sub.add_parser("status", help="show nodes, pods, Services and what runs in each pod")
     ex = sub.add_parser("exec", help="run a command inside a pod's namespace")
     ex.add_argument("pod", metavar="POD")
@@ -251,6 +259,12 @@ def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="leave the lab up after the demo")
     p.add_argument(
         "--name", default="tdemo", help="lab instance name for the demo (default: tdemo)"
+    )
+    p.add_argument(
+        "--ip-family",
+        choices=["ipv4", "dual", "ipv6"],
+        default="ipv4",
+        help="the demo lab's IP families (see `tencrypt lab up --help`; default: ipv4)",
     )
 
 

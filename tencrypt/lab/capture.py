@@ -2,12 +2,15 @@
 
 ``Capture`` runs tcpdump inside a namespace (bounded: it always ends by ``stop()`` or its own
 timeout), writing a pcap file; ``read_pcap`` parses the classic pcap format (Ethernet or Linux
-cooked captures) into ``Frame`` objects with the IPv4 protocol, addresses, ports and raw bytes, so
-the demo and tests can check for a marker string and for which protocols crossed the wire.
+cooked captures) into ``Frame`` objects with the IP protocol, addresses, ports and raw bytes, so
+the demo and tests can check for a marker string and for which protocols crossed the wire. IPv6
+frames carry their upper-layer protocol (after the hop-by-hop, routing, fragment and
+destination options headers) and its ports; a later fragment has no ports.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import struct
@@ -22,12 +25,15 @@ from tencrypt.linux import netns
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_LINUX_SLL = 113
+ETH_P_IP, ETH_P_IPV6 = b"\x08\x00", b"\x86\xdd"  # linux/if_ether.h
+IPV6_EXTENSIONS = {0, 43, 60}  # hop-by-hop, routing, destination options (RFC 8200 §4)
+IPV6_FRAGMENT = 44
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
     raw: bytes
-    proto: int | None  # IPv4 protocol number, None for non-IPv4 frames
+    proto: int | None  # IP protocol number (IPv6: the upper layer's), None for non-IP frames
     src: str | None
     dst: str | None
     sport: int | None
@@ -57,7 +63,9 @@ def _frame(raw: bytes, linktype: int) -> Frame:
     else:
         return Frame(raw, None, None, None, None, None)
     ip = raw[ip_off:]
-    if ethertype != b"\x08\x00" or len(ip) < 20 or ip[0] >> 4 != 4:
+    if ethertype == ETH_P_IPV6:
+        return _frame6(raw, ip)
+    if ethertype != ETH_P_IP or len(ip) < 20 or ip[0] >> 4 != 4:
         return Frame(raw, None, None, None, None, None)
     ihl = (ip[0] & 0x0F) * 4
     proto = ip[9]
@@ -65,6 +73,24 @@ def _frame(raw: bytes, linktype: int) -> Frame:
     sport = dport = None
     if proto in (6, 17) and len(ip) >= ihl + 4:
         sport, dport = struct.unpack_from("!HH", ip, ihl)
+    return Frame(raw, proto, src, dst, sport, dport)
+
+
+def _frame6(raw: bytes, ip: bytes) -> Frame:
+    if len(ip) < 40 or ip[0] >> 4 != 6:
+        return Frame(raw, None, None, None, None, None)
+    src = str(ipaddress.IPv6Address(ip[8:24]))
+    dst = str(ipaddress.IPv6Address(ip[24:40]))
+    proto, off, first = ip[6], 40, True
+    while len(ip) >= off + 8 and (proto in IPV6_EXTENSIONS or proto == IPV6_FRAGMENT):
+        if proto == IPV6_FRAGMENT:
+            first = struct.unpack_from("!H", ip, off + 2)[0] & 0xFFF8 == 0
+            proto, off = ip[off], off + 8
+        else:
+            proto, off = ip[off], off + (ip[off + 1] + 1) * 8
+    sport = dport = None
+    if first and proto in (6, 17) and len(ip) >= off + 4:
+        sport, dport = struct.unpack_from("!HH", ip, off)
     return Frame(raw, proto, src, dst, sport, dport)
 
 

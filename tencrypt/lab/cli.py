@@ -23,7 +23,9 @@ from tencrypt.linux import netns
 def main(args: argparse.Namespace) -> int:
     action = args.lab_command
     if action == "up":
-        topology = Topology.from_file(args.config) if args.config else None
+        topology = Topology.from_file(args.config) if args.config else Topology.default()
+        if args.ip_family:
+            topology.ip_family = args.ip_family
         Lab(args.name, topology, args.nodes).up()
         return 0
     if action == "down":

@@ -21,14 +21,37 @@ nodes are joined the OpenShift SDN way::
 
 and every pod's MTU is 1450. Both nodes carry all Service rules and a dnsmasq.
 
+IP families (``--ip-family``, topology key ``ip_family``; topology.py has the addresses):
+
+    ipv4 (default)  as above.
+    dual            every pod also has fd00:17::1x/64 (node2's fd00:18::1x), default route
+                    via the bridge's fd00:17::1; every Service also an IPv6 VIP in
+                    fd00:30::/108 (ip6tables DNAT); dnsmasq answers A and AAAA, on 172.30.0.2
+                    and fd00:30::2 (resolv.conf names 172.30.0.2). Two nodes: the underlay
+                    and VXLAN stay IPv4, vxlan0 also has fd00:42::1/64 and carries
+                    fd00:18::/64 via fd00:42::2 (MTU 1450).
+    ipv6            IPv6 only: pods fd00:17::1x/64, VIPs and DNS (fd00:30::2) in
+                    fd00:30::/108; two nodes: underlay eth0 fd00:200::1/64 <-> ::2/64, VXLAN
+                    over IPv6 (local/remote the underlay addresses), vxlan0 fd00:42::1/64,
+                    pod MTU 1430 (the outer IPv6 header costs 20 bytes more than IPv4's).
+
+With IPv6, the nodes forward it (``net.ipv6.conf.all.forwarding=1``), bridged frames pass
+ip6tables too (``bridge-nf-call-ip6tables=1``), br0 floods multicast (no snooping: nothing
+answers MLD here, and neighbour discovery must reach every port), and duplicate address
+detection is off in every lab namespace (``accept_dad=0`` before its links exist, ``nodad``
+on every address): addresses are usable at once, and ``up`` waits until no address of a
+namespace is tentative rather than sleeping. An IPv4 lab is built exactly as before.
+
 Stages of ``up`` (each prints one line on stderr):
  1. clean whatever a previous lab of the same name left (``cleanup.sweep``);
  2. write the state (``/run/tencrypt-lab/<lab>/state.json``) and one key per project;
  3. nodes: namespace, sysctls, bridge, the Service CIDR route, the DNS address;
  4. (two nodes) the underlay veth, vxlan0 and the routes to the other node's pods;
- 5. pods: namespace, veth into the bridge, address, default route, resolv.conf, web root;
- 6. Services: iptables in every node (``services``); NetworkPolicies: the CNI's enforcement
-    in every node (``netpolicy``, an empty table without policies);
+ 5. pods: namespace, veth into the bridge, address, default route, resolv.conf, web root
+    (with IPv6: an address and a default route per family, then wait until no address of
+    any lab namespace is tentative);
+ 6. Services: iptables (and ip6tables) in every node (``services``); NetworkPolicies: the
+    CNI's enforcement in every node (``netpolicy``, an empty table without policies);
  7. dnsmasq in every node, an HTTP server in every pod; wait until they all listen.
 If a stage fails, ``up`` removes what it built and re-raises.
 """
@@ -66,8 +89,10 @@ class Lab:
         self.nodes: dict[str, Node]
         self.pods: dict[str, Pod]
         self.nodes, self.pods = self.topology.plan(name, nodes)
-        self.dns_ip: str = self.topology.dns_ip
-        self.service_cidr: str = self.topology.service_cidr
+        self.dns_ip: str = self.topology.dns_ips[0]  # the one resolv.conf names
+        self.dns_ips: list[str] = self.topology.dns_ips
+        self.service_cidr: str = self.topology.service_cidrs[0]
+        self.families: tuple[int, ...] = self.topology.families
         self.state_dir = STATE_ROOT / name
 
     @classmethod
@@ -139,6 +164,7 @@ class Lab:
                 self._join_nodes(*self.nodes.values())
             for pod in self.pods.values():
                 self._build_pod(pod)
+            self._wait_addresses()
             self._program_services()
             netpolicy.program(self)
             self._start_daemons()
@@ -233,6 +259,9 @@ class Lab:
     def _netns(self, name: str) -> None:
         (self.state_dir / "netns" / name).touch()  # recorded before it exists: down finds it
         netns.create(name)
+        if 6 in self.families:
+            # before any link exists: links take the namespace's defaults when they appear
+            sysctl(name, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
     def _build_node(self, node: Node) -> None:
         self.say(
@@ -248,37 +277,64 @@ class Lab:
             "net.ipv4.conf.all.send_redirects=0",
             "net.ipv4.conf.default.send_redirects=0",
         )
-        prefix = node.pod_cidr.split("/")[1]
-        ip_batch(
-            node.netns,
-            [
-                f"link add {node.bridge} type bridge",
-                f"link set {node.bridge} up",
-                f"addr add {node.bridge_ip}/{prefix} dev {node.bridge}",
-                # the node's own connections to a VIP need a route before nat OUTPUT rewrites them
-                f"route add {self.service_cidr} dev {node.bridge}",
-            ],
-        )
+        if 6 in self.families:
+            sysctl(
+                node.netns,
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.all.accept_redirects=0",
+                "net.ipv6.conf.default.accept_redirects=0",
+            )
+        if self.families == (4,):
+            ip_batch(
+                node.netns,
+                [
+                    f"link add {node.bridge} type bridge",
+                    f"link set {node.bridge} up",
+                    f"addr add {node.bridge_ip}/{node.pod_cidr.split('/')[1]} dev {node.bridge}",
+                    # the node's own connections to a VIP need a route before nat OUTPUT
+                    # rewrites them
+                    f"route add {self.service_cidr} dev {node.bridge}",
+                ],
+            )
+        else:
+            ip_batch(
+                node.netns,
+                [
+                    f"link add {node.bridge} type bridge mcast_snooping 0",
+                    f"link set {node.bridge} up",
+                    *(
+                        f"addr add {ip}/{cidr.split('/')[1]} dev {node.bridge} nodad"
+                        for ip, cidr in zip(node.bridge_ips, node.pod_cidrs, strict=True)
+                    ),
+                    *(f"route add {c} dev {node.bridge}" for c in self.topology.service_cidrs),
+                ],
+            )
         # bridged pod-to-pod frames must pass conntrack, or replies from a DNAT'ed VIP's pod
         # go straight back to the client with the pod's address and are refused
         sysctl(node.netns, "net.bridge.bridge-nf-call-iptables=1")
+        if 6 in self.families:
+            sysctl(node.netns, "net.bridge.bridge-nf-call-ip6tables=1")
         self._add_dns_address(node)
 
     def _add_dns_address(self, node: Node) -> None:
+        addrs = [
+            f"addr add {ip}/32 dev {{}}" if ":" not in ip else f"addr add {ip}/128 dev {{}} nodad"
+            for ip in self.dns_ips
+        ]
         try:
             ip_batch(
                 node.netns,
                 [
                     "link add dns0 type dummy",
                     "link set dns0 up",
-                    f"addr add {self.dns_ip}/32 dev dns0",
+                    *(a.format("dns0") for a in addrs),
                 ],
             )
         except SetupError as exc:
             if "Unknown device type" not in str(exc):
                 raise
             # kernel without the dummy driver: a /32 on lo is just as local to the node
-            ip_batch(node.netns, [f"addr add {self.dns_ip}/32 dev lo"])
+            ip_batch(node.netns, [a.format("lo") for a in addrs])
 
     def _join_nodes(self, a: Node, b: Node) -> None:
         self.say(
@@ -302,19 +358,29 @@ class Lab:
                 b.netns,
             ]
         )
+        nodad = "" if self.families == (4,) else " nodad"
         for me, peer in ((a, b), (b, a)):
             assert me.underlay_ip and peer.underlay_ip and peer.overlay_ip and me.overlay_ip
+            overlay = me.overlay_ips or [me.overlay_ip]
             ip_batch(
                 me.netns,
                 [
                     "link set eth0 up",
-                    f"addr add {me.underlay_ip} dev eth0",
+                    f"addr add {me.underlay_ip} dev eth0{nodad}",
+                    # over an IPv6 underlay the kernel sizes vxlan0 for the 40-byte outer header
                     f"link add vxlan0 type vxlan id {self.topology.vni} dstport "
                     f"{self.topology.vxlan_port} local {me.underlay_ip.split('/')[0]} "
                     f"remote {peer.underlay_ip.split('/')[0]} dev eth0",
                     "link set vxlan0 up",
-                    f"addr add {me.overlay_ip} dev vxlan0",
-                    f"route add {peer.pod_cidr} via {peer.overlay_ip.split('/')[0]} dev vxlan0",
+                    *(f"addr add {ip} dev vxlan0{nodad}" for ip in overlay),
+                    *(
+                        f"route add {cidr} via {via.split('/')[0]} dev vxlan0"
+                        for cidr, via in zip(
+                            peer.pod_cidrs or [peer.pod_cidr],
+                            peer.overlay_ips or [peer.overlay_ip],
+                            strict=True,
+                        )
+                    ),
                 ],
             )
 
@@ -322,7 +388,8 @@ class Lab:
         node = self.nodes[pod.node]
         self.say(
             f"pod {pod.name} ({pod.project}) on {node.name}: {pod.netns} eth0 "
-            f"{pod.ip}/{pod.prefixlen} mtu {pod.mtu}, Service {pod.fqdn} -> {pod.vip}"
+            f"{_addresses(pod.ips or [pod.ip], node.pod_cidrs or [node.pod_cidr])} mtu "
+            f"{pod.mtu}, Service {pod.fqdn} -> {' '.join(pod.vips or [pod.vip])}"
         )
         self._netns(pod.netns)
         netns.sh(
@@ -351,14 +418,24 @@ class Lab:
                 f"link set {pod.host_if} type bridge_slave hairpin on",
             ],
         )
-        ip_batch(
-            pod.netns,
-            [
-                f"link set eth0 mtu {pod.mtu} up",
-                f"addr add {pod.ip}/{pod.prefixlen} dev eth0",
-                f"route add default via {pod.gateway} dev eth0",
-            ],
-        )
+        if self.families == (4,):
+            ip_batch(
+                pod.netns,
+                [
+                    f"link set eth0 mtu {pod.mtu} up",
+                    f"addr add {pod.ip}/{pod.prefixlen} dev eth0",
+                    f"route add default via {pod.gateway} dev eth0",
+                ],
+            )
+        else:
+            commands = [f"link set eth0 mtu {pod.mtu} up"]
+            for ip, cidr, gateway in zip(pod.ips, node.pod_cidrs, node.bridge_ips, strict=True):
+                v6 = ":" in ip
+                commands += [
+                    f"addr add {ip}/{cidr.split('/')[1]} dev eth0{' nodad' if v6 else ''}",
+                    f"route add {'::/0' if v6 else 'default'} via {gateway} dev eth0",
+                ]
+            ip_batch(pod.netns, commands)
         etc = ETC_NETNS / pod.netns
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(clusterdns.build_resolv_conf(self.dns_ip, pod.project))
@@ -366,14 +443,35 @@ class Lab:
         www.mkdir(parents=True, exist_ok=True)
         (www / "index.html").write_text(f"Hello from {pod.name} ({pod.project})\n")
 
-    def _program_services(self) -> None:
-        self.say(
-            f"Services: DNAT VIP:{self.topology.port}/tcp (KUBE-SERVICES) and "
-            f"VIP:{services.TUNNEL_PORT} udp+tcp (TENCRYPT) on every node"
-        )
+    def _wait_addresses(self) -> None:
+        """Every IPv6 address of every lab namespace usable (none tentative): with DAD off
+        this holds at once; a condition, not a sleep, in case a kernel still runs DAD."""
+        if 6 not in self.families:
+            return
+        spaces = [n.netns for n in self.nodes.values()] + [p.netns for p in self.pods.values()]
+
+        def settled() -> bool:
+            for ns in spaces:
+                out = netns.run(ns, ["ip", "-6", "-o", "addr", "show", "tentative"]).stdout
+                if out.strip():
+                    return False
+            return True
+
+        netns.wait_for(settled, timeout=WAIT, interval=0.05, what="IPv6 addresses to be usable")
+
+    def _program_services(self, first: bool = True) -> None:
+        if first:
+            self.say(
+                f"Services: DNAT VIP:{self.topology.port}/tcp (KUBE-SERVICES"
+                f"{', ip6tables too' if 6 in self.families else ''}) and "
+                f"VIP:{services.TUNNEL_PORT} udp+tcp (TENCRYPT) on every node"
+            )
+        planned = self.services
+        tunnel6 = services.unforwarded_vips(planned) if 6 in self.families else frozenset()
         for node in self.nodes.values():
-            services.program_kube_services(node.netns, self.services)
-            services.program_tencrypt_chain(node.netns, self.services)
+            for family in self.families:
+                services.program_kube_services(node.netns, planned, first, family, tunnel6)
+            services.program_tencrypt_chain(node.netns, planned)
 
     def _start_daemons(self) -> None:
         self._write_hosts()
@@ -392,7 +490,8 @@ class Lab:
                     "http.server",
                     str(port),
                     "--bind",
-                    "0.0.0.0",
+                    # "::" is dual-stack: http.server clears IPV6_V6ONLY for it
+                    "0.0.0.0" if self.families == (4,) else "::",
                     "--directory",
                     str(self.www(pod.name)),
                 ]
@@ -431,9 +530,7 @@ class Lab:
             raise UsageError(f"lab {self.name} has no Service {service!r} to change")
         specs[index] = dataclasses.replace(specs[index], pods=list(pods), not_ready=list(not_ready))
         self.topology.validate()
-        for node in self.nodes.values():
-            services.program_kube_services(node.netns, self.services, first=False)
-            services.program_tencrypt_chain(node.netns, self.services)
+        self._program_services(first=False)
         self._write_hosts()
         self._reload_dns()
         project = specs[index].project
@@ -465,11 +562,14 @@ class Lab:
     def _spawn_dnsmasq(
         self, node: Node
     ) -> tuple[str, str, int, subprocess.Popen[bytes], Path, str]:
-        cidrs = [self.service_cidr, *(n.pod_cidr for n in self.nodes.values())]
-        owners = [(p.ip, p.endpoint_fqdn) for p in self.pods.values()]
-        owners += [(s.vip, s.fqdn) for s in self.services if s.vip]
+        cidrs = [
+            *self.topology.service_cidrs,
+            *(c for n in self.nodes.values() for c in n.pod_cidrs or [n.pod_cidr]),
+        ]
+        owners = [(ip, p.endpoint_fqdn) for p in self.pods.values() for ip in p.ips or [p.ip]]
+        owners += [(ip, s.fqdn) for s in self.services if s.vip for ip in s.cluster_ips]
         argv = clusterdns.build_dnsmasq_argv(
-            self.dns_ip,
+            self.dns_ip if len(self.dns_ips) == 1 else self.dns_ips,
             [self.state_dir / "dns" / "hosts", self._extra_hosts],
             self.log_file(f"{node.name}.dnsmasq"),
             self.pid_file(f"{node.name}.dnsmasq"),
@@ -509,6 +609,10 @@ class Lab:
         for node in self.nodes.values():
             wait_listening(*self._spawn_dnsmasq(node))
         self.say("cluster DNS started")
+
+
+def _addresses(ips: list[str], cidrs: list[str]) -> str:
+    return " ".join(f"{ip}/{c.split('/')[1]}" for ip, c in zip(ips, cidrs, strict=True))
 
 
 def vars_of(obj: object) -> dict[str, object]:

@@ -7,11 +7,15 @@ Rules:
 - Records, as a Kubernetes cluster DNS publishes them: ``<svc>.<project>.svc.cluster.local`` A
   -> VIP (and PTR back), and for each pod IP an endpoint-style name
   ``<pod>.<svc>.<project>.svc.cluster.local`` A -> pod IP (and PTR back), so that a reverse
-  lookup of any lab address tells its project. The PTR of every lab address is fixed
+  lookup of any lab address tells its project. IPv6 addresses (a dual-stack or IPv6-only lab)
+  get the same names as AAAA records and PTR records under ``ip6.arpa``: in a dual-stack lab
+  a name has both an A and an AAAA record, as CoreDNS answers for a dual-stack Service, and
+  dnsmasq listens on both of the DNS Service's addresses. The PTR of every lab address is fixed
   (``--ptr-record``) to its owner, as CoreDNS answers it: a name a tenant publishes later
   for the same address (``Lab.add_dns_records``) is a forward record only.
-- Unknown names under ``cluster.local`` and unknown addresses in the lab's reverse zones are
-  NXDOMAIN (``--local``, ``--bogus-priv``), never a timeout: there is no upstream.
+- Unknown names under ``cluster.local`` and unknown addresses in the lab's reverse zones
+  (``in-addr.arpa`` and ``ip6.arpa``, widened to whole octets or nibbles) are NXDOMAIN
+  (``--local``, ``--bogus-priv``), never a timeout: there is no upstream.
 - Answers carry a real TTL (``--local-ttl``; dnsmasq's default is 0), because the pod-side DNS
   proxy expires its classification with the TTL.
 """
@@ -35,15 +39,15 @@ def build_hosts(pods: Iterable[Pod], services: Iterable[Service] = ()) -> str:
     pods = list(pods)
     own = {p.name for p in pods}
     for pod in pods:
-        lines.append(f"{pod.vip} {pod.fqdn}")
-        lines.append(f"{pod.ip} {pod.endpoint_fqdn}")
+        lines += [f"{vip} {pod.fqdn}" for vip in pod.vips or [pod.vip]]
+        lines += [f"{ip} {pod.endpoint_fqdn}" for ip in pod.ips or [pod.ip]]
     for svc in services:
         if svc.name in own:
             continue
         if svc.vip is not None:
-            lines.append(f"{svc.vip} {svc.fqdn}")
+            lines += [f"{vip} {svc.fqdn}" for vip in svc.cluster_ips]
         else:
-            lines += [f"{e.ip} {svc.fqdn}" for e in svc.endpoints if e.ready]
+            lines += [f"{ip} {svc.fqdn}" for e in svc.endpoints if e.ready for ip in e.addresses]
     return "\n".join(lines) + "\n"
 
 
@@ -54,20 +58,26 @@ def build_resolv_conf(dns_ip: str, project: str) -> str:
 
 
 def reverse_zones(cidr: str) -> list[str]:
-    """The in-addr.arpa zones covering ``cidr``, widened to whole octets (RFC 1035 §3.5)."""
+    """The reverse zones covering ``cidr``: in-addr.arpa widened to whole octets (RFC 1035
+    §3.5), ip6.arpa to whole nibbles (RFC 3596 §2.5)."""
     net = ipaddress.ip_network(cidr)
-    bits = max(8, -(-net.prefixlen // 8) * 8)
+    step = 8 if net.version == 4 else 4
+    bits = max(step, -(-net.prefixlen // step) * step)
     subnets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     subnets = [net] if net.prefixlen == bits else list(net.subnets(new_prefix=bits))
     zones = []
     for sub in subnets[:256]:  # a /8 split into /16s is the widest a lab needs
-        octets = str(sub.network_address).split(".")[: bits // 8]
-        zones.append(".".join(reversed(octets)) + ".in-addr.arpa")
+        if net.version == 4:
+            octets = str(sub.network_address).split(".")[: bits // 8]
+            zones.append(".".join(reversed(octets)) + ".in-addr.arpa")
+        else:
+            nibbles = sub.network_address.exploded.replace(":", "")[: bits // 4]
+            zones.append(".".join(reversed(nibbles)) + ".ip6.arpa")
     return zones
 
 
 def build_dnsmasq_argv(
-    dns_ip: str,
+    dns_ip: str | list[str],
     hosts: Path | list[Path],
     log: Path,
     pid_file: Path,
@@ -77,7 +87,9 @@ def build_dnsmasq_argv(
     """``owners``: (address, name) pairs whose PTR answer is fixed to that name, as CoreDNS
     answers a reverse lookup with the Service (or endpoint) that owns the address: a record
     published later for the same address (a tenant's alias) adds a forward name, never the
-    reverse one."""
+    reverse one. ``dns_ip``: the address (or addresses, a dual-stack DNS Service) to
+    listen on."""
+    listen = [dns_ip] if isinstance(dns_ip, str) else dns_ip
     local = [f"--local=/{CLUSTER_DOMAIN}/"]
     for cidr in cidrs:
         local += [f"--local=/{zone}/" for zone in reverse_zones(cidr)]
@@ -88,7 +100,7 @@ def build_dnsmasq_argv(
         "--no-hosts",
         "--no-resolv",
         "--bind-interfaces",
-        f"--listen-address={dns_ip}",
+        *(f"--listen-address={ip}" for ip in listen),
         "--port=53",
         *(f"--addn-hosts={h}" for h in (hosts if isinstance(hosts, list) else [hosts])),
         f"--local-ttl={DNS_TTL}",

@@ -2,7 +2,9 @@
 
 Stages (each prints one line; the verdict lists every check):
  1. build a fresh one-node lab (pods nginx1, nginx2, nginx3 of myproject; cakephp of
-    project2);
+    project2), IPv4 unless ``--ip-family`` says dual or ipv6 (then every check that looks at
+    the bridge covers the pods' and Services' IPv6 addresses too; the checks themselves are
+    the same);
  2. clear: curl nginx1 -> http://nginx2:8080/ by name with a marker header, capturing on the node's
     bridge: it works and the capture shows the marker (this is what an eavesdropper gets today);
  3. patch nginx1 and nginx2 (the nsenter launcher: setup + proxy, strict mode);
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from tencrypt.core import TUNNEL_PORT
 from tencrypt.lab.capture import Capture, Frame
 from tencrypt.lab.cluster import Lab
+from tencrypt.lab.topology import Topology
 
 
 @dataclass(slots=True)
@@ -71,7 +74,7 @@ def seen(frames: list[Frame], marker: str) -> bool:
 def run_demo(lab: Lab) -> list[Check]:
     checks: list[Check] = []
     n1, n2 = lab.pod("nginx1"), lab.pod("nginx2")
-    pair = ({n1.ip, n1.vip}, {n2.ip, n2.vip})
+    pair = ({n1.ip, n1.vip, *n1.ips, *n1.vips}, {n2.ip, n2.vip, *n2.ips, *n2.vips})
 
     say("stage 2: nginx1 -> http://nginx2:8080/ in the clear, capturing on the bridge")
     ok, body, frames, marker = observe(lab, "nginx1", "http://nginx2:8080/")
@@ -152,7 +155,8 @@ def two_replicas(lab: Lab) -> list[Check]:
     say("stage 7: patching nginx3; ten curls nginx1 -> http://web/ (two replicas, port 80)")
     lab.patch("nginx3")
     web = lab.services_by_name["web"]
-    project = {p.ip for p in lab.pods.values() if p.project == "myproject"} | {web.vip or ""}
+    project = {ip for p in lab.pods.values() if p.project == "myproject" for ip in p.ips or [p.ip]}
+    project |= {web.vip or "", *web.cluster_ips}
     marker = f"tencrypt-demo-{secrets.token_hex(6)}"
     node = lab.nodes[lab.pod("nginx1").node]
     answered: list[str] = []
@@ -179,8 +183,10 @@ def two_replicas(lab: Lab) -> list[Check]:
 
 
 def main(args: argparse.Namespace) -> int:
-    lab = Lab(args.name)
-    say(f"stage 1: building a fresh lab '{args.name}'")
+    topology = Topology.default()
+    topology.ip_family = getattr(args, "ip_family", None) or "ipv4"
+    lab = Lab(args.name, topology)
+    say(f"stage 1: building a fresh lab '{args.name}' ({topology.ip_family})")
     try:
         lab.up()
         checks = run_demo(lab)

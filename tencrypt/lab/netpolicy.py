@@ -21,7 +21,10 @@ Rules of the CNI emulation (nft table ``inet tencrypt-lab-netpol`` in every node
    direction no policy isolates has no chain. The chains come from each pod's
    ``tencrypt-netpol/1`` document (agent/netpol.py's reduction, the proxies' input): the
    pod's own addresses, then each rule as ``return`` (allowed, go on to the other end's
-   check), then a counted ``drop``. Only IPv4 is emulated (the lab is IPv4).
+   check), then a counted ``drop``. Every IP family the lab's pods have is emulated (``ip``
+   and ``ip6`` matches, a pod's every address in its chains); an address, ``ipBlock`` or
+   named-port destination of a family the pods do not have matches nothing, as in a cluster
+   without that family.
 4. The tunnel's UDP 1337 between patched pods is an ordinary flow here: a policy that does
    not admit it drops the tunnel, as a real CNI would.
 """
@@ -69,7 +72,11 @@ def pod_object(pod: Pod) -> dict[str, Any]:
                 }
             ],
         },
-        "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
+        "status": {
+            "phase": "Running",
+            "podIP": pod.ip,
+            "podIPs": [{"ip": ip} for ip in pod.ips or [pod.ip]],
+        },
     }
 
 
@@ -102,8 +109,13 @@ def tunnel_blocked(lab: Lab, project: str) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def build_ruleset(pods: Iterable[Pod], docs: Mapping[str, Doc]) -> str:
-    """The node's table for its ``pods`` (rule 3), replacing any previous one atomically."""
+def build_ruleset(
+    pods: Iterable[Pod], docs: Mapping[str, Doc], families: tuple[int, ...] | None = None
+) -> str:
+    """The node's table for its ``pods`` (rule 3), replacing any previous one atomically;
+    ``families``: the IP families emulated (default: those of the pods' addresses)."""
+    pods = list(pods)
+    fams = families or _families(pods)
     head = [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
     forward = [
         "  chain forward {",
@@ -121,36 +133,42 @@ def build_ruleset(pods: Iterable[Pod], docs: Mapping[str, Doc]) -> str:
             if not direction["isolated"]:
                 continue
             chain = f"{way}_{pod.name}"
-            forward.append(f"    ip {own} {pod.ip} jump {chain}")
-            chains += [f"  chain {chain} {{", f"    ip {peer} {pod.ip} return"]
+            mine = [ip for ip in pod.ips or [pod.ip] if _version(ip) in fams]
+            forward += [f"    {_kw(ip)} {own} {ip} jump {chain}" for ip in mine]
+            chains += [f"  chain {chain} {{", *(f"    {_kw(ip)} {peer} {ip} return" for ip in mine)]
             for rule in direction["rules"]:
-                chains += [f"    {r} return" for r in _rule(rule, peer, doc)]
+                chains += [f"    {r} return" for r in _rule(rule, peer, doc, fams)]
             chains += [f'    counter drop comment "{_quote(", ".join(direction["policies"]))}"']
             chains.append("  }")
     return "\n".join([*head, *forward, "  }", *chains, "}"]) + "\n"
 
 
-def _rule(rule: Doc, peer: str, doc: Doc) -> list[str]:
+def _rule(rule: Doc, peer: str, doc: Doc, fams: tuple[int, ...] = (4,)) -> list[str]:
     """The nft matches of one rule: one line per (peer match, port match) pair."""
     peers = rule["peers"]
     if peers == "any":
         addr = [""]
     else:
         addr = []
-        v4 = [ip for ip in peers["ips"] if ipaddress.ip_address(ip).version == 4]
-        if v4:
-            addr.append(f"ip {peer} {{ {', '.join(v4)} }} ")
+        for fam in fams:
+            ips = [ip for ip in peers["ips"] if _version(ip) == fam]
+            if ips:
+                addr.append(f"{_KW[fam]} {peer} {{ {', '.join(ips)} }} ")
         for block in peers["blocks"]:
-            if ipaddress.ip_network(block["cidr"]).version != 4:
+            fam = ipaddress.ip_network(block["cidr"]).version
+            if fam not in fams:
                 continue
-            excepts = [c for c in block["except"] if ipaddress.ip_network(c).version == 4]
+            kw = _KW[fam]
+            excepts = [c for c in block["except"] if ipaddress.ip_network(c).version == fam]
             addr.append(
-                f"ip {peer} {block['cidr']} "
-                + (f"ip {peer} != {{ {', '.join(excepts)} }} " if excepts else "")
+                f"{kw} {peer} {block['cidr']} "
+                + (f"{kw} {peer} != {{ {', '.join(excepts)} }} " if excepts else "")
             )
     ports = rule["ports"]
     if ports == "any":
-        return [a.rstrip() or "meta nfproto ipv4" for a in addr]
+        if addr == [""]:
+            return [f"meta nfproto ipv{fam}" for fam in fams]
+        return [a.rstrip() for a in addr]
     out = []
     for p in ports:
         proto = p["protocol"].lower()
@@ -159,13 +177,31 @@ def _rule(rule: Doc, peer: str, doc: Doc) -> list[str]:
             for ip in sorted_ips(named):
                 names = named[ip]
                 numbers = names.get(f"{p['protocol']}/{p['name']}")
-                if numbers and ipaddress.ip_address(ip).version == 4 and _peer_has(peers, ip):
+                if numbers and _version(ip) in fams and _peer_has(peers, ip):
                     listed = ", ".join(map(str, numbers))
-                    out.append(f"ip {peer} {ip} meta l4proto {proto} th dport {{ {listed} }}")
+                    out.append(
+                        f"{_kw(ip)} {peer} {ip} meta l4proto {proto} th dport {{ {listed} }}"
+                    )
             continue
         span = str(p["port"]) if p["port"] == p["end"] else f"{p['port']}-{p['end']}"
         out += [f"{a}meta l4proto {proto} th dport {span}" for a in addr]
     return out
+
+
+_KW = {4: "ip", 6: "ip6"}  # nft's match keyword per family
+
+
+def _version(ip: str) -> int:
+    return ipaddress.ip_address(ip).version
+
+
+def _kw(ip: str) -> str:
+    return _KW[_version(ip)]
+
+
+def _families(pods: Iterable[Pod]) -> tuple[int, ...]:
+    found = {_version(ip) for p in pods for ip in p.ips or [p.ip]}
+    return tuple(sorted(found)) or (4,)
 
 
 def _peer_has(peers: Any, ip: str) -> bool:

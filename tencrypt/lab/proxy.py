@@ -5,7 +5,11 @@ Stages of ``patch``:
  2. (the lab playing the node agent) write the project's membership to the pod's file in the
     lab's state dir, ``<state>/members/<pod>.json``: keyed by the pod's name within this lab's
     life, never by its namespace's inode number, which the kernel gives the next namespace
-    (core/netnsid.py); ``--no-members`` removes it instead;
+    (core/netnsid.py); ``--no-members`` removes it instead. In a dual-stack or IPv6-only lab
+    it holds every family: the pods' IPv6 addresses, the Services' IPv6 cluster IPs and
+    endpoints (from the IPv6 EndpointSlices), both families' ``serviceCIDRs`` and
+    ``podCIDRs``, and ``podIPs``: each pod's addresses in ``status.podIPs`` order (absent
+    from an IPv4 lab's file, whose pods have one address each: the file is as before);
  3. start ``scripts/tencrypt-nsenter.sh --netns <pod ns> -- --psk-file <key file>
     [--members-file <its file>] [--no-strict]`` detached (its own session, so it outlives
     ``tencrypt lab patch``), with ``--members-file`` in ``TENCRYPT_SETUP_ARGS`` too and
@@ -25,6 +29,7 @@ then the pod's membership file goes, as the agent removes its own.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -38,12 +43,11 @@ from tencrypt.agent.members import MemberView
 from tencrypt.core.membership import Members, render_members
 from tencrypt.core.psk import KeySet
 from tencrypt.errors import SetupError, UsageError
-from tencrypt.lab import cleanup, netpolicy
-from tencrypt.lab.topology import Pod
+from tencrypt.lab import cleanup, netpolicy, services
+from tencrypt.lab.topology import Pod, family_of
 from tencrypt.linux import netns, procs
 from tencrypt.linux.files import write_atomic
 from tencrypt.linux.keyfile import write_key_file
-from tencrypt.nodesync.kubeobjects import lab_objects
 
 if TYPE_CHECKING:
     from tencrypt.lab.view import LabView as Lab
@@ -83,12 +87,13 @@ def members_of(lab: Lab, pod: Pod) -> Members:
     """``pod``'s membership file as the node agent writes it (format 2): the lab's Services
     and their EndpointSlices as Kubernetes objects (nodesync.kubeobjects), reduced by the
     agent's own code (agent/members.py), every pod IP of the project, the cluster's ranges as
-    the agent would discover them (the Service CIDR, the Nodes' pod CIDRs), and the pod's
+    the agent would discover them (the Service CIDRs, the Nodes' pod CIDRs; each family's,
+    primary first), and the pod's
     NetworkPolicy with the agent's report of policies that drop its tunnel (agent/netpol.py,
     through lab/netpolicy.py)."""
     project = pod.project
     view = MemberView()
-    objs = lab_objects(lab.services)
+    objs = services.objects(lab.services)
     view.replace_services(o for o in objs if o["kind"] == "Service")
     view.replace_slices(o for o in objs if o["kind"] == "EndpointSlice")
     found = view.of(project)
@@ -96,11 +101,17 @@ def members_of(lab: Lab, pod: Pod) -> Members:
     return Members(
         project,
         time.time_ns(),
-        frozenset(p.ip for p in lab.pods.values() if p.project == project),
+        frozenset(ip for p in lab.pods.values() if p.project == project for ip in p.ips or [p.ip]),
         found.services,
         found.table,
-        (lab.topology.service_cidr,),
-        tuple(n.pod_cidr for n in lab.nodes.values()),
+        tuple(lab.topology.service_cidrs),
+        tuple(
+            cidr
+            for family in lab.families
+            for n in lab.nodes.values()
+            for cidr in n.pod_cidrs or [n.pod_cidr]
+            if family_of(cidr) == family
+        ),
         network_policy=json.dumps(doc, sort_keys=True, separators=(",", ":")),
         tunnel_blocked=tuple(sorted(netpolicy.tunnel_blocked(lab, project).get(pod.name, []))),
     )
@@ -115,7 +126,19 @@ def write_members_file(lab: Lab, pod: Pod, members: Members | None = None) -> Pa
     """Hand ``pod``'s proxy its project's membership (or ``members``), as the agent does:
     atomically, so a running proxy reads the old file or the new one."""
     doc = members or members_of(lab, pod)
-    return write_atomic(members_file(lab, pod), render_members(doc))
+    return write_atomic(members_file(lab, pod), render_pod_ips(lab, doc))
+
+
+def render_pod_ips(lab: Lab, members: Members) -> str:
+    """``render_members``, plus (a lab with IPv6) ``podIPs``: every pod of the project as
+    its addresses in ``status.podIPs`` order, primary first, pods sorted by that first."""
+    text = render_members(members)
+    if lab.families == (4,) or members.service_table is None:
+        return text
+    doc = json.loads(text)
+    ips = [list(p.ips) for p in lab.pods.values() if p.project == members.project and p.ips]
+    doc["podIPs"] = sorted(ips, key=lambda a: (family_of(a[0]), ipaddress.ip_address(a[0])))
+    return json.dumps(doc) + "\n"
 
 
 def pod_key_file(lab: Lab, pod: Pod) -> Path:

@@ -1,7 +1,9 @@
 """``tencrypt lab status``: what the lab is made of and what runs in it, as readable tables.
 
 Everything shown is checked live (namespace present, daemon alive, proxy running), not just
-read back from the state file, so a half-dead lab shows which part died.
+read back from the state file, so a half-dead lab shows which part died. Addresses are shown
+for every IP family the lab runs, primary first, separated by a space (an IPv4 lab's tables
+are as they always were).
 """
 
 from __future__ import annotations
@@ -39,21 +41,26 @@ def _proxy(lab: LabView, pod_name: str) -> str:
     return f"yes (pid {', '.join(map(str, pids))})" if pids else "no"
 
 
+def _families(lab: LabView) -> str:
+    return " + ".join(f"IPv{f}" for f in lab.families)
+
+
 def render(lab: LabView) -> str:
     out = [
         f"lab {lab.name}: {len(lab.nodes)} node(s), {len(lab.pods)} pods, projects "
-        f"{', '.join(lab.projects)}; state in {lab.state_dir}",
+        f"{', '.join(lab.projects)}; state in {lab.state_dir}"
+        + ("" if lab.families == (4,) else f"; IP families {_families(lab)}"),
         "",
         "NODES",
     ]
     out += table(
-        ["NODE", "NETNS", "BRIDGE", "POD CIDR", "UNDERLAY", "DNS " + lab.dns_ip],
+        ["NODE", "NETNS", "BRIDGE", "POD CIDR", "UNDERLAY", "DNS " + " ".join(lab.dns_ips)],
         [
             [
                 n.name,
                 _present(n.netns),
-                f"{n.bridge} {n.bridge_ip}",
-                n.pod_cidr,
+                f"{n.bridge} {' '.join(n.bridge_ips or [n.bridge_ip])}",
+                " ".join(n.pod_cidrs or [n.pod_cidr]),
                 f"{n.underlay_if} {n.underlay_ip}" if n.underlay_if else "-",
                 "dnsmasq " + _daemon(lab, f"{n.name}.dnsmasq"),
             ]
@@ -69,8 +76,8 @@ def render(lab: LabView) -> str:
                 p.project,
                 p.node,
                 _present(p.netns),
-                p.ip,
-                p.vip,
+                " ".join(p.ips or [p.ip]),
+                " ".join(p.vips or [p.vip]),
                 str(p.mtu),
                 _daemon(lab, f"{p.name}.http"),
                 _proxy(lab, p.name),
@@ -85,7 +92,7 @@ def render(lab: LabView) -> str:
             [
                 s.name,
                 s.fqdn,
-                s.vip or "None (headless)",
+                " ".join(s.cluster_ips) or "None (headless)",
                 ", ".join(f"{p.port}/{p.protocol.lower()}->{p.target}" for p in s.ports)
                 + (f", {TUNNEL_PORT}/udp+tcp" if s.vip else ""),
                 " ".join(f"{e.pod}{'' if e.ready else '(not ready)'}" for e in s.endpoints),

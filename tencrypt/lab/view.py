@@ -22,6 +22,8 @@ class LabView(Protocol):
     nodes: dict[str, Node]
     pods: dict[str, Pod]
     dns_ip: str
+    dns_ips: list[str]
+    families: tuple[int, ...]
     state_dir: Path
     topology: Topology
 
