@@ -21,10 +21,12 @@ core/timers.py):
    peer, the peer and its endpoint, port 1337). The other family's claim joins the session
    only if the policy accepts it (the membership pairs it with the bound one, rules 1-4 and
    6); a refused one is counted (``claims_unpaired``), not a drop: the handshake goes on for
-   the bound family. A peer that already holds the other address is the one the session
-   joins (a dual-stack pod re-handshaking over its other family). The session's addresses
-   become its peer's once it is confirmed (``Sessions.adopt``): either address finds the
-   peer, and the packets of both families share its sessions and their counters. Without a
+   the bound family. The session joins the peer known by its bound address (a new one if
+   none), and its addresses become that peer's once it is confirmed (``Sessions.adopt``; a
+   peer that held the other address, the same pod reached over its other family, is merged
+   into it then, not before: crossing handshakes over both families each keep their own
+   ``next`` until the initiator picks one). From then on either address finds the peer, and
+   the packets of both families share its sessions and their counters. Without a
    policy (tests) both claims are taken once they pass the baseline; a bound claim that
    fails the baseline is ``bad_handshake``, an other one is left out. A peer is
    ``confirmed`` once an authenticated data message arrived on one of its sessions; a
@@ -178,8 +180,6 @@ class Handshakes:
             and other_claim(self.identity, by_addr, peer, accepted, bound, addr, now, self.limits)
         ):
             accepted = None
-        if peer is None and accepted is not None:
-            peer = by_addr.get(accepted)  # the same pod, known by its other address
         if reason is None and peer is not None and self._live_elsewhere(peer, addr, now, accepted):
             reason = DropReason.CLAIM_REBIND
         if reason is not None:
