@@ -3,8 +3,8 @@
 Stages of an initiation, cheapest first (``Gate.initiation``; core/handshaking.py then
 checks the claimed pod IP and does the DH):
 
-1. Version and length: a version-1 message (72 bytes) is OLD_VERSION, a short one SHORT,
-   any other length BAD_HANDSHAKE.
+1. Version and length: a version-1 or version-2 message (72 or 88 bytes; responses 64 or
+   80) is OLD_VERSION, a short one SHORT, any other length BAD_HANDSHAKE.
 2. mac1 (one keyed BLAKE2s per key of the ring, about a microsecond each; core/keyring.py):
    BAD_MAC. Nothing without a project key of the ring gets further, and so far no Noise
    hashing, no AEAD, no DH has run. The key whose mac1 verified is the message's key.
@@ -21,8 +21,8 @@ checks the claimed pod IP and does the DH):
    BAD_HANDSHAKE.
 6. The timestamp: more than ``initiation_max_skew`` in the future is FUTURE_HANDSHAKE (it
    would block the pod IP until the clock catches up); older than ``initiation_max_age`` or
-   not newer than the last one accepted from the claimed pod IP is STALE_HANDSHAKE; a pod
-   IP whose stamp the full table could not hold is HANDSHAKE_TABLE_FULL.
+   not newer than the last one accepted from either claimed pod address is STALE_HANDSHAKE;
+   claims whose stamps the full table could not hold are HANDSHAKE_TABLE_FULL.
 
 A response passes 1, 2 and 4 (``Gate.response_envelope``, ``Gate.admit``) before its DH.
 
@@ -30,8 +30,9 @@ Rules:
 - Nothing here raises on input from the network; every refusal is one DropReason.
 - Bounded before budgeted (DESIGN §1a): nothing a datagram carries is recorded before stage
   4 admitted it, and every table has a size bound with a counted drop when full: the seen
-  mac1 values and the timestamps ``handshake.table_bound`` of the Limits (what the global
-  budget admits while an entry lives: 105,100 by default, about 15 MB and 13 MB at most),
+  mac1 values ``handshake.table_bound`` of the Limits (what the global budget admits while
+  an entry lives: 105,100 by default, about 15 MB at most), the timestamps twice that (a
+  dual-stack claim records two addresses: about 26 MB at most),
   the per-source buckets 4,096 sources. The tables are also pruned by age at most once a
   second (``prune``), as handshake.py says.
 """
@@ -71,7 +72,7 @@ class Gate:
             limits.initiation_max_age,
             limits.initiation_max_skew,
         )
-        self.stamps = InitiationStamps(bound)
+        self.stamps = InitiationStamps(2 * bound)  # one or two claimed addresses each
         self.seen = SeenMacs(bound)
         self.limiter = HandshakeLimiter(limits.handshake_rate, limits.handshake_burst)
         self.budget = HandshakeBudget(limits.handshake_budget_rate, limits.handshake_budget_burst)
@@ -120,11 +121,12 @@ class Gate:
         limits = self._limits
         if init.unix_ns > wall_ns + int(limits.initiation_max_skew * 1e9):
             return DropReason.FUTURE_HANDSHAKE
+        claims = init.pod_ips.present
         if not self.stamps.fresh(
-            init.pod_ip, init.unix_ns, wall_ns, int(limits.initiation_max_age * 1e9)
+            claims, init.unix_ns, wall_ns, int(limits.initiation_max_age * 1e9)
         ):
             return DropReason.STALE_HANDSHAKE
-        if not self.stamps.room(init.pod_ip):
+        if not self.stamps.room(claims):
             return DropReason.HANDSHAKE_TABLE_FULL
         return init
 

@@ -1,5 +1,5 @@
-"""The tunnel's 1-RTT handshake: Noise NNpsk0 messages in wire.py's envelopes (version 2,
-with mac1), plus the tables of the responder's defences. The order in which they run is in
+"""The tunnel's 1-RTT handshake: Noise NNpsk0 messages in wire.py's envelopes (version 3,
+with mac1 and a pod address per family), plus the tables of the responder's defences. The order in which they run is in
 core/gate.py.
 
 Rules:
@@ -14,11 +14,18 @@ Rules:
   (``record``/``accept`` return False, ``room`` says so beforehand), and the gate (core/
   gate.py) turns that into a counted drop. ``table_bound`` is what the global budget can
   admit while an entry lives, so a full table means a clock that misbehaves, not load.
+- Timestamps are kept per claimed pod address (4 or 16 packed bytes: the two families never
+  share a key); an initiation must be newer than the last accepted from each address it
+  claims, and only the addresses the identity rules accepted are recorded, so a claim that
+  was refused blocks nobody. A dual-stack handshake records two, hence ``2 * table_bound``.
+- Per-source buckets are keyed by the outer source's canonical text (``wire.outer_ip``): one
+  bucket per IPv4 or IPv6 address. Not per IPv6 /64 as WireGuard's rate limiter does: pods
+  of one node share a prefix, and would share one bucket; the global budget bounds the total.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -49,7 +56,7 @@ class Initiation:
     state: HandshakeState
     sender_index: int
     unix_ns: int
-    pod_ip: bytes
+    pod_ips: wire.PodIPs
     templates: Templates  # the project key it used: the response uses the same one
 
 
@@ -82,11 +89,11 @@ def _premixed(psk: bytes, initiator: bool, keygen: Keygen) -> HandshakeState:
 
 
 def build_initiation(
-    templates: Templates, sender_index: int, unix_ns: int, pod_ip: bytes
+    templates: Templates, sender_index: int, unix_ns: int, pod_ips: wire.PodIPs | bytes
 ) -> tuple[HandshakeState, bytes]:
     """Message 1 (``psk, e``) with its mac1, and the initiator's state awaiting the response."""
     state = templates.initiator.clone()
-    payload = wire.build_initiation_payload(sender_index, unix_ns, pod_ip)
+    payload = wire.build_initiation_payload(sender_index, unix_ns, pod_ips)
     return state, wire.build_initiation(state.write_message(payload), templates.mac_key)
 
 
@@ -107,20 +114,22 @@ def read_initiation(templates: Templates, datagram: wire.Buffer) -> Initiation |
 
 
 def build_response(
-    initiation: Initiation, sender_index: int, pod_ip: bytes, mac_key: bytes
+    initiation: Initiation, sender_index: int, pod_ips: wire.PodIPs | bytes, mac_key: bytes
 ) -> tuple[bytes, Keys] | None:
     """Message 2 (``e, ee``) with its mac1 and the responder's session keys; None on a bad
     key."""
     state = initiation.state
     try:
-        message = state.write_message(wire.build_response_payload(sender_index, pod_ip))
+        message = state.write_message(wire.build_response_payload(sender_index, pod_ips))
     except ValueError:  # the initiator's ephemeral was a low-order point: no shared secret
         return None
     return wire.build_response(initiation.sender_index, message, mac_key), _keys(state)
 
 
-def read_response(state: HandshakeState, noise_message: bytes) -> tuple[int, bytes, Keys] | None:
-    """``(responder_index, responder_pod_ip, keys)``; None (state untouched) if it fails."""
+def read_response(
+    state: HandshakeState, noise_message: bytes
+) -> tuple[int, wire.PodIPs, Keys] | None:
+    """``(responder_index, responder_pod_ips, keys)``; None (state untouched) if it fails."""
     payload = state.read_message(noise_message)
     if payload is None:
         return None
@@ -138,8 +147,8 @@ def table_bound(budget_rate: float, budget_burst: int, max_age: float, max_skew:
 
 
 class InitiationStamps:
-    """The newest initiation timestamp accepted per pod IP (nanoseconds), for at most
-    ``max_entries`` pod IPs."""
+    """The newest initiation timestamp accepted per claimed pod address (nanoseconds; the key
+    is the packed address, 4 or 16 bytes), for at most ``max_entries`` addresses."""
 
     __slots__ = ("_last", "max_entries")
 
@@ -147,20 +156,24 @@ class InitiationStamps:
         self._last: dict[bytes, int] = {}
         self.max_entries = max_entries
 
-    def fresh(self, pod_ip: bytes, unix_ns: int, wall_ns: int, max_age_ns: int) -> bool:
-        """Not older than ``max_age`` and newer than the last one accepted from ``pod_ip``
-        (the caller refuses future stamps first, so an entry never outlives max_age + skew)."""
+    def fresh(self, pod_ips: Iterable[bytes], unix_ns: int, wall_ns: int, max_age_ns: int) -> bool:
+        """Not older than ``max_age`` and newer than the last one accepted from each of
+        ``pod_ips`` (the caller refuses future stamps first, so an entry never outlives
+        max_age + skew)."""
         if unix_ns < wall_ns - max_age_ns:
             return False
-        return unix_ns > self._last.get(pod_ip, -1)
+        last = self._last
+        return all(unix_ns > last.get(ip, -1) for ip in pod_ips)
 
-    def room(self, pod_ip: bytes) -> bool:
-        """Could ``accept`` record ``pod_ip``'s stamp (it has one already, or there is room)?"""
-        return pod_ip in self._last or len(self._last) < self.max_entries
+    def room(self, pod_ips: Iterable[bytes]) -> bool:
+        """Could ``accept`` record the stamp of each of ``pod_ips`` (each has one already, or
+        there is room for the new ones)?"""
+        new = sum(1 for ip in set(pod_ips) if ip not in self._last)
+        return len(self._last) + new <= self.max_entries
 
     def accept(self, pod_ip: bytes, unix_ns: int) -> bool:
         """Record ``pod_ip``'s newest stamp; False (nothing recorded) when the table is full."""
-        if not self.room(pod_ip):
+        if not self.room((pod_ip,)):
             return False
         self._last[pod_ip] = unix_ns
         return True
@@ -251,7 +264,8 @@ class HandshakeLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at)
 
     def room(self, source: str, now: float) -> bool:
-        """Has ``source`` a bucket, or is there room for one (after forgetting idle ones)?"""
+        """Has ``source`` a bucket, or is there room for one (after forgetting idle ones)?
+        ``source`` is canonical text (``wire.outer_ip``): the caller's job, once a message."""
         if source in self._buckets or len(self._buckets) < self.max_sources:
             return True
         self.prune(now)

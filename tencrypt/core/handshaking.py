@@ -15,8 +15,20 @@ core/timers.py):
    timestamp; then the claimed pod IP (rule 9); only then the DH. Responses pass version,
    mac1 and the budgets before their DH, and a failed or refused one leaves the initiation
    intact, so a forged response cannot kill a handshake.
-9. Identity (with a ``ClaimPolicy``; core/identity.py): the pod IP an initiation or a
-   response claims passes the policy before the session is attached to a peer. A peer is
+9. Identity (with a ``ClaimPolicy``; core/identity.py): the pod addresses an initiation or a
+   response claims pass the policy before the session is attached to a peer. The claim of
+   the outer datagram's family is the **bound** one: it names the session (and, for a new
+   peer, the peer and its endpoint, port 1337). The other family's claim joins the session
+   only if the policy accepts it (the membership pairs it with the bound one, rules 1-4 and
+   6); a refused one is counted (``claims_unpaired``), not a drop: the handshake goes on for
+   the bound family. The session joins the peer known by its bound address (a new one if
+   none), and its addresses become that peer's once it is confirmed (``Sessions.adopt``; a
+   peer that held the other address, the same pod reached over its other family, is merged
+   into it then, not before: crossing handshakes over both families each keep their own
+   ``next`` until the initiator picks one). From then on either address finds the peer, and
+   the packets of both families share its sessions and their counters. Without a
+   policy (tests) both claims are taken once they pass the baseline; a bound claim that
+   fails the baseline is ``bad_handshake``, an other one is left out. A peer is
    ``confirmed`` once an authenticated data message arrived on one of its sessions; a
    confirmed peer is never renamed to another pod IP, and a claim of a pod IP whose peer is
    confirmed with a usable session at another UDP endpoint is CLAIM_REBIND (a restarted pod
@@ -47,6 +59,8 @@ from tencrypt.core.identity import (
     claimable,
     initiation_name,
     live_elsewhere,
+    other_claim,
+    proved,
     response_name,
 )
 from tencrypt.core.keyring import KeyMismatches
@@ -76,7 +90,8 @@ class Handshakes:
         "key_mismatch",
         "_gate",
         "identity",
-        "_pod_ip_packed",
+        "pod_ips",
+        "_own",
         "_last_stamp_ns",
     )
 
@@ -89,7 +104,10 @@ class Handshakes:
         pod_ip: str,
         port: int,
         identity: ClaimPolicy | None,
+        secondary_ip: str | None = None,
     ) -> None:
+        """``pod_ip``: this pod's address; ``secondary_ip``: its address of the other family
+        (a dual-stack pod), claimed too."""
         self.table = table
         self.stats = stats
         self.limits = limits
@@ -98,7 +116,8 @@ class Handshakes:
         self.key_mismatch = KeyMismatches()
         self._gate = gate
         self.identity = identity
-        self._pod_ip_packed = ipaddress.IPv4Address(pod_ip).packed
+        self.pod_ips = wire.pod_ips(pod_ip, secondary_ip)  # what our payloads claim
+        self._own = frozenset(self.pod_ips.present)
         self._last_stamp_ns = 0
 
     def initiate(
@@ -114,7 +133,7 @@ class Handshakes:
         stamp = max(int(wall * 1e9), self._last_stamp_ns + 1)
         self._last_stamp_ns = stamp
         templates = self._gate.ring.current  # rule 10: the newest key everyone accepts
-        state, datagram = handshake.build_initiation(templates, index, stamp, self._pod_ip_packed)
+        state, datagram = handshake.build_initiation(templates, index, stamp, self.pod_ips)
         peer.pending = Pending(
             index, state, now if first_sent is None else first_sent, now, rekey, templates
         )
@@ -126,32 +145,42 @@ class Handshakes:
     def on_initiation(
         self, datagram: Buffer, addr: Endpoint, now: float, wall: float
     ) -> Transmit | None:
-        """Rule 5: the gate (core/gate.py), the claim (rule 9), then the DH. The response to
+        """Rule 5: the gate (core/gate.py), the claims (rule 9), then the DH. The response to
         send, or None (a counted drop)."""
-        init = self._gate.initiation(datagram, addr[0], now, wall)
+        source = wire.outer_ip(addr[0])
+        init = self._gate.initiation(datagram, source, now, wall)
         if isinstance(init, DropReason):
             self.stats.drop(init)
             if (
                 init is DropReason.BAD_MAC
                 and self.identity is not None
-                and self.identity.is_member(addr[0])
+                and self.identity.is_member(source)
             ):  # rule 10: a pod a phase behind?
                 self.stats.inc(Counter.HANDSHAKES_WRONG_KEY)
-                if not self.key_mismatch.note(addr[0]):
+                if not self.key_mismatch.note(source):
                     self.stats.inc(Counter.KEY_MISMATCHES_UNLISTED)
             return None
-        claimed = self._peer_ip(init.pod_ip)
-        if claimed is None:
-            self.stats.drop(DropReason.BAD_HANDSHAKE)
+        claims = self._claims(init.pod_ips, source)
+        if isinstance(claims, DropReason):
+            self.stats.drop(claims)
             return None
-        pod_ip, packed, reason = claimed, init.pod_ip, None
+        bound, other = claims
+        pod_ip, reason, accepted = bound, None, other
         if self.identity is not None:
-            pod_ip = initiation_name(self.identity, self.table.by_addr, claimed, addr)
-            reason = self.identity.check(claimed, claimed if pod_ip != claimed else addr[0])
-            if pod_ip != claimed:  # through a VIP's conntrack entry: speaks for the VIP only
-                packed = ipaddress.IPv4Address(pod_ip).packed
-        peer = self.table.by_addr.get(pod_ip)
-        if reason is None and peer is not None and self._live_elsewhere(peer, addr, now):
+            pod_ip = initiation_name(self.identity, self.table.by_addr, bound, addr)
+            reason = self.identity.check(bound, bound if pod_ip != bound else source)
+            if pod_ip != bound:  # through a VIP's conntrack entry: speaks for the VIP only
+                accepted = None
+        by_addr = self.table.by_addr
+        peer = by_addr.get(pod_ip)
+        if (
+            self.identity is not None
+            and accepted is not None
+            and reason is None
+            and other_claim(self.identity, by_addr, peer, accepted, bound, addr, now, self.limits)
+        ):
+            accepted = None
+        if reason is None and peer is not None and self._live_elsewhere(peer, addr, now, accepted):
             reason = DropReason.CLAIM_REBIND
         if reason is not None:
             self.stats.drop(reason)
@@ -160,12 +189,16 @@ class Handshakes:
             self.stats.drop(DropReason.PEERS_FULL)
             return None
         index = self.table.new_index()
-        reply = handshake.build_response(init, index, self._pod_ip_packed, init.templates.mac_key)
+        reply = handshake.build_response(init, index, self.pod_ips, init.templates.mac_key)
         if reply is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return None
         datagram_out, keys = reply
-        self._gate.stamps.accept(init.pod_ip, init.unix_ns)
+        self._gate.stamps.accept(_packed(bound), init.unix_ns)
+        if accepted is not None:
+            self._gate.stamps.accept(_packed(accepted), init.unix_ns)
+        elif len(init.pod_ips.present) == 2:
+            self.stats.inc(Counter.CLAIMS_UNPAIRED)
         if peer is None:
             # Until a data message confirms it, send to the pod's own tunnel port, not to
             # wherever this (possibly replayed) initiation came from.
@@ -177,7 +210,7 @@ class Handshakes:
             index,
             init.sender_index,
             keys,
-            packed,
+            (pod_ip,) if accepted is None else (pod_ip, accepted),
             now,
             initiator=False,
             key=init.templates.fingerprint,
@@ -185,13 +218,13 @@ class Handshakes:
         if peer.next is not None:
             self.table.forget(peer.next)
         peer.next = s
-        peer.claimed = claimed  # what its handshake said it is, for tencrypt status
-        self.key_mismatch.clear(addr[0])
+        peer.claimed, peer.claimed_other = bound, other  # what its handshake said, for status
+        self.key_mismatch.clear(source)
         self.stats.inc(Counter.HANDSHAKES_RESPONDED)
         return (datagram_out, addr, 0)
 
     def on_response(self, datagram: Buffer, addr: Endpoint, now: float) -> Peer | None:
-        """Rule 5's checks, the claim (rule 9), then the DH: the peer whose handshake this
+        """Rule 5's checks, the claims (rule 9), then the DH: the peer whose handshake this
         completed (its session installed and confirmed), or None (a counted drop)."""
         gate = self._gate
         key = gate.response_envelope(datagram)
@@ -210,47 +243,84 @@ class Handshakes:
         if key.mac_key != peer.pending.templates.mac_key:  # rule 10: not our initiation's key
             self.stats.drop(DropReason.BAD_MAC)
             return None
-        reason = gate.admit(addr[0], now)
+        source = wire.outer_ip(addr[0])
+        reason = gate.admit(source, now)
         if reason is not None:
             self.stats.drop(reason)
             return None
-        state = peer.pending.state.clone()  # committed only if the claim is accepted too
+        state = peer.pending.state.clone()  # committed only if the claims are accepted too
         got = handshake.read_response(state, message)
-        claimed = None if got is None else self._peer_ip(got[1])
-        if got is None or claimed is None:
+        if got is None:
             self.stats.drop(DropReason.BAD_HANDSHAKE)
             return None
-        remote_index, pod_ip_packed, keys = got
-        name = (
-            claimed
-            if self.identity is None
-            else response_name(
-                self.identity, self.table.by_addr, peer, claimed, addr, now, self.limits
-            )
-        )
+        remote_index, ips, keys = got
+        claims = self._claims(ips, source)
+        if isinstance(claims, DropReason):
+            self.stats.drop(claims)
+            return None
+        bound, other = claims
+        name, accepted = self._response_claims(peer, bound, other, addr, now)
         if isinstance(name, DropReason):
             self.stats.drop(name)  # the initiation stays pending: retried, then given up
             return None
-        if name != claimed:  # rule 9: through a VIP, the session speaks for the VIP only
-            pod_ip_packed = ipaddress.IPv4Address(name).packed
+        if accepted is None and len(ips.present) == 2:
+            self.stats.inc(Counter.CLAIMS_UNPAIRED)
         pending = peer.pending
         del self.table.pending[index]
         peer.pending = None
-        peer = self.table.bind_pod_ip(peer, name)
+        here = (name,) if accepted is None else (name, accepted)
+        if peer.pod_ip is None or peer.pod_ip not in here:
+            peer = self.table.bind_pod_ip(peer, name)
         s = self._new_session(
-            peer, index, remote_index, keys, pod_ip_packed, now, initiator=True, key=key.fingerprint
+            peer, index, remote_index, keys, here, now, initiator=True, key=key.fingerprint
         )
         self.table.install(peer, s)
-        peer.claimed = claimed  # through a VIP: the pod behind it, for tencrypt status
+        self.table.adopt(peer, s)
+        peer.claimed, peer.claimed_other = bound, other  # through a VIP: the pod behind it
         peer.endpoint = addr
-        peer.pinned = name != claimed  # session.py rule 11: answered through the VIP we asked
+        peer.pinned = name != bound  # session.py rule 11: answered through the VIP we asked
         peer.confirmed = True  # rule 9: the response proved the keys
-        self.key_mismatch.clear(addr[0])
+        self.key_mismatch.clear(source)
         self.stats.inc(Counter.HANDSHAKES_COMPLETED)
         if pending.rekey:
             self.stats.inc(Counter.REKEYS)
         self.table.peer_up(peer)
         return peer
+
+    def _response_claims(
+        self, peer: Peer, bound: str, other: str | None, addr: Endpoint, now: float
+    ) -> tuple[str | DropReason, str | None]:
+        """Rules 7 (the bound claim: the name, or why it is refused) and 5-6 for the other
+        claim (accepted, or None)."""
+        if self.identity is None:
+            return bound, other
+        accepted = other
+        if other is not None and other_claim(
+            self.identity, self.table.by_addr, peer, other, bound, addr, now, self.limits
+        ):
+            accepted = None
+        here = () if accepted is None else (accepted,)
+        name = response_name(
+            self.identity, self.table.by_addr, peer, bound, addr, now, self.limits, here
+        )
+        if name != bound:  # refused, or through a VIP: that session speaks for the VIP only
+            accepted = None
+        return name, accepted
+
+    def _claims(self, ips: wire.PodIPs, source: str) -> tuple[str, str | None] | DropReason:
+        """Rule 9's split of a payload's claims: (the bound one, the other family's or None),
+        each past the baseline (``identity.claimable``); or why the handshake is refused."""
+        v6 = ":" in source
+        bound, other = (ips.ip6, ips.ip4) if v6 else (ips.ip4, ips.ip6)
+        if bound is None:
+            if self.identity is not None and self.identity.bind_to_source:
+                return DropReason.CLAIM_NOT_SOURCE  # nothing claimed of its own family
+            bound, other = other, None
+        assert bound is not None  # a payload holds at least one address (wire.py)
+        name = claimable(bound, self._own)
+        if name is None:
+            return DropReason.BAD_HANDSHAKE
+        return name, None if other is None else claimable(other, self._own)
 
     def _new_session(
         self,
@@ -258,7 +328,7 @@ class Handshakes:
         index: int,
         remote_index: int,
         keys: Keys,
-        pod_ip: bytes,
+        claims: tuple[str, ...],
         now: float,
         initiator: bool,
         key: str,
@@ -266,6 +336,7 @@ class Handshakes:
         limits = self.limits
         expires_at = now + limits.reject_after_time
         renew_at = expires_at - limits.keepalive_timeout - limits.rekey_timeout
+        packed = [_packed(a) for a in claims]
         s = Session(
             index,
             remote_index,
@@ -273,7 +344,7 @@ class Handshakes:
             keys.recv,
             initiator,
             initiator,
-            pod_ip,
+            next((p for p in packed if len(p) == 4), b""),
             peer,
             rekey_at=now + limits.rekey_after_time,
             renew_at=renew_at,
@@ -282,16 +353,22 @@ class Handshakes:
             send_key=keys.send_key,
             recv_key=keys.recv_key,
             key=key,
+            pod_ip6=next((p for p in packed if len(p) == 16), b""),
+            claims=claims,
         )
         self.table.by_index[index] = s
         self.handshakes_by_key[key] = self.handshakes_by_key.get(key, 0) + 1
         peer.last_handshake = now
         return s
 
-    def _peer_ip(self, packed: bytes) -> str | None:
-        """A pod IP from a handshake payload, unless it is one no peer may claim."""
-        return claimable(packed, self._pod_ip_packed)
+    def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float, other: str | None) -> bool:
+        """Rule 9's CLAIM_REBIND (core/identity.py rule 6), when claims are checked at all:
+        ``other`` is the other family's claim the handshake proved beside its source."""
+        if self.identity is None:
+            return False
+        here = proved(self.identity, addr[0], other)
+        return live_elsewhere(peer, addr, now, self.limits, here)
 
-    def _live_elsewhere(self, peer: Peer, addr: Endpoint, now: float) -> bool:
-        """Rule 9's CLAIM_REBIND (core/identity.py rule 6), when claims are checked at all."""
-        return self.identity is not None and live_elsewhere(peer, addr, now, self.limits)
+
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed

@@ -16,7 +16,8 @@ Rules (DESIGN §1a "Evidence that an address is internal"):
 4. Format 2 (JSON, UTF-8), what the node agent writes::
 
        {"format": "tencrypt-members/2", "project": "shop", "generation": 42,
-        "pods": ["10.128.2.7", "10.129.0.5"],
+        "pods": ["10.128.2.7", "fd00:10:128::7", "10.129.0.5"],
+        "podIPs": [["10.128.2.7", "fd00:10:128::7"], ["10.129.0.5"]],
         "services": [
           {"name": "web", "ips": ["172.30.5.9"],
            "ports": [{"name": "http", "protocol": "TCP", "port": 80}],
@@ -28,6 +29,11 @@ Rules (DESIGN §1a "Evidence that an address is internal"):
         "networkPolicy": {"format": "tencrypt-netpol/1", "project": "shop", ...},
         "tunnelBlocked": [{"policy": "default-deny", "direction": "ingress"}]}
 
+   ``podIPs`` lists each pod's addresses, one list per pod, as its ``status.podIPs`` (at most
+   one per family, each also in ``pods``): the only evidence that a dual-stack pod's two
+   addresses are one pod (``Members.paired``; core/identity.py rule 5 believes a
+   handshake's claim of the other family only then). Absent: no pairing is known. An address
+   listed for two pods pairs with nothing (fail closed: the writer's view is ambiguous).
    ``services`` carries each Service of the project (core/services.py rules 8 and the
    EndpointSlice fields it keeps: ``ready``/``serving``/``terminating`` default to true, true,
    false; ``zones`` are the hints, absent when the slice has none; ``affinitySeconds`` only
@@ -56,7 +62,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tencrypt.core.netpolicy import NetpolError, from_doc
 from tencrypt.core.services import Service, ServiceError, parse_service, render_service
@@ -85,10 +91,30 @@ class Members:
     zone: str | None = None
     network_policy: str | None = None  # the tencrypt-netpol/1 document, canonical JSON text
     tunnel_blocked: tuple[tuple[str, str], ...] = ()  # (direction, policy) (rule 4)
+    pod_ips: tuple[tuple[str, ...], ...] = ()  # each pod's addresses, as podIPs (rule 4)
+    _pod_of: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        pod_of: dict[str, tuple[str, ...]] = {}
+        ambiguous: set[str] = set()
+        for pod in self.pod_ips:
+            for ip in pod:
+                if ip in pod_of:
+                    ambiguous.add(ip)
+                pod_of[ip] = pod
+        for ip in ambiguous:
+            del pod_of[ip]
+        object.__setattr__(self, "_pod_of", pod_of)
 
     @property
     def addresses(self) -> frozenset[str]:
         return self.pods | self.services
+
+    def paired(self, a: str, b: str) -> bool:
+        """Are ``a`` and ``b`` two addresses of one pod (``podIPs``, rule 4)? Canonical text
+        (what ``parse_members`` keeps); an address listed for two pods pairs with nothing."""
+        pod = self._pod_of.get(a)
+        return a != b and pod is not None and b in pod and self._pod_of.get(b) is pod
 
 
 def _addresses(value: object, key: str) -> frozenset[str]:
@@ -169,7 +195,27 @@ def parse_members(text: str | bytes) -> Members:
         zone,
         _network_policy(doc.get("networkPolicy"), project),
         _tunnel_blocked(doc.get("tunnelBlocked", [])),
+        _pod_ips(doc.get("podIPs", []), pods),
     )
+
+
+def _pod_ips(value: object, pods: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+    """Rule 4's ``podIPs``: lists of one or two addresses, at most one per family, each in
+    ``pods``; canonical and sorted (IPv4 first), like the file the serializer writes."""
+    if not isinstance(value, list) or len(value) > MAX_ADDRESSES:
+        raise MembershipError(f"'podIPs' must be a list of at most {MAX_ADDRESSES} lists")
+    out = set()
+    for item in value:
+        if not isinstance(item, list) or not 1 <= len(item) <= 2:
+            raise MembershipError(f"'podIPs': not a list of one or two addresses: {item!r}")
+        ips = sorted(_addresses(item, "podIPs"), key=_sort_key)
+        if len(ips) != len(item) or len({_sort_key(ip)[0] for ip in ips}) != len(ips):
+            raise MembershipError(f"'podIPs': two addresses of one family: {item!r}")
+        missing = [ip for ip in ips if ip not in pods]
+        if missing:
+            raise MembershipError(f"'podIPs': {missing[0]} is not in 'pods'")
+        out.add(tuple(ips))
+    return tuple(sorted(out, key=lambda pod: [_sort_key(ip) for ip in pod]))
 
 
 def _network_policy(value: object, project: str) -> str | None:
@@ -226,6 +272,8 @@ def render_members(members: Members) -> str:
             doc["tunnelBlocked"] = [
                 {"direction": d, "policy": p} for d, p in members.tunnel_blocked
             ]
+        if members.pod_ips:
+            doc["podIPs"] = [list(pod) for pod in members.pod_ips]
     return json.dumps(doc) + "\n"
 
 

@@ -4,11 +4,23 @@ Rules:
 - A ``Session`` is one handshake's keys: one ChaCha20Poly1305 object per direction, a send
   counter, a replay window, and deadlines fixed at creation. Its keys are never reused by
   another session, and are dropped (set to None) the moment it expires.
-- A ``Peer`` is one remote pod: the inner addresses that lead to it (its pod IP and any
-  Service VIP we reached it through), where to send datagrams, and up to three sessions:
+- A ``Peer`` is one remote pod: the inner addresses that lead to it (its pod IP, a
+  dual-stack pod's address of the other family, and any Service VIP we reached it through),
+  where to send datagrams, and up to three sessions:
   ``current`` (confirmed, used to send), ``previous`` (still opens in-flight packets after a
   re-key) and ``next`` (a responder's session, unconfirmed until the initiator's first data
   message arrives on it; never used to send before that).
+- A dual-stack pod is one ``Peer`` with two pod addresses: ``pod_ip`` (the one its handshake
+  bound to the network) and ``paired`` (the other family's, accepted by core/identity.py
+  rule 5's pairing). Looking up either finds the same peer and so the same sessions: its
+  inner IPv4 and IPv6 packets are sealed under one session and share its one send counter
+  (``Session.send_counter``; a nonce is never reused whatever the inner family).
+- ``allowed`` holds the peer's IPv4 addresses packed (4 bytes), ``allowed6`` its IPv6 ones
+  (16 bytes): the inner sources it may use, kept apart by family for the batch loops
+  (core/fastpath.py's ``allowed`` and ``allowed6``).
+- An ``Endpoint`` is (outer address text, UDP port), IPv4 or IPv6. The shell hands the core
+  canonical text (dotted IPv4, compressed IPv6, an IPv4 datagram never as IPv4-mapped IPv6);
+  handshake code compares addresses through ``wire.outer_ip`` all the same.
 - ``Sessions`` owns the indexes over them (see its rules); session.py owns the protocol
   (with handshaking.py and timers.py).
 """
@@ -93,7 +105,7 @@ class Session:
     recv_aead: ChaCha20Poly1305 | None
     initiator: bool
     confirmed: bool
-    pod_ip: bytes  # the remote pod's address as its handshake payload gave it
+    pod_ip: bytes  # the remote pod's IPv4 address its handshake proved (4 bytes), or b""
     peer: Peer
     rekey_at: float  # the initiator re-keys when it sends after this
     renew_at: float  # ... or when it receives after this (one-way traffic towards it)
@@ -104,6 +116,10 @@ class Session:
     send_key: bytes | None = None  # the raw keys, for the batch loops (core/fastpath.py)
     recv_key: bytes | None = None
     key: str = ""  # fingerprint of the project key of its handshake (core/keyring.py)
+    pod_ip6: bytes = b""  # ... its IPv6 address (16 bytes), or b""
+    # the pod addresses it speaks for as text (the bound claim, then the other family's if
+    # accepted): the peer's once the session is confirmed (``Sessions.adopt``)
+    claims: tuple[str, ...] = ()
 
     def expire(self) -> None:
         """Drop the keys: from now on the session only answers EXPIRED_SESSION."""
@@ -130,13 +146,15 @@ class Peer:
     endpoint: Endpoint
     pod_ip: str | None = None
     addresses: set[str] = field(default_factory=set)
-    allowed: set[bytes] = field(default_factory=set)  # ``addresses`` packed, for the hot path
+    allowed: set[bytes] = field(default_factory=set)  # IPv4 ``addresses`` packed (hot path)
+    allowed6: set[bytes] = field(default_factory=set)  # IPv6 ``addresses`` packed
+    paired: str | None = None  # a dual-stack pod's other address (identity rule 5's pairing)
     current: Session | None = None
     previous: Session | None = None
     next: Session | None = None
     pending: Pending | None = None
     queue: deque[bytes] = field(default_factory=deque)
-    up: bool = False  # PeerUp(pod_ip) was emitted and no PeerDown since
+    up: bool = False  # PeerUp(pod_ip) (and PeerUp(paired)) was emitted and no PeerDown since
     confirmed: bool = False  # a response or an authenticated data message proved its keys
     keepalive_due: float | None = None  # received data, sent nothing since: keepalive then
     stale_due: float | None = None  # sent data, nothing authenticated since: handshake then
@@ -144,6 +162,7 @@ class Peer:
     # for tencrypt status (wg show's): what its last handshake claimed it is (the pod behind a
     # VIP), when that was, and the inner packets and bytes each way (counted per batch)
     claimed: str | None = None
+    claimed_other: str | None = None  # ... and the other family's address it claimed
     last_handshake: float | None = None
     tx_packets: int = 0
     tx_bytes: int = 0
@@ -152,6 +171,10 @@ class Peer:
 
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.previous, self.next) if s is not None]
+
+    def pod_ips(self) -> tuple[str, ...]:
+        """Its pod addresses (the bound one first): what PeerUp and PeerDown name."""
+        return tuple(a for a in (self.pod_ip, self.paired) if a is not None)
 
 
 # initiations unanswered this long make a peer "unanswered" (tencrypt status, the metric
@@ -179,6 +202,7 @@ def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
     ]
     return {
         "pod_ip": peer.pod_ip,
+        "paired_pod_ip": peer.paired,
         "addresses": sorted(peer.addresses),
         "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}",
         "up": peer.up,
@@ -190,6 +214,7 @@ def describe_peer(peer: Peer, now: float, limits: Limits) -> dict[str, object]:
         "queued": len(peer.queue),
         "sessions": sessions,
         "claimed_pod_ip": peer.claimed,
+        "claimed_other_pod_ip": peer.claimed_other,
         "last_handshake_ago": None
         if peer.last_handshake is None
         else round(now - peer.last_handshake, 3),
@@ -231,8 +256,12 @@ class Sessions:
     - An inner address maps to at most one peer; a local index names at most one session
       (tombstones included) or one initiation in flight, and is never 0.
     - A session leaves the tables with its keys: ``forget`` drops both at once.
-    - PeerUp is emitted once per peer and pod IP, when its first session is confirmed;
-      PeerDown when that pod IP stops being reachable through this peer.
+    - PeerUp is emitted once per peer and pod address (``Peer.pod_ips``), when its first
+      session is confirmed, or when an up peer gains an address; PeerDown when that address
+      stops being reachable through this peer.
+    - An address of the other family joins a peer (``pair``) only from a session that
+      accepted it; a peer that held it before (the same pod, reached over its other family:
+      crossing handshakes) is merged into the one that gains it.
     - ``queued`` counts the packets waiting in all peers' queues (a global memory bound).
     """
 
@@ -273,12 +302,14 @@ class Sessions:
 
     def map(self, peer: Peer, address: str) -> None:
         peer.addresses.add(address)
-        peer.allowed.add(ipaddress.IPv4Address(address).packed)
+        packed = ipaddress.ip_address(address).packed
+        (peer.allowed if len(packed) == 4 else peer.allowed6).add(packed)
         self.by_addr[address] = peer
 
     def unmap(self, peer: Peer, address: str) -> None:
         peer.addresses.discard(address)
-        peer.allowed.discard(ipaddress.IPv4Address(address).packed)
+        packed = ipaddress.ip_address(address).packed
+        (peer.allowed if len(packed) == 4 else peer.allowed6).discard(packed)
         if self.by_addr.get(address) is peer:
             del self.by_addr[address]
 
@@ -297,7 +328,7 @@ class Sessions:
     def peer_up(self, peer: Peer) -> None:
         if not peer.up and peer.pod_ip is not None:
             peer.up = True
-            self.events.append(PeerUp(peer.pod_ip, peer.endpoint))
+            self.events.extend(PeerUp(ip, peer.endpoint) for ip in peer.pod_ips())
 
     def make_room(self, now: float) -> bool:
         """Below max_peers, or after forgetting one idle peer (no usable session, nothing in
@@ -325,8 +356,8 @@ class Sessions:
         peer.queue.clear()
         for address in list(peer.addresses):
             self.unmap(peer, address)
-        if peer.up and peer.pod_ip is not None:
-            self.events.append(PeerDown(peer.pod_ip))
+        if peer.up:
+            self.events.extend(PeerDown(ip) for ip in peer.pod_ips())
         peer.up = False
         self.peers.discard(peer)
 
@@ -338,6 +369,10 @@ class Sessions:
         """
         if peer.pod_ip == pod_ip:
             return peer
+        if peer.paired == pod_ip and peer.pod_ip is not None:  # bound over its other family
+            peer.pod_ip, peer.paired = pod_ip, peer.pod_ip
+            return peer
+        self.pair(peer, None)  # its other address was paired with the old name
         if peer.pod_ip is not None:
             self.unmap(peer, peer.pod_ip)
             if peer.up:
@@ -362,6 +397,57 @@ class Sessions:
         if other.pod_ip is None:
             other.pod_ip = pod_ip
         return other
+
+    def adopt(self, peer: Peer, s: Session) -> None:
+        """A confirmed session's pod addresses become its peer's: the one the peer is known
+        by stays ``pod_ip``, the other (or none) becomes ``paired``."""
+        if peer.pod_ip is None or peer.pod_ip not in s.claims:
+            return  # named after a VIP, or renamed since: nothing to pair
+        others = [a for a in s.claims if a != peer.pod_ip]
+        self.pair(peer, others[0] if others else None)
+
+    def pair(self, peer: Peer, address: str | None) -> None:
+        """``address`` (None: none) becomes ``peer``'s other-family pod address. A peer that
+        held it is merged into ``peer`` (its sessions forgotten, its queue taken over): the
+        handshake that accepted the pairing proved it is the same pod (core/identity.py rule
+        6 refused it if that peer was live elsewhere)."""
+        old = peer.paired
+        if old == address and (address is None or self.by_addr.get(address) is peer):
+            return
+        if old is not None:
+            self.unmap(peer, old)
+            peer.paired = None
+            if peer.up:
+                self.events.append(PeerDown(old))
+        if address is None or address == peer.pod_ip:
+            return
+        other = self.by_addr.get(address)
+        if other is not None and other is not peer:
+            self._absorb(peer, other)
+        self.map(peer, address)
+        peer.paired = address
+        if peer.up:
+            self.events.append(PeerUp(address, peer.endpoint))
+
+    def _absorb(self, keeper: Peer, gone: Peer) -> None:
+        """``gone`` (the same pod as ``keeper``) leaves the tables: its queue and Service VIPs
+        go to ``keeper``; PeerDown for what it announced that ``keeper`` does not."""
+        announced = gone.pod_ips() if gone.up else ()
+        pod_ips = set(gone.pod_ips())
+        for address in list(gone.addresses):
+            self.unmap(gone, address)
+            if address not in pod_ips:
+                self.map(keeper, address)
+        gone.up, gone.pod_ip, gone.paired = False, None, None
+        keeper.queue.extend(gone.queue)
+        gone.queue.clear()
+        while len(keeper.queue) > self._limits.queue_limit:
+            keeper.queue.popleft()
+            self.queued -= 1
+            self._stats.drop(DropReason.QUEUE_FULL)
+        self.remove_peer(gone)
+        mine = keeper.pod_ips() if keeper.up else ()
+        self.events.extend(PeerDown(ip) for ip in announced if ip not in mine)
 
 
 def drop_slot(peer: Peer, s: Session) -> None:

@@ -26,6 +26,7 @@ from tencrypt.core.wire import DATA_OVERHEAD
 from tencrypt.errors import UsageError
 
 OVERHEAD = 20 + 8 + DATA_OVERHEAD  # outer IPv4 + UDP + wire.py's data header and tag
+OVERHEAD6 = 40 + 8 + DATA_OVERHEAD  # ... over outer IPv6 (an IPv6-only cluster): 80
 MIN_MTU = 576  # the datagram every IPv4 host must accept (RFC 791, RFC 1122 3.3.2)
 # Ranges every host routes itself: a Service CIDR over one of them would send the host's own
 # traffic (the unspecified "this network", loopback, link-local such as a cloud's metadata

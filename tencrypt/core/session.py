@@ -15,10 +15,14 @@ core/timers.py, and these:
    handshake runs.
 3. Receiving: a data message is opened by whichever of the peer's sessions its index names
    (``previous`` keeps opening in-flight packets after a re-key). Stages: index, expiry,
-   replay check, AEAD, replay mark (only after the tag verified), inner IPv4 and source check.
+   replay check, AEAD, replay mark (only after the tag verified), the inner packet (one IPv4
+   or IPv6 packet, its length exact: NOT_IPV4 otherwise) and its source, which must be one
+   of the peer's addresses of that family or the session's (BAD_SOURCE).
 4. A responder's session is ``next`` (unconfirmed, never used to send, does not replace
    ``current``) until the first authenticated data message arrives on it. The initiator
-   therefore sends a keepalive right after the handshake when it has nothing queued.
+   therefore sends a keepalive right after the handshake when it has nothing queued. A
+   confirmed session's pod addresses become its peer's (``Sessions.adopt``: a dual-stack
+   pod's second address, core/handshaking.py rule 9).
 8. Every datagram ends as exactly one of: an accepted inner packet, a handled handshake
    message, or one counted drop. ``receive`` never raises.
 11. Roaming: an authenticated data message moves its peer's endpoint to where it came from,
@@ -85,13 +89,16 @@ class Tunnel:
         keygen: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
         identity: ClaimPolicy | None = None,
         fastpath: Backend | None = None,
+        secondary_ip: str | None = None,
     ) -> None:
         """``psk``: the key ring (rule 10), or one project key as a ring of one.
         ``identity`` binds claimed pod IPs to the network (rule 9; both rules in
         core/handshaking.py). The daemon always passes one; None (no binding, today's unit
         tests) is for tests only. ``fastpath``: the batch loops of ``send_batch`` and
         ``receive_batch`` (core/fastpath.py, or the compiled twin that tencrypt/fastpath.py
-        selects); None seals and opens one packet per call."""
+        selects); None seals and opens one packet per call. ``secondary_ip``: this pod's
+        address of the other family (a dual-stack pod's second ``status.podIPs`` entry),
+        claimed in its handshakes beside ``pod_ip``."""
         if not isinstance(psk, KeyRing) and len(psk) != 32:
             raise ValueError("psk must be 32 bytes (see core.psk.parse_psk)")
         self.pod_ip = pod_ip
@@ -103,7 +110,9 @@ class Tunnel:
         self._gate = Gate(psk, keygen, limits)
         self.table = Sessions(rng, limits, stats)
         self._transmits: list[Transmit] = []
-        self._handshakes = Handshakes(self._gate, self.table, stats, limits, pod_ip, port, identity)
+        self._handshakes = Handshakes(
+            self._gate, self.table, stats, limits, pod_ip, port, identity, secondary_ip
+        )
         self._timers = Timers(self.table, stats, limits, self._handshakes)
 
     # ---- what the shell calls ---------------------------------------------------------------
@@ -189,7 +198,8 @@ class Tunnel:
             self._initiate(peer, now, wall, rekey=True)
 
     def receive(self, datagram: Buffer, addr: Endpoint, now: float, wall: float) -> bytes | None:
-        """The authenticated inner IPv4 packet, or None (handshake handled, or a counted drop)."""
+        """The authenticated inner IPv4 or IPv6 packet, or None (handshake handled, or a
+        counted drop)."""
         if len(datagram) < 4:
             self.stats.drop(DropReason.SHORT)
             return None
@@ -326,12 +336,20 @@ class Tunnel:
             stats.inc(Counter.KEEPALIVES_RECEIVED)
             return None
         # IPv4 with IHL >= 5 is a first byte of 0x45..0x4f; the total length must be exact.
-        if n < 20 or not 0x45 <= packet[0] <= 0x4F or (packet[2] << 8 | packet[3]) != n:
+        # IPv6: version 6, and 40 + the payload length exactly (a jumbogram's 0 is refused).
+        first = packet[0]
+        if 0x45 <= first <= 0x4F and n >= 20 and (packet[2] << 8 | packet[3]) == n:
+            source = packet[12:16]
+            if source not in peer.allowed and source != s.pod_ip:
+                stats.drop(DropReason.BAD_SOURCE)
+                return None
+        elif first >> 4 == 6 and n >= 40 and (packet[4] << 8 | packet[5]) + 40 == n:
+            source = packet[8:24]
+            if source not in peer.allowed6 and source != s.pod_ip6:
+                stats.drop(DropReason.BAD_SOURCE)
+                return None
+        else:
             stats.drop(DropReason.NOT_IPV4)
-            return None
-        source = packet[12:16]
-        if source not in peer.allowed and source != s.pod_ip:
-            stats.drop(DropReason.BAD_SOURCE)
             return None
         peer.rx_packets += 1
         peer.rx_bytes += n
@@ -406,6 +424,7 @@ class Tunnel:
         if peer.next is s:
             peer.next = None
         self.table.install(peer, s)
+        self.table.adopt(peer, s)
         self.table.peer_up(peer)
         self._flush_queue(peer, now, keepalive=False)
 

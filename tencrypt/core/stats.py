@@ -25,13 +25,13 @@ class DropReason(enum.Enum):
     BAD_TAG = "bad_tag"
     REPLAY = "replay"
     EXPIRED_SESSION = "expired_session"
-    NOT_IPV4 = "not_ipv4"
+    NOT_IPV4 = "not_ipv4"  # an authenticated plaintext that is not one IPv4 or IPv6 packet
     BAD_HANDSHAKE = "bad_handshake"
     STALE_HANDSHAKE = "stale_handshake"
     HANDSHAKE_RATELIMIT = "handshake_ratelimit"  # the per-source token bucket is empty
     # handshake defences (core/gate.py, core/identity.py)
     BAD_MAC = "bad_mac"  # mac1 does not verify: no project key (dropped before any Noise work)
-    OLD_VERSION = "old_version"  # a version-1 handshake message (72 / 64 bytes)
+    OLD_VERSION = "old_version"  # a version-1 or -2 handshake message (72 / 64, 88 / 80 bytes)
     HANDSHAKE_REPLAY = "handshake_replay"  # a byte-identical copy of an initiation seen before
     HANDSHAKE_BUDGET = "handshake_budget"  # the global handshakes-per-second budget is spent
     HANDSHAKE_SOURCES_FULL = "handshake_sources_full"  # no room for a new source's bucket
@@ -117,6 +117,12 @@ class Counter(enum.StrEnum):
     VIP_DATA_ELSEWHERE = (  # a VIP's session heard from another address
         "vip_data_elsewhere",
         "Datagrams of a Service VIP's session that came from another address.",
+    )
+    CLAIMS_UNPAIRED = (  # identity: a dual-stack peer's second address left out
+        "claims_unpaired",
+        "Handshake claims of a second address family not accepted (not paired with the "
+        "source's address by the membership, or refused by a claim rule): their sessions "
+        "carry the source's family only.",
     )
     # the proxy's data path (daemon.py)
     SUPER_PACKETS_SPLIT = "super_packets_split", "TSO super-packets from tenc0 cut into segments."

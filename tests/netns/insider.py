@@ -1,4 +1,4 @@
-"""A second implementation of Tencrypt's wire format v2, written from core/wire.py's docstring
+"""A second implementation of Tencrypt's wire format v3, written from core/wire.py's docstring
 alone, and the tools the handshake-hardening tests run inside lab namespaces.
 
 It imports nothing from tencrypt (only ``cryptography`` and ``hashlib``): if it completes a
@@ -10,7 +10,7 @@ handshake with a real proxy, the documented format is implementable from the doc
         verified, and with ``--ping`` whether an ICMP echo sent through the new session was
         answered through it.
     python insider.py flood --target IP --rate N --seconds S
-        Keyless initiations (88 random bytes after the type word) at about N a second for S
+        Keyless initiations (100 random bytes after the type word) at about N a second for S
         seconds, 64 per system call with UDP GSO. Prints the number sent.
 """
 
@@ -33,8 +33,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 NAME = b"Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s"
-PROLOGUE = b"tencrypt v2 NNpsk0"
-MAC_LABEL = b"tencrypt mac1 v2"
+PROLOGUE = b"tencrypt v3 NNpsk0"
+MAC_LABEL = b"tencrypt mac1 v3"
+INITIATION_LEN, RESPONSE_LEN = 104, 96
 PORT = 1337
 UDP_SEGMENT = 103  # linux/udp.h
 SOL_UDP = 17
@@ -82,7 +83,8 @@ class Initiator:
         self.ck, k = hkdf(self.ck, ikm, 2)
         self.k = k
 
-    def initiation(self, sender_index: int, unix_ns: int, pod_ip: str) -> bytes:
+    def initiation(self, sender_index: int, unix_ns: int, pod_ip: str, pod_ip6: str = "") -> bytes:
+        """Claims ``pod_ip`` (IPv4) and ``pod_ip6`` (IPv6, none if empty)."""
         self.ck, temp_h, self.k = hkdf(self.ck, self.psk, 3)  # psk: MixKeyAndHash
         self.mix_hash(temp_h)
         pub = self.e.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -93,6 +95,7 @@ class Initiator:
             struct.pack("<I", sender_index)
             + struct.pack(">QI", 2**62 + secs, nanos)
             + socket.inet_aton(pod_ip)
+            + (socket.inet_pton(socket.AF_INET6, pod_ip6) if pod_ip6 else bytes(16))
         )
         c = ChaCha20Poly1305(self.k).encrypt(nonce(0), payload, self.h)
         self.mix_hash(c)
@@ -101,16 +104,19 @@ class Initiator:
 
     def response(self, datagram: bytes, sender_index: int) -> dict[str, object] | None:
         """The session from a response, or None if it is not one for us."""
-        if len(datagram) != 80 or struct.unpack_from("<II", datagram) != (2, sender_index):
+        if len(datagram) != RESPONSE_LEN or struct.unpack_from("<II", datagram) != (
+            2,
+            sender_index,
+        ):
             return None
-        if not hmac.compare_digest(mac(self.mac_key, datagram[:64]), datagram[64:]):
+        if not hmac.compare_digest(mac(self.mac_key, datagram[:80]), datagram[80:]):
             return None
         re = datagram[8:40]
         self.mix_hash(re)
         self.mix_key(re)
         self.mix_key(self.e.exchange(X25519PublicKey.from_public_bytes(re)))  # ee
         try:
-            payload = ChaCha20Poly1305(self.k).decrypt(nonce(0), datagram[40:64], self.h)
+            payload = ChaCha20Poly1305(self.k).decrypt(nonce(0), datagram[40:80], self.h)
         except InvalidTag:
             return None
         send, recv = hkdf(self.ck, b"", 2)
@@ -120,6 +126,9 @@ class Initiator:
             "recv": ChaCha20Poly1305(recv),
             "remote_index": remote_index,
             "pod_ip": socket.inet_ntoa(payload[4:8]),
+            "pod_ip6": (
+                socket.inet_ntop(socket.AF_INET6, payload[8:24]) if any(payload[8:24]) else ""
+            ),
         }
 
 
@@ -235,9 +244,10 @@ def flood(target: str, rate: float, seconds: float) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((target, PORT))
     per_call = 64
-    cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", 88))]
+    cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", INITIATION_LEN))]
     pool = [
-        b"".join(b"\x01\x00\x00\x00" + os.urandom(84) for _ in range(per_call)) for _ in range(64)
+        b"".join(b"\x01\x00\x00\x00" + os.urandom(INITIATION_LEN - 4) for _ in range(per_call))
+        for _ in range(64)
     ]
     sent, start = 0, time.monotonic()
     end = start + seconds

@@ -89,7 +89,7 @@ def test_insider_cannot_claim_a_peers_ip(hlab, capture):
     from_victim = [f for f in cap.frames() if f.src == n1.ip and f.dst == evil.ip]
     assert from_victim == [], "the victim sent the insider something"
     to_victim = [f for f in cap.frames() if f.src == evil.ip and f.dst == n1.ip]
-    assert len(to_victim) == 5 and all(len(f.raw) == 14 + 28 + 88 for f in to_victim)
+    assert len(to_victim) == 5 and all(len(f.raw) == 14 + 28 + 104 for f in to_victim)
     after = metrics(lab, "nginx1")
     delta = {
         r: drops(after, r) - drops(before, r)

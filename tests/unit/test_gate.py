@@ -7,6 +7,7 @@ HKDF), never by timing."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import struct
@@ -157,34 +158,55 @@ def fresh_message(e: X25519PrivateKey) -> bytes:
     return state.write_message(b"payload")
 
 
-# ---- version 1 ---------------------------------------------------------------------------------
+# ---- versions 1 and 2 --------------------------------------------------------------------------
 
 
-def v1_initiation(wall: float) -> bytes:
-    """A version-1 initiation exactly as the old format built it (prologue v1, no mac1)."""
-    state = HandshakeState(wire.NOISE_PROTOCOL, True, b"tencrypt v1 NNpsk0", psk=PSK)
-    payload = wire.build_initiation_payload(5, int(wall * 1e9), ipaddress.IPv4Address(A).packed)
-    return struct.pack("<I", 1) + state.write_message(payload)
+def old_initiation(version: int, wall: float) -> bytes:
+    """An initiation exactly as version 1 (prologue v1, no mac1) or version 2 (prologue v2,
+    one IPv4 address, mac1 keyed with the v2 label) built it."""
+    prologue = f"tencrypt v{version} NNpsk0".encode()
+    state = HandshakeState(wire.NOISE_PROTOCOL, True, prologue, psk=PSK)
+    stamp = wire.build_tai64n(int(wall * 1e9))
+    payload = struct.pack("<I12s4s", 5, stamp, ipaddress.IPv4Address(A).packed)
+    body = struct.pack("<I", 1) + state.write_message(payload)
+    if version == 1:
+        return body
+    return (
+        body
+        + hashlib.blake2s(
+            body, key=hashlib.blake2s(b"tencrypt mac1 v2" + PSK).digest(), digest_size=16
+        ).digest()
+    )
 
 
-def test_version_1_messages_are_refused_and_counted(work):
+@pytest.mark.parametrize("version, sizes", [(1, (72, 64)), (2, (88, 80))])
+def test_old_version_messages_are_refused_and_counted(work, version, sizes):
     net = Net()
     b = net.add(B)
-    old = v1_initiation(net.wall)
+    old = old_initiation(version, net.wall)
     work.calls.clear()
-    assert len(old) == 72
+    assert len(old) == sizes[0]
     assert b.receive(old, (A, 1337), net.now, net.wall) is None
-    old_response = struct.pack("<II", 2, 1) + bytes(56)
+    old_response = struct.pack("<II", 2, 1) + bytes(sizes[1] - 8)
     assert b.receive(old_response, (A, 1337), net.now, net.wall) is None
     assert b.stats.dropped(DropReason.OLD_VERSION) == 2
     assert b.pop_transmits() == [] and work.calls == {}
+    assert sum(b.stats.drops.values()) == 2  # nothing else counted, nothing answered
 
 
-def test_version_2_never_completes_with_a_version_1_prologue():
-    """Even with a valid mac1, a v1-prologue Noise message does not authenticate."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_version_3_never_completes_with_an_old_prologue(version):
+    """Even with a valid v3 mac1 and the v3 length, an old-prologue Noise message does not
+    authenticate."""
     net = Net()
     b = net.add(B)
-    body = v1_initiation(net.wall)
+    body = old_initiation(1, net.wall)
+    if version == 2:
+        state = HandshakeState(wire.NOISE_PROTOCOL, True, b"tencrypt v2 NNpsk0", psk=PSK)
+        payload = wire.build_initiation_payload(5, int(net.wall * 1e9), wire.pod_ips(A))
+        body = struct.pack("<I", 1) + state.write_message(payload)
+    else:
+        body += bytes(wire.INITIATION_LEN - wire.MAC_LEN - len(body))  # padded to v3's length
     b.receive(wire.add_mac(TEMPLATES.mac_key, body), (A, 1337), net.now, net.wall)
     assert b.stats.dropped(DropReason.BAD_HANDSHAKE) == 1 and b.pop_transmits() == []
 
@@ -192,11 +214,15 @@ def test_version_2_never_completes_with_a_version_1_prologue():
 def test_other_lengths_are_short_or_bad():
     net = Net()
     b = net.add(B)
-    for n in (4, 40, 87):
+    for n in (4, 40, 87, 103):
         b.receive(b"\x01\x00\x00\x00" + bytes(n - 4), (A, 1337), net.now, net.wall)
-    b.receive(b"\x01\x00\x00\x00" + bytes(100), (A, 1337), net.now, net.wall)
-    assert b.stats.dropped(DropReason.SHORT) == 3
-    assert b.stats.dropped(DropReason.BAD_HANDSHAKE) == 1
+    b.receive(b"\x01\x00\x00\x00" + bytes(101), (A, 1337), net.now, net.wall)
+    for n in (8, 79, 95):
+        b.receive(b"\x02\x00\x00\x00" + bytes(n - 4), (A, 1337), net.now, net.wall)
+    b.receive(b"\x02\x00\x00\x00" + bytes(93), (A, 1337), net.now, net.wall)
+    assert b.stats.dropped(DropReason.SHORT) == 7
+    assert b.stats.dropped(DropReason.BAD_HANDSHAKE) == 2
+    assert b.stats.dropped(DropReason.OLD_VERSION) == 0
 
 
 # ---- timestamps --------------------------------------------------------------------------------
@@ -250,7 +276,7 @@ def test_a_replay_after_the_seen_table_was_pruned_is_still_stale():
     first = initiation(A, wall + 29)  # 29 s ahead: within the skew
     got = gate.initiation(first, A, 1.0, wall)
     assert isinstance(got, handshake.Initiation)
-    gate.stamps.accept(got.pod_ip, got.unix_ns)  # handshaking.py does this after its DH
+    gate.stamps.accept(got.pod_ips.ip4, got.unix_ns)  # handshaking.py does this after its DH
     later = wall + 40  # first seen 40 s ago: pruned from stage 3; its stamp is 11 s old
     gate.prune(41.0, later)
     assert len(gate.seen) == 0 and len(gate.stamps) == 1
@@ -300,7 +326,7 @@ def test_replay_table_full_refuses_and_counts():
         initiation_max_skew=10.0,
     )
     gate = Gate(PSK, X25519PrivateKey.generate, limits)
-    assert gate.seen.max_entries == gate.stamps.max_entries == int(0.1 * 40) + 2 == 6
+    assert gate.seen.max_entries == gate.stamps.max_entries // 2 == int(0.1 * 40) + 2 == 6
     wall = 1_700_000_000.0
     got = []
     for i in range(8):  # 20 s of monotonic time apart: the budget has a token each time
@@ -352,7 +378,8 @@ def test_table_bound_is_what_the_budget_admits_while_an_entry_lives():
     )
     assert bound == 500 * (180 + 30) + 100
     gate = Gate(PSK, X25519PrivateKey.generate, limits)
-    assert gate.seen.max_entries == gate.stamps.max_entries == bound
+    assert gate.seen.max_entries == bound
+    assert gate.stamps.max_entries == 2 * bound  # a dual-stack claim records two addresses
 
 
 def test_tunnel_tables_shrink_after_max_age():

@@ -451,10 +451,12 @@ def test_an_initiation_through_another_vip_is_refused_end_to_end(net):
 # ---- the claim's form, and the baseline every tunnel applies -----------------------------------
 
 
-def test_a_claim_that_is_no_ipv4_address_is_reserved():
+def test_a_claim_that_is_no_address_is_reserved():
     p = policy(A)
     assert p.check("not an address", C) is DropReason.CLAIM_RESERVED
-    assert p.check("fd00::1", C) is DropReason.CLAIM_RESERVED
+    assert p.check_paired("not an address", C) is DropReason.CLAIM_RESERVED
+    # a pod network of one family refuses every claim of the other (never guessed)
+    assert p.check("fd00::1", "fd00::1") is DropReason.CLAIM_OUTSIDE_POD_NETWORK
     assert p.is_service_ip("not an address") is False and p.is_service_ip(VIP) is True
     assert p.is_service_ip(B) is False
 

@@ -1,4 +1,4 @@
-"""The independent implementation of wire v2 in tests/netns/insider.py (written from
+"""The independent implementation of wire v3 in tests/netns/insider.py (written from
 core/wire.py's docstring, importing nothing of tencrypt) against the real core, in memory:
 the docstring is enough to interoperate. The netns test does the same against a real proxy."""
 
@@ -24,7 +24,7 @@ def test_independent_initiator_completes_and_exchanges_data():
     t, me, wall = tunnel(), Initiator(PSK), time.time()
     t.receive(me.initiation(5, int(wall * 1e9), INSIDER), (INSIDER, 1337), 1.0, wall)
     ((response, to),) = t.pop_transmits()
-    assert to == (INSIDER, 1337) and len(response) == 80
+    assert to == (INSIDER, 1337) and len(response) == 96
     session = me.response(response, 5)
     assert session is not None and session["pod_ip"] == PROXY
     ping = echo_request(INSIDER, PROXY, 1, 0)

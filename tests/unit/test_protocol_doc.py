@@ -166,7 +166,12 @@ def intval(name: str) -> int:
 
 
 def ip(name: str) -> bytes:
-    return ipaddress.IPv4Address(EX[name]).packed
+    return ipaddress.ip_address(EX[name]).packed
+
+
+def ips(who: str) -> wire.PodIPs:
+    """The example's addresses of ``who`` (initiator, responder): IPv4 and IPv6."""
+    return wire.PodIPs(ip(f"{who}_pod_ip"), ip(f"{who}_pod_ip6"))
 
 
 PSK = hexval("psk")
@@ -182,24 +187,20 @@ def templates(private: bytes) -> handshake.Templates:
 def run_handshake() -> dict[str, bytes]:
     """The example's handshake through the code, both sides."""
     i_state, initiation = handshake.build_initiation(
-        templates(IE), I_INDEX, UNIX_NS, ip("initiator_pod_ip")
+        templates(IE), I_INDEX, UNIX_NS, ips("initiator")
     )
     r_templates = templates(RE)
     got = handshake.read_initiation(r_templates, initiation)
     assert got is not None
-    assert (got.sender_index, got.unix_ns, got.pod_ip) == (
-        I_INDEX,
-        UNIX_NS,
-        ip("initiator_pod_ip"),
-    )
-    reply = handshake.build_response(got, R_INDEX, ip("responder_pod_ip"), r_templates.mac_key)
+    assert (got.sender_index, got.unix_ns, got.pod_ips) == (I_INDEX, UNIX_NS, ips("initiator"))
+    reply = handshake.build_response(got, R_INDEX, ips("responder"), r_templates.mac_key)
     assert reply is not None
     response, r_keys = reply
     parsed = wire.parse_response(response)
     assert parsed is not None and parsed[0] == I_INDEX
     opened = handshake.read_response(i_state, parsed[1])
     assert opened is not None
-    assert opened[:2] == (R_INDEX, ip("responder_pod_ip"))
+    assert opened[:2] == (R_INDEX, ips("responder"))
     i_keys = opened[2]
     assert i_keys.send_key == r_keys.recv_key and i_keys.recv_key == r_keys.send_key
     assert i_state.handshake_hash == got.state.handshake_hash
@@ -238,7 +239,9 @@ CHECKS: dict[str, Callable[[], object]] = {
     "responder_sender_index": lambda: EX["responder_sender_index"],
     "initiator_unix_ns": lambda: EX["initiator_unix_ns"],
     "initiator_pod_ip": lambda: EX["initiator_pod_ip"],
+    "initiator_pod_ip6": lambda: str(ipaddress.IPv6Address(EX["initiator_pod_ip6"])),
     "responder_pod_ip": lambda: EX["responder_pod_ip"],
+    "responder_pod_ip6": lambda: str(ipaddress.IPv6Address(EX["responder_pod_ip6"])),
     "ping": lambda: _ping_is_a_valid_packet().hex(),
     # §15.1
     "psk_base64": lambda: base64.b64encode(PSK).decode("ascii"),
@@ -262,21 +265,21 @@ CHECKS: dict[str, Callable[[], object]] = {
     # §15.4
     "timestamp": lambda: wire.build_tai64n(UNIX_NS).hex(),
     "initiation_payload": lambda: wire.build_initiation_payload(
-        I_INDEX, UNIX_NS, ip("initiator_pod_ip")
+        I_INDEX, UNIX_NS, ips("initiator")
     ).hex(),
     "initiation": lambda: HS["initiation"].hex(),
     "initiation.type": lambda: HS["initiation"][0:4].hex(),
     "initiation.ephemeral": lambda: HS["initiation"][4:36].hex(),
-    "initiation.encrypted_payload": lambda: HS["initiation"][36:72].hex(),
-    "initiation.mac1": lambda: HS["initiation"][72:88].hex(),
+    "initiation.encrypted_payload": lambda: HS["initiation"][36:88].hex(),
+    "initiation.mac1": lambda: HS["initiation"][88:104].hex(),
     # §15.5
-    "response_payload": lambda: wire.build_response_payload(R_INDEX, ip("responder_pod_ip")).hex(),
+    "response_payload": lambda: wire.build_response_payload(R_INDEX, ips("responder")).hex(),
     "response": lambda: HS["response"].hex(),
     "response.type": lambda: HS["response"][0:4].hex(),
     "response.receiver_index": lambda: HS["response"][4:8].hex(),
     "response.ephemeral": lambda: HS["response"][8:40].hex(),
-    "response.encrypted_payload": lambda: HS["response"][40:64].hex(),
-    "response.mac1": lambda: HS["response"][64:80].hex(),
+    "response.encrypted_payload": lambda: HS["response"][40:80].hex(),
+    "response.mac1": lambda: HS["response"][80:96].hex(),
     # §15.6
     "keepalive": lambda: wire.seal(ChaCha20Poly1305(HS["k_i2r"]), R_INDEX, 0, b"").hex(),
     "data": lambda: wire.seal(
@@ -302,13 +305,13 @@ def test_formulas_as_the_document_states_them():
     assert (
         EX["fingerprint"] == hashlib.blake2s(b"tencrypt key fingerprint v1" + PSK).hexdigest()[:8]
     )
-    assert hashlib.blake2s(b"tencrypt mac1 v2" + PSK).digest() == MAC_KEY
+    assert hashlib.blake2s(b"tencrypt mac1 v3" + PSK).digest() == MAC_KEY
     assert hexval("noise_h0") == hashlib.blake2s(b"Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s").digest()
     assert (
         hexval("noise_h_after_prologue")
-        == hashlib.blake2s(hexval("noise_h0") + b"tencrypt v2 NNpsk0").digest()
+        == hashlib.blake2s(hexval("noise_h0") + b"tencrypt v3 NNpsk0").digest()
     )
-    for message, n in (("initiation", 72), ("response", 64)):
+    for message, n in (("initiation", 88), ("response", 80)):
         body = hexval(message)
         assert body[n:] == hashlib.blake2s(body[:n], key=MAC_KEY, digest_size=16).digest()
     data = hexval("data")
@@ -336,7 +339,15 @@ def test_the_example_through_a_responding_tunnel():
     initiation with the example's response; before the initiator's keepalive it does not use
     the session (it starts its own handshake, to port 1337); after it, its ping is ``data``."""
     responder, initiator = EX["responder_pod_ip"], EX["initiator_pod_ip"]
-    policy = ClaimPolicy(("10.128.0.0/14",), "172.30.0.0/16", responder)
+    responder6 = EX["responder_pod_ip6"]
+    pods = {initiator: EX["initiator_pod_ip6"]}
+    policy = ClaimPolicy(
+        ("10.128.0.0/14", "fd00:10:128::/48"),
+        "172.30.0.0/16",
+        responder,
+        frozenset({responder6}),
+        paired=lambda a, b: pods.get(a) == b,
+    )
 
     def tunnel() -> Tunnel:
         indexes = iter((R_INDEX, R_INDEX + 1))  # the response's, then its own initiation's
@@ -347,6 +358,7 @@ def test_the_example_through_a_responding_tunnel():
             rng=lambda n: next(indexes).to_bytes(n, "little"),
             keygen=lambda: X25519PrivateKey.from_private_bytes(RE),
             identity=policy,
+            secondary_ip=responder6,
         )
 
     wall = UNIX_NS / 1e9 + 0.5
@@ -356,6 +368,7 @@ def test_the_example_through_a_responding_tunnel():
     t.receive(hexval("keepalive"), (initiator, 1337), 1.1, wall)
     t.send(initiator, hexval("ping"), 1.2, wall)
     assert t.pop_transmits() == [(hexval("data"), (initiator, 1337))]
+    assert t.knows(EX["initiator_pod_ip6"])  # the paired IPv6 address: the same peer
 
     early = tunnel()
     early.receive(hexval("initiation"), (initiator, 40000), 1.0, wall)

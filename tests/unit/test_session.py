@@ -94,14 +94,16 @@ def test_inner_source_must_belong_to_the_peer(net):
 @pytest.mark.parametrize(
     "inner",
     [
-        b"\x60" + bytes(39),  # IPv6
+        b"\x60" + bytes(3) + b"\x00\x01" + bytes(34),  # IPv6: payload length says 1, has 0
+        b"\x60" + bytes(38),  # IPv6: shorter than its fixed header
+        b"\x50" + bytes(39),  # version 5
         ipv4(B, A)[:-1],  # total length says one byte more
         ipv4(B, A) + b"\x00",  # trailing garbage
         b"\x44" + ipv4(B, A)[1:],  # IHL 4
         bytes(10),
     ],
 )
-def test_inner_packet_must_be_ipv4(net, inner):
+def test_inner_packet_must_be_one_ipv4_or_ipv6_packet(net, inner):
     connect(net)
     net.send(B, A, inner)
     net.pump()

@@ -1,5 +1,6 @@
 """The wire format: RFC 8439 through our sealing code, the byte layout, and tamper evidence."""
 
+import ipaddress
 import struct
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tencrypt.core import wire
-from tencrypt.core.podconfig import OVERHEAD, tun_mtu
+from tencrypt.core.podconfig import OVERHEAD, OVERHEAD6, tun_mtu
 
 # RFC 8439 §2.8.2: AEAD_CHACHA20_POLY1305 test vector.
 RFC_KEY = bytes.fromhex("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
@@ -50,10 +51,13 @@ def test_data_message_layout_byte_by_byte():
 
 
 def test_sizes_and_mtu():
-    assert wire.DATA_OVERHEAD == 32 and OVERHEAD == 60
+    assert wire.DATA_OVERHEAD == 32 and OVERHEAD == 60 and OVERHEAD6 == 80
     assert tun_mtu(1500) == 1440 and tun_mtu(1450) == 1390
     assert len(wire.seal(KEY, 1, 0, b"")) == 32  # a keepalive
-    assert (wire.INITIATION_LEN, wire.RESPONSE_LEN) == (88, 80)  # version 2: with mac1
+    # version 3: the payloads end with pod_ip4 (4) and pod_ip6 (16)
+    assert (wire.INITIATION_PAYLOAD_LEN, wire.RESPONSE_PAYLOAD_LEN) == (36, 24)
+    assert (wire.INITIATION_LEN, wire.RESPONSE_LEN) == (104, 96)
+    assert wire.RESPONSE_LEN < wire.INITIATION_LEN  # no amplification towards a spoofed source
 
 
 @given(
@@ -101,50 +105,103 @@ def test_tai64n_layout_and_invalid_values():
     assert wire.parse_tai64n(struct.pack(">QI", 2**62 - 1, 0)) is None  # before 1970
 
 
-def test_handshake_payloads():
-    payload = wire.build_initiation_payload(9, 123, b"\x0a\x00\x00\x01")
+IP4, IP6 = ipaddress.IPv4Address("10.0.0.1").packed, ipaddress.IPv6Address("fd00::1").packed
+
+
+@pytest.mark.parametrize(
+    "ips", [wire.PodIPs(IP4, None), wire.PodIPs(None, IP6), wire.PodIPs(IP4, IP6)]
+)
+def test_handshake_payloads_round_trip_each_combination_of_addresses(ips):
+    payload = wire.build_initiation_payload(9, 123, ips)
     assert len(payload) == wire.INITIATION_PAYLOAD_LEN
-    assert payload[:4] == b"\x09\x00\x00\x00" and payload[16:] == b"\x0a\x00\x00\x01"
-    assert wire.parse_initiation_payload(payload) == (9, 123, b"\x0a\x00\x00\x01")
+    assert payload[:4] == b"\x09\x00\x00\x00"
+    assert payload[16:20] == (ips.ip4 or bytes(4)) and payload[20:] == (ips.ip6 or bytes(16))
+    assert wire.parse_initiation_payload(payload) == (9, 123, ips)
+    resp = wire.build_response_payload(8, ips)
+    assert len(resp) == wire.RESPONSE_PAYLOAD_LEN
+    assert resp[4:8] == (ips.ip4 or bytes(4)) and resp[8:] == (ips.ip6 or bytes(16))
+    assert wire.parse_response_payload(resp) == (8, ips)
+
+
+def test_malformed_payloads_are_refused():
+    payload = wire.build_initiation_payload(9, 123, wire.PodIPs(IP4, IP6))
     assert wire.parse_initiation_payload(b"\x00" * 4 + payload[4:]) is None  # index 0
     assert wire.parse_initiation_payload(payload[:-1]) is None
-    resp = wire.build_response_payload(8, b"\x0a\x00\x00\x02")
-    assert wire.parse_response_payload(resp) == (8, b"\x0a\x00\x00\x02")
-    assert wire.parse_response_payload(bytes(8)) is None
+    assert wire.parse_initiation_payload(payload + b"\x00") is None
+    assert wire.parse_initiation_payload(payload[:16] + bytes(20)) is None  # no address at all
+    assert wire.parse_response_payload(bytes(8) + bytes(16)) is None  # index 0, no address
+    resp = wire.build_response_payload(8, wire.PodIPs(IP4, None))
+    assert wire.parse_response_payload(resp[:4] + bytes(20)) is None  # no address at all
+    assert wire.parse_response_payload(resp[:-1]) is None
+
+
+@given(st.binary(min_size=36, max_size=36))
+def test_any_initiation_payload_parses_or_is_none(payload):
+    got = wire.parse_initiation_payload(payload)
+    if got is not None:
+        index, _, ips = got
+        assert index and ips.present
+        assert all(ip != bytes(len(ip)) for ip in ips.present)
+        assert wire.build_initiation_payload(index, got[1], ips) == payload
+
+
+def test_a_single_packed_address_is_taken_as_its_family():
+    assert wire.as_pod_ips(IP4) == wire.PodIPs(IP4, None)
+    assert wire.as_pod_ips(IP6) == wire.PodIPs(None, IP6)
+    assert wire.pod_ips("fd00::1", "10.0.0.1", None) == wire.PodIPs(IP4, IP6)
+    for bad in (("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2"), ("0.0.0.0",), ("::",)):
+        with pytest.raises(ValueError):
+            wire.pod_ips(*bad)
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("FD00:0:0::1", "fd00::1"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("not an address", "not an address"),
+        ("::zz", "::zz"),
+    ],
+)
+def test_outer_ip_is_canonical_text(text, canonical):
+    assert wire.outer_ip(text) == canonical
 
 
 MAC_KEY = wire.derive_mac_key(bytes(range(1, 33)))
 
 
 def test_handshake_envelopes():
-    init = wire.build_initiation(bytes(68), MAC_KEY)
-    assert init[:4] == b"\x01\x00\x00\x00" and len(init) == 88
-    assert wire.parse_initiation(init) == bytes(68)
+    init = wire.build_initiation(bytes(84), MAC_KEY)
+    assert init[:4] == b"\x01\x00\x00\x00" and len(init) == 104
+    assert wire.parse_initiation(init) == bytes(84)
     assert wire.parse_initiation(init + b"\x00") is None
-    resp = wire.build_response(0xAABBCCDD, bytes(56), MAC_KEY)
-    assert resp[:8] == b"\x02\x00\x00\x00\xdd\xcc\xbb\xaa" and len(resp) == 80
-    assert wire.parse_response(resp) == (0xAABBCCDD, bytes(56))
+    resp = wire.build_response(0xAABBCCDD, bytes(72), MAC_KEY)
+    assert resp[:8] == b"\x02\x00\x00\x00\xdd\xcc\xbb\xaa" and len(resp) == 96
+    assert wire.parse_response(resp) == (0xAABBCCDD, bytes(72))
     assert wire.parse_response(resp[:-1]) is None
 
 
 def test_mac1_as_the_docstring_specifies_it():
-    """Computed here from the spec's words alone: BLAKE2s("tencrypt mac1 v2" || psk), then
+    """Computed here from the spec's words alone: BLAKE2s("tencrypt mac1 v3" || psk), then
     keyed BLAKE2s-128 over every byte before mac1."""
     import hashlib
 
     psk = bytes(range(1, 33))
-    key = hashlib.blake2s(b"tencrypt mac1 v2" + psk).digest()
+    key = hashlib.blake2s(b"tencrypt mac1 v3" + psk).digest()
     assert wire.derive_mac_key(psk) == key and len(wire.MAC_LABEL) == 16
-    init = wire.build_initiation(bytes(68), key)
-    assert init[72:] == hashlib.blake2s(init[:72], key=key, digest_size=16).digest()
+    assert wire.PROLOGUE == b"tencrypt v3 NNpsk0"
+    init = wire.build_initiation(bytes(84), key)
+    assert init[88:] == hashlib.blake2s(init[:88], key=key, digest_size=16).digest()
     assert wire.mac_valid(key, init) and wire.mac_valid(key, memoryview(init))
-    resp = wire.build_response(7, bytes(56), key)
-    assert resp[64:] == hashlib.blake2s(resp[:64], key=key, digest_size=16).digest()
+    resp = wire.build_response(7, bytes(72), key)
+    assert resp[80:] == hashlib.blake2s(resp[:80], key=key, digest_size=16).digest()
 
 
-@given(st.integers(0, 87), st.integers(1, 255))
+@given(st.integers(0, 103), st.integers(1, 255))
 def test_any_flipped_bit_fails_mac1(pos, flip):
-    init = bytearray(wire.build_initiation(bytes(68), MAC_KEY))
+    init = bytearray(wire.build_initiation(bytes(84), MAC_KEY))
     init[pos] ^= flip
     assert not wire.mac_valid(MAC_KEY, init)
 
@@ -152,13 +209,19 @@ def test_any_flipped_bit_fails_mac1(pos, flip):
 def test_mac_key_index_tells_which_key_a_message_uses():
     keys = [wire.derive_mac_key(bytes([k]) * 32) for k in (1, 2, 3)]
     for i, key in enumerate(keys):
-        assert wire.mac_key_index(keys, wire.build_initiation(bytes(68), key)) == i
-    assert wire.mac_key_index(keys, wire.build_initiation(bytes(68), MAC_KEY)) is None
+        assert wire.mac_key_index(keys, wire.build_initiation(bytes(84), key)) == i
+    assert wire.mac_key_index(keys, wire.build_initiation(bytes(84), MAC_KEY)) is None
     assert wire.mac_key_index(keys, b"short") is None
 
 
-def test_version_1_sizes_are_recognised():
-    assert wire.is_old_version(b"\x01\x00\x00\x00" + bytes(68))
-    assert wire.is_old_version(b"\x02\x00\x00\x00" + bytes(60))
-    assert not wire.is_old_version(wire.build_initiation(bytes(68), MAC_KEY))
-    assert not wire.is_old_version(b"\x04\x00\x00\x00" + bytes(68))
+def test_version_1_and_2_sizes_are_recognised():
+    for n in (72, 88):  # v1, v2 initiations
+        assert wire.is_old_version(b"\x01\x00\x00\x00" + bytes(n - 4))
+        assert not wire.is_old_version(b"\x04\x00\x00\x00" + bytes(n - 4))  # data
+        assert not wire.is_old_version(b"\x01\x00\x01\x00" + bytes(n - 4))  # unknown word
+    for n in (64, 80):  # v1, v2 responses
+        assert wire.is_old_version(b"\x02\x00\x00\x00" + bytes(n - 4))
+    assert not wire.is_old_version(b"\x02\x00\x00\x00" + bytes(84))  # an initiation's size
+    assert not wire.is_old_version(wire.build_initiation(bytes(84), MAC_KEY))
+    assert not wire.is_old_version(wire.build_response(1, bytes(72), MAC_KEY))
+    assert not wire.is_old_version(b"\x01")
