@@ -211,6 +211,7 @@ class ControlPlane(abc.ABC):
                 ranges.pods,
                 ranges.services,
                 vip_sessions=members.service_table is None,
+                paired=members.paired,
             )
         )
         if ranges.mismatch != self.cidr_mismatch:

@@ -130,6 +130,7 @@ class Proxy(ControlPlane):
             limits or Limits(),
             port=config.port,
             identity=claim_policy(config, self._is_member, config.pod_cidrs),
+            secondary_ip=config.pod_ip6 or None,
         )
         self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
         self.table: ClassTable = resolver.table
@@ -262,8 +263,26 @@ class Proxy(ControlPlane):
 
     def _seal_small(self, to_peers: dict[str, list[bytes]], now: float, wall: float) -> None:
         for dst, packets in to_peers.items():  # what _on_tun collected: one call per peer
-            self.tunnel.send_batch(dst, packets, now, wall)
+            self._seal(dst, packets, now, wall)
         to_peers.clear()
+
+    def _seal(
+        self, dst: str, packets: Sequence[bytes | bytearray | memoryview], now: float, wall: float
+    ) -> None:
+        """Into the tunnel of ``dst``'s pod: the peer that has the address, else the address
+        itself when it is of the tunnel's family, else its pod's address of that family
+        (membership podIPs: a dual-stack pod is one peer, one session). No such address:
+        refused, counted, never in the clear."""
+        peer_ip = dst
+        if dst not in self.tunnel.table.by_addr and (":" in dst) != (":" in self.config.pod_ip):
+            loaded = self.members.loaded if self.members else None
+            partner = loaded.partner(dst) if loaded is not None else None
+            if partner is None:
+                self.stats.drop(DropReason.NO_TUNNEL_ADDRESS, len(packets))
+                self._refuse(packets, now, counted=True)
+                return
+            peer_ip = partner
+        self.tunnel.send_batch(peer_ip, packets, now, wall)
 
     def _outbound(
         self,
@@ -334,7 +353,7 @@ class Proxy(ControlPlane):
                 peer = self.tunnel.table.by_addr.get(dst)
                 if peer is not None and peer.pinned:  # standalone's VIP path, counted
                     self.stats.inc(Counter.STANDALONE_VIP_PACKETS, len(packets))
-            self.tunnel.send_batch(dst, packets, now, wall)
+            self._seal(dst, packets, now, wall)
         elif out is Out.CLEAR or out is Out.FALLBACK:
             fallback = out is Out.FALLBACK
             self.stats.inc(

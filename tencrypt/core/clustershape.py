@@ -92,24 +92,24 @@ def _version(ip: str) -> int:
     return ipaddress.ip_address(ip).version
 
 
-def _v4(cidr: str) -> bool:
-    return ipaddress.ip_network(cidr, strict=False).version == 4
-
-
 def claim_policy(
     config: PodConfig,
     is_member: Callable[[str], bool | None],
     pod_cidrs: tuple[str, ...],
     service_cidrs: tuple[str, ...] = (),
     vip_sessions: bool = True,
+    paired: Callable[[str, str], bool] | None = None,
 ) -> ClaimPolicy:
-    """Rules 1 and 3: what a peer may claim to be (IPv4 claims: the ranges' IPv4 part)."""
+    """Rules 1 and 3: what a peer may claim to be, in both families (core/identity.py); a
+    dual-stack peer's other address only when the membership pairs it (``paired``)."""
+    extra = {"paired": paired} if paired is not None else {}
     return ClaimPolicy(
-        pod_cidrs=tuple(c for c in pod_cidrs if _v4(c)),
-        service_cidr=tuple(c for c in service_cidrs if _v4(c)) or config.service_cidr,
+        pod_cidrs=tuple(pod_cidrs),
+        service_cidr=tuple(service_cidrs) or config.service_cidrs,
         self_ip=config.pod_ip,
         reserved=config.own_addresses - {config.pod_ip},
         bind_to_source=True,
         is_member=is_member,
         vip_sessions=vip_sessions,
+        **extra,
     )

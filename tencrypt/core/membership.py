@@ -110,6 +110,13 @@ class Members:
     def addresses(self) -> frozenset[str]:
         return self.pods | self.services
 
+    def partner(self, ip: str) -> str | None:
+        """The other address of ``ip``'s pod (``podIPs``), None when it has none or ``ip`` is
+        listed for two pods."""
+        pod = self._pod_of.get(ip)
+        other = [a for a in pod if a != ip] if pod is not None else []
+        return other[0] if other and self._pod_of.get(other[0]) is pod else None
+
     def paired(self, a: str, b: str) -> bool:
         """Are ``a`` and ``b`` two addresses of one pod (``podIPs``, rule 4)? Canonical text
         (what ``parse_members`` keeps); an address listed for two pods pairs with nothing."""

@@ -68,6 +68,9 @@ class DropReason(enum.Enum):
     SERVICE_UNKNOWN = "service_unknown"  # a project cluster IP the membership does not list yet
     # tunnel (core/session.py): an authenticated inner packet whose source the peer may not use
     BAD_SOURCE = "bad_source"
+    # the tunnel runs over IPv4: an IPv6 packet to a pod whose IPv4 address the membership does
+    # not pair with it (podIPs) has no way into it: refused, never in the clear
+    NO_TUNNEL_ADDRESS = "no_tunnel_address"
     # NetworkPolicy (core/policyflows.py): a new flow no rule of an isolating policy allows, or
     # a packet of a flow a newer policy blocks (by policy in the netpol metrics)
     NETWORK_POLICY = "network_policy"
