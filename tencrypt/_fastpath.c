@@ -324,18 +324,25 @@ typedef struct {
     Py_ssize_t offset, len; /* an accepted packet in the scratch buffer */
 } Span;
 
+/* Whether the ``width``-byte address at ``src`` is one of ``allowed`` (addresses back to
+ * back; a shorter tail is ignored). */
 static int source_allowed(const unsigned char *src, const unsigned char *allowed,
-                          Py_ssize_t allowed_len) {
-    for (Py_ssize_t i = 0; i + 4 <= allowed_len; i += 4)
-        if (memcmp(src, allowed + i, 4) == 0) return 1;
+                          Py_ssize_t allowed_len, Py_ssize_t width) {
+    for (Py_ssize_t i = 0; i + width <= allowed_len; i += width)
+        if (memcmp(src, allowed + i, (size_t)width) == 0) return 1;
     return 0;
 }
 
+/* The sources open_batch accepts: 4-byte IPv4 and 16-byte IPv6 addresses. */
+typedef struct {
+    const unsigned char *v4, *v6;
+    Py_ssize_t v4_len, v6_len;
+} Sources;
+
 /* One message of the session (rule 2's stages); returns 0 when libcrypto itself failed. */
 static int open_one(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *msg,
-                    Py_ssize_t len, uint64_t limit, Window *w, const unsigned char *allowed,
-                    Py_ssize_t allowed_len, unsigned char *plain, Py_ssize_t *accepted,
-                    Py_ssize_t *counts) {
+                    Py_ssize_t len, uint64_t limit, Window *w, const Sources *sources,
+                    unsigned char *plain, Py_ssize_t *accepted, Py_ssize_t *counts) {
     uint64_t counter = get_le64(msg + 8);
     *accepted = -1;
     if (counter >= limit) {
@@ -358,11 +365,20 @@ static int open_one(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigne
     }
     window_update(w, counter);
     counts[AUTHENTICATED]++;
+    int allowed;
     if (n == 0) {
         counts[KEEPALIVES]++;
-    } else if (n < 20 || plain[0] < 0x45 || plain[0] > 0x4F || (plain[2] << 8 | plain[3]) != n) {
-        counts[NOT_IPV4]++;
-    } else if (!source_allowed(plain + 12, allowed, allowed_len)) {
+        return 1;
+    }
+    if (n >= 20 && plain[0] >= 0x45 && plain[0] <= 0x4F && (plain[2] << 8 | plain[3]) == n) {
+        allowed = source_allowed(plain + 12, sources->v4, sources->v4_len, 4);
+    } else if (n >= 40 && plain[0] >> 4 == 6 && 40 + (plain[4] << 8 | plain[5]) == n) {
+        allowed = source_allowed(plain + 8, sources->v6, sources->v6_len, 16);
+    } else {
+        counts[NOT_IPV4]++; /* not an IP packet: core/fastpath.py NOT_IP */
+        return 1;
+    }
+    if (!allowed) {
         counts[BAD_SOURCE]++;
     } else {
         counts[BYTES_OPENED] += n;
@@ -422,13 +438,15 @@ fail:
 }
 
 static PyObject *open_batch(PyObject *self, PyObject *args) {
-    const unsigned char *key, *allowed;
-    Py_ssize_t key_len, allowed_len, start;
+    const unsigned char *key;
+    Py_ssize_t key_len, start;
     unsigned long long index, limit;
     PyObject *index_obj, *limit_obj, *window_obj, *datagrams, *start_obj;
+    Sources sources = {NULL, (const unsigned char *)"", 0, 0}; /* allowed6 is optional */
     (void)self;
-    if (!PyArg_ParseTuple(args, "y#OOOy#OO:open_batch", &key, &key_len, &index_obj, &limit_obj,
-                          &window_obj, &allowed, &allowed_len, &datagrams, &start_obj))
+    if (!PyArg_ParseTuple(args, "y#OOOy#OO|y#:open_batch", &key, &key_len, &index_obj,
+                          &limit_obj, &window_obj, &sources.v4, &sources.v4_len, &datagrams,
+                          &start_obj, &sources.v6, &sources.v6_len))
         return NULL;
     if (key_len != KEY_LEN) {
         PyErr_SetString(PyExc_ValueError, "open_batch: a 32-byte key");
@@ -464,8 +482,8 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
             if (len < OVERHEAD || len > INT_MAX || get_le32(msg) != TYPE_DATA
                 || get_le32(msg + 4) != (uint32_t)index)
                 break; /* not this session's: the caller's */
-            ok = open_one(ctx, NULL, msg, len, (uint64_t)limit, &w, allowed, allowed_len,
-                          scratch + used, &n, counts);
+            ok = open_one(ctx, NULL, msg, len, (uint64_t)limit, &w, &sources, scratch + used, &n,
+                          counts);
             if (ok && n >= 0) {
                 spans[accepted].offset = used;
                 spans[accepted].len = n;
@@ -549,8 +567,8 @@ static PyMethodDef methods[] = {
     {"seal_batch", seal_batch, METH_VARARGS,
      "seal_batch(key, receiver_index, counter, packets) -> bytes: core/fastpath.py rule 1"},
     {"open_batch", open_batch, METH_VARARGS,
-     "open_batch(key, receiver_index, limit, window, allowed, datagrams, start)"
-     " -> (stop, packets, counts): core/fastpath.py rule 2"},
+     "open_batch(key, receiver_index, limit, window, allowed, datagrams, start, allowed6=b'')"
+     " -> (stop, packets, counts): core/fastpath.py rule 2 (allowed6 positional only)"},
     {"segment", fp_segment, METH_VARARGS,
      "segment(packet, ihl, thl, total, mss, out) -> stride: core/batch.py _segment"},
     {"coalesce", fp_coalesce, METH_VARARGS,

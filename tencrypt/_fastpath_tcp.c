@@ -7,7 +7,9 @@
 #define FIN 0x01
 #define PSH 0x08
 #define CWR 0x80
-#define IP_MAX 65535 /* the IPv4 total length field */
+#define IP_MAX 65535   /* the IPv4 total length field; one IPv6 packet's bound here too */
+#define IPV6_HLEN 40   /* the fixed IPv6 header (RFC 8200 §3); no extension headers here */
+#define TCP_PROTO 6
 
 /* Sum of big-endian 16-bit words (an odd last byte padded with zero), modulo 0xFFFF. On a
  * little-endian machine 8 bytes at a time: the sum of the byte-swapped words times 256 is the
@@ -58,10 +60,12 @@ static int as_ssize(PyObject *obj, Py_ssize_t *out) {
 /* segment(packet, ihl, thl, total, mss, out) -> stride: the super-packet's segments written
  * into ``out``, segment i at i * stride (hlen + mss rounded up to 4), the last one hlen + the
  * rest of the payload long: byte for byte what core/batch.py's _segment makes. Every argument
- * is checked before any arithmetic on it (core/batch.py ``segmentable``: header lengths,
- * mss > 0, hlen + mss within an IPv4 packet, total within the packet; then the segments'
- * count against ``out``): outside those bounds nothing is written and the stride is 0, as in
- * the pure twin. Constant work per call: the loop below is unchanged. */
+ * is checked before any arithmetic on it (core/batch.py ``segmentable``: header lengths —
+ * ihl exactly 40 when the packet's first nibble is 6 —, mss > 0, hlen + mss within 65535,
+ * total within the packet; then the segments' count against ``out``): outside those bounds
+ * nothing is written and the stride is 0, as in the pure twin. IPv6 (core/batch.py rule 2a):
+ * the payload length per segment, no IP checksum or id, the TCP checksum over the IPv6
+ * pseudo-header (RFC 8200 §8.1). Constant work per call: the loop below is unchanged. */
 PyObject *fp_segment(PyObject *self, PyObject *args) {
     Py_buffer pkt, out;
     PyObject *ihl_obj, *thl_obj, *total_obj, *mss_obj;
@@ -77,7 +81,9 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t hlen = 0, payload = 0, n = 0, stride = 0;
-    if (ihl >= 20 && ihl <= 60 && ihl % 4 == 0 && thl >= 20 && thl <= 60 && thl % 4 == 0
+    int v6 = pkt.len > 0 && ((const unsigned char *)pkt.buf)[0] >> 4 == 6;
+    if ((v6 ? ihl == IPV6_HLEN : ihl >= 20 && ihl <= 60 && ihl % 4 == 0)
+        && thl >= 20 && thl <= 60 && thl % 4 == 0
         && mss >= 1 && mss <= IP_MAX - ihl - thl && total >= ihl + thl && total <= pkt.len) {
         hlen = ihl + thl; /* each term bounded above: no overflow from here on */
         payload = total - hlen;
@@ -96,7 +102,8 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
     unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
     uint32_t seq0 = (uint32_t)src[ihl + 4] << 24 | (uint32_t)src[ihl + 5] << 16
                     | (uint32_t)src[ihl + 6] << 8 | src[ihl + 7];
-    uint64_t pseudo = be_sum(src + 12, 8) + 6;  /* addresses and protocol; length per row */
+    /* addresses and protocol; the length per row */
+    uint64_t pseudo = (v6 ? be_sum(src + 8, 32) : be_sum(src + 12, 8)) + TCP_PROTO;
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned char *row = buf + i * stride;
         Py_ssize_t size = i < n - 1 ? mss : payload - (n - 1) * mss;
@@ -106,9 +113,13 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
         else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
         memmove(row, src, (size_t)hlen); /* out may be packet's own buffer: no memcpy UB */
         memmove(row + hlen, src + hlen + i * mss, (size_t)size);
-        put_be16(row + 2, (unsigned)(hlen + size));
-        put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
-        put_be16(row + 10, 0);
+        if (v6) {
+            put_be16(row + 4, (unsigned)(thl + size));
+        } else {
+            put_be16(row + 2, (unsigned)(hlen + size));
+            put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
+            put_be16(row + 10, 0);
+        }
         uint32_t seq = seq0 + (uint32_t)((uint64_t)i * (uint64_t)mss);
         row[ihl + 4] = (unsigned char)(seq >> 24);
         row[ihl + 5] = (unsigned char)(seq >> 16);
@@ -116,7 +127,7 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
         row[ihl + 7] = (unsigned char)seq;
         row[ihl + 13] = (unsigned char)row_flags;
         put_be16(row + ihl + 16, 0);
-        put_be16(row + 10, csum_field(be_sum(row, ihl)));
+        if (!v6) put_be16(row + 10, csum_field(be_sum(row, ihl)));
         uint64_t tcp = be_sum(row + ihl, thl + size) + pseudo + (uint64_t)(thl + size);
         put_be16(row + ihl + 16, csum_field(tcp));
     }
@@ -145,17 +156,35 @@ static uint32_t be32(const unsigned char *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* batch.py _run_start: 1 and the fields when ``p`` may start a run, else 0. */
-static int run_start(const unsigned char *p, Py_ssize_t len, Py_ssize_t *hlen, Py_ssize_t *mss,
-                     uint32_t *seq, unsigned *flags) {
+/* The IP packet's length as its header says: IPv4's total length, or 40 + IPv6's payload
+ * length (``p`` holds at least 6 bytes). */
+static Py_ssize_t ip_total(const unsigned char *p, int v6) {
+    return v6 ? IPV6_HLEN + (Py_ssize_t)be16(p + 4) : (Py_ssize_t)be16(p + 2);
+}
+
+/* batch.py _run_start: 1 and the fields when ``p`` may start a run, else 0: IPv4, or IPv6
+ * without extension headers. */
+static int run_start(const unsigned char *p, Py_ssize_t len, Py_ssize_t *ihl_out,
+                     Py_ssize_t *hlen, Py_ssize_t *mss, uint32_t *seq, unsigned *flags) {
     if (len < 40) return 0;
-    Py_ssize_t ihl = (p[0] & 0x0F) << 2, total = be16(p + 2);
-    if (p[0] >> 4 != 4 || ihl < 20 || p[9] != 6 || (be16(p + 6) & 0x3FFF) || total > len)
-        return 0;
+    Py_ssize_t ihl, total;
+    if (p[0] >> 4 == 6) {
+        if (len < IPV6_HLEN + 20 || p[6] != TCP_PROTO) return 0;
+        ihl = IPV6_HLEN;
+        total = ip_total(p, 1);
+        if (total > len) return 0;
+    } else {
+        ihl = (p[0] & 0x0F) << 2;
+        total = ip_total(p, 0);
+        if (p[0] >> 4 != 4 || ihl < 20 || p[9] != TCP_PROTO || (be16(p + 6) & 0x3FFF)
+            || total > len)
+            return 0;
+    }
     if (total < ihl + 20) return 0;
     Py_ssize_t h = ihl + ((p[ihl + 12] >> 4) << 2);
     unsigned f = p[ihl + 13];
     if (!(ihl + 20 <= h && h < total) || (f & (SYN | RST | URG))) return 0;
+    *ihl_out = ihl;
     *hlen = h;
     *mss = total - h;
     *seq = be32(p + ihl + 4);
@@ -164,12 +193,13 @@ static int run_start(const unsigned char *p, Py_ssize_t len, Py_ssize_t *hlen, P
 }
 
 /* Equal under batch.py _key_mask: all of the first hlen bytes but IP total length, id and
- * checksum, TCP seq, flags and checksum. */
+ * checksum (IPv6: the payload length), TCP seq, flags and checksum. The version nibble is
+ * compared: an IPv4 and an IPv6 packet never match. */
 static int same_key(const unsigned char *a, const unsigned char *b, Py_ssize_t ihl,
-                    Py_ssize_t hlen) {
+                    Py_ssize_t hlen, int v6) {
     for (Py_ssize_t i = 0; i < hlen; i++) {
-        if ((i >= 2 && i < 6) || (i >= 10 && i < 12) || (i >= ihl + 4 && i < ihl + 8)
-            || i == ihl + 13 || (i >= ihl + 16 && i < ihl + 18))
+        if ((v6 ? (i >= 4 && i < 6) : ((i >= 2 && i < 6) || (i >= 10 && i < 12)))
+            || (i >= ihl + 4 && i < ihl + 8) || i == ihl + 13 || (i >= ihl + 16 && i < ihl + 18))
             continue;
         if (a[i] != b[i]) return 0;
     }
@@ -181,20 +211,26 @@ static Py_ssize_t merge_into(unsigned char *out, const Piece *bufs, const Item *
                              int partial) {
     const unsigned char *head = bufs[it->first].buf;
     Py_ssize_t hlen = it->hlen, pos = hlen + it->mss;
+    int v6 = head[0] >> 4 == 6;
     memcpy(out, head, (size_t)pos);
     for (Py_ssize_t k = 1; k < it->count; k++) {
         const unsigned char *p = bufs[it->first + k].buf;
-        Py_ssize_t total = be16(p + 2);
+        Py_ssize_t total = ip_total(p, v6);
         memcpy(out + pos, p + hlen, (size_t)(total - hlen));
         pos += total - hlen;
     }
-    Py_ssize_t ihl = (out[0] & 0x0F) << 2;
+    Py_ssize_t ihl = v6 ? IPV6_HLEN : (out[0] & 0x0F) << 2;
     out[ihl + 13] |= (unsigned char)(it->last_flags & (PSH | FIN));
-    put_be16(out + 2, (unsigned)pos);
-    put_be16(out + 10, 0);
     put_be16(out + ihl + 16, 0);
-    put_be16(out + 10, csum_field(be_sum(out, ihl)));
-    uint64_t pseudo = be_sum(out + 12, 8) + 6 + (uint64_t)(pos - ihl);
+    if (v6) {
+        put_be16(out + 4, (unsigned)(pos - IPV6_HLEN));
+    } else {
+        put_be16(out + 2, (unsigned)pos);
+        put_be16(out + 10, 0);
+        put_be16(out + 10, csum_field(be_sum(out, ihl)));
+    }
+    uint64_t pseudo = (v6 ? be_sum(out + 8, 32) : be_sum(out + 12, 8)) + TCP_PROTO
+                      + (uint64_t)(pos - ihl);
     unsigned ck;
     if (partial) {
         ck = (unsigned)(pseudo % 0xFFFF);
@@ -211,12 +247,13 @@ static Py_ssize_t plan_runs(const Piece *bufs, Py_ssize_t n, Item *items) {
     Py_ssize_t m = 0, hlen = 0, mss = 0, room = 0, ihl = 20;
     uint32_t next_seq = 0;
     unsigned open_flags = 0;
+    int v6 = 0; /* the open run's family */
     Item *run = NULL; /* the open run, if any */
     for (Py_ssize_t i = 0; i < n; i++) {
         const unsigned char *p = bufs[i].buf;
         Py_ssize_t len = bufs[i].len;
-        if (run != NULL && len > hlen && same_key(p, bufs[run->first].buf, ihl, hlen)) {
-            Py_ssize_t total = be16(p + 2), plen = total - hlen;
+        if (run != NULL && len > hlen && same_key(p, bufs[run->first].buf, ihl, hlen, v6)) {
+            Py_ssize_t total = ip_total(p, v6), plen = total - hlen;
             uint32_t seq = be32(p + ihl + 4);
             unsigned flags = p[ihl + 13];
             if (seq == next_seq && 0 < plen && plen <= mss && plen <= room && total <= len
@@ -239,13 +276,16 @@ static Py_ssize_t plan_runs(const Piece *bufs, Py_ssize_t n, Item *items) {
         it->hlen = it->mss = 0;
         uint32_t seq;
         unsigned flags;
-        if (!run_start(p, len, &it->hlen, &it->mss, &seq, &flags) || (flags & (PSH | FIN))) {
+        Py_ssize_t start_ihl;
+        if (!run_start(p, len, &start_ihl, &it->hlen, &it->mss, &seq, &flags)
+            || (flags & (PSH | FIN))) {
             it->mss = 0; /* passed through as it is */
             continue;
         }
         hlen = it->hlen;
         mss = it->mss;
-        ihl = (p[0] & 0x0F) << 2;
+        ihl = start_ihl;
+        v6 = p[0] >> 4 == 6;
         next_seq = seq + (uint32_t)mss;
         room = IP_MAX - hlen - mss;
         open_flags = flags & ~(unsigned)CWR;

@@ -7,13 +7,24 @@ Rules:
    ``tun_is_little_endian``). ``hdr_len`` from the kernel is only a hint (the linear length), so
    header lengths are always read from the IP and TCP headers themselves.
 2. ``split_tcp_batch`` segments as the kernel's GSO does (net/ipv4/af_inet.c
-   ``inet_gso_segment``, net/ipv4/tcp_offload.c ``tcp_gso_segment``): every segment carries
-   the IP and TCP headers with their options; IP id counts up from the super-packet's, total
-   length is per segment; TCP seq advances by ``gso_size``; FIN and PSH stay on the last
-   segment only, CWR on the first only; both checksums are computed in full, since the kernel
-   hands the TCP one partial (``VIRTIO_NET_HDR_F_NEEDS_CSUM``: only the pseudo-header sum).
-   A frame without GSO that needs its checksum gets it completed the way
-   ``skb_checksum_help`` does: sum from ``csum_start`` to the end, folded, complemented.
+   ``inet_gso_segment``, net/ipv6/ip6_offload.c ``ipv6_gso_segment``, net/ipv4/tcp_offload.c
+   ``tcp_gso_segment``): every segment carries the IP and TCP headers with their options; IP id
+   counts up from the super-packet's, total length is per segment; TCP seq advances by
+   ``gso_size``; FIN and PSH stay on the last segment only, CWR on the first only; both
+   checksums are computed in full, since the kernel hands the TCP one partial
+   (``VIRTIO_NET_HDR_F_NEEDS_CSUM``: only the pseudo-header sum). GSO_ECN changes nothing: the
+   CWR rule is the whole of it. A frame without GSO that needs its checksum gets it completed
+   the way ``skb_checksum_help`` does: sum from ``csum_start`` to the end, folded, complemented.
+2a. IPv6 (RFC 8200; gso_type TCPV6): the same segments with the IPv6 header's rules instead —
+   no IP checksum and no id; the payload length (bytes 4-5, everything after the fixed
+   40-byte header) is per segment; the TCP checksum covers the IPv6 pseudo-header (RFC 8200
+   §8.1: both 128-bit addresses, the upper-layer length, next header 6). Traffic class, flow
+   label and hop limit are copied unchanged. Extension headers are refused: a TCPV6
+   super-packet whose next header is not TCP is MALFORMED_PACKET (never cut with a wrong
+   pseudo-header or a wrong TCP offset); the kernel's TCP puts none on its own segments
+   unless an application sets IPV6_HOPOPTS/RTHDR/DSTOPTS on its socket. The "ihl" of an
+   IPv6 packet, wherever this module and core/fastpath.py take one, is 40. A packet's family
+   is its version nibble; a gso_type of the other family is MALFORMED_PACKET.
 3. Vectorised: the segments are rows of one NumPy array at a 4-byte aligned stride; a single
    reduction sums every row. Ones' complement arithmetic is arithmetic modulo 0xFFFF
    (2**16 == 1): a little-endian word sum times 256 is the big-endian sum (RFC 1071 §2 (B)),
@@ -26,14 +37,19 @@ Rules:
    without GSO comes back as a view into
    ``frame`` itself when that is writable (a reused read buffer: valid until the next read),
    as a copy when it is not.
-5. Bad input never raises: the frame is dropped with ``Stats.drop`` (NOT_IPV4 or
-   MALFORMED_PACKET) and the result is an empty list. Any exception here is a bug.
+5. Bad input never raises: the frame is dropped with ``Stats.drop`` (NOT_IPV4: neither IPv4
+   nor IPv6; or MALFORMED_PACKET) and the result is an empty list. Any exception here is a bug.
 6. ``coalesce_batch`` applies GRO's rule (tcp_offload.c ``tcp_gro_receive``) to *consecutive*
    packets: same IP header but for id, length and checksum; same TCP header but for seq,
    checksum and flags; contiguous seq; every segment but the last of exactly the first one's
    payload size (so that the result can be re-segmented into the same packets); PSH or FIN
    only on the last, CWR only on the first; no SYN, RST or URG; at most 65535 bytes. Pure
    ACKs (no payload), non-TCP packets and fragments pass through as the same objects.
+   IPv6 alike (``ipv6_gro_receive``): the same IPv6 header but for the payload length — so
+   the same addresses, traffic class, flow label and hop limit — and no extension headers
+   (a segment whose next header is not TCP passes through). The 65535-byte bound holds for
+   the whole packet in both families. The version nibble is part of the compared bytes: an
+   IPv4 and an IPv6 packet never merge.
 7. ``Rows`` is a batch of packets laid out in one buffer: packet ``i`` at ``i * stride``, each
    ``size`` bytes long but the last, which is ``last`` bytes (``0 <= last <= size <= stride``,
    and the stride no longer than the buffer).
@@ -45,8 +61,10 @@ Rules:
 8. What can be cut is one predicate, ``segmentable``, shared by ``split_tcp_batch`` (a frame
    outside it is MALFORMED_PACKET) and both backends' ``segment`` (outside it: nothing
    written, stride 0): IP and TCP header lengths 20-60 and multiples of 4, ``gso_size`` at
-   least 1 and at most what fits in one IPv4 packet with the headers (65535), the packet's
-   total length at least its headers and at most the bytes there are.
+   least 1 and at most what fits in one 65535-byte packet with the headers, the packet's
+   total length at least its headers and at most the bytes there are. For an IPv6 packet
+   (version nibble 6) the IP header length is exactly 40 (rule 2a) and "total length" is 40
+   plus its payload length.
 """
 
 from __future__ import annotations
@@ -86,7 +104,8 @@ def is_super_packet(frame: Buffer) -> bool:
 # TCP flags (RFC 793 §3.1, RFC 3168 §6.1 for ECE/CWR); protocol numbers come from core.packet
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 TCP_CSUM_OFFSET = 16  # offsetof(struct tcphdr, check)
-IP_MAX = 65535  # the IPv4 total length field
+IP_MAX = 65535  # the IPv4 total length field; also the bound of one IPv6 packet here (rule 8)
+IPV6_HLEN = 40  # the fixed IPv6 header (RFC 8200 §3)
 
 _IP = struct.Struct("!BxHHHBBHII")  # ver/ihl, total, id, flags/frag, ttl, proto, csum, src, dst
 _U16 = struct.Struct("!H")
@@ -104,7 +123,7 @@ class VnetHdr:
 
 
 class Coalesced(NamedTuple):
-    """An IPv4 packet out of ``coalesce_batch``: merged (``gso_size`` > 0, the payload size of
+    """An IP packet out of ``coalesce_batch``: merged (``gso_size`` > 0, the payload size of
     each segment it holds) or an input packet passed through as it was (``gso_size`` 0)."""
 
     packet: Buffer
@@ -128,19 +147,21 @@ def build_vnet_hdr(hdr: VnetHdr) -> bytes:
 
 
 def build_gso_vnet_hdr(packet: Buffer, gso_size: int) -> bytes:
-    """The header to write ``packet`` to a TUN: TSO (TCPV4) when ``gso_size`` > 0, else none.
+    """The header to write ``packet`` to a TUN: TSO (TCPV4, or TCPV6 for an IPv6 packet) when
+    ``gso_size`` > 0, else none.
 
-    The kernel refuses a TCPV4 frame unless it asks for the checksum at the TCP checksum field
+    The kernel refuses a TSO frame unless it asks for the checksum at the TCP checksum field
     (include/linux/virtio_net.h ``__virtio_net_hdr_to_skb``), so NEEDS_CSUM is set; the field
     then has to hold the pseudo-header sum: coalesce with ``partial=True``.
     """
     if gso_size <= 0 or len(packet) < 20:
         return bytes(VNET_HDR_LEN)
-    ihl = (packet[0] & 0x0F) << 2
+    v6 = packet[0] >> 4 == 6
+    ihl = IPV6_HLEN if v6 else (packet[0] & 0x0F) << 2
     thl = (packet[ihl + 12] >> 4) << 2 if len(packet) >= ihl + 13 else 20
     return _VNET.pack(
         VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        VIRTIO_NET_HDR_GSO_TCPV4,
+        VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4,
         ihl + thl,
         gso_size,
         ihl,
@@ -149,12 +170,22 @@ def build_gso_vnet_hdr(packet: Buffer, gso_size: int) -> bytes:
 
 
 def rewrite_partial_csum(pkt: bytearray | memoryview) -> None:
-    """Set a TCP/IPv4 packet's checksum field to its pseudo-header sum (CHECKSUM_PARTIAL), as a
+    """Set a TCP packet's checksum field to its pseudo-header sum (CHECKSUM_PARTIAL), as a
     TUN write with NEEDS_CSUM wants it — after an address rewrite (NAT), whose incremental
-    update assumes a complete checksum and would leave a partial one wrong."""
-    ihl = (pkt[0] & 0x0F) << 2
+    update assumes a complete checksum and would leave a partial one wrong. IPv4, or IPv6
+    without extension headers (what ``coalesce_batch`` merges)."""
+    ihl = IPV6_HLEN if pkt[0] >> 4 == 6 else (pkt[0] & 0x0F) << 2
+    _U16.pack_into(pkt, ihl + 16, (_pseudo_base(pkt) + len(pkt) - ihl) % _M or _M)
+
+
+def _pseudo_base(pkt: Buffer) -> int:
+    """The TCP pseudo-header's sum but its length: the addresses and the protocol (RFC 793
+    §3.1; RFC 8200 §8.1 for IPv6: both 128-bit addresses, next header 6), modulo 0xFFFF or
+    not (callers reduce)."""
+    if pkt[0] >> 4 == 6:
+        return ones_sum(pkt, 8, IPV6_HLEN) + TCP
     src, dst = _IP.unpack_from(pkt, 0)[7:9]
-    _U16.pack_into(pkt, ihl + 16, pseudo_sum(src, dst, TCP, len(pkt) - ihl) % _M or _M)
+    return pseudo_sum(src, dst, TCP, 0)
 
 
 # --- checksums (RFC 1071), modulo 0xFFFF --------------------------------------------------------
@@ -247,20 +278,30 @@ class Rows(Sequence[memoryview]):
 def split_tcp_batch(
     frame: Buffer, stats: Stats, out: bytearray | None = None, segment: Segmenter | None = None
 ) -> Sequence[memoryview]:
-    """The IPv4 packets of one frame read from tenc0 with a virtio-net header (rules 2-5).
+    """The IP packets of one frame read from tenc0 with a virtio-net header (rules 2-5).
 
-    A TSO super-packet becomes its ``gso_size`` segments; any other IPv4 packet comes back as
-    one packet, its checksum completed if the header asks for it. ``segment`` (with an ``out``
-    big enough) does the cutting instead of NumPy, byte for byte the same.
+    A TSO super-packet (TCPV4, or TCPV6: rule 2a) becomes its ``gso_size`` segments; any other
+    IPv4 or IPv6 packet comes back as one packet, its checksum completed if the header asks
+    for it. ``segment`` (with an ``out`` big enough) does the cutting instead of NumPy, byte
+    for byte the same.
     """
     if len(frame) < VNET_HDR_LEN + 20:
         stats.drop(DropReason.MALFORMED_PACKET)
         return []
     flags, gso_type, _hint, gso_size, csum_start, csum_offset = _VNET.unpack_from(frame, 0)
     pkt = memoryview(frame)[VNET_HDR_LEN:]
-    vihl, total, _id, frag, _ttl, proto, _ck, _src, _dst = _IP.unpack_from(pkt, 0)
-    ihl = (vihl & 0x0F) << 2
-    if vihl >> 4 != 4:
+    version = pkt[0] >> 4
+    if version == 6:
+        if len(pkt) < IPV6_HLEN:
+            stats.drop(DropReason.MALFORMED_PACKET)
+            return []
+        ihl, total, frag, proto = IPV6_HLEN, IPV6_HLEN + (pkt[4] << 8 | pkt[5]), 0, pkt[6]
+        tso, floor = VIRTIO_NET_HDR_GSO_TCPV6, IPV6_HLEN
+    elif version == 4:
+        vihl, total, _id, frag, _ttl, proto, _ck, _src, _dst = _IP.unpack_from(pkt, 0)
+        ihl = (vihl & 0x0F) << 2
+        tso, floor = VIRTIO_NET_HDR_GSO_TCPV4, 20
+    else:
         stats.drop(DropReason.NOT_IPV4)
         return []
     if ihl < 20 or total < ihl or total > len(pkt):
@@ -268,25 +309,23 @@ def split_tcp_batch(
         return []
     kind = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
     if kind == VIRTIO_NET_HDR_GSO_NONE:
-        return _complete(pkt[:total], proto, flags, csum_start, csum_offset, stats)
-    if kind != VIRTIO_NET_HDR_GSO_TCPV4 or proto != TCP or frag & 0x3FFF or gso_size == 0:
-        stats.drop(
-            DropReason.NOT_IPV4 if kind == VIRTIO_NET_HDR_GSO_TCPV6 else DropReason.MALFORMED_PACKET
-        )
+        return _complete(pkt[:total], proto, flags, (csum_start, csum_offset, floor), stats)
+    if kind != tso or proto != TCP or frag & 0x3FFF or gso_size == 0:
+        stats.drop(DropReason.MALFORMED_PACKET)  # IPv6: extension headers too (rule 2a)
         return []
     thl = (pkt[ihl + 12] >> 4) << 2 if total >= ihl + 20 else 0
-    if not segmentable(ihl, thl, total, gso_size, len(pkt)):
+    if not segmentable(ihl, thl, total, gso_size, len(pkt), version):
         stats.drop(DropReason.MALFORMED_PACKET)
         return []
     return _segment(pkt, ihl, thl, total, gso_size, out, segment)
 
 
-def segmentable(ihl: int, thl: int, total: int, mss: int, available: int) -> bool:
-    """Rule 8: can a super-packet with these header lengths, total length and gso_size, in a
-    buffer of ``available`` bytes, be cut into segments?"""
+def segmentable(ihl: int, thl: int, total: int, mss: int, available: int, version: int = 4) -> bool:
+    """Rule 8: can a super-packet of this IP version (its first nibble; anything but 6 is
+    IPv4's rules) with these header lengths, total length and gso_size, in a buffer of
+    ``available`` bytes, be cut into segments?"""
     return (
-        20 <= ihl <= 60
-        and ihl % 4 == 0
+        (ihl == IPV6_HLEN if version == 6 else 20 <= ihl <= 60 and ihl % 4 == 0)
         and 20 <= thl <= 60
         and thl % 4 == 0
         and 1 <= mss <= IP_MAX - ihl - thl
@@ -295,14 +334,18 @@ def segmentable(ihl: int, thl: int, total: int, mss: int, available: int) -> boo
 
 
 def _complete(
-    pkt: memoryview, proto: int, flags: int, start: int, offset: int, stats: Stats
+    pkt: memoryview, proto: int, flags: int, csum: tuple[int, int, int], stats: Stats
 ) -> list[memoryview]:
-    """One packet, writable; its checksum completed when NEEDS_CSUM asks (skb_checksum_help)."""
+    """One packet, writable; its checksum completed when NEEDS_CSUM asks (skb_checksum_help).
+    ``csum`` is the header's csum_start and csum_offset, and the lowest start that does not
+    reach into the IP header (20; 40 for IPv6). ``proto`` is IPv6's next header: after an
+    extension header a UDP checksum of 0 is not turned into 0xFFFF (a one in 65535 case)."""
+    start, offset, floor = csum
     if pkt.readonly:
         pkt = memoryview(bytearray(pkt))
     if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
         at = start + offset
-        if start < 20 or at + 2 > len(pkt):
+        if start < floor or at + 2 > len(pkt):
             stats.drop(DropReason.MALFORMED_PACKET)
             return []
         ck = csum_field(ones_sum(pkt, start, len(pkt)))
@@ -343,11 +386,16 @@ def _segment(
         buf = bytearray(size)
         out = None
     rows = np.frombuffer(buf, dtype=np.uint8, count=size).reshape(n, stride)
+    v6 = pkt[0] >> 4 == 6  # rule 2a: payload length at byte 4, no IP checksum, no id
     # 1. every row: the super-packet's headers, with the fields shared by the middle rows
     head = bytearray(pkt[:hlen])
     flags = head[ihl + 13]
-    _U16.pack_into(head, 2, hlen + mss)
-    head[10:12] = head[ihl + 16 : ihl + 18] = b"\0\0"
+    if v6:
+        _U16.pack_into(head, 4, thl + mss)
+    else:
+        _U16.pack_into(head, 2, hlen + mss)
+        head[10:12] = b"\0\0"
+    head[ihl + 16 : ihl + 18] = b"\0\0"
     head[ihl + 13] = flags & ~(FIN | PSH | CWR)
     rows[:, :hlen] = np.frombuffer(head, dtype=np.uint8)
     # 2. payload, mss bytes a row; zero padding so the row sums see nothing else
@@ -363,7 +411,8 @@ def _segment(
     be16 = rows.view(">u2")
     ident = int(_U16.unpack_from(pkt, 4)[0])
     ids = np.arange(ident, ident + n, dtype=np.int64) & 0xFFFF
-    be16[:, 2] = ids
+    if not v6:
+        be16[:, 2] = ids
     seq0 = int.from_bytes(pkt[ihl + 4 : ihl + 8], "big")
     seqs = np.arange(n, dtype=np.int64) * mss + seq0
     be16[:, (ihl >> 1) + 2] = (seqs >> 16) & 0xFFFF
@@ -371,15 +420,18 @@ def _segment(
     rows[0, ihl + 13] = flags & ~(FIN | PSH) if n > 1 else flags
     if n > 1:
         rows[full, ihl + 13] = flags & ~CWR
-    be16[full, 1] = hlen + last
-    # 4. checksums: IP from the shared header's sum plus each row's id; TCP by one row reduction
-    ip_base = ones_sum(head, 0, ihl) - ident
-    ip_ck = -(ids + ip_base) % _M
-    ip_ck[full] = csum_field(ip_base + int(ids[full]) + last - mss)
-    be16[:, 5] = ip_ck
+    if v6:
+        be16[full, 2] = thl + last
+    else:
+        be16[full, 1] = hlen + last
+        # 4. checksums: IP from the shared header's sum plus each row's id
+        ip_base = ones_sum(head, 0, ihl) - ident
+        ip_ck = -(ids + ip_base) % _M
+        ip_ck[full] = csum_field(ip_base + int(ids[full]) + last - mss)
+        be16[:, 5] = ip_ck
+    # 4. TCP checksums by one row reduction
     le = rows.view("<u4")[:, ihl >> 2 :].sum(axis=1, dtype=np.uint64)
-    src, dst = _IP.unpack_from(pkt, 0)[7:9]
-    pseudo = pseudo_sum(src, dst, TCP, thl + mss)
+    pseudo = _pseudo_base(pkt) + thl + mss
     tcp = (le % _M) * 256 + pseudo
     tcp[full] += last - mss + _M
     be16[:, (ihl >> 1) + 8] = (-tcp.astype(np.int64)) % _M
@@ -399,26 +451,33 @@ def _segment_rows(
     n, last, stride, size = geometry
     hlen = ihl + thl
     buf = out if out is not None and len(out) >= size else bytearray(size)
+    v6 = pkt[0] >> 4 == 6  # rule 2a
     head = bytearray(pkt[:hlen])
     flags = head[ihl + 13]
-    head[10:12] = head[ihl + 16 : ihl + 18] = b"\0\0"
+    if not v6:
+        head[10:12] = b"\0\0"
+    head[ihl + 16 : ihl + 18] = b"\0\0"
     ident = int(_U16.unpack_from(pkt, 4)[0])
     seq0 = int.from_bytes(pkt[ihl + 4 : ihl + 8], "big")
-    src, dst = _IP.unpack_from(pkt, 0)[7:9]
+    pseudo = _pseudo_base(pkt)
     for i in range(n):
         at, size_i = i * stride, last if i == n - 1 else mss
         row = memoryview(buf)[at : at + stride]
         row[:hlen] = head
         row[hlen : hlen + size_i] = pkt[hlen + i * mss : hlen + i * mss + size_i]
         row[hlen + size_i :] = bytes(stride - hlen - size_i)
-        _U16.pack_into(row, 2, hlen + size_i)
-        _U16.pack_into(row, 4, (ident + i) & 0xFFFF)
+        if v6:
+            _U16.pack_into(row, 4, thl + size_i)
+        else:
+            _U16.pack_into(row, 2, hlen + size_i)
+            _U16.pack_into(row, 4, (ident + i) & 0xFFFF)
         row[ihl + 4 : ihl + 8] = ((seq0 + i * mss) & 0xFFFFFFFF).to_bytes(4, "big")
         f = flags & ~(FIN | PSH) if i < n - 1 else flags
         row[ihl + 13] = f & ~CWR if i > 0 else f
-        _U16.pack_into(row, 10, csum_field(ones_sum(row, 0, ihl)))
-        pseudo = pseudo_sum(src, dst, TCP, thl + size_i)
-        _U16.pack_into(row, ihl + 16, csum_field(ones_sum(row, ihl, stride) + pseudo))
+        if not v6:
+            _U16.pack_into(row, 10, csum_field(ones_sum(row, 0, ihl)))
+        tcp = ones_sum(row, ihl, stride) + pseudo + thl + size_i
+        _U16.pack_into(row, ihl + 16, csum_field(tcp))
     return Rows(buf, stride, hlen + mss, n, hlen + last)
 
 
@@ -436,11 +495,12 @@ def coalesce_batch(packets: Sequence[Buffer], *, partial: bool = False) -> list[
     result: list[Coalesced] = []
     run: list[Buffer] = []  # the first packet's headers, then every member's payload
     head: Buffer = b""
-    key = mask = next_seq = mss = hlen = room = open_flags = 0
+    key = mask = next_seq = mss = hlen = room = open_flags = extra = 0
     fields = _TAIL[20]
     for pkt in packets:
         if run and len(pkt) > hlen and int.from_bytes(pkt[:hlen], "big") & mask == key:
             total, seq, flags = fields.unpack_from(pkt, 0)
+            total += extra  # IPv6: the payload length field, plus the fixed header
             plen = total - hlen
             if (
                 seq == next_seq
@@ -463,13 +523,17 @@ def coalesce_batch(packets: Sequence[Buffer], *, partial: bool = False) -> list[
         if start is None:
             result.append(Coalesced(pkt, 0))
             continue
-        hlen, mss, seq, flags = start
+        ihl, hlen, mss, seq, flags = start
         if flags & (PSH | FIN):
             result.append(Coalesced(pkt, 0))  # nothing may follow it in a run
             continue
-        ihl = (pkt[0] & 0x0F) << 2
-        fields = _TAIL.get(ihl) or _TAIL.setdefault(ihl, struct.Struct(f"!2xH{ihl}xI5xB"))
-        mask = _key_mask(ihl, hlen)
+        v6 = pkt[0] >> 4 == 6
+        if v6:
+            fields, extra = _TAIL6, IPV6_HLEN
+        else:
+            fields = _TAIL.get(ihl) or _TAIL.setdefault(ihl, struct.Struct(f"!2xH{ihl}xI5xB"))
+            extra = 0
+        mask = _key_mask(ihl, hlen, v6)
         key = int.from_bytes(pkt[:hlen], "big") & mask
         head = pkt
         run = [pkt[: hlen + mss]]
@@ -482,36 +546,46 @@ def coalesce_batch(packets: Sequence[Buffer], *, partial: bool = False) -> list[
 
 
 _TAIL: dict[int, struct.Struct] = {20: struct.Struct("!2xH20xI5xB")}  # total, seq, TCP flags
-_MASKS: dict[tuple[int, int], int] = {}
+_TAIL6 = struct.Struct("!4xH38xI5xB")  # IPv6: payload length, seq, TCP flags
+_MASKS: dict[tuple[int, int, bool], int] = {}
 
 
-def _key_mask(ihl: int, hlen: int) -> int:
+def _key_mask(ihl: int, hlen: int, v6: bool) -> int:
     """Bits of the first ``hlen`` bytes that must be equal across a run: all but IP total
-    length, id and checksum, and TCP seq, flags and checksum."""
-    mask = _MASKS.get((ihl, hlen))
+    length, id and checksum (IPv6: the payload length), and TCP seq, flags and checksum."""
+    mask = _MASKS.get((ihl, hlen, v6))
     if mask is None:
         keep = bytearray(b"\xff" * hlen)
-        for at, size in ((2, 4), (10, 2), (ihl + 4, 4), (ihl + 13, 1), (ihl + 16, 2)):
+        ip = ((4, 2),) if v6 else ((2, 4), (10, 2))
+        for at, size in (*ip, (ihl + 4, 4), (ihl + 13, 1), (ihl + 16, 2)):
             keep[at : at + size] = bytes(size)
-        mask = _MASKS[(ihl, hlen)] = int.from_bytes(keep, "big")
+        mask = _MASKS[(ihl, hlen, v6)] = int.from_bytes(keep, "big")
     return mask
 
 
-def _run_start(pkt: Buffer) -> tuple[int, int, int, int] | None:
-    """(header length, payload length, seq, flags) of a TCP segment that may start a run."""
+def _run_start(pkt: Buffer) -> tuple[int, int, int, int, int] | None:
+    """(IP header length, header length, payload length, seq, flags) of a TCP segment that may
+    start a run: IPv4, or IPv6 without extension headers."""
     if len(pkt) < 40:
         return None
-    vihl, total, _id, frag, _ttl, proto, _ck, _src, _dst = _IP.unpack_from(pkt, 0)
-    ihl = (vihl & 0x0F) << 2
-    if vihl >> 4 != 4 or ihl < 20 or proto != TCP or frag & 0x3FFF or total > len(pkt):
-        return None
+    if pkt[0] >> 4 == 6:
+        if len(pkt) < IPV6_HLEN + 20 or pkt[6] != TCP:
+            return None
+        ihl, total = IPV6_HLEN, IPV6_HLEN + (pkt[4] << 8 | pkt[5])
+        if total > len(pkt):
+            return None
+    else:
+        vihl, total, _id, frag, _ttl, proto, _ck, _src, _dst = _IP.unpack_from(pkt, 0)
+        ihl = (vihl & 0x0F) << 2
+        if vihl >> 4 != 4 or ihl < 20 or proto != TCP or frag & 0x3FFF or total > len(pkt):
+            return None
     if total < ihl + 20:
         return None
     hlen = ihl + ((pkt[ihl + 12] >> 4) << 2)
     flags = pkt[ihl + 13]
     if not ihl + 20 <= hlen < total or flags & (SYN | RST | URG):
         return None
-    return hlen, total - hlen, int.from_bytes(pkt[ihl + 4 : ihl + 8], "big"), flags
+    return ihl, hlen, total - hlen, int.from_bytes(pkt[ihl + 4 : ihl + 8], "big"), flags
 
 
 def _merge(head: Buffer, run: list[Buffer], mss: int, last_flags: int, partial: bool) -> Coalesced:
@@ -520,13 +594,17 @@ def _merge(head: Buffer, run: list[Buffer], mss: int, last_flags: int, partial: 
         return Coalesced(head, 0)
     buf = bytearray().join(run)
     total = len(buf)
-    ihl = (buf[0] & 0x0F) << 2
+    v6 = buf[0] >> 4 == 6
+    ihl = IPV6_HLEN if v6 else (buf[0] & 0x0F) << 2
     buf[ihl + 13] |= last_flags & (PSH | FIN)
-    _U16.pack_into(buf, 2, total)
-    buf[10:12] = buf[ihl + 16 : ihl + 18] = b"\0\0"
-    _U16.pack_into(buf, 10, csum_field(ones_sum(buf, 0, ihl)))
-    src, dst = _IP.unpack_from(buf, 0)[7:9]
-    pseudo = pseudo_sum(src, dst, TCP, total - ihl)
+    buf[ihl + 16 : ihl + 18] = b"\0\0"
+    if v6:
+        _U16.pack_into(buf, 4, total - IPV6_HLEN)
+    else:
+        _U16.pack_into(buf, 2, total)
+        buf[10:12] = b"\0\0"
+        _U16.pack_into(buf, 10, csum_field(ones_sum(buf, 0, ihl)))
+    pseudo = _pseudo_base(buf) + total - ihl
     # partial: folded, not complemented, what a CHECKSUM_PARTIAL skb holds in the field
     ck = pseudo % _M or _M if partial else csum_field(pseudo + ones_sum(buf, ihl, total))
     _U16.pack_into(buf, ihl + 16, ck)

@@ -11,24 +11,33 @@ Rules:
    the messages back to back in one new buffer: the packets of one TSO super-packet (equal
    sizes but the last) come out ready for one UDP GSO send. It cannot fail on input: any
    buffer is a plaintext. The caller owns the counters (``counter + len(packets)`` is next).
-2. ``open_batch(key, receiver_index, limit, window, allowed, datagrams, start)`` walks
+2. ``open_batch(key, receiver_index, limit, window, allowed, datagrams, start, allowed6=b"")``
+   walks
    ``datagrams`` from ``start`` and stops at the first one that is not a data message of this
    session (shorter than 32 bytes, a first word other than 4, another receiver index): it
    returns that position, and the caller hands the rest to ``Tunnel.receive``. Each message
    of the session passes the stages of ``Tunnel._on_data`` in its order: counter at or above
    ``limit`` (EXPIRED), replay check (REPLAY), AEAD (BAD_TAG), replay mark (only now), then
    the plaintext: empty is a keepalive; otherwise an IPv4 packet (first byte 0x45..0x4f, the
-   total length exact: NOT_IPV4) whose source is one of the 4-byte addresses in ``allowed``
-   (BAD_SOURCE) is returned. Nothing raises; every message is counted exactly once.
+   total length exact) whose source is one of the 4-byte addresses in ``allowed``, or an
+   IPv6 packet (first nibble 6, at least 40 bytes, 40 + its payload length exact) whose
+   source is one of the 16-byte addresses in ``allowed6`` (optional, positional, empty by
+   default: no IPv6 source is allowed), is returned. Anything else is NOT_IPV4 (read "not an
+   IP packet": ``NOT_IP`` is the same field), a packet of either family from a source not in
+   its list BAD_SOURCE. A trailing part of ``allowed`` or ``allowed6`` shorter than one
+   address is ignored. Nothing raises; every message is counted exactly once.
 3. The per-session checks (index known, keys held, not expired) and what an authenticated
    message changes about its peer are the caller's, once per batch (``Tunnel.receive_batch``).
 4. ``segment(packet, ihl, thl, total, mss, out)`` cuts a TSO super-packet whose headers
    ``core.batch.split_tcp_batch`` checked into its MSS segments, written into ``out`` one
-   every ``stride`` bytes (returned): core/batch.py rules 2-4, byte for byte. Arguments
-   outside ``core.batch.segmentable`` (header lengths, mss, total) or segments that do not
-   fit in ``out`` are a drop: nothing is written and the stride is 0.
-5. ``coalesce(packets, partial)`` is ``core.batch.coalesce_batch``: the same (packet,
-   gso_size) pairs, a packet that is not merged passed through as the same object.
+   every ``stride`` bytes (returned): core/batch.py rules 2-4, byte for byte. The family is
+   the packet's first nibble: 6 is IPv6 (rule 2a: ``ihl`` must be 40, ``total`` is 40 + the
+   payload length), anything else IPv4's rules. Arguments outside
+   ``core.batch.segmentable`` (header lengths, mss, total) or segments that do not fit in
+   ``out`` are a drop: nothing is written and the stride is 0.
+5. ``coalesce(packets, partial)`` is ``core.batch.coalesce_batch`` (IPv4 and IPv6, rule 6):
+   the same (packet, gso_size) pairs, a packet that is not merged passed through as the same
+   object.
 6. The replay window is ``core.replay.ReplayWindow``: ``ring`` a writable buffer of 128
    native u64 words, ``top`` an int; the C loop reads and writes the same two.
 7. ``packets`` and ``datagrams`` are a list or tuple of buffers, or a ``core.batch.Rows``
@@ -76,6 +85,7 @@ COUNTS = (
     "bytes_opened",
 )
 AUTHENTICATED, KEEPALIVES, EXPIRED, REPLAY, BAD_TAG, NOT_IPV4, BAD_SOURCE, BYTES_OPENED = range(8)
+NOT_IP = NOT_IPV4  # neither an IPv4 nor an IPv6 packet (rule 2): one field, one drop reason
 
 OpenResult = tuple[int, list[bytes], tuple[int, ...]]
 _DROPS = (
@@ -105,6 +115,7 @@ class Backend(Protocol):
         allowed: bytes,
         datagrams: Sequence[Buffer],
         start: int,
+        allowed6: bytes = b"",
     ) -> OpenResult: ...
 
     def segment(
@@ -139,6 +150,7 @@ def open_batch(
     allowed: bytes,
     datagrams: Sequence[Buffer],
     start: int,
+    allowed6: bytes = b"",
 ) -> OpenResult:
     """Rule 2: ``(stop, packets, counts)``; ``counts`` in the order of ``COUNTS``."""
     aead = ChaCha20Poly1305(key)
@@ -146,6 +158,7 @@ def open_batch(
         raise ValueError("open_batch: receiver_index or limit out of range")
     start = min(max(start, 0), len(datagrams))  # rule 8
     sources = {bytes(allowed[i : i + 4]) for i in range(0, len(allowed) - 3, 4)}
+    sources6 = {bytes(allowed6[i : i + 16]) for i in range(0, len(allowed6) - 15, 16)}
     counts = [0] * len(COUNTS)
     packets: list[bytes] = []
     i = start
@@ -172,9 +185,15 @@ def open_batch(
         n = len(packet)
         if n == 0:
             counts[KEEPALIVES] += 1
-        elif n < 20 or not 0x45 <= packet[0] <= 0x4F or (packet[2] << 8 | packet[3]) != n:
-            counts[NOT_IPV4] += 1
-        elif packet[12:16] not in sources:
+            continue
+        if n >= 20 and 0x45 <= packet[0] <= 0x4F and (packet[2] << 8 | packet[3]) == n:
+            allowed_source = packet[12:16] in sources
+        elif n >= 40 and packet[0] >> 4 == 6 and 40 + (packet[4] << 8 | packet[5]) == n:
+            allowed_source = packet[8:24] in sources6
+        else:
+            counts[NOT_IP] += 1
+            continue
+        if not allowed_source:
             counts[BAD_SOURCE] += 1
         else:
             counts[BYTES_OPENED] += n
@@ -186,7 +205,8 @@ def open_batch(
 
 def segment(packet: Buffer, ihl: int, thl: int, total: int, mss: int, out: bytearray) -> int:
     """Rule 4: NumPy's segmentation (core/batch.py), into ``out``; 0 when it is a drop."""
-    if not batch.segmentable(ihl, thl, total, mss, len(packet)):
+    version = packet[0] >> 4 if len(packet) else 4
+    if not batch.segmentable(ihl, thl, total, mss, len(packet), version):
         return 0
     stride = (ihl + thl + mss + 3) & ~3
     if max(1, -(-(total - ihl - thl) // mss)) > len(out) // stride:

@@ -419,13 +419,16 @@ def test_truncated_or_lying_headers_never_raise(cut, flags, gso, size, start, of
 
 
 def test_drop_reasons():
+    """Neither IPv4 nor IPv6 is NOT_IPV4; what either family cannot be is MALFORMED_PACKET
+    (IPv6's own cases: tests/unit/test_batch_ipv6.py)."""
     tcp6 = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6, 0, 1000, 40, 16)
-    v6 = b"\x60" + bytes(59)
+    v5 = b"\x50" + bytes(59)
     uso = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 0, 1000, 20, 6)
     udp = raw(IP() / UDP() / (b"u" * 3000))
     cases = [
-        (build_vnet_hdr(tcp6) + v6, DropReason.NOT_IPV4),
-        (build_vnet_hdr(VnetHdr()) + v6, DropReason.NOT_IPV4),
+        (build_vnet_hdr(tcp6) + v5, DropReason.NOT_IPV4),
+        (build_vnet_hdr(VnetHdr()) + v5, DropReason.NOT_IPV4),
+        (build_vnet_hdr(tcp6) + raw(tcp_packet(b"x" * 3000)), DropReason.MALFORMED_PACKET),
         (build_vnet_hdr(uso) + udp, DropReason.MALFORMED_PACKET),
         (b"short", DropReason.MALFORMED_PACKET),
         (tso_frame(tcp_packet(b"x" * 3000), 1000)[:500], DropReason.MALFORMED_PACKET),

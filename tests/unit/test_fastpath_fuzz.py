@@ -5,7 +5,9 @@ same exception type, the same bytes written and the same replay window left; nev
 Ints are drawn around every bound the code checks (0, 19/20/60/61, 2**16, 2**31, 2**32,
 2**63, 2**64, negatives) and far beyond 64 bits; buffers are random or real packets with
 random header fields. Bounded: a fixed number of examples per entry point, no deadline, a
-few seconds in all (``TENCRYPT_FUZZ_EXAMPLES=N`` for a longer hunt). A crash in C kills the
+few seconds in all (``TENCRYPT_FUZZ_EXAMPLES=N`` for a longer hunt). IPv6 inputs (a 6 nibble
+then anything, truncated headers, payload lengths that lie, extension headers) are drawn by
+the ``_ipv6`` tests at the end. A crash in C kills the
 pytest process (faulthandler prints where), so the run fails. With
 TENCRYPT_REQUIRE_FASTPATH=1 (CI) a missing extension fails instead of skipping."""
 
@@ -23,9 +25,11 @@ from scapy.all import raw
 
 from tencrypt import fastpath as selection
 from tencrypt.core import fastpath as pure
-from tencrypt.core.batch import Rows
+from tencrypt.core.batch import Rows, split_tcp_batch
 from tencrypt.core.replay import WINDOW, ReplayWindow
+from tencrypt.core.stats import Stats
 from tests.unit import test_batch as tb
+from tests.unit import test_batch_ipv6 as t6
 
 C = selection.compiled()
 REQUIRED = os.environ.get("TENCRYPT_REQUIRE_FASTPATH") == "1"
@@ -331,3 +335,178 @@ def test_aead_entry_points(key, nonce, aad, data, flip):
     if len(data) < 16:
         with pytest.raises(ValueError):
             c.aead_open(key, nonce, aad, data)
+
+
+# ---- IPv6 (core/batch.py rule 2a, rule 6; core/fastpath.py rule 2's allowed6) ---------------
+
+
+def _tcp6(payload: int, options: bool) -> bytes:
+    pkt = t6.tcp6_packet(bytes(i % 253 for i in range(payload)), options=tb.TS if options else ())
+    return raw(pkt)
+
+
+@st.composite
+def _geometry6(draw):
+    """A real IPv6 packet and its geometry (a field off by a little, the packet cut short), or
+    random bytes that start with a 6 nibble and adversarial ints."""
+    if draw(st.booleans()):
+        ts = draw(st.booleans())
+        packet = _tcp6(draw(st.integers(0, 4000)), ts)
+        ihl, thl, total = 40, 32 if ts else 20, len(packet)
+        mss = draw(st.one_of(st.integers(1, 1500), st.integers(65535 - 100, 65536)))
+        n = max(1, -(-(total - ihl - thl) // mss))
+        need = n * ((ihl + thl + mss + 3) & ~3)
+        out_len = draw(st.one_of(st.just(need), st.integers(max(0, need - 2), need + 2)))
+        if draw(st.integers(0, 3)) == 0:
+            which = draw(st.integers(0, 3))
+            delta = draw(st.sampled_from([-20, -4, -1, 1, 4, 20]))
+            ihl, thl, total, mss = [
+                v + delta if k == which else v for k, v in enumerate((ihl, thl, total, mss))
+            ]
+        if draw(st.integers(0, 4)) == 0:
+            packet = packet[: draw(st.integers(0, len(packet)))]
+        return packet, ihl, thl, total, mss, min(out_len, 70000)
+    packet = bytes([0x60 | draw(st.integers(0, 15))]) + draw(st.binary(max_size=3000))
+    ints = [draw(st.one_of(st.sampled_from([40, 20, 60]), ANY_INT)) for _ in range(2)]
+    ints += [draw(st.one_of(st.integers(-10, 4200), ANY_INT)) for _ in range(2)]
+    return (packet, *ints, draw(st.integers(0, 20000)))
+
+
+@FUZZ
+@given(_geometry6())
+def test_segment_ipv6(geometry):
+    test_segment.hypothesis.inner_test(geometry)  # the same checks as IPv4's
+
+
+@FUZZ
+@given(
+    st.integers(0, 4200),
+    st.booleans(),
+    st.sampled_from([4, 4, 4 | 0x80, 0, 1, 3, 5, 0xFF]),  # TCPV6 (ECN), none, TCPV4, UDP, ...
+    st.one_of(st.sampled_from([1, 100, 1428]), st.sampled_from([0, 65535]), st.integers()),
+    st.integers(0, 15),  # which lies: 8 and above none
+    st.integers(0, 0xFFFF),
+    st.integers(0, 4300),
+    st.sampled_from([6, 0, 17, 60, 43, 44]),  # next header: TCP, extension headers, UDP
+)
+def test_split_ipv6_frames(payload, ts, gso, size, lie, plen, cut, nh):
+    """A TSO6 frame read from tenc0, its header lying (payload length, next header, the
+    frame cut short): split_tcp_batch cuts it alike through both backends' ``segment``."""
+    c = compiled()
+    wire = bytearray(_tcp6(payload, ts))
+    lie = 0 if lie >= 8 else lie
+    size &= 0xFFFF
+    if lie & 1:
+        struct.pack_into("!H", wire, 4, plen)
+    if lie & 2:
+        wire[6] = nh
+    if lie & 4:
+        wire = wire[: cut % (len(wire) + 1)]
+    hdr = struct.pack("=BBHHHH", 1, gso, 0, size, 40, 16)
+    frame = hdr + bytes(wire)
+    got = []
+    for backend in (pure, c):
+        stats = Stats()
+        views = split_tcp_batch(frame, stats, bytearray(2 * 65536), backend.segment)
+        got.append(([bytes(v) for v in views], dict(stats.drops)))
+    event("cut" if len(got[0][0]) > 1 else "dropped" if not got[0][0] else "one")
+    assert got[0] == got[1]
+
+
+def _mangle6(pkt: bytes, field: int, value: int, cut: int) -> bytes:
+    """One header field of a TCP/IPv6 packet set to a random value, then maybe cut short."""
+    b = bytearray(pkt)
+    at = [0, 2, 4, 6, 40 + 4, 40 + 12, 40 + 13, len(b) - 2][field % 8]
+    if at >= 0 and at + 2 <= len(b):
+        struct.pack_into("!H", b, at, value & 0xFFFF)
+    return bytes(b[: len(b) - cut % (len(b) + 1)] if cut % 3 == 0 else b)
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.integers(1, 3000),
+                st.sampled_from([100, 536, 1428]),
+                st.sampled_from(tb.FLAG_SETS),
+                st.integers(0, 2**32 - 1),
+                st.booleans(),  # IPv6, else IPv4
+            ),
+            st.binary(max_size=120).map(lambda b: b"\x60" + b),
+        ),
+        max_size=4,
+    ),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7), ANY_INT, ANY_INT), max_size=8),
+    st.booleans(),
+)
+def test_coalesce_ipv6(flows, mangles, partial):
+    packets: list[bytes] = []
+    for flow in flows:
+        if isinstance(flow, bytes):
+            packets.append(flow)
+            continue
+        size, mss, flags, seq, v6 = flow
+        payload = bytes(i % 251 for i in range(size))
+        if v6:
+            packets += t6.kernel_segments6(t6.tcp6_packet(payload, seq=seq, flags=flags), mss)
+        else:
+            pkt = tb.tcp_packet(payload, seq=seq, flags=flags)
+            packets += [bytes(p) for p in tb.kernel_segments(pkt, mss)]
+    for at, field, value, cut in mangles:
+        if packets:
+            i = at % len(packets)
+            p = packets[i]
+            packets[i] = (_mangle6 if p[:1] and p[0] >> 4 == 6 else _mangle)(p, field, value, cut)
+    (a, _), (b, _) = both("coalesce", packets, partial)
+    event("merged" if any(n for _, n in a) else "passed through")
+    assert [(bytes(p), n) for p, n in a] == [(bytes(p), n) for p, n in b]
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.integers(0, 80), st.integers(0, 0xFFFF), st.booleans()),
+            st.binary(max_size=80).map(lambda b: b"\x6f" + b),
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    st.one_of(st.binary(max_size=40), st.binary(min_size=16, max_size=16)),
+    st.binary(max_size=9),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), max_size=2),
+    st.one_of(st.just(0), st.integers(-3, 12)),
+)
+def test_open_batch_ipv6(items, allowed6, allowed, flips, start):
+    """IPv6 plaintexts: exact, truncated, payload length lying, a 6 nibble and anything; the
+    sources from ``allowed6`` (random bytes, a whole or partial address) or not."""
+    inners = []
+    for item in items:
+        if isinstance(item, bytes):
+            inners.append(item)
+            continue
+        size, plen, honest = item
+        src = allowed6[:16].ljust(16, b"\0")
+        inner = struct.pack("!IHBB16s16s", 6 << 28, size if honest else plen, 6, 64, src, b"")
+        inners.append(inner + bytes(size))
+    datagrams = [pure.seal_batch(KEY, INDEX, n, [p]) for n, p in enumerate(inners)]
+    for at, bit in flips:
+        d = bytearray(datagrams[at % len(datagrams)])
+        d[at % len(d)] ^= 1 << bit
+        datagrams[at % len(datagrams)] = bytes(d)
+    (a, args_a), (b, args_b) = both(
+        "open_batch",
+        KEY,
+        INDEX,
+        2**64 - 1,
+        ReplayWindow(),
+        allowed,
+        datagrams,
+        start,
+        allowed6,
+        copy=lambda args: (*args[:3], ReplayWindow(), *args[4:]),
+    )
+    assert a == b
+    event(f"opened {min(len(a[1]), 2)} (2: or more)")
+    assert _state(args_a[3]) == _state(args_b[3])
