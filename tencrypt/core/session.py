@@ -381,6 +381,7 @@ class Tunnel:
             b"".join(peer.allowed) + s.pod_ip,
             datagrams,
             start,
+            b"".join(peer.allowed6) + s.pod_ip6,
         )
         fastpath.count(self.stats, c, len(packets))
         peer.rx_packets += len(packets)
