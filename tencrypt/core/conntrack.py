@@ -8,10 +8,14 @@ Service port has; this table remembers which one each flow got.
 Rules:
 1. Out (``translate``; a packet read from tenc0 whose destination is a cluster IP of the
    table): its flow, keyed (proto, source, source port, cluster IP, Service port) — an ICMP
-   echo by (ICMP, source, id, cluster IP, 0) — names its endpoint. A packet without a live
+   echo by (ICMP, source, id, cluster IP, 0), an ICMPv6 echo by (ICMPV6, ...) — names its
+   endpoint. Addresses in keys are ``packet.addr_key``s, so an IPv4 and an IPv6 flow never
+   share one; a cluster IP leads to endpoints of its own family only (core/services.py rule
+   2), so a translation never changes a packet's family. A packet without a live
    flow opens one: the ClientIP affinity's endpoint while it is still a candidate, else a
    random candidate (core/services.py rules 4-6). Destination address and port (not for
-   ICMP) are rewritten and the checksums updated (RFC 1624). No such Service port, or no
+   ICMP) are rewritten and the checksums updated (RFC 1624; over IPv6 the ICMPv6 checksum too,
+   whose pseudo-header holds the addresses). No such Service port, or no
    candidate: REJECT (``service_no_endpoint``). SCTP: REJECT (its CRC32c is not rewritten).
    Malformed: DROP (``malformed_packet``).
 2. In (``translate_reply``; a packet opened from the tunnel): one whose (proto, source,
@@ -31,7 +35,7 @@ Rules:
    to another pod mid-stream. UDP and ICMP flows choose again at their next packet.
    Affinities to an endpoint that is no longer a candidate end.
 6. Fragments: a first fragment (MF) records its endpoint under (proto, source, cluster IP,
-   IP id) for FRAG_TIMEOUT, and later fragments of that datagram get the same destination
+   IP id; IPv6: the Fragment header's 32-bit id) for FRAG_TIMEOUT, and later fragments of that datagram get the same destination
    address (they carry no ports); a later fragment of a datagram not seen is dropped. The
    replies' later fragments get the cluster IP back by the same rule in reverse.
 7. Bound: at most ``max_flows``. A new flow in a full table reaps dead flows, then evicts the
@@ -71,17 +75,23 @@ from tencrypt.core.flowstate import (
     reopens,
 )
 from tencrypt.core.packet import (
+    ADDR_MASK,
     DST,
+    ECHO_REPLY,
+    ECHO_REQUEST,
+    ERRORS,
     ICMP,
-    ICMP_ERRORS,
+    ICMP_PROTO,
+    ICMPV6,
     IP_MF,
     SRC,
     TCP,
     UDP,
-    IPv4,
+    IPView,
+    addr_key,
     parse_icmp_quote,
     parse_ident,
-    parse_ipv4,
+    parse_ip,
     rewrite_addr,
     rewrite_icmp_quote,
     rewrite_port,
@@ -90,17 +100,16 @@ from tencrypt.core.services import Backends, ServiceTable
 from tencrypt.core.stats import Counter, DropReason, Stats
 
 Key = tuple[int, int, int, int, int]  # (proto, source, source port, cluster IP, Service port)
-FragKey = tuple[int, int, int, int]  # (proto, sender, receiver, IP id)
+FragKey = tuple[int, int, int, int]  # (proto, sender, receiver, IP id); addresses as keys
 
 TRANSLATED, REJECT, DROP = 0, -1, -2  # what ``translate`` did
 FRAG_TIMEOUT = 30.0  # seconds a datagram's fragments may trail its first (Linux ipfrag_time)
 MAX_FRAG_DATAGRAMS = 1024
-ICMP_ECHO, ICMP_ECHO_REPLY = 8, 0
 
 
 @dataclass(slots=True)
 class ServiceFlow(FlowState):
-    endpoint: int = 0
+    endpoint: int = 0  # its key (packet.addr_key)
     target: int = 0  # target port (the echo id for ICMP)
 
 
@@ -155,23 +164,25 @@ class ServiceFlows:
 
     # --- out: tenc0 -> seal -----------------------------------------------------------------
 
-    def translate(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> int:
+    def translate(self, buf: bytearray | memoryview, ip: IPView, now: float) -> int:
         """Rule 1: rewrite a packet to a cluster IP for its endpoint. TRANSLATED, REJECT or
         DROP (each counted); on TRANSLATED the new destination is in ``buf``."""
         proto = ip.proto
         if ip.frag:
             return self._later_fragment_out(buf, ip, now)
-        if proto == ICMP:
+        v6 = ip.v6
+        src, dst = addr_key(ip.src, v6), addr_key(ip.dst, v6)
+        if proto == ICMP_PROTO[v6]:
             kind = ip.info >> 8
-            if kind in ICMP_ERRORS:
+            if kind in ERRORS[v6]:
                 return self._error_out(buf, ip, now)
-            if kind != ICMP_ECHO:
+            if kind != ECHO_REQUEST[v6]:
                 return self._reject()
-            key: Key = (ICMP, ip.src, ip.sport, ip.dst, 0)
-            backends = self.table.lookup(ip.dst, ICMP, 0)
+            key: Key = (proto, src, ip.sport, dst, 0)
+            backends = self.table.lookup(dst, proto, 0)
         elif proto in (TCP, UDP):
-            key = (proto, ip.src, ip.sport, ip.dst, ip.dport)
-            backends = self.table.lookup(ip.dst, proto, ip.dport)
+            key = (proto, src, ip.sport, dst, ip.dport)
+            backends = self.table.lookup(dst, proto, ip.dport)
         else:  # SCTP (services rule 8) and protocols without ports
             return self._reject()
         flow = self._live(key, now)
@@ -188,25 +199,27 @@ class ServiceFlows:
             self._idle.on_tcp(key, flow, ip.info, FIN_OUT, FIN_OUT, now)
         else:
             self._idle.touch(key, flow, flow.queue, now)
-        rewrite_addr(buf, ip, DST, flow.endpoint)
-        if proto != ICMP:
+        rewrite_addr(buf, ip, DST, flow.endpoint & ADDR_MASK)
+        if proto in (TCP, UDP):
             rewrite_port(buf, ip, DST, flow.target)
         if ip.flags & IP_MF:
             self._remember(
-                self._frags_out, (proto, ip.src, ip.dst, parse_ident(buf, ip)), flow.endpoint, now
+                self._frags_out, (proto, src, dst, parse_ident(buf, ip)), flow.endpoint, now
             )
         return TRANSLATED
 
     def direct_syn(self, buf: bytearray | memoryview, now: float) -> None:
         """Rule 8 for a packet to a pod IP that is an endpoint (the caller checked it is a
         TCP packet to one): only a SYN without ACK is looked at."""
-        ihl = (buf[0] & 0x0F) * 4
-        if len(buf) < ihl + 14 or not opens(buf[ihl + 13]):
+        if buf[0] >> 4 == 4:  # cheap reject first, as for every TCP packet to an endpoint
+            ihl = (buf[0] & 0x0F) * 4
+            if len(buf) < ihl + 14 or not opens(buf[ihl + 13]):
+                return
+        ip = parse_ip(buf)
+        if ip is None or ip.frag or ip.proto != TCP or not opens(ip.info):
             return
-        ip = parse_ipv4(buf)
-        if ip is None or ip.frag:
-            return
-        key = self._replies.get((TCP, ip.dst, ip.dport, ip.src, ip.sport))
+        src, dst = addr_key(ip.src, ip.v6), addr_key(ip.dst, ip.v6)
+        key = self._replies.get((TCP, dst, ip.dport, src, ip.sport))
         flow = None if key is None else self._live(key, now)
         if key is None or flow is None:
             return
@@ -216,11 +229,11 @@ class ServiceFlows:
         else:
             self._stats.inc(Counter.SERVICE_TUPLE_CONFLICTS)
 
-    def restore(self, buf: bytearray | memoryview, ip: IPv4) -> None:
+    def restore(self, buf: bytearray | memoryview, ip: IPView) -> None:
         """Undo ``translate`` on a packet (``ip``: its view before the translation): the
         cluster IP and Service port back, checksums with them (``--no-strict``'s clear, which
         must go to the node's DNAT, since the proxy never sees the clear reply)."""
-        now_ip = parse_ipv4(buf)
+        now_ip = parse_ip(buf)
         if now_ip is None:  # cannot happen: translate rewrote a parsed packet in place
             return
         rewrite_addr(buf, now_ip, DST, ip.dst)
@@ -236,7 +249,7 @@ class ServiceFlows:
             if len(self._idle) >= self._max:
                 self._evict()
         proto = key[0]
-        queue = TCP_OPEN if proto == TCP else ICMP_LIKE if proto == ICMP else UDP_LIKE
+        queue = TCP_OPEN if proto == TCP else UDP_LIKE if proto == UDP else ICMP_LIKE
         flow = ServiceFlow(now, queue, endpoint=choice[0], target=choice[1])
         self._idle.insert(key, flow)
         self._replies[_reply_key(key, flow)] = key
@@ -260,47 +273,52 @@ class ServiceFlows:
             return choice
         return choose[self._rng(len(choose))]
 
-    def _error_out(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> int:
+    def _error_out(self, buf: bytearray | memoryview, ip: IPView, now: float) -> int:
         """Rule 3, out: our stack reports on a reply it got from the cluster IP."""
         q = parse_icmp_quote(buf, ip)
         if q is None or q.proto not in (TCP, UDP) or q.frag:
             return self._drop()
-        key = (q.proto, q.dst, q.dport, q.src, q.sport)
-        flow = self._live(key, now)
+        qsrc, qdst = addr_key(q.src, q.v6), addr_key(q.dst, q.v6)
+        flow = self._live((q.proto, qdst, q.dport, qsrc, q.sport), now)
         if flow is None:
             return self._drop()
-        rewrite_icmp_quote(buf, ip, q, SRC, flow.endpoint, flow.target)
-        rewrite_addr(buf, ip, DST, flow.endpoint)
+        endpoint = flow.endpoint & ADDR_MASK
+        rewrite_icmp_quote(buf, ip, q, SRC, endpoint, flow.target)
+        rewrite_addr(buf, ip, DST, endpoint)
         return TRANSLATED
 
-    def _later_fragment_out(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> int:
-        entry = self._frags_out.get((ip.proto, ip.src, ip.dst, parse_ident(buf, ip)))
+    def _later_fragment_out(self, buf: bytearray | memoryview, ip: IPView, now: float) -> int:
+        src, dst = addr_key(ip.src, ip.v6), addr_key(ip.dst, ip.v6)
+        entry = self._frags_out.get((ip.proto, src, dst, parse_ident(buf, ip)))
         if entry is None or now - entry[1] >= FRAG_TIMEOUT:
             return self._drop()
-        rewrite_addr(buf, ip, DST, entry[0])
+        rewrite_addr(buf, ip, DST, entry[0] & ADDR_MASK)
         return TRANSLATED
 
     # --- in: open -> inject -----------------------------------------------------------------
 
-    def translate_reply(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> None:
+    def translate_reply(self, buf: bytearray | memoryview, ip: IPView, now: float) -> None:
         """Rules 2-3 and 6, in: give an endpoint's reply the cluster IP and port back. The
-        caller checked ``ip.src in self.endpoints`` (the cheap filter) and parsed ``ip``."""
+        caller checked the source's key is in ``self.endpoints`` (the cheap filter), or that
+        the packet is an ICMP(v6) error, and parsed ``ip``."""
+        v6 = ip.v6
+        src, dst = addr_key(ip.src, v6), addr_key(ip.dst, v6)
         if ip.frag:
-            entry = self._frags_in.get((ip.proto, ip.src, ip.dst, parse_ident(buf, ip)))
+            entry = self._frags_in.get((ip.proto, src, dst, parse_ident(buf, ip)))
             if entry is not None and now - entry[1] < FRAG_TIMEOUT:
-                rewrite_addr(buf, ip, SRC, entry[0])
+                rewrite_addr(buf, ip, SRC, entry[0] & ADDR_MASK)
             return
         proto = ip.proto
-        if proto == ICMP:
+        if proto == ICMP_PROTO[v6]:
             kind = ip.info >> 8
-            if kind in ICMP_ERRORS:
+            if kind in ERRORS[v6]:
                 self._error_in(buf, ip, now)
                 return
-            if kind != ICMP_ECHO_REPLY:
+            if kind != ECHO_REPLY[v6]:
                 return
-            reply: Key = (ICMP, ip.src, ip.sport, ip.dst, 0)
+            reply: Key = (proto, src, ip.sport, dst, 0)
         else:
-            reply = (proto, ip.src, ip.sport, ip.dst, ip.dport)
+            reply = (proto, src, ip.sport, dst, ip.dport)
         key = self._replies.get(reply)
         if key is None:
             return
@@ -311,29 +329,31 @@ class ServiceFlows:
             self._idle.on_tcp(key, flow, ip.info, FIN_IN, FIN_OUT, now)
         else:
             self._idle.touch(key, flow, flow.queue, now)
-        rewrite_addr(buf, ip, SRC, key[3])
-        if proto != ICMP:
+        vip = key[3] & ADDR_MASK
+        rewrite_addr(buf, ip, SRC, vip)
+        if proto in (TCP, UDP):
             rewrite_port(buf, ip, SRC, key[4])
         if ip.flags & IP_MF:
-            self._remember(
-                self._frags_in, (proto, ip.src, ip.dst, parse_ident(buf, ip)), key[3], now
-            )
+            self._remember(self._frags_in, (proto, src, dst, parse_ident(buf, ip)), key[3], now)
 
-    def _error_in(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> None:
+    def _error_in(self, buf: bytearray | memoryview, ip: IPView, now: float) -> None:
         """Rule 3, in: the endpoint reports on a packet we translated for it."""
         q = parse_icmp_quote(buf, ip)
         if q is None or q.proto not in (TCP, UDP) or q.frag:
             return
-        key = self._replies.get((q.proto, q.dst, q.dport, q.src, q.sport))
+        qsrc, qdst = addr_key(q.src, q.v6), addr_key(q.dst, q.v6)
+        key = self._replies.get((q.proto, qdst, q.dport, qsrc, q.sport))
         if key is None or self._live(key, now) is None:
             return
-        rewrite_icmp_quote(buf, ip, q, DST, key[3], key[4])
+        vip = key[3] & ADDR_MASK
+        rewrite_icmp_quote(buf, ip, q, DST, vip, key[4])
         if ip.src == q.dst:
-            rewrite_addr(buf, ip, SRC, key[3])
+            rewrite_addr(buf, ip, SRC, vip)
 
     @property
     def endpoints(self) -> dict[int, int]:
-        """Endpoint -> how many flows it has: a reply from anyone else needs no look-up."""
+        """Endpoint (its key) -> how many flows it has: a reply from anyone else needs no
+        look-up."""
         return self._endpoints
 
     # --- the table ----------------------------------------------------------------------------
@@ -418,6 +438,6 @@ class ServiceFlows:
 def _reply_key(key: Key, flow: ServiceFlow) -> Key:
     """The tuple the endpoint's replies to flow ``key`` carry (rule 2)."""
     proto, src, sport, _, _ = key
-    if proto == ICMP:
-        return (ICMP, flow.endpoint, sport, src, 0)
+    if proto in (ICMP, ICMPV6):  # only echoes of their own family have flows
+        return (proto, flow.endpoint, sport, src, 0)
     return (proto, flow.endpoint, flow.target, src, sport)

@@ -38,19 +38,22 @@ Rules:
 6. ``admit``: an opened packet passes the pod's ingress policies (or is a reply of an
    allowed flow, core/policyflows.py) before rule 3 and the injection; else it is dropped,
    counted.
+7. Both families, one path: an IPv6 packet goes through the same stages as an IPv4 one (an
+   IPv6 cluster IP to one of its IPv6 endpoints, the same verdicts, holds, refusals). Text
+   addresses (``dst``, what ``route`` returns, hold keys) are ``str(ipaddress.ip_address(..))``:
+   IPv6 in its compressed form; the Service table's ints are ``packet.addr_key``s.
 Pure: no I/O, ``now`` an argument.
 """
 
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Container, Sequence
 
 from tencrypt.core.classify import AddrClass, ClassTable
 from tencrypt.core.conntrack import DROP, REJECT, ServiceFlows
 from tencrypt.core.holdqueue import HoldQueue
-from tencrypt.core.packet import ICMP, TCP, parse_ipv4
+from tencrypt.core.packet import EXT_WALKED, ICMP, ICMPV6, TCP, V6, int_to_ip, parse_ip
 from tencrypt.core.policy import Guard, Verdict, decide
 from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.services import ServiceTable
@@ -136,9 +139,9 @@ class Dispatcher:
         self._cluster = table is not None
         table = table or ServiceTable()
         self.flows.set_table(table, now)
-        self._vips = frozenset(str(ipaddress.IPv4Address(vip)) for vip in table.by_vip)
+        self._vips = frozenset(int_to_ip(vip) for vip in table.by_vip)
         self._texts = {
-            ep: str(ipaddress.IPv4Address(ep))
+            ep: int_to_ip(ep)
             for ports in table.by_vip.values()
             for b in ports.values()
             for ep, _ in b.choose
@@ -152,11 +155,11 @@ class Dispatcher:
     def route(
         self, buf: bytearray | memoryview, dst: str, now: float, looked_up: bool = False
     ) -> tuple[Out, str]:
-        """Stages 1-4 for a packet to ``dst`` (its IPv4 destination, as text). Returns what to
-        do and the destination after translation (``buf`` rewritten in place)."""
+        """Stages 1-4 for a packet to ``dst`` (its destination, as text: rule 7). Returns what
+        to do and the destination after translation (``buf`` rewritten in place)."""
         out, to = self._route(buf, dst, now, looked_up)
         if out is Out.SEAL and self.netpol.policy is not None:  # stage 4
-            ip = parse_ipv4(buf)
+            ip = parse_ip(buf)
             if ip is None:
                 self.stats.drop(DropReason.MALFORMED_PACKET)
                 return Out.DROP, to
@@ -169,7 +172,7 @@ class Dispatcher:
     ) -> tuple[Out, str]:
         if self._cluster:
             if dst in self._vips:
-                ip = parse_ipv4(buf)
+                ip = parse_ip(buf)
                 if ip is None:
                     self.stats.drop(DropReason.MALFORMED_PACKET)
                     return Out.DROP, dst
@@ -178,7 +181,7 @@ class Dispatcher:
                     return Out.REJECT, dst
                 if done == DROP:
                     return Out.DROP, dst
-                endpoint = self._text(int.from_bytes(buf[16:20], "big"))
+                endpoint = self._text(_dst_key(buf))
                 if endpoint in self.peers:
                     return Out.SEAL, endpoint
                 out, _ = self._verdict(endpoint, now, looked_up)
@@ -188,7 +191,7 @@ class Dispatcher:
                 return out, endpoint
             if self._unlisted_service(dst, now):
                 return Out.WAIT, dst
-            if buf[9] == TCP and int.from_bytes(buf[16:20], "big") in self.flows.endpoints:
+            if _maybe_tcp(buf) and _dst_key(buf) in self.flows.endpoints:
                 self.flows.direct_syn(buf, now)  # conntrack rule 8: a reused wire tuple
         if dst in self.peers:
             return Out.SEAL, dst
@@ -221,7 +224,7 @@ class Dispatcher:
     def _text(self, addr: int) -> str:
         text = self._texts.get(addr)
         if text is None:  # an endpoint a kept TCP flow still uses after it left the table
-            text = self._texts[addr] = str(ipaddress.IPv4Address(addr))
+            text = self._texts[addr] = int_to_ip(addr)
         return text
 
     # ---- held packets ------------------------------------------------------------------------
@@ -258,7 +261,7 @@ class Dispatcher:
         """Rule 6, then rule 3: may an opened packet be injected (False: dropped, counted)?"""
         netpol = self.netpol
         if netpol.policy is not None:
-            ip = parse_ipv4(buf)
+            ip = parse_ip(buf)
             if ip is None:
                 self.stats.drop(DropReason.MALFORMED_PACKET)
                 return False
@@ -273,9 +276,16 @@ class Dispatcher:
         flows = self.flows
         if not flows.endpoints or len(buf) < 20:
             return
-        if int.from_bytes(buf[12:16], "big") not in flows.endpoints and buf[9] != ICMP:
+        if buf[0] >> 4 == 6:
+            if len(buf) < 40 or (
+                int.from_bytes(buf[8:24], "big") | V6 not in flows.endpoints
+                and buf[6] != ICMPV6
+                and buf[6] not in EXT_WALKED  # an ICMPv6 error behind extension headers
+            ):
+                return
+        elif int.from_bytes(buf[12:16], "big") not in flows.endpoints and buf[9] != ICMP:
             return
-        ip = parse_ipv4(buf)
+        ip = parse_ip(buf)
         if ip is not None:
             flows.translate_reply(buf, ip, now)
 
@@ -288,3 +298,18 @@ class Dispatcher:
         self.netpol.expire(now)
         for address in [a for a, t in self.plaintext_until.items() if t <= now]:
             del self.plaintext_until[address]
+
+
+def _dst_key(buf: bytearray | memoryview) -> int:
+    """The destination address's key (``packet.addr_key``) of a parsed packet."""
+    if buf[0] >> 4 == 6:
+        return int.from_bytes(buf[24:40], "big") | V6
+    return int.from_bytes(buf[16:20], "big")
+
+
+def _maybe_tcp(buf: bytearray | memoryview) -> bool:
+    """Could it be TCP (conntrack rule 8's filter)? IPv4's protocol byte; IPv6's Next Header,
+    or an extension header that may lead to TCP (direct_syn parses it)."""
+    if buf[0] >> 4 == 6:
+        return len(buf) >= 40 and (buf[6] == TCP or buf[6] in EXT_WALKED)
+    return buf[9] == TCP

@@ -10,6 +10,9 @@ Rules:
 3. TCP (``on_tcp``): an RST closes a flow; a FIN each way closes it; a SYN without ACK from the
    side that opens connections reopens a closed flow (the tuple is reused). Closed flows live
    ``tcp_closed`` seconds, long enough for the last ACKs and retransmitted FINs.
+4. Family-blind: a key is the table's own tuple, whose addresses are ``packet.addr_key``s, so
+   IPv4 and IPv6 flows live side by side under the same classes and timeouts (ICMPv6 echoes
+   in the ICMP class).
 Pure: keys and flows in, nothing read from a clock (``now`` is a monotonic time argument).
 """
 

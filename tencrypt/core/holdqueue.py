@@ -9,6 +9,9 @@ Rules:
    out by newer ones, so a burst cannot evict what waits for an answer already on its way.
 3. ``pop`` hands over a key's items (all of them, in order) and forgets the key; ``expired``
    hands over every key whose deadline has passed. Nothing is ever released twice.
+4. Keys are whatever the holder names a destination by; core/dispatch.py uses the address's
+   canonical text, so an IPv6 destination (compressed form) waits under one key however the
+   packet spelled it.
 Pure: keys and items in, ``now`` an argument; the holder copies buffers it reuses.
 """
 

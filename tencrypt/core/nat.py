@@ -6,23 +6,29 @@ IP and remembers which VIP each peer flow used, so that the application's replie
 that VIP as source and the peer's socket recognises them (DESIGN.md §1 NAT).
 
 Rules:
+0. Families: the table knows at most one pod IP and any Service CIDRs per family (IPv4,
+   IPv6); a packet is judged against those of its own family only, and a translation never
+   changes its family. A family with no pod IP here has no destination to accept.
 1. In (``rewrite_inbound``, packets opened from the tunnel): a destination equal to the pod IP
-   passes untouched; one inside the Service CIDR becomes the pod IP — statelessly, since every
-   VIP whose :1337 led here is this pod — and the flow is recorded; any other destination is
-   dropped as BAD_DESTINATION.
+   of its family passes untouched; one inside a Service CIDR of its family becomes that pod
+   IP — statelessly, since every VIP whose :1337 led here is this pod — and the flow is
+   recorded; any other destination is dropped as BAD_DESTINATION.
 2. Out (``rewrite_outbound``, packets the application wrote to tenc0): source equal to the pod
    IP with a live flow -> source becomes the flow's VIP. Otherwise untouched (True).
-3. Flow key: (proto, peer IP, peer port, local port). ICMP queries use (1, peer, id, 0): only
-   requests coming in create one and only replies going out use one, so this pod's own pings
-   are never translated. Protocols without ports use (proto, peer, -1, -1).
+3. Flow key: (proto, peer, peer port, local port), the peer as ``packet.addr_key`` (IPv4 and
+   IPv6 flows never share a key). ICMP queries use (1, peer, id, 0), ICMPv6 echoes (58, peer,
+   id, 0): only requests coming in create one and only replies going out use one, so this
+   pod's own pings are never translated. Protocols without ports use (proto, peer, -1, -1).
 4. ICMP errors. In: a peer reports on a packet we sent as VIP -> outer destination and quoted
    source VIP -> pod IP (stateless, as 1). Out: our stack reports on a packet that came in for
    a VIP -> outer source and quoted destination -> that flow's VIP. The quoted IP checksum,
    quoted UDP checksum, quoted TCP checksum when the whole TCP header is quoted (as Linux
-   nf_nat does) and the ICMP checksum are updated incrementally (see core/packet.py).
+   nf_nat does) and the ICMP checksum are updated incrementally (see core/packet.py); ICMPv6
+   errors alike, their checksum also over the outer pseudo-header.
 5. Fragments: later inbound fragments need only the stateless rewrite. Outbound, a first
-   fragment's VIP is kept under (proto, peer, IP id) for FRAG_TIMEOUT, so that the later
-   fragments, which carry no ports, get the same source address.
+   fragment's VIP is kept under (proto, peer, IP id; IPv6: the Fragment header's id) for
+   FRAG_TIMEOUT, so that the later fragments, which carry no ports, get the same source
+   address.
 6. Timeouts count idle time since the last packet either way: TCP ``tcp_idle``; TCP after an
    RST, or after a FIN each way, ``tcp_closed`` (an incoming SYN reopens it); UDP and other
    protocols ``udp_idle``; ICMP ``icmp_idle``. A flow past its timeout is dead at once, even
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tencrypt.core.flowstate import (
@@ -66,18 +73,20 @@ from tencrypt.core.flowstate import (
 )
 from tencrypt.core.packet import (
     DST,
-    ICMP,
-    ICMP_ERRORS,
-    ICMP_QUERY_REPLY,
+    ERRORS,
+    ICMP_PROTO,
     IP_MF,
+    QUERY_REPLY,
     SRC,
     TCP,
     TCP_RST,
-    IPv4,
-    ip_to_int,
+    IPView,
+    addr_key,
+    int_to_ip,
+    ip_key,
     parse_icmp_quote,
     parse_ident,
-    parse_ipv4,
+    parse_ip,
     rewrite_addr,
     rewrite_icmp_quote,
 )
@@ -87,7 +96,7 @@ from tencrypt.errors import UsageError
 FlowKey = tuple[int, int, int, int]
 FragKey = tuple[int, int, int]
 
-_ICMP_REPLIES = frozenset(ICMP_QUERY_REPLY.values())
+_REPLIES = tuple(frozenset(replies.values()) for replies in QUERY_REPLY)  # by the view's v6
 
 FRAG_TIMEOUT = 30.0  # seconds a datagram's fragments may trail its first (Linux ipfrag_time)
 MAX_FRAG_DATAGRAMS = 1024
@@ -95,7 +104,7 @@ MAX_FRAG_DATAGRAMS = 1024
 
 @dataclass(slots=True)
 class Flow(FlowState):
-    vip: int = 0
+    vip: int = 0  # the address, of the flow's family (not a key)
 
 
 class FlowTable:
@@ -103,8 +112,7 @@ class FlowTable:
 
     __slots__ = (
         "_pod",
-        "_net",
-        "_mask",
+        "_nets",
         "_stats",
         "_max",
         "_per_peer",
@@ -115,8 +123,8 @@ class FlowTable:
 
     def __init__(
         self,
-        pod_ip: str,
-        service_cidr: str = "172.30.0.0/16",
+        pod_ip: str | Sequence[str],
+        service_cidr: str | Sequence[str] = "172.30.0.0/16",
         stats: Stats | None = None,
         max_flows: int = 65536,
         tcp_idle: float = 7440.0,
@@ -125,17 +133,9 @@ class FlowTable:
         icmp_idle: float = ICMP_TIMEOUT,
         max_flows_per_peer: int | None = None,
     ) -> None:
-        try:
-            self._pod = ip_to_int(pod_ip)
-            net = ipaddress.IPv4Network(service_cidr)
-        except ValueError as exc:
-            raise UsageError(f"bad pod IP or Service CIDR: {exc}") from exc
-        if ipaddress.IPv4Address(self._pod) in net:
-            raise UsageError(f"pod IP {pod_ip} lies inside the Service CIDR {service_cidr}")
+        self._pod, self._nets = _families(pod_ip, service_cidr)  # rule 0
         if max_flows < 1:
             raise UsageError("max_flows must be at least 1")
-        self._net = int(net.network_address)
-        self._mask = int(net.netmask)
         self._stats = stats if stats is not None else Stats()
         self._max = max_flows
         self._per_peer = (
@@ -154,28 +154,30 @@ class FlowTable:
 
     def flows_of(self, peer_ip: str) -> int:
         """How many flows ``peer_ip`` holds (rule 8)."""
-        return self._owned.get(ip_to_int(peer_ip), 0)
+        return self._owned.get(ip_key(peer_ip), 0)
 
     # --- the two directions -------------------------------------------------------------------
 
     def rewrite_inbound(self, buf: bytearray | memoryview, now: float) -> bool:
         """VIP -> pod IP on a packet opened from the tunnel. False: drop it (already counted)."""
-        ip = parse_ipv4(buf)
+        ip = parse_ip(buf)
         if ip is None:
             self._stats.drop(DropReason.MALFORMED_PACKET)
             return False
         vip = ip.dst
-        if vip == self._pod:
+        v6 = ip.v6
+        pod = self._pod[v6]
+        if vip == pod:
             return True
-        if vip & self._mask != self._net:
+        if pod < 0 or not any(vip & mask == net for net, mask in self._nets[v6]):
             self._stats.drop(DropReason.BAD_DESTINATION)
             return False
         if ip.frag == 0:
-            if ip.proto == ICMP and ip.info >> 8 in ICMP_ERRORS:
-                return self._inbound_icmp_error(buf, ip)
+            if ip.proto == ICMP_PROTO[v6] and ip.info >> 8 in ERRORS[v6]:
+                return self._inbound_icmp_error(buf, ip, pod)
             if not self._track_inbound(ip, now):
                 return False
-        rewrite_addr(buf, ip, DST, self._pod)
+        rewrite_addr(buf, ip, DST, pod)
         return True
 
     def rewrite_outbound(self, buf: bytearray | memoryview, now: float) -> bool:
@@ -183,24 +185,26 @@ class FlowTable:
 
         True also when no flow matched and nothing changed; False only for a malformed packet.
         """
-        ip = parse_ipv4(buf)
+        ip = parse_ip(buf)
         if ip is None:
             self._stats.drop(DropReason.MALFORMED_PACKET)
             return False
-        if ip.src != self._pod:
+        v6 = ip.v6
+        if ip.src != self._pod[v6]:
             return True
         if ip.frag:
             return self._outbound_fragment(buf, ip, now)
         proto = ip.proto
-        if proto == ICMP:
+        peer = addr_key(ip.dst, v6)
+        if proto == ICMP_PROTO[v6]:
             kind = ip.info >> 8
-            if kind in ICMP_ERRORS:
+            if kind in ERRORS[v6]:
                 return self._outbound_icmp_error(buf, ip, now)
-            if kind not in _ICMP_REPLIES:
+            if kind not in _REPLIES[v6]:
                 return True
-            key = (proto, ip.dst, ip.sport, 0)
+            key = (proto, peer, ip.sport, 0)
         else:
-            key = (proto, ip.dst, ip.dport, ip.sport)
+            key = (proto, peer, ip.dport, ip.sport)
         flow = self._live(key, now)
         if flow is None:
             return True
@@ -228,15 +232,15 @@ class FlowTable:
 
     # --- inbound helpers ----------------------------------------------------------------------
 
-    def _track_inbound(self, ip: IPv4, now: float) -> bool:
+    def _track_inbound(self, ip: IPView, now: float) -> bool:
         proto = ip.proto
-        if proto == ICMP:
-            if ip.info >> 8 not in ICMP_QUERY_REPLY:
+        if proto == ICMP_PROTO[ip.v6]:
+            if ip.info >> 8 not in QUERY_REPLY[ip.v6]:
                 return True  # only requests open an ICMP flow
             queue = ICMP_LIKE
         else:
             queue = TCP_OPEN if proto == TCP else UDP_LIKE
-        key = (proto, ip.src, ip.sport, ip.dport)
+        key = (proto, addr_key(ip.src, ip.v6), ip.sport, ip.dport)
         flow = self._live(key, now)
         if flow is None:
             if proto == TCP and ip.info & TCP_RST:
@@ -259,28 +263,30 @@ class FlowTable:
             self._touch(key, flow, queue, now)
         return True
 
-    def _inbound_icmp_error(self, buf: bytearray | memoryview, ip: IPv4) -> bool:
+    def _inbound_icmp_error(self, buf: bytearray | memoryview, ip: IPView, pod: int) -> bool:
         inner = parse_icmp_quote(buf, ip)
         if inner is None:
             self._stats.drop(DropReason.MALFORMED_PACKET)
             return False
         if inner.src == ip.dst:
-            rewrite_icmp_quote(buf, ip, inner, SRC, self._pod)
-        rewrite_addr(buf, ip, DST, self._pod)
+            rewrite_icmp_quote(buf, ip, inner, SRC, pod)
+        rewrite_addr(buf, ip, DST, pod)
         return True
 
     # --- outbound helpers ---------------------------------------------------------------------
 
-    def _outbound_icmp_error(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> bool:
+    def _outbound_icmp_error(self, buf: bytearray | memoryview, ip: IPView, now: float) -> bool:
         inner = parse_icmp_quote(buf, ip)
         if inner is None:
             self._stats.drop(DropReason.MALFORMED_PACKET)
             return False
-        if inner.dst != self._pod:
+        v6 = inner.v6
+        if inner.dst != self._pod[v6]:
             return True
-        if inner.proto == ICMP and inner.info >> 8 not in ICMP_QUERY_REPLY:
+        if inner.proto == ICMP_PROTO[v6] and inner.info >> 8 not in QUERY_REPLY[v6]:
             return True
-        flow = self._live((inner.proto, inner.src, inner.sport, inner.dport), now)
+        peer = addr_key(inner.src, v6)
+        flow = self._live((inner.proto, peer, inner.sport, inner.dport), now)
         if flow is None:
             return True
         rewrite_icmp_quote(buf, ip, inner, DST, flow.vip)
@@ -288,16 +294,16 @@ class FlowTable:
         return True
 
     def _remember_fragments(
-        self, buf: bytearray | memoryview, ip: IPv4, vip: int, now: float
+        self, buf: bytearray | memoryview, ip: IPView, vip: int, now: float
     ) -> None:
-        key = (ip.proto, ip.dst, parse_ident(buf, ip))
+        key = (ip.proto, addr_key(ip.dst, ip.v6), parse_ident(buf, ip))
         self._frags[key] = (vip, now)
         self._frags.move_to_end(key)
         if len(self._frags) > MAX_FRAG_DATAGRAMS:
             self._frags.popitem(last=False)
 
-    def _outbound_fragment(self, buf: bytearray | memoryview, ip: IPv4, now: float) -> bool:
-        entry = self._frags.get((ip.proto, ip.dst, parse_ident(buf, ip)))
+    def _outbound_fragment(self, buf: bytearray | memoryview, ip: IPView, now: float) -> bool:
+        entry = self._frags.get((ip.proto, addr_key(ip.dst, ip.v6), parse_ident(buf, ip)))
         if entry is not None and now - entry[1] < FRAG_TIMEOUT:
             rewrite_addr(buf, ip, SRC, entry[0])
         return True
@@ -356,3 +362,31 @@ class FlowTable:
             self._owned[peer] = left
         else:
             del self._owned[peer]
+
+
+def _families(
+    pod_ips: str | Sequence[str], cidrs: str | Sequence[str]
+) -> tuple[tuple[int, int], tuple[tuple[tuple[int, int], ...], ...]]:
+    """Rule 0: (IPv4 pod IP, IPv6 pod IP), -1 where none, and per family the Service CIDRs as
+    (network, mask) ints. UsageError for a bad address or CIDR, two pod IPs of one family, or
+    a pod IP inside a Service CIDR."""
+    pods = [-1, -1]
+    nets: tuple[list[ipaddress.IPv4Network | ipaddress.IPv6Network], ...] = ([], [])
+    try:
+        for text in (pod_ips,) if isinstance(pod_ips, str) else pod_ips:
+            addr = ipaddress.ip_address(text)
+            if pods[addr.version == 6] >= 0:
+                raise UsageError(f"two IPv{addr.version} pod IPs: {pod_ips}")
+            pods[addr.version == 6] = int(addr)
+        for text in (cidrs,) if isinstance(cidrs, str) else cidrs:
+            net = ipaddress.ip_network(text)
+            nets[net.version == 6].append(net)
+    except ValueError as exc:
+        raise UsageError(f"bad pod IP or Service CIDR: {exc}") from exc
+    for v6 in (False, True):
+        for net in nets[v6]:
+            if pods[v6] >= 0 and int(net.network_address) == pods[v6] & int(net.netmask):
+                pod = int_to_ip(pods[v6], v6)
+                raise UsageError(f"pod IP {pod} lies inside the Service CIDR {net}")
+    masks = tuple(tuple((int(n.network_address), int(n.netmask)) for n in f) for f in nets)
+    return (pods[0], pods[1]), masks

@@ -32,7 +32,10 @@ https://kubernetes.io/docs/reference/kubernetes-api/policy-resources/network-pol
    IPBlock]; it applies to the inner addresses, which are pod IPs (no NAT between proxies).
    [concepts] says ipBlocks "should be cluster-external IPs" and leaves pod IPs to the
    plugin; the upstream e2e tests ("should enforce except clause while egress access to
-   server in CIDR block") expect them to match pod IPs, and so do we.
+   server in CIDR block") expect them to match pod IPs, and so do we. Addresses and blocks of
+   both families are compared as keys (core/packet.py rule 9: IPv6 above every IPv4 one), so
+   an IPv4 block never matches an IPv6 peer nor the reverse (``::/0`` is IPv6 only, as in
+   Kubernetes, where a dual-stack "everything" is two blocks).
 5. Ports are a protocol (TCP, UDP, SCTP) and a range ``port..endPort``, both ends inclusive
    (no ``endPort``: the one port) [api NetworkPolicyPort]. A named port matches when the
    destination pod has a container port of that name and protocol whose number is the flow's
@@ -96,12 +99,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from tencrypt.core.packet import SCTP, TCP, UDP
+from tencrypt.core.packet import V6 as V6  # the one key rule (core/packet.py rule 9)
+from tencrypt.core.packet import ip_key as ip_key
 
 FORMAT = "tencrypt-netpol/1"
 FILE_NAME = "netpol.json"
 PROTOCOLS = {"TCP": TCP, "UDP": UDP, "SCTP": SCTP}  # NetworkPolicyPort.protocol -> IP protocol
 MAX_ITEMS = 1 << 20  # a bound on any one list of a document (addresses, rules, ports)
-V6 = 1 << 128  # IPv6 addresses are keyed above every IPv4 one: one integer space for both
 
 Range = tuple[int, int]
 Named = Mapping[tuple[int, str], frozenset[int]]  # (protocol, port name) -> port numbers
@@ -220,25 +224,14 @@ class NetPolicy:
     malformed: tuple[str, ...] = ()
 
     def ingress(self, src_ip: int | str, proto: int, dport: int) -> Decision:
-        """A new flow from ``src_ip`` (an IPv4 address as an int, or any address as text) to
-        this pod's ``dport``."""
+        """A new flow from ``src_ip`` (an address key as ``packet.addr_key`` makes them, which
+        is an IPv4 address's int, or any address as text) to this pod's ``dport``."""
         return self.inbound.decide(self.own, ip_key(src_ip), proto, dport, None)
 
     def egress(self, dst_ip: int | str, proto: int, dport: int) -> Decision:
         """A new flow from this pod to ``dst_ip``:``dport`` (after endpoint selection)."""
         key = ip_key(dst_ip)
         return self.outbound.decide(self.own, key, proto, dport, self.named_ports.get(key))
-
-
-def ip_key(ip: int | str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
-    """The table's key for an address: an int is an IPv4 address (as ``packet.py`` reads
-    them); text or an address object may be either family. ValueError if not an address."""
-    if isinstance(ip, int):
-        if not 0 <= ip < 1 << 32:
-            raise ValueError(f"not an IPv4 address: {ip}")
-        return ip
-    addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
-    return int(addr) if addr.version == 4 else int(addr) | V6
 
 
 def parse_netpol(text: str | bytes) -> NetPolicy:

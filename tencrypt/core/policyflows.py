@@ -9,7 +9,8 @@ here: the CNI enforces the policies on it.
 
 Rules:
 1. A flow is keyed from the pod's side: (proto, local address, local port, remote address,
-   remote port); an ICMP echo by its id as the local port and 0 as the remote one. It
+   remote port), addresses as ``packet.addr_key``s (IPv4 and IPv6 flows never share a key);
+   an ICMP (ICMPv6) echo by its id as the local port and 0 as the remote one. It
    remembers who opened it: this pod (OUT: its egress policies decided) or the peer (IN: the
    pod's ingress policies decided).
 2. A packet of a known flow passes either way, without a lookup: replies of an allowed
@@ -21,9 +22,10 @@ Rules:
    is denied cannot fill the table. A TCP SYN on a closed flow opens a new one (a reused
    tuple), decided again.
 3. ICMP errors travel with the flow they quote (conntrack's RELATED): an error that quotes a
-   packet of a known flow passes; any other is a new ICMP flow (rule 2, port 0).
+   packet of a known flow passes; any other is a new ICMP flow (rule 2, port 0). ICMPv6
+   errors alike (types 1-4, RFC 4443); ICMPv6 is decided as its own protocol, 58.
 4. Fragments: a first fragment that passes (MF set) records its datagram (proto, source,
-   destination, IP id) for FRAG_TIMEOUT; a later fragment passes if its datagram was
+   destination, IP id; IPv6: the Fragment header's id) for FRAG_TIMEOUT; a later fragment passes if its datagram was
    recorded, else it is decided as a new flow without a port (only rules without ports can
    allow it).
 5. A new policy (``set_policy``) decides every known flow again with the direction it was
@@ -63,11 +65,15 @@ from tencrypt.core.flowstate import (
 )
 from tencrypt.core.netpolicy import Decision, NetPolicy
 from tencrypt.core.packet import (
-    ICMP,
-    ICMP_ERRORS,
+    ECHO_REPLY,
+    ECHO_REQUEST,
+    ERRORS,
+    ICMP_PROTO,
     IP_MF,
     TCP,
-    IPv4,
+    V6,
+    IPView,
+    addr_key,
     parse_icmp_quote,
     parse_ident,
 )
@@ -75,7 +81,7 @@ from tencrypt.core.stats import Counter, DropReason, Stats
 
 OUT, IN = FIN_OUT, FIN_IN  # who opened a flow (rule 1), as core/flowstate.py's directions
 Key = tuple[int, int, int, int, int]  # (proto, local, local port, remote, remote port)
-FragKey = tuple[int, int, int, int]  # (proto, source, destination, IP id)
+FragKey = tuple[int, int, int, int]  # (proto, source, destination, IP id); addresses as keys
 FRAG_TIMEOUT = 30.0  # seconds (Linux ipfrag_time), as core/conntrack.py
 MAX_FRAG_DATAGRAMS = 1024
 MAX_LABELS = 4096  # distinct (direction, policy, rule) counters kept; more count as "other"
@@ -120,7 +126,7 @@ class PolicyFlows:
         self.tunnel_blocked: tuple[tuple[str, str], ...] = ()  # the agent's report (status)
         self.allowed: dict[tuple[str, str, str], int] = {}  # (direction, policy, rule) -> flows
         self.denied: dict[tuple[str, str], int] = {}  # (direction, isolating policies) -> pkts
-        self.denied_by_peer: OrderedDict[int, int] = OrderedDict()
+        self.denied_by_peer: OrderedDict[int, int] = OrderedDict()  # peer key -> packets
         self._stats, self._max = stats, max_flows
         self._idle: IdleFlows[Key, PolicyFlow] = IdleFlows(
             (tcp_idle, tcp_closed, udp_idle, icmp_idle)
@@ -137,43 +143,50 @@ class PolicyFlows:
 
     # --- the two paths ----------------------------------------------------------------------
 
-    def outbound(self, buf: bytes | bytearray | memoryview, ip: IPv4, now: float) -> bool:
+    def outbound(self, buf: bytes | bytearray | memoryview, ip: IPView, now: float) -> bool:
         """May this packet, about to be sealed, leave? (Counted when not.)"""
-        if ip.proto == ICMP and not ip.frag and ip.info >> 8 in ICMP_ERRORS:
+        v6 = ip.v6
+        src, dst = addr_key(ip.src, v6), addr_key(ip.dst, v6)
+        if ip.proto == ICMP_PROTO[v6] and not ip.frag and ip.info >> 8 in ERRORS[v6]:
             q = parse_icmp_quote(buf, ip)  # our stack reports on the peer's packet
-            if q is not None and self._known((q.proto, q.dst, q.dport, q.src, q.sport), now):
+            if q is not None and self._known(_quoted(q, OUT), now):
                 return True
-        return self._packet(buf, ip, OUT, (ip.proto, ip.src, ip.sport, ip.dst, ip.dport), now)
+        return self._packet(buf, ip, OUT, (ip.proto, src, ip.sport, dst, ip.dport), now)
 
-    def inbound(self, buf: bytes | bytearray | memoryview, ip: IPv4, now: float) -> bool:
+    def inbound(self, buf: bytes | bytearray | memoryview, ip: IPView, now: float) -> bool:
         """May this opened packet be injected? (Counted when not.)"""
-        if ip.proto == ICMP and not ip.frag and ip.info >> 8 in ICMP_ERRORS:
+        v6 = ip.v6
+        src, dst = addr_key(ip.src, v6), addr_key(ip.dst, v6)
+        if ip.proto == ICMP_PROTO[v6] and not ip.frag and ip.info >> 8 in ERRORS[v6]:
             q = parse_icmp_quote(buf, ip)  # the peer reports on our packet
-            if q is not None and self._known((q.proto, q.src, q.sport, q.dst, q.dport), now):
+            if q is not None and self._known(_quoted(q, IN), now):
                 return True
-        return self._packet(buf, ip, IN, (ip.proto, ip.dst, ip.dport, ip.src, ip.sport), now)
+        return self._packet(buf, ip, IN, (ip.proto, dst, ip.dport, src, ip.sport), now)
 
     def _packet(
-        self, buf: bytes | bytearray | memoryview, ip: IPv4, way: int, key: Key, now: float
+        self, buf: bytes | bytearray | memoryview, ip: IPView, way: int, key: Key, now: float
     ) -> bool:
         policy = self.policy
         if policy is None:
             return True
         proto = ip.proto
+        v6 = ip.v6
         if ip.frag:  # rule 4: a later fragment has no ports
-            fkey = (proto, ip.src, ip.dst, parse_ident(buf, ip))
+            fkey = (proto, addr_key(ip.src, v6), addr_key(ip.dst, v6), parse_ident(buf, ip))
             seen = self._frags.get(fkey)
             if seen is not None and now - seen < FRAG_TIMEOUT:
                 return True
             return self._decide_unkept(policy, way, key[3], proto, -1)
-        if proto == ICMP:
-            key = (ICMP, key[1], ip.sport if ip.info >> 8 in (0, 8) else 0, key[3], 0)
+        icmp = proto == ICMP_PROTO[v6]
+        if icmp:
+            echo = ip.info >> 8 in (ECHO_REQUEST[v6], ECHO_REPLY[v6])
+            key = (proto, key[1], ip.sport if echo else 0, key[3], 0)
         flow = self._live(key, now)
         if flow is not None and proto == TCP and reopens(flow, ip.info):
             self._idle.remove(key)  # rule 2: a new connection on a reused tuple
             flow = None
         if flow is None:
-            port = 0 if proto == ICMP else key[4] if way == OUT else key[2]
+            port = 0 if icmp else key[4] if way == OUT else key[2]
             decision = self._decide(policy, way, key[3], proto, port)
             if not decision.allowed:
                 self._count_denied(way, key[3], decision)
@@ -188,7 +201,8 @@ class PolicyFlows:
         else:
             self._idle.touch(key, flow, flow.queue, now)
         if ip.flags & IP_MF:
-            self._remember((proto, ip.src, ip.dst, parse_ident(buf, ip)), now)
+            fkey = (proto, addr_key(ip.src, v6), addr_key(ip.dst, v6), parse_ident(buf, ip))
+            self._remember(fkey, now)
         return True
 
     # --- policies ---------------------------------------------------------------------------
@@ -250,7 +264,7 @@ class PolicyFlows:
                 idle.remove(victim)
                 self._stats.inc(Counter.NETPOL_FLOWS_EVICTED)
         proto = key[0]
-        queue = TCP_OPEN if proto == TCP else ICMP_LIKE if proto == ICMP else UDP_LIKE
+        queue = TCP_OPEN if proto == TCP else ICMP_LIKE if _is_icmp(key) else UDP_LIKE
         flow = PolicyFlow(now, queue, opener=way, decision=decision)
         idle.insert(key, flow)
         if decision.policy is not None:  # allowed by a rule, not by no isolation or self
@@ -284,4 +298,18 @@ _WAY = {OUT: "egress", IN: "ingress"}
 def _opened(key: Key, flow: PolicyFlow) -> tuple[int, int, int]:
     """(remote, proto, the port the opener's policy decides on) of a known flow."""
     proto, _, lport, remote, rport = key
-    return remote, proto, 0 if proto == ICMP else rport if flow.opener == OUT else lport
+    return remote, proto, 0 if _is_icmp(key) else rport if flow.opener == OUT else lport
+
+
+def _is_icmp(key: Key) -> bool:
+    """Is ``key`` an ICMP flow of its family (ICMP for IPv4, ICMPv6 for IPv6)?"""
+    return key[0] == ICMP_PROTO[key[3] >= V6]
+
+
+def _quoted(q: IPView, way: int) -> Key:
+    """The key of the flow the quoted packet ``q`` belongs to: the peer's packet (OUT, our
+    stack's error about it) or ours (IN, the peer's error)."""
+    src, dst = addr_key(q.src, q.v6), addr_key(q.dst, q.v6)
+    if way == OUT:
+        return (q.proto, dst, q.dport, src, q.sport)
+    return (q.proto, src, q.sport, dst, q.dport)

@@ -4,13 +4,18 @@ connection, by the sender"). The node agent hands them over in the membership fi
 (core/membership.py, format 2); core/conntrack.py keeps the choice per flow.
 
 Rules:
-1. A Service is reached at any of its IPv4 cluster IPs on one of its ports, by (protocol,
-   port). Another port of a cluster IP, or a protocol the Service does not list, has no
-   endpoint: the packet is rejected, as kube-proxy's nftables mode rejects it. An ICMP echo
-   to a cluster IP goes to one of the Service's endpoints (what IPVS mode gives, where the
-   node answers; iptables mode drops it), so that ping sees the path the Service takes.
-2. The endpoints of a Service port are those whose EndpointSlice lists a port of the same
-   name and protocol; its number there is the target port. A named ``targetPort`` resolves
+1. A Service is reached at any of its cluster IPs (one per family in a dual-stack cluster)
+   on one of its ports, by (protocol, port). Another port of a cluster IP, or a protocol the
+   Service does not list, has no endpoint: the packet is rejected, as kube-proxy's nftables
+   mode rejects it. An ICMP echo (ICMPv6 echo to an IPv6 cluster IP) goes to one of the
+   Service's endpoints (what IPVS mode gives, where the node answers; iptables mode drops it),
+   so that ping sees the path the Service takes.
+2. Families stay apart: a cluster IP's endpoints are those of its own family (kube-proxy
+   programs each family from its own EndpointSlices; the file's ``endpoints`` list mixes
+   them), so an IPv6 cluster IP leads to IPv6 pod IPs only and an IPv4 one to IPv4 ones; a
+   family without endpoints has none (REJECT, as kube-proxy). The endpoints of a Service port
+   are those whose EndpointSlice lists a port of the same name and protocol; its number there
+   is the target port. A named ``targetPort`` resolves
    per endpoint, as the EndpointSlice controller wrote it (pods of one Service may use
    different numbers for one name).
 3. Only project pods are endpoints here: an endpoint address that is not a member pod IP (a
@@ -42,7 +47,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tencrypt.core.packet import ICMP, SCTP, TCP, UDP
+from tencrypt.core.packet import ADDR_MASK, ICMP, ICMPV6, SCTP, TCP, UDP, V6, ip_key
 
 PROTOCOLS = {"TCP": TCP, "UDP": UDP, "SCTP": SCTP}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
@@ -84,7 +89,8 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class Backends:
-    """One Service port as the data path uses it (rules 2-7). Addresses are 32-bit ints."""
+    """One Service port as the data path uses it (rules 2-7). Addresses are keys
+    (``packet.addr_key``: an IPv4 address's int, ``V6 | address`` for IPv6)."""
 
     service: str
     choose: tuple[tuple[int, int], ...]  # (endpoint, target port) a new flow may get
@@ -93,7 +99,8 @@ class Backends:
 
 
 class ServiceTable:
-    """Cluster IP -> (protocol, port) -> ``Backends``; built once per membership."""
+    """Cluster IP (its key) -> (protocol, port) -> ``Backends``; built once per membership.
+    An IPv4 cluster IP's echo entry is (ICMP, 0), an IPv6 one's (ICMPV6, 0)."""
 
     __slots__ = ("by_vip", "packed", "names", "unusable")
 
@@ -105,7 +112,9 @@ class ServiceTable:
         self.by_vip: dict[int, dict[tuple[int, int], Backends]] = {
             vip: dict(ports) for vip, ports in (by_vip or {}).items()
         }
-        self.packed = frozenset(vip.to_bytes(4, "big") for vip in self.by_vip)
+        self.packed = frozenset(
+            (vip & ADDR_MASK).to_bytes(16 if vip >= V6 else 4, "big") for vip in self.by_vip
+        )
         self.names = {vip: next(iter(p.values())).service for vip, p in self.by_vip.items() if p}
         self.unusable = unusable  # rule 3: endpoints left out because they are not members
 
@@ -128,13 +137,17 @@ class ServiceTable:
         by_vip: dict[int, dict[tuple[int, int], Backends]] = {}
         unusable = 0
         for svc in services:
-            usable = [e for e in svc.endpoints if e.ip in pods and _ipv4(e.ip)]
+            usable = [e for e in svc.endpoints if e.ip in pods]
             unusable += len({e.ip for e in svc.endpoints}) - len({e.ip for e in usable})
-            ports = {(p.protocol, p.port): _backends(svc, p, usable, zone) for p in svc.ports}
-            ports[ICMP, 0] = _echo_backends(svc, usable, zone)
-            for ip in svc.ips:
-                if _ipv4(ip):
-                    by_vip[int(ipaddress.IPv4Address(ip))] = ports
+            for v6, icmp in ((False, ICMP), (True, ICMPV6)):  # rule 2: one family at a time
+                vips = [key for key in map(ip_key, svc.ips) if (key >= V6) == v6]
+                if not vips:
+                    continue
+                own = [e for e in usable if (ip_key(e.ip) >= V6) == v6]
+                ports = {(p.protocol, p.port): _backends(svc, p, own, zone) for p in svc.ports}
+                ports[icmp, 0] = _echo_backends(svc, own, zone)
+                for vip in vips:
+                    by_vip[vip] = ports
         return cls(by_vip, unusable)
 
 
@@ -147,15 +160,15 @@ def _backends(svc: Service, port: Port, usable: Sequence[Endpoint], zone: str | 
         if target is not None:
             listed.append((e, target))
     chosen = _candidates([e for e, _ in listed], zone)
-    choose = tuple((_int(e.ip), t) for e, t in listed if e in chosen)
-    keep = frozenset((_int(e.ip), t) for e, t in listed if e.ready or e.serving)
+    choose = tuple((ip_key(e.ip), t) for e, t in listed if e in chosen)
+    keep = frozenset((ip_key(e.ip), t) for e, t in listed if e.ready or e.serving)
     return Backends(svc.name, choose, keep, svc.affinity)
 
 
 def _echo_backends(svc: Service, usable: Sequence[Endpoint], zone: str | None) -> Backends:
     chosen = _candidates(usable, zone)
-    choose = tuple(dict.fromkeys((_int(e.ip), 0) for e in chosen))
-    keep = frozenset((_int(e.ip), 0) for e in usable if e.ready or e.serving)
+    choose = tuple(dict.fromkeys((ip_key(e.ip), 0) for e in chosen))
+    keep = frozenset((ip_key(e.ip), 0) for e in usable if e.ready or e.serving)
     return Backends(svc.name, choose, keep, svc.affinity)
 
 
@@ -169,18 +182,6 @@ def _candidates(endpoints: Sequence[Endpoint], zone: str | None) -> list[Endpoin
         if near:
             return near
     return ready
-
-
-def _int(ip: str) -> int:
-    return int(ipaddress.IPv4Address(ip))
-
-
-def _ipv4(ip: str) -> bool:
-    try:
-        ipaddress.IPv4Address(ip)
-    except ValueError:
-        return False
-    return True
 
 
 # --- the membership file's form (core/membership.py format 2) --------------------------------
