@@ -72,6 +72,7 @@ from tencrypt.core.packet import (
     build_icmp_port_unreachable,
     dont_fragment,
     ip_proto,
+    ip_version,
     rewrite_tcp_mss,
 )
 from tencrypt.core.podconfig import PodConfig
@@ -132,7 +133,7 @@ class Proxy(ControlPlane):
             identity=claim_policy(config, self._is_member, config.pod_cidrs),
             secondary_ip=config.pod_ip6 or None,
         )
-        self.flows = FlowTable(config.pod_ip, config.service_cidr, stats)
+        self.flows = FlowTable(config.pod_ips, config.service_cidrs, stats)
         self.table: ClassTable = resolver.table
         self.table.reserved = config.is_boundary  # DNS never moves the pod's boundary
         resolver.on_change = self._on_changes
@@ -300,10 +301,8 @@ class Proxy(ControlPlane):
         if len(buf) > mtu:
             self._too_big(buf, mtu)
             return
-        if version == 4 and ip_proto(buf) == TCP:
+        if version == 6 or ip_proto(buf) == TCP:  # IPv6: it finds TCP itself, MTU - 60
             rewrite_tcp_mss(buf, mtu - 40)
-        elif version == 6 and buf[6] == TCP:  # next header: TCP right after the fixed header
-            rewrite_tcp_mss(buf, mtu - 60)
         if not self.flows.rewrite_outbound(buf, now):  # malformed, counted
             return
         out, dst = self.dispatch.route(buf, _dst(buf), now)
@@ -511,12 +510,6 @@ class Proxy(ControlPlane):
                 self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, total - sent)
         if self.tunnel.table.events:
             self._on_peer_events(self.clock())
-
-
-def ip_version(buf: bytes | bytearray | memoryview) -> int:
-    """4 or 6 for a buffer that holds at least that version's fixed header, else 0."""
-    version = buf[0] >> 4 if buf else 0
-    return version if (version == 4 and len(buf) >= 20) or (version == 6 and len(buf) >= 40) else 0
 
 
 def _src(buf: bytes | bytearray | memoryview) -> str:

@@ -55,7 +55,10 @@ TOPOLOGY = Topology(
     ],
     services=[
         ServiceSpec(
-            "web", "myproject", ["nginx2", "nginx3"], [{"name": "h", "port": 80, "targetPort": "app"}]
+            "web",
+            "myproject",
+            ["nginx2", "nginx3"],
+            [{"name": "h", "port": 80, "targetPort": "app"}],
         ),
         ServiceSpec("front", "myproject", ["nginx2"]),
     ],
@@ -106,7 +109,9 @@ def sealed(lab: Lab, action: Callable[[], Any], marker: str) -> Any:
     return result
 
 
-def curl(lab: Lab, url: str, *flags: str, pod: str = "nginx1", marker: str = "m") -> tuple[str, str]:
+def curl(
+    lab: Lab, url: str, *flags: str, pod: str = "nginx1", marker: str = "m"
+) -> tuple[str, str]:
     """(who answered, the address curl connected to); ("", "") when it failed."""
     proc = lab.exec(
         pod,
@@ -201,7 +206,9 @@ def test_udp_over_ipv6_crosses_the_tunnel(lab: Lab):
             "  except OSError: pass\n"
         )
         out = sealed(
-            lab, lambda: lab.exec("nginx1", [sys.executable, "-c", client], timeout=90).stdout, marker
+            lab,
+            lambda: lab.exec("nginx1", [sys.executable, "-c", client], timeout=90).stdout,
+            marker,
         )
         assert marker.upper() in out  # answered from the VIP: the reply translated back
     finally:
