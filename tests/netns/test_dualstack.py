@@ -175,7 +175,7 @@ def test_a_pod_ipv6_address_is_reached_after_a_session_through_a_service(lab: La
 
     def calls() -> tuple[str, str, str]:
         return (
-            curl(lab, f"http://[{front6}]:8080/", marker=marker)[0],
+            curl(lab, f"http://[{front6}]/", marker=marker)[0],
             curl(lab, f"http://[{n2.ip_of(6)}]:8080/", marker=marker)[0],
             curl(lab, f"http://[{n1.ip_of(6)}]:8080/", pod="nginx2", marker=marker)[0],
         )
