@@ -110,6 +110,7 @@ class MembersFeed:
             r.zone if v2 else None,
             policy.document if v2 and policy else None,
             policy.tunnel_blocked if v2 and policy else (),
+            pod_ips=members.pod_ips if v2 else (),
         )
         if known is not None and replace(known.members, generation=0) == doc:
             self.written[uid] = Written(members.version, known.members, r)

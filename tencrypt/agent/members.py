@@ -84,6 +84,7 @@ class ProjectMembers:
     pods: frozenset[str]
     services: frozenset[str]
     table: tuple[Service, ...] | None = None  # format 2's Services (None: format 1)
+    pod_ips: tuple[tuple[str, str], ...] = ()  # dual-stack pods' (IPv4, IPv6): podIPs
 
 
 def parse_pod_ips(obj: Any) -> Named | None:
@@ -254,7 +255,8 @@ class MemberView:
             for name, spec in sorted(specs.items())
             if spec.ips
         )
-        return ProjectMembers(project, self.version(project), pods, services, table)
+        pairs = tuple(sorted(p for a in self.pods.get(project, {}).values() if (p := _pair(a))))
+        return ProjectMembers(project, self.version(project), pods, services, table, pairs)
 
     def _on_event(
         self,
@@ -292,6 +294,14 @@ class MemberView:
 
     def _bump(self, ns: str) -> None:
         self.versions[ns] = self.versions.get(ns, 0) + 1
+
+
+def _pair(addresses: frozenset[str]) -> tuple[str, str] | None:
+    """A dual-stack pod's (IPv4, IPv6) — what lets a proxy believe the address of the family
+    a handshake did not come from (core/identity.py); None for any other set."""
+    v4 = [a for a in addresses if ":" not in a]
+    v6 = [a for a in addresses if ":" in a]
+    return (v4[0], v6[0]) if len(v4) == 1 and len(v6) == 1 else None
 
 
 def _holds(value: frozenset[str] | ServiceSpec | Slice) -> bool:

@@ -382,3 +382,24 @@ def test_a_bad_affinity_or_port_makes_the_service_malformed():
     svc, _, _ = web_objects()
     svc["spec"]["ports"][0]["protocol"] = "ICMP"
     assert parse_service(svc) is None
+
+
+def test_a_dual_stack_pods_addresses_are_paired_in_the_file_single_stack_ones_are_not(tmp_path):
+    """status.podIPs of a dual-stack pod become the file's ``podIPs`` (what lets a proxy
+    believe the IPv6 claim beside the IPv4 source): one pair per pod, IPv4 first."""
+    view = MemberView()
+    view.replace_pods(
+        [
+            pod("a", "10.128.0.1", ips=["fd00:10:128::1", "10.128.0.1"]),  # IPv6 primary
+            pod("b", "10.128.1.1", ips=["10.128.1.1"]),  # single stack: nothing to pair
+            pod("c", "10.128.2.1", ips=["10.128.2.1", "fd00:10:128:2::1"], ns="blog"),
+        ]
+    )
+    view.replace_services([service("web", "172.30.0.10", "fd00:30::a")])
+    shop = view.of("shop")
+    assert shop.pod_ips == (("10.128.0.1", "fd00:10:128::1"),)
+    doc = MembersFeed(tmp_path, clock=Clock()).write("uid-a", shop)
+    written = json.loads((tmp_path / "uid-a" / "members.json").read_text())
+    assert written["podIPs"] == [["10.128.0.1", "fd00:10:128::1"]]
+    assert doc is not None and doc.paired("10.128.0.1", "fd00:10:128::1")
+    assert not doc.paired("10.128.1.1", "fd00:10:128::1")
