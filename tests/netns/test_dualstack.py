@@ -225,22 +225,27 @@ def test_a_large_ipv6_stream_is_cut_and_merged_by_the_batch_path(lab: Lab):
     assert metrics(lab, "nginx2")["tencrypt_super_packets_split_total"] > before
 
 
-def test_packet_too_big_for_ipv6_reaches_the_senders_path_mtu_cache(lab: Lab):
+def test_packet_too_big_for_ipv6_reaches_the_senders_path_mtu(lab: Lab):
     """tenc0's MTU raised behind setup's back: the proxy answers an IPv6 packet above the
     MTU it was set up with by an ICMPv6 Packet Too Big, which the kernel believes (RFC 8201):
-    the destination's route then carries the smaller MTU."""
+    the sending socket's path MTU drops to it. The socket stays open meanwhile (the kernel
+    applies a Packet Too Big for UDP only while a socket matches its quote)."""
     dst = lab.pod("nginx2").ip_of(6)
     mtu = int(lab.exec("nginx1", ["cat", "/sys/class/net/tenc0/mtu"]).stdout)
     lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu + 60)])
     try:
         send = (
-            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
-            "s.setsockopt(socket.IPPROTO_IPV6, 23, 0)\n"  # IPV6_MTU_DISCOVER: IPV6_PMTUDISC_DONT
-            f"s.sendto(b'x'*{mtu}, ('{dst}', 9))\n"
+            "import socket, time\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6, 23, 0)\n"  # IPV6_MTU_DISCOVER: PMTUDISC_DONT
+            f"s.connect(('{dst}', 9))\nbefore = s.getsockopt(socket.IPPROTO_IPV6, 24)\n"
+            f"s.send(b'x'*{mtu})\n"
+            "for _ in range(200):\n"  # IPV6_MTU (24): the path MTU this socket knows
+            f"    if s.getsockopt(socket.IPPROTO_IPV6, 24) <= {mtu}: break\n"
+            "    time.sleep(0.05)\n"
+            "print(before, s.getsockopt(socket.IPPROTO_IPV6, 24))\n"
         )
-        lab.exec("nginx1", [sys.executable, "-c", send])
-        route = lab.exec("nginx1", ["ip", "-6", "route", "get", dst]).stdout
-        assert f"mtu {mtu}" in route, route
+        before, after = lab.exec("nginx1", [sys.executable, "-c", send]).stdout.split()
+        assert (int(before), int(after)) == (mtu + 60, mtu)
     finally:
         lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu)], check=False)
         lab.exec("nginx1", ["ip", "-6", "route", "flush", "cache"], check=False)
