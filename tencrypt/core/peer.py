@@ -361,6 +361,16 @@ class Sessions:
         peer.up = False
         self.peers.discard(peer)
 
+    def _move_queue(self, source: Peer, target: Peer) -> None:
+        """``source``'s queued packets go behind ``target``'s (a merge of two peers into one);
+        what exceeds the queue limit is dropped from the front, counted."""
+        target.queue.extend(source.queue)
+        source.queue.clear()
+        while len(target.queue) > self._limits.queue_limit:
+            target.queue.popleft()
+            self.queued -= 1
+            self._stats.drop(DropReason.QUEUE_FULL)
+
     def bind_pod_ip(self, peer: Peer, pod_ip: str) -> Peer:
         """A response named the pod behind ``peer``; return the peer that now owns it.
 
@@ -387,12 +397,7 @@ class Sessions:
         for address in list(peer.addresses):
             self.map(other, address)
         peer.addresses.clear()
-        other.queue.extend(peer.queue)
-        peer.queue.clear()
-        while len(other.queue) > self._limits.queue_limit:
-            other.queue.popleft()
-            self.queued -= 1
-            self._stats.drop(DropReason.QUEUE_FULL)
+        self._move_queue(peer, other)
         self.remove_peer(peer)
         if other.pod_ip is None:
             other.pod_ip = pod_ip
@@ -439,12 +444,7 @@ class Sessions:
             if address not in pod_ips:
                 self.map(keeper, address)
         gone.up, gone.pod_ip, gone.paired = False, None, None
-        keeper.queue.extend(gone.queue)
-        gone.queue.clear()
-        while len(keeper.queue) > self._limits.queue_limit:
-            keeper.queue.popleft()
-            self.queued -= 1
-            self._stats.drop(DropReason.QUEUE_FULL)
+        self._move_queue(gone, keeper)
         self.remove_peer(gone)
         mine = keeper.pod_ips() if keeper.up else ()
         self.events.extend(PeerDown(ip) for ip in announced if ip not in mine)

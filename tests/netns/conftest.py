@@ -31,6 +31,7 @@ import pytest
 
 from tencrypt.lab.capture import Capture
 from tencrypt.lab.cluster import Lab
+from tencrypt.lab.proxy import METRICS
 from tencrypt.lab.topology import Topology
 from tencrypt.linux import netns
 
@@ -89,6 +90,17 @@ def curl(lab: Lab, pod: str, url: str, marker: str, timeout: int = 15):
         check=False,
         timeout=timeout + 15,
     )
+
+
+def metrics(lab: Lab, pod: str) -> dict[str, float]:
+    """The pod's proxy's /metrics (127.0.0.1:9137 in the pod), sample name -> value."""
+    text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics"]).stdout
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def download_sha256(lab: Lab, client: str, url: str, timeout: int = 240) -> str:

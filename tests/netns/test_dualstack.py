@@ -33,7 +33,7 @@ from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import METRICS, proxy_pid
 from tencrypt.lab.topology import PodSpec, ServiceSpec, Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import built_lab, download_sha256
+from tests.netns.conftest import built_lab, download_sha256, metrics
 
 pytestmark = pytest.mark.netns
 
@@ -72,16 +72,6 @@ def lab() -> Iterator[Lab]:
         for name in ("nginx1", "nginx2", "nginx3"):
             built.patch(name)
         yield built
-
-
-def metrics(lab: Lab, pod: str) -> dict[str, float]:
-    text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics"]).stdout
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def project_addresses(lab: Lab) -> set[str]:

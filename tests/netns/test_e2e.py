@@ -20,23 +20,13 @@ import time
 
 import pytest
 
-from tencrypt.lab.proxy import METRICS, proxy_pid
+from tencrypt.lab.proxy import proxy_pid
 from tencrypt.lab.topology import Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import built_lab, download_sha256
+from tests.netns.conftest import built_lab, download_sha256, metrics
 from tests.netns.conftest import curl as lab_curl
 
 MARKER = "tencrypt-e2e-marker-7f3a9c"
-
-
-def metrics(lab, pod: str) -> dict[str, float]:
-    text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics"]).stdout
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def drops(m: dict[str, float], reason: str) -> float:
