@@ -277,6 +277,8 @@ def _peer(peer: dict[str, Any], out: TextIO) -> None:
     claimed = peer.get("claimed_pod_ip")
     if claimed and claimed != name:  # through a Service VIP: the pod behind it
         name = f"{name} (pod {claimed})"
+    if peer.get("paired_pod_ip"):  # a dual-stack pod: its other family's address, same session
+        name = f"{name} + {peer['paired_pod_ip']}"
     unanswered = peer.get("unanswered_for")
     print(
         f"  peer {name}  endpoint {peer.get('endpoint', '?')}  "

@@ -78,6 +78,10 @@ def test_render_prints_warning_peers_sessions_classes_and_drops():
         "transfer: 3.00 MiB (5 packets) received, 2.00 KiB (3 packets) sent; latest handshake: "
         "12s ago" in out.getvalue()
     )
+    out = io.StringIO()  # a dual-stack pod: one peer, its two addresses on one line
+    dual = {"pod_ip": "10.0.0.2", "paired_pod_ip": "fd00::2", "addresses": ["10.0.0.2", "fd00::2"]}
+    render({"peers": [dual]}, out)
+    assert "peer 10.0.0.2 + fd00::2  endpoint ?  addresses 10.0.0.2,fd00::2" in out.getvalue()
     out = io.StringIO()
     render({"key_mismatch": [{"source": "10.0.0.9", "refused": 4}]}, out)
     assert out.getvalue().startswith("WARNING: 10.0.0.9 (a member of this project) uses a key")
