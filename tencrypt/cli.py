@@ -263,8 +263,9 @@ def _demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ip-family",
         choices=["ipv4", "dual", "ipv6"],
-        default="ipv4",
-        help="the demo lab's IP families (see `tencrypt lab up --help`; default: ipv4)",
+        default="dual",
+        help="the demo lab's IP families (see `tencrypt lab up --help`; default: dual, "
+        "IPv4 and IPv6, both sealed; ipv6 cannot run the proxies yet)",
     )
 
 

@@ -2,14 +2,15 @@
 
 Stages (each prints one line; the verdict lists every check):
  1. build a fresh one-node lab (pods nginx1, nginx2, nginx3 of myproject; cakephp of
-    project2), IPv4 unless ``--ip-family`` says dual or ipv6 (then every check that looks at
-    the bridge covers the pods' and Services' IPv6 addresses too; the checks themselves are
-    the same);
+    project2), dual-stack unless ``--ip-family`` says ipv4 (with IPv6, every check that looks
+    at the bridge covers the pods' and Services' IPv6 addresses too; curl by name prefers the
+    AAAA answer, as most applications do);
  2. clear: curl nginx1 -> http://nginx2:8080/ by name with a marker header, capturing on the node's
     bridge: it works and the capture shows the marker (this is what an eavesdropper gets today);
  3. patch nginx1 and nginx2 (the nsenter launcher: setup + proxy, strict mode);
  4. sealed: the same curl works; the capture holds no trace of the marker and nothing but UDP
     :1337 between the two pods;
+ 4b. (dual stack) the same curl forced over IPv6 (-6) and over IPv4 (-4): both sealed;
  5. cross-project: cakephp -> nginx2.myproject still works, in the clear (marker visible);
  6. a tenant's alias: project2 publishes a name for nginx2's VIP (as any tenant can, with a
     selector-less Service) and nginx1 resolves it; the same curl still works and the capture
@@ -44,10 +45,10 @@ def say(text: str) -> None:
     print(f"demo: {text}", file=sys.stderr, flush=True)
 
 
-def curl(lab: Lab, pod: str, url: str, marker: str) -> tuple[bool, str]:
+def curl(lab: Lab, pod: str, url: str, marker: str, *flags: str) -> tuple[bool, str]:
     proc = lab.exec(
         pod,
-        ["curl", "-sS", "--max-time", "15", "-H", f"X-Demo-Marker: {marker}", url],
+        ["curl", "-sS", "--max-time", "15", *flags, "-H", f"X-Demo-Marker: {marker}", url],
         check=False,
         timeout=30,
     )
@@ -58,11 +59,11 @@ def between(frames: list[Frame], a: set[str], b: set[str]) -> list[Frame]:
     return [f for f in frames if (f.src in a and f.dst in b) or (f.src in b and f.dst in a)]
 
 
-def observe(lab: Lab, client: str, url: str) -> tuple[bool, str, list[Frame], str]:
+def observe(lab: Lab, client: str, url: str, *flags: str) -> tuple[bool, str, list[Frame], str]:
     marker = f"tencrypt-demo-{secrets.token_hex(6)}"
     node = lab.nodes[lab.pod(client).node]
     with Capture(node.netns, node.bridge, "not port 53") as cap:
-        ok, body = curl(lab, client, url, marker)
+        ok, body = curl(lab, client, url, marker, *flags)
         frames = cap.stop()
     return ok, body, frames, marker
 
@@ -110,6 +111,8 @@ def run_demo(lab: Lab) -> list[Check]:
             f"{len(plain)} other frames",
         )
     )
+    if 6 in lab.topology.families and 4 in lab.topology.families:
+        checks += both_families(lab, pair)
 
     say("stage 5: cakephp (project2) -> nginx2.myproject, cross-project")
     ok, body, frames, marker = observe(lab, "cakephp", "http://nginx2.myproject:8080/")
@@ -145,6 +148,28 @@ def run_demo(lab: Lab) -> list[Check]:
         )
     )
     checks += two_replicas(lab)
+    return checks
+
+
+def both_families(lab: Lab, pair: tuple[set[str], set[str]]) -> list[Check]:
+    """Stage 4b, dual-stack: the same curl forced over each family (curl -4, curl -6), each
+    sealed: the request never on the bridge, only UDP :1337 between the pods (the tunnel
+    carries both families inside one IPv4 session)."""
+    checks = []
+    for flag, family in (("-6", "IPv6"), ("-4", "IPv4")):
+        say(f"stage 4b: the same curl over {family} only ({flag})")
+        ok, body, frames, marker = observe(
+            lab, "nginx1", "http://nginx2:8080/", flag, "-w", " via %{remote_ip}"
+        )
+        talk = between(frames, *pair)
+        plain = [f for f in talk if not (f.proto == 17 and TUNNEL_PORT in (f.sport, f.dport))]
+        checks.append(
+            Check(
+                f"dual stack: curl {flag} nginx1 -> nginx2 sealed, only UDP :{TUNNEL_PORT}",
+                ok and not seen(frames, marker) and not plain and len(talk) > 0,
+                body.rpartition("via ")[2] if ok else body,
+            )
+        )
     return checks
 
 
@@ -184,7 +209,7 @@ def two_replicas(lab: Lab) -> list[Check]:
 
 def main(args: argparse.Namespace) -> int:
     topology = Topology.default()
-    topology.ip_family = getattr(args, "ip_family", None) or "ipv4"
+    topology.ip_family = getattr(args, "ip_family", None) or "dual"
     lab = Lab(args.name, topology)
     say(f"stage 1: building a fresh lab '{args.name}' ({topology.ip_family})")
     try:
