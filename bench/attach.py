@@ -1,9 +1,11 @@
 """Attaching a system to the benchmark's two pods: nothing (vanilla), a peer tunnel, or
 Tencrypt in both pods; and the lab whose nginx2 Service has the ports the benchmark uses.
 
-``attach`` yields a ``Target``: where the client connects, the tunnel's interface in the client
-pod (None: no tunnel) and how to find the tunnel's processes (for memory and CPU). Leaving the
-``with`` block always detaches, also after a failure.
+``attach`` yields a ``Target``: where the client connects (over IPv4, and over IPv6 on a
+dual-stack lab when the system has an IPv6 path: nginx2's IPv6 Service VIP for vanilla and
+Tencrypt, the tunnel's inner IPv6 address for wireguard-go, none for OpenVPN), the tunnel's
+interface in the client pod (None: no tunnel) and how to find the tunnel's processes (for memory
+and CPU). Leaving the ``with`` block always detaches, also after a failure.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ class Target:
     iface: str | None  # the tunnel's interface in the client pod (None: no tunnel)
     pids: Callable[[], list[int]]  # the tunnel's processes, for memory
     note: str = ""
+    host6: str | None = None  # where to connect over IPv6 (None: no IPv6 path)
 
 
-def bench_topology() -> Topology:
-    """The default lab, nginx2's Service with the benchmark's ports too, as a Service with
-    more ports would be (kube-proxy programs them; the agent's membership lists them, so
-    Tencrypt's sender resolves them): 5201 tcp+udp (iperf3) and 5202 tcp (request/response)."""
+def bench_topology(ip_family: str = "ipv4") -> Topology:
+    """The default lab (of ``ip_family``), nginx2's Service with the benchmark's ports too, as a
+    Service with more ports would be (kube-proxy programs them, for each cluster IP; the agent's
+    membership lists them, so Tencrypt's sender resolves them): 5201 tcp+udp (iperf3) and 5202
+    tcp (request/response)."""
     topology = Topology.default()
+    topology.ip_family = ip_family
     ports: list[dict[str, object]] = [{"name": "http", "port": 8080, "targetPort": 8080}]
     ports += [
         {
@@ -68,6 +73,7 @@ def attach(
     """``binary``: (system, path) of a --peer-binary, run in place of the Debian one."""
     if binary is not None:
         system = binary[0]
+    vip6 = b.vip_of(6) if 6 in lab.families else None
     if system == VANILLA:
         yield Target(
             b.vip,
@@ -75,10 +81,14 @@ def attach(
             None,
             list,
             "Service VIP via kube-proxy DNAT; ping to the pod IP (a VIP answers no ICMP)",
+            vip6,
         )
     elif system in (WIREGUARD, OPENVPN):
-        up = peers.wireguard_up if system == WIREGUARD else peers.openvpn_up
-        tun = up(a, b, netns.unique_suffix(), binary[1] if binary else system)
+        path = binary[1] if binary else system
+        if system == WIREGUARD:
+            tun = peers.wireguard_up(a, b, netns.unique_suffix(), path, ipv6=vip6 is not None)
+        else:
+            tun = peers.openvpn_up(a, b, netns.unique_suffix(), path)
         try:
             yield Target(
                 tun.server_addr,
@@ -87,6 +97,7 @@ def attach(
                 tun.pids,
                 f"{tun.note}; UDP socket buffers forced to {peers.BUFFER_BYTES >> 20} "
                 f"MiB (SO_RCVBUF reads {sorted(set(tun.rcvbuf))})",
+                tun.server_addr6,
             )
         finally:
             tun.stop()
@@ -102,6 +113,7 @@ def attach(
                 "tenc0",
                 lambda: proxies_in(a.netns) + proxies_in(b.netns),
                 _ready_line(lab, a),
+                vip6,
             )
         finally:
             for pod in (b, a):

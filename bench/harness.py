@@ -7,6 +7,9 @@ Topology (one node; with two, nginx2 lives on node2 behind VXLAN, see tencrypt/l
       vanilla/tencrypt -> nginx2's Service VIP             (the path an application uses)
       wireguard-go     -> 10.201.0.2 (wg<sfx>a/b)          (pod to pod, the tunnel's own
       openvpn          -> 10.202.0.2 (ovpn<sfx>a/b)         addresses)
+    --ip-family dual, TCP over IPv6 too (the outer packets of both tunnels stay IPv4):
+      vanilla/tencrypt -> nginx2's IPv6 Service VIP        (ip6tables DNAT / Tencrypt's own)
+      wireguard-go     -> fd00:201::2                      (inner IPv6 on the same tunnel)
 
 Stages:
  1. plan from the arguments (``--quick``: one node, 1 and 10 clients, 3 s runs, no soak,
@@ -26,10 +29,12 @@ Stages:
        (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy, the two paths asked
        in turns by one probe (bench/dnsprobe.py), the probe, the cluster DNS and the tunnel
        processes pinned to one CPU meanwhile;
-    d. TCP at each client count, then UDP at the fixed offered rate, the tunnel processes'
-       memory sampled throughout (VmHWM read after each TCP run) and their CPU (utime + stime
-       per end) read at the start and end of each run; each run checks that the traffic
-       crossed the tunnel's interface, and counts UDP receive-buffer drops in both pods;
+    d. TCP at each client count, then (``--ip-family dual``, a system with an IPv6 path: not
+       OpenVPN) TCP over IPv6 at the same client counts once the IPv6 path answers, then UDP at
+       the fixed offered rate, the tunnel processes' memory sampled throughout (VmHWM read
+       after each TCP run) and their CPU (utime + stime per end) read at the start and end of
+       each run; each run checks that the traffic crossed the tunnel's interface, and counts
+       UDP receive-buffer drops in both pods;
     e. Tencrypt on the first shape of a full run: a soak at the largest client count for six
        run durations (60 s by default), its memory sampled, to show whether RSS stays flat;
     f. detach;
@@ -114,7 +119,8 @@ class Bench:
             self.progress.say(f"bench: FAILED {message}")
 
     def shape(self, nodes: int) -> None:
-        lab = BenchLab(self.plan.name, topology=bench_topology(), nodes=nodes)
+        topology = bench_topology(self.plan.ip_family)
+        lab = BenchLab(self.plan.name, topology=topology, nodes=nodes)
         lab.progress = self.progress
         try:
             lab.up()
@@ -130,42 +136,73 @@ class Bench:
         self.first_shape = False
 
     def system(self, lab: Lab, system: str, a: Pod, b: Pod) -> None:
+        ipv6 = self.plan.ipv6_runs(system)
+        with contextlib.ExitStack() as stack:
+            target = stack.enter_context(attach(system, lab, a, b, self.plan.binaries.get(system)))
+            stack.enter_context(measure.rr_server(b.netns, self.logs / "rr.log"))
+            if ipv6 and target.host6:  # beside the IPv4 one, for the IPv6 path's first answer
+                stack.enter_context(measure.rr_server(b.netns, self.logs / "rr6.log", 6))
+            self.measure_system(lab, system, a, b, target, ipv6)
+
+    def measure_system(
+        self, lab: Lab, system: str, a: Pod, b: Pod, target: Target, ipv6: bool
+    ) -> None:
+        """Everything one attached system is measured for (stages 3b to 3e)."""
         nodes, label = len(lab.nodes), f"{_shape(len(lab.nodes))} · {system}"
-        with (
-            attach(system, lab, a, b, self.plan.binaries.get(system)) as target,
-            measure.rr_server(b.netns, self.logs / "rr.log"),
-        ):
-            self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
-            self.ready_memory(nodes, system, target)
-            measure.wait_reachable(a.netns, target.host)
-            self.progress.step(f"{label} · ping, request/response")
-            self.attempt(nodes, system, "ping", partial(self.ping, nodes, system, a, target))
-            self.attempt(
-                nodes, system, "request/response", partial(self.rr, nodes, system, a, b, target)
-            )
-            if system in DNS_SYSTEMS:
+        self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
+        self.ready_memory(nodes, system, target)
+        measure.wait_reachable(a.netns, target.host)
+        self.progress.step(f"{label} · ping, request/response")
+        self.attempt(nodes, system, "ping", partial(self.ping, nodes, system, a, target))
+        self.attempt(
+            nodes, system, "request/response", partial(self.rr, nodes, system, a, b, target)
+        )
+        if system in DNS_SYSTEMS:
+            self.attempt(nodes, system, "DNS", partial(self.dns, lab, nodes, system, a, b, target))
+        with measure.MemorySampler(target.pids) as memory:
+            for clients in self.plan.clients:
+                self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
                 self.attempt(
-                    nodes, system, "DNS", partial(self.dns, lab, nodes, system, a, b, target)
+                    nodes,
+                    system,
+                    f"TCP ×{clients}",
+                    partial(self.iperf, nodes, system, a, b, target, clients),
                 )
-            with measure.MemorySampler(target.pids) as memory:
-                for clients in self.plan.clients:
-                    self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
-                    self.attempt(
-                        nodes,
-                        system,
-                        f"TCP ×{clients}",
-                        partial(self.iperf, nodes, system, a, b, target, clients),
-                    )
-                self.progress.step(f"{label} · UDP at {self.plan.udp_rate}bit/s")
-                self.attempt(nodes, system, "UDP", partial(self.iperf, nodes, system, a, b, target))
-            if memory.result.peak_mb:
-                self.run.add(nodes, system, "memory", 0, "idle_mb", memory.result.idle_mb, "MB")
-                self.run.add(nodes, system, "memory", 0, "peak_mb", memory.result.peak_mb, "MB")
-            if system == TENCRYPT and self.first_shape and self.plan.soak_seconds:
-                self.progress.step(
-                    f"{label} · soak ×{max(self.plan.clients)} ({self.plan.soak_seconds:g} s)"
-                )
-                self.attempt(nodes, system, "soak", partial(self.soak, nodes, system, a, b, target))
+            if ipv6:
+                self.ipv6_runs(nodes, system, a, b, target)
+            self.progress.step(f"{label} · UDP at {self.plan.udp_rate}bit/s")
+            self.attempt(nodes, system, "UDP", partial(self.iperf, nodes, system, a, b, target))
+        if memory.result.peak_mb:
+            self.run.add(nodes, system, "memory", 0, "idle_mb", memory.result.idle_mb, "MB")
+            self.run.add(nodes, system, "memory", 0, "peak_mb", memory.result.peak_mb, "MB")
+        if system == TENCRYPT and self.first_shape and self.plan.soak_seconds:
+            self.progress.step(
+                f"{label} · soak ×{max(self.plan.clients)} ({self.plan.soak_seconds:g} s)"
+            )
+            self.attempt(nodes, system, "soak", partial(self.soak, nodes, system, a, b, target))
+
+    def ipv6_runs(self, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
+        """TCP over IPv6 at each client count, once the IPv6 path answers (a failure to answer
+        skips them, reported once)."""
+        label = f"{_shape(nodes)} · {system}"
+        try:
+            if not target.host6:
+                raise measure.MeasureError("no IPv6 address to reach nginx2 at (is the lab dual?)")
+            measure.wait_reachable(a.netns, target.host6)
+        except FAILURES as exc:
+            message = f"{_shape(nodes)}, {system}, IPv6 path: {_oneline(exc)}"
+            self.run.errors.append(message)
+            self.progress.say(f"bench: FAILED {message}")
+            return
+        self.run.notes.append(f"{_shape(nodes)}, {system}: over IPv6 to {target.host6}")
+        for clients in self.plan.clients:
+            self.progress.step(f"{label} · TCP over IPv6 ×{clients} ({self.plan.duration:g} s)")
+            self.attempt(
+                nodes,
+                system,
+                f"TCP over IPv6 ×{clients}",
+                partial(self.iperf, nodes, system, a, b, target, clients, 6),
+            )
 
     def ready_memory(self, nodes: int, system: str, target: Target) -> None:
         """VmRSS of the largest tunnel process once it is ready, before any traffic."""
@@ -241,11 +278,23 @@ class Bench:
         self.run.add(nodes, system, "crr", 1, "p99_us", c.p99_us, "µs")
 
     def iperf(
-        self, nodes: int, system: str, a: Pod, b: Pod, target: Target, clients: int | None = None
+        self,
+        nodes: int,
+        system: str,
+        a: Pod,
+        b: Pod,
+        target: Target,
+        clients: int | None = None,
+        family: int = 4,
     ) -> measure.Iperf:
-        """One iperf3 run (TCP with ``clients`` streams, else UDP), recorded."""
+        """One iperf3 run (TCP with ``clients`` streams, else UDP), recorded; over IPv6 to
+        ``target.host6`` when ``family`` is 6."""
         namespaces = [a.netns, b.netns]
         test, n = ("tcp", clients) if clients else ("udp", 1)
+        host = target.host6 if family == 6 else target.host
+        if host is None:
+            raise measure.MeasureError(f"no IPv{family} address to reach nginx2 at")
+        add = partial(self._add, (nodes, system, test, n), family=family)
         drops = measure.udp_rcvbuf_errors(namespaces)
         before = measure.iface_counters(a.netns, target.iface) if target.iface else (0, 0)
         udp = None if clients else self.plan.udp_rate
@@ -253,7 +302,7 @@ class Bench:
         result = measure.iperf(
             a.netns,
             b.netns,
-            target.host,
+            host,
             self.plan.duration,
             self.logs / "iperf3.log",
             parallel=clients or 1,
@@ -261,7 +310,7 @@ class Bench:
         )
         if cpu_before is not None:
             cpu_after = cpustat.snapshot(target.pids(), a.netns, b.netns)
-            self.cpu((nodes, system, test, n), cpu_before, cpu_after, result)
+            self.cpu((nodes, system, test, n), cpu_before, cpu_after, result, family)
         drops = measure.udp_rcvbuf_errors(namespaces) - drops
         if target.iface:
             after = measure.iface_counters(a.netns, target.iface)
@@ -271,25 +320,30 @@ class Bench:
                     f"only {carried / 1e6:.1f} MB crossed {target.iface} "
                     f"for {result.mbytes:.1f} MB received: not tunnelled"
                 )
-            self.run.add(nodes, system, test, n, "tunnel_mb", carried / 1e6, "MB")
-            self.run.add(nodes, system, test, n, "tunnel_if_drops", after[1] - before[1], "packets")
-        self.run.add(nodes, system, test, n, "throughput", result.gbps, "Gbit/s")
-        self.run.add(nodes, system, test, n, "udp_rcvbuf_errors", drops, "datagrams")
-        self.run.add(nodes, system, test, n, "received_mb", result.mbytes, "MB")
+            add("tunnel_mb", carried / 1e6, "MB")
+            add("tunnel_if_drops", after[1] - before[1], "packets")
+        add("throughput", result.gbps, "Gbit/s")
+        add("udp_rcvbuf_errors", drops, "datagrams")
+        add("received_mb", result.mbytes, "MB")
         if clients:
-            self.run.add(nodes, system, test, n, "retransmits", result.retransmits, "segments")
+            add("retransmits", result.retransmits, "segments")
             hwm = measure.largest_mb(target.pids(), "VmHWM")
             if hwm:
-                self.run.add(nodes, system, test, n, "hwm_mb", hwm, "MB")
+                add("hwm_mb", hwm, "MB")
         else:
-            self.run.add(
-                nodes, system, test, n, "offered", _rate_gbps(self.plan.udp_rate), "Gbit/s"
-            )
-            self.run.add(nodes, system, test, n, "sent", result.sent_gbps, "Gbit/s")
-            self.run.add(nodes, system, test, n, "loss_pct", result.lost_pct, "%")
-            self.run.add(nodes, system, test, n, "lost", result.lost, "datagrams")
-            self.run.add(nodes, system, test, n, "jitter_ms", result.jitter_ms, "ms")
+            add("offered", _rate_gbps(self.plan.udp_rate), "Gbit/s")
+            add("sent", result.sent_gbps, "Gbit/s")
+            add("loss_pct", result.lost_pct, "%")
+            add("lost", result.lost, "datagrams")
+            add("jitter_ms", result.jitter_ms, "ms")
         return result
+
+    def _add(
+        self, run: tuple[int, str, str, int], metric: str, value: float, unit: str, family: int
+    ) -> None:
+        """One figure of run (nodes, system, test, clients) over IP ``family``."""
+        nodes, system, test, n = run
+        self.run.add(nodes, system, test, n, metric, value, unit, family)
 
     def cpu(
         self,
@@ -297,22 +351,22 @@ class Bench:
         before: cpustat.Snapshot,
         after: cpustat.Snapshot,
         result: measure.Iperf,
+        family: int = 4,
     ) -> None:
         """CPU-seconds of the tunnel processes per end during one run (``run``: nodes, system,
-        test, clients), and per gigabit received (cores per Gbit/s), per end and summed."""
-        nodes, system, test, n = run
+        test, clients; over IP ``family``), and per gigabit received (cores per Gbit/s), per
+        end and summed."""
+        add = partial(self._add, run, family=family)
         used = cpustat.seconds_used(before, after)
         gigabits = result.mbytes * 8 / 1000
         total = sum(used.values())
         for end, seconds in (*used.items(), ("both", total)):
-            self.run.add(nodes, system, test, n, f"cpu_s_{end}", seconds, "CPU-s")
+            add(f"cpu_s_{end}", seconds, "CPU-s")
             per = cpustat.cores_per_gbps(seconds, gigabits)
             if per is not None:
-                self.run.add(nodes, system, test, n, f"cpu_per_gbps_{end}", per, "cores/(Gbit/s)")
+                add(f"cpu_per_gbps_{end}", per, "cores/(Gbit/s)")
         if after.at > before.at:
-            self.run.add(
-                nodes, system, test, n, "cpu_cores", total / (after.at - before.at), "cores"
-            )
+            add("cpu_cores", total / (after.at - before.at), "cores")
 
     def soak(self, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
         seconds, clients = self.plan.soak_seconds, max(self.plan.clients)
@@ -403,6 +457,12 @@ def describe(plan: Plan) -> Run:
     run.versions["tencrypt"] = _git_describe()
     run.versions["python"] = platform.python_version()
     run.peer_labels = {label: system for label, (system, _) in plan.binaries.items()}
+    run.ip_family = plan.ip_family
+    if plan.dual:
+        run.settings += (
+            "; dual-stack lab: after each system's IPv4 TCP runs, TCP over IPv6 at the same "
+            "client counts (not OpenVPN: IPv4 only here)"
+        )
     return run
 
 

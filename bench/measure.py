@@ -205,14 +205,17 @@ def parse_snmp_counter(text: str, proto: str, name: str) -> int:
 # --- servers -------------------------------------------------------------------------------
 
 
-def _listening(ns: str, proto: str, port: int) -> bool:
-    flag = "-Hlnu" if proto == "udp" else "-Hlnt"
-    return bool(netns.run(ns, ["ss", flag, f"sport = :{port}"], check=False).stdout.strip())
+def _listening(ns: str, proto: str, port: int, family: int | None = None) -> bool:
+    flags = ["-Hlnu" if proto == "udp" else "-Hlnt", *([f"-{family}"] if family else [])]
+    return bool(netns.run(ns, ["ss", *flags, f"sport = :{port}"], check=False).stdout.strip())
 
 
 @contextmanager
-def server(ns: str, argv: list[str], port: int, log: Path, proto: str = "tcp") -> Iterator[None]:
-    """Run ``argv`` in ``ns`` while the block runs; wait until it listens on ``port``."""
+def server(
+    ns: str, argv: list[str], port: int, log: Path, proto: str = "tcp", family: int | None = None
+) -> Iterator[None]:
+    """Run ``argv`` in ``ns`` while the block runs; wait until it listens on ``port`` (with
+    ``family``: on a socket of that IP family)."""
     proc = netns.spawn(ns, argv, log=log)
     try:
 
@@ -222,7 +225,7 @@ def server(ns: str, argv: list[str], port: int, log: Path, proto: str = "tcp") -
                     f"{argv[0]} server exited ({proc.returncode}): "
                     f"{log.read_text(errors='replace')[-300:]}"
                 )
-            return _listening(ns, proto, port)
+            return _listening(ns, proto, port, family)
 
         netns.wait_for(up, timeout=START_TIMEOUT, interval=0.05, what=f"{argv[0]} on :{port}")
         yield
@@ -282,12 +285,18 @@ def ping(client_ns: str, host: str, count: int, interval: float = 0.05) -> Ping:
 
 
 # A TCP request/response exchange of one byte each way (netperf's TCP_RR): one round trip per
-# transaction, so the rate is the inverse of the round-trip time through the whole path.
+# transaction, so the rate is the inverse of the round-trip time through the whole path. The
+# server listens on IPv4, or with "6" on IPv6 only (a second server beside the IPv4 one, which
+# then stays what it was: a dual-stack run's IPv4 figures come from the same socket as an IPv4
+# run's).
 RR_SERVER = r"""
 import socket, sys
-s = socket.socket()
+v6 = len(sys.argv) > 2 and sys.argv[2] == "6"
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+if v6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind(("::" if v6 else "0.0.0.0", int(sys.argv[1])))
 s.listen(8)
 while True:
     c, _ = s.accept()
@@ -333,9 +342,14 @@ print(json.dumps({"transactions": len(times), "seconds": (t1 - start) / 1e9,
 
 
 @contextmanager
-def rr_server(server_ns: str, log: Path) -> Iterator[None]:
-    with server(server_ns, [sys.executable, "-I", "-c", RR_SERVER, str(RR_PORT)], RR_PORT, log):
-        yield
+def rr_server(server_ns: str, log: Path, family: int = 4) -> Iterator[None]:
+    argv = [sys.executable, "-I", "-c", RR_SERVER, str(RR_PORT)]
+    if family == 6:
+        with server(server_ns, [*argv, "6"], RR_PORT, log, family=6):
+            yield
+    else:
+        with server(server_ns, argv, RR_PORT, log):
+            yield
 
 
 def request_response(

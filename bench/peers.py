@@ -7,7 +7,11 @@ Stages of ``wireguard_up`` and ``openvpn_up`` alike:
     its SHA-256 fingerprint) generated locally into the tunnel's own temporary directory;
  2. one daemon per pod namespace, in the foreground, its output in that directory;
  3. addresses of the tunnel's own (``10.201.0.0/30`` WireGuard, ``10.202.0.0/30`` OpenVPN),
-    MTU the pod's minus 80 (wireguard-go's own default rule: 1420 on a 1500 link);
+    MTU the pod's minus 80 (wireguard-go's own default rule: 1420 on a 1500 link); with
+    ``ipv6`` (a dual-stack run) WireGuard's tunnel also carries inner IPv6 between
+    ``fd00:201::1/126`` and ``::2`` (each peer's AllowedIPs gain the other's /128, the addresses
+    are added ``nodad``: usable at once), its outer packets staying IPv4 between the pod IPs as
+    Tencrypt's do; OpenVPN stays IPv4-only;
  4. wait until the tunnel is up (WireGuard: both control sockets; OpenVPN: "Initialization
     Sequence Completed" on both sides and the negotiated data cipher is CHACHA20-POLY1305);
  5. the daemons' UDP sockets get the buffers Tencrypt gives its own (8 MiB,
@@ -70,6 +74,7 @@ class Tunnel:
     client_if: str
     server_addr: str  # the address the client reaches the server pod at, through the tunnel
     workdir: Path
+    server_addr6: str | None = None  # the same over inner IPv6 (None: IPv4 only)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     rcvbuf: list[int] = field(default_factory=list)  # SO_RCVBUF read back (kernel doubles it)
     note: str = ""
@@ -228,12 +233,17 @@ def _tunnel(system: str, a: Pod, b: Pod, client_if: str, server_addr: str) -> Tu
     return Tunnel(system, a.netns, b.netns, client_if, server_addr, workdir)
 
 
-def wireguard_up(a: Pod, b: Pod, suffix: str, binary: str = "wireguard-go") -> Tunnel:
+def wireguard_up(
+    a: Pod, b: Pod, suffix: str, binary: str = "wireguard-go", ipv6: bool = False
+) -> Tunnel:
     """wireguard-go (``binary``: the Debian one, or any other build) from ``a`` to ``b``: ``a``
-    is 10.201.0.1, ``b`` 10.201.0.2."""
+    is 10.201.0.1, ``b`` 10.201.0.2; with ``ipv6`` also fd00:201::1 and fd00:201::2 inside."""
     names = {a.name: f"wg{suffix}a", b.name: f"wg{suffix}b"}
     addrs = {a.name: "10.201.0.1", b.name: "10.201.0.2"}
+    addrs6 = {a.name: "fd00:201::1", b.name: "fd00:201::2"}
     tun = _tunnel(WIREGUARD, a, b, names[a.name], addrs[b.name])
+    if ipv6:
+        tun.server_addr6 = addrs6[b.name]
     try:
         keys = {pod.name: _wg_key() for pod in (a, b)}
         mtu = a.mtu - MTU_OVERHEAD
@@ -261,14 +271,19 @@ def wireguard_up(a: Pod, b: Pod, suffix: str, binary: str = "wireguard-go") -> T
                     "peer",
                     keys[peer.name][1],
                     "allowed-ips",
-                    f"{addrs[peer.name]}/32",
+                    f"{addrs[peer.name]}/32" + (f",{addrs6[peer.name]}/128" if ipv6 else ""),
                     "endpoint",
                     f"{peer.ip}:{WG_PORT}",
                 ],
             )
+            if ipv6:  # before the link is up: no duplicate address detection to wait for
+                netns.run(
+                    pod.netns,
+                    ["ip", "-6", "addr", "add", f"{addrs6[pod.name]}/126", "dev", ifname, "nodad"],
+                )
             _address(pod.netns, ifname, f"{addrs[pod.name]}/30", mtu)
         tun.rcvbuf = [n for p in tun.procs for n in force_socket_buffers(p.pid)]
-        tun.note = f"MTU {mtu}"
+        tun.note = f"MTU {mtu}" + (", inner IPv6 fd00:201::/126 too" if ipv6 else "")
     except BaseException:
         tun.stop()
         raise

@@ -9,6 +9,11 @@ Rules:
 - ``--quick``: one node, 1 and 10 clients, 3 s runs, fewer pings, shorter request/response and
   DNS measurements, no soak, results under ``quick.*`` so that a quick run never replaces the
   committed full run's ``latest.*``. Explicit ``--clients``/``--nodes`` still apply.
+- ``--ip-family dual``: a dual-stack lab; each system with an IPv6 path (vanilla and Tencrypt:
+  nginx2's IPv6 Service VIP; wireguard-go: inner IPv6 addresses on its tunnel; not OpenVPN) adds
+  TCP over IPv6 at every client count after its IPv4 TCP runs. A full dual-stack run writes
+  ``ipv6.*`` (never the IPv4 run's ``latest.*``), a quick one ``quick.*`` as ever. ``ipv4`` (the
+  default) measures and writes what it did before families existed.
 - Bad arguments are ``UsageError``s; nothing is downloaded or built (``--peer-binary`` names a
   binary that exists, asked only for its ``--version``).
 """
@@ -31,6 +36,8 @@ DEFAULT_CLIENTS, DEFAULT_NODES = "1,5,10,20", "1,2"  # as declared in tencrypt/c
 QUICK_DURATION, QUICK_CLIENTS = 3.0, [1, 10]
 PING_INTERVAL = 0.05
 SOAK_RUNS = 6  # soak length in run durations
+IP_FAMILIES = ("ipv4", "dual")  # --ip-family (an IPv6-only lab is not benchmarked yet)
+IPV6_SYSTEMS = (VANILLA, WIREGUARD, TENCRYPT, TENCRYPT_NETPOL)  # with a path over inner IPv6
 
 
 @dataclass(slots=True)
@@ -50,10 +57,21 @@ class Plan:
     soak_seconds: float = 0.0
     # --peer-binary: label ("wireguard-go v0.0.20250522") -> (system, path of the binary)
     binaries: dict[str, tuple[str, str]] = field(default_factory=dict)
+    ip_family: str = "ipv4"
 
     @property
     def prefix(self) -> str:
-        return "quick" if self.quick else "latest"
+        if self.quick:
+            return "quick"
+        return "ipv6" if self.dual else "latest"
+
+    @property
+    def dual(self) -> bool:
+        return self.ip_family == "dual"
+
+    def ipv6_runs(self, system: str) -> bool:
+        """Whether ``system`` (a label of a --peer-binary too) adds TCP runs over IPv6."""
+        return self.dual and self.binaries.get(system, (system, ""))[0] in IPV6_SYSTEMS
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -96,6 +114,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise UsageError("--nodes: 1, 2 or 1,2")
     if not args.duration > 0:
         raise UsageError("--duration must be positive")
+    ip_family = getattr(args, "ip_family", None) or "ipv4"
+    if ip_family not in IP_FAMILIES:
+        raise UsageError(f"--ip-family: one of {', '.join(IP_FAMILIES)}, not {ip_family!r}")
     if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", args.udp_rate):
         raise UsageError(
             f"--udp-rate: a rate as iperf3 takes it (e.g. 500M, 1G), not {args.udp_rate!r}"
@@ -110,6 +131,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         name=args.name,
         quick=args.quick,
         binaries=peer_binaries(getattr(args, "peer_binary", None) or []),
+        ip_family=ip_family,
     )
     # each extra binary is one more system, measured after the Debian ones and before
     # Tencrypt (which patches the pods)
@@ -138,6 +160,8 @@ def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
         latency += min(plan.dns_seconds, paths * plan.dns_count / 5000)
     steps = [8.0, latency]  # attach; ping, request/response, DNS
     steps += [plan.duration + 2] * len(plan.clients)
+    if plan.ipv6_runs(system):  # the same client counts over IPv6 (the first waits for a path)
+        steps += [plan.duration + 2] * len(plan.clients)
     steps.append(plan.duration + 2)  # UDP
     if system == TENCRYPT and first_shape and plan.soak_seconds:
         steps.append(plan.soak_seconds + 2)

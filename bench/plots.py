@@ -1,11 +1,12 @@
 """The benchmark's PNG plots: TCP throughput per client count, one line per system, per lab
-shape. matplotlib is imported when a plot is drawn, never at import time."""
+shape; a dual-stack run adds each system's IPv6 figures as a dashed line of the same colour.
+matplotlib is imported when a plot is drawn, never at import time."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.report import Run, shape_name, systems_of
+from bench.report import Run, shape_name, systems_of, tcp_counts
 
 
 def plot_name(prefix: str, nodes: int) -> str:
@@ -13,7 +14,8 @@ def plot_name(prefix: str, nodes: int) -> str:
 
 
 def write_plots(run: Run, out: Path, prefix: str) -> dict[int, str]:
-    """One PNG per lab shape: TCP throughput per client count, one line per system."""
+    """One PNG per lab shape: TCP throughput per client count, one line per system (and per
+    system over IPv6, dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,19 +26,24 @@ def write_plots(run: Run, out: Path, prefix: str) -> dict[int, str]:
     for nodes in sorted({m.nodes for m in run.measurements if m.test == "tcp"}):
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         for system in systems_of(run, nodes):
-            points = sorted(
-                (m.clients, m.value)
-                for m in run.measurements
-                if (m.nodes, m.system, m.test, m.metric) == (nodes, system, "tcp", "throughput")
-                and m.value > 0
-            )
+            points = _points(run, nodes, system, 4)
             if points:
-                ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=system)
+                (line,) = ax.plot(
+                    [c for c, _ in points], [v for _, v in points], marker="o", label=system
+                )
+                points6 = _points(run, nodes, system, 6)
+                if points6:
+                    ax.plot(
+                        [c for c, _ in points6],
+                        [v for _, v in points6],
+                        marker="s",
+                        linestyle="--",
+                        color=line.get_color(),
+                        label=f"{system} (IPv6)",
+                    )
         ax.set_xscale("log")
         ax.set_yscale("log")
-        counts = sorted(
-            {m.clients for m in run.measurements if m.nodes == nodes and m.test == "tcp"}
-        )
+        counts = tcp_counts(run, nodes)
         ax.set_xticks(counts, [str(c) for c in counts])
         ax.minorticks_off()
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
@@ -51,3 +58,13 @@ def write_plots(run: Run, out: Path, prefix: str) -> dict[int, str]:
         plt.close(fig)
         written[nodes] = name
     return written
+
+
+def _points(run: Run, nodes: int, system: str, family: int) -> list[tuple[int, float]]:
+    return sorted(
+        (m.clients, m.value)
+        for m in run.measurements
+        if (m.nodes, m.system, m.test, m.metric, m.family)
+        == (nodes, system, "tcp", "throughput", family)
+        and m.value > 0
+    )

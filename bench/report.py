@@ -1,8 +1,14 @@
 """Benchmark results: one flat list of measurements, written as CSV, markdown and PNG plots.
 
 Rules:
-- A ``Measurement`` is one figure: (lab shape, system, test, client count, metric) -> value.
-  Everything the harness measures is one, so the CSV is that list, one row each.
+- A ``Measurement`` is one figure: (lab shape, system, test, client count, metric, IP family)
+  -> value. Everything the harness measures is one, so the CSV is that list, one row each.
+- The IP family is the inner one, what the application used (4, or 6 for the TCP runs a
+  dual-stack run, ``--ip-family dual``, adds after the IPv4 ones). A dual-stack run's CSV has a
+  ``family`` column ("4"/"6") and its markdown an IPv6 table per lab shape with each system's
+  IPv6 / IPv4 ratios; an IPv4 run (``Run.ip_family`` "ipv4", the default) writes exactly what it
+  wrote before families existed: no column, no table. Ratios and tables compare figures of one
+  family only; every table but the IPv6 one shows IPv4 figures.
 - Every figure is also given as a ratio to the same figure of ``vanilla``, of ``wireguard-go``
   (the Debian build) and of the current wireguard-go (the first ``--peer-binary
   wireguard-go=PATH``, ``Run.peer_labels``) measured in the same run on the same lab shape
@@ -37,6 +43,7 @@ CSV_FIELDS = [
     "vs_wireguard_go",
     "vs_current_wireguard_go",
 ]
+FAMILY_FIELD = "family"  # after "nodes", in a dual-stack run's CSV only
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,10 +55,11 @@ class Measurement:
     metric: str
     value: float
     unit: str
+    family: int = 4  # the inner IP family the figure was measured over
 
     @property
-    def key(self) -> tuple[int, str, int, str]:
-        return (self.nodes, self.test, self.clients, self.metric)
+    def key(self) -> tuple[int, str, int, str, int]:
+        return (self.nodes, self.test, self.clients, self.metric, self.family)
 
 
 @dataclass(slots=True)
@@ -67,15 +75,35 @@ class Run:
     errors: list[str] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
     peer_labels: dict[str, str] = field(default_factory=dict)  # --peer-binary label -> system
+    ip_family: str = "ipv4"  # --ip-family: "dual" adds the IPv6 runs (and their column, table)
 
     def add(
-        self, nodes: int, system: str, test: str, clients: int, metric: str, value: float, unit: str
+        self,
+        nodes: int,
+        system: str,
+        test: str,
+        clients: int,
+        metric: str,
+        value: float,
+        unit: str,
+        family: int = 4,
     ) -> None:
-        self.measurements.append(Measurement(nodes, system, test, clients, metric, value, unit))
+        self.measurements.append(
+            Measurement(nodes, system, test, clients, metric, value, unit, family)
+        )
 
-    def get(self, nodes: int, system: str, test: str, clients: int, metric: str) -> float | None:
-        m = find(self, nodes, system, test, clients, metric)
+    def get(
+        self, nodes: int, system: str, test: str, clients: int, metric: str, family: int = 4
+    ) -> float | None:
+        m = find(self, nodes, system, test, clients, metric, family)
         return m.value if m else None
+
+    @property
+    def dual(self) -> bool:
+        return self.ip_family != "ipv4"
+
+    def csv_fields(self) -> list[str]:
+        return [*CSV_FIELDS[:1], FAMILY_FIELD, *CSV_FIELDS[1:]] if self.dual else CSV_FIELDS
 
 
 # --- ratios --------------------------------------------------------------------------------
@@ -110,6 +138,7 @@ def with_ratios(run: Run) -> list[dict[str, object]]:
     for m in run.measurements:
         row: dict[str, object] = {
             "nodes": m.nodes,
+            **({FAMILY_FIELD: str(m.family)} if run.dual else {}),
             "system": m.system,
             "test": m.test,
             "clients": m.clients,
@@ -126,7 +155,7 @@ def with_ratios(run: Run) -> list[dict[str, object]]:
 
 def render_csv(run: Run) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=run.csv_fields(), lineterminator="\n")
     writer.writeheader()
     writer.writerows(with_ratios(run))
     return out.getvalue()
@@ -166,15 +195,16 @@ def cell(run: Run, m: Measurement | None, *, ratios: bool = True, delta: bool = 
 
 
 def find(
-    run: Run, nodes: int, system: str, test: str, clients: int, metric: str
+    run: Run, nodes: int, system: str, test: str, clients: int, metric: str, family: int = 4
 ) -> Measurement | None:
     for m in run.measurements:
-        if (m.nodes, m.system, m.test, m.clients, m.metric) == (
+        if (m.nodes, m.system, m.test, m.clients, m.metric, m.family) == (
             nodes,
             system,
             test,
             clients,
             metric,
+            family,
         ):
             return m
     return None
@@ -191,34 +221,80 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-def render_tcp(run: Run, nodes: int) -> list[str]:
-    counts = sorted({m.clients for m in run.measurements if m.nodes == nodes and m.test == "tcp"})
+def tcp_counts(run: Run, nodes: int, family: int = 4) -> list[int]:
+    return sorted(
+        {
+            m.clients
+            for m in run.measurements
+            if (m.nodes, m.test, m.family) == (nodes, "tcp", family)
+        }
+    )
+
+
+def render_tcp(run: Run, nodes: int, family: int = 4) -> list[str]:
+    counts = tcp_counts(run, nodes, family)
     if not counts:
         return []
+    systems = [
+        s
+        for s in systems_of(run, nodes)
+        if family == 4 or any(find(run, nodes, s, "tcp", n, "throughput", family) for n in counts)
+    ]
     header = ["System", *(f"{n} client{'s' if n > 1 else ''}" for n in counts)]
     rows = [
-        [s, *(cell(run, find(run, nodes, s, "tcp", n, "throughput")) for n in counts)]
-        for s in systems_of(run, nodes)
+        [s, *(cell(run, find(run, nodes, s, "tcp", n, "throughput", family)) for n in counts)]
+        for s in systems
     ]
     detail = [
         [
             s,
             *(
-                f"{fmt(run.get(nodes, s, 'tcp', n, 'retransmits'))} / "
-                f"{fmt(run.get(nodes, s, 'tcp', n, 'udp_rcvbuf_errors'))}"
+                f"{fmt(run.get(nodes, s, 'tcp', n, 'retransmits', family))} / "
+                f"{fmt(run.get(nodes, s, 'tcp', n, 'udp_rcvbuf_errors', family))}"
                 for n in counts
             ),
         ]
-        for s in systems_of(run, nodes)
+        for s in systems
     ]
+    title = "### TCP throughput, Gbit/s (iperf3 -P N, received)"
+    if family == 6:
+        title = (
+            "### TCP throughput over IPv6, Gbit/s (iperf3 -P N, received; the same pods, "
+            "after each system's IPv4 runs)"
+        )
     return [
-        "### TCP throughput, Gbit/s (iperf3 -P N, received)",
+        title,
         "",
         *table(header, rows),
         "TCP retransmits / UDP datagrams dropped on a full receive buffer (both pods) during "
         "the same runs:",
         "",
         *table(header, detail),
+    ]
+
+
+def family_ratio(run: Run, nodes: int, system: str, clients: int) -> float | None:
+    """A system's IPv6 TCP throughput over its IPv4 one at ``clients``, same run and shape."""
+    v6 = run.get(nodes, system, "tcp", clients, "throughput", 6)
+    v4 = run.get(nodes, system, "tcp", clients, "throughput", 4)
+    return v6 / v4 if v6 is not None and v4 else None
+
+
+def render_families(run: Run, nodes: int) -> list[str]:
+    """Per system and client count: IPv6 / IPv4 TCP throughput of the same run."""
+    counts = tcp_counts(run, nodes, 6)
+    rows = [
+        [s, *(fmt_ratio(family_ratio(run, nodes, s, n)) for n in counts)]
+        for s in systems_of(run, nodes)
+        if any(family_ratio(run, nodes, s, n) is not None for n in counts)
+    ]
+    if not rows:
+        return []
+    header = ["System", *(f"{n} client{'s' if n > 1 else ''}" for n in counts)]
+    return [
+        "### TCP throughput IPv6 / IPv4 (each system's two figures of this run)",
+        "",
+        *table(header, rows),
     ]
 
 
@@ -304,7 +380,7 @@ def render_cpu(run: Run, nodes: int) -> list[str]:
         {
             (m.test != "tcp", m.clients)
             for m in run.measurements
-            if m.nodes == nodes and m.metric == "cpu_per_gbps_both"
+            if (m.nodes, m.metric, m.family) == (nodes, "cpu_per_gbps_both", 4)
         }
     )
     if not runs:
@@ -352,7 +428,7 @@ def run_udp_rate(run: Run, nodes: int) -> float | None:
         (
             m.value
             for m in run.measurements
-            if (m.nodes, m.test, m.metric) == (nodes, "udp", "offered")
+            if (m.nodes, m.test, m.metric, m.family) == (nodes, "udp", "offered", 4)
         ),
         None,
     )
@@ -399,7 +475,11 @@ def render_dns(run: Run, nodes: int) -> list[str]:
 def render_memory(run: Run, nodes: int) -> list[str]:
     rows = []
     most = max(
-        (m.clients for m in run.measurements if (m.nodes, m.metric) == (nodes, "hwm_mb")),
+        (
+            m.clients
+            for m in run.measurements
+            if (m.nodes, m.metric, m.family) == (nodes, "hwm_mb", 4)
+        ),
         default=0,
     )
     for s in systems_of(run, nodes):
@@ -475,6 +555,8 @@ def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
         lines += render_tcp(run, nodes)
         if plots and nodes in plots:
             lines += [f"![TCP throughput, {shape_name(nodes)}]({plots[nodes]})", ""]
+        if run.dual:
+            lines += render_tcp(run, nodes, 6) + render_families(run, nodes)
         lines += render_udp(run, nodes) + render_cpu(run, nodes) + render_latency(run, nodes)
         lines += render_dns(run, nodes) + render_memory(run, nodes)
     if run.errors:

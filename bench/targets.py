@@ -1,4 +1,5 @@
-"""The targets of issue 16, judged on one run's figures: met, not met, or not measured.
+"""The targets of issue 16 (and, in a dual-stack run, issue 24's IPv6 ones), judged on one
+run's figures: met, not met, or not measured.
 
 Rules:
 - Every target is judged on figures of the same run and the same lab shape; a target whose
@@ -21,6 +22,13 @@ The targets, per lab shape (one node; two nodes over VXLAN):
     cluster DNS, both measured in the Tencrypt stage by one probe that asks them in turns;
  5. (first shape of a full run) the proxy's RSS flat over the soak;
  6. reported, no bound: the CPU per Gbit/s of both proxies, next to the current wireguard-go's.
+
+Issue 24's, per lab shape, only in a dual-stack run (``Run.dual``; an IPv4 run's report is as it
+was), on the TCP runs over IPv6 that follow each system's IPv4 ones:
+ 7. single-stream TCP and TCP at 10 clients over IPv6: Tencrypt's ≥ 0.9 × its IPv4 figure of the
+    same run ("within 10 %"; faster over IPv6 is met too);
+ 8. the same two over IPv6: Tencrypt ≥ 1.5 × the current wireguard-go over IPv6 (issue 16's
+    bound, in the other family: inner IPv6 in both tunnels, the outer IPv4 in both).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ PEAK_RSS_MB = 60.0
 PEAK_CLIENTS = 20
 FLAT_MB = 5.0  # "flat": the soak's last window may exceed its first by at most this (or 5 %)
 SHAPES = (1, 2)
+IPV6_VS_IPV4 = 0.9  # issue 24: Tencrypt's IPv6 TCP within 10 % of its IPv4 TCP
 NO_CURRENT = "no --peer-binary wireguard-go=PATH in this run"
 
 
@@ -76,13 +85,16 @@ def _missing(run: Run, nodes: int, *systems: str) -> str:
     return f"no figure for {' / '.join(systems)}"
 
 
-def judge_tcp(run: Run, nodes: int, clients: int, peer: str | None, bound: float) -> Verdict:
-    """Tencrypt's TCP throughput ≥ ``bound`` × ``peer``'s (None: the peer was not run)."""
-    what = f"{shape(nodes)}, TCP {_clients(clients)}"
+def judge_tcp(
+    run: Run, nodes: int, clients: int, peer: str | None, bound: float, family: int = 4
+) -> Verdict:
+    """Tencrypt's TCP throughput ≥ ``bound`` × ``peer``'s (None: the peer was not run), both
+    over IP ``family``."""
+    what = f"{shape(nodes)}, TCP{' over IPv6' if family == 6 else ''} {_clients(clients)}"
     if peer is None:
         return Verdict(NOT_MEASURED, f"{what} vs the current wireguard-go: {NO_CURRENT}")
-    tenc = run.get(nodes, TENCRYPT, "tcp", clients, "throughput")
-    other = run.get(nodes, peer, "tcp", clients, "throughput")
+    tenc = run.get(nodes, TENCRYPT, "tcp", clients, "throughput", family)
+    other = run.get(nodes, peer, "tcp", clients, "throughput", family)
     name = "the Debian wireguard-go" if peer == WIREGUARD else peer
     if tenc is None or not other:
         return Verdict(NOT_MEASURED, f"{what} vs {name}: {_missing(run, nodes, TENCRYPT, peer)}")
@@ -92,6 +104,36 @@ def judge_tcp(run: Run, nodes: int, clients: int, peer: str | None, bound: float
         f"{what}: Tencrypt {fmt(tenc)} vs {name} {fmt(other)} Gbit/s = {_times(r)} "
         f"(target ≥ {bound:g}×)",
     )
+
+
+def judge_family(run: Run, nodes: int, clients: int) -> Verdict:
+    """Tencrypt's TCP throughput over IPv6 ≥ 0.9 × its IPv4 one, same run and shape."""
+    what = f"{shape(nodes)}, TCP {_clients(clients)}, Tencrypt over IPv6 vs over IPv4"
+    v6 = run.get(nodes, TENCRYPT, "tcp", clients, "throughput", 6)
+    v4 = run.get(nodes, TENCRYPT, "tcp", clients, "throughput", 4)
+    if v6 is None or not v4:
+        missing = _missing(run, nodes, f"{TENCRYPT} over {'IPv4' if v6 is not None else 'IPv6'}")
+        return Verdict(NOT_MEASURED, f"{what}: {missing}")
+    r = v6 / v4
+    return Verdict(
+        MET if r >= IPV6_VS_IPV4 else NOT_MET,
+        f"{what}: {fmt(v6)} vs {fmt(v4)} Gbit/s = {_times(r)} (target ≥ {IPV6_VS_IPV4:g}×: "
+        "within 10 %)",
+    )
+
+
+def judge_ipv6(run: Run) -> list[Verdict]:
+    """Issue 24's targets, for each lab shape (none in an IPv4 run)."""
+    if not run.dual:
+        return []
+    current = current_wireguard(run)
+    out: list[Verdict] = []
+    for nodes in SHAPES:
+        out += [judge_family(run, nodes, clients) for clients in TCP_CLIENTS]
+        out += [
+            judge_tcp(run, nodes, clients, current, TCP_VS_CURRENT, 6) for clients in TCP_CLIENTS
+        ]
+    return out
 
 
 def judge_added(run: Run, nodes: int, test: str, peer: str | None) -> Verdict:
@@ -212,21 +254,39 @@ def judge(run: Run) -> list[Verdict]:
     return out
 
 
-def render(run: Run) -> list[str]:
-    """The markdown section: a count, then one line per target."""
-    verdicts = judge(run)
+def _count(verdicts: list[Verdict], reported: bool = True) -> str:
     counts = {
         s: sum(v.status == s for v in verdicts) for s in (MET, NOT_MET, NOT_MEASURED, REPORTED)
     }
+    text = f"{counts[MET]} met, {counts[NOT_MET]} not met, {counts[NOT_MEASURED]} not measured"
+    return text + (f" ({counts[REPORTED]} figures reported without a bound)" if reported else "")
+
+
+def render(run: Run) -> list[str]:
+    """The markdown section: a count, then one line per target (and, in a dual-stack run, the
+    same for issue 24's IPv6 targets)."""
+    verdicts = judge(run)
     current = current_wireguard(run)
     against = f"`{current}`" if current else "not given (no --peer-binary wireguard-go=PATH)"
-    return [
+    lines = [
         "## Targets (issue 16)",
         "",
-        f"{counts[MET]} met, {counts[NOT_MET]} not met, {counts[NOT_MEASURED]} not measured "
-        f"({counts[REPORTED]} figures reported without a bound). The current wireguard-go: "
-        f"{against}; the Debian build: `{WIREGUARD}`.",
+        f"{_count(verdicts)}. The current wireguard-go: {against}; the Debian build: "
+        f"`{WIREGUARD}`.",
         "",
         *(v.line() for v in verdicts),
         "",
     ]
+    ipv6 = judge_ipv6(run)
+    if ipv6:
+        lines += [
+            "## Targets over IPv6 (issue 24)",
+            "",
+            f"{_count(ipv6, reported=False)}. TCP over IPv6 between the same pods after each system's IPv4 runs: "
+            "Tencrypt and vanilla to nginx2's IPv6 Service VIP, wireguard-go between inner "
+            "IPv6 addresses of its tunnel; both tunnels' outer packets stay IPv4.",
+            "",
+            *(v.line() for v in ipv6),
+            "",
+        ]
+    return lines

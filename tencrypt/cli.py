@@ -303,6 +303,14 @@ def _bench(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
     p.add_argument(
+        "--ip-family",
+        choices=["ipv4", "dual"],
+        default="ipv4",
+        help="dual: a dual-stack lab, and each system's TCP runs repeated over IPv6 "
+        "(vanilla, Tencrypt, wireguard-go; not OpenVPN); a full run writes ipv6.* "
+        "(default: ipv4)",
+    )
+    p.add_argument(
         "--peer-binary",
         action="append",
         default=[],
