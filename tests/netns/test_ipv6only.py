@@ -35,7 +35,7 @@ import pytest
 
 from tencrypt.lab.capture import Capture, Frame
 from tencrypt.lab.cluster import Lab
-from tencrypt.lab.proxy import METRICS
+from tencrypt.lab.proxy import METRICS, proxy_pid
 from tencrypt.lab.topology import PodSpec, ServiceSpec, Topology
 from tencrypt.linux import netns
 from tests.netns.conftest import built_lab, download_sha256
@@ -345,3 +345,47 @@ def test_forged_and_replayed_ipv6_datagrams_are_counted_drops(lab: Lab):
     assert all_drops(after) - all_drops(before) == total, moved  # one verdict each
     assert after["tencrypt_packets_opened_total"] == before["tencrypt_packets_opened_total"]
     assert curl(lab, f"http://[{n3.ip}]:8080/")[0] == "nginx3"  # still serving
+
+
+def test_packet_too_big_reaches_the_senders_path_mtu_cache(lab: Lab):
+    """tenc0's MTU raised behind setup's back: the proxy answers an IPv6 packet above the
+    MTU it was set up with (1430 - 80) by an ICMPv6 Packet Too Big from the pod's own
+    address, which the kernel believes (RFC 8201): the route then carries the smaller MTU."""
+    dst = lab.pod("nginx2").ip
+    mtu = int(lab.exec("nginx1", ["cat", "/sys/class/net/tenc0/mtu"]).stdout)
+    assert mtu == 1350
+    lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu + 60)])
+    try:
+        send = (
+            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6, 23, 0)\n"  # IPV6_MTU_DISCOVER: IPV6_PMTUDISC_DONT
+            f"s.sendto(b'x'*{mtu}, ('{dst}', 9))\n"
+        )
+        lab.exec("nginx1", [sys.executable, "-c", send])
+        route = lab.exec("nginx1", ["ip", "-6", "route", "get", dst]).stdout
+        assert f"mtu {mtu}" in route, route
+    finally:
+        lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu)], check=False)
+        lab.exec("nginx1", ["ip", "-6", "route", "flush", "cache"], check=False)
+
+
+def test_an_unpatched_project_pod_gets_nothing_in_the_clear_and_undo_leaves_it_whole(lab: Lab):
+    """nginx3 unpatched (the launcher's `setup --undo` on an IPv6-only pod): nginx1's IPv6 to
+    it is refused (strict mode), never sent in the clear; nginx3 itself still has its IPv6
+    network (cakephp of the other project reaches it)."""
+    lab.unpatch("nginx3")
+    try:
+        n3 = lab.pod("nginx3")
+        assert "tenc0" not in lab.exec("nginx3", ["ip", "link"]).stdout
+        assert lab.exec("nginx3", ["ip", "-6", "rule"]).stdout.count("fwmark") == 0
+        marker = f"tencrypt-np6o-{secrets.token_hex(4)}"
+        node = lab.nodes["node1"]
+        with Capture(node.netns, node.bridge, "not port 53") as cap:
+            got = curl(lab, f"http://[{n3.ip}]:8080/", marker=marker)
+            cap.stop()
+        assert got == ("", "")
+        assert marker.encode() not in cap.data
+        assert curl(lab, f"http://[{n3.ip}]:8080/", pod="cakephp")[0] == "nginx3"
+    finally:
+        if not proxy_pid(lab, lab.pod("nginx3")):
+            lab.patch("nginx3")
