@@ -6,8 +6,9 @@ its composition root in tencrypt/runcmd.py (unit tests hand it in-memory ports i
 Outbound, when tenc0 is readable (``_on_tun``):
  1. read up to BATCH frames — on the batch path (default) TCP super-packets of up to 64 KiB
     behind a virtio-net header, otherwise one packet each;
- 2. per packet: not IPv4 -> dropped; a DF packet above tenc0's MTU -> ICMP "fragmentation
-    needed" back (path-MTU discovery); a SYN -> MSS clamped;
+ 2. per packet: not IPv4 or IPv6 -> dropped; a DF packet (every IPv6 one) above tenc0's MTU
+    -> ICMP "fragmentation needed" (ICMPv6 Packet Too Big) back, from the pod's address of
+    its family (path-MTU discovery); a SYN -> MSS clamped (MTU - 40, IPv6 20 less);
  3. standalone's receiver NAT: replies of flows that came in for a VIP get it back (core.nat);
  4. ``Dispatcher.route``, once per super-packet before its split: cluster mode's Service
     translation (cluster IP:port -> the flow's endpoint:target port), then the verdict and
@@ -18,6 +19,9 @@ Outbound, when tenc0 is readable (``_on_tun``):
     Service; REFUSE, DENY -> ICMP "administratively prohibited"; REJECT -> ICMP "port
     unreachable" (no endpoint). Nothing leaves in the clear unless positively external;
  5. flush: the tunnel's datagrams out of the UDP socket, a run to one peer as one UDP GSO send.
+    The tunnel's family is the pod's primary one (``PodConfig.version``): UDP/IPv4, or
+    UDP/IPv6 on an IPv6-only pod, where every peer is an IPv6 address and ``_seal`` maps
+    nothing (an IPv4 packet there has no tunnel address: refused, counted).
 Inbound, when the UDP socket is readable (``_on_udp``):
  1. receive up to BATCH datagrams (UDP GRO: many per call on the batch path);
  2. ``Tunnel.receive_batch``: authenticate, replay window, handshakes (every failure a

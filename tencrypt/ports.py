@@ -68,7 +68,9 @@ def open_ports(config: PodConfig, stats: Stats, batch: bool) -> Ports:
     from tencrypt.linux.gso import UdpBatch
     from tencrypt.linux.tun import Tun
 
-    udp = UdpBatch(sockets.tunnel_socket(config.port, config.fwmark), stats, gso=batch, gro=batch)
+    # the tunnel's family is the pod's primary one: UDP/IPv6 on an IPv6-only pod
+    sock = sockets.tunnel_socket(config.port, config.fwmark, config.version)
+    udp = UdpBatch(sock, stats, gso=batch, gro=batch)
     return Ports(
         Tun(config.tun, vnet_hdr=batch),
         udp,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from tencrypt import argtypes
-from tencrypt.core.podconfig import MIN_MTU, OVERHEAD
+from tencrypt.core.podconfig import MIN_MTU, MIN_MTU6, OVERHEAD, OVERHEAD6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="restore the namespace exactly as it was before `setup` (routes, rules, "
         "resolv.conf, also routes setup replaced) and remove tenc0",
     )
-    p.add_argument("--pod-ip", help="this pod's IPv4 address (default: eth0's address)")
+    p.add_argument(
+        "--pod-ip",
+        help="this pod's IPv4 address (default: eth0's); on an IPv6-only pod its IPv6 one "
+        "(default when eth0 has no IPv4: its global IPv6 address; the tunnel then runs over "
+        "UDP/IPv6 and --gateway, --dns and --service-cidr are IPv6)",
+    )
     p.add_argument("--dev", default="eth0", help="the pod's uplink interface (default: eth0)")
     p.add_argument(
         "--gateway", help="next hop on the uplink (default: the main table's default route)"
@@ -34,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "packets are sealed inside the same IPv4 tunnel; neither may overlap eth0's subnet or "
         "the pod network, nor contain the pod IP or the gateway (default: those of the "
         "agent's membership file, --members-file, else 172.30.0.0/16, OpenShift's, and no "
-        "IPv6 one)",
+        "IPv6 one; an IPv6-only pod needs its IPv6 range given or in that file)",
     )
     p.add_argument(
         "--pod-cidr",
@@ -58,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mtu",
         type=int,
-        help=f"tenc0 MTU, from {MIN_MTU} to the uplink MTU minus {OVERHEAD} (default: the latter)",
+        help=f"tenc0 MTU, from {MIN_MTU} to the uplink MTU minus {OVERHEAD} (default: the latter; "
+        f"IPv6-only: from {MIN_MTU6} to the uplink MTU minus {OVERHEAD6})",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument(

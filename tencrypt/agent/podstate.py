@@ -11,10 +11,10 @@ Rules:
   - its namespace carries the label ``tencrypt.io/enabled=true``;
   - it does not use the host network: its network namespace would be the node's own, and
     Tencrypt must never rewrite the node's routes or resolv.conf;
-  - it has an IPv4 pod IP: the sandbox exists and CNI has configured eth0 (``tencrypt setup``
-    needs both). The tunnel runs over IPv4: a dual-stack pod is patched (its IPv6 traffic is
-    sealed inside the IPv4 tunnel), an IPv6-only pod is left alone rather than patched into
-    a restart loop (an IPv6-only cluster needs the outer IPv6 tunnel, not built yet);
+  - it has a pod IP: the sandbox exists and CNI has configured eth0 (``tencrypt setup``
+    needs both). ``PodInfo.ip`` is the tunnel's family's address, the one setup takes as
+    primary: the IPv4 one when the pod has one (a dual-stack pod's IPv6 traffic is sealed
+    inside the IPv4 tunnel), else its IPv6 one (an IPv6-only pod: the tunnel over UDP/IPv6);
   - its phase is neither ``Succeeded`` nor ``Failed`` (its sandbox is gone or going);
   - it is not opted out with the annotation ``tencrypt.io/agent: "false"`` (e.g. a pod built
     from the patched origin-pod image, which seals its own traffic).
@@ -109,7 +109,7 @@ def parse_pod(obj: Any) -> PodInfo | None:
         namespace=ns,
         name=name,
         node=str(spec.get("nodeName") or ""),
-        ip=_ipv4_pod_ip(status),
+        ip=_tunnel_pod_ip(status),
         phase=str(status.get("phase") or "Pending"),
         host_network=spec.get("hostNetwork") is True,
         opted_out=str(annotations.get(OPT_OUT_ANNOTATION, "")).lower() == "false",
@@ -117,19 +117,21 @@ def parse_pod(obj: Any) -> PodInfo | None:
     )
 
 
-def _ipv4_pod_ip(status: dict[str, Any]) -> str | None:
-    """The first IPv4 address of ``podIPs`` (dual-stack pods list both), else ``podIP``."""
+def _tunnel_pod_ip(status: dict[str, Any]) -> str | None:
+    """The first IPv4 address of ``podIPs`` (dual-stack pods list both) or ``podIP``, else
+    the first IPv6 one (an IPv6-only pod); None when neither holds an address."""
     listed = status.get("podIPs")
     candidates = (
         [e.get("ip") for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
     )
+    found: dict[int, str] = {}
     for ip in [*candidates, status.get("podIP")]:
         try:
-            if isinstance(ip, str) and ipaddress.ip_address(ip).version == 4:
-                return ip
+            if isinstance(ip, str):
+                found.setdefault(ipaddress.ip_address(ip).version, ip)
         except ValueError:
             continue
-    return None
+    return found.get(4) or found.get(6)
 
 
 def parse_pid(value: Any) -> int | None:

@@ -48,9 +48,9 @@ def cluster_ranges(config: PodConfig, members: Members) -> Ranges:
         for ip in members.services
         if not any(ipaddress.ip_address(ip) in n for n in nets if n.version == _version(ip))
     )
-    # IPv6 counts where the pod routes IPv6 (a dual-stack pod): elsewhere the firewall refuses
+    # IPv6 counts where the pod routes IPv6 (dual-stack, IPv6-only): elsewhere the firewall refuses
     # the project's IPv6 addresses, by design, not by a mismatch
-    families = {4, 6} if config.pod_ip6 else {4}
+    families = {config.version, 6} if config.pod_ip6 else {config.version}  # IPv6-only: 6
     unrouted = [
         c
         for c in members.service_cidrs

@@ -9,6 +9,12 @@ Rules:
   CIDR (``service_cidr6``) gets that CIDR routed into tenc0 as well; its IPv6 packets ride the
   same IPv4 tunnel (the outer family is the pod's primary, IPv4). tenc0's MTU is the IPv4
   figure, above IPv6's 1280 minimum on any uplink MIN_MTU allows plus the overhead.
+- IPv6-only: a pod whose uplink has no IPv4 address has its IPv6 address as its primary
+  (``pod_ip``, ``gateway``, ``dns`` and ``service_cidr`` all IPv6; ``version`` is 6) and no
+  secondary family (``pod_ip6``, ``gateway6``, ``service_cidr6`` stay ""). The tunnel then
+  runs over UDP/IPv6 and costs ``OVERHEAD6`` (outer IPv6 40 + UDP 8 + 32): tenc0's MTU is
+  the uplink's minus 80, at least IPv6's minimum link MTU ``MIN_MTU6`` (RFC 8200 §5). Its
+  Service CIDR is never assumed: setup refuses without a known IPv6 one.
 - resolv.conf is rewritten to ask the embedded DNS proxy (127.0.0.1) while every other line —
   search list, options, comments — is kept as it was; the original text is kept for `--undo`.
 - `setup` changes nothing before ``validated`` has accepted every input: one typo in the
@@ -28,6 +34,7 @@ from tencrypt.errors import UsageError
 OVERHEAD = 20 + 8 + DATA_OVERHEAD  # outer IPv4 + UDP + wire.py's data header and tag
 OVERHEAD6 = 40 + 8 + DATA_OVERHEAD  # ... over outer IPv6 (an IPv6-only cluster): 80
 MIN_MTU = 576  # the datagram every IPv4 host must accept (RFC 791, RFC 1122 3.3.2)
+MIN_MTU6 = 1280  # IPv6's minimum link MTU (RFC 8200 §5)
 # Ranges every host routes itself: a Service CIDR over one of them would send the host's own
 # traffic (the unspecified "this network", loopback, link-local such as a cloud's metadata
 # service at 169.254.169.254, multicast, the reserved block and the limited broadcast) into
@@ -62,6 +69,16 @@ class PodConfig:
     service_cidr6: str = ""
 
     @property
+    def version(self) -> int:
+        """The tunnel's (outer) IP version: the primary address's; 6 on an IPv6-only pod."""
+        return 6 if ":" in self.pod_ip else 4
+
+    @property
+    def overhead(self) -> int:
+        """What the tunnel costs per packet over this pod's outer family."""
+        return OVERHEAD6 if self.version == 6 else OVERHEAD
+
+    @property
     def service_cidrs(self) -> tuple[str, ...]:
         """The Service CIDRs routed into tenc0: the IPv4 one, and the IPv6 one if known."""
         return (
@@ -76,6 +93,13 @@ class PodConfig:
     def source_for(self, ip: str) -> str:
         """The pod's own address of ``ip``'s family (the source of what it sends there)."""
         return self.pod_ip6 if ":" in ip and self.pod_ip6 else self.pod_ip
+
+    def gateway_for(self, ip: str) -> str:
+        """The uplink's next hop towards ``ip``'s family; "" when the pod has no route of that
+        family (an IPv4 address on an IPv6-only pod)."""
+        if (":" in ip) == (self.version == 6):
+            return self.gateway
+        return self.gateway6 if ":" in ip else ""
 
     @property
     def dns_mark(self) -> int:
@@ -200,10 +224,12 @@ def cluster_domain_of(domain: str) -> str:
     return "cluster.local"
 
 
-def tun_mtu(uplink_mtu: int) -> int:
-    mtu = uplink_mtu - OVERHEAD
-    if mtu < MIN_MTU:
-        raise ValueError(f"uplink MTU {uplink_mtu} leaves {mtu} for tenc0, below {MIN_MTU}")
+def tun_mtu(uplink_mtu: int, version: int = 4) -> int:
+    """tenc0's MTU on an uplink of ``uplink_mtu`` with the tunnel over IP ``version``."""
+    overhead, least = (OVERHEAD6, MIN_MTU6) if version == 6 else (OVERHEAD, MIN_MTU)
+    mtu = uplink_mtu - overhead
+    if mtu < least:
+        raise ValueError(f"uplink MTU {uplink_mtu} leaves {mtu} for tenc0, below {least}")
     return mtu
 
 
@@ -230,7 +256,15 @@ def validated(config: PodConfig, uplink_mtu: int, *, mtu_given: bool = True) -> 
     server's /32 via the uplink, more specific than the Service CIDR's route into tenc0, so
     the DNS proxy's upstream never enters the tunnel. A DNS server equal to the gateway, on
     the on-link subnet or in the pod network is accepted too: its /32 goes via the uplink.
+
+    An IPv6-only pod (``config.version`` 6: --pod-ip is IPv6) is held to the same rules in
+    IPv6 (``_validated6``): --pod-ip a global unicast address, --gateway any unicast one
+    (link-local is IPv6's usual next hop), --dns and --service-cidr IPv6, the Service CIDR
+    clear of ``HOST_RANGES6``, and tenc0's MTU from ``MIN_MTU6`` to the uplink's less
+    ``OVERHEAD6``; a second family (``pod_ip6`` and its kin) is refused there.
     """
+    if config.version == 6:
+        return _validated6(config, uplink_mtu, mtu_given)
     pod_ip = _address("--pod-ip", config.pod_ip)
     gateway = _address("--gateway", config.gateway)
     dns = _address("--dns", config.dns)
@@ -276,6 +310,45 @@ def validated(config: PodConfig, uplink_mtu: int, *, mtu_given: bool = True) -> 
     return replace(config, pod_cidrs=tuple(str(n) for n in pods))
 
 
+def _validated6(config: PodConfig, uplink_mtu: int, mtu_given: bool) -> PodConfig:
+    """``validated`` for an IPv6-only pod: its primary family is IPv6, and it has no other."""
+    second = [v for v in (config.pod_ip6, config.gateway6, config.service_cidr6) if v]
+    if second:
+        raise UsageError(
+            f"--pod-ip {config.pod_ip} is IPv6: an IPv6-only pod has no second family "
+            f"({', '.join(second)}); pass IPv4 as --pod-ip on a dual-stack pod"
+        )
+    pod_ip = _address6("--pod-ip", config.pod_ip)
+    if pod_ip.is_link_local or _special(pod_ip) or pod_ip.is_reserved:
+        raise UsageError(f"--pod-ip {pod_ip}: not a global unicast address")
+    gateway = _address6("--gateway", config.gateway)
+    if _special(gateway):
+        raise UsageError(f"--gateway {gateway}: not a unicast address")
+    if gateway == pod_ip:
+        raise UsageError(f"--gateway {gateway} is the pod's own address (--pod-ip)")
+    dns = _address6("--dns", config.dns)
+    if _special(dns):
+        raise UsageError(
+            f"--dns {dns}: a loopback, unspecified or multicast address cannot be the cluster "
+            "DNS server (the embedded DNS proxy on 127.0.0.1 forwards to it)"
+        )
+    service = _network("--service-cidr", config.service_cidr, strict=True)
+    if service.version != 6:
+        raise UsageError(
+            f"--service-cidr {service}: not an IPv6 range (the pod's address {pod_ip} is "
+            "IPv6: an IPv6-only pod routes its cluster's IPv6 Service CIDR)"
+        )
+    pods = tuple(_network("--pod-cidr", c, strict=False) for c in config.pod_cidrs)
+    _check_service6(
+        config,
+        service,
+        pods,
+        (("the pod's own address (--pod-ip)", pod_ip), ("the gateway (--gateway)", gateway)),
+    )
+    _check_mtu(config.mtu, uplink_mtu, config.dev, mtu_given, version=6)
+    return replace(config, pod_cidrs=tuple(str(n) for n in pods))
+
+
 # IPv6 ranges a Service CIDR must never cover: unspecified/loopback/IPv4-mapped (::/8 holds
 # them), link-local, site-local (deprecated) and multicast
 HOST_RANGES6 = ("::/8", "fe80::/10", "fec0::/10", "ff00::/8")
@@ -299,9 +372,22 @@ def _validate_ipv6(
     if not config.service_cidr6:
         return
     service = _network("--service-cidr", config.service_cidr6, strict=True)
-    flag = f"--service-cidr {service}"
     if service.version != 6:
-        raise UsageError(f"{flag}: the second range must be the IPv6 one")
+        raise UsageError(f"--service-cidr {service}: the second range must be the IPv6 one")
+    _check_service6(
+        config, service, pods, (("the pod's IPv6 address", pod6), ("the IPv6 gateway", gateway6))
+    )
+
+
+def _check_service6(
+    config: PodConfig,
+    service: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    pods: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+    own: tuple[tuple[str, ipaddress.IPv6Address | None], ...],
+) -> None:
+    """An IPv6 Service CIDR clear of the host ranges, the uplink's IPv6 subnet, the pod's
+    own addresses (``own``: what, address) and the pod network."""
+    flag = f"--service-cidr {service}"
     for host in map(ipaddress.IPv6Network, HOST_RANGES6):
         if service.overlaps(host):
             raise UsageError(
@@ -315,7 +401,7 @@ def _validate_ipv6(
                 f"{flag} overlaps {config.dev}'s subnet {cidr}: its route into tenc0 would "
                 "cut the pod off its own network"
             )
-    for what, addr in (("the pod's IPv6 address", pod6), ("the IPv6 gateway", gateway6)):
+    for what, addr in own:
         if addr is not None and addr in service:
             raise UsageError(f"{flag} contains {what} {addr}")
     for pod_net in pods:
@@ -330,17 +416,22 @@ def _address6(what: str, text: str) -> ipaddress.IPv6Address:
         raise UsageError(f"{what} {text!r}: not an IPv6 address ({exc})") from exc
 
 
-def _check_mtu(mtu: int, uplink_mtu: int, dev: str, given: bool) -> None:
-    ceiling = uplink_mtu - OVERHEAD
-    if given and not MIN_MTU <= mtu <= ceiling:
+def _check_mtu(mtu: int, uplink_mtu: int, dev: str, given: bool, version: int = 4) -> None:
+    overhead, least, why = (
+        (OVERHEAD6, MIN_MTU6, "IPv6's minimum link MTU")
+        if version == 6
+        else (OVERHEAD, MIN_MTU, "the datagram every IPv4 host accepts")
+    )
+    ceiling = uplink_mtu - overhead
+    if given and not least <= mtu <= ceiling:
         raise UsageError(
-            f"--mtu {mtu}: tenc0's MTU must be from {MIN_MTU} (the datagram every IPv4 host "
-            f"accepts) to {ceiling} ({dev}'s MTU {uplink_mtu} less the tunnel's {OVERHEAD} bytes)"
+            f"--mtu {mtu}: tenc0's MTU must be from {least} ({why}) to {ceiling} "
+            f"({dev}'s MTU {uplink_mtu} less the tunnel's {overhead} bytes)"
         )
-    if not given and mtu < MIN_MTU:
+    if not given and mtu < least:
         raise UsageError(
             f"--mtu: {dev}'s MTU {uplink_mtu} leaves {mtu} for tenc0 after the tunnel's "
-            f"{OVERHEAD} bytes, below {MIN_MTU} (the datagram every IPv4 host accepts)"
+            f"{overhead} bytes, below {least} ({why})"
         )
 
 

@@ -96,7 +96,7 @@ class Kernel:
         if action is RouteAction.VIA_TUN:
             rtnl.replace_route(dst, dev=pod.tun, src=src)
         else:
-            gateway = (pod.gateway6 if ":" in ip else pod.gateway) or None
+            gateway = pod.gateway_for(ip) or None  # its family's (IPv6-only: the primary)
             rtnl.replace_route(dst, dev=pod.dev, gateway=gateway, src=src)
 
     def unroute(self, ip: str) -> None:

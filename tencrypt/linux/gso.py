@@ -23,6 +23,12 @@ Receiving (``UdpBatch.recv_batch``):
     message it holds one datagram. A GRO socket also receives GSO packets that were never
     segmented (same host, veth), so the two ends meet without any copy in between.
 Without GRO (old kernel, or turned off) every datagram is one call: ``gro`` says which.
+
+Both families: an AF_INET6 socket (an IPv6-only pod's tunnel) segments and coalesces the same
+way (net/ipv6/udp.c; ``UDP_MAX_PAYLOAD`` is IPv4's, below IPv6's, so one limit serves both).
+Its ``recvmsg`` names the sender as (host, port, flowinfo, scope_id): ``recv_batch`` hands the
+core (host, port) with the host's canonical text (``core.wire.outer_ip``, a link-local's zone
+dropped), as an IPv4 socket's address is; sending to (host, port) needs no more.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from tencrypt.core.batch import Rows
 from tencrypt.core.stats import Counter, Stats
+from tencrypt.core.wire import outer_ip
 from tencrypt.linux.kernel import SOL_UDP, UDP_GRO, UDP_MAX_SEGMENTS, UDP_SEGMENT
 
 if TYPE_CHECKING:
@@ -50,6 +57,14 @@ RECV_BUFFER = 65536
 Address = tuple[str, int]
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
+
+
+def endpoint(addr: tuple[object, ...]) -> Address:
+    """A ``recvmsg`` address as the core's endpoint: IPv4's (host, port) as it is, IPv6's
+    (host, port, flowinfo, scope_id) as (canonical host, port)."""
+    if len(addr) == 2:
+        return addr  # type: ignore[return-value]
+    return outer_ip(str(addr[0])), int(addr[1])  # type: ignore[call-overload]
 
 
 def max_segments(size: int) -> int:
@@ -88,6 +103,7 @@ class UdpBatch:
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
         self._cmsg_space = socket.CMSG_SPACE(_INT.size)
+        self._last: tuple[tuple[object, ...], Address] = ((), ("", 0))  # endpoint's last answer
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -204,6 +220,9 @@ class UdpBatch:
             nbytes, ancdata, flags, addr = self.sock.recvmsg_into([self._view], self._cmsg_space)
         except BlockingIOError:
             return None
+        if len(addr) != 2:  # IPv6: most receives come from the sender of the one before
+            last = self._last
+            addr = last[1] if last[0] == addr else self._remember(addr)
         size = nbytes
         for level, kind, value in ancdata:
             if level == SOL_UDP and kind == UDP_GRO and len(value) >= _INT.size:
@@ -218,3 +237,8 @@ class UdpBatch:
             return [view[:nbytes]], addr
         count = -(-nbytes // size)
         return Rows(view, size, size, count, nbytes - (count - 1) * size), addr
+
+    def _remember(self, addr: tuple[object, ...]) -> Address:
+        found = endpoint(addr)
+        self._last = (addr, found)
+        return found

@@ -2,9 +2,11 @@
 
 Stages (``apply``; podnet.py's module docstring says why each is there):
  1. the TUN ``tenc0``, up, with the config's MTU;
- 2. the routes of ``planned_routes``: the Service CIDR into tenc0 and the DNS server's /32 by
-    the uplink (main table); the uplink's subnet and a default route (the fwmark table);
- 3. the rules ``fwmark <mark> lookup <table>`` (the proxy's and the DNS upstream's marks);
+ 2. the routes of ``planned_routes``: the Service CIDR into tenc0 and the DNS server's /32
+    (/128) by the uplink (main table); the uplink's subnet and a default route (the fwmark
+    table), in the pod's primary family (IPv6 on an IPv6-only pod) and IPv6 on a dual one;
+ 3. the rules ``ip [-6] rule fwmark <mark> lookup <table>`` (the proxy's and the DNS
+    upstream's marks), of each family ``rule_versions`` names;
  4. the firewall table ``inet tencrypt``;
  5. resolv.conf rewritten in place.
 
@@ -66,19 +68,22 @@ class Failed(Exception):
 def planned_routes(
     c: PodConfig, on_link: str | None, on_link6: str | None = None
 ) -> list[PlannedRoute]:
-    """The routes of stage 2; a dual-stack pod (``c.pod_ip6``) gets the IPv6 twins: its
-    Service CIDR into tenc0 (when known) and the fwmark table's on-link subnet and default
-    route, so that what the proxy sends marked (the clear, the DNS upstream) leaves by the
-    uplink in both families."""
+    """The routes of stage 2, in the pod's primary family (``c.version``; ``on_link`` is the
+    uplink's subnet of that family); a dual-stack pod (``c.pod_ip6``) gets the IPv6 twins:
+    its Service CIDR into tenc0 (when known) and the fwmark table's on-link subnet and
+    default route, so that what the proxy sends marked (the clear, the DNS upstream) leaves
+    by the uplink in both families. An IPv6-only pod's are all IPv6: the DNS server's /128,
+    ``::/0``; IPv6 routes have no link scope (the kernel keeps every one universe)."""
     dns = dns_address(c.dns)
     dns_gateway = None if on_link and in_cidr(dns, on_link) else c.gateway
+    v6 = c.version == 6
     plan = [
         PlannedRoute(c.service_cidr, c.tun, None, c.pod_ip),
-        PlannedRoute(f"{dns}/32", c.dev, dns_gateway, c.pod_ip),
+        PlannedRoute(f"{dns}/128" if ":" in dns else f"{dns}/32", c.dev, dns_gateway, c.pod_ip),
     ]
     if on_link:
-        plan.append(PlannedRoute(on_link, c.dev, None, c.pod_ip, c.table, scope_link=True))
-    plan.append(PlannedRoute("0.0.0.0/0", c.dev, c.gateway, c.pod_ip, c.table))
+        plan.append(PlannedRoute(on_link, c.dev, None, c.pod_ip, c.table, scope_link=not v6))
+    plan.append(PlannedRoute("::/0" if v6 else "0.0.0.0/0", c.dev, c.gateway, c.pod_ip, c.table))
     if c.pod_ip6:
         if c.service_cidr6:
             plan.append(PlannedRoute(c.service_cidr6, c.tun, None, c.pod_ip6))
@@ -100,21 +105,36 @@ def marks(c: PodConfig) -> tuple[int, int]:
 
 
 def rule_versions(c: PodConfig) -> tuple[int, ...]:
-    """The IP versions whose fwmark rules setup adds: IPv4, and IPv6 on a dual-stack pod.
-    IPv6 rules found before a first setup are not told apart from Tencrypt's: IPv6 rules of
-    these marks are always Tencrypt's (`--undo` removes them)."""
-    return (4, 6) if c.pod_ip6 else (4,)
+    """The IP versions whose fwmark rules setup adds: the primary family's (IPv4, IPv6 on an
+    IPv6-only pod), and IPv6 beside IPv4 on a dual-stack pod. Rules of the primary family
+    found before a first setup are someone else's (``present_rules``, kept by `--undo`);
+    a dual-stack pod's IPv6 rules of these marks are always Tencrypt's."""
+    return (4, 6) if c.pod_ip6 else (c.version,)
 
 
 def present_rules(c: PodConfig) -> list[int]:
-    """The marks of ``marks(c)`` whose rule is there already, but none in a namespace that
-    shows a setup whose state is lost (tenc0, a route of ours): those rules are Tencrypt's."""
+    """The marks of ``marks(c)`` whose rule (of the primary family) is there already, but none
+    in a namespace that shows a setup whose state is lost (tenc0, a route of ours): those
+    rules are Tencrypt's."""
     if netlink.link(c.tun) is not None or netlink.routes(
         None, netlink.RTPROT_TENCRYPT, version=None
     ):
         return []
     return [
-        m for m in marks(c) if netlink.has_rule(fwmark=m, table=c.table, priority=RULE_PRIORITY)
+        m
+        for m in marks(c)
+        if netlink.has_rule(fwmark=m, table=c.table, priority=RULE_PRIORITY, version=c.version)
+    ]
+
+
+def removed_rules(c: PodConfig, kept: list[int]) -> list[tuple[int, int]]:
+    """The (mark, version) rules `--undo` removes: every one setup adds but those of the
+    primary family that were there before it (``kept``)."""
+    return [
+        (mark, version)
+        for version in rule_versions(c)
+        for mark in marks(c)
+        if not (version == c.version and mark in kept)
     ]
 
 

@@ -3,18 +3,23 @@
 Stages of setup (each idempotent; setup applies all of them or none):
  1. discover: the uplink's address and MTU, the default gateway, the cluster DNS server and the
     project domain (resolv.conf's first nameserver and first `search` entry); flags override;
-    every input is validated (core/podconfig.py ``validated``) before anything is touched;
+    every input is validated (core/podconfig.py ``validated``) before anything is touched.
+    The primary family is IPv4 when the uplink has an IPv4 address; a pod with only a global
+    IPv6 one (an IPv6-only cluster) is set up in IPv6: its IPv6 address, the IPv6 default
+    route's next hop (often link-local), resolv.conf's first IPv6 nameserver and the IPv6
+    Service CIDR (flags or membership file; never a default: refused when none is known);
  2. record the PodConfig, the original resolv.conf and what stages 3-6 will replace (routes
     that are not Tencrypt's to the same destinations; rules of its marks already there) in
     the namespace's state directory, before anything changes, so that `--undo` also cleans up
     after a setup killed half-way;
- 3. create the persistent TUN `tenc0` with MTU = uplink MTU - 60;
- 4. route the Service CIDR `dev tenc0 src <pod IP>`, and the DNS server /32 via the uplink; on a
-    dual-stack pod (a global IPv6 address on the uplink) the IPv6 Service CIDR too, `dev tenc0
-    src <pod IPv6>`, when the flags or the membership file name one;
+ 3. create the persistent TUN `tenc0` with MTU = uplink MTU - 60 (- 80 over outer IPv6);
+ 4. route the Service CIDR `dev tenc0 src <pod IP>`, and the DNS server /32 (/128) via the
+    uplink; on a dual-stack pod (a global IPv6 address on the uplink) the IPv6 Service CIDR
+    too, `dev tenc0 src <pod IPv6>`, when the flags or the membership file name one;
  5. table <fwmark table>: the uplink's subnet and a default route via the gateway (both
-    families on a dual-stack pod), and `ip [-6] rule fwmark <mark> lookup <table>`, so the proxy's own marked socket leaves by the uplink
-    even to addresses that tenc0 routes; then the firewall table (strict mode's boundary);
+    families on a dual-stack pod, IPv6 alone on an IPv6-only one), and `ip [-6] rule fwmark
+    <mark> lookup <table>`, so the proxy's own marked socket leaves by the uplink even to
+    addresses that tenc0 routes; then the firewall table (strict mode's boundary);
  6. rewrite resolv.conf in place (it is usually a bind mount: never replace it by rename) to
     ask the embedded DNS proxy at 127.0.0.1, keeping the search list and options.
 Stages 3-6 are linux/journal.py's: if one fails, the others are undone in reverse, the state
@@ -57,6 +62,7 @@ from tencrypt.core.mountinfo import mount_of, node_path, parse_mountinfo
 from tencrypt.core.netnsid import NetnsId, belongs
 from tencrypt.core.podconfig import (
     OVERHEAD,
+    OVERHEAD6,
     PodConfig,
     cluster_domain_of,
     is_rewritten,
@@ -185,13 +191,15 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
     uplink = netlink.link(dev)
     if uplink is None:
         raise UsageError(f"no interface {dev!r} in this network namespace (use --dev)")
-    addr = netlink.ipv4_address(dev)
-    pod_ip = args.pod_ip or (addr[0] if addr else None)
+    addr, addr6 = netlink.ipv4_address(dev), netlink.ipv6_address(dev)
+    # the primary family: IPv4 when eth0 has it, else IPv6 (an IPv6-only pod)
+    pod_ip = args.pod_ip or (addr or addr6 or ("",))[0]
     if not pod_ip:
-        raise UsageError(f"{dev} has no IPv4 address; pass --pod-ip")
-    gateway = args.gateway or netlink.default_gateway(dev)
+        raise UsageError(f"{dev} has neither an IPv4 nor a global IPv6 address; pass --pod-ip")
+    version = 6 if ":" in pod_ip else 4
+    gateway = args.gateway or netlink.default_gateway(dev, version=version)
     if not gateway:
-        raise UsageError(f"no default route via {dev}; pass --gateway")
+        raise UsageError(f"no IPv{version} default route via {dev}; pass --gateway")
     resolv_path = args.resolv_conf or (
         resolv_conf_of(args.resolv_conf_of) if args.resolv_conf_of else "/etc/resolv.conf"
     )
@@ -217,7 +225,10 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
             ", ".join(parse_resolv_conf(original).nameservers) or "none",
         )
     resolv = parse_resolv_conf(original)
-    dns = args.dns or next((ns for ns in resolv.nameservers if not ns.startswith("127.")), None)
+    usable = [ns for ns in resolv.nameservers if not ns.startswith("127.") and ns != "::1"]
+    # the first of the pod's family (an IPv6-only pod reaches no IPv4 server), else the first
+    dns = args.dns or next((ns for ns in usable if (":" in ns) == (version == 6)), None)
+    dns = dns or (usable[0] if usable else None)
     if not dns:
         raise UsageError(f"{resolv_path} names no usable nameserver; pass --dns")
     domain = args.domain or (resolv.search[0] if resolv.search else None)
@@ -225,11 +236,10 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         raise UsageError(
             f"{resolv_path} has no `search` line to tell the project domain; pass --domain"
         )
-    service_cidr, service_cidr6, pod_cidrs = _cluster_ranges(args)
-    on_link = _on_link_subnet(dev)
-    addr6 = netlink.ipv6_address(dev)
-    pod_ip6 = addr6[0] if addr6 else ""
-    on_link6 = _on_link_subnet6(dev) if pod_ip6 else None
+    service_cidr, service_cidr6, pod_cidrs = _cluster_ranges(args, version)
+    pod_ip6 = addr6[0] if addr6 and version == 4 else ""  # a dual-stack pod's second family
+    on_link, on_link6 = _on_link_subnets(dev, version, bool(pod_ip6))
+    overhead = OVERHEAD6 if version == 6 else OVERHEAD  # the tunnel's outer family's
     config = validated(
         PodConfig(
             pod_ip=pod_ip,
@@ -240,7 +250,7 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
             search=resolv.search,
             cluster_domain=cluster_domain_of(domain),
             service_cidr=service_cidr,
-            mtu=args.mtu if args.mtu is not None else uplink.mtu - OVERHEAD,
+            mtu=args.mtu if args.mtu is not None else uplink.mtu - overhead,
             pod_cidrs=pod_cidrs,
             uplink_cidrs=tuple(c for c in (on_link, on_link6) if c),
             pod_ip6=pod_ip6,
@@ -250,7 +260,7 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
         uplink.mtu,
         mtu_given=args.mtu is not None,
     )
-    if service_cidr6 and not pod_ip6:
+    if service_cidr6 and not pod_ip6 and version == 4:
         log.warning(
             "%s has no global IPv6 address: the IPv6 Service CIDR %s is not routed into %s "
             "(IPv6 to the project stays refused by the firewall, never sent in the clear)",
@@ -267,12 +277,14 @@ def discover(args: argparse.Namespace, previous: SetupState | None) -> SetupStat
     return SetupState(config, resolv_path, original)
 
 
-def _cluster_ranges(args: argparse.Namespace) -> tuple[str, str, tuple[str, ...]]:
+def _cluster_ranges(args: argparse.Namespace, version: int = 4) -> tuple[str, str, tuple[str, ...]]:
     """The Service CIDRs to route into tenc0 (IPv4, and IPv6 or "") and the pod network: the
     flags (``--service-cidr V4[,V6]``, as kube-apiserver's --service-cluster-ip-range), else
     what the agent discovered (the membership file it writes before the launcher runs setup,
     given as ``--members-file``), else OpenShift's default Service CIDR, no IPv6 one and an
-    unknown pod network (never eth0's subnet: core/clustershape.py rule 1)."""
+    unknown pod network (never eth0's subnet: core/clustershape.py rule 1).
+    An IPv6-only pod (``version`` 6) routes the IPv6 one alone, as its primary (IPv6, "",
+    pods); none known is a ``UsageError``: no default is assumed for IPv6."""
     members: Members | None = None
     path = getattr(args, "members_file", None)
     if path:
@@ -290,6 +302,21 @@ def _cluster_ranges(args: argparse.Namespace) -> tuple[str, str, tuple[str, ...]
         raise UsageError(
             f"--service-cidr {args.service_cidr}: at most one range per family (V4[,V6])"
         )
+    pods = tuple(getattr(args, "pod_cidr", None) or (members.pod_cidrs if members else ()))
+    if version == 6:
+        if not service6:
+            raise UsageError(
+                "no IPv6 Service CIDR known for this IPv6-only pod (no IPv6 range in "
+                f"--service-cidr {args.service_cidr or '-'}, none in the membership file "
+                f"{path or '-'}): pass --service-cidr with the cluster's IPv6 Service CIDR "
+                "(kube-apiserver's --service-cluster-ip-range)"
+            )
+        if service is not None:
+            log.warning(
+                "IPv6-only pod: the IPv4 Service CIDR %s is not routed (the pod has no IPv4)",
+                service,
+            )
+        return service6, "", pods
     if service is None:
         service = DEFAULT_SERVICE_CIDR
         log.warning(
@@ -297,7 +324,6 @@ def _cluster_ranges(args: argparse.Namespace) -> tuple[str, str, tuple[str, ...]
             "default); pass --service-cidr where the cluster uses another",
             service,
         )
-    pods = tuple(getattr(args, "pod_cidr", None) or (members.pod_cidrs if members else ()))
     return service, service6, pods
 
 
@@ -365,9 +391,7 @@ def setup(args: argparse.Namespace) -> PodConfig:
     members_file = getattr(args, "members_file", None)
     state.members_file = os.path.abspath(members_file) if members_file else None
     c = state.config
-    plan = journal.planned_routes(
-        c, _on_link_subnet(c.dev), _on_link_subnet6(c.dev) if c.pod_ip6 else None
-    )
+    plan = journal.planned_routes(c, *_on_link_subnets(c.dev, c.version, bool(c.pod_ip6)))
     state.replaced_routes = _merged(
         previous.replaced_routes if previous else [],
         [asdict(r) for r in journal.replaced_routes(plan)],
@@ -428,13 +452,10 @@ def undo(state_dir: str) -> Undone:
         log.warning("%s is gone; not restored", state.resolv_conf)
     firewall.remove_table()  # strict mode's rules stay after the proxy stops, until here
     nfqueue.remove_rules(c.dev)  # and standalone mode's queue rules
-    for mark in journal.marks(c):
-        if mark not in state.kept_rules:
-            netlink.remove_rule(fwmark=mark, table=c.table, priority=journal.RULE_PRIORITY)
-        if 6 in journal.rule_versions(c):
-            netlink.remove_rule(
-                fwmark=mark, table=c.table, priority=journal.RULE_PRIORITY, version=6
-            )
+    for mark, version in journal.removed_rules(c, state.kept_rules):
+        netlink.remove_rule(
+            fwmark=mark, table=c.table, priority=journal.RULE_PRIORITY, version=version
+        )
     netlink.remove_routes_by_proto()
     netlink.remove_link(c.tun)
     for lost in journal.restore(replaced):
@@ -456,6 +477,14 @@ def remove_state(directory: Path) -> None:
         pass
     except OSError as exc:
         raise SetupError(f"cannot remove the setup state {directory}: {exc}") from exc
+
+
+def _on_link_subnets(dev: str, version: int, dual: bool) -> tuple[str | None, str | None]:
+    """The uplink's on-link subnet of the pod's primary family (IPv6 on an IPv6-only pod),
+    and its IPv6 subnet on a dual-stack pod (else None)."""
+    if version == 6:
+        return _on_link_subnet6(dev), None
+    return _on_link_subnet(dev), _on_link_subnet6(dev) if dual else None
 
 
 def _on_link_subnet(dev: str) -> str | None:

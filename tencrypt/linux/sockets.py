@@ -3,6 +3,8 @@
 - ``tunnel_socket``: UDP on 0.0.0.0:<port>, with ``SO_MARK`` so that `ip rule fwmark` sends it out
   of the uplink even to addresses tenc0 routes, and large buffers (``SO_RCVBUFFORCE``, root only,
   beats net.core.rmem_max): default buffers overflow under load and every overflow is a TCP loss.
+  On an IPv6-only pod (the tunnel's family follows the pod's primary address) the same socket
+  is AF_INET6 on [::]:<port> with ``IPV6_V6ONLY``: it never sees IPv4 as mapped addresses.
 - ``inject_socket``: raw ``IPPROTO_RAW`` (implies ``IP_HDRINCL``): opened packets re-enter this
   namespace's stack through it, addressed to the pod itself, so they arrive like any packet.
 - ``bypass_socket``: the same with the proxy's mark, to re-send in the clear out of the uplink a
@@ -37,15 +39,21 @@ def _force_buffers(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
-def tunnel_socket(port: int, mark: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def tunnel_socket(port: int, mark: int, version: int = 4) -> socket.socket:
+    """The tunnel's UDP socket over IP ``version`` (6: an IPv6-only pod's)."""
+    v6 = version == 6
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         _force_buffers(sock, BUFFER_BYTES)
-        sock.bind(("0.0.0.0", port))
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::" if v6 else "0.0.0.0", port))
     except OSError as exc:
         sock.close()
-        raise SetupError(f"cannot open the tunnel's UDP socket on :{port}: {exc.strerror}") from exc
+        raise SetupError(
+            f"cannot open the tunnel's UDP{'/IPv6' if v6 else ''} socket on :{port}: {exc.strerror}"
+        ) from exc
     sock.setblocking(False)
     return sock
 

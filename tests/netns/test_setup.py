@@ -246,3 +246,77 @@ def test_dual_stack_setup_refuses_a_bad_ipv6_service_cidr_and_touches_nothing(po
     assert done.returncode == 2, done.stderr
     assert words in done.stderr and "Traceback" not in done.stderr
     assert snapshot(pod) == before and snapshot6(pod) == before6
+
+
+RESOLV6 = (
+    "nameserver fd00:30::2\nsearch myproject.svc.cluster.local svc.cluster.local cluster.local\n"
+    "options ndots:5\n"
+)
+
+
+@pytest.fixture
+def pod6():
+    """An IPv6-only pod: eth0 fd00:17::5/64 (no IPv4), default via the link-local fe80::1, its
+    resolv.conf naming the cluster DNS at fd00:30::2."""
+    name = f"ts6{netns.unique_suffix()}"
+    etc = Path("/etc/netns") / name
+    try:
+        netns.create(name)
+        for cmd in (
+            ["ip", "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "peer0"],
+            ["ip", "-6", "addr", "add", "fd00:17::5/64", "dev", "eth0", "nodad"],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "link", "set", "peer0", "up"],
+            ["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"],
+        ):
+            netns.run(name, cmd)
+        etc.mkdir(parents=True)
+        (etc / "resolv.conf").write_text(RESOLV6)
+        yield name
+    finally:
+        netns.delete(name)
+        (etc / "resolv.conf").unlink(missing_ok=True)
+        if etc.exists():
+            etc.rmdir()
+
+
+def test_ipv6_only_setup_is_all_ipv6_and_undo_restores_it_exactly(pod6):
+    """An IPv6-only pod (eth0 has no IPv4 address): its IPv6 address, gateway and DNS server
+    are the primary ones, tenc0 leaves room for an outer IPv6 header (1450 - 80), the IPv6
+    Service CIDR must be known (no default is assumed), and --undo restores exactly."""
+    before, before6 = snapshot(pod6), snapshot6(pod6)
+    refused = tencrypt(pod6, "setup", check=False)  # no IPv6 Service CIDR anywhere
+    assert refused.returncode == 2, refused.stderr
+    assert "no IPv6 Service CIDR known" in refused.stderr and "Traceback" not in refused.stderr
+    assert snapshot(pod6) == before and snapshot6(pod6) == before6
+
+    out = tencrypt(pod6, "setup", "--service-cidr", "fd00:30::/108").stdout
+    assert "pod fd00:17::5 on eth0 via fe80::1; tenc0 mtu 1370; fd00:30::/108 -> tenc0" in out
+    assert "DNS fd00:30::2 -> eth0" in out
+    after, after6 = snapshot(pod6), snapshot6(pod6)
+    assert "mtu 1370" in netns.run(pod6, ["ip", "link", "show", "tenc0"]).stdout
+    # (listed by protocol 137, which `ip` then leaves out of each line)
+    assert "fd00:30::/108 dev tenc0 src fd00:17::5" in after6["routes"]
+    assert "fd00:30::2 via fe80::1 dev eth0 src fd00:17::5" in after6["routes"]
+    assert "default via fe80::1 dev eth0 table 1337 src fd00:17::5" in after6["routes"]
+    assert "fd00:17::/64 dev eth0 table 1337 src fd00:17::5" in after6["routes"]
+    assert "1000:\tfrom all fwmark 0x1337 lookup 1337" in after6["rules"]
+    assert "1000:\tfrom all fwmark 0x11337 lookup 1337" in after6["rules"]
+    # nothing IPv4: no route of ours, no IPv4 rule
+    assert after["routes"] == before["routes"] and after["rules"] == before["rules"]
+    marked = netns.run(pod6, ["ip", "-6", "route", "get", "fd00:30::12", "mark", "0x1337"]).stdout
+    plain = netns.run(pod6, ["ip", "-6", "route", "get", "fd00:30::12"]).stdout
+    dns = netns.run(pod6, ["ip", "-6", "route", "get", "fd00:30::2"]).stdout
+    assert "dev eth0" in marked and "dev tenc0" in plain and "src fd00:17::5" in plain
+    assert "dev eth0" in dns
+    lines = after["resolv"].splitlines()
+    assert "nameserver 127.0.0.1" in lines and "nameserver fd00:30::2" not in lines
+    table = netns.run(pod6, ["nft", "list", "table", "inet", "tencrypt"]).stdout
+    assert "nd-neighbor-solicit" in table and "udp dport 1337 accept" in table
+
+    tencrypt(pod6, "setup", "--service-cidr", "fd00:30::/108")  # idempotent
+    assert snapshot(pod6) == after and snapshot6(pod6) == after6
+
+    tencrypt(pod6, "setup", "--undo")
+    assert snapshot(pod6) == before and snapshot6(pod6) == before6
+    assert "nothing to undo" in tencrypt(pod6, "setup", "--undo").stdout

@@ -74,8 +74,9 @@ def test_wanted_pods_are_on_this_node_in_enabled_namespaces_with_their_own_netwo
         pod("v6only", ip="fd00::9"),
         dual,
     )
-    assert [p.name for p in view.wanted()] == ["dual", "leaving", "web"]
-    assert view.pods[uid_of("dual")].ip == "10.128.0.7"
+    assert [p.name for p in view.wanted()] == ["dual", "leaving", "v6only", "web"]
+    assert view.pods[uid_of("dual")].ip == "10.128.0.7"  # IPv4: the tunnel's family
+    assert view.pods[uid_of("v6only")].ip == "fd00::9"  # IPv6-only: the tunnel over IPv6
     assert "elsewhere" not in {p.name for p in view.pods.values()}
     assert view.stats.counters == {}
 
