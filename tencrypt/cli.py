@@ -265,7 +265,7 @@ def _demo(p: argparse.ArgumentParser) -> None:
         choices=["ipv4", "dual", "ipv6"],
         default="dual",
         help="the demo lab's IP families (see `tencrypt lab up --help`; default: dual, "
-        "IPv4 and IPv6, both sealed; ipv6 cannot run the proxies yet)",
+        "IPv4 and IPv6, both sealed; ipv6: an IPv6-only cluster, the tunnel over IPv6)",
     )
 
 
