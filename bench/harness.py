@@ -160,14 +160,7 @@ class Bench:
         if system in DNS_SYSTEMS:
             self.attempt(nodes, system, "DNS", partial(self.dns, lab, nodes, system, a, b, target))
         with measure.MemorySampler(target.pids) as memory:
-            for clients in self.plan.clients:
-                self.progress.step(f"{label} · TCP ×{clients} ({self.plan.duration:g} s)")
-                self.attempt(
-                    nodes,
-                    system,
-                    f"TCP ×{clients}",
-                    partial(self.iperf, nodes, system, a, b, target, clients),
-                )
+            self.tcp_runs(nodes, system, a, b, target)
             if ipv6:
                 self.ipv6_runs(nodes, system, a, b, target)
             self.progress.step(f"{label} · UDP at {self.plan.udp_rate}bit/s")
@@ -184,7 +177,6 @@ class Bench:
     def ipv6_runs(self, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
         """TCP over IPv6 at each client count, once the IPv6 path answers (a failure to answer
         skips them, reported once)."""
-        label = f"{_shape(nodes)} · {system}"
         try:
             if not target.host6:
                 raise measure.MeasureError("no IPv6 address to reach nginx2 at (is the lab dual?)")
@@ -195,13 +187,21 @@ class Bench:
             self.progress.say(f"bench: FAILED {message}")
             return
         self.run.notes.append(f"{_shape(nodes)}, {system}: over IPv6 to {target.host6}")
+        self.tcp_runs(nodes, system, a, b, target, 6)
+
+    def tcp_runs(
+        self, nodes: int, system: str, a: Pod, b: Pod, target: Target, family: int = 4
+    ) -> None:
+        """TCP at each client count, over ``family`` (the IPv6 runs say so in their names)."""
+        label = f"{_shape(nodes)} · {system}"
+        over = " over IPv6" if family == 6 else ""
         for clients in self.plan.clients:
-            self.progress.step(f"{label} · TCP over IPv6 ×{clients} ({self.plan.duration:g} s)")
+            self.progress.step(f"{label} · TCP{over} ×{clients} ({self.plan.duration:g} s)")
             self.attempt(
                 nodes,
                 system,
-                f"TCP over IPv6 ×{clients}",
-                partial(self.iperf, nodes, system, a, b, target, clients, 6),
+                f"TCP{over} ×{clients}",
+                partial(self.iperf, nodes, system, a, b, target, clients, family),
             )
 
     def ready_memory(self, nodes: int, system: str, target: Target) -> None:

@@ -282,29 +282,13 @@ def validated(config: PodConfig, uplink_mtu: int, *, mtu_given: bool = True) -> 
     if service.version != 4:
         raise UsageError(f"--service-cidr {service}: not an IPv4 range")
     pods = tuple(_network("--pod-cidr", c, strict=False) for c in config.pod_cidrs)
-    flag = f"--service-cidr {service}"
-    for host in map(ipaddress.IPv4Network, HOST_RANGES):
-        if service.overlaps(host):
-            raise UsageError(
-                f"{flag} overlaps {host}, a range every host routes itself: "
-                "its route into tenc0 would take the pod's own traffic"
-            )
-    for cidr in config.uplink_cidrs:
-        subnet = ipaddress.ip_network(cidr, strict=False)
-        if subnet.version == 4 and service.overlaps(subnet):
-            raise UsageError(
-                f"{flag} overlaps {config.dev}'s subnet {cidr} (pod {pod_ip}): its route into "
-                "tenc0 would cut the pod off its own network"
-            )
-    for what, addr in (
-        ("the pod's own address (--pod-ip)", pod_ip),
-        ("the gateway (--gateway)", gateway),
-    ):
-        if addr in service:
-            raise UsageError(f"{flag} contains {what} {addr}")
-    for pod_net in pods:
-        if pod_net.version == 4 and service.overlaps(pod_net):
-            raise UsageError(f"{flag} overlaps the pod network {pod_net} (--pod-cidr)")
+    _check_service(
+        config,
+        service,
+        pods,
+        (("the pod's own address (--pod-ip)", pod_ip), ("the gateway (--gateway)", gateway)),
+        f" (pod {pod_ip})",
+    )
     _check_mtu(config.mtu, uplink_mtu, config.dev, mtu_given)
     _validate_ipv6(config, pods)
     return replace(config, pod_cidrs=tuple(str(n) for n in pods))
@@ -339,7 +323,7 @@ def _validated6(config: PodConfig, uplink_mtu: int, mtu_given: bool) -> PodConfi
             "IPv6: an IPv6-only pod routes its cluster's IPv6 Service CIDR)"
         )
     pods = tuple(_network("--pod-cidr", c, strict=False) for c in config.pod_cidrs)
-    _check_service6(
+    _check_service(
         config,
         service,
         pods,
@@ -374,21 +358,24 @@ def _validate_ipv6(
     service = _network("--service-cidr", config.service_cidr6, strict=True)
     if service.version != 6:
         raise UsageError(f"--service-cidr {service}: the second range must be the IPv6 one")
-    _check_service6(
+    _check_service(
         config, service, pods, (("the pod's IPv6 address", pod6), ("the IPv6 gateway", gateway6))
     )
 
 
-def _check_service6(
+def _check_service(
     config: PodConfig,
     service: ipaddress.IPv4Network | ipaddress.IPv6Network,
     pods: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-    own: tuple[tuple[str, ipaddress.IPv6Address | None], ...],
+    own: tuple[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None], ...],
+    whose: str = "",
 ) -> None:
-    """An IPv6 Service CIDR clear of the host ranges, the uplink's IPv6 subnet, the pod's
-    own addresses (``own``: what, address) and the pod network."""
+    """A Service CIDR (routed ``dev tenc0``) clear of the host ranges of its family, the
+    uplink's subnet of its family, the pod's own addresses (``own``: what, address) and the
+    pod network. ``whose`` follows the uplink subnet in its message."""
     flag = f"--service-cidr {service}"
-    for host in map(ipaddress.IPv6Network, HOST_RANGES6):
+    hosts = HOST_RANGES6 if service.version == 6 else HOST_RANGES
+    for host in (ipaddress.ip_network(h) for h in hosts):
         if service.overlaps(host):
             raise UsageError(
                 f"{flag} overlaps {host}, a range every host routes itself: "
@@ -396,16 +383,16 @@ def _check_service6(
             )
     for cidr in config.uplink_cidrs:
         net = ipaddress.ip_network(cidr, strict=False)
-        if net.version == 6 and service.overlaps(net):
+        if net.version == service.version and service.overlaps(net):
             raise UsageError(
-                f"{flag} overlaps {config.dev}'s subnet {cidr}: its route into tenc0 would "
-                "cut the pod off its own network"
+                f"{flag} overlaps {config.dev}'s subnet {cidr}{whose}: its route into tenc0 "
+                "would cut the pod off its own network"
             )
     for what, addr in own:
         if addr is not None and addr in service:
             raise UsageError(f"{flag} contains {what} {addr}")
     for pod_net in pods:
-        if pod_net.version == 6 and service.overlaps(pod_net):
+        if pod_net.version == service.version and service.overlaps(pod_net):
             raise UsageError(f"{flag} overlaps the pod network {pod_net} (--pod-cidr)")
 
 
