@@ -253,9 +253,11 @@ class Pod:
         limits: Limits | None = None,
         members: Members | None = None,
         rng: Any = None,
+        config: PodConfig | None = None,
     ) -> None:
         """``members``: a membership file the proxy finds at start (the agent's part);
-        ``rng``: the Service translation's endpoint choice (default: always the first)."""
+        ``rng``: the Service translation's endpoint choice (default: always the first);
+        ``config``: another PodConfig than ``pod_config(ip)`` (e.g. a dual-stack pod's)."""
         self.ip = ip
         self.tun, self.udp, self.inject, self.bypass = FakeTun(), FakeUdp(), FakeRaw(), FakeRaw()
         self.kernel, self.clock = FakeKernel(), Clock()
@@ -266,7 +268,7 @@ class Pod:
         if members is not None:
             write_members(self.members_dir, members)
         self.proxy = Proxy(
-            pod_config(ip),
+            config or pod_config(ip),
             PSK,
             strict,
             self.stats,
