@@ -26,7 +26,8 @@ Stages (each a phase of ``--seconds``, the same client and server, skipping the 
     switch of the two proxies splits each hop's wake-up: packet -> wake-up -> on CPU ->
     callback. Nothing of tencrypt/ changes: the shim lives here, in the proxy process only.
 The summary (``summarise``, pure) prints markdown tables: median and p90 per stage, syscalls
-and counters per request; ``--json`` keeps all of it. Run it under the machine lock:
+and counters per request; ``--json`` keeps all of it (and ``COLDPATH_KEEP=FILE`` the raw stamps
+of the last timeline phase). Run it under the machine lock:
 ``flock /tmp/tencrypt-machine.lock python -m bench.coldpath``.
 """
 
