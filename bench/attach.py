@@ -146,7 +146,7 @@ def bench_policies(a: Pod, b: Pod) -> list[dict[str, object]]:
 
     tunnel = [{"protocol": p, "port": TUNNEL_PORT} for p in ("UDP", "TCP")]
     dns = [{"protocol": p, "port": 53} for p in ("UDP", "TCP")]
-    project = [{"podSelector": {}}]
+    project: list[dict[str, object]] = [{"podSelector": {}}]
     return [
         np(
             f"{b.name}-in",
