@@ -279,7 +279,7 @@ class Proxy(ControlPlane):
         (membership podIPs: a dual-stack pod is one peer, one session). No such address:
         refused, counted, never in the clear."""
         peer_ip = dst
-        if dst not in self.tunnel.table.by_addr and (":" in dst) != (":" in self.config.pod_ip):
+        if dst not in self.tunnel.table.by_addr and (":" in dst) != (self.config.version == 6):
             loaded = self.members.loaded if self.members else None
             partner = loaded.partner(dst) if loaded is not None else None
             if partner is None:
@@ -305,7 +305,7 @@ class Proxy(ControlPlane):
         if len(buf) > mtu:
             self._too_big(buf, mtu)
             return
-        if version == 6 or ip_proto(buf) == TCP:  # IPv6: it finds TCP itself, MTU - 60
+        if ip_proto(buf) == TCP:  # behind IPv6's extension headers too; IPv6: MTU - 60
             rewrite_tcp_mss(buf, mtu - 40)
         if not self.flows.rewrite_outbound(buf, now):  # malformed, counted
             return

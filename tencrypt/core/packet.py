@@ -377,11 +377,6 @@ def ip_version(buf: bytes | bytearray | memoryview) -> int:
     return 0
 
 
-def is_ipv4(buf: bytes | bytearray | memoryview) -> bool:
-    """At least a fixed IPv4 header (RFC 791 §3.1: version 4)."""
-    return len(buf) >= 20 and buf[0] >> 4 == 4
-
-
 def ip_proto(buf: bytes | bytearray | memoryview) -> int:
     """The IPv4 header's protocol field (byte 9); for IPv6 the upper-layer protocol after the
     extension headers (the Next Header byte 6 when there is none; -1 if they do not parse).

@@ -458,8 +458,18 @@ def in_cidr(ip: str, cidr: str) -> bool:
     return addr.version == net.version and addr in net
 
 
+def split_hostport(text: str) -> tuple[str, str | None]:
+    """``ADDR``, ``ADDR:PORT``, ``V6`` or ``[V6]:PORT`` as (address text, port text or None);
+    nothing is validated (linux/dns.py ``parse_hostport`` does, for the flags)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, port
+    return text, None
+
+
 def dns_address(text: str) -> str:
     """The address of a DNS server given as ``ADDR``, ``ADDR:PORT`` or ``[V6]:PORT``."""
-    if text.startswith("["):
-        return text[1:].partition("]")[0]
-    return text.split(":")[0] if text.count(":") == 1 else text
+    return split_hostport(text)[0]

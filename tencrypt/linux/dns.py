@@ -62,7 +62,7 @@ from tencrypt.core.dnsmsg import (
     check_query,
     parse_message,
 )
-from tencrypt.core.podconfig import PodConfig
+from tencrypt.core.podconfig import PodConfig, split_hostport
 from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.errors import UsageError
 from tencrypt.linux.kernel import SO_MARK
@@ -109,12 +109,8 @@ class DnsConfig:
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     """``ADDR``, ``ADDR:PORT``, ``[V6]:PORT`` → (address, port); UsageError when malformed."""
-    host, port = text, str(default_port)
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else port
-    elif text.count(":") == 1:
-        host, port = text.split(":")
+    host, given = split_hostport(text)
+    port = str(default_port) if given is None else given
     try:
         return str(ipaddress.ip_address(host)), int(port)
     except ValueError as exc:

@@ -26,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tencrypt.errors import SetupError
 from tencrypt.linux.kernel import RT_TABLE_MAIN
+from tencrypt.linux.rtnl import host_prefix
 
 RTPROT_TENCRYPT = 137  # ours: unassigned in linux/rtnetlink.h and iproute2's rt_protos
 RTN_UNICAST = 1  # linux/rtnetlink.h
@@ -85,13 +86,6 @@ def link(dev: str) -> Link | None:
 
 IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x08, 0x20, 0x40  # linux/if_addr.h
 DEFAULT_METRIC = {4: 0, 6: 1024}  # what the kernel gives a route added without a metric
-
-
-def _host(dst: str) -> str:
-    """A bare address as a host prefix (/32, /128); a prefix as it is."""
-    if "/" in dst:
-        return dst
-    return dst + ("/128" if ":" in dst else "/32")
 
 
 def ipv6_address(dev: str) -> tuple[str, int] | None:
@@ -169,7 +163,7 @@ def routes(
 def route_at(dst: str, table: int = RT_TABLE_MAIN) -> Route | None:
     """The route that ``ensure_route(dst, table=table)`` would replace (the kernel replaces
     the route of the same destination, TOS 0 and metric 0), if there is one."""
-    dst = _host(dst)
+    dst = host_prefix(dst)
     version = 6 if ":" in dst else 4
     metric = DEFAULT_METRIC[version]
     return next(
@@ -220,7 +214,7 @@ def ensure_route(
 ) -> None:
     """Create or replace the route to ``dst`` (an address or a CIDR, either family) in ``table``
     (default main)."""
-    dst = _host(dst)
+    dst = host_prefix(dst)
     kwargs: dict[str, object] = {"dst": dst, "proto": RTPROT_TENCRYPT}
     if gateway:
         kwargs["gateway"] = gateway
@@ -239,7 +233,7 @@ def remove_route(
 ) -> None:
     """Remove the route to ``dst``; with ``proto``, only a route of that protocol (the kernel
     matches it on delete: a route of another owner to the same destination stays)."""
-    dst = _host(dst)
+    dst = host_prefix(dst)
     kwargs: dict[str, object] = {"dst": dst}
     if table is not None:
         kwargs["table"] = table

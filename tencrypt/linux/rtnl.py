@@ -61,7 +61,7 @@ def build_route_message(
 ) -> bytes:
     """One RTM_NEWROUTE / RTM_DELROUTE request for the prefix ``dst`` (IPv4 or IPv6; a bare
     address is a host route) in table main."""
-    net = ipaddress.ip_network(dst if "/" in dst else host_prefix(dst), strict=False)
+    net = ipaddress.ip_network(host_prefix(dst), strict=False)
     family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
     body = _RTMSG.pack(
         family, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_UNIVERSE, route_type, 0
@@ -79,9 +79,12 @@ def build_route_message(
     )
 
 
-def host_prefix(ip: str) -> str:
-    """``ip`` as a host route's destination: ``/32`` for IPv4, ``/128`` for IPv6."""
-    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+def host_prefix(dst: str) -> str:
+    """A route's destination: a bare address as a host prefix (``/32`` for IPv4, ``/128`` for
+    IPv6), a prefix as it is. linux.netlink uses it too."""
+    if "/" in dst:
+        return dst
+    return f"{dst}/128" if ":" in dst else f"{dst}/32"
 
 
 def parse_ack(reply: bytes, seq: int) -> int:

@@ -490,9 +490,9 @@ def test_mss_malformed_option_list_left_alone():
 
 
 def test_named_header_fields():
-    from tencrypt.core.packet import dont_fragment, ip_proto, is_ipv4
+    from tencrypt.core.packet import dont_fragment, ip_proto, ip_version
 
     hdr = bytes([0x45, 0, 0, 20, 0, 0, 0x40, 0, 64, 6]) + bytes(10)
-    assert is_ipv4(hdr) and ip_proto(hdr) == 6 and dont_fragment(hdr)
-    assert not is_ipv4(hdr[:19]) and not is_ipv4(b"\x60" + hdr[1:])
+    assert ip_version(hdr) == 4 and ip_proto(hdr) == 6 and dont_fragment(hdr)
+    assert ip_version(hdr[:19]) == 0 and ip_version(b"\x60" + hdr[1:]) == 0
     assert not dont_fragment(hdr[:6] + b"\x00" + hdr[7:])
