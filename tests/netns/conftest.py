@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import random
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,17 +60,30 @@ def standalone_pod(
     """A pod-like namespace of its own, no lab: eth0 (a veth whose peer stays inside) with
     ``address``, a default route via ``gateway``, and ``resolv`` as its resolv.conf. Removed
     afterwards, also after a failure. ``name``: a namespace made already, to be equipped
-    (named ``<prefix><suffix>`` and made here otherwise)."""
+    (named ``<prefix><suffix>`` and made here otherwise). An IPv6 ``address`` makes an
+    IPv6-only pod: added without duplicate address detection (usable at once), the default
+    route via ``gateway`` on eth0 (IPv6's usual next hop is link-local)."""
     name = name or f"{prefix}{netns.unique_suffix()}"
     etc = Path("/etc/netns") / name
+    v6 = ":" in address
+    add = (
+        ["ip", "-6", "addr", "add", address, "dev", "eth0", "nodad"]
+        if v6
+        else ["ip", "addr", "add", address, "dev", "eth0"]
+    )
+    default = (
+        ["ip", "-6", "route", "add", "default", "via", gateway, "dev", "eth0"]
+        if v6
+        else ["ip", "route", "add", "default", "via", gateway]
+    )
     try:
         netns.create(name)
         for cmd in (
             ["ip", "link", "add", "eth0", "mtu", str(mtu), "type", "veth", "peer", "name", "peer0"],
-            ["ip", "addr", "add", address, "dev", "eth0"],
+            add,
             ["ip", "link", "set", "eth0", "up"],
             ["ip", "link", "set", "peer0", "up"],
-            ["ip", "route", "add", "default", "via", gateway],
+            default,
         ):
             netns.run(name, cmd)
         etc.mkdir(parents=True)
@@ -101,6 +116,66 @@ def metrics(lab: Lab, pod: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def drops(m: dict[str, float], reason: str) -> float:
+    return m.get(f'tencrypt_drops_total{{reason="{reason}"}}', 0.0)
+
+
+def all_drops(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("tencrypt_drops_total"))
+
+
+def send_datagrams(lab: Lab, node: str, dst: str, payloads: list[bytes]) -> None:
+    """Inject UDP datagrams (UDP/IPv6 to an IPv6 ``dst``) at dst:1337 from the node
+    namespace (the eavesdropper's seat)."""
+    family = "AF_INET6" if ":" in dst else "AF_INET"
+    script = (
+        f"import socket,sys\ns=socket.socket(socket.{family},socket.SOCK_DGRAM)\n"
+        "for h in sys.stdin.read().split():\n"
+        f"    s.sendto(bytes.fromhex(h), ('{dst}', 1337))\n"
+    )
+    netns.run(
+        lab.nodes[node].netns,
+        [sys.executable, "-c", script],
+        input="\n".join(p.hex() for p in payloads),
+    )
+
+
+def forgeries_are_counted(lab: Lab, pod: str, node: str, dst: str, data: list[bytes]) -> None:
+    """Send ``pod``'s proxy (at ``dst``:1337, from ``node``) 50 random datagrams and, for
+    every captured data message in ``data``, a copy with a bit flipped in its ciphertext (a
+    seen counter: the replay window refuses it before the AEAD), a copy with a flipped high
+    counter bit (a fresh counter whose tag cannot verify) and the message itself again (a
+    replay); assert each is exactly one counted drop and none is opened."""
+    rng = random.Random(1337)
+    garbage = [rng.randbytes(rng.randrange(0, 200)) for _ in range(50)]
+    replayed_flips, forged = [], []
+    for d in data:
+        b = bytearray(d)
+        b[rng.randrange(16, len(b))] ^= 1 << rng.randrange(8)
+        replayed_flips.append(bytes(b))
+        b = bytearray(d)
+        b[14] ^= 1 << rng.randrange(8)
+        forged.append(bytes(b))
+    before = metrics(lab, pod)
+    send_datagrams(lab, node, dst, garbage + replayed_flips + forged + data)
+    total = len(garbage) + 3 * len(data)
+    netns.wait_for(
+        lambda: all_drops(metrics(lab, pod)) >= all_drops(before) + total,
+        timeout=20,
+        what="the forged datagrams to be counted",
+    )
+    after = metrics(lab, pod)
+    assert drops(after, "bad_tag") - drops(before, "bad_tag") == len(forged)
+    assert drops(after, "replay") - drops(before, "replay") == 2 * len(data)
+    moved = {  # when this fails: which reasons counted more than the datagrams sent here
+        k: after[k] - before.get(k, 0.0)
+        for k in after
+        if k.startswith("tencrypt_drops_total") and after[k] != before.get(k, 0.0)
+    }
+    assert all_drops(after) - all_drops(before) == total, moved  # one verdict each, none accepted
+    assert after["tencrypt_packets_opened_total"] == before["tencrypt_packets_opened_total"]
 
 
 def download_sha256(lab: Lab, client: str, url: str, timeout: int = 240) -> str:

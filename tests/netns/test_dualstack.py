@@ -16,24 +16,20 @@ pods' addresses (both families).
 
 from __future__ import annotations
 
-import collections
 import json
-import os
-import re
 import secrets
-import signal
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tencrypt.lab.capture import Capture
+from tencrypt.lab.capture import Capture, Frame
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import METRICS, proxy_pid
 from tencrypt.lab.topology import PodSpec, ServiceSpec, Topology
-from tencrypt.linux import netns
+from tests.netns import families
 from tests.netns.conftest import built_lab, download_sha256, metrics
+from tests.netns.families import curl
 
 pytestmark = pytest.mark.netns
 
@@ -63,7 +59,6 @@ TOPOLOGY = Topology(
         ServiceSpec("front", "myproject", ["nginx2"]),
     ],
 )
-HELLO = re.compile(r"Hello from (\w+)")
 
 
 @pytest.fixture(scope="module")
@@ -74,46 +69,15 @@ def lab() -> Iterator[Lab]:
         yield built
 
 
-def project_addresses(lab: Lab) -> set[str]:
-    """Every address of myproject's pods and Services, both families."""
-    pods = [p for p in lab.pods.values() if p.project == "myproject"]
-    services = [s for s in lab.services if s.project == "myproject"]
-    return {ip for p in pods for ip in (*p.ips, *p.vips)} | {
-        ip for s in services for ip in s.cluster_ips
-    }
+def is_tunnel4(f: Frame) -> bool:
+    """UDP over IPv4 with port 1337 on either side: the only thing between the pods."""
+    return f.proto == 17 and 1337 in (f.sport, f.dport) and ":" not in str(f.src)
 
 
 def sealed(lab: Lab, action: Callable[[], Any], marker: str) -> Any:
-    """Run ``action``; assert ``marker`` never crossed the bridge in the clear and nothing but
-    UDP 1337 over IPv4 went between myproject's addresses."""
-    node = lab.nodes["node1"]
-    project = project_addresses(lab)
-    with Capture(node.netns, node.bridge, "not port 53") as cap:
-        result = action()
-        frames = cap.stop()
-    assert marker.encode() not in cap.data
-    between = [f for f in frames if f.src in project and f.dst in project]
-    assert between, "no frames between the project's pods were captured"
-    for f in between:
-        assert f.proto == 17 and 1337 in (f.sport, f.dport) and ":" not in str(f.src), f
-    return result
-
-
-def curl(
-    lab: Lab, url: str, *flags: str, pod: str = "nginx1", marker: str = "m"
-) -> tuple[str, str]:
-    """(who answered, the address curl connected to); ("", "") when it failed."""
-    proc = lab.exec(
-        pod,
-        ["curl", "-sS", "--max-time", "10", *flags, "-H", f"X-Marker: {marker}"]
-        + ["-w", "\\n%{remote_ip}", url],
-        check=False,
-        timeout=30,
-    )
-    found = HELLO.search(proc.stdout)
-    if proc.returncode or not found:
-        return "", ""
-    return found.group(1), proc.stdout.strip().splitlines()[-1]
+    """``families.sealed``: nothing but UDP 1337 over IPv4 between myproject's addresses
+    (both families)."""
+    return families.sealed(lab, action, marker, is_tunnel4)
 
 
 def test_curl_by_name_prefers_aaaa_and_is_sealed_in_both_families(lab: Lab):
@@ -146,64 +110,16 @@ def test_both_families_of_one_pod_share_one_peer_and_one_session(lab: Lab):
 
 
 def test_forty_connections_over_ipv6_spread_over_both_replicas_port_to_target_port(lab: Lab):
-    web6 = lab.services_by_name["web"].vip_of(6)
-    marker = f"tencrypt-lb6-{secrets.token_hex(4)}"
-    script = (
-        f'for i in $(seq 40); do curl -sS --max-time 5 -H "X-Marker: {marker}" '
-        f"'http://[{web6}]/' || echo FAILED; echo; done"
-    )
-    out = sealed(lab, lambda: lab.exec("nginx1", ["sh", "-c", script], timeout=300).stdout, marker)
-    seen = collections.Counter(m.group(1) for m in HELLO.finditer(out))
-    assert out.count("FAILED") == 0, out[-500:]
+    seen = families.forty_to_web_over_ipv6(lab, sealed)
     assert seen["nginx2"] >= 8 and seen["nginx3"] >= 8, seen  # nginx3 answers on 9090: "app"
 
 
 def test_a_pod_ipv6_address_is_reached_after_a_session_through_a_service(lab: Lab):
-    marker = f"tencrypt-vp6-{secrets.token_hex(4)}"
-    front6 = lab.services_by_name["front"].vip_of(6)
-    n1, n2 = lab.pod("nginx1"), lab.pod("nginx2")
-
-    def calls() -> tuple[str, str, str]:
-        return (
-            curl(lab, f"http://[{front6}]/", marker=marker)[0],
-            curl(lab, f"http://[{n2.ip_of(6)}]:8080/", marker=marker)[0],
-            curl(lab, f"http://[{n1.ip_of(6)}]:8080/", pod="nginx2", marker=marker)[0],
-        )
-
-    assert sealed(lab, calls, marker) == ("nginx2", "nginx2", "nginx1")
+    assert families.pod_after_service_over_ipv6(lab, sealed) == ("nginx2", "nginx2", "nginx1")
 
 
 def test_udp_over_ipv6_crosses_the_tunnel(lab: Lab):
-    n2 = lab.pod("nginx2")
-    marker = f"tencrypt-udp6-{secrets.token_hex(4)}"
-    echo = netns.spawn(
-        n2.netns,
-        [
-            sys.executable,
-            "-c",
-            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
-            "s.bind(('::',9999))\n"
-            "while True:\n d,a=s.recvfrom(2048); s.sendto(d.upper(),a)\n",
-        ],
-    )
-    try:
-        client = (
-            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(2)\n"
-            f"s.connect(('{n2.vip_of(6)}',9999))\n"
-            "for i in range(20):\n"
-            f"  s.send(b'{marker}')\n"
-            "  try:\n    print(s.recv(2048).decode()); break\n"
-            "  except OSError: pass\n"
-        )
-        out = sealed(
-            lab,
-            lambda: lab.exec("nginx1", [sys.executable, "-c", client], timeout=90).stdout,
-            marker,
-        )
-        assert marker.upper() in out  # answered from the VIP: the reply translated back
-    finally:
-        os.killpg(echo.pid, signal.SIGKILL)
-        echo.wait()
+    families.udp_echo_over_ipv6(lab, sealed)  # answered from the VIP, sealed both ways
 
 
 def test_a_large_ipv6_stream_is_cut_and_merged_by_the_batch_path(lab: Lab):
@@ -218,32 +134,14 @@ def test_a_large_ipv6_stream_is_cut_and_merged_by_the_batch_path(lab: Lab):
 def test_packet_too_big_for_ipv6_reaches_the_senders_path_mtu(lab: Lab):
     """tenc0's MTU raised behind setup's back: the proxy answers an IPv6 packet above the
     MTU it was set up with by an ICMPv6 Packet Too Big, which the kernel believes (RFC 8201):
-    the sending socket's path MTU drops to it. The socket stays open meanwhile (the kernel
-    applies a Packet Too Big for UDP only while a socket matches its quote)."""
-    dst = lab.pod("nginx2").ip_of(6)
-    mtu = int(lab.exec("nginx1", ["cat", "/sys/class/net/tenc0/mtu"]).stdout)
-    lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu + 60)])
-    try:
-        send = (
-            "import socket, time\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
-            "s.setsockopt(socket.IPPROTO_IPV6, 23, 0)\n"  # IPV6_MTU_DISCOVER: PMTUDISC_DONT
-            f"s.connect(('{dst}', 9))\nbefore = s.getsockopt(socket.IPPROTO_IPV6, 24)\n"
-            f"s.send(b'x'*{mtu})\n"
-            "for _ in range(200):\n"  # IPV6_MTU (24): the path MTU this socket knows
-            f"    if s.getsockopt(socket.IPPROTO_IPV6, 24) <= {mtu}: break\n"
-            "    time.sleep(0.05)\n"
-            "print(before, s.getsockopt(socket.IPPROTO_IPV6, 24))\n"
-        )
-        before, after = lab.exec("nginx1", [sys.executable, "-c", send]).stdout.split()
-        assert (int(before), int(after)) == (mtu + 60, mtu)
-    finally:
-        lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu)], check=False)
-        lab.exec("nginx1", ["ip", "-6", "route", "flush", "cache"], check=False)
+    the sending socket's path MTU drops to it."""
+    mtu, before, after = families.path_mtu_after_packet_too_big(lab, lab.pod("nginx2").ip_of(6))
+    assert (before, after) == (mtu + 60, mtu)
 
 
 def test_an_unpatched_project_pod_gets_no_ipv6_in_the_clear(lab: Lab):
     """nginx3 without a proxy: nginx1's IPv6 to it is refused (strict mode), never sent in
-    the clear; IPv4 alike."""
+    the clear."""
     lab.unpatch("nginx3")
     try:
         marker = f"tencrypt-np6-{secrets.token_hex(4)}"

@@ -20,14 +20,8 @@ pods and nothing of the marker.
 
 from __future__ import annotations
 
-import collections
 import json
-import os
-import random
-import re
 import secrets
-import signal
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,8 +31,9 @@ from tencrypt.lab.capture import Capture, Frame
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import METRICS, proxy_pid
 from tencrypt.lab.topology import PodSpec, ServiceSpec, Topology
-from tencrypt.linux import netns
-from tests.netns.conftest import built_lab, download_sha256
+from tests.netns import families
+from tests.netns.conftest import built_lab, download_sha256, forgeries_are_counted, metrics
+from tests.netns.families import curl
 
 pytestmark = pytest.mark.netns
 
@@ -69,7 +64,6 @@ TOPOLOGY = Topology(
         ServiceSpec("front", "myproject", ["nginx2"]),
     ],
 )
-HELLO = re.compile(r"Hello from (\w+)")
 ICMPV6, ND_TYPES = 58, range(133, 138)  # RFC 4861: router/neighbour solicit/advert, redirect
 
 
@@ -79,33 +73,6 @@ def lab() -> Iterator[Lab]:
         for name in ("nginx1", "nginx2", "nginx3"):
             built.patch(name)
         yield built
-
-
-def metrics(lab: Lab, pod: str) -> dict[str, float]:
-    text = lab.exec(pod, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics"]).stdout
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-def drops(m: dict[str, float], reason: str) -> float:
-    return m.get(f'tencrypt_drops_total{{reason="{reason}"}}', 0.0)
-
-
-def all_drops(m: dict[str, float]) -> float:
-    return sum(v for k, v in m.items() if k.startswith("tencrypt_drops_total"))
-
-
-def project_addresses(lab: Lab) -> set[str]:
-    """Every address of myproject's pods and Services (all IPv6)."""
-    pods = [p for p in lab.pods.values() if p.project == "myproject"]
-    services = [s for s in lab.services if s.project == "myproject"]
-    return {ip for p in pods for ip in (*p.ips, *p.vips)} | {
-        ip for s in services for ip in s.cluster_ips
-    }
 
 
 def is_tunnel6(f: Frame) -> bool:
@@ -119,36 +86,9 @@ def is_nd(f: Frame) -> bool:
 
 
 def sealed(lab: Lab, action: Callable[[], Any], marker: str) -> Any:
-    """Run ``action``; assert ``marker`` never crossed node1's bridge in the clear and nothing
-    but UDP/IPv6 1337 (and neighbour discovery) went between myproject's addresses."""
-    node = lab.nodes["node1"]
-    project = project_addresses(lab)
-    with Capture(node.netns, node.bridge, "not port 53") as cap:
-        result = action()
-        frames = cap.stop()
-    assert marker.encode() not in cap.data
-    between = [f for f in frames if f.src in project and f.dst in project]
-    assert any(is_tunnel6(f) for f in between), "no tunnel datagram between the project's pods"
-    for f in between:
-        assert is_tunnel6(f) or is_nd(f), f
-    return result
-
-
-def curl(
-    lab: Lab, url: str, *flags: str, pod: str = "nginx1", marker: str = "m"
-) -> tuple[str, str]:
-    """(who answered, the address curl connected to); ("", "") when it failed."""
-    proc = lab.exec(
-        pod,
-        ["curl", "-sS", "--max-time", "10", *flags, "-H", f"X-Marker: {marker}"]
-        + ["-w", "\\n%{remote_ip}", url],
-        check=False,
-        timeout=30,
-    )
-    found = HELLO.search(proc.stdout)
-    if proc.returncode or not found:
-        return "", ""
-    return found.group(1), proc.stdout.strip().splitlines()[-1]
+    """``families.sealed``: nothing but UDP/IPv6 1337 (and neighbour discovery) between
+    myproject's addresses."""
+    return families.sealed(lab, action, marker, is_tunnel6, is_nd)
 
 
 def test_setup_made_an_ipv6_only_proxy(lab: Lab):
@@ -183,64 +123,16 @@ def test_curl_by_name_and_by_literal_ipv6_vip_is_sealed_over_udp6(lab: Lab):
 
 
 def test_forty_connections_over_ipv6_spread_over_both_replicas_port_to_target_port(lab: Lab):
-    web6 = lab.services_by_name["web"].vip_of(6)
-    marker = f"tencrypt-lb6o-{secrets.token_hex(4)}"
-    script = (
-        f'for i in $(seq 40); do curl -sS --max-time 5 -H "X-Marker: {marker}" '
-        f"'http://[{web6}]/' || echo FAILED; echo; done"
-    )
-    out = sealed(lab, lambda: lab.exec("nginx1", ["sh", "-c", script], timeout=300).stdout, marker)
-    seen = collections.Counter(m.group(1) for m in HELLO.finditer(out))
-    assert out.count("FAILED") == 0, out[-500:]
+    seen = families.forty_to_web_over_ipv6(lab, sealed)
     assert seen["nginx2"] >= 8 and seen["nginx3"] >= 8, seen  # nginx3 answers on 9090: "app"
 
 
 def test_a_pod_ipv6_address_is_reached_after_a_session_through_a_service(lab: Lab):
-    marker = f"tencrypt-vp6o-{secrets.token_hex(4)}"
-    front6 = lab.services_by_name["front"].vip_of(6)
-    n1, n2 = lab.pod("nginx1"), lab.pod("nginx2")
-
-    def calls() -> tuple[str, str, str]:
-        return (
-            curl(lab, f"http://[{front6}]/", marker=marker)[0],
-            curl(lab, f"http://[{n2.ip}]:8080/", marker=marker)[0],
-            curl(lab, f"http://[{n1.ip}]:8080/", pod="nginx2", marker=marker)[0],
-        )
-
-    assert sealed(lab, calls, marker) == ("nginx2", "nginx2", "nginx1")
+    assert families.pod_after_service_over_ipv6(lab, sealed) == ("nginx2", "nginx2", "nginx1")
 
 
 def test_udp_over_ipv6_crosses_the_tunnel(lab: Lab):
-    n2 = lab.pod("nginx2")
-    marker = f"tencrypt-udp6o-{secrets.token_hex(4)}"
-    echo = netns.spawn(
-        n2.netns,
-        [
-            sys.executable,
-            "-c",
-            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
-            "s.bind(('::',9999))\n"
-            "while True:\n d,a=s.recvfrom(2048); s.sendto(d.upper(),a)\n",
-        ],
-    )
-    try:
-        client = (
-            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(2)\n"
-            f"s.connect(('{n2.vip_of(6)}',9999))\n"
-            "for i in range(20):\n"
-            f"  s.send(b'{marker}')\n"
-            "  try:\n    print(s.recv(2048).decode()); break\n"
-            "  except OSError: pass\n"
-        )
-        out = sealed(
-            lab,
-            lambda: lab.exec("nginx1", [sys.executable, "-c", client], timeout=90).stdout,
-            marker,
-        )
-        assert marker.upper() in out  # answered from the VIP: the reply translated back
-    finally:
-        os.killpg(echo.pid, signal.SIGKILL)
-        echo.wait()
+    families.udp_echo_over_ipv6(lab, sealed)  # answered from the VIP, sealed both ways
 
 
 def test_a_large_download_over_the_ipv6_tunnel_is_intact(lab: Lab):
@@ -288,21 +180,6 @@ def _inner(raw: bytes) -> Frame | None:
     return _frame(raw[outer:], LINKTYPE_ETHERNET) if len(raw) > outer + 14 else None
 
 
-def send_datagrams(lab: Lab, node: str, dst: str, payloads: list[bytes]) -> None:
-    """Inject UDP/IPv6 datagrams at [dst]:1337 from the node namespace (the eavesdropper's
-    seat)."""
-    script = (
-        "import socket,sys\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
-        "for h in sys.stdin.read().split():\n"
-        f"    s.sendto(bytes.fromhex(h), ('{dst}', 1337))\n"
-    )
-    netns.run(
-        lab.nodes[node].netns,
-        [sys.executable, "-c", script],
-        input="\n".join(p.hex() for p in payloads),
-    )
-
-
 def test_forged_and_replayed_ipv6_datagrams_are_counted_drops(lab: Lab):
     n3 = lab.pod("nginx3")  # on node1: its datagrams cross node1's bridge
     node = lab.nodes["node1"]
@@ -316,57 +193,17 @@ def test_forged_and_replayed_ipv6_datagrams_are_counted_drops(lab: Lab):
         if f.raw[udp_payload : udp_payload + 1] == b"\x04"  # data messages
     ]
     assert data, "no data messages captured"
-    rng = random.Random(1337)
-    garbage = [rng.randbytes(rng.randrange(0, 200)) for _ in range(50)]
-    replayed_flips, forged = [], []
-    for d in data:
-        b = bytearray(d)
-        b[rng.randrange(16, len(b))] ^= 1 << rng.randrange(8)
-        replayed_flips.append(bytes(b))
-        b = bytearray(d)
-        b[14] ^= 1 << rng.randrange(8)
-        forged.append(bytes(b))
-    before = metrics(lab, "nginx3")
-    send_datagrams(lab, "node1", n3.ip, garbage + replayed_flips + forged + data)
-    total = len(garbage) + 3 * len(data)
-    netns.wait_for(
-        lambda: all_drops(metrics(lab, "nginx3")) >= all_drops(before) + total,
-        timeout=20,
-        what="the forged datagrams to be counted",
-    )
-    after = metrics(lab, "nginx3")
-    assert drops(after, "bad_tag") - drops(before, "bad_tag") == len(forged)
-    assert drops(after, "replay") - drops(before, "replay") == 2 * len(data)
-    moved = {
-        k: after[k] - before.get(k, 0.0)
-        for k in after
-        if k.startswith("tencrypt_drops_total") and after[k] != before.get(k, 0.0)
-    }
-    assert all_drops(after) - all_drops(before) == total, moved  # one verdict each
-    assert after["tencrypt_packets_opened_total"] == before["tencrypt_packets_opened_total"]
+    forgeries_are_counted(lab, "nginx3", "node1", n3.ip, data)
     assert curl(lab, f"http://[{n3.ip}]:8080/")[0] == "nginx3"  # still serving
 
 
-def test_packet_too_big_reaches_the_senders_path_mtu_cache(lab: Lab):
+def test_packet_too_big_reaches_the_senders_path_mtu(lab: Lab):
     """tenc0's MTU raised behind setup's back: the proxy answers an IPv6 packet above the
     MTU it was set up with (1430 - 80) by an ICMPv6 Packet Too Big from the pod's own
-    address, which the kernel believes (RFC 8201): the route then carries the smaller MTU."""
-    dst = lab.pod("nginx2").ip
-    mtu = int(lab.exec("nginx1", ["cat", "/sys/class/net/tenc0/mtu"]).stdout)
-    assert mtu == 1350
-    lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu + 60)])
-    try:
-        send = (
-            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
-            "s.setsockopt(socket.IPPROTO_IPV6, 23, 0)\n"  # IPV6_MTU_DISCOVER: IPV6_PMTUDISC_DONT
-            f"s.sendto(b'x'*{mtu}, ('{dst}', 9))\n"
-        )
-        lab.exec("nginx1", [sys.executable, "-c", send])
-        route = lab.exec("nginx1", ["ip", "-6", "route", "get", dst]).stdout
-        assert f"mtu {mtu}" in route, route
-    finally:
-        lab.exec("nginx1", ["ip", "link", "set", "tenc0", "mtu", str(mtu)], check=False)
-        lab.exec("nginx1", ["ip", "-6", "route", "flush", "cache"], check=False)
+    address, which the kernel believes (RFC 8201): the sending socket's path MTU drops to
+    it."""
+    mtu, before, after = families.path_mtu_after_packet_too_big(lab, lab.pod("nginx2").ip)
+    assert mtu == 1350 and (before, after) == (mtu + 60, mtu)
 
 
 def test_an_unpatched_project_pod_gets_nothing_in_the_clear_and_undo_leaves_it_whole(lab: Lab):

@@ -258,26 +258,8 @@ RESOLV6 = (
 def pod6():
     """An IPv6-only pod: eth0 fd00:17::5/64 (no IPv4), default via the link-local fe80::1, its
     resolv.conf naming the cluster DNS at fd00:30::2."""
-    name = f"ts6{netns.unique_suffix()}"
-    etc = Path("/etc/netns") / name
-    try:
-        netns.create(name)
-        for cmd in (
-            ["ip", "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "peer0"],
-            ["ip", "-6", "addr", "add", "fd00:17::5/64", "dev", "eth0", "nodad"],
-            ["ip", "link", "set", "eth0", "up"],
-            ["ip", "link", "set", "peer0", "up"],
-            ["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"],
-        ):
-            netns.run(name, cmd)
-        etc.mkdir(parents=True)
-        (etc / "resolv.conf").write_text(RESOLV6)
+    with standalone_pod("ts6", "fd00:17::5/64", "fe80::1", RESOLV6, mtu=1450) as name:
         yield name
-    finally:
-        netns.delete(name)
-        (etc / "resolv.conf").unlink(missing_ok=True)
-        if etc.exists():
-            etc.rmdir()
 
 
 def test_ipv6_only_setup_is_all_ipv6_and_undo_restores_it_exactly(pod6):
