@@ -26,8 +26,7 @@ from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import proxy_pid
 from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import built_lab, curl
-from tests.netns.test_e2e import drops, metrics
+from tests.netns.conftest import built_lab, curl, drops, metrics
 
 pytestmark = pytest.mark.netns
 MARKER = "tencrypt-failclosed-c41f"

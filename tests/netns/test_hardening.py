@@ -23,8 +23,8 @@ import pytest
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import built_lab
-from tests.netns.test_e2e import curl, drops, metrics
+from tests.netns.conftest import built_lab, drops, metrics
+from tests.netns.test_e2e import curl
 
 INSIDER = Path(__file__).with_name("insider.py")
 

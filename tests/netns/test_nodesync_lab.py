@@ -65,8 +65,7 @@ from tencrypt.linux import netns
 from tencrypt.nodesync import nftrules
 from tencrypt.nodesync.kubeobjects import build_endpoint_slice, lab_objects, stable_uid
 from tests.kubefakes.fakeapi import FakeApiServer
-from tests.netns.conftest import built_lab, curl
-from tests.netns.test_e2e import metrics
+from tests.netns.conftest import built_lab, curl, metrics
 
 pytestmark = pytest.mark.netns
 REPO = Path(__file__).resolve().parents[2]

@@ -30,8 +30,7 @@ from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import METRICS, proxy_pid, write_pod_keys
 from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import built_lab
-from tests.netns.test_e2e import drops, metrics
+from tests.netns.conftest import built_lab, drops, metrics
 
 pytestmark = pytest.mark.netns
 MARKER = "tencrypt-rotation-marker-5d1e"
