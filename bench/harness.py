@@ -566,9 +566,14 @@ def _install(plan: Plan, run: Run, progress: Progress) -> None:
 
     missing = {s: peers.absent(tools) for s, tools in peer_tools(plan).items()}
     missing = {s: tools for s, tools in missing.items() if tools}
-    for system, tools in missing.items():
+
+    def absent(system: str, tools: dict[str, str]) -> str:
+        what = system if system in plan.systems else f"{system}'s tools"  # a --peer-binary's
         on_path = ", ".join(f"`{b}`" for b in tools)
-        say(f"{system} is not installed on this machine (no {on_path} on PATH)")
+        return f"{what} {'is' if what == system else 'are'} not installed on this machine (no {on_path} on PATH)"
+
+    for system, tools in missing.items():
+        say(absent(system, tools))
     failure = ""
     try:
         peers.install_packages(sorted({p for t in missing.values() for p in t.values()}), say)
@@ -578,11 +583,11 @@ def _install(plan: Plan, run: Run, progress: Progress) -> None:
         still = peers.absent(tools)
         if not still:
             continue
+        why = absent(system, still)
         gone = skip_system(plan, system)
         text = (
-            f"{', '.join(gone) or system}: not measured: {system} is not installed on this "
-            f"machine (no {', '.join(f'`{b}`' for b in still)} on PATH) and apt-get could not "
-            f"install {' '.join(sorted(set(still.values())))}{failure or ''}"
+            f"{', '.join(gone) or system}: not measured: {why} and apt-get could not install "
+            f"{' '.join(sorted(set(still.values())))}{failure}"
         )
         run.skipped.append(text)
         say(f"{text}; the other systems go on without it")
