@@ -6,9 +6,9 @@ only when their command runs, so that ``--help`` stays fast and a command never 
 another's imports. A handler takes the parsed ``argparse.Namespace`` and returns an exit code.
 
 ``main`` declares the flags of the one command on its line only (``build_parser(only=...)``):
-some commands' flags live beside their handlers (node-sync, agent, key, status), and a proxy
-(`tencrypt run`, one per pod) must not carry their modules — the Kubernetes objects, the HTTP
-server, nft and netns helpers — for its whole life (memory, issue 16).
+some commands' flags live beside their handlers (node-sync, agent, key, status, bench), and a
+proxy (`tencrypt run`, one per pod) must not carry their modules — the Kubernetes objects, the
+HTTP server, nft and netns helpers — for its whole life (memory, issue 16).
 """
 
 from __future__ import annotations
