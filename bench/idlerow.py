@@ -6,18 +6,20 @@ Rules:
 - The file is another tool's result, read as given: ``parse_idle`` takes its text and returns an
   ``IdleRow``, or raises ``MeasureError`` saying what is missing; the bench then reports a
   failure and the idle targets say *not measured*, never a made-up zero.
-- The file (one JSON object) holds one record per proxy, under ``proxies`` (or ``per_proxy``):
-  memory as ``rss``, ``pss`` and ``private`` (or ``private_clean`` + ``private_dirty``, as
-  ``/proc/PID/smaps_rollup`` names them), each with its unit in the key (``_kb``, ``_mb`` or
-  ``_bytes``), and the CPU used during the idle window as ``cpu_s`` (utime + stime in seconds)
-  or ``cpu_ticks`` (clock ticks, ``clk_tck`` per second, 100 if not given). Beside the list:
-  ``seconds`` (the idle window, required to turn CPU into a share of a core) and optionally
-  ``mode`` (``exec``/``fork``) and ``parent``, one record of the same shape for a warm parent
-  the proxies were forked from: a node pays its memory once, shared by every proxy.
+- The file (one JSON object, as bench/idle.py's ``--json`` writes it) holds one record per
+  proxy, a list under ``per_proxy`` (or ``proxies``): memory as ``rss``, ``pss`` and
+  ``private`` (or ``private_clean`` + ``private_dirty``, as ``/proc/PID/smaps_rollup`` names
+  them), each with its unit in the key (``_kb``, ``_mb`` or ``_bytes``), and the CPU used during
+  the idle window as ``cpu_s`` (utime + stime in seconds) or ``cpu_ticks`` (clock ticks,
+  ``clk_tck`` per second, 100 if not given). Beside the list: ``idle_s`` (or ``seconds``: the
+  idle window, required to turn CPU into a share of a core) and optionally ``mode``
+  (``exec``/``fork``) and ``zygote`` (or ``parent``), one record of the same shape for the warm
+  parent the proxies were forked from: a node pays its memory once, shared by every proxy.
 - Figures per proxy are medians over the proxies (CPU also the largest), memory in MB (2**20
   bytes, as the rest of the report: ``/proc`` counts kB), CPU in % of one core averaged over
   the window. "What a node pays per pod" is the proxies' private memory plus the parent's,
-  divided by the number of proxies.
+  divided by the number of proxies (the issue's measure); their PSS plus the parent's, divided
+  the same way, is given beside it (every page counted once, shared ones split).
 - The row joins the run as measurements of lab shape 0 (a node of its own, not one of the
   bench's labs), system ``tencrypt``, test ``idle``, clients = the number of proxies: the CSV
   carries it like every other figure; the markdown gives it a section of its own.
@@ -56,11 +58,18 @@ class IdleRow:
     total_private_mb: float
     total_cpu_pct: float
     parent_private_mb: float = 0.0  # the warm parent's, paid once per node (fork mode)
+    parent_pss_mb: float = 0.0
+    parent_cpu_pct: float = 0.0
 
     @property
     def paid_per_pod_mb(self) -> float:
         """The private memory a node pays per enabled pod, the parent's shared out."""
         return (self.total_private_mb + self.parent_private_mb) / self.proxies
+
+    @property
+    def pss_per_pod_mb(self) -> float:
+        """The proxies' PSS and the parent's, per proxy: every page once, shared ones split."""
+        return (self.total_pss_mb + self.parent_pss_mb) / self.proxies
 
 
 def _mb(record: dict[str, Any], name: str) -> float | None:
@@ -101,17 +110,17 @@ def parse_idle(text: str) -> IdleRow:
         raise MeasureError(f"idle JSON: not JSON: {text[:200]!r}") from exc
     if not isinstance(data, dict):
         raise MeasureError("idle JSON: not an object")
-    records = data.get("proxies", data.get("per_proxy"))
-    if not isinstance(records, list) or not records:
-        raise MeasureError("idle JSON: no per-proxy records (a list under proxies or per_proxy)")
+    records = next((data[k] for k in ("per_proxy", "proxies") if isinstance(data.get(k), list)), [])
+    if not records:
+        raise MeasureError("idle JSON: no per-proxy records (a list under per_proxy or proxies)")
     if not all(isinstance(r, dict) for r in records):
         raise MeasureError("idle JSON: a per-proxy record is not an object")
-    seconds = data.get("seconds")
+    seconds = data.get("idle_s", data.get("seconds"))
     if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
         raise MeasureError("idle JSON: no idle window (seconds > 0)")
     memory = {k: [_memory(r, k) for r in records] for k in ("rss", "pss", "private")}
     cpu = [100.0 * _cpu_s(r) / seconds for r in records]
-    parent = data.get("parent")
+    parent = next((data[k] for k in ("zygote", "parent") if isinstance(data.get(k), dict)), None)
     mode = data.get("mode")
     return IdleRow(
         proxies=len(records),
@@ -126,7 +135,9 @@ def parse_idle(text: str) -> IdleRow:
         total_pss_mb=sum(memory["pss"]),
         total_private_mb=sum(memory["private"]),
         total_cpu_pct=sum(cpu),
-        parent_private_mb=_memory(parent, "private") if isinstance(parent, dict) else 0.0,
+        parent_private_mb=_memory(parent, "private") if parent else 0.0,
+        parent_pss_mb=_memory(parent, "pss") if parent else 0.0,
+        parent_cpu_pct=100.0 * _cpu_s(parent) / seconds if parent else 0.0,
     )
 
 
@@ -143,6 +154,7 @@ METRICS = {  # IdleRow field -> (metric, unit)
     "pss_mb": ("pss_mb", "MB"),
     "private_mb": ("private_mb", "MB"),
     "paid_per_pod_mb": ("paid_per_pod_mb", "MB"),
+    "pss_per_pod_mb": ("pss_per_pod_mb", "MB"),
     "cpu_pct": ("cpu_pct", "%"),
     "cpu_pct_max": ("cpu_pct_max", "%"),
     "total_rss_mb": ("total_rss_mb", "MB"),
@@ -150,6 +162,8 @@ METRICS = {  # IdleRow field -> (metric, unit)
     "total_private_mb": ("total_private_mb", "MB"),
     "total_cpu_pct": ("total_cpu_pct", "%"),
     "parent_private_mb": ("parent_private_mb", "MB"),
+    "parent_pss_mb": ("parent_pss_mb", "MB"),
+    "parent_cpu_pct": ("parent_cpu_pct", "%"),
     "seconds": ("seconds", "s"),
 }
 
@@ -201,10 +215,11 @@ def render(run: Run) -> list[str]:
         "CPU (utime + stime) over the idle window. What a node pays per enabled pod (private "
         f"memory, a warm parent's shared out): {mb('paid_per_pod_mb')} MB"
         + (
-            f" (the parent's own: {mb('parent_private_mb')} MB)."
+            f" (the parent's own: {mb('parent_private_mb')} MB)"
             if got.get("parent_private_mb")
-            else "."
-        ),
+            else ""
+        )
+        + f"; PSS per pod, the same way: {mb('pss_per_pod_mb')} MB.",
         "",
         "| Figure | per proxy (median) | all proxies |",
         "|---|---|---|",

@@ -39,7 +39,7 @@ def idle_json(n: int = 50, **extra: object) -> str:
 
 
 def test_parse_idle_takes_medians_and_totals_per_proxy() -> None:
-    row = idlerow.parse_idle(idle_json(parent={"private_mb": 20.0}))
+    row = idlerow.parse_idle(idle_json(parent={"private_mb": 20.0, "pss_mb": 25.0, "cpu_s": 0.0}))
     assert (row.proxies, row.seconds, row.mode) == (50, 30.0, "fork")
     assert row.rss_mb == pytest.approx((33_000 + 245) / 1024)  # median of an even count
     assert row.pss_mb == pytest.approx(12_000 / 1024)
@@ -50,6 +50,35 @@ def test_parse_idle_takes_medians_and_totals_per_proxy() -> None:
     assert row.total_cpu_pct == pytest.approx(25 * 100 * 0.01 / 30)
     assert row.cpu_pct == pytest.approx(100 * 0.005 / 30)
     assert row.paid_per_pod_mb == pytest.approx((row.total_private_mb + 20.0) / 50)
+    assert row.pss_per_pod_mb == pytest.approx((row.total_pss_mb + 25.0) / 50)
+
+
+def test_parse_idle_reads_bench_idle_py_s_own_file() -> None:
+    """The shape bench/idle.py --json writes: proxies is the count, the records are per_proxy,
+    the window idle_s, the warm parent zygote."""
+    text = json.dumps(
+        {
+            "mode": "fork",
+            "proxies": 2,
+            "idle_s": 30.0,
+            "python": "3.11.7",
+            "load": [0.5, 0.4, 0.3],
+            "per_proxy": [
+                {"pid": 11, "cpu_s": 0.0, "rss_kb": 30720, "pss_kb": 10240, "private_kb": 6144},
+                {"pid": 12, "cpu_s": 0.01, "rss_kb": 31744, "pss_kb": 11264, "private_kb": 7168},
+            ],
+            "median_private_by_mapping": {"[heap]": 4000},
+            "zygote": {"rss_kb": 30720, "pss_kb": 20480, "private_kb": 10240, "cpu_s": 0.0},
+            "stopped_by_sigterm": 2,
+        }
+    )
+    row = idlerow.parse_idle(text)
+    assert (row.proxies, row.seconds, row.mode) == (2, 30.0, "fork")
+    assert (row.rss_mb, row.pss_mb, row.private_mb) == (30.5, 10.5, 6.5)
+    assert (row.parent_private_mb, row.parent_pss_mb) == (10.0, 20.0)
+    assert row.paid_per_pod_mb == (13.0 + 10.0) / 2
+    assert row.pss_per_pod_mb == (21.0 + 20.0) / 2
+    assert row.cpu_pct_max == pytest.approx(100 * 0.01 / 30)
 
 
 def test_parse_idle_reads_the_other_units_and_cpu_in_seconds() -> None:
@@ -141,7 +170,7 @@ def by_text(run: Run, start: str) -> targets.Verdict:
 
 
 def test_the_idle_targets_private_memory_rss_and_zero_cpu() -> None:
-    run = idle_run(idle_json(parent={"private_mb": 20.0}))
+    run = idle_run(idle_json(parent={"private_mb": 20.0, "pss_mb": 25.0, "cpu_s": 0.0}))
     private = by_text(run, "50 idle proxies, private (unshared) memory per proxy")
     assert private.status == MET
     assert private.text == (
@@ -153,7 +182,7 @@ def test_the_idle_targets_private_memory_rss_and_zero_cpu() -> None:
     assert cpu.status == MET
     assert cpu.text == (
         "50 idle proxies, CPU over 30 s: the busiest proxy 0.033 % of one core (all 50: "
-        "0.833 %) = 0.33× the target (zero: ≤ 0.1 % each)"
+        "0.833 %, their warm parent 0.000 %) = 0.33× the target (zero: ≤ 0.1 % each)"
     )
 
 
@@ -190,3 +219,12 @@ def test_idle_json_flag_reaches_the_plan_and_must_name_a_file(tmp_path: Path) ->
     path.write_text(idle_json())
     assert harness.build_plan(bench_args("--idle-json", str(path))).idle_json == path
     assert harness.build_plan(bench_args()).idle_json is None
+
+
+def test_a_warm_parent_that_polls_misses_the_zero_cpu_target_too() -> None:
+    quiet = {"private_mb": 20.0, "pss_mb": 25.0, "cpu_s": 0.0}
+    assert by_text(idle_run(idle_json(zygote=quiet)), "50 idle proxies, CPU").status == MET
+    busy = {**quiet, "cpu_s": 0.3}  # 1 % of a core over 30 s
+    v = by_text(idle_run(idle_json(zygote=busy)), "50 idle proxies, CPU")
+    assert v.status == NOT_MET
+    assert "(all 50: 0.833 %, their warm parent 1.000 %) = 10.00× the target" in v.text
