@@ -537,11 +537,7 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(logs, ignore_errors=True)
         progress.clear()
-    if plan.idle_json is not None:
-        try:
-            idlerow.add_to(run, idlerow.load(plan.idle_json))
-        except measure.MeasureError as exc:
-            run.errors.append(f"idle proxies ({plan.idle_json}): {_oneline(exc)}")
+    idle_row(plan, run)
     run.notes.insert(
         0,
         f"Taken while other work shared the machine: 1-minute load average "
@@ -555,6 +551,17 @@ def main(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 1 if run.errors else 0
+
+
+def idle_row(plan: Plan, run: Run) -> None:
+    """bench/idle.py's result (``--idle-json``) into the run; a file that does not hold it is a
+    failure of the run (and the idle targets say not measured)."""
+    if plan.idle_json is None:
+        return
+    try:
+        idlerow.add_to(run, idlerow.load(plan.idle_json))
+    except measure.MeasureError as exc:
+        run.errors.append(f"idle proxies ({plan.idle_json}): {_oneline(exc)}")
 
 
 def _install(plan: Plan, run: Run, progress: Progress) -> None:

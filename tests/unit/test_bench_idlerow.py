@@ -228,3 +228,22 @@ def test_a_warm_parent_that_polls_misses_the_zero_cpu_target_too() -> None:
     v = by_text(idle_run(idle_json(zygote=busy)), "50 idle proxies, CPU")
     assert v.status == NOT_MET
     assert "(all 50: 0.833 %, their warm parent 1.000 %) = 10.00× the target" in v.text
+
+
+def test_the_harness_reads_the_file_at_the_end_and_a_bad_one_fails_the_run(tmp_path: Path) -> None:
+    path = tmp_path / "idle.json"
+    path.write_text(idle_json(3))
+    plan = harness.build_plan(bench_args("--idle-json", str(path)))
+    run = Run(date="d", cores=2)
+    harness.idle_row(plan, run)
+    assert idlerow.of(run) is not None and run.errors == []
+    path.write_text(json.dumps({"mode": "exec", "proxies": 50}))  # rewritten meanwhile
+    bad = Run(date="d", cores=2)
+    harness.idle_row(plan, bad)
+    assert idlerow.of(bad) is None
+    assert bad.errors == [
+        f"idle proxies ({path}): idle JSON: no per-proxy records (a list under per_proxy or proxies)"
+    ]
+    untouched = Run(date="d", cores=2)
+    harness.idle_row(harness.build_plan(bench_args()), untouched)
+    assert (untouched.measurements, untouched.errors) == ([], [])
