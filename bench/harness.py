@@ -27,8 +27,8 @@ Stages:
     b. the tunnel processes' RSS once they are ready, before any traffic;
     c. round trip at idle: ping, then the TCP request/response rate (back to back, and a new
        connection per request), then the sparse row: one 1-byte request every 20 ms on one
-       connection (bench/coldpath.py's client), each request after silence; for vanilla and Tencrypt
-       also DNS: sequential lookups of nginx2's Service name straight to the cluster DNS and
+       connection (bench/coldpath.py's client), each request after silence; for vanilla and
+       Tencrypt also DNS: sequential lookups of nginx2's Service name straight to the cluster DNS and
        (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy, the two paths asked
        in turns by one probe (bench/dnsprobe.py), the probe, the cluster DNS and the tunnel
        processes pinned to one CPU meanwhile;
@@ -577,7 +577,8 @@ def _install(plan: Plan, run: Run, progress: Progress) -> None:
     def absent(system: str, tools: dict[str, str]) -> str:
         what = system if system in plan.systems else f"{system}'s tools"  # a --peer-binary's
         on_path = ", ".join(f"`{b}`" for b in tools)
-        return f"{what} {'is' if what == system else 'are'} not installed on this machine (no {on_path} on PATH)"
+        verb = "is" if what == system else "are"
+        return f"{what} {verb} not installed on this machine (no {on_path} on PATH)"
 
     for system, tools in missing.items():
         say(absent(system, tools))

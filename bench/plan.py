@@ -10,8 +10,9 @@ Rules:
   request, then the sparse row (one 1-byte request every ``SPARSE_INTERVAL`` for
   ``sparse_seconds``).
 - ``--quick``: one node, 1 and 10 clients, 3 s runs, fewer pings, shorter request/response,
-  sparse and DNS measurements, no soak, results under ``quick.*`` so that a quick run never replaces the
-  committed full run's ``latest.*``. Explicit ``--clients``/``--nodes`` still apply.
+  sparse and DNS measurements, no soak, results under ``quick.*`` so that a quick run never
+  replaces the committed full run's ``latest.*``. Explicit ``--clients``/``--nodes`` still
+  apply.
 - ``--ip-family dual``: a dual-stack lab; each system with an IPv6 path (vanilla and Tencrypt:
   nginx2's IPv6 Service VIP; wireguard-go: inner IPv6 addresses on its tunnel; not OpenVPN) adds
   TCP over IPv6 at every client count after its IPv4 TCP runs. A full dual-stack run writes
