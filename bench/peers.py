@@ -66,6 +66,9 @@ WG_PORT, OVPN_PORT = 51820, 1194
 WG_RUN = Path("/var/run/wireguard")  # shared by all namespaces: interface names must differ
 MTU_OVERHEAD = 80
 UP_TIMEOUT = 30.0
+# a machine that cannot reach its mirror says so in seconds, not after apt's default retries
+APT_NETWORK = ["-o", "Acquire::Retries=1", "-o", "Acquire::http::Timeout=20"]
+APT_TIMEOUT = 300.0  # seconds per apt-get run
 
 
 @dataclass(slots=True)
@@ -119,14 +122,15 @@ def install_packages(packages: list[str], say: Callable[[str], None]) -> None:
         return
     say(f"installing missing Debian packages: {' '.join(packages)} (apt-get install -y)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    argv = ["apt-get", *APT_NETWORK, "install", "-y", "-q", "--no-install-recommends", *packages]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT)
     if proc.returncode != 0 and (
         "Unable to locate" in proc.stderr or "no installation candidate" in proc.stderr
     ):
         say("package not in the local lists: apt-get update first")
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+        update = ["apt-get", *APT_NETWORK, "update", "-q"]
+        subprocess.run(update, capture_output=True, env=env, timeout=APT_TIMEOUT)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT)
     if proc.returncode != 0:
         raise SetupError(
             f"apt-get install {' '.join(packages)} failed ({proc.returncode}):\n"
