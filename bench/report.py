@@ -193,7 +193,7 @@ def with_ratios(run: Run) -> list[dict[str, object]]:
             r = ratio(m, run.measurements, base) if base else None
             row[column] = "" if r is None else f"{r:.4g}"
         d = added(m, run.measurements) if is_latency(m) and m.system != VANILLA else None
-        row["added_vs_vanilla"] = "" if d is None else f"{d:.4g}"
+        row["added_vs_vanilla"] = "" if d is None else f"{d:.6g}"
         rows.append(row)
     return rows
 
