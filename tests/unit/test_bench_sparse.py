@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,25 @@ def test_udp_loss_at_one_gbit_is_judged_against_the_current_wireguard_go() -> No
     other_rate = by_text(udp_run(offered=0.5), "1 node, UDP loss")
     assert other_rate.status == NOT_MEASURED
     assert "this run offered 0.5 Gbit/s (--udp-rate)" in other_rate.text
+
+
+def test_sparse_rr_runs_coldpaths_client_in_the_client_pod(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = []
+
+    def run(ns: str, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        runs.append((ns, argv, kw))
+        out = client_output([200.0] * (coldpath.WARMUP + 5))
+        return subprocess.CompletedProcess(argv, 0 if len(runs) == 1 else 1, out, "Traceback")
+
+    monkeypatch.setattr(measure.netns, "run", run)
+    r = measure.sparse_rr("lab-nginx1", "172.30.0.12", 3.0, 0.02)
+    assert (r.requests, r.p50_us) == (5, 200.0)
+    ns, argv, kw = runs[0]
+    assert ns == "lab-nginx1" and argv[1:3] == ["-I", "-c"]
+    assert argv[3] == coldpath.CLIENT  # the same program as python -m bench.coldpath
+    assert argv[4:] == ["172.30.0.12", str(measure.RR_PORT), "3", "0.02"]
+    assert kw == {"check": False, "timeout": 3.0 + measure.SLACK}
+    with pytest.raises(measure.MeasureError, match=r"client failed \(1\): Traceback"):
+        measure.sparse_rr("lab-nginx1", "172.30.0.12", 3.0, 0.02)
