@@ -644,7 +644,8 @@ def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
         "In parentheses: the ratio to the same figure of vanilla, of the Debian wireguard-go "
         "(wg) and of the current wireguard-go given with --peer-binary (wg-current), measured "
         "in the same run on the same lab, and for latencies also the difference to vanilla. "
-        "The CSV gives the three ratios for every figure.",
+        "The CSV gives the three ratios for every figure, and every latency's difference to "
+        "vanilla (added_vs_vanilla).",
         "",
     ]
     for note in run.notes:
