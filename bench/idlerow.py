@@ -207,6 +207,15 @@ def render(run: Run) -> list[str]:
             pct("total_cpu_pct"),
         ],
     ]
+    if got.get("parent_private_mb"):
+        rows.append(
+            [
+                "the warm parent (once per node)",
+                f"private {mb('parent_private_mb')} MB, PSS {mb('parent_pss_mb')} MB, "
+                f"CPU {pct('parent_cpu_pct')} %",
+                "",
+            ]
+        )
     lines = [
         f"## {n} idle proxies on one node (bench/idle.py{mode})",
         "",

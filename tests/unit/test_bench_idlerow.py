@@ -247,3 +247,23 @@ def test_the_harness_reads_the_file_at_the_end_and_a_bad_one_fails_the_run(tmp_p
     untouched = Run(date="d", cores=2)
     harness.idle_row(harness.build_plan(bench_args()), untouched)
     assert (untouched.measurements, untouched.errors) == ([], [])
+
+
+def test_over_a_short_window_one_clock_tick_still_reads_as_zero() -> None:
+    data = json.loads(idle_json(4))
+    data["seconds"] = 5  # one 10 ms tick is 0.2 % of a core here
+    assert by_text(idle_run(json.dumps(data)), "4 idle proxies, CPU").text.endswith(
+        "= 1.00× the target (zero: ≤ 0.2 % each)"
+    )
+    data["proxies"][0]["cpu_ticks"] = 2
+    assert by_text(idle_run(json.dumps(data)), "4 idle proxies, CPU").status == NOT_MET
+
+
+def test_the_section_shows_the_warm_parent_paid_once() -> None:
+    zygote = {"private_mb": 12.0, "pss_mb": 17.5, "cpu_s": 0.0}
+    md = report.render_markdown(idle_run(idle_json(zygote=zygote)))
+    assert (
+        "| the warm parent (once per node) | private 12.0 MB, PSS 17.5 MB, CPU 0.000 % |  |" in md
+    )
+    assert "(the parent's own: 12.0 MB); PSS per pod, the same way:" in md
+    assert "the warm parent (once per node)" not in report.render_markdown(idle_run())
