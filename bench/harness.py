@@ -15,8 +15,9 @@ Stages:
  1. plan from the arguments (``--quick``: one node, 1 and 10 clients, 3 s runs, no soak,
     results under ``quick.*`` so that a quick run never replaces the committed full run's
     ``latest.*``);
- 2. install the peer tunnels' Debian packages if missing, and say so (a system that cannot be
-    had is reported as failed, the others still run);
+ 2. install the peer tunnels' Debian packages if missing, and say so; a system that cannot be
+    had (OpenVPN where it is not installed and apt-get cannot install it) is skipped, said on
+    the progress output and in the report under "Systems not measured", and the others run;
  3. per lab shape: build the lab (always removed afterwards, also on failure or Ctrl-C), give
     nginx2's Service the benchmark's ports (kube-proxy-style DNAT, chain BENCH-SERVICES), then
     per system, in the order vanilla, wireguard-go, openvpn, tencrypt (the peer tunnels run
@@ -24,8 +25,10 @@ Stages:
     a. attach (nothing / a peer tunnel / ``lab.patch`` of both pods) and wait until the
        request/response server answers through it (handshakes happen here, unmeasured);
     b. the tunnel processes' RSS once they are ready, before any traffic;
-    c. round trip at idle: ping, then the TCP request/response rate; for vanilla and Tencrypt
-       also DNS: sequential lookups of nginx2's Service name straight to the cluster DNS and
+    c. round trip at idle: ping, then the TCP request/response rate (back to back, and a new
+       connection per request), then the sparse row: one 1-byte request every 20 ms on one
+       connection (bench/coldpath.py's client), each request after silence; for vanilla and
+       Tencrypt also DNS: sequential lookups of nginx2's Service name straight to the cluster DNS and
        (Tencrypt) through the pod's resolver, i.e. the embedded DNS proxy, the two paths asked
        in turns by one probe (bench/dnsprobe.py), the probe, the cluster DNS and the tunnel
        processes pinned to one CPU meanwhile;
@@ -38,7 +41,8 @@ Stages:
     e. Tencrypt on the first shape of a full run: a soak at the largest client count for six
        run durations (60 s by default), its memory sampled, to show whether RSS stays flat;
     f. detach;
- 4. write CSV, markdown and PNG plots (bench/report.py), and print where.
+ 4. with ``--idle-json``, read bench/idle.py's result into the run (bench/idlerow.py);
+ 5. write CSV, markdown and PNG plots (bench/report.py), and print where.
 A progress line on stderr tells what runs, how far along and about how long is left.
 """
 
@@ -61,17 +65,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from bench import cpustat, measure, peers, report
+from bench import cpustat, idlerow, measure, peers, report
 from bench.attach import Target, attach, bench_topology
 from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries: the plan's API here too
     DNS_SYSTEMS,
     ORDER,
     PING_INTERVAL,
     SOAK_RUNS,
+    SPARSE_INTERVAL,
     Plan,
     build_plan,
     estimates,
     peer_binaries,
+    peer_tools,
+    skip_system,
     system_steps,
 )
 from bench.progress import Progress
@@ -152,10 +159,16 @@ class Bench:
         self.run.notes.append(f"{_shape(nodes)}, {system}: {target.note}")
         self.ready_memory(nodes, system, target)
         measure.wait_reachable(a.netns, target.host)
-        self.progress.step(f"{label} · ping, request/response")
+        self.progress.step(f"{label} · ping, request/response (back to back, sparse)")
         self.attempt(nodes, system, "ping", partial(self.ping, nodes, system, a, target))
         self.attempt(
             nodes, system, "request/response", partial(self.rr, nodes, system, a, b, target)
+        )
+        self.attempt(
+            nodes,
+            system,
+            "sparse request/response",
+            partial(self.sparse, nodes, system, a, b, target),
         )
         if system in DNS_SYSTEMS:
             self.attempt(nodes, system, "DNS", partial(self.dns, lab, nodes, system, a, b, target))
@@ -276,6 +289,23 @@ class Bench:
         c = measure.request_response(a.netns, target.host, self.plan.rr_seconds, True)
         self.run.add(nodes, system, "crr", 1, "p50_us", c.p50_us, "µs")
         self.run.add(nodes, system, "crr", 1, "p99_us", c.p99_us, "µs")
+
+    def sparse(self, nodes: int, system: str, a: Pod, b: Pod, target: Target) -> None:
+        """One 1-byte request every SPARSE_INTERVAL on one connection: the round trip of a call
+        after silence, and the tunnel processes' CPU (both ends) per request meanwhile (what
+        keeping the path warm costs, if a tunnel spins)."""
+        before = cpustat.snapshot(target.pids(), a.netns, b.netns) if target.iface else None
+        r = measure.sparse_rr(a.netns, target.host, self.plan.sparse_seconds, SPARSE_INTERVAL)
+        add = partial(self.run.add, nodes, system, "sparse_rr", 1)
+        add("p50_us", r.p50_us, "µs")
+        add("p90_us", r.p90_us, "µs")
+        add("p99_us", r.p99_us, "µs")
+        add("requests", r.requests, "requests")
+        add("interval_ms", r.interval * 1000, "ms")
+        if before is not None:
+            after = cpustat.snapshot(target.pids(), a.netns, b.netns)
+            used = sum(cpustat.seconds_used(before, after).values())
+            add("cpu_us_per_request", used / r.sent * 1e6, "µs")
 
     def iperf(
         self,
@@ -448,7 +478,9 @@ def describe(plan: Plan) -> Run:
         f"{'quick' if plan.quick else 'full'} run; iperf3 runs of "
         f"{plan.duration:g} s; TCP clients {', '.join(map(str, plan.clients))}; UDP "
         f"offered {plan.udp_rate}bit/s; ping {plan.ping_count}× every "
-        f"{PING_INTERVAL * 1000:g} ms; request/response {plan.rr_seconds:g} s"
+        f"{PING_INTERVAL * 1000:g} ms; request/response {plan.rr_seconds:g} s; sparse "
+        f"request/response {plan.sparse_seconds:g} s, one request every "
+        f"{SPARSE_INTERVAL * 1000:g} ms"
     )
     first = subprocess.run(
         ["iperf3", "--version"], capture_output=True, text=True, check=False
@@ -505,6 +537,7 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(logs, ignore_errors=True)
         progress.clear()
+    idle_row(plan, run)
     run.notes.insert(
         0,
         f"Taken while other work shared the machine: 1-minute load average "
@@ -520,23 +553,56 @@ def main(args: argparse.Namespace) -> int:
     return 1 if run.errors else 0
 
 
-def _install(plan: Plan, run: Run, progress: Progress) -> None:
-    wanted = [s for s in plan.systems if s in peers.TOOLS]
-    # a --peer-binary brings its daemon, not its tools (wg): those come with the system's
-    wanted += sorted({system for system, _ in plan.binaries.values()} - set(wanted))
+def idle_row(plan: Plan, run: Run) -> None:
+    """bench/idle.py's result (``--idle-json``) into the run; a file that does not hold it is a
+    failure of the run (and the idle targets say not measured)."""
+    if plan.idle_json is None:
+        return
     try:
-        peers.ensure_tools(wanted, lambda text: progress.say(f"bench: {text}"))
+        idlerow.add_to(run, idlerow.load(plan.idle_json))
+    except measure.MeasureError as exc:
+        run.errors.append(f"idle proxies ({plan.idle_json}): {_oneline(exc)}")
+
+
+def _install(plan: Plan, run: Run, progress: Progress) -> None:
+    """The peer tunnels' packages: what is not installed is said, installed with apt-get if it
+    can be, else its system is skipped (said again, and listed in the report)."""
+
+    def say(text: str) -> None:
+        progress.say(f"bench: {text}")
+
+    missing = {s: peers.absent(tools) for s, tools in peer_tools(plan).items()}
+    missing = {s: tools for s, tools in missing.items() if tools}
+
+    def absent(system: str, tools: dict[str, str]) -> str:
+        what = system if system in plan.systems else f"{system}'s tools"  # a --peer-binary's
+        on_path = ", ".join(f"`{b}`" for b in tools)
+        verb = "is" if what == system else "are"
+        return f"{what} {verb} not installed on this machine (no {on_path} on PATH)"
+
+    for system, tools in missing.items():
+        say(absent(system, tools))
+    failure = ""
+    try:
+        peers.install_packages(sorted({p for t in missing.values() for p in t.values()}), say)
     except (SetupError, subprocess.TimeoutExpired) as exc:
-        for system in wanted:
-            if peers.missing_packages([system]):
-                plan.systems.remove(system)
-                run.errors.append(f"{system}: not measured: {_oneline(exc)}")
-    for system in wanted:
+        failure = f": {_oneline(exc)}"
+    for system, tools in missing.items():
+        still = peers.absent(tools)
+        if not still:
+            continue
+        why = absent(system, still)
+        gone = skip_system(plan, system)
+        text = (
+            f"{', '.join(gone) or system}: not measured: {why} and apt-get could not install "
+            f"{' '.join(sorted(set(still.values())))}{failure}"
+        )
+        run.skipped.append(text)
+        say(f"{text}; the other systems go on without it")
+    for system in peers.TOOLS:
         if system in plan.systems:
             run.versions[system] = peers.version(system)
-        elif peers.missing_packages([system]):
-            for label in [k for k, (s, _) in plan.binaries.items() if s == system]:
-                plan.systems.remove(label)
     for label, (_system, path) in plan.binaries.items():
-        # the file's name, not its path: a committed report names nothing of this machine
-        run.versions[label] = f"(--peer-binary …/{os.path.basename(path)})"
+        if label in plan.systems:
+            # the file's name, not its path: a committed report names nothing of this machine
+            run.versions[label] = f"(--peer-binary …/{os.path.basename(path)})"

@@ -9,6 +9,10 @@ Rules:
   run that went wrong never leaves a confused server behind for the next one.
 - Parsers (``parse_*``) are pure: text in, a record out, ``MeasureError`` for output that does
   not hold the figures (a failed run is reported as such, never as a zero).
+- The sparse request/response row reuses bench/coldpath.py's client (one 1-byte request every
+  ``interval`` on one connection, each request's send and answer stamped) against the same
+  echo server as the back-to-back row; its first ``coldpath.WARMUP`` requests (a handshake, a
+  first flow) are not counted.
 - Memory is read from ``/proc/<pid>/status`` (VmRSS now, VmHWM the peak since start) by a
   sampler thread, the only thread the benchmark starts.
 - CPU: bench/cpu.py.
@@ -27,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import coldpath
 from tencrypt.linux import netns
 
 IPERF_PORT = 5201
@@ -74,6 +79,19 @@ class RequestResponse:
     @property
     def rate(self) -> float:
         return self.transactions / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class SparseRR:
+    """One 1-byte request every ``interval`` seconds on one connection: the round trip of a
+    call that follows silence (every hop of it cold), what a service mostly sees."""
+
+    requests: int  # counted (after the warm-up)
+    sent: int  # all of them, the warm-up too
+    interval: float  # seconds between requests
+    p50_us: float
+    p90_us: float
+    p99_us: float
 
 
 @dataclass(slots=True)
@@ -155,6 +173,24 @@ def parse_rr(text: str) -> RequestResponse:
         )
     except (IndexError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise MeasureError(f"request/response client printed no result: {text[-200:]!r}") from exc
+
+
+def parse_sparse(text: str, interval: float, warmup: int = coldpath.WARMUP) -> SparseRR:
+    """The last line of bench/coldpath.py's client: a JSON list of [send, answer] stamps in ns,
+    one pair per request; the first ``warmup`` requests are left out."""
+    try:
+        pairs = json.loads(text.strip().splitlines()[-1])
+        times = sorted((int(t1) - int(t0)) / 1e3 for t0, t1 in pairs[warmup:])
+    except (IndexError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise MeasureError(
+            f"sparse request/response client printed no result: {text[-200:]!r}"
+        ) from exc
+    if not times:
+        raise MeasureError(f"sparse request/response: no request after the {warmup} warm-up ones")
+    if times[0] < 0:
+        raise MeasureError("sparse request/response: an answer stamped before its request")
+    p50, p90, p99 = (percentile(times, pct) for pct in (50, 90, 99))
+    return SparseRR(len(times), len(pairs), interval, p50, p90, p99)
 
 
 def percentile(sorted_values: list[float], pct: int) -> float:
@@ -364,6 +400,20 @@ def request_response(
             f"request/response client failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
         )
     return parse_rr(proc.stdout)
+
+
+def sparse_rr(client_ns: str, host: str, seconds: float, interval: float) -> SparseRR:
+    """``seconds`` of one 1-byte request every ``interval`` to the request/response server
+    (``rr_server``) at ``host``, over one connection (bench/coldpath.py's client)."""
+    argv = [sys.executable, "-I", "-c", coldpath.CLIENT, host, str(RR_PORT)]
+    argv += [f"{seconds:g}", f"{interval:g}"]
+    proc = netns.run(client_ns, argv, check=False, timeout=seconds + SLACK)
+    if proc.returncode != 0:
+        raise MeasureError(
+            f"sparse request/response client failed ({proc.returncode}): "
+            f"{proc.stderr.strip()[-300:]}"
+        )
+    return parse_sparse(proc.stdout, interval)
 
 
 DNS_PROBE = Path(__file__).resolve().with_name("dnsprobe.py")

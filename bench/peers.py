@@ -20,8 +20,10 @@ Stages of ``wireguard_up`` and ``openvpn_up`` alike:
     machine-wide defaults must not be touched on a shared host, so the harness takes a copy of
     each socket with ``pidfd_getfd(2)`` and sets the option on that: same socket, same effect.
 
-Missing Debian packages are installed by ``ensure_tools`` (``apt-get install -y``, with one
-``apt-get update`` first when the package lists are stale), and it says so.
+Missing Debian packages are installed by ``install_packages`` (``apt-get install -y``, with one
+``apt-get update`` first when the package lists are stale), and it says so; what a plan needs,
+and what it does without a system that cannot be had, is bench/plan.py's ``peer_tools`` and
+``skip_system``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ WG_PORT, OVPN_PORT = 51820, 1194
 WG_RUN = Path("/var/run/wireguard")  # shared by all namespaces: interface names must differ
 MTU_OVERHEAD = 80
 UP_TIMEOUT = 30.0
+# a machine that cannot reach its mirror says so in seconds, not after apt's default retries
+APT_NETWORK = ["-o", "Acquire::Retries=1", "-o", "Acquire::http::Timeout=20"]
+APT_TIMEOUT = 300.0  # seconds per apt-get run
 
 
 @dataclass(slots=True)
@@ -101,37 +106,41 @@ class Tunnel:
 # --- packages ------------------------------------------------------------------------------
 
 
+def absent(tools: dict[str, str]) -> dict[str, str]:
+    """The ``{binary: package}`` of ``tools`` whose binary is not on PATH."""
+    return {binary: pkg for binary, pkg in tools.items() if not shutil.which(binary)}
+
+
 def missing_packages(systems: list[str]) -> list[str]:
-    return sorted(
-        {
-            pkg
-            for system in systems
-            for binary, pkg in TOOLS.get(system, {}).items()
-            if not shutil.which(binary)
-        }
-    )
+    return sorted({pkg for system in systems for pkg in absent(TOOLS.get(system, {})).values()})
 
 
-def ensure_tools(systems: list[str], say: Callable[[str], None]) -> None:
-    """Install the Debian packages the peer tunnels in ``systems`` need, if any is missing."""
-    packages = missing_packages(systems)
+def install_packages(packages: list[str], say: Callable[[str], None]) -> None:
+    """``apt-get install -y`` the Debian ``packages`` (one ``apt-get update`` first when the
+    package lists do not know one); a ``SetupError`` saying why when that fails."""
     if not packages:
         return
     say(f"installing missing Debian packages: {' '.join(packages)} (apt-get install -y)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    argv = ["apt-get", *APT_NETWORK, "install", "-y", "-q", "--no-install-recommends", *packages]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT)
     if proc.returncode != 0 and (
         "Unable to locate" in proc.stderr or "no installation candidate" in proc.stderr
     ):
         say("package not in the local lists: apt-get update first")
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+        update = ["apt-get", *APT_NETWORK, "update", "-q"]
+        subprocess.run(update, capture_output=True, env=env, timeout=APT_TIMEOUT)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT)
     if proc.returncode != 0:
         raise SetupError(
             f"apt-get install {' '.join(packages)} failed ({proc.returncode}):\n"
             f"{proc.stderr.strip()[-500:]}"
         )
+
+
+def ensure_tools(systems: list[str], say: Callable[[str], None]) -> None:
+    """Install the Debian packages the peer tunnels in ``systems`` need, if any is missing."""
+    install_packages(missing_packages(systems), say)
     still = missing_packages(systems)
     if still:
         raise SetupError(f"installed, but still missing: {' '.join(still)}")

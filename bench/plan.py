@@ -6,14 +6,26 @@ Rules:
   ``--peer-binary`` after the Debian ones, Tencrypt last (it patches the pods), then Tencrypt
   with NetworkPolicies that isolate both pods both ways (``tencrypt-netpol``: the cost of
   per-flow policy enforcement, bench/attach.py ``bench_policies``).
-- ``--quick``: one node, 1 and 10 clients, 3 s runs, fewer pings, shorter request/response and
-  DNS measurements, no soak, results under ``quick.*`` so that a quick run never replaces the
-  committed full run's ``latest.*``. Explicit ``--clients``/``--nodes`` still apply.
+- Every system's latency step: ping, back-to-back request/response, a new connection per
+  request, then the sparse row (one 1-byte request every ``SPARSE_INTERVAL`` for
+  ``sparse_seconds``).
+- ``--quick``: one node, 1 and 10 clients, 3 s runs, fewer pings, shorter request/response,
+  sparse and DNS measurements, no soak, results under ``quick.*`` so that a quick run never
+  replaces the committed full run's ``latest.*``. Explicit ``--clients``/``--nodes`` still
+  apply.
 - ``--ip-family dual``: a dual-stack lab; each system with an IPv6 path (vanilla and Tencrypt:
   nginx2's IPv6 Service VIP; wireguard-go: inner IPv6 addresses on its tunnel; not OpenVPN) adds
   TCP over IPv6 at every client count after its IPv4 TCP runs. A full dual-stack run writes
   ``ipv6.*`` (never the IPv4 run's ``latest.*``), a quick one ``quick.*`` as ever. ``ipv4`` (the
   default) measures and writes what it did before families existed.
+- Peer tunnels come from Debian packages (``peer_tools``: a Debian system needs its daemon and
+  tools; a ``--peer-binary`` brings its daemon, and needs only the tools, e.g. ``wg``). A
+  system whose package cannot be had (OpenVPN where it is not installed and apt-get cannot
+  install it) is taken out of the plan with its ``--peer-binary`` labels (``skip_system``) and
+  the run goes on without it; a system not in ``--systems`` is never installed or asked for.
+- ``--idle-json PATH``: bench/idle.py's result, read at the end into the report (its row and
+  targets); the file must exist when the bench starts, so that a long run does not end in a
+  typo.
 - Bad arguments are ``UsageError``s; nothing is downloaded or built (``--peer-binary`` names a
   binary that exists, asked only for its ``--version``).
 """
@@ -28,13 +40,16 @@ from pathlib import Path
 
 from bench import peers
 from bench.report import OPENVPN, TENCRYPT, TENCRYPT_NETPOL, VANILLA, WIREGUARD
+from tencrypt.benchcmd import DEFAULT_CLIENTS, DEFAULT_NODES
 from tencrypt.errors import UsageError
 
 ORDER = [VANILLA, WIREGUARD, OPENVPN, TENCRYPT, TENCRYPT_NETPOL]
 DNS_SYSTEMS = (VANILLA, TENCRYPT)  # the peer tunnels leave the pods' DNS as it is
-DEFAULT_CLIENTS, DEFAULT_NODES = "1,5,10,20", "1,2"  # as declared in tencrypt/cli.py
 QUICK_DURATION, QUICK_CLIENTS = 3.0, [1, 10]
 PING_INTERVAL = 0.05
+SPARSE_INTERVAL = 0.02  # seconds between the sparse row's requests (issue 26's shape)
+SPARSE_SECONDS, QUICK_SPARSE_SECONDS = 10.0, 3.0
+ATTACH_SECONDS = 4.0  # nominal, for the progress line
 SOAK_RUNS = 6  # soak length in run durations
 IP_FAMILIES = ("ipv4", "dual")  # --ip-family (an IPv6-only lab is not benchmarked yet)
 IPV6_SYSTEMS = (VANILLA, WIREGUARD, TENCRYPT, TENCRYPT_NETPOL)  # with a path over inner IPv6
@@ -52,12 +67,14 @@ class Plan:
     quick: bool
     ping_count: int = 20
     rr_seconds: float = 3.0
+    sparse_seconds: float = SPARSE_SECONDS
     dns_count: int = 2000  # lookups per DNS measurement, at most dns_seconds long
     dns_seconds: float = 5.0
     soak_seconds: float = 0.0
     # --peer-binary: label ("wireguard-go v0.0.20250522") -> (system, path of the binary)
     binaries: dict[str, tuple[str, str]] = field(default_factory=dict)
     ip_family: str = "ipv4"
+    idle_json: Path | None = None  # bench/idle.py's result (--idle-json)
 
     @property
     def prefix(self) -> str:
@@ -104,6 +121,24 @@ def peer_binaries(specs: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def peer_tools(plan: Plan) -> dict[str, dict[str, str]]:
+    """Per peer system the plan measures: the ``{binary: Debian package}`` it needs."""
+    debian = [s for s in plan.systems if s in peers.TOOLS]
+    needs = {s: dict(peers.TOOLS[s]) for s in debian}
+    for system in sorted({system for system, _ in plan.binaries.values()} - set(debian)):
+        # the --peer-binary is the daemon (named as its system); its tools still come from Debian
+        needs[system] = {b: p for b, p in peers.TOOLS.get(system, {}).items() if b != system}
+    return {s: tools for s, tools in needs.items() if tools}
+
+
+def skip_system(plan: Plan, system: str) -> list[str]:
+    """Take ``system`` (a Debian one) and its ``--peer-binary`` labels out of the plan; the
+    names taken out, in plan order."""
+    gone = [s for s in plan.systems if s == system or plan.binaries.get(s, ("", ""))[0] == system]
+    plan.systems[:] = [s for s in plan.systems if s not in gone]
+    return gone
+
+
 def build_plan(args: argparse.Namespace) -> Plan:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(ORDER)
@@ -121,6 +156,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise UsageError(
             f"--udp-rate: a rate as iperf3 takes it (e.g. 500M, 1G), not {args.udp_rate!r}"
         )
+    idle = getattr(args, "idle_json", None)
+    if idle and not Path(idle).is_file():
+        raise UsageError(f"--idle-json: {idle} is not a file (bench/idle.py writes it)")
     plan = Plan(
         systems=[s for s in ORDER if s in systems],
         clients=_ints(args.clients, "clients"),
@@ -132,6 +170,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         quick=args.quick,
         binaries=peer_binaries(getattr(args, "peer_binary", None) or []),
         ip_family=ip_family,
+        idle_json=Path(idle) if idle else None,
     )
     # each extra binary is one more system, measured after the Debian ones and before
     # Tencrypt (which patches the pods)
@@ -143,6 +182,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.clients = QUICK_CLIENTS if args.clients == DEFAULT_CLIENTS else plan.clients
         plan.nodes = [1] if args.nodes == DEFAULT_NODES else plan.nodes
         plan.ping_count, plan.rr_seconds = 10, 1.0
+        plan.sparse_seconds = QUICK_SPARSE_SECONDS
         plan.dns_count, plan.dns_seconds = 500, 2.0
     else:
         plan.soak_seconds = SOAK_RUNS * plan.duration
@@ -154,11 +194,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
     """Nominal seconds of each step of one system on one lab shape, in the order they run."""
-    latency = plan.ping_count * PING_INTERVAL + plan.rr_seconds + 2
+    latency = plan.ping_count * PING_INTERVAL + 2 * plan.rr_seconds + plan.sparse_seconds + 2
     if system in DNS_SYSTEMS:
         paths = 2 if system == TENCRYPT else 1  # one probe, the paths in turns
         latency += min(plan.dns_seconds, paths * plan.dns_count / 5000)
-    steps = [8.0, latency]  # attach; ping, request/response, DNS
+    # attach (0-2 s seen on the 2-core VM, Tencrypt's patch the longest); then ping,
+    # request/response (back to back, new connections, sparse), DNS
+    steps = [ATTACH_SECONDS, latency]
     steps += [plan.duration + 2] * len(plan.clients)
     if plan.ipv6_runs(system):  # the same client counts over IPv6 (the first waits for a path)
         steps += [plan.duration + 2] * len(plan.clients)

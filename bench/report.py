@@ -14,7 +14,16 @@ Rules:
   wireguard-go=PATH``, ``Run.peer_labels``) measured in the same run on the same lab shape
   (``ratio``); a missing or zero baseline gives no ratio (empty cell, "–"), never a made-up one.
 - The issue's targets are judged in bench/targets.py.
-- Latency figures also get their difference to vanilla (``added``): what the tunnel adds.
+- Latency figures (``is_latency``: round trips in ms or µs) also get their difference to
+  vanilla (``added``): what the tunnel adds; in the CSV, column ``added_vs_vanilla``.
+- The sparse request/response row (one 1-byte request every 20 ms on one connection, every hop
+  cold) has a table of its own beside the back-to-back one: median and p90 with what each adds
+  over vanilla and the ratios of those figures, and the tunnel's CPU per request.
+- A system that could not be had (a peer tunnel not installed, and apt-get could not install
+  it) is listed under "Systems not measured" with the reason (``Run.skipped``): the bench went
+  on without it; that is not a failure of the run.
+- Figures of lab shape 0 are not of a lab of the bench: the idle proxies' row
+  (bench/idlerow.py), which renders its own section.
 - Rendering is pure (``render_*`` return text); only ``write_*`` touch files, and matplotlib
   is imported inside ``write_plots`` (bench/plots.py) so that the pure parts need nothing
   beyond the stdlib.
@@ -42,7 +51,11 @@ CSV_FIELDS = [
     "vs_vanilla",
     "vs_wireguard_go",
     "vs_current_wireguard_go",
+    "added_vs_vanilla",
 ]
+RATIO_FIELDS = CSV_FIELDS[-4:-1]  # one per baseline (``baselines``)
+LATENCY_TESTS = ("ping", "rr", "crr", "sparse_rr", "dns", "dns_direct")
+LATENCY_METRICS = ("p50_", "p90_", "p99_", "avg_", "min_", "max_")  # of those tests' figures
 FAMILY_FIELD = "family"  # after "nodes", in a dual-stack run's CSV only
 
 
@@ -50,7 +63,7 @@ FAMILY_FIELD = "family"  # after "nodes", in a dual-stack run's CSV only
 class Measurement:
     nodes: int
     system: str
-    test: str  # tcp, udp, ping, rr, dns, dns_direct, memory, soak
+    test: str  # tcp, udp, ping, rr, crr, sparse_rr, dns, dns_direct, memory, soak, idle
     clients: int
     metric: str
     value: float
@@ -76,6 +89,8 @@ class Run:
     measurements: list[Measurement] = field(default_factory=list)
     peer_labels: dict[str, str] = field(default_factory=dict)  # --peer-binary label -> system
     ip_family: str = "ipv4"  # --ip-family: "dual" adds the IPv6 runs (and their column, table)
+    skipped: list[str] = field(default_factory=list)  # systems not measured, and why
+    idle_note: str = ""  # how the idle row's proxies were started (bench/idlerow.py)
 
     def add(
         self,
@@ -124,12 +139,40 @@ def ratio(m: Measurement, measurements: Iterable[Measurement], baseline: str) ->
     return None
 
 
+def is_latency(m: Measurement) -> bool:
+    """A round-trip time, whose difference to vanilla is what a tunnel adds."""
+    return m.test in LATENCY_TESTS and m.metric.startswith(LATENCY_METRICS)
+
+
 def added(m: Measurement, measurements: Iterable[Measurement]) -> float | None:
     """``m``'s value minus vanilla's (what a tunnel adds to a latency)."""
     for other in measurements:
         if other.system == VANILLA and other.key == m.key:
             return m.value - other.value
     return None
+
+
+def added_ratio(m: Measurement, measurements: list[Measurement], baseline: str) -> float | None:
+    """What ``m``'s system adds over vanilla over what ``baseline`` adds to the same figure (the
+    issue's "2.1×"); None when either is missing or the baseline adds nothing."""
+    for other in measurements:
+        if other.system == baseline and other.key == m.key:
+            ours, theirs = added(m, measurements), added(other, measurements)
+            return ours / theirs if ours is not None and theirs and theirs > 0 else None
+    return None
+
+
+def added_cell(run: Run, m: Measurement | None) -> str:
+    """What ``m`` adds over vanilla, with its ratio to what each tunnel baseline adds."""
+    d = added(m, run.measurements) if m is not None and m.system != VANILLA else None
+    if m is None or d is None:
+        return "–"
+    extra = [
+        f"{fmt_ratio(r)} {label}'s"
+        for base, label in baselines(run)[1:]
+        if base and base != m.system and (r := added_ratio(m, run.measurements, base)) is not None
+    ]
+    return f"{fmt_delta(d)} ({', '.join(extra)})" if extra else fmt_delta(d)
 
 
 def with_ratios(run: Run) -> list[dict[str, object]]:
@@ -146,9 +189,11 @@ def with_ratios(run: Run) -> list[dict[str, object]]:
             "value": f"{m.value:.6g}",
             "unit": m.unit,
         }
-        for (base, _), column in zip(baselines(run), CSV_FIELDS[-3:], strict=True):
+        for (base, _), column in zip(baselines(run), RATIO_FIELDS, strict=True):
             r = ratio(m, run.measurements, base) if base else None
             row[column] = "" if r is None else f"{r:.4g}"
+        d = added(m, run.measurements) if is_latency(m) and m.system != VANILLA else None
+        row["added_vs_vanilla"] = "" if d is None else f"{d:.6g}"
         rows.append(row)
     return rows
 
@@ -172,6 +217,11 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def fmt_delta(value: float) -> str:
+    """A signed difference, 3 significant digits, never in exponent form (+1150, +38, +0.4)."""
+    return f"{value:+.0f}" if abs(value) >= 1000 else f"{value:+.3g}"
+
+
 def fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.3g}×"
 
@@ -185,7 +235,7 @@ def cell(run: Run, m: Measurement | None, *, ratios: bool = True, delta: bool = 
     if delta and m.system != VANILLA:
         d = added(m, run.measurements)
         if d is not None:
-            extra.append(f"{d:+.3g} vs vanilla")
+            extra.append(f"{fmt_delta(d)} vs vanilla")
     if ratios:
         for base, label in baselines(run):
             r = ratio(m, run.measurements, base) if base and m.system != base else None
@@ -440,6 +490,60 @@ DNS_PATHS = {
 }
 
 
+def render_sparse(run: Run, nodes: int) -> list[str]:
+    """The sparse request/response row: median and p90 per system, each with what it adds over
+    vanilla and its ratios, and the tunnel processes' CPU per request."""
+    rows = []
+    for s in systems_of(run, nodes):
+        p50 = find(run, nodes, s, "sparse_rr", 1, "p50_us")
+        if p50 is None:
+            continue
+        p90 = find(run, nodes, s, "sparse_rr", 1, "p90_us")
+        rows.append(
+            [
+                s,
+                cell(run, p50),
+                added_cell(run, p50),
+                cell(run, p90),
+                added_cell(run, p90),
+                fmt(run.get(nodes, s, "sparse_rr", 1, "p99_us")),
+                fmt(run.get(nodes, s, "sparse_rr", 1, "requests")),
+                fmt(run.get(nodes, s, "sparse_rr", 1, "cpu_us_per_request")),
+            ]
+        )
+    if not rows:
+        return []
+    every = next(
+        (
+            m.value
+            for m in run.measurements
+            if (m.nodes, m.test, m.metric) == (nodes, "sparse_rr", "interval_ms")
+        ),
+        None,
+    )
+    header = [
+        "System",
+        "round trip median µs",
+        "added over vanilla, median µs",
+        "p90 µs",
+        "added over vanilla, p90 µs",
+        "p99 µs",
+        "requests",
+        "tunnel CPU µs per request (both ends)",
+    ]
+    return [
+        f"### Sparse request/response (one 1-byte TCP request every {fmt(every)} ms, "
+        "one connection)",
+        "",
+        "What a call after silence pays: every hop finds its tunnel process idle. The first "
+        "requests (handshake, first flow) are not counted. In parentheses after an added "
+        "figure: its ratio to what the Debian wireguard-go (wg) and the current one "
+        "(wg-current) add.",
+        "",
+        *table(header, rows),
+    ]
+
+
 def render_dns(run: Run, nodes: int) -> list[str]:
     """Sequential lookups of one cached name, per system and path."""
     rows = []
@@ -540,17 +644,20 @@ def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
         "In parentheses: the ratio to the same figure of vanilla, of the Debian wireguard-go "
         "(wg) and of the current wireguard-go given with --peer-binary (wg-current), measured "
         "in the same run on the same lab, and for latencies also the difference to vanilla. "
-        "The CSV gives the three ratios for every figure.",
+        "The CSV gives the three ratios for every figure, and every latency's difference to "
+        "vanilla (added_vs_vanilla).",
         "",
     ]
     for note in run.notes:
         lines.append(f"- {note}")
     if run.notes:
         lines.append("")
-    from bench import targets  # it imports this module
+    if run.skipped:
+        lines += ["## Systems not measured", "", *(f"- {text}" for text in run.skipped), ""]
+    from bench import idlerow, targets  # they import this module
 
     lines += targets.render(run)
-    for nodes in sorted({m.nodes for m in run.measurements}):
+    for nodes in sorted({m.nodes for m in run.measurements if m.nodes > 0}):
         lines += [f"## {SHAPE_TITLES.get(nodes, f'{nodes} nodes')}", ""]
         lines += render_tcp(run, nodes)
         if plots and nodes in plots:
@@ -558,7 +665,9 @@ def render_markdown(run: Run, plots: dict[int, str] | None = None) -> str:
         if run.dual:
             lines += render_tcp(run, nodes, 6) + render_families(run, nodes)
         lines += render_udp(run, nodes) + render_cpu(run, nodes) + render_latency(run, nodes)
+        lines += render_sparse(run, nodes)
         lines += render_dns(run, nodes) + render_memory(run, nodes)
+    lines += idlerow.render(run)
     if run.errors:
         lines += ["## Failures", "", *(f"- {e}" for e in run.errors), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -10,6 +10,9 @@ the product: the wheel and the node image carry ``tencrypt`` only. Rules:
 2. Found: its directory goes first on ``sys.path`` and ``bench.harness.main(args)`` runs.
 3. Not found (an installed wheel): a ``UsageError`` that says where the benchmark lives and how
    to run it. Nothing is imported, installed or downloaded.
+
+Its flags are declared here too (``add_arguments``, called by tencrypt/cli.py for ``tencrypt
+bench`` only): their values are checked by bench/plan.py, which turns them into the plan.
 """
 
 from __future__ import annotations
@@ -19,13 +22,80 @@ import importlib
 import sys
 from pathlib import Path
 
+from tencrypt import argtypes
 from tencrypt.errors import UsageError
+
+DEFAULT_SYSTEMS = "vanilla,tencrypt,tencrypt-netpol,wireguard-go,openvpn"
+DEFAULT_CLIENTS, DEFAULT_NODES = "1,5,10,20", "1,2"  # bench/plan.py: --quick replaces them
 
 NOT_IN_WHEEL = (
     "the benchmark is not part of the installed package: it lives in bench/ of the "
     "source repository. Run it from a clone: `bash scripts/install.sh` there, then "
     "`.venv/bin/tencrypt bench` (as root)"
 )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``tencrypt bench``."""
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run (under two minutes): fewer client counts, short iperf3 runs",
+    )
+    p.add_argument(
+        "--systems",
+        default=DEFAULT_SYSTEMS,
+        help="comma-separated systems to measure (default: all five; tencrypt-netpol is "
+        "Tencrypt with NetworkPolicies isolating both pods). A peer tunnel that is not "
+        "installed and cannot be installed with apt-get is skipped, and the report says so",
+    )
+    p.add_argument(
+        "--clients",
+        default=DEFAULT_CLIENTS,
+        help=f"comma-separated parallel client counts for TCP (default: {DEFAULT_CLIENTS})",
+    )
+    p.add_argument(
+        "--nodes",
+        default=DEFAULT_NODES,
+        help=f"lab shapes to measure: 1, 2 or 1,2 (default: {DEFAULT_NODES})",
+    )
+    p.add_argument(
+        "--duration",
+        type=argtypes.seconds,
+        default=10.0,
+        help="seconds per iperf3 run (default: 10)",
+    )
+    p.add_argument(
+        "--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)"
+    )
+    p.add_argument(
+        "--out", default="bench/results", help="directory for CSV, markdown and PNG plots"
+    )
+    p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
+    p.add_argument(
+        "--ip-family",
+        choices=["ipv4", "dual"],
+        default="ipv4",
+        help="dual: a dual-stack lab, and each system's TCP runs repeated over IPv6 "
+        "(vanilla, Tencrypt, wireguard-go; not OpenVPN); a full run writes ipv6.* "
+        "(default: ipv4)",
+    )
+    p.add_argument(
+        "--peer-binary",
+        action="append",
+        default=[],
+        metavar="SYSTEM=PATH",
+        help="also measure this build of a peer (wireguard-go or openvpn) next to the "
+        "Debian one, labelled with its --version; repeatable. The bench never "
+        "downloads or builds it",
+    )
+    p.add_argument(
+        "--idle-json",
+        metavar="PATH",
+        help="the result of `python -m bench.idle` (idle proxies on one node: CPU, RSS, PSS, "
+        "private memory): its row and its targets join the report. Not given: those "
+        "targets say not measured",
+    )
 
 
 def checkout_root(package_dir: Path | None = None) -> Path | None:

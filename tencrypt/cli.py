@@ -6,9 +6,9 @@ only when their command runs, so that ``--help`` stays fast and a command never 
 another's imports. A handler takes the parsed ``argparse.Namespace`` and returns an exit code.
 
 ``main`` declares the flags of the one command on its line only (``build_parser(only=...)``):
-some commands' flags live beside their handlers (node-sync, agent, key, status), and a proxy
-(`tencrypt run`, one per pod) must not carry their modules — the Kubernetes objects, the HTTP
-server, nft and netns helpers — for its whole life (memory, issue 16).
+some commands' flags live beside their handlers (node-sync, agent, key, status, bench), and a
+proxy (`tencrypt run`, one per pod) must not carry their modules — the Kubernetes objects, the
+HTTP server, nft and netns helpers — for its whole life (memory, issue 16).
 """
 
 from __future__ import annotations
@@ -270,55 +270,9 @@ def _demo(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="a short run (under two minutes): fewer client counts, short iperf3 runs",
-    )
-    p.add_argument(
-        "--systems",
-        default="vanilla,tencrypt,tencrypt-netpol,wireguard-go,openvpn",
-        help="comma-separated systems to measure (default: all five; tencrypt-netpol is "
-        "Tencrypt with NetworkPolicies isolating both pods)",
-    )
-    p.add_argument(
-        "--clients",
-        default="1,5,10,20",
-        help="comma-separated parallel client counts for TCP (default: 1,5,10,20)",
-    )
-    p.add_argument(
-        "--nodes", default="1,2", help="lab shapes to measure: 1, 2 or 1,2 (default: 1,2)"
-    )
-    p.add_argument(
-        "--duration",
-        type=argtypes.seconds,
-        default=10.0,
-        help="seconds per iperf3 run (default: 10)",
-    )
-    p.add_argument(
-        "--udp-rate", default="1G", help="offered UDP rate for the loss test (default: 1G)"
-    )
-    p.add_argument(
-        "--out", default="bench/results", help="directory for CSV, markdown and PNG plots"
-    )
-    p.add_argument("--name", default="tbench", help="lab instance name (default: tbench)")
-    p.add_argument(
-        "--ip-family",
-        choices=["ipv4", "dual"],
-        default="ipv4",
-        help="dual: a dual-stack lab, and each system's TCP runs repeated over IPv6 "
-        "(vanilla, Tencrypt, wireguard-go; not OpenVPN); a full run writes ipv6.* "
-        "(default: ipv4)",
-    )
-    p.add_argument(
-        "--peer-binary",
-        action="append",
-        default=[],
-        metavar="SYSTEM=PATH",
-        help="also measure this build of a peer (wireguard-go or openvpn) next to the "
-        "Debian one, labelled with its --version; repeatable. The bench never "
-        "downloads or builds it",
-    )
+    from tencrypt.benchcmd import add_arguments  # flags live beside their handler
+
+    add_arguments(p)
 
 
 def _node_sync(p: argparse.ArgumentParser) -> None:

@@ -234,10 +234,10 @@ def test_missing_ipv6_figures_and_shapes_are_not_measured_never_met() -> None:
     assert len(two) == 4 and all(v.text.endswith("this lab shape is not in the run") for v in two)
 
 
-def test_the_markdown_has_an_issue_24_section_after_issue_16s() -> None:
+def test_the_markdown_has_an_issue_24_section_after_issue_26s() -> None:
     run = dual_run()
     md = report.render_markdown(run)
-    assert md.index("## Targets (issue 16)") < md.index("## Targets over IPv6 (issue 24)")
+    assert md.index("## Targets (issue 26") < md.index("## Targets over IPv6 (issue 24)")
     assert md.index("## Targets over IPv6 (issue 24)") < md.index("## One node")
     section = md[md.index("## Targets over IPv6") : md.index("## One node")]
     verdicts = targets.judge_ipv6(run)
