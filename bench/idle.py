@@ -90,6 +90,22 @@ def parse_smaps_rollup(text: str) -> Memory | None:
         return None
 
 
+def private_by_mapping(text: str) -> dict[str, int]:
+    """Private_Clean + Private_Dirty (kB) per mapping name of a ``/proc/PID/smaps`` text
+    (anonymous mappings: "[anon]"), where a proxy's own memory lies."""
+    out: dict[str, int] = {}
+    name = "[anon]"
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's header line
+            name = parts[5] if len(parts) > 5 else "[anon]"
+        elif parts[0] in ("Private_Clean:", "Private_Dirty:") and len(parts) > 1:
+            out[name] = out.get(name, 0) + int(parts[1])
+    return out
+
+
 def memory(pid: int) -> Memory | None:
     try:
         return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
@@ -247,6 +263,11 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                     ProxyFigures(pid, (t1 - t0) / tck, mem.rss_kb, mem.pss_kb, mem.private_kb)
                 )
             zmem = memory(zygote.pid) if zygote else None
+            median = sorted(figures, key=lambda f: f.private_kb)[len(figures) // 2]
+            try:
+                where = private_by_mapping(Path(f"/proc/{median.pid}/smaps").read_text())
+            except OSError:
+                where = {}
             result: dict[str, object] = {
                 "mode": args.mode,
                 "proxies": len(pids),
@@ -254,6 +275,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                 "python": sys.version.split()[0],
                 "load": os.getloadavg(),
                 "per_proxy": [asdict(f) for f in figures],
+                "median_private_by_mapping": dict(
+                    sorted(where.items(), key=lambda kv: -kv[1])[:12]
+                ),
                 "zygote": (
                     {
                         **asdict(zmem),
@@ -317,6 +341,10 @@ def render(result: dict[str, object]) -> str:
         f"Node pays (sum of PSS{' + zygote' if z else ''}): {node:.1f} MB for {n} proxies, "
         f"{node / n:.2f} MB per proxy. Stopped by SIGTERM: {result['stopped_by_sigterm']}/{n}.",
     ]
+    where = result.get("median_private_by_mapping")
+    if isinstance(where, dict) and where:
+        lines += ["", "Private memory of the median proxy, by mapping (kB):", ""]
+        lines += [f"- {kb:>6} {name}" for name, kb in where.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,10 @@ MAX_REQUEST = 1 << 16
 CHILD_NAME = b"tencrypt-run"  # /proc/PID/comm of a forked proxy (its cmdline is the zygote's)
 
 # What `tencrypt run` imports, imported here once for every child. cli.main imports the run
-# handler's module; runcmd.serve imports these inside the function (lazily, for its tests).
+# handler's module; runcmd.serve imports some inside the function, and the proxy more once it
+# runs (found with the module list of a forked proxy once ready, bench/results/idle.md):
+# the netfilter queues, the GSO socket, the C extension (tencrypt.fastpath loads it lazily),
+# the executor that applies effects, and the idna codec that a socket's str host needs.
 PRELOAD = (
     "ctypes",  # allocator.tune, and setns here
     "tencrypt.cli",
@@ -59,7 +62,13 @@ PRELOAD = (
     "tencrypt.linux.metrics",
     "tencrypt.linux.podnet",
     "tencrypt.linux.dns",
+    "tencrypt.linux.inbound",
+    "tencrypt.linux.nfqueue",
+    "tencrypt.linux.gso",
     "tencrypt.fastpath",
+    "tencrypt._fastpath",
+    "concurrent.futures.thread",
+    "encodings.idna",
 )
 
 
@@ -168,15 +177,22 @@ def handle(sock: socket.socket, data: bytes, fds: list[int]) -> dict[str, object
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child; tests see what it does from outside
-            code = 70
+            code = 70  # EX_SOFTWARE: the child failed before `run` could say why
             try:
                 code = become_proxy(sock, fds[0], fds[1], *req)
+            except SystemExit as exc:  # argparse's --help and usage errors, as `run` exits
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             except BaseException as exc:  # noqa: BLE001 - a child never returns to the loop
                 try:
                     os.write(2, f"tencrypt zygote: the proxy failed: {exc!r}\n".encode())
                 except OSError:
                     pass
             finally:
+                for stream in (sys.stdout, sys.stderr):  # os._exit flushes nothing
+                    try:
+                        stream.flush()
+                    except (OSError, ValueError):
+                        pass
                 os._exit(code)
         return {"pid": pid}
     except OSError as exc:
