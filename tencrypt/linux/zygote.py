@@ -13,7 +13,7 @@ Rules:
   an asyncio loop or a lock held by another thread must not be half-inherited. It configures
   no logging (the child's ``cli.main`` does, as in ``tencrypt run``).
 - One request, one child: a ``SOCK_SEQPACKET`` message carrying ``{"argv": [...], "env":
-  {...} | null}`` (JSON) and two file descriptors (SCM_RIGHTS): the pod's network namespace
+  {...} | null, "before": [...] | null}`` (JSON) and two file descriptors (SCM_RIGHTS): the pod's network namespace
   (an open ``/proc/<sandbox pid>/ns/net`` or ``/run/netns/NAME``, so a recycled PID cannot
   redirect it) and the file the proxy's stdout and stderr go to (the pod's log). The answer
   is ``{"pid": N}`` or ``{"error": "..."}``. A malformed request is answered with an error,
@@ -22,8 +22,11 @@ Rules:
   session and process group (the supervisor signals the group), the default signal
   dispositions, the pod's network namespace (only that one, as the launcher enters only
   that one), stdin ``/dev/null``, stdout and stderr on the log, ``env`` as its environment
-  when given; then ``tencrypt.cli.main(["run", *argv])``, the same code, logs, readiness
-  line and exit codes, and ``os._exit`` with its code (never the zygote's atexit handlers).
+  when given; ``before`` (a command, e.g. the launcher's ``--setup-only``: `tencrypt setup`
+  in the pod) run there and waited for, its output on the log, and a failure of it the
+  child's exit code, as the launcher's ``set -e`` would have it; then
+  ``tencrypt.cli.main(["run", *argv])``, the same code, logs, readiness line and exit codes,
+  and ``os._exit`` with its code (never the zygote's atexit handlers).
 - The zygote reaps its children (SIGCHLD) so none stays a zombie; whoever supervises a
   proxy watches its PID and start time (/proc/PID/stat), as the agent does for a proxy it
   adopted. Children survive the zygote: they are in sessions of their own.
@@ -44,6 +47,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeGuard
 
 CLONE_NEWNET = 0x40000000  # linux/sched.h
 PR_SET_NAME = 15  # linux/prctl.h
@@ -93,23 +97,32 @@ def warm(preload: Sequence[str] = PRELOAD) -> list[str]:
     return sorted(set(sys.modules) - before)
 
 
-def parse_request(data: bytes) -> tuple[list[str], dict[str, str] | None] | None:
-    """``(argv, env)`` from a request's JSON; None if it is not one."""
+Request = tuple[list[str], dict[str, str] | None, list[str] | None]
+
+
+def _words(value: object) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and all(isinstance(a, str) for a in value)
+
+
+def parse_request(data: bytes) -> Request | None:
+    """``(argv, env, before)`` from a request's JSON; None if it is not one."""
     try:
         req = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(req, dict):
         return None
-    argv, env = req.get("argv"), req.get("env")
-    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+    argv, env, before = req.get("argv"), req.get("env"), req.get("before")
+    if not _words(argv):
+        return None
+    if before is not None and not (_words(before) and before):
         return None
     if env is not None and not (
         isinstance(env, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
     ):
         return None
-    return argv, env
+    return argv, env, before
 
 
 def reap(_signum: int = 0, _frame: object = None) -> None:
@@ -138,7 +151,12 @@ def set_name(name: bytes) -> None:
 
 
 def become_proxy(
-    sock: socket.socket, netns_fd: int, out_fd: int, argv: list[str], env: dict[str, str] | None
+    sock: socket.socket,
+    netns_fd: int,
+    out_fd: int,
+    argv: list[str],
+    env: dict[str, str] | None,
+    before: list[str] | None = None,
 ) -> int:
     """In the child: turn into the pod's proxy and run it (the module's rules); its exit code."""
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
@@ -158,6 +176,15 @@ def become_proxy(
         os.environ.clear()
         os.environ.update(env)
     set_name(CHILD_NAME)
+    if before:
+        done = subprocess.run(before, stdin=subprocess.DEVNULL, check=False)
+        if done.returncode != 0:
+            print(
+                f"tencrypt zygote: {before[0]} exited with {done.returncode}; no proxy",
+                file=sys.stderr,
+                flush=True,
+            )
+            return done.returncode if done.returncode > 0 else 1
     import logging
 
     logging.root.handlers.clear()  # cli.main's basicConfig configures it, as in `run`
@@ -245,7 +272,8 @@ class Zygote:
         log: Path | None = None,
     ) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
+        # its output (the zygote's own; a proxy's goes to its log): ``log``, else inherited
+        out = open(log, "ab") if log else None  # noqa: SIM115 - the child's
         try:
             self.proc = subprocess.Popen(
                 [python, "-m", "tencrypt.linux.zygote", str(theirs.fileno())],
@@ -272,14 +300,22 @@ class Zygote:
         log: Path,
         env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
+        before: Sequence[str] | None = None,
     ) -> int:
         """Fork a proxy running ``tencrypt run ARGV`` in network namespace ``netns`` (a path:
-        ``/proc/PID/ns/net``, ``/run/netns/NAME``), its output appended to ``log``; its PID.
+        ``/proc/PID/ns/net``, ``/run/netns/NAME``), its output appended to ``log``, after
+        ``before`` succeeded there (e.g. setup); its PID.
         ZygoteError if the zygote refused or is gone."""
         ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         out_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            request = json.dumps({"argv": list(argv), "env": dict(env) if env else None})
+            request = json.dumps(
+                {
+                    "argv": list(argv),
+                    "env": dict(env) if env else None,
+                    "before": list(before) if before else None,
+                }
+            )
             self.sock.settimeout(timeout)
             try:
                 socket.send_fds(self.sock, [request.encode()], [ns_fd, out_fd])

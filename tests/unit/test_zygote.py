@@ -30,8 +30,10 @@ def test_a_request_is_argv_and_an_optional_environment():
     assert parse_request(b'{"argv": ["--psk-file", "k"], "env": null}') == (
         ["--psk-file", "k"],
         None,
+        None,
     )
-    assert parse_request(b'{"argv": [], "env": {"A": "1"}}') == ([], {"A": "1"})
+    assert parse_request(b'{"argv": [], "env": {"A": "1"}}') == ([], {"A": "1"}, None)
+    assert parse_request(b'{"argv": [], "before": ["setup"]}') == ([], None, ["setup"])
 
 
 @pytest.mark.parametrize(
@@ -46,6 +48,8 @@ def test_a_request_is_argv_and_an_optional_environment():
         b'{"argv": [1]}',
         b'{"argv": [], "env": {"A": 1}}',
         b'{"argv": [], "env": ["A"]}',
+        b'{"argv": [], "before": []}',
+        b'{"argv": [], "before": "setup"}',
     ],
 )
 def test_anything_else_is_no_request(data):
@@ -139,3 +143,25 @@ def test_private_memory_is_summed_per_mapping():
         "Private_Dirty:        40 kB\nVmFlags: rd wr mr mw me ac sd\n"
     )
     assert private_by_mapping(text) == {"/usr/bin/python3": 12, "[heap]": 100, "[anon]": 100}
+
+
+def _wait_gone(pid: int, log: Path, text: str) -> str:
+    seen = ""
+    for _ in range(600):
+        seen = log.read_text() if log.exists() else ""
+        if text in seen and not Path(f"/proc/{pid}").exists():
+            break
+        subprocess.run(["sleep", "0.05"], check=True)
+    return seen
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setns needs CAP_SYS_ADMIN")
+def test_the_command_before_runs_first_and_its_failure_means_no_proxy(tmp_path):
+    ok, failed = tmp_path / "ok.log", tmp_path / "failed.log"
+    with Zygote(env=ENV) as z:
+        pid = z.spawn("/proc/self/ns/net", ["--help"], ok, before=["echo", "set up here"])
+        text = _wait_gone(pid, ok, "--psk-file")
+        assert text.index("set up here") < text.index("usage: tencrypt run")
+        pid = z.spawn("/proc/self/ns/net", ["--help"], failed, before=["sh", "-c", "exit 3"])
+        text = _wait_gone(pid, failed, "no proxy")
+        assert "sh exited with 3; no proxy" in text and "usage:" not in text
