@@ -5,9 +5,10 @@ SIGTERM as exec'd ones do.
                                each pod: `tencrypt setup` (as the launcher runs it), then its
                                proxy forked by one zygote into the pod's namespace
 
-The lab's own ``patch`` is not used: the launcher would exec a proxy of its own. The steps it
-takes before that (membership file, ``tencrypt setup`` with it) are taken here, then the zygote
-forks ``tencrypt run`` with the arguments ``patch`` would give. Afterwards: SIGTERM to each
+The lab's own ``patch`` is not used: its launcher would exec a proxy of its own. Here, as the
+agent does with ``--fork-proxies``: the membership file is written, then the zygote forks a
+child into the pod's namespace that runs the launcher with ``--setup-only`` (``tencrypt
+setup`` with that file) and becomes ``tencrypt run`` with the arguments ``patch`` would give. Afterwards: SIGTERM to each
 proxy's process group ends it with its own shutdown (its log says so), and the launcher's
 ``--undo`` restores the pod.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,6 @@ from tencrypt.linux.zygote import Zygote
 from tests.netns.conftest import curl, metrics
 
 MARKER = "tencrypt-zygote-marker-51c2e0"
-TENCRYPT = str(Path(sys.executable).parent / "tencrypt")
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
@@ -51,11 +50,17 @@ def forked(lab, tmp_path):
         for name in ("nginx2", "nginx1"):
             pod = lab.pod(name)
             members = labproxy.write_members_file(lab, pod)
-            netns.run(pod.netns, [TENCRYPT, "setup", "--members-file", str(members)], timeout=120)
             log = tmp_path / f"{name}.log"
             argv = ["--psk-file", str(lab.psk_file(pod.project)), "--metrics", labproxy.METRICS]
             argv += ["--members-file", str(members)]
-            pid = zygote.spawn(f"/run/netns/{pod.netns}", argv, log)
+            setup = ["bash", str(labproxy.launcher()), "--netns", pod.netns, "--setup-only"]
+            pid = zygote.spawn(
+                f"/run/netns/{pod.netns}",
+                argv,
+                log,
+                env=labproxy.launcher_env(("--members-file", str(members))),
+                before=setup,
+            )
             started[name] = (pid, log)
             netns.wait_for(
                 lambda log=log: labproxy.READY in log.read_text(errors="replace"),
@@ -78,7 +83,8 @@ def test_forked_proxies_seal_a_request_and_stop_on_sigterm(lab, forked, capture)
     n1, n2 = lab.pod("nginx1"), lab.pod("nginx2")
     for name, (pid, _) in forked.items():
         # the proxy runs in the pod's namespace, in a session of its own
-        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{name}").st_ino
+        ns = lab.pod(name).netns
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino
         assert os.getsid(pid) == pid and os.getpgid(pid) == pid
         assert Path(f"/proc/{pid}/comm").read_text().strip() == "tencrypt-run"
     node = lab.nodes["node1"]
