@@ -92,7 +92,8 @@ def parse_smaps_rollup(text: str) -> Memory | None:
 
 def private_by_mapping(text: str) -> dict[str, int]:
     """Private_Clean + Private_Dirty (kB) per mapping name of a ``/proc/PID/smaps`` text
-    (anonymous mappings: "[anon]"), where a proxy's own memory lies."""
+    (anonymous mappings: "[anon]", files by their base name), where a proxy's own memory
+    lies."""
     out: dict[str, int] = {}
     name = "[anon]"
     for line in text.splitlines():
@@ -100,7 +101,7 @@ def private_by_mapping(text: str) -> dict[str, int]:
         if not parts:
             continue
         if "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's header line
-            name = parts[5] if len(parts) > 5 else "[anon]"
+            name = Path(parts[5]).name if len(parts) > 5 else "[anon]"  # a file: its name
         elif parts[0] in ("Private_Clean:", "Private_Dirty:") and len(parts) > 1:
             out[name] = out.get(name, 0) + int(parts[1])
     return out

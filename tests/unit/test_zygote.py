@@ -1,4 +1,5 @@
-"""The zygote (tencrypt/linux/zygote.py) and the idle bench's parsers (bench/idle.py).
+"""The zygote (tencrypt/linux/zygote.py, its server tencrypt/zygotecmd.py) and the idle
+bench's parsers (bench/idle.py).
 
 Without root: the request parser, a zygote that answers a malformed request with an error and
 serves on, one that exits when its client closes, and what ``warm`` loads (in a fresh
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.idle import parse_smaps_rollup, private_by_mapping
-from tencrypt.linux import zygote
+from tencrypt import zygotecmd
 from tencrypt.linux.zygote import Zygote, ZygoteError, parse_request
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def test_a_gone_zygote_is_an_error_not_a_hang(tmp_path):
 def test_warm_loads_what_a_proxy_runs_and_keeps_ssl_out():
     probe = (
         "import gc, json, sys\n"
-        "from tencrypt.linux.zygote import warm\n"
+        "from tencrypt.zygotecmd import warm\n"
         "warm()\n"
         "print(json.dumps({'mods': sorted(k for k, v in sys.modules.items() if v),"
         " 'frozen': gc.get_freeze_count()}))\n"
@@ -95,7 +96,7 @@ def test_warm_loads_what_a_proxy_runs_and_keeps_ssl_out():
     ).stdout
     seen = json.loads(out)
     mods = set(seen["mods"])
-    assert set(zygote.PRELOAD) <= mods
+    assert set(zygotecmd.PRELOAD) <= mods
     assert {"tencrypt.daemon", "tencrypt._fastpath", "asyncio", "dnslib"} <= mods
     assert "ssl" not in mods and "tencrypt.agent" not in mods and "pyroute2" not in mods
     assert seen["frozen"] > 10000  # the imported heap is in the permanent generation
@@ -142,7 +143,7 @@ def test_private_memory_is_summed_per_mapping():
         "7f0000200000-7f0000300000 rw-p 00000000 00:00 0\n"
         "Private_Dirty:        40 kB\nVmFlags: rd wr mr mw me ac sd\n"
     )
-    assert private_by_mapping(text) == {"/usr/bin/python3": 12, "[heap]": 100, "[anon]": 100}
+    assert private_by_mapping(text) == {"python3": 12, "[heap]": 100, "[anon]": 100}
 
 
 def _wait_gone(pid: int, log: Path, text: str) -> str:
