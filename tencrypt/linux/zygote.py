@@ -93,23 +93,35 @@ class Zygote:
         env: Mapping[str, str] | None = None,
         log: Path | None = None,
     ) -> None:
+        self.python, self.env, self.log = python, env, log
+        self.starts = 0
+        self._start()
+
+    def _start(self) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # its output (the zygote's own; a proxy's goes to its log): ``log``, else inherited
-        out = open(log, "ab") if log else None  # noqa: SIM115 - the child's
+        out = open(self.log, "ab") if self.log else None  # noqa: SIM115 - the child's
         try:
             self.proc = subprocess.Popen(
-                [python, "-m", "tencrypt.zygotecmd", str(theirs.fileno())],
+                [self.python, "-m", "tencrypt.zygotecmd", str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 pass_fds=(theirs.fileno(),),
-                env=dict(env) if env is not None else None,
+                env=dict(self.env) if self.env is not None else None,
                 start_new_session=True,
             )
         finally:
             theirs.close()
-            if log:
-                out.close()  # type: ignore[union-attr]
+            if out is not None:
+                out.close()
+        self.starts += 1
+
+    def _replace(self) -> None:
+        """A zygote that died, or whose answer is late (a later request would read it), is
+        ended and a new one started: the next request goes to the new one."""
+        self.close(timeout=1.0)
+        self._start()
 
     @property
     def pid(self) -> int:
@@ -126,8 +138,11 @@ class Zygote:
     ) -> int:
         """Fork a proxy running ``tencrypt run ARGV`` in network namespace ``netns`` (a path:
         ``/proc/PID/ns/net``, ``/run/netns/NAME``), its output appended to ``log``, after
-        ``before`` succeeded there (e.g. setup); its PID.
-        ZygoteError if the zygote refused or is gone."""
+        ``before`` succeeded there (e.g. setup); its PID. ZygoteError if the zygote refused,
+        or died or did not answer (then it is replaced: the next request goes to a new one;
+        a zygote found dead before a request is replaced first)."""
+        if self.proc.poll() is not None:
+            self._replace()
         ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         out_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -143,19 +158,25 @@ class Zygote:
                 socket.send_fds(self.sock, [request.encode()], [ns_fd, out_fd])
                 answer = self.sock.recv(MAX_REQUEST)
             except OSError as exc:
-                raise ZygoteError(f"the zygote does not answer: {exc}") from exc
+                self._replace()
+                raise ZygoteError(f"the zygote did not answer: {exc}") from exc
         finally:
             os.close(ns_fd)
             os.close(out_fd)
-        if not answer:
-            raise ZygoteError("the zygote is gone")
-        reply = json.loads(answer)
-        if "pid" not in reply:
+        try:
+            reply = json.loads(answer) if answer else None
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            self._replace()
+            raise ZygoteError("the zygote is gone" if not answer else "the zygote answered garbage")
+        if not isinstance(reply.get("pid"), int):
             raise ZygoteError(str(reply.get("error", reply)))
         return int(reply["pid"])
 
     def close(self, timeout: float = 10.0) -> None:
-        """Close the socket: the zygote exits (its children run on)."""
+        """Close the socket: the zygote exits (its children run on); killed after
+        ``timeout``."""
         self.sock.close()
         try:
             self.proc.wait(timeout=timeout)
