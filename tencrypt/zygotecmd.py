@@ -10,6 +10,7 @@ until its client closes it. Each request is parsed by ``zygote.parse_request``; 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -47,9 +48,10 @@ PRELOAD = (
 )
 
 
-def warm(preload: Sequence[str] = PRELOAD) -> list[str]:
-    """Import what a proxy needs, as `tencrypt run` would (ssl kept out), build the run
-    parser once (argparse's lazy imports), then freeze the heap. The modules imported."""
+def warm(preload: Sequence[str] = PRELOAD) -> tuple[list[str], argparse.ArgumentParser]:
+    """Import what a proxy needs, as `tencrypt run` would (ssl kept out), build `run`'s
+    argument parser once (every child parses with it: not built again in each), then
+    freeze the heap. The modules imported, and the parser."""
     import importlib
 
     from tencrypt import cli
@@ -58,10 +60,10 @@ def warm(preload: Sequence[str] = PRELOAD) -> list[str]:
     before = set(sys.modules)
     for name in preload:
         importlib.import_module(name)
-    cli.build_parser(only="run")
+    parser = cli.build_parser(only="run")
     gc.collect()
     gc.freeze()
-    return sorted(set(sys.modules) - before)
+    return sorted(set(sys.modules) - before), parser
 
 
 def reap(_signum: int = 0, _frame: object = None) -> None:
@@ -91,6 +93,7 @@ def set_name(name: bytes) -> None:
 
 def become_proxy(
     sock: socket.socket,
+    parser: argparse.ArgumentParser | None,
     netns_fd: int,
     out_fd: int,
     argv: list[str],
@@ -130,10 +133,12 @@ def become_proxy(
     from tencrypt import cli
 
     sys.argv = ["tencrypt", "run", *argv]
-    return cli.main(["run", *argv])
+    return cli.main(["run", *argv], parser=parser)
 
 
-def handle(sock: socket.socket, data: bytes, fds: list[int]) -> dict[str, object]:
+def handle(
+    sock: socket.socket, data: bytes, fds: list[int], parser: argparse.ArgumentParser | None
+) -> dict[str, object]:
     """One request: fork the proxy, or say why not. Closes the descriptors it was given."""
     try:
         req = parse_request(data)
@@ -145,7 +150,7 @@ def handle(sock: socket.socket, data: bytes, fds: list[int]) -> dict[str, object
         if pid == 0:  # pragma: no cover - the child; tests see what it does from outside
             code = 70  # EX_SOFTWARE: the child failed before `run` could say why
             try:
-                code = become_proxy(sock, fds[0], fds[1], *req)
+                code = become_proxy(sock, parser, fds[0], fds[1], *req)
             except SystemExit as exc:  # argparse's --help and usage errors, as `run` exits
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             except BaseException as exc:  # noqa: BLE001 - a child never returns to the loop
@@ -171,7 +176,7 @@ def handle(sock: socket.socket, data: bytes, fds: list[int]) -> dict[str, object
                 pass
 
 
-def serve(sock: socket.socket) -> int:
+def serve(sock: socket.socket, parser: argparse.ArgumentParser | None = None) -> int:
     """Answer requests until the client closes its end."""
     signal.signal(signal.SIGCHLD, reap)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -182,7 +187,7 @@ def serve(sock: socket.socket) -> int:
             return 0
         if not data and not fds:
             return 0
-        reply = handle(sock, data, fds)
+        reply = handle(sock, data, fds, parser)
         try:
             sock.send(json.dumps(reply).encode())
         except (BrokenPipeError, ConnectionResetError):
@@ -195,10 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m tencrypt.zygotecmd FD", file=sys.stderr)
         return 2
-    modules = warm()
+    modules, parser = warm()
     sock = socket.socket(fileno=int(args[0]))
     print(f"tencrypt zygote: ready: {len(modules)} modules warm", file=sys.stderr, flush=True)
-    return serve(sock)
+    return serve(sock, parser)
 
 
 if __name__ == "__main__":
