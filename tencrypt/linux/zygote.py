@@ -3,7 +3,7 @@
 A proxy started as its own program (``tencrypt run``, exec'd by the launcher) imports Python,
 asyncio, cryptography, the C extension and Tencrypt itself into memory of its own: most of
 its RSS is the same bytes in every proxy of the node, paid again per pod. The *zygote*
-imports all of that once (``warm``), collects and freezes its heap (``gc.collect()``,
+imports all of that once (``zygotecmd.warm``), collects and freezes its heap (``gc.collect()``,
 ``gc.freeze()``: the collector of a child never walks, and so never writes to, the objects
 it inherited), and then forks one child per pod. A child's pages stay shared with the zygote
 and with its siblings until one of them writes to them (copy on write).
@@ -13,8 +13,8 @@ Rules:
   an asyncio loop or a lock held by another thread must not be half-inherited. It configures
   no logging (the child's ``cli.main`` does, as in ``tencrypt run``).
 - One request, one child: a ``SOCK_SEQPACKET`` message carrying ``{"argv": [...], "env":
-  {...} | null, "before": [...] | null}`` (JSON) and two file descriptors (SCM_RIGHTS): the pod's network namespace
-  (an open ``/proc/<sandbox pid>/ns/net`` or ``/run/netns/NAME``, so a recycled PID cannot
+  {...} | null, "before": [...] | null}`` (JSON) and two file descriptors (SCM_RIGHTS): the
+  pod's network namespace (an open ``/proc/<sandbox pid>/ns/net`` or ``/run/netns/NAME``, so a recycled PID cannot
   redirect it) and the file the proxy's stdout and stderr go to (the pod's log). The answer
   is ``{"pid": N}`` or ``{"error": "..."}``. A malformed request is answered with an error,
   never a crash, and the descriptors it carried are closed.
@@ -25,12 +25,15 @@ Rules:
   when given; ``before`` (a command, e.g. the launcher's ``--setup-only``: `tencrypt setup`
   in the pod) run there and waited for, its output on the log, and a failure of it the
   child's exit code, as the launcher's ``set -e`` would have it; then
-  ``tencrypt.cli.main(["run", *argv])``, the same code, logs, readiness line and exit codes,
-  and ``os._exit`` with its code (never the zygote's atexit handlers).
+  ``tencrypt.cli.main(["run", *argv])`` (with `run`'s parser, built once in the zygote), the
+  same code, logs, readiness line and exit codes, and ``os._exit`` with its code (never the
+  zygote's atexit handlers).
 - The zygote reaps its children (SIGCHLD) so none stays a zombie; whoever supervises a
   proxy watches its PID and start time (/proc/PID/stat), as the agent does for a proxy it
   adopted. Children survive the zygote: they are in sessions of their own.
-- EOF on the socket (the client closed it) ends the zygote, not its children.
+- EOF on the socket (the client closed it) ends the zygote, not its children. The client
+  replaces a zygote that died, or did not answer in time (a late answer must never be taken
+  for the next request's).
 
 This module is the protocol and the client: ``Zygote`` starts the zygote (``python -m
 tencrypt.zygotecmd FD``, the server side: it imports ``tencrypt.cli`` and all of `run`, which
