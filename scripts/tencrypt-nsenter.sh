@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # tencrypt-nsenter.sh — the node-side launcher: put Tencrypt into one pod's network namespace.
 #
-#   tencrypt-nsenter.sh PID          [--undo] [-- RUN-ARGS...]
-#   tencrypt-nsenter.sh --netns NAME [--undo] [-- RUN-ARGS...]
+#   tencrypt-nsenter.sh PID          [--undo | --setup-only] [-- RUN-ARGS...]
+#   tencrypt-nsenter.sh --netns NAME [--undo | --setup-only] [-- RUN-ARGS...]
 #
 # PID is any process of the pod (e.g. its infrastructure container); NAME a named network
 # namespace (`ip netns`). Runs `tencrypt setup` inside the pod's network namespace, then replaces
 # itself with `tencrypt run RUN-ARGS` there (foreground: a supervisor — systemd, the agent, the
 # lab — owns its lifetime). With --undo it runs `tencrypt setup --undo` instead (stop the proxy
-# first). Only the network namespace is entered: tencrypt itself comes from the node. The pod's
+# first). With --setup-only it runs `tencrypt setup` and exits: the proxy is started by its
+# caller, a process about to become it (a child of the agent's zygote, tencrypt/linux/zygote.py,
+# already in the pod's namespace; it is the one moved into the pod's cgroups, if asked). Only
+# the network namespace is entered: tencrypt itself comes from the node. The pod's
 # resolv.conf is the one PID sees (`setup --resolv-conf-of PID`: through /proc/PID/root, or the
 # node's file behind it where the runtime mounts it read-only) or /etc/netns/NAME (named mode,
 # which `ip netns exec` bind-mounts over /etc/resolv.conf).
@@ -18,7 +21,7 @@
 # passed through to `tencrypt run`; prefer --psk-file FILE in RUN-ARGS).
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 die() { echo "tencrypt-nsenter: $*" >&2; exit 2; }
 
 [ $# -ge 1 ] || usage
@@ -42,8 +45,9 @@ else
     shift
 fi
 
-undo=0
-if [ "${1:-}" = "--undo" ]; then undo=1; shift; fi
+undo=0 setup_only=0
+if [ "${1:-}" = "--undo" ]; then undo=1; shift
+elif [ "${1:-}" = "--setup-only" ]; then setup_only=1; shift; fi
 if [ $# -gt 0 ]; then
     [ "$1" = "--" ] || die "unexpected argument '$1' (run arguments go after --)"
     shift
@@ -61,7 +65,10 @@ fi
 # the node agent's --proxy-cgroup sandbox: this process, about to become the proxy, joins the
 # pod's cgroups first, so all of the proxy's memory is charged there and it outlives the
 # agent container (tencrypt/agent/cgroups.py); a failure is logged there and not fatal
+proxy=$$
+[ "$setup_only" = 0 ] || proxy=$PPID  # --setup-only: the caller becomes the proxy
 if [ -n "${TENCRYPT_CGROUP_PYTHON:-}" ] && [ -n "${pid:-}" ]; then
-    "$TENCRYPT_CGROUP_PYTHON" -m tencrypt.agent.cgroups --via-node $$ "$pid" || true
+    "$TENCRYPT_CGROUP_PYTHON" -m tencrypt.agent.cgroups --via-node "$proxy" "$pid" || true
 fi
+[ "$setup_only" = 0 ] || exit 0
 exec "${target[@]}" "$bin" run "$@"

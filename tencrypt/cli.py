@@ -440,8 +440,10 @@ def keep_out(command: str) -> None:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run the command ``argv`` names. ``parser``: one ``build_parser`` made already for that
+    command (the zygote's, tencrypt/zygotecmd.py: built once, shared by every forked proxy)."""
+    args = parse_args(argv) if parser is None else parser.parse_args(argv)
     keep_out(args.command)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(

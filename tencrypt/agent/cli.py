@@ -22,10 +22,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tencrypt import argtypes
 from tencrypt.errors import UsageError
 from tencrypt.kube.objects import add_kubeconfig_argument
+
+if TYPE_CHECKING:
+    from tencrypt.linux.zygote import Zygote
 
 log = logging.getLogger("tencrypt.agent")
 STATE_DIR = "/run/tencrypt-agent"
@@ -142,6 +146,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: agent)",
     )
     p.add_argument(
+        "--fork-proxies",
+        action="store_true",
+        help="fork every proxy from one warm parent (a zygote that imported what a proxy "
+        "runs and froze its heap) instead of starting a Python of its own: the pages it "
+        "imported are shared by every proxy of the node (bench/results/idle.md); setup "
+        "still runs through the launcher (--setup-only) (default: off)",
+    )
+    p.add_argument(
         "--on-exit",
         default="keep",
         choices=["keep", "unpatch"],
@@ -184,6 +196,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="stderr log level",
     )
+
+
+def start_zygote() -> Zygote:
+    """The proxies' warm parent (linux/zygote.py), output on this agent's stderr; it exits
+    when this agent does (its socket closes), and the proxies it forked run on."""
+    from tencrypt.linux.zygote import Zygote
+
+    return Zygote()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -234,6 +254,7 @@ def main(args: argparse.Namespace) -> int:
         setup_args=" ".join(shlex.split(args.setup_args)),
         setup_state_dir=Path(args.setup_state_dir),
         proxy_cgroup=args.proxy_cgroup,
+        zygote=start_zygote() if args.fork_proxies else None,
     )
     resolver = Resolver(args.sandbox, crictl=args.crictl, endpoint=args.cri_endpoint)
     policy = Policy(

@@ -22,6 +22,13 @@ Stages of ``launch``:
     in ``TENCRYPT_SETUP_ARGS`` too, output to the pod's log. The launcher runs ``tencrypt
     setup`` then *execs* ``tencrypt run``, so the PID kept is the proxy's own;
  4. the record is written at once, so that an agent killed right after still finds it.
+With a zygote (``agent --fork-proxies``, linux/zygote.py), stage 3 is a request to it
+instead: it forks a child into the sandbox's network namespace (``/proc/PID/ns/net``), which
+runs ``tencrypt-nsenter.sh PID --setup-only`` there (setup, and the cgroup move) and then
+becomes ``tencrypt run`` with the same arguments, environment and log; the PID kept is again
+the proxy's own, and from then on nothing differs (records, readiness, signals to its process
+group, restarts): the agent watches it by PID and start time, as it does an adopted proxy,
+and the zygote reaps it.
 Readiness is the line ``tencrypt: ready`` in the log (``tencrypt run`` prints it on stderr
 once it serves), polled by the agent's loop rather than waited for here: one slow pod must
 not hold up the others.
@@ -57,6 +64,7 @@ from tencrypt.core.psk import KeySet
 from tencrypt.errors import SetupError
 from tencrypt.linux import netns
 from tencrypt.linux.keyfile import write_key_file
+from tencrypt.linux.zygote import Zygote, ZygoteError
 
 log = logging.getLogger("tencrypt.agent")
 READY = "tencrypt: ready"  # tencrypt.runcmd.serve prints it once the proxy serves
@@ -96,6 +104,7 @@ class Supervisor:
         stop_timeout: float = 10.0,
         undo_timeout: float = 60.0,
         proxy_cgroup: str = "agent",
+        zygote: Zygote | None = None,
     ) -> None:
         # setup, run and undo must agree on where setup keeps the pod's state
         self.state_dir, self.launcher = state_dir, launcher
@@ -105,6 +114,7 @@ class Supervisor:
         self.stop_timeout, self.undo_timeout = stop_timeout, undo_timeout
         self.proxy_cgroup = proxy_cgroup  # "sandbox": proxies join their pod's cgroups
         self.settled: set[str] = set()  # pods whose proxy was moved (or is to stay put)
+        self.zygote = zygote  # forks the proxies (linux/zygote.py); None: the launcher execs
         self.env = {
             **os.environ,
             "TENCRYPT_BIN": str(tencrypt_bin),
@@ -209,20 +219,32 @@ class Supervisor:
             *self.run_args,
         ]
         setup_args = f"{self.env['TENCRYPT_SETUP_ARGS']} --members-file {members_file}"
+        env = {**self.env, "TENCRYPT_SETUP_ARGS": setup_args}
+        child: subprocess.Popen[bytes] | None = None
         try:
-            with open(log_path, "wb") as out:
-                child = subprocess.Popen(
-                    argv,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                    env={**self.env, "TENCRYPT_SETUP_ARGS": setup_args},
+            if self.zygote is not None:
+                pid = self.zygote.spawn(
+                    self.proc / str(sandbox.pid) / "ns" / "net",
+                    argv[4:],  # what the launcher would give `tencrypt run`
+                    log_path,
+                    env=env,
+                    before=[*argv[:3], "--setup-only"],
                 )
-        except OSError as exc:
+            else:
+                with open(log_path, "wb") as out:
+                    child = subprocess.Popen(
+                        argv,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                        env=env,
+                    )
+                pid = child.pid
+        except (OSError, ZygoteError) as exc:
             log.error("%s: cannot start the launcher: %s", want.ref, exc)
             return None
-        stat = self._stat(child.pid)
+        stat = self._stat(pid)
         rec = Record(
             want.uid,
             want.namespace,
@@ -230,11 +252,15 @@ class Supervisor:
             sandbox.pid,
             sandbox.netns,
             want.key_id,
-            child.pid,
+            pid,
             stat[1] if stat else 0,
             str(members_file),
         )
-        self.children[want.uid], self.records[want.uid] = child, rec
+        self.records[want.uid] = rec
+        if child is not None:
+            self.children[want.uid] = child
+        else:
+            self.children.pop(want.uid, None)
         self.settled.discard(want.uid)  # a new proxy: moved again once it is ready
         tmp = pod_dir / "record.json.tmp"
         tmp.write_text(json.dumps(asdict(rec), indent=1) + "\n")
