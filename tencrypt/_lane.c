@@ -55,6 +55,7 @@ typedef struct {
     unsigned char *rbuf;  /* VNET + BUF: what was read */
     unsigned char *work;  /* VNET + BUF: the packet being worked on (plaintext) */
     unsigned char *sealed; /* BUF + OVERHEAD */
+    Py_ssize_t n_sealed, n_opened; /* packets the pumps took, each way (``counts()``) */
     PyObject *last_ep;    /* the endpoint whose sockaddr is cached */
     struct sockaddr_in last_sa;
 } Lane;
@@ -400,6 +401,7 @@ static PyObject *lane_pump_tun(Lane *self, PyObject *args) {
             || sendto(udp_fd, self->sealed, (size_t)dlen, 0, (struct sockaddr *)&sa, sizeof(sa))
                    < 0)
             dropped++;
+        self->n_sealed++;
         Py_DECREF(ep);
         if (i == 0 && n <= lone) break;
     }
@@ -469,9 +471,15 @@ static PyObject *lane_pump_udp(Lane *self, PyObject *args) {
         }
         Py_DECREF(addr);
         if (write(tun_fd, self->work, (size_t)flen) < 0) errors++;
+        self->n_opened++;
         if (i == 0 && n <= lone) break;
     }
     return Py_BuildValue("(Nn)", back, errors);
+}
+
+static PyObject *lane_counts(Lane *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(nn)", self->n_sealed, self->n_opened);
 }
 
 /* ---- the type ------------------------------------------------------------------------------ */
@@ -536,6 +544,8 @@ static PyMethodDef lane_methods[] = {
     {"pump_udp", (PyCFunction)lane_pump_udp, METH_VARARGS,
      "pump_udp(udp_fd, tun_fd, now, limit, lone) -> ([(data, gro_size, truncated, addr)], "
      "inject_errors)"},
+    {"counts", (PyCFunction)lane_counts, METH_NOARGS,
+     "counts() -> (sealed, opened): packets the pumps took out and in"},
     {NULL, NULL, 0, NULL},
 };
 

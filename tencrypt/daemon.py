@@ -430,7 +430,7 @@ class Proxy(ControlPlane):
     def _on_udp(self) -> None:
         now, wall = self.clock(), self.wall()
         opened: list[bytes] = []
-        if self.lane is not None and self._lane_udp(now, wall, opened):
+        if self.lane is not None and self._lane_udp(now, wall):
             return
         for _ in range(BATCH):
             try:
@@ -550,7 +550,8 @@ class Proxy(ControlPlane):
         log.info("express lane on: established flows are sealed and opened in C")
 
     def _lane_tun(self, now: float, wall: float) -> bool:
-        """One pump of tenc0; a frame handed back takes the Python path. True: done."""
+        """One pump of tenc0; a frame handed back takes the Python path. True: done; False:
+        it was a super-packet (bulk), so the Python loop goes on reading as it always did."""
         last, self._lane_last[0] = self._lane_last[0], now
         lone = LONE_BYTES if now - last >= COLD_AFTER else 0
         frames, dropped = self.lane.pump_tun(
@@ -558,22 +559,26 @@ class Proxy(ControlPlane):
         )
         if dropped:
             self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, dropped)
+        bulk = False
         if frames:
             to_peers: dict[str, list[bytes]] = {}
             for frame in frames:
                 view = memoryview(bytearray(frame))
                 if is_super_packet(view):
+                    bulk = True
+                    self._seal_small(to_peers, now, wall)
                     self._outbound_super(view, now, wall)
                 else:
                     for pkt in split_tcp_batch(view, self.stats):
                         self._outbound(pkt, now, wall, to_peers)
             self._seal_small(to_peers, now, wall)
             self._flush()
-        return True
+        return not bulk
 
-    def _lane_udp(self, now: float, wall: float, opened: list[bytes]) -> bool:
+    def _lane_udp(self, now: float, wall: float) -> bool:
         """One pump of the UDP socket, while no sender waits for its route (step 3);
-        what it hands back takes the Python path. True: done."""
+        what it hands back takes the Python path. True: done; False: that was a GRO read
+        (bulk), so the Python loop goes on reading as it always did."""
         if self.desired.unrouted or len(self.awaiting_route) or not self.inject_via_tun:
             return False
         last, self._lane_last[1] = self._lane_last[1], now
@@ -586,12 +591,28 @@ class Proxy(ControlPlane):
             self.stats.inc(Counter.TUN_INJECT_ERRORS, errors)
             self.inject_via_tun = False
             self._stop_express()
+        opened: list[bytes] = []
+        bulk = False
         for data, gro_size, truncated, addr in reads:
+            bulk = bulk or gro_size > 0
             datagrams = read_datagrams(data, gro_size, truncated, self.stats)
             opened = self._received(datagrams, addr, now, wall, opened)
         self._inject(self._routed(opened), now)
         self._flush()
-        return True
+        return not bulk
+
+    def status(self) -> dict[str, object]:
+        doc = super().status()
+        e = self.express
+        if e is not None and self.lane is not None:
+            sealed, opened = self.lane.counts()
+            doc["express"] = {
+                "flows": len(e.out),
+                "learnt": e.learnt,
+                "sealed": sealed,
+                "opened": opened,
+            }
+        return doc
 
     def _stop_express(self) -> None:
         if self.express is not None:
