@@ -526,8 +526,9 @@ class Proxy(ControlPlane):
     # ---- the express lane (core/express.py, tencrypt/_lane.c) -----------------------------
     # Rules: the lane is only built on the batch path, injecting through tenc0, for a pod
     # whose tunnel is IPv4, with the compiled backend; its tables are core/express.py's,
-    # learnt in ``_outbound`` and flushed on every change of classes, membership or peers
-    # (the overrides below; a new key ring changes no session); a readiness event calls one pump, and what the pump
+    # learnt in ``_outbound`` and flushed on a new membership or peer events (the overrides
+    # below); classes and key rings change nothing the lane takes (a learnt destination is
+    # a peer's, which the verdict never overrides; every session keeps its key); a readiness event calls one pump, and what the pump
     # hands back takes the Python path above, unchanged. Without ``--express``: nothing here
     # runs.
     def _start_express(self, backend: Any) -> None:
@@ -618,11 +619,6 @@ class Proxy(ControlPlane):
         if self.express is not None:
             self.express.flush()
         self.lane = self.express = None
-
-    def _on_changes(self, changes: list[Any]) -> None:
-        if changes and self.express is not None:
-            self.express.flush()
-        super()._on_changes(changes)
 
     def _apply_members(self, members: Any, now: float) -> None:
         if self.express is not None:

@@ -16,7 +16,8 @@ Rules:
    source port, destination port of an IPv4 packet) -> (send key, the peer's receiver index,
    new destination (4 bytes, or b"" untranslated), new destination port (-1), ``take``);
    ``inn``: key13 of an opened packet (the reply as it arrives) -> (the cluster IP to put
-   back as its source (or b""), the Service port (-1), the flow's ``FlowRef`` or None);
+   back as its source (or b""), the Service port (-1), the flow's ``FlowRef``s: its Service
+   flow and its NetworkPolicy flow, those that exist);
    ``slots``: our receiver index -> (receive key, the session's ``ReplayWindow``, the
    message limit, ``accept``).
 2. Eligible packets, both ways: IPv4 with a 20-byte header, total length exact, not a
@@ -24,16 +25,19 @@ Rules:
    state changes stay Python's); out: a frame that is no super-packet, within the MTU;
    in: a data message whose inner destination is this pod's IPv4 address. A table is filled
    only by ``learn`` (the Python path just routed a packet of the flow to SEAL) and emptied
-   by ``flush`` (the shell calls it on any change of membership, keys, peers, policy or DNS
-   classes) or ``forget`` (a SYN of the flow: it may choose another endpoint).
+   by ``flush`` (the shell calls it on a new membership and on peer events; what else could
+   change the route of a learnt flow, ``take``/``accept`` re-check per packet) or
+   ``forget`` (a SYN of the flow: it may choose another endpoint).
 3. Exactness: ``take`` and ``accept`` re-check at every packet what the Python path would
    decide (the peer still owns the destination and ``current`` is the learnt session, its
-   limits and re-key times not reached, the Service flow alive, no NetworkPolicy and no
-   standalone VIP flow in force; in: the session still holds its index, confirmed, the
+   limits and re-key times not reached, the Service flow and the NetworkPolicy flow alive
+   (and allowed) and a policy in force exactly when one was at ``learn``, no standalone
+   VIP flow in force; in: the session still holds its index, confirmed, the
    datagram from the peer's endpoint, no renewal due, the inner source allowed) and then
    make exactly the state changes that path makes for that packet: the session's counter,
    the peer's keepalive/stale deadlines, endpoint and tx/rx figures, the stats counters and
-   the Service flow's last-seen time (core/flowstate.py ``touch``). A refusal changes
+   the last-seen times of the Service flow (core/conntrack.py) and of the policy flow
+   (core/policyflows.py), as their ``touch`` for a packet without SYN, FIN or RST. A refusal changes
    nothing. The bytes are those of the Python path: the same checksum completion
    (core/batch.py), the same rewrites (core/packet.py), the same seal (core/fastpath.py).
 4. Ownership: a session's sending counter and replay window exist once, in its ``Session``
@@ -69,6 +73,7 @@ from tencrypt.core.batch import (
     ones_sum,
 )
 from tencrypt.core.packet import DST, SRC, TCP, UDP, parse_ipv4, rewrite_addr, rewrite_port
+from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.stats import Counter, Stats
 
 if TYPE_CHECKING:
@@ -107,38 +112,49 @@ def _swap(key: bytes) -> bytes:
 
 
 class FlowRef:
-    """A Service flow of core/conntrack.py as the lane sees it: alive, and touched by a packet
-    (what ``translate``/``translate_reply`` do for a packet without SYN, FIN or RST)."""
+    """A flow of core/conntrack.py (Service translation) or core/policyflows.py (NetworkPolicy)
+    as the lane sees it: alive (the same flow object still in its table, not idle past its
+    class's timeout, a policy flow not blocked), and touched by a packet (what ``translate``,
+    ``translate_reply``, ``outbound`` and ``inbound`` do for a packet without SYN, FIN or
+    RST: ``IdleFlows.touch`` in its own class)."""
 
-    __slots__ = ("flows", "key", "flow")
+    __slots__ = ("table", "key", "flow", "policy")
 
-    def __init__(self, flows: ServiceFlows, key: tuple[int, int, int, int, int], flow: Any):
-        # flow: the ServiceFlow (core/conntrack.py) the table held when the lane learnt it
-        self.flows, self.key, self.flow = flows, key, flow
+    def __init__(self, table: ServiceFlows | PolicyFlows, key: tuple[int, ...], flow: Any):
+        # flow: the table's flow object when the lane learnt it
+        self.table, self.key, self.flow = table, key, flow
+        self.policy = isinstance(table, PolicyFlows)
 
     def live(self, now: float) -> bool:
-        idle = self.flows._idle
+        idle: Any = self.table._idle  # read each time: a new policy replaces it
         got = idle.flows.get(self.key)
         if got is None or got is not self.flow:
             return False
-        return now - got.last_seen < idle.timeouts[got.queue]
+        if self.policy and got.decision is None:  # blocked by a newer policy
+            return False
+        return bool(now - got.last_seen < idle.timeouts[got.queue])
 
     def touch(self, now: float) -> None:
-        self.flows._idle.touch(self.key, self.flow, self.flow.queue, now)
+        idle: Any = self.table._idle
+        idle.touch(self.key, self.flow, self.flow.queue, now)
+
+
+Refs = tuple[FlowRef, ...]
 
 
 class Sender:
     """One learnt outbound flow's admission (rule 3): ``take(nbytes, now)`` -> (counter,
     endpoint) after making the Python path's state changes, or None (nothing changed)."""
 
-    __slots__ = ("lane", "peer", "session", "dst", "ref")
+    __slots__ = ("lane", "peer", "session", "dst", "refs", "policy")
 
-    def __init__(self, lane: Express, peer: Peer, s: Session, dst: str, ref: FlowRef | None):
-        self.lane, self.peer, self.session, self.dst, self.ref = lane, peer, s, dst, ref
+    def __init__(self, lane: Express, peer: Peer, s: Session, dst: str, refs: Refs, policy: bool):
+        self.lane, self.peer, self.session, self.dst, self.refs = lane, peer, s, dst, refs
+        self.policy = policy  # a NetworkPolicy was in force at ``learn``
 
     def take(self, nbytes: int, now: float) -> tuple[int, Endpoint] | None:
         lane, peer, s = self.lane, self.peer, self.session
-        if len(lane.nat) or lane.dispatch.netpol.policy is not None:
+        if len(lane.nat) or (lane.dispatch.netpol.policy is not None) != self.policy:
             return None
         if peer.current is not s or lane.by_addr.get(self.dst) is not peer:
             return None
@@ -150,10 +166,11 @@ class Sender:
             c + 1 >= limits.rekey_after_messages or (s.initiator and now >= s.rekey_at)
         ):
             return None  # this packet starts a re-key: the Python path's
-        ref = self.ref
-        if ref is not None:
+        refs = self.refs
+        for ref in refs:
             if not ref.live(now):
                 return None
+        for ref in refs:
             ref.touch(now)
         s.send_counter = c + 1  # rule 4: the one counter, advanced where it is used
         peer.keepalive_due = None
@@ -168,7 +185,7 @@ class Sender:
 
 
 class Receiver:
-    """One session's inbound admission (rule 3): ``accept(source, nbytes, addr, now, ref)``
+    """One session's inbound admission (rule 3): ``accept(source, nbytes, addr, now, refs)``
     makes the Python path's state changes for one opened packet and says True, or changes
     nothing and says False."""
 
@@ -178,10 +195,11 @@ class Receiver:
         self.lane, self.peer, self.session = lane, peer, s
 
     def accept(
-        self, source: bytes, nbytes: int, addr: Endpoint, now: float, ref: FlowRef | None
+        self, source: bytes, nbytes: int, addr: Endpoint, now: float, refs: tuple[Refs, bool]
     ) -> bool:
         lane, peer, s = self.lane, self.peer, self.session
-        if lane.dispatch.netpol.policy is not None:
+        flows, policy = refs
+        if (lane.dispatch.netpol.policy is not None) != policy:
             return False
         if s.recv_aead is None or now >= s.expires_at or not s.confirmed:
             return False
@@ -193,9 +211,10 @@ class Receiver:
             return False  # this packet starts a renewal
         if source not in peer.allowed and source != s.pod_ip:
             return False
-        if ref is not None:
+        for ref in flows:
             if not ref.live(now):
                 return False
+        for ref in flows:
             ref.touch(now)
         peer.stale_due = None
         peer.endpoint = addr
@@ -228,7 +247,7 @@ class Express:
         self.pod4 = ipaddress.IPv4Address(pod_ip).packed
         self.mtu = mtu
         self.out: dict[bytes, tuple[bytes, int, bytes, int, Callable[..., Any]]] = {}
-        self.inn: dict[bytes, tuple[bytes, int, FlowRef | None]] = {}
+        self.inn: dict[bytes, tuple[bytes, int, tuple[Refs, bool]]] = {}
         self.slots: dict[int, tuple[bytes, Any, int, Callable[..., bool]]] = {}
         self.learnt = 0  # entries installed (status, tests)
 
@@ -261,7 +280,7 @@ class Express:
     def learn(self, key: bytes, pkt: Buffer, dst: str, now: float) -> bool:
         """The Python path routed ``pkt`` (flow ``key``, as sent; now translated in place) to
         SEAL for ``dst``: install its entries if the lane can take its next packets."""
-        if len(self.nat) or self.dispatch.netpol.policy is not None:
+        if len(self.nat):
             return False
         peer = self.by_addr.get(dst)
         s = peer.current if peer is not None else None
@@ -270,28 +289,41 @@ class Express:
         if s.recv_key is None or (not self.dispatch.cluster and peer.pinned):
             return False  # standalone's VIP path counts its packets: Python's
         new = bytes(pkt[16:20]) + bytes(pkt[22:24])
-        ref = None
-        if new != key[5:9] + key[11:13]:  # translated: its Service flow is touched per packet
-            vip, vport = int.from_bytes(key[5:9], "big"), int.from_bytes(key[11:13], "big")
-            src, sport = int.from_bytes(key[1:5], "big"), int.from_bytes(key[9:11], "big")
-            skey = (key[0], src, sport, vip, vport)
+        proto, src = key[0], int.from_bytes(key[1:5], "big")
+        sport = int.from_bytes(key[9:11], "big")
+        refs: list[FlowRef] = []
+        netpol = self.dispatch.netpol
+        policy = netpol.policy is not None
+        if policy:  # the policy flow, keyed from the pod's side after the translation
+            pkey = (
+                proto,
+                src,
+                sport,
+                int.from_bytes(new[:4], "big"),
+                int.from_bytes(new[4:], "big"),
+            )
+            pflow = netpol._idle.flows.get(pkey)
+            if pflow is None or pflow.decision is None:
+                return False
+            refs.append(FlowRef(netpol, pkey, pflow))
+        translated = new != key[5:9] + key[11:13]
+        if translated:  # its Service flow is touched per packet
+            vport = int.from_bytes(key[11:13], "big")
+            skey = (proto, src, sport, int.from_bytes(key[5:9], "big"), vport)
             flow = self.dispatch.flows._idle.flows.get(skey)
             if flow is None:
                 return False
-            ref = FlowRef(self.dispatch.flows, skey, flow)
+            refs.append(FlowRef(self.dispatch.flows, skey, flow))
+        both = tuple(refs)
+        sender = Sender(self, peer, s, dst, both, policy).take
+        if translated:
             new_dst, new_dport = new[:4], int.from_bytes(new[4:], "big")
+            self.out[key] = (s.send_key, s.remote_index, new_dst, new_dport, sender)
             reply = key[:1] + new_dst + key[1:5] + new[4:] + key[9:11]
-            self.out[key] = (
-                s.send_key,
-                s.remote_index,
-                new_dst,
-                new_dport,
-                self._sender(peer, s, dst, ref),
-            )
-            self.inn[reply] = (key[5:9], vport, ref)
+            self.inn[reply] = (key[5:9], vport, (both, policy))
         else:
-            self.out[key] = (s.send_key, s.remote_index, b"", -1, self._sender(peer, s, dst, None))
-            self.inn[_swap(key)] = (b"", -1, None)
+            self.out[key] = (s.send_key, s.remote_index, b"", -1, sender)
+            self.inn[_swap(key)] = (b"", -1, (both, policy))
         self.slots[s.local_index] = (
             s.recv_key,
             s.replay,
@@ -300,9 +332,6 @@ class Express:
         )
         self.learnt += 1
         return True
-
-    def _sender(self, peer: Peer, s: Session, dst: str, ref: FlowRef | None) -> Callable[..., Any]:
-        return Sender(self, peer, s, dst, ref).take
 
     # ---- the twin of the compiled lane ----------------------------------------------------
     def outbound(self, frame: Buffer, now: float) -> tuple[bytes, Endpoint] | None:
@@ -365,8 +394,8 @@ class Express:
         entry = self.inn.get(key)
         if entry is None:
             return None
-        vip, vport, ref = entry
-        if not accept(plain[12:16], len(plain), addr, now, ref):
+        vip, vport, refs = entry
+        if not accept(plain[12:16], len(plain), addr, now, refs):
             return None
         window.update(counter)
         pkt = bytearray(plain)

@@ -17,6 +17,8 @@ a Service the normal way; the lane has then learnt the flow. Every test runs the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import random
 import socket
@@ -27,6 +29,7 @@ import pytest
 
 from tencrypt import fastpath
 from tencrypt.core.express import Express, key13
+from tencrypt.core.membership import Members
 from tencrypt.core.stats import Counter, DropReason
 from tests.unit.fakes import Pod, Wire
 from tests.unit.test_daemon_services import B1, B2, VIP, A, members, tcp
@@ -43,6 +46,26 @@ LANES = [
 ]
 
 
+def policy_members(ip: str, policy: bool) -> Members:
+    """The cluster's membership as ``ip``'s file says it; ``policy``: with a NetworkPolicy
+    document (not isolating, but tracked: core/policyflows.py rule 6), as the agent writes."""
+    found = members(B1, B2)
+    if not policy:
+        return found
+    doc = {
+        "format": "tencrypt-netpol/1",
+        "project": "shop",
+        "pod": ip,
+        "generation": 0,
+        "ips": [ip],
+        "ingress": {"isolated": False, "policies": [], "rules": []},
+        "egress": {"isolated": False, "policies": [], "rules": []},
+        "named_ports": {},
+        "malformed": [],
+    }
+    return dataclasses.replace(found, network_policy=json.dumps(doc))
+
+
 def frame(packet: bytes) -> bytes:
     return bytes(10) + packet  # a virtio-net header asking nothing
 
@@ -50,11 +73,11 @@ def frame(packet: bytes) -> bytes:
 class Lab:
     """A (client) -> VIP -> B2 (picked), an established TCP connection learnt by both lanes."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: bool = False) -> None:
         async def main() -> tuple[Pod, Pod, Pod, Wire]:
-            a = Pod(A, batch=True, members=members(B1, B2), rng=lambda bound: 1)
-            b1 = Pod(B1, batch=True, members=members(B1, B2))
-            b2 = Pod(B2, batch=True, members=members(B1, B2))
+            a = Pod(A, batch=True, members=policy_members(A, policy), rng=lambda bound: 1)
+            b1 = Pod(B1, batch=True, members=policy_members(B1, policy))
+            b2 = Pod(B2, batch=True, members=policy_members(B2, policy))
             for pod in (a, b1, b2):
                 await pod.proxy.prepare()
                 pod.proxy.tunnel.fastpath = fastpath.select(os.environ)
@@ -80,6 +103,7 @@ class Lab:
             wire.pump()
             return a, b1, b2, wire
 
+        self.policy = policy
         self.a, self.b1, self.b2, self.wire = asyncio.run(main())
         self.now = self.a.clock.now
 
@@ -98,6 +122,7 @@ def state(pod: Pod, peer_ip: str) -> dict[str, Any]:
     s = peer.current
     assert s is not None
     flows = pod.proxy.dispatch.flows._idle
+    policy = pod.proxy.dispatch.netpol._idle
     return {
         "counter": s.send_counter,
         "top": s.replay.top,
@@ -116,6 +141,8 @@ def state(pod: Pod, peer_ip: str) -> dict[str, Any]:
         "drops": dict(pod.stats.drops),
         "flows": [(k, f.last_seen, f.queue) for k, f in flows.flows.items()],
         "order": [list(q) for q in flows.queues],
+        "policy": [(k, f.last_seen, f.queue) for k, f in policy.flows.items()],
+        "porder": [list(q) for q in policy.queues],
     }
 
 
@@ -146,6 +173,12 @@ def restore(pod: Pod, peer_ip: str, saved: dict[str, Any]) -> None:
     for queue, order in zip(flows.queues, saved["order"], strict=True):
         for key in order:
             queue.move_to_end(key)
+    policy = pod.proxy.dispatch.netpol._idle
+    for key, last_seen, _queue in saved["policy"]:
+        policy.flows[key].last_seen = last_seen
+    for queue, order in zip(policy.queues, saved["porder"], strict=True):
+        for key in order:
+            queue.move_to_end(key)
 
 
 def counter_of(datagram: bytes) -> int:
@@ -163,9 +196,10 @@ def test_both_sides_learnt_the_flow():
     assert a.inn[next(iter(a.inn))][:2] == (socket.inet_aton(VIP), 80)
 
 
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
 @pytest.mark.parametrize("kind", LANES)
-def test_outbound_is_the_python_paths_datagram_and_state(kind):
-    lab = Lab()
+def test_outbound_is_the_python_paths_datagram_and_state(kind, policy):
+    lab = Lab(policy)
     a = lab.a
     data = frame(tcp(A, VIP, 40000, 80, "PA"))
     lab.now += 0.5
@@ -183,9 +217,10 @@ def test_outbound_is_the_python_paths_datagram_and_state(kind):
     assert state(a, B2) == after
 
 
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
 @pytest.mark.parametrize("kind", LANES)
-def test_inbound_is_the_python_paths_frame_and_state(kind):
-    lab = Lab()
+def test_inbound_is_the_python_paths_frame_and_state(kind, policy):
+    lab = Lab(policy)
     a, b2 = lab.a, lab.b2
     b2.app_sends(frame(tcp(B2, A, 8080, 40000, "PA")))
     [(datagram, _)] = b2.udp.sent
@@ -210,7 +245,7 @@ def test_inbound_is_the_python_paths_frame_and_state(kind):
 
 @pytest.mark.parametrize("kind", LANES)
 def test_rule_4_one_counter_and_one_window_whichever_path_uses_them(kind):
-    lab = Lab()
+    lab = Lab(policy=True)
     a, b2 = lab.a, lab.b2
     lane, lane_b2 = lab.lane(a, kind), lab.lane(b2, kind)
     peer = a.proxy.tunnel.table.by_addr[B2]
@@ -384,3 +419,23 @@ def test_the_pumps_send_what_they_take_and_hand_back_the_rest_in_order():
     finally:
         for sock in (tun_app, tun_proxy, udp, sink):
             sock.close()
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_with_a_policy_the_lane_touches_the_policy_flow_and_stops_when_it_is_blocked(kind):
+    lab = Lab(policy=True)
+    a = lab.a
+    netpol = a.proxy.dispatch.netpol
+    assert netpol.policy is not None
+    [(key, flow)] = [(k, f) for k, f in netpol._idle.flows.items() if k[4] == 8080]
+    lane = lab.lane(a, kind)
+    data = frame(tcp(A, VIP, 40000, 80, "PA"))
+    lab.now += 1.0
+    assert lane.outbound(data, lab.now) is not None
+    assert flow.last_seen == lab.now  # touched, as netpol.outbound touches it
+    flow.decision = None  # a newer policy blocks the flow (policyflows rule 5)
+    saved = state(a, B2)
+    assert lane.outbound(data, lab.now + 1) is None
+    assert state(a, B2) == saved
+    a.app_sends(data)  # the Python path drops it, counted
+    assert a.stats.dropped(DropReason.NETWORK_POLICY) == 1
