@@ -27,7 +27,10 @@ Rules:
    only by ``learn`` (the Python path just routed a packet of the flow to SEAL) and emptied
    by ``flush`` (the shell calls it on a new membership and on peer events; what else could
    change the route of a learnt flow, ``take``/``accept`` re-check per packet) or
-   ``forget`` (a SYN of the flow: it may choose another endpoint).
+   ``forget`` (a SYN of the flow: it may choose another endpoint). Bounds: at most
+   ``MAX_FLOWS`` flows (one more flushes them all: the next packet of each live flow learns
+   it again), and at most one session per peer: learning a peer's new session drops every
+   entry of its previous one, so no retired key stays in the tables.
 3. Exactness: ``take`` and ``accept`` re-check at every packet what the Python path would
    decide (the peer still owns the destination and ``current`` is the learnt session, its
    limits and re-key times not reached, the Service flow and the NetworkPolicy flow alive
@@ -84,6 +87,7 @@ if TYPE_CHECKING:
     from tencrypt.core.session import Tunnel
 
 Buffer = bytes | bytearray | memoryview
+MAX_FLOWS = 4096  # learnt flows; one more flushes the tables (closed flows are never removed)
 NO_SYN_FIN_RST = 0x07  # TCP flags the lane leaves to the Python path (conntrack state)
 _HEADER = struct.Struct("<IIQ")
 _VNET = struct.Struct("=BBHHHH")
@@ -104,6 +108,11 @@ def key13(pkt: Buffer) -> bytes | None:
     elif proto != UDP:
         return None
     return bytes((proto,)) + bytes(pkt[12:24])
+
+
+def _session_of(take: Callable[..., Any]) -> Any:
+    """The session of an ``out`` entry's ``take`` (a bound ``Sender.take``)."""
+    return getattr(getattr(take, "__self__", None), "session", None)
 
 
 def _swap(key: bytes) -> bytes:
@@ -250,12 +259,21 @@ class Express:
         self.inn: dict[bytes, tuple[bytes, int, tuple[Refs, bool]]] = {}
         self.slots: dict[int, tuple[bytes, Any, int, Callable[..., bool]]] = {}
         self.learnt = 0  # entries installed (status, tests)
+        self._sessions: dict[Peer, Session] = {}  # the one session per peer the tables hold
 
     # ---- the tables (rule 2) ------------------------------------------------------------
     def flush(self) -> None:
         self.out.clear()
         self.inn.clear()
         self.slots.clear()
+        self._sessions.clear()
+
+    def _retire(self, old: Session) -> None:
+        """Every entry of ``old`` (its peer has a new session) goes."""
+        self.slots.pop(old.local_index, None)
+        stale = [k for k, e in self.out.items() if _session_of(e[4]) is old]
+        for key in stale:
+            self.forget(key)
 
     def before(self, pkt: Buffer) -> bytes | None:
         """The shell, for a packet read from tenc0 before anything rewrites it: its key when
@@ -288,6 +306,12 @@ class Express:
             return False
         if s.recv_key is None or (not self.dispatch.cluster and peer.pinned):
             return False  # standalone's VIP path counts its packets: Python's
+        old = self._sessions.get(peer)
+        if old is not None and old is not s:
+            self._retire(old)
+        if len(self.out) >= MAX_FLOWS and key not in self.out:
+            self.flush()
+        self._sessions[peer] = s
         new = bytes(pkt[16:20]) + bytes(pkt[22:24])
         proto, src = key[0], int.from_bytes(key[1:5], "big")
         sport = int.from_bytes(key[9:11], "big")

@@ -439,3 +439,27 @@ def test_with_a_policy_the_lane_touches_the_policy_flow_and_stops_when_it_is_blo
     assert state(a, B2) == saved
     a.app_sends(data)  # the Python path drops it, counted
     assert a.stats.dropped(DropReason.NETWORK_POLICY) == 1
+
+
+def test_a_new_session_of_the_peer_drops_the_old_ones_entries_and_the_tables_are_bounded(
+    monkeypatch,
+):
+    from tencrypt.core import express
+
+    lab = Lab()
+    a = lab.a
+    e = a.proxy.express
+    assert e is not None
+    peer = a.proxy.tunnel.table.by_addr[B2]
+    old = peer.current
+    assert old is not None and old.local_index in e.slots
+    new = dataclasses.replace(old, local_index=old.local_index + 1)
+    peer.current = new
+    assert e.learn(key13(tcp(A, B2, 5555, 8080, "A")), tcp(A, B2, 5555, 8080, "A"), B2, lab.now)
+    assert old.local_index not in e.slots and new.local_index in e.slots
+    assert list(e.out) == [key13(tcp(A, B2, 5555, 8080, "A"))]  # the VIP flow's went with it
+    monkeypatch.setattr(express, "MAX_FLOWS", 3)
+    for port in range(6000, 6004):
+        packet = tcp(A, B2, port, 8080, "A")
+        assert e.learn(key13(packet), packet, B2, lab.now)
+        assert len(e.out) <= 3
