@@ -33,7 +33,7 @@ def patched(lab: Any, mode: str) -> Iterator[None]:
     if mode == "vanilla":
         yield
         return
-    run_args = ("--express",) if mode == "express" else ()
+    run_args = ("--express",) if mode == "express" else ("--no-express",)
     try:
         for pod in ("nginx1", "nginx2"):
             lab.patch(pod, run_args=run_args)

@@ -149,9 +149,10 @@ def _run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--express",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="the express lane: packets of established flows sealed and opened in C, one "
-        "call per readiness (needs the compiled fast path and the batch path; default: off)",
+        "call per readiness (needs the compiled fast path, the batch path and an IPv4 "
+        "tunnel; otherwise off by itself; default: on, --no-express turns it off)",
     )
     p.add_argument(
         "--state-dir",

@@ -543,7 +543,7 @@ class Proxy(ControlPlane):
             else ""
         )
         if why:
-            log.warning("--express: not with %s; the lane stays off", why)
+            log.info("express lane off: not with %s", why)
             return
         self.express = Express(self.tunnel, self.dispatch, self.flows, self.stats, c.pod_ip, c.mtu)
         e = self.express
