@@ -34,6 +34,12 @@ Inbound, when the UDP socket is readable (``_on_udp``):
     endpoint -> the cluster IP and port the app used (``Dispatcher.admit``);
  6. inject: TSO frames written to tenc0 on the batch path (the kernel completes the TCP
     checksum), otherwise through the raw socket; 7. flush replies (handshakes, keepalives).
+The express lane (core/express.py, tencrypt/_lane.c; on unless ``--no-express``, an IPv6
+tunnel, ``--no-batch`` or the pure backend): each readiness of tenc0 or of the UDP socket is
+one C call that seals (opens) the packets of the flows ``_outbound`` learnt and hands back
+the first it cannot take, which then takes the steps above; a super-packet or a GRO read
+handed back lets the Python loop go on reading. Its tables are flushed on a new membership
+and on peer events.
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
 adopted, the membership loaded and applied — all before the first packet is read. Stop:
 stop reading, close the DNS proxy, remove the /32s added at run time; the firewall stays
