@@ -446,7 +446,13 @@ class Proxy(ControlPlane):
                 continue
             if got is None:
                 break
-            opened = self._received(got[0], got[1], now, wall, opened)
+            datagrams, addr = got
+            opened += self.tunnel.receive_batch(datagrams, addr, now, wall)
+            if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
+                self._on_peer_events(now)
+            if len(opened) >= BATCH:
+                self._inject(self._routed(opened), now)
+                opened = []
         self._inject(self._routed(opened), now)
         self._flush()
 
@@ -458,7 +464,8 @@ class Proxy(ControlPlane):
         wall: float,
         opened: list[bytes],
     ) -> list[bytes]:
-        """Steps 2-3 for the datagrams of one receive; what is still to inject."""
+        """Steps 2-3 for the datagrams of one receive the express lane handed back (the body
+        of ``_on_udp``'s loop); what is still to inject."""
         opened += self.tunnel.receive_batch(datagrams, addr, now, wall)
         if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
             self._on_peer_events(now)
@@ -534,9 +541,9 @@ class Proxy(ControlPlane):
     # whose tunnel is IPv4, with the compiled backend; its tables are core/express.py's,
     # learnt in ``_outbound`` and flushed on a new membership or peer events (the overrides
     # below); classes and key rings change nothing the lane takes (a learnt destination is
-    # a peer's, which the verdict never overrides; every session keeps its key); a readiness event calls one pump, and what the pump
-    # hands back takes the Python path above, unchanged. Without ``--express``: nothing here
-    # runs.
+    # a peer's, which the verdict never overrides; every session keeps its key). A readiness
+    # event calls one pump; what the pump hands back takes the Python path above, unchanged.
+    # With ``--no-express`` nothing here runs.
     def _start_express(self, backend: Any) -> None:
         c = self.config
         why = (
