@@ -13,7 +13,7 @@ setup(
     ext_modules=[
         Extension(
             "tencrypt._fastpath",
-            sources=["tencrypt/_fastpath.c", "tencrypt/_fastpath_tcp.c"],
+            sources=["tencrypt/_fastpath.c", "tencrypt/_fastpath_tcp.c", "tencrypt/_lane.c"],
             depends=["tencrypt/_fastpath.h"],
             libraries=["crypto"],
             define_macros=[("Py_LIMITED_API", "0x030B0000")],

@@ -14,7 +14,8 @@
  *    the same exception as the pure twin. Every size is checked before any arithmetic on
  *    it, and every int argument converted with its range checked (never a silent wrap).
  *  - The limited API of Python 3.11 (abi3): one build serves every later CPython.
- *  - This file: the AEAD loops and the module; _fastpath_tcp.c: segmentation and coalescing.
+ *  - This file: the AEAD loops and the module; _fastpath_tcp.c: segmentation and coalescing;
+ *    _lane.c: the express lane (core/express.py), which shares the AEAD and window helpers.
  */
 #include "_fastpath.h"
 
@@ -35,7 +36,7 @@
 enum { AUTHENTICATED, KEEPALIVES, EXPIRED, REPLAY, BAD_TAG, NOT_IPV4, BAD_SOURCE, BYTES_OPENED,
        NCOUNTS };
 
-static EVP_CIPHER *chacha; /* owned: EVP_CIPHER_fetch once, not an implicit fetch per init */
+EVP_CIPHER *chacha; /* owned: EVP_CIPHER_fetch once, not an implicit fetch per init */
 
 static void put_le32(unsigned char *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -172,14 +173,14 @@ void fp_release_pieces(Pieces *p) {
     memset(p, 0, sizeof(*p));
 }
 
-static void build_header(unsigned char *out, uint32_t index, uint64_t counter) {
+void build_header(unsigned char *out, uint32_t index, uint64_t counter) {
     put_le32(out, TYPE_DATA);
     put_le32(out + 4, index);
     put_le64(out + 8, counter);
 }
 
 /* The nonce of a data message: 4 zero bytes || the header's counter (bytes 8..16). */
-static void build_nonce(unsigned char *nonce, const unsigned char *header) {
+void build_nonce(unsigned char *nonce, const unsigned char *header) {
     memset(nonce, 0, 4);
     memcpy(nonce + 4, header + 8, 8);
 }
@@ -187,7 +188,7 @@ static void build_nonce(unsigned char *nonce, const unsigned char *header) {
 /* RFC 8439 §2.8 AEAD_CHACHA20_POLY1305: ``out`` gets the ciphertext then the tag. ``key`` is
  * NULL when the context already holds it: only the nonce changes (measured: setting the key
  * again per message costs about a third of sealing a 1440-byte packet). */
-static int seal_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
+int seal_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
                      const unsigned char *aad, int aad_len, const unsigned char *plain, int len,
                      unsigned char *out) {
     int outl = 0;
@@ -200,7 +201,7 @@ static int seal_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsign
 
 /* The inverse: 1 when the tag verified (``plain`` holds ``len - 16`` bytes), 0 when it did
  * not, -1 when libcrypto itself failed. */
-static int open_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
+int open_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
                      const unsigned char *aad, int aad_len, const unsigned char *sealed, int len,
                      unsigned char *plain) {
     int n = len - TAG_LEN, outl = 0;
@@ -286,19 +287,15 @@ static PyObject *seal_batch(PyObject *self, PyObject *args) {
 
 /* ---- the replay window: core/replay.py, word for word ------------------------------------ */
 
-typedef struct {
-    uint64_t *ring; /* RING native u64 words: the ReplayWindow's own buffer */
-    uint64_t top;
-    int empty; /* top == -1 in Python: nothing marked yet */
-} Window;
+/* Window: _fastpath.h */
 
-static int window_check(const Window *w, uint64_t counter) {
+int window_check(const Window *w, uint64_t counter) {
     if (w->empty || counter > w->top) return 1;
     if (w->top - counter >= WINDOW) return 0;
     return !((w->ring[(counter >> 6) & (RING - 1)] >> (counter & 63)) & 1);
 }
 
-static void window_update(Window *w, uint64_t counter) {
+void window_update(Window *w, uint64_t counter) {
     if (w->empty || counter > w->top) {
         uint64_t block = counter >> 6;
         /* Python's top >> 6 is -1 for top == -1: the gap is then block + 1 */
@@ -388,7 +385,7 @@ static int open_one(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigne
 }
 
 /* The ReplayWindow's ring (writable, RING u64 words) and top. */
-static int get_window(PyObject *window, Py_buffer *ring, Window *w) {
+int get_window(PyObject *window, Py_buffer *ring, Window *w) {
     PyObject *ring_obj = PyObject_GetAttrString(window, "ring");
     if (ring_obj == NULL) return -1;
     int failed = PyObject_GetBuffer(ring_obj, ring, PyBUF_WRITABLE) < 0;
@@ -599,6 +596,10 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    if (fp_add_lane(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddStringConstant(m, "NAME", "c") < 0
         || PyModule_AddStringConstant(m, "OPENSSL", OPENSSL_VERSION_TEXT) < 0) {
         Py_DECREF(m);

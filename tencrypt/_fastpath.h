@@ -33,4 +33,27 @@ void fp_release_pieces(Pieces *p);
 PyObject *fp_segment(PyObject *self, PyObject *args);
 PyObject *fp_coalesce(PyObject *self, PyObject *args);
 
+/* _fastpath.c: shared with _lane.c (the express lane) */
+#include <openssl/evp.h>
+extern EVP_CIPHER *chacha;
+typedef struct {
+    uint64_t *ring; /* RING native u64 words: the ReplayWindow's own buffer */
+    uint64_t top;
+    int empty; /* top == -1 in Python: nothing marked yet */
+} Window;
+void build_header(unsigned char *out, uint32_t index, uint64_t counter);
+void build_nonce(unsigned char *nonce, const unsigned char *header);
+int seal_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
+              const unsigned char *aad, int aad_len, const unsigned char *plain, int len,
+              unsigned char *out);
+int open_into(EVP_CIPHER_CTX *ctx, const unsigned char *key, const unsigned char *nonce,
+              const unsigned char *aad, int aad_len, const unsigned char *sealed, int len,
+              unsigned char *plain);
+int window_check(const Window *w, uint64_t counter);
+void window_update(Window *w, uint64_t counter);
+int get_window(PyObject *window, Py_buffer *ring, Window *w);
+
+/* _lane.c: adds the Lane type to the module */
+int fp_add_lane(PyObject *module);
+
 #endif

@@ -147,6 +147,14 @@ def _run(p: argparse.ArgumentParser) -> None:
         help="one packet per system call: disable TUN offloads and UDP GSO/GRO",
     )
     p.add_argument(
+        "--express",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the express lane: packets of established flows sealed and opened in C, one "
+        "call per readiness (needs the compiled fast path, the batch path and an IPv4 "
+        "tunnel; otherwise off by itself; default: on, --no-express turns it off)",
+    )
+    p.add_argument(
         "--state-dir",
         default="/run/tencrypt",
         help="where `tencrypt setup` left its state (default: /run/tencrypt)",

@@ -34,6 +34,12 @@ Inbound, when the UDP socket is readable (``_on_udp``):
     endpoint -> the cluster IP and port the app used (``Dispatcher.admit``);
  6. inject: TSO frames written to tenc0 on the batch path (the kernel completes the TCP
     checksum), otherwise through the raw socket; 7. flush replies (handshakes, keepalives).
+The express lane (core/express.py, tencrypt/_lane.c; on unless ``--no-express``, an IPv6
+tunnel, ``--no-batch`` or the pure backend): each readiness of tenc0 or of the UDP socket is
+one C call that seals (opens) the packets of the flows ``_outbound`` learnt and hands back
+the first it cannot take, which then takes the steps above; a super-packet or a GRO read
+handed back lets the Python loop go on reading. Its tables are flushed on a new membership
+and on peer events.
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
 adopted, the membership loaded and applied — all before the first packet is read. Stop:
 stop reading, close the DNS proxy, remove the /32s added at run time; the firewall stays
@@ -66,6 +72,7 @@ from tencrypt.core.clustershape import claim_policy
 from tencrypt.core.conntrack import ServiceFlows
 from tencrypt.core.dispatch import Dispatcher, Out
 from tencrypt.core.effects import Desired
+from tencrypt.core.express import Express, read_datagrams
 from tencrypt.core.holdqueue import HoldQueue
 from tencrypt.core.keyring import KeyRing
 from tencrypt.core.nat import FlowTable
@@ -95,6 +102,8 @@ if TYPE_CHECKING:  # imported by start() only in standalone strict mode (nfqueue
 
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
+LONE_BYTES = 256  # express lane: a first packet this small after COLD_AFTER idle is read alone
+COLD_AFTER = 0.001  # seconds without a readiness event of that direction: cold
 HOLD_PER_PEER = 64  # opened packets waiting for their sender's route, per peer
 HOLD_TOTAL = 4096  # ... and in total
 NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear
@@ -119,6 +128,7 @@ class Proxy(ControlPlane):
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         services: ServiceFlows | None = None,
+        express: bool = False,
     ) -> None:
         self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
         self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
@@ -159,6 +169,11 @@ class Proxy(ControlPlane):
         self.gates: list[InboundGate] = []  # standalone strict mode only (linux.inbound)
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # ---- the express lane (core/express.py): tables here, the compiled pumps at start
+        self.want_express = express
+        self.express: Express | None = None
+        self.lane: Any = None  # tencrypt._fastpath.Lane once started with --express
+        self._lane_last = [0.0, 0.0]  # the last readiness of tenc0 and of the UDP socket
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,6 +205,8 @@ class Proxy(ControlPlane):
             self.gates = open_gates(self, lambda: self.dispatch.locked, self._refuse_queued)
             for gate in self.gates:
                 loop.add_reader(gate.queue.fileno(), gate.on_readable)
+        if self.want_express:
+            self._start_express(backend)
         loop.add_reader(self.ports.tun.fileno(), self._on_tun)
         loop.add_reader(self.ports.udp.fileno(), self._on_udp)
         self._spawn(self.effects.run(self.stopping))
@@ -243,6 +260,8 @@ class Proxy(ControlPlane):
     # ---- outbound: tenc0 -> dispatch -> seal -> udp -------------------------------------
     def _on_tun(self) -> None:
         now, wall = self.clock(), self.wall()
+        if self.lane is not None and self._lane_tun(now, wall):
+            return
         # every frame is read into one reused buffer and rewritten in place: whatever must
         # outlive this iteration (queued, held) is copied by its keeper
         read, view = self.ports.tun.readinto, self.read_view
@@ -301,6 +320,7 @@ class Proxy(ControlPlane):
         if not version:
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
+        key = self.express.before(buf) if self.express is not None else None  # as sent
         mtu = self.config.mtu
         if len(buf) > mtu:
             self._too_big(buf, mtu)
@@ -310,6 +330,8 @@ class Proxy(ControlPlane):
         if not self.flows.rewrite_outbound(buf, now):  # malformed, counted
             return
         out, dst = self.dispatch.route(buf, _dst(buf), now)
+        if key is not None and out is Out.SEAL:  # the lane takes the flow's next packets
+            self.express.learn(key, buf, dst, now)  # type: ignore[union-attr]
         if out is Out.SEAL and to_peers is not None:  # sealed after the reads
             to_peers.setdefault(dst, []).append(bytes(buf))
         else:
@@ -414,6 +436,8 @@ class Proxy(ControlPlane):
     def _on_udp(self) -> None:
         now, wall = self.clock(), self.wall()
         opened: list[bytes] = []
+        if self.lane is not None and self._lane_udp(now, wall):
+            return
         for _ in range(BATCH):
             try:
                 got = self.ports.udp.recv_batch()
@@ -431,6 +455,24 @@ class Proxy(ControlPlane):
                 opened = []
         self._inject(self._routed(opened), now)
         self._flush()
+
+    def _received(
+        self,
+        datagrams: Sequence[memoryview],
+        addr: Any,
+        now: float,
+        wall: float,
+        opened: list[bytes],
+    ) -> list[bytes]:
+        """Steps 2-3 for the datagrams of one receive the express lane handed back (the body
+        of ``_on_udp``'s loop); what is still to inject."""
+        opened += self.tunnel.receive_batch(datagrams, addr, now, wall)
+        if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
+            self._on_peer_events(now)
+        if len(opened) >= BATCH:
+            self._inject(self._routed(opened), now)
+            return []
+        return opened
 
     def _routed(self, packets: list[bytes]) -> list[bytes]:
         """Step 3: packets whose sender's /32 is in place; the others wait for it."""
@@ -493,6 +535,113 @@ class Proxy(ControlPlane):
                 )
                 self.inject_via_tun = False
                 self.stats.inc(Counter.TUN_INJECT_ERRORS)
+
+    # ---- the express lane (core/express.py, tencrypt/_lane.c) -----------------------------
+    # Rules: the lane is only built on the batch path, injecting through tenc0, for a pod
+    # whose tunnel is IPv4, with the compiled backend; its tables are core/express.py's,
+    # learnt in ``_outbound`` and flushed on a new membership or peer events (the overrides
+    # below); classes and key rings change nothing the lane takes (a learnt destination is
+    # a peer's, which the verdict never overrides; every session keeps its key). A readiness
+    # event calls one pump; what the pump hands back takes the Python path above, unchanged.
+    # With ``--no-express`` nothing here runs.
+    def _start_express(self, backend: Any) -> None:
+        c = self.config
+        why = (
+            "the one-packet path (--no-batch)"
+            if not self.batch
+            else "an IPv6 tunnel"
+            if c.version != 4
+            else "the pure-Python backend"
+            if getattr(backend, "Lane", None) is None
+            else ""
+        )
+        if why:
+            log.info("express lane off: not with %s", why)
+            return
+        self.express = Express(self.tunnel, self.dispatch, self.flows, self.stats, c.pod_ip, c.mtu)
+        e = self.express
+        self.lane = backend.Lane(e.out, e.inn, e.slots, e.pod4, c.mtu)
+        log.info("express lane on: established flows are sealed and opened in C")
+
+    def _lane_tun(self, now: float, wall: float) -> bool:
+        """One pump of tenc0; a frame handed back takes the Python path. True: done; False:
+        it was a super-packet (bulk), so the Python loop goes on reading as it always did."""
+        last, self._lane_last[0] = self._lane_last[0], now
+        lone = LONE_BYTES if now - last >= COLD_AFTER else 0
+        frames, dropped = self.lane.pump_tun(
+            self.ports.tun.fileno(), self.ports.udp.fileno(), now, BATCH, lone
+        )
+        if dropped:
+            self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, dropped)
+        bulk = False
+        if frames:
+            to_peers: dict[str, list[bytes]] = {}
+            for frame in frames:
+                view = memoryview(bytearray(frame))
+                if is_super_packet(view):
+                    bulk = True
+                    self._seal_small(to_peers, now, wall)
+                    self._outbound_super(view, now, wall)
+                else:
+                    for pkt in split_tcp_batch(view, self.stats):
+                        self._outbound(pkt, now, wall, to_peers)
+            self._seal_small(to_peers, now, wall)
+            self._flush()
+        return not bulk
+
+    def _lane_udp(self, now: float, wall: float) -> bool:
+        """One pump of the UDP socket, while no sender waits for its route (step 3);
+        what it hands back takes the Python path. True: done; False: that was a GRO read
+        (bulk), so the Python loop goes on reading as it always did."""
+        if self.desired.unrouted or len(self.awaiting_route) or not self.inject_via_tun:
+            return False
+        last, self._lane_last[1] = self._lane_last[1], now
+        lone = LONE_BYTES if now - last >= COLD_AFTER else 0
+        reads, errors = self.lane.pump_udp(
+            self.ports.udp.fileno(), self.ports.tun.fileno(), now, BATCH, lone
+        )
+        if errors:  # as _inject: a kernel that refuses the frames
+            log.warning("writing to %s refused: the express lane stops", self.config.tun)
+            self.stats.inc(Counter.TUN_INJECT_ERRORS, errors)
+            self.inject_via_tun = False
+            self._stop_express()
+        opened: list[bytes] = []
+        bulk = False
+        for data, gro_size, truncated, addr in reads:
+            bulk = bulk or gro_size > 0
+            datagrams = read_datagrams(data, gro_size, truncated, self.stats)
+            opened = self._received(datagrams, addr, now, wall, opened)
+        self._inject(self._routed(opened), now)
+        self._flush()
+        return not bulk
+
+    def status(self) -> dict[str, object]:
+        doc = super().status()
+        e = self.express
+        if e is not None and self.lane is not None:
+            sealed, opened = self.lane.counts()
+            doc["express"] = {
+                "flows": len(e.out),
+                "learnt": e.learnt,
+                "sealed": sealed,
+                "opened": opened,
+            }
+        return doc
+
+    def _stop_express(self) -> None:
+        if self.express is not None:
+            self.express.flush()
+        self.lane = self.express = None
+
+    def _apply_members(self, members: Any, now: float) -> None:
+        if self.express is not None:
+            self.express.flush()
+        super()._apply_members(members, now)
+
+    def _on_peer_events(self, now: float) -> None:
+        if self.express is not None:
+            self.express.flush()
+        super()._on_peer_events(now)
 
     # ---- shared --------------------------------------------------------------------------
     def _send_raw(self, sock: RawSocket, buf: bytes | bytearray | memoryview) -> None:

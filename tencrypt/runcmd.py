@@ -75,6 +75,7 @@ async def serve(args: argparse.Namespace) -> int:
         Kernel(config, firewall=strict),
         limits=limits,
         batch=args.batch,
+        express=getattr(args, "express", True),
         members=MembersFile(Path(members_path)) if members_path else None,
         keyfile=keyfile,
         clock=time.monotonic,

@@ -1,0 +1,573 @@
+/* tencrypt._fastpath.Lane: the express lane for established flows (issue 26), in C.
+ *
+ * tencrypt/core/express.py is the specification: read its rules first. ``Lane`` reads the
+ * tables that ``core.express.Express`` writes (three dicts) and does per packet what
+ * ``Express.outbound`` / ``Express.inbound`` do, byte for byte; the state changes are the
+ * one Python call per packet the tables hold (``take`` / ``accept``), so the two lanes
+ * cannot differ there. On top, the two pumps move the packets themselves:
+ *
+ *  - ``pump_tun(tun_fd, udp_fd, now, limit, lone)``: read frames from tenc0; each one the lane
+ *    takes is sealed and sent (one ``sendto``); the first it cannot take ends the pump and is
+ *    handed back (bytes, as read) with the count of datagrams the socket refused:
+ *    ``([frame], send_dropped)``. ``lone``: after a first frame of at most that many bytes,
+ *    taken, no second read (a lone small packet: the EAGAIN read would cost a system call
+ *    for nothing on a cold path; level-triggered readiness calls again if more is there).
+ *  - ``pump_udp(udp_fd, tun_fd, now, limit, lone)``: receive datagrams (UDP GRO reads as
+ *    ``recv_batch`` asks for them); a lone datagram the lane takes is opened and written to
+ *    tenc0; a GRO read of several, a truncated one, or one the lane does not take ends the
+ *    pump and is handed back as ``(data, gro_size, truncated, (host, port))``:
+ *    ``([read], inject_errors)``.
+ *  - ``outbound(frame, now)`` / ``inbound(datagram, addr, now)``: the same work without I/O,
+ *    the twin of core/express.py's (tests compare them).
+ * The GIL is held throughout: the take/accept calls, the session's counter and the replay
+ * window are then touched by one thread at a time (core/express.py rule 4). IPv4 tunnel
+ * sockets only (the daemon does not build a lane for an IPv6-only pod).
+ */
+#include "_fastpath.h"
+
+#include <errno.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+
+#define VNET 10
+#define HEADER_LEN 16
+#define TAG_LEN 16
+#define OVERHEAD 32
+#define BUF 65536
+#define TCP 6
+#define UDP 17
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *out, *inn, *slots; /* core/express.py rule 1 */
+    unsigned char pod4[4];
+    Py_ssize_t mtu;
+    EVP_CIPHER_CTX *ctx;
+    unsigned char *rbuf;  /* VNET + BUF: what was read */
+    unsigned char *work;  /* VNET + BUF: the packet being worked on (plaintext) */
+    unsigned char *sealed; /* BUF + OVERHEAD */
+    Py_ssize_t n_sealed, n_opened; /* packets the pumps took, each way (``counts()``) */
+    PyObject *last_ep;    /* the endpoint whose sockaddr is cached */
+    struct sockaddr_in last_sa;
+} Lane;
+
+static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static void put16(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+static uint32_t get32be(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* core/checksum.py fold: a non-zero sum that reduces to 0 is 0xFFFF */
+static uint64_t fold(uint64_t total) {
+    uint64_t s = total % 0xFFFF;
+    return s == 0 && total ? 0xFFFF : s;
+}
+/* csum_adjust: ~fold(~hc + delta) */
+static uint32_t adjust(uint32_t hc, uint64_t delta) {
+    return (uint32_t)(~fold((uint64_t)(hc ^ 0xFFFF) + delta) & 0xFFFF);
+}
+
+/* core/batch.py ones_sum: big-endian word sum of buf[start:end] mod 0xFFFF */
+static uint64_t ones_sum(const unsigned char *p, Py_ssize_t start, Py_ssize_t end) {
+    uint64_t total = 0;
+    Py_ssize_t i = start;
+    for (; i + 1 < end; i += 2) total += (uint64_t)(p[i] << 8 | p[i + 1]);
+    if (i < end) total += (uint64_t)p[i] << 8;
+    return total % 0xFFFF;
+}
+
+/* core/express.py key13: eligibility (rule 2) and the 13-byte key; 0 when not eligible */
+static int key13(const unsigned char *p, Py_ssize_t n, unsigned char *key) {
+    if (n < 28 || p[0] != 0x45 || get16(p + 2) != n || (p[6] & 0x3F) || p[7]) return 0;
+    unsigned char proto = p[9];
+    if (proto == TCP) {
+        int thl = (p[32] >> 4) << 2;
+        if (n < 40 || (p[33] & 0x07) || thl < 20 || thl > n - 20) return 0;
+    } else if (proto != UDP) {
+        return 0;
+    }
+    key[0] = proto;
+    memcpy(key + 1, p + 12, 12);
+    return 1;
+}
+
+/* core/packet.py rewrite_addr (IPv4, a whole first fragment) then rewrite_port, for the
+ * source (off 12, port at l4) or the destination (off 16, port at l4 + 2). */
+static void rewrite(unsigned char *p, Py_ssize_t n, int dst, const unsigned char *addr,
+                    uint32_t port) {
+    int proto = p[9];
+    Py_ssize_t l4 = 20;
+    Py_ssize_t at = proto == TCP ? l4 + 16 : l4 + 6;
+    int has_l4 = proto == TCP ? l4 + 20 <= n : 1;
+    uint32_t old = get32be(p + (dst ? 16 : 12)), new = get32be(addr);
+    if (old != new) {
+        uint64_t delta = (uint64_t)(old ^ 0xFFFFFFFFu) + new;
+        memcpy(p + (dst ? 16 : 12), addr, 4);
+        uint32_t hc = get16(p + 10);
+        put16(p + 10, adjust(hc, delta));
+        if (has_l4) {
+            uint32_t ck = get16(p + at);
+            if (!(ck == 0 && proto == UDP)) {
+                uint32_t ck2 = adjust(ck, delta);
+                if (ck2 == 0 && proto == UDP) ck2 = 0xFFFF;
+                put16(p + at, ck2);
+            }
+        }
+    }
+    Py_ssize_t pat = dst ? l4 + 2 : l4;
+    uint32_t oldp = get16(p + pat);
+    if (oldp == port) return;
+    put16(p + pat, port);
+    uint64_t changes = (uint64_t)(oldp ^ 0xFFFF) + port;
+    if (l4 + (proto == TCP ? 20 : 8) > n) return;
+    uint32_t ck = get16(p + at);
+    if (ck == 0 && proto == UDP) return;
+    uint32_t ck2 = adjust(ck, changes);
+    if (ck2 == 0 && proto == UDP) ck2 = 0xFFFF;
+    put16(p + at, ck2);
+}
+
+/* ---- out: one frame -> one datagram ------------------------------------------------------ */
+
+/* 1: sealed into self->sealed (*dlen bytes) for *endpoint (a new reference); 0: not the
+ * lane's, nothing changed; -1: an exception (a bug in take, or no memory). */
+static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double now,
+                    PyObject **endpoint, Py_ssize_t *dlen) {
+    if (n < VNET + 28 || n > VNET + BUF || frame[1] != 0) return 0; /* gso_type: a super-packet */
+    uint16_t flags = frame[0], start, offset;
+    memcpy(&start, frame + 6, 2); /* native order, as the kernel writes them */
+    memcpy(&offset, frame + 8, 2);
+    Py_ssize_t len = n - VNET;
+    unsigned char *p = self->work;
+    memcpy(p, frame + VNET, (size_t)len);
+    unsigned char key[13];
+    if (!key13(p, len, key) || len > self->mtu) return 0;
+    if (flags & 1) { /* NEEDS_CSUM: core/batch.py _complete */
+        Py_ssize_t at = (Py_ssize_t)start + offset;
+        if (start < 20 || at + 2 > len) return 0;
+        uint64_t s = ones_sum(p, start, len);
+        uint32_t ck = (uint32_t)((0xFFFF - s) % 0xFFFF);
+        if (ck == 0 && p[9] == UDP) ck = 0xFFFF;
+        put16(p + at, ck);
+    }
+    PyObject *kobj = PyBytes_FromStringAndSize((const char *)key, 13);
+    if (kobj == NULL) return -1;
+    PyObject *entry = PyDict_GetItem(self->out, kobj); /* borrowed */
+    Py_DECREF(kobj);
+    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 5) return 0;
+    PyObject *keyb = PyTuple_GetItem(entry, 0), *index = PyTuple_GetItem(entry, 1);
+    PyObject *new_dst = PyTuple_GetItem(entry, 2), *new_dport = PyTuple_GetItem(entry, 3);
+    PyObject *take = PyTuple_GetItem(entry, 4);
+    if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32 || !PyBytes_Check(new_dst)) return 0;
+    Py_INCREF(entry); /* take may change the table */
+    PyObject *got = PyObject_CallFunction(take, "nd", len, now);
+    if (got == NULL) {
+        Py_DECREF(entry);
+        return -1;
+    }
+    if (got == Py_None) {
+        Py_DECREF(got);
+        Py_DECREF(entry);
+        return 0;
+    }
+    unsigned long long counter = 0;
+    PyObject *ep = NULL;
+    if (PyTuple_Check(got) && PyTuple_Size(got) == 2) {
+        counter = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 0));
+        ep = PyTuple_GetItem(got, 1);
+    }
+    if (ep == NULL || PyErr_Occurred()) {
+        Py_DECREF(got);
+        Py_DECREF(entry);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "take: (counter, endpoint)");
+        return -1;
+    }
+    Py_INCREF(ep);
+    Py_DECREF(got);
+    if (PyBytes_Size(new_dst) == 4) rewrite(p, len, 1, (const unsigned char *)PyBytes_AsString(new_dst),
+                                             (uint32_t)PyLong_AsLong(new_dport));
+    unsigned long idx = PyLong_AsUnsignedLong(index);
+    unsigned char *out = self->sealed, nonce[12];
+    build_header(out, (uint32_t)idx, (uint64_t)counter);
+    build_nonce(nonce, out);
+    int ok = seal_into(self->ctx, (const unsigned char *)PyBytes_AsString(keyb), nonce, out,
+                       HEADER_LEN, p, (int)len, out + HEADER_LEN);
+    Py_DECREF(entry);
+    if (!ok || PyErr_Occurred()) {
+        ERR_clear_error();
+        Py_DECREF(ep);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
+        return -1;
+    }
+    *dlen = len + OVERHEAD;
+    *endpoint = ep;
+    return 1;
+}
+
+/* ---- in: one datagram -> one frame ------------------------------------------------------- */
+
+/* 1: the frame (VNET zero bytes, then the packet) is in self->work, *flen bytes; 0: not the
+ * lane's, nothing changed; -1: an exception. */
+static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *addr, double now,
+                   Py_ssize_t *flen) {
+    if (n < OVERHEAD + 28 || n > BUF || (d[0] != 4 || d[1] || d[2] || d[3])) return 0;
+    uint32_t index = (uint32_t)d[4] | (uint32_t)d[5] << 8 | (uint32_t)d[6] << 16
+                     | (uint32_t)d[7] << 24;
+    uint64_t counter = 0;
+    for (int i = 7; i >= 0; i--) counter = counter << 8 | d[8 + i];
+    PyObject *iobj = PyLong_FromUnsignedLong(index);
+    if (iobj == NULL) return -1;
+    PyObject *slot = PyDict_GetItem(self->slots, iobj);
+    Py_DECREF(iobj);
+    if (slot == NULL || !PyTuple_Check(slot) || PyTuple_Size(slot) != 4) return 0;
+    PyObject *keyb = PyTuple_GetItem(slot, 0), *window = PyTuple_GetItem(slot, 1);
+    PyObject *limit_obj = PyTuple_GetItem(slot, 2), *accept = PyTuple_GetItem(slot, 3);
+    if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32) return 0;
+    unsigned long long limit = PyLong_AsUnsignedLongLong(limit_obj);
+    if (PyErr_Occurred()) return -1;
+    if (counter >= limit) return 0;
+    Py_INCREF(slot);
+    Py_buffer ring;
+    Window w;
+    if (get_window(window, &ring, &w) < 0) {
+        Py_DECREF(slot);
+        return -1;
+    }
+    int result = 0;
+    Py_ssize_t plen = n - OVERHEAD;
+    unsigned char *p = self->work + VNET, nonce[12];
+    if (!window_check(&w, counter)) goto done;
+    build_nonce(nonce, d);
+    int verified = open_into(self->ctx, (const unsigned char *)PyBytes_AsString(keyb), nonce, d,
+                             HEADER_LEN, d + HEADER_LEN, (int)(n - HEADER_LEN), p);
+    if (verified < 0) {
+        ERR_clear_error();
+        PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
+        result = -1;
+        goto done;
+    }
+    unsigned char key[13];
+    if (!verified || !key13(p, plen, key) || memcmp(p + 16, self->pod4, 4) != 0) goto done;
+    PyObject *kobj = PyBytes_FromStringAndSize((const char *)key, 13);
+    if (kobj == NULL) {
+        result = -1;
+        goto done;
+    }
+    PyObject *entry = PyDict_GetItem(self->inn, kobj);
+    Py_DECREF(kobj);
+    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 3) goto done;
+    Py_INCREF(entry);
+    PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
+    PyObject *ref = PyTuple_GetItem(entry, 2);
+    PyObject *src = PyBytes_FromStringAndSize((const char *)p + 12, 4);
+    PyObject *yes = src == NULL ? NULL
+                                : PyObject_CallFunction(accept, "OnOdO", src, plen, addr, now, ref);
+    Py_XDECREF(src);
+    if (yes == NULL) {
+        Py_DECREF(entry);
+        result = -1;
+        goto done;
+    }
+    int taken = PyObject_IsTrue(yes);
+    Py_DECREF(yes);
+    if (taken == 1) {
+        window_update(&w, counter);
+        PyObject *top = PyLong_FromUnsignedLongLong(w.top);
+        if (top == NULL || PyObject_SetAttrString(window, "top", top) < 0) {
+            Py_XDECREF(top);
+            Py_DECREF(entry);
+            result = -1;
+            goto done;
+        }
+        Py_DECREF(top);
+        if (PyBytes_Check(vip) && PyBytes_Size(vip) == 4)
+            rewrite(p, plen, 0, (const unsigned char *)PyBytes_AsString(vip),
+                    (uint32_t)PyLong_AsLong(vport));
+        memset(self->work, 0, VNET);
+        *flen = VNET + plen;
+        result = 1;
+    } else if (taken < 0) {
+        result = -1;
+    }
+    Py_DECREF(entry);
+done:
+    PyBuffer_Release(&ring);
+    Py_DECREF(slot);
+    return result;
+}
+
+/* ---- endpoints ---------------------------------------------------------------------------- */
+
+static int endpoint_sa(Lane *self, PyObject *ep, struct sockaddr_in *sa) {
+    if (ep == self->last_ep) {
+        *sa = self->last_sa;
+        return 0;
+    }
+    PyObject *host = PyTuple_Check(ep) && PyTuple_Size(ep) == 2 ? PyTuple_GetItem(ep, 0) : NULL;
+    if (host == NULL || !PyUnicode_Check(host)) return -1;
+    const char *text = PyUnicode_AsUTF8AndSize(host, NULL);
+    long port = PyLong_AsLong(PyTuple_GetItem(ep, 1));
+    if (text == NULL || PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    memset(sa, 0, sizeof(*sa));
+    sa->sin_family = AF_INET;
+    sa->sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, text, &sa->sin_addr) != 1) return -1;
+    Py_XDECREF(self->last_ep);
+    self->last_ep = Py_NewRef(ep);
+    self->last_sa = *sa;
+    return 0;
+}
+
+static PyObject *addr_of(const struct sockaddr_in *sa) {
+    char text[INET_ADDRSTRLEN];
+    if (inet_ntop(AF_INET, &sa->sin_addr, text, sizeof(text)) == NULL) text[0] = 0;
+    return Py_BuildValue("(si)", text, (int)ntohs(sa->sin_port));
+}
+
+/* ---- methods ------------------------------------------------------------------------------- */
+
+static PyObject *lane_outbound(Lane *self, PyObject *args) {
+    Py_buffer frame;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*d:outbound", &frame, &now)) return NULL;
+    PyObject *ep = NULL;
+    Py_ssize_t dlen = 0;
+    int r = lane_out(self, frame.buf, frame.len, now, &ep, &dlen);
+    PyBuffer_Release(&frame);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_NONE;
+    return Py_BuildValue("(y#N)", (const char *)self->sealed, dlen, ep);
+}
+
+static PyObject *lane_inbound(Lane *self, PyObject *args) {
+    Py_buffer d;
+    PyObject *addr;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*Od:inbound", &d, &addr, &now)) return NULL;
+    Py_ssize_t flen = 0;
+    int r = lane_in(self, d.buf, d.len, addr, now, &flen);
+    PyBuffer_Release(&d);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)self->work, flen);
+}
+
+static PyObject *lane_pump_tun(Lane *self, PyObject *args) {
+    int tun_fd, udp_fd;
+    double now;
+    Py_ssize_t limit, lone;
+    if (!PyArg_ParseTuple(args, "iidnn:pump_tun", &tun_fd, &udp_fd, &now, &limit, &lone))
+        return NULL;
+    PyObject *back = PyList_New(0);
+    if (back == NULL) return NULL;
+    Py_ssize_t dropped = 0;
+    for (Py_ssize_t i = 0; i < limit; i++) {
+        ssize_t n = read(tun_fd, self->rbuf, VNET + BUF);
+        if (n <= 0) break;
+        PyObject *ep = NULL;
+        Py_ssize_t dlen = 0;
+        int r = lane_out(self, self->rbuf, n, now, &ep, &dlen);
+        if (r < 0) {
+            Py_DECREF(back);
+            return NULL;
+        }
+        if (r == 0) {
+            PyObject *frame = PyBytes_FromStringAndSize((const char *)self->rbuf, n);
+            if (frame == NULL || PyList_Append(back, frame) < 0) {
+                Py_XDECREF(frame);
+                Py_DECREF(back);
+                return NULL;
+            }
+            Py_DECREF(frame);
+            break;
+        }
+        struct sockaddr_in sa;
+        if (endpoint_sa(self, ep, &sa) < 0
+            || sendto(udp_fd, self->sealed, (size_t)dlen, 0, (struct sockaddr *)&sa, sizeof(sa))
+                   < 0)
+            dropped++;
+        self->n_sealed++;
+        Py_DECREF(ep);
+        if (i == 0 && n <= lone) break;
+    }
+    return Py_BuildValue("(Nn)", back, dropped);
+}
+
+static PyObject *lane_pump_udp(Lane *self, PyObject *args) {
+    int udp_fd, tun_fd;
+    double now;
+    Py_ssize_t limit, lone;
+    if (!PyArg_ParseTuple(args, "iidnn:pump_udp", &udp_fd, &tun_fd, &now, &limit, &lone))
+        return NULL;
+    PyObject *back = PyList_New(0);
+    if (back == NULL) return NULL;
+    Py_ssize_t errors = 0;
+    for (Py_ssize_t i = 0; i < limit; i++) {
+        struct sockaddr_in sa;
+        struct iovec iov = {self->rbuf, BUF};
+        union {
+            char buf[CMSG_SPACE(sizeof(int))];
+            struct cmsghdr align;
+        } control;
+        struct msghdr msg = {0};
+        msg.msg_name = &sa;
+        msg.msg_namelen = sizeof(sa);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
+        ssize_t n = recvmsg(udp_fd, &msg, 0);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
+            /* e.g. an ICMP error reported on the socket: as _on_udp, go on reading */
+            continue;
+        }
+        int gro = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c))
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO
+                && c->cmsg_len >= CMSG_LEN(sizeof(int)))
+                memcpy(&gro, CMSG_DATA(c), sizeof(int));
+        int trunc = (msg.msg_flags & MSG_TRUNC) != 0;
+        PyObject *addr = addr_of(&sa);
+        if (addr == NULL) {
+            Py_DECREF(back);
+            return NULL;
+        }
+        int r = 0;
+        Py_ssize_t flen = 0;
+        if (!trunc && (gro <= 0 || gro >= n) && msg.msg_namelen == sizeof(sa)
+            && sa.sin_family == AF_INET)
+            r = lane_in(self, self->rbuf, n, addr, now, &flen);
+        if (r < 0) {
+            Py_DECREF(addr);
+            Py_DECREF(back);
+            return NULL;
+        }
+        if (r == 0) {
+            PyObject *item = Py_BuildValue("(y#iON)", (const char *)self->rbuf, (Py_ssize_t)n,
+                                           gro, trunc ? Py_True : Py_False, addr);
+            if (item == NULL || PyList_Append(back, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(back);
+                return NULL;
+            }
+            Py_DECREF(item);
+            break;
+        }
+        Py_DECREF(addr);
+        if (write(tun_fd, self->work, (size_t)flen) < 0) errors++;
+        self->n_opened++;
+        if (i == 0 && n <= lone) break;
+    }
+    return Py_BuildValue("(Nn)", back, errors);
+}
+
+static PyObject *lane_counts(Lane *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(nn)", self->n_sealed, self->n_opened);
+}
+
+/* ---- the type ------------------------------------------------------------------------------ */
+
+static int lane_init(Lane *self, PyObject *args, PyObject *kwds) {
+    PyObject *out, *inn, *slots;
+    const char *pod;
+    Py_ssize_t pod_len, mtu;
+    (void)kwds;
+    if (!PyArg_ParseTuple(args, "OOOy#n:Lane", &out, &inn, &slots, &pod, &pod_len, &mtu))
+        return -1;
+    if (!PyDict_Check(out) || !PyDict_Check(inn) || !PyDict_Check(slots) || pod_len != 4
+        || mtu < 28 || mtu > BUF) {
+        PyErr_SetString(PyExc_ValueError, "Lane(out, inn, slots: dicts, pod4: 4 bytes, mtu)");
+        return -1;
+    }
+    Py_XDECREF(self->out);
+    Py_XDECREF(self->inn);
+    Py_XDECREF(self->slots);
+    self->out = Py_NewRef(out);
+    self->inn = Py_NewRef(inn);
+    self->slots = Py_NewRef(slots);
+    memcpy(self->pod4, pod, 4);
+    self->mtu = mtu;
+    if (self->rbuf == NULL) {
+        self->rbuf = PyMem_Malloc(VNET + BUF);
+        self->work = PyMem_Malloc(VNET + BUF + OVERHEAD);
+        self->sealed = PyMem_Malloc(BUF + OVERHEAD);
+        self->ctx = EVP_CIPHER_CTX_new();
+        if (self->rbuf == NULL || self->work == NULL || self->sealed == NULL || self->ctx == NULL
+            || !EVP_CipherInit_ex(self->ctx, chacha, NULL, NULL, NULL, 1)) {
+            ERR_clear_error();
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void lane_dealloc(Lane *self) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    Py_XDECREF(self->out);
+    Py_XDECREF(self->inn);
+    Py_XDECREF(self->slots);
+    Py_XDECREF(self->last_ep);
+    PyMem_Free(self->rbuf);
+    PyMem_Free(self->work);
+    PyMem_Free(self->sealed);
+    EVP_CIPHER_CTX_free(self->ctx);
+    freefunc free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    free(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef lane_methods[] = {
+    {"outbound", (PyCFunction)lane_outbound, METH_VARARGS,
+     "outbound(frame, now) -> (datagram, endpoint) | None: core/express.py Express.outbound"},
+    {"inbound", (PyCFunction)lane_inbound, METH_VARARGS,
+     "inbound(datagram, addr, now) -> frame | None: core/express.py Express.inbound"},
+    {"pump_tun", (PyCFunction)lane_pump_tun, METH_VARARGS,
+     "pump_tun(tun_fd, udp_fd, now, limit, lone) -> ([frame handed back], send_dropped)"},
+    {"pump_udp", (PyCFunction)lane_pump_udp, METH_VARARGS,
+     "pump_udp(udp_fd, tun_fd, now, limit, lone) -> ([(data, gro_size, truncated, addr)], "
+     "inject_errors)"},
+    {"counts", (PyCFunction)lane_counts, METH_NOARGS,
+     "counts() -> (sealed, opened): packets the pumps took out and in"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot lane_slots[] = {
+    {Py_tp_init, (void *)lane_init},
+    {Py_tp_dealloc, (void *)lane_dealloc},
+    {Py_tp_methods, lane_methods},
+    {Py_tp_new, (void *)PyType_GenericNew},
+    {Py_tp_doc, "Lane(out, inn, slots, pod4, mtu): the express lane (core/express.py)"},
+    {0, NULL},
+};
+
+static PyType_Spec lane_spec = {
+    "tencrypt._fastpath.Lane", sizeof(Lane), 0, Py_TPFLAGS_DEFAULT, lane_slots,
+};
+
+int fp_add_lane(PyObject *module) {
+    PyObject *type = PyType_FromSpec(&lane_spec);
+    if (type == NULL) return -1;
+    if (PyModule_AddObject(module, "Lane", type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}

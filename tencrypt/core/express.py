@@ -1,0 +1,450 @@
+"""The express lane for established flows (issue 26): its tables, and the pure-Python twin of
+the compiled lane (``tencrypt._fastpath.Lane``, tencrypt/_lane.c), which reads the same tables.
+
+A packet of a flow the Python path has already routed to SEAL, with a usable session, takes
+one short path with no per-packet Python beyond one admission call:
+  out: tenc0 frame -> checks -> checksum completed -> ``take`` (the Python state changes) ->
+       translation (cluster IP:port -> endpoint:target port) -> seal -> one UDP datagram;
+  in:  UDP datagram -> session by index -> limit, replay check, AEAD -> inner checks ->
+       ``accept`` (the Python state changes) -> replay mark -> reverse translation -> tenc0.
+Anything else (and every failure) is handed back untouched, in order, to the Python path,
+which then does exactly what it always did: drops are counted there, once.
+
+Rules:
+1. Tables (Python owns them, both lanes only read them; ``Express`` writes them):
+   ``out``: key13 of the packet as the app sent it (``key13``: protocol, source, destination,
+   source port, destination port of an IPv4 packet) -> (send key, the peer's receiver index,
+   new destination (4 bytes, or b"" untranslated), new destination port (-1), ``take``);
+   ``inn``: key13 of an opened packet (the reply as it arrives) -> (the cluster IP to put
+   back as its source (or b""), the Service port (-1), the flow's ``FlowRef``s: its Service
+   flow and its NetworkPolicy flow, those that exist);
+   ``slots``: our receiver index -> (receive key, the session's ``ReplayWindow``, the
+   message limit, ``accept``).
+2. Eligible packets, both ways: IPv4 with a 20-byte header, total length exact, not a
+   fragment; UDP, or TCP with a valid data offset and none of SYN, FIN, RST (conntrack's
+   state changes stay Python's); out: a frame that is no super-packet, within the MTU;
+   in: a data message whose inner destination is this pod's IPv4 address. A table is filled
+   only by ``learn`` (the Python path just routed a packet of the flow to SEAL) and emptied
+   by ``flush`` (the shell calls it on a new membership and on peer events; what else could
+   change the route of a learnt flow, ``take``/``accept`` re-check per packet) or
+   ``forget`` (a SYN of the flow: it may choose another endpoint). Bounds: at most
+   ``MAX_FLOWS`` flows (one more flushes them all: the next packet of each live flow learns
+   it again), and at most one session per peer: learning a peer's new session drops every
+   entry of its previous one, so no retired key stays in the tables.
+3. Exactness: ``take`` and ``accept`` re-check at every packet what the Python path would
+   decide (the peer still owns the destination and ``current`` is the learnt session, its
+   limits and re-key times not reached, the Service flow and the NetworkPolicy flow alive
+   (and allowed) and a policy in force exactly when one was at ``learn``, no standalone
+   VIP flow in force; in: the session still holds its index, confirmed, the
+   datagram from the peer's endpoint, no renewal due, the inner source allowed) and then
+   make exactly the state changes that path makes for that packet: the session's counter,
+   the peer's keepalive/stale deadlines, endpoint and tx/rx figures, the stats counters and
+   the last-seen times of the Service flow (core/conntrack.py) and of the policy flow
+   (core/policyflows.py), as their ``touch`` for a packet without SYN, FIN or RST. A refusal changes
+   nothing. The bytes are those of the Python path: the same checksum completion
+   (core/batch.py), the same rewrites (core/packet.py), the same seal (core/fastpath.py).
+4. Ownership: a session's sending counter and replay window exist once, in its ``Session``
+   (``send_counter``, ``replay``). Neither lane copies them: ``take`` reads and advances the
+   counter in the same uninterrupted call (under the GIL) in which the lane then seals with
+   it, and the lane marks the window in place, only after ``accept`` said yes, within the
+   same call. Python's own seals (keepalives, packets that go the slow way) use the same
+   field; so the counters on the wire are strictly increasing whichever path seals, and a
+   datagram marked by one path is a replay for the other. Hand-over needs no step: a
+   retired session (re-key, expiry) simply stops passing ``take``/``accept``.
+5. Bad input never raises: anything the lane cannot take is handed back (rule 1 of the
+   module: the Python path counts it).
+Pure: no I/O; ``now`` is an argument. The daemon's hooks (tencrypt/daemon.py) call ``learn``
+and ``forget``; the compiled lane adds the reads and writes (``pump_tun``, ``pump_udp``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from tencrypt.core import fastpath as pure_fastpath
+from tencrypt.core.batch import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VNET_HDR_LEN,
+    Rows,
+    csum_field,
+    ones_sum,
+)
+from tencrypt.core.packet import DST, SRC, TCP, UDP, parse_ipv4, rewrite_addr, rewrite_port
+from tencrypt.core.policyflows import PolicyFlows
+from tencrypt.core.stats import Counter, Stats
+
+if TYPE_CHECKING:
+    from tencrypt.core.conntrack import ServiceFlows
+    from tencrypt.core.dispatch import Dispatcher
+    from tencrypt.core.nat import FlowTable
+    from tencrypt.core.peer import Endpoint, Peer, Session
+    from tencrypt.core.session import Tunnel
+
+Buffer = bytes | bytearray | memoryview
+MAX_FLOWS = 4096  # learnt flows; one more flushes the tables (closed flows are never removed)
+NO_SYN_FIN_RST = 0x07  # TCP flags the lane leaves to the Python path (conntrack state)
+_HEADER = struct.Struct("<IIQ")
+_VNET = struct.Struct("=BBHHHH")
+_ZERO_VNET = bytes(VNET_HDR_LEN)
+_U16 = struct.Struct("!H")
+
+
+def key13(pkt: Buffer) -> bytes | None:
+    """Rule 2's eligibility and the flow key of an IPv4 packet: protocol, source, destination,
+    source port, destination port (13 bytes), or None."""
+    n = len(pkt)
+    if n < 28 or pkt[0] != 0x45 or (pkt[2] << 8 | pkt[3]) != n or (pkt[6] & 0x3F) or pkt[7]:
+        return None
+    proto = pkt[9]
+    if proto == TCP:
+        if n < 40 or pkt[33] & NO_SYN_FIN_RST or not 20 <= (pkt[32] >> 4) << 2 <= n - 20:
+            return None
+    elif proto != UDP:
+        return None
+    return bytes((proto,)) + bytes(pkt[12:24])
+
+
+def _session_of(take: Callable[..., Any]) -> Any:
+    """The session of an ``out`` entry's ``take`` (a bound ``Sender.take``)."""
+    return getattr(getattr(take, "__self__", None), "session", None)
+
+
+def _swap(key: bytes) -> bytes:
+    """The key of the reply: addresses and ports swapped."""
+    return key[:1] + key[5:9] + key[1:5] + key[11:13] + key[9:11]
+
+
+class FlowRef:
+    """A flow of core/conntrack.py (Service translation) or core/policyflows.py (NetworkPolicy)
+    as the lane sees it: alive (the same flow object still in its table, not idle past its
+    class's timeout, a policy flow not blocked), and touched by a packet (what ``translate``,
+    ``translate_reply``, ``outbound`` and ``inbound`` do for a packet without SYN, FIN or
+    RST: ``IdleFlows.touch`` in its own class)."""
+
+    __slots__ = ("table", "key", "flow", "policy")
+
+    def __init__(self, table: ServiceFlows | PolicyFlows, key: tuple[int, ...], flow: Any):
+        # flow: the table's flow object when the lane learnt it
+        self.table, self.key, self.flow = table, key, flow
+        self.policy = isinstance(table, PolicyFlows)
+
+    def live(self, now: float) -> bool:
+        idle: Any = self.table._idle  # read each time: a new policy replaces it
+        got = idle.flows.get(self.key)
+        if got is None or got is not self.flow:
+            return False
+        if self.policy and got.decision is None:  # blocked by a newer policy
+            return False
+        return bool(now - got.last_seen < idle.timeouts[got.queue])
+
+    def touch(self, now: float) -> None:
+        idle: Any = self.table._idle
+        idle.touch(self.key, self.flow, self.flow.queue, now)
+
+
+Refs = tuple[FlowRef, ...]
+
+
+class Sender:
+    """One learnt outbound flow's admission (rule 3): ``take(nbytes, now)`` -> (counter,
+    endpoint) after making the Python path's state changes, or None (nothing changed)."""
+
+    __slots__ = ("lane", "peer", "session", "dst", "refs", "policy")
+
+    def __init__(self, lane: Express, peer: Peer, s: Session, dst: str, refs: Refs, policy: bool):
+        self.lane, self.peer, self.session, self.dst, self.refs = lane, peer, s, dst, refs
+        self.policy = policy  # a NetworkPolicy was in force at ``learn``
+
+    def take(self, nbytes: int, now: float) -> tuple[int, Endpoint] | None:
+        lane, peer, s = self.lane, self.peer, self.session
+        if len(lane.nat) or (lane.dispatch.netpol.policy is not None) != self.policy:
+            return None
+        if peer.current is not s or lane.by_addr.get(self.dst) is not peer:
+            return None
+        limits = lane.tunnel.limits
+        c = s.send_counter
+        if s.send_aead is None or now >= s.expires_at or c + 1 > limits.reject_after_messages:
+            return None
+        if peer.pending is None and (
+            c + 1 >= limits.rekey_after_messages or (s.initiator and now >= s.rekey_at)
+        ):
+            return None  # this packet starts a re-key: the Python path's
+        refs = self.refs
+        for ref in refs:
+            if not ref.live(now):
+                return None
+        for ref in refs:
+            ref.touch(now)
+        s.send_counter = c + 1  # rule 4: the one counter, advanced where it is used
+        peer.keepalive_due = None
+        peer.tx_packets += 1
+        peer.tx_bytes += nbytes
+        if peer.stale_due is None:
+            peer.stale_due = now + limits.stale_timeout
+        counters = lane.stats.counters
+        counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + 1
+        counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + nbytes
+        return c, peer.endpoint
+
+
+class Receiver:
+    """One session's inbound admission (rule 3): ``accept(source, nbytes, addr, now, refs)``
+    makes the Python path's state changes for one opened packet and says True, or changes
+    nothing and says False."""
+
+    __slots__ = ("lane", "peer", "session")
+
+    def __init__(self, lane: Express, peer: Peer, s: Session):
+        self.lane, self.peer, self.session = lane, peer, s
+
+    def accept(
+        self, source: bytes, nbytes: int, addr: Endpoint, now: float, refs: tuple[Refs, bool]
+    ) -> bool:
+        lane, peer, s = self.lane, self.peer, self.session
+        flows, policy = refs
+        if (lane.dispatch.netpol.policy is not None) != policy:
+            return False
+        if s.recv_aead is None or now >= s.expires_at or not s.confirmed:
+            return False
+        if lane.by_index.get(s.local_index) is not s or s.peer is not peer:
+            return False
+        if addr != peer.endpoint:  # roaming, or a VIP peer's traffic from elsewhere: Python's
+            return False
+        if s.initiator and now >= s.renew_at and peer.pending is None and peer.current is s:
+            return False  # this packet starts a renewal
+        if source not in peer.allowed and source != s.pod_ip:
+            return False
+        for ref in flows:
+            if not ref.live(now):
+                return False
+        for ref in flows:
+            ref.touch(now)
+        peer.stale_due = None
+        peer.endpoint = addr
+        peer.confirmed = True
+        if peer.keepalive_due is None:
+            peer.keepalive_due = now + lane.tunnel.limits.keepalive_timeout
+        peer.rx_packets += 1
+        peer.rx_bytes += nbytes
+        counters = lane.stats.counters
+        counters[Counter.PACKETS_OPENED] = counters.get(Counter.PACKETS_OPENED, 0) + 1
+        counters[Counter.BYTES_OPENED] = counters.get(Counter.BYTES_OPENED, 0) + nbytes
+        return True
+
+
+class Express:
+    """The lane's tables (rule 1) and the pure twin of the compiled lane's per-packet work."""
+
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        dispatch: Dispatcher,
+        nat: FlowTable,
+        stats: Stats,
+        pod_ip: str,
+        mtu: int,
+    ) -> None:
+        self.tunnel, self.dispatch, self.nat, self.stats = tunnel, dispatch, nat, stats
+        self.by_addr = tunnel.table.by_addr
+        self.by_index = tunnel.table.by_index
+        self.pod4 = ipaddress.IPv4Address(pod_ip).packed
+        self.mtu = mtu
+        self.out: dict[bytes, tuple[bytes, int, bytes, int, Callable[..., Any]]] = {}
+        self.inn: dict[bytes, tuple[bytes, int, tuple[Refs, bool]]] = {}
+        self.slots: dict[int, tuple[bytes, Any, int, Callable[..., bool]]] = {}
+        self.learnt = 0  # entries installed (status, tests)
+        self._sessions: dict[Peer, Session] = {}  # the one session per peer the tables hold
+
+    # ---- the tables (rule 2) ------------------------------------------------------------
+    def flush(self) -> None:
+        self.out.clear()
+        self.inn.clear()
+        self.slots.clear()
+        self._sessions.clear()
+
+    def _retire(self, old: Session) -> None:
+        """Every entry of ``old`` (its peer has a new session) goes."""
+        self.slots.pop(old.local_index, None)
+        stale = [k for k, e in self.out.items() if _session_of(e[4]) is old]
+        for key in stale:
+            self.forget(key)
+
+    def before(self, pkt: Buffer) -> bytes | None:
+        """The shell, for a packet read from tenc0 before anything rewrites it: its key when
+        the lane could take the flow (``learn`` after the route); a TCP SYN of an IPv4
+        flow makes the lane forget that flow (rule 2)."""
+        key = key13(pkt)
+        syn = key is None and len(pkt) >= 40 and pkt[0] == 0x45 and pkt[9] == TCP
+        if syn and self.out and pkt[33] & 0x02:
+            self.forget(bytes(pkt[9:10]) + bytes(pkt[12:24]))
+        return key
+
+    def forget(self, key: bytes) -> None:
+        """A SYN of flow ``key`` (as the app sent it): its entries go (it may choose again)."""
+        entry = self.out.pop(key, None)
+        if entry is not None:
+            new_dst, new_dport = entry[2], entry[3]
+            reply = _swap(key)
+            if new_dst:
+                reply = reply[:1] + new_dst + reply[5:9] + _U16.pack(new_dport) + reply[11:13]
+            self.inn.pop(reply, None)
+
+    def learn(self, key: bytes, pkt: Buffer, dst: str, now: float) -> bool:
+        """The Python path routed ``pkt`` (flow ``key``, as sent; now translated in place) to
+        SEAL for ``dst``: install its entries if the lane can take its next packets."""
+        if len(self.nat):
+            return False
+        peer = self.by_addr.get(dst)
+        s = peer.current if peer is not None else None
+        if peer is None or s is None or not s.confirmed or s.send_key is None:
+            return False
+        if s.recv_key is None or (not self.dispatch.cluster and peer.pinned):
+            return False  # standalone's VIP path counts its packets: Python's
+        old = self._sessions.get(peer)
+        if old is not None and old is not s:
+            self._retire(old)
+        if len(self.out) >= MAX_FLOWS and key not in self.out:
+            self.flush()
+        self._sessions[peer] = s
+        new = bytes(pkt[16:20]) + bytes(pkt[22:24])
+        proto, src = key[0], int.from_bytes(key[1:5], "big")
+        sport = int.from_bytes(key[9:11], "big")
+        refs: list[FlowRef] = []
+        netpol = self.dispatch.netpol
+        policy = netpol.policy is not None
+        if policy:  # the policy flow, keyed from the pod's side after the translation
+            pkey = (
+                proto,
+                src,
+                sport,
+                int.from_bytes(new[:4], "big"),
+                int.from_bytes(new[4:], "big"),
+            )
+            pflow = netpol._idle.flows.get(pkey)
+            if pflow is None or pflow.decision is None:
+                return False
+            refs.append(FlowRef(netpol, pkey, pflow))
+        translated = new != key[5:9] + key[11:13]
+        if translated:  # its Service flow is touched per packet
+            vport = int.from_bytes(key[11:13], "big")
+            skey = (proto, src, sport, int.from_bytes(key[5:9], "big"), vport)
+            flow = self.dispatch.flows._idle.flows.get(skey)
+            if flow is None:
+                return False
+            refs.append(FlowRef(self.dispatch.flows, skey, flow))
+        both = tuple(refs)
+        sender = Sender(self, peer, s, dst, both, policy).take
+        if translated:
+            new_dst, new_dport = new[:4], int.from_bytes(new[4:], "big")
+            self.out[key] = (s.send_key, s.remote_index, new_dst, new_dport, sender)
+            reply = key[:1] + new_dst + key[1:5] + new[4:] + key[9:11]
+            self.inn[reply] = (key[5:9], vport, (both, policy))
+        else:
+            self.out[key] = (s.send_key, s.remote_index, b"", -1, sender)
+            self.inn[_swap(key)] = (b"", -1, (both, policy))
+        self.slots[s.local_index] = (
+            s.recv_key,
+            s.replay,
+            self.tunnel.limits.reject_after_messages,
+            Receiver(self, peer, s).accept,
+        )
+        self.learnt += 1
+        return True
+
+    # ---- the twin of the compiled lane ----------------------------------------------------
+    def outbound(self, frame: Buffer, now: float) -> tuple[bytes, Endpoint] | None:
+        """One frame read from tenc0 (virtio-net header, then the packet): the sealed datagram
+        and where it goes, or None (the Python path's; nothing changed)."""
+        if len(frame) < VNET_HDR_LEN + 28:
+            return None
+        flags, gso_type, _h, _g, start, offset = _VNET.unpack_from(frame, 0)
+        if gso_type:
+            return None
+        pkt = bytearray(frame[VNET_HDR_LEN:])
+        key = key13(pkt)
+        if key is None or len(pkt) > self.mtu:
+            return None
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:  # as core/batch.py _complete
+            at = start + offset
+            if start < 20 or at + 2 > len(pkt):
+                return None
+            ck = csum_field(ones_sum(pkt, start, len(pkt)))
+            if ck == 0 and pkt[9] == UDP:
+                ck = 0xFFFF
+            _U16.pack_into(pkt, at, ck)
+        entry = self.out.get(key)
+        if entry is None:
+            return None
+        send_key, index, new_dst, new_dport, take = entry
+        got = take(len(pkt), now)
+        if got is None:
+            return None
+        counter, endpoint = got
+        if new_dst:  # as core/conntrack.py translate: the address, then the port
+            ip = parse_ipv4(pkt)
+            assert ip is not None
+            rewrite_addr(pkt, ip, DST, int.from_bytes(new_dst, "big"))
+            rewrite_port(pkt, ip, DST, new_dport)
+        return pure_fastpath.seal_batch(send_key, index, counter, [pkt]), endpoint
+
+    def inbound(self, datagram: Buffer, addr: Endpoint, now: float) -> bytes | None:
+        """One datagram: the frame to write to tenc0 (an all-zero virtio-net header, then the
+        packet), or None (the Python path's; nothing changed)."""
+        if len(datagram) < 32 + 28:
+            return None
+        word, index, counter = _HEADER.unpack_from(datagram, 0)
+        slot = self.slots.get(index) if word == 4 else None
+        if slot is None:
+            return None
+        recv_key, window, limit, accept = slot
+        if counter >= limit or not window.check(counter):
+            return None
+        nonce = b"\x00\x00\x00\x00" + bytes(datagram[8:16])
+        try:
+            plain = ChaCha20Poly1305(recv_key).decrypt(
+                nonce, bytes(datagram[16:]), bytes(datagram[:16])
+            )
+        except InvalidTag:
+            return None
+        key = key13(plain)
+        if key is None or plain[16:20] != self.pod4:
+            return None
+        entry = self.inn.get(key)
+        if entry is None:
+            return None
+        vip, vport, refs = entry
+        if not accept(plain[12:16], len(plain), addr, now, refs):
+            return None
+        window.update(counter)
+        pkt = bytearray(plain)
+        if vip:  # as core/conntrack.py translate_reply
+            ip = parse_ipv4(pkt)
+            assert ip is not None
+            rewrite_addr(pkt, ip, SRC, int.from_bytes(vip, "big"))
+            rewrite_port(pkt, ip, SRC, vport)
+        return _ZERO_VNET + bytes(pkt)
+
+
+def read_datagrams(
+    data: bytes, gro_size: int, truncated: bool, stats: Stats
+) -> list[memoryview] | Rows:
+    """What ``linux.gso.UdpBatch.recv_batch`` makes of one receive, for a receive the compiled
+    lane made and handed back: the datagrams (a GRO read cut every ``gro_size`` bytes)."""
+    view = memoryview(data)
+    nbytes = len(data)
+    size = gro_size or nbytes
+    if truncated:
+        stats.inc(Counter.UDP_TRUNCATED)
+        if size <= 0 or size >= nbytes:
+            return []
+        nbytes -= nbytes % size
+    if size <= 0 or size >= nbytes:
+        return [view[:nbytes]]
+    count = -(-nbytes // size)
+    return Rows(view, size, size, count, nbytes - (count - 1) * size)

@@ -1,0 +1,465 @@
+"""The express lane (core/express.py, tencrypt/_lane.c) against the Python path it shortcuts.
+
+Three cluster-mode proxies on in-memory ports (tests/unit/fakes.py) open a connection through
+a Service the normal way; the lane has then learnt the flow. Every test runs the pure twin
+(``Express.outbound``/``inbound``) and the compiled ``Lane`` (skipped when not built):
+- the lane's datagram and the Python path's for the same packet from the same state are the
+  same bytes, and leave the same state (counter, peer deadlines and figures, stats, the
+  Service flow's last-seen time); inbound the same frame into tenc0;
+- rule 4 (ownership): lane and Python seals of one session interleave with strictly
+  increasing counters, and a datagram one path opened is a replay for the other;
+- bad input (random bytes, cut or flipped datagrams, mutated frames) is handed back, never
+  raises, changes nothing;
+- the pumps on real (loopback, socketpair) descriptors: what they take goes out, what they
+  cannot take comes back in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import socket
+import struct
+from typing import Any
+
+import pytest
+
+from tencrypt import fastpath
+from tencrypt.core.express import Express, key13
+from tencrypt.core.membership import Members
+from tencrypt.core.stats import Counter, DropReason
+from tests.unit.fakes import Pod, Wire
+from tests.unit.test_daemon_services import B1, B2, VIP, A, members, tcp
+
+COMPILED = fastpath.compiled()
+LANES = [
+    "python",
+    pytest.param(
+        "c",
+        marks=pytest.mark.skipif(
+            COMPILED is None or not hasattr(COMPILED, "Lane"), reason="tencrypt._fastpath not built"
+        ),
+    ),
+]
+
+
+def policy_members(ip: str, policy: bool) -> Members:
+    """The cluster's membership as ``ip``'s file says it; ``policy``: with a NetworkPolicy
+    document (not isolating, but tracked: core/policyflows.py rule 6), as the agent writes."""
+    found = members(B1, B2)
+    if not policy:
+        return found
+    doc = {
+        "format": "tencrypt-netpol/1",
+        "project": "shop",
+        "pod": ip,
+        "generation": 0,
+        "ips": [ip],
+        "ingress": {"isolated": False, "policies": [], "rules": []},
+        "egress": {"isolated": False, "policies": [], "rules": []},
+        "named_ports": {},
+        "malformed": [],
+    }
+    return dataclasses.replace(found, network_policy=json.dumps(doc))
+
+
+def frame(packet: bytes) -> bytes:
+    return bytes(10) + packet  # a virtio-net header asking nothing
+
+
+class Lab:
+    """A (client) -> VIP -> B2 (picked), an established TCP connection learnt by both lanes."""
+
+    def __init__(self, policy: bool = False) -> None:
+        async def main() -> tuple[Pod, Pod, Pod, Wire]:
+            a = Pod(A, batch=True, members=policy_members(A, policy), rng=lambda bound: 1)
+            b1 = Pod(B1, batch=True, members=policy_members(B1, policy))
+            b2 = Pod(B2, batch=True, members=policy_members(B2, policy))
+            for pod in (a, b1, b2):
+                await pod.proxy.prepare()
+                pod.proxy.tunnel.fastpath = fastpath.select(os.environ)
+                c = pod.proxy.config
+                pod.proxy.express = Express(
+                    pod.proxy.tunnel,
+                    pod.proxy.dispatch,
+                    pod.proxy.flows,
+                    pod.stats,
+                    c.pod_ip,
+                    c.mtu,
+                )
+            wire = Wire(a, b1, b2)
+            a.app_sends(frame(tcp(A, VIP, 40000, 80, "S")))
+            wire.pump()
+            for pod in (a, b1, b2):
+                await pod.proxy.effects.round()
+            b2.app_sends(frame(tcp(B2, A, 8080, 40000, "SA")))
+            wire.pump()
+            a.app_sends(frame(tcp(A, VIP, 40000, 80, "A")))  # learnt by A's lane
+            wire.pump()
+            b2.app_sends(frame(tcp(B2, A, 8080, 40000, "PA")))  # learnt by B2's lane
+            wire.pump()
+            return a, b1, b2, wire
+
+        self.policy = policy
+        self.a, self.b1, self.b2, self.wire = asyncio.run(main())
+        self.now = self.a.clock.now
+
+    def lane(self, pod: Pod, kind: str) -> Any:
+        e = pod.proxy.express
+        assert e is not None
+        if kind == "python":
+            return e
+        assert COMPILED is not None
+        return COMPILED.Lane(e.out, e.inn, e.slots, e.pod4, pod.proxy.config.mtu)
+
+
+def state(pod: Pod, peer_ip: str) -> dict[str, Any]:
+    """What a packet of the flow may change (rule 3), to compare and to restore."""
+    peer = pod.proxy.tunnel.table.by_addr[peer_ip]
+    s = peer.current
+    assert s is not None
+    flows = pod.proxy.dispatch.flows._idle
+    policy = pod.proxy.dispatch.netpol._idle
+    return {
+        "counter": s.send_counter,
+        "top": s.replay.top,
+        "ring": bytes(s.replay.ring),
+        "peer": (
+            peer.keepalive_due,
+            peer.stale_due,
+            peer.tx_packets,
+            peer.tx_bytes,
+            peer.rx_packets,
+            peer.rx_bytes,
+            peer.endpoint,
+            peer.confirmed,
+        ),
+        "stats": dict(pod.stats.counters),
+        "drops": dict(pod.stats.drops),
+        "flows": [(k, f.last_seen, f.queue) for k, f in flows.flows.items()],
+        "order": [list(q) for q in flows.queues],
+        "policy": [(k, f.last_seen, f.queue) for k, f in policy.flows.items()],
+        "porder": [list(q) for q in policy.queues],
+    }
+
+
+def restore(pod: Pod, peer_ip: str, saved: dict[str, Any]) -> None:
+    peer = pod.proxy.tunnel.table.by_addr[peer_ip]
+    s = peer.current
+    assert s is not None
+    s.send_counter = saved["counter"]
+    s.replay.top = saved["top"]
+    s.replay.ring[:] = memoryview(bytearray(saved["ring"])).cast("Q")
+    (
+        peer.keepalive_due,
+        peer.stale_due,
+        peer.tx_packets,
+        peer.tx_bytes,
+        peer.rx_packets,
+        peer.rx_bytes,
+        peer.endpoint,
+        peer.confirmed,
+    ) = saved["peer"]
+    pod.stats.counters.clear()
+    pod.stats.counters.update(saved["stats"])
+    pod.stats.drops.clear()
+    pod.stats.drops.update(saved["drops"])
+    flows = pod.proxy.dispatch.flows._idle
+    for key, last_seen, _queue in saved["flows"]:
+        flows.flows[key].last_seen = last_seen
+    for queue, order in zip(flows.queues, saved["order"], strict=True):
+        for key in order:
+            queue.move_to_end(key)
+    policy = pod.proxy.dispatch.netpol._idle
+    for key, last_seen, _queue in saved["policy"]:
+        policy.flows[key].last_seen = last_seen
+    for queue, order in zip(policy.queues, saved["porder"], strict=True):
+        for key in order:
+            queue.move_to_end(key)
+
+
+def counter_of(datagram: bytes) -> int:
+    return int(struct.unpack_from("<Q", datagram, 8)[0])
+
+
+def test_both_sides_learnt_the_flow():
+    lab = Lab()
+    a, b2 = lab.a.proxy.express, lab.b2.proxy.express
+    assert a is not None and b2 is not None
+    assert list(a.out) == [key13(tcp(A, VIP, 40000, 80, "A"))]  # as A's app sent it
+    assert list(b2.out) == [key13(tcp(B2, A, 8080, 40000, "A"))]
+    assert a.out[next(iter(a.out))][2] == socket.inet_aton(B2)  # translated for B2
+    assert list(a.inn) == [key13(tcp(B2, A, 8080, 40000, "A"))]  # B2's replies -> the VIP
+    assert a.inn[next(iter(a.inn))][:2] == (socket.inet_aton(VIP), 80)
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+@pytest.mark.parametrize("kind", LANES)
+def test_outbound_is_the_python_paths_datagram_and_state(kind, policy):
+    lab = Lab(policy)
+    a = lab.a
+    data = frame(tcp(A, VIP, 40000, 80, "PA"))
+    lab.now += 0.5
+    a.clock.now = lab.now
+    before = state(a, B2)
+    a.app_sends(data)  # the Python path (it learns again: the same entries)
+    [(reference, endpoint)] = a.udp.sent
+    a.udp.sent = []
+    after = state(a, B2)
+    assert after["counter"] == before["counter"] + 1
+    restore(a, B2, before)
+    assert state(a, B2) == before
+    got = lab.lane(a, kind).outbound(data, lab.now)
+    assert got == (reference, endpoint)
+    assert state(a, B2) == after
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+@pytest.mark.parametrize("kind", LANES)
+def test_inbound_is_the_python_paths_frame_and_state(kind, policy):
+    lab = Lab(policy)
+    a, b2 = lab.a, lab.b2
+    b2.app_sends(frame(tcp(B2, A, 8080, 40000, "PA")))
+    [(datagram, _)] = b2.udp.sent
+    b2.udp.sent = []
+    addr = a.proxy.tunnel.table.by_addr[B2].endpoint
+    lab.now += 0.25
+    a.clock.now = lab.now
+    before = state(a, B2)
+    a.tun.written = []
+    a.udp.inbox.append(([datagram], addr))
+    a.proxy._on_udp()
+    [(hdr, packet)] = a.tun.written
+    after = state(a, B2)
+    assert after["top"] == counter_of(datagram)
+    restore(a, B2, before)
+    assert state(a, B2) == before
+    got = lab.lane(a, kind).inbound(datagram, addr, lab.now)
+    assert got == hdr + packet
+    assert state(a, B2) == after
+    assert packet[12:16] == socket.inet_aton(VIP)  # the app sees the Service it called
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_rule_4_one_counter_and_one_window_whichever_path_uses_them(kind):
+    lab = Lab(policy=True)
+    a, b2 = lab.a, lab.b2
+    lane, lane_b2 = lab.lane(a, kind), lab.lane(b2, kind)
+    peer = a.proxy.tunnel.table.by_addr[B2]
+    sealed: list[bytes] = []
+    for i in range(12):
+        data = frame(tcp(A, VIP, 40000, 80, "PA"))
+        if i % 3 == 0:
+            got = lane.outbound(data, lab.now)
+            assert got is not None
+            sealed.append(got[0])
+        elif i % 3 == 1:
+            a.app_sends(data)  # the Python path's seal
+            sealed += [d for d, _ in a.udp.sent]
+            a.udp.sent = []
+        else:  # a keepalive, as the timers seal it
+            a.proxy.tunnel.send(B2, b"", lab.now, 0.0)
+            sealed += [bytes(d) for d, _ in a.proxy.tunnel.pop_transmits()]
+    counters = [counter_of(d) for d in sealed]
+    assert counters == sorted(set(counters)) and len(counters) == 12  # no nonce twice
+    assert peer.current is not None and peer.current.send_counter == counters[-1] + 1
+    # B2: its lane opens one, then the Python path sees it again: a replay, counted
+    addr = b2.proxy.tunnel.table.by_addr[A].endpoint
+    first = sealed[0]
+    assert lane_b2.inbound(first, addr, lab.now) is not None
+    b2.udp.inbox.append(([first], addr))
+    b2.proxy._on_udp()
+    assert b2.stats.dropped(DropReason.REPLAY) == 1
+    # the Python path opens one, then the lane hands it back untouched, and Python refuses it
+    second = sealed[3]
+    b2.udp.inbox.append(([second], addr))
+    b2.proxy._on_udp()
+    saved = state(b2, A)
+    assert lane_b2.inbound(second, addr, lab.now) is None
+    assert state(b2, A) == saved
+    b2.udp.inbox.append(([second], addr))
+    b2.proxy._on_udp()
+    assert b2.stats.dropped(DropReason.REPLAY) == 2
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_bad_input_is_handed_back_and_changes_nothing(kind):
+    lab = Lab()
+    a, b2 = lab.a, lab.b2
+    lane = lab.lane(a, kind)
+    b2.app_sends(frame(tcp(B2, A, 8080, 40000, "PA")))
+    [(good, _)] = b2.udp.sent
+    addr = a.proxy.tunnel.table.by_addr[B2].endpoint
+    rng = random.Random(26)
+    saved = state(a, B2)
+    bad = [b"", b"\x04", good[:-1], good[:40], good + b"x", bytes(len(good))]
+    for i in range(16, len(good)):  # a flipped bit anywhere past the header: a bad tag
+        flipped = bytearray(good)
+        flipped[i] ^= 1 << rng.randrange(8)
+        bad.append(bytes(flipped))
+    bad += [rng.randbytes(rng.randrange(0, 200)) for _ in range(200)]
+    bad.append(b"\x04\x00\x00\x00" + good[4:8] + b"\xff" * 8 + good[16:])  # counter at the limit
+    for datagram in bad:
+        assert lane.inbound(datagram, addr, lab.now) is None
+    assert lane.inbound(good, ("10.9.9.9", 1337), lab.now) is None  # not the peer's endpoint
+    assert state(a, B2) == saved
+    frames = [b"", bytes(9), bytes(10), frame(b"\x45"), frame(tcp(A, VIP, 40000, 80, "S"))]
+    frames += [frame(tcp(A, VIP, 40000, 80, "F")), frame(tcp(A, VIP, 40000, 80, "R"))]
+    frames += [frame(tcp(A, VIP, 40001, 80, "A")), frame(tcp(A, B1, 40000, 80, "A"))]
+    frames.append(b"\x00\x01" + bytes(8) + tcp(A, VIP, 40000, 80, "A"))  # a GSO frame
+    frames.append(frame(tcp(A, VIP, 40000, 80, "A") + b"pad"))  # total length not exact
+    frames += [rng.randbytes(rng.randrange(0, 120)) for _ in range(200)]
+    for data in frames:
+        assert lane.outbound(data, lab.now) is None
+    assert state(a, B2) == saved
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_two_lanes_agree_on_mutated_frames_and_datagrams():
+    lab = Lab()
+    a = lab.a
+    pure, c = lab.lane(a, "python"), lab.lane(a, "c")
+    rng = random.Random(1)
+    base = frame(tcp(A, VIP, 40000, 80, "PA"))
+    for _ in range(300):
+        data = bytearray(base)
+        for _ in range(rng.randrange(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        saved = state(a, B2)
+        want = pure.outbound(bytes(data), lab.now)
+        after = state(a, B2)
+        restore(a, B2, saved)
+        assert c.outbound(bytes(data), lab.now) == want
+        assert state(a, B2) == after
+
+
+def test_a_syn_forgets_the_flow_and_a_new_membership_flushes_the_lane():
+    lab = Lab()
+    a = lab.a
+    e = a.proxy.express
+    assert e is not None and e.out
+    a.app_sends(frame(tcp(A, VIP, 40000, 80, "S")))  # the tuple is reused: may choose again
+    assert key13(tcp(A, VIP, 40000, 80, "A")) not in e.out and not e.inn
+    a.app_sends(frame(tcp(A, VIP, 40000, 80, "A")))
+    assert e.out
+    a.set_members(members(B1, B2, generation=2))
+    assert not e.out and not e.inn and not e.slots
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_a_retired_session_is_never_used_by_the_lane(kind):
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, kind)
+    s = a.proxy.tunnel.table.by_addr[B2].current
+    assert s is not None
+    data = frame(tcp(A, VIP, 40000, 80, "PA"))
+    saved = state(a, B2)
+    assert lane.outbound(data, s.expires_at) is None  # expired: Python's path re-keys
+    s.initiator, rekey_at = True, s.rekey_at
+    assert lane.outbound(data, rekey_at) is None  # this packet would start the re-key
+    assert state(a, B2) == saved
+    peer = a.proxy.tunnel.table.by_addr[B2]
+    peer.current = None  # retired (a re-key installs another)
+    assert lane.outbound(data, lab.now) is None
+    peer.current = s
+    assert state(a, B2) == saved
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_pumps_send_what_they_take_and_hand_back_the_rest_in_order():
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, "c")
+    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for sock in (tun_proxy, udp, sink):
+            sock.setblocking(False)
+        udp.bind(("127.0.0.1", 0))
+        sink.bind(("127.0.0.1", 0))
+        peer = a.proxy.tunnel.table.by_addr[B2]
+        peer.endpoint = sink.getsockname()  # the peer proxy, on loopback
+        data = frame(tcp(A, VIP, 40000, 80, "PA"))
+        syn = frame(tcp(A, VIP, 40002, 80, "S"))
+        for f in (data, data, syn, data):
+            tun_app.send(f)
+        back, dropped = lane.pump_tun(tun_proxy.fileno(), udp.fileno(), lab.now, 64, 0)
+        assert back == [syn] and dropped == 0  # the SYN stops the pump; the last waits
+        got = [sink.recv(2048), sink.recv(2048)]
+        first = counter_of(got[0])
+        assert counter_of(got[1]) == first + 1 and peer.current.send_counter == first + 2
+        back, _ = lane.pump_tun(tun_proxy.fileno(), udp.fileno(), lab.now, 64, 0)
+        assert back == [] and len(sink.recv(2048)) == len(data) - 10 + 32
+        # a lone small frame, cold: no second read
+        tun_app.send(data)
+        tun_app.send(data)
+        back, _ = lane.pump_tun(tun_proxy.fileno(), udp.fileno(), lab.now, 64, 256)
+        assert back == [] and tun_proxy.recv(2048) == data  # the second is still queued
+        assert len(sink.recv(2048)) == len(data) - 10 + 32  # the first went out
+        # inbound: B2's datagram from the peer's endpoint goes to tenc0, a stranger's back
+        b2 = lab.b2
+        b2.app_sends(frame(tcp(B2, A, 8080, 40000, "PA")))
+        [(datagram, _)] = b2.udp.sent
+        peer.endpoint = udp.getsockname()  # the peer sends from here
+        want = lab.lane(a, "python")
+        saved = state(a, B2)
+        expected = want.inbound(datagram, peer.endpoint, lab.now)
+        restore(a, B2, saved)
+        udp.sendto(datagram, sink.getsockname())
+        udp.sendto(b"\x01junk", sink.getsockname())
+        back, errors = lane.pump_udp(sink.fileno(), tun_proxy.fileno(), lab.now, 64, 0)
+        assert errors == 0 and back == [(b"\x01junk", 0, False, udp.getsockname())]
+        assert expected is not None and tun_app.recv(70000) == expected
+        assert a.stats.get(Counter.PACKETS_OPENED.value) >= 1
+    finally:
+        for sock in (tun_app, tun_proxy, udp, sink):
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_with_a_policy_the_lane_touches_the_policy_flow_and_stops_when_it_is_blocked(kind):
+    lab = Lab(policy=True)
+    a = lab.a
+    netpol = a.proxy.dispatch.netpol
+    assert netpol.policy is not None
+    [(key, flow)] = [(k, f) for k, f in netpol._idle.flows.items() if k[4] == 8080]
+    lane = lab.lane(a, kind)
+    data = frame(tcp(A, VIP, 40000, 80, "PA"))
+    lab.now += 1.0
+    assert lane.outbound(data, lab.now) is not None
+    assert flow.last_seen == lab.now  # touched, as netpol.outbound touches it
+    flow.decision = None  # a newer policy blocks the flow (policyflows rule 5)
+    saved = state(a, B2)
+    assert lane.outbound(data, lab.now + 1) is None
+    assert state(a, B2) == saved
+    a.app_sends(data)  # the Python path drops it, counted
+    assert a.stats.dropped(DropReason.NETWORK_POLICY) == 1
+
+
+def test_a_new_session_of_the_peer_drops_the_old_ones_entries_and_the_tables_are_bounded(
+    monkeypatch,
+):
+    from tencrypt.core import express
+
+    lab = Lab()
+    a = lab.a
+    e = a.proxy.express
+    assert e is not None
+    peer = a.proxy.tunnel.table.by_addr[B2]
+    old = peer.current
+    assert old is not None and old.local_index in e.slots
+    new = dataclasses.replace(old, local_index=old.local_index + 1)
+    peer.current = new
+    assert e.learn(key13(tcp(A, B2, 5555, 8080, "A")), tcp(A, B2, 5555, 8080, "A"), B2, lab.now)
+    assert old.local_index not in e.slots and new.local_index in e.slots
+    assert list(e.out) == [key13(tcp(A, B2, 5555, 8080, "A"))]  # the VIP flow's went with it
+    monkeypatch.setattr(express, "MAX_FLOWS", 3)
+    for port in range(6000, 6004):
+        packet = tcp(A, B2, port, 8080, "A")
+        assert e.learn(key13(packet), packet, B2, lab.now)
+        assert len(e.out) <= 3
