@@ -35,12 +35,13 @@ Inbound, when the UDP socket is readable (``_on_udp``):
  6. inject: TSO frames written to tenc0 on the batch path (the kernel completes the TCP
     checksum), otherwise through the raw socket; 7. flush replies (handshakes, keepalives).
 Reads (READS), both directions: level-triggered readiness, so a reader may stop at any point
-and the loop calls it again while anything waits. Hot (this direction's previous callback
-ended within QUIET), it reads until EAGAIN or BATCH: a bulk transfer pays one readiness event
-per batch. Idle, when its first read is a lone small packet (not a super-packet; one datagram,
-not a GRO run), it stops there: the read that would only find EAGAIN costs 10-25 µs cold, on
-every hop of a sparse call (bench/results/cold-path.md); if more was queued, the loop's next
-callback comes at once, hot, and reads on.
+and the loop calls it again while anything waits. Hot (a reader of either direction returned
+within QUIET), it reads until EAGAIN or BATCH: a bulk transfer pays one readiness event per
+batch, and its small packets the other way (ACKs) are not read one per loop turn behind it.
+Idle (no reader returned for QUIET), when its first read is a lone small packet (not a
+super-packet; one datagram, not a GRO run), it stops there: the read that would only find
+EAGAIN costs 10-25 µs cold, on every hop of a sparse call (bench/results/cold-path.md); if
+more was queued, the loop's next callback comes at once, hot, and reads on.
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
 adopted, the membership loaded and applied — all before the first packet is read. Stop:
 stop reading, close the DNS proxy, remove the /32s added at run time; the firewall stays
@@ -102,7 +103,7 @@ if TYPE_CHECKING:  # imported by start() only in standalone strict mode (nfqueue
 
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
-QUIET = 200e-6  # seconds since a direction's last callback after which it counts as idle
+QUIET = 200e-6  # seconds since a reader last returned after which the proxy counts as idle
 HOLD_PER_PEER = 64  # opened packets waiting for their sender's route, per peer
 HOLD_TOTAL = 4096  # ... and in total
 NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear
@@ -135,7 +136,7 @@ class Proxy(ControlPlane):
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
         self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
         self.read_view = memoryview(self.read_buffer)
-        self.tun_done = self.udp_done = float("-inf")  # when each reader last returned (READS)
+        self.io_done = float("-inf")  # when a reader (either direction) last returned (READS)
         self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
         self.tunnel = Tunnel(
             psk,
@@ -259,7 +260,7 @@ class Proxy(ControlPlane):
         # by one call per destination, before any super-packet and at the end of the reads
         # (each destination's packets keep their order)
         to_peers: dict[str, list[bytes]] = {}
-        lone = now - self.tun_done > QUIET  # idle: a lone small packet is read alone (READS)
+        lone = now - self.io_done > QUIET  # idle: a lone small packet is read alone (READS)
         for _ in range(BATCH):
             n = read(self.read_buffer)
             if not n:
@@ -278,7 +279,7 @@ class Proxy(ControlPlane):
                 break
         self._seal_small(to_peers, now, wall)
         self._flush()
-        self.tun_done = self.clock()
+        self.io_done = self.clock()
 
     def _seal_small(self, to_peers: dict[str, list[bytes]], now: float, wall: float) -> None:
         for dst, packets in to_peers.items():  # what _on_tun collected: one call per peer
@@ -428,7 +429,7 @@ class Proxy(ControlPlane):
     def _on_udp(self) -> None:
         now, wall = self.clock(), self.wall()
         opened: list[bytes] = []
-        lone = now - self.udp_done > QUIET  # idle: a lone datagram is received alone (READS)
+        lone = now - self.io_done > QUIET  # idle: a lone datagram is received alone (READS)
         for _ in range(BATCH):
             try:
                 got = self.ports.udp.recv_batch()
@@ -449,7 +450,7 @@ class Proxy(ControlPlane):
             lone = False
         self._inject(self._routed(opened), now)
         self._flush()
-        self.udp_done = self.clock()
+        self.io_done = self.clock()
 
     def _routed(self, packets: list[bytes]) -> list[bytes]:
         """Step 3: packets whose sender's /32 is in place; the others wait for it."""

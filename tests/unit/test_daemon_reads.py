@@ -129,3 +129,16 @@ def test_idle_a_gro_run_is_bulk_and_reads_on():
     b.proxy._on_udp()
     assert len(reads) == 3 and reads[-1] is None and not b.udp.inbox
     assert payloads(b)[-3:] == [b"p0", b"p1", b"p2"]
+
+
+def test_busy_the_other_way_a_lone_packet_is_read_until_eagain():
+    """Idle means the whole proxy: while one direction is busy (a bulk transfer's data), the
+    other's small packets (its ACKs) are read until EAGAIN, not one per loop turn."""
+    a, _b, _wire = paired(True)
+    idle(a)
+    a.udp.inbox.append(([b"not a datagram of ours"], (B, 1337)))
+    a.proxy._on_udp()  # the other direction, just now
+    reads = counted(a.tun, "readinto")
+    a.tun.inbox.append(frame(True, b"ack"))
+    a.proxy._on_tun()
+    assert len(reads) == 2 and reads[-1] == 0
