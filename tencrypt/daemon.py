@@ -35,13 +35,15 @@ Inbound, when the UDP socket is readable (``_on_udp``):
  6. inject: TSO frames written to tenc0 on the batch path (the kernel completes the TCP
     checksum), otherwise through the raw socket; 7. flush replies (handshakes, keepalives).
 Reads (READS), both directions: level-triggered readiness, so a reader may stop at any point
-and the loop calls it again while anything waits. Hot (a reader of either direction returned
-within QUIET), it reads until EAGAIN or BATCH: a bulk transfer pays one readiness event per
-batch, and its small packets the other way (ACKs) are not read one per loop turn behind it.
-Idle (no reader returned for QUIET), when its first read is a lone small packet (not a
-super-packet; one datagram, not a GRO run), it stops there: the read that would only find
-EAGAIN costs 10-25 µs cold, on every hop of a sparse call (bench/results/cold-path.md); if
-more was queued, the loop's next callback comes at once, hot, and reads on.
+and the loop calls it again while anything waits. A reader is hot when, within QUIET before
+it starts, either reader met a burst (more than one read with data, a super-packet, a GRO
+run) or this reader stopped early (below); hot, it reads until EAGAIN or BATCH: a bulk
+transfer pays one readiness event per batch, and its small packets the other way (ACKs) are
+not read one per loop turn behind it. Otherwise (idle, or one packet each way as in a
+request and its answer), when its first read is a lone small packet (not a super-packet; one
+datagram, not a GRO run), it stops there: the read that would only find EAGAIN costs 10-25
+µs cold, on every hop of a sparse call (bench/results/cold-path.md). If more was queued, the
+loop calls it again at once, and it is hot then.
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
 adopted, the membership loaded and applied — all before the first packet is read. Stop:
 stop reading, close the DNS proxy, remove the /32s added at run time; the firewall stays
@@ -103,7 +105,7 @@ if TYPE_CHECKING:  # imported by start() only in standalone strict mode (nfqueue
 
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
-QUIET = 200e-6  # seconds since a reader last returned after which the proxy counts as idle
+QUIET = 200e-6  # seconds a burst, or a reader's early stop, keeps the readers hot (READS)
 HOLD_PER_PEER = 64  # opened packets waiting for their sender's route, per peer
 HOLD_TOTAL = 4096  # ... and in total
 NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear
@@ -136,7 +138,8 @@ class Proxy(ControlPlane):
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
         self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
         self.read_view = memoryview(self.read_buffer)
-        self.io_done = float("-inf")  # when a reader (either direction) last returned (READS)
+        # READS: when a reader last met a burst, when each last stopped after a lone packet
+        self.busy = self.tun_cut = self.udp_cut = float("-inf")
         self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
         self.tunnel = Tunnel(
             psk,
@@ -260,8 +263,9 @@ class Proxy(ControlPlane):
         # by one call per destination, before any super-packet and at the end of the reads
         # (each destination's packets keep their order)
         to_peers: dict[str, list[bytes]] = {}
-        lone = now - self.io_done > QUIET  # idle: a lone small packet is read alone (READS)
-        for _ in range(BATCH):
+        lone = now - max(self.busy, self.tun_cut) > QUIET  # a lone packet is read alone (READS)
+        burst = False
+        for count in range(BATCH):  # noqa: B007 - read after the loop
             n = read(self.read_buffer)
             if not n:
                 break
@@ -271,7 +275,7 @@ class Proxy(ControlPlane):
             elif is_super_packet(frame):
                 self._seal_small(to_peers, now, wall)
                 self._outbound_super(frame, now, wall)
-                lone = False
+                lone, burst = False, True
             else:  # one packet, its checksum completed (the kernel may leave it partial)
                 for pkt in split_tcp_batch(frame, self.stats):
                     self._outbound(pkt, now, wall, to_peers)
@@ -279,7 +283,10 @@ class Proxy(ControlPlane):
                 break
         self._seal_small(to_peers, now, wall)
         self._flush()
-        self.io_done = self.clock()
+        if lone:  # stopped after a lone packet: more may be queued
+            self.tun_cut = self.clock()
+        elif burst or count > 1:  # count: the packets read, when EAGAIN ended the reads
+            self.busy = self.clock()
 
     def _seal_small(self, to_peers: dict[str, list[bytes]], now: float, wall: float) -> None:
         for dst, packets in to_peers.items():  # what _on_tun collected: one call per peer
@@ -429,8 +436,9 @@ class Proxy(ControlPlane):
     def _on_udp(self) -> None:
         now, wall = self.clock(), self.wall()
         opened: list[bytes] = []
-        lone = now - self.io_done > QUIET  # idle: a lone datagram is received alone (READS)
-        for _ in range(BATCH):
+        lone = now - max(self.busy, self.udp_cut) > QUIET  # a lone one is read alone (READS)
+        burst = False
+        for count in range(BATCH):  # noqa: B007 - read after the loop
             try:
                 got = self.ports.udp.recv_batch()
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
@@ -445,12 +453,15 @@ class Proxy(ControlPlane):
             if len(opened) >= BATCH:
                 self._inject(self._routed(opened), now)
                 opened = []
-            if lone and len(datagrams) == 1:  # idle, one datagram: epoll reports the next
+            if lone and len(datagrams) == 1:  # one datagram: epoll reports the next
                 break
-            lone = False
+            lone, burst = False, burst or len(datagrams) > 1
         self._inject(self._routed(opened), now)
         self._flush()
-        self.io_done = self.clock()
+        if lone:
+            self.udp_cut = self.clock()
+        elif burst or count > 1:
+            self.busy = self.clock()
 
     def _routed(self, packets: list[bytes]) -> list[bytes]:
         """Step 3: packets whose sender's /32 is in place; the others wait for it."""

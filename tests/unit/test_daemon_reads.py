@@ -131,14 +131,27 @@ def test_idle_a_gro_run_is_bulk_and_reads_on():
     assert payloads(b)[-3:] == [b"p0", b"p1", b"p2"]
 
 
-def test_busy_the_other_way_a_lone_packet_is_read_until_eagain():
-    """Idle means the whole proxy: while one direction is busy (a bulk transfer's data), the
-    other's small packets (its ACKs) are read until EAGAIN, not one per loop turn."""
+def test_a_burst_the_other_way_makes_a_lone_packet_read_until_eagain():
+    """While one direction is busy (a bulk transfer's data), the other's small packets (its
+    ACKs) are read until EAGAIN, not one per loop turn behind it."""
     a, _b, _wire = paired(True)
     idle(a)
-    a.udp.inbox.append(([b"not a datagram of ours"], (B, 1337)))
-    a.proxy._on_udp()  # the other direction, just now
+    a.udp.inbox.append(([b"not ours", b"nor this"], (B, 1337)))  # a GRO run: a burst
+    a.proxy._on_udp()
     reads = counted(a.tun, "readinto")
     a.tun.inbox.append(frame(True, b"ack"))
     a.proxy._on_tun()
     assert len(reads) == 2 and reads[-1] == 0
+
+
+def test_a_lone_packet_the_other_way_leaves_the_answer_lone():
+    """A request in and its answer out a few µs later: one read each (the server's side of a
+    sparse call), the other direction's lone packet makes nothing hot."""
+    a, _b, _wire = paired(True)
+    idle(a)
+    udp_reads, tun_reads = counted(a.udp, "recv_batch"), counted(a.tun, "readinto")
+    a.udp.inbox.append(([b"not a datagram of ours"], (B, 1337)))
+    a.proxy._on_udp()
+    a.tun.inbox.append(frame(True, b"answer"))
+    a.proxy._on_tun()
+    assert len(udp_reads) == 1 and len(tun_reads) == 1 and tun_reads[0]
