@@ -14,7 +14,7 @@ pods patched with it (nginx1 -> nginx2's Service, cluster mode):
  5. ``tcp``: iperf3 TCP, one stream, ``--seconds``, Gbit/s.
 Variants (``--variants``, comma-separated, run ``--rounds`` times in rotation so that drift of
 the shared machine spreads over all of them): ``before`` (the tree ``--before-tree`` names,
-e.g. the main checkout: the proxies import it through PYTHONPATH), ``asyncio`` (this tree,
+e.g. a checkout of the commit before a change: the proxies import it through PYTHONPATH), ``asyncio`` (this tree,
 ``--spin-us 400``, the default), ``asyncio0`` (this tree, ``--spin-us 0``), ``uvloop`` (this
 tree on uvloop's loop, which has no polling window: `tencrypt run` has no option for it, so the
 proxies run through a shim, ``UVLOOP_SHIM``, written as the lab's ``tencrypt`` executable, that
@@ -72,8 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seconds", type=float, default=10.0, help="per phase (default 10)")
     p.add_argument("--interval-ms", type=float, default=20.0, help="sparse shape's gap (20)")
-    p.add_argument("--variants", default="before,asyncio,uvloop")
-    p.add_argument("--before-tree", type=Path, default=Path("/work/main"))
+    p.add_argument("--variants", default="asyncio,asyncio0,uvloop")
+    p.add_argument("--before-tree", type=Path, help="a checkout to compare (variant before)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--phases", default="sparse,syscalls,rr,tcp")
     p.add_argument("--faults", action="store_true", help="where proxy A's page faults come from")
@@ -82,6 +82,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; of {','.join(VARIANTS)}")
+    if "before" in a.variants.split(",") and a.before_tree is None:
+        p.error("--variants before: --before-tree names the checkout to compare")
     return a
 
 
