@@ -39,7 +39,18 @@ tunnel, ``--no-batch`` or the pure backend): each readiness of tenc0 or of the U
 one C call that seals (opens) the packets of the flows ``_outbound`` learnt and hands back
 the first it cannot take, which then takes the steps above; a super-packet or a GRO read
 handed back lets the Python loop go on reading. Its tables are flushed on a new membership
-and on peer events.
+and on peer events. It follows the read rule below: cold, it stops after a first packet of at
+most LONE_BYTES that it took.
+Reads (READS), both directions: level-triggered readiness, so a reader may stop at any point
+and the loop calls it again while anything waits. A reader is hot when, within QUIET before
+it starts, either reader met a burst (more than one read with data, a super-packet, a GRO
+run) or this reader stopped early (below); hot, it reads until EAGAIN or BATCH: a bulk
+transfer pays one readiness event per batch, and its small packets the other way (ACKs) are
+not read one per loop turn behind it. Otherwise (idle, or one packet each way as in a
+request and its answer), when its first read is a lone small packet (not a super-packet; one
+datagram, not a GRO run), it stops there: the read that would only find EAGAIN costs 10-25
+µs cold, on every hop of a sparse call (bench/results/cold-path.md). If more was queued, the
+loop calls it again at once, and it is hot then.
 Start: the firewall is checked (setup installed it), what a previous run left in its sets is
 adopted, the membership loaded and applied — all before the first packet is read. Stop:
 stop reading, close the DNS proxy, remove the /32s added at run time; the firewall stays
@@ -102,8 +113,8 @@ if TYPE_CHECKING:  # imported by start() only in standalone strict mode (nfqueue
 
 log = logging.getLogger("tencrypt.run")
 BATCH = 64  # packets or datagrams handled per readiness event before yielding to the loop
-LONE_BYTES = 256  # express lane: a first packet this small after COLD_AFTER idle is read alone
-COLD_AFTER = 0.001  # seconds without a readiness event of that direction: cold
+QUIET = 200e-6  # seconds a burst, or a reader's early stop, keeps the readers hot (READS)
+LONE_BYTES = 256  # express lane: a first packet this small, taken while cold, is read alone
 HOLD_PER_PEER = 64  # opened packets waiting for their sender's route, per peer
 HOLD_TOTAL = 4096  # ... and in total
 NO_STRICT_GIVE_UP = 5.0  # --no-strict: seconds of unanswered handshakes before the clear
@@ -137,6 +148,8 @@ class Proxy(ControlPlane):
         self.split_buffer = bytearray(2 * 65536)  # reused by every split (core.batch)
         self.read_buffer = bytearray(READ_SIZE)  # reused by every read from tenc0
         self.read_view = memoryview(self.read_buffer)
+        # READS: when a reader last met a burst, when each last stopped after a lone packet
+        self.busy = self.tun_cut = self.udp_cut = float("-inf")
         self.inject_via_tun = batch  # measured: cheaper than the raw socket (bench/batch_micro.py)
         self.tunnel = Tunnel(
             psk,
@@ -173,7 +186,6 @@ class Proxy(ControlPlane):
         self.want_express = express
         self.express: Express | None = None
         self.lane: Any = None  # tencrypt._fastpath.Lane once started with --express
-        self._lane_last = [0.0, 0.0]  # the last readiness of tenc0 and of the UDP socket
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -269,7 +281,9 @@ class Proxy(ControlPlane):
         # by one call per destination, before any super-packet and at the end of the reads
         # (each destination's packets keep their order)
         to_peers: dict[str, list[bytes]] = {}
-        for _ in range(BATCH):
+        lone = now - max(self.busy, self.tun_cut) > QUIET  # a lone packet is read alone (READS)
+        burst = False
+        for count in range(BATCH):  # noqa: B007 - read after the loop
             n = read(self.read_buffer)
             if not n:
                 break
@@ -279,11 +293,18 @@ class Proxy(ControlPlane):
             elif is_super_packet(frame):
                 self._seal_small(to_peers, now, wall)
                 self._outbound_super(frame, now, wall)
+                lone, burst = False, True
             else:  # one packet, its checksum completed (the kernel may leave it partial)
                 for pkt in split_tcp_batch(frame, self.stats):
                     self._outbound(pkt, now, wall, to_peers)
+            if lone:
+                break
         self._seal_small(to_peers, now, wall)
         self._flush()
+        if lone:  # stopped after a lone packet: more may be queued
+            self.tun_cut = self.clock()
+        elif burst or count > 1:  # count: the packets read, when EAGAIN ended the reads
+            self.busy = self.clock()
 
     def _seal_small(self, to_peers: dict[str, list[bytes]], now: float, wall: float) -> None:
         for dst, packets in to_peers.items():  # what _on_tun collected: one call per peer
@@ -438,7 +459,9 @@ class Proxy(ControlPlane):
         opened: list[bytes] = []
         if self.lane is not None and self._lane_udp(now, wall):
             return
-        for _ in range(BATCH):
+        lone = now - max(self.busy, self.udp_cut) > QUIET  # a lone one is read alone (READS)
+        burst = False
+        for count in range(BATCH):  # noqa: B007 - read after the loop
             try:
                 got = self.ports.udp.recv_batch()
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
@@ -453,8 +476,15 @@ class Proxy(ControlPlane):
             if len(opened) >= BATCH:
                 self._inject(self._routed(opened), now)
                 opened = []
+            if lone and len(datagrams) == 1:  # one datagram: epoll reports the next
+                break
+            lone, burst = False, burst or len(datagrams) > 1
         self._inject(self._routed(opened), now)
         self._flush()
+        if lone:
+            self.udp_cut = self.clock()
+        elif burst or count > 1:
+            self.busy = self.clock()
 
     def _received(
         self,
@@ -566,11 +596,12 @@ class Proxy(ControlPlane):
     def _lane_tun(self, now: float, wall: float) -> bool:
         """One pump of tenc0; a frame handed back takes the Python path. True: done; False:
         it was a super-packet (bulk), so the Python loop goes on reading as it always did."""
-        last, self._lane_last[0] = self._lane_last[0], now
-        lone = LONE_BYTES if now - last >= COLD_AFTER else 0
+        cold = now - max(self.busy, self.tun_cut) > QUIET  # READS
         frames, dropped = self.lane.pump_tun(
-            self.ports.tun.fileno(), self.ports.udp.fileno(), now, BATCH, lone
+            self.ports.tun.fileno(), self.ports.udp.fileno(), now, BATCH, LONE_BYTES if cold else 0
         )
+        if cold:  # it may have stopped after a lone packet: more may be queued
+            self.tun_cut = self.clock()
         if dropped:
             self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, dropped)
         bulk = False
@@ -595,11 +626,12 @@ class Proxy(ControlPlane):
         (bulk), so the Python loop goes on reading as it always did."""
         if self.desired.unrouted or len(self.awaiting_route) or not self.inject_via_tun:
             return False
-        last, self._lane_last[1] = self._lane_last[1], now
-        lone = LONE_BYTES if now - last >= COLD_AFTER else 0
+        cold = now - max(self.busy, self.udp_cut) > QUIET  # READS
         reads, errors = self.lane.pump_udp(
-            self.ports.udp.fileno(), self.ports.tun.fileno(), now, BATCH, lone
+            self.ports.udp.fileno(), self.ports.tun.fileno(), now, BATCH, LONE_BYTES if cold else 0
         )
+        if cold:
+            self.udp_cut = self.clock()
         if errors:  # as _inject: a kernel that refuses the frames
             log.warning("writing to %s refused: the express lane stops", self.config.tun)
             self.stats.inc(Counter.TUN_INJECT_ERRORS, errors)

@@ -125,7 +125,9 @@ async def serve(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     # asyncio's own loop, not uvloop: measured on the lab, the same throughput and ping, about
     # 10 µs more per request/response, and 3.4 MB less RSS per proxy (uvloop and the ssl it
-    # needs; cli.keep_out keeps ssl out). Its selector polls a while before sleeping (spin.py).
+    # needs; cli.keep_out keeps ssl out). Measured again on the sparse shape (issue 26,
+    # bench/results/uvloop.md): uvloop ~3 % faster, inside the noise, +3.3 MB, and no polling
+    # window. Its selector polls a while before sleeping (spin.py).
     spin = args.spin_us / 1e6
 
     def new_loop() -> asyncio.AbstractEventLoop:

@@ -8,7 +8,11 @@ The kernel's own busy polling (``SO_BUSY_POLL``) does not apply: TUN and veth ha
 queue to poll.
 
 Rules:
-1. ``select(timeout)`` first polls without blocking; whatever is ready returns at once.
+1. ``select(timeout)`` first polls without blocking; whatever is ready returns at once. Not
+   after ``spin`` without an event (an idle proxy): it blocks at once, as ``spin`` 0 does.
+   Whatever that poll could find, the blocking call returns as soon, and nothing it finds
+   there can change the budget (rule 3 counts gaps within ``spin`` only); the poll would
+   only cost a system call on every first packet after idle (bench/results/cold-path.md).
 2. Nothing ready: it polls again, yielding the CPU between polls (``sched_yield``: a runnable
    process on this CPU, e.g. the application it serves, goes first), until an event, the
    caller's ``timeout`` or the end of the window: ``budget`` seconds after the last event.
@@ -47,6 +51,11 @@ class SpinSelector(selectors.EpollSelector):
         if self.spin <= 0:  # rule 4
             return super().select(timeout)
         now = self.clock()
+        if now - self.last_event > self.spin and timeout != 0:  # rule 1: idle, sleep at once
+            ready = super().select(timeout)
+            if ready:
+                self.last_event = self.clock()
+            return ready
         deadline = None if timeout is None else now + timeout
         ready = super().select(0)  # rule 1
         if not ready and timeout != 0:  # rule 2

@@ -143,3 +143,34 @@ def test_a_wake_up_a_poll_would_have_caught_restores_the_budget(pair):
     event(sel, a, b)
     assert woken(sel, b, b"z") == [a]
     assert sel.grown == 1
+
+
+def test_idle_past_spin_it_blocks_without_a_poll_first(pair, monkeypatch):
+    """Rule 1: after ``spin`` without an event one epoll call, the blocking one; within
+    ``spin`` of the last event the non-blocking poll still comes first."""
+    a, b = pair
+    timeouts: list[float | None] = []
+    real = selectors.EpollSelector.select
+
+    def counted(self, timeout=None):
+        timeouts.append(timeout)
+        return real(self, timeout)
+
+    monkeypatch.setattr(selectors.EpollSelector, "select", counted)
+    clock = Ticks(MS)
+    sel = selector(4 * MS, a, clock)
+    sel.budget = 0.0  # decayed by sparse traffic: no window
+    event(sel, a, b)
+    timeouts.clear()
+    assert woken(sel, b, b"x") == [a]  # one tick after the event: within spin
+    assert timeouts[0] == 0 and timeouts[-1] is None
+    a.recv(1)
+    clock.now += 10 * MS  # idle for longer than spin
+    timeouts.clear()
+    assert woken(sel, b, b"y") == [a]
+    assert timeouts == [None]  # no poll first
+    assert sel.grown == 1  # the first wake-up (a gap within spin) only
+    a.recv(1)
+    clock.now += 10 * MS
+    timeouts.clear()
+    assert sel.select(0.01) == [] and timeouts == [0.01]
