@@ -531,17 +531,25 @@ def parse_sched(text: str, pids: dict[str, int]) -> dict[str, dict[str, list[int
 
 
 @contextlib.contextmanager
-def patched(lab: Any, spin: float, shim_bin: Path | None) -> Iterator[dict[str, int]]:
-    """Both pods patched (``--spin-us spin``), through ``shim_bin`` if given; always unpatched.
-    Yields the proxies' pids: ``A`` in nginx1 (the client's), ``B`` in nginx2."""
+def patched(
+    lab: Any, run_args: tuple[str, ...], shim_bin: Path | None = None, tree: Path | None = None
+) -> Iterator[dict[str, int]]:
+    """Both pods patched with ``run_args``, through ``shim_bin`` if given, their proxies
+    importing ``tree`` if given (never writing bytecode into it); always unpatched. Yields the
+    proxies' pids: ``A`` in nginx1 (the client's), ``B`` in nginx2. bench/eventloop.py and
+    bench/express.py patch through it too."""
     from tencrypt.lab import proxy as labproxy
 
     real = labproxy.tencrypt_bin
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
     if shim_bin is not None:
         labproxy.tencrypt_bin = lambda: shim_bin
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)
+        os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
     try:
         for pod in ("nginx1", "nginx2"):
-            lab.patch(pod, run_args=("--spin-us", f"{spin:g}"))
+            lab.patch(pod, run_args=run_args)
         pids = {
             n: labproxy.proxy_pid(lab, lab.pods[p]) for n, p in (("A", "nginx1"), ("B", "nginx2"))
         }
@@ -552,6 +560,11 @@ def patched(lab: Any, spin: float, shim_bin: Path | None) -> Iterator[dict[str, 
         for pod in ("nginx2", "nginx1"):
             with contextlib.suppress(Exception):
                 lab.unpatch(pod)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         labproxy.tencrypt_bin = real
 
 
@@ -577,7 +590,7 @@ def rtt(phase: Phase) -> str:
 def measure_spin(lab: Any, opts: Options, spin: float, logs: Path, out: dict[str, Any]) -> None:
     """Stages 2 and 3 for one ``--spin-us`` value; prints each phase's tables as it ends."""
     if {"stat", "syscalls", "profile"} & set(opts.phases):
-        with patched(lab, spin, None) as pids:
+        with patched(lab, ("--spin-us", f"{spin:g}")) as pids:
             for phase in ("stat", "syscalls", "profile"):
                 if phase in opts.phases:
                     out[phase] = PLAIN_PHASES[phase](lab, opts, spin, logs, pids)
@@ -636,7 +649,7 @@ def timeline(lab: Any, opts: Options, spin: float, logs: Path) -> Figures:
     shim_dir.mkdir()
     os.environ[SHIM_DIR_ENV] = str(shim_dir)
     data = logs / f"sched-{spin:g}.data"
-    with patched(lab, spin, write_shim(shim_dir)) as pids:
+    with patched(lab, ("--spin-us", f"{spin:g}"), write_shim(shim_dir)) as pids:
         woken = " || ".join(f"pid == {p}" for p in pids.values())
         switched = " || ".join(f"{k}_pid == {p}" for p in pids.values() for k in ("next", "prev"))
         argv = ["perf", "record", "-k", "mono", "-a", "-o", str(data)]

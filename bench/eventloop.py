@@ -30,7 +30,6 @@ syscalls, faults and CPU per request there are the first round's).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -38,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,38 +90,6 @@ def say(text: str) -> None:
     print(f"eventloop: {text}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def patched(
-    lab: Any, tree: Path, run_args: tuple[str, ...], shim: Path | None = None
-) -> Iterator[dict[str, int]]:
-    """Both pods patched with ``run_args``, their proxies importing ``tree`` (run through
-    ``shim`` if given); always unpatched."""
-    from tencrypt.lab import proxy as labproxy
-
-    real = labproxy.tencrypt_bin
-    if shim is not None:
-        labproxy.tencrypt_bin = lambda: shim
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree)
-    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # never write into another checkout
-    try:
-        for pod in ("nginx1", "nginx2"):
-            lab.patch(pod, run_args=run_args)
-        pids = {
-            n: labproxy.proxy_pid(lab, lab.pods[p]) for n, p in (("A", "nginx1"), ("B", "nginx2"))
-        }
-        if not all(pids.values()):
-            raise RuntimeError(f"a proxy is not running: {pids}")
-        yield {n: int(p or 0) for n, p in pids.items()}
-    finally:
-        for pod in ("nginx2", "nginx1"):
-            with contextlib.suppress(Exception):
-                lab.unpatch(pod)
-        os.environ["PYTHONPATH"] = saved or ""
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        labproxy.tencrypt_bin = real
-
-
 def round_trips(phase: coldpath.Phase) -> dict[str, float]:
     values = sorted((t1 - t0) / 1000 for t0, t1 in phase.client[coldpath.WARMUP :])
     return {
@@ -146,7 +113,7 @@ def one_variant(
         shim.parent.mkdir(exist_ok=True)
         shim.write_text(UVLOOP_SHIM.format(python=sys.executable))
         shim.chmod(0o755)
-    with patched(lab, tree, run_args, shim) as pids:
+    with coldpath.patched(lab, run_args, shim, tree) as pids:
         out["rss_ready_mb"] = {
             n: (measure.status_kb(p, "VmRSS") or 0) / 1024 for n, p in pids.items()
         }

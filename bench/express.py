@@ -33,15 +33,10 @@ def patched(lab: Any, mode: str) -> Iterator[None]:
     if mode == "vanilla":
         yield
         return
-    run_args = ("--express",) if mode == "express" else ("--no-express",)
-    try:
-        for pod in ("nginx1", "nginx2"):
-            lab.patch(pod, run_args=run_args)
+    from bench import coldpath
+
+    with coldpath.patched(lab, ("--express",) if mode == "express" else ("--no-express",)):
         yield
-    finally:
-        for pod in ("nginx2", "nginx1"):
-            with contextlib.suppress(Exception):
-                lab.unpatch(pod)
 
 
 def one_round(lab: Any, mode: str, args: argparse.Namespace, logs: Path) -> dict[str, float]:
