@@ -178,6 +178,45 @@ def forgeries_are_counted(lab: Lab, pod: str, node: str, dst: str, data: list[by
     assert after["tencrypt_packets_opened_total"] == before["tencrypt_packets_opened_total"]
 
 
+def line_echo_server(port: int) -> str:
+    """A script: one connection on ``port``, every line sent back upper-cased."""
+    return f"""
+import socket
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {port})); srv.listen(1)
+conn, _ = srv.accept()
+f = conn.makefile("rwb")
+while line := f.readline():
+    f.write(line.upper()); f.flush()
+"""
+
+
+def line_echo_client(port: int, marker: str) -> str:
+    """A script (argv: host, seconds): one connection to ``line_echo_server``, a line carrying
+    ``marker`` every 20 ms, each reply checked; prints JSON ``ok`` (replies right), ``error``
+    (the first failure, or "") and ``worst`` (the slowest round trip, s)."""
+    return f"""
+import json, socket, sys, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+ok, error, worst, i = 0, "", 0.0, 0
+try:
+    s = socket.create_connection((host, {port}), timeout=10)
+    f = s.makefile("rwb")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        i += 1
+        msg, t = ("{marker}-%d\\n" % i).encode(), time.monotonic()
+        f.write(msg); f.flush()
+        if f.readline() != msg.upper():
+            error = "wrong reply"; break
+        ok += 1; worst = max(worst, time.monotonic() - t)
+        time.sleep(0.02)
+except OSError as exc:
+    error = repr(exc)
+print(json.dumps({{"ok": ok, "error": error, "worst": worst}}))
+"""
+
+
 def download_sha256(lab: Lab, client: str, url: str, timeout: int = 240) -> str:
     """The sha256 of what ``client`` downloads from ``url``, hashed as it streams in."""
     proc = lab.exec(

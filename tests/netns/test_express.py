@@ -29,7 +29,13 @@ from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import METRICS
 from tencrypt.lab.topology import PodSpec, ServiceSpec, Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import built_lab, forgeries_are_counted, metrics
+from tests.netns.conftest import (
+    built_lab,
+    forgeries_are_counted,
+    line_echo_client,
+    line_echo_server,
+    metrics,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -59,36 +65,9 @@ TOPOLOGY = Topology(
 HELLO = re.compile(r"Hello from (\w+)")
 MARKER = f"tencrypt-express-{secrets.token_hex(4)}"
 
-ECHO_SERVER = f"""
-import socket
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", {ECHO_PORT})); srv.listen(1)
-conn, _ = srv.accept()
-f = conn.makefile("rwb")
-while line := f.readline():
-    f.write(line.upper()); f.flush()
-"""
+ECHO_SERVER = line_echo_server(ECHO_PORT)
 
-ECHO_CLIENT = f"""
-import json, socket, sys, time
-host, seconds = sys.argv[1], float(sys.argv[2])
-ok, error, i = 0, "", 0
-try:
-    s = socket.create_connection((host, {ECHO_PORT}), timeout=10)
-    f = s.makefile("rwb")
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        i += 1
-        msg = ("{MARKER}-%d\\n" % i).encode()
-        f.write(msg); f.flush()
-        if f.readline() != msg.upper():
-            error = "wrong reply"; break
-        ok += 1
-        time.sleep(0.02)
-except OSError as exc:
-    error = repr(exc)
-print(json.dumps({{"ok": ok, "error": error}}))
-"""
+ECHO_CLIENT = line_echo_client(ECHO_PORT, MARKER)
 
 
 @pytest.fixture(scope="module")

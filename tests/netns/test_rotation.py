@@ -30,7 +30,7 @@ from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import METRICS, proxy_pid, write_pod_keys
 from tencrypt.lab.topology import PodSpec, Topology
 from tencrypt.linux import netns
-from tests.netns.conftest import built_lab, drops, metrics
+from tests.netns.conftest import built_lab, drops, line_echo_client, line_echo_server, metrics
 
 pytestmark = pytest.mark.netns
 MARKER = "tencrypt-rotation-marker-5d1e"
@@ -45,36 +45,9 @@ PHASES = [
     ("drop-previous", KeySet(K2), ("nginx1", "nginx2")),
 ]
 
-RR_SERVER = f"""
-import socket
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", {RR_PORT})); srv.listen(1)
-conn, _ = srv.accept()
-f = conn.makefile("rwb")
-while line := f.readline():
-    f.write(line.upper()); f.flush()
-"""
+RR_SERVER = line_echo_server(RR_PORT)
 
-RR_CLIENT = f"""
-import json, socket, sys, time
-host, seconds = sys.argv[1], float(sys.argv[2])
-ok, error, worst, i = 0, "", 0.0, 0
-try:
-    s = socket.create_connection((host, {RR_PORT}), timeout=10)
-    f = s.makefile("rwb")
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        i += 1
-        msg, t = ("{MARKER}-%d\\n" % i).encode(), time.monotonic()
-        f.write(msg); f.flush()
-        if f.readline() != msg.upper():
-            error = "wrong reply"; break
-        ok += 1; worst = max(worst, time.monotonic() - t)
-        time.sleep(0.02)
-except OSError as exc:
-    error = repr(exc)
-print(json.dumps({{"ok": ok, "error": error, "worst": worst}}))
-"""
+RR_CLIENT = line_echo_client(RR_PORT, MARKER)
 
 
 @pytest.fixture(scope="module")
