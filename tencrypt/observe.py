@@ -27,6 +27,15 @@ class FirewallCounters(Protocol):
     @property
     def firewall_counters(self) -> dict[str, int]: ...
 
+    def want_counters(self) -> None: ...
+
+
+def firewall_counters(effects: FirewallCounters) -> dict[str, int]:
+    """The last read of the firewall's counters, and a new read asked for when it is stale
+    (linux/effects.py rule 4: read on demand, never on a timer)."""
+    effects.want_counters()
+    return dict(effects.firewall_counters)
+
 
 class Proxy(Protocol):
     """What is read of a running proxy (daemon.Proxy has it all)."""
@@ -95,7 +104,7 @@ def status(proxy: Proxy) -> dict[str, object]:
         },
         "guard": [str(net) for net in dispatch.guard.networks],
         "held_destinations": len(dispatch.holds),
-        "firewall_refused": dict(proxy.effects.firewall_counters),
+        "firewall_refused": firewall_counters(proxy.effects),
         "network_policy": netpol_status(dispatch.netpol),
     }
 
@@ -174,7 +183,7 @@ def render_metrics(proxy: Proxy) -> str:
     loops = proxy.tunnel.fastpath
     return (
         exposition.render_prometheus(proxy.stats, gauges, PROXY_COUNTERS)
-        + render_firewall(proxy.effects.firewall_counters)
+        + render_firewall(firewall_counters(proxy.effects))
         + render_key_metrics(proxy.tunnel.key_status())
         + render_netpol_metrics(dispatch.netpol)
         + procstat.render_runtime(loops.NAME if loops is not None else "python")

@@ -10,7 +10,11 @@ Rules:
 3. A refused route or transaction is counted (``effect_errors``), logged at a bounded rate and
    left in the plan: the task retries it every ``RETRY`` seconds until it succeeds. After a
    refused firewall transaction the task re-reads the sets (the kernel is the truth).
-4. Every ``COUNTER_INTERVAL`` seconds the firewall's refusal counters are read for /metrics.
+4. The firewall's refusal counters are read (an ``nft`` process) once at start and then only
+   when /metrics or /status asks (``want_counters``) and the last read is ``COUNTER_INTERVAL``
+   or more old: a scrape serves the last read's values (at most one scrape interval old) and
+   wakes this task to read them again. An idle proxy that nobody scrapes runs nothing: no
+   timer, no process (issue 26: idle CPU zero).
 5. ``close()`` removes the routes this task added (a stopped proxy leaves no /32 behind); the
    firewall table stays until `setup --undo` (DESIGN §1a).
 """
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tencrypt.effects")
 RETRY = 1.0  # seconds between rounds while something is left to do
-COUNTER_INTERVAL = 5.0  # seconds between reads of the firewall's counters
+COUNTER_INTERVAL = 5.0  # seconds a read of the firewall's counters serves scrapes (rule 4)
 
 
 @dataclass(slots=True)
@@ -126,15 +130,22 @@ class EffectApplier:
         self.firewall_counters: dict[str, int] = {}
         self.rlog = RateLimitedLog(log)
         self._wake = asyncio.Event()
-        self._last_counters = 0.0
+        self._last_counters = float("-inf")
+        self._counters_wanted = True  # the first round reads them (rule 4)
 
     def wake(self) -> None:
         self._wake.set()
 
+    def want_counters(self) -> None:
+        """Rule 4: a scrape's request; the next round reads them when the last read is stale."""
+        if time.monotonic() - self._last_counters >= COUNTER_INTERVAL:
+            self._counters_wanted = True
+            self._wake.set()
+
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await self.round()
-            wait = RETRY if self.desired.plan() else COUNTER_INTERVAL
+            wait = RETRY if self.desired.plan() else None  # idle: until woken (rule 4)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -142,7 +153,7 @@ class EffectApplier:
         """Rule 2: one plan applied off the loop, outcomes recorded on it."""
         self._wake.clear()
         plan = self.desired.plan()
-        read_counters = time.monotonic() - self._last_counters >= COUNTER_INTERVAL
+        read_counters, self._counters_wanted = self._counters_wanted, False
         if not plan and not read_counters:
             return
         loop = asyncio.get_running_loop()

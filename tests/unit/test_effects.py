@@ -9,6 +9,7 @@ from tencrypt.core.classify import AddrClass, Change, RouteAction
 from tencrypt.core.effects import Desired, Plan
 from tencrypt.core.podconfig import PodConfig
 from tencrypt.core.stats import Stats
+from tencrypt.linux import effects as effects_mod
 from tencrypt.linux.effects import EffectApplier
 from tests.unit.fakes import FakeKernel
 
@@ -85,6 +86,25 @@ def test_applier_applies_a_round_and_counts():
     assert ap.firewall_counters == {"refused_out_ipv4": 3}
     ap.close()
     assert kernel.routes == {}
+
+
+def test_the_firewall_counters_are_read_at_start_then_only_when_a_scrape_finds_them_stale():
+    """Rule 4: no timer reads them; a scrape (want_counters) does, at most once per interval."""
+    kernel, d = FakeKernel(), desired()
+    reads = []
+    kernel.counters = lambda: reads.append(1) or {"refused_out_ipv4": len(reads)}
+    ap = EffectApplier(d, Stats(), kernel)
+    run_round(ap)  # start: the baseline
+    run_round(ap)  # nothing asked: no nft
+    assert reads == [1] and ap.firewall_counters == {"refused_out_ipv4": 1}
+    ap.want_counters()  # a scrape right after the read: still fresh
+    run_round(ap)
+    assert reads == [1]
+    ap._last_counters -= effects_mod.COUNTER_INTERVAL  # the last read is stale now
+    ap.want_counters()
+    assert ap._wake.is_set()  # the task is woken for it
+    run_round(ap)
+    assert reads == [1, 1] and ap.firewall_counters == {"refused_out_ipv4": 2}
 
 
 def test_refusals_are_counted_and_retried_and_a_refused_transaction_resyncs():
