@@ -102,7 +102,10 @@ def test_bench_smoke(bench_name: str, tmp_path: Path) -> None:
         rel=1e-3,
     )
 
-    assert "## Targets (issue 16)" in markdown
+    assert "## Targets (issue 26, and issue 16's memory, soak and DNS)" in markdown
+    assert "### Sparse request/response (one 1-byte TCP request every 20 ms" in markdown
+    for system in systems:  # the sparse row was measured for every system
+        assert value[(system, "sparse_rr", "1", "p50_us")] > 0
     assert "### DNS: sequential lookups" in markdown
     assert "### CPU of the tunnel processes per Gbit/s" in markdown
     lines = markdown.splitlines()
