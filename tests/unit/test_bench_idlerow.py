@@ -182,7 +182,7 @@ def test_the_idle_targets_private_memory_rss_and_zero_cpu() -> None:
     assert cpu.status == MET
     assert cpu.text == (
         "50 idle proxies, CPU over 30 s: the busiest proxy 0.033 % of one core (all 50: "
-        "0.833 %, their warm parent 0.000 %) = 0.33× the target (zero: ≤ 0.1 % each)"
+        "0.833 %, their warm parent 0.000 %) = 1.00× the target (zero: ≤ 0.0333 % each)"
     )
 
 
@@ -227,7 +227,7 @@ def test_a_warm_parent_that_polls_misses_the_zero_cpu_target_too() -> None:
     busy = {**quiet, "cpu_s": 0.3}  # 1 % of a core over 30 s
     v = by_text(idle_run(idle_json(zygote=busy)), "50 idle proxies, CPU")
     assert v.status == NOT_MET
-    assert "(all 50: 0.833 %, their warm parent 1.000 %) = 10.00× the target" in v.text
+    assert "(all 50: 0.833 %, their warm parent 1.000 %) = 30.00× the target" in v.text
 
 
 def test_the_harness_reads_the_file_at_the_end_and_a_bad_one_fails_the_run(tmp_path: Path) -> None:
