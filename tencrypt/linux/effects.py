@@ -143,11 +143,18 @@ class EffectApplier:
             self._wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            await self.round()
-            wait = RETRY if self.desired.plan() else None  # idle: until woken (rule 4)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+        """Rounds until ``stopping``: one when woken, every RETRY while something is left;
+        idle, none at all (rule 4) — a stop ends the wait as a wake does."""
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            while not stopping.is_set():
+                await self.round()
+                wait = RETRY if self.desired.plan() else None
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait((woken, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+        finally:
+            stop.cancel()
 
     async def round(self) -> None:
         """Rule 2: one plan applied off the loop, outcomes recorded on it."""

@@ -107,6 +107,39 @@ def test_the_firewall_counters_are_read_at_start_then_only_when_a_scrape_finds_t
     assert reads == [1, 1] and ap.firewall_counters == {"refused_out_ipv4": 2}
 
 
+def test_the_task_idles_without_rounds_and_ends_when_stopped():
+    """Idle, no round runs until a wake; a stop ends the wait (no timer to notice it)."""
+    kernel, d = FakeKernel(), desired()
+    ap = EffectApplier(d, Stats(), kernel)
+    rounds = []
+
+    async def main():
+        real = ap.round
+
+        async def counted():
+            rounds.append(1)
+            await real()
+
+        ap.round = counted
+        stopping = asyncio.Event()
+        task = asyncio.create_task(ap.run(stopping))
+        for _ in range(20):  # the loop turns: nothing wakes the idle task
+            await asyncio.sleep(0)
+        idle_rounds = len(rounds)
+        d.on_changes([Change("10.128.0.5", None, INTERNAL)])
+        ap.wake()
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if kernel.routes:
+                break
+        stopping.set()
+        await asyncio.wait_for(task, 5)  # ends without a wake
+        return idle_rounds
+
+    assert asyncio.run(main()) == 1  # the first round, then none until the wake
+    assert kernel.routes == {"10.128.0.5": TUN} and len(rounds) == 2
+
+
 def test_refusals_are_counted_and_retried_and_a_refused_transaction_resyncs():
     kernel, stats = FakeKernel(refuse_routes={"10.128.0.5"}, refuse_changes=1), Stats()
     d = desired()
