@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench import measure
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.proxy import proxy_pid
 from tencrypt.lab.topology import Topology
@@ -27,20 +28,6 @@ pytestmark = pytest.mark.netns
 
 PORT = 5202
 REQUESTS = 100
-ECHO = r"""
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(1)
-c, _ = s.accept()
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-while True:
-    data = c.recv(64)
-    if not data:
-        break
-    c.sendall(data)
-"""
 CLIENT = r"""
 import socket, sys, time
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -100,7 +87,7 @@ def reads(pid: int) -> int:
 
 def test_sparse_exchange_is_answered_with_one_read_per_packet(lab, proxies):
     server_ns, vip = lab.pod("nginx2").netns, lab.pod("nginx2").vip
-    server = netns.spawn(server_ns, [sys.executable, "-I", "-c", ECHO, str(PORT)])
+    server = netns.spawn(server_ns, [sys.executable, "-I", "-c", measure.RR_SERVER, str(PORT)])
     try:
         netns.wait_for(lambda: listening(server_ns), what=f"the echo server on :{PORT}")
         before = {p: reads(pid) for p, pid in proxies.items()}

@@ -116,6 +116,19 @@ class Lab:
         return COMPILED.Lane(e.out, e.inn, e.slots, e.pod4, pod.proxy.config.mtu)
 
 
+# the peer's state the lane's take/accept change, as the Python path does (core/express.py rule 3)
+PEER_STATE = (
+    "keepalive_due",
+    "stale_due",
+    "tx_packets",
+    "tx_bytes",
+    "rx_packets",
+    "rx_bytes",
+    "endpoint",
+    "confirmed",
+)
+
+
 def state(pod: Pod, peer_ip: str) -> dict[str, Any]:
     """What a packet of the flow may change (rule 3), to compare and to restore."""
     peer = pod.proxy.tunnel.table.by_addr[peer_ip]
@@ -127,16 +140,7 @@ def state(pod: Pod, peer_ip: str) -> dict[str, Any]:
         "counter": s.send_counter,
         "top": s.replay.top,
         "ring": bytes(s.replay.ring),
-        "peer": (
-            peer.keepalive_due,
-            peer.stale_due,
-            peer.tx_packets,
-            peer.tx_bytes,
-            peer.rx_packets,
-            peer.rx_bytes,
-            peer.endpoint,
-            peer.confirmed,
-        ),
+        "peer": tuple(getattr(peer, name) for name in PEER_STATE),
         "stats": dict(pod.stats.counters),
         "drops": dict(pod.stats.drops),
         "flows": [(k, f.last_seen, f.queue) for k, f in flows.flows.items()],
@@ -153,16 +157,8 @@ def restore(pod: Pod, peer_ip: str, saved: dict[str, Any]) -> None:
     s.send_counter = saved["counter"]
     s.replay.top = saved["top"]
     s.replay.ring[:] = memoryview(bytearray(saved["ring"])).cast("Q")
-    (
-        peer.keepalive_due,
-        peer.stale_due,
-        peer.tx_packets,
-        peer.tx_bytes,
-        peer.rx_packets,
-        peer.rx_bytes,
-        peer.endpoint,
-        peer.confirmed,
-    ) = saved["peer"]
+    for name, value in zip(PEER_STATE, saved["peer"], strict=True):
+        setattr(peer, name, value)
     pod.stats.counters.clear()
     pod.stats.counters.update(saved["stats"])
     pod.stats.drops.clear()
