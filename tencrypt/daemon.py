@@ -290,13 +290,8 @@ class Proxy(ControlPlane):
             frame = view[:n]
             if not self.batch:
                 self._outbound(frame, now, wall)
-            elif is_super_packet(frame):
-                self._seal_small(to_peers, now, wall)
-                self._outbound_super(frame, now, wall)
+            elif self._outbound_frame(frame, now, wall, to_peers):
                 lone, burst = False, True
-            else:  # one packet, its checksum completed (the kernel may leave it partial)
-                for pkt in split_tcp_batch(frame, self.stats):
-                    self._outbound(pkt, now, wall, to_peers)
             if lone:
                 break
         self._seal_small(to_peers, now, wall)
@@ -305,6 +300,20 @@ class Proxy(ControlPlane):
             self.tun_cut = self.clock()
         elif burst or count > 1:  # count: the packets read, when EAGAIN ended the reads
             self.busy = self.clock()
+
+    def _outbound_frame(
+        self, frame: memoryview, now: float, wall: float, to_peers: dict[str, list[bytes]]
+    ) -> bool:
+        """One frame of the batch path: a super-packet goes after the small packets collected
+        so far (each destination's order kept); one packet, its checksum completed (the kernel
+        may leave it partial), is collected. True: it was a super-packet."""
+        if is_super_packet(frame):
+            self._seal_small(to_peers, now, wall)
+            self._outbound_super(frame, now, wall)
+            return True
+        for pkt in split_tcp_batch(frame, self.stats):
+            self._outbound(pkt, now, wall, to_peers)
+        return False
 
     def _seal_small(self, to_peers: dict[str, list[bytes]], now: float, wall: float) -> None:
         for dst, packets in to_peers.items():  # what _on_tun collected: one call per peer
@@ -470,12 +479,7 @@ class Proxy(ControlPlane):
             if got is None:
                 break
             datagrams, addr = got
-            opened += self.tunnel.receive_batch(datagrams, addr, now, wall)
-            if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
-                self._on_peer_events(now)
-            if len(opened) >= BATCH:
-                self._inject(self._routed(opened), now)
-                opened = []
+            opened = self._received(datagrams, addr, now, wall, opened)
             if lone and len(datagrams) == 1:  # one datagram: epoll reports the next
                 break
             lone, burst = False, burst or len(datagrams) > 1
@@ -494,8 +498,8 @@ class Proxy(ControlPlane):
         wall: float,
         opened: list[bytes],
     ) -> list[bytes]:
-        """Steps 2-3 for the datagrams of one receive the express lane handed back (the body
-        of ``_on_udp``'s loop); what is still to inject."""
+        """Steps 2-3 for the datagrams of one receive (``_on_udp``'s, or one the express lane
+        handed back); what is still to inject."""
         opened += self.tunnel.receive_batch(datagrams, addr, now, wall)
         if self.tunnel.table.events:  # a PeerUp: evidence, and a route for the reply
             self._on_peer_events(now)
@@ -608,14 +612,8 @@ class Proxy(ControlPlane):
         if frames:
             to_peers: dict[str, list[bytes]] = {}
             for frame in frames:
-                view = memoryview(bytearray(frame))
-                if is_super_packet(view):
+                if self._outbound_frame(memoryview(bytearray(frame)), now, wall, to_peers):
                     bulk = True
-                    self._seal_small(to_peers, now, wall)
-                    self._outbound_super(view, now, wall)
-                else:
-                    for pkt in split_tcp_batch(view, self.stats):
-                        self._outbound(pkt, now, wall, to_peers)
             self._seal_small(to_peers, now, wall)
             self._flush()
         return not bulk
