@@ -19,6 +19,9 @@
  *    ``([read], inject_errors)``.
  *  - ``outbound(frame, now)`` / ``inbound(datagram, addr, now)``: the same work without I/O,
  *    the twin of core/express.py's (tests compare them).
+ * Packets (core/express.py rule 2): IPv4 TCP without SYN/FIN/RST, UDP, and ICMP echo request
+ * and reply (type 8/0, code 0, id not 0; keyed (id, 0) / (0, id)), never a fragment; an echo's
+ * translation rewrites its address and the IPv4 header checksum only.
  * The GIL is held throughout: the take/accept calls, the session's counter and the replay
  * window are then touched by one thread at a time (core/express.py rule 4). IPv4 tunnel
  * sockets only (the daemon does not build a lane for an IPv6-only pod).
@@ -40,8 +43,11 @@
 #define TAG_LEN 16
 #define OVERHEAD 32
 #define BUF 65536
+#define ICMP 1
 #define TCP 6
 #define UDP 17
+#define ECHO_REPLY 0
+#define ECHO_REQUEST 8
 #ifndef UDP_GRO
 #define UDP_GRO 104
 #endif
@@ -95,6 +101,14 @@ static int key13(const unsigned char *p, Py_ssize_t n, unsigned char *key) {
     if (proto == TCP) {
         int thl = (p[32] >> 4) << 2;
         if (n < 40 || (p[33] & 0x07) || thl < 20 || thl > n - 20) return 0;
+    } else if (proto == ICMP) { /* an echo: request (id, 0), reply (0, id); id 0 is not */
+        if (p[21] || (p[20] != ECHO_REQUEST && p[20] != ECHO_REPLY) || (!p[24] && !p[25]))
+            return 0;
+        key[0] = proto;
+        memcpy(key + 1, p + 12, 8);
+        memset(key + 9, 0, 4);
+        memcpy(key + (p[20] == ECHO_REQUEST ? 9 : 11), p + 24, 2);
+        return 1;
     } else if (proto != UDP) {
         return 0;
     }
@@ -104,13 +118,14 @@ static int key13(const unsigned char *p, Py_ssize_t n, unsigned char *key) {
 }
 
 /* core/packet.py rewrite_addr (IPv4, a whole first fragment) then rewrite_port, for the
- * source (off 12, port at l4) or the destination (off 16, port at l4 + 2). */
+ * source (off 12, port at l4) or the destination (off 16, port at l4 + 2). An ICMP echo:
+ * the address and the IP header checksum only (ICMP's has no pseudo-header; no port). */
 static void rewrite(unsigned char *p, Py_ssize_t n, int dst, const unsigned char *addr,
                     uint32_t port) {
     int proto = p[9];
     Py_ssize_t l4 = 20;
     Py_ssize_t at = proto == TCP ? l4 + 16 : l4 + 6;
-    int has_l4 = proto == TCP ? l4 + 20 <= n : 1;
+    int has_l4 = proto == TCP ? l4 + 20 <= n : proto == UDP;
     uint32_t old = get32be(p + (dst ? 16 : 12)), new = get32be(addr);
     if (old != new) {
         uint64_t delta = (uint64_t)(old ^ 0xFFFFFFFFu) + new;
@@ -126,6 +141,7 @@ static void rewrite(unsigned char *p, Py_ssize_t n, int dst, const unsigned char
             }
         }
     }
+    if (proto == ICMP) return;
     Py_ssize_t pat = dst ? l4 + 2 : l4;
     uint32_t oldp = get16(p + pat);
     if (oldp == port) return;

@@ -13,8 +13,10 @@ which then does exactly what it always did: drops are counted there, once.
 Rules:
 1. Tables (Python owns them, both lanes only read them; ``Express`` writes them):
    ``out``: key13 of the packet as the app sent it (``key13``: protocol, source, destination,
-   source port, destination port of an IPv4 packet) -> (send key, the peer's receiver index,
-   new destination (4 bytes, or b"" untranslated), new destination port (-1), ``take``);
+   source port, destination port of an IPv4 packet; an ICMP echo request's ports are (id, 0),
+   a reply's (0, id), so that a request's key with addresses and ports swapped is its
+   reply's) -> (send key, the peer's receiver index, new destination (4 bytes, or b""
+   untranslated), new destination port (-1; an echo: 0, never written), ``take``);
    ``inn``: key13 of an opened packet (the reply as it arrives) -> (the cluster IP to put
    back as its source (or b""), the Service port (-1), the flow's ``FlowRef``s: its Service
    flow and its NetworkPolicy flow, those that exist);
@@ -22,9 +24,16 @@ Rules:
    message limit, ``accept``).
 2. Eligible packets, both ways: IPv4 with a 20-byte header, total length exact, not a
    fragment; UDP, or TCP with a valid data offset and none of SYN, FIN, RST (conntrack's
-   state changes stay Python's); out: a frame that is no super-packet, within the MTU;
+   state changes stay Python's), or an ICMP echo request or reply (type 8 or 0, code 0) with
+   an id other than 0 (id 0 would give a request and a reply of the other direction one
+   key); ICMP errors and other queries stay Python's (the related-flow logic), and the ICMP
+   checksum is not checked, as the Python path does not check it (the receiver's kernel
+   does); out: a frame that is no super-packet, within the MTU;
    in: a data message whose inner destination is this pod's IPv4 address. A table is filled
-   only by ``learn`` (the Python path just routed a packet of the flow to SEAL) and emptied
+   only by ``learn`` (the Python path just routed a packet of the flow to SEAL: a packet of
+   a flow either side opened, since ``learn`` installs the reply's ``inn`` entry too; a
+   peer-opened flow, such as a peer's ping, is learnt from our first reply; an untranslated
+   flow whose replies are a Service flow's reply tuple (conntrack rule 8) is not) and emptied
    by ``flush`` (the shell calls it on a new membership and on peer events; what else could
    change the route of a learnt flow, ``take``/``accept`` re-check per packet) or
    ``forget`` (a SYN of the flow: it may choose another endpoint). Bounds: at most
@@ -40,9 +49,14 @@ Rules:
    make exactly the state changes that path makes for that packet: the session's counter,
    the peer's keepalive/stale deadlines, endpoint and tx/rx figures, the stats counters and
    the last-seen times of the Service flow (core/conntrack.py) and of the policy flow
-   (core/policyflows.py), as their ``touch`` for a packet without SYN, FIN or RST. A refusal changes
+   (core/policyflows.py), as their ``touch`` for a packet without SYN, FIN or RST (an echo's:
+   its Service flow (ICMP, source, id, cluster IP, 0), a request's to a cluster IP and the
+   reply's coming back; its policy flow (ICMP, pod, id, peer, 0), whichever side opened it;
+   both ICMP_TIMEOUT flows). A refusal changes
    nothing. The bytes are those of the Python path: the same checksum completion
-   (core/batch.py), the same rewrites (core/packet.py), the same seal (core/fastpath.py).
+   (core/batch.py), the same rewrites (core/packet.py: an echo's address and the IPv4 header
+   checksum; ICMP's checksum has no pseudo-header, and an echo no port), the same seal
+   (core/fastpath.py).
 4. Ownership: a session's sending counter and replay window exist once, in its ``Session``
    (``send_counter``, ``replay``). Neither lane copies them: ``take`` reads and advances the
    counter in the same uninterrupted call (under the GIL) in which the lane then seals with
@@ -75,7 +89,18 @@ from tencrypt.core.batch import (
     csum_field,
     ones_sum,
 )
-from tencrypt.core.packet import DST, SRC, TCP, UDP, parse_ipv4, rewrite_addr, rewrite_port
+from tencrypt.core.packet import (
+    DST,
+    ICMP,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    SRC,
+    TCP,
+    UDP,
+    parse_ipv4,
+    rewrite_addr,
+    rewrite_port,
+)
 from tencrypt.core.policyflows import PolicyFlows
 from tencrypt.core.stats import Counter, Stats
 
@@ -93,11 +118,13 @@ _HEADER = struct.Struct("<IIQ")
 _VNET = struct.Struct("=BBHHHH")
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 _U16 = struct.Struct("!H")
+ECHO_REQUEST_V4, ECHO_REPLY_V4 = ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY
 
 
 def key13(pkt: Buffer) -> bytes | None:
     """Rule 2's eligibility and the flow key of an IPv4 packet: protocol, source, destination,
-    source port, destination port (13 bytes), or None."""
+    source port, destination port (13 bytes; an ICMP echo's id in the port of its opener's
+    side: a request's source port, a reply's destination port), or None."""
     n = len(pkt)
     if n < 28 or pkt[0] != 0x45 or (pkt[2] << 8 | pkt[3]) != n or (pkt[6] & 0x3F) or pkt[7]:
         return None
@@ -105,6 +132,12 @@ def key13(pkt: Buffer) -> bytes | None:
     if proto == TCP:
         if n < 40 or pkt[33] & NO_SYN_FIN_RST or not 20 <= (pkt[32] >> 4) << 2 <= n - 20:
             return None
+    elif proto == ICMP:  # an echo request (id, 0) or reply (0, id): ``_swap`` maps them
+        kind, ident = pkt[20], bytes(pkt[24:26])
+        if pkt[21] or kind not in (ECHO_REQUEST_V4, ECHO_REPLY_V4) or ident == b"\0\0":
+            return None
+        ports = ident + b"\0\0" if kind == ECHO_REQUEST_V4 else b"\0\0" + ident
+        return bytes((ICMP,)) + bytes(pkt[12:20]) + ports
     elif proto != UDP:
         return None
     return bytes((proto,)) + bytes(pkt[12:24])
@@ -118,6 +151,16 @@ def _session_of(take: Callable[..., Any]) -> Any:
 def _swap(key: bytes) -> bytes:
     """The key of the reply: addresses and ports swapped."""
     return key[:1] + key[5:9] + key[1:5] + key[11:13] + key[9:11]
+
+
+def _reply_tuple(key: bytes) -> tuple[int, int, int, int, int]:
+    """core/conntrack.py's reply tuple (proto, source, source port, destination, destination
+    port; an echo reply's id as its source port and 0) of the replies to ``key``'s packet."""
+    proto, a, b = key[0], int.from_bytes(key[1:5], "big"), int.from_bytes(key[5:9], "big")
+    sport, dport = int.from_bytes(key[9:11], "big"), int.from_bytes(key[11:13], "big")
+    if proto == ICMP:
+        return (proto, b, sport or dport, a, 0)
+    return (proto, b, dport, a, sport)
 
 
 class FlowRef:
@@ -311,10 +354,19 @@ class Express:
             self._retire(old)
         if len(self.out) >= MAX_FLOWS and key not in self.out:
             self.flush()
-        self._sessions[peer] = s
-        new = bytes(pkt[16:20]) + bytes(pkt[22:24])
         proto, src = key[0], int.from_bytes(key[1:5], "big")
+        icmp = proto == ICMP
+        # after the route: the destination (and port: an echo's is the key's, it has none)
+        new = bytes(pkt[16:20]) + (key[11:13] if icmp else bytes(pkt[22:24]))
+        translated = new != key[5:9] + key[11:13]
+        flows = self.dispatch.flows
+        if not translated and _reply_tuple(key) in flows._replies:
+            return False  # its replies may be a Service flow's (conntrack rule 8): Python's
+        self._sessions[peer] = s
+        # the flow from the pod's side (core/policyflows.py rule 1): an echo by its id
         sport = int.from_bytes(key[9:11], "big")
+        if icmp:  # an echo's id is its port on our side, a request's or a reply's
+            sport = sport or int.from_bytes(key[11:13], "big")
         refs: list[FlowRef] = []
         netpol = self.dispatch.netpol
         policy = netpol.policy is not None
@@ -324,20 +376,19 @@ class Express:
                 src,
                 sport,
                 int.from_bytes(new[:4], "big"),
-                int.from_bytes(new[4:], "big"),
+                0 if icmp else int.from_bytes(new[4:], "big"),
             )
             pflow = netpol._idle.flows.get(pkey)
             if pflow is None or pflow.decision is None:
                 return False
             refs.append(FlowRef(netpol, pkey, pflow))
-        translated = new != key[5:9] + key[11:13]
-        if translated:  # its Service flow is touched per packet
+        if translated:  # its Service flow is touched per packet (an echo: requests only)
             vport = int.from_bytes(key[11:13], "big")
             skey = (proto, src, sport, int.from_bytes(key[5:9], "big"), vport)
-            flow = self.dispatch.flows._idle.flows.get(skey)
+            flow = flows._idle.flows.get(skey)
             if flow is None:
                 return False
-            refs.append(FlowRef(self.dispatch.flows, skey, flow))
+            refs.append(FlowRef(flows, skey, flow))
         both = tuple(refs)
         sender = Sender(self, peer, s, dst, both, policy).take
         if translated:

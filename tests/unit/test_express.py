@@ -26,13 +26,14 @@ import struct
 from typing import Any
 
 import pytest
+from scapy.layers.inet import ICMP, IP
 
 from tencrypt import fastpath
 from tencrypt.core.express import Express, key13
 from tencrypt.core.membership import Members
 from tencrypt.core.stats import Counter, DropReason
 from tests.unit.fakes import Pod, Wire
-from tests.unit.test_daemon_services import B1, B2, VIP, A, members, tcp
+from tests.unit.test_daemon_services import B1, B2, PAYLOAD, VIP, A, members, tcp
 
 COMPILED = fastpath.compiled()
 LANES = [
@@ -459,3 +460,174 @@ def test_a_new_session_of_the_peer_drops_the_old_ones_entries_and_the_tables_are
         packet = tcp(A, B2, port, 8080, "A")
         assert e.learn(key13(packet), packet, B2, lab.now)
         assert len(e.out) <= 3
+
+
+# ---- ICMP echo (core/express.py rules 2-3) ---------------------------------------------------
+PING_VIP, PING_POD = 7, 9  # echo ids: A pings the Service (-> B2), and B2's pod IP
+
+
+def echo(src: str, dst: str, ident: int, reply: bool = False, seq: int = 1) -> bytes:
+    return bytes(IP(src=src, dst=dst) / ICMP(type=0 if reply else 8, id=ident, seq=seq) / PAYLOAD)
+
+
+def in4_chksum_ok(packet: bytes) -> bool:
+    """The ICMP checksum of an IPv4 packet with a 20-byte header sums to 0xFFFF."""
+    total = sum(int.from_bytes(packet[i : i + 2], "big") for i in range(20, len(packet) - 1, 2))
+    if len(packet) % 2:
+        total += packet[-1] << 8
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
+class PingLab(Lab):
+    """Lab, then A pings the Service (its echo goes to B2) and B2's pod IP; B2 answers both
+    (the flows B2's peer opened: B2's lane learns them from its replies)."""
+
+    def __init__(self, policy: bool = False) -> None:
+        super().__init__(policy)
+        a, b2, wire = self.a, self.b2, self.wire
+        for ident, dst in ((PING_VIP, VIP), (PING_POD, B2)):
+            a.app_sends(frame(echo(A, dst, ident)))
+            wire.pump()
+            b2.app_sends(frame(echo(B2, A, ident, reply=True)))
+            wire.pump()
+
+
+# (pod that sends, its peer, the packet as its app sends it)
+PINGS_OUT = {
+    "request-to-vip": ("a", B2, echo(A, VIP, PING_VIP, seq=2)),
+    "request-to-pod": ("a", B2, echo(A, B2, PING_POD, seq=2)),
+    "reply-from-b2": ("b2", A, echo(B2, A, PING_VIP, reply=True, seq=2)),
+}
+# (pod that sends, pod that receives, the packet as the sender's app sends it, the source
+# the receiving app sees)
+PINGS_IN = {
+    "reply-to-vip-ping": ("b2", "a", echo(B2, A, PING_VIP, reply=True, seq=2), VIP),
+    "reply-to-pod-ping": ("b2", "a", echo(B2, A, PING_POD, reply=True, seq=2), B2),
+    "request-at-b2": ("a", "b2", echo(A, B2, PING_POD, seq=2), A),
+}
+
+
+def test_echoes_are_learnt_both_ways_on_both_sides():
+    lab = PingLab()
+    a, b2 = lab.a.proxy.express, lab.b2.proxy.express
+    assert a is not None and b2 is not None
+    to_vip = key13(echo(A, VIP, PING_VIP))
+    assert to_vip == b"\x01" + socket.inet_aton(A) + socket.inet_aton(VIP) + b"\x00\x07\x00\x00"
+    assert a.out[to_vip][2:4] == (socket.inet_aton(B2), 0)  # translated to the endpoint
+    assert a.inn[key13(echo(B2, A, PING_VIP, reply=True))][:2] == (socket.inet_aton(VIP), 0)
+    assert a.out[key13(echo(A, B2, PING_POD))][2] == b""
+    assert a.inn[key13(echo(B2, A, PING_POD, reply=True))][0] == b""
+    # B2 learnt the flows A opened from its own replies: their requests come in by the lane
+    assert key13(echo(B2, A, PING_VIP, reply=True)) in b2.out
+    assert key13(echo(A, B2, PING_VIP)) in b2.inn and key13(echo(A, B2, PING_POD)) in b2.inn
+
+
+@pytest.mark.parametrize("case", list(PINGS_OUT))
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+@pytest.mark.parametrize("kind", LANES)
+def test_an_echo_out_is_the_python_paths_datagram_and_state(kind, policy, case):
+    lab = PingLab(policy)
+    name, peer_ip, packet = PINGS_OUT[case]
+    pod = getattr(lab, name)
+    data = frame(packet)
+    lab.now += 0.5
+    pod.clock.now = lab.now
+    before = state(pod, peer_ip)
+    pod.app_sends(data)  # the Python path
+    [(reference, endpoint)] = pod.udp.sent
+    pod.udp.sent = []
+    after = state(pod, peer_ip)
+    assert after["counter"] == before["counter"] + 1
+    restore(pod, peer_ip, before)
+    got = lab.lane(pod, kind).outbound(data, lab.now)
+    assert got == (reference, endpoint)
+    assert state(pod, peer_ip) == after
+
+
+@pytest.mark.parametrize("case", list(PINGS_IN))
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+@pytest.mark.parametrize("kind", LANES)
+def test_an_echo_in_is_the_python_paths_frame_and_state(kind, policy, case):
+    lab = PingLab(policy)
+    sender_name, name, packet, seen = PINGS_IN[case]
+    sender, pod = getattr(lab, sender_name), getattr(lab, name)
+    peer_ip = B2 if name == "a" else A
+    sender.app_sends(frame(packet))
+    [(datagram, _)] = sender.udp.sent
+    sender.udp.sent = []
+    addr = pod.proxy.tunnel.table.by_addr[peer_ip].endpoint
+    lab.now += 0.25
+    pod.clock.now = lab.now
+    before = state(pod, peer_ip)
+    pod.tun.written = []
+    pod.udp.inbox.append(([datagram], addr))
+    pod.proxy._on_udp()
+    [(hdr, written)] = pod.tun.written
+    after = state(pod, peer_ip)
+    restore(pod, peer_ip, before)
+    got = lab.lane(pod, kind).inbound(datagram, addr, lab.now)
+    assert got == hdr + written
+    assert state(pod, peer_ip) == after
+    assert written[12:16] == socket.inet_aton(seen)  # the app sees whom it pinged
+    parsed = IP(written)
+    del parsed.chksum  # recomputed by scapy: the rewrite left both checksums right
+    assert IP(bytes(parsed)).chksum == IP(written).chksum and in4_chksum_ok(written)
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_an_echo_the_lane_does_not_take_is_handed_back_and_changes_nothing(kind):
+    lab = PingLab()
+    a = lab.a
+    lane = lab.lane(a, kind)
+    saved = state(a, B2)
+    good = echo(A, B2, PING_POD, seq=3)
+    frames = [
+        bytes(IP(src=A, dst=B2) / ICMP(type=3, code=3) / good[:28]),  # an error: related-flow logic
+        bytes(IP(src=A, dst=B2) / ICMP(type=8, code=1, id=PING_POD)),  # a code
+        bytes(IP(src=A, dst=B2) / ICMP(type=13, id=PING_POD)),  # a timestamp query
+        bytes(IP(src=A, dst=B2) / ICMP(type=8, id=0)),  # id 0: request and reply keys coincide
+        bytes(IP(src=A, dst=B2, flags="MF") / ICMP(type=8, id=PING_POD) / PAYLOAD),  # fragment
+        bytes(IP(src=A, dst=B2, frag=3, proto=1) / good[20:]),  # a later fragment
+        good[:27],  # short
+        good[:20] + good[20:28],  # total length no longer exact
+        echo(A, B2, PING_POD + 1),  # another id: not learnt
+    ]
+    for data in frames:
+        assert lane.outbound(frame(data), lab.now) is None
+    assert state(a, B2) == saved
+    # the lane takes an echo with a wrong ICMP checksum as the Python path does: untouched
+    bad = bytearray(good)
+    bad[22] ^= 0xFF
+    got = lane.outbound(frame(bytes(bad)), lab.now)
+    assert got is not None
+    restore(a, B2, saved)
+    a.app_sends(frame(bytes(bad)))
+    [(reference, _)] = a.udp.sent
+    assert got[0] == reference
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+@pytest.mark.parametrize("case", list(PINGS_OUT))
+def test_the_two_lanes_agree_on_mutated_echoes(case):
+    lab = PingLab(policy=True)
+    name, peer_ip, packet = PINGS_OUT[case]
+    pod = getattr(lab, name)
+    pure, c = lab.lane(pod, "python"), lab.lane(pod, "c")
+    rng = random.Random(8)
+    base = frame(packet)
+    taken = 0
+    for _ in range(300):
+        data = bytearray(base)
+        for _ in range(rng.randrange(1, 3)):
+            at = rng.randrange(len(data)) if rng.random() < 0.5 else rng.randrange(10, 40)
+            data[at] = rng.randrange(256)
+        saved = state(pod, peer_ip)
+        want = pure.outbound(bytes(data), lab.now)
+        after = state(pod, peer_ip)
+        restore(pod, peer_ip, saved)
+        assert c.outbound(bytes(data), lab.now) == want
+        assert state(pod, peer_ip) == after
+        taken += want is not None
+    assert taken  # some mutations (payload, checksum, sequence) are still the flow's
