@@ -7,7 +7,10 @@ drifts hit every mode alike:
  1. sparse request/response: a 1-byte TCP request every 20 ms over one connection
     (bench/coldpath.py's client and server), median and p90 round trip;
  2. back-to-back request/response (bench/measure.py), median;
- 3. single-stream TCP throughput, iperf3 (``--iperf`` seconds; 0 skips it).
+ 3. ping: ``--pings`` ICMP echoes every 50 ms (as ``tencrypt bench``: to nginx2's Service
+    cluster IP through Tencrypt, to its pod IP for vanilla, where a VIP answers no ICMP),
+    median round trip (the express lane takes ICMP echoes both ways since issue 26's ICMP step);
+ 4. single-stream TCP throughput, iperf3 (``--iperf`` seconds; 0 skips it).
 Prints one markdown table; ``--json`` keeps the figures. Run it under the machine lock:
 ``flock /tmp/tencrypt-machine.lock python -m bench.express``.
 """
@@ -55,6 +58,9 @@ def one_round(lab: Any, mode: str, args: argparse.Namespace, logs: Path) -> dict
             rr = measure.request_response(a.netns, b.vip, args.rr)
         out["rr_p50_us"] = rr.p50_us
         out["rr_per_s"] = rr.rate
+        if args.pings > 0:
+            host = b.ip if mode == "vanilla" else b.vip  # as bench.attach's targets
+            out["ping_p50_us"] = measure.ping(a.netns, host, args.pings, 0.05).p50_ms * 1000
         if args.iperf > 0:
             tcp = measure.iperf(a.netns, b.netns, b.vip, args.iperf, logs / "iperf.log")
             out["tcp_gbps"] = tcp.gbps
@@ -65,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.express", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=10.0, help="sparse phase (default 10)")
     p.add_argument("--rr", type=float, default=5.0, help="back-to-back phase (default 5)")
+    p.add_argument("--pings", type=int, default=40, help="echoes every 50 ms (40; 0: skip)")
     p.add_argument("--iperf", type=float, default=5.0, help="iperf3 seconds (5; 0: skip)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the modes (2)")
     p.add_argument("--json", type=Path, help="write the figures here too")
@@ -101,6 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k in keys
         ]
         print(f"| {mode} | " + " | ".join(cells) + " |")
+    print()
+    for k in ("sparse_p50_us", "ping_p50_us"):  # added over vanilla, round by round
+        if k in keys:
+            added = {
+                m: " / ".join(
+                    f"+{run[k] - base[k]:,.0f}"
+                    for run, base in zip(runs[m], runs["vanilla"], strict=True)
+                )
+                for m in MODES[1:]
+            }
+            print(f"added over vanilla, {k}: " + "; ".join(f"{m} {v} µs" for m, v in added.items()))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1) + "\n")
     return 0
