@@ -522,6 +522,11 @@ def test_echoes_are_learnt_both_ways_on_both_sides():
     # B2 learnt the flows A opened from its own replies: their requests come in by the lane
     assert key13(echo(B2, A, PING_VIP, reply=True)) in b2.out
     assert key13(echo(A, B2, PING_VIP)) in b2.inn and key13(echo(A, B2, PING_POD)) in b2.inn
+    # what ``_retire`` does to a peer's old session: each flow's entries go, the reply's too
+    for e in (a, b2):
+        for key in [k for k in e.out if k[0] == 1]:
+            e.forget(key)
+        assert not [k for k in e.inn if k[0] == 1]
 
 
 @pytest.mark.parametrize("case", list(PINGS_OUT))
@@ -631,3 +636,34 @@ def test_the_two_lanes_agree_on_mutated_echoes(case):
         assert state(pod, peer_ip) == after
         taken += want is not None
     assert taken  # some mutations (payload, checksum, sequence) are still the flow's
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_two_lanes_agree_on_mutated_echoes_coming_in():
+    from tencrypt.core import fastpath as pure_fastpath
+
+    lab = PingLab(policy=True)
+    a = lab.a
+    pure, c = lab.lane(a, "python"), lab.lane(a, "c")
+    s = lab.b2.proxy.tunnel.table.by_addr[A].current  # B2's session: it seals A's datagrams
+    assert s is not None and s.send_key is not None
+    addr = a.proxy.tunnel.table.by_addr[B2].endpoint
+    rng = random.Random(9)
+    base = echo(B2, A, PING_VIP, reply=True, seq=5)
+    taken = 0
+    for i in range(300):
+        plain = bytearray(base)
+        for _ in range(rng.randrange(1, 3)):
+            at = rng.randrange(len(plain)) if rng.random() < 0.5 else rng.randrange(0, 28)
+            plain[at] = rng.randrange(256)
+        datagram = pure_fastpath.seal_batch(
+            s.send_key, s.remote_index, s.send_counter + 1000 + i, [bytes(plain)]
+        )
+        saved = state(a, B2)
+        want = pure.inbound(datagram, addr, lab.now)
+        after = state(a, B2)
+        restore(a, B2, saved)
+        assert c.inbound(datagram, addr, lab.now) == want
+        assert state(a, B2) == after
+        taken += want is not None
+    assert taken  # the payload, the sequence, the checksum: still the flow's
