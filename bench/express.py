@@ -42,6 +42,20 @@ def patched(lab: Any, mode: str) -> Iterator[None]:
         yield
 
 
+def lane_counts(lab: Any) -> dict[str, int]:
+    """What the two proxies' lanes sealed and opened so far (``/status`` ``express``)."""
+    from tencrypt.lab.proxy import METRICS
+    from tencrypt.linux import netns
+
+    counts: dict[str, int] = {}
+    for pod in ("nginx1", "nginx2"):
+        url = f"http://{METRICS}/status"
+        doc = json.loads(netns.run(lab.pods[pod].netns, ["curl", "-sS", url]).stdout)
+        for way in ("sealed", "opened"):
+            counts[f"{pod}_{way}"] = int(doc.get("express", {}).get(way, 0))
+    return counts
+
+
 def one_round(lab: Any, mode: str, args: argparse.Namespace, logs: Path) -> dict[str, float]:
     from bench import coldpath, measure
 
@@ -60,7 +74,10 @@ def one_round(lab: Any, mode: str, args: argparse.Namespace, logs: Path) -> dict
         out["rr_per_s"] = rr.rate
         if args.pings > 0:
             host = b.ip if mode == "vanilla" else b.vip  # as bench.attach's targets
+            before = lane_counts(lab) if mode == "express" else {}
             out["ping_p50_us"] = measure.ping(a.netns, host, args.pings, 0.05).p50_ms * 1000
+            for hop, count in lane_counts(lab).items() if before else ():
+                out[f"ping_lane_{hop}"] = count - before[hop]  # packets of the ping it took
         if args.iperf > 0:
             tcp = measure.iperf(a.netns, b.netns, b.vip, args.iperf, logs / "iperf.log")
             out["tcp_gbps"] = tcp.gbps
@@ -109,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         print(f"| {mode} | " + " | ".join(cells) + " |")
     print()
+    for run in runs["express"]:  # the ping's echoes the lanes took, of ``--pings`` each way
+        print(
+            "express lanes during the ping: "
+            + ", ".join(f"{k[10:]} {v:.0f}" for k, v in run.items() if k.startswith("ping_lane_"))
+        )
     for k in ("sparse_p50_us", "ping_p50_us"):  # added over vanilla, round by round
         if k in keys:
             added = {
