@@ -19,6 +19,18 @@
  *    ``([read], inject_errors)``.
  *  - ``outbound(frame, now)`` / ``inbound(datagram, addr, now)``: the same work without I/O,
  *    the twin of core/express.py's (tests compare them).
+ *  - ``wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None)``: the
+ *    event loop's epoll call (tencrypt/linux/spin.py rule 5). It blocks in ``epoll_wait``
+ *    with the GIL released and serves a readiness of tenc0 (and of the socket, if
+ *    ``udp_ok``) itself, by the pump above, so an established flow's packet wakes straight
+ *    into C: no selector, no callback, no Python but its ``take``/``accept``. It returns,
+ *    as ``[(fd, events)]``, only what Python must see: any other descriptor, any event but a
+ *    plain EPOLLIN, and a pump that handed something back or counted a drop — that result
+ *    is kept in the lane and is what the descriptor's next ``pump_tun``/``pump_udp`` returns,
+ *    first and without reading, so the order of the packets holds. Nothing to return: it
+ *    waits again, until ``timeout`` (seconds, None: none; rounded up to the millisecond as
+ *    ``select.epoll.poll``) is over (then ``[]``). A signal returns ``[]`` after Python's
+ *    handlers ran (the loop's wake-up descriptor then reports it too).
  * Packets (core/express.py rule 2): IPv4 TCP without SYN/FIN/RST, UDP, and ICMP echo request
  * and reply (type 8/0, code 0, id not 0; keyed (id, 0) / (0, id)), never a fragment; an echo's
  * translation rewrites its address and the IPv4 header checksum only.
@@ -32,7 +44,10 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
+#include <math.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -64,6 +79,11 @@ typedef struct {
     Py_ssize_t n_sealed, n_opened; /* packets the pumps took, each way (``counts()``) */
     PyObject *last_ep;    /* the endpoint whose sockaddr is cached */
     struct sockaddr_in last_sa;
+    /* ``wait``: what a pump inside it handed back (a list, or NULL) and its count of send
+     * drops / inject errors, kept for the next ``pump_tun`` / ``pump_udp`` call */
+    PyObject *tun_back, *udp_back;
+    Py_ssize_t tun_back_n, udp_back_n;
+    Py_ssize_t n_woken; /* wake-ups ``wait`` served without returning to Python */
 } Lane;
 
 static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
@@ -383,12 +403,10 @@ static PyObject *lane_inbound(Lane *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)self->work, flen);
 }
 
-static PyObject *lane_pump_tun(Lane *self, PyObject *args) {
-    int tun_fd, udp_fd;
-    double now;
-    Py_ssize_t limit, lone;
-    if (!PyArg_ParseTuple(args, "iidnn:pump_tun", &tun_fd, &udp_fd, &now, &limit, &lone))
-        return NULL;
+/* One pump of tenc0 (``pump_tun``): the frames handed back in a new list, or NULL (an
+ * exception); ``*dropped``: datagrams the socket refused. */
+static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssize_t limit,
+                          Py_ssize_t lone, Py_ssize_t *dropped_out) {
     PyObject *back = PyList_New(0);
     if (back == NULL) return NULL;
     Py_ssize_t dropped = 0;
@@ -421,15 +439,30 @@ static PyObject *lane_pump_tun(Lane *self, PyObject *args) {
         Py_DECREF(ep);
         if (i == 0 && n <= lone) break;
     }
+    *dropped_out = dropped;
+    return back;
+}
+
+static PyObject *lane_pump_tun(Lane *self, PyObject *args) {
+    int tun_fd, udp_fd;
+    double now;
+    Py_ssize_t limit, lone, dropped = 0;
+    if (!PyArg_ParseTuple(args, "iidnn:pump_tun", &tun_fd, &udp_fd, &now, &limit, &lone))
+        return NULL;
+    if (self->tun_back != NULL) { /* what ``wait`` kept: handed back first, nothing read */
+        PyObject *back = self->tun_back;
+        self->tun_back = NULL;
+        return Py_BuildValue("(Nn)", back, self->tun_back_n);
+    }
+    PyObject *back = pump_tun(self, tun_fd, udp_fd, now, limit, lone, &dropped);
+    if (back == NULL) return NULL;
     return Py_BuildValue("(Nn)", back, dropped);
 }
 
-static PyObject *lane_pump_udp(Lane *self, PyObject *args) {
-    int udp_fd, tun_fd;
-    double now;
-    Py_ssize_t limit, lone;
-    if (!PyArg_ParseTuple(args, "iidnn:pump_udp", &udp_fd, &tun_fd, &now, &limit, &lone))
-        return NULL;
+/* One pump of the UDP socket (``pump_udp``): the reads handed back in a new list, or NULL;
+ * ``*errors``: frames tenc0 refused. */
+static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssize_t limit,
+                          Py_ssize_t lone, Py_ssize_t *errors_out) {
     PyObject *back = PyList_New(0);
     if (back == NULL) return NULL;
     Py_ssize_t errors = 0;
@@ -490,12 +523,133 @@ static PyObject *lane_pump_udp(Lane *self, PyObject *args) {
         self->n_opened++;
         if (i == 0 && n <= lone) break;
     }
+    *errors_out = errors;
+    return back;
+}
+
+static PyObject *lane_pump_udp(Lane *self, PyObject *args) {
+    int udp_fd, tun_fd;
+    double now;
+    Py_ssize_t limit, lone, errors = 0;
+    if (!PyArg_ParseTuple(args, "iidnn:pump_udp", &udp_fd, &tun_fd, &now, &limit, &lone))
+        return NULL;
+    if (self->udp_back != NULL) { /* what ``wait`` kept: handed back first, nothing read */
+        PyObject *back = self->udp_back;
+        self->udp_back = NULL;
+        return Py_BuildValue("(Nn)", back, self->udp_back_n);
+    }
+    PyObject *back = pump_udp(self, udp_fd, tun_fd, now, limit, lone, &errors);
+    if (back == NULL) return NULL;
     return Py_BuildValue("(Nn)", back, errors);
+}
+
+/* ---- wait: epoll that serves the lane's readiness itself ----------------------------------- */
+
+static double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* One ready lane fd served inside ``wait``: 1 if Python must see it (something handed back or
+ * counted, kept for its pump call), 0 if the lane took everything, -1 on an exception. */
+static int serve(Lane *self, int is_tun, int tun_fd, int udp_fd, Py_ssize_t limit,
+                 Py_ssize_t lone, double at) {
+    Py_ssize_t n = 0;
+    double now = at >= 0 ? at : monotonic();
+    PyObject *back = is_tun ? pump_tun(self, tun_fd, udp_fd, now, limit, lone, &n)
+                            : pump_udp(self, udp_fd, tun_fd, now, limit, lone, &n);
+    if (back == NULL) return -1;
+    if (PyList_Size(back) == 0 && n == 0) {
+        Py_DECREF(back);
+        return 0;
+    }
+    if (is_tun) {
+        self->tun_back = back;
+        self->tun_back_n = n;
+    } else {
+        self->udp_back = back;
+        self->udp_back_n = n;
+    }
+    return 1;
+}
+
+static PyObject *lane_wait(Lane *self, PyObject *args) {
+    int epfd, maxevents, tun_fd, udp_fd, udp_ok;
+    PyObject *timeout_obj, *now_obj = Py_None;
+    Py_ssize_t limit, lone;
+    if (!PyArg_ParseTuple(args, "iOiiipnn|O:wait", &epfd, &timeout_obj, &maxevents, &tun_fd,
+                          &udp_fd, &udp_ok, &limit, &lone, &now_obj))
+        return NULL;
+    double at = -1.0; /* None: each packet's ``now`` is CLOCK_MONOTONIC (time.monotonic) */
+    if (now_obj != Py_None) {
+        at = PyFloat_AsDouble(now_obj);
+        if (at == -1.0 && PyErr_Occurred()) return NULL;
+        if (at < 0) at = 0;
+    }
+    double timeout = -1.0; /* None: no limit */
+    if (timeout_obj != Py_None) {
+        timeout = PyFloat_AsDouble(timeout_obj);
+        if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+        if (timeout < 0) timeout = 0;
+    }
+    if (maxevents < 1) maxevents = 1;
+    if (maxevents > 64) maxevents = 64;
+    struct epoll_event evs[64];
+    double deadline = timeout < 0 ? 0 : monotonic() + timeout;
+    for (;;) {
+        int ms = -1;
+        if (timeout >= 0) {
+            double left = deadline - monotonic();
+            ms = left <= 0 ? 0 : (int)ceil(left * 1e3); /* as select.epoll.poll: rounded up */
+        }
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(epfd, evs, maxevents, ms);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
+            if (PyErr_CheckSignals() < 0) return NULL;
+            return PyList_New(0); /* the loop runs its signal handlers */
+        }
+        PyObject *ready = PyList_New(0);
+        if (ready == NULL) return NULL;
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            uint32_t ev = evs[i].events;
+            int lane_fd = (fd == tun_fd && self->tun_back == NULL)
+                          || (fd == udp_fd && udp_ok && self->udp_back == NULL);
+            int r = 1;
+            if (lane_fd && ev == EPOLLIN)
+                r = serve(self, fd == tun_fd, tun_fd, udp_fd, limit, lone, at);
+            if (r < 0) {
+                Py_DECREF(ready);
+                return NULL;
+            }
+            if (r == 0) continue;
+            PyObject *item = Py_BuildValue("(iI)", fd, ev);
+            if (item == NULL || PyList_Append(ready, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(ready);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        if (PyList_Size(ready) > 0 || n == 0 || (timeout >= 0 && monotonic() >= deadline))
+            return ready;
+        Py_DECREF(ready);
+        self->n_woken++;
+    }
 }
 
 static PyObject *lane_counts(Lane *self, PyObject *unused) {
     (void)unused;
     return Py_BuildValue("(nn)", self->n_sealed, self->n_opened);
+}
+
+static PyObject *lane_woken(Lane *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromSsize_t(self->n_woken);
 }
 
 /* ---- the type ------------------------------------------------------------------------------ */
@@ -541,6 +695,8 @@ static void lane_dealloc(Lane *self) {
     Py_XDECREF(self->inn);
     Py_XDECREF(self->slots);
     Py_XDECREF(self->last_ep);
+    Py_XDECREF(self->tun_back);
+    Py_XDECREF(self->udp_back);
     PyMem_Free(self->rbuf);
     PyMem_Free(self->work);
     PyMem_Free(self->sealed);
@@ -562,6 +718,12 @@ static PyMethodDef lane_methods[] = {
      "inject_errors)"},
     {"counts", (PyCFunction)lane_counts, METH_NOARGS,
      "counts() -> (sealed, opened): packets the pumps took out and in"},
+    {"wait", (PyCFunction)lane_wait, METH_VARARGS,
+     "wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None) -> "
+     "[(fd, events)]: epoll_wait that serves the lane's own readiness in C and returns what "
+     "Python must see; now: the packets' time (None: CLOCK_MONOTONIC, time.monotonic)"},
+    {"woken", (PyCFunction)lane_woken, METH_NOARGS,
+     "woken() -> wake-ups wait served in C without returning to Python"},
     {NULL, NULL, 0, NULL},
 };
 

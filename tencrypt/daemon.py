@@ -40,7 +40,11 @@ one C call that seals (opens) the packets of the flows ``_outbound`` learnt and 
 the first it cannot take, which then takes the steps above; a super-packet or a GRO read
 handed back lets the Python loop go on reading. Its tables are flushed on a new membership
 and on peer events. It follows the read rule below: cold, it stops after a first packet of at
-most LONE_BYTES that it took.
+most LONE_BYTES that it took. With the loop's selector given (``tencrypt run``), the lane also
+does the loop's epoll call (``_lane_wait``, linux/spin.py rule 5): a readiness of tenc0 or the
+socket is served in C by one pump (always as cold: the next packet is the next epoll call, in
+C too), and only what it hands back or counts reaches the readers above, through the pump's
+next call; the socket is served only while no sender waits for its route (``_udp_lane_ok``).
 Reads (READS), both directions: level-triggered readiness, so a reader may stop at any point
 and the loop calls it again while anything waits. A reader is hot when, within QUIET before
 it starts, either reader met a burst (more than one read with data, a super-packet, a GRO
@@ -104,6 +108,7 @@ from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.linux.effects import EffectApplier, Kernel
 from tencrypt.linux.keyfile import KeyFile
 from tencrypt.linux.members import MembersFile
+from tencrypt.linux.spin import SpinSelector
 from tencrypt.linux.tun import READ_SIZE
 from tencrypt.logutil import RateLimitedLog
 from tencrypt.ports import Ports, RawSocket, Resolver
@@ -140,6 +145,7 @@ class Proxy(ControlPlane):
         wall: Callable[[], float] = time.time,
         services: ServiceFlows | None = None,
         express: bool = False,
+        selector: SpinSelector | None = None,
     ) -> None:
         self.config, self.strict, self.batch, self.stats = config, strict, batch, stats
         self.ports, self.resolver, self.kernel, self.members = ports, resolver, kernel, members
@@ -186,6 +192,7 @@ class Proxy(ControlPlane):
         self.want_express = express
         self.express: Express | None = None
         self.lane: Any = None  # tencrypt._fastpath.Lane once started with --express
+        self.selector = selector  # the loop's: the lane's wait serves its readiness (spin.py)
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -595,7 +602,27 @@ class Proxy(ControlPlane):
         self.express = Express(self.tunnel, self.dispatch, self.flows, self.stats, c.pod_ip, c.mtu)
         e = self.express
         self.lane = backend.Lane(e.out, e.inn, e.slots, e.pod4, c.mtu)
-        log.info("express lane on: established flows are sealed and opened in C")
+        if self.selector is not None:
+            self.selector.wait = self._lane_wait
+        log.info(
+            "express lane on: established flows are sealed and opened in C%s",
+            ", woken in C" if self.selector is not None else "",
+        )
+
+    def _lane_wait(self, epfd: int, timeout: float | None, maxevents: int) -> list[tuple[int, int]]:
+        """The loop's epoll call while the lane runs (linux/spin.py rule 5): the lane's own
+        readiness is served in C (a lone packet at a time, READS' cold rule: the next one is
+        the next epoll call, also in C); what it hands back or counts waits in the lane for
+        the reader's next pump, which returns it first."""
+        tun, udp = self.ports.tun.fileno(), self.ports.udp.fileno()
+        at = None if self.clock is time.monotonic else self.clock()  # None: the lane's clock
+        ok = self._udp_lane_ok()
+        return self.lane.wait(epfd, timeout, maxevents, tun, udp, ok, BATCH, LONE_BYTES, at)
+
+    def _udp_lane_ok(self) -> bool:
+        """May the lane open datagrams: no sender waits for its route (step 3), and tenc0
+        takes what is injected."""
+        return not (self.desired.unrouted or len(self.awaiting_route)) and self.inject_via_tun
 
     def _lane_tun(self, now: float, wall: float) -> bool:
         """One pump of tenc0; a frame handed back takes the Python path. True: done; False:
@@ -619,16 +646,20 @@ class Proxy(ControlPlane):
         return not bulk
 
     def _lane_udp(self, now: float, wall: float) -> bool:
-        """One pump of the UDP socket, while no sender waits for its route (step 3);
-        what it hands back takes the Python path. True: done; False: that was a GRO read
-        (bulk), so the Python loop goes on reading as it always did."""
-        if self.desired.unrouted or len(self.awaiting_route) or not self.inject_via_tun:
-            return False
+        """One pump of the UDP socket, while no sender waits for its route (step 3), else
+        only what the lane's wait kept (it comes first); what it hands back takes the Python
+        path. True: done; False: that was a GRO read (bulk) or the lane may not open, so the
+        Python loop goes on reading as it always did."""
+        ok = self._udp_lane_ok()
         cold = now - max(self.busy, self.udp_cut) > QUIET  # READS
         reads, errors = self.lane.pump_udp(
-            self.ports.udp.fileno(), self.ports.tun.fileno(), now, BATCH, LONE_BYTES if cold else 0
+            self.ports.udp.fileno(),
+            self.ports.tun.fileno(),
+            now,
+            BATCH if ok else 0,
+            LONE_BYTES if cold else 0,
         )
-        if cold:
+        if cold and ok:
             self.udp_cut = self.clock()
         if errors:  # as _inject: a kernel that refuses the frames
             log.warning("writing to %s refused: the express lane stops", self.config.tun)
@@ -643,7 +674,7 @@ class Proxy(ControlPlane):
             opened = self._received(datagrams, addr, now, wall, opened)
         self._inject(self._routed(opened), now)
         self._flush()
-        return not bulk
+        return ok and not bulk
 
     def status(self) -> dict[str, object]:
         doc = super().status()
@@ -655,12 +686,15 @@ class Proxy(ControlPlane):
                 "learnt": e.learnt,
                 "sealed": sealed,
                 "opened": opened,
+                "woken_in_c": self.lane.woken(),
             }
         return doc
 
     def _stop_express(self) -> None:
         if self.express is not None:
             self.express.flush()
+        if self.selector is not None:
+            self.selector.wait = None
         self.lane = self.express = None
 
     def _apply_members(self, members: Any, now: float) -> None:

@@ -37,7 +37,7 @@ from tencrypt.ports import open_ports
 log = logging.getLogger("tencrypt.run")
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, selector: SpinSelector | None = None) -> int:
     from tencrypt.linux import metrics, podnet
     from tencrypt.linux.dns import DnsConfig, DnsProxy, class_table
 
@@ -80,6 +80,7 @@ async def serve(args: argparse.Namespace) -> int:
         keyfile=keyfile,
         clock=time.monotonic,
         wall=time.time,
+        selector=selector,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,8 +131,10 @@ def main(args: argparse.Namespace) -> int:
     # window. Its selector polls a while before sleeping (spin.py).
     spin = args.spin_us / 1e6
 
+    selector = SpinSelector(spin)  # the express lane's wait serves its readiness through it
+
     def new_loop() -> asyncio.AbstractEventLoop:
-        return asyncio.SelectorEventLoop(SpinSelector(spin))
+        return asyncio.SelectorEventLoop(selector)
 
     with asyncio.Runner(loop_factory=new_loop) as runner:
-        return runner.run(serve(args))
+        return runner.run(serve(args, selector))

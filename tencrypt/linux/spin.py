@@ -25,16 +25,25 @@ Rules:
    further apart than ``spin`` therefore soon sleeps at once, and one that answers round
    trips polls through them.
 4. ``spin`` 0: plain epoll.
+5. ``wait`` (the express lane's, tencrypt/daemon.py): when set, every epoll call goes through
+   it instead of ``select.epoll.poll``: it blocks in C, serves the readiness of the lane's
+   own descriptors there (core/express.py, tencrypt/_lane.c ``Lane.wait``) and returns only
+   what Python must see, as ``(fd, events)`` pairs, or nothing at ``timeout``. The events it
+   served never reach this selector, so rules 1-3 see the lane's traffic as silence: the
+   lane's packets wake straight into C and never spin.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import time
 from collections.abc import Callable
 
 SelectResult = list[tuple[selectors.SelectorKey, int]]
+# rule 5: (epoll fd, timeout in seconds or None, max events) -> [(fd, epoll events)]
+Wait = Callable[[int, float | None, int], list[tuple[int, int]]]
 
 
 class SpinSelector(selectors.EpollSelector):
@@ -46,18 +55,19 @@ class SpinSelector(selectors.EpollSelector):
         self.clock = clock
         self.last_event = float("-inf")  # when a select last returned something
         self.polls = self.misses = self.grown = 0  # for tests and debugging
+        self.wait: Wait | None = None  # rule 5
 
     def select(self, timeout: float | None = None) -> SelectResult:
         if self.spin <= 0:  # rule 4
-            return super().select(timeout)
+            return self._epoll(timeout)
         now = self.clock()
         if now - self.last_event > self.spin and timeout != 0:  # rule 1: idle, sleep at once
-            ready = super().select(timeout)
+            ready = self._epoll(timeout)
             if ready:
                 self.last_event = self.clock()
             return ready
         deadline = None if timeout is None else now + timeout
-        ready = super().select(0)  # rule 1
+        ready = self._epoll(0)  # rule 1
         if not ready and timeout != 0:  # rule 2
             until = self.last_event + self.budget
             cut = False
@@ -67,17 +77,33 @@ class SpinSelector(selectors.EpollSelector):
             while not ready and now < until:
                 os.sched_yield()
                 self.polls += 1
-                ready = super().select(0)
+                ready = self._epoll(0)
                 now = self.clock()
             if spun and not ready and not cut:
                 self._shrink()
             if not ready:
-                ready = super().select(None if deadline is None else max(0.0, deadline - now))
+                ready = self._epoll(None if deadline is None else max(0.0, deadline - now))
                 now = self.clock()
                 if ready and now - self.last_event <= self.spin:
                     self._grow(now - self.last_event)
         if ready:
             self.last_event = now
+        return ready
+
+    def _epoll(self, timeout: float | None) -> SelectResult:
+        """``EpollSelector.select``, through ``wait`` when one is set (rule 5)."""
+        wait = self.wait
+        if wait is None:
+            return super().select(timeout)
+        ready = []
+        keys = self.get_map()
+        for fd, event in wait(self.fileno(), timeout, max(len(keys), 1)):
+            key = keys.get(fd)
+            if key is not None:  # as EpollSelector: anything but IN is a write, but OUT a read
+                events = (selectors.EVENT_WRITE if event & ~select.EPOLLIN else 0) | (
+                    selectors.EVENT_READ if event & ~select.EPOLLOUT else 0
+                )
+                ready.append((key, events & key.events))
         return ready
 
     def _shrink(self) -> None:

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import random
+import select
 import socket
 import struct
 from typing import Any
@@ -415,6 +416,72 @@ def test_the_pumps_send_what_they_take_and_hand_back_the_rest_in_order():
         assert a.stats.get(Counter.PACKETS_OPENED.value) >= 1
     finally:
         for sock in (tun_app, tun_proxy, udp, sink):
+            sock.close()
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_wait_serves_the_lanes_readiness_in_c_and_returns_only_what_python_must_see():
+    """``Lane.wait`` (tencrypt/_lane.c, linux/spin.py rule 5) on real descriptors: a frame the
+    lane takes goes out inside the call; a frame it hands back makes it return the descriptor,
+    and the next pump returns that frame first, without reading (order kept); another
+    descriptor, or the socket while ``udp_ok`` is false, is returned untouched."""
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, "c")
+    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other_a, other_b = socket.socketpair()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ep = select.epoll()
+    try:
+        for sock in (tun_proxy, udp, sink, other_a):
+            sock.setblocking(False)
+        for sock in (tun_proxy, udp, other_a):  # the lane's two and another one
+            ep.register(sock.fileno(), select.EPOLLIN)
+        udp.bind(("127.0.0.1", 0))
+        sink.bind(("127.0.0.1", 0))
+        peer = a.proxy.tunnel.table.by_addr[B2]
+        peer.endpoint = sink.getsockname()
+        fds = (tun_proxy.fileno(), udp.fileno())
+
+        def wait(timeout: float | None, udp_ok: bool = True) -> list[tuple[int, int]]:
+            return lane.wait(ep.fileno(), timeout, 8, *fds, udp_ok, 64, 256, lab.now)
+
+        data = frame(tcp(A, VIP, 40000, 80, "PA"))
+        syn = frame(tcp(A, VIP, 40002, 80, "S"))
+        assert wait(0.0) == []  # nothing ready: the timeout
+        tun_app.send(data)
+        assert wait(0.0) == []  # taken in C: sealed and sent inside the call
+        first = counter_of(sink.recv(2048))
+        assert peer.current.send_counter == first + 1
+        # a lone small frame, then a SYN behind it: the first wake-up is served in C, the
+        # second (epoll again, level-triggered) hands the SYN back: one wake-up without Python
+        tun_app.send(data)
+        tun_app.send(syn)
+        tun_app.send(data)
+        woken = lane.woken()
+        assert wait(5.0) == [(fds[0], select.EPOLLIN)]
+        assert lane.woken() == woken + 1
+        assert counter_of(sink.recv(2048)) == first + 1
+        back, dropped = lane.pump_tun(fds[0], fds[1], lab.now, 64, 0)
+        assert back == [syn] and dropped == 0  # kept by wait, returned first, nothing read
+        assert tun_proxy.recv(2048) == data  # still queued behind it
+        # the socket while udp_ok is false, and any other descriptor: returned untouched
+        sink.sendto(b"\x01junk", udp.getsockname())
+        other_b.send(b"x")
+        got = wait(0.0, udp_ok=False)
+        assert sorted(got) == sorted([(fds[1], select.EPOLLIN), (other_a.fileno(), select.EPOLLIN)])
+        # with udp_ok the lane reads it, cannot take it, keeps it for pump_udp, as read
+        other_a.recv(16)
+        assert wait(0.0) == [(fds[1], select.EPOLLIN)]
+        with pytest.raises(BlockingIOError):
+            udp.recv(2048)  # the lane read it
+        back, errors = lane.pump_udp(fds[1], fds[0], lab.now, 0, 0)
+        assert back == [(b"\x01junk", 0, False, sink.getsockname())] and errors == 0
+        assert lane.pump_udp(fds[1], fds[0], lab.now, 0, 0) == ([], 0)  # returned once
+    finally:
+        ep.close()
+        for sock in (tun_app, tun_proxy, udp, sink, other_a, other_b):
             sock.close()
 
 

@@ -4,6 +4,7 @@ asserts how long anything took."""
 
 from __future__ import annotations
 
+import select
 import selectors
 import socket
 import threading
@@ -174,3 +175,28 @@ def test_idle_past_spin_it_blocks_without_a_poll_first(pair, monkeypatch):
     clock.now += 10 * MS
     timeouts.clear()
     assert sel.select(0.01) == [] and timeouts == [0.01]
+
+
+@pytest.mark.parametrize("spin", [0.0, 4 * MS])
+def test_rule_5_a_wait_takes_every_epoll_call_and_what_it_returns_is_the_result(pair, spin):
+    a, b = pair
+    sel = selector(spin, a)
+    calls: list[tuple[int, float | None, int]] = []
+    answers = [[], [(a.fileno(), select.EPOLLIN)], [(a.fileno(), select.EPOLLOUT), (999, 1)]]
+
+    def wait(epfd: int, timeout: float | None, maxevents: int) -> list[tuple[int, int]]:
+        calls.append((epfd, timeout, maxevents))
+        return answers.pop(0) if answers else []
+
+    sel.wait = wait
+    b.send(b"x")  # ready, but the wait decides what the loop sees: the lane served it
+    assert sel.select(0) == []
+    assert calls == [(sel.fileno(), 0, 1)]
+    [(key, events)] = sel.select(0)
+    assert key.fileobj is a and events == selectors.EVENT_READ
+    [(key, events)] = sel.select(0)  # as EpollSelector: a write it did not ask for is 0
+    assert key.fileobj is a and events == 0  # and fd 999, registered nowhere, is left out
+    sel.wait = None
+    [(key, _)] = sel.select(0)  # plain epoll again: the byte is still there
+    assert key.fileobj is a
+    sel.close()
