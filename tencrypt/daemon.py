@@ -617,7 +617,13 @@ class Proxy(ControlPlane):
         tun, udp = self.ports.tun.fileno(), self.ports.udp.fileno()
         at = None if self.clock is time.monotonic else self.clock()  # None: the lane's clock
         ok = self._udp_lane_ok()
-        return self.lane.wait(epfd, timeout, maxevents, tun, udp, ok, BATCH, LONE_BYTES, at)
+        try:
+            return self.lane.wait(epfd, timeout, maxevents, tun, udp, ok, BATCH, LONE_BYTES, at)
+        except Exception:  # never the loop's death: the lane stops, the Python path carries on
+            log.exception("express lane failed: it stops; the Python path carries every packet")
+            self.stats.inc(Counter.EXPRESS_FAILURES)
+            self._stop_express()
+            return []  # level-triggered: what is ready is reported by the next (plain) epoll
 
     def _udp_lane_ok(self) -> bool:
         """May the lane open datagrams: no sender waits for its route (step 3), and tenc0

@@ -146,6 +146,10 @@ class Counter(enum.StrEnum):
         "Peers found unreachable: their handshakes went unanswered.",
     )
     TUN_INJECT_ERRORS = "tun_inject_errors", "Opened packets tenc0 refused to take."
+    EXPRESS_FAILURES = (
+        "express_failures",
+        "Times the express lane raised in the event loop's wait and was stopped (a bug).",
+    )
     DATAGRAMS_SEND_DROPPED = (
         "datagrams_send_dropped",
         "Tunnel datagrams the UDP socket did not send (buffer full or error).",

@@ -485,6 +485,28 @@ def test_wait_serves_the_lanes_readiness_in_c_and_returns_only_what_python_must_
             sock.close()
 
 
+def test_a_lane_that_raises_in_the_wait_stops_and_the_loop_lives_on():
+    """daemon._lane_wait: an exception from the lane (a bug) is counted, stops the lane and
+    detaches its wait from the selector; the loop gets an empty result, not the exception."""
+    from tencrypt.linux.spin import SpinSelector
+
+    class Broken:
+        def wait(self, *args: object) -> list[tuple[int, int]]:
+            raise RuntimeError("boom")
+
+    a = Lab().a
+    proxy = a.proxy
+    proxy.selector = SpinSelector(0.0)
+    proxy.lane = Broken()
+    proxy.selector.wait = proxy._lane_wait
+    try:
+        assert proxy.selector.select(0) == []
+        assert proxy.lane is None and proxy.express is None and proxy.selector.wait is None
+        assert a.stats.get(Counter.EXPRESS_FAILURES.value) == 1
+    finally:
+        proxy.selector.close()
+
+
 @pytest.mark.parametrize("kind", LANES)
 def test_with_a_policy_the_lane_touches_the_policy_flow_and_stops_when_it_is_blocked(kind):
     lab = Lab(policy=True)
