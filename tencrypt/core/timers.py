@@ -131,3 +131,21 @@ def seal_keepalive(peer: Peer, stats: Stats) -> Transmit:
     peer.keepalive_due = None
     stats.inc(Counter.KEEPALIVES_SENT)
     return transmit
+
+
+STUCK = 0.01  # seconds: a deadline already past after its round waits this long, not spins
+
+
+def sleep_plan(
+    now: float, due: float | None, lead: float, cap: float | None = None
+) -> tuple[float | None, bool]:
+    """How long the shell's timer task sleeps after a round at ``now``: until ``due`` (the
+    earliest deadline of everything it drives; None: none), at most ``cap`` seconds; None:
+    until woken. The flag is "deep": the wake lies more than ``lead`` (the shortest time
+    from any deadline's creation to its due time) ahead, so a deadline created meanwhile may
+    fall before it and whoever creates one must wake the task (control.py rule 4). A due
+    time already past (a deadline its round did not clear) waits ``STUCK``, never spins."""
+    wake = due if cap is None else min(now + cap, due if due is not None else now + cap)
+    if wake is None:
+        return None, True
+    return (wake - now if wake > now else STUCK), wake > now + lead
