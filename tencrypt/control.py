@@ -34,10 +34,12 @@ Rules:
       batch of the Python path (``_flush``), one attribute test when not deep; the round it
       wakes then sleeps at most ``lead``.
    c. The express lane (core/express.py ``take``/``accept``) runs no such hook per packet;
-      the only deadlines it creates are an existing peer's keepalive and stale deadlines,
-      ``keepalive_timeout``/``stale_timeout`` after the packet. So while any peer exists the
-      task sleeps at most min(keepalive_timeout, stale_timeout); with no peer it may sleep
-      until the next real deadline (an idle proxy: the file safety poll, once a minute).
+      the only deadlines it creates are the keepalive and stale deadlines of a peer with a
+      keyed session (it refuses any other), ``keepalive_timeout``/``stale_timeout`` after the
+      packet; it only ever clears or sets them, never moves one earlier. So while any session
+      still has its keys the task sleeps at most min(keepalive_timeout, stale_timeout); once
+      every session has expired (reject_after_time after its handshake, a deadline here
+      too) it sleeps until the next real deadline: an idle proxy, the file safety poll.
    d. The membership and key files are watched with inotify on their directories
       (linux/watch.py): an event wakes the task, which polls both at once; a safety poll
       every SAFETY_POLL seconds remains, and where inotify cannot be used the files are
@@ -114,6 +116,7 @@ class ControlPlane(abc.ABC):
     # rule 4: set while the timer task sleeps deep; its wake-up (None: no task sleeping)
     _timers_deep: bool = False
     _timers_wake: asyncio.Event | None = None
+    _timers_batch: bool = False  # rule 4b: woken by a batch (its next sleep is not deep)
     timers_at: float | None = None  # when the timer task's sleep ends (None: until woken)
     _files_due: bool = False
     watch: DirWatch | None = None
@@ -310,6 +313,7 @@ class ControlPlane(abc.ABC):
         timer task sleeps deep, then it wakes to look."""
         if self._timers_deep:
             self._timers_deep = False
+            self._timers_batch = True
             self._wake_timers()
 
     def _wake_timers(self) -> None:
@@ -331,6 +335,11 @@ class ControlPlane(abc.ABC):
             self.dispatch.wait_for_members,
         )
 
+    def _keyed_sessions(self) -> bool:
+        """Rule 4c: is there a session the express lane could still seal or open with (one
+        whose keys its expiry has not dropped; that expiry is itself a deadline here)?"""
+        return any(s.recv_aead is not None for s in self.tunnel.table.by_index.values())
+
     def _start_watch(self) -> DirWatch | None:
         files = [f.path for f in (self.members, self.keyfile) if f is not None]
         if not files:
@@ -351,7 +360,7 @@ class ControlPlane(abc.ABC):
         renew_at, poll_at = now + RENEW_EVIDENCE, now
         try:
             while not self.stopping.is_set():
-                nudged = wake.is_set()
+                nudged, self._timers_batch = self._timers_batch, False
                 wake.clear()
                 self._timers_deep = False
                 now, wall = self.clock(), self.wall()
@@ -378,7 +387,7 @@ class ControlPlane(abc.ABC):
                     renew_at,
                     poll_at,
                 )
-                cap = lane_cap if self.tunnel.table.peers else None
+                cap = lane_cap if self._keyed_sessions() else None
                 if nudged:  # rule 4b: a batch may come again; the next sleep is not deep
                     cap = lead if cap is None else min(cap, lead)
                 delay, self._timers_deep = sleep_plan(now, due, lead, cap)

@@ -31,7 +31,7 @@ from tencrypt.core.stats import Stats
 from tencrypt.core.timers import STUCK, sleep_plan
 from tencrypt.linux.dns import DnsConfig, DnsProxy
 from tencrypt.linux.members import write_members
-from tests.unit.fakes import Pod
+from tests.unit.fakes import Pod, Wire
 
 A, B = "10.128.0.11", "10.128.0.12"
 
@@ -250,27 +250,41 @@ def test_without_the_batch_hook_the_deep_sleep_would_miss_the_handshake(monkeypa
     assert armed is not None and due is not None and armed > due
 
 
-def test_while_a_peer_exists_the_sleep_is_capped_for_the_express_lane():
-    """Rule 4c: the lane arms keepalive/stale deadlines without a hook."""
-    limits = Limits(rekey_timeout=0.05, handshake_give_up=30.0, keepalive_timeout=7.0)
-    pod = Pod(A, members=members(), limits=limits)
+def test_while_a_session_has_keys_the_sleep_is_capped_for_the_express_lane():
+    """Rule 4c: the lane arms keepalive/stale deadlines without a hook, so while a keyed
+    session exists the task sleeps at most min(keepalive, stale); once the sessions have
+    expired it sleeps deep again."""
+    a, b = Pod(A, members=members()), Pod(B, members=members())
+    limits = a.proxy.tunnel.limits
 
-    async def main() -> tuple[float | None, float]:
-        task = asyncio.create_task(pod.proxy.timers())
-        await until(lambda: pod.proxy._timers_deep)
-        pod.app_sends(ipv4_udp(A, B))
-        pod.clock.now += 20.0  # the peer stays (give-up 30 s); its retries go on
-        pod.proxy.timers_at = None
-        pod.proxy._wake_timers()
-        start = pod.clock.now
-        await until(lambda: pod.proxy.timers_at is not None)
-        armed = pod.proxy.timers_at
-        pod.proxy.stopping.set()
+    async def round_after(advance: float) -> tuple[float | None, float]:
+        a.clock.now += advance
+        a.proxy.timers_at = None
+        a.proxy._wake_timers()
+        await until(lambda: a.proxy.timers_at is not None)
+        return a.proxy.timers_at, a.clock.now
+
+    async def main() -> tuple[tuple[float | None, float], tuple[float | None, float]]:
+        for pod in (a, b):
+            pod.proxy._poll_members(pod.clock.now)  # as prepare() does at start
+        wire = Wire(a, b)
+        a.app_sends(ipv4_udp(A, B))
+        wire.pump()
+        assert a.proxy._keyed_sessions()  # the handshake completed: a keyed session
+        for peer in a.proxy.tunnel.table.peers:  # as if its timers had fired, the lane idle
+            peer.keepalive_due = peer.stale_due = None
+        task = asyncio.create_task(a.proxy.timers())
+        await until(lambda: a.proxy.timers_at is not None)
+        keyed = await round_after(0.0)
+        expired = await round_after(limits.reject_after_time + 1)
+        a.proxy.stopping.set()
         await task
-        return armed, start
+        return keyed, expired
 
-    armed, start = asyncio.run(main())
-    assert armed is not None and armed <= start + min(limits.keepalive_timeout, 5.0)
+    (armed, now), (later, then) = asyncio.run(main())
+    assert armed is not None and armed <= now + min(limits.keepalive_timeout, limits.stale_timeout)
+    assert not a.proxy._keyed_sessions()
+    assert later is not None and later > then + min(limits.keepalive_timeout, limits.stale_timeout)
 
 
 def test_without_file_events_the_safety_poll_still_loads_a_new_membership(monkeypatch):
