@@ -2,7 +2,9 @@
 or a packet arrived. ``Timers`` is the part of ``Tunnel`` (core/session.py) that fires the
 deadlines; it keeps no state of its own, working on the Tunnel's tables, stats and limits and
 starting handshakes through its ``Handshakes`` (core/handshaking.py). What it sends goes to the
-``out`` list the Tunnel passes in. The data path arms the deadlines (``stale_due`` when it
+``out`` list the Tunnel passes in. ``sleep_plan`` turns the earliest deadline of everything the
+shell's timer task drives (``next_timer`` here, the tables' ``next_expiry``) into its sleep
+(control.py rule 4: no tick, an idle proxy does not wake). The data path arms the deadlines (``stale_due`` when it
 seals, ``keepalive_due`` when it opens). Pure: ``now`` and ``wall`` are arguments.
 
 Rules (numbered once for the whole tunnel: 1, 5, 9 and 10 are in core/handshaking.py, the rest
