@@ -15,8 +15,37 @@ Rules:
    waited for a Service the new table lists are routed again at once. A membership file that
    is there but was never loadable locks the dispatcher (core/dispatch.py rule 5) and the
    inbound gate: not standalone's weaker evidence, until a good file comes.
-4. Every SWEEP: timers of the tunnel, flow and hold expiry (a WAIT past its deadline is
-   refused), session evidence renewed, the membership file and the key file polled.
+4. Timers sleep until something is due (issue 26: an idle proxy spends no CPU). One task
+   (``timers``) drives the tunnel's deadlines (core/timers.py), the overdue WAITs (refused
+   at their deadline), flow and hold expiry, the renewal of the up peers' session evidence
+   (every RENEW_EVIDENCE, a quarter of SESSION_EVIDENCE: evidence never runs out while its
+   session is up) and the polls of the membership and key files; after each round it sleeps
+   until the earliest of their deadlines (core/timers.py ``sleep_plan``), never on a tick.
+   Exactness: something due at t is done at t (the loop's latency aside; a deadline its
+   round left in the past waits core/timers.py STUCK, 10 ms, instead of spinning). The
+   rule that keeps it so when a deadline is created while the task sleeps:
+   a. Every deadline is created at least ``lead`` seconds before it is due
+      (``_deadline_lead``: the shortest of rekey_timeout, keepalive_timeout, stale_timeout,
+      wait_for_members; flow and fragment expiry are later still and only free memory:
+      a dead flow is dead to every lookup already, core/flowstate.py rule 2).
+   b. A sleep that ends no later than ``lead`` after the round began needs nobody: what
+      is created meanwhile is due after it. A longer ("deep") sleep is ended by the first
+      ``deadlines_moved()`` call: the shell (daemon.Proxy) makes it at the end of every
+      batch of the Python path (``_flush``), one attribute test when not deep; the round it
+      wakes then sleeps at most ``lead``.
+   c. The express lane (core/express.py ``take``/``accept``) runs no such hook per packet;
+      the only deadlines it creates are the keepalive and stale deadlines of a peer with a
+      keyed session (it refuses any other), ``keepalive_timeout``/``stale_timeout`` after the
+      packet; it only ever clears or sets them, never moves one earlier. So while any session
+      still has its keys the task sleeps at most min(keepalive_timeout, stale_timeout); once
+      every session has expired (reject_after_time after its handshake, a deadline here
+      too) it sleeps until the next real deadline: an idle proxy, the file safety poll.
+   d. The membership and key files are watched with inotify on their directories
+      (linux/watch.py): an event wakes the task, which polls both at once; a safety poll
+      every SAFETY_POLL seconds remains, and where inotify cannot be used the files are
+      polled every SWEEP, as before.
+   The DNS table's expiry is the DNS proxy's (linux/dns.py ``_arm_sweep``), armed the same
+   way from core/classify.py's ``next_expiry``.
 5. The membership's NetworkPolicy document (core/netpolicy.py) is loaded into the
    dispatcher's policy flows (core/policyflows.py) when its text changes; none: nothing is
    enforced (standalone mode, an agent that sends none).
@@ -26,7 +55,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +67,7 @@ from tencrypt.core.classify import Change, ClassTable
 from tencrypt.core.clustershape import claim_policy, cluster_ranges
 from tencrypt.core.dispatch import Dispatcher
 from tencrypt.core.effects import Desired
+from tencrypt.core.flowstate import earliest
 from tencrypt.core.keyring import KeyRing
 from tencrypt.core.membership import Members
 from tencrypt.core.nat import FlowTable
@@ -48,8 +77,10 @@ from tencrypt.core.policy import Guard
 from tencrypt.core.services import ServiceTable
 from tencrypt.core.session import PeerDown, PeerUnreachable, PeerUp, Tunnel
 from tencrypt.core.stats import Counter, Stats
+from tencrypt.core.timers import sleep_plan
 from tencrypt.linux.keyfile import KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
+from tencrypt.linux.watch import SAFETY_POLL, DirWatch
 from tencrypt.logutil import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -58,7 +89,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tencrypt.run")
 PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
 SESSION_EVIDENCE = 86400.0  # seconds a peer's pod IP stays internal after its session was up
-SWEEP = 1.0  # seconds between expiry sweeps and membership-file polls
+SWEEP = 1.0  # seconds between polls of the membership and key files without inotify
+RENEW_EVIDENCE = SESSION_EVIDENCE / 4  # rule 4: up peers' evidence renewed this often
 
 
 class ControlPlane(abc.ABC):
@@ -81,6 +113,13 @@ class ControlPlane(abc.ABC):
     up_peers: set[str]
     cidr_mismatch: str | None
     stopping: asyncio.Event
+    # rule 4: set while the timer task sleeps deep; its wake-up (None: no task sleeping)
+    _timers_deep: bool = False
+    _timers_wake: asyncio.Event | None = None
+    _timers_batch: bool = False  # rule 4b: woken by a batch (its next sleep is not deep)
+    timers_at: float | None = None  # when the timer task's sleep ends (None: until woken)
+    _files_due: bool = False
+    watch: DirWatch | None = None
 
     # what the pump does with packets (daemon.Proxy)
     @abc.abstractmethod
@@ -269,26 +308,103 @@ class ControlPlane(abc.ABC):
             describe(keys),
         )
 
+    def deadlines_moved(self) -> None:
+        """Rule 4b: a batch of the Python path may have created a deadline; cheap unless the
+        timer task sleeps deep, then it wakes to look."""
+        if self._timers_deep:
+            self._timers_deep = False
+            self._timers_batch = True
+            self._wake_timers()
+
+    def _wake_timers(self) -> None:
+        if self._timers_wake is not None:
+            self._timers_wake.set()
+
+    def _on_file_event(self) -> None:
+        """Rule 4d: something changed in a watched directory: poll the files now."""
+        self._files_due = True
+        self._wake_timers()
+
+    def _deadline_lead(self) -> float:
+        """Rule 4a: the shortest time between a deadline's creation and its due time."""
+        limits = self.tunnel.limits
+        return min(
+            limits.rekey_timeout,
+            limits.keepalive_timeout,
+            limits.stale_timeout,
+            self.dispatch.wait_for_members,
+        )
+
+    def _keyed_sessions(self) -> bool:
+        """Rule 4c: is there a session the express lane could still seal or open with (one
+        whose keys its expiry has not dropped; that expiry is itself a deadline here)?"""
+        return any(s.recv_aead is not None for s in self.tunnel.table.by_index.values())
+
+    def _start_watch(self) -> DirWatch | None:
+        files = [f.path for f in (self.members, self.keyfile) if f is not None]
+        if not files:
+            return None
+        watch = DirWatch(files, self._on_file_event)
+        watch.start()
+        return watch
+
     async def timers(self) -> None:
-        last_sweep = 0.0
-        while not self.stopping.is_set():
-            now, wall = self.clock(), self.wall()
-            self.tunnel.on_timer(now, wall)
-            self._flush()
-            if now - last_sweep >= SWEEP:
-                last_sweep = now
+        """Rule 4: rounds of whatever is due, and sleeps until the next thing is."""
+        self._timers_wake = wake = asyncio.Event()
+        self.watch = self._start_watch()
+        stop = asyncio.ensure_future(self.stopping.wait())
+        lead = self._deadline_lead()
+        limits = self.tunnel.limits
+        lane_cap = min(limits.keepalive_timeout, limits.stale_timeout)  # rule 4c
+        now = self.clock()
+        renew_at, poll_at = now + RENEW_EVIDENCE, now
+        try:
+            while not self.stopping.is_set():
+                nudged, self._timers_batch = self._timers_batch, False
+                wake.clear()
+                self._timers_deep = False
+                now, wall = self.clock(), self.wall()
+                self.tunnel.on_timer(now, wall)
+                self._flush()
                 self.flows.expire(now)
                 self.dispatch.expire(now)
                 for _, packets in self.dispatch.overdue(now):  # no Service came: refused
                     self._refuse(packets, now)
-                for ip in self.up_peers:
-                    self._on_changes(self.table.note_session(ip, now, SESSION_EVIDENCE))
-                self._poll_members(now)
-                self.reload_keys(force=False)
-            deadline = self.tunnel.next_timer()
-            wait = SWEEP if deadline is None else min(SWEEP, max(0.01, deadline - now))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), wait)
+                if now >= renew_at:
+                    renew_at = now + RENEW_EVIDENCE
+                    for ip in self.up_peers:
+                        self._on_changes(self.table.note_session(ip, now, SESSION_EVIDENCE))
+                if self._files_due or now >= poll_at:
+                    self._files_due = False
+                    watched = self.watch is not None and self.watch.active
+                    poll_at = now + (SAFETY_POLL if watched else SWEEP)
+                    self._poll_members(now)
+                    self.reload_keys(force=False)
+                due = earliest(
+                    self.tunnel.next_timer(),
+                    self.flows.next_expiry(),
+                    self.dispatch.next_expiry(),
+                    renew_at,
+                    poll_at,
+                )
+                cap = lane_cap if self._keyed_sessions() else None
+                if nudged:  # rule 4b: a batch may come again; the next sleep is not deep
+                    cap = lead if cap is None else min(cap, lead)
+                delay, self._timers_deep = sleep_plan(now, due, lead, cap)
+                self.timers_at = None if delay is None else now + delay
+                if wake.is_set():
+                    continue
+                woken = asyncio.ensure_future(wake.wait())
+                await asyncio.wait(
+                    (woken, stop), timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                )
+                woken.cancel()
+        finally:
+            stop.cancel()
+            self._timers_deep = False
+            self._timers_wake = None
+            if self.watch is not None:
+                self.watch.close()
 
     def status(self) -> dict[str, object]:
         return observe.status(self)

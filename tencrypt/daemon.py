@@ -733,6 +733,7 @@ class Proxy(ControlPlane):
                 self.stats.inc(Counter.DATAGRAMS_SEND_DROPPED, total - sent)
         if self.tunnel.table.events:
             self._on_peer_events(self.clock())
+        self.deadlines_moved()  # control.py rule 4b: wakes a deep-sleeping timer task
 
 
 def _src(buf: bytes | bytearray | memoryview) -> str:

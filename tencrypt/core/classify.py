@@ -58,6 +58,11 @@ Rules (DESIGN §1 "Classification", §1a "Fail closed"):
    Service created a moment ago, which the dispatcher lets wait for the membership), never
    a class. Session evidence of an address the membership no longer lists ends with its
    session (``end_session``), not a day later.
+11. Expiry is driven by deadlines, not ticks: ``next_expiry`` is the earliest scheduled
+   expiry, and ``on_sooner`` (if set) hears every expiry scheduled before all the others,
+   so that the shell's sweep, asleep until the earliest one, is re-armed (linux/dns.py).
+   Unknown marks and hints (rules 8, 10) are checked against ``now`` where they are read;
+   ``expire`` only frees their memory, so they schedule nothing.
 
 Everything here is pure: ``now`` is a monotonic time in seconds passed in by the caller.
 """
@@ -266,6 +271,8 @@ class ClassTable:
     reserved: Callable[[str], bool] = _nothing  # rule 9: never a class (the pod's boundary)
     guarded: Callable[[str], bool] = _nothing  # rule 10: forward answers only hint here
     members_known: bool = False  # rule 10: a membership was loaded (set_members)
+    # rule 11: hears an expiry scheduled before every other (the shell re-arms its sweep)
+    on_sooner: Callable[[float], None] | None = None
     _hints: dict[str, float] = field(default_factory=dict)  # rule 10: internal hints
     _lookups: set[str] = field(default_factory=set)  # rule 10: reverse lookups to ask
     _entries: dict[str, _Evidence] = field(default_factory=dict)
@@ -421,6 +428,8 @@ class ClassTable:
         return changes
 
     def next_expiry(self) -> float | None:
+        """Rule 11: when ``expire`` next may have a change to report (the schedule's earliest
+        item; an outdated one only makes a sweep that finds nothing), or None."""
         return self._heap[0][0] if self._heap else None
 
     def note_unknown(self, ip: str, now: float, ttl: float | None = None) -> None:
@@ -459,7 +468,10 @@ class ClassTable:
     def _settle(self, ip: str, entry: _Evidence, expires: float, now: float) -> list[Change]:
         """After evidence changed: schedule its expiry, forget an empty entry, report a change."""
         if now < expires < NEVER:
+            sooner = not self._heap or expires < self._heap[0][0]
             heapq.heappush(self._heap, (expires, ip))
+            if sooner and self.on_sooner is not None:
+                self.on_sooner(expires)  # rule 11
             if len(self._heap) > 4 * len(self._entries) + 64:  # mostly superseded items
                 self._heap = [
                     (e.expires(), a) for a, e in self._entries.items() if e.expires() < NEVER

@@ -71,6 +71,7 @@ from tencrypt.core.flowstate import (
     UDP_TIMEOUT,
     FlowState,
     IdleFlows,
+    earliest,
     opens,
     reopens,
 )
@@ -391,6 +392,15 @@ class ServiceFlows:
         if reaped:
             self._stats.inc(Counter.SERVICE_FLOWS_EXPIRED, len(reaped))
         return len(reaped)
+
+    def next_expiry(self) -> float | None:
+        """When ``expire`` next has something to remove (a flow, an affinity, a fragment
+        record), or None. Memory only: lookups already treat each of them as gone."""
+        frags = [
+            next(iter(f.values()))[1] + FRAG_TIMEOUT for f in (self._frags_out, self._frags_in) if f
+        ]
+        affinity = min((v[2] for v in self._affinity.values()), default=None)
+        return earliest(self._idle.next_expiry(), affinity, *frags)
 
     def _evict(self) -> None:
         """Rule 7: the closed TCP flow idle longest, else the flow idle longest of any class."""

@@ -52,6 +52,7 @@ from collections.abc import Container, Sequence
 
 from tencrypt.core.classify import AddrClass, ClassTable
 from tencrypt.core.conntrack import DROP, REJECT, ServiceFlows
+from tencrypt.core.flowstate import earliest
 from tencrypt.core.holdqueue import HoldQueue
 from tencrypt.core.packet import EXT_WALKED, ICMP, ICMPV6, TCP, V6, int_to_ip, parse_ip
 from tencrypt.core.policy import Guard, Verdict, decide
@@ -292,6 +293,16 @@ class Dispatcher:
     def give_up(self, address: str, until: float) -> None:
         """--no-strict: ``address`` went unanswered; the clear is used until ``until``."""
         self.plaintext_until[address] = until
+
+    def next_expiry(self) -> float | None:
+        """When ``expire`` or ``overdue`` next has something to do, or None: the earliest WAIT
+        deadline (then refused, exactly: rule 2), Service and policy flow expiry and the end
+        of a --no-strict clear period (memory only: each is checked against ``now`` where
+        it is used)."""
+        clear = min(self.plaintext_until.values(), default=None)
+        return earliest(
+            self.holds.next_deadline(), self.flows.next_expiry(), self.netpol.next_expiry(), clear
+        )
 
     def expire(self, now: float) -> None:
         self.flows.expire(now)

@@ -146,6 +146,12 @@ class AnswerCache:
         if self.stats is not None:
             self.stats.inc(Counter.DNS_CACHE_EVICTIONS)
 
+    def next_expiry(self) -> float | None:
+        """When ``expire`` next has an entry to forget, or None (O(entries): the shell asks
+        after a sweep, never per query). Memory only: rule 3 never serves an entry at or
+        after its deadline, expired or not."""
+        return min((e.expires for e in self._entries.values()), default=None)
+
     def expire(self, now: float) -> int:
         """Forget entries past their lifetime; how many went."""
         gone = [k for k, e in self._entries.items() if now >= e.expires]

@@ -110,6 +110,17 @@ class IdleFlows(Generic[K, F]):
                 removed.append((key, flow))
         return removed
 
+    def next_expiry(self) -> float | None:
+        """When ``reap`` next has a flow to remove (the earliest front of a class's queue
+        plus its timeout), or None: no flow. Rule 1 makes it O(classes)."""
+        flows = self.flows
+        due = [
+            flows[next(iter(queue))].last_seen + timeout
+            for queue, timeout in zip(self.queues, self.timeouts, strict=True)
+            if queue
+        ]
+        return min(due, default=None)
+
     def oldest(self, queue: int) -> K | None:
         """The key idle longest in class ``queue``, or None."""
         return next(iter(self.queues[queue]), None)
@@ -122,6 +133,11 @@ class IdleFlows(Generic[K, F]):
             oldest = [k for k in map(self.oldest, range(len(self.queues))) if k is not None]
             key = min(oldest, key=lambda k: self.flows[k].last_seen, default=None)
         return key
+
+
+def earliest(*deadlines: float | None) -> float | None:
+    """The earliest of ``deadlines`` that exist (None: no deadline), or None."""
+    return min((d for d in deadlines if d is not None), default=None)
 
 
 def opens(flags: int) -> bool:

@@ -75,5 +75,10 @@ class HoldQueue(Generic[K, V]):
         due = [k for k, d in self._deadlines.items() if d <= now]
         return [(k, self.pop(k)) for k in due]
 
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a held key (``inf`` ones excluded), or None."""
+        due = min(self._deadlines.values(), default=float("inf"))
+        return None if due == float("inf") else due
+
     def count(self, key: K) -> int:
         return len(self._items.get(key, ()))

@@ -70,6 +70,7 @@ from tencrypt.core.flowstate import (
     UDP_TIMEOUT,
     FlowState,
     IdleFlows,
+    earliest,
 )
 from tencrypt.core.packet import (
     DST,
@@ -229,6 +230,14 @@ class FlowTable:
         if removed:
             self._stats.inc(Counter.NAT_FLOWS_EXPIRED, removed)
         return removed
+
+    def next_expiry(self) -> float | None:
+        """When ``expire`` next has something to remove (a flow past its timeout, a fragment
+        record past FRAG_TIMEOUT), or None. Memory only: a dead flow is already dead to
+        every lookup (rule 2 of core/flowstate.py)."""
+        frags = self._frags
+        frag = next(iter(frags.values()))[1] + FRAG_TIMEOUT if frags else None
+        return earliest(self._idle.next_expiry(), frag)
 
     # --- inbound helpers ----------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from tencrypt.core.flowstate import (
     UDP_TIMEOUT,
     FlowState,
     IdleFlows,
+    earliest,
     reopens,
 )
 from tencrypt.core.netpolicy import Decision, NetPolicy
@@ -228,6 +229,12 @@ class PolicyFlows:
         while frags and now - next(iter(frags.values())) >= FRAG_TIMEOUT:
             frags.popitem(last=False)
         return reaped
+
+    def next_expiry(self) -> float | None:
+        """When ``expire`` next has a flow or a fragment record to remove, or None."""
+        frags = self._frags
+        frag = next(iter(frags.values())) + FRAG_TIMEOUT if frags else None
+        return earliest(self._idle.next_expiry(), frag)
 
     # --- helpers ----------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 or a packet arrived. ``Timers`` is the part of ``Tunnel`` (core/session.py) that fires the
 deadlines; it keeps no state of its own, working on the Tunnel's tables, stats and limits and
 starting handshakes through its ``Handshakes`` (core/handshaking.py). What it sends goes to the
-``out`` list the Tunnel passes in. The data path arms the deadlines (``stale_due`` when it
+``out`` list the Tunnel passes in. ``sleep_plan`` turns the earliest deadline of everything the
+shell's timer task drives (``next_timer`` here, the tables' ``next_expiry``) into its sleep
+(control.py rule 4: no tick, an idle proxy does not wake). The data path arms the deadlines (``stale_due`` when it
 seals, ``keepalive_due`` when it opens). Pure: ``now`` and ``wall`` are arguments.
 
 Rules (numbered once for the whole tunnel: 1, 5, 9 and 10 are in core/handshaking.py, the rest
@@ -131,3 +133,21 @@ def seal_keepalive(peer: Peer, stats: Stats) -> Transmit:
     peer.keepalive_due = None
     stats.inc(Counter.KEEPALIVES_SENT)
     return transmit
+
+
+STUCK = 0.01  # seconds: a deadline already past after its round waits this long, not spins
+
+
+def sleep_plan(
+    now: float, due: float | None, lead: float, cap: float | None = None
+) -> tuple[float | None, bool]:
+    """How long the shell's timer task sleeps after a round at ``now``: until ``due`` (the
+    earliest deadline of everything it drives; None: none), at most ``cap`` seconds; None:
+    until woken. The flag is "deep": the wake lies more than ``lead`` (the shortest time
+    from any deadline's creation to its due time) ahead, so a deadline created meanwhile may
+    fall before it and whoever creates one must wake the task (control.py rule 4). A due
+    time already past (a deadline its round did not clear) waits ``STUCK``, never spins."""
+    wake = due if cap is None else min(now + cap, due if due is not None else now + cap)
+    if wake is None:
+        return None, True
+    return (wake - now if wake > now else STUCK), wake > now + lead

@@ -19,6 +19,14 @@ A UDP query goes through these stages:
    socket changes when the upstream is silent or refuses (ICMP errors are only counted), so
    the proxy answers again as soon as the upstream does.
 
+Expiry (issue 26: an idle proxy wakes for nothing): no periodic sweep. ``_arm_sweep`` keeps
+one timer at the classification table's earliest expiry (core/classify.py ``next_expiry``);
+the table re-arms it through ``on_sooner`` whenever an expiry earlier than all others is
+scheduled (an answer, a session's evidence, a membership), so a change is reported at its
+due time exactly. The answer cache's expiry only frees memory (core/dnscache.py rule 3: an
+entry is never served at or after its deadline): it rides on the same timer, which after an
+answer that the cache kept is armed for the cache's earliest entry if nothing is armed.
+
 Truncation: a truncated (TC) UDP answer is relayed to the UDP client as it is (it is the
 upstream's answer, byte for byte), and its complete records are classified; the client then
 retries over TCP, through us. TCP clients are served over TCP upstream: one private upstream
@@ -72,7 +80,6 @@ from tencrypt.logutil import RateLimitedLog
 log = logging.getLogger("tencrypt.dns")
 
 SOCKET_BUFFER = 1 << 20  # room for a burst of queries while the loop is busy
-SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps of the classification table
 UNREACHABLE_NEGATIVE_TTL = 5.0  # a PTR lookup that timed out is retried sooner than a miss
 ANSWER_WAIT = 1.0  # seconds an answer waits for its routes and firewall elements, then SERVFAIL
 
@@ -217,6 +224,7 @@ class DnsProxy:
         self.pending = PendingTable(
             stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
         )
+        self._cache = cache  # its expiry rides on the sweep (module doc)
         # ip -> does it still wait for its route or firewall element? (the proxy's Desired)
         self.pending_effects: Callable[[str], bool] | None = None
         self._applied = asyncio.Event()
@@ -226,7 +234,8 @@ class DnsProxy:
         self._tcp: asyncio.Server | None = None
         self._tcp_clients: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep: asyncio.TimerHandle | None = None  # at the earliest expiry (module doc)
+        self._sweep_at = 0.0  # when it runs (monotonic)
         self._lookups: dict[str, asyncio.Future[AddrClass | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -250,7 +259,8 @@ class DnsProxy:
             lambda: _Datagrams(self._on_client_datagram, self._on_client_error), sock=listen
         )
         self._tcp = await start_tcp_server(self._on_tcp_client, host, port)
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self.table.on_sooner = self._arm_sweep
+        self._rearm_sweep()
         log.info(
             "DNS proxy on %s:%d → %s:%d, project domain %s",
             host,
@@ -262,9 +272,13 @@ class DnsProxy:
     async def close(self) -> None:
         if self._tcp is not None:
             self._tcp.close()
-        for task in [*self._tcp_clients, *self._tasks, self._sweeper]:
-            if task is not None:
-                task.cancel()
+        for task in [*self._tcp_clients, *self._tasks]:
+            task.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        if self.table.on_sooner == self._arm_sweep:
+            self.table.on_sooner = None
         for fut in self._lookups.values():
             if not fut.done():
                 fut.set_result(None)
@@ -364,6 +378,7 @@ class DnsProxy:
         if answered is None:
             self.rlog.warn("answer-drop", "DNS answer from upstream dropped (%d bytes)", len(data))
             return
+        self._cache_kept()
         if answered.record is not None:
             self._notify(self.table.on_answer(answered.record, now))
             waiting = self._unapplied(answered.record, now)
@@ -535,13 +550,39 @@ class DnsProxy:
 
     # -- housekeeping ----------------------------------------------------------------------
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            now = time.monotonic()
-            self._notify(self.table.expire(now))
-            if self.pending.cache is not None:
-                self.pending.cache.expire(now)
+    def _arm_sweep(self, when: float) -> None:
+        """The sweep runs at ``when`` (monotonic) or earlier: one timer, moved earlier only."""
+        if self._sweep is not None:
+            if self._sweep_at <= when:
+                return
+            self._sweep.cancel()
+        self._sweep_at = when
+        delay = max(0.0, when - time.monotonic())  # the loop's own clock may be another
+        self._sweep = asyncio.get_running_loop().call_later(delay, self._on_sweep)
+
+    def _rearm_sweep(self) -> None:
+        cache = self._cache
+        when = self.table.next_expiry()
+        if cache is not None and len(cache):
+            later = cache.next_expiry()
+            if later is not None and (when is None or later < when):
+                when = later
+        if when is not None:
+            self._arm_sweep(when)
+
+    def _on_sweep(self) -> None:
+        self._sweep = None
+        now = time.monotonic()
+        self._notify(self.table.expire(now))
+        if self.pending.cache is not None:
+            self.pending.cache.expire(now)
+        self._rearm_sweep()
+
+    def _cache_kept(self) -> None:
+        """After an answer: an entry the cache kept is forgotten by the armed sweep, or by
+        one armed now for it (memory only: module doc)."""
+        if self._sweep is None and self._cache is not None and len(self._cache):
+            self._rearm_sweep()
 
     def _notify(self, changes: list[Change]) -> None:
         if changes and self.on_change is not None:

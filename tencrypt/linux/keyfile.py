@@ -5,8 +5,10 @@ Rules:
 - ``write_key_file`` writes a 0600 temporary file beside the target (in a 0700 directory) and
   renames it over: a reader sees the old ring or the new one, never half of one, and no other
   user can read either.
-- ``KeyFile.poll`` costs one ``stat`` when nothing changed (the proxy calls it every second;
-  ``force`` re-reads anyway, for SIGHUP). A changed file is read and parsed; one that does not
+- ``KeyFile.poll`` costs one ``stat`` when nothing changed (the proxy calls it when inotify
+  reports a change in the file's directory, once a minute as a safety poll, or every second
+  where inotify cannot be used: linux/watch.py, control.py rule 4d; ``force`` re-reads
+  anyway, for SIGHUP). A changed file is read and parsed; one that does not
   parse is refused with one log line naming the file and what was wrong (never key
   material), counted as ``key_reload_refusals``, and the loaded ring kept. A file that
   disappears keeps the loaded ring too (an operator's or a crash's doing).

@@ -4,8 +4,10 @@ watched by the proxy.
 Rules (core.membership rules 2-3):
 - ``write_members`` writes a temporary file beside the target and renames it over: a reader
   sees the old file or the new one, never half of one.
-- ``MembersFile.poll`` costs one ``stat`` when nothing changed (the proxy calls it every
-  second); a changed file is read and parsed; a file that does not parse, or whose generation
+- ``MembersFile.poll`` costs one ``stat`` when nothing changed (the proxy calls it when
+  inotify reports a change in the file's directory, and as a safety poll once a minute, or
+  every second where inotify cannot be used: linux/watch.py, control.py rule 4d); a changed
+  file is read and parsed; a file that does not parse, or whose generation
   is older than the one loaded, is refused with one log line per change and the last good
   membership kept. A file that does not parse while none was ever loaded leaves ``broken``
   set (the reason): the proxy then refuses what it cannot classify instead of falling back to

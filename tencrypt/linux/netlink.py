@@ -109,11 +109,24 @@ def ipv4_address(dev: str) -> tuple[str, int] | None:
 
 
 def ensure_tun(name: str, mtu: int) -> None:
-    """A persistent TUN device (no packet-info header), up, with ``mtu``."""
+    """A persistent TUN device (no packet-info header), up, with ``mtu``. It sends no IPv6
+    router solicitation: no router is behind it, and the kernel's default (solicit forever,
+    with back-off) would wake an idle proxy for each one (issue 26, bench/results/idle.md)."""
     with _ipr(f"creating TUN {name}") as ipr:
         if not ipr.link_lookup(ifname=name):
             ipr.link("add", ifname=name, kind="tuntap", mode="tun", ifr={"no_pi": True})
+        no_router_solicitations(name)
         ipr.link("set", index=_index(ipr, name), mtu=mtu, state="up")
+
+
+def no_router_solicitations(name: str) -> None:
+    """``net.ipv6.conf.<name>.router_solicitations = 0`` in this namespace; nothing where
+    IPv6 is off (no such file)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/router_solicitations", "w") as f:
+            f.write("0\n")
+    except OSError:
+        pass
 
 
 def remove_link(name: str) -> None:
