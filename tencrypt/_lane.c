@@ -30,7 +30,12 @@
  *    first and without reading, so the order of the packets holds. Nothing to return: it
  *    waits again, until ``timeout`` (seconds, None: none; rounded up to the millisecond as
  *    ``select.epoll.poll``) is over (then ``[]``). A signal returns ``[]`` after Python's
- *    handlers ran (the loop's wake-up descriptor then reports it too).
+ *    handlers ran (the loop's wake-up descriptor then reports it too). ``spin`` (seconds):
+ *    linux/spin.py's polling window, its rules 1-3 run here (the lane's state:
+ *    ``spin_stats()``) on every event whoever serves it, but a wake-up whose every event
+ *    was a pod's packet the lane sent to the network: its answer is a network round trip
+ *    away, so it opens no window. A back-to-back exchange the lane carries is caught awake
+ *    as by the selector, and a sparse call's sender does not poll for its answer.
  * Packets (core/express.py rule 2): IPv4 TCP without SYN/FIN/RST, UDP, and ICMP echo request
  * and reply (type 8/0, code 0, id not 0; keyed (id, 0) / (0, id)), never a fragment; an echo's
  * translation rewrites its address and the IPv4 header checksum only.
@@ -45,6 +50,7 @@
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <math.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -84,6 +90,9 @@ typedef struct {
     PyObject *tun_back, *udp_back;
     Py_ssize_t tun_back_n, udp_back_n;
     Py_ssize_t n_woken; /* wake-ups ``wait`` served without returning to Python */
+    /* ``wait``'s polling window: linux/spin.py's rules 1-3, its state here (rule 5) */
+    double spin, budget, last_event;
+    Py_ssize_t polls, misses, grown;
 } Lane;
 
 static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
@@ -574,12 +583,73 @@ static int serve(Lane *self, int is_tun, int tun_fd, int udp_fd, Py_ssize_t limi
     return 1;
 }
 
+/* epoll_wait, rounding a wait in seconds up to the millisecond (as select.epoll.poll); the
+ * GIL released. */
+static int epoll_for(int epfd, struct epoll_event *evs, int maxevents, double seconds) {
+    int ms = seconds < 0 ? -1 : seconds == 0 ? 0 : (int)ceil(seconds * 1e3);
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = epoll_wait(epfd, evs, maxevents, ms);
+    Py_END_ALLOW_THREADS
+    return n;
+}
+
+/* linux/spin.py's ``SpinSelector.select`` (rules 1-3) for the lane's wait (rule 5): the same
+ * window, budget and adaptation, counted on every event, whoever serves it. ``deadline``:
+ * CLOCK_MONOTONIC seconds, or < 0 for none. Events (>= 0) or -1 (errno). */
+static int epoll_spin(Lane *self, int epfd, struct epoll_event *evs, int maxevents,
+                      double deadline) {
+    double now = monotonic();
+    double left = deadline < 0 ? -1.0 : deadline > now ? deadline - now : 0.0;
+    if (self->spin <= 0) return epoll_for(epfd, evs, maxevents, left); /* rule 4 */
+    int n;
+    if (now - self->last_event > self->spin && left != 0) { /* rule 1: idle, sleep at once */
+        n = epoll_for(epfd, evs, maxevents, left);
+        if (n > 0) self->last_event = monotonic();
+        return n;
+    }
+    n = epoll_for(epfd, evs, maxevents, 0); /* rule 1 */
+    if (n == 0 && left != 0) {              /* rule 2 */
+        double until = self->last_event + self->budget;
+        int cut = 0;
+        if (deadline >= 0 && deadline <= until) {
+            until = deadline;
+            cut = 1;
+        }
+        int spun = now < until;
+        while (n == 0 && now < until) {
+            sched_yield();
+            self->polls++;
+            n = epoll_for(epfd, evs, maxevents, 0);
+            now = monotonic();
+        }
+        if (spun && n == 0 && !cut) { /* rule 3: the window ran out */
+            self->misses++;
+            self->budget = self->budget / 2 >= self->spin / 64 ? self->budget / 2 : 0.0;
+        }
+        if (n == 0) {
+            double rest = deadline < 0 ? -1.0 : deadline > now ? deadline - now : 0.0;
+            n = epoll_for(epfd, evs, maxevents, rest);
+            now = monotonic();
+            if (n > 0 && now - self->last_event <= self->spin) { /* rule 3: a poll would have */
+                double gap = now - self->last_event;
+                self->grown++;
+                double twice = 2 * (self->budget > gap ? self->budget : gap);
+                self->budget = twice < self->spin ? twice : self->spin;
+            }
+        }
+    }
+    if (n > 0) self->last_event = now;
+    return n;
+}
+
 static PyObject *lane_wait(Lane *self, PyObject *args) {
     int epfd, maxevents, tun_fd, udp_fd, udp_ok;
     PyObject *timeout_obj, *now_obj = Py_None;
     Py_ssize_t limit, lone;
-    if (!PyArg_ParseTuple(args, "iOiiipnn|O:wait", &epfd, &timeout_obj, &maxevents, &tun_fd,
-                          &udp_fd, &udp_ok, &limit, &lone, &now_obj))
+    double spin = 0.0;
+    if (!PyArg_ParseTuple(args, "iOiiipnn|Od:wait", &epfd, &timeout_obj, &maxevents, &tun_fd,
+                          &udp_fd, &udp_ok, &limit, &lone, &now_obj, &spin))
         return NULL;
     double at = -1.0; /* None: each packet's ``now`` is CLOCK_MONOTONIC (time.monotonic) */
     if (now_obj != Py_None) {
@@ -593,20 +663,17 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
         if (timeout == -1.0 && PyErr_Occurred()) return NULL;
         if (timeout < 0) timeout = 0;
     }
+    if (spin != self->spin) { /* a new window: spin.py's start */
+        self->spin = self->budget = spin > 0 ? spin : 0.0;
+        self->last_event = -INFINITY;
+    }
     if (maxevents < 1) maxevents = 1;
     if (maxevents > 64) maxevents = 64;
     struct epoll_event evs[64];
-    double deadline = timeout < 0 ? 0 : monotonic() + timeout;
+    double deadline = timeout < 0 ? -1.0 : monotonic() + timeout;
     for (;;) {
-        int ms = -1;
-        if (timeout >= 0) {
-            double left = deadline - monotonic();
-            ms = left <= 0 ? 0 : (int)ceil(left * 1e3); /* as select.epoll.poll: rounded up */
-        }
-        int n;
-        Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait(epfd, evs, maxevents, ms);
-        Py_END_ALLOW_THREADS
+        double before = self->last_event;
+        int n = epoll_spin(self, epfd, evs, maxevents, deadline);
         if (n < 0) {
             if (errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
             if (PyErr_CheckSignals() < 0) return NULL;
@@ -614,6 +681,7 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
         }
         PyObject *ready = PyList_New(0);
         if (ready == NULL) return NULL;
+        int sent_only = n > 0; /* every event: the lane sent a pod's packet to the network */
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
             uint32_t ev = evs[i].events;
@@ -626,6 +694,7 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
                 Py_DECREF(ready);
                 return NULL;
             }
+            if (r != 0 || fd != tun_fd) sent_only = 0;
             if (r == 0) continue;
             PyObject *item = Py_BuildValue("(iI)", fd, ev);
             if (item == NULL || PyList_Append(ready, item) < 0) {
@@ -635,11 +704,18 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
             }
             Py_DECREF(item);
         }
-        if (PyList_Size(ready) > 0 || n == 0 || (timeout >= 0 && monotonic() >= deadline))
+        if (sent_only) self->last_event = before; /* its answer is a network round trip away */
+        /* nothing (the deadline), something for Python, or the deadline passed meanwhile */
+        if (n == 0 || PyList_Size(ready) > 0 || (deadline >= 0 && monotonic() >= deadline))
             return ready;
         Py_DECREF(ready);
         self->n_woken++;
     }
+}
+
+static PyObject *lane_spin_stats(Lane *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(nnnd)", self->polls, self->misses, self->grown, self->budget);
 }
 
 static PyObject *lane_counts(Lane *self, PyObject *unused) {
@@ -674,6 +750,7 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     self->slots = Py_NewRef(slots);
     memcpy(self->pod4, pod, 4);
     self->mtu = mtu;
+    self->last_event = -INFINITY;
     if (self->rbuf == NULL) {
         self->rbuf = PyMem_Malloc(VNET + BUF);
         self->work = PyMem_Malloc(VNET + BUF + OVERHEAD);
@@ -719,9 +796,12 @@ static PyMethodDef lane_methods[] = {
     {"counts", (PyCFunction)lane_counts, METH_NOARGS,
      "counts() -> (sealed, opened): packets the pumps took out and in"},
     {"wait", (PyCFunction)lane_wait, METH_VARARGS,
-     "wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None) -> "
+     "wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None, spin=0) -> "
      "[(fd, events)]: epoll_wait that serves the lane's own readiness in C and returns what "
-     "Python must see; now: the packets' time (None: CLOCK_MONOTONIC, time.monotonic)"},
+     "Python must see; now: the packets' time (None: CLOCK_MONOTONIC, time.monotonic); spin: "
+     "linux/spin.py's polling window in seconds"},
+    {"spin_stats", (PyCFunction)lane_spin_stats, METH_NOARGS,
+     "spin_stats() -> (polls, misses, grown, budget): wait's polling window (spin.py rules)"},
     {"woken", (PyCFunction)lane_woken, METH_NOARGS,
      "woken() -> wake-ups wait served in C without returning to Python"},
     {NULL, NULL, 0, NULL},

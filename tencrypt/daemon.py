@@ -617,8 +617,11 @@ class Proxy(ControlPlane):
         tun, udp = self.ports.tun.fileno(), self.ports.udp.fileno()
         at = None if self.clock is time.monotonic else self.clock()  # None: the lane's clock
         ok = self._udp_lane_ok()
+        spin = self.selector.spin if self.selector is not None else 0.0  # its rules, in C
         try:
-            return self.lane.wait(epfd, timeout, maxevents, tun, udp, ok, BATCH, LONE_BYTES, at)
+            return self.lane.wait(
+                epfd, timeout, maxevents, tun, udp, ok, BATCH, LONE_BYTES, at, spin
+            )
         except Exception:  # never the loop's death: the lane stops, the Python path carries on
             log.exception("express lane failed: it stops; the Python path carries every packet")
             self.stats.inc(Counter.EXPRESS_FAILURES)

@@ -25,12 +25,14 @@ Rules:
    further apart than ``spin`` therefore soon sleeps at once, and one that answers round
    trips polls through them.
 4. ``spin`` 0: plain epoll.
-5. ``wait`` (the express lane's, tencrypt/daemon.py): when set, every epoll call goes through
-   it instead of ``select.epoll.poll``: it blocks in C, serves the readiness of the lane's
-   own descriptors there (core/express.py, tencrypt/_lane.c ``Lane.wait``) and returns only
-   what Python must see, as ``(fd, events)`` pairs, or nothing at ``timeout``. The events it
-   served never reach this selector, so rules 1-3 see the lane's traffic as silence: the
-   lane's packets wake straight into C and never spin.
+5. ``wait`` (the express lane's, tencrypt/daemon.py): when set, ``select`` is one call of it
+   instead of ``select.epoll.poll``: it blocks in C, serves the readiness of the lane's own
+   descriptors there (core/express.py, tencrypt/_lane.c ``Lane.wait``) and returns only what
+   Python must see, as ``(fd, events)`` pairs, or nothing at ``timeout``. Rules 1-4 then run
+   inside it, in C, with ``spin`` (the lane keeps that window's state), on every event
+   whoever serves it, but a wake-up that only sent the pod's packets to the network (their
+   answers are a network round trip away: no window opens). The lane's packets wake straight
+   into C, and a back-to-back exchange it carries is caught awake as before.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ import time
 from collections.abc import Callable
 
 SelectResult = list[tuple[selectors.SelectorKey, int]]
-# rule 5: (epoll fd, timeout in seconds or None, max events) -> [(fd, epoll events)]
+# rule 5: (epoll fd, timeout in seconds or None, max events) -> [(fd, epoll events)], polling
+# within the selector's ``spin`` by rules 1-3 itself
 Wait = Callable[[int, float | None, int], list[tuple[int, int]]]
 
 
@@ -58,7 +61,7 @@ class SpinSelector(selectors.EpollSelector):
         self.wait: Wait | None = None  # rule 5
 
     def select(self, timeout: float | None = None) -> SelectResult:
-        if self.spin <= 0:  # rule 4
+        if self.spin <= 0 or self.wait is not None:  # rule 4; rule 5: the wait spins itself
             return self._epoll(timeout)
         now = self.clock()
         if now - self.last_event > self.spin and timeout != 0:  # rule 1: idle, sleep at once

@@ -485,6 +485,53 @@ def test_wait_serves_the_lanes_readiness_in_c_and_returns_only_what_python_must_
             sock.close()
 
 
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_wait_polls_within_the_spin_window_after_an_event_and_never_at_idle():
+    """linux/spin.py's rules 1-3 inside ``Lane.wait`` (rule 5): idle (no event within
+    ``spin``), a wait blocks without polling; a packet the lane sent to the network opens no
+    window (its answer is a network round trip away); after any other event the next wait
+    polls until its timeout, which cuts the window (so the budget stays); spin 0 never
+    polls. The window (0.5 s) is far longer than anything here takes: no timing asserted."""
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, "c")
+    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other_a, other_b = socket.socketpair()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ep = select.epoll()
+    try:
+        for sock in (tun_proxy, udp, sink, other_a):
+            sock.setblocking(False)
+        for sock in (tun_proxy, other_a):
+            ep.register(sock.fileno(), select.EPOLLIN)
+        udp.bind(("127.0.0.1", 0))
+        sink.bind(("127.0.0.1", 0))
+        a.proxy.tunnel.table.by_addr[B2].endpoint = sink.getsockname()
+        fds = (tun_proxy.fileno(), udp.fileno())
+
+        def wait(timeout: float, spin: float) -> list[tuple[int, int]]:
+            return lane.wait(ep.fileno(), timeout, 8, *fds, True, 64, 256, lab.now, spin)
+
+        data = frame(tcp(A, VIP, 40000, 80, "PA"))
+        assert wait(0.01, 0.0) == [] and lane.spin_stats()[0] == 0  # spin 0: plain epoll
+        assert wait(0.01, 0.5) == [] and lane.spin_stats() == (0, 0, 0, 0.5)  # idle: no poll
+        tun_app.send(data)
+        assert wait(0.0, 0.5) == []  # served in C: sent to the network
+        assert len(sink.recv(2048)) == len(data) - 10 + 32
+        assert wait(0.02, 0.5) == [] and lane.spin_stats()[0] == 0  # no window opened
+        other_b.send(b"x")
+        assert wait(0.0, 0.5) == [(other_a.fileno(), select.EPOLLIN)]  # Python's: an event
+        other_a.recv(16)
+        assert wait(0.02, 0.5) == []
+        polls, misses, grown, budget = lane.spin_stats()
+        assert polls > 0 and misses == 0 and budget == 0.5  # the timeout cut the window
+    finally:
+        ep.close()
+        for sock in (tun_app, tun_proxy, udp, sink, other_a, other_b):
+            sock.close()
+
+
 def test_a_lane_that_raises_in_the_wait_stops_and_the_loop_lives_on():
     """daemon._lane_wait: an exception from the lane (a bug) is counted, stops the lane and
     detaches its wait from the selector; the loop gets an empty result, not the exception."""
