@@ -261,6 +261,7 @@ class Proxy(ControlPlane):
         loop = asyncio.get_running_loop()
         for port in (self.ports.tun, self.ports.udp):
             loop.remove_reader(port.fileno())
+        self._stop_express()  # the loop's epoll is plain again before the ports close
         for gate in self.gates:  # their rules stay: new connections wait for the next proxy
             loop.remove_reader(gate.queue.fileno())
             gate.close()
