@@ -419,70 +419,86 @@ def test_the_pumps_send_what_they_take_and_hand_back_the_rest_in_order():
             sock.close()
 
 
+class WaitRig:
+    """``Lane.wait`` on real descriptors: A's compiled lane (``Lab``), tenc0 as a datagram
+    socketpair (``tun_app`` is the pod's side), the tunnel socket ``udp`` and the peer proxy
+    ``sink`` on loopback, another descriptor (``other_a``; ``other_b`` writes to it), and one
+    epoll watching tenc0, ``other_a`` and, if ``with_udp``, the tunnel socket."""
+
+    def __init__(self, with_udp: bool) -> None:
+        self.lab = Lab()
+        self.a = self.lab.a
+        self.lane = self.lab.lane(self.a, "c")
+        self.tun_app, self.tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.other_a, self.other_b = socket.socketpair()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.ep = select.epoll()
+        for sock in (self.tun_proxy, self.udp, self.sink, self.other_a):
+            sock.setblocking(False)
+        for sock in (self.tun_proxy, self.other_a) + ((self.udp,) if with_udp else ()):
+            self.ep.register(sock.fileno(), select.EPOLLIN)
+        self.udp.bind(("127.0.0.1", 0))
+        self.sink.bind(("127.0.0.1", 0))
+        self.peer = self.a.proxy.tunnel.table.by_addr[B2]
+        self.peer.endpoint = self.sink.getsockname()
+        self.fds = (self.tun_proxy.fileno(), self.udp.fileno())
+
+    def wait(
+        self, timeout: float | None, udp_ok: bool = True, spin: float = 0.0
+    ) -> list[tuple[int, int]]:
+        args = (*self.fds, udp_ok, 64, 256, self.lab.now, spin)
+        return self.lane.wait(self.ep.fileno(), timeout, 8, *args)
+
+    def close(self) -> None:
+        self.ep.close()
+        for sock in (self.tun_app, self.tun_proxy, self.udp, self.sink, self.other_a):
+            sock.close()
+        self.other_b.close()
+
+
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
 def test_wait_serves_the_lanes_readiness_in_c_and_returns_only_what_python_must_see():
     """``Lane.wait`` (tencrypt/_lane.c, linux/spin.py rule 5) on real descriptors: a frame the
     lane takes goes out inside the call; a frame it hands back makes it return the descriptor,
     and the next pump returns that frame first, without reading (order kept); another
     descriptor, or the socket while ``udp_ok`` is false, is returned untouched."""
-    lab = Lab()
-    a = lab.a
-    lane = lab.lane(a, "c")
-    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    other_a, other_b = socket.socketpair()
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    ep = select.epoll()
+    rig = WaitRig(with_udp=True)
+    lane, fds, now, sink = rig.lane, rig.fds, rig.lab.now, rig.sink
     try:
-        for sock in (tun_proxy, udp, sink, other_a):
-            sock.setblocking(False)
-        for sock in (tun_proxy, udp, other_a):  # the lane's two and another one
-            ep.register(sock.fileno(), select.EPOLLIN)
-        udp.bind(("127.0.0.1", 0))
-        sink.bind(("127.0.0.1", 0))
-        peer = a.proxy.tunnel.table.by_addr[B2]
-        peer.endpoint = sink.getsockname()
-        fds = (tun_proxy.fileno(), udp.fileno())
-
-        def wait(timeout: float | None, udp_ok: bool = True) -> list[tuple[int, int]]:
-            return lane.wait(ep.fileno(), timeout, 8, *fds, udp_ok, 64, 256, lab.now)
-
         data = frame(tcp(A, VIP, 40000, 80, "PA"))
         syn = frame(tcp(A, VIP, 40002, 80, "S"))
-        assert wait(0.0) == []  # nothing ready: the timeout
-        tun_app.send(data)
-        assert wait(0.0) == []  # taken in C: sealed and sent inside the call
+        assert rig.wait(0.0) == []  # nothing ready: the timeout
+        rig.tun_app.send(data)
+        assert rig.wait(0.0) == []  # taken in C: sealed and sent inside the call
         first = counter_of(sink.recv(2048))
-        assert peer.current.send_counter == first + 1
+        assert rig.peer.current.send_counter == first + 1
         # a lone small frame, then a SYN behind it: the first wake-up is served in C, the
         # second (epoll again, level-triggered) hands the SYN back: one wake-up without Python
-        tun_app.send(data)
-        tun_app.send(syn)
-        tun_app.send(data)
+        for f in (data, syn, data):
+            rig.tun_app.send(f)
         woken = lane.woken()
-        assert wait(5.0) == [(fds[0], select.EPOLLIN)]
+        assert rig.wait(5.0) == [(fds[0], select.EPOLLIN)]
         assert lane.woken() == woken + 1
         assert counter_of(sink.recv(2048)) == first + 1
-        back, dropped = lane.pump_tun(fds[0], fds[1], lab.now, 64, 0)
+        back, dropped = lane.pump_tun(fds[0], fds[1], now, 64, 0)
         assert back == [syn] and dropped == 0  # kept by wait, returned first, nothing read
-        assert tun_proxy.recv(2048) == data  # still queued behind it
+        assert rig.tun_proxy.recv(2048) == data  # still queued behind it
         # the socket while udp_ok is false, and any other descriptor: returned untouched
-        sink.sendto(b"\x01junk", udp.getsockname())
-        other_b.send(b"x")
-        got = wait(0.0, udp_ok=False)
-        assert sorted(got) == sorted([(fds[1], select.EPOLLIN), (other_a.fileno(), select.EPOLLIN)])
+        sink.sendto(b"\x01junk", rig.udp.getsockname())
+        rig.other_b.send(b"x")
+        got = rig.wait(0.0, udp_ok=False)
+        assert sorted(got) == sorted([(fds[1], select.EPOLLIN), (rig.other_a.fileno(), 1)])
         # with udp_ok the lane reads it, cannot take it, keeps it for pump_udp, as read
-        other_a.recv(16)
-        assert wait(0.0) == [(fds[1], select.EPOLLIN)]
+        rig.other_a.recv(16)
+        assert rig.wait(0.0) == [(fds[1], select.EPOLLIN)]
         with pytest.raises(BlockingIOError):
-            udp.recv(2048)  # the lane read it
-        back, errors = lane.pump_udp(fds[1], fds[0], lab.now, 0, 0)
+            rig.udp.recv(2048)  # the lane read it
+        back, errors = lane.pump_udp(fds[1], fds[0], now, 0, 0)
         assert back == [(b"\x01junk", 0, False, sink.getsockname())] and errors == 0
-        assert lane.pump_udp(fds[1], fds[0], lab.now, 0, 0) == ([], 0)  # returned once
+        assert lane.pump_udp(fds[1], fds[0], now, 0, 0) == ([], 0)  # returned once
     finally:
-        ep.close()
-        for sock in (tun_app, tun_proxy, udp, sink, other_a, other_b):
-            sock.close()
+        rig.close()
 
 
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
@@ -492,44 +508,24 @@ def test_wait_polls_within_the_spin_window_after_an_event_and_never_at_idle():
     window (its answer is a network round trip away); after any other event the next wait
     polls until its timeout, which cuts the window (so the budget stays); spin 0 never
     polls. The window (0.5 s) is far longer than anything here takes: no timing asserted."""
-    lab = Lab()
-    a = lab.a
-    lane = lab.lane(a, "c")
-    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    other_a, other_b = socket.socketpair()
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    ep = select.epoll()
+    rig = WaitRig(with_udp=False)
+    lane = rig.lane
     try:
-        for sock in (tun_proxy, udp, sink, other_a):
-            sock.setblocking(False)
-        for sock in (tun_proxy, other_a):
-            ep.register(sock.fileno(), select.EPOLLIN)
-        udp.bind(("127.0.0.1", 0))
-        sink.bind(("127.0.0.1", 0))
-        a.proxy.tunnel.table.by_addr[B2].endpoint = sink.getsockname()
-        fds = (tun_proxy.fileno(), udp.fileno())
-
-        def wait(timeout: float, spin: float) -> list[tuple[int, int]]:
-            return lane.wait(ep.fileno(), timeout, 8, *fds, True, 64, 256, lab.now, spin)
-
         data = frame(tcp(A, VIP, 40000, 80, "PA"))
-        assert wait(0.01, 0.0) == [] and lane.spin_stats()[0] == 0  # spin 0: plain epoll
-        assert wait(0.01, 0.5) == [] and lane.spin_stats() == (0, 0, 0, 0.5)  # idle: no poll
-        tun_app.send(data)
-        assert wait(0.0, 0.5) == []  # served in C: sent to the network
-        assert len(sink.recv(2048)) == len(data) - 10 + 32
-        assert wait(0.02, 0.5) == [] and lane.spin_stats()[0] == 0  # no window opened
-        other_b.send(b"x")
-        assert wait(0.0, 0.5) == [(other_a.fileno(), select.EPOLLIN)]  # Python's: an event
-        other_a.recv(16)
-        assert wait(0.02, 0.5) == []
+        assert rig.wait(0.01) == [] and lane.spin_stats()[0] == 0  # spin 0: plain epoll
+        assert rig.wait(0.01, spin=0.5) == [] and lane.spin_stats() == (0, 0, 0, 0.5)  # idle
+        rig.tun_app.send(data)
+        assert rig.wait(0.0, spin=0.5) == []  # served in C: sent to the network
+        assert len(rig.sink.recv(2048)) == len(data) - 10 + 32
+        assert rig.wait(0.02, spin=0.5) == [] and lane.spin_stats()[0] == 0  # no window
+        rig.other_b.send(b"x")
+        assert rig.wait(0.0, spin=0.5) == [(rig.other_a.fileno(), select.EPOLLIN)]  # an event
+        rig.other_a.recv(16)
+        assert rig.wait(0.02, spin=0.5) == []
         polls, misses, grown, budget = lane.spin_stats()
         assert polls > 0 and misses == 0 and budget == 0.5  # the timeout cut the window
     finally:
-        ep.close()
-        for sock in (tun_app, tun_proxy, udp, sink, other_a, other_b):
-            sock.close()
+        rig.close()
 
 
 def test_a_lane_that_raises_in_the_wait_stops_and_the_loop_lives_on():
