@@ -458,11 +458,23 @@ def sparse(lab: Any, opts: Options, logs: Path, during: Callable[[], Any] | None
             proc = netns.run(a.netns, client, check=False, timeout=opts.seconds + SLACK)
         finally:
             extra = stop() if stop else {}
+        # the server writes its stamps once the client has closed: not killed mid-line
+        written = time.monotonic() + 5.0
+        while time.monotonic() < written and not _complete(stamps):
+            time.sleep(0.01)
     if proc.returncode != 0:
         raise RuntimeError(f"client failed ({proc.returncode}): {proc.stderr[-300:]}")
     runs = [json.loads(line) for line in stamps.read_text().splitlines() if line.strip()]
     server = sorted((r, w) for run in runs for r, w in run)  # matched by time
     return Phase("", json.loads(proc.stdout), server, extra)
+
+
+def _complete(path: Path) -> bool:
+    """Has the stamped server written its line (the whole of it)?"""
+    try:
+        return path.read_bytes().endswith(b"\n")
+    except FileNotFoundError:
+        return False
 
 
 def observe(argvs: dict[str, list[str]], logs: Path) -> Callable[[], dict[str, str]]:
