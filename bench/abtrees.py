@@ -7,7 +7,8 @@ with ``tencrypt run --express`` importing each tree in turn (bench/coldpath.py `
 so that machine load drifts hit every tree alike:
  1. sparse request/response: a 1-byte TCP request every 20 ms over one connection for
     ``--seconds`` (bench/coldpath.py's client and server), median round trip;
- 2. back-to-back request/response for ``--rr`` seconds (bench/measure.py), median.
+ 2. back-to-back request/response for ``--rr`` seconds (bench/measure.py), median;
+ 3. with ``--iperf S``: single-stream TCP throughput, iperf3 for S seconds.
 Prints each round, then per tree the medians added over vanilla (per round and their median);
 ``--json`` keeps the figures. Each tree needs its compiled extension built in place
 (``python setup.py build_ext --inplace``). Run it under the machine lock:
@@ -43,7 +44,12 @@ def one(lab: Any, tree: str | None, args: argparse.Namespace, logs: Path) -> dic
         with measure.rr_server(b.netns, logs / "rr.log"):
             measure.wait_reachable(a.netns, b.vip)
             rr = measure.request_response(a.netns, b.vip, args.rr)
-    return {"sparse_p50_us": statistics.median(rtts), "rr_p50_us": rr.p50_us}
+        fig = {"sparse_p50_us": statistics.median(rtts), "rr_p50_us": rr.p50_us}
+        if args.iperf > 0:
+            fig["tcp_gbps"] = measure.iperf(
+                a.netns, b.netns, b.vip, args.iperf, logs / "i.log"
+            ).gbps
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, choices=(1, 2), default=1, help="lab shape (1)")
     p.add_argument("--seconds", type=float, default=6.0, help="sparse phase (6)")
     p.add_argument("--rr", type=float, default=3.0, help="back-to-back phase (3)")
+    p.add_argument("--iperf", type=float, default=0.0, help="iperf3 TCP seconds (0: none)")
     p.add_argument("--json", type=Path, help="write the figures here too")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -77,12 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name in names:
                     fig = one(lab, None if name == "vanilla" else name, args, Path(tmp))
                     runs[name].append(fig)
-                    cells = ", ".join(f"{k} {v:,.0f}" for k, v in fig.items())
+                    cells = ", ".join(f"{k} {v:,.2f}" for k, v in fig.items())
                     print(f"round {r + 1} {name}: {cells}", flush=True)
         finally:
             lab.down()
     base = runs["vanilla"]
     for tree in trees:
+        if args.iperf > 0:
+            each = " / ".join(f"{run['tcp_gbps']:.2f}" for run in runs[tree])
+            print(f"{tree}: TCP {each} Gbit/s")
         for key in ("sparse_p50_us", "rr_p50_us"):
             added = [run[key] - v[key] for run, v in zip(runs[tree], base, strict=True)]
             each = " / ".join(f"{x:+,.0f}" for x in added)
