@@ -36,6 +36,9 @@
  *    was a pod's packet the lane sent to the network: its answer is a network round trip
  *    away, so it opens no window. A back-to-back exchange the lane carries is caught awake
  *    as by the selector, and a sparse call's sender does not poll for its answer.
+ *    ``quiet`` (seconds): tencrypt/daemon.py's read rule (READS) for the pumps it runs: a
+ *    descriptor it served again within ``quiet`` is hot and read until EAGAIN (``lone`` 0);
+ *    otherwise a lone small packet is read alone.
  * Packets (core/express.py rule 2): IPv4 TCP without SYN/FIN/RST, UDP, and ICMP echo request
  * and reply (type 8/0, code 0, id not 0; keyed (id, 0) / (0, id)), never a fragment; an echo's
  * translation rewrites its address and the IPv4 header checksum only.
@@ -93,6 +96,7 @@ typedef struct {
     /* ``wait``'s polling window: linux/spin.py's rules 1-3, its state here (rule 5) */
     double spin, budget, last_event;
     Py_ssize_t polls, misses, grown;
+    double served[2]; /* ``wait``: when it last served the socket [0] and tenc0 [1] (READS) */
 } Lane;
 
 static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
@@ -563,9 +567,15 @@ static double monotonic(void) {
 /* One ready lane fd served inside ``wait``: 1 if Python must see it (something handed back or
  * counted, kept for its pump call), 0 if the lane took everything, -1 on an exception. */
 static int serve(Lane *self, int is_tun, int tun_fd, int udp_fd, Py_ssize_t limit,
-                 Py_ssize_t lone, double at) {
+                 Py_ssize_t lone, double at, double quiet) {
     Py_ssize_t n = 0;
-    double now = at >= 0 ? at : monotonic();
+    double clock = monotonic();
+    double now = at >= 0 ? at : clock;
+    /* daemon.py READS: a reader served again within ``quiet`` is hot (a stream: the ACKs of
+     * a bulk transfer) and reads until EAGAIN or ``limit``; a cold one stops after a lone
+     * small packet, the next one being the next epoll call */
+    if (clock - self->served[is_tun] <= quiet) lone = 0;
+    self->served[is_tun] = clock;
     PyObject *back = is_tun ? pump_tun(self, tun_fd, udp_fd, now, limit, lone, &n)
                             : pump_udp(self, udp_fd, tun_fd, now, limit, lone, &n);
     if (back == NULL) return -1;
@@ -647,9 +657,9 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
     int epfd, maxevents, tun_fd, udp_fd, udp_ok;
     PyObject *timeout_obj, *now_obj = Py_None;
     Py_ssize_t limit, lone;
-    double spin = 0.0;
-    if (!PyArg_ParseTuple(args, "iOiiipnn|Od:wait", &epfd, &timeout_obj, &maxevents, &tun_fd,
-                          &udp_fd, &udp_ok, &limit, &lone, &now_obj, &spin))
+    double spin = 0.0, quiet = 0.0;
+    if (!PyArg_ParseTuple(args, "iOiiipnn|Odd:wait", &epfd, &timeout_obj, &maxevents, &tun_fd,
+                          &udp_fd, &udp_ok, &limit, &lone, &now_obj, &spin, &quiet))
         return NULL;
     double at = -1.0; /* None: each packet's ``now`` is CLOCK_MONOTONIC (time.monotonic) */
     if (now_obj != Py_None) {
@@ -689,7 +699,7 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
                           || (fd == udp_fd && udp_ok && self->udp_back == NULL);
             int r = 1;
             if (lane_fd && ev == EPOLLIN)
-                r = serve(self, fd == tun_fd, tun_fd, udp_fd, limit, lone, at);
+                r = serve(self, fd == tun_fd, tun_fd, udp_fd, limit, lone, at, quiet);
             if (r < 0) {
                 Py_DECREF(ready);
                 return NULL;
@@ -750,7 +760,7 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     self->slots = Py_NewRef(slots);
     memcpy(self->pod4, pod, 4);
     self->mtu = mtu;
-    self->last_event = -INFINITY;
+    self->last_event = self->served[0] = self->served[1] = -INFINITY;
     if (self->rbuf == NULL) {
         self->rbuf = PyMem_Malloc(VNET + BUF);
         self->work = PyMem_Malloc(VNET + BUF + OVERHEAD);
@@ -796,10 +806,11 @@ static PyMethodDef lane_methods[] = {
     {"counts", (PyCFunction)lane_counts, METH_NOARGS,
      "counts() -> (sealed, opened): packets the pumps took out and in"},
     {"wait", (PyCFunction)lane_wait, METH_VARARGS,
-     "wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None, spin=0) -> "
-     "[(fd, events)]: epoll_wait that serves the lane's own readiness in C and returns what "
+     "wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None, spin=0, "
+     "quiet=0) -> [(fd, events)]: epoll_wait that serves the lane's own readiness in C and returns what "
      "Python must see; now: the packets' time (None: CLOCK_MONOTONIC, time.monotonic); spin: "
-     "linux/spin.py's polling window in seconds"},
+     "linux/spin.py's polling window in seconds; quiet: a descriptor served again within it "
+     "reads until EAGAIN (daemon.py READS)"},
     {"spin_stats", (PyCFunction)lane_spin_stats, METH_NOARGS,
      "spin_stats() -> (polls, misses, grown, budget): wait's polling window (spin.py rules)"},
     {"woken", (PyCFunction)lane_woken, METH_NOARGS,

@@ -42,8 +42,10 @@ handed back lets the Python loop go on reading. Its tables are flushed on a new 
 and on peer events. It follows the read rule below: cold, it stops after a first packet of at
 most LONE_BYTES that it took. With the loop's selector given (``tencrypt run``), the lane also
 does the loop's epoll call (``_lane_wait``, linux/spin.py rule 5): a readiness of tenc0 or the
-socket is served in C by one pump (always as cold: the next packet is the next epoll call, in
-C too), and only what it hands back or counts reaches the readers above, through the pump's
+socket is served in C by one pump, by the read rule below (hot: the descriptor was served
+within QUIET, so a stream such as a bulk transfer's ACKs is read until EAGAIN; cold: a lone
+small packet is read alone, the next one being the next epoll call, in C too), and only what
+it hands back or counts reaches the readers above, through the pump's
 next call; the socket is served only while no sender waits for its route (``_udp_lane_ok``).
 Reads (READS), both directions: level-triggered readiness, so a reader may stop at any point
 and the loop calls it again while anything waits. A reader is hot when, within QUIET before
@@ -621,7 +623,7 @@ class Proxy(ControlPlane):
         spin = self.selector.spin if self.selector is not None else 0.0  # its rules, in C
         try:
             return self.lane.wait(
-                epfd, timeout, maxevents, tun, udp, ok, BATCH, LONE_BYTES, at, spin
+                epfd, timeout, maxevents, tun, udp, ok, BATCH, LONE_BYTES, at, spin, QUIET
             )
         except Exception:  # never the loop's death: the lane stops, the Python path carries on
             log.exception("express lane failed: it stops; the Python path carries every packet")

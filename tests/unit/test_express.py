@@ -445,9 +445,9 @@ class WaitRig:
         self.fds = (self.tun_proxy.fileno(), self.udp.fileno())
 
     def wait(
-        self, timeout: float | None, udp_ok: bool = True, spin: float = 0.0
+        self, timeout: float | None, udp_ok: bool = True, spin: float = 0.0, quiet: float = 0.0
     ) -> list[tuple[int, int]]:
-        args = (*self.fds, udp_ok, 64, 256, self.lab.now, spin)
+        args = (*self.fds, udp_ok, 64, 256, self.lab.now, spin, quiet)
         return self.lane.wait(self.ep.fileno(), timeout, 8, *args)
 
     def close(self) -> None:
@@ -497,6 +497,25 @@ def test_wait_serves_the_lanes_readiness_in_c_and_returns_only_what_python_must_
         back, errors = lane.pump_udp(fds[1], fds[0], now, 0, 0)
         assert back == [(b"\x01junk", 0, False, sink.getsockname())] and errors == 0
         assert lane.pump_udp(fds[1], fds[0], now, 0, 0) == ([], 0)  # returned once
+    finally:
+        rig.close()
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+@pytest.mark.parametrize("quiet", [0.0, 0.5])
+def test_wait_reads_a_stream_until_eagain_and_a_lone_packet_alone(quiet):
+    """daemon.py READS inside ``Lane.wait``: cold (not served within ``quiet``), a lone small
+    frame is read alone; served again within ``quiet`` (hot: a stream, a bulk transfer's
+    ACKs), the pump reads what is queued. 0.5 s is far longer than this takes."""
+    rig = WaitRig(with_udp=False)
+    try:
+        data = frame(tcp(A, VIP, 40000, 80, "PA"))
+        for _ in range(3):
+            rig.tun_app.send(data)
+        assert rig.wait(0.0, quiet=quiet) == []  # cold: the first frame alone
+        assert rig.lane.counts()[0] == 1
+        assert rig.wait(0.0, quiet=quiet) == []
+        assert rig.lane.counts()[0] == (3 if quiet else 2)  # hot: both queued ones at once
     finally:
         rig.close()
 
