@@ -183,6 +183,28 @@ def counter_of(datagram: bytes) -> int:
     return int(struct.unpack_from("<Q", datagram, 8)[0])
 
 
+def python_path_in(lab: Any, sender: Pod, pod: Pod, peer_ip: str, packet: bytes) -> Any:
+    """``sender``'s app sends ``packet`` (sealed by its Python path); ``pod`` opens the
+    datagram by its Python path a moment later. Returns (datagram, sender's endpoint, the
+    frame written to tenc0, the peer state before and after); the state is put back to
+    ``before``, so a lane can open the same datagram next."""
+    sender.app_sends(frame(packet))
+    [(datagram, _)] = sender.udp.sent
+    sender.udp.sent = []
+    addr = pod.proxy.tunnel.table.by_addr[peer_ip].endpoint
+    lab.now += 0.25
+    pod.clock.now = lab.now
+    before = state(pod, peer_ip)
+    pod.tun.written = []
+    pod.udp.inbox.append(([datagram], addr))
+    pod.proxy._on_udp()
+    [(hdr, written)] = pod.tun.written
+    after = state(pod, peer_ip)
+    restore(pod, peer_ip, before)
+    assert state(pod, peer_ip) == before
+    return datagram, addr, hdr + written, after
+
+
 def test_both_sides_learnt_the_flow():
     lab = Lab()
     a, b2 = lab.a.proxy.express, lab.b2.proxy.express
@@ -220,25 +242,13 @@ def test_outbound_is_the_python_paths_datagram_and_state(kind, policy):
 def test_inbound_is_the_python_paths_frame_and_state(kind, policy):
     lab = Lab(policy)
     a, b2 = lab.a, lab.b2
-    b2.app_sends(frame(tcp(B2, A, 8080, 40000, "PA")))
-    [(datagram, _)] = b2.udp.sent
-    b2.udp.sent = []
-    addr = a.proxy.tunnel.table.by_addr[B2].endpoint
-    lab.now += 0.25
-    a.clock.now = lab.now
-    before = state(a, B2)
-    a.tun.written = []
-    a.udp.inbox.append(([datagram], addr))
-    a.proxy._on_udp()
-    [(hdr, packet)] = a.tun.written
-    after = state(a, B2)
+    packet = tcp(B2, A, 8080, 40000, "PA")
+    datagram, addr, written, after = python_path_in(lab, b2, a, B2, packet)
     assert after["top"] == counter_of(datagram)
-    restore(a, B2, before)
-    assert state(a, B2) == before
     got = lab.lane(a, kind).inbound(datagram, addr, lab.now)
-    assert got == hdr + packet
+    assert got == written
     assert state(a, B2) == after
-    assert packet[12:16] == socket.inet_aton(VIP)  # the app sees the Service it called
+    assert written[10 + 12 : 10 + 16] == socket.inet_aton(VIP)  # the app sees the Service
 
 
 @pytest.mark.parametrize("kind", LANES)
@@ -710,22 +720,11 @@ def test_an_echo_in_is_the_python_paths_frame_and_state(kind, policy, case):
     sender_name, name, packet, seen = PINGS_IN[case]
     sender, pod = getattr(lab, sender_name), getattr(lab, name)
     peer_ip = B2 if name == "a" else A
-    sender.app_sends(frame(packet))
-    [(datagram, _)] = sender.udp.sent
-    sender.udp.sent = []
-    addr = pod.proxy.tunnel.table.by_addr[peer_ip].endpoint
-    lab.now += 0.25
-    pod.clock.now = lab.now
-    before = state(pod, peer_ip)
-    pod.tun.written = []
-    pod.udp.inbox.append(([datagram], addr))
-    pod.proxy._on_udp()
-    [(hdr, written)] = pod.tun.written
-    after = state(pod, peer_ip)
-    restore(pod, peer_ip, before)
+    datagram, addr, frame_in, after = python_path_in(lab, sender, pod, peer_ip, packet)
     got = lab.lane(pod, kind).inbound(datagram, addr, lab.now)
-    assert got == hdr + written
+    assert got == frame_in
     assert state(pod, peer_ip) == after
+    written = frame_in[10:]
     assert written[12:16] == socket.inet_aton(seen)  # the app sees whom it pinged
     parsed = IP(written)
     del parsed.chksum  # recomputed by scapy: the rewrite left both checksums right
