@@ -31,7 +31,8 @@ Rules (DESIGN §1 "Classification", §1a "Fail closed"):
    evidence expiring does. An answer that contradicts live evidence is a ``Conflict``
    (``pop_conflicts``): an attack or a misconfiguration the operator must see. At most
    ``MAX_CONFLICTS`` wait to be popped; more are counted, not kept
-   (``classification_conflicts_unlogged``).
+   (``classification_conflicts_unlogged``). ``has_conflicts`` tells the shell one waits, so
+   it reports it with the answer that made it, even when no class changed.
 6. Every change of an address's effective class - new, changed, expired, evicted - is reported
    as a ``Change(ip, old, new)``; the caller turns changes into routes (``route_action``) and
    firewall set elements.
@@ -408,6 +409,10 @@ class ClassTable:
         if ip not in self._hints and len(self._hints) >= MAX_HINTS:
             del self._hints[next(iter(self._hints))]  # the oldest goes: a hint is no evidence
         self._hints[ip] = max(until, self._hints.get(ip, 0.0))
+
+    def has_conflicts(self) -> bool:
+        """Rule 5: does a conflict wait for ``pop_conflicts``?"""
+        return bool(self._conflicts)
 
     def pop_conflicts(self) -> list[Conflict]:
         conflicts, self._conflicts = self._conflicts, []

@@ -585,7 +585,9 @@ class DnsProxy:
             self._rearm_sweep()
 
     def _notify(self, changes: list[Change]) -> None:
-        if changes and self.on_change is not None:
+        # a conflict is reported with the answer that made it, even when no class changed
+        # (core/classify.py rule 5): nothing else polls for it since the timers sleep
+        if (changes or self.table.has_conflicts()) and self.on_change is not None:
             self.on_change(changes)
         for ip in self.table.pop_lookups():  # forward answers only hint: a PTR decides
             self._spawn(self.classify_address(ip))

@@ -386,3 +386,27 @@ def test_the_dns_proxy_has_no_periodic_sweep_left(name):
     from tencrypt.linux import dns
 
     assert not hasattr(dns, name) and not hasattr(DnsProxy, name)
+
+
+def test_a_conflict_is_reported_with_its_answer_even_when_no_class_changed():
+    """core/classify.py rule 5 with no tick left to notice it: an answer that contradicts
+    live evidence (a tenant's alias for our Service IP) reaches ``on_change`` at once,
+    where the shell pops and counts it, though no class changed."""
+    proxy = dns_proxy()
+    calls: list[list[object]] = []
+    popped: list[object] = []
+
+    def on_change(changes: list[object]) -> None:
+        calls.append(changes)
+        popped.extend(proxy.table.pop_conflicts())
+
+    proxy.on_change = on_change
+    now = time.monotonic()
+    proxy._notify(proxy.table.learn("172.30.0.5", AddrClass.INTERNAL, 3600, now))
+    assert len(calls) == 1
+    changes = proxy.table.learn("172.30.0.5", AddrClass.EXTERNAL, 3600, now)
+    assert changes == [] and proxy.table.has_conflicts()
+    proxy._notify(changes)
+    assert calls[-1] == [] and len(popped) == 1 and not proxy.table.has_conflicts()
+    proxy._notify([])
+    assert len(calls) == 2  # nothing new: not called again
