@@ -45,8 +45,8 @@ does the loop's epoll call (``_lane_wait``, linux/spin.py rule 5): a readiness o
 socket is served in C by one pump, by the read rule below (hot: the descriptor was served
 within QUIET, so a stream such as a bulk transfer's ACKs is read until EAGAIN; cold: a lone
 small packet is read alone, the next one being the next epoll call, in C too), and only what
-it hands back or counts reaches the readers above, through the pump's
-next call; the socket is served only while no sender waits for its route (``_udp_lane_ok``).
+it hands back or counts reaches the readers above, through the pump's next call; the socket
+is served only while no sender waits for its route (``_udp_lane_ok``).
 Reads (READS), both directions: level-triggered readiness, so a reader may stop at any point
 and the loop calls it again while anything waits. A reader is hot when, within QUIET before
 it starts, either reader met a burst (more than one read with data, a super-packet, a GRO
@@ -614,9 +614,9 @@ class Proxy(ControlPlane):
 
     def _lane_wait(self, epfd: int, timeout: float | None, maxevents: int) -> list[tuple[int, int]]:
         """The loop's epoll call while the lane runs (linux/spin.py rule 5): the lane's own
-        readiness is served in C (a lone packet at a time, READS' cold rule: the next one is
-        the next epoll call, also in C); what it hands back or counts waits in the lane for
-        the reader's next pump, which returns it first."""
+        readiness is served in C, by READS (QUIET) and the selector's polling window (spin);
+        what it hands back or counts waits in the lane for the reader's next pump, which
+        returns it first."""
         tun, udp = self.ports.tun.fileno(), self.ports.udp.fileno()
         at = None if self.clock is time.monotonic else self.clock()  # None: the lane's clock
         ok = self._udp_lane_ok()

@@ -118,7 +118,6 @@ _HEADER = struct.Struct("<IIQ")
 _VNET = struct.Struct("=BBHHHH")
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 _U16 = struct.Struct("!H")
-ECHO_REQUEST_V4, ECHO_REPLY_V4 = ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY
 
 
 def key13(pkt: Buffer) -> bytes | None:
@@ -134,9 +133,9 @@ def key13(pkt: Buffer) -> bytes | None:
             return None
     elif proto == ICMP:  # an echo request (id, 0) or reply (0, id): ``_swap`` maps them
         kind, ident = pkt[20], bytes(pkt[24:26])
-        if pkt[21] or kind not in (ECHO_REQUEST_V4, ECHO_REPLY_V4) or ident == b"\0\0":
+        if pkt[21] or kind not in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY) or ident == b"\0\0":
             return None
-        ports = ident + b"\0\0" if kind == ECHO_REQUEST_V4 else b"\0\0" + ident
+        ports = ident + b"\0\0" if kind == ICMP_ECHO_REQUEST else b"\0\0" + ident
         return bytes((ICMP,)) + bytes(pkt[12:20]) + ports
     elif proto != UDP:
         return None

@@ -70,6 +70,7 @@ from tencrypt.core.dnsmsg import (
     check_query,
     parse_message,
 )
+from tencrypt.core.flowstate import earliest
 from tencrypt.core.podconfig import PodConfig, split_hostport
 from tencrypt.core.stats import Counter, DropReason, Stats
 from tencrypt.errors import UsageError
@@ -224,7 +225,6 @@ class DnsProxy:
         self.pending = PendingTable(
             stats, timeout=config.timeout, max_pending=config.max_pending, cache=cache
         )
-        self._cache = cache  # its expiry rides on the sweep (module doc)
         # ip -> does it still wait for its route or firewall element? (the proxy's Desired)
         self.pending_effects: Callable[[str], bool] | None = None
         self._applied = asyncio.Event()
@@ -561,12 +561,8 @@ class DnsProxy:
         self._sweep = asyncio.get_running_loop().call_later(delay, self._on_sweep)
 
     def _rearm_sweep(self) -> None:
-        cache = self._cache
-        when = self.table.next_expiry()
-        if cache is not None and len(cache):
-            later = cache.next_expiry()
-            if later is not None and (when is None or later < when):
-                when = later
+        cache = self.pending.cache  # its expiry rides on the sweep (module doc)
+        when = earliest(self.table.next_expiry(), None if cache is None else cache.next_expiry())
         if when is not None:
             self._arm_sweep(when)
 
@@ -581,7 +577,8 @@ class DnsProxy:
     def _cache_kept(self) -> None:
         """After an answer: an entry the cache kept is forgotten by the armed sweep, or by
         one armed now for it (memory only: module doc)."""
-        if self._sweep is None and self._cache is not None and len(self._cache):
+        cache = self.pending.cache
+        if self._sweep is None and cache is not None and len(cache):
             self._rearm_sweep()
 
     def _notify(self, changes: list[Change]) -> None:
