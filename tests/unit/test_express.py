@@ -205,6 +205,31 @@ def python_path_in(lab: Any, sender: Pod, pod: Pod, peer_ip: str, packet: bytes)
     return datagram, addr, hdr + written, after
 
 
+def mutated(rng: random.Random, base: bytes, near: range | None = None) -> bytes:
+    """``base`` with one or two bytes set at random: anywhere, or (``near``) half of them
+    within that range (the headers)."""
+    data = bytearray(base)
+    for _ in range(rng.randrange(1, 3)):
+        if near is None or rng.random() < 0.5:
+            at = rng.randrange(len(data))
+        else:
+            at = rng.randrange(near.start, near.stop)
+        data[at] = rng.randrange(256)
+    return bytes(data)
+
+
+def lanes_agree(pod: Pod, peer_ip: str, pure: Any, c: Any, method: str, *args: Any) -> Any:
+    """``method(*args)`` of the ``pure`` lane, then of the ``c`` one from the same peer state:
+    the same result and the same state after; the result."""
+    saved = state(pod, peer_ip)
+    want = getattr(pure, method)(*args)
+    after = state(pod, peer_ip)
+    restore(pod, peer_ip, saved)
+    assert getattr(c, method)(*args) == want
+    assert state(pod, peer_ip) == after
+    return want
+
+
 def test_both_sides_learnt_the_flow():
     lab = Lab()
     a, b2 = lab.a.proxy.express, lab.b2.proxy.express
@@ -333,15 +358,8 @@ def test_the_two_lanes_agree_on_mutated_frames_and_datagrams():
     rng = random.Random(1)
     base = frame(tcp(A, VIP, 40000, 80, "PA"))
     for _ in range(300):
-        data = bytearray(base)
-        for _ in range(rng.randrange(1, 3)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        saved = state(a, B2)
-        want = pure.outbound(bytes(data), lab.now)
-        after = state(a, B2)
-        restore(a, B2, saved)
-        assert c.outbound(bytes(data), lab.now) == want
-        assert state(a, B2) == after
+        data = mutated(rng, base)
+        lanes_agree(a, B2, pure, c, "outbound", data, lab.now)
 
 
 def test_a_syn_forgets_the_flow_and_a_new_membership_flushes_the_lane():
@@ -774,16 +792,8 @@ def test_the_two_lanes_agree_on_mutated_echoes(case):
     base = frame(packet)
     taken = 0
     for _ in range(300):
-        data = bytearray(base)
-        for _ in range(rng.randrange(1, 3)):
-            at = rng.randrange(len(data)) if rng.random() < 0.5 else rng.randrange(10, 40)
-            data[at] = rng.randrange(256)
-        saved = state(pod, peer_ip)
-        want = pure.outbound(bytes(data), lab.now)
-        after = state(pod, peer_ip)
-        restore(pod, peer_ip, saved)
-        assert c.outbound(bytes(data), lab.now) == want
-        assert state(pod, peer_ip) == after
+        data = mutated(rng, base, range(10, 40))
+        want = lanes_agree(pod, peer_ip, pure, c, "outbound", data, lab.now)
         taken += want is not None
     assert taken  # some mutations (payload, checksum, sequence) are still the flow's
 
@@ -802,18 +812,10 @@ def test_the_two_lanes_agree_on_mutated_echoes_coming_in():
     base = echo(B2, A, PING_VIP, reply=True, seq=5)
     taken = 0
     for i in range(300):
-        plain = bytearray(base)
-        for _ in range(rng.randrange(1, 3)):
-            at = rng.randrange(len(plain)) if rng.random() < 0.5 else rng.randrange(0, 28)
-            plain[at] = rng.randrange(256)
+        plain = mutated(rng, base, range(0, 28))
         datagram = pure_fastpath.seal_batch(
-            s.send_key, s.remote_index, s.send_counter + 1000 + i, [bytes(plain)]
+            s.send_key, s.remote_index, s.send_counter + 1000 + i, [plain]
         )
-        saved = state(a, B2)
-        want = pure.inbound(datagram, addr, lab.now)
-        after = state(a, B2)
-        restore(a, B2, saved)
-        assert c.inbound(datagram, addr, lab.now) == want
-        assert state(a, B2) == after
+        want = lanes_agree(a, B2, pure, c, "inbound", datagram, addr, lab.now)
         taken += want is not None
     assert taken  # the payload, the sequence, the checksum: still the flow's
