@@ -19,9 +19,9 @@
  *    ``([read], inject_errors)``.
  *  - ``outbound(frame, now)`` / ``inbound(datagram, addr, now)``: the same work without I/O,
  *    the twin of core/express.py's (tests compare them).
- *  - ``wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None)``: the
- *    event loop's epoll call (tencrypt/linux/spin.py rule 5). It blocks in ``epoll_wait``
- *    with the GIL released and serves a readiness of tenc0 (and of the socket, if
+ *  - ``wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None, spin=0,
+ *    quiet=0)``: the event loop's epoll call (tencrypt/linux/spin.py rule 5). It blocks in
+ *    ``epoll_wait`` with the GIL released and serves a readiness of tenc0 (and of the socket, if
  *    ``udp_ok``) itself, by the pump above, so an established flow's packet wakes straight
  *    into C: no selector, no callback, no Python but its ``take``/``accept``. It returns,
  *    as ``[(fd, events)]``, only what Python must see: any other descriptor, any event but a
@@ -88,10 +88,11 @@ typedef struct {
     Py_ssize_t n_sealed, n_opened; /* packets the pumps took, each way (``counts()``) */
     PyObject *last_ep;    /* the endpoint whose sockaddr is cached */
     struct sockaddr_in last_sa;
-    /* ``wait``: what a pump inside it handed back (a list, or NULL) and its count of send
-     * drops / inject errors, kept for the next ``pump_tun`` / ``pump_udp`` call */
-    PyObject *tun_back, *udp_back;
-    Py_ssize_t tun_back_n, udp_back_n;
+    /* ``wait``, per descriptor (the socket [0], tenc0 [1], as ``served``): what a pump inside
+     * it handed back (a list, or NULL) and its count of send drops / inject errors, kept for
+     * the next ``pump_udp`` / ``pump_tun`` call */
+    PyObject *back[2];
+    Py_ssize_t back_n[2];
     Py_ssize_t n_woken; /* wake-ups ``wait`` served without returning to Python */
     /* ``wait``'s polling window: linux/spin.py's rules 1-3, its state here (rule 5) */
     double spin, budget, last_event;
@@ -456,17 +457,22 @@ static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssi
     return back;
 }
 
+/* What ``wait`` kept for descriptor ``i`` (``back``), as its pump returns it: handed back
+ * first, nothing read; NULL if nothing is kept. */
+static PyObject *pop_kept(Lane *self, int i) {
+    PyObject *back = self->back[i];
+    if (back == NULL) return NULL;
+    self->back[i] = NULL;
+    return Py_BuildValue("(Nn)", back, self->back_n[i]);
+}
+
 static PyObject *lane_pump_tun(Lane *self, PyObject *args) {
     int tun_fd, udp_fd;
     double now;
     Py_ssize_t limit, lone, dropped = 0;
     if (!PyArg_ParseTuple(args, "iidnn:pump_tun", &tun_fd, &udp_fd, &now, &limit, &lone))
         return NULL;
-    if (self->tun_back != NULL) { /* what ``wait`` kept: handed back first, nothing read */
-        PyObject *back = self->tun_back;
-        self->tun_back = NULL;
-        return Py_BuildValue("(Nn)", back, self->tun_back_n);
-    }
+    if (self->back[1] != NULL) return pop_kept(self, 1);
     PyObject *back = pump_tun(self, tun_fd, udp_fd, now, limit, lone, &dropped);
     if (back == NULL) return NULL;
     return Py_BuildValue("(Nn)", back, dropped);
@@ -546,11 +552,7 @@ static PyObject *lane_pump_udp(Lane *self, PyObject *args) {
     Py_ssize_t limit, lone, errors = 0;
     if (!PyArg_ParseTuple(args, "iidnn:pump_udp", &udp_fd, &tun_fd, &now, &limit, &lone))
         return NULL;
-    if (self->udp_back != NULL) { /* what ``wait`` kept: handed back first, nothing read */
-        PyObject *back = self->udp_back;
-        self->udp_back = NULL;
-        return Py_BuildValue("(Nn)", back, self->udp_back_n);
-    }
+    if (self->back[0] != NULL) return pop_kept(self, 0);
     PyObject *back = pump_udp(self, udp_fd, tun_fd, now, limit, lone, &errors);
     if (back == NULL) return NULL;
     return Py_BuildValue("(Nn)", back, errors);
@@ -583,13 +585,8 @@ static int serve(Lane *self, int is_tun, int tun_fd, int udp_fd, Py_ssize_t limi
         Py_DECREF(back);
         return 0;
     }
-    if (is_tun) {
-        self->tun_back = back;
-        self->tun_back_n = n;
-    } else {
-        self->udp_back = back;
-        self->udp_back_n = n;
-    }
+    self->back[is_tun] = back;
+    self->back_n[is_tun] = n;
     return 1;
 }
 
@@ -604,13 +601,18 @@ static int epoll_for(int epfd, struct epoll_event *evs, int maxevents, double se
     return n;
 }
 
+/* Seconds from ``now`` to ``deadline`` (< 0: none, then -1), at least 0. */
+static double left_until(double deadline, double now) {
+    return deadline < 0 ? -1.0 : deadline > now ? deadline - now : 0.0;
+}
+
 /* linux/spin.py's ``SpinSelector.select`` (rules 1-3) for the lane's wait (rule 5): the same
  * window, budget and adaptation, counted on every event, whoever serves it. ``deadline``:
  * CLOCK_MONOTONIC seconds, or < 0 for none. Events (>= 0) or -1 (errno). */
 static int epoll_spin(Lane *self, int epfd, struct epoll_event *evs, int maxevents,
                       double deadline) {
     double now = monotonic();
-    double left = deadline < 0 ? -1.0 : deadline > now ? deadline - now : 0.0;
+    double left = left_until(deadline, now);
     if (self->spin <= 0) return epoll_for(epfd, evs, maxevents, left); /* rule 4 */
     int n;
     if (now - self->last_event > self->spin && left != 0) { /* rule 1: idle, sleep at once */
@@ -638,8 +640,7 @@ static int epoll_spin(Lane *self, int epfd, struct epoll_event *evs, int maxeven
             self->budget = self->budget / 2 >= self->spin / 64 ? self->budget / 2 : 0.0;
         }
         if (n == 0) {
-            double rest = deadline < 0 ? -1.0 : deadline > now ? deadline - now : 0.0;
-            n = epoll_for(epfd, evs, maxevents, rest);
+            n = epoll_for(epfd, evs, maxevents, left_until(deadline, now));
             now = monotonic();
             if (n > 0 && now - self->last_event <= self->spin) { /* rule 3: a poll would have */
                 double gap = now - self->last_event;
@@ -695,8 +696,8 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
             uint32_t ev = evs[i].events;
-            int lane_fd = (fd == tun_fd && self->tun_back == NULL)
-                          || (fd == udp_fd && udp_ok && self->udp_back == NULL);
+            int lane_fd = (fd == tun_fd && self->back[1] == NULL)
+                          || (fd == udp_fd && udp_ok && self->back[0] == NULL);
             int r = 1;
             if (lane_fd && ev == EPOLLIN)
                 r = serve(self, fd == tun_fd, tun_fd, udp_fd, limit, lone, at, quiet);
@@ -782,8 +783,8 @@ static void lane_dealloc(Lane *self) {
     Py_XDECREF(self->inn);
     Py_XDECREF(self->slots);
     Py_XDECREF(self->last_ep);
-    Py_XDECREF(self->tun_back);
-    Py_XDECREF(self->udp_back);
+    Py_XDECREF(self->back[0]);
+    Py_XDECREF(self->back[1]);
     PyMem_Free(self->rbuf);
     PyMem_Free(self->work);
     PyMem_Free(self->sealed);
@@ -807,10 +808,10 @@ static PyMethodDef lane_methods[] = {
      "counts() -> (sealed, opened): packets the pumps took out and in"},
     {"wait", (PyCFunction)lane_wait, METH_VARARGS,
      "wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None, spin=0, "
-     "quiet=0) -> [(fd, events)]: epoll_wait that serves the lane's own readiness in C and returns what "
-     "Python must see; now: the packets' time (None: CLOCK_MONOTONIC, time.monotonic); spin: "
-     "linux/spin.py's polling window in seconds; quiet: a descriptor served again within it "
-     "reads until EAGAIN (daemon.py READS)"},
+     "quiet=0) -> [(fd, events)]: epoll_wait that serves the lane's own readiness in C and "
+     "returns what Python must see; now: the packets' time (None: CLOCK_MONOTONIC, "
+     "time.monotonic); spin: linux/spin.py's polling window in seconds; quiet: a descriptor "
+     "served again within it reads until EAGAIN (daemon.py READS)"},
     {"spin_stats", (PyCFunction)lane_spin_stats, METH_NOARGS,
      "spin_stats() -> (polls, misses, grown, budget): wait's polling window (spin.py rules)"},
     {"woken", (PyCFunction)lane_woken, METH_NOARGS,
