@@ -58,7 +58,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -78,13 +77,11 @@ from tencrypt.core.services import ServiceTable
 from tencrypt.core.session import PeerDown, PeerUnreachable, PeerUp, Tunnel
 from tencrypt.core.stats import Counter, Stats
 from tencrypt.core.timers import sleep_plan
+from tencrypt.linux.effects import EffectApplier, until_woken
 from tencrypt.linux.keyfile import KeyFile, describe, write_loaded
 from tencrypt.linux.members import MembersFile
 from tencrypt.linux.watch import SAFETY_POLL, DirWatch
 from tencrypt.logutil import RateLimitedLog
-
-if TYPE_CHECKING:
-    from tencrypt.linux.effects import EffectApplier
 
 log = logging.getLogger("tencrypt.run")
 PLAINTEXT_FOR = 60.0  # --no-strict: seconds an internal peer without a proxy is reached in clear
@@ -394,11 +391,7 @@ class ControlPlane(abc.ABC):
                 self.timers_at = None if delay is None else now + delay
                 if wake.is_set():
                     continue
-                woken = asyncio.ensure_future(wake.wait())
-                await asyncio.wait(
-                    (woken, stop), timeout=delay, return_when=asyncio.FIRST_COMPLETED
-                )
-                woken.cancel()
+                await until_woken(wake, stop, delay)
         finally:
             stop.cancel()
             self._timers_deep = False

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tencrypt.core.classify import RouteAction
 from tencrypt.core.effects import Desired, Plan
@@ -117,6 +117,19 @@ class Kernel:
         return self.fw.counters() if self.firewall else {}
 
 
+async def until_woken(
+    wake: asyncio.Event, stop: asyncio.Future[Any], timeout: float | None
+) -> None:
+    """Until ``wake`` is set, ``stop`` is done or ``timeout`` seconds pass (None: no limit):
+    the sleep of a task that a stop must end as a wake does (this one's ``run``, and
+    control.py's timers)."""
+    woken = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait((woken, stop), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        woken.cancel()
+
+
 class EffectApplier:
     def __init__(
         self,
@@ -149,10 +162,7 @@ class EffectApplier:
         try:
             while not stopping.is_set():
                 await self.round()
-                wait = RETRY if self.desired.plan() else None
-                woken = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait((woken, stop), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
+                await until_woken(self._wake, stop, RETRY if self.desired.plan() else None)
         finally:
             stop.cancel()
 
