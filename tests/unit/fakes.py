@@ -7,11 +7,12 @@ daemon's pipelines run in unit tests without root, the way wireguard-go's tuntes
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +323,12 @@ class Wire:
             if not moved:
                 return
         raise AssertionError("the proxies never went quiet")
+
+
+async def until(predicate: Callable[[], object], rounds: int = 2000) -> None:
+    """Let the loop run until ``predicate()`` holds (a bound on loop turns, never on time)."""
+    for _ in range(rounds):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("never happened")

@@ -31,7 +31,7 @@ from tencrypt.core.stats import Stats
 from tencrypt.core.timers import STUCK, sleep_plan
 from tencrypt.linux.dns import DnsConfig, DnsProxy
 from tencrypt.linux.members import write_members
-from tests.unit.fakes import Pod, Wire
+from tests.unit.fakes import Pod, Wire, until
 
 A, B = "10.128.0.11", "10.128.0.12"
 
@@ -172,15 +172,6 @@ def ipv4_udp(src: str, dst: str, payload: bytes = b"ping") -> bytes:
 
 def members() -> Members:
     return Members("shop", 1, frozenset({A, B}), frozenset())
-
-
-async def until(predicate, rounds: int = 2000) -> None:  # type: ignore[no-untyped-def]
-    """Let the loop run until ``predicate()`` holds (a bound on loop turns, never on time)."""
-    for _ in range(rounds):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("never happened")
 
 
 def test_an_idle_proxy_sleeps_until_its_file_safety_poll():

@@ -15,16 +15,9 @@ from tencrypt.linux import watch
 from tencrypt.linux.files import write_atomic
 from tencrypt.linux.keyfile import KeyFile, write_key_file
 from tencrypt.linux.watch import DirWatch
+from tests.unit.fakes import until
 
 KEY1, KEY2 = (KeySet(parse_psk(base64.b64encode(bytes([n]) * 32).decode())) for n in (1, 2))
-
-
-async def until(predicate, rounds: int = 1000) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(rounds):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("never happened")
 
 
 def watched(path: Path, change) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
@@ -39,7 +32,7 @@ def watched(path: Path, change) -> tuple[int, bool]:  # type: ignore[no-untyped-
                 await asyncio.sleep(0)
             quiet = not heard
             change()
-            await until(lambda: bool(heard))
+            await until(lambda: bool(heard), rounds=1000)
             return len(heard), quiet
         finally:
             w.close()
@@ -107,7 +100,7 @@ def test_a_deleted_directory_ends_the_watch_and_says_so(tmp_path):
         w = DirWatch([d / "f"], lambda: heard.append(1))
         assert w.start()
         d.rmdir()
-        await until(lambda: not w.active)
+        await until(lambda: not w.active, rounds=1000)
         return w.active, len(heard)
 
     active, heard = asyncio.run(main())
