@@ -35,7 +35,6 @@ log = logging.getLogger("tencrypt.watch")
 
 SAFETY_POLL = 60.0  # seconds between stats of a watched file when no event came
 
-IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
 IN_MOVED_FROM = 0x040
