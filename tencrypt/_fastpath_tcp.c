@@ -57,6 +57,46 @@ static int as_ssize(PyObject *obj, Py_ssize_t *out) {
     return 0;
 }
 
+/* The rows of a super-packet that ``segment`` checked (rule 8; ``n`` rows at ``stride``, each
+ * hlen + mss bytes but the last): written into ``buf``, which may be ``src`` itself. */
+void fp_segment_rows(const unsigned char *src, Py_ssize_t ihl, Py_ssize_t thl, Py_ssize_t total,
+                     Py_ssize_t mss, unsigned char *buf, Py_ssize_t n, Py_ssize_t stride) {
+    int v6 = src[0] >> 4 == 6;
+    Py_ssize_t hlen = ihl + thl, payload = total - hlen;
+    unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
+    uint32_t seq0 = (uint32_t)src[ihl + 4] << 24 | (uint32_t)src[ihl + 5] << 16
+                    | (uint32_t)src[ihl + 6] << 8 | src[ihl + 7];
+    /* addresses and protocol; the length per row */
+    uint64_t pseudo = (v6 ? be_sum(src + 8, 32) : be_sum(src + 12, 8)) + TCP_PROTO;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char *row = buf + i * stride;
+        Py_ssize_t size = i < n - 1 ? mss : payload - (n - 1) * mss;
+        unsigned row_flags = flags & ~(unsigned)(FIN | PSH | CWR);
+        if (n == 1) row_flags = flags;
+        else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
+        else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
+        memmove(row, src, (size_t)hlen); /* out may be packet's own buffer: no memcpy UB */
+        memmove(row + hlen, src + hlen + i * mss, (size_t)size);
+        if (v6) {
+            put_be16(row + 4, (unsigned)(thl + size));
+        } else {
+            put_be16(row + 2, (unsigned)(hlen + size));
+            put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
+            put_be16(row + 10, 0);
+        }
+        uint32_t seq = seq0 + (uint32_t)((uint64_t)i * (uint64_t)mss);
+        row[ihl + 4] = (unsigned char)(seq >> 24);
+        row[ihl + 5] = (unsigned char)(seq >> 16);
+        row[ihl + 6] = (unsigned char)(seq >> 8);
+        row[ihl + 7] = (unsigned char)seq;
+        row[ihl + 13] = (unsigned char)row_flags;
+        put_be16(row + ihl + 16, 0);
+        if (!v6) put_be16(row + 10, csum_field(be_sum(row, ihl)));
+        uint64_t tcp = be_sum(row + ihl, thl + size) + pseudo + (uint64_t)(thl + size);
+        put_be16(row + ihl + 16, csum_field(tcp));
+    }
+}
+
 /* segment(packet, ihl, thl, total, mss, out) -> stride: the super-packet's segments written
  * into ``out``, segment i at i * stride (hlen + mss rounded up to 4), the last one hlen + the
  * rest of the payload long: byte for byte what core/batch.py's _segment makes. Every argument
@@ -97,40 +137,7 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
         return PyLong_FromLong(0);
     }
     Py_BEGIN_ALLOW_THREADS
-    const unsigned char *src = pkt.buf;
-    unsigned char *buf = out.buf;
-    unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
-    uint32_t seq0 = (uint32_t)src[ihl + 4] << 24 | (uint32_t)src[ihl + 5] << 16
-                    | (uint32_t)src[ihl + 6] << 8 | src[ihl + 7];
-    /* addresses and protocol; the length per row */
-    uint64_t pseudo = (v6 ? be_sum(src + 8, 32) : be_sum(src + 12, 8)) + TCP_PROTO;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char *row = buf + i * stride;
-        Py_ssize_t size = i < n - 1 ? mss : payload - (n - 1) * mss;
-        unsigned row_flags = flags & ~(unsigned)(FIN | PSH | CWR);
-        if (n == 1) row_flags = flags;
-        else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
-        else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
-        memmove(row, src, (size_t)hlen); /* out may be packet's own buffer: no memcpy UB */
-        memmove(row + hlen, src + hlen + i * mss, (size_t)size);
-        if (v6) {
-            put_be16(row + 4, (unsigned)(thl + size));
-        } else {
-            put_be16(row + 2, (unsigned)(hlen + size));
-            put_be16(row + 4, (ident + (unsigned)i) & 0xFFFF);
-            put_be16(row + 10, 0);
-        }
-        uint32_t seq = seq0 + (uint32_t)((uint64_t)i * (uint64_t)mss);
-        row[ihl + 4] = (unsigned char)(seq >> 24);
-        row[ihl + 5] = (unsigned char)(seq >> 16);
-        row[ihl + 6] = (unsigned char)(seq >> 8);
-        row[ihl + 7] = (unsigned char)seq;
-        row[ihl + 13] = (unsigned char)row_flags;
-        put_be16(row + ihl + 16, 0);
-        if (!v6) put_be16(row + 10, csum_field(be_sum(row, ihl)));
-        uint64_t tcp = be_sum(row + ihl, thl + size) + pseudo + (uint64_t)(thl + size);
-        put_be16(row + ihl + 16, csum_field(tcp));
-    }
+    fp_segment_rows(pkt.buf, ihl, thl, total, mss, out.buf, n, stride);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&pkt);
     PyBuffer_Release(&out);
@@ -290,6 +297,31 @@ static Py_ssize_t plan_runs(const Piece *bufs, Py_ssize_t n, Item *items) {
         room = IP_MAX - hlen - mss;
         open_flags = flags & ~(unsigned)CWR;
         run = it;
+    }
+    return m;
+}
+
+/* coalesce_batch (rule 6) of at most FP_MAX_RUN packets, for the express lane: each output
+ * item written into ``out`` one after the other (a merged one with its partial checksum,
+ * ``partial``), ``lens[k]`` its length and ``gsos[k]`` its gso_size (0: a packet passed
+ * through as it is). ``out`` holds the packets' total length. Returns the number of items,
+ * or -1 when ``n`` is above FP_MAX_RUN (nothing written). */
+Py_ssize_t fp_coalesce_into(const Piece *bufs, Py_ssize_t n, int partial, unsigned char *out,
+                            Py_ssize_t *lens, Py_ssize_t *gsos) {
+    Item items[FP_MAX_RUN];
+    if (n > FP_MAX_RUN) return -1;
+    Py_ssize_t m = plan_runs(bufs, n, items), used = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        if (items[k].count > 1) {
+            lens[k] = merge_into(out + used, bufs, &items[k], partial);
+            gsos[k] = items[k].mss;
+        } else {
+            const Piece *one = &bufs[items[k].first];
+            memcpy(out + used, one->buf, (size_t)one->len);
+            lens[k] = one->len;
+            gsos[k] = 0;
+        }
+        used += lens[k];
     }
     return m;
 }

@@ -7,18 +7,21 @@
  * cannot differ there. On top, the two pumps move the packets themselves:
  *
  *  - ``pump_tun(tun_fd, udp_fd, now, limit, lone)``: read frames from tenc0; each one the lane
- *    takes is sealed and sent (one ``sendto``); the first it cannot take ends the pump and is
+ *    takes is sealed and sent (one ``sendto``; a TSO super-packet's segments, core/express.py
+ *    rule 2a, as UDP GSO sends, ``send_run``); the first it cannot take ends the pump and is
  *    handed back (bytes, as read) with the count of datagrams the socket refused:
  *    ``([frame], send_dropped)``. ``lone``: after a first frame of at most that many bytes,
  *    taken, no second read (a lone small packet: the EAGAIN read would cost a system call
  *    for nothing on a cold path; level-triggered readiness calls again if more is there).
  *  - ``pump_udp(udp_fd, tun_fd, now, limit, lone)``: receive datagrams (UDP GRO reads as
  *    ``recv_batch`` asks for them); a lone datagram the lane takes is opened and written to
- *    tenc0; a GRO read of several, a truncated one, or one the lane does not take ends the
- *    pump and is handed back as ``(data, gro_size, truncated, (host, port))``:
+ *    tenc0, a GRO read of several it takes whole (rule 2b) is opened, coalesced and written as
+ *    the daemon's _inject writes it (TSO frames); a truncated read, or one the lane does not
+ *    take, ends the pump and is handed back as ``(data, gro_size, truncated, (host, port))``:
  *    ``([read], inject_errors)``.
- *  - ``outbound(frame, now)`` / ``inbound(datagram, addr, now)``: the same work without I/O,
- *    the twin of core/express.py's (tests compare them).
+ *  - ``outbound(frame, now)`` / ``inbound(datagram, addr, now)`` / ``inbound_run(data, size,
+ *    addr, now)``: the same work without I/O, the twin of core/express.py's (tests compare
+ *    them).
  *  - ``wait(epfd, timeout, maxevents, tun_fd, udp_fd, udp_ok, limit, lone, now=None, spin=0,
  *    quiet=0)``: the event loop's epoll call (tencrypt/linux/spin.py rule 5). It blocks in
  *    ``epoll_wait`` with the GIL released and serves a readiness of tenc0 (and of the socket, if
@@ -41,7 +44,9 @@
  *    otherwise a lone small packet is read alone.
  * Packets (core/express.py rule 2): IPv4 TCP without SYN/FIN/RST, UDP, and ICMP echo request
  * and reply (type 8/0, code 0, id not 0; keyed (id, 0) / (0, id)), never a fragment; an echo's
- * translation rewrites its address and the IPv4 header checksum only.
+ * translation rewrites its address and the IPv4 header checksum only. TCP also as a TSO
+ * super-packet out (rule 2a: at most MAX_SEGMENTS segments within the MTU) and as a GRO read
+ * in (rule 2b: all or nothing).
  * The GIL is held throughout: the take/accept calls, the session's counter and the replay
  * window are then touched by one thread at a time (core/express.py rule 4). IPv4 tunnel
  * sockets only (the daemon does not build a lane for an IPv6-only pod).
@@ -72,6 +77,13 @@
 #define UDP 17
 #define ECHO_REPLY 0
 #define ECHO_REQUEST 8
+#define GSO_TCPV4 1 /* virtio_net.h VIRTIO_NET_HDR_GSO_TCPV4 */
+#define GSO_ECN 0x80
+#define MAX_SEGMENTS FP_MAX_RUN /* a super-packet's segments, a GRO read's datagrams */
+#define UDP_MAX_PAYLOAD (65535 - 20 - 8)
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 #ifndef UDP_GRO
 #define UDP_GRO 104
 #endif
@@ -84,7 +96,12 @@ typedef struct {
     EVP_CIPHER_CTX *ctx;
     unsigned char *rbuf;  /* VNET + BUF: what was read */
     unsigned char *work;  /* VNET + BUF: the packet being worked on (plaintext) */
-    unsigned char *sealed; /* BUF + OVERHEAD */
+    unsigned char *sealed; /* cap_sealed: one datagram, or a super-packet's */
+    unsigned char *segs;   /* cap_segs: a super-packet's segments (plaintext) */
+    Py_ssize_t cap_sealed, cap_segs;
+    unsigned char *plain;  /* BUF: a GRO read's datagrams, opened */
+    unsigned char *frames; /* BUF + MAX_SEGMENTS * VNET: what a GRO read gives tenc0 */
+    Py_ssize_t frame_len[MAX_SEGMENTS], nframes;
     Py_ssize_t n_sealed, n_opened; /* packets the pumps took, each way (``counts()``) */
     PyObject *last_ep;    /* the endpoint whose sockaddr is cached */
     struct sockaddr_in last_sa;
@@ -189,29 +206,27 @@ static void rewrite(unsigned char *p, Py_ssize_t n, int dst, const unsigned char
     put16(p + at, ck2);
 }
 
-/* ---- out: one frame -> one datagram ------------------------------------------------------ */
+/* ---- out: one frame -> one datagram, or a super-packet -> its segments' datagrams --------- */
 
-/* 1: sealed into self->sealed (*dlen bytes) for *endpoint (a new reference); 0: not the
- * lane's, nothing changed; -1: an exception (a bug in take, or no memory). */
-static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double now,
-                    PyObject **endpoint, Py_ssize_t *dlen) {
-    if (n < VNET + 28 || n > VNET + BUF || frame[1] != 0) return 0; /* gso_type: a super-packet */
-    uint16_t flags = frame[0], start, offset;
-    memcpy(&start, frame + 6, 2); /* native order, as the kernel writes them */
-    memcpy(&offset, frame + 8, 2);
-    Py_ssize_t len = n - VNET;
-    unsigned char *p = self->work;
-    memcpy(p, frame + VNET, (size_t)len);
-    unsigned char key[13];
-    if (!key13(p, len, key) || len > self->mtu) return 0;
-    if (flags & 1) { /* NEEDS_CSUM: core/batch.py _complete */
-        Py_ssize_t at = (Py_ssize_t)start + offset;
-        if (start < 20 || at + 2 > len) return 0;
-        uint64_t s = ones_sum(p, start, len);
-        uint32_t ck = (uint32_t)((0xFFFF - s) % 0xFFFF);
-        if (ck == 0 && p[9] == UDP) ck = 0xFFFF;
-        put16(p + at, ck);
-    }
+/* What ``take`` granted for a learnt flow: the entry (a new reference, kept while its bytes are
+ * read), its fields, the counter of the first datagram and the endpoint (a new reference). */
+typedef struct {
+    PyObject *entry, *ep;
+    const unsigned char *key32, *new_dst; /* new_dst: NULL when the flow is not translated */
+    uint32_t index, new_dport;
+    uint64_t counter;
+} Taken;
+
+static void taken_release(Taken *t) {
+    Py_XDECREF(t->entry);
+    Py_XDECREF(t->ep);
+}
+
+/* The entry of flow ``key`` and its ``take(nbytes, now[, segments])`` (core/express.py rule 3;
+ * ``segments`` 0: one packet, else a super-packet of that many): 1 with ``t`` filled; 0: not
+ * the lane's, nothing changed; -1: an exception (a bug in take, or no memory). */
+static int take_flow(Lane *self, const unsigned char *key, Py_ssize_t nbytes, double now,
+                     Py_ssize_t segments, Taken *t) {
     PyObject *kobj = PyBytes_FromStringAndSize((const char *)key, 13);
     if (kobj == NULL) return -1;
     PyObject *entry = PyDict_GetItem(self->out, kobj); /* borrowed */
@@ -222,15 +237,12 @@ static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double
     PyObject *take = PyTuple_GetItem(entry, 4);
     if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32 || !PyBytes_Check(new_dst)) return 0;
     Py_INCREF(entry); /* take may change the table */
-    PyObject *got = PyObject_CallFunction(take, "nd", len, now);
-    if (got == NULL) {
+    PyObject *got = segments ? PyObject_CallFunction(take, "ndn", nbytes, now, segments)
+                             : PyObject_CallFunction(take, "nd", nbytes, now);
+    if (got == NULL || got == Py_None) {
+        Py_XDECREF(got);
         Py_DECREF(entry);
-        return -1;
-    }
-    if (got == Py_None) {
-        Py_DECREF(got);
-        Py_DECREF(entry);
-        return 0;
+        return got == NULL ? -1 : 0;
     }
     unsigned long long counter = 0;
     PyObject *ep = NULL;
@@ -244,25 +256,109 @@ static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "take: (counter, endpoint)");
         return -1;
     }
-    Py_INCREF(ep);
+    t->entry = entry;
+    t->ep = Py_NewRef(ep);
     Py_DECREF(got);
-    if (PyBytes_Size(new_dst) == 4) rewrite(p, len, 1, (const unsigned char *)PyBytes_AsString(new_dst),
-                                             (uint32_t)PyLong_AsLong(new_dport));
-    unsigned long idx = PyLong_AsUnsignedLong(index);
-    unsigned char *out = self->sealed, nonce[12];
-    build_header(out, (uint32_t)idx, (uint64_t)counter);
-    build_nonce(nonce, out);
-    int ok = seal_into(self->ctx, (const unsigned char *)PyBytes_AsString(keyb), nonce, out,
-                       HEADER_LEN, p, (int)len, out + HEADER_LEN);
-    Py_DECREF(entry);
-    if (!ok || PyErr_Occurred()) {
-        ERR_clear_error();
-        Py_DECREF(ep);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
+    t->key32 = (const unsigned char *)PyBytes_AsString(keyb);
+    t->new_dst = PyBytes_Size(new_dst) == 4 ? (const unsigned char *)PyBytes_AsString(new_dst)
+                                            : NULL;
+    t->new_dport = t->new_dst ? (uint32_t)PyLong_AsLong(new_dport) : 0;
+    t->index = (uint32_t)PyLong_AsUnsignedLong(index);
+    t->counter = (uint64_t)counter;
+    if (PyErr_Occurred()) {
+        taken_release(t);
         return -1;
     }
+    return 1;
+}
+
+/* Seal ``len`` plaintext bytes at ``p`` as the datagram of ``counter`` into ``out``. */
+static int seal_one(Lane *self, const Taken *t, uint64_t counter, const unsigned char *p,
+                    Py_ssize_t len, unsigned char *out) {
+    unsigned char nonce[12];
+    build_header(out, t->index, counter);
+    build_nonce(nonce, out);
+    return seal_into(self->ctx, t->key32, nonce, out, HEADER_LEN, p, (int)len, out + HEADER_LEN);
+}
+
+/* The end of lane_out: libcrypto failed (1: it did not) */
+static int sealed_ok(int ok, Taken *t) {
+    if (ok && !PyErr_Occurred()) return 1;
+    ERR_clear_error();
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
+    taken_release(t);
+    return 0;
+}
+
+/* A TSO super-packet (gso_type TCPV4, with or without ECN) of a learnt flow, already copied to
+ * self->work (``len`` bytes): core/express.py's ``_outbound_super``. Its segments (core/batch.py
+ * rules 2-4, ``fp_segment_rows``) sealed one datagram each into self->sealed, counters in
+ * order; *dsize: every datagram's size but the last's. Returns as lane_out. */
+static int lane_out_super(Lane *self, const unsigned char *frame, Py_ssize_t len, double now,
+                          PyObject **endpoint, Py_ssize_t *dlen, Py_ssize_t *dsize) {
+    unsigned char *p = self->work, key[13];
+    uint16_t mss;
+    memcpy(&mss, frame + 4, 2); /* gso_size, native order */
+    if (!key13(p, len, key) || p[9] != TCP) return 0;
+    Py_ssize_t thl = (p[32] >> 4) << 2, hlen = 20 + thl, payload = len - hlen;
+    if (mss < 1 || hlen + mss > self->mtu) return 0;
+    Py_ssize_t n = payload > 0 ? (payload - 1) / mss + 1 : 1;
+    if (n > MAX_SEGMENTS) return 0;
+    Taken t;
+    int r = take_flow(self, key, n * hlen + payload, now, n, &t);
+    if (r <= 0) return r;
+    if (t.new_dst) rewrite(p, len, 1, t.new_dst, t.new_dport);
+    Py_ssize_t stride = (hlen + mss + 3) & ~(Py_ssize_t)3, pos = 0;
+    fp_segment_rows(p, 20, thl, len, mss, self->segs, n, stride);
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < n && ok; i++) {
+        Py_ssize_t rlen = i < n - 1 ? hlen + mss : hlen + payload - (n - 1) * mss;
+        ok = seal_one(self, &t, t.counter + (uint64_t)i, self->segs + i * stride, rlen,
+                      self->sealed + pos);
+        pos += rlen + OVERHEAD;
+    }
+    if (!sealed_ok(ok, &t)) return -1;
+    *dlen = pos;
+    *dsize = hlen + mss + OVERHEAD;
+    *endpoint = t.ep;
+    Py_DECREF(t.entry);
+    return 1;
+}
+
+/* 1: sealed into self->sealed (*dlen bytes: one datagram, or a super-packet's datagrams of
+ * *dsize bytes but the last; *dsize 0 for one) for *endpoint (a new reference); 0: not the
+ * lane's, nothing changed; -1: an exception (a bug in take, or no memory). */
+static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double now,
+                    PyObject **endpoint, Py_ssize_t *dlen, Py_ssize_t *dsize) {
+    *dsize = 0;
+    if (n < VNET + 28 || n > VNET + BUF) return 0;
+    Py_ssize_t len = n - VNET;
+    unsigned char *p = self->work;
+    memcpy(p, frame + VNET, (size_t)len);
+    if ((frame[1] & ~GSO_ECN) == GSO_TCPV4)
+        return lane_out_super(self, frame, len, now, endpoint, dlen, dsize);
+    if (frame[1] != 0) return 0; /* another gso_type */
+    uint16_t flags = frame[0], start, offset;
+    memcpy(&start, frame + 6, 2); /* native order, as the kernel writes them */
+    memcpy(&offset, frame + 8, 2);
+    unsigned char key[13];
+    if (!key13(p, len, key) || len > self->mtu) return 0;
+    if (flags & 1) { /* NEEDS_CSUM: core/batch.py _complete */
+        Py_ssize_t at = (Py_ssize_t)start + offset;
+        if (start < 20 || at + 2 > len) return 0;
+        uint64_t s = ones_sum(p, start, len);
+        uint32_t ck = (uint32_t)((0xFFFF - s) % 0xFFFF);
+        if (ck == 0 && p[9] == UDP) ck = 0xFFFF;
+        put16(p + at, ck);
+    }
+    Taken t;
+    int r = take_flow(self, key, len, now, 0, &t);
+    if (r <= 0) return r;
+    if (t.new_dst) rewrite(p, len, 1, t.new_dst, t.new_dport);
+    if (!sealed_ok(seal_one(self, &t, t.counter, p, len, self->sealed), &t)) return -1;
     *dlen = len + OVERHEAD;
-    *endpoint = ep;
+    *endpoint = t.ep;
+    Py_DECREF(t.entry);
     return 1;
 }
 
@@ -358,6 +454,151 @@ done:
     return result;
 }
 
+/* ---- in: a GRO read of several datagrams -> the frames of their coalesced packets --------- */
+
+/* The datagram header's index and counter (core/wire.py: little-endian) */
+static uint32_t index_of(const unsigned char *d) {
+    return (uint32_t)d[4] | (uint32_t)d[5] << 8 | (uint32_t)d[6] << 16 | (uint32_t)d[7] << 24;
+}
+static uint64_t counter_of(const unsigned char *d) {
+    uint64_t counter = 0;
+    for (int i = 7; i >= 0; i--) counter = counter << 8 | d[8 + i];
+    return counter;
+}
+
+/* core/batch.py rewrite_partial_csum for an IPv4 TCP packet (IHL 20) */
+static void partial_csum(unsigned char *p, Py_ssize_t len) {
+    uint64_t sum = ones_sum(p, 12, 20) + TCP + (uint64_t)(len - 20);
+    uint32_t ck = (uint32_t)(sum % 0xFFFF);
+    put16(p + 36, ck ? ck : 0xFFFF);
+}
+
+/* core/express.py's ``inbound_run`` (rule 2b): ``n`` bytes of datagrams of ``size`` bytes
+ * (the last may be shorter), 2 to MAX_SEGMENTS of them, every one of one session and one
+ * flow, in counter order, each passing lane_in's checks; then one ``accept`` for all, the
+ * window marked for each, and the daemon's _inject: coalesced (partial checksums), the
+ * reply's translation, the TSO header. 1: the frames are in self->frames (self->nframes of
+ * them, self->frame_len each); 0: not the lane's, nothing changed; -1: an exception. */
+static int lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n, Py_ssize_t size,
+                       PyObject *addr, double now) {
+    Py_ssize_t k = (n + size - 1) / size;
+    if (size < OVERHEAD + 28 || k < 2 || k > MAX_SEGMENTS || n > BUF) return 0;
+    if (d[0] != 4 || d[1] || d[2] || d[3]) return 0;
+    PyObject *iobj = PyLong_FromUnsignedLong(index_of(d));
+    if (iobj == NULL) return -1;
+    PyObject *slot = PyDict_GetItem(self->slots, iobj);
+    Py_DECREF(iobj);
+    if (slot == NULL || !PyTuple_Check(slot) || PyTuple_Size(slot) != 4) return 0;
+    PyObject *keyb = PyTuple_GetItem(slot, 0), *window = PyTuple_GetItem(slot, 1);
+    PyObject *limit_obj = PyTuple_GetItem(slot, 2), *accept = PyTuple_GetItem(slot, 3);
+    if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32) return 0;
+    unsigned long long limit = PyLong_AsUnsignedLongLong(limit_obj);
+    if (PyErr_Occurred()) return -1;
+    Py_INCREF(slot);
+    Py_buffer ring;
+    Window w;
+    if (get_window(window, &ring, &w) < 0) {
+        Py_DECREF(slot);
+        return -1;
+    }
+    int result = 0;
+    unsigned char key[13], first[13], nonce[12];
+    uint64_t counters[MAX_SEGMENTS];
+    Piece pieces[MAX_SEGMENTS];
+    Py_ssize_t total = 0;
+    PyObject *entry = NULL;
+    for (Py_ssize_t i = 0; i < k; i++) { /* 1. every check, nothing changed */
+        const unsigned char *di = d + i * size;
+        Py_ssize_t dn = i < k - 1 ? size : n - (k - 1) * size, plen = dn - OVERHEAD;
+        if (dn < OVERHEAD + 28 || memcmp(di, d, 8) != 0) goto done; /* word and index */
+        uint64_t counter = counter_of(di);
+        if (counter >= limit || (i && counter <= counters[i - 1]) || !window_check(&w, counter))
+            goto done;
+        counters[i] = counter;
+        unsigned char *p = self->plain + i * size;
+        build_nonce(nonce, di);
+        int verified = open_into(self->ctx, (const unsigned char *)PyBytes_AsString(keyb), nonce,
+                                 di, HEADER_LEN, di + HEADER_LEN, (int)(dn - HEADER_LEN), p);
+        if (verified < 0) {
+            ERR_clear_error();
+            PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
+            result = -1;
+            goto done;
+        }
+        if (!verified || !key13(p, plen, i ? key : first) || memcmp(p + 16, self->pod4, 4) != 0
+            || (i && memcmp(key, first, 13) != 0))
+            goto done;
+        pieces[i].buf = p;
+        pieces[i].len = plen;
+        total += plen;
+    }
+    PyObject *kobj = PyBytes_FromStringAndSize((const char *)first, 13);
+    if (kobj == NULL) {
+        result = -1;
+        goto done;
+    }
+    entry = PyDict_GetItem(self->inn, kobj);
+    Py_DECREF(kobj);
+    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 3) {
+        entry = NULL;
+        goto done;
+    }
+    Py_INCREF(entry);
+    PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
+    PyObject *src = PyBytes_FromStringAndSize((const char *)self->plain + 12, 4);
+    PyObject *yes = src == NULL ? NULL
+                                : PyObject_CallFunction(accept, "OnOdOn", src, total, addr, now,
+                                                        PyTuple_GetItem(entry, 2), k);
+    Py_XDECREF(src);
+    int taken = yes == NULL ? -1 : PyObject_IsTrue(yes);
+    Py_XDECREF(yes);
+    if (taken != 1) { /* 2. accept: the state changes of k packets, or none */
+        result = taken < 0 ? -1 : 0;
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) window_update(&w, counters[i]); /* 3. */
+    PyObject *top = PyLong_FromUnsignedLongLong(w.top);
+    if (top == NULL || PyObject_SetAttrString(window, "top", top) < 0) {
+        Py_XDECREF(top);
+        result = -1;
+        goto done;
+    }
+    Py_DECREF(top);
+    /* 4. _inject: coalesce, then per packet the reply's translation and its TSO header */
+    Py_ssize_t lens[MAX_SEGMENTS], gsos[MAX_SEGMENTS];
+    unsigned char *merged = self->plain + BUF; /* the second half: BUF bytes */
+    Py_ssize_t m = fp_coalesce_into(pieces, k, 1, merged, lens, gsos), at = 0, pos = 0;
+    int translate = PyBytes_Check(vip) && PyBytes_Size(vip) == 4;
+    uint32_t port = translate ? (uint32_t)PyLong_AsLong(vport) : 0;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        unsigned char *f = self->frames + pos, *p = f + VNET;
+        memcpy(p, merged + at, (size_t)lens[j]);
+        at += lens[j];
+        if (translate) rewrite(p, lens[j], 0, (const unsigned char *)PyBytes_AsString(vip), port);
+        memset(f, 0, VNET);
+        if (gsos[j]) { /* core/batch.py rewrite_partial_csum and build_gso_vnet_hdr */
+            partial_csum(p, lens[j]);
+            uint16_t hdr_len = (uint16_t)(20 + ((p[32] >> 4) << 2)), gso = (uint16_t)gsos[j];
+            uint16_t start = 20, offset = 16;
+            f[0] = 1; /* NEEDS_CSUM */
+            f[1] = GSO_TCPV4;
+            memcpy(f + 2, &hdr_len, 2);
+            memcpy(f + 4, &gso, 2);
+            memcpy(f + 6, &start, 2);
+            memcpy(f + 8, &offset, 2);
+        }
+        self->frame_len[j] = VNET + lens[j];
+        pos += VNET + lens[j];
+    }
+    self->nframes = m;
+    result = 1;
+done:
+    Py_XDECREF(entry);
+    PyBuffer_Release(&ring);
+    Py_DECREF(slot);
+    return result;
+}
+
 /* ---- endpoints ---------------------------------------------------------------------------- */
 
 static int endpoint_sa(Lane *self, PyObject *ep, struct sockaddr_in *sa) {
@@ -396,8 +637,8 @@ static PyObject *lane_outbound(Lane *self, PyObject *args) {
     double now;
     if (!PyArg_ParseTuple(args, "y*d:outbound", &frame, &now)) return NULL;
     PyObject *ep = NULL;
-    Py_ssize_t dlen = 0;
-    int r = lane_out(self, frame.buf, frame.len, now, &ep, &dlen);
+    Py_ssize_t dlen = 0, dsize = 0;
+    int r = lane_out(self, frame.buf, frame.len, now, &ep, &dlen, &dsize);
     PyBuffer_Release(&frame);
     if (r < 0) return NULL;
     if (r == 0) Py_RETURN_NONE;
@@ -417,6 +658,69 @@ static PyObject *lane_inbound(Lane *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)self->work, flen);
 }
 
+/* linux/gso.py UdpBatch.send_batch for a super-packet's datagrams (``len`` bytes, ``size``
+ * each but the last) to ``sa``: UDP GSO sends (``UDP_SEGMENT``) of at most max_segments each;
+ * where the socket refuses GSO (EIO, EINVAL, EMSGSIZE, ENOPROTOOPT), one sendto per datagram.
+ * Returns the datagrams the kernel took; it stops at the first it did not take (a full
+ * buffer: the rest are the caller's send drops, as the Python path counts them). */
+static Py_ssize_t send_run(int fd, const unsigned char *data, Py_ssize_t len, Py_ssize_t size,
+                           const struct sockaddr_in *sa) {
+    Py_ssize_t per = UDP_MAX_PAYLOAD / size, sent = 0, pos = 0;
+    if (per > MAX_SEGMENTS) per = MAX_SEGMENTS;
+    if (per < 1) per = 1;
+    while (pos < len) {
+        Py_ssize_t chunk = len - pos < per * size ? len - pos : per * size;
+        Py_ssize_t count = (chunk + size - 1) / size;
+        if (count > 1) {
+            char control[CMSG_SPACE(sizeof(uint16_t))];
+            memset(control, 0, sizeof(control));
+            struct iovec iov = {(void *)(data + pos), (size_t)chunk};
+            struct msghdr msg = {(void *)sa, sizeof(*sa), &iov, 1, control, sizeof(control), 0};
+            struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+            cm->cmsg_level = SOL_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t gso = (uint16_t)size;
+            memcpy(CMSG_DATA(cm), &gso, sizeof(gso));
+            if (sendmsg(fd, &msg, 0) >= 0) {
+                sent += count;
+                pos += chunk;
+                continue;
+            }
+            if (errno != EIO && errno != EINVAL && errno != EMSGSIZE && errno != ENOPROTOOPT)
+                return sent;
+        }
+        for (Py_ssize_t at = 0; at < chunk; at += size) {
+            size_t one = (size_t)(chunk - at < size ? chunk - at : size);
+            if (sendto(fd, data + pos + at, one, 0, (const struct sockaddr *)sa, sizeof(*sa)) < 0)
+                return sent;
+            sent++;
+        }
+        pos += chunk;
+    }
+    return sent;
+}
+
+static PyObject *lane_inbound_run(Lane *self, PyObject *args) {
+    Py_buffer d;
+    PyObject *addr;
+    Py_ssize_t size;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*nOd:inbound_run", &d, &size, &addr, &now)) return NULL;
+    int r = size > 0 ? lane_in_run(self, d.buf, d.len, size, addr, now) : 0;
+    PyBuffer_Release(&d);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_NONE;
+    PyObject *frames = PyList_New(self->nframes);
+    const unsigned char *f = self->frames;
+    for (Py_ssize_t j = 0; frames != NULL && j < self->nframes; f += self->frame_len[j++]) {
+        PyObject *one = PyBytes_FromStringAndSize((const char *)f, self->frame_len[j]);
+        if (one == NULL) Py_CLEAR(frames);
+        else if (PyList_SetItem(frames, j, one) < 0) Py_CLEAR(frames);
+    }
+    return frames;
+}
+
 /* One pump of tenc0 (``pump_tun``): the frames handed back in a new list, or NULL (an
  * exception); ``*dropped``: datagrams the socket refused. */
 static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssize_t limit,
@@ -428,8 +732,8 @@ static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssi
         ssize_t n = read(tun_fd, self->rbuf, VNET + BUF);
         if (n <= 0) break;
         PyObject *ep = NULL;
-        Py_ssize_t dlen = 0;
-        int r = lane_out(self, self->rbuf, n, now, &ep, &dlen);
+        Py_ssize_t dlen = 0, dsize = 0;
+        int r = lane_out(self, self->rbuf, n, now, &ep, &dlen, &dsize);
         if (r < 0) {
             Py_DECREF(back);
             return NULL;
@@ -445,11 +749,15 @@ static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssi
             break;
         }
         struct sockaddr_in sa;
-        if (endpoint_sa(self, ep, &sa) < 0
-            || sendto(udp_fd, self->sealed, (size_t)dlen, 0, (struct sockaddr *)&sa, sizeof(sa))
-                   < 0)
+        Py_ssize_t count = dsize ? (dlen + dsize - 1) / dsize : 1;
+        if (endpoint_sa(self, ep, &sa) < 0)
+            dropped += count;
+        else if (dsize)
+            dropped += count - send_run(udp_fd, self->sealed, dlen, dsize, &sa);
+        else if (sendto(udp_fd, self->sealed, (size_t)dlen, 0, (struct sockaddr *)&sa, sizeof(sa))
+                 < 0)
             dropped++;
-        self->n_sealed++;
+        self->n_sealed += count;
         Py_DECREF(ep);
         if (i == 0 && n <= lone) break;
     }
@@ -516,11 +824,11 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
             Py_DECREF(back);
             return NULL;
         }
-        int r = 0;
+        int r = 0, run = gro > 0 && gro < n;
         Py_ssize_t flen = 0;
-        if (!trunc && (gro <= 0 || gro >= n) && msg.msg_namelen == sizeof(sa)
-            && sa.sin_family == AF_INET)
-            r = lane_in(self, self->rbuf, n, addr, now, &flen);
+        if (!trunc && msg.msg_namelen == sizeof(sa) && sa.sin_family == AF_INET)
+            r = run ? lane_in_run(self, self->rbuf, n, gro, addr, now)
+                    : lane_in(self, self->rbuf, n, addr, now, &flen);
         if (r < 0) {
             Py_DECREF(addr);
             Py_DECREF(back);
@@ -538,8 +846,15 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
             break;
         }
         Py_DECREF(addr);
-        if (write(tun_fd, self->work, (size_t)flen) < 0) errors++;
-        self->n_opened++;
+        if (run) {
+            const unsigned char *f = self->frames;
+            for (Py_ssize_t j = 0; j < self->nframes; f += self->frame_len[j++])
+                if (write(tun_fd, f, (size_t)self->frame_len[j]) < 0) errors++;
+            self->n_opened += (n + gro - 1) / gro;
+        } else {
+            if (write(tun_fd, self->work, (size_t)flen) < 0) errors++;
+            self->n_opened++;
+        }
         if (i == 0 && n <= lone) break;
     }
     *errors_out = errors;
@@ -762,12 +1077,32 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     memcpy(self->pod4, pod, 4);
     self->mtu = mtu;
     self->last_event = self->served[0] = self->served[1] = -INFINITY;
+    /* a super-packet's rows (mss + headers within the MTU) and their datagrams */
+    Py_ssize_t segs = MAX_SEGMENTS * ((mtu + 3) & ~(Py_ssize_t)3);
+    Py_ssize_t sealed = MAX_SEGMENTS * (mtu + OVERHEAD);
+    if (sealed < BUF + OVERHEAD) sealed = BUF + OVERHEAD;
+    if (segs > self->cap_segs) {
+        PyMem_Free(self->segs);
+        self->segs = PyMem_Malloc((size_t)segs);
+        self->cap_segs = self->segs ? segs : 0;
+    }
+    if (sealed > self->cap_sealed) {
+        PyMem_Free(self->sealed);
+        self->sealed = PyMem_Malloc((size_t)sealed);
+        self->cap_sealed = self->sealed ? sealed : 0;
+    }
+    if (self->segs == NULL || self->sealed == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     if (self->rbuf == NULL) {
         self->rbuf = PyMem_Malloc(VNET + BUF);
         self->work = PyMem_Malloc(VNET + BUF + OVERHEAD);
-        self->sealed = PyMem_Malloc(BUF + OVERHEAD);
+        self->plain = PyMem_Malloc(2 * BUF);
+        self->frames = PyMem_Malloc(BUF + MAX_SEGMENTS * VNET);
         self->ctx = EVP_CIPHER_CTX_new();
-        if (self->rbuf == NULL || self->work == NULL || self->sealed == NULL || self->ctx == NULL
+        if (self->rbuf == NULL || self->work == NULL || self->ctx == NULL || self->plain == NULL
+            || self->frames == NULL
             || !EVP_CipherInit_ex(self->ctx, chacha, NULL, NULL, NULL, 1)) {
             ERR_clear_error();
             PyErr_NoMemory();
@@ -788,6 +1123,9 @@ static void lane_dealloc(Lane *self) {
     PyMem_Free(self->rbuf);
     PyMem_Free(self->work);
     PyMem_Free(self->sealed);
+    PyMem_Free(self->segs);
+    PyMem_Free(self->plain);
+    PyMem_Free(self->frames);
     EVP_CIPHER_CTX_free(self->ctx);
     freefunc free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     free(self);
@@ -797,6 +1135,8 @@ static void lane_dealloc(Lane *self) {
 static PyMethodDef lane_methods[] = {
     {"outbound", (PyCFunction)lane_outbound, METH_VARARGS,
      "outbound(frame, now) -> (datagram, endpoint) | None: core/express.py Express.outbound"},
+    {"inbound_run", (PyCFunction)lane_inbound_run, METH_VARARGS,
+     "inbound_run(data, size, addr, now) -> [frame] | None: Express.inbound_run"},
     {"inbound", (PyCFunction)lane_inbound, METH_VARARGS,
      "inbound(datagram, addr, now) -> frame | None: core/express.py Express.inbound"},
     {"pump_tun", (PyCFunction)lane_pump_tun, METH_VARARGS,

@@ -384,11 +384,14 @@ class Proxy(ControlPlane):
         if not ip_version(head):
             self.stats.drop(DropReason.MALFORMED_PACKET)
             return
+        key = self.express.before(head) if self.express is not None else None  # as sent
         if not self.flows.rewrite_outbound(head, now):
             return
         out, dst = self.dispatch.route(head, _dst(head), now)
         if out is Out.DROP:
             return
+        if key is not None and out is Out.SEAL:  # the lane takes the flow's next ones
+            self.express.learn(key, head, dst, now)  # type: ignore[union-attr]
         backend = self.tunnel.fastpath  # its segment cuts in C when compiled
         segments = split_tcp_batch(
             frame, self.stats, self.split_buffer, backend.segment if backend is not None else None

@@ -28,7 +28,7 @@ Rules:
    an id other than 0 (id 0 would give a request and a reply of the other direction one
    key); ICMP errors and other queries stay Python's (the related-flow logic), and the ICMP
    checksum is not checked, as the Python path does not check it (the receiver's kernel
-   does); out: a frame that is no super-packet, within the MTU;
+   does); out: a frame within the MTU, or a super-packet (rule 2a);
    in: a data message whose inner destination is this pod's IPv4 address. A table is filled
    only by ``learn`` (the Python path just routed a packet of the flow to SEAL: a packet of
    a flow either side opened, since ``learn`` installs the reply's ``inn`` entry too; a
@@ -40,6 +40,21 @@ Rules:
    ``MAX_FLOWS`` flows (one more flushes them all: the next packet of each live flow learns
    it again), and at most one session per peer: learning a peer's new session drops every
    entry of its previous one, so no retired key stays in the tables.
+2a. Super-packets (bulk TCP): a TSO frame (gso_type TCPV4, with or without ECN) of a learnt
+   flow whose headers are rule 2's, whose segments (headers plus ``gso_size``) fit the MTU
+   and number at most ``MAX_SEGMENTS``, goes out as the Python path's ``_outbound_super``
+   sends it: translated on its headers, cut by core/batch.py's split (rules 2-4 there: every
+   checksum recomputed), each segment sealed as its own datagram with consecutive counters;
+   one ``take(nbytes, now, segments)`` for all of them, which makes the state changes of
+   that many packets (and counts the split). Anything else is handed back whole.
+2b. GRO reads (bulk TCP in): a read of 2 to ``MAX_SEGMENTS`` datagrams (the kernel's UDP_GRO:
+   one size but the last) is the lane's only whole: every datagram a data message of the
+   same receiver index, counters strictly increasing and each one passing the replay check,
+   each opening, every inner packet rule 2's with the same key, to this pod. Then one
+   ``accept(source, nbytes, addr, now, refs, count)`` makes the state changes of that many
+   packets, the window marks each, and the frames are what the daemon's ``_inject`` writes
+   for them: coalesced (core/batch.py rule 6, partial checksums), the reply's translation,
+   the TSO header. One datagram that fails any check hands the whole read back untouched.
 3. Exactness: ``take`` and ``accept`` re-check at every packet what the Python path would
    decide (the peer still owns the destination and ``current`` is the learnt session, its
    limits and re-key times not reached, the Service flow and the NetworkPolicy flow alive
@@ -84,10 +99,16 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from tencrypt.core import fastpath as pure_fastpath
 from tencrypt.core.batch import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4,
     VNET_HDR_LEN,
     Rows,
+    build_gso_vnet_hdr,
+    coalesce_batch,
     csum_field,
     ones_sum,
+    rewrite_partial_csum,
+    split_tcp_batch,
 )
 from tencrypt.core.packet import (
     DST,
@@ -113,6 +134,8 @@ if TYPE_CHECKING:
 
 Buffer = bytes | bytearray | memoryview
 MAX_FLOWS = 4096  # learnt flows; one more flushes the tables (closed flows are never removed)
+MAX_SEGMENTS = 64  # a super-packet's segments, a GRO read's datagrams (UDP_MAX_SEGMENTS)
+MAX_READ = 65536  # the compiled lane's receive buffer
 NO_SYN_FIN_RST = 0x07  # TCP flags the lane leaves to the Python path (conntrack state)
 _HEADER = struct.Struct("<IIQ")
 _VNET = struct.Struct("=BBHHHH")
@@ -194,8 +217,9 @@ Refs = tuple[FlowRef, ...]
 
 
 class Sender:
-    """One learnt outbound flow's admission (rule 3): ``take(nbytes, now)`` -> (counter,
-    endpoint) after making the Python path's state changes, or None (nothing changed)."""
+    """One learnt outbound flow's admission (rule 3): ``take(nbytes, now[, segments])`` ->
+    (counter, endpoint) after making the Python path's state changes, or None (nothing
+    changed)."""
 
     __slots__ = ("lane", "peer", "session", "dst", "refs", "policy")
 
@@ -203,7 +227,10 @@ class Sender:
         self.lane, self.peer, self.session, self.dst, self.refs = lane, peer, s, dst, refs
         self.policy = policy  # a NetworkPolicy was in force at ``learn``
 
-    def take(self, nbytes: int, now: float) -> tuple[int, Endpoint] | None:
+    def take(self, nbytes: int, now: float, segments: int = 0) -> tuple[int, Endpoint] | None:
+        """One packet of ``nbytes`` (``segments`` 0), or a super-packet cut into ``segments``
+        packets of ``nbytes`` in all: the counter of the first, and where they go."""
+        n = segments or 1
         lane, peer, s = self.lane, self.peer, self.session
         if len(lane.nat) or (lane.dispatch.netpol.policy is not None) != self.policy:
             return None
@@ -211,10 +238,10 @@ class Sender:
             return None
         limits = lane.tunnel.limits
         c = s.send_counter
-        if s.send_aead is None or now >= s.expires_at or c + 1 > limits.reject_after_messages:
+        if s.send_aead is None or now >= s.expires_at or c + n > limits.reject_after_messages:
             return None
         if peer.pending is None and (
-            c + 1 >= limits.rekey_after_messages or (s.initiator and now >= s.rekey_at)
+            c + n >= limits.rekey_after_messages or (s.initiator and now >= s.rekey_at)
         ):
             return None  # this packet starts a re-key: the Python path's
         refs = self.refs
@@ -223,22 +250,24 @@ class Sender:
                 return None
         for ref in refs:
             ref.touch(now)
-        s.send_counter = c + 1  # rule 4: the one counter, advanced where it is used
+        s.send_counter = c + n  # rule 4: the one counter, advanced where it is used
         peer.keepalive_due = None
-        peer.tx_packets += 1
+        peer.tx_packets += n
         peer.tx_bytes += nbytes
         if peer.stale_due is None:
             peer.stale_due = now + limits.stale_timeout
         counters = lane.stats.counters
-        counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + 1
+        counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + n
         counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + nbytes
+        if segments:  # as the Python path's _outbound_super
+            lane.stats.inc(Counter.SUPER_PACKETS_SPLIT)
         return c, peer.endpoint
 
 
 class Receiver:
-    """One session's inbound admission (rule 3): ``accept(source, nbytes, addr, now, refs)``
-    makes the Python path's state changes for one opened packet and says True, or changes
-    nothing and says False."""
+    """One session's inbound admission (rule 3): ``accept(source, nbytes, addr, now, refs[,
+    count])`` makes the Python path's state changes for one opened packet (or ``count``) and
+    says True, or changes nothing and says False."""
 
     __slots__ = ("lane", "peer", "session")
 
@@ -246,8 +275,15 @@ class Receiver:
         self.lane, self.peer, self.session = lane, peer, s
 
     def accept(
-        self, source: bytes, nbytes: int, addr: Endpoint, now: float, refs: tuple[Refs, bool]
+        self,
+        source: bytes,
+        nbytes: int,
+        addr: Endpoint,
+        now: float,
+        refs: tuple[Refs, bool],
+        count: int = 1,
     ) -> bool:
+        """``count`` packets of one flow (a GRO read's: rule 2b), ``nbytes`` in all."""
         lane, peer, s = self.lane, self.peer, self.session
         flows, policy = refs
         if (lane.dispatch.netpol.policy is not None) != policy:
@@ -272,10 +308,10 @@ class Receiver:
         peer.confirmed = True
         if peer.keepalive_due is None:
             peer.keepalive_due = now + lane.tunnel.limits.keepalive_timeout
-        peer.rx_packets += 1
+        peer.rx_packets += count
         peer.rx_bytes += nbytes
         counters = lane.stats.counters
-        counters[Counter.PACKETS_OPENED] = counters.get(Counter.PACKETS_OPENED, 0) + 1
+        counters[Counter.PACKETS_OPENED] = counters.get(Counter.PACKETS_OPENED, 0) + count
         counters[Counter.BYTES_OPENED] = counters.get(Counter.BYTES_OPENED, 0) + nbytes
         return True
 
@@ -410,10 +446,13 @@ class Express:
     # ---- the twin of the compiled lane ----------------------------------------------------
     def outbound(self, frame: Buffer, now: float) -> tuple[bytes, Endpoint] | None:
         """One frame read from tenc0 (virtio-net header, then the packet): the sealed datagram
-        and where it goes, or None (the Python path's; nothing changed)."""
+        (a super-packet: its segments' datagrams, one after the other) and where it goes, or
+        None (the Python path's; nothing changed)."""
         if len(frame) < VNET_HDR_LEN + 28:
             return None
-        flags, gso_type, _h, _g, start, offset = _VNET.unpack_from(frame, 0)
+        flags, gso_type, _h, gso_size, start, offset = _VNET.unpack_from(frame, 0)
+        if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV4:
+            return self._outbound_super(frame, gso_size, now)
         if gso_type:
             return None
         pkt = bytearray(frame[VNET_HDR_LEN:])
@@ -436,12 +475,46 @@ class Express:
         if got is None:
             return None
         counter, endpoint = got
-        if new_dst:  # as core/conntrack.py translate: the address, then the port
-            ip = parse_ipv4(pkt)
-            assert ip is not None
-            rewrite_addr(pkt, ip, DST, int.from_bytes(new_dst, "big"))
-            rewrite_port(pkt, ip, DST, new_dport)
+        if new_dst:
+            self._translate(pkt, new_dst, new_dport)
         return pure_fastpath.seal_batch(send_key, index, counter, [pkt]), endpoint
+
+    def _outbound_super(self, frame: Buffer, mss: int, now: float) -> tuple[bytes, Endpoint] | None:
+        """A TSO super-packet (rule 2a) of a learnt flow: the Python path's ``_outbound_super``
+        (translation on its headers, then core/batch.py's split, which recomputes every
+        checksum) and one ``take`` for all its segments, sealed with consecutive counters."""
+        pkt = bytearray(frame[VNET_HDR_LEN:])
+        key = key13(pkt)
+        if key is None or pkt[9] != TCP:
+            return None
+        hlen = 20 + ((pkt[32] >> 4) << 2)
+        payload = len(pkt) - hlen
+        if mss < 1 or hlen + mss > self.mtu:
+            return None
+        count = max(1, -(-payload // mss))
+        if count > MAX_SEGMENTS:
+            return None
+        entry = self.out.get(key)
+        if entry is None:
+            return None
+        send_key, index, new_dst, new_dport, take = entry
+        got = take(count * hlen + payload, now, count)
+        if got is None:
+            return None
+        counter, endpoint = got
+        if new_dst:
+            self._translate(pkt, new_dst, new_dport)
+        segments = split_tcp_batch(bytes(frame[:VNET_HDR_LEN]) + pkt, self.stats)
+        return pure_fastpath.seal_batch(send_key, index, counter, segments), endpoint
+
+    @staticmethod
+    def _translate(pkt: bytearray, addr: bytes, port: int, side: int = DST) -> None:
+        """As core/conntrack.py translate (``DST``) and translate_reply (``SRC``): the
+        address, then the port."""
+        ip = parse_ipv4(pkt)
+        assert ip is not None
+        rewrite_addr(pkt, ip, side, int.from_bytes(addr, "big"))
+        rewrite_port(pkt, ip, side, port)
 
     def inbound(self, datagram: Buffer, addr: Endpoint, now: float) -> bytes | None:
         """One datagram: the frame to write to tenc0 (an all-zero virtio-net header, then the
@@ -473,12 +546,65 @@ class Express:
             return None
         window.update(counter)
         pkt = bytearray(plain)
-        if vip:  # as core/conntrack.py translate_reply
-            ip = parse_ipv4(pkt)
-            assert ip is not None
-            rewrite_addr(pkt, ip, SRC, int.from_bytes(vip, "big"))
-            rewrite_port(pkt, ip, SRC, vport)
+        if vip:
+            self._translate(pkt, vip, vport, SRC)
         return _ZERO_VNET + bytes(pkt)
+
+    def inbound_run(
+        self, data: Buffer, size: int, addr: Endpoint, now: float
+    ) -> list[bytes] | None:
+        """A GRO read (rule 2b): datagrams of ``size`` bytes (the last may be shorter). The
+        frames to write to tenc0, or None (the Python path's; nothing changed)."""
+        n = len(data)
+        count = -(-n // size) if size > 0 else 0
+        if size < 32 + 28 or not 2 <= count <= MAX_SEGMENTS or n > MAX_READ:
+            return None
+        word, index, _ = _HEADER.unpack_from(data, 0)
+        slot = self.slots.get(index) if word == 4 else None
+        if slot is None:
+            return None
+        recv_key, window, limit, accept = slot
+        aead, head = ChaCha20Poly1305(recv_key), bytes(data[:8])
+        packets: list[bytes] = []
+        counters: list[int] = []
+        key = None
+        for at in range(0, n, size):  # every check first: nothing changes on a refusal
+            d = bytes(data[at : at + size])
+            if len(d) < 32 + 28 or d[:8] != head:
+                return None
+            counter = _HEADER.unpack_from(d, 0)[2]
+            if counter >= limit or (counters and counter <= counters[-1]):
+                return None
+            if not window.check(counter):
+                return None
+            try:
+                plain = aead.decrypt(b"\x00\x00\x00\x00" + d[8:16], d[16:], d[:16])
+            except InvalidTag:
+                return None
+            got = key13(plain)
+            if got is None or plain[16:20] != self.pod4 or got != (key or got):
+                return None
+            key = got
+            counters.append(counter)
+            packets.append(plain)
+        entry = self.inn.get(key) if key is not None else None
+        if entry is None:
+            return None
+        vip, vport, refs = entry
+        nbytes = sum(map(len, packets))
+        if not accept(packets[0][12:16], nbytes, addr, now, refs, count):
+            return None
+        for counter in counters:
+            window.update(counter)
+        frames = []
+        for pkt, gso_size in coalesce_batch(packets, partial=True):  # as the daemon's _inject
+            buf = bytearray(pkt)
+            if vip:
+                self._translate(buf, vip, vport, SRC)
+            if gso_size:
+                rewrite_partial_csum(buf)
+            frames.append(build_gso_vnet_hdr(buf, gso_size) + bytes(buf))
+        return frames
 
 
 def read_datagrams(

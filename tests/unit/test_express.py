@@ -27,13 +27,15 @@ import struct
 from typing import Any
 
 import pytest
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, TCP
 
 from tencrypt import fastpath
 from tencrypt.core.express import Express, key13
 from tencrypt.core.membership import Members
 from tencrypt.core.stats import Counter, DropReason
+from tencrypt.linux.kernel import UDP_GRO, UDP_SEGMENT
 from tests.unit.fakes import Pod, Wire
+from tests.unit.test_batch import tso_frame
 from tests.unit.test_daemon_services import B1, B2, PAYLOAD, VIP, A, members, tcp
 
 COMPILED = fastpath.compiled()
@@ -350,6 +352,171 @@ def test_bad_input_is_handed_back_and_changes_nothing(kind):
     assert state(a, B2) == saved
 
 
+def super_frame(payload: int, mss: int, flags: str = "PA", sport: int = 40000) -> bytes:
+    """A TSO super-packet of A's connection as A's kernel writes it to tenc0 (core/batch.py
+    rule 1: NEEDS_CSUM, the pseudo-header sum in the TCP checksum)."""
+    body = bytes(i % 251 for i in range(payload))
+    pkt = IP(src=A, dst=VIP, id=7) / TCP(sport=sport, dport=80, flags=flags, seq=1000) / body
+    return tso_frame(pkt, mss)
+
+
+def sent_by_python_path(pod: Pod, data: bytes) -> tuple[bytes, Any]:
+    """``data`` through ``pod``'s Python path: its datagrams, one after the other, and their
+    one endpoint."""
+    pod.app_sends(data)
+    sent, pod.udp.sent = pod.udp.sent, []
+    assert sent and len({addr for _, addr in sent}) == 1
+    return b"".join(d for d, _ in sent), sent[0][1]
+
+
+@pytest.mark.parametrize("ecn", [False, True], ids=["tcpv4", "tcpv4-ecn"])
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+@pytest.mark.parametrize("kind", LANES)
+def test_a_super_packet_out_is_the_python_paths_datagrams_and_state(kind, policy, ecn):
+    lab = Lab(policy)
+    a = lab.a
+    data = super_frame(3500, 1000)  # four segments, the last 500 bytes
+    if ecn:
+        data = data[:1] + bytes((data[1] | 0x80,)) + data[2:]
+    lab.now += 0.5
+    a.clock.now = lab.now
+    before = state(a, B2)
+    reference, endpoint = sent_by_python_path(a, data)
+    after = state(a, B2)
+    assert after["counter"] == before["counter"] + 4
+    assert (
+        after["stats"][Counter.SUPER_PACKETS_SPLIT]
+        == before["stats"].get(Counter.SUPER_PACKETS_SPLIT, 0) + 1
+    )
+    restore(a, B2, before)
+    got = lab.lane(a, kind).outbound(data, lab.now)
+    assert got == (reference, endpoint)
+    assert state(a, B2) == after
+    # the receiver's Python path opens all four (the replies' side of the same bytes)
+    b2 = lab.b2
+    b2.tun.written = []
+    size = 20 + 20 + 1000 + 32
+    for at in range(0, len(reference), size):
+        b2.udp.inbox.append(([reference[at : at + size]], endpoint))
+    b2.proxy._on_udp()
+    payload = b"".join(bytes(IP(w)[TCP].payload) for _, w in b2.tun.written)
+    assert payload == bytes(i % 251 for i in range(3500))
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_a_super_packet_the_lane_cannot_take_is_handed_back_and_changes_nothing(kind):
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, kind)
+    saved = state(a, B2)
+    mtu = a.proxy.config.mtu
+    refused = [
+        super_frame(3500, 1000, "FA"),  # FIN: conntrack's
+        super_frame(3500, 1000, "S"),
+        super_frame(3500, mtu - 39),  # a segment above the MTU
+        super_frame(65 * 100, 100),  # more than MAX_SEGMENTS segments
+        super_frame(3500, 1000, sport=40001),  # a flow the lane has not learnt
+        super_frame(3500, 0),  # gso_size 0
+    ]
+    for data in refused:
+        assert lane.outbound(data, lab.now) is None
+    assert state(a, B2) == saved
+    assert lane.outbound(super_frame(64 * 100, 100), lab.now) is not None  # the bound itself
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_two_lanes_agree_on_mutated_super_packets():
+    lab = Lab()
+    a = lab.a
+    pure, c = lab.lane(a, "python"), lab.lane(a, "c")
+    rng = random.Random(2)
+    base = super_frame(2500, 1000)
+    for _ in range(300):
+        data = mutated(rng, base, range(0, 10 + 40))
+        lanes_agree(a, B2, pure, c, "outbound", data, lab.now)
+
+
+def reply_run(lab: Lab, payload: int = 3500, mss: int = 1000) -> tuple[bytes, int, Any]:
+    """B2's answer as one GRO read at A: B2's app writes a super-packet, B2's Python path
+    seals its segments; their datagrams back to back, their size, B2's endpoint at A."""
+    body = bytes(i % 241 for i in range(payload))
+    pkt = IP(src=B2, dst=A, id=9) / TCP(sport=8080, dport=40000, flags="PA", seq=5000) / body
+    data, _ = sent_by_python_path(lab.b2, tso_frame(pkt, mss))
+    return data, 20 + 20 + mss + 32, lab.a.proxy.tunnel.table.by_addr[B2].endpoint
+
+
+def python_path_run(pod: Pod, peer_ip: str, data: bytes, size: int, addr: Any) -> Any:
+    """``data`` (one GRO read) through ``pod``'s Python path: the frames written to tenc0
+    and the state after; the state is put back."""
+    before = state(pod, peer_ip)
+    pod.tun.written = []
+    pod.udp.inbox.append(([data[at : at + size] for at in range(0, len(data), size)], addr))
+    pod.proxy._on_udp()
+    frames = [hdr + written for hdr, written in pod.tun.written]
+    after = state(pod, peer_ip)
+    restore(pod, peer_ip, before)
+    return frames, after
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])
+@pytest.mark.parametrize("kind", LANES)
+def test_a_gro_read_in_is_the_python_paths_frames_and_state(kind, policy):
+    lab = Lab(policy)
+    a = lab.a
+    data, size, addr = reply_run(lab)
+    lab.now += 0.25
+    a.clock.now = lab.now
+    frames, after = python_path_run(a, B2, data, size, addr)
+    assert len(frames) == 1 and frames[0][1] == 1  # one TSO frame of the four segments
+    assert (
+        after["stats"][Counter.PACKETS_OPENED]
+        - state(a, B2)["stats"].get(Counter.PACKETS_OPENED, 0)
+        == 4
+    )
+    got = lab.lane(a, kind).inbound_run(data, size, addr, lab.now)
+    assert got == frames
+    assert state(a, B2) == after
+    assert got[0][10 + 12 : 10 + 16] == socket.inet_aton(VIP)  # the app sees the Service
+    assert lab.lane(a, kind).inbound_run(data, size, addr, lab.now) is None  # now replays
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_a_gro_read_the_lane_cannot_take_is_handed_back_and_changes_nothing(kind):
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, kind)
+    data, size, addr = reply_run(lab)
+    saved = state(a, B2)
+    d = [data[at : at + size] for at in range(0, len(data), size)]
+    flipped = bytearray(data)
+    flipped[size + 40] ^= 1  # the second datagram's tag fails
+    refused = [
+        (bytes(flipped), size),
+        (d[0] + d[0] + d[2] + d[3], size),  # a replay within the read
+        (d[1] + d[0] + d[2] + d[3], size),  # out of order
+        (d[0], size),  # one datagram: inbound's
+        (data, size - 1),  # cut at the wrong size
+        (data, 0),
+        (d[0] * 65, size),  # more than MAX_SEGMENTS
+    ]
+    for bad, cut in refused:
+        assert lane.inbound_run(bad, cut, addr, lab.now) is None
+    assert lane.inbound_run(data, size, ("10.9.9.9", 1337), lab.now) is None  # not the peer
+    assert state(a, B2) == saved
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_two_lanes_agree_on_mutated_gro_reads():
+    lab = Lab()
+    a = lab.a
+    pure, c = lab.lane(a, "python"), lab.lane(a, "c")
+    data, size, addr = reply_run(lab, 2500)
+    rng = random.Random(3)
+    for _ in range(200):
+        lanes_agree(a, B2, pure, c, "inbound_run", mutated(rng, data), size, addr, lab.now)
+    lanes_agree(a, B2, pure, c, "inbound_run", data, size, addr, lab.now)
+
+
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
 def test_the_two_lanes_agree_on_mutated_frames_and_datagrams():
     lab = Lab()
@@ -442,6 +609,82 @@ def test_the_pumps_send_what_they_take_and_hand_back_the_rest_in_order():
         assert errors == 0 and back == [(b"\x01junk", 0, False, udp.getsockname())]
         assert expected is not None and tun_app.recv(70000) == expected
         assert a.stats.get(Counter.PACKETS_OPENED.value) >= 1
+    finally:
+        for sock in (tun_app, tun_proxy, udp, sink):
+            sock.close()
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_pump_sends_a_super_packet_as_the_pure_lanes_datagrams_in_gso_runs():
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, "c")
+    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for sock in (tun_app, tun_proxy):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        for sock in (tun_proxy, udp, sink):
+            sock.setblocking(False)
+        udp.bind(("127.0.0.1", 0))
+        sink.bind(("127.0.0.1", 0))
+        peer = a.proxy.tunnel.table.by_addr[B2]
+        peer.endpoint = sink.getsockname()
+        # 50 segments of 1300 bytes: 1372-byte datagrams, 47 to a UDP GSO send, so two sends
+        data = super_frame(65000, 1300)
+        saved = state(a, B2)
+        want = lab.lane(a, "python").outbound(data, lab.now)
+        after = state(a, B2)
+        restore(a, B2, saved)
+        assert want is not None
+        tun_app.send(data)
+        back, dropped = lane.pump_tun(tun_proxy.fileno(), udp.fileno(), lab.now, 64, 0)
+        assert back == [] and dropped == 0
+        got = []
+        while True:
+            try:
+                got.append(sink.recv(2048))
+            except BlockingIOError:
+                break
+        assert len(got) == 50 and {len(d) for d in got[:-1]} == {1372}
+        assert b"".join(got) == want[0]
+        assert state(a, B2) == after and lane.counts()[0] == 50
+    finally:
+        for sock in (tun_app, tun_proxy, udp, sink):
+            sock.close()
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_pump_opens_a_gro_read_into_the_pure_lanes_frames():
+    lab = Lab()
+    a = lab.a
+    lane = lab.lane(a, "c")
+    data, size, _ = reply_run(lab)
+    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sink.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        for sock in (tun_proxy, udp, sink):
+            sock.setblocking(False)
+        udp.bind(("127.0.0.1", 0))
+        sink.bind(("127.0.0.1", 0))
+        peer = a.proxy.tunnel.table.by_addr[B2]
+        peer.endpoint = udp.getsockname()  # B2's proxy sends from here
+        saved = state(a, B2)
+        want = lab.lane(a, "python").inbound_run(data, size, peer.endpoint, lab.now)
+        after = state(a, B2)
+        restore(a, B2, saved)
+        assert want is not None and len(want) == 1
+        segment = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+        udp.sendmsg([data], segment, 0, sink.getsockname())  # one GSO send: one GRO read
+        back, errors = lane.pump_udp(sink.fileno(), tun_proxy.fileno(), lab.now, 64, 0)
+        assert back == [] and errors == 0
+        assert tun_app.recv(70000) == want[0]
+        assert state(a, B2) == after and lane.counts()[1] == 4
     finally:
         for sock in (tun_app, tun_proxy, udp, sink):
             sock.close()
