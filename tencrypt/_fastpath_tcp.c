@@ -58,9 +58,12 @@ static int as_ssize(PyObject *obj, Py_ssize_t *out) {
 }
 
 /* The rows of a super-packet that ``segment`` checked (rule 8; ``n`` rows at ``stride``, each
- * hlen + mss bytes but the last): written into ``buf``, which may be ``src`` itself. */
-void fp_segment_rows(const unsigned char *src, Py_ssize_t ihl, Py_ssize_t thl, Py_ssize_t total,
-                     Py_ssize_t mss, unsigned char *buf, Py_ssize_t n, Py_ssize_t stride) {
+ * hlen + mss bytes but the last): written into ``buf``, which may be ``src`` itself. ``src``
+ * holds the headers, ``body`` the payload (``src + hlen`` but for the express lane, which
+ * rewrites a copy of the headers only). */
+void fp_segment_rows(const unsigned char *src, const unsigned char *body, Py_ssize_t ihl,
+                     Py_ssize_t thl, Py_ssize_t total, Py_ssize_t mss, unsigned char *buf,
+                     Py_ssize_t n, Py_ssize_t stride) {
     int v6 = src[0] >> 4 == 6;
     Py_ssize_t hlen = ihl + thl, payload = total - hlen;
     unsigned flags = src[ihl + 13], ident = (unsigned)(src[4] << 8 | src[5]);
@@ -76,7 +79,7 @@ void fp_segment_rows(const unsigned char *src, Py_ssize_t ihl, Py_ssize_t thl, P
         else if (i == 0) row_flags = flags & ~(unsigned)(FIN | PSH);
         else if (i == n - 1) row_flags = flags & ~(unsigned)CWR;
         memmove(row, src, (size_t)hlen); /* out may be packet's own buffer: no memcpy UB */
-        memmove(row + hlen, src + hlen + i * mss, (size_t)size);
+        memmove(row + hlen, body + i * mss, (size_t)size);
         if (v6) {
             put_be16(row + 4, (unsigned)(thl + size));
         } else {
@@ -137,7 +140,8 @@ PyObject *fp_segment(PyObject *self, PyObject *args) {
         return PyLong_FromLong(0);
     }
     Py_BEGIN_ALLOW_THREADS
-    fp_segment_rows(pkt.buf, ihl, thl, total, mss, out.buf, n, stride);
+    fp_segment_rows(pkt.buf, (const unsigned char *)pkt.buf + hlen, ihl, thl, total, mss, out.buf,
+                    n, stride);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&pkt);
     PyBuffer_Release(&out);

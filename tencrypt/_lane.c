@@ -38,7 +38,8 @@
  *    ``spin_stats()``) on every event whoever serves it, but a wake-up whose every event
  *    was a pod's packet the lane sent to the network: its answer is a network round trip
  *    away, so it opens no window. A back-to-back exchange the lane carries is caught awake
- *    as by the selector, and a sparse call's sender does not poll for its answer.
+ *    as by the selector, and a sparse call's sender does not poll for its answer. Nor does
+ *    a wake-up that carried bulk (a super-packet, a GRO read) open a window.
  *    ``quiet`` (seconds): tencrypt/daemon.py's read rule (READS) for the pumps it runs: a
  *    descriptor it served again within ``quiet`` is hot and read until EAGAIN (``lone`` 0);
  *    otherwise a lone small packet is read alone.
@@ -111,6 +112,7 @@ typedef struct {
     PyObject *back[2];
     Py_ssize_t back_n[2];
     Py_ssize_t n_woken; /* wake-ups ``wait`` served without returning to Python */
+    Py_ssize_t n_bulk;  /* super-packets and GRO reads the pumps took (spin.py rule 5) */
     /* ``wait``'s polling window: linux/spin.py's rules 1-3, its state here (rule 5) */
     double spin, budget, last_event;
     Py_ssize_t polls, misses, grown;
@@ -272,13 +274,15 @@ static int take_flow(Lane *self, const unsigned char *key, Py_ssize_t nbytes, do
     return 1;
 }
 
-/* Seal ``len`` plaintext bytes at ``p`` as the datagram of ``counter`` into ``out``. */
+/* Seal ``len`` plaintext bytes at ``p`` as the datagram of ``counter`` into ``out``; ``rekey``
+ * 0: the context already holds the flow's key (seal_into: only the nonce changes). */
 static int seal_one(Lane *self, const Taken *t, uint64_t counter, const unsigned char *p,
-                    Py_ssize_t len, unsigned char *out) {
+                    Py_ssize_t len, unsigned char *out, int rekey) {
     unsigned char nonce[12];
     build_header(out, t->index, counter);
     build_nonce(nonce, out);
-    return seal_into(self->ctx, t->key32, nonce, out, HEADER_LEN, p, (int)len, out + HEADER_LEN);
+    return seal_into(self->ctx, rekey ? t->key32 : NULL, nonce, out, HEADER_LEN, p, (int)len,
+                     out + HEADER_LEN);
 }
 
 /* The end of lane_out: libcrypto failed (1: it did not) */
@@ -290,15 +294,18 @@ static int sealed_ok(int ok, Taken *t) {
     return 0;
 }
 
-/* A TSO super-packet (gso_type TCPV4, with or without ECN) of a learnt flow, already copied to
- * self->work (``len`` bytes): core/express.py's ``_outbound_super``. Its segments (core/batch.py
- * rules 2-4, ``fp_segment_rows``) sealed one datagram each into self->sealed, counters in
- * order; *dsize: every datagram's size but the last's. Returns as lane_out. */
+/* A TSO super-packet (gso_type TCPV4, with or without ECN) of a learnt flow, ``len`` bytes
+ * after its virtio-net header: core/express.py's ``_outbound_super``. Its headers are copied to
+ * self->work (and translated there), its segments (core/batch.py rules 2-4,
+ * ``fp_segment_rows``: those headers, the frame's payload) sealed one datagram each into
+ * self->sealed, counters in order; *dsize: every datagram's size but the last's. Returns as
+ * lane_out. */
 static int lane_out_super(Lane *self, const unsigned char *frame, Py_ssize_t len, double now,
                           PyObject **endpoint, Py_ssize_t *dlen, Py_ssize_t *dsize) {
     unsigned char *p = self->work, key[13];
     uint16_t mss;
     memcpy(&mss, frame + 4, 2); /* gso_size, native order */
+    memcpy(p, frame + VNET, (size_t)(len < 80 ? len : 80)); /* IPv4 20 + TCP at most 60 */
     if (!key13(p, len, key) || p[9] != TCP) return 0;
     Py_ssize_t thl = (p[32] >> 4) << 2, hlen = 20 + thl, payload = len - hlen;
     if (mss < 1 || hlen + mss > self->mtu) return 0;
@@ -309,12 +316,12 @@ static int lane_out_super(Lane *self, const unsigned char *frame, Py_ssize_t len
     if (r <= 0) return r;
     if (t.new_dst) rewrite(p, len, 1, t.new_dst, t.new_dport);
     Py_ssize_t stride = (hlen + mss + 3) & ~(Py_ssize_t)3, pos = 0;
-    fp_segment_rows(p, 20, thl, len, mss, self->segs, n, stride);
+    fp_segment_rows(p, frame + VNET + hlen, 20, thl, len, mss, self->segs, n, stride);
     int ok = 1;
     for (Py_ssize_t i = 0; i < n && ok; i++) {
         Py_ssize_t rlen = i < n - 1 ? hlen + mss : hlen + payload - (n - 1) * mss;
         ok = seal_one(self, &t, t.counter + (uint64_t)i, self->segs + i * stride, rlen,
-                      self->sealed + pos);
+                      self->sealed + pos, i == 0);
         pos += rlen + OVERHEAD;
     }
     if (!sealed_ok(ok, &t)) return -1;
@@ -333,11 +340,11 @@ static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double
     *dsize = 0;
     if (n < VNET + 28 || n > VNET + BUF) return 0;
     Py_ssize_t len = n - VNET;
-    unsigned char *p = self->work;
-    memcpy(p, frame + VNET, (size_t)len);
     if ((frame[1] & ~GSO_ECN) == GSO_TCPV4)
         return lane_out_super(self, frame, len, now, endpoint, dlen, dsize);
     if (frame[1] != 0) return 0; /* another gso_type */
+    unsigned char *p = self->work;
+    memcpy(p, frame + VNET, (size_t)len);
     uint16_t flags = frame[0], start, offset;
     memcpy(&start, frame + 6, 2); /* native order, as the kernel writes them */
     memcpy(&offset, frame + 8, 2);
@@ -355,7 +362,7 @@ static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double
     int r = take_flow(self, key, len, now, 0, &t);
     if (r <= 0) return r;
     if (t.new_dst) rewrite(p, len, 1, t.new_dst, t.new_dport);
-    if (!sealed_ok(seal_one(self, &t, t.counter, p, len, self->sealed), &t)) return -1;
+    if (!sealed_ok(seal_one(self, &t, t.counter, p, len, self->sealed, 1), &t)) return -1;
     *dlen = len + OVERHEAD;
     *endpoint = t.ep;
     Py_DECREF(t.entry);
@@ -517,8 +524,9 @@ static int lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n, Py_ssiz
         counters[i] = counter;
         unsigned char *p = self->plain + i * size;
         build_nonce(nonce, di);
-        int verified = open_into(self->ctx, (const unsigned char *)PyBytes_AsString(keyb), nonce,
-                                 di, HEADER_LEN, di + HEADER_LEN, (int)(dn - HEADER_LEN), p);
+        const unsigned char *kb = i ? NULL : (const unsigned char *)PyBytes_AsString(keyb);
+        int verified = open_into(self->ctx, kb, nonce, di, HEADER_LEN, di + HEADER_LEN,
+                                 (int)(dn - HEADER_LEN), p); /* the key once per read */
         if (verified < 0) {
             ERR_clear_error();
             PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
@@ -758,6 +766,7 @@ static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssi
                  < 0)
             dropped++;
         self->n_sealed += count;
+        self->n_bulk += dsize != 0;
         Py_DECREF(ep);
         if (i == 0 && n <= lone) break;
     }
@@ -851,6 +860,7 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
             for (Py_ssize_t j = 0; j < self->nframes; f += self->frame_len[j++])
                 if (write(tun_fd, f, (size_t)self->frame_len[j]) < 0) errors++;
             self->n_opened += (n + gro - 1) / gro;
+            self->n_bulk++;
         } else {
             if (write(tun_fd, self->work, (size_t)flen) < 0) errors++;
             self->n_opened++;
@@ -1008,6 +1018,7 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
         PyObject *ready = PyList_New(0);
         if (ready == NULL) return NULL;
         int sent_only = n > 0; /* every event: the lane sent a pod's packet to the network */
+        Py_ssize_t bulk = self->n_bulk;
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
             uint32_t ev = evs[i].events;
@@ -1030,7 +1041,9 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
             }
             Py_DECREF(item);
         }
-        if (sent_only) self->last_event = before; /* its answer is a network round trip away */
+        /* no window: its answer is a network round trip away, or a stream's next readiness
+         * comes by itself (spin.py rule 5) */
+        if (sent_only || self->n_bulk != bulk) self->last_event = before;
         /* nothing (the deadline), something for Python, or the deadline passed meanwhile */
         if (n == 0 || PyList_Size(ready) > 0 || (deadline >= 0 && monotonic() >= deadline))
             return ready;

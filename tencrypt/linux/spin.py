@@ -31,8 +31,11 @@ Rules:
    Python must see, as ``(fd, events)`` pairs, or nothing at ``timeout``. Rules 1-4 then run
    inside it, in C, with ``spin`` (the lane keeps that window's state), on every event
    whoever serves it, but a wake-up that only sent the pod's packets to the network (their
-   answers are a network round trip away: no window opens). The lane's packets wake straight
-   into C, and a back-to-back exchange it carries is caught awake as before.
+   answers are a network round trip away: no window opens) and one that carried bulk (a TSO
+   super-packet or a GRO read of several datagrams: a stream's next readiness comes by
+   itself, and polling for it only takes a core from the stream's own ends). The lane's
+   packets wake straight into C, and a back-to-back exchange it carries is caught awake as
+   before.
 """
 
 from __future__ import annotations
