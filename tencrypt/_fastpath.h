@@ -33,8 +33,8 @@ void fp_release_pieces(Pieces *p);
 PyObject *fp_segment(PyObject *self, PyObject *args);
 PyObject *fp_coalesce(PyObject *self, PyObject *args);
 #define FP_MAX_RUN 64 /* fp_coalesce_into's bound: the lane's runs (UDP_MAX_SEGMENTS) */
-Py_ssize_t fp_coalesce_into(const Piece *bufs, Py_ssize_t n, int partial, unsigned char *out,
-                            Py_ssize_t *lens, Py_ssize_t *gsos);
+Py_ssize_t fp_coalesce_into(const Piece *bufs, Py_ssize_t n, int partial, Py_ssize_t gap,
+                            unsigned char *out, Py_ssize_t *lens, Py_ssize_t *gsos);
 void fp_segment_rows(const unsigned char *src, const unsigned char *body, Py_ssize_t ihl,
                      Py_ssize_t thl, Py_ssize_t total, Py_ssize_t mss, unsigned char *buf,
                      Py_ssize_t n, Py_ssize_t stride);

@@ -306,16 +306,17 @@ static Py_ssize_t plan_runs(const Piece *bufs, Py_ssize_t n, Item *items) {
 }
 
 /* coalesce_batch (rule 6) of at most FP_MAX_RUN packets, for the express lane: each output
- * item written into ``out`` one after the other (a merged one with its partial checksum,
- * ``partial``), ``lens[k]`` its length and ``gsos[k]`` its gso_size (0: a packet passed
- * through as it is). ``out`` holds the packets' total length. Returns the number of items,
- * or -1 when ``n`` is above FP_MAX_RUN (nothing written). */
-Py_ssize_t fp_coalesce_into(const Piece *bufs, Py_ssize_t n, int partial, unsigned char *out,
-                            Py_ssize_t *lens, Py_ssize_t *gsos) {
+ * item written into ``out`` after ``gap`` bytes left free (a merged one with its partial
+ * checksum, ``partial``), ``lens[k]`` its length and ``gsos[k]`` its gso_size (0: a packet
+ * passed through as it is). ``out`` holds the packets' total length plus ``gap`` per packet.
+ * Returns the number of items, or -1 when ``n`` is above FP_MAX_RUN (nothing written). */
+Py_ssize_t fp_coalesce_into(const Piece *bufs, Py_ssize_t n, int partial, Py_ssize_t gap,
+                            unsigned char *out, Py_ssize_t *lens, Py_ssize_t *gsos) {
     Item items[FP_MAX_RUN];
     if (n > FP_MAX_RUN) return -1;
     Py_ssize_t m = plan_runs(bufs, n, items), used = 0;
     for (Py_ssize_t k = 0; k < m; k++) {
+        used += gap;
         if (items[k].count > 1) {
             lens[k] = merge_into(out + used, bufs, &items[k], partial);
             gsos[k] = items[k].mss;

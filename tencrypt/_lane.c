@@ -573,15 +573,12 @@ static int lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n, Py_ssiz
     }
     Py_DECREF(top);
     /* 4. _inject: coalesce, then per packet the reply's translation and its TSO header */
-    Py_ssize_t lens[MAX_SEGMENTS], gsos[MAX_SEGMENTS];
-    unsigned char *merged = self->plain + BUF; /* the second half: BUF bytes */
-    Py_ssize_t m = fp_coalesce_into(pieces, k, 1, merged, lens, gsos), at = 0, pos = 0;
+    Py_ssize_t lens[MAX_SEGMENTS], gsos[MAX_SEGMENTS], pos = 0;
+    Py_ssize_t m = fp_coalesce_into(pieces, k, 1, VNET, self->frames, lens, gsos);
     int translate = PyBytes_Check(vip) && PyBytes_Size(vip) == 4;
     uint32_t port = translate ? (uint32_t)PyLong_AsLong(vport) : 0;
-    for (Py_ssize_t j = 0; j < m; j++) {
+    for (Py_ssize_t j = 0; j < m; j++) { /* each packet after its virtio-net header's room */
         unsigned char *f = self->frames + pos, *p = f + VNET;
-        memcpy(p, merged + at, (size_t)lens[j]);
-        at += lens[j];
         if (translate) rewrite(p, lens[j], 0, (const unsigned char *)PyBytes_AsString(vip), port);
         memset(f, 0, VNET);
         if (gsos[j]) { /* core/batch.py rewrite_partial_csum and build_gso_vnet_hdr */
@@ -1111,7 +1108,7 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     if (self->rbuf == NULL) {
         self->rbuf = PyMem_Malloc(VNET + BUF);
         self->work = PyMem_Malloc(VNET + BUF + OVERHEAD);
-        self->plain = PyMem_Malloc(2 * BUF);
+        self->plain = PyMem_Malloc(BUF);
         self->frames = PyMem_Malloc(BUF + MAX_SEGMENTS * VNET);
         self->ctx = EVP_CIPHER_CTX_new();
         if (self->rbuf == NULL || self->work == NULL || self->ctx == NULL || self->plain == NULL
