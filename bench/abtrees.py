@@ -8,7 +8,7 @@ so that machine load drifts hit every tree alike:
  1. sparse request/response: a 1-byte TCP request every 20 ms over one connection for
     ``--seconds`` (bench/coldpath.py's client and server), median round trip;
  2. back-to-back request/response for ``--rr`` seconds (bench/measure.py), median;
- 3. with ``--iperf S``: single-stream TCP throughput, iperf3 for S seconds.
+ 3. with ``--iperf S``: TCP throughput, iperf3 for S seconds (``--parallel`` streams, 1).
 Prints each round, then per tree the medians added over vanilla (per round and their median);
 ``--json`` keeps the figures. Each tree needs its compiled extension built in place
 (``python setup.py build_ext --inplace``). Run it under the machine lock:
@@ -47,7 +47,7 @@ def one(lab: Any, tree: str | None, args: argparse.Namespace, logs: Path) -> dic
         fig = {"sparse_p50_us": statistics.median(rtts), "rr_p50_us": rr.p50_us}
         if args.iperf > 0:
             fig["tcp_gbps"] = measure.iperf(
-                a.netns, b.netns, b.vip, args.iperf, logs / "i.log"
+                a.netns, b.netns, b.vip, args.iperf, logs / "i.log", parallel=args.parallel
             ).gbps
     return fig
 
@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="sparse phase (6)")
     p.add_argument("--rr", type=float, default=3.0, help="back-to-back phase (3)")
     p.add_argument("--iperf", type=float, default=0.0, help="iperf3 TCP seconds (0: none)")
+    p.add_argument("--parallel", type=int, default=1, help="iperf3 TCP streams (1)")
     p.add_argument("--json", type=Path, help="write the figures here too")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

@@ -481,14 +481,17 @@ static void partial_csum(unsigned char *p, Py_ssize_t len) {
 }
 
 /* core/express.py's ``inbound_run`` (rule 2b): ``n`` bytes of datagrams of ``size`` bytes
- * (the last may be shorter), 2 to MAX_SEGMENTS of them, every one of one session and one
- * flow, in counter order, each passing lane_in's checks; then one ``accept`` for all, the
- * window marked for each, and the daemon's _inject: coalesced (partial checksums), the
- * reply's translation, the TSO header. 1: the frames are in self->frames (self->nframes of
- * them, self->frame_len each); 0: not the lane's, nothing changed; -1: an exception. */
-static int lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n, Py_ssize_t size,
-                       PyObject *addr, double now) {
-    Py_ssize_t k = (n + size - 1) / size;
+ * (the last may be shorter), 2 to MAX_SEGMENTS of them, every one of one session, in counter
+ * order, each passing lane_in's checks (else: 0, nothing changed). Then per group of
+ * consecutive datagrams of one flow, in order: one ``accept`` for the group, the window marked
+ * for each, and the daemon's _inject: coalesced (partial checksums), the reply's translation,
+ * the TSO header; a group the lane has no entry for, or ``accept`` refuses, stops there.
+ * Returns the datagrams taken (a prefix; their frames are in self->frames, self->nframes of
+ * them, self->frame_len each; the rest unchanged), or -1: an exception. */
+static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
+                              Py_ssize_t size, PyObject *addr, double now) {
+    Py_ssize_t k = size > 0 ? (n + size - 1) / size : 0;
+    self->nframes = 0;
     if (size < OVERHEAD + 28 || k < 2 || k > MAX_SEGMENTS || n > BUF) return 0;
     if (d[0] != 4 || d[1] || d[2] || d[3]) return 0;
     PyObject *iobj = PyLong_FromUnsignedLong(index_of(d));
@@ -508,12 +511,10 @@ static int lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n, Py_ssiz
         Py_DECREF(slot);
         return -1;
     }
-    int result = 0;
-    unsigned char key[13], first[13], nonce[12];
+    Py_ssize_t result = 0, taken = 0, pos = 0;
+    unsigned char keys[MAX_SEGMENTS][13], nonce[12];
     uint64_t counters[MAX_SEGMENTS];
     Piece pieces[MAX_SEGMENTS];
-    Py_ssize_t total = 0;
-    PyObject *entry = NULL;
     for (Py_ssize_t i = 0; i < k; i++) { /* 1. every check, nothing changed */
         const unsigned char *di = d + i * size;
         Py_ssize_t dn = i < k - 1 ? size : n - (k - 1) * size, plen = dn - OVERHEAD;
@@ -533,72 +534,76 @@ static int lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n, Py_ssiz
             result = -1;
             goto done;
         }
-        if (!verified || !key13(p, plen, i ? key : first) || memcmp(p + 16, self->pod4, 4) != 0
-            || (i && memcmp(key, first, 13) != 0))
+        if (!verified || !key13(p, plen, keys[i]) || memcmp(p + 16, self->pod4, 4) != 0)
             goto done;
         pieces[i].buf = p;
         pieces[i].len = plen;
-        total += plen;
     }
-    PyObject *kobj = PyBytes_FromStringAndSize((const char *)first, 13);
-    if (kobj == NULL) {
-        result = -1;
-        goto done;
-    }
-    entry = PyDict_GetItem(self->inn, kobj);
-    Py_DECREF(kobj);
-    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 3) {
-        entry = NULL;
-        goto done;
-    }
-    Py_INCREF(entry);
-    PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
-    PyObject *src = PyBytes_FromStringAndSize((const char *)self->plain + 12, 4);
-    PyObject *yes = src == NULL ? NULL
-                                : PyObject_CallFunction(accept, "OnOdOn", src, total, addr, now,
-                                                        PyTuple_GetItem(entry, 2), k);
-    Py_XDECREF(src);
-    int taken = yes == NULL ? -1 : PyObject_IsTrue(yes);
-    Py_XDECREF(yes);
-    if (taken != 1) { /* 2. accept: the state changes of k packets, or none */
-        result = taken < 0 ? -1 : 0;
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < k; i++) window_update(&w, counters[i]); /* 3. */
-    PyObject *top = PyLong_FromUnsignedLongLong(w.top);
-    if (top == NULL || PyObject_SetAttrString(window, "top", top) < 0) {
-        Py_XDECREF(top);
-        result = -1;
-        goto done;
-    }
-    Py_DECREF(top);
-    /* 4. _inject: coalesce, then per packet the reply's translation and its TSO header */
-    Py_ssize_t lens[MAX_SEGMENTS], gsos[MAX_SEGMENTS], pos = 0;
-    Py_ssize_t m = fp_coalesce_into(pieces, k, 1, VNET, self->frames, lens, gsos);
-    int translate = PyBytes_Check(vip) && PyBytes_Size(vip) == 4;
-    uint32_t port = translate ? (uint32_t)PyLong_AsLong(vport) : 0;
-    for (Py_ssize_t j = 0; j < m; j++) { /* each packet after its virtio-net header's room */
-        unsigned char *f = self->frames + pos, *p = f + VNET;
-        if (translate) rewrite(p, lens[j], 0, (const unsigned char *)PyBytes_AsString(vip), port);
-        memset(f, 0, VNET);
-        if (gsos[j]) { /* core/batch.py rewrite_partial_csum and build_gso_vnet_hdr */
-            partial_csum(p, lens[j]);
-            uint16_t hdr_len = (uint16_t)(20 + ((p[32] >> 4) << 2)), gso = (uint16_t)gsos[j];
-            uint16_t start = 20, offset = 16;
-            f[0] = 1; /* NEEDS_CSUM */
-            f[1] = GSO_TCPV4;
-            memcpy(f + 2, &hdr_len, 2);
-            memcpy(f + 4, &gso, 2);
-            memcpy(f + 6, &start, 2);
-            memcpy(f + 8, &offset, 2);
+    while (taken < k) { /* 2. a group of one flow at a time */
+        Py_ssize_t end = taken + 1, total = pieces[taken].len;
+        for (; end < k && memcmp(keys[end], keys[taken], 13) == 0; end++) total += pieces[end].len;
+        PyObject *kobj = PyBytes_FromStringAndSize((const char *)keys[taken], 13);
+        if (kobj == NULL) {
+            result = -1;
+            goto done;
         }
-        self->frame_len[j] = VNET + lens[j];
-        pos += VNET + lens[j];
+        PyObject *entry = PyDict_GetItem(self->inn, kobj);
+        Py_DECREF(kobj);
+        if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 3) break;
+        Py_INCREF(entry);
+        PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
+        PyObject *src = PyBytes_FromStringAndSize((const char *)pieces[taken].buf + 12, 4);
+        PyObject *yes = src == NULL ? NULL
+                                    : PyObject_CallFunction(accept, "OnOdOn", src, total, addr,
+                                                            now, PyTuple_GetItem(entry, 2),
+                                                            end - taken);
+        Py_XDECREF(src);
+        int ok = yes == NULL ? -1 : PyObject_IsTrue(yes);
+        Py_XDECREF(yes);
+        if (ok != 1) { /* accept: the state changes of the group's packets, or none */
+            Py_DECREF(entry);
+            if (ok < 0) result = -1;
+            break;
+        }
+        for (Py_ssize_t i = taken; i < end; i++) window_update(&w, counters[i]); /* 3. */
+        PyObject *top = PyLong_FromUnsignedLongLong(w.top);
+        if (top == NULL || PyObject_SetAttrString(window, "top", top) < 0) {
+            Py_XDECREF(top);
+            Py_DECREF(entry);
+            result = -1;
+            goto done;
+        }
+        Py_DECREF(top);
+        /* 4. _inject: coalesce, then per packet the reply's translation and its TSO header */
+        Py_ssize_t lens[MAX_SEGMENTS], gsos[MAX_SEGMENTS];
+        Py_ssize_t m = fp_coalesce_into(pieces + taken, end - taken, 1, VNET, self->frames + pos,
+                                        lens, gsos);
+        int translate = PyBytes_Check(vip) && PyBytes_Size(vip) == 4;
+        uint32_t port = translate ? (uint32_t)PyLong_AsLong(vport) : 0;
+        for (Py_ssize_t j = 0; j < m; j++) { /* each packet after its virtio-net header's room */
+            unsigned char *f = self->frames + pos, *p = f + VNET;
+            if (translate)
+                rewrite(p, lens[j], 0, (const unsigned char *)PyBytes_AsString(vip), port);
+            memset(f, 0, VNET);
+            if (gsos[j]) { /* core/batch.py rewrite_partial_csum and build_gso_vnet_hdr */
+                partial_csum(p, lens[j]);
+                uint16_t hdr_len = (uint16_t)(20 + ((p[32] >> 4) << 2)), gso = (uint16_t)gsos[j];
+                uint16_t start = 20, offset = 16;
+                f[0] = 1; /* NEEDS_CSUM */
+                f[1] = GSO_TCPV4;
+                memcpy(f + 2, &hdr_len, 2);
+                memcpy(f + 4, &gso, 2);
+                memcpy(f + 6, &start, 2);
+                memcpy(f + 8, &offset, 2);
+            }
+            self->frame_len[self->nframes++] = VNET + lens[j];
+            pos += VNET + lens[j];
+        }
+        Py_DECREF(entry);
+        taken = end;
     }
-    self->nframes = m;
-    result = 1;
+    if (result == 0) result = taken;
 done:
-    Py_XDECREF(entry);
     PyBuffer_Release(&ring);
     Py_DECREF(slot);
     return result;
@@ -712,10 +717,10 @@ static PyObject *lane_inbound_run(Lane *self, PyObject *args) {
     Py_ssize_t size;
     double now;
     if (!PyArg_ParseTuple(args, "y*nOd:inbound_run", &d, &size, &addr, &now)) return NULL;
-    int r = size > 0 ? lane_in_run(self, d.buf, d.len, size, addr, now) : 0;
+    Py_ssize_t taken = lane_in_run(self, d.buf, d.len, size, addr, now);
     PyBuffer_Release(&d);
-    if (r < 0) return NULL;
-    if (r == 0) Py_RETURN_NONE;
+    if (taken < 0) return NULL;
+    if (taken == 0) Py_RETURN_NONE;
     PyObject *frames = PyList_New(self->nframes);
     const unsigned char *f = self->frames;
     for (Py_ssize_t j = 0; frames != NULL && j < self->nframes; f += self->frame_len[j++]) {
@@ -723,7 +728,7 @@ static PyObject *lane_inbound_run(Lane *self, PyObject *args) {
         if (one == NULL) Py_CLEAR(frames);
         else if (PyList_SetItem(frames, j, one) < 0) Py_CLEAR(frames);
     }
-    return frames;
+    return frames == NULL ? NULL : Py_BuildValue("(Nn)", frames, taken);
 }
 
 /* One pump of tenc0 (``pump_tun``): the frames handed back in a new list, or NULL (an
@@ -830,19 +835,30 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
             Py_DECREF(back);
             return NULL;
         }
-        int r = 0, run = gro > 0 && gro < n;
-        Py_ssize_t flen = 0;
+        int run = gro > 0 && gro < n;
+        Py_ssize_t r = 0, flen = 0, k = run ? (n + gro - 1) / gro : 1;
         if (!trunc && msg.msg_namelen == sizeof(sa) && sa.sin_family == AF_INET)
-            r = run ? lane_in_run(self, self->rbuf, n, gro, addr, now)
+            r = run ? lane_in_run(self, self->rbuf, n, gro, addr, now) /* datagrams taken */
                     : lane_in(self, self->rbuf, n, addr, now, &flen);
         if (r < 0) {
             Py_DECREF(addr);
             Py_DECREF(back);
             return NULL;
         }
-        if (r == 0) {
-            PyObject *item = Py_BuildValue("(y#iON)", (const char *)self->rbuf, (Py_ssize_t)n,
-                                           gro, trunc ? Py_True : Py_False, addr);
+        if (run && r > 0) { /* the groups taken, in order */
+            const unsigned char *f = self->frames;
+            for (Py_ssize_t j = 0; j < self->nframes; f += self->frame_len[j++])
+                if (write(tun_fd, f, (size_t)self->frame_len[j]) < 0) errors++;
+            self->n_opened += r;
+            self->n_bulk++;
+        } else if (r > 0) {
+            if (write(tun_fd, self->work, (size_t)flen) < 0) errors++;
+            self->n_opened++;
+        }
+        if (r < k) { /* what was not taken (all of it, or a GRO read's rest) goes back */
+            Py_ssize_t at = r * gro; /* r is 0 unless ``run`` */
+            PyObject *item = Py_BuildValue("(y#iON)", (const char *)self->rbuf + at, n - at, gro,
+                                           trunc ? Py_True : Py_False, addr);
             if (item == NULL || PyList_Append(back, item) < 0) {
                 Py_XDECREF(item);
                 Py_DECREF(back);
@@ -852,16 +868,6 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
             break;
         }
         Py_DECREF(addr);
-        if (run) {
-            const unsigned char *f = self->frames;
-            for (Py_ssize_t j = 0; j < self->nframes; f += self->frame_len[j++])
-                if (write(tun_fd, f, (size_t)self->frame_len[j]) < 0) errors++;
-            self->n_opened += (n + gro - 1) / gro;
-            self->n_bulk++;
-        } else {
-            if (write(tun_fd, self->work, (size_t)flen) < 0) errors++;
-            self->n_opened++;
-        }
         if (i == 0 && n <= lone) break;
     }
     *errors_out = errors;
@@ -1146,7 +1152,7 @@ static PyMethodDef lane_methods[] = {
     {"outbound", (PyCFunction)lane_outbound, METH_VARARGS,
      "outbound(frame, now) -> (datagram, endpoint) | None: core/express.py Express.outbound"},
     {"inbound_run", (PyCFunction)lane_inbound_run, METH_VARARGS,
-     "inbound_run(data, size, addr, now) -> [frame] | None: Express.inbound_run"},
+     "inbound_run(data, size, addr, now) -> ([frame], taken) | None: Express.inbound_run"},
     {"inbound", (PyCFunction)lane_inbound, METH_VARARGS,
      "inbound(datagram, addr, now) -> frame | None: core/express.py Express.inbound"},
     {"pump_tun", (PyCFunction)lane_pump_tun, METH_VARARGS,

@@ -47,14 +47,17 @@ Rules:
    checksum recomputed), each segment sealed as its own datagram with consecutive counters;
    one ``take(nbytes, now, segments)`` for all of them, which makes the state changes of
    that many packets (and counts the split). Anything else is handed back whole.
-2b. GRO reads (bulk TCP in): a read of 2 to ``MAX_SEGMENTS`` datagrams (the kernel's UDP_GRO:
-   one size but the last) is the lane's only whole: every datagram a data message of the
-   same receiver index, counters strictly increasing and each one passing the replay check,
-   each opening, every inner packet rule 2's with the same key, to this pod. Then one
-   ``accept(source, nbytes, addr, now, refs, count)`` makes the state changes of that many
-   packets, the window marks each, and the frames are what the daemon's ``_inject`` writes
-   for them: coalesced (core/batch.py rule 6, partial checksums), the reply's translation,
-   the TSO header. One datagram that fails any check hands the whole read back untouched.
+2b. GRO reads (bulk in): a read of 2 to ``MAX_SEGMENTS`` datagrams (the kernel's UDP_GRO: one
+   size but the last) is checked whole first: every datagram a data message of the same
+   receiver index, counters strictly increasing and each one passing the replay check, each
+   opening, every inner packet rule 2's, to this pod; one that fails hands the whole read back
+   untouched. Then, group by group of consecutive packets of one flow (a peer's parallel
+   connections share its socket's GRO reads), in order: one ``accept(source, nbytes, addr,
+   now, refs, count)`` makes the state changes of the group's packets, the window marks each,
+   and the frames are what the daemon's ``_inject`` writes for them: coalesced (core/batch.py
+   rule 6, partial checksums), the reply's translation, the TSO header. A group without an
+   entry or refused by ``accept`` stops there: the lane took the groups before it, and the
+   rest of the read (from that group's first datagram) is handed back, in order.
 3. Exactness: ``take`` and ``accept`` re-check at every packet what the Python path would
    decide (the peer still owns the destination and ``current`` is the learnt session, its
    limits and re-key times not reached, the Service flow and the NetworkPolicy flow alive
@@ -552,9 +555,10 @@ class Express:
 
     def inbound_run(
         self, data: Buffer, size: int, addr: Endpoint, now: float
-    ) -> list[bytes] | None:
+    ) -> tuple[list[bytes], int] | None:
         """A GRO read (rule 2b): datagrams of ``size`` bytes (the last may be shorter). The
-        frames to write to tenc0, or None (the Python path's; nothing changed)."""
+        frames to write to tenc0 and how many datagrams (a prefix) they took, or None (the
+        Python path's; nothing changed)."""
         n = len(data)
         count = -(-n // size) if size > 0 else 0
         if size < 32 + 28 or not 2 <= count <= MAX_SEGMENTS or n > MAX_READ:
@@ -567,7 +571,7 @@ class Express:
         aead, head = ChaCha20Poly1305(recv_key), bytes(data[:8])
         packets: list[bytes] = []
         counters: list[int] = []
-        key = None
+        keys: list[bytes] = []
         for at in range(0, n, size):  # every check first: nothing changes on a refusal
             d = bytes(data[at : at + size])
             if len(d) < 32 + 28 or d[:8] != head:
@@ -581,30 +585,36 @@ class Express:
                 plain = aead.decrypt(b"\x00\x00\x00\x00" + d[8:16], d[16:], d[:16])
             except InvalidTag:
                 return None
-            got = key13(plain)
-            if got is None or plain[16:20] != self.pod4 or got != (key or got):
+            key = key13(plain)
+            if key is None or plain[16:20] != self.pod4:
                 return None
-            key = got
+            keys.append(key)
             counters.append(counter)
             packets.append(plain)
-        entry = self.inn.get(key) if key is not None else None
-        if entry is None:
-            return None
-        vip, vport, refs = entry
-        nbytes = sum(map(len, packets))
-        if not accept(packets[0][12:16], nbytes, addr, now, refs, count):
-            return None
-        for counter in counters:
-            window.update(counter)
-        frames = []
-        for pkt, gso_size in coalesce_batch(packets, partial=True):  # as the daemon's _inject
-            buf = bytearray(pkt)
-            if vip:
-                self._translate(buf, vip, vport, SRC)
-            if gso_size:
-                rewrite_partial_csum(buf)
-            frames.append(build_gso_vnet_hdr(buf, gso_size) + bytes(buf))
-        return frames
+        frames: list[bytes] = []
+        taken = 0
+        while taken < count:  # a group of consecutive packets of one flow at a time
+            end = taken + 1
+            while end < count and keys[end] == keys[taken]:
+                end += 1
+            entry = self.inn.get(keys[taken])
+            if entry is None:
+                break
+            vip, vport, refs = entry
+            group = packets[taken:end]
+            if not accept(group[0][12:16], sum(map(len, group)), addr, now, refs, end - taken):
+                break
+            for counter in counters[taken:end]:
+                window.update(counter)
+            for pkt, gso_size in coalesce_batch(group, partial=True):  # as the daemon's _inject
+                buf = bytearray(pkt)
+                if vip:
+                    self._translate(buf, vip, vport, SRC)
+                if gso_size:
+                    rewrite_partial_csum(buf)
+                frames.append(build_gso_vnet_hdr(buf, gso_size) + bytes(buf))
+            taken = end
+        return (frames, taken) if taken else None
 
 
 def read_datagrams(

@@ -474,10 +474,68 @@ def test_a_gro_read_in_is_the_python_paths_frames_and_state(kind, policy):
         == 4
     )
     got = lab.lane(a, kind).inbound_run(data, size, addr, lab.now)
-    assert got == frames
+    assert got == (frames, 4)
     assert state(a, B2) == after
-    assert got[0][10 + 12 : 10 + 16] == socket.inet_aton(VIP)  # the app sees the Service
+    assert frames[0][10 + 12 : 10 + 16] == socket.inet_aton(VIP)  # the app sees the Service
     assert lab.lane(a, kind).inbound_run(data, size, addr, lab.now) is None  # now replays
+
+
+def second_connection(lab: Lab, sport: int = 40001) -> None:
+    """A's second connection through the VIP to B2 (the same peer, the same session), learnt
+    by both lanes as the first one."""
+    a, b2, wire = lab.a, lab.b2, lab.wire
+    a.app_sends(frame(tcp(A, VIP, sport, 80, "S")))
+    wire.pump()
+    b2.app_sends(frame(tcp(B2, A, 8080, sport, "SA")))
+    wire.pump()
+    a.app_sends(frame(tcp(A, VIP, sport, 80, "A")))
+    wire.pump()
+    b2.app_sends(frame(tcp(B2, A, 8080, sport, "PA")))
+    wire.pump()
+    a.udp.sent, b2.udp.sent = [], []
+
+
+def answer(lab: Lab, dport: int, seq: int) -> bytes:
+    """B2's app answers on connection ``dport`` with two full segments: B2's datagrams."""
+    body = bytes(i % 239 for i in range(2000))
+    pkt = IP(src=B2, dst=A) / TCP(sport=8080, dport=dport, flags="A", seq=seq) / body
+    return sent_by_python_path(lab.b2, tso_frame(pkt, 1000))[0]
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_a_gro_read_of_two_interleaved_connections_is_taken_group_by_group(kind):
+    lab = Lab()
+    second_connection(lab)
+    a = lab.a
+    data = answer(lab, 40000, 5000) + answer(lab, 40001, 7000) + answer(lab, 40000, 7000)
+    size = 20 + 20 + 1000 + 32
+    addr = a.proxy.tunnel.table.by_addr[B2].endpoint
+    lab.now += 0.25
+    a.clock.now = lab.now
+    frames, after = python_path_run(a, B2, data, size, addr)
+    assert [f[1] for f in frames] == [1, 1, 1]  # three TSO frames of two segments each
+    got = lab.lane(a, kind).inbound_run(data, size, addr, lab.now)
+    assert got == (frames, 6)
+    assert state(a, B2) == after
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_a_gro_read_whose_second_flow_the_lane_does_not_know_hands_back_the_rest(kind):
+    lab = Lab()
+    second_connection(lab)
+    a = lab.a
+    first, rest = answer(lab, 40000, 5000), answer(lab, 40001, 7000)
+    size = 20 + 20 + 1000 + 32
+    addr = a.proxy.tunnel.table.by_addr[B2].endpoint
+    e = a.proxy.express
+    assert e is not None
+    e.inn.pop(key13(tcp(B2, A, 8080, 40001, "A")))  # as if not learnt (yet)
+    lab.now += 0.25
+    a.clock.now = lab.now
+    frames, after = python_path_run(a, B2, first, size, addr)  # what the lane may take
+    got = lab.lane(a, kind).inbound_run(first + rest, size, addr, lab.now)
+    assert got == (frames, 2)  # the first group; the second flow's two go back
+    assert state(a, B2) == after
 
 
 @pytest.mark.parametrize("kind", LANES)
@@ -678,13 +736,49 @@ def test_the_pump_opens_a_gro_read_into_the_pure_lanes_frames():
         want = lab.lane(a, "python").inbound_run(data, size, peer.endpoint, lab.now)
         after = state(a, B2)
         restore(a, B2, saved)
-        assert want is not None and len(want) == 1
+        assert want is not None and len(want[0]) == 1
         segment = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
         udp.sendmsg([data], segment, 0, sink.getsockname())  # one GSO send: one GRO read
         back, errors = lane.pump_udp(sink.fileno(), tun_proxy.fileno(), lab.now, 64, 0)
         assert back == [] and errors == 0
-        assert tun_app.recv(70000) == want[0]
+        assert tun_app.recv(70000) == want[0][0]
         assert state(a, B2) == after and lane.counts()[1] == 4
+    finally:
+        for sock in (tun_app, tun_proxy, udp, sink):
+            sock.close()
+
+
+@pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
+def test_the_pump_writes_the_groups_it_takes_and_hands_back_the_rest_of_the_read():
+    lab = Lab()
+    second_connection(lab)
+    a = lab.a
+    lane = lab.lane(a, "c")
+    first, rest = answer(lab, 40000, 5000), answer(lab, 40001, 7000)
+    size = 20 + 20 + 1000 + 32
+    e = a.proxy.express
+    assert e is not None
+    e.inn.pop(key13(tcp(B2, A, 8080, 40001, "A")))  # the second flow: the Python path's
+    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sink.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        for sock in (tun_proxy, udp, sink):
+            sock.setblocking(False)
+        udp.bind(("127.0.0.1", 0))
+        sink.bind(("127.0.0.1", 0))
+        peer = a.proxy.tunnel.table.by_addr[B2]
+        peer.endpoint = udp.getsockname()
+        saved = state(a, B2)
+        want = lab.lane(a, "python").inbound_run(first + rest, size, peer.endpoint, lab.now)
+        restore(a, B2, saved)
+        assert want is not None and want[1] == 2
+        segment = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+        udp.sendmsg([first + rest], segment, 0, sink.getsockname())
+        back, errors = lane.pump_udp(sink.fileno(), tun_proxy.fileno(), lab.now, 64, 0)
+        assert errors == 0 and back == [(rest, size, False, udp.getsockname())]
+        assert [tun_app.recv(70000) for _ in want[0]] == want[0]
     finally:
         for sock in (tun_app, tun_proxy, udp, sink):
             sock.close()
