@@ -371,27 +371,66 @@ static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double
 
 /* ---- in: one datagram -> one frame ------------------------------------------------------- */
 
-/* 1: the frame (VNET zero bytes, then the packet) is in self->work, *flen bytes; 0: not the
- * lane's, nothing changed; -1: an exception. */
-static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *addr, double now,
-                   Py_ssize_t *flen) {
-    if (n < OVERHEAD + 28 || n > BUF || (d[0] != 4 || d[1] || d[2] || d[3])) return 0;
-    uint32_t index = (uint32_t)d[4] | (uint32_t)d[5] << 8 | (uint32_t)d[6] << 16
-                     | (uint32_t)d[7] << 24;
+/* The datagram header's index and counter (core/wire.py: little-endian) */
+static uint32_t index_of(const unsigned char *d) {
+    return (uint32_t)d[4] | (uint32_t)d[5] << 8 | (uint32_t)d[6] << 16 | (uint32_t)d[7] << 24;
+}
+static uint64_t counter_of(const unsigned char *d) {
     uint64_t counter = 0;
     for (int i = 7; i >= 0; i--) counter = counter << 8 | d[8 + i];
-    PyObject *iobj = PyLong_FromUnsignedLong(index);
+    return counter;
+}
+
+/* The ReplayWindow's ``top`` after window_update marked in its ring: 0, or -1 (an exception). */
+static int set_top(PyObject *window, const Window *w) {
+    PyObject *top = PyLong_FromUnsignedLongLong(w->top);
+    int r = top == NULL ? -1 : PyObject_SetAttrString(window, "top", top);
+    Py_XDECREF(top);
+    return r;
+}
+
+/* A data message's session in ``slots`` (core/express.py rule 1): borrowed from ``slot``, a new
+ * reference the caller releases. */
+typedef struct {
+    PyObject *slot, *window, *accept;
+    const unsigned char *key;
+    unsigned long long limit;
+} Slot;
+
+/* 1: ``d`` (at least a data header) is a data message of a session in the tables, ``s``
+ * filled; 0: not (nothing to release); -1: an exception. */
+static int slot_of(Lane *self, const unsigned char *d, Slot *s) {
+    if (d[0] != 4 || d[1] || d[2] || d[3]) return 0;
+    PyObject *iobj = PyLong_FromUnsignedLong(index_of(d));
     if (iobj == NULL) return -1;
     PyObject *slot = PyDict_GetItem(self->slots, iobj);
     Py_DECREF(iobj);
     if (slot == NULL || !PyTuple_Check(slot) || PyTuple_Size(slot) != 4) return 0;
-    PyObject *keyb = PyTuple_GetItem(slot, 0), *window = PyTuple_GetItem(slot, 1);
-    PyObject *limit_obj = PyTuple_GetItem(slot, 2), *accept = PyTuple_GetItem(slot, 3);
+    PyObject *keyb = PyTuple_GetItem(slot, 0);
     if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32) return 0;
-    unsigned long long limit = PyLong_AsUnsignedLongLong(limit_obj);
+    s->limit = PyLong_AsUnsignedLongLong(PyTuple_GetItem(slot, 2));
     if (PyErr_Occurred()) return -1;
-    if (counter >= limit) return 0;
-    Py_INCREF(slot);
+    s->key = (const unsigned char *)PyBytes_AsString(keyb);
+    s->window = PyTuple_GetItem(slot, 1);
+    s->accept = PyTuple_GetItem(slot, 3);
+    s->slot = Py_NewRef(slot);
+    return 1;
+}
+
+/* 1: the frame (VNET zero bytes, then the packet) is in self->work, *flen bytes; 0: not the
+ * lane's, nothing changed; -1: an exception. */
+static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *addr, double now,
+                   Py_ssize_t *flen) {
+    if (n < OVERHEAD + 28 || n > BUF) return 0;
+    uint64_t counter = counter_of(d);
+    Slot sl;
+    int found = slot_of(self, d, &sl);
+    if (found <= 0) return found;
+    PyObject *slot = sl.slot, *window = sl.window, *accept = sl.accept;
+    if (counter >= sl.limit) {
+        Py_DECREF(slot);
+        return 0;
+    }
     Py_buffer ring;
     Window w;
     if (get_window(window, &ring, &w) < 0) {
@@ -403,7 +442,7 @@ static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *a
     unsigned char *p = self->work + VNET, nonce[12];
     if (!window_check(&w, counter)) goto done;
     build_nonce(nonce, d);
-    int verified = open_into(self->ctx, (const unsigned char *)PyBytes_AsString(keyb), nonce, d,
+    int verified = open_into(self->ctx, sl.key, nonce, d,
                              HEADER_LEN, d + HEADER_LEN, (int)(n - HEADER_LEN), p);
     if (verified < 0) {
         ERR_clear_error();
@@ -437,14 +476,11 @@ static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *a
     Py_DECREF(yes);
     if (taken == 1) {
         window_update(&w, counter);
-        PyObject *top = PyLong_FromUnsignedLongLong(w.top);
-        if (top == NULL || PyObject_SetAttrString(window, "top", top) < 0) {
-            Py_XDECREF(top);
+        if (set_top(window, &w) < 0) {
             Py_DECREF(entry);
             result = -1;
             goto done;
         }
-        Py_DECREF(top);
         if (PyBytes_Check(vip) && PyBytes_Size(vip) == 4)
             rewrite(p, plen, 0, (const unsigned char *)PyBytes_AsString(vip),
                     (uint32_t)PyLong_AsLong(vport));
@@ -462,16 +498,6 @@ done:
 }
 
 /* ---- in: a GRO read of several datagrams -> the frames of their coalesced packets --------- */
-
-/* The datagram header's index and counter (core/wire.py: little-endian) */
-static uint32_t index_of(const unsigned char *d) {
-    return (uint32_t)d[4] | (uint32_t)d[5] << 8 | (uint32_t)d[6] << 16 | (uint32_t)d[7] << 24;
-}
-static uint64_t counter_of(const unsigned char *d) {
-    uint64_t counter = 0;
-    for (int i = 7; i >= 0; i--) counter = counter << 8 | d[8 + i];
-    return counter;
-}
 
 /* core/batch.py rewrite_partial_csum for an IPv4 TCP packet (IHL 20) */
 static void partial_csum(unsigned char *p, Py_ssize_t len) {
@@ -493,18 +519,11 @@ static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
     Py_ssize_t k = size > 0 ? (n + size - 1) / size : 0;
     self->nframes = 0;
     if (size < OVERHEAD + 28 || k < 2 || k > MAX_SEGMENTS || n > BUF) return 0;
-    if (d[0] != 4 || d[1] || d[2] || d[3]) return 0;
-    PyObject *iobj = PyLong_FromUnsignedLong(index_of(d));
-    if (iobj == NULL) return -1;
-    PyObject *slot = PyDict_GetItem(self->slots, iobj);
-    Py_DECREF(iobj);
-    if (slot == NULL || !PyTuple_Check(slot) || PyTuple_Size(slot) != 4) return 0;
-    PyObject *keyb = PyTuple_GetItem(slot, 0), *window = PyTuple_GetItem(slot, 1);
-    PyObject *limit_obj = PyTuple_GetItem(slot, 2), *accept = PyTuple_GetItem(slot, 3);
-    if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32) return 0;
-    unsigned long long limit = PyLong_AsUnsignedLongLong(limit_obj);
-    if (PyErr_Occurred()) return -1;
-    Py_INCREF(slot);
+    Slot sl;
+    int found = slot_of(self, d, &sl);
+    if (found <= 0) return found;
+    PyObject *slot = sl.slot, *window = sl.window, *accept = sl.accept;
+    unsigned long long limit = sl.limit;
     Py_buffer ring;
     Window w;
     if (get_window(window, &ring, &w) < 0) {
@@ -525,7 +544,7 @@ static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
         counters[i] = counter;
         unsigned char *p = self->plain + i * size;
         build_nonce(nonce, di);
-        const unsigned char *kb = i ? NULL : (const unsigned char *)PyBytes_AsString(keyb);
+        const unsigned char *kb = i ? NULL : sl.key;
         int verified = open_into(self->ctx, kb, nonce, di, HEADER_LEN, di + HEADER_LEN,
                                  (int)(dn - HEADER_LEN), p); /* the key once per read */
         if (verified < 0) {
@@ -566,14 +585,11 @@ static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
             break;
         }
         for (Py_ssize_t i = taken; i < end; i++) window_update(&w, counters[i]); /* 3. */
-        PyObject *top = PyLong_FromUnsignedLongLong(w.top);
-        if (top == NULL || PyObject_SetAttrString(window, "top", top) < 0) {
-            Py_XDECREF(top);
+        if (set_top(window, &w) < 0) {
             Py_DECREF(entry);
             result = -1;
             goto done;
         }
-        Py_DECREF(top);
         /* 4. _inject: coalesce, then per packet the reply's translation and its TSO header */
         Py_ssize_t lens[MAX_SEGMENTS], gsos[MAX_SEGMENTS];
         Py_ssize_t m = fp_coalesce_into(pieces + taken, end - taken, 1, VNET, self->frames + pos,

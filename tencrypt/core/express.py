@@ -519,16 +519,19 @@ class Express:
         rewrite_addr(pkt, ip, side, int.from_bytes(addr, "big"))
         rewrite_port(pkt, ip, side, port)
 
+    def _slot(self, datagram: Buffer) -> tuple[int, tuple[bytes, Any, int, Any]] | None:
+        """A data message's counter and its session's slot (rule 1), or None."""
+        word, index, counter = _HEADER.unpack_from(datagram, 0)
+        slot = self.slots.get(index) if word == 4 else None
+        return None if slot is None else (counter, slot)
+
     def inbound(self, datagram: Buffer, addr: Endpoint, now: float) -> bytes | None:
         """One datagram: the frame to write to tenc0 (an all-zero virtio-net header, then the
         packet), or None (the Python path's; nothing changed)."""
-        if len(datagram) < 32 + 28:
+        got = self._slot(datagram) if len(datagram) >= 32 + 28 else None
+        if got is None:
             return None
-        word, index, counter = _HEADER.unpack_from(datagram, 0)
-        slot = self.slots.get(index) if word == 4 else None
-        if slot is None:
-            return None
-        recv_key, window, limit, accept = slot
+        counter, (recv_key, window, limit, accept) = got
         if counter >= limit or not window.check(counter):
             return None
         nonce = b"\x00\x00\x00\x00" + bytes(datagram[8:16])
@@ -561,13 +564,11 @@ class Express:
         Python path's; nothing changed)."""
         n = len(data)
         count = -(-n // size) if size > 0 else 0
-        if size < 32 + 28 or not 2 <= count <= MAX_SEGMENTS or n > MAX_READ:
+        ok = size >= 32 + 28 and 2 <= count <= MAX_SEGMENTS and n <= MAX_READ
+        got = self._slot(data) if ok else None
+        if got is None:
             return None
-        word, index, _ = _HEADER.unpack_from(data, 0)
-        slot = self.slots.get(index) if word == 4 else None
-        if slot is None:
-            return None
-        recv_key, window, limit, accept = slot
+        recv_key, window, limit, accept = got[1]
         aead, head = ChaCha20Poly1305(recv_key), bytes(data[:8])
         packets: list[bytes] = []
         counters: list[int] = []

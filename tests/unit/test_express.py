@@ -17,6 +17,7 @@ a Service the normal way; the lane has then learnt the flow. Every test runs the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ import random
 import select
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -620,19 +622,37 @@ def test_a_retired_session_is_never_used_by_the_lane(kind):
     assert state(a, B2) == saved
 
 
+@contextlib.contextmanager
+def pump_rig(gro: bool = False) -> Iterator[tuple[socket.socket, ...]]:
+    """Descriptors for the pumps: tenc0 as a datagram socketpair (the app's end, the proxy's),
+    the proxy's UDP socket and the peer's (``sink``; with ``gro``: UDP_GRO reads), both bound
+    on loopback; closed after the block."""
+    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for sock in (tun_app, tun_proxy):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        if gro:
+            sink.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        for sock in (tun_proxy, udp, sink):
+            sock.setblocking(False)
+        udp.bind(("127.0.0.1", 0))
+        sink.bind(("127.0.0.1", 0))
+        yield tun_app, tun_proxy, udp, sink
+    finally:
+        for sock in (tun_app, tun_proxy, udp, sink):
+            sock.close()
+
+
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
 def test_the_pumps_send_what_they_take_and_hand_back_the_rest_in_order():
     lab = Lab()
     a = lab.a
     lane = lab.lane(a, "c")
-    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for sock in (tun_proxy, udp, sink):
-            sock.setblocking(False)
-        udp.bind(("127.0.0.1", 0))
-        sink.bind(("127.0.0.1", 0))
+    with pump_rig() as (tun_app, tun_proxy, udp, sink):
         peer = a.proxy.tunnel.table.by_addr[B2]
         peer.endpoint = sink.getsockname()  # the peer proxy, on loopback
         data = frame(tcp(A, VIP, 40000, 80, "PA"))
@@ -667,9 +687,6 @@ def test_the_pumps_send_what_they_take_and_hand_back_the_rest_in_order():
         assert errors == 0 and back == [(b"\x01junk", 0, False, udp.getsockname())]
         assert expected is not None and tun_app.recv(70000) == expected
         assert a.stats.get(Counter.PACKETS_OPENED.value) >= 1
-    finally:
-        for sock in (tun_app, tun_proxy, udp, sink):
-            sock.close()
 
 
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
@@ -677,18 +694,7 @@ def test_the_pump_sends_a_super_packet_as_the_pure_lanes_datagrams_in_gso_runs()
     lab = Lab()
     a = lab.a
     lane = lab.lane(a, "c")
-    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for sock in (tun_app, tun_proxy):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        for sock in (tun_proxy, udp, sink):
-            sock.setblocking(False)
-        udp.bind(("127.0.0.1", 0))
-        sink.bind(("127.0.0.1", 0))
+    with pump_rig() as (tun_app, tun_proxy, udp, sink):
         peer = a.proxy.tunnel.table.by_addr[B2]
         peer.endpoint = sink.getsockname()
         # 50 segments of 1300 bytes: 1372-byte datagrams, 47 to a UDP GSO send, so two sends
@@ -710,9 +716,6 @@ def test_the_pump_sends_a_super_packet_as_the_pure_lanes_datagrams_in_gso_runs()
         assert len(got) == 50 and {len(d) for d in got[:-1]} == {1372}
         assert b"".join(got) == want[0]
         assert state(a, B2) == after and lane.counts()[0] == 50
-    finally:
-        for sock in (tun_app, tun_proxy, udp, sink):
-            sock.close()
 
 
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
@@ -721,15 +724,7 @@ def test_the_pump_opens_a_gro_read_into_the_pure_lanes_frames():
     a = lab.a
     lane = lab.lane(a, "c")
     data, size, _ = reply_run(lab)
-    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sink.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
-        for sock in (tun_proxy, udp, sink):
-            sock.setblocking(False)
-        udp.bind(("127.0.0.1", 0))
-        sink.bind(("127.0.0.1", 0))
+    with pump_rig(gro=True) as (tun_app, tun_proxy, udp, sink):
         peer = a.proxy.tunnel.table.by_addr[B2]
         peer.endpoint = udp.getsockname()  # B2's proxy sends from here
         saved = state(a, B2)
@@ -743,9 +738,6 @@ def test_the_pump_opens_a_gro_read_into_the_pure_lanes_frames():
         assert back == [] and errors == 0
         assert tun_app.recv(70000) == want[0][0]
         assert state(a, B2) == after and lane.counts()[1] == 4
-    finally:
-        for sock in (tun_app, tun_proxy, udp, sink):
-            sock.close()
 
 
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
@@ -759,15 +751,7 @@ def test_the_pump_writes_the_groups_it_takes_and_hands_back_the_rest_of_the_read
     e = a.proxy.express
     assert e is not None
     e.inn.pop(key13(tcp(B2, A, 8080, 40001, "A")))  # the second flow: the Python path's
-    tun_app, tun_proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sink.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
-        for sock in (tun_proxy, udp, sink):
-            sock.setblocking(False)
-        udp.bind(("127.0.0.1", 0))
-        sink.bind(("127.0.0.1", 0))
+    with pump_rig(gro=True) as (tun_app, tun_proxy, udp, sink):
         peer = a.proxy.tunnel.table.by_addr[B2]
         peer.endpoint = udp.getsockname()
         saved = state(a, B2)
@@ -779,9 +763,6 @@ def test_the_pump_writes_the_groups_it_takes_and_hands_back_the_rest_of_the_read
         back, errors = lane.pump_udp(sink.fileno(), tun_proxy.fileno(), lab.now, 64, 0)
         assert errors == 0 and back == [(rest, size, False, udp.getsockname())]
         assert [tun_app.recv(70000) for _ in want[0]] == want[0]
-    finally:
-        for sock in (tun_app, tun_proxy, udp, sink):
-            sock.close()
 
 
 class WaitRig:
