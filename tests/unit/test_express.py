@@ -423,7 +423,25 @@ def test_a_super_packet_the_lane_cannot_take_is_handed_back_and_changes_nothing(
     for data in refused:
         assert lane.outbound(data, lab.now) is None
     assert state(a, B2) == saved
-    assert lane.outbound(super_frame(64 * 100, 100), lab.now) is not None  # the bound itself
+    # a super-packet whose last segment would reach the re-key point: the Python path's, which
+    # sends it and starts the re-key (its first segments alone would not have)
+    s = a.proxy.tunnel.table.by_addr[B2].current
+    assert s is not None
+    limits = a.proxy.tunnel.limits
+    s.send_counter = limits.rekey_after_messages - 4
+    saved = state(a, B2)
+    assert lane.outbound(super_frame(3500, 1000), lab.now) is None  # counters c .. c + 3
+    assert state(a, B2) == saved
+    assert lane.outbound(super_frame(2500, 1000), lab.now) is not None  # c .. c + 2: below
+    assert s.send_counter == limits.rekey_after_messages - 1
+    assert lane.outbound(super_frame(64 * 100, 100), lab.now) is None  # now the Python path's
+
+
+@pytest.mark.parametrize("kind", LANES)
+def test_a_super_packet_of_max_segments_is_the_lanes(kind):
+    lab = Lab()
+    got = lab.lane(lab.a, kind).outbound(super_frame(64 * 100, 100), lab.now)
+    assert got is not None and len(got[0]) == 64 * (20 + 20 + 100 + 32)
 
 
 @pytest.mark.skipif(COMPILED is None or not hasattr(COMPILED, "Lane"), reason="not built")
