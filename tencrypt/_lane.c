@@ -701,7 +701,9 @@ static Py_ssize_t send_run(int fd, const unsigned char *data, Py_ssize_t len, Py
             char control[CMSG_SPACE(sizeof(uint16_t))];
             memset(control, 0, sizeof(control));
             struct iovec iov = {(void *)(data + pos), (size_t)chunk};
-            struct msghdr msg = {(void *)sa, sizeof(*sa), &iov, 1, control, sizeof(control), 0};
+            struct msghdr msg = {.msg_name = (void *)sa, .msg_namelen = sizeof(*sa),
+                                 .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                                 .msg_controllen = sizeof(control)};
             struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
             cm->cmsg_level = SOL_UDP;
             cm->cmsg_type = UDP_SEGMENT;
