@@ -32,6 +32,7 @@ void fp_release_pieces(Pieces *p);
 /* _fastpath_tcp.c: core/batch.py's segmentation and coalescing */
 PyObject *fp_segment(PyObject *self, PyObject *args);
 PyObject *fp_coalesce(PyObject *self, PyObject *args);
+void fp_partial_csum(unsigned char *p, Py_ssize_t len, Py_ssize_t ihl);
 #define FP_MAX_RUN 64 /* fp_coalesce_into's bound: the lane's runs (UDP_MAX_SEGMENTS) */
 Py_ssize_t fp_coalesce_into(const Piece *bufs, Py_ssize_t n, int partial, Py_ssize_t gap,
                             unsigned char *out, Py_ssize_t *lens, Py_ssize_t *gsos);

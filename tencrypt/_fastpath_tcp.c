@@ -218,6 +218,20 @@ static int same_key(const unsigned char *a, const unsigned char *b, Py_ssize_t i
 }
 
 /* batch.py _merge for count > 1: the run's bytes into ``out`` with fresh checksums. */
+/* The TCP pseudo-header's sum (RFC 793 §3.1; RFC 8200 §8.1 for IPv6, the family being the
+ * first nibble) with the TCP length of a ``len``-byte packet whose IP header is ``ihl`` bytes. */
+static uint64_t pseudo_sum(const unsigned char *p, Py_ssize_t len, Py_ssize_t ihl) {
+    int v6 = p[0] >> 4 == 6;
+    return (v6 ? be_sum(p + 8, 32) : be_sum(p + 12, 8)) + TCP_PROTO + (uint64_t)(len - ihl);
+}
+
+/* core/batch.py rewrite_partial_csum: the TCP checksum field of a CHECKSUM_PARTIAL packet gets
+ * the pseudo-header's sum (never 0), as a TUN write with NEEDS_CSUM wants it. */
+void fp_partial_csum(unsigned char *p, Py_ssize_t len, Py_ssize_t ihl) {
+    unsigned ck = (unsigned)(pseudo_sum(p, len, ihl) % 0xFFFF);
+    put_be16(p + ihl + 16, ck ? ck : 0xFFFF);
+}
+
 static Py_ssize_t merge_into(unsigned char *out, const Piece *bufs, const Item *it,
                              int partial) {
     const unsigned char *head = bufs[it->first].buf;
@@ -240,16 +254,11 @@ static Py_ssize_t merge_into(unsigned char *out, const Piece *bufs, const Item *
         put_be16(out + 10, 0);
         put_be16(out + 10, csum_field(be_sum(out, ihl)));
     }
-    uint64_t pseudo = (v6 ? be_sum(out + 8, 32) : be_sum(out + 12, 8)) + TCP_PROTO
-                      + (uint64_t)(pos - ihl);
-    unsigned ck;
-    if (partial) {
-        ck = (unsigned)(pseudo % 0xFFFF);
-        if (ck == 0) ck = 0xFFFF;
-    } else {
-        ck = csum_field(pseudo + be_sum(out + ihl, pos - ihl));
-    }
-    put_be16(out + ihl + 16, ck);
+    if (partial)
+        fp_partial_csum(out, pos, ihl);
+    else
+        put_be16(out + ihl + 16,
+                 csum_field(pseudo_sum(out, pos, ihl) + be_sum(out + ihl, pos - ihl)));
     return pos;
 }
 

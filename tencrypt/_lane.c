@@ -499,13 +499,6 @@ done:
 
 /* ---- in: a GRO read of several datagrams -> the frames of their coalesced packets --------- */
 
-/* core/batch.py rewrite_partial_csum for an IPv4 TCP packet (IHL 20) */
-static void partial_csum(unsigned char *p, Py_ssize_t len) {
-    uint64_t sum = ones_sum(p, 12, 20) + TCP + (uint64_t)(len - 20);
-    uint32_t ck = (uint32_t)(sum % 0xFFFF);
-    put16(p + 36, ck ? ck : 0xFFFF);
-}
-
 /* core/express.py's ``inbound_run`` (rule 2b): ``n`` bytes of datagrams of ``size`` bytes
  * (the last may be shorter), 2 to MAX_SEGMENTS of them, every one of one session, in counter
  * order, each passing lane_in's checks (else: 0, nothing changed). Then per group of
@@ -602,7 +595,7 @@ static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
                 rewrite(p, lens[j], 0, (const unsigned char *)PyBytes_AsString(vip), port);
             memset(f, 0, VNET);
             if (gsos[j]) { /* core/batch.py rewrite_partial_csum and build_gso_vnet_hdr */
-                partial_csum(p, lens[j]);
+                fp_partial_csum(p, lens[j], 20);
                 uint16_t hdr_len = (uint16_t)(20 + ((p[32] >> 4) << 2)), gso = (uint16_t)gsos[j];
                 uint16_t start = 20, offset = 16;
                 f[0] = 1; /* NEEDS_CSUM */
