@@ -82,6 +82,7 @@
 #define GSO_ECN 0x80
 #define MAX_SEGMENTS FP_MAX_RUN /* a super-packet's segments, a GRO read's datagrams */
 #define UDP_MAX_PAYLOAD (65535 - 20 - 8)
+#define LOG_CAP 64 /* leased packets recorded before their commits must run */
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
@@ -106,6 +107,8 @@ typedef struct {
     Py_ssize_t n_sealed, n_opened; /* packets the pumps took, each way (``counts()``) */
     PyObject *last_ep;    /* the endpoint whose sockaddr is cached */
     struct sockaddr_in last_sa;
+    struct sockaddr_in out_sa; /* lane_out: where its datagrams go (out_sa_ok 0: nowhere) */
+    int out_sa_ok;
     /* ``wait``, per descriptor (the socket [0], tenc0 [1], as ``served``): what a pump inside
      * it handed back (a list, or NULL) and its count of send drops / inject errors, kept for
      * the next ``pump_udp`` / ``pump_tun`` call */
@@ -117,7 +120,33 @@ typedef struct {
     double spin, budget, last_event;
     Py_ssize_t polls, misses, grown;
     double served[2]; /* ``wait``: when it last served the socket [0] and tenc0 [1] (READS) */
+    /* core/express.py rule 6: the epoch (a new one at every call from Python), the packets
+     * admitted under a lease each way, and the state changes they owe, replayed in order by
+     * ``commit`` before any Python runs */
+    uint64_t epoch;
+    Py_ssize_t n_leased[2]; /* out, in */
+    struct Record {
+        PyObject *fn, *addr, *refs; /* take or accept (bound); in: the source and the refs */
+        Py_ssize_t nbytes, count;   /* out: count is take's ``segments`` */
+        double now;
+    } log[LOG_CAP];
+    Py_ssize_t nlog;
 } Lane;
+
+/* core/express.py rule 6: an entry's lease cell (its last item, a bytearray of LEASE_BYTES) */
+typedef struct {
+    uint64_t epoch;      /* the epoch it was granted in; 0: none */
+    double until, last, ttl;
+    uint64_t bound;      /* out: the highest counter plus packets */
+    uint32_t index;      /* in: the session's index */
+    uint32_t addr;       /* out: the endpoint, in: the datagram's source (network order) */
+    uint16_t port;
+} Lease;
+#define LEASE_BYTES 64 /* core/express.py LEASE_BYTES */
+_Static_assert(sizeof(Lease) <= LEASE_BYTES, "a lease fits its cell");
+
+static uint64_t epochs; /* every lane's epochs are distinct (the GIL serialises) */
+static PyObject *str_send_counter, *str_commit, *str_self;
 
 static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static void put16(unsigned char *p, uint32_t v) {
@@ -208,20 +237,157 @@ static void rewrite(unsigned char *p, Py_ssize_t n, int dst, const unsigned char
     put16(p + at, ck2);
 }
 
+/* ---- leases (core/express.py rule 6) ------------------------------------------------------ */
+
+static void new_epoch(Lane *self) { self->epoch = ++epochs; }
+
+/* The lease cell of ``entry`` (its item ``i``), or NULL if it has none. */
+static Lease *lease_cell(PyObject *entry, Py_ssize_t i) {
+    PyObject *b = PyTuple_Size(entry) > i ? PyTuple_GetItem(entry, i) : NULL;
+    if (b == NULL || !PyByteArray_CheckExact(b) || PyByteArray_Size(b) < LEASE_BYTES)
+        return NULL;
+    return (Lease *)PyByteArray_AsString(b);
+}
+
+/* The lease holds for a packet at ``now``: its epoch, its clock checks. */
+static int lease_holds(const Lane *self, const Lease *l, double now) {
+    return l->epoch == self->epoch && now < l->until && now - l->last < l->ttl;
+}
+
+/* Fill a lease from a grant's (until, [bound,] ttl) items of ``got`` from ``at``. */
+static void lease_grant(Lane *self, Lease *l, PyObject *got, Py_ssize_t at, int out, double now,
+                        uint32_t index, const struct sockaddr_in *sa) {
+    l->epoch = 0;
+    if (!PyTuple_Check(got) || PyTuple_Size(got) != at + 2 + out) return;
+    double until = PyFloat_AsDouble(PyTuple_GetItem(got, at));
+    double ttl = PyFloat_AsDouble(PyTuple_GetItem(got, at + 1 + out));
+    unsigned long long bound = out ? PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, at + 1)) : 0;
+    if (PyErr_Occurred()) { /* not a lease: the next packet asks again */
+        PyErr_Clear();
+        return;
+    }
+    l->until = until;
+    l->ttl = ttl;
+    l->bound = bound;
+    l->last = now;
+    l->index = index;
+    l->addr = sa->sin_addr.s_addr;
+    l->port = sa->sin_port;
+    l->epoch = self->epoch;
+}
+
+/* The owed state changes, in order: each record's ``commit`` (its take's or accept's owner).
+ * 0, or -1 with an exception (a bug in commit): the rest are dropped. */
+static int replay(Lane *self) {
+    Py_ssize_t n = self->nlog;
+    if (n == 0) return 0;
+    struct Record log[LOG_CAP];
+    memcpy(log, self->log, (size_t)n * sizeof(log[0]));
+    self->nlog = 0;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        struct Record *r = &log[i];
+        if (rc == 0) {
+            PyObject *owner = PyObject_GetAttr(r->fn, str_self); /* a bound take or accept */
+            PyObject *commit = owner == NULL ? NULL : PyObject_GetAttr(owner, str_commit);
+            Py_XDECREF(owner);
+            PyObject *got = NULL;
+            if (commit != NULL)
+                got = r->addr == NULL
+                          ? PyObject_CallFunction(commit, "ndn", r->nbytes, r->now, r->count)
+                          : PyObject_CallFunction(commit, "nOdOn", r->nbytes, r->addr, r->now,
+                                                  r->refs, r->count);
+            Py_XDECREF(commit);
+            if (got == NULL) rc = -1;
+            Py_XDECREF(got);
+        }
+        Py_XDECREF(r->fn);
+        Py_XDECREF(r->addr);
+        Py_XDECREF(r->refs);
+    }
+    return rc;
+}
+
+/* Owe a leased packet's state changes (a full log is replayed first). 0, or -1. */
+static int record(Lane *self, PyObject *fn, PyObject *addr, PyObject *refs, Py_ssize_t nbytes,
+                  Py_ssize_t count, double now) {
+    if (self->nlog == LOG_CAP && replay(self) < 0) return -1;
+    struct Record *r = &self->log[self->nlog++];
+    r->fn = Py_NewRef(fn);
+    r->addr = Py_XNewRef(addr);
+    r->refs = Py_XNewRef(refs);
+    r->nbytes = nbytes;
+    r->count = count;
+    r->now = now;
+    return 0;
+}
+
+/* A call from Python ends: what is owed is replayed first (rule 6), whatever the result. */
+static PyObject *finish(Lane *self, PyObject *result) {
+    if (self->nlog == 0) return result;
+    if (result == NULL) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (replay(self) < 0) PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    if (replay(self) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
 /* ---- out: one frame -> one datagram, or a super-packet -> its segments' datagrams --------- */
 
+static int endpoint_sa(Lane *self, PyObject *ep, struct sockaddr_in *sa);
+
 /* What ``take`` granted for a learnt flow: the entry (a new reference, kept while its bytes are
- * read), its fields, the counter of the first datagram and the endpoint (a new reference). */
+ * read), its fields, the counter of the first datagram, the endpoint (a new reference; NULL
+ * under a lease) and its address (sa_ok 0: not an IPv4 endpoint). */
 typedef struct {
     PyObject *entry, *ep;
     const unsigned char *key32, *new_dst; /* new_dst: NULL when the flow is not translated */
     uint32_t index, new_dport;
     uint64_t counter;
+    struct sockaddr_in sa;
+    int sa_ok;
 } Taken;
 
 static void taken_release(Taken *t) {
     Py_XDECREF(t->entry);
     Py_XDECREF(t->ep);
+}
+
+/* A packet (or ``segments``) of a leased entry: 1, admitted (the session's counter read and
+ * advanced, ``commit`` owed); 0: the lease does not cover it, nothing changed; -1: an
+ * exception. */
+static int lease_out(Lane *self, Lease *l, PyObject *take, PyObject *s, Py_ssize_t nbytes,
+                     double now, Py_ssize_t segments, Taken *t) {
+    uint64_t n = segments ? (uint64_t)segments : 1;
+    if (!lease_holds(self, l, now)) return 0;
+    PyObject *cv = PyObject_GetAttr(s, str_send_counter);
+    unsigned long long c = cv == NULL ? 0 : PyLong_AsUnsignedLongLong(cv);
+    Py_XDECREF(cv);
+    int r = PyErr_Occurred() ? -1 : c + n <= l->bound && c + n > c;
+    if (r == 1) r = record(self, take, NULL, NULL, nbytes, segments, now) < 0 ? -1 : 1;
+    if (r == 1) { /* rule 4: the one counter, advanced where it is used */
+        PyObject *nv = PyLong_FromUnsignedLongLong(c + n);
+        if (nv == NULL || PyObject_SetAttr(s, str_send_counter, nv) < 0) r = -1;
+        Py_XDECREF(nv);
+    }
+    if (r != 1) return r;
+    l->last = now;
+    t->counter = c;
+    t->ep = NULL;
+    memset(&t->sa, 0, sizeof(t->sa));
+    t->sa.sin_family = AF_INET;
+    t->sa.sin_addr.s_addr = l->addr;
+    t->sa.sin_port = l->port;
+    t->sa_ok = 1;
+    self->n_leased[0] += (Py_ssize_t)n;
+    return 1;
 }
 
 /* The entry of flow ``key`` and its ``take(nbytes, now[, segments])`` (core/express.py rule 3;
@@ -233,12 +399,31 @@ static int take_flow(Lane *self, const unsigned char *key, Py_ssize_t nbytes, do
     if (kobj == NULL) return -1;
     PyObject *entry = PyDict_GetItem(self->out, kobj); /* borrowed */
     Py_DECREF(kobj);
-    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 5) return 0;
+    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) < 5) return 0;
     PyObject *keyb = PyTuple_GetItem(entry, 0), *index = PyTuple_GetItem(entry, 1);
     PyObject *new_dst = PyTuple_GetItem(entry, 2), *new_dport = PyTuple_GetItem(entry, 3);
     PyObject *take = PyTuple_GetItem(entry, 4);
     if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32 || !PyBytes_Check(new_dst)) return 0;
-    Py_INCREF(entry); /* take may change the table */
+    t->key32 = (const unsigned char *)PyBytes_AsString(keyb);
+    t->new_dst = PyBytes_Size(new_dst) == 4 ? (const unsigned char *)PyBytes_AsString(new_dst)
+                                            : NULL;
+    t->new_dport = t->new_dst ? (uint32_t)PyLong_AsLong(new_dport) : 0;
+    t->index = (uint32_t)PyLong_AsUnsignedLong(index);
+    if (PyErr_Occurred()) return -1;
+    Py_INCREF(entry); /* take (or a replayed commit) may change the table */
+    Lease *lease = PyTuple_Size(entry) == 7 ? lease_cell(entry, 5) : NULL;
+    int r = lease == NULL ? 0
+                          : lease_out(self, lease, take, PyTuple_GetItem(entry, 6), nbytes, now,
+                                      segments, t);
+    if (r != 0) {
+        if (r < 0) Py_DECREF(entry);
+        else t->entry = entry;
+        return r;
+    }
+    if (replay(self) < 0) { /* rule 6: nothing owed when Python runs */
+        Py_DECREF(entry);
+        return -1;
+    }
     PyObject *got = segments ? PyObject_CallFunction(take, "ndn", nbytes, now, segments)
                              : PyObject_CallFunction(take, "nd", nbytes, now);
     if (got == NULL || got == Py_None) {
@@ -248,29 +433,22 @@ static int take_flow(Lane *self, const unsigned char *key, Py_ssize_t nbytes, do
     }
     unsigned long long counter = 0;
     PyObject *ep = NULL;
-    if (PyTuple_Check(got) && PyTuple_Size(got) == 2) {
+    if (PyTuple_Check(got) && PyTuple_Size(got) >= 2) {
         counter = PyLong_AsUnsignedLongLong(PyTuple_GetItem(got, 0));
         ep = PyTuple_GetItem(got, 1);
     }
     if (ep == NULL || PyErr_Occurred()) {
         Py_DECREF(got);
         Py_DECREF(entry);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "take: (counter, endpoint)");
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "take: (counter, endpoint, ...)");
         return -1;
     }
     t->entry = entry;
     t->ep = Py_NewRef(ep);
-    Py_DECREF(got);
-    t->key32 = (const unsigned char *)PyBytes_AsString(keyb);
-    t->new_dst = PyBytes_Size(new_dst) == 4 ? (const unsigned char *)PyBytes_AsString(new_dst)
-                                            : NULL;
-    t->new_dport = t->new_dst ? (uint32_t)PyLong_AsLong(new_dport) : 0;
-    t->index = (uint32_t)PyLong_AsUnsignedLong(index);
     t->counter = (uint64_t)counter;
-    if (PyErr_Occurred()) {
-        taken_release(t);
-        return -1;
-    }
+    t->sa_ok = endpoint_sa(self, ep, &t->sa) == 0;
+    if (lease != NULL && t->sa_ok) lease_grant(self, lease, got, 2, 1, now, 0, &t->sa);
+    Py_DECREF(got);
     return 1;
 }
 
@@ -328,13 +506,16 @@ static int lane_out_super(Lane *self, const unsigned char *frame, Py_ssize_t len
     *dlen = pos;
     *dsize = hlen + mss + OVERHEAD;
     *endpoint = t.ep;
+    self->out_sa = t.sa;
+    self->out_sa_ok = t.sa_ok;
     Py_DECREF(t.entry);
     return 1;
 }
 
 /* 1: sealed into self->sealed (*dlen bytes: one datagram, or a super-packet's datagrams of
- * *dsize bytes but the last; *dsize 0 for one) for *endpoint (a new reference); 0: not the
- * lane's, nothing changed; -1: an exception (a bug in take, or no memory). */
+ * *dsize bytes but the last; *dsize 0 for one) for *endpoint (a new reference, or NULL under
+ * a lease) at self->out_sa (out_sa_ok 0: not an IPv4 endpoint); 0: not the lane's, nothing
+ * changed; -1: an exception (a bug in take, or no memory). */
 static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double now,
                     PyObject **endpoint, Py_ssize_t *dlen, Py_ssize_t *dsize) {
     *dsize = 0;
@@ -365,6 +546,8 @@ static int lane_out(Lane *self, const unsigned char *frame, Py_ssize_t n, double
     if (!sealed_ok(seal_one(self, &t, t.counter, p, len, self->sealed, 1), &t)) return -1;
     *dlen = len + OVERHEAD;
     *endpoint = t.ep;
+    self->out_sa = t.sa;
+    self->out_sa_ok = t.sa_ok;
     Py_DECREF(t.entry);
     return 1;
 }
@@ -419,8 +602,36 @@ static int slot_of(Lane *self, const unsigned char *d, Slot *s) {
 
 /* 1: the frame (VNET zero bytes, then the packet) is in self->work, *flen bytes; 0: not the
  * lane's, nothing changed; -1: an exception. */
-static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *addr, double now,
-                   Py_ssize_t *flen) {
+/* ``accept`` for ``count`` packets of ``entry`` (an ``inn`` entry) from ``addr`` (``from``:
+ * its address, NULL: none) in a datagram of session ``index``: under the entry's lease, owed
+ * (rule 6), else asked (what is owed replayed first) and, if granted, leased. 1: taken; 0:
+ * refused, nothing changed; -1: an exception. */
+static int admit_in(Lane *self, PyObject *accept, PyObject *entry, const unsigned char *src,
+                    Py_ssize_t nbytes, PyObject *addr, const struct sockaddr_in *from,
+                    uint32_t index, double now, Py_ssize_t count) {
+    PyObject *refs = PyTuple_GetItem(entry, 2);
+    Lease *l = from == NULL ? NULL : lease_cell(entry, 3);
+    if (l != NULL && lease_holds(self, l, now) && l->index == index
+        && l->addr == from->sin_addr.s_addr && l->port == from->sin_port) {
+        if (record(self, accept, addr, refs, nbytes, count, now) < 0) return -1;
+        l->last = now;
+        self->n_leased[1] += count;
+        return 1;
+    }
+    if (replay(self) < 0) return -1;
+    PyObject *srcb = PyBytes_FromStringAndSize((const char *)src, 4);
+    PyObject *yes = srcb == NULL ? NULL
+                                 : PyObject_CallFunction(accept, "OnOdOn", srcb, nbytes, addr, now,
+                                                         refs, count);
+    Py_XDECREF(srcb);
+    int ok = yes == NULL ? -1 : PyObject_IsTrue(yes);
+    if (ok == 1 && l != NULL) lease_grant(self, l, yes, 0, 0, now, index, from);
+    Py_XDECREF(yes);
+    return ok;
+}
+
+static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *addr,
+                   const struct sockaddr_in *from, double now, Py_ssize_t *flen) {
     if (n < OVERHEAD + 28 || n > BUF) return 0;
     uint64_t counter = counter_of(d);
     Slot sl;
@@ -459,21 +670,10 @@ static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *a
     }
     PyObject *entry = PyDict_GetItem(self->inn, kobj);
     Py_DECREF(kobj);
-    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 3) goto done;
+    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) < 3) goto done;
     Py_INCREF(entry);
     PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
-    PyObject *ref = PyTuple_GetItem(entry, 2);
-    PyObject *src = PyBytes_FromStringAndSize((const char *)p + 12, 4);
-    PyObject *yes = src == NULL ? NULL
-                                : PyObject_CallFunction(accept, "OnOdO", src, plen, addr, now, ref);
-    Py_XDECREF(src);
-    if (yes == NULL) {
-        Py_DECREF(entry);
-        result = -1;
-        goto done;
-    }
-    int taken = PyObject_IsTrue(yes);
-    Py_DECREF(yes);
+    int taken = admit_in(self, accept, entry, p + 12, plen, addr, from, index_of(d), now, 1);
     if (taken == 1) {
         window_update(&w, counter);
         if (set_top(window, &w) < 0) {
@@ -508,7 +708,8 @@ done:
  * Returns the datagrams taken (a prefix; their frames are in self->frames, self->nframes of
  * them, self->frame_len each; the rest unchanged), or -1: an exception. */
 static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
-                              Py_ssize_t size, PyObject *addr, double now) {
+                              Py_ssize_t size, PyObject *addr, const struct sockaddr_in *from,
+                              double now) {
     Py_ssize_t k = size > 0 ? (n + size - 1) / size : 0;
     self->nframes = 0;
     if (size < OVERHEAD + 28 || k < 2 || k > MAX_SEGMENTS || n > BUF) return 0;
@@ -561,17 +762,11 @@ static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
         }
         PyObject *entry = PyDict_GetItem(self->inn, kobj);
         Py_DECREF(kobj);
-        if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) != 3) break;
+        if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) < 3) break;
         Py_INCREF(entry);
         PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
-        PyObject *src = PyBytes_FromStringAndSize((const char *)pieces[taken].buf + 12, 4);
-        PyObject *yes = src == NULL ? NULL
-                                    : PyObject_CallFunction(accept, "OnOdOn", src, total, addr,
-                                                            now, PyTuple_GetItem(entry, 2),
-                                                            end - taken);
-        Py_XDECREF(src);
-        int ok = yes == NULL ? -1 : PyObject_IsTrue(yes);
-        Py_XDECREF(yes);
+        int ok = admit_in(self, accept, entry, pieces[taken].buf + 12, total, addr, from,
+                          index_of(d), now, end - taken);
         if (ok != 1) { /* accept: the state changes of the group's packets, or none */
             Py_DECREF(entry);
             if (ok < 0) result = -1;
@@ -620,11 +815,8 @@ done:
 
 /* ---- endpoints ---------------------------------------------------------------------------- */
 
-static int endpoint_sa(Lane *self, PyObject *ep, struct sockaddr_in *sa) {
-    if (ep == self->last_ep) {
-        *sa = self->last_sa;
-        return 0;
-    }
+/* An (host, port) tuple's IPv4 address: 0, or -1 (not one; no exception). */
+static int parse_sa(PyObject *ep, struct sockaddr_in *sa) {
     PyObject *host = PyTuple_Check(ep) && PyTuple_Size(ep) == 2 ? PyTuple_GetItem(ep, 0) : NULL;
     if (host == NULL || !PyUnicode_Check(host)) return -1;
     const char *text = PyUnicode_AsUTF8AndSize(host, NULL);
@@ -637,6 +829,15 @@ static int endpoint_sa(Lane *self, PyObject *ep, struct sockaddr_in *sa) {
     sa->sin_family = AF_INET;
     sa->sin_port = htons((uint16_t)port);
     if (inet_pton(AF_INET, text, &sa->sin_addr) != 1) return -1;
+    return 0;
+}
+
+static int endpoint_sa(Lane *self, PyObject *ep, struct sockaddr_in *sa) {
+    if (ep == self->last_ep) {
+        *sa = self->last_sa;
+        return 0;
+    }
+    if (parse_sa(ep, sa) < 0) return -1;
     Py_XDECREF(self->last_ep);
     self->last_ep = Py_NewRef(ep);
     self->last_sa = *sa;
@@ -651,7 +852,7 @@ static PyObject *addr_of(const struct sockaddr_in *sa) {
 
 /* ---- methods ------------------------------------------------------------------------------- */
 
-static PyObject *lane_outbound(Lane *self, PyObject *args) {
+static PyObject *lane_outbound_impl(Lane *self, PyObject *args) {
     Py_buffer frame;
     double now;
     if (!PyArg_ParseTuple(args, "y*d:outbound", &frame, &now)) return NULL;
@@ -661,16 +862,18 @@ static PyObject *lane_outbound(Lane *self, PyObject *args) {
     PyBuffer_Release(&frame);
     if (r < 0) return NULL;
     if (r == 0) Py_RETURN_NONE;
+    if (ep == NULL) ep = addr_of(&self->out_sa); /* leased: the endpoint as granted */
+    if (ep == NULL) return NULL;
     return Py_BuildValue("(y#N)", (const char *)self->sealed, dlen, ep);
 }
 
-static PyObject *lane_inbound(Lane *self, PyObject *args) {
+static PyObject *lane_inbound_impl(Lane *self, PyObject *args) {
     Py_buffer d;
     PyObject *addr;
     double now;
     if (!PyArg_ParseTuple(args, "y*Od:inbound", &d, &addr, &now)) return NULL;
     Py_ssize_t flen = 0;
-    int r = lane_in(self, d.buf, d.len, addr, now, &flen);
+    int r = lane_in(self, d.buf, d.len, addr, NULL, now, &flen); /* one epoch: no lease */
     PyBuffer_Release(&d);
     if (r < 0) return NULL;
     if (r == 0) Py_RETURN_NONE;
@@ -722,13 +925,13 @@ static Py_ssize_t send_run(int fd, const unsigned char *data, Py_ssize_t len, Py
     return sent;
 }
 
-static PyObject *lane_inbound_run(Lane *self, PyObject *args) {
+static PyObject *lane_inbound_run_impl(Lane *self, PyObject *args) {
     Py_buffer d;
     PyObject *addr;
     Py_ssize_t size;
     double now;
     if (!PyArg_ParseTuple(args, "y*nOd:inbound_run", &d, &size, &addr, &now)) return NULL;
-    Py_ssize_t taken = lane_in_run(self, d.buf, d.len, size, addr, now);
+    Py_ssize_t taken = lane_in_run(self, d.buf, d.len, size, addr, NULL, now);
     PyBuffer_Release(&d);
     if (taken < 0) return NULL;
     if (taken == 0) Py_RETURN_NONE;
@@ -769,9 +972,9 @@ static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssi
             Py_DECREF(frame);
             break;
         }
-        struct sockaddr_in sa;
+        struct sockaddr_in sa = self->out_sa;
         Py_ssize_t count = dsize ? (dlen + dsize - 1) / dsize : 1;
-        if (endpoint_sa(self, ep, &sa) < 0)
+        if (!self->out_sa_ok)
             dropped += count;
         else if (dsize)
             dropped += count - send_run(udp_fd, self->sealed, dlen, dsize, &sa);
@@ -780,7 +983,7 @@ static PyObject *pump_tun(Lane *self, int tun_fd, int udp_fd, double now, Py_ssi
             dropped++;
         self->n_sealed += count;
         self->n_bulk += dsize != 0;
-        Py_DECREF(ep);
+        Py_XDECREF(ep);
         if (i == 0 && n <= lone) break;
     }
     *dropped_out = dropped;
@@ -796,7 +999,7 @@ static PyObject *pop_kept(Lane *self, int i) {
     return Py_BuildValue("(Nn)", back, self->back_n[i]);
 }
 
-static PyObject *lane_pump_tun(Lane *self, PyObject *args) {
+static PyObject *lane_pump_tun_impl(Lane *self, PyObject *args) {
     int tun_fd, udp_fd;
     double now;
     Py_ssize_t limit, lone, dropped = 0;
@@ -849,8 +1052,8 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
         int run = gro > 0 && gro < n;
         Py_ssize_t r = 0, flen = 0, k = run ? (n + gro - 1) / gro : 1;
         if (!trunc && msg.msg_namelen == sizeof(sa) && sa.sin_family == AF_INET)
-            r = run ? lane_in_run(self, self->rbuf, n, gro, addr, now) /* datagrams taken */
-                    : lane_in(self, self->rbuf, n, addr, now, &flen);
+            r = run ? lane_in_run(self, self->rbuf, n, gro, addr, &sa, now) /* datagrams taken */
+                    : lane_in(self, self->rbuf, n, addr, &sa, now, &flen);
         if (r < 0) {
             Py_DECREF(addr);
             Py_DECREF(back);
@@ -885,7 +1088,7 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
     return back;
 }
 
-static PyObject *lane_pump_udp(Lane *self, PyObject *args) {
+static PyObject *lane_pump_udp_impl(Lane *self, PyObject *args) {
     int udp_fd, tun_fd;
     double now;
     Py_ssize_t limit, lone, errors = 0;
@@ -993,7 +1196,7 @@ static int epoll_spin(Lane *self, int epfd, struct epoll_event *evs, int maxeven
     return n;
 }
 
-static PyObject *lane_wait(Lane *self, PyObject *args) {
+static PyObject *lane_wait_impl(Lane *self, PyObject *args) {
     int epfd, maxevents, tun_fd, udp_fd, udp_ok;
     PyObject *timeout_obj, *now_obj = Py_None;
     Py_ssize_t limit, lone;
@@ -1026,6 +1229,7 @@ static PyObject *lane_wait(Lane *self, PyObject *args) {
         int n = epoll_spin(self, epfd, evs, maxevents, deadline);
         if (n < 0) {
             if (errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
+            if (replay(self) < 0) return NULL; /* rule 6: the handlers are Python */
             if (PyErr_CheckSignals() < 0) return NULL;
             return PyList_New(0); /* the loop runs its signal handlers */
         }
@@ -1104,6 +1308,7 @@ static int lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     memcpy(self->pod4, pod, 4);
     self->mtu = mtu;
     self->last_event = self->served[0] = self->served[1] = -INFINITY;
+    new_epoch(self);
     /* a super-packet's rows (mss + headers within the MTU) and their datagrams */
     Py_ssize_t segs = MAX_SEGMENTS * ((mtu + 3) & ~(Py_ssize_t)3);
     Py_ssize_t sealed = MAX_SEGMENTS * (mtu + OVERHEAD);
@@ -1147,6 +1352,11 @@ static void lane_dealloc(Lane *self) {
     Py_XDECREF(self->last_ep);
     Py_XDECREF(self->back[0]);
     Py_XDECREF(self->back[1]);
+    for (Py_ssize_t i = 0; i < self->nlog; i++) { /* owed, never replayed: a lane dropped */
+        Py_XDECREF(self->log[i].fn);
+        Py_XDECREF(self->log[i].addr);
+        Py_XDECREF(self->log[i].refs);
+    }
     PyMem_Free(self->rbuf);
     PyMem_Free(self->work);
     PyMem_Free(self->sealed);
@@ -1157,6 +1367,32 @@ static void lane_dealloc(Lane *self) {
     freefunc free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     free(self);
     Py_DECREF(tp);
+}
+
+/* ---- calls from Python: each a new epoch, nothing owed when it returns (rule 6) ---------- */
+
+#define FROM_PYTHON(name)                                                                       \
+    static PyObject *name(Lane *self, PyObject *args) {                                        \
+        new_epoch(self);                                                                        \
+        return finish(self, name##_impl(self, args));                                           \
+    }
+FROM_PYTHON(lane_outbound)
+FROM_PYTHON(lane_inbound)
+FROM_PYTHON(lane_inbound_run)
+FROM_PYTHON(lane_pump_tun)
+FROM_PYTHON(lane_pump_udp)
+FROM_PYTHON(lane_wait)
+
+static PyObject *lane_settle(Lane *self, PyObject *unused) {
+    (void)unused;
+    new_epoch(self);
+    if (replay(self) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_leased(Lane *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(nn)", self->n_leased[0], self->n_leased[1]);
 }
 
 static PyMethodDef lane_methods[] = {
@@ -1183,6 +1419,11 @@ static PyMethodDef lane_methods[] = {
      "spin_stats() -> (polls, misses, grown, budget): wait's polling window (spin.py rules)"},
     {"woken", (PyCFunction)lane_woken, METH_NOARGS,
      "woken() -> wake-ups wait served in C without returning to Python"},
+    {"leased", (PyCFunction)lane_leased, METH_NOARGS,
+     "leased() -> (out, in): packets admitted under a lease (core/express.py rule 6)"},
+    {"settle", (PyCFunction)lane_settle, METH_NOARGS,
+     "settle(): a new epoch; the state changes leased packets owe are made now (they are "
+     "before every return to Python anyway)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1200,6 +1441,10 @@ static PyType_Spec lane_spec = {
 };
 
 int fp_add_lane(PyObject *module) {
+    str_send_counter = PyUnicode_InternFromString("send_counter");
+    str_commit = PyUnicode_InternFromString("commit");
+    str_self = PyUnicode_InternFromString("__self__");
+    if (str_send_counter == NULL || str_commit == NULL || str_self == NULL) return -1;
     PyObject *type = PyType_FromSpec(&lane_spec);
     if (type == NULL) return -1;
     if (PyModule_AddObject(module, "Lane", type) < 0) {

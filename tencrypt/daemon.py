@@ -696,11 +696,14 @@ class Proxy(ControlPlane):
         e = self.express
         if e is not None and self.lane is not None:
             sealed, opened = self.lane.counts()
+            leased_out, leased_in = self.lane.leased()
             doc["express"] = {
                 "flows": len(e.out),
                 "learnt": e.learnt,
                 "sealed": sealed,
                 "opened": opened,
+                "leased_sealed": leased_out,  # of those, admitted under a lease (rule 6)
+                "leased_opened": leased_in,
                 "woken_in_c": self.lane.woken(),
             }
         return doc

@@ -16,10 +16,11 @@ Rules:
    source port, destination port of an IPv4 packet; an ICMP echo request's ports are (id, 0),
    a reply's (0, id), so that a request's key with addresses and ports swapped is its
    reply's) -> (send key, the peer's receiver index, new destination (4 bytes, or b""
-   untranslated), new destination port (-1; an echo: 0, never written), ``take``);
+   untranslated), new destination port (-1; an echo: 0, never written), ``take``, its lease
+   cell (rule 6), the session (whose counter a leased packet advances));
    ``inn``: key13 of an opened packet (the reply as it arrives) -> (the cluster IP to put
    back as its source (or b""), the Service port (-1), the flow's ``FlowRef``s: its Service
-   flow and its NetworkPolicy flow, those that exist);
+   flow and its NetworkPolicy flow, those that exist, its lease cell);
    ``slots``: our receiver index -> (receive key, the session's ``ReplayWindow``, the
    message limit, ``accept``).
 2. Eligible packets, both ways: IPv4 with a 20-byte header, total length exact, not a
@@ -85,6 +86,30 @@ Rules:
    retired session (re-key, expiry) simply stops passing ``take``/``accept``.
 5. Bad input never raises: anything the lane cannot take is handed back (rule 1 of the
    module: the Python path counts it).
+6. Leases (the compiled lane only; the twin calls ``take``/``accept`` for every packet).
+   Every check of rule 3 reads state that only Python code changes, or the clock. The proxy
+   runs its Python on one thread, and between two calls of the lane from Python (a pump, a
+   ``wait``, ``outbound``...: an *epoch*) the only Python that runs is the lane's own
+   ``take``/``accept``/``commit`` calls, which make a flow's state changes and no other
+   (they never remove a flow, change a session, a peer's ``pending``, the tables or a
+   policy). So a grant holds for the rest of its epoch, as long as what the clock decides
+   holds too: ``take`` and ``accept`` return it with the grant, ``until`` (the session's
+   expiry; its re-key time (out) or renewal time (in) when that check applies), for
+   ``take`` the ``bound`` the counter plus the packets may reach (the re-key point while no
+   handshake is pending, else the reject limit), and ``ttl``, the shortest idle timeout of
+   the flow's ``FlowRef``s (the flows stay alive while the lane touches them more often
+   than that: their ``last_seen`` is never older than the lease's last packet). A later
+   packet of the entry in the same epoch, at ``now`` < ``until``, within ``ttl`` of the
+   lease's last packet, (out) whose counter plus packets stays within ``bound``, (in) of
+   the same session index from the same source address, is admitted in C: the counter is
+   read and advanced in its ``Session`` (rule 4 unchanged), the window marked, and the
+   rest of ``take``'s/``accept``'s state changes (``commit``) is recorded and replayed in
+   order, by calling ``commit``, before any Python runs: before the lane calls
+   ``take``/``accept`` and before it returns. Python therefore never sees a state the
+   per-packet calls would not have made; only the moment it is made moves, within one
+   call of the lane. The timers are unaffected (control.py rule 4c): the deadlines a
+   ``commit`` sets are those ``take``/``accept`` set, and the timer task's sleep was
+   already bounded by them.
 Pure: no I/O; ``now`` is an argument. The daemon's hooks (tencrypt/daemon.py) call ``learn``
 and ``forget``; the compiled lane adds the reads and writes (``pump_tun``, ``pump_udp``).
 """
@@ -139,6 +164,7 @@ Buffer = bytes | bytearray | memoryview
 MAX_FLOWS = 4096  # learnt flows; one more flushes the tables (closed flows are never removed)
 MAX_SEGMENTS = 64  # a super-packet's segments, a GRO read's datagrams (UDP_MAX_SEGMENTS)
 MAX_READ = 65536  # the compiled lane's receive buffer
+LEASE_BYTES = 64  # an entry's lease cell (rule 6), the compiled lane's struct Lease
 NO_SYN_FIN_RST = 0x07  # TCP flags the lane leaves to the Python path (conntrack state)
 _HEADER = struct.Struct("<IIQ")
 _VNET = struct.Struct("=BBHHHH")
@@ -215,14 +241,31 @@ class FlowRef:
         idle: Any = self.table._idle
         idle.touch(self.key, self.flow, self.flow.queue, now)
 
+    def ttl(self) -> float:
+        """The flow's idle timeout: it stays alive while touched more often (rule 6)."""
+        idle: Any = self.table._idle
+        return float(idle.timeouts[self.flow.queue])
+
 
 Refs = tuple[FlowRef, ...]
+# rule 6: a grant's lease, (until, bound, ttl) out, (until, ttl) in
+OutGrant = tuple[int, "Endpoint", float, int, float]
+InGrant = tuple[float, float]
+
+
+def _cell() -> bytearray:
+    """An entry's lease cell (rule 6): the compiled lane's, zero (no lease) until it grants."""
+    return bytearray(LEASE_BYTES)
+
+
+def _ttl(refs: Refs) -> float:
+    return min((ref.ttl() for ref in refs), default=float("inf"))
 
 
 class Sender:
     """One learnt outbound flow's admission (rule 3): ``take(nbytes, now[, segments])`` ->
-    (counter, endpoint) after making the Python path's state changes, or None (nothing
-    changed)."""
+    (counter, endpoint, until, bound, ttl) after making the Python path's state changes, or
+    None (nothing changed); ``commit`` makes those changes but the counter's (rule 6)."""
 
     __slots__ = ("lane", "peer", "session", "dst", "refs", "policy")
 
@@ -230,9 +273,11 @@ class Sender:
         self.lane, self.peer, self.session, self.dst, self.refs = lane, peer, s, dst, refs
         self.policy = policy  # a NetworkPolicy was in force at ``learn``
 
-    def take(self, nbytes: int, now: float, segments: int = 0) -> tuple[int, Endpoint] | None:
+    def take(self, nbytes: int, now: float, segments: int = 0) -> OutGrant | None:
         """One packet of ``nbytes`` (``segments`` 0), or a super-packet cut into ``segments``
-        packets of ``nbytes`` in all: the counter of the first, and where they go."""
+        packets of ``nbytes`` in all: the counter of the first, where they go, and the lease
+        (rule 6): the same checks pass for this flow until ``until``, for a counter (plus the
+        packets) up to ``bound``, while its flows are touched within ``ttl``."""
         n = segments or 1
         lane, peer, s = self.lane, self.peer, self.session
         if len(lane.nat) or (lane.dispatch.netpol.policy is not None) != self.policy:
@@ -251,26 +296,40 @@ class Sender:
         for ref in refs:
             if not ref.live(now):
                 return None
-        for ref in refs:
-            ref.touch(now)
         s.send_counter = c + n  # rule 4: the one counter, advanced where it is used
+        self.commit(nbytes, now, segments)
+        until = s.expires_at
+        if peer.pending is None:
+            bound = min(limits.reject_after_messages, limits.rekey_after_messages - 1)
+            if s.initiator:
+                until = min(until, s.rekey_at)
+        else:
+            bound = limits.reject_after_messages
+        return c, peer.endpoint, until, bound, _ttl(refs)
+
+    def commit(self, nbytes: int, now: float, segments: int = 0) -> None:
+        """``take``'s state changes but the counter's, for a packet (or super-packet) the
+        checks passed for (rule 6: a lease's packets, replayed in order)."""
+        lane, peer, n = self.lane, self.peer, segments or 1
+        for ref in self.refs:
+            ref.touch(now)
         peer.keepalive_due = None
         peer.tx_packets += n
         peer.tx_bytes += nbytes
         if peer.stale_due is None:
-            peer.stale_due = now + limits.stale_timeout
+            peer.stale_due = now + lane.tunnel.limits.stale_timeout
         counters = lane.stats.counters
         counters[Counter.PACKETS_SEALED] = counters.get(Counter.PACKETS_SEALED, 0) + n
         counters[Counter.BYTES_SEALED] = counters.get(Counter.BYTES_SEALED, 0) + nbytes
         if segments:  # as the Python path's _outbound_super
             lane.stats.inc(Counter.SUPER_PACKETS_SPLIT)
-        return c, peer.endpoint
 
 
 class Receiver:
     """One session's inbound admission (rule 3): ``accept(source, nbytes, addr, now, refs[,
     count])`` makes the Python path's state changes for one opened packet (or ``count``) and
-    says True, or changes nothing and says False."""
+    gives its lease (until, ttl: rule 6), or changes nothing and gives None; ``commit`` makes
+    those changes."""
 
     __slots__ = ("lane", "peer", "session")
 
@@ -285,26 +344,35 @@ class Receiver:
         now: float,
         refs: tuple[Refs, bool],
         count: int = 1,
-    ) -> bool:
+    ) -> InGrant | None:
         """``count`` packets of one flow (a GRO read's: rule 2b), ``nbytes`` in all."""
         lane, peer, s = self.lane, self.peer, self.session
         flows, policy = refs
         if (lane.dispatch.netpol.policy is not None) != policy:
-            return False
+            return None
         if s.recv_aead is None or now >= s.expires_at or not s.confirmed:
-            return False
+            return None
         if lane.by_index.get(s.local_index) is not s or s.peer is not peer:
-            return False
+            return None
         if addr != peer.endpoint:  # roaming, or a VIP peer's traffic from elsewhere: Python's
-            return False
-        if s.initiator and now >= s.renew_at and peer.pending is None and peer.current is s:
-            return False  # this packet starts a renewal
+            return None
+        renews = s.initiator and peer.pending is None and peer.current is s
+        if renews and now >= s.renew_at:
+            return None  # this packet starts a renewal
         if source not in peer.allowed and source != s.pod_ip:
-            return False
+            return None
         for ref in flows:
             if not ref.live(now):
-                return False
-        for ref in flows:
+                return None
+        self.commit(nbytes, addr, now, refs, count)
+        return (min(s.expires_at, s.renew_at) if renews else s.expires_at), _ttl(flows)
+
+    def commit(
+        self, nbytes: int, addr: Endpoint, now: float, refs: tuple[Refs, bool], count: int = 1
+    ) -> None:
+        """``accept``'s state changes, for packets the checks passed for (rule 6)."""
+        lane, peer = self.lane, self.peer
+        for ref in refs[0]:
             ref.touch(now)
         peer.stale_due = None
         peer.endpoint = addr
@@ -316,7 +384,6 @@ class Receiver:
         counters = lane.stats.counters
         counters[Counter.PACKETS_OPENED] = counters.get(Counter.PACKETS_OPENED, 0) + count
         counters[Counter.BYTES_OPENED] = counters.get(Counter.BYTES_OPENED, 0) + nbytes
-        return True
 
 
 class Express:
@@ -336,9 +403,11 @@ class Express:
         self.by_index = tunnel.table.by_index
         self.pod4 = ipaddress.IPv4Address(pod_ip).packed
         self.mtu = mtu
-        self.out: dict[bytes, tuple[bytes, int, bytes, int, Callable[..., Any]]] = {}
-        self.inn: dict[bytes, tuple[bytes, int, tuple[Refs, bool]]] = {}
-        self.slots: dict[int, tuple[bytes, Any, int, Callable[..., bool]]] = {}
+        self.out: dict[
+            bytes, tuple[bytes, int, bytes, int, Callable[..., Any], bytearray, Any]
+        ] = {}
+        self.inn: dict[bytes, tuple[bytes, int, tuple[Refs, bool], bytearray]] = {}
+        self.slots: dict[int, tuple[bytes, Any, int, Callable[..., InGrant | None]]] = {}
         self.learnt = 0  # entries installed (status, tests)
         self._sessions: dict[Peer, Session] = {}  # the one session per peer the tables hold
 
@@ -431,12 +500,12 @@ class Express:
         sender = Sender(self, peer, s, dst, both, policy).take
         if translated:
             new_dst, new_dport = new[:4], int.from_bytes(new[4:], "big")
-            self.out[key] = (s.send_key, s.remote_index, new_dst, new_dport, sender)
+            self.out[key] = (s.send_key, s.remote_index, new_dst, new_dport, sender, _cell(), s)
             reply = key[:1] + new_dst + key[1:5] + new[4:] + key[9:11]
-            self.inn[reply] = (key[5:9], vport, (both, policy))
+            self.inn[reply] = (key[5:9], vport, (both, policy), _cell())
         else:
-            self.out[key] = (s.send_key, s.remote_index, b"", -1, sender)
-            self.inn[_swap(key)] = (b"", -1, (both, policy))
+            self.out[key] = (s.send_key, s.remote_index, b"", -1, sender, _cell(), s)
+            self.inn[_swap(key)] = (b"", -1, (both, policy), _cell())
         self.slots[s.local_index] = (
             s.recv_key,
             s.replay,
@@ -473,11 +542,11 @@ class Express:
         entry = self.out.get(key)
         if entry is None:
             return None
-        send_key, index, new_dst, new_dport, take = entry
+        send_key, index, new_dst, new_dport, take = entry[:5]
         got = take(len(pkt), now)
         if got is None:
             return None
-        counter, endpoint = got
+        counter, endpoint = got[0], got[1]
         if new_dst:
             self._translate(pkt, new_dst, new_dport)
         return pure_fastpath.seal_batch(send_key, index, counter, [pkt]), endpoint
@@ -500,11 +569,11 @@ class Express:
         entry = self.out.get(key)
         if entry is None:
             return None
-        send_key, index, new_dst, new_dport, take = entry
+        send_key, index, new_dst, new_dport, take = entry[:5]
         got = take(count * hlen + payload, now, count)
         if got is None:
             return None
-        counter, endpoint = got
+        counter, endpoint = got[0], got[1]
         if new_dst:
             self._translate(pkt, new_dst, new_dport)
         segments = split_tcp_batch(bytes(frame[:VNET_HDR_LEN]) + pkt, self.stats)
@@ -547,7 +616,7 @@ class Express:
         entry = self.inn.get(key)
         if entry is None:
             return None
-        vip, vport, refs = entry
+        vip, vport, refs = entry[:3]
         if not accept(plain[12:16], len(plain), addr, now, refs):
             return None
         window.update(counter)
@@ -601,7 +670,7 @@ class Express:
             entry = self.inn.get(keys[taken])
             if entry is None:
                 break
-            vip, vport, refs = entry
+            vip, vport, refs = entry[:3]
             group = packets[taken:end]
             if not accept(group[0][12:16], sum(map(len, group)), addr, now, refs, end - taken):
                 break
