@@ -3,8 +3,9 @@
  * tencrypt/core/express.py is the specification: read its rules first. ``Lane`` reads the
  * tables that ``core.express.Express`` writes (three dicts) and does per packet what
  * ``Express.outbound`` / ``Express.inbound`` do, byte for byte; the state changes are the
- * one Python call per packet the tables hold (``take`` / ``accept``), so the two lanes
- * cannot differ there. On top, the two pumps move the packets themselves:
+ * Python calls the tables hold (``take`` / ``accept``, and under a lease, rule 6, their
+ * ``commit``, replayed in order before any Python runs), so the two lanes cannot differ
+ * there. On top, the two pumps move the packets themselves:
  *
  *  - ``pump_tun(tun_fd, udp_fd, now, limit, lone)``: read frames from tenc0; each one the lane
  *    takes is sealed and sent (one ``sendto``; a TSO super-packet's segments, core/express.py
@@ -133,7 +134,8 @@ typedef struct {
     Py_ssize_t nlog;
 } Lane;
 
-/* core/express.py rule 6: an entry's lease cell (its last item, a bytearray of LEASE_BYTES) */
+/* core/express.py rule 6: an entry's lease cell (a bytearray of LEASE_BYTES: an ``out`` entry's
+ * item 5, an ``inn`` entry's item 3) */
 typedef struct {
     uint64_t epoch;      /* the epoch it was granted in; 0: none */
     double until, last, ttl;
