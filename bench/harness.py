@@ -41,6 +41,11 @@ Stages:
     e. Tencrypt on the first shape of a full run: a soak at the largest client count for six
        run durations (60 s by default), its memory sampled, to show whether RSS stays flat;
     f. detach;
+    g. ``--latency-rounds N`` (2 in a full run): N more rounds of step c's ping and sparse
+       row for the systems their targets compare (vanilla, the current wireguard-go given
+       with ``--peer-binary``, Tencrypt), each system attached, measured and detached in turn within
+       a round (tests ``ping_round`` and ``sparse_rr_round``, the round as the clients
+       column), so that those targets are judged on every round's figures;
  4. with ``--idle-json``, read bench/idle.py's result into the run (bench/idlerow.py);
  5. write CSV, markdown and PNG plots (bench/report.py), and print where.
 A progress line on stderr tells what runs, how far along and about how long is left.
@@ -67,7 +72,7 @@ from pathlib import Path
 
 from bench import cpustat, idlerow, measure, peers, report
 from bench.attach import Target, attach, bench_topology
-from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries: the plan's API here too
+from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries, round_steps: the plan's API here too
     DNS_SYSTEMS,
     ORDER,
     PING_INTERVAL,
@@ -78,6 +83,7 @@ from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries: t
     estimates,
     peer_binaries,
     peer_tools,
+    round_steps,
     skip_system,
     system_steps,
 )
@@ -137,6 +143,15 @@ class Bench:
                 self.progress.step(f"{_shape(nodes)} · {system} · setting up")
                 self.attempt(nodes, system, "set-up", partial(self.system, lab, system, a, b))
                 self.progress.index = end  # a system that failed early skips its other steps
+            for r in range(1, self.plan.latency_rounds + 1):
+                for system in self.plan.round_systems():
+                    self.progress.step(f"{_shape(nodes)} · {system} · latency round {r}")
+                    self.attempt(
+                        nodes,
+                        system,
+                        f"latency round {r}",
+                        partial(self.latency_round, lab, system, a, b, r),
+                    )
         finally:
             with _no_interrupts():
                 lab.down()
@@ -150,6 +165,18 @@ class Bench:
             if ipv6 and target.host6:  # beside the IPv4 one, for the IPv6 path's first answer
                 stack.enter_context(measure.rr_server(b.netns, self.logs / "rr6.log", 6))
             self.measure_system(lab, system, a, b, target, ipv6)
+
+    def latency_round(self, lab: Lab, system: str, a: Pod, b: Pod, r: int) -> None:
+        """Step 3g: ``system`` attached again, its ping and sparse row as round ``r``."""
+        nodes = len(lab.nodes)
+        with contextlib.ExitStack() as stack:
+            target = stack.enter_context(attach(system, lab, a, b, self.plan.binaries.get(system)))
+            stack.enter_context(measure.rr_server(b.netns, self.logs / "rr.log"))
+            measure.wait_reachable(a.netns, target.host)
+            p = measure.ping(a.netns, target.ping_host, self.plan.ping_count, PING_INTERVAL)
+            self.run.add(nodes, system, "ping_round", r, "p50_ms", p.p50_ms, "ms")
+            s = measure.sparse_rr(a.netns, target.host, self.plan.sparse_seconds, SPARSE_INTERVAL)
+            self.run.add(nodes, system, "sparse_rr_round", r, "p50_us", s.p50_us, "µs")
 
     def measure_system(
         self, lab: Lab, system: str, a: Pod, b: Pod, target: Target, ipv6: bool

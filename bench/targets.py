@@ -18,7 +18,12 @@ Issue 26's, per lab shape (one node; two nodes over VXLAN), against the current 
  2. CPU per Gbit/s of both proxies at the same two client counts: ≤ 0.5 × its (both ends);
  3. UDP offered at 1 Gbit/s: Tencrypt's loss ≤ its (a run offering another rate: not measured);
  4. added latency over vanilla, medians: the sparse request/response (one 1-byte TCP request
-    every 20 ms), ping, and the back-to-back request/response: Tencrypt's ≤ what it adds;
+    every 20 ms), ping, and the back-to-back request/response: Tencrypt's ≤ what it adds.
+    With latency rounds (bench/plan.py ``--latency-rounds``: the systems alternating, tests
+    ``sparse_rr_round`` / ``ping_round``), the sparse and ping targets take the main pass as
+    round 0 and every round in which vanilla, Tencrypt and the peer were all measured: per
+    round the added latency of each over that round's vanilla, then the median over the
+    rounds of each, compared; the text gives every round's figures;
  5. the proxy's RSS when ready, before any traffic, ≤ 35 MB (issue 16's bound, kept);
 issue 16's that still apply, per lab shape:
  6. the proxy's VmHWM after the 20-client TCP run ≤ 60 MB (largest of the two proxies);
@@ -43,6 +48,7 @@ was), on the TCP runs over IPv6 that follow each system's IPv4 ones:
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from bench import idlerow
@@ -59,6 +65,7 @@ PEAK_RSS_MB = 60.0
 PEAK_CLIENTS = 20
 FLAT_MB = 5.0  # "flat": the soak's last window may exceed its first by at most this (or 5 %)
 SHAPES = (1, 2)
+ROUND_TESTS = {"sparse_rr": "sparse_rr_round", "ping": "ping_round"}  # rule 4's extra rounds
 IPV6_VS_IPV4 = 0.9  # issue 24: Tencrypt's IPv6 TCP within 10 % of its IPv4 TCP
 IDLE_PRIVATE_MB = 10.0  # per idle proxy
 CLOCK_TICK_S = 0.01  # /proc/PID/stat's resolution (USER_HZ 100)
@@ -167,13 +174,39 @@ def judge_added(run: Run, nodes: int, test: str, peer: str | None) -> Verdict:
     if plain is None or tenc is None or other is None:
         missing = _missing(run, nodes, VANILLA, TENCRYPT, peer)
         return Verdict(NOT_MEASURED, f"{what} vs {peer}: {missing}")
-    ours, theirs = tenc - plain, other - plain
+    rounds = [(tenc - plain, other - plain)] + latency_rounds(run, nodes, test, metric, peer)
+    if len(rounds) > 1:
+        ours = statistics.median(o for o, _ in rounds)
+        theirs = statistics.median(t for _, t in rounds)
+        each = ", ".join(f"{fmt_delta(o)} vs {fmt_delta(t)}" for o, t in rounds)
+        how = f"median of {len(rounds)} rounds, the systems alternating ({each} {unit})"
+    else:
+        (ours, theirs), how = rounds[0], f"{fmt(plain)} {unit}"
     r = ours / theirs if theirs > 0 else None
     return Verdict(
         MET if ours <= theirs else NOT_MET,
-        f"{what} over vanilla ({fmt(plain)} {unit}): Tencrypt {fmt_delta(ours)} {unit} vs "
+        f"{what} over vanilla ({how}): Tencrypt {fmt_delta(ours)} {unit} vs "
         f"{peer} {fmt_delta(theirs)} {unit} = {_times(r)} (target ≤ 1×: no more than it adds)",
     )
+
+
+def latency_rounds(
+    run: Run, nodes: int, test: str, metric: str, peer: str
+) -> list[tuple[float, float]]:
+    """Rule 4's extra rounds of ``test`` (sparse_rr, ping; none for another test): per round
+    with all three figures, (Tencrypt's, ``peer``'s) added over that round's vanilla."""
+    if test not in ROUND_TESTS:
+        return []
+    kind = ROUND_TESTS[test]
+    numbers = sorted({m.clients for m in run.measurements if (m.nodes, m.test) == (nodes, kind)})
+    out = []
+    for r in numbers:
+        plain = run.get(nodes, VANILLA, kind, r, metric)
+        tenc = run.get(nodes, TENCRYPT, kind, r, metric)
+        other = run.get(nodes, peer, kind, r, metric)
+        if plain is not None and tenc is not None and other is not None:
+            out.append((tenc - plain, other - plain))
+    return out
 
 
 def judge_memory(run: Run, nodes: int) -> list[Verdict]:

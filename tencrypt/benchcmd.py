@@ -90,6 +90,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "downloads or builds it",
     )
     p.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="after each lab shape's main pass, N more rounds of the ping and sparse "
+        "request/response rows for vanilla, the current wireguard-go (--peer-binary) "
+        "and Tencrypt, the systems alternating, so that those rows' targets are judged on "
+        "the median of every round (default: 2 in a full run, 0 with --quick)",
+    )
+    p.add_argument(
         "--idle-json",
         metavar="PATH",
         help="the result of `python -m bench.idle` (idle proxies on one node: CPU, RSS, PSS, "

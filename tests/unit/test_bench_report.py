@@ -352,7 +352,8 @@ def test_peer_binaries_are_extra_systems_labelled_with_their_version(tmp_path) -
     label = "wireguard-go v0.0.20250522"
     assert plan.systems == [VANILLA, WIREGUARD, OPENVPN, label, TENCRYPT]
     assert plan.binaries == {label: (WIREGUARD, wg)}
-    assert len(harness.estimates(plan)) == 2 * 5 * 7 + 1
+    # and two latency rounds per shape of vanilla, the current wireguard-go and Tencrypt
+    assert len(harness.estimates(plan)) == 2 * 5 * 7 + 1 + 2 * 2 * 3
     other = fake_binary(tmp_path, "wg2", "wireguard-go v0.0.20250522")
     plan = harness.build_plan(
         args(systems="tencrypt", peer_binary=[f"wireguard-go={wg}", f"wireguard-go={other}"])
