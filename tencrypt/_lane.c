@@ -84,6 +84,8 @@
 #define MAX_SEGMENTS FP_MAX_RUN /* a super-packet's segments, a GRO read's datagrams */
 #define UDP_MAX_PAYLOAD (65535 - 20 - 8)
 #define LOG_CAP 64 /* leased packets recorded before their commits must run */
+#define FOUND_CAP 8 /* flows per direction one call keeps what it looked up of */
+#define SLOT_CAP 4  /* sessions likewise */
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
@@ -127,11 +129,31 @@ typedef struct {
     uint64_t epoch;
     Py_ssize_t n_leased[2]; /* out, in */
     struct Record {
-        PyObject *fn, *addr, *refs; /* take or accept (bound); in: the source and the refs */
-        Py_ssize_t nbytes, count;   /* out: count is take's ``segments`` */
+        PyObject *fn, *refs; /* take or accept (bound); in: the flow's refs (else NULL) */
+        struct sockaddr_in from; /* in: the datagram's source */
+        Py_ssize_t nbytes, count; /* out: count is take's ``segments`` */
         double now;
     } log[LOG_CAP];
     Py_ssize_t nlog;
+    /* What one call from Python looked up, kept until it returns (``forget_call``): nothing
+     * the lane reads can change before then but through the lane itself (rule 6) — the
+     * tables' entries (new references), each session's slot with its replay window (the ring
+     * held as a buffer, ``top`` kept here and written back at the end) */
+    struct Found {
+        unsigned char key[13];
+        PyObject *entry;
+    } found[2][FOUND_CAP]; /* out [0], inn [1] */
+    int nfound[2];
+    struct SlotFound {
+        uint32_t index;
+        PyObject *slot, *window, *accept; /* slot: a new reference; the others borrowed */
+        const unsigned char *key;
+        unsigned long long limit;
+        Py_buffer ring;
+        Window w;
+        int moved; /* w.top changed: written back at the end */
+    } slotf[SLOT_CAP];
+    int nslotf;
 } Lane;
 
 /* core/express.py rule 6: an entry's lease cell (a bytearray of LEASE_BYTES: an ``out`` entry's
@@ -278,6 +300,8 @@ static void lease_grant(Lane *self, Lease *l, PyObject *got, Py_ssize_t at, int 
     l->epoch = self->epoch;
 }
 
+static PyObject *addr_of(const struct sockaddr_in *sa);
+
 /* The owed state changes, in order: each record's ``commit`` (its take's or accept's owner).
  * 0, or -1 with an exception (a bug in commit): the rest are dropped. */
 static int replay(Lane *self) {
@@ -293,52 +317,103 @@ static int replay(Lane *self) {
             PyObject *owner = PyObject_GetAttr(r->fn, str_self); /* a bound take or accept */
             PyObject *commit = owner == NULL ? NULL : PyObject_GetAttr(owner, str_commit);
             Py_XDECREF(owner);
-            PyObject *got = NULL;
-            if (commit != NULL)
-                got = r->addr == NULL
-                          ? PyObject_CallFunction(commit, "ndn", r->nbytes, r->now, r->count)
-                          : PyObject_CallFunction(commit, "nOdOn", r->nbytes, r->addr, r->now,
-                                                  r->refs, r->count);
+            PyObject *got = NULL, *addr = NULL;
+            if (commit != NULL && r->refs == NULL)
+                got = PyObject_CallFunction(commit, "ndn", r->nbytes, r->now, r->count);
+            else if (commit != NULL && (addr = addr_of(&r->from)) != NULL)
+                got = PyObject_CallFunction(commit, "nOdOn", r->nbytes, addr, r->now, r->refs,
+                                            r->count);
+            Py_XDECREF(addr);
             Py_XDECREF(commit);
             if (got == NULL) rc = -1;
             Py_XDECREF(got);
         }
         Py_XDECREF(r->fn);
-        Py_XDECREF(r->addr);
         Py_XDECREF(r->refs);
     }
     return rc;
 }
 
 /* Owe a leased packet's state changes (a full log is replayed first). 0, or -1. */
-static int record(Lane *self, PyObject *fn, PyObject *addr, PyObject *refs, Py_ssize_t nbytes,
-                  Py_ssize_t count, double now) {
+static int record(Lane *self, PyObject *fn, const struct sockaddr_in *from, PyObject *refs,
+                  Py_ssize_t nbytes, Py_ssize_t count, double now) {
     if (self->nlog == LOG_CAP && replay(self) < 0) return -1;
     struct Record *r = &self->log[self->nlog++];
     r->fn = Py_NewRef(fn);
-    r->addr = Py_XNewRef(addr);
     r->refs = Py_XNewRef(refs);
+    if (from != NULL) r->from = *from;
     r->nbytes = nbytes;
     r->count = count;
     r->now = now;
     return 0;
 }
 
-/* A call from Python ends: what is owed is replayed first (rule 6), whatever the result. */
-static PyObject *finish(Lane *self, PyObject *result) {
-    if (self->nlog == 0) return result;
-    if (result == NULL) {
+static int set_top(PyObject *window, const Window *w);
+
+/* What the call looked up goes (struct Found, struct SlotFound): each window's top written
+ * back, its ring released. 0, or -1 with an exception (every reference released anyway). */
+static int forget_call(Lane *self) {
+    int rc = 0;
+    for (int dir = 0; dir < 2; dir++) {
+        for (int i = 0; i < self->nfound[dir]; i++) Py_DECREF(self->found[dir][i].entry);
+        self->nfound[dir] = 0;
+    }
+    for (int i = 0; i < self->nslotf; i++) {
+        struct SlotFound *f = &self->slotf[i];
+        if (f->moved && rc == 0 && set_top(f->window, &f->w) < 0) rc = -1;
+        PyBuffer_Release(&f->ring);
+        Py_DECREF(f->slot);
+    }
+    self->nslotf = 0;
+    return rc;
+}
+
+/* Before Python runs: what the call looked up forgotten, what is owed replayed (rule 6). */
+static int before_python(Lane *self) {
+    if (forget_call(self) < 0) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
         if (replay(self) < 0) PyErr_Clear();
         PyErr_Restore(et, ev, tb);
+        return -1;
+    }
+    return replay(self);
+}
+
+/* A call from Python ends: before_python, whatever the result (its exception kept first). */
+static PyObject *finish(Lane *self, PyObject *result) {
+    if (self->nlog == 0 && self->nslotf == 0 && !self->nfound[0] && !self->nfound[1])
+        return result;
+    if (result == NULL) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (before_python(self) < 0) PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
         return NULL;
     }
-    if (replay(self) < 0) {
+    if (before_python(self) < 0) {
         Py_DECREF(result);
         return NULL;
     }
     return result;
+}
+
+/* The ``out`` (dir 0) or ``inn`` (1) entry of ``key``, borrowed (held until the call ends):
+ * NULL if none, or on an exception. */
+static PyObject *lookup(Lane *self, int dir, const unsigned char *key) {
+    struct Found *f = self->found[dir];
+    for (int i = 0; i < self->nfound[dir]; i++)
+        if (memcmp(f[i].key, key, 13) == 0) return f[i].entry;
+    PyObject *kobj = PyBytes_FromStringAndSize((const char *)key, 13);
+    if (kobj == NULL) return NULL;
+    PyObject *entry = PyDict_GetItem(dir ? self->inn : self->out, kobj); /* borrowed */
+    Py_DECREF(kobj);
+    if (entry != NULL && self->nfound[dir] < FOUND_CAP) {
+        struct Found *n = &f[self->nfound[dir]++];
+        memcpy(n->key, key, 13);
+        n->entry = Py_NewRef(entry);
+    }
+    return entry;
 }
 
 /* ---- out: one frame -> one datagram, or a super-packet -> its segments' datagrams --------- */
@@ -397,10 +472,8 @@ static int lease_out(Lane *self, Lease *l, PyObject *take, PyObject *s, Py_ssize
  * the lane's, nothing changed; -1: an exception (a bug in take, or no memory). */
 static int take_flow(Lane *self, const unsigned char *key, Py_ssize_t nbytes, double now,
                      Py_ssize_t segments, Taken *t) {
-    PyObject *kobj = PyBytes_FromStringAndSize((const char *)key, 13);
-    if (kobj == NULL) return -1;
-    PyObject *entry = PyDict_GetItem(self->out, kobj); /* borrowed */
-    Py_DECREF(kobj);
+    PyObject *entry = lookup(self, 0, key);
+    if (entry == NULL && PyErr_Occurred()) return -1;
     if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) < 5) return 0;
     PyObject *keyb = PyTuple_GetItem(entry, 0), *index = PyTuple_GetItem(entry, 1);
     PyObject *new_dst = PyTuple_GetItem(entry, 2), *new_dport = PyTuple_GetItem(entry, 3);
@@ -574,57 +647,58 @@ static int set_top(PyObject *window, const Window *w) {
     return r;
 }
 
-/* A data message's session in ``slots`` (core/express.py rule 1): borrowed from ``slot``, a new
- * reference the caller releases. */
-typedef struct {
-    PyObject *slot, *window, *accept;
-    const unsigned char *key;
-    unsigned long long limit;
-} Slot;
-
-/* 1: ``d`` (at least a data header) is a data message of a session in the tables, ``s``
- * filled; 0: not (nothing to release); -1: an exception. */
-static int slot_of(Lane *self, const unsigned char *d, Slot *s) {
-    if (d[0] != 4 || d[1] || d[2] || d[3]) return 0;
-    PyObject *iobj = PyLong_FromUnsignedLong(index_of(d));
-    if (iobj == NULL) return -1;
+/* A data message's session in ``slots`` (core/express.py rule 1), with its replay window,
+ * kept until the call ends (forget_call): NULL if ``d`` (at least a data header) is not one
+ * of a session in the tables, or on an exception. */
+static struct SlotFound *slot_of(Lane *self, const unsigned char *d) {
+    if (d[0] != 4 || d[1] || d[2] || d[3]) return NULL;
+    uint32_t index = index_of(d);
+    for (int i = 0; i < self->nslotf; i++)
+        if (self->slotf[i].index == index) return &self->slotf[i];
+    if (self->nslotf == SLOT_CAP && forget_call(self) < 0) return NULL;
+    PyObject *iobj = PyLong_FromUnsignedLong(index);
+    if (iobj == NULL) return NULL;
     PyObject *slot = PyDict_GetItem(self->slots, iobj);
     Py_DECREF(iobj);
-    if (slot == NULL || !PyTuple_Check(slot) || PyTuple_Size(slot) != 4) return 0;
+    if (slot == NULL || !PyTuple_Check(slot) || PyTuple_Size(slot) != 4) return NULL;
     PyObject *keyb = PyTuple_GetItem(slot, 0);
-    if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32) return 0;
-    s->limit = PyLong_AsUnsignedLongLong(PyTuple_GetItem(slot, 2));
-    if (PyErr_Occurred()) return -1;
-    s->key = (const unsigned char *)PyBytes_AsString(keyb);
-    s->window = PyTuple_GetItem(slot, 1);
-    s->accept = PyTuple_GetItem(slot, 3);
-    s->slot = Py_NewRef(slot);
-    return 1;
+    if (!PyBytes_Check(keyb) || PyBytes_Size(keyb) != 32) return NULL;
+    struct SlotFound *f = &self->slotf[self->nslotf];
+    f->limit = PyLong_AsUnsignedLongLong(PyTuple_GetItem(slot, 2));
+    if (PyErr_Occurred()) return NULL;
+    f->window = PyTuple_GetItem(slot, 1);
+    if (get_window(f->window, &f->ring, &f->w) < 0) return NULL;
+    f->index = index;
+    f->key = (const unsigned char *)PyBytes_AsString(keyb);
+    f->accept = PyTuple_GetItem(slot, 3);
+    f->slot = Py_NewRef(slot);
+    f->moved = 0;
+    self->nslotf++;
+    return f;
 }
 
-/* 1: the frame (VNET zero bytes, then the packet) is in self->work, *flen bytes; 0: not the
- * lane's, nothing changed; -1: an exception. */
 /* ``accept`` for ``count`` packets of ``entry`` (an ``inn`` entry) from ``addr`` (``from``:
  * its address, NULL: none) in a datagram of session ``index``: under the entry's lease, owed
  * (rule 6), else asked (what is owed replayed first) and, if granted, leased. 1: taken; 0:
  * refused, nothing changed; -1: an exception. */
 static int admit_in(Lane *self, PyObject *accept, PyObject *entry, const unsigned char *src,
-                    Py_ssize_t nbytes, PyObject *addr, const struct sockaddr_in *from,
+                    Py_ssize_t nbytes, PyObject **addr, const struct sockaddr_in *from,
                     uint32_t index, double now, Py_ssize_t count) {
     PyObject *refs = PyTuple_GetItem(entry, 2);
     Lease *l = from == NULL ? NULL : lease_cell(entry, 3);
     if (l != NULL && lease_holds(self, l, now) && l->index == index
         && l->addr == from->sin_addr.s_addr && l->port == from->sin_port) {
-        if (record(self, accept, addr, refs, nbytes, count, now) < 0) return -1;
+        if (record(self, accept, from, refs, nbytes, count, now) < 0) return -1;
         l->last = now;
         self->n_leased[1] += count;
         return 1;
     }
     if (replay(self) < 0) return -1;
+    if (*addr == NULL && (*addr = addr_of(from)) == NULL) return -1;
     PyObject *srcb = PyBytes_FromStringAndSize((const char *)src, 4);
     PyObject *yes = srcb == NULL ? NULL
-                                 : PyObject_CallFunction(accept, "OnOdOn", srcb, nbytes, addr, now,
-                                                         refs, count);
+                                 : PyObject_CallFunction(accept, "OnOdOn", srcb, nbytes, *addr,
+                                                         now, refs, count);
     Py_XDECREF(srcb);
     int ok = yes == NULL ? -1 : PyObject_IsTrue(yes);
     if (ok == 1 && l != NULL) lease_grant(self, l, yes, 0, 0, now, index, from);
@@ -632,71 +706,45 @@ static int admit_in(Lane *self, PyObject *accept, PyObject *entry, const unsigne
     return ok;
 }
 
-static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject *addr,
+/* 1: the frame (VNET zero bytes, then the packet) is in self->work, *flen bytes; 0: not the
+ * lane's, nothing changed; -1: an exception. ``*addr``: the source as Python sees it, made
+ * from ``from`` when first needed (NULL until then; the caller's reference). */
+static int lane_in(Lane *self, const unsigned char *d, Py_ssize_t n, PyObject **addr,
                    const struct sockaddr_in *from, double now, Py_ssize_t *flen) {
     if (n < OVERHEAD + 28 || n > BUF) return 0;
     uint64_t counter = counter_of(d);
-    Slot sl;
-    int found = slot_of(self, d, &sl);
-    if (found <= 0) return found;
-    PyObject *slot = sl.slot, *window = sl.window, *accept = sl.accept;
-    if (counter >= sl.limit) {
-        Py_DECREF(slot);
-        return 0;
-    }
-    Py_buffer ring;
-    Window w;
-    if (get_window(window, &ring, &w) < 0) {
-        Py_DECREF(slot);
-        return -1;
-    }
-    int result = 0;
+    struct SlotFound *sl = slot_of(self, d);
+    if (sl == NULL) return PyErr_Occurred() ? -1 : 0;
+    if (counter >= sl->limit || !window_check(&sl->w, counter)) return 0;
     Py_ssize_t plen = n - OVERHEAD;
     unsigned char *p = self->work + VNET, nonce[12];
-    if (!window_check(&w, counter)) goto done;
     build_nonce(nonce, d);
-    int verified = open_into(self->ctx, sl.key, nonce, d,
+    int verified = open_into(self->ctx, sl->key, nonce, d,
                              HEADER_LEN, d + HEADER_LEN, (int)(n - HEADER_LEN), p);
     if (verified < 0) {
         ERR_clear_error();
         PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
-        result = -1;
-        goto done;
+        return -1;
     }
     unsigned char key[13];
-    if (!verified || !key13(p, plen, key) || memcmp(p + 16, self->pod4, 4) != 0) goto done;
-    PyObject *kobj = PyBytes_FromStringAndSize((const char *)key, 13);
-    if (kobj == NULL) {
-        result = -1;
-        goto done;
-    }
-    PyObject *entry = PyDict_GetItem(self->inn, kobj);
-    Py_DECREF(kobj);
-    if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) < 3) goto done;
+    if (!verified || !key13(p, plen, key) || memcmp(p + 16, self->pod4, 4) != 0) return 0;
+    PyObject *entry = lookup(self, 1, key);
+    if (entry == NULL) return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(entry) || PyTuple_Size(entry) < 3) return 0;
     Py_INCREF(entry);
     PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
-    int taken = admit_in(self, accept, entry, p + 12, plen, addr, from, index_of(d), now, 1);
+    int taken = admit_in(self, sl->accept, entry, p + 12, plen, addr, from, index_of(d), now, 1);
     if (taken == 1) {
-        window_update(&w, counter);
-        if (set_top(window, &w) < 0) {
-            Py_DECREF(entry);
-            result = -1;
-            goto done;
-        }
+        window_update(&sl->w, counter);
+        sl->moved = 1;
         if (PyBytes_Check(vip) && PyBytes_Size(vip) == 4)
             rewrite(p, plen, 0, (const unsigned char *)PyBytes_AsString(vip),
                     (uint32_t)PyLong_AsLong(vport));
         memset(self->work, 0, VNET);
         *flen = VNET + plen;
-        result = 1;
-    } else if (taken < 0) {
-        result = -1;
     }
     Py_DECREF(entry);
-done:
-    PyBuffer_Release(&ring);
-    Py_DECREF(slot);
-    return result;
+    return taken;
 }
 
 /* ---- in: a GRO read of several datagrams -> the frames of their coalesced packets --------- */
@@ -710,22 +758,15 @@ done:
  * Returns the datagrams taken (a prefix; their frames are in self->frames, self->nframes of
  * them, self->frame_len each; the rest unchanged), or -1: an exception. */
 static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
-                              Py_ssize_t size, PyObject *addr, const struct sockaddr_in *from,
+                              Py_ssize_t size, PyObject **addr, const struct sockaddr_in *from,
                               double now) {
     Py_ssize_t k = size > 0 ? (n + size - 1) / size : 0;
     self->nframes = 0;
     if (size < OVERHEAD + 28 || k < 2 || k > MAX_SEGMENTS || n > BUF) return 0;
-    Slot sl;
-    int found = slot_of(self, d, &sl);
-    if (found <= 0) return found;
-    PyObject *slot = sl.slot, *window = sl.window, *accept = sl.accept;
-    unsigned long long limit = sl.limit;
-    Py_buffer ring;
-    Window w;
-    if (get_window(window, &ring, &w) < 0) {
-        Py_DECREF(slot);
-        return -1;
-    }
+    struct SlotFound *sl = slot_of(self, d);
+    if (sl == NULL) return PyErr_Occurred() ? -1 : 0;
+    unsigned long long limit = sl->limit;
+    Window *w = &sl->w;
     Py_ssize_t result = 0, taken = 0, pos = 0;
     unsigned char keys[MAX_SEGMENTS][13], nonce[12];
     uint64_t counters[MAX_SEGMENTS];
@@ -733,53 +774,43 @@ static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
     for (Py_ssize_t i = 0; i < k; i++) { /* 1. every check, nothing changed */
         const unsigned char *di = d + i * size;
         Py_ssize_t dn = i < k - 1 ? size : n - (k - 1) * size, plen = dn - OVERHEAD;
-        if (dn < OVERHEAD + 28 || memcmp(di, d, 8) != 0) goto done; /* word and index */
+        if (dn < OVERHEAD + 28 || memcmp(di, d, 8) != 0) return 0; /* word and index */
         uint64_t counter = counter_of(di);
-        if (counter >= limit || (i && counter <= counters[i - 1]) || !window_check(&w, counter))
-            goto done;
+        if (counter >= limit || (i && counter <= counters[i - 1]) || !window_check(w, counter))
+            return 0;
         counters[i] = counter;
         unsigned char *p = self->plain + i * size;
         build_nonce(nonce, di);
-        const unsigned char *kb = i ? NULL : sl.key;
+        const unsigned char *kb = i ? NULL : sl->key;
         int verified = open_into(self->ctx, kb, nonce, di, HEADER_LEN, di + HEADER_LEN,
                                  (int)(dn - HEADER_LEN), p); /* the key once per read */
         if (verified < 0) {
             ERR_clear_error();
             PyErr_SetString(PyExc_RuntimeError, "Lane: libcrypto failed");
-            result = -1;
-            goto done;
+            return -1;
         }
         if (!verified || !key13(p, plen, keys[i]) || memcmp(p + 16, self->pod4, 4) != 0)
-            goto done;
+            return 0;
         pieces[i].buf = p;
         pieces[i].len = plen;
     }
     while (taken < k) { /* 2. a group of one flow at a time */
         Py_ssize_t end = taken + 1, total = pieces[taken].len;
         for (; end < k && memcmp(keys[end], keys[taken], 13) == 0; end++) total += pieces[end].len;
-        PyObject *kobj = PyBytes_FromStringAndSize((const char *)keys[taken], 13);
-        if (kobj == NULL) {
-            result = -1;
-            goto done;
-        }
-        PyObject *entry = PyDict_GetItem(self->inn, kobj);
-        Py_DECREF(kobj);
+        PyObject *entry = lookup(self, 1, keys[taken]);
+        if (entry == NULL && PyErr_Occurred()) return -1;
         if (entry == NULL || !PyTuple_Check(entry) || PyTuple_Size(entry) < 3) break;
         Py_INCREF(entry);
         PyObject *vip = PyTuple_GetItem(entry, 0), *vport = PyTuple_GetItem(entry, 1);
-        int ok = admit_in(self, accept, entry, pieces[taken].buf + 12, total, addr, from,
+        int ok = admit_in(self, sl->accept, entry, pieces[taken].buf + 12, total, addr, from,
                           index_of(d), now, end - taken);
         if (ok != 1) { /* accept: the state changes of the group's packets, or none */
             Py_DECREF(entry);
             if (ok < 0) result = -1;
             break;
         }
-        for (Py_ssize_t i = taken; i < end; i++) window_update(&w, counters[i]); /* 3. */
-        if (set_top(window, &w) < 0) {
-            Py_DECREF(entry);
-            result = -1;
-            goto done;
-        }
+        for (Py_ssize_t i = taken; i < end; i++) window_update(w, counters[i]); /* 3. */
+        sl->moved = 1;
         /* 4. _inject: coalesce, then per packet the reply's translation and its TSO header */
         Py_ssize_t lens[MAX_SEGMENTS], gsos[MAX_SEGMENTS];
         Py_ssize_t m = fp_coalesce_into(pieces + taken, end - taken, 1, VNET, self->frames + pos,
@@ -808,11 +839,7 @@ static Py_ssize_t lane_in_run(Lane *self, const unsigned char *d, Py_ssize_t n,
         Py_DECREF(entry);
         taken = end;
     }
-    if (result == 0) result = taken;
-done:
-    PyBuffer_Release(&ring);
-    Py_DECREF(slot);
-    return result;
+    return result == 0 ? taken : result;
 }
 
 /* ---- endpoints ---------------------------------------------------------------------------- */
@@ -875,7 +902,8 @@ static PyObject *lane_inbound_impl(Lane *self, PyObject *args) {
     double now;
     if (!PyArg_ParseTuple(args, "y*Od:inbound", &d, &addr, &now)) return NULL;
     Py_ssize_t flen = 0;
-    int r = lane_in(self, d.buf, d.len, addr, NULL, now, &flen); /* one epoch: no lease */
+    PyObject *source = addr; /* borrowed: never replaced (it is not NULL) */
+    int r = lane_in(self, d.buf, d.len, &source, NULL, now, &flen); /* one call: no lease */
     PyBuffer_Release(&d);
     if (r < 0) return NULL;
     if (r == 0) Py_RETURN_NONE;
@@ -933,7 +961,8 @@ static PyObject *lane_inbound_run_impl(Lane *self, PyObject *args) {
     Py_ssize_t size;
     double now;
     if (!PyArg_ParseTuple(args, "y*nOd:inbound_run", &d, &size, &addr, &now)) return NULL;
-    Py_ssize_t taken = lane_in_run(self, d.buf, d.len, size, addr, NULL, now);
+    PyObject *source = addr; /* borrowed: never replaced (it is not NULL) */
+    Py_ssize_t taken = lane_in_run(self, d.buf, d.len, size, &source, NULL, now);
     PyBuffer_Release(&d);
     if (taken < 0) return NULL;
     if (taken == 0) Py_RETURN_NONE;
@@ -1046,18 +1075,15 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
                 && c->cmsg_len >= CMSG_LEN(sizeof(int)))
                 memcpy(&gro, CMSG_DATA(c), sizeof(int));
         int trunc = (msg.msg_flags & MSG_TRUNC) != 0;
-        PyObject *addr = addr_of(&sa);
-        if (addr == NULL) {
-            Py_DECREF(back);
-            return NULL;
-        }
+        PyObject *addr = NULL; /* the source as Python sees it: made only if Python needs it */
         int run = gro > 0 && gro < n;
         Py_ssize_t r = 0, flen = 0, k = run ? (n + gro - 1) / gro : 1;
         if (!trunc && msg.msg_namelen == sizeof(sa) && sa.sin_family == AF_INET)
-            r = run ? lane_in_run(self, self->rbuf, n, gro, addr, &sa, now) /* datagrams taken */
-                    : lane_in(self, self->rbuf, n, addr, &sa, now, &flen);
+            r = run ? lane_in_run(self, self->rbuf, n, gro, &addr, &sa, now) /* taken */
+                    : lane_in(self, self->rbuf, n, &addr, &sa, now, &flen);
+        if (r >= 0 && r < k && addr == NULL && (addr = addr_of(&sa)) == NULL) r = -1;
         if (r < 0) {
-            Py_DECREF(addr);
+            Py_XDECREF(addr);
             Py_DECREF(back);
             return NULL;
         }
@@ -1083,7 +1109,7 @@ static PyObject *pump_udp(Lane *self, int udp_fd, int tun_fd, double now, Py_ssi
             Py_DECREF(item);
             break;
         }
-        Py_DECREF(addr);
+        Py_XDECREF(addr);
         if (i == 0 && n <= lone) break;
     }
     *errors_out = errors;
@@ -1231,7 +1257,7 @@ static PyObject *lane_wait_impl(Lane *self, PyObject *args) {
         int n = epoll_spin(self, epfd, evs, maxevents, deadline);
         if (n < 0) {
             if (errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
-            if (replay(self) < 0) return NULL; /* rule 6: the handlers are Python */
+            if (before_python(self) < 0) return NULL; /* rule 6: the handlers are Python */
             if (PyErr_CheckSignals() < 0) return NULL;
             return PyList_New(0); /* the loop runs its signal handlers */
         }
@@ -1356,7 +1382,6 @@ static void lane_dealloc(Lane *self) {
     Py_XDECREF(self->back[1]);
     for (Py_ssize_t i = 0; i < self->nlog; i++) { /* owed, never replayed: a lane dropped */
         Py_XDECREF(self->log[i].fn);
-        Py_XDECREF(self->log[i].addr);
         Py_XDECREF(self->log[i].refs);
     }
     PyMem_Free(self->rbuf);

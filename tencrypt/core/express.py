@@ -109,7 +109,9 @@ Rules:
    per-packet calls would not have made; only the moment it is made moves, within one
    call of the lane. The timers are unaffected (control.py rule 4c): the deadlines a
    ``commit`` sets are those ``take``/``accept`` set, and the timer task's sleep was
-   already bounded by them.
+   already bounded by them. By the same argument the compiled lane keeps, for the rest of
+   one call, what it looked up in the tables (entries, a session's slot, its replay window,
+   whose ``top`` it writes back when the call ends: nothing reads it before).
 Pure: no I/O; ``now`` is an argument. The daemon's hooks (tencrypt/daemon.py) call ``learn``
 and ``forget``; the compiled lane adds the reads and writes (``pump_tun``, ``pump_udp``).
 """
