@@ -41,11 +41,13 @@ Stages:
     e. Tencrypt on the first shape of a full run: a soak at the largest client count for six
        run durations (60 s by default), its memory sampled, to show whether RSS stays flat;
     f. detach;
-    g. ``--latency-rounds N`` (2 in a full run): N more rounds of step c's ping and sparse
-       row for the systems their targets compare (vanilla, the current wireguard-go given
-       with ``--peer-binary``, Tencrypt), each system attached, measured and detached in turn within
-       a round (tests ``ping_round`` and ``sparse_rr_round``, the round as the clients
-       column), so that those targets are judged on every round's figures;
+    g. ``--rounds N`` (2 in a full run): N more rounds of step c's ping and sparse
+       row and (but vanilla) step d's TCP at 1 and 10 clients, for the systems whose
+       figures those targets compare (vanilla, the current wireguard-go given with
+       ``--peer-binary``, Tencrypt), each system attached, measured and detached in turn
+       within a round (tests ``ping_round`` and ``sparse_rr_round`` with the round as the
+       clients column, ``tcp_round_R`` with the client count), so that those targets are
+       judged on every round's figures;
  4. with ``--idle-json``, read bench/idle.py's result into the run (bench/idlerow.py);
  5. write CSV, markdown and PNG plots (bench/report.py), and print where.
 A progress line on stderr tells what runs, how far along and about how long is left.
@@ -83,12 +85,13 @@ from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries, r
     estimates,
     peer_binaries,
     peer_tools,
+    round_clients,
     round_steps,
     skip_system,
     system_steps,
 )
 from bench.progress import Progress
-from bench.report import DNS_PATHS, TENCRYPT, Run
+from bench.report import DNS_PATHS, TENCRYPT, VANILLA, Run
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.topology import Pod
@@ -143,14 +146,14 @@ class Bench:
                 self.progress.step(f"{_shape(nodes)} · {system} · setting up")
                 self.attempt(nodes, system, "set-up", partial(self.system, lab, system, a, b))
                 self.progress.index = end  # a system that failed early skips its other steps
-            for r in range(1, self.plan.latency_rounds + 1):
+            for r in range(1, self.plan.rounds + 1):
                 for system in self.plan.round_systems():
-                    self.progress.step(f"{_shape(nodes)} · {system} · latency round {r}")
+                    self.progress.step(f"{_shape(nodes)} · {system} · round {r}")
                     self.attempt(
                         nodes,
                         system,
-                        f"latency round {r}",
-                        partial(self.latency_round, lab, system, a, b, r),
+                        f"round {r}",
+                        partial(self.one_round, lab, system, a, b, r),
                     )
         finally:
             with _no_interrupts():
@@ -166,8 +169,9 @@ class Bench:
                 stack.enter_context(measure.rr_server(b.netns, self.logs / "rr6.log", 6))
             self.measure_system(lab, system, a, b, target, ipv6)
 
-    def latency_round(self, lab: Lab, system: str, a: Pod, b: Pod, r: int) -> None:
-        """Step 3g: ``system`` attached again, its ping and sparse row as round ``r``."""
+    def one_round(self, lab: Lab, system: str, a: Pod, b: Pod, r: int) -> None:
+        """Step 3g: ``system`` attached again, its ping, sparse row and (not vanilla) TCP as
+        round ``r``."""
         nodes = len(lab.nodes)
         with contextlib.ExitStack() as stack:
             target = stack.enter_context(attach(system, lab, a, b, self.plan.binaries.get(system)))
@@ -177,6 +181,14 @@ class Bench:
             self.run.add(nodes, system, "ping_round", r, "p50_ms", p.p50_ms, "ms")
             s = measure.sparse_rr(a.netns, target.host, self.plan.sparse_seconds, SPARSE_INTERVAL)
             self.run.add(nodes, system, "sparse_rr_round", r, "p50_us", s.p50_us, "µs")
+            for clients in round_clients(self.plan) if system != VANILLA else []:
+                log = self.logs / f"iperf-round{r}-{clients}.log"
+                t = measure.iperf(
+                    a.netns, b.netns, target.host, self.plan.duration, log, parallel=clients
+                )
+                self.run.add(
+                    nodes, system, f"tcp_round_{r}", clients, "throughput", t.gbps, "Gbit/s"
+                )
 
     def measure_system(
         self, lab: Lab, system: str, a: Pod, b: Pod, target: Target, ipv6: bool

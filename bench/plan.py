@@ -23,11 +23,13 @@ Rules:
   system whose package cannot be had (OpenVPN where it is not installed and apt-get cannot
   install it) is taken out of the plan with its ``--peer-binary`` labels (``skip_system``) and
   the run goes on without it; a system not in ``--systems`` is never installed or asked for.
-- ``--latency-rounds N`` (2 in a full run, 0 with ``--quick``): after a shape's main pass, N
-  more rounds of the ping and sparse rows for the systems their targets compare
+- ``--rounds N`` (2 in a full run, 0 with ``--quick``): after a shape's main pass, N
+  more rounds of the rows whose targets compare Tencrypt with the current wireguard-go —
+  ping, the sparse row, and TCP at the targets' client counts (``ROUND_CLIENTS`` the plan
+  has; not for vanilla, whose TCP no target reads) — for the systems those targets compare
   (``round_systems``: vanilla, the current wireguard-go, Tencrypt; no rounds without them),
   the systems alternating within each round, so that a drift of the machine's load between
-  two systems' main passes does not decide those targets (bench/targets.py rule 4).
+  two systems' main passes does not decide those targets (bench/targets.py rules 1 and 4).
 - ``--idle-json PATH``: bench/idle.py's result, read at the end into the report (its row and
   targets); the file must exist when the bench starts, so that a long run does not end in a
   typo.
@@ -54,7 +56,8 @@ QUICK_DURATION, QUICK_CLIENTS = 3.0, [1, 10]
 PING_INTERVAL = 0.05
 SPARSE_INTERVAL = 0.02  # seconds between the sparse row's requests (issue 26's shape)
 SPARSE_SECONDS, QUICK_SPARSE_SECONDS = 10.0, 3.0
-LATENCY_ROUNDS = 2  # a full run's extra rounds of the ping and sparse rows (--latency-rounds)
+ROUNDS = 2  # a full run's extra rounds of the rows judged against wireguard-go (--rounds)
+ROUND_CLIENTS = (1, 10)  # TCP client counts the rounds repeat (bench/targets.py TCP_CLIENTS)
 ATTACH_SECONDS = 4.0  # nominal, for the progress line
 SOAK_RUNS = 6  # soak length in run durations
 IP_FAMILIES = ("ipv4", "dual")  # --ip-family (an IPv6-only lab is not benchmarked yet)
@@ -81,10 +84,10 @@ class Plan:
     binaries: dict[str, tuple[str, str]] = field(default_factory=dict)
     ip_family: str = "ipv4"
     idle_json: Path | None = None  # bench/idle.py's result (--idle-json)
-    latency_rounds: int = 0  # extra rounds of the ping and sparse rows per shape
+    rounds: int = 0  # extra rounds per shape (--rounds)
 
     def round_systems(self) -> list[str]:
-        """The systems the latency rounds alternate: those the ping and sparse targets
+        """The systems the rounds alternate: those the ping, sparse and TCP targets
         compare (vanilla, the current wireguard-go: the first ``--peer-binary
         wireguard-go``, and Tencrypt), in plan order; none without all three."""
         current = [s for s in self.systems if self.binaries.get(s, ("", ""))[0] == WIREGUARD]
@@ -173,9 +176,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise UsageError(
             f"--udp-rate: a rate as iperf3 takes it (e.g. 500M, 1G), not {args.udp_rate!r}"
         )
-    rounds = getattr(args, "latency_rounds", None)
+    rounds = getattr(args, "rounds", None)
     if rounds is not None and rounds < 0:
-        raise UsageError(f"--latency-rounds: 0 or more, not {rounds}")
+        raise UsageError(f"--rounds: 0 or more, not {rounds}")
     idle = getattr(args, "idle_json", None)
     if idle and not Path(idle).is_file():
         raise UsageError(f"--idle-json: {idle} is not a file (bench/idle.py writes it)")
@@ -206,8 +209,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.dns_count, plan.dns_seconds = 500, 2.0
     else:
         plan.soak_seconds = SOAK_RUNS * plan.duration
-    default_rounds = 0 if args.quick else LATENCY_ROUNDS
-    plan.latency_rounds = default_rounds if rounds is None else rounds
+    default_rounds = 0 if args.quick else ROUNDS
+    plan.rounds = default_rounds if rounds is None else rounds
     return plan
 
 
@@ -232,11 +235,21 @@ def system_steps(plan: Plan, system: str, first_shape: bool) -> list[float]:
     return steps
 
 
+def round_clients(plan: Plan) -> list[int]:
+    """The TCP client counts a round repeats: the targets' that the plan runs."""
+    return [c for c in ROUND_CLIENTS if c in plan.clients]
+
+
 def round_steps(plan: Plan) -> list[float]:
-    """Nominal seconds of one shape's latency rounds: per round and system, attach, ping and
-    the sparse row."""
-    one = ATTACH_SECONDS + plan.ping_count * PING_INTERVAL + plan.sparse_seconds + 2
-    return [one] * (plan.latency_rounds * len(plan.round_systems()))
+    """Nominal seconds of one shape's rounds: per round and system, attach, ping, the sparse
+    row and (not vanilla) TCP at ``round_clients``."""
+    latency = ATTACH_SECONDS + plan.ping_count * PING_INTERVAL + plan.sparse_seconds + 2
+    tcp = len(round_clients(plan)) * (plan.duration + 2)
+    return [
+        latency + (0 if system == VANILLA else tcp)
+        for _ in range(plan.rounds)
+        for system in plan.round_systems()
+    ]
 
 
 def estimates(plan: Plan) -> list[float]:

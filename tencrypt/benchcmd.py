@@ -90,14 +90,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "downloads or builds it",
     )
     p.add_argument(
-        "--latency-rounds",
+        "--rounds",
         type=int,
         default=None,
         metavar="N",
-        help="after each lab shape's main pass, N more rounds of the ping and sparse "
-        "request/response rows for vanilla, the current wireguard-go (--peer-binary) "
-        "and Tencrypt, the systems alternating, so that those rows' targets are judged on "
-        "the median of every round (default: 2 in a full run, 0 with --quick)",
+        help="after each lab shape's main pass, N more rounds of the rows judged against "
+        "the current wireguard-go (--peer-binary): ping, sparse request/response and TCP at "
+        "1 and 10 clients, for vanilla (no TCP), that wireguard-go and Tencrypt, the systems "
+        "alternating, so that those targets are judged on every round's figures "
+        "(default: 2 in a full run, 0 with --quick)",
     )
     p.add_argument(
         "--idle-json",

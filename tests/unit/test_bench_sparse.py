@@ -311,7 +311,7 @@ def test_sparse_rr_runs_coldpaths_client_in_the_client_pod(
         measure.sparse_rr("lab-nginx1", "172.30.0.12", 3.0, 0.02)
 
 
-# --- latency rounds (bench/plan.py --latency-rounds, bench/targets.py rule 4) ---------------
+# --- rounds (bench/plan.py --rounds, bench/targets.py rules 1 and 4) ------------------------
 
 
 def with_rounds(run: Run, rounds: list[dict[str, float]], test: str = "sparse_rr_round") -> Run:
@@ -322,7 +322,7 @@ def with_rounds(run: Run, rounds: list[dict[str, float]], test: str = "sparse_rr
     return run
 
 
-def test_latency_rounds_judge_the_sparse_target_on_the_median_of_every_round() -> None:
+def test_rounds_judge_the_sparse_target_on_the_median_of_every_round() -> None:
     # the main pass alone says not met (+1160 vs +540); two rounds with the systems
     # alternating say Tencrypt adds +320 and +300 against +540 and +530: the medians decide
     run = with_rounds(
@@ -348,7 +348,7 @@ def test_latency_rounds_judge_the_sparse_target_on_the_median_of_every_round() -
     assert rr.status == NOT_MET and "rounds" not in rr.text
 
 
-def test_latency_rounds_judge_the_ping_target_too() -> None:
+def test_rounds_judge_the_ping_target_too() -> None:
     run = Run(date="d", cores=2, peer_labels={CURRENT: WIREGUARD})
     for system, p50 in ((VANILLA, 0.05), (TENCRYPT, 0.60), (CURRENT, 0.45)):
         run.add(1, system, "ping", 1, "p50_ms", p50, "ms")
@@ -365,10 +365,10 @@ def test_latency_rounds_judge_the_ping_target_too() -> None:
     assert v.status == MET and "median of 3 rounds" in v.text
 
 
-def test_the_plan_runs_latency_rounds_only_where_they_judge_a_target(tmp_path: Path) -> None:
+def test_the_plan_runs_rounds_only_where_they_judge_a_target(tmp_path: Path) -> None:
     full = harness.build_plan(plan_args(quick=False))
-    assert full.latency_rounds == 2 and full.round_systems() == []  # no current wireguard-go
-    assert harness.build_plan(plan_args()).latency_rounds == 0  # --quick
+    assert full.rounds == 2 and full.round_systems() == []  # no current wireguard-go
+    assert harness.build_plan(plan_args()).rounds == 0  # --quick
     wg = tmp_path / "wireguard-go"
     wg.write_text("#!/bin/sh\necho 'wireguard-go v0.0.20250522'\n")
     wg.chmod(0o755)
@@ -377,24 +377,25 @@ def test_the_plan_runs_latency_rounds_only_where_they_judge_a_target(tmp_path: P
             quick=False,
             systems="vanilla,wireguard-go,tencrypt",
             peer_binary=[f"wireguard-go={wg}"],
-            latency_rounds=3,
+            rounds=3,
         )
     )
-    assert plan.latency_rounds == 3
+    assert plan.rounds == 3
     assert plan.round_systems() == [VANILLA, CURRENT, TENCRYPT]
     rounds = harness.round_steps(plan)
     assert len(rounds) == 3 * 3 and rounds[0] > plan.sparse_seconds
-    with pytest.raises(harness.UsageError, match="--latency-rounds"):
-        harness.build_plan(plan_args(latency_rounds=-1))
+    with pytest.raises(harness.UsageError, match="--rounds"):
+        harness.build_plan(plan_args(rounds=-1))
 
 
-def test_a_latency_round_records_the_systems_ping_and_sparse_figures_as_that_round(
+def test_a_round_records_the_systems_ping_sparse_and_tcp_figures_as_that_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import contextlib
 
     run = Run(date="d", cores=2)
-    bench = harness.Bench(harness.build_plan(plan_args()), run, Progress([]), tmp_path)
+    plan = harness.build_plan(plan_args(clients="1,5,10"))
+    bench = harness.Bench(plan, run, Progress([]), tmp_path)
     attached = []
 
     @contextlib.contextmanager
@@ -410,11 +411,43 @@ def test_a_latency_round_records_the_systems_ping_and_sparse_figures_as_that_rou
     monkeypatch.setattr(
         measure, "sparse_rr", lambda *a: measure.SparseRR(140, 150, 0.02, 410.0, 450.0, 600.0)
     )
+    iperfs = []
+
+    def iperf(*args, parallel):  # type: ignore[no-untyped-def]
+        iperfs.append((args[2], args[3], parallel))
+        return type("Iperf", (), {"gbps": 3.0 + parallel / 10})()
+
+    monkeypatch.setattr(measure, "iperf", iperf)
     lab = type("Lab", (), {"nodes": {"node1": None, "node2": None}})()
     pod = type("Pod", (), {"netns": "ns"})()
-    bench.latency_round(lab, TENCRYPT, pod, pod, 2)  # type: ignore[arg-type]
+    bench.one_round(lab, TENCRYPT, pod, pod, 2)  # type: ignore[arg-type]
     assert attached == [TENCRYPT, f"detached {TENCRYPT}"]
+    # the targets' client counts of the plan's (1, 10 of 1, 5, 10), --quick's 3 s runs
+    assert iperfs == [("172.30.0.12", 3.0, 1), ("172.30.0.12", 3.0, 10)]
     assert {(m.nodes, m.test, m.clients, m.metric, m.value) for m in run.measurements} == {
         (2, "ping_round", 2, "p50_ms", 0.38),
         (2, "sparse_rr_round", 2, "p50_us", 410.0),
+        (2, "tcp_round_2", 1, "throughput", 3.1),
+        (2, "tcp_round_2", 10, "throughput", 4.0),
     }
+    run.measurements.clear()
+    bench.one_round(lab, VANILLA, pod, pod, 1)  # type: ignore[arg-type]
+    assert len(iperfs) == 2  # no target reads vanilla's TCP: not run in a round
+    assert {m.test for m in run.measurements} == {"ping_round", "sparse_rr_round"}
+
+
+def test_rounds_judge_the_tcp_target_on_the_median_throughput_of_every_round() -> None:
+    run = Run(date="d", cores=2, peer_labels={CURRENT: WIREGUARD})
+    run.add(1, TENCRYPT, "tcp", 1, "throughput", 3.48, "Gbit/s")
+    run.add(1, CURRENT, "tcp", 1, "throughput", 2.73, "Gbit/s")
+    assert by_text(run, "1 node, TCP 1 client").status == NOT_MET  # 1.27x
+    for r, (ours, theirs) in enumerate(((3.9, 2.5), (3.8, 2.4), (3.7, 0.0)), start=1):
+        run.add(1, TENCRYPT, f"tcp_round_{r}", 1, "throughput", ours, "Gbit/s")
+        run.add(1, CURRENT, f"tcp_round_{r}", 1, "throughput", theirs, "Gbit/s")
+    v = by_text(run, "1 node, TCP 1 client")
+    assert (v.status, v.text) == (
+        MET,
+        "1 node, TCP 1 client (median of 3 rounds, the systems alternating: 3.48 vs 2.73, "
+        f"3.9 vs 2.5, 3.8 vs 2.4 Gbit/s): Tencrypt 3.8 vs {CURRENT} 2.5 Gbit/s = 1.52× "
+        "(target ≥ 1.5×)",
+    )
