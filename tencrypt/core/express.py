@@ -196,11 +196,6 @@ def key13(pkt: Buffer) -> bytes | None:
     return bytes((proto,)) + bytes(pkt[12:24])
 
 
-def _session_of(take: Callable[..., Any]) -> Any:
-    """The session of an ``out`` entry's ``take`` (a bound ``Sender.take``)."""
-    return getattr(getattr(take, "__self__", None), "session", None)
-
-
 def _swap(key: bytes) -> bytes:
     """The key of the reply: addresses and ports swapped."""
     return key[:1] + key[5:9] + key[1:5] + key[11:13] + key[9:11]
@@ -423,7 +418,7 @@ class Express:
     def _retire(self, old: Session) -> None:
         """Every entry of ``old`` (its peer has a new session) goes."""
         self.slots.pop(old.local_index, None)
-        stale = [k for k, e in self.out.items() if _session_of(e[4]) is old]
+        stale = [k for k, e in self.out.items() if e[6] is old]  # the entry's session
         for key in stale:
             self.forget(key)
 
