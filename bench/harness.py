@@ -45,9 +45,9 @@ Stages:
        row and (but vanilla) step d's TCP at 1 and 10 clients, for the systems whose
        figures those targets compare (vanilla, the current wireguard-go given with
        ``--peer-binary``, Tencrypt), each system attached, measured and detached in turn
-       within a round (tests ``ping_round`` and ``sparse_rr_round`` with the round as the
-       clients column, ``tcp_round_R`` with the client count), so that those targets are
-       judged on every round's figures;
+       within a round (tests ``ping_round_R``, ``sparse_rr_round_R`` and ``tcp_round_R``:
+       report.py ``round_test``, the client count as in the main pass), so that those
+       targets are judged on every round's figures;
  4. with ``--idle-json``, read bench/idle.py's result into the run (bench/idlerow.py);
  5. write CSV, markdown and PNG plots (bench/report.py), and print where.
 A progress line on stderr tells what runs, how far along and about how long is left.
@@ -91,7 +91,7 @@ from bench.plan import (  # noqa: F401 - build_plan, estimates, peer_binaries, r
     system_steps,
 )
 from bench.progress import Progress
-from bench.report import DNS_PATHS, TENCRYPT, VANILLA, Run
+from bench.report import DNS_PATHS, TENCRYPT, VANILLA, Run, round_test
 from tencrypt.errors import SetupError, UsageError
 from tencrypt.lab.cluster import Lab
 from tencrypt.lab.topology import Pod
@@ -178,16 +178,16 @@ class Bench:
             stack.enter_context(measure.rr_server(b.netns, self.logs / "rr.log"))
             measure.wait_reachable(a.netns, target.host)
             p = measure.ping(a.netns, target.ping_host, self.plan.ping_count, PING_INTERVAL)
-            self.run.add(nodes, system, "ping_round", r, "p50_ms", p.p50_ms, "ms")
+            self.run.add(nodes, system, round_test("ping", r), 1, "p50_ms", p.p50_ms, "ms")
             s = measure.sparse_rr(a.netns, target.host, self.plan.sparse_seconds, SPARSE_INTERVAL)
-            self.run.add(nodes, system, "sparse_rr_round", r, "p50_us", s.p50_us, "µs")
+            self.run.add(nodes, system, round_test("sparse_rr", r), 1, "p50_us", s.p50_us, "µs")
             for clients in round_clients(self.plan) if system != VANILLA else []:
                 log = self.logs / f"iperf-round{r}-{clients}.log"
                 t = measure.iperf(
                     a.netns, b.netns, target.host, self.plan.duration, log, parallel=clients
                 )
                 self.run.add(
-                    nodes, system, f"tcp_round_{r}", clients, "throughput", t.gbps, "Gbit/s"
+                    nodes, system, round_test("tcp", r), clients, "throughput", t.gbps, "Gbit/s"
                 )
 
     def measure_system(

@@ -75,6 +75,12 @@ class Measurement:
         return (self.nodes, self.test, self.clients, self.metric, self.family)
 
 
+def round_test(test: str, r: int) -> str:
+    """The test name of ``test``'s figures in extra round ``r`` (bench/plan.py ``--rounds``),
+    their clients column the client count as in the main pass's ``test``."""
+    return f"{test}_round_{r}"
+
+
 @dataclass(slots=True)
 class Run:
     """One invocation of the harness: its settings, its environment and what it measured."""
@@ -112,6 +118,29 @@ class Run:
     ) -> float | None:
         m = find(self, nodes, system, test, clients, metric, family)
         return m.value if m else None
+
+    def rounds(
+        self, nodes: int, test: str, clients: int, metric: str, systems: tuple[str, ...]
+    ) -> list[tuple[float, ...]]:
+        """The extra rounds of ``test`` (tests ``round_test(test, R)``, in R's order) in which
+        every one of ``systems`` has a figure at ``clients``: those figures, in ``systems``'
+        order."""
+        prefix = round_test(test, 0)[:-1]
+        numbers = sorted(
+            {
+                int(m.test[len(prefix) :])
+                for m in self.measurements
+                if m.nodes == nodes
+                and m.test.startswith(prefix)
+                and m.test[len(prefix) :].isdigit()
+            }
+        )
+        out = []
+        for r in numbers:
+            figures = [self.get(nodes, s, round_test(test, r), clients, metric) for s in systems]
+            if all(f is not None for f in figures):
+                out.append(tuple(f for f in figures if f is not None))
+        return out
 
     @property
     def dual(self) -> bool:

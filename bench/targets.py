@@ -23,7 +23,7 @@ Issue 26's, per lab shape (one node; two nodes over VXLAN), against the current 
  4. added latency over vanilla, medians: the sparse request/response (one 1-byte TCP request
     every 20 ms), ping, and the back-to-back request/response: Tencrypt's ≤ what it adds.
     With rounds (bench/plan.py ``--rounds``: the systems alternating, tests
-    ``sparse_rr_round`` / ``ping_round``), the sparse and ping targets take the main pass as
+    ``sparse_rr_round_R`` / ``ping_round_R``), the sparse and ping targets take the main pass as
     round 0 and every round in which vanilla, Tencrypt and the peer were all measured: per
     round the added latency of each over that round's vanilla, then the median over the
     rounds of each, compared; the text gives every round's figures;
@@ -52,6 +52,7 @@ was), on the TCP runs over IPv6 that follow each system's IPv4 ones:
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench import idlerow
@@ -68,7 +69,6 @@ PEAK_RSS_MB = 60.0
 PEAK_CLIENTS = 20
 FLAT_MB = 5.0  # "flat": the soak's last window may exceed its first by at most this (or 5 %)
 SHAPES = (1, 2)
-ROUND_TESTS = {"sparse_rr": "sparse_rr_round", "ping": "ping_round"}  # rule 4's extra rounds
 IPV6_VS_IPV4 = 0.9  # issue 24: Tencrypt's IPv6 TCP within 10 % of its IPv4 TCP
 IDLE_PRIVATE_MB = 10.0  # per idle proxy
 CLOCK_TICK_S = 0.01  # /proc/PID/stat's resolution (USER_HZ 100)
@@ -123,11 +123,14 @@ def judge_tcp(
     name = "the Debian wireguard-go" if peer == WIREGUARD else peer
     if tenc is None or not other:
         return Verdict(NOT_MEASURED, f"{what} vs {name}: {_missing(run, nodes, TENCRYPT, peer)}")
-    pairs = [(tenc, other)] + (tcp_rounds(run, nodes, clients, peer) if family == 4 else [])
+    pairs: list[tuple[float, ...]] = [(tenc, other)]
+    if family == 4:  # rule 1: every round in which both were measured
+        pairs += [
+            p for p in run.rounds(nodes, "tcp", clients, "throughput", (TENCRYPT, peer)) if p[1]
+        ]
     how = ""
-    if len(pairs) > 1:  # rule 1: the medians of every round
-        tenc = statistics.median(t for t, _ in pairs)
-        other = statistics.median(o for _, o in pairs)
+    if len(pairs) > 1:
+        tenc, other = medians(pairs)
         each = ", ".join(f"{fmt(t)} vs {fmt(o)}" for t, o in pairs)
         how = f" (median of {len(pairs)} rounds, the systems alternating: {each} Gbit/s)"
     r = tenc / other
@@ -138,17 +141,9 @@ def judge_tcp(
     )
 
 
-def tcp_rounds(run: Run, nodes: int, clients: int, peer: str) -> list[tuple[float, float]]:
-    """Rule 1's extra rounds (tests ``tcp_round_R``): (Tencrypt's, ``peer``'s) throughput at
-    ``clients``, per round in which both were measured."""
-    out = []
-    tests = {m.test for m in run.measurements if m.test.startswith("tcp_round_")}
-    for r in sorted(tests, key=lambda test: int(test.rsplit("_", 1)[1])):
-        tenc = run.get(nodes, TENCRYPT, r, clients, "throughput")
-        other = run.get(nodes, peer, r, clients, "throughput")
-        if tenc is not None and other:
-            out.append((tenc, other))
-    return out
+def medians(rows: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """Column by column, the median over the rounds of each system's figure."""
+    return tuple(statistics.median(column) for column in zip(*rows, strict=True))
 
 
 def judge_family(run: Run, nodes: int, clients: int) -> Verdict:
@@ -197,10 +192,10 @@ def judge_added(run: Run, nodes: int, test: str, peer: str | None) -> Verdict:
     if plain is None or tenc is None or other is None:
         missing = _missing(run, nodes, VANILLA, TENCRYPT, peer)
         return Verdict(NOT_MEASURED, f"{what} vs {peer}: {missing}")
-    rounds = [(tenc - plain, other - plain)] + added_rounds(run, nodes, test, metric, peer)
+    extra = run.rounds(nodes, test, 1, metric, (VANILLA, TENCRYPT, peer))  # rule 4
+    rounds = [(tenc - plain, other - plain)] + [(t - p, o - p) for p, t, o in extra]
     if len(rounds) > 1:
-        ours = statistics.median(o for o, _ in rounds)
-        theirs = statistics.median(t for _, t in rounds)
+        ours, theirs = medians(rounds)
         each = ", ".join(f"{fmt_delta(o)} vs {fmt_delta(t)}" for o, t in rounds)
         how = f"median of {len(rounds)} rounds, the systems alternating ({each} {unit})"
     else:
@@ -211,25 +206,6 @@ def judge_added(run: Run, nodes: int, test: str, peer: str | None) -> Verdict:
         f"{what} over vanilla ({how}): Tencrypt {fmt_delta(ours)} {unit} vs "
         f"{peer} {fmt_delta(theirs)} {unit} = {_times(r)} (target ≤ 1×: no more than it adds)",
     )
-
-
-def added_rounds(
-    run: Run, nodes: int, test: str, metric: str, peer: str
-) -> list[tuple[float, float]]:
-    """Rule 4's extra rounds of ``test`` (sparse_rr, ping; none for another test): per round
-    with all three figures, (Tencrypt's, ``peer``'s) added over that round's vanilla."""
-    if test not in ROUND_TESTS:
-        return []
-    kind = ROUND_TESTS[test]
-    numbers = sorted({m.clients for m in run.measurements if (m.nodes, m.test) == (nodes, kind)})
-    out = []
-    for r in numbers:
-        plain = run.get(nodes, VANILLA, kind, r, metric)
-        tenc = run.get(nodes, TENCRYPT, kind, r, metric)
-        other = run.get(nodes, peer, kind, r, metric)
-        if plain is not None and tenc is not None and other is not None:
-            out.append((tenc - plain, other - plain))
-    return out
 
 
 def judge_memory(run: Run, nodes: int) -> list[Verdict]:

@@ -314,11 +314,11 @@ def test_sparse_rr_runs_coldpaths_client_in_the_client_pod(
 # --- rounds (bench/plan.py --rounds, bench/targets.py rules 1 and 4) ------------------------
 
 
-def with_rounds(run: Run, rounds: list[dict[str, float]], test: str = "sparse_rr_round") -> Run:
-    metric, unit = ("p50_ms", "ms") if test == "ping_round" else ("p50_us", "µs")
+def with_rounds(run: Run, rounds: list[dict[str, float]], test: str = "sparse_rr") -> Run:
+    metric, unit = ("p50_ms", "ms") if test == "ping" else ("p50_us", "µs")
     for r, figures in enumerate(rounds, start=1):
         for system, value in figures.items():
-            run.add(1, system, test, r, metric, value, unit)
+            run.add(1, system, f"{test}_round_{r}", 1, metric, value, unit)
     return run
 
 
@@ -348,6 +348,20 @@ def test_rounds_judge_the_sparse_target_on_the_median_of_every_round() -> None:
     assert rr.status == NOT_MET and "rounds" not in rr.text
 
 
+def test_the_rounds_of_a_test_are_its_own_in_round_order_with_every_system() -> None:
+    run = Run(date="d", cores=2)
+    for r in (10, 2, 1):
+        run.add(1, TENCRYPT, f"sparse_rr_round_{r}", 1, "p50_us", 100.0 + r, "µs")
+        run.add(1, VANILLA, f"sparse_rr_round_{r}", 1, "p50_us", float(r), "µs")
+    run.add(1, TENCRYPT, "sparse_rr_round_x", 1, "p50_us", 1.0, "µs")  # not a round
+    run.add(2, TENCRYPT, "sparse_rr_round_3", 1, "p50_us", 1.0, "µs")  # another shape
+    run.add(1, TENCRYPT, "sparse_rr_round_4", 1, "p50_us", 104.0, "µs")  # vanilla missing
+    both = (VANILLA, TENCRYPT)
+    assert run.rounds(1, "sparse_rr", 1, "p50_us", both) == [(1, 101), (2, 102), (10, 110)]
+    assert run.rounds(1, "rr", 1, "p50_us", both) == []  # not sparse_rr's
+    assert run.rounds(1, "sparse_rr", 10, "p50_us", both) == []  # another client count
+
+
 def test_rounds_judge_the_ping_target_too() -> None:
     run = Run(date="d", cores=2, peer_labels={CURRENT: WIREGUARD})
     for system, p50 in ((VANILLA, 0.05), (TENCRYPT, 0.60), (CURRENT, 0.45)):
@@ -359,7 +373,7 @@ def test_rounds_judge_the_ping_target_too() -> None:
             {VANILLA: 0.05, TENCRYPT: 0.40, CURRENT: 0.50},
             {VANILLA: 0.06, TENCRYPT: 0.41, CURRENT: 0.47},
         ],
-        "ping_round",
+        "ping",
     )
     v = by_text(run, "1 node, added ping median")
     assert v.status == MET and "median of 3 rounds" in v.text
@@ -425,15 +439,15 @@ def test_a_round_records_the_systems_ping_sparse_and_tcp_figures_as_that_round(
     # the targets' client counts of the plan's (1, 10 of 1, 5, 10), --quick's 3 s runs
     assert iperfs == [("172.30.0.12", 3.0, 1), ("172.30.0.12", 3.0, 10)]
     assert {(m.nodes, m.test, m.clients, m.metric, m.value) for m in run.measurements} == {
-        (2, "ping_round", 2, "p50_ms", 0.38),
-        (2, "sparse_rr_round", 2, "p50_us", 410.0),
+        (2, "ping_round_2", 1, "p50_ms", 0.38),
+        (2, "sparse_rr_round_2", 1, "p50_us", 410.0),
         (2, "tcp_round_2", 1, "throughput", 3.1),
         (2, "tcp_round_2", 10, "throughput", 4.0),
     }
     run.measurements.clear()
     bench.one_round(lab, VANILLA, pod, pod, 1)  # type: ignore[arg-type]
     assert len(iperfs) == 2  # no target reads vanilla's TCP: not run in a round
-    assert {m.test for m in run.measurements} == {"ping_round", "sparse_rr_round"}
+    assert {m.test for m in run.measurements} == {"ping_round_1", "sparse_rr_round_1"}
 
 
 def test_rounds_judge_the_tcp_target_on_the_median_throughput_of_every_round() -> None:
