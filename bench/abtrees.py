@@ -8,7 +8,8 @@ so that machine load drifts hit every tree alike:
  1. sparse request/response: a 1-byte TCP request every 20 ms over one connection for
     ``--seconds`` (bench/coldpath.py's client and server), median round trip;
  2. back-to-back request/response for ``--rr`` seconds (bench/measure.py), median;
- 3. with ``--iperf S``: TCP throughput, iperf3 for S seconds (``--parallel`` streams, 1).
+ 3. with ``--iperf S``: TCP throughput, iperf3 for S seconds (``--parallel`` streams, 1), and
+    both proxies' CPU over it per Gbit/s (bench/cpustat.py, as the full bench counts it).
 Prints each round, then per tree the medians added over vanilla (per round and their median);
 ``--json`` keeps the figures. Each tree needs its compiled extension built in place
 (``python setup.py build_ext --inplace``). Run it under the machine lock:
@@ -30,7 +31,7 @@ from typing import Any
 
 
 def one(lab: Any, tree: str | None, args: argparse.Namespace, logs: Path) -> dict[str, float]:
-    from bench import coldpath, measure
+    from bench import coldpath, cpustat, measure
 
     a, b = lab.pods["nginx1"], lab.pods["nginx2"]
     patched = (
@@ -38,7 +39,7 @@ def one(lab: Any, tree: str | None, args: argparse.Namespace, logs: Path) -> dic
         if tree is not None
         else contextlib.nullcontext()
     )
-    with patched:
+    with patched as pids:
         phase = coldpath.sparse(lab, coldpath.Options(args.seconds, 0.020, [], [], None), logs)
         rtts = [(t1 - t0) / 1000 for t0, t1 in phase.client[coldpath.WARMUP :]]
         with measure.rr_server(b.netns, logs / "rr.log"):
@@ -46,9 +47,16 @@ def one(lab: Any, tree: str | None, args: argparse.Namespace, logs: Path) -> dic
             rr = measure.request_response(a.netns, b.vip, args.rr)
         fig = {"sparse_p50_us": statistics.median(rtts), "rr_p50_us": rr.p50_us}
         if args.iperf > 0:
-            fig["tcp_gbps"] = measure.iperf(
+            procs = list(pids.values()) if pids else []
+            before = cpustat.snapshot(procs, a.netns, b.netns)
+            gbps = measure.iperf(
                 a.netns, b.netns, b.vip, args.iperf, logs / "i.log", parallel=args.parallel
             ).gbps
+            used = cpustat.seconds_used(before, cpustat.snapshot(procs, a.netns, b.netns))
+            fig["tcp_gbps"] = gbps
+            per = cpustat.cores_per_gbps(sum(used.values()), gbps * args.iperf) if procs else None
+            if per is not None:  # both proxies' CPU over the run, as the full bench counts it
+                fig["cores_per_gbps"] = per
     return fig
 
 
@@ -93,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tree in trees:
         if args.iperf > 0:
             each = " / ".join(f"{run['tcp_gbps']:.2f}" for run in runs[tree])
-            print(f"{tree}: TCP {each} Gbit/s")
+            cpu = " / ".join(f"{run.get('cores_per_gbps', float('nan')):.3f}" for run in runs[tree])
+            print(f"{tree}: TCP {each} Gbit/s, both proxies {cpu} cores per Gbit/s")
         for key in ("sparse_p50_us", "rr_p50_us"):
             added = [run[key] - v[key] for run, v in zip(runs[tree], base, strict=True)]
             each = " / ".join(f"{x:+,.0f}" for x in added)
