@@ -42,7 +42,8 @@ Stages:
        run durations (60 s by default), its memory sampled, to show whether RSS stays flat;
     f. detach;
     g. ``--rounds N`` (2 in a full run): N more rounds of step c's ping and sparse
-       row and (but vanilla) step d's TCP at 1 and 10 clients, for the systems whose
+       row and (but vanilla) step d's TCP at 1 and 10 clients with the tunnel's CPU, for the
+       systems whose
        figures those targets compare (vanilla, the current wireguard-go given with
        ``--peer-binary``, Tencrypt), each system attached, measured and detached in turn
        within a round (tests ``ping_round_R``, ``sparse_rr_round_R`` and ``tcp_round_R``:
@@ -170,8 +171,8 @@ class Bench:
             self.measure_system(lab, system, a, b, target, ipv6)
 
     def one_round(self, lab: Lab, system: str, a: Pod, b: Pod, r: int) -> None:
-        """Step 3g: ``system`` attached again, its ping, sparse row and (not vanilla) TCP as
-        round ``r``."""
+        """Step 3g: ``system`` attached again, its ping, sparse row and (not vanilla) TCP with
+        the tunnel's CPU as round ``r``."""
         nodes = len(lab.nodes)
         with contextlib.ExitStack() as stack:
             target = stack.enter_context(attach(system, lab, a, b, self.plan.binaries.get(system)))
@@ -183,12 +184,13 @@ class Bench:
             self.run.add(nodes, system, round_test("sparse_rr", r), 1, "p50_us", s.p50_us, "µs")
             for clients in round_clients(self.plan) if system != VANILLA else []:
                 log = self.logs / f"iperf-round{r}-{clients}.log"
+                cpu_before = cpustat.snapshot(target.pids(), a.netns, b.netns)
                 t = measure.iperf(
                     a.netns, b.netns, target.host, self.plan.duration, log, parallel=clients
                 )
-                self.run.add(
-                    nodes, system, round_test("tcp", r), clients, "throughput", t.gbps, "Gbit/s"
-                )
+                run = (nodes, system, round_test("tcp", r), clients)
+                self.cpu(run, cpu_before, cpustat.snapshot(target.pids(), a.netns, b.netns), t)
+                self._add(run, "throughput", t.gbps, "Gbit/s", 4)
 
     def measure_system(
         self, lab: Lab, system: str, a: Pod, b: Pod, target: Target, ipv6: bool

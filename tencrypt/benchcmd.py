@@ -96,8 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="after each lab shape's main pass, N more rounds of the rows judged against "
         "the current wireguard-go (--peer-binary): ping, sparse request/response and TCP at "
-        "1 and 10 clients, for vanilla (no TCP), that wireguard-go and Tencrypt, the systems "
-        "alternating, so that those targets are judged on every round's figures "
+        "1 and 10 clients with the tunnel's CPU, for vanilla (no TCP), that wireguard-go and "
+        "Tencrypt, the systems alternating, so that those targets (CPU per Gbit/s too) are "
+        "judged on every round's figures "
         "(default: 2 in a full run, 0 with --quick)",
     )
     p.add_argument(

@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -429,25 +430,59 @@ def test_a_round_records_the_systems_ping_sparse_and_tcp_figures_as_that_round(
 
     def iperf(*args, parallel):  # type: ignore[no-untyped-def]
         iperfs.append((args[2], args[3], parallel))
-        return type("Iperf", (), {"gbps": 3.0 + parallel / 10})()
+        return type("Iperf", (), {"gbps": 3.0 + parallel / 10, "mbytes": 1000.0})()
 
     monkeypatch.setattr(measure, "iperf", iperf)
+    tck = os.sysconf("SC_CLK_TCK")
+    ticks = iter(range(0, 100 * tck, 3 * tck))  # each run: 3 CPU-seconds at the client end
+
+    def snapshot(pids, client_ns, server_ns):  # type: ignore[no-untyped-def]
+        return cpustat.Snapshot({7: next(ticks)}, {7: cpustat.CLIENT_END}, 0.0)
+
+    monkeypatch.setattr(cpustat, "snapshot", snapshot)
     lab = type("Lab", (), {"nodes": {"node1": None, "node2": None}})()
     pod = type("Pod", (), {"netns": "ns"})()
     bench.one_round(lab, TENCRYPT, pod, pod, 2)  # type: ignore[arg-type]
     assert attached == [TENCRYPT, f"detached {TENCRYPT}"]
     # the targets' client counts of the plan's (1, 10 of 1, 5, 10), --quick's 3 s runs
     assert iperfs == [("172.30.0.12", 3.0, 1), ("172.30.0.12", 3.0, 10)]
-    assert {(m.nodes, m.test, m.clients, m.metric, m.value) for m in run.measurements} == {
+    shown = {"p50_ms", "p50_us", "throughput", "cpu_per_gbps_both"}
+    assert {
+        (m.nodes, m.test, m.clients, m.metric, m.value)
+        for m in run.measurements
+        if m.metric in shown
+    } == {
         (2, "ping_round_2", 1, "p50_ms", 0.38),
         (2, "sparse_rr_round_2", 1, "p50_us", 410.0),
         (2, "tcp_round_2", 1, "throughput", 3.1),
         (2, "tcp_round_2", 10, "throughput", 4.0),
+        # 3 CPU-seconds over the run for 1000 MB = 8 Gbit received
+        (2, "tcp_round_2", 1, "cpu_per_gbps_both", 3 / 8),
+        (2, "tcp_round_2", 10, "cpu_per_gbps_both", 3 / 8),
     }
     run.measurements.clear()
     bench.one_round(lab, VANILLA, pod, pod, 1)  # type: ignore[arg-type]
     assert len(iperfs) == 2  # no target reads vanilla's TCP: not run in a round
     assert {m.test for m in run.measurements} == {"ping_round_1", "sparse_rr_round_1"}
+
+
+def test_rounds_judge_the_cpu_target_on_the_median_of_every_round() -> None:
+    run = Run(date="d", cores=2, peer_labels={CURRENT: WIREGUARD})
+    run.add(1, TENCRYPT, "tcp", 1, "cpu_per_gbps_both", 0.52, "cores/(Gbit/s)")
+    run.add(1, CURRENT, "tcp", 1, "cpu_per_gbps_both", 1.0, "cores/(Gbit/s)")
+    assert by_text(run, "1 node, CPU per Gbit/s, TCP 1 client").status == NOT_MET  # 0.52x
+    for r, (ours, theirs) in enumerate(((0.48, 1.02), (0.47, 0.98), (0.40, None)), start=1):
+        run.add(1, TENCRYPT, f"tcp_round_{r}", 1, "cpu_per_gbps_both", ours, "cores/(Gbit/s)")
+        if theirs is not None:  # the peer's run failed in round 3: the round is left out
+            run.add(1, CURRENT, f"tcp_round_{r}", 1, "cpu_per_gbps_both", theirs, "cores")
+    v = by_text(run, "1 node, CPU per Gbit/s, TCP 1 client")
+    assert (v.status, v.text) == (
+        MET,
+        "1 node, CPU per Gbit/s, TCP 1 client (both ends) (median of 3 rounds, the systems "
+        f"alternating: 0.52 vs 1, 0.48 vs 1.02, 0.47 vs 0.98): Tencrypt 0.48 vs {CURRENT} 1 "
+        "cores per Gbit/s = 0.48× (target ≤ 0.5×)",
+    )
+    assert by_text(run, "1 node, CPU per Gbit/s, TCP 10 clients").status == NOT_MEASURED
 
 
 def test_rounds_judge_the_tcp_target_on_the_median_throughput_of_every_round() -> None:
