@@ -43,9 +43,8 @@ Stages:
     f. detach;
     g. ``--rounds N`` (2 in a full run): N more rounds of step c's ping and sparse
        row and (but vanilla) step d's TCP at 1 and 10 clients with the tunnel's CPU, for the
-       systems whose
-       figures those targets compare (vanilla, the current wireguard-go given with
-       ``--peer-binary``, Tencrypt), each system attached, measured and detached in turn
+       systems whose figures those targets compare (vanilla, the current wireguard-go given
+       with ``--peer-binary``, Tencrypt), each system attached, measured and detached in turn
        within a round (tests ``ping_round_R``, ``sparse_rr_round_R`` and ``tcp_round_R``:
        report.py ``round_test``, the client count as in the main pass), so that those
        targets are judged on every round's figures;
