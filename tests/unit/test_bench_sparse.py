@@ -466,34 +466,37 @@ def test_a_round_records_the_systems_ping_sparse_and_tcp_figures_as_that_round(
     assert {m.test for m in run.measurements} == {"ping_round_1", "sparse_rr_round_1"}
 
 
-def test_rounds_judge_the_cpu_target_on_the_median_of_every_round() -> None:
+def tcp_run(metric: str, main: tuple[float, float], rounds: list[tuple[float, float]]) -> Run:
+    """Tencrypt's and the current wireguard-go's ``metric`` at 1 TCP client, 1 node: the main
+    pass's, then each round's (0: that system's run failed, the round is left out)."""
     run = Run(date="d", cores=2, peer_labels={CURRENT: WIREGUARD})
-    run.add(1, TENCRYPT, "tcp", 1, "cpu_per_gbps_both", 0.52, "cores/(Gbit/s)")
-    run.add(1, CURRENT, "tcp", 1, "cpu_per_gbps_both", 1.0, "cores/(Gbit/s)")
-    assert by_text(run, "1 node, CPU per Gbit/s, TCP 1 client").status == NOT_MET  # 0.52x
-    for r, (ours, theirs) in enumerate(((0.48, 1.02), (0.47, 0.98), (0.40, None)), start=1):
-        run.add(1, TENCRYPT, f"tcp_round_{r}", 1, "cpu_per_gbps_both", ours, "cores/(Gbit/s)")
-        if theirs is not None:  # the peer's run failed in round 3: the round is left out
-            run.add(1, CURRENT, f"tcp_round_{r}", 1, "cpu_per_gbps_both", theirs, "cores")
-    v = by_text(run, "1 node, CPU per Gbit/s, TCP 1 client")
+    for r, (ours, theirs) in enumerate([main, *rounds]):
+        test = f"tcp_round_{r}" if r else "tcp"
+        run.add(1, TENCRYPT, test, 1, metric, ours, "u")
+        run.add(1, CURRENT, test, 1, metric, theirs, "u")
+    return run
+
+
+def test_rounds_judge_the_cpu_target_on_the_median_of_every_round() -> None:
+    what, metric = "1 node, CPU per Gbit/s, TCP 1 client", "cpu_per_gbps_both"
+    assert by_text(tcp_run(metric, (0.52, 1.0), []), what).status == NOT_MET  # 0.52x
+    v = by_text(tcp_run(metric, (0.52, 1.0), [(0.48, 1.02), (0.47, 0.98), (0.40, 0.0)]), what)
     assert (v.status, v.text) == (
         MET,
         "1 node, CPU per Gbit/s, TCP 1 client (both ends) (median of 3 rounds, the systems "
         f"alternating: 0.52 vs 1, 0.48 vs 1.02, 0.47 vs 0.98): Tencrypt 0.48 vs {CURRENT} 1 "
         "cores per Gbit/s = 0.48× (target ≤ 0.5×)",
     )
-    assert by_text(run, "1 node, CPU per Gbit/s, TCP 10 clients").status == NOT_MEASURED
+    assert (
+        by_text(tcp_run(metric, (0.52, 1.0), []), "1 node, CPU per Gbit/s, TCP 10 clients").status
+        == NOT_MEASURED
+    )
 
 
 def test_rounds_judge_the_tcp_target_on_the_median_throughput_of_every_round() -> None:
-    run = Run(date="d", cores=2, peer_labels={CURRENT: WIREGUARD})
-    run.add(1, TENCRYPT, "tcp", 1, "throughput", 3.48, "Gbit/s")
-    run.add(1, CURRENT, "tcp", 1, "throughput", 2.73, "Gbit/s")
-    assert by_text(run, "1 node, TCP 1 client").status == NOT_MET  # 1.27x
-    for r, (ours, theirs) in enumerate(((3.9, 2.5), (3.8, 2.4), (3.7, 0.0)), start=1):
-        run.add(1, TENCRYPT, f"tcp_round_{r}", 1, "throughput", ours, "Gbit/s")
-        run.add(1, CURRENT, f"tcp_round_{r}", 1, "throughput", theirs, "Gbit/s")
-    v = by_text(run, "1 node, TCP 1 client")
+    what = "1 node, TCP 1 client"
+    assert by_text(tcp_run("throughput", (3.48, 2.73), []), what).status == NOT_MET  # 1.27x
+    v = by_text(tcp_run("throughput", (3.48, 2.73), [(3.9, 2.5), (3.8, 2.4), (3.7, 0.0)]), what)
     assert (v.status, v.text) == (
         MET,
         "1 node, TCP 1 client (median of 3 rounds, the systems alternating: 3.48 vs 2.73, "
