@@ -49,12 +49,13 @@ def one(lab: Any, tree: str | None, args: argparse.Namespace, logs: Path) -> dic
         if args.iperf > 0:
             procs = list(pids.values()) if pids else []
             before = cpustat.snapshot(procs, a.netns, b.netns)
-            gbps = measure.iperf(
+            result = measure.iperf(
                 a.netns, b.netns, b.vip, args.iperf, logs / "i.log", parallel=args.parallel
-            ).gbps
+            )
             used = cpustat.seconds_used(before, cpustat.snapshot(procs, a.netns, b.netns))
-            fig["tcp_gbps"] = gbps
-            per = cpustat.cores_per_gbps(sum(used.values()), gbps * args.iperf) if procs else None
+            fig["tcp_gbps"] = result.gbps
+            gigabits = result.mbytes * 8 / 1000  # received, as harness.Bench.cpu divides by
+            per = cpustat.cores_per_gbps(sum(used.values()), gigabits) if procs else None
             if per is not None:  # both proxies' CPU over the run, as the full bench counts it
                 fig["cores_per_gbps"] = per
     return fig

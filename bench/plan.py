@@ -25,11 +25,12 @@ Rules:
   the run goes on without it; a system not in ``--systems`` is never installed or asked for.
 - ``--rounds N`` (2 in a full run, 0 with ``--quick``): after a shape's main pass, N
   more rounds of the rows whose targets compare Tencrypt with the current wireguard-go —
-  ping, the sparse row, and TCP at the targets' client counts (``ROUND_CLIENTS`` the plan
-  has; not for vanilla, whose TCP no target reads) — for the systems those targets compare
-  (``round_systems``: vanilla, the current wireguard-go, Tencrypt; no rounds without them),
-  the systems alternating within each round, so that a drift of the machine's load between
-  two systems' main passes does not decide those targets (bench/targets.py rules 1 and 4).
+  ping, the sparse row, and TCP with the tunnel's CPU at the targets' client counts
+  (``ROUND_CLIENTS`` the plan has; not for vanilla, whose TCP no target reads) — for the
+  systems those targets compare (``round_systems``: vanilla, the current wireguard-go,
+  Tencrypt; no rounds without them), the systems alternating within each round, so that a
+  drift of the machine's load between two systems' main passes does not decide those targets
+  (bench/targets.py rules 1, 2 and 4).
 - ``--idle-json PATH``: bench/idle.py's result, read at the end into the report (its row and
   targets); the file must exist when the bench starts, so that a long run does not end in a
   typo.
